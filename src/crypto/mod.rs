@@ -1,0 +1,1 @@
+//! Pure cryptography: object format, envelope, AEAD chunks, secret types (no I/O).

@@ -1,0 +1,3 @@
+//! s3cryptfs: mount an object store as an encrypted directory.
+pub mod crypto;
+pub mod store;

@@ -1,0 +1,1 @@
+//! Facade over object stores: key <-> path, metadata, listing.
