@@ -1,3 +1,31 @@
-//! s3cryptfs: mount an object store as an encrypted directory.
+//! s3cryptfs: mount an object store (S3, S3-compatible, or a local directory) as an ordinary directory whose content
+//! is encrypted on the client with keys the user controls.
+//!
+//! Architecture, top to bottom (dependencies point down only):
+//!
+//! ```text
+//! main → run ─→ fuse (thin adapter: kernel request → fs call → reply/errno)
+//!              └→ fs (POSIX semantics as async methods; inodes, handles, staging, errno mapping)
+//!                   ├→ read   (cache lookup → ranged GET → open chunks → cache fill; read-ahead)
+//!                   ├→ upload (staged plaintext → sealed chunks → PUT / multipart)
+//!                   ├→ object (mode-specific size and chunk maths)
+//!                   ├→ cache  (byte-bounded LRU of decrypted pages, keyed by key + ETag)
+//!                   ├→ crypto (pure: object format, key wrap, AEAD; no I/O)
+//!                   └→ store  (facade over object_store and the local directory store)
+//! keys → crypto      (where keys come from)
+//! ```
+//!
+//! `fs` can be driven directly (tests do), so FUSE stays a translation layer.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
 pub mod crypto;
+pub mod fs;
+pub mod fuse;
+pub mod keys;
+pub mod object;
+pub mod read;
+pub mod run;
 pub mod store;
+pub mod upload;

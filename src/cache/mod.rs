@@ -1,0 +1,182 @@
+//! Page caches keyed by object identity.
+//!
+//! Decrypted chunks are kept in memory so that re-reading a file, or reading it in small pieces, does not fetch and
+//! authenticate the same chunk twice. Entries are keyed by [`ObjectId`] (key *and* ETag) plus the chunk index, so a
+//! changed object (new ETag) can never be served from pages of its previous version: stale pages simply stop being
+//! looked up and age out of the LRU.
+//!
+//! The budget is in bytes of plaintext, not in entries, because chunks at the end of a file are short and the user
+//! sets `cache_size` as memory.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use lru::LruCache;
+
+/// The identity of one version of one object: a new upload gets a new ETag and so a new identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    pub key: String,
+    pub etag: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PageKey {
+    object: ObjectId,
+    index: u64,
+}
+
+/// Byte-bounded LRU of decrypted chunks.
+///
+/// Concurrency: one `std::sync::Mutex` around the LRU. Critical sections are a hash lookup and a pointer move (no
+/// I/O, no decryption under the lock), so contention stays negligible next to network reads.
+pub struct PageCache {
+    inner: Mutex<Inner>,
+    budget: u64,
+}
+
+struct Inner {
+    lru: LruCache<PageKey, Bytes>,
+    bytes: u64,
+    hits: u64,
+    misses: u64,
+}
+
+/// Counters for tests and, later, metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes: u64,
+    pub entries: usize,
+}
+
+impl PageCache {
+    /// A cache that holds at most `budget` bytes of page data. A budget of 0 disables caching.
+    pub fn new(budget: u64) -> Self {
+        PageCache {
+            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 }),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the LRU half-updated in a way that matters (worst case a
+        // byte count drifts), so recover from poisoning instead of propagating the panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, object: &ObjectId, index: u64) -> Option<Bytes> {
+        let mut inner = self.lock();
+        let key = PageKey { object: object.clone(), index };
+        match inner.lru.get(&key) {
+            Some(page) => {
+                let page = page.clone();
+                inner.hits += 1;
+                Some(page)
+            }
+            None => {
+                inner.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Whether a page is present, without counting a hit or a miss and without touching its recency.
+    pub fn contains(&self, object: &ObjectId, index: u64) -> bool {
+        let inner = self.lock();
+        inner.lru.contains(&PageKey { object: object.clone(), index })
+    }
+
+    pub fn put(&self, object: &ObjectId, index: u64, page: Bytes) {
+        let len = page.len() as u64;
+        if len > self.budget {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some(old) = inner.lru.put(PageKey { object: object.clone(), index }, page) {
+            inner.bytes -= old.len() as u64;
+        }
+        inner.bytes += len;
+        while inner.bytes > self.budget {
+            match inner.lru.pop_lru() {
+                Some((_, evicted)) => inner.bytes -= evicted.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// Drops every page of every version of `key` (after a delete or overwrite through this mount).
+    pub fn invalidate_key(&self, key: &str) {
+        let mut inner = self.lock();
+        let stale: Vec<PageKey> =
+            inner.lru.iter().filter(|(k, _)| k.object.key == key).map(|(k, _)| k.clone()).collect();
+        for k in stale {
+            if let Some(page) = inner.lru.pop(&k) {
+                inner.bytes -= page.len() as u64;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.lock();
+        CacheStats { hits: inner.hits, misses: inner.misses, bytes: inner.bytes, entries: inner.lru.len() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(key: &str, etag: &str) -> ObjectId {
+        ObjectId { key: key.into(), etag: etag.into() }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_bytes() {
+        let cache = PageCache::new(10);
+        let a = id("a", "1");
+        cache.put(&a, 0, Bytes::from_static(b"0123"));
+        cache.put(&a, 1, Bytes::from_static(b"4567"));
+        assert!(cache.get(&a, 0).is_some()); // page 1 is now least recent
+        cache.put(&a, 2, Bytes::from_static(b"89ab"));
+        assert!(cache.contains(&a, 0));
+        assert!(!cache.contains(&a, 1));
+        assert!(cache.contains(&a, 2));
+        assert_eq!(cache.stats().bytes, 8);
+    }
+
+    #[test]
+    fn new_etag_never_sees_old_pages() {
+        let cache = PageCache::new(1 << 20);
+        cache.put(&id("k", "v1"), 0, Bytes::from_static(b"old"));
+        assert_eq!(cache.get(&id("k", "v2"), 0), None);
+        assert_eq!(cache.get(&id("k", "v1"), 0), Some(Bytes::from_static(b"old")));
+    }
+
+    #[test]
+    fn oversized_page_and_zero_budget_are_not_cached() {
+        let cache = PageCache::new(0);
+        cache.put(&id("k", "e"), 0, Bytes::from_static(b"x"));
+        assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn invalidate_key_drops_all_versions() {
+        let cache = PageCache::new(100);
+        cache.put(&id("k", "1"), 0, Bytes::from_static(b"a"));
+        cache.put(&id("k", "2"), 3, Bytes::from_static(b"b"));
+        cache.put(&id("other", "1"), 0, Bytes::from_static(b"c"));
+        cache.invalidate_key("k");
+        assert_eq!(cache.stats().entries, 1);
+        assert_eq!(cache.stats().bytes, 1);
+    }
+
+    #[test]
+    fn replacing_a_page_keeps_byte_count_exact() {
+        let cache = PageCache::new(100);
+        cache.put(&id("k", "1"), 0, Bytes::from_static(b"abc"));
+        cache.put(&id("k", "1"), 0, Bytes::from_static(b"abcdef"));
+        assert_eq!(cache.stats().bytes, 6);
+    }
+}

@@ -1,0 +1,130 @@
+//! The command line, exactly as the user writes it.
+//!
+//! `-o a=1,b` options (fstab style) and the equivalent `--a 1 --b` long flags end up as one list of `(name, value)`
+//! pairs in the order given, which `config::MountConfig::from_options` validates. The raw key is deliberately not a
+//! flag: it would be visible to every user in /proc/PID/cmdline.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "s3cryptfs", version, about = "Mount an S3 bucket or a local store as an encrypted directory")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new key file (mode 0600): one line, base64 of 32 random bytes.
+    Keygen {
+        /// Where to write the key; refuses to overwrite. Without it the key goes to standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Mount STORE (file:///abs/dir or s3://bucket[/prefix]) at MOUNTPOINT.
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Stay in the foreground (logs to stderr); without it the command returns once the mount is ready.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Comma-separated mount options (mode=, key_file=, endpoint=, region=, ca_file=, allow_other, ro, uid=, gid=,
+    /// umask=, cache_size=, attr_timeout=, staging_dir=, log_level=). May be repeated.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c or none)")]
+    pub mode: Option<String>,
+    #[arg(long, value_name = "PATH", help = "Same as -o key_file=PATH")]
+    pub key_file: Option<String>,
+    #[arg(long, value_name = "URL", help = "Same as -o endpoint=URL")]
+    pub endpoint: Option<String>,
+    #[arg(long, value_name = "NAME", help = "Same as -o region=NAME")]
+    pub region: Option<String>,
+    #[arg(long, value_name = "PATH", help = "Same as -o ca_file=PATH")]
+    pub ca_file: Option<String>,
+    #[arg(long, help = "Same as -o allow_other")]
+    pub allow_other: bool,
+    #[arg(long, help = "Same as -o ro")]
+    pub ro: bool,
+    #[arg(long, value_name = "ID", help = "Same as -o uid=ID")]
+    pub uid: Option<String>,
+    #[arg(long, value_name = "ID", help = "Same as -o gid=ID")]
+    pub gid: Option<String>,
+    #[arg(long, value_name = "OCTAL", help = "Same as -o umask=OCTAL")]
+    pub umask: Option<String>,
+    #[arg(long, value_name = "SIZE", help = "Same as -o cache_size=SIZE (K/M/G suffixes)")]
+    pub cache_size: Option<String>,
+    #[arg(long, value_name = "SECONDS", help = "Same as -o attr_timeout=SECONDS")]
+    pub attr_timeout: Option<String>,
+    #[arg(long, value_name = "DIR", help = "Same as -o staging_dir=DIR")]
+    pub staging_dir: Option<String>,
+    #[arg(long, value_name = "LEVEL", help = "Same as -o log_level=LEVEL (error, warn, info, debug, trace)")]
+    pub log_level: Option<String>,
+    pub store: String,
+    pub mountpoint: PathBuf,
+}
+
+impl MountArgs {
+    /// All options as `(name, value)` pairs: `-o` items first, then long flags.
+    pub fn option_pairs(&self) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        for o in &self.options {
+            out.extend(crate::config::split_options(o));
+        }
+        let valued = [
+            ("mode", &self.mode),
+            ("key_file", &self.key_file),
+            ("endpoint", &self.endpoint),
+            ("region", &self.region),
+            ("ca_file", &self.ca_file),
+            ("uid", &self.uid),
+            ("gid", &self.gid),
+            ("umask", &self.umask),
+            ("cache_size", &self.cache_size),
+            ("attr_timeout", &self.attr_timeout),
+            ("staging_dir", &self.staging_dir),
+            ("log_level", &self.log_level),
+        ];
+        for (name, v) in valued {
+            if let Some(v) = v {
+                out.push((name.to_string(), Some(v.clone())));
+            }
+        }
+        if self.allow_other {
+            out.push(("allow_other".into(), None));
+        }
+        if self.ro {
+            out.push(("ro".into(), None));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_flags_merge_in_order() {
+        let cli = Cli::try_parse_from([
+            "s3cryptfs", "mount", "-f", "-o", "mode=none,ro", "-o", "uid=5", "--cache-size", "1M", "file:///x", "/mnt",
+        ])
+        .unwrap();
+        let Command::Mount(m) = cli.command else { panic!("expected mount") };
+        assert!(m.foreground);
+        let pairs = m.option_pairs();
+        assert_eq!(pairs[0], ("mode".to_string(), Some("none".to_string())));
+        assert_eq!(pairs[1], ("ro".to_string(), None));
+        assert_eq!(pairs[2], ("uid".to_string(), Some("5".to_string())));
+        assert_eq!(pairs[3], ("cache_size".to_string(), Some("1M".to_string())));
+    }
+
+    #[test]
+    fn raw_key_flag_does_not_exist() {
+        assert!(Cli::try_parse_from(["s3cryptfs", "mount", "--key", "abc", "file:///x", "/mnt"]).is_err());
+    }
+}

@@ -1,0 +1,320 @@
+//! The validated configuration the rest of the code reads.
+//!
+//! `cli` turns what the user typed (`-o` options, long flags) into a list of `(name, value)` pairs; this module turns
+//! those pairs into a [`MountConfig`] and is the only place that knows option names, defaults and their reasons.
+//! Every error names the option and says what is wrong with it in one sentence.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// How object content is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionMode {
+    /// Plaintext objects, for comparison and for data that needs no protection.
+    None,
+    /// Client-side AES-256-GCM; each object's data key is wrapped with the customer's key (docs/FORMAT.md).
+    CseC,
+}
+
+impl EncryptionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            EncryptionMode::None => "none",
+            EncryptionMode::CseC => "cse-c",
+        }
+    }
+}
+
+/// Which AES-GCM implementation seals chunks. Both produce identical bytes; see the benchmark in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AeadChoice {
+    #[default]
+    AwsLc,
+    RustCrypto,
+}
+
+/// Page cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Plaintext bytes of decrypted chunks kept in memory. 256 MiB holds 4,096 chunks of 64 KiB: enough for several
+    /// large sequential readers with read-ahead, small next to a machine that runs a FUSE daemon.
+    pub memory_bytes: u64,
+    /// Largest read-ahead window for a sequential reader. 8 MiB keeps a 1 Gbit/s link busy at ~60 ms latency.
+    pub max_readahead: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { memory_bytes: 256 << 20, max_readahead: 8 << 20 }
+    }
+}
+
+/// Everything `mount` needs, validated.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub store_url: String,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub mode: EncryptionMode,
+    pub key_file: Option<PathBuf>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+    pub cache: CacheConfig,
+    /// How long the kernel and our inode table trust attributes and names before asking the store again. One second,
+    /// as mountpoint-s3 does: short enough that another writer's change shows up promptly, long enough that `ls -l`
+    /// or a build does not repeat every request.
+    pub attr_ttl: Duration,
+    /// Where plaintext being written is staged (created 0700). Default: a private directory under $XDG_RUNTIME_DIR or
+    /// /var/tmp.
+    pub staging_dir: Option<PathBuf>,
+    pub aead: AeadChoice,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("unknown mount option '{0}' (see `s3cryptfs mount --help` for the list)")]
+    UnknownOption(String),
+    #[error("mount option '{name}' needs a value, as in {name}=VALUE")]
+    MissingValue { name: String },
+    #[error("mount option '{name}' takes no value")]
+    UnexpectedValue { name: String },
+    #[error("mount option '{name}': {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("mount option 'key' is refused: a key on the command line is readable by every user through /proc; use key_file=PATH instead")]
+    RawKeyRefused,
+    #[error("mode=cse-c needs a key: add -o key_file=PATH (create one with `s3cryptfs keygen --output PATH`)")]
+    KeyRequired,
+}
+
+/// Parses a size such as `512`, `64K`, `256M`, `2G` (binary multiples; `KiB`/`MB` spellings accepted).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn parse_octal(name: &str, value: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(value, 8)
+        .ok()
+        .filter(|v| *v <= 0o7777)
+        .ok_or_else(|| ConfigError::Invalid { name: name.into(), reason: format!("'{value}' is not an octal mode") })
+}
+
+fn parse_id(name: &str, value: &str) -> Result<u32, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::Invalid { name: name.into(), reason: format!("'{value}' is not a numeric id") })
+}
+
+fn parse_bool(name: &str, value: Option<&str>) -> Result<bool, ConfigError> {
+    match value {
+        None | Some("true") | Some("yes") | Some("1") | Some("on") => Ok(true),
+        Some("false") | Some("no") | Some("0") | Some("off") => Ok(false),
+        Some(v) => Err(ConfigError::Invalid { name: name.into(), reason: format!("'{v}' is not true or false") }),
+    }
+}
+
+/// Splits a `-o` string (`a=1,b,c=x`) into pairs. Values cannot contain commas (as in fstab).
+pub fn split_options(opts: &str) -> Vec<(String, Option<String>)> {
+    opts.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => (k.trim().replace('-', "_"), Some(v.trim().to_string())),
+            None => (item.replace('-', "_"), None),
+        })
+        .collect()
+}
+
+impl MountConfig {
+    /// Builds the configuration from the store, mountpoint and option pairs, in the order given (later wins).
+    pub fn from_options(
+        store_url: String,
+        mountpoint: PathBuf,
+        foreground: bool,
+        options: &[(String, Option<String>)],
+    ) -> Result<MountConfig, ConfigError> {
+        // SAFETY: getuid/getgid have no preconditions and cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let mut cfg = MountConfig {
+            store_url,
+            mountpoint,
+            foreground,
+            mode: EncryptionMode::CseC,
+            key_file: None,
+            endpoint: None,
+            region: None,
+            ca_file: None,
+            allow_other: false,
+            read_only: false,
+            uid,
+            gid,
+            umask: 0o022,
+            cache: CacheConfig::default(),
+            attr_ttl: Duration::from_secs(1),
+            staging_dir: None,
+            aead: AeadChoice::default(),
+            log_level: None,
+        };
+        for (name, value) in options {
+            let name = name.as_str();
+            let need = || value.clone().ok_or_else(|| ConfigError::MissingValue { name: name.into() });
+            let no_value = || match value {
+                Some(_) => Err(ConfigError::UnexpectedValue { name: name.into() }),
+                None => Ok(()),
+            };
+            match name {
+                "mode" => {
+                    cfg.mode = match need()?.as_str() {
+                        "cse-c" | "cse_c" => EncryptionMode::CseC,
+                        "none" => EncryptionMode::None,
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                name: name.into(),
+                                reason: format!("'{other}' is not a mode this version supports (cse-c, none)"),
+                            })
+                        }
+                    }
+                }
+                "key" => return Err(ConfigError::RawKeyRefused),
+                "key_file" => cfg.key_file = Some(PathBuf::from(need()?)),
+                "endpoint" => {
+                    let v = need()?;
+                    if !(v.starts_with("http://") || v.starts_with("https://")) {
+                        return Err(ConfigError::Invalid {
+                            name: name.into(),
+                            reason: format!("'{v}' must start with http:// or https://"),
+                        });
+                    }
+                    cfg.endpoint = Some(v)
+                }
+                "region" => cfg.region = Some(need()?),
+                "ca_file" => cfg.ca_file = Some(PathBuf::from(need()?)),
+                "allow_other" => cfg.allow_other = parse_bool(name, value.as_deref())?,
+                "ro" => {
+                    no_value()?;
+                    cfg.read_only = true
+                }
+                "rw" => {
+                    no_value()?;
+                    cfg.read_only = false
+                }
+                "uid" => cfg.uid = parse_id(name, &need()?)?,
+                "gid" => cfg.gid = parse_id(name, &need()?)?,
+                "umask" => cfg.umask = parse_octal(name, &need()?)?,
+                "cache_size" => {
+                    let v = need()?;
+                    cfg.cache.memory_bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a size such as 512M or 2G"),
+                    })?
+                }
+                "attr_timeout" => {
+                    let v = need()?;
+                    let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+                        ConfigError::Invalid { name: name.into(), reason: format!("'{v}' is not a number of seconds") }
+                    })?;
+                    cfg.attr_ttl = Duration::from_secs_f64(secs)
+                }
+                "staging_dir" => cfg.staging_dir = Some(PathBuf::from(need()?)),
+                "aead" => {
+                    cfg.aead = match need()?.as_str() {
+                        "aws-lc" | "aws_lc" => AeadChoice::AwsLc,
+                        "aes-gcm" | "aes_gcm" | "rustcrypto" => AeadChoice::RustCrypto,
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                name: name.into(),
+                                reason: format!("'{other}' is not aws-lc or aes-gcm"),
+                            })
+                        }
+                    }
+                }
+                "log_level" => cfg.log_level = Some(need()?),
+                // Accepted so that `-o` lines written for other FUSE filesystems and mount(8) keep working; they
+                // change nothing here.
+                "default_permissions" | "nodev" | "nosuid" | "noatime" | "relatime" | "exec" | "noexec" | "suid"
+                | "dev" | "atime" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "users" | "nouser" => {}
+                _ if name.starts_with("x-systemd.") || name.starts_with("x-") => {}
+                _ => return Err(ConfigError::UnknownOption(name.into())),
+            }
+        }
+        if cfg.mode == EncryptionMode::CseC && cfg.key_file.is_none() {
+            return Err(ConfigError::KeyRequired);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(opts: &str) -> Result<MountConfig, ConfigError> {
+        MountConfig::from_options("file:///tmp/x".into(), "/mnt".into(), true, &split_options(opts))
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64K"), Some(65536));
+        assert_eq!(parse_size("256M"), Some(256 << 20));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size("99999999999999T"), None);
+    }
+
+    #[test]
+    fn parses_the_documented_options() {
+        let c = cfg("mode=cse-c,key_file=/k,endpoint=https://h:1,region=eu-west-1,ca_file=/ca.pem,allow_other,ro,uid=7,gid=8,umask=027,cache_size=64M").unwrap();
+        assert_eq!(c.mode, EncryptionMode::CseC);
+        assert_eq!(c.key_file.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(c.endpoint.as_deref(), Some("https://h:1"));
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert!(c.allow_other && c.read_only);
+        assert_eq!((c.uid, c.gid, c.umask), (7, 8, 0o027));
+        assert_eq!(c.cache.memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        assert_eq!(cfg("mode=none,bogus=1").unwrap_err(), ConfigError::UnknownOption("bogus".into()));
+        assert!(cfg("mode=none,umask=99").unwrap_err().to_string().contains("umask"));
+        assert!(cfg("mode=none,cache_size=lots").unwrap_err().to_string().contains("cache_size"));
+        assert_eq!(cfg("mode=none,uid").unwrap_err(), ConfigError::MissingValue { name: "uid".into() });
+        assert_eq!(cfg("mode=none,ro=1").unwrap_err(), ConfigError::UnexpectedValue { name: "ro".into() });
+        assert_eq!(cfg("mode=none,key=abc").unwrap_err(), ConfigError::RawKeyRefused);
+        assert_eq!(cfg("mode=cse-c").unwrap_err(), ConfigError::KeyRequired);
+        assert!(cfg("mode=sse-x,key_file=/k").unwrap_err().to_string().contains("sse-x"));
+    }
+
+    #[test]
+    fn raw_key_error_never_echoes_the_key() {
+        let msg = cfg("mode=none,key=SECRETSECRET").unwrap_err().to_string();
+        assert!(!msg.contains("SECRETSECRET"));
+    }
+
+    #[test]
+    fn mount_helper_options_are_accepted() {
+        assert!(cfg("mode=none,_netdev,nofail,x-systemd.automount,noatime").is_ok());
+    }
+}

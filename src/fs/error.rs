@@ -1,0 +1,123 @@
+//! Filesystem errors and their one mapping to errno.
+//!
+//! Every layer below keeps its own typed error (`StoreError`, `CryptoError`); this enum wraps them with the object key
+//! they concern, so the single log line written at the FUSE boundary names the object and the cause. The mapping to
+//! errno is one exhaustive match: adding a variant without deciding its errno does not compile.
+
+use thiserror::Error;
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("invalid name")]
+    InvalidName,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("read-only mount")]
+    ReadOnly,
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("stale or unknown handle")]
+    BadHandle,
+    #[error("object {key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("object {key}: {source}")]
+    Crypto {
+        key: String,
+        #[source]
+        source: CryptoError,
+    },
+    #[error("object {key}: stored size {size} is not a valid size for an encrypted object (written by another tool?)")]
+    NotOurFormat { key: String, size: u64 },
+    #[error("staging file for {key}: {source}")]
+    Staging {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn store(key: impl Into<String>, source: StoreError) -> Self {
+        if source.is_not_found() {
+            return Error::NotFound;
+        }
+        Error::Store { key: key.into(), source }
+    }
+
+    pub fn crypto(key: impl Into<String>, source: CryptoError) -> Self {
+        Error::Crypto { key: key.into(), source }
+    }
+
+    pub fn staging(key: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Staging { key: key.into(), source }
+    }
+
+    /// The errno the kernel returns to the application.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotFound => libc::ENOENT,
+            Error::Exists => libc::EEXIST,
+            Error::NotEmpty => libc::ENOTEMPTY,
+            Error::NotDir => libc::ENOTDIR,
+            Error::IsDir => libc::EISDIR,
+            Error::InvalidName => libc::EINVAL,
+            Error::NameTooLong => libc::ENAMETOOLONG,
+            Error::ReadOnly => libc::EROFS,
+            Error::NotSupported(_) => libc::ENOTSUP,
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::NotPermitted(_) => libc::EPERM,
+            Error::BadHandle => libc::EBADF,
+            Error::Store { source, .. } => match source {
+                StoreError::NotFound { .. } => libc::ENOENT,
+                StoreError::AccessDenied { .. } => libc::EACCES,
+                StoreError::NotEmpty { .. } => libc::ENOTEMPTY,
+                StoreError::InvalidInput { .. } => libc::EINVAL,
+                _ => libc::EIO,
+            },
+            // Tampered, wrong-key or foreign objects: the application gets EIO, never bytes we cannot vouch for.
+            Error::Crypto { .. } | Error::NotOurFormat { .. } => libc::EIO,
+            Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    /// Errors that are part of normal operation (a lookup of a missing name) and not worth a log line.
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self,
+            Error::NotFound
+                | Error::Exists
+                | Error::NotEmpty
+                | Error::NotDir
+                | Error::IsDir
+                | Error::InvalidName
+                | Error::NameTooLong
+                | Error::ReadOnly
+                | Error::NotSupported(_)
+                | Error::InvalidArgument(_)
+                | Error::NotPermitted(_)
+        )
+    }
+}

@@ -1,0 +1,238 @@
+//! The inode table: the kernel's view of names, numbers and attributes.
+//!
+//! Nodes link to their parent by number and hold only their own name, so an object's key is derived by walking up
+//! (`path_of`), and renaming a directory is one update of one node: every descendant's key follows. The table is the
+//! authority for what this mount created or changed until the store confirms it; attributes read from the store are
+//! trusted for `attr_ttl` and then asked again.
+//!
+//! Concurrency: the table lives behind one `std::sync::Mutex` held only for map operations (never across an await or
+//! any I/O).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::write::WriteState;
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl FileKind {
+    pub fn type_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+        }
+    }
+}
+
+/// Attributes the kernel sees.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub atime: SystemTime,
+    pub nlink: u32,
+}
+
+/// What the store holds for a node, as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub etag: String,
+    pub stored_size: u64,
+}
+
+pub struct Node {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub atime: SystemTime,
+    /// The stored version this node's attributes came from; `None` for a node this mount created and has not
+    /// uploaded yet, and for directories that exist only as a prefix.
+    pub remote: Option<Remote>,
+    /// Whether the directory has a marker object (so its metadata is persisted).
+    pub has_marker: bool,
+    /// When the attributes were last confirmed from the store.
+    pub validated: Option<Instant>,
+    pub lookups: u64,
+    pub open_handles: u32,
+    /// Staged content of a file opened for writing. Shared by every handle of the inode.
+    pub write: Option<Arc<WriteState>>,
+    /// Symlink target once read.
+    pub link_target: Option<Vec<u8>>,
+    /// Removed from the namespace while still open: reads continue, nothing is uploaded.
+    pub unlinked: bool,
+}
+
+impl Node {
+    pub fn attr(&self) -> Attr {
+        Attr {
+            ino: self.ino,
+            kind: self.kind,
+            size: self.size,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            atime: self.atime,
+            nlink: if self.kind == FileKind::Dir { 2 } else { 1 },
+        }
+    }
+
+    /// The full st_mode (type bits and permissions), as stored in metadata.
+    pub fn mode(&self) -> u32 {
+        self.kind.type_bits() | u32::from(self.perm)
+    }
+}
+
+pub struct InodeTable {
+    nodes: HashMap<u64, Node>,
+    children: HashMap<(u64, String), u64>,
+    next_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root: Node) -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT_INO, root);
+        InodeTable { nodes, children: HashMap::new(), next_ino: ROOT_INO + 1 }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        self.children.get(&(parent, name.to_string())).copied()
+    }
+
+    /// Children of `parent` currently in the table.
+    pub fn children_of(&self, parent: u64) -> Vec<u64> {
+        self.children.iter().filter(|((p, _), _)| *p == parent).map(|(_, ino)| *ino).collect()
+    }
+
+    /// Inserts a new node under `parent`/`name`, replacing (and detaching) whatever was there.
+    pub fn insert(&mut self, mut node: Node) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        node.ino = ino;
+        if let Some(old) = self.children.insert((node.parent, node.name.clone()), ino) {
+            self.detach_node(old);
+        }
+        self.nodes.insert(ino, node);
+        ino
+    }
+
+    /// Removes the name → inode link; the node itself stays while the kernel or a handle still refers to it.
+    pub fn detach(&mut self, parent: u64, name: &str) -> Option<u64> {
+        let ino = self.children.remove(&(parent, name.to_string()))?;
+        self.detach_node(ino);
+        Some(ino)
+    }
+
+    fn detach_node(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.unlinked = true;
+        }
+        self.maybe_drop(ino);
+    }
+
+    /// Moves a node to a new parent and name (rename). The target name must have been detached first.
+    pub fn relink(&mut self, ino: u64, new_parent: u64, new_name: &str) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            let old = (node.parent, node.name.clone());
+            node.parent = new_parent;
+            node.name = new_name.to_string();
+            if self.children.get(&old) == Some(&ino) {
+                self.children.remove(&old);
+            }
+            self.children.insert((new_parent, new_name.to_string()), ino);
+        }
+    }
+
+    /// Forgets kernel references; drops the node when nothing refers to it any more.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        self.maybe_drop(ino);
+    }
+
+    /// Drops a node nobody refers to: no kernel lookups, no open handles, no staged data, no children.
+    pub fn maybe_drop(&mut self, ino: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = self.nodes.get(&ino) else { return };
+        if node.lookups > 0 || node.open_handles > 0 || node.write.is_some() {
+            return;
+        }
+        if node.kind == FileKind::Dir && self.children.keys().any(|(p, _)| *p == ino) {
+            return;
+        }
+        let key = (node.parent, node.name.clone());
+        if self.children.get(&key) == Some(&ino) {
+            // Still linked but unreferenced: keep it if it carries state the store does not have yet.
+            if node.remote.is_none() && !node.unlinked {
+                return;
+            }
+            self.children.remove(&key);
+        }
+        self.nodes.remove(&ino);
+    }
+
+    /// The path of a node relative to the mount root ("" for the root), or `None` if an ancestor is gone.
+    pub fn path_of(&self, ino: u64) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            let node = self.nodes.get(&cur)?;
+            parts.push(node.name.as_str());
+            cur = node.parent;
+            if parts.len() > 4096 {
+                return None; // a cycle would be a broken invariant; refuse rather than loop
+            }
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+
+    /// Path of `name` inside directory `parent`.
+    pub fn child_path(&self, parent: u64, name: &str) -> Option<String> {
+        let p = self.path_of(parent)?;
+        Some(if p.is_empty() { name.to_string() } else { format!("{p}/{name}") })
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}

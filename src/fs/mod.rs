@@ -1,0 +1,1303 @@
+//! The filesystem semantics, as async methods that return `Result<T, fs::Error>`.
+//!
+//! This is where POSIX meets object storage: names become keys (`path` = key under the mount prefix, directories are
+//! prefixes with an optional marker), open files get a [`Reader`] or staged write state, and close/fsync decide when
+//! an upload happens. `fuse.rs` only translates kernel requests into calls here, so every behaviour can be tested by
+//! calling these methods directly.
+//!
+//! Consistency model (see docs/SEMANTICS.md): what this mount does is visible to it at once; what the store says is
+//! trusted for `attr_ttl`, after which names and attributes are asked again.
+
+pub mod error;
+pub mod inode;
+pub mod write;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+pub use self::error::{Error, Result};
+pub use self::inode::{Attr, FileKind, ROOT_INO};
+use self::inode::{InodeTable, Node, Remote};
+use self::write::{Staged, StagingDir, WriteState};
+use crate::cache::PageCache;
+use crate::object::Codec;
+use crate::read::{Reader, BIND_META};
+use crate::store::{Backend, ObjectInfo, ObjectKey, StoreError, UserMeta};
+
+/// Longest name a directory entry may have (as on ext4), and so the longest key component we create.
+const NAME_MAX: usize = 255;
+/// Chunk of a file downloaded at a time when staging it for writing.
+const STAGE_READ: usize = 8 << 20;
+
+/// Settings of the filesystem layer, derived from the mount configuration.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+    pub read_only: bool,
+    pub attr_ttl: Duration,
+    pub max_readahead: u64,
+}
+
+/// Who is asking (for ownership of new files and chown rules).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes requested by setattr.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+enum Handle {
+    File { ino: u64, reader: Option<Arc<Reader>>, append: bool, writable: bool },
+    Dir { entries: Arc<Vec<DirEntry>> },
+}
+
+/// Whether an open asked for writing, truncation or appending (from the open(2) flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+    pub append: bool,
+}
+
+impl OpenMode {
+    pub fn from_flags(flags: i32) -> OpenMode {
+        let acc = flags & libc::O_ACCMODE;
+        OpenMode {
+            write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            truncate: flags & libc::O_TRUNC != 0,
+            append: flags & libc::O_APPEND != 0,
+        }
+    }
+}
+
+pub struct Fs {
+    backend: Arc<dyn Backend>,
+    codec: Codec,
+    cache: Arc<PageCache>,
+    staging: StagingDir,
+    config: FsConfig,
+    table: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn dir_key(path: &str) -> ObjectKey {
+    ObjectKey::new(&format!("{path}/"))
+}
+
+fn to_secs_nanos(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            // Before the epoch: floor to whole seconds with a positive nanosecond part.
+            if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            }
+        }
+    }
+}
+
+fn from_secs_nanos(secs: i64, nanos: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos as u64)
+    }
+}
+
+fn check_name(name: &OsStr) -> Result<String> {
+    let bytes = name.as_bytes();
+    if bytes.len() > NAME_MAX {
+        return Err(Error::NameTooLong);
+    }
+    let s = std::str::from_utf8(bytes).map_err(|_| Error::InvalidName)?;
+    if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+        return Err(Error::InvalidName);
+    }
+    Ok(s.to_string())
+}
+
+impl Fs {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        codec: Codec,
+        cache: Arc<PageCache>,
+        staging: StagingDir,
+        config: FsConfig,
+    ) -> Fs {
+        let now = SystemTime::now();
+        let root = Node {
+            ino: ROOT_INO,
+            parent: ROOT_INO,
+            name: String::new(),
+            kind: FileKind::Dir,
+            size: 0,
+            perm: (0o777 & !config.umask) as u16,
+            uid: config.uid,
+            gid: config.gid,
+            mtime: now,
+            ctime: now,
+            atime: now,
+            remote: None,
+            has_marker: false,
+            validated: Some(Instant::now()),
+            lookups: 1,
+            open_handles: 0,
+            write: None,
+            link_target: None,
+            unlinked: false,
+        };
+        Fs {
+            backend,
+            codec,
+            cache,
+            staging,
+            config,
+            table: Mutex::new(InodeTable::new(root)),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn cache(&self) -> &PageCache {
+        &self.cache
+    }
+
+    pub fn staging_dir(&self) -> &std::path::Path {
+        self.staging.path()
+    }
+
+    fn fresh(&self, node: &Node) -> bool {
+        node.write.is_some()
+            || node.validated.is_some_and(|t| t.elapsed() < self.config.attr_ttl)
+            || (node.remote.is_none() && node.kind != FileKind::Dir && node.validated.is_some())
+    }
+
+    fn default_perm(&self, kind: FileKind) -> u16 {
+        match kind {
+            FileKind::Dir => (0o777 & !self.config.umask) as u16,
+            FileKind::File => (0o666 & !self.config.umask) as u16,
+            FileKind::Symlink => 0o777,
+        }
+    }
+
+    fn blank_node(&self, parent: u64, name: &str, kind: FileKind) -> Node {
+        let now = SystemTime::now();
+        Node {
+            ino: 0,
+            parent,
+            name: name.to_string(),
+            kind,
+            size: 0,
+            perm: self.default_perm(kind),
+            uid: self.config.uid,
+            gid: self.config.gid,
+            mtime: now,
+            ctime: now,
+            atime: now,
+            remote: None,
+            has_marker: false,
+            validated: None,
+            lookups: 0,
+            open_handles: 0,
+            write: None,
+            link_target: None,
+            unlinked: false,
+        }
+    }
+
+    /// Applies what the store says about an object to a node (unless the node has local changes).
+    fn apply_remote(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta) {
+        if node.write.is_some() {
+            return;
+        }
+        let kind = match meta.mode.map(|m| m & libc::S_IFMT) {
+            Some(libc::S_IFLNK) => FileKind::Symlink,
+            Some(libc::S_IFDIR) => FileKind::Dir,
+            _ if node.kind == FileKind::Dir => FileKind::Dir,
+            _ => FileKind::File,
+        };
+        let new_remote =
+            Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
+        if node.remote.as_ref() != Some(&new_remote) {
+            node.link_target = None;
+        }
+        node.kind = kind;
+        if kind != FileKind::Dir {
+            node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
+            node.remote = Some(new_remote);
+        }
+        node.perm = meta.mode.map(|m| (m & 0o7777) as u16).unwrap_or_else(|| self.default_perm(kind));
+        node.uid = meta.uid.unwrap_or(self.config.uid);
+        node.gid = meta.gid.unwrap_or(self.config.gid);
+        node.mtime = meta.mtime.map(|(s, n)| from_secs_nanos(s, n)).unwrap_or(info.last_modified);
+        node.ctime = node.mtime;
+        node.validated = Some(Instant::now());
+    }
+
+    fn meta_of(node: &Node) -> UserMeta {
+        UserMeta {
+            mode: Some(node.mode()),
+            uid: Some(node.uid),
+            gid: Some(node.gid),
+            mtime: Some(to_secs_nanos(node.mtime)),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    fn path_of(&self, ino: u64) -> Result<String> {
+        lock(&self.table).path_of(ino).ok_or(Error::NotFound)
+    }
+
+    fn child_path(&self, parent: u64, name: &str) -> Result<String> {
+        let table = lock(&self.table);
+        match table.get(parent) {
+            Some(n) if n.kind == FileKind::Dir => {}
+            Some(_) => return Err(Error::NotDir),
+            None => return Err(Error::NotFound),
+        }
+        table.child_path(parent, name).ok_or(Error::NotFound)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.config.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether a directory exists in the store: its marker, or else any object under its prefix.
+    async fn probe_dir(&self, path: &str) -> Result<Option<(Option<(ObjectInfo, UserMeta)>, bool)>> {
+        match self.backend.head(&dir_key(path)).await {
+            Ok((info, meta)) => return Ok(Some((Some((info, meta)), true))),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(Error::store(format!("{path}/"), e)),
+        }
+        let has = self
+            .backend
+            .has_children(&format!("{path}/"))
+            .await
+            .map_err(|e| Error::store(format!("{path}/"), e))?;
+        Ok(if has { Some((None, false)) } else { None })
+    }
+
+    /// Resolves `name` in `parent`, from the table when fresh, else from the store. Does not count a lookup.
+    async fn resolve(&self, parent: u64, name: &str) -> Result<u64> {
+        let path = self.child_path(parent, name)?;
+        let existing = {
+            let table = lock(&self.table);
+            table.child(parent, name).and_then(|ino| table.get(ino).map(|n| (ino, n.kind, self.fresh(n))))
+        };
+        if let Some((ino, _, true)) = existing {
+            return Ok(ino);
+        }
+        // A stale node of known kind: ask about that kind first (one request in the common case).
+        if let Some((ino, FileKind::File | FileKind::Symlink, false)) = existing {
+            match self.backend.head(&ObjectKey::new(&path)).await {
+                Ok((info, meta)) => {
+                    let mut table = lock(&self.table);
+                    if let Some(node) = table.get_mut(ino) {
+                        self.apply_remote(node, &info, &meta);
+                    }
+                    // A directory of the same name shadows the file; that case is caught by readdir and the full probe
+                    // below on the next expiry, which is accepted as the price of one request per lookup.
+                    return Ok(ino);
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(Error::store(&path, e)),
+            }
+        }
+        let (file, dir) = tokio::join!(self.backend.head(&ObjectKey::new(&path)), self.probe_dir(&path));
+        let dir = dir?;
+        let file = match file {
+            Ok(f) => Some(f),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(Error::store(&path, e)),
+        };
+        let mut table = lock(&self.table);
+        // Re-check under the lock: the node may have been created locally meanwhile.
+        let current = table.child(parent, name);
+        if let Some((marker, has_marker)) = dir {
+            let ino = match current {
+                Some(ino) if table.get(ino).is_some_and(|n| n.kind == FileKind::Dir) => ino,
+                _ => table.insert(self.blank_node(parent, name, FileKind::Dir)),
+            };
+            if let Some(node) = table.get_mut(ino) {
+                node.has_marker = has_marker;
+                match &marker {
+                    Some((info, meta)) => self.apply_remote(node, info, meta),
+                    None => node.validated = Some(Instant::now()),
+                }
+            }
+            return Ok(ino);
+        }
+        if let Some((info, meta)) = file {
+            let ino = match current {
+                Some(ino) if table.get(ino).is_some_and(|n| n.kind != FileKind::Dir) => ino,
+                _ => table.insert(self.blank_node(parent, name, FileKind::File)),
+            };
+            if let Some(node) = table.get_mut(ino) {
+                self.apply_remote(node, &info, &meta);
+            }
+            return Ok(ino);
+        }
+        // Not in the store. A node this mount created and has not uploaded yet still exists.
+        if let Some(ino) = current {
+            if table.get(ino).is_some_and(|n| n.write.is_some() || (n.remote.is_none() && n.kind != FileKind::Dir)) {
+                return Ok(ino);
+            }
+            table.detach(parent, name);
+        }
+        Err(Error::NotFound)
+    }
+
+    fn attr_of(&self, ino: u64) -> Result<Attr> {
+        lock(&self.table).get(ino).map(Node::attr).ok_or(Error::NotFound)
+    }
+
+    // ----- namespace -----
+
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let name = check_name(name)?;
+        let ino = self.resolve(parent, &name).await?;
+        let mut table = lock(&self.table);
+        let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+        node.lookups += 1;
+        Ok(node.attr())
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.table).forget(ino, n);
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        let (stale_file, path) = {
+            let table = lock(&self.table);
+            let node = table.get(ino).ok_or(Error::NotFound)?;
+            let stale = node.kind != FileKind::Dir && !self.fresh(node) && node.remote.is_some();
+            (stale, if stale { table.path_of(ino) } else { None })
+        };
+        if let (true, Some(path)) = (stale_file, path) {
+            match self.backend.head(&ObjectKey::new(&path)).await {
+                Ok((info, meta)) => {
+                    let mut table = lock(&self.table);
+                    if let Some(node) = table.get_mut(ino) {
+                        self.apply_remote(node, &info, &meta);
+                    }
+                }
+                // Gone from the store (another writer deleted it): keep answering from what we know; a lookup will
+                // notice, and open handles keep working on their version.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(Error::store(&path, e)),
+            }
+        }
+        self.attr_of(ino)
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let path = self.child_path(parent, &name)?;
+        match self.resolve(parent, &name).await {
+            Ok(_) => return Err(Error::Exists),
+            Err(Error::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let mut node = self.blank_node(parent, &name, FileKind::Dir);
+        node.perm = (mode & 0o7777) as u16;
+        node.uid = caller.uid;
+        node.gid = caller.gid;
+        let meta = Self::meta_of(&node);
+        self.backend.put(&dir_key(&path), Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
+        node.has_marker = true;
+        node.validated = Some(Instant::now());
+        node.lookups = 1;
+        let mut table = lock(&self.table);
+        let ino = table.insert(node);
+        self.touch_dir(&mut table, parent);
+        Ok(table.get(ino).map(Node::attr).ok_or(Error::NotFound)?)
+    }
+
+    fn touch_dir(&self, table: &mut InodeTable, dir: u64) {
+        if let Some(node) = table.get_mut(dir) {
+            let now = SystemTime::now();
+            node.mtime = now;
+            node.ctime = now;
+        }
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let path = self.child_path(parent, &name)?;
+        match self.resolve(parent, &name).await {
+            Ok(_) => return Err(Error::Exists),
+            Err(Error::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let target = target.as_bytes().to_vec();
+        let mut node = self.blank_node(parent, &name, FileKind::Symlink);
+        node.uid = caller.uid;
+        node.gid = caller.gid;
+        node.size = target.len() as u64;
+        let info = self.put_small(&path, &target, Self::meta_of(&node)).await?;
+        node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+        node.link_target = Some(target);
+        node.validated = Some(Instant::now());
+        node.lookups = 1;
+        let mut table = lock(&self.table);
+        let ino = table.insert(node);
+        self.touch_dir(&mut table, parent);
+        Ok(table.get(ino).map(Node::attr).ok_or(Error::NotFound)?)
+    }
+
+    /// Encrypts and stores a small object held in memory (symlink targets).
+    async fn put_small(&self, path: &str, content: &[u8], meta: UserMeta) -> Result<ObjectInfo> {
+        let (mut file, staged_path) = self.staging.new_file().map_err(|e| Error::staging(path, e))?;
+        use std::io::Write;
+        let res = async {
+            file.write_all(content).map_err(|e| Error::staging(path, e))?;
+            crate::upload::upload(&*self.backend, &self.codec, path, &file, content.len() as u64, meta).await
+        }
+        .await;
+        let _ = std::fs::remove_file(&staged_path);
+        res
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let (cached, remote) = {
+            let table = lock(&self.table);
+            let node = table.get(ino).ok_or(Error::NotFound)?;
+            if node.kind != FileKind::Symlink {
+                return Err(Error::InvalidArgument("not a symbolic link"));
+            }
+            (node.link_target.clone(), node.remote.clone())
+        };
+        if let Some(t) = cached {
+            return Ok(t);
+        }
+        let remote = remote.ok_or(Error::NotFound)?;
+        let path = self.path_of(ino)?;
+        let reader = Reader::new(
+            self.backend.clone(),
+            self.codec.clone(),
+            self.cache.clone(),
+            path,
+            remote.etag,
+            remote.stored_size,
+            0,
+        )?;
+        let target = reader.read(0, reader.plain_size() as usize).await?;
+        if let Some(node) = lock(&self.table).get_mut(ino) {
+            node.link_target = Some(target.clone());
+        }
+        Ok(target)
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let path = self.child_path(parent, &name)?;
+        let ino = self.resolve(parent, &name).await?;
+        let kind = self.attr_of(ino)?.kind;
+        if kind == FileKind::Dir {
+            return Err(Error::IsDir);
+        }
+        self.backend.delete(&ObjectKey::new(&path)).await.map_err(|e| Error::store(&path, e))?;
+        self.cache.invalidate_key(&path);
+        let mut table = lock(&self.table);
+        table.detach(parent, &name);
+        self.touch_dir(&mut table, parent);
+        Ok(())
+    }
+
+    /// Lists a directory's direct children from the store, merged with what this mount has created but not uploaded.
+    async fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let path = self.path_of(ino)?;
+        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
+        let mut found: BTreeMap<String, (FileKind, Option<ObjectInfo>)> = BTreeMap::new();
+        for p in &listing.prefixes {
+            let rest = p.as_str().strip_prefix(&prefix).unwrap_or(p.as_str()).trim_end_matches('/');
+            if !rest.is_empty() && !rest.contains('/') && check_name(OsStr::new(rest)).is_ok() {
+                found.insert(rest.to_string(), (FileKind::Dir, None));
+            }
+        }
+        for o in &listing.objects {
+            let rest = o.key.as_str().strip_prefix(&prefix).unwrap_or(o.key.as_str());
+            if rest.is_empty() {
+                continue; // the directory's own marker
+            }
+            if let Some(dir) = rest.strip_suffix('/') {
+                if !dir.contains('/') && check_name(OsStr::new(dir)).is_ok() {
+                    found.insert(dir.to_string(), (FileKind::Dir, None));
+                }
+                continue;
+            }
+            if rest.contains('/') || check_name(OsStr::new(rest)).is_err() {
+                continue;
+            }
+            found.entry(rest.to_string()).or_insert((FileKind::File, Some(o.clone())));
+        }
+        let mut table = lock(&self.table);
+        let mut entries = Vec::with_capacity(found.len());
+        for (name, (kind, info)) in found {
+            let ino = match table.child(ino, &name) {
+                Some(child) if table.get(child).is_some_and(|n| (n.kind == FileKind::Dir) == (kind == FileKind::Dir)) => {
+                    child
+                }
+                _ => table.insert(self.blank_node(ino, &name, kind)),
+            };
+            let mut kind = kind;
+            if let Some(node) = table.get_mut(ino) {
+                if let (Some(info), None) = (&info, &node.write) {
+                    let remote =
+                        Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
+                    if node.remote.as_ref() != Some(&remote) {
+                        // Changed or new: take the size now, and let the next lookup fetch its metadata.
+                        node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
+                        node.remote = Some(remote);
+                        node.validated = None;
+                        node.link_target = None;
+                        if node.kind == FileKind::File {
+                            node.mtime = info.last_modified;
+                        }
+                    }
+                }
+                kind = node.kind;
+            }
+            entries.push(DirEntry { ino, name, kind });
+        }
+        // Children created here and not yet in the store.
+        let listed: std::collections::HashSet<String> = entries.iter().map(|e| e.name.clone()).collect();
+        for child in table.children_of(ino) {
+            if let Some(n) = table.get(child) {
+                if !n.unlinked && (n.write.is_some() || n.remote.is_none()) && !listed.contains(&n.name) {
+                    if n.kind == FileKind::Dir && !n.has_marker {
+                        continue;
+                    }
+                    entries.push(DirEntry { ino: child, name: n.name.clone(), kind: n.kind });
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    pub async fn opendir(&self, ino: u64) -> Result<u64> {
+        if self.attr_of(ino)?.kind != FileKind::Dir {
+            return Err(Error::NotDir);
+        }
+        let entries = Arc::new(self.list_dir(ino).await?);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Handle::Dir { entries });
+        Ok(fh)
+    }
+
+    /// Entries from position `offset` on (0 = first real entry; "." and ".." are added by the adapter).
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir { entries }) => Ok(entries.clone()),
+            _ => Err(Error::BadHandle),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        lock(&self.table).get(ino).map(|n| n.parent).unwrap_or(ROOT_INO)
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let path = self.child_path(parent, &name)?;
+        let ino = self.resolve(parent, &name).await?;
+        if self.attr_of(ino)?.kind != FileKind::Dir {
+            return Err(Error::NotDir);
+        }
+        self.ensure_empty(ino, &path).await?;
+        self.backend.delete(&dir_key(&path)).await.map_err(|e| Error::store(format!("{path}/"), e))?;
+        let mut table = lock(&self.table);
+        table.detach(parent, &name);
+        self.touch_dir(&mut table, parent);
+        Ok(())
+    }
+
+    async fn ensure_empty(&self, ino: u64, path: &str) -> Result<()> {
+        let pending = {
+            let table = lock(&self.table);
+            table.children_of(ino).into_iter().any(|c| {
+                table.get(c).is_some_and(|n| !n.unlinked && (n.write.is_some() || (n.remote.is_none() && n.kind != FileKind::Dir)))
+            })
+        };
+        if pending {
+            return Err(Error::NotEmpty);
+        }
+        let prefix = format!("{path}/");
+        let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
+        let others = listing.objects.iter().any(|o| o.key.as_str() != prefix) || !listing.prefixes.is_empty();
+        if others {
+            return Err(Error::NotEmpty);
+        }
+        Ok(())
+    }
+
+    /// rename(2), for files, symlinks and whole directories. `noreplace` is RENAME_NOREPLACE.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        noreplace: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let new_name = check_name(new_name)?;
+        let from = self.child_path(parent, &name)?;
+        let to = self.child_path(new_parent, &new_name)?;
+        let ino = self.resolve(parent, &name).await?;
+        if from == to {
+            return Ok(());
+        }
+        let kind = self.attr_of(ino)?.kind;
+        let target = match self.resolve(new_parent, &new_name).await {
+            Ok(t) => Some(t),
+            Err(Error::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = target {
+            if noreplace {
+                return Err(Error::Exists);
+            }
+            let tkind = self.attr_of(t)?.kind;
+            match (kind == FileKind::Dir, tkind == FileKind::Dir) {
+                (false, true) => return Err(Error::IsDir),
+                (true, false) => return Err(Error::NotDir),
+                (true, true) => self.ensure_empty(t, &to).await?,
+                (false, false) => {}
+            }
+        }
+        if kind == FileKind::Dir {
+            if to.starts_with(&format!("{from}/")) {
+                return Err(Error::InvalidArgument("cannot move a directory into itself"));
+            }
+            self.flush_under(ino).await?;
+            if target.is_some() {
+                self.backend.delete(&dir_key(&to)).await.map_err(|e| Error::store(format!("{to}/"), e))?;
+            }
+            let src_prefix = format!("{from}/");
+            let listing = self.backend.list(&src_prefix, true).await.map_err(|e| Error::store(&src_prefix, e))?;
+            // Markers last, so that a crash half way leaves the source directory visible with what remains in it.
+            let (markers, objects): (Vec<_>, Vec<_>) =
+                listing.objects.into_iter().partition(|o| o.key.as_str().ends_with('/'));
+            for o in objects.iter().chain(markers.iter()) {
+                let rest = &o.key.as_str()[src_prefix.len()..];
+                let dst = format!("{to}/{rest}");
+                if o.key.as_str().ends_with('/') {
+                    self.backend
+                        .rename(&o.key, &ObjectKey::new(&dst), None)
+                        .await
+                        .map_err(|e| Error::store(o.key.as_str(), e))?;
+                } else {
+                    self.rename_object(o.key.as_str(), &dst).await?;
+                }
+            }
+        } else {
+            self.flush_node(ino).await?;
+            let uploaded = lock(&self.table).get(ino).is_some_and(|n| n.remote.is_some());
+            if uploaded {
+                self.rename_object(&from, &to).await?;
+            }
+        }
+        {
+            let mut table = lock(&self.table);
+            table.detach(new_parent, &new_name);
+            table.relink(ino, new_parent, &new_name);
+            if let Some(node) = table.get_mut(ino) {
+                node.ctime = SystemTime::now();
+                // The copy may carry a new ETag: ask the store before trusting the old one.
+                if node.kind != FileKind::Dir {
+                    node.validated = None;
+                }
+            }
+            self.touch_dir(&mut table, parent);
+            self.touch_dir(&mut table, new_parent);
+        }
+        self.retarget_readers();
+        Ok(())
+    }
+
+    /// Moves one object, re-binding it to its new path when it is encrypted.
+    async fn rename_object(&self, from: &str, to: &str) -> Result<()> {
+        let from_key = ObjectKey::new(from);
+        let to_key = ObjectKey::new(to);
+        let (_info, mut meta) = self.backend.head(&from_key).await.map_err(|e| Error::store(from, e))?;
+        if self.codec.is_encrypted() && meta.extra.contains_key(BIND_META) {
+            let (header, _, _) = self
+                .backend
+                .get_range(&from_key, 0..self.codec.header_len())
+                .await
+                .map_err(|e| Error::store(from, e))?;
+            let oc = self.codec.open(&header).map_err(|e| Error::crypto(from, e))?;
+            // Refuse to re-bind an object that was not bound to where we found it: that would launder a swap.
+            oc.verify_binding(from, meta.extra.get(BIND_META).map(String::as_str))
+                .map_err(|e| Error::crypto(from, e))?;
+            if let Some(b) = oc.binding(to) {
+                meta.extra.insert(BIND_META.to_string(), b);
+            }
+            self.backend.rename(&from_key, &to_key, Some(&meta)).await.map_err(|e| Error::store(from, e))?;
+        } else {
+            self.backend.rename(&from_key, &to_key, None).await.map_err(|e| Error::store(from, e))?;
+        }
+        self.cache.invalidate_key(from);
+        self.cache.invalidate_key(to);
+        Ok(())
+    }
+
+    fn retarget_readers(&self) {
+        let handles = lock(&self.handles);
+        let table = lock(&self.table);
+        for h in handles.values() {
+            if let Handle::File { ino, reader: Some(r), .. } = h {
+                if let Some(p) = table.path_of(*ino) {
+                    r.set_key(p);
+                }
+            }
+        }
+    }
+
+    /// Uploads every dirty file under directory `dir`.
+    async fn flush_under(&self, dir: u64) -> Result<()> {
+        let dirty: Vec<u64> = {
+            let table = lock(&self.table);
+            let mut out = Vec::new();
+            let mut stack = vec![dir];
+            while let Some(d) = stack.pop() {
+                for c in table.children_of(d) {
+                    if let Some(n) = table.get(c) {
+                        if n.kind == FileKind::Dir {
+                            stack.push(c);
+                        } else if n.write.is_some() {
+                            out.push(c);
+                        }
+                    }
+                }
+            }
+            out
+        };
+        for ino in dirty {
+            self.flush_node(ino).await?;
+        }
+        Ok(())
+    }
+
+    // ----- attributes -----
+
+    pub async fn setattr(&self, ino: u64, changes: SetAttr, fh: Option<u64>, caller: Caller) -> Result<Attr> {
+        let wants_change = changes.mode.is_some()
+            || changes.uid.is_some()
+            || changes.gid.is_some()
+            || changes.size.is_some()
+            || changes.mtime.is_some();
+        if wants_change {
+            self.check_writable()?;
+        }
+        let (kind, owner) = {
+            let table = lock(&self.table);
+            let n = table.get(ino).ok_or(Error::NotFound)?;
+            (n.kind, n.uid)
+        };
+        // chown rules (the kernel's default_permissions leaves them to us): only root gives a file away; the owner may
+        // change the group.
+        if let Some(uid) = changes.uid {
+            if caller.uid != 0 && uid != owner {
+                return Err(Error::NotPermitted("only root can change a file's owner"));
+            }
+        }
+        if changes.gid.is_some() && caller.uid != 0 && caller.uid != owner {
+            return Err(Error::NotPermitted("only the owner or root can change a file's group"));
+        }
+        if let Some(size) = changes.size {
+            if kind == FileKind::Dir {
+                return Err(Error::IsDir);
+            }
+            let ws = self.stage(ino).await?;
+            let path = self.path_of(ino)?;
+            {
+                let mut staged = ws.staged.lock().await;
+                staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
+            }
+            let mut table = lock(&self.table);
+            if let Some(node) = table.get_mut(ino) {
+                node.size = size;
+                node.mtime = SystemTime::now();
+                node.ctime = node.mtime;
+            }
+        }
+        let meta_changed = changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some();
+        {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+            if let Some(mode) = changes.mode {
+                node.perm = (mode & 0o7777) as u16;
+            }
+            if let Some(uid) = changes.uid {
+                node.uid = uid;
+            }
+            if let Some(gid) = changes.gid {
+                node.gid = gid;
+            }
+            if let Some(m) = changes.mtime {
+                node.mtime = m;
+            }
+            if let Some(a) = changes.atime {
+                node.atime = a;
+            }
+            if meta_changed {
+                node.ctime = SystemTime::now();
+            }
+        }
+        // Persist. A truncate by path (no handle) is uploaded now, since no close will follow.
+        let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
+        let loaded = match &ws {
+            Some(ws) => ws.staged.lock().await.loaded,
+            None => false,
+        };
+        if let (Some(ws), true) = (ws, loaded) {
+            // A staged file carries its attributes with its next upload.
+            if meta_changed {
+                ws.staged.lock().await.dirty = true;
+            }
+            if fh.is_none() {
+                self.flush_node(ino).await?;
+            }
+        } else if meta_changed {
+            self.persist_meta(ino, kind).await?;
+        }
+        self.attr_of(ino)
+    }
+
+    async fn persist_meta(&self, ino: u64, kind: FileKind) -> Result<()> {
+        if ino == ROOT_INO {
+            return Ok(()); // the mount root has no object; its attributes last for the mount
+        }
+        let path = self.path_of(ino)?;
+        let (node_meta, has_marker) = {
+            let table = lock(&self.table);
+            let n = table.get(ino).ok_or(Error::NotFound)?;
+            (Self::meta_of(n), n.has_marker)
+        };
+        if kind == FileKind::Dir {
+            let key = dir_key(&path);
+            let res = if has_marker {
+                self.backend.update_meta(&key, &node_meta).await
+            } else {
+                self.backend.put(&key, Bytes::new(), &node_meta).await
+            };
+            res.map_err(|e| Error::store(format!("{path}/"), e))?;
+            if let Some(n) = lock(&self.table).get_mut(ino) {
+                n.has_marker = true;
+            }
+            return Ok(());
+        }
+        let key = ObjectKey::new(&path);
+        let (_, mut meta) = self.backend.head(&key).await.map_err(|e| Error::store(&path, e))?;
+        meta.mode = node_meta.mode;
+        meta.uid = node_meta.uid;
+        meta.gid = node_meta.gid;
+        meta.mtime = node_meta.mtime;
+        let info = self.backend.update_meta(&key, &meta).await.map_err(|e| Error::store(&path, e))?;
+        if let Some(n) = lock(&self.table).get_mut(ino) {
+            n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+            n.validated = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        // Object stores have no fixed capacity; report a large, constant one so tools that check free space proceed.
+        StatFs { blocks: 1 << 40, bfree: 1 << 40, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: NAME_MAX as u32 }
+    }
+
+    // ----- files -----
+
+    /// The write state of a file, created and loaded (downloaded and decrypted) if needed.
+    async fn stage(&self, ino: u64) -> Result<Arc<WriteState>> {
+        let path = self.path_of(ino)?;
+        let (ws, remote) = {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+            if node.kind != FileKind::File {
+                return Err(Error::IsDir);
+            }
+            let ws = match &node.write {
+                Some(ws) => ws.clone(),
+                None => {
+                    let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
+                    let ws = Arc::new(WriteState::new(Staged {
+                        file,
+                        path: spath,
+                        loaded: node.remote.is_none(),
+                        dirty: false,
+                        size: 0,
+                    }));
+                    node.write = Some(ws.clone());
+                    ws
+                }
+            };
+            (ws, node.remote.clone())
+        };
+        let mut staged = ws.staged.lock().await;
+        if !staged.loaded {
+            if let Some(remote) = remote {
+                let reader = Reader::new(
+                    self.backend.clone(),
+                    self.codec.clone(),
+                    self.cache.clone(),
+                    path.clone(),
+                    remote.etag,
+                    remote.stored_size,
+                    0,
+                )?;
+                let mut offset = 0u64;
+                while offset < reader.plain_size() {
+                    let data = reader.read(offset, STAGE_READ).await?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    use std::os::unix::fs::FileExt;
+                    staged.file.write_all_at(&data, offset).map_err(|e| Error::staging(&path, e))?;
+                    offset += data.len() as u64;
+                }
+                staged.size = offset;
+            }
+            staged.loaded = true;
+        }
+        drop(staged);
+        Ok(ws)
+    }
+
+    pub async fn open(&self, ino: u64, mode: OpenMode) -> Result<u64> {
+        if mode.write {
+            self.check_writable()?;
+        }
+        let (kind, remote) = {
+            let table = lock(&self.table);
+            let node = table.get(ino).ok_or(Error::NotFound)?;
+            (node.kind, node.remote.clone())
+        };
+        match kind {
+            FileKind::Dir => return Err(Error::IsDir),
+            FileKind::Symlink => return Err(Error::InvalidArgument("cannot open a symbolic link")),
+            FileKind::File => {}
+        }
+        if mode.write && mode.truncate {
+            self.truncate_staged(ino).await?;
+        }
+        let path = self.path_of(ino)?;
+        let reader = match remote {
+            Some(r) => Some(Reader::new(
+                self.backend.clone(),
+                self.codec.clone(),
+                self.cache.clone(),
+                path,
+                r.etag,
+                r.stored_size,
+                self.config.max_readahead,
+            )?),
+            None => None,
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut table = lock(&self.table);
+            if let Some(n) = table.get_mut(ino) {
+                n.open_handles += 1;
+            }
+        }
+        lock(&self.handles).insert(fh, Handle::File { ino, reader, append: mode.append, writable: mode.write });
+        Ok(fh)
+    }
+
+    /// O_TRUNC: the file's content is replaced by nothing, without downloading it.
+    async fn truncate_staged(&self, ino: u64) -> Result<()> {
+        let path = self.path_of(ino)?;
+        let ws = {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+            match &node.write {
+                Some(ws) => ws.clone(),
+                None => {
+                    let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
+                    let ws = Arc::new(WriteState::new(Staged { file, path: spath, loaded: true, dirty: false, size: 0 }));
+                    node.write = Some(ws.clone());
+                    ws
+                }
+            }
+        };
+        let mut staged = ws.staged.lock().await;
+        staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
+        staged.loaded = true;
+        drop(staged);
+        if let Some(n) = lock(&self.table).get_mut(ino) {
+            n.size = 0;
+            n.mtime = SystemTime::now();
+            n.ctime = n.mtime;
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let _path = self.child_path(parent, &name)?;
+        match self.resolve(parent, &name).await {
+            Ok(ino) => {
+                if flags & libc::O_EXCL != 0 {
+                    return Err(Error::Exists);
+                }
+                // Opened by create() after all (a racing creator): behave as open.
+                let fh = self.open(ino, OpenMode::from_flags(flags)).await?;
+                let mut table = lock(&self.table);
+                let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+                node.lookups += 1;
+                return Ok((node.attr(), fh));
+            }
+            Err(Error::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&name, e))?;
+        let mut node = self.blank_node(parent, &name, FileKind::File);
+        node.perm = (mode & 0o7777) as u16;
+        node.uid = caller.uid;
+        node.gid = caller.gid;
+        node.validated = Some(Instant::now());
+        node.lookups = 1;
+        node.open_handles = 1;
+        node.write = Some(Arc::new(WriteState::new(Staged { file, path: spath, loaded: true, dirty: true, size: 0 })));
+        let mode = OpenMode::from_flags(flags);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let attr = {
+            let mut table = lock(&self.table);
+            let ino = table.insert(node);
+            self.touch_dir(&mut table, parent);
+            table.get(ino).map(Node::attr).ok_or(Error::NotFound)?
+        };
+        lock(&self.handles).insert(
+            fh,
+            Handle::File { ino: attr.ino, reader: None, append: mode.append, writable: true },
+        );
+        Ok((attr, fh))
+    }
+
+    fn file_handle(&self, fh: u64) -> Result<(u64, Option<Arc<Reader>>, bool, bool)> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::File { ino, reader, append, writable }) => Ok((*ino, reader.clone(), *append, *writable)),
+            _ => Err(Error::BadHandle),
+        }
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let (ino, reader, _, _) = self.file_handle(fh)?;
+        let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
+        if let Some(ws) = ws {
+            let staged = ws.staged.lock().await;
+            if staged.loaded {
+                let key = self.path_of(ino).unwrap_or_default();
+                return staged.read_at(offset, size as usize).map_err(|e| Error::staging(key, e));
+            }
+        }
+        match reader {
+            Some(r) => r.read(offset, size as usize).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (ino, _, append, writable) = self.file_handle(fh)?;
+        if !writable {
+            return Err(Error::BadHandle);
+        }
+        let ws = self.stage(ino).await?;
+        let path = self.path_of(ino).unwrap_or_default();
+        let size = {
+            let mut staged = ws.staged.lock().await;
+            let offset = if append { staged.size } else { offset };
+            staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
+            staged.size
+        };
+        if let Some(n) = lock(&self.table).get_mut(ino) {
+            n.size = size;
+            n.mtime = SystemTime::now();
+            n.ctime = n.mtime;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Uploads a file's staged content if it changed; returns once the store has it.
+    pub async fn flush_node(&self, ino: u64) -> Result<()> {
+        let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { return Ok(()) };
+        let mut staged = ws.staged.lock().await;
+        if !staged.dirty || !staged.loaded {
+            // Nothing changed here, or only opened for writing and never written: the store's copy is current.
+            return Ok(());
+        }
+        let (path, meta, unlinked) = {
+            let table = lock(&self.table);
+            let n = table.get(ino).ok_or(Error::NotFound)?;
+            (table.path_of(ino), Self::meta_of(n), n.unlinked)
+        };
+        if unlinked {
+            staged.dirty = false; // deleted while open: POSIX says the data goes with it
+            return Ok(());
+        }
+        let path = path.ok_or(Error::NotFound)?;
+        let info = crate::upload::upload(&*self.backend, &self.codec, &path, &staged.file, staged.size, meta).await?;
+        staged.dirty = false;
+        self.cache.invalidate_key(&path);
+        let mut table = lock(&self.table);
+        if let Some(n) = table.get_mut(ino) {
+            n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+            n.validated = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&self, fh: u64) -> Result<()> {
+        let (ino, _, _, writable) = self.file_handle(fh)?;
+        if writable {
+            self.flush_node(ino).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        let (ino, _, _, _) = self.file_handle(fh)?;
+        self.flush_node(ino).await
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<()> {
+        let Some(handle) = lock(&self.handles).remove(&fh) else { return Err(Error::BadHandle) };
+        let Handle::File { ino, writable, .. } = handle else { return Ok(()) };
+        let result = if writable { self.flush_node(ino).await } else { Ok(()) };
+        let last = {
+            let mut table = lock(&self.table);
+            match table.get_mut(ino) {
+                Some(n) => {
+                    n.open_handles = n.open_handles.saturating_sub(1);
+                    n.open_handles == 0
+                }
+                None => false,
+            }
+        };
+        if last {
+            let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
+            if let Some(ws) = ws {
+                let staged = ws.staged.lock().await;
+                if staged.dirty {
+                    tracing::error!(
+                        staged = %staged.path.display(),
+                        "upload failed after the last close; the data stays staged in this file"
+                    );
+                } else {
+                    drop(staged);
+                    let mut table = lock(&self.table);
+                    if let Some(n) = table.get_mut(ino) {
+                        n.write = None;
+                    }
+                    table.maybe_drop(ino);
+                }
+            } else {
+                lock(&self.table).maybe_drop(ino);
+            }
+        }
+        result
+    }
+
+    /// Uploads everything still dirty (unmount). Returns the paths that could not be uploaded.
+    pub async fn flush_all(&self) -> Vec<(String, Error)> {
+        let dirty: Vec<u64> = {
+            let table = lock(&self.table);
+            let _ = &table;
+            let handles = lock(&self.handles);
+            let mut inos: Vec<u64> = handles
+                .values()
+                .filter_map(|h| match h {
+                    Handle::File { ino, .. } => Some(*ino),
+                    _ => None,
+                })
+                .collect();
+            inos.sort_unstable();
+            inos.dedup();
+            inos
+        };
+        let mut failed = Vec::new();
+        for ino in dirty {
+            if let Err(e) = self.flush_node(ino).await {
+                failed.push((self.path_of(ino).unwrap_or_default(), e));
+            }
+        }
+        failed
+    }
+
+    pub fn shutdown(&self) {
+        self.staging.remove_if_empty();
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Fs>();
+    let _ = StoreError::is_not_found;
+}

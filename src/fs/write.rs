@@ -1,0 +1,121 @@
+//! Staged content of files being written.
+//!
+//! S3 objects cannot be changed in place, and every upload of an encrypted object gets a fresh data key, so a file
+//! opened for writing is staged whole as plaintext in a private local directory (0700, files 0600); writes at any
+//! offset, appends and truncation are plain file operations there. `close()`/`fsync()` encrypt and upload the staged
+//! file; only when the store confirms the upload is the state marked clean. A failed upload leaves the state dirty
+//! and the staged file in place, so nothing is dropped silently.
+//!
+//! Concurrency: one `tokio::sync::Mutex` per inode serialises writes, truncation and upload of that file (an upload
+//! must see one consistent version); different files never contend. The staged file is accessed with positioned
+//! reads and writes (`pread`/`pwrite`) that hit the local page cache; they run inline on the async worker because
+//! they are short and moving them to `spawn_blocking` would cost more than they do.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Mutex;
+
+/// The private directory that holds staged plaintext.
+#[derive(Debug)]
+pub struct StagingDir {
+    dir: PathBuf,
+    counter: AtomicU64,
+}
+
+impl StagingDir {
+    /// Creates a fresh private directory (0700) under `base`.
+    pub fn create(base: &Path) -> std::io::Result<StagingDir> {
+        std::fs::create_dir_all(base)?;
+        let pid = std::process::id();
+        for attempt in 0..100u32 {
+            let dir = base.join(format!("s3cryptfs-staging-{pid}-{attempt}"));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(StagingDir { dir, counter: AtomicU64::new(0) }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "could not create a fresh staging directory"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new empty staging file, readable only by us.
+    pub fn new_file(&self) -> std::io::Result<(File, PathBuf)> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{n}"));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+        Ok((file, path))
+    }
+
+    /// Removes the directory if nothing is left in it (a dirty file that could not be uploaded stays, and with it
+    /// the directory).
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Staged content of one file.
+pub struct Staged {
+    pub file: File,
+    pub path: PathBuf,
+    /// Whether the file holds the object's full content (a file opened for writing is downloaded lazily, on the
+    /// first write or truncate).
+    pub loaded: bool,
+    /// Changed since the last successful upload.
+    pub dirty: bool,
+    pub size: u64,
+}
+
+impl Staged {
+    pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let end = (offset + len as u64).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        self.size = self.size.max(offset + data.len() as u64);
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
+        self.file.set_len(size)?;
+        self.size = size;
+        self.dirty = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // Clean content needs no copy any more; dirty content is kept on disk for recovery and logged by the owner.
+        if !self.dirty {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Per-inode write state shared by every handle of the inode.
+pub struct WriteState {
+    pub staged: Mutex<Staged>,
+}
+
+impl WriteState {
+    pub fn new(staged: Staged) -> Self {
+        WriteState { staged: Mutex::new(staged) }
+    }
+}

@@ -1,0 +1,131 @@
+//! How the bytes of one stored object relate to the bytes of the file it holds, per encryption mode.
+//!
+//! The read and write paths ask this module three questions: how large is the file, given the stored size (so a
+//! listing needs no request per object); which stored byte range holds a file chunk; and how to seal or open one
+//! chunk. In mode `none` a "chunk" is just a 64 KiB slice of the object, so the read path and the page cache work the
+//! same way in both modes.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::crypto::{self, AeadBackend, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
+
+/// The encryption mode of a mount, with what it needs to work.
+#[derive(Clone)]
+pub enum Codec {
+    Plain,
+    Cse { keys: Arc<KeyHistory>, aead: AeadBackend },
+}
+
+/// Per-object state: nothing for plaintext, the unwrapped data key for client-side encryption.
+pub enum ObjectCodec {
+    Plain,
+    Cse(ObjectCipher),
+}
+
+impl Codec {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Codec::Cse { .. })
+    }
+
+    /// Bytes at the start of an object that precede chunk 0.
+    pub fn header_len(&self) -> u64 {
+        match self {
+            Codec::Plain => 0,
+            Codec::Cse { .. } => crypto::HEADER_LEN,
+        }
+    }
+
+    /// File size for a stored size. `None` when the stored size is impossible for this mode (an object that is not
+    /// in our format): callers show the stored size and reading such an object fails.
+    pub fn plain_size(&self, stored: u64) -> Option<u64> {
+        match self {
+            Codec::Plain => Some(stored),
+            Codec::Cse { .. } => crypto::plain_size(stored).ok(),
+        }
+    }
+
+    pub fn stored_size(&self, plain: u64) -> u64 {
+        match self {
+            Codec::Plain => plain,
+            Codec::Cse { .. } => crypto::cipher_size(plain),
+        }
+    }
+
+    /// Number of chunks in a file of `plain` bytes (at least one when encrypted: see docs/FORMAT.md).
+    pub fn chunk_count(&self, plain: u64) -> u64 {
+        match self {
+            Codec::Plain => plain.div_ceil(CHUNK_PLAIN_LEN),
+            Codec::Cse { .. } => crypto::chunk_count(plain),
+        }
+    }
+
+    /// Stored byte range of chunk `index` of a file of `plain` bytes.
+    pub fn chunk_range(&self, index: u64, plain: u64) -> Range<u64> {
+        match self {
+            Codec::Plain => {
+                let start = index * CHUNK_PLAIN_LEN;
+                start..(start + CHUNK_PLAIN_LEN).min(plain)
+            }
+            Codec::Cse { .. } => crypto::chunk_cipher_range(index, plain),
+        }
+    }
+
+    /// A fresh per-object codec for a new upload, with the header to write first.
+    pub fn create(&self) -> (ObjectCodec, Vec<u8>) {
+        match self {
+            Codec::Plain => (ObjectCodec::Plain, Vec::new()),
+            Codec::Cse { keys, aead } => {
+                let (cipher, header) = ObjectCipher::create(keys, *aead);
+                (ObjectCodec::Cse(cipher), header.to_vec())
+            }
+        }
+    }
+
+    /// The per-object codec of an existing object, from its header bytes.
+    pub fn open(&self, header: &[u8]) -> Result<ObjectCodec, crypto::CryptoError> {
+        match self {
+            Codec::Plain => Ok(ObjectCodec::Plain),
+            Codec::Cse { keys, aead } => Ok(ObjectCodec::Cse(ObjectCipher::open(header, keys, *aead)?)),
+        }
+    }
+}
+
+impl ObjectCodec {
+    /// Appends the stored form of chunk `index` to `out`.
+    pub fn seal(&self, index: u64, is_last: bool, plain: &[u8], out: &mut Vec<u8>) {
+        match self {
+            ObjectCodec::Plain => out.extend_from_slice(plain),
+            ObjectCodec::Cse(c) => c.seal_chunk(index, is_last, plain, out),
+        }
+    }
+
+    /// Appends the plaintext of stored chunk `index` to `out`, authenticating it.
+    pub fn open(&self, index: u64, is_last: bool, stored: &[u8], out: &mut Vec<u8>) -> Result<(), crypto::CryptoError> {
+        match self {
+            ObjectCodec::Plain => {
+                out.extend_from_slice(stored);
+                Ok(())
+            }
+            ObjectCodec::Cse(c) => c.open_chunk(index, is_last, stored, out),
+        }
+    }
+
+    /// The path binding to store in the object's metadata (see docs/FORMAT.md), if this mode has one.
+    pub fn binding(&self, path: &str) -> Option<String> {
+        match self {
+            ObjectCodec::Plain => None,
+            ObjectCodec::Cse(c) => Some(c.binding(path)),
+        }
+    }
+
+    pub fn verify_binding(&self, path: &str, binding: Option<&str>) -> Result<(), crypto::CryptoError> {
+        match self {
+            ObjectCodec::Plain => Ok(()),
+            ObjectCodec::Cse(c) => match binding {
+                Some(b) => c.verify_binding(path, b),
+                None => Err(crypto::CryptoError::ObjectSwapped),
+            },
+        }
+    }
+}

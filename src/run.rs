@@ -1,0 +1,282 @@
+//! Wiring: build the store, keys, cache and filesystem; mount; wait for a signal or an unmount; shut down cleanly.
+//!
+//! Order matters. Everything that can fail because of what the user typed (options, key file, mountpoint) is checked
+//! before forking into the background, so the error reaches the terminal. Then the process forks (before any thread
+//! exists: a forked multi-threaded process is not safe to continue), the child builds the tokio runtime, checks the
+//! store, mounts, and only then tells the waiting parent "ready" through a pipe; a failure after the fork travels
+//! through the same pipe and becomes the parent's error message and exit code.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::cache::PageCache;
+use crate::cli::{Cli, Command, MountArgs};
+use crate::config::{AeadChoice, EncryptionMode, MountConfig};
+use crate::crypto::{AeadBackend, KeyHistory};
+use crate::fs::write::StagingDir;
+use crate::fs::{Fs, FsConfig};
+use crate::object::Codec;
+use crate::store::{Backend, LocalBackend, ObjectKey, S3Options};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { output } => keygen(output.as_deref()),
+        Command::Mount(args) => mount(args),
+    }
+}
+
+fn keygen(output: Option<&Path>) -> anyhow::Result<()> {
+    match output {
+        Some(path) => {
+            crate::keys::write_new_key_file(path)?;
+            eprintln!("wrote a new key to {} (mode 0600); keep a copy somewhere safe: without it the data is lost", path.display());
+        }
+        None => {
+            let key = crate::crypto::Key256::generate();
+            let line = crate::crypto::format_new_key(&key);
+            std::io::stdout().write_all(line.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Disables core dumps for this process: it holds keys and plaintext.
+fn harden_process() {
+    // SAFETY: setrlimit/prctl with valid arguments have no memory-safety preconditions.
+    unsafe {
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let config = MountConfig::from_options(
+        args.store.clone(),
+        args.mountpoint.clone(),
+        args.foreground,
+        &args.option_pairs(),
+    )?;
+    harden_process();
+    let keys = match (&config.mode, &config.key_file) {
+        (EncryptionMode::CseC, Some(path)) => Some(Arc::new(crate::keys::load_key_file(path)?)),
+        _ => None,
+    };
+    check_mountpoint(&config.mountpoint)?;
+    if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
+        bail!("store '{}' is not supported: use file:///absolute/dir or s3://bucket[/prefix]", config.store_url);
+    }
+
+    if config.foreground {
+        init_logging(config.log_level.as_deref());
+        return serve(config, keys, None);
+    }
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe() writes two descriptors into the array we own.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the readiness pipe");
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (the runtime is built after this point), so fork is safe.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid has no preconditions; it detaches us from the terminal's session.
+            unsafe { libc::setsid() };
+            init_logging(config.log_level.as_deref());
+            let mut ready = std::fs::File::from(write_end);
+            match serve(config, keys, Some(&mut ready)) {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    let _ = writeln!(ready, "{e:#}");
+                    tracing::error!("{e:#}");
+                    std::process::exit(1)
+                }
+            }
+        }
+        _child => {
+            drop(write_end);
+            let mut msg = String::new();
+            std::fs::File::from(read_end).read_to_string(&mut msg)?;
+            let msg = msg.trim();
+            if msg == "ready" {
+                Ok(())
+            } else if msg.is_empty() {
+                bail!("the mount process exited before the mount was ready")
+            } else {
+                bail!("{}", msg.strip_prefix("ready\n").unwrap_or(msg))
+            }
+        }
+    }
+}
+
+fn check_mountpoint(path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| anyhow!("mountpoint {}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", path.display());
+    }
+    Ok(())
+}
+
+fn staging_base(config: &MountConfig) -> PathBuf {
+    if let Some(d) = &config.staging_dir {
+        return d.clone();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("s3cryptfs");
+    }
+    PathBuf::from("/var/tmp/s3cryptfs")
+}
+
+/// Opens the store named by the URL.
+pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let url = &config.store_url;
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            bail!("store '{url}': a local store needs an absolute path, as in file:///srv/objects");
+        }
+        std::fs::create_dir_all(path).with_context(|| format!("creating the local store directory {path}"))?;
+        let backend = LocalBackend::new(Path::new(path)).with_context(|| format!("local store {path}"))?;
+        return Ok(Arc::new(backend));
+    }
+    let opts = S3Options {
+        endpoint: config.endpoint.clone(),
+        region: config.region.clone(),
+        ca_file: config.ca_file.clone(),
+        allow_http: config.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
+            || std::env::var("AWS_ENDPOINT_URL").is_ok_and(|e| e.starts_with("http://")),
+    };
+    let backend = crate::store::ObjectStoreBackend::from_url(url, &opts).with_context(|| format!("store {url}"))?;
+    Ok(backend)
+}
+
+/// If the store already holds encrypted objects, checks that the key history can open one, so a wrong key is an
+/// error at mount time rather than EIO later.
+async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
+    let Codec::Cse { .. } = codec else { return Ok(()) };
+    let listing = backend.list("", false).await?;
+    let Some(sample) = listing.objects.iter().find(|o| !o.key.as_str().ends_with('/') && codec.plain_size(o.size).is_some())
+    else {
+        return Ok(());
+    };
+    let (header, _, _) = backend.get_range(&sample.key, 0..codec.header_len()).await?;
+    match codec.open(&header) {
+        Ok(_) => Ok(()),
+        Err(crate::crypto::CryptoError::UnknownKey { fingerprint }) => bail!(
+            "the key file does not hold the key that encrypted {} (its key fingerprint is {}): check key_file",
+            sample.key.as_str(),
+            fingerprint
+        ),
+        // Not ours or damaged: that object will fail on its own when read; it says nothing about the key.
+        Err(_) => Ok(()),
+    }
+}
+
+fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
+    let codec = match (config.mode, keys) {
+        (EncryptionMode::None, _) => Codec::Plain,
+        (EncryptionMode::CseC, Some(keys)) => Codec::Cse {
+            keys,
+            aead: match config.aead {
+                AeadChoice::AwsLc => AeadBackend::AwsLc,
+                AeadChoice::RustCrypto => AeadBackend::RustCrypto,
+            },
+        },
+        (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
+    };
+    let backend = rt.block_on(async {
+        let backend = open_store(&config).await?;
+        backend.check_access().await.with_context(|| format!("cannot use store {}", config.store_url))?;
+        check_key(&*backend, &codec).await?;
+        anyhow::Ok(backend)
+    })?;
+    let staging = StagingDir::create(&staging_base(&config))
+        .with_context(|| format!("creating a staging directory under {}", staging_base(&config).display()))?;
+    let fs = Arc::new(Fs::new(
+        backend,
+        codec,
+        Arc::new(PageCache::new(config.cache.memory_bytes)),
+        staging,
+        FsConfig {
+            uid: config.uid,
+            gid: config.gid,
+            umask: config.umask,
+            read_only: config.read_only,
+            attr_ttl: config.attr_ttl,
+            max_readahead: config.cache.max_readahead,
+        },
+    ));
+
+    let mut options = vec![
+        fuser::MountOption::FSName(config.store_url.clone()),
+        fuser::MountOption::Subtype("s3cryptfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if config.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    fuse_config.n_threads = Some(2);
+    fuse_config.clone_fd = true;
+    let adapter = crate::fuse::FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
+        .with_context(|| format!("mounting at {}", config.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let background = session.spawn().context("starting the FUSE session")?;
+    tracing::info!(store = %config.store_url, mountpoint = %config.mountpoint.display(), mode = config.mode.name(), "mounted");
+    if let Some(r) = ready {
+        writeln!(r, "ready")?;
+    }
+
+    // Wait for a signal or for the kernel to end the session (fusermount -u / umount).
+    let joined = rt.block_on(async {
+        let mut join = tokio::task::spawn_blocking(move || background.join());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            r = &mut join => anyhow::Ok(Some(r)),
+            _ = term.recv() => anyhow::Ok(None),
+            _ = int.recv() => anyhow::Ok(None),
+        }
+    })?;
+    if joined.is_none() {
+        tracing::info!("signal received: flushing and unmounting");
+    }
+    let failed = rt.block_on(fs.flush_all());
+    for (path, e) in &failed {
+        tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the staging directory");
+    }
+    if joined.is_none() {
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed (is the mountpoint busy?)");
+        }
+    }
+    fs.shutdown();
+    drop(rt);
+    if !failed.is_empty() {
+        bail!("{} file(s) could not be uploaded; they remain in {}", failed.len(), fs.staging_dir().display());
+    }
+    let _ = ObjectKey::new("");
+    Ok(())
+}

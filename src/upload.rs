@@ -1,0 +1,90 @@
+//! The write path: encrypt a staged file and upload it as one object.
+//!
+//! Each upload creates a fresh per-object codec (for cse-c a new data key and file id, so no nonce or key is ever
+//! reused across versions of a file), seals the staged plaintext chunk by chunk and sends it either as one PUT
+//! (small objects) or as a multipart upload of `PART_SIZE` parts. The object's path binding is written into its
+//! metadata with the rest of the POSIX attributes. Nothing here decides *when* to upload; the filesystem does that on
+//! close and fsync.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
+
+use crate::crypto::CHUNK_PLAIN_LEN;
+use crate::fs::error::{Error, Result};
+use crate::object::Codec;
+use crate::read::BIND_META;
+use crate::store::{Backend, ObjectInfo, ObjectKey, UserMeta};
+
+/// Multipart part size. S3 needs at least 5 MiB per part except the last; 8 MiB parts keep a 1 GiB file at 128 parts
+/// (of the 10,000 allowed, so files up to ~78 GiB) with modest memory per upload.
+pub const PART_SIZE: usize = 8 << 20;
+
+/// Encrypts `size` bytes of `file` and stores them at `key`; `path` is what the binding names (the key relative to
+/// the mount root).
+pub async fn upload(
+    backend: &dyn Backend,
+    codec: &Codec,
+    path: &str,
+    file: &File,
+    size: u64,
+    mut meta: UserMeta,
+) -> Result<ObjectInfo> {
+    let key = ObjectKey::new(path);
+    let (oc, header) = codec.create();
+    match oc.binding(path) {
+        Some(b) => {
+            meta.extra.insert(BIND_META.to_string(), b);
+        }
+        None => {
+            meta.extra.remove(BIND_META);
+        }
+    }
+    let chunks = codec.chunk_count(size);
+    let total = codec.stored_size(size);
+    let mut plain = vec![0u8; CHUNK_PLAIN_LEN as usize];
+    let mut buf: Vec<u8> = Vec::with_capacity((total as usize).min(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2));
+    buf.extend_from_slice(&header);
+
+    let read_chunk = |index: u64, plain: &mut Vec<u8>| -> Result<usize> {
+        let start = index * CHUNK_PLAIN_LEN;
+        let len = (size - start.min(size)).min(CHUNK_PLAIN_LEN) as usize;
+        file.read_exact_at(&mut plain[..len], start).map_err(|e| Error::staging(path, e))?;
+        Ok(len)
+    };
+
+    if total as usize <= PART_SIZE {
+        for index in 0..chunks {
+            let len = read_chunk(index, &mut plain)?;
+            oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
+        }
+        return backend.put(&key, Bytes::from(buf), &meta).await.map_err(|e| Error::store(path, e));
+    }
+
+    let mut upload = backend.put_multipart(&key, &meta).await.map_err(|e| Error::store(path, e))?;
+    let result: Result<()> = async {
+        for index in 0..chunks {
+            let len = read_chunk(index, &mut plain)?;
+            oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
+            if buf.len() >= PART_SIZE {
+                let part = std::mem::replace(&mut buf, Vec::with_capacity(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2));
+                upload.put_part(Bytes::from(part)).await.map_err(|e| Error::store(path, e))?;
+            }
+        }
+        if !buf.is_empty() {
+            upload.put_part(Bytes::from(std::mem::take(&mut buf))).await.map_err(|e| Error::store(path, e))?;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => upload.complete().await.map_err(|e| Error::store(path, e)),
+        Err(e) => {
+            if let Err(abort) = upload.abort().await {
+                tracing::warn!(key = path, error = %abort, "could not abort a failed multipart upload");
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Test harness: real stores and real FUSE mounts of the built `s3cryptfs` binary.
+//!
+//! Two stores: a local directory (always available) and the S3-compatible server that `scripts/test.sh` starts
+//! (its address comes from `S3CRYPTFS_TEST_S3_ENDPOINT`). A test that needs the server and does not find it fails
+//! with a message saying how to run it; it never skips silently.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_s3cryptfs");
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{n}-{}", std::process::id(), t % 1_000_000_000)
+}
+
+/// Where a mount keeps its objects.
+#[derive(Clone)]
+pub enum Store {
+    Local { dir: PathBuf },
+    S3 { endpoint: String, bucket: String },
+}
+
+pub fn s3_endpoint() -> String {
+    std::env::var("S3CRYPTFS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "S3CRYPTFS_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts the S3 test server"
+        )
+    })
+}
+
+impl Store {
+    pub fn local(tmp: &Path) -> Store {
+        let dir = tmp.join("store");
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::Local { dir }
+    }
+
+    /// A fresh bucket on the test server.
+    pub fn s3() -> Store {
+        let endpoint = s3_endpoint();
+        let bucket = unique("t").to_lowercase();
+        let status = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+            .status()
+            .expect("curl must be installed to create test buckets");
+        assert!(status.success(), "could not create bucket {bucket} at {endpoint}");
+        Store::S3 { endpoint, bucket }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Store::Local { dir } => format!("file://{}", dir.display()),
+            Store::S3 { bucket, .. } => format!("s3://{bucket}"),
+        }
+    }
+
+    pub fn extra_options(&self) -> Vec<String> {
+        match self {
+            Store::Local { .. } => vec![],
+            Store::S3 { endpoint, .. } => vec![format!("endpoint={endpoint}"), "region=us-east-1".into()],
+        }
+    }
+
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        match self {
+            Store::Local { dir } => Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap()),
+            Store::S3 { endpoint, bucket } => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_endpoint(endpoint)
+                    .with_bucket_name(bucket)
+                    .with_region("us-east-1")
+                    .with_allow_http(true)
+                    .with_virtual_hosted_style_request(false)
+                    .build()
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// Every stored object's key and raw bytes (what an attacker with read access to the store sees).
+    pub fn raw_objects(&self) -> Vec<(String, Vec<u8>)> {
+        match self {
+            Store::Local { dir } => {
+                let mut out = Vec::new();
+                walk(dir, dir, &mut out);
+                out
+            }
+            Store::S3 { .. } => {
+                let store = self.object_store();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    use futures::TryStreamExt;
+                    use object_store::ObjectStoreExt;
+                    let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
+                    let mut out = Vec::new();
+                    for m in metas {
+                        let bytes = store.get(&m.location).await.unwrap().bytes().await.unwrap();
+                        out.push((m.location.to_string(), bytes.to_vec()));
+                    }
+                    out
+                })
+            }
+        }
+    }
+
+    /// Overwrites one stored object's raw bytes (to simulate tampering).
+    pub fn put_raw(&self, key: &str, bytes: Vec<u8>) {
+        match self {
+            Store::Local { dir } => {
+                let p = dir.join(key);
+                // Keep the extended attributes (metadata) as they are: rewrite the content in place.
+                std::fs::write(&p, bytes).unwrap();
+            }
+            Store::S3 { .. } => panic!("put_raw on S3 would drop metadata; tamper tests use the local store"),
+        }
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            walk(root, &p, out);
+        } else {
+            let key = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            out.push((key, std::fs::read(&p).unwrap()));
+        }
+    }
+}
+
+/// A test's private workspace: a temp dir with a key file.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub key_file: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new().prefix("s3cryptfs-test").tempdir().unwrap();
+        let key_file = tmp.path().join("key");
+        let out = Command::new(BIN).args(["keygen", "--output"]).arg(&key_file).output().unwrap();
+        assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        Env { tmp, key_file }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+/// A running `s3cryptfs mount -f` process and its mountpoint. Dropping it unmounts and waits for the process.
+pub struct Mount {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn start(env: &Env, store: &Store, mode: &str) -> Mount {
+        Self::start_with(env, store, mode, &[])
+    }
+
+    pub fn start_with(env: &Env, store: &Store, mode: &str, extra: &[&str]) -> Mount {
+        Self::try_start(env, store, mode, extra).unwrap_or_else(|e| panic!("mount failed: {e}"))
+    }
+
+    pub fn try_start(env: &Env, store: &Store, mode: &str, extra: &[&str]) -> Result<Mount, String> {
+        let dir = env.path().join(unique("mnt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut opts = vec![format!("mode={mode}"), format!("staging_dir={}", env.path().join("staging").display())];
+        if mode != "none" {
+            opts.push(format!("key_file={}", env.key_file.display()));
+        }
+        opts.extend(store.extra_options());
+        opts.extend(extra.iter().map(|s| s.to_string()));
+        let log = env.path().join(format!("{}.log", unique("mount")));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["mount", "-f", "-o", &opts.join(",")])
+            .arg(store.url())
+            .arg(&dir)
+            .env("RUST_LOG", "s3cryptfs=info,warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if is_mounted(&dir) {
+                return Ok(Mount { dir, child: Some(child), log });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("s3cryptfs exited with {status} before mounting: {text}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("mount did not appear within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts (as `fusermount3 -u` does) and waits for the daemon to exit; returns its log.
+    pub fn unmount(mut self) -> String {
+        self.stop();
+        self.log_text()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+            let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
+            if !ok {
+                // Busy or already gone: ask the daemon itself, then force a lazy unmount.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "s3cryptfs exited with {status}: {}", self.log_text());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+                    panic!("s3cryptfs did not exit after unmount: {}", self.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(mut child) = self.child.take() {
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+                let _ = child.kill();
+                let _ = child.wait();
+                eprintln!("--- s3cryptfs log ---\n{}", self.log_text());
+            }
+        } else {
+            self.stop();
+        }
+    }
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = dir.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*d))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn sh(cmd: &str, cwd: &Path) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).current_dir(cwd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Whether `needle` occurs anywhere in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
