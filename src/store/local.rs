@@ -231,7 +231,7 @@ impl Inner {
         let (mut src, _) = self.open(from)?;
         let encoded = match encoded {
             Some(e) => e.to_owned(),
-            None => meta::to_lines(&meta::encode(&read_meta(&src, from)?)?),
+            None => raw_meta(&src, from)?,
         };
         if to.is_dir_marker() {
             self.put_marker(to, &encoded)?;
@@ -276,7 +276,7 @@ impl Inner {
         let (src, _) = self.open(from)?;
         let encoded = match encoded {
             Some(e) => e.to_owned(),
-            None => meta::to_lines(&meta::encode(&read_meta(&src, from)?)?),
+            None => raw_meta(&src, from)?,
         };
         drop(src);
         if from == to {
@@ -592,6 +592,13 @@ fn info_of(key: &ObjectKey, md: &Metadata) -> ObjectInfo {
         etag: Some(format!("{:x}-{:x}-{:x}", md.ino(), size, mtime_ns)),
         last_modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
     }
+}
+
+/// The stored metadata text as is, so copies carry it over byte for byte (even fields written
+/// by hand that would not pass `meta::encode`'s checks).
+fn raw_meta(file: &File, key: &ObjectKey) -> Result<String, StoreError> {
+    let raw = get_xattr(file, XATTR_META).map_err(|e| io_err(e, key.as_str()))?;
+    Ok(raw.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default())
 }
 
 fn read_meta(file: &File, key: &ObjectKey) -> Result<UserMeta, StoreError> {

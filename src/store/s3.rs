@@ -258,6 +258,18 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn from_url_opens_a_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let (backend, parsed) = from_url(&url, &S3Options::default()).unwrap();
+        assert_eq!(parsed, StoreUrl::Local { root: dir.path().to_path_buf() });
+        let k = super::super::ObjectKey::new("a/b").unwrap();
+        backend.put(&k, bytes::Bytes::from_static(b"x"), &Default::default()).await.unwrap();
+        assert!(dir.path().join("a/b").is_file());
+        assert!(from_url("file:///nonexistent/s3cryptfs", &S3Options::default()).is_err());
+    }
+
     #[test]
     fn ca_file_problems_are_reported() {
         let missing = S3Options { ca_file: Some("/nonexistent/ca.pem".into()), ..S3Options::default() };
