@@ -20,7 +20,9 @@ pub enum StoreError {
     NotFound { key: String },
 
     /// Credentials were missing, invalid or lacked permission.
-    #[error("access to {key:?} was denied ({detail}); check the credentials and the bucket policy")]
+    #[error(
+        "access to {key:?} was denied ({detail}); check the credentials and the bucket policy"
+    )]
     AccessDenied { key: String, detail: String },
 
     /// A conditional write lost a race: the object changed (or appeared) since it was read.

@@ -126,13 +126,21 @@ impl Inner {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => StoreError::NotFound { key: key.to_string() },
+                Some(libc::ELOOP) => StoreError::NotFound {
+                    key: key.to_string(),
+                },
                 _ => io_err(e, key.as_str()),
             })?;
         let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
-        let right_kind = if key.is_dir_marker() { md.is_dir() } else { md.is_file() };
+        let right_kind = if key.is_dir_marker() {
+            md.is_dir()
+        } else {
+            md.is_file()
+        };
         if !right_kind {
-            return Err(StoreError::NotFound { key: key.to_string() });
+            return Err(StoreError::NotFound {
+                key: key.to_string(),
+            });
         }
         Ok((file, md))
     }
@@ -187,14 +195,21 @@ impl Inner {
     /// fsync, move the staged file to `key`'s path, make the rename durable.
     fn publish(&self, key: &ObjectKey, staged: NamedTempFile) -> Result<ObjectInfo, StoreError> {
         let path = self.path(key);
-        staged.as_file().sync_all().map_err(|e| io_err(e, key.as_str()))?;
+        staged
+            .as_file()
+            .sync_all()
+            .map_err(|e| io_err(e, key.as_str()))?;
         mkdir_parents(&path, key)?;
-        let file = staged.persist(&path).map_err(|e| match e.error.raw_os_error() {
-            Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => StoreError::invalid(
-                format!("cannot store {key}: a directory of that name exists in the local store"),
-            ),
-            _ => io_err(e.error, key.as_str()),
-        })?;
+        let file = staged
+            .persist(&path)
+            .map_err(|e| match e.error.raw_os_error() {
+                Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
+                    StoreError::invalid(format!(
+                        "cannot store {key}: a directory of that name exists in the local store"
+                    ))
+                }
+                _ => io_err(e.error, key.as_str()),
+            })?;
         sync_parent(&path, key)?;
         let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
         Ok(info_of(key, &md))
@@ -210,7 +225,9 @@ impl Inner {
             return self.put_marker(key, encoded);
         }
         let mut staged = self.staging_file(key)?;
-        staged.write_all(body).map_err(|e| io_err(e, key.as_str()))?;
+        staged
+            .write_all(body)
+            .map_err(|e| io_err(e, key.as_str()))?;
         set_xattr(staged.as_file(), XATTR_META, encoded.as_bytes())
             .map_err(|e| io_err(e, key.as_str()))?;
         self.publish(key, staged)
@@ -227,7 +244,12 @@ impl Inner {
         Ok(info_of(key, &md))
     }
 
-    fn copy(&self, from: &ObjectKey, to: &ObjectKey, encoded: Option<&str>) -> Result<(), StoreError> {
+    fn copy(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        encoded: Option<&str>,
+    ) -> Result<(), StoreError> {
         let (mut src, _) = self.open(from)?;
         let encoded = match encoded {
             Some(e) => e.to_owned(),
@@ -246,7 +268,12 @@ impl Inner {
         Ok(())
     }
 
-    fn rename(&self, from: &ObjectKey, to: &ObjectKey, encoded: Option<&str>) -> Result<(), StoreError> {
+    fn rename(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        encoded: Option<&str>,
+    ) -> Result<(), StoreError> {
         if from.is_dir_marker() {
             return self.rename_marker(from, to, encoded);
         }
@@ -272,7 +299,12 @@ impl Inner {
     /// A marker rename moves only the marker, like on S3: the caller moves the entries first,
     /// then the (by then empty) marker. A non-empty source is refused rather than moving the
     /// subtree behind the caller's back.
-    fn rename_marker(&self, from: &ObjectKey, to: &ObjectKey, encoded: Option<&str>) -> Result<(), StoreError> {
+    fn rename_marker(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        encoded: Option<&str>,
+    ) -> Result<(), StoreError> {
         let (src, _) = self.open(from)?;
         let encoded = match encoded {
             Some(e) => e.to_owned(),
@@ -289,7 +321,9 @@ impl Inner {
             .next()
             .is_some();
         if has_entries {
-            return Err(StoreError::NotEmpty { key: from.to_string() });
+            return Err(StoreError::NotEmpty {
+                key: from.to_string(),
+            });
         }
         self.put_marker(to, &encoded)?;
         self.delete(from)
@@ -324,7 +358,9 @@ impl Inner {
             Ok(()) => sync_parent(&path, key),
             Err(e) if is_missing(&e) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
-                Err(StoreError::NotEmpty { key: key.to_string() })
+                Err(StoreError::NotEmpty {
+                    key: key.to_string(),
+                })
             }
             Err(e) => Err(io_err(e, key.as_str())),
         }
@@ -425,7 +461,8 @@ impl Backend for LocalBackend {
         range: Range<u64>,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         let k = key.clone();
-        self.run(key.as_str(), move |s| s.read(&k, Some(range))).await
+        self.run(key.as_str(), move |s| s.read(&k, Some(range)))
+            .await
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
@@ -441,7 +478,8 @@ impl Backend for LocalBackend {
     ) -> Result<ObjectInfo, StoreError> {
         let encoded = meta::to_lines(&meta::encode(meta)?);
         let k = key.clone();
-        self.run(key.as_str(), move |s| s.put(&k, &body, &encoded)).await
+        self.run(key.as_str(), move |s| s.put(&k, &body, &encoded))
+            .await
     }
 
     async fn put_multipart(
@@ -472,9 +510,12 @@ impl Backend for LocalBackend {
         meta: Option<&UserMeta>,
     ) -> Result<(), StoreError> {
         check_same_kind(from, to)?;
-        let encoded = meta.map(|m| meta::encode(m).map(|map| meta::to_lines(&map))).transpose()?;
+        let encoded = meta
+            .map(|m| meta::encode(m).map(|map| meta::to_lines(&map)))
+            .transpose()?;
         let (f, t) = (from.clone(), to.clone());
-        self.run(from.as_str(), move |s| s.copy(&f, &t, encoded.as_deref())).await
+        self.run(from.as_str(), move |s| s.copy(&f, &t, encoded.as_deref()))
+            .await
     }
 
     async fn rename(
@@ -484,9 +525,12 @@ impl Backend for LocalBackend {
         meta: Option<&UserMeta>,
     ) -> Result<(), StoreError> {
         check_same_kind(from, to)?;
-        let encoded = meta.map(|m| meta::encode(m).map(|map| meta::to_lines(&map))).transpose()?;
+        let encoded = meta
+            .map(|m| meta::encode(m).map(|map| meta::to_lines(&map)))
+            .transpose()?;
         let (f, t) = (from.clone(), to.clone());
-        self.run(from.as_str(), move |s| s.rename(&f, &t, encoded.as_deref())).await
+        self.run(from.as_str(), move |s| s.rename(&f, &t, encoded.as_deref()))
+            .await
     }
 
     async fn update_meta(
@@ -496,7 +540,8 @@ impl Backend for LocalBackend {
     ) -> Result<ObjectInfo, StoreError> {
         let encoded = meta::to_lines(&meta::encode(meta)?);
         let k = key.clone();
-        self.run(key.as_str(), move |s| s.update_meta(&k, &encoded)).await
+        self.run(key.as_str(), move |s| s.update_meta(&k, &encoded))
+            .await
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
@@ -566,7 +611,9 @@ impl Upload for LocalUpload {
         if let Some(file) = self.file.take() {
             let key = self.key.clone();
             self.backend
-                .run(self.key.as_str(), move |_| file.close().map_err(|e| io_err(e, key.as_str())))
+                .run(self.key.as_str(), move |_| {
+                    file.close().map_err(|e| io_err(e, key.as_str()))
+                })
                 .await?;
         }
         Ok(())
@@ -598,7 +645,9 @@ fn info_of(key: &ObjectKey, md: &Metadata) -> ObjectInfo {
 /// by hand that would not pass `meta::encode`'s checks).
 fn raw_meta(file: &File, key: &ObjectKey) -> Result<String, StoreError> {
     let raw = get_xattr(file, XATTR_META).map_err(|e| io_err(e, key.as_str()))?;
-    Ok(raw.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default())
+    Ok(raw
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default())
 }
 
 fn read_meta(file: &File, key: &ObjectKey) -> Result<UserMeta, StoreError> {
@@ -646,7 +695,9 @@ fn is_missing(e: &io::Error) -> bool {
 
 fn io_err(e: io::Error, key: &str) -> StoreError {
     if is_missing(&e) {
-        return StoreError::NotFound { key: key.to_owned() };
+        return StoreError::NotFound {
+            key: key.to_owned(),
+        };
     }
     match e.raw_os_error() {
         Some(libc::EACCES) | Some(libc::EPERM) => StoreError::AccessDenied {
@@ -686,7 +737,12 @@ fn get_xattr(file: &File, name: &CStr) -> io::Result<Option<Vec<u8>>> {
     for _ in 0..3 {
         // SAFETY: the fd is open, `name` is NUL-terminated, `buf` has `buf.len()` writable bytes.
         let n = unsafe {
-            libc::fgetxattr(file.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::fgetxattr(
+                file.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if n >= 0 {
             buf.truncate(n as usize);
@@ -708,11 +764,15 @@ fn get_xattr(file: &File, name: &CStr) -> io::Result<Option<Vec<u8>>> {
             _ => return Err(err),
         }
     }
-    Err(io::Error::other("extended attribute kept changing size while being read"))
+    Err(io::Error::other(
+        "extended attribute kept changing size while being read",
+    ))
 }
 
 #[cfg(test)]
 pub(crate) fn raw_meta_for_test(path: &Path) -> Option<String> {
     let file = File::open(path).ok()?;
-    get_xattr(&file, XATTR_META).ok()?.map(|v| String::from_utf8_lossy(&v).into_owned())
+    get_xattr(&file, XATTR_META)
+        .ok()?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
 }

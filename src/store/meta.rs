@@ -150,9 +150,9 @@ fn parse_mtime(value: &str) -> Option<(i64, u32)> {
 /// Names become HTTP header suffixes that S3 lower-cases, and local-store lines `name=value`.
 fn check_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        });
     if ok {
         Ok(())
     } else {
@@ -234,15 +234,30 @@ mod tests {
 
     #[test]
     fn refuses_what_s3_would_mangle() {
-        for (n, v) in [("Upper", "x"), ("a b", "x"), ("", "x"), ("ok", " pad"), ("ok", "é"), ("ok", "a\nb"), ("mode", "1")] {
+        for (n, v) in [
+            ("Upper", "x"),
+            ("a b", "x"),
+            ("", "x"),
+            ("ok", " pad"),
+            ("ok", "é"),
+            ("ok", "a\nb"),
+            ("mode", "1"),
+        ] {
             let mut m = UserMeta::default();
             m.extra.insert(n.to_owned(), v.to_owned());
-            assert!(matches!(encode(&m), Err(StoreError::InvalidInput { .. })), "{n:?}={v:?}");
+            assert!(
+                matches!(encode(&m), Err(StoreError::InvalidInput { .. })),
+                "{n:?}={v:?}"
+            );
         }
         let mut m = UserMeta::default();
-        m.extra.insert("big".to_owned(), "x".repeat(USER_META_MAX_BYTES));
+        m.extra
+            .insert("big".to_owned(), "x".repeat(USER_META_MAX_BYTES));
         assert!(matches!(encode(&m), Err(StoreError::InvalidInput { .. })));
-        let m = UserMeta { mtime: Some((0, NANOS_PER_SEC)), ..UserMeta::default() };
+        let m = UserMeta {
+            mtime: Some((0, NANOS_PER_SEC)),
+            ..UserMeta::default()
+        };
         assert!(encode(&m).is_err());
     }
 }

@@ -98,7 +98,11 @@ impl AsRef<str> for ObjectKey {
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {
-    let bad = |why: &str| Err(StoreError::invalid(format!("invalid object key {key:?}: {why}")));
+    let bad = |why: &str| {
+        Err(StoreError::invalid(format!(
+            "invalid object key {key:?}: {why}"
+        )))
+    };
     if key.is_empty() {
         return bad("it is empty");
     }
@@ -189,8 +193,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
 
     /// Create or replace the object atomically (readers see the old or the new one, never a mix).
-    async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta)
-        -> Result<ObjectInfo, StoreError>;
+    async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+    ) -> Result<ObjectInfo, StoreError>;
 
     /// Start a multipart upload; nothing is visible until [`Upload::complete`]. On S3 every part
     /// except the last must be at least 5 MiB.

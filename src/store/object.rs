@@ -116,7 +116,11 @@ impl ObjectStoreBackend {
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         let path = self.path(key)?;
         let head = opts.head;
-        let res = self.store.get_opts(&path, opts).await.map_err(|e| map_err(e, key.as_str()))?;
+        let res = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| map_err(e, key.as_str()))?;
         let info = Self::info(key, &res.meta);
         let meta = attrs_to_meta(&res.attributes);
         let body = if head {
@@ -261,7 +265,9 @@ impl Backend for ObjectStoreBackend {
             // is a raw CopyObject REPLACE signed with object_store's AwsAuthorizer.
             Some(meta) => {
                 let (body, _, _) = self.get(from).await?;
-                self.put_with(to, body, meta, PutMode::Overwrite).await.map(|_| ())
+                self.put_with(to, body, meta, PutMode::Overwrite)
+                    .await
+                    .map(|_| ())
             }
         }
     }
@@ -336,7 +342,11 @@ impl Backend for ObjectStoreBackend {
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         let dir_key = check_dir(dir)?;
         let base = self.dir_path(dir)?;
-        let prefix = if base.as_ref().is_empty() { None } else { Some(&base) };
+        let prefix = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
         let mut out = Listing::default();
         if recursive {
             let metas: Vec<ObjectMeta> = self
@@ -378,7 +388,11 @@ impl Backend for ObjectStoreBackend {
 
     async fn check_access(&self) -> Result<(), StoreError> {
         let base = self.dir_path("")?;
-        let prefix = if base.as_ref().is_empty() { None } else { Some(&base) };
+        let prefix = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
         // One page of a listing: needs the bucket to exist and list permission, costs one request.
         let mut stream = self.store.list(prefix);
         match stream.try_next().await {
@@ -447,7 +461,10 @@ fn meta_to_attrs(meta: &UserMeta) -> Result<Attributes, StoreError> {
     let map = meta::encode(meta)?;
     let mut attrs = Attributes::with_capacity(map.len());
     for (name, value) in map {
-        attrs.insert(Attribute::Metadata(name.into()), AttributeValue::from(value));
+        attrs.insert(
+            Attribute::Metadata(name.into()),
+            AttributeValue::from(value),
+        );
     }
     Ok(attrs)
 }
@@ -463,13 +480,17 @@ fn attrs_to_meta(attrs: &Attributes) -> UserMeta {
 pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
     use object_store::Error as E;
     match e {
-        E::NotFound { .. } => StoreError::NotFound { key: key.to_owned() },
+        E::NotFound { .. } => StoreError::NotFound {
+            key: key.to_owned(),
+        },
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => StoreError::AccessDenied {
             key: key.to_owned(),
             detail: chain_text(&e),
         },
         E::Precondition { .. } | E::AlreadyExists { .. } | E::NotModified { .. } => {
-            StoreError::Precondition { key: key.to_owned() }
+            StoreError::Precondition {
+                key: key.to_owned(),
+            }
         }
         E::NotImplemented { .. } | E::NotSupported { .. } => StoreError::Unsupported {
             operation: chain_text(&e),

@@ -37,11 +37,20 @@ impl fmt::Debug for ProfileSettings {
 }
 
 /// Keys we recognise but cannot act on; their presence explains missing static credentials.
-const UNSUPPORTED_KEYS: [&str; 4] = ["credential_process", "sso_session", "sso_start_url", "role_arn"];
+const UNSUPPORTED_KEYS: [&str; 4] = [
+    "credential_process",
+    "sso_session",
+    "sso_start_url",
+    "role_arn",
+];
 
 /// Pure parser: pick `profile` out of the two files' texts. `found` tells whether either file
 /// had a section for it.
-pub fn parse_profile(credentials: Option<&str>, config: Option<&str>, profile: &str) -> (ProfileSettings, bool) {
+pub fn parse_profile(
+    credentials: Option<&str>,
+    config: Option<&str>,
+    profile: &str,
+) -> (ProfileSettings, bool) {
     let mut out = ProfileSettings::default();
     let mut found = false;
     let config_section = if profile == "default" {
@@ -98,7 +107,9 @@ fn entries(text: &str) -> Vec<(String, String, &str)> {
             section = Some(inner.split_whitespace().collect::<Vec<_>>().join(" "));
             continue;
         }
-        let (Some(sec), Some((k, v))) = (&section, line.split_once('=')) else { continue };
+        let (Some(sec), Some((k, v))) = (&section, line.split_once('=')) else {
+            continue;
+        };
         out.push((sec.clone(), k.trim().to_ascii_lowercase(), v.trim()));
     }
     out
@@ -136,7 +147,11 @@ pub fn load_profile(env: &dyn Fn(&str) -> Option<String>) -> Result<ProfileSetti
     let (creds, config) = (read(&cred_path)?, read(&config_path)?);
     let (settings, found) = parse_profile(creds.as_deref(), config.as_deref(), &profile);
     if explicit.is_some() && !found {
-        let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(no HOME)".to_owned());
+        let show = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(no HOME)".to_owned())
+        };
         return Err(StoreError::invalid(format!(
             "AWS_PROFILE={profile} names a profile that is in neither {} nor {}; fix AWS_PROFILE or add the profile",
             show(&cred_path),
@@ -212,7 +227,10 @@ region = ap-south-1
         let (w, _) = parse_profile(Some(CREDS), Some(config), "work");
         assert_eq!(w.access_key_id.as_deref(), Some("AKIDWORK"));
         let shown = format!("{w:?}");
-        assert!(!shown.contains("secret=with=equals") && !shown.contains("tok\""), "{shown}");
+        assert!(
+            !shown.contains("secret=with=equals") && !shown.contains("tok\""),
+            "{shown}"
+        );
         assert!(shown.contains("[redacted]"));
     }
 
@@ -224,7 +242,10 @@ region = ap-south-1
         std::fs::write(dir.path().join("cfg"), CONFIG).unwrap();
         let mut vars = HashMap::new();
         vars.insert("HOME", dir.path().to_str().unwrap().to_owned());
-        vars.insert("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap().to_owned());
+        vars.insert(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            creds.to_str().unwrap().to_owned(),
+        );
         vars.insert("AWS_CONFIG_FILE", "~/cfg".to_owned());
         vars.insert("AWS_PROFILE", "work".to_owned());
         let env = |k: &str| vars.get(k).cloned();
@@ -234,7 +255,10 @@ region = ap-south-1
 
         vars.insert("AWS_PROFILE", "missing".to_owned());
         let env = |k: &str| vars.get(k).cloned();
-        assert!(matches!(load_profile(&env), Err(StoreError::InvalidInput { .. })));
+        assert!(matches!(
+            load_profile(&env),
+            Err(StoreError::InvalidInput { .. })
+        ));
 
         // No files at all and no explicit profile: nothing, and no error.
         let empty = tempfile::tempdir().unwrap();
@@ -243,13 +267,20 @@ region = ap-south-1
         assert_eq!(load_profile(&env).unwrap(), ProfileSettings::default());
 
         // Half a key pair is a user error worth a clear message.
-        std::fs::write(empty.path().join("half"), "[default]\naws_access_key_id = X\n").unwrap();
+        std::fs::write(
+            empty.path().join("half"),
+            "[default]\naws_access_key_id = X\n",
+        )
+        .unwrap();
         let half = empty.path().join("half").to_str().unwrap().to_owned();
         let env = |k: &str| match k {
             "HOME" => Some(home.clone()),
             "AWS_SHARED_CREDENTIALS_FILE" => Some(half.clone()),
             _ => None,
         };
-        assert!(matches!(load_profile(&env), Err(StoreError::InvalidInput { .. })));
+        assert!(matches!(
+            load_profile(&env),
+            Err(StoreError::InvalidInput { .. })
+        ));
     }
 }

@@ -52,9 +52,9 @@ impl StoreUrl {
             // Bucket naming rules (3-63 chars of a-z, 0-9, '.', '-'), relaxed on length
             // because S3-compatible servers differ.
             let bucket_ok = !bucket.is_empty()
-                && bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                });
             if !bucket_ok {
                 return Err(StoreError::invalid(format!(
                     "{url:?} has no valid bucket name; write s3://bucket or s3://bucket/prefix"
@@ -127,7 +127,10 @@ fn s3_builder(
                 b = b.with_token(token);
             }
         }
-        if opts.region.is_none() && env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+        if opts.region.is_none()
+            && env("AWS_REGION").is_none()
+            && env("AWS_DEFAULT_REGION").is_none()
+        {
             if let Some(region) = profile.region {
                 b = b.with_region(region);
             }
@@ -144,8 +147,10 @@ fn s3_builder(
         // Custom servers (LocalStack, Garage, MinIO) rarely have wildcard DNS for buckets.
         b = b.with_virtual_hosted_style_request(false);
     }
-    let allow_http =
-        opts.allow_http || endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+    let allow_http = opts.allow_http
+        || endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
     Ok(b.with_client_options(client_options(env, allow_http, opts.ca_file.as_ref())?))
 }
 
@@ -161,9 +166,10 @@ fn client_options(
         if !key.starts_with("AWS_") {
             continue;
         }
-        if let (Ok(AmazonS3ConfigKey::Client(ck)), Some(value)) =
-            (AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()), env(key))
-        {
+        if let (Ok(AmazonS3ConfigKey::Client(ck)), Some(value)) = (
+            AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()),
+            env(key),
+        ) {
             co = co.with_config(ck, value);
         }
     }
@@ -175,7 +181,10 @@ fn client_options(
             StoreError::invalid(format!("cannot read the CA file {} ({e})", path.display()))
         })?;
         let certs = Certificate::from_pem_bundle(&pem).map_err(|e| {
-            StoreError::invalid(format!("the CA file {} is not valid PEM ({e})", path.display()))
+            StoreError::invalid(format!(
+                "the CA file {} is not valid PEM ({e})",
+                path.display()
+            ))
         })?;
         if certs.is_empty() {
             return Err(StoreError::invalid(format!(
@@ -198,18 +207,38 @@ mod tests {
     fn parses_s3_and_file_urls() {
         assert_eq!(
             StoreUrl::parse("s3://bucket/some/prefix/").unwrap(),
-            StoreUrl::S3 { bucket: "bucket".into(), prefix: "some/prefix".into() }
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
         );
         assert_eq!(
             StoreUrl::parse("s3://my.bucket-1").unwrap(),
-            StoreUrl::S3 { bucket: "my.bucket-1".into(), prefix: String::new() }
+            StoreUrl::S3 {
+                bucket: "my.bucket-1".into(),
+                prefix: String::new()
+            }
         );
         assert_eq!(
             StoreUrl::parse("file:///srv/store").unwrap(),
-            StoreUrl::Local { root: PathBuf::from("/srv/store") }
+            StoreUrl::Local {
+                root: PathBuf::from("/srv/store")
+            }
         );
-        for bad in ["s3://", "s3:///prefix", "s3://Bucket/x", "s3://b/a/../c", "s3://b/x?y", "file://rel/dir", "http://b", "bucket"] {
-            assert!(matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })), "{bad}");
+        for bad in [
+            "s3://",
+            "s3:///prefix",
+            "s3://Bucket/x",
+            "s3://b/a/../c",
+            "s3://b/x?y",
+            "file://rel/dir",
+            "http://b",
+            "bucket",
+        ] {
+            assert!(
+                matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })),
+                "{bad}"
+            );
         }
     }
 
@@ -221,23 +250,43 @@ mod tests {
             ..S3Options::default()
         };
         let (_backend, parsed) = from_url("s3://bucket/some/prefix/", &opts).unwrap();
-        assert_eq!(parsed, StoreUrl::S3 { bucket: "bucket".into(), prefix: "some/prefix".into() });
+        assert_eq!(
+            parsed,
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
+        );
 
         // The http endpoint turned allow_http on and path-style on.
         let env = |_: &str| None;
         let b = s3_builder("bucket", &opts, &env).unwrap();
-        assert_eq!(b.get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest).as_deref(), Some("false"));
         assert_eq!(
-            b.get_config_value(&AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp)).as_deref(),
+            b.get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+                .as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::AllowHttp
+            ))
+            .as_deref(),
             Some("true")
         );
-        assert_eq!(b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(), Some("us-east-1"));
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
+            Some("us-east-1")
+        );
     }
 
     #[test]
     fn profile_files_feed_the_builder_when_env_lacks_keys() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("c"), "[p]\naws_access_key_id = AKIDP\naws_secret_access_key = sp\n").unwrap();
+        std::fs::write(
+            dir.path().join("c"),
+            "[p]\naws_access_key_id = AKIDP\naws_secret_access_key = sp\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("f"), "[profile p]\nregion = eu-north-1\n").unwrap();
         let (c, f) = (dir.path().join("c"), dir.path().join("f"));
         let env = |k: &str| match k {
@@ -247,13 +296,26 @@ mod tests {
             _ => None,
         };
         let b = s3_builder("bucket", &S3Options::default(), &env).unwrap();
-        assert_eq!(b.get_config_value(&AmazonS3ConfigKey::AccessKeyId).as_deref(), Some("AKIDP"));
-        assert_eq!(b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(), Some("eu-north-1"));
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+                .as_deref(),
+            Some("AKIDP")
+        );
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-north-1")
+        );
         // https endpoint: no plain http.
-        let opts = S3Options { endpoint: Some("https://s3.example".into()), ..S3Options::default() };
+        let opts = S3Options {
+            endpoint: Some("https://s3.example".into()),
+            ..S3Options::default()
+        };
         let b = s3_builder("bucket", &opts, &env).unwrap();
         assert_ne!(
-            b.get_config_value(&AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp)).as_deref(),
+            b.get_config_value(&AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::AllowHttp
+            ))
+            .as_deref(),
             Some("true")
         );
     }
@@ -263,21 +325,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
         let (backend, parsed) = from_url(&url, &S3Options::default()).unwrap();
-        assert_eq!(parsed, StoreUrl::Local { root: dir.path().to_path_buf() });
+        assert_eq!(
+            parsed,
+            StoreUrl::Local {
+                root: dir.path().to_path_buf()
+            }
+        );
         let k = super::super::ObjectKey::new("a/b").unwrap();
-        backend.put(&k, bytes::Bytes::from_static(b"x"), &Default::default()).await.unwrap();
+        backend
+            .put(&k, bytes::Bytes::from_static(b"x"), &Default::default())
+            .await
+            .unwrap();
         assert!(dir.path().join("a/b").is_file());
         assert!(from_url("file:///nonexistent/s3cryptfs", &S3Options::default()).is_err());
     }
 
     #[test]
     fn ca_file_problems_are_reported() {
-        let missing = S3Options { ca_file: Some("/nonexistent/ca.pem".into()), ..S3Options::default() };
-        assert!(matches!(from_url("s3://b", &missing), Err(StoreError::InvalidInput { .. })));
+        let missing = S3Options {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..S3Options::default()
+        };
+        assert!(matches!(
+            from_url("s3://b", &missing),
+            Err(StoreError::InvalidInput { .. })
+        ));
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate\n").unwrap();
-        let opts = S3Options { ca_file: Some(junk), ..S3Options::default() };
+        let opts = S3Options {
+            ca_file: Some(junk),
+            ..S3Options::default()
+        };
         let err = from_url("s3://b", &opts).err().unwrap();
         assert!(err.to_string().contains("CA file"), "{err}");
     }
