@@ -1,1 +1,265 @@
-//! Facade over object stores: key <-> path, metadata, listing.
+//! Facade over object storage: the only way the filesystem reads, writes and lists objects.
+//!
+//! It knows nothing of FUSE or cryptography: it moves opaque bytes plus a small metadata map
+//! ([`UserMeta`]) under keys relative to the mount prefix ([`ObjectKey`]). Two backends implement
+//! [`Backend`], both used as `Arc<dyn Backend>`:
+//!
+//! - [`ObjectStoreBackend`] over any `object_store::ObjectStore` — S3 in production, `InMemory`
+//!   in tests. Metadata travels as `x-amz-meta-*` headers with s3fs-compatible names.
+//! - [`LocalBackend`] for `file:///dir` — objects are plain files, metadata is one extended
+//!   attribute, directory markers are real directories.
+//!
+//! Build one from a mount URL with [`from_url`].
+//!
+//! Invariants shared by both backends (the conformance tests in `tests.rs` run one body against
+//! both):
+//! - A key ending in `/` is a *directory marker*; it has size 0 and carries the directory's
+//!   metadata. Non-recursive listings show directories as `prefixes`; recursive listings return
+//!   the markers as objects (including the listed directory's own) so a caller can move or
+//!   delete a tree.
+//! - Deleting a missing key succeeds; reading one fails with [`StoreError::NotFound`].
+//! - `ObjectInfo::etag` changes whenever the content is rewritten, so caches keyed by
+//!   (key, etag) never serve stale data.
+//!
+//! Where the backends differ (documented on each): the local store has implicit markers for
+//! every parent directory of a file (a directory exists once it has a file) and refuses to
+//! remove a non-empty marker; S3 only has the markers that were written and never refuses.
+
+mod error;
+mod local;
+mod meta;
+mod object;
+mod profile;
+mod s3;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use error::{BoxError, StoreError};
+pub use local::LocalBackend;
+pub use object::ObjectStoreBackend;
+pub use profile::{load_profile, parse_profile, ProfileSettings};
+pub use s3::{from_url, S3Options, StoreUrl};
+
+/// Names no key segment may use, because the backends use them internally: the local store's
+/// staging directory and the object-store file standing in for a directory marker.
+pub(crate) const LOCAL_TMP_DIR: &str = ".s3cryptfs-tmp";
+pub(crate) const MARKER_FILE: &str = ".s3cryptfs-dir";
+
+/// A key relative to the mount prefix: `/`-separated, never starting with `/`, no empty, `.` or
+/// `..` segments, no control characters; a trailing `/` marks a directory marker.
+///
+/// Validated on construction so neither backend can be led outside its root or prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    /// Validate `key`. Fails with [`StoreError::InvalidInput`] for the empty key, a leading `/`,
+    /// empty/`.`/`..` segments, control characters (including NUL) and reserved names.
+    pub fn new(key: impl Into<String>) -> Result<Self, StoreError> {
+        let key = key.into();
+        check_key(&key)?;
+        Ok(ObjectKey(key))
+    }
+
+    /// The key as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True for directory markers (`a/b/`).
+    pub fn is_dir_marker(&self) -> bool {
+        self.0.ends_with('/')
+    }
+
+    /// The key without a trailing `/`: the path of the file or directory it names.
+    pub(crate) fn trimmed(&self) -> &str {
+        self.0.strip_suffix('/').unwrap_or(&self.0)
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for ObjectKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let bad = |why: &str| {
+        Err(StoreError::invalid(format!(
+            "invalid object key {key:?}: {why}"
+        )))
+    };
+    if key.is_empty() {
+        return bad("it is empty");
+    }
+    if key.starts_with('/') {
+        return bad("it starts with '/'");
+    }
+    let body = key.strip_suffix('/').unwrap_or(key);
+    for seg in body.split('/') {
+        if seg.is_empty() {
+            return bad("it has an empty segment");
+        }
+        if seg == "." || seg == ".." {
+            return bad("'.' and '..' segments are not allowed");
+        }
+        if seg.chars().any(|c| c.is_control()) {
+            return bad("control characters are not allowed");
+        }
+        if seg == LOCAL_TMP_DIR || seg == MARKER_FILE {
+            return bad("the name is reserved by s3cryptfs");
+        }
+    }
+    Ok(())
+}
+
+/// Validate a listing directory: `""` (the root) or a marker key such as `a/b/`.
+pub(crate) fn check_dir(dir: &str) -> Result<Option<ObjectKey>, StoreError> {
+    if dir.is_empty() {
+        return Ok(None);
+    }
+    let key = ObjectKey::new(dir)?;
+    if !key.is_dir_marker() {
+        return Err(StoreError::invalid(format!(
+            "listing directory {dir:?} must be empty or end with '/'"
+        )));
+    }
+    Ok(Some(key))
+}
+
+/// What a listing or a head tells about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: ObjectKey,
+    /// Size of the whole object in bytes (0 for markers).
+    pub size: u64,
+    /// Changes whenever the content is rewritten; `None` only if the store gives none.
+    pub etag: Option<String>,
+    /// Store-side modification time. After `put` it is the client clock at completion, because
+    /// S3's PUT response carries no date worth a second round trip.
+    pub last_modified: SystemTime,
+}
+
+/// POSIX attributes and extra fields kept beside each object; see `meta.rs` for the wire names.
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
+pub struct UserMeta {
+    /// Full `st_mode` including the file type bits, as s3fs writes it.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// (seconds since the epoch, nanoseconds < 1e9).
+    pub mtime: Option<(i64, u32)>,
+    /// Further fields, stored as `x-amz-meta-<name>`: lower-case names, printable ASCII values.
+    pub extra: BTreeMap<String, String>,
+}
+
+/// Result of [`Backend::list`]; both vectors are sorted by key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub objects: Vec<ObjectInfo>,
+    /// Sub-directories (`a/b/`), only in non-recursive listings.
+    pub prefixes: Vec<ObjectKey>,
+}
+
+/// The storage operations the filesystem needs. All keys are relative to the mount prefix.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Size, etag and metadata of one object; [`StoreError::NotFound`] if it is missing.
+    async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError>;
+
+    /// Bytes `range` of the object, clipped at its end (a range starting at or past the end
+    /// yields empty bytes). `ObjectInfo::size` is the whole object's size.
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
+
+    /// The whole object.
+    async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
+
+    /// Create or replace the object atomically (readers see the old or the new one, never a mix).
+    async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+    ) -> Result<ObjectInfo, StoreError>;
+
+    /// Start a multipart upload; nothing is visible until [`Upload::complete`]. On S3 every part
+    /// except the last must be at least 5 MiB.
+    async fn put_multipart(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+    ) -> Result<Box<dyn Upload>, StoreError>;
+
+    /// Copy `from` to `to`; `meta: None` keeps the source metadata.
+    async fn copy(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+    ) -> Result<(), StoreError>;
+
+    /// Move `from` to `to`. The default is copy then delete (not atomic: after a crash both may
+    /// exist); backends with a native rename override it.
+    async fn rename(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+    ) -> Result<(), StoreError> {
+        self.copy(from, to, meta).await?;
+        self.delete(from).await
+    }
+
+    /// Replace the metadata, keeping the content.
+    async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta)
+        -> Result<ObjectInfo, StoreError>;
+
+    /// Remove the object; a missing key is not an error.
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError>;
+
+    /// List `dir` (`""` or `a/b/`). Non-recursive: direct children as objects and
+    /// sub-directories as prefixes, all pages. Recursive: every object under `dir`, markers
+    /// included, prefixes empty. A missing directory lists as empty.
+    async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError>;
+
+    /// A cheap request proving the bucket/directory exists and the credentials work; run at
+    /// mount so a misconfiguration fails fast with a clear message.
+    async fn check_access(&self) -> Result<(), StoreError>;
+}
+
+/// An upload in progress. Dropping it without `complete` or `abort` leaves no visible object
+/// (on S3 the parts linger until a lifecycle rule removes them: prefer `abort`).
+#[async_trait]
+pub trait Upload: Send {
+    /// Append the next part.
+    async fn put_part(&mut self, part: Bytes) -> Result<(), StoreError>;
+    /// Publish the object made of all parts.
+    async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError>;
+    /// Discard all parts.
+    async fn abort(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// Sort a listing so both backends return the same order.
+pub(crate) fn sort_listing(l: &mut Listing) {
+    l.objects.sort_by(|a, b| a.key.cmp(&b.key));
+    l.prefixes.sort();
+    l.prefixes.dedup();
+}

@@ -1,0 +1,109 @@
+//! The one error type of the store facade.
+//!
+//! Callers (the filesystem) branch on *what happened* — missing object, denied, changed under us,
+//! unreachable — and never on which backend produced it, so every backend maps its native errors
+//! (object_store errors, errno values) into these variants. The original error stays reachable
+//! through `source()` wherever a variant carries one, so logs show the full chain.
+
+use std::error::Error as StdError;
+use std::path::PathBuf;
+
+/// Boxed source error kept in the chain.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong when talking to object storage.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The object (or directory marker) does not exist.
+    #[error("object {key:?} does not exist")]
+    NotFound { key: String },
+
+    /// Credentials were missing, invalid or lacked permission.
+    #[error(
+        "access to {key:?} was denied ({detail}); check the credentials and the bucket policy"
+    )]
+    AccessDenied { key: String, detail: String },
+
+    /// A conditional write lost a race: the object changed (or appeared) since it was read.
+    #[error("object {key:?} was changed by someone else during the update; retry the operation")]
+    Precondition { key: String },
+
+    /// A directory marker cannot be removed because entries still live under it.
+    #[error("directory {key:?} is not empty; remove its entries first")]
+    NotEmpty { key: String },
+
+    /// The store could not be reached (connection refused, DNS, timeouts, server errors after
+    /// retries).
+    #[error("the object store is unreachable ({detail}); check the endpoint and the network")]
+    Unavailable {
+        detail: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The request itself was malformed: bad key, bad URL, bad metadata, bad option.
+    #[error("{detail}")]
+    InvalidInput { detail: String },
+
+    /// The bucket named in the URL does not exist (or is invisible to these credentials).
+    #[error("the bucket of {store} does not exist or is not visible with these credentials; create it or fix the URL")]
+    MissingBucket { store: String },
+
+    /// The backing directory of a `file://` store cannot hold user extended attributes.
+    #[error("the filesystem holding {root:?} does not support user extended attributes, which the local store needs for object metadata; use a directory on ext4, xfs, btrfs or tmpfs (Linux >= 6.6)")]
+    XattrUnsupported { root: PathBuf },
+
+    /// The backend cannot do this operation at all.
+    #[error("the object store does not support {operation}")]
+    Unsupported { operation: String },
+
+    /// Anything else, with the original error as source.
+    #[error("object store operation on {key:?} failed")]
+    Other {
+        key: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// True when the object (or marker) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// True when a conditional write lost a race.
+    pub fn is_precondition(&self) -> bool {
+        matches!(self, StoreError::Precondition { .. })
+    }
+
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
+        StoreError::InvalidInput {
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn other(key: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Other {
+            key: key.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Flatten a source chain into one line, for the `detail` fields that are shown to users.
+pub(crate) fn chain_text(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        // object_store often repeats the inner message in the outer one; skip exact repeats.
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = e.source();
+    }
+    text
+}

@@ -1,0 +1,532 @@
+//! [`Backend`] over any `object_store::ObjectStore`: S3 in production, `InMemory` in tests.
+//!
+//! Keys live under an optional mount prefix (`s3://bucket/some/prefix` → `some/prefix/<key>`).
+//! Metadata travels as `Attribute::Metadata(name)`, which the S3 client sends as
+//! `x-amz-meta-<name>`; it comes back from `get_opts` (object_store's plain `head()` drops it), so
+//! `head` is `get_opts` with `head: true`.
+//!
+//! Directory markers: object_store's `Path` cannot end in `/` (it strips the slash, so `a/b/`
+//! would collide with the file `a/b`), so the marker `a/b/` is stored as the empty object
+//! `a/b/.s3cryptfs-dir`. Directories still show up as common prefixes for s3fs and the console,
+//! but s3fs-style `a/b/` marker objects written by other tools are not seen as markers (they
+//! list as an object `a/b` when listing recursively). A raw signed request would lift this.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::client::{HttpError, HttpErrorKind};
+use object_store::path::Path;
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion,
+};
+
+use super::error::{chain_text, StoreError};
+use super::meta;
+use super::{
+    check_dir, sort_listing, Backend, Listing, ObjectInfo, ObjectKey, Upload, UserMeta, MARKER_FILE,
+};
+
+/// An object store plus the mount prefix all keys live under.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    /// Mount prefix without slashes at either end; empty for the bucket root.
+    prefix: String,
+}
+
+impl ObjectStoreBackend {
+    /// Wrap `store`; `prefix` (e.g. `some/prefix` or `some/prefix/`, or `""`) is prepended to
+    /// every key.
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Result<Self, StoreError> {
+        let prefix = prefix.trim_matches('/').to_owned();
+        if !prefix.is_empty() {
+            Path::parse(&prefix).map_err(|e| {
+                StoreError::invalid(format!("invalid bucket prefix {prefix:?}: {e}"))
+            })?;
+        }
+        Ok(ObjectStoreBackend { store, prefix })
+    }
+
+    /// Store path of `key`; markers map to their stand-in file.
+    fn path(&self, key: &ObjectKey) -> Result<Path, StoreError> {
+        let rel = if key.is_dir_marker() {
+            format!("{}{MARKER_FILE}", key.as_str())
+        } else {
+            key.as_str().to_owned()
+        };
+        self.join(&rel)
+    }
+
+    /// Store path of a listing directory (`""` or `a/b/`).
+    fn dir_path(&self, dir: &str) -> Result<Path, StoreError> {
+        self.join(dir.trim_end_matches('/'))
+    }
+
+    fn join(&self, rel: &str) -> Result<Path, StoreError> {
+        let full = match (self.prefix.is_empty(), rel.is_empty()) {
+            (true, _) => rel.to_owned(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{rel}", self.prefix),
+        };
+        Path::parse(&full)
+            .map_err(|e| StoreError::invalid(format!("key {rel:?} is not a valid store path: {e}")))
+    }
+
+    /// Inverse of [`Self::path`]. `None` for paths outside the prefix, the root marker, and
+    /// names that are not valid keys (written by other tools), which listings skip.
+    fn key_of(&self, path: &Path) -> Option<ObjectKey> {
+        let full = path.as_ref();
+        let rel = if self.prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?
+        };
+        let rel = match rel.strip_suffix(MARKER_FILE) {
+            Some("") => return None,
+            Some(dir) if dir.ends_with('/') => dir,
+            _ => rel,
+        };
+        match ObjectKey::new(rel) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(path = full, error = %e, "skipping object whose name is not a valid key");
+                None
+            }
+        }
+    }
+
+    fn info(key: &ObjectKey, m: &ObjectMeta) -> ObjectInfo {
+        ObjectInfo {
+            key: key.clone(),
+            size: m.size,
+            etag: m.e_tag.clone(),
+            last_modified: m.last_modified.into(),
+        }
+    }
+
+    async fn get_opts(
+        &self,
+        key: &ObjectKey,
+        opts: GetOptions,
+    ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let path = self.path(key)?;
+        let head = opts.head;
+        let res = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| map_err(e, key.as_str()))?;
+        let info = Self::info(key, &res.meta);
+        let meta = attrs_to_meta(&res.attributes);
+        let body = if head {
+            Bytes::new()
+        } else {
+            res.bytes().await.map_err(|e| map_err(e, key.as_str()))?
+        };
+        Ok((body, info, meta))
+    }
+
+    async fn put_with(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+        mode: PutMode,
+    ) -> Result<ObjectInfo, StoreError> {
+        let path = self.path(key)?;
+        let size = body.len() as u64;
+        let opts = PutOptions {
+            mode,
+            attributes: meta_to_attrs(meta)?,
+            ..PutOptions::default()
+        };
+        let res = self
+            .store
+            .put_opts(&path, PutPayload::from(body), opts)
+            .await
+            .map_err(|e| map_err(e, key.as_str()))?;
+        Ok(ObjectInfo {
+            key: key.clone(),
+            size,
+            etag: res.e_tag,
+            last_modified: SystemTime::now(),
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for ObjectStoreBackend {
+    async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        let (_, info, meta) = self.get_opts(key, opts).await?;
+        Ok((info, meta))
+    }
+
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        if range.start >= range.end {
+            let (info, meta) = self.head(key).await?;
+            return Ok((Bytes::new(), info, meta));
+        }
+        let opts = GetOptions {
+            range: Some(range.clone().into()),
+            ..GetOptions::default()
+        };
+        match self.get_opts(key, opts).await {
+            Ok(r) => Ok(r),
+            // Stores refuse a range starting at or past the end (S3: 416, InMemory: range
+            // error). Our contract clips instead, so check whether that was the cause.
+            Err(e @ StoreError::Other { .. }) => {
+                let (info, meta) = self.head(key).await?;
+                if range.start >= info.size {
+                    Ok((Bytes::new(), info, meta))
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        self.get_opts(key, GetOptions::default()).await
+    }
+
+    async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+    ) -> Result<ObjectInfo, StoreError> {
+        if key.is_dir_marker() && !body.is_empty() {
+            return Err(StoreError::invalid(format!(
+                "directory marker {key} cannot have content"
+            )));
+        }
+        self.put_with(key, body, meta, PutMode::Overwrite).await
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+    ) -> Result<Box<dyn Upload>, StoreError> {
+        if key.is_dir_marker() {
+            return Err(StoreError::invalid(format!(
+                "directory marker {key} cannot be uploaded in parts"
+            )));
+        }
+        let path = self.path(key)?;
+        let opts = PutMultipartOptions {
+            attributes: meta_to_attrs(meta)?,
+            ..PutMultipartOptions::default()
+        };
+        let inner = self
+            .store
+            .put_multipart_opts(&path, opts)
+            .await
+            .map_err(|e| map_err(e, key.as_str()))?;
+        Ok(Box::new(ObjectStoreUpload {
+            inner,
+            key: key.clone(),
+            size: 0,
+        }))
+    }
+
+    async fn copy(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+    ) -> Result<(), StoreError> {
+        check_same_kind(from, to)?;
+        match meta {
+            // S3 CopyObject keeps the source metadata (directive COPY), which is what we want.
+            None => {
+                let (src, dst) = (self.path(from)?, self.path(to)?);
+                self.store
+                    .copy(&src, &dst)
+                    .await
+                    .map_err(|e| map_err(e, from.as_str()))
+            }
+            // object_store cannot send CopyObject with `x-amz-metadata-directive: REPLACE`, so
+            // new metadata means downloading and re-uploading the object. The planned upgrade
+            // is a raw CopyObject REPLACE signed with object_store's AwsAuthorizer.
+            Some(meta) => {
+                let (body, _, _) = self.get(from).await?;
+                self.put_with(to, body, meta, PutMode::Overwrite)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    async fn rename(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+    ) -> Result<(), StoreError> {
+        check_same_kind(from, to)?;
+        match meta {
+            // object_store's rename is native where the store has one (InMemory) and copy +
+            // delete on S3.
+            None => {
+                let (src, dst) = (self.path(from)?, self.path(to)?);
+                self.store
+                    .rename(&src, &dst)
+                    .await
+                    .map_err(|e| map_err(e, from.as_str()))
+            }
+            Some(meta) => {
+                self.copy(from, to, Some(meta)).await?;
+                self.delete(from).await
+            }
+        }
+    }
+
+    async fn update_meta(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+    ) -> Result<ObjectInfo, StoreError> {
+        // Same limitation as `copy` with new metadata: GET + PUT, where a signed CopyObject
+        // with `x-amz-metadata-directive: REPLACE` onto itself is the planned upgrade. The PUT
+        // is conditional on the etag we read so a concurrent rewrite of the content is not
+        // silently reverted; stores without conditional put get a plain PUT.
+        let path = self.path(key)?;
+        let res = self
+            .store
+            .get_opts(&path, GetOptions::default())
+            .await
+            .map_err(|e| map_err(e, key.as_str()))?;
+        let version = UpdateVersion {
+            e_tag: res.meta.e_tag.clone(),
+            version: res.meta.version.clone(),
+        };
+        let body = res.bytes().await.map_err(|e| map_err(e, key.as_str()))?;
+        if version.e_tag.is_none() {
+            return self.put_with(key, body, meta, PutMode::Overwrite).await;
+        }
+        match self
+            .put_with(key, body.clone(), meta, PutMode::Update(version))
+            .await
+        {
+            Err(StoreError::Unsupported { .. }) => {
+                self.put_with(key, body, meta, PutMode::Overwrite).await
+            }
+            other => other,
+        }
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_err(e, key.as_str())),
+        }
+    }
+
+    async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+        let dir_key = check_dir(dir)?;
+        let base = self.dir_path(dir)?;
+        let prefix = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
+        let mut out = Listing::default();
+        if recursive {
+            let metas: Vec<ObjectMeta> = self
+                .store
+                .list(prefix)
+                .try_collect()
+                .await
+                .map_err(|e| map_err(e, dir))?;
+            for m in &metas {
+                if let Some(k) = self.key_of(&m.location) {
+                    out.objects.push(Self::info(&k, m));
+                }
+            }
+        } else {
+            let res = self
+                .store
+                .list_with_delimiter(prefix)
+                .await
+                .map_err(|e| map_err(e, dir))?;
+            for m in &res.objects {
+                match self.key_of(&m.location) {
+                    // The listed directory's own marker is not one of its children.
+                    Some(k) if Some(&k) == dir_key.as_ref() => {}
+                    Some(k) => out.objects.push(Self::info(&k, m)),
+                    None => {}
+                }
+            }
+            for p in &res.common_prefixes {
+                if let Some(k) = self.key_of(p) {
+                    if let Ok(marker) = ObjectKey::new(format!("{}/", k.as_str())) {
+                        out.prefixes.push(marker);
+                    }
+                }
+            }
+        }
+        sort_listing(&mut out);
+        Ok(out)
+    }
+
+    async fn check_access(&self) -> Result<(), StoreError> {
+        let base = self.dir_path("")?;
+        let prefix = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
+        // One page of a listing: needs the bucket to exist and list permission, costs one request.
+        let mut stream = self.store.list(prefix);
+        match stream.try_next().await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingBucket {
+                store: self.store.to_string(),
+            }),
+            Err(e) => Err(map_err(e, &self.prefix)),
+        }
+    }
+}
+
+/// Copying a marker onto a file key (or back) would change what the object means.
+fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {
+    if from.is_dir_marker() == to.is_dir_marker() {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(format!(
+            "cannot copy or rename {from} to {to}: one is a directory marker and the other is not"
+        )))
+    }
+}
+
+struct ObjectStoreUpload {
+    inner: Box<dyn MultipartUpload>,
+    key: ObjectKey,
+    size: u64,
+}
+
+#[async_trait]
+impl Upload for ObjectStoreUpload {
+    async fn put_part(&mut self, part: Bytes) -> Result<(), StoreError> {
+        let len = part.len() as u64;
+        // Parts go up one at a time; the caller decides how many uploads run in parallel.
+        self.inner
+            .put_part(PutPayload::from(part))
+            .await
+            .map_err(|e| map_err(e, self.key.as_str()))?;
+        self.size += len;
+        Ok(())
+    }
+
+    async fn complete(mut self: Box<Self>) -> Result<ObjectInfo, StoreError> {
+        let res = self
+            .inner
+            .complete()
+            .await
+            .map_err(|e| map_err(e, self.key.as_str()))?;
+        Ok(ObjectInfo {
+            key: self.key.clone(),
+            size: self.size,
+            etag: res.e_tag,
+            last_modified: SystemTime::now(),
+        })
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.inner
+            .abort()
+            .await
+            .map_err(|e| map_err(e, self.key.as_str()))
+    }
+}
+
+fn meta_to_attrs(meta: &UserMeta) -> Result<Attributes, StoreError> {
+    let map = meta::encode(meta)?;
+    let mut attrs = Attributes::with_capacity(map.len());
+    for (name, value) in map {
+        attrs.insert(
+            Attribute::Metadata(name.into()),
+            AttributeValue::from(value),
+        );
+    }
+    Ok(attrs)
+}
+
+fn attrs_to_meta(attrs: &Attributes) -> UserMeta {
+    meta::decode(attrs.iter().filter_map(|(k, v)| match k {
+        Attribute::Metadata(name) => Some((name.as_ref(), v.as_ref())),
+        _ => None,
+    }))
+}
+
+/// Map an object_store error onto what the filesystem can act on, keeping the source.
+pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => StoreError::NotFound {
+            key: key.to_owned(),
+        },
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => StoreError::AccessDenied {
+            key: key.to_owned(),
+            detail: chain_text(&e),
+        },
+        E::Precondition { .. } | E::AlreadyExists { .. } | E::NotModified { .. } => {
+            StoreError::Precondition {
+                key: key.to_owned(),
+            }
+        }
+        E::NotImplemented { .. } | E::NotSupported { .. } => StoreError::Unsupported {
+            operation: chain_text(&e),
+        },
+        E::InvalidPath { .. } => StoreError::invalid(chain_text(&e)),
+        e => match transport_failure(&e) {
+            Some(detail) => StoreError::Unavailable {
+                detail,
+                source: Some(Box::new(e)),
+            },
+            None => StoreError::other(key, e),
+        },
+    }
+}
+
+/// Decide whether `e` means "could not talk to the store" rather than "the store said no".
+fn transport_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<HttpError>() {
+            let what = match h.kind() {
+                HttpErrorKind::Connect => "could not connect",
+                HttpErrorKind::Timeout => "request timed out",
+                HttpErrorKind::Interrupted => "connection interrupted",
+                HttpErrorKind::Request => "request could not be sent",
+                _ => return None,
+            };
+            return Some(what.to_owned());
+        }
+        cur = err.source();
+    }
+    // object_store's RetryError (which carries the status) is crate-private, so the only way
+    // to see a 5xx that outlived the retries is its message.
+    let text = e.to_string();
+    if text.contains("status code: 5") {
+        return Some("server error after retries".to_owned());
+    }
+    None
+}

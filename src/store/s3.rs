@@ -1,0 +1,363 @@
+//! From a mount URL to a ready [`Backend`]: `s3://bucket[/prefix]` or `file:///abs/dir`.
+//!
+//! S3 settings come from, in order of precedence: [`S3Options`] (mount options), the standard
+//! `AWS_*` environment variables (object_store's `from_env`), then the AWS shared config files
+//! (see `profile.rs`), which are consulted only when `AWS_ACCESS_KEY_ID` is absent. Nothing here
+//! touches the network: `check_access` does that at mount.
+//!
+//! object_store's `with_client_options` replaces every client option set before it (including
+//! those `from_env` read, like `AWS_ALLOW_HTTP` or `AWS_PROXY_URL`), so the client options are
+//! assembled once, env included, and applied in one call.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::{Certificate, ClientOptions};
+
+use super::error::StoreError;
+use super::local::LocalBackend;
+use super::object::ObjectStoreBackend;
+use super::profile::load_profile;
+use super::Backend;
+
+/// Mount options that shape the S3 client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Custom endpoint (`https://host:port`); implies path-style requests.
+    pub endpoint: Option<String>,
+    /// Overrides `AWS_REGION` and the profile's region.
+    pub region: Option<String>,
+    /// Extra PEM CA bundle to trust (for self-signed test servers or private CAs).
+    pub ca_file: Option<PathBuf>,
+    /// Permit plain http; implied when the endpoint starts with `http://`.
+    pub allow_http: bool,
+}
+
+/// A parsed mount URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `s3://bucket/prefix`: `prefix` has no leading or trailing `/` (empty for the bucket root).
+    S3 { bucket: String, prefix: String },
+    /// `file:///abs/dir`.
+    Local { root: PathBuf },
+}
+
+impl StoreUrl {
+    /// Parse without touching the network or the filesystem.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            // Bucket naming rules (3-63 chars of a-z, 0-9, '.', '-'), relaxed on length
+            // because S3-compatible servers differ.
+            let bucket_ok = !bucket.is_empty()
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                });
+            if !bucket_ok {
+                return Err(StoreError::invalid(format!(
+                    "{url:?} has no valid bucket name; write s3://bucket or s3://bucket/prefix"
+                )));
+            }
+            let prefix = prefix.trim_matches('/');
+            if prefix.contains(['?', '#']) {
+                return Err(StoreError::invalid(format!(
+                    "{url:?} must not contain '?' or '#'; put options in mount options instead"
+                )));
+            }
+            if !prefix.is_empty() {
+                super::ObjectKey::new(prefix).map_err(|e| {
+                    StoreError::invalid(format!("the prefix of {url:?} is not usable: {e}"))
+                })?;
+            }
+            return Ok(StoreUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(StoreError::invalid(format!(
+                    "{url:?} must name an absolute local directory, as in file:///srv/store"
+                )));
+            }
+            return Ok(StoreUrl::Local {
+                root: PathBuf::from(rest),
+            });
+        }
+        Err(StoreError::invalid(format!(
+            "{url:?} is not a supported store URL; use s3://bucket[/prefix] or file:///abs/dir"
+        )))
+    }
+}
+
+/// Build the backend for `url`. S3 stores are configured but not contacted; local stores are
+/// opened (and their xattr support probed).
+pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreUrl), StoreError> {
+    let parsed = StoreUrl::parse(url)?;
+    let backend: Arc<dyn Backend> = match &parsed {
+        StoreUrl::Local { root } => Arc::new(LocalBackend::new(root)?),
+        StoreUrl::S3 { bucket, prefix } => {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let builder = s3_builder(bucket, opts, &env)?;
+            let s3 = builder.build().map_err(|e| {
+                StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
+            })?;
+            Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?)
+        }
+    };
+    Ok((backend, parsed))
+}
+
+/// The S3 builder for `bucket`, with `env` standing in for the process environment where we
+/// read it ourselves (object_store's `from_env` still reads the real one).
+fn s3_builder(
+    bucket: &str,
+    opts: &S3Options,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AmazonS3Builder, StoreError> {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+
+    if env("AWS_ACCESS_KEY_ID").is_none() {
+        let profile = load_profile(env)?;
+        if let (Some(id), Some(secret)) = (profile.access_key_id, profile.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(token) = profile.session_token {
+                b = b.with_token(token);
+            }
+        }
+        if opts.region.is_none()
+            && env("AWS_REGION").is_none()
+            && env("AWS_DEFAULT_REGION").is_none()
+        {
+            if let Some(region) = profile.region {
+                b = b.with_region(region);
+            }
+        }
+    }
+    if let Some(region) = &opts.region {
+        b = b.with_region(region);
+    }
+    if let Some(endpoint) = &opts.endpoint {
+        b = b.with_endpoint(endpoint);
+    }
+    let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    if endpoint.is_some() {
+        // Custom servers (LocalStack, Garage, MinIO) rarely have wildcard DNS for buckets.
+        b = b.with_virtual_hosted_style_request(false);
+    }
+    let allow_http = opts.allow_http
+        || endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+    Ok(b.with_client_options(client_options(env, allow_http, opts.ca_file.as_ref())?))
+}
+
+/// Client options from the environment plus ours, built once (see the module docs).
+fn client_options(
+    env: &dyn Fn(&str) -> Option<String>,
+    allow_http: bool,
+    ca_file: Option<&PathBuf>,
+) -> Result<ClientOptions, StoreError> {
+    let mut co = ClientOptions::new();
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if !key.starts_with("AWS_") {
+            continue;
+        }
+        if let (Ok(AmazonS3ConfigKey::Client(ck)), Some(value)) = (
+            AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()),
+            env(key),
+        ) {
+            co = co.with_config(ck, value);
+        }
+    }
+    if allow_http {
+        co = co.with_allow_http(true);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            StoreError::invalid(format!("cannot read the CA file {} ({e})", path.display()))
+        })?;
+        let certs = Certificate::from_pem_bundle(&pem).map_err(|e| {
+            StoreError::invalid(format!(
+                "the CA file {} is not valid PEM ({e})",
+                path.display()
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(StoreError::invalid(format!(
+                "the CA file {} contains no PEM certificate",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            co = co.with_root_certificate(cert);
+        }
+    }
+    Ok(co)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_and_file_urls() {
+        assert_eq!(
+            StoreUrl::parse("s3://bucket/some/prefix/").unwrap(),
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://my.bucket-1").unwrap(),
+            StoreUrl::S3 {
+                bucket: "my.bucket-1".into(),
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("file:///srv/store").unwrap(),
+            StoreUrl::Local {
+                root: PathBuf::from("/srv/store")
+            }
+        );
+        for bad in [
+            "s3://",
+            "s3:///prefix",
+            "s3://Bucket/x",
+            "s3://b/a/../c",
+            "s3://b/x?y",
+            "file://rel/dir",
+            "http://b",
+            "bucket",
+        ] {
+            assert!(
+                matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn from_url_builds_an_s3_backend_without_connecting() {
+        let opts = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            ..S3Options::default()
+        };
+        let (_backend, parsed) = from_url("s3://bucket/some/prefix/", &opts).unwrap();
+        assert_eq!(
+            parsed,
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+
+        // The http endpoint turned allow_http on and path-style on.
+        let env = |_: &str| None;
+        let b = s3_builder("bucket", &opts, &env).unwrap();
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+                .as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::AllowHttp
+            ))
+            .as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
+            Some("us-east-1")
+        );
+    }
+
+    #[test]
+    fn profile_files_feed_the_builder_when_env_lacks_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("c"),
+            "[p]\naws_access_key_id = AKIDP\naws_secret_access_key = sp\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("f"), "[profile p]\nregion = eu-north-1\n").unwrap();
+        let (c, f) = (dir.path().join("c"), dir.path().join("f"));
+        let env = |k: &str| match k {
+            "AWS_PROFILE" => Some("p".to_owned()),
+            "AWS_SHARED_CREDENTIALS_FILE" => Some(c.to_str()?.to_owned()),
+            "AWS_CONFIG_FILE" => Some(f.to_str()?.to_owned()),
+            _ => None,
+        };
+        let b = s3_builder("bucket", &S3Options::default(), &env).unwrap();
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+                .as_deref(),
+            Some("AKIDP")
+        );
+        assert_eq!(
+            b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-north-1")
+        );
+        // https endpoint: no plain http.
+        let opts = S3Options {
+            endpoint: Some("https://s3.example".into()),
+            ..S3Options::default()
+        };
+        let b = s3_builder("bucket", &opts, &env).unwrap();
+        assert_ne!(
+            b.get_config_value(&AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::AllowHttp
+            ))
+            .as_deref(),
+            Some("true")
+        );
+    }
+
+    #[tokio::test]
+    async fn from_url_opens_a_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let (backend, parsed) = from_url(&url, &S3Options::default()).unwrap();
+        assert_eq!(
+            parsed,
+            StoreUrl::Local {
+                root: dir.path().to_path_buf()
+            }
+        );
+        let k = super::super::ObjectKey::new("a/b").unwrap();
+        backend
+            .put(&k, bytes::Bytes::from_static(b"x"), &Default::default())
+            .await
+            .unwrap();
+        assert!(dir.path().join("a/b").is_file());
+        assert!(from_url("file:///nonexistent/s3cryptfs", &S3Options::default()).is_err());
+    }
+
+    #[test]
+    fn ca_file_problems_are_reported() {
+        let missing = S3Options {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..S3Options::default()
+        };
+        assert!(matches!(
+            from_url("s3://b", &missing),
+            Err(StoreError::InvalidInput { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let opts = S3Options {
+            ca_file: Some(junk),
+            ..S3Options::default()
+        };
+        let err = from_url("s3://b", &opts).err().unwrap();
+        assert!(err.to_string().contains("CA file"), "{err}");
+    }
+}

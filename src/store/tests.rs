@@ -1,0 +1,599 @@
+//! Conformance tests: one body run against every backend, so the filesystem can rely on the
+//! contract in `mod.rs` whichever store is mounted; then each backend's own guarantees.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
+
+use super::*;
+
+fn key(s: &str) -> ObjectKey {
+    ObjectKey::new(s).unwrap()
+}
+
+fn keys(objects: &[ObjectInfo]) -> Vec<&str> {
+    objects.iter().map(|o| o.key.as_str()).collect()
+}
+
+fn file_meta(tag: &str) -> UserMeta {
+    let mut extra = BTreeMap::new();
+    extra.insert("s3cryptfs-bind".to_owned(), format!("bind-{tag}"));
+    UserMeta {
+        mode: Some(0o100644),
+        uid: Some(1000),
+        gid: Some(1001),
+        mtime: Some((1_700_000_000, 987_654_321)),
+        extra,
+    }
+}
+
+fn dir_meta() -> UserMeta {
+    UserMeta {
+        mode: Some(0o040750),
+        uid: Some(7),
+        gid: Some(8),
+        mtime: Some((1_600_000_000, 1)),
+        extra: BTreeMap::new(),
+    }
+}
+
+/// The behaviour every backend must share.
+async fn conformance(b: &dyn Backend) {
+    // --- put / get / get_range / head with full metadata
+    let m1 = file_meta("one");
+    b.put(&key("dir/"), Bytes::new(), &dir_meta())
+        .await
+        .unwrap();
+    let info = b
+        .put(&key("dir/file1"), Bytes::from_static(b"hello world"), &m1)
+        .await
+        .unwrap();
+    assert_eq!(info.size, 11);
+    assert!(info.etag.is_some());
+
+    let (hinfo, hmeta) = b.head(&key("dir/file1")).await.unwrap();
+    assert_eq!(hinfo.size, 11);
+    assert_eq!(hinfo.key, key("dir/file1"));
+    assert_eq!(
+        hinfo.etag, info.etag,
+        "head must report the etag put returned"
+    );
+    assert_eq!(hmeta, m1);
+
+    let (body, ginfo, gmeta) = b.get(&key("dir/file1")).await.unwrap();
+    assert_eq!(&body[..], b"hello world");
+    assert_eq!(ginfo.size, 11);
+    assert_eq!(gmeta, m1);
+
+    let (part, rinfo, rmeta) = b.get_range(&key("dir/file1"), 0..5).await.unwrap();
+    assert_eq!(&part[..], b"hello");
+    assert_eq!(rinfo.size, 11, "ranged get reports the whole object's size");
+    assert_eq!(rmeta, m1);
+    let (tail, _, _) = b.get_range(&key("dir/file1"), 6..100).await.unwrap();
+    assert_eq!(&tail[..], b"world");
+    for past_end in [11..20, 50..60, 3..3] {
+        let (empty, i, _) = b
+            .get_range(&key("dir/file1"), past_end.clone())
+            .await
+            .unwrap();
+        assert!(empty.is_empty(), "{past_end:?}");
+        assert_eq!(i.size, 11);
+    }
+    let (dm_info, dm_meta) = b.head(&key("dir/")).await.unwrap();
+    assert_eq!(dm_info.size, 0);
+    assert_eq!(dm_meta, dir_meta());
+    let (dm_body, _, _) = b.get(&key("dir/")).await.unwrap();
+    assert!(dm_body.is_empty());
+
+    // An empty object is an object, and reading it is fine.
+    b.put(&key("dir/empty"), Bytes::new(), &UserMeta::default())
+        .await
+        .unwrap();
+    let (e, ei, em) = b.get_range(&key("dir/empty"), 0..10).await.unwrap();
+    assert!(e.is_empty());
+    assert_eq!(ei.size, 0);
+    assert_eq!(em, UserMeta::default());
+    b.delete(&key("dir/empty")).await.unwrap();
+
+    // --- NotFound
+    for missing in ["nope", "dir/nope", "nodir/"] {
+        let err = b.head(&key(missing)).await.unwrap_err();
+        assert!(err.is_not_found(), "{missing}: {err:?}");
+    }
+    assert!(b.get(&key("nope")).await.unwrap_err().is_not_found());
+    assert!(b
+        .get_range(&key("nope"), 0..1)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // A file key does not find a marker of the same name, nor the other way round.
+    assert!(b.head(&key("dir")).await.unwrap_err().is_not_found());
+    assert!(b.head(&key("dir/file1/")).await.unwrap_err().is_not_found());
+
+    // --- listing
+    b.put(&key("dir/sub/"), Bytes::new(), &dir_meta())
+        .await
+        .unwrap();
+    b.put(
+        &key("dir/sub/deep"),
+        Bytes::from_static(b"d"),
+        &file_meta("deep"),
+    )
+    .await
+    .unwrap();
+    b.put(&key("top"), Bytes::from_static(b"t"), &file_meta("top"))
+        .await
+        .unwrap();
+
+    let root = b.list("", false).await.unwrap();
+    assert_eq!(keys(&root.objects), ["top"]);
+    assert_eq!(root.prefixes, [key("dir/")]);
+
+    let dir = b.list("dir/", false).await.unwrap();
+    assert_eq!(keys(&dir.objects), ["dir/file1"]);
+    assert_eq!(dir.objects[0].size, 11);
+    assert_eq!(dir.objects[0].etag, info.etag);
+    assert_eq!(dir.prefixes, [key("dir/sub/")]);
+
+    let rec = b.list("dir/", true).await.unwrap();
+    assert_eq!(
+        keys(&rec.objects),
+        ["dir/", "dir/file1", "dir/sub/", "dir/sub/deep"]
+    );
+    assert!(rec.prefixes.is_empty());
+    assert!(rec
+        .objects
+        .iter()
+        .filter(|o| o.key.is_dir_marker())
+        .all(|o| o.size == 0));
+
+    let all = b.list("", true).await.unwrap();
+    assert_eq!(
+        keys(&all.objects),
+        ["dir/", "dir/file1", "dir/sub/", "dir/sub/deep", "top"]
+    );
+
+    assert_eq!(b.list("nodir/", false).await.unwrap(), Listing::default());
+    assert_eq!(b.list("nodir/", true).await.unwrap(), Listing::default());
+    assert!(matches!(
+        b.list("dir", false).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+    assert!(matches!(
+        b.list("../", false).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+
+    // --- copy keeps or replaces metadata
+    let m2 = file_meta("two");
+    b.copy(&key("dir/file1"), &key("dir/copy1"), None)
+        .await
+        .unwrap();
+    let (c1, _, c1m) = b.get(&key("dir/copy1")).await.unwrap();
+    assert_eq!((&c1[..], &c1m), (&b"hello world"[..], &m1));
+    b.copy(&key("dir/file1"), &key("dir/copy2"), Some(&m2))
+        .await
+        .unwrap();
+    let (c2, _, c2m) = b.get(&key("dir/copy2")).await.unwrap();
+    assert_eq!((&c2[..], &c2m), (&b"hello world"[..], &m2));
+    assert_eq!(
+        b.head(&key("dir/file1")).await.unwrap().1,
+        m1,
+        "copy must not touch the source"
+    );
+    assert!(b
+        .copy(&key("nope"), &key("dir/x"), None)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(matches!(
+        b.copy(&key("dir/file1"), &key("dir/x/"), None).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+
+    // --- rename, with and without new metadata
+    b.rename(&key("dir/copy1"), &key("other/moved"), None)
+        .await
+        .unwrap();
+    assert!(b.head(&key("dir/copy1")).await.unwrap_err().is_not_found());
+    let (mv, _, mvm) = b.get(&key("other/moved")).await.unwrap();
+    assert_eq!((&mv[..], &mvm), (&b"hello world"[..], &m1));
+    b.rename(&key("other/moved"), &key("other/moved2"), Some(&m2))
+        .await
+        .unwrap();
+    assert!(b
+        .head(&key("other/moved"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(b.head(&key("other/moved2")).await.unwrap().1, m2);
+    assert!(b
+        .rename(&key("nope"), &key("x"), None)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    // An (empty) marker renames on its own.
+    b.put(&key("mk/"), Bytes::new(), &dir_meta()).await.unwrap();
+    b.rename(&key("mk/"), &key("mk2/"), None).await.unwrap();
+    assert!(b.head(&key("mk/")).await.unwrap_err().is_not_found());
+    assert_eq!(b.head(&key("mk2/")).await.unwrap().1, dir_meta());
+
+    // --- update_meta replaces metadata, keeps content
+    let m3 = UserMeta {
+        mode: Some(0o100600),
+        mtime: Some((-1, 5)),
+        ..UserMeta::default()
+    };
+    let upd = b.update_meta(&key("dir/file1"), &m3).await.unwrap();
+    assert_eq!(upd.size, 11);
+    let (u, ui, um) = b.get(&key("dir/file1")).await.unwrap();
+    assert_eq!((&u[..], &um), (&b"hello world"[..], &m3));
+    assert_eq!(
+        ui.etag, upd.etag,
+        "update_meta reports the object's current etag"
+    );
+    assert!(b
+        .update_meta(&key("dir/x"), &m3)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    b.update_meta(&key("mk2/"), &m3).await.unwrap();
+    assert_eq!(b.head(&key("mk2/")).await.unwrap().1, m3);
+
+    // --- bad metadata is refused before anything is written
+    let mut bad = UserMeta::default();
+    bad.extra.insert("Bad Name".into(), "v".into());
+    assert!(matches!(
+        b.put(&key("bad"), Bytes::new(), &bad).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+    assert!(b.head(&key("bad")).await.unwrap_err().is_not_found());
+
+    // --- delete
+    b.delete(&key("nothing/here")).await.unwrap();
+    b.delete(&key("nothing/")).await.unwrap();
+    b.delete(&key("other/moved2")).await.unwrap();
+    assert!(b
+        .head(&key("other/moved2"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    b.delete(&key("other/moved2")).await.unwrap();
+
+    // --- multipart: 3 parts, then an aborted upload leaves nothing
+    let mut up = b.put_multipart(&key("big/obj"), &m2).await.unwrap();
+    for p in [&b"part-one|"[..], b"part-two|", b"part-three"] {
+        up.put_part(Bytes::copy_from_slice(p)).await.unwrap();
+    }
+    let done = up.complete().await.unwrap();
+    assert_eq!(done.size, 28);
+    let (whole, wi, wm) = b.get(&key("big/obj")).await.unwrap();
+    assert_eq!(&whole[..], b"part-one|part-two|part-three");
+    assert_eq!((wi.size, wm), (28, m2.clone()));
+    let (mid, _, _) = b.get_range(&key("big/obj"), 5..12).await.unwrap();
+    assert_eq!(&mid[..], b"one|par");
+
+    let mut up = b.put_multipart(&key("big/aborted"), &m2).await.unwrap();
+    up.put_part(Bytes::from_static(b"zzz")).await.unwrap();
+    up.abort().await.unwrap();
+    assert!(b
+        .head(&key("big/aborted"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(matches!(
+        b.put_multipart(&key("big/"), &m2).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+
+    b.check_access().await.unwrap();
+}
+
+fn memory_backend(prefix: &str) -> (Arc<InMemory>, ObjectStoreBackend) {
+    let mem = Arc::new(InMemory::new());
+    let b = ObjectStoreBackend::new(mem.clone(), prefix).unwrap();
+    (mem, b)
+}
+
+#[tokio::test]
+async fn conformance_in_memory() {
+    let (_, b) = memory_backend("");
+    conformance(&b).await;
+}
+
+#[tokio::test]
+async fn conformance_in_memory_with_prefix() {
+    let (mem, b) = memory_backend("/some/prefix/");
+    let shared: Arc<dyn Backend> = Arc::new(b);
+    conformance(shared.as_ref()).await;
+    // Everything landed under the prefix, and nothing outside it.
+    let all: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(mem.list(None))
+        .await
+        .unwrap();
+    assert!(!all.is_empty());
+    assert!(all
+        .iter()
+        .all(|m| m.location.as_ref().starts_with("some/prefix/")));
+}
+
+#[tokio::test]
+async fn conformance_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let b: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()).unwrap());
+    conformance(b.as_ref()).await;
+}
+
+#[tokio::test]
+async fn object_store_uses_s3fs_names_and_reads_s3fs_objects() {
+    let (mem, b) = memory_backend("p");
+    b.put(&key("a/f"), Bytes::from_static(b"x"), &file_meta("n"))
+        .await
+        .unwrap();
+    b.put(&key("a/"), Bytes::new(), &dir_meta()).await.unwrap();
+    let raw = mem
+        .get_opts(&Path::from("p/a/f"), Default::default())
+        .await
+        .unwrap();
+    let attr = |n: &'static str| {
+        raw.attributes
+            .get(&Attribute::Metadata(n.into()))
+            .map(|v| v.as_ref().to_owned())
+    };
+    assert_eq!(attr("mode").as_deref(), Some("33188"));
+    assert_eq!(attr("uid").as_deref(), Some("1000"));
+    assert_eq!(attr("gid").as_deref(), Some("1001"));
+    assert_eq!(attr("mtime").as_deref(), Some("1700000000"));
+    assert_eq!(attr("s3cryptfs-mtime-ns").as_deref(), Some("987654321"));
+    assert_eq!(attr("s3cryptfs-bind").as_deref(), Some("bind-n"));
+    // The marker is the stand-in object inside the directory.
+    mem.head(&Path::from("p/a/.s3cryptfs-dir")).await.unwrap();
+
+    // An object written by s3fs: integer mtime, no nanoseconds, upper-case header from a
+    // store that does not lower-case.
+    let mut attrs = Attributes::new();
+    attrs.insert(Attribute::Metadata("mode".into()), "33261".into());
+    attrs.insert(Attribute::Metadata("mtime".into()), "1500000000".into());
+    attrs.insert(Attribute::Metadata("X-Other".into()), "kept".into());
+    let opts = PutOptions {
+        attributes: attrs,
+        ..Default::default()
+    };
+    mem.put_opts(&Path::from("p/s3fs"), PutPayload::from_static(b"abc"), opts)
+        .await
+        .unwrap();
+    let (_, m) = b.head(&key("s3fs")).await.unwrap();
+    assert_eq!(m.mode, Some(0o100755));
+    assert_eq!(m.mtime, Some((1_500_000_000, 0)));
+    assert_eq!(m.extra.get("x-other").map(String::as_str), Some("kept"));
+
+    // Objects outside the prefix or with names that are not keys are not listed.
+    mem.put(&Path::from("elsewhere"), PutPayload::from_static(b"e"))
+        .await
+        .unwrap();
+    mem.put(
+        &Path::from("p/.s3cryptfs-tmp"),
+        PutPayload::from_static(b"e"),
+    )
+    .await
+    .unwrap();
+    let l = b.list("", true).await.unwrap();
+    assert_eq!(keys(&l.objects), ["a/", "a/f", "s3fs"]);
+}
+
+#[test]
+fn object_store_errors_map_to_actionable_variants() {
+    use object_store::client::{HttpError, HttpErrorKind};
+    use object_store::Error as E;
+    let boxed = || -> BoxError { "inner".into() };
+    let m = |e| object::map_err(e, "k");
+    assert!(m(E::NotFound {
+        path: "k".into(),
+        source: boxed()
+    })
+    .is_not_found());
+    assert!(matches!(
+        m(E::PermissionDenied {
+            path: "k".into(),
+            source: boxed()
+        }),
+        StoreError::AccessDenied { .. }
+    ));
+    assert!(matches!(
+        m(E::Unauthenticated {
+            path: "k".into(),
+            source: boxed()
+        }),
+        StoreError::AccessDenied { .. }
+    ));
+    assert!(m(E::Precondition {
+        path: "k".into(),
+        source: boxed()
+    })
+    .is_precondition());
+    assert!(matches!(
+        m(E::NotImplemented {
+            operation: "x".into(),
+            implementer: "y".into()
+        }),
+        StoreError::Unsupported { .. }
+    ));
+    let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    let e = m(E::Generic {
+        store: "S3",
+        source: Box::new(HttpError::new(HttpErrorKind::Connect, refused)),
+    });
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the source chain is kept"
+    );
+    let e = m(E::Generic {
+        store: "S3",
+        source: boxed(),
+    });
+    assert!(matches!(e, StoreError::Other { .. }));
+    assert!(std::error::Error::source(&e).is_some());
+}
+
+#[test]
+fn keys_that_could_escape_are_rejected() {
+    for bad in [
+        "",
+        "/abs",
+        "../x",
+        "a/../../b",
+        "a/./b",
+        "a//b",
+        "a\0b",
+        "a\nb",
+        ".s3cryptfs-tmp/x",
+        "a/.s3cryptfs-dir",
+        "//",
+    ] {
+        assert!(
+            matches!(ObjectKey::new(bad), Err(StoreError::InvalidInput { .. })),
+            "{bad:?}"
+        );
+    }
+    for good in [
+        "a",
+        "a/b",
+        "a/b/",
+        "..a",
+        "a..",
+        "name with spaces",
+        "ünïcode/ok/",
+    ] {
+        ObjectKey::new(good).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn local_stores_files_xattrs_and_hides_staging() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(dir.path()).unwrap();
+    b.put(&key("d/f"), Bytes::from_static(b"body"), &file_meta("x"))
+        .await
+        .unwrap();
+    let root = b.root().to_path_buf();
+    assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"body");
+    let raw = local::raw_meta_for_test(&root.join("d/f")).unwrap();
+    assert!(
+        raw.contains("mode=33188\n") && raw.contains("s3cryptfs-bind=bind-x\n"),
+        "{raw}"
+    );
+
+    // Staging directory: private, empty after puts and aborted uploads, never listed.
+    let tmp = root.join(LOCAL_TMP_DIR);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&tmp).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut up = b
+        .put_multipart(&key("d/up"), &UserMeta::default())
+        .await
+        .unwrap();
+    up.put_part(Bytes::from_static(b"p")).await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        1,
+        "the part is staged"
+    );
+    up.abort().await.unwrap();
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    let all = b.list("", true).await.unwrap();
+    assert_eq!(keys(&all.objects), ["d/", "d/f"]);
+    assert_eq!(b.list("", false).await.unwrap().prefixes, [key("d/")]);
+
+    // A file dropped in by hand is an object without metadata; symlinks are not objects.
+    std::fs::write(root.join("d/manual"), b"m").unwrap();
+    assert_eq!(
+        b.head(&key("d/manual")).await.unwrap().1,
+        UserMeta::default()
+    );
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"s").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), root.join("d/link")).unwrap();
+    assert!(b.head(&key("d/link")).await.unwrap_err().is_not_found());
+    assert!(b.get(&key("d/link")).await.unwrap_err().is_not_found());
+    assert_eq!(
+        keys(&b.list("d/", false).await.unwrap().objects),
+        ["d/f", "d/manual"]
+    );
+}
+
+#[tokio::test]
+async fn local_etag_changes_on_rewrite_of_same_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(dir.path()).unwrap();
+    let first = b
+        .put(&key("f"), Bytes::from_static(b"aaaa"), &UserMeta::default())
+        .await
+        .unwrap();
+    let second = b
+        .put(&key("f"), Bytes::from_static(b"bbbb"), &UserMeta::default())
+        .await
+        .unwrap();
+    assert_ne!(first.etag, second.etag);
+    assert_eq!(b.head(&key("f")).await.unwrap().0.etag, second.etag);
+    let (body, _, _) = b.get(&key("f")).await.unwrap();
+    assert_eq!(&body[..], b"bbbb");
+}
+
+#[tokio::test]
+async fn local_refuses_to_remove_non_empty_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(dir.path()).unwrap();
+    b.put(&key("d/f"), Bytes::from_static(b"x"), &UserMeta::default())
+        .await
+        .unwrap();
+    // Every parent of a file is an implicit marker locally.
+    b.head(&key("d/")).await.unwrap();
+    assert!(matches!(
+        b.delete(&key("d/")).await,
+        Err(StoreError::NotEmpty { .. })
+    ));
+    assert!(matches!(
+        b.rename(&key("d/"), &key("e/"), None).await,
+        Err(StoreError::NotEmpty { .. })
+    ));
+    assert!(
+        b.head(&key("e/")).await.unwrap_err().is_not_found(),
+        "a refused rename creates nothing"
+    );
+    b.delete(&key("d/f")).await.unwrap();
+    b.delete(&key("d/")).await.unwrap();
+    assert!(b.head(&key("d/")).await.unwrap_err().is_not_found());
+    assert!(!dir.path().join("d").exists());
+
+    // A file in the way of a directory is a clear input error, not an errno.
+    b.put(
+        &key("plain"),
+        Bytes::from_static(b"x"),
+        &UserMeta::default(),
+    )
+    .await
+    .unwrap();
+    let err = b
+        .put(&key("plain/child"), Bytes::new(), &UserMeta::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput { .. }), "{err:?}");
+}
+
+#[test]
+fn local_backend_needs_an_existing_directory() {
+    let err = LocalBackend::new("/nonexistent/s3cryptfs-store").unwrap_err();
+    assert!(err.to_string().contains("create it first"), "{err}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    assert!(matches!(
+        LocalBackend::new(file.path()),
+        Err(StoreError::InvalidInput { .. })
+    ));
+}
