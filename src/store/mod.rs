@@ -240,6 +240,13 @@ pub trait Backend: Send + Sync + 'static {
     /// included, prefixes empty. A missing directory lists as empty.
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError>;
 
+    /// Whether any object (a marker included) exists under `dir` (`a/b/`): how a directory without a marker of its
+    /// own is recognised. Backends should answer with one small request, not a full listing.
+    async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
+        let l = self.list(dir, false).await?;
+        Ok(!l.objects.is_empty() || !l.prefixes.is_empty())
+    }
+
     /// A cheap request proving the bucket/directory exists and the credentials work; run at
     /// mount so a misconfiguration fails fast with a clear message.
     async fn check_access(&self) -> Result<(), StoreError>;

@@ -339,6 +339,18 @@ impl Backend for ObjectStoreBackend {
         }
     }
 
+    async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
+        check_dir(dir)?;
+        let base = self.dir_path(dir)?;
+        let prefix = if base.as_ref().is_empty() { None } else { Some(&base) };
+        // The first page is enough: one LIST request however large the directory is.
+        let mut stream = self.store.list(prefix);
+        match stream.try_next().await.map_err(|e| map_err(e, dir))? {
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         let dir_key = check_dir(dir)?;
         let base = self.dir_path(dir)?;
