@@ -86,7 +86,9 @@ impl AeadKey {
                         Aad::from(aad),
                         &mut out[start..],
                     )
-                    .expect("invariant broken: aws-lc refused to seal a message under the GCM limit");
+                    .expect(
+                        "invariant broken: aws-lc refused to seal a message under the GCM limit",
+                    );
                 let mut t = [0u8; TAG_LEN];
                 t.copy_from_slice(tag.as_ref());
                 t
@@ -94,7 +96,9 @@ impl AeadKey {
             Inner::RustCrypto(cipher) => {
                 let tag = cipher
                     .encrypt_inout_detached(&(*nonce).into(), aad, (&mut out[start..]).into())
-                    .expect("invariant broken: aes-gcm refused to seal a message under the GCM limit");
+                    .expect(
+                        "invariant broken: aes-gcm refused to seal a message under the GCM limit",
+                    );
                 let mut t = [0u8; TAG_LEN];
                 t.copy_from_slice(&tag);
                 t
@@ -114,7 +118,10 @@ impl AeadKey {
         ciphertext_and_tag: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), AeadFailed> {
-        let ct_len = ciphertext_and_tag.len().checked_sub(TAG_LEN).ok_or(AeadFailed)?;
+        let ct_len = ciphertext_and_tag
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(AeadFailed)?;
         let (ciphertext, tag) = ciphertext_and_tag.split_at(ct_len);
         let start = out.len();
         out.extend_from_slice(ciphertext);
@@ -265,7 +272,12 @@ mod tests {
             for backend in BACKENDS {
                 let mut sealed = vec![0xee]; // seal must append, not overwrite
                 seal(backend, &key, &iv, &aad, &pt, &mut sealed);
-                assert_eq!(&sealed[1..], &expected[..], "{} seal on {backend:?}", kat.name);
+                assert_eq!(
+                    &sealed[1..],
+                    &expected[..],
+                    "{} seal on {backend:?}",
+                    kat.name
+                );
                 let mut opened = vec![0xee];
                 open(backend, &key, &iv, &aad, &expected, &mut opened).unwrap();
                 assert_eq!(&opened[1..], &pt[..], "{} open on {backend:?}", kat.name);
@@ -279,19 +291,41 @@ mod tests {
         let nonce = [4u8; 12];
         for backend in BACKENDS {
             let mut sealed = Vec::new();
-            seal(backend, &key, &nonce, b"aad", b"secret plaintext", &mut sealed);
+            seal(
+                backend,
+                &key,
+                &nonce,
+                b"aad",
+                b"secret plaintext",
+                &mut sealed,
+            );
             for i in 0..sealed.len() {
                 let mut bad = sealed.clone();
                 bad[i] ^= 0x01;
                 let mut out = b"prefix".to_vec();
-                assert_eq!(open(backend, &key, &nonce, b"aad", &bad, &mut out), Err(AeadFailed));
+                assert_eq!(
+                    open(backend, &key, &nonce, b"aad", &bad, &mut out),
+                    Err(AeadFailed)
+                );
                 assert_eq!(out, b"prefix");
             }
             let mut out = Vec::new();
-            assert_eq!(open(backend, &key, &nonce, b"aaD", &sealed, &mut out), Err(AeadFailed));
-            assert_eq!(open(backend, &key, &[5u8; 12], b"aad", &sealed, &mut out), Err(AeadFailed));
-            assert_eq!(open(backend, &[9u8; 32], &nonce, b"aad", &sealed, &mut out), Err(AeadFailed));
-            assert_eq!(open(backend, &key, &nonce, b"aad", &sealed[..15], &mut out), Err(AeadFailed));
+            assert_eq!(
+                open(backend, &key, &nonce, b"aaD", &sealed, &mut out),
+                Err(AeadFailed)
+            );
+            assert_eq!(
+                open(backend, &key, &[5u8; 12], b"aad", &sealed, &mut out),
+                Err(AeadFailed)
+            );
+            assert_eq!(
+                open(backend, &[9u8; 32], &nonce, b"aad", &sealed, &mut out),
+                Err(AeadFailed)
+            );
+            assert_eq!(
+                open(backend, &key, &nonce, b"aad", &sealed[..15], &mut out),
+                Err(AeadFailed)
+            );
             assert!(out.is_empty());
         }
     }

@@ -41,7 +41,9 @@ pub enum KeyFileError {
     )]
     WrongLength { line: usize, len: usize },
     /// The same key appears twice, which would make key lookup ambiguous.
-    #[error("line {line} of the key file repeats the key on line {first_line}; remove one of them")]
+    #[error(
+        "line {line} of the key file repeats the key on line {first_line}; remove one of them"
+    )]
     DuplicateKey { line: usize, first_line: usize },
     /// Only blanks and comments.
     #[error("the key file contains no key; add one (create it with `s3cryptfs keygen`)")]
@@ -58,7 +60,9 @@ pub enum CryptoError {
     #[error("the object uses format version {found}, which this s3cryptfs does not support; upgrade s3cryptfs")]
     UnsupportedVersion { found: u16 },
     /// The data key is wrapped in a way this build cannot unwrap (e.g. KMS).
-    #[error("the object's data key uses envelope kind {kind}, which this s3cryptfs does not support")]
+    #[error(
+        "the object's data key uses envelope kind {kind}, which this s3cryptfs does not support"
+    )]
     UnsupportedEnvelope { kind: u8 },
     /// The header is structurally invalid.
     #[error("the object header is malformed: {what}")]

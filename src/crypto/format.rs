@@ -118,10 +118,15 @@ impl Envelope {
 
     fn encode_into(&self, out: &mut [u8]) {
         match self {
-            Envelope::CustomerKey { fingerprint, wrap_nonce, wrapped_key } => {
+            Envelope::CustomerKey {
+                fingerprint,
+                wrap_nonce,
+                wrapped_key,
+            } => {
                 out[..FINGERPRINT_LEN].copy_from_slice(&fingerprint.0);
                 out[FINGERPRINT_LEN..FINGERPRINT_LEN + NONCE_LEN].copy_from_slice(wrap_nonce);
-                out[FINGERPRINT_LEN + NONCE_LEN..CUSTOMER_KEY_ENVELOPE_LEN].copy_from_slice(wrapped_key);
+                out[FINGERPRINT_LEN + NONCE_LEN..CUSTOMER_KEY_ENVELOPE_LEN]
+                    .copy_from_slice(wrapped_key);
             }
         }
     }
@@ -136,7 +141,11 @@ pub struct Header {
 
 /// Header bytes 0..34: everything before the envelope. The data-key wrap
 /// authenticates exactly these bytes, so they can only be built one way.
-pub(crate) fn header_prefix(file_id: &FileId, kind: u8, envelope_len: usize) -> [u8; HEADER_FIXED_LEN] {
+pub(crate) fn header_prefix(
+    file_id: &FileId,
+    kind: u8,
+    envelope_len: usize,
+) -> [u8; HEADER_FIXED_LEN] {
     let mut p = [0u8; HEADER_FIXED_LEN];
     p[..OFF_VERSION].copy_from_slice(&MAGIC);
     p[OFF_VERSION..OFF_KIND].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
@@ -144,7 +153,8 @@ pub(crate) fn header_prefix(file_id: &FileId, kind: u8, envelope_len: usize) -> 
     p[OFF_CHUNK_LOG2] = CHUNK_SIZE_LOG2;
     // Flags (12..16) stay zero: no flags are defined in version 1.
     p[OFF_FILE_ID..OFF_ENVELOPE_LEN].copy_from_slice(&file_id.0);
-    let len = u16::try_from(envelope_len).expect("invariant broken: envelope longer than the header");
+    let len =
+        u16::try_from(envelope_len).expect("invariant broken: envelope longer than the header");
     p[OFF_ENVELOPE_LEN..HEADER_FIXED_LEN].copy_from_slice(&len.to_be_bytes());
     p
 }
@@ -154,8 +164,13 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let env_len = self.envelope.encoded_len();
         let mut h = [0u8; HEADER_LEN as usize];
-        h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(&self.file_id, self.envelope.kind(), env_len));
-        self.envelope.encode_into(&mut h[HEADER_FIXED_LEN..HEADER_FIXED_LEN + env_len]);
+        h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(
+            &self.file_id,
+            self.envelope.kind(),
+            env_len,
+        ));
+        self.envelope
+            .encode_into(&mut h[HEADER_FIXED_LEN..HEADER_FIXED_LEN + env_len]);
         h
     }
 
@@ -169,32 +184,47 @@ impl Header {
             return Err(CryptoError::NotOurFormat);
         }
         if bytes.len() < OFF_KIND {
-            return Err(CryptoError::Malformed { what: "the header is truncated" });
+            return Err(CryptoError::Malformed {
+                what: "the header is truncated",
+            });
         }
         let version = u16::from_be_bytes([bytes[OFF_VERSION], bytes[OFF_VERSION + 1]]);
         if version != FORMAT_VERSION {
             return Err(CryptoError::UnsupportedVersion { found: version });
         }
         let Some(h) = bytes.get(..HEADER_LEN as usize) else {
-            return Err(CryptoError::Malformed { what: "the header is truncated" });
+            return Err(CryptoError::Malformed {
+                what: "the header is truncated",
+            });
         };
         let kind = h[OFF_KIND];
         if kind != ENVELOPE_CUSTOMER_KEY {
             return Err(CryptoError::UnsupportedEnvelope { kind });
         }
         if h[OFF_CHUNK_LOG2] != CHUNK_SIZE_LOG2 {
-            return Err(CryptoError::Malformed { what: "the chunk size is not 64 KiB" });
+            return Err(CryptoError::Malformed {
+                what: "the chunk size is not 64 KiB",
+            });
         }
         if h[OFF_FLAGS..OFF_FILE_ID] != [0; 4] {
-            return Err(CryptoError::Malformed { what: "unknown header flags are set" });
+            return Err(CryptoError::Malformed {
+                what: "unknown header flags are set",
+            });
         }
-        let env_len = usize::from(u16::from_be_bytes([h[OFF_ENVELOPE_LEN], h[OFF_ENVELOPE_LEN + 1]]));
+        let env_len = usize::from(u16::from_be_bytes([
+            h[OFF_ENVELOPE_LEN],
+            h[OFF_ENVELOPE_LEN + 1],
+        ]));
         if env_len != CUSTOMER_KEY_ENVELOPE_LEN {
-            return Err(CryptoError::Malformed { what: "the envelope length is wrong for its kind" });
+            return Err(CryptoError::Malformed {
+                what: "the envelope length is wrong for its kind",
+            });
         }
         let env_end = HEADER_FIXED_LEN + env_len;
         if h[env_end..].iter().any(|&b| b != 0) {
-            return Err(CryptoError::Malformed { what: "the header padding is not zero" });
+            return Err(CryptoError::Malformed {
+                what: "the header padding is not zero",
+            });
         }
         let mut file_id = [0u8; FILE_ID_LEN];
         file_id.copy_from_slice(&h[OFF_FILE_ID..OFF_ENVELOPE_LEN]);
@@ -228,7 +258,10 @@ pub fn chunk_count(plain: u64) -> u64 {
 /// # Panics
 /// If `plain > MAX_PLAIN_LEN` (4 EiB), which no caller can legitimately pass.
 pub fn cipher_size(plain: u64) -> u64 {
-    assert!(plain <= MAX_PLAIN_LEN, "invariant broken: plaintext size beyond MAX_PLAIN_LEN");
+    assert!(
+        plain <= MAX_PLAIN_LEN,
+        "invariant broken: plaintext size beyond MAX_PLAIN_LEN"
+    );
     HEADER_LEN + plain + chunk_count(plain) * CHUNK_OVERHEAD
 }
 
@@ -236,7 +269,10 @@ pub fn cipher_size(plain: u64) -> u64 {
 /// [`cipher_size`], and an error for every length `cipher_size` cannot produce.
 pub fn plain_size(cipher: u64) -> Result<u64, FormatError> {
     if cipher < MIN_CIPHER_LEN {
-        return Err(FormatError::TooShort { len: cipher, min: MIN_CIPHER_LEN });
+        return Err(FormatError::TooShort {
+            len: cipher,
+            min: MIN_CIPHER_LEN,
+        });
     }
     let body = cipher - HEADER_LEN;
     let full = body / CHUNK_CIPHER_LEN;
@@ -251,7 +287,10 @@ pub fn plain_size(cipher: u64) -> Result<u64, FormatError> {
     };
     let plain = full * CHUNK_PLAIN_LEN + remainder.saturating_sub(CHUNK_OVERHEAD);
     if !valid || plain > MAX_PLAIN_LEN {
-        return Err(FormatError::InvalidLength { len: cipher, remainder });
+        return Err(FormatError::InvalidLength {
+            len: cipher,
+            remainder,
+        });
     }
     Ok(plain)
 }
@@ -335,12 +374,21 @@ mod tests {
     #[test]
     fn impossible_lengths_are_rejected() {
         for len in [0, 511, 512, 539] {
-            assert_eq!(plain_size(len), Err(FormatError::TooShort { len, min: 540 }));
+            assert_eq!(
+                plain_size(len),
+                Err(FormatError::TooShort { len, min: 540 })
+            );
         }
         // One full chunk then 1..=28 stray bytes: an empty or partial trailing chunk.
         for extra in 1..=28 {
             let len = 512 + 65564 + extra;
-            assert_eq!(plain_size(len), Err(FormatError::InvalidLength { len, remainder: extra }));
+            assert_eq!(
+                plain_size(len),
+                Err(FormatError::InvalidLength {
+                    len,
+                    remainder: extra
+                })
+            );
         }
         assert!(plain_size(512 + 65564 + 29).is_ok());
     }
@@ -364,7 +412,8 @@ mod tests {
         // Mix small values, values near chunk boundaries and huge values.
         prop_oneof![
             0..300_000u64,
-            (0..1_000_000u64, -2i64..=2).prop_map(|(k, d)| (k * CHUNK_PLAIN_LEN).saturating_add_signed(d)),
+            (0..1_000_000u64, -2i64..=2)
+                .prop_map(|(k, d)| (k * CHUNK_PLAIN_LEN).saturating_add_signed(d)),
             0..=MAX_PLAIN_LEN,
         ]
     }

@@ -151,7 +151,10 @@ mod tests {
     #[test]
     fn generated_keys_differ() {
         assert_ne!(Key256::generate().as_bytes(), Key256::generate().as_bytes());
-        assert_ne!(DataKey::generate().as_bytes(), DataKey::generate().as_bytes());
+        assert_ne!(
+            DataKey::generate().as_bytes(),
+            DataKey::generate().as_bytes()
+        );
     }
 
     #[test]
@@ -161,7 +164,11 @@ mod tests {
         let fp = Key256::from_bytes(&[0u8; 32]).fingerprint();
         assert_eq!(fp.to_string().len(), 16);
         assert_eq!(format!("{fp:?}"), format!("KeyFingerprint({fp})"));
-        assert_eq!(fp.to_string(), FP_OF_ZERO_KEY, "format changed: bump FORMAT_VERSION");
+        assert_eq!(
+            fp.to_string(),
+            FP_OF_ZERO_KEY,
+            "format changed: bump FORMAT_VERSION"
+        );
         assert_ne!(Key256::from_bytes(&[1u8; 32]).fingerprint(), fp);
     }
 
