@@ -2,4 +2,5 @@
 pub mod aead;
 pub mod error;
 pub mod format;
+pub mod keyfile;
 pub mod secret;
