@@ -1,1 +1,37 @@
 //! Pure cryptography: object format, envelope, AEAD chunks, secret types (no I/O).
+//!
+//! Why it is pure: everything here is a function of bytes and keys, so the
+//! format can be tested exhaustively (round trips, golden fixtures, tampering)
+//! without a store, a mount or a runtime. The read and write paths call in; this
+//! module never calls out.
+//!
+//! An object is `header (512 bytes) || chunk_0 || … || chunk_{n-1}`:
+//! - [`format`]: constants, header layout, plaintext/ciphertext offset maths;
+//! - [`object`]: [`ObjectCipher`], the per-object context that unwraps the data
+//!   key and seals/opens chunks and path bindings;
+//! - [`aead`]: AES-256-GCM with two byte-identical backends;
+//! - [`secret`]: key newtypes that zeroize and never print;
+//! - [`keyfile`]: the customer key history;
+//! - [`error`]: the error enums.
+//!
+//! docs/FORMAT.md has the byte tables and docs/SECURITY.md the threat model.
+//! Mode cse-c (customer key) is the only envelope today; a KMS envelope has a
+//! reserved kind byte and room in the header.
+
+pub mod aead;
+pub mod error;
+pub mod format;
+pub mod keyfile;
+pub mod object;
+pub mod secret;
+
+pub use aead::AeadBackend;
+pub use error::{CryptoError, FormatError, KeyFileError};
+pub use format::{
+    chunk_cipher_range, chunk_count, chunk_plain_len, chunk_plain_range, chunks_for_range,
+    cipher_size, is_last_chunk, plain_size, FileId, CHUNK_CIPHER_LEN, CHUNK_OVERHEAD,
+    CHUNK_PLAIN_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, NONCE_LEN, TAG_LEN,
+};
+pub use keyfile::{format_new_key, KeyHistory};
+pub use object::{decrypt_object, encrypt_object, ObjectCipher};
+pub use secret::{DataKey, Key256, KeyFingerprint};

@@ -1,0 +1,94 @@
+//! Error types of the crypto core, one enum per concern.
+//!
+//! Why three enums: size arithmetic ([`FormatError`]) is used by the read path
+//! before any key is loaded, key-file parsing ([`KeyFileError`]) happens once at
+//! mount time, and [`CryptoError`] covers everything that touches ciphertext.
+//! Invariant for all of them: no message ever contains key material or the text
+//! of a key-file line, so they are safe to log and to show to users.
+
+use super::secret::KeyFingerprint;
+
+/// A ciphertext length that no plaintext length maps to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Shorter than a header plus one empty chunk, so it cannot be ours.
+    #[error(
+        "the object is {len} bytes long, shorter than the {min}-byte minimum of an s3cryptfs object; \
+         it was truncated or is not an encrypted object"
+    )]
+    TooShort { len: u64, min: u64 },
+    /// The bytes after the last full chunk cannot form a valid final chunk.
+    #[error(
+        "the object is {len} bytes long, which no plaintext size encrypts to \
+         (its final chunk would be {remainder} bytes); it was truncated or extended"
+    )]
+    InvalidLength { len: u64, remainder: u64 },
+}
+
+/// A problem in the key file. Errors name the line, never its content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFileError {
+    /// The line is not base64 in the standard alphabet.
+    #[error(
+        "line {line} of the key file is not valid base64; each key line must be the base64 \
+         encoding of 32 random bytes (create one with `s3cryptfs keygen`)"
+    )]
+    InvalidBase64 { line: usize },
+    /// The line decodes, but not to a 256-bit key.
+    #[error(
+        "line {line} of the key file decodes to {len} bytes, but a key must be exactly 32 bytes \
+         (create one with `s3cryptfs keygen`)"
+    )]
+    WrongLength { line: usize, len: usize },
+    /// The same key appears twice, which would make key lookup ambiguous.
+    #[error(
+        "line {line} of the key file repeats the key on line {first_line}; remove one of them"
+    )]
+    DuplicateKey { line: usize, first_line: usize },
+    /// Only blanks and comments.
+    #[error("the key file contains no key; add one (create it with `s3cryptfs keygen`)")]
+    NoKeys,
+}
+
+/// Failure to open or authenticate an encrypted object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// The bytes do not start with the s3cryptfs magic.
+    #[error("the object is not in s3cryptfs format (wrong magic bytes); it was not written by s3cryptfs")]
+    NotOurFormat,
+    /// Written by a newer (or unknown) format version.
+    #[error("the object uses format version {found}, which this s3cryptfs does not support; upgrade s3cryptfs")]
+    UnsupportedVersion { found: u16 },
+    /// The data key is wrapped in a way this build cannot unwrap (e.g. KMS).
+    #[error(
+        "the object's data key uses envelope kind {kind}, which this s3cryptfs does not support"
+    )]
+    UnsupportedEnvelope { kind: u8 },
+    /// The header is structurally invalid.
+    #[error("the object header is malformed: {what}")]
+    Malformed { what: &'static str },
+    /// No key in the history has this fingerprint: the mount uses the wrong key file.
+    #[error(
+        "the object was encrypted with a key (fingerprint {fingerprint}) that is not in the key file; \
+         mount with the key file that contains it"
+    )]
+    UnknownKey { fingerprint: KeyFingerprint },
+    /// The key matched by fingerprint did not unwrap the data key.
+    #[error(
+        "the object header failed authentication: its data key could not be unwrapped \
+         (the header or its wrapped key was modified)"
+    )]
+    KeyUnwrapFailed,
+    /// A chunk failed authentication: modified, reordered, moved, or truncated.
+    #[error("chunk {chunk} of the object failed authentication (modified, moved, reordered or truncated)")]
+    AuthenticationFailed { chunk: u64 },
+    /// A chunk is too short to even hold its nonce and tag.
+    #[error("chunk {chunk} of the object is {len} bytes, too short to be a chunk; the object was truncated")]
+    TruncatedChunk { chunk: u64, len: usize },
+    /// The object is stored at a path it was not written for.
+    #[error("the object does not belong at this path (its path binding does not match); it was swapped or copied")]
+    ObjectSwapped,
+    /// The object length is impossible for this format.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}

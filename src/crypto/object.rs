@@ -1,0 +1,412 @@
+//! Per-object encryption context: wraps and unwraps the data key, seals and
+//! opens chunks, and computes the path binding.
+//!
+//! Data flow: on write, `ObjectCipher::create` draws a fresh data key and file
+//! id, wraps the key under the history's encrypting key and returns the header;
+//! the caller then seals each chunk (`seal_chunk`) and uploads header || chunks.
+//! On read, `ObjectCipher::open` parses the header, picks the KEK by fingerprint,
+//! unwraps the data key, and the caller opens the chunks it fetched.
+//!
+//! What binds to what (docs/SECURITY.md has the threat model):
+//! - the wrap AAD covers header bytes 0..34 and the fingerprint, and the padding
+//!   must be zero, so every header byte is authenticated;
+//! - each chunk's AAD carries the file id, its index and whether it is the last
+//!   chunk, so chunks cannot be modified, reordered, moved between objects, or
+//!   dropped from the end;
+//! - the path binding (kept by the caller in object metadata) ties the object
+//!   to its path, so whole objects cannot be swapped.
+//!
+//! Nonces are random per chunk (96 bits from the OS). Every object has its own
+//! data key, so the birthday bound applies per object and per key, never
+//! across the bucket; a rewritten chunk simply gets a new nonce.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::aead::{self, AeadBackend, AeadKey};
+use super::error::CryptoError;
+use super::format::{
+    chunk_cipher_range, chunk_count, header_prefix, is_last_chunk, plain_size, Envelope, FileId,
+    Header, CHUNK_CIPHER_LEN, CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, CUSTOMER_KEY_ENVELOPE_LEN,
+    ENVELOPE_CUSTOMER_KEY, FILE_ID_LEN, HEADER_FIXED_LEN, HEADER_LEN, NONCE_LEN, WRAPPED_KEY_LEN,
+};
+use super::keyfile::KeyHistory;
+use super::secret::{fill_random, DataKey, Key256, KeyFingerprint};
+
+/// Domain prefix of every chunk's AAD.
+pub const CHUNK_AAD_DOMAIN: &[u8] = b"s3cf-chunk-v1";
+/// Domain prefix of the data-key wrap AAD.
+pub const WRAP_AAD_DOMAIN: &[u8] = b"s3cf-wrap-v1";
+/// HMAC message used to derive the binding key from the data key.
+pub const BIND_KEY_DOMAIN: &[u8] = b"s3cf-bind-key-v1";
+/// Domain prefix of the binding HMAC message.
+pub const BIND_DOMAIN: &[u8] = b"s3cf-bind-v1";
+/// Bytes of HMAC-SHA256 kept in a binding: 128 bits resists forgery, and 22
+/// base64 characters fit comfortably in object metadata.
+pub const BINDING_LEN: usize = 16;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const CHUNK_AAD_LEN: usize = CHUNK_AAD_DOMAIN.len() + FILE_ID_LEN + 8 + 1;
+const WRAP_AAD_LEN: usize = WRAP_AAD_DOMAIN.len() + HEADER_FIXED_LEN + 8;
+
+/// The keys and identity of one object. Holds secrets; `Debug` hides them.
+pub struct ObjectCipher {
+    file_id: FileId,
+    data_key: DataKey,
+    chunk_key: AeadKey,
+    bind_key: Zeroizing<[u8; 32]>,
+    backend: AeadBackend,
+}
+
+impl std::fmt::Debug for ObjectCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectCipher")
+            .field("file_id", &self.file_id)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+fn chunk_aad(file_id: &FileId, index: u64, is_last: bool) -> [u8; CHUNK_AAD_LEN] {
+    let mut aad = [0u8; CHUNK_AAD_LEN];
+    let (domain, rest) = aad.split_at_mut(CHUNK_AAD_DOMAIN.len());
+    domain.copy_from_slice(CHUNK_AAD_DOMAIN);
+    rest[..FILE_ID_LEN].copy_from_slice(&file_id.0);
+    rest[FILE_ID_LEN..FILE_ID_LEN + 8].copy_from_slice(&index.to_be_bytes());
+    rest[FILE_ID_LEN + 8] = u8::from(is_last);
+    aad
+}
+
+fn wrap_aad(prefix: &[u8], fingerprint: &KeyFingerprint) -> [u8; WRAP_AAD_LEN] {
+    let mut aad = [0u8; WRAP_AAD_LEN];
+    let d = WRAP_AAD_DOMAIN.len();
+    aad[..d].copy_from_slice(WRAP_AAD_DOMAIN);
+    aad[d..d + HEADER_FIXED_LEN].copy_from_slice(&prefix[..HEADER_FIXED_LEN]);
+    aad[d + HEADER_FIXED_LEN..].copy_from_slice(&fingerprint.0);
+    aad
+}
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    let mut mac =
+        HmacSha256::new_from_slice(key).expect("invariant broken: HMAC rejected a key length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac
+}
+
+/// Wrap `data_key` under `kek` and lay out the header that carries it.
+fn wrap_header(
+    kek: &Key256,
+    backend: AeadBackend,
+    file_id: &FileId,
+    data_key: &DataKey,
+    wrap_nonce: [u8; NONCE_LEN],
+) -> [u8; HEADER_LEN as usize] {
+    let fingerprint = kek.fingerprint();
+    let prefix = header_prefix(file_id, ENVELOPE_CUSTOMER_KEY, CUSTOMER_KEY_ENVELOPE_LEN);
+    let mut wrapped = Vec::with_capacity(WRAPPED_KEY_LEN);
+    aead::seal(
+        backend,
+        kek.as_bytes(),
+        &wrap_nonce,
+        &wrap_aad(&prefix, &fingerprint),
+        data_key.as_bytes(),
+        &mut wrapped,
+    );
+    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+    wrapped_key.copy_from_slice(&wrapped);
+    let header = Header {
+        file_id: *file_id,
+        envelope: Envelope::CustomerKey {
+            fingerprint,
+            wrap_nonce,
+            wrapped_key,
+        },
+    }
+    .encode();
+    debug_assert_eq!(
+        header[..HEADER_FIXED_LEN],
+        prefix,
+        "the wrap AAD must cover the stored prefix"
+    );
+    header
+}
+
+impl ObjectCipher {
+    /// Start a new object: fresh random data key and file id, wrapped under
+    /// `keys.encrypting_key()`. Returns the context and the header to store first.
+    pub fn create(
+        keys: &KeyHistory,
+        backend: AeadBackend,
+    ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
+        let mut file_id = [0u8; FILE_ID_LEN];
+        fill_random(&mut file_id);
+        let mut wrap_nonce = [0u8; NONCE_LEN];
+        fill_random(&mut wrap_nonce);
+        Self::create_with(
+            keys.encrypting_key(),
+            backend,
+            DataKey::generate(),
+            FileId(file_id),
+            wrap_nonce,
+        )
+    }
+
+    /// Deterministic `create` for known-answer tests and fixtures.
+    pub(crate) fn create_with(
+        kek: &Key256,
+        backend: AeadBackend,
+        data_key: DataKey,
+        file_id: FileId,
+        wrap_nonce: [u8; NONCE_LEN],
+    ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
+        let header = wrap_header(kek, backend, &file_id, &data_key, wrap_nonce);
+        (Self::from_parts(file_id, data_key, backend), header)
+    }
+
+    fn from_parts(file_id: FileId, data_key: DataKey, backend: AeadBackend) -> ObjectCipher {
+        let mut derived = hmac_sha256(data_key.as_bytes(), &[BIND_KEY_DOMAIN])
+            .finalize()
+            .into_bytes();
+        let mut bind_key = Zeroizing::new([0u8; 32]);
+        bind_key.copy_from_slice(&derived);
+        derived.as_mut_slice().zeroize();
+        ObjectCipher {
+            file_id,
+            chunk_key: AeadKey::new(backend, data_key.as_bytes()),
+            data_key,
+            bind_key,
+            backend,
+        }
+    }
+
+    /// Parse `header` (the first [`HEADER_LEN`] bytes of the object; longer
+    /// input is fine) and unwrap the data key with the matching key from `keys`.
+    ///
+    /// `UnknownKey` means the mount has the wrong key file; `KeyUnwrapFailed`
+    /// means the right key was found but the header was tampered with.
+    pub fn open(
+        header: &[u8],
+        keys: &KeyHistory,
+        backend: AeadBackend,
+    ) -> Result<ObjectCipher, CryptoError> {
+        let decoded = Header::decode(header)?;
+        match decoded.envelope {
+            Envelope::CustomerKey {
+                fingerprint,
+                wrap_nonce,
+                wrapped_key,
+            } => {
+                let kek = keys
+                    .find(fingerprint)
+                    .ok_or(CryptoError::UnknownKey { fingerprint })?;
+                let mut raw = Zeroizing::new(Vec::with_capacity(WRAPPED_KEY_LEN));
+                aead::open(
+                    backend,
+                    kek.as_bytes(),
+                    &wrap_nonce,
+                    &wrap_aad(header, &fingerprint),
+                    &wrapped_key,
+                    &mut raw,
+                )
+                .map_err(|_| CryptoError::KeyUnwrapFailed)?;
+                let bytes: &[u8; 32] = raw
+                    .as_slice()
+                    .try_into()
+                    .expect("invariant broken: an authenticated 48-byte wrap holds a 32-byte key");
+                Ok(Self::from_parts(
+                    decoded.file_id,
+                    DataKey::from_bytes(bytes),
+                    backend,
+                ))
+            }
+        }
+    }
+
+    /// A new header for this object with the same file id and data key wrapped
+    /// under `new_keys.encrypting_key()`: key rotation without re-encrypting content.
+    pub fn rewrap(&self, new_keys: &KeyHistory) -> [u8; HEADER_LEN as usize] {
+        let mut wrap_nonce = [0u8; NONCE_LEN];
+        fill_random(&mut wrap_nonce);
+        wrap_header(
+            new_keys.encrypting_key(),
+            self.backend,
+            &self.file_id,
+            &self.data_key,
+            wrap_nonce,
+        )
+    }
+
+    /// The object's random identifier.
+    pub fn file_id(&self) -> FileId {
+        self.file_id
+    }
+
+    /// The AEAD backend this context uses.
+    pub fn backend(&self) -> AeadBackend {
+        self.backend
+    }
+
+    /// Append chunk `index` (`nonce || ciphertext || tag`) to `out`, with a fresh random nonce.
+    ///
+    /// # Panics
+    /// If the chunk breaks the layout every reader relies on: more than
+    /// [`CHUNK_PLAIN_LEN`] bytes, a non-last chunk that is not full, or an empty
+    /// last chunk after index 0. These are bugs in the caller, not bad input.
+    pub fn seal_chunk(&self, index: u64, is_last: bool, plaintext: &[u8], out: &mut Vec<u8>) {
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce);
+        self.seal_chunk_with_nonce(index, is_last, plaintext, nonce, out);
+    }
+
+    /// `seal_chunk` with a caller-chosen nonce, for known-answer tests and fixtures only.
+    pub(crate) fn seal_chunk_with_nonce(
+        &self,
+        index: u64,
+        is_last: bool,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+        out: &mut Vec<u8>,
+    ) {
+        let len = plaintext.len() as u64;
+        assert!(
+            len <= CHUNK_PLAIN_LEN,
+            "invariant broken: chunk plaintext longer than CHUNK_PLAIN_LEN"
+        );
+        assert!(
+            is_last || len == CHUNK_PLAIN_LEN,
+            "invariant broken: only the last chunk may be short"
+        );
+        assert!(
+            !is_last || index == 0 || len > 0,
+            "invariant broken: only an empty file has an empty last chunk"
+        );
+        out.reserve(plaintext.len() + CHUNK_OVERHEAD as usize);
+        out.extend_from_slice(&nonce);
+        self.chunk_key.seal(
+            &nonce,
+            &chunk_aad(&self.file_id, index, is_last),
+            plaintext,
+            out,
+        );
+    }
+
+    /// Authenticate chunk `index` and append its plaintext to `out`. On error
+    /// `out` is unchanged. `is_last` must come from the object's size
+    /// ([`super::format::is_last_chunk`]), which is what makes truncation detectable.
+    pub fn open_chunk(
+        &self,
+        index: u64,
+        is_last: bool,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        if chunk.len() < CHUNK_OVERHEAD as usize {
+            return Err(CryptoError::TruncatedChunk {
+                chunk: index,
+                len: chunk.len(),
+            });
+        }
+        if chunk.len() as u64 > CHUNK_CIPHER_LEN {
+            return Err(CryptoError::Malformed {
+                what: "a chunk is longer than 65564 bytes",
+            });
+        }
+        let (nonce, sealed) = chunk.split_at(NONCE_LEN);
+        let nonce: &[u8; NONCE_LEN] = nonce
+            .try_into()
+            .expect("invariant broken: split_at(NONCE_LEN)");
+        self.chunk_key
+            .open(
+                nonce,
+                &chunk_aad(&self.file_id, index, is_last),
+                sealed,
+                out,
+            )
+            .map_err(|_| CryptoError::AuthenticationFailed { chunk: index })
+    }
+
+    /// The path binding to store in the object's metadata: base64 (standard, no
+    /// padding) of the first 16 bytes of
+    /// HMAC-SHA256(bind_key, `"s3cf-bind-v1"` || file_id || path).
+    pub fn binding(&self, path: &str) -> String {
+        let tag = hmac_sha256(
+            &self.bind_key[..],
+            &[BIND_DOMAIN, &self.file_id.0, path.as_bytes()],
+        )
+        .finalize()
+        .into_bytes();
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            &tag[..BINDING_LEN],
+        )
+    }
+
+    /// Check, in constant time, that `binding` was made for this object at `path`.
+    pub fn verify_binding(&self, path: &str, binding: &str) -> Result<(), CryptoError> {
+        let given =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD_NO_PAD, binding)
+                .map_err(|_| CryptoError::ObjectSwapped)?;
+        if given.len() != BINDING_LEN {
+            return Err(CryptoError::ObjectSwapped);
+        }
+        hmac_sha256(
+            &self.bind_key[..],
+            &[BIND_DOMAIN, &self.file_id.0, path.as_bytes()],
+        )
+        .verify_truncated_left(&given)
+        .map_err(|_| CryptoError::ObjectSwapped)
+    }
+}
+
+/// Encrypt a whole object in memory (tests and small objects).
+pub fn encrypt_object(keys: &KeyHistory, backend: AeadBackend, plaintext: &[u8]) -> Vec<u8> {
+    let (cipher, header) = ObjectCipher::create(keys, backend);
+    seal_all(&cipher, &header, plaintext, |_| None)
+}
+
+/// Shared by `encrypt_object` and the deterministic fixture builder.
+fn seal_all(
+    cipher: &ObjectCipher,
+    header: &[u8; HEADER_LEN as usize],
+    plaintext: &[u8],
+    nonce_for: impl Fn(u64) -> Option<[u8; NONCE_LEN]>,
+) -> Vec<u8> {
+    let plain = plaintext.len() as u64;
+    let mut out = Vec::with_capacity(super::format::cipher_size(plain) as usize);
+    out.extend_from_slice(header);
+    let mut chunks = plaintext.chunks(CHUNK_PLAIN_LEN as usize);
+    for index in 0..chunk_count(plain) {
+        let piece = chunks.next().unwrap_or(&[]); // the one empty chunk of an empty file
+        let last = is_last_chunk(index, plain);
+        match nonce_for(index) {
+            Some(nonce) => cipher.seal_chunk_with_nonce(index, last, piece, nonce, &mut out),
+            None => cipher.seal_chunk(index, last, piece, &mut out),
+        }
+    }
+    out
+}
+
+/// Decrypt and authenticate a whole object in memory. The plaintext size, chunk
+/// boundaries and last-chunk flag all follow from `bytes.len()`.
+pub fn decrypt_object(
+    keys: &KeyHistory,
+    backend: AeadBackend,
+    bytes: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let cipher = ObjectCipher::open(bytes, keys, backend)?;
+    let plain = plain_size(bytes.len() as u64)?;
+    let mut out = Vec::with_capacity(plain as usize);
+    for index in 0..chunk_count(plain) {
+        let range = chunk_cipher_range(index, plain);
+        let chunk = &bytes[range.start as usize..range.end as usize];
+        cipher.open_chunk(index, is_last_chunk(index, plain), chunk, &mut out)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
