@@ -223,7 +223,7 @@ impl Reader {
             if let (Some(&a), Some(&b)) = (seg.first(), seg.last()) {
                 let this = Arc::clone(self);
                 let run = a..b + 1;
-                let fut: BoxFuture<'static, ()> = async move {
+                let fut: Shared<BoxFuture<'static, ()>> = async move {
                     if let Err(e) = this.fetch(run.clone()).await {
                         tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
                     }
@@ -262,7 +262,7 @@ impl Reader {
                     None => {
                         let (bytes, _info, meta) = self
                             .backend
-                            .get_range(&ObjectKey::new(&key), 0..header_len)
+                            .get_range(&ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?, 0..header_len)
                             .await
                             .map_err(|e| Error::store(&key, e))?;
                         owned = (bytes, meta);
@@ -287,12 +287,12 @@ impl Reader {
         let start = if with_header { 0 } else { first.start };
         let (bytes, _info, meta) = self
             .backend
-            .get_range(&ObjectKey::new(&key), start..last.end)
+            .get_range(&ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?, start..last.end)
             .await
             .map_err(|e| Error::store(&key, e))?;
         if (bytes.len() as u64) < last.end - start {
             // The object is shorter than its listed size: it was truncated or replaced since we looked.
-            return Err(Error::crypto(&key, crate::crypto::CryptoError::Truncated));
+            return Err(Error::crypto(&key, crate::crypto::CryptoError::Format(crate::crypto::FormatError::TooShort { len: bytes.len() as u64, min: last.end - start })));
         }
         let oc = if with_header {
             let hl = self.codec.header_len() as usize;

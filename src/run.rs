@@ -20,7 +20,7 @@ use crate::crypto::{AeadBackend, KeyHistory};
 use crate::fs::write::StagingDir;
 use crate::fs::{Fs, FsConfig};
 use crate::object::Codec;
-use crate::store::{Backend, LocalBackend, ObjectKey, S3Options};
+use crate::store::{Backend, LocalBackend, S3Options};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -112,16 +112,21 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         }
         _child => {
             drop(write_end);
-            let mut msg = String::new();
-            std::fs::File::from(read_end).read_to_string(&mut msg)?;
-            let msg = msg.trim();
-            if msg == "ready" {
-                Ok(())
-            } else if msg.is_empty() {
-                bail!("the mount process exited before the mount was ready")
-            } else {
-                bail!("{}", msg.strip_prefix("ready\n").unwrap_or(msg))
+            // The child writes "ready" and keeps serving (and holding the pipe), or writes its error and exits.
+            let mut reader = std::io::BufReader::new(std::fs::File::from(read_end));
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut line)?;
+            if line.trim_end() == "ready" {
+                return Ok(());
             }
+            let mut rest = String::new();
+            let _ = reader.read_to_string(&mut rest);
+            let msg = format!("{line}{rest}");
+            let msg = msg.trim();
+            if msg.is_empty() {
+                bail!("the mount process exited before the mount was ready")
+            }
+            bail!("{msg}")
         }
     }
 }
@@ -162,7 +167,7 @@ pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>
         allow_http: config.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
             || std::env::var("AWS_ENDPOINT_URL").is_ok_and(|e| e.starts_with("http://")),
     };
-    let backend = crate::store::ObjectStoreBackend::from_url(url, &opts).with_context(|| format!("store {url}"))?;
+    let (backend, _) = crate::store::from_url(url, &opts).with_context(|| format!("store {url}"))?;
     Ok(backend)
 }
 
@@ -240,7 +245,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     fuse_config.n_threads = Some(2);
     fuse_config.clone_fd = true;
     let adapter = crate::fuse::FuseAdapter::new(fs.clone(), rt.handle().clone());
-    let session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
+    let mut session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
         .with_context(|| format!("mounting at {}", config.mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     let background = session.spawn().context("starting the FUSE session")?;
@@ -277,6 +282,5 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     if !failed.is_empty() {
         bail!("{} file(s) could not be uploaded; they remain in {}", failed.len(), fs.staging_dir().display());
     }
-    let _ = ObjectKey::new("");
     Ok(())
 }

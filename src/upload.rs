@@ -31,7 +31,7 @@ pub async fn upload(
     size: u64,
     mut meta: UserMeta,
 ) -> Result<ObjectInfo> {
-    let key = ObjectKey::new(path);
+    let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
     let (oc, header) = codec.create();
     match oc.binding(path) {
         Some(b) => {

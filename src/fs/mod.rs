@@ -120,8 +120,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn dir_key(path: &str) -> ObjectKey {
-    ObjectKey::new(&format!("{path}/"))
+/// The object key of a file path. Paths come from validated names, so a refusal means a reserved name.
+fn key(path: &str) -> Result<ObjectKey> {
+    ObjectKey::new(path).map_err(|_| Error::InvalidName)
+}
+
+/// The marker key of a directory path.
+fn dir_key(path: &str) -> Result<ObjectKey> {
+    ObjectKey::new(format!("{path}/")).map_err(|_| Error::InvalidName)
 }
 
 fn to_secs_nanos(t: SystemTime) -> (i64, u32) {
@@ -315,7 +321,7 @@ impl Fs {
 
     /// Whether a directory exists in the store: its marker, or else any object under its prefix.
     async fn probe_dir(&self, path: &str) -> Result<Option<(Option<(ObjectInfo, UserMeta)>, bool)>> {
-        match self.backend.head(&dir_key(path)).await {
+        match self.backend.head(&dir_key(path)?).await {
             Ok((info, meta)) => return Ok(Some((Some((info, meta)), true))),
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(Error::store(format!("{path}/"), e)),
@@ -340,7 +346,7 @@ impl Fs {
         }
         // A stale node of known kind: ask about that kind first (one request in the common case).
         if let Some((ino, FileKind::File | FileKind::Symlink, false)) = existing {
-            match self.backend.head(&ObjectKey::new(&path)).await {
+            match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
@@ -354,7 +360,8 @@ impl Fs {
                 Err(e) => return Err(Error::store(&path, e)),
             }
         }
-        let (file, dir) = tokio::join!(self.backend.head(&ObjectKey::new(&path)), self.probe_dir(&path));
+        let file_key = key(&path)?;
+        let (file, dir) = tokio::join!(self.backend.head(&file_key), self.probe_dir(&path));
         let dir = dir?;
         let file = match file {
             Ok(f) => Some(f),
@@ -425,7 +432,7 @@ impl Fs {
             (stale, if stale { table.path_of(ino) } else { None })
         };
         if let (true, Some(path)) = (stale_file, path) {
-            match self.backend.head(&ObjectKey::new(&path)).await {
+            match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
@@ -455,7 +462,7 @@ impl Fs {
         node.uid = caller.uid;
         node.gid = caller.gid;
         let meta = Self::meta_of(&node);
-        self.backend.put(&dir_key(&path), Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
+        self.backend.put(&dir_key(&path)?, Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         node.has_marker = true;
         node.validated = Some(Instant::now());
         node.lookups = 1;
@@ -550,7 +557,7 @@ impl Fs {
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
-        self.backend.delete(&ObjectKey::new(&path)).await.map_err(|e| Error::store(&path, e))?;
+        self.backend.delete(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
         self.cache.invalidate_key(&path);
         let mut table = lock(&self.table);
         table.detach(parent, &name);
@@ -666,7 +673,7 @@ impl Fs {
             return Err(Error::NotDir);
         }
         self.ensure_empty(ino, &path).await?;
-        self.backend.delete(&dir_key(&path)).await.map_err(|e| Error::store(format!("{path}/"), e))?;
+        self.backend.delete(&dir_key(&path)?).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         let mut table = lock(&self.table);
         table.detach(parent, &name);
         self.touch_dir(&mut table, parent);
@@ -734,7 +741,7 @@ impl Fs {
             }
             self.flush_under(ino).await?;
             if target.is_some() {
-                self.backend.delete(&dir_key(&to)).await.map_err(|e| Error::store(format!("{to}/"), e))?;
+                self.backend.delete(&dir_key(&to)?).await.map_err(|e| Error::store(format!("{to}/"), e))?;
             }
             let src_prefix = format!("{from}/");
             let listing = self.backend.list(&src_prefix, true).await.map_err(|e| Error::store(&src_prefix, e))?;
@@ -746,7 +753,7 @@ impl Fs {
                 let dst = format!("{to}/{rest}");
                 if o.key.as_str().ends_with('/') {
                     self.backend
-                        .rename(&o.key, &ObjectKey::new(&dst), None)
+                        .rename(&o.key, &key(&dst)?, None)
                         .await
                         .map_err(|e| Error::store(o.key.as_str(), e))?;
                 } else {
@@ -780,8 +787,8 @@ impl Fs {
 
     /// Moves one object, re-binding it to its new path when it is encrypted.
     async fn rename_object(&self, from: &str, to: &str) -> Result<()> {
-        let from_key = ObjectKey::new(from);
-        let to_key = ObjectKey::new(to);
+        let from_key = key(from)?;
+        let to_key = key(to)?;
         let (_info, mut meta) = self.backend.head(&from_key).await.map_err(|e| Error::store(from, e))?;
         if self.codec.is_encrypted() && meta.extra.contains_key(BIND_META) {
             let (header, _, _) = self
@@ -939,7 +946,7 @@ impl Fs {
             (Self::meta_of(n), n.has_marker)
         };
         if kind == FileKind::Dir {
-            let key = dir_key(&path);
+            let key = dir_key(&path)?;
             let res = if has_marker {
                 self.backend.update_meta(&key, &node_meta).await
             } else {
@@ -951,7 +958,7 @@ impl Fs {
             }
             return Ok(());
         }
-        let key = ObjectKey::new(&path);
+        let key = key(&path)?;
         let (_, mut meta) = self.backend.head(&key).await.map_err(|e| Error::store(&path, e))?;
         meta.mode = node_meta.mode;
         meta.uid = node_meta.uid;

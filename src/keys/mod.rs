@@ -21,6 +21,8 @@ pub enum KeyError {
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path}: {source}")]
     Parse { path: PathBuf, source: KeyFileError },
+    #[error("key file {path} is not text: it must hold base64 key lines (create one with `s3cryptfs keygen`)")]
+    NotText { path: PathBuf },
     #[error("cannot write key file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -33,10 +35,7 @@ pub fn load_key_file(path: &Path) -> Result<KeyHistory, KeyError> {
         return Err(KeyError::TooOpen { path: path.into(), mode });
     }
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::Parse {
-        path: path.into(),
-        source: KeyFileError::NotText,
-    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::NotText { path: path.into() })?;
     KeyHistory::parse(text).map_err(|source| KeyError::Parse { path: path.into(), source })
 }
 
