@@ -297,13 +297,11 @@ pub fn plain_size(cipher: u64) -> Result<u64, FormatError> {
 
 /// Plaintext bytes in chunk `index` of a `plain`-byte file; 0 past the end.
 pub fn chunk_plain_len(index: u64, plain: u64) -> u64 {
-    let count = chunk_count(plain);
-    if index + 1 < count {
-        CHUNK_PLAIN_LEN
-    } else if index + 1 == count {
-        plain - (count - 1) * CHUNK_PLAIN_LEN
-    } else {
-        0
+    let last = chunk_count(plain) - 1;
+    match index.cmp(&last) {
+        std::cmp::Ordering::Less => CHUNK_PLAIN_LEN,
+        std::cmp::Ordering::Equal => plain - last * CHUNK_PLAIN_LEN,
+        std::cmp::Ordering::Greater => 0,
     }
 }
 
@@ -320,13 +318,13 @@ pub fn chunk_cipher_range(index: u64, plain: u64) -> Range<u64> {
 
 /// Byte range of chunk `index` in the plaintext of a `plain`-byte file.
 pub fn chunk_plain_range(index: u64, plain: u64) -> Range<u64> {
-    let start = (index * CHUNK_PLAIN_LEN).min(plain);
+    let start = index.saturating_mul(CHUNK_PLAIN_LEN).min(plain);
     start..start + chunk_plain_len(index, plain)
 }
 
 /// Whether chunk `index` is the last chunk of a `plain`-byte file (goes into its AAD).
 pub fn is_last_chunk(index: u64, plain: u64) -> bool {
-    index + 1 == chunk_count(plain)
+    index == chunk_count(plain) - 1
 }
 
 /// Indexes of the chunks holding plaintext bytes `[offset, offset + len)`,
@@ -406,6 +404,15 @@ mod tests {
         assert_eq!(chunks_for_range(65536, 65536, 200_000), 1..2);
         assert_eq!(chunks_for_range(100, 10, 50), 0..0);
         assert_eq!(chunks_for_range(0, u64::MAX, 65537), 0..2);
+    }
+
+    #[test]
+    fn extreme_indexes_do_not_overflow() {
+        assert_eq!(chunk_plain_len(u64::MAX, 10), 0);
+        assert_eq!(chunk_plain_range(u64::MAX, 10), 10..10);
+        assert_eq!(chunk_cipher_range(u64::MAX, 10), 550..550);
+        assert!(!is_last_chunk(u64::MAX, 10));
+        assert_eq!(chunks_for_range(u64::MAX, u64::MAX, 10), 1..1);
     }
 
     fn sizes() -> impl Strategy<Value = u64> {
