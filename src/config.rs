@@ -135,12 +135,14 @@ fn parse_bool(name: &str, value: Option<&str>) -> Result<bool, ConfigError> {
 
 /// Splits a `-o` string (`a=1,b,c=x`) into pairs. Values cannot contain commas (as in fstab).
 pub fn split_options(opts: &str) -> Vec<(String, Option<String>)> {
+    // `key-file` and `key_file` are the same option; `x-systemd.*` names keep their dashes.
+    let norm = |k: &str| if k.starts_with("x-") { k.to_string() } else { k.replace('-', "_") };
     opts.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|item| match item.split_once('=') {
-            Some((k, v)) => (k.trim().replace('-', "_"), Some(v.trim().to_string())),
-            None => (item.replace('-', "_"), None),
+            Some((k, v)) => (norm(k.trim()), Some(v.trim().to_string())),
+            None => (norm(item), None),
         })
         .collect()
 }

@@ -58,7 +58,8 @@ fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
     };
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

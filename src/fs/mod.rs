@@ -746,8 +746,10 @@ impl Fs {
             let src_prefix = format!("{from}/");
             let listing = self.backend.list(&src_prefix, true).await.map_err(|e| Error::store(&src_prefix, e))?;
             // Markers last, so that a crash half way leaves the source directory visible with what remains in it.
-            let (markers, objects): (Vec<_>, Vec<_>) =
+            let (mut markers, objects): (Vec<_>, Vec<_>) =
                 listing.objects.into_iter().partition(|o| o.key.as_str().ends_with('/'));
+            // Deepest first: a marker moves once what is under it has moved.
+            markers.sort_by_key(|o| std::cmp::Reverse(o.key.as_str().len()));
             for o in objects.iter().chain(markers.iter()) {
                 let rest = &o.key.as_str()[src_prefix.len()..];
                 let dst = format!("{to}/{rest}");
