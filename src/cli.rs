@@ -33,7 +33,7 @@ pub struct MountArgs {
     #[arg(short = 'f', long)]
     pub foreground: bool,
     /// Comma-separated mount options (mode=, key_file=, endpoint=, region=, ca_file=, allow_other, ro, uid=, gid=,
-    /// umask=, cache_size=, attr_timeout=, staging_dir=, log_level=). May be repeated.
+    /// umask=, cache_size=, attr_timeout=, staging_dir=, log_level=, log_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c or none)")]
@@ -64,6 +64,8 @@ pub struct MountArgs {
     pub staging_dir: Option<String>,
     #[arg(long, value_name = "LEVEL", help = "Same as -o log_level=LEVEL (error, warn, info, debug, trace)")]
     pub log_level: Option<String>,
+    #[arg(long, value_name = "PATH", help = "Same as -o log_file=PATH")]
+    pub log_file: Option<String>,
     pub store: String,
     pub mountpoint: PathBuf,
 }
@@ -88,6 +90,7 @@ impl MountArgs {
             ("attr_timeout", &self.attr_timeout),
             ("staging_dir", &self.staging_dir),
             ("log_level", &self.log_level),
+            ("log_file", &self.log_file),
         ];
         for (name, v) in valued {
             if let Some(v) = v {

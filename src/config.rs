@@ -77,6 +77,8 @@ pub struct MountConfig {
     pub staging_dir: Option<PathBuf>,
     pub aead: AeadChoice,
     pub log_level: Option<String>,
+    /// Log to this file instead of stderr (foreground) or syslog (background).
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -176,6 +178,7 @@ impl MountConfig {
             staging_dir: None,
             aead: AeadChoice::default(),
             log_level: None,
+            log_file: None,
         };
         for (name, value) in options {
             let name = name.as_str();
@@ -251,6 +254,7 @@ impl MountConfig {
                     }
                 }
                 "log_level" => cfg.log_level = Some(need()?),
+                "log_file" => cfg.log_file = Some(PathBuf::from(need()?)),
                 // Accepted so that `-o` lines written for other FUSE filesystems and mount(8) keep working; they
                 // change nothing here.
                 "default_permissions" | "nodev" | "nosuid" | "noatime" | "relatime" | "exec" | "noexec" | "suid"

@@ -54,14 +54,100 @@ fn harden_process() {
     }
 }
 
-fn init_logging(level: Option<&str>) {
+/// Where log lines go: stderr in the foreground; a file with `log_file=`; otherwise syslog (the journal under systemd),
+/// because a background daemon has no terminal.
+enum LogTarget<'a> {
+    Stderr,
+    File(&'a Path),
+    Syslog,
+}
+
+fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
-        Some(l) => EnvFilter::new(l),
+        Some(l) => EnvFilter::try_new(l).map_err(|e| anyhow!("log_level '{l}': {e}"))?,
         // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
     };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match target {
+        LogTarget::Stderr => builder.with_writer(std::io::stderr).try_init(),
+        LogTarget::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening log_file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).try_init()
+        }
+        LogTarget::Syslog => {
+            // SAFETY: the identity string is 'static and NUL-terminated, as openlog requires.
+            unsafe { libc::openlog(c"s3cryptfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            builder.with_ansi(false).without_time().with_writer(SyslogWriter).try_init()
+        }
+    };
+    Ok(())
+}
+
+/// A `MakeWriter` that sends each formatted event to syslog with the event's level.
+struct SyslogWriter;
+
+struct SyslogLine {
+    priority: libc::c_int,
+    buf: Vec<u8>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SyslogWriter {
+    type Writer = SyslogLine;
+    fn make_writer(&'a self) -> SyslogLine {
+        SyslogLine { priority: libc::LOG_INFO, buf: Vec::new() }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
+        let priority = match *meta.level() {
+            tracing::Level::ERROR => libc::LOG_ERR,
+            tracing::Level::WARN => libc::LOG_WARNING,
+            tracing::Level::INFO => libc::LOG_INFO,
+            _ => libc::LOG_DEBUG,
+        };
+        SyslogLine { priority, buf: Vec::new() }
+    }
+}
+
+impl Write for SyslogLine {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine {
+    fn drop(&mut self) {
+        let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
+        if let Ok(c) = std::ffi::CString::new(text) {
+            // SAFETY: format string and argument are valid NUL-terminated strings.
+            unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
+}
+
+/// Points stdin and stdout at /dev/null (and stderr too unless it is still wanted), so a background daemon holds no
+/// terminal or pipe of the process that started it.
+fn detach_stdio(keep_stderr: bool) {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        let fd = null.as_raw_fd();
+        // SAFETY: dup2 onto the standard descriptors with a valid open descriptor.
+        unsafe {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            if !keep_stderr {
+                libc::dup2(fd, 2);
+            }
+        }
+    }
 }
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
@@ -82,7 +168,11 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 
     if config.foreground {
-        init_logging(config.log_level.as_deref());
+        let target = match &config.log_file {
+            Some(p) => LogTarget::File(p),
+            None => LogTarget::Stderr,
+        };
+        init_logging(config.log_level.as_deref(), target)?;
         return serve(config, keys, None);
     }
 
@@ -100,7 +190,16 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             drop(read_end);
             // SAFETY: setsid has no preconditions; it detaches us from the terminal's session.
             unsafe { libc::setsid() };
-            init_logging(config.log_level.as_deref());
+            detach_stdio(false);
+            let target = match &config.log_file {
+                Some(p) => LogTarget::File(p),
+                None => LogTarget::Syslog,
+            };
+            if let Err(e) = init_logging(config.log_level.as_deref(), target) {
+                let mut ready = std::fs::File::from(write_end);
+                let _ = writeln!(ready, "{e:#}");
+                std::process::exit(1);
+            }
             let mut ready = std::fs::File::from(write_end);
             match serve(config, keys, Some(&mut ready)) {
                 Ok(()) => std::process::exit(0),

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Benchmark: s3cryptfs through a real FUSE mount against the S3 test server, next to a raw object_store client on
+# the same server, in modes none and cse-c. Prints seconds per workload and the ratio to the raw client.
+#
+#   scripts/bench.sh                                  # 1 GiB sequential file, 2,000 files of 4 KiB
+#   BENCH_MIB=256 BENCH_FILES=500 scripts/bench.sh    # a smaller run
+#   BENCH_OPTS=aead=aes-gcm scripts/bench.sh          # extra mount options (here: the RustCrypto AEAD)
+#
+# Each phase runs on a fresh mount, so neither the kernel's page cache nor ours holds the data it reads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIB=${BENCH_MIB:-1024}
+FILES=${BENCH_FILES:-2000}
+EXTRA_OPTS=${BENCH_OPTS:-}
+
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo build --release --quiet --bin s3cryptfs --example bench
+BIN=target/release/s3cryptfs
+BENCH=target/release/examples/bench
+
+started=0
+if ! bash scripts/s3-server.sh status >/dev/null 2>&1; then
+  bash scripts/s3-server.sh start >/dev/null
+  started=1
+fi
+eval "$(bash scripts/s3-server.sh env)"
+EP=$S3CRYPTFS_TEST_S3_ENDPOINT
+WORK=$(mktemp -d /tmp/s3cryptfs-bench.XXXXXX)
+MNT=$WORK/mnt
+mkdir -p "$MNT"
+$BIN keygen --output "$WORK/key" 2>/dev/null
+
+cleanup() {
+  if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" || fusermount3 -uz "$MNT" || true; fi
+  rm -rf "$WORK"
+  if [ "$started" = 1 ]; then bash scripts/s3-server.sh stop >/dev/null || true; fi
+}
+trap cleanup EXIT
+
+new_bucket() {
+  local b
+  b="bench-$(date +%s%N)"
+  curl -sf -o /dev/null -X PUT "$EP/$b"
+  echo "$b"
+}
+
+declare -A T
+PHASES=("write $MIB" "read $MIB" "smallw $FILES" "smallr $FILES")
+
+run_raw() {
+  local b w name secs bytes
+  b=$(new_bucket)
+  for w in "${PHASES[@]}"; do
+    # shellcheck disable=SC2086
+    while read -r name secs bytes; do T[raw,$name]=$secs; done < <($BENCH raw "$EP" "$b" $w)
+  done
+}
+
+mount_it() {
+  local mode=$1 b=$2
+  local opts="mode=$mode,endpoint=$EP,region=us-east-1,staging_dir=$WORK/staging"
+  if [ "$mode" != none ]; then opts="$opts,key_file=$WORK/key"; fi
+  if [ -n "$EXTRA_OPTS" ]; then opts="$opts,$EXTRA_OPTS"; fi
+  $BIN mount -o "$opts" "s3://$b" "$MNT"
+}
+
+run_mode() {
+  local mode=$1 b w name secs bytes
+  b=$(new_bucket)
+  for w in "${PHASES[@]}"; do
+    mount_it "$mode" "$b"
+    # shellcheck disable=SC2086
+    while read -r name secs bytes; do T[$mode,$name]=$secs; done < <($BENCH fs "$MNT" $w)
+    fusermount3 -u "$MNT"
+    # The daemon exits after the unmount; wait for it so the next mount starts clean.
+    for _ in $(seq 50); do pgrep -f "s3cryptfs mount .* $MNT" >/dev/null || break; sleep 0.1; done
+  done
+}
+
+run_raw
+run_mode none
+run_mode cse-c
+
+printf '\n%-14s %10s %10s %10s %10s %10s\n' workload raw_s none_s cse-c_s none/raw cse-c/raw
+for name in seq_write seq_read small_create small_list small_read; do
+  r=${T[raw,$name]}; n=${T[none,$name]}; c=${T[cse-c,$name]}
+  printf '%-14s %10s %10s %10s %10s %10s\n' "$name" "$r" "$n" "$c" \
+    "$(awk -v a="$n" -v b="$r" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$c" -v b="$r" 'BEGIN{printf "%.2f", a/b}')"
+done
+echo
+echo "seq_* move $MIB MiB (raw: $(awk -v m="$MIB" -v s="${T[raw,seq_write]}" 'BEGIN{printf "%.0f", m/s}') MiB/s up," \
+  "$(awk -v m="$MIB" -v s="${T[raw,seq_read]}" 'BEGIN{printf "%.0f", m/s}') MiB/s down); small_* use $FILES files of 4 KiB;"
+echo "small_list = readdir + stat of every file on a fresh mount (ls -l); raw small_list = one paged LIST."
+echo "server: ${S3CRYPTFS_TEST_SERVER:-?} at $EP; a ratio above 1 means slower than the raw client."
