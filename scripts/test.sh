@@ -9,7 +9,7 @@
 #   2. cargo build --release --all-targets
 #   3. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure
 #   4. sources $S3CRYPTFS_TEST_HOME/server.env (AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
-#      _KMS_ENDPOINT, _CA_FILE) and runs: cargo test --release -- --test-threads=2 "$@"
+#      _KMS_ENDPOINT, _CA_FILE) and runs: cargo test --release --no-fail-fast -- --test-threads=2 "$@"
 #      with TMPDIR set to a fresh /tmp/s3cryptfs-test.XXXXXX (removed afterwards)
 #   5. unmounts (fusermount3 -u -z) any fuse.s3cryptfs mount left under /tmp by this run, with a warning
 # Exit status: cargo's (or 1 if a prerequisite/build/server step failed).
@@ -58,12 +58,19 @@ fi
 # test run on this machine.
 server_started=0
 RUN_TMP=""
-our_mounts() {  # fuse.s3cryptfs mount points under /tmp, one per line
-    local mnt fstype
-    while read -r _ mnt fstype _; do
-        [[ "$fstype" == fuse.s3cryptfs ]] || continue
+our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
+    # Type is fuse.s3cryptfs when mounted through fusermount3 (unprivileged), but fuser's direct mount
+    # as root always says "fuse" with the FSName (or subtype) as source: match either, plus any FUSE
+    # mount inside this run's TMPDIR.
+    local src mnt fstype
+    while read -r src mnt fstype _; do
         mnt="$(printf '%b' "$mnt")"   # /proc/mounts escapes spaces etc. as \040
-        [[ "$mnt" == /tmp/* ]] && printf '%s\n' "$mnt"
+        [[ "$mnt" == /tmp/* ]] || continue
+        if [[ "$fstype" == fuse.s3cryptfs ]] \
+            || [[ "$fstype" == fuse* && "$src" == s3cryptfs* ]] \
+            || [[ "$fstype" == fuse* && -n "$RUN_TMP" && "$mnt" == "$RUN_TMP"/* ]]; then
+            printf '%s\n' "$mnt"
+        fi
     done < /proc/mounts
     return 0
 }
@@ -120,9 +127,9 @@ say "server: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3_ENDPOINT, CA $S3CRYPTFS_TEST
 
 # --- 4. tests --------------------------------------------------------------------------------------
 t0="$(now)"
-say "cargo test --release -- --test-threads=$THREADS $*"
+say "cargo test --release --no-fail-fast -- --test-threads=$THREADS $*"
 RUN_TMP="$(mktemp -d /tmp/s3cryptfs-test.XXXXXX)"
 rc=0
-TMPDIR="$RUN_TMP" cargo test --release -- --test-threads="$THREADS" "$@" || rc=$?
+TMPDIR="$RUN_TMP" cargo test --release --no-fail-fast -- --test-threads="$THREADS" "$@" || rc=$?
 say "tests: $(elapsed "$t0") s, cargo exit status $rc"
 exit "$rc"
