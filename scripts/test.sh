@@ -6,10 +6,11 @@
 #
 # What it does:
 #   1. checks prerequisites: cargo, /dev/fuse, fusermount3 (apt-get install -y fuse3), curl, openssl
-#   2. cargo build --release --all-targets
-#   3. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure
-#   4. sources $S3CRYPTFS_TEST_HOME/server.env (AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
-#      _KMS_ENDPOINT, _CA_FILE) and runs: cargo test --release --no-fail-fast -- --test-threads=2 "$@"
+#   2. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure;
+#      sources $S3CRYPTFS_TEST_HOME/server.env (AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
+#      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
+#   3. cargo build --release --all-targets
+#   4. cargo test --release --no-fail-fast -- --test-threads=2 "$@"
 #      with TMPDIR set to a fresh /tmp/s3cryptfs-test.XXXXXX (removed afterwards)
 #   5. unmounts (fusermount3 -u -z) any fuse.s3cryptfs mount left under /tmp by this run, with a warning
 # Exit status: cargo's (or 1 if a prerequisite/build/server step failed).
@@ -107,13 +108,9 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- 2. build --------------------------------------------------------------------------------------
-t0="$(now)"
-say "cargo build --release --all-targets"
-cargo build --release --all-targets || die "build failed"
-say "build: $(elapsed "$t0") s"
-
-# --- 3. server -------------------------------------------------------------------------------------
+# --- 2. server -------------------------------------------------------------------------------------
+# Started before the build so that a server problem (busy port, no Python 3.12+) fails in seconds,
+# not after a multi-minute build; it idles meanwhile.
 t0="$(now)"
 server_started=1
 "$SERVER" start || die "could not start the S3/KMS test server (see above)"
@@ -124,6 +121,12 @@ if [[ "${S3CRYPTFS_SKIP_SMOKE:-0}" != 1 ]]; then
     "$SERVER" check || die "the S3/KMS test server failed its boto3 smoke test (see above)"
 fi
 say "server: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3_ENDPOINT, CA $S3CRYPTFS_TEST_CA_FILE)"
+
+# --- 3. build --------------------------------------------------------------------------------------
+t0="$(now)"
+say "cargo build --release --all-targets"
+cargo build --release --all-targets || die "build failed"
+say "build: $(elapsed "$t0") s"
 
 # --- 4. tests --------------------------------------------------------------------------------------
 t0="$(now)"
