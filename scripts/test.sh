@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# test.sh — the one command that runs every test of s3cryptfs.
+#
+#   scripts/test.sh                 # build (release), start the S3/KMS test server, run all tests
+#   scripts/test.sh some_filter     # extra args go to the test binaries: a name filter, --nocapture, ...
+#
+# What it does:
+#   1. checks prerequisites: cargo, /dev/fuse, fusermount3 (apt-get install -y fuse3), curl, openssl
+#   2. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure;
+#      sources $S3CRYPTFS_TEST_HOME/server.env (AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
+#      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
+#   3. cargo build --release --all-targets
+#   4. cargo test --release --no-fail-fast -- --test-threads=2 "$@"
+#      with TMPDIR set to a fresh /tmp/s3cryptfs-test.XXXXXX (removed afterwards)
+#   5. unmounts (fusermount3 -u -z) any fuse.s3cryptfs mount left under /tmp by this run, with a warning
+# Exit status: cargo's (or 1 if a prerequisite/build/server step failed).
+#
+# Environment:
+#   S3CRYPTFS_TEST_THREADS   --test-threads value (default 2)
+#   S3CRYPTFS_KEEP_SERVER=1  leave the server running afterwards (faster reruns)
+#   S3CRYPTFS_SKIP_SMOKE=1   skip the boto3 smoke test of the server before cargo test
+#   plus those of scripts/s3-server.sh (S3CRYPTFS_TEST_HOME, S3CRYPTFS_S3_PORT)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SERVER="$ROOT/scripts/s3-server.sh"
+TEST_HOME="${S3CRYPTFS_TEST_HOME:-$HOME/.cache/s3cryptfs-test}"
+THREADS="${S3CRYPTFS_TEST_THREADS:-2}"
+
+say() { echo "test.sh: $*" >&2; }
+die() { echo "test.sh: ERROR: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- 1. prerequisites ------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck disable=SC1091
+    source "$HOME/.cargo/env"
+fi
+missing=()
+command -v cargo >/dev/null 2>&1 || missing+=("cargo not on PATH (install Rust with rustup, or source ~/.cargo/env)")
+[[ -c /dev/fuse ]] || missing+=("/dev/fuse missing: the FUSE kernel module is not available (modprobe fuse; in a container: --device /dev/fuse)")
+command -v fusermount3 >/dev/null 2>&1 || missing+=("fusermount3 not on PATH (apt-get install -y fuse3)")
+command -v curl >/dev/null 2>&1 || missing+=("curl not on PATH (apt-get install -y curl)")
+command -v openssl >/dev/null 2>&1 || missing+=("openssl not on PATH (apt-get install -y openssl)")
+if (( ${#missing[@]} )); then
+    for m in "${missing[@]}"; do echo "test.sh: missing prerequisite: $m" >&2; done
+    exit 1
+fi
+if [[ -c /dev/fuse && ! -r /dev/fuse && $(id -u) -ne 0 ]]; then
+    say "warning: /dev/fuse is not readable by $(id -un): mounts will need fusermount3 to be setuid"
+fi
+
+# --- cleanup (runs on any exit) --------------------------------------------------------------------
+# The tests run with TMPDIR=$RUN_TMP (a fresh dir under /tmp), so tempdir-made mount points are ours.
+# After the run, every fuse.s3cryptfs mount under /tmp that was not there before it started is unmounted
+# with a warning. Mounts that already existed before are only reported: they may belong to another
+# test run on this machine.
+server_started=0
+RUN_TMP=""
+our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
+    # Type is fuse.s3cryptfs when mounted through fusermount3 (unprivileged), but fuser's direct mount
+    # as root always says "fuse" with the FSName (or subtype) as source: match either, plus any FUSE
+    # mount inside this run's TMPDIR.
+    local src mnt fstype
+    while read -r src mnt fstype _; do
+        mnt="$(printf '%b' "$mnt")"   # /proc/mounts escapes spaces etc. as \040
+        [[ "$mnt" == /tmp/* ]] || continue
+        if [[ "$fstype" == fuse.s3cryptfs ]] \
+            || [[ "$fstype" == fuse* && "$src" == s3cryptfs* ]] \
+            || [[ "$fstype" == fuse* && -n "$RUN_TMP" && "$mnt" == "$RUN_TMP"/* ]]; then
+            printf '%s\n' "$mnt"
+        fi
+    done < /proc/mounts
+    return 0
+}
+PRE_MOUNTS="$(our_mounts)"
+if [[ -n "$PRE_MOUNTS" ]]; then
+    say "WARNING: fuse.s3cryptfs mounts already present under /tmp before the tests (left alone):"
+    sed 's/^/  /' <<<"$PRE_MOUNTS" >&2
+fi
+cleanup_mounts() {
+    local mnt
+    while IFS= read -r mnt; do
+        [[ -n "$mnt" ]] || continue
+        if grep -qxF -- "$mnt" <<<"$PRE_MOUNTS"; then continue; fi
+        say "WARNING: stale FUSE mount left behind by the tests: $mnt — unmounting (fusermount3 -u -z)"
+        fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null \
+            || say "WARNING: could not unmount $mnt"
+    done <<<"$(our_mounts)"
+    return 0
+}
+on_exit() {
+    local rc=$?
+    set +e
+    cleanup_mounts
+    if [[ -n "$RUN_TMP" && -d "$RUN_TMP" ]]; then
+        # --one-file-system: never descend into a mount that could not be unmounted.
+        rm -rf --one-file-system "$RUN_TMP" 2>/dev/null || say "WARNING: could not remove $RUN_TMP"
+    fi
+    if (( server_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        "$SERVER" stop
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- 2. server -------------------------------------------------------------------------------------
+# Started before the build so that a server problem (busy port, no Python 3.12+) fails in seconds,
+# not after a multi-minute build; it idles meanwhile.
+t0="$(now)"
+server_started=1
+"$SERVER" start || die "could not start the S3/KMS test server (see above)"
+# shellcheck disable=SC1091
+source "$TEST_HOME/server.env"
+[[ -n "${S3CRYPTFS_TEST_S3_ENDPOINT:-}" ]] || die "server.env did not define S3CRYPTFS_TEST_S3_ENDPOINT"
+if [[ "${S3CRYPTFS_SKIP_SMOKE:-0}" != 1 ]]; then
+    "$SERVER" check || die "the S3/KMS test server failed its boto3 smoke test (see above)"
+fi
+say "server: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3_ENDPOINT, CA $S3CRYPTFS_TEST_CA_FILE)"
+
+# --- 3. build --------------------------------------------------------------------------------------
+t0="$(now)"
+say "cargo build --release --all-targets"
+cargo build --release --all-targets || die "build failed"
+say "build: $(elapsed "$t0") s"
+
+# --- 4. tests --------------------------------------------------------------------------------------
+t0="$(now)"
+say "cargo test --release --no-fail-fast -- --test-threads=$THREADS $*"
+RUN_TMP="$(mktemp -d /tmp/s3cryptfs-test.XXXXXX)"
+rc=0
+TMPDIR="$RUN_TMP" cargo test --release --no-fail-fast -- --test-threads="$THREADS" "$@" || rc=$?
+say "tests: $(elapsed "$t0") s, cargo exit status $rc"
+exit "$rc"
