@@ -7,7 +7,7 @@
 //! byte is returned, so a swapped object fails before it is read.
 //!
 //! Read-ahead: a reader whose reads follow each other doubles its window (from 256 KiB up to `max_readahead`) and
-//! fetches the chunks ahead in the background, in segments of 2 MiB so that several GETs run at once. Chunks being
+//! fetches the chunks ahead in the background, in segments of 4 MiB so that several GETs run at once. Chunks being
 //! fetched are registered as in flight, and a read that needs one waits for that fetch instead of asking again.
 //!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
@@ -30,9 +30,9 @@ use crate::store::{Backend, ObjectKey, UserMeta};
 /// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
 pub const BIND_META: &str = "s3cryptfs-bind";
 
-/// Chunks per background GET: 2 MiB, a size at which S3 throughput per request is near its best while several
+/// Chunks per background GET: 4 MiB, a size at which S3 throughput per request is near its best while several
 /// requests still fit in a read-ahead window.
-const PREFETCH_SEGMENT_CHUNKS: u64 = 32;
+const PREFETCH_SEGMENT_CHUNKS: u64 = 64;
 /// The window a sequential reader starts with.
 const INITIAL_WINDOW: u64 = 256 << 10;
 
@@ -82,7 +82,7 @@ impl Reader {
             stored_size,
             max_readahead,
             object: OnceCell::new(),
-            state: Mutex::new(ReadState { next_offset: u64::MAX, window: INITIAL_WINDOW, prefetched_until: 0 }),
+            state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
             inflight: Mutex::new(HashMap::new()),
         }))
     }
@@ -118,6 +118,7 @@ impl Reader {
 
     /// Reads up to `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
+        tracing::trace!(offset, len, "read");
         if offset >= self.plain_size || len == 0 {
             return Ok(Vec::new());
         }
@@ -128,18 +129,25 @@ impl Reader {
 
         let prefetch = {
             let mut st = lock(&self.state);
-            if offset == st.next_offset {
+            // The kernel issues read-ahead requests concurrently, so a sequential reader's requests arrive slightly
+            // out of order: count a read as sequential when it lands within the current window of where the last
+            // one ended, not only exactly there.
+            let slack = st.window.max(1 << 20);
+            let sequential = offset <= st.next_offset.saturating_add(slack) && offset.saturating_add(slack) >= st.next_offset;
+            if sequential {
                 st.window = (st.window * 2).min(self.max_readahead.max(CHUNK_PLAIN_LEN));
+                st.next_offset = st.next_offset.max(end);
             } else {
                 st.window = INITIAL_WINDOW.min(self.max_readahead.max(CHUNK_PLAIN_LEN));
                 st.prefetched_until = 0;
+                st.next_offset = end;
             }
-            let sequential = offset == st.next_offset || offset == 0;
-            st.next_offset = end;
             if sequential && self.max_readahead > 0 {
                 let ahead_end = (last + 1 + st.window / CHUNK_PLAIN_LEN).min(chunk_total);
                 let from = st.prefetched_until.max(last + 1);
-                if from < ahead_end {
+                // Top the window up a whole segment at a time: topping it up by the size of every read would turn
+                // into one small GET per read.
+                if from < ahead_end && (ahead_end - from >= PREFETCH_SEGMENT_CHUNKS || ahead_end == chunk_total) {
                     st.prefetched_until = ahead_end;
                     Some(from..ahead_end)
                 } else {
@@ -150,10 +158,11 @@ impl Reader {
             }
         };
 
-        let pages = self.pages(first..last + 1).await?;
+        // Start the read-ahead before waiting for this read's own chunks, so both are in flight together.
         if let Some(range) = prefetch {
             self.spawn_prefetch(range);
         }
+        let pages = self.pages(first..last + 1).await?;
 
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, page) in pages.iter().enumerate() {
@@ -285,11 +294,13 @@ impl Reader {
         let last = self.codec.chunk_range(run.end - 1, self.plain_size);
         let with_header = run.start == 0 && self.object.get().is_none() && self.codec.header_len() > 0;
         let start = if with_header { 0 } else { first.start };
+        let t0 = std::time::Instant::now();
         let (bytes, _info, meta) = self
             .backend
             .get_range(&ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?, start..last.end)
             .await
             .map_err(|e| Error::store(&key, e))?;
+        tracing::trace!(key = %key, chunks = ?run, bytes = bytes.len(), ms = t0.elapsed().as_millis() as u64, "fetched");
         if (bytes.len() as u64) < last.end - start {
             // The object is shorter than its listed size: it was truncated or replaced since we looked.
             return Err(Error::crypto(&key, crate::crypto::CryptoError::Format(crate::crypto::FormatError::TooShort { len: bytes.len() as u64, min: last.end - start })));

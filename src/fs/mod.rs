@@ -114,6 +114,8 @@ pub struct Fs {
     table: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Names found missing in the store, and when: lets create() skip asking again right after the kernel's lookup.
+    negative: Mutex<HashMap<(u64, String), Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,6 +206,7 @@ impl Fs {
             table: Mutex::new(InodeTable::new(root)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            negative: Mutex::new(HashMap::new()),
         }
     }
 
@@ -319,19 +322,61 @@ impl Fs {
         }
     }
 
-    /// Whether a directory exists in the store: its marker, or else any object under its prefix.
-    async fn probe_dir(&self, path: &str) -> Result<Option<(Option<(ObjectInfo, UserMeta)>, bool)>> {
-        match self.backend.head(&dir_key(path)?).await {
-            Ok((info, meta)) => return Ok(Some((Some((info, meta)), true))),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(Error::store(format!("{path}/"), e)),
+    /// Asks the store about a name: the object itself, its directory marker, and whether anything lives under it as a
+    /// prefix. The three requests go out together, so a lookup costs one round trip.
+    #[allow(clippy::type_complexity)]
+    async fn probe(
+        &self,
+        path: &str,
+    ) -> Result<(Option<(ObjectInfo, UserMeta)>, Option<(Option<(ObjectInfo, UserMeta)>, bool)>)> {
+        let file_key = key(path)?;
+        let marker_key = dir_key(path)?;
+        let prefix = format!("{path}/");
+        let (file, marker, children) = tokio::join!(
+            self.backend.head(&file_key),
+            self.backend.head(&marker_key),
+            self.backend.has_children(&prefix)
+        );
+        let file = match file {
+            Ok(f) => Some(f),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(Error::store(path, e)),
+        };
+        let dir = match marker {
+            Ok(m) => Some((Some(m), true)),
+            Err(e) if e.is_not_found() => match children {
+                Ok(true) => Some((None, false)),
+                Ok(false) => None,
+                Err(e) => return Err(Error::store(&prefix, e)),
+            },
+            Err(e) => return Err(Error::store(&prefix, e)),
+        };
+        Ok((file, dir))
+    }
+
+    /// Remembers that `name` was just found missing, so the create() the kernel sends next need not ask again.
+    fn remember_missing(&self, parent: u64, name: &str) {
+        let mut neg = lock(&self.negative);
+        if neg.len() > 10_000 {
+            neg.clear();
         }
-        let has = self
-            .backend
-            .has_children(&format!("{path}/"))
-            .await
-            .map_err(|e| Error::store(format!("{path}/"), e))?;
-        Ok(if has { Some((None, false)) } else { None })
+        neg.insert((parent, name.to_string()), Instant::now());
+    }
+
+    /// Whether `name` was found missing within `attr_ttl` (consumes the memo).
+    fn recently_missing(&self, parent: u64, name: &str) -> bool {
+        lock(&self.negative)
+            .remove(&(parent, name.to_string()))
+            .is_some_and(|t| t.elapsed() < self.config.attr_ttl)
+    }
+
+    /// Resolves a name that is about to be created: NotFound means free to create.
+    async fn resolve_for_create(&self, parent: u64, name: &str) -> Result<u64> {
+        let known = lock(&self.table).child(parent, name).is_some();
+        if !known && self.recently_missing(parent, name) {
+            return Err(Error::NotFound);
+        }
+        self.resolve(parent, name).await
     }
 
     /// Resolves `name` in `parent`, from the table when fresh, else from the store. Does not count a lookup.
@@ -360,14 +405,7 @@ impl Fs {
                 Err(e) => return Err(Error::store(&path, e)),
             }
         }
-        let file_key = key(&path)?;
-        let (file, dir) = tokio::join!(self.backend.head(&file_key), self.probe_dir(&path));
-        let dir = dir?;
-        let file = match file {
-            Ok(f) => Some(f),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(Error::store(&path, e)),
-        };
+        let (file, dir) = self.probe(&path).await?;
         let mut table = lock(&self.table);
         // Re-check under the lock: the node may have been created locally meanwhile.
         let current = table.child(parent, name);
@@ -402,6 +440,8 @@ impl Fs {
             }
             table.detach(parent, name);
         }
+        drop(table);
+        self.remember_missing(parent, name);
         Err(Error::NotFound)
     }
 
@@ -452,7 +492,7 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
-        match self.resolve(parent, &name).await {
+        match self.resolve_for_create(parent, &name).await {
             Ok(_) => return Err(Error::Exists),
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
@@ -484,7 +524,7 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
-        match self.resolve(parent, &name).await {
+        match self.resolve_for_create(parent, &name).await {
             Ok(_) => return Err(Error::Exists),
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
@@ -593,49 +633,95 @@ impl Fs {
             }
             found.entry(rest.to_string()).or_insert((FileKind::File, Some(o.clone())));
         }
-        let mut table = lock(&self.table);
-        let mut entries = Vec::with_capacity(found.len());
-        for (name, (kind, info)) in found {
-            let ino = match table.child(ino, &name) {
-                Some(child) if table.get(child).is_some_and(|n| (n.kind == FileKind::Dir) == (kind == FileKind::Dir)) => {
-                    child
-                }
-                _ => table.insert(self.blank_node(ino, &name, kind)),
-            };
-            let mut kind = kind;
-            if let Some(node) = table.get_mut(ino) {
-                if let (Some(info), None) = (&info, &node.write) {
-                    let remote =
-                        Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
-                    if node.remote.as_ref() != Some(&remote) {
-                        // Changed or new: take the size now, and let the next lookup fetch its metadata.
-                        node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
-                        node.remote = Some(remote);
-                        node.validated = None;
-                        node.link_target = None;
-                        if node.kind == FileKind::File {
-                            node.mtime = info.last_modified;
+        let mut entries = {
+            let mut table = lock(&self.table);
+            let mut entries = Vec::with_capacity(found.len());
+            for (name, (kind, info)) in found {
+                let ino = match table.child(ino, &name) {
+                    Some(child) if table.get(child).is_some_and(|n| (n.kind == FileKind::Dir) == (kind == FileKind::Dir)) => {
+                        child
+                    }
+                    _ => table.insert(self.blank_node(ino, &name, kind)),
+                };
+                let mut kind = kind;
+                if let Some(node) = table.get_mut(ino) {
+                    if let (Some(info), None) = (&info, &node.write) {
+                        let remote =
+                            Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
+                        if node.remote.as_ref() != Some(&remote) {
+                            // Changed or new: take the size now, and let the next lookup fetch its metadata.
+                            node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
+                            node.remote = Some(remote);
+                            node.validated = None;
+                            node.link_target = None;
+                            if node.kind == FileKind::File {
+                                node.mtime = info.last_modified;
+                            }
                         }
                     }
+                    kind = node.kind;
                 }
-                kind = node.kind;
+                entries.push(DirEntry { ino, name, kind });
             }
-            entries.push(DirEntry { ino, name, kind });
-        }
-        // Children created here and not yet in the store.
-        let listed: std::collections::HashSet<String> = entries.iter().map(|e| e.name.clone()).collect();
-        for child in table.children_of(ino) {
-            if let Some(n) = table.get(child) {
-                if !n.unlinked && (n.write.is_some() || n.remote.is_none()) && !listed.contains(&n.name) {
-                    if n.kind == FileKind::Dir && !n.has_marker {
-                        continue;
+            // Children created here and not yet in the store.
+            let listed: std::collections::HashSet<String> = entries.iter().map(|e| e.name.clone()).collect();
+            for child in table.children_of(ino) {
+                if let Some(n) = table.get(child) {
+                    if !n.unlinked && (n.write.is_some() || n.remote.is_none()) && !listed.contains(&n.name) {
+                        if n.kind == FileKind::Dir && !n.has_marker {
+                            continue;
+                        }
+                        entries.push(DirEntry { ino: child, name: n.name.clone(), kind: n.kind });
                     }
-                    entries.push(DirEntry { ino: child, name: n.name.clone(), kind: n.kind });
                 }
             }
-        }
+            entries
+        };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        self.prefetch_metadata(&entries).await;
         Ok(entries)
+    }
+
+    /// Fetches the metadata (mode, owner, mtime, symlink or not) of listed files whose attributes are not fresh,
+    /// many at a time, so the `stat` of every entry that `ls -l` or `find` does next needs no request of its own.
+    /// S3 listings carry no user metadata, so without this each entry would cost one sequential HEAD.
+    async fn prefetch_metadata(&self, entries: &[DirEntry]) {
+        use futures::StreamExt;
+        /// Concurrent HEADs: enough to hide latency, few enough not to look like a flood to the store.
+        const CONCURRENCY: usize = 32;
+        /// Past this many stale entries, a listing is probably a scan that will not stat them all.
+        const MAX_PREFETCH: usize = 10_000;
+        let stale: Vec<(u64, String)> = {
+            let table = lock(&self.table);
+            entries
+                .iter()
+                .filter(|e| e.kind != FileKind::Dir)
+                .filter_map(|e| {
+                    let n = table.get(e.ino)?;
+                    (!self.fresh(n) && n.remote.is_some()).then(|| Some((e.ino, table.path_of(e.ino)?)))?
+                })
+                .collect()
+        };
+        if stale.is_empty() || stale.len() > MAX_PREFETCH {
+            return;
+        }
+        let results: Vec<_> = futures::stream::iter(stale)
+            .map(|(ino, path)| async move {
+                let r = match key(&path) {
+                    Ok(k) => self.backend.head(&k).await.ok(),
+                    Err(_) => None,
+                };
+                (ino, r)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut table = lock(&self.table);
+        for (ino, r) in results {
+            if let (Some((info, meta)), Some(node)) = (r, table.get_mut(ino)) {
+                self.apply_remote(node, &info, &meta);
+            }
+        }
     }
 
     pub async fn opendir(&self, ino: u64) -> Result<u64> {
@@ -1110,7 +1196,7 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let _path = self.child_path(parent, &name)?;
-        match self.resolve(parent, &name).await {
+        match self.resolve_for_create(parent, &name).await {
             Ok(ino) => {
                 if flags & libc::O_EXCL != 0 {
                     return Err(Error::Exists);
