@@ -24,16 +24,19 @@
 #   S3CRYPTFS_TEST_KMS_ENDPOINT=http://127.0.0.1:PORT (same port), S3CRYPTFS_TEST_SERVER=localstack
 #
 # Measured on the 2-core Debian 12 machine (2026-11-23):
-#   first install (venv + pip, nothing cached by pip)   ~64 s   (with pip's wheel cache warm: ~25 s)
-#   start (process launch -> /_localstack/health ok)  ~1.1 s  (first start also makes the TLS certs: +0.1 s)
-#   stop                                                ~0.2-1.5 s (SIGTERM usually enough)
+#   first install (venv + pip, pip cache empty: PIP_NO_CACHE_DIR=1)  58-64 s   (pip cache warm: ~37-46 s)
+#   later runs: install is skipped (stamp file in the venv)            <0.1 s
+#   start (launch -> /_localstack/health s3+kms ok)                    0.9-1.4 s (first start adds ~0.1 s of openssl)
+#   check (boto3 smoke test; the first S3 request of a fresh server takes ~3 s, lazy service load) 3-5 s
+#   stop: SIGTERM usually ends it in ~0.2-1.5 s; 1 time in ~6 it ignored SIGTERM -> SIGKILL after 5 s
 #
 # Things found while setting it up (workarounds applied below):
 #   * The machine has /.dockerenv, so LocalStack believes it runs in its container and writes to
 #     /var/lib/localstack and /tmp/localstack. OVERRIDE_IN_DOCKER=0 + FILESYSTEM_ROOT keep everything
 #     under $S3CRYPTFS_TEST_HOME.
 #   * LocalStack's own self-signed certificate is broken for 127.0.0.1: its SAN list lacks a comma
-#     ("DNS:localhost.localstack.cloudIP:127.0.0.1"), so curl/openssl/rustls reject https://127.0.0.1.
+#     ("DNS:localhost.localstack.cloudIP:127.0.0.1"), so curl and openssl reject https://127.0.0.1 (checked;
+#     rustls checks IP SANs the same way). Our CA is checked to work with object_store/rustls.
 #     We make our own little CA + server certificate with openssl and hand it over with
 #     CUSTOM_SSL_CERT_PATH; the CA cert is S3CRYPTFS_TEST_CA_FILE.
 #   * It tries to download a "test certificate" from the internet at start: SKIP_SSL_CERT_DOWNLOAD=1.
