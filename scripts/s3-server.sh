@@ -8,14 +8,16 @@
 #   scripts/s3-server.sh install   # create/refresh the venv only (idempotent)
 #   scripts/s3-server.sh start     # install if needed, start in the background, wait until healthy,
 #                                  # write $S3CRYPTFS_TEST_HOME/server.env
-#   scripts/s3-server.sh env       # print server.env (eval "$(scripts/s3-server.sh env)")
+#   scripts/s3-server.sh env       # print the env of the server on $S3CRYPTFS_S3_PORT
+#                                  # (eval "$(scripts/s3-server.sh env)")
 #   scripts/s3-server.sh status    # exit 0 if running and healthy
 #   scripts/s3-server.sh check     # boto3 smoke test: S3 (http + https) and KMS (scripts/lib/s3_smoke.py)
 #   scripts/s3-server.sh stop      # SIGTERM, wait 5 s, SIGKILL
 #
 # Environment:
 #   S3CRYPTFS_TEST_HOME   cache + state dir (default ~/.cache/s3cryptfs-test): venv, TLS certs, pid, log
-#   S3CRYPTFS_S3_PORT     port (default 4566)
+#   S3CRYPTFS_S3_PORT     port (default 4566); pid, log and env are kept per port in $TEST_HOME/run/PORT/,
+#                         and $TEST_HOME/server.env is a copy of the env of the last server started
 #   S3CRYPTFS_S3_START_TIMEOUT  seconds to wait for health (default 90)
 #
 # server.env exports: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
@@ -54,10 +56,12 @@ START_TIMEOUT="${S3CRYPTFS_S3_START_TIMEOUT:-90}"
 VENV="$TEST_HOME/venv-localstack-$LOCALSTACK_VERSION"
 FS_ROOT="$TEST_HOME/localstack-fs"      # LocalStack's FILESYSTEM_ROOT (its "volume")
 TLS_DIR="$TEST_HOME/tls"
-RUN_DIR="$TEST_HOME/run"
+RUN_DIR="$TEST_HOME/run/$PORT"         # per port: several servers (worktrees, sessions) can coexist
 PID_FILE="$RUN_DIR/localstack.pid"
 LOG_FILE="$RUN_DIR/localstack.log"
-ENV_FILE="$TEST_HOME/server.env"
+PORT_ENV_FILE="$RUN_DIR/server.env"
+ENV_FILE="$TEST_HOME/server.env"        # copy of the last started server's env
+LOCK_FILE="$TEST_HOME/.install.lock"
 
 PIP_PACKAGES=("localstack-core[runtime]==$LOCALSTACK_VERSION" 'cbor2<6' 'pyopenssl<24.3' 'cryptography<44'
               service_identity boto3)
@@ -90,6 +94,16 @@ find_python() {
 install_stamp() {
     # Changes whenever the package list or the pinned versions change.
     { printf '%s\n' "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS"; } | sha256sum | cut -d' ' -f1
+}
+
+with_lock() {
+    # Serialize venv/cert creation between concurrent runs sharing $TEST_HOME.
+    mkdir -p "$TEST_HOME"
+    if command -v flock >/dev/null 2>&1; then
+        ( flock -w 600 9 || die "timed out waiting for $LOCK_FILE"; "$@" ) 9>"$LOCK_FILE"
+    else
+        "$@"
+    fi
 }
 
 cmd_install() {
@@ -166,7 +180,7 @@ sys.exit(0 if all(s.get(n) in ("available", "running") for n in ("s3", "kms")) e
 }
 
 write_env() {
-    local tmp="$ENV_FILE.tmp.$$"
+    local tmp="$PORT_ENV_FILE.tmp.$$"
     cat > "$tmp" <<EOF
 # Written by scripts/s3-server.sh start ($(date -u +%Y-%m-%dT%H:%M:%SZ)): LocalStack $LOCALSTACK_VERSION, pid $(read_pid)
 export AWS_ACCESS_KEY_ID=test
@@ -179,7 +193,8 @@ export S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT=https://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_KMS_ENDPOINT=http://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_CA_FILE=$TLS_DIR/ca.pem
 EOF
-    mv "$tmp" "$ENV_FILE"
+    cp "$tmp" "$ENV_FILE.tmp.$$" && mv "$ENV_FILE.tmp.$$" "$ENV_FILE"
+    mv "$tmp" "$PORT_ENV_FILE"
 }
 
 verify_tls() {
@@ -190,8 +205,8 @@ verify_tls() {
 
 cmd_start() {
     command -v curl >/dev/null 2>&1 || die "curl not found (apt-get install -y curl)"
-    cmd_install
-    ensure_certs
+    with_lock cmd_install
+    with_lock ensure_certs
     mkdir -p "$RUN_DIR" "$FS_ROOT"
     local pid; pid="$(read_pid)"
     if pid_alive "$pid" && healthy; then
@@ -265,18 +280,18 @@ cmd_status() {
 }
 
 cmd_env() {
-    [[ -s "$ENV_FILE" ]] || die "no $ENV_FILE: run scripts/s3-server.sh start first"
-    cat "$ENV_FILE"
+    [[ -s "$PORT_ENV_FILE" ]] || die "no $PORT_ENV_FILE: run scripts/s3-server.sh start first"
+    cat "$PORT_ENV_FILE"
 }
 
 cmd_check() {
     cmd_status >/dev/null || die "server not running: scripts/s3-server.sh start"
     # shellcheck disable=SC1090
-    ( source "$ENV_FILE" && "$VENV/bin/python" "$SMOKE" )
+    ( source "$PORT_ENV_FILE" && "$VENV/bin/python" "$SMOKE" )
 }
 
 case "${1:-}" in
-    install) cmd_install; log "venv ready: $VENV" ;;
+    install) with_lock cmd_install; log "venv ready: $VENV" ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
