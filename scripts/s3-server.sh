@@ -8,14 +8,16 @@
 #   scripts/s3-server.sh install   # create/refresh the venv only (idempotent)
 #   scripts/s3-server.sh start     # install if needed, start in the background, wait until healthy,
 #                                  # write $S3CRYPTFS_TEST_HOME/server.env
-#   scripts/s3-server.sh env       # print server.env (eval "$(scripts/s3-server.sh env)")
+#   scripts/s3-server.sh env       # print the env of the server on $S3CRYPTFS_S3_PORT
+#                                  # (eval "$(scripts/s3-server.sh env)")
 #   scripts/s3-server.sh status    # exit 0 if running and healthy
 #   scripts/s3-server.sh check     # boto3 smoke test: S3 (http + https) and KMS (scripts/lib/s3_smoke.py)
 #   scripts/s3-server.sh stop      # SIGTERM, wait 5 s, SIGKILL
 #
 # Environment:
 #   S3CRYPTFS_TEST_HOME   cache + state dir (default ~/.cache/s3cryptfs-test): venv, TLS certs, pid, log
-#   S3CRYPTFS_S3_PORT     port (default 4566)
+#   S3CRYPTFS_S3_PORT     port (default 4566); pid, log and env are kept per port in $TEST_HOME/run/PORT/,
+#                         and $TEST_HOME/server.env is a copy of the env of the last server started
 #   S3CRYPTFS_S3_START_TIMEOUT  seconds to wait for health (default 90)
 #
 # server.env exports: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
@@ -24,16 +26,19 @@
 #   S3CRYPTFS_TEST_KMS_ENDPOINT=http://127.0.0.1:PORT (same port), S3CRYPTFS_TEST_SERVER=localstack
 #
 # Measured on the 2-core Debian 12 machine (2026-11-23):
-#   first install (venv + pip, nothing cached by pip)   ~64 s   (with pip's wheel cache warm: ~25 s)
-#   start (process launch -> /_localstack/health ok)  ~1.1 s  (first start also makes the TLS certs: +0.1 s)
-#   stop                                                ~0.2-1.5 s (SIGTERM usually enough)
+#   first install (venv + pip, pip cache empty: PIP_NO_CACHE_DIR=1)  58-64 s   (pip cache warm: ~37-46 s)
+#   later runs: install is skipped (stamp file in the venv)            <0.1 s
+#   start (launch -> /_localstack/health s3+kms ok)                    0.9-1.4 s (first start adds ~0.1 s of openssl)
+#   check (boto3 smoke test; the first S3 request of a fresh server takes ~3 s, lazy service load) 3-5 s
+#   stop: SIGTERM usually ends it in ~0.2-1.5 s; 1 time in ~6 it ignored SIGTERM -> SIGKILL after 5 s
 #
 # Things found while setting it up (workarounds applied below):
 #   * The machine has /.dockerenv, so LocalStack believes it runs in its container and writes to
 #     /var/lib/localstack and /tmp/localstack. OVERRIDE_IN_DOCKER=0 + FILESYSTEM_ROOT keep everything
 #     under $S3CRYPTFS_TEST_HOME.
 #   * LocalStack's own self-signed certificate is broken for 127.0.0.1: its SAN list lacks a comma
-#     ("DNS:localhost.localstack.cloudIP:127.0.0.1"), so curl/openssl/rustls reject https://127.0.0.1.
+#     ("DNS:localhost.localstack.cloudIP:127.0.0.1"), so curl and openssl reject https://127.0.0.1 (checked;
+#     rustls checks IP SANs the same way). Our CA is checked to work with object_store/rustls.
 #     We make our own little CA + server certificate with openssl and hand it over with
 #     CUSTOM_SSL_CERT_PATH; the CA cert is S3CRYPTFS_TEST_CA_FILE.
 #   * It tries to download a "test certificate" from the internet at start: SKIP_SSL_CERT_DOWNLOAD=1.
@@ -51,10 +56,12 @@ START_TIMEOUT="${S3CRYPTFS_S3_START_TIMEOUT:-90}"
 VENV="$TEST_HOME/venv-localstack-$LOCALSTACK_VERSION"
 FS_ROOT="$TEST_HOME/localstack-fs"      # LocalStack's FILESYSTEM_ROOT (its "volume")
 TLS_DIR="$TEST_HOME/tls"
-RUN_DIR="$TEST_HOME/run"
+RUN_DIR="$TEST_HOME/run/$PORT"         # per port: several servers (worktrees, sessions) can coexist
 PID_FILE="$RUN_DIR/localstack.pid"
 LOG_FILE="$RUN_DIR/localstack.log"
-ENV_FILE="$TEST_HOME/server.env"
+PORT_ENV_FILE="$RUN_DIR/server.env"
+ENV_FILE="$TEST_HOME/server.env"        # copy of the last started server's env
+LOCK_FILE="$TEST_HOME/.install.lock"
 
 PIP_PACKAGES=("localstack-core[runtime]==$LOCALSTACK_VERSION" 'cbor2<6' 'pyopenssl<24.3' 'cryptography<44'
               service_identity boto3)
@@ -87,6 +94,16 @@ find_python() {
 install_stamp() {
     # Changes whenever the package list or the pinned versions change.
     { printf '%s\n' "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS"; } | sha256sum | cut -d' ' -f1
+}
+
+with_lock() {
+    # Serialize venv/cert creation between concurrent runs sharing $TEST_HOME.
+    mkdir -p "$TEST_HOME"
+    if command -v flock >/dev/null 2>&1; then
+        ( flock -w 600 9 || die "timed out waiting for $LOCK_FILE"; "$@" ) 9>"$LOCK_FILE"
+    else
+        "$@"
+    fi
 }
 
 cmd_install() {
@@ -163,7 +180,7 @@ sys.exit(0 if all(s.get(n) in ("available", "running") for n in ("s3", "kms")) e
 }
 
 write_env() {
-    local tmp="$ENV_FILE.tmp.$$"
+    local tmp="$PORT_ENV_FILE.tmp.$$"
     cat > "$tmp" <<EOF
 # Written by scripts/s3-server.sh start ($(date -u +%Y-%m-%dT%H:%M:%SZ)): LocalStack $LOCALSTACK_VERSION, pid $(read_pid)
 export AWS_ACCESS_KEY_ID=test
@@ -176,7 +193,8 @@ export S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT=https://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_KMS_ENDPOINT=http://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_CA_FILE=$TLS_DIR/ca.pem
 EOF
-    mv "$tmp" "$ENV_FILE"
+    cp "$tmp" "$ENV_FILE.tmp.$$" && mv "$ENV_FILE.tmp.$$" "$ENV_FILE"
+    mv "$tmp" "$PORT_ENV_FILE"
 }
 
 verify_tls() {
@@ -187,8 +205,8 @@ verify_tls() {
 
 cmd_start() {
     command -v curl >/dev/null 2>&1 || die "curl not found (apt-get install -y curl)"
-    cmd_install
-    ensure_certs
+    with_lock cmd_install
+    with_lock ensure_certs
     mkdir -p "$RUN_DIR" "$FS_ROOT"
     local pid; pid="$(read_pid)"
     if pid_alive "$pid" && healthy; then
@@ -262,18 +280,18 @@ cmd_status() {
 }
 
 cmd_env() {
-    [[ -s "$ENV_FILE" ]] || die "no $ENV_FILE: run scripts/s3-server.sh start first"
-    cat "$ENV_FILE"
+    [[ -s "$PORT_ENV_FILE" ]] || die "no $PORT_ENV_FILE: run scripts/s3-server.sh start first"
+    cat "$PORT_ENV_FILE"
 }
 
 cmd_check() {
     cmd_status >/dev/null || die "server not running: scripts/s3-server.sh start"
     # shellcheck disable=SC1090
-    ( source "$ENV_FILE" && "$VENV/bin/python" "$SMOKE" )
+    ( source "$PORT_ENV_FILE" && "$VENV/bin/python" "$SMOKE" )
 }
 
 case "${1:-}" in
-    install) cmd_install; log "venv ready: $VENV" ;;
+    install) with_lock cmd_install; log "venv ready: $VENV" ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;

@@ -7,7 +7,7 @@
 # What it does:
 #   1. checks prerequisites: cargo, /dev/fuse, fusermount3 (apt-get install -y fuse3), curl, openssl
 #   2. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure;
-#      sources $S3CRYPTFS_TEST_HOME/server.env (AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
+#      loads its env (as in $S3CRYPTFS_TEST_HOME/server.env: AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
 #      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
 #   3. cargo build --release --all-targets
 #   4. cargo test --release --no-fail-fast -- --test-threads=2 "$@"
@@ -19,7 +19,8 @@
 #   S3CRYPTFS_TEST_THREADS   --test-threads value (default 2)
 #   S3CRYPTFS_KEEP_SERVER=1  leave the server running afterwards (faster reruns)
 #   S3CRYPTFS_SKIP_SMOKE=1   skip the boto3 smoke test of the server before cargo test
-#   plus those of scripts/s3-server.sh (S3CRYPTFS_TEST_HOME, S3CRYPTFS_S3_PORT)
+#   S3CRYPTFS_S3_PORT        server port; unset: the first free port from 4566 on
+#   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,9 +55,9 @@ fi
 
 # --- cleanup (runs on any exit) --------------------------------------------------------------------
 # The tests run with TMPDIR=$RUN_TMP (a fresh dir under /tmp), so tempdir-made mount points are ours.
-# After the run, every fuse.s3cryptfs mount under /tmp that was not there before it started is unmounted
-# with a warning. Mounts that already existed before are only reported: they may belong to another
-# test run on this machine.
+# After the run, s3cryptfs mounts under /tmp are unmounted with a warning if they are inside $RUN_TMP,
+# or appeared during the run and are dead (daemon gone: stat fails). Mounts that existed before the
+# run, or live ones elsewhere, are only reported: they may belong to another test run on this machine.
 server_started=0
 RUN_TMP=""
 our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
@@ -85,6 +86,11 @@ cleanup_mounts() {
     while IFS= read -r mnt; do
         [[ -n "$mnt" ]] || continue
         if grep -qxF -- "$mnt" <<<"$PRE_MOUNTS"; then continue; fi
+        if [[ -z "$RUN_TMP" || "$mnt" != "$RUN_TMP"/* ]] && timeout 5 stat -- "$mnt" >/dev/null 2>&1; then
+            # Outside our TMPDIR and still served by a live process: possibly another test run's.
+            say "WARNING: live s3cryptfs mount outside this run's TMPDIR left alone: $mnt"
+            continue
+        fi
         say "WARNING: stale FUSE mount left behind by the tests: $mnt — unmounting (fusermount3 -u -z)"
         fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null \
             || say "WARNING: could not unmount $mnt"
@@ -112,10 +118,22 @@ trap 'exit 143' TERM
 # Started before the build so that a server problem (busy port, no Python 3.12+) fails in seconds,
 # not after a multi-minute build; it idles meanwhile.
 t0="$(now)"
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [[ -z "${S3CRYPTFS_S3_PORT:-}" ]]; then
+    # Other worktrees/sessions on this machine may run their own server: take the first free port
+    # from 4566 on (with S3CRYPTFS_KEEP_SERVER=1 stay on 4566 so a kept server is reused).
+    S3CRYPTFS_S3_PORT=4566
+    if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        while port_busy "$S3CRYPTFS_S3_PORT"; do
+            S3CRYPTFS_S3_PORT=$((S3CRYPTFS_S3_PORT + 1))
+            (( S3CRYPTFS_S3_PORT < 4666 )) || die "no free port in 4566-4665 for the test server"
+        done
+    fi
+fi
+export S3CRYPTFS_S3_PORT
 server_started=1
 "$SERVER" start || die "could not start the S3/KMS test server (see above)"
-# shellcheck disable=SC1091
-source "$TEST_HOME/server.env"
+eval "$("$SERVER" env)"
 [[ -n "${S3CRYPTFS_TEST_S3_ENDPOINT:-}" ]] || die "server.env did not define S3CRYPTFS_TEST_S3_ENDPOINT"
 if [[ "${S3CRYPTFS_SKIP_SMOKE:-0}" != 1 ]]; then
     "$SERVER" check || die "the S3/KMS test server failed its boto3 smoke test (see above)"
