@@ -231,6 +231,18 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 }
 
+/// umount2(MNT_DETACH) as root, `fusermount3 -u -z` otherwise.
+fn lazy_unmount(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return;
+        }
+    }
+    let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(path).status();
+}
+
 fn check_mountpoint(path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| anyhow!("mountpoint {}: {e}", path.display()))?;
     if !meta.is_dir() {
@@ -347,35 +359,57 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     let adapter = crate::fuse::FuseAdapter::new(fs.clone(), rt.handle().clone());
     let mut session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
         .with_context(|| format!("mounting at {}", config.mountpoint.display()))?;
+    // The unmounter shares the mount with the session (Session::spawn would move it out of reach), so a signal can
+    // unmount while the loop runs on its own thread, and the loop ending tells us of an external unmount.
     let mut unmounter = session.unmount_callable();
-    let background = session.spawn().context("starting the FUSE session")?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let loop_thread = std::thread::Builder::new()
+        .name("fuse-loop".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(r);
+        })
+        .context("starting the FUSE session")?;
     tracing::info!(store = %config.store_url, mountpoint = %config.mountpoint.display(), mode = config.mode.name(), "mounted");
     if let Some(r) = ready {
         writeln!(r, "ready")?;
     }
 
     // Wait for a signal or for the kernel to end the session (fusermount -u / umount).
-    let joined = rt.block_on(async {
-        let mut join = tokio::task::spawn_blocking(move || background.join());
+    let signalled = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {
-            r = &mut join => anyhow::Ok(Some(r)),
-            _ = term.recv() => anyhow::Ok(None),
-            _ = int.recv() => anyhow::Ok(None),
+            r = done_rx => {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "the FUSE session ended with an error");
+                }
+                anyhow::Ok(false)
+            }
+            _ = term.recv() => anyhow::Ok(true),
+            _ = int.recv() => anyhow::Ok(true),
         }
     })?;
-    if joined.is_none() {
+    // On a signal: unmount first, so that nothing can write after the final flush. If files are still open the
+    // unmount is refused (EBUSY); then flush what has been written, detach the mount lazily, flush once more for
+    // writes that raced with the detach, and exit without waiting for the open descriptors, which will see ENOTCONN.
+    let mut failed = Vec::new();
+    let mut wait_for_loop = true;
+    if signalled {
         tracing::info!("signal received: flushing and unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount refused (files still open); flushing, then detaching the mount lazily");
+            let _ = rt.block_on(fs.flush_all());
+            lazy_unmount(&config.mountpoint);
+            wait_for_loop = false;
+        }
     }
-    let failed = rt.block_on(fs.flush_all());
+    failed.extend(rt.block_on(fs.flush_all()));
     for (path, e) in &failed {
         tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the staging directory");
     }
-    if joined.is_none() {
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed (is the mountpoint busy?)");
-        }
+    if wait_for_loop && loop_thread.join().is_err() {
+        tracing::error!("the FUSE loop thread panicked");
     }
     fs.shutdown();
     drop(rt);

@@ -1,0 +1,163 @@
+//! The command's life cycle through real mounts: background start, unmount, signals, and clear errors for bad input.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// PIDs of running `s3cryptfs mount` processes serving `mnt`.
+fn daemons_for(mnt: &Path) -> Vec<u32> {
+    let want = mnt.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+        if args.first().is_some_and(|a| a.ends_with("s3cryptfs")) && args.iter().any(|a| a == "mount") && args.contains(&want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_gone(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemons_for(mnt).is_empty() || is_mounted(mnt) {
+        assert!(Instant::now() < deadline, "daemon for {} still running or still mounted", mnt.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn background_mount_is_ready_when_the_command_returns_and_exits_on_unmount() {
+    let env = Env::new();
+    let store = env.path().join("store");
+    fs::create_dir_all(&store).unwrap();
+    let mnt = env.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let opts = format!("key_file={},staging_dir={}", env.key_file.display(), env.path().join("st").display());
+    let out = Command::new(BIN)
+        .args(["mount", "-o", &opts])
+        .arg(format!("file://{}", store.display()))
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    // No polling: the mount must already serve when the command has returned.
+    assert!(is_mounted(&mnt));
+    fs::write(mnt.join("f"), b"background").unwrap();
+    assert_eq!(daemons_for(&mnt).len(), 1);
+    let st = Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    wait_gone(&mnt);
+    // The data is in the store: a new mount reads it.
+    let s = Store::Local { dir: store };
+    let m = Mount::start(&env, &s, "cse-c");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"background");
+}
+
+#[test]
+fn sigterm_uploads_files_still_open_for_writing_then_exits() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    // A writer that has written but not closed: its data exists only in the staging area.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg("printf 'written, never closed' >&3; sleep 30")
+        .arg("writer")
+        .stdin(Stdio::null())
+        .spawn_with_fd3(&m.path("pending"));
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = daemons_for(&m.dir);
+    assert_eq!(pids.len(), 1);
+    unsafe { libc::kill(pids[0] as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemons_for(&m.dir).is_empty() {
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _ = Command::new("fusermount3").arg("-uz").arg(&m.dir).stderr(Stdio::null()).status();
+    let log = m.log_text();
+    std::mem::forget(m); // already stopped; its Drop would try to unmount again
+    assert!(log.contains("signal received"), "{log}");
+    let m2 = Mount::start(&env, &store, "cse-c");
+    assert_eq!(fs::read(m2.path("pending")).unwrap(), b"written, never closed");
+}
+
+trait SpawnWithFd3 {
+    fn spawn_with_fd3(&mut self, path: &Path) -> std::process::Child;
+}
+
+impl SpawnWithFd3 for Command {
+    /// Spawns with `path` opened for writing (created, truncated) as file descriptor 3.
+    fn spawn_with_fd3(&mut self, path: &Path) -> std::process::Child {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let file = fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).unwrap();
+        let fd = file.as_raw_fd();
+        unsafe {
+            self.pre_exec(move || {
+                if fd == 3 {
+                    // Already fd 3: only clear close-on-exec.
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = self.spawn().unwrap();
+        drop(file); // the child holds the only descriptor now
+        child
+    }
+}
+
+fn mount_error(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success(), "{args:?} unexpectedly succeeded");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim().lines().count(), 1, "expected a one-line error, got: {err}");
+    err
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let env = Env::new();
+    let store = format!("file://{}", env.path().join("store").display());
+    let mnt = env.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let key = format!("key_file={}", env.key_file.display());
+
+    let e = mount_error(&["mount", "-f", "-o", &format!("{key},frobnicate=1"), &store, mnt_s]);
+    assert!(e.contains("frobnicate"), "{e}");
+    let e = mount_error(&["mount", "-f", "-o", &format!("{key},cache_size=lots"), &store, mnt_s]);
+    assert!(e.contains("cache_size"), "{e}");
+    let e = mount_error(&["mount", "-f", "-o", "key=c2VjcmV0", &store, mnt_s]);
+    assert!(e.contains("key_file") && !e.contains("c2VjcmV0"), "{e}");
+    let e = mount_error(&["mount", "-f", &store, mnt_s]);
+    assert!(e.contains("key_file"), "{e}");
+    let e = mount_error(&["mount", "-f", "-o", &key, &store, "/nonexistent/mountpoint"]);
+    assert!(e.contains("/nonexistent/mountpoint"), "{e}");
+    let e = mount_error(&["mount", "-f", "-o", &key, "ftp://x", mnt_s]);
+    assert!(e.contains("ftp://x"), "{e}");
+    let e = mount_error(&["mount", "-f", "-o", "key_file=/nonexistent/key", &store, mnt_s]);
+    assert!(e.contains("/nonexistent/key"), "{e}");
+    fs::set_permissions(&env.key_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let e = mount_error(&["mount", "-f", "-o", &key, &store, mnt_s]);
+    assert!(e.contains("chmod 600"), "{e}");
+    // Nothing was mounted by any of these.
+    assert!(!is_mounted(&mnt));
+}
