@@ -150,6 +150,37 @@ fn step(rng: &mut Rng, real: &Path, model: &Path, log: &mut Vec<String>) -> Resu
     Ok(())
 }
 
+type Tree = Vec<(String, Option<Vec<u8>>)>;
+
+/// Which paths differ between the mount's tree and the model's (names and sizes, not contents).
+fn tree_diff(mount: &Tree, model: &Tree) -> String {
+    let show = |t: &Tree| -> std::collections::BTreeMap<String, String> {
+        t.iter()
+            .map(|(p, c)| (p.clone(), c.as_ref().map(|c| format!("{} bytes", c.len())).unwrap_or_else(|| "dir".into())))
+            .collect()
+    };
+    let (a, b) = (show(mount), show(model));
+    let mut out = Vec::new();
+    for (p, v) in &a {
+        match b.get(p) {
+            None => out.push(format!("only in mount: {p} ({v})")),
+            Some(w) if w != v => out.push(format!("{p}: mount {v}, model {w}")),
+            Some(_) => {
+                let (x, y) = (mount.iter().find(|e| &e.0 == p), model.iter().find(|e| &e.0 == p));
+                if x != y {
+                    out.push(format!("{p}: same size, different content"));
+                }
+            }
+        }
+    }
+    for (p, w) in &b {
+        if !a.contains_key(p) {
+            out.push(format!("only in model: {p} ({w})"));
+        }
+    }
+    out.join("; ")
+}
+
 #[test]
 fn random_operations_match_a_plain_directory() {
     let seed: u64 = std::env::var("S3CRYPTFS_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -171,13 +202,14 @@ fn random_operations_match_a_plain_directory() {
         // Now and then, compare the whole tree, and once in the middle remount to check persistence.
         if i % 500 == 499 {
             let (a, b) = (tree(&m.dir), tree(&model));
-            assert!(a == b, "trees differ after op {i} (S3CRYPTFS_MODEL_SEED={seed})");
+            assert!(a == b, "trees differ after op {i} (S3CRYPTFS_MODEL_SEED={seed}): {}", tree_diff(&a, &b));
         }
         if i == ops / 2 {
             drop(m);
             m = Mount::start(&env, &store, "cse-c");
         }
     }
-    assert_eq!(tree(&m.dir), tree(&model), "final trees differ (S3CRYPTFS_MODEL_SEED={seed})");
+    let (a, b) = (tree(&m.dir), tree(&model));
+    assert!(a == b, "final trees differ (S3CRYPTFS_MODEL_SEED={seed}): {}", tree_diff(&a, &b));
     eprintln!("model test: {ops} operations, seed {seed}");
 }

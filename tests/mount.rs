@@ -38,7 +38,7 @@ fn write_read_sizes(env: &Env, store: &Store) {
     for (i, &size) in SIZES.iter().enumerate() {
         let data = pattern(size, i as u64);
         fs::write(m.path(&format!("f{size}")), &data).unwrap();
-        assert_eq!(fs::read(m.path(&format!("f{size}"))).unwrap(), data, "size {size}");
+        assert_bytes(&fs::read(m.path(&format!("f{size}"))).unwrap(), &data, "m.path(&format!('f{size}'))");
         assert_eq!(fs::metadata(m.path(&format!("f{size}"))).unwrap().len(), size as u64);
     }
     drop(m);
@@ -58,7 +58,7 @@ fn write_read_sizes(env: &Env, store: &Store) {
     // And after a remount everything reads back the same.
     let m = Mount::start(env, store, "cse-c");
     for (i, &size) in SIZES.iter().enumerate() {
-        assert_eq!(fs::read(m.path(&format!("f{size}"))).unwrap(), pattern(size, i as u64), "size {size} after remount");
+        assert_bytes(&fs::read(m.path(&format!("f{size}"))).unwrap(), &pattern(size, i as u64), "m.path(&format!('f{size}'))");
     }
 }
 both!(write_read_sizes);
@@ -67,7 +67,7 @@ fn plaintext_mode_stores_plaintext(env: &Env, store: &Store) {
     let m = Mount::start(env, store, "none");
     let data = pattern(100_000, 7);
     fs::write(m.path("plain"), &data).unwrap();
-    assert_eq!(fs::read(m.path("plain")).unwrap(), data);
+    assert_bytes(&fs::read(m.path("plain")).unwrap(), &data, "m.path('plain')");
     drop(m);
     let raw = store.raw_objects();
     let (_, bytes) = raw.iter().find(|(k, _)| k.ends_with("plain")).expect("object stored");
@@ -95,33 +95,33 @@ fn random_write_append_truncate(env: &Env, store: &Store) {
         let mut back = Vec::new();
         f.seek(SeekFrom::Start(0)).unwrap();
         f.read_to_end(&mut back).unwrap();
-        assert_eq!(back, model);
+        assert_bytes(&back, &model, "read back through the writing handle");
         f.sync_all().unwrap();
     }
-    assert_eq!(fs::read(&p).unwrap(), model);
+    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
     // Append.
     {
         let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"appended").unwrap();
         model.extend_from_slice(b"appended");
     }
-    assert_eq!(fs::read(&p).unwrap(), model);
+    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
     // Truncate: shrink, grow (zero filled), by path and by handle.
     let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(70_000).unwrap();
     drop(f);
     model.truncate(70_000);
-    assert_eq!(fs::read(&p).unwrap(), model);
+    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
     let status = std::process::Command::new("truncate").args(["-s", "150000"]).arg(&p).status().unwrap();
     assert!(status.success());
     model.resize(150_000, 0);
-    assert_eq!(fs::read(&p).unwrap(), model);
+    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
     // O_TRUNC overwrite.
     fs::write(&p, b"short").unwrap();
-    assert_eq!(fs::read(&p).unwrap(), b"short");
+    assert_bytes(&fs::read(&p).unwrap(), &b"short", "&p");
     drop(m);
     let m = Mount::start(env, store, "cse-c");
-    assert_eq!(fs::read(m.path("rw")).unwrap(), b"short");
+    assert_bytes(&fs::read(m.path("rw")).unwrap(), &b"short", "m.path('rw')");
 }
 both!(random_write_append_truncate);
 
@@ -137,19 +137,19 @@ fn directories_and_renames(env: &Env, store: &Store) {
     // Rename a file, replacing an existing one.
     fs::write(m.path("d/c"), b"old").unwrap();
     fs::rename(m.path("d/a"), m.path("d/c")).unwrap();
-    assert_eq!(fs::read(m.path("d/c")).unwrap(), b"A");
+    assert_bytes(&fs::read(m.path("d/c")).unwrap(), &b"A", "m.path('d/c')");
     assert!(!m.path("d/a").exists());
     // Rename a whole directory tree.
     fs::rename(m.path("d"), m.path("moved")).unwrap();
     assert!(!m.path("d").exists());
-    assert_eq!(fs::read(m.path("moved/c")).unwrap(), b"A");
-    assert_eq!(fs::read(m.path("moved/sub/b")).unwrap(), b"B");
+    assert_bytes(&fs::read(m.path("moved/c")).unwrap(), &b"A", "m.path('moved/c')");
+    assert_bytes(&fs::read(m.path("moved/sub/b")).unwrap(), &b"B", "m.path('moved/sub/b')");
     // A directory onto an empty directory replaces it; onto a non-empty one fails.
     fs::create_dir(m.path("full")).unwrap();
     fs::write(m.path("full/x"), b"x").unwrap();
     assert_eq!(fs::rename(m.path("moved"), m.path("full")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
     fs::rename(m.path("moved"), m.path("empty")).unwrap();
-    assert_eq!(fs::read(m.path("empty/sub/b")).unwrap(), b"B");
+    assert_bytes(&fs::read(m.path("empty/sub/b")).unwrap(), &b"B", "m.path('empty/sub/b')");
     // File over directory and directory over file.
     assert_eq!(fs::rename(m.path("empty/c"), m.path("full")).unwrap_err().raw_os_error(), Some(libc::EISDIR));
     assert_eq!(fs::rename(m.path("full"), m.path("empty/c")).unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
@@ -158,8 +158,8 @@ fn directories_and_renames(env: &Env, store: &Store) {
     drop(m);
     let m = Mount::start(env, store, "cse-c");
     assert!(m.path("lonely").is_dir());
-    assert_eq!(fs::read(m.path("empty/c")).unwrap(), b"A");
-    assert_eq!(fs::read(m.path("empty/sub/b")).unwrap(), b"B");
+    assert_bytes(&fs::read(m.path("empty/c")).unwrap(), &b"A", "m.path('empty/c')");
+    assert_bytes(&fs::read(m.path("empty/sub/b")).unwrap(), &b"B", "m.path('empty/sub/b')");
     assert!(!m.path("moved").exists());
     let mut names: Vec<String> =
         fs::read_dir(m.path("")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -191,10 +191,10 @@ fn metadata_persists(env: &Env, store: &Store) {
     assert_eq!(md.mode() & 0o7777, 0o640);
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
     assert_eq!(md.modified().unwrap(), mtime);
-    assert_eq!(fs::read(m.path("f")).unwrap(), b"data");
+    assert_bytes(&fs::read(m.path("f")).unwrap(), &b"data", "m.path('f')");
     assert_eq!(fs::metadata(m.path("d")).unwrap().mode() & 0o7777, 0o750);
     assert_eq!(fs::read_link(m.path("link")).unwrap().to_str(), Some("f"));
-    assert_eq!(fs::read(m.path("link")).unwrap(), b"data");
+    assert_bytes(&fs::read(m.path("link")).unwrap(), &b"data", "m.path('link')");
     assert_eq!(fs::read_link(m.path("d/dangling")).unwrap().to_str(), Some("../some/where/else"));
     assert!(fs::symlink_metadata(m.path("link")).unwrap().file_type().is_symlink());
     // Unsupported kinds fail with a clear errno.
@@ -270,7 +270,7 @@ fn wrong_key_and_foreign_objects(env: &Env, store: &Store) {
     assert!(m.path("foreign").exists());
     let err = fs::read(m.path("foreign")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert_eq!(fs::read(m.path("secret")).unwrap(), b"top secret content");
+    assert_bytes(&fs::read(m.path("secret")).unwrap(), &b"top secret content", "m.path('secret')");
     let log = m.unmount();
     assert!(log.contains("foreign"), "the log names the object: {log}");
 }
@@ -311,7 +311,7 @@ fn tampered_objects_give_eio_and_a_log_line() {
     // Restored, it reads again: the failures were about the bytes, not the mount.
     store.put_raw("victim", original);
     let m = Mount::start(&env, &store, "cse-c");
-    assert_eq!(fs::read(m.path("victim")).unwrap(), data);
+    assert_bytes(&fs::read(m.path("victim")).unwrap(), &data, "m.path('victim')");
     // A ranged read of an intact chunk of a file whose other chunk is damaged still works, and the damaged one fails.
     drop(m);
     let mut flipped = fs::read(dir.join("victim")).unwrap();
@@ -321,7 +321,7 @@ fn tampered_objects_give_eio_and_a_log_line() {
     let mut f = fs::File::open(m.path("victim")).unwrap();
     let mut first = vec![0u8; 4096];
     f.read_exact(&mut first).unwrap();
-    assert_eq!(first, data[..4096]);
+    assert_bytes(&first, &data[..4096], "intact first chunk");
     f.seek(SeekFrom::Start(70_000)).unwrap();
     let mut buf = vec![0u8; 100];
     assert_eq!(f.read(&mut buf).unwrap_err().raw_os_error(), Some(libc::EIO));

@@ -963,6 +963,9 @@ impl Fs {
         if changes.gid.is_some() && caller.uid != 0 && caller.uid != owner {
             return Err(Error::NotPermitted("only the owner or root can change a file's group"));
         }
+        // A truncate by path has no handle; count one for its duration so that no concurrent release drops the
+        // write state it works on.
+        let _pin = (fh.is_none() && changes.size.is_some()).then(|| self.pin(ino));
         if let Some(size) = changes.size {
             if kind == FileKind::Dir {
                 return Err(Error::IsDir);
@@ -1060,6 +1063,14 @@ impl Fs {
         Ok(())
     }
 
+    /// Counts an open handle on `ino` until the guard drops.
+    fn pin(&self, ino: u64) -> Pin<'_> {
+        if let Some(n) = lock(&self.table).get_mut(ino) {
+            n.open_handles += 1;
+        }
+        Pin { fs: self, ino }
+    }
+
     pub fn statfs(&self) -> StatFs {
         // Object stores have no fixed capacity; report a large, constant one so tools that check free space proceed.
         StatFs { blocks: 1 << 40, bfree: 1 << 40, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: NAME_MAX as u32 }
@@ -1127,39 +1138,49 @@ impl Fs {
         if mode.write {
             self.check_writable()?;
         }
-        let (kind, remote) = {
-            let table = lock(&self.table);
-            let node = table.get(ino).ok_or(Error::NotFound)?;
-            (node.kind, node.remote.clone())
-        };
-        match kind {
-            FileKind::Dir => return Err(Error::IsDir),
-            FileKind::Symlink => return Err(Error::InvalidArgument("cannot open a symbolic link")),
-            FileKind::File => {}
-        }
-        if mode.write && mode.truncate {
-            self.truncate_staged(ino).await?;
-        }
-        let path = self.path_of(ino)?;
-        let reader = match remote {
-            Some(r) => Some(Reader::new(
-                self.backend.clone(),
-                self.codec.clone(),
-                self.cache.clone(),
-                path,
-                r.etag,
-                r.stored_size,
-                self.config.max_readahead,
-            )?),
-            None => None,
-        };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        {
+        // Count the handle before any await: a concurrent release of another handle must not see the inode as
+        // unused and drop the write state this open is about to use.
+        let remote = {
             let mut table = lock(&self.table);
-            if let Some(n) = table.get_mut(ino) {
-                n.open_handles += 1;
+            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+            match node.kind {
+                FileKind::Dir => return Err(Error::IsDir),
+                FileKind::Symlink => return Err(Error::InvalidArgument("cannot open a symbolic link")),
+                FileKind::File => {}
+            }
+            node.open_handles += 1;
+            node.remote.clone()
+        };
+        let result = async {
+            if mode.write && mode.truncate {
+                self.truncate_staged(ino).await?;
+            }
+            let path = self.path_of(ino)?;
+            match remote {
+                Some(r) => Ok(Some(Reader::new(
+                    self.backend.clone(),
+                    self.codec.clone(),
+                    self.cache.clone(),
+                    path,
+                    r.etag,
+                    r.stored_size,
+                    self.config.max_readahead,
+                )?)),
+                None => Ok(None),
             }
         }
+        .await;
+        let reader = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let mut table = lock(&self.table);
+                if let Some(n) = table.get_mut(ino) {
+                    n.open_handles = n.open_handles.saturating_sub(1);
+                }
+                return Err(e);
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::File { ino, reader, append: mode.append, writable: mode.write });
         Ok(fh)
     }
@@ -1348,7 +1369,10 @@ impl Fs {
                     drop(staged);
                     let mut table = lock(&self.table);
                     if let Some(n) = table.get_mut(ino) {
-                        n.write = None;
+                        // Re-check under the lock: an open may have started using this state meanwhile.
+                        if n.open_handles == 0 && n.write.as_ref().is_some_and(|w| Arc::ptr_eq(w, &ws)) {
+                            n.write = None;
+                        }
                     }
                     table.maybe_drop(ino);
                 }
@@ -1387,6 +1411,30 @@ impl Fs {
 
     pub fn shutdown(&self) {
         self.staging.remove_if_empty();
+    }
+}
+
+/// An open-handle count held by an operation that has no handle of its own (see [`Fs::pin`]).
+struct Pin<'a> {
+    fs: &'a Fs,
+    ino: u64,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut table = lock(&self.fs.table);
+        if let Some(n) = table.get_mut(self.ino) {
+            n.open_handles = n.open_handles.saturating_sub(1);
+            // Last user and nothing left to upload: the staged copy is no longer needed.
+            if n.open_handles == 0 {
+                if let Some(ws) = &n.write {
+                    if ws.staged.try_lock().is_ok_and(|st| !st.dirty) {
+                        n.write = None;
+                    }
+                }
+            }
+        }
+        table.maybe_drop(self.ino);
     }
 }
 

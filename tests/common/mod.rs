@@ -302,3 +302,13 @@ pub fn sh(cmd: &str, cwd: &Path) -> String {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Compares two byte strings without printing megabytes on failure: lengths and the first differing offset.
+#[track_caller]
+pub fn assert_bytes(got: impl AsRef<[u8]>, want: impl AsRef<[u8]>, what: &str) {
+    let (got, want) = (got.as_ref(), want.as_ref());
+    if got != want {
+        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        panic!("{what}: got {} bytes, want {} bytes, first difference at offset {first}", got.len(), want.len());
+    }
+}
