@@ -52,6 +52,8 @@ pub struct Reader {
     stored_size: u64,
     max_readahead: u64,
     object: OnceCell<Arc<ObjectCodec>>,
+    /// Set once the object was renamed under this reader (see `set_key`).
+    moved: std::sync::atomic::AtomicBool,
     state: Mutex<ReadState>,
     inflight: Mutex<HashMap<u64, Shared<BoxFuture<'static, ()>>>>,
 }
@@ -82,6 +84,7 @@ impl Reader {
             stored_size,
             max_readahead,
             object: OnceCell::new(),
+            moved: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
             inflight: Mutex::new(HashMap::new()),
         }))
@@ -99,9 +102,24 @@ impl Reader {
         &self.etag
     }
 
-    /// The object moved (rename): later fetches use the new key and check the binding against it.
+    /// The object moved (rename): later fetches use the new key and check the binding against it. The copy may
+    /// carry a new ETag (S3 gives a re-uploaded multipart object a different one), so from now on only the size is
+    /// compared; the content is still authenticated chunk by chunk in cse-c mode.
     pub fn set_key(&self, key: String) {
         *lock(&self.key) = key;
+        self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Refuses bytes from another version of the object than the one opened: a reader must never mix versions or
+    /// serve a newer version cut to the old length.
+    fn check_version(&self, key: &str, info: &crate::store::ObjectInfo) -> Result<()> {
+        let etag_changed = !self.moved.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.etag.is_empty()
+            && info.etag.as_deref().is_some_and(|e| e != self.etag);
+        if info.size != self.stored_size || etag_changed {
+            return Err(Error::Changed { key: key.to_string() });
+        }
+        Ok(())
     }
 
     fn key(&self) -> String {
@@ -269,11 +287,12 @@ impl Reader {
                         (&owned.0[..], &owned.1)
                     }
                     None => {
-                        let (bytes, _info, meta) = self
+                        let (bytes, info, meta) = self
                             .backend
                             .get_range(&ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?, 0..header_len)
                             .await
                             .map_err(|e| Error::store(&key, e))?;
+                        self.check_version(&key, &info)?;
                         owned = (bytes, meta);
                         (&owned.0[..], &owned.1)
                     }
@@ -301,6 +320,7 @@ impl Reader {
             .await
             .map_err(|e| Error::store(&key, e))?;
         tracing::trace!(key = %key, chunks = ?run, bytes = bytes.len(), ms = t0.elapsed().as_millis() as u64, "fetched");
+        self.check_version(&key, &_info)?;
         if (bytes.len() as u64) < last.end - start {
             // The object is shorter than its listed size: it was truncated or replaced since we looked.
             return Err(Error::crypto(&key, crate::crypto::CryptoError::Format(crate::crypto::FormatError::TooShort { len: bytes.len() as u64, min: last.end - start })));

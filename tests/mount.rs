@@ -343,3 +343,75 @@ fn staging_directory_is_private_and_emptied() {
     let left: Vec<_> = fs::read_dir(&staging_root).unwrap().collect();
     assert!(left.is_empty(), "staging left behind: {left:?}");
 }
+
+#[test]
+fn a_reader_sees_writes_made_through_the_same_mount() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    fs::write(m.path("f"), pattern(100_000, 1)).unwrap();
+    let mut reader = fs::File::open(m.path("f")).unwrap();
+    let new = pattern(150_000, 2);
+    fs::write(m.path("f"), &new).unwrap();
+    // The kernel may keep the old size for the attribute timeout; read what is there through the old handle.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).unwrap();
+    assert_bytes(&got, &new, "read through a handle opened before the overwrite");
+}
+
+#[test]
+fn a_reader_refuses_a_version_written_by_another_mount() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let a = Mount::start(&env, &store, "cse-c");
+    let b = Mount::start(&env, &store, "cse-c");
+    // Large enough that the chunks read below are far beyond any read-ahead of the first read (cached chunks of
+    // the opened version may legitimately still be served).
+    let old = pattern(48 << 20, 1);
+    fs::write(a.path("f"), &old).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut reader = fs::File::open(a.path("f")).unwrap();
+    let mut first = vec![0u8; 1000];
+    reader.read_exact(&mut first).unwrap();
+    assert_bytes(&first, &old[..1000], "first bytes before the change");
+    // Another mount replaces the object: the open handle must not mix versions.
+    fs::write(b.path("f"), pattern(400_000, 9)).unwrap();
+    reader.seek(SeekFrom::Start(45 << 20)).unwrap();
+    let mut buf = vec![0u8; 1000];
+    let err = reader.read_exact(&mut buf).expect_err("read of a replaced object must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE));
+    drop(reader);
+    // Opened again after the attribute timeout, the new version reads in full.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_bytes(&fs::read(a.path("f")).unwrap(), &pattern(400_000, 9), "reopened");
+}
+
+#[test]
+fn unlink_during_a_slow_close_does_not_bring_the_file_back() {
+    // A large file's close takes a while (encrypt + upload); an rm racing with it must win for good.
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    let path = m.path("big");
+    let (about_to_close, closing) = std::sync::mpsc::channel();
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut f = fs::File::create(&path).unwrap();
+            for i in 0..64 {
+                f.write_all(&pattern(1 << 20, i)).unwrap();
+            }
+            about_to_close.send(()).unwrap();
+            drop(f); // close → encrypt and upload 64 MiB, which takes a while
+        })
+    };
+    closing.recv().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The rm runs while the close is (very likely) still uploading.
+    fs::remove_file(&path).unwrap();
+    writer.join().unwrap();
+    drop(m);
+    let m = Mount::start(&env, &store, "cse-c");
+    assert!(!m.path("big").exists(), "the unlinked file came back");
+}

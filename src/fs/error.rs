@@ -49,6 +49,8 @@ pub enum Error {
     },
     #[error("object {key}: stored size {size} is not a valid size for an encrypted object (written by another tool?)")]
     NotOurFormat { key: String, size: u64 },
+    #[error("object {key} changed in the store since it was opened; open it again to read the new version")]
+    Changed { key: String },
     #[error("staging file for {key}: {source}")]
     Staging {
         key: String,
@@ -99,6 +101,8 @@ impl Error {
             },
             // Tampered, wrong-key or foreign objects: the application gets EIO, never bytes we cannot vouch for.
             Error::Crypto { .. } | Error::NotOurFormat { .. } => libc::EIO,
+            // ESTALE is what NFS clients return for a file replaced under an open handle.
+            Error::Changed { .. } => libc::ESTALE,
             Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -228,6 +228,11 @@ impl InodeTable {
         Some(if p.is_empty() { name.to_string() } else { format!("{p}/{name}") })
     }
 
+    /// Inodes that hold staged write state.
+    pub fn with_write_state(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.write.is_some()).map(|n| n.ino).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

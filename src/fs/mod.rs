@@ -25,6 +25,7 @@ pub use self::error::{Error, Result};
 pub use self::inode::{Attr, FileKind, ROOT_INO};
 use self::inode::{InodeTable, Node, Remote};
 use self::write::{Staged, StagingDir, WriteState};
+use tokio::sync::OwnedMutexGuard;
 use crate::cache::PageCache;
 use crate::object::Codec;
 use crate::read::{Reader, BIND_META};
@@ -409,6 +410,10 @@ impl Fs {
         let mut table = lock(&self.table);
         // Re-check under the lock: the node may have been created locally meanwhile.
         let current = table.child(parent, name);
+        // A file with unsaved local data keeps its name, whatever the store shows meanwhile.
+        if let Some(ino) = current.filter(|c| table.get(*c).is_some_and(|n| n.write.is_some())) {
+            return Ok(ino);
+        }
         if let Some((marker, has_marker)) = dir {
             let ino = match current {
                 Some(ino) if table.get(ino).is_some_and(|n| n.kind == FileKind::Dir) => ino,
@@ -597,6 +602,9 @@ impl Fs {
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
+        // Wait for an upload of this file in flight (a concurrent close), and keep later ones out until the node is
+        // marked unlinked: otherwise the upload could land after the delete and bring the file back.
+        let _guards = self.lock_states(vec![ino]).await;
         self.backend.delete(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
         self.cache.invalidate_key(&path);
         let mut table = lock(&self.table);
@@ -638,7 +646,12 @@ impl Fs {
             let mut entries = Vec::with_capacity(found.len());
             for (name, (kind, info)) in found {
                 let ino = match table.child(ino, &name) {
-                    Some(child) if table.get(child).is_some_and(|n| (n.kind == FileKind::Dir) == (kind == FileKind::Dir)) => {
+                    Some(child)
+                        if table.get(child).is_some_and(|n| {
+                            // Same kind, or a file with unsaved local data, which a listing must never replace.
+                            (n.kind == FileKind::Dir) == (kind == FileKind::Dir) || n.write.is_some()
+                        }) =>
+                    {
                         child
                     }
                     _ => table.insert(self.blank_node(ino, &name, kind)),
@@ -821,11 +834,20 @@ impl Fs {
                 (false, false) => {}
             }
         }
+        // Hold the write state of every file involved (the source or everything under it, and the target) for the
+        // whole move: uploads in flight finish first, and none can start under the old name meanwhile.
+        let mut involved = if kind == FileKind::Dir { self.staged_under(ino) } else { vec![ino] };
+        involved.extend(target);
+        let mut guards = self.lock_states(involved).await;
+        for (g_ino, staged) in guards.iter_mut() {
+            if Some(*g_ino) != target {
+                self.flush_locked(*g_ino, staged).await?;
+            }
+        }
         if kind == FileKind::Dir {
             if to.starts_with(&format!("{from}/")) {
                 return Err(Error::InvalidArgument("cannot move a directory into itself"));
             }
-            self.flush_under(ino).await?;
             if target.is_some() {
                 self.backend.delete(&dir_key(&to)?).await.map_err(|e| Error::store(format!("{to}/"), e))?;
             }
@@ -849,7 +871,6 @@ impl Fs {
                 }
             }
         } else {
-            self.flush_node(ino).await?;
             let uploaded = lock(&self.table).get(ino).is_some_and(|n| n.remote.is_some());
             if uploaded {
                 self.rename_object(&from, &to).await?;
@@ -869,6 +890,7 @@ impl Fs {
             self.touch_dir(&mut table, parent);
             self.touch_dir(&mut table, new_parent);
         }
+        drop(guards);
         self.retarget_readers();
         Ok(())
     }
@@ -912,31 +934,6 @@ impl Fs {
         }
     }
 
-    /// Uploads every dirty file under directory `dir`.
-    async fn flush_under(&self, dir: u64) -> Result<()> {
-        let dirty: Vec<u64> = {
-            let table = lock(&self.table);
-            let mut out = Vec::new();
-            let mut stack = vec![dir];
-            while let Some(d) = stack.pop() {
-                for c in table.children_of(d) {
-                    if let Some(n) = table.get(c) {
-                        if n.kind == FileKind::Dir {
-                            stack.push(c);
-                        } else if n.write.is_some() {
-                            out.push(c);
-                        }
-                    }
-                }
-            }
-            out
-        };
-        for ino in dirty {
-            self.flush_node(ino).await?;
-        }
-        Ok(())
-    }
-
     // ----- attributes -----
 
     pub async fn setattr(&self, ino: u64, changes: SetAttr, fh: Option<u64>, caller: Caller) -> Result<Attr> {
@@ -973,7 +970,7 @@ impl Fs {
             let ws = self.stage(ino).await?;
             let path = self.path_of(ino)?;
             {
-                let mut staged = ws.staged.lock().await;
+                let mut staged = ws.lock().await;
                 staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
             }
             let mut table = lock(&self.table);
@@ -1009,13 +1006,13 @@ impl Fs {
         // Persist. A truncate by path (no handle) is uploaded now, since no close will follow.
         let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
         let loaded = match &ws {
-            Some(ws) => ws.staged.lock().await.loaded,
+            Some(ws) => ws.lock().await.loaded,
             None => false,
         };
         if let (Some(ws), true) = (ws, loaded) {
             // A staged file carries its attributes with its next upload.
             if meta_changed {
-                ws.staged.lock().await.dirty = true;
+                ws.lock().await.dirty = true;
             }
             if fh.is_none() {
                 self.flush_node(ino).await?;
@@ -1091,7 +1088,7 @@ impl Fs {
                 Some(ws) => ws.clone(),
                 None => {
                     let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
-                    let ws = Arc::new(WriteState::new(Staged {
+                    let ws = Arc::new(tokio::sync::Mutex::new(Staged {
                         file,
                         path: spath,
                         loaded: node.remote.is_none(),
@@ -1104,7 +1101,7 @@ impl Fs {
             };
             (ws, node.remote.clone())
         };
-        let mut staged = ws.staged.lock().await;
+        let mut staged = ws.lock().await;
         if !staged.loaded {
             if let Some(remote) = remote {
                 let reader = Reader::new(
@@ -1152,12 +1149,12 @@ impl Fs {
             node.remote.clone()
         };
         let result = async {
-            if mode.write && mode.truncate {
-                self.truncate_staged(ino).await?;
-            }
             let path = self.path_of(ino)?;
-            match remote {
-                Some(r) => Ok(Some(Reader::new(
+            let truncate = mode.write && mode.truncate;
+            // With O_TRUNC the stored content is never read through this handle, so a reader (which fails for an
+            // object not in our format) is neither needed nor allowed to abort the open after truncation.
+            let reader = match remote {
+                Some(r) if !truncate => Some(Reader::new(
                     self.backend.clone(),
                     self.codec.clone(),
                     self.cache.clone(),
@@ -1165,9 +1162,13 @@ impl Fs {
                     r.etag,
                     r.stored_size,
                     self.config.max_readahead,
-                )?)),
-                None => Ok(None),
+                )?),
+                _ => None,
+            };
+            if truncate {
+                self.truncate_staged(ino).await?;
             }
+            Ok(reader)
         }
         .await;
         let reader = match result {
@@ -1195,13 +1196,13 @@ impl Fs {
                 Some(ws) => ws.clone(),
                 None => {
                     let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
-                    let ws = Arc::new(WriteState::new(Staged { file, path: spath, loaded: true, dirty: false, size: 0 }));
+                    let ws = Arc::new(tokio::sync::Mutex::new(Staged { file, path: spath, loaded: true, dirty: false, size: 0 }));
                     node.write = Some(ws.clone());
                     ws
                 }
             }
         };
-        let mut staged = ws.staged.lock().await;
+        let mut staged = ws.lock().await;
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
         drop(staged);
@@ -1240,7 +1241,7 @@ impl Fs {
         node.validated = Some(Instant::now());
         node.lookups = 1;
         node.open_handles = 1;
-        node.write = Some(Arc::new(WriteState::new(Staged { file, path: spath, loaded: true, dirty: true, size: 0 })));
+        node.write = Some(Arc::new(tokio::sync::Mutex::new(Staged { file, path: spath, loaded: true, dirty: true, size: 0 })));
         let mode = OpenMode::from_flags(flags);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let attr = {
@@ -1267,7 +1268,7 @@ impl Fs {
         let (ino, reader, _, _) = self.file_handle(fh)?;
         let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
         if let Some(ws) = ws {
-            let staged = ws.staged.lock().await;
+            let staged = ws.lock().await;
             if staged.loaded {
                 let key = self.path_of(ino).unwrap_or_default();
                 return staged.read_at(offset, size as usize).map_err(|e| Error::staging(key, e));
@@ -1287,7 +1288,7 @@ impl Fs {
         let ws = self.stage(ino).await?;
         let path = self.path_of(ino).unwrap_or_default();
         let size = {
-            let mut staged = ws.staged.lock().await;
+            let mut staged = ws.lock().await;
             let offset = if append { staged.size } else { offset };
             staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
             staged.size
@@ -1303,7 +1304,13 @@ impl Fs {
     /// Uploads a file's staged content if it changed; returns once the store has it.
     pub async fn flush_node(&self, ino: u64) -> Result<()> {
         let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { return Ok(()) };
-        let mut staged = ws.staged.lock().await;
+        let mut staged = ws.lock().await;
+        self.flush_locked(ino, &mut staged).await
+    }
+
+    /// The upload itself, with the file's write state already locked by the caller. The path and the unlinked flag
+    /// are read under that lock, so a rename or unlink (which take the same lock) is entirely before or after it.
+    async fn flush_locked(&self, ino: u64, staged: &mut Staged) -> Result<()> {
         if !staged.dirty || !staged.loaded {
             // Nothing changed here, or only opened for writing and never written: the store's copy is current.
             return Ok(());
@@ -1321,12 +1328,71 @@ impl Fs {
         let info = crate::upload::upload(&*self.backend, &self.codec, &path, &staged.file, staged.size, meta).await?;
         staged.dirty = false;
         self.cache.invalidate_key(&path);
-        let mut table = lock(&self.table);
-        if let Some(n) = table.get_mut(ino) {
-            n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
-            n.validated = Some(Instant::now());
+        {
+            let mut table = lock(&self.table);
+            if let Some(n) = table.get_mut(ino) {
+                n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+                n.validated = Some(Instant::now());
+            }
         }
+        self.refresh_readers(ino, &path, &info);
         Ok(())
+    }
+
+    /// Points every open handle of `ino` at the version just uploaded, so readers on this mount see their own
+    /// mount's writes (a reader otherwise refuses a version other than the one it opened).
+    fn refresh_readers(&self, ino: u64, path: &str, info: &ObjectInfo) {
+        let mut handles = lock(&self.handles);
+        for h in handles.values_mut() {
+            if let Handle::File { ino: i, reader, .. } = h {
+                if *i == ino {
+                    *reader = Reader::new(
+                        self.backend.clone(),
+                        self.codec.clone(),
+                        self.cache.clone(),
+                        path.to_string(),
+                        info.etag.clone().unwrap_or_default(),
+                        info.size,
+                        self.config.max_readahead,
+                    )
+                    .ok();
+                }
+            }
+        }
+    }
+
+    /// Locks the write state of every given inode that has one, in inode order (so two renames cannot deadlock).
+    async fn lock_states(&self, mut inos: Vec<u64>) -> Vec<(u64, OwnedMutexGuard<Staged>)> {
+        inos.sort_unstable();
+        inos.dedup();
+        let states: Vec<(u64, Arc<WriteState>)> = {
+            let table = lock(&self.table);
+            inos.iter().filter_map(|i| table.get(*i).and_then(|n| n.write.clone()).map(|w| (*i, w))).collect()
+        };
+        let mut guards = Vec::with_capacity(states.len());
+        for (ino, ws) in states {
+            guards.push((ino, ws.lock_owned().await));
+        }
+        guards
+    }
+
+    /// Every file inode under directory `dir` that has write state.
+    fn staged_under(&self, dir: u64) -> Vec<u64> {
+        let table = lock(&self.table);
+        let mut out = Vec::new();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            for c in table.children_of(d) {
+                if let Some(n) = table.get(c) {
+                    if n.kind == FileKind::Dir {
+                        stack.push(c);
+                    } else if n.write.is_some() {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub async fn flush(&self, fh: u64) -> Result<()> {
@@ -1359,7 +1425,7 @@ impl Fs {
         if last {
             let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
             if let Some(ws) = ws {
-                let staged = ws.staged.lock().await;
+                let staged = ws.lock().await;
                 if staged.dirty {
                     tracing::error!(
                         staged = %staged.path.display(),
@@ -1383,25 +1449,12 @@ impl Fs {
         result
     }
 
-    /// Uploads everything still dirty (unmount). Returns the paths that could not be uploaded.
+    /// Uploads everything still dirty (unmount), including state whose last close failed to upload. Returns the
+    /// paths that could not be uploaded; their plaintext stays in the staging directory.
     pub async fn flush_all(&self) -> Vec<(String, Error)> {
-        let dirty: Vec<u64> = {
-            let table = lock(&self.table);
-            let _ = &table;
-            let handles = lock(&self.handles);
-            let mut inos: Vec<u64> = handles
-                .values()
-                .filter_map(|h| match h {
-                    Handle::File { ino, .. } => Some(*ino),
-                    _ => None,
-                })
-                .collect();
-            inos.sort_unstable();
-            inos.dedup();
-            inos
-        };
+        let inos = lock(&self.table).with_write_state();
         let mut failed = Vec::new();
-        for ino in dirty {
+        for ino in inos {
             if let Err(e) = self.flush_node(ino).await {
                 failed.push((self.path_of(ino).unwrap_or_default(), e));
             }
@@ -1428,7 +1481,7 @@ impl Drop for Pin<'_> {
             // Last user and nothing left to upload: the staged copy is no longer needed.
             if n.open_handles == 0 {
                 if let Some(ws) = &n.write {
-                    if ws.staged.try_lock().is_ok_and(|st| !st.dirty) {
+                    if ws.try_lock().is_ok_and(|st| !st.dirty) {
                         n.write = None;
                     }
                 }

@@ -109,13 +109,6 @@ impl Drop for Staged {
     }
 }
 
-/// Per-inode write state shared by every handle of the inode.
-pub struct WriteState {
-    pub staged: Mutex<Staged>,
-}
-
-impl WriteState {
-    pub fn new(staged: Staged) -> Self {
-        WriteState { staged: Mutex::new(staged) }
-    }
-}
+/// Per-inode write state shared by every handle of the inode. The mutex is also what orders an upload against a
+/// rename or unlink of the same file: they take it (owned, so several can be held at once) for their whole duration.
+pub type WriteState = Mutex<Staged>;
