@@ -231,6 +231,32 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 }
 
+/// One sentence for the mount-time store check: what is wrong and what to do, instead of a chain of HTTP errors.
+fn explain_store_error(config: &MountConfig, detail: &str) -> String {
+    let url = &config.store_url;
+    let endpoint = config.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_else(|| "AWS".into());
+    let has = |needle: &str| detail.contains(needle);
+    if has("169.254.169.254") || has("MissingCredentials") || has("credential") && has("not found") {
+        format!("no S3 credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials")
+    } else if has("UnknownIssuer") || has("certificate") || has("InvalidCertificate") {
+        format!("the TLS certificate of {endpoint} is not trusted: for a private CA add -o ca_file=PATH (the CA's PEM file)")
+    } else if has("NoSuchBucket") {
+        format!("the bucket of {url} does not exist at {endpoint}: create it first or check the name")
+    } else if has("InvalidAccessKeyId") || has("SignatureDoesNotMatch") || has("AccessDenied") || has("403 Forbidden") {
+        format!("access to {url} was denied at {endpoint}: check the credentials and the bucket policy ({})", last_line(detail))
+    } else if has("Connection refused") || has("tcp connect error") || has("dns error") || has("unreachable") {
+        format!("cannot connect to {endpoint} for {url}: check endpoint= and the network ({})", last_line(detail))
+    } else {
+        format!("cannot use store {url}: {}", last_line(detail))
+    }
+}
+
+/// The innermost cause of an error chain printed with `{:#}`: the part after the last ": ".
+fn last_line(detail: &str) -> String {
+    let tail = detail.rsplit(": ").next().unwrap_or(detail).trim();
+    tail.lines().next().unwrap_or(tail).chars().take(200).collect()
+}
+
 /// umount2(MNT_DETACH) as root, `fusermount3 -u -z` otherwise.
 fn lazy_unmount(path: &Path) {
     use std::os::unix::ffi::OsStrExt;
@@ -320,7 +346,16 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     };
     let backend = rt.block_on(async {
         let backend = open_store(&config).await?;
-        backend.check_access().await.with_context(|| format!("cannot use store {}", config.store_url))?;
+        if let Err(e) = backend.check_access().await {
+            let mut detail = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                detail.push_str(": ");
+                detail.push_str(&s.to_string());
+                src = s.source();
+            }
+            bail!("{}", explain_store_error(&config, &detail));
+        }
         check_key(&*backend, &codec).await?;
         anyhow::Ok(backend)
     })?;

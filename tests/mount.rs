@@ -415,3 +415,27 @@ fn unlink_during_a_slow_close_does_not_bring_the_file_back() {
     let m = Mount::start(&env, &store, "cse-c");
     assert!(!m.path("big").exists(), "the unlinked file came back");
 }
+
+#[test]
+fn https_endpoint_with_a_private_ca() {
+    let env = Env::new();
+    let store = Store::s3();
+    let https = std::env::var("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT")
+        .expect("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT is not set: run the tests with scripts/test.sh");
+    let ca = std::env::var("S3CRYPTFS_TEST_CA_FILE").expect("S3CRYPTFS_TEST_CA_FILE is not set");
+    let Store::S3 { bucket, .. } = &store else { unreachable!() };
+    let https_store = Store::S3 { endpoint: https.clone(), bucket: bucket.clone() };
+    // Without the CA the server's certificate is not trusted: the mount refuses to start, and says why.
+    let err = match Mount::try_start(&env, &https_store, "cse-c", &[]) {
+        Ok(_) => panic!("mount trusted a certificate from an unknown CA"),
+        Err(e) => e,
+    };
+    assert!(err.to_lowercase().contains("certificate") || err.to_lowercase().contains("tls"), "unclear error: {err}");
+    // With ca_file it works end to end over TLS.
+    let m = Mount::start_with(&env, &https_store, "cse-c", &[&format!("ca_file={ca}")]);
+    let data = pattern(200_000, 4);
+    fs::write(m.path("tls"), &data).unwrap();
+    drop(m);
+    let m = Mount::start_with(&env, &https_store, "cse-c", &[&format!("ca_file={ca}")]);
+    assert_bytes(&fs::read(m.path("tls")).unwrap(), &data, "over https");
+}
