@@ -21,6 +21,10 @@ use crate::store::{Backend, ObjectInfo, ObjectKey, UserMeta};
 /// (of the 10,000 allowed, so files up to ~78 GiB) with modest memory per upload.
 pub const PART_SIZE: usize = 8 << 20;
 
+/// Parts sent at once per upload: four 8 MiB parts keep a fast link busy while bounding memory per upload to
+/// about 40 MiB of ciphertext.
+pub const PARTS_IN_FLIGHT: usize = 4;
+
 /// Encrypts `size` bytes of `file` and stores them at `key`; `path` is what the binding names (the key relative to
 /// the mount root).
 pub async fn upload(
@@ -63,21 +67,35 @@ pub async fn upload(
     }
 
     let mut upload = backend.put_multipart(&key, &meta).await.map_err(|e| Error::store(path, e))?;
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     let result: Result<()> = async {
+        use futures::StreamExt;
         for index in 0..chunks {
             let len = read_chunk(index, &mut plain)?;
             oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
             if buf.len() >= PART_SIZE {
                 let part = std::mem::replace(&mut buf, Vec::with_capacity(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2));
-                upload.put_part(Bytes::from(part)).await.map_err(|e| Error::store(path, e))?;
+                // Spawned, so the part travels while the next one is being sealed.
+                in_flight.push(tokio::spawn(upload.put_part(Bytes::from(part))));
+                // Bounded: at most PARTS_IN_FLIGHT parts (and so that many part buffers) at once.
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    if let Some(r) = in_flight.next().await {
+                        part_result(path, r)?;
+                    }
+                }
             }
         }
         if !buf.is_empty() {
-            upload.put_part(Bytes::from(std::mem::take(&mut buf))).await.map_err(|e| Error::store(path, e))?;
+            in_flight.push(tokio::spawn(upload.put_part(Bytes::from(std::mem::take(&mut buf)))));
+        }
+        while let Some(r) = in_flight.next().await {
+            part_result(path, r)?;
         }
         Ok(())
     }
     .await;
+    // On error, parts still in flight are abandoned (their tasks finish on their own); abort discards them.
+    drop(in_flight);
     match result {
         Ok(()) => upload.complete().await.map_err(|e| Error::store(path, e)),
         Err(e) => {
@@ -86,5 +104,15 @@ pub async fn upload(
             }
             Err(e)
         }
+    }
+}
+
+fn part_result(
+    path: &str,
+    r: std::result::Result<std::result::Result<(), crate::store::StoreError>, tokio::task::JoinError>,
+) -> Result<()> {
+    match r {
+        Ok(r) => r.map_err(|e| Error::store(path, e)),
+        Err(join) => Err(Error::staging(path, std::io::Error::other(format!("part upload task failed: {join}")))),
     }
 }

@@ -581,18 +581,15 @@ impl LocalUpload {
 
 #[async_trait]
 impl Upload for LocalUpload {
-    async fn put_part(&mut self, part: Bytes) -> Result<(), StoreError> {
-        let mut file = self.take_file()?;
-        let key = self.key.clone();
-        let file = self
-            .backend
-            .run(self.key.as_str(), move |_| {
-                file.write_all(&part).map_err(|e| io_err(e, key.as_str()))?;
-                Ok(file)
-            })
-            .await?;
-        self.file = Some(file);
-        Ok(())
+    fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        // A local append is a page-cache copy: done right here, in order, so the returned future is already
+        // complete and part order needs no bookkeeping.
+        let result = self.take_file().and_then(|mut file| {
+            file.write_all(&part).map_err(|e| io_err(e, self.key.as_str()))?;
+            self.file = Some(file);
+            Ok(())
+        });
+        Box::pin(futures::future::ready(result))
     }
 
     async fn complete(mut self: Box<Self>) -> Result<ObjectInfo, StoreError> {

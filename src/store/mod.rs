@@ -256,8 +256,9 @@ pub trait Backend: Send + Sync + 'static {
 /// (on S3 the parts linger until a lifecycle rule removes them: prefer `abort`).
 #[async_trait]
 pub trait Upload: Send {
-    /// Append the next part.
-    async fn put_part(&mut self, part: Bytes) -> Result<(), StoreError>;
+    /// Append the next part. The part's place is fixed when this is called; the returned future sends it, and
+    /// several such futures may run at once (the caller bounds how many) before `complete`.
+    fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>>;
     /// Publish the object made of all parts.
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError>;
     /// Discard all parts.

@@ -436,15 +436,13 @@ struct ObjectStoreUpload {
 
 #[async_trait]
 impl Upload for ObjectStoreUpload {
-    async fn put_part(&mut self, part: Bytes) -> Result<(), StoreError> {
+    fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         let len = part.len() as u64;
-        // Parts go up one at a time; the caller decides how many uploads run in parallel.
-        self.inner
-            .put_part(PutPayload::from(part))
-            .await
-            .map_err(|e| map_err(e, self.key.as_str()))?;
+        // object_store numbers the part now and returns a 'static future, so parts can be in flight together.
+        let fut = self.inner.put_part(PutPayload::from(part));
         self.size += len;
-        Ok(())
+        let key = self.key.clone();
+        Box::pin(async move { fut.await.map_err(|e| map_err(e, key.as_str())) })
     }
 
     async fn complete(mut self: Box<Self>) -> Result<ObjectInfo, StoreError> {
