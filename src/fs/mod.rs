@@ -229,6 +229,11 @@ impl Fs {
             || (node.remote.is_none() && node.kind != FileKind::Dir && node.validated.is_some())
     }
 
+    /// A reader for one stored version of the object at `path`.
+    fn reader(&self, path: String, etag: String, stored_size: u64, readahead: u64) -> Result<Arc<Reader>> {
+        Reader::new(self.backend.clone(), self.codec.clone(), self.cache.clone(), path, etag, stored_size, readahead)
+    }
+
     fn default_perm(&self, kind: FileKind) -> u16 {
         match kind {
             FileKind::Dir => (0o777 & !self.config.umask) as u16,
@@ -371,6 +376,18 @@ impl Fs {
             .is_some_and(|t| t.elapsed() < self.config.attr_ttl)
     }
 
+    /// Checks that `name` may be created in `parent` and is free; returns it with its path.
+    async fn new_name(&self, parent: u64, name: &OsStr) -> Result<(String, String)> {
+        self.check_writable()?;
+        let name = check_name(name)?;
+        let path = self.child_path(parent, &name)?;
+        match self.resolve_for_create(parent, &name).await {
+            Ok(_) => Err(Error::Exists),
+            Err(Error::NotFound) => Ok((name, path)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Resolves a name that is about to be created: NotFound means free to create.
     async fn resolve_for_create(&self, parent: u64, name: &str) -> Result<u64> {
         let known = lock(&self.table).child(parent, name).is_some();
@@ -494,14 +511,7 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
-        self.check_writable()?;
-        let name = check_name(name)?;
-        let path = self.child_path(parent, &name)?;
-        match self.resolve_for_create(parent, &name).await {
-            Ok(_) => return Err(Error::Exists),
-            Err(Error::NotFound) => {}
-            Err(e) => return Err(e),
-        }
+        let (name, path) = self.new_name(parent, name).await?;
         let mut node = self.blank_node(parent, &name, FileKind::Dir);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
@@ -526,14 +536,7 @@ impl Fs {
     }
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
-        self.check_writable()?;
-        let name = check_name(name)?;
-        let path = self.child_path(parent, &name)?;
-        match self.resolve_for_create(parent, &name).await {
-            Ok(_) => return Err(Error::Exists),
-            Err(Error::NotFound) => {}
-            Err(e) => return Err(e),
-        }
+        let (name, path) = self.new_name(parent, name).await?;
         let target = target.as_bytes().to_vec();
         let mut node = self.blank_node(parent, &name, FileKind::Symlink);
         node.uid = caller.uid;
@@ -577,11 +580,7 @@ impl Fs {
         }
         let remote = remote.ok_or(Error::NotFound)?;
         let path = self.path_of(ino)?;
-        let reader = Reader::new(
-            self.backend.clone(),
-            self.codec.clone(),
-            self.cache.clone(),
-            path,
+        let reader = self.reader(path,
             remote.etag,
             remote.stored_size,
             0,
@@ -1104,11 +1103,7 @@ impl Fs {
         let mut staged = ws.lock().await;
         if !staged.loaded {
             if let Some(remote) = remote {
-                let reader = Reader::new(
-                    self.backend.clone(),
-                    self.codec.clone(),
-                    self.cache.clone(),
-                    path.clone(),
+                let reader = self.reader(path.clone(),
                     remote.etag,
                     remote.stored_size,
                     0,
@@ -1154,11 +1149,7 @@ impl Fs {
             // With O_TRUNC the stored content is never read through this handle, so a reader (which fails for an
             // object not in our format) is neither needed nor allowed to abort the open after truncation.
             let reader = match remote {
-                Some(r) if !truncate => Some(Reader::new(
-                    self.backend.clone(),
-                    self.codec.clone(),
-                    self.cache.clone(),
-                    path,
+                Some(r) if !truncate => Some(self.reader(path,
                     r.etag,
                     r.stored_size,
                     self.config.max_readahead,
@@ -1346,11 +1337,7 @@ impl Fs {
         for h in handles.values_mut() {
             if let Handle::File { ino: i, reader, .. } = h {
                 if *i == ino {
-                    *reader = Reader::new(
-                        self.backend.clone(),
-                        self.codec.clone(),
-                        self.cache.clone(),
-                        path.to_string(),
+                    *reader = self.reader(path.to_string(),
                         info.etag.clone().unwrap_or_default(),
                         info.size,
                         self.config.max_readahead,
