@@ -199,16 +199,17 @@ fn metadata_persists(env: &Env, store: &Store) {
     assert!(fs::symlink_metadata(m.path("link")).unwrap().file_type().is_symlink());
     // Unsupported kinds fail with a clear errno.
     assert_eq!(fs::hard_link(m.path("f"), m.path("hard")).unwrap_err().raw_os_error(), Some(libc::EPERM));
-    let st = nix_statfs(&m.dir);
-    assert!(st > 0);
+    let (blocks, namemax) = statvfs(&m.dir);
+    assert!(blocks > 0);
+    assert_eq!(namemax, 255);
 }
 both!(metadata_persists);
 
-fn nix_statfs(p: &std::path::Path) -> u64 {
+fn statvfs(p: &std::path::Path) -> (u64, u64) {
     let c = std::ffi::CString::new(p.as_os_str().to_str().unwrap()).unwrap();
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
-    s.f_blocks as u64
+    (s.f_blocks as u64, s.f_namemax as u64)
 }
 
 fn ordinary_tools(env: &Env, store: &Store) {
@@ -232,10 +233,10 @@ fn ordinary_tools(env: &Env, store: &Store) {
 both!(ordinary_tools);
 
 fn many_entries(env: &Env, store: &Store) {
-    // More than one S3 listing page (1,000 keys).
+    // Thousands of entries: three S3 listing pages (1,000 keys each).
     let m = Mount::start(env, store, "none");
     fs::create_dir(m.path("many")).unwrap();
-    let n = 1500;
+    let n = 2500;
     for i in 0..n {
         fs::write(m.path(&format!("many/{i:05}")), b"").unwrap();
     }
