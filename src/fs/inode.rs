@@ -8,7 +8,7 @@
 //! Concurrency: the table lives behind one `std::sync::Mutex` held only for map operations (never across an await or
 //! any I/O).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -109,6 +109,8 @@ impl Node {
 pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     children: HashMap<(u64, String), u64>,
+    /// The same links grouped by parent, so listing a directory's children does not scan the whole table.
+    by_parent: HashMap<u64, HashSet<u64>>,
     next_ino: u64,
 }
 
@@ -116,7 +118,7 @@ impl InodeTable {
     pub fn new(root: Node) -> Self {
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
-        InodeTable { nodes, children: HashMap::new(), next_ino: ROOT_INO + 1 }
+        InodeTable { nodes, children: HashMap::new(), by_parent: HashMap::new(), next_ino: ROOT_INO + 1 }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -133,7 +135,7 @@ impl InodeTable {
 
     /// Children of `parent` currently in the table.
     pub fn children_of(&self, parent: u64) -> Vec<u64> {
-        self.children.iter().filter(|((p, _), _)| *p == parent).map(|(_, ino)| *ino).collect()
+        self.by_parent.get(&parent).map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     /// Inserts a new node under `parent`/`name`, replacing (and detaching) whatever was there.
@@ -141,9 +143,12 @@ impl InodeTable {
         let ino = self.next_ino;
         self.next_ino += 1;
         node.ino = ino;
-        if let Some(old) = self.children.insert((node.parent, node.name.clone()), ino) {
+        let parent = node.parent;
+        if let Some(old) = self.children.insert((parent, node.name.clone()), ino) {
+            self.unlink_child(parent, old);
             self.detach_node(old);
         }
+        self.by_parent.entry(parent).or_default().insert(ino);
         self.nodes.insert(ino, node);
         ino
     }
@@ -151,6 +156,7 @@ impl InodeTable {
     /// Removes the name → inode link; the node itself stays while the kernel or a handle still refers to it.
     pub fn detach(&mut self, parent: u64, name: &str) -> Option<u64> {
         let ino = self.children.remove(&(parent, name.to_string()))?;
+        self.unlink_child(parent, ino);
         self.detach_node(ino);
         Some(ino)
     }
@@ -162,6 +168,15 @@ impl InodeTable {
         self.maybe_drop(ino);
     }
 
+    fn unlink_child(&mut self, parent: u64, ino: u64) {
+        if let Some(set) = self.by_parent.get_mut(&parent) {
+            set.remove(&ino);
+            if set.is_empty() {
+                self.by_parent.remove(&parent);
+            }
+        }
+    }
+
     /// Moves a node to a new parent and name (rename). The target name must have been detached first.
     pub fn relink(&mut self, ino: u64, new_parent: u64, new_name: &str) {
         if let Some(node) = self.nodes.get_mut(&ino) {
@@ -170,8 +185,10 @@ impl InodeTable {
             node.name = new_name.to_string();
             if self.children.get(&old) == Some(&ino) {
                 self.children.remove(&old);
+                self.unlink_child(old.0, ino);
             }
             self.children.insert((new_parent, new_name.to_string()), ino);
+            self.by_parent.entry(new_parent).or_default().insert(ino);
         }
     }
 
@@ -192,7 +209,7 @@ impl InodeTable {
         if node.lookups > 0 || node.open_handles > 0 || node.write.is_some() {
             return;
         }
-        if node.kind == FileKind::Dir && self.children.keys().any(|(p, _)| *p == ino) {
+        if node.kind == FileKind::Dir && self.by_parent.get(&ino).is_some_and(|s| !s.is_empty()) {
             return;
         }
         let key = (node.parent, node.name.clone());
@@ -202,8 +219,10 @@ impl InodeTable {
                 return;
             }
             self.children.remove(&key);
+            self.unlink_child(key.0, ino);
         }
         self.nodes.remove(&ino);
+        self.by_parent.remove(&ino);
     }
 
     /// The path of a node relative to the mount root ("" for the root), or `None` if an ancestor is gone.
@@ -239,5 +258,79 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(parent: u64, name: &str, kind: FileKind) -> Node {
+        let now = SystemTime::now();
+        Node {
+            ino: 0,
+            parent,
+            name: name.into(),
+            kind,
+            size: 0,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: now,
+            ctime: now,
+            atime: now,
+            remote: Some(Remote { etag: "e".into(), stored_size: 0 }),
+            has_marker: true,
+            validated: None,
+            lookups: 1,
+            open_handles: 0,
+            write: None,
+            link_target: None,
+            unlinked: false,
+        }
+    }
+
+    #[test]
+    fn paths_follow_renames_of_ancestors() {
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let a = t.insert(node(ROOT_INO, "a", FileKind::Dir));
+        let b = t.insert(node(a, "b", FileKind::Dir));
+        let f = t.insert(node(b, "f", FileKind::File));
+        assert_eq!(t.path_of(f).as_deref(), Some("a/b/f"));
+        t.relink(a, ROOT_INO, "z");
+        assert_eq!(t.path_of(f).as_deref(), Some("z/b/f"));
+        assert_eq!(t.child(ROOT_INO, "a"), None);
+        assert_eq!(t.child(ROOT_INO, "z"), Some(a));
+        assert_eq!(t.children_of(ROOT_INO), vec![a]);
+        t.relink(f, ROOT_INO, "top");
+        assert!(t.children_of(b).is_empty());
+        let mut top = t.children_of(ROOT_INO);
+        top.sort();
+        assert_eq!(top, vec![a, f]);
+    }
+
+    #[test]
+    fn replacing_a_name_detaches_the_old_node_and_forget_drops_it() {
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let old = t.insert(node(ROOT_INO, "x", FileKind::File));
+        let new = t.insert(node(ROOT_INO, "x", FileKind::File));
+        assert_eq!(t.child(ROOT_INO, "x"), Some(new));
+        assert!(t.get(old).is_some_and(|n| n.unlinked), "still referenced by the kernel");
+        t.forget(old, 1);
+        assert!(t.get(old).is_none());
+        assert_eq!(t.children_of(ROOT_INO), vec![new]);
+    }
+
+    #[test]
+    fn a_directory_with_children_is_kept_until_they_go() {
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let d = t.insert(node(ROOT_INO, "d", FileKind::Dir));
+        let f = t.insert(node(d, "f", FileKind::File));
+        t.forget(d, 1);
+        assert!(t.get(d).is_some(), "has a child");
+        t.detach(d, "f");
+        t.forget(f, 1);
+        t.maybe_drop(d);
+        assert!(t.get(d).is_none());
     }
 }
