@@ -32,14 +32,18 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr); without it the command returns once the mount is ready.
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Comma-separated mount options (mode=, key_file=, endpoint=, region=, ca_file=, allow_other, ro, uid=, gid=,
+    /// Comma-separated mount options (mode=, key_file=, kms_key_id=, bucket_key=, endpoint=, region=, ca_file=, allow_other, ro, uid=, gid=,
     /// umask=, cache_size=, attr_timeout=, staging_dir=, log_level=, log_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
-    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c or none)")]
+    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, sse-s3, sse-kms or none)")]
     pub mode: Option<String>,
     #[arg(long, value_name = "PATH", help = "Same as -o key_file=PATH")]
     pub key_file: Option<String>,
+    #[arg(long, value_name = "KEY", help = "Same as -o kms_key_id=KEY (key id, ARN or alias/NAME; mode sse-kms)")]
+    pub kms_key_id: Option<String>,
+    #[arg(long, value_name = "BOOL", help = "Same as -o bucket_key=true|false (mode sse-kms)")]
+    pub bucket_key: Option<String>,
     #[arg(long, value_name = "URL", help = "Same as -o endpoint=URL")]
     pub endpoint: Option<String>,
     #[arg(long, value_name = "NAME", help = "Same as -o region=NAME")]
@@ -80,6 +84,8 @@ impl MountArgs {
         let valued = [
             ("mode", &self.mode),
             ("key_file", &self.key_file),
+            ("kms_key_id", &self.kms_key_id),
+            ("bucket_key", &self.bucket_key),
             ("endpoint", &self.endpoint),
             ("region", &self.region),
             ("ca_file", &self.ca_file),

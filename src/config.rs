@@ -16,6 +16,10 @@ pub enum EncryptionMode {
     None,
     /// Client-side AES-256-GCM; each object's data key is wrapped with the customer's key (docs/FORMAT.md).
     CseC,
+    /// Server-side encryption with keys held by the storage service (`x-amz-server-side-encryption: AES256`).
+    SseS3,
+    /// Server-side encryption under a KMS key (`aws:kms`, `kms_key_id=`).
+    SseKms,
 }
 
 impl EncryptionMode {
@@ -23,6 +27,8 @@ impl EncryptionMode {
         match self {
             EncryptionMode::None => "none",
             EncryptionMode::CseC => "cse-c",
+            EncryptionMode::SseS3 => "sse-s3",
+            EncryptionMode::SseKms => "sse-kms",
         }
     }
 }
@@ -60,6 +66,10 @@ pub struct MountConfig {
     pub foreground: bool,
     pub mode: EncryptionMode,
     pub key_file: Option<PathBuf>,
+    /// KMS key for sse-kms: a key id, a key ARN or `alias/NAME` (None: the account's default aws/s3 key).
+    pub kms_key_id: Option<String>,
+    /// S3 Bucket Key for sse-kms (fewer KMS calls); None leaves the bucket's default.
+    pub bucket_key: Option<bool>,
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -166,6 +176,8 @@ impl MountConfig {
             foreground,
             mode: EncryptionMode::CseC,
             key_file: None,
+            kms_key_id: None,
+            bucket_key: None,
             endpoint: None,
             region: None,
             ca_file: None,
@@ -193,16 +205,22 @@ impl MountConfig {
                     cfg.mode = match need()?.as_str() {
                         "cse-c" | "cse_c" => EncryptionMode::CseC,
                         "none" => EncryptionMode::None,
+                        "sse-s3" | "sse_s3" => EncryptionMode::SseS3,
+                        "sse-kms" | "sse_kms" => EncryptionMode::SseKms,
                         other => {
                             return Err(ConfigError::Invalid {
                                 name: name.into(),
-                                reason: format!("'{other}' is not a mode this version supports (cse-c, none)"),
+                                reason: format!(
+                                    "'{other}' is not a mode this version supports (cse-c, sse-s3, sse-kms, none)"
+                                ),
                             })
                         }
                     }
                 }
                 "key" => return Err(ConfigError::RawKeyRefused),
                 "key_file" => cfg.key_file = Some(PathBuf::from(need()?)),
+                "kms_key_id" => cfg.kms_key_id = Some(need()?),
+                "bucket_key" => cfg.bucket_key = Some(parse_bool(name, value.as_deref())?),
                 "endpoint" => {
                     let v = need()?;
                     if !(v.starts_with("http://") || v.starts_with("https://")) {
@@ -266,6 +284,12 @@ impl MountConfig {
         }
         if cfg.mode == EncryptionMode::CseC && cfg.key_file.is_none() {
             return Err(ConfigError::KeyRequired);
+        }
+        if cfg.mode != EncryptionMode::SseKms && (cfg.kms_key_id.is_some() || cfg.bucket_key.is_some()) {
+            return Err(ConfigError::Invalid {
+                name: "kms_key_id".into(),
+                reason: "kms_key_id and bucket_key only apply to mode=sse-kms".into(),
+            });
         }
         Ok(cfg)
     }

@@ -291,6 +291,9 @@ fn staging_base(config: &MountConfig) -> PathBuf {
 pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>> {
     let url = &config.store_url;
     if let Some(path) = url.strip_prefix("file://") {
+        if matches!(config.mode, EncryptionMode::SseS3 | EncryptionMode::SseKms) {
+            bail!("mode={} is server-side encryption, which only an S3 store does: use s3://bucket, or mode=cse-c for the local store", config.mode.name());
+        }
         if !path.starts_with('/') {
             bail!("store '{url}': a local store needs an absolute path, as in file:///srv/objects");
         }
@@ -298,7 +301,16 @@ pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>
         let backend = LocalBackend::new(Path::new(path)).with_context(|| format!("local store {path}"))?;
         return Ok(Arc::new(backend));
     }
+    let sse = match config.mode {
+        EncryptionMode::SseS3 => Some(crate::store::ServerSideEncryption::S3),
+        EncryptionMode::SseKms => Some(crate::store::ServerSideEncryption::Kms {
+            key_id: config.kms_key_id.clone(),
+            bucket_key: config.bucket_key,
+        }),
+        EncryptionMode::None | EncryptionMode::CseC => None,
+    };
     let opts = S3Options {
+        sse,
         endpoint: config.endpoint.clone(),
         region: config.region.clone(),
         ca_file: config.ca_file.clone(),
@@ -334,7 +346,8 @@ async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
 fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
     let codec = match (config.mode, keys) {
-        (EncryptionMode::None, _) => Codec::Plain,
+        // Server-side modes store the bytes as they are: the server encrypts them.
+        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms, _) => Codec::Plain,
         (EncryptionMode::CseC, Some(keys)) => Codec::Cse {
             keys,
             aead: match config.aead {

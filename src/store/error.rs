@@ -54,6 +54,10 @@ pub enum StoreError {
     #[error("the filesystem holding {root:?} does not support user extended attributes, which the local store needs for object metadata; use a directory on ext4, xfs, btrfs or tmpfs (Linux >= 6.6)")]
     XattrUnsupported { root: PathBuf },
 
+    /// The server did not confirm the server-side encryption the mount asked for; the write is not trusted.
+    #[error("object {key:?}: {detail}")]
+    EncryptionNotConfirmed { key: String, detail: String },
+
     /// The backend cannot do this operation at all.
     #[error("the object store does not support {operation}")]
     Unsupported { operation: String },

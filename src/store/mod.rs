@@ -31,6 +31,7 @@ mod meta;
 mod object;
 mod profile;
 mod s3;
+mod sse;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +48,7 @@ pub use local::LocalBackend;
 pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
 pub use s3::{from_url, S3Options, StoreUrl};
+pub use sse::{ServerSideEncryption, SseEcho};
 
 /// Names no key segment may use, because the backends use them internally: the local store's
 /// staging directory and the object-store file standing in for a directory marker.

@@ -35,6 +35,8 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
+    /// Server-side encryption every write must be confirmed with (see `sse`).
+    sse: Option<super::ServerSideEncryption>,
     /// Mount prefix without slashes at either end; empty for the bucket root.
     prefix: String,
 }
@@ -49,7 +51,23 @@ impl ObjectStoreBackend {
                 StoreError::invalid(format!("invalid bucket prefix {prefix:?}: {e}"))
             })?;
         }
-        Ok(ObjectStoreBackend { store, prefix })
+        Ok(ObjectStoreBackend { store, sse: None, prefix })
+    }
+
+    /// Refuse every write whose response does not confirm `sse` (the store must have been built with
+    /// `sse::EchoConnector` so that responses carry an `SseEcho`).
+    pub fn with_sse(mut self, sse: Option<super::ServerSideEncryption>) -> Self {
+        self.sse = sse;
+        self
+    }
+
+    fn check_sse(&self, key: &ObjectKey, ext: &object_store::Extensions) -> Result<(), StoreError> {
+        match &self.sse {
+            None => Ok(()),
+            Some(sse) => sse.verify(ext.get::<super::SseEcho>()).map_err(|detail| {
+                StoreError::EncryptionNotConfirmed { key: key.to_string(), detail }
+            }),
+        }
     }
 
     /// Store path of `key`; markers map to their stand-in file.
@@ -150,6 +168,7 @@ impl ObjectStoreBackend {
             .put_opts(&path, PutPayload::from(body), opts)
             .await
             .map_err(|e| map_err(e, key.as_str()))?;
+        self.check_sse(key, &res.extensions)?;
         Ok(ObjectInfo {
             key: key.clone(),
             size,
@@ -238,6 +257,7 @@ impl Backend for ObjectStoreBackend {
             .await
             .map_err(|e| map_err(e, key.as_str()))?;
         Ok(Box::new(ObjectStoreUpload {
+            sse: self.sse.clone(),
             inner,
             key: key.clone(),
             size: 0,
@@ -429,6 +449,7 @@ fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {
 }
 
 struct ObjectStoreUpload {
+    sse: Option<super::ServerSideEncryption>,
     inner: Box<dyn MultipartUpload>,
     key: ObjectKey,
     size: u64,
@@ -451,6 +472,11 @@ impl Upload for ObjectStoreUpload {
             .complete()
             .await
             .map_err(|e| map_err(e, self.key.as_str()))?;
+        if let Some(sse) = &self.sse {
+            sse.verify(res.extensions.get::<super::SseEcho>()).map_err(|detail| {
+                StoreError::EncryptionNotConfirmed { key: self.key.to_string(), detail }
+            })?;
+        }
         Ok(ObjectInfo {
             key: self.key.clone(),
             size: self.size,

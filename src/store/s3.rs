@@ -29,6 +29,8 @@ pub struct S3Options {
     pub endpoint: Option<String>,
     /// Overrides `AWS_REGION` and the profile's region.
     pub region: Option<String>,
+    /// Server-side encryption to request on every write, and to verify in every write's answer.
+    pub sse: Option<super::ServerSideEncryption>,
     /// Extra PEM CA bundle to trust (for self-signed test servers or private CAs).
     pub ca_file: Option<PathBuf>,
     /// Permit plain http; implied when the endpoint starts with `http://`.
@@ -104,7 +106,7 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
             let s3 = builder.build().map_err(|e| {
                 StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
             })?;
-            Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?)
+            Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()))
         }
     };
     Ok((backend, parsed))
@@ -151,6 +153,29 @@ fn s3_builder(
         || endpoint
             .as_deref()
             .is_some_and(|e| e.starts_with("http://"));
+    // object_store does not export the encryption config key type; its string name parses to it.
+    let sse_key = || -> Result<AmazonS3ConfigKey, StoreError> {
+        "aws_server_side_encryption"
+            .parse::<AmazonS3ConfigKey>()
+            .map_err(|e| StoreError::invalid(format!("object_store lacks the SSE setting: {e}")))
+    };
+    match &opts.sse {
+        None => {}
+        Some(super::ServerSideEncryption::S3) => {
+            b = b.with_config(sse_key()?, "AES256");
+        }
+        Some(super::ServerSideEncryption::Kms { key_id, bucket_key }) => {
+            b = match key_id {
+                Some(k) => b.with_sse_kms_encryption(k),
+                None => b.with_config(sse_key()?, "aws:kms"),
+            };
+            if let Some(enabled) = bucket_key {
+                b = b.with_bucket_key(*enabled);
+            }
+        }
+    }
+    // Responses go through the echo connector so the SSE headers of every answer can be checked.
+    b = b.with_http_connector(super::sse::EchoConnector);
     Ok(b.with_client_options(client_options(env, allow_http, opts.ca_file.as_ref())?))
 }
 
