@@ -197,6 +197,18 @@ fn metadata_persists(env: &Env, store: &Store) {
     assert_bytes(&fs::read(m.path("link")).unwrap(), &b"data", "m.path('link')");
     assert_eq!(fs::read_link(m.path("d/dangling")).unwrap().to_str(), Some("../some/where/else"));
     assert!(fs::symlink_metadata(m.path("link")).unwrap().file_type().is_symlink());
+    // readdir's d_type (what find -type l uses) says symlink too, on a fresh mount.
+    drop(m);
+    let m = Mount::start(env, store, "cse-c");
+    let kinds: std::collections::BTreeMap<String, bool> = fs::read_dir(m.path(""))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), e.file_type().unwrap().is_symlink())
+        })
+        .collect();
+    assert_eq!(kinds.get("link"), Some(&true), "{kinds:?}");
+    assert_eq!(kinds.get("f"), Some(&false), "{kinds:?}");
     // Unsupported kinds fail with a clear errno.
     assert_eq!(fs::hard_link(m.path("f"), m.path("hard")).unwrap_err().raw_os_error(), Some(libc::EPERM));
     let (blocks, namemax) = statvfs(&m.dir);

@@ -691,6 +691,15 @@ impl Fs {
         };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         self.prefetch_metadata(&entries).await;
+        // The metadata tells symlinks from files; report what is known now (d_type is used by find and ls).
+        {
+            let table = lock(&self.table);
+            for e in entries.iter_mut() {
+                if let Some(n) = table.get(e.ino) {
+                    e.kind = n.kind;
+                }
+            }
+        }
         Ok(entries)
     }
 
