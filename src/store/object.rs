@@ -278,7 +278,14 @@ impl Backend for ObjectStoreBackend {
                 self.store
                     .copy(&src, &dst)
                     .await
-                    .map_err(|e| map_err(e, from.as_str()))
+                    .map_err(|e| map_err(e, from.as_str()))?;
+                if self.sse.is_some() {
+                    // object_store's copy returns no response headers: check the copy's encryption with a HEAD.
+                    let opts = GetOptions { head: true, ..GetOptions::default() };
+                    let res = self.store.get_opts(&dst, opts).await.map_err(|e| map_err(e, to.as_str()))?;
+                    self.check_sse(to, &res.extensions)?;
+                }
+                Ok(())
             }
             // object_store cannot send CopyObject with `x-amz-metadata-directive: REPLACE`, so
             // new metadata means downloading and re-uploading the object. The planned upgrade
