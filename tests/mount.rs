@@ -452,3 +452,24 @@ fn https_endpoint_with_a_private_ca() {
     let m = Mount::start_with(&env, &https_store, "cse-c", &[&format!("ca_file={ca}")]);
     assert_bytes(&fs::read(m.path("tls")).unwrap(), &data, "over https");
 }
+
+#[test]
+fn writing_a_file_another_mount_just_replaced_starts_from_the_new_version() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let a = Mount::start_with(&env, &store, "cse-c", &["attr_timeout=30"]);
+    let b = Mount::start(&env, &store, "cse-c");
+    fs::write(a.path("f"), b"version one").unwrap();
+    assert_bytes(fs::read(a.path("f")).unwrap(), b"version one", "a reads its own write");
+    fs::write(b.path("f"), b"version two, longer").unwrap();
+    // Mount a still trusts its (30 s) attributes of version one, but the append must extend version two.
+    {
+        let mut f = fs::OpenOptions::new().append(true).open(a.path("f")).unwrap();
+        f.write_all(b" + appended").unwrap();
+        f.sync_all().unwrap();
+    }
+    drop(a);
+    // Mount b sees the other mount's change once its attribute timeout (1 s) has passed.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_bytes(fs::read(b.path("f")).unwrap(), b"version two, longer + appended", "after the append");
+}

@@ -296,6 +296,13 @@ impl Fs {
         node.validated = Some(Instant::now());
     }
 
+    /// `apply_remote` for a node whose write state is being loaded (nothing local to protect yet).
+    fn apply_remote_even_if_staged(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta) {
+        let ws = node.write.take();
+        self.apply_remote(node, info, meta);
+        node.write = ws;
+    }
+
     fn meta_of(node: &Node) -> UserMeta {
         UserMeta {
             mode: Some(node.mode()),
@@ -1111,28 +1118,52 @@ impl Fs {
         };
         let mut staged = ws.lock().await;
         if !staged.loaded {
-            if let Some(remote) = remote {
-                let reader = self.reader(path.clone(),
-                    remote.etag,
-                    remote.stored_size,
-                    0,
-                )?;
-                let mut offset = 0u64;
-                while offset < reader.plain_size() {
-                    let data = reader.read(offset, STAGE_READ).await?;
-                    if data.is_empty() {
-                        break;
+            if let Some(mut remote) = remote {
+                // About to rewrite the whole object from this copy: make sure it is the version in the store now,
+                // whatever the attribute cache says, or another writer's update would be silently overwritten.
+                let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
+                let current = Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
+                if current != remote {
+                    if let Some(n) = lock(&self.table).get_mut(ino) {
+                        n.remote = Some(current.clone());
+                        self.apply_remote_even_if_staged(n, &info, &meta);
                     }
-                    use std::os::unix::fs::FileExt;
-                    staged.file.write_all_at(&data, offset).map_err(|e| Error::staging(&path, e))?;
-                    offset += data.len() as u64;
+                    remote = current;
                 }
-                staged.size = offset;
+                staged.size = match self.download_into(&path, &remote, &staged.file).await {
+                    // Replaced in the store since we looked (another writer): stage the version there now.
+                    Err(Error::Changed { .. }) => {
+                        let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
+                        let fresh = Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
+                        if let Some(n) = lock(&self.table).get_mut(ino) {
+                            n.remote = Some(fresh.clone());
+                            self.apply_remote_even_if_staged(n, &info, &meta);
+                        }
+                        self.download_into(&path, &fresh, &staged.file).await?
+                    }
+                    other => other?,
+                };
             }
             staged.loaded = true;
         }
         drop(staged);
         Ok(ws)
+    }
+
+    /// Downloads and decrypts one stored version of `path` into a staging file; returns its plaintext size.
+    async fn download_into(&self, path: &str, remote: &Remote, file: &std::fs::File) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let reader = self.reader(path.to_string(), remote.etag.clone(), remote.stored_size, 0)?;
+        let mut offset = 0u64;
+        while offset < reader.plain_size() {
+            let data = reader.read(offset, STAGE_READ).await?;
+            if data.is_empty() {
+                break;
+            }
+            file.write_all_at(&data, offset).map_err(|e| Error::staging(path, e))?;
+            offset += data.len() as u64;
+        }
+        Ok(offset)
     }
 
     pub async fn open(&self, ino: u64, mode: OpenMode) -> Result<u64> {
