@@ -526,12 +526,19 @@ impl Fs {
         let meta = Self::meta_of(&node);
         self.backend.put(&dir_key(&path)?, Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         node.has_marker = true;
+        Ok(self.link_new(parent, node))
+    }
+
+    /// Puts a node this mount just created in the store into the table, counted as one kernel lookup (the entry
+    /// the reply hands to the kernel), and updates the parent's times.
+    fn link_new(&self, parent: u64, mut node: Node) -> Attr {
         node.validated = Some(Instant::now());
         node.lookups = 1;
+        let attr_of = |t: &InodeTable, ino| t.get(ino).map(Node::attr);
         let mut table = lock(&self.table);
         let ino = table.insert(node);
         self.touch_dir(&mut table, parent);
-        Ok(table.get(ino).map(Node::attr).ok_or(Error::NotFound)?)
+        attr_of(&table, ino).unwrap_or_else(|| unreachable!("node {ino} was inserted under the same lock"))
     }
 
     fn touch_dir(&self, table: &mut InodeTable, dir: u64) {
@@ -552,12 +559,7 @@ impl Fs {
         let info = self.put_small(&path, &target, Self::meta_of(&node)).await?;
         node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
         node.link_target = Some(target);
-        node.validated = Some(Instant::now());
-        node.lookups = 1;
-        let mut table = lock(&self.table);
-        let ino = table.insert(node);
-        self.touch_dir(&mut table, parent);
-        Ok(table.get(ino).map(Node::attr).ok_or(Error::NotFound)?)
+        Ok(self.link_new(parent, node))
     }
 
     /// Encrypts and stores a small object held in memory (symlink targets).

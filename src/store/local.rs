@@ -510,9 +510,7 @@ impl Backend for LocalBackend {
         meta: Option<&UserMeta>,
     ) -> Result<(), StoreError> {
         check_same_kind(from, to)?;
-        let encoded = meta
-            .map(|m| meta::encode(m).map(|map| meta::to_lines(&map)))
-            .transpose()?;
+        let encoded = encode_opt(meta)?;
         let (f, t) = (from.clone(), to.clone());
         self.run(from.as_str(), move |s| s.copy(&f, &t, encoded.as_deref()))
             .await
@@ -525,9 +523,7 @@ impl Backend for LocalBackend {
         meta: Option<&UserMeta>,
     ) -> Result<(), StoreError> {
         check_same_kind(from, to)?;
-        let encoded = meta
-            .map(|m| meta::encode(m).map(|map| meta::to_lines(&map)))
-            .transpose()?;
+        let encoded = encode_opt(meta)?;
         let (f, t) = (from.clone(), to.clone());
         self.run(from.as_str(), move |s| s.rename(&f, &t, encoded.as_deref()))
             .await
@@ -557,6 +553,11 @@ impl Backend for LocalBackend {
     async fn check_access(&self) -> Result<(), StoreError> {
         self.run("", |s| s.check_access()).await
     }
+}
+
+/// The xattr form of optional new metadata (None: keep what the object has).
+fn encode_opt(meta: Option<&UserMeta>) -> Result<Option<String>, StoreError> {
+    meta.map(|m| meta::encode(m).map(|map| meta::to_lines(&map))).transpose()
 }
 
 /// A multipart upload: parts are appended to one staged file, published on `complete`.
