@@ -309,6 +309,11 @@ impl Backend for ObjectStoreBackend {
         match meta {
             // object_store's rename is native where the store has one (InMemory) and copy +
             // delete on S3.
+            // With server-side encryption the copy must be checked, which our `copy` does.
+            None if self.sse.is_some() => {
+                self.copy(from, to, None).await?;
+                self.delete(from).await
+            }
             None => {
                 let (src, dst) = (self.path(from)?, self.path(to)?);
                 self.store
