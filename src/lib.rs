@@ -11,12 +11,15 @@
 //!                   ├→ object (mode-specific size and chunk maths)
 //!                   ├→ cache  (byte-bounded LRU of decrypted pages, keyed by key + ETag)
 //!                   ├→ crypto (pure: object format, key wrap, AEAD; no I/O)
+//!                   ├→ kms    (KMS GenerateDataKey/Decrypt for cse-kms, with a bounded data-key cache)
 //!                   └→ store  (facade over object_store and the local directory store)
+//! kms, store → aws   (SigV4-signed requests to APIs object_store does not cover)
 //! keys → crypto      (where keys come from)
 //! ```
 //!
 //! `fs` can be driven directly (tests do), so FUSE stays a translation layer.
 
+pub mod aws;
 pub mod cache;
 pub mod cli;
 pub mod config;

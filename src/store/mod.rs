@@ -47,7 +47,7 @@ pub use error::{BoxError, StoreError};
 pub use local::LocalBackend;
 pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
-pub use s3::{from_url, S3Options, StoreUrl};
+pub use s3::{from_url, signed_client, S3Options, StoreUrl};
 pub use sse::{ServerSideEncryption, SseEcho};
 
 /// Names no key segment may use, because the backends use them internally: the local store's

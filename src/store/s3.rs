@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::client::HttpConnector;
 use object_store::{Certificate, ClientOptions};
 
 use super::error::StoreError;
@@ -110,6 +111,24 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
         }
     };
     Ok((backend, parsed))
+}
+
+/// A signing client for AWS APIs object_store does not cover (KMS, S3 object tagging), with the same credential
+/// chain, region, TLS options and CA file as the store built from `opts`. Nothing is contacted here.
+pub fn signed_client(opts: &S3Options) -> Result<crate::aws::SignedClient, StoreError> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    // The bucket name only satisfies the builder: the credential provider does not depend on it.
+    let builder = s3_builder("s3cryptfs-credentials", opts, &env)?;
+    let region = builder
+        .get_config_value(&AmazonS3ConfigKey::Region)
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let s3 = builder
+        .build()
+        .map_err(|e| StoreError::invalid(format!("cannot configure AWS access: {e}")))?;
+    let http = object_store::client::ReqwestConnector::default()
+        .connect(&client_options(&env, true, opts.ca_file.as_ref())?)
+        .map_err(|e| StoreError::invalid(format!("cannot build the HTTP client: {e}")))?;
+    Ok(crate::aws::SignedClient::new(http, s3.credentials().clone(), region))
 }
 
 /// The S3 builder for `bucket`, with `env` standing in for the process environment where we
