@@ -192,6 +192,8 @@ export S3CRYPTFS_TEST_S3_ENDPOINT=http://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT=https://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_KMS_ENDPOINT=http://127.0.0.1:$PORT
 export S3CRYPTFS_TEST_CA_FILE=$TLS_DIR/ca.pem
+# boto3 comes with LocalStack: tests use it as the independent raw S3 client.
+export S3CRYPTFS_TEST_PYTHON=$VENV/bin/python
 EOF
     cp "$tmp" "$ENV_FILE.tmp.$$" && mv "$ENV_FILE.tmp.$$" "$ENV_FILE"
     mv "$tmp" "$PORT_ENV_FILE"

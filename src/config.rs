@@ -20,6 +20,10 @@ pub enum EncryptionMode {
     SseS3,
     /// Server-side encryption under a KMS key (`aws:kms`, `kms_key_id=`).
     SseKms,
+    /// Server-side encryption with the customer's key, sent with every request (HTTPS only; `key_file=`).
+    SseC,
+    /// Client-side AES-256-GCM; each object's data key comes from KMS GenerateDataKey under `kms_key_id=`.
+    CseKms,
 }
 
 impl EncryptionMode {
@@ -29,6 +33,8 @@ impl EncryptionMode {
             EncryptionMode::CseC => "cse-c",
             EncryptionMode::SseS3 => "sse-s3",
             EncryptionMode::SseKms => "sse-kms",
+            EncryptionMode::SseC => "sse-c",
+            EncryptionMode::CseKms => "cse-kms",
         }
     }
 }
@@ -66,8 +72,11 @@ pub struct MountConfig {
     pub foreground: bool,
     pub mode: EncryptionMode,
     pub key_file: Option<PathBuf>,
-    /// KMS key for sse-kms: a key id, a key ARN or `alias/NAME` (None: the account's default aws/s3 key).
+    /// KMS key for sse-kms (None: the account's default aws/s3 key) and for new objects in cse-kms: a key id, a key
+    /// ARN or `alias/NAME`.
     pub kms_key_id: Option<String>,
+    /// KMS endpoint for cse-kms (default: AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, then the region's KMS).
+    pub kms_endpoint: Option<String>,
     /// S3 Bucket Key for sse-kms (fewer KMS calls); None leaves the bucket's default.
     pub bucket_key: Option<bool>,
     pub endpoint: Option<String>,
@@ -104,8 +113,8 @@ pub enum ConfigError {
     Invalid { name: String, reason: String },
     #[error("mount option 'key' is refused: a key on the command line is readable by every user through /proc; use key_file=PATH instead")]
     RawKeyRefused,
-    #[error("mode=cse-c needs a key: add -o key_file=PATH (create one with `s3cryptfs keygen --output PATH`)")]
-    KeyRequired,
+    #[error("mode={0} needs a key: add -o key_file=PATH (create one with `s3cryptfs keygen --output PATH`)")]
+    KeyRequired(&'static str),
 }
 
 /// Parses a size such as `512`, `64K`, `256M`, `2G` (binary multiples; `KiB`/`MB` spellings accepted).
@@ -176,6 +185,7 @@ impl MountConfig {
             foreground,
             mode: EncryptionMode::CseC,
             key_file: None,
+            kms_endpoint: None,
             kms_key_id: None,
             bucket_key: None,
             endpoint: None,
@@ -207,11 +217,14 @@ impl MountConfig {
                         "none" => EncryptionMode::None,
                         "sse-s3" | "sse_s3" => EncryptionMode::SseS3,
                         "sse-kms" | "sse_kms" => EncryptionMode::SseKms,
+                        "sse-c" | "sse_c" => EncryptionMode::SseC,
+                        "cse-kms" | "cse_kms" => EncryptionMode::CseKms,
                         other => {
                             return Err(ConfigError::Invalid {
                                 name: name.into(),
                                 reason: format!(
-                                    "'{other}' is not a mode this version supports (cse-c, sse-s3, sse-kms, none)"
+                                    "'{other}' is not a mode this version supports \
+                                     (cse-c, cse-kms, sse-s3, sse-kms, sse-c, none)"
                                 ),
                             })
                         }
@@ -220,6 +233,16 @@ impl MountConfig {
                 "key" => return Err(ConfigError::RawKeyRefused),
                 "key_file" => cfg.key_file = Some(PathBuf::from(need()?)),
                 "kms_key_id" => cfg.kms_key_id = Some(need()?),
+                "kms_endpoint" => {
+                    let v = need()?;
+                    if !(v.starts_with("http://") || v.starts_with("https://")) {
+                        return Err(ConfigError::Invalid {
+                            name: name.into(),
+                            reason: format!("'{v}' must start with http:// or https://"),
+                        });
+                    }
+                    cfg.kms_endpoint = Some(v)
+                }
                 "bucket_key" => cfg.bucket_key = Some(parse_bool(name, value.as_deref())?),
                 "endpoint" => {
                     let v = need()?;
@@ -282,13 +305,43 @@ impl MountConfig {
                 _ => return Err(ConfigError::UnknownOption(name.into())),
             }
         }
-        if cfg.mode == EncryptionMode::CseC && cfg.key_file.is_none() {
-            return Err(ConfigError::KeyRequired);
+        if matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::SseC) && cfg.key_file.is_none() {
+            return Err(ConfigError::KeyRequired(cfg.mode.name()));
         }
-        if cfg.mode != EncryptionMode::SseKms && (cfg.kms_key_id.is_some() || cfg.bucket_key.is_some()) {
+        if !matches!(cfg.mode, EncryptionMode::SseKms | EncryptionMode::CseKms) && cfg.kms_key_id.is_some() {
             return Err(ConfigError::Invalid {
                 name: "kms_key_id".into(),
-                reason: "kms_key_id and bucket_key only apply to mode=sse-kms".into(),
+                reason: "kms_key_id only applies to mode=sse-kms and mode=cse-kms".into(),
+            });
+        }
+        if cfg.mode != EncryptionMode::SseKms && cfg.bucket_key.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "bucket_key".into(),
+                reason: "bucket_key only applies to mode=sse-kms".into(),
+            });
+        }
+        if cfg.mode != EncryptionMode::CseKms && cfg.kms_endpoint.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "kms_endpoint".into(),
+                reason: "kms_endpoint only applies to mode=cse-kms (in sse-kms the S3 service calls KMS)".into(),
+            });
+        }
+        if cfg.mode == EncryptionMode::CseKms && cfg.kms_key_id.is_none() && !cfg.read_only {
+            return Err(ConfigError::Invalid {
+                name: "kms_key_id".into(),
+                reason: "mode=cse-kms needs the KMS key that makes each object's data key: add -o kms_key_id=ID, \
+                         ARN or alias/NAME (or mount with ro to only read)"
+                    .into(),
+            });
+        }
+        // The key travels in a header of every request; AWS refuses that over plain http, local servers do not, so
+        // the rule is enforced here (the store repeats it for endpoints that come from the environment).
+        if cfg.mode == EncryptionMode::SseC && cfg.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+            return Err(ConfigError::Invalid {
+                name: "endpoint".into(),
+                reason: "mode=sse-c sends the key with every request, so it needs an https:// endpoint \
+                         (AWS refuses SSE-C over plain http)"
+                    .into(),
             });
         }
         Ok(cfg)
@@ -334,8 +387,32 @@ mod tests {
         assert_eq!(cfg("mode=none,uid").unwrap_err(), ConfigError::MissingValue { name: "uid".into() });
         assert_eq!(cfg("mode=none,ro=1").unwrap_err(), ConfigError::UnexpectedValue { name: "ro".into() });
         assert_eq!(cfg("mode=none,key=abc").unwrap_err(), ConfigError::RawKeyRefused);
-        assert_eq!(cfg("mode=cse-c").unwrap_err(), ConfigError::KeyRequired);
+        assert_eq!(cfg("mode=cse-c").unwrap_err(), ConfigError::KeyRequired("cse-c"));
+        assert_eq!(cfg("mode=sse-c").unwrap_err(), ConfigError::KeyRequired("sse-c"));
         assert!(cfg("mode=sse-x,key_file=/k").unwrap_err().to_string().contains("sse-x"));
+    }
+
+    #[test]
+    fn each_mode_takes_only_its_own_key_options() {
+        assert!(cfg("mode=sse-kms,kms_key_id=k,bucket_key=true").is_ok());
+        assert!(cfg("mode=cse-kms,kms_key_id=alias/data,kms_endpoint=https://kms.example").is_ok());
+        // cse-kms reads cse-c objects too when it is also given a key file.
+        assert!(cfg("mode=cse-kms,kms_key_id=k,key_file=/k").is_ok());
+        assert!(cfg("mode=cse-kms,ro").is_ok(), "a read-only mount needs no key for new objects");
+        let err = cfg("mode=cse-kms").unwrap_err().to_string();
+        assert!(err.contains("kms_key_id"), "{err}");
+        assert!(cfg("mode=cse-c,key_file=/k,kms_key_id=k").unwrap_err().to_string().contains("kms_key_id"));
+        assert!(cfg("mode=cse-kms,kms_key_id=k,bucket_key=true").unwrap_err().to_string().contains("bucket_key"));
+        assert!(cfg("mode=sse-kms,kms_endpoint=https://k").unwrap_err().to_string().contains("kms_endpoint"));
+        assert!(cfg("mode=cse-kms,kms_key_id=k,kms_endpoint=kms.local").is_err());
+    }
+
+    #[test]
+    fn sse_c_refuses_plain_http() {
+        let err = cfg("mode=sse-c,key_file=/k,endpoint=http://127.0.0.1:9000").unwrap_err().to_string();
+        assert!(err.contains("https://"), "{err}");
+        assert!(cfg("mode=sse-c,key_file=/k,endpoint=https://127.0.0.1:9000").is_ok());
+        assert_eq!(cfg("mode=sse_c,key_file=/k").unwrap().mode, EncryptionMode::SseC);
     }
 
     #[test]

@@ -159,7 +159,9 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     )?;
     harden_process();
     let keys = match (&config.mode, &config.key_file) {
-        (EncryptionMode::CseC, Some(path)) => Some(Arc::new(crate::keys::load_key_file(path)?)),
+        (EncryptionMode::CseC | EncryptionMode::SseC | EncryptionMode::CseKms, Some(path)) => {
+            Some(Arc::new(crate::keys::load_key_file(path)?))
+        }
         _ => None,
     };
     check_mountpoint(&config.mountpoint)?;
@@ -288,10 +290,10 @@ fn staging_base(config: &MountConfig) -> PathBuf {
 }
 
 /// Opens the store named by the URL.
-pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>> {
+pub async fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) -> anyhow::Result<Arc<dyn Backend>> {
     let url = &config.store_url;
     if let Some(path) = url.strip_prefix("file://") {
-        if matches!(config.mode, EncryptionMode::SseS3 | EncryptionMode::SseKms) {
+        if matches!(config.mode, EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC) {
             bail!("mode={} is server-side encryption, which only an S3 store does: use s3://bucket, or mode=cse-c for the local store", config.mode.name());
         }
         if !path.starts_with('/') {
@@ -307,10 +309,16 @@ pub async fn open_store(config: &MountConfig) -> anyhow::Result<Arc<dyn Backend>
             key_id: config.kms_key_id.clone(),
             bucket_key: config.bucket_key,
         }),
-        EncryptionMode::None | EncryptionMode::CseC => None,
+        EncryptionMode::None | EncryptionMode::CseC | EncryptionMode::CseKms | EncryptionMode::SseC => None,
+    };
+    let customer_keys = match (config.mode, keys) {
+        (EncryptionMode::SseC, Some(keys)) => Some(crate::store::CustomerKeys(keys.clone())),
+        (EncryptionMode::SseC, None) => bail!("mode=sse-c needs key_file=PATH"),
+        _ => None,
     };
     let opts = S3Options {
         sse,
+        customer_keys,
         endpoint: config.endpoint.clone(),
         region: config.region.clone(),
         ca_file: config.ca_file.clone(),
@@ -345,9 +353,12 @@ async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
 
 fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
-    let codec = match (config.mode, keys) {
+    let codec = match (config.mode, keys.clone()) {
         // Server-side modes store the bytes as they are: the server encrypts them.
-        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms, _) => Codec::Plain,
+        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC, _) => {
+            Codec::Plain
+        }
+        (EncryptionMode::CseKms, _) => bail!("mode=cse-kms is not available yet"),
         (EncryptionMode::CseC, Some(keys)) => Codec::Cse {
             keys,
             aead: match config.aead {
@@ -358,7 +369,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
     };
     let backend = rt.block_on(async {
-        let backend = open_store(&config).await?;
+        let backend = open_store(&config, keys.as_ref()).await?;
         if let Err(e) = backend.check_access().await {
             let mut detail = e.to_string();
             let mut src = std::error::Error::source(&e);

@@ -1,5 +1,6 @@
-//! Server-side encryption modes (sse-s3, sse-kms) through a real mount against the S3 test server, checked with a
-//! raw client: the server must report the encryption on every object, and a raw client reads what the mount wrote.
+//! Server-side encryption modes (sse-s3, sse-kms, sse-c) through a real mount against the S3 test server, checked
+//! with raw clients (curl, and boto3 through tests/tools/raw_s3.py): the server must report the encryption on every
+//! object, a raw client reads what the mount wrote, and the mount reads what a raw client wrote.
 
 mod common;
 
@@ -111,4 +112,161 @@ fn server_side_modes_refuse_the_local_store() {
         Err(e) => e,
     };
     assert!(err.contains("only an S3 store"), "{err}");
+}
+
+/// Mount options for the test server over HTTPS (sse-c refuses plain http).
+fn https_options() -> Vec<String> {
+    let ep = std::env::var("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT").expect("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT (scripts/test.sh)");
+    let ca = std::env::var("S3CRYPTFS_TEST_CA_FILE").expect("S3CRYPTFS_TEST_CA_FILE (scripts/test.sh)");
+    vec![format!("endpoint={ep}"), format!("ca_file={ca}")]
+}
+
+/// Runs tests/tools/raw_s3.py (boto3): `Ok(stdout)` or `Err(the S3 error code)`.
+fn boto3(args: &[&str]) -> Result<String, String> {
+    let python = std::env::var("S3CRYPTFS_TEST_PYTHON").expect("S3CRYPTFS_TEST_PYTHON (scripts/test.sh)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/raw_s3.py");
+    let out = Command::new(python).arg(script).args(args).output().unwrap();
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).to_string()),
+        Some(3) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        _ => panic!("raw_s3.py {args:?} crashed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// The base64 MD5 of the key on line `line` of a key file, as SSE-C headers carry it.
+fn key_md5(key_file: &std::path::Path, line: usize) -> String {
+    use base64::Engine;
+    let text = fs::read_to_string(key_file).unwrap();
+    let b64 = text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).nth(line - 1).unwrap();
+    let key = base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim().trim_end_matches('=')).unwrap();
+    s3cryptfs::store::key_md5(&key)
+}
+
+/// A key file whose first (writing) line is a new key and whose second line is `old`'s key.
+fn rotated_key_file(env: &Env) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let fresh = env.path().join("fresh-key");
+    let out = Command::new(env!("CARGO_BIN_EXE_s3cryptfs")).args(["keygen", "--output"]).arg(&fresh).output().unwrap();
+    assert!(out.status.success());
+    let path = env.path().join("rotated-key");
+    let text = format!("{}\n{}", fs::read_to_string(&fresh).unwrap(), fs::read_to_string(&env.key_file).unwrap());
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn errno_of(r: std::io::Result<Vec<u8>>) -> i32 {
+    r.expect_err("the read must fail").raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn sse_c_round_trips_over_https_and_agrees_with_a_raw_client() {
+    let env = Env::new();
+    let store = Store::s3();
+    let (_, bucket) = endpoint(&store);
+    let https = https_options();
+    let opts: Vec<&str> = https.iter().map(String::as_str).collect();
+    let key_file = env.key_file.to_str().unwrap().to_string();
+
+    let big = round_trip(&env, &store, "sse-c", &opts);
+    {
+        // Truncate (shrink) and append, then read back after a remount.
+        let m = Mount::start_with(&env, &store, "sse-c", &opts);
+        let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+        f.set_len(1000).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let mut f = fs::OpenOptions::new().append(true).open(m.path("renamed")).unwrap();
+        std::io::Write::write_all(&mut f, b"+more").unwrap();
+        f.sync_all().unwrap();
+    }
+    let m = Mount::start_with(&env, &store, "sse-c", &opts);
+    assert_bytes(fs::read(m.path("big")).unwrap(), &big[..1000], "truncated after remount");
+    assert_bytes(fs::read(m.path("renamed")).unwrap(), b"server-side+more", "appended after remount");
+
+    // boto3 with the key: the server reports SSE-C under our key, and the content is the plaintext.
+    let md5 = key_md5(&env.key_file, 1);
+    for key in ["renamed", "big"] {
+        let head = boto3(&["head", &bucket, key, "--key-file", &key_file]).unwrap();
+        assert!(head.contains("\"SSECustomerAlgorithm\": \"AES256\""), "{key}: {head}");
+        assert!(head.contains(&md5), "{key} is not under our key ({md5}): {head}");
+    }
+    let out = env.path().join("raw-download");
+    boto3(&["get", &bucket, "renamed", out.to_str().unwrap(), "--key-file", &key_file]).unwrap();
+    assert_bytes(fs::read(&out).unwrap(), b"server-side+more", "boto3 reads what the mount wrote");
+    // Without the key, or with another key, the server refuses.
+    let code = boto3(&["get", &bucket, "renamed", out.to_str().unwrap()]).unwrap_err();
+    assert!(code.contains("400") || code.contains("InvalidRequest") || code.contains("BadRequest"), "{code}");
+    let other = rotated_key_file(&env); // its first line is a key the object was not written with
+    let code = boto3(&["get", &bucket, "renamed", out.to_str().unwrap(), "--key-file", other.to_str().unwrap()]).unwrap_err();
+    assert!(code.contains("403") || code.contains("AccessDenied") || code.contains("Forbidden"), "{code}");
+
+    // The mount reads what boto3 wrote with the key.
+    let src = env.path().join("raw-upload");
+    fs::write(&src, b"written by boto3").unwrap();
+    boto3(&["put", &bucket, "from-boto3", src.to_str().unwrap(), "--key-file", &key_file]).unwrap();
+    assert_bytes(fs::read(m.path("from-boto3")).unwrap(), b"written by boto3", "the mount reads boto3's object");
+    drop(m);
+
+    // Another key file only: reads fail cleanly (EIO or EACCES) and the log says which key the object needs.
+    let stranger = Env::new();
+    let m = Mount::start_with(&stranger, &store, "sse-c", &opts);
+    let errno = errno_of(fs::read(m.path("renamed")));
+    assert!(errno == libc::EIO || errno == libc::EACCES, "errno {errno}");
+    let log = m.unmount();
+    assert!(log.contains("renamed") && log.contains(&md5) && log.contains("not in the key file"), "{log}");
+}
+
+#[test]
+fn sse_c_reads_pick_the_key_from_the_history_and_write_with_the_first() {
+    let env = Env::new();
+    let store = Store::s3();
+    let (_, bucket) = endpoint(&store);
+    let https = https_options();
+    let mut opts: Vec<&str> = https.iter().map(String::as_str).collect();
+    let old_key_file = env.key_file.to_str().unwrap().to_string();
+
+    let m = Mount::start_with(&env, &store, "sse-c", &opts);
+    fs::write(m.path("old"), b"under the old key").unwrap();
+    drop(m);
+    // An object a raw client wrote under the old key: it has no key tag.
+    let src = env.path().join("raw-upload");
+    fs::write(&src, b"untagged, old key").unwrap();
+    boto3(&["put", &bucket, "untagged", src.to_str().unwrap(), "--key-file", &old_key_file]).unwrap();
+
+    let rotated = rotated_key_file(&env);
+    let key_opt = format!("key_file={}", rotated.display());
+    opts.push(&key_opt);
+    let m = Mount::start_with(&env, &store, "sse-c", &opts);
+    assert_bytes(fs::read(m.path("old")).unwrap(), b"under the old key", "old object through the history");
+    assert_bytes(fs::read(m.path("untagged")).unwrap(), b"untagged, old key", "untagged object through the history");
+    fs::write(m.path("new"), b"under the new key").unwrap();
+    fs::rename(m.path("old"), m.path("old-renamed")).unwrap();
+    assert_bytes(fs::read(m.path("old-renamed")).unwrap(), b"under the old key", "renamed old object");
+    let log = m.unmount();
+    // The tagged object was opened by its tag; only the untagged one needed the other keys tried.
+    assert!(log.contains("no SSE-C key tag") && log.contains("untagged"), "{log}");
+    assert_eq!(log.matches("no SSE-C key tag").count(), 1, "{log}");
+
+    let new_md5 = key_md5(&rotated, 1);
+    let old_md5 = key_md5(&rotated, 2);
+    let tags = boto3(&["tags", &bucket, "old-renamed"]).unwrap();
+    assert!(tags.contains(&format!("\"s3cryptfs-ssec-key-md5\": \"{old_md5}\"")), "{tags}");
+    let head = boto3(&["head", &bucket, "new", "--key-file", rotated.to_str().unwrap()]).unwrap();
+    assert!(head.contains(&new_md5), "new objects use the first key: {head}");
+    // A rename is a server-side copy with the source's key: the object stays readable with the old key.
+    let head = boto3(&["head", &bucket, "old-renamed", "--key-file", &old_key_file]).unwrap();
+    assert!(head.contains(&old_md5), "{head}");
+}
+
+#[test]
+fn sse_c_refuses_plain_http() {
+    let env = Env::new();
+    let store = Store::s3();
+    // The test store's own endpoint option is http://.
+    let err = match Mount::try_start(&env, &store, "sse-c", &[]) {
+        Ok(_) => panic!("sse-c mounted over plain http"),
+        Err(e) => e,
+    };
+    assert!(err.contains("https"), "{err}");
 }

@@ -103,6 +103,11 @@ impl KeyHistory {
         self.keys.is_empty()
     }
 
+    /// The keys in file order, the encrypting key first.
+    pub fn keys(&self) -> impl Iterator<Item = &Key256> {
+        self.keys.iter()
+    }
+
     /// Fingerprints in file order, for diagnostics.
     pub fn fingerprints(&self) -> Vec<KeyFingerprint> {
         self.keys.iter().map(Key256::fingerprint).collect()

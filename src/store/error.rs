@@ -58,6 +58,10 @@ pub enum StoreError {
     #[error("object {key:?}: {detail}")]
     EncryptionNotConfirmed { key: String, detail: String },
 
+    /// The object is encrypted under a server-side customer key (SSE-C) the mount does not hold.
+    #[error("object {key:?}: {detail}")]
+    WrongKey { key: String, detail: String },
+
     /// The backend cannot do this operation at all.
     #[error("the object store does not support {operation}")]
     Unsupported { operation: String },

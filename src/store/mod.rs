@@ -32,6 +32,7 @@ mod object;
 mod profile;
 mod s3;
 mod sse;
+mod ssec;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +50,7 @@ pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
 pub use s3::{from_url, signed_client, S3Options, StoreUrl};
 pub use sse::{ServerSideEncryption, SseEcho};
+pub use ssec::{key_md5, CustomerKeyStores, CustomerKeys, TaggedKey, KEY_MD5_TAG};
 
 /// Names no key segment may use, because the backends use them internally: the local store's
 /// staging directory and the object-store file standing in for a directory marker.

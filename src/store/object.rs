@@ -37,9 +37,23 @@ pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     /// Server-side encryption every write must be confirmed with (see `sse`).
     sse: Option<super::ServerSideEncryption>,
+    /// SSE-C: one client per customer key, and which one opens which object (see `ssec`). `store` and `sse` are
+    /// then the writing key's.
+    ssec: Option<Arc<super::CustomerKeyStores>>,
     /// Mount prefix without slashes at either end; empty for the bucket root.
     prefix: String,
 }
+
+/// The client that served a request, with what its answers must confirm.
+struct Keyed {
+    store: Arc<dyn ObjectStore>,
+    sse: Option<super::ServerSideEncryption>,
+    index: usize,
+}
+
+/// Appended to "access denied" on writes in mode sse-c.
+const SSE_C_BLOCKED_HINT: &str = "with sse-c this also happens when the bucket blocks SSE-C, which new AWS buckets do \
+     by default since April 2026: the bucket owner must allow SSE-C in the bucket's default encryption settings";
 
 impl ObjectStoreBackend {
     /// Wrap `store`; `prefix` (e.g. `some/prefix` or `some/prefix/`, or `""`) is prepended to
@@ -51,7 +65,89 @@ impl ObjectStoreBackend {
                 StoreError::invalid(format!("invalid bucket prefix {prefix:?}: {e}"))
             })?;
         }
-        Ok(ObjectStoreBackend { store, sse: None, prefix })
+        Ok(ObjectStoreBackend { store, sse: None, ssec: None, prefix })
+    }
+
+    /// SSE-C with a key history: writes use the first key, reads the key that encrypted the object.
+    pub fn with_customer_keys(mut self, stores: super::CustomerKeyStores) -> Self {
+        let (store, sse) = stores.writer();
+        self.store = store;
+        self.sse = Some(sse);
+        self.ssec = Some(Arc::new(stores));
+        self
+    }
+
+    /// Runs `op` with the client whose SSE-C key opens `path` (see `ssec`); without SSE-C, with the only client.
+    async fn keyed<T, F, Fut>(&self, key: &ObjectKey, path: &Path, op: F) -> Result<(T, Keyed), StoreError>
+    where
+        F: Fn(Arc<dyn ObjectStore>) -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let Some(ssec) = &self.ssec else {
+            let t = op(self.store.clone()).await.map_err(|e| map_err(e, key.as_str()))?;
+            return Ok((t, Keyed { store: self.store.clone(), sse: self.sse.clone(), index: 0 }));
+        };
+        let p = path.as_ref();
+        let first = ssec.first_choice(p);
+        let (store, sse) = ssec.client(first);
+        let err = match op(store.clone()).await {
+            Ok(t) => return Ok((t, Keyed { store, sse: Some(sse), index: first })),
+            Err(e @ object_store::Error::NotFound { .. }) => return Err(map_err(e, key.as_str())),
+            Err(e) => e,
+        };
+        let candidates: Vec<usize> = match ssec.tagged_key(p).await {
+            super::TaggedKey::Index(i) if i == first => return Err(map_err(err, key.as_str())),
+            super::TaggedKey::Index(i) => vec![i],
+            super::TaggedKey::NotInHistory(md5) => {
+                return Err(StoreError::WrongKey {
+                    key: key.to_string(),
+                    detail: format!(
+                        "it is encrypted with the SSE-C key whose MD5 is {md5}, which is not in the key file \
+                         (the server said: {})",
+                        chain_text(&err)
+                    ),
+                })
+            }
+            // Written by another tool: no fingerprint to go by, so the other keys are tried in order.
+            super::TaggedKey::Unknown => {
+                let rest: Vec<usize> = (0..ssec.len()).filter(|&i| i != first).collect();
+                if !rest.is_empty() {
+                    tracing::info!(key = key.as_str(), "object has no SSE-C key tag; trying the other keys of the key file");
+                }
+                rest
+            }
+        };
+        for i in candidates {
+            let (store, sse) = ssec.client(i);
+            if let Ok(t) = op(store.clone()).await {
+                ssec.remember(p, i);
+                return Ok((t, Keyed { store, sse: Some(sse), index: i }));
+            }
+        }
+        Err(match map_err(err, key.as_str()) {
+            StoreError::AccessDenied { detail, .. } => StoreError::WrongKey {
+                key: key.to_string(),
+                detail: format!("no key in the key file opens it with SSE-C, or access is denied ({detail})"),
+            },
+            StoreError::Other { source, .. } => StoreError::WrongKey {
+                key: key.to_string(),
+                detail: format!(
+                    "no key in the key file opens it with SSE-C, or it is not SSE-C encrypted ({})",
+                    chain_text(source.as_ref())
+                ),
+            },
+            other => other,
+        })
+    }
+
+    /// Adds the SSE-C hint to a refused write.
+    fn write_error(&self, e: object_store::Error, key: &ObjectKey) -> StoreError {
+        match (map_err(e, key.as_str()), &self.ssec) {
+            (StoreError::AccessDenied { key, detail }, Some(_)) => {
+                StoreError::AccessDenied { key, detail: format!("{detail}; {SSE_C_BLOCKED_HINT}") }
+            }
+            (other, _) => other,
+        }
     }
 
     /// Refuse every write whose response does not confirm `sse` (the store must have been built with
@@ -134,11 +230,18 @@ impl ObjectStoreBackend {
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         let path = self.path(key)?;
         let head = opts.head;
-        let res = self
-            .store
-            .get_opts(&path, opts)
-            .await
-            .map_err(|e| map_err(e, key.as_str()))?;
+        let (res, keyed) = self
+            .keyed(key, &path, |store| {
+                let (path, opts) = (path.clone(), opts.clone());
+                async move { store.get_opts(&path, opts).await }
+            })
+            .await?;
+        // With SSE-C the answer must say the server decrypted with the key we sent.
+        if let Some(sse @ super::ServerSideEncryption::Customer { .. }) = &keyed.sse {
+            sse.verify(res.extensions.get::<super::SseEcho>()).map_err(|detail| {
+                StoreError::EncryptionNotConfirmed { key: key.to_string(), detail }
+            })?;
+        }
         let info = Self::info(key, &res.meta);
         let meta = attrs_to_meta(&res.attributes);
         let body = if head {
@@ -161,14 +264,18 @@ impl ObjectStoreBackend {
         let opts = PutOptions {
             mode,
             attributes: meta_to_attrs(meta)?,
+            tags: self.ssec.as_ref().map(|s| s.write_tags()).unwrap_or_default(),
             ..PutOptions::default()
         };
         let res = self
             .store
             .put_opts(&path, PutPayload::from(body), opts)
             .await
-            .map_err(|e| map_err(e, key.as_str()))?;
+            .map_err(|e| self.write_error(e, key))?;
         self.check_sse(key, &res.extensions)?;
+        if let Some(ssec) = &self.ssec {
+            ssec.remember(path.as_ref(), 0);
+        }
         Ok(ObjectInfo {
             key: key.clone(),
             size,
@@ -249,15 +356,20 @@ impl Backend for ObjectStoreBackend {
         let path = self.path(key)?;
         let opts = PutMultipartOptions {
             attributes: meta_to_attrs(meta)?,
+            tags: self.ssec.as_ref().map(|s| s.write_tags()).unwrap_or_default(),
             ..PutMultipartOptions::default()
         };
         let inner = self
             .store
             .put_multipart_opts(&path, opts)
             .await
-            .map_err(|e| map_err(e, key.as_str()))?;
+            .map_err(|e| self.write_error(e, key))?;
+        if let Some(ssec) = &self.ssec {
+            ssec.remember(path.as_ref(), 0);
+        }
         Ok(Box::new(ObjectStoreUpload {
             sse: self.sse.clone(),
+            head_after: self.ssec.as_ref().map(|_| (self.store.clone(), path)),
             inner,
             key: key.clone(),
             size: 0,
@@ -275,15 +387,24 @@ impl Backend for ObjectStoreBackend {
             // S3 CopyObject keeps the source metadata (directive COPY), which is what we want.
             None => {
                 let (src, dst) = (self.path(from)?, self.path(to)?);
-                self.store
-                    .copy(&src, &dst)
-                    .await
-                    .map_err(|e| map_err(e, from.as_str()))?;
-                if self.sse.is_some() {
+                // With SSE-C the copy is made with the source's key (source and target headers carry the same
+                // key), so the target stays readable with the key that opened the source.
+                let ((), keyed) = self
+                    .keyed(from, &src, |store| {
+                        let (src, dst) = (src.clone(), dst.clone());
+                        async move { store.copy(&src, &dst).await }
+                    })
+                    .await?;
+                if let Some(ssec) = &self.ssec {
+                    ssec.remember(dst.as_ref(), keyed.index);
+                }
+                if let Some(sse) = &keyed.sse {
                     // object_store's copy returns no response headers: check the copy's encryption with a HEAD.
                     let opts = GetOptions { head: true, ..GetOptions::default() };
-                    let res = self.store.get_opts(&dst, opts).await.map_err(|e| map_err(e, to.as_str()))?;
-                    self.check_sse(to, &res.extensions)?;
+                    let res = keyed.store.get_opts(&dst, opts).await.map_err(|e| map_err(e, to.as_str()))?;
+                    sse.verify(res.extensions.get::<super::SseEcho>()).map_err(|detail| {
+                        StoreError::EncryptionNotConfirmed { key: to.to_string(), detail }
+                    })?;
                 }
                 Ok(())
             }
@@ -338,11 +459,12 @@ impl Backend for ObjectStoreBackend {
         // is conditional on the etag we read so a concurrent rewrite of the content is not
         // silently reverted; stores without conditional put get a plain PUT.
         let path = self.path(key)?;
-        let res = self
-            .store
-            .get_opts(&path, GetOptions::default())
-            .await
-            .map_err(|e| map_err(e, key.as_str()))?;
+        let (res, _) = self
+            .keyed(key, &path, |store| {
+                let path = path.clone();
+                async move { store.get_opts(&path, GetOptions::default()).await }
+            })
+            .await?;
         let version = UpdateVersion {
             e_tag: res.meta.e_tag.clone(),
             version: res.meta.version.clone(),
@@ -364,6 +486,9 @@ impl Backend for ObjectStoreBackend {
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        if let Some(ssec) = &self.ssec {
+            ssec.forget(path.as_ref());
+        }
         match self.store.delete(&path).await {
             Ok(()) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -462,6 +587,9 @@ fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {
 
 struct ObjectStoreUpload {
     sse: Option<super::ServerSideEncryption>,
+    /// SSE-C: CompleteMultipartUpload does not echo the customer-key headers (UploadPart does, but object_store
+    /// keeps part answers to itself), so the finished object is checked with a HEAD under the key.
+    head_after: Option<(Arc<dyn ObjectStore>, Path)>,
     inner: Box<dyn MultipartUpload>,
     key: ObjectKey,
     size: u64,
@@ -485,8 +613,17 @@ impl Upload for ObjectStoreUpload {
             .await
             .map_err(|e| map_err(e, self.key.as_str()))?;
         if let Some(sse) = &self.sse {
-            sse.verify(res.extensions.get::<super::SseEcho>()).map_err(|detail| {
-                StoreError::EncryptionNotConfirmed { key: self.key.to_string(), detail }
+            let echo = match &self.head_after {
+                None => res.extensions.get::<super::SseEcho>().cloned(),
+                Some((store, path)) => {
+                    let opts = GetOptions { head: true, ..GetOptions::default() };
+                    let head = store.get_opts(path, opts).await.map_err(|e| map_err(e, self.key.as_str()))?;
+                    head.extensions.get::<super::SseEcho>().cloned()
+                }
+            };
+            sse.verify(echo.as_ref()).map_err(|detail| StoreError::EncryptionNotConfirmed {
+                key: self.key.to_string(),
+                detail,
             })?;
         }
         Ok(ObjectInfo {

@@ -36,6 +36,8 @@ pub struct S3Options {
     pub ca_file: Option<PathBuf>,
     /// Permit plain http; implied when the endpoint starts with `http://`.
     pub allow_http: bool,
+    /// SSE-C: the customer keys (the first writes). Requires https.
+    pub customer_keys: Option<super::CustomerKeys>,
 }
 
 /// A parsed mount URL.
@@ -104,13 +106,51 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
         StoreUrl::S3 { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
             let builder = s3_builder(bucket, opts, &env)?;
-            let s3 = builder.build().map_err(|e| {
-                StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
-            })?;
-            Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()))
+            if let Some(keys) = &opts.customer_keys {
+                let stores = customer_key_stores(&builder, opts, &keys.0)?;
+                let (writer, _) = stores.writer();
+                Arc::new(ObjectStoreBackend::new(writer, prefix)?.with_customer_keys(stores))
+            } else {
+                let s3 = builder.build().map_err(|e| {
+                    StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
+                })?;
+                Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()))
+            }
         }
     };
     Ok((backend, parsed))
+}
+
+/// The SSE-C clients, after checking that the key will only travel over https.
+fn customer_key_stores(
+    builder: &AmazonS3Builder,
+    opts: &S3Options,
+    keys: &crate::crypto::KeyHistory,
+) -> Result<super::CustomerKeyStores, StoreError> {
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    let plain = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+    if plain || opts.allow_http {
+        return Err(StoreError::invalid(format!(
+            "mode=sse-c sends the key with every request, so it needs https; the endpoint {} is plain http \
+             (AWS refuses SSE-C over http): use an https:// endpoint",
+            endpoint.as_deref().unwrap_or("(AWS_ALLOW_HTTP)")
+        )));
+    }
+    let region = builder
+        .get_config_value(&AmazonS3ConfigKey::Region)
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let bucket = builder.get_config_value(&AmazonS3ConfigKey::Bucket).unwrap_or_default();
+    let virtual_hosted = builder
+        .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+        .is_some_and(|v| v == "true");
+    // The same URL rules as object_store's builder, so the tagging request addresses the same object.
+    let bucket_url = match (endpoint, virtual_hosted) {
+        (Some(e), true) => e.trim_end_matches('/').to_string(),
+        (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
+        (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+        (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+    };
+    super::CustomerKeyStores::build(builder, keys, signed_client(opts)?, bucket_url)
 }
 
 /// A signing client for AWS APIs object_store does not cover (KMS, S3 object tagging), with the same credential
@@ -179,7 +219,8 @@ fn s3_builder(
             .map_err(|e| StoreError::invalid(format!("object_store lacks the SSE setting: {e}")))
     };
     match &opts.sse {
-        None => {}
+        // SSE-C keys come through `customer_keys`, one client per key.
+        None | Some(super::ServerSideEncryption::Customer { .. }) => {}
         Some(super::ServerSideEncryption::S3) => {
             b = b.with_config(sse_key()?, "AES256");
         }

@@ -1,4 +1,4 @@
-//! Server-side encryption (SSE-S3, SSE-KMS): asking for it, and checking that the server did it.
+//! Server-side encryption (SSE-S3, SSE-KMS, SSE-C): asking for it, and checking that the server did it.
 //!
 //! object_store sends the request headers (`x-amz-server-side-encryption`, `-aws-kms-key-id`, `-bucket-key-enabled`)
 //! but returns no response headers. A server that silently ignores the request (several S3-compatible servers do)
@@ -21,6 +21,9 @@ pub enum ServerSideEncryption {
     /// SSE-KMS: `aws:kms` under `key_id` (a key id, an ARN or `alias/NAME`; `None` = the account's default
     /// `aws/s3` key), optionally with an S3 Bucket Key.
     Kms { key_id: Option<String>, bucket_key: Option<bool> },
+    /// SSE-C: the customer's key goes with every request; the server must answer with the key's MD5 (base64), which
+    /// names the key without revealing it.
+    Customer { key_md5: String },
 }
 
 /// The SSE headers of one response.
@@ -28,6 +31,9 @@ pub enum ServerSideEncryption {
 pub struct SseEcho {
     pub algorithm: Option<String>,
     pub kms_key_id: Option<String>,
+    /// SSE-C: `x-amz-server-side-encryption-customer-algorithm` and `-customer-key-MD5`.
+    pub customer_algorithm: Option<String>,
+    pub customer_key_md5: Option<String>,
 }
 
 impl ServerSideEncryption {
@@ -36,6 +42,18 @@ impl ServerSideEncryption {
         let echo = echo.cloned().unwrap_or_default();
         let algorithm = echo.algorithm.as_deref();
         match self {
+            ServerSideEncryption::Customer { key_md5 } => {
+                match (echo.customer_algorithm.as_deref(), echo.customer_key_md5.as_deref()) {
+                    (Some("AES256"), Some(md5)) if md5 == key_md5 => Ok(()),
+                    (Some("AES256"), Some(md5)) => {
+                        Err(format!("the server used the SSE-C key with MD5 {md5}, not ours ({key_md5})"))
+                    }
+                    (Some(other), _) => Err(format!("the server answered SSE-C algorithm {other:?}, not AES256")),
+                    (None, _) => Err("the server did not confirm SSE-C (no x-amz-server-side-encryption-customer-\
+                                      algorithm in its answer): it may not support customer keys"
+                        .into()),
+                }
+            }
             ServerSideEncryption::S3 => match algorithm {
                 Some("AES256") => Ok(()),
                 Some(other) => Err(format!("the server answered server-side encryption {other:?}, not AES256")),
@@ -101,6 +119,8 @@ impl HttpService for EchoService {
         let echo = SseEcho {
             algorithm: header(&resp, "x-amz-server-side-encryption"),
             kms_key_id: header(&resp, "x-amz-server-side-encryption-aws-kms-key-id"),
+            customer_algorithm: header(&resp, "x-amz-server-side-encryption-customer-algorithm"),
+            customer_key_md5: header(&resp, "x-amz-server-side-encryption-customer-key-md5"),
         };
         resp.extensions_mut().insert(echo);
         Ok(resp)
@@ -112,7 +132,26 @@ mod tests {
     use super::*;
 
     fn echo(alg: Option<&str>, key: Option<&str>) -> SseEcho {
-        SseEcho { algorithm: alg.map(Into::into), kms_key_id: key.map(Into::into) }
+        SseEcho { algorithm: alg.map(Into::into), kms_key_id: key.map(Into::into), ..SseEcho::default() }
+    }
+
+    #[test]
+    fn sse_c_needs_the_algorithm_and_our_key_md5_in_the_answer() {
+        let ours = ServerSideEncryption::Customer { key_md5: "bWQ1LW9mLW91ci1rZXk=".into() };
+        let answer = |alg: Option<&str>, md5: Option<&str>| SseEcho {
+            customer_algorithm: alg.map(Into::into),
+            customer_key_md5: md5.map(Into::into),
+            ..SseEcho::default()
+        };
+        assert!(ours.verify(Some(&answer(Some("AES256"), Some("bWQ1LW9mLW91ci1rZXk=")))).is_ok());
+        // A server that ignores SSE-C headers answers with neither.
+        assert!(ours.verify(None).unwrap_err().contains("did not confirm SSE-C"));
+        assert!(ours.verify(Some(&answer(None, None))).is_err());
+        let err = ours.verify(Some(&answer(Some("AES256"), Some("b3RoZXI=")))).unwrap_err();
+        assert!(err.contains("b3RoZXI="), "{err}");
+        // Plain SSE-S3 in the answer is not SSE-C.
+        let s3 = SseEcho { algorithm: Some("AES256".into()), ..SseEcho::default() };
+        assert!(ours.verify(Some(&s3)).is_err());
     }
 
     #[test]
