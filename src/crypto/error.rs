@@ -59,11 +59,28 @@ pub enum CryptoError {
     /// Written by a newer (or unknown) format version.
     #[error("the object uses format version {found}, which this s3cryptfs does not support; upgrade s3cryptfs")]
     UnsupportedVersion { found: u16 },
-    /// The data key is wrapped in a way this build cannot unwrap (e.g. KMS).
+    /// The data key is wrapped in a way this build does not know (a kind newer than 2).
     #[error(
-        "the object's data key uses envelope kind {kind}, which this s3cryptfs does not support"
+        "the object's data key uses envelope kind {kind}, which this s3cryptfs does not support; upgrade s3cryptfs"
     )]
     UnsupportedEnvelope { kind: u8 },
+    /// A kind-2 (KMS) object met on the customer-key path. The key id is a
+    /// public KMS key ARN, not key material.
+    #[error("the object's data key is wrapped by KMS key {key_id}; mount with mode=cse-kms")]
+    NeedsKms { key_id: String },
+    /// A kind-1 (customer key) object met on the KMS path.
+    #[error(
+        "the object's data key is wrapped by a customer key (fingerprint {fingerprint}), not by KMS; \
+         mount with mode=cse-c and the key file that contains that key"
+    )]
+    NeedsCustomerKey { fingerprint: KeyFingerprint },
+    /// What KMS returned cannot be stored in a header (writing only; a reader
+    /// meeting the same problem reports `Malformed`).
+    #[error(
+        "the KMS data key cannot be stored in the object header: {what}; \
+         the KMS endpoint returned a key id or ciphertext blob unlike AWS KMS's"
+    )]
+    InvalidKmsEnvelope { what: &'static str },
     /// The header is structurally invalid.
     #[error("the object header is malformed: {what}")]
     Malformed { what: &'static str },

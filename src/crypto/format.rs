@@ -9,14 +9,34 @@
 //! plaintext and ciphertext sizes a bijection, which [`plain_size`] relies on to
 //! reject truncated or extended objects before any decryption.
 //!
+//! The header carries the data key in an envelope whose kind byte says how it
+//! is protected:
+//! - kind 1 ([`Envelope::CustomerKey`], mode cse-c): AES-256-GCM under a key
+//!   from the key file, with header bytes 0..34 as AAD, so the wrap
+//!   authenticates every header byte;
+//! - kind 2 ([`Envelope::Kms`], mode cse-kms): the `CiphertextBlob` of a KMS
+//!   `GenerateDataKey` call and the id of the KMS key that made it. This module
+//!   checks its structure; only KMS can authenticate it (see below).
+//!
+//! Header integrity for kind 2. Every prefix field except the file id has one
+//! legal value that [`Header::decode`] checks (magic, version, kind, chunk size,
+//! flags), the envelope length must equal `2 + K + 2 + B` exactly, and the
+//! padding must be zero, so these bytes cannot change without an error. The
+//! file id is bound twice: the KMS encryption context names it (a blob copied
+//! into another object's header does not decrypt there), and every chunk AAD
+//! contains it. The blob is authenticated by KMS itself. The key id is not
+//! authenticated, but a symmetric KMS blob records the key that made it, so a
+//! changed key id can only make `Decrypt` fail (when it is passed as `KeyId`)
+//! or be ignored; it can never select another data key.
+//!
 //! This module only parses and lays out bytes; wrapping and unwrapping the data
-//! key is `object.rs`'s job.
+//! key is `object.rs`'s job, and KMS calls happen outside `crypto` altogether.
 
 use std::fmt;
 use std::ops::Range;
 
 use super::error::{CryptoError, FormatError};
-use super::secret::{write_hex, KeyFingerprint, FINGERPRINT_LEN};
+use super::secret::{fill_random, write_hex, KeyFingerprint, FINGERPRINT_LEN};
 
 pub use super::aead::{NONCE_LEN, TAG_LEN};
 
@@ -46,6 +66,13 @@ pub const MAX_ENVELOPE_LEN: usize = HEADER_LEN as usize - HEADER_FIXED_LEN;
 pub const WRAPPED_KEY_LEN: usize = 32 + TAG_LEN;
 /// Length of a customer-key envelope: fingerprint || wrap nonce || wrapped key.
 pub const CUSTOMER_KEY_ENVELOPE_LEN: usize = FINGERPRINT_LEN + NONCE_LEN + WRAPPED_KEY_LEN;
+/// Bytes of a KMS envelope besides its two fields: the two u16 lengths.
+pub const KMS_ENVELOPE_FIXED_LEN: usize = 2 + 2;
+/// Longest KMS key id a kind-2 envelope may carry. What KMS reports is a key
+/// ARN, about 75 bytes in the commercial partition and under 128 in any other;
+/// 255 leaves room for every ARN and still leaves 219 bytes for the blob, more
+/// than the 184 bytes of an AWS KMS blob for a 256-bit data key.
+pub const MAX_KMS_KEY_ID_LEN: usize = 255;
 /// Largest plaintext the size functions accept: 4 EiB, far beyond any store,
 /// chosen so that `cipher_size` can never overflow a `u64`.
 pub const MAX_PLAIN_LEN: u64 = 1 << 62;
@@ -54,7 +81,7 @@ pub const MIN_CIPHER_LEN: u64 = HEADER_LEN + CHUNK_OVERHEAD;
 
 /// Envelope kind byte: data key wrapped with a customer key (mode cse-c).
 pub const ENVELOPE_CUSTOMER_KEY: u8 = 1;
-/// Envelope kind byte reserved for a KMS-wrapped data key.
+/// Envelope kind byte: data key from KMS, stored as its ciphertext blob (mode cse-kms).
 pub const ENVELOPE_KMS: u8 = 2;
 
 // Header field offsets (big-endian integers).
@@ -68,6 +95,16 @@ const OFF_ENVELOPE_LEN: usize = 32;
 /// Random per-object identifier, bound into every chunk's AAD and the path binding.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId(pub [u8; FILE_ID_LEN]);
+
+impl FileId {
+    /// A fresh random file id from the OS random source. Mode cse-kms needs it
+    /// before the data key exists, because the KMS encryption context names it.
+    pub fn random() -> FileId {
+        let mut id = [0u8; FILE_ID_LEN];
+        fill_random(&mut id);
+        FileId(id)
+    }
+}
 
 impl fmt::Debug for FileId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -96,9 +133,59 @@ pub enum Envelope {
         /// Encrypted data key followed by its tag.
         wrapped_key: [u8; WRAPPED_KEY_LEN],
     },
-    // Kind 2 goes here: `Kms { key_id_len, key_id, ciphertext_blob }`, up to
-    // MAX_ENVELOPE_LEN bytes (see docs/FORMAT.md). Until then decode returns
-    // `UnsupportedEnvelope { kind: 2 }`.
+    /// Kind 2 (cse-kms): encoded as `key_id_len (u16) || key_id || blob_len (u16) || blob`.
+    /// [`Header::encode`] rejects values that [`Header::decode`] would not accept.
+    Kms {
+        /// The KMS key that made the blob, as KMS reported it (a key ARN):
+        /// 1..=[`MAX_KMS_KEY_ID_LEN`] bytes of printable ASCII without spaces.
+        key_id: String,
+        /// The KMS `CiphertextBlob` of the data key; not empty, and with the key
+        /// id it must fit [`MAX_ENVELOPE_LEN`].
+        blob: Vec<u8>,
+    },
+}
+
+/// Why a KMS key id and blob cannot form a kind-2 envelope, or `Ok`. One
+/// function for both directions, so the writer never produces a header the
+/// reader rejects.
+fn check_kms_fields(key_id: &[u8], blob_len: usize) -> Result<(), &'static str> {
+    if key_id.is_empty() {
+        return Err("the KMS key id is empty");
+    }
+    if key_id.len() > MAX_KMS_KEY_ID_LEN {
+        return Err("the KMS key id is longer than 255 bytes");
+    }
+    // An ARN is printable ASCII; anything else is damage, and would also be
+    // unsafe to show in an error message.
+    if !key_id.iter().all(u8::is_ascii_graphic) {
+        return Err("the KMS key id is not printable ASCII");
+    }
+    if blob_len == 0 {
+        return Err("the KMS ciphertext blob is empty");
+    }
+    if KMS_ENVELOPE_FIXED_LEN + key_id.len() + blob_len > MAX_ENVELOPE_LEN {
+        return Err("the KMS key id and ciphertext blob do not fit in the 478-byte envelope");
+    }
+    Ok(())
+}
+
+/// Split a kind-2 envelope (exactly `envelope length` bytes) into key id and
+/// blob, checking only that the two lengths add up to the envelope length.
+fn split_kms_envelope(env: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
+    let read_len = |at: usize| {
+        env.get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    let key_id_len =
+        read_len(0).ok_or("the KMS envelope is too short to hold its key id length")?;
+    let key_id_end = 2 + key_id_len;
+    let blob_len =
+        read_len(key_id_end).ok_or("the KMS key id length runs past the end of the envelope")?;
+    let blob_start = key_id_end + 2;
+    if blob_start + blob_len != env.len() {
+        return Err("the envelope length does not match the KMS key id and blob lengths");
+    }
+    Ok((&env[2..key_id_end], &env[blob_start..]))
 }
 
 impl Envelope {
@@ -106,16 +193,30 @@ impl Envelope {
     pub fn kind(&self) -> u8 {
         match self {
             Envelope::CustomerKey { .. } => ENVELOPE_CUSTOMER_KEY,
+            Envelope::Kms { .. } => ENVELOPE_KMS,
         }
     }
 
-    /// Encoded length, stored at header offset 32.
+    /// Encoded length, stored at header offset 32. For kind 2 it may exceed
+    /// [`MAX_ENVELOPE_LEN`]; [`Header::encode`] then refuses.
     pub fn encoded_len(&self) -> usize {
         match self {
             Envelope::CustomerKey { .. } => CUSTOMER_KEY_ENVELOPE_LEN,
+            Envelope::Kms { key_id, blob } => KMS_ENVELOPE_FIXED_LEN + key_id.len() + blob.len(),
         }
     }
 
+    /// Whether this envelope can be stored and read back.
+    fn check(&self) -> Result<(), CryptoError> {
+        match self {
+            Envelope::CustomerKey { .. } => Ok(()),
+            Envelope::Kms { key_id, blob } => check_kms_fields(key_id.as_bytes(), blob.len())
+                .map_err(|what| CryptoError::InvalidKmsEnvelope { what }),
+        }
+    }
+
+    /// Write the envelope into `out`, which is exactly `encoded_len()` bytes.
+    /// Only called after `check`.
     fn encode_into(&self, out: &mut [u8]) {
         match self {
             Envelope::CustomerKey {
@@ -128,6 +229,18 @@ impl Envelope {
                 out[FINGERPRINT_LEN + NONCE_LEN..CUSTOMER_KEY_ENVELOPE_LEN]
                     .copy_from_slice(wrapped_key);
             }
+            Envelope::Kms { key_id, blob } => {
+                let u16_len = |len: usize| {
+                    u16::try_from(len)
+                        .expect("invariant broken: KMS field length not checked before encoding")
+                        .to_be_bytes()
+                };
+                let (k, b) = (key_id.len(), blob.len());
+                out[..2].copy_from_slice(&u16_len(k));
+                out[2..2 + k].copy_from_slice(key_id.as_bytes());
+                out[2 + k..4 + k].copy_from_slice(&u16_len(b));
+                out[4 + k..4 + k + b].copy_from_slice(blob);
+            }
         }
     }
 }
@@ -139,8 +252,8 @@ pub struct Header {
     pub envelope: Envelope,
 }
 
-/// Header bytes 0..34: everything before the envelope. The data-key wrap
-/// authenticates exactly these bytes, so they can only be built one way.
+/// Header bytes 0..34: everything before the envelope. The kind-1 data-key
+/// wrap authenticates exactly these bytes, so they can only be built one way.
 pub(crate) fn header_prefix(
     file_id: &FileId,
     kind: u8,
@@ -161,7 +274,13 @@ pub(crate) fn header_prefix(
 
 impl Header {
     /// The exact 512 bytes stored at the start of the object.
-    pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
+    ///
+    /// Fails only for a kind-2 envelope that [`Header::decode`] would reject
+    /// (empty, too long or non-ASCII key id, empty blob, or more than
+    /// [`MAX_ENVELOPE_LEN`] bytes in all), with `InvalidKmsEnvelope`. A kind-1
+    /// envelope always fits.
+    pub fn encode(&self) -> Result<[u8; HEADER_LEN as usize], CryptoError> {
+        self.envelope.check()?;
         let env_len = self.envelope.encoded_len();
         let mut h = [0u8; HEADER_LEN as usize];
         h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(
@@ -171,14 +290,22 @@ impl Header {
         ));
         self.envelope
             .encode_into(&mut h[HEADER_FIXED_LEN..HEADER_FIXED_LEN + env_len]);
-        h
+        Ok(h)
     }
 
     /// Parse the first [`HEADER_LEN`] bytes of `bytes` (longer input is fine:
     /// callers may pass a whole small object).
     ///
     /// Checks run from the most general to the most specific, so a foreign file
-    /// reports `NotOurFormat` and a newer one `UnsupportedVersion`, never `Malformed`.
+    /// reports `NotOurFormat` and a newer one `UnsupportedVersion`, never `Malformed`:
+    /// magic, version, envelope kind (`UnsupportedEnvelope` for kinds other than
+    /// 1 and 2), then as `Malformed`: chunk size, flags, envelope length (exactly
+    /// 68 for kind 1; at most 478, split exactly as `2 + K + 2 + B`, for kind 2),
+    /// zero padding, and last the kind-2 field contents (non-empty printable
+    /// ASCII key id of at most [`MAX_KMS_KEY_ID_LEN`] bytes, non-empty blob).
+    ///
+    /// Decoding authenticates nothing: for kind 1 the unwrap does that, for
+    /// kind 2 KMS `Decrypt` and the chunk AADs do (see the module docs).
     pub fn decode(bytes: &[u8]) -> Result<Header, CryptoError> {
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return Err(CryptoError::NotOurFormat);
@@ -198,7 +325,7 @@ impl Header {
             });
         };
         let kind = h[OFF_KIND];
-        if kind != ENVELOPE_CUSTOMER_KEY {
+        if kind != ENVELOPE_CUSTOMER_KEY && kind != ENVELOPE_KMS {
             return Err(CryptoError::UnsupportedEnvelope { kind });
         }
         if h[OFF_CHUNK_LOG2] != CHUNK_SIZE_LOG2 {
@@ -215,12 +342,25 @@ impl Header {
             h[OFF_ENVELOPE_LEN],
             h[OFF_ENVELOPE_LEN + 1],
         ]));
-        if env_len != CUSTOMER_KEY_ENVELOPE_LEN {
+        if kind == ENVELOPE_CUSTOMER_KEY && env_len != CUSTOMER_KEY_ENVELOPE_LEN {
             return Err(CryptoError::Malformed {
                 what: "the envelope length is wrong for its kind",
             });
         }
+        if env_len > MAX_ENVELOPE_LEN {
+            return Err(CryptoError::Malformed {
+                what: "the envelope length is larger than the 478 bytes the header has room for",
+            });
+        }
         let env_end = HEADER_FIXED_LEN + env_len;
+        let env = &h[HEADER_FIXED_LEN..env_end];
+        // Structure (the KMS field lengths) before padding before content, so
+        // the error names the first thing that is wrong.
+        let kms_parts = if kind == ENVELOPE_KMS {
+            Some(split_kms_envelope(env).map_err(|what| CryptoError::Malformed { what })?)
+        } else {
+            None
+        };
         if h[env_end..].iter().any(|&b| b != 0) {
             return Err(CryptoError::Malformed {
                 what: "the header padding is not zero",
@@ -228,20 +368,33 @@ impl Header {
         }
         let mut file_id = [0u8; FILE_ID_LEN];
         file_id.copy_from_slice(&h[OFF_FILE_ID..OFF_ENVELOPE_LEN]);
-        let env = &h[HEADER_FIXED_LEN..env_end];
-        let mut fingerprint = [0u8; FINGERPRINT_LEN];
-        fingerprint.copy_from_slice(&env[..FINGERPRINT_LEN]);
-        let mut wrap_nonce = [0u8; NONCE_LEN];
-        wrap_nonce.copy_from_slice(&env[FINGERPRINT_LEN..FINGERPRINT_LEN + NONCE_LEN]);
-        let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
-        wrapped_key.copy_from_slice(&env[FINGERPRINT_LEN + NONCE_LEN..]);
+        let envelope = match kms_parts {
+            Some((key_id, blob)) => {
+                check_kms_fields(key_id, blob.len())
+                    .map_err(|what| CryptoError::Malformed { what })?;
+                Envelope::Kms {
+                    // Checked to be ASCII, so each byte is one char.
+                    key_id: key_id.iter().copied().map(char::from).collect(),
+                    blob: blob.to_vec(),
+                }
+            }
+            None => {
+                let mut fingerprint = [0u8; FINGERPRINT_LEN];
+                fingerprint.copy_from_slice(&env[..FINGERPRINT_LEN]);
+                let mut wrap_nonce = [0u8; NONCE_LEN];
+                wrap_nonce.copy_from_slice(&env[FINGERPRINT_LEN..FINGERPRINT_LEN + NONCE_LEN]);
+                let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+                wrapped_key.copy_from_slice(&env[FINGERPRINT_LEN + NONCE_LEN..]);
+                Envelope::CustomerKey {
+                    fingerprint: KeyFingerprint(fingerprint),
+                    wrap_nonce,
+                    wrapped_key,
+                }
+            }
+        };
         Ok(Header {
             file_id: FileId(file_id),
-            envelope: Envelope::CustomerKey {
-                fingerprint: KeyFingerprint(fingerprint),
-                wrap_nonce,
-                wrapped_key,
-            },
+            envelope,
         })
     }
 }
@@ -415,6 +568,278 @@ mod tests {
         assert_eq!(chunks_for_range(u64::MAX, u64::MAX, 10), 1..1);
     }
 
+    // ---- envelope kind 2 (KMS) ------------------------------------------------
+
+    /// A key ARN as KMS reports it: 75 bytes, the worked example in FORMAT.md.
+    const ARN: &str = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    /// The size of an AWS KMS blob for a 256-bit data key.
+    const AWS_BLOB_LEN: usize = 184;
+
+    fn kms_header(key_id: &str, blob: Vec<u8>) -> Header {
+        Header {
+            file_id: FileId([0x33; FILE_ID_LEN]),
+            envelope: Envelope::Kms {
+                key_id: key_id.to_owned(),
+                blob,
+            },
+        }
+    }
+
+    /// A kind-2 header with `env` as envelope and `env_len` in the length
+    /// field, whatever they say, for building malformed headers.
+    fn raw_kms_header(env_len: usize, env: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(
+            &FileId([0x33; FILE_ID_LEN]),
+            ENVELOPE_KMS,
+            env_len,
+        ));
+        h[HEADER_FIXED_LEN..HEADER_FIXED_LEN + env.len()].copy_from_slice(env);
+        h
+    }
+
+    /// `key_id_len || key_id || blob_len || blob` with the given (possibly lying) lengths.
+    fn kms_env(key_id_len: u16, key_id: &[u8], blob_len: u16, blob: &[u8]) -> Vec<u8> {
+        let mut e = key_id_len.to_be_bytes().to_vec();
+        e.extend_from_slice(key_id);
+        e.extend_from_slice(&blob_len.to_be_bytes());
+        e.extend_from_slice(blob);
+        e
+    }
+
+    fn malformed(what: &'static str) -> Result<Header, CryptoError> {
+        Err(CryptoError::Malformed { what })
+    }
+
+    #[test]
+    fn kms_worked_size_example_from_format_md() {
+        assert_eq!(ARN.len(), 75);
+        let header = kms_header(ARN, vec![0xb1; AWS_BLOB_LEN]);
+        assert_eq!(header.envelope.encoded_len(), 263);
+        let h = header.encode().unwrap();
+        assert_eq!(h[10], 2, "kind");
+        assert_eq!(h[32..34], [0x01, 0x07], "envelope length 263");
+        assert_eq!(h[34..36], [0x00, 0x4b], "key id length 75");
+        assert_eq!(&h[36..111], ARN.as_bytes());
+        assert_eq!(h[111..113], [0x00, 0xb8], "blob length 184");
+        assert!(h[113..297].iter().all(|&b| b == 0xb1), "blob");
+        assert!(h[297..].iter().all(|&b| b == 0), "215 bytes of padding");
+        assert_eq!(Header::decode(&h), Ok(header));
+        // The largest blob that fits beside this ARN, and the longest key id's.
+        assert_eq!(MAX_ENVELOPE_LEN - KMS_ENVELOPE_FIXED_LEN - ARN.len(), 399);
+        assert_eq!(
+            MAX_ENVELOPE_LEN - KMS_ENVELOPE_FIXED_LEN - MAX_KMS_KEY_ID_LEN,
+            219
+        );
+    }
+
+    #[test]
+    fn kms_envelopes_at_the_size_limits() {
+        let longest_id = "k".repeat(MAX_KMS_KEY_ID_LEN);
+        // Exactly 478 bytes: fits, and the header has no padding at all.
+        let full = kms_header(&longest_id, vec![0xff; 219]);
+        let h = full.encode().unwrap();
+        assert_eq!(h[32..34], 478u16.to_be_bytes());
+        assert_eq!(h[511], 0xff);
+        assert_eq!(Header::decode(&h), Ok(full));
+        // Shortest possible: one-byte key id and blob.
+        let tiny = kms_header("k", vec![0]);
+        assert_eq!(Header::decode(&tiny.encode().unwrap()), Ok(tiny));
+    }
+
+    #[test]
+    fn encode_rejects_kms_envelopes_that_decode_would_reject() {
+        let cases: [(&str, usize, &str); 8] = [
+            ("", 10, "the KMS key id is empty"),
+            (&ARN[..0], 0, "the KMS key id is empty"),
+            ("caf\u{e9}", 10, "the KMS key id is not printable ASCII"),
+            ("alias/my key", 10, "the KMS key id is not printable ASCII"),
+            ("key\n", 10, "the KMS key id is not printable ASCII"),
+            (ARN, 0, "the KMS ciphertext blob is empty"),
+            (
+                ARN,
+                400,
+                "the KMS key id and ciphertext blob do not fit in the 478-byte envelope",
+            ),
+            (
+                ARN,
+                70_000, // beyond u16: must be refused before any length is narrowed
+                "the KMS key id and ciphertext blob do not fit in the 478-byte envelope",
+            ),
+        ];
+        for (key_id, blob_len, what) in cases {
+            assert_eq!(
+                kms_header(key_id, vec![1; blob_len]).encode(),
+                Err(CryptoError::InvalidKmsEnvelope { what }),
+                "{key_id:?} {blob_len}"
+            );
+        }
+        assert_eq!(
+            kms_header(&"k".repeat(MAX_KMS_KEY_ID_LEN + 1), vec![1; 10]).encode(),
+            Err(CryptoError::InvalidKmsEnvelope {
+                what: "the KMS key id is longer than 255 bytes"
+            })
+        );
+        assert_eq!(
+            kms_header(&"k".repeat(MAX_KMS_KEY_ID_LEN), vec![1; 220]).encode(),
+            Err(CryptoError::InvalidKmsEnvelope {
+                what: "the KMS key id and ciphertext blob do not fit in the 478-byte envelope"
+            })
+        );
+        // The error is a sentence a user can act on.
+        let err = kms_header(ARN, vec![1; 400]).encode().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the KMS data key cannot be stored"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_kms_headers_name_the_problem() {
+        let blob = [0xb1u8; 20];
+        let good = kms_env(75, ARN.as_bytes(), 20, &blob);
+        assert_eq!(good.len(), 99);
+        assert!(Header::decode(&raw_kms_header(99, &good)).is_ok());
+
+        // Envelope length field against the header and the inner lengths.
+        assert_eq!(
+            Header::decode(&raw_kms_header(479, &good)),
+            malformed("the envelope length is larger than the 478 bytes the header has room for")
+        );
+        assert_eq!(
+            Header::decode(&raw_kms_header(u16::MAX.into(), &good)),
+            malformed("the envelope length is larger than the 478 bytes the header has room for")
+        );
+        for env_len in [0, 1] {
+            assert_eq!(
+                Header::decode(&raw_kms_header(env_len, &good)),
+                malformed("the KMS envelope is too short to hold its key id length"),
+                "{env_len}"
+            );
+        }
+        for env_len in [2, 77, 78] {
+            assert_eq!(
+                Header::decode(&raw_kms_header(env_len, &good)),
+                malformed("the KMS key id length runs past the end of the envelope"),
+                "{env_len}"
+            );
+        }
+        let mismatch = "the envelope length does not match the KMS key id and blob lengths";
+        for env_len in [79, 98, 100, 478] {
+            assert_eq!(
+                Header::decode(&raw_kms_header(env_len, &good)),
+                malformed(mismatch),
+                "{env_len}"
+            );
+        }
+        for (k, b) in [(74, 20), (76, 20), (75, 19), (75, 21), (0, 20), (75, 0)] {
+            assert_eq!(
+                Header::decode(&raw_kms_header(99, &kms_env(k, ARN.as_bytes(), b, &blob))),
+                malformed(mismatch),
+                "k {k} b {b}"
+            );
+        }
+
+        // Consistent lengths, bad content.
+        assert_eq!(
+            Header::decode(&raw_kms_header(24, &kms_env(0, b"", 20, &blob))),
+            malformed("the KMS key id is empty")
+        );
+        assert_eq!(
+            Header::decode(&raw_kms_header(79, &kms_env(75, ARN.as_bytes(), 0, b""))),
+            malformed("the KMS ciphertext blob is empty")
+        );
+        for bad_id in [&b"caf\xc3\xa9"[..], b"a b", b"a\x00b", b"a\x7fb", b"\xff"] {
+            let env = kms_env(bad_id.len() as u16, bad_id, 20, &blob);
+            assert_eq!(
+                Header::decode(&raw_kms_header(env.len(), &env)),
+                malformed("the KMS key id is not printable ASCII"),
+                "{bad_id:?}"
+            );
+        }
+        let long_id = [b'k'; MAX_KMS_KEY_ID_LEN + 1];
+        let env = kms_env(256, &long_id, 20, &blob);
+        assert_eq!(
+            Header::decode(&raw_kms_header(env.len(), &env)),
+            malformed("the KMS key id is longer than 255 bytes")
+        );
+
+        // Padding: right after the envelope and at the very end.
+        for pos in [HEADER_FIXED_LEN + 99, 511] {
+            let mut h = raw_kms_header(99, &good);
+            h[pos] = 1;
+            assert_eq!(
+                Header::decode(&h),
+                malformed("the header padding is not zero"),
+                "{pos}"
+            );
+        }
+        // Structure is reported before content: a padding byte does not hide a
+        // length mismatch, and an empty key id does not hide dirty padding.
+        let mut h = raw_kms_header(98, &good);
+        h[511] = 1;
+        assert_eq!(Header::decode(&h), malformed(mismatch));
+        let mut h = raw_kms_header(24, &kms_env(0, b"", 20, &blob));
+        h[511] = 1;
+        assert_eq!(
+            Header::decode(&h),
+            malformed("the header padding is not zero")
+        );
+    }
+
+    #[test]
+    fn general_checks_come_before_kms_specific_ones() {
+        let env = kms_env(0, b"", 0, b""); // every KMS check would fail
+        let mut h = raw_kms_header(4, &env);
+        h[8..10].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(
+            Header::decode(&h),
+            Err(CryptoError::UnsupportedVersion { found: 2 })
+        );
+        h[..8].copy_from_slice(b"S3CRYPTF");
+        assert_eq!(Header::decode(&h), Err(CryptoError::NotOurFormat));
+        let mut h = raw_kms_header(4, &env);
+        h[10] = 3;
+        assert_eq!(
+            Header::decode(&h),
+            Err(CryptoError::UnsupportedEnvelope { kind: 3 })
+        );
+        let mut h = raw_kms_header(4, &env);
+        h[15] = 1;
+        assert_eq!(
+            Header::decode(&h),
+            malformed("unknown header flags are set")
+        );
+        // A truncated kind-2 header.
+        let h = raw_kms_header(99, &kms_env(75, ARN.as_bytes(), 20, &[1; 20]));
+        assert_eq!(
+            Header::decode(&h[..300]),
+            malformed("the header is truncated")
+        );
+    }
+
+    #[test]
+    fn file_ids_are_random() {
+        let (a, b) = (FileId::random(), FileId::random());
+        assert_ne!(a, b);
+        assert_eq!(a.to_string().len(), 32);
+    }
+
+    /// Printable ASCII without space, 1..=255 bytes, and a blob that fits beside it.
+    fn kms_fields() -> impl Strategy<Value = (String, Vec<u8>)> {
+        (1..=MAX_KMS_KEY_ID_LEN).prop_flat_map(|k| {
+            (
+                proptest::collection::vec(0x21u8..=0x7e, k)
+                    .prop_map(|b| b.into_iter().map(char::from).collect::<String>()),
+                proptest::collection::vec(
+                    any::<u8>(),
+                    1..=MAX_ENVELOPE_LEN - KMS_ENVELOPE_FIXED_LEN - k,
+                ),
+            )
+        })
+    }
+
     fn sizes() -> impl Strategy<Value = u64> {
         // Mix small values, values near chunk boundaries and huge values.
         prop_oneof![
@@ -471,6 +896,63 @@ mod tests {
             prop_assert!(chunk_cipher_range(count, plain).is_empty());
             // Only an empty file has an empty last chunk.
             prop_assert_eq!(chunk_plain_len(count - 1, plain) == 0, plain == 0);
+        }
+
+        #[test]
+        fn kms_headers_that_fit_round_trip((key_id, blob) in kms_fields(), id in any::<[u8; 16]>()) {
+            let header = Header {
+                file_id: FileId(id),
+                envelope: Envelope::Kms { key_id: key_id.clone(), blob: blob.clone() },
+            };
+            let bytes = header.encode().unwrap();
+            let env_end = HEADER_FIXED_LEN + KMS_ENVELOPE_FIXED_LEN + key_id.len() + blob.len();
+            prop_assert_eq!(&bytes[36..36 + key_id.len()], key_id.as_bytes());
+            prop_assert!(bytes[env_end..].iter().all(|&b| b == 0));
+            prop_assert_eq!(Header::decode(&bytes), Ok(header));
+        }
+
+        #[test]
+        fn kms_fields_that_do_not_fit_are_refused(
+            key_id in "[!-~]{1,255}", blob_len in 0..1000usize,
+        ) {
+            let result = kms_header(&key_id, vec![7; blob_len]).encode();
+            let fits = blob_len >= 1 && KMS_ENVELOPE_FIXED_LEN + key_id.len() + blob_len <= MAX_ENVELOPE_LEN;
+            prop_assert_eq!(result.is_ok(), fits);
+        }
+
+        /// Whatever a kind-2 header's envelope bytes and length field hold,
+        /// decode does not panic, and what it accepts is exactly what encode
+        /// writes (one encoding per header, so no byte escapes the checks).
+        /// `shape` 0: all random; 1: consistent lengths; 2: also a key id of ASCII 0x20..=0x7f.
+        #[test]
+        fn kms_decode_accepts_only_canonical_headers(
+            mut env in proptest::collection::vec(any::<u8>(), 0..=MAX_ENVELOPE_LEN),
+            k in any::<u16>(), env_len in 0..600usize, shape in 0..3u8, pad_at in 0..2000usize,
+        ) {
+            let env_len = if shape > 0 && env.len() >= 4 {
+                let k = usize::from(k) % (env.len() - 3);
+                let at = 2 + k;
+                env[..2].copy_from_slice(&u16::try_from(k).unwrap().to_be_bytes());
+                let blob_len = u16::try_from(env.len() - at - 2).unwrap();
+                env[at..at + 2].copy_from_slice(&blob_len.to_be_bytes());
+                if shape == 2 {
+                    // Mostly printable, with the odd space or DEL that must be refused.
+                    for c in &mut env[2..at] {
+                        *c = 0x20 + *c % 96;
+                    }
+                }
+                env.len()
+            } else {
+                env_len
+            };
+            let mut bytes = raw_kms_header(env_len, &env);
+            // Now and then a stray byte anywhere in the header.
+            if let Some(byte) = bytes.get_mut(pad_at) {
+                *byte ^= 0x01;
+            }
+            if let Ok(header) = Header::decode(&bytes) {
+                prop_assert_eq!(header.encode().unwrap().to_vec(), bytes);
+            }
         }
 
         #[test]

@@ -6,7 +6,7 @@
 //! module never calls out.
 //!
 //! An object is `header (512 bytes) || chunk_0 || … || chunk_{n-1}`:
-//! - [`format`]: constants, header layout, plaintext/ciphertext offset maths;
+//! - [`format`](mod@format): constants, header layout, plaintext/ciphertext offset maths;
 //! - [`object`]: [`ObjectCipher`], the per-object context that unwraps the data
 //!   key and seals/opens chunks and path bindings;
 //! - [`aead`]: AES-256-GCM with two byte-identical backends;
@@ -15,8 +15,11 @@
 //! - [`error`]: the error enums.
 //!
 //! docs/FORMAT.md has the byte tables and docs/SECURITY.md the threat model.
-//! Mode cse-c (customer key) is the only envelope today; a KMS envelope has a
-//! reserved kind byte and room in the header.
+//! Two envelopes carry the data key: kind 1, wrapped here under a customer key
+//! (mode cse-c), and kind 2, a KMS ciphertext blob (mode cse-kms). For kind 2
+//! this module only lays out and parses the header, names the KMS encryption
+//! context and builds the cipher from a data key; the KMS calls are async I/O
+//! and live in the caller.
 
 pub mod aead;
 pub mod error;
@@ -29,9 +32,12 @@ pub use aead::AeadBackend;
 pub use error::{CryptoError, FormatError, KeyFileError};
 pub use format::{
     chunk_cipher_range, chunk_count, chunk_plain_len, chunk_plain_range, chunks_for_range,
-    cipher_size, is_last_chunk, plain_size, FileId, CHUNK_CIPHER_LEN, CHUNK_OVERHEAD,
-    CHUNK_PLAIN_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, NONCE_LEN, TAG_LEN,
+    cipher_size, is_last_chunk, plain_size, Envelope, FileId, Header, CHUNK_CIPHER_LEN,
+    CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_KMS_KEY_ID_LEN,
+    NONCE_LEN, TAG_LEN,
 };
 pub use keyfile::{format_new_key, KeyHistory};
-pub use object::{decrypt_object, encrypt_object, ObjectCipher};
+pub use object::{
+    decrypt_object, encrypt_object, kms_encryption_context, ObjectCipher, KMS_CONTEXT_FILE_ID,
+};
 pub use secret::{DataKey, Key256, KeyFingerprint};

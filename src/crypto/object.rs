@@ -1,15 +1,35 @@
 //! Per-object encryption context: wraps and unwraps the data key, seals and
 //! opens chunks, and computes the path binding.
 //!
-//! Data flow: on write, `ObjectCipher::create` draws a fresh data key and file
-//! id, wraps the key under the history's encrypting key and returns the header;
-//! the caller then seals each chunk (`seal_chunk`) and uploads header || chunks.
-//! On read, `ObjectCipher::open` parses the header, picks the KEK by fingerprint,
-//! unwraps the data key, and the caller opens the chunks it fetched.
+//! Data flow in mode cse-c (envelope kind 1): on write, `ObjectCipher::create`
+//! draws a fresh data key and file id, wraps the key under the history's
+//! encrypting key and returns the header; the caller then seals each chunk
+//! (`seal_chunk`) and uploads header || chunks. On read, `ObjectCipher::open`
+//! parses the header, picks the KEK by fingerprint, unwraps the data key, and
+//! the caller opens the chunks it fetched.
+//!
+//! Data flow in mode cse-kms (envelope kind 2), where KMS does the wrapping and
+//! the calls to it happen outside this module (they are I/O):
+//! - write: [`FileId::random`], then KMS `GenerateDataKey` with the encryption
+//!   context [`kms_encryption_context`] of that file id, then
+//!   [`ObjectCipher::create_kms`] with the plaintext key, the key id KMS
+//!   reported and the `CiphertextBlob`, which lays out the header;
+//! - read: [`Header::decode`] gives the key id, blob and file id; KMS `Decrypt`
+//!   with the same encryption context gives the data key; then
+//!   [`ObjectCipher::open_with_data_key`] builds the context from it.
+//!
+//! Each path refuses the other kind with an error that names the right mode
+//! (`NeedsKms`, `NeedsCustomerKey`). Chunks, AADs and the path binding are the
+//! same for both kinds: they depend only on the data key and the file id.
 //!
 //! What binds to what (docs/SECURITY.md has the threat model):
-//! - the wrap AAD covers header bytes 0..34 and the fingerprint, and the padding
-//!   must be zero, so every header byte is authenticated;
+//! - kind 1: the wrap AAD covers header bytes 0..34 and the fingerprint, and
+//!   the padding must be zero, so every header byte is authenticated;
+//! - kind 2: the blob is authenticated by KMS, and its encryption context binds
+//!   it to the file id, so a blob copied into another object's header does not
+//!   decrypt; every other header byte is either checked to have its one legal
+//!   value by `Header::decode`, or (the key id) cannot change which data key
+//!   `Decrypt` returns (see `format.rs`);
 //! - each chunk's AAD carries the file id, its index and whether it is the last
 //!   chunk, so chunks cannot be modified, reordered, moved between objects, or
 //!   dropped from the end;
@@ -42,6 +62,9 @@ pub const WRAP_AAD_DOMAIN: &[u8] = b"s3cf-wrap-v1";
 pub const BIND_KEY_DOMAIN: &[u8] = b"s3cf-bind-key-v1";
 /// Domain prefix of the binding HMAC message.
 pub const BIND_DOMAIN: &[u8] = b"s3cf-bind-v1";
+/// The one key of the KMS encryption context. Part of the format: KMS
+/// `Decrypt` succeeds only with the context `GenerateDataKey` was given.
+pub const KMS_CONTEXT_FILE_ID: &str = "s3cryptfs:file-id";
 /// Bytes of HMAC-SHA256 kept in a binding: 128 bits resists forgery, and 22
 /// base64 characters fit comfortably in object metadata.
 pub const BINDING_LEN: usize = 16;
@@ -97,6 +120,18 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     mac
 }
 
+/// The KMS encryption context for an object: `[("s3cryptfs:file-id", <file id
+/// as 32 lower-case hex digits>)]`, in this order.
+///
+/// `GenerateDataKey` and `Decrypt` must both be called with exactly this
+/// context. KMS authenticates it with the blob, so the data key is bound to
+/// this object: a blob copied into another object's header (another file id)
+/// does not decrypt. CloudTrail logs the context, so every KMS call names the
+/// object it was for.
+pub fn kms_encryption_context(file_id: &FileId) -> Vec<(&'static str, String)> {
+    vec![(KMS_CONTEXT_FILE_ID, file_id.to_string())]
+}
+
 /// Wrap `data_key` under `kek` and lay out the header that carries it.
 fn wrap_header(
     kek: &Key256,
@@ -126,7 +161,8 @@ fn wrap_header(
             wrapped_key,
         },
     }
-    .encode();
+    .encode()
+    .expect("invariant broken: a customer-key envelope always fits the header");
     debug_assert_eq!(
         header[..HEADER_FIXED_LEN],
         prefix,
@@ -142,17 +178,44 @@ impl ObjectCipher {
         keys: &KeyHistory,
         backend: AeadBackend,
     ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
-        let mut file_id = [0u8; FILE_ID_LEN];
-        fill_random(&mut file_id);
         let mut wrap_nonce = [0u8; NONCE_LEN];
         fill_random(&mut wrap_nonce);
         Self::create_with(
             keys.encrypting_key(),
             backend,
             DataKey::generate(),
-            FileId(file_id),
+            FileId::random(),
             wrap_nonce,
         )
+    }
+
+    /// Start a new object in mode cse-kms (envelope kind 2), second step.
+    ///
+    /// First the caller draws `file_id` ([`FileId::random`]) and calls KMS
+    /// `GenerateDataKey` (256-bit key) with [`kms_encryption_context`]`(&file_id)`;
+    /// then it passes here the plaintext key as `data_key`, the `KeyId` KMS
+    /// reported and the `CiphertextBlob`. Returns the context and the header
+    /// to store first.
+    ///
+    /// Fails with `InvalidKmsEnvelope` if `key_id` is empty, longer than
+    /// [`super::format::MAX_KMS_KEY_ID_LEN`] or not printable ASCII, if `blob`
+    /// is empty, or if both together do not fit the header.
+    pub fn create_kms(
+        file_id: FileId,
+        data_key: DataKey,
+        key_id: &str,
+        blob: &[u8],
+        backend: AeadBackend,
+    ) -> Result<(ObjectCipher, [u8; HEADER_LEN as usize]), CryptoError> {
+        let header = Header {
+            file_id,
+            envelope: Envelope::Kms {
+                key_id: key_id.to_owned(),
+                blob: blob.to_vec(),
+            },
+        }
+        .encode()?;
+        Ok((Self::from_parts(file_id, data_key, backend), header))
     }
 
     /// Deterministic `create` for known-answer tests and fixtures.
@@ -187,7 +250,8 @@ impl ObjectCipher {
     /// input is fine) and unwrap the data key with the matching key from `keys`.
     ///
     /// `UnknownKey` means the mount has the wrong key file; `KeyUnwrapFailed`
-    /// means the right key was found but the header was tampered with.
+    /// means the right key was found but the header was tampered with;
+    /// `NeedsKms` means the object was written in mode cse-kms.
     pub fn open(
         header: &[u8],
         keys: &KeyHistory,
@@ -223,11 +287,42 @@ impl ObjectCipher {
                     backend,
                 ))
             }
+            Envelope::Kms { key_id, .. } => Err(CryptoError::NeedsKms { key_id }),
+        }
+    }
+
+    /// Open an object of mode cse-kms (envelope kind 2) with the data key KMS
+    /// `Decrypt` returned for the blob in `header` (called with
+    /// [`kms_encryption_context`] of the header's file id). Re-parses `header`
+    /// (the first [`HEADER_LEN`] bytes of the object; longer input is fine) and
+    /// takes the file id from it.
+    ///
+    /// A kind-1 header is `NeedsCustomerKey`. A wrong `data_key` cannot be
+    /// detected here (the format stores no key check value; KMS has already
+    /// authenticated the blob): it surfaces as `AuthenticationFailed` on the
+    /// first chunk opened, and as `ObjectSwapped` from the binding check.
+    pub fn open_with_data_key(
+        header: &[u8],
+        data_key: DataKey,
+        backend: AeadBackend,
+    ) -> Result<ObjectCipher, CryptoError> {
+        let decoded = Header::decode(header)?;
+        match decoded.envelope {
+            Envelope::Kms { .. } => Ok(Self::from_parts(decoded.file_id, data_key, backend)),
+            Envelope::CustomerKey { fingerprint, .. } => {
+                Err(CryptoError::NeedsCustomerKey { fingerprint })
+            }
         }
     }
 
     /// A new header for this object with the same file id and data key wrapped
     /// under `new_keys.encrypting_key()`: key rotation without re-encrypting content.
+    ///
+    /// Always writes envelope kind 1. On a context opened from a kind-2 header
+    /// that turns the object into a cse-c object (the data key leaves KMS's
+    /// control). To move a KMS object to another KMS key, `ReEncrypt` its blob
+    /// (same encryption context) and encode a kind-2 [`Header`] with the same
+    /// file id.
     pub fn rewrap(&self, new_keys: &KeyHistory) -> [u8; HEADER_LEN as usize] {
         let mut wrap_nonce = [0u8; NONCE_LEN];
         fill_random(&mut wrap_nonce);

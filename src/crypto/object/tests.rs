@@ -513,11 +513,23 @@ fn unsupported_version_and_envelope_are_named() {
         decrypt(&keys, &v2),
         Err(CryptoError::UnsupportedVersion { found: 2 })
     );
-    let mut kms = object.clone();
-    kms[10] = 2;
+    let mut kind3 = object.clone();
+    kind3[10] = 3;
     assert_eq!(
-        decrypt(&keys, &kms),
-        Err(CryptoError::UnsupportedEnvelope { kind: 2 })
+        decrypt(&keys, &kind3),
+        Err(CryptoError::UnsupportedEnvelope { kind: 3 })
+    );
+    // Kind 2 is known now: a kind-1 envelope relabelled as kind 2 does not
+    // parse as a KMS envelope (its first bytes are a fingerprint, not lengths).
+    let mut relabelled = object.clone();
+    relabelled[10] = 2;
+    assert!(
+        matches!(
+            decrypt(&keys, &relabelled),
+            Err(CryptoError::Malformed { .. })
+        ),
+        "{:?}",
+        decrypt(&keys, &relabelled)
     );
 }
 
@@ -530,4 +542,407 @@ fn errors_never_show_key_bytes() {
         !shown.contains("0909") && !shown.contains("CQkJ"),
         "{shown}"
     );
+}
+
+// ---- envelope kind 2 (KMS) ----------------------------------------------------
+
+/// What KMS reports as `KeyId`: a key ARN, 75 bytes.
+const FIXED_KMS_KEY_ID: &str =
+    "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+/// A stand-in for a KMS `CiphertextBlob` (184 bytes, like AWS's for a 256-bit
+/// key): crypto never looks inside it, KMS does.
+fn fixed_kms_blob() -> Vec<u8> {
+    (0..184u8).map(|i| i ^ 0xa5).collect()
+}
+
+fn fixed_kms_cipher(backend: AeadBackend) -> (ObjectCipher, [u8; 512]) {
+    ObjectCipher::create_kms(
+        FileId(FIXED_FILE_ID),
+        DataKey::from_bytes(&FIXED_DATA_KEY),
+        FIXED_KMS_KEY_ID,
+        &fixed_kms_blob(),
+        backend,
+    )
+    .unwrap()
+}
+
+/// Whole-object decryption the way a cse-kms reader does it, with the data key
+/// "KMS Decrypt" returned.
+fn decrypt_kms(
+    data_key: &[u8; 32],
+    backend: AeadBackend,
+    bytes: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let cipher = ObjectCipher::open_with_data_key(bytes, DataKey::from_bytes(data_key), backend)?;
+    let plain = plain_size(bytes.len() as u64)?;
+    let mut out = Vec::new();
+    for index in 0..chunk_count(plain) {
+        let range = chunk_cipher_range(index, plain);
+        let chunk = &bytes[range.start as usize..range.end as usize];
+        cipher.open_chunk(index, is_last_chunk(index, plain), chunk, &mut out)?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn kms_round_trip_create_decode_open_on_both_backends() {
+    let data_key = [0x5a; 32];
+    let blob = fixed_kms_blob();
+    for len in [0, 1, 65536, 65537, 2 * 65536 + 9] {
+        let plaintext = pattern(len);
+        for enc in BACKENDS {
+            let file_id = FileId::random();
+            let (writer, header) = ObjectCipher::create_kms(
+                file_id,
+                DataKey::from_bytes(&data_key),
+                FIXED_KMS_KEY_ID,
+                &blob,
+                enc,
+            )
+            .unwrap();
+            assert_eq!(writer.file_id(), file_id);
+            // What a reader sees before calling KMS Decrypt.
+            assert_eq!(
+                Header::decode(&header),
+                Ok(Header {
+                    file_id,
+                    envelope: Envelope::Kms {
+                        key_id: FIXED_KMS_KEY_ID.to_owned(),
+                        blob: blob.clone(),
+                    },
+                })
+            );
+            let object = seal_all(&writer, &header, &plaintext, |_| None);
+            assert_eq!(object.len() as u64, cipher_size(len as u64), "len {len}");
+            for dec in BACKENDS {
+                assert_eq!(
+                    decrypt_kms(&data_key, dec, &object).unwrap(),
+                    plaintext,
+                    "len {len} {enc:?}->{dec:?}"
+                );
+                let reader =
+                    ObjectCipher::open_with_data_key(&object, DataKey::from_bytes(&data_key), dec)
+                        .unwrap();
+                assert_eq!(reader.file_id(), file_id);
+                let binding = writer.binding("dir/f");
+                assert_eq!(reader.verify_binding("dir/f", &binding), Ok(()));
+            }
+        }
+    }
+}
+
+/// Header from fixed inputs: ARN 75 bytes and blob 184 bytes make a 263-byte
+/// envelope (the worked example in FORMAT.md); bytes 297..512 must be zero.
+const PINNED_KMS_HEADER_HEX: &str = concat!(
+    "7333637279707466",                 // magic "s3cryptf"
+    "0001",                             // version 1
+    "02",                               // envelope kind 2 (KMS)
+    "10",                               // chunk size log2 = 16
+    "00000000",                         // flags
+    "33333333333333333333333333333333", // file id
+    "0107",                             // envelope length 263
+    "004b",                             // key id length 75
+    // key id "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    "61726e3a6177733a6b6d733a65752d776573742d313a3131313132323232333333333a6b65792f",
+    "31323334616263642d313261622d333463642d353665662d313233343536373839306162",
+    "00b8", // blob length 184
+    // blob: byte i = i ^ 0xa5
+    "a5a4a7a6a1a0a3a2adacafaea9a8abaab5b4b7b6b1b0b3b2bdbcbfbeb9b8bbba",
+    "85848786818083828d8c8f8e89888b8a95949796919093929d9c9f9e99989b9a",
+    "e5e4e7e6e1e0e3e2edecefeee9e8ebeaf5f4f7f6f1f0f3f2fdfcfffef9f8fbfa",
+    "c5c4c7c6c1c0c3c2cdcccfcec9c8cbcad5d4d7d6d1d0d3d2dddcdfded9d8dbda",
+    "25242726212023222d2c2f2e29282b2a35343736313033323d3c3f3e39383b3a",
+    "05040706010003020d0c0f0e09080b0a1514171611101312",
+);
+
+#[test]
+fn kms_header_bytes_are_pinned() {
+    for backend in BACKENDS {
+        let (_, header) = fixed_kms_cipher(backend);
+        let mut expected = unhex(PINNED_KMS_HEADER_HEX);
+        assert_eq!(expected.len(), 297);
+        expected.resize(512, 0);
+        assert_eq!(
+            hex(&header),
+            hex(&expected),
+            "format changed: bump FORMAT_VERSION ({backend:?})"
+        );
+    }
+}
+
+const GOLDEN_V1_KMS: &str = include_str!("../testdata/v1-kms-golden.hex");
+
+#[test]
+fn golden_v1_kms_fixture_still_decrypts() {
+    let fixture = unhex(
+        GOLDEN_V1_KMS
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<String>()
+            .as_str(),
+    );
+    assert_eq!(
+        Header::decode(&fixture).unwrap().envelope,
+        Envelope::Kms {
+            key_id: FIXED_KMS_KEY_ID.to_owned(),
+            blob: fixed_kms_blob(),
+        }
+    );
+    for backend in BACKENDS {
+        assert_eq!(
+            decrypt_kms(&FIXED_DATA_KEY, backend, &fixture).unwrap(),
+            GOLDEN_PLAINTEXT
+        );
+        let cipher = ObjectCipher::open_with_data_key(
+            &fixture,
+            DataKey::from_bytes(&FIXED_DATA_KEY),
+            backend,
+        )
+        .unwrap();
+        // Chunks and binding depend on data key and file id only, not on the
+        // envelope kind: the same binding as the kind-1 golden object.
+        assert_eq!(cipher.verify_binding(GOLDEN_PATH, GOLDEN_BINDING), Ok(()));
+        // The writer still produces exactly these bytes from the same inputs.
+        let (cipher, header) = fixed_kms_cipher(backend);
+        let written = seal_all(&cipher, &header, GOLDEN_PLAINTEXT, |_| {
+            Some(FIXED_CHUNK_NONCE)
+        });
+        assert_eq!(
+            hex(&written),
+            hex(&fixture),
+            "format changed: bump FORMAT_VERSION"
+        );
+        // Same chunk bytes as the kind-1 golden object.
+        assert_eq!(written[512..], golden_object(backend)[512..]);
+    }
+}
+
+#[test]
+fn kms_encryption_context_names_the_file_id_in_lower_case_hex() {
+    assert_eq!(
+        kms_encryption_context(&FileId(FIXED_FILE_ID)),
+        vec![("s3cryptfs:file-id", "33".repeat(16))]
+    );
+    let id = FileId([
+        0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02, 0x03, 0x0a, 0x0b, 0x0c, 0x0d, 0xf0, 0xe1, 0xd2,
+        0xc3,
+    ]);
+    assert_eq!(
+        kms_encryption_context(&id),
+        vec![(
+            KMS_CONTEXT_FILE_ID,
+            "deadbeef000102030a0b0c0df0e1d2c3".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn customer_key_open_of_a_kms_object_says_mount_with_cse_kms() {
+    let (_, header) = fixed_kms_cipher(AeadBackend::AwsLc);
+    let err = ObjectCipher::open(&header, &history(1), AeadBackend::AwsLc).unwrap_err();
+    assert_eq!(
+        err,
+        CryptoError::NeedsKms {
+            key_id: FIXED_KMS_KEY_ID.to_owned()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the object's data key is wrapped by KMS key {FIXED_KMS_KEY_ID}; mount with mode=cse-kms"
+        )
+    );
+}
+
+#[test]
+fn kms_open_of_a_customer_key_object_says_mount_with_cse_c() {
+    let (_, header) = fixed_cipher(AeadBackend::AwsLc);
+    let err = ObjectCipher::open_with_data_key(
+        &header,
+        DataKey::from_bytes(&FIXED_DATA_KEY),
+        AeadBackend::AwsLc,
+    )
+    .unwrap_err();
+    let fingerprint = Key256::from_bytes(&FIXED_KEK).fingerprint();
+    assert_eq!(err, CryptoError::NeedsCustomerKey { fingerprint });
+    let shown = err.to_string();
+    assert!(
+        shown.contains("mode=cse-c") && shown.contains("678bb5420bbacd73"),
+        "{shown}"
+    );
+    // Foreign bytes are still reported as such on the KMS path.
+    assert_eq!(
+        ObjectCipher::open_with_data_key(
+            b"hello",
+            DataKey::from_bytes(&[0; 32]),
+            AeadBackend::AwsLc
+        )
+        .unwrap_err(),
+        CryptoError::NotOurFormat
+    );
+}
+
+#[test]
+fn wrong_data_key_fails_at_the_first_chunk() {
+    let (writer, header) = fixed_kms_cipher(AeadBackend::AwsLc);
+    let object = seal_all(&writer, &header, &pattern(65537), |_| None);
+    let mut wrong = FIXED_DATA_KEY;
+    wrong[31] ^= 1;
+    for backend in BACKENDS {
+        assert_eq!(
+            decrypt_kms(&wrong, backend, &object),
+            Err(CryptoError::AuthenticationFailed { chunk: 0 })
+        );
+        let reader =
+            ObjectCipher::open_with_data_key(&object, DataKey::from_bytes(&wrong), backend)
+                .unwrap();
+        let r = chunk_range(1, &object);
+        assert_eq!(
+            reader.open_chunk(1, true, &object[r], &mut Vec::new()),
+            Err(CryptoError::AuthenticationFailed { chunk: 1 })
+        );
+        assert_eq!(
+            reader.verify_binding("p", &writer.binding("p")),
+            Err(CryptoError::ObjectSwapped)
+        );
+    }
+    // The right key still works on the same bytes.
+    assert_eq!(
+        decrypt_kms(&FIXED_DATA_KEY, AeadBackend::AwsLc, &object).unwrap(),
+        pattern(65537)
+    );
+}
+
+#[test]
+fn create_kms_refuses_what_a_reader_would_reject() {
+    let blob = fixed_kms_blob();
+    let cases: [(&str, &[u8], &str); 5] = [
+        ("", &blob, "the KMS key id is empty"),
+        (
+            "arn:aws:kms:eu-west-1:1:key/\u{e9}",
+            &blob,
+            "the KMS key id is not printable ASCII",
+        ),
+        (
+            &FIXED_KMS_KEY_ID[..40],
+            &[],
+            "the KMS ciphertext blob is empty",
+        ),
+        (
+            &FIXED_KMS_KEY_ID[..40],
+            &[1; 435],
+            "the KMS key id and ciphertext blob do not fit in the 478-byte envelope",
+        ),
+        (
+            "alias/with space",
+            &blob,
+            "the KMS key id is not printable ASCII",
+        ),
+    ];
+    for (key_id, blob, what) in cases {
+        let result = ObjectCipher::create_kms(
+            FileId::random(),
+            DataKey::generate(),
+            key_id,
+            blob,
+            AeadBackend::AwsLc,
+        );
+        assert_eq!(
+            result.map(|(_, header)| header).unwrap_err(),
+            CryptoError::InvalidKmsEnvelope { what },
+            "{key_id:?} {}",
+            blob.len()
+        );
+    }
+    // 40 + 434 + 4 = 478 exactly still fits.
+    assert!(ObjectCipher::create_kms(
+        FileId::random(),
+        DataKey::generate(),
+        &FIXED_KMS_KEY_ID[..40],
+        &[1; 434],
+        AeadBackend::AwsLc
+    )
+    .is_ok());
+}
+
+/// A 4-chunk cse-kms object and its data key.
+fn kms_victim(data_key: &[u8; 32]) -> Vec<u8> {
+    let (writer, header) = ObjectCipher::create_kms(
+        FileId::random(),
+        DataKey::from_bytes(data_key),
+        FIXED_KMS_KEY_ID,
+        &fixed_kms_blob(),
+        AeadBackend::AwsLc,
+    )
+    .unwrap();
+    seal_all(&writer, &header, &pattern(3 * 65536 + 5), |_| None)
+}
+
+#[test]
+fn kms_header_of_another_object_fails_at_chunk_zero_even_with_the_same_data_key() {
+    // Worst case for the file-id binding: both objects share key id, blob and
+    // data key, so only the file id in the chunk AADs tells them apart.
+    let key = [0x42; 32];
+    let (a, b) = (kms_victim(&key), kms_victim(&key));
+    assert_ne!(a[16..32], b[16..32]);
+    let mut bad = b[..512].to_vec();
+    bad.extend_from_slice(&a[512..]);
+    assert_eq!(
+        decrypt_kms(&key, AeadBackend::AwsLc, &bad),
+        Err(CryptoError::AuthenticationFailed { chunk: 0 })
+    );
+}
+
+/// Every bit flip in a kind-2 header is either an error here, or a change in
+/// exactly the field KMS authenticates or ignores (key id, blob), which the
+/// reader then hands to KMS Decrypt. Nothing else can change silently.
+#[test]
+fn bit_flips_in_a_kms_header_are_caught_here_or_reach_kms() {
+    let key = [0x42; 32];
+    let object = kms_victim(&key);
+    let original = Header::decode(&object).unwrap();
+    let Envelope::Kms { key_id, blob } = &original.envelope else {
+        panic!("not a KMS header");
+    };
+    let key_id_at = 36..36 + key_id.len();
+    let blob_at = key_id_at.end + 2..key_id_at.end + 2 + blob.len();
+    assert_eq!(blob_at.end, 297);
+    for pos in 0..512 {
+        for bit in [0x01u8, 0x80] {
+            let mut bad = object.clone();
+            bad[pos] ^= bit;
+            let decoded = Header::decode(&bad);
+            let ok = match pos {
+                0..=7 => decoded == Err(CryptoError::NotOurFormat),
+                8..=9 => matches!(decoded, Err(CryptoError::UnsupportedVersion { .. })),
+                10 => matches!(decoded, Err(CryptoError::UnsupportedEnvelope { .. })),
+                // The file id decodes, and then the chunk AADs reject the chunks
+                // (KMS would already have refused the blob under the new context).
+                16..=31 => {
+                    decoded.as_ref().map(|h| h.file_id) != Ok(original.file_id)
+                        && decrypt_kms(&key, AeadBackend::AwsLc, &bad)
+                            == Err(CryptoError::AuthenticationFailed { chunk: 0 })
+                }
+                p if key_id_at.contains(&p) && bit == 0x01 => match &decoded {
+                    // Still printable: a different key id goes to KMS.
+                    Ok(h) => {
+                        h.file_id == original.file_id
+                            && matches!(&h.envelope, Envelope::Kms { key_id: k, blob: b }
+                                if k != key_id && b == blob)
+                    }
+                    Err(e) => matches!(e, CryptoError::Malformed { .. }),
+                },
+                p if blob_at.contains(&p) => {
+                    decoded.as_ref().map(|h| h.file_id) == Ok(original.file_id)
+                        && matches!(decoded.as_ref().map(|h| &h.envelope),
+                            Ok(Envelope::Kms { key_id: k, blob: b }) if k == key_id && b != blob)
+                }
+                // Prefix bytes with one legal value, the three lengths, a key id
+                // byte made non-ASCII, and the padding.
+                _ => matches!(decoded, Err(CryptoError::Malformed { .. })),
+            };
+            assert!(ok, "byte {pos} bit {bit:#x}: {decoded:?}");
+        }
+    }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Independent re-implementation of s3cryptfs format v1 (docs/FORMAT.md), written
-from the spec, not the Rust code. It rebuilds the golden fixture from the fixed
-inputs used in src/crypto/object/tests.rs and compares it with v1-golden.hex, so
-the documentation, the fixture and the Rust code are checked against each other.
+from the spec, not the Rust code. It rebuilds the golden fixtures from the fixed
+inputs used in src/crypto/object/tests.rs and compares them with v1-golden.hex
+(envelope kind 1) and v1-kms-golden.hex (envelope kind 2), so the documentation,
+the fixtures and the Rust code are checked against each other.
 
 Needs the `cryptography` package. Run: python3 src/crypto/testdata/independent_check.py
 """
@@ -28,10 +29,23 @@ bind_key = hmac.new(DATA_KEY, b"s3cf-bind-key-v1", hashlib.sha256).digest()
 tag = hmac.new(bind_key, b"s3cf-bind-v1" + FILE_ID + PATH.encode(), hashlib.sha256).digest()[:16]
 binding = base64.b64encode(tag).decode().rstrip("=")
 
+# Envelope kind 2 (KMS): same data key, file id and chunk, so the same chunk bytes and binding.
+KMS_KEY_ID = b"arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+KMS_BLOB = bytes(i ^ 0xA5 for i in range(184))  # a stand-in; the data key is given, not decrypted
+kms_env = struct.pack(">H", len(KMS_KEY_ID)) + KMS_KEY_ID + struct.pack(">H", len(KMS_BLOB)) + KMS_BLOB
+assert len(kms_env) == 263
+kms_prefix = b"s3cryptf" + struct.pack(">HBBI", 1, 2, 16, 0) + FILE_ID + struct.pack(">H", len(kms_env))
+kms_header = (kms_prefix + kms_env).ljust(512, b"\0")
+kms_obj = kms_header + obj[512:]
+print("KMS encryption context:", {"s3cryptfs:file-id": FILE_ID.hex()})
+
 here = os.path.dirname(os.path.abspath(__file__))
-text = open(os.path.join(here, "v1-golden.hex")).read()
-fixture = bytes.fromhex("".join(l for l in text.splitlines() if not l.startswith("#")))
+ok = True
+for name, expected in [("v1-golden.hex", obj), ("v1-kms-golden.hex", kms_obj)]:
+    text = open(os.path.join(here, name)).read()
+    fixture = bytes.fromhex("".join(l for l in text.splitlines() if not l.startswith("#")))
+    print(name, "matches:", fixture == expected)
+    ok = ok and fixture == expected
 print("fingerprint of KEK:", fingerprint.hex())
 print("binding:", binding)
-print("fixture matches:", fixture == obj)
-sys.exit(0 if fixture == obj else 1)
+sys.exit(0 if ok else 1)
