@@ -27,6 +27,7 @@ pub mod crypto;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod kms;
 pub mod object;
 pub mod read;
 pub mod run;
