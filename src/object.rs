@@ -8,13 +8,27 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::crypto::{self, AeadBackend, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
+use crate::crypto::{self, AeadBackend, CryptoError, Envelope, Header, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
+use crate::kms::{KmsClient, KmsError};
 
 /// The encryption mode of a mount, with what it needs to work.
+///
+/// Client-side encryption reads every object it has keys for: the header says whether a customer key (kind 1) or
+/// KMS (kind 2) wraps the data key, so a cse-kms mount given a key file too reads objects written in either mode.
+/// New objects use KMS when a KMS client is present (mode cse-kms), else the key history's first key (cse-c).
 #[derive(Clone)]
 pub enum Codec {
     Plain,
-    Cse { keys: Arc<KeyHistory>, aead: AeadBackend },
+    Cse { keys: Option<Arc<KeyHistory>>, kms: Option<Arc<KmsClient>>, aead: AeadBackend },
+}
+
+/// Why an object's keys could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Kms(#[from] KmsError),
 }
 
 /// Per-object state: nothing for plaintext, the unwrapped data key for client-side encryption.
@@ -71,22 +85,46 @@ impl Codec {
         }
     }
 
-    /// A fresh per-object codec for a new upload, with the header to write first.
-    pub fn create(&self) -> (ObjectCodec, Vec<u8>) {
+    /// A fresh per-object codec for a new upload, with the header to write first. In cse-kms this is one KMS
+    /// GenerateDataKey call, with the new file id in the encryption context.
+    pub async fn create(&self) -> Result<(ObjectCodec, Vec<u8>), CodecError> {
         match self {
-            Codec::Plain => (ObjectCodec::Plain, Vec::new()),
-            Codec::Cse { keys, aead } => {
+            Codec::Plain => Ok((ObjectCodec::Plain, Vec::new())),
+            Codec::Cse { kms: Some(kms), aead, .. } => {
+                let file_id = crypto::FileId::random();
+                let generated = kms.generate_data_key(&crypto::kms_encryption_context(&file_id)).await?;
+                let (cipher, header) =
+                    ObjectCipher::create_kms(file_id, generated.data_key, &generated.key_arn, &generated.blob, *aead)?;
+                Ok((ObjectCodec::Cse(cipher), header.to_vec()))
+            }
+            Codec::Cse { keys: Some(keys), aead, .. } => {
                 let (cipher, header) = ObjectCipher::create(keys, *aead);
-                (ObjectCodec::Cse(cipher), header.to_vec())
+                Ok((ObjectCodec::Cse(cipher), header.to_vec()))
+            }
+            Codec::Cse { keys: None, kms: None, .. } => {
+                unreachable!("invariant broken: client-side encryption configured without any key")
             }
         }
     }
 
-    /// The per-object codec of an existing object, from its header bytes.
-    pub fn open(&self, header: &[u8]) -> Result<ObjectCodec, crypto::CryptoError> {
-        match self {
-            Codec::Plain => Ok(ObjectCodec::Plain),
-            Codec::Cse { keys, aead } => Ok(ObjectCodec::Cse(ObjectCipher::open(header, keys, *aead)?)),
+    /// The per-object codec of an existing object, from its header bytes. A KMS-wrapped data key costs one KMS
+    /// Decrypt call the first time (the KMS client caches it).
+    pub async fn open(&self, header: &[u8]) -> Result<ObjectCodec, CodecError> {
+        let Codec::Cse { keys, kms, aead } = self else { return Ok(ObjectCodec::Plain) };
+        let decoded = Header::decode(header)?;
+        match decoded.envelope {
+            Envelope::CustomerKey { fingerprint, .. } => match keys {
+                Some(keys) => Ok(ObjectCodec::Cse(ObjectCipher::open(header, keys, *aead)?)),
+                None => Err(CryptoError::NeedsCustomerKey { fingerprint }.into()),
+            },
+            Envelope::Kms { key_id, blob } => match kms {
+                Some(kms) => {
+                    let context = crypto::kms_encryption_context(&decoded.file_id);
+                    let data_key = kms.decrypt(&key_id, &blob, &context).await?;
+                    Ok(ObjectCodec::Cse(ObjectCipher::open_with_data_key(header, data_key, *aead)?))
+                }
+                None => Err(CryptoError::NeedsKms { key_id }.into()),
+            },
         }
     }
 }

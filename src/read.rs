@@ -297,7 +297,7 @@ impl Reader {
                         (&owned.0[..], &owned.1)
                     }
                 };
-                let oc = self.codec.open(header).map_err(|e| Error::crypto(&key, e))?;
+                let oc = self.codec.open(header).await.map_err(|e| Error::codec(&key, e))?;
                 oc.verify_binding(&key, meta.extra.get(BIND_META).map(String::as_str))
                     .map_err(|e| Error::crypto(&key, e))?;
                 Ok(Arc::new(oc))

@@ -19,7 +19,7 @@ use crate::config::{AeadChoice, EncryptionMode, MountConfig};
 use crate::crypto::{AeadBackend, KeyHistory};
 use crate::fs::write::StagingDir;
 use crate::fs::{Fs, FsConfig};
-use crate::object::Codec;
+use crate::object::{Codec, CodecError};
 use crate::store::{Backend, LocalBackend, S3Options};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -339,33 +339,46 @@ async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
         return Ok(());
     };
     let (header, _, _) = backend.get_range(&sample.key, 0..codec.header_len()).await?;
-    match codec.open(&header) {
+    match codec.open(&header).await {
         Ok(_) => Ok(()),
-        Err(crate::crypto::CryptoError::UnknownKey { fingerprint }) => bail!(
+        Err(CodecError::Crypto(crate::crypto::CryptoError::UnknownKey { fingerprint })) => bail!(
             "the key file does not hold the key that encrypted {} (its key fingerprint is {}): check key_file",
             sample.key.as_str(),
             fingerprint
         ),
-        // Not ours or damaged: that object will fail on its own when read; it says nothing about the key.
+        // The KMS key exists but cannot be used (disabled, denied, missing, KMS unreachable): say so now.
+        Err(CodecError::Kms(e)) if !matches!(e, crate::kms::KmsError::InvalidCiphertext { .. }) => {
+            bail!("cannot open {} with KMS: {e}", sample.key.as_str())
+        }
+        // Not ours, damaged, or in the other client-side mode: that object will fail on its own when read; it says
+        // nothing about the keys of this mount.
         Err(_) => Ok(()),
     }
 }
 
+/// The KMS client of a cse-kms mount: the store's credential chain and CA file, the KMS endpoint by AWS rules.
+fn kms_client(config: &MountConfig) -> anyhow::Result<Arc<crate::kms::KmsClient>> {
+    let opts = S3Options { region: config.region.clone(), ca_file: config.ca_file.clone(), ..S3Options::default() };
+    let signed = crate::store::signed_client(&opts).context("setting up KMS access")?;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let endpoint = crate::kms::resolve_endpoint(config.kms_endpoint.as_deref(), &env, signed.region());
+    Ok(Arc::new(crate::kms::KmsClient::new(signed, endpoint, config.kms_key_id.clone())))
+}
+
 fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
+    let aead = match config.aead {
+        AeadChoice::AwsLc => AeadBackend::AwsLc,
+        AeadChoice::RustCrypto => AeadBackend::RustCrypto,
+    };
     let codec = match (config.mode, keys.clone()) {
         // Server-side modes store the bytes as they are: the server encrypts them.
         (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC, _) => {
             Codec::Plain
         }
-        (EncryptionMode::CseKms, _) => bail!("mode=cse-kms is not available yet"),
-        (EncryptionMode::CseC, Some(keys)) => Codec::Cse {
-            keys,
-            aead: match config.aead {
-                AeadChoice::AwsLc => AeadBackend::AwsLc,
-                AeadChoice::RustCrypto => AeadBackend::RustCrypto,
-            },
-        },
+        // cse-kms reads cse-c objects too when it is given a key file.
+        (EncryptionMode::CseKms, keys) => Codec::Cse { keys, kms: Some(kms_client(&config)?), aead },
+        (EncryptionMode::CseC, Some(keys)) => Codec::Cse { keys: Some(keys), kms: None, aead },
         (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
     };
     let backend = rt.block_on(async {

@@ -36,7 +36,7 @@ pub async fn upload(
     mut meta: UserMeta,
 ) -> Result<ObjectInfo> {
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
-    let (oc, header) = codec.create();
+    let (oc, header) = codec.create().await.map_err(|e| Error::codec(path, e))?;
     match oc.binding(path) {
         Some(b) => {
             meta.extra.insert(BIND_META.to_string(), b);

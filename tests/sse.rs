@@ -24,28 +24,6 @@ fn head_headers(store: &Store, key: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_lowercase()
 }
 
-/// Calls the KMS JSON API of the test server (it serves KMS on the S3 port) and returns the raw JSON answer.
-fn kms(store: &Store, action: &str, body: &str) -> String {
-    let (ep, _) = endpoint(store);
-    let out = Command::new("curl")
-        .args(["-sf", "-X", "POST", &ep, "-H", &format!("X-Amz-Target: TrentService.{action}")])
-        .args(["-H", "Content-Type: application/x-amz-json-1.1", "-H"])
-        .arg("Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0")
-        .args(["-d", body])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "KMS {action} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn json_field(json: &str, field: &str) -> String {
-    let pat = format!("\"{field}\": \"");
-    let pat2 = format!("\"{field}\":\"");
-    let start = json.find(&pat).map(|i| i + pat.len()).or_else(|| json.find(&pat2).map(|i| i + pat2.len()));
-    let start = start.unwrap_or_else(|| panic!("no {field} in {json}"));
-    json[start..].split('"').next().unwrap().to_string()
-}
-
 fn round_trip(env: &Env, store: &Store, mode: &str, extra: &[&str]) -> Vec<u8> {
     let m = Mount::start_with(env, store, mode, extra);
     let big = pattern((9 << 20) + 5, 1); // multipart
@@ -77,7 +55,7 @@ fn sse_s3_is_requested_confirmed_and_readable_by_a_raw_client() {
 fn sse_kms_uses_the_requested_key_and_fails_cleanly_when_it_is_disabled() {
     let env = Env::new();
     let store = Store::s3();
-    let key_id = json_field(&kms(&store, "CreateKey", "{}"), "KeyId");
+    let key_id = kms_create_key();
     let opt = format!("kms_key_id={key_id}");
     round_trip(&env, &store, "sse-kms", &[&opt, "bucket_key=false"]);
     for key in ["renamed", "big"] {
@@ -86,7 +64,7 @@ fn sse_kms_uses_the_requested_key_and_fails_cleanly_when_it_is_disabled() {
         assert!(h.contains(&key_id.to_lowercase()), "{key} not under {key_id}: {h}");
     }
     // A disabled key: writes fail (the close reports it) and nothing is silently stored unencrypted.
-    kms(&store, "DisableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
+    kms_admin("DisableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
     let m = Mount::start_with(&env, &store, "sse-kms", &[&opt]);
     // std's fs::write ignores errors of close(); fsync reports the failed upload.
     let err = {

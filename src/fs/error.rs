@@ -7,6 +7,8 @@
 use thiserror::Error;
 
 use crate::crypto::CryptoError;
+use crate::kms::KmsError;
+use crate::object::CodecError;
 use crate::store::StoreError;
 
 #[derive(Debug, Error)]
@@ -47,6 +49,12 @@ pub enum Error {
         #[source]
         source: CryptoError,
     },
+    #[error("object {key}: {source}")]
+    Kms {
+        key: String,
+        #[source]
+        source: KmsError,
+    },
     #[error("object {key}: stored size {size} is not a valid size for an encrypted object (written by another tool?)")]
     NotOurFormat { key: String, size: u64 },
     #[error("object {key} changed in the store since it was opened; open it again to read the new version")]
@@ -71,6 +79,14 @@ impl Error {
 
     pub fn crypto(key: impl Into<String>, source: CryptoError) -> Self {
         Error::Crypto { key: key.into(), source }
+    }
+
+    /// An object's keys could not be set up: a format or key error, or KMS refused.
+    pub fn codec(key: impl Into<String>, source: CodecError) -> Self {
+        match source {
+            CodecError::Crypto(source) => Error::Crypto { key: key.into(), source },
+            CodecError::Kms(source) => Error::Kms { key: key.into(), source },
+        }
     }
 
     pub fn staging(key: impl Into<String>, source: std::io::Error) -> Self {
@@ -101,6 +117,8 @@ impl Error {
             },
             // Tampered, wrong-key or foreign objects: the application gets EIO, never bytes we cannot vouch for.
             Error::Crypto { .. } | Error::NotOurFormat { .. } => libc::EIO,
+            // A denied KMS key is EACCES; disabled, missing or unreachable keys and refused wrapped keys are EIO.
+            Error::Kms { source, .. } => source.errno(),
             // ESTALE is what NFS clients return for a file replaced under an open handle.
             Error::Changed { .. } => libc::ESTALE,
             Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),

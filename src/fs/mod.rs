@@ -923,7 +923,7 @@ impl Fs {
                 .get_range(&from_key, 0..self.codec.header_len())
                 .await
                 .map_err(|e| Error::store(from, e))?;
-            let oc = self.codec.open(&header).map_err(|e| Error::crypto(from, e))?;
+            let oc = self.codec.open(&header).await.map_err(|e| Error::codec(from, e))?;
             // Refuse to re-bind an object that was not bound to where we found it: that would launder a swap.
             oc.verify_binding(from, meta.extra.get(BIND_META).map(String::as_str))
                 .map_err(|e| Error::crypto(from, e))?;

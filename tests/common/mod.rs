@@ -312,3 +312,29 @@ pub fn assert_bytes(got: impl AsRef<[u8]>, want: impl AsRef<[u8]>, what: &str) {
         panic!("{what}: got {} bytes, want {} bytes, first difference at offset {first}", got.len(), want.len());
     }
 }
+
+/// Calls the KMS JSON API of the test server (LocalStack serves KMS on the S3 port; it checks no signatures) and
+/// returns the raw JSON answer.
+pub fn kms_admin(action: &str, body: &str) -> String {
+    let ep = std::env::var("S3CRYPTFS_TEST_KMS_ENDPOINT").expect("S3CRYPTFS_TEST_KMS_ENDPOINT (scripts/test.sh)");
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", &ep, "-H", &format!("X-Amz-Target: TrentService.{action}")])
+        .args(["-H", "Content-Type: application/x-amz-json-1.1", "-H"])
+        .arg("Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0")
+        .args(["-d", body])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "KMS {action} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A string field of a flat JSON answer.
+pub fn json_field(json: &str, field: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    v.pointer(field).or_else(|| v.get(field)).and_then(|f| f.as_str()).unwrap_or_else(|| panic!("no {field} in {json}")).to_string()
+}
+
+/// A new KMS key on the test server; returns its key id.
+pub fn kms_create_key() -> String {
+    json_field(&kms_admin("CreateKey", "{}"), "/KeyMetadata/KeyId")
+}
