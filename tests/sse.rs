@@ -24,17 +24,49 @@ fn head_headers(store: &Store, key: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_lowercase()
 }
 
+/// Write (small and multipart), rename, truncate and append, then check everything after a remount. Returns the
+/// final content of "big".
 fn round_trip(env: &Env, store: &Store, mode: &str, extra: &[&str]) -> Vec<u8> {
     let m = Mount::start_with(env, store, mode, extra);
     let big = pattern((9 << 20) + 5, 1); // multipart
     fs::write(m.path("small"), b"server-side").unwrap();
     fs::write(m.path("big"), &big).unwrap();
     fs::rename(m.path("small"), m.path("renamed")).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+    f.set_len(5 << 20).unwrap(); // re-uploaded as one PUT
+    f.sync_all().unwrap();
+    drop(f);
+    let mut f = fs::OpenOptions::new().append(true).open(m.path("renamed")).unwrap();
+    std::io::Write::write_all(&mut f, b"+more").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
     drop(m);
     let m = Mount::start_with(env, store, mode, extra);
-    assert_bytes(fs::read(m.path("renamed")).unwrap(), b"server-side", "renamed after remount");
-    assert_bytes(fs::read(m.path("big")).unwrap(), &big, "big after remount");
-    big
+    assert_bytes(fs::read(m.path("renamed")).unwrap(), b"server-side+more", "renamed and appended, after remount");
+    assert_bytes(fs::read(m.path("big")).unwrap(), &big[..5 << 20], "big truncated, after remount");
+    big[..5 << 20].to_vec()
+}
+
+/// A file written by boto3 with `sse_args` is read through a mount in `mode`.
+fn mount_reads_what_boto3_wrote(env: &Env, store: &Store, mode: &str, extra: &[&str], sse_args: &[&str]) {
+    let (_, bucket) = endpoint(store);
+    let src = env.path().join("boto3-upload");
+    fs::write(&src, b"written by boto3").unwrap();
+    let mut args = vec!["put", &bucket, "from-boto3", src.to_str().unwrap()];
+    args.extend_from_slice(sse_args);
+    boto3(&args).unwrap();
+    let m = Mount::start_with(env, store, mode, extra);
+    assert_bytes(fs::read(m.path("from-boto3")).unwrap(), b"written by boto3", "the mount reads boto3's object");
+}
+
+/// boto3 reads "big" as the mount wrote it (`sse_args` as needed: the SSE-C key).
+fn boto3_reads_what_the_mount_wrote(env: &Env, store: &Store, want: &[u8], sse_args: &[&str]) {
+    let (_, bucket) = endpoint(store);
+    let out = env.path().join("boto3-download");
+    let mut args = vec!["get", &bucket, "big", out.to_str().unwrap()];
+    args.extend_from_slice(sse_args);
+    boto3(&args).unwrap();
+    assert_bytes(fs::read(&out).unwrap(), want, "boto3 reads what the mount wrote");
 }
 
 #[test]
@@ -46,9 +78,10 @@ fn sse_s3_is_requested_confirmed_and_readable_by_a_raw_client() {
         let h = head_headers(&store, key);
         assert!(h.contains("x-amz-server-side-encryption: aes256"), "{key}: {h}");
     }
-    let raw = store.raw_objects();
-    let (_, bytes) = raw.iter().find(|(k, _)| k == "big").expect("big stored");
-    assert_bytes(bytes, &big, "raw client reads what the mount wrote");
+    boto3_reads_what_the_mount_wrote(&env, &store, &big, &[]);
+    mount_reads_what_boto3_wrote(&env, &store, "sse-s3", &[], &["--sse", "AES256"]);
+    let h = head_headers(&store, "from-boto3");
+    assert!(h.contains("x-amz-server-side-encryption: aes256"), "{h}");
 }
 
 #[test]
@@ -57,12 +90,14 @@ fn sse_kms_uses_the_requested_key_and_fails_cleanly_when_it_is_disabled() {
     let store = Store::s3();
     let key_id = kms_create_key();
     let opt = format!("kms_key_id={key_id}");
-    round_trip(&env, &store, "sse-kms", &[&opt, "bucket_key=false"]);
+    let big = round_trip(&env, &store, "sse-kms", &[&opt, "bucket_key=false"]);
     for key in ["renamed", "big"] {
         let h = head_headers(&store, key);
         assert!(h.contains("x-amz-server-side-encryption: aws:kms"), "{key}: {h}");
         assert!(h.contains(&key_id.to_lowercase()), "{key} not under {key_id}: {h}");
     }
+    boto3_reads_what_the_mount_wrote(&env, &store, &big, &[]);
+    mount_reads_what_boto3_wrote(&env, &store, "sse-kms", &[&opt], &["--sse", "aws:kms", "--kms-key", &key_id]);
     // A disabled key: writes fail (the close reports it) and nothing is silently stored unencrypted.
     kms_admin("DisableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
     let m = Mount::start_with(&env, &store, "sse-kms", &[&opt]);
@@ -147,21 +182,7 @@ fn sse_c_round_trips_over_https_and_agrees_with_a_raw_client() {
     let key_file = env.key_file.to_str().unwrap().to_string();
 
     let big = round_trip(&env, &store, "sse-c", &opts);
-    {
-        // Truncate (shrink) and append, then read back after a remount.
-        let m = Mount::start_with(&env, &store, "sse-c", &opts);
-        let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
-        f.set_len(1000).unwrap();
-        f.sync_all().unwrap();
-        drop(f);
-        let mut f = fs::OpenOptions::new().append(true).open(m.path("renamed")).unwrap();
-        std::io::Write::write_all(&mut f, b"+more").unwrap();
-        f.sync_all().unwrap();
-    }
     let m = Mount::start_with(&env, &store, "sse-c", &opts);
-    assert_bytes(fs::read(m.path("big")).unwrap(), &big[..1000], "truncated after remount");
-    assert_bytes(fs::read(m.path("renamed")).unwrap(), b"server-side+more", "appended after remount");
-
     // boto3 with the key: the server reports SSE-C under our key, and the content is the plaintext.
     let md5 = key_md5(&env.key_file, 1);
     for key in ["renamed", "big"] {
@@ -169,9 +190,8 @@ fn sse_c_round_trips_over_https_and_agrees_with_a_raw_client() {
         assert!(head.contains("\"SSECustomerAlgorithm\": \"AES256\""), "{key}: {head}");
         assert!(head.contains(&md5), "{key} is not under our key ({md5}): {head}");
     }
+    boto3_reads_what_the_mount_wrote(&env, &store, &big, &["--key-file", &key_file]);
     let out = env.path().join("raw-download");
-    boto3(&["get", &bucket, "renamed", out.to_str().unwrap(), "--key-file", &key_file]).unwrap();
-    assert_bytes(fs::read(&out).unwrap(), b"server-side+more", "boto3 reads what the mount wrote");
     // Without the key, or with another key, the server refuses.
     let code = boto3(&["get", &bucket, "renamed", out.to_str().unwrap()]).unwrap_err();
     assert!(code.contains("400") || code.contains("InvalidRequest") || code.contains("BadRequest"), "{code}");
@@ -179,12 +199,8 @@ fn sse_c_round_trips_over_https_and_agrees_with_a_raw_client() {
     let code = boto3(&["get", &bucket, "renamed", out.to_str().unwrap(), "--key-file", other.to_str().unwrap()]).unwrap_err();
     assert!(code.contains("403") || code.contains("AccessDenied") || code.contains("Forbidden"), "{code}");
 
-    // The mount reads what boto3 wrote with the key.
-    let src = env.path().join("raw-upload");
-    fs::write(&src, b"written by boto3").unwrap();
-    boto3(&["put", &bucket, "from-boto3", src.to_str().unwrap(), "--key-file", &key_file]).unwrap();
-    assert_bytes(fs::read(m.path("from-boto3")).unwrap(), b"written by boto3", "the mount reads boto3's object");
     drop(m);
+    mount_reads_what_boto3_wrote(&env, &store, "sse-c", &opts, &["--key-file", &key_file]);
 
     // Another key file only: reads fail cleanly (EIO or EACCES) and the log says which key the object needs.
     let stranger = Env::new();
