@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: s3cryptfs through a real FUSE mount against the S3 test server, next to a raw object_store client on
-# the same server, in modes none and cse-c. Prints seconds per workload and the ratio to the raw client.
+# the same server, in each mode of BENCH_MODES. Prints seconds per workload and the ratio to the raw client.
 #
 #   scripts/bench.sh                                  # 1 GiB sequential file, 2,000 files of 4 KiB
+#   BENCH_MODES="none cse-c" scripts/bench.sh         # modes to run (default: none cse-c cse-kms sse-c)
 #   BENCH_MIB=256 BENCH_FILES=500 scripts/bench.sh    # a smaller run
 #   BENCH_OPTS=aead=aes-gcm scripts/bench.sh          # extra mount options (here: the RustCrypto AEAD)
 #
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 MIB=${BENCH_MIB:-1024}
 FILES=${BENCH_FILES:-2000}
 EXTRA_OPTS=${BENCH_OPTS:-}
+read -r -a MODES <<< "${BENCH_MODES:-none cse-c cse-kms sse-c}"
 
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo build --release --quiet --bin s3cryptfs --example bench
@@ -29,6 +31,11 @@ WORK=$(mktemp -d /tmp/s3cryptfs-bench.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT"
 $BIN keygen --output "$WORK/key" 2>/dev/null
+# cse-kms: a key in the test server's KMS (LocalStack serves KMS on the S3 port).
+KMS_KEY=$(curl -sf -X POST "$EP" -H "X-Amz-Target: TrentService.CreateKey" \
+  -H "Content-Type: application/x-amz-json-1.1" \
+  -H "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0" \
+  -d '{}' | sed -n 's/.*"KeyId": *"\([^"]*\)".*/\1/p')
 
 cleanup() {
   if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" || fusermount3 -uz "$MNT" || true; fi
@@ -58,8 +65,15 @@ run_raw() {
 
 mount_it() {
   local mode=$1 b=$2
-  local opts="mode=$mode,endpoint=$EP,region=us-east-1,staging_dir=$WORK/staging"
-  if [ "$mode" != none ]; then opts="$opts,key_file=$WORK/key"; fi
+  local opts="mode=$mode,region=us-east-1,staging_dir=$WORK/staging"
+  case $mode in
+    none) opts="$opts,endpoint=$EP" ;;
+    cse-c) opts="$opts,endpoint=$EP,key_file=$WORK/key" ;;
+    cse-kms) opts="$opts,endpoint=$EP,kms_key_id=$KMS_KEY,kms_endpoint=$EP" ;;
+    # SSE-C needs https: the same server over TLS.
+    sse-c) opts="$opts,endpoint=$S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT,ca_file=$S3CRYPTFS_TEST_CA_FILE,key_file=$WORK/key" ;;
+    *) opts="$opts,endpoint=$EP" ;;
+  esac
   if [ -n "$EXTRA_OPTS" ]; then opts="$opts,$EXTRA_OPTS"; fi
   $BIN mount -o "$opts" "s3://$b" "$MNT"
 }
@@ -78,17 +92,24 @@ run_mode() {
 }
 
 run_raw
-run_mode none
-run_mode cse-c
+for mode in "${MODES[@]}"; do run_mode "$mode"; done
 
-printf '\n%-14s %10s %10s %10s %10s %10s\n' workload raw_s none_s cse-c_s none/raw cse-c/raw
+printf '\n%-14s %10s' workload raw_s
+for mode in "${MODES[@]}"; do printf ' %10s' "${mode}_s"; done
+for mode in "${MODES[@]}"; do printf ' %10s' "$mode/raw"; done
+echo
 for name in seq_write seq_read small_create small_list small_read; do
-  r=${T[raw,$name]}; n=${T[none,$name]}; c=${T[cse-c,$name]}
-  printf '%-14s %10s %10s %10s %10s %10s\n' "$name" "$r" "$n" "$c" \
-    "$(awk -v a="$n" -v b="$r" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$c" -v b="$r" 'BEGIN{printf "%.2f", a/b}')"
+  r=${T[raw,$name]}
+  printf '%-14s %10s' "$name" "$r"
+  for mode in "${MODES[@]}"; do printf ' %10s' "${T[$mode,$name]}"; done
+  for mode in "${MODES[@]}"; do
+    printf ' %10s' "$(awk -v a="${T[$mode,$name]}" -v b="$r" 'BEGIN{printf "%.2f", a/b}')"
+  done
+  echo
 done
 echo
 echo "seq_* move $MIB MiB (raw: $(awk -v m="$MIB" -v s="${T[raw,seq_write]}" 'BEGIN{printf "%.0f", m/s}') MiB/s up," \
   "$(awk -v m="$MIB" -v s="${T[raw,seq_read]}" 'BEGIN{printf "%.0f", m/s}') MiB/s down); small_* use $FILES files of 4 KiB;"
 echo "small_list = readdir + stat of every file on a fresh mount (ls -l); raw small_list = one paged LIST."
-echo "server: ${S3CRYPTFS_TEST_SERVER:-?} at $EP; a ratio above 1 means slower than the raw client."
+echo "server: ${S3CRYPTFS_TEST_SERVER:-?} at $EP (raw client over http; sse-c over https); a ratio above 1 means"
+echo "slower than the raw client."

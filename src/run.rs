@@ -331,7 +331,10 @@ pub async fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) ->
 
 /// If the store already holds encrypted objects, checks that the key history can open one, so a wrong key is an
 /// error at mount time rather than EIO later.
-async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
+async fn check_key(backend: &dyn Backend, codec: &Codec, mode: EncryptionMode) -> anyhow::Result<()> {
+    if mode == EncryptionMode::SseC {
+        return check_customer_key(backend).await;
+    }
     let Codec::Cse { .. } = codec else { return Ok(()) };
     let listing = backend.list("", false).await?;
     let Some(sample) = listing.objects.iter().find(|o| !o.key.as_str().ends_with('/') && codec.plain_size(o.size).is_some())
@@ -353,6 +356,17 @@ async fn check_key(backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
         // Not ours, damaged, or in the other client-side mode: that object will fail on its own when read; it says
         // nothing about the keys of this mount.
         Err(_) => Ok(()),
+    }
+}
+
+/// sse-c: a HEAD of one top-level object must succeed with a key of the key file, so a wrong key file is refused at
+/// mount (the store finds the object's key by its tag, see `store::ssec`).
+async fn check_customer_key(backend: &dyn Backend) -> anyhow::Result<()> {
+    let listing = backend.list("", false).await?;
+    let Some(sample) = listing.objects.iter().find(|o| !o.key.is_dir_marker()) else { return Ok(()) };
+    match backend.head(&sample.key).await {
+        Err(e @ crate::store::StoreError::WrongKey { .. }) => bail!("{e}: check key_file"),
+        _ => Ok(()),
     }
 }
 
@@ -393,7 +407,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             }
             bail!("{}", explain_store_error(&config, &detail));
         }
-        check_key(&*backend, &codec).await?;
+        check_key(&*backend, &codec, config.mode).await?;
         anyhow::Ok(backend)
     })?;
     let staging = StagingDir::create(&staging_base(&config))

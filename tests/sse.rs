@@ -202,13 +202,24 @@ fn sse_c_round_trips_over_https_and_agrees_with_a_raw_client() {
     drop(m);
     mount_reads_what_boto3_wrote(&env, &store, "sse-c", &opts, &["--key-file", &key_file]);
 
-    // Another key file only: reads fail cleanly (EIO or EACCES) and the log says which key the object needs.
-    let stranger = Env::new();
-    let m = Mount::start_with(&stranger, &store, "sse-c", &opts);
-    let errno = errno_of(fs::read(m.path("renamed")));
+    // An object under a key the key file lacks (written by boto3, so without our tag): reading it fails cleanly
+    // (EIO or EACCES) and the log names it.
+    let src = env.path().join("other-key-upload");
+    fs::write(&src, b"someone else's key").unwrap();
+    boto3(&["put", &bucket, "sub/other-key", src.to_str().unwrap(), "--key-file", other.to_str().unwrap()]).unwrap();
+    let m = Mount::start_with(&env, &store, "sse-c", &opts);
+    let errno = errno_of(fs::read(m.path("sub/other-key")));
     assert!(errno == libc::EIO || errno == libc::EACCES, "errno {errno}");
     let log = m.unmount();
-    assert!(log.contains("renamed") && log.contains(&md5) && log.contains("not in the key file"), "{log}");
+    assert!(log.contains("sub/other-key") && log.contains("no key in the key file opens it"), "{log}");
+
+    // Another key file only: the mount is refused, naming the key (by MD5) the objects need.
+    let stranger = Env::new();
+    let err = match Mount::try_start(&stranger, &store, "sse-c", &opts) {
+        Ok(_) => panic!("mounted with a key file that opens nothing"),
+        Err(e) => e,
+    };
+    assert!(err.contains(&md5) && err.contains("not in the key file") && err.contains("key_file"), "{err}");
 }
 
 #[test]

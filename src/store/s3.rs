@@ -426,6 +426,25 @@ mod tests {
     }
 
     #[test]
+    fn sse_c_is_refused_over_plain_http_and_accepted_over_https() {
+        let keys = super::super::CustomerKeys(Arc::new(crate::crypto::KeyHistory::single(
+            crate::crypto::Key256::generate(),
+        )));
+        let http = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            customer_keys: Some(keys.clone()),
+            ..S3Options::default()
+        };
+        let err = from_url("s3://bucket", &http).err().expect("sse-c over http must be refused");
+        assert!(err.to_string().contains("https"), "{err}");
+        let allow = S3Options { endpoint: None, allow_http: true, ..http.clone() };
+        assert!(from_url("s3://bucket", &allow).is_err(), "AWS_ALLOW_HTTP must not let the key travel in clear");
+        let https = S3Options { endpoint: Some("https://127.0.0.1:9".into()), ..http };
+        assert!(from_url("s3://bucket", &https).is_ok());
+    }
+
+    #[test]
     fn ca_file_problems_are_reported() {
         let missing = S3Options {
             ca_file: Some("/nonexistent/ca.pem".into()),
