@@ -32,16 +32,19 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr); without it the command returns once the mount is ready.
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Comma-separated mount options (mode=, key_file=, kms_key_id=, bucket_key=, endpoint=, region=, ca_file=, allow_other, ro, uid=, gid=,
-    /// umask=, cache_size=, attr_timeout=, staging_dir=, log_level=, log_file=). May be repeated.
+    /// Comma-separated mount options (mode=, key_file=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
+    /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, staging_dir=, log_level=,
+    /// log_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
-    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, sse-s3, sse-kms or none)")]
+    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, cse-kms, sse-c, sse-s3, sse-kms or none)")]
     pub mode: Option<String>,
     #[arg(long, value_name = "PATH", help = "Same as -o key_file=PATH")]
     pub key_file: Option<String>,
-    #[arg(long, value_name = "KEY", help = "Same as -o kms_key_id=KEY (key id, ARN or alias/NAME; mode sse-kms)")]
+    #[arg(long, value_name = "KEY", help = "Same as -o kms_key_id=KEY (key id, ARN or alias/NAME; modes sse-kms, cse-kms)")]
     pub kms_key_id: Option<String>,
+    #[arg(long, value_name = "URL", help = "Same as -o kms_endpoint=URL (mode cse-kms)")]
+    pub kms_endpoint: Option<String>,
     #[arg(long, value_name = "BOOL", help = "Same as -o bucket_key=true|false (mode sse-kms)")]
     pub bucket_key: Option<String>,
     #[arg(long, value_name = "URL", help = "Same as -o endpoint=URL")]
@@ -85,6 +88,7 @@ impl MountArgs {
             ("mode", &self.mode),
             ("key_file", &self.key_file),
             ("kms_key_id", &self.kms_key_id),
+            ("kms_endpoint", &self.kms_endpoint),
             ("bucket_key", &self.bucket_key),
             ("endpoint", &self.endpoint),
             ("region", &self.region),
