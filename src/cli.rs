@@ -25,6 +25,74 @@ pub enum Command {
     },
     /// Mount STORE (file:///abs/dir or s3://bucket[/prefix]) at MOUNTPOINT.
     Mount(MountArgs),
+    /// Run the key agent (holds named keys in memory, serves them to mounts of the same user over a Unix socket),
+    /// or control a running one (`agent lock`, `agent stop`).
+    Agent(AgentArgs),
+    /// Manage the keys held by the agent: add, list (names and fingerprints only), remove.
+    Key(KeyArgs),
+    /// Move every object of STORE to the current writing key (the first key of the key file, or kms_key_id=)
+    /// without re-encrypting content: cse-c and cse-kms re-wrap each object's data key, sse-c copies each object
+    /// server-side from its old key to the new one. Resumable: objects already on the new key are skipped.
+    Rekey(RekeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Socket path (default: $XDG_RUNTIME_DIR/s3cryptfs/agent.sock, or /run/s3cryptfs/agent.sock for root).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Stay in the foreground (logs to stderr).
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    #[command(subcommand)]
+    pub action: Option<AgentAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentAction {
+    /// Drop and zeroize every key the agent holds; the agent keeps running.
+    Lock,
+    /// Stop the agent (its keys are zeroized).
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// Socket path of the agent (default as for `s3cryptfs agent`).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: KeyAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Add (or replace) key NAME: a key file's content (a key history), read from standard input (no echo on a
+    /// terminal) or from --from-file.
+    Add {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+    },
+    /// List key names with their fingerprints (never key material).
+    List,
+    /// Remove key NAME (zeroized in the agent).
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// Mount-style options naming the mode and keys (mode=, key_file=/key_fd=/key_env=/agent=…, kms_key_id=,
+    /// endpoint=, region=, ca_file=, kms_endpoint=). May be repeated.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Only count what would be done.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Objects processed at once.
+    #[arg(long, default_value_t = 8)]
+    pub jobs: usize,
+    pub store: String,
 }
 
 #[derive(Debug, Args)]

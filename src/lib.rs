@@ -19,6 +19,7 @@
 //!
 //! `fs` can be driven directly (tests do), so FUSE stays a translation layer.
 
+pub mod agent;
 pub mod aws;
 pub mod cache;
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod kms;
 pub mod object;
 pub mod read;
+pub mod rekey;
 pub mod run;
 pub mod store;
 pub mod upload;

@@ -26,6 +26,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
         Command::Mount(args) => mount(args),
+        Command::Agent(args) => crate::agent::agent_command(args),
+        Command::Key(args) => crate::agent::key_command(args),
+        Command::Rekey(args) => crate::rekey::rekey_command(args),
     }
 }
 
