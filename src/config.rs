@@ -39,6 +39,34 @@ impl EncryptionMode {
     }
 }
 
+/// Where the customer key history comes from (`-o` options; never the key itself on the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `key_file=PATH`: a key file private to its owner.
+    File(PathBuf),
+    /// `key_fd=N`: read from an inherited file descriptor, which is then closed.
+    Fd(i32),
+    /// `key_env=VAR`: read from the environment variable VAR, which is then removed from the environment.
+    Env(String),
+    /// `key_credential=NAME`: systemd's `$CREDENTIALS_DIRECTORY/NAME` (LoadCredential=).
+    Credential(String),
+    /// `agent[=SOCKET],key_name=NAME`: fetched from `s3cryptfs agent` (default socket when SOCKET is omitted).
+    Agent { socket: Option<PathBuf>, name: String },
+}
+
+impl KeySource {
+    /// The option that selected it, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::File(p) => format!("key_file={}", p.display()),
+            KeySource::Fd(n) => format!("key_fd={n}"),
+            KeySource::Env(v) => format!("key_env={v}"),
+            KeySource::Credential(c) => format!("key_credential={c}"),
+            KeySource::Agent { name, .. } => format!("agent key {name}"),
+        }
+    }
+}
+
 /// Which AES-GCM implementation seals chunks. Both produce identical bytes; see the benchmark in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AeadChoice {
@@ -71,7 +99,8 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub foreground: bool,
     pub mode: EncryptionMode,
-    pub key_file: Option<PathBuf>,
+    /// Where the key history comes from (required for cse-c and sse-c; optional for cse-kms to read cse-c objects).
+    pub key_source: Option<KeySource>,
     /// KMS key for sse-kms (None: the account's default aws/s3 key) and for new objects in cse-kms: a key id, a key
     /// ARN or `alias/NAME`.
     pub kms_key_id: Option<String>,
@@ -111,10 +140,23 @@ pub enum ConfigError {
     UnexpectedValue { name: String },
     #[error("mount option '{name}': {reason}")]
     Invalid { name: String, reason: String },
-    #[error("mount option 'key' is refused: a key on the command line is readable by every user through /proc; use key_file=PATH instead")]
+    #[error("mount option 'key' is refused: a key on the command line is readable by every user through /proc; use key_file=PATH, key_fd=N, key_env=VAR, key_credential=NAME or agent,key_name=NAME instead")]
     RawKeyRefused,
-    #[error("mode={0} needs a key: add -o key_file=PATH (create one with `s3cryptfs keygen --output PATH`)")]
+    #[error("mode={0} needs a key: add -o key_file=PATH (create one with `s3cryptfs keygen --output PATH`), or key_fd=, key_env=, key_credential=, agent,key_name=")]
     KeyRequired(&'static str),
+    #[error("two key sources given ({0} and {1}); give exactly one")]
+    TwoKeySources(String, String),
+}
+
+/// Records the key source, refusing a second one.
+fn set_source(slot: &mut Option<KeySource>, source: KeySource) -> Result<(), ConfigError> {
+    match slot {
+        Some(existing) if *existing != source => Err(ConfigError::TwoKeySources(existing.describe(), source.describe())),
+        _ => {
+            *slot = Some(source);
+            Ok(())
+        }
+    }
 }
 
 /// Parses a size such as `512`, `64K`, `256M`, `2G` (binary multiples; `KiB`/`MB` spellings accepted).
@@ -184,7 +226,7 @@ impl MountConfig {
             mountpoint,
             foreground,
             mode: EncryptionMode::CseC,
-            key_file: None,
+            key_source: None,
             kms_endpoint: None,
             kms_key_id: None,
             bucket_key: None,
@@ -203,6 +245,8 @@ impl MountConfig {
             log_level: None,
             log_file: None,
         };
+        let mut agent_socket: Option<Option<PathBuf>> = None;
+        let mut key_name: Option<String> = None;
         for (name, value) in options {
             let name = name.as_str();
             let need = || value.clone().ok_or_else(|| ConfigError::MissingValue { name: name.into() });
@@ -231,7 +275,28 @@ impl MountConfig {
                     }
                 }
                 "key" => return Err(ConfigError::RawKeyRefused),
-                "key_file" => cfg.key_file = Some(PathBuf::from(need()?)),
+                "key_file" => set_source(&mut cfg.key_source, KeySource::File(PathBuf::from(need()?)))?,
+                "key_fd" => {
+                    let v = need()?;
+                    let fd = v.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a file descriptor number"),
+                    })?;
+                    set_source(&mut cfg.key_source, KeySource::Fd(fd))?
+                }
+                "key_env" => set_source(&mut cfg.key_source, KeySource::Env(need()?))?,
+                "key_credential" => {
+                    let v = need()?;
+                    if v.contains('/') || v == "." || v == ".." {
+                        return Err(ConfigError::Invalid {
+                            name: name.into(),
+                            reason: format!("'{v}' must be a credential name, not a path"),
+                        });
+                    }
+                    set_source(&mut cfg.key_source, KeySource::Credential(v))?
+                }
+                "agent" => agent_socket = Some(value.clone().map(PathBuf::from)),
+                "key_name" => key_name = Some(need()?),
                 "kms_key_id" => cfg.kms_key_id = Some(need()?),
                 "kms_endpoint" => {
                     let v = need()?;
@@ -305,7 +370,23 @@ impl MountConfig {
                 _ => return Err(ConfigError::UnknownOption(name.into())),
             }
         }
-        if matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::SseC) && cfg.key_file.is_none() {
+        match (agent_socket, key_name) {
+            (Some(socket), Some(name)) => set_source(&mut cfg.key_source, KeySource::Agent { socket, name })?,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    name: "agent".into(),
+                    reason: "agent needs key_name=NAME (the name given to `s3cryptfs key add`)".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    name: "key_name".into(),
+                    reason: "key_name only applies with agent (as in -o agent,key_name=NAME)".into(),
+                })
+            }
+            (None, None) => {}
+        }
+        if matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::SseC) && cfg.key_source.is_none() {
             return Err(ConfigError::KeyRequired(cfg.mode.name()));
         }
         if !matches!(cfg.mode, EncryptionMode::SseKms | EncryptionMode::CseKms) && cfg.kms_key_id.is_some() {
@@ -371,7 +452,7 @@ mod tests {
     fn parses_the_documented_options() {
         let c = cfg("mode=cse-c,key_file=/k,endpoint=https://h:1,region=eu-west-1,ca_file=/ca.pem,allow_other,ro,uid=7,gid=8,umask=027,cache_size=64M").unwrap();
         assert_eq!(c.mode, EncryptionMode::CseC);
-        assert_eq!(c.key_file.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(c.key_source, Some(KeySource::File("/k".into())));
         assert_eq!(c.endpoint.as_deref(), Some("https://h:1"));
         assert_eq!(c.region.as_deref(), Some("eu-west-1"));
         assert!(c.allow_other && c.read_only);
@@ -413,6 +494,28 @@ mod tests {
         assert!(err.contains("https://"), "{err}");
         assert!(cfg("mode=sse-c,key_file=/k,endpoint=https://127.0.0.1:9000").is_ok());
         assert_eq!(cfg("mode=sse_c,key_file=/k").unwrap().mode, EncryptionMode::SseC);
+    }
+
+    #[test]
+    fn every_key_source_parses_and_only_one_is_allowed() {
+        assert_eq!(cfg("key_fd=3").unwrap().key_source, Some(KeySource::Fd(3)));
+        assert_eq!(cfg("key_env=S3CF_KEY").unwrap().key_source, Some(KeySource::Env("S3CF_KEY".into())));
+        assert_eq!(cfg("key_credential=data").unwrap().key_source, Some(KeySource::Credential("data".into())));
+        assert_eq!(
+            cfg("agent,key_name=work").unwrap().key_source,
+            Some(KeySource::Agent { socket: None, name: "work".into() })
+        );
+        assert_eq!(
+            cfg("agent=/run/a.sock,key_name=work").unwrap().key_source,
+            Some(KeySource::Agent { socket: Some("/run/a.sock".into()), name: "work".into() })
+        );
+        assert!(matches!(cfg("key_file=/k,key_env=X"), Err(ConfigError::TwoKeySources(..))));
+        assert!(cfg("key_fd=-1").unwrap_err().to_string().contains("key_fd"));
+        assert!(cfg("key_credential=../x").unwrap_err().to_string().contains("credential name"));
+        assert!(cfg("agent").unwrap_err().to_string().contains("key_name"));
+        assert!(cfg("key_name=x").unwrap_err().to_string().contains("agent"));
+        // The same source twice (fstab plus a flag) is fine.
+        assert!(cfg("key_file=/k,key_file=/k").is_ok());
     }
 
     #[test]

@@ -161,11 +161,10 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         &args.option_pairs(),
     )?;
     harden_process();
-    let keys = match (&config.mode, &config.key_file) {
-        (EncryptionMode::CseC | EncryptionMode::SseC | EncryptionMode::CseKms, Some(path)) => {
-            Some(Arc::new(crate::keys::load_key_file(path)?))
-        }
-        _ => None,
+    // Before any thread exists: key_env scrubs the environment, which is only safe single-threaded.
+    let keys = match &config.key_source {
+        Some(source) => Some(Arc::new(crate::keys::load(source)?)),
+        None => None,
     };
     check_mountpoint(&config.mountpoint)?;
     if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
@@ -383,6 +382,11 @@ fn kms_client(config: &MountConfig) -> anyhow::Result<Arc<crate::kms::KmsClient>
 }
 
 fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
+    if let Some(keys) = &keys {
+        if !crate::keys::lock_in_memory(keys) {
+            tracing::warn!("could not lock the key pages in memory (RLIMIT_MEMLOCK): keys could reach swap");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
     let aead = match config.aead {
         AeadChoice::AwsLc => AeadBackend::AwsLc,

@@ -1,12 +1,18 @@
-//! Where keys come from.
-//!
-//! For now one source: a key file (`key_file=PATH`), holding the key history described in docs/FORMAT.md. The file
-//! must be private to its owner; a key file others can read is refused, because the whole point of client-side
-//! encryption is lost if any local user can copy the key. Parsing is pure and lives in `crypto`; this module does
-//! the I/O and the permission check.
+//! Where keys come from: a key file, an inherited file descriptor, an environment variable, a systemd credential,
+//! or the agent ([`load`]). Every source yields the same key-history text described in docs/FORMAT.md; parsing is
+//! pure and lives in `crypto`, this module does the I/O and leaves nothing behind:
+//! - a key file must be private to its owner (a key file others can read is refused: any local user could copy it);
+//! - `key_fd=N` is read to the end and closed;
+//! - `key_env=VAR` is removed from the environment and its bytes in the process's initial environment block are
+//!   overwritten, because `/proc/PID/environ` shows that block, not the live environment;
+//! - buffers that held key text are zeroized.
 
+use std::io::Read;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::config::KeySource;
 
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -25,6 +31,98 @@ pub enum KeyError {
     NotText { path: PathBuf },
     #[error("cannot write key file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("key_fd={fd}: {reason}")]
+    Fd { fd: i32, reason: String },
+    #[error("key_env={var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("key_credential={name}: {reason}")]
+    Credential { name: String, reason: String },
+    #[error("{origin}: {reason}")]
+    Text { origin: String, reason: String },
+}
+
+/// Loads the key history from `source` (see the module docs for what each source leaves behind).
+pub fn load(source: &KeySource) -> anyhow::Result<KeyHistory> {
+    match source {
+        KeySource::File(path) => Ok(load_key_file(path)?),
+        KeySource::Fd(fd) => Ok(parse_text(&source.describe(), &read_fd(*fd)?)?),
+        KeySource::Env(var) => Ok(parse_text(&source.describe(), &take_env(var)?)?),
+        KeySource::Credential(name) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| KeyError::Credential {
+                name: name.clone(),
+                reason: "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the systemd unit)".into(),
+            })?;
+            let path = Path::new(&dir).join(name);
+            let bytes = Zeroizing::new(std::fs::read(&path).map_err(|e| KeyError::Credential {
+                name: name.clone(),
+                reason: format!("cannot read {}: {e}", path.display()),
+            })?);
+            Ok(parse_text(&source.describe(), &bytes)?)
+        }
+        KeySource::Agent { socket, name } => {
+            let socket = socket.clone().unwrap_or_else(crate::agent::default_socket);
+            crate::agent::fetch_key(&socket, name)
+        }
+    }
+}
+
+/// Locks the pages holding the customer keys in memory so they are never written to swap. Locks are per process
+/// and not inherited across fork, so the serving process calls this itself. Returns false when the kernel refused
+/// (RLIMIT_MEMLOCK); the caller logs that once.
+pub fn lock_in_memory(keys: &KeyHistory) -> bool {
+    let mut all = true;
+    for key in keys.keys() {
+        let bytes = key.as_bytes();
+        // SAFETY: mlock only changes the residency of the pages spanning this live allocation; Linux rounds the
+        // address down to a page boundary itself.
+        let rc = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
+        all &= rc == 0;
+    }
+    all
+}
+
+fn parse_text(source: &str, bytes: &[u8]) -> Result<KeyHistory, KeyError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| KeyError::Text { origin: source.into(), reason: "not text: expected base64 key lines".into() })?;
+    KeyHistory::parse(text).map_err(|e| KeyError::Text { origin: source.into(), reason: e.to_string() })
+}
+
+/// Reads descriptor `fd` to the end and closes it.
+fn read_fd(fd: i32) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(KeyError::Fd { fd, reason: "no such open file descriptor (was it passed to the process?)".into() });
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing else in this process uses it: the user handed it to
+    // us for this purpose. The File owns it from here and closes it when dropped.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).map_err(|e| KeyError::Fd { fd, reason: format!("cannot read: {e}") })?;
+    Ok(bytes)
+}
+
+/// Takes VAR's value out of the environment, scrubbing the initial environment block it may live in.
+fn take_env(var: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let cname = std::ffi::CString::new(var)
+        .map_err(|_| KeyError::Env { var: var.into(), reason: "the name contains a NUL byte".into() })?;
+    // SAFETY: getenv returns a pointer into the environment or NULL; this runs before any other thread exists (mount
+    // and agent load keys before starting the runtime), so the environment does not change under us.
+    let ptr = unsafe { libc::getenv(cname.as_ptr()) };
+    if ptr.is_null() {
+        return Err(KeyError::Env { var: var.into(), reason: "the variable is not set".into() });
+    }
+    // SAFETY: ptr is a NUL-terminated string owned by the environment (see above).
+    let len = unsafe { libc::strlen(ptr) };
+    let mut value = Zeroizing::new(vec![0u8; len]);
+    // SAFETY: `len` bytes at ptr are readable (strlen just walked them) and `value` has room for them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(ptr as *const u8, value.as_mut_ptr(), len);
+        // Overwrite the value where it lives (for inherited variables, the initial block /proc/PID/environ shows).
+        std::ptr::write_bytes(ptr, 0, len);
+    }
+    // SAFETY (edition 2021: remove_var is safe but not thread-safe): no other thread exists yet, see above.
+    std::env::remove_var(var);
+    Ok(value)
 }
 
 /// Reads and checks a key file.
@@ -67,6 +165,43 @@ mod tests {
         let h = load_key_file(&p).unwrap();
         assert_eq!(h.len(), 1);
         assert!(matches!(write_new_key_file(&p), Err(KeyError::Write { .. })));
+    }
+
+    #[test]
+    fn a_key_from_a_descriptor_is_read_and_the_descriptor_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_new_key_file(&p).unwrap();
+        let want = load_key_file(&p).unwrap().fingerprints();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(std::fs::File::open(&p).unwrap());
+        let got = load(&KeySource::Fd(fd)).unwrap();
+        assert_eq!(got.fingerprints(), want);
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0, "the descriptor must be closed");
+        let err = load(&KeySource::Fd(fd)).unwrap_err().to_string();
+        assert!(err.contains("key_fd") && err.contains("no such open file descriptor"), "{err}");
+    }
+
+    #[test]
+    fn a_key_from_the_environment_is_removed_from_it() {
+        // A name no other test uses: the environment is process-wide.
+        let var = "S3CRYPTFS_TEST_KEY_FROM_ENV";
+        let key = Key256::generate();
+        let line = crate::crypto::format_new_key(&key);
+        std::env::set_var(var, line.trim());
+        let got = load(&KeySource::Env(var.into())).unwrap();
+        assert_eq!(got.fingerprints(), vec![key.fingerprint()]);
+        assert!(std::env::var_os(var).is_none());
+        let err = load(&KeySource::Env(var.into())).unwrap_err().to_string();
+        assert!(err.contains("not set"), "{err}");
+    }
+
+    #[test]
+    fn bad_key_text_names_the_source_and_not_the_text() {
+        let var = "S3CRYPTFS_TEST_BAD_KEY_FROM_ENV";
+        std::env::set_var(var, "NOT-A-KEY-SECRETISH");
+        let err = load(&KeySource::Env(var.into())).unwrap_err().to_string();
+        assert!(err.contains("key_env=") && !err.contains("SECRETISH"), "{err}");
     }
 
     #[test]

@@ -180,14 +180,16 @@ impl Mount {
         let dir = env.path().join(unique("mnt"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut opts = vec![format!("mode={mode}"), format!("staging_dir={}", env.path().join("staging").display())];
-        if mode != "none" {
+        // The environment's key file, unless the test names its own key source.
+        let own_source = extra.iter().any(|o| o.starts_with("key_") || o.starts_with("agent"));
+        if mode != "none" && !own_source {
             opts.push(format!("key_file={}", env.key_file.display()));
         }
         opts.extend(store.extra_options());
         opts.extend(extra.iter().map(|s| s.to_string()));
         let log = env.path().join(format!("{}.log", unique("mount")));
         let logf = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args(["mount", "-f", "-o", &opts.join(",")])
             .arg(store.url())
             .arg(&dir)
@@ -197,6 +199,11 @@ impl Mount {
             .stderr(logf)
             .spawn()
             .unwrap();
+        Mount::adopt(dir, child, log)
+    }
+
+    /// Waits until a daemon the test started itself (`mount -f … DIR`, stderr to `log`) serves DIR.
+    pub fn adopt(dir: PathBuf, mut child: std::process::Child, log: PathBuf) -> Result<Mount, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if is_mounted(&dir) {
@@ -212,6 +219,11 @@ impl Mount {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon is running").id()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
