@@ -100,7 +100,8 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr); without it the command returns once the mount is ready.
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Comma-separated mount options (mode=, key_file=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
+    /// Comma-separated mount options (mode=, key_file=, key_fd=, key_env=, key_credential=, agent[=SOCKET],
+    /// key_name=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
     /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, staging_dir=, log_level=,
     /// log_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
@@ -109,6 +110,12 @@ pub struct MountArgs {
     pub mode: Option<String>,
     #[arg(long, value_name = "PATH", help = "Same as -o key_file=PATH")]
     pub key_file: Option<String>,
+    #[arg(long, value_name = "N", help = "Same as -o key_fd=N (read the key from this inherited descriptor)")]
+    pub key_fd: Option<String>,
+    #[arg(long, value_name = "VAR", help = "Same as -o key_env=VAR (read the key from this environment variable)")]
+    pub key_env: Option<String>,
+    #[arg(long, value_name = "NAME", help = "Same as -o key_credential=NAME ($CREDENTIALS_DIRECTORY/NAME)")]
+    pub key_credential: Option<String>,
     #[arg(long, value_name = "KEY", help = "Same as -o kms_key_id=KEY (key id, ARN or alias/NAME; modes sse-kms, cse-kms)")]
     pub kms_key_id: Option<String>,
     #[arg(long, value_name = "URL", help = "Same as -o kms_endpoint=URL (mode cse-kms)")]
@@ -155,6 +162,9 @@ impl MountArgs {
         let valued = [
             ("mode", &self.mode),
             ("key_file", &self.key_file),
+            ("key_fd", &self.key_fd),
+            ("key_env", &self.key_env),
+            ("key_credential", &self.key_credential),
             ("kms_key_id", &self.kms_key_id),
             ("kms_endpoint", &self.kms_endpoint),
             ("bucket_key", &self.bucket_key),

@@ -47,6 +47,7 @@ fn proc_bytes(pid: u32, file: &str) -> Vec<u8> {
 }
 
 fn assert_no_key_in_proc(m: &Mount, key: &str, what: &str) {
+    assert!(!m.log_text().contains(&key[..16]), "{what}: the key shows in the log");
     for file in ["cmdline", "environ"] {
         let bytes = proc_bytes(m.pid(), file);
         assert!(!contains(&bytes, key.as_bytes()), "{what}: the key shows in /proc/PID/{file}");
