@@ -148,6 +148,8 @@ pub struct MountArgs {
     pub log_level: Option<String>,
     #[arg(long, value_name = "PATH", help = "Same as -o log_file=PATH")]
     pub log_file: Option<String>,
+    #[arg(long, value_name = "ADDR", help = "Same as -o metrics_addr=ADDR (serve Prometheus metrics, e.g. 127.0.0.1:9464)")]
+    pub metrics_addr: Option<String>,
     pub store: String,
     pub mountpoint: PathBuf,
 }
@@ -179,6 +181,7 @@ impl MountArgs {
             ("staging_dir", &self.staging_dir),
             ("log_level", &self.log_level),
             ("log_file", &self.log_file),
+            ("metrics_addr", &self.metrics_addr),
         ];
         for (name, v) in valued {
             if let Some(v) = v {

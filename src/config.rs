@@ -128,6 +128,8 @@ pub struct MountConfig {
     pub log_level: Option<String>,
     /// Log to this file instead of stderr (foreground) or syslog (background).
     pub log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`metrics_addr=127.0.0.1:PORT`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -244,6 +246,7 @@ impl MountConfig {
             aead: AeadChoice::default(),
             log_level: None,
             log_file: None,
+            metrics_addr: None,
         };
         let mut agent_socket: Option<Option<PathBuf>> = None;
         let mut key_name: Option<String> = None;
@@ -362,6 +365,13 @@ impl MountConfig {
                 }
                 "log_level" => cfg.log_level = Some(need()?),
                 "log_file" => cfg.log_file = Some(PathBuf::from(need()?)),
+                "metrics_addr" => {
+                    let v = need()?;
+                    cfg.metrics_addr = Some(v.parse().map_err(|_| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not an address such as 127.0.0.1:9464"),
+                    })?)
+                }
                 // Accepted so that `-o` lines written for other FUSE filesystems and mount(8) keep working; they
                 // change nothing here.
                 "default_permissions" | "nodev" | "nosuid" | "noatime" | "relatime" | "exec" | "noexec" | "suid"
@@ -516,6 +526,12 @@ mod tests {
         assert!(cfg("key_name=x").unwrap_err().to_string().contains("agent"));
         // The same source twice (fstab plus a flag) is fine.
         assert!(cfg("key_file=/k,key_file=/k").is_ok());
+    }
+
+    #[test]
+    fn metrics_address_is_checked() {
+        assert_eq!(cfg("metrics_addr=127.0.0.1:9464").unwrap().metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(cfg("metrics_addr=localhost").unwrap_err().to_string().contains("metrics_addr"));
     }
 
     #[test]
