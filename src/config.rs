@@ -530,8 +530,8 @@ mod tests {
 
     #[test]
     fn metrics_address_is_checked() {
-        assert_eq!(cfg("metrics_addr=127.0.0.1:9464").unwrap().metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
-        assert!(cfg("metrics_addr=localhost").unwrap_err().to_string().contains("metrics_addr"));
+        assert_eq!(cfg("mode=none,metrics_addr=127.0.0.1:9464").unwrap().metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(cfg("mode=none,metrics_addr=localhost").unwrap_err().to_string().contains("metrics_addr"));
     }
 
     #[test]
