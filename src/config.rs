@@ -128,6 +128,8 @@ pub struct MountConfig {
     pub log_level: Option<String>,
     /// Log to this file instead of stderr (foreground) or syslog (background).
     pub log_file: Option<PathBuf>,
+    /// Mount over a directory that has entries (they are hidden while mounted); refused by default.
+    pub nonempty: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (`metrics_addr=127.0.0.1:PORT`).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -247,6 +249,7 @@ impl MountConfig {
             log_level: None,
             log_file: None,
             metrics_addr: None,
+            nonempty: false,
         };
         let mut agent_socket: Option<Option<PathBuf>> = None;
         let mut key_name: Option<String> = None;
@@ -325,6 +328,10 @@ impl MountConfig {
                 "region" => cfg.region = Some(need()?),
                 "ca_file" => cfg.ca_file = Some(PathBuf::from(need()?)),
                 "allow_other" => cfg.allow_other = parse_bool(name, value.as_deref())?,
+                "nonempty" => {
+                    no_value()?;
+                    cfg.nonempty = true
+                }
                 "ro" => {
                     no_value()?;
                     cfg.read_only = true

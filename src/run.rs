@@ -166,7 +166,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),
         None => None,
     };
-    check_mountpoint(&config.mountpoint)?;
+    check_mountpoint(&config.mountpoint, config.nonempty)?;
     if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
         bail!("store '{}' is not supported: use file:///absolute/dir or s3://bucket[/prefix]", config.store_url);
     }
@@ -273,12 +273,57 @@ fn lazy_unmount(path: &Path) {
     let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(path).status();
 }
 
-fn check_mountpoint(path: &Path) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| anyhow!("mountpoint {}: {e}", path.display()))?;
+/// Checks the mountpoint and FUSE itself before anything else, so each problem gets one sentence saying what to do.
+fn check_mountpoint(path: &Path, nonempty: bool) -> anyhow::Result<()> {
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mountpoint {shown} does not exist: create it first (mkdir -p {shown})")
+        }
+        // ENOTCONN: a FUSE mount whose daemon died is still attached there.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "mountpoint {shown} is a dead FUSE mount (its daemon is gone): run `fusermount3 -u {shown}` (or `umount -l`) first"
+        ),
+        Err(e) => bail!("mountpoint {shown}: {e}"),
+    };
     if !meta.is_dir() {
-        bail!("mountpoint {} is not a directory", path.display());
+        bail!("mountpoint {shown} is not a directory");
+    }
+    if is_mountpoint(path) {
+        bail!("mountpoint {shown} is already mounted (busy): unmount it first, or pick another directory");
+    }
+    if !nonempty {
+        let mut entries = std::fs::read_dir(path).map_err(|e| anyhow!("mountpoint {shown}: {e}"))?;
+        if entries.next().is_some() {
+            bail!(
+                "mountpoint {shown} is not empty: the mount would hide its files; use an empty directory, or add -o nonempty"
+            );
+        }
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("FUSE is not available: /dev/fuse is missing (load the module with `modprobe fuse`, or give the container the device)");
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && find_in_path("fusermount3").is_none() {
+        bail!("FUSE is not available to non-root users: fusermount3 is missing (install the fuse3 package)");
     }
     Ok(())
+}
+
+/// True when `path` is the mountpoint of a mounted filesystem (per /proc/self/mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(canonical) = std::fs::canonicalize(path) else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    // Field 5 is the mount point, with spaces and some bytes escaped as \ooo.
+    let want = canonical.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
 fn staging_base(config: &MountConfig) -> PathBuf {

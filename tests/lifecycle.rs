@@ -150,7 +150,12 @@ fn bad_input_gets_one_clear_line() {
     let e = mount_error(&["mount", "-f", &store, mnt_s]);
     assert!(e.contains("key_file"), "{e}");
     let e = mount_error(&["mount", "-f", "-o", &key, &store, "/nonexistent/mountpoint"]);
-    assert!(e.contains("/nonexistent/mountpoint"), "{e}");
+    assert!(e.contains("/nonexistent/mountpoint") && e.contains("does not exist"), "{e}");
+    let full = env.path().join("full");
+    fs::create_dir_all(&full).unwrap();
+    fs::write(full.join("precious"), b"x").unwrap();
+    let e = mount_error(&["mount", "-f", "-o", &key, &store, full.to_str().unwrap()]);
+    assert!(e.contains("not empty") && e.contains("nonempty"), "{e}");
     let e = mount_error(&["mount", "-f", "-o", &key, "ftp://x", mnt_s]);
     assert!(e.contains("ftp://x"), "{e}");
     let e = mount_error(&["mount", "-f", "-o", "key_file=/nonexistent/key", &store, mnt_s]);
@@ -160,4 +165,34 @@ fn bad_input_gets_one_clear_line() {
     assert!(e.contains("chmod 600"), "{e}");
     // Nothing was mounted by any of these.
     assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn a_mountpoint_in_use_is_refused_and_nonempty_is_an_explicit_choice() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    fs::write(m.path("f"), b"x").unwrap();
+    let key = format!("key_file={}", env.key_file.display());
+    let e = mount_error(&["mount", "-f", "-o", &key, &store.url(), m.path("").to_str().unwrap()]);
+    assert!(e.contains("already mounted"), "{e}");
+    drop(m);
+    // A directory with files is mounted over only when asked.
+    let dir = env.path().join("with-files");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("hidden-while-mounted"), b"y").unwrap();
+    let log = env.path().join("nonempty.log");
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &format!("{key},nonempty")])
+        .arg(store.url())
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let m = Mount::adopt(dir.clone(), child, log).unwrap();
+    assert_bytes(fs::read(m.path("f")).unwrap(), b"x", "the store's file, not the hidden one");
+    assert!(!m.path("hidden-while-mounted").exists());
+    drop(m);
+    assert!(dir.join("hidden-while-mounted").exists(), "the hidden file is back after unmount");
 }
