@@ -273,6 +273,23 @@ fn lazy_unmount(path: &Path) {
     let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(path).status();
 }
 
+/// Waits until the mountpoint is our filesystem and answers (its device differs from its parent's).
+fn wait_until_serving(mountpoint: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = mountpoint.parent().unwrap_or(Path::new("/"));
+    let parent_dev = std::fs::metadata(parent).map(|m| m.dev()).ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match std::fs::metadata(mountpoint) {
+            Ok(m) if Some(m.dev()) != parent_dev => return Ok(()),
+            Ok(_) | Err(_) if std::time::Instant::now() > deadline => {
+                bail!("the mount at {} did not start answering within 30 s", mountpoint.display())
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 /// Checks the mountpoint and FUSE itself before anything else, so each problem gets one sentence saying what to do.
 fn check_mountpoint(path: &Path, nonempty: bool) -> anyhow::Result<()> {
     let shown = path.display();
@@ -508,10 +525,13 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             let _ = done_tx.send(r);
         })
         .context("starting the FUSE session")?;
+    // Ready means serving: a stat of the mountpoint goes through the kernel to the loop thread and back.
+    wait_until_serving(&config.mountpoint)?;
     tracing::info!(store = %config.store_url, mountpoint = %config.mountpoint.display(), mode = config.mode.name(), "mounted");
     if let Some(r) = ready {
         writeln!(r, "ready")?;
     }
+    crate::notify::notify(&format!("READY=1\nSTATUS=serving {} at {}", config.store_url, config.mountpoint.display()));
 
     // Wait for a signal or for the kernel to end the session (fusermount -u / umount).
     let signalled = rt.block_on(async {
@@ -531,6 +551,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     // On a signal: unmount first, so that nothing can write after the final flush. If files are still open the
     // unmount is refused (EBUSY); then flush what has been written, detach the mount lazily, flush once more for
     // writes that raced with the detach, and exit without waiting for the open descriptors, which will see ENOTCONN.
+    crate::notify::notify("STOPPING=1\nSTATUS=flushing and unmounting");
     let mut failed = Vec::new();
     let mut wait_for_loop = true;
     if signalled {

@@ -196,3 +196,38 @@ fn a_mountpoint_in_use_is_refused_and_nonempty_is_an_explicit_choice() {
     drop(m);
     assert!(dir.join("hidden-while-mounted").exists(), "the hidden file is back after unmount");
 }
+
+#[test]
+fn systemd_hears_ready_only_once_the_mount_answers_and_stopping_at_unmount() {
+    use std::os::unix::net::UnixDatagram;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let sock = env.path().join("notify.sock");
+    let manager = UnixDatagram::bind(&sock).unwrap();
+    manager.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let dir = env.path().join("mnt-notify");
+    fs::create_dir_all(&dir).unwrap();
+    let log = env.path().join("notify.log");
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
+        .arg(store.url())
+        .arg(&dir)
+        .env("NOTIFY_SOCKET", &sock)
+        .stdin(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = manager.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    // The moment READY arrives the mount must already serve: no polling here.
+    assert!(is_mounted(&dir), "READY=1 before the mount existed");
+    fs::write(dir.join("f"), b"served").unwrap();
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"served");
+    let m = Mount::adopt(dir, child, log).unwrap();
+    let _ = m.unmount();
+    let n = manager.recv(&mut buf).expect("STOPPING=1 at unmount");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
+}
