@@ -1,5 +1,5 @@
-//! Key sources of `mount` through the real binary: key_file, key_fd, key_env and key_credential each unlock the same
-//! store, and the key given by each never shows in the running daemon's /proc/PID/cmdline or /proc/PID/environ.
+//! Key sources of `mount` through the real binary: key_file, key_fd, key_env, key_credential and the agent each unlock
+//! the same store, and the key given by each never shows in the running daemon's /proc/PID/cmdline or /proc/PID/environ.
 
 mod common;
 
@@ -127,4 +127,54 @@ fn bad_key_sources_fail_before_mounting_with_one_clear_line() {
         Err(e) => e,
     };
     assert!(err.contains("two key sources"), "{err}");
+}
+
+#[test]
+fn a_key_from_the_agent_unlocks_the_store_and_the_mount_outlives_the_agent() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let key = key_text(&env);
+    let socket = env.path().join("agent.sock");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "-f", "--socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "the agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let add = Command::new(BIN)
+        .args(["key", "add", "work", "--socket"])
+        .arg(&socket)
+        .arg("--from-file")
+        .arg(&env.key_file)
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "key add: {}", String::from_utf8_lossy(&add.stderr));
+
+    let opt = format!("agent={},key_name=work", socket.display());
+    let m = Mount::start_with(&env, &store, "cse-c", &[&opt]);
+    write_and_read(&m, "via-agent");
+    assert_no_key_in_proc(&m, &key, "agent");
+    // A name the agent does not hold fails before mounting, with the agent's reason.
+    let err = match Mount::try_start(&env, &store, "cse-c", &[&format!("agent={},key_name=other", socket.display())]) {
+        Ok(_) => panic!("mounted with a key name the agent lacks"),
+        Err(e) => e,
+    };
+    assert!(err.contains("other"), "{err}");
+
+    // The mount keeps its copy: stopping the agent does not stop it.
+    let stop = Command::new(BIN).args(["agent", "stop", "--socket"]).arg(&socket).output().unwrap();
+    assert!(stop.status.success(), "agent stop: {}", String::from_utf8_lossy(&stop.stderr));
+    assert!(agent.wait().unwrap().success());
+    write_and_read(&m, "after-agent-stopped");
+    drop(m);
+    // And the key file reads what the agent's key wrote.
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(m.path("after-agent-stopped")).unwrap(), b"after-agent-stopped", "same key");
 }
