@@ -36,6 +36,50 @@ pub enum Command {
     Rekey(RekeyArgs),
 }
 
+/// The `mount.fuse.s3cryptfs` / `mount.s3cryptfs` calling convention of mount(8) and fstab:
+/// `SPEC DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`, turned into `s3cryptfs mount -o OPTIONS SPEC DIR`.
+///
+/// `-s` (sloppy), `-n` (no mtab), `-v` (verbose), `-t` and `-N` change nothing here; `-f` (fake) means "do
+/// everything but mount", so it returns `None` (nothing to do). The mount goes to the background once it serves, as
+/// mount(8) expects of a helper.
+pub fn from_mount_helper(args: &[String]) -> Result<Option<Cli>, String> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let mut fake = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => options.push(it.next().ok_or("-o needs the options")?.clone()),
+            "-t" | "-N" => {
+                it.next().ok_or_else(|| format!("{a} needs a value"))?;
+            }
+            s if s.starts_with("-o") && s.len() > 2 => options.push(s[2..].to_string()),
+            s if s.starts_with('-') && s.len() > 1 && s[1..].chars().all(|c| "sfnvwr".contains(c)) => {
+                fake |= s.contains('f');
+                if s.contains('r') {
+                    options.push("ro".into());
+                }
+            }
+            s if s.starts_with('-') => return Err(format!("unknown flag {s} from mount(8)")),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let [spec, dir] = positional.as_slice() else {
+        return Err("usage: mount.s3cryptfs STORE MOUNTPOINT [-o OPTIONS]".into());
+    };
+    if fake {
+        return Ok(None);
+    }
+    let mut argv = vec!["s3cryptfs".to_string(), "mount".to_string()];
+    for o in options {
+        argv.push("-o".into());
+        argv.push(o);
+    }
+    argv.push(spec.clone());
+    argv.push(dir.clone());
+    Cli::try_parse_from(argv).map(Some).map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Socket path (default: $XDG_RUNTIME_DIR/s3cryptfs/agent.sock, or /run/s3cryptfs/agent.sock for root).
@@ -215,6 +259,24 @@ mod tests {
         assert_eq!(pairs[1], ("ro".to_string(), None));
         assert_eq!(pairs[2], ("uid".to_string(), Some("5".to_string())));
         assert_eq!(pairs[3], ("cache_size".to_string(), Some("1M".to_string())));
+    }
+
+    #[test]
+    fn mount_helper_arguments_become_a_background_mount() {
+        let args: Vec<String> =
+            ["s3://b/p", "/mnt/x", "-n", "-o", "rw,_netdev,key_file=/k", "-t", "fuse.s3cryptfs"].map(String::from).into();
+        let Some(cli) = from_mount_helper(&args).unwrap() else { panic!("not fake") };
+        let Command::Mount(m) = cli.command else { panic!("expected mount") };
+        assert!(!m.foreground, "a helper must return once the mount serves");
+        assert_eq!((m.store.as_str(), m.mountpoint.to_str().unwrap()), ("s3://b/p", "/mnt/x"));
+        assert!(m.option_pairs().contains(&("key_file".to_string(), Some("/k".to_string()))));
+        let fake: Vec<String> = ["s3://b", "/mnt/x", "-f"].map(String::from).into();
+        assert!(from_mount_helper(&fake).unwrap().is_none());
+        let ro: Vec<String> = ["s3://b", "/mnt/x", "-r"].map(String::from).into();
+        let Some(Cli { command: Command::Mount(m) }) = from_mount_helper(&ro).unwrap() else { panic!() };
+        assert!(m.option_pairs().contains(&("ro".to_string(), None)));
+        assert!(from_mount_helper(&["s3://b".to_string()]).is_err());
+        assert!(from_mount_helper(&["s3://b", "/m", "--bogus"].map(String::from)).is_err());
     }
 
     #[test]

@@ -381,7 +381,7 @@ impl MountConfig {
                 }
                 // Accepted so that `-o` lines written for other FUSE filesystems and mount(8) keep working; they
                 // change nothing here.
-                "default_permissions" | "nodev" | "nosuid" | "noatime" | "relatime" | "exec" | "noexec" | "suid"
+                "default_permissions" | "defaults" | "nodev" | "nosuid" | "noatime" | "relatime" | "exec" | "noexec" | "suid"
                 | "dev" | "atime" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "users" | "nouser" => {}
                 _ if name.starts_with("x-systemd.") || name.starts_with("x-") => {}
                 _ => return Err(ConfigError::UnknownOption(name.into())),

@@ -1,9 +1,25 @@
 //! The `s3cryptfs` command: parse arguments, call the library, map failure to an exit code.
+//!
+//! Installed as `mount.fuse.s3cryptfs` (a link to this binary), it speaks mount(8)'s helper convention instead, so
+//! `mount -t fuse.s3cryptfs` and fstab lines work.
 
 use clap::Parser;
 
 fn main() {
-    let cli = s3cryptfs::cli::Cli::parse();
+    let mut args: Vec<String> = std::env::args().collect();
+    let invoked_as = args.first().and_then(|a| a.rsplit('/').next()).unwrap_or("").to_string();
+    let cli = if invoked_as.starts_with("mount.") {
+        match s3cryptfs::cli::from_mount_helper(&args.split_off(1)) {
+            Ok(Some(cli)) => cli,
+            Ok(None) => return,
+            Err(e) => {
+                eprintln!("{invoked_as}: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        s3cryptfs::cli::Cli::parse()
+    };
     if let Err(e) = s3cryptfs::run::run(cli) {
         eprintln!("s3cryptfs: {e:#}");
         std::process::exit(1);

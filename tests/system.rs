@@ -1,0 +1,119 @@
+//! System integration: the shipped systemd unit passes `systemd-analyze verify`, and the binary installed as
+//! `mount.fuse.s3cryptfs` serves `mount -t fuse.s3cryptfs` and fstab lines, with `umount` flushing and the daemon
+//! exiting.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/systemd/s3cryptfs@.service");
+
+#[test]
+fn the_systemd_unit_verifies_cleanly() {
+    // systemd-analyze comes with the systemd package, which .ci/run installs; without it this test cannot run.
+    let probe = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        probe.map(|o| o.status.success()).unwrap_or(false),
+        "systemd-analyze is missing: install the systemd package (.ci/run does)"
+    );
+    let env = Env::new();
+    // A template is verified through an instance, with ExecStart pointing at a binary that exists.
+    let unit = env.path().join("s3cryptfs@demo.service");
+    fs::write(&unit, fs::read_to_string(UNIT).unwrap().replace("/usr/local/bin/s3cryptfs", BIN)).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Lines about other units on the machine are not ours to judge.
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("s3cryptfs")).collect();
+    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {text}");
+    let unit_text = fs::read_to_string(UNIT).unwrap();
+    for needed in ["Type=notify", "LoadCredential=key:", "key_credential=key", "Restart=on-failure", "NoNewPrivileges=yes"] {
+        assert!(unit_text.contains(needed), "the unit lacks {needed}");
+    }
+    // Options that would hide the mount in a private namespace must not creep in.
+    for forbidden in ["ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts"] {
+        assert!(!unit_text.lines().any(|l| l.starts_with(forbidden)), "{forbidden} would hide the mount");
+    }
+}
+
+/// Installs `/sbin/mount.fuse.s3cryptfs` pointing at the binary under test for the life of the guard.
+struct Helper(PathBuf);
+
+impl Helper {
+    fn install() -> Helper {
+        let link = PathBuf::from("/sbin/mount.fuse.s3cryptfs");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(BIN, &link).expect("tests run as root to install the mount helper");
+        Helper(link)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if fs::read_link(&self.0).map(|t| t == Path::new(BIN)).unwrap_or(false) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Waits until no s3cryptfs daemon serves `dir` any more.
+fn wait_for_daemon_exit(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let needle = dir.to_string_lossy().to_string();
+    loop {
+        let out = Command::new("pgrep").args(["-f", &format!("s3cryptfs.* {needle}$")]).output().unwrap();
+        if !out.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon for {needle} did not exit after umount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn mount_t_fuse_s3cryptfs_and_fstab_lines_work_and_umount_flushes() {
+    let _helper = Helper::install();
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-helper");
+    fs::create_dir_all(&dir).unwrap();
+    let opts = format!(
+        "rw,_netdev,nofail,x-systemd.automount,mode=cse-c,key_file={},staging_dir={}",
+        env.key_file.display(),
+        env.path().join("staging").display()
+    );
+
+    let out = Command::new("mount").args(["-t", "fuse.s3cryptfs", &store.url()]).arg(&dir).args(["-o", &opts]).output().unwrap();
+    assert!(out.status.success(), "mount -t fuse.s3cryptfs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(is_mounted(&dir), "mount(8) returned before the mount served");
+    fs::write(dir.join("via-mount8"), b"written through mount(8)").unwrap();
+    let out = Command::new("umount").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for_daemon_exit(&dir);
+    assert!(!is_mounted(&dir));
+
+    // The same through an fstab line (util-linux reads an alternative fstab with -T).
+    let fstab = env.path().join("fstab");
+    fs::write(&fstab, format!("# test fstab\n{} {} fuse.s3cryptfs {opts} 0 0\n", store.url(), dir.display())).unwrap();
+    let out = Command::new("mount").arg("-T").arg(&fstab).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "mount via fstab: {}", String::from_utf8_lossy(&out.stderr));
+    assert_bytes(fs::read(dir.join("via-mount8")).unwrap(), b"written through mount(8)", "umount flushed it");
+    let out = Command::new("umount").arg(&dir).output().unwrap();
+    assert!(out.status.success());
+    wait_for_daemon_exit(&dir);
+
+    // An unknown option is an error that names it, and nothing is mounted.
+    let out = Command::new("mount")
+        .args(["-t", "fuse.s3cryptfs", &store.url()])
+        .arg(&dir)
+        .args(["-o", &format!("{opts},frobnicate")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("frobnicate"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!is_mounted(&dir));
+}
