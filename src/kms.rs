@@ -137,6 +137,24 @@ pub struct GeneratedKey {
     pub key_arn: String,
 }
 
+/// A blob moved to another KMS key by ReEncrypt.
+#[derive(Debug)]
+pub struct ReEncrypted {
+    /// The new `CiphertextBlob`, to store in the object header.
+    pub blob: Vec<u8>,
+    /// The ARN of the key that now wraps the data key.
+    pub key_arn: String,
+}
+
+/// What DescribeKey says about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDescription {
+    pub arn: String,
+    pub enabled: bool,
+    /// `Enabled`, `Disabled`, `PendingDeletion`, …
+    pub state: String,
+}
+
 /// GenerateDataKey and Decrypt against one KMS endpoint, with the data-key cache.
 pub struct KmsClient {
     signed: SignedClient,
@@ -223,6 +241,55 @@ impl KmsClient {
         }
     }
 
+    /// Moves the data key wrapped in `blob` (under `source_key_id`, with the object's `context`) to
+    /// `destination_key_id` with one KMS `ReEncrypt`, keeping the same context. The plaintext data key never leaves
+    /// KMS: the caller needs `kms:ReEncryptFrom` on the source key and `kms:ReEncryptTo` on the destination, and no
+    /// `kms:Decrypt` at all. Not cached (each object's blob is re-encrypted once).
+    pub async fn re_encrypt(
+        &self,
+        source_key_id: &str,
+        blob: &[u8],
+        context: &[(&str, String)],
+        destination_key_id: &str,
+    ) -> Result<ReEncrypted, KmsError> {
+        let context = context_map(context);
+        let label = format!("{source_key_id} (re-encrypting to {destination_key_id})");
+        let request = ReEncryptRequest {
+            ciphertext_blob: BASE64.encode(blob),
+            source_key_id,
+            source_encryption_context: &context,
+            destination_key_id,
+            destination_encryption_context: &context,
+        };
+        let body = serde_json::to_vec(&request)
+            .expect("invariant broken: a struct of strings and a string map always serializes");
+        let body = self.call(&label, "ReEncrypt", body).await?;
+        let answer = parse_answer::<ReEncryptAnswer>(&label, "ReEncrypt", body)?;
+        check_answer_key(destination_key_id, &answer.key_id)?;
+        if let Some(source) = &answer.source_key_id {
+            check_answer_key(source_key_id, source)?;
+        }
+        let blob = BASE64.decode(&answer.ciphertext_blob).map_err(|e| KmsError::Other {
+            key_id: label.clone(),
+            code: "MalformedResponse".into(),
+            message: format!("the ReEncrypt answer's CiphertextBlob is not base64: {e}"),
+        })?;
+        Ok(ReEncrypted { blob, key_arn: answer.key_id })
+    }
+
+    /// The ARN and state of `key_id` (a key id, key ARN, alias name or alias ARN), from KMS `DescribeKey`.
+    pub async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, KmsError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "KeyId": key_id }))
+            .expect("invariant broken: a JSON object of one string always serializes");
+        let body = self.call(key_id, "DescribeKey", body).await?;
+        let answer = parse_answer::<DescribeAnswer>(key_id, "DescribeKey", body)?;
+        Ok(KeyDescription {
+            arn: answer.key_metadata.arn,
+            enabled: answer.key_metadata.enabled,
+            state: answer.key_metadata.key_state.unwrap_or_default(),
+        })
+    }
+
     /// One Decrypt request, uncached.
     async fn kms_decrypt(&self, key_id: &str, key: &CacheKey) -> Result<CachedKey, KmsError> {
         let body = self.call(key_id, "Decrypt", decrypt_request(key_id, &key.blob, &key.context)).await?;
@@ -294,7 +361,7 @@ fn classify(key_id: &str, err: ApiError) -> KmsError {
 
 /// Whether `requested` (key id, key ARN, alias name or alias ARN, as written by the user or the object header) names
 /// the key whose ARN KMS answered with. `None` when that cannot be told without asking KMS: aliases.
-fn names_key(requested: &str, answered: &str) -> Option<bool> {
+pub fn names_key(requested: &str, answered: &str) -> Option<bool> {
     if requested.starts_with("alias/") || requested.contains(":alias/") {
         return None;
     }
@@ -335,6 +402,44 @@ struct DecryptRequest<'a> {
     key_id: &'a str,
     #[serde(skip_serializing_if = "no_context")]
     encryption_context: &'a EncryptionContext,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ReEncryptRequest<'a> {
+    ciphertext_blob: String,
+    source_key_id: &'a str,
+    #[serde(skip_serializing_if = "no_context")]
+    source_encryption_context: &'a EncryptionContext,
+    destination_key_id: &'a str,
+    #[serde(skip_serializing_if = "no_context")]
+    destination_encryption_context: &'a EncryptionContext,
+}
+
+#[derive(Deserialize)]
+struct ReEncryptAnswer {
+    #[serde(rename = "CiphertextBlob")]
+    ciphertext_blob: String,
+    #[serde(rename = "KeyId")]
+    key_id: String,
+    #[serde(rename = "SourceKeyId")]
+    source_key_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DescribeAnswer {
+    #[serde(rename = "KeyMetadata")]
+    key_metadata: DescribedKey,
+}
+
+#[derive(Deserialize)]
+struct DescribedKey {
+    #[serde(rename = "Arn")]
+    arn: String,
+    #[serde(rename = "Enabled", default)]
+    enabled: bool,
+    #[serde(rename = "KeyState")]
+    key_state: Option<String>,
 }
 
 fn no_context(context: &&EncryptionContext) -> bool {
@@ -601,6 +706,36 @@ mod tests {
         let body: serde_json::Value =
             serde_json::from_slice(&generate_request("k-1", &EncryptionContext::new())).unwrap();
         assert_eq!(body, serde_json::json!({"KeyId": "k-1", "KeySpec": "AES_256"}));
+    }
+
+    #[test]
+    fn re_encrypt_keeps_the_context_on_both_sides() {
+        let context = ctx(&[("s3cryptfs:file-id", "00ff")]);
+        let request = ReEncryptRequest {
+            ciphertext_blob: BASE64.encode([1u8, 2]),
+            source_key_id: "arn:old",
+            source_encryption_context: &context,
+            destination_key_id: "arn:new",
+            destination_encryption_context: &context,
+        };
+        let body: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&request).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "CiphertextBlob": "AQI=",
+                "SourceKeyId": "arn:old",
+                "SourceEncryptionContext": {"s3cryptfs:file-id": "00ff"},
+                "DestinationKeyId": "arn:new",
+                "DestinationEncryptionContext": {"s3cryptfs:file-id": "00ff"},
+            })
+        );
+        let answer = r#"{"CiphertextBlob":"AwQ=","KeyId":"arn:new","SourceKeyId":"arn:old"}"#;
+        let parsed = parse_answer::<ReEncryptAnswer>("k", "ReEncrypt", Bytes::from(answer)).unwrap();
+        assert_eq!((parsed.ciphertext_blob.as_str(), parsed.key_id.as_str()), ("AwQ=", "arn:new"));
+        let described = r#"{"KeyMetadata":{"KeyId":"k","Arn":"arn:aws:kms:r:1:key/k","Enabled":false,"KeyState":"Disabled"}}"#;
+        let parsed = parse_answer::<DescribeAnswer>("k", "DescribeKey", Bytes::from(described)).unwrap();
+        assert_eq!(parsed.key_metadata.arn, "arn:aws:kms:r:1:key/k");
+        assert!(!parsed.key_metadata.enabled);
     }
 
     #[test]

@@ -336,6 +336,39 @@ impl Inner {
         Ok(info_of(key, &md))
     }
 
+    /// Writes `head` over the first bytes of the file in place, if the file is still the version `etag` names.
+    ///
+    /// Why in place rather than staged and renamed like every other write: the rest of the file stays as it is, so
+    /// copying it would only cost time. It is still safe against concurrent writers: they never modify a file in
+    /// place (they publish a new inode by rename), and the ETag is checked on the very descriptor written to, so a
+    /// replaced file is never touched. A head that fits in one 512-byte sector (an object header) is written by the
+    /// device in one piece, so a crash leaves the old or the new bytes; a reader that reads those bytes at the very
+    /// moment of the write may see a mix and fail that one read (the next read succeeds).
+    fn replace_head(&self, key: &ObjectKey, etag: &str, head: &[u8]) -> Result<super::Transfer, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.path(key))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EISDIR) => StoreError::NotFound { key: key.to_string() },
+                _ => io_err(e, key.as_str()),
+            })?;
+        let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
+        if !md.is_file() {
+            return Err(StoreError::NotFound { key: key.to_string() });
+        }
+        if info_of(key, &md).etag.as_deref() != Some(etag) {
+            return Err(StoreError::Precondition { key: key.to_string() });
+        }
+        if md.len() < head.len() as u64 {
+            return Err(StoreError::invalid(format!("{key} is shorter than the {} bytes to replace", head.len())));
+        }
+        file.write_all_at(head, 0).map_err(|e| io_err(e, key.as_str()))?;
+        file.sync_data().map_err(|e| io_err(e, key.as_str()))?;
+        Ok(super::Transfer { requests: 0, bytes_down: 0, bytes_up: head.len() as u64 })
+    }
+
     fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let path = self.path(key);
         let md = match fs::symlink_metadata(&path) {
@@ -552,6 +585,14 @@ impl Backend for LocalBackend {
 
     async fn check_access(&self) -> Result<(), StoreError> {
         self.run("", |s| s.check_access()).await
+    }
+
+    async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
+        if key.is_dir_marker() {
+            return Err(StoreError::invalid(format!("directory marker {key} has no content to replace")));
+        }
+        let (k, etag) = (key.clone(), etag.to_string());
+        self.run(key.as_str(), move |s| s.replace_head(&k, &etag, &head)).await
     }
 }
 

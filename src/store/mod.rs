@@ -30,6 +30,7 @@ mod local;
 mod meta;
 mod object;
 mod profile;
+mod raw;
 mod s3;
 mod sse;
 mod ssec;
@@ -254,6 +255,71 @@ pub trait Backend: Send + Sync + 'static {
     /// A cheap request proving the bucket/directory exists and the credentials work; run at
     /// mount so a misconfiguration fails fast with a clear message.
     async fn check_access(&self) -> Result<(), StoreError>;
+
+    /// Replace the first `head.len()` bytes of the object with `head`, keeping the rest of its content, its metadata
+    /// and (on S3) its tags, provided it is still the version `etag` names; otherwise
+    /// [`StoreError::Precondition`] and nothing changed. Key rotation (`rekey`) uses it to swap an object's header.
+    ///
+    /// S3: one conditional PUT (objects up to 5 MiB) or one multipart upload completed with `If-Match` whose first
+    /// part is uploaded and whose other parts are server-side copies of the object itself, so readers see the old or
+    /// the new object, never a mix. Local store: the bytes are written in place (see `LocalBackend`). The default
+    /// says the backend cannot.
+    async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
+        let _ = (etag, head);
+        Err(StoreError::Unsupported { operation: format!("replacing the first bytes of {key} in place") })
+    }
+
+    /// SSE-C: which key of the history encrypts the object, found by its key-MD5 tag (no key needed) or, for an
+    /// object without one, by trying each key with a HEAD. Only S3 backends in mode sse-c can answer.
+    async fn customer_key_of(&self, key: &ObjectKey) -> Result<CustomerKeyOf, StoreError> {
+        Err(StoreError::Unsupported { operation: format!("finding the SSE-C key of {key} (needs mode=sse-c on S3)") })
+    }
+
+    /// SSE-C: re-encrypt the object server-side under the writing key (the first of the history), keeping its
+    /// content, metadata and other tags and replacing its key-MD5 tag: one CopyObject onto itself with the old key as
+    /// copy-source key, conditional on `etag`. At most 5 GiB (CopyObject's limit). `of` comes from
+    /// [`Backend::customer_key_of`].
+    async fn move_to_writing_key(
+        &self,
+        key: &ObjectKey,
+        of: &CustomerKeyOf,
+        etag: &str,
+        size: u64,
+    ) -> Result<Transfer, StoreError> {
+        let _ = (of, etag, size);
+        Err(StoreError::Unsupported { operation: format!("re-encrypting {key} under another SSE-C key") })
+    }
+}
+
+/// What one maintenance operation cost: requests sent to the store and body bytes moved through this client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub requests: u64,
+    /// Bytes downloaded (response bodies).
+    pub bytes_down: u64,
+    /// Bytes uploaded (request bodies; for the local store, bytes written).
+    pub bytes_up: u64,
+}
+
+impl std::ops::AddAssign for Transfer {
+    fn add_assign(&mut self, other: Transfer) {
+        self.requests += other.requests;
+        self.bytes_down += other.bytes_down;
+        self.bytes_up += other.bytes_up;
+    }
+}
+
+/// Which SSE-C key of the history encrypts an object ([`Backend::customer_key_of`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerKeyOf {
+    /// Index in the key history (0 = the writing key); `None` when no key of the history opens it.
+    pub index: Option<usize>,
+    /// The key MD5 the object's tag names, if it has the tag.
+    pub tagged_md5: Option<String>,
+    /// All the object's tags, so a re-encryption can keep the others.
+    pub tags: Vec<(String, String)>,
+    /// What finding out cost.
+    pub cost: Transfer,
 }
 
 /// An upload in progress. Dropping it without `complete` or `abort` leaves no visible object

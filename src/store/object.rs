@@ -42,6 +42,8 @@ pub struct ObjectStoreBackend {
     ssec: Option<Arc<super::CustomerKeyStores>>,
     /// Mount prefix without slashes at either end; empty for the bucket root.
     prefix: String,
+    /// Signed REST access to the same bucket, for what object_store cannot send (see `raw`); S3 stores only.
+    raw: Option<super::raw::RawS3>,
 }
 
 /// The client that served a request, with what its answers must confirm.
@@ -65,7 +67,44 @@ impl ObjectStoreBackend {
                 StoreError::invalid(format!("invalid bucket prefix {prefix:?}: {e}"))
             })?;
         }
-        Ok(ObjectStoreBackend { store, sse: None, ssec: None, prefix })
+        Ok(ObjectStoreBackend { store, sse: None, ssec: None, prefix, raw: None })
+    }
+
+    /// Signed REST access to the bucket behind `store`, for the requests object_store cannot send (header rewrites
+    /// and SSE-C re-encryption in `rekey`). Without it those fall back to GET + PUT or are unsupported.
+    pub(crate) fn with_raw_s3(mut self, raw: super::raw::RawS3) -> Self {
+        self.raw = Some(raw);
+        self
+    }
+
+    /// `replace_head` through object_store: GET the whole object (if its ETag is still `etag`) and PUT it back with
+    /// the new first bytes, every attribute it had, and `If-Match`.
+    async fn replace_head_by_put(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        etag: &str,
+        head: Bytes,
+    ) -> Result<super::Transfer, StoreError> {
+        let opts = GetOptions { if_match: Some(etag.to_string()), ..GetOptions::default() };
+        let res = self.store.get_opts(path, opts).await.map_err(|e| map_err(e, key.as_str()))?;
+        let version = UpdateVersion { e_tag: res.meta.e_tag.clone(), version: res.meta.version.clone() };
+        let attributes = res.attributes.clone();
+        let body = res.bytes().await.map_err(|e| map_err(e, key.as_str()))?;
+        if body.len() < head.len() {
+            return Err(StoreError::invalid(format!("{key} is shorter than the {} bytes to replace", head.len())));
+        }
+        let mut new = body.to_vec();
+        new[..head.len()].copy_from_slice(&head);
+        let size = new.len() as u64;
+        let opts = PutOptions { mode: PutMode::Update(version), attributes, ..PutOptions::default() };
+        let res = self
+            .store
+            .put_opts(path, PutPayload::from(new), opts)
+            .await
+            .map_err(|e| self.write_error(e, key))?;
+        self.check_sse(key, &res.extensions)?;
+        Ok(super::Transfer { requests: 2, bytes_down: size, bytes_up: size })
     }
 
     /// SSE-C with a key history: writes use the first key, reads the key that encrypted the object.
@@ -555,6 +594,112 @@ impl Backend for ObjectStoreBackend {
         Ok(out)
     }
 
+    async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
+        if key.is_dir_marker() {
+            return Err(StoreError::invalid(format!("directory marker {key} has no content to replace")));
+        }
+        if self.ssec.is_some() {
+            // Every request would need the object's own SSE-C key; sse-c objects have no header of ours anyway.
+            return Err(StoreError::Unsupported { operation: format!("replacing the first bytes of SSE-C object {key}") });
+        }
+        let path = self.path(key)?;
+        match &self.raw {
+            // The raw requests carry no SSE settings of their own: with a mount-level SSE mode the PUT path applies
+            // and checks it. Client-side modes (the ones with headers to replace) have none.
+            Some(raw) if self.sse.is_none() => raw.replace_head(path.as_ref(), etag, &head).await,
+            _ => self.replace_head_by_put(key, &path, etag, head).await,
+        }
+    }
+
+    async fn customer_key_of(&self, key: &ObjectKey) -> Result<super::CustomerKeyOf, StoreError> {
+        let (Some(ssec), Some(raw)) = (&self.ssec, &self.raw) else {
+            return Err(StoreError::Unsupported { operation: format!("finding the SSE-C key of {key} without mode=sse-c") });
+        };
+        let path = self.path(key)?;
+        let mut of = super::CustomerKeyOf { tags: raw.tags(path.as_ref()).await?, ..Default::default() };
+        of.cost.requests += 1;
+        of.tagged_md5 = of.tags.iter().find(|(k, _)| k == super::KEY_MD5_TAG).map(|(_, v)| v.clone());
+        if let Some(md5) = &of.tagged_md5 {
+            of.index = ssec.index_of_md5(md5);
+            return Ok(of);
+        }
+        // Written by another tool: the server only tells which key opens it by accepting that key.
+        for i in 0..ssec.len() {
+            let (store, _) = ssec.client(i);
+            of.cost.requests += 1;
+            match store.get_opts(&path, GetOptions { head: true, ..GetOptions::default() }).await {
+                Ok(_) => {
+                    of.index = Some(i);
+                    return Ok(of);
+                }
+                Err(e @ object_store::Error::NotFound { .. }) => return Err(map_err(e, key.as_str())),
+                Err(_) => continue,
+            }
+        }
+        Ok(of)
+    }
+
+    async fn move_to_writing_key(
+        &self,
+        key: &ObjectKey,
+        of: &super::CustomerKeyOf,
+        etag: &str,
+        size: u64,
+    ) -> Result<super::Transfer, StoreError> {
+        use zeroize::Zeroize;
+        let (Some(ssec), Some(raw)) = (&self.ssec, &self.raw) else {
+            return Err(StoreError::Unsupported { operation: format!("re-encrypting {key} without mode=sse-c") });
+        };
+        let Some(from) = of.index else {
+            return Err(StoreError::WrongKey {
+                key: key.to_string(),
+                detail: "no key of the key file opens it with SSE-C, so it cannot be re-encrypted".into(),
+            });
+        };
+        if size > MAX_COPY_OBJECT_LEN {
+            return Err(StoreError::Unsupported {
+                operation: format!(
+                    "re-encrypting {key} ({size} bytes) server-side: CopyObject copies at most 5 GiB; copy the file \
+                     through a mount whose key file starts with the new key instead (cp FILE FILE.new && mv FILE.new FILE)"
+                ),
+            });
+        }
+        let path = self.path(key)?;
+        let writer_md5 = ssec.key_md5_of(0).to_string();
+        // Keep the object's other tags; the key-MD5 tag names the new key.
+        let mut tags: Vec<(String, String)> =
+            of.tags.iter().filter(|(k, _)| k != super::KEY_MD5_TAG).cloned().collect();
+        tags.push((super::KEY_MD5_TAG.to_string(), writer_md5.clone()));
+        let mut headers: Vec<(&str, String)> = vec![
+            ("x-amz-metadata-directive", "COPY".to_string()),
+            ("x-amz-tagging-directive", "REPLACE".to_string()),
+            ("x-amz-tagging", super::raw::tagging_header(&tags)),
+        ];
+        headers.extend(ssec.customer_key_headers(from, true));
+        headers.extend(ssec.customer_key_headers(0, false));
+        let result = raw.copy_onto_itself(path.as_ref(), &headers, etag).await;
+        for (_, value) in headers.iter_mut() {
+            value.zeroize();
+        }
+        let resp = result.map_err(|e| match e {
+            StoreError::AccessDenied { key, detail } => {
+                StoreError::AccessDenied { key, detail: format!("{detail}; {SSE_C_BLOCKED_HINT}") }
+            }
+            other => other,
+        })?;
+        let header = |name: &str| resp.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let echo = super::SseEcho {
+            customer_algorithm: header("x-amz-server-side-encryption-customer-algorithm"),
+            customer_key_md5: header("x-amz-server-side-encryption-customer-key-md5"),
+            ..super::SseEcho::default()
+        };
+        super::ServerSideEncryption::Customer { key_md5: writer_md5 }
+            .verify(Some(&echo))
+            .map_err(|detail| StoreError::EncryptionNotConfirmed { key: key.to_string(), detail })?;
+        ssec.remember(path.as_ref(), 0);
+        Ok(super::Transfer { requests: 1, bytes_down: 0, bytes_up: 0 })
+    }
+
     async fn check_access(&self) -> Result<(), StoreError> {
         let base = self.dir_path("")?;
         let prefix = if base.as_ref().is_empty() {
@@ -573,6 +718,9 @@ impl Backend for ObjectStoreBackend {
         }
     }
 }
+
+/// S3's CopyObject limit: larger objects can only be copied in parts.
+const MAX_COPY_OBJECT_LEN: u64 = 5 << 30;
 
 /// Copying a marker onto a file key (or back) would change what the object means.
 fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {

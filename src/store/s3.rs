@@ -106,15 +106,17 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
         StoreUrl::S3 { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
             let builder = s3_builder(bucket, opts, &env)?;
+            // For the requests object_store cannot send (key rotation); building it contacts nothing.
+            let raw = super::raw::RawS3::new(signed_client(opts)?, bucket.clone(), bucket_url(&builder));
             if let Some(keys) = &opts.customer_keys {
                 let stores = customer_key_stores(&builder, opts, &keys.0)?;
                 let (writer, _) = stores.writer();
-                Arc::new(ObjectStoreBackend::new(writer, prefix)?.with_customer_keys(stores))
+                Arc::new(ObjectStoreBackend::new(writer, prefix)?.with_customer_keys(stores).with_raw_s3(raw))
             } else {
                 let s3 = builder.build().map_err(|e| {
                     StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
                 })?;
-                Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()))
+                Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()).with_raw_s3(raw))
             }
         }
     };
@@ -136,6 +138,13 @@ fn customer_key_stores(
             endpoint.as_deref().unwrap_or("(AWS_ALLOW_HTTP)")
         )));
     }
+    super::CustomerKeyStores::build(builder, keys, signed_client(opts)?, bucket_url(builder))
+}
+
+/// The URL the bucket's objects live under (`https://host/bucket` or `https://bucket.host`), by the same rules as
+/// object_store's builder, so raw signed requests address the same objects as the store.
+fn bucket_url(builder: &AmazonS3Builder) -> String {
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
     let region = builder
         .get_config_value(&AmazonS3ConfigKey::Region)
         .unwrap_or_else(|| "us-east-1".to_string());
@@ -143,14 +152,12 @@ fn customer_key_stores(
     let virtual_hosted = builder
         .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
         .is_some_and(|v| v == "true");
-    // The same URL rules as object_store's builder, so the tagging request addresses the same object.
-    let bucket_url = match (endpoint, virtual_hosted) {
+    match (endpoint, virtual_hosted) {
         (Some(e), true) => e.trim_end_matches('/').to_string(),
         (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
         (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
         (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
-    };
-    super::CustomerKeyStores::build(builder, keys, signed_client(opts)?, bucket_url)
+    }
 }
 
 /// A signing client for AWS APIs object_store does not cover (KMS, S3 object tagging), with the same credential

@@ -40,6 +40,9 @@ pub struct CustomerKeyStores {
     /// `https://host/bucket` (path style) or `https://bucket.host`: object URLs are this plus `/` and the key.
     bucket_url: String,
     memo: Mutex<lru::LruCache<String, usize>>,
+    /// The keys in base64, index as `clients`, for raw requests that carry two keys at once (a CopyObject from one
+    /// key to another, see [`CustomerKeyStores::customer_key_headers`]). Each client holds the same text already.
+    keys_b64: Vec<zeroize::Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for CustomerKeyStores {
@@ -92,6 +95,7 @@ impl CustomerKeyStores {
         bucket_url: String,
     ) -> Result<Self, StoreError> {
         let mut clients = Vec::with_capacity(keys.len());
+        let mut keys_b64 = Vec::with_capacity(keys.len());
         for key in keys.keys() {
             let b64 = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_bytes()));
             let s3 = builder
@@ -100,12 +104,13 @@ impl CustomerKeyStores {
                 .build()
                 .map_err(|e| StoreError::invalid(format!("cannot configure SSE-C: {e}")))?;
             clients.push((key_md5(key.as_bytes()), Arc::new(s3) as Arc<dyn ObjectStore>));
+            keys_b64.push(b64);
         }
         if clients.is_empty() {
             return Err(StoreError::invalid("mode=sse-c needs at least one key in the key file"));
         }
         let memo = lru::LruCache::new(NonZeroUsize::new(MEMO_ENTRIES).expect("invariant broken: zero memo size"));
-        Ok(CustomerKeyStores { clients, tagging, bucket_url, memo: Mutex::new(memo) })
+        Ok(CustomerKeyStores { clients, tagging, bucket_url, memo: Mutex::new(memo), keys_b64 })
     }
 
     /// The client that writes, with what its answers must confirm.
@@ -125,6 +130,40 @@ impl CustomerKeyStores {
     /// Always false: a mount has at least the writing key.
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty()
+    }
+
+    /// The key MD5 of key `index` (base64, as SSE-C headers and our tag carry it).
+    pub fn key_md5_of(&self, index: usize) -> &str {
+        &self.clients[index].0
+    }
+
+    /// The index of the key whose MD5 is `md5`, if the history has it.
+    pub fn index_of_md5(&self, md5: &str) -> Option<usize> {
+        self.clients.iter().position(|(m, _)| m == md5)
+    }
+
+    /// The three SSE-C request headers for key `index`: the target's (`x-amz-server-side-encryption-customer-*`),
+    /// or with `copy_source` the source's of a copy (`x-amz-copy-source-server-side-encryption-customer-*`). The
+    /// values hold the key: send them over https only (the constructor's caller checks that) and never log them.
+    pub(crate) fn customer_key_headers(&self, index: usize, copy_source: bool) -> [(&'static str, String); 3] {
+        let (alg, key, md5) = if copy_source {
+            (
+                "x-amz-copy-source-server-side-encryption-customer-algorithm",
+                "x-amz-copy-source-server-side-encryption-customer-key",
+                "x-amz-copy-source-server-side-encryption-customer-key-md5",
+            )
+        } else {
+            (
+                "x-amz-server-side-encryption-customer-algorithm",
+                "x-amz-server-side-encryption-customer-key",
+                "x-amz-server-side-encryption-customer-key-md5",
+            )
+        };
+        [
+            (alg, "AES256".to_string()),
+            (key, self.keys_b64[index].as_str().to_string()),
+            (md5, self.clients[index].0.clone()),
+        ]
     }
 
     /// The tags every write carries.

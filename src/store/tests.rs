@@ -597,3 +597,70 @@ fn local_backend_needs_an_existing_directory() {
         Err(StoreError::InvalidInput { .. })
     ));
 }
+
+/// `replace_head` (key rotation): only the first bytes change, metadata stays, and only the version read is replaced.
+async fn replace_head_contract(b: &dyn Backend) {
+    let k = key("r/obj");
+    let body: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    let info = b.put(&k, Bytes::from(body.clone()), &file_meta("r")).await.unwrap();
+    let etag = info.etag.clone().unwrap();
+
+    let err = b.replace_head(&k, "\"not-the-etag\"", Bytes::from_static(b"NEW")).await.unwrap_err();
+    assert!(err.is_precondition(), "a stale etag must not write: {err}");
+    assert_bytes_eq(&b.get(&k).await.unwrap().0, &body);
+
+    b.replace_head(&k, &etag, Bytes::from(vec![0xAA; 512])).await.unwrap();
+    let (now, got, meta) = b.get(&k).await.unwrap();
+    assert_eq!(&now[..512], &[0xAA; 512][..]);
+    assert_bytes_eq(&now[512..], &body[512..]);
+    assert_eq!(got.size, 2000);
+    assert_eq!(meta, file_meta("r"), "metadata (binding included) is kept");
+    assert_ne!(got.etag.as_deref(), Some(etag.as_str()), "the etag changes, so caches see a new version");
+    // The old etag no longer matches: a second writer that read before us loses.
+    assert!(b.replace_head(&k, &etag, Bytes::from_static(b"late")).await.unwrap_err().is_precondition());
+
+    let short = key("r/short");
+    let info = b.put(&short, Bytes::from_static(b"tiny"), &UserMeta::default()).await.unwrap();
+    assert!(b.replace_head(&short, info.etag.as_deref().unwrap(), Bytes::from(vec![1; 512])).await.is_err());
+    let missing = b.replace_head(&key("r/missing"), &etag, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(missing.is_not_found() || missing.is_precondition(), "{missing}");
+    assert!(b.replace_head(&key("r/"), &etag, Bytes::from_static(b"x")).await.is_err());
+}
+
+fn assert_bytes_eq(got: &[u8], want: &[u8]) {
+    assert!(got == want, "bytes differ: {} vs {} bytes", got.len(), want.len());
+}
+
+#[tokio::test]
+async fn replace_head_in_memory() {
+    let (_, b) = memory_backend("pre");
+    replace_head_contract(&b).await;
+}
+
+#[tokio::test]
+async fn replace_head_local_writes_in_place_and_keeps_the_xattr() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(dir.path()).unwrap();
+    replace_head_contract(&b).await;
+    let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let path = dir.path().join("r/obj");
+    let before = ino(&path);
+    let (info, _) = b.head(&key("r/obj")).await.unwrap();
+    b.replace_head(&key("r/obj"), info.etag.as_deref().unwrap(), Bytes::from_static(b"in place"))
+        .await
+        .unwrap();
+    assert_eq!(ino(&path), before, "the file is written in place, not replaced");
+    assert!(super::local::raw_meta_for_test(&path).unwrap().contains("s3cryptfs-bind=bind-r"));
+}
+
+#[tokio::test]
+async fn customer_key_operations_need_sse_c_on_s3() {
+    let (_, b) = memory_backend("");
+    b.put(&key("f"), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+    assert!(matches!(b.customer_key_of(&key("f")).await, Err(StoreError::Unsupported { .. })));
+    let of = CustomerKeyOf { index: Some(1), ..CustomerKeyOf::default() };
+    assert!(matches!(b.move_to_writing_key(&key("f"), &of, "\"e\"", 1).await, Err(StoreError::Unsupported { .. })));
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalBackend::new(dir.path()).unwrap();
+    assert!(matches!(local.customer_key_of(&key("f")).await, Err(StoreError::Unsupported { .. })));
+}

@@ -1,0 +1,440 @@
+//! `s3cryptfs rekey` through the real binary, checked on the stored bytes and through real mounts: after a rekey
+//! every object is under the new key (header fingerprint, KMS key, or SSE-C key MD5), the content bytes after the
+//! header are the very bytes that were there before (nothing was re-encrypted), the metadata is kept, a mount holding
+//! only the new key reads everything, and a second run skips everything. Interrupted runs (a crash, a Ctrl-C) leave
+//! every object readable with the old-plus-new history and are finished by running again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// Header bytes 34..42: the KEK fingerprint of an envelope-kind-1 header (docs/FORMAT.md).
+const FINGERPRINT: std::ops::Range<usize> = 34..42;
+const HEADER_LEN: usize = 512;
+
+/// A key file holding a fresh key first and then `old`'s keys: the history a rotation starts from. Returns its path
+/// and the path of a key file holding only the fresh key.
+fn rotated_key_file(env: &Env, old: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let fresh = env.path().join(format!("{name}-only"));
+    let out = Command::new(BIN).args(["keygen", "--output"]).arg(&fresh).output().unwrap();
+    assert!(out.status.success());
+    let path = env.path().join(name);
+    fs::write(&path, format!("{}{}", fs::read_to_string(&fresh).unwrap(), fs::read_to_string(old).unwrap())).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    (path, fresh)
+}
+
+/// The fingerprint of the first key of a key file.
+fn fingerprint(key_file: &Path) -> [u8; 8] {
+    let history = s3cryptfs::crypto::KeyHistory::parse(&fs::read_to_string(key_file).unwrap()).unwrap();
+    history.fingerprints()[0].0
+}
+
+/// Runs `s3cryptfs rekey` with `opts` (plus the store's own options) and `extra` arguments.
+fn rekey(store: &Store, opts: &[String], extra: &[&str], env_vars: &[(&str, &str)]) -> Output {
+    // The store's options first, so the test's own (an https endpoint) win.
+    let mut all = store.extra_options();
+    all.extend(opts.iter().cloned());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["rekey", "-o", &all.join(",")]).args(extra).arg(store.url());
+    for (k, v) in env_vars {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output) -> String {
+    let text = stderr(out);
+    assert!(out.status.success(), "rekey failed ({}): {text}", out.status);
+    text
+}
+
+/// The stored objects that are files of ours (not markers or the local store's staging area).
+fn stored(store: &Store) -> BTreeMap<String, Vec<u8>> {
+    store
+        .raw_objects()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".s3cryptfs-tmp") && !k.ends_with(".s3cryptfs-dir"))
+        .collect()
+}
+
+/// What a mount shows of a file: content, mode and mtime.
+type Seen = BTreeMap<String, (Vec<u8>, u32, i64)>;
+
+fn seen(m: &Mount, names: &[&str]) -> Seen {
+    names
+        .iter()
+        .map(|n| {
+            let p = m.path(n);
+            let md = fs::metadata(&p).unwrap();
+            (n.to_string(), (fs::read(&p).unwrap(), md.mode() & 0o7777, md.mtime()))
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_seen(got: &Seen, want: &Seen) {
+    assert_eq!(got.len(), want.len());
+    for (name, (data, mode, mtime)) in want {
+        let (g_data, g_mode, g_mtime) = &got[name];
+        assert_bytes(g_data, data, name);
+        assert_eq!((g_mode, g_mtime), (mode, mtime), "{name}: mode and mtime are kept");
+    }
+}
+
+/// Writes the files of `names` with distinct content, mode and mtime; the first byte of each name picks its size.
+fn write_files(m: &Mount, files: &[(&str, usize)]) {
+    for (i, (name, size)) in files.iter().enumerate() {
+        let p = m.path(name);
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir).unwrap();
+        }
+        fs::write(&p, pattern(*size, i as u64 + 10)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600 + (i as u32 % 3) * 0o40)).unwrap();
+        sh(&format!("touch -d @{} '{}'", 1_600_000_000 + i as i64 * 1000, p.display()), m.dir.as_path());
+    }
+}
+
+/// Every stored object is under `fp`, and from offset 512 on it is byte for byte what `before` held.
+#[track_caller]
+fn assert_rewrapped(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>, fp: &[u8; 8]) {
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "the same objects");
+    for (key, old) in before {
+        let new = &after[key];
+        assert_eq!(&new[..8], b"s3cryptf", "{key}");
+        assert_eq!(&new[FINGERPRINT], fp, "{key}: the header names the new key");
+        assert_eq!(new[16..32], old[16..32], "{key}: same file id");
+        assert_bytes(&new[HEADER_LEN..], &old[HEADER_LEN..], &format!("{key}: content after the header is untouched"));
+    }
+}
+
+/// The number in "N <what>" of a summary line.
+fn count(text: &str, what: &str) -> u64 {
+    let at = text.find(what).unwrap_or_else(|| panic!("no {what:?} in: {text}"));
+    text[..at].trim_end().rsplit(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+fn cse_c_round(env: &Env, store: &Store, files: &[(&str, usize)]) {
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    let before_seen = {
+        let m = Mount::start(env, store, "cse-c");
+        write_files(&m, files);
+        seen(&m, &names)
+    };
+    let before = stored(store);
+    assert_eq!(before.len(), files.len());
+    let (ba, b_only) = rotated_key_file(env, &env.key_file, "key-ba");
+    let b_fp = fingerprint(&ba);
+    assert_eq!(b_fp, fingerprint(&b_only));
+    let opts = vec!["mode=cse-c".to_string(), format!("key_file={}", ba.display())];
+
+    // A dry run only counts.
+    let text = assert_ok(&rekey(store, &opts, &["--dry-run"], &[]));
+    assert_eq!(count(&text, "to rekey"), files.len() as u64, "{text}");
+    assert_eq!(stored(store), before, "a dry run changes nothing");
+
+    let text = assert_ok(&rekey(store, &opts, &["--jobs", "3"], &[]));
+    assert_eq!(count(&text, "rekeyed"), files.len() as u64, "{text}");
+    assert!(text.contains(&format!("done {n} of {n} objects (0 skipped, 0 failed)", n = files.len())), "{text}");
+    assert_rewrapped(&before, &stored(store), &b_fp);
+
+    // Only the new key is needed now; content, mode and mtime are as they were.
+    let m = Mount::start_with(env, store, "cse-c", &[&format!("key_file={}", b_only.display())]);
+    assert_seen(&seen(&m, &names), &before_seen);
+    drop(m);
+
+    // Everything is done: a second run skips everything and changes nothing.
+    let after = stored(store);
+    let text = assert_ok(&rekey(store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed"), 0, "{text}");
+    assert_eq!(count(&text, "already on the new key"), files.len() as u64, "{text}");
+    assert_eq!(stored(store), after);
+}
+
+#[test]
+fn cse_c_rekey_on_the_local_store_rewraps_headers_in_place() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let files = [("empty", 0), ("small", 100), ("chunks", 200_000), ("dir/sub/deep", 65_536), ("dir/other", 1)];
+    cse_c_round(&env, &store, &files);
+}
+
+#[test]
+fn cse_c_rekey_on_s3_rewrites_small_objects_and_copies_large_ones_in_parts() {
+    let env = Env::new();
+    let store = Store::s3();
+    // 9 MiB and more: the multipart path (5 MiB uploaded, the rest copied by the server).
+    let files = [("small", 1000), ("dir/medium", (5 << 20) - 600), ("big", (9 << 20) + 77), ("dir/empty", 0)];
+    cse_c_round(&env, &store, &files);
+}
+
+#[test]
+fn a_crashed_rekey_leaves_everything_readable_and_a_rerun_finishes() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
+    let files: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), 300)).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let want = {
+        let m = Mount::start(&env, &store, "cse-c");
+        write_files(&m, &files);
+        seen(&m, &all)
+    };
+    let before = stored(&store);
+    let (ba, b_only) = rotated_key_file(&env, &env.key_file, "key-ba");
+    let b_fp = fingerprint(&ba);
+    let opts = vec!["mode=cse-c".to_string(), format!("key_file={}", ba.display())];
+
+    // SIGKILL right after the 12th object: a crash, no chance to clean up.
+    let out = rekey(&store, &opts, &["--jobs", "1"], &[("S3CRYPTFS_REKEY_TEST_SIGNAL", "KILL:12")]);
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", stderr(&out));
+    let mid = stored(&store);
+    let moved = mid.values().filter(|b| b[FINGERPRINT] == b_fp).count();
+    assert_eq!(moved, 12, "exactly the objects done before the crash are under the new key");
+    // Nothing is unreadable with the old-plus-new history.
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("key_file={}", ba.display())]);
+    assert_seen(&seen(&m, &all), &want);
+    drop(m);
+
+    // A graceful interrupt (Ctrl-C) after 5 more: the run stops, says so, and exits non-zero.
+    let out = rekey(&store, &opts, &["--jobs", "2"], &[("S3CRYPTFS_REKEY_TEST_SIGNAL", "INT:5")]);
+    let text = stderr(&out);
+    assert!(!out.status.success() && text.contains("interrupted"), "{text}");
+    let moved = stored(&store).values().filter(|b| b[FINGERPRINT] == b_fp).count();
+    // The signal arrives while objects complete; the run stops soon after, well before the end.
+    assert!((17..40).contains(&moved), "{moved} objects under the new key\n{text}");
+
+    // Running again finishes the rest and skips what was done.
+    let text = assert_ok(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed") as usize, 40 - moved, "{text}");
+    assert_eq!(count(&text, "already on the new key") as usize, moved, "{text}");
+    assert_rewrapped(&before, &stored(&store), &b_fp);
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("key_file={}", b_only.display())]);
+    assert_seen(&seen(&m, &all), &want);
+}
+
+#[test]
+fn rekey_reports_objects_it_cannot_move_and_refuses_other_modes() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    // Under a key that the new history lacks: a failure naming the object, and a non-zero exit. (Written first and
+    // in a sub-directory: a mount checks its key against a top-level object.)
+    let stranger = Env::new();
+    {
+        let m = Mount::start(&stranger, &store, "cse-c");
+        fs::create_dir(m.path("sub")).unwrap();
+        fs::write(m.path("sub/stranger"), b"someone else's key").unwrap();
+    }
+    {
+        let m = Mount::start(&env, &store, "cse-c");
+        fs::write(m.path("ours"), b"ours").unwrap();
+    }
+    let Store::Local { dir } = &store else { unreachable!() };
+    fs::write(dir.join("foreign"), b"not an s3cryptfs object").unwrap();
+    let (ba, _) = rotated_key_file(&env, &env.key_file, "key-ba");
+    let opts = vec!["mode=cse-c".to_string(), format!("key_file={}", ba.display())];
+    let out = rekey(&store, &opts, &[], &[]);
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("failed sub/stranger") && text.contains("not in the key history"), "{text}");
+    assert_eq!(count(&text, "rekeyed"), 1, "{text}");
+    assert_eq!(count(&text, "not s3cryptfs objects"), 1, "the foreign file is skipped: {text}");
+
+    let out = rekey(&store, &["mode=none".to_string()], &[], &[]);
+    assert!(stderr(&out).contains("rekey applies to cse-c, cse-kms and sse-c"), "{}", stderr(&out));
+    let out = rekey(&store, &opts, &["--jobs", "0"], &[]);
+    assert!(stderr(&out).contains("--jobs"), "{}", stderr(&out));
+}
+
+/// Options for KMS over HTTPS with the test CA.
+fn kms_options(key_id: &str) -> Vec<String> {
+    let ep = std::env::var("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT").expect("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT");
+    let ca = std::env::var("S3CRYPTFS_TEST_CA_FILE").expect("S3CRYPTFS_TEST_CA_FILE");
+    vec![format!("kms_key_id={key_id}"), format!("kms_endpoint={ep}"), format!("ca_file={ca}")]
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn cse_kms_rekey_moves_every_data_key_to_the_new_kms_key() {
+    let env = Env::new();
+    let store = Store::s3();
+    let (k1, k2) = (kms_create_key(), kms_create_key());
+    let files = [("small", 5000), ("dir/big", (9 << 20) + 5)];
+    let names = ["small", "dir/big"];
+    let want = {
+        let m = Mount::start_with(&env, &store, "cse-kms", &refs(&kms_options(&k1)));
+        write_files(&m, &files);
+        seen(&m, &names)
+    };
+    // One object of the other client-side mode: rekey leaves it alone and counts it.
+    {
+        let m = Mount::start(&env, &store, "cse-c");
+        fs::write(m.path("cse-c-object"), b"written by cse-c").unwrap();
+    }
+    let before = stored(&store);
+    for key in ["small", "dir/big"] {
+        assert_eq!(before[key][10], 2, "{key}: envelope kind 2");
+        assert!(contains(&before[key][..HEADER_LEN], k1.as_bytes()), "{key} starts under K1");
+    }
+
+    let mut opts = vec!["mode=cse-kms".to_string()];
+    opts.extend(kms_options(&k2));
+    let text = assert_ok(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed"), 2, "{text}");
+    assert_eq!(count(&text, "not s3cryptfs objects"), 1, "the cse-c object is skipped: {text}");
+    assert!(text.contains("2 KMS calls"), "one ReEncrypt per object: {text}");
+    let after = stored(&store);
+    for key in ["small", "dir/big"] {
+        assert!(contains(&after[key][..HEADER_LEN], k2.as_bytes()), "{key} is now under K2");
+        assert!(!contains(&after[key][..HEADER_LEN], k1.as_bytes()), "{key} no longer names K1");
+        assert_eq!(after[key][16..32], before[key][16..32], "{key}: same file id");
+        assert_bytes(&after[key][HEADER_LEN..], &before[key][HEADER_LEN..], key);
+    }
+    assert_eq!(after["cse-c-object"], before["cse-c-object"]);
+
+    // Nothing needs K1 any more.
+    kms_admin("DisableKey", &format!("{{\"KeyId\": \"{k1}\"}}"));
+    let m = Mount::start_with(&env, &store, "cse-kms", &refs(&kms_options(&k2)));
+    assert_seen(&seen(&m, &names), &want);
+    drop(m);
+    let text = assert_ok(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "already on the new key"), 2, "{text}");
+
+    // A disabled destination is refused before anything is touched.
+    let mut to_k1 = vec!["mode=cse-kms".to_string()];
+    to_k1.extend(kms_options(&k1));
+    let out = rekey(&store, &to_k1, &[], &[]);
+    assert!(!out.status.success() && stderr(&out).contains("enable it"), "{}", stderr(&out));
+}
+
+/// Mount options for the test server over HTTPS (sse-c refuses plain http).
+fn https_options() -> Vec<String> {
+    let ep = std::env::var("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT").expect("S3CRYPTFS_TEST_S3_HTTPS_ENDPOINT");
+    let ca = std::env::var("S3CRYPTFS_TEST_CA_FILE").expect("S3CRYPTFS_TEST_CA_FILE");
+    vec![format!("endpoint={ep}"), format!("ca_file={ca}")]
+}
+
+/// Runs tests/tools/raw_s3.py (boto3).
+fn boto3(args: &[&str]) -> String {
+    let python = std::env::var("S3CRYPTFS_TEST_PYTHON").expect("S3CRYPTFS_TEST_PYTHON (scripts/test.sh)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/raw_s3.py");
+    let out = Command::new(python).arg(script).args(args).output().unwrap();
+    assert!(out.status.success(), "raw_s3.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn key_md5(key_file: &Path) -> String {
+    let history = s3cryptfs::crypto::KeyHistory::parse(&fs::read_to_string(key_file).unwrap()).unwrap();
+    let first = history.keys().next().unwrap();
+    s3cryptfs::store::key_md5(first.as_bytes())
+}
+
+#[test]
+fn sse_c_rekey_copies_every_object_server_side_to_the_new_key() {
+    let env = Env::new();
+    let store = Store::s3();
+    let Store::S3 { bucket, .. } = &store else { unreachable!() };
+    let https = https_options();
+    let files = [("small", 3000), ("dir/big", (9 << 20) + 1)];
+    let names = ["small", "dir/big"];
+    let want = {
+        let m = Mount::start_with(&env, &store, "sse-c", &refs(&https));
+        write_files(&m, &files);
+        seen(&m, &names)
+    };
+    let (ba, b_only) = rotated_key_file(&env, &env.key_file, "key-ba");
+    let (a_md5, b_md5) = (key_md5(&env.key_file), key_md5(&b_only));
+    let mut opts = vec!["mode=sse-c".to_string(), format!("key_file={}", ba.display())];
+    opts.extend(https.iter().cloned());
+
+    // Two files and the marker of "dir" (an empty object, encrypted like any other).
+    let text = assert_ok(&rekey(&store, &opts, &["--dry-run"], &[]));
+    assert_eq!(count(&text, "to rekey"), 3, "{text}");
+    let head = boto3(&["head", bucket, "small", "--key-file", env.key_file.to_str().unwrap()]);
+    assert!(head.contains(&a_md5), "a dry run changes nothing: {head}");
+
+    let text = assert_ok(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed"), 3, "{text}");
+    assert_eq!(count(&text, "store requests"), 6, "a tag read and a copy per object: {text}");
+    for key in ["small", "dir/big", "dir/.s3cryptfs-dir"] {
+        let head = boto3(&["head", bucket, key, "--key-file", b_only.to_str().unwrap()]);
+        assert!(head.contains(&b_md5), "{key} is under B: {head}");
+        let tags = boto3(&["tags", bucket, key]);
+        assert!(tags.contains(&format!("\"s3cryptfs-ssec-key-md5\": \"{b_md5}\"")), "{key}: {tags}");
+    }
+    let m = Mount::start_with(&env, &store, "sse-c", &[&https[0], &https[1], &format!("key_file={}", b_only.display())]);
+    assert_seen(&seen(&m, &names), &want);
+    drop(m);
+    let text = assert_ok(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "already on the new key"), 3, "{text}");
+}
+
+#[test]
+fn s3_header_replacement_keeps_metadata_and_tags_and_refuses_a_stale_etag() {
+    use object_store::{Attribute, AttributeValue, Attributes, ObjectStore, PutOptions, TagSet};
+    use s3cryptfs::store::{from_url, ObjectKey, S3Options};
+
+    let store = Store::s3();
+    let Store::S3 { endpoint, bucket } = &store else { unreachable!() };
+    let opts = S3Options {
+        endpoint: Some(endpoint.clone()),
+        region: Some("us-east-1".into()),
+        allow_http: true,
+        ..S3Options::default()
+    };
+    let (backend, _) = from_url(&store.url(), &opts).unwrap();
+    let raw = store.object_store();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // (name, size, requests): up to 5 MiB one GET and one PUT; beyond, GET 5 MiB + create + upload + copy + complete.
+    // Each object also has a tag, which costs one GetObjectTagging to carry over.
+    for (name, size, requests) in [("small", 3000usize, 3u64), ("big", (6 << 20) + 3, 6)] {
+        let body = pattern(size, 7);
+        let mut tags = TagSet::default();
+        tags.push("team", "blue");
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::Metadata("mode".into()), AttributeValue::from("33184"));
+        attributes.insert(Attribute::Metadata("s3cryptfs-bind".into()), AttributeValue::from("bound"));
+        attributes.insert(Attribute::ContentType, AttributeValue::from("application/x-test"));
+        let put = PutOptions { tags, attributes, ..PutOptions::default() };
+        let key = ObjectKey::new(name).unwrap();
+        rt.block_on(async {
+            raw.put_opts(&object_store::path::Path::from(name), body.clone().into(), put).await.unwrap();
+            let (info, meta) = backend.head(&key).await.unwrap();
+            let err = backend.replace_head(&key, "\"0123456789abcdef\"", vec![1; 512].into()).await.unwrap_err();
+            assert!(err.is_precondition(), "{name}: a stale etag must not write: {err}");
+            assert_bytes(backend.get(&key).await.unwrap().0, &body, name);
+
+            let cost = backend.replace_head(&key, info.etag.as_deref().unwrap(), vec![0xAB; 512].into()).await.unwrap();
+            assert_eq!(cost.requests, requests, "{name}: {cost:?}");
+            let moved = cost.bytes_down.max(cost.bytes_up);
+            assert!(moved <= (size as u64).min(5 << 20), "{name}: moved {moved} bytes");
+            let (now, now_info, now_meta) = backend.get(&key).await.unwrap();
+            assert_eq!(&now[..512], &[0xAB; 512][..], "{name}");
+            assert_bytes(&now[512..], &body[512..], name);
+            assert_eq!(now_meta, meta, "{name}: metadata kept");
+            assert_ne!(now_info.etag, info.etag);
+            // The old etag is spent: a writer that read before us loses instead of clobbering.
+            let late = backend.replace_head(&key, info.etag.as_deref().unwrap(), vec![2; 512].into()).await;
+            assert!(late.unwrap_err().is_precondition(), "{name}");
+            let got = raw.get_opts(&object_store::path::Path::from(name), Default::default()).await.unwrap();
+            assert_eq!(got.attributes.get(&Attribute::ContentType).map(|v| v.as_ref()), Some("application/x-test"));
+        });
+        let tags = boto3(&["tags", bucket, name]);
+        assert!(tags.contains("\"team\": \"blue\""), "{name}: tags kept: {tags}");
+    }
+}
