@@ -60,7 +60,9 @@ fn to_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(op: &str, e: &Error) -> Errno {
+fn errno(op: &'static str, e: &Error) -> Errno {
+    let errno = e.errno();
+    crate::metrics::fuse_error(op, errno);
     if !e.is_expected() {
         // `{:#}`-style chain: the fs error already names the object key; add the sources.
         let mut msg = e.to_string();
@@ -75,7 +77,7 @@ fn errno(op: &str, e: &Error) -> Errno {
         }
         tracing::error!(op, error = %msg, "request failed");
     }
-    Errno::from_i32(e.errno())
+    Errno::from_i32(errno)
 }
 
 fn caller(req: &Request) -> Caller {
@@ -251,7 +253,10 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(d) => reply.data(&d),
+                Ok(d) => {
+                    crate::metrics::fs_read(d.len());
+                    reply.data(&d)
+                }
                 Err(e) => reply.error(errno("read", &e)),
             }
         });
@@ -272,7 +277,10 @@ impl Filesystem for FuseAdapter {
         let (fs, data) = (self.fs.clone(), data.to_vec());
         self.rt.spawn(async move {
             match fs.write(fh.0, offset, &data).await {
-                Ok(n) => reply.written(n),
+                Ok(n) => {
+                    crate::metrics::fs_written(n as usize);
+                    reply.written(n)
+                }
                 Err(e) => reply.error(errno("write", &e)),
             }
         });

@@ -303,11 +303,15 @@ impl KmsClient {
         self.calls.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(action, key_id, endpoint = %self.endpoint, "KMS request");
         let headers = [("X-Amz-Target", format!("TrentService.{action}")), ("Content-Type", CONTENT_TYPE.to_string())];
-        self.signed
+        let started = std::time::Instant::now();
+        let result = self
+            .signed
             .send(SERVICE, Method::POST, &self.url, &headers, Bytes::from(body))
             .await
             .map(|r| r.body)
-            .map_err(|e| classify(key_id, e))
+            .map_err(|e| classify(key_id, e));
+        crate::metrics::kms_request(action, result.as_ref().map(|_| ()), started.elapsed());
+        result
     }
 }
 

@@ -29,6 +29,7 @@ pub mod fs;
 pub mod fuse;
 pub mod keys;
 pub mod kms;
+pub mod metrics;
 pub mod notify;
 pub mod object;
 pub mod read;

@@ -200,9 +200,13 @@ impl Reader {
         let id = self.object_id();
         let mut pages: Vec<Option<Bytes>> = Vec::with_capacity((range.end - range.start) as usize);
         let mut waits = Vec::new();
+        let mut hits = 0;
         for index in range.clone() {
             match self.cache.get(&id, index) {
-                Some(p) => pages.push(Some(p)),
+                Some(p) => {
+                    hits += 1;
+                    pages.push(Some(p));
+                }
                 None => {
                     pages.push(None);
                     if let Some(f) = lock(&self.inflight).get(&index).cloned() {
@@ -211,6 +215,9 @@ impl Reader {
                 }
             }
         }
+        // Counted here, once per page a read asks for, rather than in the cache: the second look below would count
+        // every miss twice.
+        crate::metrics::cache_lookups(hits, pages.len() as u64 - hits);
         for w in waits {
             w.await;
         }

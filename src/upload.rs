@@ -35,6 +35,7 @@ pub async fn upload(
     size: u64,
     mut meta: UserMeta,
 ) -> Result<ObjectInfo> {
+    let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
     let (oc, header) = codec.create().await.map_err(|e| Error::codec(path, e))?;
     match oc.binding(path) {

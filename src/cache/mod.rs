@@ -42,7 +42,7 @@ struct Inner {
     misses: u64,
 }
 
-/// Counters for tests and, later, metrics.
+/// Counters for tests (the metrics gauges and counters are in `crate::metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
     pub hits: u64,
@@ -94,16 +94,24 @@ impl PageCache {
             return;
         }
         let mut inner = self.lock();
+        let before = inner.bytes;
+        let mut evicted = 0;
         if let Some(old) = inner.lru.put(PageKey { object: object.clone(), index }, page) {
             inner.bytes -= old.len() as u64;
         }
         inner.bytes += len;
         while inner.bytes > self.budget {
             match inner.lru.pop_lru() {
-                Some((_, evicted)) => inner.bytes -= evicted.len() as u64,
+                Some((_, page)) => {
+                    inner.bytes -= page.len() as u64;
+                    evicted += 1;
+                }
                 None => break,
             }
         }
+        let delta = inner.bytes as i64 - before as i64;
+        drop(inner);
+        crate::metrics::cache_changed(delta, evicted);
     }
 
     /// Drops every page of every version of `key` (after a delete or overwrite through this mount).
@@ -111,16 +119,28 @@ impl PageCache {
         let mut inner = self.lock();
         let stale: Vec<PageKey> =
             inner.lru.iter().filter(|(k, _)| k.object.key == key).map(|(k, _)| k.clone()).collect();
+        let before = inner.bytes;
         for k in stale {
             if let Some(page) = inner.lru.pop(&k) {
                 inner.bytes -= page.len() as u64;
             }
         }
+        let delta = inner.bytes as i64 - before as i64;
+        drop(inner);
+        crate::metrics::cache_changed(delta, 0);
     }
 
     pub fn stats(&self) -> CacheStats {
         let inner = self.lock();
         CacheStats { hits: inner.hits, misses: inner.misses, bytes: inner.bytes, entries: inner.lru.len() }
+    }
+}
+
+impl Drop for PageCache {
+    fn drop(&mut self) {
+        // The metrics gauge sums the deltas of every cache in the process; take this one's bytes out of it.
+        let bytes = self.lock().bytes;
+        crate::metrics::cache_changed(-(bytes as i64), 0);
     }
 }
 

@@ -1029,7 +1029,7 @@ impl Fs {
         if let (Some(ws), true) = (ws, loaded) {
             // A staged file carries its attributes with its next upload.
             if meta_changed {
-                ws.lock().await.dirty = true;
+                ws.lock().await.mark_dirty();
             }
             if fh.is_none() {
                 self.flush_node(ino).await?;
@@ -1274,7 +1274,7 @@ impl Fs {
         node.validated = Some(Instant::now());
         node.lookups = 1;
         node.open_handles = 1;
-        node.write = Some(Arc::new(tokio::sync::Mutex::new(Staged { file, path: spath, loaded: true, dirty: true, size: 0 })));
+        node.write = Some(Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, true))));
         let mode = OpenMode::from_flags(flags);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let attr = {
@@ -1354,12 +1354,12 @@ impl Fs {
             (table.path_of(ino), Self::meta_of(n), n.unlinked)
         };
         if unlinked {
-            staged.dirty = false; // deleted while open: POSIX says the data goes with it
+            staged.mark_clean(); // deleted while open: POSIX says the data goes with it
             return Ok(());
         }
         let path = path.ok_or(Error::NotFound)?;
         let info = crate::upload::upload(&*self.backend, &self.codec, &path, &staged.file, staged.size, meta).await?;
-        staged.dirty = false;
+        staged.mark_clean();
         self.cache.invalidate_key(&path);
         {
             let mut table = lock(&self.table);

@@ -75,6 +75,32 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// A new state; a file created by this mount starts dirty (it must be uploaded even if nothing is written).
+    pub fn new(file: File, path: PathBuf, loaded: bool, dirty: bool) -> Staged {
+        crate::metrics::dirty_changed((false, 0), (dirty, 0));
+        Staged { file, path, loaded, dirty, size: 0 }
+    }
+
+    /// What this state counts in the dirty-files and dirty-bytes gauges. `dirty` and `size` change only through the
+    /// methods below (and [`Staged::new`]), which report each change, so the gauges stay exact.
+    fn share(&self) -> (bool, u64) {
+        (self.dirty, self.size)
+    }
+
+    /// Changed (metadata only, say): upload on the next flush.
+    pub fn mark_dirty(&mut self) {
+        let before = self.share();
+        self.dirty = true;
+        crate::metrics::dirty_changed(before, self.share());
+    }
+
+    /// Uploaded, or no longer to be uploaded (unlinked while open).
+    pub fn mark_clean(&mut self) {
+        let before = self.share();
+        self.dirty = false;
+        crate::metrics::dirty_changed(before, self.share());
+    }
+
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
@@ -86,22 +112,28 @@ impl Staged {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let before = self.share();
         self.file.write_all_at(data, offset)?;
         self.size = self.size.max(offset + data.len() as u64);
         self.dirty = true;
+        crate::metrics::dirty_changed(before, self.share());
         Ok(())
     }
 
     pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
+        let before = self.share();
         self.file.set_len(size)?;
         self.size = size;
         self.dirty = true;
+        crate::metrics::dirty_changed(before, self.share());
         Ok(())
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
+        // Forgotten by this process either way: it leaves the gauges even though dirty content stays on disk.
+        crate::metrics::dirty_changed(self.share(), (false, 0));
         // Clean content needs no copy any more; dirty content is kept on disk for recovery and logged by the owner.
         if !self.dirty {
             let _ = std::fs::remove_file(&self.path);

@@ -1,0 +1,1017 @@
+//! Prometheus metrics: what the mount records, and the tiny HTTP endpoint that serves it.
+//!
+//! The data paths record through the [`metrics`] facade. Until [`install`] puts a recorder in place (a mount with
+//! `-o metrics_addr=ADDR`), every record is a no-op costing an atomic load, so tests and mounts without metrics pay
+//! nearly nothing. [`install`] binds `ADDR` and answers `GET /metrics` with the Prometheus text format; any other path
+//! is a 404. Store requests are measured by wrapping the store in a [`MeteredBackend`], so the layers above never see
+//! the difference.
+//!
+//! Labels are always drawn from small fixed sets (operation kinds, outcome classes, errno names): never object keys,
+//! paths or key ids, which would leak names to whoever can scrape and make the number of series unbounded. Nothing
+//! on the data paths allocates to record: unlabelled series have static keys and the store-request labels are built
+//! once (`static` tables); only the rare FUSE-error and KMS records build their labels each time.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `s3cryptfs_fs_read_bytes_total` | counter | — | plaintext bytes returned to `read()` calls on the mount |
+//! | `s3cryptfs_fs_written_bytes_total` | counter | — | plaintext bytes accepted from `write()` calls on the mount |
+//! | `s3cryptfs_fuse_errors_total` | counter | `op`, `errno` | FUSE requests answered with an error, by operation (`lookup`, `read`, `rmdir`…) and errno name (`ENOENT`, `EIO`…; `other` for rare ones). Expected answers such as ENOENT on lookup count too. Requests refused without calling the filesystem (xattrs, mknod, link) do not |
+//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
+//! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
+//! | `s3cryptfs_store_requests_in_flight` | gauge | — | store operations sent and not yet answered |
+//! | `s3cryptfs_store_read_bytes_total` | counter | — | object bytes received from the store (`get`, `get_range`: ciphertext with headers in client-side modes; what key-rotation operations report) |
+//! | `s3cryptfs_store_written_bytes_total` | counter | — | object bytes sent to the store (`put` bodies, multipart parts, what key-rotation operations report) |
+//! | `s3cryptfs_cache_hits_total` | counter | — | 64 KiB pages a read found in the page cache |
+//! | `s3cryptfs_cache_misses_total` | counter | — | pages a read did not find there (fetched now, or by a read-ahead already in flight) |
+//! | `s3cryptfs_cache_bytes` | gauge | — | plaintext bytes held in the page cache (at most `cache_size`) |
+//! | `s3cryptfs_cache_evictions_total` | counter | — | pages dropped to stay within `cache_size` |
+//! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
+//! | `s3cryptfs_dirty_bytes` | gauge | — | plaintext size of those files |
+//! | `s3cryptfs_uploads_in_flight` | gauge | — | file uploads (encrypt + PUT or multipart upload) running now |
+//! | `s3cryptfs_kms_requests_total` | counter | `action`, `outcome` | KMS requests (cse-kms): `action` `generate_data_key`, `decrypt`, and for key rotation `re_encrypt`, `describe_key`; `outcome` `ok`, `disabled`, `not_found`, `access_denied`, `invalid_ciphertext`, `unavailable` or `other`. Data keys served from the mount's key cache cost no request and are not counted |
+//! | `s3cryptfs_kms_request_duration_seconds` | histogram | `action` | KMS request latency, retries included |
+//!
+//! Histogram buckets (seconds): 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60.
+//!
+//! A store `kind` is one [`Backend`] operation, which may be more than one HTTP request underneath (a `rename` is a
+//! copy and a delete on S3; `update_meta` moves the object through the client there, see the README's limits).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::kms::KmsError;
+use crate::store::{Backend, CustomerKeyOf, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta};
+
+pub const FS_READ_BYTES: &str = "s3cryptfs_fs_read_bytes_total";
+pub const FS_WRITTEN_BYTES: &str = "s3cryptfs_fs_written_bytes_total";
+pub const FUSE_ERRORS: &str = "s3cryptfs_fuse_errors_total";
+pub const STORE_REQUESTS: &str = "s3cryptfs_store_requests_total";
+pub const STORE_REQUEST_DURATION: &str = "s3cryptfs_store_request_duration_seconds";
+pub const STORE_IN_FLIGHT: &str = "s3cryptfs_store_requests_in_flight";
+pub const STORE_READ_BYTES: &str = "s3cryptfs_store_read_bytes_total";
+pub const STORE_WRITTEN_BYTES: &str = "s3cryptfs_store_written_bytes_total";
+pub const CACHE_HITS: &str = "s3cryptfs_cache_hits_total";
+pub const CACHE_MISSES: &str = "s3cryptfs_cache_misses_total";
+pub const CACHE_BYTES: &str = "s3cryptfs_cache_bytes";
+pub const CACHE_EVICTIONS: &str = "s3cryptfs_cache_evictions_total";
+pub const DIRTY_FILES: &str = "s3cryptfs_dirty_files";
+pub const DIRTY_BYTES: &str = "s3cryptfs_dirty_bytes";
+pub const UPLOADS_IN_FLIGHT: &str = "s3cryptfs_uploads_in_flight";
+pub const KMS_REQUESTS: &str = "s3cryptfs_kms_requests_total";
+pub const KMS_REQUEST_DURATION: &str = "s3cryptfs_kms_request_duration_seconds";
+
+/// Latency buckets in seconds: from a local-store request (about a millisecond) to a large multipart part on a slow
+/// link (tens of seconds).
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// How often histogram samples are folded into their buckets when nobody scrapes, so memory stays bounded.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Longest request head the endpoint reads, and how long it waits for it: a scrape sends one short line and a few
+/// headers, so anything bigger or slower is not a Prometheus server.
+const MAX_REQUEST_HEAD: usize = 8 << 10;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The content type of the Prometheus text exposition format.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+// ----- recording -----
+
+fn counter(name: &'static str, labels: &'static [Label]) -> Counter {
+    let key = Key::from_static_parts(name, labels);
+    metrics::with_recorder(|r| r.register_counter(&key, &METADATA))
+}
+
+fn gauge(name: &'static str) -> Gauge {
+    let key = Key::from_static_name(name);
+    metrics::with_recorder(|r| r.register_gauge(&key, &METADATA))
+}
+
+fn histogram(name: &'static str, labels: &'static [Label]) -> Histogram {
+    let key = Key::from_static_parts(name, labels);
+    metrics::with_recorder(|r| r.register_histogram(&key, &METADATA))
+}
+
+fn add_signed(g: Gauge, delta: i64) {
+    if delta >= 0 {
+        g.increment(delta as f64);
+    } else {
+        g.decrement(delta.unsigned_abs() as f64);
+    }
+}
+
+/// A `read()` on the mount returned `bytes` bytes.
+pub fn fs_read(bytes: usize) {
+    counter(FS_READ_BYTES, &[]).increment(bytes as u64);
+}
+
+/// A `write()` on the mount accepted `bytes` bytes.
+pub fn fs_written(bytes: usize) {
+    counter(FS_WRITTEN_BYTES, &[]).increment(bytes as u64);
+}
+
+/// A FUSE request `op` was answered with `errno`.
+pub fn fuse_error(op: &'static str, errno: i32) {
+    metrics::counter!(FUSE_ERRORS, "op" => op, "errno" => errno_name(errno)).increment(1);
+}
+
+/// The name of an errno value as in `errno.h`; `other` for those the filesystem does not normally return.
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::ENFILE => "ENFILE",
+        libc::EMFILE => "EMFILE",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ENOTSUP => "ENOTSUP",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ESTALE => "ESTALE",
+        libc::EDQUOT => "EDQUOT",
+        libc::EINTR => "EINTR",
+        _ => "other",
+    }
+}
+
+/// One read looked up `hits + misses` pages in the page cache.
+pub fn cache_lookups(hits: u64, misses: u64) {
+    if hits > 0 {
+        counter(CACHE_HITS, &[]).increment(hits);
+    }
+    if misses > 0 {
+        counter(CACHE_MISSES, &[]).increment(misses);
+    }
+}
+
+/// The page cache grew (positive) or shrank by `delta` bytes, `evicted` pages of it to stay within budget. Deltas
+/// rather than totals, so they can be recorded outside the cache's lock and still add up.
+pub fn cache_changed(delta: i64, evicted: u64) {
+    if delta != 0 {
+        add_signed(gauge(CACHE_BYTES), delta);
+    }
+    if evicted > 0 {
+        counter(CACHE_EVICTIONS, &[]).increment(evicted);
+    }
+}
+
+/// A staged file's `(dirty, size)` went from `before` to `after`; a file counts in the dirty gauges while dirty.
+pub fn dirty_changed(before: (bool, u64), after: (bool, u64)) {
+    let share = |(dirty, size): (bool, u64)| if dirty { (1i64, size as i64) } else { (0, 0) };
+    let (files_before, bytes_before) = share(before);
+    let (files_after, bytes_after) = share(after);
+    if files_after != files_before {
+        add_signed(gauge(DIRTY_FILES), files_after - files_before);
+    }
+    if bytes_after != bytes_before {
+        add_signed(gauge(DIRTY_BYTES), bytes_after - bytes_before);
+    }
+}
+
+/// Counts one file upload as in flight until dropped (so an upload abandoned half-way is not counted forever).
+#[must_use = "the upload counts as in flight only while this guard lives"]
+pub struct UploadInFlight(());
+
+impl UploadInFlight {
+    pub fn start() -> UploadInFlight {
+        gauge(UPLOADS_IN_FLIGHT).increment(1.0);
+        UploadInFlight(())
+    }
+}
+
+impl Drop for UploadInFlight {
+    fn drop(&mut self) {
+        gauge(UPLOADS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Records one KMS request: `action` as sent (`GenerateDataKey`, `Decrypt`, `ReEncrypt`, `DescribeKey`), its result and how long it took
+/// (retries included). Called from `KmsClient::call`.
+pub fn kms_request(action: &str, result: Result<(), &KmsError>, elapsed: Duration) {
+    let action = match action {
+        "GenerateDataKey" => "generate_data_key",
+        "Decrypt" => "decrypt",
+        "ReEncrypt" => "re_encrypt",
+        "DescribeKey" => "describe_key",
+        _ => "other",
+    };
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(KmsError::Disabled { .. }) => "disabled",
+        Err(KmsError::NotFound { .. }) => "not_found",
+        Err(KmsError::AccessDenied { .. }) => "access_denied",
+        Err(KmsError::InvalidCiphertext { .. }) => "invalid_ciphertext",
+        Err(KmsError::Unavailable { .. }) => "unavailable",
+        // Not exhaustive on purpose: a new KMS error should not have to wait for a label to compile.
+        Err(_) => "other",
+    };
+    // KMS requests are rare (one per file written, one per file first opened), so these labels may allocate.
+    metrics::counter!(KMS_REQUESTS, "action" => action, "outcome" => outcome).increment(1);
+    metrics::histogram!(KMS_REQUEST_DURATION, "action" => action).record(elapsed.as_secs_f64());
+}
+
+// ----- store requests -----
+
+/// Defines an enum of label values with its `as_str` and the list of all its values.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($variant),* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// The `kind` label: which [`Backend`] operation a store request was.
+    RequestKind {
+        Head => "head",
+        Get => "get",
+        GetRange => "get_range",
+        Put => "put",
+        MultipartCreate => "multipart_create",
+        MultipartPart => "multipart_part",
+        MultipartComplete => "multipart_complete",
+        MultipartAbort => "multipart_abort",
+        Copy => "copy",
+        Rename => "rename",
+        UpdateMeta => "update_meta",
+        Delete => "delete",
+        List => "list",
+        HasChildren => "has_children",
+        CheckAccess => "check_access",
+        ReplaceHead => "replace_head",
+        CustomerKeyOf => "customer_key_of",
+        MoveToWritingKey => "move_to_writing_key",
+    }
+}
+
+label_enum! {
+    /// The `outcome` label: `ok` or the class of the error.
+    Outcome {
+        Ok => "ok",
+        NotFound => "not_found",
+        AccessDenied => "access_denied",
+        Precondition => "precondition",
+        NotEmpty => "not_empty",
+        Unavailable => "unavailable",
+        InvalidInput => "invalid_input",
+        MissingBucket => "missing_bucket",
+        EncryptionNotConfirmed => "encryption_not_confirmed",
+        WrongKey => "wrong_key",
+        Unsupported => "unsupported",
+        Other => "other",
+        Cancelled => "cancelled",
+    }
+}
+
+impl Outcome {
+    pub fn of(e: &StoreError) -> Outcome {
+        match e {
+            StoreError::NotFound { .. } => Outcome::NotFound,
+            StoreError::AccessDenied { .. } => Outcome::AccessDenied,
+            StoreError::Precondition { .. } => Outcome::Precondition,
+            StoreError::NotEmpty { .. } => Outcome::NotEmpty,
+            StoreError::Unavailable { .. } => Outcome::Unavailable,
+            StoreError::InvalidInput { .. } => Outcome::InvalidInput,
+            StoreError::MissingBucket { .. } => Outcome::MissingBucket,
+            StoreError::XattrUnsupported { .. } => Outcome::Unsupported,
+            StoreError::EncryptionNotConfirmed { .. } => Outcome::EncryptionNotConfirmed,
+            StoreError::WrongKey { .. } => Outcome::WrongKey,
+            StoreError::Unsupported { .. } => Outcome::Unsupported,
+            StoreError::Other { .. } => Outcome::Other,
+        }
+    }
+}
+
+/// `[kind]` labels of the latency histogram, one per kind, built on first use.
+fn kind_labels(kind: RequestKind) -> &'static [Label] {
+    static TABLE: OnceLock<Vec<[Label; 1]>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        RequestKind::ALL.iter().map(|k| [Label::from_static_parts("kind", k.as_str())]).collect()
+    });
+    &table[kind as usize]
+}
+
+/// `[kind, outcome]` labels of the request counter, one per combination, built on first use.
+fn request_labels(kind: RequestKind, outcome: Outcome) -> &'static [Label] {
+    static TABLE: OnceLock<Vec<[Label; 2]>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        RequestKind::ALL
+            .iter()
+            .flat_map(|k| {
+                Outcome::ALL.iter().map(move |o| {
+                    [Label::from_static_parts("kind", k.as_str()), Label::from_static_parts("outcome", o.as_str())]
+                })
+            })
+            .collect()
+    });
+    &table[kind as usize * Outcome::ALL.len() + outcome as usize]
+}
+
+/// One store request from start to answer. Dropped without [`Request::finish`] (the caller's future was dropped),
+/// it is recorded as `cancelled`; either way it leaves the in-flight gauge.
+struct Request {
+    kind: RequestKind,
+    start: Instant,
+    finished: bool,
+}
+
+impl Request {
+    fn start(kind: RequestKind) -> Request {
+        gauge(STORE_IN_FLIGHT).increment(1.0);
+        Request { kind, start: Instant::now(), finished: false }
+    }
+
+    fn finish<T>(mut self, result: &Result<T, StoreError>) {
+        self.record(match result {
+            Ok(_) => Outcome::Ok,
+            Err(e) => Outcome::of(e),
+        });
+        self.finished = true;
+    }
+
+    fn record(&self, outcome: Outcome) {
+        counter(STORE_REQUESTS, request_labels(self.kind, outcome)).increment(1);
+        histogram(STORE_REQUEST_DURATION, kind_labels(self.kind)).record(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(Outcome::Cancelled);
+        }
+        gauge(STORE_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Runs one store request and records it.
+async fn measure<T>(kind: RequestKind, request: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    let r = Request::start(kind);
+    let result = request.await;
+    r.finish(&result);
+    result
+}
+
+fn received(bytes: &Bytes) {
+    counter(STORE_READ_BYTES, &[]).increment(bytes.len() as u64);
+}
+
+fn sent(bytes: u64) {
+    counter(STORE_WRITTEN_BYTES, &[]).increment(bytes);
+}
+
+/// Body bytes a maintenance operation (key rotation) reports having moved.
+fn moved(t: &Transfer) {
+    counter(STORE_READ_BYTES, &[]).increment(t.bytes_down);
+    sent(t.bytes_up);
+}
+
+/// A [`Backend`] that forwards every operation to `inner` and records it (count by kind and outcome, latency,
+/// bytes). Multipart uploads are wrapped too, so each part is a request of its own.
+pub struct MeteredBackend {
+    inner: Arc<dyn Backend>,
+}
+
+impl MeteredBackend {
+    pub fn new(inner: Arc<dyn Backend>) -> MeteredBackend {
+        MeteredBackend { inner }
+    }
+}
+
+#[async_trait]
+impl Backend for MeteredBackend {
+    async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+        measure(RequestKind::Head, self.inner.head(key)).await
+    }
+
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let result = measure(RequestKind::GetRange, self.inner.get_range(key, range)).await;
+        if let Ok((bytes, _, _)) = &result {
+            received(bytes);
+        }
+        result
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let result = measure(RequestKind::Get, self.inner.get(key)).await;
+        if let Ok((bytes, _, _)) = &result {
+            received(bytes);
+        }
+        result
+    }
+
+    async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+        let len = body.len() as u64;
+        let result = measure(RequestKind::Put, self.inner.put(key, body, meta)).await;
+        if result.is_ok() {
+            sent(len);
+        }
+        result
+    }
+
+    async fn put_multipart(&self, key: &ObjectKey, meta: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
+        let inner = measure(RequestKind::MultipartCreate, self.inner.put_multipart(key, meta)).await?;
+        Ok(Box::new(MeteredUpload { inner }))
+    }
+
+    async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+        measure(RequestKind::Copy, self.inner.copy(from, to, meta)).await
+    }
+
+    // Forwarded rather than left to the trait's default, which would bypass the inner backend's native rename.
+    async fn rename(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+        measure(RequestKind::Rename, self.inner.rename(from, to, meta)).await
+    }
+
+    async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+        measure(RequestKind::UpdateMeta, self.inner.update_meta(key, meta)).await
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        measure(RequestKind::Delete, self.inner.delete(key)).await
+    }
+
+    async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+        measure(RequestKind::List, self.inner.list(dir, recursive)).await
+    }
+
+    async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
+        measure(RequestKind::HasChildren, self.inner.has_children(dir)).await
+    }
+
+    async fn check_access(&self) -> Result<(), StoreError> {
+        measure(RequestKind::CheckAccess, self.inner.check_access()).await
+    }
+
+    async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
+        let result = measure(RequestKind::ReplaceHead, self.inner.replace_head(key, etag, head)).await;
+        if let Ok(t) = &result {
+            moved(t);
+        }
+        result
+    }
+
+    async fn customer_key_of(&self, key: &ObjectKey) -> Result<CustomerKeyOf, StoreError> {
+        let result = measure(RequestKind::CustomerKeyOf, self.inner.customer_key_of(key)).await;
+        if let Ok(of) = &result {
+            moved(&of.cost);
+        }
+        result
+    }
+
+    async fn move_to_writing_key(
+        &self,
+        key: &ObjectKey,
+        of: &CustomerKeyOf,
+        etag: &str,
+        size: u64,
+    ) -> Result<Transfer, StoreError> {
+        let result =
+            measure(RequestKind::MoveToWritingKey, self.inner.move_to_writing_key(key, of, etag, size)).await;
+        if let Ok(t) = &result {
+            moved(t);
+        }
+        result
+    }
+}
+
+/// A multipart upload whose parts, completion and abort are recorded.
+struct MeteredUpload {
+    inner: Box<dyn Upload>,
+}
+
+#[async_trait]
+impl Upload for MeteredUpload {
+    fn put_part(&mut self, part: Bytes) -> BoxFuture<'static, Result<(), StoreError>> {
+        let len = part.len() as u64;
+        let send = self.inner.put_part(part);
+        Box::pin(async move {
+            // Timed from the first poll: the caller may create several parts' futures before it runs them.
+            let result = measure(RequestKind::MultipartPart, send).await;
+            if result.is_ok() {
+                sent(len);
+            }
+            result
+        })
+    }
+
+    async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
+        measure(RequestKind::MultipartComplete, self.inner.complete()).await
+    }
+
+    async fn abort(self: Box<Self>) -> Result<(), StoreError> {
+        measure(RequestKind::MultipartAbort, self.inner.abort()).await
+    }
+}
+
+// ----- exporter -----
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot serve metrics at metrics_addr={addr} (pick a free port on a local address)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics can only be served from inside the tokio runtime (a bug in s3cryptfs)")]
+    NoRuntime,
+    #[error("metrics are already being served by this process (a bug in s3cryptfs)")]
+    AlreadyInstalled,
+}
+
+/// A recorder with this module's histogram buckets and metric descriptions; [`install`] makes it global, tests use
+/// it locally (`metrics::with_local_recorder`).
+pub fn recorder() -> PrometheusRecorder {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .expect("LATENCY_BUCKETS is a non-empty constant, the only thing set_buckets_for_metric checks")
+        .build_recorder();
+    metrics::with_local_recorder(&recorder, describe);
+    recorder
+}
+
+/// HELP lines, and zero values for the unlabelled series so that they exist before their first event.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(FS_READ_BYTES, Unit::Bytes, "Plaintext bytes returned to read() calls on the mount.");
+    describe_counter!(FS_WRITTEN_BYTES, Unit::Bytes, "Plaintext bytes accepted from write() calls on the mount.");
+    describe_counter!(FUSE_ERRORS, "FUSE requests answered with an error, by operation and errno.");
+    describe_counter!(STORE_REQUESTS, "Store operations finished, by kind and outcome.");
+    describe_histogram!(STORE_REQUEST_DURATION, Unit::Seconds, "Store operation latency, by kind.");
+    describe_gauge!(STORE_IN_FLIGHT, "Store operations sent and not yet answered.");
+    describe_counter!(STORE_READ_BYTES, Unit::Bytes, "Object bytes received from the store.");
+    describe_counter!(STORE_WRITTEN_BYTES, Unit::Bytes, "Object bytes sent to the store.");
+    describe_counter!(CACHE_HITS, "Pages a read found in the page cache.");
+    describe_counter!(CACHE_MISSES, "Pages a read did not find in the page cache.");
+    describe_gauge!(CACHE_BYTES, Unit::Bytes, "Plaintext bytes held in the page cache.");
+    describe_counter!(CACHE_EVICTIONS, "Pages evicted from the page cache to stay within its budget.");
+    describe_gauge!(DIRTY_FILES, "Files with changes staged locally and not yet uploaded.");
+    describe_gauge!(DIRTY_BYTES, Unit::Bytes, "Plaintext size of the files with changes not yet uploaded.");
+    describe_gauge!(UPLOADS_IN_FLIGHT, "File uploads running now.");
+    describe_counter!(KMS_REQUESTS, "KMS requests, by action and outcome.");
+    describe_histogram!(KMS_REQUEST_DURATION, Unit::Seconds, "KMS request latency, by action.");
+    for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
+        counter(name, &[]).absolute(0);
+    }
+    for name in [STORE_IN_FLIGHT, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+        gauge(name).increment(0.0);
+    }
+}
+
+/// Serves `http://addr/metrics` for the rest of the process, from the current tokio runtime. Fails if `addr` cannot
+/// be bound (port taken, address not local), before anything is installed.
+pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| MetricsError::NoRuntime)?;
+    let bind = |addr| -> std::io::Result<TcpListener> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let _entered = runtime.enter();
+        TcpListener::from_std(listener)
+    };
+    let listener = bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    let recorder = recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
+    let upkeep = handle.clone();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    runtime.spawn(serve(listener, handle));
+    tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// Answers scrapes on `listener` until the runtime stops: one request per connection, each on its own task.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, &handle).await {
+                        tracing::debug!(error = %e, "metrics request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        Err(_) => return Ok(()),
+    };
+    let line = head.as_deref().and_then(|h| h.lines().next()).unwrap_or("");
+    let mut words = line.split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", TEXT_FORMAT, handle.render()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found: metrics are at /metrics\n".to_string()),
+        _ if head.is_none() => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET and HEAD are served\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+/// The request line and headers, up to the blank line; `None` if they are too long or not text.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > MAX_REQUEST_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8(buf).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    use crate::store::ObjectStoreBackend;
+
+    /// Runs `f` on a current-thread runtime with `recorder` as this thread's recorder, so that every record made by
+    /// the future lands in it (a multi-thread runtime would record from other threads into the global recorder).
+    fn recorded<T>(recorder: &PrometheusRecorder, f: impl Future<Output = T>) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        metrics::with_local_recorder(recorder, || rt.block_on(f))
+    }
+
+    /// The value of one series (`name{labels}` exactly as rendered), if present.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    fn memory() -> Arc<dyn Backend> {
+        Arc::new(ObjectStoreBackend::new(Arc::new(InMemory::new()), "").unwrap())
+    }
+
+    fn key(k: &str) -> ObjectKey {
+        ObjectKey::new(k).unwrap()
+    }
+
+    #[test]
+    fn metered_backend_records_requests_outcomes_latency_and_bytes() {
+        let recorder = recorder();
+        recorded(&recorder, async {
+            let store = MeteredBackend::new(memory());
+            let meta = UserMeta::default();
+            store.put(&key("a"), Bytes::from_static(b"0123456789"), &meta).await.unwrap();
+            store.head(&key("a")).await.unwrap();
+            let (got, _, _) = store.get_range(&key("a"), 2..6).await.unwrap();
+            assert_eq!(&got[..], b"2345");
+            store.get(&key("a")).await.unwrap();
+            assert!(store.head(&key("missing")).await.unwrap_err().is_not_found());
+            assert!(store.get(&key("missing")).await.unwrap_err().is_not_found());
+            store.copy(&key("a"), &key("b"), None).await.unwrap();
+            store.list("", false).await.unwrap();
+            store.delete(&key("b")).await.unwrap();
+
+            let mut upload = store.put_multipart(&key("m"), &meta).await.unwrap();
+            upload.put_part(Bytes::from(vec![1u8; 100])).await.unwrap();
+            upload.put_part(Bytes::from(vec![2u8; 50])).await.unwrap();
+            upload.complete().await.unwrap();
+            let (whole, _, _) = store.get(&key("m")).await.unwrap();
+            assert_eq!(whole.len(), 150);
+        });
+        let text = recorder.handle().render();
+        let req = |kind: &str, outcome: &str| {
+            value(&text, &format!("{STORE_REQUESTS}{{kind=\"{kind}\",outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+        };
+        assert_eq!(req("put", "ok"), 1.0, "{text}");
+        assert_eq!(req("head", "ok"), 1.0);
+        assert_eq!(req("head", "not_found"), 1.0);
+        assert_eq!(req("get", "ok"), 2.0);
+        assert_eq!(req("get", "not_found"), 1.0);
+        assert_eq!(req("get_range", "ok"), 1.0);
+        assert_eq!(req("copy", "ok"), 1.0);
+        assert_eq!(req("list", "ok"), 1.0);
+        assert_eq!(req("delete", "ok"), 1.0);
+        assert_eq!(req("multipart_create", "ok"), 1.0);
+        assert_eq!(req("multipart_part", "ok"), 2.0);
+        assert_eq!(req("multipart_complete", "ok"), 1.0);
+        // Latency of every request, failed ones included, in buckets.
+        let count = |kind: &str| value(&text, &format!("{STORE_REQUEST_DURATION}_count{{kind=\"{kind}\"}}"));
+        assert_eq!(count("head"), Some(2.0), "{text}");
+        assert_eq!(count("multipart_part"), Some(2.0));
+        assert!(text.contains(&format!("{STORE_REQUEST_DURATION}_bucket{{kind=\"head\",le=\"0.001\"}}")), "{text}");
+        // Bytes: 10 put + 100 + 50 in parts; 4 (range) + 10 + 150 received.
+        assert_eq!(value(&text, STORE_WRITTEN_BYTES), Some(160.0));
+        assert_eq!(value(&text, STORE_READ_BYTES), Some(164.0));
+        assert_eq!(value(&text, STORE_IN_FLIGHT), Some(0.0));
+        assert!(text.contains(&format!("# HELP {STORE_REQUESTS} ")), "{text}");
+    }
+
+    /// A store that never answers, to see what a request abandoned by its caller leaves behind.
+    struct Silent;
+
+    #[async_trait]
+    impl Backend for Silent {
+        async fn head(&self, _: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+            std::future::pending().await
+        }
+        async fn get_range(&self, _: &ObjectKey, _: Range<u64>) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            std::future::pending().await
+        }
+        async fn get(&self, _: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            std::future::pending().await
+        }
+        async fn put(&self, _: &ObjectKey, _: Bytes, _: &UserMeta) -> Result<ObjectInfo, StoreError> {
+            std::future::pending().await
+        }
+        async fn put_multipart(&self, _: &ObjectKey, _: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
+            std::future::pending().await
+        }
+        async fn copy(&self, _: &ObjectKey, _: &ObjectKey, _: Option<&UserMeta>) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn update_meta(&self, _: &ObjectKey, _: &UserMeta) -> Result<ObjectInfo, StoreError> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &ObjectKey) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn list(&self, _: &str, _: bool) -> Result<Listing, StoreError> {
+            std::future::pending().await
+        }
+        async fn check_access(&self) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[test]
+    fn an_abandoned_request_is_cancelled_and_leaves_the_in_flight_gauge() {
+        let recorder = recorder();
+        recorded(&recorder, async {
+            let store = MeteredBackend::new(Arc::new(Silent));
+            let r = tokio::time::timeout(Duration::from_millis(10), store.head(&key("a"))).await;
+            assert!(r.is_err());
+        });
+        let text = recorder.handle().render();
+        assert_eq!(value(&text, &format!("{STORE_REQUESTS}{{kind=\"head\",outcome=\"cancelled\"}}")), Some(1.0), "{text}");
+        assert_eq!(value(&text, STORE_IN_FLIGHT), Some(0.0));
+    }
+
+    #[test]
+    fn every_store_error_has_an_outcome_label() {
+        let errors = [
+            StoreError::NotFound { key: "k".into() },
+            StoreError::AccessDenied { key: "k".into(), detail: "d".into() },
+            StoreError::Unavailable { detail: "d".into(), source: None },
+            StoreError::invalid("bad"),
+        ];
+        let labels: Vec<_> = errors.iter().map(|e| Outcome::of(e).as_str()).collect();
+        assert_eq!(labels, ["not_found", "access_denied", "unavailable", "invalid_input"]);
+        // The label tables line up with the enums.
+        for &k in RequestKind::ALL {
+            assert_eq!(kind_labels(k)[0].value(), k.as_str());
+            for &o in Outcome::ALL {
+                let l = request_labels(k, o);
+                assert_eq!((l[0].value(), l[1].value()), (k.as_str(), o.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn cache_dirty_upload_and_fuse_series() {
+        let recorder = recorder();
+        let tmp = tempfile::tempdir().unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            use crate::cache::{ObjectId, PageCache};
+            let cache = PageCache::new(10);
+            let id = ObjectId { key: "k".into(), etag: "e".into() };
+            cache.put(&id, 0, Bytes::from_static(b"0123"));
+            cache.put(&id, 1, Bytes::from_static(b"4567"));
+            cache.put(&id, 2, Bytes::from_static(b"89ab")); // evicts page 0
+            cache.invalidate_key("k");
+            cache.put(&id, 3, Bytes::from_static(b"cd"));
+
+            let staging = crate::fs::write::StagingDir::create(tmp.path()).unwrap();
+            let (file, path) = staging.new_file().unwrap();
+            let mut staged = crate::fs::write::Staged::new(file, path, true, false);
+            staged.write_at(0, b"hello").unwrap();
+            staged.write_at(3, b"lo, world").unwrap();
+            let (file, path) = staging.new_file().unwrap();
+            let created = crate::fs::write::Staged::new(file, path, true, true);
+            let in_flight = UploadInFlight::start();
+            let text = recorder.handle().render();
+            assert_eq!(value(&text, DIRTY_FILES), Some(2.0), "{text}");
+            assert_eq!(value(&text, DIRTY_BYTES), Some(12.0));
+            assert_eq!(value(&text, UPLOADS_IN_FLIGHT), Some(1.0));
+            drop(in_flight);
+            staged.mark_clean();
+            staged.truncate(3).unwrap();
+            let text = recorder.handle().render();
+            assert_eq!(value(&text, DIRTY_FILES), Some(2.0));
+            assert_eq!(value(&text, DIRTY_BYTES), Some(3.0));
+            staged.mark_clean();
+            drop(created);
+            drop(cache);
+
+            fuse_error("rmdir", libc::ENOTEMPTY);
+            fuse_error("lookup", libc::ENOENT);
+            fuse_error("lookup", libc::ENOENT);
+            fuse_error("read", 1234);
+            fs_read(100);
+            fs_written(7);
+        });
+        let text = recorder.handle().render();
+        assert_eq!(value(&text, CACHE_EVICTIONS), Some(1.0), "{text}");
+        assert_eq!(value(&text, CACHE_BYTES), Some(0.0), "a dropped cache holds nothing");
+        assert_eq!(value(&text, DIRTY_FILES), Some(0.0));
+        assert_eq!(value(&text, DIRTY_BYTES), Some(0.0));
+        assert_eq!(value(&text, UPLOADS_IN_FLIGHT), Some(0.0));
+        assert_eq!(value(&text, &format!("{FUSE_ERRORS}{{op=\"rmdir\",errno=\"ENOTEMPTY\"}}")), Some(1.0));
+        assert_eq!(value(&text, &format!("{FUSE_ERRORS}{{op=\"lookup\",errno=\"ENOENT\"}}")), Some(2.0));
+        assert_eq!(value(&text, &format!("{FUSE_ERRORS}{{op=\"read\",errno=\"other\"}}")), Some(1.0));
+        assert_eq!(value(&text, FS_READ_BYTES), Some(100.0));
+        assert_eq!(value(&text, FS_WRITTEN_BYTES), Some(7.0));
+    }
+
+    #[test]
+    fn cache_bytes_follow_puts_and_invalidation() {
+        let recorder = recorder();
+        metrics::with_local_recorder(&recorder, || {
+            use crate::cache::{ObjectId, PageCache};
+            let cache = PageCache::new(100);
+            let id = ObjectId { key: "k".into(), etag: "e".into() };
+            cache.put(&id, 0, Bytes::from_static(b"abc"));
+            cache.put(&id, 0, Bytes::from_static(b"abcdef")); // replaced, not added
+            cache.put(&ObjectId { key: "other".into(), etag: "e".into() }, 0, Bytes::from_static(b"xy"));
+            assert_eq!(value(&recorder.handle().render(), CACHE_BYTES), Some(8.0));
+            cache.invalidate_key("k");
+            assert_eq!(value(&recorder.handle().render(), CACHE_BYTES), Some(2.0));
+            assert_eq!(cache.stats().bytes, 2);
+            std::mem::forget(cache); // keep its bytes counted for the last check
+        });
+        assert_eq!(value(&recorder.handle().render(), CACHE_EVICTIONS), Some(0.0));
+    }
+
+    #[test]
+    fn kms_requests_are_counted_by_action_and_outcome() {
+        let recorder = recorder();
+        metrics::with_local_recorder(&recorder, || {
+            kms_request("Decrypt", Ok(()), Duration::from_millis(3));
+            let denied = KmsError::AccessDenied { key_id: "k".into(), message: "no".into() };
+            kms_request("GenerateDataKey", Err(&denied), Duration::from_millis(3));
+        });
+        let text = recorder.handle().render();
+        assert_eq!(value(&text, &format!("{KMS_REQUESTS}{{action=\"decrypt\",outcome=\"ok\"}}")), Some(1.0), "{text}");
+        assert_eq!(
+            value(&text, &format!("{KMS_REQUESTS}{{action=\"generate_data_key\",outcome=\"access_denied\"}}")),
+            Some(1.0)
+        );
+        assert_eq!(value(&text, &format!("{KMS_REQUEST_DURATION}_count{{action=\"decrypt\"}}")), Some(1.0));
+    }
+
+    async fn http(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[test]
+    fn endpoint_serves_metrics_and_refuses_other_paths() {
+        let recorder = recorder();
+        metrics::with_local_recorder(&recorder, || fs_written(42));
+        let handle = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(serve(listener, handle));
+            let ok = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").await;
+            assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+            assert!(ok.contains("Content-Type: text/plain; version=0.0.4"), "{ok}");
+            let body = ok.split("\r\n\r\n").nth(1).unwrap();
+            assert_eq!(value(body, FS_WRITTEN_BYTES), Some(42.0), "{body}");
+            let len: usize = ok.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().parse().unwrap();
+            assert_eq!(len, body.len());
+            let head = http(addr, "HEAD /metrics?x=1 HTTP/1.1\r\n\r\n").await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+            assert!(http(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404 "));
+            assert!(http(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405 "));
+            let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_REQUEST_HEAD * 2));
+            assert!(http(addr, &huge).await.starts_with("HTTP/1.1 400 "));
+        });
+    }
+
+    #[test]
+    fn install_fails_clearly_on_a_taken_port_and_outside_a_runtime() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        assert!(matches!(install(addr), Err(MetricsError::NoRuntime)));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(async { install(addr) }).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&addr.to_string()) && text.contains("metrics_addr="), "{text}");
+    }
+
+    /// A `Backend` method MeteredBackend does not forward would silently run the trait's default instead of the
+    /// inner backend's own (a native rename, say, or "unsupported"): check that every one is forwarded.
+    #[test]
+    fn metered_backend_forwards_every_backend_method() {
+        let block = |text: &'static str, start: &str| -> &'static str {
+            let from = text.find(start).unwrap_or_else(|| panic!("{start:?} not found"));
+            let len = text[from..].find("\n}\n").expect("end of block");
+            &text[from..from + len]
+        };
+        let trait_block = block(include_str!("store/mod.rs"), "pub trait Backend");
+        let impl_block = block(include_str!("metrics.rs"), "impl Backend for MeteredBackend");
+        let methods: Vec<&str> = trait_block
+            .split("fn ")
+            .skip(1)
+            .filter_map(|rest| rest.split(['(', '<']).next())
+            .collect();
+        assert!(methods.len() >= 12, "could not read the Backend trait: {methods:?}");
+        for m in methods {
+            assert!(impl_block.contains(&format!("fn {m}(")), "MeteredBackend does not forward Backend::{m}");
+        }
+    }
+
+    #[test]
+    fn every_metric_is_in_the_table() {
+        let docs = include_str!("metrics.rs");
+        for name in [
+            FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_ERRORS, STORE_REQUESTS, STORE_REQUEST_DURATION, STORE_IN_FLIGHT,
+            STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_BYTES, CACHE_EVICTIONS, DIRTY_FILES,
+            DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION,
+        ] {
+            assert!(docs.contains(&format!("//! | `{name}` |")), "{name} is missing from the table in the module docs");
+        }
+        for kind in RequestKind::ALL {
+            assert!(docs.contains(&format!("`{}`", kind.as_str())), "kind {kind:?} is not documented");
+        }
+        for outcome in Outcome::ALL {
+            assert!(docs.contains(&format!("`{}`", outcome.as_str())), "outcome {outcome:?} is not documented");
+        }
+    }
+}
