@@ -128,6 +128,8 @@ pub struct MountConfig {
     pub log_level: Option<String>,
     /// Log to this file instead of stderr (foreground) or syslog (background).
     pub log_file: Option<PathBuf>,
+    /// SIGHUP re-reads the log level (same syntax as log_level=) from this file.
+    pub log_level_file: Option<PathBuf>,
     /// Mount over a directory that has entries (they are hidden while mounted); refused by default.
     pub nonempty: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (`metrics_addr=127.0.0.1:PORT`).
@@ -250,6 +252,7 @@ impl MountConfig {
             log_file: None,
             metrics_addr: None,
             nonempty: false,
+            log_level_file: None,
         };
         let mut agent_socket: Option<Option<PathBuf>> = None;
         let mut key_name: Option<String> = None;
@@ -372,6 +375,7 @@ impl MountConfig {
                 }
                 "log_level" => cfg.log_level = Some(need()?),
                 "log_file" => cfg.log_file = Some(PathBuf::from(need()?)),
+                "log_level_file" => cfg.log_level_file = Some(PathBuf::from(need()?)),
                 "metrics_addr" => {
                     let v = need()?;
                     cfg.metrics_addr = Some(v.parse().map_err(|_| ConfigError::Invalid {

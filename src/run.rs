@@ -65,31 +65,100 @@ enum LogTarget<'a> {
     Syslog,
 }
 
-fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
+/// What SIGHUP can change after start: the log filter, and the log file (reopened, for logrotate).
+struct LogReload {
+    filter: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+    file: Option<(PathBuf, Arc<std::sync::Mutex<std::fs::File>>)>,
+}
+
+static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
+
+fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log_file {}", path.display()))
+}
+
+fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     use tracing_subscriber::EnvFilter;
-    let filter = match level {
+    Ok(match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| anyhow!("log_level '{l}': {e}"))?,
         // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    })
+}
+
+/// A writer over the shared log file, which SIGHUP may swap for a freshly opened one.
+#[derive(Clone)]
+struct SharedFile(Arc<std::sync::Mutex<std::fs::File>>);
+
+impl Write for SharedFile {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("log file lock poisoned"))?.write(data)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().map_err(|_| std::io::Error::other("log file lock poisoned"))?.flush()
+    }
+}
+
+fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(level)?);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let mut file = None;
     let _ = match target {
-        LogTarget::Stderr => builder.with_writer(std::io::stderr).try_init(),
+        LogTarget::Stderr => registry.with(fmt.with_writer(std::io::stderr)).try_init(),
         LogTarget::File(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening log_file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).try_init()
+            let shared = Arc::new(std::sync::Mutex::new(open_log_file(path)?));
+            file = Some((path.to_path_buf(), shared.clone()));
+            let writer = move || SharedFile(shared.clone());
+            registry.with(fmt.with_ansi(false).with_writer(writer)).try_init()
         }
         LogTarget::Syslog => {
             // SAFETY: the identity string is 'static and NUL-terminated, as openlog requires.
             unsafe { libc::openlog(c"s3cryptfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
-            builder.with_ansi(false).without_time().with_writer(SyslogWriter).try_init()
+            registry.with(fmt.with_ansi(false).without_time().with_writer(SyslogWriter)).try_init()
         }
     };
+    let _ = LOG_RELOAD.set(LogReload { filter: handle, file });
     Ok(())
+}
+
+/// SIGHUP: reopen the log file (so logrotate can move it away) and re-read the log level from `log_level_file=`.
+fn reload_logging(config: &MountConfig) {
+    let Some(reload) = LOG_RELOAD.get() else { return };
+    if let Some((path, shared)) = &reload.file {
+        match open_log_file(path) {
+            Ok(fresh) => {
+                if let Ok(mut f) = shared.lock() {
+                    *f = fresh;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: could not reopen the log file; still writing to the old one"),
+        }
+    }
+    let Some(path) = &config.log_level_file else {
+        tracing::info!("SIGHUP: log file reopened (no log_level_file= to re-read the level from)");
+        return;
+    };
+    let level = match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().to_string(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "SIGHUP: cannot read log_level_file; level unchanged");
+            return;
+        }
+    };
+    match log_filter(Some(&level)) {
+        Ok(filter) => match reload.filter.reload(filter) {
+            Ok(()) => tracing::warn!(level = %level, "SIGHUP: log level changed"),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: could not change the log level"),
+        },
+        Err(e) => tracing::warn!(error = %e, "SIGHUP: log_level_file holds an invalid level; level unchanged"),
+    }
 }
 
 /// A `MakeWriter` that sends each formatted event to syslog with the event's level.
@@ -465,7 +534,11 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
     };
     let backend = rt.block_on(async {
-        let backend = open_store(&config, keys.as_ref()).await?;
+        let mut backend = open_store(&config, keys.as_ref()).await?;
+        if let Some(addr) = config.metrics_addr {
+            crate::metrics::install(addr)?;
+            backend = Arc::new(crate::metrics::MeteredBackend::new(backend));
+        }
         if let Err(e) = backend.check_access().await {
             let mut detail = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -537,15 +610,20 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     let signalled = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        tokio::select! {
-            r = done_rx => {
-                if let Ok(Err(e)) = r {
-                    tracing::warn!(error = %e, "the FUSE session ended with an error");
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut done_rx = done_rx;
+        loop {
+            tokio::select! {
+                r = &mut done_rx => {
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!(error = %e, "the FUSE session ended with an error");
+                    }
+                    return anyhow::Ok(false);
                 }
-                anyhow::Ok(false)
+                _ = term.recv() => return anyhow::Ok(true),
+                _ = int.recv() => return anyhow::Ok(true),
+                _ = hup.recv() => reload_logging(&config),
             }
-            _ = term.recv() => anyhow::Ok(true),
-            _ = int.recv() => anyhow::Ok(true),
         }
     })?;
     // On a signal: unmount first, so that nothing can write after the final flush. If files are still open the

@@ -231,3 +231,46 @@ fn systemd_hears_ready_only_once_the_mount_answers_and_stopping_at_unmount() {
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
 }
+
+#[test]
+fn sighup_reopens_the_log_file_and_rereads_the_log_level() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-hup");
+    fs::create_dir_all(&dir).unwrap();
+    let log = env.path().join("daemon.log");
+    let level_file = env.path().join("level");
+    fs::write(&level_file, "warn\n").unwrap();
+    let opts = format!(
+        "key_file={},log_file={},log_level=warn,log_level_file={}",
+        env.key_file.display(),
+        log.display(),
+        level_file.display()
+    );
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &opts])
+        .arg(store.url())
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = Mount::adopt(dir, child, log.clone()).unwrap();
+    // logrotate moves the file away, the level file now asks for info, and SIGHUP applies both.
+    let rotated = env.path().join("daemon.log.1");
+    fs::rename(&log, &rotated).unwrap();
+    fs::write(&level_file, "info\n").unwrap();
+    unsafe { libc::kill(m.pid() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fs::read_to_string(&log).unwrap_or_default().contains("log level changed") {
+        assert!(std::time::Instant::now() < deadline, "no reopened log file after SIGHUP");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fs::write(m.path("still-serving"), b"x").unwrap();
+    // An info line, which the start level (warn) would have dropped, goes to the new file.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    drop(m);
+    let fresh = fs::read_to_string(&log).unwrap();
+    assert!(fresh.contains("signal received"), "the info level took effect: {fresh}");
+    assert!(!fs::read_to_string(&rotated).unwrap().contains("signal received"), "old file still written");
+}

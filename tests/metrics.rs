@@ -1,0 +1,130 @@
+//! `-o metrics_addr=`: a real mount serves Prometheus metrics, and they follow what the mount did.
+//!
+//! Each test runs on the local directory store and on the S3 test server (scripts/test.sh starts it). Series names
+//! are those documented in `src/metrics.rs`.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::*;
+
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn local() {
+                let env = Env::new();
+                let store = Store::local(env.path());
+                super::$name(&env, &store);
+            }
+            #[test]
+            fn s3() {
+                let env = Env::new();
+                let store = Store::s3();
+                super::$name(&env, &store);
+            }
+        }
+    };
+}
+
+/// A port nobody listens on right now (bound and released; another process could take it in between, which the
+/// mount would then report as a clear error).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The body of `GET http://addr/metrics`.
+fn scrape(addr: &str) -> String {
+    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
+    assert!(out.status.success(), "GET http://{addr}/metrics failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one series (`name` or `name{labels}` exactly as rendered); 0 when it is absent (not yet counted).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+fn requests(text: &str, kind: &str, outcome: &str) -> f64 {
+    value(text, &format!("s3cryptfs_store_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"))
+}
+
+fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
+
+    let text = scrape(&addr);
+    for help in ["s3cryptfs_fs_written_bytes_total", "s3cryptfs_dirty_bytes", "s3cryptfs_store_requests_total"] {
+        assert!(text.contains(&format!("# HELP {help} ")), "no HELP for {help}:\n{text}");
+    }
+    assert_eq!(requests(&text, "check_access", "ok"), 1.0, "{text}");
+
+    // Writes: one small file (one PUT) and one past the 8 MiB part size (a multipart upload of two parts).
+    let small = pattern(200_000, 1);
+    let big = pattern((9 << 20) + 5, 2);
+    fs::write(m.path("small"), &small).unwrap();
+    fs::write(m.path("big"), &big).unwrap();
+    assert_bytes(fs::read(m.path("big")).unwrap(), &big, "big");
+    assert_bytes(fs::read(m.path("small")).unwrap(), &small, "small");
+    let first = scrape(&addr);
+    // Every open drops the kernel's cached pages (no FOPEN_KEEP_CACHE), so this read reaches the mount again and is
+    // served from its page cache: 200,000 bytes are four 64 KiB pages.
+    assert_bytes(fs::read(m.path("small")).unwrap(), &small, "small, again");
+    let text = scrape(&addr);
+    let hits = value(&text, "s3cryptfs_cache_hits_total") - value(&first, "s3cryptfs_cache_hits_total");
+    assert!(hits >= 4.0, "the re-read found {hits} pages in the cache:\n{text}");
+    assert_eq!(
+        value(&text, "s3cryptfs_cache_misses_total"),
+        value(&first, "s3cryptfs_cache_misses_total"),
+        "the re-read missed the cache"
+    );
+    assert!(value(&first, "s3cryptfs_cache_misses_total") >= 1.0, "the first reads were all hits:\n{first}");
+    assert!(value(&text, "s3cryptfs_cache_bytes") >= small.len() as f64, "{text}");
+
+    let plain = (small.len() + big.len()) as f64;
+    assert_eq!(value(&text, "s3cryptfs_fs_written_bytes_total"), plain, "{text}");
+    assert!(value(&text, "s3cryptfs_fs_read_bytes_total") >= plain + small.len() as f64, "{text}");
+    // Ciphertext: every byte plus headers and tags went out, and came back at least once.
+    assert!(value(&text, "s3cryptfs_store_written_bytes_total") > plain, "{text}");
+    assert!(value(&text, "s3cryptfs_store_read_bytes_total") > plain, "{text}");
+
+    assert!(requests(&text, "put", "ok") >= 1.0, "{text}");
+    assert_eq!(requests(&text, "multipart_create", "ok"), 1.0, "{text}");
+    assert_eq!(requests(&text, "multipart_part", "ok"), 2.0, "{text}");
+    assert_eq!(requests(&text, "multipart_complete", "ok"), 1.0, "{text}");
+    assert!(requests(&text, "get_range", "ok") >= 2.0, "{text}");
+    assert!(
+        value(&text, "s3cryptfs_store_request_duration_seconds_count{kind=\"multipart_part\"}") == 2.0,
+        "no latency for the parts:\n{text}"
+    );
+    // Closed files are uploaded: nothing is left staged or uploading.
+    assert_eq!(value(&text, "s3cryptfs_dirty_files"), 0.0, "{text}");
+    assert_eq!(value(&text, "s3cryptfs_dirty_bytes"), 0.0, "{text}");
+    assert_eq!(value(&text, "s3cryptfs_uploads_in_flight"), 0.0, "{text}");
+
+    // A failing operation is counted by its errno.
+    let rmdir_errors = "s3cryptfs_fuse_errors_total{op=\"rmdir\",errno=\"ENOTEMPTY\"}";
+    assert_eq!(value(&text, rmdir_errors), 0.0);
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"x").unwrap();
+    let err = fs::remove_dir(m.path("d")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+    let text = scrape(&addr);
+    assert_eq!(value(&text, rmdir_errors), 1.0, "{text}");
+
+    // Only /metrics is served.
+    let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/")]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
+    // A second mount asking for the same address fails before mounting, and says why.
+    let err = Mount::try_start(env, store, "cse-c", &[&format!("metrics_addr={addr}")])
+        .err()
+        .expect("a second mount on the same metrics address must fail");
+    assert!(err.contains(&format!("metrics_addr={addr}")), "{err}");
+    m.unmount();
+}
+both!(metrics_follow_reads_writes_and_errors);
+
