@@ -150,6 +150,9 @@ say "build: $(elapsed "$t0") s"
 t0="$(now)"
 say "cargo test --release --no-fail-fast -- --test-threads=$THREADS $*"
 RUN_TMP="$(mktemp -d /tmp/s3cryptfs-test.XXXXXX)"
+# Traversable by other users: the agent tests run a client as nobody in a directory of their own inside it (the
+# directories tests make are still private unless a test opens one up).
+chmod 755 "$RUN_TMP"
 rc=0
 TMPDIR="$RUN_TMP" cargo test --release --no-fail-fast -- --test-threads="$THREADS" "$@" || rc=$?
 say "tests: $(elapsed "$t0") s, cargo exit status $rc"
