@@ -134,3 +134,24 @@ fn cse_kms_errors_are_clear() {
     };
     assert!(err.contains("kms_key_id"), "{err}");
 }
+
+#[test]
+fn a_disabled_kms_key_is_refused_at_mount_with_the_key_named() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let key_id = kms_create_key();
+    let opts = kms_options(&key_id);
+    {
+        let m = mount_kms(&env, &store, &refs(&opts));
+        fs::write(m.path("f"), b"x").unwrap();
+    }
+    kms_admin("DisableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
+    let err = match Mount::try_start(&env, &store, "cse-kms", &refs(&opts)) {
+        Ok(_) => panic!("mounted although the store's KMS key is disabled"),
+        Err(e) => e,
+    };
+    assert!(err.contains(&key_id) && err.contains("disabled"), "{err}");
+    kms_admin("EnableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
+    let m = mount_kms(&env, &store, &refs(&opts));
+    assert_bytes(fs::read(m.path("f")).unwrap(), b"x", "after EnableKey");
+}

@@ -274,3 +274,42 @@ fn sighup_reopens_the_log_file_and_rereads_the_log_level() {
     assert!(fresh.contains("signal received"), "the info level took effect: {fresh}");
     assert!(!fs::read_to_string(&rotated).unwrap().contains("signal received"), "old file still written");
 }
+
+#[test]
+fn fuse_unavailable_is_one_clear_line() {
+    let env = Env::new();
+    let store = format!("file://{}", env.path().join("store").display());
+    let mnt = env.path().join("mnt-nofuse");
+    fs::create_dir_all(&mnt).unwrap();
+
+    // No /dev/fuse: run in a private mount namespace whose /dev is an empty tmpfs.
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" mount -f -o mode=none \"$1\" \"$2\""])
+        .arg(BIN)
+        .arg(&store)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/dev/fuse") && err.trim().lines().count() == 1, "{err}");
+
+    // No fusermount3 for an unprivileged user (here: nobody, with a PATH that lacks it).
+    let open = tempfile::Builder::new().prefix("s3cf-nobody").tempdir_in("/tmp").unwrap();
+    fs::set_permissions(open.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let store = format!("file://{}", open.path().join("store").display());
+    let mnt = open.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env", "PATH=/nonexistent", BIN])
+        .args(["mount", "-f", "-o", "mode=none"])
+        .arg(&store)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fusermount3") && err.trim().lines().count() == 1, "{err}");
+    assert!(!is_mounted(&mnt));
+}
