@@ -229,11 +229,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fs = self.fs.clone();
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fs, pid) = (self.fs.clone(), process_of(req.pid()));
         self.rt.spawn(async move {
             match fs.open(ino.0, OpenMode::from_flags(flags.0)).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    fs.note_opener(fh, pid);
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno("open", &e)),
             }
         });
@@ -286,10 +289,10 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        let fs = self.fs.clone();
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let (fs, pid) = (self.fs.clone(), process_of(req.pid()));
         self.rt.spawn(async move {
-            match fs.flush(fh.0).await {
+            match fs.flush_by(fh.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
             }
@@ -388,14 +391,17 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (fs, ttl, name, who) = (self.fs.clone(), self.ttl, name.to_owned(), caller(req));
+        let (fs, ttl, name, who, pid) = (self.fs.clone(), self.ttl, name.to_owned(), caller(req), process_of(req.pid()));
         if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
             reply.error(Errno::EPERM);
             return;
         }
         self.rt.spawn(async move {
             match fs.create(parent.0, &name, mode & !umask, flags, who).await {
-                Ok((a, fh)) => reply.created(&ttl, &to_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Ok((a, fh)) => {
+                    fs.note_opener(fh, pid);
+                    reply.created(&ttl, &to_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno("create", &e)),
             }
         });
@@ -445,4 +451,13 @@ impl Filesystem for FuseAdapter {
         // Objects cannot share content under two keys; hard links are not supported.
         reply.error(Errno::EPERM);
     }
+}
+
+/// The process (thread group) of the thread `tid` that sent a request: FUSE reports the calling thread, and a
+/// multi-threaded writer may open on one thread and close on another. Falls back to `tid` if /proc cannot say.
+fn process_of(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(tid)
 }

@@ -569,6 +569,12 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         },
     ));
 
+    // Data a previous run could not upload (stop timeout, store down) goes up before this mount serves.
+    let (recovered, unrecovered) = rt.block_on(fs.recover(&staging_base(&config), &config.store_url));
+    if recovered + unrecovered > 0 {
+        tracing::warn!(recovered, unrecovered, "staged data from a previous run");
+    }
+
     let mut options = vec![
         fuser::MountOption::FSName(config.store_url.clone()),
         fuser::MountOption::Subtype("s3cryptfs".into()),
@@ -630,6 +636,9 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     // unmount is refused (EBUSY); then flush what has been written, detach the mount lazily, flush once more for
     // writes that raced with the detach, and exit without waiting for the open descriptors, which will see ENOTCONN.
     crate::notify::notify("STOPPING=1\nSTATUS=flushing and unmounting");
+    // Before the final uploads: if they cannot finish (the stop timeout kills us, the store is down), the next start
+    // finds these records and uploads the staged data.
+    rt.block_on(fs.record_pending(&config.store_url));
     let mut failed = Vec::new();
     let mut wait_for_loop = true;
     if signalled {
@@ -642,6 +651,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         }
     }
     failed.extend(rt.block_on(fs.flush_all()));
+    rt.block_on(fs.clear_uploaded_records());
     for (path, e) in &failed {
         tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the staging directory");
     }
@@ -651,7 +661,11 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     fs.shutdown();
     drop(rt);
     if !failed.is_empty() {
-        bail!("{} file(s) could not be uploaded; they remain in {}", failed.len(), fs.staging_dir().display());
+        bail!(
+            "{} file(s) could not be uploaded; they remain in {} and the next start of this mount uploads them",
+            failed.len(),
+            fs.staging_dir().display()
+        );
     }
     Ok(())
 }

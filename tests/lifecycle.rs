@@ -313,3 +313,79 @@ fn fuse_unavailable_is_one_clear_line() {
     assert!(!out.status.success() && err.contains("fusermount3") && err.trim().lines().count() == 1, "{err}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn data_that_could_not_be_uploaded_at_stop_is_uploaded_by_the_next_start() {
+    use std::io::Write;
+    let env = Env::new();
+    let store = Store::s3();
+    let Store::S3 { endpoint, bucket } = &store else { unreachable!() };
+    let dir = env.path().join("mnt-recover");
+    fs::create_dir_all(&dir).unwrap();
+    let staging = env.path().join("staging");
+    let opts = format!("key_file={},staging_dir={},endpoint={endpoint},region=us-east-1", env.key_file.display(), staging.display());
+    let log = env.path().join("first.log");
+    let mut child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &opts])
+        .arg(store.url())
+        .arg(&dir)
+        .env("RUST_LOG", "s3cryptfs=info")
+        .stdin(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&dir) {
+        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "{}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut f = fs::File::create(dir.join("precious")).unwrap();
+    f.write_all(b"must survive a failed stop").unwrap();
+    // The store goes away (the bucket is emptied and deleted), then the daemon is stopped with the file still open.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let objects = store.raw_objects();
+        for (key, _) in &objects {
+            let _ = Command::new("curl").args(["-sf", "-X", "DELETE", &format!("{endpoint}/{bucket}/{key}")]).status();
+        }
+        let out = Command::new("curl").args(["-s", "-X", "DELETE", &format!("{endpoint}/{bucket}")]).output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        if !answer.contains("<Error>") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "could not delete the test bucket: {answer} (objects: {objects:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    drop(f);
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "a stop that could not upload must fail: {text}");
+    assert!(text.contains("precious") && text.contains("next start"), "the log names the file: {text}");
+    let _ = Command::new("fusermount3").arg("-uz").arg(&dir).status();
+
+    // The store is back; the next start uploads the staged data before serving.
+    let st = Command::new("curl").args(["-sf", "-o", "/dev/null", "-X", "PUT", &format!("{endpoint}/{bucket}")]).status().unwrap();
+    assert!(st.success());
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(m.path("precious")).unwrap(), b"must survive a failed stop", "recovered");
+    let text = m.unmount();
+    assert!(text.contains("uploaded data a previous run left staged"), "{text}");
+    // Nothing is left to recover a second time.
+    let leftovers: Vec<_> = walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pending")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(walkdir(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}

@@ -473,3 +473,26 @@ fn writing_a_file_another_mount_just_replaced_starts_from_the_new_version() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_bytes(fs::read(b.path("f")).unwrap(), b"version two, longer + appended", "after the append");
 }
+
+/// A forked child that runs another program closes its inherited copy of every descriptor (close-on-exec), and the
+/// kernel sends FLUSH for each such close. Those must not upload a half-written file; the writer's own close does.
+#[test]
+fn a_child_process_closing_inherited_descriptors_does_not_upload_a_half_written_file() {
+    use std::io::Write;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    let stored_len = || store.raw_objects().into_iter().find(|(k, _)| k == "growing").map(|(_, b)| b.len());
+    let mut f = fs::File::create(m.path("growing")).unwrap();
+    let at_create = stored_len();
+    f.write_all(&pattern(100_000, 7)).unwrap();
+    let status = std::process::Command::new("true").status().unwrap();
+    assert!(status.success());
+    assert_eq!(stored_len(), at_create, "a child's exec-time close uploaded the file mid-write");
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let mut want = pattern(100_000, 7);
+    want.extend_from_slice(b"tail");
+    assert_eq!(stored_len(), Some(s3cryptfs::crypto::cipher_size(want.len() as u64) as usize), "the writer's close uploads");
+    assert_bytes(fs::read(m.path("growing")).unwrap(), &want, "content");
+}

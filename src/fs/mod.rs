@@ -114,6 +114,8 @@ pub struct Fs {
     config: FsConfig,
     table: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The process that opened each writable handle (see [`Fs::flush_by`]).
+    openers: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
     /// Names found missing in the store, and when: lets create() skip asking again right after the kernel's lookup.
     negative: Mutex<HashMap<(u64, String), Instant>>,
@@ -206,6 +208,7 @@ impl Fs {
             config,
             table: Mutex::new(InodeTable::new(root)),
             handles: Mutex::new(HashMap::new()),
+            openers: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             negative: Mutex::new(HashMap::new()),
         }
@@ -1432,12 +1435,31 @@ impl Fs {
         Ok(())
     }
 
+    /// Records which process opened handle `fh` (the FUSE adapter calls this after open and create).
+    pub fn note_opener(&self, fh: u64, pid: u32) {
+        lock(&self.openers).insert(fh, pid);
+    }
+
+    /// FLUSH from process `pid`. The kernel sends FLUSH for every close of every descriptor sharing the open file,
+    /// including the close-on-exec copies a forked child drops when it runs another program (any `system()`,
+    /// `Command::new` or shell pipeline in a multi-threaded writer). Uploading on those would send half-written
+    /// files to the store in the middle of a write, so a flush from a process other than the opener is answered
+    /// without uploading; the opener's own close, fsync and the final release still upload, so nothing is lost.
+    pub async fn flush_by(&self, fh: u64, pid: u32) -> Result<()> {
+        let opener = lock(&self.openers).get(&fh).copied();
+        match opener {
+            Some(o) if o != pid && pid != 0 => Ok(()),
+            _ => self.flush(fh).await,
+        }
+    }
+
     pub async fn fsync(&self, fh: u64) -> Result<()> {
         let (ino, _, _, _) = self.file_handle(fh)?;
         self.flush_node(ino).await
     }
 
     pub async fn release(&self, fh: u64) -> Result<()> {
+        lock(&self.openers).remove(&fh);
         let Some(handle) = lock(&self.handles).remove(&fh) else { return Err(Error::BadHandle) };
         let Handle::File { ino, writable, .. } = handle else { return Ok(()) };
         let result = if writable { self.flush_node(ino).await } else { Ok(()) };
@@ -1493,6 +1515,108 @@ impl Fs {
 
     pub fn shutdown(&self) {
         self.staging.remove_if_empty();
+    }
+
+    /// Writes a recovery record beside every staged file that still has to be uploaded (see `write::Pending`), so
+    /// that if the final uploads cannot finish (stop timeout, store down), the next start uploads them. Returns the
+    /// number of records written.
+    pub async fn record_pending(&self, store: &str) -> usize {
+        let inos = lock(&self.table).with_write_state();
+        tracing::debug!(?inos, "staged write states at shutdown");
+        let mut written = 0;
+        for ino in inos {
+            let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { continue };
+            let staged = ws.lock().await;
+            tracing::debug!(ino, dirty = staged.dirty, loaded = staged.loaded, "recovery record check");
+            if !staged.dirty || !staged.loaded {
+                continue;
+            }
+            let (path, meta, unlinked) = {
+                let table = lock(&self.table);
+                let Some(n) = table.get(ino) else { continue };
+                (table.path_of(ino), Self::meta_of(n), n.unlinked)
+            };
+            let (Some(path), false) = (path, unlinked) else { continue };
+            let record = write::Pending {
+                store: store.to_string(),
+                path: path.clone(),
+                size: staged.size,
+                mode: meta.mode.unwrap_or(0o100644),
+                uid: meta.uid.unwrap_or(0),
+                gid: meta.gid.unwrap_or(0),
+                mtime: meta.mtime.unwrap_or((0, 0)),
+                written_at: to_secs_nanos(SystemTime::now()).0,
+            };
+            match record.save(&staged.path) {
+                Ok(()) => written += 1,
+                Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
+            }
+        }
+        written
+    }
+
+    /// Removes the recovery records of staged files that are clean now (uploaded after `record_pending`).
+    pub async fn clear_uploaded_records(&self) {
+        let inos = lock(&self.table).with_write_state();
+        for ino in inos {
+            let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { continue };
+            let staged = ws.lock().await;
+            if !staged.dirty {
+                let _ = std::fs::remove_file(write::pending_path(&staged.path));
+            }
+        }
+    }
+
+    /// Uploads what a previous run of this store left staged (see `write::Pending`). An object that changed in the
+    /// store after the record was written is not overwritten: the data goes to `PATH.s3cryptfs-recovered-TIME`
+    /// beside it instead. Returns (recovered, failed); every file is logged by path.
+    pub async fn recover(&self, base: &std::path::Path, store: &str) -> (usize, usize) {
+        let (mut ok, mut failed) = (0, 0);
+        for (staged, record) in write::leftovers(base) {
+            if record.store != store {
+                continue;
+            }
+            let mut target = record.path.clone();
+            if let Ok(k) = key(&record.path) {
+                if let Ok((info, _)) = self.backend.head(&k).await {
+                    let changed = info
+                        .last_modified
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64 > record.written_at)
+                        .unwrap_or(false);
+                    if changed {
+                        target = format!("{}.s3cryptfs-recovered-{}", record.path, record.written_at);
+                    }
+                }
+            }
+            let meta = UserMeta {
+                mode: Some(record.mode),
+                uid: Some(record.uid),
+                gid: Some(record.gid),
+                mtime: Some(record.mtime),
+                extra: BTreeMap::new(),
+            };
+            let result = match std::fs::File::open(&staged) {
+                Ok(file) => crate::upload::upload(&*self.backend, &self.codec, &target, &file, record.size, meta).await,
+                Err(e) => Err(Error::staging(&target, e)),
+            };
+            match result {
+                Ok(_) => {
+                    ok += 1;
+                    tracing::warn!(key = %target, staged = %staged.display(), "uploaded data a previous run left staged");
+                    let _ = std::fs::remove_file(write::pending_path(&staged));
+                    let _ = std::fs::remove_file(&staged);
+                    if let Some(dir) = staged.parent() {
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(key = %target, staged = %staged.display(), error = %e, "could not upload data a previous run left staged; it stays for the next start");
+                }
+            }
+        }
+        (ok, failed)
     }
 }
 

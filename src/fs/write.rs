@@ -62,6 +62,81 @@ impl StagingDir {
 
 use std::os::unix::fs::DirBuilderExt;
 
+/// What the next start needs to upload a staged file that this run could not: written beside the staged file as
+/// `<staged>.pending` when shutdown begins (before the final uploads, so a stop timeout that kills the daemon
+/// mid-upload still leaves it), removed once the upload succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    /// The store URL, so a staging directory shared by several mounts recovers each file into its own store.
+    pub store: String,
+    /// The file's path in the mount (its object key).
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// (seconds, nanoseconds) since the epoch.
+    pub mtime: (i64, u32),
+    /// When the record was written (seconds since the epoch): a newer object in the store is not overwritten.
+    pub written_at: i64,
+}
+
+/// The sidecar path of a staged file.
+pub fn pending_path(staged: &Path) -> PathBuf {
+    let mut name = staged.as_os_str().to_owned();
+    name.push(".pending");
+    PathBuf::from(name)
+}
+
+impl Pending {
+    /// Writes the record atomically (temporary file, then rename), readable only by us.
+    pub fn save(&self, staged: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let target = pending_path(staged);
+        let mut tmp = target.clone().into_os_string();
+        tmp.push(".tmp");
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)
+    }
+
+    pub fn load(sidecar: &Path) -> std::io::Result<Pending> {
+        serde_json::from_slice(&std::fs::read(sidecar)?).map_err(std::io::Error::other)
+    }
+}
+
+/// Staged files a previous run left for upload under `base`: `(staged file, record)` pairs from staging directories
+/// whose process is gone.
+pub fn leftovers(base: &Path) -> Vec<(PathBuf, Pending)> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(base) else { return out };
+    for dir in dirs.flatten() {
+        let name = dir.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix("s3cryptfs-staging-") else { continue };
+        let pid: i32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let alive = pid > 0 && (pid as u32 == std::process::id() || unsafe { libc::kill(pid, 0) } == 0);
+        if alive {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
+        for f in files.flatten() {
+            let sidecar = f.path();
+            if sidecar.extension().is_none_or(|e| e != "pending") {
+                continue;
+            }
+            let staged = sidecar.with_extension("");
+            match Pending::load(&sidecar) {
+                Ok(p) if staged.is_file() => out.push((staged, p)),
+                Ok(_) => tracing::warn!(record = %sidecar.display(), "a recovery record without its staged file"),
+                Err(e) => tracing::warn!(record = %sidecar.display(), error = %e, "unreadable recovery record"),
+            }
+        }
+    }
+    out
+}
+
 /// Staged content of one file.
 pub struct Staged {
     pub file: File,
