@@ -111,7 +111,16 @@ fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
     let fmt = tracing_subscriber::fmt::layer().with_target(false);
     let mut file = None;
     let _ = match target {
-        LogTarget::Stderr => registry.with(fmt.with_writer(std::io::stderr)).try_init(),
+        // Under systemd stderr is the journal: no colours, no timestamps (the journal has its own), and a `<N>`
+        // syslog priority in front of each line so the journal records the level.
+        LogTarget::Stderr if under_journald() => {
+            registry.with(fmt.with_ansi(false).without_time().with_writer(JournalWriter)).try_init()
+        }
+        LogTarget::Stderr => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(fmt.with_ansi(ansi).with_writer(std::io::stderr)).try_init()
+        }
         LogTarget::File(path) => {
             let shared = Arc::new(std::sync::Mutex::new(open_log_file(path)?));
             file = Some((path.to_path_buf(), shared.clone()));
@@ -161,6 +170,63 @@ fn reload_logging(config: &MountConfig) {
     }
 }
 
+/// True when stderr is the journal stream systemd connected us to ($JOURNAL_STREAM names its device and inode).
+fn under_journald() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = stream.split_once(':') else { return false };
+    // SAFETY: fstat on descriptor 2 writes into a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
+/// A `MakeWriter` for the journal: each event becomes one stderr line prefixed with its syslog priority.
+struct JournalWriter;
+
+struct JournalLine {
+    priority: libc::c_int,
+    buf: Vec<u8>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JournalWriter {
+    type Writer = JournalLine;
+    fn make_writer(&'a self) -> JournalLine {
+        JournalLine { priority: libc::LOG_INFO, buf: Vec::new() }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> JournalLine {
+        JournalLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
+    }
+}
+
+impl Write for JournalLine {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for JournalLine {
+    fn drop(&mut self) {
+        let mut line = format!("<{}>", self.priority).into_bytes();
+        line.extend_from_slice(&self.buf);
+        let _ = std::io::stderr().write_all(&line);
+    }
+}
+
+fn syslog_priority(level: &tracing::Level) -> libc::c_int {
+    match *level {
+        tracing::Level::ERROR => libc::LOG_ERR,
+        tracing::Level::WARN => libc::LOG_WARNING,
+        tracing::Level::INFO => libc::LOG_INFO,
+        _ => libc::LOG_DEBUG,
+    }
+}
+
 /// A `MakeWriter` that sends each formatted event to syslog with the event's level.
 struct SyslogWriter;
 
@@ -175,13 +241,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SyslogWriter {
         SyslogLine { priority: libc::LOG_INFO, buf: Vec::new() }
     }
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
-        let priority = match *meta.level() {
-            tracing::Level::ERROR => libc::LOG_ERR,
-            tracing::Level::WARN => libc::LOG_WARNING,
-            tracing::Level::INFO => libc::LOG_INFO,
-            _ => libc::LOG_DEBUG,
-        };
-        SyslogLine { priority, buf: Vec::new() }
+        SyslogLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
     }
 }
 

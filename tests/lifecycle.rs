@@ -389,3 +389,31 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_colours() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-journal");
+    fs::create_dir_all(&dir).unwrap();
+    let log = env.path().join("journal.log");
+    let stderr = fs::File::create(&log).unwrap();
+    // systemd names the stream it connected to stderr as DEVICE:INODE.
+    let meta = stderr.metadata().unwrap();
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &format!("key_file={},log_level=info", env.key_file.display())])
+        .arg(store.url())
+        .arg(&dir)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let m = Mount::adopt(dir, child, log.clone()).unwrap();
+    drop(m);
+    let text = fs::read_to_string(&log).unwrap();
+    let mounted = text.lines().find(|l| l.contains("mounted")).unwrap_or_else(|| panic!("{text}"));
+    assert!(mounted.starts_with("<6>"), "an info line starts with <6>: {mounted}");
+    assert!(!text.contains('\u{1b}'), "no ANSI colours in the journal: {text}");
+}
