@@ -417,3 +417,22 @@ fn under_journald_lines_carry_a_priority_and_no_colours() {
     assert!(mounted.starts_with("<6>"), "an info line starts with <6>: {mounted}");
     assert!(!text.contains('\u{1b}'), "no ANSI colours in the journal: {text}");
 }
+
+#[test]
+fn store_problems_at_mount_are_one_clear_line() {
+    let env = Env::new();
+    let mnt = env.path().join("mnt-store-errors");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let key = format!("key_file={}", env.key_file.display());
+    // A bucket that does not exist.
+    let endpoint = s3_endpoint();
+    let opts = format!("{key},endpoint={endpoint},region=us-east-1");
+    let e = mount_error(&["mount", "-f", "-o", &opts, "s3://no-such-bucket-s3cryptfs", mnt_s]);
+    assert!(e.contains("does not exist") && e.contains("no-such-bucket-s3cryptfs"), "{e}");
+    // An endpoint nobody listens on.
+    let opts = format!("{key},endpoint=http://127.0.0.1:9,region=us-east-1");
+    let e = mount_error(&["mount", "-f", "-o", &opts, "s3://bucket", mnt_s]);
+    assert!(e.contains("cannot connect") && e.contains("127.0.0.1:9"), "{e}");
+    assert!(!is_mounted(&mnt));
+}
