@@ -38,7 +38,7 @@ fn write_read_sizes(env: &Env, store: &Store) {
     for (i, &size) in SIZES.iter().enumerate() {
         let data = pattern(size, i as u64);
         fs::write(m.path(&format!("f{size}")), &data).unwrap();
-        assert_bytes(&fs::read(m.path(&format!("f{size}"))).unwrap(), &data, "m.path(&format!('f{size}'))");
+        assert_bytes(fs::read(m.path(&format!("f{size}"))).unwrap(), &data, "m.path(&format!('f{size}'))");
         assert_eq!(fs::metadata(m.path(&format!("f{size}"))).unwrap().len(), size as u64);
     }
     drop(m);
@@ -58,7 +58,7 @@ fn write_read_sizes(env: &Env, store: &Store) {
     // And after a remount everything reads back the same.
     let m = Mount::start(env, store, "cse-c");
     for (i, &size) in SIZES.iter().enumerate() {
-        assert_bytes(&fs::read(m.path(&format!("f{size}"))).unwrap(), &pattern(size, i as u64), "m.path(&format!('f{size}'))");
+        assert_bytes(fs::read(m.path(&format!("f{size}"))).unwrap(), pattern(size, i as u64), "m.path(&format!('f{size}'))");
     }
 }
 both!(write_read_sizes);
@@ -67,7 +67,7 @@ fn plaintext_mode_stores_plaintext(env: &Env, store: &Store) {
     let m = Mount::start(env, store, "none");
     let data = pattern(100_000, 7);
     fs::write(m.path("plain"), &data).unwrap();
-    assert_bytes(&fs::read(m.path("plain")).unwrap(), &data, "m.path('plain')");
+    assert_bytes(fs::read(m.path("plain")).unwrap(), &data, "m.path('plain')");
     drop(m);
     let raw = store.raw_objects();
     let (_, bytes) = raw.iter().find(|(k, _)| k.ends_with("plain")).expect("object stored");
@@ -98,30 +98,30 @@ fn random_write_append_truncate(env: &Env, store: &Store) {
         assert_bytes(&back, &model, "read back through the writing handle");
         f.sync_all().unwrap();
     }
-    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
+    assert_bytes(fs::read(&p).unwrap(), &model, "&p");
     // Append.
     {
         let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"appended").unwrap();
         model.extend_from_slice(b"appended");
     }
-    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
+    assert_bytes(fs::read(&p).unwrap(), &model, "&p");
     // Truncate: shrink, grow (zero filled), by path and by handle.
     let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(70_000).unwrap();
     drop(f);
     model.truncate(70_000);
-    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
+    assert_bytes(fs::read(&p).unwrap(), &model, "&p");
     let status = std::process::Command::new("truncate").args(["-s", "150000"]).arg(&p).status().unwrap();
     assert!(status.success());
     model.resize(150_000, 0);
-    assert_bytes(&fs::read(&p).unwrap(), &model, "&p");
+    assert_bytes(fs::read(&p).unwrap(), &model, "&p");
     // O_TRUNC overwrite.
     fs::write(&p, b"short").unwrap();
-    assert_bytes(&fs::read(&p).unwrap(), &b"short", "&p");
+    assert_bytes(fs::read(&p).unwrap(), b"short", "&p");
     drop(m);
     let m = Mount::start(env, store, "cse-c");
-    assert_bytes(&fs::read(m.path("rw")).unwrap(), &b"short", "m.path('rw')");
+    assert_bytes(fs::read(m.path("rw")).unwrap(), b"short", "m.path('rw')");
 }
 both!(random_write_append_truncate);
 
@@ -137,19 +137,19 @@ fn directories_and_renames(env: &Env, store: &Store) {
     // Rename a file, replacing an existing one.
     fs::write(m.path("d/c"), b"old").unwrap();
     fs::rename(m.path("d/a"), m.path("d/c")).unwrap();
-    assert_bytes(&fs::read(m.path("d/c")).unwrap(), &b"A", "m.path('d/c')");
+    assert_bytes(fs::read(m.path("d/c")).unwrap(), b"A", "m.path('d/c')");
     assert!(!m.path("d/a").exists());
     // Rename a whole directory tree.
     fs::rename(m.path("d"), m.path("moved")).unwrap();
     assert!(!m.path("d").exists());
-    assert_bytes(&fs::read(m.path("moved/c")).unwrap(), &b"A", "m.path('moved/c')");
-    assert_bytes(&fs::read(m.path("moved/sub/b")).unwrap(), &b"B", "m.path('moved/sub/b')");
+    assert_bytes(fs::read(m.path("moved/c")).unwrap(), b"A", "m.path('moved/c')");
+    assert_bytes(fs::read(m.path("moved/sub/b")).unwrap(), b"B", "m.path('moved/sub/b')");
     // A directory onto an empty directory replaces it; onto a non-empty one fails.
     fs::create_dir(m.path("full")).unwrap();
     fs::write(m.path("full/x"), b"x").unwrap();
     assert_eq!(fs::rename(m.path("moved"), m.path("full")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
     fs::rename(m.path("moved"), m.path("empty")).unwrap();
-    assert_bytes(&fs::read(m.path("empty/sub/b")).unwrap(), &b"B", "m.path('empty/sub/b')");
+    assert_bytes(fs::read(m.path("empty/sub/b")).unwrap(), b"B", "m.path('empty/sub/b')");
     // File over directory and directory over file.
     assert_eq!(fs::rename(m.path("empty/c"), m.path("full")).unwrap_err().raw_os_error(), Some(libc::EISDIR));
     assert_eq!(fs::rename(m.path("full"), m.path("empty/c")).unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
@@ -158,8 +158,8 @@ fn directories_and_renames(env: &Env, store: &Store) {
     drop(m);
     let m = Mount::start(env, store, "cse-c");
     assert!(m.path("lonely").is_dir());
-    assert_bytes(&fs::read(m.path("empty/c")).unwrap(), &b"A", "m.path('empty/c')");
-    assert_bytes(&fs::read(m.path("empty/sub/b")).unwrap(), &b"B", "m.path('empty/sub/b')");
+    assert_bytes(fs::read(m.path("empty/c")).unwrap(), b"A", "m.path('empty/c')");
+    assert_bytes(fs::read(m.path("empty/sub/b")).unwrap(), b"B", "m.path('empty/sub/b')");
     assert!(!m.path("moved").exists());
     let mut names: Vec<String> =
         fs::read_dir(m.path("")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -191,10 +191,10 @@ fn metadata_persists(env: &Env, store: &Store) {
     assert_eq!(md.mode() & 0o7777, 0o640);
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
     assert_eq!(md.modified().unwrap(), mtime);
-    assert_bytes(&fs::read(m.path("f")).unwrap(), &b"data", "m.path('f')");
+    assert_bytes(fs::read(m.path("f")).unwrap(), b"data", "m.path('f')");
     assert_eq!(fs::metadata(m.path("d")).unwrap().mode() & 0o7777, 0o750);
     assert_eq!(fs::read_link(m.path("link")).unwrap().to_str(), Some("f"));
-    assert_bytes(&fs::read(m.path("link")).unwrap(), &b"data", "m.path('link')");
+    assert_bytes(fs::read(m.path("link")).unwrap(), b"data", "m.path('link')");
     assert_eq!(fs::read_link(m.path("d/dangling")).unwrap().to_str(), Some("../some/where/else"));
     assert!(fs::symlink_metadata(m.path("link")).unwrap().file_type().is_symlink());
     // readdir's d_type (what find -type l uses) says symlink too, on a fresh mount.
@@ -283,7 +283,7 @@ fn wrong_key_and_foreign_objects(env: &Env, store: &Store) {
     assert!(m.path("foreign").exists());
     let err = fs::read(m.path("foreign")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert_bytes(&fs::read(m.path("secret")).unwrap(), &b"top secret content", "m.path('secret')");
+    assert_bytes(fs::read(m.path("secret")).unwrap(), b"top secret content", "m.path('secret')");
     let log = m.unmount();
     assert!(log.contains("foreign"), "the log names the object: {log}");
 }
@@ -324,7 +324,7 @@ fn tampered_objects_give_eio_and_a_log_line() {
     // Restored, it reads again: the failures were about the bytes, not the mount.
     store.put_raw("victim", original);
     let m = Mount::start(&env, &store, "cse-c");
-    assert_bytes(&fs::read(m.path("victim")).unwrap(), &data, "m.path('victim')");
+    assert_bytes(fs::read(m.path("victim")).unwrap(), &data, "m.path('victim')");
     // A ranged read of an intact chunk of a file whose other chunk is damaged still works, and the damaged one fails.
     drop(m);
     let mut flipped = fs::read(dir.join("victim")).unwrap();
@@ -345,7 +345,7 @@ fn staging_directory_is_private_and_emptied() {
     let env = Env::new();
     let store = Store::local(env.path());
     let m = Mount::start(&env, &store, "cse-c");
-    let mut f = fs::OpenOptions::new().write(true).create(true).mode(0o600).open(m.path("x")).unwrap();
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(m.path("x")).unwrap();
     f.write_all(b"staged").unwrap();
     let staging_root = env.path().join("staging");
     let dirs: Vec<_> = fs::read_dir(&staging_root).unwrap().map(|e| e.unwrap().path()).collect();
@@ -397,7 +397,7 @@ fn a_reader_refuses_a_version_written_by_another_mount() {
     drop(reader);
     // Opened again after the attribute timeout, the new version reads in full.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_bytes(&fs::read(a.path("f")).unwrap(), &pattern(400_000, 9), "reopened");
+    assert_bytes(fs::read(a.path("f")).unwrap(), pattern(400_000, 9), "reopened");
 }
 
 #[test]
@@ -450,7 +450,7 @@ fn https_endpoint_with_a_private_ca() {
     fs::write(m.path("tls"), &data).unwrap();
     drop(m);
     let m = Mount::start_with(&env, &https_store, "cse-c", &[&format!("ca_file={ca}")]);
-    assert_bytes(&fs::read(m.path("tls")).unwrap(), &data, "over https");
+    assert_bytes(fs::read(m.path("tls")).unwrap(), &data, "over https");
 }
 
 #[test]
