@@ -369,7 +369,10 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
     let url = &config.store_url;
     let endpoint = config.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_else(|| "AWS".into());
     let has = |needle: &str| detail.contains(needle);
-    if has("169.254.169.254") || has("MissingCredentials") || has("credential") && has("not found") {
+    // Without keys in the environment or profile files object_store asks the EC2 instance metadata service for a
+    // role's credentials; off EC2 that request fails, and that failure means "no credentials".
+    let imds_failed = has("169.254.169.254") || has("/latest/api/token") || has("/latest/meta-data/iam");
+    if imds_failed || has("MissingCredentials") || has("credential") && has("not found") {
         format!("no S3 credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials")
     } else if has("UnknownIssuer") || has("certificate") || has("InvalidCertificate") {
         format!("the TLS certificate of {endpoint} is not trusted: for a private CA add -o ca_file=PATH (the CA's PEM file)")

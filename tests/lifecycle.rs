@@ -436,3 +436,70 @@ fn store_problems_at_mount_are_one_clear_line() {
     assert!(e.contains("cannot connect") && e.contains("127.0.0.1:9"), "{e}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn no_credentials_is_one_clear_line() {
+    let env = Env::new();
+    let mnt = env.path().join("mnt-no-creds");
+    fs::create_dir_all(&mnt).unwrap();
+    let home = env.path().join("empty-home");
+    fs::create_dir_all(&home).unwrap();
+    let opts = format!("key_file={},endpoint={},region=us-east-1", env.key_file.display(), s3_endpoint());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mount", "-f", "-o", &opts, "s3://bucket"]).arg(&mnt).stdin(Stdio::null());
+    // No keys in the environment, no profile files, and an instance metadata service that is not there (off EC2,
+    // object_store's last resort fails the same way, only slower).
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("HOME", &home).env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9");
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no S3 credentials") && err.trim().lines().count() == 1, "{err}");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn a_daemon_whose_mount_was_lazily_detached_exits_cleanly() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-lazy");
+    fs::create_dir_all(&dir).unwrap();
+    let log = env.path().join("lazy.log");
+    let mut child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
+        .arg(store.url())
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&dir) {
+        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "{}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::write(dir.join("f"), b"before the detach").unwrap();
+    let open = fs::File::open(dir.join("f")).unwrap();
+    // Someone else detaches the mount while a file is still open: it stays usable through that descriptor.
+    let st = Command::new("umount").arg("-l").arg(&dir).status().unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(&dir));
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &open, &mut text).unwrap();
+    assert_eq!(text, "before the detach");
+    assert!(child.try_wait().unwrap().is_none(), "the daemon must serve the open file until it is closed");
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit after the last file closed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", fs::read_to_string(&log).unwrap());
+}
