@@ -25,6 +25,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod keys;

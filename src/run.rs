@@ -47,16 +47,6 @@ fn keygen(output: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Disables core dumps for this process: it holds keys and plaintext.
-fn harden_process() {
-    // SAFETY: setrlimit/prctl with valid arguments have no memory-safety preconditions.
-    unsafe {
-        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        libc::setrlimit(libc::RLIMIT_CORE, &zero);
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    }
-}
-
 /// Where log lines go: stderr in the foreground; a file with `log_file=`; otherwise syslog (the journal under systemd),
 /// because a background daemon has no terminal.
 enum LogTarget<'a> {
@@ -113,8 +103,8 @@ fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
     let _ = match target {
         // Under systemd stderr is the journal: no colours, no timestamps (the journal has its own), and a `<N>`
         // syslog priority in front of each line so the journal records the level.
-        LogTarget::Stderr if under_journald() => {
-            registry.with(fmt.with_ansi(false).without_time().with_writer(JournalWriter)).try_init()
+        LogTarget::Stderr if crate::daemon::under_journald() => {
+            registry.with(fmt.with_ansi(false).without_time().with_writer(crate::daemon::JournalWriter)).try_init()
         }
         LogTarget::Stderr => {
             use std::io::IsTerminal;
@@ -130,7 +120,7 @@ fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
         LogTarget::Syslog => {
             // SAFETY: the identity string is 'static and NUL-terminated, as openlog requires.
             unsafe { libc::openlog(c"s3cryptfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
-            registry.with(fmt.with_ansi(false).without_time().with_writer(SyslogWriter)).try_init()
+            registry.with(fmt.with_ansi(false).without_time().with_writer(crate::daemon::SyslogWriter)).try_init()
         }
     };
     let _ = LOG_RELOAD.set(LogReload { filter: handle, file });
@@ -170,118 +160,6 @@ fn reload_logging(config: &MountConfig) {
     }
 }
 
-/// True when stderr is the journal stream systemd connected us to ($JOURNAL_STREAM names its device and inode).
-fn under_journald() -> bool {
-    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Some((dev, ino)) = stream.split_once(':') else { return false };
-    // SAFETY: fstat on descriptor 2 writes into a zeroed stat buffer we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(2, &mut st) } != 0 {
-        return false;
-    }
-    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
-}
-
-/// A `MakeWriter` for the journal: each event becomes one stderr line prefixed with its syslog priority.
-struct JournalWriter;
-
-struct JournalLine {
-    priority: libc::c_int,
-    buf: Vec<u8>,
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JournalWriter {
-    type Writer = JournalLine;
-    fn make_writer(&'a self) -> JournalLine {
-        JournalLine { priority: libc::LOG_INFO, buf: Vec::new() }
-    }
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> JournalLine {
-        JournalLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
-    }
-}
-
-impl Write for JournalLine {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for JournalLine {
-    fn drop(&mut self) {
-        let mut line = format!("<{}>", self.priority).into_bytes();
-        line.extend_from_slice(&self.buf);
-        let _ = std::io::stderr().write_all(&line);
-    }
-}
-
-fn syslog_priority(level: &tracing::Level) -> libc::c_int {
-    match *level {
-        tracing::Level::ERROR => libc::LOG_ERR,
-        tracing::Level::WARN => libc::LOG_WARNING,
-        tracing::Level::INFO => libc::LOG_INFO,
-        _ => libc::LOG_DEBUG,
-    }
-}
-
-/// A `MakeWriter` that sends each formatted event to syslog with the event's level.
-struct SyslogWriter;
-
-struct SyslogLine {
-    priority: libc::c_int,
-    buf: Vec<u8>,
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SyslogWriter {
-    type Writer = SyslogLine;
-    fn make_writer(&'a self) -> SyslogLine {
-        SyslogLine { priority: libc::LOG_INFO, buf: Vec::new() }
-    }
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
-        SyslogLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
-    }
-}
-
-impl Write for SyslogLine {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for SyslogLine {
-    fn drop(&mut self) {
-        let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
-        if let Ok(c) = std::ffi::CString::new(text) {
-            // SAFETY: format string and argument are valid NUL-terminated strings.
-            unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
-        }
-    }
-}
-
-/// Points stdin and stdout at /dev/null (and stderr too unless it is still wanted), so a background daemon holds no
-/// terminal or pipe of the process that started it.
-fn detach_stdio(keep_stderr: bool) {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        let fd = null.as_raw_fd();
-        // SAFETY: dup2 onto the standard descriptors with a valid open descriptor.
-        unsafe {
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            if !keep_stderr {
-                libc::dup2(fd, 2);
-            }
-        }
-    }
-}
-
 fn mount(args: MountArgs) -> anyhow::Result<()> {
     let config = MountConfig::from_options(
         args.store.clone(),
@@ -289,7 +167,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         args.foreground,
         &args.option_pairs(),
     )?;
-    harden_process();
+    crate::daemon::harden_process();
     // Before any thread exists: key_env scrubs the environment, which is only safe single-threaded.
     let keys = match &config.key_source {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),
@@ -323,7 +201,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             drop(read_end);
             // SAFETY: setsid has no preconditions; it detaches us from the terminal's session.
             unsafe { libc::setsid() };
-            detach_stdio(false);
+            crate::daemon::detach_stdio(false);
             let target = match &config.log_file {
                 Some(p) => LogTarget::File(p),
                 None => LogTarget::Syslog,

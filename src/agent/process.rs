@@ -28,7 +28,7 @@ use crate::crypto::KeyHistory;
 
 /// Runs the agent on `socket`: in the foreground (logging to stderr) or as a daemon (logging to syslog).
 pub(super) fn run_agent(socket_path: &Path, foreground: bool) -> anyhow::Result<()> {
-    harden_process();
+    crate::daemon::harden_process();
     if foreground {
         init_logging(LogTarget::Stderr);
         let bound = socket::bind(socket_path)?;
@@ -59,7 +59,7 @@ pub(super) fn run_agent(socket_path: &Path, foreground: bool) -> anyhow::Result<
                 libc::setsid();
                 libc::chdir(c"/".as_ptr());
             }
-            detach_stdio();
+            crate::daemon::detach_stdio(false);
             init_logging(LogTarget::Syslog);
             let mut ready = std::fs::File::from(write_end);
             match serve_until_stopped(bound, Some(&mut ready)) {
@@ -132,17 +132,6 @@ fn serve_until_stopped(bound: Bound, ready: Option<&mut std::fs::File>) -> anyho
     result
 }
 
-/// No core dumps and not dumpable: the process holds keys. Not dumpable also means other processes of the same user
-/// cannot ptrace it or read its memory through /proc, and its /proc files belong to root.
-fn harden_process() {
-    // SAFETY: setrlimit/prctl with valid arguments have no memory-safety preconditions.
-    unsafe {
-        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        libc::setrlimit(libc::RLIMIT_CORE, &zero);
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    }
-}
-
 /// Set when whole-process locking is not in place, so each key's page is locked as it is added.
 static LOCK_KEY_PAGES: AtomicBool = AtomicBool::new(false);
 /// The one warning about a key page that could not be locked has been logged.
@@ -192,30 +181,11 @@ pub(super) fn lock_key_pages(history: &KeyHistory) {
     if !LOCK_KEY_PAGES.load(Ordering::Relaxed) {
         return;
     }
-    for key in history.keys() {
-        let bytes = key.as_bytes();
-        // SAFETY: the range is memory we own for the key's lifetime; mlock only pins the pages containing it.
-        let rc = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
-        if rc != 0 && !KEY_PAGE_WARNED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                error = %std::io::Error::last_os_error(),
-                "cannot lock a key's memory page (RLIMIT_MEMLOCK reached?): keys may be swapped out"
-            );
-        }
-    }
-}
-
-/// Points stdin, stdout and stderr at /dev/null: a daemon holds no terminal or pipe of the process that started it.
-fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        let fd = null.as_raw_fd();
-        // SAFETY: dup2 onto the standard descriptors with a valid open descriptor.
-        unsafe {
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            libc::dup2(fd, 2);
-        }
+    if !crate::keys::lock_in_memory(history) && !KEY_PAGE_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lock a key's memory page (RLIMIT_MEMLOCK reached?): keys may be swapped out"
+        );
     }
 }
 
@@ -239,51 +209,8 @@ fn init_logging(target: LogTarget) {
         LogTarget::Syslog => {
             // SAFETY: the identity string is 'static and NUL-terminated, as openlog requires.
             unsafe { libc::openlog(c"s3cryptfs-agent".as_ptr(), libc::LOG_PID, libc::LOG_AUTHPRIV) };
-            builder.with_ansi(false).without_time().with_writer(SyslogWriter).try_init()
+            builder.with_ansi(false).without_time().with_writer(crate::daemon::SyslogWriter).try_init()
         }
     };
 }
 
-/// A `MakeWriter` that sends each formatted event to syslog with the event's level.
-struct SyslogWriter;
-
-struct SyslogLine {
-    priority: libc::c_int,
-    buf: Vec<u8>,
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SyslogWriter {
-    type Writer = SyslogLine;
-    fn make_writer(&'a self) -> SyslogLine {
-        SyslogLine { priority: libc::LOG_INFO, buf: Vec::new() }
-    }
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
-        let priority = match *meta.level() {
-            tracing::Level::ERROR => libc::LOG_ERR,
-            tracing::Level::WARN => libc::LOG_WARNING,
-            tracing::Level::INFO => libc::LOG_INFO,
-            _ => libc::LOG_DEBUG,
-        };
-        SyslogLine { priority, buf: Vec::new() }
-    }
-}
-
-impl Write for SyslogLine {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for SyslogLine {
-    fn drop(&mut self) {
-        let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
-        if let Ok(c) = std::ffi::CString::new(text) {
-            // SAFETY: format string and argument are valid NUL-terminated strings.
-            unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
-        }
-    }
-}

@@ -1,0 +1,128 @@
+//! What the two long-running processes (a mount and the key agent) share: hardening a process that holds keys,
+//! detaching from the terminal, and log writers for syslog and the systemd journal. One copy, so both daemons
+//! behave the same way.
+
+use std::io::Write;
+
+/// No core dumps and not dumpable: the process holds keys (and, for a mount, plaintext). Not dumpable also means
+/// other processes of the same user cannot ptrace it or read its memory through /proc.
+pub fn harden_process() {
+    // SAFETY: setrlimit/prctl with valid arguments have no memory-safety preconditions.
+    unsafe {
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+/// True when stderr is the journal stream systemd connected us to ($JOURNAL_STREAM names its device and inode).
+pub fn under_journald() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = stream.split_once(':') else { return false };
+    // SAFETY: fstat on descriptor 2 writes into a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
+/// A `MakeWriter` for the journal: each event becomes one stderr line prefixed with its syslog priority.
+pub struct JournalWriter;
+
+pub struct JournalLine {
+    priority: libc::c_int,
+    buf: Vec<u8>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JournalWriter {
+    type Writer = JournalLine;
+    fn make_writer(&'a self) -> JournalLine {
+        JournalLine { priority: libc::LOG_INFO, buf: Vec::new() }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> JournalLine {
+        JournalLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
+    }
+}
+
+impl Write for JournalLine {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for JournalLine {
+    fn drop(&mut self) {
+        let mut line = format!("<{}>", self.priority).into_bytes();
+        line.extend_from_slice(&self.buf);
+        let _ = std::io::stderr().write_all(&line);
+    }
+}
+
+fn syslog_priority(level: &tracing::Level) -> libc::c_int {
+    match *level {
+        tracing::Level::ERROR => libc::LOG_ERR,
+        tracing::Level::WARN => libc::LOG_WARNING,
+        tracing::Level::INFO => libc::LOG_INFO,
+        _ => libc::LOG_DEBUG,
+    }
+}
+
+/// A `MakeWriter` that sends each formatted event to syslog with the event's level.
+pub struct SyslogWriter;
+
+pub struct SyslogLine {
+    priority: libc::c_int,
+    buf: Vec<u8>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SyslogWriter {
+    type Writer = SyslogLine;
+    fn make_writer(&'a self) -> SyslogLine {
+        SyslogLine { priority: libc::LOG_INFO, buf: Vec::new() }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
+        SyslogLine { priority: syslog_priority(meta.level()), buf: Vec::new() }
+    }
+}
+
+impl Write for SyslogLine {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine {
+    fn drop(&mut self) {
+        let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
+        if let Ok(c) = std::ffi::CString::new(text) {
+            // SAFETY: format string and argument are valid NUL-terminated strings.
+            unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
+}
+
+/// Points stdin and stdout at /dev/null (and stderr too unless it is still wanted), so a background daemon holds no
+/// terminal or pipe of the process that started it.
+pub fn detach_stdio(keep_stderr: bool) {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        let fd = null.as_raw_fd();
+        // SAFETY: dup2 onto the standard descriptors with a valid open descriptor.
+        unsafe {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            if !keep_stderr {
+                libc::dup2(fd, 2);
+            }
+        }
+    }
+}
