@@ -29,6 +29,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod kmount;
 pub mod kms;
 pub mod metrics;
 pub mod notify;

@@ -271,6 +271,21 @@ fn last_line(detail: &str) -> String {
     tail.lines().next().unwrap_or(tail).chars().take(200).collect()
 }
 
+/// Ends the mount on a signal: ours (root) or fuser's (fusermount3).
+enum Unmounter {
+    Own(crate::kmount::OwnMount),
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Own(m) => m.unmount(),
+            Unmounter::Fuser(u) => u.unmount(),
+        }
+    }
+}
+
 /// umount2(MNT_DETACH) as root, `fusermount3 -u -z` otherwise.
 fn lazy_unmount(path: &Path) {
     use std::os::unix::ffi::OsStrExt;
@@ -516,27 +531,51 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         tracing::warn!(recovered, unrecovered, "staged data from a previous run");
     }
 
-    let mut options = vec![
-        fuser::MountOption::FSName(config.store_url.clone()),
-        fuser::MountOption::Subtype("s3cryptfs".into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-    ];
-    if config.read_only {
-        options.push(fuser::MountOption::RO);
-    }
     let mut fuse_config = fuser::Config::default();
-    fuse_config.mount_options = options;
     fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     fuse_config.n_threads = Some(2);
     fuse_config.clone_fd = true;
     let adapter = crate::fuse::FuseAdapter::new(fs.clone(), rt.handle().clone());
-    let mut session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
-        .with_context(|| format!("mounting at {}", config.mountpoint.display()))?;
-    // The unmounter shares the mount with the session (Session::spawn would move it out of reach), so a signal can
-    // unmount while the loop runs on its own thread, and the loop ending tells us of an external unmount.
-    let mut unmounter = session.unmount_callable();
+    let mounting = || format!("mounting at {}", config.mountpoint.display());
+    // As root we mount ourselves so the type is `fuse.s3cryptfs` (see kmount); otherwise fuser uses fusermount3.
+    let own = crate::kmount::mount(&crate::kmount::MountSpec {
+        mountpoint: &config.mountpoint,
+        source: &config.store_url,
+        subtype: "s3cryptfs",
+        read_only: config.read_only,
+        allow_other: config.allow_other,
+    })
+    .with_context(mounting)?;
+    // The unmounter can end the mount while the loop runs on its own thread (Session::spawn would move fuser's mount
+    // out of reach), and the loop ending tells us of an external unmount.
+    let (session, mut unmounter) = match own {
+        Some((fd, own)) => {
+            let session = match fuser::Session::from_fd(adapter, fd, fuse_config.acl, fuse_config) {
+                Ok(s) => s,
+                Err(e) => {
+                    lazy_unmount(&config.mountpoint);
+                    return Err(e).with_context(mounting);
+                }
+            };
+            (session, Unmounter::Own(own))
+        }
+        None => {
+            let mut options = vec![
+                fuser::MountOption::FSName(config.store_url.clone()),
+                fuser::MountOption::Subtype("s3cryptfs".into()),
+                fuser::MountOption::DefaultPermissions,
+                fuser::MountOption::NoDev,
+                fuser::MountOption::NoSuid,
+            ];
+            if config.read_only {
+                options.push(fuser::MountOption::RO);
+            }
+            fuse_config.mount_options = options;
+            let mut session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config).with_context(mounting)?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            (session, unmounter)
+        }
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let loop_thread = std::thread::Builder::new()
         .name("fuse-loop".into())

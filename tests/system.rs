@@ -60,16 +60,37 @@ impl Drop for Helper {
     }
 }
 
-/// Waits until no s3cryptfs daemon serves `dir` any more.
-fn wait_for_daemon_exit(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Makes this test process the subreaper of its descendants, so the daemon that mount(8)'s helper leaves behind
+/// (orphaned when the helper exits) becomes our child and its exit status can be collected.
+fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER): {}", std::io::Error::last_os_error());
+}
+
+/// The pid of the s3cryptfs daemon serving `dir`.
+fn daemon_pid(dir: &Path) -> i32 {
     let needle = dir.to_string_lossy().to_string();
+    let out = Command::new("pgrep").args(["-f", &format!("s3cryptfs.* {needle}( |$)")]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<i32> = text.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 1, "expected one daemon for {needle}, found {pids:?}");
+    pids[0]
+}
+
+/// Waits for the daemon (our child through the subreaper) to exit and returns its exit code.
+fn wait_for_daemon_exit(pid: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new("pgrep").args(["-f", &format!("s3cryptfs.* {needle}$")]).output().unwrap();
-        if !out.status.success() {
-            return;
+        let mut status = 0;
+        // SAFETY: waitpid on a pid with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid({pid}): {} (is the daemon our descendant?)", std::io::Error::last_os_error());
+        if r == pid {
+            assert!(libc::WIFEXITED(status), "the daemon was killed by signal {}", libc::WTERMSIG(status));
+            return libc::WEXITSTATUS(status);
         }
-        assert!(Instant::now() < deadline, "the daemon for {needle} did not exit after umount");
+        assert!(Instant::now() < deadline, "the daemon {pid} did not exit after umount");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -77,6 +98,7 @@ fn wait_for_daemon_exit(dir: &Path) {
 #[test]
 fn mount_t_fuse_s3cryptfs_and_fstab_lines_work_and_umount_flushes() {
     let _helper = Helper::install();
+    become_subreaper();
     let env = Env::new();
     let store = Store::local(env.path());
     let dir = env.path().join("mnt-helper");
@@ -90,10 +112,16 @@ fn mount_t_fuse_s3cryptfs_and_fstab_lines_work_and_umount_flushes() {
     let out = Command::new("mount").args(["-t", "fuse.s3cryptfs", &store.url()]).arg(&dir).args(["-o", &opts]).output().unwrap();
     assert!(out.status.success(), "mount -t fuse.s3cryptfs: {}", String::from_utf8_lossy(&out.stderr));
     assert!(is_mounted(&dir), "mount(8) returned before the mount served");
+    // As root the mount is typed fuse.s3cryptfs (what findmnt -t, fstab matching and systemd see), sourced by the URL.
+    let line = mountinfo_line(&dir).expect("mounted");
+    let after_dash: Vec<&str> = line.split(" - ").nth(1).unwrap().split(' ').collect();
+    assert_eq!(after_dash[0], "fuse.s3cryptfs", "mount type in {line}");
+    assert_eq!(after_dash[1], store.url(), "mount source in {line}");
+    let pid = daemon_pid(&dir);
     fs::write(dir.join("via-mount8"), b"written through mount(8)").unwrap();
     let out = Command::new("umount").arg(&dir).output().unwrap();
     assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
-    wait_for_daemon_exit(&dir);
+    assert_eq!(wait_for_daemon_exit(pid), 0, "the daemon's exit status after umount");
     assert!(!is_mounted(&dir));
 
     // The same through an fstab line (util-linux reads an alternative fstab with -T).
@@ -102,9 +130,10 @@ fn mount_t_fuse_s3cryptfs_and_fstab_lines_work_and_umount_flushes() {
     let out = Command::new("mount").arg("-T").arg(&fstab).arg(&dir).output().unwrap();
     assert!(out.status.success(), "mount via fstab: {}", String::from_utf8_lossy(&out.stderr));
     assert_bytes(fs::read(dir.join("via-mount8")).unwrap(), b"written through mount(8)", "umount flushed it");
+    let pid = daemon_pid(&dir);
     let out = Command::new("umount").arg(&dir).output().unwrap();
     assert!(out.status.success());
-    wait_for_daemon_exit(&dir);
+    assert_eq!(wait_for_daemon_exit(pid), 0, "the daemon's exit status after umount");
 
     // An unknown option is an error that names it, and nothing is mounted.
     let out = Command::new("mount")

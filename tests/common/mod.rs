@@ -281,9 +281,14 @@ impl Drop for Mount {
 }
 
 pub fn is_mounted(dir: &Path) -> bool {
+    mountinfo_line(dir).is_some()
+}
+
+/// The /proc/self/mountinfo line of the mount at `dir`, if any.
+pub fn mountinfo_line(dir: &Path) -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let d = dir.to_string_lossy();
-    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*d))
+    mounts.lines().find(|l| l.split(' ').nth(4) == Some(&*d)).map(str::to_string)
 }
 
 /// Deterministic pseudo-random bytes.
