@@ -522,6 +522,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             read_only: config.read_only,
             attr_ttl: config.attr_ttl,
             max_readahead: config.cache.max_readahead,
+            store_url: config.store_url.clone(),
         },
     ));
 
@@ -618,7 +619,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     crate::notify::notify("STOPPING=1\nSTATUS=flushing and unmounting");
     // Before the final uploads: if they cannot finish (the stop timeout kills us, the store is down), the next start
     // finds these records and uploads the staged data.
-    rt.block_on(fs.record_pending(&config.store_url));
+    rt.block_on(fs.record_pending());
     let mut failed = Vec::new();
     let mut wait_for_loop = true;
     if signalled {
@@ -631,7 +632,6 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         }
     }
     failed.extend(rt.block_on(fs.flush_all()));
-    rt.block_on(fs.clear_uploaded_records());
     for (path, e) in &failed {
         tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the staging directory");
     }

@@ -269,6 +269,11 @@ fn sighup_reopens_the_log_file_and_rereads_the_log_level() {
     fs::write(m.path("still-serving"), b"x").unwrap();
     // An info line, which the start level (warn) would have dropped, goes to the new file.
     unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    // Wait for the daemon to act on the signal before the harness unmounts (an unmount first would end it quietly).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fs::read_to_string(&log).unwrap_or_default().contains("signal received") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     drop(m);
     let fresh = fs::read_to_string(&log).unwrap();
     assert!(fresh.contains("signal received"), "the info level took effect: {fresh}");
@@ -374,6 +379,56 @@ fn data_that_could_not_be_uploaded_at_stop_is_uploaded_by_the_next_start() {
     // Nothing is left to recover a second time.
     let leftovers: Vec<_> = walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pending")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn dirty_files_of_a_daemon_killed_outright_are_uploaded_by_the_next_start() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let store = Store::s3();
+    let staging = env.path().join("staging");
+    let m = Mount::start(&env, &store, "cse-c");
+    // Created here and still open, its mode changed through the handle after the first write.
+    let mut created = fs::File::create(m.path("created")).unwrap();
+    created.write_all(b"first part, ").unwrap();
+    created.set_permissions(fs::Permissions::from_mode(0o640)).unwrap();
+    created.write_all(b"second part").unwrap();
+    // Already in the store, reopened and appended to.
+    fs::write(m.path("appended"), b"stored. ").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let before_append = std::time::SystemTime::now();
+    let mut appended = fs::OpenOptions::new().append(true).open(m.path("appended")).unwrap();
+    appended.write_all(b"appended, not yet uploaded").unwrap();
+    // Written, then given an old mtime explicitly (as cp -p and rsync -t do): a utimens comes without a handle, so
+    // it uploads at once, and recovery must leave this file alone.
+    let mut dated = fs::File::create(m.path("dated")).unwrap();
+    dated.write_all(b"dated content").unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(978_307_200); // 2001-01-01
+    dated.set_modified(old).unwrap();
+    // Closed, so uploaded too.
+    fs::write(m.path("closed"), b"uploaded at close").unwrap();
+
+    let records = || walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pending")).count();
+    let listing: Vec<String> = walkdir(&staging).into_iter().filter_map(|p| fs::read_to_string(p).ok()).collect();
+    assert_eq!(records(), 2, "one record per dirty file while the daemon runs: {listing:?}");
+    m.kill();
+    drop((created, appended, dated)); // their closes fail on the dead connection
+
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(m.path("created")).unwrap(), b"first part, second part", "created file");
+    assert_eq!(fs::metadata(m.path("created")).unwrap().permissions().mode() & 0o777, 0o640, "its mode");
+    assert_bytes(fs::read(m.path("appended")).unwrap(), b"stored. appended, not yet uploaded", "appended file");
+    let mtime = fs::metadata(m.path("appended")).unwrap().modified().unwrap();
+    assert!(mtime >= before_append, "the append's mtime, not the stored version's: {mtime:?} < {before_append:?}");
+    assert_bytes(fs::read(m.path("dated")).unwrap(), b"dated content", "dated file");
+    assert_eq!(fs::metadata(m.path("dated")).unwrap().modified().unwrap(), old, "the explicit mtime survives");
+    assert_bytes(fs::read(m.path("closed")).unwrap(), b"uploaded at close", "closed file");
+    let names: Vec<String> = fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(!names.iter().any(|n| n.contains("recovered")), "nothing conflicted: {names:?}");
+    let text = m.unmount();
+    assert_eq!(text.matches("uploaded data a previous run left staged").count(), 2, "{text}");
+    assert_eq!(records(), 0, "nothing is left to recover a second time");
 }
 
 fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {

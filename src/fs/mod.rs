@@ -45,6 +45,9 @@ pub struct FsConfig {
     pub read_only: bool,
     pub attr_ttl: Duration,
     pub max_readahead: u64,
+    /// The store URL, written into recovery records so that a staging directory shared by several mounts recovers
+    /// each file into its own store.
+    pub store_url: String,
 }
 
 /// Who is asking (for ownership of new files and chown rules).
@@ -992,12 +995,12 @@ impl Fs {
             {
                 let mut staged = ws.lock().await;
                 staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
-            }
-            let mut table = lock(&self.table);
-            if let Some(node) = table.get_mut(ino) {
-                node.size = size;
-                node.mtime = SystemTime::now();
-                node.ctime = node.mtime;
+                if let Some(node) = lock(&self.table).get_mut(ino) {
+                    node.size = size;
+                    node.mtime = SystemTime::now();
+                    node.ctime = node.mtime;
+                }
+                self.keep_record(ino, &mut staged, false);
             }
         }
         let meta_changed = changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some();
@@ -1032,7 +1035,9 @@ impl Fs {
         if let (Some(ws), true) = (ws, loaded) {
             // A staged file carries its attributes with its next upload.
             if meta_changed {
-                ws.lock().await.mark_dirty();
+                let mut staged = ws.lock().await;
+                staged.mark_dirty();
+                self.keep_record(ino, &mut staged, true);
             }
             if fh.is_none() {
                 self.flush_node(ino).await?;
@@ -1114,6 +1119,7 @@ impl Fs {
                         loaded: node.remote.is_none(),
                         dirty: false,
                         size: 0,
+                        recorded: false,
                     }));
                     node.write = Some(ws.clone());
                     ws
@@ -1232,7 +1238,7 @@ impl Fs {
                 Some(ws) => ws.clone(),
                 None => {
                     let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
-                    let ws = Arc::new(tokio::sync::Mutex::new(Staged { file, path: spath, loaded: true, dirty: false, size: 0 }));
+                    let ws = Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, false)));
                     node.write = Some(ws.clone());
                     ws
                 }
@@ -1241,12 +1247,12 @@ impl Fs {
         let mut staged = ws.lock().await;
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
-        drop(staged);
         if let Some(n) = lock(&self.table).get_mut(ino) {
             n.size = 0;
             n.mtime = SystemTime::now();
             n.ctime = n.mtime;
         }
+        self.keep_record(ino, &mut staged, false);
         Ok(())
     }
 
@@ -1277,7 +1283,8 @@ impl Fs {
         node.validated = Some(Instant::now());
         node.lookups = 1;
         node.open_handles = 1;
-        node.write = Some(Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, true))));
+        let ws = Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, true)));
+        node.write = Some(ws.clone());
         let mode = OpenMode::from_flags(flags);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let attr = {
@@ -1286,6 +1293,7 @@ impl Fs {
             self.touch_dir(&mut table, parent);
             table.get(ino).map(Node::attr).ok_or(Error::NotFound)?
         };
+        self.keep_record(attr.ino, &mut *ws.lock().await, false);
         lock(&self.handles).insert(
             fh,
             Handle::File { ino: attr.ino, reader: None, append: mode.append, writable: true },
@@ -1323,17 +1331,16 @@ impl Fs {
         }
         let ws = self.stage(ino).await?;
         let path = self.path_of(ino).unwrap_or_default();
-        let size = {
-            let mut staged = ws.lock().await;
-            let offset = if append { staged.size } else { offset };
-            staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
-            staged.size
-        };
+        let mut staged = ws.lock().await;
+        let offset = if append { staged.size } else { offset };
+        staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
         if let Some(n) = lock(&self.table).get_mut(ino) {
-            n.size = size;
+            n.size = staged.size;
             n.mtime = SystemTime::now();
             n.ctime = n.mtime;
         }
+        // After the attributes, so a first record carries this write's mtime.
+        self.keep_record(ino, &mut staged, false);
         Ok(data.len() as u32)
     }
 
@@ -1517,54 +1524,49 @@ impl Fs {
         self.staging.remove_if_empty();
     }
 
-    /// Writes a recovery record beside every staged file that still has to be uploaded (see `write::Pending`), so
-    /// that if the final uploads cannot finish (stop timeout, store down), the next start uploads them. Returns the
-    /// number of records written.
-    pub async fn record_pending(&self, store: &str) -> usize {
+    /// Makes sure a dirty staged file has an up-to-date recovery record (see `write::Pending`): written when it first
+    /// becomes dirty, rewritten when `refresh` says its attributes changed. The caller holds the file's write state.
+    /// A record that cannot be written is logged; the write itself goes on (the data is staged either way).
+    fn keep_record(&self, ino: u64, staged: &mut Staged, refresh: bool) -> bool {
+        if !staged.dirty || !staged.loaded || (staged.recorded && !refresh) {
+            return staged.recorded;
+        }
+        let (path, meta, unlinked) = {
+            let table = lock(&self.table);
+            let Some(n) = table.get(ino) else { return false };
+            (table.path_of(ino), Self::meta_of(n), n.unlinked)
+        };
+        let (Some(path), false) = (path, unlinked) else { return false };
+        let record = write::Pending {
+            store: self.config.store_url.clone(),
+            path: path.clone(),
+            size: staged.size,
+            mode: meta.mode.unwrap_or(0o100644),
+            uid: meta.uid.unwrap_or(0),
+            gid: meta.gid.unwrap_or(0),
+            mtime: meta.mtime.unwrap_or((0, 0)),
+            written_at: to_secs_nanos(SystemTime::now()).0,
+        };
+        match record.save(&staged.path) {
+            Ok(()) => staged.recorded = true,
+            Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
+        }
+        staged.recorded
+    }
+
+    /// Refreshes the recovery record of every staged file that still has to be uploaded, with its attributes as they
+    /// are now, before the final uploads of a shutdown. Returns the number of records.
+    pub async fn record_pending(&self) -> usize {
         let inos = lock(&self.table).with_write_state();
-        tracing::debug!(?inos, "staged write states at shutdown");
         let mut written = 0;
         for ino in inos {
             let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { continue };
-            let staged = ws.lock().await;
-            tracing::debug!(ino, dirty = staged.dirty, loaded = staged.loaded, "recovery record check");
-            if !staged.dirty || !staged.loaded {
-                continue;
-            }
-            let (path, meta, unlinked) = {
-                let table = lock(&self.table);
-                let Some(n) = table.get(ino) else { continue };
-                (table.path_of(ino), Self::meta_of(n), n.unlinked)
-            };
-            let (Some(path), false) = (path, unlinked) else { continue };
-            let record = write::Pending {
-                store: store.to_string(),
-                path: path.clone(),
-                size: staged.size,
-                mode: meta.mode.unwrap_or(0o100644),
-                uid: meta.uid.unwrap_or(0),
-                gid: meta.gid.unwrap_or(0),
-                mtime: meta.mtime.unwrap_or((0, 0)),
-                written_at: to_secs_nanos(SystemTime::now()).0,
-            };
-            match record.save(&staged.path) {
-                Ok(()) => written += 1,
-                Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
+            let mut staged = ws.lock().await;
+            if self.keep_record(ino, &mut staged, true) {
+                written += 1;
             }
         }
         written
-    }
-
-    /// Removes the recovery records of staged files that are clean now (uploaded after `record_pending`).
-    pub async fn clear_uploaded_records(&self) {
-        let inos = lock(&self.table).with_write_state();
-        for ino in inos {
-            let Some(ws) = lock(&self.table).get(ino).and_then(|n| n.write.clone()) else { continue };
-            let staged = ws.lock().await;
-            if !staged.dirty {
-                let _ = std::fs::remove_file(write::pending_path(&staged.path));
-            }
-        }
     }
 
     /// Uploads what a previous run of this store left staged (see `write::Pending`). An object that changed in the
@@ -1589,15 +1591,27 @@ impl Fs {
                     }
                 }
             }
-            let meta = UserMeta {
-                mode: Some(record.mode),
-                uid: Some(record.uid),
-                gid: Some(record.gid),
-                mtime: Some(record.mtime),
-                extra: BTreeMap::new(),
-            };
-            let result = match std::fs::File::open(&staged) {
-                Ok(file) => crate::upload::upload(&*self.backend, &self.codec, &target, &file, record.size, meta).await,
+            // The staged file is the authority for content and, when written after the record, for mtime.
+            let sidecar_time = std::fs::metadata(write::pending_path(&staged)).and_then(|m| m.modified()).ok();
+            let opened = std::fs::File::open(&staged).and_then(|f| {
+                let m = f.metadata()?;
+                Ok((f, m.len(), m.modified().ok()))
+            });
+            let result = match opened {
+                Ok((file, size, staged_time)) => {
+                    let mtime = match (staged_time, sidecar_time) {
+                        (Some(st), Some(rt)) if st > rt => to_secs_nanos(st),
+                        _ => record.mtime,
+                    };
+                    let meta = UserMeta {
+                        mode: Some(record.mode),
+                        uid: Some(record.uid),
+                        gid: Some(record.gid),
+                        mtime: Some(mtime),
+                        extra: BTreeMap::new(),
+                    };
+                    crate::upload::upload(&*self.backend, &self.codec, &target, &file, size, meta).await
+                }
                 Err(e) => Err(Error::staging(&target, e)),
             };
             match result {

@@ -62,9 +62,14 @@ impl StagingDir {
 
 use std::os::unix::fs::DirBuilderExt;
 
-/// What the next start needs to upload a staged file that this run could not: written beside the staged file as
-/// `<staged>.pending` when shutdown begins (before the final uploads, so a stop timeout that kills the daemon
-/// mid-upload still leaves it), removed once the upload succeeds.
+/// What the next start needs to upload a staged file that this run could not, written beside the staged file as
+/// `<staged>.pending`. It is written when the file first becomes dirty (so a daemon that is killed outright or
+/// crashes leaves it too), rewritten when the file's attributes change and once more when shutdown begins (before
+/// the final uploads, so a stop timeout that kills the daemon mid-upload still leaves it), and removed once the upload
+/// succeeds. A rename uploads the file first, so the path in a record never goes stale.
+///
+/// The staged file itself is the authority for content: recovery uploads its whole length, and takes its mtime when
+/// it was written after the record (otherwise the record's, which may have been set explicitly, e.g. by `touch -d`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pending {
     /// The store URL, so a staging directory shared by several mounts recovers each file into its own store.
@@ -89,7 +94,8 @@ pub fn pending_path(staged: &Path) -> PathBuf {
 }
 
 impl Pending {
-    /// Writes the record atomically (temporary file, then rename), readable only by us.
+    /// Writes the record atomically (temporary file, then rename), readable only by us. Not fsynced: like the staged
+    /// data it describes, it survives the daemon's death, and a power loss only as far as the page cache was written.
     pub fn save(&self, staged: &Path) -> std::io::Result<()> {
         use std::io::Write;
         let target = pending_path(staged);
@@ -97,7 +103,6 @@ impl Pending {
         tmp.push(".tmp");
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
         std::fs::rename(&tmp, &target)
     }
 
@@ -147,13 +152,15 @@ pub struct Staged {
     /// Changed since the last successful upload.
     pub dirty: bool,
     pub size: u64,
+    /// A recovery record (see [`Pending`]) exists beside the staged file.
+    pub recorded: bool,
 }
 
 impl Staged {
     /// A new state; a file created by this mount starts dirty (it must be uploaded even if nothing is written).
     pub fn new(file: File, path: PathBuf, loaded: bool, dirty: bool) -> Staged {
         crate::metrics::dirty_changed((false, 0), (dirty, 0));
-        Staged { file, path, loaded, dirty, size: 0 }
+        Staged { file, path, loaded, dirty, size: 0, recorded: false }
     }
 
     /// What this state counts in the dirty-files and dirty-bytes gauges. `dirty` and `size` change only through the
@@ -169,11 +176,15 @@ impl Staged {
         crate::metrics::dirty_changed(before, self.share());
     }
 
-    /// Uploaded, or no longer to be uploaded (unlinked while open).
+    /// Uploaded, or no longer to be uploaded (unlinked while open): the recovery record goes too.
     pub fn mark_clean(&mut self) {
         let before = self.share();
         self.dirty = false;
         crate::metrics::dirty_changed(before, self.share());
+        if self.recorded {
+            let _ = std::fs::remove_file(pending_path(&self.path));
+            self.recorded = false;
+        }
     }
 
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {

@@ -234,6 +234,16 @@ impl Mount {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the daemon outright (SIGKILL, as a crash or the OOM killer would), then detaches its dead mount.
+    pub fn kill(mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+        }
+        self.log_text()
+    }
+
     /// Unmounts (as `fusermount3 -u` does) and waits for the daemon to exit; returns its log.
     pub fn unmount(mut self) -> String {
         self.stop();
