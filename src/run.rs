@@ -173,7 +173,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),
         None => None,
     };
-    check_mountpoint(&config.mountpoint, config.nonempty)?;
+    check_mountpoint(&config.mountpoint, &config.store_url, config.nonempty)?;
     if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
         bail!("store '{}' is not supported: use file:///absolute/dir or s3://bucket[/prefix]", config.store_url);
     }
@@ -316,14 +316,27 @@ fn wait_until_serving(mountpoint: &Path) -> anyhow::Result<()> {
 }
 
 /// Checks the mountpoint and FUSE itself before anything else, so each problem gets one sentence saying what to do.
-fn check_mountpoint(path: &Path, nonempty: bool) -> anyhow::Result<()> {
+///
+/// A dead mount (its daemon is gone) of this same store, as a crash or SIGKILL leaves, is detached and replaced, so
+/// that a restart (systemd's Restart=on-failure, or by hand) comes back without manual cleanup; a dead mount of
+/// anything else is an error.
+fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Result<()> {
     let shown = path.display();
-    let meta = match std::fs::metadata(path) {
+    let mut meta = std::fs::metadata(path);
+    // ENOTCONN: a FUSE mount whose daemon died is still attached there.
+    if meta.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+        if mount_at(path).is_some_and(|(fstype, source)| fstype == "fuse.s3cryptfs" && source == store_url) {
+            // Logging starts later; this goes where the early errors go (the terminal, or the journal under systemd).
+            eprintln!("s3cryptfs: replacing the dead mount a previous run of {store_url} left at {shown} (its daemon is gone)");
+            lazy_unmount(path);
+            meta = std::fs::metadata(path);
+        }
+    }
+    let meta = match meta {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("mountpoint {shown} does not exist: create it first (mkdir -p {shown})")
         }
-        // ENOTCONN: a FUSE mount whose daemon died is still attached there.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
             "mountpoint {shown} is a dead FUSE mount (its daemon is gone): run `fusermount3 -u {shown}` (or `umount -l`) first"
         ),
@@ -358,9 +371,29 @@ fn check_mountpoint(path: &Path, nonempty: bool) -> anyhow::Result<()> {
 fn is_mountpoint(path: &Path) -> bool {
     let Ok(canonical) = std::fs::canonicalize(path) else { return false };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    // Field 5 is the mount point, with spaces and some bytes escaped as \ooo.
-    let want = canonical.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
+    let want = mountinfo_escape(&canonical.to_string_lossy());
     info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// The type and source of the topmost mount at `path`, per /proc/self/mountinfo. Works on a dead mount, which
+/// cannot be canonicalised (stat fails), so the path is made absolute without touching it.
+fn mount_at(path: &Path) -> Option<(String, String)> {
+    let absolute = std::path::absolute(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountinfo_escape(&absolute.to_string_lossy());
+    let line = info.lines().filter(|l| l.split(' ').nth(4) == Some(want.as_str())).last()?;
+    // After the " - " separator: type, source, super options.
+    let mut rest = line.split(" - ").nth(1)?.split(' ');
+    Some((mountinfo_unescape(rest.next()?), mountinfo_unescape(rest.next()?)))
+}
+
+/// Mountinfo fields escape space, tab, newline and backslash as \ooo.
+fn mountinfo_escape(s: &str) -> String {
+    s.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012")
+}
+
+fn mountinfo_unescape(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -648,4 +681,18 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escaping_round_trips_the_bytes_the_kernel_escapes() {
+        let path = "/mnt/a dir\twith\\odd\nnames";
+        let escaped = mountinfo_escape(path);
+        assert_eq!(escaped, "/mnt/a\\040dir\\011with\\134odd\\012names");
+        assert!(!escaped.contains(' '), "a mountinfo field has no spaces");
+        assert_eq!(mountinfo_unescape(&escaped), path);
+    }
 }

@@ -431,6 +431,68 @@ fn dirty_files_of_a_daemon_killed_outright_are_uploaded_by_the_next_start() {
     assert_eq!(records(), 0, "nothing is left to recover a second time");
 }
 
+#[test]
+fn a_restart_after_a_crash_replaces_its_own_dead_mount_and_uploads_what_was_staged() {
+    use std::io::Write;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-restart");
+    fs::create_dir_all(&dir).unwrap();
+    let opts = format!("mode=cse-c,key_file={},staging_dir={}", env.key_file.display(), env.path().join("staging").display());
+    let start = |store_url: &str, log: &str| {
+        let log = env.path().join(log);
+        let child = Command::new(BIN)
+            .args(["mount", "-f", "-o", &opts])
+            .arg(store_url)
+            .arg(&dir)
+            .env("RUST_LOG", "s3cryptfs=info")
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    };
+    let (mut child, log) = start(&store.url(), "first.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&dir) {
+        assert!(Instant::now() < deadline, "{}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut f = fs::File::create(dir.join("in-flight")).unwrap();
+    f.write_all(b"written before the crash").unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(f);
+    let err = fs::metadata(&dir).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "the crash left a dead mount");
+
+    // A dead mount of some other store is not ours to replace: one clear line, nothing changed.
+    let other = format!("file://{}", env.path().join("other-store").display());
+    fs::create_dir_all(env.path().join("other-store")).unwrap();
+    let (child, log) = start(&other, "other.log");
+    let out = child.wait_with_output().unwrap();
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("dead FUSE mount") && text.contains("fusermount3 -u") && text.trim().lines().count() == 1, "{text}");
+    assert_eq!(fs::metadata(&dir).unwrap_err().raw_os_error(), Some(libc::ENOTCONN));
+
+    // The same store (a restart): the dead mount is replaced and the staged data uploaded before serving.
+    let (mut child, log) = start(&store.url(), "restart.log");
+    // The dead mount is in the mount table too: wait for one that answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::metadata(&dir).is_err() {
+        let exited = child.try_wait().unwrap();
+        assert!(Instant::now() < deadline && exited.is_none(), "{exited:?}: {}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = Mount::adopt(dir.clone(), child, log).unwrap();
+    assert_bytes(fs::read(dir.join("in-flight")).unwrap(), b"written before the crash", "recovered after restart");
+    let text = m.unmount();
+    assert!(text.contains("replacing the dead mount"), "{text}");
+    assert!(text.contains("uploaded data a previous run left staged"), "{text}");
+    assert!(!is_mounted(&dir), "no stacked mounts left behind");
+}
+
 fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = fs::read_dir(dir) {
