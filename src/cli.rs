@@ -24,7 +24,7 @@ pub enum Command {
         output: Option<PathBuf>,
     },
     /// Mount STORE (file:///abs/dir or s3://bucket[/prefix]) at MOUNTPOINT.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Run the key agent (holds named keys in memory, serves them to mounts of the same user over a Unix socket),
     /// or control a running one (`agent lock`, `agent stop`).
     Agent(AgentArgs),

@@ -25,7 +25,7 @@ use crate::store::{Backend, LocalBackend, S3Options};
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
-        Command::Mount(args) => mount(args),
+        Command::Mount(args) => mount(*args),
         Command::Agent(args) => crate::agent::agent_command(args),
         Command::Key(args) => crate::agent::key_command(args),
         Command::Rekey(args) => crate::rekey::rekey_command(args),
@@ -324,13 +324,12 @@ fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Res
     let shown = path.display();
     let mut meta = std::fs::metadata(path);
     // ENOTCONN: a FUSE mount whose daemon died is still attached there.
-    if meta.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
-        if mount_at(path).is_some_and(|(fstype, source)| fstype == "fuse.s3cryptfs" && source == store_url) {
-            // Logging starts later; this goes where the early errors go (the terminal, or the journal under systemd).
-            eprintln!("s3cryptfs: replacing the dead mount a previous run of {store_url} left at {shown} (its daemon is gone)");
-            lazy_unmount(path);
-            meta = std::fs::metadata(path);
-        }
+    let dead = meta.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if dead && mount_at(path).is_some_and(|(fstype, source)| fstype == "fuse.s3cryptfs" && source == store_url) {
+        // Logging starts later; this goes where the early errors go (the terminal, or the journal under systemd).
+        eprintln!("s3cryptfs: replacing the dead mount a previous run of {store_url} left at {shown} (its daemon is gone)");
+        lazy_unmount(path);
+        meta = std::fs::metadata(path);
     }
     let meta = match meta {
         Ok(m) => m,
@@ -381,7 +380,7 @@ fn mount_at(path: &Path) -> Option<(String, String)> {
     let absolute = std::path::absolute(path).ok()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountinfo_escape(&absolute.to_string_lossy());
-    let line = info.lines().filter(|l| l.split(' ').nth(4) == Some(want.as_str())).last()?;
+    let line = info.lines().rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
     // After the " - " separator: type, source, super options.
     let mut rest = line.split(" - ").nth(1)?.split(' ');
     Some((mountinfo_unescape(rest.next()?), mountinfo_unescape(rest.next()?)))
