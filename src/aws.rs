@@ -193,6 +193,20 @@ fn parse_error(body: &[u8]) -> (Option<String>, String) {
     (tag("Code"), message)
 }
 
+/// Whether `requested` (KMS key id, key ARN, alias name or alias ARN, as written by the user or an object header)
+/// names the key whose ARN an answer carries (KMS answers, and S3's SSE-KMS echo). `None` when that cannot be told
+/// without asking KMS: aliases.
+pub fn names_kms_key(requested: &str, answered: &str) -> Option<bool> {
+    if requested.starts_with("alias/") || requested.contains(":alias/") {
+        return None;
+    }
+    if requested.starts_with("arn:") && answered.starts_with("arn:") {
+        return Some(requested == answered);
+    }
+    let id = |s: &'_ str| s.rsplit('/').next().unwrap_or(s).to_string();
+    Some(id(requested) == id(answered))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

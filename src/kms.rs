@@ -363,18 +363,7 @@ fn classify(key_id: &str, err: ApiError) -> KmsError {
     }
 }
 
-/// Whether `requested` (key id, key ARN, alias name or alias ARN, as written by the user or the object header) names
-/// the key whose ARN KMS answered with. `None` when that cannot be told without asking KMS: aliases.
-pub fn names_key(requested: &str, answered: &str) -> Option<bool> {
-    if requested.starts_with("alias/") || requested.contains(":alias/") {
-        return None;
-    }
-    if requested.starts_with("arn:") && answered.starts_with("arn:") {
-        return Some(requested == answered);
-    }
-    let id = |s: &'_ str| s.rsplit('/').next().unwrap_or(s).to_string();
-    Some(id(requested) == id(answered))
-}
+pub use crate::aws::names_kms_key as names_key;
 
 /// KMS enforces the `KeyId` we send; this catches a server that answers for another key anyway.
 fn check_answer_key(requested: &str, answered: &str) -> Result<(), KmsError> {

@@ -76,14 +76,8 @@ impl ServerSideEncryption {
                 // The answer names the key by ARN. A requested key id or ARN must match it; an alias cannot be
                 // compared without asking KMS, so only the algorithm is checked then.
                 match (key_id.as_deref(), echo.kms_key_id.as_deref()) {
-                    (Some(want), Some(got)) if !want.starts_with("alias/") && !want.contains(":alias/") => {
-                        let want_id = want.rsplit('/').next().unwrap_or(want);
-                        let got_id = got.rsplit('/').next().unwrap_or(got);
-                        if want_id == got_id {
-                            Ok(())
-                        } else {
-                            Err(format!("the server encrypted under KMS key {got}, not the requested {want}"))
-                        }
+                    (Some(want), Some(got)) if crate::aws::names_kms_key(want, got) == Some(false) => {
+                        Err(format!("the server encrypted under KMS key {got}, not the requested {want}"))
                     }
                     _ => Ok(()),
                 }
