@@ -693,3 +693,39 @@ fn key_add_reads_a_terminal_without_echo_and_restores_it() {
     assert_no_material("key add output", &shown, &lines);
     assert_eq!(s3cryptfs::agent::fetch_key(&socket, "typed").unwrap().fingerprints().len(), 2);
 }
+
+#[test]
+fn under_journald_the_agent_logs_priorities_without_timestamps_or_colours() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("agent.sock");
+    let log = tmp.path().join("journal.log");
+    let stderr = std::fs::File::create(&log).unwrap();
+    // systemd names the stream it connected to stderr as DEVICE:INODE.
+    let meta = stderr.metadata().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["agent", "-f", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let end = deadline();
+    while ping(&socket).is_none() {
+        assert!(child.try_wait().unwrap().is_none() && Instant::now() < end, "{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ok(&s3cryptfs(&["agent", "stop", "--socket", socket.to_str().unwrap()], None));
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.trim().is_empty(), "the agent logged nothing");
+    for line in text.lines() {
+        assert!(line.starts_with('<') && line.as_bytes().get(2) == Some(&b'>'), "no <N> priority: {line}");
+        assert!(!line.contains("Z "), "no timestamp under the journal: {line}");
+    }
+    assert!(!text.contains('\u{1b}'), "no ANSI colours in the journal: {text}");
+    assert!(text.lines().any(|l| l.starts_with("<6>")), "info lines are <6>: {text}");
+}

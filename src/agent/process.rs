@@ -201,6 +201,10 @@ fn init_logging(target: LogTarget) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let _ = match target {
+        // Under systemd (a user unit running `s3cryptfs agent -f`) stderr is the journal: priorities, no timestamps.
+        LogTarget::Stderr if crate::daemon::under_journald() => {
+            builder.with_ansi(false).without_time().with_writer(crate::daemon::JournalWriter).try_init()
+        }
         LogTarget::Stderr => {
             // SAFETY: isatty has no preconditions. Colours only for a person watching, not in captured logs.
             let terminal = unsafe { libc::isatty(2) } == 1;
