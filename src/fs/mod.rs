@@ -1486,8 +1486,9 @@ impl Fs {
                 let staged = ws.lock().await;
                 if staged.dirty {
                     tracing::error!(
+                        key = %self.path_of(ino).unwrap_or_default(),
                         staged = %staged.path.display(),
-                        "upload failed after the last close; the data stays staged in this file"
+                        "upload failed after the last close; the data stays staged in this file and is uploaded by the next start"
                     );
                 } else {
                     drop(staged);
