@@ -9,6 +9,8 @@
 #   2. scripts/s3-server.sh start (LocalStack: S3 + KMS on 127.0.0.1), stopped again on exit, even on failure;
 #      loads its env (as in $S3CRYPTFS_TEST_HOME/server.env: AWS_*, S3CRYPTFS_TEST_S3_ENDPOINT, _S3_HTTPS_ENDPOINT,
 #      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
+#      then scripts/moto-server.sh start (moto with authentication on, for the access-denied tests: LocalStack accepts
+#      any key), also stopped on exit; loads its env (S3CRYPTFS_TEST_MOTO_ENDPOINT, _MOTO_ADMIN_KEY_ID, _ADMIN_SECRET)
 #   3. cargo build --release --all-targets
 #   4. cargo test --release --no-fail-fast -- --test-threads=2 "$@"
 #      with TMPDIR set to a fresh /tmp/s3cryptfs-test.XXXXXX (removed afterwards)
@@ -17,15 +19,17 @@
 #
 # Environment:
 #   S3CRYPTFS_TEST_THREADS   --test-threads value (default 2)
-#   S3CRYPTFS_KEEP_SERVER=1  leave the server running afterwards (faster reruns)
+#   S3CRYPTFS_KEEP_SERVER=1  leave the servers running afterwards (faster reruns)
 #   S3CRYPTFS_SKIP_SMOKE=1   skip the boto3 smoke test of the server before cargo test
 #   S3CRYPTFS_S3_PORT        server port; unset: the first free port from 4566 on
-#   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh
+#   S3CRYPTFS_MOTO_PORT      moto's port; unset: the first free port from 5000 on
+#   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh (moto-server.sh shares it)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 SERVER="$ROOT/scripts/s3-server.sh"
+MOTO="$ROOT/scripts/moto-server.sh"
 TEST_HOME="${S3CRYPTFS_TEST_HOME:-$HOME/.cache/s3cryptfs-test}"
 THREADS="${S3CRYPTFS_TEST_THREADS:-2}"
 
@@ -59,6 +63,7 @@ fi
 # or appeared during the run and are dead (daemon gone: stat fails). Mounts that existed before the
 # run, or live ones elsewhere, are only reported: they may belong to another test run on this machine.
 server_started=0
+moto_started=0
 RUN_TMP=""
 our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
     # Type is fuse.s3cryptfs when mounted through fusermount3 (unprivileged), but fuser's direct mount
@@ -108,6 +113,9 @@ on_exit() {
     if (( server_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
         "$SERVER" stop
     fi
+    if (( moto_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        "$MOTO" stop
+    fi
     exit "$rc"
 }
 trap on_exit EXIT
@@ -139,6 +147,24 @@ if [[ "${S3CRYPTFS_SKIP_SMOKE:-0}" != 1 ]]; then
     "$SERVER" check || die "the S3/KMS test server failed its boto3 smoke test (see above)"
 fi
 say "server: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3_ENDPOINT, CA $S3CRYPTFS_TEST_CA_FILE)"
+
+# moto with authentication on: the only server here that refuses credentials (tests/deny.rs).
+t0="$(now)"
+if [[ -z "${S3CRYPTFS_MOTO_PORT:-}" ]]; then
+    S3CRYPTFS_MOTO_PORT=5000
+    if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        while port_busy "$S3CRYPTFS_MOTO_PORT"; do
+            S3CRYPTFS_MOTO_PORT=$((S3CRYPTFS_MOTO_PORT + 1))
+            (( S3CRYPTFS_MOTO_PORT < 5100 )) || die "no free port in 5000-5099 for the moto server"
+        done
+    fi
+fi
+export S3CRYPTFS_MOTO_PORT
+moto_started=1
+"$MOTO" start || die "could not start the moto server that checks credentials (see above)"
+eval "$("$MOTO" env)"
+[[ -n "${S3CRYPTFS_TEST_MOTO_ENDPOINT:-}" ]] || die "moto's env did not define S3CRYPTFS_TEST_MOTO_ENDPOINT"
+say "moto: $(elapsed "$t0") s ($S3CRYPTFS_TEST_MOTO_ENDPOINT, authentication on)"
 
 # --- 3. build --------------------------------------------------------------------------------------
 t0="$(now)"

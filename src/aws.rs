@@ -183,14 +183,17 @@ fn parse_error(body: &[u8]) -> (Option<String>, String) {
         return (code, message);
     }
     let text = String::from_utf8_lossy(body);
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let start = text.find(&open)? + open.len();
-        let end = text[start..].find(&format!("</{name}>"))? + start;
-        Some(text[start..end].to_string())
-    };
-    let message = tag("Message").unwrap_or_else(|| text.chars().take(200).collect());
-    (tag("Code"), message)
+    let message = xml_tag(&text, "Message").unwrap_or_else(|| text.chars().take(200).collect());
+    (xml_tag(&text, "Code"), message)
+}
+
+/// The text of the first `<name>…</name>` element in an XML error body (no nesting, no entities: S3's error bodies
+/// need neither).
+pub(crate) fn xml_tag(text: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = text.find(&open)? + open.len();
+    let end = text[start..].find(&format!("</{name}>"))? + start;
+    Some(text[start..end].to_string())
 }
 
 /// Whether `requested` (KMS key id, key ARN, alias name or alias ARN, as written by the user or an object header)

@@ -256,7 +256,16 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
         format!("the TLS certificate of {endpoint} is not trusted: for a private CA add -o ca_file=PATH (the CA's PEM file)")
     } else if has("NoSuchBucket") {
         format!("the bucket of {url} does not exist at {endpoint}: create it first or check the name")
-    } else if has("InvalidAccessKeyId") || has("SignatureDoesNotMatch") || has("AccessDenied") || has("403 Forbidden") {
+    } else if has("InvalidAccessKeyId") {
+        // The key id itself was refused: a typo, a deleted key, or credentials meant for another endpoint/account.
+        format!("access to {url} was denied at {endpoint}: the access key id is unknown there (InvalidAccessKeyId); check AWS_ACCESS_KEY_ID or the profile's credentials")
+    } else if has("SignatureDoesNotMatch") {
+        // The key id is known but our signature does not match: the secret belongs to another key.
+        format!("access to {url} was denied at {endpoint}: the secret key does not match the access key id (SignatureDoesNotMatch); check AWS_SECRET_ACCESS_KEY or the profile's credentials")
+    } else if has("AccessDenied") {
+        // Authenticated, but no policy allows the listing the mount starts with.
+        format!("access to {url} was denied at {endpoint}: the credentials are valid but not allowed to list it (AccessDenied); check the IAM policy of the user or role (s3:ListBucket) and the bucket policy")
+    } else if has("403 Forbidden") {
         format!("access to {url} was denied at {endpoint}: check the credentials and the bucket policy ({})", last_line(detail))
     } else if has("Connection refused") || has("tcp connect error") || has("dns error") || has("unreachable") {
         format!("cannot connect to {endpoint} for {url}: check endpoint= and the network ({})", last_line(detail))

@@ -113,5 +113,34 @@ pub(crate) fn chain_text(err: &(dyn StdError + 'static)) -> String {
         }
         cur = e.source();
     }
-    text
+    condense_s3_error_body(&text)
+}
+
+/// S3 answers an error with an XML body (`<?xml …?>` on a line of its own, then `<Error><Code>AccessDenied</Code>
+/// <Message>Access Denied</Message><RequestId>…</RequestId><HostId>…</HostId></Error>`), and object_store puts that
+/// body into its message as it came. Keep the code and the message, drop the rest: a detail is one line that a log line
+/// or an error sentence can carry.
+pub(crate) fn condense_s3_error_body(text: &str) -> String {
+    use crate::aws::xml_tag;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<Error>") {
+        let Some(len) = rest[start..].find("</Error>") else { break };
+        let body = &rest[start..start + len];
+        let mut head = rest[..start].trim_end();
+        if let Some(decl) = head.rfind("<?xml") {
+            if head[decl..].trim_end().ends_with("?>") {
+                head = head[..decl].trim_end();
+            }
+        }
+        out.push_str(head);
+        match (xml_tag(body, "Code"), xml_tag(body, "Message")) {
+            (Some(code), Some(message)) => out.push_str(&format!(" {}: {}", code.trim(), message.trim())),
+            (Some(code), None) => out.push_str(&format!(" {}", code.trim())),
+            _ => out.push_str(" (an S3 error without a code)"),
+        }
+        rest = &rest[start + len + "</Error>".len()..];
+    }
+    out.push_str(rest);
+    out.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }

@@ -829,6 +829,13 @@ pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
             operation: chain_text(&e),
         },
         E::InvalidPath { .. } => StoreError::invalid(chain_text(&e)),
+        // A delete goes through DeleteObjects, which answers 200 and reports each key's failure in the body;
+        // object_store passes that on as a generic error whose text ends in "(code: AccessDenied)". A refusal is
+        // still a refusal.
+        E::Generic { .. } if chain_text(&e).contains("(code: AccessDenied)") => StoreError::AccessDenied {
+            key: key.to_owned(),
+            detail: chain_text(&e),
+        },
         e => match transport_failure(&e) {
             Some(detail) => StoreError::Unavailable {
                 detail,

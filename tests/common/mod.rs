@@ -250,27 +250,38 @@ impl Mount {
         self.log_text()
     }
 
+    /// Unmounts and waits for the daemon like [`Mount::unmount`], but returns its exit status instead of asserting
+    /// success (for tests of a daemon that must exit with an error), and its log.
+    pub fn unmount_with_status(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.stop_status().expect("the daemon is running");
+        (status, self.log_text())
+    }
+
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
-            let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
-            if !ok {
-                // Busy or already gone: ask the daemon itself, then force a lazy unmount.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if let Some(status) = self.stop_status() {
+            assert!(status.success(), "s3cryptfs exited with {status}: {}", self.log_text());
+        }
+    }
+
+    fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+        let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
+        if !ok {
+            // Busy or already gone: ask the daemon itself, then force a lazy unmount.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "s3cryptfs exited with {status}: {}", self.log_text());
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
-                    panic!("s3cryptfs did not exit after unmount: {}", self.log_text());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+                panic!("s3cryptfs did not exit after unmount: {}", self.log_text());
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
