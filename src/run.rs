@@ -516,6 +516,13 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
+    // Signal handlers before anything is mounted: a SIGTERM during start-up (a quick `systemctl stop`, a test) then
+    // shuts down cleanly instead of killing the process with its mount left dead. Signals that arrive before the wait
+    // below are kept by the streams.
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?))
+    })?;
     let aead = match config.aead {
         AeadChoice::AwsLc => AeadBackend::AwsLc,
         AeadChoice::RustCrypto => AeadBackend::RustCrypto,
@@ -636,9 +643,6 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
 
     // Wait for a signal or for the kernel to end the session (fusermount -u / umount).
     let signalled = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut done_rx = done_rx;
         loop {
             tokio::select! {

@@ -493,6 +493,34 @@ fn a_restart_after_a_crash_replaces_its_own_dead_mount_and_uploads_what_was_stag
     assert!(!is_mounted(&dir), "no stacked mounts left behind");
 }
 
+#[test]
+fn a_sigterm_the_moment_the_mount_appears_is_a_clean_stop() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    for round in 0..5 {
+        let dir = env.path().join(format!("mnt-early-{round}"));
+        fs::create_dir_all(&dir).unwrap();
+        let log = env.path().join(format!("early-{round}.log"));
+        let mut child = Command::new(BIN)
+            .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
+            .arg(store.url())
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&dir) {
+            assert!(Instant::now() < deadline, "{}", fs::read_to_string(&log).unwrap());
+            std::thread::yield_now();
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "round {round}: {status}: {}", fs::read_to_string(&log).unwrap());
+        assert!(!is_mounted(&dir), "round {round}: the mount was left behind");
+    }
+}
+
 fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = fs::read_dir(dir) {

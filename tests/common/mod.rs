@@ -268,6 +268,9 @@ impl Mount {
         let out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
         let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
         if !ok {
+            if let Ok(o) = &out {
+                eprintln!("fusermount3 -u {}: {}", self.dir.display(), String::from_utf8_lossy(&o.stderr).trim());
+            }
             // Busy or already gone: ask the daemon itself, then force a lazy unmount.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
