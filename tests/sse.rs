@@ -275,3 +275,72 @@ fn sse_c_refuses_plain_http() {
     };
     assert!(err.contains("https"), "{err}");
 }
+
+/// chmod, touch and rename of objects another tool wrote (mode=none) are server-side copies with new metadata: the
+/// content type and tags the object had survive (a download and re-upload would lose both), and so does the content.
+/// A small limit on single CopyObjects sends the larger object down the multipart (UploadPartCopy) route.
+#[test]
+fn metadata_changes_and_renames_copy_server_side_keeping_content_type_and_tags() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let store = Store::s3();
+    let (ep, bucket) = endpoint(&store);
+    let small = b"hello, tags".to_vec();
+    let big = pattern(12 << 20, 7);
+    let src = env.path().join("big-src");
+    fs::write(&src, &big).unwrap();
+    for (key, body, ctype, tag) in [("doc.txt", "-d@-", "text/plain", "team=docs"), ("big.bin", "", "application/x-test", "team=big")] {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "-X", "PUT", "-H", &format!("Content-Type: {ctype}"), "-H", &format!("x-amz-tagging: {tag}")]);
+        if body.is_empty() {
+            cmd.arg("--data-binary").arg(format!("@{}", src.display()));
+        } else {
+            cmd.args(["--data-binary", std::str::from_utf8(&small).unwrap()]);
+        }
+        assert!(cmd.arg(format!("{ep}/{bucket}/{key}")).status().unwrap().success(), "PUT {key}");
+    }
+    let dir = env.path().join("mnt-copy");
+    fs::create_dir_all(&dir).unwrap();
+    let log = env.path().join("copy.log");
+    let mut opts = vec!["mode=none".to_string()];
+    opts.extend(store.extra_options());
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &opts.join(",")])
+        .arg(store.url())
+        .arg(&dir)
+        .env("S3CRYPTFS_TEST_COPY_OBJECT_MAX", (8u64 << 20).to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let m = Mount::adopt(dir, child, log).unwrap();
+    fs::set_permissions(m.path("doc.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(m.path("big.bin"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::rename(m.path("doc.txt"), m.path("moved.txt")).unwrap();
+    fs::rename(m.path("big.bin"), m.path("big-moved.bin")).unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(978_307_200);
+    fs::File::options().write(true).open(m.path("big-moved.bin")).unwrap().set_modified(old).unwrap();
+    assert_bytes(fs::read(m.path("moved.txt")).unwrap(), &small, "small after chmod and rename");
+    assert_bytes(fs::read(m.path("big-moved.bin")).unwrap(), &big, "big after chmod, rename and touch");
+    drop(m);
+
+    for (key, ctype, mode, tag) in
+        [("moved.txt", "text/plain", 0o100600u32, "docs"), ("big-moved.bin", "application/x-test", 0o100640, "big")]
+    {
+        let h = head_headers(&store, key);
+        assert!(h.contains(&format!("content-type: {ctype}")), "{key} kept its content type: {h}");
+        assert!(h.contains(&format!("x-amz-meta-mode: {mode}")), "{key} carries the new mode: {h}");
+        assert!(h.contains("x-amz-tagging-count: 1"), "{key} kept its tag: {h}");
+        let out = Command::new("curl").args(["-sf", &format!("{ep}/{bucket}/{key}?tagging")]).output().unwrap();
+        let tags = String::from_utf8_lossy(&out.stdout);
+        assert!(tags.contains("<Key>team</Key>") && tags.contains(&format!("<Value>{tag}</Value>")), "{key}: {tags}");
+    }
+    assert!(head_headers(&store, "big-moved.bin").contains("x-amz-meta-mtime: 978307200"), "the touch reached the store");
+    for gone in ["doc.txt", "big.bin"] {
+        let st = Command::new("curl").args(["-sf", "-I", &format!("{ep}/{bucket}/{gone}")]).status().unwrap();
+        assert!(!st.success(), "{gone} is gone after the rename");
+    }
+    let m = Mount::start(&env, &store, "none");
+    assert_bytes(fs::read(m.path("big-moved.bin")).unwrap(), &big, "big after remount");
+    assert_eq!(fs::metadata(m.path("big-moved.bin")).unwrap().modified().unwrap(), old);
+}

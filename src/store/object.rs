@@ -291,6 +291,30 @@ impl ObjectStoreBackend {
         Ok((body, info, meta))
     }
 
+    /// On S3 without a mount-level SSE mode: a CopyObject with new metadata (see [`super::raw::RawS3::copy_with_meta`])
+    /// instead of a download and re-upload. `Ok(None)` means "not here, do it the other way": no raw access (other
+    /// stores), an SSE mode (whose headers the copy would have to carry), or a server without CopyObject.
+    async fn copy_server_side(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: &UserMeta,
+    ) -> Result<Option<Result<ObjectInfo, StoreError>>, StoreError> {
+        let Some(raw) = &self.raw else { return Ok(None) };
+        if self.sse.is_some() || self.ssec.is_some() || from.is_dir_marker() {
+            return Ok(None);
+        }
+        let pairs: Vec<(String, String)> = meta::encode(meta)?.into_iter().collect();
+        let (src, dst) = (self.path(from)?, self.path(to)?);
+        match raw.copy_with_meta(src.as_ref(), dst.as_ref(), &pairs).await {
+            Err(StoreError::Unsupported { .. }) => Ok(None),
+            Err(e) => Ok(Some(Err(e))),
+            Ok((etag, size, _)) => {
+                Ok(Some(Ok(ObjectInfo { key: to.clone(), size, etag, last_modified: SystemTime::now() })))
+            }
+        }
+    }
+
     async fn put_with(
         &self,
         key: &ObjectKey,
@@ -447,10 +471,10 @@ impl Backend for ObjectStoreBackend {
                 }
                 Ok(())
             }
-            // object_store cannot send CopyObject with `x-amz-metadata-directive: REPLACE`, so
-            // new metadata means downloading and re-uploading the object. The planned upgrade
-            // is a raw CopyObject REPLACE signed with object_store's AwsAuthorizer.
             Some(meta) => {
+                if let Some(done) = self.copy_server_side(from, to, meta).await? {
+                    return done.map(|_| ());
+                }
                 let (body, _, _) = self.get(from).await?;
                 self.put_with(to, body, meta, PutMode::Overwrite)
                     .await
@@ -493,10 +517,11 @@ impl Backend for ObjectStoreBackend {
         key: &ObjectKey,
         meta: &UserMeta,
     ) -> Result<ObjectInfo, StoreError> {
-        // Same limitation as `copy` with new metadata: GET + PUT, where a signed CopyObject
-        // with `x-amz-metadata-directive: REPLACE` onto itself is the planned upgrade. The PUT
-        // is conditional on the etag we read so a concurrent rewrite of the content is not
-        // silently reverted; stores without conditional put get a plain PUT.
+        if let Some(done) = self.copy_server_side(key, key, meta).await? {
+            return done;
+        }
+        // Elsewhere GET + PUT. The PUT is conditional on the etag we read so a concurrent rewrite of the content is
+        // not silently reverted; stores without conditional put get a plain PUT.
         let path = self.path(key)?;
         let (res, _) = self
             .keyed(key, &path, |store| {
@@ -656,7 +681,7 @@ impl Backend for ObjectStoreBackend {
                 detail: "no key of the key file opens it with SSE-C, so it cannot be re-encrypted".into(),
             });
         };
-        if size > MAX_COPY_OBJECT_LEN {
+        if size > super::raw::MAX_COPY_OBJECT_LEN {
             return Err(StoreError::Unsupported {
                 operation: format!(
                     "re-encrypting {key} ({size} bytes) server-side: CopyObject copies at most 5 GiB; copy the file \
@@ -718,9 +743,6 @@ impl Backend for ObjectStoreBackend {
         }
     }
 }
-
-/// S3's CopyObject limit: larger objects can only be copied in parts.
-const MAX_COPY_OBJECT_LEN: u64 = 5 << 30;
 
 /// Copying a marker onto a file key (or back) would change what the object means.
 fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {

@@ -51,6 +51,20 @@ pub(crate) const FIRST_PART_LEN: u64 = 5 << 20;
 const COPY_PART_LEN: u64 = 256 << 20;
 /// S3's limit on the parts of one upload.
 const MAX_PARTS: u64 = 10_000;
+/// S3's limit on the object a single CopyObject copies.
+pub(crate) const MAX_COPY_OBJECT_LEN: u64 = 5 << 30;
+
+/// [`MAX_COPY_OBJECT_LEN`], or a smaller limit from `S3CRYPTFS_TEST_COPY_OBJECT_MAX` (bytes) so that the tests can
+/// take the multipart route without copying 5 GiB.
+fn copy_object_max() -> u64 {
+    static MAX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("S3CRYPTFS_TEST_COPY_OBJECT_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(MAX_COPY_OBJECT_LEN, |v: u64| v.min(MAX_COPY_OBJECT_LEN))
+    })
+}
 
 /// Signed access to one bucket's REST API.
 #[derive(Debug, Clone)]
@@ -192,8 +206,22 @@ impl RawS3 {
         range: Range<u64>,
         if_match: &str,
     ) -> Result<String, StoreError> {
+        self.upload_part_copy_from(path, path, upload_id, part, range, if_match).await
+    }
+
+    /// UploadPartCopy of bytes `range` of `source` into an upload of `path`, only if the source's ETag is still
+    /// `if_match`; returns the part's ETag.
+    async fn upload_part_copy_from(
+        &self,
+        source: &str,
+        path: &str,
+        upload_id: &str,
+        part: u32,
+        range: Range<u64>,
+        if_match: &str,
+    ) -> Result<String, StoreError> {
         let headers = [
-            ("x-amz-copy-source", self.copy_source(path)),
+            ("x-amz-copy-source", self.copy_source(source)),
             ("x-amz-copy-source-range", format!("bytes={}-{}", range.start, range.end - 1)),
             ("x-amz-copy-source-if-match", if_match.to_string()),
         ];
@@ -208,7 +236,7 @@ impl RawS3 {
         path: &str,
         upload_id: &str,
         parts: &[String],
-        if_match: &str,
+        if_match: Option<&str>,
     ) -> Result<ApiResponse, StoreError> {
         let url = format!(
             "{}?uploadId={}",
@@ -220,7 +248,10 @@ impl RawS3 {
             body.push_str(&format!("<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>", i + 1, xml_escape(etag)));
         }
         body.push_str("</CompleteMultipartUpload>");
-        let headers = [("if-match", if_match.to_string()), ("content-type", "application/xml".to_string())];
+        let mut headers = vec![("content-type", "application/xml".to_string())];
+        if let Some(etag) = if_match {
+            headers.push(("if-match", etag.to_string()));
+        }
         self.send(Method::POST, &url, &headers, Bytes::from(body), path).await
     }
 
@@ -303,8 +334,74 @@ impl RawS3 {
             start = end;
         }
         cost.requests += 1;
-        self.complete(path, upload_id, &parts, etag).await?;
+        self.complete(path, upload_id, &parts, Some(etag)).await?;
         Ok(())
+    }
+
+    /// The response headers of a HEAD of the object.
+    pub(crate) async fn head(&self, path: &str) -> Result<HeaderMap, StoreError> {
+        Ok(self.send(Method::HEAD, &self.object_url(path), &[], Bytes::new(), path).await?.headers)
+    }
+
+    /// Copies `source` to `path` inside the store with `meta` as its whole user metadata (`x-amz-metadata-directive:
+    /// REPLACE`), keeping the source's content headers, storage class, encryption and tags, only if the source's ETag
+    /// is still what its HEAD said: no byte of content passes through the client. Up to 5 GiB one CopyObject; larger
+    /// objects a multipart upload of UploadPartCopy parts. `path` may equal `source` (new metadata in place). Returns
+    /// the new object's ETag and size.
+    pub(crate) async fn copy_with_meta(
+        &self,
+        source: &str,
+        path: &str,
+        meta: &[(String, String)],
+    ) -> Result<(Option<String>, u64, Transfer), StoreError> {
+        let mut cost = Transfer { requests: 1, ..Transfer::default() };
+        let answer = self.head(source).await?;
+        let header = |name: &str| answer.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let etag = header("etag").ok_or_else(|| StoreError::other(source, "HEAD answered without an ETag"))?;
+        let size: u64 = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut headers: Vec<(String, String)> =
+            kept_headers(&answer).into_iter().filter(|(k, _)| !k.starts_with("x-amz-meta-")).collect();
+        headers.extend(meta.iter().map(|(k, v)| (format!("x-amz-meta-{k}"), v.clone())));
+        if size <= copy_object_max() {
+            headers.push(("x-amz-copy-source".into(), self.copy_source(source)));
+            headers.push(("x-amz-copy-source-if-match".into(), etag));
+            headers.push(("x-amz-metadata-directive".into(), "REPLACE".into()));
+            let headers: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            cost.requests += 1;
+            let resp = self.send(Method::PUT, &self.object_url(path), &headers, Bytes::new(), path).await?;
+            let new_etag = xml_value(&String::from_utf8_lossy(&resp.body), "ETag");
+            return Ok((new_etag, size, cost));
+        }
+        // Over 5 GiB: CreateMultipartUpload carries the headers CopyObject would have kept, tags included.
+        if tag_count(&answer) > 0 {
+            cost.requests += 1;
+            headers.push(("x-amz-tagging".into(), tagging_header(&self.tags(source).await?)));
+        }
+        let headers: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        cost.requests += 1;
+        let upload_id = self.create_multipart(path, &headers).await?;
+        let result = async {
+            let part_len = COPY_PART_LEN.max(size.div_ceil(MAX_PARTS));
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < size {
+                let end = (start + part_len).min(size);
+                let number = u32::try_from(parts.len() + 1).expect("invariant broken: more than 10,000 parts");
+                cost.requests += 1;
+                parts.push(self.upload_part_copy_from(source, path, &upload_id, number, start..end, &etag).await?);
+                start = end;
+            }
+            cost.requests += 1;
+            let resp = self.complete(path, &upload_id, &parts, None).await?;
+            Ok(xml_value(&String::from_utf8_lossy(&resp.body), "ETag"))
+        }
+        .await;
+        if result.is_err() {
+            if let Err(e) = self.abort(path, &upload_id).await {
+                tracing::warn!(path, error = %e, "could not abort the multipart upload; a lifecycle rule removes it");
+            }
+        }
+        result.map(|new_etag| (new_etag, size, cost))
     }
 
     /// CopyObject of the object onto itself with `headers` (the caller adds directives and encryption headers),
