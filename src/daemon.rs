@@ -126,3 +126,24 @@ pub fn detach_stdio(keep_stderr: bool) {
         }
     }
 }
+
+/// The parent side of going to the background: waits until the child writes "ready" on the pipe (the child keeps
+/// serving and holding its end), or writes its error and exits; `what` names the child for the case where it died
+/// without a word. Used by the mount and the agent alike.
+pub fn wait_until_ready(read_end: std::os::fd::OwnedFd, what: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
+    let mut reader = std::io::BufReader::new(std::fs::File::from(read_end));
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.trim_end() == "ready" {
+        return Ok(());
+    }
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    let msg = format!("{line}{rest}");
+    let msg = msg.trim();
+    if msg.is_empty() {
+        anyhow::bail!("{what} exited before it was ready")
+    }
+    anyhow::bail!("{msg}")
+}

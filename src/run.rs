@@ -6,7 +6,7 @@
 //! store, mounts, and only then tells the waiting parent "ready" through a pipe; a failure after the fork travels
 //! through the same pipe and becomes the parent's error message and exit code.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -223,21 +223,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         }
         _child => {
             drop(write_end);
-            // The child writes "ready" and keeps serving (and holding the pipe), or writes its error and exits.
-            let mut reader = std::io::BufReader::new(std::fs::File::from(read_end));
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut reader, &mut line)?;
-            if line.trim_end() == "ready" {
-                return Ok(());
-            }
-            let mut rest = String::new();
-            let _ = reader.read_to_string(&mut rest);
-            let msg = format!("{line}{rest}");
-            let msg = msg.trim();
-            if msg.is_empty() {
-                bail!("the mount process exited before the mount was ready")
-            }
-            bail!("{msg}")
+            crate::daemon::wait_until_ready(read_end, "the mount process")
         }
     }
 }

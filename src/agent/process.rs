@@ -15,12 +15,12 @@
 //! The logging setup mirrors `run.rs` (stderr in the foreground, syslog in the background); those helpers are
 //! private there.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::server::{self, ServerConfig};
 use super::socket::{self, Bound};
@@ -75,20 +75,7 @@ pub(super) fn run_agent(socket_path: &Path, foreground: bool) -> anyhow::Result<
             drop(write_end);
             // Our copy of the listening socket; the child keeps its own. The file stays.
             drop(bound.listener);
-            let mut reader = std::io::BufReader::new(std::fs::File::from(read_end));
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut reader, &mut line)?;
-            if line.trim_end() == "ready" {
-                return Ok(());
-            }
-            let mut rest = String::new();
-            let _ = reader.read_to_string(&mut rest);
-            let msg = format!("{line}{rest}");
-            let msg = msg.trim();
-            if msg.is_empty() {
-                bail!("the agent process exited before it was ready")
-            }
-            bail!("{msg}")
+            crate::daemon::wait_until_ready(read_end, "the agent process")
         }
     }
 }
