@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use crate::error_text::error_chain;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
@@ -149,21 +151,6 @@ impl SignedClient {
             .map_err(|e| ApiError::Credentials(format!("cannot sign the request: {}", error_chain(&e))))?;
         Ok(req)
     }
-}
-
-/// The error and its sources in one line (`a: b: c`), for log lines and messages.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// `(code, message)` from an AWS error body: JSON protocols (KMS) use `__type` and `message`/`Message`, the S3 REST

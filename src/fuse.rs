@@ -64,18 +64,8 @@ fn errno(op: &'static str, e: &Error) -> Errno {
     let errno = e.errno();
     crate::metrics::fuse_error(op, errno);
     if !e.is_expected() {
-        // `{:#}`-style chain: the fs error already names the object key; add the sources.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            src = s.source();
-        }
-        tracing::error!(op, error = %msg, "request failed");
+        // The fs error already names the object key; the chain adds the causes.
+        tracing::error!(op, error = %crate::error_text::error_chain(e), "request failed");
     }
     Errno::from_i32(errno)
 }

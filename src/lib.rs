@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod error_text;
 pub mod fs;
 pub mod fuse;
 pub mod keys;

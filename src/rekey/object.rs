@@ -5,13 +5,14 @@
 //! header was read with) and [`Backend::move_to_writing_key`] for sse-c. A lost race (the object changed between the
 //! read and the write) is retried from the read, a few times.
 
+use crate::error_text::error_chain;
 use bytes::Bytes;
 
 use crate::crypto::{
     self, AeadBackend, CryptoError, Envelope, FileId, Header, KeyFingerprint, KeyHistory, ObjectCipher, HEADER_LEN,
 };
 use crate::kms::KmsClient;
-use crate::store::{Backend, ObjectInfo, StoreError, Transfer};
+use crate::store::{Backend, ObjectInfo, Transfer};
 
 /// Attempts per object when it keeps changing under us: a writer that rewrites the same file continuously wins, and
 /// the object is reported as failed (a later run picks it up).
@@ -161,7 +162,7 @@ async fn rekey_header(
         let (head, now, _) = match backend.get_range(&info.key, 0..HEADER_LEN).await {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-            Err(e) => return Outcome::Failed(chain(&e)),
+            Err(e) => return Outcome::Failed(error_chain(&e)),
         };
         cost.requests += 1;
         cost.bytes_down += head.len() as u64;
@@ -200,7 +201,7 @@ async fn rekey_header(
             // Rewritten since we read its header: read it again (a writer may even have used the new key).
             Err(e) if e.is_precondition() => continue,
             Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-            Err(e) => return Outcome::Failed(chain(&e)),
+            Err(e) => return Outcome::Failed(error_chain(&e)),
         }
     }
     Outcome::Failed(format!("it changed under us {ATTEMPTS} times in a row; run rekey again later"))
@@ -214,14 +215,14 @@ async fn rekey_server_side(backend: &dyn Backend, info: &ObjectInfo, dry_run: bo
             match backend.head(&info.key).await {
                 Ok((now, _)) => etag = now.etag,
                 Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-                Err(e) => return Outcome::Failed(chain(&e)),
+                Err(e) => return Outcome::Failed(error_chain(&e)),
             }
             cost.requests += 1;
         }
         let of = match backend.customer_key_of(&info.key).await {
             Ok(of) => of,
             Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-            Err(e) => return Outcome::Failed(chain(&e)),
+            Err(e) => return Outcome::Failed(error_chain(&e)),
         };
         *cost += of.cost;
         match of.index {
@@ -250,25 +251,10 @@ async fn rekey_server_side(backend: &dyn Backend, info: &ObjectInfo, dry_run: bo
             }
             Err(e) if e.is_precondition() => continue,
             Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-            Err(e) => return Outcome::Failed(chain(&e)),
+            Err(e) => return Outcome::Failed(error_chain(&e)),
         }
     }
     Outcome::Failed(format!("it changed under us {ATTEMPTS} times in a row; run rekey again later"))
-}
-
-/// The error and its sources in one line.
-fn chain(e: &StoreError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

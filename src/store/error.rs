@@ -102,18 +102,7 @@ impl StoreError {
 
 /// Flatten a source chain into one line, for the `detail` fields that are shown to users.
 pub(crate) fn chain_text(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        // object_store often repeats the inner message in the outer one; skip exact repeats.
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cur = e.source();
-    }
-    condense_s3_error_body(&text)
+    condense_s3_error_body(&crate::error_text::error_chain(err))
 }
 
 /// S3 answers an error with an XML body (`<?xml …?>` on a line of its own, then `<Error><Code>AccessDenied</Code>
