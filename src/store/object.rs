@@ -292,26 +292,27 @@ impl ObjectStoreBackend {
     }
 
     /// On S3 without a mount-level SSE mode: a CopyObject with new metadata (see [`super::raw::RawS3::copy_with_meta`])
-    /// instead of a download and re-upload. `Ok(None)` means "not here, do it the other way": no raw access (other
+    /// instead of a download and re-upload. `None` means "not here, do it the other way": no raw access (other
     /// stores), an SSE mode (whose headers the copy would have to carry), or a server without CopyObject.
     async fn copy_server_side(
         &self,
         from: &ObjectKey,
         to: &ObjectKey,
         meta: &UserMeta,
-    ) -> Result<Option<Result<ObjectInfo, StoreError>>, StoreError> {
-        let Some(raw) = &self.raw else { return Ok(None) };
+    ) -> Option<Result<ObjectInfo, StoreError>> {
+        let raw = self.raw.as_ref()?;
         if self.sse.is_some() || self.ssec.is_some() || from.is_dir_marker() {
-            return Ok(None);
+            return None;
         }
-        let pairs: Vec<(String, String)> = meta::encode(meta)?.into_iter().collect();
-        let (src, dst) = (self.path(from)?, self.path(to)?);
-        match raw.copy_with_meta(src.as_ref(), dst.as_ref(), &pairs).await {
-            Err(StoreError::Unsupported { .. }) => Ok(None),
-            Err(e) => Ok(Some(Err(e))),
-            Ok((etag, size, _)) => {
-                Ok(Some(Ok(ObjectInfo { key: to.clone(), size, etag, last_modified: SystemTime::now() })))
-            }
+        let copied = async {
+            let pairs: Vec<(String, String)> = meta::encode(meta)?.into_iter().collect();
+            let (src, dst) = (self.path(from)?, self.path(to)?);
+            let (etag, size) = raw.copy_with_meta(src.as_ref(), dst.as_ref(), &pairs).await?;
+            Ok(ObjectInfo { key: to.clone(), size, etag, last_modified: SystemTime::now() })
+        };
+        match copied.await {
+            Err(StoreError::Unsupported { .. }) => None,
+            other => Some(other),
         }
     }
 
@@ -472,8 +473,8 @@ impl Backend for ObjectStoreBackend {
                 Ok(())
             }
             Some(meta) => {
-                if let Some(done) = self.copy_server_side(from, to, meta).await? {
-                    return done.map(|_| ());
+                if let Some(copied) = self.copy_server_side(from, to, meta).await {
+                    return copied.map(|_| ());
                 }
                 let (body, _, _) = self.get(from).await?;
                 self.put_with(to, body, meta, PutMode::Overwrite)
@@ -517,8 +518,8 @@ impl Backend for ObjectStoreBackend {
         key: &ObjectKey,
         meta: &UserMeta,
     ) -> Result<ObjectInfo, StoreError> {
-        if let Some(done) = self.copy_server_side(key, key, meta).await? {
-            return done;
+        if let Some(copied) = self.copy_server_side(key, key, meta).await {
+            return copied;
         }
         // Elsewhere GET + PUT. The PUT is conditional on the etag we read so a concurrent rewrite of the content is
         // not silently reverted; stores without conditional put get a plain PUT.

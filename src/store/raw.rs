@@ -353,8 +353,7 @@ impl RawS3 {
         source: &str,
         path: &str,
         meta: &[(String, String)],
-    ) -> Result<(Option<String>, u64, Transfer), StoreError> {
-        let mut cost = Transfer { requests: 1, ..Transfer::default() };
+    ) -> Result<(Option<String>, u64), StoreError> {
         let answer = self.head(source).await?;
         let header = |name: &str| answer.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let etag = header("etag").ok_or_else(|| StoreError::other(source, "HEAD answered without an ETag"))?;
@@ -367,18 +366,15 @@ impl RawS3 {
             headers.push(("x-amz-copy-source-if-match".into(), etag));
             headers.push(("x-amz-metadata-directive".into(), "REPLACE".into()));
             let headers: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            cost.requests += 1;
             let resp = self.send(Method::PUT, &self.object_url(path), &headers, Bytes::new(), path).await?;
             let new_etag = xml_value(&String::from_utf8_lossy(&resp.body), "ETag");
-            return Ok((new_etag, size, cost));
+            return Ok((new_etag, size));
         }
         // Over 5 GiB: CreateMultipartUpload carries the headers CopyObject would have kept, tags included.
         if tag_count(&answer) > 0 {
-            cost.requests += 1;
             headers.push(("x-amz-tagging".into(), tagging_header(&self.tags(source).await?)));
         }
         let headers: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        cost.requests += 1;
         let upload_id = self.create_multipart(path, &headers).await?;
         let result = async {
             let part_len = COPY_PART_LEN.max(size.div_ceil(MAX_PARTS));
@@ -387,11 +383,9 @@ impl RawS3 {
             while start < size {
                 let end = (start + part_len).min(size);
                 let number = u32::try_from(parts.len() + 1).expect("invariant broken: more than 10,000 parts");
-                cost.requests += 1;
-                parts.push(self.upload_part_copy_from(source, path, &upload_id, number, start..end, &etag).await?);
+                    parts.push(self.upload_part_copy_from(source, path, &upload_id, number, start..end, &etag).await?);
                 start = end;
             }
-            cost.requests += 1;
             let resp = self.complete(path, &upload_id, &parts, None).await?;
             Ok(xml_value(&String::from_utf8_lossy(&resp.body), "ETag"))
         }
@@ -401,7 +395,7 @@ impl RawS3 {
                 tracing::warn!(path, error = %e, "could not abort the multipart upload; a lifecycle rule removes it");
             }
         }
-        result.map(|new_etag| (new_etag, size, cost))
+        result.map(|new_etag| (new_etag, size))
     }
 
     /// CopyObject of the object onto itself with `headers` (the caller adds directives and encryption headers),
