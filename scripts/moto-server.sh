@@ -60,11 +60,9 @@ LOCK_FILE="$TEST_HOME/.install.lock"
 
 PIP_PACKAGES=("moto[server,s3,iam]==$MOTO_VERSION" boto3)
 
-log() { echo "moto-server: $*" >&2; }
-die() { echo "moto-server: ERROR: $*" >&2; exit 1; }
-
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+SERVER_NAME=moto-server
+# shellcheck source=lib/server-common.sh
+. "$SCRIPT_DIR/lib/server-common.sh"
 
 # --- install ---------------------------------------------------------------------------------------
 
@@ -79,20 +77,6 @@ find_python() {
         fi
     done
     return 1
-}
-
-install_stamp() {
-    { printf '%s\n' "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS"; } | sha256sum | cut -d' ' -f1
-}
-
-with_lock() {
-    # Serialize venv creation between concurrent runs sharing $TEST_HOME (same lock as s3-server.sh).
-    mkdir -p "$TEST_HOME"
-    if command -v flock >/dev/null 2>&1; then
-        ( flock -w 600 9 || die "timed out waiting for $LOCK_FILE"; "$@" ) 9>"$LOCK_FILE"
-    else
-        "$@"
-    fi
 }
 
 cmd_install() {
@@ -121,9 +105,6 @@ cmd_install() {
 }
 
 # --- run -------------------------------------------------------------------------------------------
-
-read_pid() { [[ -s "$PID_FILE" ]] && cat "$PID_FILE" || true; }
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 
 # moto's own API answers 200 once the server is up; it is not an authenticated action.
 answering() { curl -sf --max-time 2 -o /dev/null "http://127.0.0.1:$PORT/moto-api/" 2>/dev/null; }
@@ -189,22 +170,8 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local pid; pid="$(read_pid)"
-    if ! pid_alive "$pid"; then
-        rm -f "$PID_FILE" "$ENV_FILE"; log "not running"; return 0
-    fi
-    # The server was started with setsid, so $pid leads its own process group: signal that group.
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do pid_alive "$pid" || break; sleep 0.1; done
-    if pid_alive "$pid"; then
-        log "pid $pid still alive 5 s after SIGTERM: SIGKILL"
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-        for i in $(seq 20); do pid_alive "$pid" || break; sleep 0.1; done
-    fi
-    pid_alive "$pid" && die "could not stop pid $pid"
-    rm -f "$PID_FILE" "$ENV_FILE"
-    log "stopped (pid $pid)"
+    stop_server
+    rm -f "$ENV_FILE"
 }
 
 cmd_status() {

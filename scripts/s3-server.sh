@@ -66,11 +66,9 @@ LOCK_FILE="$TEST_HOME/.install.lock"
 PIP_PACKAGES=("localstack-core[runtime]==$LOCALSTACK_VERSION" 'cbor2<6' 'pyopenssl<24.3' 'cryptography<44'
               service_identity boto3)
 
-log() { echo "s3-server: $*" >&2; }
-die() { echo "s3-server: ERROR: $*" >&2; exit 1; }
-
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+SERVER_NAME=s3-server
+# shellcheck source=lib/server-common.sh
+. "$SCRIPT_DIR/lib/server-common.sh"
 
 # --- install ---------------------------------------------------------------------------------------
 
@@ -89,21 +87,6 @@ find_python() {
         if [[ -n "$cand" ]] && "$cand" -c 'import venv, ensurepip' 2>/dev/null; then echo "$cand"; return 0; fi
     done
     return 1
-}
-
-install_stamp() {
-    # Changes whenever the package list or the pinned versions change.
-    { printf '%s\n' "${PIP_PACKAGES[@]}"; cat "$CONSTRAINTS"; } | sha256sum | cut -d' ' -f1
-}
-
-with_lock() {
-    # Serialize venv/cert creation between concurrent runs sharing $TEST_HOME.
-    mkdir -p "$TEST_HOME"
-    if command -v flock >/dev/null 2>&1; then
-        ( flock -w 600 9 || die "timed out waiting for $LOCK_FILE"; "$@" ) 9>"$LOCK_FILE"
-    else
-        "$@"
-    fi
 }
 
 cmd_install() {
@@ -165,9 +148,6 @@ ensure_certs() {
 }
 
 # --- run -------------------------------------------------------------------------------------------
-
-read_pid() { [[ -s "$PID_FILE" ]] && cat "$PID_FILE" || true; }
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 
 # Prints nothing; exit 0 when /_localstack/health says s3 and kms are available/running.
 healthy() {
@@ -254,22 +234,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local pid; pid="$(read_pid)"
-    if ! pid_alive "$pid"; then
-        rm -f "$PID_FILE"; log "not running"; return 0
-    fi
-    # The server was started with setsid, so $pid leads its own process group: signal that group.
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do pid_alive "$pid" || break; sleep 0.1; done
-    if pid_alive "$pid"; then
-        log "pid $pid still alive 5 s after SIGTERM: SIGKILL"
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-        for i in $(seq 20); do pid_alive "$pid" || break; sleep 0.1; done
-    fi
-    pid_alive "$pid" && die "could not stop pid $pid"
-    rm -f "$PID_FILE"
-    log "stopped (pid $pid)"
+    stop_server
 }
 
 cmd_status() {
