@@ -182,12 +182,7 @@ fn a_mountpoint_in_use_is_refused_and_nonempty_is_an_explicit_choice() {
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("hidden-while-mounted"), b"y").unwrap();
     let log = env.path().join("nonempty.log");
-    let child = Command::new(BIN)
-        .args(["mount", "-f", "-o", &format!("{key},nonempty")])
-        .arg(store.url())
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
+    let child = daemon_command(&format!("{key},nonempty"), store.url(), &dir, &log)
         .spawn()
         .unwrap();
     let m = Mount::adopt(dir.clone(), child, log).unwrap();
@@ -208,13 +203,8 @@ fn systemd_hears_ready_only_once_the_mount_answers_and_stopping_at_unmount() {
     let dir = env.path().join("mnt-notify");
     fs::create_dir_all(&dir).unwrap();
     let log = env.path().join("notify.log");
-    let child = Command::new(BIN)
-        .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
-        .arg(store.url())
-        .arg(&dir)
+    let child = daemon_command(&format!("key_file={}", env.key_file.display()), store.url(), &dir, &log)
         .env("NOTIFY_SOCKET", &sock)
-        .stdin(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut buf = [0u8; 512];
@@ -330,20 +320,11 @@ fn data_that_could_not_be_uploaded_at_stop_is_uploaded_by_the_next_start() {
     let staging = env.path().join("staging");
     let opts = format!("key_file={},staging_dir={},endpoint={endpoint},region=us-east-1", env.key_file.display(), staging.display());
     let log = env.path().join("first.log");
-    let mut child = Command::new(BIN)
-        .args(["mount", "-f", "-o", &opts])
-        .arg(store.url())
-        .arg(&dir)
+    let mut child = daemon_command(&opts, store.url(), &dir, &log)
         .env("RUST_LOG", "s3cryptfs=info")
-        .stdin(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(&dir) {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "{}", fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_mounted(&dir, &mut child, &log);
     let mut f = fs::File::create(dir.join("precious")).unwrap();
     f.write_all(b"must survive a failed stop").unwrap();
     // The store goes away (the bucket is emptied and deleted), then the daemon is stopped with the file still open.
@@ -441,23 +422,14 @@ fn a_restart_after_a_crash_replaces_its_own_dead_mount_and_uploads_what_was_stag
     let opts = format!("mode=cse-c,key_file={},staging_dir={}", env.key_file.display(), env.path().join("staging").display());
     let start = |store_url: &str, log: &str| {
         let log = env.path().join(log);
-        let child = Command::new(BIN)
-            .args(["mount", "-f", "-o", &opts])
-            .arg(store_url)
-            .arg(&dir)
+        let child = daemon_command(&opts, store_url, &dir, &log)
             .env("RUST_LOG", "s3cryptfs=info")
-            .stdin(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         (child, log)
     };
     let (mut child, log) = start(&store.url(), "first.log");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(&dir) {
-        assert!(Instant::now() < deadline, "{}", fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_mounted(&dir, &mut child, &log);
     let mut f = fs::File::create(dir.join("in-flight")).unwrap();
     f.write_all(b"written before the crash").unwrap();
     child.kill().unwrap();
@@ -501,12 +473,7 @@ fn a_sigterm_the_moment_the_mount_appears_is_a_clean_stop() {
         let dir = env.path().join(format!("mnt-early-{round}"));
         fs::create_dir_all(&dir).unwrap();
         let log = env.path().join(format!("early-{round}.log"));
-        let mut child = Command::new(BIN)
-            .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
-            .arg(store.url())
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
+        let mut child = daemon_command(&format!("key_file={}", env.key_file.display()), store.url(), &dir, &log)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -614,19 +581,10 @@ fn a_daemon_whose_mount_was_lazily_detached_exits_cleanly() {
     let dir = env.path().join("mnt-lazy");
     fs::create_dir_all(&dir).unwrap();
     let log = env.path().join("lazy.log");
-    let mut child = Command::new(BIN)
-        .args(["mount", "-f", "-o", &format!("key_file={}", env.key_file.display())])
-        .arg(store.url())
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
+    let mut child = daemon_command(&format!("key_file={}", env.key_file.display()), store.url(), &dir, &log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(&dir) {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "{}", fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_mounted(&dir, &mut child, &log);
     fs::write(dir.join("f"), b"before the detach").unwrap();
     let open = fs::File::open(dir.join("f")).unwrap();
     // Someone else detaches the mount while a file is still open: it stays usable through that descriptor.

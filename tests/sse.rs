@@ -304,13 +304,8 @@ fn metadata_changes_and_renames_copy_server_side_keeping_content_type_and_tags()
     let log = env.path().join("copy.log");
     let mut opts = vec!["mode=none".to_string()];
     opts.extend(store.extra_options());
-    let child = Command::new(BIN)
-        .args(["mount", "-f", "-o", &opts.join(",")])
-        .arg(store.url())
-        .arg(&dir)
+    let child = daemon_command(&opts.join(","), store.url(), &dir, &log)
         .env("S3CRYPTFS_TEST_COPY_OBJECT_MAX", (8u64 << 20).to_string())
-        .stdin(std::process::Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let m = Mount::adopt(dir, child, log).unwrap();

@@ -304,6 +304,29 @@ impl Drop for Mount {
     }
 }
 
+/// `s3cryptfs mount -f -o OPTS STORE DIR` with its log (stderr) going to `log`, for tests that run the daemon
+/// themselves; add environment and spawn.
+pub fn daemon_command(opts: &str, store: impl AsRef<std::ffi::OsStr>, dir: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mount", "-f", "-o", opts])
+        .arg(store)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd
+}
+
+/// Waits until the daemon `child` (started with [`daemon_command`]) has mounted `dir`; fails with its log if it
+/// exits first or 30 s pass.
+pub fn wait_mounted(dir: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(dir) {
+        let exited = child.try_wait().unwrap();
+        assert!(Instant::now() < deadline && exited.is_none(), "{exited:?}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn is_mounted(dir: &Path) -> bool {
     mountinfo_line(dir).is_some()
 }
