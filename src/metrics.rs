@@ -51,7 +51,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::kms::KmsError;
-use crate::store::{Backend, CustomerKeyOf, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta};
+use crate::store::{
+    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta,
+};
 
 pub const FS_READ_BYTES: &str = "s3cryptfs_fs_read_bytes_total";
 pub const FS_WRITTEN_BYTES: &str = "s3cryptfs_fs_written_bytes_total";
@@ -448,8 +450,34 @@ impl Backend for MeteredBackend {
         result
     }
 
+    async fn put_expect(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+        expect: &Expect,
+    ) -> Result<ObjectInfo, StoreError> {
+        let len = body.len() as u64;
+        let result = measure(RequestKind::Put, self.inner.put_expect(key, body, meta, expect)).await;
+        if result.is_ok() {
+            sent(len);
+        }
+        result
+    }
+
     async fn put_multipart(&self, key: &ObjectKey, meta: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
         let inner = measure(RequestKind::MultipartCreate, self.inner.put_multipart(key, meta)).await?;
+        Ok(Box::new(MeteredUpload { inner }))
+    }
+
+    async fn put_multipart_expect(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        expect: &Expect,
+    ) -> Result<Box<dyn Upload>, StoreError> {
+        let inner =
+            measure(RequestKind::MultipartCreate, self.inner.put_multipart_expect(key, meta, expect)).await?;
         Ok(Box::new(MeteredUpload { inner }))
     }
 
@@ -782,10 +810,15 @@ mod tests {
         async fn get(&self, _: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
             std::future::pending().await
         }
-        async fn put(&self, _: &ObjectKey, _: Bytes, _: &UserMeta) -> Result<ObjectInfo, StoreError> {
+        async fn put_expect(&self, _: &ObjectKey, _: Bytes, _: &UserMeta, _: &Expect) -> Result<ObjectInfo, StoreError> {
             std::future::pending().await
         }
-        async fn put_multipart(&self, _: &ObjectKey, _: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
+        async fn put_multipart_expect(
+            &self,
+            _: &ObjectKey,
+            _: &UserMeta,
+            _: &Expect,
+        ) -> Result<Box<dyn Upload>, StoreError> {
             std::future::pending().await
         }
         async fn copy(&self, _: &ObjectKey, _: &ObjectKey, _: Option<&UserMeta>) -> Result<(), StoreError> {

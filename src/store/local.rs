@@ -14,6 +14,16 @@
 //! in ns); a rewrite always gets a new inode, because the temp file is created while the old
 //! file still exists, so the etag changes even within one timestamp tick.
 //!
+//! Conditional writes ([`Expect`]) are emulated, as atomically as the filesystem allows:
+//! - [`Expect::Absent`] publishes with a no-replace rename (`renameat2(RENAME_NOREPLACE)`, or link + unlink where the
+//!   filesystem lacks it), so the kernel refuses it if anything appeared at the path: atomic against every writer.
+//! - [`Expect::Etag`] compares the current file's etag and renames over it while holding the store's write lock: an
+//!   in-process mutex plus an `flock` on `.s3cryptfs-tmp/write.lock`, so two mounts (processes) of the same
+//!   directory are serialised too. Every publishing write (put, copy, upload, rename, delete, header rewrite) takes
+//!   that lock for its final step. What remains: a program that changes the directory *without* the lock (another
+//!   tool, an editor, an older s3cryptfs) can replace the file between the check and the rename, and that change is
+//!   then overwritten; and `flock` does not serialise clients of a network filesystem on different hosts.
+//!
 //! Keys are validated by [`ObjectKey`] (no `..`, no leading `/`, no NUL), and the final path
 //! component is opened with `O_NOFOLLOW`; the root itself is trusted not to contain symlinks
 //! planted in intermediate directories. All std::fs calls run under `spawn_blocking`.
@@ -25,7 +35,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -35,7 +45,7 @@ use tempfile::NamedTempFile;
 use super::error::StoreError;
 use super::meta;
 use super::{
-    check_dir, sort_listing, Backend, Listing, ObjectInfo, ObjectKey, Upload, UserMeta,
+    check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Upload, UserMeta,
     LOCAL_TMP_DIR,
 };
 
@@ -46,6 +56,8 @@ const XATTR_PROBE: &CStr = c"user.s3cryptfs.probe";
 /// First guess for the xattr buffer; metadata is capped at 2 KiB of names and values, so one
 /// page almost always suffices and ERANGE handles the rest.
 const XATTR_BUF_LEN: usize = 4096;
+/// The lock file in the staging directory that serialises the final step of every write (see the module docs).
+const WRITE_LOCK_FILE: &str = "write.lock";
 
 /// A directory holding objects as files; cheap to clone.
 #[derive(Debug, Clone)]
@@ -57,6 +69,21 @@ pub struct LocalBackend {
 struct Inner {
     root: PathBuf,
     tmp: PathBuf,
+    /// The open lock file: the mutex serialises this process's threads (an `flock` is held per open file, so it
+    /// would not), the `flock` on it other processes.
+    write_lock: Mutex<File>,
+}
+
+/// Holds the store's write lock (see the module docs) until dropped.
+struct WriteLock<'a> {
+    file: MutexGuard<'a, File>,
+}
+
+impl Drop for WriteLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: flock on a descriptor the guard keeps open; unlocking cannot fail on a valid descriptor.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 impl LocalBackend {
@@ -90,8 +117,17 @@ impl LocalBackend {
             }
             Err(e) => return Err(io_err(e, LOCAL_TMP_DIR)),
         }
+        let write_lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(tmp.join(WRITE_LOCK_FILE))
+            .map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
         Ok(LocalBackend {
-            inner: Arc::new(Inner { root, tmp }),
+            inner: Arc::new(Inner { root, tmp, write_lock: Mutex::new(write_lock) }),
         })
     }
 
@@ -115,6 +151,32 @@ impl LocalBackend {
 impl Inner {
     fn path(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(key.trimmed())
+    }
+
+    /// Takes the store's write lock (in-process mutex, then `flock`); blocks until both are free.
+    fn lock(&self, key: &ObjectKey) -> Result<WriteLock<'_>, StoreError> {
+        // A panic while holding the mutex left no state behind it to repair: the file is all it guards.
+        let file = self.write_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            // SAFETY: flock on the lock file's open descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(WriteLock { file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err(e, key.as_str()));
+            }
+        }
+    }
+
+    /// The etag of the regular file at `key`'s path now, `None` if there is none.
+    fn current_etag(&self, key: &ObjectKey) -> Result<Option<String>, StoreError> {
+        match fs::symlink_metadata(self.path(key)) {
+            Ok(md) if md.is_file() => Ok(info_of(key, &md).etag),
+            Ok(_) => Ok(None),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(io_err(e, key.as_str())),
+        }
     }
 
     /// Open an existing object: a regular file for plain keys, a directory for markers.
@@ -192,37 +254,50 @@ impl Inner {
             .map_err(|e| io_err(e, key.as_str()))
     }
 
-    /// fsync, move the staged file to `key`'s path, make the rename durable.
-    fn publish(&self, key: &ObjectKey, staged: NamedTempFile) -> Result<ObjectInfo, StoreError> {
+    /// fsync, move the staged file to `key`'s path if `expect` holds (see the module docs), make the rename durable.
+    fn publish(&self, key: &ObjectKey, staged: NamedTempFile, expect: &Expect) -> Result<ObjectInfo, StoreError> {
         let path = self.path(key);
         staged
             .as_file()
             .sync_all()
             .map_err(|e| io_err(e, key.as_str()))?;
         mkdir_parents(&path, key)?;
-        let file = staged
-            .persist(&path)
-            .map_err(|e| match e.error.raw_os_error() {
-                Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
-                    StoreError::invalid(format!(
-                        "cannot store {key}: a directory of that name exists in the local store"
-                    ))
+        let dir_in_the_way = || {
+            StoreError::invalid(format!("cannot store {key}: a directory of that name exists in the local store"))
+        };
+        let persisted = {
+            let _lock = self.lock(key)?;
+            match expect {
+                Expect::Any => staged.persist(&path),
+                Expect::Absent => staged.persist_noclobber(&path),
+                Expect::Etag(want) => {
+                    if self.current_etag(key)?.as_deref() != Some(want.as_str()) {
+                        return Err(StoreError::Precondition { key: key.to_string() });
+                    }
+                    staged.persist(&path)
                 }
-                _ => io_err(e.error, key.as_str()),
-            })?;
+            }
+        };
+        let file = persisted.map_err(|e| match e.error.raw_os_error() {
+            Some(libc::EEXIST) if *expect == Expect::Absent && !path.is_dir() => {
+                StoreError::Precondition { key: key.to_string() }
+            }
+            Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => dir_in_the_way(),
+            _ => io_err(e.error, key.as_str()),
+        })?;
         sync_parent(&path, key)?;
         let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
         Ok(info_of(key, &md))
     }
 
-    fn put(&self, key: &ObjectKey, body: &[u8], encoded: &str) -> Result<ObjectInfo, StoreError> {
+    fn put(&self, key: &ObjectKey, body: &[u8], encoded: &str, expect: &Expect) -> Result<ObjectInfo, StoreError> {
         if key.is_dir_marker() {
             if !body.is_empty() {
                 return Err(StoreError::invalid(format!(
                     "directory marker {key} cannot have content"
                 )));
             }
-            return self.put_marker(key, encoded);
+            return self.put_marker(key, encoded, expect);
         }
         let mut staged = self.staging_file(key)?;
         staged
@@ -230,14 +305,38 @@ impl Inner {
             .map_err(|e| io_err(e, key.as_str()))?;
         set_xattr(staged.as_file(), XATTR_META, encoded.as_bytes())
             .map_err(|e| io_err(e, key.as_str()))?;
-        self.publish(key, staged)
+        self.publish(key, staged, expect)
     }
 
-    fn put_marker(&self, key: &ObjectKey, encoded: &str) -> Result<ObjectInfo, StoreError> {
+    /// A marker is its directory: created if missing, its xattr set, under the write lock so that `expect` is
+    /// checked against the directory as it is while the metadata is written.
+    fn put_marker(&self, key: &ObjectKey, encoded: &str, expect: &Expect) -> Result<ObjectInfo, StoreError> {
         let path = self.path(key);
-        fs::create_dir_all(&path).map_err(|e| conflict_or_io(e, key))?;
+        mkdir_parents(&path, key)?;
+        let lock = self.lock(key)?;
+        let precondition = || StoreError::Precondition { key: key.to_string() };
+        match (expect, fs::create_dir(&path)) {
+            (Expect::Etag(_), Ok(())) => {
+                // It was not there, so it was not the version asked for: undo (it is empty, just made).
+                let _ = fs::remove_dir(&path);
+                return Err(precondition());
+            }
+            (_, Ok(())) => {}
+            (_, Err(e)) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => match expect {
+                Expect::Any => {}
+                Expect::Absent => return Err(precondition()),
+                Expect::Etag(want) => {
+                    let (_, md) = self.open(key)?;
+                    if info_of(key, &md).etag.as_deref() != Some(want.as_str()) {
+                        return Err(precondition());
+                    }
+                }
+            },
+            (_, Err(e)) => return Err(conflict_or_io(e, key)),
+        }
         let (dir, _) = self.open(key)?;
         set_xattr(&dir, XATTR_META, encoded.as_bytes()).map_err(|e| io_err(e, key.as_str()))?;
+        drop(lock);
         dir.sync_all().map_err(|e| io_err(e, key.as_str()))?;
         sync_parent(&path, key)?;
         let md = dir.metadata().map_err(|e| io_err(e, key.as_str()))?;
@@ -256,7 +355,7 @@ impl Inner {
             None => raw_meta(&src, from)?,
         };
         if to.is_dir_marker() {
-            self.put_marker(to, &encoded)?;
+            self.put_marker(to, &encoded, &Expect::Any)?;
             return Ok(());
         }
         let mut staged = self.staging_file(to)?;
@@ -264,7 +363,7 @@ impl Inner {
         io::copy(&mut src, staged.as_file_mut()).map_err(|e| io_err(e, from.as_str()))?;
         set_xattr(staged.as_file(), XATTR_META, encoded.as_bytes())
             .map_err(|e| io_err(e, to.as_str()))?;
-        self.publish(to, staged)?;
+        self.publish(to, staged, &Expect::Any)?;
         Ok(())
     }
 
@@ -286,7 +385,10 @@ impl Inner {
         drop(src);
         let (src_path, dst_path) = (self.path(from), self.path(to));
         mkdir_parents(&dst_path, to)?;
-        fs::rename(&src_path, &dst_path).map_err(|e| match e.raw_os_error() {
+        let lock = self.lock(from)?;
+        let renamed = fs::rename(&src_path, &dst_path);
+        drop(lock);
+        renamed.map_err(|e| match e.raw_os_error() {
             Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => StoreError::invalid(
                 format!("cannot rename {from} to {to}: a directory of that name exists in the local store"),
             ),
@@ -312,7 +414,7 @@ impl Inner {
         };
         drop(src);
         if from == to {
-            self.put_marker(to, &encoded)?;
+            self.put_marker(to, &encoded, &Expect::Any)?;
             return Ok(());
         }
         let src_path = self.path(from);
@@ -325,7 +427,7 @@ impl Inner {
                 key: from.to_string(),
             });
         }
-        self.put_marker(to, &encoded)?;
+        self.put_marker(to, &encoded, &Expect::Any)?;
         self.delete(from)
     }
 
@@ -345,6 +447,7 @@ impl Inner {
     /// device in one piece, so a crash leaves the old or the new bytes; a reader that reads those bytes at the very
     /// moment of the write may see a mix and fail that one read (the next read succeeds).
     fn replace_head(&self, key: &ObjectKey, etag: &str, head: &[u8]) -> Result<super::Transfer, StoreError> {
+        let _lock = self.lock(key)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -376,6 +479,7 @@ impl Inner {
             Err(e) if is_missing(&e) => return Ok(()),
             Err(e) => return Err(io_err(e, key.as_str())),
         };
+        let lock = self.lock(key)?;
         let result = if key.is_dir_marker() {
             if !md.is_dir() {
                 return Ok(());
@@ -387,6 +491,7 @@ impl Inner {
             }
             fs::remove_file(&path)
         };
+        drop(lock);
         match result {
             Ok(()) => sync_parent(&path, key),
             Err(e) if is_missing(&e) => Ok(()),
@@ -503,22 +608,24 @@ impl Backend for LocalBackend {
         self.run(key.as_str(), move |s| s.read(&k, None)).await
     }
 
-    async fn put(
+    async fn put_expect(
         &self,
         key: &ObjectKey,
         body: Bytes,
         meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<ObjectInfo, StoreError> {
         let encoded = meta::to_lines(&meta::encode(meta)?);
-        let k = key.clone();
-        self.run(key.as_str(), move |s| s.put(&k, &body, &encoded))
+        let (k, expect) = (key.clone(), expect.clone());
+        self.run(key.as_str(), move |s| s.put(&k, &body, &encoded, &expect))
             .await
     }
 
-    async fn put_multipart(
+    async fn put_multipart_expect(
         &self,
         key: &ObjectKey,
         meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<Box<dyn Upload>, StoreError> {
         if key.is_dir_marker() {
             return Err(StoreError::invalid(format!(
@@ -532,6 +639,7 @@ impl Backend for LocalBackend {
             backend: self.clone(),
             key: key.clone(),
             encoded,
+            expect: expect.clone(),
             file: Some(file),
         }))
     }
@@ -606,6 +714,8 @@ struct LocalUpload {
     backend: LocalBackend,
     key: ObjectKey,
     encoded: String,
+    /// Checked when the staged file is published.
+    expect: Expect,
     /// `None` once a part failed to write; the staged file was dropped (and deleted) then.
     file: Option<NamedTempFile>,
 }
@@ -637,11 +747,12 @@ impl Upload for LocalUpload {
     async fn complete(mut self: Box<Self>) -> Result<ObjectInfo, StoreError> {
         let file = self.take_file()?;
         let (key, encoded) = (self.key.clone(), std::mem::take(&mut self.encoded));
+        let expect = self.expect.clone();
         self.backend
             .run(self.key.as_str(), move |s| {
                 set_xattr(file.as_file(), XATTR_META, encoded.as_bytes())
                     .map_err(|e| io_err(e, key.as_str()))?;
-                s.publish(&key, file)
+                s.publish(&key, file, &expect)
             })
             .await
     }

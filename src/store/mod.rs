@@ -18,6 +18,9 @@
 //!   the markers as objects (including the listed directory's own) so a caller can move or
 //!   delete a tree.
 //! - Deleting a missing key succeeds; reading one fails with [`StoreError::NotFound`].
+//! - Writes can be conditional ([`Expect`]: nothing at the key, or still the version with this ETag); a mismatch is
+//!   [`StoreError::Precondition`] and changes nothing. S3 checks the condition itself; the local store emulates it
+//!   (see `local.rs` for what that can and cannot exclude).
 //! - `ObjectInfo::etag` changes whenever the content is rewritten, so caches keyed by
 //!   (key, etag) never serve stale data.
 //!
@@ -25,6 +28,7 @@
 //! every parent directory of a file (a directory exists once it has a file) and refuses to
 //! remove a non-empty marker; S3 only has the markers that were written and never refuses.
 
+mod conditional;
 mod error;
 mod local;
 mod meta;
@@ -172,6 +176,17 @@ pub struct UserMeta {
     pub extra: BTreeMap<String, String>,
 }
 
+/// What a write expects to find at its key (a conditional write); a mismatch is StoreError::Precondition and nothing changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Unconditional.
+    Any,
+    /// Nothing may exist at the key (S3: If-None-Match: *).
+    Absent,
+    /// The object must still be the version with this ETag (S3: If-Match).
+    Etag(String),
+}
+
 /// Result of [`Backend::list`]; both vectors are sorted by key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Listing {
@@ -197,20 +212,46 @@ pub trait Backend: Send + Sync + 'static {
     /// The whole object.
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
 
-    /// Create or replace the object atomically (readers see the old or the new one, never a mix).
+    /// Create or replace the object atomically (readers see the old or the new one, never a mix):
+    /// [`Backend::put_expect`] with [`Expect::Any`].
     async fn put(
         &self,
         key: &ObjectKey,
         body: Bytes,
         meta: &UserMeta,
+    ) -> Result<ObjectInfo, StoreError> {
+        self.put_expect(key, body, meta, &Expect::Any).await
+    }
+
+    /// Create or replace the object atomically, provided the key holds what `expect` says; otherwise
+    /// [`StoreError::Precondition`] and nothing changed. An [`Expect::Etag`] whose object is gone is a precondition
+    /// failure too (as S3's If-Match), not `NotFound`.
+    async fn put_expect(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<ObjectInfo, StoreError>;
 
-    /// Start a multipart upload; nothing is visible until [`Upload::complete`]. On S3 every part
-    /// except the last must be at least 5 MiB.
+    /// Start a multipart upload: [`Backend::put_multipart_expect`] with [`Expect::Any`].
     async fn put_multipart(
         &self,
         key: &ObjectKey,
         meta: &UserMeta,
+    ) -> Result<Box<dyn Upload>, StoreError> {
+        self.put_multipart_expect(key, meta, &Expect::Any).await
+    }
+
+    /// Start a multipart upload; nothing is visible until [`Upload::complete`]. On S3 every part
+    /// except the last must be at least 5 MiB. `expect` is checked by `complete` (S3: CompleteMultipartUpload with
+    /// If-Match / If-None-Match), which fails with [`StoreError::Precondition`] and publishes nothing on a mismatch;
+    /// the parts are discarded then (the caller need not abort).
+    async fn put_multipart_expect(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<Box<dyn Upload>, StoreError>;
 
     /// Copy `from` to `to`; `meta: None` keeps the source metadata.

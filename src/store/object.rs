@@ -28,7 +28,7 @@ use object_store::{
 use super::error::{chain_text, StoreError};
 use super::meta;
 use super::{
-    check_dir, sort_listing, Backend, Listing, ObjectInfo, ObjectKey, Upload, UserMeta, MARKER_FILE,
+    check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Upload, UserMeta, MARKER_FILE,
 };
 
 /// An object store plus the mount prefix all keys live under.
@@ -316,7 +316,63 @@ impl ObjectStoreBackend {
         }
     }
 
-    async fn put_with(
+    /// A multipart upload whose completion is conditional (see `conditional.rs`): raw S3 requests where the store is
+    /// S3, parts collected in memory for one conditional PUT elsewhere.
+    async fn put_multipart_conditional(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        expect: &Expect,
+    ) -> Result<Box<dyn Upload>, StoreError> {
+        use super::conditional::{sse_headers, BufferedUpload, RawUpload};
+        let Some(raw) = &self.raw else {
+            return Ok(Box::new(BufferedUpload {
+                backend: self.clone(),
+                key: key.clone(),
+                meta: meta.clone(),
+                expect: expect.clone(),
+                body: bytes::BytesMut::new(),
+            }));
+        };
+        let path = self.path(key)?;
+        let sse = sse_headers(self.sse.as_ref(), self.ssec.as_deref());
+        let mut headers: Vec<(String, String)> =
+            meta::encode(meta)?.into_iter().map(|(k, v)| (format!("x-amz-meta-{k}"), v)).collect();
+        if let Some(ssec) = &self.ssec {
+            let tags: Vec<(String, String)> = vec![(super::KEY_MD5_TAG.to_string(), ssec.key_md5_of(0).to_string())];
+            headers.push(("x-amz-tagging".into(), super::raw::tagging_header(&tags)));
+        }
+        let mut all: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        all.extend(sse.iter().cloned());
+        let created = raw.create_multipart(path.as_ref(), &all).await;
+        for (_, v) in all.iter_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+        let upload_id = created.map_err(|e| match (e, &self.ssec) {
+            (StoreError::AccessDenied { key, detail }, Some(_)) => {
+                StoreError::AccessDenied { key, detail: format!("{detail}; {SSE_C_BLOCKED_HINT}") }
+            }
+            (other, _) => other,
+        })?;
+        if let Some(ssec) = &self.ssec {
+            ssec.remember(path.as_ref(), 0);
+        }
+        let part_headers = if self.ssec.is_some() { sse } else { Vec::new() };
+        Ok(Box::new(RawUpload {
+            raw: raw.clone(),
+            path: path.as_ref().to_string(),
+            key: key.clone(),
+            upload_id,
+            expect: expect.clone(),
+            part_headers: Arc::new(part_headers),
+            sse: self.sse.clone(),
+            head_after: self.ssec.as_ref().map(|_| (self.store.clone(), path.clone())),
+            parts: Arc::default(),
+            size: 0,
+        }))
+    }
+
+    pub(crate) async fn put_with(
         &self,
         key: &ObjectKey,
         body: Bytes,
@@ -393,29 +449,34 @@ impl Backend for ObjectStoreBackend {
         self.get_opts(key, GetOptions::default()).await
     }
 
-    async fn put(
+    async fn put_expect(
         &self,
         key: &ObjectKey,
         body: Bytes,
         meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<ObjectInfo, StoreError> {
         if key.is_dir_marker() && !body.is_empty() {
             return Err(StoreError::invalid(format!(
                 "directory marker {key} cannot have content"
             )));
         }
-        self.put_with(key, body, meta, PutMode::Overwrite).await
+        self.put_with(key, body, meta, super::conditional::put_mode(expect)).await
     }
 
-    async fn put_multipart(
+    async fn put_multipart_expect(
         &self,
         key: &ObjectKey,
         meta: &UserMeta,
+        expect: &Expect,
     ) -> Result<Box<dyn Upload>, StoreError> {
         if key.is_dir_marker() {
             return Err(StoreError::invalid(format!(
                 "directory marker {key} cannot be uploaded in parts"
             )));
+        }
+        if *expect != Expect::Any {
+            return self.put_multipart_conditional(key, meta, expect).await;
         }
         let path = self.path(key)?;
         let opts = PutMultipartOptions {

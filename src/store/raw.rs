@@ -115,7 +115,9 @@ impl RawS3 {
                 let code = xml_value(&text, "Code").unwrap_or_default();
                 let message = xml_value(&text, "Message").unwrap_or_default();
                 return Err(match code.as_str() {
-                    "PreconditionFailed" => StoreError::Precondition { key: path.to_string() },
+                    "PreconditionFailed" | "ConditionalRequestConflict" => {
+                        StoreError::Precondition { key: path.to_string() }
+                    }
                     _ => StoreError::other(path, format!("S3 answered 200 with error {code}: {message}")),
                 });
             }
@@ -180,15 +182,16 @@ impl RawS3 {
         )
     }
 
-    /// UploadPart; returns the part's ETag.
+    /// UploadPart with `headers` (SSE-C needs its key on every part); returns the part's ETag.
     pub(crate) async fn upload_part(
         &self,
         path: &str,
         upload_id: &str,
         part: u32,
         body: Bytes,
+        headers: &[(&str, String)],
     ) -> Result<String, StoreError> {
-        let resp = self.send(Method::PUT, &self.part_url(path, upload_id, part), &[], body, path).await?;
+        let resp = self.send(Method::PUT, &self.part_url(path, upload_id, part), headers, body, path).await?;
         resp.headers
             .get("etag")
             .and_then(|v| v.to_str().ok())
@@ -230,13 +233,15 @@ impl RawS3 {
             .ok_or_else(|| StoreError::other(path, "UploadPartCopy answered without an ETag"))
     }
 
-    /// CompleteMultipartUpload, only if the object's ETag is still `if_match`.
+    /// CompleteMultipartUpload, only if the object is still what `expect` says (`If-Match` / `If-None-Match: *`).
+    /// A lost race is [`StoreError::Precondition`], whether S3 says so with 412, with 409 ConditionalRequestConflict
+    /// (a concurrent conditional write) or, for `If-Match` on a deleted object, with 404.
     pub(crate) async fn complete(
         &self,
         path: &str,
         upload_id: &str,
         parts: &[String],
-        if_match: Option<&str>,
+        expect: &super::Expect,
     ) -> Result<ApiResponse, StoreError> {
         let url = format!(
             "{}?uploadId={}",
@@ -249,10 +254,17 @@ impl RawS3 {
         }
         body.push_str("</CompleteMultipartUpload>");
         let mut headers = vec![("content-type", "application/xml".to_string())];
-        if let Some(etag) = if_match {
-            headers.push(("if-match", etag.to_string()));
+        match expect {
+            super::Expect::Any => {}
+            super::Expect::Absent => headers.push(("if-none-match", "*".to_string())),
+            super::Expect::Etag(etag) => headers.push(("if-match", etag.clone())),
         }
-        self.send(Method::POST, &url, &headers, Bytes::from(body), path).await
+        match self.send(Method::POST, &url, &headers, Bytes::from(body), path).await {
+            Err(StoreError::NotFound { key }) if matches!(expect, super::Expect::Etag(_)) => {
+                Err(StoreError::Precondition { key })
+            }
+            other => other,
+        }
     }
 
     /// AbortMultipartUpload.
@@ -322,7 +334,7 @@ impl RawS3 {
         let first_len = part1.len() as u64;
         cost.requests += 1;
         cost.bytes_up += first_len;
-        let mut parts = vec![self.upload_part(path, upload_id, 1, part1).await?];
+        let mut parts = vec![self.upload_part(path, upload_id, 1, part1, &[]).await?];
         let rest = total - first_len;
         let part_len = COPY_PART_LEN.max(rest.div_ceil(MAX_PARTS - 1));
         let mut start = first_len;
@@ -334,7 +346,7 @@ impl RawS3 {
             start = end;
         }
         cost.requests += 1;
-        self.complete(path, upload_id, &parts, Some(etag)).await?;
+        self.complete(path, upload_id, &parts, &super::Expect::Etag(etag.to_string())).await?;
         Ok(())
     }
 
@@ -386,7 +398,7 @@ impl RawS3 {
                     parts.push(self.upload_part_copy_from(source, path, &upload_id, number, start..end, &etag).await?);
                 start = end;
             }
-            let resp = self.complete(path, &upload_id, &parts, None).await?;
+            let resp = self.complete(path, &upload_id, &parts, &super::Expect::Any).await?;
             Ok(xml_value(&String::from_utf8_lossy(&resp.body), "ETag"))
         }
         .await;
@@ -452,6 +464,10 @@ fn api_error(e: ApiError, path: &str) -> StoreError {
     let key = path.to_string();
     match &e {
         ApiError::Status { status: 412, .. } => StoreError::Precondition { key },
+        // A conditional write that raced another one on the same key (S3 asks to retry; for us the race is lost).
+        ApiError::Status { status: 409, code, .. } if code.as_deref() == Some("ConditionalRequestConflict") => {
+            StoreError::Precondition { key }
+        }
         ApiError::Status { status: 404, code, .. } if code.as_deref() != Some("NoSuchUpload") => {
             StoreError::NotFound { key }
         }
@@ -481,7 +497,7 @@ fn xml_unescape(s: &str) -> String {
 }
 
 /// The text of the first `<name>` element of a small S3 answer.
-fn xml_value(xml: &str, name: &str) -> Option<String> {
+pub(crate) fn xml_value(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let start = xml.find(&open)? + open.len();
     let end = xml[start..].find(&format!("</{name}>"))? + start;
@@ -548,6 +564,8 @@ mod tests {
             message: String::new(),
         };
         assert!(api_error(status(412, "PreconditionFailed"), "k").is_precondition());
+        assert!(api_error(status(409, "ConditionalRequestConflict"), "k").is_precondition());
+        assert!(!api_error(status(409, "BucketNotEmpty"), "k").is_precondition());
         assert!(api_error(status(404, "NoSuchKey"), "k").is_not_found());
         assert!(!api_error(status(404, "NoSuchUpload"), "k").is_not_found());
         assert!(matches!(api_error(status(403, "AccessDenied"), "k"), StoreError::AccessDenied { .. }));
