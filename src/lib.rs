@@ -7,7 +7,8 @@
 //! main → run ─→ fuse (thin adapter: kernel request → fs call → reply/errno)
 //!              └→ fs (POSIX semantics as async methods; inodes, handles, staging, errno mapping)
 //!                   ├→ read   (cache lookup → ranged GET → open chunks → cache fill; read-ahead)
-//!                   ├→ upload (staged plaintext → sealed chunks → PUT / multipart)
+//!                   ├→ journal (staged files and their sealed records: owned, locked, crash-recoverable)
+//!                   ├→ upload (staged content → sealed chunks → conditional PUT / multipart)
 //!                   ├→ object (mode-specific size and chunk maths)
 //!                   ├→ cache  (byte-bounded LRU of decrypted pages, keyed by key + ETag)
 //!                   ├→ crypto (pure: object format, key wrap, AEAD; no I/O)
@@ -29,6 +30,7 @@ pub mod daemon;
 pub mod error_text;
 pub mod fs;
 pub mod fuse;
+pub mod journal;
 pub mod keys;
 pub mod kmount;
 pub mod kms;

@@ -24,6 +24,7 @@
 pub mod aead;
 pub mod error;
 pub mod format;
+pub mod journal;
 pub mod keyfile;
 pub mod object;
 pub mod secret;
@@ -40,4 +41,4 @@ pub use keyfile::{format_new_key, KeyHistory};
 pub use object::{
     decrypt_object, encrypt_object, kms_encryption_context, ObjectCipher, KMS_CONTEXT_FILE_ID,
 };
-pub use secret::{DataKey, Key256, KeyFingerprint};
+pub use secret::{DataKey, JournalKey, Key256, KeyFingerprint};

@@ -90,6 +90,12 @@ secret_key!(
     DataKey
 );
 
+secret_key!(
+    /// The key of one write journal (docs/FORMAT.md, "The write journal"): seals its records and keys its staged
+    /// files. Derived from a customer key, unwrapped by KMS, or read from the journal's local key file.
+    JournalKey
+);
+
 impl Key256 {
     /// The key's public identifier, stored in headers to find the KEK without trial decryption.
     pub fn fingerprint(&self) -> KeyFingerprint {

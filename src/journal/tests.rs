@@ -1,0 +1,150 @@
+//! The journal on its own: takeover, liveness by lock, forged records, orphans.
+
+use super::*;
+use crate::crypto::Key256;
+
+const STORE: &str = "file:///srv/objects";
+
+fn customer() -> Keying {
+    Keying::Customer(Arc::new(KeyHistory::single(Key256::from_bytes(&[9; 32]))))
+}
+
+fn record(path: &str, file_id: &[u8; FILE_ID_LEN]) -> Record {
+    Record {
+        path: path.into(),
+        mode: 0o100640,
+        uid: 1,
+        gid: 2,
+        mtime: (3, 4),
+        base: BaseVersion::Absent,
+        upload_id: new_upload_id(),
+        file_id: hex(file_id),
+        written_at: (5, 6),
+    }
+}
+
+async fn journal(base: &Path, keying: Keying) -> Journal {
+    Journal::open(base, STORE, keying, AeadBackend::AwsLc).await.unwrap()
+}
+
+fn read_all(f: &StagedFile) -> Vec<u8> {
+    let n = f.len().unwrap();
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact_at(&mut buf, 0, n).unwrap();
+    buf
+}
+
+#[tokio::test]
+async fn a_dead_runs_records_are_taken_over_and_a_live_ones_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let (n, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"hello journal", 0).unwrap();
+    let rec = record("dir/file", &id);
+    a.save_record(n, &rec).unwrap();
+    // An orphan: staged data with no record (fsynced and uploaded, or unlinked).
+    let (_m, g, _) = a.new_file().unwrap();
+    g.write_at(0, b"orphan", 0).unwrap();
+
+    let b = journal(&base, customer()).await;
+    assert!(b.take_over().await.is_empty(), "a live daemon's journal is never taken over");
+
+    let a_run = a.run_path().to_path_buf();
+    drop(a); // the lock goes with the process (here: with the open file)
+    let left = b.take_over().await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].record, rec);
+    assert_eq!(read_all(&left[0].file), b"hello journal");
+    assert!(!a_run.join("1.dat").exists(), "the orphan is removed");
+    // Not done: the next start sees it again.
+    drop(left);
+    let again = b.take_over().await;
+    assert_eq!(again.len(), 1);
+    for l in again {
+        l.done();
+    }
+    assert!(!a_run.exists(), "an emptied run directory goes");
+    assert!(b.take_over().await.is_empty());
+}
+
+#[tokio::test]
+async fn staged_content_is_sealed_under_a_customer_key_and_plain_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = b"PLAINTEXT-MARKER-OF-A-TEST";
+    for (keying, sealed) in [(customer(), true), (Keying::Local, false)] {
+        let j = journal(&tmp.path().join(format!("j{sealed}")), keying).await;
+        let (n, f, id) = j.new_file().unwrap();
+        f.write_at(0, marker, 0).unwrap();
+        j.save_record(n, &record("secret-name", &id)).unwrap();
+        let disk = std::fs::read(j.file_path(n)).unwrap();
+        assert_eq!(disk.windows(marker.len()).any(|w| w == marker), !sealed);
+        let rec = std::fs::read(j.run_path().join(format!("{n}.rec"))).unwrap();
+        assert!(!rec.windows(11).any(|w| w == b"secret-name"), "records are sealed in every mode");
+    }
+}
+
+#[tokio::test]
+async fn forged_and_moved_records_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let (n, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"one", 0).unwrap();
+    a.save_record(n, &record("one", &id)).unwrap();
+    let (m, g, id2) = a.new_file().unwrap();
+    g.write_at(0, b"two", 0).unwrap();
+    a.save_record(m, &record("two", &id2)).unwrap();
+    let run = a.run_path().to_path_buf();
+    drop(a);
+    // Record 0 replaced by record 1's bytes (a swap), a planted plain JSON record, and a planted run directory with a
+    // header of its own.
+    std::fs::copy(run.join("1.rec"), run.join("0.rec")).unwrap();
+    std::fs::write(run.join("7.rec"), serde_json::to_vec(&record("planted", &id)).unwrap()).unwrap();
+    std::fs::write(run.join("7.dat"), b"planted").unwrap();
+    let fake = run.parent().unwrap().join("00112233445566778899aabbccddeeff");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(fake.join("journal"), std::fs::read(run.join("journal")).unwrap()).unwrap();
+    std::fs::copy(run.join("1.rec"), fake.join("0.rec")).unwrap();
+    std::fs::copy(run.join("1.dat"), fake.join("0.dat")).unwrap();
+
+    let b = journal(&base, customer()).await;
+    let left = b.take_over().await;
+    let paths: Vec<_> = left.iter().map(|l| l.record.path.clone()).collect();
+    assert_eq!(paths, vec!["two".to_string()], "only the authentic record at its own name");
+    assert!(run.join("0.rec").exists() && run.join("7.rec").exists(), "refused records are left for inspection");
+}
+
+#[tokio::test]
+async fn another_key_leaves_the_journal_for_a_mount_that_has_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let (n, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"x", 0).unwrap();
+    a.save_record(n, &record("x", &id)).unwrap();
+    drop(a);
+    let other = Keying::Customer(Arc::new(KeyHistory::single(Key256::from_bytes(&[1; 32]))));
+    let b = journal(&base, other).await;
+    assert!(b.take_over().await.is_empty());
+    drop(b);
+    let plain = journal(&base, Keying::Local).await;
+    assert!(plain.take_over().await.is_empty());
+    drop(plain);
+    let c = journal(&base, customer()).await;
+    assert_eq!(c.take_over().await.len(), 1, "still there for the right key");
+}
+
+#[tokio::test]
+async fn a_base_owned_by_another_user_is_refused() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (to give a directory to another uid); scripts/test.sh runs as root");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    std::fs::create_dir(&base).unwrap();
+    std::os::unix::fs::chown(&base, Some(65534), Some(65534)).unwrap();
+    let err = Journal::open(&base, STORE, Keying::Local, AeadBackend::AwsLc).await.unwrap_err();
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+}
