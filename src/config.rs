@@ -360,7 +360,7 @@ impl MountConfig {
                     })?;
                     cfg.attr_ttl = Duration::from_secs_f64(secs)
                 }
-                "staging_dir" => cfg.staging_dir = Some(PathBuf::from(need()?)),
+                "staging_dir" | "journal_dir" => cfg.staging_dir = Some(PathBuf::from(need()?)),
                 "aead" => {
                     cfg.aead = match need()?.as_str() {
                         "aws-lc" | "aws_lc" => AeadChoice::AwsLc,

@@ -885,13 +885,22 @@ mod tests {
             cache.invalidate_key("k");
             cache.put(&id, 3, Bytes::from_static(b"cd"));
 
-            let staging = crate::fs::write::StagingDir::create(tmp.path()).unwrap();
-            let (file, path) = staging.new_file().unwrap();
-            let mut staged = crate::fs::write::Staged::new(file, path, true, false);
+            let journal = std::sync::Arc::new(
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(crate::journal::Journal::open(
+                        &tmp.path().join("journal"),
+                        "file:///metrics-test",
+                        crate::journal::Keying::Local,
+                        crate::crypto::AeadBackend::AwsLc,
+                    ))
+                    .unwrap(),
+            );
+            use crate::journal::BaseVersion;
+            let mut staged = crate::fs::write::Staged::create(&journal, true, false, BaseVersion::Absent).unwrap();
             staged.write_at(0, b"hello").unwrap();
             staged.write_at(3, b"lo, world").unwrap();
-            let (file, path) = staging.new_file().unwrap();
-            let created = crate::fs::write::Staged::new(file, path, true, true);
+            let created = crate::fs::write::Staged::create(&journal, true, true, BaseVersion::Absent).unwrap();
             let in_flight = UploadInFlight::start();
             let text = recorder.handle().render();
             assert_eq!(value(&text, DIRTY_FILES), Some(2.0), "{text}");

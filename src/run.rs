@@ -17,7 +17,6 @@ use crate::cache::PageCache;
 use crate::cli::{Cli, Command, MountArgs};
 use crate::config::{AeadChoice, EncryptionMode, MountConfig};
 use crate::crypto::{AeadBackend, KeyHistory};
-use crate::fs::write::StagingDir;
 use crate::fs::{Fs, FsConfig};
 use crate::object::{Codec, CodecError};
 use crate::store::{Backend, LocalBackend, S3Options};
@@ -318,9 +317,19 @@ fn wait_until_serving(mountpoint: &Path) -> anyhow::Result<()> {
 fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Result<()> {
     let shown = path.display();
     let mut meta = std::fs::metadata(path);
+    let ours = || mount_at(path).is_some_and(|(fstype, source)| fstype == "fuse.s3cryptfs" && source == store_url);
+    // A mount of this store that still answers may belong to a daemon that was just killed and is still exiting (a
+    // restart right after kill -9, as Restart=on-failure does): give it a moment to die before calling it busy.
+    if meta.is_ok() && is_mountpoint(path) && ours() {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < until && meta.is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            meta = std::fs::metadata(path);
+        }
+    }
     // ENOTCONN: a FUSE mount whose daemon died is still attached there.
     let dead = meta.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    if dead && mount_at(path).is_some_and(|(fstype, source)| fstype == "fuse.s3cryptfs" && source == store_url) {
+    if dead && ours() {
         // Logging starts later; this goes where the early errors go (the terminal, or the journal under systemd).
         eprintln!("s3cryptfs: replacing the dead mount a previous run of {store_url} left at {shown} (its daemon is gone)");
         lazy_unmount(path);
@@ -395,14 +404,23 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
-fn staging_base(config: &MountConfig) -> PathBuf {
-    if let Some(d) = &config.staging_dir {
-        return d.clone();
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("s3cryptfs");
-    }
-    PathBuf::from("/var/tmp/s3cryptfs")
+/// The write journal's base directory: `staging_dir=`, else private and surviving a reboot (see `journal`).
+fn journal_base(config: &MountConfig) -> PathBuf {
+    config.staging_dir.clone().unwrap_or_else(crate::journal::default_base)
+}
+
+/// How the journal's key is found: from the customer key where there is one (cse-c, sse-c), from KMS in cse-kms, and
+/// a local key in the modes that send plaintext to the store anyway.
+fn journal_keying(mode: EncryptionMode, keys: Option<&Arc<KeyHistory>>, codec: &Codec) -> anyhow::Result<crate::journal::Keying> {
+    use crate::journal::Keying;
+    Ok(match (mode, codec, keys) {
+        (EncryptionMode::CseKms, Codec::Cse { kms: Some(kms), .. }, _) => Keying::Kms(kms.clone()),
+        (EncryptionMode::CseC | EncryptionMode::SseC, _, Some(keys)) => Keying::Customer(keys.clone()),
+        (EncryptionMode::CseC | EncryptionMode::SseC | EncryptionMode::CseKms, _, _) => {
+            bail!("invariant broken: mode {} without its key at journal setup", mode.name())
+        }
+        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms, _, _) => Keying::Local,
+    })
 }
 
 /// Opens the store named by the URL.
@@ -542,13 +560,15 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         check_key(&*backend, &codec, config.mode).await?;
         anyhow::Ok(backend)
     })?;
-    let staging = StagingDir::create(&staging_base(&config))
-        .with_context(|| format!("creating a staging directory under {}", staging_base(&config).display()))?;
+    let keying = journal_keying(config.mode, keys.as_ref(), &codec)?;
+    let journal = rt
+        .block_on(crate::journal::Journal::open(&journal_base(&config), &config.store_url, keying, aead))
+        .map_err(|e| anyhow::anyhow!("the write journal: {e}"))?;
     let fs = Arc::new(Fs::new(
         backend,
         codec,
         Arc::new(PageCache::new(config.cache.memory_bytes)),
-        staging,
+        Arc::new(journal),
         FsConfig {
             uid: config.uid,
             gid: config.gid,
@@ -556,12 +576,11 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             read_only: config.read_only,
             attr_ttl: config.attr_ttl,
             max_readahead: config.cache.max_readahead,
-            store_url: config.store_url.clone(),
         },
     ));
 
     // Data a previous run could not upload (stop timeout, store down) goes up before this mount serves.
-    let (recovered, unrecovered) = rt.block_on(fs.recover(&staging_base(&config), &config.store_url));
+    let (recovered, unrecovered) = rt.block_on(fs.recover());
     if recovered + unrecovered > 0 {
         tracing::warn!(recovered, unrecovered, "staged data from a previous run");
     }
@@ -664,7 +683,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     }
     failed.extend(rt.block_on(fs.flush_all()));
     for (path, e) in &failed {
-        tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the staging directory");
+        tracing::error!(key = %path, error = %e, "could not upload before exit; data left in the write journal");
     }
     if wait_for_loop && loop_thread.join().is_err() {
         tracing::error!("the FUSE loop thread panicked");
@@ -675,7 +694,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         bail!(
             "{} file(s) could not be uploaded; they remain in {} and the next start of this mount uploads them",
             failed.len(),
-            fs.staging_dir().display()
+            fs.journal_dir().display()
         );
     }
     Ok(())

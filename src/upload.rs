@@ -3,11 +3,9 @@
 //! Each upload creates a fresh per-object codec (for cse-c a new data key and file id, so no nonce or key is ever
 //! reused across versions of a file), seals the staged plaintext chunk by chunk and sends it either as one PUT
 //! (small objects) or as a multipart upload of `PART_SIZE` parts. The object's path binding is written into its
-//! metadata with the rest of the POSIX attributes. Nothing here decides *when* to upload; the filesystem does that on
-//! close and fsync.
-
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+//! metadata with the rest of the POSIX attributes. Every upload is conditional on what it expects to replace
+//! ([`Expect`]: nothing, or one version by ETag); the store refuses it with `Precondition` otherwise, and nothing
+//! changes. Nothing here decides *when* to upload; the filesystem does that on close and fsync.
 
 use bytes::Bytes;
 
@@ -15,7 +13,40 @@ use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
 use crate::object::Codec;
 use crate::read::BIND_META;
-use crate::store::{Backend, ObjectInfo, ObjectKey, UserMeta};
+use crate::journal::StagedFile;
+use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, UserMeta};
+
+/// Where the plaintext of an upload comes from: a staged file, or bytes in memory.
+pub trait Source: Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+/// A staged file of `size` bytes.
+pub struct StagedSource<'a> {
+    pub file: &'a StagedFile,
+    pub size: u64,
+}
+
+impl Source for StagedSource<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset, self.size)
+    }
+}
+
+/// Bytes in memory (small objects such as symlink targets, which never touch the disk).
+pub struct Memory<'a>(pub &'a [u8]);
+
+impl Source for Memory<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let piece = self
+            .0
+            .get(start..start + buf.len())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end"))?;
+        buf.copy_from_slice(piece);
+        Ok(())
+    }
+}
 
 /// Multipart part size. S3 needs at least 5 MiB per part except the last; 8 MiB parts keep a 1 GiB file at 128 parts
 /// (of the 10,000 allowed, so files up to ~78 GiB) with modest memory per upload.
@@ -25,15 +56,16 @@ pub const PART_SIZE: usize = 8 << 20;
 /// about 40 MiB of ciphertext.
 pub const PARTS_IN_FLIGHT: usize = 4;
 
-/// Encrypts `size` bytes of `file` and stores them at `key`; `path` is what the binding names (the key relative to
-/// the mount root).
+/// Encrypts `size` bytes of `src` and stores them at `path` (the key relative to the mount root, which the binding
+/// names), provided the store holds what `expect` says.
 pub async fn upload(
     backend: &dyn Backend,
     codec: &Codec,
     path: &str,
-    file: &File,
+    src: &dyn Source,
     size: u64,
     mut meta: UserMeta,
+    expect: &Expect,
 ) -> Result<ObjectInfo> {
     let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
@@ -55,7 +87,7 @@ pub async fn upload(
     let read_chunk = |index: u64, plain: &mut Vec<u8>| -> Result<usize> {
         let start = index * CHUNK_PLAIN_LEN;
         let len = (size - start.min(size)).min(CHUNK_PLAIN_LEN) as usize;
-        file.read_exact_at(&mut plain[..len], start).map_err(|e| Error::staging(path, e))?;
+        src.read_exact_at(&mut plain[..len], start).map_err(|e| Error::staging(path, e))?;
         Ok(len)
     };
 
@@ -64,10 +96,10 @@ pub async fn upload(
             let len = read_chunk(index, &mut plain)?;
             oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
         }
-        return backend.put(&key, Bytes::from(buf), &meta).await.map_err(|e| Error::store(path, e));
+        return backend.put_expect(&key, Bytes::from(buf), &meta, expect).await.map_err(|e| Error::store(path, e));
     }
 
-    let mut upload = backend.put_multipart(&key, &meta).await.map_err(|e| Error::store(path, e))?;
+    let mut upload = backend.put_multipart_expect(&key, &meta, expect).await.map_err(|e| Error::store(path, e))?;
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let result: Result<()> = async {
         use futures::StreamExt;

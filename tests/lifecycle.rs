@@ -358,7 +358,7 @@ fn data_that_could_not_be_uploaded_at_stop_is_uploaded_by_the_next_start() {
     let text = m.unmount();
     assert!(text.contains("uploaded data a previous run left staged"), "{text}");
     // Nothing is left to recover a second time.
-    let leftovers: Vec<_> = walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pending")).collect();
+    let leftovers: Vec<_> = walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "rec")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -390,7 +390,7 @@ fn dirty_files_of_a_daemon_killed_outright_are_uploaded_by_the_next_start() {
     // Closed, so uploaded too.
     fs::write(m.path("closed"), b"uploaded at close").unwrap();
 
-    let records = || walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pending")).count();
+    let records = || walkdir(&staging).into_iter().filter(|p| p.extension().is_some_and(|e| e == "rec")).count();
     let listing: Vec<String> = walkdir(&staging).into_iter().filter_map(|p| fs::read_to_string(p).ok()).collect();
     assert_eq!(records(), 2, "one record per dirty file while the daemon runs: {listing:?}");
     m.kill();
@@ -486,20 +486,6 @@ fn a_sigterm_the_moment_the_mount_appears_is_a_clean_stop() {
         assert_eq!(status.code(), Some(0), "round {round}: {status}: {}", fs::read_to_string(&log).unwrap());
         assert!(!is_mounted(&dir), "round {round}: the mount was left behind");
     }
-}
-
-fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.path().is_dir() {
-                out.extend(walkdir(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -341,20 +341,29 @@ fn tampered_objects_give_eio_and_a_log_line() {
 }
 
 #[test]
-fn staging_directory_is_private_and_emptied() {
+fn the_journal_is_private_sealed_and_emptied() {
     let env = Env::new();
     let store = Store::local(env.path());
     let m = Mount::start(&env, &store, "cse-c");
+    let marker = b"PLAINTEXT-MARKER-staged-not-yet-uploaded";
     let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(m.path("x")).unwrap();
-    f.write_all(b"staged").unwrap();
-    let staging_root = env.path().join("staging");
-    let dirs: Vec<_> = fs::read_dir(&staging_root).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(dirs.len(), 1);
-    assert_eq!(fs::metadata(&dirs[0]).unwrap().mode() & 0o777, 0o700);
+    f.write_all(marker).unwrap();
+    let journal = env.path().join("staging");
+    assert_eq!(fs::metadata(&journal).unwrap().mode() & 0o777, 0o700);
+    let files = walkdir(&journal);
+    let staged: Vec<_> = files.iter().filter(|p| p.extension().is_some_and(|e| e == "dat")).collect();
+    assert_eq!(staged.len(), 1, "{files:?}");
+    assert_eq!(fs::metadata(staged[0].parent().unwrap()).unwrap().mode() & 0o777, 0o700);
+    for p in &files {
+        assert_eq!(fs::metadata(p).unwrap().mode() & 0o077, 0, "{} is private", p.display());
+        let bytes = fs::read(p).unwrap();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker), "plaintext in {}", p.display());
+        assert!(!String::from_utf8_lossy(&bytes).contains("\"path\""), "a record in clear: {}", p.display());
+    }
     drop(f);
     drop(m);
-    let left: Vec<_> = fs::read_dir(&staging_root).unwrap().collect();
-    assert!(left.is_empty(), "staging left behind: {left:?}");
+    let left = walkdir(&journal);
+    assert!(left.is_empty(), "journal files left behind after a clean stop: {left:?}");
 }
 
 #[test]

@@ -59,6 +59,9 @@ pub enum Error {
     NotOurFormat { key: String, size: u64 },
     #[error("object {key} changed in the store since it was opened; open it again to read the new version")]
     Changed { key: String },
+    /// Someone else replaced the object after this mount staged it: our content went to `copy` instead.
+    #[error("{key} was replaced in the store by another writer since this mount staged it; this mount's version was saved beside it as {copy}")]
+    Conflict { key: String, copy: String },
     #[error("staging file for {key}: {source}")]
     Staging {
         key: String,
@@ -121,6 +124,8 @@ impl Error {
             Error::Kms { source, .. } => source.errno(),
             // ESTALE is what NFS clients return for a file replaced under an open handle.
             Error::Changed { .. } => libc::ESTALE,
+            // The writer must learn its close did not land where it asked, though nothing is lost.
+            Error::Conflict { .. } => libc::EIO,
             Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

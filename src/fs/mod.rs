@@ -24,12 +24,13 @@ use bytes::Bytes;
 pub use self::error::{Error, Result};
 pub use self::inode::{Attr, FileKind, ROOT_INO};
 use self::inode::{InodeTable, Node, Remote};
-use self::write::{Staged, StagingDir, WriteState};
+use self::write::{Staged, WriteState};
 use tokio::sync::OwnedMutexGuard;
 use crate::cache::PageCache;
 use crate::object::Codec;
 use crate::read::{Reader, BIND_META};
-use crate::store::{Backend, ObjectInfo, ObjectKey, StoreError, UserMeta};
+use crate::journal::{BaseVersion, Journal};
+use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta};
 
 /// Longest name a directory entry may have (as on ext4), and so the longest key component we create.
 const NAME_MAX: usize = 255;
@@ -45,9 +46,6 @@ pub struct FsConfig {
     pub read_only: bool,
     pub attr_ttl: Duration,
     pub max_readahead: u64,
-    /// The store URL, written into recovery records so that a staging directory shared by several mounts recovers
-    /// each file into its own store.
-    pub store_url: String,
 }
 
 /// Who is asking (for ownership of new files and chown rules).
@@ -113,7 +111,7 @@ pub struct Fs {
     backend: Arc<dyn Backend>,
     codec: Codec,
     cache: Arc<PageCache>,
-    staging: StagingDir,
+    journal: Arc<Journal>,
     config: FsConfig,
     table: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -178,7 +176,7 @@ impl Fs {
         backend: Arc<dyn Backend>,
         codec: Codec,
         cache: Arc<PageCache>,
-        staging: StagingDir,
+        journal: Arc<Journal>,
         config: FsConfig,
     ) -> Fs {
         let now = SystemTime::now();
@@ -207,7 +205,7 @@ impl Fs {
             backend,
             codec,
             cache,
-            staging,
+            journal,
             config,
             table: Mutex::new(InodeTable::new(root)),
             handles: Mutex::new(HashMap::new()),
@@ -225,8 +223,9 @@ impl Fs {
         &self.cache
     }
 
-    pub fn staging_dir(&self) -> &std::path::Path {
-        self.staging.path()
+    /// This run's journal directory (for log lines).
+    pub fn journal_dir(&self) -> &std::path::Path {
+        self.journal.run_path()
     }
 
     fn fresh(&self, node: &Node) -> bool {
@@ -570,15 +569,9 @@ impl Fs {
 
     /// Encrypts and stores a small object held in memory (symlink targets).
     async fn put_small(&self, path: &str, content: &[u8], meta: UserMeta) -> Result<ObjectInfo> {
-        let (mut file, staged_path) = self.staging.new_file().map_err(|e| Error::staging(path, e))?;
-        use std::io::Write;
-        let res = async {
-            file.write_all(content).map_err(|e| Error::staging(path, e))?;
-            crate::upload::upload(&*self.backend, &self.codec, path, &file, content.len() as u64, meta).await
-        }
-        .await;
-        let _ = std::fs::remove_file(&staged_path);
-        res
+        // new_name() checked the name is free; a racing creator elsewhere makes this fail rather than be overwritten.
+        crate::upload::upload(&*self.backend, &self.codec, path, &crate::upload::Memory(content), content.len() as u64, meta, &Expect::Absent)
+            .await
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -616,10 +609,28 @@ impl Fs {
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
+        // Open for writing and not staged yet: stage it now, while the store still has it, so writes through the open
+        // descriptor keep working on the file's content after the name is gone.
+        if self.has_writer(ino) {
+            self.stage(ino).await?;
+        }
         // Wait for an upload of this file in flight (a concurrent close), and keep later ones out until the node is
         // marked unlinked: otherwise the upload could land after the delete and bring the file back.
-        let _guards = self.lock_states(vec![ino]).await;
-        self.backend.delete(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
+        let mut guards = self.lock_states(vec![ino]).await;
+        // The journal forgets the file before the store does: a crash in between leaves the file in the store with its
+        // last uploaded content (the unlink did not happen), never a record that would bring it back after the delete.
+        for (_, staged) in guards.iter_mut() {
+            staged.drop_record();
+        }
+        if let Err(e) = self.backend.delete(&key(&path)?).await {
+            for (g_ino, staged) in guards.iter_mut() {
+                self.keep_record(*g_ino, staged, true);
+            }
+            return Err(Error::store(&path, e));
+        }
+        for (_, staged) in guards.iter_mut() {
+            staged.mark_clean(); // deleted while open: POSIX says the data goes with it
+        }
         self.cache.invalidate_key(&path);
         let mut table = lock(&self.table);
         table.detach(parent, &name);
@@ -857,6 +868,10 @@ impl Fs {
                 (false, false) => {}
             }
         }
+        // A target open for writing keeps its content for its descriptors (see unlink).
+        if let Some(t) = target.filter(|t| self.has_writer(*t)) {
+            self.stage(t).await?;
+        }
         // Hold the write state of every file involved (the source or everything under it, and the target) for the
         // whole move: uploads in flight finish first, and none can start under the old name meanwhile.
         let mut involved = if kind == FileKind::Dir { self.staged_under(ino) } else { vec![ino] };
@@ -867,12 +882,66 @@ impl Fs {
                 self.flush_locked(*g_ino, staged).await?;
             }
         }
+        // A target file open with unsaved writes is replaced: the journal forgets it first, so a crash during or after
+        // the move never uploads its old content over what replaced it. Restored if the move fails.
+        for (g_ino, staged) in guards.iter_mut() {
+            if Some(*g_ino) == target {
+                staged.drop_record();
+            }
+        }
+        let moved = self.move_objects(ino, kind, &from, &to, target.is_some()).await;
+        if let Err(e) = moved {
+            for (g_ino, staged) in guards.iter_mut() {
+                if Some(*g_ino) == target {
+                    self.keep_record(*g_ino, staged, true);
+                }
+            }
+            return Err(e);
+        }
+        for (g_ino, staged) in guards.iter_mut() {
+            if Some(*g_ino) == target {
+                staged.mark_clean();
+            }
+        }
+        {
+            let mut table = lock(&self.table);
+            table.detach(new_parent, &new_name);
+            table.relink(ino, new_parent, &new_name);
+            if let Some(node) = table.get_mut(ino) {
+                node.ctime = SystemTime::now();
+                // The copy may carry a new ETag: ask the store before trusting the old one.
+                if node.kind != FileKind::Dir {
+                    node.validated = None;
+                }
+            }
+            self.touch_dir(&mut table, parent);
+            self.touch_dir(&mut table, new_parent);
+        }
+        // Files open for writing that moved: their next upload replaces the moved object, whose ETag the copy may
+        // have changed.
+        for (g_ino, staged) in guards.iter_mut() {
+            if Some(*g_ino) != target && staged.loaded && staged.base != BaseVersion::Absent {
+                let moved_to = lock(&self.table).path_of(*g_ino);
+                if let Some(p) = moved_to {
+                    if let Ok((info, _)) = self.backend.head(&key(&p)?).await {
+                        staged.base = info.etag.map(BaseVersion::Etag).unwrap_or(BaseVersion::Any);
+                    }
+                }
+            }
+        }
+        drop(guards);
+        self.retarget_readers();
+        Ok(())
+    }
+
+    /// The store side of a rename: one object, or every object under a directory.
+    async fn move_objects(&self, ino: u64, kind: FileKind, from: &str, to: &str, replaces: bool) -> Result<()> {
         if kind == FileKind::Dir {
             if to.starts_with(&format!("{from}/")) {
                 return Err(Error::InvalidArgument("cannot move a directory into itself"));
             }
-            if target.is_some() {
-                self.backend.delete(&dir_key(&to)?).await.map_err(|e| Error::store(format!("{to}/"), e))?;
+            if replaces {
+                self.backend.delete(&dir_key(to)?).await.map_err(|e| Error::store(format!("{to}/"), e))?;
             }
             let src_prefix = format!("{from}/");
             let listing = self.backend.list(&src_prefix, true).await.map_err(|e| Error::store(&src_prefix, e))?;
@@ -896,25 +965,9 @@ impl Fs {
         } else {
             let uploaded = lock(&self.table).get(ino).is_some_and(|n| n.remote.is_some());
             if uploaded {
-                self.rename_object(&from, &to).await?;
+                self.rename_object(from, to).await?;
             }
         }
-        {
-            let mut table = lock(&self.table);
-            table.detach(new_parent, &new_name);
-            table.relink(ino, new_parent, &new_name);
-            if let Some(node) = table.get_mut(ino) {
-                node.ctime = SystemTime::now();
-                // The copy may carry a new ETag: ask the store before trusting the old one.
-                if node.kind != FileKind::Dir {
-                    node.validated = None;
-                }
-            }
-            self.touch_dir(&mut table, parent);
-            self.touch_dir(&mut table, new_parent);
-        }
-        drop(guards);
-        self.retarget_readers();
         Ok(())
     }
 
@@ -991,7 +1044,7 @@ impl Fs {
                 return Err(Error::IsDir);
             }
             let ws = self.stage(ino).await?;
-            let path = self.path_of(ino)?;
+            let path = self.path_of(ino).unwrap_or_default();
             {
                 let mut staged = ws.lock().await;
                 staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
@@ -1102,7 +1155,9 @@ impl Fs {
 
     /// The write state of a file, created and loaded (downloaded and decrypted) if needed.
     async fn stage(&self, ino: u64) -> Result<Arc<WriteState>> {
-        let path = self.path_of(ino)?;
+        // An unlinked file still open has no path; it can only be staged already (loaded), which needs none.
+        let known_path = self.path_of(ino).ok();
+        let path = known_path.clone().unwrap_or_default();
         let (ws, remote) = {
             let mut table = lock(&self.table);
             let node = table.get_mut(ino).ok_or(Error::NotFound)?;
@@ -1112,15 +1167,10 @@ impl Fs {
             let ws = match &node.write {
                 Some(ws) => ws.clone(),
                 None => {
-                    let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
-                    let ws = Arc::new(tokio::sync::Mutex::new(Staged {
-                        file,
-                        path: spath,
-                        loaded: node.remote.is_none(),
-                        dirty: false,
-                        size: 0,
-                        recorded: false,
-                    }));
+                    // Not in the store (created here and not uploaded): the upload must not replace anything.
+                    let staged = Staged::create(&self.journal, node.remote.is_none(), false, BaseVersion::Absent)
+                        .map_err(|e| Error::staging(&path, e))?;
+                    let ws = Arc::new(tokio::sync::Mutex::new(staged));
                     node.write = Some(ws.clone());
                     ws
                 }
@@ -1129,7 +1179,9 @@ impl Fs {
         };
         let mut staged = ws.lock().await;
         if !staged.loaded {
+            staged.reset().map_err(|e| Error::staging(&path, e))?;
             if let Some(mut remote) = remote {
+                let path = known_path.ok_or(Error::NotFound)?;
                 // About to rewrite the whole object from this copy: make sure it is the version in the store now,
                 // whatever the attribute cache says, or another writer's update would be silently overwritten.
                 let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
@@ -1141,7 +1193,8 @@ impl Fs {
                     }
                     remote = current;
                 }
-                staged.size = match self.download_into(&path, &remote, &staged.file).await {
+                let mut base = info.etag.clone();
+                let size = match self.download_into(&path, &remote, &staged.file).await {
                     // Replaced in the store since we looked (another writer): stage the version there now.
                     Err(Error::Changed { .. }) => {
                         let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
@@ -1150,10 +1203,16 @@ impl Fs {
                             n.remote = Some(fresh.clone());
                             self.apply_remote_even_if_staged(n, &info, &meta);
                         }
+                        base = info.etag.clone();
+                        staged.reset().map_err(|e| Error::staging(&path, e))?;
                         self.download_into(&path, &fresh, &staged.file).await?
                     }
                     other => other?,
                 };
+                staged.set_loaded_size(size);
+                staged.base = base.map(BaseVersion::Etag).unwrap_or(BaseVersion::Any);
+            } else {
+                staged.base = BaseVersion::Absent;
             }
             staged.loaded = true;
         }
@@ -1162,8 +1221,7 @@ impl Fs {
     }
 
     /// Downloads and decrypts one stored version of `path` into a staging file; returns its plaintext size.
-    async fn download_into(&self, path: &str, remote: &Remote, file: &std::fs::File) -> Result<u64> {
-        use std::os::unix::fs::FileExt;
+    async fn download_into(&self, path: &str, remote: &Remote, file: &crate::journal::StagedFile) -> Result<u64> {
         let reader = self.reader(path.to_string(), remote.etag.clone(), remote.stored_size, 0)?;
         let mut offset = 0u64;
         while offset < reader.plain_size() {
@@ -1171,7 +1229,7 @@ impl Fs {
             if data.is_empty() {
                 break;
             }
-            file.write_all_at(&data, offset).map_err(|e| Error::staging(path, e))?;
+            file.write_at(offset, &data, offset).map_err(|e| Error::staging(path, e))?;
             offset += data.len() as u64;
         }
         Ok(offset)
@@ -1237,14 +1295,29 @@ impl Fs {
             match &node.write {
                 Some(ws) => ws.clone(),
                 None => {
-                    let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&path, e))?;
-                    let ws = Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, false)));
+                    // The content is replaced without being read: the version replaced is the one this mount knows.
+                    let base = match &node.remote {
+                        Some(r) if !r.etag.is_empty() => BaseVersion::Etag(r.etag.clone()),
+                        Some(_) => BaseVersion::Any,
+                        None => BaseVersion::Absent,
+                    };
+                    let staged = Staged::create(&self.journal, true, false, base).map_err(|e| Error::staging(&path, e))?;
+                    let ws = Arc::new(tokio::sync::Mutex::new(staged));
                     node.write = Some(ws.clone());
                     ws
                 }
             }
         };
         let mut staged = ws.lock().await;
+        if !staged.loaded {
+            // Opened for writing before and never loaded: replace what the store has now, as this mount knows it.
+            staged.base = lock(&self.table)
+                .get(ino)
+                .and_then(|n| n.remote.as_ref().map(|r| r.etag.clone()))
+                .filter(|e| !e.is_empty())
+                .map(BaseVersion::Etag)
+                .unwrap_or(BaseVersion::Any);
+        }
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
         if let Some(n) = lock(&self.table).get_mut(ino) {
@@ -1275,7 +1348,8 @@ impl Fs {
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
         }
-        let (file, spath) = self.staging.new_file().map_err(|e| Error::staging(&name, e))?;
+        let staged =
+            Staged::create(&self.journal, true, true, BaseVersion::Absent).map_err(|e| Error::staging(&name, e))?;
         let mut node = self.blank_node(parent, &name, FileKind::File);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
@@ -1283,7 +1357,7 @@ impl Fs {
         node.validated = Some(Instant::now());
         node.lookups = 1;
         node.open_handles = 1;
-        let ws = Arc::new(tokio::sync::Mutex::new(Staged::new(file, spath, true, true)));
+        let ws = Arc::new(tokio::sync::Mutex::new(staged));
         node.write = Some(ws.clone());
         let mode = OpenMode::from_flags(flags);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1299,6 +1373,11 @@ impl Fs {
             Handle::File { ino: attr.ino, reader: None, append: mode.append, writable: true },
         );
         Ok((attr, fh))
+    }
+
+    /// Whether some handle has `ino` open for writing.
+    fn has_writer(&self, ino: u64) -> bool {
+        lock(&self.handles).values().any(|h| matches!(h, Handle::File { ino: i, writable: true, .. } if *i == ino))
     }
 
     fn file_handle(&self, fh: u64) -> Result<(u64, Option<Arc<Reader>>, bool, bool)> {
@@ -1368,8 +1447,17 @@ impl Fs {
             return Ok(());
         }
         let path = path.ok_or(Error::NotFound)?;
-        let info = crate::upload::upload(&*self.backend, &self.codec, &path, &staged.file, staged.size, meta).await?;
-        staged.mark_clean();
+        let mut meta = meta;
+        meta.extra.insert(UPLOAD_META.to_string(), staged.upload_id.clone());
+        let expect = expect_of(&staged.base);
+        let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
+        let result = crate::upload::upload(&*self.backend, &self.codec, &path, &src, staged.size, meta.clone(), &expect).await;
+        let info = match result {
+            Ok(info) => info,
+            Err(e) if is_lost_race(&e, &expect) => return Err(self.save_conflict(ino, staged, &path, meta).await),
+            Err(e) => return Err(e),
+        };
+        staged.mark_uploaded(info.etag.clone());
         self.cache.invalidate_key(&path);
         {
             let mut table = lock(&self.table);
@@ -1397,6 +1485,40 @@ impl Fs {
                     .ok();
                 }
             }
+        }
+    }
+
+    /// Another writer replaced the object after this mount staged it (the conditional upload was refused): the staged
+    /// content goes beside it as `PATH.s3cryptfs-conflict-TIME` instead, the caller gets [`Error::Conflict`] (EIO), and
+    /// the file's next write starts from the version now in the store. Nothing is overwritten and nothing is lost.
+    async fn save_conflict(&self, ino: u64, staged: &mut Staged, path: &str, meta: UserMeta) -> Error {
+        let (secs, _) = to_secs_nanos(SystemTime::now());
+        let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
+        let mut copy = format!("{path}.s3cryptfs-conflict-{secs}");
+        let mut result = Err(Error::NotFound);
+        for attempt in 0..10 {
+            if attempt > 0 {
+                copy = format!("{path}.s3cryptfs-conflict-{secs}-{attempt}");
+            }
+            result = crate::upload::upload(&*self.backend, &self.codec, &copy, &src, staged.size, meta.clone(), &Expect::Absent).await;
+            match &result {
+                Err(e) if is_lost_race(e, &Expect::Absent) => continue,
+                _ => break,
+            }
+        }
+        match result {
+            Ok(_) => {
+                tracing::warn!(key = %path, copy = %copy, "the object was replaced by another writer since this mount staged it; this mount's version was saved beside it instead of overwriting it");
+                staged.mark_clean();
+                // The next write loads the version in the store now.
+                staged.loaded = false;
+                if let Some(n) = lock(&self.table).get_mut(ino) {
+                    n.validated = None;
+                }
+                Error::Conflict { key: path.to_string(), copy }
+            }
+            // Could not save the copy either: the data stays staged (dirty, recorded) for a later close or start.
+            Err(e) => e,
         }
     }
 
@@ -1487,7 +1609,7 @@ impl Fs {
                 if staged.dirty {
                     tracing::error!(
                         key = %self.path_of(ino).unwrap_or_default(),
-                        staged = %staged.path.display(),
+                        staged = %staged.location().display(),
                         "upload failed after the last close; the data stays staged in this file and is uploaded by the next start"
                     );
                 } else {
@@ -1521,8 +1643,9 @@ impl Fs {
         failed
     }
 
+    /// At a clean stop: removes this run's journal directory if nothing in it is left to upload.
     pub fn shutdown(&self) {
-        self.staging.remove_if_empty();
+        self.journal.close();
     }
 
     /// Makes sure a dirty staged file has an up-to-date recovery record (see `write::Pending`): written when it first
@@ -1538,17 +1661,18 @@ impl Fs {
             (table.path_of(ino), Self::meta_of(n), n.unlinked)
         };
         let (Some(path), false) = (path, unlinked) else { return false };
-        let record = write::Pending {
-            store: self.config.store_url.clone(),
+        let record = crate::journal::Record {
             path: path.clone(),
-            size: staged.size,
             mode: meta.mode.unwrap_or(0o100644),
             uid: meta.uid.unwrap_or(0),
             gid: meta.gid.unwrap_or(0),
             mtime: meta.mtime.unwrap_or((0, 0)),
-            written_at: to_secs_nanos(SystemTime::now()).0,
+            base: staged.base.clone(),
+            upload_id: staged.upload_id.clone(),
+            file_id: staged.file_id.clone(),
+            written_at: to_secs_nanos(SystemTime::now()),
         };
-        match record.save(&staged.path) {
+        match self.journal.save_record(staged.n, &record) {
             Ok(()) => staged.recorded = true,
             Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
         }
@@ -1570,68 +1694,103 @@ impl Fs {
         written
     }
 
-    /// Uploads what a previous run of this store left staged (see `write::Pending`). An object that changed in the
-    /// store after the record was written is not overwritten: the data goes to `PATH.s3cryptfs-recovered-TIME`
-    /// beside it instead. Returns (recovered, failed); every file is logged by path.
-    pub async fn recover(&self, base: &std::path::Path, store: &str) -> (usize, usize) {
+    /// Uploads what dead runs of this store left in the journal (see `crate::journal`). Each upload is conditional
+    /// on the version the record says the content replaces; if the object changed since, the data goes to
+    /// `PATH.s3cryptfs-recovered-TIME` beside it instead. An upload that already happened before the crash (the
+    /// object carries the record's upload stamp) is not repeated, so a kill during recovery loses and duplicates
+    /// nothing. Returns (recovered, failed); every file is logged by path.
+    pub async fn recover(&self) -> (usize, usize) {
         let (mut ok, mut failed) = (0, 0);
-        for (staged, record) in write::leftovers(base) {
-            if record.store != store {
-                continue;
-            }
-            let mut target = record.path.clone();
-            if let Ok(k) = key(&record.path) {
-                if let Ok((info, _)) = self.backend.head(&k).await {
-                    let changed = info
-                        .last_modified
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64 > record.written_at)
-                        .unwrap_or(false);
-                    if changed {
-                        target = format!("{}.s3cryptfs-recovered-{}", record.path, record.written_at);
-                    }
-                }
-            }
-            // The staged file is the authority for content and, when written after the record, for mtime.
-            let sidecar_time = std::fs::metadata(write::pending_path(&staged)).and_then(|m| m.modified()).ok();
-            let opened = std::fs::File::open(&staged).and_then(|f| {
-                let m = f.metadata()?;
-                Ok((f, m.len(), m.modified().ok()))
-            });
-            let result = match opened {
-                Ok((file, size, staged_time)) => {
-                    let mtime = match (staged_time, sidecar_time) {
-                        (Some(st), Some(rt)) if st > rt => to_secs_nanos(st),
-                        _ => record.mtime,
-                    };
-                    let meta = UserMeta {
-                        mode: Some(record.mode),
-                        uid: Some(record.uid),
-                        gid: Some(record.gid),
-                        mtime: Some(mtime),
-                        extra: BTreeMap::new(),
-                    };
-                    crate::upload::upload(&*self.backend, &self.codec, &target, &file, size, meta).await
-                }
-                Err(e) => Err(Error::staging(&target, e)),
-            };
-            match result {
-                Ok(_) => {
+        for left in self.journal.take_over().await {
+            match self.recover_one(&left).await {
+                Ok(target) => {
                     ok += 1;
-                    tracing::warn!(key = %target, staged = %staged.display(), "uploaded data a previous run left staged");
-                    let _ = std::fs::remove_file(write::pending_path(&staged));
-                    let _ = std::fs::remove_file(&staged);
-                    if let Some(dir) = staged.parent() {
-                        let _ = std::fs::remove_dir(dir);
+                    if target != left.record.path {
+                        tracing::warn!(key = %left.record.path, saved_as = %target, "data a previous run left staged was saved beside the object: the object changed in the store after it was staged");
+                    } else {
+                        tracing::warn!(key = %target, "uploaded data a previous run left staged");
                     }
+                    left.done();
                 }
                 Err(e) => {
                     failed += 1;
-                    tracing::error!(key = %target, staged = %staged.display(), error = %e, "could not upload data a previous run left staged; it stays for the next start");
+                    tracing::error!(key = %left.record.path, staged = %left.location().display(), error = %e, "could not upload data a previous run left staged; it stays for the next start");
                 }
             }
         }
         (ok, failed)
+    }
+
+    async fn recover_one(&self, left: &crate::journal::Leftover) -> Result<String> {
+        let record = &left.record;
+        let size = left.file.len().map_err(|e| Error::staging(&record.path, e))?;
+        // The staged content is the authority, and for mtime too when it was written after the record.
+        let staged_time = left.file.file().metadata().and_then(|m| m.modified()).ok();
+        let mtime = match (staged_time, left.record_mtime) {
+            (Some(st), Some(rt)) if st > rt => to_secs_nanos(st),
+            _ => record.mtime,
+        };
+        let mut meta = UserMeta {
+            mode: Some(record.mode),
+            uid: Some(record.uid),
+            gid: Some(record.gid),
+            mtime: Some(mtime),
+            extra: BTreeMap::new(),
+        };
+        meta.extra.insert(UPLOAD_META.to_string(), record.upload_id.clone());
+        let src = crate::upload::StagedSource { file: &left.file, size };
+        let mut target = record.path.clone();
+        let mut expect = expect_of(&record.base);
+        for attempt in 0..10u32 {
+            if self.already_uploaded(&target, &record.upload_id).await {
+                return Ok(target);
+            }
+            match crate::upload::upload(&*self.backend, &self.codec, &target, &src, size, meta.clone(), &expect).await {
+                Ok(_) => return Ok(target),
+                Err(e) if is_lost_race(&e, &expect) => {
+                    let (secs, _) = record.written_at;
+                    target = if attempt == 0 {
+                        format!("{}.s3cryptfs-recovered-{secs}", record.path)
+                    } else {
+                        format!("{}.s3cryptfs-recovered-{secs}-{attempt}", record.path)
+                    };
+                    expect = Expect::Absent;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::store(&record.path, StoreError::Precondition { key: target }))
+    }
+
+    /// Whether the object at `path` is the upload stamped `upload_id` (it happened before a crash).
+    async fn already_uploaded(&self, path: &str, upload_id: &str) -> bool {
+        let Ok(k) = key(path) else { return false };
+        match self.backend.head(&k).await {
+            Ok((_, meta)) => meta.extra.get(UPLOAD_META).is_some_and(|v| v == upload_id),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The metadata field that carries an upload's journal stamp (`journal::Record::upload_id`).
+pub const UPLOAD_META: &str = "s3cryptfs-upload";
+
+/// The store condition for replacing `base`.
+fn expect_of(base: &BaseVersion) -> Expect {
+    match base {
+        BaseVersion::Absent => Expect::Absent,
+        BaseVersion::Etag(e) => Expect::Etag(e.clone()),
+        BaseVersion::Any => Expect::Any,
+    }
+}
+
+/// Whether an upload failed because the store no longer holds what it expected: a precondition failure, or (for an
+/// expected version) the object being gone, which S3 reports as not found.
+fn is_lost_race(e: &Error, expect: &Expect) -> bool {
+    match e {
+        Error::Store { source, .. } => source.is_precondition(),
+        Error::NotFound => matches!(expect, Expect::Etag(_)),
+        _ => false,
     }
 }
 

@@ -177,8 +177,16 @@ impl Mount {
     }
 
     pub fn try_start(env: &Env, store: &Store, mode: &str, extra: &[&str]) -> Result<Mount, String> {
-        let dir = env.path().join(unique("mnt"));
-        std::fs::create_dir_all(&dir).unwrap();
+        Self::try_start_at(env, store, mode, extra, env.path().join(unique("mnt")))
+    }
+
+    /// [`Mount::try_start`] at a given mountpoint (created if missing).
+    pub fn try_start_at(env: &Env, store: &Store, mode: &str, extra: &[&str], dir: PathBuf) -> Result<Mount, String> {
+        // A dead mount left there by a killed daemon fails stat (ENOTCONN): the start replaces it.
+        let previous = mountinfo_line(&dir);
+        if previous.is_none() {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
         let mut opts = vec![format!("mode={mode}"), format!("staging_dir={}", env.path().join("staging").display())];
         // The environment's key file, unless the test names its own key source.
         let own_source = extra.iter().any(|o| o.starts_with("key_") || o.starts_with("agent"));
@@ -199,14 +207,27 @@ impl Mount {
             .stderr(logf)
             .spawn()
             .unwrap();
-        Mount::adopt(dir, child, log)
+        Mount::adopt_replacing(dir, child, log, previous)
     }
 
     /// Waits until a daemon the test started itself (`mount -f … DIR`, stderr to `log`) serves DIR.
-    pub fn adopt(dir: PathBuf, mut child: std::process::Child, log: PathBuf) -> Result<Mount, String> {
+    pub fn adopt(dir: PathBuf, child: std::process::Child, log: PathBuf) -> Result<Mount, String> {
+        Self::adopt_replacing(dir, child, log, None)
+    }
+
+    /// [`Mount::adopt`] where a mount (`previous`, its mountinfo line) was already there, left by a daemon that was
+    /// killed: waits for a new mount that answers.
+    fn adopt_replacing(dir: PathBuf, mut child: Child, log: PathBuf, previous: Option<String>) -> Result<Mount, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if is_mounted(&dir) {
+            // A replaced mount can look the same in mountinfo (the kernel reuses its id) and answer stat from the
+            // kernel's attribute cache, so the new daemon's own word ("mounted", logged at info) is what counts.
+            let line = mountinfo_line(&dir);
+            let ready = match &previous {
+                None => line.is_some(),
+                Some(_) => line.is_some() && std::fs::read_to_string(&log).unwrap_or_default().contains(" mounted "),
+            };
+            if ready {
                 return Ok(Mount { dir, child: Some(child), log });
             }
             if let Some(status) = child.try_wait().unwrap() {
@@ -215,7 +236,8 @@ impl Mount {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                return Err("mount did not appear within 30 s".into());
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("mount did not appear within 30 s (mountinfo: {line:?}): {text}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -242,6 +264,15 @@ impl Mount {
             let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
         }
         self.log_text()
+    }
+
+    /// Sends SIGKILL and returns at once, without reaping: the daemon stays a zombie (its pid still exists) until the
+    /// returned child is waited for, and its dead mount stays attached. This is the moment a restart by systemd
+    /// happens in.
+    pub fn kill_unreaped(mut self) -> (Child, String) {
+        let child = self.child.take().expect("the daemon is running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        (child, self.log_text())
     }
 
     /// Unmounts (as `fusermount3 -u` does) and waits for the daemon to exit; returns its log.
@@ -331,11 +362,11 @@ pub fn is_mounted(dir: &Path) -> bool {
     mountinfo_line(dir).is_some()
 }
 
-/// The /proc/self/mountinfo line of the mount at `dir`, if any.
+/// The /proc/self/mountinfo line of the topmost mount at `dir`, if any.
 pub fn mountinfo_line(dir: &Path) -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let d = dir.to_string_lossy();
-    mounts.lines().find(|l| l.split(' ').nth(4) == Some(&*d)).map(str::to_string)
+    mounts.lines().rfind(|l| l.split(' ').nth(4) == Some(&*d)).map(str::to_string)
 }
 
 /// Deterministic pseudo-random bytes.
@@ -401,4 +432,20 @@ pub fn json_field(json: &str, field: &str) -> String {
 /// A new KMS key on the test server; returns its key id.
 pub fn kms_create_key() -> String {
     json_field(&kms_admin("CreateKey", "{}"), "/KeyMetadata/KeyId")
+}
+
+/// Every file (not directory) under `dir`, recursively; empty if `dir` does not exist.
+#[allow(dead_code)]
+pub fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(walkdir(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }

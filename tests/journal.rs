@@ -1,0 +1,233 @@
+//! The write journal through real mounts: what a crash leaves and what the next start does with it, who may own the
+//! journal, and conditional uploads between two mounts of one store.
+//!
+//! Each test reproduces a way data was lost or planted before the journal existed (issue 10) and fails on that code.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    v.sort();
+    v
+}
+
+/// Staged data and records left in the journal under `env`'s staging directory.
+fn journal_files(env: &Env) -> Vec<String> {
+    walkdir(&env.path().join("staging"))
+        .into_iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".dat") || n.ends_with(".rec"))
+        .collect()
+}
+
+#[test]
+fn a_file_renamed_onto_a_dirty_open_file_is_not_overwritten_after_a_crash() {
+    for s3 in [false, true] {
+        let env = Env::new();
+        let store = if s3 { Store::s3() } else { Store::local(env.path()) };
+        let m = Mount::start(&env, &store, "cse-c");
+        fs::write(m.path("a"), b"a, first version").unwrap();
+        let mut open = fs::OpenOptions::new().write(true).open(m.path("a")).unwrap();
+        open.write_all(b"A, unsaved rewrite").unwrap();
+        fs::write(m.path("b"), b"b, the newer content that replaces a").unwrap();
+        fs::rename(m.path("b"), m.path("a")).unwrap();
+        m.kill();
+        drop(open);
+
+        let m = Mount::start(&env, &store, "cse-c");
+        assert_bytes(fs::read(m.path("a")).unwrap(), b"b, the newer content that replaces a", "a after restart");
+        assert_eq!(names(&m.dir), vec!["a".to_string()], "nothing resurrected or recovered beside it ({})", store.url());
+        let text = m.unmount();
+        assert!(!text.contains("previous run left staged"), "{text}");
+        assert!(journal_files(&env).is_empty(), "{:?}", journal_files(&env));
+    }
+}
+
+#[test]
+fn a_file_unlinked_while_open_does_not_come_back_after_a_crash() {
+    for s3 in [false, true] {
+        let env = Env::new();
+        let store = if s3 { Store::s3() } else { Store::local(env.path()) };
+        let m = Mount::start(&env, &store, "cse-c");
+        fs::write(m.path("kept"), b"kept").unwrap();
+        let mut f = fs::File::create(m.path("gone")).unwrap();
+        f.write_all(b"written, then unlinked while open").unwrap();
+        fs::remove_file(m.path("gone")).unwrap();
+        // Also one that was in the store before: opened, written, unlinked.
+        fs::write(m.path("gone2"), b"stored").unwrap();
+        let mut g = fs::OpenOptions::new().append(true).open(m.path("gone2")).unwrap();
+        g.write_all(b" and appended").unwrap();
+        fs::remove_file(m.path("gone2")).unwrap();
+        m.kill();
+        drop((f, g));
+
+        let m = Mount::start(&env, &store, "cse-c");
+        assert_eq!(names(&m.dir), vec!["kept".to_string()], "{}", store.url());
+        drop(m);
+        assert!(journal_files(&env).is_empty(), "{:?}", journal_files(&env));
+    }
+}
+
+#[test]
+fn a_restart_while_the_killed_daemon_is_a_zombie_recovers_at_once() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-zombie");
+    let m = Mount::try_start_at(&env, &store, "cse-c", &[], dir.clone()).unwrap();
+    let mut f = fs::File::create(m.path("in-flight")).unwrap();
+    f.write_all(b"written before the kill").unwrap();
+    let (mut zombie, _) = m.kill_unreaped();
+    // Until reaped the pid exists; the restart happens now, at the same mountpoint (as Restart=on-failure does).
+    let m = Mount::try_start_at(&env, &store, "cse-c", &[], dir.clone())
+        .unwrap_or_else(|e| panic!("restart in the zombie window: {e}"));
+    assert!(fs::read(format!("/proc/{}/stat", zombie.id())).is_ok(), "the killed daemon is still unreaped");
+    assert_bytes(fs::read(m.path("in-flight")).unwrap(), b"written before the kill", "recovered in the zombie window");
+    drop(f);
+    let text = m.unmount();
+    assert!(text.contains("uploaded data a previous run left staged"), "{text}");
+    zombie.wait().unwrap();
+}
+
+#[test]
+fn no_staged_data_outlives_a_crash_and_nothing_in_the_journal_is_plaintext() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    let marker = b"PLAINTEXT-MARKER-fsynced-and-still-open";
+    let mut f = fs::File::create(m.path("synced")).unwrap();
+    f.write_all(marker).unwrap();
+    f.sync_all().unwrap(); // uploaded: its record goes, its staged copy stays while open
+    let mut g = fs::File::create(m.path("dirty")).unwrap();
+    g.write_all(marker).unwrap();
+    for p in walkdir(&env.path().join("staging")) {
+        let bytes = fs::read(&p).unwrap();
+        assert!(!contains(&bytes, marker), "plaintext at rest in {}", p.display());
+    }
+    m.kill();
+    drop((f, g));
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(m.path("synced")).unwrap(), marker, "synced");
+    assert_bytes(fs::read(m.path("dirty")).unwrap(), marker, "dirty");
+    let text = m.log_text();
+    assert!(text.contains("no record refers to"), "the orphan's removal is logged: {text}");
+    drop(m);
+    assert!(journal_files(&env).is_empty(), "{:?}", journal_files(&env));
+}
+
+/// Runs `cmd` through `sh -c` as uid/gid 65534 (nobody).
+fn as_nobody(cmd: &str) {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_journal_planted_by_another_user_is_refused() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    // Another local user creates the journal base first (as they could under /var/tmp), with a fake run inside.
+    let base = Path::new("/tmp").join(unique("planted"));
+    let fake_run = base.join("00000000000000000000000000000000").join("11111111111111111111111111111111");
+    as_nobody(&format!(
+        "mkdir -p {run} && echo '{{\"version\":1}}' > {run}/journal && echo planted > {run}/0.dat && echo '{{\"path\":\"evil\",\"mode\":35309}}' > {run}/0.rec",
+        run = fake_run.display()
+    ));
+    let err = Mount::try_start(&env, &store, "cse-c", &[&format!("staging_dir={}", base.display())])
+        .err()
+        .expect("a journal owned by another user must be refused");
+    assert!(err.contains("owned by uid 65534") && err.contains(&base.display().to_string()), "{err}");
+    let log = err.split("before mounting: ").nth(1).unwrap_or(&err);
+    assert_eq!(log.trim().lines().count(), 1, "one line: {log}");
+
+    // The base is ours, but a directory inside was given to another user: refused too.
+    let ours = env.path().join("journal-ours");
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("staging_dir={}", ours.display())]);
+    drop(m);
+    let store_dir = fs::read_dir(&ours).unwrap().next().unwrap().unwrap().path();
+    std::os::unix::fs::chown(&store_dir, Some(65534), Some(65534)).unwrap();
+    let err = Mount::try_start(&env, &store, "cse-c", &[&format!("staging_dir={}", ours.display())]).err().expect("refused");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    std::os::unix::fs::chown(&store_dir, Some(0), Some(0)).unwrap();
+    // Writable by others: refused.
+    fs::set_permissions(&store_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = Mount::try_start(&env, &store, "cse-c", &[&format!("staging_dir={}", ours.display())]).err().expect("refused");
+    assert!(err.contains("writable by group or others"), "{err}");
+    fs::set_permissions(&store_dir, fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Records forged by someone who got write access (owned right, but not sealed under the key) are refused and
+    // logged, and nothing of them reaches the store.
+    let run = store_dir.join("22222222222222222222222222222222");
+    fs::create_dir(&run).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(run.join("journal"), br#"{"version":1,"store":"x","run":"22222222222222222222222222222222","keying":"local","check":"00"}"#).unwrap();
+    fs::write(run.join("0.rec"), br#"{"path":"evil","mode":35309,"uid":0,"gid":0}"#).unwrap();
+    fs::write(run.join("0.dat"), b"#!/bin/sh\nplanted\n").unwrap();
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("staging_dir={}", ours.display())]);
+    assert!(names(&m.dir).is_empty(), "nothing planted reaches the store: {:?}", names(&m.dir));
+    let text = m.unmount();
+    assert!(text.contains("journal left alone") || text.contains("refused"), "{text}");
+    let _ = fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_close_does_not_overwrite_what_another_mount_wrote_meanwhile() {
+    for s3 in [false, true] {
+        let env = Env::new();
+        let store = if s3 { Store::s3() } else { Store::local(env.path()) };
+        let a = Mount::start(&env, &store, "cse-c");
+        let b = Mount::start(&env, &store, "cse-c");
+        fs::write(a.path("f"), b"version 1").unwrap();
+        let mut open = fs::OpenOptions::new().write(true).truncate(true).open(a.path("f")).unwrap();
+        open.write_all(b"A's rewrite").unwrap();
+        std::thread::sleep(Duration::from_millis(1200)); // past attr_timeout, so b sees f
+        fs::write(b.path("f"), b"B's version, written while A had it open").unwrap();
+        let err = open.sync_all().expect_err("A's upload must not replace B's version");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        drop(open);
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_bytes(fs::read(b.path("f")).unwrap(), b"B's version, written while A had it open", "f");
+        let list = names(&b.dir);
+        let copies: Vec<_> = list.iter().filter(|n| n.starts_with("f.s3cryptfs-conflict-")).collect();
+        assert_eq!(copies.len(), 1, "{list:?} ({})", store.url());
+        assert_bytes(fs::read(b.path(copies[0])).unwrap(), b"A's rewrite", "A's version beside it");
+        let text = a.unmount();
+        assert!(text.contains("replaced by another writer"), "{text}");
+        drop(b);
+    }
+}
+
+#[test]
+fn recovery_does_not_overwrite_what_another_mount_wrote_after_the_crash() {
+    let env = Env::new();
+    let store = Store::s3();
+    let a = Mount::start(&env, &store, "cse-c");
+    fs::write(a.path("f"), b"version 1").unwrap();
+    let mut open = fs::OpenOptions::new().append(true).open(a.path("f")).unwrap();
+    open.write_all(b", A's unsaved append").unwrap();
+    a.kill();
+    drop(open);
+    // Another mount (with its own journal) writes f before A's next start.
+    let other = Env::new();
+    fs::copy(&env.key_file, &other.key_file).unwrap();
+    let b = Mount::start(&other, &store, "cse-c");
+    fs::write(b.path("f"), b"B's version").unwrap();
+    drop(b);
+    let a = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(a.path("f")).unwrap(), b"B's version", "f keeps the newer version");
+    let list = names(&a.dir);
+    let rec: Vec<_> = list.iter().filter(|n| n.starts_with("f.s3cryptfs-recovered-")).collect();
+    assert_eq!(rec.len(), 1, "{list:?}");
+    assert_bytes(fs::read(a.path(rec[0])).unwrap(), b"version 1, A's unsaved append", "A's data beside it");
+    drop(a);
+}
