@@ -563,7 +563,11 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     let keying = journal_keying(config.mode, keys.as_ref(), &codec)?;
     let journal = rt
         .block_on(crate::journal::Journal::open(&journal_base(&config), &config.store_url, keying, aead))
-        .map_err(|e| anyhow::anyhow!("the write journal: {e}"))?;
+        .map_err(|e| match e {
+            // KMS errors already say what to check (the key, the region, the endpoint).
+            crate::journal::JournalError::Kms(k) => anyhow::anyhow!("{k}"),
+            other => anyhow::anyhow!("the write journal: {other}"),
+        })?;
     let fs = Arc::new(Fs::new(
         backend,
         codec,

@@ -137,7 +137,7 @@ fn step(
                 }
             };
             *desc = format!("open {name}");
-            match fs::OpenOptions::new().read(true).write(true).create(true).open(&p) {
+            match fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p) {
                 Ok(f) => {
                     handles.push((id, f));
                     (vec![name], Ok(()))

@@ -1723,7 +1723,7 @@ impl Fs {
 
     async fn recover_one(&self, left: &crate::journal::Leftover) -> Result<String> {
         let record = &left.record;
-        let size = left.file.len().map_err(|e| Error::staging(&record.path, e))?;
+        let size = left.file.plain_len().map_err(|e| Error::staging(&record.path, e))?;
         // The staged content is the authority, and for mtime too when it was written after the record.
         let staged_time = left.file.file().metadata().and_then(|m| m.modified()).ok();
         let mtime = match (staged_time, left.record_mtime) {

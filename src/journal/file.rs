@@ -34,7 +34,7 @@ fn tampered(index: u64) -> io::Error {
 
 impl StagedFile {
     /// The plaintext length the file holds now, from its length on disk.
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn plain_len(&self) -> io::Result<u64> {
         match self {
             StagedFile::Plain(f) => Ok(f.metadata()?.len()),
             StagedFile::Sealed { file, .. } => {
@@ -219,7 +219,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(size, model.len() as u64);
-                prop_assert_eq!(f.len().unwrap(), size);
+                prop_assert_eq!(f.plain_len().unwrap(), size);
             }
             let mut buf = vec![0u8; size as usize];
             f.read_exact_at(&mut buf, 0, size).unwrap();

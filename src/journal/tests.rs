@@ -28,7 +28,7 @@ async fn journal(base: &Path, keying: Keying) -> Journal {
 }
 
 fn read_all(f: &StagedFile) -> Vec<u8> {
-    let n = f.len().unwrap();
+    let n = f.plain_len().unwrap();
     let mut buf = vec![0u8; n as usize];
     f.read_exact_at(&mut buf, 0, n).unwrap();
     buf
