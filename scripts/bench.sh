@@ -6,6 +6,7 @@
 #   BENCH_MODES="none cse-c" scripts/bench.sh         # modes to run (default: none cse-c cse-kms sse-c)
 #   BENCH_MIB=256 BENCH_FILES=500 scripts/bench.sh    # a smaller run
 #   BENCH_OPTS=aead=aes-gcm scripts/bench.sh          # extra mount options (here: the RustCrypto AEAD)
+#   BENCH_BIN=/path/to/old/s3cryptfs scripts/bench.sh # the same run with another build (A/B)
 #
 # Each phase runs on a fresh mount, so neither the kernel's page cache nor ours holds the data it reads.
 set -euo pipefail
@@ -17,7 +18,7 @@ read -r -a MODES <<< "${BENCH_MODES:-none cse-c cse-kms sse-c}"
 
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo build --release --quiet --bin s3cryptfs --example bench
-BIN=target/release/s3cryptfs
+BIN=${BENCH_BIN:-target/release/s3cryptfs}   # BENCH_BIN: another build, for A/B runs
 BENCH=target/release/examples/bench
 
 started=0

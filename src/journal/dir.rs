@@ -287,6 +287,19 @@ impl Dir {
         Ok(())
     }
 
+    /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`, and `from` stays).
+    pub fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
+        let (a, b) = (cstr(from)?, cstr(to)?);
+        // SAFETY: both names are NUL-terminated and relative to our descriptor.
+        let r = unsafe {
+            libc::renameat2(self.fd.as_raw_fd(), a.as_ptr(), self.fd.as_raw_fd(), b.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Removes the file `name`; a missing file is not an error.
     pub fn remove(&self, name: &str) -> io::Result<()> {
         let c = cstr(name)?;

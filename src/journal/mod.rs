@@ -294,13 +294,17 @@ impl Journal {
             let mut f = store_dir.create_file(&tmp).map_err(io)?;
             f.write_all(&k[..]).map_err(io)?;
         }
-        // Link into place without replacing: a concurrent start that won the race keeps its key, and we read it.
-        let linked = std::fs::hard_link(store_dir.path().join(&tmp), &path);
-        let _ = store_dir.remove(&tmp);
-        match linked {
+        // Into place without replacing: a concurrent start that won the race keeps its key, and we read it.
+        match store_dir.rename_noreplace(&tmp, "journal.key") {
             Ok(()) => Ok(Some(k)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::local_key(store_dir, false),
-            Err(e) => Err(io(e)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let _ = store_dir.remove(&tmp);
+                Self::local_key(store_dir, false)
+            }
+            Err(e) => {
+                let _ = store_dir.remove(&tmp);
+                Err(io(e))
+            }
         }
     }
 
