@@ -231,3 +231,46 @@ fn recovery_does_not_overwrite_what_another_mount_wrote_after_the_crash() {
     assert_bytes(fs::read(a.path(rec[0])).unwrap(), b"version 1, A's unsaved append", "A's data beside it");
     drop(a);
 }
+
+#[test]
+fn a_kill_during_recovery_loses_and_duplicates_nothing() {
+    let env = Env::new();
+    let store = Store::s3();
+    let dir = env.path().join("mnt-recovery");
+    let m = Mount::try_start_at(&env, &store, "cse-c", &[], dir.clone()).unwrap();
+    let data = pattern(40 << 20, 7); // a multipart upload: recovery takes long enough to be interrupted
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    f.write_all(&data).unwrap();
+    let mut g = fs::File::create(m.path("small")).unwrap();
+    g.write_all(b"small, never closed").unwrap();
+    let (mut zombie, _) = m.kill_unreaped();
+    zombie.wait().unwrap();
+    drop((f, g));
+    let opts = format!(
+        "mode=cse-c,key_file={},staging_dir={},{}",
+        env.key_file.display(),
+        env.path().join("staging").display(),
+        store.extra_options().join(",")
+    );
+    // Starts killed at different moments of their recovery.
+    let mut interrupted = 0;
+    for (i, delay_ms) in [150u64, 400, 800].into_iter().enumerate() {
+        let log = env.path().join(format!("interrupted-{i}.log"));
+        let mut child = daemon_command(&opts, store.url(), &dir, &log).env("RUST_LOG", "s3cryptfs=info").spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let text = fs::read_to_string(&log).unwrap();
+        eprintln!("start killed after {delay_ms} ms: {text}");
+        if !text.contains(" mounted ") {
+            interrupted += 1;
+        }
+    }
+    assert!(interrupted > 0, "no start was killed before it finished recovering: the test tested nothing");
+    let m = Mount::try_start_at(&env, &store, "cse-c", &[], dir.clone()).unwrap();
+    assert_eq!(names(&m.dir), vec!["big".to_string(), "small".to_string()], "no duplicates or recovered copies");
+    assert_bytes(fs::read(m.path("big")).unwrap(), &data, "big");
+    assert_bytes(fs::read(m.path("small")).unwrap(), b"small, never closed", "small");
+    drop(m);
+    assert!(journal_files(&env).is_empty(), "{:?}", journal_files(&env));
+}
