@@ -188,7 +188,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// Default of [`MountConfig::store_timeout`] (see there for why).
-pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_STORE_TIMEOUT: Duration = crate::store::DEFAULT_REQUEST_TIMEOUT;
 
 /// A store timeout in seconds: positive, finite, and at most a day (beyond that it bounds nothing).
 fn parse_timeout(text: &str) -> Option<Duration> {

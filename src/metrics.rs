@@ -288,6 +288,7 @@ label_enum! {
         Precondition => "precondition",
         NotEmpty => "not_empty",
         Unavailable => "unavailable",
+        TimedOut => "timed_out",
         InvalidInput => "invalid_input",
         MissingBucket => "missing_bucket",
         EncryptionNotConfirmed => "encryption_not_confirmed",
@@ -306,6 +307,7 @@ impl Outcome {
             StoreError::Precondition { .. } => Outcome::Precondition,
             StoreError::NotEmpty { .. } => Outcome::NotEmpty,
             StoreError::Unavailable { .. } => Outcome::Unavailable,
+            StoreError::TimedOut { .. } => Outcome::TimedOut,
             StoreError::InvalidInput { .. } => Outcome::InvalidInput,
             StoreError::MissingBucket { .. } => Outcome::MissingBucket,
             StoreError::XattrUnsupported { .. } => Outcome::Unsupported,
@@ -824,10 +826,11 @@ mod tests {
             StoreError::NotFound { key: "k".into() },
             StoreError::AccessDenied { key: "k".into(), detail: "d".into() },
             StoreError::Unavailable { detail: "d".into(), source: None },
+            StoreError::TimedOut { key: "k".into(), after: std::time::Duration::from_secs(3), detail: "GET".into() },
             StoreError::invalid("bad"),
         ];
         let labels: Vec<_> = errors.iter().map(|e| Outcome::of(e).as_str()).collect();
-        assert_eq!(labels, ["not_found", "access_denied", "unavailable", "invalid_input"]);
+        assert_eq!(labels, ["not_found", "access_denied", "unavailable", "timed_out", "invalid_input"]);
         // The label tables line up with the enums.
         for &k in RequestKind::ALL {
             assert_eq!(kind_labels(k)[0].value(), k.as_str());

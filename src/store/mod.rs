@@ -25,6 +25,7 @@
 //! every parent directory of a file (a directory exists once it has a file) and refuses to
 //! remove a non-empty marker; S3 only has the markers that were written and never refuses.
 
+mod deadline;
 mod error;
 mod local;
 mod meta;
@@ -49,7 +50,7 @@ pub use error::{BoxError, StoreError};
 pub use local::LocalBackend;
 pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
-pub use s3::{from_url, signed_client, S3Options, StoreUrl};
+pub use s3::{from_url, signed_client, S3Options, StoreUrl, DEFAULT_REQUEST_TIMEOUT};
 pub use sse::{ServerSideEncryption, SseEcho};
 pub use ssec::{key_md5, CustomerKeyStores, CustomerKeys, TaggedKey, KEY_MD5_TAG};
 
