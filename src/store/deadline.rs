@@ -94,6 +94,8 @@ fn per_item<T: Send + 'static>(
             Err(_) => Some((Err(error(operation, limit)), None)),
         }
     })
+    // Callers may poll a finished stream again (object_store's own `delete` does); `unfold` would panic.
+    .fuse()
     .boxed()
 }
 
@@ -111,6 +113,7 @@ fn until(
             Err(_) => Some((Err(error("GET (body)", limit)), None)),
         }
     })
+    .fuse()
     .boxed()
 }
 
@@ -272,6 +275,11 @@ mod tests {
         up.complete().await.unwrap();
         let listed: Vec<_> = store.list(Some(&Path::from("dir"))).collect().await;
         assert_eq!(listed.len(), 2);
+        // Finished streams may be polled again (the mount did, through object_store's `delete`).
+        let mut listing = store.list(None);
+        while listing.next().await.is_some() {}
+        assert!(listing.next().await.is_none());
+        store.delete(&p).await.unwrap();
         assert!(matches!(store.get(&Path::from("none")).await, Err(object_store::Error::NotFound { .. })));
     }
 }
