@@ -232,6 +232,26 @@ pub fn names_kms_key(requested: &str, answered: &str) -> Option<bool> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_server_that_never_answers_costs_one_deadline() {
+        use object_store::client::HttpConnector;
+        // Listening but never accepting: the kernel completes the connection, nothing answers (a frozen server).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let options = object_store::ClientOptions::new().with_allow_http(true);
+        let http = object_store::client::ReqwestConnector::default().connect(&options).unwrap();
+        let credentials = std::sync::Arc::new(object_store::StaticCredentialProvider::new(
+            object_store::aws::AwsCredential { key_id: "k".into(), secret_key: "s".into(), token: None },
+        ));
+        let limit = Duration::from_millis(300);
+        let client = SignedClient::new(http, credentials, "us-east-1").with_deadline(limit);
+        let start = std::time::Instant::now();
+        let err = client.send("kms", Method::POST, &url, &[], Bytes::new()).await.unwrap_err();
+        assert!(matches!(err, ApiError::TimedOut { after, .. } if after == limit), "{err}");
+        assert!(err.to_string().contains("timeout="), "{err}");
+        assert!(start.elapsed() < limit + Duration::from_secs(2), "{:?}", start.elapsed());
+    }
+
     #[test]
     fn error_bodies_of_both_protocols_are_understood() {
         let (code, msg) =
