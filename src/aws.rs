@@ -7,7 +7,9 @@
 //!
 //! Transient failures (transport errors, 5xx, throttling) are retried a few times with backoff; everything else is
 //! returned to the caller as an [`ApiError`] that carries the service's own error code and message, so log lines can
-//! say what the server said.
+//! say what the server said. The whole of one [`SignedClient::send`], retries included, is bounded by the client's
+//! deadline (the mount's `timeout=`), so a frozen KMS or S3 endpoint fails the operation with
+//! [`ApiError::TimedOut`] instead of holding it for the retries' sum of attempt timeouts.
 
 use std::time::Duration;
 
@@ -25,6 +27,9 @@ pub enum ApiError {
     Credentials(String),
     #[error("cannot reach {endpoint}: {detail}")]
     Transport { endpoint: String, detail: String },
+    /// No answer within the client's deadline (retries included).
+    #[error("{endpoint} did not answer within {} s (mount option timeout=)", after.as_secs_f64())]
+    TimedOut { endpoint: String, after: Duration },
     /// The service answered with an error status; `code` is its error type (`DisabledException`, `AccessDenied`…).
     #[error("{endpoint} answered {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
     Status { endpoint: String, status: u16, code: Option<String>, message: String },
@@ -61,6 +66,8 @@ pub struct SignedClient {
     http: HttpClient,
     credentials: AwsCredentialProvider,
     region: String,
+    /// Bound on one `send`, retries included.
+    deadline: Duration,
 }
 
 /// Attempts per request: the first try plus two retries (100 ms, then 400 ms later).
@@ -68,7 +75,13 @@ const ATTEMPTS: u32 = 3;
 
 impl SignedClient {
     pub fn new(http: HttpClient, credentials: AwsCredentialProvider, region: impl Into<String>) -> Self {
-        SignedClient { http, credentials, region: region.into() }
+        SignedClient { http, credentials, region: region.into(), deadline: crate::store::DEFAULT_REQUEST_TIMEOUT }
+    }
+
+    /// The same client with `send` bounded by `deadline`, retries included.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     pub fn region(&self) -> &str {
@@ -87,6 +100,24 @@ impl SignedClient {
         body: Bytes,
     ) -> Result<ApiResponse, ApiError> {
         let endpoint = url.split('?').next().unwrap_or(url).to_string();
+        match tokio::time::timeout(self.deadline, self.send_with_retries(service, method, url, headers, body, &endpoint))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::TimedOut { endpoint, after: self.deadline }),
+        }
+    }
+
+    async fn send_with_retries(
+        &self,
+        service: &str,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        endpoint: &str,
+    ) -> Result<ApiResponse, ApiError> {
+        let endpoint = endpoint.to_string();
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -200,6 +231,26 @@ pub fn names_kms_key(requested: &str, answered: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_costs_one_deadline() {
+        use object_store::client::HttpConnector;
+        // Listening but never accepting: the kernel completes the connection, nothing answers (a frozen server).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let options = object_store::ClientOptions::new().with_allow_http(true);
+        let http = object_store::client::ReqwestConnector::default().connect(&options).unwrap();
+        let credentials = std::sync::Arc::new(object_store::StaticCredentialProvider::new(
+            object_store::aws::AwsCredential { key_id: "k".into(), secret_key: "s".into(), token: None },
+        ));
+        let limit = Duration::from_millis(300);
+        let client = SignedClient::new(http, credentials, "us-east-1").with_deadline(limit);
+        let start = std::time::Instant::now();
+        let err = client.send("kms", Method::POST, &url, &[], Bytes::new()).await.unwrap_err();
+        assert!(matches!(err, ApiError::TimedOut { after, .. } if after == limit), "{err}");
+        assert!(err.to_string().contains("timeout="), "{err}");
+        assert!(start.elapsed() < limit + Duration::from_secs(2), "{:?}", start.elapsed());
+    }
 
     #[test]
     fn error_bodies_of_both_protocols_are_understood() {

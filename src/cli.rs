@@ -127,7 +127,7 @@ pub enum KeyAction {
 #[derive(Debug, Args)]
 pub struct RekeyArgs {
     /// Mount-style options naming the mode and keys (mode=, key_file=/key_fd=/key_env=/agent=…, kms_key_id=,
-    /// endpoint=, region=, ca_file=, kms_endpoint=). May be repeated.
+    /// endpoint=, region=, ca_file=, kms_endpoint=, timeout=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Only count what would be done.
@@ -146,8 +146,8 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Comma-separated mount options (mode=, key_file=, key_fd=, key_env=, key_credential=, agent[=SOCKET],
     /// key_name=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
-    /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, staging_dir=, log_level=,
-    /// log_file=). May be repeated.
+    /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, timeout=, staging_dir=,
+    /// log_level=, log_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, cse-kms, sse-c, sse-s3, sse-kms or none)")]
@@ -186,6 +186,13 @@ pub struct MountArgs {
     pub cache_size: Option<String>,
     #[arg(long, value_name = "SECONDS", help = "Same as -o attr_timeout=SECONDS")]
     pub attr_timeout: Option<String>,
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        help = "Same as -o timeout=SECONDS: longest wait for one store or KMS request, retries included, before the \
+                operation fails with EIO (default 30)"
+    )]
+    pub timeout: Option<String>,
     #[arg(long, value_name = "DIR", help = "Same as -o staging_dir=DIR")]
     pub staging_dir: Option<String>,
     #[arg(long, value_name = "LEVEL", help = "Same as -o log_level=LEVEL (error, warn, info, debug, trace)")]
@@ -222,6 +229,7 @@ impl MountArgs {
             ("umask", &self.umask),
             ("cache_size", &self.cache_size),
             ("attr_timeout", &self.attr_timeout),
+            ("timeout", &self.timeout),
             ("staging_dir", &self.staging_dir),
             ("log_level", &self.log_level),
             ("log_file", &self.log_file),

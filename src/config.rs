@@ -121,6 +121,11 @@ pub struct MountConfig {
     /// as mountpoint-s3 does: short enough that another writer's change shows up promptly, long enough that `ls -l`
     /// or a build does not repeat every request.
     pub attr_ttl: Duration,
+    /// Longest time one store request (S3 or KMS) may take, its retries included, before the operation that needs it
+    /// fails with EIO (`timeout=SECONDS`). 30 s, object_store's own per-attempt default: a part of 8 MiB still moves
+    /// at about 300 KiB/s, while a frozen server costs a syscall half a minute instead of object_store's retry budget
+    /// (three minutes, spent several times over by one syscall).
+    pub store_timeout: Duration,
     /// Where plaintext being written is staged (created 0700). Default: a private directory under $XDG_RUNTIME_DIR or
     /// /var/tmp.
     pub staging_dir: Option<PathBuf>,
@@ -180,6 +185,15 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// Default of [`MountConfig::store_timeout`] (see there for why).
+pub const DEFAULT_STORE_TIMEOUT: Duration = crate::store::DEFAULT_REQUEST_TIMEOUT;
+
+/// A store timeout in seconds: positive, finite, and at most a day (beyond that it bounds nothing).
+fn parse_timeout(text: &str) -> Option<Duration> {
+    let secs: f64 = text.trim().parse().ok()?;
+    (secs.is_finite() && secs > 0.0 && secs <= 86_400.0).then(|| Duration::from_secs_f64(secs))
 }
 
 fn parse_octal(name: &str, value: &str) -> Result<u32, ConfigError> {
@@ -246,6 +260,7 @@ impl MountConfig {
             umask: 0o022,
             cache: CacheConfig::default(),
             attr_ttl: Duration::from_secs(1),
+            store_timeout: DEFAULT_STORE_TIMEOUT,
             staging_dir: None,
             aead: AeadChoice::default(),
             log_level: None,
@@ -359,6 +374,13 @@ impl MountConfig {
                         ConfigError::Invalid { name: name.into(), reason: format!("'{v}' is not a number of seconds") }
                     })?;
                     cfg.attr_ttl = Duration::from_secs_f64(secs)
+                }
+                "timeout" => {
+                    let v = need()?;
+                    cfg.store_timeout = parse_timeout(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a positive number of seconds, as in timeout=30"),
+                    })?
                 }
                 "staging_dir" | "journal_dir" => cfg.staging_dir = Some(PathBuf::from(need()?)),
                 "aead" => {
@@ -537,6 +559,19 @@ mod tests {
         assert!(cfg("key_name=x").unwrap_err().to_string().contains("agent"));
         // The same source twice (fstab plus a flag) is fine.
         assert!(cfg("key_file=/k,key_file=/k").is_ok());
+    }
+
+    #[test]
+    fn store_timeout_is_a_positive_number_of_seconds() {
+        assert_eq!(cfg("mode=none").unwrap().store_timeout, DEFAULT_STORE_TIMEOUT);
+        assert_eq!(cfg("mode=none,timeout=3").unwrap().store_timeout, Duration::from_secs(3));
+        assert_eq!(cfg("mode=none,timeout=0.5").unwrap().store_timeout, Duration::from_millis(500));
+        for bad in ["0", "-1", "abc", "inf", "NaN", "1e9", ""] {
+            let err = cfg(&format!("mode=none,timeout={bad}")).unwrap_err().to_string();
+            assert!(err.contains("timeout") && err.contains("positive number of seconds"), "{bad}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        assert_eq!(cfg("mode=none,timeout").unwrap_err(), ConfigError::MissingValue { name: "timeout".into() });
     }
 
     #[test]

@@ -337,7 +337,9 @@ fn classify(key_id: &str, err: ApiError) -> KmsError {
     let text = err.to_string();
     let key_id = key_id.to_string();
     let (status, code, message) = match err {
-        ApiError::Credentials(_) | ApiError::Transport { .. } => return KmsError::Unavailable { key_id, detail: text },
+        ApiError::Credentials(_) | ApiError::Transport { .. } | ApiError::TimedOut { .. } => {
+            return KmsError::Unavailable { key_id, detail: text }
+        }
         ApiError::Status { status, code, message, .. } => (status, code, message),
     };
     let code = code.unwrap_or_else(|| format!("HTTP {status}"));
@@ -648,6 +650,11 @@ mod tests {
             (ApiError::Credentials("no credentials".into()), "Unavailable", libc::EIO),
             (
                 ApiError::Transport { endpoint: "https://kms.example".into(), detail: "refused".into() },
+                "Unavailable",
+                libc::EIO,
+            ),
+            (
+                ApiError::TimedOut { endpoint: "https://kms.example".into(), after: std::time::Duration::from_secs(3) },
                 "Unavailable",
                 libc::EIO,
             ),

@@ -16,7 +16,7 @@
 //! | `s3cryptfs_fs_read_bytes_total` | counter | — | plaintext bytes returned to `read()` calls on the mount |
 //! | `s3cryptfs_fs_written_bytes_total` | counter | — | plaintext bytes accepted from `write()` calls on the mount |
 //! | `s3cryptfs_fuse_errors_total` | counter | `op`, `errno` | FUSE requests answered with an error, by operation (`lookup`, `read`, `rmdir`…) and errno name (`ENOENT`, `EIO`…; `other` for rare ones). Expected answers such as ENOENT on lookup count too. Requests refused without calling the filesystem (xattrs, mknod, link) do not |
-//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
+//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
 //! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
 //! | `s3cryptfs_store_requests_in_flight` | gauge | — | store operations sent and not yet answered |
 //! | `s3cryptfs_store_read_bytes_total` | counter | — | object bytes received from the store (`get`, `get_range`: ciphertext with headers in client-side modes; what key-rotation operations report) |
@@ -290,6 +290,7 @@ label_enum! {
         Precondition => "precondition",
         NotEmpty => "not_empty",
         Unavailable => "unavailable",
+        TimedOut => "timed_out",
         InvalidInput => "invalid_input",
         MissingBucket => "missing_bucket",
         EncryptionNotConfirmed => "encryption_not_confirmed",
@@ -308,6 +309,7 @@ impl Outcome {
             StoreError::Precondition { .. } => Outcome::Precondition,
             StoreError::NotEmpty { .. } => Outcome::NotEmpty,
             StoreError::Unavailable { .. } => Outcome::Unavailable,
+            StoreError::TimedOut { .. } => Outcome::TimedOut,
             StoreError::InvalidInput { .. } => Outcome::InvalidInput,
             StoreError::MissingBucket { .. } => Outcome::MissingBucket,
             StoreError::XattrUnsupported { .. } => Outcome::Unsupported,
@@ -857,10 +859,11 @@ mod tests {
             StoreError::NotFound { key: "k".into() },
             StoreError::AccessDenied { key: "k".into(), detail: "d".into() },
             StoreError::Unavailable { detail: "d".into(), source: None },
+            StoreError::TimedOut { key: "k".into(), after: std::time::Duration::from_secs(3), detail: "GET".into() },
             StoreError::invalid("bad"),
         ];
         let labels: Vec<_> = errors.iter().map(|e| Outcome::of(e).as_str()).collect();
-        assert_eq!(labels, ["not_found", "access_denied", "unavailable", "invalid_input"]);
+        assert_eq!(labels, ["not_found", "access_denied", "unavailable", "timed_out", "invalid_input"]);
         // The label tables line up with the enums.
         for &k in RequestKind::ALL {
             assert_eq!(kind_labels(k)[0].value(), k.as_str());

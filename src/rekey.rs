@@ -200,7 +200,12 @@ async fn target(config: &MountConfig, keys: Option<Arc<KeyHistory>>) -> anyhow::
             let Some(wanted) = config.kms_key_id.clone() else {
                 bail!("rekey in mode=cse-kms needs the KMS key to move objects to: add -o kms_key_id=KEY")
             };
-            let opts = S3Options { region: config.region.clone(), ca_file: config.ca_file.clone(), ..S3Options::default() };
+            let opts = S3Options {
+                region: config.region.clone(),
+                ca_file: config.ca_file.clone(),
+                timeout: Some(config.store_timeout),
+                ..S3Options::default()
+            };
             let signed = crate::store::signed_client(&opts).context("setting up KMS access")?;
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
             let endpoint = crate::kms::resolve_endpoint(config.kms_endpoint.as_deref(), &env, signed.region());
@@ -239,6 +244,7 @@ fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) -> anyhow::R
         ca_file: config.ca_file.clone(),
         allow_http: config.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
             || std::env::var("AWS_ENDPOINT_URL").is_ok_and(|e| e.starts_with("http://")),
+        timeout: Some(config.store_timeout),
         ..S3Options::default()
     };
     let (backend, _) = crate::store::from_url(url, &opts).with_context(|| format!("store {url}"))?;

@@ -458,6 +458,7 @@ pub async fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) ->
         ca_file: config.ca_file.clone(),
         allow_http: config.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
             || std::env::var("AWS_ENDPOINT_URL").is_ok_and(|e| e.starts_with("http://")),
+        timeout: Some(config.store_timeout),
     };
     let (backend, _) = crate::store::from_url(url, &opts).with_context(|| format!("store {url}"))?;
     Ok(backend)
@@ -506,7 +507,12 @@ async fn check_customer_key(backend: &dyn Backend) -> anyhow::Result<()> {
 
 /// The KMS client of a cse-kms mount: the store's credential chain and CA file, the KMS endpoint by AWS rules.
 fn kms_client(config: &MountConfig) -> anyhow::Result<Arc<crate::kms::KmsClient>> {
-    let opts = S3Options { region: config.region.clone(), ca_file: config.ca_file.clone(), ..S3Options::default() };
+    let opts = S3Options {
+        region: config.region.clone(),
+        ca_file: config.ca_file.clone(),
+        timeout: Some(config.store_timeout),
+        ..S3Options::default()
+    };
     let signed = crate::store::signed_client(&opts).context("setting up KMS access")?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let endpoint = crate::kms::resolve_endpoint(config.kms_endpoint.as_deref(), &env, signed.region());

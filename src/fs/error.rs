@@ -116,6 +116,9 @@ impl Error {
                 StoreError::AccessDenied { .. } => libc::EACCES,
                 StoreError::NotEmpty { .. } => libc::ENOTEMPTY,
                 StoreError::InvalidInput { .. } => libc::EINVAL,
+                // The store did not answer within the mount's timeout= (or at all): the syscall fails instead of
+                // waiting on; the log line says which request and how long.
+                StoreError::TimedOut { .. } | StoreError::Unavailable { .. } => libc::EIO,
                 _ => libc::EIO,
             },
             // Tampered, wrong-key or foreign objects: the application gets EIO, never bytes we cannot vouch for.

@@ -6,11 +6,15 @@
 //! calling these methods directly.
 //!
 //! Consistency model (see docs/SEMANTICS.md): what this mount does is visible to it at once; what the store says is
-//! trusted for `attr_ttl`, after which names and attributes are asked again.
+//! trusted for `attr_ttl`, after which names and attributes are asked again. When asking again finds the store silent
+//! (a request timed out or could not connect), what is known is served stale rather than the syscall failing or
+//! waiting, and for [`SILENT_STORE_GRACE`] known names are not asked about at all (see [`Fs::note_silent_store`]).
 
 pub mod error;
 pub mod inode;
 pub mod write;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -36,6 +40,11 @@ use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta}
 const NAME_MAX: usize = 255;
 /// Chunk of a file downloaded at a time when staging it for writing.
 const STAGE_READ: usize = 8 << 20;
+/// After a refresh found the store silent, how long known names and attributes are served from memory without asking
+/// again. Each ask costs up to the mount's `timeout=` while the store stays silent, so without this every `stat` of an
+/// expired name would pay it; 10 s lets a dead store cost one such wait every 10 s, and a store that is back be noticed
+/// within 10 s.
+const SILENT_STORE_GRACE: Duration = Duration::from_secs(10);
 
 /// Settings of the filesystem layer, derived from the mount configuration.
 #[derive(Debug, Clone)]
@@ -120,6 +129,8 @@ pub struct Fs {
     next_fh: AtomicU64,
     /// Names found missing in the store, and when: lets create() skip asking again right after the kernel's lookup.
     negative: Mutex<HashMap<(u64, String), Instant>>,
+    /// When a refresh last found the store silent (timed out, unreachable); `None` once it answers again.
+    silent_since: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,6 +223,7 @@ impl Fs {
             openers: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             negative: Mutex::new(HashMap::new()),
+            silent_since: Mutex::new(None),
         }
     }
 
@@ -419,10 +431,18 @@ impl Fs {
         if let Some((ino, _, true)) = existing {
             return Ok(ino);
         }
+        // Known but expired, and the store was just found silent: answer from memory without waiting on it again.
+        if let Some((ino, _, false)) = existing {
+            if self.store_recently_silent() {
+                tracing::debug!(path, "store silent: serving the known name from memory");
+                return Ok(ino);
+            }
+        }
         // A stale node of known kind: ask about that kind first (one request in the common case).
         if let Some((ino, FileKind::File | FileKind::Symlink, false)) = existing {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
+                    self.note_store_answers();
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
                         self.apply_remote(node, &info, &meta);
@@ -432,10 +452,23 @@ impl Fs {
                     return Ok(ino);
                 }
                 Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_unreachable() => {
+                    self.note_silent_store(&path, &e);
+                    return Ok(ino);
+                }
                 Err(e) => return Err(Error::store(&path, e)),
             }
         }
-        let (file, dir) = self.probe(&path).await?;
+        let (file, dir) = match self.probe(&path).await {
+            Ok(found) => found,
+            // A known name (a directory, or a file whose HEAD said missing) outlives a silent store too.
+            Err(Error::Store { source, .. }) if source.is_unreachable() && existing.is_some() => {
+                self.note_silent_store(&path, &source);
+                return existing.map(|(ino, _, _)| ino).ok_or(Error::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
+        self.note_store_answers();
         let mut table = lock(&self.table);
         // Re-check under the lock: the node may have been created locally meanwhile.
         let current = table.child(parent, name);
@@ -506,8 +539,13 @@ impl Fs {
             (stale, if stale { table.path_of(ino) } else { None })
         };
         if let (true, Some(path)) = (stale_file, path) {
+            if self.store_recently_silent() {
+                tracing::debug!(path, "store silent: serving known attributes from memory");
+                return self.attr_of(ino);
+            }
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
+                    self.note_store_answers();
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
                         self.apply_remote(node, &info, &meta);
@@ -516,10 +554,40 @@ impl Fs {
                 // Gone from the store (another writer deleted it): keep answering from what we know; a lookup will
                 // notice, and open handles keep working on their version.
                 Err(e) if e.is_not_found() => {}
+                // The store does not answer: what we know is better than an error or a wait.
+                Err(e) if e.is_unreachable() => self.note_silent_store(&path, &e),
                 Err(e) => return Err(Error::store(&path, e)),
             }
         }
         self.attr_of(ino)
+    }
+
+    /// A refresh of `path` found the store silent (`e` timed out or could not connect): from now on, for
+    /// [`SILENT_STORE_GRACE`], known names and attributes are served from memory without asking. Logged once per
+    /// outage at warn (each stale answer at debug), so a dead store does not flood the log.
+    fn note_silent_store(&self, path: &str, e: &StoreError) {
+        let first = lock(&self.silent_since).replace(Instant::now()).is_none();
+        if first {
+            tracing::warn!(
+                path,
+                error = %crate::error_text::error_chain(e),
+                "the store does not answer: serving names and attributes already known from memory (stale) until it does"
+            );
+        } else {
+            tracing::debug!(path, "store still silent: serving what is known from memory");
+        }
+    }
+
+    /// A refresh got an answer: the store is back, if it was silent.
+    fn note_store_answers(&self) {
+        if lock(&self.silent_since).take().is_some() {
+            tracing::info!("the store answers again");
+        }
+    }
+
+    /// Whether a refresh found the store silent within the last [`SILENT_STORE_GRACE`].
+    fn store_recently_silent(&self) -> bool {
+        lock(&self.silent_since).is_some_and(|t| t.elapsed() < SILENT_STORE_GRACE)
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {

@@ -42,6 +42,15 @@ pub enum StoreError {
         source: Option<BoxError>,
     },
 
+    /// The store did not answer one request within the mount's `timeout=` (retries included): a frozen or
+    /// unreachable server, or a link too slow for the transfer.
+    #[error("the object store did not answer a request for {key:?} within {} s ({detail}); check the endpoint and the network, or raise -o timeout= on a slow link", after.as_secs_f64())]
+    TimedOut {
+        key: String,
+        after: std::time::Duration,
+        detail: String,
+    },
+
     /// The request itself was malformed: bad key, bad URL, bad metadata, bad option.
     #[error("{detail}")]
     InvalidInput { detail: String },
@@ -79,6 +88,12 @@ impl StoreError {
     /// True when the object (or marker) does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// True when the store did not answer at all (timed out or unreachable), as opposed to answering "no": what the
+    /// filesystem may paper over with what it already knows.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StoreError::TimedOut { .. } | StoreError::Unavailable { .. })
     }
 
     /// True when a conditional write lost a race.

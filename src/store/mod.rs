@@ -29,6 +29,7 @@
 //! remove a non-empty marker; S3 only has the markers that were written and never refuses.
 
 mod conditional;
+mod deadline;
 mod error;
 mod local;
 mod meta;
@@ -53,7 +54,7 @@ pub use error::{BoxError, StoreError};
 pub use local::LocalBackend;
 pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
-pub use s3::{from_url, signed_client, S3Options, StoreUrl};
+pub use s3::{from_url, signed_client, S3Options, StoreUrl, DEFAULT_REQUEST_TIMEOUT};
 pub use sse::{ServerSideEncryption, SseEcho};
 pub use ssec::{key_md5, CustomerKeyStores, CustomerKeys, TaggedKey, KEY_MD5_TAG};
 

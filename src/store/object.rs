@@ -920,12 +920,15 @@ pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
             key: key.to_owned(),
             detail: chain_text(&e),
         },
-        e => match transport_failure(&e) {
-            Some(detail) => StoreError::Unavailable {
+        // A request that outlived the mount's timeout (see `deadline.rs`) says so; other transport failures are
+        // "unavailable".
+        e => match (super::deadline::timed_out(&e).cloned(), transport_failure(&e)) {
+            (Some(t), _) => StoreError::TimedOut { key: key.to_owned(), after: t.limit, detail: t.operation.to_owned() },
+            (None, Some(detail)) => StoreError::Unavailable {
                 detail,
                 source: Some(Box::new(e)),
             },
-            None => StoreError::other(key, e),
+            (None, None) => StoreError::other(key, e),
         },
     }
 }

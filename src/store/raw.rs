@@ -473,6 +473,9 @@ fn api_error(e: ApiError, path: &str) -> StoreError {
         }
         ApiError::Status { status: 403, .. } => StoreError::AccessDenied { key, detail: e.to_string() },
         ApiError::Status { status: 501, .. } => StoreError::Unsupported { operation: e.to_string() },
+        ApiError::TimedOut { after, .. } => {
+            StoreError::TimedOut { key, after: *after, detail: "a signed S3 request".to_string() }
+        }
         ApiError::Transport { detail, .. } => {
             StoreError::Unavailable { detail: detail.clone(), source: Some(Box::new(e)) }
         }

@@ -8,14 +8,21 @@
 //! object_store's `with_client_options` replaces every client option set before it (including
 //! those `from_env` read, like `AWS_ALLOW_HTTP` or `AWS_PROXY_URL`), so the client options are
 //! assembled once, env included, and applied in one call.
+//!
+//! Every request is bounded by [`S3Options::timeout`], retries included: object_store's attempt timeout and retry
+//! budget are set from it, and each client is wrapped in a [`Deadline`] that cuts whatever is left (see
+//! `deadline.rs`). The signed client for KMS and raw S3 requests gets the same limit.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::HttpConnector;
-use object_store::{Certificate, ClientOptions};
+use object_store::{Certificate, ClientOptions, RetryConfig};
+
+use super::deadline::Deadline;
 
 use super::error::StoreError;
 use super::local::LocalBackend;
@@ -38,6 +45,26 @@ pub struct S3Options {
     pub allow_http: bool,
     /// SSE-C: the customer keys (the first writes). Requires https.
     pub customer_keys: Option<super::CustomerKeys>,
+    /// Longest time one request may take, its retries included; `None`: [`DEFAULT_REQUEST_TIMEOUT`].
+    pub timeout: Option<Duration>,
+}
+
+/// The request bound when [`S3Options::timeout`] is not set: object_store's own per-attempt default, now applied to
+/// the whole request (see `config::MountConfig::store_timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much later than the request's deadline one attempt's own timeout (reqwest's) fires: it is only the backstop,
+/// and the deadline firing first gives the error that names `timeout=`.
+const ATTEMPT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Longest wait for a TCP (and TLS) connection: a server that is up accepts in milliseconds, and an unreachable one
+/// should fail fast enough that a retry still fits into the request's budget.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl S3Options {
+    fn request_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
 }
 
 /// A parsed mount URL.
@@ -116,7 +143,8 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
                 let s3 = builder.build().map_err(|e| {
                     StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
                 })?;
-                Arc::new(ObjectStoreBackend::new(Arc::new(s3), prefix)?.with_sse(opts.sse.clone()).with_raw_s3(raw))
+                let s3 = Arc::new(Deadline::new(s3, opts.request_timeout()));
+                Arc::new(ObjectStoreBackend::new(s3, prefix)?.with_sse(opts.sse.clone()).with_raw_s3(raw))
             }
         }
     };
@@ -138,7 +166,7 @@ fn customer_key_stores(
             endpoint.as_deref().unwrap_or("(AWS_ALLOW_HTTP)")
         )));
     }
-    super::CustomerKeyStores::build(builder, keys, signed_client(opts)?, bucket_url(builder))
+    super::CustomerKeyStores::build(builder, keys, signed_client(opts)?, bucket_url(builder), opts.request_timeout())
 }
 
 /// The URL the bucket's objects live under (`https://host/bucket` or `https://bucket.host`), by the same rules as
@@ -173,9 +201,9 @@ pub fn signed_client(opts: &S3Options) -> Result<crate::aws::SignedClient, Store
         .build()
         .map_err(|e| StoreError::invalid(format!("cannot configure AWS access: {e}")))?;
     let http = object_store::client::ReqwestConnector::default()
-        .connect(&client_options(&env, true, opts.ca_file.as_ref())?)
+        .connect(&client_options(&env, true, opts.ca_file.as_ref(), opts.request_timeout())?)
         .map_err(|e| StoreError::invalid(format!("cannot build the HTTP client: {e}")))?;
-    Ok(crate::aws::SignedClient::new(http, s3.credentials().clone(), region))
+    Ok(crate::aws::SignedClient::new(http, s3.credentials().clone(), region).with_deadline(opts.request_timeout()))
 }
 
 /// The S3 builder for `bucket`, with `env` standing in for the process environment where we
@@ -243,7 +271,10 @@ fn s3_builder(
     }
     // Responses go through the echo connector so the SSE headers of every answer can be checked.
     b = b.with_http_connector(super::sse::EchoConnector);
-    Ok(b.with_client_options(client_options(env, allow_http, opts.ca_file.as_ref())?))
+    let limit = opts.request_timeout();
+    // Retries only while the request's budget lasts; the `Deadline` wrapper enforces it for the last attempt too.
+    let retry = RetryConfig { retry_timeout: limit, ..RetryConfig::default() };
+    Ok(b.with_retry(retry).with_client_options(client_options(env, allow_http, opts.ca_file.as_ref(), limit)?))
 }
 
 /// Client options from the environment plus ours, built once (see the module docs).
@@ -251,6 +282,7 @@ fn client_options(
     env: &dyn Fn(&str) -> Option<String>,
     allow_http: bool,
     ca_file: Option<&PathBuf>,
+    timeout: Duration,
 ) -> Result<ClientOptions, StoreError> {
     let mut co = ClientOptions::new();
     for (key, _) in std::env::vars_os() {
@@ -265,6 +297,8 @@ fn client_options(
             co = co.with_config(ck, value);
         }
     }
+    // After the environment: the mount option (or its default) wins over AWS_TIMEOUT / AWS_CONNECT_TIMEOUT.
+    co = co.with_timeout(timeout + ATTEMPT_TIMEOUT_MARGIN).with_connect_timeout(timeout.min(CONNECT_TIMEOUT));
     if allow_http {
         co = co.with_allow_http(true);
     }

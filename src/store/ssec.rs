@@ -93,6 +93,7 @@ impl CustomerKeyStores {
         keys: &KeyHistory,
         tagging: SignedClient,
         bucket_url: String,
+        limit: std::time::Duration,
     ) -> Result<Self, StoreError> {
         let mut clients = Vec::with_capacity(keys.len());
         let mut keys_b64 = Vec::with_capacity(keys.len());
@@ -103,6 +104,8 @@ impl CustomerKeyStores {
                 .with_ssec_encryption(b64.as_str())
                 .build()
                 .map_err(|e| StoreError::invalid(format!("cannot configure SSE-C: {e}")))?;
+            // Every request bounded, as for the other modes (see `deadline.rs`).
+            let s3 = super::deadline::Deadline::new(s3, limit);
             clients.push((key_md5(key.as_bytes()), Arc::new(s3) as Arc<dyn ObjectStore>));
             keys_b64.push(b64);
         }

@@ -1,0 +1,232 @@
+//! A frozen store (the S3 server stopped with SIGSTOP: connections are accepted by the kernel, nothing answers) must
+//! not freeze the mount: with `-o timeout=T`, every syscall that needs the store returns within a few T, names and
+//! attributes already known are served from memory, and nothing written is lost once the server answers again.
+//!
+//! Freezing the shared test server would stall every test running beside this one, so this test starts a LocalStack of
+//! its own on a free port with `scripts/s3-server.sh` (same venv and certificates as the shared one; about 2 s) and
+//! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::io::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The mount's `timeout=` in seconds.
+const TIMEOUT_SECS: u64 = 3;
+/// What each syscall is allowed while the store is frozen: the requirement is "about twice the timeout"; four times
+/// leaves room for a loaded 2-core machine.
+const BOUND: Duration = Duration::from_secs(4 * TIMEOUT_SECS);
+
+/// A LocalStack of this test's own, started and stopped by scripts/s3-server.sh.
+struct PrivateServer {
+    port: u16,
+    pid: i32,
+    endpoint: String,
+    /// `$S3CRYPTFS_TEST_HOME/server.env` as it was before our start overwrote it ("the last server started"), put
+    /// back afterwards so that it keeps naming the shared server.
+    saved_env: Option<(PathBuf, Vec<u8>)>,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-server.sh")
+}
+
+fn test_home() -> PathBuf {
+    std::env::var_os("S3CRYPTFS_TEST_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/s3cryptfs-test")
+    })
+}
+
+impl PrivateServer {
+    fn start() -> PrivateServer {
+        // A port nobody listens on right now (the script refuses a busy one).
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let env_file = test_home().join("server.env");
+        let saved_env = fs::read(&env_file).ok().map(|b| (env_file, b));
+        let out = Command::new(script()).arg("start").env("S3CRYPTFS_S3_PORT", port.to_string()).output().unwrap();
+        let pid_file = test_home().join(format!("run/{port}/localstack.pid"));
+        let pid = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        let server = PrivateServer { port, pid, endpoint: format!("http://127.0.0.1:{port}"), saved_env };
+        assert!(
+            out.status.success() && pid > 0,
+            "could not start a private LocalStack on port {port} (scripts/s3-server.sh start: {}; pid file {}): {}",
+            out.status,
+            pid_file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server
+    }
+
+    /// A fresh bucket on this server. Creating it also wakes LocalStack's S3 service, whose first request takes
+    /// seconds (longer than the mount's timeout).
+    fn bucket(&self) -> Store {
+        let bucket = unique("frozen").to_lowercase();
+        let status = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "60", "-X", "PUT", &format!("{}/{bucket}", self.endpoint)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "could not create bucket {bucket} at {}", self.endpoint);
+        Store::S3 { endpoint: self.endpoint.clone(), bucket }
+    }
+
+    /// Stops every process of the server (it was started with setsid: its pid is its process group) until the guard
+    /// is dropped.
+    fn freeze(&self) -> Frozen {
+        signal_group(self.pid, libc::SIGSTOP);
+        Frozen { pid: self.pid, since: Instant::now() }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        signal_group(self.pid, libc::SIGCONT);
+        let _ = Command::new(script()).arg("stop").env("S3CRYPTFS_S3_PORT", self.port.to_string()).status();
+        if let Some((path, bytes)) = &self.saved_env {
+            let _ = fs::write(path, bytes);
+        }
+    }
+}
+
+fn signal_group(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) with a pid we started; no memory is involved.
+        unsafe {
+            if libc::kill(-pid, sig) != 0 {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// SIGCONT on drop, so that a failing assertion never leaves the server stopped.
+struct Frozen {
+    pid: i32,
+    since: Instant,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_group(self.pid, libc::SIGCONT);
+        eprintln!("store was frozen for {:.1} s", self.since.elapsed().as_secs_f64());
+    }
+}
+
+/// Runs `op` on a thread of its own and waits at most [`BOUND`] for it: a syscall stuck in the kernel cannot be
+/// interrupted, so waiting on a channel is how the test fails in time instead of hanging with the syscall.
+fn within<T: Send + 'static>(what: &str, op: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(op());
+    });
+    match rx.recv_timeout(BOUND) {
+        Ok(v) => {
+            eprintln!("{what}: returned after {:.2} s", start.elapsed().as_secs_f64());
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked (see above)"),
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+            "{what} did not return within {} s while the store was frozen (mount option timeout={TIMEOUT_SECS})",
+            BOUND.as_secs()
+        ),
+    }
+}
+
+fn errno_of<T>(r: &std::io::Result<T>) -> Option<i32> {
+    r.as_ref().err().map(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+#[test]
+fn a_frozen_store_bounds_every_syscall_serves_known_names_and_loses_nothing() {
+    let server = PrivateServer::start();
+    let env = Env::new();
+    let store = server.bucket();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let opts = [timeout.as_str()];
+
+    // Before the freeze: files in the store, then a fresh mount (empty caches) that knows some names and has a file
+    // open for writing.
+    let before = pattern(200_000, 1);
+    let uncached = pattern(300_000, 2);
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    fs::write(m.path("before.bin"), &before).unwrap();
+    fs::write(m.path("uncached.bin"), &uncached).unwrap();
+    fs::write(m.path("known.txt"), b"known").unwrap();
+    m.unmount();
+
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    assert_eq!(fs::metadata(m.path("known.txt")).unwrap().len(), 5);
+    assert_eq!(fs::metadata(m.path("before.bin")).unwrap().len(), before.len() as u64);
+    // Open, nothing read yet: a read() while frozen has to ask the store.
+    let unopened = fs::File::open(m.path("uncached.bin")).unwrap();
+    let mut staged = fs::File::create(m.path("staged.bin")).unwrap();
+    let first = pattern(100_000, 3);
+    let second = pattern(150_000, 4);
+    staged.write_all(&first).unwrap();
+    // Past attr_timeout (1 s): the kernel asks the daemon again, and the daemon's own knowledge has expired too.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let frozen = server.freeze();
+    let dir = m.dir.clone();
+
+    // write + close of a file open for writing: the upload cannot finish; close must say so in time.
+    let during = second.clone();
+    let closed = within("write + close", move || {
+        staged.write_all(&during)?;
+        let fd = staged.into_raw_fd();
+        // SAFETY: `fd` was just taken out of the File, so it is closed exactly once, here.
+        let rc = unsafe { libc::close(fd) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    });
+    eprintln!("close while frozen: {closed:?}");
+
+    // stat of a known name: answered from memory, successfully.
+    let d = dir.clone();
+    let known = within("stat of a known name", move || fs::metadata(d.join("known.txt")));
+    assert_eq!(known.as_ref().map(|m| m.len()).ok(), Some(5), "stat of a known name while frozen: {known:?}");
+
+    // read of a file whose content was never fetched: needs the store, fails in time.
+    let read = within("read of an uncached file", move || {
+        let mut f = unopened;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+    });
+    eprintln!("read while frozen: {:?}", errno_of(&read));
+    if let Ok(bytes) = &read {
+        assert_bytes(bytes, &uncached, "uncached.bin read while frozen");
+    }
+
+    // create of a new name: needs the store to know the name is free.
+    let d = dir.clone();
+    let created = within("create", move || fs::File::create(d.join("new.txt")).map(drop));
+    eprintln!("create while frozen: {:?}", errno_of(&created));
+
+    // A second stat of the known name is served at once.
+    let d = dir.clone();
+    let start = Instant::now();
+    within("stat of a known name, again", move || fs::metadata(d.join("known.txt"))).unwrap();
+    assert!(start.elapsed() < BOUND);
+    drop(frozen);
+
+    // The store answers again: what was written before and during the freeze is all there, first through this mount
+    // (the staged file reads back from staging), then after an unmount (which uploads it) through a fresh one.
+    let mut want = first.clone();
+    want.extend_from_slice(&second);
+    assert_bytes(fs::read(m.path("staged.bin")).unwrap(), &want, "staged.bin after the freeze");
+    assert_bytes(fs::read(m.path("uncached.bin")).unwrap(), &uncached, "uncached.bin after the freeze");
+    let log = m.unmount();
+    eprintln!("--- log of the mount that saw the freeze ---\n{log}");
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    assert_bytes(fs::read(m.path("staged.bin")).unwrap(), &want, "staged.bin after a remount");
+    assert_bytes(fs::read(m.path("before.bin")).unwrap(), &before, "before.bin after a remount");
+    assert_bytes(fs::read(m.path("uncached.bin")).unwrap(), &uncached, "uncached.bin after a remount");
+    assert_eq!(fs::read(m.path("known.txt")).unwrap(), b"known");
+    m.unmount();
+}
