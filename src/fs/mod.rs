@@ -1516,14 +1516,29 @@ impl Fs {
         }
         let path = path.ok_or(Error::NotFound)?;
         let mut meta = meta;
+        // The record must name the stamp this upload carries before it is sent (a stale one after a change).
+        self.keep_record(ino, staged, false);
         meta.extra.insert(UPLOAD_META.to_string(), staged.upload_id.clone());
-        let expect = expect_of(&staged.base);
-        let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
-        let result = crate::upload::upload(&*self.backend, &self.codec, &path, &src, staged.size, meta.clone(), &expect).await;
-        let info = match result {
-            Ok(info) => info,
-            Err(e) if is_lost_race(&e, &expect) => return Err(self.save_conflict(ino, staged, &path, meta).await),
-            Err(e) => return Err(e),
+        let mut expect = expect_of(&staged.base);
+        let info = loop {
+            staged.note_attempt();
+            let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
+            let result =
+                crate::upload::upload(&*self.backend, &self.codec, &path, &src, staged.size, meta.clone(), &expect).await;
+            match result {
+                Ok(info) => break info,
+                Err(e) if is_lost_race(&e, &expect) => {
+                    // An earlier attempt that timed out may have landed after all: that version is ours to replace.
+                    match self.own_version(&path, |stamp| staged.is_own_stamp(stamp)).await {
+                        Some(etag) if expect != Expect::Etag(etag.clone()) => {
+                            tracing::info!(key = %path, "an upload that timed out earlier had reached the store; replacing it");
+                            expect = Expect::Etag(etag);
+                        }
+                        _ => return Err(self.save_conflict(ino, staged, &path, meta).await),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         };
         staged.mark_uploaded(info.etag.clone());
         self.cache.invalidate_key(&path);
@@ -1720,7 +1735,7 @@ impl Fs {
     /// becomes dirty, rewritten when `refresh` says its attributes changed. The caller holds the file's write state.
     /// A record that cannot be written is logged; the write itself goes on (the data is staged either way).
     fn keep_record(&self, ino: u64, staged: &mut Staged, refresh: bool) -> bool {
-        if !staged.dirty || !staged.loaded || (staged.recorded && !refresh) {
+        if !staged.dirty || !staged.loaded || (staged.recorded && !refresh && !staged.record_stale) {
             return staged.recorded;
         }
         let (path, meta, unlinked) = {
@@ -1737,11 +1752,15 @@ impl Fs {
             mtime: meta.mtime.unwrap_or((0, 0)),
             base: staged.base.clone(),
             upload_id: staged.upload_id.clone(),
+            prior_ids: staged.prior_ids.clone(),
             file_id: staged.file_id.clone(),
             written_at: to_secs_nanos(SystemTime::now()),
         };
         match self.journal.save_record(staged.n, &record) {
-            Ok(()) => staged.recorded = true,
+            Ok(()) => {
+                staged.recorded = true;
+                staged.record_stale = false;
+            }
             Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
         }
         staged.recorded
@@ -1816,6 +1835,16 @@ impl Fs {
             match crate::upload::upload(&*self.backend, &self.codec, &target, &src, size, meta.clone(), &expect).await {
                 Ok(_) => return Ok(target),
                 Err(e) if is_lost_race(&e, &expect) => {
+                    // An older upload of this content's history that timed out but landed: ours to replace.
+                    if target == record.path {
+                        let own = |stamp: &str| record.prior_ids.iter().any(|p| p == stamp);
+                        if let Some(etag) = self.own_version(&target, own).await {
+                            if expect != Expect::Etag(etag.clone()) {
+                                expect = Expect::Etag(etag);
+                                continue;
+                            }
+                        }
+                    }
                     let (secs, _) = record.written_at;
                     target = if attempt == 0 {
                         format!("{}.s3cryptfs-recovered-{secs}", record.path)
@@ -1828,6 +1857,18 @@ impl Fs {
             }
         }
         Err(Error::store(&record.path, StoreError::Precondition { key: target }))
+    }
+
+    /// The ETag of the object at `path` if its upload stamp is one `own` recognises (a version this mount wrote).
+    async fn own_version(&self, path: &str, own: impl Fn(&str) -> bool) -> Option<String> {
+        let k = key(path).ok()?;
+        let (info, meta) = self.backend.head(&k).await.ok()?;
+        let stamp = meta.extra.get(UPLOAD_META)?;
+        if own(stamp) {
+            info.etag
+        } else {
+            None
+        }
     }
 
     /// Whether the object at `path` is the upload stamped `upload_id` (it happened before a crash).

@@ -40,9 +40,21 @@ pub struct Staged {
     pub recorded: bool,
     /// The version of the object this content replaces: the next upload is conditional on it.
     pub base: BaseVersion,
-    /// Stamped into the next upload's metadata (see `journal::Record::upload_id`); renewed after each upload.
+    /// Stamped into the next upload's metadata (see `journal::Record::upload_id`); renewed after each upload, and
+    /// when the content or attributes change after an attempt whose outcome is unknown.
     pub upload_id: String,
+    /// Stamps of earlier attempts since the last known upload whose outcome is unknown (a timeout: the store may
+    /// have taken them). An object carrying one of these is a version this mount wrote, not someone else's.
+    pub prior_ids: Vec<String>,
+    /// An upload with `upload_id` was attempted and did not succeed (the store may still have taken it).
+    pub attempted: bool,
+    /// The record on disk no longer says what the next start must know (a new stamp): rewrite it.
+    pub record_stale: bool,
 }
+
+/// Most stamps of unknown outcome remembered: past this many failed attempts of one file the oldest are dropped
+/// (their versions, if they landed, then count as someone else's and recovery saves beside them).
+const MAX_PRIOR_IDS: usize = 16;
 
 impl Staged {
     /// A new empty staged file in `journal`; a file created by this mount starts dirty (it must be uploaded even if
@@ -61,6 +73,9 @@ impl Staged {
             recorded: false,
             base,
             upload_id: crate::journal::new_upload_id(),
+            prior_ids: Vec::new(),
+            attempted: false,
+            record_stale: false,
         })
     }
 
@@ -75,8 +90,33 @@ impl Staged {
         (self.dirty, self.size)
     }
 
+    /// An upload with the current stamp is about to be sent.
+    pub fn note_attempt(&mut self) {
+        self.attempted = true;
+    }
+
+    /// Whether `stamp` (from an object's metadata) is an upload of this content's history: the current attempt or an
+    /// earlier one whose outcome was unknown.
+    pub fn is_own_stamp(&self, stamp: &str) -> bool {
+        self.upload_id == stamp || self.prior_ids.iter().any(|p| p == stamp)
+    }
+
+    /// The content or attributes change: after an attempt whose outcome is unknown, the next upload needs a stamp of
+    /// its own (or a start that finds the old stamp in the store would take the old content for this one).
+    fn changing(&mut self) {
+        if self.attempted {
+            self.prior_ids.push(std::mem::replace(&mut self.upload_id, crate::journal::new_upload_id()));
+            if self.prior_ids.len() > MAX_PRIOR_IDS {
+                self.prior_ids.remove(0);
+            }
+            self.attempted = false;
+            self.record_stale = true;
+        }
+    }
+
     /// Changed (metadata only, say): upload on the next flush.
     pub fn mark_dirty(&mut self) {
+        self.changing();
         let before = self.share();
         self.dirty = true;
         crate::metrics::dirty_changed(before, self.share());
@@ -86,6 +126,8 @@ impl Staged {
     pub fn mark_uploaded(&mut self, etag: Option<String>) {
         self.base = etag.map(BaseVersion::Etag).unwrap_or(BaseVersion::Any);
         self.upload_id = crate::journal::new_upload_id();
+        self.prior_ids.clear();
+        self.attempted = false;
         self.mark_clean();
     }
 
@@ -119,6 +161,7 @@ impl Staged {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.changing();
         let before = self.share();
         self.size = self.file.write_at(offset, data, self.size)?;
         self.dirty = true;
@@ -127,6 +170,7 @@ impl Staged {
     }
 
     pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
+        self.changing();
         let before = self.share();
         self.file.set_len(size, self.size)?;
         self.size = size;

@@ -105,6 +105,10 @@ pub struct Record {
     /// Stamped into the metadata of the upload that publishes this content, so a recovery that finds it there
     /// knows the upload happened before the crash and does not repeat it.
     pub upload_id: String,
+    /// Stamps of earlier uploads of this content whose outcome was unknown (timed out): an object carrying one is a
+    /// version this mount wrote, so replacing it loses nobody's update.
+    #[serde(default)]
+    pub prior_ids: Vec<String>,
     /// The staged file's id (hex), which keys its slots; empty for plaintext journals.
     pub file_id: String,
     /// When the record was written (seconds, nanoseconds since the epoch).

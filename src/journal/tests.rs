@@ -18,6 +18,7 @@ fn record(path: &str, file_id: &[u8; FILE_ID_LEN]) -> Record {
         mtime: (3, 4),
         base: BaseVersion::Absent,
         upload_id: new_upload_id(),
+        prior_ids: Vec::new(),
         file_id: hex(file_id),
         written_at: (5, 6),
     }
