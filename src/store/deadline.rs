@@ -64,9 +64,10 @@ impl<S> Deadline<S> {
     }
 }
 
+/// The inner store's name: error messages (a missing bucket) name the store the user gave, not the wrapper.
 impl<S: fmt::Display> fmt::Display for Deadline<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (requests bounded to {:?})", self.inner, self.limit)
+        self.inner.fmt(f)
     }
 }
 
@@ -267,6 +268,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_that_answers_is_unchanged() {
         let store = Deadline::new(InMemory::new(), Duration::from_secs(5));
+        assert_eq!(store.to_string(), InMemory::new().to_string(), "messages name the inner store");
         let p = Path::from("dir/a");
         store.put(&p, PutPayload::from_static(b"hello")).await.unwrap();
         assert_eq!(store.get(&p).await.unwrap().bytes().await.unwrap().as_ref(), b"hello");
