@@ -135,7 +135,8 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         let deadline = tokio::time::Instant::now() + self.limit;
-        let mut result = bounded("GET", self.limit, self.inner.get_opts(location, options)).await?;
+        let operation = if options.head { "HEAD" } else { "GET" };
+        let mut result = bounded(operation, self.limit, self.inner.get_opts(location, options)).await?;
         result.payload = match result.payload {
             GetResultPayload::Stream(s) => GetResultPayload::Stream(until(deadline, self.limit, s)),
             #[allow(unreachable_patterns)] // `File` exists only with object_store's `fs` feature.
@@ -253,7 +254,9 @@ mod tests {
         let is_timeout = |e: object_store::Error| timed_out(&e).is_some_and(|t| t.limit == limit);
         assert!(is_timeout(store.put(&p, PutPayload::from_static(b"x")).await.unwrap_err()));
         assert!(is_timeout(store.get(&p).await.unwrap_err()));
-        assert!(is_timeout(store.head(&p).await.unwrap_err()));
+        let head = store.head(&p).await.unwrap_err();
+        assert_eq!(timed_out(&head).map(|t| t.operation), Some("HEAD"));
+        assert!(is_timeout(head));
         assert!(is_timeout(store.list_with_delimiter(None).await.unwrap_err()));
         assert!(is_timeout(store.copy(&p, &Path::from("b")).await.unwrap_err()));
         let listed: Vec<_> = store.list(None).collect().await;
