@@ -64,9 +64,10 @@ impl<S> Deadline<S> {
     }
 }
 
+/// The inner store's name: error messages (a missing bucket) name the store the user gave, not the wrapper.
 impl<S: fmt::Display> fmt::Display for Deadline<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (requests bounded to {:?})", self.inner, self.limit)
+        self.inner.fmt(f)
     }
 }
 
@@ -134,7 +135,8 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         let deadline = tokio::time::Instant::now() + self.limit;
-        let mut result = bounded("GET", self.limit, self.inner.get_opts(location, options)).await?;
+        let operation = if options.head { "HEAD" } else { "GET" };
+        let mut result = bounded(operation, self.limit, self.inner.get_opts(location, options)).await?;
         result.payload = match result.payload {
             GetResultPayload::Stream(s) => GetResultPayload::Stream(until(deadline, self.limit, s)),
             #[allow(unreachable_patterns)] // `File` exists only with object_store's `fs` feature.
@@ -252,7 +254,9 @@ mod tests {
         let is_timeout = |e: object_store::Error| timed_out(&e).is_some_and(|t| t.limit == limit);
         assert!(is_timeout(store.put(&p, PutPayload::from_static(b"x")).await.unwrap_err()));
         assert!(is_timeout(store.get(&p).await.unwrap_err()));
-        assert!(is_timeout(store.head(&p).await.unwrap_err()));
+        let head = store.head(&p).await.unwrap_err();
+        assert_eq!(timed_out(&head).map(|t| t.operation), Some("HEAD"));
+        assert!(is_timeout(head));
         assert!(is_timeout(store.list_with_delimiter(None).await.unwrap_err()));
         assert!(is_timeout(store.copy(&p, &Path::from("b")).await.unwrap_err()));
         let listed: Vec<_> = store.list(None).collect().await;
@@ -267,6 +271,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_that_answers_is_unchanged() {
         let store = Deadline::new(InMemory::new(), Duration::from_secs(5));
+        assert_eq!(store.to_string(), InMemory::new().to_string(), "messages name the inner store");
         let p = Path::from("dir/a");
         store.put(&p, PutPayload::from_static(b"hello")).await.unwrap();
         assert_eq!(store.get(&p).await.unwrap().bytes().await.unwrap().as_ref(), b"hello");

@@ -403,6 +403,16 @@ mod tests {
             b.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
             Some("us-east-1")
         );
+
+        // timeout= sets the attempt timeout (a second after the request's own deadline) and caps the connect timeout.
+        let client = |b: &AmazonS3Builder, k| b.get_config_value(&AmazonS3ConfigKey::Client(k));
+        let short = S3Options { timeout: Some(Duration::from_secs(3)), ..opts.clone() };
+        let b = s3_builder("bucket", &short, &env).unwrap();
+        assert_eq!(client(&b, object_store::ClientConfigKey::Timeout).as_deref(), Some("4s"));
+        assert_eq!(client(&b, object_store::ClientConfigKey::ConnectTimeout).as_deref(), Some("3s"));
+        let b = s3_builder("bucket", &opts, &env).unwrap();
+        assert_eq!(client(&b, object_store::ClientConfigKey::Timeout).as_deref(), Some("31s"));
+        assert_eq!(client(&b, object_store::ClientConfigKey::ConnectTimeout).as_deref(), Some("5s"));
     }
 
     #[test]
