@@ -327,8 +327,10 @@ fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Res
             meta = std::fs::metadata(path);
         }
     }
-    // ENOTCONN: a FUSE mount whose daemon died is still attached there.
-    let dead = meta.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    // ENOTCONN: a FUSE mount whose daemon died is still attached there (ECONNABORTED while the kernel is still
+    // tearing the connection down, right after the daemon was killed).
+    let is_dead = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED));
+    let dead = meta.as_ref().is_err_and(is_dead);
     if dead && ours() {
         // Logging starts later; this goes where the early errors go (the terminal, or the journal under systemd).
         eprintln!("s3cryptfs: replacing the dead mount a previous run of {store_url} left at {shown} (its daemon is gone)");
@@ -340,7 +342,7 @@ fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Res
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("mountpoint {shown} does not exist: create it first (mkdir -p {shown})")
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+        Err(e) if is_dead(&e) => bail!(
             "mountpoint {shown} is a dead FUSE mount (its daemon is gone): run `fusermount3 -u {shown}` (or `umount -l`) first"
         ),
         Err(e) => bail!("mountpoint {shown}: {e}"),
