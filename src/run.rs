@@ -74,7 +74,10 @@ fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
 fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     use tracing_subscriber::EnvFilter;
     Ok(match level {
-        Some(l) => EnvFilter::try_new(l).map_err(|e| anyhow!("log_level '{l}': {e}"))?,
+        Some(l) => {
+            let level = crate::config::parse_log_level(l).map_err(|e| anyhow!("log level: {e}"))?;
+            EnvFilter::try_new(level).map_err(|e| anyhow!("log level '{level}': {e}"))?
+        }
         // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
     })
@@ -684,6 +687,18 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 10.7a): the level SIGHUP reads from log_level_file= goes through `log_filter`; a word that
+    /// is not a level must be refused there (so the reload keeps the current level and warns), not become a filter
+    /// that silences everything.
+    #[test]
+    fn the_log_filter_takes_only_levels() {
+        assert!(log_filter(Some("warning")).unwrap().to_string().contains("warn"));
+        for bad in ["loud", "warnings", "s3cryptfs=debug"] {
+            let err = log_filter(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("error, warn, info, debug, trace"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn mountinfo_escaping_round_trips_the_bytes_the_kernel_escapes() {
