@@ -211,15 +211,15 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             };
             if let Err(e) = init_logging(config.log_level.as_deref(), target) {
                 let mut ready = std::fs::File::from(write_end);
-                let _ = writeln!(ready, "{e:#}");
+                let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
                 std::process::exit(1);
             }
             let mut ready = std::fs::File::from(write_end);
             match serve(config, keys, Some(&mut ready)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
-                    let _ = writeln!(ready, "{e:#}");
-                    tracing::error!("{e:#}");
+                    let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
+                    tracing::error!("{}", crate::error_text::error_chain(&*e));
                     std::process::exit(1)
                 }
             }
