@@ -63,10 +63,14 @@ struct LogReload {
 
 static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
 
+/// Opens `log_file=` for appending; a new file is created 0600, since log lines name files and objects. An existing
+/// file keeps its mode (an administrator may have made it group-readable on purpose).
 fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("opening log_file {}", path.display()))
 }
@@ -717,6 +721,23 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 10.7f): the log file was created 0644, readable by every local user.
+    #[test]
+    fn a_new_log_file_is_private_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("new.log");
+        open_log_file(&new).unwrap();
+        assert_eq!(mode(&new), 0o600);
+        let shared = dir.path().join("shared.log");
+        std::fs::write(&shared, b"old line\n").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        writeln!(open_log_file(&shared).unwrap(), "new line").unwrap();
+        assert_eq!(mode(&shared), 0o640);
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "old line\nnew line\n");
+    }
 
     /// Regression (issue 10.7d): a certificate for another host name was reported as "not trusted: add -o ca_file",
     /// even with ca_file= given. The details are what rustls said through object_store here.
