@@ -512,6 +512,67 @@ async fn check_key(backend: &dyn Backend, codec: &Codec, mode: EncryptionMode) -
     }
 }
 
+/// cse-kms with a key for new files: one GenerateDataKey at mount, the request every write starts with, so a wrong
+/// or unreachable KMS endpoint or an unusable key is refused now rather than failing every write with EIO later (an
+/// empty bucket gives `check_key` nothing to try). Read-only mounts generate no keys and skip it.
+async fn check_kms(codec: &Codec, read_only: bool) -> anyhow::Result<()> {
+    let Codec::Cse { kms: Some(kms), .. } = codec else { return Ok(()) };
+    let Some(key_id) = kms.key_id() else { return Ok(()) };
+    if read_only {
+        return Ok(());
+    }
+    let context = crate::crypto::kms_encryption_context(&crate::crypto::FileId::random());
+    match kms.generate_data_key(&context).await {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("{}", explain_kms_error(kms.endpoint(), key_id, &e)),
+    }
+}
+
+/// One sentence for a KMS check that failed at mount: which endpoint, what went wrong there, what to check.
+fn explain_kms_error(endpoint: &str, key_id: &str, e: &crate::kms::KmsError) -> String {
+    use crate::kms::KmsError;
+    let check = "check kms_endpoint= (or AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL), the region and the network";
+    let not_kms = |what: &str| format!("{endpoint} does not answer like a KMS endpoint ({what}); {check}");
+    match e {
+        KmsError::Unavailable { detail, .. } => {
+            let has = |needle: &str| detail.contains(needle);
+            if let Some(status) = status_without_kms_code(detail) {
+                return not_kms(&format!("HTTP {status} without a KMS error type"));
+            }
+            let what = if has("Connection refused") {
+                "connection refused".to_string()
+            } else if has("timed out") || has("Timeout") || has("deadline has elapsed") {
+                "timed out".to_string()
+            } else if has("dns error") || has("failed to lookup address") {
+                "its host name does not resolve".to_string()
+            } else if has("certificate") || has("UnknownIssuer") {
+                format!("its TLS certificate was refused ({}); for a private CA add -o ca_file=PATH", last_line(detail))
+            } else if has("cannot get AWS credentials") {
+                return format!("cannot use KMS at {endpoint} for kms_key_id={key_id}: no AWS credentials ({})", last_line(detail));
+            } else {
+                detail.lines().next().unwrap_or_default().chars().take(200).collect()
+            };
+            format!("cannot use KMS at {endpoint} for kms_key_id={key_id}: {what}; {check}")
+        }
+        // An answer that is no KMS answer at all: an HTTP status without a KMS error type, or a body that is not KMS
+        // JSON (a web server, an S3 endpoint, a proxy's error page).
+        KmsError::Other { code, .. } if code.starts_with("HTTP ") => {
+            not_kms(&format!("{code} without a KMS error type"))
+        }
+        KmsError::Other { code, message, .. } if code == "MalformedResponse" => not_kms(message),
+        // Disabled, missing or denied key: the message says what KMS said and what to do.
+        other => format!("KMS at {endpoint}: {other}"),
+    }
+}
+
+/// The status of an error answer that carried no KMS error type (`… answered 501: <html>…`, where a KMS error reads
+/// `… answered 500 KMSInternalException: …`): the server is not KMS.
+fn status_without_kms_code(detail: &str) -> Option<&str> {
+    let rest = &detail[detail.find(" answered ")? + " answered ".len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    (digits == 3 && rest[digits..].starts_with(':')).then(|| &rest[..digits])
+}
+
 /// sse-c: a HEAD of one top-level object must succeed with a key of the key file, so a wrong key file is refused at
 /// mount (the store finds the object's key by its tag, see `store::ssec`).
 async fn check_customer_key(backend: &dyn Backend) -> anyhow::Result<()> {
@@ -577,6 +638,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             bail!("{}", explain_store_error(&config, &detail));
         }
         check_key(&*backend, &codec, config.mode).await?;
+        check_kms(&codec, config.read_only).await?;
         anyhow::Ok(backend)
     })?;
     let staging = StagingDir::create(&staging_base(&config))
@@ -737,6 +799,31 @@ mod tests {
         writeln!(open_log_file(&shared).unwrap(), "new line").unwrap();
         assert_eq!(mode(&shared), 0o640);
         assert_eq!(std::fs::read_to_string(&shared).unwrap(), "old line\nnew line\n");
+    }
+
+    /// Regression (issue 10.7g): a cse-kms mount with a wrong or unreachable KMS endpoint mounted and then failed
+    /// every write with EIO. The mount now asks KMS once (`check_kms`) and refuses with a sentence naming the endpoint
+    /// and what failed. The details are what the KMS client reported against each kind of wrong endpoint here.
+    #[test]
+    fn kms_failures_at_mount_name_the_endpoint_and_the_cause() {
+        use crate::kms::KmsError;
+        let ep = "http://127.0.0.1:1";
+        let unavailable = |detail: &str| KmsError::Unavailable { key_id: "alias/x".into(), detail: detail.into() };
+        let cases = [
+            (unavailable("cannot reach http://127.0.0.1:1/: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)"), "connection refused"),
+            (unavailable("cannot reach http://127.0.0.1:1/: error sending request: operation timed out"), "timed out"),
+            (unavailable("cannot reach http://x.invalid/: error sending request: client error (Connect): dns error: failed to lookup address information"), "does not resolve"),
+            (unavailable("http://127.0.0.1:1/ answered 501: <html><p>Unsupported method ('POST')</p>"), "does not answer like a KMS endpoint (HTTP 501"),
+            (KmsError::Other { key_id: "alias/x".into(), code: "HTTP 404".into(), message: "<html>".into() }, "does not answer like a KMS endpoint (HTTP 404"),
+            (KmsError::Other { key_id: "alias/x".into(), code: "MalformedResponse".into(), message: "the GenerateDataKey answer cannot be used: expected value".into() }, "does not answer like a KMS endpoint (the GenerateDataKey"),
+            (unavailable("http://127.0.0.1:1/ answered 500 KMSInternalException: boom"), "KMSInternalException"),
+            (KmsError::Disabled { key_id: "alias/x".into(), message: "off".into() }, "is disabled"),
+        ];
+        for (e, want) in cases {
+            let text = explain_kms_error(ep, "alias/x", &e);
+            assert!(text.contains(ep) && text.contains(want), "{e:?}: {text}");
+            assert!(!text.contains("<html>") && !text.contains('\n'), "{text}");
+        }
     }
 
     /// Regression (issue 10.7d): a certificate for another host name was reported as "not trusted: add -o ca_file",
