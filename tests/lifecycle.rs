@@ -246,6 +246,15 @@ fn sighup_reopens_the_log_file_and_rereads_the_log_level() {
         .spawn()
         .unwrap();
     let m = Mount::adopt(dir, child, log.clone()).unwrap();
+    // A word that is not a level is refused with a warning and the level stays warn (issue 10.7a: it used to become a
+    // filter that silenced every line, so neither this warning nor the one below would be written).
+    fs::write(&level_file, "loud\n").unwrap();
+    unsafe { libc::kill(m.pid() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fs::read_to_string(&log).unwrap_or_default().contains("invalid level; level unchanged") {
+        assert!(std::time::Instant::now() < deadline, "no warning about the invalid level: {}", m.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // logrotate moves the file away, the level file now asks for info, and SIGHUP applies both.
     let rotated = env.path().join("daemon.log.1");
     fs::rename(&log, &rotated).unwrap();
