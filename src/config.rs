@@ -196,6 +196,23 @@ fn parse_timeout(text: &str) -> Option<Duration> {
     (secs.is_finite() && secs > 0.0 && secs <= 86_400.0).then(|| Duration::from_secs_f64(secs))
 }
 
+/// The log levels `log_level=` and `log_level_file=` accept.
+pub const LOG_LEVELS: &str = "error, warn, info, debug, trace";
+
+/// A log level as the user wrote it → the level `tracing` knows (`warning` → `warn`, any case). Anything else is
+/// refused: handed to the log filter as it is, a word that is not a level reads as the name of a module to log, which
+/// silences every other message (tamper and upload errors included).
+pub fn parse_log_level(text: &str) -> Result<&'static str, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "error" => Ok("error"),
+        "warn" | "warning" => Ok("warn"),
+        "info" => Ok("info"),
+        "debug" => Ok("debug"),
+        "trace" => Ok("trace"),
+        _ => Err(format!("'{}' is not a log level; use one of {LOG_LEVELS}", text.trim())),
+    }
+}
+
 fn parse_octal(name: &str, value: &str) -> Result<u32, ConfigError> {
     u32::from_str_radix(value, 8)
         .ok()
@@ -395,7 +412,10 @@ impl MountConfig {
                         }
                     }
                 }
-                "log_level" => cfg.log_level = Some(need()?),
+                "log_level" => {
+                    let level = parse_log_level(&need()?).map_err(|reason| ConfigError::Invalid { name: name.into(), reason })?;
+                    cfg.log_level = Some(level.to_string())
+                }
                 "log_file" => cfg.log_file = Some(PathBuf::from(need()?)),
                 "log_level_file" => cfg.log_level_file = Some(PathBuf::from(need()?)),
                 "metrics_addr" => {
@@ -514,6 +534,18 @@ mod tests {
         assert_eq!(cfg("mode=cse-c").unwrap_err(), ConfigError::KeyRequired("cse-c"));
         assert_eq!(cfg("mode=sse-c").unwrap_err(), ConfigError::KeyRequired("sse-c"));
         assert!(cfg("mode=sse-x,key_file=/k").unwrap_err().to_string().contains("sse-x"));
+    }
+
+    /// Regression (issue 10.7a): `log_level=warning` or `=loud` used to be accepted and silenced every message.
+    #[test]
+    fn log_level_takes_only_levels() {
+        assert_eq!(cfg("mode=none,log_level=debug").unwrap().log_level.as_deref(), Some("debug"));
+        assert_eq!(cfg("mode=none,log_level=warning").unwrap().log_level.as_deref(), Some("warn"));
+        assert_eq!(cfg("mode=none,log_level=INFO").unwrap().log_level.as_deref(), Some("info"));
+        for bad in ["loud", "s3cryptfs=debug", "off"] {
+            let err = cfg(&format!("mode=none,log_level={bad}")).unwrap_err().to_string();
+            assert!(err.contains("log_level") && err.contains(LOG_LEVELS), "{bad}: {err}");
+        }
     }
 
     #[test]

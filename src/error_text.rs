@@ -4,7 +4,9 @@
 //! report); one function keeps them alike. Libraries such as object_store often repeat the inner message in the
 //! outer one, so a source whose text is already present is skipped.
 
-/// `e` and each of its sources, joined by `: `, skipping sources whose text is already in the line.
+/// `e` and each of its sources, joined by `: `, skipping sources whose text is already in the line. Print an
+/// `anyhow::Error` with `error_chain(&*e)` rather than `{e:#}`, which repeats every cause an outer message quotes
+/// (a key file error used to show its OS error twice).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

@@ -21,7 +21,8 @@ fn main() {
         s3cryptfs::cli::Cli::parse()
     };
     if let Err(e) = s3cryptfs::run::run(cli) {
-        eprintln!("s3cryptfs: {e:#}");
+        // Not `{e:#}`: many messages quote their cause, which anyhow would then print a second time.
+        eprintln!("s3cryptfs: {}", s3cryptfs::error_text::error_chain(&*e));
         std::process::exit(1);
     }
 }

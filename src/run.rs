@@ -62,10 +62,14 @@ struct LogReload {
 
 static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
 
+/// Opens `log_file=` for appending; a new file is created 0600, since log lines name files and objects. An existing
+/// file keeps its mode (an administrator may have made it group-readable on purpose).
 fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("opening log_file {}", path.display()))
 }
@@ -73,7 +77,10 @@ fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
 fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     use tracing_subscriber::EnvFilter;
     Ok(match level {
-        Some(l) => EnvFilter::try_new(l).map_err(|e| anyhow!("log_level '{l}': {e}"))?,
+        Some(l) => {
+            let level = crate::config::parse_log_level(l).map_err(|e| anyhow!("log level: {e}"))?;
+            EnvFilter::try_new(level).map_err(|e| anyhow!("log level '{level}': {e}"))?
+        }
         // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
     })
@@ -207,15 +214,15 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             };
             if let Err(e) = init_logging(config.log_level.as_deref(), target) {
                 let mut ready = std::fs::File::from(write_end);
-                let _ = writeln!(ready, "{e:#}");
+                let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
                 std::process::exit(1);
             }
             let mut ready = std::fs::File::from(write_end);
             match serve(config, keys, Some(&mut ready)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
-                    let _ = writeln!(ready, "{e:#}");
-                    tracing::error!("{e:#}");
+                    let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
+                    tracing::error!("{}", crate::error_text::error_chain(&*e));
                     std::process::exit(1)
                 }
             }
@@ -238,7 +245,7 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
     if imds_failed || has("MissingCredentials") || has("credential") && has("not found") {
         format!("no S3 credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials")
     } else if has("UnknownIssuer") || has("certificate") || has("InvalidCertificate") {
-        format!("the TLS certificate of {endpoint} is not trusted: for a private CA add -o ca_file=PATH (the CA's PEM file)")
+        explain_tls_error(&endpoint, config.ca_file.as_deref(), detail)
     } else if has("NoSuchBucket") {
         format!("the bucket of {url} does not exist at {endpoint}: create it first or check the name")
     } else if has("InvalidAccessKeyId") {
@@ -257,6 +264,36 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
     } else {
         format!("cannot use store {url}: {}", last_line(detail))
     }
+}
+
+/// A refused TLS certificate, by cause, because the remedy differs: a certificate from an unknown CA needs `ca_file=`
+/// (or the right one, if it is given); a certificate for another host name needs the name it was issued for in the
+/// endpoint, which no `ca_file=` changes.
+fn explain_tls_error(endpoint: &str, ca_file: Option<&Path>, detail: &str) -> String {
+    // rustls: `certificate not valid for name "127.0.0.1"; certificate is only valid for DnsName("s3.example")`.
+    if let Some(at) = detail.find("not valid for name").or_else(|| detail.find("NotValidForName")) {
+        let what: String = detail[at..].split(": ").next().unwrap_or_default().chars().take(200).collect();
+        return format!(
+            "the TLS certificate of {endpoint} was issued for another host name ({what}): use a name the certificate              is valid for in endpoint= (or get a certificate for this one); ca_file= does not change this"
+        );
+    }
+    if detail.contains("UnknownIssuer") || detail.contains("unknown issuer") {
+        return match ca_file {
+            Some(ca) => format!(
+                "the TLS certificate of {endpoint} is not signed by a CA in ca_file={} nor by a system CA: check that                  the file holds the PEM certificate of the CA that issued the server's certificate",
+                ca.display()
+            ),
+            None => format!(
+                "the TLS certificate of {endpoint} is not trusted: for a private CA add -o ca_file=PATH (the CA's PEM file)"
+            ),
+        };
+    }
+    let what = detail
+        .find("invalid peer certificate")
+        .map(|at| detail[at..].split(": ").nth(1).unwrap_or_default().chars().take(200).collect::<String>())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| last_line(detail));
+    format!("the TLS certificate of {endpoint} was refused ({what}): check the server's certificate (and the clock)")
 }
 
 /// The innermost cause of an error chain printed with `{:#}`: the part after the last ": ".
@@ -496,6 +533,67 @@ async fn check_key(backend: &dyn Backend, codec: &Codec, mode: EncryptionMode) -
     }
 }
 
+/// cse-kms with a key for new files: one GenerateDataKey at mount, the request every write starts with, so a wrong
+/// or unreachable KMS endpoint or an unusable key is refused now rather than failing every write with EIO later (an
+/// empty bucket gives `check_key` nothing to try). Read-only mounts generate no keys and skip it.
+async fn check_kms(codec: &Codec, read_only: bool) -> anyhow::Result<()> {
+    let Codec::Cse { kms: Some(kms), .. } = codec else { return Ok(()) };
+    let Some(key_id) = kms.key_id() else { return Ok(()) };
+    if read_only {
+        return Ok(());
+    }
+    let context = crate::crypto::kms_encryption_context(&crate::crypto::FileId::random());
+    match kms.generate_data_key(&context).await {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("{}", explain_kms_error(kms.endpoint(), key_id, &e)),
+    }
+}
+
+/// One sentence for a KMS check that failed at mount: which endpoint, what went wrong there, what to check.
+fn explain_kms_error(endpoint: &str, key_id: &str, e: &crate::kms::KmsError) -> String {
+    use crate::kms::KmsError;
+    let check = "check kms_endpoint= (or AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL), the region and the network";
+    let not_kms = |what: &str| format!("{endpoint} does not answer like a KMS endpoint ({what}); {check}");
+    match e {
+        KmsError::Unavailable { detail, .. } => {
+            let has = |needle: &str| detail.contains(needle);
+            if let Some(status) = status_without_kms_code(detail) {
+                return not_kms(&format!("HTTP {status} without a KMS error type"));
+            }
+            let what = if has("Connection refused") {
+                "connection refused".to_string()
+            } else if has("timed out") || has("Timeout") || has("deadline has elapsed") {
+                "timed out".to_string()
+            } else if has("dns error") || has("failed to lookup address") {
+                "its host name does not resolve".to_string()
+            } else if has("certificate") || has("UnknownIssuer") {
+                format!("its TLS certificate was refused ({}); for a private CA add -o ca_file=PATH", last_line(detail))
+            } else if has("cannot get AWS credentials") {
+                return format!("cannot use KMS at {endpoint} for kms_key_id={key_id}: no AWS credentials ({})", last_line(detail));
+            } else {
+                detail.lines().next().unwrap_or_default().chars().take(200).collect()
+            };
+            format!("cannot use KMS at {endpoint} for kms_key_id={key_id}: {what}; {check}")
+        }
+        // An answer that is no KMS answer at all: an HTTP status without a KMS error type, or a body that is not KMS
+        // JSON (a web server, an S3 endpoint, a proxy's error page).
+        KmsError::Other { code, .. } if code.starts_with("HTTP ") => {
+            not_kms(&format!("{code} without a KMS error type"))
+        }
+        KmsError::Other { code, message, .. } if code == "MalformedResponse" => not_kms(message),
+        // Disabled, missing or denied key: the message says what KMS said and what to do.
+        other => format!("KMS at {endpoint}: {other}"),
+    }
+}
+
+/// The status of an error answer that carried no KMS error type (`… answered 501: <html>…`, where a KMS error reads
+/// `… answered 500 KMSInternalException: …`): the server is not KMS.
+fn status_without_kms_code(detail: &str) -> Option<&str> {
+    let rest = &detail[detail.find(" answered ")? + " answered ".len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    (digits == 3 && rest[digits..].starts_with(':')).then(|| &rest[..digits])
+}
+
 /// sse-c: a HEAD of one top-level object must succeed with a key of the key file, so a wrong key file is refused at
 /// mount (the store finds the object's key by its tag, see `store::ssec`).
 async fn check_customer_key(backend: &dyn Backend) -> anyhow::Result<()> {
@@ -566,9 +664,16 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             bail!("{}", explain_store_error(&config, &detail));
         }
         check_key(&*backend, &codec, config.mode).await?;
+        check_kms(&codec, config.read_only).await?;
         anyhow::Ok(backend)
     })?;
-    let keying = journal_keying(config.mode, keys.as_ref(), &codec)?;
+    // A read-only mount stages nothing and uploads nothing (not even what a dead run left: a read-write start of
+    // the store does that), so its journal needs no key of the store's.
+    let keying = if config.read_only {
+        crate::journal::Keying::Local
+    } else {
+        journal_keying(config.mode, keys.as_ref(), &codec)?
+    };
     let journal = rt
         .block_on(crate::journal::Journal::open(&journal_base(&config), &config.store_url, keying, aead))
         .map_err(|e| match e {
@@ -592,9 +697,11 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     ));
 
     // Data a previous run could not upload (stop timeout, store down) goes up before this mount serves.
-    let (recovered, unrecovered) = rt.block_on(fs.recover());
-    if recovered + unrecovered > 0 {
-        tracing::warn!(recovered, unrecovered, "staged data from a previous run");
+    if !config.read_only {
+        let (recovered, unrecovered) = rt.block_on(fs.recover());
+        if recovered + unrecovered > 0 {
+            tracing::warn!(recovered, unrecovered, "staged data from a previous run");
+        }
     }
 
     let mut fuse_config = fuser::Config::default();
@@ -715,6 +822,82 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 10.7f): the log file was created 0644, readable by every local user.
+    #[test]
+    fn a_new_log_file_is_private_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("new.log");
+        open_log_file(&new).unwrap();
+        assert_eq!(mode(&new), 0o600);
+        let shared = dir.path().join("shared.log");
+        std::fs::write(&shared, b"old line\n").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        writeln!(open_log_file(&shared).unwrap(), "new line").unwrap();
+        assert_eq!(mode(&shared), 0o640);
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "old line\nnew line\n");
+    }
+
+    /// Regression (issue 10.7g): a cse-kms mount with a wrong or unreachable KMS endpoint mounted and then failed
+    /// every write with EIO. The mount now asks KMS once (`check_kms`) and refuses with a sentence naming the endpoint
+    /// and what failed. The details are what the KMS client reported against each kind of wrong endpoint here.
+    #[test]
+    fn kms_failures_at_mount_name_the_endpoint_and_the_cause() {
+        use crate::kms::KmsError;
+        let ep = "http://127.0.0.1:1";
+        let unavailable = |detail: &str| KmsError::Unavailable { key_id: "alias/x".into(), detail: detail.into() };
+        let cases = [
+            (unavailable("cannot reach http://127.0.0.1:1/: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)"), "connection refused"),
+            (unavailable("cannot reach http://127.0.0.1:1/: error sending request: operation timed out"), "timed out"),
+            (unavailable("cannot reach http://x.invalid/: error sending request: client error (Connect): dns error: failed to lookup address information"), "does not resolve"),
+            (unavailable("http://127.0.0.1:1/ answered 501: <html><p>Unsupported method ('POST')</p>"), "does not answer like a KMS endpoint (HTTP 501"),
+            (KmsError::Other { key_id: "alias/x".into(), code: "HTTP 404".into(), message: "<html>".into() }, "does not answer like a KMS endpoint (HTTP 404"),
+            (KmsError::Other { key_id: "alias/x".into(), code: "MalformedResponse".into(), message: "the GenerateDataKey answer cannot be used: expected value".into() }, "does not answer like a KMS endpoint (the GenerateDataKey"),
+            (unavailable("http://127.0.0.1:1/ answered 500 KMSInternalException: boom"), "KMSInternalException"),
+            (KmsError::Disabled { key_id: "alias/x".into(), message: "off".into() }, "is disabled"),
+        ];
+        for (e, want) in cases {
+            let text = explain_kms_error(ep, "alias/x", &e);
+            assert!(text.contains(ep) && text.contains(want), "{e:?}: {text}");
+            assert!(!text.contains("<html>") && !text.contains('\n'), "{text}");
+        }
+    }
+
+    /// Regression (issue 10.7d): a certificate for another host name was reported as "not trusted: add -o ca_file",
+    /// even with ca_file= given. The details are what rustls said through object_store here.
+    #[test]
+    fn tls_errors_are_told_apart() {
+        let ep = "https://127.0.0.1:48443";
+        let mismatch = "the object store is unreachable (could not connect): error sending request: client error                         (Connect): invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate                         is only valid for DnsName(\"wrong.example\")";
+        let unknown = "the object store is unreachable (could not connect): error sending request: client error                        (Connect): invalid peer certificate: UnknownIssuer";
+        let expired = "could not connect: client error (Connect): invalid peer certificate: certificate expired:                        verification time 1 (UNIX), but certificate is not valid after 0 (UNIX)";
+        let ca = Path::new("/etc/ca.pem");
+        for ca_file in [None, Some(ca)] {
+            let text = explain_tls_error(ep, ca_file, mismatch);
+            assert!(text.contains("another host name") && text.contains("wrong.example"), "{text}");
+            assert!(!text.contains("add -o ca_file"), "{text}");
+        }
+        let text = explain_tls_error(ep, None, unknown);
+        assert!(text.contains("not trusted") && text.contains("add -o ca_file"), "{text}");
+        let text = explain_tls_error(ep, Some(ca), unknown);
+        assert!(text.contains("not signed by a CA in ca_file=/etc/ca.pem") && !text.contains("add -o"), "{text}");
+        let text = explain_tls_error(ep, None, expired);
+        assert!(text.contains("certificate expired") && !text.contains("ca_file"), "{text}");
+    }
+
+    /// Regression (issue 10.7a): the level SIGHUP reads from log_level_file= goes through `log_filter`; a word that
+    /// is not a level must be refused there (so the reload keeps the current level and warns), not become a filter
+    /// that silences everything.
+    #[test]
+    fn the_log_filter_takes_only_levels() {
+        assert!(log_filter(Some("warning")).unwrap().to_string().contains("warn"));
+        for bad in ["loud", "warnings", "s3cryptfs=debug"] {
+            let err = log_filter(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("error, warn, info, debug, trace"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn mountinfo_escaping_round_trips_the_bytes_the_kernel_escapes() {

@@ -124,6 +124,10 @@ fn cse_kms_errors_are_clear() {
     let log = err.split("before mounting: ").nth(1).unwrap_or(&err).trim().to_string();
     assert!(log.contains(missing) && log.contains("does not exist"), "{log}");
     assert_eq!(log.lines().count(), 1, "{log}");
+    // Read-only, the mount makes no data keys and does not ask.
+    let mut ro = opts.clone();
+    ro.push("ro".into());
+    drop(mount_kms(&env, &store, &refs(&ro)));
 
     // cse-kms without a key for new files is refused at the command line, naming the option.
     let err = match Mount::try_start(&env, &store, "cse-kms", &[]) {
@@ -152,4 +156,35 @@ fn a_disabled_kms_key_is_refused_at_mount_with_the_key_named() {
     kms_admin("EnableKey", &format!("{{\"KeyId\": \"{key_id}\"}}"));
     let m = mount_kms(&env, &store, &refs(&opts));
     assert_bytes(fs::read(m.path("f")).unwrap(), b"x", "after EnableKey");
+}
+
+/// Regression (issue 10.7g): with a wrong or unreachable KMS endpoint a cse-kms mount came up and then failed every
+/// write with EIO. It must refuse to mount, naming the endpoint and what failed there.
+#[test]
+fn a_wrong_kms_endpoint_is_refused_at_mount() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    // Nothing listens on port 1: connection refused.
+    let refused = "http://127.0.0.1:1";
+    // A web server that is not KMS: answers every request with an HTML 404.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let body = "<html><body>Not Found</body></html>";
+            let _ = write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    for (endpoint, want) in [(refused, "connection refused"), (web.as_str(), "does not answer like a KMS endpoint")] {
+        let opts = ["kms_key_id=alias/any".to_string(), format!("kms_endpoint={endpoint}")];
+        let err = match Mount::try_start(&env, &store, "cse-kms", &refs(&opts)) {
+            Ok(_) => panic!("mounted with kms_endpoint={endpoint}"),
+            Err(e) => e,
+        };
+        assert!(err.contains(endpoint) && err.contains(want), "{endpoint}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
 }

@@ -121,6 +121,27 @@ fn bad_key_sources_fail_before_mounting_with_one_clear_line() {
         assert!(err.contains(want), "{opt}: {err}");
         assert!(!err.contains("c2VjcmV0"), "{opt}: the refused key is echoed: {err}");
     }
+    // Key files: each error once (issue 10.7b: the cause was printed a second time after the message that quotes it),
+    // and a directory called a directory (10.7c: it was "readable by group or others").
+    let garbage = env.path().join("garbage.key");
+    fs::write(&garbage, "not a key\n").unwrap();
+    fs::set_permissions(&garbage, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let dir = env.path().join("key-dir");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let missing = env.path().join("missing.key");
+    let cases: &[(&std::path::Path, &str)] =
+        &[(&missing, "No such file or directory"), (&garbage, "not valid base64"), (&dir, "is a directory")];
+    for (path, want) in cases {
+        let opt = format!("key_file={}", path.display());
+        let err = match Mount::try_start(&env, &store, "cse-c", &[&opt]) {
+            Ok(_) => panic!("{opt}: mounted"),
+            Err(e) => e,
+        };
+        assert_eq!(err.matches(want).count(), 1, "{opt}: {err}");
+        assert!(!err.contains("readable by group"), "{opt}: {err}");
+    }
+
     let both = format!("key_file={}", env.key_file.display());
     let err = match Mount::try_start(&env, &store, "cse-c", &[&both, "key_env=X"]) {
         Ok(_) => panic!("two key sources mounted"),

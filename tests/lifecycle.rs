@@ -246,6 +246,15 @@ fn sighup_reopens_the_log_file_and_rereads_the_log_level() {
         .spawn()
         .unwrap();
     let m = Mount::adopt(dir, child, log.clone()).unwrap();
+    // A word that is not a level is refused with a warning and the level stays warn (issue 10.7a: it used to become a
+    // filter that silenced every line, so neither this warning nor the one below would be written).
+    fs::write(&level_file, "loud\n").unwrap();
+    unsafe { libc::kill(m.pid() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fs::read_to_string(&log).unwrap_or_default().contains("invalid level; level unchanged") {
+        assert!(std::time::Instant::now() < deadline, "no warning about the invalid level: {}", m.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // logrotate moves the file away, the level file now asks for info, and SIGHUP applies both.
     let rotated = env.path().join("daemon.log.1");
     fs::rename(&log, &rotated).unwrap();
@@ -591,4 +600,38 @@ fn a_daemon_whose_mount_was_lazily_detached_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}: {}", fs::read_to_string(&log).unwrap());
+}
+
+/// Regression (issue 10.7e): once the bucket was deleted, close() of a written file returned ENOENT (S3's 404
+/// NoSuchBucket read as "no such object") and nothing was logged. It must be EIO, with a log line about the bucket.
+#[test]
+fn closing_a_file_after_the_bucket_was_deleted_is_eio_and_logged() {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let env = Env::new();
+    let store = Store::s3();
+    let Store::S3 { endpoint, bucket } = &store else { unreachable!() };
+    let m = Mount::start(&env, &store, "cse-c");
+    let mut f = fs::File::create(m.path("after")).unwrap();
+    f.write_all(b"written before the bucket went away").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (key, _) in &store.raw_objects() {
+            let _ = Command::new("curl").args(["-sf", "-X", "DELETE", &format!("{endpoint}/{bucket}/{key}")]).status();
+        }
+        let out = Command::new("curl").args(["-s", "-X", "DELETE", &format!("{endpoint}/{bucket}")]).output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        if !answer.contains("<Error>") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "could not delete the test bucket: {answer}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // close(2) itself, not File's drop, which ignores what close returns.
+    let rc = unsafe { libc::close(f.into_raw_fd()) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((rc, errno), (-1, Some(libc::EIO)), "close after the bucket was deleted");
+    let text = m.log_text();
+    assert!(text.contains("bucket") && text.contains("does not exist"), "no log line about the bucket: {text}");
+    let _ = m.kill();
 }

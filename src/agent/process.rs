@@ -65,8 +65,8 @@ pub(super) fn run_agent(socket_path: &Path, foreground: bool) -> anyhow::Result<
             match serve_until_stopped(bound, Some(&mut ready)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
-                    let _ = writeln!(ready, "{e:#}");
-                    tracing::error!("{e:#}");
+                    let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
+                    tracing::error!("{}", crate::error_text::error_chain(&*e));
                     std::process::exit(1)
                 }
             }

@@ -151,3 +151,20 @@ impl Error {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 10.7e): a write into a deleted bucket reached the application as ENOENT, with no log line.
+    /// The store now says `MissingBucket` (see the store's conformance tests); here it must be EIO and logged.
+    #[test]
+    fn a_missing_bucket_is_eio_and_logged() {
+        let e = Error::store("dir/file", StoreError::MissingBucket { store: "this S3 store".into() });
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(!e.is_expected(), "the FUSE boundary must log it");
+        let line = crate::error_text::error_chain(&e);
+        assert!(line.contains("dir/file") && line.contains("bucket") && line.contains("does not exist"), "{line}");
+        assert_eq!(Error::store("k", StoreError::NotFound { key: "k".into() }).errno(), libc::ENOENT);
+    }
+}

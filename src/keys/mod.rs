@@ -25,6 +25,8 @@ pub enum KeyError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error("key file {path} is a directory, not a file: give the path of the key file itself (create one with `s3cryptfs keygen --output PATH`)")]
+    IsDirectory { path: PathBuf },
     #[error("key file {path}: {source}")]
     Parse { path: PathBuf, source: KeyFileError },
     #[error("key file {path} is not text: it must hold base64 key lines (create one with `s3cryptfs keygen`)")]
@@ -128,6 +130,10 @@ fn take_env(var: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
 /// Reads and checks a key file.
 pub fn load_key_file(path: &Path) -> Result<KeyHistory, KeyError> {
     let meta = std::fs::metadata(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+    // Before the mode check: a directory's usual 755 would otherwise be reported as a key file others can read.
+    if meta.is_dir() {
+        return Err(KeyError::IsDirectory { path: path.into() });
+    }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen { path: path.into(), mode });
@@ -213,5 +219,25 @@ mod tests {
         let err = load_key_file(&p).unwrap_err();
         assert!(matches!(err, KeyError::TooOpen { .. }));
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    /// Regression (issue 10.7c): a directory (mode 755 as usual) was reported as readable by group or others.
+    #[test]
+    fn a_directory_is_called_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o755, 0o700] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_key_file(dir.path()).unwrap_err();
+            assert!(matches!(err, KeyError::IsDirectory { .. }), "{mode:o}: {err}");
+        }
+    }
+
+    /// Regression (issue 10.7b): the OS error of an unreadable key file was printed twice, once in the message and
+    /// once more as its source. The top-level printer (`error_chain`) shows it once.
+    #[test]
+    fn a_key_file_error_names_its_cause_once() {
+        let err = load(&KeySource::File("/nonexistent/s3cryptfs.key".into())).unwrap_err();
+        let line = crate::error_text::error_chain(&*err);
+        assert_eq!(line.matches("No such file or directory").count(), 1, "{line}");
     }
 }

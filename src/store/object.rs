@@ -897,6 +897,11 @@ fn attrs_to_meta(attrs: &Attributes) -> UserMeta {
 pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
     use object_store::Error as E;
     match e {
+        // S3 answers 404 for a missing bucket too; that is not a missing object (a deleted bucket must not turn every
+        // write into ENOENT), and the answer's body says which.
+        E::NotFound { .. } if chain_text(&e).contains("NoSuchBucket") => {
+            StoreError::MissingBucket { store: "this S3 store".into() }
+        }
         E::NotFound { .. } => StoreError::NotFound {
             key: key.to_owned(),
         },

@@ -468,6 +468,9 @@ fn api_error(e: ApiError, path: &str) -> StoreError {
         ApiError::Status { status: 409, code, .. } if code.as_deref() == Some("ConditionalRequestConflict") => {
             StoreError::Precondition { key }
         }
+        ApiError::Status { status: 404, code, .. } if code.as_deref() == Some("NoSuchBucket") => {
+            StoreError::MissingBucket { store: "this S3 store".into() }
+        }
         ApiError::Status { status: 404, code, .. } if code.as_deref() != Some("NoSuchUpload") => {
             StoreError::NotFound { key }
         }

@@ -396,6 +396,11 @@ fn object_store_errors_map_to_actionable_variants() {
         source: boxed()
     })
     .is_not_found());
+    let no_bucket = "Client error with status 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>";
+    assert!(matches!(
+        m(E::NotFound { path: "k".into(), source: no_bucket.into() }),
+        StoreError::MissingBucket { .. }
+    ));
     assert!(matches!(
         m(E::PermissionDenied {
             path: "k".into(),
@@ -853,4 +858,38 @@ async fn conditional_writes_s3() {
 
 fn nanos_now() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000
+}
+
+/// Regression (issue 10.7e): after the bucket was deleted, S3's 404 NoSuchBucket became "object not found", so an
+/// upload failed with ENOENT (and no log line). Every write path must say the bucket is missing instead.
+#[tokio::test]
+async fn a_missing_bucket_is_not_a_missing_object_s3() {
+    let endpoint = std::env::var("S3CRYPTFS_TEST_S3_ENDPOINT")
+        .expect("S3CRYPTFS_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts the S3 server");
+    let opts = S3Options {
+        endpoint: Some(endpoint),
+        region: Some("us-east-1".into()),
+        allow_http: true,
+        ..S3Options::default()
+    };
+    let (b, _) = from_url(&format!("s3://never-created-{}-{}", std::process::id(), nanos_now()), &opts).unwrap();
+    let missing_bucket = |what: &str, e: StoreError| {
+        assert!(matches!(e, StoreError::MissingBucket { .. }), "{what}: {e:?}");
+    };
+    let k = key("f");
+    missing_bucket("put", b.put(&k, Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap_err());
+    missing_bucket("get", b.get(&k).await.unwrap_err());
+    for expect in [Expect::Any, Expect::Absent] {
+        match b.put_multipart_expect(&k, &UserMeta::default(), &expect).await {
+            Err(e) => missing_bucket("multipart create", e),
+            Ok(mut up) => {
+                let part = up.put_part(Bytes::from_static(b"x")).await;
+                let e = match part {
+                    Err(e) => e,
+                    Ok(()) => up.complete().await.unwrap_err(),
+                };
+                missing_bucket("multipart", e);
+            }
+        }
+    }
 }
