@@ -1714,7 +1714,7 @@ impl Fs {
     }
 
     /// Uploads everything still dirty (unmount), including state whose last close failed to upload. Returns the
-    /// paths that could not be uploaded; their plaintext stays in the staging directory.
+    /// paths that could not be uploaded; their content stays in the write journal for the next start.
     pub async fn flush_all(&self) -> Vec<(String, Error)> {
         let inos = lock(&self.table).with_write_state();
         let mut failed = Vec::new();
@@ -1731,7 +1731,7 @@ impl Fs {
         self.journal.close();
     }
 
-    /// Makes sure a dirty staged file has an up-to-date recovery record (see `write::Pending`): written when it first
+    /// Makes sure a dirty staged file has an up-to-date recovery record (see `journal::Record`): written when it first
     /// becomes dirty, rewritten when `refresh` says its attributes changed. The caller holds the file's write state.
     /// A record that cannot be written is logged; the write itself goes on (the data is staged either way).
     fn keep_record(&self, ino: u64, staged: &mut Staged, refresh: bool) -> bool {
