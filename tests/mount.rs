@@ -505,3 +505,31 @@ fn a_child_process_closing_inherited_descriptors_does_not_upload_a_half_written_
     assert_eq!(stored_len(), Some(s3cryptfs::crypto::cipher_size(want.len() as u64) as usize), "the writer's close uploads");
     assert_bytes(fs::read(m.path("growing")).unwrap(), &want, "content");
 }
+
+#[test]
+fn inode_numbers_survive_the_kernel_forgetting_them_and_unlinked_open_files_have_no_links() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/a"), b"x").unwrap();
+    fs::write(m.path("b"), b"y").unwrap();
+    let before: Vec<u64> = ["d", "d/a", "b"].iter().map(|p| fs::metadata(m.path(p)).unwrap().ino()).collect();
+    // Make the kernel forget the inodes (it sends FORGET), so the next stat looks the names up again.
+    let forgotten = |m: &Mount| {
+        fs::write("/proc/sys/vm/drop_caches", b"2").expect("dropping caches needs root (scripts/test.sh runs as root)");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        ["d", "d/a", "b"].iter().map(|p| fs::metadata(m.path(p)).unwrap().ino()).collect::<Vec<u64>>()
+    };
+    assert_eq!(forgotten(&m), before, "st_ino after the kernel forgot the inodes");
+    let text = m.unmount();
+    // And across a remount.
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_eq!(forgotten(&m), before, "st_ino after a remount: {text}");
+    // fstat of an open file whose name is gone: no links.
+    let f = fs::File::open(m.path("b")).unwrap();
+    fs::remove_file(m.path("b")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    drop(f);
+    drop(m);
+}

@@ -96,7 +96,12 @@ impl Node {
             mtime: self.mtime,
             ctime: self.ctime,
             atime: self.atime,
-            nlink: if self.kind == FileKind::Dir { 2 } else { 1 },
+            // An unlinked file still open has no name left (fstat says 0, as on any POSIX filesystem).
+            nlink: match (self.kind, self.unlinked) {
+                (_, true) => 0,
+                (FileKind::Dir, false) => 2,
+                _ => 1,
+            },
         }
     }
 
@@ -140,8 +145,7 @@ impl InodeTable {
 
     /// Inserts a new node under `parent`/`name`, replacing (and detaching) whatever was there.
     pub fn insert(&mut self, mut node: Node) -> u64 {
-        let ino = self.next_ino;
-        self.next_ino += 1;
+        let ino = self.number_for(node.parent, &node.name);
         node.ino = ino;
         let parent = node.parent;
         if let Some(old) = self.children.insert((parent, node.name.clone()), ino) {
@@ -150,6 +154,29 @@ impl InodeTable {
         }
         self.by_parent.entry(parent).or_default().insert(ino);
         self.nodes.insert(ino, node);
+        ino
+    }
+
+    /// The inode number of a new node for `name` in `parent`: derived from its path (the first 8 bytes of its
+    /// SHA-256), so the same name gets the same number again after the kernel forgot the node and looked the name up
+    /// anew (find, du, tar, rsync -H and git compare `st_ino`), and across remounts, with no memory per name. A number
+    /// in use by another node (a hash collision, or the node a rename moved away from this path) is skipped to the
+    /// next free one; 0 and the root's number are never used.
+    fn number_for(&mut self, parent: u64, name: &str) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut ino = match self.child_path(parent, name) {
+            Some(path) => {
+                let digest = Sha256::digest(path.as_bytes());
+                u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+            }
+            None => {
+                self.next_ino += 1;
+                self.next_ino
+            }
+        };
+        while ino <= ROOT_INO || self.nodes.contains_key(&ino) {
+            ino = ino.wrapping_add(1);
+        }
         ino
     }
 
@@ -306,7 +333,23 @@ mod tests {
         assert!(t.children_of(b).is_empty());
         let mut top = t.children_of(ROOT_INO);
         top.sort();
-        assert_eq!(top, vec![a, f]);
+        let mut want = vec![a, f];
+        want.sort();
+        assert_eq!(top, want);
+    }
+
+    #[test]
+    fn numbers_come_from_paths_and_skip_numbers_in_use() {
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let a = t.insert(node(ROOT_INO, "a", FileKind::File));
+        t.forget(a, 1);
+        assert!(t.get(a).is_none(), "dropped");
+        assert_eq!(t.insert(node(ROOT_INO, "a", FileKind::File)), a, "the same name gets the same number again");
+        // While the old node is still referenced, a new node at that name gets another number.
+        t.get_mut(a).unwrap().lookups = 1;
+        let b = t.insert(node(ROOT_INO, "a", FileKind::File));
+        assert_ne!(a, b);
+        assert!(a > ROOT_INO && b > ROOT_INO);
     }
 
     #[test]
