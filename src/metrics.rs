@@ -512,6 +512,10 @@ impl Backend for MeteredBackend {
         measure(RequestKind::CheckAccess, self.inner.check_access()).await
     }
 
+    fn max_path_len(&self, dir: bool) -> usize {
+        self.inner.max_path_len(dir)
+    }
+
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
         let result = measure(RequestKind::ReplaceHead, self.inner.replace_head(key, etag, head)).await;
         if let Ok(t) = &result {

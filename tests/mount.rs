@@ -533,3 +533,42 @@ fn inode_numbers_survive_the_kernel_forgetting_them_and_unlinked_open_files_have
     drop(f);
     drop(m);
 }
+
+#[test]
+fn names_whose_s3_key_would_pass_1024_bytes_are_refused_at_once() {
+    let env = Env::new();
+    let store = Store::s3();
+    let m = Mount::start(&env, &store, "cse-c");
+    // Directories down to a path of 953 bytes.
+    let dirs = ["a".repeat(200), "b".repeat(255), "c".repeat(255), "d".repeat(240)];
+    let mut dir = m.dir.clone();
+    let mut rel = String::new();
+    for d in &dirs {
+        dir.push(d);
+        rel = if rel.is_empty() { d.clone() } else { format!("{rel}/{d}") };
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir at {} bytes: {e}", rel.len()));
+    }
+    assert_eq!(rel.len(), 953);
+    // A directory whose marker key (`PATH/.s3cryptfs-dir`) would pass the limit: 953 + 1 + 60 + 15 > 1,024.
+    let e = fs::create_dir(dir.join("x".repeat(60))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "mkdir: {e}");
+    // A file at exactly 1,024 bytes works; at 1,025 create fails at once (not at close, which shells ignore).
+    let ok = dir.join("f".repeat(1024 - 953 - 1));
+    fs::write(&ok, b"at the limit").unwrap();
+    let e = fs::File::create(dir.join("g".repeat(1024 - 953))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "create: {e}");
+    let e = std::os::unix::fs::symlink("t", dir.join("s".repeat(1024 - 953))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "symlink: {e}");
+    let e = fs::rename(&ok, dir.join("h".repeat(1024 - 953))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "rename: {e}");
+    // A directory rename whose own name fits but that would push a file under it past the limit moves nothing.
+    let e = fs::rename(m.path(&dirs[0]), m.path(&"a".repeat(250))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "directory rename: {e}");
+    assert_bytes(fs::read(&ok).unwrap(), b"at the limit", "still there");
+    let text = m.unmount();
+    assert!(!text.contains("could not upload"), "{text}");
+    let keys: Vec<String> = store.raw_objects().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.iter().all(|k| k.len() <= 1024), "{keys:?}");
+    assert!(keys.iter().any(|k| k.len() == 1024), "the file at the limit is stored: {keys:?}");
+    assert!(keys.iter().all(|k| !k.starts_with(&"a".repeat(250))), "nothing moved: {keys:?}");
+}

@@ -344,6 +344,14 @@ impl Fs {
         table.child_path(parent, name).ok_or(Error::NotFound)
     }
 
+    /// ENAMETOOLONG for a path the store cannot hold (S3 keys are at most 1,024 bytes; see `Backend::max_path_len`).
+    fn check_path_len(&self, path: &str, dir: bool) -> Result<()> {
+        if path.len() > self.backend.max_path_len(dir) {
+            return Err(Error::NameTooLong);
+        }
+        Ok(())
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.config.read_only {
             Err(Error::ReadOnly)
@@ -592,6 +600,7 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         let (name, path) = self.new_name(parent, name).await?;
+        self.check_path_len(&path, true)?;
         let mut node = self.blank_node(parent, &name, FileKind::Dir);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
@@ -624,6 +633,7 @@ impl Fs {
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
         let (name, path) = self.new_name(parent, name).await?;
+        self.check_path_len(&path, false)?;
         let target = target.as_bytes().to_vec();
         let mut node = self.blank_node(parent, &name, FileKind::Symlink);
         node.uid = caller.uid;
@@ -924,6 +934,7 @@ impl Fs {
             Err(Error::NotFound) => None,
             Err(e) => return Err(e),
         };
+        self.check_path_len(&to, kind == FileKind::Dir)?;
         if let Some(t) = target {
             if noreplace {
                 return Err(Error::Exists);
@@ -1018,6 +1029,12 @@ impl Fs {
                 listing.objects.into_iter().partition(|o| o.key.as_str().ends_with('/'));
             // Deepest first: a marker moves once what is under it has moved.
             markers.sort_by_key(|o| std::cmp::Reverse(o.key.as_str().len()));
+            // Every new key must fit before anything moves (a half-moved tree is worse than a refusal).
+            for o in objects.iter().chain(markers.iter()) {
+                let rest = &o.key.as_str()[src_prefix.len()..];
+                let dst = format!("{to}/{rest}");
+                self.check_path_len(dst.trim_end_matches('/'), o.key.as_str().ends_with('/'))?;
+            }
             for o in objects.iter().chain(markers.iter()) {
                 let rest = &o.key.as_str()[src_prefix.len()..];
                 let dst = format!("{to}/{rest}");
@@ -1400,7 +1417,7 @@ impl Fs {
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
         self.check_writable()?;
         let name = check_name(name)?;
-        let _path = self.child_path(parent, &name)?;
+        let path = self.child_path(parent, &name)?;
         match self.resolve_for_create(parent, &name).await {
             Ok(ino) => {
                 if flags & libc::O_EXCL != 0 {
@@ -1416,6 +1433,8 @@ impl Fs {
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
         }
+        // Refused now, not at the upload of close(), which shells ignore.
+        self.check_path_len(&path, false)?;
         let staged =
             Staged::create(&self.journal, true, true, BaseVersion::Absent).map_err(|e| Error::staging(&name, e))?;
         let mut node = self.blank_node(parent, &name, FileKind::File);

@@ -695,6 +695,11 @@ impl Backend for LocalBackend {
         self.run("", |s| s.check_access()).await
     }
 
+    fn max_path_len(&self, _dir: bool) -> usize {
+        // Objects are reached by whole paths under the root: PATH_MAX (with its NUL) less the root and a '/'.
+        (libc::PATH_MAX as usize - 1).saturating_sub(self.inner.root.as_os_str().len() + 1)
+    }
+
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
         if key.is_dir_marker() {
             return Err(StoreError::invalid(format!("directory marker {key} has no content to replace")));

@@ -298,6 +298,15 @@ pub trait Backend: Send + Sync + 'static {
     /// mount so a misconfiguration fails fast with a clear message.
     async fn check_access(&self) -> Result<(), StoreError>;
 
+    /// The longest path (a key relative to the mount prefix, without a trailing `/`) this store can hold for a file,
+    /// or for a directory when `dir` (whose marker may add to the key): names longer than this are refused up front
+    /// with ENAMETOOLONG rather than failing at upload. S3: 1,024 bytes less the prefix (and the marker's name);
+    /// the local store: PATH_MAX less its root.
+    fn max_path_len(&self, dir: bool) -> usize {
+        let _ = dir;
+        usize::MAX
+    }
+
     /// Replace the first `head.len()` bytes of the object with `head`, keeping the rest of its content, its metadata
     /// and (on S3) its tags, provided it is still the version `etag` names; otherwise
     /// [`StoreError::Precondition`] and nothing changed. Key rotation (`rekey`) uses it to swap an object's header.

@@ -787,6 +787,14 @@ impl Backend for ObjectStoreBackend {
         Ok(super::Transfer { requests: 1, bytes_down: 0, bytes_up: 0 })
     }
 
+    fn max_path_len(&self, dir: bool) -> usize {
+        /// S3's limit on a key, in bytes of UTF-8.
+        const S3_MAX_KEY: usize = 1024;
+        let prefix = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let marker = if dir { 1 + super::MARKER_FILE.len() } else { 0 };
+        S3_MAX_KEY.saturating_sub(prefix + marker)
+    }
+
     async fn check_access(&self) -> Result<(), StoreError> {
         let base = self.dir_path("")?;
         let prefix = if base.as_ref().is_empty() {
