@@ -37,6 +37,10 @@ fn kind(k: FileKind) -> FileType {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Socket => FileType::Socket,
     }
 }
 
@@ -54,7 +58,7 @@ fn to_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 65536,
         flags: 0,
     }
@@ -423,18 +427,16 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::ENOTSUP);
     }
 
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        // Device nodes, fifos and sockets have no object form; regular files come through create().
-        reply.error(Errno::EPERM);
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let (fs, ttl, name, who) = (self.fs.clone(), self.ttl, name.to_owned(), caller(req));
+        // The type bits pass through; the umask applies to the permissions only.
+        let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
+        self.rt.spawn(async move {
+            match fs.mknod(parent.0, &name, mode, rdev, who).await {
+                Ok(a) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("mknod", &e)),
+            }
+        });
     }
 
     fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {

@@ -572,3 +572,64 @@ fn names_whose_s3_key_would_pass_1024_bytes_are_refused_at_once() {
     assert!(keys.iter().any(|k| k.len() == 1024), "the file at the limit is stored: {keys:?}");
     assert!(keys.iter().all(|k| !k.starts_with(&"a".repeat(250))), "nothing moved: {keys:?}");
 }
+
+#[test]
+fn fifos_devices_and_sockets_are_created_kept_and_moved_like_files() {
+    use std::ffi::CString;
+    use std::os::unix::fs::FileTypeExt;
+    for (s3, mode) in [(false, "cse-c"), (true, "none"), (true, "cse-c")] {
+        let env = Env::new();
+        let store = if s3 { Store::s3() } else { Store::local(env.path()) };
+        let ctx = format!("{} {mode}", store.url());
+        let m = Mount::start(&env, &store, mode);
+        let c = |name: &str| CString::new(m.path(name).to_str().unwrap()).unwrap();
+        // SAFETY: plain libc calls with valid NUL-terminated paths.
+        unsafe {
+            assert_eq!(libc::mkfifo(c("fifo").as_ptr(), 0o640), 0, "{ctx}: mkfifo: {}", std::io::Error::last_os_error());
+            assert_eq!(libc::mknod(c("null").as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)), 0, "{ctx}: mknod c");
+            assert_eq!(libc::mknod(c("loop").as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 9)), 0, "{ctx}: mknod b");
+            assert_eq!(libc::mknod(c("plain").as_ptr(), libc::S_IFREG | 0o644, 0), 0, "{ctx}: mknod S_IFREG");
+        }
+        let sock = std::os::unix::net::UnixListener::bind(m.path("sock")).unwrap_or_else(|e| panic!("{ctx}: bind: {e}"));
+        drop(sock);
+        let check = |m: &Mount, fifo: &str| {
+            let md = |n: &str| fs::symlink_metadata(m.path(n)).unwrap_or_else(|e| panic!("{ctx}: stat {n}: {e}"));
+            assert!(md(fifo).file_type().is_fifo(), "{ctx}");
+            assert_eq!(md(fifo).mode() & 0o7777, 0o640, "{ctx}");
+            assert!(md("null").file_type().is_char_device(), "{ctx}");
+            assert_eq!(md("null").rdev(), libc::makedev(1, 3), "{ctx}");
+            assert!(md("loop").file_type().is_block_device(), "{ctx}");
+            assert_eq!(md("loop").rdev(), libc::makedev(7, 9), "{ctx}");
+            assert!(md("plain").file_type().is_file() && md("plain").len() == 0, "{ctx}");
+            assert!(md("sock").file_type().is_socket(), "{ctx}");
+        };
+        check(&m, "fifo");
+        // The kernel serves the fifo itself.
+        let mut p = fs::OpenOptions::new().read(true).write(true).open(m.path("fifo")).unwrap();
+        p.write_all(b"through the pipe").unwrap();
+        let mut buf = [0u8; 16];
+        p.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"through the pipe");
+        drop(p);
+        // chmod, chown, rename over another special file, unlink.
+        fs::set_permissions(m.path("null"), fs::Permissions::from_mode(0o620)).unwrap();
+        std::os::unix::fs::chown(m.path("loop"), Some(12), Some(34)).unwrap();
+        fs::rename(m.path("fifo"), m.path("pipe")).unwrap();
+        fs::write(m.path("victim"), b"replaced by a fifo").unwrap();
+        fs::rename(m.path("pipe"), m.path("victim")).unwrap();
+        fs::rename(m.path("victim"), m.path("pipe")).unwrap();
+        fs::remove_file(m.path("sock")).unwrap();
+        std::os::unix::net::UnixListener::bind(m.path("sock")).unwrap();
+        let text = m.unmount();
+        // Everything survives a remount.
+        let m = Mount::start(&env, &store, mode);
+        check(&m, "pipe");
+        assert_eq!(fs::symlink_metadata(m.path("null")).unwrap().mode() & 0o7777, 0o620, "{ctx}: {text}");
+        let l = fs::symlink_metadata(m.path("loop")).unwrap();
+        assert_eq!((l.uid(), l.gid()), (12, 34), "{ctx}");
+        let mut names: Vec<String> = fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["loop", "null", "pipe", "plain", "sock"], "{ctx}");
+        drop(m);
+    }
+}

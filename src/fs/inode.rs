@@ -21,6 +21,12 @@ pub enum FileKind {
     File,
     Dir,
     Symlink,
+    /// Special files: metadata-only objects (the type in the mode, the device number in `rdev`). The kernel serves
+    /// their opens itself (a fifo's pipe, a device's driver); FUSE never sees their reads and writes.
+    Fifo,
+    CharDevice,
+    BlockDevice,
+    Socket,
 }
 
 impl FileKind {
@@ -29,7 +35,30 @@ impl FileKind {
             FileKind::File => libc::S_IFREG,
             FileKind::Dir => libc::S_IFDIR,
             FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+            FileKind::Socket => libc::S_IFSOCK,
         }
+    }
+
+    /// The kind a full `st_mode` names; `None` for a type this filesystem does not store (0, or unknown bits).
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::File,
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            libc::S_IFSOCK => FileKind::Socket,
+            _ => return None,
+        })
+    }
+
+    /// Fifos, devices and sockets.
+    pub fn is_special(self) -> bool {
+        matches!(self, FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice | FileKind::Socket)
     }
 }
 
@@ -46,6 +75,8 @@ pub struct Attr {
     pub ctime: SystemTime,
     pub atime: SystemTime,
     pub nlink: u32,
+    /// Device number of a character or block device (0 otherwise).
+    pub rdev: u32,
 }
 
 /// What the store holds for a node, as last seen.
@@ -82,6 +113,8 @@ pub struct Node {
     pub link_target: Option<Vec<u8>>,
     /// Removed from the namespace while still open: reads continue, nothing is uploaded.
     pub unlinked: bool,
+    /// Device number of a character or block device (stored as `x-amz-meta-rdev`).
+    pub rdev: u32,
 }
 
 impl Node {
@@ -102,6 +135,7 @@ impl Node {
                 (FileKind::Dir, false) => 2,
                 _ => 1,
             },
+            rdev: self.rdev,
         }
     }
 
@@ -314,6 +348,7 @@ mod tests {
             write: None,
             link_target: None,
             unlinked: false,
+            rdev: 0,
         }
     }
 

@@ -211,6 +211,7 @@ impl Fs {
             write: None,
             link_target: None,
             unlinked: false,
+            rdev: 0,
         };
         Fs {
             backend,
@@ -254,7 +255,9 @@ impl Fs {
     fn default_perm(&self, kind: FileKind) -> u16 {
         match kind {
             FileKind::Dir => (0o777 & !self.config.umask) as u16,
-            FileKind::File => (0o666 & !self.config.umask) as u16,
+            FileKind::File | FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice | FileKind::Socket => {
+                (0o666 & !self.config.umask) as u16
+            }
             FileKind::Symlink => 0o777,
         }
     }
@@ -281,6 +284,7 @@ impl Fs {
             write: None,
             link_target: None,
             unlinked: false,
+            rdev: 0,
         }
     }
 
@@ -289,11 +293,15 @@ impl Fs {
         if node.write.is_some() {
             return;
         }
-        let kind = match meta.mode.map(|m| m & libc::S_IFMT) {
-            Some(libc::S_IFLNK) => FileKind::Symlink,
-            Some(libc::S_IFDIR) => FileKind::Dir,
+        let kind = match meta.mode.and_then(FileKind::from_mode) {
+            Some(k) if k != FileKind::File => k,
             _ if node.kind == FileKind::Dir => FileKind::Dir,
             _ => FileKind::File,
+        };
+        node.rdev = if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+            meta.extra.get(RDEV_META).and_then(|v| v.parse().ok()).unwrap_or(0)
+        } else {
+            0
         };
         let new_remote =
             Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
@@ -321,12 +329,16 @@ impl Fs {
     }
 
     fn meta_of(node: &Node) -> UserMeta {
+        let mut extra = BTreeMap::new();
+        if matches!(node.kind, FileKind::CharDevice | FileKind::BlockDevice) {
+            extra.insert(RDEV_META.to_string(), node.rdev.to_string());
+        }
         UserMeta {
             mode: Some(node.mode()),
             uid: Some(node.uid),
             gid: Some(node.gid),
             mtime: Some(to_secs_nanos(node.mtime)),
-            extra: BTreeMap::new(),
+            extra,
         }
     }
 
@@ -447,7 +459,7 @@ impl Fs {
             }
         }
         // A stale node of known kind: ask about that kind first (one request in the common case).
-        if let Some((ino, FileKind::File | FileKind::Symlink, false)) = existing {
+        if let Some((ino, _, false)) = existing.filter(|(_, k, _)| *k != FileKind::Dir) {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
                     self.note_store_answers();
@@ -629,6 +641,28 @@ impl Fs {
             node.mtime = now;
             node.ctime = now;
         }
+    }
+
+    /// mknod(2): fifos, character and block devices and sockets become metadata-only objects (an empty body; in
+    /// client-side modes the same sealed empty object as an empty file, so every object stays in one format); a
+    /// regular file (Linux sends `mknod(S_IFREG)` for some creates) becomes an empty file.
+    pub async fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, caller: Caller) -> Result<Attr> {
+        let kind = FileKind::from_mode(mode).ok_or(Error::InvalidArgument("unknown file type"))?;
+        if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(Error::InvalidArgument("mknod cannot make directories or symbolic links"));
+        }
+        let (name, path) = self.new_name(parent, name).await?;
+        self.check_path_len(&path, false)?;
+        let mut node = self.blank_node(parent, &name, kind);
+        node.perm = (mode & 0o7777) as u16;
+        node.uid = caller.uid;
+        node.gid = caller.gid;
+        if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+            node.rdev = rdev;
+        }
+        let info = self.put_small(&path, &[], Self::meta_of(&node)).await?;
+        node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+        Ok(self.link_new(parent, node))
     }
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
@@ -1332,6 +1366,10 @@ impl Fs {
             match node.kind {
                 FileKind::Dir => return Err(Error::IsDir),
                 FileKind::Symlink => return Err(Error::InvalidArgument("cannot open a symbolic link")),
+                // The kernel opens fifos, devices and sockets itself; a request here would be a kernel surprise.
+                FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice | FileKind::Socket => {
+                    return Err(Error::InvalidArgument("special files are opened by the kernel"))
+                }
                 FileKind::File => {}
             }
             node.open_handles += 1;
@@ -1899,6 +1937,9 @@ impl Fs {
         }
     }
 }
+
+/// The metadata field of a device's number (`x-amz-meta-rdev`, as s3fs writes it).
+pub const RDEV_META: &str = "rdev";
 
 /// The metadata field that carries an upload's journal stamp (`journal::Record::upload_id`).
 pub const UPLOAD_META: &str = "s3cryptfs-upload";
