@@ -1412,13 +1412,31 @@ impl Fs {
     /// O_TRUNC: the file's content is replaced by nothing, without downloading it.
     async fn truncate_staged(&self, ino: u64) -> Result<()> {
         let path = self.path_of(ino)?;
+        // The content is replaced without being read, so the version replaced is the one this mount knows — unless
+        // what it knows is not fresh (a rename's copy, say, may carry a new ETag): then ask, or the upload would
+        // take this mount's own older view for another writer's change.
+        let stale = lock(&self.table).get(ino).is_some_and(|n| n.write.is_none() && n.remote.is_some() && !self.fresh(n));
+        if stale {
+            match self.backend.head(&key(&path)?).await {
+                Ok((info, meta)) => {
+                    if let Some(n) = lock(&self.table).get_mut(ino) {
+                        self.apply_remote(n, &info, &meta);
+                    }
+                }
+                Err(e) if e.is_not_found() => {
+                    if let Some(n) = lock(&self.table).get_mut(ino) {
+                        n.remote = None; // gone meanwhile: the upload creates it
+                    }
+                }
+                Err(e) => return Err(Error::store(&path, e)),
+            }
+        }
         let ws = {
             let mut table = lock(&self.table);
             let node = table.get_mut(ino).ok_or(Error::NotFound)?;
             match &node.write {
                 Some(ws) => ws.clone(),
                 None => {
-                    // The content is replaced without being read: the version replaced is the one this mount knows.
                     let base = match &node.remote {
                         Some(r) if !r.etag.is_empty() => BaseVersion::Etag(r.etag.clone()),
                         Some(_) => BaseVersion::Any,
