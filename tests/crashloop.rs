@@ -236,14 +236,23 @@ fn mixed(got: &[u8], a: Option<&Vec<u8>>, b: Option<&Vec<u8>>) -> bool {
 }
 
 /// What the mount shows now: every visible name and its content.
-fn observe(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+/// A name that reads EIO is returned in the second map: the known local-store rename window (docs/SEMANTICS.md,
+/// Rename) — the caller accepts it only for the name an interrupted rename touched, and only with its log line.
+fn observe(dir: &Path) -> (BTreeMap<String, Vec<u8>>, Vec<String>) {
     let mut out = BTreeMap::new();
+    let mut unreadable = Vec::new();
     for e in fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().to_string();
-        out.insert(name, fs::read(e.path()).unwrap_or_else(|err| panic!("reading {}: {err}", e.path().display())));
+        match fs::read(e.path()) {
+            Ok(c) => {
+                out.insert(name, c);
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EIO) => unreadable.push(name),
+            Err(err) => panic!("reading {}: {err}", e.path().display()),
+        }
     }
-    out
+    (out, unreadable)
 }
 
 fn run(store: &Store, env: &Env, seed: u64, rounds: u64) {
@@ -300,7 +309,19 @@ fn run(store: &Store, env: &Env, seed: u64, rounds: u64) {
         }
         m = Mount::try_start_at(env, store, "cse-c", &[], dir.clone()).unwrap_or_else(|e| panic!("{ctx}: restart: {e}"));
         zombie.wait().unwrap();
-        let seen = observe(&dir);
+        let (mut seen, unreadable) = observe(&dir);
+        for name in &unreadable {
+            // Known limit of the local store: a rename interrupted between writing the new binding and the rename
+            // leaves the source bound to the target's name (docs/SEMANTICS.md). Nothing else may read EIO.
+            let known = matches!(store, Store::Local { .. })
+                && ops.last().is_some_and(|o| o.starts_with("rename "))
+                && touched.contains(name)
+                && m.log_text().contains("does not belong at this path");
+            assert!(known, "{ctx}: {name} reads EIO\n{}", m.log_text());
+            eprintln!("{ctx}: {name} unreadable after an interrupted local rename (known limit); removed");
+            fs::remove_file(dir.join(name)).unwrap();
+            seen.remove(name);
+        }
         for name in seen.keys() {
             assert!(
                 !name.contains(".s3cryptfs-recovered-") && !name.contains(".s3cryptfs-conflict-"),
@@ -312,6 +333,9 @@ fn run(store: &Store, env: &Env, seed: u64, rounds: u64) {
         let last = ops.last().cloned().unwrap_or_default();
         let in_place = ["pwrite", "truncate", "write "].iter().any(|p| last.starts_with(p));
         for name in NAMES {
+            if unreadable.iter().any(|u| u == name) {
+                continue;
+            }
             let got = seen.get(name);
             let after = model.current(name);
             let ok = if touched.iter().any(|t| t == name) {

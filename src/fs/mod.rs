@@ -1358,6 +1358,24 @@ impl Fs {
         if mode.write {
             self.check_writable()?;
         }
+        // The kernel may open a name it did not look up again (its entry is still cached), after a rename here whose
+        // copy gave the object a new ETag: learn the version in the store before a reader is pinned to a stale one.
+        let stale = {
+            let table = lock(&self.table);
+            table.get(ino).filter(|n| n.kind == FileKind::File && n.write.is_none() && n.remote.is_some() && !self.fresh(n)).and_then(|_| table.path_of(ino))
+        };
+        if let Some(path) = stale {
+            match self.backend.head(&key(&path)?).await {
+                Ok((info, meta)) => {
+                    if let Some(n) = lock(&self.table).get_mut(ino) {
+                        self.apply_remote(n, &info, &meta);
+                    }
+                }
+                // Gone: the open goes on with what is known; a read that needs the store reports it.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(Error::store(&path, e)),
+            }
+        }
         // Count the handle before any await: a concurrent release of another handle must not see the inode as
         // unused and drop the write state this open is about to use.
         let remote = {

