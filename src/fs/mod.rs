@@ -1155,9 +1155,10 @@ impl Fs {
         if changes.gid.is_some() && caller.uid != 0 && caller.uid != owner {
             return Err(Error::NotPermitted("only the owner or root can change a file's group"));
         }
-        // A truncate by path has no handle; count one for its duration so that no concurrent release drops the
-        // write state it works on.
-        let _pin = (fh.is_none() && changes.size.is_some()).then(|| self.pin(ino));
+        // A change by path has no handle; count one for its duration so that no concurrent release drops the write
+        // state it works on (a chmod that marked an orphaned state dirty returned success, sent nothing to the store,
+        // and left a journal record that the next start uploaded over newer attributes).
+        let _pin = (fh.is_none() && wants_change).then(|| self.pin(ino));
         if let Some(size) = changes.size {
             if kind == FileKind::Dir {
                 return Err(Error::IsDir);
@@ -1205,14 +1206,14 @@ impl Fs {
             None => false,
         };
         if let (Some(ws), true) = (ws, loaded) {
-            // A staged file carries its attributes with its next upload.
+            // A staged file carries its attributes with its next upload; one lock for the change and the upload.
+            let mut staged = ws.lock().await;
             if meta_changed {
-                let mut staged = ws.lock().await;
                 staged.mark_dirty();
                 self.keep_record(ino, &mut staged, true);
             }
             if fh.is_none() {
-                self.flush_node(ino).await?;
+                self.flush_locked(ino, &mut staged).await?;
             }
         } else if meta_changed {
             self.persist_meta(ino, kind).await?;

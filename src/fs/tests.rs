@@ -131,3 +131,43 @@ async fn known_names_and_attributes_are_served_stale_while_the_store_is_silent()
     assert_eq!(err.errno(), libc::ENOENT);
     assert_eq!(fs.lookup(ROOT_INO, OsStr::new("f")).await.unwrap().size, 5);
 }
+
+/// Regression (CI, metadata_persists::s3): a chmod by path racing the release of the file's last handle. The release
+/// dropped the file's write state between the chmod's two looks at it; the chmod then marked the orphaned state dirty,
+/// wrote a journal record for it and "flushed" a state the table no longer had — success returned, nothing sent to
+/// the store, and the next start uploaded the orphan's stale attributes over newer ones. The mutex is fair (FIFO), so
+/// queueing the release before the chmod behind a held lock reproduces that order every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chmod_racing_the_last_release_reaches_the_store() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let fs = Arc::new(fs);
+    let caller = Caller { uid: 0, gid: 0 };
+    let (attr, fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    fs.flush(fh).await.unwrap();
+
+    let ws = lock(&fs.table).get(attr.ino).and_then(|n| n.write.clone()).expect("write state after a write");
+    let held = ws.clone().lock_owned().await;
+    let release = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.release(fh).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let chmod = tokio::spawn({
+        let fs = fs.clone();
+        let changes = SetAttr { mode: Some(0o600), uid: None, gid: None, size: None, atime: None, mtime: None };
+        async move { fs.setattr(attr.ino, changes, None, caller).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(held);
+    release.await.unwrap().unwrap();
+    let got = chmod.await.unwrap().unwrap();
+    assert_eq!(got.perm, 0o600);
+
+    let (_, meta) = store.inner.head(&ObjectKey::new("f").unwrap()).await.unwrap();
+    assert_eq!(meta.mode.map(|m| m & 0o7777), Some(0o600), "the chmod that returned success is not in the store");
+    assert!(fs.flush_all().await.is_empty());
+    assert_eq!(fs.record_pending().await, 0, "a journal record outlived the chmod");
+}
