@@ -3,6 +3,7 @@
 #   /usr/local/bin/s3cryptfs                      the binary (built with cargo --release if needed)
 #   /sbin/mount.fuse.s3cryptfs -> the binary      so `mount -t fuse.s3cryptfs` and fstab lines work
 #   /sbin/mount.s3cryptfs      -> the binary      the same for `mount -t s3cryptfs`
+#   /sbin/umount.fuse.s3cryptfs -> the binary     so `umount` returns only once pending uploads are done
 #   /etc/systemd/system/s3cryptfs@.service        one mount per /etc/s3cryptfs/NAME.conf (see the unit)
 #   /etc/s3cryptfs/                               0700, for NAME.conf and NAME.key
 #   /usr/local/share/doc/s3cryptfs/               README and docs
@@ -15,7 +16,7 @@ PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 BIN="$DESTDIR$PREFIX/bin/s3cryptfs"
 UNIT="$DESTDIR/etc/systemd/system/s3cryptfs@.service"
-HELPERS=("$DESTDIR/sbin/mount.fuse.s3cryptfs" "$DESTDIR/sbin/mount.s3cryptfs")
+HELPERS=("$DESTDIR/sbin/mount.fuse.s3cryptfs" "$DESTDIR/sbin/mount.s3cryptfs" "$DESTDIR/sbin/umount.fuse.s3cryptfs")
 DOC="$DESTDIR$PREFIX/share/doc/s3cryptfs"
 
 if [[ "${1:-}" == "--uninstall" ]]; then

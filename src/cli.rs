@@ -34,6 +34,19 @@ pub enum Command {
     /// without re-encrypting content: cse-c and cse-kms re-wrap each object's data key, sse-c copies each object
     /// server-side from its old key to the new one. Resumable: objects already on the new key are skipped.
     Rekey(RekeyArgs),
+    /// Unmount DIR and wait until its daemon has uploaded everything still pending (plain `fusermount3 -u` returns
+    /// before that). Exits non-zero if the mount is busy or data could not be uploaded (it then stays in the write
+    /// journal for the next start).
+    Unmount {
+        /// The mountpoint.
+        dir: PathBuf,
+        /// Detach now and let the mount end when its last open file closes; does not wait for uploads.
+        #[arg(long, short = 'l')]
+        lazy: bool,
+        /// Give up waiting after this many seconds (the daemon goes on uploading). Default: wait until it is done.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
 }
 
 /// The `mount.fuse.s3cryptfs` / `mount.s3cryptfs` calling convention of mount(8) and fstab:

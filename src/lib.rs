@@ -4,6 +4,7 @@
 //! Architecture, top to bottom (dependencies point down only):
 //!
 //! ```text
+//! main → unmount (waits for a daemon's final uploads through its state file)
 //! main → run ─→ fuse (thin adapter: kernel request → fs call → reply/errno)
 //!              └→ fs (POSIX semantics as async methods; inodes, handles, staging, errno mapping)
 //!                   ├→ read   (cache lookup → ranged GET → open chunks → cache fill; read-ahead)
@@ -41,4 +42,5 @@ pub mod read;
 pub mod rekey;
 pub mod run;
 pub mod store;
+pub mod unmount;
 pub mod upload;

@@ -28,6 +28,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => crate::agent::agent_command(args),
         Command::Key(args) => crate::agent::key_command(args),
         Command::Rekey(args) => crate::rekey::rekey_command(args),
+        Command::Unmount { dir, lazy, timeout } => crate::unmount::unmount(
+            &dir,
+            if lazy { crate::unmount::How::Lazy } else { crate::unmount::How::Normal },
+            timeout.map(std::time::Duration::from_secs),
+        ),
     }
 }
 
@@ -704,6 +709,22 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
         }
     }
 
+    // What `s3cryptfs unmount` and umount(8) wait on (see crate::unmount); a mount without it still works.
+    let state = match crate::unmount::MountState::create(&std::fs::canonicalize(&config.mountpoint).unwrap_or_else(|_| config.mountpoint.clone())) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no unmount state file: `s3cryptfs unmount` cannot wait for this mount's final uploads");
+            None
+        }
+    };
+    let set_state = |what: &str, left: usize| {
+        if let Some(s) = &state {
+            if let Err(e) = s.set(what, left) {
+                tracing::warn!(error = %e, "could not update the unmount state file");
+            }
+        }
+    };
+
     let mut fuse_config = fuser::Config::default();
     fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     fuse_config.n_threads = Some(2);
@@ -786,6 +807,9 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     // unmount is refused (EBUSY); then flush what has been written, detach the mount lazily, flush once more for
     // writes that raced with the detach, and exit without waiting for the open descriptors, which will see ENOTCONN.
     crate::notify::notify("STOPPING=1\nSTATUS=flushing and unmounting");
+    // From here a start of this store waits for us instead of taking our journal for a live mount's.
+    fs.stop_serving();
+    set_state("finishing", 0);
     // Before the final uploads: if they cannot finish (the stop timeout kills us, the store is down), the next start
     // finds these records and uploads the staged data.
     rt.block_on(fs.record_pending());
@@ -809,6 +833,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
     }
     fs.shutdown();
     drop(rt);
+    set_state("done", failed.len());
     if !failed.is_empty() {
         bail!(
             "{} file(s) could not be uploaded; they remain in {} and the next start of this mount uploads them",

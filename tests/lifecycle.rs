@@ -635,3 +635,52 @@ fn closing_a_file_after_the_bucket_was_deleted_is_eio_and_logged() {
     assert!(text.contains("bucket") && text.contains("does not exist"), "no log line about the bucket: {text}");
     let _ = m.kill();
 }
+
+/// Issue 11 (unmount ordering): `fusermount3 -u` returns while the daemon is still uploading. `s3cryptfs unmount`
+/// returns only once the daemon has uploaded everything (the object is complete in the store the moment it returns),
+/// and a new mount of the same store started right after a plain `fusermount3 -u` waits for the finishing daemon
+/// instead of serving the old version.
+#[test]
+fn unmount_waits_for_the_final_uploads_and_a_new_mount_waits_for_a_finishing_daemon() {
+    const MIB: usize = 96;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let Store::Local { dir: store_dir } = &store else { unreachable!() };
+    let dir = env.path().join("mnt-unmount");
+    fs::create_dir_all(&dir).unwrap();
+    let opts = format!("mode=none,staging_dir={}", env.path().join("staging").display());
+
+    let log = env.path().join("first.log");
+    let mut child = Reaped::new(daemon_command(&opts, store.url(), &dir, &log).spawn().unwrap(), &dir);
+    wait_mounted(&dir, &mut child.child, &log);
+    leave_dirty_at_unmount(&dir, "big", MIB, b'a');
+    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "s3cryptfs unmount: {}", String::from_utf8_lossy(&out.stderr));
+    // Mode none on the local store: the object is the plain file. Complete the moment the command returned.
+    let stored = fs::read(store_dir.join("big")).unwrap();
+    assert_eq!(stored.len(), MIB << 20, "the object right after `s3cryptfs unmount` returned");
+    assert!(stored.iter().all(|b| *b == b'a'));
+    assert!(child.child.wait().unwrap().success(), "{}", fs::read_to_string(&log).unwrap());
+
+    // Not a mount: a clear error.
+    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a mountpoint"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A plain fusermount3 -u, then at once a new mount of the same store: it must serve the new content.
+    let mut child = Reaped::new(daemon_command(&opts, store.url(), &dir, &log).spawn().unwrap(), &dir);
+    wait_mounted(&dir, &mut child.child, &log);
+    leave_dirty_at_unmount(&dir, "big", MIB, b'b');
+    let st = Command::new("fusermount3").arg("-u").arg(&dir).status().unwrap();
+    assert!(st.success());
+    let log2 = env.path().join("second.log");
+    let mut second = Reaped::new(daemon_command(&opts, store.url(), &dir, &log2).spawn().unwrap(), &dir);
+    wait_mounted(&dir, &mut second.child, &log2);
+    let got = fs::read(dir.join("big")).unwrap();
+    assert_eq!(got.len(), MIB << 20, "read through the new mount: {}", fs::read_to_string(&log2).unwrap());
+    assert!(got.iter().all(|b| *b == b'b'), "the new mount served the old version");
+    assert!(child.child.wait().unwrap().success(), "{}", fs::read_to_string(&log).unwrap());
+    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(second.child.wait().unwrap().success());
+}

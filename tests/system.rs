@@ -1,5 +1,6 @@
 //! System integration: the shipped systemd unit passes `systemd-analyze verify`, and the binary installed as
-//! `mount.fuse.s3cryptfs` serves `mount -t fuse.s3cryptfs` and fstab lines, with `umount` flushing and the daemon
+//! `mount.fuse.s3cryptfs` serves `mount -t fuse.s3cryptfs` and fstab lines, with `umount` (through
+//! `umount.fuse.s3cryptfs`) returning once the final uploads are done, and the daemon
 //! exiting.
 
 mod common;
@@ -41,21 +42,26 @@ fn the_systemd_unit_verifies_cleanly() {
 }
 
 /// Installs `/sbin/mount.fuse.s3cryptfs` pointing at the binary under test for the life of the guard.
-struct Helper(PathBuf);
+/// And `/sbin/umount.fuse.s3cryptfs`, which umount(8) runs for mounts of that type.
+struct Helper(Vec<PathBuf>);
 
 impl Helper {
     fn install() -> Helper {
-        let link = PathBuf::from("/sbin/mount.fuse.s3cryptfs");
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(BIN, &link).expect("tests run as root to install the mount helper");
-        Helper(link)
+        let links: Vec<PathBuf> = ["/sbin/mount.fuse.s3cryptfs", "/sbin/umount.fuse.s3cryptfs"].iter().map(PathBuf::from).collect();
+        for link in &links {
+            let _ = fs::remove_file(link);
+            std::os::unix::fs::symlink(BIN, link).expect("tests run as root to install the mount helpers");
+        }
+        Helper(links)
     }
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        if fs::read_link(&self.0).map(|t| t == Path::new(BIN)).unwrap_or(false) {
-            let _ = fs::remove_file(&self.0);
+        for link in &self.0 {
+            if fs::read_link(link).map(|t| t == Path::new(BIN)).unwrap_or(false) {
+                let _ = fs::remove_file(link);
+            }
         }
     }
 }
@@ -119,8 +125,13 @@ fn mount_t_fuse_s3cryptfs_and_fstab_lines_work_and_umount_flushes() {
     assert_eq!(after_dash[1], store.url(), "mount source in {line}");
     let pid = daemon_pid(&dir);
     fs::write(dir.join("via-mount8"), b"written through mount(8)").unwrap();
+    // umount runs our helper, which returns only once the daemon has uploaded what was still dirty.
+    leave_dirty_at_unmount(&dir, "big", 48, b'x');
     let out = Command::new("umount").arg(&dir).output().unwrap();
     assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    let Store::Local { dir: store_dir } = &store else { unreachable!() };
+    let stored = fs::metadata(store_dir.join("big")).map(|m| m.len()).unwrap_or(0);
+    assert!(stored > 48 << 20, "the object right after umount returned: {stored} bytes");
     assert_eq!(wait_for_daemon_exit(pid), 0, "the daemon's exit status after umount");
     assert!(!is_mounted(&dir));
 

@@ -1820,6 +1820,11 @@ impl Fs {
         failed
     }
 
+    /// The mount has ended (the final uploads follow): see `Journal::stop_serving`.
+    pub fn stop_serving(&self) {
+        self.journal.stop_serving();
+    }
+
     /// At a clean stop: removes this run's journal directory if nothing in it is left to upload.
     pub fn shutdown(&self) {
         self.journal.close();

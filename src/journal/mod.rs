@@ -11,6 +11,7 @@
 //!   <store id>/              0700, ours             $XDG_STATE_HOME/s3cryptfs/journal or ~/.local/state/… for users)
 //!     journal.key            plaintext modes only: the root key of their records
 //!     <run id>/              one per daemon run
+//!       serving              flock(LOCK_EX) held from the start until the FUSE session ends (then: finishing)
 //!       lock                 flock(LOCK_EX) held by the live daemon for its whole life
 //!       journal              header: how the journal key is found (customer key fingerprint, KMS blob, local key)
 //!       <n>.dat              staged content: sealed slots (cse-c, cse-kms, sse-c) or plaintext (none, sse-s3, sse-kms)
@@ -18,7 +19,10 @@
 //! ```
 //!
 //! Liveness is the `flock`, not a pid: a zombie or a reused pid cannot hide a dead journal, and a live daemon's
-//! journal is never taken over. A start takes over every other run directory of its store whose lock is free: it
+//! journal is never taken over. A daemon whose mount has ended but which is still uploading (`fusermount3 -u`
+//! returns before that) holds `lock` but no longer `serving`: a start of the same store waits for it to finish (up
+//! to [`FINISH_WAIT`]) instead of skipping its journal and mounting over uploads still in flight. A start takes over
+//! every other run directory of its store whose lock is free: it
 //! authenticates each record (a record that does not open under the journal key is refused and logged, never
 //! obeyed), hands the pairs to the filesystem for a conditional upload, removes staged files no record refers to,
 //! and removes the run directory once it is empty. Every directory and file is checked like ssh's StrictModes
@@ -52,6 +56,10 @@ pub use file::StagedFile;
 const HEADER_VERSION: u32 = 1;
 /// Longest header or record read back: far above any real one, low enough that a planted file cannot exhaust memory.
 const MAX_META_FILE: u64 = 64 << 10;
+/// How long a start waits for a daemon of the same store that is finishing its final uploads (its mount has ended).
+pub const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The lock file held while a run serves (see the module docs).
+const SERVING: &str = "serving";
 /// The KMS encryption-context entry that binds a journal's data key to its run.
 pub const KMS_CONTEXT_JOURNAL: &str = "s3cryptfs:journal";
 
@@ -169,6 +177,8 @@ struct RunDir {
     name: String,
     parent: Arc<Dir>,
     _lock: File,
+    /// This run's `serving` lock, dropped when its mount ends (only ours, never a taken-over run's).
+    serving: std::sync::Mutex<Option<File>>,
 }
 
 impl RunDir {
@@ -176,13 +186,24 @@ impl RunDir {
     /// uploaded everything).
     fn remove_if_done(&self) -> bool {
         let Ok(entries) = self.dir.entries() else { return false };
-        if entries.iter().any(|e| e != "lock" && e != "journal") {
+        if entries.iter().any(|e| e != "lock" && e != "journal" && e != SERVING) {
             return false;
         }
+        let _ = self.dir.remove(SERVING);
         let _ = self.dir.remove("journal");
         let _ = self.dir.remove("lock");
         self.parent.remove_dir(&self.name).is_ok()
     }
+}
+
+/// What looking at another run's directory found.
+enum Taken {
+    /// Dead and taken over: the staged files its records ask to upload.
+    Done(Vec<Leftover>),
+    /// Mounted, or starting: not ours.
+    Live,
+    /// Its mount has ended and it is still uploading: wait for it.
+    Finishing,
 }
 
 /// The journal of this daemon run.
@@ -221,13 +242,22 @@ impl Journal {
             move |source| JournalError::Io { path: p, source }
         };
         let dir = store_dir.create_subdir(&run_id)?;
+        // `serving` first, and appearing only once locked (a temporary name, then a rename), so that no start ever
+        // sees this run's `serving` free while it runs.
+        let serving_tmp = format!("{SERVING}.tmp");
+        let serving = dir.create_file(&serving_tmp).map_err(io(dir.path()))?;
+        if !dir::try_lock(&serving).map_err(io(dir.path()))? {
+            return Err(JournalError::Io { path: dir.path().to_path_buf(), source: io::Error::other("a new journal is locked by someone else") });
+        }
+        dir.rename_noreplace(&serving_tmp, SERVING).map_err(io(dir.path()))?;
         let lock = dir.create_file("lock").map_err(io(dir.path()))?;
         if !dir::try_lock(&lock).map_err(io(dir.path()))? {
             return Err(JournalError::Io { path: dir.path().to_path_buf(), source: io::Error::other("a new journal is locked by someone else") });
         }
         let text = serde_json::to_vec(&header).map_err(|e| JournalError::Io { path: dir.path().to_path_buf(), source: io::Error::other(e) })?;
         dir.write_file("journal", &text).map_err(io(dir.path()))?;
-        let run = RunDir { dir, name: run_id.clone(), parent: store_dir.clone(), _lock: lock };
+        let serving = std::sync::Mutex::new(Some(serving));
+        let run = RunDir { dir, name: run_id.clone(), parent: store_dir.clone(), _lock: lock, serving };
         Ok(Journal { store: store.to_string(), aead, keying, key, run_id, run, store_dir, counter: AtomicU64::new(0) })
     }
 
@@ -359,6 +389,12 @@ impl Journal {
         self.run.dir.path().join(data_name(n))
     }
 
+    /// The mount has ended: from now on a start of this store waits for this run to finish (see the module docs)
+    /// instead of taking it for a live mount.
+    pub fn stop_serving(&self) {
+        self.run.serving.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
     /// At a clean stop: removes this run's directory if nothing is left to upload (dropping the journal does the
     /// same). Returns whether it did.
     pub fn close(&self) -> bool {
@@ -381,7 +417,7 @@ impl Journal {
             if name == self.run_id || name == "journal.key" || name.starts_with("journal.key.") {
                 continue;
             }
-            match self.take_over_run(&name).await {
+            match self.take_over_finished(&name).await {
                 Ok(mut found) => out.append(&mut found),
                 Err(e) => tracing::error!(journal = %self.store_dir.path().join(&name).display(), error = %e, "journal left alone"),
             }
@@ -389,25 +425,60 @@ impl Journal {
         out
     }
 
-    async fn take_over_run(&self, name: &str) -> Result<Vec<Leftover>, JournalError> {
+    /// [`Self::take_over_run`], after waiting (up to [`FINISH_WAIT`]) for a run that is finishing its uploads.
+    async fn take_over_finished(&self, name: &str) -> Result<Vec<Leftover>, JournalError> {
+        let started = std::time::Instant::now();
+        let mut logged = false;
+        loop {
+            match self.take_over_run(name).await? {
+                Taken::Done(found) => return Ok(found),
+                Taken::Live => return Ok(Vec::new()),
+                Taken::Finishing if started.elapsed() >= FINISH_WAIT => {
+                    tracing::warn!(
+                        journal = %self.store_dir.path().join(name).display(),
+                        waited_secs = FINISH_WAIT.as_secs(),
+                        "a previous daemon of this store is still finishing its uploads; mounting without waiting longer (what it cannot upload, the next start does)"
+                    );
+                    return Ok(Vec::new());
+                }
+                Taken::Finishing => {
+                    if !logged {
+                        tracing::warn!(journal = %self.store_dir.path().join(name).display(), "a previous daemon of this store is finishing its uploads (its mount has ended); waiting for it before mounting");
+                        logged = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn take_over_run(&self, name: &str) -> Result<Taken, JournalError> {
         let path = self.store_dir.path().join(name);
         let ioe = |source| JournalError::Io { path: path.clone(), source };
-        let Some(dir) = self.store_dir.subdir(name, false)? else { return Ok(Vec::new()) };
+        let Some(dir) = self.store_dir.subdir(name, false)? else { return Ok(Taken::Done(Vec::new())) };
+        // A run whose `serving` is held is mounted (or starting): never touched. One without the file is either
+        // from before `serving` existed or died before creating it; its `lock` decides.
+        let serving = match dir.open_file(SERVING, true)? {
+            Some(f) if !dir::try_lock(&f).map_err(ioe)? => return Ok(Taken::Live),
+            other => other.is_some(),
+        };
         let lock = match dir.open_file("lock", true)? {
             Some(f) => f,
             // A start that died before creating its lock: nothing in it was ever acknowledged under a record.
             None => dir.create_file("lock").map_err(ioe)?,
         };
         if !dir::try_lock(&lock).map_err(ioe)? {
-            return Ok(Vec::new()); // a live daemon's journal
+            // Alive: finishing if it has stopped serving, else (no `serving` file) taken for a live mount.
+            return Ok(if serving { Taken::Finishing } else { Taken::Live });
         }
-        let run = Arc::new(RunDir { dir, name: name.to_string(), parent: self.store_dir.clone(), _lock: lock });
+        let serving = std::sync::Mutex::new(None);
+        let run = Arc::new(RunDir { dir, name: name.to_string(), parent: self.store_dir.clone(), _lock: lock, serving });
         let header = match run.dir.read_file("journal", MAX_META_FILE)? {
             Some(h) => h,
             None => {
                 // Died before its header: no record can have been sealed. Remove what is there.
                 Self::remove_orphans(&run, &BTreeSet::new());
-                return Ok(Vec::new());
+                return Ok(Taken::Done(Vec::new()));
             }
         };
         let header: Header = serde_json::from_slice(&header)
@@ -477,7 +548,7 @@ impl Journal {
             out.push(Leftover { record, file, record_mtime, n, run: run.clone() });
         }
         Self::remove_orphans(&run, &kept);
-        Ok(out)
+        Ok(Taken::Done(out))
     }
 
     /// The key of another run's journal, from its header; and whether its staged data is sealed.

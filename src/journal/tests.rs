@@ -149,3 +149,35 @@ async fn a_base_owned_by_another_user_is_refused() {
     let err = Journal::open(&base, STORE, Keying::Local, AeadBackend::AwsLc).await.unwrap_err();
     assert!(err.to_string().contains("owned by uid 65534"), "{err}");
 }
+
+/// Issue 11 (unmount ordering): a run whose mount has ended but which is still uploading is waited for, then taken
+/// over; a run that serves is skipped at once.
+#[tokio::test]
+async fn a_finishing_run_is_waited_for_and_a_serving_one_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let (n, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"left by a finishing run", 0).unwrap();
+    a.save_record(n, &record("finishing", &id)).unwrap();
+
+    // Serving: skipped without waiting.
+    let b = journal(&base, customer()).await;
+    let started = std::time::Instant::now();
+    assert!(b.take_over().await.is_empty());
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+
+    // Finishing: the start waits until the run's daemon is gone, then takes over what it left.
+    a.stop_serving();
+    let exit = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        drop(a); // the daemon exits with its record still there (its final upload failed)
+    });
+    let started = std::time::Instant::now();
+    let found = b.take_over().await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400), "did not wait for the finishing run");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].record.path, "finishing");
+    assert_eq!(read_all(&found[0].file), b"left by a finishing run");
+    exit.await.unwrap();
+}

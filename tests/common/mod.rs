@@ -343,8 +343,33 @@ pub fn daemon_command(opts: &str, store: impl AsRef<std::ffi::OsStr>, dir: &Path
         .arg(store)
         .arg(dir)
         .stdin(Stdio::null())
+        // Not the test's stdout: a daemon a failed test leaves behind would hold the pipe of whoever reads it.
+        .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     cmd
+}
+
+/// A daemon started with [`daemon_command`] that is unmounted (lazily) and killed if the test panics before it has
+/// waited for it.
+pub struct Reaped {
+    pub child: Child,
+    dir: PathBuf,
+}
+
+impl Reaped {
+    pub fn new(child: Child, dir: &Path) -> Reaped {
+        Reaped { child, dir: dir.to_path_buf() }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits until the daemon `child` (started with [`daemon_command`]) has mounted `dir`; fails with its log if it
@@ -448,4 +473,16 @@ pub fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Leaves `name` (`mib` MiB of `byte`) dirty in the mount at `dir` with no descriptor open, so that its upload
+/// happens at the unmount: the shell that opens the file closes its descriptor first (a FLUSH with nothing written),
+/// then a child writes through the inherited one and exits; its close is a FLUSH from another process, which does not
+/// upload (see `Fs::flush_by`), so the upload is the release's or the unmount's.
+pub fn leave_dirty_at_unmount(dir: &Path, name: &str, mib: usize, byte: u8) {
+    let script = format!(
+        "exec 3>{name}; (sleep 0.2; head -c {mib}M /dev/zero | tr '\\000' '\\{byte:03o}' >&3) & exec 3>&-; wait"
+    );
+    let out = Command::new("sh").arg("-c").arg(&script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
