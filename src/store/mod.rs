@@ -30,6 +30,7 @@
 
 mod conditional;
 mod deadline;
+mod dirfd;
 mod error;
 mod local;
 mod meta;
