@@ -12,8 +12,8 @@
 //! Objects are reached one name at a time: the root is opened once, when the store is, and kept open; every call
 //! walks from that descriptor with `openat` and acts relative to the directory it ends in (see `dirfd.rs`). No whole
 //! path is handed to the kernel, so how long a key may be does not depend on how long the root's own path is: each
-//! name is at most NAME_MAX (255 bytes; a longer one is [`StoreError::NameTooLong`]). A lookup of a key whose
-//! directories are missing is `NotFound`, however long.
+//! name is at most NAME_MAX (255 bytes; a longer one is [`StoreError::NameTooLong`]), and the mount creates paths of
+//! up to [`LOCAL_MAX_PATH_LEN`] bytes. A lookup of a key whose directories are missing is `NotFound`, however long.
 //!
 //! Writes are atomic: the body goes to a temp file, gets its xattr, is fsynced and renamed into
 //! place, then the parent directory is fsynced. The etag is derived from (inode, size, mtime
@@ -56,6 +56,15 @@ use super::{
     check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Upload, UserMeta,
     LOCAL_TMP_DIR,
 };
+
+/// The longest path (key without a trailing `/`) the mount creates on the local store.
+///
+/// Not PATH_MAX: objects are reached name by name (see the module docs), and programs inside the mount can nest
+/// deeper than one path system call could name (with `openat`, or `cd` step by step), so the kernel sets no limit
+/// that the mount needs to match. The bound is there for what holds a whole path elsewhere: a journal record
+/// (docs/FORMAT.md) carries the path JSON-escaped, up to twice its length, and is read back only up to 64 KiB, so a
+/// path must stay well under 32 KiB. 16 KiB is four times PATH_MAX and leaves the record room to spare.
+pub const LOCAL_MAX_PATH_LEN: usize = 16 << 10;
 
 /// The one xattr holding an object's metadata.
 const XATTR_META: &CStr = c"user.s3cryptfs.meta";
@@ -831,8 +840,8 @@ impl Backend for LocalBackend {
     }
 
     fn max_path_len(&self, _dir: bool) -> usize {
-        // The mount still keeps whole paths under PATH_MAX (with its NUL) less the root and a '/'.
-        (libc::PATH_MAX as usize - 1).saturating_sub(self.inner.root.as_os_str().len() + 1)
+        // Not PATH_MAX less the root: objects are reached name by name (see LOCAL_MAX_PATH_LEN for the bound).
+        LOCAL_MAX_PATH_LEN
     }
 
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {

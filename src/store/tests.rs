@@ -658,6 +658,8 @@ async fn local_keys_work_whatever_the_length_of_root_plus_key() {
     let root = long_root(tmp.path(), 3000);
     assert!(root.as_os_str().len() > 2800, "{}", root.display());
     let b = LocalBackend::new(&root).unwrap();
+    assert_eq!(b.max_path_len(false), LOCAL_MAX_PATH_LEN, "the limit does not depend on the root");
+    assert_eq!(b.max_path_len(true), LOCAL_MAX_PATH_LEN);
 
     let k = key(&long_key("deep", 10, 200, "file"));
     assert!(k.as_str().len() > 2000 && root.as_os_str().len() + k.as_str().len() > 4096);
