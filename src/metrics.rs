@@ -310,7 +310,7 @@ impl Outcome {
             StoreError::NotEmpty { .. } => Outcome::NotEmpty,
             StoreError::Unavailable { .. } => Outcome::Unavailable,
             StoreError::TimedOut { .. } => Outcome::TimedOut,
-            StoreError::InvalidInput { .. } => Outcome::InvalidInput,
+            StoreError::InvalidInput { .. } | StoreError::NameTooLong { .. } => Outcome::InvalidInput,
             StoreError::MissingBucket { .. } => Outcome::MissingBucket,
             StoreError::XattrUnsupported { .. } => Outcome::Unsupported,
             StoreError::EncryptionNotConfirmed { .. } => Outcome::EncryptionNotConfirmed,

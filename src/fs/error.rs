@@ -116,6 +116,7 @@ impl Error {
                 StoreError::AccessDenied { .. } => libc::EACCES,
                 StoreError::NotEmpty { .. } => libc::ENOTEMPTY,
                 StoreError::InvalidInput { .. } => libc::EINVAL,
+                StoreError::NameTooLong { .. } => libc::ENAMETOOLONG,
                 // The store did not answer within the mount's timeout= (or at all): the syscall fails instead of
                 // waiting on; the log line says which request and how long.
                 StoreError::TimedOut { .. } | StoreError::Unavailable { .. } => libc::EIO,

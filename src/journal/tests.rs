@@ -180,4 +180,27 @@ async fn a_finishing_run_is_waited_for_and_a_serving_one_is_skipped() {
     assert_eq!(found[0].record.path, "finishing");
     assert_eq!(read_all(&found[0].file), b"left by a finishing run");
     exit.await.unwrap();
+
+/// The longest path the local store lets the mount create (`store::LOCAL_MAX_PATH_LEN`) still fits in a record that
+/// is read back, even when JSON doubles every byte of it (`"` becomes `\"`): otherwise a crash would lose the staged
+/// writes of such a file.
+#[tokio::test]
+async fn a_record_of_the_longest_path_is_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    for keying in [customer(), Keying::Local] {
+        let a = journal(&base, keying.clone()).await;
+        let (n, f, id) = a.new_file().unwrap();
+        f.write_at(0, b"deep", 0).unwrap();
+        let rec = record(&"\"".repeat(crate::store::LOCAL_MAX_PATH_LEN), &id);
+        a.save_record(n, &rec).unwrap();
+        drop(a);
+        let b = journal(&base, keying).await;
+        let left = b.take_over().await;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].record, rec);
+        for l in left {
+            l.done();
+        }
+    }
 }

@@ -55,6 +55,11 @@ pub enum StoreError {
     #[error("{detail}")]
     InvalidInput { detail: String },
 
+    /// A name (one path component) of the key is longer than the store can hold: the local store's filesystem takes
+    /// at most `max` bytes per name (NAME_MAX).
+    #[error("a name in {key:?} is longer than the {max} bytes the store allows per name; use a shorter name")]
+    NameTooLong { key: String, max: usize },
+
     /// The bucket named in the URL does not exist (or is invisible to these credentials).
     #[error("the bucket of {store} does not exist or is not visible with these credentials; create it or fix the URL")]
     MissingBucket { store: String },

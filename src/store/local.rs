@@ -9,6 +9,12 @@
 //! - `<root>/.s3cryptfs-tmp/` (mode 0700) stages writes and is never listed. Stale files left
 //!   there by a crash are harmless and may be deleted while no mount uses the root.
 //!
+//! Objects are reached one name at a time: the root is opened once, when the store is, and kept open; every call
+//! walks from that descriptor with `openat` and acts relative to the directory it ends in (see `dirfd.rs`). No whole
+//! path is handed to the kernel, so how long a key may be does not depend on how long the root's own path is: each
+//! name is at most NAME_MAX (255 bytes; a longer one is [`StoreError::NameTooLong`]), and the mount creates paths of
+//! up to [`LOCAL_MAX_PATH_LEN`] bytes. A lookup of a key whose directories are missing is `NotFound`, however long.
+//!
 //! Writes are atomic: the body goes to a temp file, gets its xattr, is fsynced and renamed into
 //! place, then the parent directory is fsynced. The etag is derived from (inode, size, mtime
 //! in ns); a rewrite always gets a new inode, because the temp file is created while the old
@@ -24,30 +30,41 @@
 //!   tool, an editor, an older s3cryptfs) can replace the file between the check and the rename, and that change is
 //!   then overwritten; and `flock` does not serialise clients of a network filesystem on different hosts.
 //!
-//! Keys are validated by [`ObjectKey`] (no `..`, no leading `/`, no NUL), and the final path
-//! component is opened with `O_NOFOLLOW`; the root itself is trusted not to contain symlinks
-//! planted in intermediate directories. All std::fs calls run under `spawn_blocking`.
+//! Keys are validated by [`ObjectKey`] (no `..`, no leading `/`, no NUL), and no name below the root is followed
+//! through a symlink: every directory on the way is opened with `O_DIRECTORY | O_NOFOLLOW` and the final name with
+//! `O_NOFOLLOW`, so a symlink planted anywhere under the root reads as a missing object and a write through it fails.
+//! The root's own path is resolved once, symlinks in it followed, when the store is opened; moving the root
+//! directory while mounted does not redirect the store. All system calls run under `spawn_blocking`.
 
-use std::ffi::CStr;
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::ffi::{CStr, CString};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tempfile::NamedTempFile;
 
+use super::dirfd::{self, fstat, Dir, Kind, Stat, NAME_MAX};
 use super::error::StoreError;
 use super::meta;
 use super::{
     check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Upload, UserMeta,
     LOCAL_TMP_DIR,
 };
+
+/// The longest path (key without a trailing `/`) the mount creates on the local store.
+///
+/// Not PATH_MAX: objects are reached name by name (see the module docs), and programs inside the mount can nest
+/// deeper than one path system call could name (with `openat`, or `cd` step by step), so the kernel sets no limit
+/// that the mount needs to match. The bound is there for what holds a whole path elsewhere: a journal record
+/// (docs/FORMAT.md) carries the path JSON-escaped, up to twice its length, and is read back only up to 64 KiB, so a
+/// path must stay well under 32 KiB. 16 KiB is four times PATH_MAX and leaves the record room to spare.
+pub const LOCAL_MAX_PATH_LEN: usize = 16 << 10;
 
 /// The one xattr holding an object's metadata.
 const XATTR_META: &CStr = c"user.s3cryptfs.meta";
@@ -57,7 +74,14 @@ const XATTR_PROBE: &CStr = c"user.s3cryptfs.probe";
 /// page almost always suffices and ERANGE handles the rest.
 const XATTR_BUF_LEN: usize = 4096;
 /// The lock file in the staging directory that serialises the final step of every write (see the module docs).
-const WRITE_LOCK_FILE: &str = "write.lock";
+const WRITE_LOCK_FILE: &CStr = c"write.lock";
+/// Mode of directories the store creates, as `mkdir -p` (the umask applies).
+const DIR_MODE: libc::mode_t = 0o777;
+/// Mode of staged files (they become the objects): private, as the staging directory.
+const STAGED_MODE: libc::mode_t = 0o600;
+/// Draws of a random staged-file name before giving up; each clash is a 2^-64 chance, so more than one means
+/// something else is wrong.
+const STAGED_NAME_TRIES: usize = 8;
 
 /// A directory holding objects as files; cheap to clone.
 #[derive(Debug, Clone)]
@@ -67,8 +91,12 @@ pub struct LocalBackend {
 
 #[derive(Debug)]
 struct Inner {
+    /// The canonical root path, for messages: objects are reached through `root_dir`.
     root: PathBuf,
-    tmp: PathBuf,
+    /// The root, open for the life of the store: every walk starts here.
+    root_dir: Dir,
+    /// The staging directory; shared with the staged files, which remove themselves from it when dropped.
+    tmp: Arc<Dir>,
     /// The open lock file: the mutex serialises this process's threads (an `flock` is held per open file, so it
     /// would not), the `flock` on it other processes.
     write_lock: Mutex<File>,
@@ -86,6 +114,67 @@ impl Drop for WriteLock<'_> {
     }
 }
 
+/// A file being written in the staging directory, under a random name; removed when dropped, unless
+/// [`Staged::published`] says it was moved into place.
+struct Staged {
+    file: File,
+    name: StagedName,
+}
+
+struct StagedName {
+    dir: Arc<Dir>,
+    name: CString,
+    /// Still in the staging directory, so ours to remove.
+    staged: bool,
+}
+
+impl Drop for StagedName {
+    fn drop(&mut self) {
+        if self.staged {
+            let _ = self.dir.unlink(&self.name);
+        }
+    }
+}
+
+impl Staged {
+    /// A new empty file in `dir`, created exclusively (`O_EXCL`): a name that is taken, by another mount or a file
+    /// a crash left behind, is drawn again.
+    fn new(dir: &Arc<Dir>) -> io::Result<Staged> {
+        for _ in 0..STAGED_NAME_TRIES {
+            let name = CString::new(format!(".put-{:016x}", rand::random::<u64>()))
+                .expect("invariant broken: a hex name holds no NUL");
+            match dir.open_file(&name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, STAGED_MODE) {
+                Ok(file) => {
+                    return Ok(Staged { file, name: StagedName { dir: Arc::clone(dir), name, staged: true } })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free name for a staged file"))
+    }
+
+    /// The staged file's name in the staging directory.
+    fn name(&self) -> &CStr {
+        &self.name.name
+    }
+
+    /// The file was renamed into place: nothing to remove any more.
+    fn published(self) -> File {
+        let Staged { file, mut name } = self;
+        name.staged = false;
+        file
+    }
+
+    /// Removes the staged file now, saying if that failed (a drop removes it too, silently).
+    fn discard(self) -> io::Result<()> {
+        let Staged { file, mut name } = self;
+        drop(file);
+        name.staged = false;
+        name.dir.unlink(&name.name)
+    }
+}
+
 impl LocalBackend {
     /// Open the store rooted at `root`, which must exist. Creates the staging directory and
     /// fails with [`StoreError::XattrUnsupported`] if the filesystem lacks user xattrs.
@@ -97,37 +186,39 @@ impl LocalBackend {
                 given.display()
             ))
         })?;
-        if !root.is_dir() {
-            return Err(StoreError::invalid(format!(
-                "the local store path {} is not a directory",
-                root.display()
-            )));
-        }
-        let tmp = root.join(LOCAL_TMP_DIR);
-        match fs::DirBuilder::new().mode(0o700).create(&tmp) {
+        let root_dir = Dir::open_path(&root).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTDIR) => {
+                StoreError::invalid(format!("the local store path {} is not a directory", root.display()))
+            }
+            _ => StoreError::invalid(format!("the local store directory {} cannot be opened ({e})", root.display())),
+        })?;
+        let tmp_name = dirfd::name(LOCAL_TMP_DIR).map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
+        match root_dir.mkdir(&tmp_name, 0o700) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tmp.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(e, LOCAL_TMP_DIR)),
         }
-        let probe = NamedTempFile::new_in(&tmp).map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
-        match set_xattr(probe.as_file(), XATTR_PROBE, b"1") {
+        let tmp = Arc::new(root_dir.open_dir(&tmp_name).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTDIR) => StoreError::invalid(format!(
+                "{} is not a directory; the local store stages its writes there, so move it away",
+                root.join(LOCAL_TMP_DIR).display()
+            )),
+            _ => io_err(e, LOCAL_TMP_DIR),
+        })?);
+        let probe = Staged::new(&tmp).map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
+        match set_xattr(&probe.file, XATTR_PROBE, b"1") {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
                 return Err(StoreError::XattrUnsupported { root });
             }
             Err(e) => return Err(io_err(e, LOCAL_TMP_DIR)),
         }
-        let write_lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(tmp.join(WRITE_LOCK_FILE))
+        drop(probe);
+        let write_lock = tmp
+            .open_file(WRITE_LOCK_FILE, libc::O_RDWR | libc::O_CREAT, 0o600)
             .map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
         Ok(LocalBackend {
-            inner: Arc::new(Inner { root, tmp, write_lock: Mutex::new(write_lock) }),
+            inner: Arc::new(Inner { root, root_dir, tmp, write_lock: Mutex::new(write_lock) }),
         })
     }
 
@@ -148,9 +239,47 @@ impl LocalBackend {
     }
 }
 
+/// The names of `key`'s path, each one checked against NAME_MAX.
+fn names_of(key: &ObjectKey) -> Result<Vec<CString>, StoreError> {
+    key.trimmed().split('/').map(|c| dirfd::name(c).map_err(|e| io_err(e, key.as_str()))).collect()
+}
+
 impl Inner {
-    fn path(&self, key: &ObjectKey) -> PathBuf {
-        self.root.join(key.trimmed())
+    /// Opens the directory `names` below the root, one name at a time, never through a symlink. With `create`,
+    /// missing directories are made on the way (as `mkdir -p`).
+    fn walk(&self, names: &[CString], create: bool) -> io::Result<Dir> {
+        let mut dir = self.root_dir.reopen()?;
+        for name in names {
+            dir = match dir.open_dir(name) {
+                Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                    match dir.mkdir(name, DIR_MODE) {
+                        Ok(()) => {}
+                        // Made by someone else meanwhile: as good.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    }
+                    dir.open_dir(name)?
+                }
+                opened => opened?,
+            };
+        }
+        Ok(dir)
+    }
+
+    /// The directory holding `key`'s file (or, for a marker, its directory) and that entry's name in it. For a
+    /// lookup (`create` false) a missing directory on the way, or anything else in its place, is `NotFound`; for a
+    /// write the missing ones are made and a file in the way is a clear error.
+    fn locate(&self, key: &ObjectKey, create: bool) -> Result<(Dir, CString), StoreError> {
+        let mut names = names_of(key)?;
+        let leaf = names.pop().expect("invariant broken: a valid key has at least one name");
+        let dir = self.walk(&names, create).map_err(|e| {
+            if create {
+                conflict_or_io(e, key)
+            } else {
+                io_err(e, key.as_str())
+            }
+        })?;
+        Ok((dir, leaf))
     }
 
     /// Takes the store's write lock (in-process mutex, then `flock`); blocks until both are free.
@@ -169,48 +298,17 @@ impl Inner {
         }
     }
 
-    /// The etag of the regular file at `key`'s path now, `None` if there is none.
-    fn current_etag(&self, key: &ObjectKey) -> Result<Option<String>, StoreError> {
-        match fs::symlink_metadata(self.path(key)) {
-            Ok(md) if md.is_file() => Ok(info_of(key, &md).etag),
-            Ok(_) => Ok(None),
-            Err(e) if is_missing(&e) => Ok(None),
-            Err(e) => Err(io_err(e, key.as_str())),
-        }
-    }
-
     /// Open an existing object: a regular file for plain keys, a directory for markers.
     /// Anything else at that path (the other kind, a symlink) means the object does not exist.
-    fn open(&self, key: &ObjectKey) -> Result<(File, Metadata), StoreError> {
-        let path = self.path(key);
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => StoreError::NotFound {
-                    key: key.to_string(),
-                },
-                _ => io_err(e, key.as_str()),
-            })?;
-        let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
-        let right_kind = if key.is_dir_marker() {
-            md.is_dir()
-        } else {
-            md.is_file()
-        };
-        if !right_kind {
-            return Err(StoreError::NotFound {
-                key: key.to_string(),
-            });
-        }
-        Ok((file, md))
+    fn open(&self, key: &ObjectKey) -> Result<(File, Stat), StoreError> {
+        let (dir, leaf) = self.locate(key, false)?;
+        open_in(&dir, &leaf, key)
     }
 
     fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
-        let (file, md) = self.open(key)?;
+        let (file, st) = self.open(key)?;
         let meta = read_meta(&file, key)?;
-        Ok((info_of(key, &md), meta))
+        Ok((info_of(key, &st), meta))
     }
 
     fn read(
@@ -218,9 +316,9 @@ impl Inner {
         key: &ObjectKey,
         range: Option<Range<u64>>,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
-        let (file, md) = self.open(key)?;
+        let (file, st) = self.open(key)?;
         let meta = read_meta(&file, key)?;
-        let info = info_of(key, &md);
+        let info = info_of(key, &st);
         if key.is_dir_marker() {
             return Ok((Bytes::new(), info, meta));
         }
@@ -247,47 +345,41 @@ impl Inner {
         Ok((Bytes::from(buf), info, meta))
     }
 
-    fn staging_file(&self, key: &ObjectKey) -> Result<NamedTempFile, StoreError> {
-        tempfile::Builder::new()
-            .prefix(".put-")
-            .tempfile_in(&self.tmp)
-            .map_err(|e| io_err(e, key.as_str()))
+    fn staging_file(&self, key: &ObjectKey) -> Result<Staged, StoreError> {
+        Staged::new(&self.tmp).map_err(|e| io_err(e, key.as_str()))
     }
 
     /// fsync, move the staged file to `key`'s path if `expect` holds (see the module docs), make the rename durable.
-    fn publish(&self, key: &ObjectKey, staged: NamedTempFile, expect: &Expect) -> Result<ObjectInfo, StoreError> {
-        let path = self.path(key);
-        staged
-            .as_file()
-            .sync_all()
-            .map_err(|e| io_err(e, key.as_str()))?;
-        mkdir_parents(&path, key)?;
+    fn publish(&self, key: &ObjectKey, staged: Staged, expect: &Expect) -> Result<ObjectInfo, StoreError> {
+        staged.file.sync_all().map_err(|e| io_err(e, key.as_str()))?;
+        let (dir, leaf) = self.locate(key, true)?;
         let dir_in_the_way = || {
             StoreError::invalid(format!("cannot store {key}: a directory of that name exists in the local store"))
         };
-        let persisted = {
+        let moved = {
             let _lock = self.lock(key)?;
             match expect {
-                Expect::Any => staged.persist(&path),
-                Expect::Absent => staged.persist_noclobber(&path),
+                Expect::Any => self.tmp.rename(staged.name(), &dir, &leaf),
+                Expect::Absent => self.tmp.rename_noreplace(staged.name(), &dir, &leaf),
                 Expect::Etag(want) => {
-                    if self.current_etag(key)?.as_deref() != Some(want.as_str()) {
+                    if etag_at(&dir, &leaf, key)?.as_deref() != Some(want.as_str()) {
                         return Err(StoreError::Precondition { key: key.to_string() });
                     }
-                    staged.persist(&path)
+                    self.tmp.rename(staged.name(), &dir, &leaf)
                 }
             }
         };
-        let file = persisted.map_err(|e| match e.error.raw_os_error() {
-            Some(libc::EEXIST) if *expect == Expect::Absent && !path.is_dir() => {
+        moved.map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) if *expect == Expect::Absent && !is_dir_at(&dir, &leaf) => {
                 StoreError::Precondition { key: key.to_string() }
             }
             Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => dir_in_the_way(),
-            _ => io_err(e.error, key.as_str()),
+            _ => io_err(e, key.as_str()),
         })?;
-        sync_parent(&path, key)?;
-        let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
-        Ok(info_of(key, &md))
+        let file = staged.published();
+        dir.sync().map_err(|e| io_err(e, key.as_str()))?;
+        let st = fstat(&file).map_err(|e| io_err(e, key.as_str()))?;
+        Ok(info_of(key, &st))
     }
 
     fn put(&self, key: &ObjectKey, body: &[u8], encoded: &str, expect: &Expect) -> Result<ObjectInfo, StoreError> {
@@ -299,11 +391,11 @@ impl Inner {
             }
             return self.put_marker(key, encoded, expect);
         }
-        let mut staged = self.staging_file(key)?;
-        staged
+        let staged = self.staging_file(key)?;
+        (&staged.file)
             .write_all(body)
             .map_err(|e| io_err(e, key.as_str()))?;
-        set_xattr(staged.as_file(), XATTR_META, encoded.as_bytes())
+        set_xattr(&staged.file, XATTR_META, encoded.as_bytes())
             .map_err(|e| io_err(e, key.as_str()))?;
         self.publish(key, staged, expect)
     }
@@ -311,36 +403,35 @@ impl Inner {
     /// A marker is its directory: created if missing, its xattr set, under the write lock so that `expect` is
     /// checked against the directory as it is while the metadata is written.
     fn put_marker(&self, key: &ObjectKey, encoded: &str, expect: &Expect) -> Result<ObjectInfo, StoreError> {
-        let path = self.path(key);
-        mkdir_parents(&path, key)?;
+        let (parent, leaf) = self.locate(key, true)?;
         let lock = self.lock(key)?;
         let precondition = || StoreError::Precondition { key: key.to_string() };
-        match (expect, fs::create_dir(&path)) {
+        match (expect, parent.mkdir(&leaf, DIR_MODE)) {
             (Expect::Etag(_), Ok(())) => {
                 // It was not there, so it was not the version asked for: undo (it is empty, just made).
-                let _ = fs::remove_dir(&path);
+                let _ = parent.rmdir(&leaf);
                 return Err(precondition());
             }
             (_, Ok(())) => {}
-            (_, Err(e)) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => match expect {
+            (_, Err(e)) if e.kind() == io::ErrorKind::AlreadyExists && is_dir_at(&parent, &leaf) => match expect {
                 Expect::Any => {}
                 Expect::Absent => return Err(precondition()),
                 Expect::Etag(want) => {
-                    let (_, md) = self.open(key)?;
-                    if info_of(key, &md).etag.as_deref() != Some(want.as_str()) {
+                    let (_, st) = open_in(&parent, &leaf, key)?;
+                    if info_of(key, &st).etag.as_deref() != Some(want.as_str()) {
                         return Err(precondition());
                     }
                 }
             },
             (_, Err(e)) => return Err(conflict_or_io(e, key)),
         }
-        let (dir, _) = self.open(key)?;
+        let (dir, _) = open_in(&parent, &leaf, key)?;
         set_xattr(&dir, XATTR_META, encoded.as_bytes()).map_err(|e| io_err(e, key.as_str()))?;
         drop(lock);
         dir.sync_all().map_err(|e| io_err(e, key.as_str()))?;
-        sync_parent(&path, key)?;
-        let md = dir.metadata().map_err(|e| io_err(e, key.as_str()))?;
-        Ok(info_of(key, &md))
+        parent.sync().map_err(|e| io_err(e, key.as_str()))?;
+        let st = fstat(&dir).map_err(|e| io_err(e, key.as_str()))?;
+        Ok(info_of(key, &st))
     }
 
     fn copy(
@@ -360,8 +451,8 @@ impl Inner {
         }
         let mut staged = self.staging_file(to)?;
         // std::io::copy uses copy_file_range on Linux, so big objects are not pulled through us.
-        io::copy(&mut src, staged.as_file_mut()).map_err(|e| io_err(e, from.as_str()))?;
-        set_xattr(staged.as_file(), XATTR_META, encoded.as_bytes())
+        io::copy(&mut src, &mut staged.file).map_err(|e| io_err(e, from.as_str()))?;
+        set_xattr(&staged.file, XATTR_META, encoded.as_bytes())
             .map_err(|e| io_err(e, to.as_str()))?;
         self.publish(to, staged, &Expect::Any)?;
         Ok(())
@@ -376,17 +467,17 @@ impl Inner {
         if from.is_dir_marker() {
             return self.rename_marker(from, to, encoded);
         }
-        let (src, _) = self.open(from)?;
+        let (src_dir, src_leaf) = self.locate(from, false)?;
+        let (src, _) = open_in(&src_dir, &src_leaf, from)?;
         // Set the new metadata before the rename so the object never appears under its new name
         // with stale metadata; a crash in between leaves the old name with the new metadata.
         if let Some(e) = encoded {
             set_xattr(&src, XATTR_META, e.as_bytes()).map_err(|e| io_err(e, from.as_str()))?;
         }
         drop(src);
-        let (src_path, dst_path) = (self.path(from), self.path(to));
-        mkdir_parents(&dst_path, to)?;
+        let (dst_dir, dst_leaf) = self.locate(to, true)?;
         let lock = self.lock(from)?;
-        let renamed = fs::rename(&src_path, &dst_path);
+        let renamed = src_dir.rename(&src_leaf, &dst_dir, &dst_leaf);
         drop(lock);
         renamed.map_err(|e| match e.raw_os_error() {
             Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => StoreError::invalid(
@@ -394,8 +485,8 @@ impl Inner {
             ),
             _ => io_err(e, from.as_str()),
         })?;
-        sync_parent(&dst_path, to)?;
-        sync_parent(&src_path, from)
+        dst_dir.sync().map_err(|e| io_err(e, to.as_str()))?;
+        src_dir.sync().map_err(|e| io_err(e, from.as_str()))
     }
 
     /// A marker rename moves only the marker, like on S3: the caller moves the entries first,
@@ -407,7 +498,8 @@ impl Inner {
         to: &ObjectKey,
         encoded: Option<&str>,
     ) -> Result<(), StoreError> {
-        let (src, _) = self.open(from)?;
+        let (parent, leaf) = self.locate(from, false)?;
+        let (src, _) = open_in(&parent, &leaf, from)?;
         let encoded = match encoded {
             Some(e) => e.to_owned(),
             None => raw_meta(&src, from)?,
@@ -417,12 +509,11 @@ impl Inner {
             self.put_marker(to, &encoded, &Expect::Any)?;
             return Ok(());
         }
-        let src_path = self.path(from);
-        let has_entries = fs::read_dir(&src_path)
-            .map_err(|e| io_err(e, from.as_str()))?
-            .next()
-            .is_some();
-        if has_entries {
+        let empty = parent
+            .open_dir(&leaf)
+            .and_then(|d| d.is_empty())
+            .map_err(|e| io_err(e, from.as_str()))?;
+        if !empty {
             return Err(StoreError::NotEmpty {
                 key: from.to_string(),
             });
@@ -432,10 +523,10 @@ impl Inner {
     }
 
     fn update_meta(&self, key: &ObjectKey, encoded: &str) -> Result<ObjectInfo, StoreError> {
-        let (file, md) = self.open(key)?;
+        let (file, st) = self.open(key)?;
         set_xattr(&file, XATTR_META, encoded.as_bytes()).map_err(|e| io_err(e, key.as_str()))?;
         file.sync_all().map_err(|e| io_err(e, key.as_str()))?;
-        Ok(info_of(key, &md))
+        Ok(info_of(key, &st))
     }
 
     /// Writes `head` over the first bytes of the file in place, if the file is still the version `etag` names.
@@ -448,23 +539,19 @@ impl Inner {
     /// moment of the write may see a mix and fail that one read (the next read succeeds).
     fn replace_head(&self, key: &ObjectKey, etag: &str, head: &[u8]) -> Result<super::Transfer, StoreError> {
         let _lock = self.lock(key)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(self.path(key))
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::EISDIR) => StoreError::NotFound { key: key.to_string() },
-                _ => io_err(e, key.as_str()),
-            })?;
-        let md = file.metadata().map_err(|e| io_err(e, key.as_str()))?;
-        if !md.is_file() {
+        let (dir, leaf) = self.locate(key, false)?;
+        let file = dir.open_file(&leaf, libc::O_RDWR, 0).map_err(|e| match e.raw_os_error() {
+            Some(libc::EISDIR) => StoreError::NotFound { key: key.to_string() },
+            _ => io_err(e, key.as_str()),
+        })?;
+        let st = fstat(&file).map_err(|e| io_err(e, key.as_str()))?;
+        if st.kind != Kind::File {
             return Err(StoreError::NotFound { key: key.to_string() });
         }
-        if info_of(key, &md).etag.as_deref() != Some(etag) {
+        if info_of(key, &st).etag.as_deref() != Some(etag) {
             return Err(StoreError::Precondition { key: key.to_string() });
         }
-        if md.len() < head.len() as u64 {
+        if st.size < head.len() as u64 {
             return Err(StoreError::invalid(format!("{key} is shorter than the {} bytes to replace", head.len())));
         }
         file.write_all_at(head, 0).map_err(|e| io_err(e, key.as_str()))?;
@@ -473,27 +560,31 @@ impl Inner {
     }
 
     fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        let path = self.path(key);
-        let md = match fs::symlink_metadata(&path) {
-            Ok(md) => md,
+        let (dir, leaf) = match self.locate(key, false) {
+            Ok(found) => found,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let st = match dir.stat(&leaf) {
+            Ok(st) => st,
             Err(e) if is_missing(&e) => return Ok(()),
             Err(e) => return Err(io_err(e, key.as_str())),
         };
         let lock = self.lock(key)?;
         let result = if key.is_dir_marker() {
-            if !md.is_dir() {
+            if st.kind != Kind::Dir {
                 return Ok(());
             }
-            fs::remove_dir(&path)
+            dir.rmdir(&leaf)
         } else {
-            if !md.is_file() {
+            if st.kind != Kind::File {
                 return Ok(());
             }
-            fs::remove_file(&path)
+            dir.unlink(&leaf)
         };
         drop(lock);
         match result {
-            Ok(()) => sync_parent(&path, key),
+            Ok(()) => dir.sync().map_err(|e| io_err(e, key.as_str())),
             Err(e) if is_missing(&e) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
                 Err(StoreError::NotEmpty {
@@ -504,86 +595,139 @@ impl Inner {
         }
     }
 
+    /// Walks the tree with one open directory per level still being listed (a sibling waits for its turn as its
+    /// parent's descriptor and its name), so a wide tree does not hold a descriptor per directory.
     fn list(&self, dir: Option<&ObjectKey>, recursive: bool) -> Result<Listing, StoreError> {
         let mut out = Listing::default();
         let dir_str = dir.map(ObjectKey::as_str).unwrap_or("");
         let start = match dir {
             Some(d) => {
-                match fs::symlink_metadata(self.path(d)) {
-                    Ok(md) if md.is_dir() => {
-                        if recursive {
-                            out.objects.push(info_of(d, &md));
-                        }
-                    }
+                let opened = self
+                    .locate(d, false)
+                    .and_then(|(parent, leaf)| parent.open_dir(&leaf).map_err(|e| io_err(e, d.as_str())));
+                let start = match opened {
+                    Ok(start) => start,
                     // A missing directory (or a file where a directory was asked for) lists as
                     // empty, as a prefix without objects does on S3.
-                    Ok(_) => return Ok(out),
-                    Err(e) if is_missing(&e) => return Ok(out),
-                    Err(e) => return Err(io_err(e, dir_str)),
+                    Err(StoreError::NotFound { .. }) => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                if recursive {
+                    let st = start.stat_self().map_err(|e| io_err(e, dir_str))?;
+                    out.objects.push(info_of(d, &st));
                 }
-                self.path(d)
+                start
             }
-            None => self.root.clone(),
+            None => self.root_dir.reopen().map_err(|e| io_err(e, ""))?,
         };
-        let mut pending = vec![(dir_str.to_owned(), start)];
-        while let Some((rel, path)) = pending.pop() {
-            let entries = match fs::read_dir(&path) {
-                Ok(it) => it,
-                // Removed while we walked: nothing left to list there.
+        let mut pending = Vec::new();
+        list_entries(dir_str, Rc::new(start), recursive, &mut out, &mut pending)?;
+        while let Some((rel, parent, name)) = pending.pop() {
+            let sub = match parent.open_dir(&name) {
+                Ok(sub) => sub,
+                // Removed (or replaced) while we walked: nothing left to list there.
                 Err(e) if is_missing(&e) => continue,
                 Err(e) => return Err(io_err(e, &rel)),
             };
-            for entry in entries {
-                let entry = entry.map_err(|e| io_err(e, &rel))?;
-                let Ok(name) = entry.file_name().into_string() else {
-                    tracing::warn!(dir = %path.display(), "skipping a file whose name is not UTF-8");
-                    continue;
-                };
-                if rel.is_empty() && name == LOCAL_TMP_DIR {
-                    continue;
-                }
-                let md = match entry.metadata() {
-                    Ok(md) => md,
-                    Err(e) if is_missing(&e) => continue,
-                    Err(e) => return Err(io_err(e, &rel)),
-                };
-                let key_str = if md.is_dir() {
-                    format!("{rel}{name}/")
-                } else if md.is_file() {
-                    format!("{rel}{name}")
-                } else {
-                    // Symlinks, sockets and devices are not objects.
-                    continue;
-                };
-                let key = match ObjectKey::new(key_str) {
-                    Ok(k) => k,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "skipping a file that is not a valid object key");
-                        continue;
-                    }
-                };
-                if md.is_dir() {
-                    if recursive {
-                        out.objects.push(info_of(&key, &md));
-                        pending.push((key.as_str().to_owned(), entry.path()));
-                    } else {
-                        out.prefixes.push(key);
-                    }
-                } else {
-                    out.objects.push(info_of(&key, &md));
-                }
-            }
+            drop(parent);
+            list_entries(&rel, Rc::new(sub), recursive, &mut out, &mut pending)?;
         }
         sort_listing(&mut out);
         Ok(out)
     }
 
     fn check_access(&self) -> Result<(), StoreError> {
-        fs::read_dir(&self.root).map_err(|e| io_err(e, ""))?;
-        let probe = NamedTempFile::new_in(&self.tmp).map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
-        drop(probe);
-        Ok(())
+        self.root_dir.reopen().map_err(|e| io_err(e, ""))?;
+        let probe = Staged::new(&self.tmp).map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
+        probe.discard().map_err(|e| io_err(e, LOCAL_TMP_DIR))
     }
+}
+
+/// A subdirectory still to be listed: its key (`a/b/`), its parent and its name there.
+type PendingDir = (String, Rc<Dir>, CString);
+
+/// Adds the entries of `dir` (whose key is `rel`, `""` for the root) to `out`; in a recursive listing its
+/// subdirectories go to `pending`.
+fn list_entries(
+    rel: &str,
+    dir: Rc<Dir>,
+    recursive: bool,
+    out: &mut Listing,
+    pending: &mut Vec<PendingDir>,
+) -> Result<(), StoreError> {
+    let names = match dir.names() {
+        Ok(names) => names,
+        Err(e) if is_missing(&e) => return Ok(()),
+        Err(e) => return Err(io_err(e, rel)),
+    };
+    for name in names {
+        let Ok(text) = name.to_str() else {
+            tracing::warn!(dir = rel, name = %name.to_string_lossy(), "skipping a file whose name is not UTF-8");
+            continue;
+        };
+        if rel.is_empty() && text == LOCAL_TMP_DIR {
+            continue;
+        }
+        let st = match dir.stat(&name) {
+            Ok(st) => st,
+            Err(e) if is_missing(&e) => continue,
+            Err(e) => return Err(io_err(e, rel)),
+        };
+        let key_str = match st.kind {
+            Kind::Dir => format!("{rel}{text}/"),
+            Kind::File => format!("{rel}{text}"),
+            // Symlinks, sockets and devices are not objects.
+            Kind::Other => continue,
+        };
+        let key = match ObjectKey::new(key_str) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping a file that is not a valid object key");
+                continue;
+            }
+        };
+        match st.kind {
+            Kind::Dir if recursive => {
+                out.objects.push(info_of(&key, &st));
+                pending.push((key.as_str().to_owned(), Rc::clone(&dir), name));
+            }
+            Kind::Dir => out.prefixes.push(key),
+            _ => out.objects.push(info_of(&key, &st)),
+        }
+    }
+    Ok(())
+}
+
+/// Opens `leaf` in `dir` for reading as the object `key`: a regular file for plain keys, a directory for markers.
+/// Anything else there (the other kind, a symlink, a device) means the object does not exist.
+fn open_in(dir: &Dir, leaf: &CStr, key: &ObjectKey) -> Result<(File, Stat), StoreError> {
+    let file = dir.open_file(leaf, libc::O_RDONLY, 0).map_err(|e| io_err(e, key.as_str()))?;
+    let st = fstat(&file).map_err(|e| io_err(e, key.as_str()))?;
+    let right_kind = if key.is_dir_marker() {
+        st.kind == Kind::Dir
+    } else {
+        st.kind == Kind::File
+    };
+    if !right_kind {
+        return Err(StoreError::NotFound {
+            key: key.to_string(),
+        });
+    }
+    Ok((file, st))
+}
+
+/// The etag of the regular file `leaf` in `dir` now, `None` if there is none.
+fn etag_at(dir: &Dir, leaf: &CStr, key: &ObjectKey) -> Result<Option<String>, StoreError> {
+    match dir.stat(leaf) {
+        Ok(st) if st.kind == Kind::File => Ok(info_of(key, &st).etag),
+        Ok(_) => Ok(None),
+        Err(e) if is_missing(&e) => Ok(None),
+        Err(e) => Err(io_err(e, key.as_str())),
+    }
+}
+
+fn is_dir_at(dir: &Dir, leaf: &CStr) -> bool {
+    matches!(dir.stat(leaf), Ok(st) if st.kind == Kind::Dir)
 }
 
 #[async_trait]
@@ -696,8 +840,8 @@ impl Backend for LocalBackend {
     }
 
     fn max_path_len(&self, _dir: bool) -> usize {
-        // Objects are reached by whole paths under the root: PATH_MAX (with its NUL) less the root and a '/'.
-        (libc::PATH_MAX as usize - 1).saturating_sub(self.inner.root.as_os_str().len() + 1)
+        // Not PATH_MAX less the root: objects are reached name by name (see LOCAL_MAX_PATH_LEN for the bound).
+        LOCAL_MAX_PATH_LEN
     }
 
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
@@ -722,11 +866,11 @@ struct LocalUpload {
     /// Checked when the staged file is published.
     expect: Expect,
     /// `None` once a part failed to write; the staged file was dropped (and deleted) then.
-    file: Option<NamedTempFile>,
+    file: Option<Staged>,
 }
 
 impl LocalUpload {
-    fn take_file(&mut self) -> Result<NamedTempFile, StoreError> {
+    fn take_file(&mut self) -> Result<Staged, StoreError> {
         self.file.take().ok_or_else(|| {
             StoreError::invalid(format!(
                 "upload of {} cannot continue after an earlier part failed",
@@ -741,9 +885,9 @@ impl Upload for LocalUpload {
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         // A local append is a page-cache copy: done right here, in order, so the returned future is already
         // complete and part order needs no bookkeeping.
-        let result = self.take_file().and_then(|mut file| {
-            file.write_all(&part).map_err(|e| io_err(e, self.key.as_str()))?;
-            self.file = Some(file);
+        let result = self.take_file().and_then(|staged| {
+            (&staged.file).write_all(&part).map_err(|e| io_err(e, self.key.as_str()))?;
+            self.file = Some(staged);
             Ok(())
         });
         Box::pin(futures::future::ready(result))
@@ -755,7 +899,7 @@ impl Upload for LocalUpload {
         let expect = self.expect.clone();
         self.backend
             .run(self.key.as_str(), move |s| {
-                set_xattr(file.as_file(), XATTR_META, encoded.as_bytes())
+                set_xattr(&file.file, XATTR_META, encoded.as_bytes())
                     .map_err(|e| io_err(e, key.as_str()))?;
                 s.publish(&key, file, &expect)
             })
@@ -767,7 +911,7 @@ impl Upload for LocalUpload {
             let key = self.key.clone();
             self.backend
                 .run(self.key.as_str(), move |_| {
-                    file.close().map_err(|e| io_err(e, key.as_str()))
+                    file.discard().map_err(|e| io_err(e, key.as_str()))
                 })
                 .await?;
         }
@@ -785,14 +929,14 @@ fn check_same_kind(from: &ObjectKey, to: &ObjectKey) -> Result<(), StoreError> {
     }
 }
 
-fn info_of(key: &ObjectKey, md: &Metadata) -> ObjectInfo {
-    let size = if md.is_dir() { 0 } else { md.len() };
-    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+fn info_of(key: &ObjectKey, st: &Stat) -> ObjectInfo {
+    let size = st.size;
+    let mtime_ns = i128::from(st.mtime.0) * 1_000_000_000 + i128::from(st.mtime.1);
     ObjectInfo {
         key: key.clone(),
         size,
-        etag: Some(format!("{:x}-{:x}-{:x}", md.ino(), size, mtime_ns)),
-        last_modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        etag: Some(format!("{:x}-{:x}-{:x}", st.ino, size, mtime_ns)),
+        last_modified: st.modified(),
     }
 }
 
@@ -816,23 +960,6 @@ fn read_meta(file: &File, key: &ObjectKey) -> Result<UserMeta, StoreError> {
     }
 }
 
-fn mkdir_parents(path: &Path, key: &ObjectKey) -> Result<(), StoreError> {
-    match path.parent() {
-        Some(parent) => fs::create_dir_all(parent).map_err(|e| conflict_or_io(e, key)),
-        None => Ok(()),
-    }
-}
-
-/// Durably record a create/rename/unlink in `path`'s directory.
-fn sync_parent(path: &Path, key: &ObjectKey) -> Result<(), StoreError> {
-    match path.parent() {
-        Some(parent) => File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(e, key.as_str())),
-        None => Ok(()),
-    }
-}
-
 /// A file where a directory is needed: S3 allows `a` and `a/b` side by side, a directory
 /// cannot, so say so instead of a bare errno.
 fn conflict_or_io(e: io::Error, key: &ObjectKey) -> StoreError {
@@ -844,8 +971,10 @@ fn conflict_or_io(e: io::Error, key: &ObjectKey) -> StoreError {
     }
 }
 
+/// Nothing, or nothing we follow, at a name: ENOTDIR is a file (or a symlink, with `O_DIRECTORY | O_NOFOLLOW`)
+/// where a directory was looked for, ELOOP a symlink opened with `O_NOFOLLOW`.
 fn is_missing(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+    e.kind() == io::ErrorKind::NotFound || matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP))
 }
 
 fn io_err(e: io::Error, key: &str) -> StoreError {
@@ -859,9 +988,9 @@ fn io_err(e: io::Error, key: &str) -> StoreError {
             key: key.to_owned(),
             detail: e.to_string(),
         },
-        Some(libc::ENAMETOOLONG) => {
-            StoreError::invalid(format!("key {key:?} is too long for the local filesystem"))
-        }
+        // Only a single name can be too long: whole paths are never handed to the kernel.
+        Some(libc::ENAMETOOLONG) => StoreError::NameTooLong { key: key.to_owned(), max: NAME_MAX },
+        None if e.kind() == io::ErrorKind::InvalidInput => StoreError::invalid(format!("key {key:?}: {e}")),
         _ => StoreError::other(key, e),
     }
 }

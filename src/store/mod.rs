@@ -30,6 +30,7 @@
 
 mod conditional;
 mod deadline;
+mod dirfd;
 mod error;
 mod local;
 mod meta;
@@ -51,7 +52,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use error::{BoxError, StoreError};
-pub use local::LocalBackend;
+pub use local::{LocalBackend, LOCAL_MAX_PATH_LEN};
 pub use object::ObjectStoreBackend;
 pub use profile::{load_profile, parse_profile, ProfileSettings};
 pub use s3::{from_url, signed_client, S3Options, StoreUrl, DEFAULT_REQUEST_TIMEOUT};
@@ -301,7 +302,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The longest path (a key relative to the mount prefix, without a trailing `/`) this store can hold for a file,
     /// or for a directory when `dir` (whose marker may add to the key): names longer than this are refused up front
     /// with ENAMETOOLONG rather than failing at upload. S3: 1,024 bytes less the prefix (and the marker's name);
-    /// the local store: PATH_MAX less its root.
+    /// the local store: [`LOCAL_MAX_PATH_LEN`], whatever its root.
     fn max_path_len(&self, dir: bool) -> usize {
         let _ = dir;
         usize::MAX

@@ -628,6 +628,149 @@ fn local_backend_needs_an_existing_directory() {
     ));
 }
 
+/// A directory whose own path is about `len` bytes (nested 200-byte names under a temp dir), as a store root.
+fn long_root(tmp: &std::path::Path, len: usize) -> std::path::PathBuf {
+    let mut root = tmp.to_path_buf();
+    let mut i = 0;
+    while root.as_os_str().len() + 201 <= len {
+        root.push(format!("{i:02}{}", "r".repeat(198)));
+        i += 1;
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// A key of `parts` names of `name_len` bytes each, under `top`.
+fn long_key(top: &str, parts: usize, name_len: usize, leaf: &str) -> String {
+    let mut k = top.to_owned();
+    for i in 0..parts {
+        k.push_str(&format!("/{i:02}{}", "n".repeat(name_len - 2)));
+    }
+    format!("{k}/{leaf}")
+}
+
+/// Regression (issue 11): objects were reached by whole paths, so root + key had to fit in PATH_MAX (4,096 bytes):
+/// with a long root, a deep key could not be written, and a lookup of a missing one failed with InvalidInput (EINVAL
+/// through the mount) instead of NotFound. Every operation now walks name by name from the open root.
+#[tokio::test]
+async fn local_keys_work_whatever_the_length_of_root_plus_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = long_root(tmp.path(), 3000);
+    assert!(root.as_os_str().len() > 2800, "{}", root.display());
+    let b = LocalBackend::new(&root).unwrap();
+    assert_eq!(b.max_path_len(false), LOCAL_MAX_PATH_LEN, "the limit does not depend on the root");
+    assert_eq!(b.max_path_len(true), LOCAL_MAX_PATH_LEN);
+
+    let k = key(&long_key("deep", 10, 200, "file"));
+    assert!(k.as_str().len() > 2000 && root.as_os_str().len() + k.as_str().len() > 4096);
+    let dir = format!("{}/", k.as_str().rsplit_once('/').unwrap().0);
+
+    // A missing deep key: NotFound, and its directory lists as empty.
+    assert!(b.head(&k).await.unwrap_err().is_not_found());
+    assert!(b.get(&k).await.unwrap_err().is_not_found());
+    assert!(b.head(&key(&dir)).await.unwrap_err().is_not_found());
+    assert_eq!(b.list(&dir, false).await.unwrap(), Listing::default());
+    assert_eq!(b.list(&dir, true).await.unwrap(), Listing::default());
+    b.delete(&k).await.unwrap();
+
+    // put (conditional and not), head, get, get_range.
+    let info = b.put_expect(&k, Bytes::from_static(b"deep body"), &file_meta("d"), &Expect::Absent).await.unwrap();
+    assert!(b.put_expect(&k, Bytes::new(), &file_meta("d"), &Expect::Absent).await.unwrap_err().is_precondition());
+    let (hinfo, hmeta) = b.head(&k).await.unwrap();
+    assert_eq!((hinfo.size, hinfo.etag.clone(), hmeta), (9, info.etag.clone(), file_meta("d")));
+    assert_eq!(&b.get(&k).await.unwrap().0[..], b"deep body");
+    assert_eq!(&b.get_range(&k, 5..9).await.unwrap().0[..], b"body");
+    let info = b
+        .put_expect(&k, Bytes::from_static(b"deep body 2"), &file_meta("d"), &Expect::Etag(info.etag.unwrap()))
+        .await
+        .unwrap();
+
+    // Its directory: a marker with metadata, listed from above and from itself.
+    b.put(&key(&dir), Bytes::new(), &dir_meta()).await.unwrap();
+    assert_eq!(b.head(&key(&dir)).await.unwrap().1, dir_meta());
+    let here = b.list(&dir, false).await.unwrap();
+    assert_eq!(keys(&here.objects), [k.as_str()]);
+    let all = b.list("deep/", true).await.unwrap();
+    assert_eq!(all.objects.len(), 12, "deep/, ten directories, the file: {:?}", keys(&all.objects));
+    assert!(all.objects.iter().any(|o| o.key == k && o.etag == info.etag));
+    assert!(b.has_children("deep/").await.unwrap());
+
+    // update_meta, copy, rename (to another deep directory), multipart upload, replace_head, delete.
+    b.update_meta(&k, &file_meta("u")).await.unwrap();
+    assert_eq!(b.head(&k).await.unwrap().1, file_meta("u"));
+    let copy = key(&long_key("other", 10, 200, "copy"));
+    b.copy(&k, &copy, None).await.unwrap();
+    assert_eq!(b.get(&copy).await.unwrap().1.size, 11);
+    assert_eq!(b.head(&copy).await.unwrap().1, file_meta("u"));
+    let moved = key(&long_key("other", 10, 200, "moved"));
+    b.rename(&k, &moved, Some(&file_meta("m"))).await.unwrap();
+    assert!(b.head(&k).await.unwrap_err().is_not_found());
+    let (minfo, mmeta) = b.head(&moved).await.unwrap();
+    assert_eq!(mmeta, file_meta("m"));
+    let mut up = b.put_multipart(&k, &file_meta("p")).await.unwrap();
+    up.put_part(Bytes::from_static(b"part one, ")).await.unwrap();
+    up.put_part(Bytes::from_static(b"part two")).await.unwrap();
+    up.complete().await.unwrap();
+    assert_eq!(&b.get(&k).await.unwrap().0[..], b"part one, part two");
+    b.replace_head(&moved, minfo.etag.as_deref().unwrap(), Bytes::from_static(b"DEEP")).await.unwrap();
+    assert_eq!(&b.get(&moved).await.unwrap().0[..], b"DEEP body 2");
+    let sub = key(&format!("{dir}sub/"));
+    b.put(&sub, Bytes::new(), &dir_meta()).await.unwrap();
+    b.rename(&sub, &key(&format!("{dir}sub2/")), None).await.unwrap();
+    assert_eq!(b.head(&key(&format!("{dir}sub2/"))).await.unwrap().1, dir_meta());
+    for gone in [k.clone(), moved, copy, key(&format!("{dir}sub2/"))] {
+        b.delete(&gone).await.unwrap();
+        assert!(b.head(&gone).await.unwrap_err().is_not_found());
+    }
+    assert!(b.list(&dir, false).await.unwrap().objects.is_empty());
+    b.check_access().await.unwrap();
+}
+
+/// Names are at most NAME_MAX (255) bytes: one byte more is refused up front with a clear error (ENAMETOOLONG
+/// through the mount), at any depth and for any operation.
+#[tokio::test]
+async fn local_names_longer_than_255_bytes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(tmp.path()).unwrap();
+    let ok = key(&format!("d/{}", "x".repeat(255)));
+    b.put(&ok, Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+    assert_eq!(b.head(&ok).await.unwrap().0.size, 1);
+    for long in [format!("d/{}", "y".repeat(256)), format!("{}/f", "z".repeat(256)), format!("d/{}/", "w".repeat(256))]
+    {
+        let k = key(&long);
+        let err = b.put(&k, Bytes::new(), &UserMeta::default()).await.unwrap_err();
+        assert!(matches!(err, StoreError::NameTooLong { max: 255, .. }), "{long}: {err:?}");
+        assert!(err.to_string().contains("255 bytes"), "{err}");
+        let err = b.head(&k).await.unwrap_err();
+        assert!(matches!(err, StoreError::NameTooLong { .. }), "{long}: {err:?}");
+        assert!(matches!(b.rename(&ok, &key(long.trim_end_matches('/')), None).await, Err(StoreError::NameTooLong { .. })));
+    }
+    assert_eq!(b.head(&ok).await.unwrap().0.size, 1, "a refused rename moves nothing");
+}
+
+/// No name below the root is followed through a symlink, not only the last one: a symlinked directory reads as
+/// missing and cannot be written through.
+#[tokio::test]
+async fn local_symlinked_directories_are_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(outside.path().join("sub")).unwrap();
+    std::fs::write(outside.path().join("sub/secret"), b"s").unwrap();
+    let b = LocalBackend::new(tmp.path()).unwrap();
+    b.put(&key("d/f"), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+    std::os::unix::fs::symlink(outside.path(), tmp.path().join("d/link")).unwrap();
+    for missing in ["d/link/sub/secret", "d/link/sub/", "d/link/"] {
+        assert!(b.head(&key(missing)).await.unwrap_err().is_not_found(), "{missing}");
+    }
+    assert_eq!(b.list("d/link/", true).await.unwrap(), Listing::default());
+    assert_eq!(keys(&b.list("", true).await.unwrap().objects), ["d/", "d/f"]);
+    let err = b.put(&key("d/link/sub/planted"), Bytes::new(), &UserMeta::default()).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput { .. }), "{err:?}");
+    b.delete(&key("d/link/sub/secret")).await.unwrap();
+    assert!(outside.path().join("sub/secret").exists(), "nothing outside the root is touched");
+    assert!(!outside.path().join("sub/planted").exists());
+}
+
 /// `replace_head` (key rotation): only the first bytes change, metadata stays, and only the version read is replaced.
 async fn replace_head_contract(b: &dyn Backend) {
     let k = key("r/obj");
