@@ -726,9 +726,10 @@ impl Fs {
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
-        // Open for writing and not staged yet: stage it now, while the store still has it, so writes through the open
-        // descriptor keep working on the file's content after the name is gone.
-        if self.has_writer(ino) {
+        // Open and not staged yet: stage it now, while the store still has it, so reads and writes through the open
+        // descriptors keep working on the file's content after the name is gone (POSIX: the file lives on until its
+        // last descriptor closes). A reader that only had its object to read from would get ENOENT.
+        if self.is_open(ino) {
             self.stage(ino).await?;
         }
         // Wait for an upload of this file in flight (a concurrent close), and keep later ones out until the node is
@@ -991,8 +992,8 @@ impl Fs {
                 (false, false) => {}
             }
         }
-        // A target open for writing keeps its content for its descriptors (see unlink).
-        if let Some(t) = target.filter(|t| self.has_writer(*t)) {
+        // An open target keeps its content for its descriptors (see unlink).
+        if let Some(t) = target.filter(|t| self.is_open(*t)) {
             self.stage(t).await?;
         }
         // Hold the write state of every file involved (the source or everything under it, and the target) for the
@@ -1547,9 +1548,9 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    /// Whether some handle has `ino` open for writing.
-    fn has_writer(&self, ino: u64) -> bool {
-        lock(&self.handles).values().any(|h| matches!(h, Handle::File { ino: i, writable: true, .. } if *i == ino))
+    /// Whether some handle has `ino` open, for reading or writing.
+    fn is_open(&self, ino: u64) -> bool {
+        lock(&self.handles).values().any(|h| matches!(h, Handle::File { ino: i, .. } if *i == ino))
     }
 
     fn file_handle(&self, fh: u64) -> Result<(u64, Option<Arc<Reader>>, bool, bool)> {
