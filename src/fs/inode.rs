@@ -5,6 +5,14 @@
 //! authority for what this mount created or changed until the store confirms it; attributes read from the store are
 //! trusted for `attr_ttl` and then asked again.
 //!
+//! Directory link counts: `st_nlink` of a directory is 2 + its number of subdirectories (as on ext4) only while the
+//! table is known to hold every subdirectory (a listing taken less than `attr_ttl` ago, or a directory this mount
+//! made less than `attr_ttl` ago), and 1 otherwise. 1 is the "unknown" value of btrfs and network filesystems, which
+//! gnulib's fts (find, du, chmod -R) and other tree walkers read as "do not use the link count"; a guess such as 2
+//! would tell them a directory has no subdirectories and let them skip its entries. Counting needs no request: the
+//! table keeps each directory's subdirectory children in a set, updated on every link and unlink, so mkdir, rmdir,
+//! renames and names found by lookups keep an exact count while it is known.
+//!
 //! Concurrency: the table lives behind one `std::sync::Mutex` held only for map operations (never across an await or
 //! any I/O).
 
@@ -115,10 +123,14 @@ pub struct Node {
     pub unlinked: bool,
     /// Device number of a character or block device (stored as `x-amz-meta-rdev`).
     pub rdev: u32,
+    /// For a directory: until when the table holds all of its subdirectories, so `st_nlink` can count them (see the
+    /// module docs). Set by a complete listing and by mkdir; `None` or past: unknown.
+    pub subdirs_known_until: Option<Instant>,
 }
 
 impl Node {
-    pub fn attr(&self) -> Attr {
+    /// The attributes, with `st_nlink` as [`InodeTable::attr`] computes it.
+    fn attr_with(&self, nlink: u32) -> Attr {
         Attr {
             ino: self.ino,
             kind: self.kind,
@@ -129,12 +141,7 @@ impl Node {
             mtime: self.mtime,
             ctime: self.ctime,
             atime: self.atime,
-            // An unlinked file still open has no name left (fstat says 0, as on any POSIX filesystem).
-            nlink: match (self.kind, self.unlinked) {
-                (_, true) => 0,
-                (FileKind::Dir, false) => 2,
-                _ => 1,
-            },
+            nlink,
             rdev: self.rdev,
         }
     }
@@ -150,14 +157,71 @@ pub struct InodeTable {
     children: HashMap<(u64, String), u64>,
     /// The same links grouped by parent, so listing a directory's children does not scan the whole table.
     by_parent: HashMap<u64, HashSet<u64>>,
+    /// The directory children among them (a subset of `by_parent`), so `st_nlink` is one lookup. Kept by inode number:
+    /// an unlink removes the right entry whatever the node's kind has become since.
+    subdirs: HashMap<u64, HashSet<u64>>,
     next_ino: u64,
 }
 
 impl InodeTable {
-    pub fn new(root: Node) -> Self {
+    pub fn new(mut root: Node) -> Self {
+        root.ino = ROOT_INO;
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
-        InodeTable { nodes, children: HashMap::new(), by_parent: HashMap::new(), next_ino: ROOT_INO + 1 }
+        InodeTable {
+            nodes,
+            children: HashMap::new(),
+            by_parent: HashMap::new(),
+            subdirs: HashMap::new(),
+            next_ino: ROOT_INO + 1,
+        }
+    }
+
+    /// The attributes of a node as the kernel sees them.
+    pub fn attr(&self, ino: u64) -> Option<Attr> {
+        self.attr_at(ino, Instant::now())
+    }
+
+    fn attr_at(&self, ino: u64, now: Instant) -> Option<Attr> {
+        let node = self.nodes.get(&ino)?;
+        Some(node.attr_with(self.nlink_at(node, now)))
+    }
+
+    /// `st_nlink`: 0 for a node unlinked while still open (fstat says so on any POSIX filesystem), 1 for other
+    /// non-directories; for a directory 2 + its subdirectories while they are known (see the module docs), else 1.
+    fn nlink_at(&self, node: &Node, now: Instant) -> u32 {
+        if node.unlinked {
+            return 0;
+        }
+        if node.kind != FileKind::Dir {
+            return 1;
+        }
+        match node.subdirs_known_until {
+            Some(until) if now < until => {
+                let n = self.subdirs.get(&node.ino).map_or(0, HashSet::len);
+                u32::try_from(n).unwrap_or(u32::MAX).saturating_add(2)
+            }
+            _ => 1,
+        }
+    }
+
+    /// Records that the table now holds every subdirectory of `dir` (a complete listing was just merged into it, or
+    /// this mount just made it), until `until`. The set is rebuilt from the children's current kinds, which a listing's
+    /// metadata may have changed since they were linked.
+    pub fn know_subdirs(&mut self, dir: u64, until: Instant) {
+        let dirs: HashSet<u64> = self
+            .by_parent
+            .get(&dir)
+            .map(|s| s.iter().copied().filter(|c| self.nodes.get(c).is_some_and(|n| n.kind == FileKind::Dir)).collect())
+            .unwrap_or_default();
+        if dirs.is_empty() {
+            self.subdirs.remove(&dir);
+        } else {
+            self.subdirs.insert(dir, dirs);
+        }
+        if let Some(node) = self.nodes.get_mut(&dir) {
+            node.subdirs_known_until = Some(until);
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -186,7 +250,7 @@ impl InodeTable {
             self.unlink_child(parent, old);
             self.detach_node(old);
         }
-        self.by_parent.entry(parent).or_default().insert(ino);
+        self.link_child(parent, ino, node.kind);
         self.nodes.insert(ino, node);
         ino
     }
@@ -229,11 +293,20 @@ impl InodeTable {
         self.maybe_drop(ino);
     }
 
+    fn link_child(&mut self, parent: u64, ino: u64, kind: FileKind) {
+        self.by_parent.entry(parent).or_default().insert(ino);
+        if kind == FileKind::Dir {
+            self.subdirs.entry(parent).or_default().insert(ino);
+        }
+    }
+
     fn unlink_child(&mut self, parent: u64, ino: u64) {
-        if let Some(set) = self.by_parent.get_mut(&parent) {
-            set.remove(&ino);
-            if set.is_empty() {
-                self.by_parent.remove(&parent);
+        for map in [&mut self.by_parent, &mut self.subdirs] {
+            if let Some(set) = map.get_mut(&parent) {
+                set.remove(&ino);
+                if set.is_empty() {
+                    map.remove(&parent);
+                }
             }
         }
     }
@@ -242,6 +315,7 @@ impl InodeTable {
     pub fn relink(&mut self, ino: u64, new_parent: u64, new_name: &str) {
         if let Some(node) = self.nodes.get_mut(&ino) {
             let old = (node.parent, node.name.clone());
+            let kind = node.kind;
             node.parent = new_parent;
             node.name = new_name.to_string();
             if self.children.get(&old) == Some(&ino) {
@@ -249,7 +323,7 @@ impl InodeTable {
                 self.unlink_child(old.0, ino);
             }
             self.children.insert((new_parent, new_name.to_string()), ino);
-            self.by_parent.entry(new_parent).or_default().insert(ino);
+            self.link_child(new_parent, ino, kind);
         }
     }
 
@@ -284,6 +358,7 @@ impl InodeTable {
         }
         self.nodes.remove(&ino);
         self.by_parent.remove(&ino);
+        self.subdirs.remove(&ino);
     }
 
     /// The path of a node relative to the mount root ("" for the root), or `None` if an ancestor is gone.
@@ -325,6 +400,7 @@ impl InodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn node(parent: u64, name: &str, kind: FileKind) -> Node {
         let now = SystemTime::now();
@@ -349,6 +425,7 @@ mod tests {
             link_target: None,
             unlinked: false,
             rdev: 0,
+            subdirs_known_until: None,
         }
     }
 
@@ -397,6 +474,113 @@ mod tests {
         t.forget(old, 1);
         assert!(t.get(old).is_none());
         assert_eq!(t.children_of(ROOT_INO), vec![new]);
+    }
+
+    fn nlink(t: &InodeTable, ino: u64, now: Instant) -> u32 {
+        t.attr_at(ino, now).expect("node exists").nlink
+    }
+
+    #[test]
+    fn a_directory_links_are_unknown_until_its_subdirectories_are_known() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(1);
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        assert_eq!(nlink(&t, ROOT_INO, now), 1, "the root before any listing");
+        let d = t.insert(node(ROOT_INO, "d", FileKind::Dir));
+        t.insert(node(d, "a", FileKind::Dir));
+        t.insert(node(d, "f", FileKind::File));
+        t.insert(node(d, "s", FileKind::Symlink));
+        assert_eq!(nlink(&t, d, now), 1, "found by lookups, never listed: unknown, not 2 + a guess");
+        t.know_subdirs(d, until);
+        assert_eq!(nlink(&t, d, now), 3, "one subdirectory; files and symlinks do not count");
+        assert_eq!(nlink(&t, d, until), 1, "the knowledge expires with the listing's attr_ttl");
+        assert_eq!(nlink(&t, d, until + Duration::from_secs(60)), 1);
+        t.know_subdirs(ROOT_INO, until);
+        assert_eq!(nlink(&t, ROOT_INO, now), 3, "the root once listed");
+        assert_eq!(nlink(&t, t.child(d, "f").unwrap(), now), 1);
+    }
+
+    #[test]
+    fn mkdir_rmdir_and_renames_keep_a_known_count_exact() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(1);
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let known_dir = |t: &mut InodeTable, parent, name: &str| {
+            let mut n = node(parent, name, FileKind::Dir);
+            n.subdirs_known_until = Some(until); // as mkdir makes it
+            t.insert(n)
+        };
+        let d = known_dir(&mut t, ROOT_INO, "d");
+        let e = known_dir(&mut t, ROOT_INO, "e");
+        assert_eq!(nlink(&t, d, now), 2, "a new directory");
+        let a = known_dir(&mut t, d, "a");
+        known_dir(&mut t, d, "b");
+        t.insert(node(d, "file", FileKind::File));
+        assert_eq!(nlink(&t, d, now), 4);
+        // rmdir d/b
+        t.detach(d, "b");
+        assert_eq!(nlink(&t, d, now), 3);
+        // rename d/a → e/a: out of one parent, into the other
+        t.relink(a, e, "a");
+        assert_eq!((nlink(&t, d, now), nlink(&t, e, now)), (2, 3));
+        // rename within a parent
+        t.relink(a, e, "a2");
+        assert_eq!(nlink(&t, e, now), 3);
+        // rename over an existing empty directory: the target is detached first, then the source moves in
+        let c = known_dir(&mut t, e, "c");
+        assert_eq!(nlink(&t, e, now), 4);
+        t.detach(e, "c");
+        t.relink(a, e, "c");
+        assert_eq!(nlink(&t, e, now), 3, "one directory replaced another");
+        assert!(t.get(c).is_some_and(|n| n.unlinked));
+        assert_eq!(nlink(&t, c, now), 0, "the replaced directory has no names left");
+        // a file renamed over a file, and a file moved between directories: no change
+        let f = t.insert(node(e, "f", FileKind::File));
+        t.detach(e, "f");
+        t.relink(t.child(d, "file").unwrap(), e, "f");
+        assert!(t.get(f).is_some_and(|n| n.unlinked));
+        assert_eq!((nlink(&t, d, now), nlink(&t, e, now)), (2, 3));
+        // a lookup that finds a subdirectory this mount did not make counts it; one that finds a name is now a
+        // file instead of a directory drops it
+        t.insert(node(d, "found", FileKind::Dir));
+        assert_eq!(nlink(&t, d, now), 3);
+        t.insert(node(d, "found", FileKind::File));
+        assert_eq!(nlink(&t, d, now), 2);
+    }
+
+    #[test]
+    fn a_count_rebuilt_by_a_listing_follows_kinds_changed_since_linking() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(1);
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let d = t.insert(node(ROOT_INO, "d", FileKind::Dir));
+        // Listed as an object, then its metadata said directory (an s3fs-style directory object).
+        let x = t.insert(node(d, "x", FileKind::File));
+        t.get_mut(x).unwrap().kind = FileKind::Dir;
+        t.know_subdirs(d, until);
+        assert_eq!(nlink(&t, d, now), 3);
+        t.detach(d, "x");
+        assert_eq!(nlink(&t, d, now), 2, "removed by inode number whatever its kind was when linked");
+    }
+
+    #[test]
+    fn a_dropped_directory_takes_its_count_along() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(1);
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        let d = t.insert(node(ROOT_INO, "d", FileKind::Dir));
+        t.insert(node(d, "sub", FileKind::Dir));
+        t.detach(d, "sub");
+        t.detach(ROOT_INO, "d");
+        t.forget(d, 1);
+        assert!(t.get(d).is_none());
+        assert!(t.subdirs.is_empty() && t.by_parent.is_empty(), "no sets left behind for dropped nodes");
+        // The same path gets the same number again; the new directory starts with nothing known.
+        let again = t.insert(node(ROOT_INO, "d", FileKind::Dir));
+        assert_eq!(again, d);
+        assert_eq!(nlink(&t, again, now), 1);
+        t.know_subdirs(again, until);
+        assert_eq!(nlink(&t, again, now), 2);
     }
 
     #[test]

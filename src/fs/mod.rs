@@ -212,6 +212,7 @@ impl Fs {
             link_target: None,
             unlinked: false,
             rdev: 0,
+            subdirs_known_until: None,
         };
         Fs {
             backend,
@@ -285,6 +286,7 @@ impl Fs {
             link_target: None,
             unlinked: false,
             rdev: 0,
+            subdirs_known_until: None,
         }
     }
 
@@ -533,7 +535,7 @@ impl Fs {
     }
 
     fn attr_of(&self, ino: u64) -> Result<Attr> {
-        lock(&self.table).get(ino).map(Node::attr).ok_or(Error::NotFound)
+        lock(&self.table).attr(ino).ok_or(Error::NotFound)
     }
 
     // ----- namespace -----
@@ -544,7 +546,7 @@ impl Fs {
         let mut table = lock(&self.table);
         let node = table.get_mut(ino).ok_or(Error::NotFound)?;
         node.lookups += 1;
-        Ok(node.attr())
+        table.attr(ino).ok_or(Error::NotFound)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -611,6 +613,9 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        // The name was free when checked, so the new directory has no subdirectories: its link count is known (2)
+        // for as long as a listing taken now would be trusted.
+        let known_until = Instant::now() + self.config.attr_ttl;
         let (name, path) = self.new_name(parent, name).await?;
         self.check_path_len(&path, true)?;
         let mut node = self.blank_node(parent, &name, FileKind::Dir);
@@ -620,6 +625,7 @@ impl Fs {
         let meta = Self::meta_of(&node);
         self.backend.put(&dir_key(&path)?, Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         node.has_marker = true;
+        node.subdirs_known_until = Some(known_until);
         Ok(self.link_new(parent, node))
     }
 
@@ -628,11 +634,10 @@ impl Fs {
     fn link_new(&self, parent: u64, mut node: Node) -> Attr {
         node.validated = Some(Instant::now());
         node.lookups = 1;
-        let attr_of = |t: &InodeTable, ino| t.get(ino).map(Node::attr);
         let mut table = lock(&self.table);
         let ino = table.insert(node);
         self.touch_dir(&mut table, parent);
-        attr_of(&table, ino).unwrap_or_else(|| unreachable!("node {ino} was inserted under the same lock"))
+        table.attr(ino).unwrap_or_else(|| unreachable!("node {ino} was inserted under the same lock"))
     }
 
     fn touch_dir(&self, table: &mut InodeTable, dir: u64) {
@@ -721,9 +726,10 @@ impl Fs {
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
-        // Open for writing and not staged yet: stage it now, while the store still has it, so writes through the open
-        // descriptor keep working on the file's content after the name is gone.
-        if self.has_writer(ino) {
+        // Open and not staged yet: stage it now, while the store still has it, so reads and writes through the open
+        // descriptors keep working on the file's content after the name is gone (POSIX: the file lives on until its
+        // last descriptor closes). A reader that only had its object to read from would get ENOENT.
+        if self.is_open(ino) {
             self.stage(ino).await?;
         }
         // Wait for an upload of this file in flight (a concurrent close), and keep later ones out until the node is
@@ -754,6 +760,8 @@ impl Fs {
     async fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
         let path = self.path_of(ino)?;
         let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
+        let listed_at = Instant::now();
         let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
         let mut found: BTreeMap<String, (FileKind, Option<ObjectInfo>)> = BTreeMap::new();
         for p in &listing.prefixes {
@@ -831,12 +839,15 @@ impl Fs {
         self.prefetch_metadata(&entries).await;
         // The metadata tells symlinks from files; report what is known now (d_type is used by find and ls).
         {
-            let table = lock(&self.table);
+            let mut table = lock(&self.table);
             for e in entries.iter_mut() {
                 if let Some(n) = table.get(e.ino) {
                     e.kind = n.kind;
                 }
             }
+            // Every listed name is in the table now, and every subdirectory made or found since under the table's
+            // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
+            table.know_subdirs(ino, listed_at + self.config.attr_ttl);
         }
         Ok(entries)
     }
@@ -981,8 +992,8 @@ impl Fs {
                 (false, false) => {}
             }
         }
-        // A target open for writing keeps its content for its descriptors (see unlink).
-        if let Some(t) = target.filter(|t| self.has_writer(*t)) {
+        // An open target keeps its content for its descriptors (see unlink).
+        if let Some(t) = target.filter(|t| self.is_open(*t)) {
             self.stage(t).await?;
         }
         // Hold the write state of every file involved (the source or everything under it, and the target) for the
@@ -1503,7 +1514,7 @@ impl Fs {
                 let mut table = lock(&self.table);
                 let node = table.get_mut(ino).ok_or(Error::NotFound)?;
                 node.lookups += 1;
-                return Ok((node.attr(), fh));
+                return Ok((table.attr(ino).ok_or(Error::NotFound)?, fh));
             }
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
@@ -1527,7 +1538,7 @@ impl Fs {
             let mut table = lock(&self.table);
             let ino = table.insert(node);
             self.touch_dir(&mut table, parent);
-            table.get(ino).map(Node::attr).ok_or(Error::NotFound)?
+            table.attr(ino).ok_or(Error::NotFound)?
         };
         self.keep_record(attr.ino, &mut *ws.lock().await, false);
         lock(&self.handles).insert(
@@ -1537,9 +1548,9 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    /// Whether some handle has `ino` open for writing.
-    fn has_writer(&self, ino: u64) -> bool {
-        lock(&self.handles).values().any(|h| matches!(h, Handle::File { ino: i, writable: true, .. } if *i == ino))
+    /// Whether some handle has `ino` open, for reading or writing.
+    fn is_open(&self, ino: u64) -> bool {
+        lock(&self.handles).values().any(|h| matches!(h, Handle::File { ino: i, .. } if *i == ino))
     }
 
     fn file_handle(&self, fh: u64) -> Result<(u64, Option<Arc<Reader>>, bool, bool)> {

@@ -75,6 +75,10 @@ impl Backend for Silenceable {
 const TTL: Duration = Duration::from_millis(50);
 
 async fn fs_over(store: Arc<Silenceable>) -> (Fs, tempfile::TempDir) {
+    fs_over_with_ttl(store, TTL).await
+}
+
+async fn fs_over_with_ttl(store: Arc<Silenceable>, attr_ttl: Duration) -> (Fs, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let journal = Journal::open(
         &tmp.path().join("journal"),
@@ -89,7 +93,7 @@ async fn fs_over(store: Arc<Silenceable>) -> (Fs, tempfile::TempDir) {
         gid: 0,
         umask: 0o022,
         read_only: false,
-        attr_ttl: TTL,
+        attr_ttl,
         max_readahead: 1 << 20,
     };
     (Fs::new(store, Codec::Plain, Arc::new(PageCache::new(1 << 20)), Arc::new(journal), config), tmp)
@@ -170,4 +174,71 @@ async fn a_chmod_racing_the_last_release_reaches_the_store() {
     assert_eq!(meta.mode.map(|m| m & 0o7777), Some(0o600), "the chmod that returned success is not in the store");
     assert!(fs.flush_all().await.is_empty());
     assert_eq!(fs.record_pending().await, 0, "a journal record outlived the chmod");
+}
+
+/// Issue 11: a directory's `st_nlink` is 2 + its subdirectories while the mount knows them all (it made the directory,
+/// or listed it, less than `attr_ttl` ago), and 1 ("unknown") otherwise — never a guess that could be too low.
+#[tokio::test]
+async fn directory_link_counts_are_exact_while_known_and_1_otherwise() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let caller = Caller { uid: 0, gid: 0 };
+
+    // Tracking, with a TTL no step of this test outlives.
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let nlink = |ino| fs.attr_of(ino).unwrap().nlink;
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    assert_eq!(d.nlink, 2, "mkdir's reply");
+    fs.mkdir(d.ino, OsStr::new("a"), 0o755, caller).await.unwrap();
+    fs.mkdir(d.ino, OsStr::new("b"), 0o755, caller).await.unwrap();
+    let (_, fh) = fs.create(d.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(nlink(d.ino), 4, "two subdirectories made by this mount");
+    fs.rmdir(d.ino, OsStr::new("a")).await.unwrap();
+    assert_eq!(nlink(d.ino), 3);
+    assert_eq!(nlink(ROOT_INO), 1, "the root is not listed yet");
+    let e = fs.mkdir(ROOT_INO, OsStr::new("e"), 0o755, caller).await.unwrap();
+    fs.rename(d.ino, OsStr::new("b"), e.ino, OsStr::new("b"), false).await.unwrap();
+    assert_eq!((nlink(d.ino), nlink(e.ino)), (2, 3), "moved out of d into e");
+    fs.rename(e.ino, OsStr::new("b"), e.ino, OsStr::new("b2"), false).await.unwrap();
+    assert_eq!(nlink(e.ino), 3, "renamed within e");
+    fs.mkdir(e.ino, OsStr::new("empty"), 0o755, caller).await.unwrap();
+    assert_eq!(nlink(e.ino), 4);
+    fs.rename(e.ino, OsStr::new("b2"), e.ino, OsStr::new("empty"), false).await.unwrap();
+    assert_eq!(nlink(e.ino), 3, "a directory replaced an empty one");
+    let full = fs.mkdir(d.ino, OsStr::new("full"), 0o755, caller).await.unwrap();
+    fs.mkdir(full.ino, OsStr::new("inner"), 0o755, caller).await.unwrap();
+    let err = fs.rename(e.ino, OsStr::new("empty"), d.ino, OsStr::new("full"), false).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ENOTEMPTY, "{err}");
+    assert_eq!((nlink(d.ino), nlink(e.ino), nlink(full.ino)), (3, 3, 3), "a refused rename changes no count");
+    fs.rename(d.ino, OsStr::new("f"), e.ino, OsStr::new("f"), false).await.unwrap();
+    assert_eq!((nlink(d.ino), nlink(e.ino)), (3, 3), "files do not count");
+    drop(fs);
+
+    // Expiry, and listings, on a new mount of the same store.
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let nlink = |ino| fs.attr_of(ino).unwrap().nlink;
+    let list = |ino| {
+        let fs = &fs;
+        async move {
+            let fh = fs.opendir(ino).await.unwrap();
+            fs.releasedir(fh);
+        }
+    };
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    assert_eq!(d.nlink, 1, "found by a lookup, never listed");
+    let n = fs.mkdir(d.ino, OsStr::new("new"), 0o755, caller).await.unwrap();
+    assert_eq!(nlink(d.ino), 1, "a mkdir inside does not make the rest known");
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(nlink(n.ino), 1, "what mkdir knew expired: another writer may have added subdirectories since");
+    // As this one does, without a marker.
+    store.inner.put(&ObjectKey::new("d/c/x").unwrap(), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+    list(d.ino).await;
+    assert_eq!(nlink(d.ino), 5, "full, new and c, after a listing");
+    let full = fs.lookup(d.ino, OsStr::new("full")).await.unwrap();
+    assert_eq!(full.nlink, 1, "listing d says nothing about what full holds");
+    list(ROOT_INO).await;
+    assert_eq!(nlink(ROOT_INO), 4, "the root once listed: d and e");
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!((nlink(d.ino), nlink(ROOT_INO)), (1, 1), "listings expire too");
 }
