@@ -180,6 +180,7 @@ async fn a_finishing_run_is_waited_for_and_a_serving_one_is_skipped() {
     assert_eq!(found[0].record.path, "finishing");
     assert_eq!(read_all(&found[0].file), b"left by a finishing run");
     exit.await.unwrap();
+}
 
 /// The longest path the local store lets the mount create (`store::LOCAL_MAX_PATH_LEN`) still fits in a record that
 /// is read back, even when JSON doubles every byte of it (`"` becomes `\"`): otherwise a crash would lose the staged
