@@ -1938,6 +1938,23 @@ impl Fs {
         let src = crate::upload::StagedSource { file: &left.file, size };
         let mut target = record.path.clone();
         let mut expect = expect_of(&record.base);
+        // A name the store can never hold (a journal from before the length check, a store with a longer prefix now):
+        // retried at every start it would fail forever, so it goes to lost+found under a short name, logged once.
+        let unfit = if key(&record.path).is_err() {
+            Some("it is not a valid object name")
+        } else if self.check_path_len(&record.path, false).is_err() {
+            Some("it is longer than the store's key limit")
+        } else {
+            None
+        };
+        if let Some(reason) = unfit {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(record.path.as_bytes());
+            let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            target = format!("{LOST_AND_FOUND}/s3cryptfs-{}-{short}", record.written_at.0);
+            expect = Expect::Absent;
+            tracing::error!(key = %record.path, reason, saved_as = %target, "staged data a previous run left cannot be uploaded under its name; saving it under lost+found");
+        }
         for attempt in 0..10u32 {
             if self.already_uploaded(&target, &record.upload_id).await {
                 return Ok(target);
@@ -1946,6 +1963,13 @@ impl Fs {
                 Ok(_) => return Ok(target),
                 Err(e) if is_lost_race(&e, &expect) => {
                     // An older upload of this content's history that timed out but landed: ours to replace.
+                    if unfit.is_some() {
+                        // Another try of this very copy that landed before a crash carries our stamp (checked above);
+                        // anything else there is not ours: a numbered name beside it.
+                        target = format!("{LOST_AND_FOUND}/s3cryptfs-{}-{attempt}-{}", record.written_at.0, record.upload_id);
+                        expect = Expect::Absent;
+                        continue;
+                    }
                     if target == record.path {
                         let own = |stamp: &str| record.prior_ids.iter().any(|p| p == stamp);
                         if let Some(etag) = self.own_version(&target, own).await {
@@ -1990,6 +2014,9 @@ impl Fs {
         }
     }
 }
+
+/// Where recovery saves staged data whose own name the store cannot hold.
+pub const LOST_AND_FOUND: &str = "lost+found";
 
 /// The metadata field of a device's number (`x-amz-meta-rdev`, as s3fs writes it).
 pub const RDEV_META: &str = "rdev";

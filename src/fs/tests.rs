@@ -70,6 +70,9 @@ impl Backend for Silenceable {
         self.check("")?;
         self.inner.check_access().await
     }
+    fn max_path_len(&self, dir: bool) -> usize {
+        self.inner.max_path_len(dir)
+    }
 }
 
 const TTL: Duration = Duration::from_millis(50);
@@ -80,8 +83,12 @@ async fn fs_over(store: Arc<Silenceable>) -> (Fs, tempfile::TempDir) {
 
 async fn fs_over_with_ttl(store: Arc<Silenceable>, attr_ttl: Duration) -> (Fs, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
+    (fs_at(store, tmp.path(), attr_ttl).await, tmp)
+}
+
+async fn fs_at(store: Arc<Silenceable>, dir: &std::path::Path, attr_ttl: Duration) -> Fs {
     let journal = Journal::open(
-        &tmp.path().join("journal"),
+        &dir.join("journal"),
         "mem://test",
         crate::journal::Keying::Local,
         crate::crypto::AeadBackend::AwsLc,
@@ -96,7 +103,7 @@ async fn fs_over_with_ttl(store: Arc<Silenceable>, attr_ttl: Duration) -> (Fs, t
         attr_ttl,
         max_readahead: 1 << 20,
     };
-    (Fs::new(store, Codec::Plain, Arc::new(PageCache::new(1 << 20)), Arc::new(journal), config), tmp)
+    Fs::new(store, Codec::Plain, Arc::new(PageCache::new(1 << 20)), Arc::new(journal), config)
 }
 
 #[tokio::test]
@@ -241,4 +248,47 @@ async fn directory_link_counts_are_exact_while_known_and_1_otherwise() {
     assert_eq!(nlink(ROOT_INO), 4, "the root once listed: d and e");
     tokio::time::sleep(TTL * 2).await;
     assert_eq!((nlink(d.ino), nlink(ROOT_INO)), (1, 1), "listings expire too");
+}
+
+/// Issue 11: staged data whose name the store can never hold (here 1,100 bytes on a store whose keys stop at 1,024)
+/// was retried, and failed, at every start forever. It is saved under lost+found, logged, and the journal is emptied.
+#[tokio::test]
+async fn staged_data_under_a_name_the_store_cannot_hold_goes_to_lost_and_found_once() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let tmp = tempfile::tempdir().unwrap();
+    let long = format!("d/{}", "x/".repeat(549)) + "f";
+    assert!(long.len() > 1024);
+    {
+        // A dead run's journal holding the file.
+        let dead = Journal::open(&tmp.path().join("journal"), "mem://test", crate::journal::Keying::Local, crate::crypto::AeadBackend::AwsLc)
+            .await
+            .unwrap();
+        let (n, file, id) = dead.new_file().unwrap();
+        file.write_at(0, b"cannot go home", 0).unwrap();
+        let record = crate::journal::Record {
+            path: long.clone(),
+            mode: 0o100600,
+            uid: 0,
+            gid: 0,
+            mtime: (1, 0),
+            base: BaseVersion::Absent,
+            upload_id: crate::journal::new_upload_id(),
+            prior_ids: Vec::new(),
+            file_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            written_at: (1_700_000_000, 0),
+        };
+        dead.save_record(n, &record).unwrap();
+        // Dropped with a record: the run directory stays, its lock is released.
+    }
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (1, 0));
+    let listing = store.inner.list(&format!("{LOST_AND_FOUND}/"), false).await.unwrap();
+    assert_eq!(listing.objects.len(), 1, "{listing:?}");
+    let (body, _, _) = store.inner.get(&listing.objects[0].key).await.unwrap();
+    assert_eq!(&body[..], b"cannot go home");
+    // Nothing is left to retry.
+    drop(fs);
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (0, 0));
 }
