@@ -18,8 +18,9 @@
 # uses come from the S3/KMS server's own env file (server.env of scripts/s3-server.sh).
 #
 # Measured on the 2-core Debian 12 machine (2026-12-02):
-#   first install (venv + pip, pip cache empty: PIP_NO_CACHE_DIR=1)   about 6-9 s; 12 packages, all wheels
-#   later runs: install is skipped (stamp file in the venv)            <0.1 s
+#   first install (venv + pip, pip cache empty: PIP_NO_CACHE_DIR=1)   6.1-8.4 s (cargo building meanwhile); 12 packages,
+#                                                                      all wheels: nothing is compiled
+#   later runs: install is skipped (stamp file + an import check)      about 0.2 s
 #
 # Python: the client needs >= 3.10. Debian 12's python3 (3.11, with the python3-venv package that .ci/run installs)
 # is enough; a pyenv 3.12/3.13 is taken first when there is one (the same interpreters LocalStack uses here).
@@ -131,5 +132,5 @@ case "${1:-}" in
     install) with_lock cmd_install; log "venv ready: $VENV; env: $ENV_FILE" ;;
     env) [[ -s "$ENV_FILE" ]] || die "no $ENV_FILE: run scripts/s3ec-client.sh install first"; cat "$ENV_FILE" ;;
     python) venv_ok || die "no working venv at $VENV: run scripts/s3ec-client.sh install"; echo "$VENV/bin/python" ;;
-    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -11,6 +11,8 @@
 #      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
 #      then scripts/moto-server.sh start (moto with authentication on, for the access-denied tests: LocalStack accepts
 #      any key), also stopped on exit; loads its env (S3CRYPTFS_TEST_MOTO_ENDPOINT, _MOTO_ADMIN_KEY_ID, _ADMIN_SECRET)
+#      then scripts/s3ec-client.sh install (the official AWS S3 Encryption Client for Python in its own cached venv,
+#      for the S3EC interop tests through tests/tools/s3ec.py); loads its env (S3CRYPTFS_TEST_S3EC_PYTHON)
 #   3. cargo build --release --all-targets
 #   4. cargo test --release --no-fail-fast -- --test-threads=2 "$@"
 #      with TMPDIR set to a fresh /tmp/s3cryptfs-test.XXXXXX (removed afterwards)
@@ -30,6 +32,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 SERVER="$ROOT/scripts/s3-server.sh"
 MOTO="$ROOT/scripts/moto-server.sh"
+S3EC="$ROOT/scripts/s3ec-client.sh"
 TEST_HOME="${S3CRYPTFS_TEST_HOME:-$HOME/.cache/s3cryptfs-test}"
 THREADS="${S3CRYPTFS_TEST_THREADS:-2}"
 
@@ -165,6 +168,14 @@ moto_started=1
 eval "$("$MOTO" env)"
 [[ -n "${S3CRYPTFS_TEST_MOTO_ENDPOINT:-}" ]] || die "moto's env did not define S3CRYPTFS_TEST_MOTO_ENDPOINT"
 say "moto: $(elapsed "$t0") s ($S3CRYPTFS_TEST_MOTO_ENDPOINT, authentication on)"
+
+# The official S3 Encryption Client (Python) for the S3EC interop tests: a venv of its own (it needs cryptography >= 48,
+# which LocalStack's pins exclude), cached like the servers'; no server of its own (it talks to LocalStack).
+t0="$(now)"
+"$S3EC" install || die "could not install the S3 Encryption Client venv (see above)"
+eval "$("$S3EC" env)"
+[[ -n "${S3CRYPTFS_TEST_S3EC_PYTHON:-}" ]] || die "s3ec.env did not define S3CRYPTFS_TEST_S3EC_PYTHON"
+say "s3ec client: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3EC_PYTHON)"
 
 # --- 3. build --------------------------------------------------------------------------------------
 t0="$(now)"
