@@ -20,7 +20,7 @@
 # Measured on the 2-core Debian 12 machine (2026-12-02):
 #   first install (venv + pip, pip cache empty: PIP_NO_CACHE_DIR=1)   6.1-8.4 s (cargo building meanwhile); 12 packages,
 #                                                                      all wheels: nothing is compiled
-#   later runs: install is skipped (stamp file + an import check)      about 0.2 s
+#   later runs: install is skipped (stamp file + an import check)      0.2-0.5 s
 #
 # Python: the client needs >= 3.10. Debian 12's python3 (3.11, with the python3-venv package that .ci/run installs)
 # is enough; a pyenv 3.12/3.13 is taken first when there is one (the same interpreters LocalStack uses here).
