@@ -105,12 +105,15 @@ fn assert_stored_context(json: &str, ctx: &[(&str, &str)], cek_alg: &str) {
 }
 
 /// empty, small, 100 KB with an encryption context, 11 MiB + 7 in three parts: put, check the raw metadata, get back.
+/// A round-trip case: name, plaintext length, encryption context.
+type Case<'a> = (&'a str, usize, &'a [(&'a str, &'a str)]);
+
 fn round_trip(version: u8) {
     let tmp = tempfile::tempdir().unwrap();
     let (_, bucket) = new_bucket();
     let kms_key = kms_create_key();
     let ctx = [("tenant", "a"), ("app", "s3cryptfs")];
-    let cases: [(&str, usize, &[(&str, &str)]); 4] =
+    let cases: [Case; 4] =
         [("empty", 0, &[]), ("small", 6, &[]), ("ctx", 100_000, &ctx), ("mpu", 11 * MIB + 7, &[])];
     for (i, (name, len, ctx)) in cases.into_iter().enumerate() {
         let what = format!("V{version} {name}");

@@ -7,7 +7,16 @@
 //! - metadata is one extended attribute, `user.s3cryptfs.meta`, holding `name=value` lines with
 //!   the same names S3 uses (see `meta.rs`); on directories it holds the marker's metadata;
 //! - `<root>/.s3cryptfs-tmp/` (mode 0700) stages writes and is never listed. Stale files left
-//!   there by a crash are harmless and may be deleted while no mount uses the root.
+//!   there by a crash are harmless and may be deleted while no mount uses the root, except
+//!   `rename-*.intent` (below), which the next open of the store completes.
+//!
+//! A rename that changes the object's metadata (a new path binding) is two steps, the new xattr and
+//! the rename(2), and a crash between them would leave the object under its old name with metadata
+//! that names the new one (a reader then sees a swap: EIO). So the old metadata is first written to
+//! `.s3cryptfs-tmp/rename-<inode>.intent` (fsynced), and removed once the rename is on disk; the
+//! whole sequence holds the write lock. Opening the store (under the same lock) puts the old
+//! metadata back on any source still at its old name with the inode the intent names, as if the
+//! rename had not started, and removes the intent.
 //!
 //! Objects are reached one name at a time: the root is opened once, when the store is, and kept open; every call
 //! walks from that descriptor with `openat` and acts relative to the directory it ends in (see `dirfd.rs`). No whole
@@ -38,7 +47,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -217,9 +226,9 @@ impl LocalBackend {
         let write_lock = tmp
             .open_file(WRITE_LOCK_FILE, libc::O_RDWR | libc::O_CREAT, 0o600)
             .map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
-        Ok(LocalBackend {
-            inner: Arc::new(Inner { root, root_dir, tmp, write_lock: Mutex::new(write_lock) }),
-        })
+        let inner = Inner { root, root_dir, tmp, write_lock: Mutex::new(write_lock) };
+        inner.finish_intents()?;
+        Ok(LocalBackend { inner: Arc::new(inner) })
     }
 
     /// The canonical root directory.
@@ -468,25 +477,103 @@ impl Inner {
             return self.rename_marker(from, to, encoded);
         }
         let (src_dir, src_leaf) = self.locate(from, false)?;
-        let (src, _) = open_in(&src_dir, &src_leaf, from)?;
-        // Set the new metadata before the rename so the object never appears under its new name
-        // with stale metadata; a crash in between leaves the old name with the new metadata.
-        if let Some(e) = encoded {
-            set_xattr(&src, XATTR_META, e.as_bytes()).map_err(|e| io_err(e, from.as_str()))?;
-        }
-        drop(src);
         let (dst_dir, dst_leaf) = self.locate(to, true)?;
         let lock = self.lock(from)?;
-        let renamed = src_dir.rename(&src_leaf, &dst_dir, &dst_leaf);
+        let (src, st) = open_in(&src_dir, &src_leaf, from)?;
+        // Set the new metadata before the rename so the object never appears under its new name
+        // with stale metadata; the intent undoes it if a crash comes before the rename (module docs).
+        let intent = match encoded {
+            Some(e) => {
+                let old = get_xattr(&src, XATTR_META).map_err(|e| io_err(e, from.as_str()))?.unwrap_or_default();
+                let intent = self.write_intent(from, st.ino, &old)?;
+                if let Err(err) = set_xattr(&src, XATTR_META, e.as_bytes()) {
+                    let _ = self.tmp.unlink(&intent);
+                    return Err(io_err(err, from.as_str()));
+                }
+                Some(intent)
+            }
+            None => None,
+        };
+        drop(src);
+        let renamed = src_dir.rename(&src_leaf, &dst_dir, &dst_leaf).and_then(|()| dst_dir.sync()).and_then(|()| src_dir.sync());
+        if let Some(intent) = &intent {
+            if renamed.is_err() {
+                // Not renamed: the old metadata goes back now (the intent would do it at the next open).
+                self.undo_intent(intent);
+            }
+            let _ = self.tmp.unlink(intent);
+        }
         drop(lock);
         renamed.map_err(|e| match e.raw_os_error() {
             Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => StoreError::invalid(
                 format!("cannot rename {from} to {to}: a directory of that name exists in the local store"),
             ),
             _ => io_err(e, from.as_str()),
-        })?;
-        dst_dir.sync().map_err(|e| io_err(e, to.as_str()))?;
-        src_dir.sync().map_err(|e| io_err(e, from.as_str()))
+        })
+    }
+
+    /// Writes (and fsyncs) the intent of renaming `from` (inode `ino`, metadata `old`): see the module docs.
+    fn write_intent(&self, from: &ObjectKey, ino: u64, old: &[u8]) -> Result<CString, StoreError> {
+        let name = CString::new(format!("rename-{ino:016x}.intent")).expect("invariant broken: a hex name holds no NUL");
+        let body = serde_json::to_vec(&Intent { ino, from: from.as_str().to_string(), old: hex_of(old) })
+            .map_err(|e| StoreError::invalid(format!("rename intent: {e}")))?;
+        let tmp_name = CString::new(format!("rename-{ino:016x}.intent.new")).expect("invariant broken: a hex name holds no NUL");
+        let write = || -> io::Result<()> {
+            let mut f = self.tmp.open_file(&tmp_name, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            self.tmp.rename(&tmp_name, &self.tmp, &name)?;
+            self.tmp.sync()
+        };
+        write().map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
+        Ok(name)
+    }
+
+    /// Puts back the metadata an intent saved, if its source is still at its old name (same inode).
+    fn undo_intent(&self, name: &CStr) -> bool {
+        let Ok(mut f) = self.tmp.open_file(name, libc::O_RDONLY, 0) else { return false };
+        let mut body = Vec::new();
+        if f.read_to_end(&mut body).is_err() {
+            return false;
+        }
+        let Ok(intent) = serde_json::from_slice::<Intent>(&body) else {
+            tracing::warn!(intent = ?name, "unreadable rename intent in the local store; removed");
+            return false;
+        };
+        let (Ok(key), Some(old)) = (ObjectKey::new(intent.from.clone()), unhex(&intent.old)) else { return false };
+        let Ok((dir, leaf)) = self.locate(&key, false) else { return false };
+        let Ok((src, st)) = open_in(&dir, &leaf, &key) else { return false };
+        if st.ino != intent.ino {
+            return false; // renamed after all, and something else took the name since
+        }
+        let restored = set_xattr(&src, XATTR_META, &old).and_then(|()| src.sync_all());
+        match restored {
+            Ok(()) => {
+                tracing::warn!(key = %intent.from, "a rename was interrupted before it happened; the file keeps its name and its metadata");
+                true
+            }
+            Err(e) => {
+                tracing::error!(key = %intent.from, error = %e, "could not undo an interrupted rename's metadata");
+                false
+            }
+        }
+    }
+
+    /// At open: completes what crashed renames left (see the module docs), under the write lock.
+    fn finish_intents(&self) -> Result<(), StoreError> {
+        let what = ObjectKey::new("rename-intents").expect("invariant broken: a valid key");
+        let _lock = self.lock(&what)?;
+        let names = self.tmp.names().map_err(|e| io_err(e, LOCAL_TMP_DIR))?;
+        for name in names {
+            let text = name.to_string_lossy();
+            if text.starts_with("rename-") && text.ends_with(".intent.new") {
+                let _ = self.tmp.unlink(&name); // never completed: the rename had not started
+            } else if text.starts_with("rename-") && text.ends_with(".intent") {
+                self.undo_intent(&name);
+                let _ = self.tmp.unlink(&name);
+            }
+        }
+        Ok(())
     }
 
     /// A marker rename moves only the marker, like on S3: the caller moves the entries first,
@@ -942,6 +1029,26 @@ fn info_of(key: &ObjectKey, st: &Stat) -> ObjectInfo {
 
 /// The stored metadata text as is, so copies carry it over byte for byte (even fields written
 /// by hand that would not pass `meta::encode`'s checks).
+/// A rename in progress (see the module docs): the source's inode, key and metadata before the rename.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Intent {
+    ino: u64,
+    from: String,
+    /// Hex of the metadata attribute's bytes.
+    old: String,
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
 fn raw_meta(file: &File, key: &ObjectKey) -> Result<String, StoreError> {
     let raw = get_xattr(file, XATTR_META).map_err(|e| io_err(e, key.as_str()))?;
     Ok(raw
@@ -1059,4 +1166,61 @@ pub(crate) fn raw_meta_for_test(path: &Path) -> Option<String> {
     get_xattr(&file, XATTR_META)
         .ok()?
         .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+#[cfg(test)]
+mod intent_tests {
+    use super::*;
+
+    /// A crash between writing a rename's new metadata and the rename itself: the state that leaves on disk is made
+    /// by hand (intent written, new metadata set, no rename), then the store is opened again. The source must have
+    /// its old metadata back (it used to keep the new one: a path binding that named the target, so EIO as a swap),
+    /// and the intent must be gone.
+    #[test]
+    fn a_rename_interrupted_before_the_rename_is_undone_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBackend::new(dir.path()).unwrap();
+        let from = ObjectKey::new("a/f").unwrap();
+        store.inner.put(&from, b"content", "s3cryptfs-bind=for-a-f\n", &Expect::Any).unwrap();
+        let (d, leaf) = store.inner.locate(&from, false).unwrap();
+        let (file, st) = open_in(&d, &leaf, &from).unwrap();
+        let old = get_xattr(&file, XATTR_META).unwrap().unwrap();
+        store.inner.write_intent(&from, st.ino, &old).unwrap();
+        set_xattr(&file, XATTR_META, b"s3cryptfs-bind=for-b-g\n").unwrap();
+        drop((file, store));
+
+        let store = LocalBackend::new(dir.path()).unwrap();
+        let (file, _) = open_in(&d, &leaf, &from).unwrap();
+        assert_eq!(get_xattr(&file, XATTR_META).unwrap().unwrap(), old);
+        let left: Vec<_> = store.inner.tmp.names().unwrap().into_iter().filter(|n| n.to_string_lossy().contains("intent")).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// An intent whose rename did happen (the crash came after it) changes nothing: the target keeps its new
+    /// metadata, and a new file that took the old name since is not touched (another inode).
+    #[test]
+    fn an_intent_of_a_completed_rename_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBackend::new(dir.path()).unwrap();
+        let (from, to) = (ObjectKey::new("f").unwrap(), ObjectKey::new("g").unwrap());
+        store.inner.put(&from, b"one", "m=old\n", &Expect::Any).unwrap();
+        let (d, leaf) = store.inner.locate(&from, false).unwrap();
+        let (file, st) = open_in(&d, &leaf, &from).unwrap();
+        store.inner.write_intent(&from, st.ino, b"m=old\n").unwrap();
+        drop(file);
+        // The rename (without its own intent handling) and a new file under the old name.
+        store.inner.rename(&from, &to, None).unwrap();
+        store.inner.update_meta(&to, "m=new\n").unwrap();
+        store.inner.put(&from, b"two", "m=newcomer\n", &Expect::Absent).unwrap();
+        drop(store);
+
+        let store = LocalBackend::new(dir.path()).unwrap();
+        let meta = |k: &ObjectKey| {
+            let (d, leaf) = store.inner.locate(k, false).unwrap();
+            let (f, _) = open_in(&d, &leaf, k).unwrap();
+            get_xattr(&f, XATTR_META).unwrap().unwrap()
+        };
+        assert_eq!(meta(&to), b"m=new\n");
+        assert_eq!(meta(&from), b"m=newcomer\n");
+    }
 }
