@@ -1545,3 +1545,17 @@ fn print_stream_throughput() {
         mib / whole.as_secs_f64()
     );
 }
+
+/// The mount hands keys and streams to other tasks and threads.
+#[test]
+fn keys_and_streams_can_move_between_threads() {
+    fn send<T: Send>() {}
+    fn shared<T: Send + Sync>() {}
+    shared::<ContentKey>();
+    shared::<Envelope>();
+    shared::<ChunkDigests>();
+    send::<NewObject>();
+    send::<StreamDecryptor>();
+    send::<StreamEncryptor>();
+    send::<PendingInstructionFile>();
+}
