@@ -242,9 +242,10 @@ impl ContentKey {
         }
     }
 
-    /// Decrypt a whole object body (`ciphertext ‖ tag`). Any change to the body, the IV or
-    /// message id, or a wrong key is [`S3ecError::AuthenticationFailed`], and no plaintext is
-    /// returned.
+    /// Decrypt a whole object body (`ciphertext ‖ tag`). Any change to the body or the V2 IV, a
+    /// wrong data key, or another object's body is [`S3ecError::AuthenticationFailed`], and no
+    /// plaintext is returned. (V3 message ids and data keys were already checked by
+    /// [`ContentKey::for_decrypt`].)
     pub fn decrypt(&self, body: &[u8]) -> Result<Vec<u8>, S3ecError> {
         let len = plain_size(body.len() as u64)?;
         check_plaintext_len(len)?;
