@@ -12,7 +12,9 @@
 //! - [`aead`]: AES-256-GCM with two byte-identical backends;
 //! - [`secret`]: key newtypes that zeroize and never print;
 //! - [`keyfile`]: the customer key history;
-//! - [`error`]: the error enums.
+//! - [`error`]: the error enums;
+//! - [`s3ec`]: objects of the AWS S3 Encryption Client (formats V2 and V3), a foreign format
+//!   read and written for interoperability (issue 12).
 //!
 //! docs/FORMAT.md has the byte tables and docs/SECURITY.md the threat model.
 //! Two envelopes carry the data key: kind 1, wrapped here under a customer key
@@ -27,6 +29,7 @@ pub mod format;
 pub mod journal;
 pub mod keyfile;
 pub mod object;
+pub mod s3ec;
 pub mod secret;
 
 pub use aead::AeadBackend;
