@@ -17,7 +17,7 @@ echo "== building (release)"
 cargo build --release --quiet --bin s3cryptfs
 BIN=$PWD/target/release/s3cryptfs
 
-if mountpoint -q "$DEMO/mnt" 2>/dev/null; then fusermount3 -u "$DEMO/mnt"; fi
+if mountpoint -q "$DEMO/mnt" 2>/dev/null; then $BIN unmount "$DEMO/mnt"; fi
 rm -rf "$DEMO"
 mkdir -p "$DEMO/store" "$DEMO/mnt"
 echo "== key: $DEMO/key"
@@ -35,6 +35,6 @@ if grep -q "hello from s3cryptfs" "$DEMO/store/hello.txt"; then
   exit 1
 fi
 echo "== plaintext does not appear in the stored object"
-fusermount3 -u "$DEMO/mnt"
+$BIN unmount "$DEMO/mnt"   # returns once everything written is in the store
 echo "== unmounted. Mount again with:"
 echo "   $BIN mount -o key_file=$DEMO/key file://$DEMO/store $DEMO/mnt"
