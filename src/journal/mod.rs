@@ -414,7 +414,20 @@ impl Journal {
             }
         };
         for name in runs {
-            if name == self.run_id || name == "journal.key" || name.starts_with("journal.key.") {
+            if name.starts_with("journal.key.") {
+                // A key file a start was writing when it died (it is renamed into place at once otherwise). One
+                // younger than a minute may be a concurrent start's, about to be renamed: left alone.
+                let stale = std::fs::symlink_metadata(self.store_dir.path().join(&name))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60));
+                if stale {
+                    let _ = self.store_dir.remove(&name);
+                }
+                continue;
+            }
+            if name == self.run_id || name == "journal.key" {
                 continue;
             }
             match self.take_over_finished(&name).await {

@@ -205,3 +205,24 @@ async fn a_record_of_the_longest_path_is_taken_over() {
         }
     }
 }
+
+/// A key file a start was writing when it died (`journal.key.XXXX`) is removed by a later start once it is older
+/// than a minute; a young one (a concurrent start's) is left alone.
+#[tokio::test]
+async fn a_dead_starts_half_written_key_file_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, Keying::Local).await;
+    let store_dir = a.run_path().parent().unwrap().to_path_buf();
+    let old = store_dir.join("journal.key.deadbeef");
+    let young = store_dir.join("journal.key.0badcafe");
+    for p in [&old, &young] {
+        std::fs::write(p, [0u8; 7]).unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(past).unwrap();
+    assert!(a.take_over().await.is_empty());
+    assert!(!old.exists(), "a stale half-written key file stays");
+    assert!(young.exists(), "a concurrent start's key file was removed");
+}
