@@ -4,12 +4,47 @@
 //! listing needs no request per object); which stored byte range holds a file chunk; and how to seal or open one
 //! chunk. In mode `none` a "chunk" is just a 64 KiB slice of the object, so the read path and the page cache work the
 //! same way in both modes.
+//!
+//! In the client-side modes an object can also be in the format of the AWS S3 Encryption Client (issue 12): its
+//! metadata says so ([`Codec::format_hint`]), it is 16 bytes longer than its file, and `read::s3ec` reads it.
 
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::crypto::s3ec::{self, Detection, S3ecError};
 use crate::crypto::{self, AeadBackend, CryptoError, Envelope, Header, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
 use crate::kms::{KmsClient, KmsError};
+use crate::store::UserMeta;
+
+/// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
+pub const BIND_META: &str = "s3cryptfs-bind";
+
+/// Which format a stored object is in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoredFormat {
+    /// What the mount's codec reads and writes: its own format (plaintext in the server-side modes).
+    #[default]
+    Own,
+    /// An object of the AWS S3 Encryption Client (format V2 or V3, or one this mount refuses): one AES-GCM message
+    /// over the whole object, 16 bytes longer than the file. `instruction_file`: its envelope, or the key-wrap half
+    /// of it, is in the object `KEY.instruction` beside it.
+    S3ec { instruction_file: bool },
+}
+
+impl StoredFormat {
+    pub fn is_s3ec(self) -> bool {
+        matches!(self, StoredFormat::S3ec { .. })
+    }
+}
+
+/// What an object's metadata alone tells about its format ([`Codec::format_hint`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatHint {
+    Known(StoredFormat),
+    /// Neither a path binding nor any S3EC key: an object written by another tool, or an S3EC object of format V1/V2
+    /// whose whole envelope is in `KEY.instruction`. Only whether that file exists tells them apart.
+    AskInstructionFile,
+}
 
 /// The encryption mode of a mount, with what it needs to work.
 ///
@@ -40,6 +75,35 @@ pub enum ObjectCodec {
 impl Codec {
     pub fn is_encrypted(&self) -> bool {
         matches!(self, Codec::Cse { .. })
+    }
+
+    /// The format of an object from its metadata. Only the client-side modes recognise S3EC objects; the server-side
+    /// modes show every object as its bytes are. Metadata with S3EC keys that do not form an envelope still counts as
+    /// S3EC, so that reading it fails with the reason, not as "not our format". An S3EC instruction file (it carries
+    /// `x-amz-crypto-instr-file`) is an ordinary object.
+    pub fn format_hint(&self, meta: &UserMeta) -> FormatHint {
+        if !self.is_encrypted() {
+            return FormatHint::Known(StoredFormat::Own);
+        }
+        let s3ec = |instruction_file| FormatHint::Known(StoredFormat::S3ec { instruction_file });
+        match s3ec::detect(meta.extra.iter()) {
+            Ok(Detection::Complete(_)) => s3ec(false),
+            Ok(Detection::NeedsInstructionFile(pending)) if pending.object_has_s3ec_metadata() => s3ec(true),
+            Ok(Detection::NeedsInstructionFile(_)) if meta.extra.contains_key(BIND_META) => {
+                FormatHint::Known(StoredFormat::Own)
+            }
+            Ok(Detection::NeedsInstructionFile(_)) => FormatHint::AskInstructionFile,
+            Err(S3ecError::IsInstructionFile) => FormatHint::Known(StoredFormat::Own),
+            Err(_) => s3ec(false),
+        }
+    }
+
+    /// File size of an object in `format` for a stored size (see [`Codec::plain_size`]).
+    pub fn plain_size_of(&self, format: StoredFormat, stored: u64) -> Option<u64> {
+        match format {
+            StoredFormat::Own => self.plain_size(stored),
+            StoredFormat::S3ec { .. } => s3ec::plain_size(stored).ok(),
+        }
     }
 
     /// Bytes at the start of an object that precede chunk 0.
