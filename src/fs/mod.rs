@@ -1448,6 +1448,7 @@ impl Fs {
         file: &crate::journal::StagedFile,
     ) -> Result<u64> {
         let reader = self.reader(path.to_string(), remote.etag.clone(), remote.stored_size, format, 0)?;
+        reader.check_at_open().await?;
         let mut offset = 0u64;
         while offset < reader.plain_size() {
             let data = reader.read(offset, STAGE_READ).await?;
@@ -1507,7 +1508,9 @@ impl Fs {
             // object not in our format) is neither needed nor allowed to abort the open after truncation.
             let reader = match remote {
                 Some((r, format)) if !truncate => {
-                    Some(self.reader(path, r.etag, r.stored_size, format, self.config.max_readahead)?)
+                    let reader = self.reader(path, r.etag, r.stored_size, format, self.config.max_readahead)?;
+                    reader.check_at_open().await?;
+                    Some(reader)
                 }
                 _ => None,
             };

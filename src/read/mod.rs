@@ -170,10 +170,8 @@ impl Reader {
     /// Reads up to `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
         tracing::trace!(offset, len, "read");
-        if self.format.is_s3ec() && self.plain_size == 0 {
-            // An empty S3EC object is still a tag to check: no "empty" answer for one that was tampered with.
-            self.s3ec_verified().await?;
-        }
+        // An empty S3EC object is still a tag to check: no "empty" answer for one that was tampered with.
+        self.check_at_open().await?;
         if offset >= self.plain_size || len == 0 {
             return Ok(Vec::new());
         }

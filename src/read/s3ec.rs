@@ -73,6 +73,13 @@ pub enum S3ecReadError {
     Format(#[from] S3ecError),
     #[error("S3 Encryption Client object: {0}")]
     Kms(#[from] KmsError),
+    /// KMS refused the wrapped data key (`InvalidCiphertextException`, `IncorrectKeyException`).
+    #[error(
+        "S3 Encryption Client object whose wrapped data key KMS key {key_id} refused (the server said: {message}): \
+         it was wrapped under another KMS key, or the wrapped key or the encryption context stored with it \
+         (x-amz-t / x-amz-matdesc) was modified"
+    )]
+    KmsRefused { key_id: String, message: String },
     #[error(
         "S3 Encryption Client object in the legacy format V1 (AES-CBC, unauthenticated), which s3cryptfs does not \
          read; re-encrypt it with a current S3 Encryption Client"
@@ -242,7 +249,10 @@ pub async fn content_key(
             let request = s3ec::kms_decrypt_request(envelope, &user_context)?;
             let context: Vec<(&str, String)> =
                 request.encryption_context.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            kms.decrypt_as(kms.key_id(), &request.ciphertext_blob, &context).await?
+            kms.decrypt_as(kms.key_id(), &request.ciphertext_blob, &context).await.map_err(|e| match e {
+                KmsError::InvalidCiphertext { key_id, message } => S3ecReadError::KmsRefused { key_id, message },
+                other => S3ecReadError::Kms(other),
+            })?
         }
         WrapAlg::AesGcm => {
             let keys = keys.ok_or(S3ecReadError::NeedsCustomerKey)?;
@@ -270,6 +280,15 @@ fn pass_segments(stored: u64) -> Vec<Range<u64>> {
 }
 
 impl Reader {
+    /// At open: an S3EC object without content is checked now, since the kernel sends no read for an empty file and
+    /// a tampered empty object would otherwise read as empty. Nothing to do for other objects.
+    pub async fn check_at_open(&self) -> Result<()> {
+        if self.format.is_s3ec() && self.plain_size == 0 {
+            self.s3ec_verified().await?;
+        }
+        Ok(())
+    }
+
     /// The verified index of this reader's object version: this reader's, another reader's of the same version, or
     /// made now by a pass.
     pub(super) async fn s3ec_verified(&self) -> Result<Arc<Verified>> {
