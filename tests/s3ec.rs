@@ -210,7 +210,6 @@ fn random_reads_of_a_large_object_return_every_byte_right() {
 
 /// Re-uploads `key` with plain curl: its user metadata with `replace` applied, its body (or `body`) with `flip`
 /// bytes XORed with 1.
-#[allow(clippy::too_many_arguments)]
 fn tamper(
     endpoint: &str,
     bucket: &str,
