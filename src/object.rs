@@ -231,3 +231,48 @@ impl ObjectCodec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::s3ec::{new_object_aes, WriteFormat};
+    use crate::crypto::Key256;
+    use std::collections::BTreeMap;
+
+    fn meta(pairs: &BTreeMap<String, String>) -> UserMeta {
+        UserMeta { extra: pairs.clone(), mode: Some(0o100644), ..UserMeta::default() }
+    }
+
+    fn cse() -> Codec {
+        Codec::Cse { keys: Some(Arc::new(KeyHistory::single(Key256::generate()))), kms: None, aead: AeadBackend::default() }
+    }
+
+    #[test]
+    fn the_format_comes_from_the_metadata_in_client_side_modes_only() {
+        let kek = Key256::generate();
+        let v2 = new_object_aes(WriteFormat::V2, &kek, &BTreeMap::new()).unwrap().envelope.to_metadata();
+        let v3 = new_object_aes(WriteFormat::V3, &kek, &BTreeMap::new()).unwrap().envelope;
+        let s3ec = |instruction_file| FormatHint::Known(StoredFormat::S3ec { instruction_file });
+        let own = FormatHint::Known(StoredFormat::Own);
+        assert_eq!(cse().format_hint(&meta(&v2)), s3ec(false));
+        assert_eq!(cse().format_hint(&meta(&v3.to_metadata())), s3ec(false));
+        assert_eq!(cse().format_hint(&meta(&v3.to_instruction_file().0)), s3ec(true));
+        // Our own objects carry a path binding; objects with neither may keep a V2 envelope in KEY.instruction.
+        let bound: BTreeMap<String, String> = [(BIND_META.to_string(), "x".to_string())].into();
+        assert_eq!(cse().format_hint(&meta(&bound)), own);
+        assert_eq!(cse().format_hint(&meta(&BTreeMap::new())), FormatHint::AskInstructionFile);
+        // An instruction file is an ordinary object; S3EC keys that make no envelope still read as S3EC (and fail).
+        let marker: BTreeMap<String, String> = [("x-amz-crypto-instr-file".to_string(), String::new())].into();
+        assert_eq!(cse().format_hint(&meta(&marker)), own);
+        let mut broken = v2.clone();
+        broken.remove("x-amz-iv");
+        assert_eq!(cse().format_hint(&meta(&broken)), s3ec(false));
+        // Mode none and the server-side modes show every object as its bytes.
+        assert_eq!(Codec::Plain.format_hint(&meta(&v2)), own);
+        assert_eq!(Codec::Plain.format_hint(&meta(&BTreeMap::new())), own);
+        // Sizes: stored - 16 for S3EC.
+        assert_eq!(cse().plain_size_of(StoredFormat::S3ec { instruction_file: false }, 116), Some(100));
+        assert_eq!(cse().plain_size_of(StoredFormat::S3ec { instruction_file: true }, 15), None);
+        assert_eq!(cse().plain_size_of(StoredFormat::Own, 528), cse().plain_size(528));
+    }
+}
