@@ -160,7 +160,7 @@ pub struct MountArgs {
     /// Comma-separated mount options (mode=, key_file=, key_fd=, key_env=, key_credential=, agent[=SOCKET],
     /// key_name=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
     /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, timeout=, staging_dir=,
-    /// log_level=, log_file=). May be repeated.
+    /// log_level=, log_file=, require_commitment). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, cse-kms, sse-c, sse-s3, sse-kms or none)")]
@@ -189,6 +189,11 @@ pub struct MountArgs {
     pub allow_other: bool,
     #[arg(long, help = "Same as -o ro")]
     pub ro: bool,
+    #[arg(
+        long,
+        help = "Same as -o require_commitment: refuse S3 Encryption Client objects in format V2 (no key commitment)"
+    )]
+    pub require_commitment: bool,
     #[arg(long, value_name = "ID", help = "Same as -o uid=ID")]
     pub uid: Option<String>,
     #[arg(long, value_name = "ID", help = "Same as -o gid=ID")]
@@ -255,6 +260,9 @@ impl MountArgs {
         }
         if self.allow_other {
             out.push(("allow_other".into(), None));
+        }
+        if self.require_commitment {
+            out.push(("require_commitment".into(), None));
         }
         if self.ro {
             out.push(("ro".into(), None));

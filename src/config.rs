@@ -139,6 +139,10 @@ pub struct MountConfig {
     pub nonempty: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (`metrics_addr=127.0.0.1:PORT`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Refuse S3 Encryption Client objects in message format V2, which has no key commitment
+    /// (`require_commitment`; cse-c and cse-kms). Off by default, as the AWS clients' commitment policy
+    /// `REQUIRE_ENCRYPT_ALLOW_DECRYPT`: buckets written by older SDKs hold V2 objects.
+    pub require_commitment: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -285,6 +289,7 @@ impl MountConfig {
             metrics_addr: None,
             nonempty: false,
             log_level_file: None,
+            require_commitment: false,
         };
         let mut agent_socket: Option<Option<PathBuf>> = None;
         let mut key_name: Option<String> = None;
@@ -350,6 +355,7 @@ impl MountConfig {
                     cfg.kms_endpoint = Some(v)
                 }
                 "bucket_key" => cfg.bucket_key = Some(parse_bool(name, value.as_deref())?),
+                "require_commitment" => cfg.require_commitment = parse_bool(name, value.as_deref())?,
                 "endpoint" => {
                     let v = need()?;
                     if !(v.starts_with("http://") || v.starts_with("https://")) {
@@ -458,6 +464,14 @@ impl MountConfig {
                 reason: "kms_key_id only applies to mode=sse-kms and mode=cse-kms".into(),
             });
         }
+        if !matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::CseKms) && cfg.require_commitment {
+            return Err(ConfigError::Invalid {
+                name: "require_commitment".into(),
+                reason: "require_commitment only applies to mode=cse-c and mode=cse-kms, which read S3 Encryption \
+                         Client objects"
+                    .into(),
+            });
+        }
         if cfg.mode != EncryptionMode::SseKms && cfg.bucket_key.is_some() {
             return Err(ConfigError::Invalid {
                 name: "bucket_key".into(),
@@ -559,6 +573,14 @@ mod tests {
         assert!(err.contains("kms_key_id"), "{err}");
         assert!(cfg("mode=cse-c,key_file=/k,kms_key_id=k").unwrap_err().to_string().contains("kms_key_id"));
         assert!(cfg("mode=cse-kms,kms_key_id=k,bucket_key=true").unwrap_err().to_string().contains("bucket_key"));
+        assert!(!cfg("mode=cse-c,key_file=/k").unwrap().require_commitment, "V2 S3EC objects are read by default");
+        assert!(cfg("mode=cse-c,key_file=/k,require_commitment").unwrap().require_commitment);
+        assert!(cfg("mode=cse-kms,kms_key_id=k,require_commitment=true").unwrap().require_commitment);
+        assert!(!cfg("mode=cse-kms,kms_key_id=k,require_commitment=false").unwrap().require_commitment);
+        for other in ["mode=none", "mode=sse-s3", "mode=sse-kms"] {
+            let err = cfg(&format!("{other},require_commitment")).unwrap_err().to_string();
+            assert!(err.contains("require_commitment") && err.contains("cse-c"), "{err}");
+        }
         assert!(cfg("mode=sse-kms,kms_endpoint=https://k").unwrap_err().to_string().contains("kms_endpoint"));
         assert!(cfg("mode=cse-kms,kms_key_id=k,kms_endpoint=kms.local").is_err());
     }

@@ -53,6 +53,8 @@ use crate::crypto::DataKey;
 /// re-reads within a short time, so a working set fits and re-reads cost no KMS call.
 pub const DATA_KEY_CACHE_ENTRIES: usize = 4096;
 
+/// How errors name the key of a Decrypt sent without `KeyId` ([`KmsClient::decrypt_as`]).
+const KEY_OF_THE_BLOB: &str = "(the one that wrapped the data key)";
 /// The service name SigV4 signs for.
 const SERVICE: &str = "kms";
 /// Content type of the KMS JSON protocol.
@@ -218,7 +220,7 @@ impl KmsClient {
         let data_key = answer.plaintext.0;
         self.cache.insert(
             CacheKey { blob: blob.clone(), context },
-            CachedKey { data_key: copy_key(&data_key), requested: key_id.to_string(), key_arn: answer.key_id.clone() },
+            CachedKey { data_key: copy_key(&data_key), requested: Some(key_id.to_string()), key_arn: answer.key_id.clone() },
         );
         Ok(GeneratedKey { data_key, blob, key_arn: answer.key_id })
     }
@@ -227,6 +229,19 @@ impl KmsClient {
     /// Served from the cache when this (blob, context) was unwrapped or generated before; concurrent calls for the
     /// same (blob, context) share one KMS request.
     pub async fn decrypt(&self, key_id: &str, blob: &[u8], context: &[(&str, String)]) -> Result<DataKey, KmsError> {
+        self.decrypt_as(Some(key_id), blob, context).await
+    }
+
+    /// [`KmsClient::decrypt`] for a wrapped key that does not say which KMS key wrapped it (S3 Encryption Client
+    /// objects, issue 12): `Some(key_id)` sends it as `KeyId`, so KMS refuses a blob wrapped under any other key (as
+    /// the AWS clients' KMS keyrings do); `None` sends no `KeyId`, and KMS takes the key from the blob (symmetric
+    /// keys only), so any key the credentials may use is accepted.
+    pub async fn decrypt_as(
+        &self,
+        key_id: Option<&str>,
+        blob: &[u8],
+        context: &[(&str, String)],
+    ) -> Result<DataKey, KmsError> {
         let key = CacheKey { blob: blob.to_vec(), context: context_map(context) };
         let slot = self.cache.slot(&key);
         match slot.get_or_try_init(|| self.kms_decrypt(key_id, &key)).await {
@@ -290,12 +305,15 @@ impl KmsClient {
         })
     }
 
-    /// One Decrypt request, uncached.
-    async fn kms_decrypt(&self, key_id: &str, key: &CacheKey) -> Result<CachedKey, KmsError> {
-        let body = self.call(key_id, "Decrypt", decrypt_request(key_id, &key.blob, &key.context)).await?;
-        let answer = parse_answer::<DecryptAnswer>(key_id, "Decrypt", body)?;
-        check_answer_key(key_id, &answer.key_id)?;
-        Ok(CachedKey { data_key: answer.plaintext.0, requested: key_id.to_string(), key_arn: answer.key_id })
+    /// One Decrypt request, uncached; without `key_id`, KMS takes the key from the blob.
+    async fn kms_decrypt(&self, key_id: Option<&str>, key: &CacheKey) -> Result<CachedKey, KmsError> {
+        let label = key_id.unwrap_or(KEY_OF_THE_BLOB);
+        let body = self.call(label, "Decrypt", decrypt_request(key_id, &key.blob, &key.context)).await?;
+        let answer = parse_answer::<DecryptAnswer>(label, "Decrypt", body)?;
+        if let Some(key_id) = key_id {
+            check_answer_key(key_id, &answer.key_id)?;
+        }
+        Ok(CachedKey { data_key: answer.plaintext.0, requested: key_id.map(str::to_string), key_arn: answer.key_id })
     }
 
     /// Sends `TrentService.{action}` and returns the answer's body.
@@ -394,7 +412,8 @@ struct GenerateRequest<'a> {
 #[serde(rename_all = "PascalCase")]
 struct DecryptRequest<'a> {
     ciphertext_blob: String,
-    key_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
     #[serde(skip_serializing_if = "no_context")]
     encryption_context: &'a EncryptionContext,
 }
@@ -446,7 +465,7 @@ fn generate_request(key_id: &str, context: &EncryptionContext) -> Vec<u8> {
     serde_json::to_vec(&request).expect("invariant broken: a struct of strings and a string map always serializes")
 }
 
-fn decrypt_request(key_id: &str, blob: &[u8], context: &EncryptionContext) -> Vec<u8> {
+fn decrypt_request(key_id: Option<&str>, blob: &[u8], context: &EncryptionContext) -> Vec<u8> {
     let request = DecryptRequest { ciphertext_blob: BASE64.encode(blob), key_id, encryption_context: context };
     serde_json::to_vec(&request).expect("invariant broken: a struct of strings and a string map always serializes")
 }
@@ -535,17 +554,21 @@ struct CacheKey {
 
 struct CachedKey {
     data_key: DataKey,
-    /// The key id as the caller that filled the entry wrote it.
-    requested: String,
+    /// The key id as the caller that filled the entry wrote it (`None`: sent without one).
+    requested: Option<String>,
     /// The key ARN KMS answered with.
     key_arn: String,
 }
 
 impl CachedKey {
     /// Whether a decrypt naming `requested` may be answered from this entry: the same spelling as the one KMS
-    /// accepted, or one that provably names the same key. (An alias we cannot resolve goes to KMS.)
-    fn serves(&self, requested: &str) -> bool {
-        requested == self.requested || names_key(requested, &self.key_arn) == Some(true)
+    /// accepted, or one that provably names the same key. (An alias we cannot resolve goes to KMS.) A decrypt that
+    /// names no key accepts whichever key KMS found in the blob.
+    fn serves(&self, requested: Option<&str>) -> bool {
+        match requested {
+            None => true,
+            Some(r) => self.requested.as_deref() == Some(r) || names_key(r, &self.key_arn) == Some(true),
+        }
     }
 }
 
@@ -693,12 +716,21 @@ mod tests {
             })
         );
         let body: serde_json::Value =
-            serde_json::from_slice(&decrypt_request("k-1", &[0, 1, 2, 0xff], &context)).unwrap();
+            serde_json::from_slice(&decrypt_request(Some("k-1"), &[0, 1, 2, 0xff], &context)).unwrap();
         assert_eq!(
             body,
             serde_json::json!({
                 "CiphertextBlob": "AAEC/w==",
                 "KeyId": "k-1",
+                "EncryptionContext": {"s3cryptfs:file-id": "00ff", "s3cryptfs:v": "1"},
+            })
+        );
+        // Without a key id (S3EC objects in a mount without kms_key_id) KMS takes the key from the blob.
+        let body: serde_json::Value = serde_json::from_slice(&decrypt_request(None, &[1], &context)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "CiphertextBlob": "AQ==",
                 "EncryptionContext": {"s3cryptfs:file-id": "00ff", "s3cryptfs:v": "1"},
             })
         );
@@ -779,7 +811,7 @@ mod tests {
     }
 
     fn cached(byte: u8, requested: &str, arn: &str) -> CachedKey {
-        CachedKey { data_key: DataKey::from_bytes(&[byte; 32]), requested: requested.into(), key_arn: arn.into() }
+        CachedKey { data_key: DataKey::from_bytes(&[byte; 32]), requested: Some(requested.into()), key_arn: arn.into() }
     }
 
     #[test]
@@ -835,10 +867,14 @@ mod tests {
     fn cached_keys_serve_only_requests_that_name_the_same_key() {
         let arn = "arn:aws:kms:us-east-1:000000000000:key/1111";
         let c = cached(1, "alias/app", arn);
-        assert!(c.serves("alias/app"));
-        assert!(c.serves("1111"));
-        assert!(c.serves(arn));
-        assert!(!c.serves("2222"));
-        assert!(!c.serves("alias/other"), "an alias we cannot resolve goes to KMS");
+        assert!(c.serves(Some("alias/app")));
+        assert!(c.serves(Some("1111")));
+        assert!(c.serves(Some(arn)));
+        assert!(!c.serves(Some("2222")));
+        assert!(!c.serves(Some("alias/other")), "an alias we cannot resolve goes to KMS");
+        assert!(c.serves(None), "a decrypt naming no key takes the key KMS found");
+        let unnamed = CachedKey { requested: None, ..cached(2, "", arn) };
+        assert!(unnamed.serves(Some("1111")) && unnamed.serves(Some(arn)) && unnamed.serves(None));
+        assert!(!unnamed.serves(Some("2222")) && !unnamed.serves(Some("alias/app")));
     }
 }

@@ -7,7 +7,8 @@
 //! main → unmount (waits for a daemon's final uploads through its state file)
 //! main → run ─→ fuse (thin adapter: kernel request → fs call → reply/errno)
 //!              └→ fs (POSIX semantics as async methods; inodes, handles, staging, errno mapping)
-//!                   ├→ read   (cache lookup → ranged GET → open chunks → cache fill; read-ahead)
+//!                   ├→ read   (cache lookup → ranged GET → open chunks → cache fill; read-ahead; S3EC objects:
+//!                   │          verification pass → chunk-digest index → checked ranged reads)
 //!                   ├→ journal (staged files and their sealed records: owned, locked, crash-recoverable)
 //!                   ├→ upload (staged content → sealed chunks → conditional PUT / multipart)
 //!                   ├→ object (mode-specific size and chunk maths)

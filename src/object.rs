@@ -4,12 +4,47 @@
 //! listing needs no request per object); which stored byte range holds a file chunk; and how to seal or open one
 //! chunk. In mode `none` a "chunk" is just a 64 KiB slice of the object, so the read path and the page cache work the
 //! same way in both modes.
+//!
+//! In the client-side modes an object can also be in the format of the AWS S3 Encryption Client (issue 12): its
+//! metadata says so ([`Codec::format_hint`]), it is 16 bytes longer than its file, and `read::s3ec` reads it.
 
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::crypto::s3ec::{self, Detection, S3ecError};
 use crate::crypto::{self, AeadBackend, CryptoError, Envelope, Header, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
 use crate::kms::{KmsClient, KmsError};
+use crate::store::UserMeta;
+
+/// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
+pub const BIND_META: &str = "s3cryptfs-bind";
+
+/// Which format a stored object is in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoredFormat {
+    /// What the mount's codec reads and writes: its own format (plaintext in the server-side modes).
+    #[default]
+    Own,
+    /// An object of the AWS S3 Encryption Client (format V2 or V3, or one this mount refuses): one AES-GCM message
+    /// over the whole object, 16 bytes longer than the file. `instruction_file`: its envelope, or the key-wrap half
+    /// of it, is in the object `KEY.instruction` beside it.
+    S3ec { instruction_file: bool },
+}
+
+impl StoredFormat {
+    pub fn is_s3ec(self) -> bool {
+        matches!(self, StoredFormat::S3ec { .. })
+    }
+}
+
+/// What an object's metadata alone tells about its format ([`Codec::format_hint`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatHint {
+    Known(StoredFormat),
+    /// Neither a path binding nor any S3EC key: an object written by another tool, or an S3EC object of format V1/V2
+    /// whose whole envelope is in `KEY.instruction`. Only whether that file exists tells them apart.
+    AskInstructionFile,
+}
 
 /// The encryption mode of a mount, with what it needs to work.
 ///
@@ -40,6 +75,35 @@ pub enum ObjectCodec {
 impl Codec {
     pub fn is_encrypted(&self) -> bool {
         matches!(self, Codec::Cse { .. })
+    }
+
+    /// The format of an object from its metadata. Only the client-side modes recognise S3EC objects; the server-side
+    /// modes show every object as its bytes are. Metadata with S3EC keys that do not form an envelope still counts as
+    /// S3EC, so that reading it fails with the reason, not as "not our format". An S3EC instruction file (it carries
+    /// `x-amz-crypto-instr-file`) is an ordinary object.
+    pub fn format_hint(&self, meta: &UserMeta) -> FormatHint {
+        if !self.is_encrypted() {
+            return FormatHint::Known(StoredFormat::Own);
+        }
+        let s3ec = |instruction_file| FormatHint::Known(StoredFormat::S3ec { instruction_file });
+        match s3ec::detect(meta.extra.iter()) {
+            Ok(Detection::Complete(_)) => s3ec(false),
+            Ok(Detection::NeedsInstructionFile(pending)) if pending.object_has_s3ec_metadata() => s3ec(true),
+            Ok(Detection::NeedsInstructionFile(_)) if meta.extra.contains_key(BIND_META) => {
+                FormatHint::Known(StoredFormat::Own)
+            }
+            Ok(Detection::NeedsInstructionFile(_)) => FormatHint::AskInstructionFile,
+            Err(S3ecError::IsInstructionFile) => FormatHint::Known(StoredFormat::Own),
+            Err(_) => s3ec(false),
+        }
+    }
+
+    /// File size of an object in `format` for a stored size (see [`Codec::plain_size`]).
+    pub fn plain_size_of(&self, format: StoredFormat, stored: u64) -> Option<u64> {
+        match format {
+            StoredFormat::Own => self.plain_size(stored),
+            StoredFormat::S3ec { .. } => s3ec::plain_size(stored).ok(),
+        }
     }
 
     /// Bytes at the start of an object that precede chunk 0.
@@ -165,5 +229,50 @@ impl ObjectCodec {
                 None => Err(crypto::CryptoError::ObjectSwapped),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::s3ec::{new_object_aes, WriteFormat};
+    use crate::crypto::Key256;
+    use std::collections::BTreeMap;
+
+    fn meta(pairs: &BTreeMap<String, String>) -> UserMeta {
+        UserMeta { extra: pairs.clone(), mode: Some(0o100644), ..UserMeta::default() }
+    }
+
+    fn cse() -> Codec {
+        Codec::Cse { keys: Some(Arc::new(KeyHistory::single(Key256::generate()))), kms: None, aead: AeadBackend::default() }
+    }
+
+    #[test]
+    fn the_format_comes_from_the_metadata_in_client_side_modes_only() {
+        let kek = Key256::generate();
+        let v2 = new_object_aes(WriteFormat::V2, &kek, &BTreeMap::new()).unwrap().envelope.to_metadata();
+        let v3 = new_object_aes(WriteFormat::V3, &kek, &BTreeMap::new()).unwrap().envelope;
+        let s3ec = |instruction_file| FormatHint::Known(StoredFormat::S3ec { instruction_file });
+        let own = FormatHint::Known(StoredFormat::Own);
+        assert_eq!(cse().format_hint(&meta(&v2)), s3ec(false));
+        assert_eq!(cse().format_hint(&meta(&v3.to_metadata())), s3ec(false));
+        assert_eq!(cse().format_hint(&meta(&v3.to_instruction_file().0)), s3ec(true));
+        // Our own objects carry a path binding; objects with neither may keep a V2 envelope in KEY.instruction.
+        let bound: BTreeMap<String, String> = [(BIND_META.to_string(), "x".to_string())].into();
+        assert_eq!(cse().format_hint(&meta(&bound)), own);
+        assert_eq!(cse().format_hint(&meta(&BTreeMap::new())), FormatHint::AskInstructionFile);
+        // An instruction file is an ordinary object; S3EC keys that make no envelope still read as S3EC (and fail).
+        let marker: BTreeMap<String, String> = [("x-amz-crypto-instr-file".to_string(), String::new())].into();
+        assert_eq!(cse().format_hint(&meta(&marker)), own);
+        let mut broken = v2.clone();
+        broken.remove("x-amz-iv");
+        assert_eq!(cse().format_hint(&meta(&broken)), s3ec(false));
+        // Mode none and the server-side modes show every object as its bytes.
+        assert_eq!(Codec::Plain.format_hint(&meta(&v2)), own);
+        assert_eq!(Codec::Plain.format_hint(&meta(&BTreeMap::new())), own);
+        // Sizes: stored - 16 for S3EC.
+        assert_eq!(cse().plain_size_of(StoredFormat::S3ec { instruction_file: false }, 116), Some(100));
+        assert_eq!(cse().plain_size_of(StoredFormat::S3ec { instruction_file: true }, 15), None);
+        assert_eq!(cse().plain_size_of(StoredFormat::Own, 528), cse().plain_size(528));
     }
 }

@@ -698,6 +698,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             read_only: config.read_only,
             attr_ttl: config.attr_ttl,
             max_readahead: config.cache.max_readahead,
+            s3ec: crate::read::s3ec::S3ecOptions { require_commitment: config.require_commitment },
         },
     ));
 

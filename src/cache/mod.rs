@@ -60,6 +60,11 @@ impl PageCache {
         }
     }
 
+    /// The most page bytes the cache holds.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the LRU half-updated in a way that matters (worst case a
         // byte count drifts), so recover from poisoning instead of propagating the panic.

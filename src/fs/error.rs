@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::crypto::CryptoError;
 use crate::kms::KmsError;
 use crate::object::CodecError;
+use crate::read::s3ec::S3ecReadError;
 use crate::store::StoreError;
 
 #[derive(Debug, Error)]
@@ -55,6 +56,13 @@ pub enum Error {
         #[source]
         source: KmsError,
     },
+    /// An AWS S3 Encryption Client object that cannot be read: refused, tampered with, or no key for it.
+    #[error("object {key}: {source}")]
+    S3ec {
+        key: String,
+        #[source]
+        source: S3ecReadError,
+    },
     #[error("object {key}: stored size {size} is not a valid size for an encrypted object (written by another tool?)")]
     NotOurFormat { key: String, size: u64 },
     #[error("object {key} changed in the store since it was opened; open it again to read the new version")]
@@ -92,6 +100,10 @@ impl Error {
         }
     }
 
+    pub fn s3ec(key: impl Into<String>, source: S3ecReadError) -> Self {
+        Error::S3ec { key: key.into(), source }
+    }
+
     pub fn staging(key: impl Into<String>, source: std::io::Error) -> Self {
         Error::Staging { key: key.into(), source }
     }
@@ -126,6 +138,8 @@ impl Error {
             Error::Crypto { .. } | Error::NotOurFormat { .. } => libc::EIO,
             // A denied KMS key is EACCES; disabled, missing or unreachable keys and refused wrapped keys are EIO.
             Error::Kms { source, .. } => source.errno(),
+            // Refused, tampered with or unreadable S3EC objects: EIO (a KMS denial: EACCES), never unverified bytes.
+            Error::S3ec { source, .. } => source.errno(),
             // ESTALE is what NFS clients return for a file replaced under an open handle.
             Error::Changed { .. } => libc::ESTALE,
             // The writer must learn its close did not land where it asked, though nothing is lost.

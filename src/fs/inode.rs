@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::write::WriteState;
+use crate::object::StoredFormat;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -126,6 +127,9 @@ pub struct Node {
     /// For a directory: until when the table holds all of its subdirectories, so `st_nlink` can count them (see the
     /// module docs). Set by a complete listing and by mkdir; `None` or past: unknown.
     pub subdirs_known_until: Option<Instant>,
+    /// For a file: the format of its stored object, as its metadata last said (an S3 Encryption Client object is read
+    /// differently, and its file is 16 bytes shorter than the object).
+    pub format: StoredFormat,
 }
 
 impl Node {
@@ -426,6 +430,7 @@ mod tests {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            format: StoredFormat::Own,
         }
     }
 

@@ -31,8 +31,10 @@ use self::inode::{InodeTable, Node, Remote};
 use self::write::{Staged, WriteState};
 use tokio::sync::OwnedMutexGuard;
 use crate::cache::PageCache;
-use crate::object::Codec;
-use crate::read::{Reader, BIND_META};
+use crate::crypto::s3ec::{instruction_file_key, INSTRUCTION_SUFFIX};
+use crate::object::{Codec, FormatHint, StoredFormat};
+use crate::read::s3ec::{S3ecOptions, S3ecReads};
+use crate::read::{ReadContext, Reader, BIND_META};
 use crate::journal::{BaseVersion, Journal};
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta};
 
@@ -55,6 +57,8 @@ pub struct FsConfig {
     pub read_only: bool,
     pub attr_ttl: Duration,
     pub max_readahead: u64,
+    /// How AWS S3 Encryption Client objects are read (client-side modes).
+    pub s3ec: S3ecOptions,
 }
 
 /// Who is asking (for ownership of new files and chown rules).
@@ -120,6 +124,8 @@ pub struct Fs {
     backend: Arc<dyn Backend>,
     codec: Codec,
     cache: Arc<PageCache>,
+    /// The verified indexes of S3EC objects, shared by their readers.
+    s3ec: Arc<S3ecReads>,
     journal: Arc<Journal>,
     config: FsConfig,
     table: Mutex<InodeTable>,
@@ -213,11 +219,13 @@ impl Fs {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            format: StoredFormat::Own,
         };
         Fs {
             backend,
             codec,
             cache,
+            s3ec: Arc::new(S3ecReads::new(config.s3ec)),
             journal,
             config,
             table: Mutex::new(InodeTable::new(root)),
@@ -249,8 +257,38 @@ impl Fs {
     }
 
     /// A reader for one stored version of the object at `path`.
-    fn reader(&self, path: String, etag: String, stored_size: u64, readahead: u64) -> Result<Arc<Reader>> {
-        Reader::new(self.backend.clone(), self.codec.clone(), self.cache.clone(), path, etag, stored_size, readahead)
+    fn reader(
+        &self,
+        path: String,
+        etag: String,
+        stored_size: u64,
+        format: StoredFormat,
+        readahead: u64,
+    ) -> Result<Arc<Reader>> {
+        let context = ReadContext {
+            backend: self.backend.clone(),
+            codec: self.codec.clone(),
+            cache: self.cache.clone(),
+            s3ec: self.s3ec.clone(),
+        };
+        Reader::new(&context, path, etag, stored_size, format, readahead)
+    }
+
+    /// The format of the object at `path` whose metadata is `meta`. In the client-side modes an object that carries
+    /// neither a path binding nor S3EC keys costs one more HEAD, of `PATH.instruction`: S3EC objects of format V2 can
+    /// keep their whole envelope there. (A store error there counts as "no instruction file": reading the object then
+    /// fails as not in our format, and the next look asks again.)
+    async fn format_of(&self, path: &str, meta: &UserMeta) -> StoredFormat {
+        match self.codec.format_hint(meta) {
+            FormatHint::Known(format) => format,
+            FormatHint::AskInstructionFile => {
+                let Ok(instruction) = ObjectKey::new(instruction_file_key(path)) else { return StoredFormat::Own };
+                match self.backend.head(&instruction).await {
+                    Ok(_) => StoredFormat::S3ec { instruction_file: true },
+                    Err(_) => StoredFormat::Own,
+                }
+            }
+        }
     }
 
     fn default_perm(&self, kind: FileKind) -> u16 {
@@ -287,11 +325,13 @@ impl Fs {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            format: StoredFormat::Own,
         }
     }
 
-    /// Applies what the store says about an object to a node (unless the node has local changes).
-    fn apply_remote(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta) {
+    /// Applies what the store says about an object (in `format`, see [`Fs::format_of`]) to a node (unless the node
+    /// has local changes).
+    fn apply_remote(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta, format: StoredFormat) {
         if node.write.is_some() {
             return;
         }
@@ -312,7 +352,8 @@ impl Fs {
         }
         node.kind = kind;
         if kind != FileKind::Dir {
-            node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
+            node.format = format;
+            node.size = self.codec.plain_size_of(format, info.size).unwrap_or(info.size);
             node.remote = Some(new_remote);
         }
         node.perm = meta.mode.map(|m| (m & 0o7777) as u16).unwrap_or_else(|| self.default_perm(kind));
@@ -324,9 +365,9 @@ impl Fs {
     }
 
     /// `apply_remote` for a node whose write state is being loaded (nothing local to protect yet).
-    fn apply_remote_even_if_staged(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta) {
+    fn apply_remote_even_if_staged(&self, node: &mut Node, info: &ObjectInfo, meta: &UserMeta, format: StoredFormat) {
         let ws = node.write.take();
-        self.apply_remote(node, info, meta);
+        self.apply_remote(node, info, meta, format);
         node.write = ws;
     }
 
@@ -465,9 +506,10 @@ impl Fs {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
                     self.note_store_answers();
+                    let format = self.format_of(&path, &meta).await;
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
-                        self.apply_remote(node, &info, &meta);
+                        self.apply_remote(node, &info, &meta, format);
                     }
                     // A directory of the same name shadows the file; that case is caught by readdir and the full probe
                     // below on the next expiry, which is accepted as the price of one request per lookup.
@@ -491,6 +533,10 @@ impl Fs {
             Err(e) => return Err(e),
         };
         self.note_store_answers();
+        let file_format = match &file {
+            Some((_, meta)) => self.format_of(&path, meta).await,
+            None => StoredFormat::Own,
+        };
         let mut table = lock(&self.table);
         // Re-check under the lock: the node may have been created locally meanwhile.
         let current = table.child(parent, name);
@@ -506,7 +552,7 @@ impl Fs {
             if let Some(node) = table.get_mut(ino) {
                 node.has_marker = has_marker;
                 match &marker {
-                    Some((info, meta)) => self.apply_remote(node, info, meta),
+                    Some((info, meta)) => self.apply_remote(node, info, meta, StoredFormat::Own),
                     None => node.validated = Some(Instant::now()),
                 }
             }
@@ -518,7 +564,7 @@ impl Fs {
                 _ => table.insert(self.blank_node(parent, name, FileKind::File)),
             };
             if let Some(node) = table.get_mut(ino) {
-                self.apply_remote(node, &info, &meta);
+                self.apply_remote(node, &info, &meta, file_format);
             }
             return Ok(ino);
         }
@@ -568,9 +614,10 @@ impl Fs {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
                     self.note_store_answers();
+                    let format = self.format_of(&path, &meta).await;
                     let mut table = lock(&self.table);
                     if let Some(node) = table.get_mut(ino) {
-                        self.apply_remote(node, &info, &meta);
+                        self.apply_remote(node, &info, &meta, format);
                     }
                 }
                 // Gone from the store (another writer deleted it): keep answering from what we know; a lookup will
@@ -698,18 +745,14 @@ impl Fs {
             if node.kind != FileKind::Symlink {
                 return Err(Error::InvalidArgument("not a symbolic link"));
             }
-            (node.link_target.clone(), node.remote.clone())
+            (node.link_target.clone(), node.remote.clone().map(|r| (r, node.format)))
         };
         if let Some(t) = cached {
             return Ok(t);
         }
-        let remote = remote.ok_or(Error::NotFound)?;
+        let (remote, format) = remote.ok_or(Error::NotFound)?;
         let path = self.path_of(ino)?;
-        let reader = self.reader(path,
-            remote.etag,
-            remote.stored_size,
-            0,
-        )?;
+        let reader = self.reader(path, remote.etag, remote.stored_size, format, 0)?;
         let target = reader.read(0, reader.plain_size() as usize).await?;
         if let Some(node) = lock(&self.table).get_mut(ino) {
             node.link_target = Some(target.clone());
@@ -750,6 +793,17 @@ impl Fs {
             staged.mark_clean(); // deleted while open: POSIX says the data goes with it
         }
         self.cache.invalidate_key(&path);
+        if self.has_instruction_file(ino) {
+            // Part of the object (S3EC clients delete it with the object too); left behind it would show up.
+            let instruction = instruction_file_key(&path);
+            let deleted = match key(&instruction) {
+                Ok(k) => self.backend.delete(&k).await,
+                Err(_) => Ok(()),
+            };
+            if let Err(e) = deleted {
+                tracing::warn!(key = %path, instruction, error = %crate::error_text::error_chain(&e), "the object was deleted, but not its S3EC instruction file");
+            }
+        }
         let mut table = lock(&self.table);
         table.detach(parent, &name);
         self.touch_dir(&mut table, parent);
@@ -808,7 +862,7 @@ impl Fs {
                             Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
                         if node.remote.as_ref() != Some(&remote) {
                             // Changed or new: take the size now, and let the next lookup fetch its metadata.
-                            node.size = self.codec.plain_size(info.size).unwrap_or(info.size);
+                            node.size = self.codec.plain_size_of(node.format, info.size).unwrap_or(info.size);
                             node.remote = Some(remote);
                             node.validated = None;
                             node.link_target = None;
@@ -845,6 +899,19 @@ impl Fs {
                     e.kind = n.kind;
                 }
             }
+            // The instruction file of an S3EC object beside it is part of that object, not a file of its own: hidden
+            // from listings (a lookup by name still finds it). See docs/SEMANTICS.md.
+            let s3ec_objects: std::collections::HashSet<String> = entries
+                .iter()
+                .filter(|e| table.get(e.ino).is_some_and(|n| n.kind == FileKind::File && n.format.is_s3ec()))
+                .map(|e| e.name.clone())
+                .collect();
+            if !s3ec_objects.is_empty() {
+                entries.retain(|e| {
+                    e.kind != FileKind::File
+                        || !e.name.strip_suffix(INSTRUCTION_SUFFIX).is_some_and(|object| s3ec_objects.contains(object))
+                });
+            }
             // Every listed name is in the table now, and every subdirectory made or found since under the table's
             // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
             table.know_subdirs(ino, listed_at + self.config.attr_ttl);
@@ -878,7 +945,10 @@ impl Fs {
         let results: Vec<_> = futures::stream::iter(stale)
             .map(|(ino, path)| async move {
                 let r = match key(&path) {
-                    Ok(k) => self.backend.head(&k).await.ok(),
+                    Ok(k) => match self.backend.head(&k).await {
+                        Ok((info, meta)) => Some((self.format_of(&path, &meta).await, info, meta)),
+                        Err(_) => None,
+                    },
                     Err(_) => None,
                 };
                 (ino, r)
@@ -888,8 +958,8 @@ impl Fs {
             .await;
         let mut table = lock(&self.table);
         for (ino, r) in results {
-            if let (Some((info, meta)), Some(node)) = (r, table.get_mut(ino)) {
-                self.apply_remote(node, &info, &meta);
+            if let (Some((format, info, meta)), Some(node)) = (r, table.get_mut(ino)) {
+                self.apply_remote(node, &info, &meta, format);
             }
         }
     }
@@ -1096,6 +1166,15 @@ impl Fs {
             let uploaded = lock(&self.table).get(ino).is_some_and(|n| n.remote.is_some());
             if uploaded {
                 self.rename_object(from, to).await?;
+                // An S3EC object's instruction file moves with it (a directory's listing above moves it anyway).
+                if self.has_instruction_file(ino) {
+                    let (from_i, to_i) = (instruction_file_key(from), instruction_file_key(to));
+                    match self.backend.rename(&key(&from_i)?, &key(&to_i)?, None).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(Error::store(&from_i, e)),
+                    }
+                }
             }
         }
         Ok(())
@@ -1126,6 +1205,11 @@ impl Fs {
         self.cache.invalidate_key(from);
         self.cache.invalidate_key(to);
         Ok(())
+    }
+
+    /// Whether `ino` is an S3EC object whose envelope (or part of it) is in its instruction file.
+    fn has_instruction_file(&self, ino: u64) -> bool {
+        lock(&self.table).get(ino).is_some_and(|n| n.format == StoredFormat::S3ec { instruction_file: true })
     }
 
     fn retarget_readers(&self) {
@@ -1316,27 +1400,30 @@ impl Fs {
                 // About to rewrite the whole object from this copy: make sure it is the version in the store now,
                 // whatever the attribute cache says, or another writer's update would be silently overwritten.
                 let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
+                let format = self.format_of(&path, &meta).await;
                 let current = Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
-                if current != remote {
+                let known_format = lock(&self.table).get(ino).map(|n| n.format);
+                if current != remote || known_format != Some(format) {
                     if let Some(n) = lock(&self.table).get_mut(ino) {
                         n.remote = Some(current.clone());
-                        self.apply_remote_even_if_staged(n, &info, &meta);
+                        self.apply_remote_even_if_staged(n, &info, &meta, format);
                     }
                     remote = current;
                 }
                 let mut base = info.etag.clone();
-                let size = match self.download_into(&path, &remote, &staged.file).await {
+                let size = match self.download_into(&path, &remote, format, &staged.file).await {
                     // Replaced in the store since we looked (another writer): stage the version there now.
                     Err(Error::Changed { .. }) => {
                         let (info, meta) = self.backend.head(&key(&path)?).await.map_err(|e| Error::store(&path, e))?;
+                        let format = self.format_of(&path, &meta).await;
                         let fresh = Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
                         if let Some(n) = lock(&self.table).get_mut(ino) {
                             n.remote = Some(fresh.clone());
-                            self.apply_remote_even_if_staged(n, &info, &meta);
+                            self.apply_remote_even_if_staged(n, &info, &meta, format);
                         }
                         base = info.etag.clone();
                         staged.reset().map_err(|e| Error::staging(&path, e))?;
-                        self.download_into(&path, &fresh, &staged.file).await?
+                        self.download_into(&path, &fresh, format, &staged.file).await?
                     }
                     other => other?,
                 };
@@ -1351,9 +1438,17 @@ impl Fs {
         Ok(ws)
     }
 
-    /// Downloads and decrypts one stored version of `path` into a staging file; returns its plaintext size.
-    async fn download_into(&self, path: &str, remote: &Remote, file: &crate::journal::StagedFile) -> Result<u64> {
-        let reader = self.reader(path.to_string(), remote.etag.clone(), remote.stored_size, 0)?;
+    /// Downloads and decrypts one stored version of `path` into a staging file; returns its plaintext size. An S3EC
+    /// object is authenticated whole before its first byte is staged (see `read::s3ec`).
+    async fn download_into(
+        &self,
+        path: &str,
+        remote: &Remote,
+        format: StoredFormat,
+        file: &crate::journal::StagedFile,
+    ) -> Result<u64> {
+        let reader = self.reader(path.to_string(), remote.etag.clone(), remote.stored_size, format, 0)?;
+        reader.check_at_open().await?;
         let mut offset = 0u64;
         while offset < reader.plain_size() {
             let data = reader.read(offset, STAGE_READ).await?;
@@ -1379,8 +1474,9 @@ impl Fs {
         if let Some(path) = stale {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
+                    let format = self.format_of(&path, &meta).await;
                     if let Some(n) = lock(&self.table).get_mut(ino) {
-                        self.apply_remote(n, &info, &meta);
+                        self.apply_remote(n, &info, &meta, format);
                     }
                 }
                 // Gone: the open goes on with what is known; a read that needs the store reports it.
@@ -1403,7 +1499,7 @@ impl Fs {
                 FileKind::File => {}
             }
             node.open_handles += 1;
-            node.remote.clone()
+            node.remote.clone().map(|r| (r, node.format))
         };
         let result = async {
             let path = self.path_of(ino)?;
@@ -1411,11 +1507,11 @@ impl Fs {
             // With O_TRUNC the stored content is never read through this handle, so a reader (which fails for an
             // object not in our format) is neither needed nor allowed to abort the open after truncation.
             let reader = match remote {
-                Some(r) if !truncate => Some(self.reader(path,
-                    r.etag,
-                    r.stored_size,
-                    self.config.max_readahead,
-                )?),
+                Some((r, format)) if !truncate => {
+                    let reader = self.reader(path, r.etag, r.stored_size, format, self.config.max_readahead)?;
+                    reader.check_at_open().await?;
+                    Some(reader)
+                }
                 _ => None,
             };
             if truncate {
@@ -1449,8 +1545,9 @@ impl Fs {
         if stale {
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
+                    let format = self.format_of(&path, &meta).await;
                     if let Some(n) = lock(&self.table).get_mut(ino) {
-                        self.apply_remote(n, &info, &meta);
+                        self.apply_remote(n, &info, &meta, format);
                     }
                 }
                 Err(e) if e.is_not_found() => {
@@ -1651,6 +1748,8 @@ impl Fs {
             let mut table = lock(&self.table);
             if let Some(n) = table.get_mut(ino) {
                 n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+                // Written in the mount's own format, whatever it was read in (an S3EC object is rewritten too).
+                n.format = StoredFormat::Own;
                 n.validated = Some(Instant::now());
             }
         }
@@ -1665,12 +1764,15 @@ impl Fs {
         for h in handles.values_mut() {
             if let Handle::File { ino: i, reader, .. } = h {
                 if *i == ino {
-                    *reader = self.reader(path.to_string(),
-                        info.etag.clone().unwrap_or_default(),
-                        info.size,
-                        self.config.max_readahead,
-                    )
-                    .ok();
+                    *reader = self
+                        .reader(
+                            path.to_string(),
+                            info.etag.clone().unwrap_or_default(),
+                            info.size,
+                            StoredFormat::Own,
+                            self.config.max_readahead,
+                        )
+                        .ok();
                 }
             }
         }

@@ -102,6 +102,7 @@ async fn fs_at(store: Arc<Silenceable>, dir: &std::path::Path, attr_ttl: Duratio
         read_only: false,
         attr_ttl,
         max_readahead: 1 << 20,
+        s3ec: Default::default(),
     };
     Fs::new(store, Codec::Plain, Arc::new(PageCache::new(1 << 20)), Arc::new(journal), config)
 }

@@ -12,6 +12,11 @@
 //!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
 //! is ever returned or cached.
+//!
+//! Objects of the AWS S3 Encryption Client ([`StoredFormat::S3ec`]) use the same pages, cache, read-ahead and
+//! in-flight registry, but their pages come from [`s3ec`]: authenticated by a pass over the whole object first.
+
+pub mod s3ec;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -24,11 +29,12 @@ use tokio::sync::OnceCell;
 use crate::cache::{ObjectId, PageCache};
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
-use crate::object::{Codec, ObjectCodec};
+use crate::object::{Codec, ObjectCodec, StoredFormat};
 use crate::store::{Backend, ObjectKey, UserMeta};
 
-/// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
-pub const BIND_META: &str = "s3cryptfs-bind";
+use self::s3ec::{S3ecReads, Verified};
+
+pub use crate::object::BIND_META;
 
 /// Chunks per background GET: 4 MiB, a size at which S3 throughput per request is near its best while several
 /// requests still fit in a read-ahead window.
@@ -42,16 +48,29 @@ struct ReadState {
     prefetched_until: u64,
 }
 
+/// What every reader of a mount shares.
+#[derive(Clone)]
+pub struct ReadContext {
+    pub backend: Arc<dyn Backend>,
+    pub codec: Codec,
+    pub cache: Arc<PageCache>,
+    pub s3ec: Arc<S3ecReads>,
+}
+
 pub struct Reader {
     backend: Arc<dyn Backend>,
     codec: Codec,
     cache: Arc<PageCache>,
+    s3ec: Arc<S3ecReads>,
+    format: StoredFormat,
     key: Mutex<String>,
     etag: String,
     plain_size: u64,
     stored_size: u64,
     max_readahead: u64,
     object: OnceCell<Arc<ObjectCodec>>,
+    /// S3EC objects: the verified index, once a pass (this reader's or another's) made it.
+    verified: OnceCell<Arc<Verified>>,
     /// Set once the object was renamed under this reader (see `set_key`).
     moved: std::sync::atomic::AtomicBool,
     state: Mutex<ReadState>,
@@ -63,27 +82,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Reader {
+    /// A reader of the version `etag` (`stored_size` bytes, in `format`) of the object at `key`.
     pub fn new(
-        backend: Arc<dyn Backend>,
-        codec: Codec,
-        cache: Arc<PageCache>,
+        context: &ReadContext,
         key: String,
         etag: String,
         stored_size: u64,
+        format: StoredFormat,
         max_readahead: u64,
     ) -> Result<Arc<Reader>> {
-        let plain_size =
-            codec.plain_size(stored_size).ok_or_else(|| Error::NotOurFormat { key: key.clone(), size: stored_size })?;
+        let plain_size = match format {
+            StoredFormat::Own => context.codec.plain_size(stored_size),
+            StoredFormat::S3ec { .. } => crate::crypto::s3ec::plain_size(stored_size).ok(),
+        }
+        .ok_or_else(|| Error::NotOurFormat { key: key.clone(), size: stored_size })?;
         Ok(Arc::new(Reader {
-            backend,
-            codec,
-            cache,
+            backend: context.backend.clone(),
+            codec: context.codec.clone(),
+            cache: context.cache.clone(),
+            s3ec: context.s3ec.clone(),
+            format,
             key: Mutex::new(key),
             etag,
             plain_size,
             stored_size,
             max_readahead,
             object: OnceCell::new(),
+            verified: OnceCell::new(),
             moved: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
             inflight: Mutex::new(HashMap::new()),
@@ -134,16 +159,26 @@ impl Reader {
         index + 1 == self.codec.chunk_count(self.plain_size)
     }
 
+    /// Pages of the file: chunks of the own format, 64 KiB slices of an S3EC object.
+    fn page_count(&self) -> u64 {
+        match self.format {
+            StoredFormat::Own => self.codec.chunk_count(self.plain_size),
+            StoredFormat::S3ec { .. } => self.plain_size.div_ceil(CHUNK_PLAIN_LEN),
+        }
+    }
+
     /// Reads up to `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
         tracing::trace!(offset, len, "read");
+        // An empty S3EC object is still a tag to check: no "empty" answer for one that was tampered with.
+        self.check_at_open().await?;
         if offset >= self.plain_size || len == 0 {
             return Ok(Vec::new());
         }
         let end = (offset + len as u64).min(self.plain_size);
         let first = offset / CHUNK_PLAIN_LEN;
         let last = (end - 1) / CHUNK_PLAIN_LEN; // inclusive
-        let chunk_total = self.codec.chunk_count(self.plain_size);
+        let chunk_total = self.page_count();
 
         let prefetch = {
             let mut st = lock(&self.state);
@@ -315,6 +350,9 @@ impl Reader {
 
     /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
     async fn fetch(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
+        if self.format.is_s3ec() {
+            return self.s3ec_fetch(run).await;
+        }
         let key = self.key();
         let first = self.codec.chunk_range(run.start, self.plain_size);
         let last = self.codec.chunk_range(run.end - 1, self.plain_size);
