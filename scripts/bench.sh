@@ -7,6 +7,10 @@
 #   BENCH_MIB=256 BENCH_FILES=500 scripts/bench.sh    # a smaller run
 #   BENCH_OPTS=aead=aes-gcm scripts/bench.sh          # extra mount options (here: the RustCrypto AEAD)
 #   BENCH_BIN=/path/to/old/s3cryptfs scripts/bench.sh # the same run with another build (A/B)
+#   BENCH_S3EC=0 scripts/bench.sh                     # skip the S3 Encryption Client comparison (default: run it)
+#
+# The S3EC comparison: a V3 object of BENCH_MIB MiB written by the official Python client (scripts/s3ec-client.sh),
+# read back cold by that client's get_object and by `cat` through a cse-kms mount (best of 3 each).
 #
 # Each phase runs on a fresh mount, so neither the kernel's page cache nor ours holds the data it reads.
 set -euo pipefail
@@ -95,6 +99,50 @@ run_mode() {
 run_raw
 for mode in "${MODES[@]}"; do run_mode "$mode"; done
 
+# Seconds a command takes (wall clock, 2 decimals).
+seconds() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@" >/dev/null
+  t1=$(date +%s.%N)
+  awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}'
+}
+
+# Best of three runs of a command.
+best3() {
+  local best="" t
+  for _ in 1 2 3; do
+    t=$(seconds "$@")
+    if [ -z "$best" ] || awk -v a="$t" -v b="$best" 'BEGIN{exit !(a<b)}'; then best=$t; fi
+  done
+  echo "$best"
+}
+
+run_s3ec() {
+  local b py tool=tests/tools/s3ec.py
+  bash scripts/s3ec-client.sh install >/dev/null
+  eval "$(bash scripts/s3ec-client.sh env)"
+  py=$S3CRYPTFS_TEST_S3EC_PYTHON
+  b=$(new_bucket)
+  head -c "$((MIB << 20))" /dev/urandom > "$WORK/s3ec.in"
+  S3EC_PUT=$(seconds "$py" "$tool" put --version 3 --wrap kms --kms-key-id "$KMS_KEY" --bucket "$b" --key big \
+    --file "$WORK/s3ec.in" --multipart-threshold $((8 << 20)) --part-size $((8 << 20)))
+  S3EC_GET=$(best3 "$py" "$tool" get --bucket "$b" --key big --out "$WORK/s3ec.out" --kms-key-id "$KMS_KEY")
+  cmp -s "$WORK/s3ec.in" "$WORK/s3ec.out" || { echo "bench: the official client read back other bytes" >&2; exit 1; }
+  rm -f "$WORK/s3ec.out"
+  read_through_mount() {
+    mount_it cse-kms "$b"
+    cat "$MNT/big"
+    $BIN unmount "$MNT"
+  }
+  S3EC_READ=$(best3 read_through_mount)
+  mount_it cse-kms "$b"
+  cmp -s "$WORK/s3ec.in" "$MNT/big" || { echo "bench: the mount read back other bytes" >&2; exit 1; }
+  $BIN unmount "$MNT"
+  rm -f "$WORK/s3ec.in"
+}
+if [ "${BENCH_S3EC:-1}" = 1 ]; then run_s3ec; fi
+
 printf '\n%-14s %10s' workload raw_s
 for mode in "${MODES[@]}"; do printf ' %10s' "${mode}_s"; done
 for mode in "${MODES[@]}"; do printf ' %10s' "$mode/raw"; done
@@ -114,3 +162,11 @@ echo "seq_* move $MIB MiB (raw: $(awk -v m="$MIB" -v s="${T[raw,seq_write]}" 'BE
 echo "small_list = readdir + stat of every file on a fresh mount (ls -l); raw small_list = one paged LIST."
 echo "server: ${S3CRYPTFS_TEST_SERVER:-?} at $EP (raw client over http; sse-c over https); a ratio above 1 means"
 echo "slower than the raw client."
+if [ "${BENCH_S3EC:-1}" = 1 ]; then
+  echo
+  echo "S3 Encryption Client V3 object of $MIB MiB (kms+context), cold reads, best of 3:"
+  printf '%-34s %8s s\n' "official client put_object (once)" "$S3EC_PUT"
+  printf '%-34s %8s s\n' "official client get_object" "$S3EC_GET"
+  printf '%-34s %8s s   (%s x the official client)\n' "cat through a cse-kms mount" "$S3EC_READ" \
+    "$(awk -v a="$S3EC_READ" -v b="$S3EC_GET" 'BEGIN{printf "%.2f", a/b}')"
+fi
