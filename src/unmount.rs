@@ -58,8 +58,7 @@ fn home_of(uid: u32) -> Option<PathBuf> {
 
 fn file_name(mountpoint: &Path) -> String {
     let digest = Sha256::digest(mountpoint.as_os_str().as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.state")
+    format!("{}.state", crate::crypto::hex::hex(&digest[..16]))
 }
 
 /// Refuses what `uid` does not own or others may write (a planted file or directory).

@@ -26,6 +26,7 @@
 pub mod aead;
 pub mod error;
 pub mod format;
+pub mod hex;
 pub mod journal;
 pub mod keyfile;
 pub mod object;

@@ -2052,7 +2052,7 @@ impl Fs {
         if let Some(reason) = unfit {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(record.path.as_bytes());
-            let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            let short = crate::crypto::hex::hex(&digest[..8]);
             target = format!("{LOST_AND_FOUND}/s3cryptfs-{}-{short}", record.written_at.0);
             expect = Expect::Absent;
             tracing::error!(key = %record.path, reason, saved_as = %target, "staged data a previous run left cannot be uploaded under its name; saving it under lost+found");

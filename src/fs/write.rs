@@ -66,7 +66,7 @@ impl Staged {
             journal: journal.clone(),
             n,
             file,
-            file_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            file_id: crate::crypto::hex::hex(&id),
             loaded,
             dirty,
             size: 0,

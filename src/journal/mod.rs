@@ -140,16 +140,7 @@ struct Header {
     check: String,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
+pub(crate) use crate::crypto::hex::{hex, unhex};
 
 /// A fresh random upload stamp.
 pub fn new_upload_id() -> String {
@@ -442,6 +433,7 @@ impl Journal {
     async fn take_over_finished(&self, name: &str) -> Result<Vec<Leftover>, JournalError> {
         let started = std::time::Instant::now();
         let mut logged = false;
+        let mut extended = None;
         loop {
             match self.take_over_run(name).await? {
                 Taken::Done(found) => return Ok(found),
@@ -458,6 +450,11 @@ impl Journal {
                     if !logged {
                         tracing::warn!(journal = %self.store_dir.path().join(name).display(), "a previous daemon of this store is finishing its uploads (its mount has ended); waiting for it before mounting");
                         logged = true;
+                    }
+                    // Under systemd (Type=notify) the wait must not run into TimeoutStartSec: extend it as we go.
+                    if extended.is_none_or(|t: std::time::Instant| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                        extended = Some(std::time::Instant::now());
+                        crate::notify::notify("EXTEND_TIMEOUT_USEC=20000000\nSTATUS=waiting for a previous daemon of this store to finish its uploads");
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

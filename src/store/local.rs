@@ -515,7 +515,7 @@ impl Inner {
     /// Writes (and fsyncs) the intent of renaming `from` (inode `ino`, metadata `old`): see the module docs.
     fn write_intent(&self, from: &ObjectKey, ino: u64, old: &[u8]) -> Result<CString, StoreError> {
         let name = CString::new(format!("rename-{ino:016x}.intent")).expect("invariant broken: a hex name holds no NUL");
-        let body = serde_json::to_vec(&Intent { ino, from: from.as_str().to_string(), old: hex_of(old) })
+        let body = serde_json::to_vec(&Intent { ino, from: from.as_str().to_string(), old: crate::crypto::hex::hex(old) })
             .map_err(|e| StoreError::invalid(format!("rename intent: {e}")))?;
         let tmp_name = CString::new(format!("rename-{ino:016x}.intent.new")).expect("invariant broken: a hex name holds no NUL");
         let write = || -> io::Result<()> {
@@ -540,7 +540,7 @@ impl Inner {
             tracing::warn!(intent = ?name, "unreadable rename intent in the local store; removed");
             return false;
         };
-        let (Ok(key), Some(old)) = (ObjectKey::new(intent.from.clone()), unhex(&intent.old)) else { return false };
+        let (Ok(key), Some(old)) = (ObjectKey::new(intent.from.clone()), crate::crypto::hex::unhex(&intent.old)) else { return false };
         let Ok((dir, leaf)) = self.locate(&key, false) else { return false };
         let Ok((src, st)) = open_in(&dir, &leaf, &key) else { return false };
         if st.ino != intent.ino {
@@ -1036,17 +1036,6 @@ struct Intent {
     from: String,
     /// Hex of the metadata attribute's bytes.
     old: String,
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn raw_meta(file: &File, key: &ObjectKey) -> Result<String, StoreError> {
