@@ -354,3 +354,30 @@ mod tests {
         assert_eq!(file_name(Path::new("/mnt/a")).len(), 32 + ".state".len());
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A state file (or directory) planted by another user, or left writable by others, is refused: an unmount
+    /// would otherwise trust what that user writes into it.
+    #[test]
+    fn a_planted_or_shared_state_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.state");
+        std::fs::write(&p, b"state=done\nleft=0\n").unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_owned(&p, &std::fs::metadata(&p).unwrap(), me).is_ok());
+        assert!(check_owned(&p, &std::fs::metadata(&p).unwrap(), me + 1).is_err(), "another owner");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert!(check_owned(&p, &std::fs::metadata(&p).unwrap(), me).is_err(), "writable by others");
+        // A symlink in its place is not followed.
+        let link = dir.path().join("y.state");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let err = open_nofollow(&link, libc::O_RDONLY).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+    }
+}

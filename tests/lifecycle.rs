@@ -684,3 +684,47 @@ fn unmount_waits_for_the_final_uploads_and_a_new_mount_waits_for_a_finishing_dae
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(second.child.wait().unwrap().success());
 }
+
+/// Unhappy path of the above: the daemon is killed (-9) while `s3cryptfs unmount` waits for its final upload. The
+/// command must not report success: it exits non-zero saying the daemon ended without finishing, and the next start
+/// of the store uploads the data from the journal, whole. (Should the upload win the race against the kill, the
+/// command must exit 0 with the object already whole; either way nothing is lost.)
+#[test]
+fn unmount_reports_a_daemon_killed_during_its_final_uploads_and_nothing_is_lost() {
+    const MIB: usize = 256;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let Store::Local { dir: store_dir } = &store else { unreachable!() };
+    let dir = env.path().join("mnt-killed");
+    fs::create_dir_all(&dir).unwrap();
+    let opts = format!("mode=none,staging_dir={}", env.path().join("staging").display());
+    let log = env.path().join("first.log");
+    let mut child = Reaped::new(daemon_command(&opts, store.url(), &dir, &log).spawn().unwrap(), &dir);
+    wait_mounted(&dir, &mut child.child, &log);
+    leave_dirty_at_unmount(&dir, "big", MIB, b'k');
+    let unmount = Command::new(BIN).arg("unmount").arg(&dir).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while is_mounted(&dir) {
+        assert!(Instant::now() < deadline, "not unmounted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.child.id() as i32, libc::SIGKILL) };
+    let out = unmount.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let _ = child.child.wait();
+    if out.status.success() {
+        eprintln!("the upload finished before the kill; checking the object only");
+    } else {
+        assert!(stderr.contains("ended without finishing") && stderr.contains("next start"), "{stderr}");
+        // The next start uploads what the killed daemon left.
+        let log2 = env.path().join("second.log");
+        let mut second = Reaped::new(daemon_command(&opts, store.url(), &dir, &log2).spawn().unwrap(), &dir);
+        wait_mounted(&dir, &mut second.child, &log2);
+        let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(second.child.wait().unwrap().success());
+    }
+    let stored = fs::read(store_dir.join("big")).unwrap();
+    assert_eq!(stored.len(), MIB << 20);
+    assert!(stored.iter().all(|b| *b == b'k'));
+}
