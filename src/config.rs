@@ -39,6 +39,18 @@ impl EncryptionMode {
     }
 }
 
+/// The format new and rewritten files are stored in (`format=`, client-side modes only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileFormat {
+    /// s3cryptfs's own chunked format (docs/FORMAT.md): every 64 KiB page authenticated on its own, objects bound to
+    /// their path.
+    #[default]
+    Own,
+    /// The AWS S3 Encryption Client's format (`format=s3ec`), readable by every AWS SDK's encryption client: V3
+    /// (key-committing) by default, V2 with `s3ec_version=2` for SDKs older than Java 3.6 / Go 3.2.
+    S3ec(crate::crypto::s3ec::WriteFormat),
+}
+
 /// Where the customer key history comes from (`-o` options; never the key itself on the command line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -143,6 +155,8 @@ pub struct MountConfig {
     /// (`require_commitment`; cse-c and cse-kms). Off by default, as the AWS clients' commitment policy
     /// `REQUIRE_ENCRYPT_ALLOW_DECRYPT`: buckets written by older SDKs hold V2 objects.
     pub require_commitment: bool,
+    /// The format of new and rewritten files (`format=own|s3ec`, `s3ec_version=2|3`).
+    pub format: FileFormat,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -290,7 +304,9 @@ impl MountConfig {
             nonempty: false,
             log_level_file: None,
             require_commitment: false,
+            format: FileFormat::Own,
         };
+        let mut s3ec_version: Option<crate::crypto::s3ec::WriteFormat> = None;
         let mut agent_socket: Option<Option<PathBuf>> = None;
         let mut key_name: Option<String> = None;
         for (name, value) in options {
@@ -356,6 +372,30 @@ impl MountConfig {
                 }
                 "bucket_key" => cfg.bucket_key = Some(parse_bool(name, value.as_deref())?),
                 "require_commitment" => cfg.require_commitment = parse_bool(name, value.as_deref())?,
+                "format" => {
+                    cfg.format = match need()?.as_str() {
+                        "own" | "s3cryptfs" => FileFormat::Own,
+                        "s3ec" => FileFormat::S3ec(crate::crypto::s3ec::WriteFormat::V3),
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                name: name.into(),
+                                reason: format!("'{other}' is not a format: use own (the default) or s3ec"),
+                            })
+                        }
+                    }
+                }
+                "s3ec_version" => {
+                    s3ec_version = Some(match need()?.as_str() {
+                        "2" => crate::crypto::s3ec::WriteFormat::V2,
+                        "3" => crate::crypto::s3ec::WriteFormat::V3,
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                name: name.into(),
+                                reason: format!("'{other}' is not an S3 Encryption Client format this mount writes: use 3 (the default) or 2"),
+                            })
+                        }
+                    })
+                }
                 "endpoint" => {
                     let v = need()?;
                     if !(v.starts_with("http://") || v.starts_with("https://")) {
@@ -472,6 +512,35 @@ impl MountConfig {
                     .into(),
             });
         }
+        if let Some(version) = s3ec_version {
+            match cfg.format {
+                FileFormat::S3ec(_) => cfg.format = FileFormat::S3ec(version),
+                FileFormat::Own => {
+                    return Err(ConfigError::Invalid {
+                        name: "s3ec_version".into(),
+                        reason: "s3ec_version only applies with format=s3ec".into(),
+                    })
+                }
+            }
+        }
+        if cfg.format != FileFormat::Own && !matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::CseKms) {
+            return Err(ConfigError::Invalid {
+                name: "format".into(),
+                reason: format!(
+                    "format=s3ec is a client-side format: it needs mode=cse-c or mode=cse-kms (mode={} stores the \
+                     bytes as they are)",
+                    cfg.mode.name()
+                ),
+            });
+        }
+        if cfg.format == FileFormat::S3ec(crate::crypto::s3ec::WriteFormat::V2) && cfg.require_commitment {
+            return Err(ConfigError::Invalid {
+                name: "s3ec_version".into(),
+                reason: "s3ec_version=2 writes objects without key commitment, which require_commitment refuses to \
+                         read: drop one of the two"
+                    .into(),
+            });
+        }
         if cfg.mode != EncryptionMode::SseKms && cfg.bucket_key.is_some() {
             return Err(ConfigError::Invalid {
                 name: "bucket_key".into(),
@@ -574,6 +643,31 @@ mod tests {
         assert!(cfg("mode=cse-c,key_file=/k,kms_key_id=k").unwrap_err().to_string().contains("kms_key_id"));
         assert!(cfg("mode=cse-kms,kms_key_id=k,bucket_key=true").unwrap_err().to_string().contains("bucket_key"));
         assert!(!cfg("mode=cse-c,key_file=/k").unwrap().require_commitment, "V2 S3EC objects are read by default");
+        {
+            use crate::crypto::s3ec::WriteFormat;
+            assert_eq!(cfg("mode=cse-c,key_file=/k").unwrap().format, FileFormat::Own);
+            assert_eq!(cfg("mode=cse-c,key_file=/k,format=own").unwrap().format, FileFormat::Own);
+            assert_eq!(cfg("mode=cse-c,key_file=/k,format=s3ec").unwrap().format, FileFormat::S3ec(WriteFormat::V3));
+            assert_eq!(
+                cfg("mode=cse-kms,kms_key_id=k,s3ec_version=2,format=s3ec").unwrap().format,
+                FileFormat::S3ec(WriteFormat::V2)
+            );
+            assert_eq!(
+                cfg("mode=cse-kms,kms_key_id=k,format=s3ec,s3ec_version=3,require_commitment").unwrap().format,
+                FileFormat::S3ec(WriteFormat::V3)
+            );
+            for (opts, names) in [
+                ("mode=none,format=s3ec", ["format", "cse-c"]),
+                ("mode=sse-s3,format=s3ec", ["format", "sse-s3"]),
+                ("mode=cse-c,key_file=/k,s3ec_version=3", ["s3ec_version", "format=s3ec"]),
+                ("mode=cse-c,key_file=/k,format=s3ec,s3ec_version=1", ["s3ec_version", "'1'"]),
+                ("mode=cse-c,key_file=/k,format=gcm", ["format", "'gcm'"]),
+                ("mode=cse-c,key_file=/k,format=s3ec,s3ec_version=2,require_commitment", ["s3ec_version", "require_commitment"]),
+            ] {
+                let err = cfg(opts).unwrap_err().to_string();
+                assert!(names.iter().all(|n| err.contains(n)), "{opts}: {err}");
+            }
+        }
         assert!(cfg("mode=cse-c,key_file=/k,require_commitment").unwrap().require_commitment);
         assert!(cfg("mode=cse-kms,kms_key_id=k,require_commitment=true").unwrap().require_commitment);
         assert!(!cfg("mode=cse-kms,kms_key_id=k,require_commitment=false").unwrap().require_commitment);

@@ -11,7 +11,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::crypto::s3ec::{self, Detection, S3ecError};
+use crate::config::FileFormat;
+use crate::crypto::s3ec::{self, Detection, NewObject, S3ecError, WriteFormat};
 use crate::crypto::{self, AeadBackend, CryptoError, Envelope, Header, KeyHistory, ObjectCipher, CHUNK_PLAIN_LEN};
 use crate::kms::{KmsClient, KmsError};
 use crate::store::UserMeta;
@@ -50,11 +51,12 @@ pub enum FormatHint {
 ///
 /// Client-side encryption reads every object it has keys for: the header says whether a customer key (kind 1) or
 /// KMS (kind 2) wraps the data key, so a cse-kms mount given a key file too reads objects written in either mode.
-/// New objects use KMS when a KMS client is present (mode cse-kms), else the key history's first key (cse-c).
+/// New objects use KMS when a KMS client is present (mode cse-kms), else the key history's first key (cse-c), in
+/// the mount's `format`: its own, or the S3 Encryption Client's (`format=s3ec`).
 #[derive(Clone)]
 pub enum Codec {
     Plain,
-    Cse { keys: Option<Arc<KeyHistory>>, kms: Option<Arc<KmsClient>>, aead: AeadBackend },
+    Cse { keys: Option<Arc<KeyHistory>>, kms: Option<Arc<KmsClient>>, aead: AeadBackend, format: FileFormat },
 }
 
 /// Why an object's keys could not be set up.
@@ -64,6 +66,8 @@ pub enum CodecError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Kms(#[from] KmsError),
+    #[error("S3 Encryption Client object: {0}")]
+    S3ec(#[from] S3ecError),
 }
 
 /// Per-object state: nothing for plaintext, the unwrapped data key for client-side encryption.
@@ -95,6 +99,51 @@ impl Codec {
             Ok(Detection::NeedsInstructionFile(_)) => FormatHint::AskInstructionFile,
             Err(S3ecError::IsInstructionFile) => FormatHint::Known(StoredFormat::Own),
             Err(_) => s3ec(false),
+        }
+    }
+
+    /// The S3 Encryption Client format new objects are written in, if the mount writes that format (`format=s3ec`).
+    pub fn s3ec_write_format(&self) -> Option<WriteFormat> {
+        match self {
+            Codec::Cse { format: FileFormat::S3ec(v), .. } => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The format of every object this mount writes.
+    pub fn written_format(&self) -> StoredFormat {
+        match self.s3ec_write_format() {
+            Some(_) => StoredFormat::S3ec { instruction_file: false },
+            None => StoredFormat::Own,
+        }
+    }
+
+    /// The largest file this mount can store: the GCM message limit (about 64 GiB) in `format=s3ec`, where a whole
+    /// object is one message; no limit of ours in the own format (each 64 KiB chunk is its own message).
+    pub fn max_file_size(&self) -> u64 {
+        match self.s3ec_write_format() {
+            Some(_) => s3ec::MAX_PLAINTEXT_LEN,
+            None => u64::MAX,
+        }
+    }
+
+    /// A fresh S3 Encryption Client envelope and content sealer for a new object in `format`: a new data key from KMS
+    /// `GenerateDataKey` (`kms+context`, the context holding only the content suite, so every AWS client reads it
+    /// without being told a context) in cse-kms, or wrapped with the key file's first key (`AES/GCM`) in cse-c.
+    pub async fn create_s3ec(&self, format: WriteFormat) -> Result<NewObject, CodecError> {
+        let no_context = std::collections::BTreeMap::new();
+        match self {
+            Codec::Plain => unreachable!("invariant broken: format=s3ec without client-side encryption"),
+            Codec::Cse { kms: Some(kms), .. } => {
+                let context = s3ec::kms_context_for_write(&no_context, format)?;
+                let pairs: Vec<(&str, String)> = context.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                let generated = kms.generate_data_key(&pairs).await?;
+                Ok(s3ec::new_object_kms(format, &generated.data_key, generated.blob, context)?)
+            }
+            Codec::Cse { keys: Some(keys), .. } => Ok(s3ec::new_object_aes(format, keys.encrypting_key(), &no_context)?),
+            Codec::Cse { keys: None, kms: None, .. } => {
+                unreachable!("invariant broken: client-side encryption configured without any key")
+            }
         }
     }
 
@@ -174,7 +223,7 @@ impl Codec {
     /// The per-object codec of an existing object, from its header bytes. A KMS-wrapped data key costs one KMS
     /// Decrypt call the first time (the KMS client caches it).
     pub async fn open(&self, header: &[u8]) -> Result<ObjectCodec, CodecError> {
-        let Codec::Cse { keys, kms, aead } = self else { return Ok(ObjectCodec::Plain) };
+        let Codec::Cse { keys, kms, aead, .. } = self else { return Ok(ObjectCodec::Plain) };
         let decoded = Header::decode(header)?;
         match decoded.envelope {
             Envelope::CustomerKey { fingerprint, .. } => match keys {
@@ -244,7 +293,12 @@ mod tests {
     }
 
     fn cse() -> Codec {
-        Codec::Cse { keys: Some(Arc::new(KeyHistory::single(Key256::generate()))), kms: None, aead: AeadBackend::default() }
+        Codec::Cse {
+            keys: Some(Arc::new(KeyHistory::single(Key256::generate()))),
+            kms: None,
+            aead: AeadBackend::default(),
+            format: FileFormat::Own,
+        }
     }
 
     #[test]

@@ -648,8 +648,10 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             Codec::Plain
         }
         // cse-kms reads cse-c objects too when it is given a key file.
-        (EncryptionMode::CseKms, keys) => Codec::Cse { keys, kms: Some(kms_client(&config)?), aead },
-        (EncryptionMode::CseC, Some(keys)) => Codec::Cse { keys: Some(keys), kms: None, aead },
+        (EncryptionMode::CseKms, keys) => {
+            Codec::Cse { keys, kms: Some(kms_client(&config)?), aead, format: config.format }
+        }
+        (EncryptionMode::CseC, Some(keys)) => Codec::Cse { keys: Some(keys), kms: None, aead, format: config.format },
         (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
     };
     let backend = rt.block_on(async {

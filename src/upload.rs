@@ -9,9 +9,10 @@
 
 use bytes::Bytes;
 
+use crate::crypto::s3ec::{self, WriteFormat};
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
-use crate::object::Codec;
+use crate::object::{Codec, CodecError};
 use crate::read::BIND_META;
 use crate::journal::StagedFile;
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, UserMeta};
@@ -57,7 +58,8 @@ pub const PART_SIZE: usize = 8 << 20;
 pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// Encrypts `size` bytes of `src` and stores them at `path` (the key relative to the mount root, which the binding
-/// names), provided the store holds what `expect` says.
+/// names), provided the store holds what `expect` says. The format is the mount's: its own, or the S3 Encryption
+/// Client's (`format=s3ec`, see [`upload_s3ec`]).
 pub async fn upload(
     backend: &dyn Backend,
     codec: &Codec,
@@ -67,6 +69,9 @@ pub async fn upload(
     mut meta: UserMeta,
     expect: &Expect,
 ) -> Result<ObjectInfo> {
+    if let Some(format) = codec.s3ec_write_format() {
+        return upload_s3ec(backend, codec, format, path, src, size, meta, expect).await;
+    }
     let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
     let (oc, header) = codec.create().await.map_err(|e| Error::codec(path, e))?;
@@ -99,32 +104,108 @@ pub async fn upload(
         return backend.put_expect(&key, Bytes::from(buf), &meta, expect).await.map_err(|e| Error::store(path, e));
     }
 
-    let mut upload = backend.put_multipart_expect(&key, &meta, expect).await.map_err(|e| Error::store(path, e))?;
+    let mut index = 0u64;
+    send_multipart(backend, &key, path, &meta, expect, |part| {
+        part.clear();
+        if index == 0 {
+            part.extend_from_slice(&header);
+        }
+        while index < chunks && part.len() < PART_SIZE {
+            let len = read_chunk(index, &mut plain)?;
+            oc.seal(index, index + 1 == chunks, &plain[..len], part);
+            index += 1;
+        }
+        Ok(index == chunks)
+    })
+    .await
+}
+
+/// [`upload`] in the format of the AWS S3 Encryption Client (`format=s3ec`, issue 12): the envelope (wrapped data key,
+/// IV or message id, V3 commitment) goes into the object's metadata, and the whole file is one AES-256-GCM message,
+/// `ciphertext ‖ tag`, with no path binding (docs/FORMAT.md). A file larger than one GCM message can hold is refused
+/// with EFBIG before anything is sent. Large files are one message across the parts of a multipart upload: encrypted
+/// in order, each part sent (in parallel with the next ones being encrypted) once it is sealed, the tag at the end of
+/// the last part.
+#[allow(clippy::too_many_arguments)]
+async fn upload_s3ec(
+    backend: &dyn Backend,
+    codec: &Codec,
+    format: WriteFormat,
+    path: &str,
+    src: &dyn Source,
+    size: u64,
+    mut meta: UserMeta,
+    expect: &Expect,
+) -> Result<ObjectInfo> {
+    if size > s3ec::MAX_PLAINTEXT_LEN {
+        return Err(Error::TooLarge { key: path.to_string(), size, max: s3ec::MAX_PLAINTEXT_LEN });
+    }
+    let _in_flight = crate::metrics::UploadInFlight::start();
+    let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
+    let new = codec.create_s3ec(format).await.map_err(|e| Error::codec(path, e))?;
+    meta.extra.remove(BIND_META);
+    meta.extra.extend(new.envelope.to_metadata());
+    let mut encryptor = new.sealer.encryptor();
+    let s3ec_err = |e| Error::codec(path, CodecError::S3ec(e));
+    let total = size + s3ec::TAG_LEN as u64;
+    let mut plain = vec![0u8; (size.min(PART_SIZE as u64)) as usize];
+
+    if total as usize <= PART_SIZE {
+        src.read_exact_at(&mut plain, 0).map_err(|e| Error::staging(path, e))?;
+        let mut body = Vec::with_capacity(total as usize);
+        encryptor.update(&plain, &mut body).map_err(s3ec_err)?;
+        encryptor.finish(&mut body);
+        return backend.put_expect(&key, Bytes::from(body), &meta, expect).await.map_err(|e| Error::store(path, e));
+    }
+
+    let mut offset = 0u64;
+    let mut encryptor = Some(encryptor);
+    send_multipart(backend, &key, path, &meta, expect, |part| {
+        part.clear();
+        let len = (size - offset).min(PART_SIZE as u64) as usize;
+        src.read_exact_at(&mut plain[..len], offset).map_err(|e| Error::staging(path, e))?;
+        let enc = encryptor.as_mut().expect("no part after the last");
+        enc.update(&plain[..len], part).map_err(s3ec_err)?;
+        offset += len as u64;
+        if offset < size {
+            return Ok(false);
+        }
+        encryptor.take().expect("the last part once").finish(part);
+        Ok(true)
+    })
+    .await
+}
+
+/// A multipart upload of the parts `next_part` fills in order (into the buffer it is given, emptied first; it says
+/// whether that was the last part). Each part is sent as soon as it is filled, while the next one is being filled; at
+/// most [`PARTS_IN_FLIGHT`] at once. On any error the upload is aborted, so no part of it becomes visible.
+async fn send_multipart(
+    backend: &dyn Backend,
+    key: &ObjectKey,
+    path: &str,
+    meta: &UserMeta,
+    expect: &Expect,
+    mut next_part: impl FnMut(&mut Vec<u8>) -> Result<bool>,
+) -> Result<ObjectInfo> {
+    use futures::StreamExt;
+    let mut upload = backend.put_multipart_expect(key, meta, expect).await.map_err(|e| Error::store(path, e))?;
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let result: Result<()> = async {
-        use futures::StreamExt;
-        for index in 0..chunks {
-            let len = read_chunk(index, &mut plain)?;
-            oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
-            if buf.len() >= PART_SIZE {
-                let part = std::mem::replace(&mut buf, Vec::with_capacity(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2));
-                // Spawned, so the part travels while the next one is being sealed.
-                in_flight.push(tokio::spawn(upload.put_part(Bytes::from(part))));
-                // Bounded: at most PARTS_IN_FLIGHT parts (and so that many part buffers) at once.
-                while in_flight.len() >= PARTS_IN_FLIGHT {
-                    if let Some(r) = in_flight.next().await {
-                        part_result(path, r)?;
-                    }
+        loop {
+            let mut part = Vec::with_capacity(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2);
+            let last = next_part(&mut part)?;
+            // Spawned, so the part travels while the next one is being sealed.
+            in_flight.push(tokio::spawn(upload.put_part(Bytes::from(part))));
+            // Bounded: at most PARTS_IN_FLIGHT parts (and so that many part buffers) at once.
+            while in_flight.len() >= PARTS_IN_FLIGHT || (last && !in_flight.is_empty()) {
+                if let Some(r) = in_flight.next().await {
+                    part_result(path, r)?;
                 }
             }
+            if last {
+                return Ok(());
+            }
         }
-        if !buf.is_empty() {
-            in_flight.push(tokio::spawn(upload.put_part(Bytes::from(std::mem::take(&mut buf)))));
-        }
-        while let Some(r) = in_flight.next().await {
-            part_result(path, r)?;
-        }
-        Ok(())
     }
     .await;
     // On error, parts still in flight are abandoned (their tasks finish on their own); abort discards them.

@@ -64,9 +64,19 @@ fn official_get(bucket: &str, key: &str, kms_key: &str, dir: &Path) -> Result<Ve
     let out = dir.join(format!("{}.got", key.replace('/', "_")));
     let _ = fs::remove_file(&out);
     let args = ["get", "--bucket", bucket, "--key", key, "--out", out.to_str().unwrap(), "--kms-key-id", kms_key];
-    match s3ec(&args) {
-        (0, _, _) => Ok(fs::read(&out).unwrap()),
-        (code, _, stderr) => Err(format!("exit {code}: {stderr}")),
+    let mut attempt = 0;
+    loop {
+        match s3ec(&args) {
+            (0, _, _) => return Ok(fs::read(&out).unwrap()),
+            // LocalStack's server (hypercorn) now and then drops a large GET response midway when both cores are
+            // busy ("Unhandled exception in client_connected_cb" in its log): a transport failure of the test server,
+            // not a decryption result, so it is tried again. Any other refusal is the answer.
+            (_, _, stderr) if stderr.contains("IncompleteRead") && attempt < 2 => {
+                eprintln!("official get of {key}: the test server cut the response short; trying again: {stderr}");
+                attempt += 1;
+            }
+            (code, _, stderr) => return Err(format!("exit {code}: {stderr}")),
+        }
     }
 }
 
@@ -480,6 +490,113 @@ fn raw_aes_objects_and_instruction_files_in_a_cse_c_mount() {
     assert_bytes(fs::read(m.path("rotated")).unwrap(), &rotated, "third line of the key file");
     assert_bytes(fs::read(m.path("v3")).unwrap(), &want["v3"], "V3 under require_commitment");
     assert_eio(fs::read(m.path("v2")), "V2 under require_commitment");
+    // A write rewrites i3-moved in the own format; its instruction file describes nothing now and goes.
+    fs::write(m.path("i3-moved"), b"rewritten").unwrap();
+    let names = sh("ls", &m.dir);
+    assert!(!names.contains("i3-moved.instruction"), "{names}");
     let log = m.unmount();
     assert!(lines_naming(&log, "v2").iter().any(|l| l.contains("require_commitment")), "{log}");
+    assert!(!keys_in(&ep, &bucket).contains(&"i3-moved.instruction".to_string()), "the stale instruction file stayed");
+    let m = Mount::start_with(&env, &store, "cse-c", &refs(&opts[..1]));
+    assert_bytes(fs::read(m.path("i3-moved")).unwrap(), b"rewritten", "rewritten i3-moved after remount");
+}
+
+/// The official client's plaintext of every case, after a mount wrote them with `format=s3ec` (and `opts`).
+fn write_with_format_s3ec(version: u8, big: usize) {
+    let env = Env::new();
+    let store = Store::s3();
+    let (ep, bucket) = s3_of(&store);
+    let kms_key = kms_create_key();
+    let dir = env.path();
+    let mut opts = kms_options(&kms_key);
+    opts.push("format=s3ec".into());
+    if version == 2 {
+        opts.push("s3ec_version=2".into());
+    }
+    let cases = [("empty", pattern(0, 1)), ("small", pattern(6, 2)), ("page", pattern(65_536, 3)), ("big", pattern(big, 4))];
+    {
+        let m = Mount::start_with(&env, &store, "cse-kms", &refs(&opts));
+        for (key, plain) in &cases {
+            fs::write(m.path(key), plain).unwrap();
+        }
+        // A later change rewrites the file, in the same format; chmod and rename keep the envelope.
+        fs::OpenOptions::new().append(true).open(m.path("small")).unwrap().write_all(b"+more").unwrap();
+        fs::set_permissions(m.path("page"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(m.path("page"), m.path("page-moved")).unwrap();
+        std::os::unix::fs::symlink("small", m.path("link")).unwrap();
+        // Read back on the same mount: through the S3EC read path (verification pass) now.
+        assert_bytes(fs::read(m.path("big")).unwrap(), &cases[3].1, "big, same mount");
+        let log = m.unmount();
+        assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    }
+    let mut small = cases[1].1.clone();
+    small.extend_from_slice(b"+more");
+    let want = [("empty", cases[0].1.clone()), ("small", small), ("page-moved", cases[2].1.clone()), ("big", cases[3].1.clone())];
+    let (content_key, alg) = if version == 3 { ("x-amz-c", "115") } else { ("x-amz-cek-alg", "AES/GCM/NoPadding") };
+    for (key, plain) in &want {
+        let md = metadata(&bucket, key);
+        assert_eq!(md.get(content_key).map(String::as_str), Some(alg), "{key}: {md:?}");
+        assert!(!md.contains_key("s3cryptfs-bind"), "{key}: an S3EC object carries no binding of ours: {md:?}");
+        assert_eq!(raw_get(&ep, &bucket, key).len(), plain.len() + 16, "{key}: ciphertext ‖ tag");
+        assert_bytes(official_get(&bucket, key, &kms_key, dir).unwrap(), plain, &format!("official client, {key}"));
+    }
+    assert_eq!(metadata(&bucket, "page-moved").get("mode").map(String::as_str), Some("33152"), "0o100600 kept");
+    // The official client reads a symlink object as its target.
+    assert_bytes(official_get(&bucket, "link", &kms_key, dir).unwrap(), b"small", "symlink target");
+    // And a new mount reads them all back.
+    let m = Mount::start_with(&env, &store, "cse-kms", &refs(&kms_options(&kms_key)));
+    for (key, plain) in &want {
+        assert_bytes(fs::read(m.path(key)).unwrap(), plain, &format!("{key} after remount"));
+    }
+    assert_eq!(fs::read_link(m.path("link")).unwrap(), Path::new("small"));
+    assert_eq!(fs::metadata(m.path("page-moved")).unwrap().permissions().mode(), 0o100600);
+}
+
+/// V3 (the default of format=s3ec), with a 100 MiB file: a multipart upload of 13 parts, one GCM message across them.
+#[test]
+fn files_written_with_format_s3ec_v3_read_byte_identical_through_the_official_client() {
+    write_with_format_s3ec(3, 100 * MIB + 3);
+}
+
+/// V2 (s3ec_version=2), for SDKs without key commitment, with a 100 MiB multipart file as well.
+#[test]
+fn files_written_with_format_s3ec_v2_read_byte_identical_through_the_official_client() {
+    write_with_format_s3ec(2, 100 * MIB + 8 * MIB - 16);
+}
+
+/// In cse-c, format=s3ec wraps the data key with the key file's first key (`AES/GCM`), which the official Python
+/// client cannot read: the crypto core (checked against the spec's vectors) decrypts what was stored, and a file
+/// larger than one GCM message is refused with EFBIG before anything is staged or sent.
+#[test]
+fn format_s3ec_in_cse_c_wraps_with_the_first_key_and_refuses_files_over_the_gcm_limit() {
+    use s3cryptfs::crypto::s3ec::{aes_gcm_unwrap, detect, ContentKey, Detection, MAX_PLAINTEXT_LEN};
+    let env = Env::new();
+    let store = Store::s3();
+    let (ep, bucket) = s3_of(&store);
+    let kek = KeyHistory::parse(&fs::read_to_string(&env.key_file).unwrap()).unwrap();
+    let plain = pattern(9 * MIB + 77, 5);
+    let m = Mount::start_with(&env, &store, "cse-c", &["format=s3ec"]);
+    fs::write(m.path("f"), &plain).unwrap();
+    fs::write(m.path("huge"), b"kept").unwrap();
+    // Past the limit: truncate, a write beyond it, and an append that would cross it.
+    let f = fs::OpenOptions::new().write(true).open(m.path("huge")).unwrap();
+    let efbig = |r: std::io::Result<()>, what: &str| match r {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{what}: {e}"),
+        Ok(()) => panic!("{what}: succeeded, want EFBIG"),
+    };
+    efbig(f.set_len(MAX_PLAINTEXT_LEN + 1), "truncate past the limit");
+    efbig(std::os::unix::fs::FileExt::write_all_at(&f, b"x", MAX_PLAINTEXT_LEN), "write past the limit");
+    drop(f);
+    assert_bytes(fs::read(m.path("huge")).unwrap(), b"kept", "the refused file is unchanged");
+    let log = m.unmount();
+    assert!(log.contains("huge") && log.contains("more than the") && log.contains("format=s3ec"), "{log}");
+
+    for (key, want) in [("f", &plain[..]), ("huge", &b"kept"[..])] {
+        let md = metadata(&bucket, key);
+        assert_eq!(md.get("x-amz-w").map(String::as_str), Some("02"), "{key}: AES/GCM wrap (V3 short name): {md:?}");
+        let Detection::Complete(envelope) = detect(md.iter()).unwrap() else { panic!("{key}: no envelope: {md:?}") };
+        let data_key = aes_gcm_unwrap(kek.encrypting_key(), &envelope).unwrap();
+        let content = ContentKey::for_decrypt(&envelope, &data_key).unwrap();
+        assert_bytes(content.decrypt(&raw_get(&ep, &bucket, key)).unwrap(), want, &format!("{key} by the crypto core"));
+    }
 }

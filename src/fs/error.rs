@@ -70,6 +70,9 @@ pub enum Error {
     /// Someone else replaced the object after this mount staged it: our content went to `copy` instead.
     #[error("{key} was replaced in the store by another writer since this mount staged it; this mount's version was saved beside it as {copy}")]
     Conflict { key: String, copy: String },
+    /// A file larger than the mount's format can hold (`format=s3ec`: one GCM message, at most `max` bytes).
+    #[error("{key}: {size} bytes is more than the {max} bytes one S3 Encryption Client object can hold (format=s3ec encrypts a whole file as one AES-GCM message); the file is left as it was")]
+    TooLarge { key: String, size: u64, max: u64 },
     #[error("staging file for {key}: {source}")]
     Staging {
         key: String,
@@ -97,6 +100,7 @@ impl Error {
         match source {
             CodecError::Crypto(source) => Error::Crypto { key: key.into(), source },
             CodecError::Kms(source) => Error::Kms { key: key.into(), source },
+            CodecError::S3ec(source) => Error::S3ec { key: key.into(), source: S3ecReadError::Format(source) },
         }
     }
 
@@ -145,6 +149,7 @@ impl Error {
             // The writer must learn its close did not land where it asked, though nothing is lost.
             Error::Conflict { .. } => libc::EIO,
             Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::TooLarge { .. } => libc::EFBIG,
         }
     }
 

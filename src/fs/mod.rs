@@ -399,6 +399,16 @@ impl Fs {
         table.child_path(parent, name).ok_or(Error::NotFound)
     }
 
+    /// EFBIG for a file larger than the mount's format can store (`format=s3ec`: one GCM message of about 64 GiB), at
+    /// the write or truncate that would make it so: nothing is staged, and nothing half-written reaches the store.
+    fn check_file_size(&self, path: &str, size: u64) -> Result<()> {
+        let max = self.codec.max_file_size();
+        if size > max {
+            return Err(Error::TooLarge { key: path.to_string(), size, max });
+        }
+        Ok(())
+    }
+
     /// ENAMETOOLONG for a path the store cannot hold (S3 keys are at most 1,024 bytes; see `Backend::max_path_len`).
     fn check_path_len(&self, path: &str, dir: bool) -> Result<()> {
         if path.len() > self.backend.max_path_len(dir) {
@@ -714,6 +724,7 @@ impl Fs {
         }
         let info = self.put_small(&path, &[], Self::meta_of(&node)).await?;
         node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+        node.format = self.codec.written_format();
         Ok(self.link_new(parent, node))
     }
 
@@ -727,6 +738,7 @@ impl Fs {
         node.size = target.len() as u64;
         let info = self.put_small(&path, &target, Self::meta_of(&node)).await?;
         node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+        node.format = self.codec.written_format();
         node.link_target = Some(target);
         Ok(self.link_new(parent, node))
     }
@@ -1258,8 +1270,9 @@ impl Fs {
             if kind == FileKind::Dir {
                 return Err(Error::IsDir);
             }
-            let ws = self.stage(ino).await?;
             let path = self.path_of(ino).unwrap_or_default();
+            self.check_file_size(&path, size)?;
+            let ws = self.stage(ino).await?;
             {
                 let mut staged = ws.lock().await;
                 staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
@@ -1682,6 +1695,7 @@ impl Fs {
         let path = self.path_of(ino).unwrap_or_default();
         let mut staged = ws.lock().await;
         let offset = if append { staged.size } else { offset };
+        self.check_file_size(&path, offset.saturating_add(data.len() as u64))?;
         staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
         if let Some(n) = lock(&self.table).get_mut(ino) {
             n.size = staged.size;
@@ -1744,13 +1758,29 @@ impl Fs {
         };
         staged.mark_uploaded(info.etag.clone());
         self.cache.invalidate_key(&path);
-        {
+        let had_instruction_file = {
             let mut table = lock(&self.table);
-            if let Some(n) = table.get_mut(ino) {
-                n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
-                // Written in the mount's own format, whatever it was read in (an S3EC object is rewritten too).
-                n.format = StoredFormat::Own;
-                n.validated = Some(Instant::now());
+            match table.get_mut(ino) {
+                Some(n) => {
+                    let had = n.format == StoredFormat::S3ec { instruction_file: true };
+                    n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+                    // Written in the mount's format, whatever it was read in (an S3EC object is rewritten too).
+                    n.format = self.codec.written_format();
+                    n.validated = Some(Instant::now());
+                    had
+                }
+                None => false,
+            }
+        };
+        if had_instruction_file {
+            // The new object carries its whole envelope in its metadata: the old instruction file describes nothing
+            // now, and beside an object in the own format it would show up as a file of its own.
+            let instruction = instruction_file_key(&path);
+            if let Err(e) = match key(&instruction) {
+                Ok(k) => self.backend.delete(&k).await,
+                Err(_) => Ok(()),
+            } {
+                tracing::warn!(key = %path, instruction, error = %crate::error_text::error_chain(&e), "the file was rewritten, but its old S3EC instruction file could not be deleted");
             }
         }
         self.refresh_readers(ino, &path, &info);
@@ -1769,7 +1799,7 @@ impl Fs {
                             path.to_string(),
                             info.etag.clone().unwrap_or_default(),
                             info.size,
-                            StoredFormat::Own,
+                            self.codec.written_format(),
                             self.config.max_readahead,
                         )
                         .ok();

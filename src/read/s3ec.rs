@@ -497,7 +497,12 @@ mod tests {
     fn context(backend: Arc<dyn Backend>, keys: Arc<KeyHistory>, cache: u64, options: S3ecOptions) -> ReadContext {
         ReadContext {
             backend,
-            codec: Codec::Cse { keys: Some(keys), kms: None, aead: AeadBackend::default() },
+            codec: Codec::Cse {
+                keys: Some(keys),
+                kms: None,
+                aead: AeadBackend::default(),
+                format: crate::config::FileFormat::Own,
+            },
             cache: Arc::new(PageCache::new(cache)),
             s3ec: Arc::new(S3ecReads::new(options)),
         }
