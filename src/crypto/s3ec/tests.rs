@@ -1559,3 +1559,4 @@ fn keys_and_streams_can_move_between_threads() {
     send::<StreamEncryptor>();
     send::<PendingInstructionFile>();
 }
+
