@@ -13,11 +13,11 @@
 //!   unwraps with the first key is current. V3 objects must pass their key-commitment check first: one that does not
 //!   was tampered with and is a failure, left alone.
 //! - **cse-kms**: `kms+context` objects have their blob moved to `kms_key_id` with KMS `ReEncrypt`, under the
-//!   encryption context stored in the object (checked as the clients check it, `kms_decrypt_request`), so the
-//!   plaintext data key never leaves KMS. S3EC blobs do not say which KMS key wrapped them, so `ReEncrypt` is sent
-//!   without `SourceKeyId` and its answer's `SourceKeyId` tells whether the blob was already under the target: then
-//!   the new blob is dropped and the object counts as current. So every run costs one KMS call per S3EC KMS object,
-//!   current or not (a dry run too: `ReEncrypt` changes nothing in KMS).
+//!   encryption context stored in the object (checked as the clients check it, `kms_decrypt_request`). S3EC blobs do
+//!   not say which KMS key wrapped them, so one `Decrypt` without `KeyId` asks KMS first (`KmsClient::key_of`; the
+//!   data key it returns is dropped): under the target already, the object is current; otherwise `ReEncrypt` from
+//!   that key. So every run costs one KMS call per current S3EC KMS object and two per moved one, and rekey needs
+//!   `kms:Decrypt` on the old keys for them (unlike for our own format, whose header names the key).
 //! - The other wrap's objects (kms+context in cse-c, AES/GCM in cse-kms) are another mode's, as for our own format.
 //!
 //! Left alone and reported ([`Skip::S3ecLeft`], one line per object on stderr, since they still need the key they are
@@ -217,26 +217,31 @@ pub(crate) async fn step(
                 return Step::Done(Outcome::Failed("invariant broken: a ReEncrypt plan outside cse-kms".into()));
             };
             let context: Vec<(&str, String)> = context.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            // S3EC blobs do not name their KMS key: ask KMS which one it is.
             *kms_calls += 1;
-            let moved = match kms.re_encrypt_as(None, &blob, &context, arn).await {
-                Ok(moved) => moved,
+            let source = match kms.key_of(&blob, &context).await {
+                Ok(source) => source,
                 Err(e) => {
                     return Step::Done(Outcome::Failed(format!(
-                        "{e} (ReEncrypt needs kms:ReEncryptFrom on the key that wrapped its S3EC data key and \
-                         kms:ReEncryptTo on {arn})"
+                        "{e} (finding the KMS key of its S3EC data key needs kms:Decrypt on that key)"
                     )))
                 }
             };
-            let was_current = moved
-                .source_key_arn
-                .as_deref()
-                .is_some_and(|source| source == arn || crate::kms::names_key(source, arn) == Some(true));
-            if was_current {
+            if source == *arn || crate::kms::names_key(&source, arn) == Some(true) {
                 return Step::Done(Outcome::Skipped(Skip::Current));
             }
             if dry_run {
                 return Step::Done(Outcome::WouldRekey);
             }
+            *kms_calls += 1;
+            let moved = match kms.re_encrypt(&source, &blob, &context, arn).await {
+                Ok(moved) => moved,
+                Err(e) => {
+                    return Step::Done(Outcome::Failed(format!(
+                        "{e} (ReEncrypt needs kms:ReEncryptFrom on {source} and kms:ReEncryptTo on {arn})"
+                    )))
+                }
+            };
             moved.blob
         }
     };
