@@ -16,7 +16,7 @@
 //! | `s3cryptfs_fs_read_bytes_total` | counter | — | plaintext bytes returned to `read()` calls on the mount |
 //! | `s3cryptfs_fs_written_bytes_total` | counter | — | plaintext bytes accepted from `write()` calls on the mount |
 //! | `s3cryptfs_fuse_errors_total` | counter | `op`, `errno` | FUSE requests answered with an error, by operation (`lookup`, `read`, `rmdir`…) and errno name (`ENOENT`, `EIO`…; `other` for rare ones). Expected answers such as ENOENT on lookup count too. Requests refused without calling the filesystem (xattrs, mknod, link) do not |
-//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
+//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `update_meta_if`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
 //! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
 //! | `s3cryptfs_store_requests_in_flight` | gauge | — | store operations sent and not yet answered |
 //! | `s3cryptfs_store_read_bytes_total` | counter | — | object bytes received from the store (`get`, `get_range`: ciphertext with headers in client-side modes; what key-rotation operations report) |
@@ -271,6 +271,7 @@ label_enum! {
         Copy => "copy",
         Rename => "rename",
         UpdateMeta => "update_meta",
+        UpdateMetaIf => "update_meta_if",
         Delete => "delete",
         List => "list",
         HasChildren => "has_children",
@@ -494,6 +495,14 @@ impl Backend for MeteredBackend {
 
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         measure(RequestKind::UpdateMeta, self.inner.update_meta(key, meta)).await
+    }
+
+    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+        let result = measure(RequestKind::UpdateMetaIf, self.inner.update_meta_if(key, meta, etag)).await;
+        if let Ok(t) = &result {
+            moved(t);
+        }
+        result
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {

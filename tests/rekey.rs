@@ -438,3 +438,278 @@ fn s3_header_replacement_keeps_metadata_and_tags_and_refuses_a_stale_etag() {
         assert!(tags.contains("\"team\": \"blue\""), "{name}: tags kept: {tags}");
     }
 }
+
+// ----- AWS S3 Encryption Client objects (issue 12) -----
+
+/// The user metadata of `key`, read with object_store (names without `x-amz-meta-`).
+fn s3_metadata(store: &Store, key: &str) -> BTreeMap<String, String> {
+    use object_store::{Attribute, GetOptions, ObjectStore};
+    let raw = store.object_store();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let got = rt
+        .block_on(raw.get_opts(&object_store::path::Path::from(key), GetOptions { head: true, ..Default::default() }))
+        .unwrap_or_else(|e| panic!("HEAD {key}: {e}"));
+    got.attributes
+        .iter()
+        .filter_map(|(a, v)| match a {
+            Attribute::Metadata(name) => Some((name.to_string(), v.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Stores `body` with exactly `meta` as user metadata, as another client would.
+fn s3_put(store: &Store, key: &str, body: &[u8], meta: &BTreeMap<String, String>) {
+    use object_store::{Attribute, AttributeValue, Attributes, ObjectStore, PutOptions};
+    let raw = store.object_store();
+    let mut attributes = Attributes::new();
+    for (k, v) in meta {
+        attributes.insert(Attribute::Metadata(k.clone().into()), AttributeValue::from(v.clone()));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let opts = PutOptions { attributes, ..PutOptions::default() };
+    rt.block_on(raw.put_opts(&object_store::path::Path::from(key), body.to_vec().into(), opts)).unwrap();
+}
+
+/// The stored body of `key`.
+fn s3_body(store: &Store, key: &str) -> Vec<u8> {
+    store.raw_objects().into_iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no object {key}")).1
+}
+
+fn first_key(key_file: &Path) -> s3cryptfs::crypto::Key256 {
+    let history = s3cryptfs::crypto::KeyHistory::parse(&fs::read_to_string(key_file).unwrap()).unwrap();
+    s3cryptfs::crypto::Key256::from_bytes(history.encrypting_key().as_bytes())
+}
+
+/// What the crypto core reads of an S3EC object with `kek` alone: detect, unwrap, check, decrypt.
+fn s3ec_read(meta: &BTreeMap<String, String>, body: &[u8], kek: &s3cryptfs::crypto::Key256) -> Result<Vec<u8>, String> {
+    use s3cryptfs::crypto::s3ec::{self, ContentKey, Detection};
+    let Ok(Detection::Complete(envelope)) = s3ec::detect(meta.iter()) else { return Err("no S3EC envelope".into()) };
+    let data_key = s3ec::aes_gcm_unwrap(kek, &envelope).map_err(|e| e.to_string())?;
+    ContentKey::for_decrypt(&envelope, &data_key).and_then(|k| k.decrypt(body)).map_err(|e| e.to_string())
+}
+
+/// The POSIX attributes a mount keeps beside the S3EC keys.
+fn posix_meta() -> BTreeMap<String, String> {
+    [("mode", "33184"), ("uid", "1234"), ("gid", "5678"), ("mtime", "1700000000"), ("s3cryptfs-mtime-ns", "7")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `before` and `after` differ in the value of `edk_key` alone.
+#[track_caller]
+fn assert_only_edk_changed(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>, edk_key: &str, what: &str) {
+    assert_ne!(before.get(edk_key), after.get(edk_key), "{what}: {edk_key} is re-wrapped");
+    let mut rest = after.clone();
+    rest.insert(edk_key.to_string(), before[edk_key].clone());
+    assert_eq!(&rest, before, "{what}: every other metadata entry is kept as it was");
+}
+
+#[test]
+fn cse_c_rekey_rewraps_s3ec_objects_by_their_metadata_and_leaves_the_others_alone() {
+    use base64::Engine;
+    use s3cryptfs::crypto::s3ec::{new_object_aes, WriteFormat};
+    let env = Env::new();
+    let store = Store::s3();
+    let (ba, b_only) = rotated_key_file(&env, &env.key_file, "key-ba");
+    let (a, b) = (first_key(&env.key_file), first_key(&b_only));
+    let stranger = s3cryptfs::crypto::Key256::generate();
+    // (key, format, wrapping key, plaintext length)
+    let cases = [
+        ("v2", WriteFormat::V2, &a, 70_000),
+        ("dir/v3", WriteFormat::V3, &a, (6 << 20) + 5),
+        ("v3-empty", WriteFormat::V3, &a, 0),
+        ("v3-current", WriteFormat::V3, &b, 100),
+        ("v3-tampered", WriteFormat::V3, &a, 100),
+        ("v3-stranger", WriteFormat::V3, &stranger, 100),
+        ("rsa", WriteFormat::V3, &a, 100),
+    ];
+    let mut plain = BTreeMap::new();
+    for (i, (key, format, kek, len)) in cases.iter().enumerate() {
+        let p = pattern(*len, 50 + i as u64);
+        let new = new_object_aes(*format, kek, &BTreeMap::new()).unwrap();
+        let body = new.sealer.encrypt(&p).unwrap();
+        let mut meta = posix_meta();
+        meta.extend(new.envelope.to_metadata());
+        match *key {
+            "v3-tampered" => {
+                meta.insert("x-amz-d".into(), base64::engine::general_purpose::STANDARD.encode([0u8; 28]));
+            }
+            "rsa" => {
+                meta.insert("x-amz-w".into(), "22".into());
+            }
+            _ => {}
+        }
+        s3_put(&store, key, &body, &meta);
+        plain.insert(key.to_string(), p);
+    }
+    // An object whose wrapped key is in its instruction file.
+    let split = new_object_aes(WriteFormat::V3, &a, &BTreeMap::new()).unwrap();
+    let split_body = split.sealer.encrypt(b"split").unwrap();
+    let (object_meta, file) = split.envelope.to_instruction_file();
+    s3_put(&store, "split", &split_body, &object_meta);
+    s3_put(&store, "split.instruction", &file, &[("x-amz-crypto-instr-file".to_string(), String::new())].into());
+
+    let keys: Vec<String> = store.raw_objects().into_iter().map(|(k, _)| k).collect();
+    let before: BTreeMap<String, (BTreeMap<String, String>, Vec<u8>)> =
+        keys.iter().map(|k| (k.clone(), (s3_metadata(&store, k), s3_body(&store, k)))).collect();
+    let now = || -> BTreeMap<String, (BTreeMap<String, String>, Vec<u8>)> {
+        keys.iter().map(|k| (k.clone(), (s3_metadata(&store, k), s3_body(&store, k)))).collect()
+    };
+    let opts = vec!["mode=cse-c".to_string(), format!("key_file={}", ba.display())];
+
+    let out = rekey(&store, &opts, &["--dry-run"], &[]);
+    let text = stderr(&out);
+    assert_eq!(count(&text, "to rekey"), 3, "{text}");
+    assert_eq!(now(), before, "a dry run changes nothing");
+
+    let out = rekey(&store, &opts, &["--jobs", "3"], &[]);
+    let text = stderr(&out);
+    assert!(!out.status.success(), "two objects cannot be rekeyed: {text}");
+    assert_eq!(count(&text, "rekeyed"), 3, "{text}");
+    assert_eq!(count(&text, "already on the new key"), 1, "{text}");
+    assert_eq!(count(&text, "S3EC objects rekey cannot move"), 2, "rsa and split: {text}");
+    assert_eq!(count(&text, "not s3cryptfs objects of this mode"), 1, "the instruction file: {text}");
+    assert!(text.contains("failed v3-tampered: ") && text.contains("commitment"), "{text}");
+    assert!(text.contains("failed v3-stranger: ") && text.contains("no key of the key history"), "{text}");
+    assert!(text.contains("left rsa as it is") && text.contains("RSA-OAEP-SHA1"), "{text}");
+    assert!(text.contains("left split as it is") && text.contains("instruction file"), "{text}");
+
+    let after = now();
+    for (key, (meta, body)) in &before {
+        let (new_meta, new_body) = &after[key];
+        assert_bytes(new_body, body, &format!("{key}: the content is untouched"));
+        if ["v2", "dir/v3", "v3-empty"].contains(&key.as_str()) {
+            let edk = if key == "v2" { "x-amz-key-v2" } else { "x-amz-3" };
+            assert_only_edk_changed(meta, new_meta, edk, key);
+            assert_bytes(s3ec_read(new_meta, new_body, &b).unwrap(), &plain[key], &format!("{key} with the new key alone"));
+            assert!(s3ec_read(new_meta, new_body, &a).is_err(), "{key}: the old key no longer unwraps it");
+        } else {
+            assert_eq!(new_meta, meta, "{key} is left alone");
+        }
+    }
+
+    // Everything movable is done: a second run moves nothing.
+    let text = stderr(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed"), 0, "{text}");
+    assert_eq!(count(&text, "already on the new key"), 4, "{text}");
+    assert_eq!(now(), after);
+}
+
+/// Runs tests/tools/s3ec.py (the official S3 Encryption Client): (exit status, stderr).
+fn s3ec_tool(args: &[&str]) -> (i32, String) {
+    let python = std::env::var("S3CRYPTFS_TEST_S3EC_PYTHON").unwrap_or_else(|_| {
+        panic!("S3CRYPTFS_TEST_S3EC_PYTHON is not set: run the tests with scripts/test.sh (scripts/s3ec-client.sh install)")
+    });
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/s3ec.py");
+    let out = Command::new(python).arg(tool).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn cse_kms_rekey_moves_s3ec_objects_to_the_new_kms_key_and_the_official_client_reads_them() {
+    let env = Env::new();
+    let store = Store::s3();
+    let Store::S3 { bucket, .. } = &store else { unreachable!() };
+    let (k1, k2) = (kms_create_key(), kms_create_key());
+    // (key, format version, user encryption context, plaintext length)
+    let cases: [(&str, &str, &[&str], usize); 4] = [
+        ("v3", "3", &[], 300_000),
+        ("dir/v2", "2", &[], (6 << 20) + 1),
+        ("ctx", "3", &["--context", "tenant=a"], 1000),
+        ("tampered", "3", &[], 1000),
+    ];
+    let mut plain = BTreeMap::new();
+    for (i, (key, version, ctx, len)) in cases.iter().enumerate() {
+        let p = pattern(*len, 70 + i as u64);
+        let file = env.path().join(format!("src{i}"));
+        fs::write(&file, &p).unwrap();
+        let mut args = vec!["put", "--version", version, "--wrap", "kms", "--kms-key-id", &k1, "--bucket", bucket];
+        args.extend(["--key", key, "--file", file.to_str().unwrap(), "--multipart-threshold", "5242880"]);
+        args.extend(["--part-size", "5242880"]);
+        args.extend(ctx.iter());
+        let (code, err) = s3ec_tool(&args);
+        assert_eq!(code, 0, "put {key}: {err}");
+        plain.insert(key.to_string(), p);
+    }
+    // Another encryption context than the one the blob was made with: KMS refuses it.
+    let mut tampered = s3_metadata(&store, "tampered");
+    tampered.insert("x-amz-t".into(), r#"{"aws:x-amz-cek-alg": "115", "tenant": "b"}"#.into());
+    s3_put(&store, "tampered", &s3_body(&store, "tampered"), &tampered);
+    // The POSIX attributes a mount adds are kept.
+    let mut v3 = s3_metadata(&store, "v3");
+    v3.extend(posix_meta());
+    s3_put(&store, "v3", &s3_body(&store, "v3"), &v3);
+
+    let keys: Vec<String> = plain.keys().cloned().collect();
+    let now = || -> BTreeMap<String, (BTreeMap<String, String>, Vec<u8>)> {
+        keys.iter().map(|k| (k.clone(), (s3_metadata(&store, k), s3_body(&store, k)))).collect()
+    };
+    let before = now();
+    let mut opts = vec!["mode=cse-kms".to_string()];
+    opts.extend(kms_options(&k2));
+
+    let text = stderr(&rekey(&store, &opts, &["--dry-run"], &[]));
+    assert_eq!(count(&text, "to rekey"), 3, "{text}");
+    assert_eq!(now(), before, "a dry run changes nothing");
+
+    let out = rekey(&store, &opts, &[], &[]);
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(count(&text, "rekeyed"), 3, "{text}");
+    assert!(text.contains("7 KMS calls"), "a Decrypt to find each object's key, a ReEncrypt per moved one: {text}");
+    assert!(text.contains("failed tampered: "), "{text}");
+    let after = now();
+    for (key, (meta, body)) in &before {
+        let (new_meta, new_body) = &after[key];
+        assert_bytes(new_body, body, &format!("{key}: the content is untouched"));
+        if key == "tampered" {
+            assert_eq!(new_meta, meta, "{key} is left alone");
+        } else {
+            assert_only_edk_changed(meta, new_meta, if key == "dir/v2" { "x-amz-key-v2" } else { "x-amz-3" }, key);
+        }
+    }
+
+    // The official client reads them under K2, and K1 no longer opens them.
+    let get = |key: &str, extra: &[&str]| -> Result<Vec<u8>, String> {
+        let out = env.path().join("got");
+        let _ = fs::remove_file(&out);
+        let mut args = vec!["get", "--bucket", bucket, "--key", key, "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        if key == "ctx" {
+            args.extend(["--context", "tenant=a"]);
+        }
+        // LocalStack 4.14 sometimes breaks off the GET of the 6 MiB multipart object while other tests load it
+        // ("Connection broken: IncompleteRead(2883584 bytes read, …)", twice in a row at times; the tool runs
+        // botocore without retries). Try again a little later then: that says nothing about the object, whose bytes
+        // are checked below once a read completes.
+        let mut result = s3ec_tool(&args);
+        for _ in 0..4 {
+            if result.0 == 0 || !result.1.contains("Connection broken") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            result = s3ec_tool(&args);
+        }
+        match result {
+            (0, _) => Ok(fs::read(&out).unwrap()),
+            (code, err) => Err(format!("exit {code}: {err}")),
+        }
+    };
+    for key in ["v3", "dir/v2", "ctx"] {
+        assert_bytes(get(key, &["--kms-key-id", &k2]).unwrap(), &plain[key], &format!("{key}, official client, K2"));
+        let refused = get(key, &["--kms-key-id", &k1]).unwrap_err();
+        assert!(refused.contains("IncorrectKeyException"), "{key} under K1: {refused}");
+    }
+    kms_admin("DisableKey", &format!("{{\"KeyId\": \"{k1}\"}}"));
+    for key in ["v3", "dir/v2", "ctx"] {
+        assert_bytes(get(key, &[]).unwrap(), &plain[key], &format!("{key}, official client, no key id, K1 disabled"));
+    }
+
+    // A second run finds them under K2 (KMS says so) and writes nothing.
+    let text = stderr(&rekey(&store, &opts, &[], &[]));
+    assert_eq!(count(&text, "rekeyed"), 0, "{text}");
+    assert_eq!(count(&text, "already on the new key"), 3, "{text}");
+    assert_eq!(now(), after);
+}

@@ -12,6 +12,7 @@ use crate::crypto::{
     self, AeadBackend, CryptoError, Envelope, FileId, Header, KeyFingerprint, KeyHistory, ObjectCipher, HEADER_LEN,
 };
 use crate::kms::KmsClient;
+use super::s3ec;
 use crate::store::{Backend, ObjectInfo, Transfer};
 
 /// Attempts per object when it keeps changing under us: a writer that rewrites the same file continuously wins, and
@@ -39,6 +40,17 @@ pub(crate) enum Skip {
     OtherKind,
     /// Deleted while we were at it: nothing left to move.
     Vanished,
+    /// An S3 Encryption Client object rekey cannot move (see `s3ec.rs`), with the reason: it still needs the key it
+    /// is wrapped under, so each is reported.
+    S3ecLeft(&'static str),
+}
+
+/// The end of one attempt at an object.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Done(Outcome),
+    /// It changed between the read and the write: read it again.
+    Retry,
 }
 
 /// The result of one object.
@@ -154,57 +166,87 @@ async fn rekey_header(
     cost: &mut Transfer,
     kms_calls: &mut u64,
 ) -> Outcome {
-    // Our objects have sizes our format can produce; anything else is not ours and costs no request.
-    if crypto::plain_size(info.size).is_err() {
-        return Outcome::Skipped(Skip::NotOurs);
-    }
+    // Our objects have sizes our format can produce, and their header is read; any other object is read for its
+    // metadata alone, which tells whether it is an S3 Encryption Client object (those have any size).
+    let ours = crypto::plain_size(info.size).is_ok();
     for _ in 0..ATTEMPTS {
-        let (head, now, _) = match backend.get_range(&info.key, 0..HEADER_LEN).await {
+        let read = if ours {
+            backend.get_range(&info.key, 0..HEADER_LEN).await
+        } else {
+            backend.head(&info.key).await.map(|(now, meta)| (Bytes::new(), now, meta))
+        };
+        let (head, now, meta) = match read {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
             Err(e) => return Outcome::Failed(error_chain(&e)),
         };
         cost.requests += 1;
         cost.bytes_down += head.len() as u64;
-        let plan = match plan_header(target, &head) {
-            Ok(Plan::Skip(why)) => return Outcome::Skipped(why),
-            Ok(plan) => plan,
-            Err(CryptoError::UnknownKey { fingerprint }) => {
-                return Outcome::Failed(format!(
-                    "its data key is wrapped under key {fingerprint}, which is not in the key history: add that key \
-                     below the new one"
-                ))
+        let step = match s3ec::found_in(&meta) {
+            Some(found) => {
+                s3ec::step(target, backend, &info.key, found, &meta, now.etag.as_deref(), dry_run, cost, kms_calls)
+                    .await
             }
-            Err(e) => return Outcome::Failed(format!("its header cannot be used: {e}")),
+            None if !ours => Step::Done(Outcome::Skipped(Skip::NotOurs)),
+            None => own_step(target, backend, info, &head, now.etag.as_deref(), dry_run, cost, kms_calls).await,
         };
-        if dry_run {
-            // A customer-key header is unwrapped anyway (no I/O), so a damaged one shows up as a failure now.
-            if let (Target::CustomerKey { keys, aead }, Plan::Rewrap { .. }) = (target, &plan) {
-                if let Err(e) = ObjectCipher::open(&head, keys, *aead) {
-                    return Outcome::Failed(format!("its header does not open: {e}"));
-                }
-            }
-            return Outcome::WouldRekey;
-        }
-        let Some(etag) = now.etag else {
-            return Outcome::Failed("the store reports no ETag for it, so it cannot be replaced safely".into());
-        };
-        let new = match new_header(target, &head, plan, kms_calls).await {
-            Ok(h) => h,
-            Err(e) => return Outcome::Failed(e),
-        };
-        match backend.replace_head(&info.key, &etag, Bytes::from(new)).await {
-            Ok(spent) => {
-                *cost += spent;
-                return Outcome::Rekeyed;
-            }
-            // Rewritten since we read its header: read it again (a writer may even have used the new key).
-            Err(e) if e.is_precondition() => continue,
-            Err(e) if e.is_not_found() => return Outcome::Skipped(Skip::Vanished),
-            Err(e) => return Outcome::Failed(error_chain(&e)),
+        match step {
+            Step::Done(outcome) => return outcome,
+            Step::Retry => continue,
         }
     }
     Outcome::Failed(format!("it changed under us {ATTEMPTS} times in a row; run rekey again later"))
+}
+
+/// One attempt at an object of our own format whose first bytes `head` were read with ETag `etag`.
+#[allow(clippy::too_many_arguments)]
+async fn own_step(
+    target: &Target,
+    backend: &dyn Backend,
+    info: &ObjectInfo,
+    head: &[u8],
+    etag: Option<&str>,
+    dry_run: bool,
+    cost: &mut Transfer,
+    kms_calls: &mut u64,
+) -> Step {
+    let plan = match plan_header(target, head) {
+        Ok(Plan::Skip(why)) => return Step::Done(Outcome::Skipped(why)),
+        Ok(plan) => plan,
+        Err(CryptoError::UnknownKey { fingerprint }) => {
+            return Step::Done(Outcome::Failed(format!(
+                "its data key is wrapped under key {fingerprint}, which is not in the key history: add that key \
+                 below the new one"
+            )))
+        }
+        Err(e) => return Step::Done(Outcome::Failed(format!("its header cannot be used: {e}"))),
+    };
+    if dry_run {
+        // A customer-key header is unwrapped anyway (no I/O), so a damaged one shows up as a failure now.
+        if let (Target::CustomerKey { keys, aead }, Plan::Rewrap { .. }) = (target, &plan) {
+            if let Err(e) = ObjectCipher::open(head, keys, *aead) {
+                return Step::Done(Outcome::Failed(format!("its header does not open: {e}")));
+            }
+        }
+        return Step::Done(Outcome::WouldRekey);
+    }
+    let Some(etag) = etag else {
+        return Step::Done(Outcome::Failed("the store reports no ETag for it, so it cannot be replaced safely".into()));
+    };
+    let new = match new_header(target, head, plan, kms_calls).await {
+        Ok(h) => h,
+        Err(e) => return Step::Done(Outcome::Failed(e)),
+    };
+    match backend.replace_head(&info.key, etag, Bytes::from(new)).await {
+        Ok(spent) => {
+            *cost += spent;
+            Step::Done(Outcome::Rekeyed)
+        }
+        // Rewritten since we read its header: read it again (a writer may even have used the new key).
+        Err(e) if e.is_precondition() => Step::Retry,
+        Err(e) if e.is_not_found() => Step::Done(Outcome::Skipped(Skip::Vanished)),
+        Err(e) => Step::Done(Outcome::Failed(error_chain(&e))),
+    }
 }
 
 async fn rekey_server_side(backend: &dyn Backend, info: &ObjectInfo, dry_run: bool, cost: &mut Transfer) -> Outcome {

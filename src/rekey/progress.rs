@@ -14,6 +14,8 @@ pub(crate) struct Stats {
     pub current: u64,
     /// Not ours, another mode's, or gone.
     pub other: u64,
+    /// S3 Encryption Client objects rekey cannot move (legacy formats, RSA, instruction files).
+    pub s3ec_left: u64,
     pub failed: u64,
     pub cost: Transfer,
     /// The part of `cost` spent on objects that were rekeyed: what moving one object costs.
@@ -32,6 +34,7 @@ impl Stats {
             Outcome::WouldRekey => self.would_rekey += 1,
             Outcome::Skipped(Skip::Current) => self.current += 1,
             Outcome::Skipped(Skip::NotOurs | Skip::OtherKind | Skip::Vanished) => self.other += 1,
+            Outcome::Skipped(Skip::S3ecLeft(_)) => self.s3ec_left += 1,
             Outcome::Failed(_) => self.failed += 1,
         }
         if let Outcome::Rekeyed = outcome {
@@ -46,7 +49,7 @@ impl Stats {
     }
 
     pub fn skipped(&self) -> u64 {
-        self.current + self.other
+        self.current + self.other + self.s3ec_left
     }
 
     /// `rekey: done D of T objects (S skipped, F failed), R objects/s`
@@ -63,12 +66,17 @@ impl Stats {
 
     /// The closing lines: what happened to the objects, then what it cost.
     pub fn summary(&self, elapsed: Duration, dry_run: bool) -> Vec<String> {
-        let skipped = format!(
-            "{} skipped ({} already on the new key, {} not s3cryptfs objects of this mode)",
+        let mut skipped = format!(
+            "{} skipped ({} already on the new key, {} not s3cryptfs objects of this mode",
             self.skipped(),
             self.current,
             self.other
         );
+        if self.s3ec_left > 0 {
+            // Each is named on its own line above: they still need the old key.
+            skipped.push_str(&format!(", {} S3EC objects rekey cannot move", self.s3ec_left));
+        }
+        skipped.push(')');
         let what = if dry_run {
             format!("rekey (dry run): {} to rekey, {skipped}, {} would fail", self.would_rekey, self.failed)
         } else {
@@ -144,6 +152,13 @@ mod tests {
         assert_eq!(lines[1], "rekey: 1 rekeyed, 2 skipped (1 already on the new key, 1 not s3cryptfs objects of this mode), 1 failed");
         assert!(lines[2].contains("4 store requests") && lines[2].contains("2.0 KiB down"), "{}", lines[2]);
         assert!(lines[2].ends_with("per rekeyed object 3.0 requests, 1.5 KiB down, 1.0 KiB up"), "{}", lines[2]);
+        s.record(&Outcome::Skipped(Skip::S3ecLeft("RSA")), Transfer::default(), 0);
+        let lines = s.summary(Duration::from_millis(1500), false);
+        assert_eq!(
+            lines[1],
+            "rekey: 1 rekeyed, 3 skipped (1 already on the new key, 1 not s3cryptfs objects of this mode, 1 S3EC \
+             objects rekey cannot move), 1 failed"
+        );
         let dry = Stats::new(0).summary(Duration::ZERO, true);
         assert!(dry[1].starts_with("rekey (dry run): 0 to rekey"), "{}", dry[1]);
     }

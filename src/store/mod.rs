@@ -280,6 +280,24 @@ pub trait Backend: Send + Sync + 'static {
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta)
         -> Result<ObjectInfo, StoreError>;
 
+    /// Replace the metadata, keeping the content, provided the object is still the version `etag` names; otherwise
+    /// [`StoreError::Precondition`] and nothing changed. A missing object is [`StoreError::NotFound`]. Key rotation
+    /// (`rekey`) uses it to swap the wrapped data key of an S3 Encryption Client object, which lives in its metadata.
+    ///
+    /// S3: a HEAD (for the content headers to keep) and a CopyObject onto itself with `x-amz-metadata-directive:
+    /// REPLACE` and `x-amz-copy-source-if-match`, so no content passes through the client; tags are kept. Elsewhere a
+    /// GET of that version and a PUT conditional on it. Local store: the metadata attribute is rewritten under the
+    /// store's write lock after the ETag check on the very file it is written to.
+    ///
+    /// What the ETag cannot show: a metadata-only change. S3 keeps an object's ETag (the MD5 of its content) across a
+    /// metadata replacement, and the local store's ETag ignores its metadata attribute, so a concurrent metadata-only
+    /// change (a chmod through a mount) between the caller's read and this call is not detected, and is overwritten.
+    /// The default says the backend cannot (test doubles that have no use for it).
+    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+        let _ = (meta, etag);
+        Err(StoreError::Unsupported { operation: format!("replacing the metadata of {key} conditionally") })
+    }
+
     /// Remove the object; a missing key is not an error.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError>;
 

@@ -358,17 +358,23 @@ impl RawS3 {
     /// Copies `source` to `path` inside the store with `meta` as its whole user metadata (`x-amz-metadata-directive:
     /// REPLACE`), keeping the source's content headers, storage class, encryption and tags, only if the source's ETag
     /// is still what its HEAD said: no byte of content passes through the client. Up to 5 GiB one CopyObject; larger
-    /// objects a multipart upload of UploadPartCopy parts. `path` may equal `source` (new metadata in place). Returns
-    /// the new object's ETag and size.
+    /// objects a multipart upload of UploadPartCopy parts. `path` may equal `source` (new metadata in place). With
+    /// `if_match`, the source must still be the version with that ETag (whatever its HEAD says), or the result is
+    /// [`StoreError::Precondition`] and nothing changed. Returns the new object's ETag and size.
     pub(crate) async fn copy_with_meta(
         &self,
         source: &str,
         path: &str,
         meta: &[(String, String)],
+        if_match: Option<&str>,
     ) -> Result<(Option<String>, u64), StoreError> {
         let answer = self.head(source).await?;
         let header = |name: &str| answer.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let etag = header("etag").ok_or_else(|| StoreError::other(source, "HEAD answered without an ETag"))?;
+        if if_match.is_some_and(|wanted| wanted != etag) {
+            // Changed since the caller decided: no request would succeed, so send none.
+            return Err(StoreError::Precondition { key: source.to_string() });
+        }
         let size: u64 = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut headers: Vec<(String, String)> =
             kept_headers(&answer).into_iter().filter(|(k, _)| !k.starts_with("x-amz-meta-")).collect();
@@ -398,7 +404,12 @@ impl RawS3 {
                     parts.push(self.upload_part_copy_from(source, path, &upload_id, number, start..end, &etag).await?);
                 start = end;
             }
-            let resp = self.complete(path, &upload_id, &parts, &super::Expect::Any).await?;
+            // In place with `if_match`: the target is the source, and must still be that version when it is replaced.
+            let expect = match if_match {
+                Some(etag) if path == source => super::Expect::Etag(etag.to_string()),
+                _ => super::Expect::Any,
+            };
+            let resp = self.complete(path, &upload_id, &parts, &expect).await?;
             Ok(xml_value(&String::from_utf8_lossy(&resp.body), "ETag"))
         }
         .await;

@@ -878,6 +878,17 @@ async fn conditional_contract(b: &dyn Backend, dir: &str) {
     b.put_expect(&k, Bytes::from_static(b"third"), &file_meta("3"), &Expect::Any).await.unwrap();
     assert_eq!(&b.get(&k).await.unwrap().0[..], b"third");
 
+    // --- metadata alone, conditional on the etag: a stale etag changes nothing, the current one keeps the content
+    let third_etag = b.head(&k).await.unwrap().0.etag.expect("etag");
+    let refused = b.update_meta_if(&k, &file_meta("4"), &first_etag).await;
+    assert!(refused.as_ref().is_err_and(StoreError::is_precondition), "update_meta_if with a stale etag: {refused:?}");
+    assert_eq!(b.head(&k).await.unwrap().1, file_meta("3"), "a refused update_meta_if changes nothing");
+    b.update_meta_if(&k, &file_meta("4"), &third_etag).await.unwrap();
+    let (body, _, meta) = b.get(&k).await.unwrap();
+    assert_eq!((&body[..], meta), (&b"third"[..], file_meta("4")));
+    let missing = b.update_meta_if(&gone, &file_meta("4"), &third_etag).await;
+    assert!(missing.as_ref().is_err_and(StoreError::is_not_found), "update_meta_if of a missing key: {missing:?}");
+
     // --- multipart: two parts of just over 5 MiB
     const PART: usize = (5 << 20) + 1;
     async fn upload(b: &dyn Backend, k: &ObjectKey, fill: u8, tag: &str, expect: &Expect) -> Result<ObjectInfo, StoreError> {
@@ -909,6 +920,11 @@ async fn conditional_contract(b: &dyn Backend, dir: &str) {
     check(b.get(&big).await.unwrap(), 3, "m2", &m2_etag);
     precondition("multipart with a stale etag", upload(b, &big, 9, "x", &Expect::Etag(m1_etag)).await);
     check(b.get(&big).await.unwrap(), 3, "m2", &m2_etag);
+    // New metadata on a multipart object (S3: copied onto itself by the server).
+    b.update_meta_if(&big, &file_meta("m3"), &m2_etag).await.unwrap();
+    let (body, _, meta) = b.get(&big).await.unwrap();
+    assert!(body.len() == 2 * PART && body[..PART].iter().all(|&x| x == 3) && body[PART..].iter().all(|&x| x == 4));
+    assert_eq!(meta, file_meta("m3"));
     let gone = key(&format!("{dir}big-gone"));
     precondition("multipart etag on a missing key", upload(b, &gone, 5, "x", &Expect::Etag(m2_etag)).await);
     assert!(b.head(&gone).await.unwrap_err().is_not_found());

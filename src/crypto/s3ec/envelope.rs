@@ -372,6 +372,13 @@ impl Envelope {
         }
     }
 
+    /// The same envelope with another wrapped data key: what re-wrapping (key rotation) makes of it. Everything else
+    /// (content parameters, wrap algorithm, context, where it was read from) stays, so the content, the IV or
+    /// message id and the V3 key commitment stay valid as long as the new wrap holds the same data key.
+    pub fn with_encrypted_data_key(&self, encrypted_data_key: Vec<u8>) -> Envelope {
+        Envelope { encrypted_data_key, ..self.clone() }
+    }
+
     /// The message format version.
     pub fn version(&self) -> FormatVersion {
         self.version
