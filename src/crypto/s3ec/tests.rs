@@ -1559,4 +1559,3 @@ fn keys_and_streams_can_move_between_threads() {
     send::<StreamEncryptor>();
     send::<PendingInstructionFile>();
 }
-
