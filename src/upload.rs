@@ -9,7 +9,9 @@
 
 use bytes::Bytes;
 
-use crate::crypto::s3ec::{self, WriteFormat};
+use crate::cache::ObjectId;
+use crate::crypto::s3ec::{self, ChunkDigests, ContentKey, DigestSpec, WriteFormat};
+use crate::read::s3ec::S3ecReads;
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
 use crate::object::{Codec, CodecError};
@@ -59,7 +61,8 @@ pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// Encrypts `size` bytes of `src` and stores them at `path` (the key relative to the mount root, which the binding
 /// names), provided the store holds what `expect` says. The format is the mount's: its own, or the S3 Encryption
-/// Client's (`format=s3ec`, see [`upload_s3ec`]).
+/// Client's (`format=s3ec`, see [`upload_s3ec`]; the new object's verified index goes to `index` when given).
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     backend: &dyn Backend,
     codec: &Codec,
@@ -68,9 +71,10 @@ pub async fn upload(
     size: u64,
     mut meta: UserMeta,
     expect: &Expect,
+    index: Option<&S3ecReads>,
 ) -> Result<ObjectInfo> {
     if let Some(format) = codec.s3ec_write_format() {
-        return upload_s3ec(backend, codec, format, path, src, size, meta, expect).await;
+        return upload_s3ec(backend, codec, format, path, src, size, meta, expect, index).await;
     }
     let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
@@ -125,7 +129,8 @@ pub async fn upload(
 /// `ciphertext ‖ tag`, with no path binding (docs/FORMAT.md). A file larger than one GCM message can hold is refused
 /// with EFBIG before anything is sent. Large files are one message across the parts of a multipart upload: encrypted
 /// in order, each part sent (in parallel with the next ones being encrypted) once it is sealed, the tag at the end of
-/// the last part.
+/// the last part. The encryptor also records the chunk digests of the ciphertext it produces: once the store has the
+/// object they become its verified index in `index`, so this mount reads it back without a verification pass.
 #[allow(clippy::too_many_arguments)]
 async fn upload_s3ec(
     backend: &dyn Backend,
@@ -136,6 +141,7 @@ async fn upload_s3ec(
     size: u64,
     mut meta: UserMeta,
     expect: &Expect,
+    index: Option<&S3ecReads>,
 ) -> Result<ObjectInfo> {
     if size > s3ec::MAX_PLAINTEXT_LEN {
         return Err(Error::TooLarge { key: path.to_string(), size, max: s3ec::MAX_PLAINTEXT_LEN });
@@ -145,7 +151,8 @@ async fn upload_s3ec(
     let new = codec.create_s3ec(format).await.map_err(|e| Error::codec(path, e))?;
     meta.extra.remove(BIND_META);
     meta.extra.extend(new.envelope.to_metadata());
-    let mut encryptor = new.sealer.encryptor();
+    let content = new.sealer.decrypting_key();
+    let mut encryptor = new.sealer.encryptor().with_digests(DigestSpec::default());
     let s3ec_err = |e| Error::codec(path, CodecError::S3ec(e));
     let total = size + s3ec::TAG_LEN as u64;
     let mut plain = vec![0u8; (size.min(PART_SIZE as u64)) as usize];
@@ -154,13 +161,16 @@ async fn upload_s3ec(
         src.read_exact_at(&mut plain, 0).map_err(|e| Error::staging(path, e))?;
         let mut body = Vec::with_capacity(total as usize);
         encryptor.update(&plain, &mut body).map_err(s3ec_err)?;
-        encryptor.finish(&mut body);
-        return backend.put_expect(&key, Bytes::from(body), &meta, expect).await.map_err(|e| Error::store(path, e));
+        let digests = encryptor.finish(&mut body);
+        let info =
+            backend.put_expect(&key, Bytes::from(body), &meta, expect).await.map_err(|e| Error::store(path, e))?;
+        return Ok(remember_written(index, path, info, content, digests));
     }
 
     let mut offset = 0u64;
     let mut encryptor = Some(encryptor);
-    send_multipart(backend, &key, path, &meta, expect, |part| {
+    let mut digests = None;
+    let info = send_multipart(backend, &key, path, &meta, expect, |part| {
         part.clear();
         let len = (size - offset).min(PART_SIZE as u64) as usize;
         src.read_exact_at(&mut plain[..len], offset).map_err(|e| Error::staging(path, e))?;
@@ -170,10 +180,25 @@ async fn upload_s3ec(
         if offset < size {
             return Ok(false);
         }
-        encryptor.take().expect("the last part once").finish(part);
+        digests = encryptor.take().expect("the last part once").finish(part);
         Ok(true)
     })
-    .await
+    .await?;
+    Ok(remember_written(index, path, info, content, digests))
+}
+
+/// Gives `index` the verified index of the S3EC object version just stored (when the store named it by an ETag).
+fn remember_written(
+    index: Option<&S3ecReads>,
+    path: &str,
+    info: ObjectInfo,
+    content: ContentKey,
+    digests: Option<ChunkDigests>,
+) -> ObjectInfo {
+    if let (Some(index), Some(etag), Some(digests)) = (index, &info.etag, digests) {
+        index.insert_written(ObjectId { key: path.to_string(), etag: etag.clone() }, content, digests);
+    }
+    info
 }
 
 /// A multipart upload of the parts `next_part` fills in order (into the buffer it is given, emptied first; it says

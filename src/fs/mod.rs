@@ -746,7 +746,16 @@ impl Fs {
     /// Encrypts and stores a small object held in memory (symlink targets).
     async fn put_small(&self, path: &str, content: &[u8], meta: UserMeta) -> Result<ObjectInfo> {
         // new_name() checked the name is free; a racing creator elsewhere makes this fail rather than be overwritten.
-        crate::upload::upload(&*self.backend, &self.codec, path, &crate::upload::Memory(content), content.len() as u64, meta, &Expect::Absent)
+        crate::upload::upload(
+            &*self.backend,
+            &self.codec,
+            path,
+            &crate::upload::Memory(content),
+            content.len() as u64,
+            meta,
+            &Expect::Absent,
+            Some(&self.s3ec),
+        )
             .await
     }
 
@@ -1740,7 +1749,17 @@ impl Fs {
             staged.note_attempt();
             let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
             let result =
-                crate::upload::upload(&*self.backend, &self.codec, &path, &src, staged.size, meta.clone(), &expect).await;
+                crate::upload::upload(
+                &*self.backend,
+                &self.codec,
+                &path,
+                &src,
+                staged.size,
+                meta.clone(),
+                &expect,
+                Some(&self.s3ec),
+            )
+            .await;
             match result {
                 Ok(info) => break info,
                 Err(e) if is_lost_race(&e, &expect) => {
@@ -1820,7 +1839,17 @@ impl Fs {
             if attempt > 0 {
                 copy = format!("{path}.s3cryptfs-conflict-{secs}-{attempt}");
             }
-            result = crate::upload::upload(&*self.backend, &self.codec, &copy, &src, staged.size, meta.clone(), &Expect::Absent).await;
+            result = crate::upload::upload(
+                &*self.backend,
+                &self.codec,
+                &copy,
+                &src,
+                staged.size,
+                meta.clone(),
+                &Expect::Absent,
+                Some(&self.s3ec),
+            )
+            .await;
             match &result {
                 Err(e) if is_lost_race(e, &Expect::Absent) => continue,
                 _ => break,
@@ -2091,7 +2120,18 @@ impl Fs {
             if self.already_uploaded(&target, &record.upload_id).await {
                 return Ok(target);
             }
-            match crate::upload::upload(&*self.backend, &self.codec, &target, &src, size, meta.clone(), &expect).await {
+            match crate::upload::upload(
+                &*self.backend,
+                &self.codec,
+                &target,
+                &src,
+                size,
+                meta.clone(),
+                &expect,
+                Some(&self.s3ec),
+            )
+            .await
+            {
                 Ok(_) => return Ok(target),
                 Err(e) if is_lost_race(&e, &expect) => {
                     // An older upload of this content's history that timed out but landed: ours to replace.

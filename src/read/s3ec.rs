@@ -163,6 +163,15 @@ impl S3ecReads {
         slot
     }
 
+    /// Records `verified` as the index of the object version `id` that this mount has just written (its content key
+    /// and the digests of the ciphertext it sent), so that reading it back costs no verification pass: the digests
+    /// are of the very bytes the store was given, which is what a pass would have authenticated.
+    pub fn insert_written(&self, id: ObjectId, content: ContentKey, digests: ChunkDigests) {
+        let slot = Slot::new(OnceCell::new_with(Some(Arc::new(Verified { content, digests }))));
+        self.lock().put(id, slot);
+        self.trim();
+    }
+
     /// Drops `id`'s entry if it is still `slot` and empty (its pass failed).
     fn forget(&self, id: &ObjectId, slot: &Slot) {
         let mut entries = self.lock();

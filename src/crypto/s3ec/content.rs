@@ -308,6 +308,18 @@ impl ContentSealer {
         Ok(out)
     }
 
+    /// The key that decrypts what this sealer encrypts, for a writer that indexes the object it just
+    /// wrote (its chunk digests from [`StreamEncryptor::with_digests`]) so that reading it back needs
+    /// no verification pass. The reverse (a sealer from a decrypting key) does not exist.
+    pub fn decrypting_key(&self) -> ContentKey {
+        ContentKey {
+            suite: self.0.suite,
+            key: Box::new(Zeroizing::new(**self.0.key)),
+            nonce: self.0.nonce,
+            backend: self.0.backend,
+        }
+    }
+
     /// A streaming encryptor, for content fed in order (multipart parts); see
     /// [`StreamEncryptor`].
     pub fn encryptor(self) -> StreamEncryptor {
