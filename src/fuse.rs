@@ -401,13 +401,18 @@ impl Filesystem for FuseAdapter {
         });
     }
 
+    // Extended attributes are not stored. ENOSYS, not ENOTSUP: only ENOSYS makes the kernel remember that the
+    // operation is unimplemented (it then answers EOPNOTSUPP, the same errno as ENOTSUP, itself); with ENOTSUP it
+    // asks again for every WRITE (security.capability), one round trip per write. Counted as FUSE errors, so the
+    // metrics show that it asked once.
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // Extended attributes are not stored; ENOTSUP makes the kernel stop asking (security.capability on writes).
-        reply.error(Errno::ENOTSUP);
+        crate::metrics::fuse_error("getxattr", libc::ENOSYS);
+        reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOTSUP);
+        crate::metrics::fuse_error("listxattr", libc::ENOSYS);
+        reply.error(Errno::ENOSYS);
     }
 
     fn setxattr(
@@ -420,11 +425,13 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOTSUP);
+        crate::metrics::fuse_error("setxattr", libc::ENOSYS);
+        reply.error(Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOTSUP);
+        crate::metrics::fuse_error("removexattr", libc::ENOSYS);
+        reply.error(Errno::ENOSYS);
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
