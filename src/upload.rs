@@ -108,18 +108,26 @@ pub async fn upload(
         return backend.put_expect(&key, Bytes::from(buf), &meta, expect).await.map_err(|e| Error::store(path, e));
     }
 
+    // Parts of exactly PART_SIZE stored bytes (the last one excepted), chunks cut across part boundaries: servers
+    // that store in 8 MiB blocks (Garage) then need no extra block per part for the chunk overhead.
     let mut index = 0u64;
+    let mut carry: Vec<u8> = Vec::with_capacity(CHUNK_PLAIN_LEN as usize * 2);
     send_multipart(backend, &key, path, &meta, expect, |part| {
         part.clear();
         if index == 0 {
             part.extend_from_slice(&header);
         }
+        part.append(&mut carry);
         while index < chunks && part.len() < PART_SIZE {
             let len = read_chunk(index, &mut plain)?;
             oc.seal(index, index + 1 == chunks, &plain[..len], part);
             index += 1;
         }
-        Ok(index == chunks)
+        if part.len() > PART_SIZE {
+            carry.extend_from_slice(&part[PART_SIZE..]);
+            part.truncate(PART_SIZE);
+        }
+        Ok(index == chunks && carry.is_empty())
     })
     .await
 }
@@ -253,5 +261,126 @@ fn part_result(
     match r {
         Ok(r) => r.map_err(|e| Error::store(path, e)),
         Err(join) => Err(Error::staging(path, std::io::Error::other(format!("part upload task failed: {join}")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{AeadBackend, Key256, KeyHistory};
+    use crate::store::{Listing, ObjectStoreBackend, StoreError, Upload};
+    use async_trait::async_trait;
+    use std::sync::{Arc, Mutex};
+
+    /// An in-memory store that records the size of every multipart part it is sent.
+    struct Recording {
+        inner: ObjectStoreBackend,
+        parts: Arc<Mutex<Vec<usize>>>,
+    }
+
+    struct RecordingUpload {
+        inner: Box<dyn Upload>,
+        parts: Arc<Mutex<Vec<usize>>>,
+    }
+
+    #[async_trait]
+    impl Upload for RecordingUpload {
+        fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+            self.parts.lock().unwrap().push(part.len());
+            self.inner.put_part(part)
+        }
+        async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
+            self.inner.complete().await
+        }
+        async fn abort(self: Box<Self>) -> Result<(), StoreError> {
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Recording {
+        async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+            self.inner.head(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &ObjectKey,
+            range: std::ops::Range<u64>,
+        ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            self.inner.get_range(key, range).await
+        }
+        async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            self.inner.get(key).await
+        }
+        async fn put_expect(
+            &self,
+            key: &ObjectKey,
+            body: Bytes,
+            meta: &UserMeta,
+            expect: &Expect,
+        ) -> Result<ObjectInfo, StoreError> {
+            self.inner.put_expect(key, body, meta, expect).await
+        }
+        async fn put_multipart_expect(
+            &self,
+            key: &ObjectKey,
+            meta: &UserMeta,
+            expect: &Expect,
+        ) -> Result<Box<dyn Upload>, StoreError> {
+            let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
+            Ok(Box::new(RecordingUpload { inner, parts: Arc::clone(&self.parts) }))
+        }
+        async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+            self.inner.copy(from, to, meta).await
+        }
+        async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+            self.inner.update_meta(key, meta).await
+        }
+        async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+            self.inner.list(dir, recursive).await
+        }
+        async fn check_access(&self) -> Result<(), StoreError> {
+            self.inner.check_access().await
+        }
+    }
+
+    /// Multipart parts of the own format are exactly PART_SIZE stored bytes but the last, whatever the chunk
+    /// overhead, and the object they make decrypts to the file (chunks cut across part boundaries rejoin).
+    #[tokio::test]
+    async fn own_format_parts_are_exact_multiples_of_the_part_size() {
+        let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+        let backend = Recording { inner, parts: Arc::default() };
+        let keys = Arc::new(KeyHistory::single(Key256::generate()));
+        let codec = Codec::Cse {
+            keys: Some(keys),
+            kms: None,
+            aead: AeadBackend::default(),
+            format: crate::config::FileFormat::Own,
+        };
+        let size = 3 * PART_SIZE as u64 + 12_345;
+        let plain: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let meta = UserMeta::default();
+        let info = upload(&backend, &codec, "f", &Memory(&plain), size, meta, &Expect::Any, None).await.unwrap();
+        let parts = backend.parts.lock().unwrap().clone();
+        let stored = codec.stored_size(size);
+        assert_eq!(info.size, stored);
+        assert_eq!(parts.iter().map(|&p| p as u64).sum::<u64>(), stored, "{parts:?}");
+        let (last, whole) = parts.split_last().unwrap();
+        assert!(whole.iter().all(|&p| p == PART_SIZE), "{parts:?}");
+        assert!(*last <= PART_SIZE && *last > 0, "{parts:?}");
+
+        let (body, _, _) = backend.get(&ObjectKey::new("f").unwrap()).await.unwrap();
+        let header_len = codec.header_len() as usize;
+        let oc = codec.open(&body[..header_len]).await.unwrap();
+        let mut got = Vec::with_capacity(plain.len());
+        let chunks = codec.chunk_count(size);
+        for index in 0..chunks {
+            let range = codec.chunk_range(index, size);
+            oc.open(index, index + 1 == chunks, &body[range.start as usize..range.end as usize], &mut got).unwrap();
+        }
+        assert!(got == plain, "the parts rejoin to the file");
     }
 }
