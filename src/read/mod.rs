@@ -6,8 +6,9 @@
 //! that run starts at chunk 0 (the usual case) and on its own otherwise, and its path binding is checked before any
 //! byte is returned, so a swapped object fails before it is read.
 //!
-//! Read-ahead: a reader whose reads follow each other doubles its window (from 256 KiB up to `max_readahead`) and
-//! fetches the chunks ahead in the background, in segments of 4 MiB so that several GETs run at once. Chunks being
+//! Read-ahead: a reader whose reads follow each other doubles its window (from 256 KiB up to `max_readahead`, and
+//! never beyond a quarter of the page cache, where prefetched pages wait to be read) and fetches the chunks ahead in
+//! the background, in segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being
 //! fetched are registered as in flight, and a read that needs one waits for that fetch instead of asking again.
 //!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
@@ -36,9 +37,15 @@ use self::s3ec::{S3ecReads, Verified};
 
 pub use crate::object::BIND_META;
 
-/// Chunks per background GET: 4 MiB, a size at which S3 throughput per request is near its best while several
-/// requests still fit in a read-ahead window.
-const PREFETCH_SEGMENT_CHUNKS: u64 = 64;
+/// Chunks per background GET, at most: 8 MiB, a size at which S3 throughput per request is at its best (the raw
+/// client's default part size too).
+const MAX_SEGMENT_CHUNKS: u64 = 128;
+/// ... and at least: 1 MiB, below which requests cost more than they carry.
+const MIN_SEGMENT_CHUNKS: u64 = 16;
+/// A reader's window is at most this share of the page cache: prefetched pages wait in the cache until they are
+/// read, and a window as large as the cache evicted its own pages before the reader got to them (with
+/// `cache_size=32M` a 1 GiB read fetched every byte twice, in 3,932 GETs).
+const WINDOW_SHARE_OF_CACHE: u64 = 4;
 /// The window a sequential reader starts with.
 const INITIAL_WINDOW: u64 = 256 << 10;
 
@@ -91,6 +98,8 @@ impl Reader {
         format: StoredFormat,
         max_readahead: u64,
     ) -> Result<Arc<Reader>> {
+        // The window the budget leaves (see WINDOW_SHARE_OF_CACHE); at least one page.
+        let max_readahead = max_readahead.min(context.cache.budget() / WINDOW_SHARE_OF_CACHE).max(CHUNK_PLAIN_LEN);
         let plain_size = match format {
             StoredFormat::Own => context.codec.plain_size(stored_size),
             StoredFormat::S3ec { .. } => crate::crypto::s3ec::plain_size(stored_size).ok(),
@@ -159,6 +168,12 @@ impl Reader {
         index + 1 == self.codec.chunk_count(self.plain_size)
     }
 
+    /// Chunks per read-ahead GET: a quarter of the largest window, so that four or more GETs are in flight at once,
+    /// within [MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS] (8 MiB GETs, eight in flight, with the default 64 MiB window).
+    fn segment_chunks(&self) -> u64 {
+        (self.max_readahead / CHUNK_PLAIN_LEN / 4).clamp(MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS)
+    }
+
     /// Pages of the file: chunks of the own format, 64 KiB slices of an S3EC object.
     fn page_count(&self) -> u64 {
         match self.format {
@@ -200,7 +215,7 @@ impl Reader {
                 let from = st.prefetched_until.max(last + 1);
                 // Top the window up a whole segment at a time: topping it up by the size of every read would turn
                 // into one small GET per read.
-                if from < ahead_end && (ahead_end - from >= PREFETCH_SEGMENT_CHUNKS || ahead_end == chunk_total) {
+                if from < ahead_end && (ahead_end - from >= self.segment_chunks() || ahead_end == chunk_total) {
                     st.prefetched_until = ahead_end;
                     Some(from..ahead_end)
                 } else {
@@ -284,7 +299,7 @@ impl Reader {
         let id = self.object_id();
         let mut start = range.start;
         while start < range.end {
-            let end = (start + PREFETCH_SEGMENT_CHUNKS).min(range.end);
+            let end = (start + self.segment_chunks()).min(range.end);
             // Skip the leading chunks already cached or in flight.
             let seg: Vec<u64> = (start..end)
                 .filter(|i| !self.cache.contains(&id, *i) && !lock(&self.inflight).contains_key(i))
