@@ -160,7 +160,7 @@ pub struct MountArgs {
     /// Comma-separated mount options (mode=, key_file=, key_fd=, key_env=, key_credential=, agent[=SOCKET],
     /// key_name=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
     /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, timeout=, staging_dir=,
-    /// log_level=, log_file=, require_commitment). May be repeated.
+    /// log_level=, log_file=, require_commitment, rsa_key_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE (cse-c, cse-kms, sse-c, sse-s3, sse-kms or none)")]
@@ -173,6 +173,13 @@ pub struct MountArgs {
     pub key_env: Option<String>,
     #[arg(long, value_name = "NAME", help = "Same as -o key_credential=NAME ($CREDENTIALS_DIRECTORY/NAME)")]
     pub key_credential: Option<String>,
+    #[arg(
+        long,
+        value_name = "PATH",
+        help = "Same as -o rsa_key_file=PATH: RSA private key (PEM) for S3 Encryption Client objects wrapped with \
+                RSA-OAEP-SHA1 (modes cse-c, cse-kms)"
+    )]
+    pub rsa_key_file: Option<String>,
     #[arg(long, value_name = "KEY", help = "Same as -o kms_key_id=KEY (key id, ARN or alias/NAME; modes sse-kms, cse-kms)")]
     pub kms_key_id: Option<String>,
     #[arg(long, value_name = "URL", help = "Same as -o kms_endpoint=URL (mode cse-kms)")]
@@ -236,6 +243,7 @@ impl MountArgs {
             ("key_fd", &self.key_fd),
             ("key_env", &self.key_env),
             ("key_credential", &self.key_credential),
+            ("rsa_key_file", &self.rsa_key_file),
             ("kms_key_id", &self.kms_key_id),
             ("kms_endpoint", &self.kms_endpoint),
             ("bucket_key", &self.bucket_key),
@@ -306,6 +314,13 @@ mod tests {
         assert!(m.option_pairs().contains(&("ro".to_string(), None)));
         assert!(from_mount_helper(&["s3://b".to_string()]).is_err());
         assert!(from_mount_helper(&["s3://b", "/m", "--bogus"].map(String::from)).is_err());
+    }
+
+    #[test]
+    fn the_rsa_key_file_flag_is_the_option() {
+        let cli = Cli::try_parse_from(["s3cryptfs", "mount", "--rsa-key-file", "/r.pem", "file:///x", "/mnt"]).unwrap();
+        let Command::Mount(m) = cli.command else { panic!("expected mount") };
+        assert_eq!(m.option_pairs(), [("rsa_key_file".to_string(), Some("/r.pem".to_string()))]);
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub struct MountConfig {
     pub mode: EncryptionMode,
     /// Where the key history comes from (required for cse-c and sse-c; optional for cse-kms to read cse-c objects).
     pub key_source: Option<KeySource>,
+    /// RSA private key (PEM) that unwraps the data keys of AWS S3 Encryption Client objects wrapped with
+    /// `RSA-OAEP-SHA1` (`rsa_key_file=PATH`; cse-c and cse-kms; read only). Private to its owner, like a key file.
+    pub rsa_key_file: Option<PathBuf>,
     /// KMS key for sse-kms (None: the account's default aws/s3 key) and for new objects in cse-kms: a key id, a key
     /// ARN or `alias/NAME`.
     pub kms_key_id: Option<String>,
@@ -282,6 +285,7 @@ impl MountConfig {
             foreground,
             mode: EncryptionMode::CseC,
             key_source: None,
+            rsa_key_file: None,
             kms_endpoint: None,
             kms_key_id: None,
             bucket_key: None,
@@ -338,6 +342,7 @@ impl MountConfig {
                 }
                 "key" => return Err(ConfigError::RawKeyRefused),
                 "key_file" => set_source(&mut cfg.key_source, KeySource::File(PathBuf::from(need()?)))?,
+                "rsa_key_file" => cfg.rsa_key_file = Some(PathBuf::from(need()?)),
                 "key_fd" => {
                     let v = need()?;
                     let fd = v.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| ConfigError::Invalid {
@@ -502,6 +507,16 @@ impl MountConfig {
             return Err(ConfigError::Invalid {
                 name: "kms_key_id".into(),
                 reason: "kms_key_id only applies to mode=sse-kms and mode=cse-kms".into(),
+            });
+        }
+        if !matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::CseKms) && cfg.rsa_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "rsa_key_file".into(),
+                reason: format!(
+                    "rsa_key_file only applies to mode=cse-c and mode=cse-kms, which read S3 Encryption Client \
+                     objects (mode={} does not)",
+                    cfg.mode.name()
+                ),
             });
         }
         if !matches!(cfg.mode, EncryptionMode::CseC | EncryptionMode::CseKms) && cfg.require_commitment {
@@ -707,6 +722,20 @@ mod tests {
         assert!(cfg("key_name=x").unwrap_err().to_string().contains("agent"));
         // The same source twice (fstab plus a flag) is fine.
         assert!(cfg("key_file=/k,key_file=/k").is_ok());
+    }
+
+    #[test]
+    fn rsa_key_file_is_for_the_client_side_modes_only() {
+        assert_eq!(cfg("mode=cse-c,key_file=/k,rsa_key_file=/r.pem").unwrap().rsa_key_file, Some("/r.pem".into()));
+        assert_eq!(cfg("mode=cse-kms,ro,rsa_key_file=/r.pem").unwrap().rsa_key_file, Some("/r.pem".into()));
+        assert_eq!(cfg("mode=cse-c,key_file=/k").unwrap().rsa_key_file, None);
+        // It is no customer key: cse-c still needs one.
+        assert_eq!(cfg("mode=cse-c,rsa_key_file=/r.pem").unwrap_err(), ConfigError::KeyRequired("cse-c"));
+        for other in ["mode=none", "mode=sse-s3", "mode=sse-kms", "mode=sse-c,key_file=/k"] {
+            let err = cfg(&format!("{other},rsa_key_file=/r.pem")).unwrap_err().to_string();
+            assert!(err.contains("rsa_key_file") && err.contains("cse-c") && !err.contains('\n'), "{err}");
+        }
+        assert_eq!(cfg("mode=cse-c,key_file=/k,rsa_key_file").unwrap_err(), ConfigError::MissingValue { name: "rsa_key_file".into() });
     }
 
     #[test]

@@ -184,6 +184,12 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),
         None => None,
     };
+    // Read here too, before the process detaches: a relative path still means what the user meant, and a refused key
+    // file is reported on the terminal.
+    let rsa_key = match &config.rsa_key_file {
+        Some(path) => Some(Arc::new(crate::keys::load_rsa_key_file(path)?)),
+        None => None,
+    };
     check_mountpoint(&config.mountpoint, &config.store_url, config.nonempty)?;
     if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
         bail!("store '{}' is not supported: use file:///absolute/dir or s3://bucket[/prefix]", config.store_url);
@@ -195,7 +201,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             None => LogTarget::Stderr,
         };
         init_logging(config.log_level.as_deref(), target)?;
-        return serve(config, keys, None);
+        return serve(config, keys, rsa_key, None);
     }
 
     let mut fds = [0; 2];
@@ -223,7 +229,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             let mut ready = std::fs::File::from(write_end);
-            match serve(config, keys, Some(&mut ready)) {
+            match serve(config, keys, rsa_key, Some(&mut ready)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
                     let _ = writeln!(ready, "{}", crate::error_text::error_chain(&*e));
@@ -624,7 +630,12 @@ fn kms_client(config: &MountConfig) -> anyhow::Result<Arc<crate::kms::KmsClient>
     Ok(Arc::new(crate::kms::KmsClient::new(signed, endpoint, config.kms_key_id.clone())))
 }
 
-fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
+fn serve(
+    config: MountConfig,
+    keys: Option<Arc<KeyHistory>>,
+    rsa_key: Option<Arc<crate::crypto::s3ec::RsaPrivateKey>>,
+    ready: Option<&mut std::fs::File>,
+) -> anyhow::Result<()> {
     if let Some(keys) = &keys {
         if !crate::keys::lock_in_memory(keys) {
             tracing::warn!("could not lock the key pages in memory (RLIMIT_MEMLOCK): keys could reach swap");
@@ -700,7 +711,7 @@ fn serve(config: MountConfig, keys: Option<Arc<KeyHistory>>, ready: Option<&mut 
             read_only: config.read_only,
             attr_ttl: config.attr_ttl,
             max_readahead: config.cache.max_readahead,
-            s3ec: crate::read::s3ec::S3ecOptions { require_commitment: config.require_commitment },
+            s3ec: crate::read::s3ec::S3ecOptions { require_commitment: config.require_commitment, rsa_key },
         },
     ));
 

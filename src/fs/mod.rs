@@ -225,7 +225,7 @@ impl Fs {
             backend,
             codec,
             cache,
-            s3ec: Arc::new(S3ecReads::new(config.s3ec)),
+            s3ec: Arc::new(S3ecReads::new(config.s3ec.clone())),
             journal,
             config,
             table: Mutex::new(InodeTable::new(root)),

@@ -6,6 +6,9 @@
 //! - `key_env=VAR` is removed from the environment and its bytes in the process's initial environment block are
 //!   overwritten, because `/proc/PID/environ` shows that block, not the live environment;
 //! - buffers that held key text are zeroized.
+//!
+//! The RSA private key of `rsa_key_file=` ([`load_rsa_key_file`]), which unwraps S3 Encryption Client data keys, is
+//! read with the same checks as a key file.
 
 use std::io::Read;
 use std::os::fd::FromRawFd;
@@ -17,6 +20,7 @@ use crate::config::KeySource;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::crypto::s3ec::{RsaKeyError, RsaPrivateKey};
 use crate::crypto::{Key256, KeyFileError, KeyHistory};
 
 #[derive(Debug, Error)]
@@ -41,6 +45,8 @@ pub enum KeyError {
     Credential { name: String, reason: String },
     #[error("{origin}: {reason}")]
     Text { origin: String, reason: String },
+    #[error("rsa_key_file {path} {source}")]
+    Rsa { path: PathBuf, source: RsaKeyError },
 }
 
 /// Loads the key history from `source` (see the module docs for what each source leaves behind).
@@ -129,6 +135,20 @@ fn take_env(var: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
 
 /// Reads and checks a key file.
 pub fn load_key_file(path: &Path) -> Result<KeyHistory, KeyError> {
+    let bytes = read_private_file(path)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::NotText { path: path.into() })?;
+    KeyHistory::parse(text).map_err(|source| KeyError::Parse { path: path.into(), source })
+}
+
+/// Reads and checks the RSA private key file of `rsa_key_file=` (PEM, PKCS#8 or PKCS#1), with the checks of a key
+/// file: a file others can read is refused.
+pub fn load_rsa_key_file(path: &Path) -> Result<RsaPrivateKey, KeyError> {
+    let bytes = read_private_file(path)?;
+    RsaPrivateKey::from_pem(&bytes).map_err(|source| KeyError::Rsa { path: path.into(), source })
+}
+
+/// The bytes of a file that holds a secret, if it is a file that only its owner can read.
+fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let meta = std::fs::metadata(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
     // Before the mode check: a directory's usual 755 would otherwise be reported as a key file others can read.
     if meta.is_dir() {
@@ -138,9 +158,7 @@ pub fn load_key_file(path: &Path) -> Result<KeyHistory, KeyError> {
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen { path: path.into(), mode });
     }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::NotText { path: path.into() })?;
-    KeyHistory::parse(text).map_err(|source| KeyError::Parse { path: path.into(), source })
+    Ok(Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?))
 }
 
 /// Writes a new random key to `path` (created 0600; an existing file is never overwritten).
@@ -219,6 +237,31 @@ mod tests {
         let err = load_key_file(&p).unwrap_err();
         assert!(matches!(err, KeyError::TooOpen { .. }));
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn an_rsa_key_file_is_checked_like_a_key_file() {
+        use aws_lc_rs::encoding::AsDer;
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rsa.pem");
+        let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der = key.as_der().unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(AsRef::<[u8]>::as_ref(&*der));
+        std::fs::write(&p, format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_rsa_key_file(&p).unwrap().bits(), 2048);
+        // Readable by others: refused, as a key file is, with what to do.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = load_rsa_key_file(&p).unwrap_err();
+        assert!(matches!(err, KeyError::TooOpen { mode: 0o640, .. }), "{err}");
+        assert!(err.to_string().contains("chmod 600") && err.to_string().contains("rsa.pem"), "{err}");
+        assert!(matches!(load_rsa_key_file(dir.path()), Err(KeyError::IsDirectory { .. })));
+        // Not a PEM key: the message names the option and the file, and repeats nothing of the text.
+        std::fs::write(&p, "SECRETISH not a key").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = load_rsa_key_file(&p).unwrap_err().to_string();
+        assert!(err.starts_with("rsa_key_file ") && err.contains("no PEM private key") && !err.contains("SECRETISH"), "{err}");
     }
 
     /// Regression (issue 10.7c): a directory (mode 755 as usual) was reported as readable by group or others.

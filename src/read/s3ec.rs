@@ -8,7 +8,7 @@
 //!    bytes (one GET for an object up to that size, [`PASS_SEGMENTS_IN_FLIGHT`] at a time for a larger one), fed to a
 //!    streaming GCM decryptor that also records the SHA-256 of every 64 KiB chunk of ciphertext. The data key is
 //!    unwrapped from the metadata the first GET returned ([`content_key`]: KMS for `kms+context`, the key file's keys
-//!    for `AES/GCM`), V3 key commitments are checked before the key is used, and every GET must come from the same
+//!    for `AES/GCM`, the `rsa_key_file=` key for `RSA-OAEP-SHA1`), V3 key commitments are checked before the key is used, and every GET must come from the same
 //!    object version (size and ETag);
 //! 2. once the tag verified, keeps the content key and the chunk digests as that object version's [`Verified`]
 //!    index, shared by every reader of the version (key + ETag) through [`S3ecReads`], and puts the pages decrypted
@@ -35,8 +35,8 @@ use tokio::sync::OnceCell;
 use super::Reader;
 use crate::cache::ObjectId;
 use crate::crypto::s3ec::{
-    self, ChunkDigests, ContentKey, Detection, DigestSpec, Envelope, FormatVersion, S3ecError, WrapAlg,
-    KMS_CONTEXT_CEK_ALG, KMS_CONTEXT_CMK_ID,
+    self, ChunkDigests, ContentKey, Detection, DigestSpec, Envelope, FormatVersion, RsaPrivateKey, S3ecError,
+    WrapAlg, KMS_CONTEXT_CEK_ALG, KMS_CONTEXT_CMK_ID,
 };
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
@@ -60,10 +60,12 @@ const VERIFIED_DIGEST_BYTES: usize = 64 << 20;
 const _: () = assert!(s3ec::DEFAULT_DIGEST_CHUNK_LEN == CHUNK_PLAIN_LEN);
 
 /// How S3EC objects are read, from the mount options.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct S3ecOptions {
     /// Refuse format V2 (no key commitment): `require_commitment`.
     pub require_commitment: bool,
+    /// The private key of `rsa_key_file=`, for objects whose data key is wrapped with `RSA-OAEP-SHA1`.
+    pub rsa_key: Option<Arc<RsaPrivateKey>>,
 }
 
 /// Why an S3EC object cannot be read. Each message names what to do; the object's key is added by [`Error::S3ec`].
@@ -100,6 +102,11 @@ pub enum S3ecReadError {
          key file that holds that key (key_file=)"
     )]
     NeedsCustomerKey,
+    #[error(
+        "S3 Encryption Client object whose data key is wrapped under an RSA key (RSA-OAEP-SHA1); give the mount the \
+         RSA private key it was wrapped for: add -o rsa_key_file=PATH (a PEM file only its owner can read)"
+    )]
+    NeedsRsaKey,
     #[error(
         "S3 Encryption Client object whose data key none of the {keys} key(s) of the key file unwraps: it was \
          wrapped under another key, or its wrapped key or content algorithm was modified"
@@ -144,8 +151,8 @@ impl S3ecReads {
         S3ecReads { options, verified: Mutex::new(LruCache::new(capacity)) }
     }
 
-    pub fn options(&self) -> S3ecOptions {
-        self.options
+    pub fn options(&self) -> &S3ecOptions {
+        &self.options
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<ObjectId, Slot>> {
@@ -230,11 +237,12 @@ pub async fn envelope_of(backend: &dyn Backend, key: &str, meta: &UserMeta) -> R
 ///   when it has one, so an object wrapped under another KMS key is refused as the AWS clients refuse it, and names
 ///   none on a read-only mount without one.
 /// - `AES/GCM`: each key of the key file in turn (the material description is not used to choose).
-/// - RSA and the legacy wraps: refused with the wrap named; format V1: refused; format V2 under `require_commitment`:
-///   refused.
+/// - `RSA-OAEP-SHA1`: the private key of `rsa_key_file=` (the pseudo data key's suffix binds the content algorithm).
+/// - the legacy wraps (PKCS#1 v1.5 `RSA`, `RSA/ECB/OAEPWithSHA-256AndMGF1Padding`, `kms`, `AESWrap`, `AES`): refused
+///   with the wrap named; format V1: refused; format V2 under `require_commitment`: refused.
 pub async fn content_key(
     codec: &Codec,
-    options: S3ecOptions,
+    options: &S3ecOptions,
     envelope: &Envelope,
 ) -> std::result::Result<ContentKey, S3ecReadError> {
     match envelope.version() {
@@ -277,6 +285,10 @@ pub async fn content_key(
                 }
             }
             unwrapped.ok_or(S3ecReadError::NoKeyUnwraps { keys: keys.len() })?
+        }
+        WrapAlg::RsaOaepSha1 => {
+            let key = options.rsa_key.as_deref().ok_or(S3ecReadError::NeedsRsaKey)?;
+            s3ec::rsa_oaep_unwrap(key, envelope)?
         }
         wrap => return Err(S3ecError::UnsupportedWrap { wrap }.into()),
     };
@@ -688,7 +700,7 @@ mod tests {
         let plain = data(70_000, 9);
         put_s3ec(&*backend, "v2", WriteFormat::V2, &kek, &plain).await;
         put_s3ec(&*backend, "v3", WriteFormat::V3, &kek, &plain).await;
-        let strict = context(backend.clone(), keys.clone(), 1 << 20, S3ecOptions { require_commitment: true });
+        let strict = context(backend.clone(), keys.clone(), 1 << 20, S3ecOptions { require_commitment: true, ..S3ecOptions::default() });
         let e = s3ec_error(read_all(&reader(&strict, "v2", S3EC).await).await);
         assert!(matches!(e, S3ecReadError::CommitmentRequired), "{e}");
         assert!(read_all(&reader(&strict, "v3", S3EC).await).await.unwrap() == plain);
@@ -705,12 +717,30 @@ mod tests {
         let ctx = context(backend.clone(), keys.clone(), 1 << 20, S3ecOptions::default());
         let e = s3ec_error(read_all(&reader(&ctx, "k", S3EC).await).await);
         assert!(matches!(e, S3ecReadError::NeedsKms), "{e}");
-        // RSA is refused with the wrap named.
+        // RSA without rsa_key_file= says which option reads it.
         let mut rsa = meta.clone();
         rsa.insert("x-amz-w".into(), "22".into());
         put_raw(&*backend, "r", &rsa, &body).await;
         let e = s3ec_error(read_all(&reader(&ctx, "r", S3EC).await).await);
-        assert!(e.to_string().contains("RSA-OAEP-SHA1"), "{e}");
+        assert!(matches!(e, S3ecReadError::NeedsRsaKey), "{e}");
+        assert!(e.to_string().contains("RSA-OAEP-SHA1") && e.to_string().contains("rsa_key_file="), "{e}");
+        // A legacy RSA wrap is refused with the wrap named, key or no key.
+        let mut legacy = meta.clone();
+        legacy.remove("x-amz-w");
+        legacy.remove("x-amz-3");
+        legacy.remove("x-amz-c");
+        legacy.remove("x-amz-d");
+        legacy.remove("x-amz-i");
+        legacy.extend([
+            ("x-amz-key-v2".to_string(), "AQID".to_string()),
+            ("x-amz-iv".to_string(), "AQEBAQEBAQEBAQEB".to_string()),
+            ("x-amz-cek-alg".to_string(), "AES/GCM/NoPadding".to_string()),
+            ("x-amz-tag-len".to_string(), "128".to_string()),
+            ("x-amz-wrap-alg".to_string(), "RSA/ECB/OAEPWithSHA-256AndMGF1Padding".to_string()),
+        ]);
+        put_raw(&*backend, "legacy-rsa", &legacy, &body).await;
+        let e = s3ec_error(read_all(&reader(&ctx, "legacy-rsa", S3EC).await).await);
+        assert!(e.to_string().contains("RSA/ECB/OAEPWithSHA-256AndMGF1Padding"), "{e}");
 
         // Envelopes in instruction files: V3 (c/d/i on the object) and V2 (all of it in the file).
         for (format, key) in [(WriteFormat::V3, "i3"), (WriteFormat::V2, "i2")] {

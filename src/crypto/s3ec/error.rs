@@ -75,7 +75,7 @@ pub enum S3ecError {
          authentication; s3cryptfs does not decrypt it. Re-encrypt it with a current S3 Encryption Client"
     )]
     UnsupportedContent { suite: ContentSuite },
-    /// A recognised key wrap this build does not unwrap (RSA, or a legacy wrap).
+    /// A recognised key wrap this build does not unwrap (a legacy wrap).
     #[error("the object's data key is wrapped with {wrap}, which s3cryptfs does not support yet")]
     UnsupportedWrap { wrap: WrapAlg },
     /// The data key is wrapped differently from what the caller can unwrap.
@@ -91,6 +91,14 @@ pub enum S3ecError {
          or the wrapped key or its content algorithm was modified"
     )]
     KeyUnwrapFailed,
+    /// RSA-OAEP-SHA1 unwrap failed: another RSA key, a changed wrapped key, or a pseudo data key
+    /// whose length byte or content-algorithm suffix is not the one the metadata declares. One
+    /// variant for all of these, so that errors are no padding oracle.
+    #[error(
+        "the object's data key could not be unwrapped with the RSA private key: the object was wrapped for \
+         another RSA key, or the wrapped key or its content algorithm was modified"
+    )]
+    RsaUnwrapFailed,
     /// V3: the key commitment derived from the data key differs from `x-amz-d`.
     #[error(
         "the object's key commitment does not match its data key (x-amz-d or x-amz-i was modified, \

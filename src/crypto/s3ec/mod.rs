@@ -10,7 +10,8 @@
 //! Reading an object:
 //! 1. [`detect`] its metadata → [`Detection::Complete`], or [`Detection::NeedsInstructionFile`]:
 //!    GET [`instruction_file_key`] and [`PendingInstructionFile::complete`] with its body.
-//! 2. Unwrap the data key: [`aes_gcm_unwrap`] with a customer key, or KMS `Decrypt` with what
+//! 2. Unwrap the data key: [`aes_gcm_unwrap`] with a customer key, [`rsa_oaep_unwrap`] with an RSA
+//!    private key ([`RsaPrivateKey::from_pem`]), or KMS `Decrypt` with what
 //!    [`kms_decrypt_request`] returns (after its checks), then [`data_key_from_bytes`].
 //! 3. [`ContentKey::for_decrypt`] (V3: the key commitment is compared in constant time before the
 //!    content key exists), then [`ContentKey::decrypt`] for a whole buffer or
@@ -24,14 +25,16 @@
 //! - nothing is reported as verified before the whole-object tag checked out;
 //! - the content suite is read from `x-amz-cek-alg` / `x-amz-c` and must match the suite the key
 //!   wrap authenticates (§3.5), so metadata cannot downgrade V3 to V2;
-//! - legacy formats (V1, CBC, legacy wraps) and RSA are recognised and refused with an error
-//!   that names them, never decrypted;
+//! - legacy formats (V1, CBC, legacy wraps, among them PKCS#1 v1.5 `RSA` and
+//!   `RSA/ECB/OAEPWithSHA-256AndMGF1Padding`) are recognised and refused with an error that
+//!   names them, never decrypted; `RSA-OAEP-SHA1` wraps are read, never written;
 //! - a key that decrypts cannot encrypt ([`ContentKey`] vs [`ContentSealer`]).
 
 mod content;
 mod detect;
 mod envelope;
 mod error;
+mod rsa;
 mod stream;
 mod wrap;
 
@@ -50,6 +53,7 @@ pub use envelope::{
     MESSAGE_ID_LEN, META_PREFIX, TAG_LEN_BITS,
 };
 pub use error::S3ecError;
+pub use rsa::{rsa_oaep_unwrap, RsaKeyError, RsaPrivateKey};
 pub use stream::{
     ChunkDigests, DigestOver, DigestSpec, StreamDecryptor, StreamEncryptor, StreamVerified,
     DEFAULT_DIGEST_CHUNK_LEN,

@@ -1042,7 +1042,7 @@ fn v1_and_legacy_objects_are_recognised_not_decrypted() {
         ));
         assert!(kms_decrypt_request(&envelope, &BTreeMap::new()).is_err());
     }
-    // V3 RSA: recognised, refused.
+    // V3 RSA: recognised; not an AES/GCM wrap (rsa.rs unwraps it, with an RSA key).
     let mut rsa = v3_vector_metadata();
     rsa.insert(V3_WRAP.to_string(), "22".to_string());
     let envelope = complete(&rsa);

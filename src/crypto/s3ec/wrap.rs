@@ -7,8 +7,8 @@
 //! encryption context carries it as `aws:x-amz-cek-alg`, which KMS authenticates and
 //! [`kms_decrypt_request`] compares with the metadata before any KMS call.
 //!
-//! RSA-OAEP-SHA1 and the legacy wraps are recognised by the codec and refused here with
-//! [`S3ecError::UnsupportedWrap`].
+//! RSA-OAEP-SHA1 is unwrapped in `rsa.rs` (its suffix binds the suite); the legacy wraps are
+//! recognised by the codec and refused here with [`S3ecError::UnsupportedWrap`].
 
 use std::collections::BTreeMap;
 
