@@ -29,6 +29,8 @@ pub enum KeyError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error("key file {path} belongs to user {owner}, who could replace the key: it must belong to the mounting user or root")]
+    ForeignOwner { path: PathBuf, owner: u32 },
     #[error("key file {path} is a directory, not a file: give the path of the key file itself (create one with `s3cryptfs keygen --output PATH`)")]
     IsDirectory { path: PathBuf },
     #[error("key file {path}: {source}")]
@@ -149,16 +151,40 @@ pub fn load_rsa_key_file(path: &Path) -> Result<RsaPrivateKey, KeyError> {
 
 /// The bytes of a file that holds a secret, if it is a file that only its owner can read.
 fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| KeyError::Read { path: path.into(), source };
+    // One open, and every check on what was opened (fstat), then read through the same descriptor: a file swapped
+    // for another between the check and the read is never read. O_NONBLOCK: a fifo planted at the path does not
+    // hang the mount (it is then refused as not a regular file).
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
     // Before the mode check: a directory's usual 755 would otherwise be reported as a key file others can read.
     if meta.is_dir() {
         return Err(KeyError::IsDirectory { path: path.into() });
+    }
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen { path: path.into(), mode });
     }
-    Ok(Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?))
+    // Owned by this user or root: another user who owns the file could replace the key (and then read everything
+    // written under it).
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(KeyError::ForeignOwner { path: path.into(), owner: meta.uid() });
+    }
+    // Room for the whole file and the read that finds its end, so the buffer never moves (a move would leave a copy
+    // of the key behind, unzeroized).
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 4096));
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    Ok(bytes)
 }
 
 /// Writes a new random key to `path` (created 0600; an existing file is never overwritten).
@@ -179,6 +205,30 @@ pub fn write_new_key_file(path: &Path) -> Result<(), KeyError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The checks are made on the file that is read: a fifo is refused without blocking, a file of another user
+    /// (who could replace the key) is refused, a symlink to a private file of ours is followed.
+    #[test]
+    fn a_key_file_is_checked_through_the_descriptor_it_is_read_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = load_key_file(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        let p = dir.path().join("k");
+        write_new_key_file(&p).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(load_key_file(&link).unwrap().fingerprints(), load_key_file(&p).unwrap().fingerprints());
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let err = load_key_file(&p).unwrap_err();
+            assert!(matches!(err, KeyError::ForeignOwner { owner: 65534, .. }), "{err}");
+            assert!(err.to_string().contains("belongs to user 65534"), "{err}");
+        }
+    }
 
     #[test]
     fn keygen_writes_a_private_loadable_key_and_never_overwrites() {
