@@ -97,10 +97,10 @@ impl Filesystem for FuseAdapter {
     fn destroy(&mut self) {}
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let (fs, ttl, name) = (self.fs.clone(), self.ttl, name.to_owned());
+        let (fs, name) = (self.fs.clone(), name.to_owned());
         self.rt.spawn(async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
+            match fs.lookup_entry(parent.0, &name).await {
+                Ok((a, ttl)) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
             }
         });

@@ -509,6 +509,11 @@ impl Backend for MeteredBackend {
         measure(RequestKind::Delete, self.inner.delete(key)).await
     }
 
+    /// Counted as a `delete`: one request wherever the store checks the condition itself.
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        measure(RequestKind::Delete, self.inner.delete_if(key, etag)).await
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         measure(RequestKind::List, self.inner.list(dir, recursive)).await
     }

@@ -131,3 +131,91 @@ fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
 }
 both!(metrics_follow_reads_writes_and_errors);
 
+
+/// All requests of one kind, whatever their outcome.
+fn all_requests(text: &str, kind: &str) -> f64 {
+    let prefix = format!("s3cryptfs_store_requests_total{{kind=\"{kind}\",");
+    text.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// What happened between two scrapes, for the kinds a namespace operation uses.
+fn delta(before: &str, after: &str) -> String {
+    ["head", "has_children", "list", "put", "delete"]
+        .iter()
+        .map(|k| format!("{k}={}", all_requests(after, k) - all_requests(before, k)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Issue 13: files created in a directory this mount made cost their upload and no lookup (the mount knows the
+/// directory's names), and `rm -r` of them after their attributes expired costs one delete each and no HEAD (the
+/// lookups the kernel sends before each unlink are answered from rm's own listing of the directory). rmdir still
+/// finds the directory empty.
+fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
+    const FILES: usize = 40;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
+    fs::create_dir(m.path("d")).unwrap();
+    let before = scrape(&addr);
+    for i in 0..FILES {
+        fs::write(m.path(&format!("d/f{i}")), pattern(4096, i as u64)).unwrap();
+    }
+    let after = scrape(&addr);
+    let what = delta(&before, &after);
+    assert_eq!(all_requests(&after, "put") - all_requests(&before, "put"), FILES as f64, "{what}");
+    // Before: a HEAD of the name, a HEAD of its marker and a one-page LIST per file. Now at most the lookups of `d`
+    // itself and a listing of it per second (attr_timeout), however long the creates take on a loaded machine.
+    let lookups = all_requests(&after, "head") + all_requests(&after, "has_children")
+        - all_requests(&before, "head")
+        - all_requests(&before, "has_children");
+    assert!(lookups < FILES as f64 / 2.0, "lookups before the uploads: {what}");
+
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // every attribute expired
+    let before = scrape(&addr);
+    sh("rm -r d", &m.dir);
+    let after = scrape(&addr);
+    let what = delta(&before, &after);
+    assert!(!m.path("d").exists());
+    assert_eq!(all_requests(&after, "delete") - all_requests(&before, "delete"), FILES as f64 + 1.0, "{what}");
+    // Only the lookups of `d` itself may HEAD (its marker, and a file of the same name that is not there), before rm
+    // reads it and, past attr_timeout on a loaded machine, again for the rmdir.
+    assert!(all_requests(&after, "head") - all_requests(&before, "head") <= 4.0, "HEADs during rm -r: {what}");
+    let left: Vec<String> =
+        store.raw_objects().into_iter().map(|(k, _)| k).filter(|k| k.starts_with("d/") || k.contains("/d/")).collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+}
+
+/// Issue 13, docs/SEMANTICS.md: an unlink removes the name whatever version another mount put there since this mount
+/// last looked, as it did before. Mount a lists the directory, b replaces the file, a removes it: a's lookup is
+/// answered from its listing, and the unlink is one delete where the store cannot check the version (LocalStack), or a
+/// refused conditional delete, a HEAD and a delete where it can (the local store, S3).
+fn an_unlink_removes_a_file_another_mount_replaced(env: &Env, store: &Store) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    // A long attr_timeout, so the steps after a's listing stay within it on a loaded machine.
+    let a = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}"), "attr_timeout=3"]);
+    let b = Mount::start(env, store, "cse-c");
+    fs::write(a.path("f"), b"written by a").unwrap();
+    assert_eq!(fs::read(b.path("f")).unwrap(), b"written by a");
+    std::thread::sleep(std::time::Duration::from_millis(3500)); // a's knowledge of f expired
+    let before = scrape(&addr);
+    assert_eq!(fs::read_dir(&a.dir).unwrap().count(), 1);
+    fs::write(b.path("f"), b"replaced by b").unwrap();
+    fs::remove_file(a.path("f")).unwrap();
+    let after = scrape(&addr);
+    let what = delta(&before, &after);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!b.path("f").exists(), "b still sees f");
+    assert!(store.raw_objects().iter().all(|(k, _)| k != "f" && !k.ends_with("/f")), "left in the store");
+    let (heads, deletes) = (all_requests(&after, "head") - all_requests(&before, "head"),
+        all_requests(&after, "delete") - all_requests(&before, "delete"));
+    let refused = requests(&after, "delete", "precondition") - requests(&before, "delete", "precondition");
+    match store {
+        Store::S3 { .. } if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") => {
+            assert_eq!((heads, deletes), (0.0, 1.0), "{what}")
+        }
+        _ => assert_eq!((heads, deletes, refused), (1.0, 2.0, 1.0), "{what}"),
+    }
+}
+
+both!(creates_and_rm_r_ask_nothing_the_mount_knows);
+both!(an_unlink_removes_a_file_another_mount_replaced);

@@ -13,6 +13,11 @@
 //! table keeps each directory's subdirectory children in a set, updated on every link and unlink, so mkdir, rmdir,
 //! renames and names found by lookups keep an exact count while it is known.
 //!
+//! Names of a directory: while a listing of it (or this mount's mkdir of it) is less than `attr_ttl` old, the table
+//! holds every name the directory has, so a lookup of a name it does not hold is answered "no such file" without
+//! asking the store (see [`Names`]), and a file the listing showed unchanged exists (`Node::listed`). Whatever would
+//! make the table lose a name while that holds ends it: dropping a still-linked node forgets its parent's names.
+//!
 //! Concurrency: the table lives behind one `std::sync::Mutex` held only for map operations (never across an await or
 //! any I/O).
 
@@ -127,9 +132,31 @@ pub struct Node {
     /// For a directory: until when the table holds all of its subdirectories, so `st_nlink` can count them (see the
     /// module docs). Set by a complete listing and by mkdir; `None` or past: unknown.
     pub subdirs_known_until: Option<Instant>,
+    /// When a listing last showed this node's stored version unchanged since its metadata was read (the listing's
+    /// start): the name existed then, with the kind the metadata said. `None` when no listing did.
+    pub listed: Option<Instant>,
     /// For a file: the format of its stored object, as its metadata last said (an S3 Encryption Client object is read
     /// differently, and its file is 16 bytes shorter than the object).
     pub format: StoredFormat,
+}
+
+/// What the table knows about a directory's names as a whole: a listing of it, or its mkdir by this mount.
+#[derive(Debug, Clone, Copy)]
+pub struct Names {
+    /// Until when the table holds every name the directory has (`attr_ttl` after the listing was asked for).
+    pub until: Instant,
+    /// Entries the listing had (0 after a mkdir): what listing the directory again would fetch.
+    pub entries: usize,
+    /// Store requests this knowledge saved so far (lookups answered without asking): once it expires, listing the
+    /// directory again is worth it when it saved at least what a listing costs.
+    pub saved: u64,
+}
+
+impl Names {
+    /// Requests a listing of the directory costs: one per page of 1,000 entries (S3's page size).
+    pub fn listing_cost(&self) -> u64 {
+        (self.entries as u64).div_ceil(1000).max(1)
+    }
 }
 
 impl Node {
@@ -164,6 +191,8 @@ pub struct InodeTable {
     /// The directory children among them (a subset of `by_parent`), so `st_nlink` is one lookup. Kept by inode number:
     /// an unlink removes the right entry whatever the node's kind has become since.
     subdirs: HashMap<u64, HashSet<u64>>,
+    /// Directories whose names are all known (see [`Names`]), by inode number.
+    names: HashMap<u64, Names>,
     next_ino: u64,
 }
 
@@ -177,6 +206,7 @@ impl InodeTable {
             children: HashMap::new(),
             by_parent: HashMap::new(),
             subdirs: HashMap::new(),
+            names: HashMap::new(),
             next_ino: ROOT_INO + 1,
         }
     }
@@ -226,6 +256,36 @@ impl InodeTable {
         if let Some(node) = self.nodes.get_mut(&dir) {
             node.subdirs_known_until = Some(until);
         }
+    }
+
+    /// Records that the table holds every name of `dir` until `until`: a listing of `entries` names was just merged
+    /// into it (or, with 0, this mount just made the directory).
+    pub fn know_names(&mut self, dir: u64, until: Instant, entries: usize) {
+        if self.nodes.contains_key(&dir) {
+            self.names.insert(dir, Names { until, entries, saved: 0 });
+        }
+    }
+
+    /// What is known about the names of `dir`, current or expired.
+    pub fn names(&self, dir: u64) -> Option<Names> {
+        self.names.get(&dir).copied()
+    }
+
+    /// Whether the table holds every name of `dir` at `now`.
+    pub fn knows_names(&self, dir: u64, now: Instant) -> bool {
+        self.names.get(&dir).is_some_and(|n| now < n.until)
+    }
+
+    /// Counts `requests` the knowledge of `dir`'s names just saved.
+    pub fn note_saved(&mut self, dir: u64, requests: u64) {
+        if let Some(n) = self.names.get_mut(&dir) {
+            n.saved += requests;
+        }
+    }
+
+    /// Forgets that the names of `dir` are all known (something this mount put in the store has no node).
+    pub fn forget_names(&mut self, dir: u64) {
+        self.names.remove(&dir);
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -352,6 +412,7 @@ impl InodeTable {
             return;
         }
         let key = (node.parent, node.name.clone());
+        let kind = node.kind;
         if self.children.get(&key) == Some(&ino) {
             // Still linked but unreferenced: keep it if it carries state the store does not have yet.
             if node.remote.is_none() && !node.unlinked {
@@ -359,10 +420,19 @@ impl InodeTable {
             }
             self.children.remove(&key);
             self.unlink_child(key.0, ino);
+            // The name still exists in the store, and the table no longer holds it: the parent's names (and, for a
+            // directory, its subdirectory count) are no longer all known.
+            self.names.remove(&key.0);
+            if kind == FileKind::Dir {
+                if let Some(parent) = self.nodes.get_mut(&key.0) {
+                    parent.subdirs_known_until = None;
+                }
+            }
         }
         self.nodes.remove(&ino);
         self.by_parent.remove(&ino);
         self.subdirs.remove(&ino);
+        self.names.remove(&ino);
     }
 
     /// The path of a node relative to the mount root ("" for the root), or `None` if an ancestor is gone.
@@ -430,6 +500,7 @@ mod tests {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            listed: None,
             format: StoredFormat::Own,
         }
     }

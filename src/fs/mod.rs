@@ -137,6 +137,11 @@ pub struct Fs {
     negative: Mutex<HashMap<(u64, String), Instant>>,
     /// When a refresh last found the store silent (timed out, unreachable); `None` once it answers again.
     silent_since: Mutex<Option<Instant>>,
+    /// Directories being listed again because their names' knowledge expired while in use (see
+    /// [`Fs::relist_if_worth_it`]): one listing at a time per directory.
+    relisting: Mutex<std::collections::HashSet<u64>>,
+    /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_listed`]).
+    prefetching: Mutex<std::collections::HashSet<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -219,6 +224,7 @@ impl Fs {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            listed: None,
             format: StoredFormat::Own,
         };
         Fs {
@@ -234,6 +240,8 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             negative: Mutex::new(HashMap::new()),
             silent_since: Mutex::new(None),
+            relisting: Mutex::new(std::collections::HashSet::new()),
+            prefetching: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -325,6 +333,7 @@ impl Fs {
             unlinked: false,
             rdev: 0,
             subdirs_known_until: None,
+            listed: None,
             format: StoredFormat::Own,
         }
     }
@@ -494,9 +503,71 @@ impl Fs {
         self.resolve(parent, name).await
     }
 
-    /// Resolves `name` in `parent`, from the table when fresh, else from the store. Does not count a lookup.
+    /// Answers a lookup of `name` in `parent` from the table when what it knows is recent enough: the node's
+    /// attributes are fresh; or a listing less than `attr_ttl` old showed the file unchanged since its metadata was
+    /// read (it exists, with that kind; its attributes may be older, see [`Fs::lookup_entry`]); or the table holds
+    /// every name of `parent` (a listing or this mount's mkdir less than `attr_ttl` ago) and not this one. `None`:
+    /// ask the store.
+    fn resolve_from_memory(&self, parent: u64, name: &str) -> Option<Result<u64>> {
+        let now = Instant::now();
+        let mut table = lock(&self.table);
+        match table.child(parent, name) {
+            Some(ino) => {
+                let node = table.get(ino)?;
+                if self.fresh(node) {
+                    return Some(Ok(ino));
+                }
+                if self.recently_listed(node) {
+                    table.note_saved(parent, 1); // the HEAD a stale node would cost
+                    return Some(Ok(ino));
+                }
+                None
+            }
+            None if table.knows_names(parent, now) => {
+                table.note_saved(parent, 3); // the three requests of a probe
+                Some(Err(Error::NotFound))
+            }
+            None => None,
+        }
+    }
+
+    /// A lookup in `parent` must ask the store because the knowledge of its names expired: if that knowledge was in
+    /// use (it saved at least what a listing costs), list the directory again instead (without fetching metadata), so
+    /// `rm -r`, `cp -r` or a loop of creates keeps costing one listing per `attr_ttl` rather than a HEAD or a probe
+    /// per name. A directory no longer in use costs at most one listing more than it saved: the new knowledge starts
+    /// from nothing saved. Returns whether it listed.
+    async fn relist_if_worth_it(&self, parent: u64) -> bool {
+        let worth = {
+            let table = lock(&self.table);
+            let now = Instant::now();
+            table.names(parent).is_some_and(|n| now >= n.until && n.saved >= n.listing_cost())
+        };
+        if !worth || !lock(&self.relisting).insert(parent) {
+            return false;
+        }
+        let listed = self.list_dir(parent, false).await;
+        lock(&self.relisting).remove(&parent);
+        match listed {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(dir = parent, error = %e, "listing the directory again failed; asking about the name");
+                false
+            }
+        }
+    }
+
+    /// Resolves `name` in `parent`, from the table when it knows enough (see [`Fs::resolve_from_memory`]), else from
+    /// the store. Does not count a lookup.
     async fn resolve(&self, parent: u64, name: &str) -> Result<u64> {
         let path = self.child_path(parent, name)?;
+        if let Some(answer) = self.resolve_from_memory(parent, name) {
+            return answer;
+        }
+        if !self.store_recently_silent() && self.relist_if_worth_it(parent).await {
+            if let Some(answer) = self.resolve_from_memory(parent, name) {
+                return answer;
+            }
+        }
         let existing = {
             let table = lock(&self.table);
             table.child(parent, name).and_then(|ino| table.get(ino).map(|n| (ino, n.kind, self.fresh(n))))
@@ -597,12 +668,22 @@ impl Fs {
     // ----- namespace -----
 
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        self.lookup_entry(parent, name).await.map(|(attr, _)| attr)
+    }
+
+    /// A lookup, with how long the kernel may keep its answer: `attr_ttl`, or zero when the node exists for certain
+    /// (a listing showed it less than `attr_ttl` ago) but its attributes are older than that. The kernel then asks
+    /// GETATTR before it shows them (`stat`, permission checks), which reads them from the store, while an `unlink`,
+    /// `rename` or `open` of the name, which need only the node, cost no request. So attributes changed by another
+    /// mount show within `attr_ttl` as before, and `rm -r` pays no HEAD per file.
+    pub async fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<(Attr, Duration)> {
         let name = check_name(name)?;
         let ino = self.resolve(parent, &name).await?;
         let mut table = lock(&self.table);
         let node = table.get_mut(ino).ok_or(Error::NotFound)?;
         node.lookups += 1;
-        table.attr(ino).ok_or(Error::NotFound)
+        let ttl = if self.fresh(node) || self.store_recently_silent() { self.config.attr_ttl } else { Duration::ZERO };
+        Ok((table.attr(ino).ok_or(Error::NotFound)?, ttl))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -610,16 +691,24 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
-        let (stale_file, path) = {
+        let (stale_file, path, listed_in) = {
             let table = lock(&self.table);
             let node = table.get(ino).ok_or(Error::NotFound)?;
             let stale = node.kind != FileKind::Dir && !self.fresh(node) && node.remote.is_some();
-            (stale, if stale { table.path_of(ino) } else { None })
+            let listed_in = (stale && self.recently_listed(node)).then_some(node.parent);
+            (stale, if stale { table.path_of(ino) } else { None }, listed_in)
         };
         if let (true, Some(path)) = (stale_file, path) {
             if self.store_recently_silent() {
                 tracing::debug!(path, "store silent: serving known attributes from memory");
                 return self.attr_of(ino);
+            }
+            // The first attributes asked for of a listing's entries: fetch them all, as readdir used to.
+            if let Some(dir) = listed_in {
+                self.prefetch_listed(dir).await;
+                if lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
+                    return self.attr_of(ino);
+                }
             }
             match self.backend.head(&key(&path)?).await {
                 Ok((info, meta)) => {
@@ -683,7 +772,10 @@ impl Fs {
         self.backend.put(&dir_key(&path)?, Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         node.has_marker = true;
         node.subdirs_known_until = Some(known_until);
-        Ok(self.link_new(parent, node))
+        let attr = self.link_new(parent, node);
+        // And it has no names at all: creates in it need not ask the store whether a name is free.
+        lock(&self.table).know_names(attr.ino, known_until, 0);
+        Ok(attr)
     }
 
     /// Puts a node this mount just created in the store into the table, counted as one kernel lookup (the entry
@@ -785,6 +877,31 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
+        // A file this mount knows (looked up or listed, even with expired attributes), that no handle has open and that
+        // has nothing staged, needs no lookup: the delete, conditional on the version known where the store can check
+        // (S3), is the only request. Where another writer replaced or deleted the object since, the store refuses and
+        // the unlink goes the way it always went: the name looked up anew, then deleted. See docs/SEMANTICS.md.
+        let known = {
+            let table = lock(&self.table);
+            table.child(parent, &name).and_then(|ino| {
+                let n = table.get(ino)?;
+                let idle = n.kind != FileKind::Dir && n.write.is_none() && n.open_handles == 0;
+                n.remote.as_ref().filter(|_| idle).map(|r| (ino, r.etag.clone()))
+            })
+        };
+        if let Some((ino, etag)) = known.filter(|(ino, etag)| !etag.is_empty() && !self.is_open(*ino)) {
+            match self.backend.delete_if(&key(&path)?, &etag).await {
+                Ok(()) => return self.unlinked(parent, &name, &path, ino).await,
+                Err(e) if e.is_precondition() || e.is_not_found() => {
+                    tracing::debug!(key = %path, "changed in the store since this mount knew it; looking it up again");
+                    if let Some(n) = lock(&self.table).get_mut(ino) {
+                        n.validated = None;
+                        n.listed = None;
+                    }
+                }
+                Err(e) => return Err(Error::store(&path, e)),
+            }
+        }
         let ino = self.resolve(parent, &name).await?;
         let kind = self.attr_of(ino)?.kind;
         if kind == FileKind::Dir {
@@ -813,10 +930,17 @@ impl Fs {
         for (_, staged) in guards.iter_mut() {
             staged.mark_clean(); // deleted while open: POSIX says the data goes with it
         }
-        self.cache.invalidate_key(&path);
+        // The guards are held until the name is detached (the node marked unlinked), so no upload lands after this.
+        self.unlinked(parent, &name, &path, ino).await
+    }
+
+    /// What follows the delete of a file's object: its cached pages and S3EC instruction file go, and the name leaves
+    /// the table.
+    async fn unlinked(&self, parent: u64, name: &str, path: &str, ino: u64) -> Result<()> {
+        self.cache.invalidate_key(path);
         if self.has_instruction_file(ino) {
             // Part of the object (S3EC clients delete it with the object too); left behind it would show up.
-            let instruction = instruction_file_key(&path);
+            let instruction = instruction_file_key(path);
             let deleted = match key(&instruction) {
                 Ok(k) => self.backend.delete(&k).await,
                 Err(_) => Ok(()),
@@ -826,13 +950,15 @@ impl Fs {
             }
         }
         let mut table = lock(&self.table);
-        table.detach(parent, &name);
+        table.detach(parent, name);
         self.touch_dir(&mut table, parent);
         Ok(())
     }
 
     /// Lists a directory's direct children from the store, merged with what this mount has created but not uploaded.
-    async fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+    /// With `prefetch`, the metadata of entries whose attributes are not fresh is fetched too (see
+    /// [`Fs::prefetch_metadata`]); a listing taken only to renew the knowledge of names skips it.
+    async fn list_dir(&self, ino: u64, prefetch: bool) -> Result<Vec<DirEntry>> {
         let path = self.path_of(ino)?;
         let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
@@ -886,10 +1012,14 @@ impl Fs {
                             node.size = self.codec.plain_size_of(node.format, info.size).unwrap_or(info.size);
                             node.remote = Some(remote);
                             node.validated = None;
+                            node.listed = None;
                             node.link_target = None;
                             if node.kind == FileKind::File {
                                 node.mtime = info.last_modified;
                             }
+                        } else if node.validated.is_some() {
+                            // The version whose metadata was read is still there: the name exists, with that kind.
+                            node.listed = Some(listed_at);
                         }
                     }
                     kind = node.kind;
@@ -911,7 +1041,9 @@ impl Fs {
             entries
         };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        self.prefetch_metadata(&entries).await;
+        if prefetch {
+            self.prefetch_metadata(&entries).await;
+        }
         // The metadata tells symlinks from files; report what is known now (d_type is used by find and ls).
         {
             let mut table = lock(&self.table);
@@ -936,19 +1068,29 @@ impl Fs {
             // Every listed name is in the table now, and every subdirectory made or found since under the table's
             // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
             table.know_subdirs(ino, listed_at + self.config.attr_ttl);
+            // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
+            table.know_names(ino, listed_at + self.config.attr_ttl, entries.len());
         }
         Ok(entries)
+    }
+
+    /// Whether a listing less than `attr_ttl` old showed the node's stored version unchanged since its metadata was
+    /// read: it exists, with the kind it has, whatever the age of its other attributes.
+    fn recently_listed(&self, node: &Node) -> bool {
+        node.kind != FileKind::Dir
+            && node.write.is_none()
+            && node.remote.is_some()
+            && node.listed.is_some_and(|t| t.elapsed() < self.config.attr_ttl)
     }
 
     /// Fetches the metadata (mode, owner, mtime, symlink or not) of listed files whose attributes are not fresh,
     /// many at a time, so the `stat` of every entry that `ls -l` or `find` does next needs no request of its own.
     /// S3 listings carry no user metadata, so without this each entry would cost one sequential HEAD.
+    ///
+    /// Entries the listing showed unchanged since their metadata was read are left for later: their kind is known (so
+    /// `d_type` is right), and `rm -r` or `find -type f` never asks for the rest. The first GETATTR of one fetches
+    /// them all at once ([`Fs::prefetch_listed`]), so `ls -l` costs what it did.
     async fn prefetch_metadata(&self, entries: &[DirEntry]) {
-        use futures::StreamExt;
-        /// Concurrent HEADs: enough to hide latency, few enough not to look like a flood to the store.
-        const CONCURRENCY: usize = 32;
-        /// Past this many stale entries, a listing is probably a scan that will not stat them all.
-        const MAX_PREFETCH: usize = 10_000;
         let stale: Vec<(u64, String)> = {
             let table = lock(&self.table);
             entries
@@ -956,10 +1098,43 @@ impl Fs {
                 .filter(|e| e.kind != FileKind::Dir)
                 .filter_map(|e| {
                     let n = table.get(e.ino)?;
-                    (!self.fresh(n) && n.remote.is_some()).then(|| Some((e.ino, table.path_of(e.ino)?)))?
+                    (!self.fresh(n) && n.remote.is_some() && !self.recently_listed(n))
+                        .then(|| Some((e.ino, table.path_of(e.ino)?)))?
                 })
                 .collect()
         };
+        self.fetch_metadata(stale).await;
+    }
+
+    /// The deferred half of [`Fs::prefetch_metadata`]: the metadata of every entry of `dir` that a recent listing
+    /// showed unchanged and whose attributes are stale, many at a time. One batch per directory at a time; a GETATTR
+    /// arriving during one asks for its own node.
+    async fn prefetch_listed(&self, dir: u64) {
+        if !lock(&self.prefetching).insert(dir) {
+            return;
+        }
+        let stale: Vec<(u64, String)> = {
+            let table = lock(&self.table);
+            table
+                .children_of(dir)
+                .into_iter()
+                .filter_map(|c| {
+                    let n = table.get(c)?;
+                    (!self.fresh(n) && self.recently_listed(n)).then(|| Some((c, table.path_of(c)?)))?
+                })
+                .collect()
+        };
+        self.fetch_metadata(stale).await;
+        lock(&self.prefetching).remove(&dir);
+    }
+
+    /// HEADs `stale` files (inode, path), 32 at a time, and applies what the store says.
+    async fn fetch_metadata(&self, stale: Vec<(u64, String)>) {
+        use futures::StreamExt;
+        /// Concurrent HEADs: enough to hide latency, few enough not to look like a flood to the store.
+        const CONCURRENCY: usize = 32;
+        /// Past this many stale entries, a listing is probably a scan that will not stat them all.
+        const MAX_PREFETCH: usize = 10_000;
         if stale.is_empty() || stale.len() > MAX_PREFETCH {
             return;
         }
@@ -989,7 +1164,7 @@ impl Fs {
         if self.attr_of(ino)?.kind != FileKind::Dir {
             return Err(Error::NotDir);
         }
-        let entries = Arc::new(self.list_dir(ino).await?);
+        let entries = Arc::new(self.list_dir(ino, true).await?);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::Dir { entries });
         Ok(fh)
@@ -1861,8 +2036,14 @@ impl Fs {
                 staged.mark_clean();
                 // The next write loads the version in the store now.
                 staged.loaded = false;
-                if let Some(n) = lock(&self.table).get_mut(ino) {
+                let mut table = lock(&self.table);
+                let parent = table.get(ino).map(|n| n.parent);
+                if let Some(n) = table.get_mut(ino) {
                     n.validated = None;
+                }
+                // The copy is a name in the directory the table does not hold.
+                if let Some(parent) = parent {
+                    table.forget_names(parent);
                 }
                 Error::Conflict { key: path.to_string(), copy }
             }

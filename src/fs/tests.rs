@@ -1,5 +1,6 @@
 //! The filesystem layer over an in-memory store that can be made silent, as a frozen server is once the request
-//! deadline cuts its requests: every request fails at once with `StoreError::TimedOut`.
+//! deadline cuts its requests: every request fails at once with `StoreError::TimedOut`. The store also counts what
+//! the filesystem asks of it, and can check conditional deletes as S3 does or ignore them as LocalStack does.
 
 use std::ffi::OsStr;
 use std::ops::Range;
@@ -13,18 +14,40 @@ use bytes::Bytes;
 use super::*;
 use crate::store::{Listing, ObjectStoreBackend, Upload};
 
-/// An in-memory store whose every request times out while `silent` is set.
+/// An in-memory store whose every request times out while `silent` is set, and which logs each request it answers.
 struct Silenceable {
     inner: ObjectStoreBackend,
     silent: AtomicBool,
+    /// Whether `delete_if` checks its condition (S3) or deletes unconditionally (LocalStack, the trait's default).
+    conditional_deletes: AtomicBool,
+    /// The requests answered, by kind (`head`, `list`, `put`, `delete`, `delete_if`…), in order.
+    log: std::sync::Mutex<Vec<&'static str>>,
 }
 
 impl Silenceable {
+    fn new(inner: ObjectStoreBackend) -> Silenceable {
+        Silenceable {
+            inner,
+            silent: AtomicBool::new(false),
+            conditional_deletes: AtomicBool::new(false),
+            log: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
     fn check(&self, key: &str) -> Result<(), StoreError> {
         if self.silent.load(Ordering::SeqCst) {
             return Err(StoreError::TimedOut { key: key.into(), after: Duration::from_secs(3), detail: "test".into() });
         }
         Ok(())
+    }
+
+    fn note(&self, kind: &'static str) {
+        self.log.lock().unwrap().push(kind);
+    }
+
+    /// The requests answered since the last call.
+    fn take_log(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.log.lock().unwrap())
     }
 }
 
@@ -32,38 +55,60 @@ impl Silenceable {
 impl Backend for Silenceable {
     async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
         self.check(key.as_str())?;
+        self.note("head");
         self.inner.head(key).await
     }
     async fn get_range(&self, key: &ObjectKey, range: Range<u64>) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         self.check(key.as_str())?;
+        self.note("get_range");
         self.inner.get_range(key, range).await
     }
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         self.check(key.as_str())?;
+        self.note("get");
         self.inner.get(key).await
     }
     async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
         self.check(key.as_str())?;
+        self.note("put");
         self.inner.put_expect(key, body, meta, expect).await
     }
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
         self.check(key.as_str())?;
+        self.note("multipart");
         self.inner.put_multipart_expect(key, meta, expect).await
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.check(from.as_str())?;
+        self.note("copy");
         self.inner.copy(from, to, meta).await
     }
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         self.check(key.as_str())?;
+        self.note("update_meta");
         self.inner.update_meta(key, meta).await
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         self.check(key.as_str())?;
+        self.note("delete");
         self.inner.delete(key).await
+    }
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        self.check(key.as_str())?;
+        self.note("delete_if");
+        if !self.conditional_deletes.load(Ordering::SeqCst) {
+            return self.inner.delete(key).await;
+        }
+        // As S3 answers (checked and deleted in one step there; nothing else writes here meanwhile).
+        match self.inner.head(key).await {
+            Ok((info, _)) if info.etag.as_deref() == Some(etag) => self.inner.delete(key).await,
+            Ok(_) => Err(StoreError::Precondition { key: key.to_string() }),
+            Err(e) => Err(e),
+        }
     }
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         self.check(dir)?;
+        self.note("list");
         self.inner.list(dir, recursive).await
     }
     async fn check_access(&self) -> Result<(), StoreError> {
@@ -110,7 +155,7 @@ async fn fs_at(store: Arc<Silenceable>, dir: &std::path::Path, attr_ttl: Duratio
 #[tokio::test]
 async fn known_names_and_attributes_are_served_stale_while_the_store_is_silent() {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let store = Arc::new(Silenceable::new(inner));
     let (fs, _tmp) = fs_over(store.clone()).await;
     let caller = Caller { uid: 0, gid: 0 };
 
@@ -152,7 +197,7 @@ async fn known_names_and_attributes_are_served_stale_while_the_store_is_silent()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chmod_racing_the_last_release_reaches_the_store() {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let store = Arc::new(Silenceable::new(inner));
     let (fs, _tmp) = fs_over(store.clone()).await;
     let fs = Arc::new(fs);
     let caller = Caller { uid: 0, gid: 0 };
@@ -189,7 +234,7 @@ async fn a_chmod_racing_the_last_release_reaches_the_store() {
 #[tokio::test]
 async fn directory_link_counts_are_exact_while_known_and_1_otherwise() {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let store = Arc::new(Silenceable::new(inner));
     let caller = Caller { uid: 0, gid: 0 };
 
     // Tracking, with a TTL no step of this test outlives.
@@ -256,7 +301,7 @@ async fn directory_link_counts_are_exact_while_known_and_1_otherwise() {
 #[tokio::test]
 async fn staged_data_under_a_name_the_store_cannot_hold_goes_to_lost_and_found_once() {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable { inner, silent: AtomicBool::new(false) });
+    let store = Arc::new(Silenceable::new(inner));
     let tmp = tempfile::tempdir().unwrap();
     let long = format!("d/{}", "x/".repeat(549)) + "f";
     assert!(long.len() > 1024);
@@ -292,4 +337,207 @@ async fn staged_data_under_a_name_the_store_cannot_hold_goes_to_lost_and_found_o
     drop(fs);
     let fs = fs_at(store.clone(), tmp.path(), TTL).await;
     assert_eq!(fs.recover().await, (0, 0));
+}
+
+fn memory_store() -> Arc<Silenceable> {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    Arc::new(Silenceable::new(inner))
+}
+
+/// Creates `name` in `dir` with `content`, uploaded and closed.
+async fn write_file(fs: &Fs, dir: u64, name: &str, content: &[u8]) -> Attr {
+    let caller = Caller { uid: 0, gid: 0 };
+    let (attr, fh) = fs.create(dir, OsStr::new(name), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh, 0, content).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    attr
+}
+
+/// Issue 13: `rm -r` of files this mount knows, after their attributes expired. The kernel sends a listing (rm reads
+/// the directory), then LOOKUP and UNLINK per file: the lookups are answered from the listing, and each unlink is one
+/// delete. Then rmdir still sees the directory empty.
+#[tokio::test]
+async fn rm_r_of_known_files_after_attr_timeout_sends_one_delete_per_file_and_no_head() {
+    let store = memory_store();
+    // Long enough for the steps after the listing to stay within it on a loaded machine.
+    const TTL: Duration = Duration::from_millis(300);
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), TTL).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    for i in 0..5 {
+        write_file(&fs, d.ino, &format!("f{i}"), b"data").await;
+    }
+    tokio::time::sleep(TTL * 2).await;
+    store.take_log();
+
+    let fh = fs.opendir(d.ino).await.unwrap();
+    fs.releasedir(fh);
+    assert_eq!(store.take_log(), ["list"], "the listing fetches no metadata of files it shows unchanged");
+    for i in 0..5 {
+        let name = format!("f{i}");
+        let (attr, ttl) = fs.lookup_entry(d.ino, OsStr::new(&name)).await.unwrap();
+        assert_eq!(attr.kind, FileKind::File);
+        assert_eq!(ttl, Duration::ZERO, "attributes older than attr_ttl: the kernel must ask GETATTR before a stat");
+        fs.unlink(d.ino, OsStr::new(&name)).await.unwrap();
+    }
+    assert_eq!(store.take_log(), ["delete_if"; 5], "one request per unlink");
+    fs.rmdir(ROOT_INO, OsStr::new("d")).await.unwrap();
+    assert!(store.inner.list("", true).await.unwrap().objects.is_empty());
+
+    // Without a listing, a name this mount knows is unlinked with one request too.
+    write_file(&fs, ROOT_INO, "g", b"data").await;
+    tokio::time::sleep(TTL * 2).await;
+    store.take_log();
+    fs.unlink(ROOT_INO, OsStr::new("g")).await.unwrap();
+    assert_eq!(store.take_log(), ["delete_if"]);
+}
+
+/// A lookup answered from a listing does not serve old attributes for a `stat`: its TTL is zero, and the GETATTR the
+/// kernel then sends reads the metadata (of every listed entry at once, as readdir did before), so a chmod by another
+/// mount shows after attr_ttl as it always did.
+#[tokio::test]
+async fn a_stat_after_a_listing_still_sees_another_writers_chmod() {
+    let store = memory_store();
+    const TTL: Duration = Duration::from_millis(300);
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), TTL).await;
+    for name in ["f", "g", "h"] {
+        write_file(&fs, ROOT_INO, name, b"data").await;
+    }
+    tokio::time::sleep(TTL * 2).await;
+    // Another mount's chmod of g. On S3 the ETag stays (a metadata replacement keeps the content), so a listing cannot
+    // tell; the InMemory store gives the rewritten object a new ETag, so f's metadata is changed the S3 way: behind
+    // the store's back, for HEAD only.
+    let chmod = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let k = ObjectKey::new(name).unwrap();
+            let (_, mut meta) = store.inner.head(&k).await.unwrap();
+            meta.mode = Some(libc::S_IFREG | 0o600);
+            store.inner.update_meta(&k, &meta).await.unwrap();
+        }
+    };
+    chmod("g").await;
+    store.take_log();
+
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    fs.releasedir(fh);
+    assert_eq!(store.take_log(), ["list", "head"], "the metadata of the changed file only");
+    let (g, ttl) = fs.lookup_entry(ROOT_INO, OsStr::new("g")).await.unwrap();
+    assert_eq!((g.perm, ttl), (0o600, TTL));
+    chmod("f").await; // as if with the same ETag: the listing showed f unchanged
+    let (attr, ttl) = fs.lookup_entry(ROOT_INO, OsStr::new("f")).await.unwrap();
+    assert_eq!(ttl, Duration::ZERO, "listed, attributes older than attr_ttl: the kernel asks GETATTR before a stat");
+    assert!(store.take_log().is_empty(), "the lookup is answered from the listing");
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().perm, 0o600, "the GETATTR reads the store");
+    assert_eq!(store.take_log(), ["head", "head"], "the metadata of both files listed unchanged, in one batch");
+    let (_, ttl) = fs.lookup_entry(ROOT_INO, OsStr::new("h")).await.unwrap();
+    assert_eq!(ttl, TTL, "fresh now");
+    assert!(store.take_log().is_empty());
+}
+
+/// Issue 13: a create in a directory this mount made or listed less than attr_ttl ago asks the store nothing before
+/// its upload: the listing says the name is free, and the upload is conditional anyway.
+#[tokio::test]
+async fn a_create_in_a_listed_directory_sends_nothing_before_its_put() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    // Made by this mount.
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.take_log();
+    let err = fs.lookup(d.ino, OsStr::new("new")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ENOENT);
+    let (_, fh) = fs.create(d.ino, OsStr::new("new"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
+    assert!(store.take_log().is_empty(), "no lookup in a directory this mount made");
+    fs.write(fh, 0, b"x").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(store.take_log(), ["put"]);
+
+    // Written by another tool, then listed.
+    store.inner.put(&ObjectKey::new("e/x").unwrap(), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+    let e = fs.lookup(ROOT_INO, OsStr::new("e")).await.unwrap();
+    let fh = fs.opendir(e.ino).await.unwrap();
+    fs.releasedir(fh);
+    store.take_log();
+    assert_eq!(fs.lookup(e.ino, OsStr::new("y")).await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.lookup(e.ino, OsStr::new("x")).await.unwrap().size, 1, "a listed name is found");
+    let err = fs.create(e.ino, OsStr::new("x"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+    write_file(&fs, e.ino, "y", b"y").await;
+    assert_eq!(store.take_log(), ["put"]);
+}
+
+/// Issue 13: names known absent are trusted for attr_ttl, as names known present are; a creator elsewhere within that
+/// time makes the conditional upload fail (EIO, this mount's data saved beside it), never overwritten. After attr_ttl
+/// the store is asked again, with a listing when the directory is busy.
+#[tokio::test]
+async fn a_create_racing_another_writer_fails_and_does_not_overwrite() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_millis(500)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.take_log();
+    let theirs = ObjectKey::new("d/race").unwrap();
+    store.inner.put(&theirs, Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+
+    assert_eq!(fs.lookup(d.ino, OsStr::new("race")).await.unwrap_err().errno(), libc::ENOENT);
+    let (_, fh) = fs.create(d.ino, OsStr::new("race"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
+    fs.write(fh, 0, b"mine").await.unwrap();
+    let err = fs.flush(fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    fs.release(fh).await.unwrap();
+    let log = store.take_log();
+    assert_eq!(log.first(), Some(&"put"), "nothing asked before the upload: {log:?}");
+    let (body, _, _) = store.inner.get(&theirs).await.unwrap();
+    assert_eq!(&body[..], b"theirs", "the other writer's file was overwritten");
+    let saved: Vec<String> = store.inner.list("d/", false).await.unwrap().objects.into_iter()
+        .map(|o| o.key.as_str().to_string())
+        .filter(|k| !k.ends_with('/'))
+        .collect();
+    assert_eq!(saved.len(), 2, "this mount's data beside it: {saved:?}");
+
+    // The conflict copy is a name the table does not hold: the directory's names are asked again.
+    let copy = saved.iter().find(|k| *k != theirs.as_str()).unwrap().trim_start_matches("d/").to_string();
+    assert_eq!(fs.lookup(d.ino, OsStr::new(&copy)).await.unwrap().size, 4);
+}
+
+/// Issue 13, docs/SEMANTICS.md ("Consistency between mounts"): an unlink removes the name, whatever version of the
+/// object it holds, as it did after a lookup. Where the store checks conditional deletes, a version this mount did not
+/// know costs a lookup and a second delete, and a file another writer deleted or turned into a directory meanwhile
+/// gives ENOENT or EISDIR, as before; where it does not (LocalStack), the one delete removes whatever is there.
+#[tokio::test]
+async fn an_unlink_of_a_file_another_mount_replaced_removes_the_name() {
+    for checked in [true, false] {
+        let store = memory_store();
+        store.conditional_deletes.store(checked, Ordering::SeqCst);
+        let (fs, _tmp) = fs_over(store.clone()).await;
+        for name in ["replaced", "deleted", "now_a_dir"] {
+            write_file(&fs, ROOT_INO, name, b"mine").await;
+        }
+        tokio::time::sleep(TTL * 2).await;
+        let k = |n: &str| ObjectKey::new(n).unwrap();
+        store.inner.put(&k("replaced"), Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+        store.inner.delete(&k("deleted")).await.unwrap();
+        store.inner.delete(&k("now_a_dir")).await.unwrap();
+        store.inner.put(&k("now_a_dir/x"), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+        store.take_log();
+
+        fs.unlink(ROOT_INO, OsStr::new("replaced")).await.unwrap();
+        assert!(store.inner.head(&k("replaced")).await.unwrap_err().is_not_found(), "checked: {checked}");
+        let deleted = fs.unlink(ROOT_INO, OsStr::new("deleted")).await;
+        let now_a_dir = fs.unlink(ROOT_INO, OsStr::new("now_a_dir")).await;
+        assert!(store.inner.head(&k("now_a_dir/x")).await.is_ok(), "a directory's content is never deleted");
+        let log = store.take_log();
+        if checked {
+            assert_eq!(deleted.unwrap_err().errno(), libc::ENOENT);
+            assert_eq!(now_a_dir.unwrap_err().errno(), libc::EISDIR);
+            assert_eq!(&log[..3], ["delete_if", "head", "delete"], "replaced: refused, looked up, deleted");
+        } else {
+            deleted.unwrap();
+            now_a_dir.unwrap();
+            assert_eq!(log, ["delete_if"; 3], "one request each, no lookup");
+        }
+    }
 }

@@ -695,6 +695,28 @@ impl Inner {
         }
     }
 
+    /// [`Backend::delete_if`]: the file is checked and removed under the store's write lock, so no publishing write
+    /// of this store comes between the check and the removal.
+    fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        let missing = || StoreError::NotFound { key: key.to_string() };
+        let _lock = self.lock(key)?;
+        let (dir, leaf) = self.locate(key, false)?;
+        let st = match dir.stat(&leaf) {
+            Ok(st) if st.kind == Kind::File && !key.is_dir_marker() => st,
+            Ok(_) => return Err(missing()),
+            Err(e) if is_missing(&e) => return Err(missing()),
+            Err(e) => return Err(io_err(e, key.as_str())),
+        };
+        if info_of(key, &st).etag.as_deref() != Some(etag) {
+            return Err(StoreError::Precondition { key: key.to_string() });
+        }
+        match dir.unlink(&leaf) {
+            Ok(()) => dir.sync().map_err(|e| io_err(e, key.as_str())),
+            Err(e) if is_missing(&e) => Err(missing()),
+            Err(e) => Err(io_err(e, key.as_str())),
+        }
+    }
+
     /// Walks the tree with one open directory per level still being listed (a sibling waits for its turn as its
     /// parent's descriptor and its name), so a wide tree does not hold a descriptor per directory.
     fn list(&self, dir: Option<&ObjectKey>, recursive: bool) -> Result<Listing, StoreError> {
@@ -934,6 +956,11 @@ impl Backend for LocalBackend {
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let k = key.clone();
         self.run(key.as_str(), move |s| s.delete(&k)).await
+    }
+
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        let (k, etag) = (key.clone(), etag.to_string());
+        self.run(key.as_str(), move |s| s.delete_if(&k, &etag)).await
     }
 
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {

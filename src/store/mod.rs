@@ -301,6 +301,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Remove the object; a missing key is not an error.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError>;
 
+    /// Remove the object only if it is still the version `etag` names: [`StoreError::Precondition`] if another
+    /// version is there, [`StoreError::NotFound`] if nothing is, and nothing changed in either case. One request
+    /// where the store checks the condition itself (S3's DeleteObject with `If-Match`; the local store checks under
+    /// its write lock). A store that cannot make a delete conditional (LocalStack answers 501, object_store's
+    /// `InMemory` has no such call) removes the object unconditionally, as [`Backend::delete`]: the default. Callers
+    /// use it to learn cheaply that what they are deleting is what they know, not as a lock.
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        let _ = etag;
+        self.delete(key).await
+    }
+
     /// List `dir` (`""` or `a/b/`). Non-recursive: direct children as objects and
     /// sub-directories as prefixes, all pages. Recursive: every object under `dir`, markers
     /// included, prefixes empty. A missing directory lists as empty.

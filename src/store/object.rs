@@ -12,6 +12,7 @@
 //! list as an object `a/b` when listing recursively). A raw signed request would lift this.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -44,6 +45,8 @@ pub struct ObjectStoreBackend {
     prefix: String,
     /// Signed REST access to the same bucket, for what object_store cannot send (see `raw`); S3 stores only.
     raw: Option<super::raw::RawS3>,
+    /// Set once the server answered a conditional delete with 501 (LocalStack): deletes are plain from then on.
+    conditional_delete_unsupported: Arc<AtomicBool>,
 }
 
 /// The client that served a request, with what its answers must confirm.
@@ -67,7 +70,14 @@ impl ObjectStoreBackend {
                 StoreError::invalid(format!("invalid bucket prefix {prefix:?}: {e}"))
             })?;
         }
-        Ok(ObjectStoreBackend { store, sse: None, ssec: None, prefix, raw: None })
+        Ok(ObjectStoreBackend {
+            store,
+            sse: None,
+            ssec: None,
+            prefix,
+            raw: None,
+            conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Signed REST access to the bucket behind `store`, for the requests object_store cannot send (header rewrites
@@ -640,10 +650,37 @@ impl Backend for ObjectStoreBackend {
         if let Some(ssec) = &self.ssec {
             ssec.forget(path.as_ref());
         }
+        // On S3 a plain DELETE: object_store sends a one-object DeleteObjects (`POST ?delete`), which costs the
+        // server more (an XML body to parse and answer) and hides a refusal inside a 200 answer.
+        if let Some(raw) = &self.raw {
+            return raw.delete(path.as_ref(), None).await;
+        }
         match self.store.delete(&path).await {
             Ok(()) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(map_err(e, key.as_str())),
+        }
+    }
+
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        let Some(raw) = &self.raw else { return self.delete(key).await };
+        if self.conditional_delete_unsupported.load(Ordering::Relaxed) {
+            return self.delete(key).await;
+        }
+        let path = self.path(key)?;
+        if let Some(ssec) = &self.ssec {
+            ssec.forget(path.as_ref());
+        }
+        match raw.delete(path.as_ref(), Some(etag)).await {
+            // Nothing was deleted: the server does not know the header. Remembered, so every later delete is one
+            // request again.
+            Err(StoreError::Unsupported { .. }) => {
+                if !self.conditional_delete_unsupported.swap(true, Ordering::Relaxed) {
+                    tracing::info!("the store does not support conditional deletes (If-Match on DeleteObject): deletes are unconditional");
+                }
+                self.delete(key).await
+            }
+            other => other,
         }
     }
 

@@ -350,6 +350,20 @@ impl RawS3 {
         Ok(())
     }
 
+    /// A plain DeleteObject (`DELETE /key`), one request, where object_store sends a one-object DeleteObjects
+    /// (`POST ?delete`). With `if_match`, only if the object is still the version with that ETag: S3 answers 412
+    /// ([`StoreError::Precondition`]) when another version is there and 404 ([`StoreError::NotFound`]) when nothing is
+    /// (AWS general purpose buckets since September 2025); servers without conditional deletes answer 501
+    /// ([`StoreError::Unsupported`], LocalStack 4.14) and delete nothing then. Without `if_match` a missing object is
+    /// not an error.
+    pub(crate) async fn delete(&self, path: &str, if_match: Option<&str>) -> Result<(), StoreError> {
+        let headers: Vec<(&str, String)> = if_match.map(|e| ("if-match", e.to_string())).into_iter().collect();
+        match self.send(Method::DELETE, &self.object_url(path), &headers, Bytes::new(), path).await {
+            Err(StoreError::NotFound { .. }) if if_match.is_none() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// The response headers of a HEAD of the object.
     pub(crate) async fn head(&self, path: &str) -> Result<HeaderMap, StoreError> {
         Ok(self.send(Method::HEAD, &self.object_url(path), &[], Bytes::new(), path).await?.headers)
