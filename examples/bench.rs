@@ -11,8 +11,8 @@
 //! `rm -r`. A change in place or an append has no single raw equivalent and is not measured there. `read` on the raw
 //! client also prints `peak_rss 0 BYTES`, the process's own VmHWM, to set next to the mounts' daemons.
 //!
-//! `BENCH_SETTLE`, when set, is a shell command run after each writing workload closes its files and before its clock
-//! stops: for a mount that uploads after close (rclone's VFS cache), it waits until the uploads are done, so every
+//! `BENCH_SETTLE`, when set, is a shell command run with the number of files written as its argument after each
+//! writing workload closes its files and before its clock stops: for a mount that uploads after close (rclone's VFS cache), it waits until the uploads are done, so every
 //! system is timed to the same point — the data is in the store.
 
 use std::io::{Read, Write};
@@ -48,10 +48,12 @@ fn share(total: usize, readers: usize, r: usize) -> usize {
     total / readers + usize::from(r < total % readers)
 }
 
-/// Waits until the mount under test has stored what was written (see `BENCH_SETTLE` in the module docs).
-fn settle() {
+/// Waits until the mount under test has stored the `files` files just written (see `BENCH_SETTLE` in the module
+/// docs); the command gets the count as its argument.
+fn settle(files: usize) {
     if let Ok(cmd) = std::env::var("BENCH_SETTLE") {
         if !cmd.is_empty() {
+            let cmd = format!("{cmd} {files}");
             let ok = std::process::Command::new("sh").arg("-c").arg(&cmd).status().unwrap().success();
             assert!(ok, "BENCH_SETTLE command failed: {cmd}");
         }
@@ -126,7 +128,7 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             }
             f.sync_all().unwrap();
             drop(f);
-            settle();
+            settle(1);
             report("seq_write", t, (n * BLOCK) as u64);
         }
         "read" => {
@@ -152,7 +154,7 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             for i in 0..n {
                 std::fs::write(d.join(format!("f{i:05}")), &body).unwrap();
             }
-            settle();
+            settle(n);
             report("small_create", t, (n * 4096) as u64);
         }
         "smallr" => {
@@ -200,7 +202,7 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             let f = std::fs::OpenOptions::new().write(true).open(dir.join("big")).unwrap();
             f.write_all_at(&[0x5a], len / 2).unwrap();
             drop(f);
-            settle();
+            settle(1);
             report("change_1b", t, 1);
             let mut b = [0u8; 1];
             std::fs::File::open(dir.join("big")).unwrap().read_exact_at(&mut b, len / 2).unwrap();
@@ -212,7 +214,7 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("big")).unwrap();
             f.write_all(&[9u8; SMALL]).unwrap();
             drop(f);
-            settle();
+            settle(1);
             report("append_4k", t, SMALL as u64);
             let now = std::fs::metadata(dir.join("big")).unwrap().len();
             assert_eq!(now, len + SMALL as u64, "file size after the append");

@@ -41,7 +41,7 @@
 #   change_1b   open the large file for writing, change 1 byte in its middle, close  raw: none
 #   append_4k   open it with O_APPEND, append 4 KiB, close                           raw: none
 # Writing workloads are timed until the data is in the store: s3cryptfs and s3fs upload before close returns; rclone
-# uploads after close, so its timings include waiting for its upload queue to drain (its remote control, vfs/stats).
+# uploads after close, so its timings include waiting until its log has said "Copied" for each file written.
 #
 # Peers. s3fs (Debian package s3fs): default options plus url=, use_path_request_style, endpoint=REGION and a 0600
 # passwd file; no local cache (use_cache off, its default). rclone (Debian package rclone): an s3 remote (provider
@@ -133,7 +133,9 @@ trap cleanup EXIT
 s3curl() {
   local token=()
   if [ -n "${AWS_SESSION_TOKEN:-}" ]; then token=(-H "x-amz-security-token: $AWS_SESSION_TOKEN"); fi
-  curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "${token[@]}" "$@"
+  # Garage (and AWS) want x-amz-content-sha256, which curl does not send by itself.
+  curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "${token[@]}" "$@"
 }
 
 new_bucket() {
@@ -142,12 +144,13 @@ new_bucket() {
   if [ "$REGION" != us-east-1 ]; then
     body=(--data "<CreateBucketConfiguration><LocationConstraint>$REGION</LocationConstraint></CreateBucketConfiguration>")
   fi
+  # (Command substitution does not inherit set -e: a failure must exit explicitly.)
   if [ -n "${BENCH_ENDPOINT:-}" ]; then
-    s3curl -o /dev/null -X PUT "${body[@]}" "$EP/$b"
+    s3curl -o /dev/null -X PUT "${body[@]}" "$EP/$b" || { echo "bench: could not create bucket $b at $EP" >&2; exit 1; }
   else
     # LocalStack, unsigned as before: after a SigV4-signed CreateBucket its GETs of the S3EC comparison's objects
     # broke off (IncompleteRead) in 3 runs of 3 here, unsigned in none of 2 (cause not found).
-    curl -sf -o /dev/null -X PUT "$EP/$b"
+    curl -sf -o /dev/null -X PUT "$EP/$b" || { echo "bench: could not create bucket $b at $EP" >&2; exit 1; }
   fi
   echo "$b"
 }
@@ -184,27 +187,16 @@ mount_it() {
 }
 
 # Peers' configuration. s3fs: a passwd file, mode 0600. rclone: an s3 remote and a crypt remote over the bucket
-# (written per bucket), its remote control on a port of its own for the upload-queue check.
+# (written per bucket).
 if [ "${#PEERS[@]}" -gt 0 ]; then
   (umask 077; echo "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" > "$WORK/s3fs.passwd")
-  RC_PORT=$((20000 + $$ % 20000))
   RCLONE_PASS=$(rclone obscure "$(head -c 24 /dev/urandom | base64)")
-  # Waits until rclone has uploaded what was closed: its queue was seen busy, then empty (or stayed empty for 1 s,
-  # for a write too small to catch in flight). The kernel sends RELEASE after close() returns, so an empty queue
-  # right after close does not yet mean that nothing is to be uploaded.
+  # Waits until rclone has uploaded the N files just written (N is the argument): its log (-v) says "Copied" once
+  # per upload, and each mount writes in one workload only. (Its remote control's vfs/stats is no use here: right
+  # after close it showed an empty upload queue while the upload started a second later.)
   cat > "$WORK/rclone-settle" <<SETTLE
 #!/bin/sh
-busy=0; idle=0
-while :; do
-  s=\$(rclone rc --url http://127.0.0.1:$RC_PORT/ vfs/stats) || exit 1
-  if echo "\$s" | grep -q '"uploadsInProgress": 0' && echo "\$s" | grep -q '"uploadsQueued": 0'; then
-    [ \$busy = 1 ] && exit 0
-    idle=\$((idle + 1)); [ \$idle -ge 20 ] && exit 0
-  else
-    busy=1
-  fi
-  sleep 0.05
-done
+while [ "\$(grep -c ': Copied (' "$WORK/daemon.log")" -lt "\$1" ]; do sleep 0.05; done
 SETTLE
   chmod +x "$WORK/rclone-settle"
 fi
@@ -247,7 +239,7 @@ fs_mount() {
       # rclone's AWS SDK refuses to start when AWS_CA_BUNDLE is set ("unsupported transport"): it gets the CA, if
       # any, through its own --ca-cert.
       env -u AWS_CA_BUNDLE rclone mount --config "$WORK/rclone.conf" bcrypt: "$MNT" --vfs-cache-mode writes \
-        --vfs-write-back 0s --cache-dir "$WORK/cache" --rc --rc-addr "127.0.0.1:$RC_PORT" --rc-no-auth \
+        --vfs-write-back 0s --cache-dir "$WORK/cache" -v \
         ${CA_FILE:+--ca-cert "$CA_FILE"} >"$WORK/daemon.log" 2>&1 & ;;
     *)
       $BIN mount -f -o "$(s3cryptfs_opts "$sys")" "s3://$b" "$MNT" >"$WORK/daemon.log" 2>&1 & ;;
