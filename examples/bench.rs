@@ -1,18 +1,77 @@
 //! Benchmark workloads, run the same way through a mounted directory (`fs DIR`) and with a raw object_store client
-//! against the same server (`raw ENDPOINT BUCKET`), so scripts/bench.sh can print ratios.
+//! against the same server (`raw ENDPOINT BUCKET`), so scripts/bench.sh can print ratios. The mounted directory may
+//! be s3cryptfs or a peer (s3fs, rclone mount): nothing here knows which.
 //!
-//! Workloads: sequential write of one large file, sequential read of it, and many small files (create, list with
-//! metadata like `ls -l`, read back). Output: one line per workload, `name seconds bytes`.
+//! Workloads: sequential write of one large file, sequential read of it, random 4 KiB reads over it (one reader or
+//! several concurrent ones), a 1-byte change in its middle and an append to it; many small files (create, list with
+//! metadata, read back, `ls -l`, `rm -r`). Output: one line per workload, `name seconds bytes`.
+//!
+//! The raw client does the nearest equivalent: a multipart upload, one GET, one ranged GET per random read, a paged
+//! LIST for the listings, LIST + batch DeleteObjects (1,000 keys per request, object_store's `delete_stream`) for
+//! `rm -r`. A change in place or an append has no single raw equivalent and is not measured there. `read` on the raw
+//! client also prints `peak_rss 0 BYTES`, the process's own VmHWM, to set next to the mounts' daemons.
+//!
+//! `BENCH_SETTLE`, when set, is a shell command run with the number of files written as its argument after each
+//! writing workload closes its files and before its clock stops: for a mount that uploads after close (rclone's VFS cache), it waits until the uploads are done, so every
+//! system is timed to the same point — the data is in the store.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as OsPath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
 const BLOCK: usize = 1 << 20;
+/// Size of one random read and of the append: a page, what a database or an index lookup reads.
+const SMALL: usize = 4096;
+
+/// Offsets of the random reads of reader `r`: 4 KiB-aligned, uniform over the file, the same for every system.
+fn random_offsets(r: usize, count: usize, file_len: u64) -> Vec<u64> {
+    let pages = file_len / SMALL as u64;
+    let mut x = (r as u64 + 1).wrapping_mul(0x2545F4914F6CDD1D) | 1;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % pages) * SMALL as u64
+        })
+        .collect()
+}
+
+/// Reads per reader: `total` split as evenly as possible over `readers`.
+fn share(total: usize, readers: usize, r: usize) -> usize {
+    total / readers + usize::from(r < total % readers)
+}
+
+/// Waits until the mount under test has stored the `files` files just written (see `BENCH_SETTLE` in the module
+/// docs); the command gets the count as its argument.
+fn settle(files: usize) {
+    if let Ok(cmd) = std::env::var("BENCH_SETTLE") {
+        if !cmd.is_empty() {
+            let cmd = format!("{cmd} {files}");
+            let ok = std::process::Command::new("sh").arg("-c").arg(&cmd).status().unwrap().success();
+            assert!(ok, "BENCH_SETTLE command failed: {cmd}");
+        }
+    }
+}
+
+fn vm_hwm_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Runs a command (ls, rm) on the mount and returns its standard output; fails the benchmark if it fails.
+fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
 
 fn data_block(i: usize) -> Vec<u8> {
     let mut x = (i as u64).wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -32,15 +91,33 @@ fn report(name: &str, start: Instant, bytes: u64) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bench fs DIR write|read|smallw|smallr MIB|FILES  |  bench raw ENDPOINT BUCKET write|read|smallw|smallr MIB|FILES";
-    match args.get(1).map(String::as_str) {
-        Some("fs") => fs_bench(&args[2], &args[3], args[4].parse().expect(usage)),
-        Some("raw") => raw_bench(&args[2], &args[3], &args[4], args[5].parse().expect(usage)),
+    let usage = "usage: bench fs DIR WORKLOAD N [READS READERS]  |  bench raw ENDPOINT BUCKET WORKLOAD N [READS READERS]\n\
+                 WORKLOAD N: write|read|poke|append MIB, smallw|smallr|lsl|rmr FILES, randr MIB READS READERS; \
+                 raw also: clear 0 (delete every object of the bucket)";
+    let (rest, fs) = match args.get(1).map(String::as_str) {
+        Some("fs") if args.len() >= 5 => (&args[3..], true),
+        Some("raw") if args.len() >= 6 => (&args[4..], false),
         _ => panic!("{usage}"),
+    };
+    let what = rest[0].as_str();
+    let n: usize = rest[1].parse().expect(usage);
+    let (reads, readers) = if what == "randr" {
+        (rest.get(2).expect(usage).parse().expect(usage), rest.get(3).expect(usage).parse().expect(usage))
+    } else {
+        (0, 1)
+    };
+    if fs {
+        fs_bench(&args[2], what, n, reads, readers)
+    } else {
+        raw_bench(&args[2], &args[3], what, n, reads, readers)
     }
 }
 
-fn fs_bench(dir: &str, what: &str, n: usize) {
+fn rand_name(readers: usize) -> String {
+    if readers == 1 { "rand_read".into() } else { format!("rand_read{readers}") }
+}
+
+fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
     let dir = std::path::Path::new(dir);
     match what {
         "write" => {
@@ -51,6 +128,7 @@ fn fs_bench(dir: &str, what: &str, n: usize) {
             }
             f.sync_all().unwrap();
             drop(f);
+            settle(1);
             report("seq_write", t, (n * BLOCK) as u64);
         }
         "read" => {
@@ -76,6 +154,7 @@ fn fs_bench(dir: &str, what: &str, n: usize) {
             for i in 0..n {
                 std::fs::write(d.join(format!("f{i:05}")), &body).unwrap();
             }
+            settle(n);
             report("small_create", t, (n * 4096) as u64);
         }
         "smallr" => {
@@ -97,11 +176,69 @@ fn fs_bench(dir: &str, what: &str, n: usize) {
             }
             report("small_read", t, (n * 4096) as u64);
         }
+        "randr" => {
+            // Each reader opens the file itself (its own descriptor, like separate processes) and preads 4 KiB pages.
+            let path = dir.join("big");
+            let len = (n * BLOCK) as u64;
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for r in 0..readers {
+                    let path = &path;
+                    s.spawn(move || {
+                        let f = std::fs::File::open(path).unwrap();
+                        let mut buf = vec![0u8; SMALL];
+                        for off in random_offsets(r, share(reads, readers, r), len) {
+                            f.read_exact_at(&mut buf, off).unwrap();
+                        }
+                    });
+                }
+            });
+            report(&rand_name(readers), t, (reads * SMALL) as u64);
+        }
+        "poke" => {
+            // One byte changed in the middle of the large file, timed from open to close (and settle).
+            let len = (n * BLOCK) as u64;
+            let t = Instant::now();
+            let f = std::fs::OpenOptions::new().write(true).open(dir.join("big")).unwrap();
+            f.write_all_at(&[0x5a], len / 2).unwrap();
+            drop(f);
+            settle(1);
+            report("change_1b", t, 1);
+            let mut b = [0u8; 1];
+            std::fs::File::open(dir.join("big")).unwrap().read_exact_at(&mut b, len / 2).unwrap();
+            assert_eq!(b[0], 0x5a, "the changed byte did not read back");
+        }
+        "append" => {
+            let len = std::fs::metadata(dir.join("big")).unwrap().len();
+            let t = Instant::now();
+            let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("big")).unwrap();
+            f.write_all(&[9u8; SMALL]).unwrap();
+            drop(f);
+            settle(1);
+            report("append_4k", t, SMALL as u64);
+            let now = std::fs::metadata(dir.join("big")).unwrap().len();
+            assert_eq!(now, len + SMALL as u64, "file size after the append");
+        }
+        "lsl" => {
+            let d = dir.join("small");
+            let t = Instant::now();
+            let out = run("ls", &["-l".as_ref(), d.as_os_str()]);
+            report("ls_l", t, 0);
+            // `total N` and one line per file.
+            assert_eq!(out.iter().filter(|&&c| c == b'\n').count(), n + 1, "ls -l lines");
+        }
+        "rmr" => {
+            let d = dir.join("small");
+            let t = Instant::now();
+            run("rm", &["-r".as_ref(), d.as_os_str()]);
+            report("rm_r", t, 0);
+            assert!(!d.exists(), "the directory is still there after rm -r");
+        }
         _ => panic!("unknown workload {what}"),
     }
 }
 
-fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize) {
+fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize, reads: usize, readers: usize) {
     let store = object_store::aws::AmazonS3Builder::from_env()
         .with_endpoint(endpoint)
         .with_bucket_name(bucket)
@@ -109,6 +246,7 @@ fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize) {
         .with_virtual_hosted_style_request(false)
         .build()
         .unwrap();
+    let store = Arc::new(store);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let big = OsPath::from("raw/big");
@@ -133,6 +271,7 @@ fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize) {
                 }
                 assert_eq!(total, (n * BLOCK) as u64);
                 report("seq_read", t, total);
+                println!("peak_rss 0 {}", vm_hwm_bytes());
             }
             "smallw" => {
                 let body = Bytes::from(vec![7u8; 4096]);
@@ -154,7 +293,50 @@ fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize) {
                 }
                 report("small_read", t, (n * 4096) as u64);
             }
+            "randr" => {
+                // One ranged GET per read; `readers` tasks at once on one client (one connection pool).
+                let len = (n * BLOCK) as u64;
+                let t = Instant::now();
+                let tasks: Vec<_> = (0..readers)
+                    .map(|r| {
+                        let store = Arc::clone(&store);
+                        let big = big.clone();
+                        tokio::spawn(async move {
+                            for off in random_offsets(r, share(reads, readers, r), len) {
+                                let b = store.get_range(&big, off..off + SMALL as u64).await.unwrap();
+                                assert_eq!(b.len(), SMALL);
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+                report(&rand_name(readers), t, (reads * SMALL) as u64);
+            }
+            "lsl" => {
+                let t = Instant::now();
+                let listed: Vec<_> = store.list(Some(&OsPath::from("raw/small"))).try_collect().await.unwrap();
+                report("ls_l", t, 0);
+                assert_eq!(listed.len(), n);
+            }
+            "rmr" => {
+                let t = Instant::now();
+                let deleted = delete_prefix(&store, Some(OsPath::from("raw/small"))).await;
+                report("rm_r", t, 0);
+                assert_eq!(deleted, n);
+            }
+            "clear" => {
+                delete_prefix(&store, None).await;
+            }
             _ => panic!("unknown workload {what}"),
         }
     });
+}
+
+/// LIST of `prefix`, then batch DeleteObjects of what it found (object_store sends 1,000 keys per request).
+async fn delete_prefix(store: &Arc<object_store::aws::AmazonS3>, prefix: Option<OsPath>) -> usize {
+    let locations = store.list(prefix.as_ref()).map_ok(|m| m.location).boxed();
+    let deleted: Vec<_> = store.delete_stream(locations).try_collect().await.unwrap();
+    deleted.len()
 }
