@@ -30,30 +30,12 @@ macro_rules! both {
     };
 }
 
-/// A port nobody listens on right now (bound and released; another process could take it in between, which the
-/// mount would then report as a clear error).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The body of `GET http://addr/metrics`.
-fn scrape(addr: &str) -> String {
-    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
-    assert!(out.status.success(), "GET http://{addr}/metrics failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The value of one series (`name` or `name{labels}` exactly as rendered); 0 when it is absent (not yet counted).
-fn value(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-}
-
 fn requests(text: &str, kind: &str, outcome: &str) -> f64 {
-    value(text, &format!("s3cryptfs_store_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"))
+    series_value(text, &format!("s3cryptfs_store_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"))
 }
 
 fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_metrics_addr();
     let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
 
     let text = scrape(&addr);
@@ -74,22 +56,22 @@ fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
     // served from its page cache: 200,000 bytes are four 64 KiB pages.
     assert_bytes(fs::read(m.path("small")).unwrap(), &small, "small, again");
     let text = scrape(&addr);
-    let hits = value(&text, "s3cryptfs_cache_hits_total") - value(&first, "s3cryptfs_cache_hits_total");
+    let hits = series_value(&text, "s3cryptfs_cache_hits_total") - series_value(&first, "s3cryptfs_cache_hits_total");
     assert!(hits >= 4.0, "the re-read found {hits} pages in the cache:\n{text}");
     assert_eq!(
-        value(&text, "s3cryptfs_cache_misses_total"),
-        value(&first, "s3cryptfs_cache_misses_total"),
+        series_value(&text, "s3cryptfs_cache_misses_total"),
+        series_value(&first, "s3cryptfs_cache_misses_total"),
         "the re-read missed the cache"
     );
-    assert!(value(&first, "s3cryptfs_cache_misses_total") >= 1.0, "the first reads were all hits:\n{first}");
-    assert!(value(&text, "s3cryptfs_cache_bytes") >= small.len() as f64, "{text}");
+    assert!(series_value(&first, "s3cryptfs_cache_misses_total") >= 1.0, "the first reads were all hits:\n{first}");
+    assert!(series_value(&text, "s3cryptfs_cache_bytes") >= small.len() as f64, "{text}");
 
     let plain = (small.len() + big.len()) as f64;
-    assert_eq!(value(&text, "s3cryptfs_fs_written_bytes_total"), plain, "{text}");
-    assert!(value(&text, "s3cryptfs_fs_read_bytes_total") >= plain + small.len() as f64, "{text}");
+    assert_eq!(series_value(&text, "s3cryptfs_fs_written_bytes_total"), plain, "{text}");
+    assert!(series_value(&text, "s3cryptfs_fs_read_bytes_total") >= plain + small.len() as f64, "{text}");
     // Ciphertext: every byte plus headers and tags went out, and came back at least once.
-    assert!(value(&text, "s3cryptfs_store_written_bytes_total") > plain, "{text}");
-    assert!(value(&text, "s3cryptfs_store_read_bytes_total") > plain, "{text}");
+    assert!(series_value(&text, "s3cryptfs_store_written_bytes_total") > plain, "{text}");
+    assert!(series_value(&text, "s3cryptfs_store_read_bytes_total") > plain, "{text}");
 
     assert!(requests(&text, "put", "ok") >= 1.0, "{text}");
     // Exactly one upload of two parts: FLUSHes from other processes (children of parallel tests closing inherited
@@ -99,24 +81,24 @@ fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
     assert_eq!(requests(&text, "multipart_complete", "ok"), 1.0, "{text}");
     assert!(requests(&text, "get_range", "ok") >= 2.0, "{text}");
     assert_eq!(
-        value(&text, "s3cryptfs_store_request_duration_seconds_count{kind=\"multipart_part\"}"),
+        series_value(&text, "s3cryptfs_store_request_duration_seconds_count{kind=\"multipart_part\"}"),
         requests(&text, "multipart_part", "ok"),
         "every part has a latency sample:\n{text}"
     );
     // Closed files are uploaded: nothing is left staged or uploading.
-    assert_eq!(value(&text, "s3cryptfs_dirty_files"), 0.0, "{text}");
-    assert_eq!(value(&text, "s3cryptfs_dirty_bytes"), 0.0, "{text}");
-    assert_eq!(value(&text, "s3cryptfs_uploads_in_flight"), 0.0, "{text}");
+    assert_eq!(series_value(&text, "s3cryptfs_dirty_files"), 0.0, "{text}");
+    assert_eq!(series_value(&text, "s3cryptfs_dirty_bytes"), 0.0, "{text}");
+    assert_eq!(series_value(&text, "s3cryptfs_uploads_in_flight"), 0.0, "{text}");
 
     // A failing operation is counted by its errno.
     let rmdir_errors = "s3cryptfs_fuse_errors_total{op=\"rmdir\",errno=\"ENOTEMPTY\"}";
-    assert_eq!(value(&text, rmdir_errors), 0.0);
+    assert_eq!(series_value(&text, rmdir_errors), 0.0);
     fs::create_dir(m.path("d")).unwrap();
     fs::write(m.path("d/f"), b"x").unwrap();
     let err = fs::remove_dir(m.path("d")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
     let text = scrape(&addr);
-    assert_eq!(value(&text, rmdir_errors), 1.0, "{text}");
+    assert_eq!(series_value(&text, rmdir_errors), 1.0, "{text}");
 
     // Only /metrics is served.
     let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/")]).output().unwrap();
@@ -153,7 +135,7 @@ fn delta(before: &str, after: &str) -> String {
 /// finds the directory empty.
 fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
     const FILES: usize = 40;
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_metrics_addr();
     let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
     fs::create_dir(m.path("d")).unwrap();
     let before = scrape(&addr);
@@ -190,7 +172,7 @@ fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
 /// answered from its listing, and the unlink is one delete where the store cannot check the version (LocalStack), or a
 /// refused conditional delete, a HEAD and a delete where it can (the local store, S3).
 fn an_unlink_removes_a_file_another_mount_replaced(env: &Env, store: &Store) {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_metrics_addr();
     // A long attr_timeout, so the steps after a's listing stay within it on a loaded machine.
     let a = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}"), "attr_timeout=3"]);
     let b = Mount::start(env, store, "cse-c");

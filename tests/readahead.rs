@@ -5,15 +5,8 @@
 mod common;
 
 use std::io::Read;
-use std::process::Command;
 
 use common::*;
-
-fn metric(addr: &str, series: &str) -> f64 {
-    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-}
 
 fn sequential_read_fetches_every_byte_once(store: &Store, env: &Env) {
     let size = 96 << 20;
@@ -22,7 +15,7 @@ fn sequential_read_fetches_every_byte_once(store: &Store, env: &Env) {
         let m = Mount::start(env, store, "cse-c");
         std::fs::write(m.path("big"), &plain).unwrap();
     }
-    let addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let addr = free_metrics_addr();
     // A cache of 8 MiB: a twelfth of the file, a quarter of the old fixed 32 MiB window.
     let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}"), "cache_size=8M"]);
     let before = metric(&addr, "s3cryptfs_store_read_bytes_total");

@@ -13,25 +13,8 @@ use std::process::Command;
 use base64::Engine;
 use common::*;
 
-const TOOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/s3ec.py");
 const MIB: usize = 1 << 20;
 
-/// Runs s3ec.py: (exit status, stdout, stderr).
-fn s3ec(args: &[&str]) -> (i32, String, String) {
-    let python = std::env::var("S3CRYPTFS_TEST_S3EC_PYTHON").unwrap_or_else(|_| {
-        panic!("S3CRYPTFS_TEST_S3EC_PYTHON is not set: run the tests with scripts/test.sh (scripts/s3ec-client.sh install)")
-    });
-    let out = Command::new(python).arg(TOOL).args(args).output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    (out.status.code().unwrap_or_else(|| panic!("s3ec.py {args:?} killed: {stderr}")), stdout, stderr)
-}
-
-#[track_caller]
-fn s3ec_ok(args: &[&str]) -> String {
-    let (code, stdout, stderr) = s3ec(args);
-    assert_eq!(code, 0, "s3ec.py {args:?}: {stderr}");
-    stdout
-}
 
 fn new_bucket() -> (String, String) {
     match Store::s3() {
@@ -66,14 +49,14 @@ fn put(version: u8, kms_key: &str, ctx: &[(&str, &str)], bucket: &str, key: &str
     args.extend(["--part-size", &threshold]);
     let ctx = context_args(ctx);
     args.extend(ctx.iter().map(String::as_str));
-    s3ec_ok(&args);
+    s3ec_tool_ok(&args);
 }
 
 /// Gets `key` with the official client into `out`: Ok(plaintext) or Err((exit status, stderr)).
 fn get(bucket: &str, key: &str, out: &Path, extra: &[&str]) -> Result<Vec<u8>, (i32, String)> {
     let mut args = vec!["get", "--bucket", bucket, "--key", key, "--out", out.to_str().unwrap()];
     args.extend(extra);
-    match s3ec(&args) {
+    match s3ec_tool(&args) {
         (0, _, _) => Ok(std::fs::read(out).unwrap()),
         (code, _, stderr) => {
             assert!(!out.exists(), "a refused get left {} behind", out.display());
@@ -84,7 +67,7 @@ fn get(bucket: &str, key: &str, out: &Path, extra: &[&str]) -> Result<Vec<u8>, (
 }
 
 fn meta(bucket: &str, key: &str) -> serde_json::Value {
-    serde_json::from_str(&s3ec_ok(&["meta", "--bucket", bucket, "--key", key])).unwrap()
+    serde_json::from_str(&s3ec_tool_ok(&["meta", "--bucket", bucket, "--key", key])).unwrap()
 }
 
 fn user_metadata(m: &serde_json::Value) -> BTreeMap<String, String> {

@@ -8,15 +8,11 @@ use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
 fn xattr_requests(addr: &str, op: &str) -> f64 {
-    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let series = format!("s3cryptfs_fuse_errors_total{{op=\"{op}\",errno=\"ENOSYS\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0.0)
+    metric(addr, &format!("s3cryptfs_fuse_errors_total{{op=\"{op}\",errno=\"ENOSYS\"}}"))
 }
 
 fn c_path(p: &Path) -> CString {
@@ -27,7 +23,7 @@ fn c_path(p: &Path) -> CString {
 fn the_kernel_asks_for_extended_attributes_once_and_applications_get_eopnotsupp() {
     let env = Env::new();
     let store = Store::local(env.path());
-    let addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let addr = free_metrics_addr();
     let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
     let file = m.path("f");
     let mut f = std::fs::File::create(&file).unwrap();

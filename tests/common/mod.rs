@@ -486,3 +486,45 @@ pub fn leave_dirty_at_unmount(dir: &Path, name: &str, mib: usize, byte: u8) {
     let out = Command::new("sh").arg("-c").arg(&script).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A port nobody listens on right now (bound and released; another process could take it in between, which the
+/// mount would then report as a clear error), as `127.0.0.1:PORT` for `-o metrics_addr=`.
+pub fn free_metrics_addr() -> String {
+    format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+}
+
+/// The body of `GET http://addr/metrics`.
+pub fn scrape(addr: &str) -> String {
+    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
+    assert!(out.status.success(), "GET http://{addr}/metrics failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one series (`name` or `name{labels}` exactly as rendered); 0 when it is absent (not yet counted).
+pub fn series_value(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// One series' value, scraped now.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    series_value(&scrape(addr), series)
+}
+
+/// Runs tests/tools/s3ec.py, the CLI over the official S3 Encryption Client: (exit status, stdout, stderr).
+pub fn s3ec_tool(args: &[&str]) -> (i32, String, String) {
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/s3ec.py");
+    let python = std::env::var("S3CRYPTFS_TEST_S3EC_PYTHON").unwrap_or_else(|_| {
+        panic!("S3CRYPTFS_TEST_S3EC_PYTHON is not set: run the tests with scripts/test.sh (scripts/s3ec-client.sh install)")
+    });
+    let out = Command::new(python).arg(tool).args(args).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    (out.status.code().unwrap_or_else(|| panic!("s3ec.py {args:?} killed: {stderr}")), stdout, stderr)
+}
+
+/// [`s3ec_tool`], which must succeed: its stdout.
+#[track_caller]
+pub fn s3ec_tool_ok(args: &[&str]) -> String {
+    let (code, stdout, stderr) = s3ec_tool(args);
+    assert_eq!(code, 0, "s3ec.py {args:?}: {stderr}");
+    stdout
+}

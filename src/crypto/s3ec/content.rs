@@ -312,12 +312,10 @@ impl ContentSealer {
     /// wrote (its chunk digests from [`StreamEncryptor::with_digests`]) so that reading it back needs
     /// no verification pass. The reverse (a sealer from a decrypting key) does not exist.
     pub fn decrypting_key(&self) -> ContentKey {
-        ContentKey {
-            suite: self.0.suite,
-            key: Box::new(Zeroizing::new(**self.0.key)),
-            nonce: self.0.nonce,
-            backend: self.0.backend,
-        }
+        // Copied straight into its zeroizing box: no unzeroized copy of the key on the stack.
+        let mut key = Box::new(Zeroizing::new([0u8; KEY_LEN]));
+        key.copy_from_slice(&self.0.key[..]);
+        ContentKey { suite: self.0.suite, key, nonce: self.0.nonce, backend: self.0.backend }
     }
 
     /// A streaming encryptor, for content fed in order (multipart parts); see
