@@ -20,25 +20,8 @@ use common::*;
 use s3cryptfs::crypto::s3ec::{new_object_aes, WriteFormat};
 use s3cryptfs::crypto::{Key256, KeyHistory};
 
-const TOOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/s3ec.py");
 const MIB: usize = 1 << 20;
 
-/// Runs s3ec.py: (exit status, stdout, stderr).
-fn s3ec(args: &[&str]) -> (i32, String, String) {
-    let python = std::env::var("S3CRYPTFS_TEST_S3EC_PYTHON").unwrap_or_else(|_| {
-        panic!("S3CRYPTFS_TEST_S3EC_PYTHON is not set: run the tests with scripts/test.sh (scripts/s3ec-client.sh install)")
-    });
-    let out = Command::new(python).arg(TOOL).args(args).output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    (out.status.code().unwrap_or_else(|| panic!("s3ec.py {args:?} killed: {stderr}")), stdout, stderr)
-}
-
-#[track_caller]
-fn s3ec_ok(args: &[&str]) -> String {
-    let (code, stdout, stderr) = s3ec(args);
-    assert_eq!(code, 0, "s3ec.py {args:?}: {stderr}");
-    stdout
-}
 
 fn s3_of(store: &Store) -> (String, String) {
     match store {
@@ -56,7 +39,7 @@ fn put(version: u8, kms_key: &str, ctx: &[(&str, &str)], bucket: &str, key: &str
     args.extend(["--key", key, "--file", file.to_str().unwrap(), "--multipart-threshold", &part, "--part-size", &part]);
     let ctx: Vec<String> = ctx.iter().flat_map(|(k, v)| ["--context".to_string(), format!("{k}={v}")]).collect();
     args.extend(ctx.iter().map(String::as_str));
-    s3ec_ok(&args);
+    s3ec_tool_ok(&args);
 }
 
 /// The official client's plaintext of `key` (read with the key id, no encryption context).
@@ -66,7 +49,7 @@ fn official_get(bucket: &str, key: &str, kms_key: &str, dir: &Path) -> Result<Ve
     let args = ["get", "--bucket", bucket, "--key", key, "--out", out.to_str().unwrap(), "--kms-key-id", kms_key];
     let mut attempt = 0;
     loop {
-        match s3ec(&args) {
+        match s3ec_tool(&args) {
             (0, _, _) => return Ok(fs::read(&out).unwrap()),
             // LocalStack's server (hypercorn) now and then drops a large GET response midway when both cores are
             // busy ("Unhandled exception in client_connected_cb" in its log): a transport failure of the test server,
@@ -82,7 +65,7 @@ fn official_get(bucket: &str, key: &str, kms_key: &str, dir: &Path) -> Result<Ve
 
 /// The user metadata of `key` as S3 returns it (x-amz-meta- stripped).
 fn metadata(bucket: &str, key: &str) -> BTreeMap<String, String> {
-    let m: serde_json::Value = serde_json::from_str(&s3ec_ok(&["meta", "--bucket", bucket, "--key", key])).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&s3ec_tool_ok(&["meta", "--bucket", bucket, "--key", key])).unwrap();
     m["metadata"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()
 }
 
@@ -519,7 +502,7 @@ fn write_with_format_s3ec(version: u8, big: usize) {
     }
     let cases = [("empty", pattern(0, 1)), ("small", pattern(6, 2)), ("page", pattern(65_536, 3)), ("big", pattern(big, 4))];
     {
-        let addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let addr = free_metrics_addr();
         // A page cache under twice "big": a verification pass would not keep its pages, and reading it back would cost
         // two transfers (measured: 2.0x the size without the index the upload leaves, under 1.2x with it).
         let mut opts = opts.clone();
@@ -535,13 +518,7 @@ fn write_with_format_s3ec(version: u8, big: usize) {
         std::os::unix::fs::symlink("small", m.path("link")).unwrap();
         // Read back on the same mount, through the S3EC read path: the upload left the object's verified index, so the
         // read needs no verification pass (one transfer of the object, not two).
-        let read_bytes = || {
-            let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
-            let text = String::from_utf8(out.stdout).unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix("s3cryptfs_store_read_bytes_total ")?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let read_bytes = || metric(&addr, "s3cryptfs_store_read_bytes_total");
         let before = read_bytes();
         assert_bytes(fs::read(m.path("big")).unwrap(), &cases[3].1, "big, same mount");
         let fetched = read_bytes() - before;
@@ -618,5 +595,55 @@ fn format_s3ec_in_cse_c_wraps_with_the_first_key_and_refuses_files_over_the_gcm_
         let data_key = aes_gcm_unwrap(kek.encrypting_key(), &envelope).unwrap();
         let content = ContentKey::for_decrypt(&envelope, &data_key).unwrap();
         assert_bytes(content.decrypt(&raw_get(&ep, &bucket, key)).unwrap(), want, &format!("{key} by the crypto core"));
+    }
+}
+
+/// Unhappy paths of format=s3ec: a daemon killed (-9) with a file open and appended to (a stored S3EC object) and a
+/// new 9 MiB file half-written and fsync'd leaves them in the journal; the next start uploads them as whole S3EC
+/// objects the official client reads. A file unlinked while open, and a file renamed over while open, are not
+/// uploaded by either run.
+#[test]
+fn format_s3ec_data_left_by_a_killed_daemon_is_uploaded_whole_by_the_next_start() {
+    let env = Env::new();
+    let store = Store::s3();
+    let (_, bucket) = s3_of(&store);
+    let kms_key = kms_create_key();
+    let dir = env.path();
+    let mut opts = kms_options(&kms_key);
+    opts.push("format=s3ec".into());
+    let big = pattern(9 * MIB + 3, 61);
+    let m = Mount::start_with(&env, &store, "cse-kms", &refs(&opts));
+    fs::write(m.path("appended"), b"stored. ").unwrap();
+    fs::write(m.path("replaced"), b"the old replaced").unwrap();
+    let mut appended = fs::OpenOptions::new().append(true).open(m.path("appended")).unwrap();
+    appended.write_all(b"appended, not yet uploaded").unwrap();
+    let mut new = fs::File::create(m.path("new")).unwrap();
+    new.write_all(&big).unwrap();
+    new.sync_all().unwrap(); // uploaded now, then written again below without an upload
+    new.write_all(b"+tail").unwrap();
+    let mut gone = fs::File::create(m.path("gone")).unwrap();
+    gone.write_all(b"unlinked while open").unwrap();
+    fs::remove_file(m.path("gone")).unwrap();
+    let mut over = fs::OpenOptions::new().write(true).open(m.path("replaced")).unwrap();
+    over.write_all(b"THE NEW").unwrap();
+    fs::write(m.path("other"), b"renamed over the open file").unwrap();
+    fs::rename(m.path("other"), m.path("replaced")).unwrap();
+    m.kill();
+    drop((appended, new, gone, over)); // their closes fail on the dead connection
+
+    let m = Mount::start_with(&env, &store, "cse-kms", &refs(&opts));
+    let mut big_tail = big.clone();
+    big_tail.extend_from_slice(b"+tail");
+    assert_bytes(fs::read(m.path("appended")).unwrap(), b"stored. appended, not yet uploaded", "appended");
+    assert_bytes(fs::read(m.path("new")).unwrap(), &big_tail, "new");
+    assert_bytes(fs::read(m.path("replaced")).unwrap(), b"renamed over the open file", "replaced");
+    assert!(fs::metadata(m.path("gone")).is_err(), "an unlinked file came back");
+    let names = sh("ls", &m.dir);
+    assert!(!names.contains("recovered") && !names.contains("conflict"), "{names}");
+    let log = m.unmount();
+    assert_eq!(log.matches("uploaded data a previous run left staged").count(), 2, "{log}");
+    for (key, want) in [("appended", &b"stored. appended, not yet uploaded"[..]), ("new", &big_tail[..])] {
+        assert_eq!(metadata(&bucket, key).get("x-amz-c").map(String::as_str), Some("115"), "{key} is a V3 object");
+        assert_bytes(official_get(&bucket, key, &kms_key, dir).unwrap(), want, &format!("official client, {key}"));
     }
 }
