@@ -514,6 +514,15 @@ impl Backend for MeteredBackend {
         measure(RequestKind::Delete, self.inner.delete_if(key, etag)).await
     }
 
+    /// Counted as one `delete`: one DeleteObjects request for up to 1,000 keys.
+    async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
+        measure(RequestKind::Delete, self.inner.delete_many(keys)).await
+    }
+
+    fn deletes_are_conditional(&self) -> bool {
+        self.inner.deletes_are_conditional()
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         measure(RequestKind::List, self.inner.list(dir, recursive)).await
     }

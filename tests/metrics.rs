@@ -130,9 +130,11 @@ fn delta(before: &str, after: &str) -> String {
 }
 
 /// Issue 13: files created in a directory this mount made cost their upload and no lookup (the mount knows the
-/// directory's names), and `rm -r` of them after their attributes expired costs one delete each and no HEAD (the
-/// lookups the kernel sends before each unlink are answered from rm's own listing of the directory). rmdir still
-/// finds the directory empty.
+/// directory's names), and `rm -r` of them after their attributes expired costs at most one delete each and no HEAD
+/// (the lookups the kernel sends before each unlink are answered from rm's own listing of the directory). The deletes
+/// go out behind the unlinks (`fs::deletes`): one conditional delete each where the store checks them (the local
+/// store), DeleteObjects batches where it cannot (LocalStack). rmdir waits for them, so when `rm -r` returns the store
+/// holds nothing of the directory.
 fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
     const FILES: usize = 40;
     let addr = free_metrics_addr();
@@ -158,7 +160,14 @@ fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
     let after = scrape(&addr);
     let what = delta(&before, &after);
     assert!(!m.path("d").exists());
-    assert_eq!(all_requests(&after, "delete") - all_requests(&before, "delete"), FILES as f64 + 1.0, "{what}");
+    let deletes = all_requests(&after, "delete") - all_requests(&before, "delete");
+    match store {
+        Store::S3 { .. } if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") => {
+            // The first delete learns that LocalStack ignores If-Match; the rest go in batches, the marker alone.
+            assert!(deletes < FILES as f64 / 2.0, "deletes not batched: {what}")
+        }
+        _ => assert_eq!(deletes, FILES as f64 + 1.0, "{what}"),
+    }
     // Only the lookups of `d` itself may HEAD (its marker, and a file of the same name that is not there), before rm
     // reads it and, past attr_timeout on a loaded machine, again for the rmdir.
     assert!(all_requests(&after, "head") - all_requests(&before, "head") <= 4.0, "HEADs during rm -r: {what}");
@@ -170,7 +179,8 @@ fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
 /// Issue 13, docs/SEMANTICS.md: an unlink removes the name whatever version another mount put there since this mount
 /// last looked, as it did before. Mount a lists the directory, b replaces the file, a removes it: a's lookup is
 /// answered from its listing, and the unlink is one delete where the store cannot check the version (LocalStack), or a
-/// refused conditional delete, a HEAD and a delete where it can (the local store, S3).
+/// refused conditional delete and an unconditional one where it can (the local store, S3), with no lookup: the
+/// deletes go out after the unlink returned (`fs::deletes`).
 fn an_unlink_removes_a_file_another_mount_replaced(env: &Env, store: &Store) {
     let addr = free_metrics_addr();
     // A long attr_timeout, so the steps after a's listing stay within it on a loaded machine.
@@ -183,9 +193,11 @@ fn an_unlink_removes_a_file_another_mount_replaced(env: &Env, store: &Store) {
     assert_eq!(fs::read_dir(&a.dir).unwrap().count(), 1);
     fs::write(b.path("f"), b"replaced by b").unwrap();
     fs::remove_file(a.path("f")).unwrap();
+    fs::File::open(&a.dir).unwrap().sync_all().unwrap(); // fsyncdir: the delete has reached the store
+    assert!(store.raw_objects().iter().all(|(k, _)| k != "f" && !k.ends_with("/f")), "left in the store after fsyncdir");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let after = scrape(&addr);
     let what = delta(&before, &after);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(!b.path("f").exists(), "b still sees f");
     assert!(store.raw_objects().iter().all(|(k, _)| k != "f" && !k.ends_with("/f")), "left in the store");
     let (heads, deletes) = (all_requests(&after, "head") - all_requests(&before, "head"),
@@ -195,7 +207,7 @@ fn an_unlink_removes_a_file_another_mount_replaced(env: &Env, store: &Store) {
         Store::S3 { .. } if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") => {
             assert_eq!((heads, deletes), (0.0, 1.0), "{what}")
         }
-        _ => assert_eq!((heads, deletes, refused), (1.0, 2.0, 1.0), "{what}"),
+        _ => assert_eq!((heads, deletes, refused), (0.0, 2.0, 1.0), "{what}"),
     }
 }
 

@@ -10,6 +10,7 @@
 //! (a request timed out or could not connect), what is known is served stale rather than the syscall failing or
 //! waiting, and for [`SILENT_STORE_GRACE`] known names are not asked about at all (see [`Fs::note_silent_store`]).
 
+mod deletes;
 pub mod error;
 pub mod inode;
 pub mod write;
@@ -28,6 +29,7 @@ use bytes::Bytes;
 pub use self::error::{Error, Result};
 pub use self::inode::{Attr, FileKind, ROOT_INO};
 use self::inode::{InodeTable, Node, Remote};
+use self::deletes::LaterDeletes;
 use self::write::{Staged, WriteState};
 use tokio::sync::OwnedMutexGuard;
 use crate::cache::PageCache;
@@ -121,7 +123,10 @@ impl OpenMode {
 }
 
 pub struct Fs {
+    /// The store, through [`LaterDeletes`]: `deletes` is the same object.
     backend: Arc<dyn Backend>,
+    /// Deletes sent after the unlink returned (see `fs::deletes`).
+    deletes: Arc<LaterDeletes>,
     codec: Codec,
     cache: Arc<PageCache>,
     /// The verified indexes of S3EC objects, shared by their readers.
@@ -227,8 +232,10 @@ impl Fs {
             listed: None,
             format: StoredFormat::Own,
         };
+        let deletes = Arc::new(LaterDeletes::new(backend));
         Fs {
-            backend,
+            backend: deletes.clone(),
+            deletes,
             codec,
             cache,
             s3ec: Arc::new(S3ecReads::new(config.s3ec.clone())),
@@ -889,18 +896,13 @@ impl Fs {
                 n.remote.as_ref().filter(|_| idle).map(|r| (ino, r.etag.clone()))
             })
         };
-        if let Some((ino, etag)) = known.filter(|(ino, etag)| !etag.is_empty() && !self.is_open(*ino)) {
-            match self.backend.delete_if(&key(&path)?, &etag).await {
-                Ok(()) => return self.unlinked(parent, &name, &path, ino).await,
-                Err(e) if e.is_precondition() || e.is_not_found() => {
-                    tracing::debug!(key = %path, "changed in the store since this mount knew it; looking it up again");
-                    if let Some(n) = lock(&self.table).get_mut(ino) {
-                        n.validated = None;
-                        n.listed = None;
-                    }
-                }
-                Err(e) => return Err(Error::store(&path, e)),
-            }
+        // The delete itself is sent after unlink returns, batched with the others of a burst (`rm -r`): see
+        // `fs::deletes` for what this mount and the store see meanwhile, and what a crash before it is sent leaves.
+        if let Some((ino, etag)) = known.filter(|(ino, etag)| {
+            !etag.is_empty() && !self.is_open(*ino) && !self.has_instruction_file(*ino)
+        }) {
+            self.deletes.delete_later(&key(&path)?, Some(etag));
+            return self.unlinked(parent, &name, &path, ino).await;
         }
         let ino = self.resolve(parent, &name).await?;
         let kind = self.attr_of(ino)?.kind;
@@ -1180,6 +1182,14 @@ impl Fs {
 
     pub fn releasedir(&self, fh: u64) {
         lock(&self.handles).remove(&fh);
+    }
+
+    /// fsync of a directory: returns once the store has every unlink of a name under it (other directory changes
+    /// are sent as they happen).
+    pub async fn fsyncdir(&self, ino: u64) -> Result<()> {
+        let path = self.path_of(ino)?;
+        self.deletes.settle(&if path.is_empty() { String::new() } else { format!("{path}/") }).await;
+        Ok(())
     }
 
     pub fn parent_of(&self, ino: u64) -> u64 {
@@ -2163,6 +2173,7 @@ impl Fs {
     /// Uploads everything still dirty (unmount), including state whose last close failed to upload. Returns the
     /// paths that could not be uploaded; their content stays in the write journal for the next start.
     pub async fn flush_all(&self) -> Vec<(String, Error)> {
+        self.deletes.settle("").await;
         let inos = lock(&self.table).with_write_state();
         let mut failed = Vec::new();
         for ino in inos {

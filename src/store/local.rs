@@ -963,6 +963,11 @@ impl Backend for LocalBackend {
         self.run(key.as_str(), move |s| s.delete_if(&k, &etag)).await
     }
 
+    /// The condition is checked under the store's write lock.
+    fn deletes_are_conditional(&self) -> bool {
+        true
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         let d = check_dir(dir)?;
         self.run(dir, move |s| s.list(d.as_ref(), recursive)).await

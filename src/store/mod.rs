@@ -312,6 +312,23 @@ pub trait Backend: Send + Sync + 'static {
         self.delete(key).await
     }
 
+    /// Remove every object of `keys` (missing ones are not an error), in as few requests as the store allows:
+    /// S3's DeleteObjects takes up to 1,000 keys (callers send at most that many). Unconditional, like
+    /// [`Backend::delete`]. An error means some of the keys may be gone and others not; deleting them again one by one
+    /// is safe. The default deletes one by one.
+    async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
+        for k in keys {
+            self.delete(k).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Backend::delete_if`] is checked by the store (as far as known now): false once a store has shown it
+    /// ignores the condition, and for stores that never check it (the default).
+    fn deletes_are_conditional(&self) -> bool {
+        false
+    }
+
     /// List `dir` (`""` or `a/b/`). Non-recursive: direct children as objects and
     /// sub-directories as prefixes, all pages. Recursive: every object under `dir`, markers
     /// included, prefixes empty. A missing directory lists as empty.

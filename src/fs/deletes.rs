@@ -1,0 +1,322 @@
+//! Write-behind deletes: `unlink` of a file this mount knows returns once the name is gone here, and the store's
+//! delete follows in the background, batched.
+//!
+//! Why: `rm -r` unlinks one name at a time and waits for each, so with a delete per unlink its speed is one store round
+//! trip per file (2,000 files cost 2,000 sequential DELETEs). Deferred, the deletes of a burst go out together: as
+//! concurrent conditional DELETEs where the store checks `If-Match` (S3), or as DeleteObjects batches of up to 1,000
+//! keys where it cannot (then every delete is unconditional anyway, so a batch loses nothing).
+//!
+//! The promise stays that of a local filesystem with a write-back cache (docs/SEMANTICS.md, "Unlink"):
+//! - Everything that asks the store through this layer sees a pending delete as done: a HEAD or GET of the key is
+//!   `NotFound`, a copy from it too. So this mount never brings the name back, whatever path it takes.
+//! - Anything that would write the key (a PUT, a multipart upload, a copy or rename onto it, a metadata change) waits
+//!   until the delete has reached the store first, so a delete can never land after, and remove, a newer object.
+//! - A listing or emptiness check of a directory waits for the pending deletes under it: `rmdir` after `rm` of every
+//!   file sees the store as it will be, and `readdir` never shows a name that is already gone.
+//! - `fsyncdir`, unmount and a clean stop wait for all of them ([`LaterDeletes::settle`]). A crash (kill -9, power)
+//!   before the deletes are sent leaves those files in the store, as an un-synced unlink may on any filesystem: the
+//!   files come back at the next mount, with their last uploaded content. Nothing written is lost that way.
+//! - A delete whose condition fails (another writer replaced the object since this mount knew it) is sent again
+//!   unconditionally: `unlink` removes the name, whatever version is behind it (as the synchronous path does after a
+//!   new lookup). A delete the store refuses for another reason is logged as an error naming the file, which then
+//!   stays in the store.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::store::{
+    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta,
+};
+
+/// Most conditional deletes in flight at once (one request each).
+const CONCURRENT_DELETES: usize = 32;
+/// Most keys in one DeleteObjects request (S3's limit).
+const BATCH_KEYS: usize = 1000;
+
+/// A [`Backend`] whose deletes can be deferred ([`LaterDeletes::delete_later`]); every other operation goes to the
+/// inner backend, after the pending deletes it depends on (see the module docs).
+pub struct LaterDeletes {
+    inner: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Woken whenever pending deletes complete.
+    settled: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Key → the version known when it was unlinked (`None`: delete whatever is there). Sorted, for prefix queries.
+    pending: BTreeMap<String, Option<String>>,
+    /// Keys of `pending` no worker has taken yet, in the order they were deleted.
+    queued: Vec<String>,
+    /// Whether a worker task is running (it exits when `queued` is empty).
+    working: bool,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LaterDeletes {
+    pub fn new(inner: Arc<dyn Backend>) -> LaterDeletes {
+        LaterDeletes {
+            inner,
+            shared: Arc::new(Shared { state: Mutex::new(State::default()), settled: tokio::sync::Notify::new() }),
+        }
+    }
+
+    /// Remove `key` soon: from now on this layer answers as if it were gone. `etag` is the version the caller knows
+    /// (the delete is conditional on it where the store can check). Must be called inside a tokio runtime.
+    pub fn delete_later(&self, key: &ObjectKey, etag: Option<String>) {
+        let spawn = {
+            let mut s = lock(&self.shared.state);
+            if s.pending.insert(key.as_str().to_string(), etag).is_none() {
+                s.queued.push(key.as_str().to_string());
+            }
+            !std::mem::replace(&mut s.working, true)
+        };
+        if spawn {
+            tokio::spawn(work(self.inner.clone(), self.shared.clone()));
+        }
+    }
+
+    /// Deletes not yet confirmed by the store.
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        lock(&self.shared.state).pending.len()
+    }
+
+    /// Waits until every pending delete of a key starting with `prefix` (`""`: all) has been answered by the store.
+    pub async fn settle(&self, prefix: &str) {
+        self.wait(|s| s.pending.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))).await
+    }
+
+    async fn settle_key(&self, key: &ObjectKey) {
+        self.wait(|s| s.pending.contains_key(key.as_str())).await
+    }
+
+    async fn wait(&self, busy: impl Fn(&State) -> bool) {
+        loop {
+            let notified = self.shared.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !busy(&lock(&self.shared.state)) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn is_pending(&self, key: &ObjectKey) -> bool {
+        lock(&self.shared.state).pending.contains_key(key.as_str())
+    }
+
+    fn gone(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        if self.is_pending(key) {
+            return Err(StoreError::NotFound { key: key.as_str().to_string() });
+        }
+        Ok(())
+    }
+}
+
+/// The worker: sends what is queued until nothing is, then exits (the next `delete_later` starts another).
+async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
+    loop {
+        let batch: Vec<(String, Option<String>)> = {
+            let mut s = lock(&shared.state);
+            if s.queued.is_empty() {
+                s.working = false;
+                return;
+            }
+            let queued = std::mem::take(&mut s.queued);
+            queued.into_iter().map(|k| {
+                let etag = s.pending.get(&k).cloned().flatten();
+                (k, etag)
+            }).collect()
+        };
+        let done = |keys: &[String]| {
+            let mut s = lock(&shared.state);
+            for k in keys {
+                s.pending.remove(k);
+            }
+            drop(s);
+            shared.settled.notify_waiters();
+        };
+        if inner.deletes_are_conditional() || batch.len() == 1 {
+            futures::stream::iter(batch)
+                .map(|(k, etag)| {
+                    let inner = inner.clone();
+                    async move {
+                        send_one(&*inner, &k, etag.as_deref()).await;
+                        k
+                    }
+                })
+                .buffer_unordered(CONCURRENT_DELETES)
+                .for_each(|k| {
+                    done(std::slice::from_ref(&k));
+                    async {}
+                })
+                .await;
+        } else {
+            for chunk in batch.chunks(BATCH_KEYS) {
+                let keys: Vec<ObjectKey> = chunk.iter().filter_map(|(k, _)| ObjectKey::new(k.as_str()).ok()).collect();
+                if let Err(e) = inner.delete_many(&keys).await {
+                    tracing::debug!(keys = keys.len(), error = %crate::error_text::error_chain(&e), "a batch delete failed; deleting one by one");
+                    for (k, etag) in chunk {
+                        send_one(&*inner, k, etag.as_deref()).await;
+                    }
+                }
+                let keys: Vec<String> = chunk.iter().map(|(k, _)| k.clone()).collect();
+                done(&keys);
+            }
+        }
+    }
+}
+
+/// One delete, conditional on `etag` where given; a failed condition deletes what is there instead (see the module
+/// docs). Failures are logged: the caller's unlink has returned long ago.
+async fn send_one(inner: &dyn Backend, key: &str, etag: Option<&str>) {
+    let Ok(k) = ObjectKey::new(key) else { return };
+    let result = match etag {
+        Some(etag) => match inner.delete_if(&k, etag).await {
+            Err(e) if e.is_precondition() => {
+                tracing::debug!(key, "replaced in the store since this mount knew it; deleting the newer version");
+                inner.delete(&k).await
+            }
+            other => other,
+        },
+        None => inner.delete(&k).await,
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => {
+            tracing::error!(key, error = %crate::error_text::error_chain(&e), "an unlinked file could not be deleted from the store: it is still there and will show again")
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LaterDeletes {
+    async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+        self.gone(key)?;
+        self.inner.head(key).await
+    }
+
+    async fn get_range(&self, key: &ObjectKey, range: Range<u64>) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        self.gone(key)?;
+        self.inner.get_range(key, range).await
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        self.gone(key)?;
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+        self.settle_key(key).await;
+        self.inner.put(key, body, meta).await
+    }
+
+    async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
+        self.settle_key(key).await;
+        self.inner.put_expect(key, body, meta, expect).await
+    }
+
+    async fn put_multipart(&self, key: &ObjectKey, meta: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
+        self.settle_key(key).await;
+        self.inner.put_multipart(key, meta).await
+    }
+
+    async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
+        self.settle_key(key).await;
+        self.inner.put_multipart_expect(key, meta, expect).await
+    }
+
+    async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+        self.gone(from)?;
+        self.settle_key(to).await;
+        self.inner.copy(from, to, meta).await
+    }
+
+    async fn rename(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+        self.gone(from)?;
+        self.settle_key(to).await;
+        self.inner.rename(from, to, meta).await
+    }
+
+    async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+        self.gone(key)?;
+        self.inner.update_meta(key, meta).await
+    }
+
+    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+        self.gone(key)?;
+        self.inner.update_meta_if(key, meta, etag).await
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.settle_key(key).await;
+        self.inner.delete(key).await
+    }
+
+    async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        self.settle_key(key).await;
+        self.inner.delete_if(key, etag).await
+    }
+
+    async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
+        for k in keys {
+            self.settle_key(k).await;
+        }
+        self.inner.delete_many(keys).await
+    }
+
+    fn deletes_are_conditional(&self) -> bool {
+        self.inner.deletes_are_conditional()
+    }
+
+    async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+        self.settle(dir).await;
+        self.inner.list(dir, recursive).await
+    }
+
+    async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
+        self.settle(dir).await;
+        self.inner.has_children(dir).await
+    }
+
+    async fn check_access(&self) -> Result<(), StoreError> {
+        self.inner.check_access().await
+    }
+
+    fn max_path_len(&self, dir: bool) -> usize {
+        self.inner.max_path_len(dir)
+    }
+
+    async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
+        self.gone(key)?;
+        self.inner.replace_head(key, etag, head).await
+    }
+
+    async fn customer_key_of(&self, key: &ObjectKey) -> Result<CustomerKeyOf, StoreError> {
+        self.gone(key)?;
+        self.inner.customer_key_of(key).await
+    }
+
+    async fn move_to_writing_key(&self, key: &ObjectKey, of: &CustomerKeyOf, etag: &str, size: u64) -> Result<Transfer, StoreError> {
+        self.gone(key)?;
+        self.inner.move_to_writing_key(key, of, etag, size).await
+    }
+}
+
+#[cfg(test)]
+mod tests;
