@@ -13,9 +13,11 @@
 //!   until the delete has reached the store first, so a delete can never land after, and remove, a newer object.
 //! - A listing or emptiness check of a directory waits for the pending deletes under it: `rmdir` after `rm` of every
 //!   file sees the store as it will be, and `readdir` never shows a name that is already gone.
-//! - `fsyncdir`, unmount and a clean stop wait for all of them ([`LaterDeletes::settle`]). A crash (kill -9, power)
-//!   before the deletes are sent leaves those files in the store, as an un-synced unlink may on any filesystem: the
-//!   files come back at the next mount, with their last uploaded content. Nothing written is lost that way.
+//! - `fsyncdir`, unmount and a clean stop wait for all of them ([`LaterDeletes::settle`]).
+//! - The filesystem writes a delete intent into the write journal before it calls [`LaterDeletes::delete_later`]
+//!   and forgets it when the store has answered, so a daemon killed before the delete is sent does not bring the
+//!   file back: the next start sends it (`Fs::recover`), provided the object is still the version unlinked. An intent
+//!   whose delete the store did not answer at all (timed out, unreachable) is kept for the next start too.
 //! - A delete whose condition fails (another writer replaced the object since this mount knew it) is sent again
 //!   unconditionally: `unlink` removes the name, whatever version is behind it (as the synchronous path does after a
 //!   new lookup). A delete the store refuses for another reason is logged as an error naming the file, which then
@@ -53,13 +55,26 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    /// Key → the version known when it was unlinked (`None`: delete whatever is there). Sorted, for prefix queries.
-    pending: BTreeMap<String, Option<String>>,
+    /// Key → the delete to send. Sorted, for prefix queries.
+    pending: BTreeMap<String, Pending>,
     /// Keys of `pending` no worker has taken yet, in the order they were deleted.
     queued: Vec<String>,
     /// Whether a worker task is running (it exits when `queued` is empty).
     working: bool,
 }
+
+/// A delete not yet answered by the store.
+struct Pending {
+    /// The version known when the file was unlinked (`None`: delete whatever is there).
+    etag: Option<String>,
+    /// Run once the delete is over, with whether it is settled: true when the store answered (whatever it answered:
+    /// the caller forgets its journal intent), false when it did not answer at all (timed out, unreachable: the
+    /// intent stays for the next start to send).
+    answered: Option<Answered>,
+}
+
+/// See [`Pending::answered`].
+pub type Answered = Box<dyn FnOnce(bool) + Send>;
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -75,11 +90,17 @@ impl LaterDeletes {
 
     /// Remove `key` soon: from now on this layer answers as if it were gone. `etag` is the version the caller knows
     /// (the delete is conditional on it where the store can check). Must be called inside a tokio runtime.
-    pub fn delete_later(&self, key: &ObjectKey, etag: Option<String>) {
+    /// `answered` runs once the store has answered.
+    pub fn delete_later(&self, key: &ObjectKey, etag: Option<String>, answered: Option<Answered>) {
         let spawn = {
             let mut s = lock(&self.shared.state);
-            if s.pending.insert(key.as_str().to_string(), etag).is_none() {
-                s.queued.push(key.as_str().to_string());
+            let earlier = s.pending.insert(key.as_str().to_string(), Pending { etag, answered });
+            match earlier {
+                // Not possible through the filesystem (a name being deleted is not found, so not unlinked again),
+                // but an earlier promise is kept: its intent is settled by the delete now queued.
+                Some(Pending { answered: Some(f), .. }) => f(true),
+                Some(_) => {}
+                None => s.queued.push(key.as_str().to_string()),
             }
             !std::mem::replace(&mut s.working, true)
         };
@@ -99,7 +120,8 @@ impl LaterDeletes {
         self.wait(|s| s.pending.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))).await
     }
 
-    async fn settle_key(&self, key: &ObjectKey) {
+    /// Waits until a pending delete of `key` has been answered by the store (at once if there is none).
+    pub async fn settle_key(&self, key: &ObjectKey) {
         self.wait(|s| s.pending.contains_key(key.as_str())).await
     }
 
@@ -138,16 +160,18 @@ async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
             }
             let queued = std::mem::take(&mut s.queued);
             queued.into_iter().map(|k| {
-                let etag = s.pending.get(&k).cloned().flatten();
+                let etag = s.pending.get(&k).and_then(|p| p.etag.clone());
                 (k, etag)
             }).collect()
         };
-        let done = |keys: &[String]| {
+        let done = |keys: &[(String, bool)]| {
             let mut s = lock(&shared.state);
-            for k in keys {
-                s.pending.remove(k);
-            }
+            let answered: Vec<(Answered, bool)> =
+                keys.iter().filter_map(|(k, settled)| Some((s.pending.remove(k)?.answered?, *settled))).collect();
             drop(s);
+            for (f, settled) in answered {
+                f(settled);
+            }
             shared.settled.notify_waiters();
         };
         if inner.deletes_are_conditional() || batch.len() == 1 {
@@ -155,8 +179,8 @@ async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
                 .map(|(k, etag)| {
                     let inner = inner.clone();
                     async move {
-                        send_one(&*inner, &k, etag.as_deref()).await;
-                        k
+                        let settled = send_one(&*inner, &k, etag.as_deref()).await;
+                        (k, settled)
                     }
                 })
                 .buffer_unordered(CONCURRENT_DELETES)
@@ -168,23 +192,24 @@ async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
         } else {
             for chunk in batch.chunks(BATCH_KEYS) {
                 let keys: Vec<ObjectKey> = chunk.iter().filter_map(|(k, _)| ObjectKey::new(k.as_str()).ok()).collect();
+                let mut outcome: Vec<(String, bool)> = chunk.iter().map(|(k, _)| (k.clone(), true)).collect();
                 if let Err(e) = inner.delete_many(&keys).await {
                     tracing::debug!(keys = keys.len(), error = %crate::error_text::error_chain(&e), "a batch delete failed; deleting one by one");
-                    for (k, etag) in chunk {
-                        send_one(&*inner, k, etag.as_deref()).await;
+                    for ((k, etag), out) in chunk.iter().zip(outcome.iter_mut()) {
+                        out.1 = send_one(&*inner, k, etag.as_deref()).await;
                     }
                 }
-                let keys: Vec<String> = chunk.iter().map(|(k, _)| k.clone()).collect();
-                done(&keys);
+                done(&outcome);
             }
         }
     }
 }
 
 /// One delete, conditional on `etag` where given; a failed condition deletes what is there instead (see the module
-/// docs). Failures are logged: the caller's unlink has returned long ago.
-async fn send_one(inner: &dyn Backend, key: &str, etag: Option<&str>) {
-    let Ok(k) = ObjectKey::new(key) else { return };
+/// docs). Failures are logged: the caller's unlink has returned long ago. Returns whether the store answered (false:
+/// it timed out or could not be reached, and the delete is for the next start to send).
+async fn send_one(inner: &dyn Backend, key: &str, etag: Option<&str>) -> bool {
+    let Ok(k) = ObjectKey::new(key) else { return true };
     let result = match etag {
         Some(etag) => match inner.delete_if(&k, etag).await {
             Err(e) if e.is_precondition() => {
@@ -196,10 +221,15 @@ async fn send_one(inner: &dyn Backend, key: &str, etag: Option<&str>) {
         None => inner.delete(&k).await,
     };
     match result {
-        Ok(()) => {}
-        Err(e) if e.is_not_found() => {}
+        Ok(()) => true,
+        Err(e) if e.is_not_found() => true,
+        Err(e) if e.is_unreachable() => {
+            tracing::error!(key, error = %crate::error_text::error_chain(&e), "the store did not answer the delete of an unlinked file: it shows again until a later start of this store sends it (the intent is in the journal)");
+            false
+        }
         Err(e) => {
-            tracing::error!(key, error = %crate::error_text::error_chain(&e), "an unlinked file could not be deleted from the store: it is still there and will show again")
+            tracing::error!(key, error = %crate::error_text::error_chain(&e), "an unlinked file could not be deleted from the store: it is still there and will show again");
+            true
         }
     }
 }

@@ -503,6 +503,10 @@ impl Fs {
 
     /// Resolves a name that is about to be created: NotFound means free to create.
     async fn resolve_for_create(&self, parent: u64, name: &str) -> Result<u64> {
+        // A name whose delete has not reached the store yet: the new file's journal record says "nothing was there"
+        // (`BaseVersion::Absent`), which a crash before the delete would make a lie (recovery would find the old
+        // object and keep the new content beside it), and another mount would see the old file under the new one.
+        self.settle_delete(&self.child_path(parent, name)?).await;
         let known = lock(&self.table).child(parent, name).is_some();
         if !known && self.recently_missing(parent, name) {
             return Err(Error::NotFound);
@@ -901,8 +905,28 @@ impl Fs {
         if let Some((ino, etag)) = known.filter(|(ino, etag)| {
             !etag.is_empty() && !self.is_open(*ino) && !self.has_instruction_file(*ino)
         }) {
-            self.deletes.delete_later(&key(&path)?, Some(etag));
-            return self.unlinked(parent, &name, &path, ino).await;
+            // The intent goes in the journal first, so a daemon killed before the delete is sent does not bring the
+            // file back: the next start sends it. If it cannot be written, the delete is sent now instead.
+            let intent = crate::journal::DeleteIntent { path: path.clone(), etag: etag.clone() };
+            match self.journal.save_delete(&intent) {
+                Ok(n) => {
+                    let journal = self.journal.clone();
+                    self.deletes.delete_later(&key(&path)?, Some(etag), Some(Box::new(move |settled| {
+                        if settled {
+                            journal.remove_delete(n);
+                        }
+                    })));
+                    return self.unlinked(parent, &name, &path, ino).await;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %path, error = %e, "could not write the delete intent to the journal; deleting now");
+                    match self.backend.delete_if(&key(&path)?, &etag).await {
+                        Ok(()) => return self.unlinked(parent, &name, &path, ino).await,
+                        Err(e) if e.is_precondition() || e.is_not_found() => {}
+                        Err(e) => return Err(Error::store(&path, e)),
+                    }
+                }
+            }
         }
         let ino = self.resolve(parent, &name).await?;
         let kind = self.attr_of(ino)?.kind;
@@ -1184,6 +1208,13 @@ impl Fs {
         lock(&self.handles).remove(&fh);
     }
 
+    /// Waits until an unlink of `path` whose delete is pending has reached the store (at once if none is).
+    async fn settle_delete(&self, path: &str) {
+        if let Ok(k) = key(path) {
+            self.deletes.settle_key(&k).await;
+        }
+    }
+
     /// fsync of a directory: returns once the store has every unlink of a name under it (other directory changes
     /// are sent as they happen).
     pub async fn fsyncdir(&self, ino: u64) -> Result<()> {
@@ -1249,6 +1280,7 @@ impl Fs {
         if from == to {
             return Ok(());
         }
+        self.settle_delete(&to).await; // as for a create (see `resolve_for_create`)
         let kind = self.attr_of(ino)?.kind;
         let target = match self.resolve(new_parent, &new_name).await {
             Ok(t) => Some(t),
@@ -2251,7 +2283,12 @@ impl Fs {
     /// nothing. Returns (recovered, failed); every file is logged by path.
     pub async fn recover(&self) -> (usize, usize) {
         let (mut ok, mut failed) = (0, 0);
-        for left in self.journal.take_over().await {
+        let staged = self.journal.take_over().await;
+        // Deletes first: an unlink a dead run acknowledged and may not have sent (see `fs::deletes`).
+        for left in self.journal.take_deletes() {
+            self.recover_delete(left).await;
+        }
+        for left in staged {
             match self.recover_one(&left).await {
                 Ok(target) => {
                     ok += 1;
@@ -2269,6 +2306,38 @@ impl Fs {
             }
         }
         (ok, failed)
+    }
+
+    /// Sends the delete of a file a dead run unlinked, while the object is still the version unlinked: one that
+    /// another writer replaced since is theirs and stays. Where the store cannot check the condition itself, a HEAD
+    /// checks it first (a writer racing that window is the residual case, as for any unconditional delete). A store
+    /// that does not answer keeps the intent for the next start.
+    async fn recover_delete(&self, left: crate::journal::LeftoverDelete) {
+        let path = left.intent.path.clone();
+        let Ok(k) = key(&path) else { return left.done() };
+        let result = match self.backend.head(&k).await {
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+            Ok((info, _)) if info.etag.as_deref() != Some(left.intent.etag.as_str()) => {
+                tracing::warn!(key = %path, "a previous run's unlink was not sent, and the object was replaced since: kept");
+                Ok(false)
+            }
+            Ok(_) => match self.backend.delete_if(&k, &left.intent.etag).await {
+                Ok(()) => Ok(true),
+                Err(e) if e.is_precondition() || e.is_not_found() => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(sent) => {
+                if sent {
+                    tracing::warn!(key = %path, "deleted a file a previous run unlinked and had not deleted yet");
+                }
+                self.cache.invalidate_key(&path);
+                left.done();
+            }
+            Err(e) => tracing::error!(key = %path, error = %crate::error_text::error_chain(&e), "could not send the delete of a file a previous run unlinked; kept for the next start"),
+        }
     }
 
     async fn recover_one(&self, left: &crate::journal::Leftover) -> Result<String> {

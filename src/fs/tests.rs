@@ -550,3 +550,54 @@ async fn an_unlink_of_a_file_another_mount_replaced_removes_the_name() {
         }
     }
 }
+
+/// Write-behind deletes (`fs::deletes`) keep an unlink's promise across the daemon's death: the intent is in the
+/// journal until the store has answered. Here the store stops answering before the delete is sent (as a frozen store
+/// or a daemon killed first would leave it): the next start sends it, and only while the object is still the version
+/// unlinked; one replaced since is kept. An intent the store answered is gone from the journal.
+#[tokio::test]
+async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
+    let store = memory_store();
+    store.conditional_deletes.store(true, Ordering::SeqCst);
+    let tmp = tempfile::tempdir().unwrap();
+    let k = |n: &str| ObjectKey::new(n).unwrap();
+    let intents = |dir: &std::path::Path| {
+        let mut n = 0;
+        for run in std::fs::read_dir(dir.join("journal")).unwrap().flatten() {
+            for store_run in std::fs::read_dir(run.path()).into_iter().flatten().flatten() {
+                n += std::fs::read_dir(store_run.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".del"))
+                    .count();
+            }
+        }
+        n
+    };
+    {
+        let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+        for name in ["gone", "replaced", "answered"] {
+            write_file(&fs, ROOT_INO, name, b"mine").await;
+        }
+        fs.unlink(ROOT_INO, OsStr::new("answered")).await.unwrap();
+        fs.fsyncdir(ROOT_INO).await.unwrap();
+        assert_eq!(intents(tmp.path()), 0, "answered: the intent is gone");
+        store.silent.store(true, Ordering::SeqCst);
+        fs.unlink(ROOT_INO, OsStr::new("gone")).await.unwrap();
+        fs.unlink(ROOT_INO, OsStr::new("replaced")).await.unwrap();
+        fs.fsyncdir(ROOT_INO).await.unwrap();
+        assert_eq!(intents(tmp.path()), 2, "unanswered: the intents stay");
+        store.silent.store(false, Ordering::SeqCst);
+        assert!(store.inner.head(&k("gone")).await.is_ok(), "the store never heard of the unlink");
+        store.inner.put(&k("replaced"), Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+    }
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    fs.recover().await;
+    assert!(store.inner.head(&k("gone")).await.unwrap_err().is_not_found(), "the next start sent the delete");
+    let (body, _, _) = store.inner.get(&k("replaced")).await.unwrap();
+    assert_eq!(body, "theirs", "a version written after the unlink is kept");
+    assert!(store.inner.head(&k("answered")).await.unwrap_err().is_not_found());
+    assert_eq!(intents(tmp.path()), 0, "every intent settled");
+    drop(fs);
+}

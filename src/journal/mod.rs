@@ -16,6 +16,8 @@
 //!       journal              header: how the journal key is found (customer key fingerprint, KMS blob, local key)
 //!       <n>.dat              staged content: sealed slots (cse-c, cse-kms, sse-c) or plaintext (none, sse-s3, sse-kms)
 //!       <n>.rec              sealed record: path, attributes, the version it replaces, the upload stamp
+//!       <n>.del              sealed delete intent: an unlinked file's path and the version it had, kept until the
+//!                            store has answered the delete sent after the unlink returned (`fs::deletes`)
 //! ```
 //!
 //! Liveness is the `flock`, not a pid: a zombie or a reused pid cannot hide a dead journal, and a live daemon's
@@ -161,6 +163,19 @@ fn record_name(n: u64) -> String {
     format!("{n}.rec")
 }
 
+fn delete_name(n: u64) -> String {
+    format!("{n}.del")
+}
+
+/// A delete that an unlink promised and the store may not have received yet: sealed into `<n>.del`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteIntent {
+    /// The unlinked file's path in the mount (its object key).
+    pub path: String,
+    /// The ETag of the version unlinked: a start deletes the object only while it is still that version.
+    pub etag: String,
+}
+
 /// The directory of one run, held (its lock taken) by whoever has it open.
 #[derive(Debug)]
 struct RunDir {
@@ -207,6 +222,8 @@ pub struct Journal {
     run: RunDir,
     store_dir: Arc<Dir>,
     counter: AtomicU64,
+    /// Delete intents of dead runs found by [`Journal::take_over`], for [`Journal::take_deletes`].
+    taken_deletes: std::sync::Mutex<Vec<LeftoverDelete>>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -249,7 +266,7 @@ impl Journal {
         dir.write_file("journal", &text).map_err(io(dir.path()))?;
         let serving = std::sync::Mutex::new(Some(serving));
         let run = RunDir { dir, name: run_id.clone(), parent: store_dir.clone(), _lock: lock, serving };
-        Ok(Journal { store: store.to_string(), aead, keying, key, run_id, run, store_dir, counter: AtomicU64::new(0) })
+        Ok(Journal { store: store.to_string(), aead, keying, key, run_id, run, store_dir, counter: AtomicU64::new(0), taken_deletes: Default::default() })
     }
 
     async fn new_root(
@@ -362,6 +379,28 @@ impl Journal {
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(record).map_err(io::Error::other)?);
         let sealed = jcrypto::seal_record(&self.key, self.aead, &self.store, &self.run_id, &name, &plain);
         self.run.dir.write_file(&name, &sealed)
+    }
+
+    /// Writes a sealed delete intent and returns its number, for [`Journal::remove_delete`] once the store has it.
+    pub fn save_delete(&self, intent: &DeleteIntent) -> io::Result<u64> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = delete_name(n);
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(intent).map_err(io::Error::other)?);
+        let sealed = jcrypto::seal_record(&self.key, self.aead, &self.store, &self.run_id, &name, &plain);
+        self.run.dir.write_file(&name, &sealed)?;
+        Ok(n)
+    }
+
+    /// The store has answered the delete of intent `n`.
+    pub fn remove_delete(&self, n: u64) {
+        if let Err(e) = self.run.dir.remove(&delete_name(n)) {
+            tracing::error!(intent = %self.run.dir.path().join(delete_name(n)).display(), error = %e, "could not remove a finished delete intent");
+        }
+    }
+
+    /// The delete intents of the runs [`Journal::take_over`] took over (once: a second call returns nothing).
+    pub fn take_deletes(&self) -> Vec<LeftoverDelete> {
+        std::mem::take(&mut *self.taken_deletes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Removes the record of staged file `n`: it is no longer to be uploaded by anyone.
@@ -508,6 +547,31 @@ impl Journal {
         let mut out = Vec::new();
         let mut kept = BTreeSet::new();
         for e in &entries {
+            let Some(n) = e.strip_suffix(".del").and_then(|n| n.parse::<u64>().ok()) else { continue };
+            let del_name = delete_name(n);
+            let intent = match run.dir.read_file(&del_name, MAX_META_FILE) {
+                Ok(Some(bytes)) => jcrypto::open_record(&key, self.aead, &self.store, name, &del_name, &bytes)
+                    .ok()
+                    .and_then(|plain| serde_json::from_slice::<DeleteIntent>(&plain).ok()),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(intent = %run.dir.path().join(&del_name).display(), error = %e, "delete intent not trusted; left alone");
+                    continue;
+                }
+            };
+            match intent {
+                Some(intent) => self
+                    .taken_deletes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(LeftoverDelete { intent, n, run: run.clone() }),
+                None => tracing::error!(
+                    intent = %run.dir.path().join(&del_name).display(),
+                    "delete intent fails authentication (forged or damaged): refused, nothing is deleted for it"
+                ),
+            }
+        }
+        for e in &entries {
             let Some(n) = e.strip_suffix(".rec").and_then(|n| n.parse::<u64>().ok()) else { continue };
             let rec_name = record_name(n);
             let record = match run.dir.read_file(&rec_name, MAX_META_FILE) {
@@ -649,6 +713,29 @@ impl Leftover {
             return;
         }
         let _ = self.run.dir.remove(&data_name(self.n));
+    }
+}
+
+/// A delete a dead daemon's journal says an unlink promised. Dropping it without [`LeftoverDelete::done`] keeps it
+/// for the next start.
+pub struct LeftoverDelete {
+    pub intent: DeleteIntent,
+    n: u64,
+    run: Arc<RunDir>,
+}
+
+impl std::fmt::Debug for LeftoverDelete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeftoverDelete").field("path", &self.intent.path).finish()
+    }
+}
+
+impl LeftoverDelete {
+    /// The delete is settled (done, or deliberately not done): forget the intent.
+    pub fn done(self) {
+        if let Err(e) = self.run.dir.remove(&delete_name(self.n)) {
+            tracing::error!(intent = %self.run.dir.path().join(delete_name(self.n)).display(), error = %e, "could not remove a finished delete intent");
+        }
     }
 }
 

@@ -121,7 +121,7 @@ async fn a_pending_delete_reads_as_done_and_a_listing_waits_for_it() {
     put(&store, "e/c", b"c").await;
     let layer = LaterDeletes::new(store.clone());
     store.held.send_replace(true);
-    layer.delete_later(&k("d/a"), Some(etag));
+    layer.delete_later(&k("d/a"), Some(etag), None);
 
     assert!(layer.head(&k("d/a")).await.unwrap_err().is_not_found());
     assert!(layer.get(&k("d/a")).await.unwrap_err().is_not_found());
@@ -154,7 +154,7 @@ async fn a_write_of_a_key_being_deleted_lands_after_the_delete() {
         let layer = Arc::new(LaterDeletes::new(store.clone()));
         for (i, write) in ["put", "copy", "multipart"].into_iter().enumerate() {
             store.held.send_replace(true);
-            layer.delete_later(&k("f"), Some(etag.clone()).filter(|_| i == 0));
+            layer.delete_later(&k("f"), Some(etag.clone()).filter(|_| i == 0), None);
             let l = layer.clone();
             let mut w = Box::pin(async move {
                 match write {
@@ -188,7 +188,7 @@ async fn a_burst_is_batched_or_sent_concurrently() {
     let layer = LaterDeletes::new(store.clone());
     store.held.send_replace(true);
     for (key, etag) in &keys {
-        layer.delete_later(&k(key), Some(etag.clone()));
+        layer.delete_later(&k(key), Some(etag.clone()), None);
     }
     store.held.send_replace(false);
     layer.settle("").await;
@@ -204,7 +204,7 @@ async fn a_burst_is_batched_or_sent_concurrently() {
     put(&store, "d/0", b"replaced by another writer").await;
     let layer = LaterDeletes::new(store.clone());
     for (key, etag) in &keys {
-        layer.delete_later(&k(key), Some(etag.clone()));
+        layer.delete_later(&k(key), Some(etag.clone()), None);
     }
     layer.settle("d/").await;
     let log = store.take_log();
@@ -258,9 +258,11 @@ async fn a_failed_delete_is_logged_and_releases_its_waiters() {
     inner.put(&k("a"), Bytes::from_static(b"a"), &UserMeta::default()).await.unwrap();
     let store = Arc::new(Refusing(inner, AtomicBool::new(false)));
     let layer = LaterDeletes::new(store.clone());
-    layer.delete_later(&k("a"), None);
+    let (tx, rx) = std::sync::mpsc::channel();
+    layer.delete_later(&k("a"), None, Some(Box::new(move |settled| tx.send(settled).unwrap())));
     let listing = layer.list("", false).await.unwrap();
     assert!(store.1.load(Ordering::SeqCst), "the delete was tried before the listing");
     assert_eq!(listing.objects.len(), 1, "refused: still there, and shown");
     assert!(layer.head(&k("a")).await.is_ok());
+    assert_eq!(rx.try_recv(), Ok(true), "answered (refused): the intent is settled");
 }
