@@ -1047,25 +1047,31 @@ mod tests {
         assert!(text.contains(&addr.to_string()) && text.contains("metrics_addr="), "{text}");
     }
 
-    /// A `Backend` method MeteredBackend does not forward would silently run the trait's default instead of the
-    /// inner backend's own (a native rename, say, or "unsupported"): check that every one is forwarded.
+    /// A `Backend` method a wrapper (MeteredBackend, LaterDeletes) does not forward would silently run the trait's
+    /// default instead of the inner backend's own (a native rename, say, or "unsupported"): check that every one is.
     #[test]
-    fn metered_backend_forwards_every_backend_method() {
+    fn store_wrappers_forward_every_backend_method() {
         let block = |text: &'static str, start: &str| -> &'static str {
             let from = text.find(start).unwrap_or_else(|| panic!("{start:?} not found"));
             let len = text[from..].find("\n}\n").expect("end of block");
             &text[from..from + len]
         };
         let trait_block = block(include_str!("store/mod.rs"), "pub trait Backend");
-        let impl_block = block(include_str!("metrics.rs"), "impl Backend for MeteredBackend");
         let methods: Vec<&str> = trait_block
             .split("fn ")
             .skip(1)
             .filter_map(|rest| rest.split(['(', '<']).next())
             .collect();
         assert!(methods.len() >= 12, "could not read the Backend trait: {methods:?}");
-        for m in methods {
-            assert!(impl_block.contains(&format!("fn {m}(")), "MeteredBackend does not forward Backend::{m}");
+        // The other layer that wraps the whole store: the filesystem's write-behind deletes.
+        for (wrapper, text) in [
+            ("MeteredBackend", include_str!("metrics.rs")),
+            ("LaterDeletes", include_str!("fs/deletes.rs")),
+        ] {
+            let impl_block = block(text, &format!("impl Backend for {wrapper}"));
+            for m in &methods {
+                assert!(impl_block.contains(&format!("fn {m}(")), "{wrapper} does not forward Backend::{m}");
+            }
         }
     }
 
