@@ -19,6 +19,7 @@
 //! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `update_meta_if`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
 //! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
 //! | `s3cryptfs_store_requests_in_flight` | gauge | — | store operations sent and not yet answered |
+//! | `s3cryptfs_store_gets_in_flight_max` | gauge | — | the most object reads (`get`, `get_range`) in flight at once since the process started: shows whether concurrent reads reach the store together or queue behind each other |
 //! | `s3cryptfs_store_read_bytes_total` | counter | — | object bytes received from the store (`get`, `get_range`: ciphertext with headers in client-side modes; what key-rotation operations report) |
 //! | `s3cryptfs_store_written_bytes_total` | counter | — | object bytes sent to the store (`put` bodies, multipart parts, what key-rotation operations report) |
 //! | `s3cryptfs_cache_hits_total` | counter | — | 64 KiB pages a read found in the page cache |
@@ -39,6 +40,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,7 @@ pub const FUSE_ERRORS: &str = "s3cryptfs_fuse_errors_total";
 pub const STORE_REQUESTS: &str = "s3cryptfs_store_requests_total";
 pub const STORE_REQUEST_DURATION: &str = "s3cryptfs_store_request_duration_seconds";
 pub const STORE_IN_FLIGHT: &str = "s3cryptfs_store_requests_in_flight";
+pub const STORE_GETS_IN_FLIGHT_MAX: &str = "s3cryptfs_store_gets_in_flight_max";
 pub const STORE_READ_BYTES: &str = "s3cryptfs_store_read_bytes_total";
 pub const STORE_WRITTEN_BYTES: &str = "s3cryptfs_store_written_bytes_total";
 pub const CACHE_HITS: &str = "s3cryptfs_cache_hits_total";
@@ -347,6 +350,30 @@ fn request_labels(kind: RequestKind, outcome: Outcome) -> &'static [Label] {
     &table[kind as usize * Outcome::ALL.len() + outcome as usize]
 }
 
+/// Object reads in flight now, and the most there were at once: a high-water mark cannot be derived from the
+/// in-flight gauge by scraping (a scrape sees one instant), so it is kept here. Process-wide, like the recorder.
+static GETS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+static GETS_IN_FLIGHT_MAX: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one object read as in flight until dropped, and raises the high-water mark when it is a new one.
+struct GetInFlight(());
+
+impl GetInFlight {
+    fn start() -> GetInFlight {
+        let now = GETS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
+        if GETS_IN_FLIGHT_MAX.fetch_max(now, Ordering::Relaxed) < now {
+            gauge(STORE_GETS_IN_FLIGHT_MAX).set(now as f64);
+        }
+        GetInFlight(())
+    }
+}
+
+impl Drop for GetInFlight {
+    fn drop(&mut self) {
+        GETS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One store request from start to answer. Dropped without [`Request::finish`] (the caller's future was dropped),
 /// it is recorded as `cancelled`; either way it leaves the in-flight gauge.
 struct Request {
@@ -429,6 +456,7 @@ impl Backend for MeteredBackend {
         key: &ObjectKey,
         range: Range<u64>,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let _get = GetInFlight::start();
         let result = measure(RequestKind::GetRange, self.inner.get_range(key, range)).await;
         if let Ok((bytes, _, _)) = &result {
             received(bytes);
@@ -437,6 +465,7 @@ impl Backend for MeteredBackend {
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let _get = GetInFlight::start();
         let result = measure(RequestKind::Get, self.inner.get(key)).await;
         if let Ok((bytes, _, _)) = &result {
             received(bytes);
@@ -636,6 +665,7 @@ fn describe() {
     describe_counter!(STORE_REQUESTS, "Store operations finished, by kind and outcome.");
     describe_histogram!(STORE_REQUEST_DURATION, Unit::Seconds, "Store operation latency, by kind.");
     describe_gauge!(STORE_IN_FLIGHT, "Store operations sent and not yet answered.");
+    describe_gauge!(STORE_GETS_IN_FLIGHT_MAX, "The most object reads in flight at once since the start.");
     describe_counter!(STORE_READ_BYTES, Unit::Bytes, "Object bytes received from the store.");
     describe_counter!(STORE_WRITTEN_BYTES, Unit::Bytes, "Object bytes sent to the store.");
     describe_counter!(CACHE_HITS, "Pages a read found in the page cache.");
@@ -650,7 +680,7 @@ fn describe() {
     for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
         counter(name, &[]).absolute(0);
     }
-    for name in [STORE_IN_FLIGHT, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
         gauge(name).increment(0.0);
     }
 }
@@ -1081,7 +1111,7 @@ mod tests {
         for name in [
             FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_ERRORS, STORE_REQUESTS, STORE_REQUEST_DURATION, STORE_IN_FLIGHT,
             STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_BYTES, CACHE_EVICTIONS, DIRTY_FILES,
-            DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION,
+            DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION, STORE_GETS_IN_FLIGHT_MAX,
         ] {
             assert!(docs.contains(&format!("//! | `{name}` |")), "{name} is missing from the table in the module docs");
         }
