@@ -159,7 +159,7 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Comma-separated mount options (mode=, key_file=, key_fd=, key_env=, key_credential=, agent[=SOCKET],
     /// key_name=, kms_key_id=, kms_endpoint=, bucket_key=, endpoint=, region=,
-    /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, attr_timeout=, timeout=, staging_dir=,
+    /// ca_file=, allow_other, ro, uid=, gid=, umask=, cache_size=, max_memory=, attr_timeout=, timeout=, staging_dir=,
     /// log_level=, log_file=, require_commitment, rsa_key_file=). May be repeated.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,

@@ -94,13 +94,32 @@ pub struct CacheConfig {
     /// large sequential readers with read-ahead, small next to a machine that runs a FUSE daemon.
     pub memory_bytes: u64,
     /// Largest read-ahead window for a sequential reader: 64 MiB is eight 8 MiB GETs in flight, which keeps a
-    /// 2 Gbit/s link busy even at 200 ms per request. Readers use at most a quarter of `memory_bytes` (src/read).
+    /// 2 Gbit/s link busy even at 200 ms per request. Readers use at most a quarter of what the cache may hold
+    /// (src/read).
     pub max_readahead: u64,
+    /// `max_memory`: the budget of every data buffer of the daemon (src/memory): the page cache, fetches in flight
+    /// (read-ahead included), upload parts, S3EC buffers. The page cache holds `min(memory_bytes, what the rest
+    /// leaves)`. `None`: [`CacheConfig::max_memory`] decides.
+    pub max_memory: Option<u64>,
+}
+
+/// What `max_memory` adds to `cache_size` when it is not given: room for the largest read-ahead (64 MiB window, twice
+/// over for GET bodies and their decrypted pages) and three uploads at once (five 8 MiB parts each), so the default
+/// changes nothing for a mount that fits in `cache_size` and bounds the rest. 512 MiB with the default cache.
+pub const DEFAULT_MEMORY_BEYOND_CACHE: u64 = 256 << 20;
+/// The smallest `max_memory`: one upload (five 8 MiB parts) and a read's fetches must fit, with room for a cache.
+pub const MIN_MAX_MEMORY: u64 = 64 << 20;
+
+impl CacheConfig {
+    /// The memory budget in force: `max_memory` when given, else `cache_size` + [`DEFAULT_MEMORY_BEYOND_CACHE`].
+    pub fn max_memory(&self) -> u64 {
+        self.max_memory.unwrap_or(self.memory_bytes.saturating_add(DEFAULT_MEMORY_BEYOND_CACHE))
+    }
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { memory_bytes: 256 << 20, max_readahead: 64 << 20 }
+        CacheConfig { memory_bytes: 256 << 20, max_readahead: 64 << 20, max_memory: None }
     }
 }
 
@@ -436,6 +455,23 @@ impl MountConfig {
                         reason: format!("'{v}' is not a size such as 512M or 2G"),
                     })?
                 }
+                "max_memory" => {
+                    let v = need()?;
+                    let bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a size such as 512M or 2G"),
+                    })?;
+                    if bytes < MIN_MAX_MEMORY {
+                        return Err(ConfigError::Invalid {
+                            name: name.into(),
+                            reason: format!(
+                                "{v} is too small: an upload alone needs about 40M; give at least {}M",
+                                MIN_MAX_MEMORY >> 20
+                            ),
+                        });
+                    }
+                    cfg.cache.max_memory = Some(bytes)
+                }
                 "attr_timeout" => {
                     let v = need()?;
                     let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
@@ -619,6 +655,8 @@ mod tests {
         assert!(c.allow_other && c.read_only);
         assert_eq!((c.uid, c.gid, c.umask), (7, 8, 0o027));
         assert_eq!(c.cache.memory_bytes, 64 << 20);
+        assert_eq!(c.cache.max_memory(), (64 << 20) + DEFAULT_MEMORY_BEYOND_CACHE, "default: cache_size + 256M");
+        assert_eq!(cfg("mode=none,max_memory=96M").unwrap().cache.max_memory(), 96 << 20);
     }
 
     #[test]
@@ -626,6 +664,8 @@ mod tests {
         assert_eq!(cfg("mode=none,bogus=1").unwrap_err(), ConfigError::UnknownOption("bogus".into()));
         assert!(cfg("mode=none,umask=99").unwrap_err().to_string().contains("umask"));
         assert!(cfg("mode=none,cache_size=lots").unwrap_err().to_string().contains("cache_size"));
+        assert!(cfg("mode=none,max_memory=lots").unwrap_err().to_string().contains("max_memory"));
+        assert!(cfg("mode=none,max_memory=16M").unwrap_err().to_string().contains("at least 64M"));
         assert_eq!(cfg("mode=none,uid").unwrap_err(), ConfigError::MissingValue { name: "uid".into() });
         assert_eq!(cfg("mode=none,ro=1").unwrap_err(), ConfigError::UnexpectedValue { name: "ro".into() });
         assert_eq!(cfg("mode=none,key=abc").unwrap_err(), ConfigError::RawKeyRefused);

@@ -13,6 +13,7 @@
 //!                   ├→ upload (staged content → sealed chunks → conditional PUT / multipart)
 //!                   ├→ object (mode-specific size and chunk maths)
 //!                   ├→ cache  (byte-bounded LRU of decrypted pages, keyed by key + ETag)
+//!                   ├→ memory (the max_memory budget: reservations for buffers in flight; the cache takes the rest)
 //!                   ├→ crypto (pure: object format, key wrap, AEAD; no I/O)
 //!                   ├→ kms    (KMS GenerateDataKey/Decrypt for cse-kms, with a bounded data-key cache)
 //!                   └→ store  (facade over object_store and the local directory store)
@@ -36,6 +37,7 @@ pub mod journal;
 pub mod keys;
 pub mod kmount;
 pub mod kms;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod object;

@@ -702,7 +702,13 @@ fn serve(
     let fs = Arc::new(Fs::new(
         backend,
         codec,
-        Arc::new(PageCache::new(config.cache.memory_bytes)),
+        {
+            // One budget for the whole daemon: the page cache takes what the reservations of the read and write
+            // paths leave (src/memory). Installed for the process, so the upload path finds it too.
+            let memory = crate::memory::MemoryBudget::new(config.cache.max_memory());
+            crate::memory::install(memory.clone());
+            PageCache::with_memory(config.cache.memory_bytes, memory)
+        },
         Arc::new(journal),
         FsConfig {
             uid: config.uid,

@@ -59,6 +59,9 @@ pub const PART_SIZE: usize = 8 << 20;
 /// about 40 MiB of ciphertext.
 pub const PARTS_IN_FLIGHT: usize = 4;
 
+/// The buffer of one part: the part and up to two chunks sealed past its end (cut off into the next part).
+const PART_BUFFER: usize = PART_SIZE + CHUNK_PLAIN_LEN as usize * 2;
+
 /// Encrypts `size` bytes of `src` and stores them at `path` (the key relative to the mount root, which the binding
 /// names), provided the store holds what `expect` says. The format is the mount's: its own, or the S3 Encryption
 /// Client's (`format=s3ec`, see [`upload_s3ec`]; the new object's verified index goes to `index` when given).
@@ -101,6 +104,8 @@ pub async fn upload(
     };
 
     if total as usize <= PART_SIZE {
+        // The sealed object, held until the store has it (src/memory).
+        let _memory = crate::memory::process().reserve(total + CHUNK_PLAIN_LEN).await;
         for index in 0..chunks {
             let len = read_chunk(index, &mut plain)?;
             oc.seal(index, index + 1 == chunks, &plain[..len], &mut buf);
@@ -163,6 +168,10 @@ async fn upload_s3ec(
     let mut encryptor = new.sealer.encryptor().with_digests(DigestSpec::default());
     let s3ec_err = |e| Error::codec(path, CodecError::S3ec(e));
     let total = size + s3ec::TAG_LEN as u64;
+    // The plaintext buffer, for the whole upload (the parts reserve their own in send_multipart), and for a small
+    // object its sealed body too.
+    let buffers = size.min(PART_SIZE as u64) + if total as usize <= PART_SIZE { total } else { 0 };
+    let _memory = crate::memory::process().reserve(buffers).await;
     let mut plain = vec![0u8; (size.min(PART_SIZE as u64)) as usize];
 
     if total as usize <= PART_SIZE {
@@ -225,10 +234,18 @@ async fn send_multipart(
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let result: Result<()> = async {
         loop {
-            let mut part = Vec::with_capacity(PART_SIZE + CHUNK_PLAIN_LEN as usize * 2);
+            // Each part's buffer is reserved from the memory budget until the store has the part; waiting here
+            // (while the parts in flight finish) is what bounds the memory of many uploads at once.
+            let memory = crate::memory::process().reserve(PART_BUFFER as u64).await;
+            let mut part = Vec::with_capacity(PART_BUFFER);
             let last = next_part(&mut part)?;
             // Spawned, so the part travels while the next one is being sealed.
-            in_flight.push(tokio::spawn(upload.put_part(Bytes::from(part))));
+            let send = upload.put_part(Bytes::from(part));
+            in_flight.push(tokio::spawn(async move {
+                let sent = send.await;
+                drop(memory);
+                sent
+            }));
             // Bounded: at most PARTS_IN_FLIGHT parts (and so that many part buffers) at once.
             while in_flight.len() >= PARTS_IN_FLIGHT || (last && !in_flight.is_empty()) {
                 if let Some(r) = in_flight.next().await {

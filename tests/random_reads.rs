@@ -51,3 +51,80 @@ fn eight_readers_have_eight_reads_in_flight() {
     let most = metric(&addr, "s3cryptfs_store_gets_in_flight_max");
     assert!(most >= 8.0, "at most {most} reads were in flight at once with 8 concurrent readers");
 }
+
+/// Polls `series` until it reaches `want` or a generous deadline passes (then the caller's assertion tells what
+/// happened): a background fetch has no event a test could wait on.
+fn wait_for(addr: &str, series: &str, want: f64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = metric(addr, series);
+        if v >= want || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Polls until no store request is in flight (or a generous deadline passes).
+fn wait_idle(addr: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(addr, "s3cryptfs_store_requests_in_flight") > 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A file small next to the cache, read at random, is fetched whole once in a few large GETs and then served from
+/// memory; a file too large for that, read at random, costs one chunk per read — never the file.
+fn small_file_fetched_whole_large_file_chunk_by_chunk(store: &Store, env: &Env) {
+    let small = pattern(6 << 20, 21);
+    let large = pattern(24 << 20, 22);
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path("small"), &small).unwrap();
+        std::fs::write(m.path("large"), &large).unwrap();
+    }
+    let addr = free_metrics_addr();
+    // 32 MiB of cache: files up to 8 MiB are fetched whole, the 24 MiB one is not.
+    let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}"), "cache_size=32M"]);
+    let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
+    let bytes = "s3cryptfs_store_read_bytes_total";
+
+    let f = std::fs::File::open(m.path("small")).unwrap();
+    pread_pages(&f, &small, offsets(1, 3, small.len() as u64));
+    let fetched = wait_for(&addr, bytes, small.len() as f64);
+    assert!(fetched >= small.len() as f64, "three random reads did not fetch the 6 MiB file whole: {fetched} bytes");
+    let (gets_before, bytes_before) = (metric(&addr, gets), metric(&addr, bytes));
+    // Every page of it, in a scattered order: all from memory.
+    let pages = small.len() as u64 / 4096;
+    pread_pages(&f, &small, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    assert_eq!(metric(&addr, gets), gets_before, "reads of a file fetched whole went to the store");
+    assert_eq!(metric(&addr, bytes), bytes_before);
+    // Whole, in a few large GETs: not one per 64 KiB chunk (96 of them).
+    assert!(gets_before <= 12.0, "fetching 6 MiB whole took {gets_before} GETs");
+    assert!(bytes_before < 1.1 * small.len() as f64, "6 MiB fetched as {bytes_before} bytes");
+
+    let f = std::fs::File::open(m.path("large")).unwrap();
+    let reads = 40;
+    pread_pages(&f, &large, offsets(2, reads, large.len() as u64));
+    // Anything started in the background lands before counting.
+    wait_idle(&addr);
+    let fetched = metric(&addr, bytes) - bytes_before;
+    assert!(
+        fetched <= (reads as f64) * 2.0 * 65_600.0,
+        "{reads} random 4 KiB reads of a 24 MiB file fetched {fetched} bytes: more than a chunk or two per read"
+    );
+}
+
+#[test]
+fn small_file_fetched_whole_large_file_chunk_by_chunk_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
+}
+
+#[test]
+fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
+}

@@ -6,12 +6,16 @@
 //! looked up and age out of the LRU.
 //!
 //! The budget is in bytes of plaintext, not in entries, because chunks at the end of a file are short and the user
-//! sets `cache_size` as memory.
+//! sets `cache_size` as memory. The cache also lives inside the daemon's [`MemoryBudget`] (`max_memory`): it holds at
+//! most `min(cache_size, what the budget's reservations leave)`, and shrinks at once when a reservation needs room
+//! (it is the budget's [`Reclaim`]er).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use lru::LruCache;
+
+use crate::memory::{MemoryBudget, Reclaim};
 
 /// The identity of one version of one object: a new upload gets a new ETag and so a new identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -33,6 +37,7 @@ struct PageKey {
 pub struct PageCache {
     inner: Mutex<Inner>,
     budget: u64,
+    memory: Arc<MemoryBudget>,
 }
 
 struct Inner {
@@ -52,17 +57,42 @@ pub struct CacheStats {
 }
 
 impl PageCache {
-    /// A cache that holds at most `budget` bytes of page data. A budget of 0 disables caching.
+    /// A cache that holds at most `budget` bytes of page data, outside any memory budget. A budget of 0 disables
+    /// caching.
     pub fn new(budget: u64) -> Self {
+        PageCache::in_budget(budget, MemoryBudget::unlimited())
+    }
+
+    fn in_budget(budget: u64, memory: Arc<MemoryBudget>) -> Self {
         PageCache {
             inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 }),
             budget,
+            memory,
         }
     }
 
-    /// The most page bytes the cache holds.
+    /// A cache of at most `budget` bytes that takes only what `memory`'s reservations leave, and gives it back when
+    /// they need it.
+    pub fn with_memory(budget: u64, memory: Arc<MemoryBudget>) -> Arc<PageCache> {
+        let cache = Arc::new(PageCache::in_budget(budget, memory.clone()));
+        let weak: Weak<dyn Reclaim> = Arc::downgrade(&(cache.clone() as Arc<dyn Reclaim>));
+        memory.set_cache(weak);
+        cache
+    }
+
+    /// The most page bytes the cache holds (`cache_size`).
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// The most page bytes it may hold right now: `cache_size`, or less while reservations use the memory budget.
+    pub fn capacity(&self) -> u64 {
+        self.budget.min(self.memory.unreserved())
+    }
+
+    /// The memory budget the cache lives in, which the read path reserves its buffers from.
+    pub fn memory(&self) -> &Arc<MemoryBudget> {
+        &self.memory
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -95,17 +125,26 @@ impl PageCache {
 
     pub fn put(&self, object: &ObjectId, index: u64, page: Bytes) {
         let len = page.len() as u64;
-        if len > self.budget {
+        let capacity = self.capacity();
+        if len > capacity {
             return;
         }
         let mut inner = self.lock();
         let before = inner.bytes;
-        let mut evicted = 0;
         if let Some(old) = inner.lru.put(PageKey { object: object.clone(), index }, page) {
             inner.bytes -= old.len() as u64;
         }
         inner.bytes += len;
-        while inner.bytes > self.budget {
+        let evicted = Self::evict_to(&mut inner, capacity);
+        let delta = inner.bytes as i64 - before as i64;
+        drop(inner);
+        crate::metrics::cache_changed(delta, evicted);
+    }
+
+    /// Drops least recently used pages until at most `bytes` are held; returns how many went.
+    fn evict_to(inner: &mut Inner, bytes: u64) -> u64 {
+        let mut evicted = 0;
+        while inner.bytes > bytes {
             match inner.lru.pop_lru() {
                 Some((_, page)) => {
                     inner.bytes -= page.len() as u64;
@@ -114,9 +153,7 @@ impl PageCache {
                 None => break,
             }
         }
-        let delta = inner.bytes as i64 - before as i64;
-        drop(inner);
-        crate::metrics::cache_changed(delta, evicted);
+        evicted
     }
 
     /// Drops every page of every version of `key` (after a delete or overwrite through this mount).
@@ -138,6 +175,20 @@ impl PageCache {
     pub fn stats(&self) -> CacheStats {
         let inner = self.lock();
         CacheStats { hits: inner.hits, misses: inner.misses, bytes: inner.bytes, entries: inner.lru.len() }
+    }
+}
+
+impl Reclaim for PageCache {
+    fn shrink_to(&self, bytes: u64) {
+        let mut inner = self.lock();
+        if inner.bytes <= bytes {
+            return;
+        }
+        let before = inner.bytes;
+        let evicted = Self::evict_to(&mut inner, bytes);
+        let delta = inner.bytes as i64 - before as i64;
+        drop(inner);
+        crate::metrics::cache_changed(delta, evicted);
     }
 }
 
@@ -195,6 +246,26 @@ mod tests {
         cache.invalidate_key("k");
         assert_eq!(cache.stats().entries, 1);
         assert_eq!(cache.stats().bytes, 1);
+    }
+
+    #[test]
+    fn reservations_shrink_the_cache_and_it_grows_back_into_what_they_leave() {
+        let memory = MemoryBudget::new(10);
+        let cache = PageCache::with_memory(8, memory.clone());
+        let a = id("a", "1");
+        for i in 0..4 {
+            cache.put(&a, i, Bytes::from_static(b"01"));
+        }
+        assert_eq!(cache.stats().bytes, 8, "cache_size is the cap while the budget is free");
+        let r = memory.try_reserve(5).unwrap();
+        assert_eq!(cache.stats().bytes, 4, "shrunk to 10 - 5 at once, least recent pages first");
+        assert!(!cache.contains(&a, 0) && !cache.contains(&a, 1) && cache.contains(&a, 3));
+        cache.put(&a, 4, Bytes::from_static(b"01"));
+        assert_eq!(cache.stats().bytes, 4, "a new page stays within what the reservation leaves");
+        drop(r);
+        cache.put(&a, 5, Bytes::from_static(b"01"));
+        assert_eq!(cache.stats().bytes, 6, "and grows back once it ends");
+        assert_eq!(cache.capacity(), 8);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::cache::PageCache;
 use crate::crypto::s3ec::{instruction_file_key, INSTRUCTION_SUFFIX};
 use crate::object::{Codec, FormatHint, StoredFormat};
 use crate::read::s3ec::{S3ecOptions, S3ecReads};
-use crate::read::{ReadContext, Reader, BIND_META};
+use crate::read::{Fetches, ReadContext, Reader, BIND_META};
 use crate::journal::{BaseVersion, Journal};
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta};
 
@@ -131,6 +131,8 @@ pub struct Fs {
     cache: Arc<PageCache>,
     /// The verified indexes of S3EC objects, shared by their readers.
     s3ec: Arc<S3ecReads>,
+    /// Fetches in flight, shared by the readers of every open file.
+    fetches: Arc<Fetches>,
     journal: Arc<Journal>,
     config: FsConfig,
     table: Mutex<InodeTable>,
@@ -239,6 +241,7 @@ impl Fs {
             codec,
             cache,
             s3ec: Arc::new(S3ecReads::new(config.s3ec.clone())),
+            fetches: Arc::default(),
             journal,
             config,
             table: Mutex::new(InodeTable::new(root)),
@@ -285,6 +288,7 @@ impl Fs {
             codec: self.codec.clone(),
             cache: self.cache.clone(),
             s3ec: self.s3ec.clone(),
+            fetches: self.fetches.clone(),
         };
         Reader::new(&context, path, etag, stored_size, format, readahead)
     }

@@ -7,9 +7,22 @@
 //! byte is returned, so a swapped object fails before it is read.
 //!
 //! Read-ahead: a reader whose reads follow each other doubles its window (from 256 KiB up to `max_readahead`, and
-//! never beyond a quarter of the page cache, where prefetched pages wait to be read) and fetches the chunks ahead in
-//! the background, in segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being
-//! fetched are registered as in flight, and a read that needs one waits for that fetch instead of asking again.
+//! never beyond a quarter of what the page cache may hold right now, where prefetched pages wait to be read: so the
+//! window never outgrows the cache and evicts its own pages) and fetches the chunks ahead in the background, in
+//! segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being fetched are registered as
+//! in flight in [`Fetches`], shared by every reader of the mount, and a read that needs one — through this handle or
+//! another — waits for that fetch instead of asking again. No lock is held across a fetch: concurrent reads of one
+//! file, on one handle or many, reach the store together.
+//!
+//! Whole-object prefetch: a reader that seeks twice (reads that do not follow each other) in an object small
+//! relative to the memory budget — at most a quarter of what the page cache may hold, and never more than
+//! [`WHOLE_OBJECT_MAX`] — fetches all of it in the background in read-ahead segments, and later reads are served from
+//! the cache: a random reader of a small file pays a few large GETs instead of one small GET per read. A larger
+//! object read randomly costs one GET of the chunks each read needs, never more.
+//!
+//! Memory: every fetch reserves its buffers (the GET body and the pages decrypted from it) from the mount's
+//! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
+//! whole-object prefetch only take what is free, and stop where the budget ends (the reads then fetch what they need).
 //!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
 //! is ever returned or cached.
@@ -21,6 +34,7 @@ pub mod s3ec;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -48,11 +62,36 @@ const MIN_SEGMENT_CHUNKS: u64 = 16;
 const WINDOW_SHARE_OF_CACHE: u64 = 4;
 /// The window a sequential reader starts with.
 const INITIAL_WINDOW: u64 = 256 << 10;
+/// The largest object fetched whole for a random reader, whatever the budget: 256 MiB takes about a second on a
+/// fast link, and a random reader of anything larger is better served by the GETs its reads need.
+pub const WHOLE_OBJECT_MAX: u64 = 256 << 20;
+/// ... and its share of what the page cache may hold: a whole object may not push everything else out.
+const WHOLE_OBJECT_SHARE_OF_CACHE: u64 = 4;
+/// Seeks (reads not following the one before) after which a reader counts as random: one seek is often a single
+/// look elsewhere (a trailer, an index), not a pattern.
+const SEEKS_FOR_RANDOM: u32 = 2;
 
 struct ReadState {
     next_offset: u64,
     window: u64,
     prefetched_until: u64,
+    seeks: u32,
+}
+
+/// A fetch in flight, which readers that need its chunks await.
+type Fetch = Shared<BoxFuture<'static, ()>>;
+
+/// Fetches in flight, by object version and chunk, shared by every reader of a mount: a chunk two handles (or a
+/// handle's read and its read-ahead) need at once is fetched once.
+#[derive(Default)]
+pub struct Fetches {
+    inflight: Mutex<HashMap<(ObjectId, u64), Fetch>>,
+}
+
+/// Bytes a fetch of `chunks` chunks holds at its peak: the GET body and the pages decrypted from it (a little more
+/// than the plaintext for the chunk overhead).
+fn fetch_cost(chunks: u64) -> u64 {
+    2 * chunks * (CHUNK_PLAIN_LEN + 64)
 }
 
 /// What every reader of a mount shares.
@@ -62,6 +101,7 @@ pub struct ReadContext {
     pub codec: Codec,
     pub cache: Arc<PageCache>,
     pub s3ec: Arc<S3ecReads>,
+    pub fetches: Arc<Fetches>,
 }
 
 pub struct Reader {
@@ -81,7 +121,9 @@ pub struct Reader {
     /// Set once the object was renamed under this reader (see `set_key`).
     moved: std::sync::atomic::AtomicBool,
     state: Mutex<ReadState>,
-    inflight: Mutex<HashMap<u64, Shared<BoxFuture<'static, ()>>>>,
+    fetches: Arc<Fetches>,
+    /// Set once this reader started fetching the whole object.
+    whole: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,8 +140,6 @@ impl Reader {
         format: StoredFormat,
         max_readahead: u64,
     ) -> Result<Arc<Reader>> {
-        // The window the budget leaves (see WINDOW_SHARE_OF_CACHE); at least one page.
-        let max_readahead = max_readahead.min(context.cache.budget() / WINDOW_SHARE_OF_CACHE).max(CHUNK_PLAIN_LEN);
         let plain_size = match format {
             StoredFormat::Own => context.codec.plain_size(stored_size),
             StoredFormat::S3ec { .. } => crate::crypto::s3ec::plain_size(stored_size).ok(),
@@ -119,8 +159,9 @@ impl Reader {
             object: OnceCell::new(),
             verified: OnceCell::new(),
             moved: std::sync::atomic::AtomicBool::new(false),
-            state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
-            inflight: Mutex::new(HashMap::new()),
+            state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0, seeks: 0 }),
+            fetches: context.fetches.clone(),
+            whole: AtomicBool::new(false),
         }))
     }
 
@@ -168,10 +209,21 @@ impl Reader {
         index + 1 == self.codec.chunk_count(self.plain_size)
     }
 
+    /// The largest window now: `max_readahead`, within the share of what the page cache may hold now (see
+    /// WINDOW_SHARE_OF_CACHE; it shrinks while uploads and fetches use the memory budget); at least one page.
+    fn max_window(&self) -> u64 {
+        self.max_readahead.min(self.cache.capacity() / WINDOW_SHARE_OF_CACHE).max(CHUNK_PLAIN_LEN)
+    }
+
     /// Chunks per read-ahead GET: a quarter of the largest window, so that four or more GETs are in flight at once,
     /// within [MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS] (8 MiB GETs, eight in flight, with the default 64 MiB window).
     fn segment_chunks(&self) -> u64 {
-        (self.max_readahead / CHUNK_PLAIN_LEN / 4).clamp(MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS)
+        (self.max_window() / CHUNK_PLAIN_LEN / 4).clamp(MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS)
+    }
+
+    /// Whether a random reader should fetch this object whole (see the module docs).
+    fn small_enough_to_fetch_whole(&self) -> bool {
+        self.plain_size <= WHOLE_OBJECT_MAX.min(self.cache.capacity() / WHOLE_OBJECT_SHARE_OF_CACHE)
     }
 
     /// Pages of the file: chunks of the own format, 64 KiB slices of an S3EC object.
@@ -195,7 +247,8 @@ impl Reader {
         let last = (end - 1) / CHUNK_PLAIN_LEN; // inclusive
         let chunk_total = self.page_count();
 
-        let prefetch = {
+        let max_window = self.max_window();
+        let (prefetch, random) = {
             let mut st = lock(&self.state);
             // The kernel issues read-ahead requests concurrently, so a sequential reader's requests arrive slightly
             // out of order: count a read as sequential when it lands within the current window of where the last
@@ -203,14 +256,16 @@ impl Reader {
             let slack = st.window.max(1 << 20);
             let sequential = offset <= st.next_offset.saturating_add(slack) && offset.saturating_add(slack) >= st.next_offset;
             if sequential {
-                st.window = (st.window * 2).min(self.max_readahead.max(CHUNK_PLAIN_LEN));
+                st.window = (st.window * 2).min(max_window);
                 st.next_offset = st.next_offset.max(end);
             } else {
-                st.window = INITIAL_WINDOW.min(self.max_readahead.max(CHUNK_PLAIN_LEN));
+                st.window = INITIAL_WINDOW.min(max_window);
                 st.prefetched_until = 0;
                 st.next_offset = end;
+                st.seeks = st.seeks.saturating_add(1);
             }
-            if sequential && self.max_readahead > 0 {
+            let random = st.seeks >= SEEKS_FOR_RANDOM;
+            let prefetch = if sequential && self.max_readahead > 0 {
                 let ahead_end = (last + 1 + st.window / CHUNK_PLAIN_LEN).min(chunk_total);
                 let from = st.prefetched_until.max(last + 1);
                 // Top the window up a whole segment at a time: topping it up by the size of every read would turn
@@ -223,12 +278,28 @@ impl Reader {
                 }
             } else {
                 None
-            }
+            };
+            (prefetch, random)
         };
 
         // Start the read-ahead before waiting for this read's own chunks, so both are in flight together.
         if let Some(range) = prefetch {
-            self.spawn_prefetch(range);
+            let reached = self.spawn_prefetch(range.clone());
+            if reached < range.end {
+                // The memory budget ended the read-ahead early: the next sequential read tries again from there.
+                let mut st = lock(&self.state);
+                if st.prefetched_until == range.end {
+                    st.prefetched_until = reached;
+                }
+            }
+        }
+        if random
+            && self.max_readahead > 0
+            && self.small_enough_to_fetch_whole()
+            && !self.whole.swap(true, Ordering::Relaxed)
+        {
+            tracing::debug!(key = %self.key(), size = self.plain_size, "random reads: fetching the whole object");
+            self.spawn_prefetch(0..chunk_total);
         }
         let pages = self.pages(first..last + 1).await?;
 
@@ -259,7 +330,7 @@ impl Reader {
                 }
                 None => {
                     pages.push(None);
-                    if let Some(f) = lock(&self.inflight).get(&index).cloned() {
+                    if let Some(f) = lock(&self.fetches.inflight).get(&(id.clone(), index)).cloned() {
                         waits.push(f);
                     }
                 }
@@ -287,6 +358,8 @@ impl Reader {
             }
         }
         for run in missing_runs {
+            // This read cannot go on without these bytes: wait for room in the budget rather than go over it.
+            let _memory = self.cache.memory().reserve(fetch_cost(run.end - run.start)).await;
             let fetched = self.fetch(run.clone()).await?;
             for (j, page) in fetched.into_iter().enumerate() {
                 pages[(run.start - range.start) as usize + j] = Some(page);
@@ -295,39 +368,49 @@ impl Reader {
         Ok(pages.into_iter().map(|p| p.unwrap_or_default()).collect())
     }
 
-    fn spawn_prefetch(self: &Arc<Self>, range: Range<u64>) {
+    /// Fetches chunks `range` in the background, in segments of [`Reader::segment_chunks`], skipping chunks cached or
+    /// in flight. Each segment reserves its memory first and only if it is free: returns the chunk where the budget
+    /// stopped it (`range.end` when it did not).
+    fn spawn_prefetch(self: &Arc<Self>, range: Range<u64>) -> u64 {
         let id = self.object_id();
+        let segment = self.segment_chunks();
         let mut start = range.start;
         while start < range.end {
-            let end = (start + self.segment_chunks()).min(range.end);
-            // Skip the leading chunks already cached or in flight.
-            let seg: Vec<u64> = (start..end)
-                .filter(|i| !self.cache.contains(&id, *i) && !lock(&self.inflight).contains_key(i))
-                .collect();
-            if let (Some(&a), Some(&b)) = (seg.first(), seg.last()) {
-                let this = Arc::clone(self);
-                let run = a..b + 1;
-                let fut: Shared<BoxFuture<'static, ()>> = async move {
-                    if let Err(e) = this.fetch(run.clone()).await {
-                        tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
-                    }
-                    let mut inflight = lock(&this.inflight);
-                    for i in run {
-                        inflight.remove(&i);
-                    }
+            let end = (start + segment).min(range.end);
+            let mut inflight = lock(&self.fetches.inflight);
+            // Skip the leading and trailing chunks already cached or in flight; checked and registered under one
+            // lock, so two readers of the object never fetch the same chunk.
+            let missing = |i: &u64| !self.cache.contains(&id, *i) && !inflight.contains_key(&(id.clone(), *i));
+            let (Some(a), Some(b)) = ((start..end).find(missing), (start..end).rev().find(missing)) else {
+                start = end;
+                continue;
+            };
+            let Some(memory) = self.cache.memory().try_reserve(fetch_cost(b + 1 - a)) else {
+                return start;
+            };
+            let this = Arc::clone(self);
+            let run = a..b + 1;
+            let key = id.clone();
+            let fut: Fetch = async move {
+                if let Err(e) = this.fetch(run.clone()).await {
+                    tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
                 }
-                .boxed()
-                .shared();
-                {
-                    let mut inflight = lock(&self.inflight);
-                    for i in a..b + 1 {
-                        inflight.insert(i, fut.clone());
-                    }
+                drop(memory);
+                let mut inflight = lock(&this.fetches.inflight);
+                for i in run {
+                    inflight.remove(&(key.clone(), i));
                 }
-                tokio::spawn(fut);
             }
+            .boxed()
+            .shared();
+            for i in a..b + 1 {
+                inflight.insert((id.clone(), i), fut.clone());
+            }
+            drop(inflight);
+            tokio::spawn(fut);
             start = end;
         }
+        range.end
     }
 
     /// The per-object codec, reading and checking the header if this is the first need of it.

@@ -342,8 +342,18 @@ impl Reader {
         let key = self.key();
         let object = ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?;
         let t0 = std::time::Instant::now();
-        // Keep what the pass decrypts for the page cache only when it is small next to the cache.
-        let keep = self.plain_size <= self.cache.budget() / 2;
+        // The segments in flight and their plaintext, from the memory budget (src/memory); the plaintext kept for the
+        // page cache only when it is small next to the cache and the budget has room for it beside the pass (it is
+        // copied into pages at the end, so twice).
+        let memory = self.cache.memory();
+        let in_flight = self.stored_size.min(PASS_SEGMENT * PASS_SEGMENTS_IN_FLIGHT as u64);
+        let _pass_memory = memory.reserve(in_flight + in_flight.min(PASS_SEGMENT)).await;
+        let kept_memory = if self.plain_size <= self.cache.capacity() / 2 {
+            memory.try_reserve(2 * self.plain_size)
+        } else {
+            None
+        };
+        let keep = kept_memory.is_some();
         let backend = &self.backend;
         let mut gets = futures::stream::iter(pass_segments(self.stored_size).into_iter().map(|range| {
             let object = object.clone();
@@ -388,6 +398,7 @@ impl Reader {
                 self.cache.put(&id, index as u64, Bytes::copy_from_slice(page));
             }
         }
+        drop(kept_memory);
         Ok(Verified { content, digests })
     }
 
@@ -526,6 +537,7 @@ mod tests {
             },
             cache: Arc::new(PageCache::new(cache)),
             s3ec: Arc::new(S3ecReads::new(options)),
+            fetches: Arc::default(),
         }
     }
 

@@ -1,0 +1,248 @@
+//! The daemon's memory budget (`-o max_memory=SIZE`): one number that bounds the buffers of every data path.
+//!
+//! Two kinds of users share the budget:
+//!
+//! - **Reservations**: buffers that exist for the duration of one operation — a GET body and the pages decrypted from
+//!   it while a fetch runs (foreground or read-ahead), the parts of a multipart upload being sealed and sent, the
+//!   buffers of an S3EC verification pass. A [`Reservation`] is taken before the buffer is allocated and given back
+//!   when it is dropped, which is when the buffer is.
+//! - **The page cache**, which takes what the reservations leave: its capacity is `min(cache_size, limit -
+//!   reserved)`, and every reservation that would push `reserved + cached` over the limit makes the cache evict first
+//!   ([`Reclaim`]). The cache never blocks a reservation; it only shrinks.
+//!
+//! So `reserved + cached <= limit` holds at every moment except the instant between a reservation and the eviction it
+//! causes. A reservation that cannot be met waits ([`MemoryBudget::reserve`]) until other reservations end — every
+//! reservation is transient (a fetch, a part upload), so waiting always ends; read-ahead never waits
+//! ([`MemoryBudget::try_reserve`]): it shrinks its window to what is free, and a read that needs the bytes fetches
+//! them itself. A single reservation larger than the whole budget is cut to the budget, so it still runs (alone).
+//!
+//! What the budget does not count: the daemon's code, the tokio runtime and its threads, TLS state, the inode table
+//! and the allocator's own overhead — a fixed few tens of MiB, which is why the target is "peak RSS ≤ budget + 32
+//! MiB" (README, `max_memory`). Modelled on mountpoint-s3's `MemoryLimiter` (reserve for uploads, try-reserve for
+//! prefetch, the cache sized by what is left).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use tokio::sync::Notify;
+
+/// Something that holds memory it can give up at once: the page cache.
+pub trait Reclaim: Send + Sync {
+    /// Shrinks to at most `bytes`.
+    fn shrink_to(&self, bytes: u64);
+}
+
+/// The budget shared by one daemon's data paths.
+pub struct MemoryBudget {
+    limit: u64,
+    reserved: AtomicU64,
+    /// Woken whenever a reservation ends, for the reservations waiting for room.
+    released: Notify,
+    cache: OnceLock<Weak<dyn Reclaim>>,
+}
+
+impl std::fmt::Debug for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBudget").field("limit", &self.limit).field("reserved", &self.reserved()).finish()
+    }
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget { limit, reserved: AtomicU64::new(0), released: Notify::new(), cache: OnceLock::new() })
+    }
+
+    /// No limit: what tests and library users without a mount get.
+    pub fn unlimited() -> Arc<MemoryBudget> {
+        MemoryBudget::new(u64::MAX)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes held by reservations now.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    /// What the reservations leave: the page cache's share right now.
+    pub fn unreserved(&self) -> u64 {
+        self.limit.saturating_sub(self.reserved())
+    }
+
+    /// Registers the cache that gives memory back when reservations need it (once; later calls are ignored).
+    pub fn set_cache(&self, cache: Weak<dyn Reclaim>) {
+        let _ = self.cache.set(cache);
+    }
+
+    /// `bytes` now if they fit beside the other reservations, else `None`: for work that can do with less (read-ahead).
+    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        let bytes = bytes.min(self.limit);
+        let mut now = self.reserved.load(Ordering::Acquire);
+        loop {
+            if now.saturating_add(bytes) > self.limit {
+                return None;
+            }
+            match self.reserved.compare_exchange_weak(now, now + bytes, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => now = actual,
+            }
+        }
+        self.make_room();
+        Some(Reservation { budget: Arc::clone(self), bytes })
+    }
+
+    /// `bytes`, waiting for other reservations to end if they do not fit now: for work that cannot do with less (the
+    /// fetch a read waits on, an upload part).
+    pub async fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
+        loop {
+            // Registered before the attempt, so a release between the attempt and the wait is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(r) = self.try_reserve(bytes) {
+                return r;
+            }
+            released.await;
+        }
+    }
+
+    /// Makes the cache fit beside the reservations.
+    fn make_room(&self) {
+        if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
+            cache.shrink_to(self.unreserved());
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+        self.released.notify_waiters();
+    }
+}
+
+/// Bytes of the budget held until dropped.
+#[must_use = "the memory is reserved only while this lives"]
+pub struct Reservation {
+    budget: Arc<MemoryBudget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation").field("bytes", &self.bytes).finish()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// The budget of this process, for the paths that have no handle of their own to it (the upload functions, called
+/// from many places): set once by `run` before the mount serves, unlimited until then (tests, library use).
+static PROCESS: OnceLock<Arc<MemoryBudget>> = OnceLock::new();
+
+/// Makes `budget` the process's budget (once; returns false if one was set already).
+pub fn install(budget: Arc<MemoryBudget>) -> bool {
+    PROCESS.set(budget).is_ok()
+}
+
+/// The process's budget (unlimited unless [`install`]ed).
+pub fn process() -> &'static Arc<MemoryBudget> {
+    PROCESS.get_or_init(MemoryBudget::unlimited)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A cache that records how far it was asked to shrink.
+    struct Shrinks(Mutex<Vec<u64>>);
+
+    impl Reclaim for Shrinks {
+        fn shrink_to(&self, bytes: u64) {
+            self.0.lock().unwrap().push(bytes);
+        }
+    }
+
+    #[test]
+    fn try_reserve_refuses_what_does_not_fit_and_release_gives_it_back() {
+        let budget = MemoryBudget::new(100);
+        let a = budget.try_reserve(60).unwrap();
+        assert_eq!(budget.reserved(), 60);
+        assert!(budget.try_reserve(41).is_none(), "60 + 41 > 100");
+        let b = budget.try_reserve(40).unwrap();
+        assert_eq!(budget.unreserved(), 0);
+        drop(a);
+        assert_eq!(budget.reserved(), 40);
+        drop(b);
+        assert_eq!(budget.reserved(), 0);
+    }
+
+    #[test]
+    fn a_reservation_larger_than_the_budget_is_cut_to_it() {
+        let budget = MemoryBudget::new(100);
+        let r = budget.try_reserve(1_000).unwrap();
+        assert_eq!(r.bytes(), 100);
+        assert!(budget.try_reserve(1).is_none());
+    }
+
+    #[test]
+    fn every_reservation_shrinks_the_cache_to_what_is_left() {
+        let budget = MemoryBudget::new(100);
+        let cache = Arc::new(Shrinks(Mutex::new(Vec::new())));
+        let weak: Weak<dyn Reclaim> = Arc::downgrade(&(cache.clone() as Arc<dyn Reclaim>));
+        budget.set_cache(weak);
+        let _a = budget.try_reserve(30).unwrap();
+        let _b = budget.try_reserve(50).unwrap();
+        assert_eq!(*cache.0.lock().unwrap(), vec![70, 20]);
+    }
+
+    #[tokio::test]
+    async fn reserve_waits_until_another_reservation_ends() {
+        let budget = MemoryBudget::new(100);
+        let held = budget.try_reserve(80).unwrap();
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(50).await.bytes() })
+        };
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "50 more do not fit beside 80 of 100");
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), 50);
+        assert_eq!(budget.reserved(), 0, "the waiter's reservation ended with its task");
+    }
+
+    #[tokio::test]
+    async fn many_waiters_all_get_their_turn_and_the_limit_always_holds() {
+        let budget = MemoryBudget::new(100);
+        let peak = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (budget, peak) = (budget.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let r = budget.reserve(10 + i % 40).await;
+                    peak.fetch_max(budget.reserved(), Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                    drop(r);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(peak.load(Ordering::Relaxed) <= 100);
+        assert_eq!(budget.reserved(), 0);
+    }
+}
