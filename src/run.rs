@@ -641,6 +641,7 @@ fn serve(
             tracing::warn!("could not lock the key pages in memory (RLIMIT_MEMLOCK): keys could reach swap");
         }
     }
+    crate::memory::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs").build()?;
     // Signal handlers before anything is mounted: a SIGTERM during start-up (a quick `systemctl stop`, a test) then
     // shuts down cleanly instead of killing the process with its mount left dead. Signals that arrive before the wait
@@ -705,7 +706,7 @@ fn serve(
         {
             // One budget for the whole daemon: the page cache takes what the reservations of the read and write
             // paths leave (src/memory). Installed for the process, so the upload path finds it too.
-            let memory = crate::memory::MemoryBudget::new(config.cache.max_memory());
+            let memory = crate::memory::MemoryBudget::for_daemon(config.cache.max_memory());
             crate::memory::install(memory.clone());
             PageCache::with_memory(config.cache.memory_bytes, memory)
         },

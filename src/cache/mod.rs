@@ -179,16 +179,17 @@ impl PageCache {
 }
 
 impl Reclaim for PageCache {
-    fn shrink_to(&self, bytes: u64) {
+    fn shrink_to(&self, bytes: u64) -> u64 {
         let mut inner = self.lock();
         if inner.bytes <= bytes {
-            return;
+            return 0;
         }
         let before = inner.bytes;
         let evicted = Self::evict_to(&mut inner, bytes);
-        let delta = inner.bytes as i64 - before as i64;
+        let freed = before - inner.bytes;
         drop(inner);
-        crate::metrics::cache_changed(delta, evicted);
+        crate::metrics::cache_changed(-(freed as i64), evicted);
+        freed
     }
 }
 

@@ -303,6 +303,10 @@ impl Reader {
         }
         let pages = self.pages(first..last + 1).await?;
 
+        // The answer is a buffer of its own (up to 1 MiB, and the kernel sends up to 16 reads at once in the
+        // background): counted too. Reserved once the pages are here, so a read never waits for room while holding
+        // some (no read can then wait on another).
+        let _out = self.cache.memory().reserve(end - offset).await;
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, page) in pages.iter().enumerate() {
             let index = first + i as u64;
