@@ -52,9 +52,9 @@ fn streams_within_the_budget(store: &Store, env: &Env) {
         peak >> 20
     );
     // And the content is right: a page from the middle.
-    let mut f = std::fs::File::open(m.path("big")).unwrap();
+    let f = std::fs::File::open(m.path("big")).unwrap();
     let mut page = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(&mut f, &mut page, (size / 2 + 12_288) as u64).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut page, (size / 2 + 12_288) as u64).unwrap();
     assert_bytes(&page, &block[12_288..12_288 + 4096], "a page of the middle");
 }
 
