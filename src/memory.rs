@@ -104,6 +104,7 @@ impl MemoryBudget {
                 Err(actual) => now = actual,
             }
         }
+        crate::metrics::memory_reserved(bytes as i64);
         self.make_room();
         Some(Reservation { budget: Arc::clone(self), bytes })
     }
@@ -135,6 +136,7 @@ impl MemoryBudget {
 
     fn release(&self, bytes: u64) {
         self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+        crate::metrics::memory_reserved(-(bytes as i64));
         self.released.notify_waiters();
     }
 }

@@ -26,6 +26,7 @@
 //! | `s3cryptfs_cache_misses_total` | counter | — | pages a read did not find there (fetched now, or by a read-ahead already in flight) |
 //! | `s3cryptfs_cache_bytes` | gauge | — | plaintext bytes held in the page cache (at most `cache_size`) |
 //! | `s3cryptfs_cache_evictions_total` | counter | — | pages dropped to stay within `cache_size` |
+//! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
 //! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
 //! | `s3cryptfs_dirty_bytes` | gauge | — | plaintext size of those files |
 //! | `s3cryptfs_uploads_in_flight` | gauge | — | file uploads (encrypt + PUT or multipart upload) running now |
@@ -70,6 +71,7 @@ pub const CACHE_HITS: &str = "s3cryptfs_cache_hits_total";
 pub const CACHE_MISSES: &str = "s3cryptfs_cache_misses_total";
 pub const CACHE_BYTES: &str = "s3cryptfs_cache_bytes";
 pub const CACHE_EVICTIONS: &str = "s3cryptfs_cache_evictions_total";
+pub const MEMORY_RESERVED: &str = "s3cryptfs_memory_reserved_bytes";
 pub const DIRTY_FILES: &str = "s3cryptfs_dirty_files";
 pub const DIRTY_BYTES: &str = "s3cryptfs_dirty_bytes";
 pub const UPLOADS_IN_FLIGHT: &str = "s3cryptfs_uploads_in_flight";
@@ -184,6 +186,11 @@ pub fn cache_changed(delta: i64, evicted: u64) {
     if evicted > 0 {
         counter(CACHE_EVICTIONS, &[]).increment(evicted);
     }
+}
+
+/// Reservations of the memory budget grew (positive) or shrank by `delta` bytes.
+pub fn memory_reserved(delta: i64) {
+    add_signed(gauge(MEMORY_RESERVED), delta);
 }
 
 /// A staged file's `(dirty, size)` went from `before` to `after`; a file counts in the dirty gauges while dirty.
@@ -672,6 +679,7 @@ fn describe() {
     describe_counter!(CACHE_MISSES, "Pages a read did not find in the page cache.");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Plaintext bytes held in the page cache.");
     describe_counter!(CACHE_EVICTIONS, "Pages evicted from the page cache to stay within its budget.");
+    describe_gauge!(MEMORY_RESERVED, Unit::Bytes, "Bytes of max_memory held by buffers in flight.");
     describe_gauge!(DIRTY_FILES, "Files with changes staged locally and not yet uploaded.");
     describe_gauge!(DIRTY_BYTES, Unit::Bytes, "Plaintext size of the files with changes not yet uploaded.");
     describe_gauge!(UPLOADS_IN_FLIGHT, "File uploads running now.");
@@ -680,7 +688,7 @@ fn describe() {
     for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
         counter(name, &[]).absolute(0);
     }
-    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
         gauge(name).increment(0.0);
     }
 }
@@ -1112,6 +1120,7 @@ mod tests {
             FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_ERRORS, STORE_REQUESTS, STORE_REQUEST_DURATION, STORE_IN_FLIGHT,
             STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_BYTES, CACHE_EVICTIONS, DIRTY_FILES,
             DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION, STORE_GETS_IN_FLIGHT_MAX,
+            MEMORY_RESERVED,
         ] {
             assert!(docs.contains(&format!("//! | `{name}` |")), "{name} is missing from the table in the module docs");
         }

@@ -168,13 +168,11 @@ async fn upload_s3ec(
     let mut encryptor = new.sealer.encryptor().with_digests(DigestSpec::default());
     let s3ec_err = |e| Error::codec(path, CodecError::S3ec(e));
     let total = size + s3ec::TAG_LEN as u64;
-    // The plaintext buffer, for the whole upload (the parts reserve their own in send_multipart), and for a small
-    // object its sealed body too.
-    let buffers = size.min(PART_SIZE as u64) + if total as usize <= PART_SIZE { total } else { 0 };
-    let _memory = crate::memory::process().reserve(buffers).await;
-    let mut plain = vec![0u8; (size.min(PART_SIZE as u64)) as usize];
 
     if total as usize <= PART_SIZE {
+        // The plaintext and the sealed body, held until the store has it (src/memory).
+        let _memory = crate::memory::process().reserve(size + total).await;
+        let mut plain = vec![0u8; size as usize];
         src.read_exact_at(&mut plain, 0).map_err(|e| Error::staging(path, e))?;
         let mut body = Vec::with_capacity(total as usize);
         encryptor.update(&plain, &mut body).map_err(s3ec_err)?;
@@ -184,16 +182,22 @@ async fn upload_s3ec(
         return Ok(remember_written(index, path, info, content, digests));
     }
 
+    // Read and sealed 64 KiB at a time into the part (whose buffer send_multipart reserves): no buffer of this upload
+    // outlives a part, so no upload holds memory while it waits for more.
+    let mut plain = vec![0u8; CHUNK_PLAIN_LEN as usize];
     let mut offset = 0u64;
     let mut encryptor = Some(encryptor);
     let mut digests = None;
     let info = send_multipart(backend, &key, path, &meta, expect, |part| {
         part.clear();
-        let len = (size - offset).min(PART_SIZE as u64) as usize;
-        src.read_exact_at(&mut plain[..len], offset).map_err(|e| Error::staging(path, e))?;
+        let part_end = offset + (size - offset).min(PART_SIZE as u64);
         let enc = encryptor.as_mut().expect("no part after the last");
-        enc.update(&plain[..len], part).map_err(s3ec_err)?;
-        offset += len as u64;
+        while offset < part_end {
+            let len = (part_end - offset).min(CHUNK_PLAIN_LEN) as usize;
+            src.read_exact_at(&mut plain[..len], offset).map_err(|e| Error::staging(path, e))?;
+            enc.update(&plain[..len], part).map_err(s3ec_err)?;
+            offset += len as u64;
+        }
         if offset < size {
             return Ok(false);
         }

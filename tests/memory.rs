@@ -22,7 +22,8 @@ fn peak_rss(pid: u32) -> u64 {
 fn streams_within_the_budget(store: &Store, env: &Env) {
     let budget: u64 = 96 << 20;
     let size = 320 << 20;
-    let m = Mount::start_with(env, store, "cse-c", &["max_memory=96M"]);
+    let addr = free_metrics_addr();
+    let m = Mount::start_with(env, store, "cse-c", &["max_memory=96M", &format!("metrics_addr={addr}")]);
     // Written in 1 MiB writes and read back in 1 MiB reads, twice: a file more than three times the budget.
     let block: Vec<u8> = pattern(1 << 20, 5);
     {
@@ -51,6 +52,12 @@ fn streams_within_the_budget(store: &Store, env: &Env) {
         "peak RSS {} MiB with max_memory=96M (allowed: the budget + 32 MiB)",
         peak >> 20
     );
+    // Every reservation ended with its buffer: none leaked (read-ahead still landing is waited for).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(&addr, "s3cryptfs_memory_reserved_bytes") > 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(metric(&addr, "s3cryptfs_memory_reserved_bytes"), 0.0, "memory still reserved with nothing in flight");
     // And the content is right: a page from the middle.
     let f = std::fs::File::open(m.path("big")).unwrap();
     let mut page = vec![0u8; 4096];

@@ -242,6 +242,11 @@ impl Reader {
         if offset >= self.plain_size || len == 0 {
             return Ok(Vec::new());
         }
+        if self.format.is_s3ec() {
+            // The verification pass reserves its buffers (and may wait for room): before this read holds any, so no
+            // read waits for memory while holding some.
+            self.s3ec_verified().await?;
+        }
         let end = (offset + len as u64).min(self.plain_size);
         let first = offset / CHUNK_PLAIN_LEN;
         let last = (end - 1) / CHUNK_PLAIN_LEN; // inclusive
