@@ -105,6 +105,26 @@ pub enum CryptoError {
     /// The object is stored at a path it was not written for.
     #[error("the object does not belong at this path (its path binding does not match); it was swapped or copied")]
     ObjectSwapped,
+    /// A format-2 object without the version map its chunks need (the metadata
+    /// field was removed, or the object was copied without its metadata).
+    #[error(
+        "the object is in format version 2 but its metadata has no version map; \
+         it was copied without its metadata or the map was removed"
+    )]
+    MissingVersionMap,
+    /// A format-2 version map that does not authenticate for this object and length.
+    #[error(
+        "the object's version map failed authentication (modified, taken from another object or \
+         another version, or the object was truncated or extended)"
+    )]
+    VersionMapForged,
+    /// Writing: a chunk carried over into a new version would not be valid there
+    /// (a bug in the caller, which must seal it again).
+    #[error("chunk {chunk} must be sealed again in the new version (its length or last-chunk flag changes)")]
+    MustRewrite { chunk: u64 },
+    /// Writing: the new version map would need more runs than the metadata has room for.
+    #[error("the version map would need {runs} runs, more than the 32 it can hold; rewrite the whole object")]
+    VersionMapFull { runs: usize },
     /// The object length is impossible for this format.
     #[error(transparent)]
     Format(#[from] FormatError),

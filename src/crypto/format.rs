@@ -52,8 +52,19 @@ pub const CHUNK_CIPHER_LEN: u64 = CHUNK_PLAIN_LEN + CHUNK_OVERHEAD;
 /// Header size: fixed, so chunk offsets never depend on the envelope, and
 /// generous, so a KMS ciphertext blob fits without a format change.
 pub const HEADER_LEN: u64 = 512;
-/// Bumped on any change to the bytes this module or `object.rs` produce.
-pub const FORMAT_VERSION: u16 = 1;
+/// Bumped on any change to the bytes this module or `object.rs` produce. This is
+/// the version new objects are written in; readers accept every version in
+/// [`SUPPORTED_VERSIONS`].
+pub const FORMAT_VERSION: u16 = FORMAT_VERSION_1;
+/// Version 1: one data key and file id per object, chunks bound to their index.
+pub const FORMAT_VERSION_1: u16 = 1;
+/// Version 2: the same header layout; chunks also carry the id of the version
+/// (upload) that sealed them, and the object's metadata an authenticated map of
+/// those ids, so an object can be changed in place under its data key
+/// (`version.rs`). Nothing writes it yet.
+pub const FORMAT_VERSION_2: u16 = 2;
+/// The versions [`Header::decode`] accepts.
+pub const SUPPORTED_VERSIONS: [u16; 2] = [FORMAT_VERSION_1, FORMAT_VERSION_2];
 /// First 8 bytes of every object.
 pub const MAGIC: [u8; 8] = *b"s3cryptf";
 /// Length of the random per-object file id.
@@ -245,9 +256,12 @@ impl Envelope {
     }
 }
 
-/// A decoded version-1 header.
+/// A decoded header (version 1 or 2: the layout is the same).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Header {
+    /// [`FORMAT_VERSION_1`] or [`FORMAT_VERSION_2`]; a rewrap or KMS re-encrypt
+    /// must keep it, or the chunks no longer open.
+    pub version: u16,
     pub file_id: FileId,
     pub envelope: Envelope,
 }
@@ -255,13 +269,18 @@ pub struct Header {
 /// Header bytes 0..34: everything before the envelope. The kind-1 data-key
 /// wrap authenticates exactly these bytes, so they can only be built one way.
 pub(crate) fn header_prefix(
+    version: u16,
     file_id: &FileId,
     kind: u8,
     envelope_len: usize,
 ) -> [u8; HEADER_FIXED_LEN] {
     let mut p = [0u8; HEADER_FIXED_LEN];
     p[..OFF_VERSION].copy_from_slice(&MAGIC);
-    p[OFF_VERSION..OFF_KIND].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    assert!(
+        SUPPORTED_VERSIONS.contains(&version),
+        "invariant broken: writing a header of an unknown format version"
+    );
+    p[OFF_VERSION..OFF_KIND].copy_from_slice(&version.to_be_bytes());
     p[OFF_KIND] = kind;
     p[OFF_CHUNK_LOG2] = CHUNK_SIZE_LOG2;
     // Flags (12..16) stay zero: no flags are defined in version 1.
@@ -279,11 +298,15 @@ impl Header {
     /// (empty, too long or non-ASCII key id, empty blob, or more than
     /// [`MAX_ENVELOPE_LEN`] bytes in all), with `InvalidKmsEnvelope`. A kind-1
     /// envelope always fits.
+    ///
+    /// # Panics
+    /// If `version` is not one of [`SUPPORTED_VERSIONS`] (a bug in the caller).
     pub fn encode(&self) -> Result<[u8; HEADER_LEN as usize], CryptoError> {
         self.envelope.check()?;
         let env_len = self.envelope.encoded_len();
         let mut h = [0u8; HEADER_LEN as usize];
         h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(
+            self.version,
             &self.file_id,
             self.envelope.kind(),
             env_len,
@@ -316,7 +339,7 @@ impl Header {
             });
         }
         let version = u16::from_be_bytes([bytes[OFF_VERSION], bytes[OFF_VERSION + 1]]);
-        if version != FORMAT_VERSION {
+        if !SUPPORTED_VERSIONS.contains(&version) {
             return Err(CryptoError::UnsupportedVersion { found: version });
         }
         let Some(h) = bytes.get(..HEADER_LEN as usize) else {
@@ -393,6 +416,7 @@ impl Header {
             }
         };
         Ok(Header {
+            version,
             file_id: FileId(file_id),
             envelope,
         })
@@ -577,6 +601,7 @@ mod tests {
 
     fn kms_header(key_id: &str, blob: Vec<u8>) -> Header {
         Header {
+            version: FORMAT_VERSION,
             file_id: FileId([0x33; FILE_ID_LEN]),
             envelope: Envelope::Kms {
                 key_id: key_id.to_owned(),
@@ -590,6 +615,7 @@ mod tests {
     fn raw_kms_header(env_len: usize, env: &[u8]) -> Vec<u8> {
         let mut h = vec![0u8; HEADER_LEN as usize];
         h[..HEADER_FIXED_LEN].copy_from_slice(&header_prefix(
+            FORMAT_VERSION,
             &FileId([0x33; FILE_ID_LEN]),
             ENVELOPE_KMS,
             env_len,
@@ -792,10 +818,10 @@ mod tests {
     fn general_checks_come_before_kms_specific_ones() {
         let env = kms_env(0, b"", 0, b""); // every KMS check would fail
         let mut h = raw_kms_header(4, &env);
-        h[8..10].copy_from_slice(&2u16.to_be_bytes());
+        h[8..10].copy_from_slice(&3u16.to_be_bytes());
         assert_eq!(
             Header::decode(&h),
-            Err(CryptoError::UnsupportedVersion { found: 2 })
+            Err(CryptoError::UnsupportedVersion { found: 3 })
         );
         h[..8].copy_from_slice(b"S3CRYPTF");
         assert_eq!(Header::decode(&h), Err(CryptoError::NotOurFormat));
@@ -901,6 +927,7 @@ mod tests {
         #[test]
         fn kms_headers_that_fit_round_trip((key_id, blob) in kms_fields(), id in any::<[u8; 16]>()) {
             let header = Header {
+                version: FORMAT_VERSION,
                 file_id: FileId(id),
                 envelope: Envelope::Kms { key_id: key_id.clone(), blob: blob.clone() },
             };

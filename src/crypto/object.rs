@@ -36,6 +36,15 @@
 //! - the path binding (kept by the caller in object metadata) ties the object
 //!   to its path, so whole objects cannot be swapped.
 //!
+//! Format version 2 (`version.rs`) keeps all of this and adds one binding:
+//! each chunk's AAD also names the version (upload) that sealed it, and the
+//! object's metadata carries the version map, MAC'd under a key derived from the
+//! data key over the file id and the plaintext length ([`ObjectCipher::seal_map`],
+//! [`ObjectCipher::attach_map`]). A reader opens no chunk of a version-2 object
+//! before its map authenticates, so chunks of an older version of the same
+//! object, spliced in at the same index, fail even though the data key and file
+//! id are the same.
+//!
 //! Nonces are random per chunk (96 bits from the OS). Every object has its own
 //! data key, so the birthday bound applies per object and per key, never
 //! across the bucket; a rewritten chunk simply gets a new nonce.
@@ -49,13 +58,21 @@ use super::error::CryptoError;
 use super::format::{
     chunk_cipher_range, chunk_count, header_prefix, is_last_chunk, plain_size, Envelope, FileId,
     Header, CHUNK_CIPHER_LEN, CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, CUSTOMER_KEY_ENVELOPE_LEN,
-    ENVELOPE_CUSTOMER_KEY, FILE_ID_LEN, HEADER_FIXED_LEN, HEADER_LEN, NONCE_LEN, WRAPPED_KEY_LEN,
+    ENVELOPE_CUSTOMER_KEY, FILE_ID_LEN, FORMAT_VERSION, FORMAT_VERSION_1, FORMAT_VERSION_2,
+    HEADER_FIXED_LEN, HEADER_LEN, NONCE_LEN, WRAPPED_KEY_LEN,
 };
+use super::version::{VersionId, VersionMap, MAP_TAG_LEN, MIN_MAP_LEN, VERSION_ID_LEN};
 use super::keyfile::KeyHistory;
 use super::secret::{fill_random, DataKey, Key256, KeyFingerprint};
 
 /// Domain prefix of every chunk's AAD.
 pub const CHUNK_AAD_DOMAIN: &[u8] = b"s3cf-chunk-v1";
+/// Domain prefix of every chunk's AAD in format version 2.
+pub const CHUNK_AAD_DOMAIN_V2: &[u8] = b"s3cf-chunk-v2";
+/// HMAC message used to derive the version-map key from the data key (format 2).
+pub const MAP_KEY_DOMAIN: &[u8] = b"s3cf-map-key-v2";
+/// Domain prefix of the version-map HMAC message (format 2).
+pub const MAP_DOMAIN: &[u8] = b"s3cf-map-v2";
 /// Domain prefix of the data-key wrap AAD.
 pub const WRAP_AAD_DOMAIN: &[u8] = b"s3cf-wrap-v1";
 /// HMAC message used to derive the binding key from the data key.
@@ -72,20 +89,28 @@ pub const BINDING_LEN: usize = 16;
 type HmacSha256 = Hmac<Sha256>;
 
 const CHUNK_AAD_LEN: usize = CHUNK_AAD_DOMAIN.len() + FILE_ID_LEN + 8 + 1;
+const CHUNK_AAD_V2_LEN: usize = CHUNK_AAD_LEN + VERSION_ID_LEN;
 const WRAP_AAD_LEN: usize = WRAP_AAD_DOMAIN.len() + HEADER_FIXED_LEN + 8;
 
 /// The keys and identity of one object. Holds secrets; `Debug` hides them.
 pub struct ObjectCipher {
+    /// The header's format version: 1, or 2 (chunks carry their version id).
+    version: u16,
     file_id: FileId,
     data_key: DataKey,
     chunk_key: AeadKey,
     bind_key: Zeroizing<[u8; 32]>,
+    /// Authenticates the version map (format 2).
+    map_key: Zeroizing<[u8; 32]>,
+    /// Format 2: the authenticated version map, once attached; no chunk opens without it.
+    map: Option<VersionMap>,
     backend: AeadBackend,
 }
 
 impl std::fmt::Debug for ObjectCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObjectCipher")
+            .field("version", &self.version)
             .field("file_id", &self.file_id)
             .field("backend", &self.backend)
             .finish_non_exhaustive()
@@ -99,6 +124,20 @@ fn chunk_aad(file_id: &FileId, index: u64, is_last: bool) -> [u8; CHUNK_AAD_LEN]
     rest[..FILE_ID_LEN].copy_from_slice(&file_id.0);
     rest[FILE_ID_LEN..FILE_ID_LEN + 8].copy_from_slice(&index.to_be_bytes());
     rest[FILE_ID_LEN + 8] = u8::from(is_last);
+    aad
+}
+
+/// Format 2: `"s3cf-chunk-v2" || file_id || index || is_last || version_id` (54 bytes).
+fn chunk_aad_v2(
+    file_id: &FileId,
+    index: u64,
+    is_last: bool,
+    version: &VersionId,
+) -> [u8; CHUNK_AAD_V2_LEN] {
+    let mut aad = [0u8; CHUNK_AAD_V2_LEN];
+    aad[..CHUNK_AAD_LEN].copy_from_slice(&chunk_aad(file_id, index, is_last));
+    aad[..CHUNK_AAD_DOMAIN_V2.len()].copy_from_slice(CHUNK_AAD_DOMAIN_V2);
+    aad[CHUNK_AAD_LEN..].copy_from_slice(&version.0);
     aad
 }
 
@@ -134,6 +173,7 @@ pub fn kms_encryption_context(file_id: &FileId) -> Vec<(&'static str, String)> {
 
 /// Wrap `data_key` under `kek` and lay out the header that carries it.
 fn wrap_header(
+    version: u16,
     kek: &Key256,
     backend: AeadBackend,
     file_id: &FileId,
@@ -141,7 +181,12 @@ fn wrap_header(
     wrap_nonce: [u8; NONCE_LEN],
 ) -> [u8; HEADER_LEN as usize] {
     let fingerprint = kek.fingerprint();
-    let prefix = header_prefix(file_id, ENVELOPE_CUSTOMER_KEY, CUSTOMER_KEY_ENVELOPE_LEN);
+    let prefix = header_prefix(
+        version,
+        file_id,
+        ENVELOPE_CUSTOMER_KEY,
+        CUSTOMER_KEY_ENVELOPE_LEN,
+    );
     let mut wrapped = Vec::with_capacity(WRAPPED_KEY_LEN);
     aead::seal(
         backend,
@@ -154,6 +199,7 @@ fn wrap_header(
     let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
     wrapped_key.copy_from_slice(&wrapped);
     let header = Header {
+        version,
         file_id: *file_id,
         envelope: Envelope::CustomerKey {
             fingerprint,
@@ -178,9 +224,21 @@ impl ObjectCipher {
         keys: &KeyHistory,
         backend: AeadBackend,
     ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
+        Self::create_version(FORMAT_VERSION, keys, backend)
+    }
+
+    /// [`ObjectCipher::create`] in format `version` (1 or 2). A version-2 object
+    /// is sealed with [`ObjectCipher::seal_chunk_in`] and needs its map stored
+    /// beside it ([`ObjectCipher::seal_map`]).
+    pub fn create_version(
+        version: u16,
+        keys: &KeyHistory,
+        backend: AeadBackend,
+    ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
         let mut wrap_nonce = [0u8; NONCE_LEN];
         fill_random(&mut wrap_nonce);
-        Self::create_with(
+        Self::create_with_version(
+            version,
             keys.encrypting_key(),
             backend,
             DataKey::generate(),
@@ -207,7 +265,20 @@ impl ObjectCipher {
         blob: &[u8],
         backend: AeadBackend,
     ) -> Result<(ObjectCipher, [u8; HEADER_LEN as usize]), CryptoError> {
+        Self::create_kms_version(FORMAT_VERSION, file_id, data_key, key_id, blob, backend)
+    }
+
+    /// [`ObjectCipher::create_kms`] in format `version` (1 or 2).
+    pub fn create_kms_version(
+        version: u16,
+        file_id: FileId,
+        data_key: DataKey,
+        key_id: &str,
+        blob: &[u8],
+        backend: AeadBackend,
+    ) -> Result<(ObjectCipher, [u8; HEADER_LEN as usize]), CryptoError> {
         let header = Header {
+            version,
             file_id,
             envelope: Envelope::Kms {
                 key_id: key_id.to_owned(),
@@ -215,10 +286,11 @@ impl ObjectCipher {
             },
         }
         .encode()?;
-        Ok((Self::from_parts(file_id, data_key, backend), header))
+        Ok((Self::from_parts(version, file_id, data_key, backend), header))
     }
 
     /// Deterministic `create` for known-answer tests and fixtures.
+    #[cfg(test)]
     pub(crate) fn create_with(
         kek: &Key256,
         backend: AeadBackend,
@@ -226,22 +298,46 @@ impl ObjectCipher {
         file_id: FileId,
         wrap_nonce: [u8; NONCE_LEN],
     ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
-        let header = wrap_header(kek, backend, &file_id, &data_key, wrap_nonce);
-        (Self::from_parts(file_id, data_key, backend), header)
+        Self::create_with_version(FORMAT_VERSION_1, kek, backend, data_key, file_id, wrap_nonce)
     }
 
-    fn from_parts(file_id: FileId, data_key: DataKey, backend: AeadBackend) -> ObjectCipher {
-        let mut derived = hmac_sha256(data_key.as_bytes(), &[BIND_KEY_DOMAIN])
+    /// Deterministic `create_version` for known-answer tests and fixtures.
+    pub(crate) fn create_with_version(
+        version: u16,
+        kek: &Key256,
+        backend: AeadBackend,
+        data_key: DataKey,
+        file_id: FileId,
+        wrap_nonce: [u8; NONCE_LEN],
+    ) -> (ObjectCipher, [u8; HEADER_LEN as usize]) {
+        let header = wrap_header(version, kek, backend, &file_id, &data_key, wrap_nonce);
+        (Self::from_parts(version, file_id, data_key, backend), header)
+    }
+
+    fn derive(data_key: &DataKey, domain: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut derived = hmac_sha256(data_key.as_bytes(), &[domain])
             .finalize()
             .into_bytes();
-        let mut bind_key = Zeroizing::new([0u8; 32]);
-        bind_key.copy_from_slice(&derived);
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&derived);
         derived.as_mut_slice().zeroize();
+        key
+    }
+
+    fn from_parts(
+        version: u16,
+        file_id: FileId,
+        data_key: DataKey,
+        backend: AeadBackend,
+    ) -> ObjectCipher {
         ObjectCipher {
+            version,
             file_id,
             chunk_key: AeadKey::new(backend, data_key.as_bytes()),
+            bind_key: Self::derive(&data_key, BIND_KEY_DOMAIN),
+            map_key: Self::derive(&data_key, MAP_KEY_DOMAIN),
+            map: None,
             data_key,
-            bind_key,
             backend,
         }
     }
@@ -282,6 +378,7 @@ impl ObjectCipher {
                     .try_into()
                     .expect("invariant broken: an authenticated 48-byte wrap holds a 32-byte key");
                 Ok(Self::from_parts(
+                    decoded.version,
                     decoded.file_id,
                     DataKey::from_bytes(bytes),
                     backend,
@@ -308,7 +405,12 @@ impl ObjectCipher {
     ) -> Result<ObjectCipher, CryptoError> {
         let decoded = Header::decode(header)?;
         match decoded.envelope {
-            Envelope::Kms { .. } => Ok(Self::from_parts(decoded.file_id, data_key, backend)),
+            Envelope::Kms { .. } => Ok(Self::from_parts(
+                decoded.version,
+                decoded.file_id,
+                data_key,
+                backend,
+            )),
             Envelope::CustomerKey { fingerprint, .. } => {
                 Err(CryptoError::NeedsCustomerKey { fingerprint })
             }
@@ -327,6 +429,7 @@ impl ObjectCipher {
         let mut wrap_nonce = [0u8; NONCE_LEN];
         fill_random(&mut wrap_nonce);
         wrap_header(
+            self.version,
             new_keys.encrypting_key(),
             self.backend,
             &self.file_id,
@@ -340,6 +443,64 @@ impl ObjectCipher {
         self.file_id
     }
 
+    /// The format version of the object's header (1 or 2).
+    pub fn format_version(&self) -> u16 {
+        self.version
+    }
+
+    /// Format 2: the version map attached by [`ObjectCipher::attach_map`].
+    pub fn version_map(&self) -> Option<&VersionMap> {
+        self.map.as_ref()
+    }
+
+    /// HMAC-SHA256(map_key, `"s3cf-map-v2"` || file_id || plain_len (u64) || body).
+    fn map_mac(&self, plain_len: u64, body: &[u8]) -> HmacSha256 {
+        hmac_sha256(
+            &self.map_key[..],
+            &[MAP_DOMAIN, &self.file_id.0, &plain_len.to_be_bytes(), body],
+        )
+    }
+
+    /// The stored form of `map` (format 2), for the object's metadata: base64
+    /// (standard, no padding) of `body || tag`, where the body lists the runs and
+    /// the tag is the first 16 bytes of the map MAC over the file id, the
+    /// plaintext length and the body (docs/FORMAT.md).
+    pub fn seal_map(&self, map: &VersionMap) -> String {
+        let mut bytes = map.encode_body();
+        let tag = self.map_mac(map.plain_len(), &bytes).finalize().into_bytes();
+        bytes.extend_from_slice(&tag[..MAP_TAG_LEN]);
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD_NO_PAD, bytes)
+    }
+
+    /// Authenticates a stored map (see [`ObjectCipher::seal_map`]) for a file of
+    /// `plain_len` bytes, in constant time, before parsing it.
+    pub fn open_map(&self, stored: &str, plain_len: u64) -> Result<VersionMap, CryptoError> {
+        let bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD_NO_PAD, stored)
+                .map_err(|_| CryptoError::VersionMapForged)?;
+        if bytes.len() < MIN_MAP_LEN {
+            return Err(CryptoError::VersionMapForged);
+        }
+        let (body, tag) = bytes.split_at(bytes.len() - MAP_TAG_LEN);
+        self.map_mac(plain_len, body)
+            .verify_truncated_left(tag)
+            .map_err(|_| CryptoError::VersionMapForged)?;
+        VersionMap::decode_body(body, plain_len)
+    }
+
+    /// Makes the object readable: for format 2, authenticates `stored` (the
+    /// metadata value) for a file of `plain_len` bytes — the length the reader
+    /// derived from the object's size — and keeps it for [`ObjectCipher::open_chunk`].
+    /// Format 1 needs no map and ignores one.
+    pub fn attach_map(&mut self, stored: Option<&str>, plain_len: u64) -> Result<(), CryptoError> {
+        if self.version == FORMAT_VERSION_1 {
+            return Ok(());
+        }
+        let stored = stored.ok_or(CryptoError::MissingVersionMap)?;
+        self.map = Some(self.open_map(stored, plain_len)?);
+        Ok(())
+    }
+
     /// The AEAD backend this context uses.
     pub fn backend(&self) -> AeadBackend {
         self.backend
@@ -351,21 +512,58 @@ impl ObjectCipher {
     /// If the chunk breaks the layout every reader relies on: more than
     /// [`CHUNK_PLAIN_LEN`] bytes, a non-last chunk that is not full, or an empty
     /// last chunk after index 0. These are bugs in the caller, not bad input.
+    /// A version-1 object only: a version-2 chunk needs its version id
+    /// ([`ObjectCipher::seal_chunk_in`]); this panics on one, as a caller bug.
     pub fn seal_chunk(&self, index: u64, is_last: bool, plaintext: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce);
         self.seal_chunk_with_nonce(index, is_last, plaintext, nonce, out);
     }
 
-    /// `seal_chunk` with a caller-chosen nonce, for known-answer tests and fixtures only.
-    pub(crate) fn seal_chunk_with_nonce(
+    /// Format 2: append chunk `index`, sealed by version `version` (the id of
+    /// the upload writing it), with a fresh random nonce.
+    ///
+    /// # Panics
+    /// On a version-1 object, and for the layout violations of [`ObjectCipher::seal_chunk`].
+    pub fn seal_chunk_in(
         &self,
+        version: &VersionId,
+        index: u64,
+        is_last: bool,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce);
+        self.seal_chunk_in_with_nonce(version, index, is_last, plaintext, nonce, out);
+    }
+
+    /// `seal_chunk_in` with a caller-chosen nonce, for known-answer tests and fixtures only.
+    pub(crate) fn seal_chunk_in_with_nonce(
+        &self,
+        version: &VersionId,
         index: u64,
         is_last: bool,
         plaintext: &[u8],
         nonce: [u8; NONCE_LEN],
         out: &mut Vec<u8>,
     ) {
+        assert_eq!(
+            self.version, FORMAT_VERSION_2,
+            "invariant broken: a version id sealed into a chunk of a version-1 object"
+        );
+        Self::check_chunk_layout(index, is_last, plaintext);
+        out.reserve(plaintext.len() + CHUNK_OVERHEAD as usize);
+        out.extend_from_slice(&nonce);
+        self.chunk_key.seal(
+            &nonce,
+            &chunk_aad_v2(&self.file_id, index, is_last, version),
+            plaintext,
+            out,
+        );
+    }
+
+    fn check_chunk_layout(index: u64, is_last: bool, plaintext: &[u8]) {
         let len = plaintext.len() as u64;
         assert!(
             len <= CHUNK_PLAIN_LEN,
@@ -379,6 +577,22 @@ impl ObjectCipher {
             !is_last || index == 0 || len > 0,
             "invariant broken: only an empty file has an empty last chunk"
         );
+    }
+
+    /// `seal_chunk` with a caller-chosen nonce, for known-answer tests and fixtures only.
+    pub(crate) fn seal_chunk_with_nonce(
+        &self,
+        index: u64,
+        is_last: bool,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+        out: &mut Vec<u8>,
+    ) {
+        assert_eq!(
+            self.version, FORMAT_VERSION_1,
+            "invariant broken: a chunk of a version-2 object sealed without its version id"
+        );
+        Self::check_chunk_layout(index, is_last, plaintext);
         out.reserve(plaintext.len() + CHUNK_OVERHEAD as usize);
         out.extend_from_slice(&nonce);
         self.chunk_key.seal(
@@ -392,6 +606,10 @@ impl ObjectCipher {
     /// Authenticate chunk `index` and append its plaintext to `out`. On error
     /// `out` is unchanged. `is_last` must come from the object's size
     /// ([`super::format::is_last_chunk`]), which is what makes truncation detectable.
+    ///
+    /// Format 2: the chunk is opened with the version id the attached map gives
+    /// it (`MissingVersionMap` before [`ObjectCipher::attach_map`]; a chunk
+    /// past the map's end fails authentication).
     pub fn open_chunk(
         &self,
         index: u64,
@@ -414,14 +632,30 @@ impl ObjectCipher {
         let nonce: &[u8; NONCE_LEN] = nonce
             .try_into()
             .expect("invariant broken: split_at(NONCE_LEN)");
+        let failed = |_| CryptoError::AuthenticationFailed { chunk: index };
+        if self.version == FORMAT_VERSION_1 {
+            return self
+                .chunk_key
+                .open(
+                    nonce,
+                    &chunk_aad(&self.file_id, index, is_last),
+                    sealed,
+                    out,
+                )
+                .map_err(failed);
+        }
+        let map = self.map.as_ref().ok_or(CryptoError::MissingVersionMap)?;
+        let version = map
+            .version_of(index)
+            .ok_or(CryptoError::AuthenticationFailed { chunk: index })?;
         self.chunk_key
             .open(
                 nonce,
-                &chunk_aad(&self.file_id, index, is_last),
+                &chunk_aad_v2(&self.file_id, index, is_last, &version),
                 sealed,
                 out,
             )
-            .map_err(|_| CryptoError::AuthenticationFailed { chunk: index })
+            .map_err(failed)
     }
 
     /// The path binding to store in the object's metadata: base64 (standard, no
@@ -492,8 +726,20 @@ pub fn decrypt_object(
     backend: AeadBackend,
     bytes: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let cipher = ObjectCipher::open(bytes, keys, backend)?;
+    decrypt_object_with_map(keys, backend, bytes, None)
+}
+
+/// [`decrypt_object`] for an object of either format version: `map` is the
+/// stored version map from its metadata (needed by format 2, ignored by 1).
+pub fn decrypt_object_with_map(
+    keys: &KeyHistory,
+    backend: AeadBackend,
+    bytes: &[u8],
+    map: Option<&str>,
+) -> Result<Vec<u8>, CryptoError> {
+    let mut cipher = ObjectCipher::open(bytes, keys, backend)?;
     let plain = plain_size(bytes.len() as u64)?;
+    cipher.attach_map(map, plain)?;
     let mut out = Vec::with_capacity(plain as usize);
     for index in 0..chunk_count(plain) {
         let range = chunk_cipher_range(index, plain);
@@ -505,3 +751,5 @@ pub fn decrypt_object(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v2;

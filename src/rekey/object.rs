@@ -130,7 +130,9 @@ async fn new_header(target: &Target, head: &[u8], plan: Plan, kms_calls: &mut u6
             let moved = kms.re_encrypt(&key_id, &blob, &context, arn).await.map_err(|e| {
                 format!("{e} (ReEncrypt needs kms:ReEncryptFrom on {key_id} and kms:ReEncryptTo on {arn})")
             })?;
-            let new = Header { file_id, envelope: Envelope::Kms { key_id: moved.key_arn, blob: moved.blob } }
+            // The format version stays: a version-2 object's chunks open only under a version-2 header.
+            let version = Header::decode(head).map_err(|e| e.to_string())?.version;
+            let new = Header { version, file_id, envelope: Envelope::Kms { key_id: moved.key_arn, blob: moved.blob } }
                 .encode()
                 .map_err(|e| format!("KMS returned a blob that does not fit the header: {e}"))?;
             match Header::decode(&new) {
@@ -358,6 +360,7 @@ mod tests {
         let arn = "arn:aws:kms:us-east-1:000000000000:key/new".to_string();
         let header = |key_id: &str| {
             Header {
+                version: crypto::FORMAT_VERSION,
                 file_id: FileId([7; 16]),
                 envelope: Envelope::Kms { key_id: key_id.into(), blob: vec![1, 2, 3] },
             }

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Independent re-implementation of s3cryptfs format v1 (docs/FORMAT.md), written
-from the spec, not the Rust code. It rebuilds the golden fixtures from the fixed
-inputs used in src/crypto/object/tests.rs and compares them with v1-golden.hex
-(envelope kind 1) and v1-kms-golden.hex (envelope kind 2), so the documentation,
-the fixtures and the Rust code are checked against each other.
+"""Independent re-implementation of s3cryptfs formats v1 and v2 (docs/FORMAT.md),
+written from the spec, not the Rust code. It rebuilds the golden fixtures from the
+fixed inputs used in src/crypto/object/tests.rs and tests_v2.rs and compares them
+with v1-golden.hex (envelope kind 1), v1-kms-golden.hex (envelope kind 2) and
+v2-golden.hex (format 2, with its version maps), so the documentation, the
+fixtures and the Rust code are checked against each other.
 
 Needs the `cryptography` package. Run: python3 src/crypto/testdata/independent_check.py
 """
@@ -39,9 +40,36 @@ kms_header = (kms_prefix + kms_env).ljust(512, b"\0")
 kms_obj = kms_header + obj[512:]
 print("KMS encryption context:", {"s3cryptfs:file-id": FILE_ID.hex()})
 
+# Format 2: the same header with version 2 (so another wrap), the version id in each chunk's AAD, and the
+# version map that the object's metadata carries, MAC'd under a key derived from the data key.
+VERSION_A, VERSION_B = b"\x66" * 16, b"\x77" * 16
+PLAINTEXT_V2 = b"s3cryptfs golden fixture, format version 2\n"
+prefix2 = b"s3cryptf" + struct.pack(">HBBI", 2, 1, 16, 0) + FILE_ID + struct.pack(">H", 68)
+wrapped2 = AESGCM(KEK).encrypt(WRAP_NONCE, DATA_KEY, b"s3cf-wrap-v1" + prefix2 + fingerprint)
+header2 = (prefix2 + fingerprint + WRAP_NONCE + wrapped2).ljust(512, b"\0")
+aad2 = b"s3cf-chunk-v2" + FILE_ID + struct.pack(">Q", 0) + b"\x01" + VERSION_A
+assert len(aad2) == 54
+obj2 = header2 + CHUNK_NONCE + AESGCM(DATA_KEY).encrypt(CHUNK_NONCE, PLAINTEXT_V2, aad2)
+map_key = hmac.new(DATA_KEY, b"s3cf-map-key-v2", hashlib.sha256).digest()
+
+def version_map(plain_len, runs):
+    body = bytes([len(runs)]) + b"".join(struct.pack(">Q", first) + vid for first, vid in runs)
+    tag = hmac.new(map_key, b"s3cf-map-v2" + FILE_ID + struct.pack(">Q", plain_len) + body, hashlib.sha256).digest()[:16]
+    return base64.b64encode(body + tag).decode().rstrip("=")
+
+map_one = version_map(len(PLAINTEXT_V2), [(0, VERSION_A)])
+map_three = version_map(3 * 65536, [(0, VERSION_A), (1, VERSION_B), (2, VERSION_A)])
+print("v2 map:", map_one)
+print("v2 three-run map:", map_three)
+
 here = os.path.dirname(os.path.abspath(__file__))
 ok = True
-for name, expected in [("v1-golden.hex", obj), ("v1-kms-golden.hex", kms_obj)]:
+tests_v2 = open(os.path.join(here, "..", "object", "tests_v2.rs")).read()
+for what, value in [("GOLDEN_V2_MAP", map_one), ("GOLDEN_V2_THREE_RUNS", map_three)]:
+    pinned = f'const {what}: &str = "{value}";' in tests_v2
+    print(what, "matches tests_v2.rs:", pinned)
+    ok = ok and pinned
+for name, expected in [("v1-golden.hex", obj), ("v1-kms-golden.hex", kms_obj), ("v2-golden.hex", obj2)]:
     text = open(os.path.join(here, name)).read()
     fixture = bytes.fromhex("".join(l for l in text.splitlines() if not l.startswith("#")))
     print(name, "matches:", fixture == expected)
