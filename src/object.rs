@@ -19,6 +19,9 @@ use crate::store::UserMeta;
 
 /// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
 pub const BIND_META: &str = "s3cryptfs-bind";
+/// Metadata key (`x-amz-meta-s3cryptfs-map`) holding the version map of an object in format version 2 (see
+/// `crypto::version`): which upload sealed each chunk. A copy or rename keeps it, since it names no path.
+pub const MAP_META: &str = "s3cryptfs-map";
 
 /// Which format a stored object is in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -267,6 +270,15 @@ impl ObjectCodec {
         match self {
             ObjectCodec::Plain => None,
             ObjectCodec::Cse(c) => Some(c.binding(path)),
+        }
+    }
+
+    /// Makes a format-2 object's chunks openable: authenticates the version map from its metadata (`MAP_META`)
+    /// for a file of `plain_len` bytes, the length its stored size gives. Nothing to do for plaintext or format 1.
+    pub fn attach_map(&mut self, meta: &UserMeta, plain_len: u64) -> Result<(), crypto::CryptoError> {
+        match self {
+            ObjectCodec::Plain => Ok(()),
+            ObjectCodec::Cse(c) => c.attach_map(meta.extra.get(MAP_META).map(String::as_str), plain_len),
         }
     }
 

@@ -446,9 +446,11 @@ impl Reader {
                         (&owned.0[..], &owned.1)
                     }
                 };
-                let oc = self.codec.open(header).await.map_err(|e| Error::codec(&key, e))?;
+                let mut oc = self.codec.open(header).await.map_err(|e| Error::codec(&key, e))?;
                 oc.verify_binding(&key, meta.extra.get(BIND_META).map(String::as_str))
                     .map_err(|e| Error::crypto(&key, e))?;
+                // Format 2: no chunk opens before the version map authenticates for this length.
+                oc.attach_map(meta, self.plain_size).map_err(|e| Error::crypto(&key, e))?;
                 Ok(Arc::new(oc))
             })
             .await
@@ -499,3 +501,6 @@ impl Reader {
         Ok(pages)
     }
 }
+
+#[cfg(test)]
+mod format_v2_tests;
