@@ -125,6 +125,10 @@ pub enum CryptoError {
     /// Writing: the new version map would need more runs than the metadata has room for.
     #[error("the version map would need {runs} runs, more than the 32 it can hold; rewrite the whole object")]
     VersionMapFull { runs: usize },
+    /// Writing: the chunks sealed under the object's data key would pass the
+    /// 2^32 that random GCM nonces allow.
+    #[error("{sealed} chunks would have been sealed under this object's data key, more than 2^32; rewrite the whole object")]
+    DataKeyExhausted { sealed: u64 },
     /// The object length is impossible for this format.
     #[error(transparent)]
     Format(#[from] FormatError),

@@ -31,13 +31,20 @@ pub const VERSION_ID_LEN: usize = 16;
 /// One run as stored: its first chunk index (u64) and its version id.
 pub const RUN_LEN: usize = 8 + VERSION_ID_LEN;
 /// Most runs a map holds. The map lives in object metadata, which S3 limits to 2 KiB in all (keys and values):
-/// 32 runs are 1 + 32 × 24 + 16 = 785 bytes, 1,047 characters of base64, which leaves about 1 KiB for the other
+/// 32 runs are 9 + 32 × 24 + 16 = 793 bytes, 1,058 characters of base64, which leaves about 1 KiB for the other
 /// fields. A change that would need more runs rewrites the whole object under a fresh data key instead.
 pub const MAX_RUNS: usize = 32;
 /// Bytes of HMAC-SHA256 kept as the map's tag (128 bits, like the path binding).
 pub const MAP_TAG_LEN: usize = 16;
-/// Smallest encoded map: the count, one run and the tag.
-pub const MIN_MAP_LEN: usize = 1 + RUN_LEN + MAP_TAG_LEN;
+/// Bytes before the runs: the run count (u8) and the sealed-chunk count (u64).
+pub const MAP_FIXED_LEN: usize = 1 + 8;
+/// Smallest encoded map: the fixed fields, one run and the tag.
+pub const MIN_MAP_LEN: usize = MAP_FIXED_LEN + RUN_LEN + MAP_TAG_LEN;
+/// Most chunks ever sealed under one data key, over all versions of an object: the 2^32 invocations NIST SP
+/// 800-38D allows AES-GCM with random 96-bit nonces. Version 1 seals each chunk once per data key; in-place changes
+/// seal more under the same key, so the map counts them, and a change that would pass this rewrites the whole
+/// object under a fresh data key instead.
+pub const MAX_SEALED_CHUNKS: u64 = 1 << 32;
 
 /// The random identifier of one version (one upload) of an object, bound into the AAD of every chunk it sealed.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +80,8 @@ pub struct Run {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionMap {
     plain_len: u64,
+    /// Chunks sealed under this object's data key so far, by every version (see [`MAX_SEALED_CHUNKS`]).
+    sealed: u64,
     runs: Vec<Run>,
 }
 
@@ -92,7 +101,12 @@ pub fn must_rewrite(old_len: u64, new_len: u64) -> Range<u64> {
 impl VersionMap {
     /// A file of `plain_len` bytes sealed whole by `version` (a new object).
     pub fn whole(plain_len: u64, version: VersionId) -> VersionMap {
-        VersionMap { plain_len, runs: vec![Run { first: 0, version }] }
+        VersionMap { plain_len, sealed: chunk_count(plain_len), runs: vec![Run { first: 0, version }] }
+    }
+
+    /// Chunks sealed under the object's data key by all its versions so far.
+    pub fn sealed(&self) -> u64 {
+        self.sealed
     }
 
     /// The plaintext length the map was made for.
@@ -120,13 +134,27 @@ impl VersionMap {
     /// Fails with `MustRewrite` when a carried-over chunk would not be valid in the new version (it lies past this
     /// version's end, or the length change alters its plaintext length or last-chunk flag: see [`must_rewrite`]),
     /// and with `VersionMapFull` when the result needs more than [`MAX_RUNS`] runs (the caller then rewrites the
-    /// whole object under a fresh data key).
+    /// whole object under a fresh data key), as it does with `DataKeyExhausted` when the chunks sealed under the
+    /// data key would pass [`MAX_SEALED_CHUNKS`].
     pub fn updated(&self, new_len: u64, rewritten: &[Range<u64>], version: VersionId) -> Result<VersionMap, CryptoError> {
         let count = chunk_count(new_len);
         let old_count = chunk_count(self.plain_len);
         let mut marks: Vec<Range<u64>> =
             rewritten.iter().filter(|r| r.start < r.end).map(|r| r.start.min(count)..r.end.min(count)).collect();
         marks.sort_by_key(|r| r.start);
+        let mut newly_sealed = 0u64;
+        let mut covered = 0u64;
+        for r in &marks {
+            let start = r.start.max(covered);
+            if r.end > start {
+                newly_sealed += r.end - start;
+                covered = r.end;
+            }
+        }
+        let sealed = self.sealed.saturating_add(newly_sealed);
+        if sealed > MAX_SEALED_CHUNKS {
+            return Err(CryptoError::DataKeyExhausted { sealed });
+        }
         let is_new = |i: u64| marks.iter().any(|r| r.contains(&i));
         let mut runs: Vec<Run> = Vec::new();
         let push = |first: u64, v: VersionId, runs: &mut Vec<Run>| {
@@ -166,15 +194,16 @@ impl VersionMap {
         if runs.len() > MAX_RUNS {
             return Err(CryptoError::VersionMapFull { runs: runs.len() });
         }
-        Ok(VersionMap { plain_len: new_len, runs })
+        Ok(VersionMap { plain_len: new_len, sealed, runs })
     }
 
-    /// `count (u8) || run_0 || … ` with `run = first_chunk (u64) || version_id (16)`: the bytes the tag covers
-    /// (after the domain, file id and length) and that precede it in the stored map.
+    /// `count (u8) || sealed (u64) || run_0 || … ` with `run = first_chunk (u64) || version_id (16)`: the bytes
+    /// the tag covers (after the domain, file id and length) and that precede it in the stored map.
     pub(crate) fn encode_body(&self) -> Vec<u8> {
         let count = u8::try_from(self.runs.len()).expect("invariant broken: a version map holds at most MAX_RUNS runs");
-        let mut out = Vec::with_capacity(1 + self.runs.len() * RUN_LEN);
+        let mut out = Vec::with_capacity(MAP_FIXED_LEN + self.runs.len() * RUN_LEN);
         out.push(count);
+        out.extend_from_slice(&self.sealed.to_be_bytes());
         for r in &self.runs {
             out.extend_from_slice(&r.first.to_be_bytes());
             out.extend_from_slice(&r.version.0);
@@ -191,10 +220,15 @@ impl VersionMap {
         if count == 0 || count > MAX_RUNS {
             return malformed("the version map has no runs or more than 32");
         }
-        if rest.len() != count * RUN_LEN {
+        if rest.len() != 8 + count * RUN_LEN {
             return malformed("the version map's length does not match its run count");
         }
+        let (sealed, rest) = rest.split_at(8);
+        let sealed = u64::from_be_bytes(sealed.try_into().expect("invariant broken: split_at(8)"));
         let chunks = chunk_count(plain_len);
+        if sealed < chunks || sealed > MAX_SEALED_CHUNKS {
+            return malformed("the version map's sealed-chunk count is impossible for its length");
+        }
         let mut runs: Vec<Run> = Vec::with_capacity(count);
         for raw in rest.chunks(RUN_LEN) {
             let first = u64::from_be_bytes(raw[..8].try_into().expect("invariant broken: chunks(RUN_LEN)"));
@@ -210,7 +244,7 @@ impl VersionMap {
             }
             runs.push(run);
         }
-        Ok(VersionMap { plain_len, runs })
+        Ok(VersionMap { plain_len, sealed, runs })
     }
 }
 
@@ -229,8 +263,8 @@ mod tests {
     #[test]
     fn sizes_match_format_md() {
         assert_eq!(RUN_LEN, 24);
-        assert_eq!(MIN_MAP_LEN, 41);
-        assert_eq!(1 + MAX_RUNS * RUN_LEN + MAP_TAG_LEN, 785);
+        assert_eq!(MIN_MAP_LEN, 49);
+        assert_eq!(MAP_FIXED_LEN + MAX_RUNS * RUN_LEN + MAP_TAG_LEN, 793);
     }
 
     #[test]
@@ -244,7 +278,8 @@ mod tests {
         assert_eq!(n.version_of(100), None);
         // Rewriting the same chunk again replaces the middle run; neighbours with equal ids merge.
         let o = n.updated(100 * C, &[40..41], id(1)).unwrap();
-        assert_eq!(o, VersionMap::whole(100 * C, id(1)));
+        assert_eq!(o.runs(), VersionMap::whole(100 * C, id(1)).runs());
+        assert_eq!(o.sealed(), 102);
     }
 
     #[test]
@@ -269,6 +304,15 @@ mod tests {
     }
 
     #[test]
+    fn the_data_key_wears_out_after_2_to_the_32_sealed_chunks() {
+        let mut m = VersionMap::whole(100 * C, id(1));
+        m.sealed = MAX_SEALED_CHUNKS - 2;
+        let n = m.updated(100 * C, &[5..6, 5..7], id(2)).unwrap();
+        assert_eq!(n.sealed(), MAX_SEALED_CHUNKS, "overlapping ranges count once");
+        assert_eq!(n.updated(100 * C, &[5..6], id(3)), Err(CryptoError::DataKeyExhausted { sealed: MAX_SEALED_CHUNKS + 1 }));
+    }
+
+    #[test]
     fn too_many_runs_is_refused() {
         let mut m = VersionMap::whole(1000 * C, id(0));
         for k in 0..15u8 {
@@ -283,7 +327,8 @@ mod tests {
     fn bodies_round_trip_and_only_canonical_ones_decode() {
         let m = VersionMap::whole(100 * C, id(1)).updated(100 * C, &[3..7, 50..60], id(2)).unwrap();
         let body = m.encode_body();
-        assert_eq!(body.len(), 1 + 5 * RUN_LEN);
+        assert_eq!(body.len(), MAP_FIXED_LEN + 5 * RUN_LEN);
+        assert_eq!(m.sealed(), 100 + 4 + 10);
         assert_eq!(VersionMap::decode_body(&body, 100 * C), Ok(m.clone()));
         let bad = |b: &[u8]| VersionMap::decode_body(b, 100 * C).is_err();
         assert!(bad(&[]));
@@ -296,7 +341,10 @@ mod tests {
         assert!(bad(&not_from_zero));
         // A run past the end of a shorter file, and two neighbours with one id.
         assert!(VersionMap::decode_body(&body, 55 * C).is_err());
-        let same = VersionMap { plain_len: 100 * C, runs: vec![Run { first: 0, version: id(1) }, Run { first: 5, version: id(1) }] };
+        let mut few_sealed = body.clone();
+        few_sealed[1..9].copy_from_slice(&99u64.to_be_bytes());
+        assert!(bad(&few_sealed));
+        let same = VersionMap { plain_len: 100 * C, sealed: 100, runs: vec![Run { first: 0, version: id(1) }, Run { first: 5, version: id(1) }] };
         assert!(bad(&same.encode_body()));
     }
 

@@ -323,10 +323,10 @@ const FIXED_OTHER_VERSION: [u8; 16] = [0x77; 16];
 const GOLDEN_V2_PLAINTEXT: &[u8] = b"s3cryptfs golden fixture, format version 2\n";
 const GOLDEN_V2: &str = include_str!("../testdata/v2-golden.hex");
 /// The fixture's version map as stored in its metadata (`s3cryptfs-map`).
-const GOLDEN_V2_MAP: &str = "AQAAAAAAAAAAZmZmZmZmZmZmZmZmZmZmZmmb3uXW3rqoQQZmkjGc3r8";
-/// A three-run map of the same object for a 3 × 65536-byte file (0: 0x66…, 1: 0x77…, 2: 0x66…), pinning the
-/// encoding of several runs.
-const GOLDEN_V2_THREE_RUNS: &str = "AwAAAAAAAAAAZmZmZmZmZmZmZmZmZmZmZgAAAAAAAAABd3d3d3d3d3d3d3d3d3d3dwAAAAAAAAACZmZmZmZmZmZmZmZmZmZmZn1ycpzn3vIjvGCXqZLYrtM";
+const GOLDEN_V2_MAP: &str = "AQAAAAAAAAABAAAAAAAAAABmZmZmZmZmZmZmZmZmZmZmfYYfvPFyiYdtguLRahi7vQ";
+/// A three-run map of the same object for a 3 × 65536-byte file (0: 0x66…, 1: 0x77…, 2: 0x66…; 4 chunks sealed in
+/// all), pinning the encoding of several runs.
+const GOLDEN_V2_THREE_RUNS: &str = "AwAAAAAAAAAEAAAAAAAAAABmZmZmZmZmZmZmZmZmZmZmAAAAAAAAAAF3d3d3d3d3d3d3d3d3d3d3AAAAAAAAAAJmZmZmZmZmZmZmZmZmZmZmCs5Ep/3VKuThNXYGf8cShQ";
 
 fn fixed_v2(backend: AeadBackend) -> (ObjectCipher, [u8; 512]) {
     ObjectCipher::create_with_version(

@@ -52,13 +52,13 @@ assert len(aad2) == 54
 obj2 = header2 + CHUNK_NONCE + AESGCM(DATA_KEY).encrypt(CHUNK_NONCE, PLAINTEXT_V2, aad2)
 map_key = hmac.new(DATA_KEY, b"s3cf-map-key-v2", hashlib.sha256).digest()
 
-def version_map(plain_len, runs):
-    body = bytes([len(runs)]) + b"".join(struct.pack(">Q", first) + vid for first, vid in runs)
+def version_map(plain_len, sealed, runs):
+    body = bytes([len(runs)]) + struct.pack(">Q", sealed) + b"".join(struct.pack(">Q", first) + vid for first, vid in runs)
     tag = hmac.new(map_key, b"s3cf-map-v2" + FILE_ID + struct.pack(">Q", plain_len) + body, hashlib.sha256).digest()[:16]
     return base64.b64encode(body + tag).decode().rstrip("=")
 
-map_one = version_map(len(PLAINTEXT_V2), [(0, VERSION_A)])
-map_three = version_map(3 * 65536, [(0, VERSION_A), (1, VERSION_B), (2, VERSION_A)])
+map_one = version_map(len(PLAINTEXT_V2), 1, [(0, VERSION_A)])
+map_three = version_map(3 * 65536, 4, [(0, VERSION_A), (1, VERSION_B), (2, VERSION_A)])
 print("v2 map:", map_one)
 print("v2 three-run map:", map_three)
 
