@@ -627,6 +627,12 @@ impl Upload for MeteredUpload {
         })
     }
 
+    fn copy_part(&mut self, range: std::ops::Range<u64>, etag: &str) -> BoxFuture<'static, Result<(), StoreError>> {
+        // A part request like any other, but its bytes stay in the store: nothing is counted as sent.
+        let copy = self.inner.copy_part(range, etag);
+        Box::pin(measure(RequestKind::MultipartPart, copy))
+    }
+
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
         measure(RequestKind::MultipartComplete, self.inner.complete()).await
     }

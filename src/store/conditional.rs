@@ -157,6 +157,36 @@ impl Upload for RawUpload {
         })
     }
 
+    fn copy_part(&mut self, range: std::ops::Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        if !self.part_headers.is_empty() {
+            // SSE-C: the copy would need the source's customer-key headers as well as the part's; not sent here.
+            return Box::pin(futures::future::ready(Err(StoreError::Unsupported {
+                operation: "copying a range of an SSE-C object into a multipart upload".into(),
+            })));
+        }
+        if range.start >= range.end {
+            return Box::pin(futures::future::ready(Err(StoreError::invalid(format!(
+                "upload of {}: an empty range cannot be copied as a part",
+                self.key
+            )))));
+        }
+        let index = {
+            let mut parts = self.parts.lock().expect("invariant broken: part list lock poisoned");
+            parts.push(None);
+            parts.len()
+        };
+        self.size += range.end - range.start;
+        let (raw, path, id, etag) = (self.raw.clone(), self.path.clone(), self.upload_id.clone(), etag.to_string());
+        let parts = Arc::clone(&self.parts);
+        Box::pin(async move {
+            let number = u32::try_from(index)
+                .map_err(|_| StoreError::invalid(format!("upload of {path} has more parts than S3 allows")))?;
+            let part_etag = raw.upload_part_copy(&path, &id, number, range, &etag).await?;
+            parts.lock().expect("invariant broken: part list lock poisoned")[index - 1] = Some(part_etag);
+            Ok(())
+        })
+    }
+
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
         let result = self.finish().await;
         if matches!(result, Err(StoreError::Precondition { .. })) {
@@ -179,6 +209,9 @@ pub(crate) struct BufferedUpload {
     pub(crate) meta: super::UserMeta,
     pub(crate) expect: Expect,
     pub(crate) body: BytesMut,
+    /// Copied parts (`copy_part`): where in `body` they go, the range of the object, and the ETag it must still
+    /// have; filled in at `complete`.
+    pub(crate) copies: Vec<(usize, std::ops::Range<u64>, String)>,
 }
 
 #[async_trait]
@@ -188,8 +221,26 @@ impl Upload for BufferedUpload {
         Box::pin(futures::future::ready(Ok(())))
     }
 
+    fn copy_part(&mut self, range: std::ops::Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        // The part's place is kept now; its bytes are read (and the version checked) at `complete`.
+        let at = self.body.len();
+        self.body.resize(at + (range.end.saturating_sub(range.start)) as usize, 0);
+        self.copies.push((at, range, etag.to_string()));
+        Box::pin(futures::future::ready(Ok(())))
+    }
+
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
-        let BufferedUpload { backend, key, meta, expect, body } = *self;
+        let BufferedUpload { backend, key, meta, expect, mut body, copies } = *self;
+        for (at, range, etag) in copies {
+            let (bytes, info, _) = super::Backend::get_range(&backend, &key, range.clone()).await?;
+            if info.etag.as_deref() != Some(etag.as_str()) {
+                return Err(StoreError::Precondition { key: key.to_string() });
+            }
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(StoreError::invalid(format!("{key}: the range to copy runs past the end of the object")));
+            }
+            body[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
         backend.put_with(&key, body.freeze(), &meta, put_mode(&expect)).await
     }
 

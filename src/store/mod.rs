@@ -427,6 +427,21 @@ pub trait Upload: Send {
     /// Append the next part. The part's place is fixed when this is called; the returned future sends it, and
     /// several such futures may run at once (the caller bounds how many) before `complete`.
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>>;
+    /// Append the next part as bytes `range` of the object at this upload's own key, copied inside the store (S3
+    /// UploadPartCopy; the local store copies the file range), only if that object is still the version `etag`:
+    /// otherwise [`StoreError::Precondition`] (or `NotFound` when it is gone; a server may also call the range
+    /// invalid when the object was replaced by a shorter one, as LocalStack does, so a caller that sees an error
+    /// asks the store what is there now before it retries). This is how a large object changed
+    /// in place keeps its untouched ranges without moving them over the network. As with `put_part`, every part
+    /// but the last must be at least 5 MiB on S3, and the part's place is fixed when this is called. A store that
+    /// cannot copy answers [`StoreError::Unsupported`] and the upload is unchanged (the caller then sends those
+    /// bytes with `put_part`, or gives up the in-place update).
+    fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        let _ = (range, etag);
+        Box::pin(futures::future::ready(Err(StoreError::Unsupported {
+            operation: "copying a range of the object into a multipart upload".into(),
+        })))
+    }
     /// Publish the object made of all parts.
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError>;
     /// Discard all parts.

@@ -343,6 +343,7 @@ impl ObjectStoreBackend {
                 meta: meta.clone(),
                 expect: expect.clone(),
                 body: bytes::BytesMut::new(),
+                copies: Vec::new(),
             }));
         };
         let path = self.path(key)?;

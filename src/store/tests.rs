@@ -936,6 +936,89 @@ async fn conditional_contract(b: &dyn Backend, dir: &str) {
     assert_eq!(b.head(&marker).await.unwrap().1, dir_meta(), "the marker keeps its metadata");
 }
 
+/// `Upload::copy_part` (issue 13, objects changed in place): a new version made of ranges copied from the current
+/// one and new parts, conditional on its ETag; a copy from a version that was replaced meanwhile fails and changes
+/// nothing.
+async fn copy_part_contract(b: &dyn Backend, dir: &str) {
+    const PART: u64 = (5 << 20) + 1;
+    let k = key(&format!("{dir}in-place"));
+    let old: Vec<u8> = (0..3 * PART).map(|i| (i % 251) as u8).collect();
+    let mut up = b.put_multipart_expect(&k, &file_meta("v1"), &Expect::Absent).await.unwrap();
+    for piece in old.chunks(PART as usize) {
+        up.put_part(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    let v1 = up.complete().await.unwrap().etag.expect("etag");
+
+    // Keep the first and last thirds, replace the middle one.
+    let mut up = b.put_multipart_expect(&k, &file_meta("v2"), &Expect::Etag(v1.clone())).await.unwrap();
+    let first = up.copy_part(0..PART, &v1);
+    let middle = up.put_part(Bytes::from(vec![9u8; PART as usize]));
+    let last = up.copy_part(2 * PART..3 * PART, &v1);
+    first.await.unwrap();
+    middle.await.unwrap();
+    last.await.unwrap();
+    let v2 = up.complete().await.unwrap();
+    assert_eq!(v2.size, 3 * PART);
+    let (body, info, meta) = b.get(&k).await.unwrap();
+    assert_eq!((info.etag.as_ref(), meta), (v2.etag.as_ref(), file_meta("v2")));
+    let mut expected = old.clone();
+    expected[PART as usize..2 * PART as usize].fill(9);
+    assert!(body[..] == expected[..], "copied ranges and the new part rejoin");
+
+    // A copy from a version someone replaced after the upload began: refused, and the object stays theirs.
+    let v2 = v2.etag.expect("etag");
+    let mut up = b.put_multipart_expect(&k, &file_meta("late"), &Expect::Etag(v2.clone())).await.unwrap();
+    // As large as before, so the range is still valid and only the condition can refuse it.
+    let theirs = Bytes::from(vec![7u8; 3 * PART as usize]);
+    b.put(&k, theirs.clone(), &file_meta("other")).await.unwrap();
+    let copied = up.copy_part(0..PART, &v2).await;
+    let result = match copied {
+        Ok(()) => up.complete().await.map(|_| ()),
+        Err(e) => {
+            up.abort().await.unwrap();
+            Err(e)
+        }
+    };
+    assert!(result.as_ref().is_err_and(|e| e.is_precondition() || e.is_not_found()), "{result:?}");
+    assert!(b.get(&k).await.unwrap().0 == theirs, "the other writer's version stays");
+}
+
+#[tokio::test]
+async fn copy_part_in_memory() {
+    let b = ObjectStoreBackend::new(Arc::new(InMemory::new()), "pre").unwrap();
+    copy_part_contract(&b, "").await;
+}
+
+#[tokio::test]
+async fn copy_part_local() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(tmp.path()).unwrap();
+    copy_part_contract(&b, "").await;
+}
+
+#[tokio::test]
+async fn copy_part_s3() {
+    let endpoint = std::env::var("S3CRYPTFS_TEST_S3_ENDPOINT")
+        .expect("S3CRYPTFS_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts the S3 server");
+    let bucket = format!("copy-part-{}-{}", std::process::id(), nanos_now());
+    let status = std::process::Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+        .status()
+        .expect("curl");
+    assert!(status.success(), "could not create bucket {bucket} at {endpoint}");
+    let plain = S3Options {
+        endpoint: Some(endpoint.clone()),
+        region: Some("us-east-1".into()),
+        allow_http: true,
+        ..S3Options::default()
+    };
+    let sse_s3 = S3Options { sse: Some(ServerSideEncryption::S3), ..plain.clone() };
+    for (name, opts) in [("plain", plain), ("sse-s3", sse_s3)] {
+        let (b, _) = from_url(&format!("s3://{bucket}"), &opts).unwrap();
+        copy_part_contract(b.as_ref(), &format!("{name}/")).await;
+    }
+}
+
 /// `delete_if`: the current version's ETag deletes the object. Where the store checks the condition (`checks`:
 /// Some(true)), a stale ETag is a precondition failure and a missing object not found, and nothing changes; where it
 /// cannot (Some(false): InMemory, LocalStack's 501), it deletes as `delete` does; None accepts either (an S3 server
