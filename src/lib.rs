@@ -11,6 +11,8 @@
 //!                   │          verification pass → chunk-digest index → checked ranged reads)
 //!                   ├→ journal (staged files and their sealed records: owned, locked, crash-recoverable)
 //!                   ├→ upload (staged content → sealed chunks → conditional PUT / multipart)
+//!                   ├→ inplace (pure: which parts of a large object's new version are copied in the store and which
+//!                   │          are uploaded; for in-place updates, not wired yet)
 //!                   ├→ object (mode-specific size and chunk maths)
 //!                   ├→ cache  (byte-bounded LRU of decrypted pages, keyed by key + ETag)
 //!                   ├→ memory (the max_memory budget: reservations for buffers in flight; the cache takes the rest)
@@ -33,6 +35,7 @@ pub mod daemon;
 pub mod error_text;
 pub mod fs;
 pub mod fuse;
+pub mod inplace;
 pub mod journal;
 pub mod keys;
 pub mod kmount;

@@ -1,0 +1,351 @@
+//! Planning an in-place update of a large object: which byte ranges of the new version are copied inside the store
+//! from the old one, and which are uploaded.
+//!
+//! Why a plan of its own: S3 cannot change an object, but a multipart upload may take some parts from the object
+//! it replaces (`store::Upload::copy_part`, UploadPartCopy) and only the parts around a change over the network. So
+//! changing one byte of a 1 GiB file can move about 5 MiB each way instead of 1 GiB. The rules that make such a
+//! plan valid are all arithmetic, so they live here, pure and tested exhaustively:
+//!
+//! - both versions lay out chunk `i` at the same stored offset (the own format: `512 + i * 65564`; plaintext modes:
+//!   `i * 65536`), so an untouched chunk is copied to where it already is;
+//! - a chunk the change touches ("dirty") is sealed again (format version 2, `crypto::version`: the new version's
+//!   id); in the encrypted layout so is every chunk whose length or last-chunk flag the new length changes
+//!   ([`crate::crypto::version::must_rewrite`]), which this plan adds itself;
+//! - every part but the last is at least [`MIN_PART_LEN`] (S3's rule) and a copied part at most
+//!   [`MAX_COPY_PART_LEN`]: so a clean stretch shorter than the minimum between two changes is uploaded too (its old
+//!   bytes are fetched raw, and re-sent unchanged), and an uploaded stretch shorter than the minimum grows into its
+//!   clean neighbour;
+//! - uploaded parts are cut near [`TARGET_UPLOAD_PART_LEN`] (8 MiB, as whole uploads are), never below the minimum.
+//!
+//! The result bounds what moves: the uploaded bytes are the dirty chunks plus at most the padding that brings a
+//! stretch to the minimum; the fetched bytes are the old bytes inside uploaded parts. For one changed byte that is
+//! one part of 5 MiB each way; the tests check the bound (16 MiB) for a change, an append and a shrink of a
+//! 1 GiB file. Objects below [`MIN_IN_PLACE_LEN`] are not worth a plan (whole-file rewrite, as today).
+//!
+//! Nothing uses this yet: the writer that stages sparsely and uploads by plan is the next step (docs/FORMAT.md,
+//! "Format version 2").
+
+use std::ops::Range;
+
+use crate::crypto::{self, CHUNK_PLAIN_LEN};
+
+/// S3's smallest part, except the last.
+pub const MIN_PART_LEN: u64 = 5 << 20;
+/// S3's largest part, copied or uploaded.
+pub const MAX_COPY_PART_LEN: u64 = 5 << 30;
+/// Uploaded stretches are cut into parts of about this size, as whole uploads are (`upload::PART_SIZE`).
+pub const TARGET_UPLOAD_PART_LEN: u64 = 8 << 20;
+/// S3's most parts per upload.
+pub const MAX_PARTS: usize = 10_000;
+/// Below this stored size an object is rewritten whole: the plan would save less than a few parts' worth, and the
+/// fixed cost (a HEAD, the map, several requests) would dominate.
+pub const MIN_IN_PLACE_LEN: u64 = 32 << 20;
+
+/// How chunks sit in the stored object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Modes none and sse-*: the object is the file.
+    Plain,
+    /// The own format (cse-c, cse-kms): a 512-byte header, then sealed chunks.
+    Encrypted,
+}
+
+impl Layout {
+    fn stored_size(self, plain: u64) -> u64 {
+        match self {
+            Layout::Plain => plain,
+            Layout::Encrypted => crypto::cipher_size(plain),
+        }
+    }
+
+    fn chunk_count(self, plain: u64) -> u64 {
+        match self {
+            Layout::Plain => plain.div_ceil(CHUNK_PLAIN_LEN),
+            Layout::Encrypted => crypto::chunk_count(plain),
+        }
+    }
+
+    /// Stored bytes of chunks `chunks` of a file of `plain` bytes.
+    fn stored_range(self, chunks: Range<u64>, plain: u64) -> Range<u64> {
+        match self {
+            Layout::Plain => (chunks.start * CHUNK_PLAIN_LEN).min(plain)..(chunks.end * CHUNK_PLAIN_LEN).min(plain),
+            Layout::Encrypted => {
+                crypto::chunk_cipher_range(chunks.start, plain).start..crypto::chunk_cipher_range(chunks.end - 1, plain).end
+            }
+        }
+    }
+
+    /// Chunks that differ because the length changes, whatever was written.
+    fn forced(self, old: u64, new: u64) -> Range<u64> {
+        match self {
+            // The bytes past the old end are new; a shrink only cuts (no chunk carries a last flag).
+            Layout::Plain if old == new => 0..0,
+            Layout::Plain => (old.min(new) / CHUNK_PLAIN_LEN)..self.chunk_count(new).max(old.min(new) / CHUNK_PLAIN_LEN),
+            Layout::Encrypted => crypto::version::must_rewrite(old, new),
+        }
+    }
+}
+
+/// One part of the new version, as a range of its stored bytes (the same offsets in the old version).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Copied inside the store from the old version.
+    Copy(Range<u64>),
+    /// Sent: the dirty chunks sealed again, the other bytes of the range fetched raw from the old version.
+    Upload(Range<u64>),
+}
+
+/// A plan and what it moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub parts: Vec<Part>,
+    /// Chunks (of the new version) to seal again, sorted and disjoint.
+    pub dirty: Vec<Range<u64>>,
+    /// Bytes sent: the uploaded parts.
+    pub upload_bytes: u64,
+    /// Old bytes fetched raw to fill the uploaded parts (their bytes inside the old object and outside dirty chunks),
+    /// at most: the caller also reads the old plaintext of partly written chunks, which lie inside these parts.
+    pub fetch_bytes: u64,
+}
+
+/// Why an object is rewritten whole instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoPlan {
+    /// Smaller than [`MIN_IN_PLACE_LEN`] (old or new version).
+    TooSmall,
+    /// The plan would need more than [`MAX_PARTS`] parts.
+    TooManyParts,
+    /// The uploads would be most of the object anyway.
+    NotWorthIt,
+}
+
+/// The parts of a new version of `new_len` bytes made from the old version of `old_len` bytes, in which chunks
+/// `dirty` (of the new version) were written. The chunks the length change forces are added.
+pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) -> Result<Plan, NoPlan> {
+    let old_stored = layout.stored_size(old_len);
+    let new_stored = layout.stored_size(new_len);
+    if old_stored < MIN_IN_PLACE_LEN || new_stored < MIN_IN_PLACE_LEN {
+        return Err(NoPlan::TooSmall);
+    }
+    let count = layout.chunk_count(new_len);
+    // Dirty chunks: given and forced, clipped to the new file, merged.
+    let mut chunks: Vec<Range<u64>> = dirty.iter().cloned().chain([layout.forced(old_len, new_len)]).collect();
+    chunks.retain(|r| r.start < r.end.min(count));
+    for r in &mut chunks {
+        r.end = r.end.min(count);
+    }
+    chunks.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::new();
+    for r in chunks {
+        match merged.last_mut() {
+            Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    // Stored stretches: dirty (uploaded) or clean (copied), in order over the new object.
+    let mut stretches: Vec<(bool, Range<u64>)> = Vec::new();
+    let mut at = 0;
+    for r in &merged {
+        let s = layout.stored_range(r.clone(), new_len);
+        if s.start > at {
+            stretches.push((false, at..s.start));
+        }
+        stretches.push((true, s.start.max(at)..s.end));
+        at = s.end;
+    }
+    if at < new_stored {
+        stretches.push((false, at..new_stored));
+    }
+    // Clean bytes must exist in the old object at the same offset (they do, unless the caller left an extension
+    // out of `dirty`: then upload them, which fetches nothing).
+    let mut fixed: Vec<(bool, Range<u64>)> = Vec::new();
+    for (dirty, r) in stretches {
+        if !dirty && r.end > old_stored {
+            if r.start < old_stored {
+                fixed.push((false, r.start..old_stored));
+            }
+            fixed.push((true, r.start.max(old_stored)..r.end));
+        } else {
+            fixed.push((dirty, r));
+        }
+    }
+    let stretches = normalise(fixed);
+    let mut parts = Vec::new();
+    for (dirty, r) in &stretches {
+        let len = r.end - r.start;
+        let target = if *dirty { TARGET_UPLOAD_PART_LEN } else { MAX_COPY_PART_LEN };
+        // As many parts as the target size asks, but none below the minimum (the last stretch's only part aside).
+        let n = len.div_ceil(target).min((len / MIN_PART_LEN).max(1));
+        let mut start = r.start;
+        for k in 0..n {
+            let end = if k + 1 == n { r.end } else { start + len / n };
+            parts.push(if *dirty { Part::Upload(start..end) } else { Part::Copy(start..end) });
+            start = end;
+        }
+    }
+    if parts.len() > MAX_PARTS {
+        return Err(NoPlan::TooManyParts);
+    }
+    let dirty_stored: Vec<Range<u64>> = merged.iter().map(|r| layout.stored_range(r.clone(), new_len)).collect();
+    let mut upload_bytes = 0;
+    let mut fetch_bytes = 0;
+    for p in &parts {
+        if let Part::Upload(r) = p {
+            upload_bytes += r.end - r.start;
+            let inside_old = r.start.min(old_stored)..r.end.min(old_stored);
+            let resealed: u64 = dirty_stored
+                .iter()
+                .map(|d| inside_old.end.min(d.end).saturating_sub(inside_old.start.max(d.start)))
+                .sum();
+            fetch_bytes += (inside_old.end - inside_old.start) - resealed;
+        }
+    }
+    if upload_bytes > new_stored / 2 {
+        return Err(NoPlan::NotWorthIt);
+    }
+    Ok(Plan { parts, dirty: merged, upload_bytes, fetch_bytes })
+}
+
+/// Makes every stretch but the last at least [`MIN_PART_LEN`], left to right: a short clean stretch before the end is
+/// uploaded instead; a short (dirty) stretch takes bytes from the one after it — all of it when that one is dirty,
+/// or when the rest of a clean one would be short and is not the last. Neighbours of one kind merge. By induction
+/// only the last stretch can stay short, which S3 allows.
+fn normalise(stretches: Vec<(bool, Range<u64>)>) -> Vec<(bool, Range<u64>)> {
+    fn push(out: &mut Vec<(bool, Range<u64>)>, dirty: bool, r: Range<u64>) {
+        if r.start == r.end {
+            return;
+        }
+        match out.last_mut() {
+            Some((d, last)) if *d == dirty && last.end == r.start => last.end = r.end,
+            _ => out.push((dirty, r)),
+        }
+    }
+    let mut out: Vec<(bool, Range<u64>)> = Vec::new();
+    let n = stretches.len();
+    for (k, (dirty, mut r)) in stretches.into_iter().enumerate() {
+        let is_final = k + 1 == n;
+        let dirty = dirty || (!is_final && r.end - r.start < MIN_PART_LEN);
+        let short_by = out.last().map_or(0, |(_, last)| MIN_PART_LEN.saturating_sub(last.end - last.start));
+        if short_by > 0 {
+            // Only a dirty stretch is ever left short before the end: the taken bytes are uploaded with it.
+            let len = r.end - r.start;
+            let rest = len.saturating_sub(short_by);
+            let take = if dirty || rest == 0 || (rest < MIN_PART_LEN && !is_final) { len } else { short_by };
+            push(&mut out, true, r.start..r.start + take);
+            r.start += take;
+        }
+        push(&mut out, dirty, r);
+    }
+    debug_assert!(
+        out.iter().take(out.len().saturating_sub(1)).all(|(_, r)| r.end - r.start >= MIN_PART_LEN),
+        "invariant broken: a part plan with a short stretch before the last: {out:?}"
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    const C: u64 = CHUNK_PLAIN_LEN;
+
+    /// Every rule a plan must keep, whatever it is.
+    fn check(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>], plan: &Plan) {
+        let old_stored = layout.stored_size(old_len);
+        let new_stored = layout.stored_size(new_len);
+        let mut at = 0;
+        for (k, p) in plan.parts.iter().enumerate() {
+            let r = match p {
+                Part::Copy(r) | Part::Upload(r) => r.clone(),
+            };
+            assert_eq!(r.start, at, "parts tile the object: {:?}", plan.parts);
+            assert!(r.start < r.end, "no empty part");
+            if k + 1 < plan.parts.len() {
+                assert!(r.end - r.start >= MIN_PART_LEN, "part {k} is {} bytes: {:?}", r.end - r.start, plan.parts);
+            }
+            assert!(r.end - r.start <= MAX_COPY_PART_LEN);
+            if let Part::Copy(r) = p {
+                assert!(r.end <= old_stored, "a copy lies inside the old object");
+                for d in &plan.dirty {
+                    let s = layout.stored_range(d.clone(), new_len);
+                    assert!(r.end <= s.start || r.start >= s.end, "copy {r:?} overlaps dirty {s:?}");
+                }
+            }
+            at = r.end;
+        }
+        assert_eq!(at, new_stored, "parts end at the new size");
+        for d in dirty.iter().chain([&layout.forced(old_len, new_len)]) {
+            let count = layout.chunk_count(new_len);
+            for i in d.start..d.end.min(count) {
+                assert!(plan.dirty.iter().any(|r| r.contains(&i)), "chunk {i} is sealed again");
+            }
+        }
+    }
+
+    #[test]
+    fn one_byte_in_the_middle_of_1_gib_moves_one_part_each_way() {
+        for layout in [Layout::Encrypted, Layout::Plain] {
+            let dirty = [8000..8001];
+            let p = plan(layout, GIB, GIB, &dirty).unwrap();
+            check(layout, GIB, GIB, &dirty, &p);
+            assert_eq!(p.upload_bytes, MIN_PART_LEN, "{layout:?}: {:?}", p.parts);
+            assert!(p.fetch_bytes <= MIN_PART_LEN);
+            assert_eq!(p.parts.len(), 3, "{:?}", p.parts);
+            assert!(p.upload_bytes <= 16 * MIB && p.fetch_bytes <= 16 * MIB);
+        }
+    }
+
+    #[test]
+    fn appends_and_shrinks_of_1_gib_stay_within_16_mib() {
+        for layout in [Layout::Encrypted, Layout::Plain] {
+            // A 4 KiB append, a 1-byte shrink, a cut to half, a change in the first and the last chunk.
+            for (new_len, dirty) in [
+                (GIB + 4096, vec![]),
+                (GIB - 1, vec![]),
+                (GIB / 2 + 17, vec![]),
+                (GIB, vec![0..1]),
+                (GIB, vec![16383..16384]),
+                (GIB, vec![100..101, 5000..5002, 9000..9001]),
+            ] {
+                let p = plan(layout, GIB, new_len, &dirty).unwrap();
+                check(layout, GIB, new_len, &dirty, &p);
+                assert!(p.upload_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
+                assert!(p.fetch_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
+            }
+        }
+    }
+
+    #[test]
+    fn small_objects_and_rewrites_of_most_of_the_file_are_not_planned() {
+        assert_eq!(plan(Layout::Encrypted, 10 * MIB, 10 * MIB, &[0..1]), Err(NoPlan::TooSmall));
+        assert_eq!(plan(Layout::Plain, GIB, 10 * MIB, &[]), Err(NoPlan::TooSmall));
+        assert_eq!(plan(Layout::Plain, 64 * MIB, 64 * MIB, &[0..1000]), Err(NoPlan::NotWorthIt));
+    }
+
+    proptest! {
+        #[test]
+        fn plans_keep_every_rule(
+            encrypted in any::<bool>(),
+            old in 32 * MIB..300 * MIB, delta in -(40 * MIB as i64)..40 * MIB as i64,
+            marks in proptest::collection::vec((0..5000u64, 1..200u64), 0..6),
+        ) {
+            let layout = if encrypted { Layout::Encrypted } else { Layout::Plain };
+            let new = old.saturating_add_signed(delta);
+            let dirty: Vec<Range<u64>> = marks.iter().map(|&(s, l)| s..s + l).collect();
+            match plan(layout, old, new, &dirty) {
+                Ok(p) => {
+                    check(layout, old, new, &dirty, &p);
+                    // What moves is the dirty data plus at most a minimum part of padding per stretch.
+                    let dirty_chunks: u64 = p.dirty.iter().map(|r| r.end - r.start).sum();
+                    let stretches = p.dirty.len() as u64 + 1;
+                    prop_assert!(p.upload_bytes <= dirty_chunks * (C + 28) + stretches * 3 * MIN_PART_LEN, "{:?}", p);
+                }
+                Err(NoPlan::TooSmall) => prop_assert!(layout.stored_size(new) < MIN_IN_PLACE_LEN || layout.stored_size(old) < MIN_IN_PLACE_LEN),
+                Err(_) => {}
+            }
+        }
+    }
+}
