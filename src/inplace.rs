@@ -244,6 +244,7 @@ fn normalise(stretches: Vec<(bool, Range<u64>)>) -> Vec<(bool, Range<u64>)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // a list of one chunk range is what these calls mean
 mod tests {
     use super::*;
     use proptest::prelude::*;

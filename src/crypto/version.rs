@@ -249,6 +249,7 @@ impl VersionMap {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // a list of one chunk range is what these calls mean
 mod tests {
     use super::*;
     use crate::crypto::CHUNK_PLAIN_LEN;

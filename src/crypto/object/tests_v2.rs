@@ -3,6 +3,8 @@
 //! in at the same index, reordering, truncation and extension, and maps that are forged, stale or from another
 //! object.
 
+#![allow(clippy::single_range_in_vec_init)] // a list of one chunk range is what these calls mean
+
 use super::*;
 use crate::crypto::format::{chunk_plain_range, cipher_size, FORMAT_VERSION_2};
 use crate::crypto::version::{must_rewrite, Run, VersionId, VersionMap};
