@@ -22,12 +22,26 @@
 //! one part of 5 MiB each way; the tests check the issue's bound (16 MiB) for a change, an append and a shrink of a
 //! 1 GiB file. Objects below [`MIN_IN_PLACE_LEN`] are not worth a plan (whole-file rewrite, as today).
 //!
-//! Nothing uses this yet: the writer that stages sparsely and uploads by plan is the next step (docs/FORMAT.md,
-//! "Format version 2").
+//! [`update`] carries a plan out against a store: copies, fetches the old bytes of the uploaded parts raw (checked
+//! against the old ETag), seals the dirty chunks under the old data key with a fresh version id (each once, even
+//! when it straddles two parts), and completes the upload on the old ETag, with the new version map in the
+//! metadata. Anything it cannot do in place (a small object, a version-1 object, a full map, a store without
+//! copies) it reports as [`Fallback`] before anything is visible, and the caller rewrites the file whole.
+//!
+//! Nothing in the mount uses this yet: the writer that stages sparsely (only the touched chunks, with the base
+//! version in the journal record) and calls [`update`] on close is the next step (docs/FORMAT.md, "Format
+//! version 2").
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
-use crate::crypto::{self, CHUNK_PLAIN_LEN};
+use bytes::Bytes;
+
+use crate::crypto::version::VersionId;
+use crate::crypto::{self, CryptoError, ObjectCipher, CHUNK_PLAIN_LEN};
+use crate::object::{BIND_META, MAP_META};
+use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta};
+use crate::upload::Source;
 
 /// S3's smallest part, except the last.
 pub const MIN_PART_LEN: u64 = 5 << 20;
@@ -206,6 +220,157 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
     Ok(Plan { parts, dirty: merged, upload_bytes, fetch_bytes })
 }
 
+/// Why an update is not done in place (nothing was made visible; rewrite the file whole).
+#[derive(Debug)]
+pub enum Fallback {
+    NoPlan(NoPlan),
+    /// The object is in format version 1 (or its cipher has no version map): chunks cannot be told apart by version.
+    FormatVersion1,
+    /// The version map is full, or the data key has sealed its share of chunks.
+    Map(CryptoError),
+    /// The store cannot copy parts (see `Upload::copy_part`).
+    CopyUnsupported,
+}
+
+/// The old version an update replaces.
+pub struct Base<'a> {
+    /// Its ETag: every copy and fetch, and the completion, are conditional on it.
+    pub etag: &'a str,
+    /// Its plaintext length.
+    pub plain_len: u64,
+    /// Encrypted layout: the old object's cipher with its version map attached (`ObjectCipher::attach_map`).
+    pub cipher: Option<&'a ObjectCipher>,
+}
+
+/// Stores a new version of `new_len` bytes at `path` in place of `base`, in which chunks `dirty` changed; `src`
+/// gives the new plaintext of (at least) every chunk that is sealed again, `meta` the new attributes. `Ok(Err(_))`:
+/// not done, nothing visible, rewrite whole. `Err(e)`: a store error; a precondition or not-found error means the
+/// object is no longer `base` (another writer), as for a whole upload.
+#[allow(clippy::too_many_arguments)]
+pub async fn update(
+    backend: &dyn Backend,
+    layout: Layout,
+    path: &str,
+    base: &Base<'_>,
+    src: &dyn Source,
+    new_len: u64,
+    dirty: &[Range<u64>],
+    mut meta: UserMeta,
+) -> Result<Result<ObjectInfo, Fallback>, StoreError> {
+    let plan = match plan(layout, base.plain_len, new_len, dirty) {
+        Ok(p) => p,
+        Err(why) => return Ok(Err(Fallback::NoPlan(why))),
+    };
+    let version = VersionId::random();
+    let cipher = match layout {
+        Layout::Plain => None,
+        Layout::Encrypted => {
+            let Some((cipher, map)) = base.cipher.and_then(|c| c.version_map().map(|m| (c, m))) else {
+                return Ok(Err(Fallback::FormatVersion1));
+            };
+            let new_map = match map.updated(new_len, &plan.dirty, version) {
+                Ok(m) => m,
+                Err(e) => return Ok(Err(Fallback::Map(e))),
+            };
+            meta.extra.insert(MAP_META.to_string(), cipher.seal_map(&new_map));
+            meta.extra.insert(BIND_META.to_string(), cipher.binding(path));
+            Some(cipher)
+        }
+    };
+    let key = ObjectKey::new(path)?;
+    let old_stored = layout.stored_size(base.plain_len);
+    let mut upload = backend.put_multipart_expect(&key, &meta, &Expect::Etag(base.etag.to_string())).await?;
+    let mut sealed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let result: Result<Result<(), Fallback>, StoreError> = async {
+        for part in &plan.parts {
+            match part {
+                Part::Copy(r) => match upload.copy_part(r.clone(), base.etag).await {
+                    Err(StoreError::Unsupported { .. }) => return Ok(Err(Fallback::CopyUnsupported)),
+                    other => other?,
+                },
+                Part::Upload(r) => {
+                    let body = build_part(backend, &key, layout, cipher, &version, base, old_stored, src, new_len, &plan.dirty, r.clone(), &mut sealed).await?;
+                    upload.put_part(body).await?;
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+    .await;
+    if let Ok(Ok(())) = result {
+        return upload.complete().await.map(Ok);
+    }
+    if let Err(e) = upload.abort().await {
+        tracing::warn!(key = path, error = %e, "could not abort a failed in-place update");
+    }
+    match result {
+        Ok(Err(fallback)) => Ok(Err(fallback)),
+        Err(e) => Err(e),
+        Ok(Ok(())) => unreachable!("invariant broken: a finished plan was completed above"),
+    }
+}
+
+/// The bytes of uploaded part `r`: the old bytes fetched raw, with every dirty chunk overlapping it sealed again
+/// (a chunk across a part boundary is sealed once and kept in `sealed` for the next part).
+#[allow(clippy::too_many_arguments)]
+async fn build_part(
+    backend: &dyn Backend,
+    key: &ObjectKey,
+    layout: Layout,
+    cipher: Option<&ObjectCipher>,
+    version: &VersionId,
+    base: &Base<'_>,
+    old_stored: u64,
+    src: &dyn Source,
+    new_len: u64,
+    dirty: &[Range<u64>],
+    r: Range<u64>,
+    sealed: &mut BTreeMap<u64, Vec<u8>>,
+) -> Result<Bytes, StoreError> {
+    let mut body = vec![0u8; (r.end - r.start) as usize];
+    let old_end = r.end.min(old_stored);
+    if r.start < old_end {
+        let (bytes, info, _) = backend.get_range(key, r.start..old_end).await?;
+        if info.etag.as_deref() != Some(base.etag) {
+            return Err(StoreError::Precondition { key: key.to_string() });
+        }
+        if bytes.len() as u64 != old_end - r.start {
+            return Err(StoreError::Precondition { key: key.to_string() });
+        }
+        body[..bytes.len()].copy_from_slice(&bytes);
+    }
+    for d in dirty {
+        for i in d.clone() {
+            let stored = layout.stored_range(i..i + 1, new_len);
+            if stored.end <= r.start || stored.start >= r.end {
+                continue;
+            }
+            if let std::collections::btree_map::Entry::Vacant(slot) = sealed.entry(i) {
+                let plain_range = crypto::chunk_plain_range(i, new_len);
+                let mut plain = vec![0u8; (plain_range.end - plain_range.start) as usize];
+                src.read_exact_at(&mut plain, plain_range.start).map_err(|e| StoreError::other(key.as_str(), e))?;
+                let bytes = match cipher {
+                    Some(c) => {
+                        let mut out = Vec::with_capacity(plain.len() + crypto::CHUNK_OVERHEAD as usize);
+                        c.seal_chunk_in(version, i, crypto::is_last_chunk(i, new_len), &plain, &mut out);
+                        out
+                    }
+                    None => plain,
+                };
+                slot.insert(bytes);
+            }
+            let bytes = &sealed[&i];
+            let from = stored.start.max(r.start);
+            let to = stored.end.min(r.end);
+            body[(from - r.start) as usize..(to - r.start) as usize]
+                .copy_from_slice(&bytes[(from - stored.start) as usize..(to - stored.start) as usize]);
+        }
+    }
+    // Chunks wholly before this part's end are done with.
+    sealed.retain(|&i, _| layout.stored_range(i..i + 1, new_len).end > r.end);
+    Ok(Bytes::from(body))
+}
+
 /// Makes every stretch but the last at least [`MIN_PART_LEN`], left to right: a short clean stretch before the end is
 /// uploaded instead; a short (dirty) stretch takes bytes from the one after it — all of it when that one is dirty,
 /// or when the rest of a clean one would be short and is not the last. Neighbours of one kind merge. By induction
@@ -350,3 +515,9 @@ mod tests {
         }
     }
 }
+
+/// [`update`] against a store that counts what crosses the network, with the new version read back through the
+/// read path and compared with a model of the file.
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // a list of one chunk range is what these calls mean
+mod update_tests;
