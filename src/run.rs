@@ -730,6 +730,9 @@ fn serve(
         }
     }
 
+    // Directory indexes this mount's changes mark are written in the background, once each directory is quiet.
+    rt.block_on(async { fs.start_index_writer() });
+
     // What `s3cryptfs unmount` and umount(8) wait on (see crate::unmount); a mount without it still works.
     let state = match crate::unmount::MountState::create(&std::fs::canonicalize(&config.mountpoint).unwrap_or_else(|_| config.mountpoint.clone())) {
         Ok(s) => Some(s),
