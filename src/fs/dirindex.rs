@@ -60,6 +60,8 @@ pub const MAX_DELAY: Duration = Duration::from_secs(10);
 const OWN_WRITE_SKEW_SECS: i64 = 2;
 /// Conditional writes tried per index write before giving up until the next change (each lost race re-lists).
 const WRITE_ATTEMPTS: usize = 5;
+/// Directories remembered as having an incomplete index (a number each; forgotten all at once when full).
+const MAX_INCOMPLETE: usize = 100_000;
 /// Directory paths remembered for "logged once" (bounded; forgotten all at once when full).
 const MAX_WARNED: usize = 1024;
 
@@ -408,6 +410,21 @@ impl Fs {
         self.index.wake.notify_one();
     }
 
+    /// Directory `dir` has files its index does not vouch for: rewritten once the HEADs that follow filled the table.
+    fn index_incomplete(&self, dir: u64) {
+        if !self.index_writes() {
+            return;
+        }
+        {
+            let mut incomplete = lock(&self.index.incomplete);
+            if incomplete.len() >= MAX_INCOMPLETE {
+                incomplete.clear(); // their indexes are then rewritten after their next change or listing only
+            }
+            incomplete.insert(dir);
+        }
+        self.index_touch(dir);
+    }
+
     /// Attributes of a file in `dir` were read from the store: worth writing down if `dir`'s index lacked them.
     pub(super) fn index_learned(&self, dir: u64) {
         if lock(&self.index.incomplete).contains(&dir) {
@@ -507,8 +524,7 @@ impl Fs {
         let listed_index = listing.objects.iter().any(|o| o.key.as_str() == key);
         let entries = if listed_index { self.read_index(&key).await } else { None };
         let Some(entries) = entries else {
-            lock(&self.index.incomplete).insert(dir);
-            self.index_touch(dir);
+            self.index_incomplete(dir);
             return;
         };
         let now = Instant::now();
@@ -547,8 +563,7 @@ impl Fs {
         }
         if missed > 0 {
             tracing::debug!(key, missed, "the directory index did not vouch for every listed file; rewriting it");
-            lock(&self.index.incomplete).insert(dir);
-            self.index_touch(dir);
+            self.index_incomplete(dir);
         }
     }
 
@@ -671,12 +686,12 @@ impl Fs {
         tracing::warn!(dir, "gave up writing a directory index after losing {WRITE_ATTEMPTS} races with other writers");
     }
 
-    /// Removes the index of the directory at `path` (rmdir), after any write of it in progress; marked changes of
-    /// the directory `dir` are dropped.
-    pub(super) async fn remove_index(&self, dir: u64, path: &str) -> Result<(), StoreError> {
+    /// Removes the index of the directory at `path` (rmdir) if `exists` (its listing showed one), after any write of
+    /// it in progress; marked changes of the directory `dir` are dropped.
+    pub(super) async fn remove_index(&self, dir: u64, path: &str, exists: bool) -> Result<(), StoreError> {
         lock(&self.index.dirty).remove(&dir);
         lock(&self.index.incomplete).remove(&dir);
-        if !self.index_reads() {
+        if !exists {
             return Ok(());
         }
         let _writing = self.index.writing.lock().await;

@@ -1283,9 +1283,9 @@ impl Fs {
         if self.attr_of(ino)?.kind != FileKind::Dir {
             return Err(Error::NotDir);
         }
-        self.ensure_empty(ino, &path).await?;
+        let has_index = self.ensure_empty(ino, &path).await?;
         // The index first: left behind it would keep a directory without a marker in listings.
-        self.remove_index(ino, &path).await.map_err(|e| Error::store(dirindex::index_key(&path), e))?;
+        self.remove_index(ino, &path, has_index).await.map_err(|e| Error::store(dirindex::index_key(&path), e))?;
         self.backend.delete(&dir_key(&path)?).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         let mut table = lock(&self.table);
         table.detach(parent, &name);
@@ -1293,7 +1293,8 @@ impl Fs {
         Ok(())
     }
 
-    async fn ensure_empty(&self, ino: u64, path: &str) -> Result<()> {
+    /// ENOTEMPTY unless the directory at `path` has no entries; returns whether it has an index object (no entry).
+    async fn ensure_empty(&self, ino: u64, path: &str) -> Result<bool> {
         let pending = {
             let table = lock(&self.table);
             table.children_of(ino).into_iter().any(|c| {
@@ -1311,7 +1312,7 @@ impl Fs {
         if others {
             return Err(Error::NotEmpty);
         }
-        Ok(())
+        Ok(listing.objects.iter().any(|o| dirindex::is_index_key(o.key.as_str())))
     }
 
     /// rename(2), for files, symlinks and whole directories. `noreplace` is RENAME_NOREPLACE.
@@ -1348,7 +1349,9 @@ impl Fs {
             match (kind == FileKind::Dir, tkind == FileKind::Dir) {
                 (false, true) => return Err(Error::IsDir),
                 (true, false) => return Err(Error::NotDir),
-                (true, true) => self.ensure_empty(t, &to).await?,
+                (true, true) => {
+                    self.ensure_empty(t, &to).await?;
+                }
                 (false, false) => {}
             }
         }
