@@ -137,24 +137,24 @@ pub fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(INDEX_HEADER_LEN + entries.len() * 96);
     out.extend_from_slice(MAGIC);
     out.push(INDEX_VERSION);
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
     for e in entries {
         // Names are at most 255 bytes (NAME_MAX), ETags a few dozen, symlink targets at most PATH_MAX: the length
         // fields cannot overflow for anything the filesystem accepts; longer values are left out (the entry with them).
-        out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
         out.extend_from_slice(e.name.as_bytes());
         out.push(e.identity.etag.len() as u8);
         out.extend_from_slice(e.identity.etag.as_bytes());
-        out.extend_from_slice(&e.identity.size.to_le_bytes());
-        out.extend_from_slice(&e.identity.modified.to_le_bytes());
-        out.extend_from_slice(&e.mode.to_le_bytes());
-        out.extend_from_slice(&e.uid.to_le_bytes());
-        out.extend_from_slice(&e.gid.to_le_bytes());
-        out.extend_from_slice(&e.mtime.0.to_le_bytes());
-        out.extend_from_slice(&e.mtime.1.to_le_bytes());
-        out.extend_from_slice(&e.rdev.to_le_bytes());
+        out.extend_from_slice(&e.identity.size.to_be_bytes());
+        out.extend_from_slice(&e.identity.modified.to_be_bytes());
+        out.extend_from_slice(&e.mode.to_be_bytes());
+        out.extend_from_slice(&e.uid.to_be_bytes());
+        out.extend_from_slice(&e.gid.to_be_bytes());
+        out.extend_from_slice(&e.mtime.0.to_be_bytes());
+        out.extend_from_slice(&e.mtime.1.to_be_bytes());
+        out.extend_from_slice(&e.rdev.to_be_bytes());
         out.push(format_code(e.format));
-        out.extend_from_slice(&(e.target.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(e.target.len() as u16).to_be_bytes());
         out.extend_from_slice(&e.target);
     }
     out
@@ -185,16 +185,16 @@ impl<'a> Cursor<'a> {
         Ok(self.array::<1>()?[0])
     }
     fn u16(&mut self) -> Result<u16, IndexError> {
-        Ok(u16::from_le_bytes(self.array()?))
+        Ok(u16::from_be_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32, IndexError> {
-        Ok(u32::from_le_bytes(self.array()?))
+        Ok(u32::from_be_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64, IndexError> {
-        Ok(u64::from_le_bytes(self.array()?))
+        Ok(u64::from_be_bytes(self.array()?))
     }
     fn i64(&mut self) -> Result<i64, IndexError> {
-        Ok(i64::from_le_bytes(self.array()?))
+        Ok(i64::from_be_bytes(self.array()?))
     }
     fn text(&mut self, n: usize) -> Result<String, IndexError> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| IndexError::Malformed { what: "a name is not UTF-8" })
@@ -769,16 +769,16 @@ mod tests {
         e.target = b"t".to_vec();
         let bytes = encode(&[e]);
         let mut want = b"s3cfidx\x01".to_vec();
-        want.extend_from_slice(&1u32.to_le_bytes());
+        want.extend_from_slice(&1u32.to_be_bytes());
         want.extend_from_slice(&[2, 0, b'a', b'b', 3, b'"', b'x', b'"']);
-        want.extend_from_slice(&1234u64.to_le_bytes());
-        want.extend_from_slice(&1_700_000_000i64.to_le_bytes());
-        want.extend_from_slice(&(libc::S_IFREG | 0o640).to_le_bytes());
-        want.extend_from_slice(&1000u32.to_le_bytes());
-        want.extend_from_slice(&100u32.to_le_bytes());
-        want.extend_from_slice(&1_699_999_999i64.to_le_bytes());
-        want.extend_from_slice(&123_456_789u32.to_le_bytes());
-        want.extend_from_slice(&0u32.to_le_bytes());
+        want.extend_from_slice(&1234u64.to_be_bytes());
+        want.extend_from_slice(&1_700_000_000i64.to_be_bytes());
+        want.extend_from_slice(&(libc::S_IFREG | 0o640).to_be_bytes());
+        want.extend_from_slice(&1000u32.to_be_bytes());
+        want.extend_from_slice(&100u32.to_be_bytes());
+        want.extend_from_slice(&1_699_999_999i64.to_be_bytes());
+        want.extend_from_slice(&123_456_789u32.to_be_bytes());
+        want.extend_from_slice(&0u32.to_be_bytes());
         want.push(0);
         want.extend_from_slice(&[1, 0, b't']);
         assert_eq!(bytes, want, "format changed: bump the version");
@@ -798,7 +798,7 @@ mod tests {
         v2[7] = 2;
         assert!(matches!(decode(&v2), Err(IndexError::UnsupportedVersion { found: 2 })));
         let mut huge = good.clone();
-        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(decode(&huge), Err(IndexError::Malformed { .. })));
         // Unsorted or duplicate names.
         let mut twice = sample();
@@ -806,7 +806,7 @@ mod tests {
         let mut raw = encode(&[twice[0].clone()]);
         let second = encode(&[twice[1].clone()]);
         raw.extend_from_slice(&second[INDEX_HEADER_LEN..]);
-        raw[8..12].copy_from_slice(&2u32.to_le_bytes());
+        raw[8..12].copy_from_slice(&2u32.to_be_bytes());
         assert!(matches!(decode(&raw), Err(IndexError::Malformed { what: "entries are not sorted by name" })));
     }
 
