@@ -770,7 +770,7 @@ mod tests {
         let bytes = encode(&[e]);
         let mut want = b"s3cfidx\x01".to_vec();
         want.extend_from_slice(&1u32.to_be_bytes());
-        want.extend_from_slice(&[2, 0, b'a', b'b', 3, b'"', b'x', b'"']);
+        want.extend_from_slice(&[0, 2, b'a', b'b', 3, b'"', b'x', b'"']);
         want.extend_from_slice(&1234u64.to_be_bytes());
         want.extend_from_slice(&1_700_000_000i64.to_be_bytes());
         want.extend_from_slice(&(libc::S_IFREG | 0o640).to_be_bytes());
@@ -780,7 +780,7 @@ mod tests {
         want.extend_from_slice(&123_456_789u32.to_be_bytes());
         want.extend_from_slice(&0u32.to_be_bytes());
         want.push(0);
-        want.extend_from_slice(&[1, 0, b't']);
+        want.extend_from_slice(&[0, 1, b't']);
         assert_eq!(bytes, want, "format changed: bump the version");
     }
 
@@ -840,6 +840,114 @@ mod tests {
         let (body, meta) = seal(&Codec::Plain, "d/.s3cryptfs-index", &plain).await.unwrap();
         assert_eq!(&body[..], &plain[..]);
         assert_eq!(open(&Codec::Plain, "d/.s3cryptfs-index", &body, &meta).await.unwrap(), plain);
+    }
+
+    /// A store that, before the first index write it forwards, lets another mount write its index: the first write
+    /// then loses the race (its condition names what it read, which is no longer there).
+    struct Racing {
+        inner: crate::store::ObjectStoreBackend,
+        other: tokio::sync::Mutex<Option<Arc<Fs>>>,
+        index_puts: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Backend for Racing {
+        async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+            self.inner.head(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &ObjectKey,
+            range: std::ops::Range<u64>,
+        ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            self.inner.get_range(key, range).await
+        }
+        async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+            self.inner.get(key).await
+        }
+        async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
+            if is_index_key(key.as_str()) {
+                self.index_puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(other) = self.other.lock().await.take() {
+                    other.flush_indexes(true).await;
+                }
+            }
+            self.inner.put_expect(key, body, meta, expect).await
+        }
+        async fn put_multipart_expect(
+            &self,
+            key: &ObjectKey,
+            meta: &UserMeta,
+            expect: &Expect,
+        ) -> Result<Box<dyn crate::store::Upload>, StoreError> {
+            self.inner.put_multipart_expect(key, meta, expect).await
+        }
+        async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
+            self.inner.copy(from, to, meta).await
+        }
+        async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
+            self.inner.update_meta(key, meta).await
+        }
+        async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+            self.inner.list(dir, recursive).await
+        }
+        async fn check_access(&self) -> Result<(), StoreError> {
+            self.inner.check_access().await
+        }
+    }
+
+    async fn mount(store: Arc<dyn crate::store::Backend>, dir: &std::path::Path) -> Arc<Fs> {
+        let journal = crate::journal::Journal::open(dir, "mem://test", crate::journal::Keying::Local, AeadBackend::AwsLc)
+            .await
+            .unwrap();
+        let config = super::super::FsConfig {
+            uid: 0,
+            gid: 0,
+            umask: 0o022,
+            read_only: false,
+            attr_ttl: Duration::from_secs(1),
+            max_readahead: 1 << 20,
+            s3ec: Default::default(),
+        };
+        let cache = Arc::new(crate::cache::PageCache::new(1 << 20));
+        Arc::new(Fs::new(store, Codec::Plain, cache, Arc::new(journal), config))
+    }
+
+    async fn write_file(fs: &Fs, name: &str) {
+        let caller = super::super::Caller { uid: 0, gid: 0 };
+        let (_, fh) = fs.create(super::super::ROOT_INO, std::ffi::OsStr::new(name), 0o640, libc::O_WRONLY, caller).await.unwrap();
+        fs.write(fh, 0, name.as_bytes()).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+
+    /// Two mounts write the same directory's index at the same time: the one that loses the race (its conditional
+    /// write names the index version it read) lists and reads again and merges, so the index keeps both mounts'
+    /// files. Without the condition the second write would replace the first.
+    #[tokio::test]
+    async fn a_lost_race_for_the_index_merges_instead_of_overwriting() {
+        let mem: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let backend = || crate::store::ObjectStoreBackend::new(mem.clone(), "").unwrap();
+        let racing = Arc::new(Racing {
+            inner: backend(),
+            other: tokio::sync::Mutex::new(None),
+            index_puts: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let a = mount(racing.clone(), &tmp.path().join("a")).await;
+        let b = mount(Arc::new(backend()), &tmp.path().join("b")).await;
+        write_file(&a, "from-a").await;
+        write_file(&b, "from-b").await;
+        *racing.other.lock().await = Some(b.clone());
+        a.flush_indexes(true).await;
+        assert_eq!(racing.index_puts.load(std::sync::atomic::Ordering::SeqCst), 2, "a's first write must lose, the second land");
+        let (body, _, meta) = crate::store::Backend::get(&backend(), &ObjectKey::new(INDEX_NAME).unwrap()).await.unwrap();
+        let entries = decode(&open(&Codec::Plain, INDEX_NAME, &body, &meta).await.unwrap()).unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["from-a", "from-b"], "an index write lost the other mount's entry");
+        assert!(entries.iter().all(|e| e.mode == libc::S_IFREG | 0o640));
     }
 
     #[test]
