@@ -18,8 +18,8 @@
 //!   altered or moved to another directory without the key. One that fails to open is logged once and ignored.
 //!   Elsewhere it is stored like every object of the mount's mode.
 //! - **Written late, conditionally, never lost to a race.** Changes mark the directory; a writer task writes each
-//!   marked directory's index once it has been quiet for [`QUIET`] (at the latest [`MAX_DELAY`] after its first change),
-//!   and unmount writes what is left. A write lists the directory, reads the current index, merges (this mount's
+//!   marked directory's index once it has been quiet for [`QUIET`] (at the latest [`MAX_DELAY`] after its first
+//!   change), and unmount writes what is left. A write lists the directory, reads the current index, merges (this mount's
 //!   attributes where it knows the listed version, the index's entries whose identity still matches, nothing for the
 //!   rest) and stores it conditionally on the index version it read (`If-Match`, or `If-None-Match: *` for a new
 //!   one); a lost race starts over from the listing, so two mounts keep each other's entries.
@@ -162,7 +162,9 @@ pub fn encode(entries: &[Entry]) -> Vec<u8> {
 
 /// Whether `e` fits the length fields of [`encode`].
 fn encodable(e: &Entry) -> bool {
-    e.name.len() <= u16::MAX as usize && e.identity.etag.len() <= u8::MAX as usize && e.target.len() <= u16::MAX as usize
+    e.name.len() <= u16::MAX as usize
+        && e.identity.etag.len() <= u8::MAX as usize
+        && e.target.len() <= u16::MAX as usize
 }
 
 struct Cursor<'a> {
@@ -615,6 +617,10 @@ impl Fs {
             let Some(path) = path else { return };
             let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
             let key_str = index_key(&path);
+            // A directory nested to within 17 bytes of the store's key limit has no room for an index: HEADs there.
+            if key_str.len() > self.backend.max_path_len(false) {
+                return;
+            }
             let Ok(key) = ObjectKey::new(key_str.as_str()) else { return };
             let listing = match self.backend.list(&prefix, false).await {
                 Ok(l) => l,
@@ -635,7 +641,8 @@ impl Fs {
                 files
                     .into_iter()
                     .filter_map(|(name, id)| {
-                        let known = table.child(dir, &name).and_then(|c| table.get(c)).and_then(|n| self.known_entry(n, &name, &id));
+                        let node = table.child(dir, &name).and_then(|c| table.get(c));
+                        let known = node.and_then(|n| self.known_entry(n, &name, &id));
                         known.or_else(|| {
                             let i = old.binary_search_by(|e| e.name.as_str().cmp(&name)).ok()?;
                             (old[i].identity == id).then(|| old[i].clone())
@@ -865,7 +872,13 @@ mod tests {
         async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
             self.inner.get(key).await
         }
-        async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
+        async fn put_expect(
+            &self,
+            key: &ObjectKey,
+            body: Bytes,
+            meta: &UserMeta,
+            expect: &Expect,
+        ) -> Result<ObjectInfo, StoreError> {
             if is_index_key(key.as_str()) {
                 self.index_puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Some(other) = self.other.lock().await.take() {
@@ -900,9 +913,8 @@ mod tests {
     }
 
     async fn mount(store: Arc<dyn crate::store::Backend>, dir: &std::path::Path) -> Arc<Fs> {
-        let journal = crate::journal::Journal::open(dir, "mem://test", crate::journal::Keying::Local, AeadBackend::AwsLc)
-            .await
-            .unwrap();
+        let keying = crate::journal::Keying::Local;
+        let journal = crate::journal::Journal::open(dir, "mem://test", keying, AeadBackend::AwsLc).await.unwrap();
         let config = super::super::FsConfig {
             uid: 0,
             gid: 0,
@@ -918,8 +930,9 @@ mod tests {
 
     async fn write_file(fs: &Fs, name: &str) {
         let caller = super::super::Caller { uid: 0, gid: 0 };
-        let (_, fh) = fs.create(super::super::ROOT_INO, std::ffi::OsStr::new(name), 0o640, libc::O_WRONLY, caller).await.unwrap();
-        fs.write(fh, 0, name.as_bytes()).await.unwrap();
+        let name = std::ffi::OsStr::new(name);
+        let (_, fh) = fs.create(super::super::ROOT_INO, name, 0o640, libc::O_WRONLY, caller).await.unwrap();
+        fs.write(fh, 0, name.as_encoded_bytes()).await.unwrap();
         fs.release(fh).await.unwrap();
     }
 
