@@ -607,14 +607,16 @@ impl Fs {
     async fn write_index(&self, dir: u64) {
         let _writing = self.index.writing.lock().await;
         for _ in 0..WRITE_ATTEMPTS {
-            let path = {
+            let found = {
                 let table = lock(&self.table);
                 match table.get(dir) {
-                    Some(n) if n.kind == FileKind::Dir && !n.unlinked => table.path_of(dir),
+                    Some(n) if n.kind == FileKind::Dir && !n.unlinked => {
+                        table.path_of(dir).map(|p| (p, dir == super::ROOT_INO || n.has_marker))
+                    }
                     _ => None,
                 }
             };
-            let Some(path) = path else { return };
+            let Some((path, stands_alone)) = found else { return };
             let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
             let key_str = index_key(&path);
             // A directory nested to within 17 bytes of the store's key limit has no room for an index: HEADs there.
@@ -657,11 +659,12 @@ impl Fs {
             };
             let complete = entries.len() == listed;
             let result = if entries.is_empty() {
-                // Nothing to vouch for: no index (an empty one would keep a directory without a marker alive).
-                match (&current, &expect) {
-                    (Some(_), Expect::Etag(etag)) => self.backend.delete_if(&key, etag).await,
-                    (Some(_), _) => self.backend.delete(&key).await,
-                    (None, _) => Ok(()),
+                // Nothing to vouch for. An index left as it is costs nothing (its entries match no listed file), and
+                // rmdir removes it; but it would keep a directory without a marker alive, so there it goes now.
+                match (&current, &expect, stands_alone) {
+                    (None, _, _) | (Some(_), _, true) => Ok(()),
+                    (Some(_), Expect::Etag(etag), false) => self.backend.delete_if(&key, etag).await,
+                    (Some(_), _, false) => self.backend.delete(&key).await,
                 }
             } else {
                 let plain = encode(&entries);
