@@ -575,6 +575,10 @@ impl Backend for MeteredBackend {
         self.inner.max_path_len(dir)
     }
 
+    fn heads_are_cheap(&self) -> bool {
+        self.inner.heads_are_cheap()
+    }
+
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
         let result = measure(RequestKind::ReplaceHead, self.inner.replace_head(key, etag, head)).await;
         if let Ok(t) = &result {

@@ -522,7 +522,10 @@ async fn check_key(backend: &dyn Backend, codec: &Codec, mode: EncryptionMode) -
     }
     let Codec::Cse { .. } = codec else { return Ok(()) };
     let listing = backend.list("", false).await?;
-    let Some(sample) = listing.objects.iter().find(|o| !o.key.as_str().ends_with('/') && codec.plain_size(o.size).is_some())
+    // A directory index is no witness: a cache another mount (of another mode, say) may have sealed; it is ignored and
+    // rebuilt when it cannot be opened (see fs::dirindex).
+    let is_file = |o: &&crate::store::ObjectInfo| !o.key.as_str().ends_with('/') && !crate::fs::dirindex::is_index_key(o.key.as_str());
+    let Some(sample) = listing.objects.iter().filter(is_file).find(|o| codec.plain_size(o.size).is_some())
     else {
         return Ok(());
     };
@@ -609,7 +612,11 @@ fn status_without_kms_code(detail: &str) -> Option<&str> {
 /// mount (the store finds the object's key by its tag, see `store::ssec`).
 async fn check_customer_key(backend: &dyn Backend) -> anyhow::Result<()> {
     let listing = backend.list("", false).await?;
-    let Some(sample) = listing.objects.iter().find(|o| !o.key.is_dir_marker()) else { return Ok(()) };
+    let Some(sample) =
+        listing.objects.iter().find(|o| !o.key.is_dir_marker() && !crate::fs::dirindex::is_index_key(o.key.as_str()))
+    else {
+        return Ok(());
+    };
     match backend.head(&sample.key).await {
         Err(e @ crate::store::StoreError::WrongKey { .. }) => bail!("{e}: check key_file"),
         _ => Ok(()),
@@ -729,6 +736,9 @@ fn serve(
             tracing::warn!(recovered, unrecovered, "staged data from a previous run");
         }
     }
+
+    // Directory indexes this mount's changes mark are written in the background, once each directory is quiet.
+    rt.block_on(async { fs.start_index_writer() });
 
     // What `s3cryptfs unmount` and umount(8) wait on (see crate::unmount); a mount without it still works.
     let state = match crate::unmount::MountState::create(&std::fs::canonicalize(&config.mountpoint).unwrap_or_else(|_| config.mountpoint.clone())) {

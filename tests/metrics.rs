@@ -161,12 +161,15 @@ fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
     let what = delta(&before, &after);
     assert!(!m.path("d").exists());
     let deletes = all_requests(&after, "delete") - all_requests(&before, "delete");
+    // The directory's index (written a second after the creates, see src/fs/dirindex.rs; none on the local store) is
+    // one more object to delete.
+    let index = if matches!(store, Store::S3 { .. }) { 1.0 } else { 0.0 };
     match store {
         Store::S3 { .. } if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") => {
             // The first delete learns that LocalStack ignores If-Match; the rest go in batches, the marker alone.
             assert!(deletes < FILES as f64 / 2.0, "deletes not batched: {what}")
         }
-        _ => assert_eq!(deletes, FILES as f64 + 1.0, "{what}"),
+        _ => assert_eq!(deletes, FILES as f64 + 1.0 + index, "{what}"),
     }
     // Only the lookups of `d` itself may HEAD (its marker, and a file of the same name that is not there), before rm
     // reads it and, past attr_timeout on a loaded machine, again for the rmdir.

@@ -61,13 +61,30 @@ fn assert_ok(out: &Output) -> String {
     text
 }
 
-/// The stored objects that are files of ours (not markers or the local store's staging area).
+/// The stored objects that are ours (not markers or the local store's staging area): files, and on S3 the directory
+/// indexes mounts write (src/fs/dirindex.rs), which rekey moves like files.
 fn stored(store: &Store) -> BTreeMap<String, Vec<u8>> {
     store
         .raw_objects()
         .into_iter()
         .filter(|(k, _)| !k.starts_with(".s3cryptfs-tmp") && !k.ends_with(".s3cryptfs-dir"))
         .collect()
+}
+
+const INDEX: &str = ".s3cryptfs-index";
+
+/// Every key in the store, from a listing (no GET: SSE-C objects cannot be read without their key).
+fn listed_keys(store: &Store) -> Vec<String> {
+    use futures::TryStreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let metas: Vec<_> = rt.block_on(store.object_store().list(None).try_collect()).unwrap();
+    metas.into_iter().map(|m| m.location.to_string()).collect()
+}
+
+/// The directory indexes in the store by envelope kind (header byte 10): (customer key, KMS).
+fn indexes(store: &Store) -> (u64, u64) {
+    let kinds: Vec<u8> = store.raw_objects().into_iter().filter(|(k, _)| k.ends_with(INDEX)).map(|(_, b)| b[10]).collect();
+    (kinds.iter().filter(|k| **k == 1).count() as u64, kinds.iter().filter(|k| **k == 2).count() as u64)
 }
 
 /// What a mount shows of a file: content, mode and mtime.
@@ -134,7 +151,9 @@ fn cse_c_round(env: &Env, store: &Store, files: &[(&str, usize)]) {
         seen(&m, &names)
     };
     let before = stored(store);
-    assert_eq!(before.len(), files.len());
+    assert_eq!(before.keys().filter(|k| !k.ends_with(INDEX)).count(), files.len());
+    // The files, and on S3 the index of each directory they are in.
+    let objects = before.len() as u64;
     let (ba, b_only) = rotated_key_file(env, &env.key_file, "key-ba");
     let b_fp = fingerprint(&ba);
     assert_eq!(b_fp, fingerprint(&b_only));
@@ -142,12 +161,12 @@ fn cse_c_round(env: &Env, store: &Store, files: &[(&str, usize)]) {
 
     // A dry run only counts.
     let text = assert_ok(&rekey(store, &opts, &["--dry-run"], &[]));
-    assert_eq!(count(&text, "to rekey"), files.len() as u64, "{text}");
+    assert_eq!(count(&text, "to rekey"), objects, "{text}");
     assert_eq!(stored(store), before, "a dry run changes nothing");
 
     let text = assert_ok(&rekey(store, &opts, &["--jobs", "3"], &[]));
-    assert_eq!(count(&text, "rekeyed"), files.len() as u64, "{text}");
-    assert!(text.contains(&format!("done {n} of {n} objects (0 skipped, 0 failed)", n = files.len())), "{text}");
+    assert_eq!(count(&text, "rekeyed"), objects, "{text}");
+    assert!(text.contains(&format!("done {n} of {n} objects (0 skipped, 0 failed)", n = objects)), "{text}");
     assert_rewrapped(&before, &stored(store), &b_fp);
 
     // Only the new key is needed now; content, mode and mtime are as they were.
@@ -159,7 +178,7 @@ fn cse_c_round(env: &Env, store: &Store, files: &[(&str, usize)]) {
     let after = stored(store);
     let text = assert_ok(&rekey(store, &opts, &[], &[]));
     assert_eq!(count(&text, "rekeyed"), 0, "{text}");
-    assert_eq!(count(&text, "already on the new key"), files.len() as u64, "{text}");
+    assert_eq!(count(&text, "already on the new key"), objects, "{text}");
     assert_eq!(stored(store), after);
 }
 
@@ -294,10 +313,14 @@ fn cse_kms_rekey_moves_every_data_key_to_the_new_kms_key() {
 
     let mut opts = vec!["mode=cse-kms".to_string()];
     opts.extend(kms_options(&k2));
+    // Directory indexes are moved like files when a cse-kms mount wrote them; the root's was rewritten by the cse-c
+    // mount (it could not open the cse-kms one), so it is skipped like the cse-c object.
+    let (cse_c_indexes, kms_indexes) = indexes(&store);
+    assert_eq!((cse_c_indexes, kms_indexes), (1, 1));
     let text = assert_ok(&rekey(&store, &opts, &[], &[]));
-    assert_eq!(count(&text, "rekeyed"), 2, "{text}");
-    assert_eq!(count(&text, "not s3cryptfs objects"), 1, "the cse-c object is skipped: {text}");
-    assert!(text.contains("2 KMS calls"), "one ReEncrypt per object: {text}");
+    assert_eq!(count(&text, "rekeyed"), 2 + kms_indexes, "{text}");
+    assert_eq!(count(&text, "not s3cryptfs objects"), 1 + cse_c_indexes, "the cse-c objects are skipped: {text}");
+    assert!(text.contains(&format!("{} KMS calls", 2 + kms_indexes)), "one ReEncrypt per object: {text}");
     let after = stored(&store);
     for key in ["small", "dir/big"] {
         assert!(contains(&after[key][..HEADER_LEN], k2.as_bytes()), "{key} is now under K2");
@@ -313,7 +336,7 @@ fn cse_kms_rekey_moves_every_data_key_to_the_new_kms_key() {
     assert_seen(&seen(&m, &names), &want);
     drop(m);
     let text = assert_ok(&rekey(&store, &opts, &[], &[]));
-    assert_eq!(count(&text, "already on the new key"), 2, "{text}");
+    assert_eq!(count(&text, "already on the new key"), 2 + kms_indexes, "{text}");
 
     // A disabled destination is refused before anything is touched.
     let mut to_k1 = vec!["mode=cse-kms".to_string()];
@@ -362,16 +385,18 @@ fn sse_c_rekey_copies_every_object_server_side_to_the_new_key() {
     let mut opts = vec!["mode=sse-c".to_string(), format!("key_file={}", ba.display())];
     opts.extend(https.iter().cloned());
 
-    // Two files and the marker of "dir" (an empty object, encrypted like any other).
+    // Two files, the marker of "dir" (an empty object, encrypted like any other) and the indexes of "" and "dir".
+    let indexes = listed_keys(&store).iter().filter(|k| k.ends_with(INDEX)).count() as u64;
+    assert_eq!(indexes, 2);
     let text = assert_ok(&rekey(&store, &opts, &["--dry-run"], &[]));
-    assert_eq!(count(&text, "to rekey"), 3, "{text}");
+    assert_eq!(count(&text, "to rekey"), 3 + indexes, "{text}");
     let head = boto3(&["head", bucket, "small", "--key-file", env.key_file.to_str().unwrap()]);
     assert!(head.contains(&a_md5), "a dry run changes nothing: {head}");
 
     let text = assert_ok(&rekey(&store, &opts, &[], &[]));
-    assert_eq!(count(&text, "rekeyed"), 3, "{text}");
-    assert_eq!(count(&text, "store requests"), 6, "a tag read and a copy per object: {text}");
-    for key in ["small", "dir/big", "dir/.s3cryptfs-dir"] {
+    assert_eq!(count(&text, "rekeyed"), 3 + indexes, "{text}");
+    assert_eq!(count(&text, "store requests"), 2 * (3 + indexes), "a tag read and a copy per object: {text}");
+    for key in ["small", "dir/big", "dir/.s3cryptfs-dir", INDEX, "dir/.s3cryptfs-index"] {
         let head = boto3(&["head", bucket, key, "--key-file", b_only.to_str().unwrap()]);
         assert!(head.contains(&b_md5), "{key} is under B: {head}");
         let tags = boto3(&["tags", bucket, key]);
@@ -381,7 +406,7 @@ fn sse_c_rekey_copies_every_object_server_side_to_the_new_key() {
     assert_seen(&seen(&m, &names), &want);
     drop(m);
     let text = assert_ok(&rekey(&store, &opts, &[], &[]));
-    assert_eq!(count(&text, "already on the new key"), 3, "{text}");
+    assert_eq!(count(&text, "already on the new key"), 3 + indexes, "{text}");
 }
 
 #[test]

@@ -332,6 +332,10 @@ impl Backend for LaterDeletes {
         self.inner.max_path_len(dir)
     }
 
+    fn heads_are_cheap(&self) -> bool {
+        self.inner.heads_are_cheap()
+    }
+
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
         self.gone(key)?;
         self.inner.replace_head(key, etag, head).await

@@ -138,6 +138,9 @@ pub struct Node {
     /// For a file: the format of its stored object, as its metadata last said (an S3 Encryption Client object is read
     /// differently, and its file is 16 bytes shorter than the object).
     pub format: StoredFormat,
+    /// For a file: which stored version its attributes describe, as a directory index entry names it (see
+    /// `fs::dirindex`). `None`: not known (never read or written by this mount).
+    pub seen: Option<super::dirindex::Seen>,
 }
 
 /// What the table knows about a directory's names as a whole: a listing of it, or its mkdir by this mount.
@@ -501,6 +504,7 @@ mod tests {
             rdev: 0,
             subdirs_known_until: None,
             listed: None,
+            seen: None,
             format: StoredFormat::Own,
         }
     }

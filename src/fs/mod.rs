@@ -11,6 +11,7 @@
 //! waiting, and for [`SILENT_STORE_GRACE`] known names are not asked about at all (see [`Fs::note_silent_store`]).
 
 mod deletes;
+pub mod dirindex;
 pub mod error;
 pub mod inode;
 pub mod write;
@@ -149,6 +150,8 @@ pub struct Fs {
     relisting: Mutex<std::collections::HashSet<u64>>,
     /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_listed`]).
     prefetching: Mutex<std::collections::HashSet<u64>>,
+    /// Per-directory attribute indexes: which directories wait for an index write (see `dirindex`).
+    index: dirindex::DirIndexes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -188,6 +191,9 @@ fn from_secs_nanos(secs: i64, nanos: u32) -> SystemTime {
     }
 }
 
+/// Why a name cannot be created (docs/SEMANTICS.md, "Directory index").
+const RESERVED_NAME: &str = "the name .s3cryptfs-index is reserved for s3cryptfs's directory index";
+
 fn check_name(name: &OsStr) -> Result<String> {
     let bytes = name.as_bytes();
     if bytes.len() > NAME_MAX {
@@ -196,6 +202,9 @@ fn check_name(name: &OsStr) -> Result<String> {
     let s = std::str::from_utf8(bytes).map_err(|_| Error::InvalidName)?;
     if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
         return Err(Error::InvalidName);
+    }
+    if s == dirindex::INDEX_NAME {
+        return Err(Error::NotPermitted(RESERVED_NAME));
     }
     Ok(s.to_string())
 }
@@ -232,6 +241,7 @@ impl Fs {
             rdev: 0,
             subdirs_known_until: None,
             listed: None,
+            seen: None,
             format: StoredFormat::Own,
         };
         let deletes = Arc::new(LaterDeletes::new(backend));
@@ -252,6 +262,7 @@ impl Fs {
             silent_since: Mutex::new(None),
             relisting: Mutex::new(std::collections::HashSet::new()),
             prefetching: Mutex::new(std::collections::HashSet::new()),
+            index: dirindex::DirIndexes::default(),
         }
     }
 
@@ -345,6 +356,7 @@ impl Fs {
             rdev: 0,
             subdirs_known_until: None,
             listed: None,
+            seen: None,
             format: StoredFormat::Own,
         }
     }
@@ -382,6 +394,7 @@ impl Fs {
         node.mtime = meta.mtime.map(|(s, n)| from_secs_nanos(s, n)).unwrap_or(info.last_modified);
         node.ctime = node.mtime;
         node.validated = Some(Instant::now());
+        node.seen = Some(dirindex::Seen::Store(dirindex::secs(info.last_modified)));
     }
 
     /// `apply_remote` for a node whose write state is being loaded (nothing local to protect yet).
@@ -603,10 +616,10 @@ impl Fs {
                 Ok((info, meta)) => {
                     self.note_store_answers();
                     let format = self.format_of(&path, &meta).await;
-                    let mut table = lock(&self.table);
-                    if let Some(node) = table.get_mut(ino) {
+                    if let Some(node) = lock(&self.table).get_mut(ino) {
                         self.apply_remote(node, &info, &meta, format);
                     }
+                    self.index_learned(parent);
                     // A directory of the same name shadows the file; that case is caught by readdir and the full probe
                     // below on the next expiry, which is accepted as the price of one request per lookup.
                     return Ok(ino);
@@ -692,7 +705,11 @@ impl Fs {
     /// `rename` or `open` of the name, which need only the node, cost no request. So attributes changed by another
     /// mount show within `attr_ttl` as before, and `rm -r` pays no HEAD per file.
     pub async fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<(Attr, Duration)> {
-        let name = check_name(name)?;
+        let name = match check_name(name) {
+            // The directory index is no file: not there for a lookup, refused (EPERM) for a create.
+            Err(Error::NotPermitted(RESERVED_NAME)) => return Err(Error::NotFound),
+            other => other?,
+        };
         let ino = self.resolve(parent, &name).await?;
         let mut table = lock(&self.table);
         let node = table.get_mut(ino).ok_or(Error::NotFound)?;
@@ -729,9 +746,15 @@ impl Fs {
                 Ok((info, meta)) => {
                     self.note_store_answers();
                     let format = self.format_of(&path, &meta).await;
-                    let mut table = lock(&self.table);
-                    if let Some(node) = table.get_mut(ino) {
-                        self.apply_remote(node, &info, &meta, format);
+                    let parent = {
+                        let mut table = lock(&self.table);
+                        table.get_mut(ino).map(|node| {
+                            self.apply_remote(node, &info, &meta, format);
+                            node.parent
+                        })
+                    };
+                    if let Some(dir) = parent {
+                        self.index_learned(dir);
                     }
                 }
                 // Gone from the store (another writer deleted it): keep answering from what we know; a lookup will
@@ -798,10 +821,20 @@ impl Fs {
     fn link_new(&self, parent: u64, mut node: Node) -> Attr {
         node.validated = Some(Instant::now());
         node.lookups = 1;
-        let mut table = lock(&self.table);
-        let ino = table.insert(node);
-        self.touch_dir(&mut table, parent);
-        table.attr(ino).unwrap_or_else(|| unreachable!("node {ino} was inserted under the same lock"))
+        let file = node.kind != FileKind::Dir;
+        if file {
+            node.seen = Some(dirindex::Seen::Wrote(dirindex::now_secs()));
+        }
+        let attr = {
+            let mut table = lock(&self.table);
+            let ino = table.insert(node);
+            self.touch_dir(&mut table, parent);
+            table.attr(ino).unwrap_or_else(|| unreachable!("node {ino} was inserted under the same lock"))
+        };
+        if file {
+            self.index_touch(parent);
+        }
+        attr
     }
 
     fn touch_dir(&self, table: &mut InodeTable, dir: u64) {
@@ -982,6 +1015,8 @@ impl Fs {
         let mut table = lock(&self.table);
         table.detach(parent, name);
         self.touch_dir(&mut table, parent);
+        drop(table);
+        self.index_touch(parent);
         Ok(())
     }
 
@@ -1072,6 +1107,8 @@ impl Fs {
         };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         if prefetch {
+            // The directory's index first: what it vouches for needs no HEAD.
+            self.apply_index(ino, &prefix, &listing).await;
             self.prefetch_metadata(&entries).await;
         }
         // The metadata tells symlinks from files; report what is known now (d_type is used by find and ls).
@@ -1182,11 +1219,18 @@ impl Fs {
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
-        let mut table = lock(&self.table);
-        for (ino, r) in results {
-            if let (Some((format, info, meta)), Some(node)) = (r, table.get_mut(ino)) {
-                self.apply_remote(node, &info, &meta, format);
+        let mut parents = std::collections::HashSet::new();
+        {
+            let mut table = lock(&self.table);
+            for (ino, r) in results {
+                if let (Some((format, info, meta)), Some(node)) = (r, table.get_mut(ino)) {
+                    self.apply_remote(node, &info, &meta, format);
+                    parents.insert(node.parent);
+                }
             }
+        }
+        for dir in parents {
+            self.index_learned(dir);
         }
     }
 
@@ -1239,7 +1283,9 @@ impl Fs {
         if self.attr_of(ino)?.kind != FileKind::Dir {
             return Err(Error::NotDir);
         }
-        self.ensure_empty(ino, &path).await?;
+        let has_index = self.ensure_empty(ino, &path).await?;
+        // The index first: left behind it would keep a directory without a marker in listings.
+        self.remove_index(ino, &path, has_index).await.map_err(|e| Error::store(dirindex::index_key(&path), e))?;
         self.backend.delete(&dir_key(&path)?).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         let mut table = lock(&self.table);
         table.detach(parent, &name);
@@ -1247,7 +1293,8 @@ impl Fs {
         Ok(())
     }
 
-    async fn ensure_empty(&self, ino: u64, path: &str) -> Result<()> {
+    /// ENOTEMPTY unless the directory at `path` has no entries; returns whether it has an index object (no entry).
+    async fn ensure_empty(&self, ino: u64, path: &str) -> Result<bool> {
         let pending = {
             let table = lock(&self.table);
             table.children_of(ino).into_iter().any(|c| {
@@ -1259,11 +1306,13 @@ impl Fs {
         }
         let prefix = format!("{path}/");
         let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
-        let others = listing.objects.iter().any(|o| o.key.as_str() != prefix) || !listing.prefixes.is_empty();
+        // The directory's own index is no entry of it.
+        let others = listing.objects.iter().any(|o| o.key.as_str() != prefix && !dirindex::is_index_key(o.key.as_str()))
+            || !listing.prefixes.is_empty();
         if others {
             return Err(Error::NotEmpty);
         }
-        Ok(())
+        Ok(listing.objects.iter().any(|o| dirindex::is_index_key(o.key.as_str())))
     }
 
     /// rename(2), for files, symlinks and whole directories. `noreplace` is RENAME_NOREPLACE.
@@ -1300,7 +1349,9 @@ impl Fs {
             match (kind == FileKind::Dir, tkind == FileKind::Dir) {
                 (false, true) => return Err(Error::IsDir),
                 (true, false) => return Err(Error::NotDir),
-                (true, true) => self.ensure_empty(t, &to).await?,
+                (true, true) => {
+                    self.ensure_empty(t, &to).await?;
+                }
                 (false, false) => {}
             }
         }
@@ -1352,6 +1403,10 @@ impl Fs {
             }
             self.touch_dir(&mut table, parent);
             self.touch_dir(&mut table, new_parent);
+        }
+        if kind != FileKind::Dir {
+            self.index_touch(parent);
+            self.index_touch(new_parent);
         }
         // Files open for writing that moved: their next upload replaces the moved object, whose ETag the copy may
         // have changed.
@@ -1589,9 +1644,14 @@ impl Fs {
         meta.gid = node_meta.gid;
         meta.mtime = node_meta.mtime;
         let info = self.backend.update_meta(&key, &meta).await.map_err(|e| Error::store(&path, e))?;
-        if let Some(n) = lock(&self.table).get_mut(ino) {
+        let parent = lock(&self.table).get_mut(ino).map(|n| {
             n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
             n.validated = Some(Instant::now());
+            n.seen = Some(dirindex::Seen::Wrote(dirindex::now_secs()));
+            n.parent
+        });
+        if let Some(dir) = parent {
+            self.index_touch(dir);
         }
         Ok(())
     }
@@ -1998,7 +2058,7 @@ impl Fs {
         };
         staged.mark_uploaded(info.etag.clone());
         self.cache.invalidate_key(&path);
-        let had_instruction_file = {
+        let (had_instruction_file, parent) = {
             let mut table = lock(&self.table);
             match table.get_mut(ino) {
                 Some(n) => {
@@ -2007,11 +2067,15 @@ impl Fs {
                     // Written in the mount's format, whatever it was read in (an S3EC object is rewritten too).
                     n.format = self.codec.written_format();
                     n.validated = Some(Instant::now());
-                    had
+                    n.seen = Some(dirindex::Seen::Wrote(dirindex::now_secs()));
+                    (had, Some(n.parent))
                 }
-                None => false,
+                None => (false, None),
             }
         };
+        if let Some(dir) = parent {
+            self.index_touch(dir);
+        }
         if had_instruction_file {
             // The new object carries its whole envelope in its metadata: the old instruction file describes nothing
             // now, and beside an object in the own format it would show up as a file of its own.
@@ -2217,6 +2281,8 @@ impl Fs {
                 failed.push((self.path_of(ino).unwrap_or_default(), e));
             }
         }
+        // Then the directory indexes those uploads and earlier changes marked.
+        self.flush_indexes(true).await;
         failed
     }
 

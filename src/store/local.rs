@@ -1015,6 +1015,10 @@ impl Backend for LocalBackend {
         LOCAL_MAX_PATH_LEN
     }
 
+    fn heads_are_cheap(&self) -> bool {
+        true // a stat and a getxattr: no directory index needed (see fs::dirindex)
+    }
+
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
         if key.is_dir_marker() {
             return Err(StoreError::invalid(format!("directory marker {key} has no content to replace")));

@@ -354,6 +354,12 @@ pub trait Backend: Send + Sync + 'static {
         usize::MAX
     }
 
+    /// Whether a HEAD costs about what a `stat` does (the local store: a stat and a getxattr on the local disk), so
+    /// keeping objects' metadata in per-directory index objects (`fs::dirindex`) would cost more than it saves.
+    fn heads_are_cheap(&self) -> bool {
+        false
+    }
+
     /// Replace the first `head.len()` bytes of the object with `head`, keeping the rest of its content, its metadata
     /// and (on S3) its tags, provided it is still the version `etag` names; otherwise
     /// [`StoreError::Precondition`] and nothing changed. Key rotation (`rekey`) uses it to swap an object's header.
