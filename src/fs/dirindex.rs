@@ -328,6 +328,9 @@ pub struct DirIndexes {
     incomplete: Mutex<HashSet<u64>>,
     /// Index keys already logged as unusable (one warning each).
     warned: Mutex<HashSet<String>>,
+    /// Directories this mount has written an index for: an rmdir whose listing came before such a write still
+    /// removes it (see [`Fs::remove_index`]).
+    written: Mutex<HashSet<u64>>,
 }
 
 impl Default for DirIndexes {
@@ -338,6 +341,7 @@ impl Default for DirIndexes {
             writing: tokio::sync::Mutex::new(()),
             incomplete: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
+            written: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -682,6 +686,9 @@ impl Fs {
                     if complete {
                         lock(&self.index.incomplete).remove(&dir);
                     }
+                    if !entries.is_empty() {
+                        lock(&self.index.written).insert(dir);
+                    }
                     tracing::debug!(key = %key_str, entries = entries.len(), listed, "wrote the directory index");
                     return;
                 }
@@ -696,15 +703,24 @@ impl Fs {
         tracing::warn!(dir, "gave up writing a directory index after losing {WRITE_ATTEMPTS} races with other writers");
     }
 
+    /// Held by a directory rename from before its objects move until the table has its new path: an index write
+    /// (which takes the same lock, then reads the directory's path) never writes under the old path, which would bring
+    /// the renamed directory back there.
+    pub(super) async fn index_write_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.index.writing.lock().await
+    }
+
     /// Removes the index of the directory at `path` (rmdir) if `exists` (its listing showed one), after any write of
     /// it in progress; marked changes of the directory `dir` are dropped.
     pub(super) async fn remove_index(&self, dir: u64, path: &str, exists: bool) -> Result<(), StoreError> {
         lock(&self.index.dirty).remove(&dir);
         lock(&self.index.incomplete).remove(&dir);
-        if !exists {
+        // Under the lock: a write that was in progress when rmdir listed the directory has finished, and is known.
+        let _writing = self.index.writing.lock().await;
+        let written = lock(&self.index.written).remove(&dir);
+        if !exists && !written {
             return Ok(());
         }
-        let _writing = self.index.writing.lock().await;
         match ObjectKey::new(index_key(path)) {
             Ok(k) => self.backend.delete(&k).await,
             Err(_) => Ok(()),
@@ -858,6 +874,8 @@ mod tests {
         inner: crate::store::ObjectStoreBackend,
         other: tokio::sync::Mutex<Option<Arc<Fs>>>,
         index_puts: std::sync::atomic::AtomicUsize,
+        /// When set: before the index write goes out, this mount starts renaming `d` to `e` and is given 200 ms.
+        renamer: tokio::sync::Mutex<Option<(Arc<Fs>, tokio::sync::oneshot::Sender<tokio::task::JoinHandle<()>>)>>,
     }
 
     #[async_trait::async_trait]
@@ -886,6 +904,14 @@ mod tests {
                 self.index_puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Some(other) = self.other.lock().await.take() {
                     other.flush_indexes(true).await;
+                }
+                if let Some((fs, tx)) = self.renamer.lock().await.take() {
+                    let rename = tokio::spawn(async move {
+                        let (d, e) = (std::ffi::OsStr::new("d"), std::ffi::OsStr::new("e"));
+                        fs.rename(super::super::ROOT_INO, d, super::super::ROOT_INO, e, false).await.unwrap();
+                    });
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = tx.send(rename);
                 }
             }
             self.inner.put_expect(key, body, meta, expect).await
@@ -950,6 +976,7 @@ mod tests {
             inner: backend(),
             other: tokio::sync::Mutex::new(None),
             index_puts: std::sync::atomic::AtomicUsize::new(0),
+            renamer: tokio::sync::Mutex::new(None),
         });
         let tmp = tempfile::tempdir().unwrap();
         let a = mount(racing.clone(), &tmp.path().join("a")).await;
@@ -964,6 +991,40 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["from-a", "from-b"], "an index write lost the other mount's entry");
         assert!(entries.iter().all(|e| e.mode == libc::S_IFREG | 0o640));
+    }
+
+    /// A directory renamed while its index is being written: the write never lands under the old path, which would
+    /// bring the old directory back (found by tests/mount.rs `ordinary_tools`: `mv copy/deep moved` left `copy/deep`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_index_write_racing_a_directory_rename_does_not_bring_the_old_name_back() {
+        let mem: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let backend = || crate::store::ObjectStoreBackend::new(mem.clone(), "").unwrap();
+        let racing = Arc::new(Racing {
+            inner: backend(),
+            other: tokio::sync::Mutex::new(None),
+            index_puts: std::sync::atomic::AtomicUsize::new(0),
+            renamer: tokio::sync::Mutex::new(None),
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let a = mount(racing.clone(), &tmp.path().join("a")).await;
+        let caller = super::super::Caller { uid: 0, gid: 0 };
+        let d = a.mkdir(super::super::ROOT_INO, std::ffi::OsStr::new("d"), 0o755, caller).await.unwrap();
+        let (_, fh) = a.create(d.ino, std::ffi::OsStr::new("f"), 0o640, libc::O_WRONLY, caller).await.unwrap();
+        a.write(fh, 0, b"f").await.unwrap();
+        a.release(fh).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *racing.renamer.lock().await = Some((a.clone(), tx));
+        a.flush_indexes(true).await;
+        rx.await.unwrap().await.unwrap();
+        let keys: Vec<String> = crate::store::Backend::list(&backend(), "", true)
+            .await
+            .unwrap()
+            .objects
+            .iter()
+            .map(|o| o.key.to_string())
+            .collect();
+        assert!(keys.iter().all(|k| !k.starts_with("d/")), "the old directory came back: {keys:?}");
+        assert!(keys.iter().any(|k| k == "e/f"), "{keys:?}");
     }
 
     #[test]

@@ -1376,6 +1376,8 @@ impl Fs {
                 staged.drop_record();
             }
         }
+        // Until this returns (the table updated): see `index_write_lock`.
+        let _index_writes = if kind == FileKind::Dir { Some(self.index_write_lock().await) } else { None };
         let moved = self.move_objects(ino, kind, &from, &to, target.is_some()).await;
         if let Err(e) = moved {
             for (g_ino, staged) in guards.iter_mut() {
