@@ -875,8 +875,11 @@ mod tests {
         other: tokio::sync::Mutex<Option<Arc<Fs>>>,
         index_puts: std::sync::atomic::AtomicUsize,
         /// When set: before the index write goes out, this mount starts renaming `d` to `e` and is given 200 ms.
-        renamer: tokio::sync::Mutex<Option<(Arc<Fs>, tokio::sync::oneshot::Sender<tokio::task::JoinHandle<()>>)>>,
+        renamer: tokio::sync::Mutex<Option<(Arc<Fs>, RenameSent)>>,
     }
+
+    /// Where the hook sends the rename it started.
+    type RenameSent = tokio::sync::oneshot::Sender<tokio::task::JoinHandle<()>>;
 
     #[async_trait::async_trait]
     impl crate::store::Backend for Racing {
