@@ -226,3 +226,37 @@ async fn a_dead_starts_half_written_key_file_is_removed() {
     assert!(!old.exists(), "a stale half-written key file stays");
     assert!(young.exists(), "a concurrent start's key file was removed");
 }
+
+/// Delete intents (`<n>.del`, write-behind deletes) are obeyed only when authentic and at their own name: a plain JSON
+/// intent planted by someone who can write the journal, a record's sealed bytes renamed to `.del`, and an intent
+/// moved to another number are refused and left; the authentic one is handed over once.
+#[tokio::test]
+async fn only_authentic_delete_intents_are_handed_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let intent = |p: &str| DeleteIntent { path: p.into(), etag: "\"e\"".into() };
+    let n = a.save_delete(&intent("real")).unwrap();
+    let m = a.save_delete(&intent("moved")).unwrap();
+    let (r, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"x", 0).unwrap();
+    a.save_record(r, &record("rec", &id)).unwrap();
+    let run = a.run_path().to_path_buf();
+    drop(a);
+    std::fs::write(run.join("90.del"), serde_json::to_vec(&intent("planted")).unwrap()).unwrap();
+    std::fs::copy(run.join(format!("{r}.rec")), run.join("91.del")).unwrap();
+    std::fs::rename(run.join(format!("{m}.del")), run.join("92.del")).unwrap();
+
+    let b = journal(&base, customer()).await;
+    let staged = b.take_over().await;
+    assert_eq!(staged.len(), 1, "the staged record is untouched by intents");
+    let deletes = b.take_deletes();
+    let paths: Vec<_> = deletes.iter().map(|d| d.intent.path.clone()).collect();
+    assert_eq!(paths, vec!["real".to_string()], "only the authentic intent at its own name");
+    assert!(b.take_deletes().is_empty(), "handed over once");
+    for d in deletes {
+        d.done();
+    }
+    assert!(!run.join(format!("{n}.del")).exists(), "done removes it");
+    assert!(run.join("90.del").exists() && run.join("91.del").exists() && run.join("92.del").exists(), "refused intents are left");
+}
