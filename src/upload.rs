@@ -19,6 +19,8 @@ use crate::read::BIND_META;
 use crate::journal::StagedFile;
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, UserMeta};
 
+pub mod stream;
+
 /// Where the plaintext of an upload comes from: a staged file, or bytes in memory.
 pub trait Source: Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
@@ -294,9 +296,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// An in-memory store that records the size of every multipart part it is sent.
-    struct Recording {
-        inner: ObjectStoreBackend,
-        parts: Arc<Mutex<Vec<usize>>>,
+    pub(crate) struct Recording {
+        pub(crate) inner: ObjectStoreBackend,
+        pub(crate) parts: Arc<Mutex<Vec<usize>>>,
     }
 
     struct RecordingUpload {

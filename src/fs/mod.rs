@@ -1738,6 +1738,7 @@ impl Fs {
                 staged.base = BaseVersion::Absent;
             }
             staged.loaded = true;
+            staged.from_empty = staged.size == 0;
         }
         drop(staged);
         Ok(ws)
@@ -1893,6 +1894,7 @@ impl Fs {
         }
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
+        staged.from_empty = true;
         if let Some(n) = lock(&self.table).get_mut(ino) {
             n.size = 0;
             n.mtime = SystemTime::now();
@@ -1996,7 +1998,54 @@ impl Fs {
         }
         // After the attributes, so a first record carries this write's mtime.
         self.keep_record(ino, &mut staged, false);
+        self.stream_ahead(ino, &mut staged, &path).await;
         Ok(data.len() as u32)
+    }
+
+    /// Uploads what a file written front to back already holds while it is being written (`upload::stream`): starts
+    /// its multipart upload once it is large enough, then sends each part as soon as it is complete. Never fails the
+    /// write: a stream that cannot go on is abandoned, and close() uploads the file whole as it always could.
+    async fn stream_ahead(&self, ino: u64, staged: &mut Staged, path: &str) {
+        if staged.stream.is_none() {
+            if !staged.from_empty
+                || !staged.loaded
+                || !staged.dirty
+                || staged.size < crate::upload::stream::STREAM_FROM
+            {
+                return;
+            }
+            let meta = {
+                let table = lock(&self.table);
+                match table.get(ino) {
+                    Some(n) if !n.unlinked && table.path_of(ino).as_deref() == Some(path) => Self::meta_of(n),
+                    _ => return,
+                }
+            };
+            let stamp = (UPLOAD_META, staged.upload_id.clone());
+            let expect = expect_of(&staged.base);
+            match crate::upload::stream::Stream::start(&*self.backend, &self.codec, path, meta, stamp, expect).await {
+                Ok(Some(stream)) => staged.stream = Some(stream),
+                Ok(None) => {
+                    staged.from_empty = false;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(key = %path, error = %crate::error_text::error_chain(&e), "could not start a streaming upload; the file is uploaded at close");
+                    staged.from_empty = false;
+                    return;
+                }
+            }
+        }
+        let Some(stream) = staged.stream.as_mut() else { return };
+        if stream.path() != path || stream.stamp() != staged.upload_id {
+            staged.stop_streaming();
+            return;
+        }
+        let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
+        if let Err(e) = stream.advance(&src, staged.size).await {
+            tracing::info!(key = %path, error = %crate::error_text::error_chain(&e), "a streaming upload failed; the file is uploaded whole at close");
+            staged.stop_streaming();
+        }
     }
 
     /// Uploads a file's staged content if it changed; returns once the store has it.
@@ -2028,21 +2077,39 @@ impl Fs {
         self.keep_record(ino, staged, false);
         meta.extra.insert(UPLOAD_META.to_string(), staged.upload_id.clone());
         let mut expect = expect_of(&staged.base);
+        // A streaming upload of this content finishes here if it still can (same path, stamp and expectation, and
+        // nothing it sealed changed since); otherwise it is abandoned and the file goes whole.
+        let mut stream = staged.stream.take();
+        let mut streamed;
         let info = loop {
             staged.note_attempt();
             let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
-            let result =
-                crate::upload::upload(
-                &*self.backend,
-                &self.codec,
-                &path,
-                &src,
-                staged.size,
-                meta.clone(),
-                &expect,
-                Some(&self.s3ec),
-            )
-            .await;
+            let result = match stream.take() {
+                Some(s)
+                    if s.path() == path
+                        && s.stamp() == staged.upload_id
+                        && *s.expect() == expect
+                        && staged.size > s.sealed() =>
+                {
+                    streamed = Some(s.attrs_changed);
+                    s.finish(&self.codec, &src, staged.size).await
+                }
+                other => {
+                    drop(other); // abandons it
+                    streamed = None;
+                    crate::upload::upload(
+                        &*self.backend,
+                        &self.codec,
+                        &path,
+                        &src,
+                        staged.size,
+                        meta.clone(),
+                        &expect,
+                        Some(&self.s3ec),
+                    )
+                    .await
+                }
+            };
             match result {
                 Ok(info) => break info,
                 Err(e) if is_lost_race(&e, &expect) => {
@@ -2057,6 +2124,10 @@ impl Fs {
                 }
                 Err(e) => return Err(e),
             }
+        };
+        let info = match streamed {
+            Some(attrs_changed) => self.after_stream(ino, staged, &path, info, meta, attrs_changed).await?,
+            None => info,
         };
         staged.mark_uploaded(info.etag.clone());
         self.cache.invalidate_key(&path);
@@ -2091,6 +2162,44 @@ impl Fs {
         }
         self.refresh_readers(ino, &path, &info);
         Ok(())
+    }
+
+    /// A streamed upload has completed: its metadata was fixed when it started, without `mtime`. When attributes
+    /// were set explicitly since (chmod, chown, utimens on the open file), the metadata is replaced, conditional on
+    /// the version just written; either way the attributes are read back, so this mount shows the mtime the store
+    /// gives (the completion) as every other reader will. Returns the object as it is now.
+    async fn after_stream(
+        &self,
+        ino: u64,
+        staged: &mut Staged,
+        path: &str,
+        info: ObjectInfo,
+        meta: UserMeta,
+        attrs_changed: bool,
+    ) -> Result<ObjectInfo> {
+        let k = key(path)?;
+        if attrs_changed {
+            let etag = info.etag.clone().unwrap_or_default();
+            let (_, mut stored) = self.backend.head(&k).await.map_err(|e| Error::store(path, e))?;
+            stored.mode = meta.mode;
+            stored.uid = meta.uid;
+            stored.gid = meta.gid;
+            stored.mtime = meta.mtime;
+            if let Err(e) = self.backend.update_meta_if(&k, &stored, &etag).await {
+                // The content is in the store; its attributes are not: the next flush sends the file again.
+                tracing::warn!(key = %path, error = %crate::error_text::error_chain(&e), "a streamed file's attributes could not be set; it is uploaded again");
+                staged.mark_uploaded(info.etag.clone());
+                staged.mark_dirty();
+                self.keep_record(ino, staged, true);
+                return Err(Error::store(path, e));
+            }
+        }
+        let (now, stored) = self.backend.head(&k).await.map_err(|e| Error::store(path, e))?;
+        if let Some(n) = lock(&self.table).get_mut(ino) {
+            let format = self.codec.written_format();
+            self.apply_remote_even_if_staged(n, &now, &stored, format);
+        }
+        Ok(now)
     }
 
     /// Points every open handle of `ino` at the version just uploaded, so readers on this mount see their own

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use crate::journal::{BaseVersion, Journal, StagedFile};
+use crate::upload::stream::Stream;
 
 /// Staged content of one file.
 pub struct Staged {
@@ -50,6 +51,12 @@ pub struct Staged {
     pub attempted: bool,
     /// The record on disk no longer says what the next start must know (a new stamp): rewrite it.
     pub record_stale: bool,
+    /// The content started empty (a new file, or truncated to nothing) and has only grown at its end since: it may
+    /// be uploaded while it is written (`crate::upload::stream`).
+    pub from_empty: bool,
+    /// The multipart upload running while the file is written, if any. Anything that changes bytes it has sealed
+    /// abandons it (the staged copy stays whole, so close() then uploads the file as before).
+    pub stream: Option<Stream>,
 }
 
 /// Most stamps of unknown outcome remembered: past this many failed attempts of one file the oldest are dropped
@@ -76,6 +83,8 @@ impl Staged {
             prior_ids: Vec::new(),
             attempted: false,
             record_stale: false,
+            from_empty: loaded,
+            stream: None,
         })
     }
 
@@ -114,8 +123,20 @@ impl Staged {
         }
     }
 
+    /// Gives up the running stream, if any, and streaming for this content unless it starts empty again.
+    pub fn stop_streaming(&mut self) {
+        if let Some(s) = self.stream.take() {
+            tracing::debug!(staged = %self.location().display(), key = s.path(), "streaming upload abandoned; the file is uploaded whole at close");
+            s.abandon();
+        }
+        self.from_empty = false;
+    }
+
     /// Changed (metadata only, say): upload on the next flush.
     pub fn mark_dirty(&mut self) {
+        if let Some(s) = &mut self.stream {
+            s.attrs_changed = true;
+        }
         self.changing();
         let before = self.share();
         self.dirty = true;
@@ -134,6 +155,7 @@ impl Staged {
     /// Nothing to upload any more (uploaded, or unlinked or replaced while open: POSIX says the data goes with the
     /// name): the record goes at once, so no later start uploads it. The content stays readable through open handles.
     pub fn mark_clean(&mut self) {
+        self.stop_streaming();
         let before = self.share();
         self.dirty = false;
         crate::metrics::dirty_changed(before, self.share());
@@ -161,6 +183,10 @@ impl Staged {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset < self.size || self.stream.as_ref().is_some_and(|s| offset < s.sealed()) {
+            // Not at the end: no longer a file written front to back.
+            self.stop_streaming();
+        }
         self.changing();
         let before = self.share();
         self.size = self.file.write_at(offset, data, self.size)?;
@@ -170,6 +196,13 @@ impl Staged {
     }
 
     pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
+        if size < self.size {
+            self.stop_streaming();
+        }
+        if size == 0 {
+            // Empty again: what follows may be written front to back.
+            self.from_empty = true;
+        }
         self.changing();
         let before = self.share();
         self.file.set_len(size, self.size)?;
@@ -181,6 +214,7 @@ impl Staged {
 
     /// Empties the staged content without marking it dirty (before loading another version into it).
     pub fn reset(&mut self) -> std::io::Result<()> {
+        self.stop_streaming();
         let before = self.share();
         self.file.set_len(0, self.size)?;
         self.size = 0;
