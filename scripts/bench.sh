@@ -190,7 +190,7 @@ mount_it() {
 # (written per bucket).
 if [ "${#PEERS[@]}" -gt 0 ]; then
   (umask 077; echo "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" > "$WORK/s3fs.passwd")
-  RCLONE_PASS=$(rclone obscure "$(head -c 24 /dev/urandom | base64)")
+  if command -v rclone >/dev/null; then RCLONE_PASS=$(rclone obscure "$(head -c 24 /dev/urandom | base64)"); fi
   # Waits until rclone has uploaded the N files just written (N is the argument): its log (-v) says "Copied" once
   # per upload, and each mount writes in one workload only. (Its remote control's vfs/stats is no use here: right
   # after close it showed an empty upload queue while the upload started a second later.)

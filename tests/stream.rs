@@ -186,3 +186,50 @@ fn a_kill_in_the_middle_of_a_stream_loses_nothing_staged(env: &Env, store: &Stor
     assert_bytes(fs::read(m.path("interrupted")).unwrap(), &data, "interrupted, after the restart");
 }
 both!(a_kill_in_the_middle_of_a_stream_loses_nothing_staged);
+
+/// A tmpfs of `mib` MiB at the environment's staging directory (the journal's disk), unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(env: &Env, mib: u64) -> SmallDisk {
+        let dir = env.path().join("staging");
+        fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "this test mounts a small tmpfs (it needs root): {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The journal's disk holds 96 MiB; a 200 MiB file streams through it: once the disk runs low, the staged copy of
+/// what the store has taken is freed. A write into what was already sent then fails with ENOSPC instead of
+/// corrupting anything, and the file is stored as written.
+fn a_file_larger_than_the_journal_disk_streams(env: &Env, store: &Store) {
+    let disk = SmallDisk::mount(env, 96);
+    let m = Mount::start(env, store, "cse-c");
+    let data = pattern(200 * MIB + 99, 8);
+    let mut f = fs::File::create(m.path("huge")).unwrap();
+    write_in_mib(&mut f, &data);
+    let err = f.write_all_at(b"too late", 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(m.log_text().contains("the disk under the write journal is low"), "{}", m.log_text());
+    // Read back through the writing mount (the store's version now) and a fresh one.
+    assert_bytes(fs::read(m.path("huge")).unwrap(), &data, "huge on the writing mount");
+    drop(m);
+    let m = Mount::start(env, store, "cse-c");
+    assert_bytes(fs::read(m.path("huge")).unwrap(), &data, "huge on a fresh mount");
+    drop(m);
+    drop(disk);
+}
+both!(a_file_larger_than_the_journal_disk_streams);

@@ -1998,27 +1998,29 @@ impl Fs {
         }
         // After the attributes, so a first record carries this write's mtime.
         self.keep_record(ino, &mut staged, false);
-        self.stream_ahead(ino, &mut staged, &path).await;
+        self.stream_ahead(ino, &mut staged, &path).await?;
         Ok(data.len() as u32)
     }
 
     /// Uploads what a file written front to back already holds while it is being written (`upload::stream`): starts
     /// its multipart upload once it is large enough, then sends each part as soon as it is complete. Never fails the
-    /// write: a stream that cannot go on is abandoned, and close() uploads the file whole as it always could.
-    async fn stream_ahead(&self, ino: u64, staged: &mut Staged, path: &str) {
+    /// write: a stream that cannot go on is abandoned, and close() uploads the file whole as it always could —
+    /// unless the journal's disk ran low and the staged copy of what the store took is gone (see
+    /// [`Staged::trim_if`]): then the file is lost and the write fails with EIO.
+    async fn stream_ahead(&self, ino: u64, staged: &mut Staged, path: &str) -> Result<()> {
         if staged.stream.is_none() {
             if !staged.from_empty
                 || !staged.loaded
                 || !staged.dirty
                 || staged.size < crate::upload::stream::STREAM_FROM
             {
-                return;
+                return Ok(());
             }
             let meta = {
                 let table = lock(&self.table);
                 match table.get(ino) {
                     Some(n) if !n.unlinked && table.path_of(ino).as_deref() == Some(path) => Self::meta_of(n),
-                    _ => return,
+                    _ => return Ok(()),
                 }
             };
             let stamp = (UPLOAD_META, staged.upload_id.clone());
@@ -2027,24 +2029,32 @@ impl Fs {
                 Ok(Some(stream)) => staged.stream = Some(stream),
                 Ok(None) => {
                     staged.from_empty = false;
-                    return;
+                    return Ok(());
                 }
                 Err(e) => {
                     tracing::debug!(key = %path, error = %crate::error_text::error_chain(&e), "could not start a streaming upload; the file is uploaded at close");
                     staged.from_empty = false;
-                    return;
+                    return Ok(());
                 }
             }
         }
-        let Some(stream) = staged.stream.as_mut() else { return };
-        if stream.path() != path || stream.stamp() != staged.upload_id {
+        let Some(stream) = staged.stream.as_mut() else { return Ok(()) };
+        if staged.trimmed == 0 && (stream.path() != path || stream.stamp() != staged.upload_id) {
             staged.stop_streaming();
-            return;
+            return Ok(());
         }
         let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
-        if let Err(e) = stream.advance(&src, staged.size).await {
-            tracing::info!(key = %path, error = %crate::error_text::error_chain(&e), "a streaming upload failed; the file is uploaded whole at close");
-            staged.stop_streaming();
+        match stream.advance(&src, staged.size).await {
+            Ok(()) => {
+                staged.trim_if(|| self.journal.low_on_space());
+                Ok(())
+            }
+            Err(e) if staged.trimmed > 0 => Err(self.lose_stream(staged, path, e)),
+            Err(e) => {
+                tracing::info!(key = %path, error = %crate::error_text::error_chain(&e), "a streaming upload failed; the file is uploaded whole at close");
+                staged.stop_streaming();
+                Ok(())
+            }
         }
     }
 
@@ -2058,6 +2068,10 @@ impl Fs {
     /// The upload itself, with the file's write state already locked by the caller. The path and the unlinked flag
     /// are read under that lock, so a rename or unlink (which take the same lock) is entirely before or after it.
     async fn flush_locked(&self, ino: u64, staged: &mut Staged) -> Result<()> {
+        if staged.lost {
+            let path = self.path_of(ino).unwrap_or_default();
+            return Err(Error::staging(path, std::io::Error::other("the file's content was lost (see the log)")));
+        }
         if !staged.dirty || !staged.loaded {
             // Nothing changed here, or only opened for writing and never written: the store's copy is current.
             return Ok(());
@@ -2097,6 +2111,10 @@ impl Fs {
                 other => {
                     drop(other); // abandons it
                     streamed = None;
+                    if staged.trimmed > 0 {
+                        let e = Error::staging(&path, std::io::Error::other("the stream could not be completed"));
+                        return Err(self.lose_stream(staged, &path, e));
+                    }
                     crate::upload::upload(
                         &*self.backend,
                         &self.codec,
@@ -2112,6 +2130,7 @@ impl Fs {
             };
             match result {
                 Ok(info) => break info,
+                Err(e) if staged.trimmed > 0 => return Err(self.lose_stream(staged, &path, e)),
                 Err(e) if is_lost_race(&e, &expect) => {
                     // An earlier attempt that timed out may have landed after all: that version is ours to replace.
                     match self.own_version(&path, |stamp| staged.is_own_stamp(stamp)).await {
@@ -2162,6 +2181,14 @@ impl Fs {
         }
         self.refresh_readers(ino, &path, &info);
         Ok(())
+    }
+
+    /// The stream of a file whose staged copy was trimmed failed (`e`): the content is gone. Logged as an error;
+    /// the open file fails every further operation (see [`Staged::lose`]).
+    fn lose_stream(&self, staged: &mut Staged, path: &str, e: Error) -> Error {
+        tracing::error!(key = %path, error = %crate::error_text::error_chain(&e), "the upload of a file streamed without a local copy (the disk under the write journal was low) failed: what was written to it since it was opened is lost");
+        staged.lose();
+        Error::staging(path, std::io::Error::other("upload failed with no staged copy left"))
     }
 
     /// A streamed upload has completed: its metadata was fixed when it started, without `mtime`. When attributes
@@ -2411,6 +2438,9 @@ impl Fs {
     /// becomes dirty, rewritten when `refresh` says its attributes changed. The caller holds the file's write state.
     /// A record that cannot be written is logged; the write itself goes on (the data is staged either way).
     fn keep_record(&self, ino: u64, staged: &mut Staged, refresh: bool) -> bool {
+        if staged.trimmed > 0 {
+            return false; // no longer recoverable (see `Staged::trim_if`)
+        }
         if !staged.dirty || !staged.loaded || (staged.recorded && !refresh && !staged.record_stale) {
             return staged.recorded;
         }

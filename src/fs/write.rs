@@ -57,6 +57,22 @@ pub struct Staged {
     /// The multipart upload running while the file is written, if any. Anything that changes bytes it has sealed
     /// abandons it (the staged copy stays whole, so close() then uploads the file as before).
     pub stream: Option<Stream>,
+    /// Plaintext bytes before this offset are no longer staged: the disk under the journal ran low while the file
+    /// streamed, so the copy of what the store had taken was discarded. Those bytes cannot change or be read again
+    /// here, there is no recovery record, and only the stream can still upload the file (0: the copy is whole).
+    pub trimmed: u64,
+    /// The stream of a trimmed file failed: its content is gone, and every operation on it fails with EIO.
+    pub lost: bool,
+    /// How far the stream's confirmed bytes were when the journal's free space was last looked at.
+    space_checked: u64,
+}
+
+fn lost_content() -> std::io::Error {
+    std::io::Error::other("the file's upload failed after the disk under the write journal had run low and its staged copy was discarded; its content since it was opened is lost")
+}
+
+fn not_staged() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
 /// Most stamps of unknown outcome remembered: past this many failed attempts of one file the oldest are dropped
@@ -85,6 +101,9 @@ impl Staged {
             record_stale: false,
             from_empty: loaded,
             stream: None,
+            trimmed: 0,
+            lost: false,
+            space_checked: 0,
         })
     }
 
@@ -132,6 +151,42 @@ impl Staged {
         self.from_empty = false;
     }
 
+    /// Frees the staged copy of the bytes the stream's store has confirmed, once `low_on_space` says the disk under
+    /// the journal is running low (asked only when more bytes were confirmed; once trimmed, always). Drops the
+    /// recovery record: from now on a crash loses the file, as the log line says once.
+    pub fn trim_if(&mut self, low_on_space: impl FnOnce() -> bool) {
+        let Some(confirmed) = self.stream.as_ref().map(Stream::confirmed_plain) else { return };
+        if confirmed <= self.space_checked.max(self.trimmed) {
+            return;
+        }
+        self.space_checked = confirmed;
+        if self.trimmed == 0 && !low_on_space() {
+            return;
+        }
+        match self.file.discard_below(confirmed) {
+            Ok(()) => {
+                if self.trimmed == 0 {
+                    tracing::warn!(
+                        staged = %self.location().display(),
+                        key = self.stream.as_ref().map(Stream::path).unwrap_or_default(),
+                        "the disk under the write journal is low: this file goes on streaming to the store without a local copy of what the store has taken; until close() completes its upload, a crash or a failed upload loses it"
+                    );
+                }
+                self.trimmed = confirmed;
+                self.drop_record();
+            }
+            Err(e) => tracing::debug!(staged = %self.location().display(), error = %e, "could not free staged space (no hole punching here); the copy stays"),
+        }
+    }
+
+    /// The stream of a trimmed file failed: nothing can upload it any more. Its state stays (clean, unrecorded) so
+    /// that every further operation on the open file fails instead of starting from an empty or older file.
+    pub fn lose(&mut self) {
+        self.stop_streaming();
+        self.mark_clean();
+        self.lost = true;
+    }
+
     /// Changed (metadata only, say): upload on the next flush.
     pub fn mark_dirty(&mut self) {
         if let Some(s) = &mut self.stream {
@@ -150,6 +205,15 @@ impl Staged {
         self.prior_ids.clear();
         self.attempted = false;
         self.mark_clean();
+        if self.trimmed > 0 {
+            // The staged copy has holes: reads go to the store's version now, and a next write loads it again.
+            self.loaded = false;
+            if let Err(e) = self.reset() {
+                tracing::warn!(staged = %self.location().display(), error = %e, "could not empty a staged file");
+            }
+            self.trimmed = 0;
+            self.space_checked = 0;
+        }
     }
 
     /// Nothing to upload any more (uploaded, or unlinked or replaced while open: POSIX says the data goes with the
@@ -173,6 +237,14 @@ impl Staged {
     }
 
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if self.lost {
+            return Err(lost_content());
+        }
+        if offset < self.trimmed {
+            return Err(std::io::Error::other(
+                "this part of the file was sent to the store and its staged copy discarded (the disk under the write journal is low); it can be read once close() has completed the upload",
+            ));
+        }
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -183,7 +255,15 @@ impl Staged {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if offset < self.size || self.stream.as_ref().is_some_and(|s| offset < s.sealed()) {
+        if self.lost {
+            return Err(lost_content());
+        }
+        if self.trimmed > 0 {
+            // Only what the stream has not sealed can still change (its staged copy is all there is).
+            if self.stream.as_ref().is_none_or(|s| offset < s.sealed()) {
+                return Err(not_staged());
+            }
+        } else if offset < self.size || self.stream.as_ref().is_some_and(|s| offset < s.sealed()) {
             // Not at the end: no longer a file written front to back.
             self.stop_streaming();
         }
@@ -196,7 +276,19 @@ impl Staged {
     }
 
     pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
-        if size < self.size {
+        if self.lost {
+            return Err(lost_content());
+        }
+        if self.trimmed > 0 && size == 0 {
+            // Everything goes: the stream and what it sent with it.
+            self.stop_streaming();
+            self.trimmed = 0;
+            self.space_checked = 0;
+        } else if self.trimmed > 0 {
+            if self.stream.as_ref().is_none_or(|s| size <= s.sealed()) {
+                return Err(not_staged());
+            }
+        } else if size < self.size {
             self.stop_streaming();
         }
         if size == 0 {

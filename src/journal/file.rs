@@ -167,6 +167,35 @@ impl StagedFile {
     }
 }
 
+impl StagedFile {
+    /// Frees the disk space of the plaintext before `plain` (rounded down to whole slots), keeping the file's
+    /// length: for a file streamed to the store faster than the disk can hold it (`crate::upload::stream`). Reads of
+    /// that range afterwards return zeros (plain) or fail authentication (sealed): the caller never reads it again.
+    pub fn discard_below(&self, plain: u64) -> io::Result<()> {
+        let (file, len) = match self {
+            StagedFile::Plain(f) => (f, plain),
+            StagedFile::Sealed { file, .. } => (file, plain / SLOT_PLAIN_LEN * SLOT_LEN),
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let len = i64::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: fallocate on a descriptor this value owns, with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -350,6 +350,22 @@ impl Journal {
         }
     }
 
+    /// Whether the disk under the journal is running out of space: less than a quarter of it, or less than 1 GiB,
+    /// is free to this user. Files streamed to the store then stop keeping a local copy of what the store has taken.
+    /// An unknown answer is "no": the journal then behaves as it always did.
+    pub fn low_on_space(&self) -> bool {
+        let Ok(path) = std::ffi::CString::new(self.run_path().as_os_str().as_encoded_bytes()) else { return false };
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs value to fill.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return false;
+        }
+        let unit = st.f_frsize as u64;
+        let free = st.f_bavail as u64 * unit;
+        let total = st.f_blocks as u64 * unit;
+        free < (1u64 << 30).min(total / 4)
+    }
+
     /// Where this run's files are (for log lines).
     pub fn run_path(&self) -> &Path {
         self.run.dir.path()

@@ -39,7 +39,8 @@ pub const STREAM_FROM: u64 = 2 * PART_SIZE as u64;
 /// Plaintext read from the staged file at once while sealing.
 const READ_SPAN: usize = 1 << 20;
 
-type PartTask = tokio::task::JoinHandle<std::result::Result<(), StoreError>>;
+/// A part on its way: it answers with its number.
+type PartTask = tokio::task::JoinHandle<(u64, std::result::Result<(), StoreError>)>;
 
 /// A multipart upload of a file that is still being written.
 pub struct Stream {
@@ -56,7 +57,14 @@ pub struct Stream {
     next_chunk: u64,
     /// Sealed bytes past the end of the last part sent (the header before the first part; then less than a chunk).
     carry: Vec<u8>,
+    /// Length of the object header at the start of the first part.
+    header_len: usize,
     in_flight: futures::stream::FuturesUnordered<PartTask>,
+    /// Parts handed to the store so far, and which of them it has confirmed (by number).
+    parts_sent: u64,
+    confirmed: std::collections::BTreeSet<u64>,
+    /// Parts 0.. this (exclusive) are all confirmed.
+    confirmed_prefix: u64,
     /// Attributes were set explicitly while the stream ran: the metadata sent at its start is out of date.
     pub attrs_changed: bool,
     _counted: crate::metrics::UploadInFlight,
@@ -95,8 +103,12 @@ impl Stream {
             expect,
             chunk_stored,
             next_chunk: 0,
+            header_len: header.len(),
             carry: header,
             in_flight: futures::stream::FuturesUnordered::new(),
+            parts_sent: 0,
+            confirmed: std::collections::BTreeSet::new(),
+            confirmed_prefix: 0,
             attrs_changed: false,
             _counted: crate::metrics::UploadInFlight::start(),
         }))
@@ -120,6 +132,14 @@ impl Stream {
     /// Plaintext bytes sealed so far: bytes before this offset must not change any more.
     pub fn sealed(&self) -> u64 {
         self.next_chunk * CHUNK_PLAIN_LEN
+    }
+
+    /// Plaintext bytes the store has confirmed: every chunk before this offset is in parts the store has taken, so
+    /// the staged copy of them is needed only if the stream is given up.
+    pub fn confirmed_plain(&self) -> u64 {
+        let stored = self.confirmed_prefix * PART_SIZE as u64;
+        let chunks = stored.saturating_sub(self.header_len as u64) / self.chunk_stored as u64;
+        chunks.min(self.next_chunk) * CHUNK_PLAIN_LEN
     }
 
     /// Seals and sends every full part that a file of `size` bytes (read from `src`) allows without sealing its
@@ -151,7 +171,7 @@ impl Stream {
                 self.send_carry().await?;
             }
             while let Some(r) = self.in_flight.next().await {
-                part_result(&self.path, r)?;
+                self.arrived(r)?;
             }
             Ok(())
         }
@@ -190,7 +210,21 @@ impl Stream {
     /// Collects the parts that have arrived; the first failure ends the stream.
     fn reap(&mut self) -> Result<()> {
         while let Some(Some(r)) = futures::FutureExt::now_or_never(self.in_flight.next()) {
-            part_result(&self.path, r)?;
+            self.arrived(r)?;
+        }
+        Ok(())
+    }
+
+    /// Notes a part's answer; a failure (or a panicked task) ends the stream.
+    fn arrived(&mut self, r: std::result::Result<(u64, std::result::Result<(), StoreError>), tokio::task::JoinError>) -> Result<()> {
+        let (n, sent) = match r {
+            Ok((n, sent)) => (n, Ok(sent)),
+            Err(join) => (u64::MAX, Err(join)),
+        };
+        part_result(&self.path, sent)?;
+        self.confirmed.insert(n);
+        while self.confirmed.remove(&self.confirmed_prefix) {
+            self.confirmed_prefix += 1;
         }
         Ok(())
     }
@@ -200,7 +234,7 @@ impl Stream {
     async fn send_part(&mut self, src: &dyn Source, size: u64, until: u64, at_end: bool) -> Result<()> {
         while self.in_flight.len() >= PARTS_IN_FLIGHT {
             if let Some(r) = self.in_flight.next().await {
-                part_result(&self.path, r)?;
+                self.arrived(r)?;
             }
         }
         // Reserved only now, while nothing else of this stream is held (no reservation waits on another).
@@ -236,7 +270,7 @@ impl Stream {
     async fn send_carry(&mut self) -> Result<()> {
         while self.in_flight.len() >= PARTS_IN_FLIGHT {
             if let Some(r) = self.in_flight.next().await {
-                part_result(&self.path, r)?;
+                self.arrived(r)?;
             }
         }
         let memory = crate::memory::process().reserve(self.carry.len() as u64).await;
@@ -253,10 +287,12 @@ impl Stream {
             .as_mut()
             .expect("parts only before completion")
             .put_part(Bytes::from(part));
+        let n = self.parts_sent;
+        self.parts_sent += 1;
         self.in_flight.push(tokio::spawn(async move {
             let sent = send.await;
             drop(memory);
-            sent
+            (n, sent)
         }));
     }
 }
