@@ -28,9 +28,9 @@
 //! metadata. Anything it cannot do in place (a small object, a version-1 object, a full map, a store without
 //! copies) it reports as [`Fallback`] before anything is visible, and the caller rewrites the file whole.
 //!
-//! Nothing in the mount uses this yet: the writer that stages sparsely (only the touched chunks, with the base
-//! version in the journal record) and calls [`update`] on close is the next step (docs/FORMAT.md, "Format
-//! version 2").
+//! The mount uses it through `fs::sparse`: a large file opened for writing is staged only where it is written (the
+//! base version and the staged chunks in its journal record), and its close calls [`update`] (docs/FORMAT.md,
+//! "Format version 2"; docs/SEMANTICS.md, "Reading and writing").
 
 use std::collections::BTreeMap;
 use std::ops::Range;

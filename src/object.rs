@@ -202,19 +202,48 @@ impl Codec {
     }
 
     /// A fresh per-object codec for a new upload, with the header to write first. In cse-kms this is one KMS
-    /// GenerateDataKey call, with the new file id in the encryption context.
+    /// GenerateDataKey call, with the new file id in the encryption context. Format version 1: for objects never
+    /// changed in place (directory indexes); files are written with [`Codec::create_file`].
     pub async fn create(&self) -> Result<(ObjectCodec, Vec<u8>), CodecError> {
+        self.create_in(crypto::FORMAT_VERSION_1).await
+    }
+
+    /// [`Codec::create`] for a file of `plain_len` bytes uploaded whole, in format version 2 (client-side modes), so
+    /// that it can later be changed in place (`crate::inplace`): every chunk is sealed with one fresh version id,
+    /// and the third value is the sealed version map for the object's metadata (`MAP_META`). `None` in plaintext
+    /// modes.
+    pub async fn create_file(&self, plain_len: u64) -> Result<(ObjectCodec, Vec<u8>, Option<String>), CodecError> {
+        let (mut oc, header) = self.create_in(crypto::FORMAT_VERSION_2).await?;
+        let map = match &mut oc {
+            ObjectCodec::Plain => None,
+            ObjectCodec::Cse(c) => {
+                let map = crypto::version::VersionMap::whole(plain_len, crypto::version::VersionId::random());
+                let sealed = c.seal_map(&map);
+                c.set_map(map);
+                Some(sealed)
+            }
+        };
+        Ok((oc, header, map))
+    }
+
+    async fn create_in(&self, version: u16) -> Result<(ObjectCodec, Vec<u8>), CodecError> {
         match self {
             Codec::Plain => Ok((ObjectCodec::Plain, Vec::new())),
             Codec::Cse { kms: Some(kms), aead, .. } => {
                 let file_id = crypto::FileId::random();
                 let generated = kms.generate_data_key(&crypto::kms_encryption_context(&file_id)).await?;
-                let (cipher, header) =
-                    ObjectCipher::create_kms(file_id, generated.data_key, &generated.key_arn, &generated.blob, *aead)?;
+                let (cipher, header) = ObjectCipher::create_kms_version(
+                    version,
+                    file_id,
+                    generated.data_key,
+                    &generated.key_arn,
+                    &generated.blob,
+                    *aead,
+                )?;
                 Ok((ObjectCodec::Cse(cipher), header.to_vec()))
             }
             Codec::Cse { keys: Some(keys), aead, .. } => {
-                let (cipher, header) = ObjectCipher::create(keys, *aead);
+                let (cipher, header) = ObjectCipher::create_version(version, keys, *aead);
                 Ok((ObjectCodec::Cse(cipher), header.to_vec()))
             }
             Codec::Cse { keys: None, kms: None, .. } => {
@@ -250,7 +279,7 @@ impl ObjectCodec {
     pub fn seal(&self, index: u64, is_last: bool, plain: &[u8], out: &mut Vec<u8>) {
         match self {
             ObjectCodec::Plain => out.extend_from_slice(plain),
-            ObjectCodec::Cse(c) => c.seal_chunk(index, is_last, plain, out),
+            ObjectCodec::Cse(c) => c.seal_chunk_as_mapped(index, is_last, plain, out),
         }
     }
 

@@ -1,7 +1,8 @@
 //! The write path: encrypt a staged file and upload it as one object.
 //!
 //! Each upload creates a fresh per-object codec (for cse-c a new data key and file id, so no nonce or key is ever
-//! reused across versions of a file), seals the staged plaintext chunk by chunk and sends it either as one PUT
+//! reused across versions of a file; format version 2 with a one-run version map, so the file can later be changed
+//! in place by `crate::inplace`), seals the staged plaintext chunk by chunk and sends it either as one PUT
 //! (small objects) or as a multipart upload of `PART_SIZE` parts. The object's path binding is written into its
 //! metadata with the rest of the POSIX attributes. Every upload is conditional on what it expects to replace
 //! ([`Expect`]: nothing, or one version by ETag); the store refuses it with `Precondition` otherwise, and nothing
@@ -14,7 +15,7 @@ use crate::crypto::s3ec::{self, ChunkDigests, ContentKey, DigestSpec, WriteForma
 use crate::read::s3ec::S3ecReads;
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
-use crate::object::{Codec, CodecError};
+use crate::object::{Codec, CodecError, MAP_META};
 use crate::read::BIND_META;
 use crate::journal::StagedFile;
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, UserMeta};
@@ -83,7 +84,16 @@ pub async fn upload(
     }
     let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
-    let (oc, header) = codec.create().await.map_err(|e| Error::codec(path, e))?;
+    // Format version 2 in the client-side modes, so the file can later be changed in place (`crate::inplace`).
+    let (oc, header, map) = codec.create_file(size).await.map_err(|e| Error::codec(path, e))?;
+    match map {
+        Some(m) => {
+            meta.extra.insert(MAP_META.to_string(), m);
+        }
+        None => {
+            meta.extra.remove(MAP_META);
+        }
+    }
     match oc.binding(path) {
         Some(b) => {
             meta.extra.insert(BIND_META.to_string(), b);
@@ -165,6 +175,7 @@ async fn upload_s3ec(
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
     let new = codec.create_s3ec(format).await.map_err(|e| Error::codec(path, e))?;
     meta.extra.remove(BIND_META);
+    meta.extra.remove(MAP_META);
     meta.extra.extend(new.envelope.to_metadata());
     let content = new.sealer.decrypting_key();
     let mut encryptor = new.sealer.encryptor().with_digests(DigestSpec::default());
@@ -395,9 +406,11 @@ mod tests {
         assert!(whole.iter().all(|&p| p == PART_SIZE), "{parts:?}");
         assert!(*last <= PART_SIZE && *last > 0, "{parts:?}");
 
-        let (body, _, _) = backend.get(&ObjectKey::new("f").unwrap()).await.unwrap();
+        let (body, _, meta) = backend.get(&ObjectKey::new("f").unwrap()).await.unwrap();
         let header_len = codec.header_len() as usize;
-        let oc = codec.open(&body[..header_len]).await.unwrap();
+        let mut oc = codec.open(&body[..header_len]).await.unwrap();
+        // Format version 2: the chunks open only with the version map the upload stored beside them.
+        oc.attach_map(&meta, size).unwrap();
         let mut got = Vec::with_capacity(plain.len());
         let chunks = codec.chunk_count(size);
         for index in 0..chunks {

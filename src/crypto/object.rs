@@ -501,6 +501,36 @@ impl ObjectCipher {
         Ok(())
     }
 
+    /// Format 2, a new version this writer seals: keeps `map` (trusted, it is the
+    /// writer's own) so that [`ObjectCipher::seal_chunk_as_mapped`] seals chunk `i`
+    /// with the id the map gives it. A whole upload sets `VersionMap::whole`.
+    pub fn set_map(&mut self, map: VersionMap) {
+        assert_eq!(
+            self.version, FORMAT_VERSION_2,
+            "invariant broken: a version map set on a version-1 object"
+        );
+        self.map = Some(map);
+    }
+
+    /// Appends chunk `index` sealed as the object's format needs: version 1 as
+    /// [`ObjectCipher::seal_chunk`], version 2 with the id its map (set with
+    /// [`ObjectCipher::set_map`]) gives the chunk.
+    ///
+    /// # Panics
+    /// On a version-2 object without a map covering `index` (a caller bug), and
+    /// for the layout violations of [`ObjectCipher::seal_chunk`].
+    pub fn seal_chunk_as_mapped(&self, index: u64, is_last: bool, plaintext: &[u8], out: &mut Vec<u8>) {
+        if self.version == FORMAT_VERSION_1 {
+            return self.seal_chunk(index, is_last, plaintext, out);
+        }
+        let version = self
+            .map
+            .as_ref()
+            .and_then(|m| m.version_of(index))
+            .expect("invariant broken: a version-2 chunk sealed without a version map that covers it");
+        self.seal_chunk_in(&version, index, is_last, plaintext, out);
+    }
+
     /// The AEAD backend this context uses.
     pub fn backend(&self) -> AeadBackend {
         self.backend

@@ -70,6 +70,10 @@ pub enum Error {
     /// Someone else replaced the object after this mount staged it: our content went to `copy` instead.
     #[error("{key} was replaced in the store by another writer since this mount staged it; this mount's version was saved beside it as {copy}")]
     Conflict { key: String, copy: String },
+    /// Someone else replaced the object while this mount was changing it in place (`fs::sparse`): the changed chunks
+    /// cannot be merged into the new version, and the rest of the old one is gone, so they stay in the journal.
+    #[error("{key} was replaced in the store by another writer while this mount was changing it in place; the old version's other bytes are gone, so this mount's changes were not uploaded: they stay in the write journal at {kept}")]
+    PatchConflict { key: String, kept: String },
     /// A file larger than the mount's format can hold (`format=s3ec`: one GCM message, at most `max` bytes).
     #[error("{key}: {size} bytes is more than the {max} bytes one S3 Encryption Client object can hold (format=s3ec encrypts a whole file as one AES-GCM message); the file is left as it was")]
     TooLarge { key: String, size: u64, max: u64 },
@@ -148,6 +152,7 @@ impl Error {
             Error::Changed { .. } => libc::ESTALE,
             // The writer must learn its close did not land where it asked, though nothing is lost.
             Error::Conflict { .. } => libc::EIO,
+            Error::PatchConflict { .. } => libc::EIO,
             Error::Staging { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::TooLarge { .. } => libc::EFBIG,
         }

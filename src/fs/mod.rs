@@ -14,6 +14,7 @@ mod deletes;
 pub mod dirindex;
 pub mod error;
 pub mod inode;
+pub mod sparse;
 pub mod write;
 #[cfg(test)]
 mod tests;
@@ -1417,6 +1418,14 @@ impl Fs {
                 let moved_to = lock(&self.table).path_of(*g_ino);
                 if let Some(p) = moved_to {
                     if let Ok((info, _)) = self.backend.head(&key(&p)?).await {
+                        // A sparse file's base moved with it: same bytes, maybe a new ETag.
+                        if let (Some(s), Some(etag)) = (&mut staged.sparse, &info.etag) {
+                            if info.size == s.stored_size {
+                                s.etag = etag.clone();
+                                s.reader = None;
+                                s.record_stale = true;
+                            }
+                        }
                         staged.base = info.etag.map(BaseVersion::Etag).unwrap_or(BaseVersion::Any);
                     }
                 }
@@ -1715,6 +1724,14 @@ impl Fs {
                     }
                     remote = current;
                 }
+                // A large object of the own format is staged only where it is written (`fs::sparse`).
+                if let Some(sparse) = self.sparse_base(&info, &meta, format) {
+                    staged.base = BaseVersion::Etag(sparse.etag.clone());
+                    staged.start_sparse(sparse).map_err(|e| Error::staging(&path, e))?;
+                    staged.loaded = true;
+                    drop(staged);
+                    return Ok(ws);
+                }
                 let mut base = info.etag.clone();
                 let size = match self.download_into(&path, &remote, format, &staged.file).await {
                     // Replaced in the store since we looked (another writer): stage the version there now.
@@ -1968,9 +1985,12 @@ impl Fs {
         let (ino, reader, _, _) = self.file_handle(fh)?;
         let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
         if let Some(ws) = ws {
-            let staged = ws.lock().await;
+            let mut staged = ws.lock().await;
             if staged.loaded {
                 let key = self.path_of(ino).unwrap_or_default();
+                if staged.sparse.is_some() {
+                    return self.read_sparse(&key, &mut staged, offset, size as usize).await;
+                }
                 return staged.read_at(offset, size as usize).map_err(|e| Error::staging(key, e));
             }
         }
@@ -1989,8 +2009,11 @@ impl Fs {
         let path = self.path_of(ino).unwrap_or_default();
         let mut staged = ws.lock().await;
         let offset = if append { staged.size } else { offset };
-        self.check_file_size(&path, offset.saturating_add(data.len() as u64))?;
+        let end = offset.saturating_add(data.len() as u64);
+        self.check_file_size(&path, end)?;
+        self.sparse_before_write(&path, &mut staged, offset, end).await?;
         staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
+        self.sparse_after_write(&path, &mut staged, offset, end).await?;
         if let Some(n) = lock(&self.table).get_mut(ino) {
             n.size = staged.size;
             n.mtime = SystemTime::now();
@@ -2090,12 +2113,28 @@ impl Fs {
         // The record must name the stamp this upload carries before it is sent (a stale one after a change).
         self.keep_record(ino, staged, false);
         meta.extra.insert(UPLOAD_META.to_string(), staged.upload_id.clone());
+        // A sparse staged file is changed in place where it can be; else it is filled in and uploaded whole.
+        let mut in_place = None;
+        if staged.sparse.is_some() {
+            staged.note_attempt();
+            match self.flush_sparse(&path, staged, &meta).await {
+                Ok(Some(info)) => in_place = Some(info),
+                Ok(None) => match self.unsparse(&path, staged).await {
+                    Ok(()) => {
+                        self.keep_record(ino, staged, false);
+                    }
+                    Err(e) => in_place = Some(self.sparse_failed(ino, staged, &path, e).await?),
+                },
+                Err(e) => in_place = Some(self.sparse_failed(ino, staged, &path, e).await?),
+            }
+        }
         let mut expect = expect_of(&staged.base);
         // A streaming upload of this content finishes here if it still can (same path, stamp and expectation, and
-        // nothing it sealed changed since); otherwise it is abandoned and the file goes whole.
+        // nothing it sealed changed since); otherwise it is abandoned and the file goes whole. (A sparse staged file
+        // never streams: it did not start empty.)
         let mut stream = staged.stream.take();
-        let mut streamed;
-        let info = loop {
+        let mut streamed = None;
+        let info = if let Some(info) = in_place { info } else { loop {
             staged.note_attempt();
             let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
             let result = match stream.take() {
@@ -2143,7 +2182,7 @@ impl Fs {
                 }
                 Err(e) => return Err(e),
             }
-        };
+        } };
         let info = match streamed {
             Some(attrs_changed) => self.after_stream(ino, staged, &path, info, meta, attrs_changed).await?,
             None => info,
@@ -2441,7 +2480,8 @@ impl Fs {
         if staged.trimmed > 0 {
             return false; // no longer recoverable (see `Staged::trim_if`)
         }
-        if !staged.dirty || !staged.loaded || (staged.recorded && !refresh && !staged.record_stale) {
+        let sparse_stale = staged.sparse.as_ref().is_some_and(|s| s.record_stale);
+        if !staged.dirty || !staged.loaded || (staged.recorded && !refresh && !staged.record_stale && !sparse_stale) {
             return staged.recorded;
         }
         let (path, meta, unlinked) = {
@@ -2456,7 +2496,11 @@ impl Fs {
             uid: meta.uid.unwrap_or(0),
             gid: meta.gid.unwrap_or(0),
             mtime: meta.mtime.unwrap_or((0, 0)),
-            base: staged.base.clone(),
+            // A sparse file is a patch of its base: the record says which chunks it holds.
+            base: match &staged.sparse {
+                Some(s) => BaseVersion::Patch(s.to_patch()),
+                None => staged.base.clone(),
+            },
             upload_id: staged.upload_id.clone(),
             prior_ids: staged.prior_ids.clone(),
             file_id: staged.file_id.clone(),
@@ -2466,6 +2510,9 @@ impl Fs {
             Ok(()) => {
                 staged.recorded = true;
                 staged.record_stale = false;
+                if let Some(s) = &mut staged.sparse {
+                    s.record_stale = false;
+                }
             }
             Err(e) => tracing::error!(key = %path, error = %e, "could not write the recovery record for staged data"),
         }
@@ -2568,6 +2615,9 @@ impl Fs {
             extra: BTreeMap::new(),
         };
         meta.extra.insert(UPLOAD_META.to_string(), record.upload_id.clone());
+        if let BaseVersion::Patch(patch) = &record.base {
+            return self.recover_patch(left, patch, meta).await;
+        }
         let src = crate::upload::StagedSource { file: &left.file, size };
         let mut target = record.path.clone();
         let mut expect = expect_of(&record.base);
@@ -2674,6 +2724,7 @@ fn expect_of(base: &BaseVersion) -> Expect {
         BaseVersion::Absent => Expect::Absent,
         BaseVersion::Etag(e) => Expect::Etag(e.clone()),
         BaseVersion::Any => Expect::Any,
+        BaseVersion::Patch(p) => Expect::Etag(p.etag.clone()),
     }
 }
 

@@ -11,6 +11,9 @@
 //! The record names the version of the object the content replaces ([`BaseVersion`]): every upload is conditional on
 //! it, so neither a close nor a recovery silently overwrites a version someone else wrote meanwhile.
 //!
+//! A large existing object is the exception: it is staged only where it is written, and changed in place on close
+//! (`fs::sparse`, `crate::inplace`).
+//!
 //! Concurrency: one `tokio::sync::Mutex` per inode serialises writes, truncation and upload of that file (an upload
 //! must see one consistent version); different files never contend. Staged content is accessed with positioned reads
 //! and writes that hit the local page cache; they run inline on the async worker because they are short and moving
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use super::sparse::Sparse;
 use crate::journal::{BaseVersion, Journal, StagedFile};
 use crate::upload::stream::Stream;
 
@@ -65,6 +69,9 @@ pub struct Staged {
     pub lost: bool,
     /// How far the stream's confirmed bytes were when the journal's free space was last looked at.
     space_checked: u64,
+    /// A large existing object staged only where it was written (`fs::sparse`): `None` when the staged file holds
+    /// the whole content.
+    pub sparse: Option<Sparse>,
 }
 
 fn lost_content() -> std::io::Error {
@@ -104,6 +111,7 @@ impl Staged {
             trimmed: 0,
             lost: false,
             space_checked: 0,
+            sparse: None,
         })
     }
 
@@ -299,6 +307,14 @@ impl Staged {
         let before = self.share();
         self.file.set_len(size, self.size)?;
         self.size = size;
+        if let Some(s) = &mut self.sparse {
+            s.truncate(size);
+            if s.valid_len == 0 {
+                // Nothing of the base is left: the staged file is the whole content.
+                self.sparse = None;
+                self.record_stale = true;
+            }
+        }
         self.dirty = true;
         crate::metrics::dirty_changed(before, self.share());
         Ok(())
@@ -310,7 +326,16 @@ impl Staged {
         let before = self.share();
         self.file.set_len(0, self.size)?;
         self.size = 0;
+        self.sparse = None;
         crate::metrics::dirty_changed(before, self.share());
+        Ok(())
+    }
+
+    /// Starts sparse staging of the base `sparse` describes: the staged file gets the base's length, all holes.
+    pub fn start_sparse(&mut self, sparse: Sparse) -> std::io::Result<()> {
+        self.file.set_len(sparse.base_len, self.size)?;
+        self.set_loaded_size(sparse.base_len);
+        self.sparse = Some(sparse);
         Ok(())
     }
 

@@ -98,6 +98,25 @@ pub enum BaseVersion {
     Etag(String),
     /// Unknown (the store gives no ETag): the upload is unconditional.
     Any,
+    /// The staged file holds only some chunks of the file: the rest is the object with the patch's ETag
+    /// (`fs::sparse`). Only a record says this (a running mount keeps the state beside `Etag`); a start that does
+    /// not know this variant refuses the record instead of uploading a file of holes.
+    Patch(Patch),
+}
+
+/// A sparse staged file (`fs::sparse`): what it is a patch of, and which chunks it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patch {
+    /// The base version's ETag: the update is conditional on it.
+    pub etag: String,
+    /// The base version's stored size.
+    pub stored_size: u64,
+    /// The base version's plaintext length.
+    pub base_len: u64,
+    /// Bytes of the base still part of the file: past it, chunks that are not staged read as zeros.
+    pub valid_len: u64,
+    /// The staged chunks (64 KiB each), as `[first, end)` ranges, sorted and disjoint.
+    pub chunks: Vec<(u64, u64)>,
 }
 
 /// What the next start needs to upload a staged file: sealed into `<n>.rec` beside `<n>.dat`.
