@@ -558,6 +558,12 @@ impl Fs {
         match table.child(parent, name) {
             Some(ino) => {
                 let node = table.get(ino)?;
+                // A directory whose own listing, less than attr_ttl old, showed entries exists: the kernel's
+                // revalidation of it while a scan of it runs (`ls -l`, `find` past the dentry's timeout) costs no
+                // probe. Its attributes are those of its marker as last read.
+                if node.kind == FileKind::Dir && table.names(ino).is_some_and(|n| now < n.until && n.entries > 0) {
+                    return Some(Ok(ino));
+                }
                 if self.fresh(node) {
                     // A listed directory in use: worth listing again once its knowledge expires (a fresh node of a
                     // listing got its attributes from the listing's index or metadata read-ahead).
@@ -643,6 +649,28 @@ impl Fs {
             if self.store_recently_silent() {
                 tracing::debug!(path, "store silent: serving the known name from memory");
                 return Ok(ino);
+            }
+        }
+        // A stale directory with a marker: the marker alone says it exists (a directory shadows a file of the same
+        // name), one HEAD instead of the probe's three requests, of which the prefix listing is the slow one.
+        if let Some((ino, FileKind::Dir, false)) = existing {
+            let has_marker = lock(&self.table).get(ino).is_some_and(|n| n.has_marker);
+            if has_marker {
+                match self.backend.head(&dir_key(&path)?).await {
+                    Ok((info, meta)) => {
+                        self.note_store_answers();
+                        if let Some(node) = lock(&self.table).get_mut(ino).filter(|n| n.kind == FileKind::Dir) {
+                            self.apply_remote(node, &info, &meta, StoredFormat::Own);
+                            return Ok(ino);
+                        }
+                    }
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) if e.is_unreachable() => {
+                        self.note_silent_store(&path, &e);
+                        return Ok(ino);
+                    }
+                    Err(e) => return Err(Error::store(&path, e)),
+                }
             }
         }
         // A stale node of known kind: ask about that kind first (one request in the common case).

@@ -616,6 +616,7 @@ async fn stats_of_a_large_listed_directory_read_metadata_ahead_in_batches() {
         store.inner.put_expect(&key, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Any).await.unwrap();
     }
     let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    store.take_log(); // the probe of d
     let fh = fs.opendir(d.ino).await.unwrap();
     let entries = fs.readdir(fh).unwrap();
     fs.releasedir(fh);
