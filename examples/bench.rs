@@ -28,6 +28,15 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 const BLOCK: usize = 1 << 20;
 /// Size of one random read and of the append: a page, what a database or an index lookup reads.
 const SMALL: usize = 4096;
+/// Content of each file of the large directory (dirw, dirstat): small, so the listing and the metadata dominate.
+const DIR_BODY: &[u8] = b"0123456789abcdef";
+/// Writers filling the large directory at once: a 30,000-entry directory takes minutes with one.
+const DIR_WRITERS: usize = 16;
+
+/// Name of entry `i` of the large directory.
+fn dir_entry(i: usize) -> String {
+    format!("e{i:06}")
+}
 
 /// Offsets of the random reads of reader `r`: 4 KiB-aligned, uniform over the file, the same for every system.
 fn random_offsets(r: usize, count: usize, file_len: u64) -> Vec<u64> {
@@ -92,8 +101,8 @@ fn report(name: &str, start: Instant, bytes: u64) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: bench fs DIR WORKLOAD N [READS READERS]  |  bench raw ENDPOINT BUCKET WORKLOAD N [READS READERS]\n\
-                 WORKLOAD N: write|read|poke|append MIB, smallw|smallr|lsl|rmr FILES, randr MIB READS READERS; \
-                 raw also: clear 0 (delete every object of the bucket)";
+                 WORKLOAD N: write|read|poke|append MIB, smallw|smallr|lsl|rmr|dirw|dirstat|dirfind FILES, randr MIB READS READERS; \
+                 raw also: dirlist FILES, clear 0 (delete every object of the bucket)";
     let (rest, fs) = match args.get(1).map(String::as_str) {
         Some("fs") if args.len() >= 5 => (&args[3..], true),
         Some("raw") if args.len() >= 6 => (&args[4..], false),
@@ -219,6 +228,44 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             let now = std::fs::metadata(dir.join("big")).unwrap().len();
             assert_eq!(now, len + SMALL as u64, "file size after the append");
         }
+        "dirw" => {
+            // A large directory: N files of 16 bytes, written by DIR_WRITERS threads at once (setup for dirstat).
+            let d = dir.join("dir");
+            std::fs::create_dir_all(&d).unwrap();
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for w in 0..DIR_WRITERS {
+                    let d = &d;
+                    s.spawn(move || {
+                        for i in (w..n).step_by(DIR_WRITERS) {
+                            std::fs::write(d.join(dir_entry(i)), DIR_BODY).unwrap();
+                        }
+                    });
+                }
+            });
+            settle(n);
+            report("dir_fill", t, (n * DIR_BODY.len()) as u64);
+        }
+        "dirstat" => {
+            // What `os.stat` over `os.listdir` does: read the whole directory, then lstat every entry in that order.
+            let d = dir.join("dir");
+            let t = Instant::now();
+            let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+            for name in &names {
+                let md = std::fs::symlink_metadata(d.join(name)).unwrap();
+                assert_eq!(md.len(), DIR_BODY.len() as u64);
+            }
+            assert_eq!(names.len(), n, "entries listed");
+            report("stat_dir", t, 0);
+        }
+        "dirfind" => {
+            // `find DIR -ls`: readdir and an lstat per entry, interleaved as find does them.
+            let d = dir.join("dir");
+            let t = Instant::now();
+            let out = run("find", &[d.as_os_str(), "-ls".as_ref()]);
+            report("find_ls", t, 0);
+            assert_eq!(out.iter().filter(|&&c| c == b'\n').count(), n + 1, "find -ls lines");
+        }
         "lsl" => {
             let d = dir.join("small");
             let t = Instant::now();
@@ -313,6 +360,29 @@ fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize, reads: usize, r
                     task.await.unwrap();
                 }
                 report(&rand_name(readers), t, (reads * SMALL) as u64);
+            }
+            "dirw" => {
+                // The directory of dirstat written directly: N objects of 16 bytes, DIR_WRITERS PUTs in flight.
+                let t = Instant::now();
+                futures::stream::iter(0..n)
+                    .map(|i| {
+                        let store = Arc::clone(&store);
+                        async move {
+                            let key = OsPath::from(format!("dir/{}", dir_entry(i)));
+                            store.put(&key, Bytes::from_static(DIR_BODY).into()).await.unwrap();
+                        }
+                    })
+                    .buffer_unordered(DIR_WRITERS)
+                    .collect::<Vec<()>>()
+                    .await;
+                report("dir_fill", t, (n * DIR_BODY.len()) as u64);
+            }
+            "dirlist" => {
+                // The reference of stat_dir: one paged LIST of the directory's prefix (what a mount cannot beat).
+                let t = Instant::now();
+                let listed: Vec<_> = store.list(Some(&OsPath::from("dir"))).try_collect().await.unwrap();
+                report("stat_dir", t, 0);
+                assert!(listed.len() >= n, "objects listed");
             }
             "lsl" => {
                 let t = Instant::now();

@@ -38,6 +38,15 @@
 #   ls_l        `ls -l` of the directory                                             raw: paged LIST
 #   rm_r        `rm -r` of the directory                                             raw: LIST + batch DeleteObjects
 #                                                                                         (1,000 keys per request)
+#   stat_dir1   cold mount, then readdir of a directory of BENCH_DIR_ENTRIES (30,000) files of 16 bytes and an lstat of
+#               each in readdir order (what os.stat over os.listdir does); the first mount after the directory was
+#               filled: in mode none the files are PUT by the raw client (fast; no directory index yet, so every
+#               file's metadata is read by HEAD), in the other modes and for peers written through a mount with 16
+#               writers (dir_fill; s3cryptfs writes the index then)                     raw: paged LIST of the prefix
+#   stat_dir    the same on the next fresh mount (s3cryptfs: the index is there)     raw: paged LIST of the prefix
+#   find_ls     `find DIR -ls` of that directory, cold                               raw: paged LIST of the prefix
+#   dir_fill    filling that directory (not a workload of the issue: setup, shown for reference)
+#                                                                                    raw: PUTs, 16 in flight
 #   change_1b   open the large file for writing, change 1 byte in its middle, close  raw: none
 #   append_4k   open it with O_APPEND, append 4 KiB, close                           raw: none
 # Writing workloads are timed until the data is in the store: s3cryptfs and s3fs upload before close returns; rclone
@@ -63,6 +72,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${BENCH_MIB:-1024}
 FILES=${BENCH_FILES:-2000}
+DIR_ENTRIES=${BENCH_DIR_ENTRIES:-30000}   # 0 skips the large-directory workloads
 READS=${BENCH_READS:-2000}
 RUNS=${BENCH_RUNS:-3}
 TIMEOUT=${BENCH_TIMEOUT:-1800}
@@ -307,6 +317,29 @@ run_raw() {
   record raw "$run" "small_list small_read" "$BENCH" raw "$EP" "$b" smallr "$FILES"
   record raw "$run" ls_l "$BENCH" raw "$EP" "$b" lsl "$FILES"
   record raw "$run" rm_r "$BENCH" raw "$EP" "$b" rmr "$FILES"
+  if [ "$DIR_ENTRIES" -gt 0 ]; then
+    record raw "$run" dir_fill "$BENCH" raw "$EP" "$b" dirw "$DIR_ENTRIES"
+    for name in stat_dir1 stat_dir find_ls; do
+      record raw "$run" "$name" "$BENCH" raw "$EP" "$b" dirlist "$DIR_ENTRIES"
+      R[raw,$name,$run]=${R[raw,stat_dir,$run]}
+    done
+  fi
+  drop_bucket "$b"
+}
+
+# The large directory (stat_dir1, stat_dir, find_ls) in a bucket of its own.
+run_dir() {
+  local sys=$1 run=$2 b
+  b=$(new_bucket)
+  if [ "$sys" = none ]; then
+    record "$sys" "$run" dir_fill "$BENCH" raw "$EP" "$b" dirw "$DIR_ENTRIES"
+  else
+    fs_workload "$sys" "$run" "$b" dir_fill dirw "$DIR_ENTRIES"
+  fi
+  fs_workload "$sys" "$run" "$b" stat_dir dirstat "$DIR_ENTRIES"
+  R[$sys,stat_dir1,$run]=${R[$sys,stat_dir,$run]}
+  fs_workload "$sys" "$run" "$b" stat_dir dirstat "$DIR_ENTRIES"
+  fs_workload "$sys" "$run" "$b" find_ls dirfind "$DIR_ENTRIES"
   drop_bucket "$b"
 }
 
@@ -338,8 +371,9 @@ run_fs() {
   fs_workload "$sys" "$run" "$b" rm_r rmr "$FILES"
   fs_workload "$sys" "$run" "$b" change_1b poke "$MIB"
   fs_workload "$sys" "$run" "$b" append_4k append "$MIB"
-  unset BENCH_SETTLE
   drop_bucket "$b"
+  if [ "$DIR_ENTRIES" -gt 0 ]; then run_dir "$sys" "$run"; fi
+  unset BENCH_SETTLE
 }
 
 SYSTEMS=()
@@ -473,7 +507,7 @@ print_table() {
   for sys in "${SYSTEMS[@]}"; do printf ' %9s' "$sys"; done
   echo
   for name in seq_write seq_read peak_rss rand_read rand_read8 small_create small_list small_read ls_l rm_r \
-              change_1b append_4k; do
+              change_1b append_4k stat_dir1 stat_dir find_ls dir_fill; do
     unit=$(unit_of "$name")
     for sys in "${SYSTEMS[@]}"; do F[$sys]=$(figure "$name" "$(median "$sys" "$name")"); done
     printf '%-13s %-6s' "$name" "$unit"
@@ -502,7 +536,8 @@ print_table() {
     fi
   done
   echo
-  echo "Medians of $RUNS run(s) on $SERVER; $MIB MiB file, $FILES files of 4 KiB, $READS random 4 KiB reads."
+  echo "Medians of $RUNS run(s) on $SERVER; $MIB MiB file, $FILES files of 4 KiB, $READS random 4 KiB reads,"
+  echo "a directory of $DIR_ENTRIES files of 16 bytes (stat_dir1, stat_dir, find_ls; raw: one paged LIST of it)."
   echo "x: times as good as the reference (above 1: faster, or less memory; below 1: slower, or more); \"x PEER (peer)\""
   echo "compares each s3cryptfs mode with the best peer in that workload."
   echo "Each workload on a fresh mount (cold). raw = object_store: seq_write multipart upload (8 MiB parts), seq_read"

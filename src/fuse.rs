@@ -85,6 +85,16 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+/// How the filesystem asks the kernel to forget a name (`FUSE_NOTIFY_INVAL_ENTRY`; see `fs::trim`). A name the kernel
+/// does not hold (any more) is no error worth more than a trace.
+pub fn name_forgetter(notifier: fuser::Notifier) -> crate::fs::trim::NameForgetter {
+    Arc::new(move |parent, name| {
+        if let Err(e) = notifier.inval_entry(INodeNo(parent), name) {
+            tracing::trace!(parent, ?name, error = %e, "the kernel did not forget a name");
+        }
+    })
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open() instead of as a separate truncate, so opening for overwrite never downloads.

@@ -10,14 +10,22 @@
 //!   reserved)`, and every reservation that would push `reserved + cached` over the limit makes the cache evict first
 //!   ([`Reclaim`]). The cache never blocks a reservation; it only shrinks.
 //!
-//! So `reserved + cached <= limit` holds at every moment except the instant between a reservation and the eviction it
-//! causes. A reservation that cannot be met waits ([`MemoryBudget::reserve`]) until other reservations end — every
+//! - **Metadata**: what the filesystem keeps for names rather than data — the inode table, the listings held for open
+//!   directory handles, the negative-lookup memo. It lives as long as the kernel refers to the names, so it is no
+//!   reservation: the filesystem estimates it (a fixed cost per node and entry plus its name, see `fs::inode`) and
+//!   reports the total ([`MemoryBudget::set_metadata`]). It may take up to [`METADATA_SHARE`] of the budget; past that
+//!   the filesystem trims its table (drops nodes nobody refers to, asks the kernel to forget names it holds but does
+//!   not use) rather than take more, so reservations always keep the rest.
+//!
+//! So `reserved + metadata + cached <= limit` holds at every moment except the instant between a reservation (or a
+//! growth of the metadata) and the eviction it causes. A reservation that cannot be met waits ([`MemoryBudget::reserve`]) until other reservations end — every
 //! reservation is transient (a fetch, a part upload), so waiting always ends; read-ahead never waits
 //! ([`MemoryBudget::try_reserve`]): it shrinks its window to what is free, and a read that needs the bytes fetches
-//! them itself. A single reservation larger than the whole budget is cut to the budget, so it still runs (alone).
+//! them itself. A single reservation larger than what the metadata leaves of the budget is cut to that, so it still
+//! runs (alone).
 //!
-//! What the budget does not count: the daemon's code, the tokio runtime and its threads, TLS state, the inode table
-//! and the allocator's own overhead. A daemon sets [`UNCOUNTED`] of its `max_memory` aside for them, and the rest —
+//! What the budget does not count: the daemon's code, the tokio runtime and its threads, TLS state, transient
+//! listings while they are merged into the table, and the allocator's own overhead. A daemon sets [`UNCOUNTED`] of its `max_memory` aside for them, and the rest —
 //! the mapped code, about 12 MiB for an idle daemon — is why the target is "peak RSS ≤ max_memory + 32 MiB" (README,
 //! `max_memory`). Modelled on mountpoint-s3's `MemoryLimiter` (reserve for uploads, try-reserve for
 //! prefetch, the cache sized by what is left).
@@ -29,10 +37,18 @@ use tokio::sync::Notify;
 
 /// The part of `max_memory` set aside for what no reservation counts: the allocator's slack between the bytes in
 /// use and the pages it holds (about 10 MiB measured with a 96 MiB budget), request buffers in fuser and hyper, the
-/// inode table. Measured (320 MiB written then read twice, `max_memory=96M`, local store): peak RSS 118–133 MiB when
+/// transient copies of a listing. Measured (320 MiB written then read twice, `max_memory=96M`, local store): peak RSS 118–133 MiB when
 /// the whole 96 MiB went to counted buffers, of which 9 MiB are the mapped binary and libraries and ~4 MiB the idle
 /// heap.
 pub const UNCOUNTED: u64 = 16 << 20;
+
+/// The part of the budget the metadata (inode table, held listings) may take before the filesystem trims it, as a
+/// fraction: an eighth (6 MiB of `max_memory=64M`, 62 MiB of the default 512M). The rest stays for reservations and
+/// the page cache, so a fetch or an upload part always fits whatever the number of names the kernel holds, and for
+/// what no estimate counts: a listing while it is merged into the table (100,000 entries: about 20 MiB for a moment)
+/// and the heap that leaves fragmented. Measured with `max_memory=64M`, `stat` of each of 100,000 entries and then
+/// `ls -l` of them (tests/memory.rs), peak RSS: 69 and 75 MiB with half, 63 and 68 MiB with a quarter.
+pub const METADATA_SHARE: (u64, u64) = (1, 8);
 
 /// Something that holds memory it can give up at once: the page cache.
 pub trait Reclaim: Send + Sync {
@@ -44,6 +60,9 @@ pub trait Reclaim: Send + Sync {
 pub struct MemoryBudget {
     limit: u64,
     reserved: AtomicU64,
+    /// Bytes of metadata as the filesystem last reported them (see the module docs); counted up to
+    /// [`MemoryBudget::metadata_share`].
+    metadata: AtomicU64,
     /// Woken whenever a reservation ends, for the reservations waiting for room.
     released: Notify,
     cache: OnceLock<Weak<dyn Reclaim>>,
@@ -51,14 +70,24 @@ pub struct MemoryBudget {
 
 impl std::fmt::Debug for MemoryBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryBudget").field("limit", &self.limit).field("reserved", &self.reserved()).finish()
+        f.debug_struct("MemoryBudget")
+            .field("limit", &self.limit)
+            .field("reserved", &self.reserved())
+            .field("metadata", &self.metadata())
+            .finish()
     }
 }
 
 impl MemoryBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Arc<MemoryBudget> {
-        Arc::new(MemoryBudget { limit, reserved: AtomicU64::new(0), released: Notify::new(), cache: OnceLock::new() })
+        Arc::new(MemoryBudget {
+            limit,
+            reserved: AtomicU64::new(0),
+            metadata: AtomicU64::new(0),
+            released: Notify::new(),
+            cache: OnceLock::new(),
+        })
     }
 
     /// The budget of a daemon mounted with `max_memory` bytes: what is left for the counted buffers once
@@ -81,9 +110,39 @@ impl MemoryBudget {
         self.reserved.load(Ordering::Acquire)
     }
 
-    /// What the reservations leave: the page cache's share right now.
+    /// What the reservations and the metadata leave: the page cache's share right now.
     pub fn unreserved(&self) -> u64 {
-        self.limit.saturating_sub(self.reserved())
+        self.for_reservations().saturating_sub(self.reserved())
+    }
+
+    /// The most the metadata may take before the filesystem trims it ([`METADATA_SHARE`] of the limit).
+    pub fn metadata_share(&self) -> u64 {
+        self.limit / METADATA_SHARE.1 * METADATA_SHARE.0
+    }
+
+    /// Bytes of metadata as last reported.
+    pub fn metadata(&self) -> u64 {
+        self.metadata.load(Ordering::Acquire)
+    }
+
+    /// The part of the limit the metadata leaves to reservations and the page cache: never less than what
+    /// [`METADATA_SHARE`] keeps for them.
+    fn for_reservations(&self) -> u64 {
+        self.limit - self.metadata().min(self.metadata_share())
+    }
+
+    /// Records the filesystem's metadata estimate. Growth makes the page cache shrink (as a reservation does); a
+    /// drop wakes reservations waiting for room. Returns whether the metadata is over its share, which the caller
+    /// answers by trimming.
+    pub fn set_metadata(&self, bytes: u64) -> bool {
+        let before = self.metadata.swap(bytes, Ordering::AcqRel);
+        crate::metrics::memory_metadata(bytes);
+        if bytes > before {
+            self.make_room();
+        } else if bytes < before {
+            self.released.notify_waiters();
+        }
+        bytes > self.metadata_share()
     }
 
     /// Registers the cache that gives memory back when reservations need it (once; later calls are ignored).
@@ -93,10 +152,11 @@ impl MemoryBudget {
 
     /// `bytes` now if they fit beside the other reservations, else `None`: for work that can do with less (read-ahead).
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
-        let bytes = bytes.min(self.limit);
+        let limit = self.for_reservations();
+        let bytes = bytes.min(limit);
         let mut now = self.reserved.load(Ordering::Acquire);
         loop {
-            if now.saturating_add(bytes) > self.limit {
+            if now.saturating_add(bytes) > limit {
                 return None;
             }
             match self.reserved.compare_exchange_weak(now, now + bytes, Ordering::AcqRel, Ordering::Acquire) {
@@ -267,6 +327,41 @@ mod tests {
         let _a = budget.try_reserve(30).unwrap();
         let _b = budget.try_reserve(50).unwrap();
         assert_eq!(*cache.0.lock().unwrap(), vec![70, 20]);
+    }
+
+    #[test]
+    fn metadata_takes_from_the_cache_and_reservations_up_to_its_share() {
+        let budget = MemoryBudget::new(100);
+        let cache = Arc::new(Shrinks(Mutex::new(Vec::new())));
+        let weak: Weak<dyn Reclaim> = Arc::downgrade(&(cache.clone() as Arc<dyn Reclaim>));
+        budget.set_cache(weak);
+        assert!(!budget.set_metadata(10), "10 of 100 is within the share (12)");
+        assert_eq!(budget.unreserved(), 90);
+        assert_eq!(*cache.0.lock().unwrap(), vec![90], "growth shrinks the cache");
+        assert!(budget.try_reserve(91).is_some_and(|r| r.bytes() == 90), "cut to what the metadata leaves");
+        assert!(budget.set_metadata(80), "over the share: the caller must trim");
+        assert_eq!(budget.unreserved(), 88, "counted only up to its share: the rest stays for data");
+        let r = budget.try_reserve(88).unwrap();
+        assert!(budget.try_reserve(1).is_none());
+        drop(r);
+        budget.set_metadata(0);
+        assert_eq!(budget.unreserved(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_waiting_for_room_gets_it_when_the_metadata_shrinks() {
+        let budget = MemoryBudget::new(100);
+        budget.set_metadata(12);
+        let held = budget.try_reserve(78).unwrap();
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(20).await.bytes() })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "12 + 78 + 20 > 100");
+        budget.set_metadata(2);
+        assert_eq!(waiter.await.unwrap(), 20);
+        drop(held);
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@
 //! | `s3cryptfs_cache_misses_total` | counter | — | pages a read did not find there (fetched now, or by a read-ahead already in flight) |
 //! | `s3cryptfs_cache_bytes` | gauge | — | plaintext bytes held in the page cache (at most `cache_size`) |
 //! | `s3cryptfs_cache_evictions_total` | counter | — | pages dropped to stay within `cache_size` |
+//! | `s3cryptfs_memory_metadata_bytes` | gauge | — | the filesystem's estimate of what its inode table, the listings held for open directories and the negative-lookup memo take of the `max_memory` budget (counted up to half of it; past that the table is trimmed) |
 //! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
 //! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
 //! | `s3cryptfs_dirty_bytes` | gauge | — | plaintext size of those files |
@@ -72,6 +73,7 @@ pub const CACHE_MISSES: &str = "s3cryptfs_cache_misses_total";
 pub const CACHE_BYTES: &str = "s3cryptfs_cache_bytes";
 pub const CACHE_EVICTIONS: &str = "s3cryptfs_cache_evictions_total";
 pub const MEMORY_RESERVED: &str = "s3cryptfs_memory_reserved_bytes";
+pub const MEMORY_METADATA: &str = "s3cryptfs_memory_metadata_bytes";
 pub const DIRTY_FILES: &str = "s3cryptfs_dirty_files";
 pub const DIRTY_BYTES: &str = "s3cryptfs_dirty_bytes";
 pub const UPLOADS_IN_FLIGHT: &str = "s3cryptfs_uploads_in_flight";
@@ -191,6 +193,11 @@ pub fn cache_changed(delta: i64, evicted: u64) {
 /// Reservations of the memory budget grew (positive) or shrank by `delta` bytes.
 pub fn memory_reserved(delta: i64) {
     add_signed(gauge(MEMORY_RESERVED), delta);
+}
+
+/// The filesystem's metadata estimate is now `bytes` (see `memory`).
+pub fn memory_metadata(bytes: u64) {
+    gauge(MEMORY_METADATA).set(bytes as f64);
 }
 
 /// A staged file's `(dirty, size)` went from `before` to `after`; a file counts in the dirty gauges while dirty.
@@ -690,6 +697,7 @@ fn describe() {
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Plaintext bytes held in the page cache.");
     describe_counter!(CACHE_EVICTIONS, "Pages evicted from the page cache to stay within its budget.");
     describe_gauge!(MEMORY_RESERVED, Unit::Bytes, "Bytes of max_memory held by buffers in flight.");
+    describe_gauge!(MEMORY_METADATA, Unit::Bytes, "Bytes of max_memory taken by the inode table and held listings (estimate).");
     describe_gauge!(DIRTY_FILES, "Files with changes staged locally and not yet uploaded.");
     describe_gauge!(DIRTY_BYTES, Unit::Bytes, "Plaintext size of the files with changes not yet uploaded.");
     describe_gauge!(UPLOADS_IN_FLIGHT, "File uploads running now.");
@@ -698,7 +706,7 @@ fn describe() {
     for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
         counter(name, &[]).absolute(0);
     }
-    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, MEMORY_METADATA, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
         gauge(name).increment(0.0);
     }
 }
@@ -1130,7 +1138,7 @@ mod tests {
             FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_ERRORS, STORE_REQUESTS, STORE_REQUEST_DURATION, STORE_IN_FLIGHT,
             STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_BYTES, CACHE_EVICTIONS, DIRTY_FILES,
             DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION, STORE_GETS_IN_FLIGHT_MAX,
-            MEMORY_RESERVED,
+            MEMORY_RESERVED, MEMORY_METADATA,
         ] {
             assert!(docs.contains(&format!("//! | `{name}` |")), "{name} is missing from the table in the module docs");
         }

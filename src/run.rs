@@ -801,6 +801,8 @@ fn serve(
             (session, unmounter)
         }
     };
+    // The inode table asks the kernel to forget names when it outgrows its share of max_memory (fs::trim).
+    fs.set_name_forgetter(crate::fuse::name_forgetter(session.notifier()));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let loop_thread = std::thread::Builder::new()
         .name("fuse-loop".into())

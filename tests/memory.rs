@@ -1,6 +1,7 @@
 //! The memory budget (`-o max_memory=SIZE`, issue 13): a daemon that writes and reads back a file several times its
 //! budget stays within the budget plus the fixed cost of the process (32 MiB: code, runtime, threads, TLS), measured
-//! as its peak RSS (VmHWM) through a real mount.
+//! as its peak RSS (VmHWM) through a real mount; and one that stats every entry of a 100,000-entry directory stays
+//! within the budget itself (the inode table counts against it and is trimmed to its share).
 
 mod common;
 
@@ -77,4 +78,48 @@ fn s3() {
     let env = Env::new();
     let store = Store::s3();
     streams_within_the_budget(&store, &env);
+}
+
+/// `stat` of every entry of a 100,000-entry directory (readdir, then lstat of each in that order, then `ls -l`) with
+/// `max_memory=64M`: the inode table and the held listing count against the budget, and past their share the table
+/// is trimmed (nodes nobody refers to dropped, the kernel asked to forget names), so the daemon's peak RSS stays
+/// within the budget. The local store: its entries are made directly in the backing directory (fast), and every
+/// lookup costs a stat there, not a request.
+#[test]
+fn stat_of_100k_entries_within_the_budget() {
+    const ENTRIES: usize = 100_000;
+    let budget: u64 = 64 << 20;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let Store::Local { dir } = &store else { unreachable!() };
+    let big = dir.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..ENTRIES {
+        std::fs::write(big.join(format!("entry-{i:06}")), b"").unwrap();
+    }
+    let addr = free_metrics_addr();
+    let m = Mount::start_with(&env, &store, "none", &["max_memory=64M", &format!("metrics_addr={addr}")]);
+    let names: Vec<_> = std::fs::read_dir(m.path("big")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), ENTRIES, "every entry listed");
+    for name in &names {
+        let md = std::fs::symlink_metadata(m.path("big").join(name)).unwrap();
+        assert!(md.is_file());
+    }
+    let after_stat = peak_rss(m.pid());
+    let ls = sh("ls -l big | wc -l", &m.dir);
+    assert_eq!(ls.trim(), (ENTRIES + 1).to_string(), "ls -l shows every entry and the total");
+    let peak = peak_rss(m.pid());
+    let metadata = metric(&addr, "s3cryptfs_memory_metadata_bytes");
+    eprintln!(
+        "peak RSS after the stats {} MiB, after ls -l {} MiB; metadata estimate now {:.1} MiB",
+        after_stat >> 20,
+        peak >> 20,
+        metadata / 1048576.0
+    );
+    assert!(metadata > 0.0, "the table is counted");
+    assert!(metadata <= (budget / 2) as f64, "the table is trimmed to its share: {metadata} bytes");
+    assert!(peak <= budget, "peak RSS {} MiB while stat-ing {ENTRIES} entries with max_memory=64M", peak >> 20);
+    // The names are still right after the trimming: one of the first and one of the last.
+    assert!(m.path("big/entry-000000").exists() && m.path("big/entry-099999").exists());
+    assert!(!m.path("big/entry-100000").exists());
 }

@@ -58,6 +58,9 @@ pub const MAX_DELAY: Duration = Duration::from_secs(10);
 /// still be taken as the time of that write: request time plus clock difference. A change by another writer inside
 /// this window that keeps ETag and size (a chmod) is the residual case of docs/SEMANTICS.md.
 const OWN_WRITE_SKEW_SECS: i64 = 2;
+/// The "first change" of a directory marked only for attributes read (see [`Fs::index_touch_quiet`]): far enough
+/// ahead that only [`QUIET`] makes it due.
+const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 /// Conditional writes tried per index write before giving up until the next change (each lost race re-lists).
 const WRITE_ATTEMPTS: usize = 5;
 /// Directories remembered as having an incomplete index (a number each; forgotten all at once when full).
@@ -331,6 +334,9 @@ pub struct DirIndexes {
     /// Directories this mount has written an index for: an rmdir whose listing came before such a write still
     /// removes it (see [`Fs::remove_index`]).
     written: Mutex<HashSet<u64>>,
+    /// Directories whose last listing found a usable index: listing them again renews their files' attributes
+    /// (bounded like `incomplete`).
+    applied: Mutex<HashSet<u64>>,
 }
 
 impl Default for DirIndexes {
@@ -342,6 +348,7 @@ impl Default for DirIndexes {
             incomplete: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             written: Mutex::new(HashSet::new()),
+            applied: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -406,13 +413,33 @@ impl Fs {
         self.index_reads() && !self.config.read_only
     }
 
-    /// Directory `dir` changed (or its index was found wanting): its index is written once it has been quiet.
+    /// Directory `dir` changed: its index is written once it has been quiet (at the latest [`MAX_DELAY`] after its
+    /// first unwritten change).
     pub(super) fn index_touch(&self, dir: u64) {
         if !self.index_writes() {
             return;
         }
         let now = Instant::now();
-        lock(&self.index.dirty).entry(dir).and_modify(|(_, last)| *last = now).or_insert((now, now));
+        lock(&self.index.dirty)
+            .entry(dir)
+            .and_modify(|(first, last)| {
+                *first = (*first).min(now);
+                *last = now;
+            })
+            .or_insert((now, now));
+        self.index.wake.notify_one();
+    }
+
+    /// Directory `dir`'s index was found wanting, or attributes it lacked were read: its index is written once the
+    /// directory has been quiet, and not before. A scan that reads attributes one batch after another (`find -ls` of
+    /// an unindexed directory) would otherwise pay a listing of the whole directory and an index write every
+    /// [`MAX_DELAY`] while it runs, for an index the end of the scan makes complete anyway.
+    fn index_touch_quiet(&self, dir: u64) {
+        if !self.index_writes() {
+            return;
+        }
+        let now = Instant::now();
+        lock(&self.index.dirty).entry(dir).and_modify(|(_, last)| *last = now).or_insert((now + NO_DEADLINE, now));
         self.index.wake.notify_one();
     }
 
@@ -428,13 +455,13 @@ impl Fs {
             }
             incomplete.insert(dir);
         }
-        self.index_touch(dir);
+        self.index_touch_quiet(dir);
     }
 
     /// Attributes of a file in `dir` were read from the store: worth writing down if `dir`'s index lacked them.
     pub(super) fn index_learned(&self, dir: u64) {
         if lock(&self.index.incomplete).contains(&dir) {
-            self.index_touch(dir);
+            self.index_touch_quiet(dir);
         }
     }
 
@@ -530,9 +557,17 @@ impl Fs {
         let listed_index = listing.objects.iter().any(|o| o.key.as_str() == key);
         let entries = if listed_index { self.read_index(&key).await } else { None };
         let Some(entries) = entries else {
+            lock(&self.index.applied).remove(&dir);
             self.index_incomplete(dir);
             return;
         };
+        {
+            let mut applied = lock(&self.index.applied);
+            if applied.len() >= MAX_INCOMPLETE {
+                applied.clear();
+            }
+            applied.insert(dir);
+        }
         let now = Instant::now();
         let mut missed = 0usize;
         {
@@ -571,6 +606,11 @@ impl Fs {
             tracing::debug!(key, missed, "the directory index did not vouch for every listed file; rewriting it");
             self.index_incomplete(dir);
         }
+    }
+
+    /// Whether the last listing of `dir` that needed attributes found a usable index there.
+    pub(super) fn index_applied(&self, dir: u64) -> bool {
+        lock(&self.index.applied).contains(&dir)
     }
 
     /// The entry this mount can vouch for: a file whose attributes it read or wrote for exactly the listed version.

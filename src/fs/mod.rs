@@ -15,6 +15,7 @@ pub mod dirindex;
 pub mod error;
 pub mod inode;
 pub mod sparse;
+pub mod trim;
 pub mod write;
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,11 @@ use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta}
 
 /// Longest name a directory entry may have (as on ext4), and so the longest key component we create.
 const NAME_MAX: usize = 255;
+/// Stale entries of a listing whose metadata readdir fetches at once; past this, a scan's stats fetch it in batches.
+const MAX_PREFETCH: usize = 10_000;
+/// Files whose metadata one read-ahead batch of a scan fetches ([`Fs::prefetch_from`]): 8 round trips of 32 HEADs,
+/// which the `stat` that starts it waits for.
+const PREFETCH_BATCH: usize = 256;
 /// Chunk of a file downloaded at a time when staging it for writing.
 const STAGE_READ: usize = 8 << 20;
 /// After a refresh found the store silent, how long known names and attributes are served from memory without asking
@@ -102,7 +108,8 @@ pub struct StatFs {
 
 enum Handle {
     File { ino: u64, reader: Option<Arc<Reader>>, append: bool, writable: bool },
-    Dir { entries: Arc<Vec<DirEntry>> },
+    /// A directory's listing as opendir took it, and its estimated memory (see `fs::trim`).
+    Dir { entries: Arc<Vec<DirEntry>>, bytes: u64 },
 }
 
 /// Whether an open asked for writing, truncation or appending (from the open(2) flags).
@@ -149,10 +156,16 @@ pub struct Fs {
     /// Directories being listed again because their names' knowledge expired while in use (see
     /// [`Fs::relist_if_worth_it`]): one listing at a time per directory.
     relisting: Mutex<std::collections::HashSet<u64>>,
-    /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_listed`]).
+    /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_from`]).
     prefetching: Mutex<std::collections::HashSet<u64>>,
     /// Per-directory attribute indexes: which directories wait for an index write (see `dirindex`).
     index: dirindex::DirIndexes,
+    /// Estimated bytes of the listings held by open directory handles (see `fs::trim`).
+    held_listings: AtomicU64,
+    /// How the kernel is asked to forget names when the table outgrows its share of the memory budget.
+    forgetter: std::sync::OnceLock<trim::NameForgetter>,
+    /// When the table was last trimmed to the memory budget (see `fs::trim`).
+    last_trim: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -264,6 +277,9 @@ impl Fs {
             relisting: Mutex::new(std::collections::HashSet::new()),
             prefetching: Mutex::new(std::collections::HashSet::new()),
             index: dirindex::DirIndexes::default(),
+            held_listings: AtomicU64::new(0),
+            forgetter: std::sync::OnceLock::new(),
+            last_trim: Mutex::new(None),
         }
     }
 
@@ -543,7 +559,18 @@ impl Fs {
         match table.child(parent, name) {
             Some(ino) => {
                 let node = table.get(ino)?;
+                // A directory whose own listing, less than attr_ttl old, showed entries exists: the kernel's
+                // revalidation of it while a scan of it runs (`ls -l`, `find` past the dentry's timeout) costs no
+                // probe. Its attributes are those of its marker as last read.
+                if node.kind == FileKind::Dir && table.names(ino).is_some_and(|n| now < n.until && n.entries > 0) {
+                    return Some(Ok(ino));
+                }
                 if self.fresh(node) {
+                    // A listed directory in use: worth listing again once its knowledge expires (a fresh node of a
+                    // listing got its attributes from the listing's index or metadata read-ahead).
+                    if node.listed.is_some() || node.kind != FileKind::Dir && table.names(parent).is_some() {
+                        table.note_saved(parent, 1);
+                    }
                     return Some(Ok(ino));
                 }
                 if self.recently_listed(node) {
@@ -592,7 +619,21 @@ impl Fs {
         if let Some(answer) = self.resolve_from_memory(parent, name) {
             return answer;
         }
-        if !self.store_recently_silent() && self.relist_if_worth_it(parent).await {
+        // Listing again helps a name it may show missing, a node whose metadata was read (the listing confirms its
+        // version), or any file of a directory with an index (applied again); not the never-read files of an
+        // unindexed directory, which the read-ahead below serves.
+        let relist_helps = {
+            let table = lock(&self.table);
+            table.child(parent, name).and_then(|c| table.get(c)).is_none_or(|n| n.validated.is_some())
+        } || self.index_applied(parent);
+        if !self.store_recently_silent() && relist_helps && self.relist_if_worth_it(parent).await {
+            if let Some(answer) = self.resolve_from_memory(parent, name) {
+                return answer;
+            }
+        }
+        // A file of a listed directory: read the metadata of it and of the next ones in listing order at once, as the
+        // stat of each entry that `ls -l`, `find -ls` or a loop over readdir does next will ask for them.
+        if !self.store_recently_silent() && self.listed_file(parent, name) && self.prefetch_from(parent, name).await {
             if let Some(answer) = self.resolve_from_memory(parent, name) {
                 return answer;
             }
@@ -609,6 +650,28 @@ impl Fs {
             if self.store_recently_silent() {
                 tracing::debug!(path, "store silent: serving the known name from memory");
                 return Ok(ino);
+            }
+        }
+        // A stale directory with a marker: the marker alone says it exists (a directory shadows a file of the same
+        // name), one HEAD instead of the probe's three requests, of which the prefix listing is the slow one.
+        if let Some((ino, FileKind::Dir, false)) = existing {
+            let has_marker = lock(&self.table).get(ino).is_some_and(|n| n.has_marker);
+            if has_marker {
+                match self.backend.head(&dir_key(&path)?).await {
+                    Ok((info, meta)) => {
+                        self.note_store_answers();
+                        if let Some(node) = lock(&self.table).get_mut(ino).filter(|n| n.kind == FileKind::Dir) {
+                            self.apply_remote(node, &info, &meta, StoredFormat::Own);
+                            return Ok(ino);
+                        }
+                    }
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) if e.is_unreachable() => {
+                        self.note_silent_store(&path, &e);
+                        return Ok(ino);
+                    }
+                    Err(e) => return Err(Error::store(&path, e)),
+                }
             }
         }
         // A stale node of known kind: ask about that kind first (one request in the common case).
@@ -712,15 +775,21 @@ impl Fs {
             other => other?,
         };
         let ino = self.resolve(parent, &name).await?;
-        let mut table = lock(&self.table);
-        let node = table.get_mut(ino).ok_or(Error::NotFound)?;
-        node.lookups += 1;
-        let ttl = if self.fresh(node) || self.store_recently_silent() { self.config.attr_ttl } else { Duration::ZERO };
-        Ok((table.attr(ino).ok_or(Error::NotFound)?, ttl))
+        let answer = {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+            node.lookups += 1;
+            let ttl =
+                if self.fresh(node) || self.store_recently_silent() { self.config.attr_ttl } else { Duration::ZERO };
+            (table.attr(ino).ok_or(Error::NotFound)?, ttl)
+        };
+        self.account();
+        Ok(answer)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
         lock(&self.table).forget(ino, n);
+        self.account();
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -728,7 +797,7 @@ impl Fs {
             let table = lock(&self.table);
             let node = table.get(ino).ok_or(Error::NotFound)?;
             let stale = node.kind != FileKind::Dir && !self.fresh(node) && node.remote.is_some();
-            let listed_in = (stale && self.recently_listed(node)).then_some(node.parent);
+            let listed_in = (stale && self.recently_listed(node)).then(|| (node.parent, node.name.clone()));
             (stale, if stale { table.path_of(ino) } else { None }, listed_in)
         };
         if let (true, Some(path)) = (stale_file, path) {
@@ -736,9 +805,9 @@ impl Fs {
                 tracing::debug!(path, "store silent: serving known attributes from memory");
                 return self.attr_of(ino);
             }
-            // The first attributes asked for of a listing's entries: fetch them all, as readdir used to.
-            if let Some(dir) = listed_in {
-                self.prefetch_listed(dir).await;
+            // The attributes of a listing's entry: fetch them with the next entries' (see `Fs::prefetch_from`).
+            if let Some((dir, name)) = listed_in {
+                self.prefetch_from(dir, &name).await;
                 if lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
                     return self.attr_of(ino);
                 }
@@ -1030,47 +1099,65 @@ impl Fs {
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
         let listed_at = Instant::now();
         let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
-        let mut found: BTreeMap<String, (FileKind, Option<ObjectInfo>)> = BTreeMap::new();
+        // Name (borrowed from the listing) → kind and the position of its object in the listing: no copies, which
+        // for a large listing would double what it takes while it is merged.
+        let mut found: BTreeMap<&str, (FileKind, Option<usize>)> = BTreeMap::new();
         for p in &listing.prefixes {
             let rest = p.as_str().strip_prefix(&prefix).unwrap_or(p.as_str()).trim_end_matches('/');
             if !rest.is_empty() && !rest.contains('/') && check_name(OsStr::new(rest)).is_ok() {
-                found.insert(rest.to_string(), (FileKind::Dir, None));
+                found.insert(rest, (FileKind::Dir, None));
             }
         }
-        for o in &listing.objects {
+        for (position, o) in listing.objects.iter().enumerate() {
             let rest = o.key.as_str().strip_prefix(&prefix).unwrap_or(o.key.as_str());
             if rest.is_empty() {
                 continue; // the directory's own marker
             }
             if let Some(dir) = rest.strip_suffix('/') {
                 if !dir.contains('/') && check_name(OsStr::new(dir)).is_ok() {
-                    found.insert(dir.to_string(), (FileKind::Dir, None));
+                    found.insert(dir, (FileKind::Dir, None));
                 }
                 continue;
             }
             if rest.contains('/') || check_name(OsStr::new(rest)).is_err() {
                 continue;
             }
-            found.entry(rest.to_string()).or_insert((FileKind::File, Some(o.clone())));
+            found.entry(rest).or_insert((FileKind::File, Some(position)));
         }
+        // New nodes only while the table has room in its share of the memory budget (see `fs::trim`): the entries
+        // past that are reported with the number their node will get, and looked up from the store when used.
+        let mut room = {
+            let memory = self.cache.memory();
+            memory.metadata_share().saturating_sub(memory.metadata()) / inode::NODE_BYTES
+        };
+        let mut complete = true;
         let mut entries = {
             let mut table = lock(&self.table);
             let mut entries = Vec::with_capacity(found.len());
-            for (name, (kind, info)) in found {
-                let ino = match table.child(ino, &name) {
-                    Some(child)
-                        if table.get(child).is_some_and(|n| {
-                            // Same kind, or a file with unsaved local data, which a listing must never replace.
-                            (n.kind == FileKind::Dir) == (kind == FileKind::Dir) || n.write.is_some()
-                        }) =>
-                    {
-                        child
+            for (name, (kind, position)) in found {
+                let info = position.map(|i| &listing.objects[i]);
+                let name = name.to_string();
+                let existing = table.child(ino, &name).filter(|&child| {
+                    table.get(child).is_some_and(|n| {
+                        // Same kind, or a file with unsaved local data, which a listing must never replace.
+                        (n.kind == FileKind::Dir) == (kind == FileKind::Dir) || n.write.is_some()
+                    })
+                });
+                let ino = match existing {
+                    Some(child) => child,
+                    None if room > 0 => {
+                        room -= 1;
+                        table.insert(self.blank_node(ino, &name, kind))
                     }
-                    _ => table.insert(self.blank_node(ino, &name, kind)),
+                    None => {
+                        complete = false;
+                        entries.push(DirEntry { ino: table.number_of(ino, &name), name, kind });
+                        continue;
+                    }
                 };
                 let mut kind = kind;
                 if let Some(node) = table.get_mut(ino) {
-                    if let (Some(info), None) = (&info, &node.write) {
+                    if let (Some(info), None) = (info, &node.write) {
                         let remote =
                             Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
                         if node.remote.as_ref() != Some(&remote) {
@@ -1092,11 +1179,11 @@ impl Fs {
                 }
                 entries.push(DirEntry { ino, name, kind });
             }
-            // Children created here and not yet in the store.
-            let listed: std::collections::HashSet<String> = entries.iter().map(|e| e.name.clone()).collect();
+            // Children created here and not yet in the store (a listed name's node has the listed entry's number).
+            let listed: std::collections::HashSet<u64> = entries.iter().map(|e| e.ino).collect();
             for child in table.children_of(ino) {
                 if let Some(n) = table.get(child) {
-                    if !n.unlinked && (n.write.is_some() || n.remote.is_none()) && !listed.contains(&n.name) {
+                    if !n.unlinked && (n.write.is_some() || n.remote.is_none()) && !listed.contains(&child) {
                         if n.kind == FileKind::Dir && !n.has_marker {
                             continue;
                         }
@@ -1107,9 +1194,10 @@ impl Fs {
             entries
         };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        // The directory's index first, whenever it has one and some listed file needs attributes (one GET): what it
+        // vouches for needs no HEAD, and a listing taken again while a scan stats the directory renews them all.
+        self.apply_index(ino, &prefix, &listing).await;
         if prefetch {
-            // The directory's index first: what it vouches for needs no HEAD.
-            self.apply_index(ino, &prefix, &listing).await;
             self.prefetch_metadata(&entries).await;
         }
         // The metadata tells symlinks from files; report what is known now (d_type is used by find and ls).
@@ -1133,12 +1221,17 @@ impl Fs {
                         || !e.name.strip_suffix(INSTRUCTION_SUFFIX).is_some_and(|object| s3ec_objects.contains(object))
                 });
             }
-            // Every listed name is in the table now, and every subdirectory made or found since under the table's
-            // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
-            table.know_subdirs(ino, listed_at + self.config.attr_ttl);
-            // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
-            table.know_names(ino, listed_at + self.config.attr_ttl, entries.len());
+            if complete {
+                // Every listed name is in the table now, and every subdirectory made or found since under the table's
+                // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
+                table.know_subdirs(ino, listed_at + self.config.attr_ttl);
+                // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
+                table.know_names(ino, listed_at + self.config.attr_ttl, entries.len());
+            } else {
+                table.forget_listing(ino);
+            }
         }
+        self.account();
         Ok(entries)
     }
 
@@ -1156,8 +1249,8 @@ impl Fs {
     /// S3 listings carry no user metadata, so without this each entry would cost one sequential HEAD.
     ///
     /// Entries the listing showed unchanged since their metadata was read are left for later: their kind is known (so
-    /// `d_type` is right), and `rm -r` or `find -type f` never asks for the rest. The first GETATTR of one fetches
-    /// them all at once ([`Fs::prefetch_listed`]), so `ls -l` costs what it did.
+    /// `d_type` is right), and `rm -r` or `find -type f` never asks for the rest. The GETATTR of one fetches it
+    /// with the next ones ([`Fs::prefetch_from`]), so `ls -l` costs what it did.
     async fn prefetch_metadata(&self, entries: &[DirEntry]) {
         let stale: Vec<(u64, String)> = {
             let table = lock(&self.table);
@@ -1174,36 +1267,69 @@ impl Fs {
         self.fetch_metadata(stale).await;
     }
 
-    /// The deferred half of [`Fs::prefetch_metadata`]: the metadata of every entry of `dir` that a recent listing
-    /// showed unchanged and whose attributes are stale, many at a time. One batch per directory at a time; a GETATTR
-    /// arriving during one asks for its own node.
-    async fn prefetch_listed(&self, dir: u64) {
+    /// Whether `name` in `dir` is a file a listing of `dir` showed and whose attributes are stale: what
+    /// [`Fs::prefetch_from`] serves.
+    fn listed_file(&self, dir: u64, name: &str) -> bool {
+        let table = lock(&self.table);
+        table.names(dir).is_some()
+            && table.child(dir, name).and_then(|c| table.get(c)).is_some_and(|n| {
+                n.kind != FileKind::Dir && n.write.is_none() && n.remote.is_some() && !self.fresh(n)
+            })
+    }
+
+    /// Metadata read-ahead for the entries of a listed directory: HEADs the stale files of `dir` from `name` on, in
+    /// listing order (by name, the order readdir gives), [`PREFETCH_BATCH`] at most, 32 at a time. `ls -l`, `find
+    /// -ls` and a loop of `stat` over readdir ask for the entries in that order, so a directory of any size costs
+    /// one round trip per 32 entries instead of one per entry, and a `stat` of one entry costs at most one batch.
+    /// A batch of [`Fs::prefetch_metadata`] at readdir, when the directory had more stale entries than it fetches,
+    /// comes to the same. One batch per directory at a time; returns false when one was running (the caller asks for
+    /// its own node).
+    async fn prefetch_from(&self, dir: u64, name: &str) -> bool {
         if !lock(&self.prefetching).insert(dir) {
-            return;
+            return false;
         }
-        let stale: Vec<(u64, String)> = {
+        let batch: Vec<(u64, String)> = {
             let table = lock(&self.table);
-            table
+            let mut stale: Vec<(&str, u64)> = table
                 .children_of(dir)
                 .into_iter()
                 .filter_map(|c| {
                     let n = table.get(c)?;
-                    (!self.fresh(n) && self.recently_listed(n)).then(|| Some((c, table.path_of(c)?)))?
+                    let wanted = n.kind != FileKind::Dir
+                        && n.write.is_none()
+                        && n.remote.is_some()
+                        && !n.unlinked
+                        && !self.fresh(n)
+                        && n.name.as_str() >= name;
+                    wanted.then_some((n.name.as_str(), c))
                 })
-                .collect()
+                .collect();
+            if stale.len() > PREFETCH_BATCH {
+                stale.select_nth_unstable(PREFETCH_BATCH);
+                stale.truncate(PREFETCH_BATCH);
+            }
+            stale.into_iter().filter_map(|(_, c)| Some((c, table.path_of(c)?))).collect()
         };
-        self.fetch_metadata(stale).await;
+        self.head_all(batch).await;
         lock(&self.prefetching).remove(&dir);
+        true
+    }
+
+    /// At readdir: HEADs `stale` files (inode, path), unless there are more than [`MAX_PREFETCH`]: a listing that
+    /// large is probably a scan that will not stat them all (`find -name`, `ls`), and one that does is served by
+    /// [`Fs::prefetch_from`] as it goes.
+    async fn fetch_metadata(&self, stale: Vec<(u64, String)>) {
+        if stale.len() <= MAX_PREFETCH {
+            self.head_all(stale).await;
+        }
     }
 
     /// HEADs `stale` files (inode, path), 32 at a time, and applies what the store says.
-    async fn fetch_metadata(&self, stale: Vec<(u64, String)>) {
+    async fn head_all(&self, stale: Vec<(u64, String)>) {
         use futures::StreamExt;
         /// Concurrent HEADs: enough to hide latency, few enough not to look like a flood to the store.
         const CONCURRENCY: usize = 32;
-        /// Past this many stale entries, a listing is probably a scan that will not stat them all.
-        const MAX_PREFETCH: usize = 10_000;
-        if stale.is_empty() || stale.len() > MAX_PREFETCH {
+        if stale.is_empty() {
             return;
         }
         let results: Vec<_> = futures::stream::iter(stale)
@@ -1240,21 +1366,27 @@ impl Fs {
             return Err(Error::NotDir);
         }
         let entries = Arc::new(self.list_dir(ino, true).await?);
+        let bytes = trim::listing_bytes(&entries);
+        self.held_listings.fetch_add(bytes, Ordering::AcqRel);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Handle::Dir { entries });
+        lock(&self.handles).insert(fh, Handle::Dir { entries, bytes });
+        self.account();
         Ok(fh)
     }
 
     /// Entries from position `offset` on (0 = first real entry; "." and ".." are added by the adapter).
     pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
         match lock(&self.handles).get(&fh) {
-            Some(Handle::Dir { entries }) => Ok(entries.clone()),
+            Some(Handle::Dir { entries, .. }) => Ok(entries.clone()),
             _ => Err(Error::BadHandle),
         }
     }
 
     pub fn releasedir(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
+        if let Some(Handle::Dir { bytes, .. }) = lock(&self.handles).remove(&fh) {
+            self.held_listings.fetch_sub(bytes, Ordering::AcqRel);
+            self.account();
+        }
     }
 
     /// Waits until an unlink of `path` whose delete is pending has reached the store (at once if none is).

@@ -744,3 +744,38 @@ async fn a_sparse_staged_change_is_recovered_after_a_crash_only_onto_its_base() 
     let (info, _) = store.inner.head(&ObjectKey::new("other").unwrap()).await.unwrap();
     assert_eq!(info.etag, replaced.etag, "the other writer's version stays");
 }
+
+/// Issue 13: the `stat` of every entry of a directory larger than readdir's metadata prefetch ([`MAX_PREFETCH`]) and
+/// without an index costs one batch of HEADs per [`PREFETCH_BATCH`] entries, sent together, instead of one HEAD per
+/// stat in turn: the lookup of an entry reads the metadata of the next ones in listing order too, and the lookups
+/// that follow find them fresh.
+#[tokio::test]
+async fn stats_of_a_large_listed_directory_read_metadata_ahead_in_batches() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(600)).await;
+    const N: usize = MAX_PREFETCH + 300;
+    for i in 0..N {
+        let key = ObjectKey::new(format!("d/e{i:05}")).unwrap();
+        store.inner.put_expect(&key, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Any).await.unwrap();
+    }
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    store.take_log(); // the probe of d
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let entries = fs.readdir(fh).unwrap();
+    fs.releasedir(fh);
+    assert_eq!(entries.len(), N);
+    assert!(!store.take_log().contains(&"head"), "too many entries for readdir to fetch their metadata");
+    let (mut batches, mut heads) = (0, 0);
+    for e in entries.iter() {
+        let attr = fs.lookup(d.ino, OsStr::new(&e.name)).await.unwrap();
+        assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+        let log = store.take_log();
+        if !log.is_empty() {
+            assert!(log.iter().all(|r| *r == "head") && log.len() <= PREFETCH_BATCH, "{log:?}");
+            batches += 1;
+            heads += log.len();
+        }
+    }
+    assert_eq!(heads, N, "each file's metadata read once");
+    assert_eq!(batches, N.div_ceil(PREFETCH_BATCH), "in batches, not one stat at a time");
+}
