@@ -2320,6 +2320,11 @@ impl Fs {
             None => info,
         };
         staged.mark_uploaded(info.etag.clone());
+        if staged.sparse.take().is_some() {
+            // Changed in place: the staged file holds only some chunks of the version just stored, so the next
+            // write stages again from that version (a later fsync must not patch the old base).
+            staged.loaded = false;
+        }
         self.cache.invalidate_key(&path);
         let (had_instruction_file, parent) = {
             let mut table = lock(&self.table);

@@ -116,6 +116,19 @@ impl Sparse {
         runs(self.present.iter().copied())
     }
 
+    /// The chunks of a file of `size` bytes that may differ from the base, as sorted, disjoint ranges (what the
+    /// update seals again): the present ones, and those a truncation below the base's end turned into zeros (a cut
+    /// followed by a growth: bytes `valid_len..` of the base are gone, so every chunk holding some is sealed again).
+    pub fn changed(&self, size: u64) -> Vec<Range<u64>> {
+        let cut_end = self.base_len.min(size);
+        let cut = if self.valid_len < cut_end {
+            self.valid_len / CHUNK_PLAIN_LEN..cut_end.div_ceil(CHUNK_PLAIN_LEN)
+        } else {
+            0..0
+        };
+        runs(self.present.iter().copied().filter(|c| !cut.contains(c)).chain(cut.clone()).collect::<BTreeSet<u64>>())
+    }
+
     /// The journal's form of this state.
     pub fn to_patch(&self) -> Patch {
         Patch {
@@ -352,7 +365,7 @@ impl Fs {
         let size = staged.size;
         let layout = if self.codec.is_encrypted() { Layout::Encrypted } else { Layout::Plain };
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(None) };
-        let plan = match crate::inplace::plan(layout, sparse.base_len, size, &sparse.dirty()) {
+        let plan = match crate::inplace::plan(layout, sparse.base_len, size, &sparse.changed(size)) {
             Ok(p) => p,
             Err(why) => {
                 tracing::debug!(key = path, ?why, "not changed in place: uploading the file whole");
@@ -512,6 +525,9 @@ mod tests {
         // Cut to 4.5 chunks, grown to 8: the base counts up to the cut, zeros after.
         s.truncate(4 * C + C / 2);
         assert_eq!(s.pieces(4 * C, 8 * C, 8 * C), vec![Piece::Base(4 * C..4 * C + C / 2), Piece::Zeros(4 * C + C / 2..8 * C)]);
+        // Cut to 4.5 chunks and grown to 8: chunk 4 (base, then zeros) and the base's chunks past it differ.
+        assert_eq!(s.changed(8 * C), vec![2..3, 4..8]);
+        assert_eq!(s.changed(4 * C + C / 2), vec![2..3], "a cut alone: the planner handles the new last chunk");
         s.truncate(C);
         assert_eq!(s.dirty(), Vec::<Range<u64>>::new(), "chunks past a cut go");
         assert_eq!(s.valid_len, C);

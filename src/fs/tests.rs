@@ -667,9 +667,11 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ u64::from(encrypted));
         for session in 0..6 {
             let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+            let mut ops: Vec<String> = Vec::new();
             for _ in 0..6 {
                 let len = model.len() as u64;
-                match rng.below(6) {
+                ops.push(format!("len {len}"));
+                match rng.below(7) {
                     0 | 1 => {
                         // A write anywhere (across chunk boundaries sometimes), possibly past the end.
                         let at = rng.below(len + 2 * C);
@@ -677,6 +679,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         let n = 1 + rng.below(max);
                         let data: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
                         fs.write(fh, at, &data).await.unwrap();
+                        ops.push(format!("write {at} +{n}"));
                         if model.len() < (at + n) as usize {
                             model.resize((at + n) as usize, 0);
                         }
@@ -686,13 +689,20 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         // An append.
                         let data: Vec<u8> = (0..1 + rng.below(5000)).map(|_| rng.below(256) as u8).collect();
                         fs.write(fh, len, &data).await.unwrap();
+                        ops.push(format!("append +{}", data.len()));
                         model.extend_from_slice(&data);
                     }
                     3 => {
                         // A truncate down (not below the in-place threshold) or up.
                         let to = 34 * MIB + rng.below(8 * MIB);
                         fs.setattr(ino, SetAttr { size: Some(to), ..Default::default() }, Some(fh), caller).await.unwrap();
+                        ops.push(format!("truncate {to}"));
                         model.resize(to as usize, 0);
+                    }
+                    5 => {
+                        // An fsync in the middle of the session: the next writes patch the version it stored.
+                        fs.fsync(fh).await.unwrap();
+                        ops.push("fsync".into());
                     }
                     _ => {
                         // A read of the open file: staged chunks, base bytes and zeros mixed.
@@ -705,7 +715,14 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
             }
             fs.flush(fh).await.unwrap();
             fs.release(fh).await.unwrap();
-            assert!(read_whole(&fs, "big").await == model, "session {session} (encrypted {encrypted}): the file reads as the model");
+            let got = read_whole(&fs, "big").await;
+            let first = got.iter().zip(&model).position(|(a, b)| a != b);
+            assert!(
+                got == model,
+                "session {session} (encrypted {encrypted}): the file reads as the model: lengths {} / {}, first difference at {first:?}; ops {ops:?}",
+                got.len(),
+                model.len()
+            );
             if encrypted {
                 assert_eq!(header_of(&store, "big").await, header, "changed in place: the header (data key) stays");
             }
