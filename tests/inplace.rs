@@ -11,6 +11,17 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 
+/// Writes a file whole but not front to back (its last byte first), so it is uploaded at close in format version 2
+/// and not streamed: a streamed file is stored in version 1, and its first change rewrites it whole
+/// (docs/SEMANTICS.md, "Reading and writing").
+fn write_unstreamed(path: &std::path::Path, content: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).unwrap();
+    let last = content.len() - 1;
+    f.write_all_at(&content[last..], last as u64).unwrap();
+    f.write_all_at(&content[..last], 0).unwrap();
+}
+
 const MIB: usize = 1 << 20;
 /// The bound on what one small change may move in each direction.
 const BOUND: f64 = 16.0 * MIB as f64;
@@ -45,7 +56,7 @@ fn a_byte_an_append_and_a_truncate_of_a_large_cse_c_file_move_little_and_read_ba
     let addr = free_metrics_addr();
     let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
     let mut model = pattern(64 * MIB + 12_345, 13);
-    fs::write(m.path("big"), &model).unwrap();
+    write_unstreamed(&m.path("big"), &model);
     let mut moved = Moved::new(&addr);
 
     // One byte in the middle.
@@ -90,7 +101,7 @@ fn a_chunk_of_the_older_version_spliced_into_the_newer_one_fails_authentication(
     let store = Store::local(env.path());
     let m = Mount::start(&env, &store, "cse-c");
     let model = pattern(40 * MIB, 21);
-    fs::write(m.path("big"), &model).unwrap();
+    write_unstreamed(&m.path("big"), &model);
     let raw = |store: &Store| store.raw_objects().into_iter().find(|(k, _)| k == "big").unwrap().1;
     let old = raw(&store);
     let chunk = 300usize;
@@ -124,7 +135,7 @@ fn a_byte_staged_in_a_large_file_when_the_daemon_is_killed_is_applied_by_the_nex
     let store = Store::s3();
     let m = Mount::start(&env, &store, "cse-c");
     let mut model = pattern(40 * MIB + 3, 31);
-    fs::write(m.path("big"), &model).unwrap();
+    write_unstreamed(&m.path("big"), &model);
     let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
     f.write_at(b"K", 33 * MIB as u64).unwrap();
     model[33 * MIB] = b'K';

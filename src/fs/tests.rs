@@ -353,6 +353,19 @@ fn memory_store() -> Arc<Silenceable> {
 }
 
 /// Creates `name` in `dir` with `content`, uploaded and closed.
+/// [`write_file`], but not front to back (the last byte first), so the file is uploaded whole at close in format
+/// version 2 instead of streamed (a streamed file is stored in version 1: see `upload::stream`).
+async fn write_file_unstreamed(fs: &Fs, dir: u64, name: &str, content: &[u8]) -> Attr {
+    let caller = Caller { uid: 0, gid: 0 };
+    let (attr, fh) = fs.create(dir, OsStr::new(name), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    let last = content.len() - 1;
+    fs.write(fh, last as u64, &content[last..]).await.unwrap();
+    fs.write(fh, 0, &content[..last]).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    attr
+}
+
 async fn write_file(fs: &Fs, dir: u64, name: &str, content: &[u8]) -> Attr {
     let caller = Caller { uid: 0, gid: 0 };
     let (attr, fh) = fs.create(dir, OsStr::new(name), 0o644, libc::O_WRONLY, caller).await.unwrap();
@@ -661,7 +674,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
         let keys = encrypted.then(|| Arc::new(crate::crypto::KeyHistory::single(crate::crypto::Key256::generate())));
         let fs = fs_in_mode(store.clone(), tmp.path(), keys).await;
         let mut model: Vec<u8> = (0..40 * MIB + 12_345).map(|i| (i.wrapping_mul(0x9e37_79b9) >> 13) as u8).collect();
-        let ino = write_file(&fs, ROOT_INO, "big", &model).await.ino;
+        let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
         let header = header_of(&store, "big").await;
         let caller = Caller { uid: 0, gid: 0 };
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ u64::from(encrypted));
@@ -742,8 +755,8 @@ async fn a_sparse_staged_change_is_recovered_after_a_crash_only_onto_its_base() 
     let mut model: Vec<u8> = (0..40 * MIB).map(|i| (i % 251) as u8).collect();
     {
         let fs = fs_in_mode(store.clone(), tmp.path(), Some(keys.clone())).await;
-        let ino = write_file(&fs, ROOT_INO, "big", &model).await.ino;
-        write_file(&fs, ROOT_INO, "other", &model).await;
+        let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+        write_file_unstreamed(&fs, ROOT_INO, "other", &model).await;
         let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
         fs.write(fh, 20 * MIB as u64 + 3, b"!").await.unwrap();
         model[20 * MIB + 3] = b'!';
