@@ -61,10 +61,14 @@ pub const FORMAT_VERSION_1: u16 = 1;
 /// Version 2: the same header layout; chunks also carry the id of the version
 /// (upload) that sealed them, and the object's metadata an authenticated map of
 /// those ids, so an object can be changed in place under its data key
-/// (`version.rs`). Nothing writes it yet.
+/// (`version.rs`). Written by mounts between the in-place writer and version 3; read forever.
 pub const FORMAT_VERSION_2: u16 = 2;
+/// Version 3: version 2 in which the version map is optional: without one, every chunk was sealed by the version
+/// whose id is the file id. A file can then be written before its length is known (a streamed upload, whose
+/// metadata is fixed when it starts) and still be changed in place later. What files are written in.
+pub const FORMAT_VERSION_3: u16 = 3;
 /// The versions [`Header::decode`] accepts.
-pub const SUPPORTED_VERSIONS: [u16; 2] = [FORMAT_VERSION_1, FORMAT_VERSION_2];
+pub const SUPPORTED_VERSIONS: [u16; 3] = [FORMAT_VERSION_1, FORMAT_VERSION_2, FORMAT_VERSION_3];
 /// First 8 bytes of every object.
 pub const MAGIC: [u8; 8] = *b"s3cryptf";
 /// Length of the random per-object file id.
@@ -256,10 +260,10 @@ impl Envelope {
     }
 }
 
-/// A decoded header (version 1 or 2: the layout is the same).
+/// A decoded header (version 1, 2 or 3: the layout is the same).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Header {
-    /// [`FORMAT_VERSION_1`] or [`FORMAT_VERSION_2`]; a rewrap or KMS re-encrypt
+    /// [`FORMAT_VERSION_1`], [`FORMAT_VERSION_2`] or [`FORMAT_VERSION_3`]; a rewrap or KMS re-encrypt
     /// must keep it, or the chunks no longer open.
     pub version: u16,
     pub file_id: FileId,
@@ -818,10 +822,10 @@ mod tests {
     fn general_checks_come_before_kms_specific_ones() {
         let env = kms_env(0, b"", 0, b""); // every KMS check would fail
         let mut h = raw_kms_header(4, &env);
-        h[8..10].copy_from_slice(&3u16.to_be_bytes());
+        h[8..10].copy_from_slice(&4u16.to_be_bytes());
         assert_eq!(
             Header::decode(&h),
-            Err(CryptoError::UnsupportedVersion { found: 3 })
+            Err(CryptoError::UnsupportedVersion { found: 4 })
         );
         h[..8].copy_from_slice(b"S3CRYPTF");
         assert_eq!(Header::decode(&h), Err(CryptoError::NotOurFormat));

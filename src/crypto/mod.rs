@@ -13,7 +13,7 @@
 //! - [`secret`]: key newtypes that zeroize and never print;
 //! - [`keyfile`]: the customer key history;
 //! - [`error`]: the error enums;
-//! - [`version`]: format version 2's version map (which upload sealed each chunk), for objects changed in place;
+//! - [`version`]: the version map of formats 2 and 3 (which upload sealed each chunk), for objects changed in place;
 //! - [`s3ec`]: objects of the AWS S3 Encryption Client (formats V2 and V3), a foreign format
 //!   read and written for interoperability (issue 12).
 //!
@@ -40,7 +40,7 @@ pub use error::{CryptoError, FormatError, KeyFileError};
 pub use format::{
     chunk_cipher_range, chunk_count, chunk_plain_len, chunk_plain_range, chunks_for_range,
     cipher_size, is_last_chunk, plain_size, Envelope, FileId, Header, CHUNK_CIPHER_LEN,
-    CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, FORMAT_VERSION, FORMAT_VERSION_1, FORMAT_VERSION_2, HEADER_LEN, MAGIC, MAX_KMS_KEY_ID_LEN,
+    CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, FORMAT_VERSION, FORMAT_VERSION_1, FORMAT_VERSION_2, FORMAT_VERSION_3, HEADER_LEN, MAGIC, MAX_KMS_KEY_ID_LEN,
     NONCE_LEN, TAG_LEN,
 };
 pub use keyfile::{format_new_key, KeyHistory};

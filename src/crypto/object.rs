@@ -45,6 +45,15 @@
 //! object, spliced in at the same index, fail even though the data key and file
 //! id are the same.
 //!
+//! Format version 3 is version 2 with its own chunk AAD domain and an optional
+//! map: an object without one was sealed whole by the version whose id is its
+//! file id ([`ObjectCipher::attach_map`] supplies that one-run map). A writer
+//! can therefore seal chunks before it knows the file's length (a streamed
+//! upload) and the object can still be changed in place. Stripping the map of a
+//! changed object makes every chunk the changes sealed fail; what is left that
+//! opens is the first version whole, which is a rollback of the whole object,
+//! as restoring its older bytes always was.
+//!
 //! Nonces are random per chunk (96 bits from the OS). Every object has its own
 //! data key, so the birthday bound applies per object and per key, never
 //! across the bucket; a rewritten chunk simply gets a new nonce.
@@ -58,7 +67,7 @@ use super::error::CryptoError;
 use super::format::{
     chunk_cipher_range, chunk_count, header_prefix, is_last_chunk, plain_size, Envelope, FileId,
     Header, CHUNK_CIPHER_LEN, CHUNK_OVERHEAD, CHUNK_PLAIN_LEN, CUSTOMER_KEY_ENVELOPE_LEN,
-    ENVELOPE_CUSTOMER_KEY, FILE_ID_LEN, FORMAT_VERSION, FORMAT_VERSION_1, FORMAT_VERSION_2,
+    ENVELOPE_CUSTOMER_KEY, FILE_ID_LEN, FORMAT_VERSION, FORMAT_VERSION_1, FORMAT_VERSION_2, FORMAT_VERSION_3,
     HEADER_FIXED_LEN, HEADER_LEN, NONCE_LEN, WRAPPED_KEY_LEN,
 };
 use super::version::{VersionId, VersionMap, MAP_TAG_LEN, MIN_MAP_LEN, VERSION_ID_LEN};
@@ -69,6 +78,8 @@ use super::secret::{fill_random, DataKey, Key256, KeyFingerprint};
 pub const CHUNK_AAD_DOMAIN: &[u8] = b"s3cf-chunk-v1";
 /// Domain prefix of every chunk's AAD in format version 2.
 pub const CHUNK_AAD_DOMAIN_V2: &[u8] = b"s3cf-chunk-v2";
+/// Domain prefix of every chunk's AAD in format version 3 (same length as version 2's, so the same layout).
+pub const CHUNK_AAD_DOMAIN_V3: &[u8] = b"s3cf-chunk-v3";
 /// HMAC message used to derive the version-map key from the data key (format 2).
 pub const MAP_KEY_DOMAIN: &[u8] = b"s3cf-map-key-v2";
 /// Domain prefix of the version-map HMAC message (format 2).
@@ -94,7 +105,7 @@ const WRAP_AAD_LEN: usize = WRAP_AAD_DOMAIN.len() + HEADER_FIXED_LEN + 8;
 
 /// The keys and identity of one object. Holds secrets; `Debug` hides them.
 pub struct ObjectCipher {
-    /// The header's format version: 1, or 2 (chunks carry their version id).
+    /// The header's format version: 1, or 2 or 3 (chunks carry their version id).
     version: u16,
     file_id: FileId,
     data_key: DataKey,
@@ -102,7 +113,8 @@ pub struct ObjectCipher {
     bind_key: Zeroizing<[u8; 32]>,
     /// Authenticates the version map (format 2).
     map_key: Zeroizing<[u8; 32]>,
-    /// Format 2: the authenticated version map, once attached; no chunk opens without it.
+    /// Formats 2 and 3: the authenticated version map, once attached (format 3: or the implicit one-run map of
+    /// the file id); no format-2 chunk opens without it.
     map: Option<VersionMap>,
     backend: AeadBackend,
 }
@@ -127,16 +139,22 @@ fn chunk_aad(file_id: &FileId, index: u64, is_last: bool) -> [u8; CHUNK_AAD_LEN]
     aad
 }
 
-/// Format 2: `"s3cf-chunk-v2" || file_id || index || is_last || version_id` (54 bytes).
+/// Formats 2 and 3: `"s3cf-chunk-v2" || file_id || index || is_last || version_id` (54 bytes; `-v3` in format 3).
 fn chunk_aad_v2(
+    format: u16,
     file_id: &FileId,
     index: u64,
     is_last: bool,
     version: &VersionId,
 ) -> [u8; CHUNK_AAD_V2_LEN] {
+    let domain = match format {
+        FORMAT_VERSION_2 => CHUNK_AAD_DOMAIN_V2,
+        FORMAT_VERSION_3 => CHUNK_AAD_DOMAIN_V3,
+        _ => unreachable!("invariant broken: a version id in a chunk of format {format}"),
+    };
     let mut aad = [0u8; CHUNK_AAD_V2_LEN];
     aad[..CHUNK_AAD_LEN].copy_from_slice(&chunk_aad(file_id, index, is_last));
-    aad[..CHUNK_AAD_DOMAIN_V2.len()].copy_from_slice(CHUNK_AAD_DOMAIN_V2);
+    aad[..domain.len()].copy_from_slice(domain);
     aad[CHUNK_AAD_LEN..].copy_from_slice(&version.0);
     aad
 }
@@ -227,7 +245,7 @@ impl ObjectCipher {
         Self::create_version(FORMAT_VERSION, keys, backend)
     }
 
-    /// [`ObjectCipher::create`] in format `version` (1 or 2). A version-2 object
+    /// [`ObjectCipher::create`] in format `version` (1, 2 or 3). A version-2 object
     /// is sealed with [`ObjectCipher::seal_chunk_in`] and needs its map stored
     /// beside it ([`ObjectCipher::seal_map`]).
     pub fn create_version(
@@ -268,7 +286,7 @@ impl ObjectCipher {
         Self::create_kms_version(FORMAT_VERSION, file_id, data_key, key_id, blob, backend)
     }
 
-    /// [`ObjectCipher::create_kms`] in format `version` (1 or 2).
+    /// [`ObjectCipher::create_kms`] in format `version` (1, 2 or 3).
     pub fn create_kms_version(
         version: u16,
         file_id: FileId,
@@ -443,12 +461,13 @@ impl ObjectCipher {
         self.file_id
     }
 
-    /// The format version of the object's header (1 or 2).
+    /// The format version of the object's header (1, 2 or 3).
     pub fn format_version(&self) -> u16 {
         self.version
     }
 
-    /// Format 2: the version map attached by [`ObjectCipher::attach_map`].
+    /// Formats 2 and 3: the version map attached by [`ObjectCipher::attach_map`] (format 3 without a stored map:
+    /// the one-run map of the file id).
     pub fn version_map(&self) -> Option<&VersionMap> {
         self.map.as_ref()
     }
@@ -488,33 +507,48 @@ impl ObjectCipher {
         VersionMap::decode_body(body, plain_len)
     }
 
-    /// Makes the object readable: for format 2, authenticates `stored` (the
-    /// metadata value) for a file of `plain_len` bytes — the length the reader
-    /// derived from the object's size — and keeps it for [`ObjectCipher::open_chunk`].
-    /// Format 1 needs no map and ignores one.
+    /// Makes the object readable: for formats 2 and 3, authenticates `stored`
+    /// (the metadata value) for a file of `plain_len` bytes — the length the
+    /// reader derived from the object's size — and keeps it for
+    /// [`ObjectCipher::open_chunk`]. Format 3 without a stored map keeps the
+    /// one-run map of its file id ([`ObjectCipher::implicit_version`]). Format 1
+    /// needs no map and ignores one.
     pub fn attach_map(&mut self, stored: Option<&str>, plain_len: u64) -> Result<(), CryptoError> {
-        if self.version == FORMAT_VERSION_1 {
-            return Ok(());
+        match (self.version, stored) {
+            (FORMAT_VERSION_1, _) => return Ok(()),
+            (FORMAT_VERSION_3, None) => {
+                self.map = Some(VersionMap::whole(plain_len, self.implicit_version()));
+                return Ok(());
+            }
+            _ => {}
         }
         let stored = stored.ok_or(CryptoError::MissingVersionMap)?;
         self.map = Some(self.open_map(stored, plain_len)?);
         Ok(())
     }
 
+    /// Format 3: the version id of every chunk of an object that has no map (one written whole, or streamed),
+    /// which is its file id.
+    pub fn implicit_version(&self) -> VersionId {
+        VersionId(self.file_id.0)
+    }
+
     /// Format 2, a new version this writer seals: keeps `map` (trusted, it is the
     /// writer's own) so that [`ObjectCipher::seal_chunk_as_mapped`] seals chunk `i`
     /// with the id the map gives it. A whole upload sets `VersionMap::whole`.
     pub fn set_map(&mut self, map: VersionMap) {
-        assert_eq!(
-            self.version, FORMAT_VERSION_2,
+        assert_ne!(
+            self.version, FORMAT_VERSION_1,
             "invariant broken: a version map set on a version-1 object"
         );
         self.map = Some(map);
     }
 
     /// Appends chunk `index` sealed as the object's format needs: version 1 as
-    /// [`ObjectCipher::seal_chunk`], version 2 with the id its map (set with
-    /// [`ObjectCipher::set_map`]) gives the chunk.
+    /// [`ObjectCipher::seal_chunk`], versions 2 and 3 with the id its map (set
+    /// with [`ObjectCipher::set_map`]) gives the chunk; version 3 without a map
+    /// with [`ObjectCipher::implicit_version`] (a new object written whole or
+    /// streamed, whose length need not be known yet).
     ///
     /// # Panics
     /// On a version-2 object without a map covering `index` (a caller bug), and
@@ -523,11 +557,11 @@ impl ObjectCipher {
         if self.version == FORMAT_VERSION_1 {
             return self.seal_chunk(index, is_last, plaintext, out);
         }
-        let version = self
-            .map
-            .as_ref()
-            .and_then(|m| m.version_of(index))
-            .expect("invariant broken: a version-2 chunk sealed without a version map that covers it");
+        let version = match &self.map {
+            None if self.version == FORMAT_VERSION_3 => Some(self.implicit_version()),
+            map => map.as_ref().and_then(|m| m.version_of(index)),
+        }
+        .expect("invariant broken: a version-2 chunk sealed without a version map that covers it");
         self.seal_chunk_in(&version, index, is_last, plaintext, out);
     }
 
@@ -578,8 +612,8 @@ impl ObjectCipher {
         nonce: [u8; NONCE_LEN],
         out: &mut Vec<u8>,
     ) {
-        assert_eq!(
-            self.version, FORMAT_VERSION_2,
+        assert_ne!(
+            self.version, FORMAT_VERSION_1,
             "invariant broken: a version id sealed into a chunk of a version-1 object"
         );
         Self::check_chunk_layout(index, is_last, plaintext);
@@ -587,7 +621,7 @@ impl ObjectCipher {
         out.extend_from_slice(&nonce);
         self.chunk_key.seal(
             &nonce,
-            &chunk_aad_v2(&self.file_id, index, is_last, version),
+            &chunk_aad_v2(self.version, &self.file_id, index, is_last, version),
             plaintext,
             out,
         );
@@ -637,9 +671,10 @@ impl ObjectCipher {
     /// `out` is unchanged. `is_last` must come from the object's size
     /// ([`super::format::is_last_chunk`]), which is what makes truncation detectable.
     ///
-    /// Format 2: the chunk is opened with the version id the attached map gives
-    /// it (`MissingVersionMap` before [`ObjectCipher::attach_map`]; a chunk
-    /// past the map's end fails authentication).
+    /// Formats 2 and 3: the chunk is opened with the version id the attached map
+    /// gives it (format 2: `MissingVersionMap` before [`ObjectCipher::attach_map`];
+    /// format 3: the implicit version; a chunk past the map's end fails
+    /// authentication).
     pub fn open_chunk(
         &self,
         index: u64,
@@ -674,14 +709,19 @@ impl ObjectCipher {
                 )
                 .map_err(failed);
         }
-        let map = self.map.as_ref().ok_or(CryptoError::MissingVersionMap)?;
-        let version = map
-            .version_of(index)
-            .ok_or(CryptoError::AuthenticationFailed { chunk: index })?;
+        let version = match &self.map {
+            // Format 3 with no map attached: the implicit version. (A stored map the caller did not attach makes
+            // the chunks other versions sealed fail, never opens wrong bytes.)
+            None if self.version == FORMAT_VERSION_3 => self.implicit_version(),
+            None => return Err(CryptoError::MissingVersionMap),
+            Some(map) => map
+                .version_of(index)
+                .ok_or(CryptoError::AuthenticationFailed { chunk: index })?,
+        };
         self.chunk_key
             .open(
                 nonce,
-                &chunk_aad_v2(&self.file_id, index, is_last, &version),
+                &chunk_aad_v2(self.version, &self.file_id, index, is_last, &version),
                 sealed,
                 out,
             )
@@ -783,3 +823,5 @@ pub fn decrypt_object_with_map(
 mod tests;
 #[cfg(test)]
 mod tests_v2;
+#[cfg(test)]
+mod tests_v3;

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Independent re-implementation of s3cryptfs formats v1 and v2 (docs/FORMAT.md),
+"""Independent re-implementation of s3cryptfs formats v1, v2 and v3 (docs/FORMAT.md),
 written from the spec, not the Rust code. It rebuilds the golden fixtures from the
 fixed inputs used in src/crypto/object/tests.rs and tests_v2.rs and compares them
 with v1-golden.hex (envelope kind 1), v1-kms-golden.hex (envelope kind 2) and
-v2-golden.hex (format 2, with its version maps), so the documentation, the
+v2-golden.hex (format 2, with its version maps) and v3-golden.hex (format 3, no map),
+so the documentation, the
 fixtures and the Rust code are checked against each other.
 
 Needs the `cryptography` package. Run: python3 src/crypto/testdata/independent_check.py
@@ -62,6 +63,18 @@ map_three = version_map(3 * 65536, 4, [(0, VERSION_A), (1, VERSION_B), (2, VERSI
 print("v2 map:", map_one)
 print("v2 three-run map:", map_three)
 
+# Format 3: version 2's layout with version 3 in the header (another wrap) and its own chunk AAD domain; a new
+# object has no map, and its chunks name the implicit version id, which is the file id.
+PLAINTEXT_V3 = b"s3cryptfs golden fixture, format version 3\n"
+prefix3 = b"s3cryptf" + struct.pack(">HBBI", 3, 1, 16, 0) + FILE_ID + struct.pack(">H", 68)
+wrapped3 = AESGCM(KEK).encrypt(WRAP_NONCE, DATA_KEY, b"s3cf-wrap-v1" + prefix3 + fingerprint)
+header3 = (prefix3 + fingerprint + WRAP_NONCE + wrapped3).ljust(512, b"\0")
+aad3 = b"s3cf-chunk-v3" + FILE_ID + struct.pack(">Q", 0) + b"\x01" + FILE_ID
+assert len(aad3) == 54
+obj3 = header3 + CHUNK_NONCE + AESGCM(DATA_KEY).encrypt(CHUNK_NONCE, PLAINTEXT_V3, aad3)
+if "--print-v3" in sys.argv:
+    print("v3 fixture:", obj3.hex())
+
 here = os.path.dirname(os.path.abspath(__file__))
 ok = True
 tests_v2 = open(os.path.join(here, "..", "object", "tests_v2.rs")).read()
@@ -69,7 +82,7 @@ for what, value in [("GOLDEN_V2_MAP", map_one), ("GOLDEN_V2_THREE_RUNS", map_thr
     pinned = f'const {what}: &str = "{value}";' in tests_v2
     print(what, "matches tests_v2.rs:", pinned)
     ok = ok and pinned
-for name, expected in [("v1-golden.hex", obj), ("v1-kms-golden.hex", kms_obj), ("v2-golden.hex", obj2)]:
+for name, expected in [("v1-golden.hex", obj), ("v1-kms-golden.hex", kms_obj), ("v2-golden.hex", obj2), ("v3-golden.hex", obj3)]:
     text = open(os.path.join(here, name)).read()
     fixture = bytes.fromhex("".join(l for l in text.splitlines() if not l.startswith("#")))
     print(name, "matches:", fixture == expected)
