@@ -8,8 +8,8 @@
 //!
 //! - both versions lay out chunk `i` at the same stored offset (the own format: `512 + i * 65564`; plaintext modes:
 //!   `i * 65536`), so an untouched chunk is copied to where it already is;
-//! - a chunk the change touches ("dirty") is sealed again (format version 2, `crypto::version`: the new version's
-//!   id); in the encrypted layout so is every chunk whose length or last-chunk flag the new length changes
+//! - a chunk the change touches ("dirty") is sealed again (format versions 2 and 3, `crypto::version`: the new
+//!   version's id); in the encrypted layout so is every chunk whose length or last-chunk flag the new length changes
 //!   ([`crate::crypto::version::must_rewrite`]), which this plan adds itself;
 //! - every part but the last is at least [`MIN_PART_LEN`] (S3's rule) and a copied part at most
 //!   [`MAX_COPY_PART_LEN`]: so a clean stretch shorter than the minimum between two changes is uploaded too (its old

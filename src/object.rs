@@ -19,8 +19,8 @@ use crate::store::UserMeta;
 
 /// Metadata key (`x-amz-meta-s3cryptfs-bind`) holding an encrypted object's path binding.
 pub const BIND_META: &str = "s3cryptfs-bind";
-/// Metadata key (`x-amz-meta-s3cryptfs-map`) holding the version map of an object in format version 2 (see
-/// `crypto::version`): which upload sealed each chunk. A copy or rename keeps it, since it names no path.
+/// Metadata key (`x-amz-meta-s3cryptfs-map`) holding the version map of an object in format version 2, or 3
+/// after its first in-place change (see `crypto::version`): which upload sealed each chunk. A copy or rename keeps it, since it names no path.
 pub const MAP_META: &str = "s3cryptfs-map";
 
 /// Which format a stored object is in.
@@ -208,22 +208,12 @@ impl Codec {
         self.create_in(crypto::FORMAT_VERSION_1).await
     }
 
-    /// [`Codec::create`] for a file of `plain_len` bytes uploaded whole, in format version 2 (client-side modes), so
-    /// that it can later be changed in place (`crate::inplace`): every chunk is sealed with one fresh version id,
-    /// and the third value is the sealed version map for the object's metadata (`MAP_META`). `None` in plaintext
-    /// modes.
-    pub async fn create_file(&self, plain_len: u64) -> Result<(ObjectCodec, Vec<u8>, Option<String>), CodecError> {
-        let (mut oc, header) = self.create_in(crypto::FORMAT_VERSION_2).await?;
-        let map = match &mut oc {
-            ObjectCodec::Plain => None,
-            ObjectCodec::Cse(c) => {
-                let map = crypto::version::VersionMap::whole(plain_len, crypto::version::VersionId::random());
-                let sealed = c.seal_map(&map);
-                c.set_map(map);
-                Some(sealed)
-            }
-        };
-        Ok((oc, header, map))
+    /// [`Codec::create`] for a file, uploaded whole or streamed, in format version 3 (client-side modes), so that
+    /// it can later be changed in place (`crate::inplace`): every chunk is sealed with the implicit version id (the
+    /// file id), so the length need not be known yet and the object carries no version map (`MAP_META`) until it
+    /// is first changed in place.
+    pub async fn create_file(&self) -> Result<(ObjectCodec, Vec<u8>), CodecError> {
+        self.create_in(crypto::FORMAT_VERSION_3).await
     }
 
     async fn create_in(&self, version: u16) -> Result<(ObjectCodec, Vec<u8>), CodecError> {

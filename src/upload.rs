@@ -1,8 +1,8 @@
 //! The write path: encrypt a staged file and upload it as one object.
 //!
 //! Each upload creates a fresh per-object codec (for cse-c a new data key and file id, so no nonce or key is ever
-//! reused across versions of a file; format version 2 with a one-run version map, so the file can later be changed
-//! in place by `crate::inplace`), seals the staged plaintext chunk by chunk and sends it either as one PUT
+//! reused across versions of a file; format version 3, whose new objects need no version map, so the file can later
+//! be changed in place by `crate::inplace`), seals the staged plaintext chunk by chunk and sends it either as one PUT
 //! (small objects) or as a multipart upload of `PART_SIZE` parts. The object's path binding is written into its
 //! metadata with the rest of the POSIX attributes. Every upload is conditional on what it expects to replace
 //! ([`Expect`]: nothing, or one version by ETag); the store refuses it with `Precondition` otherwise, and nothing
@@ -84,16 +84,10 @@ pub async fn upload(
     }
     let _in_flight = crate::metrics::UploadInFlight::start();
     let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
-    // Format version 2 in the client-side modes, so the file can later be changed in place (`crate::inplace`).
-    let (oc, header, map) = codec.create_file(size).await.map_err(|e| Error::codec(path, e))?;
-    match map {
-        Some(m) => {
-            meta.extra.insert(MAP_META.to_string(), m);
-        }
-        None => {
-            meta.extra.remove(MAP_META);
-        }
-    }
+    // Format version 3 in the client-side modes, so the file can later be changed in place (`crate::inplace`); a
+    // new object has no version map (an old one's must not be carried over).
+    let (oc, header) = codec.create_file().await.map_err(|e| Error::codec(path, e))?;
+    meta.extra.remove(MAP_META);
     match oc.binding(path) {
         Some(b) => {
             meta.extra.insert(BIND_META.to_string(), b);

@@ -11,9 +11,8 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 
-/// Writes a file whole but not front to back (its last byte first), so it is uploaded at close in format version 2
-/// and not streamed: a streamed file is stored in version 1, and its first change rewrites it whole
-/// (docs/SEMANTICS.md, "Reading and writing").
+/// Writes a file whole but not front to back (its last byte first), so it is uploaded whole at close, not streamed
+/// while written (both write format version 3; the streamed case has its own test below).
 fn write_unstreamed(path: &std::path::Path, content: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = fs::File::create(path).unwrap();
@@ -86,6 +85,43 @@ fn a_byte_an_append_and_a_truncate_of_a_large_cse_c_file_move_little_and_read_ba
     drop(f);
     let (down, up) = moved.take();
     assert!(down <= BOUND && up <= BOUND, "truncate: {down} bytes fetched, {up} sent");
+
+    m.unmount();
+    let m = Mount::start(&env, &store, "cse-c");
+    assert_bytes(fs::read(m.path("big")).unwrap(), &model, "read back through a fresh mount");
+    m.unmount();
+}
+
+/// A file written front to back is uploaded while it is written (tests/stream.rs), before its length is known; format
+/// version 3 seals it under the implicit version id, so its first change is made in place too, not a whole rewrite
+/// (which moved the whole file each way when streamed files were version 1).
+#[test]
+fn a_byte_changed_in_a_streamed_large_cse_c_file_moves_little_and_reads_back_exact_on_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    let addr = free_metrics_addr();
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
+    let mut model = pattern(48 * MIB + 777, 21);
+    // Streamed: parts travel while the file is still open (tests/stream.rs checks the rest of streaming).
+    let parts = || metric(&addr, "s3cryptfs_store_requests_total{kind=\"multipart_part\",outcome=\"ok\"}");
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    for piece in model.chunks(MIB) {
+        f.write_all(piece).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while parts() < 3.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(parts() >= 3.0, "parts were sent before close: the file streamed");
+    drop(f);
+    let mut moved = Moved::new(&addr);
+
+    let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+    f.write_at(b"Y", 30 * MIB as u64 + 3).unwrap();
+    drop(f);
+    model[30 * MIB + 3] = b'Y';
+    let (down, up) = moved.take();
+    assert!(down <= BOUND && up <= BOUND, "1 byte: {down} bytes fetched, {up} sent");
 
     m.unmount();
     let m = Mount::start(&env, &store, "cse-c");

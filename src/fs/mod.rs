@@ -1857,7 +1857,7 @@ impl Fs {
                     remote = current;
                 }
                 // A large object of the own format is staged only where it is written (`fs::sparse`).
-                if let Some(sparse) = self.sparse_base(&info, &meta, format) {
+                if let Some(sparse) = self.sparse_base(&info, format) {
                     staged.base = BaseVersion::Etag(sparse.etag.clone());
                     staged.start_sparse(sparse).map_err(|e| Error::staging(&path, e))?;
                     staged.loaded = true;

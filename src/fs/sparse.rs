@@ -32,7 +32,7 @@ use super::{is_lost_race, key, Error, Fs, Result, UPLOAD_META};
 use crate::crypto::{ObjectCipher, CHUNK_PLAIN_LEN};
 use crate::inplace::Layout;
 use crate::journal::{BaseVersion, Patch, StagedFile};
-use crate::object::{ObjectCodec, StoredFormat, BIND_META, MAP_META};
+use crate::object::{ObjectCodec, StoredFormat, BIND_META};
 use crate::read::Reader;
 use crate::store::{Expect, ObjectInfo, StoreError, UserMeta};
 
@@ -264,17 +264,16 @@ pub const MAX_SPARSE_RUNS: usize = 64;
 
 impl Fs {
     /// Whether the first write to the object at `path` (as a HEAD just found it) stages it sparsely: a large object
-    /// of the own format (version 2 in the client-side modes, whose metadata carries a version map) in a mount that
-    /// writes the own format. `None`: stage it whole, as before.
-    pub(super) fn sparse_base(&self, info: &ObjectInfo, meta: &UserMeta, format: StoredFormat) -> Option<Sparse> {
+    /// of the own format in a mount that writes the own format. `None`: stage it whole, as before. The metadata does
+    /// not tell format version 1 (never changed in place: its chunks cannot be told apart by version) from version 3
+    /// without a map; a version-1 base is found when its header is read, and close rewrites it whole
+    /// (`inplace::Fallback::FormatVersion1`).
+    pub(super) fn sparse_base(&self, info: &ObjectInfo, format: StoredFormat) -> Option<Sparse> {
         if format != StoredFormat::Own || self.codec.s3ec_write_format().is_some() {
             return None;
         }
         if info.size < crate::inplace::MIN_IN_PLACE_LEN {
             return None;
-        }
-        if self.codec.is_encrypted() && !meta.extra.contains_key(MAP_META) {
-            return None; // format version 1: its chunks cannot be told apart by version, so no in-place update
         }
         let etag = info.etag.clone().filter(|e| !e.is_empty())?;
         let plain_len = self.codec.plain_size(info.size)?;

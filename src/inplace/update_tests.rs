@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::cache::PageCache;
-use crate::crypto::format::FORMAT_VERSION_2;
+use crate::crypto::format::{FORMAT_VERSION_2, FORMAT_VERSION_3};
 use crate::crypto::version::VersionMap;
 use crate::crypto::{AeadBackend, Key256, KeyHistory};
 use crate::object::{Codec, StoredFormat};
@@ -103,6 +103,8 @@ struct World {
     codec: Codec,
     layout: Layout,
     keys: Arc<KeyHistory>,
+    /// The format version `put_whole` writes when encrypted: 2 (with a one-run map) or 3 (no map).
+    version: u16,
 }
 
 impl World {
@@ -119,14 +121,31 @@ impl World {
             Codec::Plain
         };
         let layout = if encrypted { Layout::Encrypted } else { Layout::Plain };
-        World { store: Arc::new(Counting { inner, counts: counts.clone() }), counts, codec, layout, keys }
+        World { store: Arc::new(Counting { inner, counts: counts.clone() }), counts, codec, layout, keys, version: FORMAT_VERSION_2 }
     }
 
-    /// Stores `plain` whole (format version 2 when encrypted); returns its ETag.
+    /// An encrypted world whose base objects are format version 3 without a map, as whole and streamed uploads
+    /// write them now.
+    fn v3() -> World {
+        World { version: FORMAT_VERSION_3, ..World::new(true) }
+    }
+
+    /// Stores `plain` whole (format version `self.version` when encrypted); returns its ETag.
     async fn put_whole(&self, plain: &[u8]) -> String {
         let mut meta = UserMeta::default();
         let body = match self.layout {
             Layout::Plain => plain.to_vec(),
+            Layout::Encrypted if self.version == FORMAT_VERSION_3 => {
+                let (cipher, header) = ObjectCipher::create_version(FORMAT_VERSION_3, &self.keys, AeadBackend::default());
+                let len = plain.len() as u64;
+                let mut out = header.to_vec();
+                for i in 0..crypto::chunk_count(len) {
+                    let r = crypto::chunk_plain_range(i, len);
+                    cipher.seal_chunk_as_mapped(i, crypto::is_last_chunk(i, len), &plain[r.start as usize..r.end as usize], &mut out);
+                }
+                meta.extra.insert(BIND_META.to_string(), cipher.binding(PATH));
+                out
+            }
             Layout::Encrypted => {
                 let (cipher, header) = ObjectCipher::create_version(FORMAT_VERSION_2, &self.keys, AeadBackend::default());
                 let len = plain.len() as u64;
@@ -215,8 +234,7 @@ fn chunk_of(offset: u64) -> Range<u64> {
 
 #[tokio::test]
 async fn a_byte_an_append_and_a_shrink_of_a_64_mib_file_move_little_and_read_back_exact() {
-    for encrypted in [true, false] {
-        let w = World::new(encrypted);
+    for w in [World::v3(), World::new(true), World::new(false)] {
         let mut model = pattern(64 * MIB as usize + 12_345);
         let mut etag = w.put_whole(&model).await;
         // One byte in the middle, then one across two chunks near the start, then an append, then a shrink.

@@ -18,6 +18,9 @@
 //! its buffer from the memory budget (src/memory) only while it is filled and sent, so an idle stream holds almost
 //! nothing, and at most [`PARTS_IN_FLIGHT`] parts per stream travel at once (a writer faster than the store waits).
 //!
+//! The object is format version 3 like a whole upload: its chunks are sealed with the implicit version id (the file
+//! id), which is known before the length is, so a streamed file can later be changed in place.
+//!
 //! The object's metadata is fixed when the upload starts, so it carries no `mtime`: the store's LastModified (the
 //! completion) stands in for it. The filesystem re-reads the attributes after completion, and replaces the metadata
 //! conditionally when they were changed explicitly meanwhile (chmod, chown, utimens on the open file).
@@ -29,6 +32,7 @@ use super::{part_result, Source, PARTS_IN_FLIGHT, PART_BUFFER, PART_SIZE};
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
 use crate::object::{Codec, ObjectCodec};
+use crate::object::MAP_META;
 use crate::read::BIND_META;
 use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, Upload, UserMeta};
 
@@ -86,11 +90,12 @@ impl Stream {
             return Ok(None);
         }
         let key = ObjectKey::new(path).map_err(|e| Error::store(path, e))?;
-        let (oc, header) = codec.create().await.map_err(|e| Error::codec(path, e))?;
+        let (oc, header) = codec.create_file().await.map_err(|e| Error::codec(path, e))?;
         match oc.binding(path) {
             Some(b) => meta.extra.insert(BIND_META.to_string(), b),
             None => meta.extra.remove(BIND_META),
         };
+        meta.extra.remove(MAP_META); // a new object (format 3): no version map until it is changed in place
         meta.mtime = None;
         meta.extra.insert(stamp.0.to_string(), stamp.1.clone());
         let upload = backend.put_multipart_expect(&key, &meta, &expect).await.map_err(|e| Error::store(path, e))?;

@@ -33,7 +33,7 @@ async fn read_back(backend: &dyn Backend, codec: &Codec, key: &str, size: u64) -
     assert_eq!(body.len() as u64, codec.stored_size(size));
     let header_len = codec.header_len() as usize;
     let mut oc = codec.open(&body[..header_len]).await.unwrap();
-    // Whole uploads are format version 2 (a version map in the metadata); streams are version 1 (none).
+    // Whole uploads and streams are format version 3 with no version map (the implicit version: the file id).
     oc.attach_map(&meta, size).unwrap();
     if let Some(binding) = meta.extra.get(BIND_META) {
         oc.verify_binding(key, Some(binding)).unwrap();
