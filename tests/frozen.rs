@@ -230,3 +230,72 @@ fn a_frozen_store_bounds_every_syscall_serves_known_names_and_loses_nothing() {
     assert_eq!(fs::read(m.path("known.txt")).unwrap(), b"known");
     m.unmount();
 }
+
+/// close(2) of `file`, with its result (dropping a File ignores it).
+fn close_reporting(file: fs::File) -> std::io::Result<()> {
+    let fd = file.into_raw_fd();
+    // SAFETY: `fd` was just taken out of the File, so it is closed exactly once, here.
+    let rc = unsafe { libc::close(fd) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+const MIB: usize = 1 << 20;
+
+/// The two upload paths of issue 13 meet a frozen store: a file streaming its parts while it is written, and a large
+/// file changed in place. Every write still returns in time (and succeeds: the bytes are in the write journal, the
+/// stream is abandoned), close fails in time, and once the store answers again both files are whole and exact,
+/// through the same mount and after a remount.
+#[test]
+fn a_frozen_store_bounds_a_streaming_writer_and_an_in_place_change_and_loses_nothing() {
+    use std::os::unix::fs::FileExt;
+    let server = PrivateServer::start();
+    let env = Env::new();
+    let store = server.bucket();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let opts = [timeout.as_str()];
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+
+    // A large file (streamed when written, so format version 3), open with one chunk already changed in place.
+    let mut big = pattern(40 * MIB, 5);
+    fs::write(m.path("big.bin"), &big).unwrap();
+    let changed = fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
+    let first = pattern(65536, 7);
+    changed.write_all_at(&first, 10 * MIB as u64).unwrap();
+    big[10 * MIB..10 * MIB + 65536].copy_from_slice(&first);
+    // A new file streaming: 24 MiB written, so parts are on their way.
+    let streamed = pattern(40 * MIB, 6);
+    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
+    for piece in streamed[..24 * MIB].chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+
+    let frozen = server.freeze();
+    for (i, piece) in streamed[24 * MIB..].chunks(MIB).enumerate() {
+        let piece = piece.to_vec();
+        let (back, written) = within(&format!("streaming write {i}"), move || {
+            let r = file.write_all(&piece);
+            (file, r)
+        });
+        written.unwrap_or_else(|e| panic!("streaming write {i} while frozen: {e}"));
+        file = back;
+    }
+    let closed = within("close of the streamed file", move || close_reporting(file));
+    eprintln!("close of the streamed file while frozen: {closed:?}");
+    let second = pattern(65536, 8);
+    big[20 * MIB..20 * MIB + 65536].copy_from_slice(&second);
+    let changed_closed = within("an aligned chunk written into the large file, then close", move || {
+        changed.write_all_at(&second, 20 * MIB as u64)?;
+        close_reporting(changed)
+    });
+    eprintln!("write + close of the large file while frozen: {changed_closed:?}");
+    drop(frozen);
+
+    assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the freeze");
+    assert_bytes(fs::read(m.path("big.bin")).unwrap(), &big, "big.bin after the freeze");
+    let log = m.unmount();
+    eprintln!("--- log of the mount that saw the freeze ---\n{log}");
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after a remount");
+    assert_bytes(fs::read(m.path("big.bin")).unwrap(), &big, "big.bin after a remount");
+    m.unmount();
+}

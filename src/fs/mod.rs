@@ -2114,7 +2114,7 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (ino, reader, _, _) = self.file_handle(fh)?;
+        let (ino, _, _, _) = self.file_handle(fh)?;
         let ws = lock(&self.table).get(ino).and_then(|n| n.write.clone());
         if let Some(ws) = ws {
             let mut staged = ws.lock().await;
@@ -2126,9 +2126,18 @@ impl Fs {
                 return staged.read_at(offset, size as usize).map_err(|e| Error::staging(key, e));
             }
         }
-        match reader {
-            Some(r) => r.read(offset, size as usize).await,
-            None => Ok(Vec::new()),
+        // The handle's reader is taken only now: an upload of this file that finished while this read waited for the
+        // staged copy has pointed the handle at the version it stored (`refresh_readers`).
+        let Some(reader) = self.file_handle(fh)?.1 else { return Ok(Vec::new()) };
+        match reader.read(offset, size as usize).await {
+            // This mount may still have replaced the object between the two (another handle's writes, uploaded while
+            // this GET was on its way): the handle then names the new version, which is read instead. A change by
+            // another writer leaves the handle where it was and stays an error.
+            Err(e @ Error::Changed { .. }) => match self.file_handle(fh)?.1 {
+                Some(now) if now.etag() != reader.etag() => now.read(offset, size as usize).await,
+                _ => Err(e),
+            },
+            other => other,
         }
     }
 
