@@ -4,7 +4,8 @@
 //!
 //! Freezing the shared test server would stall every test running beside this one, so this test starts a LocalStack of
 //! its own on a free port with `scripts/s3-server.sh` (same venv and certificates as the shared one; about 2 s) and
-//! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped.
+//! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped. The last test kills its
+//! server instead (a dead store) and starts another on the same port.
 
 mod common;
 
@@ -81,6 +82,34 @@ impl PrivateServer {
     fn freeze(&self) -> Frozen {
         signal_group(self.pid, libc::SIGSTOP);
         Frozen { pid: self.pid, since: Instant::now() }
+    }
+}
+
+impl PrivateServer {
+    /// Kills every process of the server (SIGKILL): connections are refused from now on, and its state is gone.
+    fn kill(&self) {
+        signal_group(self.pid, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        while unsafe { libc::kill(self.pid, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A new server on the same port after [`PrivateServer::kill`], with `store`'s bucket created again (empty: this
+    /// LocalStack keeps nothing across a restart).
+    fn restart(&mut self, store: &Store) {
+        let _ = Command::new(script()).arg("stop").env("S3CRYPTFS_S3_PORT", self.port.to_string()).status();
+        let out = Command::new(script()).arg("start").env("S3CRYPTFS_S3_PORT", self.port.to_string()).output().unwrap();
+        assert!(out.status.success(), "restart on port {}: {}", self.port, String::from_utf8_lossy(&out.stderr));
+        let pid_file = test_home().join(format!("run/{}/localstack.pid", self.port));
+        self.pid = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        let Store::S3 { bucket, .. } = store else { panic!("a private server's store is S3") };
+        let status = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "60", "-X", "PUT", &format!("{}/{bucket}", self.endpoint)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "could not create bucket {bucket} again");
     }
 }
 
@@ -297,5 +326,46 @@ fn a_frozen_store_bounds_a_streaming_writer_and_an_in_place_change_and_loses_not
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after a remount");
     assert_bytes(fs::read(m.path("big.bin")).unwrap(), &big, "big.bin after a remount");
+    m.unmount();
+}
+
+/// A store that dies (the server killed: connections refused) while a file streams: the remaining writes succeed in
+/// time (into the write journal), close fails in time, the unmount does not hang, and the next start, with a store
+/// that answers again, uploads the file whole and exact.
+#[test]
+fn a_dead_store_under_a_streaming_writer_loses_nothing() {
+    let mut server = PrivateServer::start();
+    let env = Env::new();
+    let store = server.bucket();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let opts = [timeout.as_str()];
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    let streamed = pattern(40 * MIB, 9);
+    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
+    for piece in streamed[..24 * MIB].chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+
+    server.kill();
+    for (i, piece) in streamed[24 * MIB..].chunks(MIB).enumerate() {
+        let piece = piece.to_vec();
+        let (back, written) = within(&format!("streaming write {i}"), move || {
+            let r = file.write_all(&piece);
+            (file, r)
+        });
+        written.unwrap_or_else(|e| panic!("streaming write {i} with the store dead: {e}"));
+        file = back;
+    }
+    let closed = within("close of the streamed file", move || close_reporting(file));
+    assert!(closed.is_err(), "close cannot succeed with the store dead");
+    let start = Instant::now();
+    let (status, log) = m.unmount_with_status();
+    eprintln!("unmount with the store dead: {status} after {:.1} s\n{log}", start.elapsed().as_secs_f64());
+    // The daemon says what it could not upload, and exits with an error so that a service manager notices.
+    assert!(!status.success() && log.contains("data left in the write journal key=stream.bin"), "{status}\n{log}");
+
+    server.restart(&store);
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the store came back");
     m.unmount();
 }
