@@ -10,26 +10,6 @@ use std::process::Command;
 
 use common::*;
 
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn local() {
-                let env = Env::new();
-                let store = Store::local(env.path());
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn s3() {
-                let env = Env::new();
-                let store = Store::s3();
-                super::$name(&env, &store);
-            }
-        }
-    };
-}
-
 fn requests(text: &str, kind: &str, outcome: &str) -> f64 {
     series_value(text, &format!("s3cryptfs_store_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"))
 }

@@ -11,26 +11,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 
 use common::*;
 
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn local() {
-                let env = Env::new();
-                let store = Store::local(env.path());
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn s3() {
-                let env = Env::new();
-                let store = Store::s3();
-                super::$name(&env, &store);
-            }
-        }
-    };
-}
-
 const SIZES: &[usize] = &[0, 1, 65535, 65536, 65537, 3 * 65536 + 5, (9 << 20) + 17];
 
 fn write_read_sizes(env: &Env, store: &Store) {

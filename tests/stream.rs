@@ -13,26 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn local() {
-                let env = Env::new();
-                let store = Store::local(env.path());
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn s3() {
-                let env = Env::new();
-                let store = Store::s3();
-                super::$name(&env, &store);
-            }
-        }
-    };
-}
-
 const MIB: usize = 1 << 20;
 
 fn requests(text: &str, kind: &str) -> f64 {

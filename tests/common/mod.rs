@@ -528,3 +528,28 @@ pub fn s3ec_tool_ok(args: &[&str]) -> String {
     assert_eq!(code, 0, "s3ec.py {args:?}: {stderr}");
     stdout
 }
+
+/// Runs test body `$name(&Env, &Store)` twice, as `$name::local` (the local store) and `$name::s3` (the S3 server):
+/// one body, every store.
+#[allow(unused_macros)] // not every test crate runs a body on both stores
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn local() {
+                let env = Env::new();
+                let store = Store::local(env.path());
+                super::$name(&env, &store);
+            }
+            #[test]
+            fn s3() {
+                let env = Env::new();
+                let store = Store::s3();
+                super::$name(&env, &store);
+            }
+        }
+    };
+}
+#[allow(unused_imports)] // not every test crate runs a body on both stores
+pub(crate) use both;
