@@ -1044,7 +1044,7 @@ impl Fs {
         // descriptors keep working on the file's content after the name is gone (POSIX: the file lives on until its
         // last descriptor closes). A reader that only had its object to read from would get ENOENT.
         if self.is_open(ino) {
-            self.stage(ino).await?;
+            self.stage_whole(ino).await?;
         }
         // Wait for an upload of this file in flight (a concurrent close), and keep later ones out until the node is
         // marked unlinked: otherwise the upload could land after the delete and bring the file back.
@@ -1490,7 +1490,7 @@ impl Fs {
         }
         // An open target keeps its content for its descriptors (see unlink).
         if let Some(t) = target.filter(|t| self.is_open(*t)) {
-            self.stage(t).await?;
+            self.stage_whole(t).await?;
         }
         // Hold the write state of every file involved (the source or everything under it, and the target) for the
         // whole move: uploads in flight finish first, and none can start under the old name meanwhile.
@@ -1815,6 +1815,20 @@ impl Fs {
     // ----- files -----
 
     /// The write state of a file, created and loaded (downloaded and decrypted) if needed.
+    /// [`Fs::stage`], and then the rest of a sparsely staged file fetched (`fs::sparse`): for a file whose object is
+    /// about to go (unlink, or a rename onto it) while descriptors still use it, so that they keep reading all of it
+    /// from the journal.
+    async fn stage_whole(&self, ino: u64) -> Result<()> {
+        let ws = self.stage(ino).await?;
+        let mut staged = ws.lock().await;
+        if staged.sparse.is_some() {
+            let path = self.path_of(ino)?;
+            self.unsparse(&path, &mut staged).await?;
+            self.keep_record(ino, &mut staged, false);
+        }
+        Ok(())
+    }
+
     async fn stage(&self, ino: u64) -> Result<Arc<WriteState>> {
         // An unlinked file still open has no path; it can only be staged already (loaded), which needs none.
         let known_path = self.path_of(ino).ok();

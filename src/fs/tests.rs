@@ -353,8 +353,8 @@ fn memory_store() -> Arc<Silenceable> {
 }
 
 /// Creates `name` in `dir` with `content`, uploaded and closed.
-/// [`write_file`], but not front to back (the last byte first), so the file is uploaded whole at close in format
-/// version 2 instead of streamed (a streamed file is stored in version 1: see `upload::stream`).
+/// [`write_file`], but not front to back (the last byte first), so the file is uploaded whole at close instead of
+/// streamed (both write format version 3; this keeps the tests of staging and in-place changes off the stream).
 async fn write_file_unstreamed(fs: &Fs, dir: u64, name: &str, content: &[u8]) -> Attr {
     let caller = Caller { uid: 0, gid: 0 };
     let (attr, fh) = fs.create(dir, OsStr::new(name), 0o644, libc::O_WRONLY, caller).await.unwrap();
@@ -808,4 +808,49 @@ async fn stats_of_a_large_listed_directory_read_metadata_ahead_in_batches() {
     }
     assert_eq!(heads, N, "each file's metadata read once");
     assert_eq!(batches, N.div_ceil(PREFETCH_BATCH), "in batches, not one stat at a time");
+}
+
+/// A large file open on this mount keeps all of its content for its descriptors when its name goes (unlink, or a
+/// rename onto it), also when it is staged sparsely (issue 13: only the chunks written are local) or open only for
+/// reading (staging it at the unlink would now be sparse too): the rest is fetched before the object is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_open_file_unlinked_or_replaced_keeps_all_of_its_content() {
+    const MIB: u64 = 1 << 20;
+    let store = memory_store();
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = Some(Arc::new(crate::crypto::KeyHistory::single(crate::crypto::Key256::generate())));
+    let fs = fs_in_mode(store.clone(), tmp.path(), keys).await;
+    let original: Vec<u8> = (0..40 * MIB + 3).map(|i| (i.wrapping_mul(0x9e37_79b9) >> 11) as u8).collect();
+    for how in ["unlink after a write", "unlink of a file open for reading", "rename onto it after a write"] {
+        let mut model = original.clone();
+        let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+        let write = how.contains("after a write");
+        let fh = fs.open(ino, OpenMode { write, ..Default::default() }).await.unwrap();
+        if write {
+            fs.write(fh, 20 * MIB + 5, b"Z").await.unwrap();
+            model[(20 * MIB + 5) as usize] = b'Z';
+        }
+        if how.starts_with("rename") {
+            write_file(&fs, ROOT_INO, "other", b"replacement").await;
+            fs.rename(ROOT_INO, OsStr::new("other"), ROOT_INO, OsStr::new("big"), false).await.unwrap();
+            assert_eq!(read_whole(&fs, "big").await, b"replacement", "{how}");
+        } else {
+            fs.unlink(ROOT_INO, OsStr::new("big")).await.unwrap();
+            let gone = store.inner.head(&ObjectKey::new("big").unwrap()).await;
+            assert!(matches!(gone, Err(StoreError::NotFound { .. })), "{how}: {gone:?}");
+        }
+        let mut out = Vec::new();
+        loop {
+            let piece = fs.read(fh, out.len() as u64, 4 << 20).await.unwrap_or_else(|e| panic!("{how}: read at {}: {e}", out.len()));
+            if piece.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&piece);
+        }
+        assert!(out == model, "{how}: the open file's content changed");
+        fs.release(fh).await.unwrap();
+        if how.starts_with("rename") {
+            fs.unlink(ROOT_INO, OsStr::new("big")).await.unwrap();
+        }
+    }
 }
