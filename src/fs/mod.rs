@@ -489,11 +489,24 @@ impl Fs {
         let file_key = key(path)?;
         let marker_key = dir_key(path)?;
         let prefix = format!("{path}/");
-        let (file, marker, children) = tokio::join!(
-            self.backend.head(&file_key),
-            self.backend.head(&marker_key),
-            self.backend.has_children(&prefix)
-        );
+        // A marker alone says "directory" (it shadows a file of the same name): the prefix listing, the slowest of the
+        // three, is then not waited for (dropping it cancels it).
+        let children = self.backend.has_children(&prefix);
+        tokio::pin!(children);
+        let heads = async { tokio::join!(self.backend.head(&file_key), self.backend.head(&marker_key)) };
+        tokio::pin!(heads);
+        let mut listed = None;
+        let (file, marker) = loop {
+            tokio::select! {
+                found = &mut children, if listed.is_none() => listed = Some(found),
+                both = &mut heads => break both,
+            }
+        };
+        let children = match (&marker, listed) {
+            (Ok(_), _) => Ok(true),
+            (Err(_), Some(found)) => found,
+            (Err(_), None) => children.await,
+        };
         let file = match file {
             Ok(f) => Some(f),
             Err(e) if e.is_not_found() => None,
