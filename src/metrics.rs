@@ -16,7 +16,7 @@
 //! | `s3cryptfs_fs_read_bytes_total` | counter | — | plaintext bytes returned to `read()` calls on the mount |
 //! | `s3cryptfs_fs_written_bytes_total` | counter | — | plaintext bytes accepted from `write()` calls on the mount |
 //! | `s3cryptfs_fuse_errors_total` | counter | `op`, `errno` | FUSE requests answered with an error, by operation (`lookup`, `read`, `rmdir`…) and errno name (`ENOENT`, `EIO`…; `other` for rare ones). Expected answers such as ENOENT on lookup count too. Requests refused without calling the filesystem (xattrs, mknod, link) do not |
-//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `has_children`, `check_access`, and for key rotation `replace_head`, `update_meta_if`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
+//! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `list_page` (one page of a listing from a given key on), `has_children`, `check_access`, and for key rotation `replace_head`, `update_meta_if`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
 //! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
 //! | `s3cryptfs_store_requests_in_flight` | gauge | — | store operations sent and not yet answered |
 //! | `s3cryptfs_store_gets_in_flight_max` | gauge | — | the most object reads (`get`, `get_range`) in flight at once since the process started: shows whether concurrent reads reach the store together or queue behind each other |
@@ -56,7 +56,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::kms::KmsError;
 use crate::store::{
-    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta,
+    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload, UserMeta,
 };
 
 pub const FS_READ_BYTES: &str = "s3cryptfs_fs_read_bytes_total";
@@ -291,6 +291,7 @@ label_enum! {
         UpdateMetaIf => "update_meta_if",
         Delete => "delete",
         List => "list",
+        ListPage => "list_page",
         HasChildren => "has_children",
         CheckAccess => "check_access",
         ReplaceHead => "replace_head",
@@ -568,6 +569,10 @@ impl Backend for MeteredBackend {
 
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         measure(RequestKind::List, self.inner.list(dir, recursive)).await
+    }
+
+    async fn list_page(&self, dir: &str, start_after: &str) -> Result<Page, StoreError> {
+        measure(RequestKind::ListPage, self.inner.list_page(dir, start_after)).await
     }
 
     async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::store::{
-    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, StoreError, Transfer, Upload, UserMeta,
+    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload, UserMeta,
 };
 
 /// Most conditional deletes in flight at once (one request each).
@@ -317,6 +317,11 @@ impl Backend for LaterDeletes {
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         self.settle(dir).await;
         self.inner.list(dir, recursive).await
+    }
+
+    async fn list_page(&self, dir: &str, start_after: &str) -> Result<Page, StoreError> {
+        self.settle(dir).await;
+        self.inner.list_page(dir, start_after).await
     }
 
     async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {

@@ -389,6 +389,20 @@ impl DirIndexes {
     }
 }
 
+/// Whether the attributes `node` holds are those of the stored version with identity `id` (its ETag, size and
+/// LastModified, as a listing shows them): what this mount read (a HEAD, or an index entry for exactly that version) or
+/// wrote, under the rule index entries are trusted by (see the module docs). Says nothing about how old they are.
+pub(super) fn vouches(node: &super::inode::Node, id: &Identity) -> bool {
+    if node.remote.as_ref() != Some(&Remote { etag: id.etag.clone(), stored_size: id.size }) || id.etag.is_empty() {
+        return false;
+    }
+    match node.seen {
+        Some(Seen::Store(modified)) => modified == id.modified,
+        Some(Seen::Wrote(at)) => id.modified <= at + OWN_WRITE_SKEW_SECS,
+        None => false,
+    }
+}
+
 /// A listed file of the directory: name and identity.
 fn listed_files(prefix: &str, listing: &Listing) -> Vec<(String, Identity)> {
     listing
@@ -618,15 +632,7 @@ impl Fs {
         if node.kind == FileKind::Dir || node.write.is_some() || node.unlinked || node.validated.is_none() {
             return None;
         }
-        if node.remote.as_ref() != Some(&Remote { etag: id.etag.clone(), stored_size: id.size }) || id.etag.is_empty()
-        {
-            return None;
-        }
-        let vouched = match node.seen? {
-            Seen::Store(modified) => modified == id.modified,
-            Seen::Wrote(at) => id.modified <= at + OWN_WRITE_SKEW_SECS,
-        };
-        if !vouched {
+        if !vouches(node, id) {
             return None;
         }
         let target = match (&node.link_target, node.kind) {

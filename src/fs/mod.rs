@@ -14,6 +14,7 @@ mod deletes;
 pub mod dirindex;
 pub mod error;
 pub mod inode;
+mod renew;
 pub mod sparse;
 pub mod trim;
 pub mod write;
@@ -158,6 +159,8 @@ pub struct Fs {
     relisting: Mutex<std::collections::HashSet<u64>>,
     /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_from`]).
     prefetching: Mutex<std::collections::HashSet<u64>>,
+    /// Directories a page of whose listing is being listed to renew their files (see `fs::renew`): one at a time each.
+    renewing: Mutex<std::collections::HashSet<u64>>,
     /// Per-directory attribute indexes: which directories wait for an index write (see `dirindex`).
     index: dirindex::DirIndexes,
     /// Estimated bytes of the listings held by open directory handles (see `fs::trim`).
@@ -276,6 +279,7 @@ impl Fs {
             silent_since: Mutex::new(None),
             relisting: Mutex::new(std::collections::HashSet::new()),
             prefetching: Mutex::new(std::collections::HashSet::new()),
+            renewing: Mutex::new(std::collections::HashSet::new()),
             index: dirindex::DirIndexes::default(),
             held_listings: AtomicU64::new(0),
             forgetter: std::sync::OnceLock::new(),
@@ -485,11 +489,24 @@ impl Fs {
         let file_key = key(path)?;
         let marker_key = dir_key(path)?;
         let prefix = format!("{path}/");
-        let (file, marker, children) = tokio::join!(
-            self.backend.head(&file_key),
-            self.backend.head(&marker_key),
-            self.backend.has_children(&prefix)
-        );
+        // A marker alone says "directory" (it shadows a file of the same name): the prefix listing, the slowest of the
+        // three, is then not waited for (dropping it cancels it).
+        let children = self.backend.has_children(&prefix);
+        tokio::pin!(children);
+        let heads = async { tokio::join!(self.backend.head(&file_key), self.backend.head(&marker_key)) };
+        tokio::pin!(heads);
+        let mut listed = None;
+        let (file, marker) = loop {
+            tokio::select! {
+                found = &mut children, if listed.is_none() => listed = Some(found),
+                both = &mut heads => break both,
+            }
+        };
+        let children = match (&marker, listed) {
+            (Ok(_), _) => Ok(true),
+            (Err(_), Some(found)) => found,
+            (Err(_), None) => children.await,
+        };
         let file = match file {
             Ok(f) => Some(f),
             Err(e) if e.is_not_found() => None,
@@ -618,6 +635,13 @@ impl Fs {
         let path = self.child_path(parent, name)?;
         if let Some(answer) = self.resolve_from_memory(parent, name) {
             return answer;
+        }
+        // A file whose attributes this mount read, in a directory it listed (a scan past `attr_ttl`): one page of the
+        // listing from this name on renews it and the names after it (see `fs::renew`).
+        if !self.store_recently_silent() && self.renewable(parent, name) && self.renew_page(parent, name).await {
+            if let Some(answer) = self.resolve_from_memory(parent, name) {
+                return answer;
+            }
         }
         // Listing again helps a name it may show missing, a node whose metadata was read (the listing confirms its
         // version), or any file of a directory with an index (applied again); not the never-read files of an
@@ -805,8 +829,19 @@ impl Fs {
                 tracing::debug!(path, "store silent: serving known attributes from memory");
                 return self.attr_of(ino);
             }
-            // The attributes of a listing's entry: fetch them with the next entries' (see `Fs::prefetch_from`).
-            if let Some((dir, name)) = listed_in {
+            if self.index_reads() {
+                // Attributes this mount read, of a file in a directory it listed: renewed with the next ones' by a
+                // page of the listing (see `fs::renew`). Not when a listing less than `attr_ttl` old showed the name
+                // with another LastModified (a metadata change by another writer): its HEAD below reads what changed.
+                let in_dir = lock(&self.table).get(ino).map(|n| (n.parent, n.name.clone()));
+                let renew = in_dir.filter(|(dir, name)| listed_in.is_none() && self.renewable(*dir, name));
+                if let Some((dir, name)) = renew {
+                    if self.renew_page(dir, &name).await && lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
+                        return self.attr_of(ino);
+                    }
+                }
+            } else if let Some((dir, name)) = listed_in {
+                // The attributes of a listing's entry: fetch them with the next entries' (see `Fs::prefetch_from`).
                 self.prefetch_from(dir, &name).await;
                 if lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
                     return self.attr_of(ino);
@@ -1161,18 +1196,15 @@ impl Fs {
                         let remote =
                             Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size };
                         if node.remote.as_ref() != Some(&remote) {
-                            // Changed or new: take the size now, and let the next lookup fetch its metadata.
-                            node.size = self.codec.plain_size_of(node.format, info.size).unwrap_or(info.size);
-                            node.remote = Some(remote);
-                            node.validated = None;
-                            node.listed = None;
-                            node.link_target = None;
-                            if node.kind == FileKind::File {
-                                node.mtime = info.last_modified;
-                            }
+                            self.note_listed_change(node, info);
                         } else if node.validated.is_some() {
                             // The version whose metadata was read is still there: the name exists, with that kind.
                             node.listed = Some(listed_at);
+                            // And its attributes, when its whole identity is the one they were read for (see
+                            // `fs::renew`): confirmed as of the listing, with no index to read for them.
+                            if self.index_reads() && dirindex::vouches(node, &dirindex::Identity::of(info)) {
+                                node.validated = node.validated.max(Some(listed_at));
+                            }
                         }
                     }
                     kind = node.kind;
@@ -1233,6 +1265,19 @@ impl Fs {
         }
         self.account();
         Ok(entries)
+    }
+
+    /// A listing shows another stored version of the file `node` than the one it knows (or its first): take the size
+    /// now, and let the next lookup fetch its metadata.
+    fn note_listed_change(&self, node: &mut Node, info: &ObjectInfo) {
+        node.size = self.codec.plain_size_of(node.format, info.size).unwrap_or(info.size);
+        node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
+        node.validated = None;
+        node.listed = None;
+        node.link_target = None;
+        if node.kind == FileKind::File {
+            node.mtime = info.last_modified;
+        }
     }
 
     /// Whether a listing less than `attr_ttl` old showed the node's stored version unchanged since its metadata was

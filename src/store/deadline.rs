@@ -64,6 +64,18 @@ impl<S> Deadline<S> {
     }
 }
 
+/// One page of a listing (`Backend::list_page`), bounded like every other request.
+#[async_trait]
+impl<S: object_store::list::PaginatedListStore> object_store::list::PaginatedListStore for Deadline<S> {
+    async fn list_paginated(
+        &self,
+        prefix: Option<&str>,
+        opts: object_store::list::PaginatedListOptions,
+    ) -> object_store::Result<object_store::list::PaginatedListResult> {
+        bounded("LIST", self.limit, self.inner.list_paginated(prefix, opts)).await
+    }
+}
+
 /// The inner store's name: error messages (a missing bucket) name the store the user gave, not the wrapper.
 impl<S: fmt::Display> fmt::Display for Deadline<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -197,6 +197,19 @@ pub struct Listing {
     pub prefixes: Vec<ObjectKey>,
 }
 
+/// Result of [`Backend::list_page`]: one request's worth of a directory's listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Objects under the directory (in its subdirectories too: the page is not split at `/`) whose keys come after
+    /// the page's start, in key order; markers as `a/b/` keys.
+    pub objects: Vec<ObjectInfo>,
+    /// Whether the page reaches the end of the directory; if not, it covers keys up to its last object's only.
+    pub complete: bool,
+}
+
+/// Objects in one page of a listing: what one ListObjectsV2 request returns at most (S3's `max-keys` default).
+pub const LIST_PAGE: usize = 1000;
+
 /// The storage operations the filesystem needs. All keys are relative to the mount prefix.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -333,6 +346,16 @@ pub trait Backend: Send + Sync + 'static {
     /// sub-directories as prefixes, all pages. Recursive: every object under `dir`, markers
     /// included, prefixes empty. A missing directory lists as empty.
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError>;
+
+    /// One request's worth of `dir`'s listing (`""` or `a/b/`): the objects under it, in its subdirectories too,
+    /// whose keys come after `start_after` (a key under `dir`, or `dir` itself for the first page), in key order, at
+    /// most [`LIST_PAGE`]: on S3 one ListObjectsV2 request with `start-after`, however large the directory is. The
+    /// default lists the whole directory (one page, complete).
+    async fn list_page(&self, dir: &str, start_after: &str) -> Result<Page, StoreError> {
+        let l = self.list(dir, true).await?;
+        let objects = l.objects.into_iter().filter(|o| o.key.as_str() > start_after).collect();
+        Ok(Page { objects, complete: true })
+    }
 
     /// Whether any object (a marker included) exists under `dir` (`a/b/`): how a directory without a marker of its
     /// own is recognised. Backends should answer with one small request, not a full listing.

@@ -29,7 +29,8 @@ use object_store::{
 use super::error::{chain_text, StoreError};
 use super::meta;
 use super::{
-    check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Upload, UserMeta, MARKER_FILE,
+    check_dir, sort_listing, Backend, Expect, Listing, ObjectInfo, ObjectKey, Page, Upload, UserMeta, LIST_PAGE,
+    MARKER_FILE,
 };
 
 /// An object store plus the mount prefix all keys live under.
@@ -47,6 +48,19 @@ pub struct ObjectStoreBackend {
     raw: Option<super::raw::RawS3>,
     /// Set once the server answered a conditional delete with 501 (LocalStack): deletes are plain from then on.
     conditional_delete_unsupported: Arc<AtomicBool>,
+    /// The same store's paginated listing (S3 without SSE-C): one page of a directory with a delimiter and a start
+    /// ([`Backend::list_page`]). Without it a page is listed without a delimiter.
+    pages: Option<Pages>,
+}
+
+/// [`ObjectStoreBackend::with_pages`]'s listing client (which has no `Debug` of its own).
+#[derive(Clone)]
+struct Pages(Arc<dyn object_store::list::PaginatedListStore>);
+
+impl std::fmt::Debug for Pages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pages")
+    }
 }
 
 /// The client that served a request, with what its answers must confirm.
@@ -77,7 +91,14 @@ impl ObjectStoreBackend {
             prefix,
             raw: None,
             conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
+            pages: None,
         })
+    }
+
+    /// Lists single pages through `pages`, the same store's paginated listing (see [`Backend::list_page`]).
+    pub(crate) fn with_pages(mut self, pages: Arc<dyn object_store::list::PaginatedListStore>) -> Self {
+        self.pages = Some(Pages(pages));
+        self
     }
 
     /// Signed REST access to the bucket behind `store`, for the requests object_store cannot send (header rewrites
@@ -715,12 +736,72 @@ impl Backend for ObjectStoreBackend {
         check_dir(dir)?;
         let base = self.dir_path(dir)?;
         let prefix = if base.as_ref().is_empty() { None } else { Some(&base) };
+        if let Some(pages) = &self.pages {
+            // One LIST request for one key: as fast for a directory of a million files as for one of two.
+            let opts = object_store::list::PaginatedListOptions { max_keys: Some(1), ..Default::default() };
+            let list_prefix = prefix.map(|p| format!("{p}/"));
+            let got = pages.0.list_paginated(list_prefix.as_deref(), opts).await.map_err(|e| map_err(e, dir))?;
+            return Ok(!got.result.objects.is_empty() || !got.result.common_prefixes.is_empty());
+        }
         // The first page is enough: one LIST request however large the directory is.
         let mut stream = self.store.list(prefix);
         match stream.try_next().await.map_err(|e| map_err(e, dir))? {
             Some(_) => Ok(true),
             None => Ok(false),
         }
+    }
+
+    async fn list_page(&self, dir: &str, start_after: &str) -> Result<Page, StoreError> {
+        check_dir(dir)?;
+        let base = self.dir_path(dir)?;
+        let prefix = if base.as_ref().is_empty() { None } else { Some(&base) };
+        if let Some(pages) = &self.pages {
+            // One ListObjectsV2 request: delimiter `/` (subdirectories come as prefixes, left out here), start-after.
+            let opts = object_store::list::PaginatedListOptions {
+                offset: match start_after.trim_end_matches('/') {
+                    "" if self.prefix.is_empty() => None,
+                    after => Some(self.join(after)?.to_string()),
+                },
+                delimiter: Some("/".into()),
+                max_keys: Some(LIST_PAGE),
+                ..Default::default()
+            };
+            let list_prefix = prefix.map(|p| format!("{p}/"));
+            let got = pages.0.list_paginated(list_prefix.as_deref(), opts).await.map_err(|e| map_err(e, dir))?;
+            let mut page = Page { objects: Vec::new(), complete: got.page_token.is_none() };
+            for m in &got.result.objects {
+                if let Some(k) = self.key_of(&m.location) {
+                    page.objects.push(Self::info(&k, m));
+                }
+            }
+            page.objects.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+            return Ok(page);
+        }
+        // Without a delimiter: object_store sends `start-after` only then. The stream asks for its next page only
+        // once this one is taken whole, so stopping at LIST_PAGE objects sends one request.
+        let mut stream = match start_after.trim_end_matches('/') {
+            "" => self.store.list(prefix),
+            after => self.store.list_with_offset(prefix, &self.join(after)?),
+        };
+        let mut page = Page::default();
+        let mut seen = 0;
+        while seen < LIST_PAGE {
+            match stream.try_next().await.map_err(|e| map_err(e, dir))? {
+                Some(m) => {
+                    seen += 1;
+                    if let Some(k) = self.key_of(&m.location) {
+                        page.objects.push(Self::info(&k, &m));
+                    }
+                }
+                None => {
+                    page.complete = true;
+                    break;
+                }
+            }
+        }
+        // Markers map to their directory's key (`a/b/.s3cryptfs-dir` to `a/b/`), which sorts differently.
+        page.objects.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+        Ok(page)
     }
 
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {

@@ -144,7 +144,10 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
                     StoreError::invalid(format!("cannot configure S3 access for {url}: {e}"))
                 })?;
                 let s3 = Arc::new(Deadline::new(s3, opts.request_timeout()));
-                Arc::new(ObjectStoreBackend::new(s3, prefix)?.with_sse(opts.sse.clone()).with_raw_s3(raw))
+                let pages: Arc<dyn object_store::list::PaginatedListStore> = s3.clone();
+                Arc::new(
+                    ObjectStoreBackend::new(s3, prefix)?.with_sse(opts.sse.clone()).with_raw_s3(raw).with_pages(pages),
+                )
             }
         }
     };
