@@ -9,6 +9,11 @@
 //! sets `cache_size` as memory. The cache also lives inside the daemon's [`MemoryBudget`] (`max_memory`): it holds at
 //! most `min(cache_size, what the budget's reservations leave)`, and shrinks at once when a reservation needs room
 //! (it is the budget's [`Reclaim`]er).
+//!
+//! Pages are made with [`page::PageBuf`]: mapped one by one outside malloc's heaps, so an evicted page is given back
+//! to the system when it goes, and the daemon's RSS follows the bytes the cache counts (see [`page`]).
+
+pub mod page;
 
 use std::sync::{Arc, Mutex, Weak};
 

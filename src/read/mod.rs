@@ -41,6 +41,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::OnceCell;
 
+use crate::cache::page::PageBuf;
 use crate::cache::{ObjectId, PageCache};
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
@@ -487,14 +488,16 @@ impl Reader {
         };
         let id = ObjectId { key: key.clone(), etag: self.etag.clone() };
         let mut pages = Vec::with_capacity((run.end - run.start) as usize);
+        // One decryption buffer for the run; each page is a copy of it in a mapping of its own (see cache::page).
+        let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
         for index in run {
             let r = self.codec.chunk_range(index, self.plain_size);
             let stored = &bytes[(r.start - start) as usize..(r.end - start) as usize];
-            let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
+            plain.clear();
             if let Err(e) = oc.open(index, self.is_last(index), stored, &mut plain) {
                 return Err(Error::crypto(&key, e));
             }
-            let page = Bytes::from(plain);
+            let page = PageBuf::copy_of(&plain).freeze();
             self.cache.put(&id, index, page.clone());
             pages.push(page);
         }

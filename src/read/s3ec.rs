@@ -33,6 +33,7 @@ use lru::LruCache;
 use tokio::sync::OnceCell;
 
 use super::Reader;
+use crate::cache::page::PageBuf;
 use crate::cache::ObjectId;
 use crate::crypto::s3ec::{
     self, ChunkDigests, ContentKey, Detection, DigestSpec, Envelope, FormatVersion, RsaPrivateKey, S3ecError,
@@ -395,7 +396,7 @@ impl Reader {
         if keep {
             let id = self.object_id();
             for (index, page) in plain.chunks(CHUNK_PLAIN_LEN as usize).enumerate() {
-                self.cache.put(&id, index as u64, Bytes::copy_from_slice(page));
+                self.cache.put(&id, index as u64, PageBuf::copy_of(page).freeze());
             }
         }
         drop(kept_memory);
@@ -428,9 +429,12 @@ impl Reader {
                 .ok_or_else(|| Error::s3ec(&key, S3ecError::ChunkDigestMismatch { chunk: index }.into()))?;
             let stored = &bytes[(range.start - start) as usize..(range.end - start) as usize];
             verified.digests.verify(index, stored).map_err(|e| Error::s3ec(&key, e.into()))?;
-            let mut plain = stored.to_vec();
-            verified.content.apply_keystream_at(range.start, &mut plain).map_err(|e| Error::s3ec(&key, e.into()))?;
-            let page = Bytes::from(plain);
+            let mut plain = PageBuf::copy_of(stored);
+            verified
+                .content
+                .apply_keystream_at(range.start, plain.as_mut_slice())
+                .map_err(|e| Error::s3ec(&key, e.into()))?;
+            let page = plain.freeze();
             self.cache.put(&id, index, page.clone());
             pages.push(page);
         }
