@@ -200,7 +200,8 @@ fn a_stat_scan_past_the_attr_timeout_costs_listing_pages(mode: &str) {
         // The changed f7 costs its HEAD, the deleted f9 a listing or a probe, and the kernel's revalidation of `d`
         // a HEAD of its marker once per attr_timeout while the scan runs: a few, not one per file.
         assert!(cost.head <= 12.0, "{pass}: a HEAD per file: {}", cost.text);
-        assert_eq!(cost.get, 0.0, "{pass}: the index was read again: {}", cost.text);
+        // The one listing allowed may read the index once, for what expired meanwhile (timing: a slow scan).
+        assert!(cost.get <= cost.list, "{pass}: the index was read again: {}", cost.text);
         assert!(cost.list <= 1.0, "{pass}: the whole directory was listed again: {}", cost.text);
         assert!(cost.list_page >= 1.0, "{pass}: nothing was renewed: {}", cost.text);
         assert!(cost.list_page <= 2.0 * pages + 2.0, "{pass}: more than a page per 1,000 entries: {}", cost.text);

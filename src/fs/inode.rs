@@ -223,9 +223,22 @@ pub struct InodeTable {
     /// Directories whose names are all known (see [`Names`]), by inode number.
     names: HashMap<u64, Names>,
     next_ino: u64,
-    /// Estimated memory of the nodes (see [`NODE_BYTES`]).
+    /// Estimated memory of the nodes (see [`NODE_BYTES`]), retired ones included.
     bytes: u64,
+    /// Directories whose index write is pending (see `Fs::index_touch`): a file of theirs that the kernel forgets
+    /// before the write is kept in `retired` rather than lost, so the index still vouches for it. Without this, an
+    /// unmount (the kernel forgets every node before the final index writes) or a memory trim would leave a
+    /// just-written directory's index without the files created since its last write, each costing a HEAD on the next
+    /// cold listing.
+    retain_for: HashSet<u64>,
+    /// Dropped nodes of those directories, by directory and name (at most [`MAX_RETIRED`] in all): what they knew of
+    /// their file, for the index write only. A name that comes back, goes or moves takes its retired node with it.
+    retired: HashMap<u64, HashMap<String, Node>>,
+    retired_count: usize,
 }
+
+/// Retired nodes kept at most (see [`InodeTable::retire_children`]): past it a forgotten file costs a HEAD later.
+pub const MAX_RETIRED: usize = 10_000;
 
 impl InodeTable {
     pub fn new(mut root: Node) -> Self {
@@ -241,6 +254,43 @@ impl InodeTable {
             names: HashMap::new(),
             next_ino: ROOT_INO + 1,
             bytes,
+            retain_for: HashSet::new(),
+            retired: HashMap::new(),
+            retired_count: 0,
+        }
+    }
+
+    /// Files of directory `dir` forgotten from now on are retired rather than dropped whole (see `retain_for`).
+    pub fn retire_children(&mut self, dir: u64) {
+        self.retain_for.insert(dir);
+    }
+
+    /// `dir`'s index was written (or will not be): its retired nodes go.
+    pub fn release_children(&mut self, dir: u64) {
+        self.retain_for.remove(&dir);
+        let Some(names) = self.retired.remove(&dir) else { return };
+        for name in names.keys() {
+            self.retired_count -= 1;
+            self.bytes -= node_bytes(name);
+        }
+        // Kept for them alone, the directory's own node may go now.
+        self.maybe_drop(dir);
+    }
+
+    /// The node this table held for `dir`/`name` until the kernel forgot it, while `dir`'s index write is pending.
+    pub fn retired(&self, dir: u64, name: &str) -> Option<&Node> {
+        self.retired.get(&dir)?.get(name)
+    }
+
+    /// The name `dir`/`name` got a new node, or went: what was retired for it describes something else now.
+    fn unretire(&mut self, dir: u64, name: &str) {
+        let Some(names) = self.retired.get_mut(&dir) else { return };
+        if names.remove(name).is_some() {
+            self.retired_count -= 1;
+            self.bytes -= node_bytes(name);
+            if names.is_empty() {
+                self.retired.remove(&dir);
+            }
         }
     }
 
@@ -343,6 +393,7 @@ impl InodeTable {
         let ino = self.number_for(node.parent, &node.name);
         node.ino = ino;
         let parent = node.parent;
+        self.unretire(parent, &node.name);
         if let Some(old) = self.children.insert((parent, node.name.clone()), ino) {
             self.unlink_child(parent, old);
             self.detach_node(old);
@@ -394,6 +445,7 @@ impl InodeTable {
 
     /// Removes the name → inode link; the node itself stays while the kernel or a handle still refers to it.
     pub fn detach(&mut self, parent: u64, name: &str) -> Option<u64> {
+        self.unretire(parent, name);
         let ino = self.children.remove(&(parent, name.to_string()))?;
         self.unlink_child(parent, ino);
         self.detach_node(ino);
@@ -427,6 +479,10 @@ impl InodeTable {
 
     /// Moves a node to a new parent and name (rename). The target name must have been detached first.
     pub fn relink(&mut self, ino: u64, new_parent: u64, new_name: &str) {
+        if let Some((parent, name)) = self.nodes.get(&ino).map(|n| (n.parent, n.name.clone())) {
+            self.unretire(parent, &name);
+            self.unretire(new_parent, new_name);
+        }
         if let Some(node) = self.nodes.get_mut(&ino) {
             let old = (node.parent, node.name.clone());
             let kind = node.kind;
@@ -459,12 +515,19 @@ impl InodeTable {
         if node.lookups > 0 || node.open_handles > 0 || node.write.is_some() {
             return;
         }
-        if node.kind == FileKind::Dir && self.by_parent.get(&ino).is_some_and(|s| !s.is_empty()) {
+        let has_children = self.by_parent.get(&ino).is_some_and(|s| !s.is_empty()) || self.retired.contains_key(&ino);
+        if node.kind == FileKind::Dir && has_children {
             return;
         }
         let key = (node.parent, node.name.clone());
         let kind = node.kind;
-        if self.children.get(&key) == Some(&ino) {
+        let linked = self.children.get(&key) == Some(&ino);
+        let retire = linked
+            && kind != FileKind::Dir
+            && node.validated.is_some()
+            && self.retain_for.contains(&key.0)
+            && self.retired_count < MAX_RETIRED;
+        if linked {
             // Still linked but unreferenced: keep it if it carries state the store does not have yet.
             if node.remote.is_none() && !node.unlinked {
                 return;
@@ -480,12 +543,21 @@ impl InodeTable {
                 }
             }
         }
-        if let Some(node) = self.nodes.remove(&ino) {
-            self.bytes -= node_bytes(&node.name);
+        match self.nodes.remove(&ino) {
+            Some(node) if retire && !node.unlinked => {
+                if let Some(old) = self.retired.entry(key.0).or_default().insert(key.1, node) {
+                    self.bytes -= node_bytes(&old.name);
+                } else {
+                    self.retired_count += 1;
+                }
+            }
+            Some(node) => self.bytes -= node_bytes(&node.name),
+            None => {}
         }
         self.by_parent.remove(&ino);
         self.subdirs.remove(&ino);
         self.names.remove(&ino);
+        self.retain_for.remove(&ino);
     }
 
     /// Estimated memory of the table, in bytes (see [`NODE_BYTES`]).

@@ -64,12 +64,14 @@ in scripts/s3ec-client.sh):
 """
 
 import argparse
+import http.client
 import json
 import os
 import sys
 
 import boto3
 import botocore.exceptions
+import urllib3.exceptions
 from botocore.config import Config
 
 from s3_encryption import S3EncryptionClient, S3EncryptionClientConfig
@@ -153,7 +155,34 @@ def cmd_put(a):
     print(json.dumps({"bucket": a.bucket, "key": a.key, "version": int(a.version), "size": size, "multipart": multipart}))
 
 
+def transport_error(e):
+    """Whether `e` (or what caused it) is the connection breaking mid-body, as LocalStack's streaming responses
+    sometimes do under load ("Connection broken: IncompleteRead"): the server's glitch, not a verdict on the object."""
+    if "Connection broken" in str(e):  # the client's wrapping may keep only the message
+        return True
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (botocore.exceptions.ResponseStreamingError, botocore.exceptions.ConnectionError,
+                          http.client.IncompleteRead, urllib3.exceptions.ProtocolError)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def cmd_get(a):
+    # A file output can be fetched again after a broken connection (nothing of the failed attempt is kept); stdout
+    # cannot (part of it went out).
+    attempts = 1 if a.out == "-" else 3
+    for attempt in range(1, attempts + 1):
+        try:
+            return get_once(a)
+        except Exception as e:
+            if attempt == attempts or not transport_error(e):
+                raise
+            print(f"s3ec.py: get attempt {attempt} broke off ({e}); again", file=sys.stderr)
+
+
+def get_once(a):
     sess = session()
     policy = CommitmentPolicy[a.commitment_policy]
     # The encryption algorithm only matters for writing; it must agree with the policy.
