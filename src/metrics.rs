@@ -528,6 +528,10 @@ impl Backend for MeteredBackend {
         Ok(Box::new(MeteredUpload { inner }))
     }
 
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        measure(RequestKind::MultipartAbort, self.inner.abort_multipart(key, upload_id)).await
+    }
+
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         measure(RequestKind::Copy, self.inner.copy(from, to, meta)).await
     }
@@ -630,6 +634,10 @@ struct MeteredUpload {
 
 #[async_trait]
 impl Upload for MeteredUpload {
+    fn upload_id(&self) -> Option<String> {
+        self.inner.upload_id()
+    }
+
     fn put_part(&mut self, part: Bytes) -> BoxFuture<'static, Result<(), StoreError>> {
         let len = part.len() as u64;
         let send = self.inner.put_part(part);

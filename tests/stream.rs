@@ -153,6 +153,8 @@ fn renamed_or_unlinked_while_streaming(env: &Env, store: &Store) {
 both!(renamed_or_unlinked_while_streaming);
 
 /// A daemon killed in the middle of a stream: the journal still holds the whole file, and the next start uploads it.
+/// The multipart upload the stream had open does not stay behind in the store (invisible, and billed on S3): the
+/// journal record names it, and the start aborts it.
 fn a_kill_in_the_middle_of_a_stream_loses_nothing_staged(env: &Env, store: &Store) {
     let addr = free_metrics_addr();
     let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
@@ -162,8 +164,10 @@ fn a_kill_in_the_middle_of_a_stream_loses_nothing_staged(env: &Env, store: &Stor
     wait_for(&addr, "multipart_part", 2.0);
     m.kill();
     drop(f);
+    assert_eq!(store.multipart_uploads().len(), 1, "the killed stream's upload is open");
     let m = Mount::start(env, store, "cse-c");
     assert_bytes(fs::read(m.path("interrupted")).unwrap(), &data, "interrupted, after the restart");
+    assert_eq!(store.multipart_uploads(), Vec::<(String, String)>::new(), "no multipart upload is left open");
 }
 both!(a_kill_in_the_middle_of_a_stream_loses_nothing_staged);
 

@@ -271,6 +271,11 @@ impl Backend for LaterDeletes {
         self.inner.put_multipart_expect(key, meta, expect).await
     }
 
+    /// Not a write to the key (no object changes): nothing to settle first.
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        self.inner.abort_multipart(key, upload_id).await
+    }
+
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.gone(from)?;
         self.settle_key(to).await;

@@ -2249,7 +2249,15 @@ impl Fs {
             let stamp = (UPLOAD_META, staged.upload_id.clone());
             let expect = expect_of(&staged.base);
             match crate::upload::stream::Stream::start(&*self.backend, &self.codec, path, meta, stamp, expect).await {
-                Ok(Some(stream)) => staged.stream = Some(stream),
+                Ok(Some(stream)) => {
+                    // The record names the upload now, before any part is sent, so a start after a kill aborts it.
+                    let named = stream.upload_id().is_some();
+                    staged.stream = Some(stream);
+                    if named {
+                        staged.record_stale = true;
+                        self.keep_record(ino, staged, false);
+                    }
+                }
                 Ok(None) => {
                     staged.from_empty = false;
                     return Ok(());
@@ -2333,6 +2341,9 @@ impl Fs {
         // nothing it sealed changed since); otherwise it is abandoned and the file goes whole. (A sparse staged file
         // never streams: it did not start empty.)
         let mut stream = staged.stream.take();
+        if let Some(s) = &stream {
+            staged.stream_ended(s);
+        }
         let mut streamed = None;
         let info = if let Some(info) = in_place { info } else { loop {
             staged.note_attempt();
@@ -2710,6 +2721,10 @@ impl Fs {
             prior_ids: staged.prior_ids.clone(),
             file_id: staged.file_id.clone(),
             written_at: to_secs_nanos(SystemTime::now()),
+            // The stream's own key: after a rename the upload is still where it started.
+            multipart: staged.stream.as_ref().and_then(|s| {
+                s.upload_id().map(|id| crate::journal::OpenUpload { key: s.path().to_string(), id: id.to_string() })
+            }),
         };
         match self.journal.save_record(staged.n, &record) {
             Ok(()) => {
@@ -2805,6 +2820,9 @@ impl Fs {
 
     async fn recover_one(&self, left: &crate::journal::Leftover) -> Result<String> {
         let record = &left.record;
+        if let Some(open) = &record.multipart {
+            self.abort_left_open(open).await;
+        }
         let size = left.file.plain_len().map_err(|e| Error::staging(&record.path, e))?;
         // The staged content is the authority, and for mtime too when it was written after the record.
         let staged_time = left.file.file().metadata().and_then(|m| m.modified()).ok();
@@ -2890,6 +2908,27 @@ impl Fs {
             }
         }
         Err(Error::store(&record.path, StoreError::Precondition { key: target }))
+    }
+
+    /// Aborts the multipart upload of a stream a dead run left open (the staged file is uploaded whole instead), so
+    /// that its parts do not stay in the store, invisible and billed. Best effort: a failure is logged and the
+    /// store's lifecycle rules remain the fallback; the record, while it stays, makes the next start try again.
+    async fn abort_left_open(&self, open: &crate::journal::OpenUpload) {
+        let result = match ObjectKey::new(open.key.as_str()) {
+            Ok(k) => self.backend.abort_multipart(&k, &open.id).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(key = %open.key, "aborted the multipart upload a previous run left open while streaming")
+            }
+            Err(e) => tracing::warn!(
+                key = %open.key,
+                error = %crate::error_text::error_chain(&e),
+                "could not abort the multipart upload a previous run left open while streaming \
+                 (the store's lifecycle rules remove it)"
+            ),
+        }
     }
 
     /// The ETag of the object at `path` if its upload stamp is one `own` recognises (a version this mount wrote).

@@ -22,6 +22,10 @@ struct Silenceable {
     conditional_deletes: AtomicBool,
     /// The requests answered, by kind (`head`, `list`, `put`, `delete`, `delete_if`…), in order.
     log: std::sync::Mutex<Vec<&'static str>>,
+    /// The multipart uploads asked to be aborted by id (`abort_multipart`): (key, upload id).
+    aborted: std::sync::Mutex<Vec<(String, String)>>,
+    /// `abort_multipart` fails (after noting the request).
+    refuse_aborts: AtomicBool,
 }
 
 impl Silenceable {
@@ -31,6 +35,8 @@ impl Silenceable {
             silent: AtomicBool::new(false),
             conditional_deletes: AtomicBool::new(false),
             log: std::sync::Mutex::new(Vec::new()),
+            aborted: std::sync::Mutex::new(Vec::new()),
+            refuse_aborts: AtomicBool::new(false),
         }
     }
 
@@ -77,6 +83,16 @@ impl Backend for Silenceable {
         self.check(key.as_str())?;
         self.note("multipart");
         self.inner.put_multipart_expect(key, meta, expect).await
+    }
+    /// The in-memory store names no upload ids: this only notes what it is asked to abort.
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        self.check(key.as_str())?;
+        self.note("abort_multipart");
+        self.aborted.lock().unwrap().push((key.to_string(), upload_id.to_string()));
+        if self.refuse_aborts.load(Ordering::SeqCst) {
+            return Err(StoreError::AccessDenied { key: key.to_string(), detail: "test".into() });
+        }
+        Ok(())
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.check(from.as_str())?;
@@ -331,6 +347,7 @@ async fn staged_data_under_a_name_the_store_cannot_hold_goes_to_lost_and_found_o
             prior_ids: Vec::new(),
             file_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             written_at: (1_700_000_000, 0),
+            multipart: None,
         };
         dead.save_record(n, &record).unwrap();
         // Dropped with a record: the run directory stays, its lock is released.
@@ -345,6 +362,57 @@ async fn staged_data_under_a_name_the_store_cannot_hold_goes_to_lost_and_found_o
     drop(fs);
     let fs = fs_at(store.clone(), tmp.path(), TTL).await;
     assert_eq!(fs.recover().await, (0, 0));
+}
+
+/// A daemon killed while a file streamed left its multipart upload open in the store, and the record naming it:
+/// the next start aborts that upload (by the key the stream started at) and still uploads the staged file whole. An
+/// abort that fails (the store does not answer) is logged and does not keep the file from being recovered.
+#[tokio::test]
+async fn a_start_aborts_the_multipart_upload_a_killed_stream_left_open() {
+    let store = memory_store();
+    let tmp = tempfile::tempdir().unwrap();
+    let dead_run = |path: &'static str, content: &'static [u8], open: Option<(&'static str, &'static str)>| {
+        let dir = tmp.path().join("journal");
+        async move {
+            let (keying, aead) = (crate::journal::Keying::Local, crate::crypto::AeadBackend::AwsLc);
+            let dead = Journal::open(&dir, "mem://test", keying, aead).await.unwrap();
+            let (n, file, id) = dead.new_file().unwrap();
+            file.write_at(0, content, 0).unwrap();
+            let record = crate::journal::Record {
+                path: path.into(),
+                mode: 0o100600,
+                uid: 0,
+                gid: 0,
+                mtime: (1, 0),
+                base: BaseVersion::Absent,
+                upload_id: crate::journal::new_upload_id(),
+                prior_ids: Vec::new(),
+                file_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+                written_at: (1_700_000_000, 0),
+                multipart: open.map(|(key, id)| crate::journal::OpenUpload { key: key.into(), id: id.into() }),
+            };
+            dead.save_record(n, &record).unwrap();
+        }
+    };
+    // Renamed while it streamed: the upload is at the key the stream started at.
+    dead_run("renamed", b"streamed, then killed", Some(("streamed", "upload-1"))).await;
+    dead_run("plain", b"never streamed", None).await;
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (2, 0));
+    assert_eq!(*store.aborted.lock().unwrap(), vec![("streamed".to_string(), "upload-1".to_string())]);
+    for (name, want) in [("renamed", &b"streamed, then killed"[..]), ("plain", b"never streamed")] {
+        assert_eq!(read_whole(&fs, name).await, want, "{name}");
+    }
+    drop(fs);
+
+    // The store refuses the abort: the staged file is recovered all the same.
+    dead_run("again", b"abort refused", Some(("again", "upload-2"))).await;
+    store.aborted.lock().unwrap().clear();
+    store.refuse_aborts.store(true, Ordering::SeqCst);
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (1, 0));
+    assert_eq!(*store.aborted.lock().unwrap(), vec![("again".to_string(), "upload-2".to_string())]);
+    assert_eq!(read_whole(&fs, "again").await, b"abort refused");
 }
 
 fn memory_store() -> Arc<Silenceable> {

@@ -154,9 +154,19 @@ impl Staged {
     pub fn stop_streaming(&mut self) {
         if let Some(s) = self.stream.take() {
             tracing::debug!(staged = %self.location().display(), key = s.path(), "streaming upload abandoned; the file is uploaded whole at close");
+            self.stream_ended(&s);
             s.abandon();
         }
         self.from_empty = false;
+    }
+
+    /// The stream `s` is taken off this content (to be completed or abandoned): the record, which names its upload
+    /// (`journal::Record::multipart`), is rewritten without it at its next write (until then a start after a crash
+    /// aborts an upload that is already gone, which is harmless).
+    pub fn stream_ended(&mut self, s: &Stream) {
+        if self.recorded && s.upload_id().is_some() {
+            self.record_stale = true;
+        }
     }
 
     /// Frees the staged copy of the bytes the stream's store has confirmed, once `low_on_space` says the disk under

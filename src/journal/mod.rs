@@ -15,7 +15,8 @@
 //!       lock                 flock(LOCK_EX) held by the live daemon for its whole life
 //!       journal              header: how the journal key is found (customer key fingerprint, KMS blob, local key)
 //!       <n>.dat              staged content: sealed slots (cse-c, cse-kms, sse-c) or plaintext (none, sse-s3, sse-kms)
-//!       <n>.rec              sealed record: path, attributes, the version it replaces, the upload stamp
+//!       <n>.rec              sealed record: path, attributes, the version it replaces, the upload stamp (and the
+//!                            store's id of a multipart upload streaming it, for the next start to abort)
 //!       <n>.del              sealed delete intent: an unlinked file's path and the version it had, kept until the
 //!                            store has answered the delete sent after the unlink returned (`fs::deletes`)
 //! ```
@@ -142,6 +143,20 @@ pub struct Record {
     pub file_id: String,
     /// When the record was written (seconds, nanoseconds since the epoch).
     pub written_at: (i64, u32),
+    /// The multipart upload of a stream in flight (`upload::stream`): left open in the store by a daemon that died,
+    /// so the start that takes the record over aborts it. Absent from records of older versions and of files not
+    /// streaming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipart: Option<OpenUpload>,
+}
+
+/// A multipart upload the store may hold open (see [`Record::multipart`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenUpload {
+    /// Its object key (the path the stream started at; a rename since ends the stream, not the record).
+    pub key: String,
+    /// The store's id of the upload (S3's UploadId; the local store's staged file name).
+    pub id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ fn record(path: &str, file_id: &[u8; FILE_ID_LEN]) -> Record {
         prior_ids: Vec::new(),
         file_id: hex(file_id),
         written_at: (5, 6),
+        multipart: None,
     }
 }
 
@@ -259,4 +260,41 @@ async fn only_authentic_delete_intents_are_handed_over() {
     }
     assert!(!run.join(format!("{n}.del")).exists(), "done removes it");
     assert!(run.join("90.del").exists() && run.join("91.del").exists() && run.join("92.del").exists(), "refused intents are left");
+}
+
+/// A record keeps the multipart upload of a stream in flight for the start that takes it over, and a record written
+/// by a version without that field (its JSON as that version wrote it) still opens, naming none.
+#[tokio::test]
+async fn a_record_names_its_open_upload_and_an_older_record_still_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let (n, f, id) = a.new_file().unwrap();
+    f.write_at(0, b"streaming", 0).unwrap();
+    let mut streaming = record("big", &id);
+    streaming.multipart = Some(OpenUpload { key: "big".into(), id: "VXBsb2FkIElE.2~x".into() });
+    a.save_record(n, &streaming).unwrap();
+
+    let (m, g, gid) = a.new_file().unwrap();
+    g.write_at(0, b"older", 0).unwrap();
+    let older = serde_json::json!({
+        "path": "old", "mode": 0o100640, "uid": 1, "gid": 2, "mtime": [3, 4], "base": "absent",
+        "upload_id": "00112233445566778899aabbccddeeff", "prior_ids": [], "file_id": hex(&gid), "written_at": [5, 6],
+    });
+    let name = record_name(m);
+    let plain = serde_json::to_vec(&older).unwrap();
+    a.run.dir.write_file(&name, &jcrypto::seal_record(&a.key, a.aead, &a.store, &a.run_id, &name, &plain)).unwrap();
+    // A record without an open upload is written as before the field existed.
+    assert!(!String::from_utf8(serde_json::to_vec(&record("x", &gid)).unwrap()).unwrap().contains("multipart"));
+
+    let b = journal(&base, customer()).await;
+    drop(a);
+    let mut left = b.take_over().await;
+    left.sort_by(|x, y| x.record.path.cmp(&y.record.path));
+    let paths: Vec<&str> = left.iter().map(|l| l.record.path.as_str()).collect();
+    assert_eq!(paths, ["big", "old"]);
+    assert_eq!(left[0].record, streaming);
+    assert_eq!(left[1].record.multipart, None);
+    assert_eq!(left[1].record.upload_id, "00112233445566778899aabbccddeeff");
+    assert_eq!(read_all(&left[1].file), b"older");
 }

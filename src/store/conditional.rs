@@ -1,12 +1,15 @@
-//! Conditional multipart uploads ([`Expect::Absent`], [`Expect::Etag`]) for [`super::ObjectStoreBackend`].
+//! Conditional multipart uploads ([`Expect::Absent`], [`Expect::Etag`]) for [`super::ObjectStoreBackend`], and every
+//! multipart upload on S3.
 //!
 //! object_store 0.14 sends single PUTs conditionally (`PutMode::Create` → `If-None-Match: *`, `PutMode::Update` →
 //! `If-Match`), but its multipart uploads always complete unconditionally and hide their upload id and part ETags,
-//! so a conditional multipart upload cannot go through it:
+//! so a conditional multipart upload cannot go through it, and neither can one that a start must be able to abort
+//! after a crash (the journal keeps the id of a stream in flight: `upload::stream`):
 //!
-//! - On S3 ([`RawUpload`]) the upload is made with raw signed requests (`raw.rs`): CreateMultipartUpload with the
-//!   object's metadata, tags and SSE request headers; UploadPart (with the SSE-C key where the mount uses one);
-//!   CompleteMultipartUpload with `If-Match` / `If-None-Match: *`. The completion's answer is checked for the
+//! - On S3 ([`RawUpload`], unconditional ones too) the upload is made with raw signed requests (`raw.rs`):
+//!   CreateMultipartUpload with the object's metadata, tags and SSE request headers; UploadPart (with the SSE-C key
+//!   where the mount uses one); CompleteMultipartUpload with `If-Match` / `If-None-Match: *` (or neither, for
+//!   [`Expect::Any`]). The completion's answer is checked for the
 //!   server-side encryption asked for, like every other write; a lost race aborts the upload, so no parts linger.
 //! - Elsewhere (`InMemory` in tests, other object stores) [`BufferedUpload`] keeps the parts in memory and writes
 //!   them with one conditional PUT at `complete`. That costs the object's size in memory, which is fine for the
@@ -139,6 +142,10 @@ impl RawUpload {
 
 #[async_trait]
 impl Upload for RawUpload {
+    fn upload_id(&self) -> Option<String> {
+        Some(self.upload_id.clone())
+    }
+
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         let index = {
             let mut parts = self.parts.lock().expect("invariant broken: part list lock poisoned");

@@ -8,7 +8,9 @@
 //!   the same names S3 uses (see `meta.rs`); on directories it holds the marker's metadata;
 //! - `<root>/.s3cryptfs-tmp/` (mode 0700) stages writes and is never listed. Stale files left
 //!   there by a crash are harmless and may be deleted while no mount uses the root, except
-//!   `rename-*.intent` (below), which the next open of the store completes.
+//!   `rename-*.intent` (below), which the next open of the store completes. The staged file of a
+//!   multipart upload (`.put-<hex>`) is its upload id: the next start removes the one of a stream
+//!   a killed daemon left, which its journal names (`Backend::abort_multipart`).
 //!
 //! A rename that changes the object's metadata (a new path binding) is two steps, the new xattr and
 //! the rename(2), and a crash between them would leave the object under its old name with metadata
@@ -943,6 +945,23 @@ impl Backend for LocalBackend {
         }))
     }
 
+    /// Removes the staged file of a multipart upload a crash left in the staging directory (the id is its name, as
+    /// [`Staged::new`] draws it; anything else is refused). Already gone (completed, or removed) is success.
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        let hex = upload_id.strip_prefix(".put-").unwrap_or_default();
+        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::invalid(format!("{upload_id:?} names no multipart upload of {key} here")));
+        }
+        let name = CString::new(upload_id).expect("invariant broken: a checked hex name holds no NUL");
+        let k = key.clone();
+        self.run(key.as_str(), move |s| match s.tmp.unlink(&name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(e, k.as_str())),
+        })
+        .await
+    }
+
     async fn copy(
         &self,
         from: &ObjectKey,
@@ -1057,6 +1076,11 @@ impl LocalUpload {
 
 #[async_trait]
 impl Upload for LocalUpload {
+    /// The staged file's name: what [`Backend::abort_multipart`] removes after a crash.
+    fn upload_id(&self) -> Option<String> {
+        self.file.as_ref().map(|f| f.name().to_string_lossy().into_owned())
+    }
+
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         // A local append is a page-cache copy: done right here, in order, so the returned future is already
         // complete and part order needs no bookkeeping.

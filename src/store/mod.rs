@@ -269,6 +269,15 @@ pub trait Backend: Send + Sync + 'static {
         expect: &Expect,
     ) -> Result<Box<dyn Upload>, StoreError>;
 
+    /// Discard the parts of the multipart upload `upload_id` ([`Upload::upload_id`]) of `key` that a process which
+    /// died before completing or aborting it left open: how a start cleans up after a daemon killed mid-stream. An
+    /// upload that no longer exists (completed, aborted, expired) is not an error. S3: AbortMultipartUpload. The
+    /// local store: its staged file is removed. The default says the backend cannot (it names no upload ids).
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        let _ = upload_id;
+        Err(StoreError::Unsupported { operation: format!("aborting a multipart upload of {key} by its id") })
+    }
+
     /// Copy `from` to `to`; `meta: None` keeps the source metadata.
     async fn copy(
         &self,
@@ -453,6 +462,12 @@ pub struct CustomerKeyOf {
 /// (on S3 the parts linger until a lifecycle rule removes them: prefer `abort`).
 #[async_trait]
 pub trait Upload: Send {
+    /// The store's name of this upload, for [`Backend::abort_multipart`] after a crash: S3's UploadId, the local
+    /// store's staged file. `None` when the store holds nothing until `complete` (parts kept in memory) or the id is
+    /// not known (object_store's own uploads, which S3 never uses).
+    fn upload_id(&self) -> Option<String> {
+        None
+    }
     /// Append the next part. The part's place is fixed when this is called; the returned future sends it, and
     /// several such futures may run at once (the caller bounds how many) before `complete`.
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>>;

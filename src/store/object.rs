@@ -348,8 +348,8 @@ impl ObjectStoreBackend {
         }
     }
 
-    /// A multipart upload whose completion is conditional (see `conditional.rs`): raw S3 requests where the store is
-    /// S3, parts collected in memory for one conditional PUT elsewhere.
+    /// A multipart upload whose completion is conditional, or any one on S3 (see `conditional.rs`): raw S3 requests
+    /// where the store is S3, parts collected in memory for one conditional PUT elsewhere.
     async fn put_multipart_conditional(
         &self,
         key: &ObjectKey,
@@ -508,7 +508,9 @@ impl Backend for ObjectStoreBackend {
                 "directory marker {key} cannot be uploaded in parts"
             )));
         }
-        if *expect != Expect::Any {
+        // On S3 every multipart upload is made of raw requests, whatever it expects: its upload id is then known
+        // (`Upload::upload_id`), so a start can abort what a killed daemon left open (object_store hides it).
+        if *expect != Expect::Any || self.raw.is_some() {
             return self.put_multipart_conditional(key, meta, expect).await;
         }
         let path = self.path(key)?;
@@ -532,6 +534,15 @@ impl Backend for ObjectStoreBackend {
             key: key.clone(),
             size: 0,
         }))
+    }
+
+    /// S3: AbortMultipartUpload (`NoSuchUpload` is success). Elsewhere no upload of this backend names an id.
+    async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
+        let Some(raw) = &self.raw else {
+            let operation = format!("aborting a multipart upload of {key} by its id");
+            return Err(StoreError::Unsupported { operation });
+        };
+        raw.abort(self.path(key)?.as_ref(), upload_id).await
     }
 
     async fn copy(

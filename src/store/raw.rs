@@ -267,14 +267,19 @@ impl RawS3 {
         }
     }
 
-    /// AbortMultipartUpload.
+    /// AbortMultipartUpload. An upload S3 no longer knows (`NoSuchUpload`) counts as aborted.
     pub(crate) async fn abort(&self, path: &str, upload_id: &str) -> Result<(), StoreError> {
         let url = format!(
             "{}?uploadId={}",
             self.object_url(path),
             percent_encoding::utf8_percent_encode(upload_id, VALUE_ENCODE_SET)
         );
-        self.send(Method::DELETE, &url, &[], Bytes::new(), path).await.map(|_| ())
+        match self.signed.send("s3", Method::DELETE, &url, &[], Bytes::new()).await {
+            Ok(_) => Ok(()),
+            // Completed, aborted or expired already: nothing is left to discard.
+            Err(ApiError::Status { status: 404, code, .. }) if code.as_deref() == Some("NoSuchUpload") => Ok(()),
+            Err(e) => Err(api_error(e, path)),
+        }
     }
 
     /// Replaces the first `head.len()` bytes of the object at `path` if its ETag is still `etag`, keeping the rest of

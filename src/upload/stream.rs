@@ -11,8 +11,12 @@
 //! confirmed, so a stream that cannot go on (a write or truncate into what was already sealed, a rename, a failed
 //! part, another stamp) is simply abandoned (its upload aborted) and close() uploads the file whole, as before. The
 //! object becomes visible only at completion, conditional on the same version an ordinary upload would expect, so a
-//! crash in the middle leaves an incomplete multipart upload (invisible; aborted by the store's lifecycle rules) and
-//! the journal record, from which the next start uploads the file whole.
+//! crash in the middle leaves an incomplete multipart upload (invisible) and the journal record, from which the next
+//! start uploads the file whole. The record names the upload ([`Stream::upload_id`]: S3's UploadId) from just after
+//! it is created until the stream ends, and that start aborts it; only a crash between CreateMultipartUpload and the
+//! record's rewrite leaves it to the store's lifecycle rules (`AbortIncompleteMultipartUpload`). A record may still
+//! name an upload that was completed or aborted since (it is rewritten at the next write or close): aborting it
+//! again is harmless.
 //!
 //! Memory: no buffer outlives a part except the carry of one chunk cut across a part boundary; each part reserves
 //! its buffer from the memory budget (src/memory) only while it is filled and sent, so an idle stream holds almost
@@ -54,6 +58,9 @@ pub struct Stream {
     upload: std::sync::Mutex<Option<Box<dyn Upload>>>,
     /// The upload stamp in the object's metadata (`fs::UPLOAD_META`).
     stamp: String,
+    /// The store's id of the multipart upload ([`Upload::upload_id`]), which the journal record keeps while the
+    /// stream runs so that a start after a kill can abort it.
+    upload_id: Option<String>,
     expect: Expect,
     /// Stored bytes of one full chunk.
     chunk_stored: usize,
@@ -99,12 +106,14 @@ impl Stream {
         meta.mtime = None;
         meta.extra.insert(stamp.0.to_string(), stamp.1.clone());
         let upload = backend.put_multipart_expect(&key, &meta, &expect).await.map_err(|e| Error::store(path, e))?;
+        let upload_id = upload.upload_id();
         let chunk_stored = (codec.stored_size(2 * CHUNK_PLAIN_LEN) - codec.stored_size(CHUNK_PLAIN_LEN)) as usize;
         Ok(Some(Stream {
             path: path.to_string(),
             oc,
             upload: std::sync::Mutex::new(Some(upload)),
             stamp: stamp.1,
+            upload_id,
             expect,
             chunk_stored,
             next_chunk: 0,
@@ -127,6 +136,11 @@ impl Stream {
     /// The upload stamp its metadata carries.
     pub fn stamp(&self) -> &str {
         &self.stamp
+    }
+
+    /// The store's id of the multipart upload, if it has one (S3's UploadId, the local store's staged file).
+    pub fn upload_id(&self) -> Option<&str> {
+        self.upload_id.as_deref()
     }
 
     /// What the upload completes on.

@@ -114,6 +114,36 @@ impl Store {
         }
     }
 
+    /// The multipart uploads the store holds open (invisible to listings, and billed on S3), as (key, upload id).
+    /// S3: ListMultipartUploads (one page of up to 1,000, which a test never reaches). The local store: the staged
+    /// files of its uploads in `.s3cryptfs-tmp` (`.put-<hex>`, also what a PUT in flight stages; the key is not
+    /// known there, so it is empty).
+    pub fn multipart_uploads(&self) -> Vec<(String, String)> {
+        match self {
+            Store::Local { dir } => std::fs::read_dir(dir.join(".s3cryptfs-tmp"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(".put-"))
+                .map(|name| (String::new(), name))
+                .collect(),
+            Store::S3 { endpoint, bucket } => {
+                // Unsigned, as the bucket was created: the test server accepts it.
+                let out = Command::new("curl").args(["-sf", &format!("{endpoint}/{bucket}?uploads")]).output().unwrap();
+                assert!(out.status.success(), "ListMultipartUploads failed: {}", String::from_utf8_lossy(&out.stderr));
+                let text = String::from_utf8_lossy(&out.stdout);
+                let field = |upload: &str, name: &str| {
+                    let from = upload.find(&format!("<{name}>")).map(|i| i + name.len() + 2);
+                    let to = upload.find(&format!("</{name}>"));
+                    match (from, to) {
+                        (Some(from), Some(to)) if from <= to => upload[from..to].to_string(),
+                        _ => panic!("no {name} in an <Upload> of: {text}"),
+                    }
+                };
+                text.split("<Upload>").skip(1).map(|u| (field(u, "Key"), field(u, "UploadId"))).collect()
+            }
+        }
+    }
+
     /// Overwrites one stored object's raw bytes (to simulate tampering).
     pub fn put_raw(&self, key: &str, bytes: Vec<u8>) {
         match self {
