@@ -822,6 +822,8 @@ pub fn decrypt_object_with_map(
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests_v2;
 #[cfg(test)]
 mod tests_v3;

@@ -8,30 +8,8 @@
 use super::*;
 use crate::crypto::format::{chunk_plain_range, cipher_size, FORMAT_VERSION_2};
 use crate::crypto::version::{must_rewrite, Run, VersionId, VersionMap};
+use super::test_util::*;
 use std::ops::Range;
-
-const BACKENDS: [AeadBackend; 2] = [AeadBackend::AwsLc, AeadBackend::RustCrypto];
-
-fn history(byte: u8) -> KeyHistory {
-    KeyHistory::single(Key256::from_bytes(&[byte; 32]))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    let s: String = s.split_whitespace().collect();
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
-}
-
-fn pattern(len: usize, salt: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).to_be_bytes()[5] ^ salt).collect()
-}
-
-fn vid(b: u8) -> VersionId {
-    VersionId([b; 16])
-}
 
 /// A whole object: header, then every chunk sealed by the version `map` names for it.
 fn seal_v2(cipher: &ObjectCipher, header: &[u8; 512], plain: &[u8], map: &VersionMap) -> Vec<u8> {
@@ -69,17 +47,6 @@ fn update(
         }
     }
     (out, map)
-}
-
-fn decrypt(keys: &KeyHistory, object: &[u8], map: Option<&str>) -> Result<Vec<u8>, CryptoError> {
-    let aws = decrypt_object_with_map(keys, AeadBackend::AwsLc, object, map);
-    assert_eq!(aws, decrypt_object_with_map(keys, AeadBackend::RustCrypto, object, map), "backends disagree");
-    aws
-}
-
-fn range_of(index: u64, object: &[u8]) -> Range<usize> {
-    let r = chunk_cipher_range(index, plain_size(object.len() as u64).unwrap());
-    r.start as usize..r.end as usize
 }
 
 /// Version A: 6 chunks (5 full and 100 bytes). Version B: one byte changed in chunk 2, the rest copied.
@@ -315,11 +282,6 @@ fn sealing_a_version_id_into_a_version_1_chunk_is_a_bug() {
 
 // ---- golden fixture ----------------------------------------------------------------------------------------------
 
-const FIXED_KEK: [u8; 32] = [0x11; 32];
-const FIXED_DATA_KEY: [u8; 32] = [0x22; 32];
-const FIXED_FILE_ID: [u8; 16] = [0x33; 16];
-const FIXED_WRAP_NONCE: [u8; 12] = [0x44; 12];
-const FIXED_CHUNK_NONCE: [u8; 12] = [0x55; 12];
 const FIXED_VERSION: [u8; 16] = [0x66; 16];
 const FIXED_OTHER_VERSION: [u8; 16] = [0x77; 16];
 const GOLDEN_V2_PLAINTEXT: &[u8] = b"s3cryptfs golden fixture, format version 2\n";

@@ -8,30 +8,7 @@
 use super::*;
 use crate::crypto::format::{chunk_plain_range, cipher_size, FORMAT_VERSION_2, FORMAT_VERSION_3};
 use crate::crypto::version::{Run, VersionId, VersionMap};
-use std::ops::Range;
-
-const BACKENDS: [AeadBackend; 2] = [AeadBackend::AwsLc, AeadBackend::RustCrypto];
-
-fn history(byte: u8) -> KeyHistory {
-    KeyHistory::single(Key256::from_bytes(&[byte; 32]))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    let s: String = s.split_whitespace().collect();
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
-}
-
-fn pattern(len: usize, salt: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).to_be_bytes()[5] ^ salt).collect()
-}
-
-fn vid(b: u8) -> VersionId {
-    VersionId([b; 16])
-}
+use super::test_util::*;
 
 /// A new object the way a whole or streamed upload writes it: no map set, every chunk sealed as mapped.
 fn seal_new(cipher: &ObjectCipher, header: &[u8; 512], plain: &[u8]) -> Vec<u8> {
@@ -42,17 +19,6 @@ fn seal_new(cipher: &ObjectCipher, header: &[u8; 512], plain: &[u8]) -> Vec<u8> 
         cipher.seal_chunk_as_mapped(i, is_last_chunk(i, len), &plain[r.start as usize..r.end as usize], &mut out);
     }
     out
-}
-
-fn decrypt(keys: &KeyHistory, object: &[u8], map: Option<&str>) -> Result<Vec<u8>, CryptoError> {
-    let aws = decrypt_object_with_map(keys, AeadBackend::AwsLc, object, map);
-    assert_eq!(aws, decrypt_object_with_map(keys, AeadBackend::RustCrypto, object, map), "backends disagree");
-    aws
-}
-
-fn range_of(index: u64, object: &[u8]) -> Range<usize> {
-    let r = chunk_cipher_range(index, plain_size(object.len() as u64).unwrap());
-    r.start as usize..r.end as usize
 }
 
 /// Version A: a new object of 6 chunks (5 full and 100 bytes), no map. Version B: one byte changed in chunk 2 by an
@@ -220,11 +186,6 @@ fn rewrap_keeps_version_3() {
 
 // ---- golden fixture ----------------------------------------------------------------------------------------------
 
-const FIXED_KEK: [u8; 32] = [0x11; 32];
-const FIXED_DATA_KEY: [u8; 32] = [0x22; 32];
-const FIXED_FILE_ID: [u8; 16] = [0x33; 16];
-const FIXED_WRAP_NONCE: [u8; 12] = [0x44; 12];
-const FIXED_CHUNK_NONCE: [u8; 12] = [0x55; 12];
 const GOLDEN_V3_PLAINTEXT: &[u8] = b"s3cryptfs golden fixture, format version 3\n";
 const GOLDEN_V3: &str = include_str!("../testdata/v3-golden.hex");
 
