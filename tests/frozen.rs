@@ -168,6 +168,21 @@ fn within<T: Send + 'static>(what: &str, op: impl FnOnce() -> T + Send + 'static
     }
 }
 
+/// Writes `data` to `file` 1 MiB at a time, each write [`within`] the bound and successful (`when`: the store's
+/// state, for the message); gives the file back.
+fn write_within(mut file: fs::File, data: &[u8], when: &str) -> fs::File {
+    for (i, piece) in data.chunks(MIB).enumerate() {
+        let piece = piece.to_vec();
+        let (back, written) = within(&format!("streaming write {i}"), move || {
+            let r = file.write_all(&piece);
+            (file, r)
+        });
+        written.unwrap_or_else(|e| panic!("streaming write {i} {when}: {e}"));
+        file = back;
+    }
+    file
+}
+
 fn errno_of<T>(r: &std::io::Result<T>) -> Option<i32> {
     r.as_ref().err().map(|e| e.raw_os_error().unwrap_or(-1))
 }
@@ -299,15 +314,7 @@ fn a_frozen_store_bounds_a_streaming_writer_and_an_in_place_change_and_loses_not
     }
 
     let frozen = server.freeze();
-    for (i, piece) in streamed[24 * MIB..].chunks(MIB).enumerate() {
-        let piece = piece.to_vec();
-        let (back, written) = within(&format!("streaming write {i}"), move || {
-            let r = file.write_all(&piece);
-            (file, r)
-        });
-        written.unwrap_or_else(|e| panic!("streaming write {i} while frozen: {e}"));
-        file = back;
-    }
+    let file = write_within(file, &streamed[24 * MIB..], "while frozen");
     let closed = within("close of the streamed file", move || close_reporting(file));
     eprintln!("close of the streamed file while frozen: {closed:?}");
     let second = pattern(65536, 8);
@@ -347,15 +354,7 @@ fn a_dead_store_under_a_streaming_writer_loses_nothing() {
     }
 
     server.kill();
-    for (i, piece) in streamed[24 * MIB..].chunks(MIB).enumerate() {
-        let piece = piece.to_vec();
-        let (back, written) = within(&format!("streaming write {i}"), move || {
-            let r = file.write_all(&piece);
-            (file, r)
-        });
-        written.unwrap_or_else(|e| panic!("streaming write {i} with the store dead: {e}"));
-        file = back;
-    }
+    let file = write_within(file, &streamed[24 * MIB..], "with the store dead");
     let closed = within("close of the streamed file", move || close_reporting(file));
     assert!(closed.is_err(), "close cannot succeed with the store dead");
     let start = Instant::now();

@@ -108,11 +108,8 @@ fn a_byte_changed_in_a_streamed_large_cse_c_file_moves_little_and_reads_back_exa
     for piece in model.chunks(MIB) {
         f.write_all(piece).unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while parts() < 3.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(parts() >= 3.0, "parts were sent before close: the file streamed");
+    let streamed = wait_until(std::time::Duration::from_secs(60), || parts() >= 3.0);
+    assert!(streamed, "parts were sent before close: the file streamed");
     drop(f);
     let mut moved = Moved::new(&addr);
 

@@ -28,14 +28,8 @@ fn write_in_mib(f: &mut fs::File, data: &[u8]) {
 
 /// Polls the metrics until `kind` requests reach `at_least` (parts travel in the background).
 fn wait_for(addr: &str, kind: &str, at_least: f64) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = scrape(addr);
-        if requests(&text, kind) >= at_least || std::time::Instant::now() > deadline {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(60), || requests(&scrape(addr), kind) >= at_least);
+    scrape(addr)
 }
 
 /// Whether the store holds an object at `key` (read with the raw client, not the mount).

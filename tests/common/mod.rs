@@ -524,6 +524,21 @@ pub fn free_metrics_addr() -> String {
 }
 
 /// The body of `GET http://addr/metrics`.
+/// Polls `done` every 50 ms until it holds or `limit` has passed; whether it held. For what a mount does in the
+/// background (uploads, index writes), observed through its metrics or the store.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn scrape(addr: &str) -> String {
     let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
     assert!(out.status.success(), "GET http://{addr}/metrics failed: {}", String::from_utf8_lossy(&out.stderr));
