@@ -19,7 +19,7 @@
 //!   Elsewhere it is stored like every object of the mount's mode.
 //! - **Written late, conditionally, never lost to a race.** Changes mark the directory; a writer task writes each
 //!   marked directory's index once it has been quiet for [`QUIET`] (at the latest [`MAX_DELAY`] after its first
-//!   change), and unmount writes what is left. A write lists the directory, reads the current index, merges (this mount's
+//!   change; [`QUIET_LEARNED`] when only attributes read marked it), and unmount writes what is left. A write lists the directory, reads the current index, merges (this mount's
 //!   attributes where it knows the listed version, the index's entries whose identity still matches, nothing for the
 //!   rest) and stores it conditionally on the index version it read (`If-Match`, or `If-None-Match: *` for a new
 //!   one); a lost race starts over from the listing, so two mounts keep each other's entries.
@@ -59,8 +59,23 @@ pub const MAX_DELAY: Duration = Duration::from_secs(10);
 /// this window that keeps ETag and size (a chmod) is the residual case of docs/SEMANTICS.md.
 const OWN_WRITE_SKEW_SECS: i64 = 2;
 /// The "first change" of a directory marked only for attributes read (see [`Fs::index_touch_quiet`]): far enough
-/// ahead that only [`QUIET`] makes it due.
+/// ahead that only [`QUIET_LEARNED`] makes it due.
 const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// A directory marked only for attributes read (a scan's HEADs of files its index lacked) is written once no HEAD
+/// has taught it anything for this long. Longer than [`QUIET`]: a scan reads metadata in batches, and the pause
+/// between two batches made a 30,000-file directory's index be rewritten (a full listing each time) 19 times in
+/// one scan, 1,280 entries more each time; now it is written once the scan is over (or at unmount).
+pub const QUIET_LEARNED: Duration = Duration::from_secs(10);
+
+/// When a directory marked at `first` (its first unwritten change) and `last` is due: a mark by attributes read only
+/// has its `first` in the future (see [`NO_DEADLINE`]).
+fn due_at(first: Instant, last: Instant) -> Instant {
+    if first > last {
+        last + QUIET_LEARNED
+    } else {
+        (last + QUIET).min(first + MAX_DELAY)
+    }
+}
 /// Conditional writes tried per index write before giving up until the next change (each lost race re-lists).
 const WRITE_ATTEMPTS: usize = 5;
 /// Directories remembered as having an incomplete index (a number each; forgotten all at once when full).
@@ -359,7 +374,7 @@ impl DirIndexes {
         let now = Instant::now();
         lock(&self.dirty)
             .values()
-            .map(|&(first, last)| (last + QUIET).min(first + MAX_DELAY).saturating_duration_since(now))
+            .map(|&(first, last)| due_at(first, last).saturating_duration_since(now))
             .min()
     }
 
@@ -369,7 +384,7 @@ impl DirIndexes {
         let mut dirty = lock(&self.dirty);
         let due: Vec<u64> = dirty
             .iter()
-            .filter(|(_, &(first, last))| all || now >= last + QUIET || now >= first + MAX_DELAY)
+            .filter(|(_, &(first, last))| all || now >= due_at(first, last))
             .map(|(&dir, _)| dir)
             .collect();
         for d in &due {
