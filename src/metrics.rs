@@ -26,6 +26,12 @@
 //! | `s3cryptfs_cache_misses_total` | counter | — | pages a read did not find there (fetched now, or by a read-ahead already in flight) |
 //! | `s3cryptfs_cache_bytes` | gauge | — | plaintext bytes held in the page cache (at most `cache_size`) |
 //! | `s3cryptfs_cache_evictions_total` | counter | — | pages dropped to stay within `cache_size` |
+//! | `s3cryptfs_disk_cache_hits_total` | counter | — | pages the disk cache (`cache_dir`) served, after the page cache missed |
+//! | `s3cryptfs_disk_cache_misses_total` | counter | — | pages looked up in the disk cache and not found there (then fetched from the store) |
+//! | `s3cryptfs_disk_cache_bytes` | gauge | — | bytes the disk cache's entries take on disk, as counted against `cache_disk_size` |
+//! | `s3cryptfs_disk_cache_written_bytes_total` | counter | — | bytes of entries written to the disk cache |
+//! | `s3cryptfs_disk_cache_evictions_total` | counter | — | entries removed to stay within `cache_disk_size` or because the disk ran low |
+//! | `s3cryptfs_disk_cache_dropped_total` | counter | — | entries found damaged, truncated, planted or sealed under another key, removed and fetched again |
 //! | `s3cryptfs_memory_metadata_bytes` | gauge | — | the filesystem's estimate of what its inode table, the listings held for open directories and the negative-lookup memo take of the `max_memory` budget (counted up to half of it; past that the table is trimmed) |
 //! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
 //! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
@@ -72,6 +78,12 @@ pub const CACHE_HITS: &str = "s3cryptfs_cache_hits_total";
 pub const CACHE_MISSES: &str = "s3cryptfs_cache_misses_total";
 pub const CACHE_BYTES: &str = "s3cryptfs_cache_bytes";
 pub const CACHE_EVICTIONS: &str = "s3cryptfs_cache_evictions_total";
+pub const DISK_CACHE_HITS: &str = "s3cryptfs_disk_cache_hits_total";
+pub const DISK_CACHE_MISSES: &str = "s3cryptfs_disk_cache_misses_total";
+pub const DISK_CACHE_BYTES: &str = "s3cryptfs_disk_cache_bytes";
+pub const DISK_CACHE_WRITTEN_BYTES: &str = "s3cryptfs_disk_cache_written_bytes_total";
+pub const DISK_CACHE_EVICTIONS: &str = "s3cryptfs_disk_cache_evictions_total";
+pub const DISK_CACHE_DROPPED: &str = "s3cryptfs_disk_cache_dropped_total";
 pub const MEMORY_RESERVED: &str = "s3cryptfs_memory_reserved_bytes";
 pub const MEMORY_METADATA: &str = "s3cryptfs_memory_metadata_bytes";
 pub const DIRTY_FILES: &str = "s3cryptfs_dirty_files";
@@ -187,6 +199,27 @@ pub fn cache_changed(delta: i64, evicted: u64) {
     }
     if evicted > 0 {
         counter(CACHE_EVICTIONS, &[]).increment(evicted);
+    }
+}
+
+/// The disk cache served `hits` pages and missed `misses`.
+pub fn disk_cache_lookups(hits: u64, misses: u64) {
+    if hits > 0 {
+        counter(DISK_CACHE_HITS, &[]).increment(hits);
+    }
+    if misses > 0 {
+        counter(DISK_CACHE_MISSES, &[]).increment(misses);
+    }
+}
+
+/// The disk cache's entries now take `bytes`; `written` bytes of entries were written, `evicted` entries removed to
+/// make room and `dropped` found damaged since the last call.
+pub fn disk_cache_changed(bytes: u64, written: u64, evicted: u64, dropped: u64) {
+    gauge(DISK_CACHE_BYTES).set(bytes as f64);
+    for (name, n) in [(DISK_CACHE_WRITTEN_BYTES, written), (DISK_CACHE_EVICTIONS, evicted), (DISK_CACHE_DROPPED, dropped)] {
+        if n > 0 {
+            counter(name, &[]).increment(n);
+        }
     }
 }
 
@@ -709,6 +742,12 @@ fn describe() {
     describe_counter!(CACHE_MISSES, "Pages a read did not find in the page cache.");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Plaintext bytes held in the page cache.");
     describe_counter!(CACHE_EVICTIONS, "Pages evicted from the page cache to stay within its budget.");
+    describe_counter!(DISK_CACHE_HITS, "Pages the disk cache served.");
+    describe_counter!(DISK_CACHE_MISSES, "Pages not found in the disk cache.");
+    describe_gauge!(DISK_CACHE_BYTES, Unit::Bytes, "Bytes the disk cache's entries take, as counted against cache_disk_size.");
+    describe_counter!(DISK_CACHE_WRITTEN_BYTES, Unit::Bytes, "Bytes of entries written to the disk cache.");
+    describe_counter!(DISK_CACHE_EVICTIONS, "Disk cache entries removed to make room.");
+    describe_counter!(DISK_CACHE_DROPPED, "Disk cache entries found damaged and removed.");
     describe_gauge!(MEMORY_RESERVED, Unit::Bytes, "Bytes of max_memory held by buffers in flight.");
     describe_gauge!(MEMORY_METADATA, Unit::Bytes, "Bytes of max_memory taken by the inode table and held listings (estimate).");
     describe_gauge!(DIRTY_FILES, "Files with changes staged locally and not yet uploaded.");
@@ -719,7 +758,10 @@ fn describe() {
     for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
         counter(name, &[]).absolute(0);
     }
-    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, MEMORY_METADATA, CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+    for name in [DISK_CACHE_HITS, DISK_CACHE_MISSES, DISK_CACHE_WRITTEN_BYTES, DISK_CACHE_EVICTIONS, DISK_CACHE_DROPPED] {
+        counter(name, &[]).absolute(0);
+    }
+    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, MEMORY_METADATA, CACHE_BYTES, DISK_CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
         gauge(name).increment(0.0);
     }
 }

@@ -13,6 +13,7 @@
 //! Pages are made with [`page::PageBuf`]: mapped one by one outside malloc's heaps, so an evicted page is given back
 //! to the system when it goes, and the daemon's RSS follows the bytes the cache counts (see [`page`]).
 
+pub mod disk;
 pub mod page;
 
 use std::sync::{Arc, Mutex, Weak};

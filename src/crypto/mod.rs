@@ -10,6 +10,7 @@
 //! - [`object`]: [`ObjectCipher`], the per-object context that unwraps the data
 //!   key and seals/opens chunks and path bindings;
 //! - [`aead`]: AES-256-GCM with two byte-identical backends;
+//! - [`diskcache`]: keys, names and sealed entries of the disk cache (issue 14);
 //! - [`secret`]: key newtypes that zeroize and never print;
 //! - [`keyfile`]: the customer key history;
 //! - [`error`]: the error enums;
@@ -25,6 +26,7 @@
 //! and live in the caller.
 
 pub mod aead;
+pub mod diskcache;
 pub mod error;
 pub mod format;
 pub mod hex;

@@ -184,7 +184,7 @@ pub fn new_upload_id() -> String {
 }
 
 /// The directory name of a store's journals: not the URL itself (it may be long or hold `/`), a hash of it.
-fn store_dir_name(store: &str) -> String {
+pub(crate) fn store_dir_name(store: &str) -> String {
     use sha2::{Digest, Sha256};
     hex(&Sha256::digest(store.as_bytes())[..16])
 }
@@ -344,6 +344,17 @@ impl Journal {
             }
         }
         Ok((root, header))
+    }
+
+    /// The root key the disk cache derives its keys from (`cache::disk`): the customer key (cse-c, sse-c) or the
+    /// local journal key (plaintext modes), so a later mount of the store opens the cache again. `None` in cse-kms,
+    /// whose journal keys are per run: the cache keeps a KMS-wrapped key of its own.
+    pub fn cache_root(&self) -> Result<Option<zeroize::Zeroizing<[u8; 32]>>, JournalError> {
+        match &self.keying {
+            Keying::Local => Self::local_key(&self.store_dir, true),
+            Keying::Customer(keys) => Ok(Some(zeroize::Zeroizing::new(*keys.encrypting_key().as_bytes()))),
+            Keying::Kms(_) => Ok(None),
+        }
     }
 
     /// The plaintext modes' record key, created on first use.

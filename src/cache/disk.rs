@@ -1,0 +1,647 @@
+//! The disk cache (`-o cache_dir=DIR`): pages of objects kept on local disk, sealed, bounded, and reused after a
+//! remount.
+//!
+//! Why: re-reading a large file after a remount, or a working set larger than memory, should not cost the store
+//! requests again; and a cache must not be the place where plaintext of file contents rests on disk (rclone's,
+//! s3fs's and mountpoint-s3's caches keep it in the clear) or grow past its limit.
+//!
+//! Where it sits: below the page cache. A read that misses the page cache looks here before it fetches from the
+//! store, and every page fetched from the store is written here on the way back (in the background, within the
+//! memory budget; a page that finds no room is simply not cached). Entries are keyed like the page cache, by the
+//! object's key, its ETag and the page index, so a changed object is never served from its old pages.
+//!
+//! Layout (docs/FORMAT.md, "The disk cache", has the entry bytes):
+//!
+//! ```text
+//! DIR/                  0700, ours (checked like the journal's base, see `journal::dir`)
+//!   <store id>/         0700: one per store, as in the journal
+//!     lock              flock(LOCK_EX) held by the mount using it: a second mount of the store refuses
+//!     cache.json        which key sealed the entries (its check value; in cse-kms its KMS-wrapped root key)
+//!     <64 hex>          one entry per page: a keyed hash of its identity, so object names do not show
+//!     <64 hex>.tmp      an entry being written (removed by the next start if the daemon died)
+//! ```
+//!
+//! Limits: entries are counted by the disk blocks they take (4 KiB each) and the total never exceeds the limit: room
+//! is reserved (least recently used entries removed first) before an entry is written. When the filesystem under the
+//! cache has less than 5 % (at most 1 GiB) free, entries are removed until it has, and nothing is written while it
+//! cannot. The recency order lives in memory; a start orders what it finds by modification time.
+//!
+//! Damage: an entry that does not open (edited, truncated, planted, moved from another page, sealed under another
+//! key, not ours, a symlink) is logged, removed and counted as a miss: the page is fetched from the store. A cache
+//! problem never fails a read. If the directory goes away while mounted, lookups miss and writes fail quietly
+//! (logged once): reads go to the store.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::diskcache::{CacheKeys, EntryId, EntrySealer, ENTRY_OVERHEAD};
+use crate::crypto::hex::{hex, unhex};
+use crate::crypto::AeadBackend;
+use crate::journal::dir::{try_lock, Dir, TrustError};
+use crate::kms::{KmsClient, KmsError};
+
+/// Entries are counted in blocks of this size (what a 64 KiB entry takes on ext4, xfs or btrfs).
+const BLOCK: u64 = 4096;
+/// The header file.
+const HEADER: &str = "cache.json";
+/// The lock file.
+const LOCK: &str = "lock";
+const HEADER_VERSION: u32 = 1;
+/// The KMS encryption-context entry that binds the cache's root key to its store.
+const KMS_CONTEXT_CACHE: &str = "s3cryptfs:cache";
+/// Damaged entries logged at warning level per mount; the rest are counted only.
+const MAX_DAMAGE_LOGS: u64 = 20;
+/// Default limit: this share of the free space at mount, at most [`DEFAULT_MAX`].
+const DEFAULT_SHARE: u64 = 4;
+const DEFAULT_MAX: u64 = 64 << 30;
+
+/// Why the disk cache cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCacheError {
+    #[error("cache_dir: {0}")]
+    Trust(String),
+    #[error("cache_dir {path} is in use by another mount of the same store: give each mount its own cache_dir")]
+    InUse { path: PathBuf },
+    #[error("cache_dir {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cache_dir: getting the cache's key from KMS: {0}")]
+    Kms(#[from] KmsError),
+}
+
+impl From<TrustError> for DiskCacheError {
+    fn from(e: TrustError) -> Self {
+        // The trust checks are the journal's, and so is their advice; here the option to change is cache_dir.
+        DiskCacheError::Trust(
+            e.to_string()
+                .replace("journal directory with -o staging_dir=DIR", "cache directory with -o cache_dir=DIR")
+                .replace("the journal directory", "the cache directory"),
+        )
+    }
+}
+
+/// Where the cache's root key comes from (see `crypto::diskcache`).
+pub enum CacheKeying {
+    /// The write journal's root: the customer key, or the plaintext modes' local journal key.
+    Root(Zeroizing<[u8; 32]>),
+    /// cse-kms: a KMS data key, generated once and kept wrapped in the header.
+    Kms(Arc<KmsClient>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    check: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kms_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kms_blob: Option<String>,
+}
+
+struct State {
+    /// Entry name → bytes counted for it. Reserved before the entry is written.
+    lru: LruCache<String, u64>,
+    used: u64,
+    written: u64,
+    evicted: u64,
+    dropped: u64,
+}
+
+/// Counters for tests and the benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskCacheStats {
+    pub entries: usize,
+    pub used: u64,
+    pub written: u64,
+    pub evicted: u64,
+    pub dropped: u64,
+}
+
+pub struct DiskCache {
+    dir: Dir,
+    _lock: File,
+    keys: CacheKeys,
+    sealer: EntrySealer,
+    limit: u64,
+    state: Mutex<State>,
+    damage_logs: AtomicU64,
+    io_warned: AtomicBool,
+    /// Written bytes, evictions and drops already added to the metrics (which take deltas).
+    reported: Mutex<(u64, u64, u64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What an entry of `len` bytes is counted as.
+fn counted(len: u64) -> u64 {
+    len.div_ceil(BLOCK) * BLOCK
+}
+
+fn is_entry_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+fn space(path: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+}
+
+impl DiskCache {
+    /// Opens (creating it if missing) the cache of `store` under `base`, bounded by `limit` bytes (default: a quarter
+    /// of the free space there, at most 64 GiB). Fails if another mount of the store uses it, or if a directory or
+    /// file on the way fails the ownership checks.
+    pub async fn open(
+        base: &Path,
+        store: &str,
+        keying: CacheKeying,
+        limit: Option<u64>,
+        aead: AeadBackend,
+    ) -> Result<DiskCache, DiskCacheError> {
+        let base_dir = Dir::open_base(base)?;
+        let dir = base_dir.subdir(&crate::journal::store_dir_name(store), true)?.ok_or_else(|| DiskCacheError::Io {
+            path: base.to_path_buf(),
+            source: io::Error::other("the store's cache directory vanished while it was created"),
+        })?;
+        let io_at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DiskCacheError::Io { path, source }
+        };
+        let lock_file = match dir.open_file(LOCK, true)? {
+            Some(f) => f,
+            None => match dir.create_file(LOCK) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    dir.open_file(LOCK, true)?.ok_or_else(|| io_at(dir.path())(io::Error::other("lock vanished")))?
+                }
+                Err(e) => return Err(io_at(dir.path())(e)),
+            },
+        };
+        if !try_lock(&lock_file).map_err(io_at(dir.path()))? {
+            return Err(DiskCacheError::InUse { path: dir.path().to_path_buf() });
+        }
+        let header: Option<Header> = match dir.read_file(HEADER, 64 << 10)? {
+            Some(bytes) => match serde_json::from_slice::<Header>(&bytes) {
+                Ok(h) if h.version == HEADER_VERSION => Some(h),
+                _ => {
+                    tracing::warn!(dir = %dir.path().display(), "the disk cache's header is unreadable or of another version; the cache starts empty");
+                    None
+                }
+            },
+            None => None,
+        };
+        let context = [(KMS_CONTEXT_CACHE, store.to_string())];
+        let (root, kms_key_id, kms_blob) = match keying {
+            CacheKeying::Root(root) => (root, None, None),
+            CacheKeying::Kms(kms) => {
+                let kept = match header.as_ref().and_then(|h| Some((h.kms_key_id.clone()?, unhex(h.kms_blob.as_deref()?)?))) {
+                    Some((id, blob)) => match kms.decrypt(&id, &blob, &context).await {
+                        Ok(dk) => Some((Zeroizing::new(*dk.as_bytes()), id, blob)),
+                        Err(e) => {
+                            tracing::warn!(error = %crate::error_text::error_chain(&e), "the disk cache's key could not be unwrapped; the cache starts empty");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                match kept {
+                    Some((root, id, blob)) => (root, Some(id), Some(hex(&blob))),
+                    None => {
+                        let generated = kms.generate_data_key(&context).await?;
+                        let root = Zeroizing::new(*generated.data_key.as_bytes());
+                        (root, Some(generated.key_arn.clone()), Some(hex(&generated.blob)))
+                    }
+                }
+            }
+        };
+        let keys = CacheKeys::derive(&root, store, aead);
+        drop(root);
+        let check = hex(&keys.check());
+        let same_key = header.as_ref().is_some_and(|h| h.check == check);
+        let limit = match limit {
+            Some(l) => l,
+            None => space(dir.path()).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(DEFAULT_MAX)),
+        };
+        let cache = DiskCache {
+            sealer: keys.sealer(),
+            keys,
+            limit,
+            state: Mutex::new(State { lru: LruCache::unbounded(), used: 0, written: 0, evicted: 0, dropped: 0 }),
+            damage_logs: AtomicU64::new(0),
+            io_warned: AtomicBool::new(false),
+            reported: Mutex::new((0, 0, 0)),
+            _lock: lock_file,
+            dir,
+        };
+        if !same_key && header.is_some() {
+            tracing::info!(dir = %cache.dir.path().display(), "the disk cache was sealed under another key; it starts empty");
+        }
+        cache.scan(same_key).map_err(io_at(cache.dir.path()))?;
+        let text = serde_json::to_vec(&Header { version: HEADER_VERSION, check, kms_key_id, kms_blob })
+            .map_err(|e| io_at(cache.dir.path())(io::Error::other(e)))?;
+        cache.dir.write_file(HEADER, &text).map_err(io_at(cache.dir.path()))?;
+        cache.make_room(0);
+        cache.report_delta();
+        Ok(cache)
+    }
+
+    /// Takes stock of the entries left by earlier mounts (all removed unless `keep`), oldest first in the recency
+    /// order; removes what a dead daemon left half written and anything that is not ours.
+    fn scan(&self, keep: bool) -> io::Result<()> {
+        let mut found = Vec::new();
+        for name in self.dir.entries()? {
+            if name == LOCK || name == HEADER {
+                continue;
+            }
+            if !keep || !is_entry_name(&name) {
+                if is_entry_name(&name) || name.ends_with(".tmp") {
+                    let _ = self.dir.remove(&name);
+                } else {
+                    tracing::warn!(dir = %self.dir.path().display(), name, "a file that is not a cache entry is in the disk cache's directory; left alone");
+                }
+                continue;
+            }
+            match self.dir.open_file(&name, false) {
+                Ok(Some(f)) => {
+                    let meta = f.metadata()?;
+                    found.push((meta.mtime(), meta.mtime_nsec(), name, counted(meta.len())));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.damaged(&name, &e.to_string());
+                    let _ = self.dir.remove(&name);
+                }
+            }
+        }
+        found.sort();
+        let mut st = lock(&self.state);
+        for (_, _, name, size) in found {
+            st.used += size;
+            st.lru.put(name, size);
+        }
+        Ok(())
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn stats(&self) -> DiskCacheStats {
+        let st = lock(&self.state);
+        DiskCacheStats { entries: st.lru.len(), used: st.used, written: st.written, evicted: st.evicted, dropped: st.dropped }
+    }
+
+    fn damaged(&self, name: &str, why: &str) {
+        let n = self.damage_logs.fetch_add(1, Ordering::Relaxed);
+        if n < MAX_DAMAGE_LOGS {
+            tracing::warn!(dir = %self.dir.path().display(), entry = name, why, "a disk cache entry is damaged or not ours; removed, the page is fetched from the store");
+        } else if n == MAX_DAMAGE_LOGS {
+            tracing::warn!(dir = %self.dir.path().display(), "more damaged disk cache entries; no longer logged (see s3cryptfs_disk_cache_dropped_total)");
+        }
+    }
+
+    fn io_failed(&self, what: &str, e: &io::Error) {
+        if !self.io_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(dir = %self.dir.path().display(), error = %e, what, "the disk cache cannot be written; reads go to the store (logged once)");
+        }
+    }
+
+    /// Page `id` if the cache has it, exactly `len` bytes, appended to `out`. Blocking file I/O.
+    pub fn get(&self, id: &EntryId, len: usize, out: &mut Vec<u8>) -> bool {
+        let name = self.keys.entry_name(id);
+        if lock(&self.state).lru.get(&name).is_none() {
+            return false;
+        }
+        let file = match self.dir.open_file(&name, false) {
+            Ok(Some(f)) => f,
+            // Being written, or the directory is gone.
+            Ok(None) => return false,
+            Err(e) => {
+                self.drop_entry(&name, &e.to_string());
+                return false;
+            }
+        };
+        let mut stored = Vec::with_capacity(len + ENTRY_OVERHEAD);
+        if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
+            self.drop_entry(&name, &e.to_string());
+            return false;
+        }
+        if self.keys.open(id, len, &stored, out).is_err() {
+            self.drop_entry(&name, "it does not authenticate as this page");
+            return false;
+        }
+        true
+    }
+
+    fn drop_entry(&self, name: &str, why: &str) {
+        self.damaged(name, why);
+        {
+            let mut st = lock(&self.state);
+            if let Some(size) = st.lru.pop(name) {
+                st.used -= size;
+            }
+            st.dropped += 1;
+        }
+        let _ = self.dir.remove(name);
+        self.report_delta();
+    }
+
+    /// Keeps page `id`. Blocking file I/O. Skipped when the entry is there already or cannot get room.
+    pub fn put(&self, id: &EntryId, plain: &[u8]) {
+        let name = self.keys.entry_name(id);
+        if lock(&self.state).lru.contains(&name) {
+            return;
+        }
+        let sealed = self.keys.seal(&self.sealer, id, plain);
+        let size = counted(sealed.len() as u64);
+        if size > self.limit || !self.reserve(&name, size) {
+            return;
+        }
+        let tmp = format!("{name}.tmp");
+        let written = (|| {
+            let _ = self.dir.remove(&tmp);
+            let mut f = self.dir.create_file(&tmp)?;
+            f.write_all(&sealed)?;
+            drop(f);
+            match self.dir.rename_noreplace(&tmp, &name) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let _ = self.dir.remove(&tmp);
+                    Ok(())
+                }
+                other => other,
+            }
+        })();
+        let mut st = lock(&self.state);
+        match written {
+            Ok(()) if st.lru.contains(&name) => st.written += sealed.len() as u64,
+            // Evicted by another writer while it was being written: its file may have been removed before ours
+            // landed, so ours goes now.
+            Ok(()) => {
+                drop(st);
+                let _ = self.dir.remove(&name);
+                return;
+            }
+            Err(e) => {
+                if st.lru.pop(&name).is_some() {
+                    st.used -= size;
+                }
+                drop(st);
+                let _ = self.dir.remove(&tmp);
+                self.io_failed("writing an entry", &e);
+                return;
+            }
+        }
+        drop(st);
+        self.report_delta();
+    }
+
+    /// Reserves `size` bytes for entry `name`, removing least recently used entries for room within the limit and
+    /// on the disk. `false` if there is no room even with the cache empty.
+    fn reserve(&self, name: &str, size: u64) -> bool {
+        let low = self.low_space(size);
+        let mut victims = Vec::new();
+        let fits = {
+            let mut st = lock(&self.state);
+            let mut need = (st.used + size).saturating_sub(self.limit).max(low);
+            while need > 0 {
+                let Some((victim, vsize)) = st.lru.pop_lru() else { break };
+                st.used -= vsize;
+                st.evicted += 1;
+                need = need.saturating_sub(vsize);
+                victims.push(victim);
+            }
+            if need == 0 {
+                st.used += size;
+                st.lru.put(name.to_string(), size);
+            }
+            need == 0
+        };
+        for v in &victims {
+            let _ = self.dir.remove(v);
+        }
+        fits
+    }
+
+    /// Removes entries until the cache is within its limit and the disk has its reserve free (plus `extra`).
+    fn make_room(&self, extra: u64) {
+        let low = self.low_space(extra);
+        let mut victims = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let mut need = st.used.saturating_sub(self.limit).max(low);
+            while need > 0 {
+                let Some((victim, vsize)) = st.lru.pop_lru() else { break };
+                st.used -= vsize;
+                st.evicted += 1;
+                need = need.saturating_sub(vsize);
+                victims.push(victim);
+            }
+        }
+        for v in &victims {
+            let _ = self.dir.remove(v);
+        }
+    }
+
+    /// Bytes to free so that the disk keeps its reserve (5 % of it, at most 1 GiB) after `size` more are written.
+    fn low_space(&self, size: u64) -> u64 {
+        let Some((free, total)) = space(self.dir.path()) else { return 0 };
+        let reserve = (total / 20).min(1 << 30);
+        (reserve + size).saturating_sub(free)
+    }
+
+    fn report_delta(&self) {
+        let st = lock(&self.state);
+        let (written, evicted, dropped) = (st.written, st.evicted, st.dropped);
+        let used = st.used;
+        drop(st);
+        let mut last = lock(&self.reported);
+        crate::metrics::disk_cache_changed(used, written - last.0, evicted - last.1, dropped - last.2);
+        *last = (written, evicted, dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ROOT: [u8; 32] = [3; 32];
+    const PAGE: usize = 64 << 10;
+
+    async fn open(base: &Path, root: [u8; 32], limit: u64) -> Result<DiskCache, DiskCacheError> {
+        DiskCache::open(base, "s3://bucket/p", CacheKeying::Root(Zeroizing::new(root)), Some(limit), AeadBackend::AwsLc)
+            .await
+    }
+
+    fn id(key: &str, index: u64) -> EntryId<'_> {
+        EntryId { key, etag: "\"e1\"", index }
+    }
+
+    fn page(marker: u8) -> Vec<u8> {
+        let mut p = b"PLAINTEXT-MARKER-".repeat(PAGE / 17 + 1);
+        p.truncate(PAGE);
+        p[0] = marker;
+        p
+    }
+
+    fn get(c: &DiskCache, id: &EntryId) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        c.get(id, PAGE, &mut out).then_some(out)
+    }
+
+    /// Bytes the cache's files take on disk, as du counts them.
+    fn on_disk(c: &DiskCache) -> u64 {
+        std::fs::read_dir(c.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap())
+            .filter(|m| m.is_file())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn pages_come_back_after_a_reopen_and_nothing_rests_in_plaintext() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("cache");
+        let c = open(&base, ROOT, 64 << 20).await.unwrap();
+        for i in 0..4 {
+            c.put(&id("a/b", i), &page(i as u8));
+        }
+        assert_eq!(get(&c, &id("a/b", 2)), Some(page(2)));
+        assert_eq!(get(&c, &id("a/b", 9)), None);
+        assert_eq!(get(&c, &EntryId { etag: "\"e2\"", ..id("a/b", 2) }), None, "another version");
+        drop(c);
+        let c = open(&base, ROOT, 64 << 20).await.unwrap();
+        assert_eq!(c.stats().entries, 4);
+        assert_eq!(get(&c, &id("a/b", 3)), Some(page(3)));
+        for entry in std::fs::read_dir(c.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(!bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"), "plaintext in {}", path.display());
+            assert!(!bytes.windows(3).any(|w| w == b"a/b"), "the object's name in {}", path.display());
+        }
+        assert_eq!(std::fs::metadata(&base).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn the_limit_holds_after_every_write_and_the_oldest_go_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limit = 1 << 20;
+        let c = open(&tmp.path().join("c"), ROOT, limit).await.unwrap();
+        let per_entry = counted((PAGE + ENTRY_OVERHEAD) as u64);
+        for i in 0..3 * limit / PAGE as u64 {
+            c.put(&id("f", i), &page(0));
+            // Read an early page now and then: it stays while later ones go.
+            assert!(get(&c, &id("f", 0)).is_some(), "the page read after every write was evicted at {i}");
+            assert!(c.stats().used <= limit, "{:?} after entry {i}", c.stats());
+            assert!(on_disk(&c) <= limit + 2 * BLOCK, "{} bytes on disk after entry {i} (limit {limit})", on_disk(&c));
+        }
+        let stats = c.stats();
+        assert_eq!(stats.entries as u64, limit / per_entry);
+        assert!(stats.evicted > 0);
+        assert_eq!(get(&c, &id("f", 1)), None, "an old page that was not read again stayed");
+        assert!(get(&c, &id("f", 3 * limit / PAGE as u64 - 1)).is_some(), "the newest page is gone");
+        // A smaller limit at the next start evicts down to it.
+        drop(c);
+        let c = open(&tmp.path().join("c"), ROOT, limit / 2).await.unwrap();
+        assert!(c.stats().used <= limit / 2 && on_disk(&c) <= limit / 2 + 2 * BLOCK, "{:?}", c.stats());
+    }
+
+    #[tokio::test]
+    async fn damaged_truncated_moved_and_planted_entries_are_dropped_not_served() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
+        for i in 0..5 {
+            c.put(&id("f", i), &page(i as u8));
+        }
+        let file = |i: u64| c.path().join(c.keys.entry_name(&id("f", i)));
+        // Flipped byte, truncated, page 2 copied over page 3, page 4 replaced by a symlink.
+        let mut bytes = std::fs::read(file(0)).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(file(0), &bytes).unwrap();
+        let bytes = std::fs::read(file(1)).unwrap();
+        std::fs::write(file(1), &bytes[..bytes.len() - 10]).unwrap();
+        std::fs::copy(file(2), file(3)).unwrap();
+        std::fs::remove_file(file(4)).unwrap();
+        std::os::unix::fs::symlink(file(2), file(4)).unwrap();
+        for i in [0, 1, 3, 4] {
+            assert_eq!(get(&c, &id("f", i)), None, "entry {i} was served");
+            assert!(std::fs::symlink_metadata(file(i)).is_err(), "entry {i} was not removed");
+        }
+        assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
+        assert_eq!(c.stats().dropped, 4);
+        // Put again, it is served again.
+        c.put(&id("f", 0), &page(0));
+        assert_eq!(get(&c, &id("f", 0)), Some(page(0)));
+        // An entry planted while unmounted (named for a page, but sealed by someone without the key) is dropped too.
+        let planted = file(2);
+        drop(c);
+        let other = CacheKeys::derive(&[9; 32], "s3://bucket/p", AeadBackend::AwsLc);
+        std::fs::write(&planted, other.seal(&other.sealer(), &id("f", 2), &page(7))).unwrap();
+        let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
+        assert_eq!(get(&c, &id("f", 2)), None);
+        assert_eq!(c.stats().dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_mount_of_the_store_is_refused_and_another_key_starts_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("c");
+        let c = open(&base, ROOT, 64 << 20).await.unwrap();
+        c.put(&id("f", 0), &page(0));
+        let e = open(&base, ROOT, 64 << 20).await.err().expect("a second open of a cache in use");
+        assert!(matches!(e, DiskCacheError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("in use by another mount"), "{e}");
+        // Another store may use the same cache_dir.
+        DiskCache::open(&base, "s3://other", CacheKeying::Root(Zeroizing::new(ROOT)), Some(1 << 20), AeadBackend::AwsLc)
+            .await
+            .unwrap();
+        drop(c);
+        let c = open(&base, [4; 32], 64 << 20).await.unwrap();
+        assert_eq!(c.stats().entries, 0, "entries sealed under another key were kept");
+        assert_eq!(std::fs::read_dir(c.path()).unwrap().count(), 2, "only lock and cache.json are left");
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_may_write_is_refused_with_the_option_to_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("c");
+        drop(open(&base, ROOT, 1 << 20).await.unwrap());
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = open(&base, ROOT, 1 << 20).await.err().expect("a world-writable cache_dir");
+        assert!(e.to_string().contains("cache_dir") && e.to_string().contains("chmod go-w"), "{e}");
+        assert!(!e.to_string().contains("staging_dir"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_cache_directory_removed_while_mounted_only_misses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("c");
+        let c = open(&base, ROOT, 64 << 20).await.unwrap();
+        c.put(&id("f", 0), &page(0));
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(get(&c, &id("f", 0)), None);
+        c.put(&id("f", 1), &page(1));
+        assert_eq!(get(&c, &id("f", 1)), None);
+        assert!(!base.exists());
+    }
+}
