@@ -101,6 +101,10 @@ pub struct CacheConfig {
     /// (read-ahead included), upload parts, S3EC buffers. The page cache holds `min(memory_bytes, what the rest
     /// leaves)`. `None`: [`CacheConfig::max_memory`] decides.
     pub max_memory: Option<u64>,
+    /// `cache_dir`: where the disk cache lives (src/cache/disk.rs); `None`: no disk cache.
+    pub disk_dir: Option<PathBuf>,
+    /// `cache_disk_size`: its limit; `None`: a quarter of the free space there at mount, at most 64 GiB.
+    pub disk_bytes: Option<u64>,
 }
 
 /// What `max_memory` adds to `cache_size` when it is not given: room for the largest read-ahead (64 MiB window, twice
@@ -119,7 +123,13 @@ impl CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { memory_bytes: 256 << 20, max_readahead: 64 << 20, max_memory: None }
+        CacheConfig {
+            memory_bytes: 256 << 20,
+            max_readahead: 64 << 20,
+            max_memory: None,
+            disk_dir: None,
+            disk_bytes: None,
+        }
     }
 }
 
@@ -455,6 +465,28 @@ impl MountConfig {
                         reason: format!("'{v}' is not a size such as 512M or 2G"),
                     })?
                 }
+                "cache_dir" => {
+                    let v = PathBuf::from(need()?);
+                    if !v.is_absolute() {
+                        return Err(ConfigError::Invalid {
+                            name: name.into(),
+                            reason: format!("'{}' is not an absolute path", v.display()),
+                        });
+                    }
+                    cfg.cache.disk_dir = Some(v)
+                }
+                "cache_disk_size" => {
+                    let v = need()?;
+                    let bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a size such as 512M or 20G"),
+                    })?;
+                    if bytes < 1 << 20 {
+                        let reason = format!("{v} is too small: give at least 1M");
+                        return Err(ConfigError::Invalid { name: name.into(), reason });
+                    }
+                    cfg.cache.disk_bytes = Some(bytes)
+                }
                 "max_memory" => {
                     let v = need()?;
                     let bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
@@ -612,6 +644,18 @@ impl MountConfig {
                     .into(),
             });
         }
+        if cfg.cache.disk_bytes.is_some() && cfg.cache.disk_dir.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "cache_disk_size".into(),
+                reason: "cache_disk_size bounds the disk cache, which needs cache_dir=DIR".into(),
+            });
+        }
+        if cfg.cache.disk_dir.is_some() && cfg.mode == EncryptionMode::CseKms && cfg.kms_key_id.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "cache_dir".into(),
+                reason: "in mode=cse-kms the disk cache's own key is made by the KMS key: add -o kms_key_id=ID".into(),
+            });
+        }
         // The key travels in a header of every request; AWS refuses that over plain http, local servers do not, so
         // the rule is enforced here (the store repeats it for endpoints that come from the environment).
         if cfg.mode == EncryptionMode::SseC && cfg.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
@@ -657,6 +701,24 @@ mod tests {
         assert_eq!(c.cache.memory_bytes, 64 << 20);
         assert_eq!(c.cache.max_memory(), (64 << 20) + DEFAULT_MEMORY_BEYOND_CACHE, "default: cache_size + 256M");
         assert_eq!(cfg("mode=none,max_memory=96M").unwrap().cache.max_memory(), 96 << 20);
+        let c = cfg("mode=none,cache_dir=/var/cache/s3,cache_disk_size=20G").unwrap();
+        let want = (Some(std::path::Path::new("/var/cache/s3")), Some(20 << 30));
+        assert_eq!((c.cache.disk_dir.as_deref(), c.cache.disk_bytes), want);
+        assert_eq!(cfg("mode=none").unwrap().cache.disk_dir, None, "no disk cache unless asked");
+    }
+
+    #[test]
+    fn disk_cache_options_are_checked() {
+        for (opts, says) in [
+            ("mode=none,cache_dir=rel/dir", "absolute"),
+            ("mode=none,cache_dir=/c,cache_disk_size=lots", "cache_disk_size"),
+            ("mode=none,cache_dir=/c,cache_disk_size=100K", "at least 1M"),
+            ("mode=none,cache_disk_size=1G", "needs cache_dir"),
+            ("mode=cse-kms,ro,cache_dir=/c", "kms_key_id"),
+        ] {
+            let e = cfg(opts).unwrap_err().to_string();
+            assert!(e.contains(says), "{opts}: {e}");
+        }
     }
 
     #[test]

@@ -707,7 +707,31 @@ fn serve(
             crate::journal::JournalError::Kms(k) => anyhow::anyhow!("{k}"),
             other => anyhow::anyhow!("the write journal: {other}"),
         })?;
-    let fs = Arc::new(Fs::new(
+    let disk_cache = match &config.cache.disk_dir {
+        None => None,
+        Some(dir) => {
+            use crate::cache::disk::{CacheKeying, DiskCache};
+            // The journal's key source (even for a read-only mount, whose journal needs none): the customer key, a
+            // KMS key, or in the plaintext modes the journal's local key, so a later mount opens the cache again.
+            let keying = match journal_keying(config.mode, keys.as_ref(), &codec)? {
+                crate::journal::Keying::Customer(k) => {
+                    CacheKeying::Root(zeroize::Zeroizing::new(*k.encrypting_key().as_bytes()))
+                }
+                crate::journal::Keying::Kms(kms) => CacheKeying::Kms(kms),
+                crate::journal::Keying::Local => match journal.cache_root() {
+                    Ok(Some(root)) => CacheKeying::Root(root),
+                    Ok(None) => bail!("cache_dir: the write journal has no local key for the disk cache"),
+                    Err(e) => bail!("cache_dir: the write journal's local key: {e}"),
+                },
+            };
+            let cache = rt.block_on(DiskCache::open(dir, &config.store_url, keying, config.cache.disk_bytes, aead))?;
+            let stats = cache.stats();
+            let (dir, limit) = (cache.path().display(), cache.limit());
+            tracing::info!(dir = %dir, limit, entries = stats.entries, bytes = stats.used, "disk cache");
+            Some(Arc::new(cache))
+        }
+    };
+    let fs = Fs::new(
         backend,
         codec,
         {
@@ -727,7 +751,11 @@ fn serve(
             max_readahead: config.cache.max_readahead,
             s3ec: crate::read::s3ec::S3ecOptions { require_commitment: config.require_commitment, rsa_key },
         },
-    ));
+    );
+    let fs = Arc::new(match disk_cache {
+        Some(disk) => fs.with_disk_cache(disk),
+        None => fs,
+    });
 
     // Data a previous run could not upload (stop timeout, store down) goes up before this mount serves.
     if !config.read_only {

@@ -209,7 +209,8 @@ impl DiskCache {
         let (root, kms_key_id, kms_blob) = match keying {
             CacheKeying::Root(root) => (root, None, None),
             CacheKeying::Kms(kms) => {
-                let kept = match header.as_ref().and_then(|h| Some((h.kms_key_id.clone()?, unhex(h.kms_blob.as_deref()?)?))) {
+                let wrapped = header.as_ref().and_then(|h| Some((h.kms_key_id.clone()?, unhex(h.kms_blob.as_deref()?)?)));
+                let kept = match wrapped {
                     Some((id, blob)) => match kms.decrypt(&id, &blob, &context).await {
                         Ok(dk) => Some((Zeroizing::new(*dk.as_bytes()), id, blob)),
                         Err(e) => {
@@ -307,7 +308,8 @@ impl DiskCache {
 
     pub fn stats(&self) -> DiskCacheStats {
         let st = lock(&self.state);
-        DiskCacheStats { entries: st.lru.len(), used: st.used, written: st.written, evicted: st.evicted, dropped: st.dropped }
+        let (used, written, evicted, dropped) = (st.used, st.written, st.evicted, st.dropped);
+        DiskCacheStats { entries: st.lru.len(), used, written, evicted, dropped }
     }
 
     fn damaged(&self, name: &str, why: &str) {

@@ -143,6 +143,8 @@ pub struct Fs {
     s3ec: Arc<S3ecReads>,
     /// Fetches in flight, shared by the readers of every open file.
     fetches: Arc<Fetches>,
+    /// The disk cache (`cache_dir`), below the page cache.
+    disk: Option<Arc<crate::cache::disk::DiskCache>>,
     journal: Arc<Journal>,
     config: FsConfig,
     table: Mutex<InodeTable>,
@@ -269,6 +271,7 @@ impl Fs {
             cache,
             s3ec: Arc::new(S3ecReads::new(config.s3ec.clone())),
             fetches: Arc::default(),
+            disk: None,
             journal,
             config,
             table: Mutex::new(InodeTable::new(root)),
@@ -285,6 +288,16 @@ impl Fs {
             forgetter: std::sync::OnceLock::new(),
             last_trim: Mutex::new(None),
         }
+    }
+
+    /// Reads look in `disk` after the page cache and before the store, and keep what they fetch there.
+    pub fn with_disk_cache(mut self, disk: Arc<crate::cache::disk::DiskCache>) -> Fs {
+        self.disk = Some(disk);
+        self
+    }
+
+    pub fn disk_cache(&self) -> Option<&crate::cache::disk::DiskCache> {
+        self.disk.as_deref()
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -321,6 +334,7 @@ impl Fs {
             cache: self.cache.clone(),
             s3ec: self.s3ec.clone(),
             fetches: self.fetches.clone(),
+            disk: self.disk.clone(),
         };
         Reader::new(&context, path, etag, stored_size, format, readahead)
     }

@@ -182,6 +182,7 @@ impl World {
             cache: Arc::new(PageCache::new(64 * MIB)),
             s3ec: Arc::new(S3ecReads::new(Default::default())),
             fetches: Arc::default(),
+            disk: None,
         };
         let (info, _) = self.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
         let reader = Reader::new(&context, PATH.into(), info.etag.unwrap(), info.size, StoredFormat::Own, 8 * MIB).unwrap();

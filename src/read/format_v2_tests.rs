@@ -63,6 +63,7 @@ fn setup() -> Setup {
         cache: Arc::new(PageCache::new(8 << 20)),
         s3ec: Arc::new(S3ecReads::new(Default::default())),
         fetches: Arc::default(),
+        disk: None,
     };
     let (cipher, header) = ObjectCipher::create_version(FORMAT_VERSION_2, &keys, AeadBackend::default());
     let a_plain = pattern(4 * 65536 + 777, 0);

@@ -42,7 +42,9 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::OnceCell;
 
 use crate::cache::page::PageBuf;
+use crate::cache::disk::DiskCache;
 use crate::cache::{ObjectId, PageCache};
+use crate::crypto::diskcache::EntryId;
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
 use crate::object::{Codec, ObjectCodec, StoredFormat};
@@ -103,6 +105,8 @@ pub struct ReadContext {
     pub cache: Arc<PageCache>,
     pub s3ec: Arc<S3ecReads>,
     pub fetches: Arc<Fetches>,
+    /// The disk cache, when the mount has one.
+    pub disk: Option<Arc<DiskCache>>,
 }
 
 pub struct Reader {
@@ -123,6 +127,7 @@ pub struct Reader {
     moved: std::sync::atomic::AtomicBool,
     state: Mutex<ReadState>,
     fetches: Arc<Fetches>,
+    disk: Option<Arc<DiskCache>>,
     /// Set once this reader started fetching the whole object.
     whole: AtomicBool,
 }
@@ -146,6 +151,7 @@ impl Reader {
             StoredFormat::S3ec { .. } => crate::crypto::s3ec::plain_size(stored_size).ok(),
         }
         .ok_or_else(|| Error::NotOurFormat { key: key.clone(), size: stored_size })?;
+        let etag_is_empty = etag.is_empty();
         Ok(Arc::new(Reader {
             backend: context.backend.clone(),
             codec: context.codec.clone(),
@@ -162,6 +168,8 @@ impl Reader {
             moved: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0, seeks: 0 }),
             fetches: context.fetches.clone(),
+            // A version without an ETag has no identity that outlives this mount.
+            disk: context.disk.clone().filter(|_| !etag_is_empty),
             whole: AtomicBool::new(false),
         }))
     }
@@ -458,10 +466,83 @@ impl Reader {
             .cloned()
     }
 
-    /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
+    /// Plaintext length of page `index`.
+    fn page_len(&self, index: u64) -> usize {
+        (self.plain_size - index * CHUNK_PLAIN_LEN).min(CHUNK_PLAIN_LEN) as usize
+    }
+
+    /// Chunks `run`: from the disk cache where it has them, the rest from the store ([`Reader::fetch_store`], which
+    /// then keeps them in the disk cache too). Fills the page cache.
     async fn fetch(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
+        let Some(disk) = self.disk.clone() else { return self.fetch_store(run).await };
+        let id = self.object_id();
+        let lens: Vec<usize> = run.clone().map(|i| self.page_len(i)).collect();
+        let n = lens.len();
+        let (key, etag, first) = (id.key.clone(), id.etag.clone(), run.start);
+        let found = tokio::task::spawn_blocking(move || {
+            let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
+            let found: Vec<Option<Bytes>> = lens
+                .iter()
+                .enumerate()
+                .map(|(j, &len)| {
+                    plain.clear();
+                    let entry = EntryId { key: &key, etag: &etag, index: first + j as u64 };
+                    disk.get(&entry, len, &mut plain).then(|| PageBuf::copy_of(&plain).freeze())
+                })
+                .collect();
+            zeroize::Zeroize::zeroize(&mut plain);
+            found
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; n]);
+        let hits = found.iter().filter(|p| p.is_some()).count() as u64;
+        crate::metrics::disk_cache_lookups(hits, n as u64 - hits);
+        let mut pages = Vec::with_capacity(n);
+        let mut missing: Option<Range<u64>> = None;
+        for (j, page) in found.into_iter().enumerate() {
+            let index = run.start + j as u64;
+            match page {
+                Some(page) => {
+                    if let Some(m) = missing.take() {
+                        pages.extend(self.fetch_store(m).await?);
+                    }
+                    self.cache.put(&id, index, page.clone());
+                    pages.push(page);
+                }
+                None => match &mut missing {
+                    Some(m) => m.end = index + 1,
+                    None => missing = Some(index..index + 1),
+                },
+            }
+        }
+        if let Some(m) = missing {
+            pages.extend(self.fetch_store(m).await?);
+        }
+        Ok(pages)
+    }
+
+    /// Writes pages fetched from the store to the disk cache, in the background and only within the memory budget
+    /// (a page that finds no room there is not cached).
+    fn keep_on_disk(&self, id: &ObjectId, first: u64, pages: &[Bytes]) {
+        let Some(disk) = self.disk.clone() else { return };
+        let bytes: u64 = pages.iter().map(|p| p.len() as u64).sum();
+        let Some(memory) = self.cache.memory().try_reserve(bytes + CHUNK_PLAIN_LEN) else { return };
+        let (id, pages) = (id.clone(), pages.to_vec());
+        tokio::task::spawn_blocking(move || {
+            for (j, page) in pages.iter().enumerate() {
+                disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page);
+            }
+            drop(memory);
+        });
+    }
+
+    /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
+    async fn fetch_store(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
         if self.format.is_s3ec() {
-            return self.s3ec_fetch(run).await;
+            let first = run.start;
+            let pages = self.s3ec_fetch(run).await?;
+            self.keep_on_disk(&self.object_id(), first, &pages);
+            return Ok(pages);
         }
         let key = self.key();
         let first = self.codec.chunk_range(run.start, self.plain_size);
@@ -490,6 +571,7 @@ impl Reader {
         let mut pages = Vec::with_capacity((run.end - run.start) as usize);
         // One decryption buffer for the run; each page is a copy of it in a mapping of its own (see cache::page).
         let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
+        let first_index = run.start;
         for index in run {
             let r = self.codec.chunk_range(index, self.plain_size);
             let stored = &bytes[(r.start - start) as usize..(r.end - start) as usize];
@@ -501,6 +583,8 @@ impl Reader {
             self.cache.put(&id, index, page.clone());
             pages.push(page);
         }
+        zeroize::Zeroize::zeroize(&mut plain);
+        self.keep_on_disk(&id, first_index, &pages);
         Ok(pages)
     }
 }

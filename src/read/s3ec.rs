@@ -542,6 +542,7 @@ mod tests {
             cache: Arc::new(PageCache::new(cache)),
             s3ec: Arc::new(S3ecReads::new(options)),
             fetches: Arc::default(),
+            disk: None,
         }
     }
 

@@ -523,7 +523,6 @@ pub fn free_metrics_addr() -> String {
     format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
 }
 
-/// The body of `GET http://addr/metrics`.
 /// Polls `done` every 50 ms until it holds or `limit` has passed; whether it held. For what a mount does in the
 /// background (uploads, index writes), observed through its metrics or the store.
 pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -539,6 +538,7 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The body of `GET http://addr/metrics`.
 pub fn scrape(addr: &str) -> String {
     let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
     assert!(out.status.success(), "GET http://{addr}/metrics failed: {}", String::from_utf8_lossy(&out.stderr));

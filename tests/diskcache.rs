@@ -1,0 +1,255 @@
+//! The disk cache (`cache_dir`, issue 14) through a real mount, on the local store and on S3: a warm re-read after a
+//! remount costs no GET (counted through the metrics endpoint), a changed object is not served from its old pages,
+//! the limit holds after every file, damaged entries are fetched again (never EIO, never wrong bytes), no plaintext
+//! rests in the cache, and a second mount of the store with the same cache_dir is refused.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+
+const MARKER: &[u8] = b"DISK-CACHE-PLAINTEXT-MARKER";
+
+fn gets(addr: &str) -> f64 {
+    let text = scrape(addr);
+    ["get", "get_range"]
+        .iter()
+        .map(|k| series_value(&text, &format!("s3cryptfs_store_requests_total{{kind=\"{k}\",outcome=\"ok\"}}")))
+        .sum()
+}
+
+fn cached_mount(env: &Env, store: &Store, mode: &str, cache: &Path, extra: &[&str]) -> (Mount, String) {
+    let addr = free_metrics_addr();
+    let mut opts = vec![format!("cache_dir={}", cache.display()), format!("metrics_addr={addr}")];
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    (Mount::start_with(env, store, mode, &opts), addr)
+}
+
+/// Entry files of the cache (every store's), and the bytes they take on disk as du counts them.
+fn entries(cache: &Path) -> (Vec<std::path::PathBuf>, u64) {
+    let files: Vec<_> = walkdir(cache)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.len() == 64))
+        .collect();
+    let bytes = walkdir(cache)
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    (files, bytes)
+}
+
+fn marked(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = pattern(len, seed);
+    for at in (0..len.saturating_sub(MARKER.len())).step_by(4096) {
+        data[at..at + MARKER.len()].copy_from_slice(MARKER);
+    }
+    data
+}
+
+fn warm_reread_costs_no_get(store: &Store, mode: &str) {
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let plain = marked(20 << 20, 1);
+    {
+        let m = Mount::start(&env, store, mode);
+        std::fs::write(m.path("big"), &plain).unwrap();
+    }
+    {
+        let (m, addr) = cached_mount(&env, store, mode, &cache, &[]);
+        assert_bytes(std::fs::read(m.path("big")).unwrap(), &plain, "cold read");
+        assert!(gets(&addr) > 0.0, "a cold read made no GET");
+        // The pages reach the disk in the background.
+        assert!(
+            wait_until(std::time::Duration::from_secs(20), || metric(&addr, "s3cryptfs_disk_cache_written_bytes_total")
+                >= plain.len() as f64),
+            "the pages were not all written to the disk cache"
+        );
+    }
+    let (m, addr) = cached_mount(&env, store, mode, &cache, &[]);
+    std::fs::metadata(m.path("big")).unwrap();
+    let before = gets(&addr);
+    assert_bytes(std::fs::read(m.path("big")).unwrap(), &plain, "warm read after a remount");
+    assert_eq!(gets(&addr) - before, 0.0, "a warm re-read after a remount made GET requests");
+    assert_eq!(metric(&addr, "s3cryptfs_disk_cache_hits_total"), 320.0, "20 MiB is 320 pages, all from the disk");
+    let (files, _) = entries(&cache);
+    assert_eq!(files.len(), 320);
+    for f in walkdir(&cache).into_iter().filter(|p| p.is_file()) {
+        assert!(!contains(&std::fs::read(&f).unwrap(), MARKER), "plaintext in the disk cache: {}", f.display());
+    }
+    let mode_of = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode_of(&cache), 0o700);
+    assert!(files.iter().all(|f| mode_of(f) == 0o600), "an entry readable by others");
+}
+
+#[test]
+fn warm_reread_after_remount_makes_no_get_local_cse_c() {
+    let env = Env::new();
+    warm_reread_costs_no_get(&Store::local(env.path()), "cse-c");
+}
+
+#[test]
+fn warm_reread_after_remount_makes_no_get_local_none() {
+    let env = Env::new();
+    warm_reread_costs_no_get(&Store::local(env.path()), "none");
+}
+
+#[test]
+fn warm_reread_after_remount_makes_no_get_s3_cse_c() {
+    warm_reread_costs_no_get(&Store::s3(), "cse-c");
+}
+
+#[test]
+fn warm_reread_after_remount_makes_no_get_s3_none() {
+    warm_reread_costs_no_get(&Store::s3(), "none");
+}
+
+/// Another mount rewrites the file while the cache holds the old version's pages: the next read gets the new bytes.
+fn changed_objects_are_not_served_stale(store: &Store) {
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let old = pattern(3 << 20, 1);
+    let new = pattern(3 << 20, 2);
+    {
+        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+        std::fs::write(m.path("f"), &old).unwrap();
+        assert_bytes(std::fs::read(m.path("f")).unwrap(), &old, "first read");
+        assert!(wait_until(std::time::Duration::from_secs(10), || {
+            metric(&addr, "s3cryptfs_disk_cache_written_bytes_total") >= old.len() as f64
+        }));
+    }
+    let (_, used) = entries(&cache);
+    {
+        let other = Mount::start(&env, store, "cse-c");
+        std::fs::write(other.path("f"), &new).unwrap();
+    }
+    let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+    assert_bytes(std::fs::read(m.path("f")).unwrap(), &new, "read after another mount rewrote the file");
+    assert!(gets(&addr) > 0.0);
+    // While mounted: the other mount rewrites it again, and after the attribute timeout this one reads the new bytes.
+    let newer = pattern(3 << 20, 3);
+    {
+        let other = Mount::start(&env, store, "cse-c");
+        std::fs::write(other.path("f"), &newer).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_bytes(std::fs::read(m.path("f")).unwrap(), &newer, "read of a file rewritten while mounted");
+    assert!(used > 0);
+}
+
+#[test]
+fn changed_objects_are_not_served_stale_local() {
+    let env = Env::new();
+    changed_objects_are_not_served_stale(&Store::local(env.path()));
+}
+
+#[test]
+fn changed_objects_are_not_served_stale_s3() {
+    changed_objects_are_not_served_stale(&Store::s3());
+}
+
+/// Files of three times the limit, each read once: the cache never takes more than its limit on disk.
+fn limit_holds(store: &Store) {
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let limit = 4u64 << 20;
+    let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &["cache_disk_size=4M"]);
+    let file = pattern(1 << 20, 9);
+    for i in 0..12 {
+        let name = format!("f{i}");
+        std::fs::write(m.path(&name), &file).unwrap();
+        assert_bytes(std::fs::read(m.path(&name)).unwrap(), &file, &name);
+        // Cumulative: every file's 16 pages are written once, evictions do not subtract.
+        let want = (i as f64 + 1.0) * (1 << 20) as f64;
+        // Wait for the background writes of this file's pages, then look at the disk.
+        assert!(wait_until(std::time::Duration::from_secs(10), || {
+            metric(&addr, "s3cryptfs_disk_cache_written_bytes_total") >= want
+        }));
+        let (_, bytes) = entries(&cache);
+        // The header and the lock file add a block each.
+        assert!(bytes <= limit + 2 * 4096, "{bytes} bytes on disk after {name} (limit {limit})");
+    }
+    let (_, bytes) = entries(&cache);
+    assert!(bytes > limit / 2, "the cache holds only {bytes} bytes after 12 MiB went through it");
+    assert!(metric(&addr, "s3cryptfs_disk_cache_evictions_total") > 0.0);
+    assert!(metric(&addr, "s3cryptfs_disk_cache_bytes") <= limit as f64);
+}
+
+#[test]
+fn limit_holds_local() {
+    let env = Env::new();
+    limit_holds(&Store::local(env.path()));
+}
+
+#[test]
+fn limit_holds_s3() {
+    limit_holds(&Store::s3());
+}
+
+/// Entries edited, truncated or swapped while unmounted: the read returns the right bytes, fetched from the store.
+fn damaged_entries_are_refetched(store: &Store) {
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let plain = pattern(4 << 20, 5);
+    {
+        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+        std::fs::write(m.path("f"), &plain).unwrap();
+        std::fs::read(m.path("f")).unwrap();
+        assert!(wait_until(std::time::Duration::from_secs(10), || {
+            metric(&addr, "s3cryptfs_disk_cache_written_bytes_total") >= plain.len() as f64
+        }));
+    }
+    let (mut files, _) = entries(&cache);
+    files.sort();
+    assert_eq!(files.len(), 64);
+    for (i, f) in files.iter().enumerate() {
+        let mut bytes = std::fs::read(f).unwrap();
+        match i % 4 {
+            0 => bytes[200] ^= 0x40,
+            1 => bytes.truncate(bytes.len() / 2),
+            2 => bytes = std::fs::read(&files[(i + 1) % files.len()]).unwrap(),
+            _ => continue,
+        }
+        std::fs::write(f, &bytes).unwrap();
+    }
+    let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+    assert_bytes(std::fs::read(m.path("f")).unwrap(), &plain, "read over damaged cache entries");
+    assert_eq!(metric(&addr, "s3cryptfs_disk_cache_dropped_total"), 48.0);
+    assert_eq!(metric(&addr, "s3cryptfs_disk_cache_hits_total"), 16.0);
+    assert!(gets(&addr) > 0.0);
+    assert!(m.log_text().contains("disk cache entry is damaged"), "{}", m.log_text());
+}
+
+#[test]
+fn damaged_entries_are_refetched_local() {
+    let env = Env::new();
+    damaged_entries_are_refetched(&Store::local(env.path()));
+}
+
+#[test]
+fn damaged_entries_are_refetched_s3() {
+    damaged_entries_are_refetched(&Store::s3());
+}
+
+#[test]
+fn a_second_mount_with_the_same_cache_dir_is_refused_and_a_cache_dir_others_may_write_too() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let cache = env.path().join("cache");
+    let (first, _) = cached_mount(&env, &store, "cse-c", &cache, &[]);
+    let opt = format!("cache_dir={}", cache.display());
+    let e = Mount::try_start(&env, &store, "cse-c", &[&opt]).err().expect("a second mount on the same cache_dir");
+    assert!(e.contains("in use by another mount"), "{e}");
+    std::fs::write(first.path("f"), b"still works").unwrap();
+    drop(first);
+    let open = env.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let opt = format!("cache_dir={}", open.display());
+    let e = Mount::try_start(&env, &store, "cse-c", &[&opt]).err().expect("a world-writable cache_dir");
+    assert!(e.contains("cache_dir") && e.contains("writable by group or others"), "{e}");
+}
