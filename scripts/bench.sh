@@ -66,6 +66,10 @@
 # back cold by the official client's get_object and by `cat` through a fresh cse-kms mount. The official client
 # must read what the mount wrote, and the mount what the client wrote, byte for byte.
 #
+# The disk cache (issue 14): per mode, a cold read with an empty -o cache_dir (disk_cold), then a read after a
+# remount served from it (disk_warm); gocryptfs on the same local disk (Debian package gocryptfs), when installed,
+# is the local reference for disk_warm. BENCH_DISK=0 skips it.
+#
 # Other knobs: BENCH_RAW=0 skips the raw client; BENCH_TIMEOUT (default 1800) bounds each workload in seconds; a
 # workload that fails or times out shows as "fail" in the table and the run goes on.
 set -euo pipefail
@@ -185,6 +189,7 @@ s3cryptfs_opts() {
     *) opts="$opts,endpoint=$EP" ;;
   esac
   if [ -n "$EXTRA_OPTS" ]; then opts="$opts,$EXTRA_OPTS"; fi
+  if [ -n "${FS_MORE:-}" ]; then opts="$opts,$FS_MORE"; fi   # per workload (the disk cache's)
   echo "$opts"
 }
 
@@ -293,6 +298,8 @@ record() {
   shift 3
   if out=$(timeout "$TIMEOUT" "$@" 2>"$WORK/bench.err"); then
     while read -r name secs bytes; do
+      # RENAME: record a sequential read under another workload's name (the disk cache's).
+      if [ -n "${RENAME:-}" ] && [ "$name" = seq_read ]; then name=$RENAME; fi
       if [ "$name" = peak_rss ]; then
         R[$sys,$name,$run]=$(awk -v b="$bytes" 'BEGIN{printf "%.1f", b/1048576}')
       elif [ -n "$name" ]; then
@@ -349,7 +356,7 @@ fs_workload() {
   shift 4
   fs_mount "$sys" "$b"
   record "$sys" "$run" "$names" "$BENCH" fs "$MNT" "$@"
-  if [ "$1" = read ]; then
+  if [ "$1" = read ] && [ -z "${RENAME:-}" ]; then
     # Peak RSS of the daemon since the mount: the sequential read is all it did.
     kb=$(awk '/^VmHWM:/{print $2}' "/proc/$DAEMON/status" 2>/dev/null || echo "")
     if [ -n "$kb" ]; then R[$sys,peak_rss,$run]=$(awk -v k="$kb" 'BEGIN{printf "%.1f", k/1024}'); fi
@@ -387,6 +394,43 @@ for run in $(seq "$RUNS"); do
     if [ "$sys" = raw ]; then run_raw "$run"; else run_fs "$sys" "$run"; fi
   done
 done
+
+# The disk cache (-o cache_dir): for each mode, the file read cold through a mount with an empty cache_dir (which
+# fills it), then read again after a remount (served by the cache); gocryptfs on the same local disk, written then
+# read after a remount, is the local reference. Nothing drops the system's page cache in between, for either.
+run_disk() {
+  local run=$1 mode b g=$WORK/gocryptfs
+  for mode in "${MODES[@]}"; do
+    echo "bench: run $run/$RUNS: disk cache, $mode" >&2
+    b=$(new_bucket)
+    fs_workload "$mode" "$run" "$b" seq_write write "$MIB"
+    rm -rf "$WORK/dcache"
+    export FS_MORE="cache_dir=$WORK/dcache,cache_disk_size=$((MIB * 2 + 64))M"
+    RENAME=disk_cold fs_workload "$mode" "$run" "$b" disk_cold read "$MIB"
+    RENAME=disk_warm fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
+    unset FS_MORE
+    rm -rf "$WORK/dcache"
+    drop_bucket "$b"
+  done
+  if command -v gocryptfs >/dev/null; then
+    echo "bench: run $run/$RUNS: gocryptfs on local disk" >&2
+    rm -rf "$g"
+    mkdir -p "$g/cipher" "$g/plain"
+    head -c 32 /dev/urandom | base64 > "$g/pass"
+    gocryptfs -q -init -passfile "$g/pass" "$g/cipher" >/dev/null 2>&1
+    gocryptfs -q -passfile "$g/pass" "$g/cipher" "$g/plain" 2>/dev/null
+    "$BENCH" fs "$g/plain" write "$MIB" >/dev/null
+    fusermount3 -u "$g/plain"
+    gocryptfs -q -passfile "$g/pass" "$g/cipher" "$g/plain" 2>/dev/null
+    RENAME=disk_warm record gocryptfs "$run" disk_warm "$BENCH" fs "$g/plain" read "$MIB"
+    fusermount3 -u "$g/plain"
+    rm -rf "$g"
+  fi
+}
+DISK=${BENCH_DISK:-1}
+if [ "$DISK" = 1 ] && [ "${#MODES[@]}" -gt 0 ]; then
+  for run in $(seq "$RUNS"); do run_disk "$run"; done
+fi
 
 seconds() {
   local t0 t1
@@ -550,6 +594,19 @@ print_table() {
   fi
 }
 if [ "${#SYSTEMS[@]}" -gt 0 ]; then print_table; fi
+if [ "$DISK" = 1 ] && [ "${#MODES[@]}" -gt 0 ]; then
+  echo
+  echo "Disk cache (-o cache_dir), $MIB MiB read sequentially, medians of $RUNS run(s), MiB/s:"
+  gw=$(figure seq_read "$(median gocryptfs disk_warm)")
+  for mode in "${MODES[@]}"; do
+    cold=$(figure seq_read "$(median "$mode" disk_cold)")
+    warm=$(figure seq_read "$(median "$mode" disk_warm)")
+    printf '  %-8s cold (empty cache) %8s   warm after a remount %8s' "$mode" "$(show "$cold" MiB/s)" "$(show "$warm" MiB/s)"
+    if [ -n "$gw" ] && [ "$gw" != fail ]; then printf '   (%s x gocryptfs)' "$(ratio "$warm" "$gw" MiB/s)"; fi
+    echo
+  done
+  if [ -n "$gw" ]; then printf '  gocryptfs on the same local disk, read after a remount: %s\n' "$(show "$gw" MiB/s)"; fi
+fi
 if [ "$S3EC" = 1 ]; then
   echo
   echo "S3 Encryption Client V3 object of $MIB MiB (kms+context), best of 3; a ratio above 1 means slower:"

@@ -33,6 +33,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -329,29 +330,62 @@ impl DiskCache {
 
     /// Page `id` if the cache has it, exactly `len` bytes, appended to `out`. Blocking file I/O.
     pub fn get(&self, id: &EntryId, len: usize, out: &mut Vec<u8>) -> bool {
-        let name = self.keys.entry_name(id);
-        if lock(&self.state).lru.get(&name).is_none() {
-            return false;
-        }
-        let file = match self.dir.open_file(&name, false) {
-            Ok(Some(f)) => f,
-            // Being written, or the directory is gone.
-            Ok(None) => return false,
-            Err(e) => {
-                self.drop_entry(&name, &e.to_string());
-                return false;
-            }
+        let mut found = false;
+        self.get_many(&[(*id, len)], |_, page| {
+            out.extend_from_slice(page);
+            found = true;
+        });
+        found
+    }
+
+    /// Calls `hit(i, page)` for each page `pages[i]` (identity, length) the cache has. Blocking file I/O: every
+    /// entry is opened and its read asked for ahead (`POSIX_FADV_WILLNEED`) before the first is read, so a run of
+    /// pages no longer in the system's page cache is read from the disk in parallel, not one after the other.
+    pub fn get_many(&self, pages: &[(EntryId, usize)], mut hit: impl FnMut(usize, &[u8])) {
+        let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
+        let known: Vec<bool> = {
+            let mut st = lock(&self.state);
+            names.iter().map(|n| st.lru.get(n).is_some()).collect()
         };
-        let mut stored = Vec::with_capacity(len + ENTRY_OVERHEAD);
-        if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
-            self.drop_entry(&name, &e.to_string());
-            return false;
+        let files: Vec<Option<File>> = names
+            .iter()
+            .zip(known)
+            .map(|(name, known)| {
+                if !known {
+                    return None;
+                }
+                match self.dir.open_file(name, false) {
+                    Ok(Some(f)) => {
+                        // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
+                        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+                        Some(f)
+                    }
+                    // Being written, or the directory is gone.
+                    Ok(None) => None,
+                    Err(e) => {
+                        self.drop_entry(name, &e.to_string());
+                        None
+                    }
+                }
+            })
+            .collect();
+        let mut stored = Vec::new();
+        let mut plain = Zeroizing::new(Vec::new());
+        for (i, file) in files.into_iter().enumerate() {
+            let Some(file) = file else { continue };
+            let (id, len) = &pages[i];
+            stored.clear();
+            if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
+                self.drop_entry(&names[i], &e.to_string());
+                continue;
+            }
+            plain.clear();
+            if self.keys.open(id, *len, &stored, &mut plain).is_err() {
+                self.drop_entry(&names[i], "it does not authenticate as this page");
+                continue;
+            }
+            hit(i, &plain);
         }
-        if self.keys.open(id, len, &stored, out).is_err() {
-            self.drop_entry(&name, "it does not authenticate as this page");
-            return false;
-        }
-        true
     }
 
     fn drop_entry(&self, name: &str, why: &str) {
@@ -632,6 +666,49 @@ mod tests {
         let e = open(&base, ROOT, 1 << 20).await.err().expect("a world-writable cache_dir");
         assert!(e.to_string().contains("cache_dir") && e.to_string().contains("chmod go-w"), "{e}");
         assert!(!e.to_string().contains("staging_dir"), "{e}");
+    }
+
+    /// The filesystem under the cache runs low (someone else filled it): entries go so that 5 % of it stays free,
+    /// whatever the cache's own limit.
+    #[tokio::test]
+    async fn a_disk_running_low_makes_the_cache_give_room() {
+        // A small filesystem of the test's own: a 40 MiB tmpfs (mounting it needs root, as the FUSE tests do).
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = tmp.path().join("fs");
+        std::fs::create_dir(&fs).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs"])
+            .arg(&fs)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs for the test (needs root)");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(fs.clone());
+        let (_, total) = space(&fs).unwrap();
+        let reserve = total / 20;
+        // Others fill 30 of the 40 MiB.
+        std::fs::write(fs.join("ballast"), vec![1u8; 30 << 20]).unwrap();
+        let c = open(&fs.join("c"), ROOT, 1 << 30).await.unwrap();
+        for i in 0..200 {
+            c.put(&id("f", i), &page(0));
+            let (free, _) = space(&fs).unwrap();
+            assert!(free >= reserve, "{free} bytes free after entry {i}, under the reserve of {reserve}");
+        }
+        let stats = c.stats();
+        assert!(stats.evicted > 0 && stats.used < 10 << 20, "{stats:?}");
+        assert!(stats.used > 4 << 20, "the cache gave up more than it had to: {stats:?}");
+        assert!(get(&c, &id("f", 199)).is_some(), "the newest page is gone");
+        // Room comes back: the cache grows again.
+        std::fs::remove_file(fs.join("ballast")).unwrap();
+        for i in 200..500 {
+            c.put(&id("f", i), &page(0));
+        }
+        assert!(c.stats().used > 20 << 20, "{:?}", c.stats());
     }
 
     #[tokio::test]

@@ -480,17 +480,13 @@ impl Reader {
         let n = lens.len();
         let (key, etag, first) = (id.key.clone(), id.etag.clone(), run.start);
         let found = tokio::task::spawn_blocking(move || {
-            let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
-            let found: Vec<Option<Bytes>> = lens
+            let ids: Vec<(EntryId, usize)> = lens
                 .iter()
                 .enumerate()
-                .map(|(j, &len)| {
-                    plain.clear();
-                    let entry = EntryId { key: &key, etag: &etag, index: first + j as u64 };
-                    disk.get(&entry, len, &mut plain).then(|| PageBuf::copy_of(&plain).freeze())
-                })
+                .map(|(j, &len)| (EntryId { key: &key, etag: &etag, index: first + j as u64 }, len))
                 .collect();
-            zeroize::Zeroize::zeroize(&mut plain);
+            let mut found: Vec<Option<Bytes>> = vec![None; ids.len()];
+            disk.get_many(&ids, |j, page| found[j] = Some(PageBuf::copy_of(page).freeze()));
             found
         })
         .await
