@@ -455,6 +455,26 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 }
 
 /// The write journal's base directory: `staging_dir=`, else private and surviving a reboot (see `journal`).
+/// `path` with its existing part resolved (symlinks, `..`) and the missing rest appended as given.
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let mut base = path.to_path_buf();
+    let mut rest = Vec::new();
+    while std::fs::symlink_metadata(&base).is_err() {
+        match (base.file_name().map(|n| n.to_os_string()), base.parent()) {
+            (Some(n), Some(p)) => {
+                rest.push(n);
+                base = p.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(&base).unwrap_or(base);
+    for n in rest.iter().rev() {
+        out.push(n);
+    }
+    out
+}
+
 fn journal_base(config: &MountConfig) -> PathBuf {
     config.staging_dir.clone().unwrap_or_else(crate::journal::default_base)
 }
@@ -724,6 +744,19 @@ fn serve(
                     Err(e) => bail!("cache_dir: the write journal's local key: {e}"),
                 },
             };
+            // In a local store's directory the entries would show as files of the mount.
+            if let Some(root) = config.store_url.strip_prefix("file://") {
+                if let Ok(root) = std::fs::canonicalize(root) {
+                    if resolved(dir).starts_with(&root) {
+                        bail!(
+                            "cache_dir {} is inside the store's directory {}: its entries would show as files in the \
+                             mount; choose a directory outside it",
+                            dir.display(),
+                            root.display()
+                        );
+                    }
+                }
+            }
             let cache = rt.block_on(DiskCache::open(dir, &config.store_url, keying, config.cache.disk_bytes, aead))?;
             let stats = cache.stats();
             let (dir, limit) = (cache.path().display(), cache.limit());
@@ -878,7 +911,19 @@ fn serve(
     let mut wait_for_loop = true;
     if signalled {
         tracing::info!("signal received: flushing and unmounting");
-        if let Err(e) = unmounter.unmount() {
+        let mut unmounted = unmounter.unmount();
+        // A process that has just closed its files may still have their RELEASE on its way here (the kernel sends
+        // it after close() returned): a moment for those before the mount counts as busy.
+        for _ in 0..10 {
+            match &unmounted {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    unmounted = unmounter.unmount();
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = unmounted {
             tracing::warn!(error = %e, "unmount refused (files still open); flushing, then detaching the mount lazily");
             let _ = rt.block_on(fs.flush_all());
             lazy_unmount(&config.mountpoint);

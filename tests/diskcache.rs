@@ -262,4 +262,9 @@ fn a_second_mount_with_the_same_cache_dir_is_refused_and_a_cache_dir_others_may_
     let opt = format!("cache_dir={}", open.display());
     let e = Mount::try_start(&env, &store, "cse-c", &[&opt]).err().expect("a world-writable cache_dir");
     assert!(e.contains("cache_dir") && e.contains("writable by group or others"), "{e}");
+    // Inside the local store's directory its entries would show as files of the mount.
+    let Store::Local { dir } = &store else { unreachable!() };
+    let opt = format!("cache_dir={}", dir.join("cache").display());
+    let e = Mount::try_start(&env, &store, "cse-c", &[&opt]).err().expect("a cache_dir inside the store");
+    assert!(e.contains("inside the store's directory"), "{e}");
 }
