@@ -2638,7 +2638,14 @@ impl Fs {
         lock(&self.openers).remove(&fh);
         let Some(handle) = lock(&self.handles).remove(&fh) else { return Err(Error::BadHandle) };
         let Handle::File { ino, writable, .. } = handle else { return Ok(()) };
-        let result = if writable { self.flush_node(ino).await } else { Ok(()) };
+        // The kernel sends RELEASE after close() returned, so it can arrive after the same file was opened for
+        // writing again: while another handle still writes it, that handle's close, fsync or release uploads, and
+        // this late release must not publish what it is in the middle of writing (nor make its fsync find the file
+        // clean and miss a conflict with another mount). Its own close (FLUSH) already uploaded what it wrote.
+        let other_writer = lock(&self.handles)
+            .values()
+            .any(|h| matches!(h, Handle::File { ino: i, writable: true, .. } if *i == ino));
+        let result = if writable && !other_writer { self.flush_node(ino).await } else { Ok(()) };
         let last = {
             let mut table = lock(&self.table);
             match table.get_mut(ino) {

@@ -564,6 +564,38 @@ async fn a_create_in_a_listed_directory_sends_nothing_before_its_put() {
     assert_eq!(store.take_log(), ["put"]);
 }
 
+/// The RELEASE of a closed handle arrives late (the kernel sends it after close() returned, and the tasks answering
+/// FUSE requests finish in any order), after the file was opened with O_TRUNC and written again: the late release
+/// must not upload the second writer's unfinished file, and that writer's fsync must still see a version another
+/// mount stored meanwhile as a conflict (EIO, its data saved beside), not find its file already clean. (Seen once in
+/// CI as tests/journal.rs `a_close_does_not_overwrite_what_another_mount_wrote_meanwhile` failing under load.)
+#[tokio::test]
+async fn a_late_release_does_not_upload_another_handles_unfinished_write() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let key = ObjectKey::new("f").unwrap();
+    let (attr, fh1) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh1, 0, b"version 1").await.unwrap();
+    fs.flush(fh1).await.unwrap(); // close(): uploaded; its RELEASE is still on its way
+    let fh2 = fs.open(attr.ino, OpenMode::from_flags(libc::O_WRONLY | libc::O_TRUNC)).await.unwrap();
+    fs.write(fh2, 0, b"A's rewrite").await.unwrap();
+    fs.release(fh1).await.unwrap(); // the late RELEASE
+    let (body, _, _) = store.inner.get(&key).await.unwrap();
+    assert_eq!(&body[..], b"version 1", "a late release uploaded another handle's unfinished write");
+
+    store.inner.put(&key, Bytes::from_static(b"B's version"), &UserMeta::default()).await.unwrap();
+    let err = fs.fsync(fh2).await.expect_err("the fsync overwrote or ignored another mount's version");
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    let (body, _, _) = store.inner.get(&key).await.unwrap();
+    assert_eq!(&body[..], b"B's version");
+    let names: Vec<String> = store.inner.list("", false).await.unwrap().objects.into_iter()
+        .map(|o| o.key.as_str().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("f.s3cryptfs-conflict-")), "no conflict copy: {names:?}");
+    fs.release(fh2).await.ok();
+}
+
 /// Issue 13: names known absent are trusted for attr_ttl, as names known present are; a creator elsewhere within that
 /// time makes the conditional upload fail (EIO, this mount's data saved beside it), never overwritten. After attr_ttl
 /// the store is asked again, with a listing when the directory is busy.
