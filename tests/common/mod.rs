@@ -326,7 +326,18 @@ impl Mount {
 
     fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+        let mut out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+        // Files the test has just closed keep the mount busy until the daemon has answered their RELEASE, which
+        // the kernel sends after close() returned: a moment for those before asking the daemon to detach.
+        for _ in 0..20 {
+            match &out {
+                Ok(o) if !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("busy") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    out = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+                }
+                _ => break,
+            }
+        }
         let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
         if !ok {
             if let Ok(o) = &out {
