@@ -75,7 +75,9 @@ fn warm_reread_costs_no_get(store: &Store, mode: &str, extra: &[&str]) {
     let before = gets(&addr);
     assert_bytes(std::fs::read(m.path("big")).unwrap(), &plain, "warm read after a remount");
     assert_eq!(gets(&addr) - before, 0.0, "a warm re-read after a remount made GET requests");
-    assert_eq!(metric(&addr, "s3cryptfs_disk_cache_hits_total"), 320.0, "20 MiB is 320 pages, all from the disk");
+    // 20 MiB is 320 pages, every one from the disk (a page a read and the read-ahead both wanted may be read twice).
+    assert_eq!(metric(&addr, "s3cryptfs_disk_cache_misses_total"), 0.0, "a page missed the disk cache");
+    assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") >= 320.0, "fewer pages than the file's from the disk");
     let (files, _) = entries(&cache);
     assert_eq!(files.len(), 320);
     for f in walkdir(&cache).into_iter().filter(|p| p.is_file()) {
