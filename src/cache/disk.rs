@@ -453,11 +453,22 @@ impl DiskCache {
     /// Reserves `size` bytes for entry `name`, removing least recently used entries for room within the limit and
     /// on the disk. `false` if there is no room even with the cache empty.
     fn reserve(&self, name: &str, size: u64) -> bool {
+        self.evict_for(size, Some(name))
+    }
+
+    /// Removes entries until the cache is within its limit and the disk has its reserve free (plus `extra`).
+    fn make_room(&self, extra: u64) {
+        self.evict_for(extra, None);
+    }
+
+    /// Evicts least recently used entries until `size` more bytes fit within the limit and the disk's reserve; then,
+    /// if `name` is given, reserves them for it. `false` if they do not fit even with the cache empty.
+    fn evict_for(&self, size: u64, name: Option<&str>) -> bool {
         let low = self.low_space(size);
         let mut victims = Vec::new();
         let fits = {
             let mut st = lock(&self.state);
-            let mut need = (st.used + size).saturating_sub(self.limit).max(low);
+            let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
             while need > 0 {
                 let Some((victim, vsize)) = st.lru.pop_lru() else { break };
                 st.used -= vsize;
@@ -465,7 +476,7 @@ impl DiskCache {
                 need = need.saturating_sub(vsize);
                 victims.push(victim);
             }
-            if need == 0 {
+            if let (0, Some(name)) = (need, name) {
                 st.used += size;
                 st.lru.put(name.to_string(), size);
             }
@@ -475,26 +486,6 @@ impl DiskCache {
             let _ = self.dir.remove(v);
         }
         fits
-    }
-
-    /// Removes entries until the cache is within its limit and the disk has its reserve free (plus `extra`).
-    fn make_room(&self, extra: u64) {
-        let low = self.low_space(extra);
-        let mut victims = Vec::new();
-        {
-            let mut st = lock(&self.state);
-            let mut need = st.used.saturating_sub(self.limit).max(low);
-            while need > 0 {
-                let Some((victim, vsize)) = st.lru.pop_lru() else { break };
-                st.used -= vsize;
-                st.evicted += 1;
-                need = need.saturating_sub(vsize);
-                victims.push(victim);
-            }
-        }
-        for v in &victims {
-            let _ = self.dir.remove(v);
-        }
     }
 
     /// Bytes to free so that the disk keeps its reserve (5 % of it, at most 1 GiB) after `size` more are written.

@@ -25,10 +25,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::journal::hmac;
 use super::aead::{AeadBackend, AeadFailed, AeadKey, NONCE_LEN, TAG_LEN};
 use super::secret::{fill_random, KEY_LEN};
 
@@ -46,18 +45,6 @@ const NAME_DOMAIN: &[u8] = b"s3cryptfs-cache-names-v1";
 const CHECK_DOMAIN: &[u8] = b"s3cryptfs-cache-check-v1";
 const RUN_DOMAIN: &[u8] = b"s3cryptfs-cache-run-v1";
 const ENTRY_DOMAIN: &[u8] = b"s3cryptfs-cache-entry-v1";
-
-type HmacSha256 = Hmac<Sha256>;
-
-fn hmac(key: &[u8], parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("invariant broken: HMAC rejected a key length");
-    for p in parts {
-        mac.update(p);
-    }
-    let mut out = Zeroizing::new([0u8; 32]);
-    out.copy_from_slice(&mac.finalize().into_bytes());
-    out
-}
 
 /// What one entry holds: page `index` of the version `etag` of the object at `key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,7 +50,8 @@ const SLOT_AAD_LEN: usize = SLOT_DOMAIN.len() + FILE_ID_LEN + 8;
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+/// HMAC-SHA256 of the concatenated `parts` (also the disk cache's key derivation, `crypto::diskcache`).
+pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("invariant broken: HMAC rejected a key length");
     for p in parts {
         mac.update(p);
