@@ -341,6 +341,10 @@ pub struct DirIndexes {
     /// One index write at a time (the writer task, unmount, rmdir): an rmdir never races a write that would bring
     /// the directory back.
     writing: tokio::sync::Mutex<()>,
+    /// One batch of due directories at a time ([`Fs::flush_indexes`]): a batch takes its directories off `dirty`
+    /// before writing them, so the unmount's final flush must wait for the writer task's batch in progress, or it would
+    /// find nothing marked, return, and let the runtime's end abandon that batch's writes.
+    flushing: tokio::sync::Mutex<()>,
     /// Directories whose listing found files their index did not vouch for: metadata read for them later (a HEAD per
     /// `stat`) is worth writing down. Cleared once an index covering every listed file is written.
     incomplete: Mutex<HashSet<u64>>,
@@ -360,6 +364,7 @@ impl Default for DirIndexes {
             dirty: Mutex::new(HashMap::new()),
             wake: Arc::new(tokio::sync::Notify::new()),
             writing: tokio::sync::Mutex::new(()),
+            flushing: tokio::sync::Mutex::new(()),
             incomplete: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             written: Mutex::new(HashSet::new()),
@@ -535,6 +540,7 @@ impl Fs {
     /// Writes the indexes that are due (every marked one with `all`: unmount). Failures are logged: an index that
     /// is not written costs HEADs later, nothing else.
     pub async fn flush_indexes(&self, all: bool) {
+        let _batch = self.index.flushing.lock().await;
         for dir in self.index.take_due(all) {
             self.write_index(dir).await;
         }
@@ -960,7 +966,12 @@ mod tests {
         index_puts: std::sync::atomic::AtomicUsize,
         /// When set: before the index write goes out, this mount starts renaming `d` to `e` and is given 200 ms.
         renamer: tokio::sync::Mutex<Option<(Arc<Fs>, RenameSent)>>,
+        /// When set: the next index write says it has been reached, then waits to be let go.
+        gate: tokio::sync::Mutex<Option<Gate>>,
     }
+
+    /// (tell the test the write was reached, wait for the test to let it go)
+    type Gate = (tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>);
 
     /// Where the hook sends the rename it started.
     type RenameSent = tokio::sync::oneshot::Sender<tokio::task::JoinHandle<()>>;
@@ -999,6 +1010,11 @@ mod tests {
                     });
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let _ = tx.send(rename);
+                }
+                let gate = self.gate.lock().await.take();
+                if let Some((reached, go)) = gate {
+                    let _ = reached.send(());
+                    let _ = go.await;
                 }
             }
             self.inner.put_expect(key, body, meta, expect).await
@@ -1064,6 +1080,7 @@ mod tests {
             other: tokio::sync::Mutex::new(None),
             index_puts: std::sync::atomic::AtomicUsize::new(0),
             renamer: tokio::sync::Mutex::new(None),
+            gate: tokio::sync::Mutex::new(None),
         });
         let tmp = tempfile::tempdir().unwrap();
         let a = mount(racing.clone(), &tmp.path().join("a")).await;
@@ -1078,6 +1095,50 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["from-a", "from-b"], "an index write lost the other mount's entry");
         assert!(entries.iter().all(|e| e.mode == libc::S_IFREG | 0o640));
+    }
+
+    /// The unmount's final index flush waits for a batch the writer task has already taken off the marked set: it
+    /// used to find nothing marked and return while that batch's write was in flight, and the end of the runtime then
+    /// abandoned the write (seen as `tests/dirindex.rs` finding ~290 files without an index entry after a remount).
+    #[tokio::test]
+    async fn the_final_flush_waits_for_a_batch_in_progress() {
+        let mem: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let backend = || crate::store::ObjectStoreBackend::new(mem.clone(), "").unwrap();
+        let racing = Arc::new(Racing {
+            inner: backend(),
+            other: tokio::sync::Mutex::new(None),
+            index_puts: std::sync::atomic::AtomicUsize::new(0),
+            renamer: tokio::sync::Mutex::new(None),
+            gate: tokio::sync::Mutex::new(None),
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let a = mount(racing.clone(), &tmp.path().join("a")).await;
+        write_file(&a, "f1").await;
+        a.flush_indexes(true).await;
+        write_file(&a, "f2").await;
+        write_file(&a, "f3").await;
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = tokio::sync::oneshot::channel();
+        *racing.gate.lock().await = Some((reached_tx, go_rx));
+        // The writer task's batch (with everything due), held at its index write.
+        let background = tokio::spawn({
+            let a = a.clone();
+            async move { a.flush_indexes(true).await }
+        });
+        reached.await.expect("the batch never reached its index write");
+        let unmount = tokio::spawn({
+            let a = a.clone();
+            async move { a.flush_indexes(true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!unmount.is_finished(), "the final flush returned while a batch was still being written");
+        go.send(()).unwrap();
+        background.await.unwrap();
+        unmount.await.unwrap();
+        let (body, _, meta) = crate::store::Backend::get(&backend(), &ObjectKey::new(INDEX_NAME).unwrap()).await.unwrap();
+        let entries = decode(&open(&Codec::Plain, INDEX_NAME, &body, &meta).await.unwrap()).unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["f1", "f2", "f3"]);
     }
 
     /// Files the kernel forgot before their directory's index was written (every node, at unmount, before the final
@@ -1169,6 +1230,7 @@ mod tests {
             other: tokio::sync::Mutex::new(None),
             index_puts: std::sync::atomic::AtomicUsize::new(0),
             renamer: tokio::sync::Mutex::new(None),
+            gate: tokio::sync::Mutex::new(None),
         });
         let tmp = tempfile::tempdir().unwrap();
         let a = mount(racing.clone(), &tmp.path().join("a")).await;
