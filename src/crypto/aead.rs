@@ -122,29 +122,49 @@ impl AeadKey {
             .len()
             .checked_sub(TAG_LEN)
             .ok_or(AeadFailed)?;
-        let (ciphertext, tag) = ciphertext_and_tag.split_at(ct_len);
         let start = out.len();
-        out.extend_from_slice(ciphertext);
+        out.extend_from_slice(&ciphertext_and_tag[..ct_len]);
+        let result = self.open_in_place(nonce, aad, &ciphertext_and_tag[ct_len..], &mut out[start..]);
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
+    }
+
+    /// Authenticate `ciphertext || tag` and write the plaintext to `dst`, which must be exactly as long as the
+    /// ciphertext (the caller's buffer: no allocation). On failure `dst` is all zeros.
+    pub fn open_to(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ciphertext_and_tag: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), AeadFailed> {
+        if ciphertext_and_tag.len() != dst.len() + TAG_LEN {
+            dst.fill(0);
+            return Err(AeadFailed);
+        }
+        let (ciphertext, tag) = ciphertext_and_tag.split_at(dst.len());
+        dst.copy_from_slice(ciphertext);
+        self.open_in_place(nonce, aad, tag, dst)
+    }
+
+    /// Decrypts `buf` in place if `tag` authenticates it; otherwise zeroes it.
+    fn open_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], tag: &[u8], buf: &mut [u8]) -> Result<(), AeadFailed> {
         let result = match &self.inner {
             Inner::AwsLc(key) => key
-                .open_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(*nonce),
-                    Aad::from(aad),
-                    tag,
-                    &mut out[start..],
-                )
+                .open_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), tag, buf)
                 .map(|_| ())
                 .map_err(|_| AeadFailed),
-            Inner::RustCrypto(cipher) => {
-                let tag = aes_gcm::aead::Tag::<Aes256Gcm>::try_from(tag).map_err(|_| AeadFailed)?;
-                cipher
-                    .decrypt_inout_detached(&(*nonce).into(), aad, (&mut out[start..]).into(), &tag)
-                    .map_err(|_| AeadFailed)
-            }
+            Inner::RustCrypto(cipher) => match aes_gcm::aead::Tag::<Aes256Gcm>::try_from(tag) {
+                Ok(tag) => cipher
+                    .decrypt_inout_detached(&(*nonce).into(), aad, buf.into(), &tag)
+                    .map_err(|_| AeadFailed),
+                Err(_) => Err(AeadFailed),
+            },
         };
         if result.is_err() {
-            out[start..].fill(0);
-            out.truncate(start);
+            buf.fill(0);
         }
         result
     }

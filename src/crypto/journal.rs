@@ -183,6 +183,22 @@ impl SlotCipher {
         }
         self.key.open(&nonce, &self.aad(index), body, out)
     }
+
+    /// Writes the plaintext of stored slot `index` to `dst`, which must be as long as the slot's plaintext (no
+    /// allocation). A hole reads as zeros; on failure `dst` is all zeros.
+    pub fn open_to(&self, index: u64, stored: &[u8], dst: &mut [u8]) -> Result<(), AeadFailed> {
+        if stored.len() != dst.len() + SLOT_OVERHEAD as usize {
+            dst.fill(0);
+            return Err(AeadFailed);
+        }
+        let (nonce, body) = stored.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AeadFailed)?;
+        if nonce == [0u8; NONCE_LEN] {
+            dst.fill(0);
+            return Ok(());
+        }
+        self.key.open_to(&nonce, &self.aad(index), body, dst)
+    }
 }
 
 /// Stored length of a staged file holding `plain` bytes.
@@ -271,6 +287,15 @@ mod tests {
         let mut s2 = Vec::new();
         c.seal(4, b"hello", &mut s2);
         assert_ne!(s, s2);
+        // Straight into the caller's buffer: the same plaintext, the same refusals.
+        let mut dst = [0u8; 5];
+        c.open_to(4, &s, &mut dst).unwrap();
+        assert_eq!(&dst, b"hello");
+        assert!(c.open_to(5, &s, &mut dst).is_err() && dst == [0; 5], "moved, or not wiped");
+        assert!(c.open_to(4, &s, &mut [0u8; 4]).is_err(), "wrong length");
+        let mut bad = s.clone();
+        bad[20] ^= 1;
+        assert!(c.open_to(4, &bad, &mut dst).is_err());
         // A hole reads as zeros.
         let hole = vec![0u8; 10 + SLOT_OVERHEAD as usize];
         let mut out = Vec::new();
