@@ -170,8 +170,8 @@ pub struct MountConfig {
     /// at about 300 KiB/s, while a frozen server costs a syscall half a minute instead of object_store's retry budget
     /// (three minutes, spent several times over by one syscall).
     pub store_timeout: Duration,
-    /// Where plaintext being written is staged (created 0700). Default: a private directory under $XDG_RUNTIME_DIR or
-    /// /var/tmp.
+    /// The write journal's base (`staging_dir=`; created 0700). Default: `journal::default_base`, /var/lib for root,
+    /// the XDG state directory for users.
     pub staging_dir: Option<PathBuf>,
     pub aead: AeadChoice,
     pub log_level: Option<String>,

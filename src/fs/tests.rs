@@ -415,6 +415,95 @@ async fn a_start_aborts_the_multipart_upload_a_killed_stream_left_open() {
     assert_eq!(read_whole(&fs, "again").await, b"abort refused");
 }
 
+/// Issue 10: recovery is idempotent. A start that uploaded a dead run's staged file and was killed before it removed
+/// the record leaves the store holding that upload (stamped with the record's upload id) and the record still in the
+/// journal. The next start recognises its own upload: nothing is uploaded again, no `.s3cryptfs-recovered-` copy is
+/// made of data that is already in place, and the record goes. A record whose name holds another writer's version is
+/// still saved beside it, so the check is the stamp, not mere presence.
+#[tokio::test]
+async fn a_recovery_killed_after_its_upload_is_not_repeated_by_the_next_start() {
+    let store = memory_store();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let mut stamps = Vec::new();
+    for (path, content) in [("done", &b"uploaded before the kill"[..]), ("theirs", b"staged, never uploaded")] {
+        let (keying, aead) = (crate::journal::Keying::Local, crate::crypto::AeadBackend::AwsLc);
+        let dead = Journal::open(&dir, "mem://test", keying, aead).await.unwrap();
+        let (n, file, id) = dead.new_file().unwrap();
+        file.write_at(0, content, 0).unwrap();
+        let record = crate::journal::Record {
+            path: path.into(),
+            mode: 0o100600,
+            uid: 0,
+            gid: 0,
+            mtime: (1, 0),
+            base: BaseVersion::Absent,
+            upload_id: crate::journal::new_upload_id(),
+            prior_ids: Vec::new(),
+            file_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            written_at: (1_700_000_000, 0),
+            multipart: None,
+        };
+        stamps.push(record.upload_id.clone());
+        dead.save_record(n, &record).unwrap();
+    }
+    // What the killed recovery left: "done" is in the store with the record's stamp; "theirs" holds another
+    // writer's object (no stamp), which the record's "did not exist" base no longer matches.
+    let mut meta = UserMeta { mode: Some(0o100600), uid: Some(0), gid: Some(0), mtime: Some((1, 0)), ..Default::default() };
+    meta.extra.insert(super::UPLOAD_META.to_string(), stamps[0].clone());
+    let landed = store.inner.put(&ObjectKey::new("done").unwrap(), Bytes::from_static(b"uploaded before the kill"), &meta).await.unwrap();
+    store.inner.put(&ObjectKey::new("theirs").unwrap(), Bytes::from_static(b"another writer"), &UserMeta::default()).await.unwrap();
+
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (2, 0));
+    let listing = store.inner.list("", true).await.unwrap();
+    let mut keys: Vec<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["done", "theirs", "theirs.s3cryptfs-recovered-1700000000"], "an upload already in place was saved again");
+    let (info, _) = store.inner.head(&ObjectKey::new("done").unwrap()).await.unwrap();
+    assert_eq!(info.etag, landed.etag, "the upload that landed before the kill was sent again");
+    assert_eq!(read_whole(&fs, "theirs").await, b"another writer");
+    drop(fs);
+    // Nothing is left for a third start.
+    let fs = fs_at(store.clone(), tmp.path(), TTL).await;
+    assert_eq!(fs.recover().await, (0, 0));
+}
+
+/// Issue 10 (7): an upload that failed while the store did not answer, then succeeded at the clean stop, leaves no
+/// run directory behind in the journal (it used to stay, empty, after every such stop).
+#[tokio::test]
+async fn a_clean_stop_after_a_failed_upload_leaves_no_run_directory() {
+    let store = memory_store();
+    let (fs, tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh, 0, b"kept through a failed upload").await.unwrap();
+    store.silent.store(true, Ordering::SeqCst);
+    assert_eq!(fs.flush(fh).await.unwrap_err().errno(), libc::EIO);
+    let _ = fs.release(fh).await;
+    let runs = || -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for store_dir in std::fs::read_dir(tmp.path().join("journal")).unwrap() {
+            let store_dir = store_dir.unwrap().path();
+            if store_dir.is_dir() {
+                found.extend(std::fs::read_dir(&store_dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()));
+            }
+        }
+        found
+    };
+    assert_eq!(runs().len(), 1, "the run's directory, holding the staged file");
+    store.silent.store(false, Ordering::SeqCst);
+    // The daemon's stop: final uploads, the journal closed, the filesystem dropped.
+    assert!(fs.flush_all().await.is_empty());
+    fs.stop_serving();
+    fs.shutdown();
+    drop(fs);
+    let left: Vec<_> = runs().iter().flat_map(|r| std::fs::read_dir(r).unwrap().map(|e| e.unwrap().file_name())).collect();
+    assert!(left.is_empty() && runs().is_empty(), "a run directory outlived a clean stop, holding {left:?}");
+    let (body, _, _) = store.inner.get(&ObjectKey::new("f").unwrap()).await.unwrap();
+    assert_eq!(&body[..], b"kept through a failed upload");
+}
+
 fn memory_store() -> Arc<Silenceable> {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
     Arc::new(Silenceable::new(inner))

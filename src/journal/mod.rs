@@ -811,24 +811,36 @@ impl Drop for RunDir {
 /// The journal base to use when none is configured: private, and surviving a reboot (never /tmp or /var/tmp).
 pub fn default_base() -> PathBuf {
     // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/s3cryptfs/journal");
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| Path::new(d).is_absolute()) {
-        return PathBuf::from(d).join("s3cryptfs/journal");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.is_absolute()).unwrap_or_else(|| {
+    let euid = unsafe { libc::geteuid() };
+    base_for(euid, std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"), || {
         // No HOME (a bare service): the passwd entry's.
         // SAFETY: getpwuid returns a pointer into static storage or NULL; we copy the string at once.
         unsafe {
-            let pw = libc::getpwuid(libc::geteuid());
+            let pw = libc::getpwuid(euid);
             if pw.is_null() || (*pw).pw_dir.is_null() {
                 PathBuf::from("/")
             } else {
                 PathBuf::from(std::ffi::CStr::from_ptr((*pw).pw_dir).to_string_lossy().into_owned())
             }
         }
-    });
+    })
+}
+
+/// [`default_base`] for user `euid` with these `XDG_STATE_HOME` and `HOME` values (relative ones are ignored, as the
+/// XDG specification says) and this passwd home directory.
+fn base_for(
+    euid: u32,
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    passwd_home: impl FnOnce() -> PathBuf,
+) -> PathBuf {
+    if euid == 0 {
+        return PathBuf::from("/var/lib/s3cryptfs/journal");
+    }
+    if let Some(d) = xdg_state_home.filter(|d| Path::new(d).is_absolute()) {
+        return PathBuf::from(d).join("s3cryptfs/journal");
+    }
+    let home = home.map(PathBuf::from).filter(|h| h.is_absolute()).unwrap_or_else(passwd_home);
     home.join(".local/state/s3cryptfs/journal")
 }
 

@@ -298,3 +298,20 @@ async fn a_record_names_its_open_upload_and_an_older_record_still_opens() {
     assert_eq!(left[1].record.upload_id, "00112233445566778899aabbccddeeff");
     assert_eq!(read_all(&left[1].file), b"older");
 }
+
+/// Issue 10: the default journal base is private and survives a reboot: /var/lib for root, the XDG state directory
+/// (or ~/.local/state) for users; never /tmp or /var/tmp, and never a relative path from the environment.
+#[test]
+fn the_default_base_is_private_and_persistent() {
+    let os = |s: &str| Some(std::ffi::OsString::from(s));
+    let passwd = || PathBuf::from("/home/pw");
+    assert_eq!(super::base_for(0, os("/x"), os("/root"), passwd), PathBuf::from("/var/lib/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, os("/st"), os("/home/u"), passwd), PathBuf::from("/st/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, None, os("/home/u"), passwd), PathBuf::from("/home/u/.local/state/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, os("rel"), os("/home/u"), passwd), PathBuf::from("/home/u/.local/state/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, None, None, passwd), PathBuf::from("/home/pw/.local/state/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, None, os("relative"), passwd), PathBuf::from("/home/pw/.local/state/s3cryptfs/journal"));
+    // This process (root in CI, a user elsewhere): never a temporary directory.
+    let here = super::default_base();
+    assert!(here.is_absolute() && !here.starts_with("/tmp") && !here.starts_with("/var/tmp"), "{}", here.display());
+}
