@@ -711,6 +711,11 @@ fn serve(
         }
         check_key(&*backend, &codec, config.mode).await?;
         check_kms(&codec, config.read_only).await?;
+        if !config.read_only {
+            if let Err(e) = backend.probe_conditional_writes().await {
+                bail!("{}", explain_store_error(&config, &crate::error_text::error_chain(&e)));
+            }
+        }
         anyhow::Ok(backend)
     })?;
     // A read-only mount stages nothing and uploads nothing (not even what a dead run left: a read-write start of

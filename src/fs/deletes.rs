@@ -337,6 +337,9 @@ impl Backend for LaterDeletes {
     async fn check_access(&self) -> Result<(), StoreError> {
         self.inner.check_access().await
     }
+    async fn probe_conditional_writes(&self) -> Result<(), StoreError> {
+        self.inner.probe_conditional_writes().await
+    }
 
     fn max_path_len(&self, dir: bool) -> usize {
         self.inner.max_path_len(dir)

@@ -74,6 +74,8 @@ pub(crate) struct RawUpload {
     /// SSE-C: CompleteMultipartUpload does not echo the customer key, so the finished object is checked with a
     /// HEAD under the key (as object_store's path does).
     pub(crate) head_after: Option<(Arc<dyn object_store::ObjectStore>, object_store::path::Path)>,
+    /// A server that ignores the completion's condition: it is checked with a HEAD through this backend first.
+    pub(crate) check_first: Option<super::ObjectStoreBackend>,
     /// Part ETags by part number − 1; `None` while a part is in flight (or failed).
     pub(crate) parts: Arc<Mutex<Vec<Option<String>>>>,
     pub(crate) size: u64,
@@ -110,6 +112,9 @@ impl RawUpload {
         } else {
             parts
         };
+        if let Some(backend) = &self.check_first {
+            backend.head_check(&self.key, &put_mode(&self.expect)).await?;
+        }
         let resp = self.raw.complete(&self.path, &self.upload_id, &parts, &self.expect).await?;
         if let Some(sse) = &self.sse {
             let echo = match &self.head_after {

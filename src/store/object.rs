@@ -48,10 +48,17 @@ pub struct ObjectStoreBackend {
     raw: Option<super::raw::RawS3>,
     /// Set once the server answered a conditional delete with 501 (LocalStack): deletes are plain from then on.
     conditional_delete_unsupported: Arc<AtomicBool>,
+    /// Set when [`Backend::probe_conditional_writes`] found that the server ignores `If-None-Match` / `If-Match` on
+    /// writes (Garage): every conditional write then checks its condition with a HEAD first (see `head_check`).
+    conditions_ignored: Arc<AtomicBool>,
     /// The same store's paginated listing (S3 without SSE-C): one page of a directory with a delimiter and a start
     /// ([`Backend::list_page`]). Without it a page is listed without a delimiter.
     pages: Option<Pages>,
 }
+
+/// Where [`Backend::probe_conditional_writes`] puts its short-lived object: a "directory" under the reserved name of
+/// the directory index, which listings never show.
+const PROBE_DIR: &str = ".s3cryptfs-index";
 
 /// [`ObjectStoreBackend::with_pages`]'s listing client (which has no `Debug` of its own).
 #[derive(Clone)]
@@ -91,6 +98,7 @@ impl ObjectStoreBackend {
             prefix,
             raw: None,
             conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
+            conditions_ignored: Arc::new(AtomicBool::new(false)),
             pages: None,
         })
     }
@@ -400,6 +408,7 @@ impl ObjectStoreBackend {
             part_headers: Arc::new(part_headers),
             sse: self.sse.clone(),
             head_after: self.ssec.as_ref().map(|_| (self.store.clone(), path.clone())),
+            check_first: self.conditions_ignored.load(Ordering::Relaxed).then(|| self.clone()),
             parts: Arc::default(),
             size: 0,
         }))
@@ -414,6 +423,9 @@ impl ObjectStoreBackend {
     ) -> Result<ObjectInfo, StoreError> {
         let path = self.path(key)?;
         let size = body.len() as u64;
+        if self.conditions_ignored.load(Ordering::Relaxed) {
+            self.head_check(key, &mode).await?;
+        }
         let opts = PutOptions {
             mode,
             attributes: meta_to_attrs(meta)?,
@@ -435,6 +447,39 @@ impl ObjectStoreBackend {
             etag: res.e_tag,
             last_modified: SystemTime::now(),
         })
+    }
+
+    /// On a server that ignores write conditions: checks `mode`'s condition with a HEAD, as
+    /// [`StoreError::Precondition`] when the object is not what the write expects. The server itself cannot hold the
+    /// condition until the write lands, so a writer racing the moment between the HEAD and the write can still be
+    /// overwritten (docs/SEMANTICS.md); every other change made since the version was read is caught.
+    pub(crate) async fn head_check(&self, key: &ObjectKey, mode: &PutMode) -> Result<(), StoreError> {
+        let want = match mode {
+            PutMode::Overwrite => return Ok(()),
+            PutMode::Create => None,
+            PutMode::Update(v) => Some(v.e_tag.clone().unwrap_or_default()),
+        };
+        let found = match Backend::head(self, key).await {
+            Ok((info, _)) => Some(info.etag.unwrap_or_default()),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        if found == want {
+            Ok(())
+        } else {
+            Err(StoreError::Precondition { key: key.to_string() })
+        }
+    }
+
+    /// Tests: as if the probe had found the server ignoring write conditions.
+    #[cfg(test)]
+    pub(crate) fn assume_conditions_ignored(&self) {
+        self.conditions_ignored.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::probe_conditional_writes`] found the server ignoring write conditions.
+    pub fn conditions_ignored(&self) -> bool {
+        self.conditions_ignored.load(Ordering::Relaxed)
     }
 }
 
@@ -974,6 +1019,41 @@ impl Backend for ObjectStoreBackend {
         let prefix = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
         let marker = if dir { 1 + super::MARKER_FILE.len() } else { 0 };
         S3_MAX_KEY.saturating_sub(prefix + marker)
+    }
+
+    async fn probe_conditional_writes(&self) -> Result<(), StoreError> {
+        // Only S3 servers differ here (object_store's other stores and the local store hold conditions).
+        if self.raw.is_none() {
+            return Ok(());
+        }
+        // Under the reserved index name, so no mount lists it for the moment it exists.
+        let key = ObjectKey::new(format!("{PROBE_DIR}/probe-{:016x}", rand::random::<u64>()).as_str())?;
+        let empty = UserMeta::default();
+        // A store that refuses the first write (a disabled SSE-KMS key, a write-protected prefix) fails each write
+        // the same way later, where the error reaches the writer; the mount goes on.
+        if let Err(e) = self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await {
+            tracing::warn!(error = %crate::error_text::error_chain(&e), "could not find out whether the store holds conditional writes (its probe write failed); taking them as held");
+            return Ok(());
+        }
+        let again = self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await;
+        let bogus = PutMode::Update(UpdateVersion { e_tag: Some("\"s3cryptfs-probe\"".into()), version: None });
+        let stale = self.put_with(&key, Bytes::new(), &empty, bogus).await;
+        if let Err(e) = Backend::delete(self, &key).await {
+            tracing::warn!(key = %key, error = %crate::error_text::error_chain(&e), "could not remove the probe object of conditional writes");
+        }
+        let ignored = |r: &Result<ObjectInfo, StoreError>, header: &str| match r {
+            Ok(_) => true,
+            Err(StoreError::Precondition { .. }) => false,
+            Err(e) => {
+                tracing::warn!(header, error = %crate::error_text::error_chain(e), "the store answered a conditional write probe with an error; taking the condition as held");
+                false
+            }
+        };
+        if ignored(&again, "If-None-Match") | ignored(&stale, "If-Match") {
+            self.conditions_ignored.store(true, Ordering::Relaxed);
+            tracing::warn!("the store ignores conditional writes (If-None-Match / If-Match): each upload checks the object with a HEAD first, so only a writer racing that moment can be overwritten");
+        }
+        Ok(())
     }
 
     async fn check_access(&self) -> Result<(), StoreError> {

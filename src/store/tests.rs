@@ -1054,6 +1054,67 @@ async fn conditional_writes_in_memory() {
     delete_if_contract(&b, "", Some(false)).await;
 }
 
+/// An object store that ignores write conditions, as Garage does: every PUT overwrites.
+#[derive(Debug, Default)]
+struct IgnoresConditions(InMemory);
+
+impl std::fmt::Display for IgnoresConditions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IgnoresConditions")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for IgnoresConditions {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, mut opts: PutOptions) -> object_store::Result<object_store::PutResult> {
+        opts.mode = object_store::PutMode::Overwrite;
+        self.0.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &Path, options: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+        self.0.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+        self.0.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.0.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(&self, from: &Path, to: &Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+        self.0.copy_opts(from, to, options).await
+    }
+}
+
+/// Issue 10: on a server that ignores write conditions (Garage) the backend, told so by the mount's probe, checks
+/// each condition with a HEAD first; the same contract as a server that holds them then passes. Without the check
+/// a write expecting "nothing there" overwrites what is there.
+#[tokio::test]
+async fn conditions_a_server_ignores_are_checked_with_a_head() {
+    let b = ObjectStoreBackend::new(Arc::new(IgnoresConditions::default()), "").unwrap();
+    let k = key("taken");
+    b.put_expect(&k, Bytes::from_static(b"theirs"), &file_meta("1"), &Expect::Absent).await.unwrap();
+    b.put_expect(&k, Bytes::from_static(b"lost update"), &file_meta("2"), &Expect::Absent)
+        .await
+        .expect("the wrapper is meant to ignore conditions, like Garage");
+    b.assume_conditions_ignored();
+    assert!(b.conditions_ignored());
+    let r = b.put_expect(&k, Bytes::from_static(b"late"), &file_meta("3"), &Expect::Absent).await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "{r:?}");
+    conditional_contract(&b, "d/").await;
+}
+
 #[tokio::test]
 async fn conditional_writes_local() {
     let dir = tempfile::tempdir().unwrap();
