@@ -19,21 +19,12 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, Caller, Error, FileKind, Fs, OpenMode, SetAttr};
 
-/// Write buffers kept for reuse, and the largest kept: a write's data must be copied out of the request before the
-/// request's thread moves on, and a fresh megabyte per write was returned to the system when freed and faulted in
-/// again by the next write (a tenth of the daemon's time in a sequential write, measured with perf).
-const WRITE_BUFS_KEPT: usize = 8;
-const WRITE_BUF_KEPT_LEN: usize = 1 << 20;
-
-static WRITE_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-
-/// A copy of one write's data, in a buffer that goes back to `WRITE_BUFS` when dropped.
+/// A copy of one write's data, in a buffer of `crate::iobuf` that goes back there when dropped.
 struct WriteBuf(Vec<u8>);
 
 impl WriteBuf {
     fn copy_of(data: &[u8]) -> WriteBuf {
-        let mut buf = WRITE_BUFS.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-        buf.clear();
+        let mut buf = crate::iobuf::take(data.len());
         buf.extend_from_slice(data);
         WriteBuf(buf)
     }
@@ -48,12 +39,7 @@ impl std::ops::Deref for WriteBuf {
 
 impl Drop for WriteBuf {
     fn drop(&mut self) {
-        if self.0.capacity() <= WRITE_BUF_KEPT_LEN {
-            let mut kept = WRITE_BUFS.lock().unwrap_or_else(|e| e.into_inner());
-            if kept.len() < WRITE_BUFS_KEPT {
-                kept.push(std::mem::take(&mut self.0));
-            }
-        }
+        crate::iobuf::give(std::mem::take(&mut self.0));
     }
 }
 
@@ -300,7 +286,8 @@ impl Filesystem for FuseAdapter {
             match fs.read(fh.0, offset, size).await {
                 Ok(d) => {
                     crate::metrics::fs_read(d.len());
-                    reply.data(&d)
+                    reply.data(&d);
+                    crate::iobuf::give(d);
                 }
                 Err(e) => reply.error(errno("read", &e)),
             }

@@ -36,6 +36,7 @@ pub mod error_text;
 pub mod fs;
 pub mod fuse;
 pub mod inplace;
+pub mod iobuf;
 pub mod journal;
 pub mod keys;
 pub mod kmount;

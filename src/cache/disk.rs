@@ -39,10 +39,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::cache::page::PageBuf;
 use crate::crypto::diskcache::{CacheKeys, EntryId, EntrySealer, ENTRY_OVERHEAD};
 use crate::crypto::hex::{hex, unhex};
 use crate::crypto::AeadBackend;
@@ -332,16 +334,17 @@ impl DiskCache {
     pub fn get(&self, id: &EntryId, len: usize, out: &mut Vec<u8>) -> bool {
         let mut found = false;
         self.get_many(&[(*id, len)], |_, page| {
-            out.extend_from_slice(page);
+            out.extend_from_slice(&page);
             found = true;
         });
         found
     }
 
-    /// Calls `hit(i, page)` for each page `pages[i]` (identity, length) the cache has. Blocking file I/O: every
-    /// entry is opened and its read asked for ahead (`POSIX_FADV_WILLNEED`) before the first is read, so a run of
-    /// pages no longer in the system's page cache is read from the disk in parallel, not one after the other.
-    pub fn get_many(&self, pages: &[(EntryId, usize)], mut hit: impl FnMut(usize, &[u8])) {
+    /// Calls `hit(i, page)` for each page `pages[i]` (identity, length) the cache has, decrypted straight into a page
+    /// buffer of its own. Blocking file I/O: every entry is opened and its read asked for ahead
+    /// (`POSIX_FADV_WILLNEED`) before the first is read, so a run of pages no longer in the system's page cache is
+    /// read from the disk in parallel, not one after the other.
+    pub fn get_many(&self, pages: &[(EntryId, usize)], mut hit: impl FnMut(usize, Bytes)) {
         let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
         let known: Vec<bool> = {
             let mut st = lock(&self.state);
@@ -370,7 +373,6 @@ impl DiskCache {
             })
             .collect();
         let mut stored = Vec::new();
-        let mut plain = Zeroizing::new(Vec::new());
         for (i, file) in files.into_iter().enumerate() {
             let Some(file) = file else { continue };
             let (id, len) = &pages[i];
@@ -379,12 +381,12 @@ impl DiskCache {
                 self.drop_entry(&names[i], &e.to_string());
                 continue;
             }
-            plain.clear();
-            if self.keys.open(id, *len, &stored, &mut plain).is_err() {
+            let mut page = PageBuf::for_len(*len);
+            if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
                 self.drop_entry(&names[i], "it does not authenticate as this page");
                 continue;
             }
-            hit(i, &plain);
+            hit(i, page.freeze());
         }
     }
 

@@ -54,6 +54,18 @@ impl PageBuf {
         PageBuf(Inner::Heap(data.to_vec()))
     }
 
+    /// A page of `len` bytes to be filled in place (its contents are unspecified until then): mapped on its own if
+    /// it is at least [`MAPPED_MIN`] long.
+    pub fn for_len(len: usize) -> PageBuf {
+        #[cfg(unix)]
+        if len >= MAPPED_MIN {
+            if let Some(m) = Mapped::new(len) {
+                return PageBuf(Inner::Mapped(m));
+            }
+        }
+        PageBuf(Inner::Heap(vec![0u8; len]))
+    }
+
     /// Whether the page has a mapping of its own (for tests).
     pub fn is_mapped(&self) -> bool {
         match &self.0 {

@@ -116,10 +116,11 @@ impl CacheKeys {
         AeadKey::new(self.aead, &hmac(&self.key[..], &[RUN_DOMAIN, salt]))
     }
 
-    /// The page an entry sealed for `id` holds, appended to `out`, if it is exactly `expected_len` bytes. A damaged,
-    /// truncated, moved or foreign entry fails.
-    pub fn open(&self, id: &EntryId, expected_len: usize, stored: &[u8], out: &mut Vec<u8>) -> Result<(), AeadFailed> {
-        if stored.len() != expected_len + ENTRY_OVERHEAD || !stored.starts_with(ENTRY_MAGIC) {
+    /// The page an entry sealed for `id` holds, written to `dst` (the caller's page buffer: no copy), if it is
+    /// exactly `dst.len()` bytes. A damaged, truncated, moved or foreign entry fails, and `dst` is then all zeros.
+    pub fn open_to(&self, id: &EntryId, stored: &[u8], dst: &mut [u8]) -> Result<(), AeadFailed> {
+        if stored.len() != dst.len() + ENTRY_OVERHEAD || !stored.starts_with(ENTRY_MAGIC) {
+            dst.fill(0);
             return Err(AeadFailed);
         }
         let rest = &stored[ENTRY_MAGIC.len()..];
@@ -127,13 +128,7 @@ impl CacheKeys {
         let (nonce, body) = rest.split_at(NONCE_LEN);
         let salt: [u8; SALT_LEN] = salt.try_into().map_err(|_| AeadFailed)?;
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AeadFailed)?;
-        let start = out.len();
-        let opened = self.run_key(&salt).open(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), body, out);
-        if opened.is_err() || out.len() - start != expected_len {
-            out.truncate(start);
-            return Err(AeadFailed);
-        }
-        Ok(())
+        self.run_key(&salt).open_to(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), body, dst)
     }
 
     /// The entry for `id` holding `plain`, sealed by `sealer` (which must come from these keys).
@@ -180,19 +175,19 @@ mod tests {
         let sealed = keys.seal(&keys.sealer(), &id(3), &page);
         assert_eq!(sealed.len(), page.len() + ENTRY_OVERHEAD);
         assert!(!sealed.windows(16).any(|w| w == &page[..16]), "the page shows in the entry");
-        let mut out = Vec::new();
-        keys.open(&id(3), 1000, &sealed, &mut out).unwrap();
+        let mut out = vec![0u8; 1000];
+        keys.open_to(&id(3), &sealed, &mut out).unwrap();
         assert_eq!(out, page);
         // A later mount (another sealer) opens it too.
         let again = CacheKeys::derive(&ROOT, "s3://b/p", AeadBackend::RustCrypto);
-        out.clear();
-        again.open(&id(3), 1000, &sealed, &mut out).unwrap();
+        out.fill(0);
+        again.open_to(&id(3), &sealed, &mut out).unwrap();
         assert_eq!(out, page);
 
         let fails = |keys: &CacheKeys, id: EntryId, len: usize, stored: &[u8]| {
-            let mut out = vec![1, 2];
-            let r = keys.open(&id, len, stored, &mut out);
-            assert_eq!(out, [1, 2], "a failed open left bytes behind");
+            let mut out = vec![7u8; len];
+            let r = keys.open_to(&id, stored, &mut out);
+            assert!(out.iter().all(|&b| b == 0), "a failed open left bytes behind");
             r.is_err()
         };
         assert!(fails(&keys, id(4), 1000, &sealed), "moved to another page");

@@ -267,7 +267,8 @@ impl Staged {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
+        let mut buf = crate::iobuf::take((end - offset) as usize);
+        buf.resize((end - offset) as usize, 0);
         self.file.read_exact_at(&mut buf, offset, self.size)?;
         Ok(buf)
     }

@@ -321,7 +321,7 @@ impl Reader {
         // background): counted too. Reserved once the pages are here, so a read never waits for room while holding
         // some (no read can then wait on another).
         let _out = self.cache.memory().reserve(end - offset).await;
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = crate::iobuf::take((end - offset) as usize);
         for (i, page) in pages.iter().enumerate() {
             let index = first + i as u64;
             let page_start = index * CHUNK_PLAIN_LEN;
@@ -486,7 +486,7 @@ impl Reader {
                 .map(|(j, &len)| (EntryId { key: &key, etag: &etag, index: first + j as u64 }, len))
                 .collect();
             let mut found: Vec<Option<Bytes>> = vec![None; ids.len()];
-            disk.get_many(&ids, |j, page| found[j] = Some(PageBuf::copy_of(page).freeze()));
+            disk.get_many(&ids, |j, page| found[j] = Some(page));
             found
         })
         .await
