@@ -621,7 +621,7 @@ impl Backend for MeteredBackend {
     }
 
     async fn probe_conditional_writes(&self) -> Result<(), StoreError> {
-        // Its requests are the store's own puts and delete, counted by nothing here: three at mount.
+        // Its requests (four puts and deletes at mount) go to the store directly and are not counted here.
         self.inner.probe_conditional_writes().await
     }
 

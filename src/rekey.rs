@@ -115,10 +115,6 @@ async fn rekey(
 ) -> anyhow::Result<()> {
     let backend = open_store(&config, keys.as_ref())?;
     backend.check_access().await.with_context(|| format!("cannot use store {}", config.store_url))?;
-    if !dry_run {
-        // Every replacement is conditional on the version read; a server that ignores that is checked by HEAD.
-        backend.probe_conditional_writes().await.with_context(|| format!("cannot use store {}", config.store_url))?;
-    }
     let target = target(&config, keys).await?;
     // Signals are caught from here on, so even a Ctrl-C during the listing stops cleanly.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -368,3 +368,43 @@ fn a_dead_store_under_a_streaming_writer_loses_nothing() {
     assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the store came back");
     m.unmount();
 }
+
+/// Issue 14: with the store frozen, a file whose pages are in the disk cache is read in full through a descriptor
+/// opened before the freeze, within the bound: the disk cache stands in for the store (this mount has read nothing
+/// yet, so every page comes from the disk), and nothing in the read path waits for the store.
+#[test]
+fn a_frozen_store_still_serves_what_the_disk_cache_holds() {
+    let server = PrivateServer::start();
+    let env = Env::new();
+    let store = server.bucket();
+    let cache = env.path().join("cache");
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let cache_dir = format!("cache_dir={}", cache.display());
+    let plain = pattern(24 << 20, 7);
+    {
+        let m = Mount::start_with(&env, &store, "cse-c", &[timeout.as_str()]);
+        fs::write(m.path("big"), &plain).unwrap();
+    }
+    {
+        let addr = free_metrics_addr();
+        let metrics = format!("metrics_addr={addr}");
+        let m = Mount::start_with(&env, &store, "cse-c", &[timeout.as_str(), cache_dir.as_str(), metrics.as_str()]);
+        assert_bytes(fs::read(m.path("big")).unwrap(), &plain, "cold read");
+        assert!(
+            wait_until(Duration::from_secs(20), || metric(&addr, "s3cryptfs_disk_cache_written_bytes_total")
+                >= plain.len() as f64),
+            "the pages did not reach the disk cache"
+        );
+    }
+    let m = Mount::start_with(&env, &store, "cse-c", &[timeout.as_str(), cache_dir.as_str()]);
+    let file = fs::File::open(m.path("big")).unwrap();
+    let frozen = server.freeze();
+    let got = within("a read of a file the disk cache holds", move || {
+        use std::io::Read;
+        let mut file = file;
+        let mut got = Vec::new();
+        file.read_to_end(&mut got).map(|_| got)
+    });
+    drop(frozen);
+    assert_bytes(got.expect("read while the store was frozen"), &plain, "read from the disk cache while frozen");
+}

@@ -178,6 +178,10 @@ impl SlotCipher {
         let (nonce, body) = stored.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AeadFailed)?;
         if nonce == [0u8; NONCE_LEN] {
+            // A hole is all zeros, tag included: anything else under a zero nonce was written there by someone else.
+            if body.iter().any(|&b| b != 0) {
+                return Err(AeadFailed);
+            }
             out.resize(out.len() + body.len() - TAG_LEN, 0);
             return Ok(());
         }
@@ -195,7 +199,8 @@ impl SlotCipher {
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AeadFailed)?;
         if nonce == [0u8; NONCE_LEN] {
             dst.fill(0);
-            return Ok(());
+            // As in `open`: a hole is all zeros.
+            return if body.iter().any(|&b| b != 0) { Err(AeadFailed) } else { Ok(()) };
         }
         self.key.open_to(&nonce, &self.aad(index), body, dst)
     }
@@ -301,6 +306,11 @@ mod tests {
         let mut out = Vec::new();
         c.open(9, &hole, &mut out).unwrap();
         assert_eq!(out, vec![0u8; 10]);
+        // A zero nonce over anything but zeros is no hole: someone wrote it, and it fails.
+        let mut forged = hole.clone();
+        forged[NONCE_LEN + 3] = 1;
+        assert!(c.open(9, &forged, &mut Vec::new()).is_err(), "a forged hole was accepted");
+        assert!(c.open_to(9, &forged, &mut [0u8; 10]).is_err(), "a forged hole was accepted by open_to");
     }
 
     #[test]

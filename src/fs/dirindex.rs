@@ -1135,7 +1135,8 @@ mod tests {
         go.send(()).unwrap();
         background.await.unwrap();
         unmount.await.unwrap();
-        let (body, _, meta) = crate::store::Backend::get(&backend(), &ObjectKey::new(INDEX_NAME).unwrap()).await.unwrap();
+        let index = ObjectKey::new(INDEX_NAME).unwrap();
+        let (body, _, meta) = crate::store::Backend::get(&backend(), &index).await.unwrap();
         let entries = decode(&open(&Codec::Plain, INDEX_NAME, &body, &meta).await.unwrap()).unwrap();
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["f1", "f2", "f3"]);

@@ -1498,11 +1498,21 @@ impl Fs {
         }
         let prefix = format!("{path}/");
         let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
-        // The directory's own index is no entry of it.
+        // The directory's own index is no entry of it, nor is the reserved prefix under its name, where a mount of
+        // this directory may have left its probe of the store's conditional writes when killed during it
+        // (`Backend::probe_conditional_writes`): removed here, or the directory would stay in listings.
+        let reserved = format!("{prefix}{}/", dirindex::INDEX_NAME);
+        let is_reserved = |p: &ObjectKey| p.as_str().trim_end_matches('/') == reserved.trim_end_matches('/');
         let others = listing.objects.iter().any(|o| o.key.as_str() != prefix && !dirindex::is_index_key(o.key.as_str()))
-            || !listing.prefixes.is_empty();
+            || listing.prefixes.iter().any(|p| !is_reserved(p));
         if others {
             return Err(Error::NotEmpty);
+        }
+        if listing.prefixes.iter().any(is_reserved) {
+            let left = self.backend.list(&reserved, true).await.map_err(|e| Error::store(&reserved, e))?;
+            for o in &left.objects {
+                self.backend.delete(&o.key).await.map_err(|e| Error::store(o.key.as_str(), e))?;
+            }
         }
         Ok(listing.objects.iter().any(|o| dirindex::is_index_key(o.key.as_str())))
     }

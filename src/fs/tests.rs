@@ -449,17 +449,20 @@ async fn a_recovery_killed_after_its_upload_is_not_repeated_by_the_next_start() 
     }
     // What the killed recovery left: "done" is in the store with the record's stamp; "theirs" holds another
     // writer's object (no stamp), which the record's "did not exist" base no longer matches.
-    let mut meta = UserMeta { mode: Some(0o100600), uid: Some(0), gid: Some(0), mtime: Some((1, 0)), ..Default::default() };
+    let mut meta =
+        UserMeta { mode: Some(0o100600), uid: Some(0), gid: Some(0), mtime: Some((1, 0)), ..Default::default() };
     meta.extra.insert(super::UPLOAD_META.to_string(), stamps[0].clone());
-    let landed = store.inner.put(&ObjectKey::new("done").unwrap(), Bytes::from_static(b"uploaded before the kill"), &meta).await.unwrap();
-    store.inner.put(&ObjectKey::new("theirs").unwrap(), Bytes::from_static(b"another writer"), &UserMeta::default()).await.unwrap();
+    let (done, theirs) = (ObjectKey::new("done").unwrap(), ObjectKey::new("theirs").unwrap());
+    let landed = store.inner.put(&done, Bytes::from_static(b"uploaded before the kill"), &meta).await.unwrap();
+    store.inner.put(&theirs, Bytes::from_static(b"another writer"), &UserMeta::default()).await.unwrap();
 
     let fs = fs_at(store.clone(), tmp.path(), TTL).await;
     assert_eq!(fs.recover().await, (2, 0));
     let listing = store.inner.list("", true).await.unwrap();
     let mut keys: Vec<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
     keys.sort();
-    assert_eq!(keys, ["done", "theirs", "theirs.s3cryptfs-recovered-1700000000"], "an upload already in place was saved again");
+    let want = ["done", "theirs", "theirs.s3cryptfs-recovered-1700000000"];
+    assert_eq!(keys, want, "an upload already in place was saved again");
     let (info, _) = store.inner.head(&ObjectKey::new("done").unwrap()).await.unwrap();
     assert_eq!(info.etag, landed.etag, "the upload that landed before the kill was sent again");
     assert_eq!(read_whole(&fs, "theirs").await, b"another writer");
@@ -498,10 +501,35 @@ async fn a_clean_stop_after_a_failed_upload_leaves_no_run_directory() {
     fs.stop_serving();
     fs.shutdown();
     drop(fs);
-    let left: Vec<_> = runs().iter().flat_map(|r| std::fs::read_dir(r).unwrap().map(|e| e.unwrap().file_name())).collect();
+    let left: Vec<_> =
+        runs().iter().flat_map(|r| std::fs::read_dir(r).unwrap().map(|e| e.unwrap().file_name())).collect();
     assert!(left.is_empty() && runs().is_empty(), "a run directory outlived a clean stop, holding {left:?}");
     let (body, _, _) = store.inner.get(&ObjectKey::new("f").unwrap()).await.unwrap();
     assert_eq!(&body[..], b"kept through a failed upload");
+}
+
+/// A probe of the store's conditional writes that a killed mount left under a directory's reserved prefix
+/// (`<dir>/.s3cryptfs-index/probe-…`, which no listing shows) neither makes rmdir fail with ENOTEMPTY on a directory
+/// that lists empty nor keeps the directory in the store after it: rmdir removes it.
+#[tokio::test]
+async fn rmdir_removes_a_probe_left_under_the_reserved_prefix() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let dir = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    let probe = ObjectKey::new("d/.s3cryptfs-index/probe-0123456789abcdef").unwrap();
+    store.inner.put(&probe, Bytes::new(), &UserMeta::default()).await.unwrap();
+    let fh = fs.opendir(dir.ino).await.unwrap();
+    let names: Vec<String> = fs.readdir(fh).unwrap().iter().map(|e| e.name.clone()).collect();
+    fs.releasedir(fh);
+    assert!(names.iter().all(|n| n == "." || n == ".."), "the reserved prefix was listed: {names:?}");
+    fs.rmdir(ROOT_INO, OsStr::new("d")).await.unwrap();
+    let left = store.inner.list("", true).await.unwrap();
+    assert!(left.objects.is_empty(), "left in the store: {:?}", keys_of(&left));
+}
+
+fn keys_of(l: &crate::store::Listing) -> Vec<&str> {
+    l.objects.iter().map(|o| o.key.as_str()).collect()
 }
 
 fn memory_store() -> Arc<Silenceable> {

@@ -266,7 +266,10 @@ mod tests {
         /// Any sequence of writes and truncations reads back as the same operations on a plain buffer, and the
         /// size survives a reopen (it is what recovery sees).
         #[test]
-        fn sealed_file_matches_a_plain_model(ops in prop::collection::vec(op(), 1..25)) {
+        fn sealed_file_matches_a_plain_model(
+            ops in prop::collection::vec(op(), 1..25),
+            reads in prop::collection::vec((any::<u64>(), 1u64..20_000), 0..8),
+        ) {
             let (_tmp, f) = sealed();
             let mut model: Vec<u8> = Vec::new();
             let mut size = 0u64;
@@ -296,6 +299,17 @@ mod tests {
                 let mut mid = vec![0u8; 7];
                 f.read_exact_at(&mut mid, size / 2 - 3, size).unwrap();
                 prop_assert_eq!(&mid[..], &model[(size / 2 - 3) as usize..(size / 2 + 4) as usize]);
+            }
+            // Reads of every shape: within one slot, across slot edges, starting or ending mid-slot.
+            for (from, len) in reads {
+                if size == 0 {
+                    break;
+                }
+                let from = from % size;
+                let len = (len % (size - from)).max(1);
+                let mut got = vec![0u8; len as usize];
+                f.read_exact_at(&mut got, from, size).unwrap();
+                prop_assert!(got[..] == model[from as usize..(from + len) as usize], "read of {} at {}", len, from);
             }
         }
     }

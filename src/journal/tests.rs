@@ -305,12 +305,13 @@ async fn a_record_names_its_open_upload_and_an_older_record_still_opens() {
 fn the_default_base_is_private_and_persistent() {
     let os = |s: &str| Some(std::ffi::OsString::from(s));
     let passwd = || PathBuf::from("/home/pw");
+    let (user, pw) = ("/home/u/.local/state/s3cryptfs/journal", "/home/pw/.local/state/s3cryptfs/journal");
     assert_eq!(super::base_for(0, os("/x"), os("/root"), passwd), PathBuf::from("/var/lib/s3cryptfs/journal"));
     assert_eq!(super::base_for(1000, os("/st"), os("/home/u"), passwd), PathBuf::from("/st/s3cryptfs/journal"));
-    assert_eq!(super::base_for(1000, None, os("/home/u"), passwd), PathBuf::from("/home/u/.local/state/s3cryptfs/journal"));
-    assert_eq!(super::base_for(1000, os("rel"), os("/home/u"), passwd), PathBuf::from("/home/u/.local/state/s3cryptfs/journal"));
-    assert_eq!(super::base_for(1000, None, None, passwd), PathBuf::from("/home/pw/.local/state/s3cryptfs/journal"));
-    assert_eq!(super::base_for(1000, None, os("relative"), passwd), PathBuf::from("/home/pw/.local/state/s3cryptfs/journal"));
+    assert_eq!(super::base_for(1000, None, os("/home/u"), passwd), PathBuf::from(user));
+    assert_eq!(super::base_for(1000, os("rel"), os("/home/u"), passwd), PathBuf::from(user));
+    assert_eq!(super::base_for(1000, None, None, passwd), PathBuf::from(pw));
+    assert_eq!(super::base_for(1000, None, os("relative"), passwd), PathBuf::from(pw));
     // This process (root in CI, a user elsewhere): never a temporary directory.
     let here = super::default_base();
     assert!(here.is_absolute() && !here.starts_with("/tmp") && !here.starts_with("/var/tmp"), "{}", here.display());

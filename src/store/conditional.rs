@@ -113,7 +113,14 @@ impl RawUpload {
             parts
         };
         if let Some(backend) = &self.check_first {
-            backend.head_check(&self.key, &put_mode(&self.expect)).await?;
+            if let Err(e) = backend.head_check(&self.key, &put_mode(&self.expect)).await {
+                // Nothing was completed, so the parts go whatever the check's failure was (`complete` aborts after a
+                // precondition failure itself).
+                if !matches!(e, StoreError::Precondition { .. }) {
+                    self.abort_quietly().await;
+                }
+                return Err(e);
+            }
         }
         let resp = self.raw.complete(&self.path, &self.upload_id, &parts, &self.expect).await?;
         if let Some(sse) = &self.sse {

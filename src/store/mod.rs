@@ -373,14 +373,16 @@ pub trait Backend: Send + Sync + 'static {
         Ok(!l.objects.is_empty() || !l.prefixes.is_empty())
     }
 
-    /// A cheap request proving the bucket/directory exists and the credentials work; run at
-    /// mount so a misconfiguration fails fast with a clear message.
     /// Finds out once, at a read-write mount, whether the server holds write conditions (`If-None-Match: *`,
-    /// `If-Match`); where it does not, the backend checks them with a HEAD before each conditional write from then on.
-    /// A few requests on a short-lived object. Stores that always hold them do nothing.
+    /// `If-Match`); where it does not (or the probe cannot tell), the backend checks them with a HEAD before each
+    /// conditional write from then on. Four requests on a short-lived object. Stores that always hold them do
+    /// nothing.
     async fn probe_conditional_writes(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// A cheap request proving the bucket/directory exists and the credentials work; run at
+    /// mount so a misconfiguration fails fast with a clear message.
     async fn check_access(&self) -> Result<(), StoreError>;
 
     /// The longest path (a key relative to the mount prefix, without a trailing `/`) this store can hold for a file,

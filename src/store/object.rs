@@ -1029,29 +1029,47 @@ impl Backend for ObjectStoreBackend {
         // Under the reserved index name, so no mount lists it for the moment it exists.
         let key = ObjectKey::new(format!("{PROBE_DIR}/probe-{:016x}", rand::random::<u64>()).as_str())?;
         let empty = UserMeta::default();
-        // A store that refuses the first write (a disabled SSE-KMS key, a write-protected prefix) fails each write
-        // the same way later, where the error reaches the writer; the mount goes on.
-        if let Err(e) = self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await {
-            tracing::warn!(error = %crate::error_text::error_chain(&e), "could not find out whether the store holds conditional writes (its probe write failed); taking them as held");
-            return Ok(());
-        }
-        let again = self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await;
-        let bogus = PutMode::Update(UpdateVersion { e_tag: Some("\"s3cryptfs-probe\"".into()), version: None });
-        let stale = self.put_with(&key, Bytes::new(), &empty, bogus).await;
-        if let Err(e) = Backend::delete(self, &key).await {
-            tracing::warn!(key = %key, error = %crate::error_text::error_chain(&e), "could not remove the probe object of conditional writes");
-        }
-        let ignored = |r: &Result<ObjectInfo, StoreError>, header: &str| match r {
-            Ok(_) => true,
-            Err(StoreError::Precondition { .. }) => false,
-            Err(e) => {
-                tracing::warn!(header, error = %crate::error_text::error_chain(e), "the store answered a conditional write probe with an error; taking the condition as held");
-                false
-            }
+        let held = |r: Result<ObjectInfo, StoreError>| match r {
+            Ok(_) => Ok(false),
+            Err(StoreError::Precondition { .. }) => Ok(true),
+            Err(e) => Err(e),
         };
-        if ignored(&again, "If-None-Match") | ignored(&stale, "If-Match") {
-            self.conditions_ignored.store(true, Ordering::Relaxed);
-            tracing::warn!("the store ignores conditional writes (If-None-Match / If-Match): each upload checks the object with a HEAD first, so only a writer racing that moment can be overwritten");
+        let outcome: Result<bool, StoreError> = async {
+            self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await?;
+            let none_match = held(self.put_with(&key, Bytes::new(), &empty, PutMode::Create).await)?;
+            let bogus = PutMode::Update(UpdateVersion { e_tag: Some("\"s3cryptfs-probe\"".into()), version: None });
+            let if_match = held(self.put_with(&key, Bytes::new(), &empty, bogus).await)?;
+            Ok(none_match && if_match)
+        }
+        .await;
+        // Whatever happened (a write that timed out may still have landed).
+        match Backend::delete(self, &key).await {
+            Err(e) if !e.is_not_found() => tracing::warn!(
+                key = %key,
+                error = %crate::error_text::error_chain(&e),
+                "could not remove the probe object of conditional writes"
+            ),
+            _ => {}
+        }
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                self.conditions_ignored.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "the store ignores conditional writes (If-None-Match / If-Match): each upload checks the object \
+                     with a HEAD first, so only a writer racing that moment can be overwritten"
+                );
+            }
+            // Unclear (a refused or failed write): the HEAD check costs a request per upload, a wrong guess the
+            // other way would cost another writer's data.
+            Err(e) => {
+                self.conditions_ignored.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    error = %crate::error_text::error_chain(&e),
+                    "could not find out whether the store holds conditional writes (a probe write failed): each \
+                     upload checks the object with a HEAD first"
+                );
+            }
         }
         Ok(())
     }

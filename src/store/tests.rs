@@ -1066,7 +1066,12 @@ impl std::fmt::Display for IgnoresConditions {
 
 #[async_trait::async_trait]
 impl ObjectStore for IgnoresConditions {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, mut opts: PutOptions) -> object_store::Result<object_store::PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
         opts.mode = object_store::PutMode::Overwrite;
         self.0.put_opts(location, payload, opts).await
     }
@@ -1077,7 +1082,11 @@ impl ObjectStore for IgnoresConditions {
     ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
         self.0.put_multipart_opts(location, opts).await
     }
-    async fn get_opts(&self, location: &Path, options: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
         self.0.get_opts(location, options).await
     }
     fn delete_stream(
@@ -1086,7 +1095,10 @@ impl ObjectStore for IgnoresConditions {
     ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
         self.0.delete_stream(locations)
     }
-    fn list(&self, prefix: Option<&Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
         self.0.list(prefix)
     }
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
