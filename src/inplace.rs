@@ -36,6 +36,9 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::future::BoxFuture;
+use futures::FutureExt;
 
 use crate::crypto::version::VersionId;
 use crate::crypto::{self, CryptoError, ObjectCipher, CHUNK_PLAIN_LEN};
@@ -47,6 +50,13 @@ use crate::upload::Source;
 pub const MIN_PART_LEN: u64 = 5 << 20;
 /// S3's largest part, copied or uploaded.
 pub const MAX_COPY_PART_LEN: u64 = 5 << 30;
+/// Copied stretches are cut into parts of about this size (more for very large objects, see [`copy_target`]), so
+/// the copies run side by side: a server copies a part by reading and hashing it (Garage at ~130 MiB/s per request
+/// here), so one 1 GiB copy takes as long as the part's bytes take one core.
+pub const TARGET_COPY_PART_LEN: u64 = 64 << 20;
+/// Parts of an update in flight at once (copies; an uploaded part also counts, and at most one is in flight, so an
+/// update holds at most one part body in memory besides the one being built).
+pub const PARTS_IN_FLIGHT: usize = 4;
 /// Uploaded stretches are cut into parts of about this size, as whole uploads are (`upload::PART_SIZE`).
 pub const TARGET_UPLOAD_PART_LEN: u64 = 8 << 20;
 /// S3's most parts per upload.
@@ -187,7 +197,7 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
     let mut parts = Vec::new();
     for (dirty, r) in &stretches {
         let len = r.end - r.start;
-        let target = if *dirty { TARGET_UPLOAD_PART_LEN } else { MAX_COPY_PART_LEN };
+        let target = if *dirty { TARGET_UPLOAD_PART_LEN } else { copy_target(new_stored) };
         // As many parts as the target size asks, but none below the minimum (the last stretch's only part aside).
         let n = len.div_ceil(target).min((len / MIN_PART_LEN).max(1));
         let mut start = r.start;
@@ -218,6 +228,12 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
         return Err(NoPlan::NotWorthIt);
     }
     Ok(Plan { parts, dirty: merged, upload_bytes, fetch_bytes })
+}
+
+/// The size copied parts of an object of `stored` bytes are cut near: [`TARGET_COPY_PART_LEN`], or larger where that
+/// would take more than a quarter of [`MAX_PARTS`] (so uploaded parts keep the rest), never above what S3 copies.
+fn copy_target(stored: u64) -> u64 {
+    stored.div_ceil(MAX_PARTS as u64 / 4).clamp(TARGET_COPY_PART_LEN, MAX_COPY_PART_LEN)
 }
 
 /// Why an update is not done in place (nothing was made visible; rewrite the file whole).
@@ -281,22 +297,48 @@ pub async fn update(
     let old_stored = layout.stored_size(base.plain_len);
     let mut upload = backend.put_multipart_expect(&key, &meta, &Expect::Etag(base.etag.to_string())).await?;
     let mut sealed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    // Parts are sent side by side (their places are fixed when they are asked for); an uploaded part waits until the
+    // one before it has gone, so only one part body is held in flight.
+    let mut in_flight: FuturesUnordered<BoxFuture<'static, (bool, Result<(), StoreError>)>> = FuturesUnordered::new();
+    let mut uploading = false;
     let result: Result<Result<(), Fallback>, StoreError> = async {
         for part in &plan.parts {
-            match part {
-                Part::Copy(r) => match upload.copy_part(r.clone(), base.etag).await {
-                    Err(StoreError::Unsupported { .. }) => return Ok(Err(Fallback::CopyUnsupported)),
-                    other => other?,
-                },
-                Part::Upload(r) => {
-                    let body = build_part(backend, &key, layout, cipher, &version, base, old_stored, src, new_len, &plan.dirty, r.clone(), &mut sealed).await?;
-                    upload.put_part(body).await?;
+            let is_upload = matches!(part, Part::Upload(_));
+            while in_flight.len() >= PARTS_IN_FLIGHT || (is_upload && uploading) {
+                match in_flight.next().await {
+                    Some((was_upload, r)) => {
+                        uploading &= !was_upload;
+                        if let Err(f) = part_done(r)? {
+                            return Ok(Err(f));
+                        }
+                    }
+                    None => break,
                 }
+            }
+            let sent = match part {
+                Part::Copy(r) => upload.copy_part(r.clone(), base.etag),
+                Part::Upload(r) => {
+                    let (dirty, r) = (&plan.dirty, r.clone());
+                    let body = build_part(
+                        backend, &key, layout, cipher, &version, base, old_stored, src, new_len, dirty, r, &mut sealed,
+                    )
+                    .await?;
+                    uploading = true;
+                    upload.put_part(body)
+                }
+            };
+            in_flight.push(sent.map(move |r| (is_upload, r)).boxed());
+        }
+        while let Some((_, r)) = in_flight.next().await {
+            if let Err(f) = part_done(r)? {
+                return Ok(Err(f));
             }
         }
         Ok(Ok(()))
     }
     .await;
+    // Parts still in flight after a failure are cancelled before the upload is aborted.
+    drop(in_flight);
     if let Ok(Ok(())) = result {
         return upload.complete().await.map(Ok);
     }
@@ -307,6 +349,14 @@ pub async fn update(
         Ok(Err(fallback)) => Ok(Err(fallback)),
         Err(e) => Err(e),
         Ok(Ok(())) => unreachable!("invariant broken: a finished plan was completed above"),
+    }
+}
+
+/// A part's answer: a copy the store cannot make means "rewrite whole"; any other error ends the update.
+fn part_done(r: Result<(), StoreError>) -> Result<Result<(), Fallback>, StoreError> {
+    match r {
+        Err(StoreError::Unsupported { .. }) => Ok(Err(Fallback::CopyUnsupported)),
+        other => other.map(Ok),
     }
 }
 
@@ -435,6 +485,7 @@ mod tests {
             assert!(r.end - r.start <= MAX_COPY_PART_LEN);
             if let Part::Copy(r) = p {
                 assert!(r.end <= old_stored, "a copy lies inside the old object");
+                assert!(r.end - r.start <= copy_target(new_stored) + MIN_PART_LEN, "copies are cut: {:?}", plan.parts);
                 for d in &plan.dirty {
                     let s = layout.stored_range(d.clone(), new_len);
                     assert!(r.end <= s.start || r.start >= s.end, "copy {r:?} overlaps dirty {s:?}");
@@ -459,7 +510,11 @@ mod tests {
             check(layout, GIB, GIB, &dirty, &p);
             assert_eq!(p.upload_bytes, MIN_PART_LEN, "{layout:?}: {:?}", p.parts);
             assert!(p.fetch_bytes <= MIN_PART_LEN);
-            assert_eq!(p.parts.len(), 3, "{:?}", p.parts);
+            let uploads = p.parts.iter().filter(|p| matches!(p, Part::Upload(_))).count();
+            assert_eq!(uploads, 1, "{:?}", p.parts);
+            // The copies around it are cut near the target size, so they can run side by side.
+            // (1 GiB of 64 MiB parts, and a short one on either side of the change at most).
+            assert!((1 + 16..=1 + 18).contains(&p.parts.len()), "{:?}", p.parts);
             assert!(p.upload_bytes <= 16 * MIB && p.fetch_bytes <= 16 * MIB);
         }
     }
