@@ -43,6 +43,17 @@ fn entries(cache: &Path) -> (Vec<std::path::PathBuf>, u64) {
     (files, bytes)
 }
 
+/// Reads `name` through `m` and waits until the disk cache has written at least `total` bytes since the mount (the
+/// pages reach the disk in the background, after the read returns).
+fn read_into_cache(m: &Mount, addr: &str, name: &str, total: usize) {
+    std::fs::read(m.path(name)).unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || metric(addr, "s3cryptfs_disk_cache_written_bytes_total")
+            >= total as f64),
+        "the pages of {name} were not all written to the disk cache"
+    );
+}
+
 fn marked(len: usize, seed: u64) -> Vec<u8> {
     let mut data = pattern(len, seed);
     for at in (0..len.saturating_sub(MARKER.len())).step_by(4096) {
@@ -129,10 +140,7 @@ fn changed_objects_are_not_served_stale(store: &Store) {
     {
         let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
         std::fs::write(m.path("f"), &old).unwrap();
-        assert_bytes(std::fs::read(m.path("f")).unwrap(), &old, "first read");
-        assert!(wait_until(std::time::Duration::from_secs(10), || {
-            metric(&addr, "s3cryptfs_disk_cache_written_bytes_total") >= old.len() as f64
-        }));
+        read_into_cache(&m, &addr, "f", old.len());
     }
     let (_, used) = entries(&cache);
     {
@@ -210,10 +218,7 @@ fn damaged_entries_are_refetched(store: &Store) {
     {
         let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
         std::fs::write(m.path("f"), &plain).unwrap();
-        std::fs::read(m.path("f")).unwrap();
-        assert!(wait_until(std::time::Duration::from_secs(10), || {
-            metric(&addr, "s3cryptfs_disk_cache_written_bytes_total") >= plain.len() as f64
-        }));
+        read_into_cache(&m, &addr, "f", plain.len());
     }
     let (mut files, _) = entries(&cache);
     files.sort();
@@ -301,6 +306,80 @@ fn a_kill_during_cache_writes_loses_nothing_local() {
 #[test]
 fn a_kill_during_cache_writes_loses_nothing_s3() {
     a_kill_during_cache_writes_loses_nothing(&Store::s3());
+}
+
+/// A file renamed, replaced and unlinked on this mount while it is read from the disk cache: a descriptor opened
+/// before keeps reading the version it opened (POSIX; the unlink stages it first), a read by name sees one version
+/// whole or nothing (ENOENT between the rename and the new file), never pages of two versions, and the next mount
+/// reads the last version from the cache and the store.
+fn renames_and_unlinks_racing_cached_reads(store: &Store) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let versions: Vec<Vec<u8>> = (0..3).map(|i| pattern(6 << 20, 30 + i)).collect();
+    {
+        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+        std::fs::write(m.path("f"), &versions[0]).unwrap();
+        read_into_cache(&m, &addr, "f", versions[0].len());
+    }
+    let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
+    let held = std::fs::File::open(m.path("f")).unwrap();
+    let mut head = vec![0u8; 4096];
+    held.read_exact_at(&mut head, 0).unwrap();
+    assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") > 0.0, "the first read did not come from the disk cache");
+    let stop = AtomicBool::new(false);
+    let whole_reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut whole = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match std::fs::read(m.path("f")) {
+                    Ok(got) => {
+                        let v = versions.iter().position(|v| *v == got);
+                        assert!(v.is_some(), "a read of f ({} bytes) is no version whole", got.len());
+                        whole += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => panic!("a read of f: {e}"),
+                }
+            }
+            whole
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // New versions are written aside and renamed into place, so `f` is always one version whole (a reader may
+        // see a file being written half written, on any filesystem).
+        std::fs::rename(m.path("f"), m.path("g")).unwrap();
+        std::fs::write(m.path("n"), &versions[1]).unwrap();
+        std::fs::rename(m.path("n"), m.path("f")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::remove_file(m.path("g")).unwrap();
+        std::fs::write(m.path("n"), &versions[2]).unwrap();
+        std::fs::rename(m.path("n"), m.path("f")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(whole_reads > 0, "the reader never read f whole");
+    let mut all = vec![0u8; versions[0].len()];
+    held.read_exact_at(&mut all, 0).unwrap();
+    assert_bytes(&all, &versions[0], "the descriptor opened before the rename and the unlink");
+    assert_eq!(held.metadata().unwrap().nlink(), 0, "the held file is unlinked");
+    drop(held);
+    drop(m);
+    let (m, _) = cached_mount(&env, store, "cse-c", &cache, &[]);
+    assert_bytes(std::fs::read(m.path("f")).unwrap(), &versions[2], "f after a remount");
+    assert!(!m.path("g").exists() && !m.path("n").exists(), "a renamed or unlinked name came back");
+}
+
+#[test]
+fn renames_and_unlinks_racing_cached_reads_local() {
+    let env = Env::new();
+    renames_and_unlinks_racing_cached_reads(&Store::local(env.path()));
+}
+
+#[test]
+fn renames_and_unlinks_racing_cached_reads_s3() {
+    renames_and_unlinks_racing_cached_reads(&Store::s3());
 }
 
 #[test]
