@@ -70,7 +70,8 @@
 # remount served from it (disk_warm); gocryptfs on the same local disk (Debian package gocryptfs), when installed,
 # is the local reference for disk_warm. BENCH_DISK=0 skips it.
 #
-# Other knobs: BENCH_RAW=0 skips the raw client; BENCH_TIMEOUT (default 1800) bounds each workload in seconds; a
+# Other knobs: BENCH_FS=0 skips every workload but the disk cache's (with BENCH_DISK=1); BENCH_RAW=0 skips the raw
+# client; BENCH_TIMEOUT (default 1800) bounds each workload in seconds; a
 # workload that fails or times out shows as "fail" in the table and the run goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -243,7 +244,10 @@ CONF
 # PID is DAEMON, and waits for the mount.
 fs_mount() {
   local sys=$1 b=$2
-  rm -rf "$WORK/cache" "$WORK/staging"
+  rm -rf "$WORK/cache"
+  # A fresh journal per mount, except where a workload needs the last one's (KEEP_JOURNAL: in modes none, sse-s3
+  # and sse-kms the disk cache's key comes from the journal's local key, so a new journal empties the cache).
+  if [ -z "${KEEP_JOURNAL:-}" ]; then rm -rf "$WORK/staging"; fi
   mkdir -p "$WORK/cache"
   case $sys in
     s3fs)
@@ -388,6 +392,7 @@ if [ "${BENCH_RAW:-1}" = 1 ]; then SYSTEMS+=(raw); fi
 SYSTEMS+=("${MODES[@]}" "${PEERS[@]}")
 # Runs interleave the systems (run 1 of each, then run 2 of each, ...), so a drift of the server's speed over the
 # benchmark spreads over all of them instead of landing on one.
+if [ "${BENCH_FS:-1}" != 1 ]; then SYSTEMS=(); fi
 for run in $(seq "$RUNS"); do
   for sys in "${SYSTEMS[@]}"; do
     echo "bench: run $run/$RUNS: $sys" >&2
@@ -407,7 +412,7 @@ run_disk() {
     rm -rf "$WORK/dcache"
     export FS_MORE="cache_dir=$WORK/dcache,cache_disk_size=$((MIB * 2 + 64))M"
     RENAME=disk_cold fs_workload "$mode" "$run" "$b" disk_cold read "$MIB"
-    RENAME=disk_warm fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
+    RENAME=disk_warm KEEP_JOURNAL=1 fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
     unset FS_MORE
     rm -rf "$WORK/dcache"
     drop_bucket "$b"
