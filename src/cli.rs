@@ -34,6 +34,16 @@ pub enum Command {
     /// without re-encrypting content: cse-c and cse-kms re-wrap each object's data key, sse-c copies each object
     /// server-side from its old key to the new one. Resumable: objects already on the new key are skipped.
     Rekey(RekeyArgs),
+    /// Decrypt one file of STORE to standard output (or to --output FILE) without mounting: every byte is
+    /// authenticated before it is written; a failure exits with status 1 (with --output nothing is left behind).
+    Cat(CatArgs),
+    /// List files of STORE under PREFIX without mounting: plaintext names, type and mode, size, mtime and how each
+    /// object is encrypted.
+    Ls(LsArgs),
+    /// Authenticate every object under PREFIX completely (every chunk, the path binding, the envelope) without
+    /// mounting, in parallel; a summary of failures by kind (tampered, wrong key, not our format, unreadable).
+    /// Exits 1 if any object failed.
+    Verify(VerifyArgs),
     /// Unmount DIR and wait until its daemon has uploaded everything still pending (plain `fusermount3 -u` returns
     /// before that). Exits non-zero if the mount is busy or data could not be uploaded (it then stays in the write
     /// journal for the next start).
@@ -150,6 +160,71 @@ pub struct RekeyArgs {
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
     pub store: String,
+}
+
+/// What the offline tools (`cat`, `ls`) share with `mount`: the mode and key options.
+#[derive(Debug, Args)]
+pub struct ToolOptions {
+    #[arg(long, value_name = "MODE", help = "Same as -o mode=MODE")]
+    pub mode: Option<String>,
+    #[arg(long, value_name = "PATH", help = "Same as -o key_file=PATH")]
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// Mount-style options naming the mode, keys and store (mode=, key_file=/key_fd=/key_env=/key_credential=/agent…,
+    /// kms_key_id=, kms_endpoint=, endpoint=, region=, ca_file=, rsa_key_file=, timeout=). May be repeated. A value
+    /// that is not an option (no `=`, not an option word) names the output file, as --output.
+    #[arg(short = 'o', value_name = "OPTS|FILE")]
+    pub options: Vec<String>,
+    /// Write the file here instead of standard output; it appears only once every byte was authenticated.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub tool: ToolOptions,
+    /// The store, as for mount (file:///dir, s3://bucket[/prefix]).
+    pub store: String,
+    /// The file's path inside the store (as it shows in a mount).
+    pub path: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Mount-style options naming the mode, keys and store (as for cat). May be repeated.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// List the whole tree under PREFIX.
+    #[arg(long, short = 'R')]
+    pub recursive: bool,
+    /// One JSON object per line (path, type, size, mode, uid, gid, mtime, encryption).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tool: ToolOptions,
+    /// The store, as for mount.
+    pub store: String,
+    /// A directory (or file) inside the store; the root without it.
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Mount-style options naming the mode, keys and store (as for cat). May be repeated.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Objects read at once.
+    #[arg(long, default_value_t = 8)]
+    pub jobs: usize,
+    /// Print one JSON summary (counts, failures by kind, each failure) on standard output instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tool: ToolOptions,
+    /// The store, as for mount.
+    pub store: String,
+    /// A directory (or file) inside the store; the whole store without it.
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -49,5 +49,6 @@ pub mod read;
 pub mod rekey;
 pub mod run;
 pub mod store;
+pub mod tools;
 pub mod unmount;
 pub mod upload;

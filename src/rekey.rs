@@ -281,7 +281,7 @@ fn test_signal() -> anyhow::Result<Option<(i32, u64)>> {
     }
 }
 
-fn init_logging(level: Option<&str>) {
+pub(crate) fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = level
         .and_then(|l| EnvFilter::try_new(l).ok())

@@ -28,6 +28,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => crate::agent::agent_command(args),
         Command::Key(args) => crate::agent::key_command(args),
         Command::Rekey(args) => crate::rekey::rekey_command(args),
+        Command::Cat(args) => crate::tools::cat_command(args),
+        Command::Ls(args) => crate::tools::ls_command(args),
+        Command::Verify(args) => crate::tools::verify_command(args),
         Command::Unmount { dir, lazy, timeout } => crate::unmount::unmount(
             &dir,
             if lazy { crate::unmount::How::Lazy } else { crate::unmount::How::Normal },
@@ -534,6 +537,39 @@ pub async fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) ->
     Ok(backend)
 }
 
+/// The AEAD implementation `aead=` chose.
+pub(crate) fn aead_of(config: &MountConfig) -> AeadBackend {
+    match config.aead {
+        AeadChoice::AwsLc => AeadBackend::AwsLc,
+        AeadChoice::RustCrypto => AeadBackend::RustCrypto,
+    }
+}
+
+/// How the mode turns files into objects and back.
+pub(crate) fn codec_of(config: &MountConfig, keys: Option<Arc<KeyHistory>>) -> anyhow::Result<Codec> {
+    let (aead, format) = (aead_of(config), config.format);
+    Ok(match (config.mode, keys) {
+        // Server-side modes store the bytes as they are: the server encrypts them.
+        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC, _) => {
+            Codec::Plain
+        }
+        // cse-kms reads cse-c objects too when it is given a key file.
+        (EncryptionMode::CseKms, keys) => Codec::Cse { keys, kms: Some(kms_client(config)?), aead, format },
+        (EncryptionMode::CseC, Some(keys)) => Codec::Cse { keys: Some(keys), kms: None, aead, format },
+        (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
+    })
+}
+
+/// The checks a start makes before it serves: the store answers (with one sentence on what to fix when it does
+/// not), the key opens what the store holds, and the KMS key can be used.
+pub(crate) async fn check_store(config: &MountConfig, backend: &dyn Backend, codec: &Codec) -> anyhow::Result<()> {
+    if let Err(e) = backend.check_access().await {
+        bail!("{}", explain_store_error(config, &crate::error_text::error_chain(&e)));
+    }
+    check_key(backend, codec, config.mode).await?;
+    check_kms(codec, config.read_only).await
+}
+
 /// If the store already holds encrypted objects, checks that the key history can open one, so a wrong key is an
 /// error at mount time rather than EIO later.
 async fn check_key(backend: &dyn Backend, codec: &Codec, mode: EncryptionMode) -> anyhow::Result<()> {
@@ -677,40 +713,15 @@ fn serve(
         use tokio::signal::unix::{signal, SignalKind};
         anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?))
     })?;
-    let aead = match config.aead {
-        AeadChoice::AwsLc => AeadBackend::AwsLc,
-        AeadChoice::RustCrypto => AeadBackend::RustCrypto,
-    };
-    let codec = match (config.mode, keys.clone()) {
-        // Server-side modes store the bytes as they are: the server encrypts them.
-        (EncryptionMode::None | EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC, _) => {
-            Codec::Plain
-        }
-        // cse-kms reads cse-c objects too when it is given a key file.
-        (EncryptionMode::CseKms, keys) => {
-            Codec::Cse { keys, kms: Some(kms_client(&config)?), aead, format: config.format }
-        }
-        (EncryptionMode::CseC, Some(keys)) => Codec::Cse { keys: Some(keys), kms: None, aead, format: config.format },
-        (EncryptionMode::CseC, None) => bail!("mode=cse-c needs key_file=PATH"),
-    };
+    let aead = aead_of(&config);
+    let codec = codec_of(&config, keys.clone())?;
     let backend = rt.block_on(async {
         let mut backend = open_store(&config, keys.as_ref()).await?;
         if let Some(addr) = config.metrics_addr {
             crate::metrics::install(addr)?;
             backend = Arc::new(crate::metrics::MeteredBackend::new(backend));
         }
-        if let Err(e) = backend.check_access().await {
-            let mut detail = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                detail.push_str(": ");
-                detail.push_str(&s.to_string());
-                src = s.source();
-            }
-            bail!("{}", explain_store_error(&config, &detail));
-        }
-        check_key(&*backend, &codec, config.mode).await?;
-        check_kms(&codec, config.read_only).await?;
+        check_store(&config, &*backend, &codec).await?;
         if !config.read_only {
             if let Err(e) = backend.probe_conditional_writes().await {
                 bail!("{}", explain_store_error(&config, &crate::error_text::error_chain(&e)));

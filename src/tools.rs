@@ -1,0 +1,627 @@
+//! Offline tools: `s3cryptfs cat`, `ls` and `verify` read an encrypted store without mounting it.
+//!
+//! Why: an encrypted store must never be a trap. An operator without FUSE (a container, CI, a rescue shell) still
+//! needs to get a file out or see what is there. Both tools drive the same filesystem core the mount serves
+//! (`fs::Fs`, read-only), so they read every format the mount reads (own format versions 1–3, S3 Encryption Client
+//! objects, plaintext modes) with the same checks: a chunk that fails authentication, a path binding that names
+//! another object, a truncated or extended object are errors, never bytes.
+//!
+//! What a failed `cat` leaves behind:
+//! - with `--output FILE` (or `-o FILE`): nothing. The bytes go to a temporary file beside FILE, which is renamed to
+//!   FILE only once the last byte was authenticated, and removed otherwise;
+//! - on standard output: the bytes before the failure have been written (the tool streams; a file may be larger
+//!   than memory), so a failed run is signalled by its exit status (1) and a line on stderr that says how many bytes
+//!   went out and that they are not the whole file. Scripts must check the status, as with any streaming decryptor
+//!   (`gpg -d`, `age -d`, `rclone cat`).
+//!
+//! `verify` reads every file of a tree through the same core, in parallel, and throws the bytes away: a file that
+//! reads to its end had every chunk, its path binding and its envelope authenticated. Failures are sorted into
+//! kinds ([`Failure`]) from the core's typed errors.
+//!
+//! The core needs a write journal even read-only; the tools give it a private temporary directory that is removed
+//! at exit, so nothing of theirs stays on disk.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use crate::cache::PageCache;
+use crate::cli::{CatArgs, LsArgs, ToolOptions, VerifyArgs};
+use crate::config::MountConfig;
+use crate::crypto::{Envelope, Header, HEADER_LEN};
+use crate::fs::{FileKind, Fs, FsConfig, OpenMode, ROOT_INO};
+use crate::object::{Codec, FormatHint, StoredFormat};
+use crate::store::{Backend, ObjectKey};
+
+/// Bytes asked of the core per read.
+const READ_LEN: u32 = 1 << 20;
+
+/// Page cache of a tool: it reads each byte once.
+const TOOL_CACHE: u64 = 32 << 20;
+
+/// A read-only core over the store, as a mount would have it, with what keeps it alive.
+struct Core {
+    fs: Arc<Fs>,
+    backend: Arc<dyn Backend>,
+    codec: Codec,
+    rt: tokio::runtime::Runtime,
+    _journal_dir: tempfile::TempDir,
+}
+
+/// Splits the `-o` values into mount options and, for `cat`, the output file: a value with `=` or `,`, or a word
+/// that is a mount option (`ro`), is options; anything else names the output file.
+fn split_o(values: &[String], store: &str) -> (Vec<(String, Option<String>)>, Vec<String>) {
+    let mut pairs = Vec::new();
+    let mut files = Vec::new();
+    for v in values {
+        // Parsed alone, a word that is no option is refused as unknown; any other answer means it is one.
+        let word_option = !v.contains(['=', ',', '/', '.'])
+            && !matches!(
+                MountConfig::from_options(store.into(), PathBuf::from("/"), true, &crate::config::split_options(v)),
+                Err(crate::config::ConfigError::UnknownOption(_))
+            );
+        if v.contains(['=', ',']) || word_option {
+            pairs.extend(crate::config::split_options(v));
+        } else {
+            files.push(v.clone());
+        }
+    }
+    (pairs, files)
+}
+
+/// `check_key`: refuse to start when the key does not open a sample object (cat, ls); verify checks every object
+/// instead and reports a wrong key per object.
+fn open_core(
+    store: &str,
+    opts: &ToolOptions,
+    mut pairs: Vec<(String, Option<String>)>,
+    check_key: bool,
+) -> anyhow::Result<Core> {
+    if let Some(mode) = &opts.mode {
+        pairs.push(("mode".into(), Some(mode.clone())));
+    }
+    if let Some(file) = &opts.key_file {
+        pairs.push(("key_file".into(), Some(file.clone())));
+    }
+    // Reading only, whatever the options say.
+    pairs.push(("ro".into(), None));
+    let config = MountConfig::from_options(store.to_string(), PathBuf::from("/"), true, &pairs)?;
+    crate::daemon::harden_process();
+    // Before any thread exists: key_env= edits the environment, which is only safe single-threaded.
+    let keys = match &config.key_source {
+        Some(source) => Some(Arc::new(crate::keys::load(source)?)),
+        None => None,
+    };
+    if let Some(keys) = &keys {
+        if !crate::keys::lock_in_memory(keys) {
+            eprintln!("s3cryptfs: could not lock the keys in memory (RLIMIT_MEMLOCK); they may be written to swap");
+        }
+    }
+    let rsa_key = match &config.rsa_key_file {
+        Some(path) => Some(Arc::new(crate::keys::load_rsa_key_file(path)?)),
+        None => None,
+    };
+    crate::rekey::init_logging(config.log_level.as_deref());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("s3cryptfs-tool").build()?;
+    let codec = crate::run::codec_of(&config, keys.clone())?;
+    let backend = rt.block_on(async {
+        let backend = crate::run::open_store(&config, keys.as_ref()).await?;
+        if check_key {
+            crate::run::check_store(&config, &*backend, &codec).await?;
+        } else if let Err(e) = backend.check_access().await {
+            bail!("cannot use store {}: {}", config.store_url, crate::error_text::error_chain(&e));
+        }
+        anyhow::Ok(backend)
+    })?;
+    let journal_dir = tempfile::Builder::new().prefix("s3cryptfs-tool-").tempdir().context("a temporary directory")?;
+    let aead = crate::run::aead_of(&config);
+    let journal = rt
+        .block_on(crate::journal::Journal::open(
+            journal_dir.path(),
+            &config.store_url,
+            crate::journal::Keying::Local,
+            aead,
+        ))
+        .map_err(|e| anyhow::anyhow!("the temporary journal: {e}"))?;
+    let memory = crate::memory::MemoryBudget::new(TOOL_CACHE * 4);
+    let fs = Fs::new(
+        backend.clone(),
+        codec.clone(),
+        PageCache::with_memory(TOOL_CACHE, memory),
+        Arc::new(journal),
+        FsConfig {
+            uid: config.uid,
+            gid: config.gid,
+            umask: config.umask,
+            read_only: true,
+            attr_ttl: config.attr_ttl,
+            max_readahead: config.cache.max_readahead,
+            s3ec: crate::read::s3ec::S3ecOptions { require_commitment: config.require_commitment, rsa_key },
+        },
+    );
+    Ok(Core { fs: Arc::new(fs), backend, codec, rt, _journal_dir: journal_dir })
+}
+
+/// The node at `path` (components separated by `/`; empty or `/` is the root), with its attributes.
+async fn resolve(fs: &Fs, path: &str) -> anyhow::Result<crate::fs::Attr> {
+    let mut attr = fs.getattr(ROOT_INO).await.map_err(|e| anyhow::anyhow!("the store's root: {e}"))?;
+    let mut walked = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        if attr.kind != FileKind::Dir {
+            bail!("{walked}: not a directory");
+        }
+        if !walked.is_empty() {
+            walked.push('/');
+        }
+        walked.push_str(part);
+        attr = fs.lookup(attr.ino, OsStr::new(part)).await.map_err(|e| anyhow::anyhow!("{walked}: {e}"))?;
+    }
+    Ok(attr)
+}
+
+pub fn cat_command(args: CatArgs) -> anyhow::Result<()> {
+    let (pairs, mut files) = split_o(&args.options, &args.store);
+    if let Some(out) = &args.output {
+        files.push(out.display().to_string());
+    }
+    if files.len() > 1 {
+        bail!("more than one output file given ({}): name one", files.join(", "));
+    }
+    let output = files.pop().map(PathBuf::from);
+    let core = open_core(&args.store, &args.tool, pairs, true)?;
+    let fs = core.fs.clone();
+    let path = args.path.clone();
+    core.rt.block_on(async move {
+        let attr = resolve(&fs, &path).await?;
+        match attr.kind {
+            FileKind::File => {}
+            FileKind::Dir => bail!("{path}: is a directory"),
+            FileKind::Symlink => {
+                let target = fs.readlink(attr.ino).await.map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+                bail!("{path}: is a symbolic link to {}; cat that path instead", String::from_utf8_lossy(&target))
+            }
+            other => bail!("{path}: is not a regular file ({other:?})"),
+        }
+        match &output {
+            Some(file) => cat_to_file(&fs, attr.ino, &path, file).await,
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                let (sent, result) = copy_out(&fs, attr.ino, &mut stdout).await;
+                let flushed = stdout.flush();
+                match (result, flushed) {
+                    (Ok(()), Ok(())) => Ok(()),
+                    (Err(e), _) if sent == 0 => Err(e.context(format!("{path}: nothing was written"))),
+                    (Err(e), _) => Err(e.context(format!(
+                        "{path}: {sent} bytes were written to standard output before this; they are not the whole file"
+                    ))),
+                    (Ok(()), Err(e)) => Err(anyhow::Error::new(e).context("writing to standard output")),
+                }
+            }
+        }
+    })
+}
+
+/// Writes the file to a temporary file beside `file`, renamed to `file` only when every byte was read and checked.
+async fn cat_to_file(fs: &Fs, ino: u64, path: &str, file: &Path) -> anyhow::Result<()> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".s3cryptfs-cat-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let (_, result) = copy_out(fs, ino, tmp.as_file_mut()).await;
+    result.with_context(|| format!("{path}: nothing was written to {}", file.display()))?;
+    tmp.as_file().sync_all().with_context(|| format!("writing {}", file.display()))?;
+    tmp.persist(file).map_err(|e| anyhow::Error::new(e.error)).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+/// Reads the file from its start to its end through the core into `out`: the bytes written, and how it ended.
+async fn copy_out(fs: &Fs, ino: u64, out: &mut dyn Write) -> (u64, anyhow::Result<()>) {
+    let fh = match fs.open(ino, OpenMode::default()).await {
+        Ok(fh) => fh,
+        Err(e) => return (0, Err(anyhow::anyhow!("{}", crate::error_text::error_chain(&e)))),
+    };
+    let mut at = 0u64;
+    let result = loop {
+        let bytes = match fs.read(fh, at, READ_LEN).await {
+            Ok(b) => b,
+            Err(e) => break Err(anyhow::anyhow!("{}", crate::error_text::error_chain(&e))),
+        };
+        if bytes.is_empty() {
+            break Ok(());
+        }
+        if let Err(e) = out.write_all(&bytes) {
+            break Err(anyhow::Error::new(e).context("writing the output"));
+        }
+        at += bytes.len() as u64;
+    };
+    let _ = fs.release(fh).await;
+    // The core stops at the length it knows; a read that ends short of it is an error there, not here.
+    (at, result)
+}
+
+pub fn ls_command(args: LsArgs) -> anyhow::Result<()> {
+    let pairs = args.options.iter().flat_map(|o| crate::config::split_options(o)).collect();
+    let core = open_core(&args.store, &args.tool, pairs, true)?;
+    let (fs, backend, codec) = (core.fs.clone(), core.backend.clone(), core.codec.clone());
+    let prefix = args.prefix.clone().unwrap_or_default();
+    let recursive = args.recursive;
+    let json = args.json;
+    core.rt.block_on(async move {
+        let top = resolve(&fs, &prefix).await?;
+        let base = prefix.trim_matches('/').to_string();
+        let mut out = std::io::stdout().lock();
+        if top.kind != FileKind::Dir {
+            let kind = kind_of(&*backend, &codec, &base, &top).await;
+            return print_entry(&mut out, json, &base, &top, &kind, None);
+        }
+        let mut dirs = vec![(base, top.ino)];
+        while let Some((dir, ino)) = dirs.pop() {
+            let fh = fs.opendir(ino).await.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+            let entries = fs.readdir(fh);
+            fs.releasedir(fh);
+            let entries = entries.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+            let mut subdirs = Vec::new();
+            for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
+                let path = if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) };
+                let attr = match fs.lookup(ino, OsStr::new(&e.name)).await {
+                    Ok(a) => a,
+                    Err(err) => {
+                        eprintln!("s3cryptfs ls: {path}: {err}");
+                        continue;
+                    }
+                };
+                let kind = kind_of(&*backend, &codec, &path, &attr).await;
+                let target = match attr.kind {
+                    FileKind::Symlink => {
+                        fs.readlink(attr.ino).await.ok().map(|t| String::from_utf8_lossy(&t).into_owned())
+                    }
+                    _ => None,
+                };
+                print_entry(&mut out, json, &path, &attr, &kind, target.as_deref())?;
+                if recursive && attr.kind == FileKind::Dir {
+                    subdirs.push((path, attr.ino));
+                }
+            }
+            // Depth first, in name order.
+            dirs.extend(subdirs.into_iter().rev());
+        }
+        out.flush()?;
+        Ok(())
+    })
+}
+
+/// Why an object did not verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Failure {
+    /// A chunk, the header, the version map or the path binding failed authentication, or the object was cut.
+    Tampered,
+    /// No key given opens it (another customer key, another KMS key, a key of another mode).
+    WrongKey,
+    /// Not an object of a client-side format this build reads.
+    NotOurFormat,
+    /// The store or KMS did not answer, or another error.
+    Unreadable,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Tampered => "tampered",
+            Failure::WrongKey => "wrong key",
+            Failure::NotOurFormat => "not our format",
+            Failure::Unreadable => "unreadable",
+        }
+    }
+
+    /// The kind of a read error of the core.
+    pub fn of(e: &crate::fs::Error) -> Failure {
+        use crate::crypto::CryptoError as C;
+        use crate::fs::Error as E;
+        use crate::read::s3ec::S3ecReadError as S;
+        match e {
+            E::Crypto { source, .. } => match source {
+                C::UnknownKey { .. } | C::NeedsKms { .. } | C::NeedsCustomerKey { .. } => Failure::WrongKey,
+                C::NotOurFormat | C::UnsupportedVersion { .. } | C::UnsupportedEnvelope { .. } => {
+                    Failure::NotOurFormat
+                }
+                _ => Failure::Tampered,
+            },
+            E::NotOurFormat { .. } => Failure::NotOurFormat,
+            E::S3ec { source, .. } => match source {
+                S::KmsRefused { .. } | S::NeedsKms | S::NeedsCustomerKey | S::NeedsRsaKey | S::NoKeyUnwraps { .. } => {
+                    Failure::WrongKey
+                }
+                S::LegacyV1 | S::CommitmentRequired => Failure::NotOurFormat,
+                S::Kms(_) | S::MissingInstructionFile { .. } => Failure::Unreadable,
+                S::Format(_) => Failure::Tampered,
+            },
+            _ => Failure::Unreadable,
+        }
+    }
+}
+
+/// Reads `ino` to its end and throws the bytes away: the bytes read, or why it stopped.
+async fn read_through(fs: &Fs, ino: u64) -> (u64, Result<(), crate::fs::Error>) {
+    let fh = match fs.open(ino, OpenMode::default()).await {
+        Ok(fh) => fh,
+        Err(e) => return (0, Err(e)),
+    };
+    let mut at = 0u64;
+    let result = loop {
+        match fs.read(fh, at, READ_LEN).await {
+            Ok(b) if b.is_empty() => break Ok(()),
+            Ok(b) => at += b.len() as u64,
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = fs.release(fh).await;
+    (at, result)
+}
+
+/// Every file under `top` (depth first, in name order), with its inode and size.
+async fn files_under(fs: &Fs, base: &str, top: &crate::fs::Attr) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    if top.kind == FileKind::File {
+        return Ok(vec![(base.to_string(), top.ino, top.size)]);
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![(base.to_string(), top.ino)];
+    while let Some((dir, ino)) = dirs.pop() {
+        let fh = fs.opendir(ino).await.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+        let entries = fs.readdir(fh);
+        fs.releasedir(fh);
+        let entries = entries.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+        let mut subdirs = Vec::new();
+        for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
+            let path = if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) };
+            match e.kind {
+                FileKind::Dir => subdirs.push((path, e.ino)),
+                FileKind::File => {
+                    let size = fs.getattr(e.ino).await.map(|a| a.size).unwrap_or(0);
+                    files.push((path, e.ino, size));
+                }
+                _ => {}
+            }
+        }
+        dirs.extend(subdirs.into_iter().rev());
+    }
+    Ok(files)
+}
+
+pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use std::io::IsTerminal;
+    if args.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let pairs = args.options.iter().flat_map(|o| crate::config::split_options(o)).collect();
+    let core = open_core(&args.store, &args.tool, pairs, false)?;
+    let fs = core.fs.clone();
+    let prefix = args.prefix.clone().unwrap_or_default();
+    let (json, jobs) = (args.json, args.jobs);
+    let progress = !json && std::io::stderr().is_terminal();
+    let failed = core.rt.block_on(async move {
+        let top = resolve(&fs, &prefix).await?;
+        let files = files_under(&fs, prefix.trim_matches('/'), &top).await?;
+        let (total, total_bytes) = (files.len(), files.iter().map(|f| f.2).sum::<u64>());
+        let started = std::time::Instant::now();
+        let mut last_line = started;
+        let (mut checked, mut bytes) = (0usize, 0u64);
+        let mut failures: Vec<(String, Failure, String)> = Vec::new();
+        let mut pending = files.into_iter();
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < jobs {
+                let Some((path, ino, _)) = pending.next() else { break };
+                let fs = fs.clone();
+                running.push(async move {
+                    let (n, r) = read_through(&fs, ino).await;
+                    (path, n, r)
+                });
+            }
+            let Some((path, n, r)) = running.next().await else { break };
+            checked += 1;
+            bytes += n;
+            if let Err(e) = r {
+                let kind = Failure::of(&e);
+                let detail = crate::error_text::error_chain(&e);
+                if !json {
+                    eprintln!("{path}: {}: {detail}", kind.name());
+                }
+                failures.push((path, kind, detail));
+            }
+            if progress && last_line.elapsed() >= std::time::Duration::from_millis(500) {
+                last_line = std::time::Instant::now();
+                let mib = bytes as f64 / f64::from(1 << 20);
+                eprint!(
+                    "\rverify: {checked}/{total} objects, {mib:.1} of {:.1} MiB, {} failed ",
+                    total_bytes as f64 / f64::from(1 << 20),
+                    failures.len()
+                );
+            }
+        }
+        if progress {
+            eprint!("\r\x1b[K");
+        }
+        failures.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut by_kind: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+        for f in &failures {
+            *by_kind.entry(f.1.name()).or_default() += 1;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if json {
+            let list: Vec<_> = failures
+                .iter()
+                .map(|(p, k, d)| serde_json::json!({"path": p, "kind": k.name(), "error": d}))
+                .collect();
+            let summary = serde_json::json!({
+                "objects": checked,
+                "bytes": bytes,
+                "ok": checked - failures.len(),
+                "failed": failures.len(),
+                "failures_by_kind": by_kind,
+                "failures": list,
+                "seconds": seconds,
+            });
+            println!("{summary}");
+        } else {
+            let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            println!(
+                "verify: {checked} objects, {bytes} bytes checked in {seconds:.1} s: {} ok, {} failed{}",
+                checked - failures.len(),
+                failures.len(),
+                if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) }
+            );
+        }
+        anyhow::Ok(failures.len())
+    })?;
+    if failed > 0 {
+        // The summary said it all; the exit status is what scripts look at (the temporary journal goes first).
+        drop(core);
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// How the object of a file is stored, in a few words: `cse-c v2`, `cse-kms v3`, `s3ec v2 (kms+context)`, `plain`,
+/// or why that is not known (`not ours`, `unreadable: …`). Directories and other nodes: `-`.
+async fn kind_of(backend: &dyn Backend, codec: &Codec, path: &str, attr: &crate::fs::Attr) -> String {
+    if attr.kind != FileKind::File {
+        return "-".into();
+    }
+    if !codec.is_encrypted() {
+        return "plain".into();
+    }
+    let Ok(key) = ObjectKey::new(path) else { return "unreadable: invalid key".into() };
+    let meta = match backend.head(&key).await {
+        Ok((_, meta)) => meta,
+        Err(e) => return format!("unreadable: {e}"),
+    };
+    match codec.format_hint(&meta) {
+        FormatHint::Known(StoredFormat::S3ec { .. }) => match crate::crypto::s3ec::detect(meta.extra.iter()) {
+            Ok(crate::crypto::s3ec::Detection::Complete(env)) => format!("s3ec {} ({})", env.version(), env.wrap()),
+            Ok(crate::crypto::s3ec::Detection::NeedsInstructionFile(_)) => "s3ec (instruction file)".into(),
+            Err(e) => format!("s3ec, unreadable: {e}"),
+        },
+        FormatHint::Known(StoredFormat::Own) | FormatHint::AskInstructionFile => {
+            match backend.get_range(&key, 0..HEADER_LEN).await {
+                Ok((bytes, _, _)) => match Header::decode(&bytes) {
+                    Ok(h) => match h.envelope {
+                        Envelope::CustomerKey { .. } => format!("cse-c v{}", h.version),
+                        Envelope::Kms { .. } => format!("cse-kms v{}", h.version),
+                    },
+                    Err(_) => "not ours".into(),
+                },
+                Err(e) => format!("unreadable: {e}"),
+            }
+        }
+    }
+}
+
+fn print_entry(
+    out: &mut dyn Write,
+    json: bool,
+    path: &str,
+    attr: &crate::fs::Attr,
+    kind: &str,
+    target: Option<&str>,
+) -> anyhow::Result<()> {
+    let mtime = attr.mtime.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if json {
+        let line = serde_json::json!({
+            "path": path,
+            "type": match attr.kind {
+                FileKind::Dir => "dir",
+                FileKind::Symlink => "symlink",
+                FileKind::File => "file",
+                _ => "special",
+            },
+            "size": attr.size,
+            "mode": format!("{:04o}", attr.perm),
+            "uid": attr.uid,
+            "gid": attr.gid,
+            "mtime": mtime,
+            "encryption": kind,
+            "target": target,
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        let t = match attr.kind {
+            FileKind::Dir => 'd',
+            FileKind::Symlink => 'l',
+            FileKind::File => '-',
+            FileKind::Fifo => 'p',
+            FileKind::CharDevice => 'c',
+            FileKind::BlockDevice => 'b',
+            FileKind::Socket => 's',
+        };
+        let (perm, when) = (mode_string(attr.perm), utc_minute(mtime));
+        match target {
+            Some(to) => writeln!(out, "{t}{perm} {:>12} {when} {kind:<16} {path} -> {to}", attr.size)?,
+            None => writeln!(out, "{t}{perm} {:>12} {when} {kind:<16} {path}", attr.size)?,
+        }
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM` (UTC) of seconds since the epoch (days to a civil date: H. Hinnant's algorithm).
+fn utc_minute(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (hour, minute) = (secs % 86_400 / 3600, secs % 3600 / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}")
+}
+
+/// `rwxr-x---` from permission bits.
+fn mode_string(perm: u16) -> String {
+    let mut s = String::with_capacity(9);
+    for shift in [6u16, 3, 0] {
+        let bits = (perm >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn o_values_are_options_or_the_output_file() {
+        let vals: Vec<String> =
+            ["key_file=/k", "ro", "out.bin", "mode=cse-c,region=x", "results"].iter().map(|s| s.to_string()).collect();
+        let (pairs, files) = split_o(&vals, "file:///tmp/s");
+        let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["key_file", "ro", "mode", "region"]);
+        assert_eq!(files, ["out.bin", "results"]);
+    }
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        assert_eq!(utc_minute(0), "1970-01-01 00:00");
+        assert_eq!(utc_minute(951_782_400 + 3661), "2000-02-29 01:01");
+        assert_eq!(utc_minute(1_796_304_635), "2026-12-03 13:30");
+    }
+
+    #[test]
+    fn modes_read_as_ls_shows_them() {
+        assert_eq!(mode_string(0o754), "rwxr-xr--");
+        assert_eq!(mode_string(0o600), "rw-------");
+    }
+}
