@@ -51,25 +51,31 @@ struct Core {
     _journal_dir: tempfile::TempDir,
 }
 
+/// Mount options as `config::split_options` gives them.
+type Options = Vec<(String, Option<String>)>;
+
 /// Splits the `-o` values into mount options and, for `cat`, the output file: a value with `=` or `,`, or a word
-/// that is a mount option (`ro`), is options; anything else names the output file.
-fn split_o(values: &[String], store: &str) -> (Vec<(String, Option<String>)>, Vec<String>) {
+/// that is a mount option (`ro`), is options; a value with `/` or `.` in it names the output file. Any other word is
+/// refused: a misspelt option (`-o require_commitmnet`) must not become a file of plaintext named after it.
+fn split_o(values: &[String], store: &str) -> anyhow::Result<(Options, Vec<String>)> {
     let mut pairs = Vec::new();
     let mut files = Vec::new();
     for v in values {
-        // Parsed alone, a word that is no option is refused as unknown; any other answer means it is one.
-        let word_option = !v.contains(['=', ',', '/', '.'])
-            && !matches!(
-                MountConfig::from_options(store.into(), PathBuf::from("/"), true, &crate::config::split_options(v)),
-                Err(crate::config::ConfigError::UnknownOption(_))
-            );
-        if v.contains(['=', ',']) || word_option {
+        if v.contains(['=', ',']) {
             pairs.extend(crate::config::split_options(v));
-        } else {
+        } else if v.contains(['/', '.']) {
             files.push(v.clone());
+        } else {
+            // Parsed alone, a word that is no option is refused as unknown; any other answer means it is one.
+            let parsed =
+                MountConfig::from_options(store.into(), PathBuf::from("/"), true, &crate::config::split_options(v));
+            if matches!(parsed, Err(crate::config::ConfigError::UnknownOption(_))) {
+                bail!("-o {v}: not an option; to name the output file use --output {v} (or -o ./{v})");
+            }
+            pairs.extend(crate::config::split_options(v));
         }
     }
-    (pairs, files)
+    Ok((pairs, files))
 }
 
 /// `check_key`: refuse to start when the key does not open a sample object (cat, ls); verify checks every object
@@ -163,7 +169,7 @@ async fn resolve(fs: &Fs, path: &str) -> anyhow::Result<crate::fs::Attr> {
 }
 
 pub fn cat_command(args: CatArgs) -> anyhow::Result<()> {
-    let (pairs, mut files) = split_o(&args.options, &args.store);
+    let (pairs, mut files) = split_o(&args.options, &args.store)?;
     if let Some(out) = &args.output {
         files.push(out.display().to_string());
     }
@@ -174,7 +180,7 @@ pub fn cat_command(args: CatArgs) -> anyhow::Result<()> {
     let core = open_core(&args.store, &args.tool, pairs, true)?;
     let fs = core.fs.clone();
     let path = args.path.clone();
-    core.rt.block_on(async move {
+    core.rt.block_on(until_interrupted(async move {
         let attr = resolve(&fs, &path).await?;
         match attr.kind {
             FileKind::File => {}
@@ -201,24 +207,60 @@ pub fn cat_command(args: CatArgs) -> anyhow::Result<()> {
                 }
             }
         }
-    })
+    }))
 }
 
-/// Writes the file to a temporary file beside `file`, renamed to `file` only when every byte was read and checked.
+/// Writes the file into an unnamed temporary file (O_TMPFILE) in `file`'s directory, which gets a name only when
+/// every byte was read and checked: a kill at any moment before leaves nothing (the kernel frees an unnamed file),
+/// and an error removes it. The file is 0600: it holds plaintext.
 async fn cat_to_file(fs: &Fs, ino: u64, path: &str, file: &Path) -> anyhow::Result<()> {
     let dir = match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".s3cryptfs-cat-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    let (_, result) = copy_out(fs, ino, tmp.as_file_mut()).await;
+    let mut tmp =
+        tempfile::tempfile_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let (_, result) = copy_out(fs, ino, &mut tmp).await;
     result.with_context(|| format!("{path}: nothing was written to {}", file.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("writing {}", file.display()))?;
-    tmp.persist(file).map_err(|e| anyhow::Error::new(e.error)).with_context(|| format!("writing {}", file.display()))?;
+    tmp.sync_all().with_context(|| format!("writing {}", file.display()))?;
+    // Named under a temporary name first (linkat refuses an existing name), then renamed over `file`.
+    let named = tempfile::Builder::new()
+        .prefix(".s3cryptfs-cat-")
+        .make_in(dir, |p| link_unnamed(&tmp, p))
+        .with_context(|| format!("naming the output in {}", dir.display()))?;
+    named
+        .persist(file)
+        .map_err(|e| anyhow::Error::new(e.error))
+        .with_context(|| format!("writing {}", file.display()))?;
     Ok(())
+}
+
+/// Gives the unnamed file `f` (from O_TMPFILE) the name `to`.
+fn link_unnamed(f: &std::fs::File, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    let (cwd, follow) = (libc::AT_FDCWD, libc::AT_SYMLINK_FOLLOW);
+    // SAFETY: both paths are valid NUL-terminated strings that live across the call.
+    let rc = unsafe { libc::linkat(cwd, from.as_ptr(), cwd, to.as_ptr(), follow) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs a tool's work until it ends or SIGINT/SIGTERM arrives: then it stops with an error, so the normal exit path
+/// removes the temporary journal (and an unfinished output file, which has no name yet).
+async fn until_interrupted<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+    tokio::select! {
+        r = work => r,
+        _ = int.recv() => bail!("interrupted (SIGINT)"),
+        _ = term.recv() => bail!("terminated (SIGTERM)"),
+    }
 }
 
 /// Reads the file from its start to its end through the core into `out`: the bytes written, and how it ended.
@@ -253,7 +295,7 @@ pub fn ls_command(args: LsArgs) -> anyhow::Result<()> {
     let prefix = args.prefix.clone().unwrap_or_default();
     let recursive = args.recursive;
     let json = args.json;
-    core.rt.block_on(async move {
+    core.rt.block_on(until_interrupted(async move {
         let top = resolve(&fs, &prefix).await?;
         let base = prefix.trim_matches('/').to_string();
         let mut out = std::io::stdout().lock();
@@ -285,6 +327,10 @@ pub fn ls_command(args: LsArgs) -> anyhow::Result<()> {
                     _ => None,
                 };
                 print_entry(&mut out, json, &path, &attr, &kind, target.as_deref())?;
+                if attr.kind != FileKind::Dir {
+                    // Done with it: the core may drop the node again (a big tree stays within its table).
+                    fs.forget(attr.ino, 1);
+                }
                 if recursive && attr.kind == FileKind::Dir {
                     subdirs.push((path, attr.ino));
                 }
@@ -294,7 +340,7 @@ pub fn ls_command(args: LsArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
         Ok(())
-    })
+    }))
 }
 
 /// Why an object did not verify.
@@ -322,6 +368,7 @@ impl Failure {
 
     /// The kind of a read error of the core.
     pub fn of(e: &crate::fs::Error) -> Failure {
+        use crate::crypto::s3ec::S3ecError as X;
         use crate::crypto::CryptoError as C;
         use crate::fs::Error as E;
         use crate::read::s3ec::S3ecReadError as S;
@@ -334,14 +381,27 @@ impl Failure {
                 _ => Failure::Tampered,
             },
             E::NotOurFormat { .. } => Failure::NotOurFormat,
+            E::Kms { source, .. } => Failure::of_kms(source),
             E::S3ec { source, .. } => match source {
                 S::KmsRefused { .. } | S::NeedsKms | S::NeedsCustomerKey | S::NeedsRsaKey | S::NoKeyUnwraps { .. } => {
                     Failure::WrongKey
                 }
                 S::LegacyV1 | S::CommitmentRequired => Failure::NotOurFormat,
-                S::Kms(_) | S::MissingInstructionFile { .. } => Failure::Unreadable,
+                S::Kms(k) => Failure::of_kms(k),
+                S::MissingInstructionFile { .. } => Failure::Unreadable,
+                S::Format(X::UnsupportedContent { .. } | X::UnsupportedWrap { .. }) => Failure::NotOurFormat,
                 S::Format(_) => Failure::Tampered,
             },
+            _ => Failure::Unreadable,
+        }
+    }
+
+    /// KMS refusing a wrapped key: the blob was changed (tampered), or it is under a key this caller may not use.
+    fn of_kms(e: &crate::kms::KmsError) -> Failure {
+        use crate::kms::KmsError as K;
+        match e {
+            K::InvalidCiphertext { .. } => Failure::Tampered,
+            K::Disabled { .. } | K::NotFound { .. } | K::AccessDenied { .. } | K::NoKeyId => Failure::WrongKey,
             _ => Failure::Unreadable,
         }
     }
@@ -365,33 +425,67 @@ async fn read_through(fs: &Fs, ino: u64) -> (u64, Result<(), crate::fs::Error>) 
     (at, result)
 }
 
-/// Every file under `top` (depth first, in name order), with its inode and size.
-async fn files_under(fs: &Fs, base: &str, top: &crate::fs::Attr) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    if top.kind == FileKind::File {
-        return Ok(vec![(base.to_string(), top.ino, top.size)]);
+/// The entries of directory `dir` (a path), without `.` and `..`, as (path, kind). Looked up by path each time, so a
+/// walk of a tree larger than the core's node table (which forgets what no one holds) still finds every directory.
+async fn entries_of(fs: &Fs, dir: &str) -> anyhow::Result<Vec<(String, FileKind)>> {
+    let attr = resolve(fs, dir).await?;
+    let fh = fs.opendir(attr.ino).await.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+    let entries = fs.readdir(fh);
+    fs.releasedir(fh);
+    let entries = entries.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+    Ok(entries
+        .iter()
+        .filter(|e| e.name != "." && e.name != "..")
+        .map(|e| (if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) }, e.kind))
+        .collect())
+}
+
+/// Every file and symlink under `base` (depth first, in name order): what verify checks. Symlinks count because
+/// their targets are object bodies, sealed like file content; special files are metadata only.
+async fn checkable_under(fs: &Fs, base: &str, top: &crate::fs::Attr) -> anyhow::Result<Vec<(String, FileKind)>> {
+    if top.kind != FileKind::Dir {
+        return Ok(vec![(base.to_string(), top.kind)]);
     }
-    let mut files = Vec::new();
-    let mut dirs = vec![(base.to_string(), top.ino)];
-    while let Some((dir, ino)) = dirs.pop() {
-        let fh = fs.opendir(ino).await.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
-        let entries = fs.readdir(fh);
-        fs.releasedir(fh);
-        let entries = entries.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+    let mut found = Vec::new();
+    let mut dirs = vec![base.to_string()];
+    while let Some(dir) = dirs.pop() {
         let mut subdirs = Vec::new();
-        for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
-            let path = if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) };
-            match e.kind {
-                FileKind::Dir => subdirs.push((path, e.ino)),
-                FileKind::File => {
-                    let size = fs.getattr(e.ino).await.map(|a| a.size).unwrap_or(0);
-                    files.push((path, e.ino, size));
-                }
+        for (path, kind) in entries_of(fs, &dir).await? {
+            match kind {
+                FileKind::Dir => subdirs.push(path),
+                FileKind::File | FileKind::Symlink => found.push((path, kind)),
                 _ => {}
             }
         }
         dirs.extend(subdirs.into_iter().rev());
     }
-    Ok(files)
+    Ok(found)
+}
+
+/// Verifies one file or symlink: looked up by path, read to its end (or its target read), forgotten again.
+async fn verify_one(fs: &Fs, backend: &dyn Backend, path: &str) -> (u64, Result<(), (Failure, String)>) {
+    let attr = match resolve(fs, path).await {
+        Ok(a) => a,
+        Err(e) => return (0, Err((Failure::Unreadable, format!("{e:#}")))),
+    };
+    let (n, result) = match attr.kind {
+        FileKind::Symlink => (0, fs.readlink(attr.ino).await.map(|_| ())),
+        _ => read_through(fs, attr.ino).await,
+    };
+    fs.forget(attr.ino, 1);
+    let Err(e) = result else { return (n, Ok(())) };
+    let mut kind = Failure::of(&e);
+    // A size no object of ours can have: cut short, or not ours at all? The header tells.
+    if matches!(e, crate::fs::Error::NotOurFormat { .. }) {
+        if let Ok(key) = ObjectKey::new(path) {
+            if let Ok((head, _, _)) = backend.get_range(&key, 0..HEADER_LEN).await {
+                if Header::decode(&head).is_ok() {
+                    kind = Failure::Tampered;
+                }
+            }
+        }
+    }
+    (n, Err((kind, crate::error_text::error_chain(&e))))
 }
 
 pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
@@ -402,14 +496,14 @@ pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
     }
     let pairs = args.options.iter().flat_map(|o| crate::config::split_options(o)).collect();
     let core = open_core(&args.store, &args.tool, pairs, false)?;
-    let fs = core.fs.clone();
+    let (fs, backend) = (core.fs.clone(), core.backend.clone());
     let prefix = args.prefix.clone().unwrap_or_default();
     let (json, jobs) = (args.json, args.jobs);
     let progress = !json && std::io::stderr().is_terminal();
-    let failed = core.rt.block_on(async move {
+    let failed = core.rt.block_on(until_interrupted(async move {
         let top = resolve(&fs, &prefix).await?;
-        let files = files_under(&fs, prefix.trim_matches('/'), &top).await?;
-        let (total, total_bytes) = (files.len(), files.iter().map(|f| f.2).sum::<u64>());
+        let files = checkable_under(&fs, prefix.trim_matches('/'), &top).await?;
+        let total = files.len();
         let started = std::time::Instant::now();
         let mut last_line = started;
         let (mut checked, mut bytes) = (0usize, 0u64);
@@ -418,19 +512,19 @@ pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
         let mut running = FuturesUnordered::new();
         loop {
             while running.len() < jobs {
-                let Some((path, ino, _)) = pending.next() else { break };
-                let fs = fs.clone();
-                running.push(async move {
-                    let (n, r) = read_through(&fs, ino).await;
+                let Some((path, _)) = pending.next() else { break };
+                let (fs, backend) = (fs.clone(), backend.clone());
+                // A task each, so decryption runs on every core.
+                running.push(tokio::spawn(async move {
+                    let (n, r) = verify_one(&fs, &*backend, &path).await;
                     (path, n, r)
-                });
+                }));
             }
-            let Some((path, n, r)) = running.next().await else { break };
+            let Some(done) = running.next().await else { break };
+            let (path, n, r) = done.map_err(|e| anyhow::anyhow!("a verify task failed: {e}"))?;
             checked += 1;
             bytes += n;
-            if let Err(e) = r {
-                let kind = Failure::of(&e);
-                let detail = crate::error_text::error_chain(&e);
+            if let Err((kind, detail)) = r {
                 if !json {
                     eprintln!("{path}: {}: {detail}", kind.name());
                 }
@@ -439,11 +533,7 @@ pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
             if progress && last_line.elapsed() >= std::time::Duration::from_millis(500) {
                 last_line = std::time::Instant::now();
                 let mib = bytes as f64 / f64::from(1 << 20);
-                eprint!(
-                    "\rverify: {checked}/{total} objects, {mib:.1} of {:.1} MiB, {} failed ",
-                    total_bytes as f64 / f64::from(1 << 20),
-                    failures.len()
-                );
+                eprint!("\rverify: {checked}/{total} objects, {mib:.1} MiB, {} failed ", failures.len());
             }
         }
         if progress {
@@ -480,7 +570,7 @@ pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
             );
         }
         anyhow::Ok(failures.len())
-    })?;
+    }))?;
     if failed > 0 {
         // The summary said it all; the exit status is what scripts look at (the temporary journal goes first).
         drop(core);
@@ -604,12 +694,14 @@ mod tests {
 
     #[test]
     fn o_values_are_options_or_the_output_file() {
-        let vals: Vec<String> =
-            ["key_file=/k", "ro", "out.bin", "mode=cse-c,region=x", "results"].iter().map(|s| s.to_string()).collect();
-        let (pairs, files) = split_o(&vals, "file:///tmp/s");
+        let vals = ["key_file=/k", "ro", "out.bin", "mode=cse-c,region=x", "./results"];
+        let vals: Vec<String> = vals.iter().map(|s| s.to_string()).collect();
+        let (pairs, files) = split_o(&vals, "file:///tmp/s").unwrap();
         let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["key_file", "ro", "mode", "region"]);
-        assert_eq!(files, ["out.bin", "results"]);
+        assert_eq!(files, ["out.bin", "./results"]);
+        let e = split_o(&["require_commitmnet".to_string()], "file:///tmp/s").unwrap_err().to_string();
+        assert!(e.contains("not an option"), "{e}");
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn cat_ls_and_verify_read_what_the_mount_wrote(env: &Env, store: &Store) {
     let o = tool(env, store, "cse-c", &[], "verify", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("3 objects, 3145857 bytes"), "{out}");
+    assert!(out.contains("4 objects, 3145857 bytes"), "{out}"); // 3 files and a symlink
 
     // A foreign object (plain bytes put by another client): cat refuses it, ls says so.
     match store {
@@ -160,7 +160,9 @@ fn cat_refuses_tampered_objects_and_leaves_no_output_file() {
     let a = pattern(10 * 65536 + 99, 1);
     let b = pattern(10 * 65536 + 99, 2);
     type Tamper = fn(&mut Vec<u8>);
-    let cases: [(&str, Tamper, &str); 5] = [
+    let cases: [(&str, Tamper, &str); 6] = [
+        // Cut to the length of an empty file (header + an empty last chunk): not an empty file.
+        ("emptied", |v| v.truncate(HEADER + 28), "failed authentication"),
         ("flipped", |v| v[HEADER + 5 * CHUNK + 100] ^= 1, "failed authentication"),
         ("cut", |v| v.truncate(v.len() - 120), "not a valid size"),
         ("cut at a chunk boundary", |v| v.truncate(HEADER + 10 * CHUNK), "failed authentication"),
@@ -255,16 +257,24 @@ fn verify_finds_every_tamper_class_and_sorts_failures_by_kind() {
     lines.extend(std::fs::read(&other).unwrap());
     std::fs::write(&both, lines).unwrap();
     std::fs::set_permissions(&both, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let names = ["flipped", "cut", "dropped", "swapped", "header", "moved", "target", "ok1", "sub/ok2", "sub/ok3"];
+    let names = [
+        "flipped", "cut", "cut-short", "emptied", "dropped", "swapped", "header", "moved", "target", "ok1", "sub/ok2",
+        "sub/ok3",
+    ];
     {
         let m = Mount::start_with(&env, &store, "cse-c", &[&format!("key_file={}", both.display())]);
         std::fs::create_dir(m.path("sub")).unwrap();
         for (i, name) in names.iter().enumerate() {
             std::fs::write(m.path(name), pattern(data.len(), i as u64)).unwrap();
         }
+        std::os::unix::fs::symlink("sub/ok2", m.path("sym")).unwrap();
+        std::os::unix::fs::symlink("ok1", m.path("sub/goodsym")).unwrap();
     }
     edit(&store, "flipped", |v| v[HEADER + 5 * CHUNK + 100] ^= 1);
     edit(&store, "cut", |v| v.truncate(HEADER + 10 * CHUNK));
+    edit(&store, "cut-short", |v| v.truncate(v.len() - 120)); // a size no object of ours has
+    edit(&store, "emptied", |v| v.truncate(HEADER + 28));
+    edit(&store, "sym", |v| *v.last_mut().unwrap() ^= 1); // a symlink's target is a sealed body too
     edit(&store, "dropped", |v| drop(v.drain(HEADER + 3 * CHUNK..HEADER + 4 * CHUNK)));
     edit(&store, "swapped", |v| {
         let (x, y) = (HEADER + 2 * CHUNK, HEADER + 6 * CHUNK);
@@ -281,29 +291,35 @@ fn verify_finds_every_tamper_class_and_sorts_failures_by_kind() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let kinds = &summary["failures_by_kind"];
-    assert_eq!(kinds["tampered"], 6, "{summary}");
+    assert_eq!(kinds["tampered"], 9, "{summary}");
     assert_eq!(kinds["wrong key"], 1, "{summary}");
     assert_eq!(kinds["not our format"], 1, "{summary}");
-    assert_eq!(summary["ok"], 3, "{summary}");
-    assert_eq!(summary["objects"], 11, "{summary}");
+    assert_eq!(summary["ok"], 4, "{summary}");
+    assert_eq!(summary["objects"], 15, "{summary}");
     let failures = summary["failures"].as_array().unwrap();
     let failed: Vec<&str> = failures.iter().map(|f| f["path"].as_str().unwrap()).collect();
-    assert_eq!(failed, ["cut", "dropped", "flipped", "foreign", "header", "otherkey", "swapped", "target"]);
+    let want = [
+        "cut", "cut-short", "dropped", "emptied", "flipped", "foreign", "header", "otherkey", "swapped", "sym",
+        "target",
+    ];
+    assert_eq!(failed, want);
     let kind_of = |p: &str| failures.iter().find(|f| f["path"] == p).unwrap()["kind"].clone();
     assert_eq!(kind_of("otherkey"), "wrong key");
     assert_eq!(kind_of("foreign"), "not our format");
     assert_eq!(kind_of("target"), "tampered");
+    assert_eq!(kind_of("cut-short"), "tampered", "a cut object of ours is not a foreign one");
 
     // Text: one line per failure on stderr, the summary on stdout.
     let o = tool(&env, &store, "cse-c", &[], "verify", &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("11 objects") && out.contains("3 ok, 8 failed"), "{out}");
-    assert_eq!(stderr(&o).lines().filter(|l| l.contains(": tampered: ")).count(), 6, "{}", stderr(&o));
+    assert!(out.contains("15 objects") && out.contains("4 ok, 11 failed"), "{out}");
+    assert_eq!(stderr(&o).lines().filter(|l| l.contains(": tampered: ")).count(), 9, "{}", stderr(&o));
     // The healthy subtree, and the key history that opens the other key's object too.
     let o = tool(&env, &store, "cse-c", &[], "verify", &["sub"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("2 objects"), "{}", String::from_utf8_lossy(&o.stdout));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("3 objects"), "{out}"); // two files and a symlink
     let o = tool(&env, &store, "cse-c", &[&format!("key_file={}", both.display())], "verify", &["--json", "otherkey"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }

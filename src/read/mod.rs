@@ -123,6 +123,8 @@ pub struct Reader {
     object: OnceCell<Arc<ObjectCodec>>,
     /// S3EC objects: the verified index, once a pass (this reader's or another's) made it.
     verified: OnceCell<Arc<Verified>>,
+    /// An empty object of the own format: its header, binding and empty last chunk authenticated (`check_at_open`).
+    empty_checked: OnceCell<()>,
     /// Set once the object was renamed under this reader (see `set_key`).
     moved: std::sync::atomic::AtomicBool,
     state: Mutex<ReadState>,
@@ -165,6 +167,7 @@ impl Reader {
             max_readahead,
             object: OnceCell::new(),
             verified: OnceCell::new(),
+            empty_checked: OnceCell::new(),
             moved: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0, seeks: 0 }),
             fetches: context.fetches.clone(),

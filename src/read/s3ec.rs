@@ -302,11 +302,19 @@ fn pass_segments(stored: u64) -> Vec<Range<u64>> {
 }
 
 impl Reader {
-    /// At open: an S3EC object without content is checked now, since the kernel sends no read for an empty file and
-    /// a tampered empty object would otherwise read as empty. Nothing to do for other objects.
+    /// At open: an encrypted object without content is checked now, since the kernel sends no read for an empty file
+    /// and a tampered one would otherwise read as empty. An S3EC object's tag is verified; an own-format object's
+    /// header, path binding, version map and empty last chunk are fetched (540 bytes) and authenticated, so any
+    /// object cut to its first 540 bytes, or swapped for another's, is an error rather than an empty file. Nothing to
+    /// do for objects with content (their reads check them) and plaintext modes.
     pub async fn check_at_open(&self) -> Result<()> {
-        if self.format.is_s3ec() && self.plain_size == 0 {
+        if self.plain_size != 0 {
+            return Ok(());
+        }
+        if self.format.is_s3ec() {
             self.s3ec_verified().await?;
+        } else if self.codec.is_encrypted() {
+            self.empty_checked.get_or_try_init(|| async { self.fetch_store(0..1).await.map(|_| ()) }).await?;
         }
         Ok(())
     }
