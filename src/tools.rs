@@ -301,44 +301,51 @@ pub fn ls_command(args: LsArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         if top.kind != FileKind::Dir {
             let kind = kind_of(&*backend, &codec, &base, &top).await;
-            return print_entry(&mut out, json, &base, &top, &kind, None);
+            let target = match top.kind {
+                FileKind::Symlink => fs.readlink(top.ino).await.ok().map(|t| String::from_utf8_lossy(&t).into_owned()),
+                _ => None,
+            };
+            return print_entry(&mut out, json, &base, &top, &kind, target.as_deref());
         }
-        let mut dirs = vec![(base, top.ino)];
-        while let Some((dir, ino)) = dirs.pop() {
-            let fh = fs.opendir(ino).await.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
-            let entries = fs.readdir(fh);
-            fs.releasedir(fh);
-            let entries = entries.map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+        let mut problems = 0usize;
+        let mut dirs = vec![base];
+        while let Some(dir) = dirs.pop() {
             let mut subdirs = Vec::new();
-            for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
-                let path = if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) };
-                let attr = match fs.lookup(ino, OsStr::new(&e.name)).await {
+            for (path, _) in entries_of(&fs, &dir).await? {
+                // Looked up by path and forgotten after: a big tree stays within the core's node table.
+                let attr = match resolve(&fs, &path).await {
                     Ok(a) => a,
                     Err(err) => {
-                        eprintln!("s3cryptfs ls: {path}: {err}");
+                        eprintln!("s3cryptfs ls: {err:#}");
+                        problems += 1;
                         continue;
                     }
                 };
                 let kind = kind_of(&*backend, &codec, &path, &attr).await;
                 let target = match attr.kind {
-                    FileKind::Symlink => {
-                        fs.readlink(attr.ino).await.ok().map(|t| String::from_utf8_lossy(&t).into_owned())
-                    }
+                    FileKind::Symlink => match fs.readlink(attr.ino).await {
+                        Ok(t) => Some(String::from_utf8_lossy(&t).into_owned()),
+                        Err(err) => {
+                            eprintln!("s3cryptfs ls: {path}: {}", crate::error_text::error_chain(&err));
+                            problems += 1;
+                            Some("?".into())
+                        }
+                    },
                     _ => None,
                 };
                 print_entry(&mut out, json, &path, &attr, &kind, target.as_deref())?;
-                if attr.kind != FileKind::Dir {
-                    // Done with it: the core may drop the node again (a big tree stays within its table).
-                    fs.forget(attr.ino, 1);
-                }
+                fs.forget(attr.ino, 1);
                 if recursive && attr.kind == FileKind::Dir {
-                    subdirs.push((path, attr.ino));
+                    subdirs.push(path);
                 }
             }
             // Depth first, in name order.
             dirs.extend(subdirs.into_iter().rev());
         }
         out.flush()?;
+        if problems > 0 {
+            bail!("{problems} entries could not be read (see above)");
+        }
         Ok(())
     }))
 }
@@ -593,12 +600,19 @@ async fn kind_of(backend: &dyn Backend, codec: &Codec, path: &str, attr: &crate:
         Ok((_, meta)) => meta,
         Err(e) => return format!("unreadable: {e}"),
     };
-    match codec.format_hint(&meta) {
+    let hint = codec.format_hint(&meta);
+    let beside = match (&hint, ObjectKey::new(crate::crypto::s3ec::instruction_file_key(key.as_str()))) {
+        (FormatHint::AskInstructionFile, Ok(instruction)) => backend.head(&instruction).await.is_ok(),
+        _ => false,
+    };
+    match hint {
         FormatHint::Known(StoredFormat::S3ec { .. }) => match crate::crypto::s3ec::detect(meta.extra.iter()) {
             Ok(crate::crypto::s3ec::Detection::Complete(env)) => format!("s3ec {} ({})", env.version(), env.wrap()),
             Ok(crate::crypto::s3ec::Detection::NeedsInstructionFile(_)) => "s3ec (instruction file)".into(),
             Err(e) => format!("s3ec, unreadable: {e}"),
         },
+        // Metadata that names an instruction file: an S3EC object whose envelope lies beside it.
+        FormatHint::AskInstructionFile if beside => "s3ec (instruction file)".into(),
         FormatHint::Known(StoredFormat::Own) | FormatHint::AskInstructionFile => {
             match backend.get_range(&key, 0..HEADER_LEN).await {
                 Ok((bytes, _, _)) => match Header::decode(&bytes) {
@@ -676,14 +690,19 @@ fn utc_minute(secs: u64) -> String {
     format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}")
 }
 
-/// `rwxr-x---` from permission bits.
+/// `rwxr-x---` from permission bits, with setuid, setgid and sticky as ls(1) shows them (`s`/`S`, `t`/`T`).
 fn mode_string(perm: u16) -> String {
     let mut s = String::with_capacity(9);
-    for shift in [6u16, 3, 0] {
+    for (shift, special, set, unset) in [(6u16, 0o4000u16, 's', 'S'), (3, 0o2000, 's', 'S'), (0, 0o1000, 't', 'T')] {
         let bits = (perm >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        s.push(match (bits & 1 != 0, perm & special != 0) {
+            (true, true) => set,
+            (false, true) => unset,
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
     }
     s
 }
@@ -715,5 +734,8 @@ mod tests {
     fn modes_read_as_ls_shows_them() {
         assert_eq!(mode_string(0o754), "rwxr-xr--");
         assert_eq!(mode_string(0o600), "rw-------");
+        assert_eq!(mode_string(0o4755), "rwsr-xr-x");
+        assert_eq!(mode_string(0o2640), "rw-r-S---");
+        assert_eq!(mode_string(0o1777), "rwxrwxrwt");
     }
 }
