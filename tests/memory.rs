@@ -182,9 +182,9 @@ fn stat_of_100k_entries_within_the_budget() {
     let peak = peak_rss(m.pid());
     let metadata = metric(&addr, "s3cryptfs_memory_metadata_bytes");
     eprintln!(
-        "peak RSS after the stats {} MiB, after ls -l {} MiB; metadata estimate now {:.1} MiB",
-        after_stat >> 20,
-        peak >> 20,
+        "peak RSS after the stats {:.1} MiB, after ls -l {:.1} MiB; metadata estimate now {:.1} MiB",
+        after_stat as f64 / 1048576.0,
+        peak as f64 / 1048576.0,
         metadata / 1048576.0
     );
     assert!(metadata > 0.0, "the table is counted");
