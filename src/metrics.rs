@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,7 +63,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::kms::KmsError;
 use crate::store::{
-    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload, UserMeta,
+    Backend, BodyStream, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload,
+    UserMeta,
 };
 
 pub const FS_READ_BYTES: &str = "s3cryptfs_fs_read_bytes_total";
@@ -436,11 +438,15 @@ impl Request {
         Request { kind, start: Instant::now(), finished: false }
     }
 
-    fn finish<T>(mut self, result: &Result<T, StoreError>) {
-        self.record(match result {
+    fn finish<T>(self, result: &Result<T, StoreError>) {
+        self.finish_as(match result {
             Ok(_) => Outcome::Ok,
             Err(e) => Outcome::of(e),
         });
+    }
+
+    fn finish_as(mut self, outcome: Outcome) {
+        self.record(outcome);
         self.finished = true;
     }
 
@@ -510,6 +516,42 @@ impl Backend for MeteredBackend {
             received(bytes);
         }
         result
+    }
+
+    /// Recorded like `get_range`: one request from the call to the end of its body (or its first failed piece; a
+    /// body dropped half read is `cancelled`), in flight all that time.
+    async fn get_range_stream(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let get = GetInFlight::start();
+        let request = Request::start(RequestKind::GetRange);
+        let (body, info, meta) = match self.inner.get_range_stream(key, range).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                request.finish_as(Outcome::of(&e));
+                return Err(e);
+            }
+        };
+        let body = futures::stream::unfold((body, Some(request), get), |(mut body, mut request, get)| async move {
+            let piece = body.next().await;
+            match &piece {
+                Some(Ok(bytes)) => received(bytes),
+                Some(Err(e)) => {
+                    if let Some(r) = request.take() {
+                        r.finish_as(Outcome::of(e));
+                    }
+                }
+                None => {
+                    if let Some(r) = request.take() {
+                        r.finish_as(Outcome::Ok);
+                    }
+                }
+            }
+            piece.map(|p| (p, (body, request, get)))
+        });
+        Ok((Box::pin(body), info, meta))
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {

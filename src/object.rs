@@ -284,6 +284,39 @@ impl ObjectCodec {
         }
     }
 
+    /// How a stored chunk frames its plaintext-long middle: the bytes before it and after it (the nonce and the tag
+    /// in client-side modes, none in plaintext ones). See [`ObjectCodec::open_detached`].
+    pub fn chunk_frame(&self) -> (usize, usize) {
+        match self {
+            ObjectCodec::Plain => (0, 0),
+            ObjectCodec::Cse(_) => (crypto::NONCE_LEN, crypto::TAG_LEN),
+        }
+    }
+
+    /// [`ObjectCodec::open`] for a chunk held in parts: `before` and `after` as [`ObjectCodec::chunk_frame`] gives
+    /// their lengths, and the middle in `buf`, turned into the plaintext in place (all zeros if it does not
+    /// authenticate). The reader fills its pages from the response body this way, without a copy in between.
+    pub fn open_detached(
+        &self,
+        index: u64,
+        is_last: bool,
+        before: &[u8],
+        buf: &mut [u8],
+        after: &[u8],
+    ) -> Result<(), crypto::CryptoError> {
+        match self {
+            ObjectCodec::Plain => Ok(()),
+            ObjectCodec::Cse(c) => match (before.try_into(), after.try_into()) {
+                (Ok(nonce), Ok(tag)) => c.open_chunk_detached(index, is_last, nonce, buf, tag),
+                _ => {
+                    buf.fill(0);
+                    let len = before.len() + buf.len() + after.len();
+                    Err(crypto::CryptoError::TruncatedChunk { chunk: index, len })
+                }
+            },
+        }
+    }
+
     /// The path binding to store in the object's metadata (see docs/FORMAT.md), if this mode has one.
     pub fn binding(&self, path: &str) -> Option<String> {
         match self {

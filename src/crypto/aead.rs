@@ -149,6 +149,18 @@ impl AeadKey {
         self.open_in_place(nonce, aad, tag, dst)
     }
 
+    /// Authenticate the ciphertext in `buf` with its detached `tag` and decrypt it in place. On failure `buf` is
+    /// all zeros.
+    pub fn open_detached(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AeadFailed> {
+        self.open_in_place(nonce, aad, tag, buf)
+    }
+
     /// Decrypts `buf` in place if `tag` authenticates it; otherwise zeroes it.
     fn open_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], tag: &[u8], buf: &mut [u8]) -> Result<(), AeadFailed> {
         let result = match &self.inner {

@@ -697,17 +697,48 @@ impl ObjectCipher {
         let nonce: &[u8; NONCE_LEN] = nonce
             .try_into()
             .expect("invariant broken: split_at(NONCE_LEN)");
-        let failed = |_| CryptoError::AuthenticationFailed { chunk: index };
+        let aad = self.chunk_aad_of(index, is_last)?;
+        self.chunk_key
+            .open(nonce, &aad, sealed, out)
+            .map_err(|_| CryptoError::AuthenticationFailed { chunk: index })
+    }
+
+    /// [`ObjectCipher::open_chunk`] for a chunk whose parts the caller holds apart: the nonce (the chunk's first
+    /// [`NONCE_LEN`] bytes), the ciphertext in `buf` (decrypted in place) and the tag (its last
+    /// [`aead::TAG_LEN`] bytes).
+    /// A reader fills the page it keeps straight from the response body this way, with no copy of the chunk in
+    /// between. On error `buf` is all zeros: no unauthenticated byte is left in it.
+    pub fn open_chunk_detached(
+        &self,
+        index: u64,
+        is_last: bool,
+        nonce: &[u8; NONCE_LEN],
+        buf: &mut [u8],
+        tag: &[u8; aead::TAG_LEN],
+    ) -> Result<(), CryptoError> {
+        if buf.len() as u64 > CHUNK_PLAIN_LEN {
+            buf.fill(0);
+            return Err(CryptoError::Malformed {
+                what: "a chunk is longer than 65564 bytes",
+            });
+        }
+        let aad = match self.chunk_aad_of(index, is_last) {
+            Ok(aad) => aad,
+            Err(e) => {
+                buf.fill(0);
+                return Err(e);
+            }
+        };
+        self.chunk_key
+            .open_detached(nonce, &aad, buf, tag)
+            .map_err(|_| CryptoError::AuthenticationFailed { chunk: index })
+    }
+
+    /// The AAD chunk `index` was sealed with: format 1's, or the version id the attached map gives it (formats 2
+    /// and 3, see [`ObjectCipher::open_chunk`]).
+    fn chunk_aad_of(&self, index: u64, is_last: bool) -> Result<Vec<u8>, CryptoError> {
         if self.version == FORMAT_VERSION_1 {
-            return self
-                .chunk_key
-                .open(
-                    nonce,
-                    &chunk_aad(&self.file_id, index, is_last),
-                    sealed,
-                    out,
-                )
-                .map_err(failed);
+            return Ok(chunk_aad(&self.file_id, index, is_last).to_vec());
         }
         let version = match &self.map {
             // Format 3 with no map attached: the implicit version. (A stored map the caller did not attach makes
@@ -718,14 +749,7 @@ impl ObjectCipher {
                 .version_of(index)
                 .ok_or(CryptoError::AuthenticationFailed { chunk: index })?,
         };
-        self.chunk_key
-            .open(
-                nonce,
-                &chunk_aad_v2(self.version, &self.file_id, index, is_last, &version),
-                sealed,
-                out,
-            )
-            .map_err(failed)
+        Ok(chunk_aad_v2(self.version, &self.file_id, index, is_last, &version).to_vec())
     }
 
     /// The path binding to store in the object's metadata: base64 (standard, no

@@ -32,7 +32,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::store::{
-    Backend, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload, UserMeta,
+    Backend, BodyStream, CustomerKeyOf, Expect, Listing, ObjectInfo, ObjectKey, Page, StoreError, Transfer, Upload,
+    UserMeta,
 };
 
 /// Most conditional deletes in flight at once (one request each).
@@ -244,6 +245,15 @@ impl Backend for LaterDeletes {
     async fn get_range(&self, key: &ObjectKey, range: Range<u64>) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         self.gone(key)?;
         self.inner.get_range(key, range).await
+    }
+
+    async fn get_range_stream(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        self.gone(key)?;
+        self.inner.get_range_stream(key, range).await
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {

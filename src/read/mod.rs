@@ -92,7 +92,8 @@ pub struct Fetches {
 }
 
 /// Bytes a fetch of `chunks` chunks holds at its peak: the GET body and the pages decrypted from it (a little more
-/// than the plaintext for the chunk overhead).
+/// than the plaintext for the chunk overhead). Own-format objects are decrypted from the body as it arrives and
+/// hold little of it, but S3EC objects and stores without a streamed body (the local store) hold it whole.
 fn fetch_cost(chunks: u64) -> u64 {
     2 * chunks * (CHUNK_PLAIN_LEN + 64)
 }
@@ -549,44 +550,108 @@ impl Reader {
         let with_header = run.start == 0 && self.object.get().is_none() && self.codec.header_len() > 0;
         let start = if with_header { 0 } else { first.start };
         let t0 = std::time::Instant::now();
-        let (bytes, _info, meta) = self
-            .backend
-            .get_range(&ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?, start..last.end)
-            .await
-            .map_err(|e| Error::store(&key, e))?;
-        tracing::trace!(key = %key, chunks = ?run, bytes = bytes.len(), ms = t0.elapsed().as_millis() as u64, "fetched");
-        self.check_version(&key, &_info)?;
-        if (bytes.len() as u64) < last.end - start {
-            // The object is shorter than its listed size: it was truncated or replaced since we looked.
-            return Err(Error::crypto(&key, crate::crypto::CryptoError::Format(crate::crypto::FormatError::TooShort { len: bytes.len() as u64, min: last.end - start })));
-        }
+        let object_key = ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?;
+        let (stream, info, meta) =
+            self.backend.get_range_stream(&object_key, start..last.end).await.map_err(|e| Error::store(&key, e))?;
+        self.check_version(&key, &info)?;
+        let mut body = Body { stream, piece: Bytes::new(), received: 0 };
+        // The object is shorter than its listed size: it was truncated or replaced since we looked.
+        let short = |received: u64| {
+            use crate::crypto::{CryptoError, FormatError};
+            Error::crypto(&key, CryptoError::Format(FormatError::TooShort { len: received, min: last.end - start }))
+        };
         let oc = if with_header {
-            let hl = self.codec.header_len() as usize;
-            self.object_codec(Some((&bytes[..hl], &meta))).await?
+            let mut header = vec![0u8; self.codec.header_len() as usize];
+            if !body.fill(&mut header).await.map_err(|e| Error::store(&key, e))? {
+                return Err(short(body.received));
+            }
+            self.object_codec(Some((&header, &meta))).await?
         } else {
             self.object_codec(None).await?
         };
         let id = ObjectId { key: key.clone(), etag: self.etag.clone() };
         let mut pages = Vec::with_capacity((run.end - run.start) as usize);
-        // One decryption buffer for the run; each page is a copy of it in a mapping of its own (see cache::page).
-        let mut plain = Vec::with_capacity(CHUNK_PLAIN_LEN as usize);
+        // Each chunk goes from the body straight into the page that keeps it: its nonce and tag aside, its
+        // ciphertext into the page, decrypted there in place (one copy of every byte, into memory the cache keeps).
+        let (before_len, after_len) = oc.chunk_frame();
+        let (mut before, mut after) = ([0u8; FRAME_MAX], [0u8; FRAME_MAX]);
+        let (before, after) = (&mut before[..before_len], &mut after[..after_len]);
         let first_index = run.start;
         for index in run {
-            let r = self.codec.chunk_range(index, self.plain_size);
-            let stored = &bytes[(r.start - start) as usize..(r.end - start) as usize];
-            plain.clear();
-            if let Err(e) = oc.open(index, self.is_last(index), stored, &mut plain) {
+            let mut page = PageBuf::for_len(self.page_len(index));
+            let whole = body.fill(before).await.map_err(|e| Error::store(&key, e))?
+                && body.fill(page.as_mut_slice()).await.map_err(|e| Error::store(&key, e))?
+                && body.fill(after).await.map_err(|e| Error::store(&key, e))?;
+            if !whole {
+                return Err(short(body.received));
+            }
+            if let Err(e) = oc.open_detached(index, self.is_last(index), before, page.as_mut_slice(), after) {
                 return Err(Error::crypto(&key, e));
             }
-            let page = PageBuf::copy_of(&plain).freeze();
+            let page = page.freeze();
             self.cache.put(&id, index, page.clone());
             pages.push(page);
         }
-        zeroize::Zeroize::zeroize(&mut plain);
+        body.finish().await;
+        tracing::trace!(key = %key, chunks = ?(first_index..first_index + pages.len() as u64), bytes = body.received,
+            ms = t0.elapsed().as_millis() as u64, "fetched");
         self.keep_on_disk(&id, first_index, &pages);
         Ok(pages)
     }
 }
 
+/// Room for the bytes a stored chunk has around its plaintext-long middle (`ObjectCodec::chunk_frame`).
+const FRAME_MAX: usize = 32;
+
+/// A GET's body being read in pieces of the caller's choosing.
+struct Body {
+    stream: crate::store::BodyStream,
+    /// What is left of the last piece the stream gave.
+    piece: Bytes,
+    /// Bytes taken from the stream so far.
+    received: u64,
+}
+
+impl Body {
+    /// Fills `dst` with the next bytes of the body: `false` if the body ended first.
+    async fn fill(&mut self, dst: &mut [u8]) -> std::result::Result<bool, crate::store::StoreError> {
+        use futures::StreamExt;
+        let mut at = 0;
+        while at < dst.len() {
+            if self.piece.is_empty() {
+                match self.stream.next().await {
+                    Some(piece) => {
+                        self.piece = piece?;
+                        self.received += self.piece.len() as u64;
+                        continue;
+                    }
+                    None => return Ok(false),
+                }
+            }
+            let n = (dst.len() - at).min(self.piece.len());
+            dst[at..at + n].copy_from_slice(&self.piece[..n]);
+            bytes::Buf::advance(&mut self.piece, n);
+            at += n;
+        }
+        Ok(true)
+    }
+
+    /// Reads the body to its end once every byte wanted was taken, so the request completes (and its connection can
+    /// serve the next one) rather than being cut off: what a server sends beyond the range asked for is read and
+    /// dropped, up to [`CHUNK_PLAIN_LEN`] bytes, past which the body is dropped unread.
+    async fn finish(&mut self) {
+        use futures::StreamExt;
+        let mut extra = self.piece.len() as u64;
+        while extra <= CHUNK_PLAIN_LEN {
+            match self.stream.next().await {
+                Some(Ok(piece)) => extra += piece.len() as u64,
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod body_tests;
 #[cfg(test)]
 mod format_v2_tests;

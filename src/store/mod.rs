@@ -210,6 +210,9 @@ pub struct Page {
 /// Objects in one page of a listing: what one ListObjectsV2 request returns at most (S3's `max-keys` default).
 pub const LIST_PAGE: usize = 1000;
 
+/// A GET's body as it arrives, piece by piece (see [`Backend::get_range_stream`]).
+pub type BodyStream = futures::stream::BoxStream<'static, Result<Bytes, StoreError>>;
+
 /// The storage operations the filesystem needs. All keys are relative to the mount prefix.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -223,6 +226,19 @@ pub trait Backend: Send + Sync + 'static {
         key: &ObjectKey,
         range: Range<u64>,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
+
+    /// [`Backend::get_range`] with the body as it arrives instead of collected into one buffer: a reader that
+    /// decrypts or copies it anyway saves a copy of every byte (and the faults of a fresh multi-MiB buffer). The
+    /// stream may end early if the object is shorter than asked for, and its pieces may fail (a broken connection, a
+    /// deadline). By default, `get_range`'s bytes as one piece.
+    async fn get_range_stream(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let (bytes, info, meta) = self.get_range(key, range).await?;
+        Ok((Box::pin(futures::stream::once(async move { Ok(bytes) })), info, meta))
+    }
 
     /// The whole object.
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;

@@ -306,8 +306,23 @@ impl ObjectStoreBackend {
         key: &ObjectKey,
         opts: GetOptions,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
-        let path = self.path(key)?;
         let head = opts.head;
+        let (res, info, meta) = self.get_result(key, opts).await?;
+        let body = if head {
+            Bytes::new()
+        } else {
+            res.bytes().await.map_err(|e| map_err(e, key.as_str()))?
+        };
+        Ok((body, info, meta))
+    }
+
+    /// The answer to a GET (or HEAD) before its body is read, checked for SSE-C.
+    async fn get_result(
+        &self,
+        key: &ObjectKey,
+        opts: GetOptions,
+    ) -> Result<(object_store::GetResult, ObjectInfo, UserMeta), StoreError> {
+        let path = self.path(key)?;
         let (res, keyed) = self
             .keyed(key, &path, |store| {
                 let (path, opts) = (path.clone(), opts.clone());
@@ -322,12 +337,7 @@ impl ObjectStoreBackend {
         }
         let info = Self::info(key, &res.meta);
         let meta = attrs_to_meta(&res.attributes);
-        let body = if head {
-            Bytes::new()
-        } else {
-            res.bytes().await.map_err(|e| map_err(e, key.as_str()))?
-        };
-        Ok((body, info, meta))
+        Ok((res, info, meta))
     }
 
     /// On S3 without a mount-level SSE mode: a CopyObject with new metadata (see [`super::raw::RawS3::copy_with_meta`])
@@ -499,22 +509,41 @@ impl Backend for ObjectStoreBackend {
         key: &ObjectKey,
         range: Range<u64>,
     ) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        let (mut body, info, meta) = self.get_range_stream(key, range.clone()).await?;
+        let len = range.end.min(info.size).saturating_sub(range.start);
+        let mut bytes = Vec::with_capacity(len as usize);
+        while let Some(piece) = body.next().await {
+            let piece = piece?;
+            if bytes.is_empty() && piece.len() as u64 == len {
+                return Ok((piece, info, meta)); // one piece (small objects): no copy
+            }
+            bytes.extend_from_slice(&piece);
+        }
+        Ok((bytes.into(), info, meta))
+    }
+
+    async fn get_range_stream(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> Result<(super::BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let empty = || -> super::BodyStream { Box::pin(futures::stream::empty()) };
         if range.start >= range.end {
             let (info, meta) = self.head(key).await?;
-            return Ok((Bytes::new(), info, meta));
+            return Ok((empty(), info, meta));
         }
-        let opts = GetOptions {
-            range: Some(range.clone().into()),
-            ..GetOptions::default()
-        };
-        match self.get_opts(key, opts).await {
-            Ok(r) => Ok(r),
-            // Stores refuse a range starting at or past the end (S3: 416, InMemory: range
-            // error). Our contract clips instead, so check whether that was the cause.
+        let opts = GetOptions { range: Some(range.clone().into()), ..GetOptions::default() };
+        match self.get_result(key, opts).await {
+            Ok((res, info, meta)) => {
+                let name = key.to_string();
+                let body = res.into_stream().map(move |piece| piece.map_err(|e| map_err(e, &name)));
+                Ok((Box::pin(body), info, meta))
+            }
+            // As in get_range: a range starting at or past the end is clipped, not an error.
             Err(e @ StoreError::Other { .. }) => {
                 let (info, meta) = self.head(key).await?;
                 if range.start >= info.size {
-                    Ok((Bytes::new(), info, meta))
+                    Ok((empty(), info, meta))
                 } else {
                     Err(e)
                 }

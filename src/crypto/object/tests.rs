@@ -954,3 +954,45 @@ fn bit_flips_in_a_kms_header_are_caught_here_or_reach_kms() {
         }
     }
 }
+
+// ---- chunks opened in parts (the reader's path) ----------------------------
+
+#[test]
+fn a_chunk_opened_in_parts_is_the_chunk_opened_whole_and_every_tamper_fails_and_wipes() {
+    let keys = history(3);
+    for backend in BACKENDS {
+        for version in [FORMAT_VERSION_1, FORMAT_VERSION_3] {
+            let (cipher, _) = ObjectCipher::create_version(version, &keys, backend);
+            let plain = pattern(40_000);
+            let mut sealed = Vec::new();
+            match version {
+                FORMAT_VERSION_1 => cipher.seal_chunk(2, true, &plain, &mut sealed),
+                _ => cipher.seal_chunk_in(&cipher.implicit_version(), 2, true, &plain, &mut sealed),
+            }
+            let parts = |chunk: &[u8]| {
+                let (nonce, rest) = chunk.split_at(NONCE_LEN);
+                let (body, tag) = rest.split_at(rest.len() - aead::TAG_LEN);
+                (<[u8; NONCE_LEN]>::try_from(nonce).unwrap(), body.to_vec(), <[u8; 16]>::try_from(tag).unwrap())
+            };
+            let (nonce, mut buf, tag) = parts(&sealed);
+            cipher.open_chunk_detached(2, true, &nonce, &mut buf, &tag).unwrap();
+            let mut whole = Vec::new();
+            cipher.open_chunk(2, true, &sealed, &mut whole).unwrap();
+            assert!(buf == plain && whole == plain, "{backend:?} v{version}");
+            // A flipped byte anywhere, another index, or a last chunk presented as not last: refused, buffer zeroed.
+            for at in [0, 11, 12, 5000, sealed.len() - 1] {
+                let mut bad = sealed.clone();
+                bad[at] ^= 0x40;
+                let (nonce, mut buf, tag) = parts(&bad);
+                let err = cipher.open_chunk_detached(2, true, &nonce, &mut buf, &tag).unwrap_err();
+                assert!(matches!(err, CryptoError::AuthenticationFailed { chunk: 2 }), "byte {at}: {err:?}");
+                assert!(buf.iter().all(|&b| b == 0), "byte {at}: unauthenticated bytes left in the buffer");
+            }
+            for (index, last) in [(1, true), (2, false)] {
+                let (nonce, mut buf, tag) = parts(&sealed);
+                assert!(cipher.open_chunk_detached(index, last, &nonce, &mut buf, &tag).is_err(), "{index} {last}");
+                assert!(buf.iter().all(|&b| b == 0));
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The read path fills pages straight from a GET's body as it arrives (`Reader::fetch_store`): whatever sizes the
+//! pieces of the body come in, the plaintext is byte-exact; a body that ends early or fails part way is an error;
+//! a tampered chunk fails; and no page of a chunk that did not arrive whole and authenticate is ever cached.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::*;
+use crate::crypto::format::{chunk_count, chunk_plain_range, is_last_chunk};
+use crate::crypto::{AeadBackend, Key256, KeyHistory, ObjectCipher};
+use crate::store::{BodyStream, Expect, Listing, ObjectInfo, ObjectStoreBackend, StoreError, Upload};
+
+const PATH: &str = "dir/f";
+
+/// How [`Pieces`] hands out a body.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// In pieces of these sizes, over and over.
+    Sizes(&'static [usize]),
+    /// Whole up to this many bytes, then the stream ends.
+    EndsAfter(usize),
+    /// Whole up to this many bytes, then a failed piece.
+    FailsAfter(usize),
+}
+
+/// The store, with `get_range_stream` bodies cut into the pieces `shape` says.
+struct Pieces {
+    inner: Arc<ObjectStoreBackend>,
+    shape: std::sync::Mutex<Shape>,
+}
+
+#[async_trait]
+impl Backend for Pieces {
+    async fn head(&self, key: &ObjectKey) -> std::result::Result<(ObjectInfo, UserMeta), StoreError> {
+        self.inner.head(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> std::result::Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn get_range_stream(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+    ) -> std::result::Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let (body, info, meta) = self.inner.get_range(key, range).await?;
+        let mut pieces: Vec<std::result::Result<Bytes, StoreError>> = Vec::new();
+        match *self.shape.lock().unwrap() {
+            Shape::Sizes(sizes) => {
+                let mut at = 0;
+                for &n in sizes.iter().cycle() {
+                    if at >= body.len() {
+                        break;
+                    }
+                    let end = (at + n).min(body.len());
+                    pieces.push(Ok(body.slice(at..end)));
+                    at = end;
+                }
+            }
+            Shape::EndsAfter(n) => pieces.push(Ok(body.slice(..n.min(body.len())))),
+            Shape::FailsAfter(n) => {
+                pieces.push(Ok(body.slice(..n.min(body.len()))));
+                pieces.push(Err(StoreError::Unavailable { detail: "connection reset (test)".into(), source: None }));
+            }
+        }
+        Ok((futures::stream::iter(pieces).boxed(), info, meta))
+    }
+    async fn get(&self, key: &ObjectKey) -> std::result::Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put_expect(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &UserMeta,
+        expect: &Expect,
+    ) -> std::result::Result<ObjectInfo, StoreError> {
+        self.inner.put_expect(key, body, meta, expect).await
+    }
+    async fn put_multipart_expect(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        expect: &Expect,
+    ) -> std::result::Result<Box<dyn Upload>, StoreError> {
+        self.inner.put_multipart_expect(key, meta, expect).await
+    }
+    async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> std::result::Result<(), StoreError> {
+        self.inner.copy(from, to, meta).await
+    }
+    async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> std::result::Result<ObjectInfo, StoreError> {
+        self.inner.update_meta(key, meta).await
+    }
+    async fn delete(&self, key: &ObjectKey) -> std::result::Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, dir: &str, recursive: bool) -> std::result::Result<Listing, StoreError> {
+        self.inner.list(dir, recursive).await
+    }
+    async fn check_access(&self) -> std::result::Result<(), StoreError> {
+        self.inner.check_access().await
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).to_be_bytes()[5]).collect()
+}
+
+struct Setup {
+    context: ReadContext,
+    pieces: Arc<Pieces>,
+    plain: Vec<u8>,
+    stored: Vec<u8>,
+}
+
+/// A file of 4 chunks and a bit, stored in own format (`encrypted`) or as plaintext (mode none), at PATH.
+async fn setup(encrypted: bool) -> Setup {
+    let inner = Arc::new(ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap());
+    let pieces = Arc::new(Pieces { inner, shape: std::sync::Mutex::new(Shape::Sizes(&[1 << 20])) });
+    let plain = pattern(4 * 65536 + 1234);
+    let len = plain.len() as u64;
+    let mut meta = UserMeta::default();
+    let (codec, stored) = if encrypted {
+        let keys = Arc::new(KeyHistory::single(Key256::generate()));
+        let (cipher, header) = ObjectCipher::create(&keys, AeadBackend::default());
+        let mut out = header.to_vec();
+        for i in 0..chunk_count(len) {
+            let r = chunk_plain_range(i, len);
+            cipher.seal_chunk(i, is_last_chunk(i, len), &plain[r.start as usize..r.end as usize], &mut out);
+        }
+        meta.extra.insert(BIND_META.to_string(), cipher.binding(PATH));
+        let codec = Codec::Cse { keys: Some(keys), kms: None, aead: AeadBackend::default(), format: Default::default() };
+        (codec, out)
+    } else {
+        (Codec::Plain, plain.clone())
+    };
+    pieces.put_expect(&ObjectKey::new(PATH).unwrap(), Bytes::from(stored.clone()), &meta, &Expect::Any).await.unwrap();
+    let context = ReadContext {
+        backend: pieces.clone(),
+        codec,
+        cache: Arc::new(PageCache::new(8 << 20)),
+        s3ec: Arc::new(S3ecReads::new(Default::default())),
+        fetches: Arc::default(),
+        disk: None,
+    };
+    Setup { context, pieces, plain, stored }
+}
+
+impl Setup {
+    /// A fresh reader (read-ahead off: one GET per read, of the chunks the read needs) over an empty cache.
+    async fn reader(&self, shape: Shape) -> Arc<Reader> {
+        *self.pieces.shape.lock().unwrap() = shape;
+        self.context.cache.invalidate_key(PATH);
+        let (info, _) = self.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+        Reader::new(&self.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 0).unwrap()
+    }
+
+    fn cached(&self, reader: &Reader) -> Vec<u64> {
+        let id = reader.object_id();
+        (0..chunk_count(self.plain.len() as u64)).filter(|&i| self.context.cache.contains(&id, i)).collect()
+    }
+}
+
+#[tokio::test]
+async fn pages_are_byte_exact_whatever_the_pieces_of_the_body() {
+    for encrypted in [true, false] {
+        let s = setup(encrypted).await;
+        for sizes in [&[1usize][..], &[7, 13, 4096], &[12, 65536, 16, 3], &[65564], &[100_000, 1], &[1 << 20]] {
+            let reader = s.reader(Shape::Sizes(sizes)).await;
+            let all = reader.read(0, s.plain.len() + 10).await.unwrap();
+            assert!(all == s.plain, "whole file, encrypted {encrypted}, pieces {sizes:?}");
+            // A read starting past chunk 0 (no header in the body).
+            let reader = s.reader(Shape::Sizes(sizes)).await;
+            let tail = reader.read(2 * 65536 + 5, 70_000).await.unwrap();
+            assert!(tail == s.plain[2 * 65536 + 5..2 * 65536 + 5 + 70_000], "tail, pieces {sizes:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_ends_early_or_fails_is_an_error_and_caches_only_whole_chunks() {
+    for encrypted in [true, false] {
+        let s = setup(encrypted).await;
+        let header = if encrypted { crate::crypto::HEADER_LEN as usize } else { 0 };
+        let chunk = if encrypted { 65536 + 28 } else { 65536 };
+        // Cut inside the header, inside chunk 0, and inside chunk 2 (chunks 0 and 1 whole).
+        for n in [100, header + 5000, header + 2 * chunk + 12 + 10] {
+            for shape in [Shape::EndsAfter(n), Shape::FailsAfter(n)] {
+                let reader = s.reader(shape).await;
+                let err = reader.read(0, s.plain.len()).await.unwrap_err();
+                assert_eq!(err.errno(), libc::EIO, "{err:?}");
+                let whole: Vec<u64> = (0..n.saturating_sub(header) as u64 / chunk as u64).collect();
+                assert_eq!(s.cached(&reader), whole, "only chunks that arrived whole are cached (cut at {n})");
+                // The same reader reads everything once the store answers whole again.
+                *s.pieces.shape.lock().unwrap() = Shape::Sizes(&[4096]);
+                assert!(reader.read(0, s.plain.len()).await.unwrap() == s.plain, "after the cut at {n}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_chunk_in_a_streamed_body_fails_and_is_not_cached() {
+    let s = setup(true).await;
+    let header = crate::crypto::HEADER_LEN as usize;
+    let chunk = 65536 + 28;
+    // A flipped byte in the ciphertext of chunk 1, in its nonce, and in its tag: each fails chunk 1.
+    for at in [header + chunk + 12 + 300, header + chunk + 3, header + 2 * chunk - 1] {
+        let mut tampered = s.stored.clone();
+        tampered[at] ^= 1;
+        let key = ObjectKey::new(PATH).unwrap();
+        let meta = s.pieces.head(&key).await.unwrap().1;
+        s.pieces.put_expect(&key, Bytes::from(tampered), &meta, &Expect::Any).await.unwrap();
+        let reader = s.reader(Shape::Sizes(&[5000, 3])).await;
+        let err = reader.read(0, 3 * 65536).await.unwrap_err();
+        assert!(format!("{err:?}").contains("AuthenticationFailed { chunk: 1 }"), "{err:?}");
+        assert_eq!(err.errno(), libc::EIO);
+        assert_eq!(s.cached(&reader), vec![0], "chunk 0 authenticated and is cached; chunk 1 is not");
+    }
+}
