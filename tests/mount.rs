@@ -119,10 +119,15 @@ fn directories_and_renames(env: &Env, store: &Store) {
     fs::rename(m.path("d/a"), m.path("d/c")).unwrap();
     assert_bytes(fs::read(m.path("d/c")).unwrap(), b"A", "m.path('d/c')");
     assert!(!m.path("d/a").exists());
-    // Rename a whole directory tree.
+    // Rename a whole directory tree. Its files were read before (their ETags known): a copy may give a file a new
+    // ETag (a multipart object's on S3, any on Azure), which must not make it unreadable under its new name (ESTALE).
+    let big = pattern(9 << 20, 7);
+    fs::write(m.path("d/big"), &big).unwrap();
+    assert_bytes(fs::read(m.path("d/big")).unwrap(), &big, "d/big");
     fs::rename(m.path("d"), m.path("moved")).unwrap();
     assert!(!m.path("d").exists());
     assert_bytes(fs::read(m.path("moved/c")).unwrap(), b"A", "m.path('moved/c')");
+    assert_bytes(fs::read(m.path("moved/big")).unwrap(), &big, "moved/big");
     assert_bytes(fs::read(m.path("moved/sub/b")).unwrap(), b"B", "m.path('moved/sub/b')");
     // A directory onto an empty directory replaces it; onto a non-empty one fails.
     fs::create_dir(m.path("full")).unwrap();

@@ -1605,6 +1605,15 @@ impl Fs {
                     node.validated = None;
                 }
             }
+            // So may every copy under a moved directory (S3 keeps a single-part object's ETag through a copy; a
+            // multipart object's and Azure's ETags change).
+            if kind == FileKind::Dir {
+                for c in files_under(&table, ino) {
+                    if let Some(node) = table.get_mut(c) {
+                        node.validated = None;
+                    }
+                }
+            }
             self.touch_dir(&mut table, parent);
             self.touch_dir(&mut table, new_parent);
         }
@@ -2597,20 +2606,7 @@ impl Fs {
     /// Every file inode under directory `dir` that has write state.
     fn staged_under(&self, dir: u64) -> Vec<u64> {
         let table = lock(&self.table);
-        let mut out = Vec::new();
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            for c in table.children_of(d) {
-                if let Some(n) = table.get(c) {
-                    if n.kind == FileKind::Dir {
-                        stack.push(c);
-                    } else if n.write.is_some() {
-                        out.push(c);
-                    }
-                }
-            }
-        }
-        out
+        files_under(&table, dir).into_iter().filter(|c| table.get(*c).is_some_and(|n| n.write.is_some())).collect()
     }
 
     pub async fn flush(&self, fh: u64) -> Result<()> {
@@ -3042,4 +3038,20 @@ fn _assert_send_sync() {
     fn check<T: Send + Sync>() {}
     check::<Fs>();
     let _ = StoreError::is_not_found;
+}
+
+/// Every node under directory `dir` (at any depth) that is not a directory.
+fn files_under(table: &InodeTable, dir: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        for c in table.children_of(d) {
+            match table.get(c) {
+                Some(n) if n.kind == FileKind::Dir => stack.push(c),
+                Some(_) => out.push(c),
+                None => {}
+            }
+        }
+    }
+    out
 }
