@@ -11,6 +11,9 @@
 #      _KMS_ENDPOINT, _CA_FILE); scripts/s3-server.sh check (boto3 smoke test: S3 over http/https, KMS)
 #      then scripts/moto-server.sh start (moto with authentication on, for the access-denied tests: LocalStack accepts
 #      any key), also stopped on exit; loads its env (S3CRYPTFS_TEST_MOTO_ENDPOINT, _MOTO_ADMIN_KEY_ID, _ADMIN_SECRET)
+#      then scripts/azurite.sh start (Azurite, the Azure Blob Storage emulator from npm, for the az:// store: the test
+#      bodies that run on every store run on it too), also stopped on exit; loads its env (AZURE_STORAGE_USE_EMULATOR,
+#      AZURITE_BLOB_STORAGE_URL, S3CRYPTFS_TEST_AZURE_CONTAINER)
 #      then scripts/s3ec-client.sh install (the official AWS S3 Encryption Client for Python in its own cached venv,
 #      for the S3EC interop tests through tests/tools/s3ec.py); loads its env (S3CRYPTFS_TEST_S3EC_PYTHON)
 #   3. cargo build --release --all-targets
@@ -25,6 +28,7 @@
 #   S3CRYPTFS_SKIP_SMOKE=1   skip the boto3 smoke test of the server before cargo test
 #   S3CRYPTFS_S3_PORT        server port; unset: the first free port from 4566 on
 #   S3CRYPTFS_MOTO_PORT      moto's port; unset: the first free port from 5000 on
+#   S3CRYPTFS_AZURITE_PORT   Azurite's port; unset: the first free port from 10000 on
 #   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh (moto-server.sh shares it)
 set -euo pipefail
 
@@ -33,6 +37,7 @@ cd "$ROOT"
 SERVER="$ROOT/scripts/s3-server.sh"
 MOTO="$ROOT/scripts/moto-server.sh"
 S3EC="$ROOT/scripts/s3ec-client.sh"
+AZURITE="$ROOT/scripts/azurite.sh"
 TEST_HOME="${S3CRYPTFS_TEST_HOME:-$HOME/.cache/s3cryptfs-test}"
 THREADS="${S3CRYPTFS_TEST_THREADS:-2}"
 
@@ -67,6 +72,7 @@ fi
 # run, or live ones elsewhere, are only reported: they may belong to another test run on this machine.
 server_started=0
 moto_started=0
+azurite_started=0
 RUN_TMP=""
 our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
     # Type is fuse.s3cryptfs when mounted through fusermount3 (unprivileged), but fuser's direct mount
@@ -119,6 +125,9 @@ on_exit() {
     if (( moto_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
         "$MOTO" stop
     fi
+    if (( azurite_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        "$AZURITE" stop
+    fi
     exit "$rc"
 }
 trap on_exit EXIT
@@ -168,6 +177,24 @@ moto_started=1
 eval "$("$MOTO" env)"
 [[ -n "${S3CRYPTFS_TEST_MOTO_ENDPOINT:-}" ]] || die "moto's env did not define S3CRYPTFS_TEST_MOTO_ENDPOINT"
 say "moto: $(elapsed "$t0") s ($S3CRYPTFS_TEST_MOTO_ENDPOINT, authentication on)"
+
+# Azurite, the Azure Blob Storage emulator (npm), for the az:// store: the tests whose body runs on every store.
+t0="$(now)"
+if [[ -z "${S3CRYPTFS_AZURITE_PORT:-}" ]]; then
+    S3CRYPTFS_AZURITE_PORT=10000
+    if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        while port_busy "$S3CRYPTFS_AZURITE_PORT"; do
+            S3CRYPTFS_AZURITE_PORT=$((S3CRYPTFS_AZURITE_PORT + 1))
+            (( S3CRYPTFS_AZURITE_PORT < 10100 )) || die "no free port in 10000-10099 for Azurite"
+        done
+    fi
+fi
+export S3CRYPTFS_AZURITE_PORT
+azurite_started=1
+"$AZURITE" start || die "could not start Azurite (see above)"
+eval "$("$AZURITE" env)"
+[[ -n "${S3CRYPTFS_TEST_AZURE_CONTAINER:-}" ]] || die "azurite.env did not define S3CRYPTFS_TEST_AZURE_CONTAINER"
+say "azurite: $(elapsed "$t0") s ($AZURITE_BLOB_STORAGE_URL)"
 
 # The official S3 Encryption Client (Python) for the S3EC interop tests: a venv of its own (it needs cryptography >= 48,
 # which LocalStack's pins exclude), cached like the servers'; no server of its own (it talks to LocalStack).

@@ -37,6 +37,11 @@ impl EncryptionMode {
             EncryptionMode::CseKms => "cse-kms",
         }
     }
+
+    /// Whether the server encrypts (an S3 feature: other stores refuse these modes).
+    pub fn is_server_side(self) -> bool {
+        matches!(self, EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC)
+    }
 }
 
 /// The format new and rewritten files are stored in (`format=`, client-side modes only).

@@ -238,10 +238,8 @@ async fn target(config: &MountConfig, keys: Option<Arc<KeyHistory>>) -> anyhow::
 /// not created: there would be nothing to rekey).
 fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) -> anyhow::Result<Arc<dyn Backend>> {
     let url = &config.store_url;
+    crate::run::check_mode_fits_store(config)?;
     if let Some(path) = url.strip_prefix("file://") {
-        if config.mode == EncryptionMode::SseC {
-            bail!("mode=sse-c is server-side encryption, which only an S3 store does: use s3://bucket");
-        }
         if !std::path::Path::new(path).is_dir() {
             bail!("the local store directory {path} does not exist");
         }

@@ -194,9 +194,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         None => None,
     };
     check_mountpoint(&config.mountpoint, &config.store_url, config.nonempty)?;
-    if !(config.store_url.starts_with("file://") || config.store_url.starts_with("s3://")) {
-        bail!("store '{}' is not supported: use file:///absolute/dir or s3://bucket[/prefix]", config.store_url);
-    }
+    crate::store::StoreUrl::parse(&config.store_url).map_err(|e| anyhow::anyhow!("store '{}': {e}", config.store_url))?;
 
     if config.foreground {
         let target = match &config.log_file {
@@ -496,13 +494,27 @@ fn journal_keying(mode: EncryptionMode, keys: Option<&Arc<KeyHistory>>, codec: &
     })
 }
 
+/// Refuses a server-side encryption mode on a store that is not S3 (the modes are S3 features), with one line naming
+/// the store.
+pub(crate) fn check_mode_fits_store(config: &MountConfig) -> anyhow::Result<()> {
+    let url = &config.store_url;
+    let parsed = crate::store::StoreUrl::parse(url).with_context(|| format!("store {url}"))?;
+    if config.mode.is_server_side() && !matches!(parsed, crate::store::StoreUrl::S3 { .. }) {
+        bail!(
+            "mode={} is S3 server-side encryption, which {} does not offer: use an s3:// store, or mode=cse-c or \
+             cse-kms (client-side) for {url}",
+            config.mode.name(),
+            parsed.kind()
+        );
+    }
+    Ok(())
+}
+
 /// Opens the store named by the URL.
 pub async fn open_store(config: &MountConfig, keys: Option<&Arc<KeyHistory>>) -> anyhow::Result<Arc<dyn Backend>> {
     let url = &config.store_url;
+    check_mode_fits_store(config)?;
     if let Some(path) = url.strip_prefix("file://") {
-        if matches!(config.mode, EncryptionMode::SseS3 | EncryptionMode::SseKms | EncryptionMode::SseC) {
-            bail!("mode={} is server-side encryption, which only an S3 store does: use s3://bucket, or mode=cse-c for the local store", config.mode.name());
-        }
         if !path.starts_with('/') {
             bail!("store '{url}': a local store needs an absolute path, as in file:///srv/objects");
         }

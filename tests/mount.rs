@@ -618,3 +618,35 @@ fn fifos_devices_and_sockets_are_created_kept_and_moved_like_files() {
         drop(m);
     }
 }
+
+/// Server-side encryption is an S3 feature: mount and rekey refuse those modes on another store in one line that names
+/// it, before touching anything.
+#[test]
+fn server_side_modes_are_refused_off_s3() {
+    let env = Env::new();
+    let mnt = env.path().join("mnt-sse");
+    fs::create_dir_all(&mnt).unwrap();
+    let local = Store::local(env.path()).url();
+    let cases = [("sse-s3", "az://somecontainer/p"), ("sse-kms", "az://somecontainer"), ("sse-s3", local.as_str())];
+    for (mode, url) in cases {
+        let out = std::process::Command::new(BIN)
+            .args(["mount", "-f", "-o", &format!("mode={mode}"), url])
+            .arg(&mnt)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let kind = if url.starts_with("az://") { "Azure Blob Storage" } else { "the local store" };
+        assert!(!out.status.success(), "{mode} on {url} was accepted");
+        let line = format!("mode={mode} is S3 server-side encryption, which {kind} does not offer");
+        assert!(err.contains(&line), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["rekey", "-o", &format!("mode=sse-c,key_file={}", env.key_file.display()), "az://somecontainer/p"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("which Azure Blob Storage does not offer"), "{err}");
+}

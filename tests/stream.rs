@@ -158,10 +158,14 @@ fn a_kill_in_the_middle_of_a_stream_loses_nothing_staged(env: &Env, store: &Stor
     wait_for(&addr, "multipart_part", 2.0);
     m.kill();
     drop(f);
-    assert_eq!(store.multipart_uploads().len(), 1, "the killed stream's upload is open");
+    if let Some(open) = store.multipart_uploads() {
+        assert_eq!(open.len(), 1, "the killed stream's upload is open");
+    }
     let m = Mount::start(env, store, "cse-c");
     assert_bytes(fs::read(m.path("interrupted")).unwrap(), &data, "interrupted, after the restart");
-    assert_eq!(store.multipart_uploads(), Vec::<(String, String)>::new(), "no multipart upload is left open");
+    if let Some(open) = store.multipart_uploads() {
+        assert_eq!(open, Vec::<(String, String)>::new(), "no multipart upload is left open");
+    }
 }
 both!(a_kill_in_the_middle_of_a_stream_loses_nothing_staged);
 

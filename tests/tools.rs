@@ -93,17 +93,7 @@ fn cat_ls_and_verify_read_what_the_mount_wrote(env: &Env, store: &Store) {
     assert!(out.contains("4 objects, 3145857 bytes"), "{out}"); // 3 files and a symlink
 
     // A foreign object (plain bytes put by another client): cat refuses it, ls says so.
-    match store {
-        Store::Local { dir } => std::fs::write(dir.join("foreign"), b"not encrypted at all\n").unwrap(),
-        Store::S3 { endpoint, bucket } => {
-            let status = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", "-X", "PUT", "--data-binary", "not encrypted at all\n"])
-                .arg(format!("{endpoint}/{bucket}/foreign"))
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-    }
+    store.put_foreign("foreign", b"not encrypted at all\n");
     let o = tool(env, store, "cse-c", &[], "cat", &["foreign"]);
     fails(&o, "not a valid size for an encrypted object");
     assert!(o.stdout.is_empty());

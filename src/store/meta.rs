@@ -147,6 +147,46 @@ fn parse_mtime(value: &str) -> Option<(i64, u32)> {
     Some((secs, ns))
 }
 
+/// `name` (a checked name: lower-case letters, digits, `-`, `_`, `.`) as a C# identifier, which is what Azure Blob
+/// Storage takes as a metadata name: `_` becomes `__`, `-` `_h`, `.` `_d`, and a leading digit gets `_n` in front.
+/// Reversed by [`from_identifier`].
+pub(crate) fn to_identifier(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        out.push_str("_n");
+    }
+    for c in name.chars() {
+        match c {
+            '_' => out.push_str("__"),
+            '-' => out.push_str("_h"),
+            '.' => out.push_str("_d"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The name [`to_identifier`] made `id` from; `None` for a name it cannot have made (another tool's metadata, which
+/// is then not ours to read). Azure may return names in other case: compared lower-cased.
+pub(crate) fn from_identifier(id: &str) -> Option<String> {
+    let id = id.to_ascii_lowercase();
+    let mut out = String::with_capacity(id.len());
+    let mut chars = id.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '_' => match chars.next()? {
+                '_' => out.push('_'),
+                'h' => out.push('-'),
+                'd' => out.push('.'),
+                'n' if out.is_empty() => {}
+                _ => return None,
+            },
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 /// Names become HTTP header suffixes that S3 lower-cases, and local-store lines `name=value`.
 fn check_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
@@ -259,5 +299,33 @@ mod tests {
             ..UserMeta::default()
         };
         assert!(encode(&m).is_err());
+    }
+}
+
+#[cfg(test)]
+mod identifier_tests {
+    use super::*;
+
+    #[test]
+    fn identifier_names_round_trip_and_are_identifiers() {
+        let names = ["mode", "s3cryptfs-mtime-ns", "s3cryptfs-bind", "x-amz-meta-x", "a_b", "a__b-", "x.y", "9lives"];
+        for name in names.into_iter().chain(["_"]) {
+            check_name(name).unwrap();
+            let id = to_identifier(name);
+            assert!(
+                id.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "{name} -> {id} is not an identifier"
+            );
+            assert_eq!(from_identifier(&id).as_deref(), Some(name), "{name} -> {id}");
+            assert_eq!(from_identifier(&id.to_ascii_uppercase()).as_deref(), Some(name), "upper-cased {id}");
+        }
+        // Distinct names stay distinct.
+        assert_ne!(to_identifier("a-b"), to_identifier("a_hb"));
+        assert_ne!(to_identifier("a_b"), to_identifier("a__b"));
+        // Names no s3cryptfs wrote are not read as ours.
+        for foreign in ["a_x", "trailing_"] {
+            assert_eq!(from_identifier(foreign), None, "{foreign}");
+        }
     }
 }

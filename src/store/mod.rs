@@ -28,6 +28,7 @@
 //! every parent directory of a file (a directory exists once it has a file) and refuses to
 //! remove a non-empty marker; S3 only has the markers that were written and never refuses.
 
+mod azure;
 mod conditional;
 mod deadline;
 mod dirfd;

@@ -54,6 +54,8 @@ pub struct ObjectStoreBackend {
     /// The same store's paginated listing (S3 without SSE-C): one page of a directory with a delimiter and a start
     /// ([`Backend::list_page`]). Without it a page is listed without a delimiter.
     pages: Option<Pages>,
+    /// Metadata names as identifiers (Azure: letters, digits and `_` only; see `meta::to_identifier`).
+    identifier_names: bool,
 }
 
 /// Where [`Backend::probe_conditional_writes`] puts its short-lived object: a "directory" under the reserved name of
@@ -100,7 +102,14 @@ impl ObjectStoreBackend {
             conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
             conditions_ignored: Arc::new(AtomicBool::new(false)),
             pages: None,
+            identifier_names: false,
         })
+    }
+
+    /// Stores metadata names as identifiers (Azure Blob Storage refuses `-` and `.` in them).
+    pub(crate) fn with_identifier_names(mut self) -> Self {
+        self.identifier_names = true;
+        self
     }
 
     /// Lists single pages through `pages`, the same store's paginated listing (see [`Backend::list_page`]).
@@ -292,13 +301,18 @@ impl ObjectStoreBackend {
         }
     }
 
+    /// One object's info, its ETag in the quoted form HTTP headers carry: Azure lists ETags bare (`0x8D..`) but
+    /// answers a HEAD or a write with `"0x8D.."`, and a listing's ETag must compare equal to a HEAD's for the
+    /// directory index and the listing-validated lookups to trust it (S3 quotes both already).
     fn info(key: &ObjectKey, m: &ObjectMeta) -> ObjectInfo {
-        ObjectInfo {
-            key: key.clone(),
-            size: m.size,
-            etag: m.e_tag.clone(),
-            last_modified: m.last_modified.into(),
-        }
+        let etag = m.e_tag.as_ref().map(|e| {
+            if e.starts_with('"') || e.starts_with("W/") {
+                e.clone()
+            } else {
+                format!("\"{e}\"")
+            }
+        });
+        ObjectInfo { key: key.clone(), size: m.size, etag, last_modified: m.last_modified.into() }
     }
 
     async fn get_opts(
@@ -336,7 +350,7 @@ impl ObjectStoreBackend {
             })?;
         }
         let info = Self::info(key, &res.meta);
-        let meta = attrs_to_meta(&res.attributes);
+        let meta = attrs_to_meta(&res.attributes, self.identifier_names);
         Ok((res, info, meta))
     }
 
@@ -438,7 +452,7 @@ impl ObjectStoreBackend {
         }
         let opts = PutOptions {
             mode,
-            attributes: meta_to_attrs(meta)?,
+            attributes: meta_to_attrs(meta, self.identifier_names)?,
             tags: self.ssec.as_ref().map(|s| s.write_tags()).unwrap_or_default(),
             ..PutOptions::default()
         };
@@ -589,7 +603,7 @@ impl Backend for ObjectStoreBackend {
         }
         let path = self.path(key)?;
         let opts = PutMultipartOptions {
-            attributes: meta_to_attrs(meta)?,
+            attributes: meta_to_attrs(meta, self.identifier_names)?,
             tags: self.ssec.as_ref().map(|s| s.write_tags()).unwrap_or_default(),
             ..PutMultipartOptions::default()
         };
@@ -1190,23 +1204,26 @@ impl Upload for ObjectStoreUpload {
     }
 }
 
-fn meta_to_attrs(meta: &UserMeta) -> Result<Attributes, StoreError> {
+fn meta_to_attrs(meta: &UserMeta, identifiers: bool) -> Result<Attributes, StoreError> {
     let map = meta::encode(meta)?;
     let mut attrs = Attributes::with_capacity(map.len());
     for (name, value) in map {
-        attrs.insert(
-            Attribute::Metadata(name.into()),
-            AttributeValue::from(value),
-        );
+        let name = if identifiers { meta::to_identifier(&name) } else { name };
+        attrs.insert(Attribute::Metadata(name.into()), AttributeValue::from(value));
     }
     Ok(attrs)
 }
 
-fn attrs_to_meta(attrs: &Attributes) -> UserMeta {
-    meta::decode(attrs.iter().filter_map(|(k, v)| match k {
-        Attribute::Metadata(name) => Some((name.as_ref(), v.as_ref())),
-        _ => None,
-    }))
+fn attrs_to_meta(attrs: &Attributes, identifiers: bool) -> UserMeta {
+    let names: Vec<(String, &str)> = attrs
+        .iter()
+        .filter_map(|(k, v)| match k {
+            Attribute::Metadata(name) if identifiers => meta::from_identifier(name).map(|n| (n, v.as_ref())),
+            Attribute::Metadata(name) => Some((name.to_string(), v.as_ref())),
+            _ => None,
+        })
+        .collect();
+    meta::decode(names.iter().map(|(n, v)| (n.as_str(), *v)))
 }
 
 /// Map an object_store error onto what the filesystem can act on, keeping the source.

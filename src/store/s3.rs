@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::HttpConnector;
-use object_store::{Certificate, ClientOptions, RetryConfig};
+use object_store::{Certificate, ClientConfigKey, ClientOptions, RetryConfig};
 
 use super::deadline::Deadline;
 
@@ -62,7 +62,7 @@ const ATTEMPT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl S3Options {
-    fn request_timeout(&self) -> Duration {
+    pub(super) fn request_timeout(&self) -> Duration {
         self.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT)
     }
 }
@@ -74,6 +74,8 @@ pub enum StoreUrl {
     S3 { bucket: String, prefix: String },
     /// `file:///abs/dir`.
     Local { root: PathBuf },
+    /// `az://container/prefix` (or `azure://`): Azure Blob Storage, see `azure.rs`.
+    Azure { container: String, prefix: String },
 }
 
 impl StoreUrl {
@@ -92,21 +94,22 @@ impl StoreUrl {
                     "{url:?} has no valid bucket name; write s3://bucket or s3://bucket/prefix"
                 )));
             }
-            let prefix = prefix.trim_matches('/');
-            if prefix.contains(['?', '#']) {
+            let prefix = prefix_of(url, prefix)?;
+            return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix });
+        }
+        if let Some(rest) = url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://")) {
+            let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            // Container naming rules: 3-63 characters of a-z, 0-9 and '-', starting with a letter or digit.
+            let container_ok = (3..=63).contains(&container.len())
+                && container.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !container.starts_with('-');
+            if !container_ok {
                 return Err(StoreError::invalid(format!(
-                    "{url:?} must not contain '?' or '#'; put options in mount options instead"
+                    "{url:?} has no valid container name (3-63 of a-z, 0-9, '-'); write az://container[/prefix]"
                 )));
             }
-            if !prefix.is_empty() {
-                super::ObjectKey::new(prefix).map_err(|e| {
-                    StoreError::invalid(format!("the prefix of {url:?} is not usable: {e}"))
-                })?;
-            }
-            return Ok(StoreUrl::S3 {
-                bucket: bucket.to_owned(),
-                prefix: prefix.to_owned(),
-            });
+            let prefix = prefix_of(url, prefix)?;
+            return Ok(StoreUrl::Azure { container: container.to_owned(), prefix });
         }
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -119,9 +122,34 @@ impl StoreUrl {
             });
         }
         Err(StoreError::invalid(format!(
-            "{url:?} is not a supported store URL; use s3://bucket[/prefix] or file:///abs/dir"
+            "{url:?} is not a supported store URL; use s3://bucket[/prefix], az://container[/prefix] or \
+             file:///abs/dir"
         )))
     }
+
+    /// The kind of store, for messages ("S3", "Azure Blob Storage", "the local store").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreUrl::S3 { .. } => "S3",
+            StoreUrl::Azure { .. } => "Azure Blob Storage",
+            StoreUrl::Local { .. } => "the local store",
+        }
+    }
+}
+
+/// The key prefix part of a bucket or container URL, checked: no leading or trailing `/`, a usable key.
+fn prefix_of(url: &str, prefix: &str) -> Result<String, StoreError> {
+    let prefix = prefix.trim_matches('/');
+    if prefix.contains(['?', '#']) {
+        return Err(StoreError::invalid(format!(
+            "{url:?} must not contain '?' or '#'; put options in mount options instead"
+        )));
+    }
+    if !prefix.is_empty() {
+        super::ObjectKey::new(prefix)
+            .map_err(|e| StoreError::invalid(format!("the prefix of {url:?} is not usable: {e}")))?;
+    }
+    Ok(prefix.to_owned())
 }
 
 /// Build the backend for `url`. S3 stores are configured but not contacted; local stores are
@@ -130,6 +158,12 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
     let parsed = StoreUrl::parse(url)?;
     let backend: Arc<dyn Backend> = match &parsed {
         StoreUrl::Local { root } => Arc::new(LocalBackend::new(root)?),
+        StoreUrl::Azure { container, prefix } => {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let store = Arc::new(Deadline::new(super::azure::build(container, opts, &env)?, opts.request_timeout()));
+            let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
+            Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_identifier_names())
+        }
         StoreUrl::S3 { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
             let builder = s3_builder(bucket, opts, &env)?;
@@ -281,25 +315,42 @@ fn s3_builder(
 }
 
 /// Client options from the environment plus ours, built once (see the module docs).
-fn client_options(
+pub(super) fn client_options(
     env: &dyn Fn(&str) -> Option<String>,
     allow_http: bool,
     ca_file: Option<&PathBuf>,
     timeout: Duration,
 ) -> Result<ClientOptions, StoreError> {
+    let parse = |k: &str| match AmazonS3ConfigKey::from_str(k) {
+        Ok(AmazonS3ConfigKey::Client(ck)) => Some(ck),
+        _ => None,
+    };
+    client_options_from(env_client_options("AWS_", &parse, env), allow_http, ca_file, timeout)
+}
+
+/// The HTTP client settings among the environment variables starting with `prefix` (`parse` knows their names).
+pub(super) fn env_client_options(
+    prefix: &str,
+    parse: &dyn Fn(&str) -> Option<ClientConfigKey>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> ClientOptions {
     let mut co = ClientOptions::new();
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        if !key.starts_with("AWS_") {
-            continue;
-        }
-        if let (Ok(AmazonS3ConfigKey::Client(ck)), Some(value)) = (
-            AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()),
-            env(key),
-        ) {
+        if let (true, Some(ck), Some(value)) = (key.starts_with(prefix), parse(&key.to_ascii_lowercase()), env(key)) {
             co = co.with_config(ck, value);
         }
     }
+    co
+}
+
+/// [`client_options`] from the client settings of another provider's environment (`AZURE_*`).
+pub(super) fn client_options_from(
+    mut co: ClientOptions,
+    allow_http: bool,
+    ca_file: Option<&PathBuf>,
+    timeout: Duration,
+) -> Result<ClientOptions, StoreError> {
     // After the environment: the mount option (or its default) wins over AWS_TIMEOUT / AWS_CONNECT_TIMEOUT.
     co = co.with_timeout(timeout + ATTEMPT_TIMEOUT_MARGIN).with_connect_timeout(timeout.min(CONNECT_TIMEOUT));
     if allow_http {
@@ -368,6 +419,22 @@ mod tests {
                 matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn parses_azure_urls() {
+        assert_eq!(
+            StoreUrl::parse("az://my-container/a/b/").unwrap(),
+            StoreUrl::Azure { container: "my-container".into(), prefix: "a/b".into() }
+        );
+        assert_eq!(
+            StoreUrl::parse("azure://c01").unwrap(),
+            StoreUrl::Azure { container: "c01".into(), prefix: String::new() }
+        );
+        assert_eq!(StoreUrl::parse("az://c01").unwrap().kind(), "Azure Blob Storage");
+        for bad in ["az://", "az://ab", "az://-abc", "az://Abc", "az://a_b_c", "az://abc/x/../y", "az://abc/x#y"] {
+            assert!(matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })), "{bad}");
         }
     }
 

@@ -29,6 +29,8 @@ pub fn unique(prefix: &str) -> String {
 pub enum Store {
     Local { dir: PathBuf },
     S3 { endpoint: String, bucket: String },
+    /// A fresh prefix in the Azurite container of scripts/azurite.sh (`AZURE_STORAGE_USE_EMULATOR` in the env).
+    Azure { container: String, prefix: String },
 }
 
 pub fn s3_endpoint() -> String {
@@ -58,10 +60,19 @@ impl Store {
         Store::S3 { endpoint, bucket }
     }
 
+    /// A fresh prefix in the Azure test container (scripts/azurite.sh, started by scripts/test.sh).
+    pub fn azure() -> Store {
+        let container = std::env::var("S3CRYPTFS_TEST_AZURE_CONTAINER").unwrap_or_else(|_| {
+            panic!("S3CRYPTFS_TEST_AZURE_CONTAINER is not set: run the tests with scripts/test.sh (it starts Azurite)")
+        });
+        Store::Azure { container, prefix: unique("t").to_lowercase() }
+    }
+
     pub fn url(&self) -> String {
         match self {
             Store::Local { dir } => format!("file://{}", dir.display()),
             Store::S3 { bucket, .. } => format!("s3://{bucket}"),
+            Store::Azure { container, prefix } => format!("az://{container}/{prefix}"),
         }
     }
 
@@ -69,6 +80,7 @@ impl Store {
         match self {
             Store::Local { .. } => vec![],
             Store::S3 { endpoint, .. } => vec![format!("endpoint={endpoint}"), "region=us-east-1".into()],
+            Store::Azure { .. } => vec![],
         }
     }
 
@@ -85,6 +97,14 @@ impl Store {
                     .build()
                     .unwrap(),
             ),
+            Store::Azure { container, prefix } => Arc::new(object_store::prefix::PrefixStore::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_use_emulator(true)
+                    .build()
+                    .unwrap(),
+                prefix.as_str(),
+            )),
         }
     }
 
@@ -96,7 +116,7 @@ impl Store {
                 walk(dir, dir, &mut out);
                 out
             }
-            Store::S3 { .. } => {
+            Store::S3 { .. } | Store::Azure { .. } => {
                 let store = self.object_store();
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 rt.block_on(async {
@@ -117,9 +137,10 @@ impl Store {
     /// The multipart uploads the store holds open (invisible to listings, and billed on S3), as (key, upload id).
     /// S3: ListMultipartUploads (one page of up to 1,000, which a test never reaches). The local store: the staged
     /// files of its uploads in `.s3cryptfs-tmp` (`.put-<hex>`, also what a PUT in flight stages; the key is not
-    /// known there, so it is empty).
-    pub fn multipart_uploads(&self) -> Vec<(String, String)> {
-        match self {
+    /// known there, so it is empty). `None` on Azure: its uploads are uncommitted blocks of a blob, which the service
+    /// drops after a week and no listing shows.
+    pub fn multipart_uploads(&self) -> Option<Vec<(String, String)>> {
+        Some(match self {
             Store::Local { dir } => std::fs::read_dir(dir.join(".s3cryptfs-tmp"))
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -141,6 +162,22 @@ impl Store {
                 };
                 text.split("<Upload>").skip(1).map(|u| (field(u, "Key"), field(u, "UploadId"))).collect()
             }
+            Store::Azure { .. } => return None,
+        })
+    }
+
+    /// Stores `bytes` at `key` as another client would: no metadata of ours.
+    pub fn put_foreign(&self, key: &str, bytes: &[u8]) {
+        match self {
+            Store::Local { dir } => std::fs::write(dir.join(key), bytes).unwrap(),
+            Store::S3 { .. } | Store::Azure { .. } => {
+                let store = self.object_store();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    use object_store::ObjectStoreExt;
+                    store.put(&object_store::path::Path::from(key), bytes.to_vec().into()).await.unwrap();
+                });
+            }
         }
     }
 
@@ -152,7 +189,9 @@ impl Store {
                 // Keep the extended attributes (metadata) as they are: rewrite the content in place.
                 std::fs::write(&p, bytes).unwrap();
             }
-            Store::S3 { .. } => panic!("put_raw on S3 would drop metadata; tamper tests use the local store"),
+            Store::S3 { .. } | Store::Azure { .. } => {
+                panic!("put_raw on an object store would drop metadata; tamper tests use the local store")
+            }
         }
     }
 }
@@ -602,6 +641,12 @@ macro_rules! both {
             fn s3() {
                 let env = Env::new();
                 let store = Store::s3();
+                super::$name(&env, &store);
+            }
+            #[test]
+            fn azure() {
+                let env = Env::new();
+                let store = Store::azure();
                 super::$name(&env, &store);
             }
         }
