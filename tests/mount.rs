@@ -1,7 +1,7 @@
-//! Integration tests through a real FUSE mount, against the local store and the S3 test server.
+//! Integration tests through a real FUSE mount, against the local store, the S3 test server and Azurite.
 //!
-//! Each behaviour is one function taking a store; the `both!` macro runs it on a local directory store and on a
-//! fresh bucket of the S3-compatible server started by scripts/test.sh.
+//! Each behaviour is one function taking a store; the `both!` macro runs it on a local directory store, on a fresh
+//! bucket of the S3-compatible server and on a fresh prefix of the Azurite container started by scripts/test.sh.
 
 mod common;
 

@@ -752,13 +752,21 @@ impl Backend for ObjectStoreBackend {
         // Elsewhere (InMemory, a mount-level SSE mode, a server without CopyObject): a GET of that version and a PUT
         // conditional on it, so the content passes through this client once each way.
         let path = self.path(key)?;
-        let (res, _) = self
+        let got = self
             .keyed(key, &path, |store| {
                 let path = path.clone();
                 let opts = GetOptions { if_match: Some(etag.to_string()), ..GetOptions::default() };
                 async move { store.get_opts(&path, opts).await }
             })
-            .await?;
+            .await;
+        let (res, _) = match got {
+            // Azure (Azurite at least) answers a conditional GET of a missing blob with 412: say which it was.
+            Err(e) if e.is_precondition() => match Backend::head(self, key).await {
+                Err(missing) if missing.is_not_found() => return Err(missing),
+                _ => return Err(e),
+            },
+            other => other?,
+        };
         let version = UpdateVersion { e_tag: res.meta.e_tag.clone(), version: res.meta.version.clone() };
         let body = res.bytes().await.map_err(|e| map_err(e, key.as_str()))?;
         let size = body.len() as u64;

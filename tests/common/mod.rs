@@ -624,8 +624,8 @@ pub fn s3ec_tool_ok(args: &[&str]) -> String {
     stdout
 }
 
-/// Runs test body `$name(&Env, &Store)` twice, as `$name::local` (the local store) and `$name::s3` (the S3 server):
-/// one body, every store.
+/// Runs test body `$name(&Env, &Store)` on every store: as `$name::local` (the local store), `$name::s3` (the S3
+/// server) and `$name::azure` (Azurite). The name is from the time there were two.
 #[allow(unused_macros)] // not every test crate runs a body on both stores
 macro_rules! both {
     ($name:ident) => {
