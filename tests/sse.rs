@@ -124,7 +124,7 @@ fn server_side_modes_refuse_the_local_store() {
         Ok(_) => panic!("sse-s3 mounted a local store"),
         Err(e) => e,
     };
-    assert!(err.contains("only an S3 store"), "{err}");
+    assert!(err.contains("mode=sse-s3 is S3 server-side encryption, which the local store does not offer"), "{err}");
 }
 
 /// Mount options for the test server over HTTPS (sse-c refuses plain http).
