@@ -139,18 +139,23 @@ trap 'exit 143' TERM
 # not after a multi-minute build; it idles meanwhile.
 t0="$(now)"
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-if [[ -z "${S3CRYPTFS_S3_PORT:-}" ]]; then
-    # Other worktrees/sessions on this machine may run their own server: take the first free port
-    # from 4566 on (with S3CRYPTFS_KEEP_SERVER=1 stay on 4566 so a kept server is reused).
-    S3CRYPTFS_S3_PORT=4566
+# free_port VAR FIRST WHAT: unless VAR is set, set it to the first free port of FIRST..FIRST+99. Other worktrees and
+# sessions on this machine may run their own servers; with S3CRYPTFS_KEEP_SERVER=1 it stays on FIRST, so a kept
+# server is reused.
+free_port() {
+    local var="$1" first="$2" what="$3" port
+    if [[ -n "${!var:-}" ]]; then export "${var?}"; return; fi
+    port="$first"
     if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
-        while port_busy "$S3CRYPTFS_S3_PORT"; do
-            S3CRYPTFS_S3_PORT=$((S3CRYPTFS_S3_PORT + 1))
-            (( S3CRYPTFS_S3_PORT < 4666 )) || die "no free port in 4566-4665 for the test server"
+        while port_busy "$port"; do
+            port=$((port + 1))
+            (( port < first + 100 )) || die "no free port in $first-$((first + 99)) for $what"
         done
     fi
-fi
-export S3CRYPTFS_S3_PORT
+    printf -v "$var" '%s' "$port"
+    export "${var?}"
+}
+free_port S3CRYPTFS_S3_PORT 4566 "the test server"
 server_started=1
 "$SERVER" start || die "could not start the S3/KMS test server (see above)"
 eval "$("$SERVER" env)"
@@ -162,16 +167,7 @@ say "server: $(elapsed "$t0") s ($S3CRYPTFS_TEST_S3_ENDPOINT, CA $S3CRYPTFS_TEST
 
 # moto with authentication on: the only server here that refuses credentials (tests/deny.rs).
 t0="$(now)"
-if [[ -z "${S3CRYPTFS_MOTO_PORT:-}" ]]; then
-    S3CRYPTFS_MOTO_PORT=5000
-    if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
-        while port_busy "$S3CRYPTFS_MOTO_PORT"; do
-            S3CRYPTFS_MOTO_PORT=$((S3CRYPTFS_MOTO_PORT + 1))
-            (( S3CRYPTFS_MOTO_PORT < 5100 )) || die "no free port in 5000-5099 for the moto server"
-        done
-    fi
-fi
-export S3CRYPTFS_MOTO_PORT
+free_port S3CRYPTFS_MOTO_PORT 5000 "the moto server"
 moto_started=1
 "$MOTO" start || die "could not start the moto server that checks credentials (see above)"
 eval "$("$MOTO" env)"
@@ -180,16 +176,7 @@ say "moto: $(elapsed "$t0") s ($S3CRYPTFS_TEST_MOTO_ENDPOINT, authentication on)
 
 # Azurite, the Azure Blob Storage emulator (npm), for the az:// store: the tests whose body runs on every store.
 t0="$(now)"
-if [[ -z "${S3CRYPTFS_AZURITE_PORT:-}" ]]; then
-    S3CRYPTFS_AZURITE_PORT=10000
-    if [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
-        while port_busy "$S3CRYPTFS_AZURITE_PORT"; do
-            S3CRYPTFS_AZURITE_PORT=$((S3CRYPTFS_AZURITE_PORT + 1))
-            (( S3CRYPTFS_AZURITE_PORT < 10100 )) || die "no free port in 10000-10099 for Azurite"
-        done
-    fi
-fi
-export S3CRYPTFS_AZURITE_PORT
+free_port S3CRYPTFS_AZURITE_PORT 10000 Azurite
 azurite_started=1
 "$AZURITE" start || die "could not start Azurite (see above)"
 eval "$("$AZURITE" env)"

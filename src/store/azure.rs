@@ -29,10 +29,8 @@ pub(super) fn build(
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_endpoint(endpoint.clone());
     }
-    let emulator = b.get_config_value(&AzureConfigKey::UseEmulator).is_some_and(|v| v == "true");
-    let allow_http = opts.allow_http
-        || opts.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
-        || (emulator && env("AZURITE_BLOB_STORAGE_URL").is_none_or(|u| u.starts_with("http://")));
+    // Emulator mode (AZURE_STORAGE_USE_EMULATOR) allows plain http on its own: object_store's build() sets it.
+    let allow_http = opts.allow_http || opts.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
     // `with_client_options` replaces the client settings `from_env` read: carry the AZURE_* ones over.
     let parse = |k: &str| match k.parse::<AzureConfigKey>() {
         Ok(AzureConfigKey::Client(ck)) => Some(ck),
