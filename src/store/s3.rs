@@ -121,6 +121,12 @@ impl StoreUrl {
                 root: PathBuf::from(rest),
             });
         }
+        if url.starts_with("gs://") || url.starts_with("gcs://") {
+            return Err(StoreError::invalid(format!(
+                "{url:?}: Google Cloud Storage is not supported yet (no GCS test server could check it; see the \
+                 README); supported stores: s3://bucket[/prefix], az://container[/prefix], file:///abs/dir"
+            )));
+        }
         Err(StoreError::invalid(format!(
             "{url:?} is not a supported store URL; use s3://bucket[/prefix], az://container[/prefix] or \
              file:///abs/dir"
@@ -433,6 +439,8 @@ mod tests {
             StoreUrl::Azure { container: "c01".into(), prefix: String::new() }
         );
         assert_eq!(StoreUrl::parse("az://c01").unwrap().kind(), "Azure Blob Storage");
+        let gs = StoreUrl::parse("gs://bucket/p").unwrap_err().to_string();
+        assert!(gs.contains("Google Cloud Storage is not supported yet"), "{gs}");
         for bad in ["az://", "az://ab", "az://-abc", "az://Abc", "az://a_b_c", "az://abc/x/../y", "az://abc/x#y"] {
             assert!(matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })), "{bad}");
         }
