@@ -445,6 +445,26 @@ fn raw_aes_objects_and_instruction_files_in_a_cse_c_mount() {
     // An instruction file with no object beside it, and an ordinary file named like one: both shown.
     raw_put(&ep, &bucket, "lonely.instruction", &marker, b"{}", dir);
 
+    // `s3cryptfs ls` without a mount names how each is encrypted: the envelope in metadata, or in a file beside it.
+    let mut opts = vec!["mode=cse-c".to_string(), format!("key_file={}", env.key_file.display())];
+    opts.extend(store.extra_options());
+    let o = Command::new(BIN).args(["ls", "-o", &opts.join(",")]).arg(store.url()).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "ls: {}", String::from_utf8_lossy(&o.stderr));
+    let kind = |name: &str| {
+        let line = text.lines().find(|l| l.ends_with(&format!(" {name}"))).unwrap_or_else(|| panic!("{name}: {text}"));
+        line.to_string()
+    };
+    for name in ["i2", "i3"] {
+        assert!(kind(name).contains("s3ec (instruction file)"), "{name}: {text}");
+    }
+    for name in ["v2", "v3", "rotated"] {
+        assert!(kind(name).contains("s3ec ") && !kind(name).contains("instruction"), "{name}: {text}");
+    }
+    assert!(kind("v2").contains(" 70000 "), "{text}");
+    assert!(kind("i3").contains(" 123457 "), "the size of an object whose envelope lies beside it: {text}");
+    assert!(!text.contains("i3.instruction") && !text.contains("i2.instruction"), "{text}");
+
     {
         let m = Mount::start(&env, &store, "cse-c");
         for (key, plain) in &want {

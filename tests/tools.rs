@@ -313,3 +313,88 @@ fn verify_finds_every_tamper_class_and_sorts_failures_by_kind() {
     let o = tool(&env, &store, "cse-c", &[&format!("key_file={}", both.display())], "verify", &["--json", "otherkey"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A large file changed in place holds chunks of two versions and a version map in its metadata (FORMAT.md, format
+/// versions 2 and 3). `verify` accepts it as written and refuses each way an editor of the bucket could mix the
+/// versions: the older version's chunk spliced back in, the map removed (the chunk sealed by the change then
+/// claims the first version), and a map byte changed.
+#[test]
+fn verify_refuses_a_changed_file_whose_versions_are_mixed_or_whose_map_is_forged() {
+    const MIB: usize = 1 << 20;
+    const CHUNK: usize = 65536 + 28;
+    const HEADER: usize = 512;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let Store::Local { dir } = &store else { unreachable!() };
+    let chunk = 300usize;
+    {
+        let m = Mount::start(&env, &store, "cse-c");
+        std::fs::write(m.path("big"), pattern(40 * MIB, 5)).unwrap();
+    }
+    let old = std::fs::read(dir.join("big")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let m = Mount::start(&env, &store, "cse-c");
+        let f = std::fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+        f.write_all_at(b"new", (chunk * 65536 + 10) as u64).unwrap();
+    }
+    let new = std::fs::read(dir.join("big")).unwrap();
+    assert_eq!(old[..HEADER], new[..HEADER], "changed in place: the same header, so the same data key");
+    let meta = get_meta_xattr(&dir.join("big"));
+    let map_line = meta.lines().find(|l| l.contains("map=")).unwrap_or_else(|| panic!("no version map: {meta}"));
+    let verify = || tool(&env, &store, "cse-c", &[], "verify", &["--json", "big"]);
+    let tampered = |what: &str| {
+        let o = verify();
+        assert_eq!(o.status.code(), Some(1), "{what}: verified: {}", stderr(&o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["failures_by_kind"]["tampered"], 1, "{what}: {summary}");
+    };
+    assert!(verify().status.success(), "the changed file as written: {}", stderr(&verify()));
+
+    let at = HEADER + chunk * CHUNK;
+    let mut spliced = new.clone();
+    spliced[at..at + CHUNK].copy_from_slice(&old[at..at + CHUNK]);
+    assert_ne!(spliced, new, "the changed chunk was sealed again");
+    store.put_raw("big", spliced);
+    tampered("the older version's chunk spliced in");
+    store.put_raw("big", new);
+    assert!(verify().status.success(), "restored: {}", stderr(&verify()));
+
+    let without: String = meta.lines().filter(|l| *l != map_line).map(|l| format!("{l}\n")).collect();
+    set_meta_xattr(&dir.join("big"), &without);
+    tampered("the version map removed");
+
+    let (name, value) = map_line.split_once('=').unwrap();
+    let mut v = value.as_bytes().to_vec();
+    v[20] = if v[20] == b'A' { b'B' } else { b'A' };
+    let forged = meta.replace(map_line, &format!("{name}={}", String::from_utf8(v).unwrap()));
+    set_meta_xattr(&dir.join("big"), &forged);
+    tampered("a byte of the version map changed");
+    set_meta_xattr(&dir.join("big"), &meta);
+    assert!(verify().status.success(), "restored: {}", stderr(&verify()));
+}
+
+/// The local store's metadata of one object (the `user.s3cryptfs.meta` xattr, `name=value` lines).
+fn get_meta_xattr(path: &Path) -> String {
+    let c = c_path(path);
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: both pointers are valid for the lengths given; the strings are NUL-terminated.
+    let n = unsafe { libc::getxattr(c.as_ptr(), META_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "getxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(n as usize);
+    String::from_utf8(buf).unwrap()
+}
+
+fn set_meta_xattr(path: &Path, text: &str) {
+    let c = c_path(path);
+    // SAFETY: both pointers are valid for the lengths given; the strings are NUL-terminated.
+    let r = unsafe { libc::setxattr(c.as_ptr(), META_XATTR.as_ptr(), text.as_ptr().cast(), text.len(), 0) };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+const META_XATTR: &std::ffi::CStr = c"user.s3cryptfs.meta";
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
