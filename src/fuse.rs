@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -123,6 +123,10 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open() instead of as a separate truncate, so opening for overwrite never downloads.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // A directory read carries each entry's attributes (READDIRPLUS, every time: not READDIRPLUS_AUTO, which
+        // uses it for the first batch only, while `ls -l` reads every batch before its first stat). The listing just
+        // read them, so `ls -l` and `find -ls` need no LOOKUP per name afterwards.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
@@ -131,6 +135,7 @@ impl Filesystem for FuseAdapter {
     fn destroy(&mut self) {}
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::metrics::fuse_lookup();
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.rt.spawn(async move {
             match fs.lookup_entry(parent.0, &name).await {
@@ -392,6 +397,43 @@ impl Filesystem for FuseAdapter {
             }
             pos += 1;
         }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.fs.readdir(fh.0) {
+            Ok(e) => e,
+            Err(e) => {
+                reply.error(errno("readdirplus", &e));
+                return;
+            }
+        };
+        // Offsets as in `readdir`. Each named entry counts a lookup (`Fs::lookup_listed`), taken back if it did not
+        // fit (`Fs::unlist`). The kernel links no node for "." and "..": their attributes give only inode numbers.
+        // An entry gone since the listing is not shown, as a readdir after its removal would not show it.
+        let parent = self.fs.parent_of(ino.0);
+        let dot = |dir: u64| self.fs.attr_in_memory(dir).map(|a| (a, Duration::ZERO, false));
+        let mut pos = offset;
+        while pos < 2 + entries.len() as u64 {
+            let (name, found) = match pos {
+                0 => (".", dot(ino.0)),
+                1 => ("..", dot(parent)),
+                n => {
+                    let e = &entries[(n - 2) as usize];
+                    (e.name.as_str(), self.fs.lookup_listed(ino.0, e))
+                }
+            };
+            if let Some((a, ttl, counted)) = found {
+                if reply.add(INodeNo(a.ino), pos + 1, name, &ttl, &to_attr(&a), Generation(0)) {
+                    if counted {
+                        self.fs.unlist(a.ino);
+                    }
+                    break;
+                }
+            }
+            pos += 1;
+        }
+        self.fs.lookups_done();
         reply.ok();
     }
 

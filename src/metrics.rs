@@ -15,6 +15,7 @@
 //! |---|---|---|---|
 //! | `s3cryptfs_fs_read_bytes_total` | counter | — | plaintext bytes returned to `read()` calls on the mount |
 //! | `s3cryptfs_fs_written_bytes_total` | counter | — | plaintext bytes accepted from `write()` calls on the mount |
+//! | `s3cryptfs_fuse_lookups_total` | counter | — | LOOKUP requests from the kernel: names it did not know or whose entry expired. A directory read answers with each entry's attributes (READDIRPLUS), so `ls -l` or `find -ls` after it need none for the names it listed |
 //! | `s3cryptfs_fuse_errors_total` | counter | `op`, `errno` | FUSE requests answered with an error, by operation (`lookup`, `read`, `rmdir`…) and errno name (`ENOENT`, `EIO`…; `other` for rare ones). Expected answers such as ENOENT on lookup count too. Requests refused without calling the filesystem (xattrs, mknod, link) do not |
 //! | `s3cryptfs_store_requests_total` | counter | `kind`, `outcome` | finished store operations. `kind`: `head`, `get`, `get_range`, `put`, `multipart_create`, `multipart_part`, `multipart_complete`, `multipart_abort`, `copy`, `rename`, `update_meta`, `delete`, `list`, `list_page` (one page of a listing from a given key on), `has_children`, `check_access`, and for key rotation `replace_head`, `update_meta_if`, `customer_key_of`, `move_to_writing_key`. `outcome`: `ok`, or the error class `not_found`, `access_denied`, `precondition`, `not_empty`, `unavailable`, `timed_out` (no answer within `timeout=`), `invalid_input`, `missing_bucket`, `encryption_not_confirmed`, `wrong_key`, `unsupported`, `other`; `cancelled` when the caller gave up before the answer |
 //! | `s3cryptfs_store_request_duration_seconds` | histogram | `kind` | time from sending a store operation to its answer, whatever the outcome |
@@ -70,6 +71,7 @@ use crate::store::{
 pub const FS_READ_BYTES: &str = "s3cryptfs_fs_read_bytes_total";
 pub const FS_WRITTEN_BYTES: &str = "s3cryptfs_fs_written_bytes_total";
 pub const FUSE_ERRORS: &str = "s3cryptfs_fuse_errors_total";
+pub const FUSE_LOOKUPS: &str = "s3cryptfs_fuse_lookups_total";
 pub const STORE_REQUESTS: &str = "s3cryptfs_store_requests_total";
 pub const STORE_REQUEST_DURATION: &str = "s3cryptfs_store_request_duration_seconds";
 pub const STORE_IN_FLIGHT: &str = "s3cryptfs_store_requests_in_flight";
@@ -144,6 +146,11 @@ pub fn fs_read(bytes: usize) {
 /// A `write()` on the mount accepted `bytes` bytes.
 pub fn fs_written(bytes: usize) {
     counter(FS_WRITTEN_BYTES, &[]).increment(bytes as u64);
+}
+
+/// The kernel sent a LOOKUP: it did not know a name, or its entry had expired.
+pub fn fuse_lookup() {
+    counter(FUSE_LOOKUPS, &[]).increment(1);
 }
 
 /// A FUSE request `op` was answered with `errno`.
@@ -779,6 +786,7 @@ fn describe() {
     describe_counter!(FS_READ_BYTES, Unit::Bytes, "Plaintext bytes returned to read() calls on the mount.");
     describe_counter!(FS_WRITTEN_BYTES, Unit::Bytes, "Plaintext bytes accepted from write() calls on the mount.");
     describe_counter!(FUSE_ERRORS, "FUSE requests answered with an error, by operation and errno.");
+    describe_counter!(FUSE_LOOKUPS, "LOOKUP requests from the kernel (names READDIRPLUS answered need none).");
     describe_counter!(STORE_REQUESTS, "Store operations finished, by kind and outcome.");
     describe_histogram!(STORE_REQUEST_DURATION, Unit::Seconds, "Store operation latency, by kind.");
     describe_gauge!(STORE_IN_FLIGHT, "Store operations sent and not yet answered.");
@@ -802,7 +810,10 @@ fn describe() {
     describe_gauge!(UPLOADS_IN_FLIGHT, "File uploads running now.");
     describe_counter!(KMS_REQUESTS, "KMS requests, by action and outcome.");
     describe_histogram!(KMS_REQUEST_DURATION, Unit::Seconds, "KMS request latency, by action.");
-    for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
+    for name in [FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_LOOKUPS, STORE_READ_BYTES, STORE_WRITTEN_BYTES] {
+        counter(name, &[]).absolute(0);
+    }
+    for name in [CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS] {
         counter(name, &[]).absolute(0);
     }
     for name in [DISK_CACHE_HITS, DISK_CACHE_MISSES, DISK_CACHE_WRITTEN_BYTES, DISK_CACHE_EVICTIONS, DISK_CACHE_DROPPED] {

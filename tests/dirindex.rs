@@ -60,6 +60,8 @@ fn metered(env: &Env, store: &Store, mode: &str) -> (Mount, String) {
     (m, addr)
 }
 
+const LOOKUPS: &str = "s3cryptfs_fuse_lookups_total";
+
 /// `ls -l DIR` on mount `m` (fresh): its output and the requests it cost (after a first `stat DIR`).
 fn cold_ls(m: &Mount, addr: &str, dir: &str) -> (String, Delta) {
     fs::metadata(m.path(dir)).unwrap();
@@ -132,8 +134,12 @@ fn a_cold_ls_l_costs_the_listing_and_one_get(mode: &str) {
     assert!(store.raw_objects().iter().any(|(k, _)| k == &format!("d/{INDEX}")), "no index was written");
 
     let (b, addr) = metered(&env, &store, mode);
+    let lookups_before = metric(&addr, LOOKUPS);
     let (shown, cost) = cold_ls(&b, &addr, "d");
     assert_eq!(shown, written, "the cold listing differs from the writer's");
+    // The directory read carried every entry's attributes (READDIRPLUS): no LOOKUP per name either. Only "d" itself.
+    let lookups = metric(&addr, LOOKUPS) - lookups_before;
+    assert!(lookups <= 2.0, "ls -l of {} names sent {lookups} LOOKUPs", FILES + 2);
     assert_eq!(cost.head + cost.has_children, 0.0, "a cold ls -l asked per file: {}", cost.text);
     assert_eq!(cost.get, 1.0, "one GET (the index): {}", cost.text);
     assert!(cost.list <= 1.0, "one listing (of two pages): {}", cost.text);

@@ -190,7 +190,7 @@ impl Names {
 
 impl Node {
     /// The attributes, with `st_nlink` as [`InodeTable::attr`] computes it.
-    fn attr_with(&self, nlink: u32) -> Attr {
+    pub(super) fn attr_with(&self, nlink: u32) -> Attr {
         Attr {
             ino: self.ino,
             kind: self.kind,

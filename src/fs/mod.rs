@@ -830,6 +830,58 @@ impl Fs {
         self.account();
     }
 
+    /// The lookup a READDIRPLUS answer stands for, of an entry (`listed`) the directory's listing just showed:
+    /// answered from memory only, never the store, so a directory read costs what its listing cost. Counts a lookup
+    /// as [`Fs::lookup_entry`] does (the kernel links every entry it is sent and forgets it later), and says so in
+    /// the third field; the caller takes it back with [`Fs::unlist`] if the entry did not fit the reply. The time to
+    /// keep it is `lookup_entry`'s for a name memory knows, zero for one memory alone cannot vouch for, so the kernel
+    /// asks (LOOKUP) before it uses those attributes, as without READDIRPLUS. An entry the table holds no node for
+    /// (no room for it, see `list_dir`, or trimmed since) gets placeholder attributes under the number its node will
+    /// get, with a zero time and no lookup counted (there is no node to count it on; a FORGET of it is a no-op).
+    /// `None`: the name is gone since the listing was taken, and is not shown.
+    pub fn lookup_listed(&self, parent: u64, listed: &DirEntry) -> Option<(Attr, Duration, bool)> {
+        let name = listed.name.as_str();
+        let known = self.resolve_from_memory(parent, name);
+        let silent = self.store_recently_silent();
+        let mut table = lock(&self.table);
+        let (ino, vouched) = match known {
+            Some(Ok(ino)) => (ino, true),
+            Some(Err(_)) => return None,
+            None => match table.child(parent, name) {
+                Some(ino) => (ino, false),
+                None => {
+                    let mut node = self.blank_node(parent, name, listed.kind);
+                    node.ino = listed.ino;
+                    return Some((node.attr_with(1), Duration::ZERO, false));
+                }
+            },
+        };
+        let attr = table.attr(ino)?;
+        let node = table.get_mut(ino)?;
+        node.lookups += 1;
+        let ttl = if vouched && (self.fresh(node) || silent) { self.config.attr_ttl } else { Duration::ZERO };
+        Some((attr, ttl, true))
+    }
+
+    /// Takes back the lookup [`Fs::lookup_listed`] counted for an entry that did not fit its reply. Unlike a FORGET,
+    /// it keeps the node even at zero lookups: it was in the table before (a listing's node), and the next reply,
+    /// from that entry on, needs it.
+    pub fn unlist(&self, ino: u64) {
+        if let Some(node) = lock(&self.table).get_mut(ino) {
+            node.lookups = node.lookups.saturating_sub(1);
+        }
+    }
+
+    /// The attributes memory holds for `ino` (for the "." and ".." entries of a directory read), without asking.
+    pub fn attr_in_memory(&self, ino: u64) -> Option<Attr> {
+        lock(&self.table).attr(ino)
+    }
+
+    /// Brings the memory accounting up to date after a batch of [`Fs::lookup_listed`].
+    pub fn lookups_done(&self) {
+        self.account();
+    }
+
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
         let (stale_file, path, listed_in) = {
             let table = lock(&self.table);
