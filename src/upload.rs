@@ -300,22 +300,36 @@ mod tests {
     use async_trait::async_trait;
     use std::sync::{Arc, Mutex};
 
-    /// An in-memory store that records the size of every multipart part it is sent.
+    /// An in-memory store that records the size of every multipart part it is sent; with `hold_first`, the first
+    /// part of each upload is answered only once that is notified (a part that lags behind the ones after it).
     pub(crate) struct Recording {
         pub(crate) inner: ObjectStoreBackend,
         pub(crate) parts: Arc<Mutex<Vec<usize>>>,
+        pub(crate) hold_first: Option<Arc<tokio::sync::Notify>>,
     }
 
     struct RecordingUpload {
         inner: Box<dyn Upload>,
         parts: Arc<Mutex<Vec<usize>>>,
+        hold_first: Option<Arc<tokio::sync::Notify>>,
     }
 
     #[async_trait]
     impl Upload for RecordingUpload {
         fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
-            self.parts.lock().unwrap().push(part.len());
-            self.inner.put_part(part)
+            let first = {
+                let mut parts = self.parts.lock().unwrap();
+                parts.push(part.len());
+                parts.len() == 1
+            };
+            let sent = self.inner.put_part(part);
+            match self.hold_first.clone().filter(|_| first) {
+                Some(gate) => Box::pin(async move {
+                    gate.notified().await;
+                    sent.await
+                }),
+                None => sent,
+            }
         }
         async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
             self.inner.complete().await
@@ -356,7 +370,11 @@ mod tests {
             expect: &Expect,
         ) -> Result<Box<dyn Upload>, StoreError> {
             let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
-            Ok(Box::new(RecordingUpload { inner, parts: Arc::clone(&self.parts) }))
+            Ok(Box::new(RecordingUpload {
+                inner,
+                parts: Arc::clone(&self.parts),
+                hold_first: self.hold_first.clone(),
+            }))
         }
         async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
             self.inner.copy(from, to, meta).await
@@ -380,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn own_format_parts_are_exact_multiples_of_the_part_size() {
         let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-        let backend = Recording { inner, parts: Arc::default() };
+        let backend = Recording { inner, parts: Arc::default(), hold_first: None };
         let keys = Arc::new(KeyHistory::single(Key256::generate()));
         let codec = Codec::Cse {
             keys: Some(keys),

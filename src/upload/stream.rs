@@ -81,6 +81,11 @@ pub struct Stream {
     _counted: crate::metrics::UploadInFlight,
 }
 
+/// Most parts a stream has sent past its confirmed prefix (see [`Stream::wait_for_room`]): what travels, and two
+/// parts of slack for completions out of order. The staged copy a low disk keeps is at most this many parts, the
+/// one being filled, and the writes since.
+const UNCONFIRMED_PARTS: u64 = PARTS_IN_FLIGHT as u64 + 2;
+
 impl Stream {
     /// Opens the multipart upload of `path` with `meta` (its `mtime` dropped: see the module notes) and the upload
     /// `stamp`, conditional on `expect`. `None` where streaming does not apply: `format=s3ec`, whose single GCM
@@ -248,14 +253,26 @@ impl Stream {
         Ok(())
     }
 
+    /// Waits until another part may go: fewer than [`PARTS_IN_FLIGHT`] travel, and fewer than
+    /// [`UNCONFIRMED_PARTS`] have been sent past the confirmed prefix. Parts complete in any order, so without the
+    /// second bound one part that lags would let the writer run on while the confirmed prefix (the staged copy the
+    /// journal may free when its disk runs low, `Staged::trim_if`) stood still, and the writer, not the store, would
+    /// run that disk out (ENOSPC): a writer faster than the store waits for it instead.
+    async fn wait_for_room(&mut self) -> Result<()> {
+        while self.in_flight.len() >= PARTS_IN_FLIGHT || self.parts_sent - self.confirmed_prefix >= UNCONFIRMED_PARTS {
+            match self.in_flight.next().await {
+                Some(r) => self.arrived(r)?,
+                // Nothing travels: every part sent has arrived, so the prefix is all of them.
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Fills one part from the carry and the chunks up to `until` (exclusive; with `at_end`, `until` is the file's
     /// chunk count and its last chunk is sealed as the last), and sends it (at most PART_SIZE stored bytes; what is sealed past that is carried).
     async fn send_part(&mut self, src: &dyn Source, size: u64, until: u64, at_end: bool) -> Result<()> {
-        while self.in_flight.len() >= PARTS_IN_FLIGHT {
-            if let Some(r) = self.in_flight.next().await {
-                self.arrived(r)?;
-            }
-        }
+        self.wait_for_room().await?;
         // Reserved only now, while nothing else of this stream is held (no reservation waits on another).
         let memory = crate::memory::process().reserve(PART_BUFFER as u64).await;
         let mut part = Vec::with_capacity(PART_BUFFER);
@@ -287,11 +304,7 @@ impl Stream {
 
     /// Sends what is carried as the final part.
     async fn send_carry(&mut self) -> Result<()> {
-        while self.in_flight.len() >= PARTS_IN_FLIGHT {
-            if let Some(r) = self.in_flight.next().await {
-                self.arrived(r)?;
-            }
-        }
+        self.wait_for_room().await?;
         let memory = crate::memory::process().reserve(self.carry.len() as u64).await;
         let part = std::mem::take(&mut self.carry);
         self.put(part, memory);

@@ -20,7 +20,7 @@ fn cse() -> Codec {
 
 fn recording() -> Recording {
     let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    Recording { inner, parts: Arc::default() }
+    Recording { inner, parts: Arc::default(), hold_first: None }
 }
 
 fn file(size: u64) -> Vec<u8> {
@@ -148,4 +148,30 @@ async fn a_stream_loses_a_race_without_overwriting() {
     assert!(matches!(&err, Error::Store { source, .. } if matches!(source, StoreError::Precondition { .. })), "{err:?}");
     let (body, _, _) = backend.get(&ObjectKey::new("f").unwrap()).await.unwrap();
     assert_eq!(body, other);
+}
+
+/// A part that lags (here the first, held until released) holds the writer back once UNCONFIRMED_PARTS parts are out
+/// past the confirmed prefix, though fewer than PARTS_IN_FLIGHT travel: the staged copy a low disk must keep does
+/// not grow behind one slow part. Released, the stream goes on and the object is the file.
+#[tokio::test]
+async fn a_lagging_part_holds_the_writer_back() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let backend = Recording { hold_first: Some(gate.clone()), ..recording() };
+    let codec = cse();
+    let plain = file(16 * PART_SIZE as u64 + 5);
+    let meta = UserMeta { mode: Some(0o100640), ..UserMeta::default() };
+    let mut stream = Stream::start(&backend, &codec, "dir/f", meta, ("stamp", "s1".into()), Expect::Absent)
+        .await
+        .unwrap()
+        .expect("streams in the own format");
+    let size = plain.len() as u64;
+    let advanced = tokio::time::timeout(std::time::Duration::from_secs(2), stream.advance(&Memory(&plain), size)).await;
+    assert!(advanced.is_err(), "the writer ran on past a part that lagged");
+    assert_eq!(backend.parts.lock().unwrap().len() as u64, UNCONFIRMED_PARTS, "parts sent while the first lagged");
+    assert_eq!(stream.confirmed_plain(), 0);
+    gate.notify_one();
+    stream.advance(&Memory(&plain), size).await.unwrap();
+    let info = stream.finish(&codec, &Memory(&plain), size).await.unwrap();
+    assert_eq!(info.size, codec.stored_size(size));
+    assert_eq!(read_back(&backend, &codec, "dir/f", size).await, plain);
 }
