@@ -398,3 +398,27 @@ fn c_path(path: &Path) -> std::ffi::CString {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
 }
+
+/// The Data Lake form of an Azure URL, `abfss://container@account.dfs.core.windows.net/prefix`, names the same
+/// objects as `az://container/prefix` for the account it names (Azurite's `devstoreaccount1` here), and another
+/// account is asked for instead of the environment's (Azurite refuses it).
+#[test]
+fn an_abfss_url_names_the_container_and_its_account() {
+    let env = Env::new();
+    let store = Store::azure();
+    let Store::Azure { container, prefix } = &store else { unreachable!() };
+    let data = pattern(300_000, 9);
+    {
+        let m = Mount::start(&env, &store, "cse-c");
+        std::fs::write(m.path("f"), &data).unwrap();
+    }
+    let cat = |account: &str| {
+        let url = format!("abfss://{container}@{account}.dfs.core.windows.net/{prefix}");
+        let opts = format!("mode=cse-c,key_file={},timeout=10", env.key_file.display());
+        Command::new(BIN).args(["cat", "-o", &opts, &url, "f"]).output().unwrap()
+    };
+    assert_bytes(ok(cat("devstoreaccount1")), &data, "f through the abfss:// URL");
+    let o = cat("otheraccount1");
+    assert_eq!(o.status.code(), Some(1), "another account read the file: {}", stderr(&o));
+    assert!(o.stdout.is_empty());
+}

@@ -1,4 +1,5 @@
-//! `az://container[/prefix]`: Azure Blob Storage through object_store's Azure client.
+//! `az://container[/prefix]` (or `abfss://container@account.dfs.core.windows.net[/prefix]`): Azure Blob Storage
+//! through object_store's Azure client.
 //!
 //! Why a store of its own kind: teams that keep data in more than one cloud want the same encrypted directory on
 //! each. Everything above the `ObjectStore` (the backend, the filesystem, the formats) is shared with S3; only the
@@ -22,10 +23,15 @@ use super::s3::{client_options_from, env_client_options, S3Options};
 /// The Azure client for `container`, configured from the environment and `opts`.
 pub(super) fn build(
     container: &str,
+    account: Option<&str>,
     opts: &S3Options,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<MicrosoftAzure, StoreError> {
     let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+    // The account an abfs[s]:// URL names wins over AZURE_STORAGE_ACCOUNT_NAME.
+    if let Some(account) = account {
+        b = b.with_account(account);
+    }
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_endpoint(endpoint.clone());
     }

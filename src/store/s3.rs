@@ -74,8 +74,9 @@ pub enum StoreUrl {
     S3 { bucket: String, prefix: String },
     /// `file:///abs/dir`.
     Local { root: PathBuf },
-    /// `az://container/prefix` (or `azure://`): Azure Blob Storage, see `azure.rs`.
-    Azure { container: String, prefix: String },
+    /// `az://container/prefix` (or `azure://`, or `abfs[s]://container[@account.dfs.core.windows.net]/prefix`):
+    /// Azure Blob Storage, see `azure.rs`. `account`: the storage account the URL names (else the environment's).
+    Azure { container: String, account: Option<String>, prefix: String },
 }
 
 impl StoreUrl {
@@ -97,8 +98,30 @@ impl StoreUrl {
             let prefix = prefix_of(url, prefix)?;
             return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix });
         }
-        if let Some(rest) = url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://")) {
-            let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let abfs = url.strip_prefix("abfs://").or_else(|| url.strip_prefix("abfss://"));
+        if let Some(rest) = url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://")).or(abfs) {
+            let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            // abfs[s]://container@account.dfs.core.windows.net (the Data Lake form; the blob host is accepted too).
+            let (container, account) = match authority.split_once('@') {
+                Some((container, host)) if abfs.is_some() => {
+                    let account = [".dfs.core.windows.net", ".blob.core.windows.net"]
+                        .iter()
+                        .find_map(|suffix| host.strip_suffix(suffix))
+                        .filter(|a| {
+                            (3..=24).contains(&a.len())
+                                && a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                        });
+                    let Some(account) = account else {
+                        return Err(StoreError::invalid(format!(
+                            "{url:?} does not name a storage account as ACCOUNT.dfs.core.windows.net (3-24 of a-z, \
+                             0-9); write abfss://container@account.dfs.core.windows.net[/prefix] or \
+                             az://container[/prefix]"
+                        )));
+                    };
+                    (container, Some(account.to_owned()))
+                }
+                _ => (authority, None),
+            };
             // Container naming rules: 3-63 characters of a-z, 0-9 and '-', starting with a letter or digit.
             let container_ok = (3..=63).contains(&container.len())
                 && container.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -109,7 +132,7 @@ impl StoreUrl {
                 )));
             }
             let prefix = prefix_of(url, prefix)?;
-            return Ok(StoreUrl::Azure { container: container.to_owned(), prefix });
+            return Ok(StoreUrl::Azure { container: container.to_owned(), account, prefix });
         }
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -164,9 +187,10 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
     let parsed = StoreUrl::parse(url)?;
     let backend: Arc<dyn Backend> = match &parsed {
         StoreUrl::Local { root } => Arc::new(LocalBackend::new(root)?),
-        StoreUrl::Azure { container, prefix } => {
+        StoreUrl::Azure { container, account, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            let store = Arc::new(Deadline::new(super::azure::build(container, opts, &env)?, opts.request_timeout()));
+            let client = super::azure::build(container, account.as_deref(), opts, &env)?;
+            let store = Arc::new(Deadline::new(client, opts.request_timeout()));
             let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
             Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_identifier_names())
         }
@@ -430,18 +454,37 @@ mod tests {
 
     #[test]
     fn parses_azure_urls() {
+        let azure = |container: &str, account: Option<&str>, prefix: &str| StoreUrl::Azure {
+            container: container.into(),
+            account: account.map(Into::into),
+            prefix: prefix.into(),
+        };
+        assert_eq!(StoreUrl::parse("az://my-container/a/b/").unwrap(), azure("my-container", None, "a/b"));
+        assert_eq!(StoreUrl::parse("azure://c01").unwrap(), azure("c01", None, ""));
         assert_eq!(
-            StoreUrl::parse("az://my-container/a/b/").unwrap(),
-            StoreUrl::Azure { container: "my-container".into(), prefix: "a/b".into() }
+            StoreUrl::parse("abfss://data@acct01.dfs.core.windows.net/x/y").unwrap(),
+            azure("data", Some("acct01"), "x/y")
         );
-        assert_eq!(
-            StoreUrl::parse("azure://c01").unwrap(),
-            StoreUrl::Azure { container: "c01".into(), prefix: String::new() }
-        );
+        let blob_host = StoreUrl::parse("abfs://data@acct01.blob.core.windows.net").unwrap();
+        assert_eq!(blob_host, azure("data", Some("acct01"), ""));
+        assert_eq!(StoreUrl::parse("abfs://data/p").unwrap(), azure("data", None, "p"));
         assert_eq!(StoreUrl::parse("az://c01").unwrap().kind(), "Azure Blob Storage");
         let gs = StoreUrl::parse("gs://bucket/p").unwrap_err().to_string();
         assert!(gs.contains("Google Cloud Storage is not supported yet"), "{gs}");
-        for bad in ["az://", "az://ab", "az://-abc", "az://Abc", "az://a_b_c", "az://abc/x/../y", "az://abc/x#y"] {
+        for bad in [
+            "az://",
+            "az://ab",
+            "az://-abc",
+            "az://Abc",
+            "az://a_b_c",
+            "az://abc/x/../y",
+            "az://abc/x#y",
+            "az://data@acct01.dfs.core.windows.net",
+            "abfss://data@acct01.example.com/x",
+            "abfss://data@Acct.dfs.core.windows.net",
+            "abfss://data@ab.dfs.core.windows.net",
+            "abfss://@acct01.dfs.core.windows.net",
+        ] {
             assert!(matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })), "{bad}");
         }
     }
