@@ -249,6 +249,9 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
 /// One sentence for the mount-time store check: what is wrong and what to do, instead of a chain of HTTP errors.
 fn explain_store_error(config: &MountConfig, detail: &str) -> String {
     let url = &config.store_url;
+    if matches!(crate::store::StoreUrl::parse(url), Ok(crate::store::StoreUrl::Azure { .. })) {
+        return explain_azure_error(url, config.endpoint.as_deref(), config.ca_file.as_deref(), detail);
+    }
     let endpoint = config.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_else(|| "AWS".into());
     let has = |needle: &str| detail.contains(needle);
     // Without keys in the environment or profile files object_store asks the EC2 instance metadata service for a
@@ -275,6 +278,46 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
         format!("cannot connect to {endpoint} for {url}: check endpoint= and the network ({})", last_line(detail))
     } else {
         format!("cannot use store {url}: {}", last_line(detail))
+    }
+}
+
+/// [`explain_store_error`] for Azure Blob Storage, whose failures the S3 sentences (AWS keys, buckets, IAM) would
+/// misname. Azure's answers are XML with a `<Code>`, which names the cause better than the body's first line.
+fn explain_azure_error(url: &str, endpoint: Option<&str>, ca_file: Option<&Path>, detail: &str) -> String {
+    let has = |needle: &str| detail.contains(needle);
+    let code = detail
+        .split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code.trim());
+    let why = code.map_or_else(|| last_line(detail), str::to_string);
+    let auth = [
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "InvalidAuthenticationInfo",
+        "AuthorizationPermissionMismatch",
+    ];
+    let refused = has("Account must be specified") || has("credential") || has("403 Forbidden");
+    if refused || code.is_some_and(|c| auth.contains(&c)) {
+        format!(
+            "access to {url} was refused: check the storage account and its credentials (AZURE_STORAGE_ACCOUNT_NAME \
+             with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY, a service principal, or \
+             AZURE_STORAGE_USE_EMULATOR=true for Azurite) ({why})"
+        )
+    } else if matches!(code, Some("ContainerNotFound" | "ResourceNotFound")) {
+        format!(
+            "the container of {url} was not found in its storage account: create it first, or check the container \
+             and account names ({why})"
+        )
+    } else if has("UnknownIssuer") || has("certificate") || has("InvalidCertificate") {
+        explain_tls_error(endpoint.unwrap_or("Azure Blob Storage"), ca_file, detail)
+    } else if has("Connection refused") || has("tcp connect error") || has("dns error") || has("unreachable") {
+        let to = endpoint.unwrap_or("Azure Blob Storage");
+        format!(
+            "cannot connect to {to} for {url}: check endpoint= (AZURITE_BLOB_STORAGE_URL for Azurite) and the \
+             network ({why})"
+        )
+    } else {
+        format!("cannot use store {url}: {why}")
     }
 }
 
@@ -981,6 +1024,29 @@ fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Azure failures are told in Azure's terms, never as missing AWS keys or buckets.
+    #[test]
+    fn azure_store_failures_name_azure_causes() {
+        let url = "az://data/p";
+        let xml = |code: &str| {
+            format!("Azure error: <?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>credential not found")
+        };
+        let text = explain_azure_error(url, None, None, &xml("AuthenticationFailed"));
+        assert!(text.starts_with("access to az://data/p was refused"), "{text}");
+        assert!(text.contains("AZURE_STORAGE_ACCOUNT_KEY"), "{text}");
+        assert!(text.ends_with("(AuthenticationFailed)"), "{text}");
+        let text = explain_azure_error(url, None, None, "Generic MicrosoftAzure error: Account must be specified");
+        assert!(text.contains("AZURE_STORAGE_ACCOUNT_NAME") && !text.contains("AWS"), "{text}");
+        let missing = xml("ContainerNotFound").replace("credential not found", "gone");
+        let text = explain_azure_error(url, None, None, &missing);
+        assert!(text.contains("container of az://data/p was not found"), "{text}");
+        let ep = Some("http://127.0.0.1:1");
+        let text = explain_azure_error(url, ep, None, "error sending request: tcp connect error: Connection refused");
+        assert!(text.starts_with("cannot connect to http://127.0.0.1:1 for az://data/p"), "{text}");
+        let text = explain_azure_error(url, None, None, "something else: odd");
+        assert_eq!(text, "cannot use store az://data/p: odd");
+    }
 
     /// Regression (issue 10.7f): the log file was created 0644, readable by every local user.
     #[test]
