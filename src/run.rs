@@ -90,7 +90,13 @@ fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilt
             EnvFilter::try_new(level).map_err(|e| anyhow!("log level '{level}': {e}"))?
         }
         // fuser logs an expected "Unmount failed" when the kernel already unmounted us; keep it quiet by default.
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error")),
+        // And "Failed to send FUSE reply" (fuser::reply): the kernel no longer waits for that request. fuser answers
+        // every FUSE_INTERRUPT (sent when an application blocked in a request gets a signal) with ENOSYS, and when
+        // the interrupted request was answered first, that answer finds nothing (ENOENT); after an unmount, ENODEV.
+        // Nothing is lost either way, so it is no error to report; log_level=debug or RUST_LOG still show it.
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,fuser=error,fuser::reply=off"))
+        }
     })
 }
 
