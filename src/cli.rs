@@ -23,7 +23,7 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Mount STORE (file:///abs/dir, s3://bucket[/prefix] or az://container[/prefix]) at MOUNTPOINT.
+    /// Mount STORE (file:///dir, s3://bucket[/prefix], gs://bucket[/prefix], az://container[/prefix]) at MOUNTPOINT.
     Mount(Box<MountArgs>),
     /// Run the key agent (holds named keys in memory, serves them to mounts of the same user over a Unix socket),
     /// or control a running one (`agent lock`, `agent stop`).
@@ -183,7 +183,7 @@ pub struct CatArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub tool: ToolOptions,
-    /// The store, as for mount (file:///dir, s3://bucket[/prefix], az://container[/prefix]).
+    /// The store, as for mount (file:///dir, s3://bucket[/prefix], gs://bucket[/prefix], az://container[/prefix]).
     pub store: String,
     /// The file's path inside the store (as it shows in a mount).
     pub path: String,

@@ -258,6 +258,11 @@ fn explain_store_error(config: &MountConfig, detail: &str) -> String {
     if matches!(crate::store::StoreUrl::parse(url), Ok(crate::store::StoreUrl::Azure { .. })) {
         return explain_azure_error(url, config.endpoint.as_deref(), config.ca_file.as_deref(), detail);
     }
+    if matches!(crate::store::StoreUrl::parse(url), Ok(crate::store::StoreUrl::Gcs { .. })) {
+        let emulator = std::env::var("STORAGE_EMULATOR_HOST").ok();
+        let endpoint = config.endpoint.as_deref().or(emulator.as_deref());
+        return explain_gcs_error(url, endpoint, config.ca_file.as_deref(), detail);
+    }
     let endpoint = config.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_else(|| "AWS".into());
     let has = |needle: &str| detail.contains(needle);
     // Without keys in the environment or profile files object_store asks the EC2 instance metadata service for a
@@ -322,6 +327,30 @@ fn explain_azure_error(url: &str, endpoint: Option<&str>, ca_file: Option<&Path>
             "cannot connect to {to} for {url}: check endpoint= (AZURITE_BLOB_STORAGE_URL for Azurite) and the \
              network ({why})"
         )
+    } else {
+        format!("cannot use store {url}: {why}")
+    }
+}
+
+/// [`explain_store_error`] for Google Cloud Storage: its credentials and its "bucket" are not AWS's. The GCS client
+/// (`store/gcs.rs`) spells a refusal "status code: 401/403", a listing's 404 "NoSuchBucket".
+fn explain_gcs_error(url: &str, endpoint: Option<&str>, ca_file: Option<&Path>, detail: &str) -> String {
+    let has = |needle: &str| detail.contains(needle);
+    let why = last_line(detail);
+    let to = endpoint.unwrap_or("Google Cloud Storage");
+    let refused = has("status code: 401") || has("status code: 403") || has("authentication credentials");
+    if has("NoSuchBucket") || has("does not exist") {
+        format!("the bucket of {url} was not found at {to}: create it first or check the name ({why})")
+    } else if refused || has("credential") || has("token") {
+        format!(
+            "access to {url} was refused: check the credentials (GOOGLE_APPLICATION_CREDENTIALS or \
+             GOOGLE_SERVICE_ACCOUNT naming a service account key file, or application default credentials; \
+             STORAGE_EMULATOR_HOST for an emulator) and the bucket's IAM permissions ({why})"
+        )
+    } else if has("UnknownIssuer") || has("certificate") || has("InvalidCertificate") {
+        explain_tls_error(to, ca_file, detail)
+    } else if has("Connection refused") || has("tcp connect error") || has("dns error") || has("unreachable") {
+        format!("cannot connect to {to} for {url}: check endpoint= (or STORAGE_EMULATOR_HOST) and the network ({why})")
     } else {
         format!("cannot use store {url}: {why}")
     }
@@ -1032,6 +1061,21 @@ mod tests {
     use super::*;
 
     /// Azure failures are told in Azure's terms, never as missing AWS keys or buckets.
+    #[test]
+    fn gcs_store_failures_name_gcs_causes() {
+        let url = "gs://data/p";
+        let text = explain_gcs_error(url, None, None, "NotFound: NoSuchBucket: GCS bucket data not found (Not Found)");
+        assert!(text.starts_with("the bucket of gs://data/p was not found at Google Cloud Storage"), "{text}");
+        let denied = "PermissionDenied: GCS answered a listing with status code: 403: caller does not have access";
+        let text = explain_gcs_error(url, None, None, denied);
+        assert!(text.contains("was refused") && text.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{text}");
+        assert!(!text.contains("AWS") && !text.contains("S3"), "{text}");
+        let refused = "error sending request: tcp connect error: Connection refused";
+        let text = explain_gcs_error(url, Some("http://127.0.0.1:1"), None, refused);
+        assert!(text.starts_with("cannot connect to http://127.0.0.1:1 for gs://data/p"), "{text}");
+        assert_eq!(explain_gcs_error(url, None, None, "odd: thing"), "cannot use store gs://data/p: thing");
+    }
+
     #[test]
     fn azure_store_failures_name_azure_causes() {
         let url = "az://data/p";

@@ -627,7 +627,12 @@ fn server_side_modes_are_refused_off_s3() {
     let mnt = env.path().join("mnt-sse");
     fs::create_dir_all(&mnt).unwrap();
     let local = Store::local(env.path()).url();
-    let cases = [("sse-s3", "az://somecontainer/p"), ("sse-kms", "az://somecontainer"), ("sse-s3", local.as_str())];
+    let cases = [
+        ("sse-s3", "az://somecontainer/p"),
+        ("sse-kms", "az://somecontainer"),
+        ("sse-kms", "gs://somebucket/p"),
+        ("sse-s3", local.as_str()),
+    ];
     for (mode, url) in cases {
         let out = std::process::Command::new(BIN)
             .args(["mount", "-f", "-o", &format!("mode={mode}"), url])
@@ -636,7 +641,11 @@ fn server_side_modes_are_refused_off_s3() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        let kind = if url.starts_with("az://") { "Azure Blob Storage" } else { "the local store" };
+        let kind = match &url[..5] {
+            "az://" => "Azure Blob Storage",
+            "gs://" => "Google Cloud Storage",
+            _ => "the local store",
+        };
         assert!(!out.status.success(), "{mode} on {url} was accepted");
         let line = format!("mode={mode} is S3 server-side encryption, which {kind} does not offer");
         assert!(err.contains(&line), "{err}");

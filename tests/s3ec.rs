@@ -26,7 +26,9 @@ const MIB: usize = 1 << 20;
 fn s3_of(store: &Store) -> (String, String) {
     match store {
         Store::S3 { endpoint, bucket } => (endpoint.clone(), bucket.clone()),
-        Store::Local { .. } | Store::Azure { .. } => unreachable!("these tests run on the S3 test server"),
+        Store::Local { .. } | Store::Azure { .. } | Store::Gcs { .. } => {
+            unreachable!("these tests run on the S3 test server")
+        }
     }
 }
 

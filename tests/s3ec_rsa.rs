@@ -40,7 +40,9 @@ fn rsa_keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 fn bucket_of(store: &Store) -> String {
     match store {
         Store::S3 { bucket, .. } => bucket.clone(),
-        Store::Local { .. } | Store::Azure { .. } => unreachable!("these tests run on the S3 test server"),
+        Store::Local { .. } | Store::Azure { .. } | Store::Gcs { .. } => {
+            unreachable!("these tests run on the S3 test server")
+        }
     }
 }
 

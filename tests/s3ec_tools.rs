@@ -19,7 +19,7 @@ const MIB: usize = 1 << 20;
 fn new_bucket() -> (String, String) {
     match Store::s3() {
         Store::S3 { endpoint, bucket } => (endpoint, bucket),
-        Store::Local { .. } | Store::Azure { .. } => unreachable!(),
+        Store::Local { .. } | Store::Azure { .. } | Store::Gcs { .. } => unreachable!(),
     }
 }
 

@@ -12,7 +12,7 @@ use common::*;
 fn endpoint(store: &Store) -> (String, String) {
     match store {
         Store::S3 { endpoint, bucket } => (endpoint.clone(), bucket.clone()),
-        Store::Local { .. } | Store::Azure { .. } => unreachable!("S3 only"),
+        Store::Local { .. } | Store::Azure { .. } | Store::Gcs { .. } => unreachable!("S3 only"),
     }
 }
 

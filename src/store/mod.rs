@@ -4,8 +4,9 @@
 //! ([`UserMeta`]) under keys relative to the mount prefix ([`ObjectKey`]). Two backends implement
 //! [`Backend`], both used as `Arc<dyn Backend>`:
 //!
-//! - [`ObjectStoreBackend`] over any `object_store::ObjectStore` — S3 in production, `InMemory`
-//!   in tests. Metadata travels as `x-amz-meta-*` headers with s3fs-compatible names.
+//! - [`ObjectStoreBackend`] over any `object_store::ObjectStore` — S3 and Azure through object_store's clients,
+//!   Google Cloud Storage through our own JSON-API client (`gcs.rs`), `InMemory` in tests. Metadata travels as
+//!   `x-amz-meta-*` headers with s3fs-compatible names (each provider's user metadata elsewhere).
 //! - [`LocalBackend`] for `file:///dir` — objects are plain files, metadata is one extended
 //!   attribute, directory markers are real directories.
 //!
@@ -33,6 +34,7 @@ mod conditional;
 mod deadline;
 mod dirfd;
 mod error;
+mod gcs;
 mod local;
 mod meta;
 mod object;

@@ -56,6 +56,9 @@ pub struct ObjectStoreBackend {
     pages: Option<Pages>,
     /// Metadata names as identifiers (Azure: letters, digits and `_` only; see `meta::to_identifier`).
     identifier_names: bool,
+    /// The store takes an upload's condition in its multipart options (`gcs::UploadCondition`), so conditional
+    /// uploads in parts stream instead of being collected in memory (`conditional::BufferedUpload`).
+    conditional_uploads: bool,
 }
 
 /// Where [`Backend::probe_conditional_writes`] puts its short-lived object: a "directory" under the reserved name of
@@ -103,12 +106,19 @@ impl ObjectStoreBackend {
             conditions_ignored: Arc::new(AtomicBool::new(false)),
             pages: None,
             identifier_names: false,
+            conditional_uploads: false,
         })
     }
 
     /// Stores metadata names as identifiers (Azure Blob Storage refuses `-` and `.` in them).
     pub(crate) fn with_identifier_names(mut self) -> Self {
         self.identifier_names = true;
+        self
+    }
+
+    /// Sends conditional uploads in parts through the store with their condition (see `conditional_uploads`).
+    pub(crate) fn with_conditional_uploads(mut self) -> Self {
+        self.conditional_uploads = true;
         self
     }
 
@@ -598,15 +608,18 @@ impl Backend for ObjectStoreBackend {
         }
         // On S3 every multipart upload is made of raw requests, whatever it expects: its upload id is then known
         // (`Upload::upload_id`), so a start can abort what a killed daemon left open (object_store hides it).
-        if *expect != Expect::Any || self.raw.is_some() {
+        if (*expect != Expect::Any && !self.conditional_uploads) || self.raw.is_some() {
             return self.put_multipart_conditional(key, meta, expect).await;
         }
         let path = self.path(key)?;
-        let opts = PutMultipartOptions {
+        let mut opts = PutMultipartOptions {
             attributes: meta_to_attrs(meta, self.identifier_names)?,
             tags: self.ssec.as_ref().map(|s| s.write_tags()).unwrap_or_default(),
             ..PutMultipartOptions::default()
         };
+        if self.conditional_uploads {
+            opts.extensions.insert(super::gcs::UploadCondition(super::conditional::put_mode(expect)));
+        }
         let inner = self
             .store
             .put_multipart_opts(&path, opts)
@@ -1241,7 +1254,7 @@ pub(crate) fn map_err(e: object_store::Error, key: &str) -> StoreError {
         // S3 answers 404 for a missing bucket too; that is not a missing object (a deleted bucket must not turn every
         // write into ENOENT), and the answer's body says which.
         E::NotFound { .. } if chain_text(&e).contains("NoSuchBucket") => {
-            StoreError::MissingBucket { store: "this S3 store".into() }
+            StoreError::MissingBucket { store: "this store".into() }
         }
         E::NotFound { .. } => StoreError::NotFound {
             key: key.to_owned(),

@@ -77,6 +77,8 @@ pub enum StoreUrl {
     /// `az://container/prefix` (or `azure://`, or `abfs[s]://container[@account.dfs.core.windows.net]/prefix`):
     /// Azure Blob Storage, see `azure.rs`. `account`: the storage account the URL names (else the environment's).
     Azure { container: String, account: Option<String>, prefix: String },
+    /// `gs://bucket/prefix` (or `gcs://`): Google Cloud Storage through its JSON API, see `gcs.rs`.
+    Gcs { bucket: String, prefix: String },
 }
 
 impl StoreUrl {
@@ -144,15 +146,27 @@ impl StoreUrl {
                 root: PathBuf::from(rest),
             });
         }
-        if url.starts_with("gs://") || url.starts_with("gcs://") {
-            return Err(StoreError::invalid(format!(
-                "{url:?}: Google Cloud Storage is not supported yet (no GCS test server could check it; see the \
-                 README); supported stores: s3://bucket[/prefix], az://container[/prefix], file:///abs/dir"
-            )));
+        if let Some(rest) = url.strip_prefix("gs://").or_else(|| url.strip_prefix("gcs://")) {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            // Bucket naming rules: 3-63 characters (up to 222 with dots) of a-z, 0-9, '-', '_' and '.', starting and
+            // ending with a letter or digit.
+            let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            let bucket_ok = (3..=222).contains(&bucket.len())
+                && (bucket.len() <= 63 || bucket.contains('.'))
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+                && edge_ok(bucket.as_bytes().first())
+                && edge_ok(bucket.as_bytes().last());
+            if !bucket_ok {
+                return Err(StoreError::invalid(format!(
+                    "{url:?} has no valid bucket name (3-63 of a-z, 0-9, '-', '_', '.'); write gs://bucket[/prefix]"
+                )));
+            }
+            let prefix = prefix_of(url, prefix)?;
+            return Ok(StoreUrl::Gcs { bucket: bucket.to_owned(), prefix });
         }
         Err(StoreError::invalid(format!(
-            "{url:?} is not a supported store URL; use s3://bucket[/prefix], az://container[/prefix] or \
-             file:///abs/dir"
+            "{url:?} is not a supported store URL; use s3://bucket[/prefix], gs://bucket[/prefix], \
+             az://container[/prefix] or file:///abs/dir"
         )))
     }
 
@@ -161,6 +175,7 @@ impl StoreUrl {
         match self {
             StoreUrl::S3 { .. } => "S3",
             StoreUrl::Azure { .. } => "Azure Blob Storage",
+            StoreUrl::Gcs { .. } => "Google Cloud Storage",
             StoreUrl::Local { .. } => "the local store",
         }
     }
@@ -193,6 +208,13 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
             let store = Arc::new(Deadline::new(client, opts.request_timeout()));
             let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
             Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_identifier_names())
+        }
+        StoreUrl::Gcs { bucket, prefix } => {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let client = super::gcs::build(bucket, opts, &env)?;
+            let store = Arc::new(Deadline::new(client, opts.request_timeout()));
+            let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
+            Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_conditional_uploads())
         }
         StoreUrl::S3 { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -453,6 +475,18 @@ mod tests {
     }
 
     #[test]
+    fn parses_gcs_urls() {
+        let gcs = |bucket: &str, prefix: &str| StoreUrl::Gcs { bucket: bucket.into(), prefix: prefix.into() };
+        assert_eq!(StoreUrl::parse("gs://my_bucket-1/a/b/").unwrap(), gcs("my_bucket-1", "a/b"));
+        assert_eq!(StoreUrl::parse("gcs://b.example.com").unwrap(), gcs("b.example.com", ""));
+        assert_eq!(StoreUrl::parse("gs://abc").unwrap().kind(), "Google Cloud Storage");
+        let long = format!("gs://{}", "a".repeat(64));
+        for bad in ["gs://", "gs://ab", "gs://-abc", "gs://abc-", "gs://Abc", "gs://a b", &long, "gs://abc/x/../y"] {
+            assert!(matches!(StoreUrl::parse(bad), Err(StoreError::InvalidInput { .. })), "{bad}");
+        }
+    }
+
+    #[test]
     fn parses_azure_urls() {
         let azure = |container: &str, account: Option<&str>, prefix: &str| StoreUrl::Azure {
             container: container.into(),
@@ -469,8 +503,6 @@ mod tests {
         assert_eq!(blob_host, azure("data", Some("acct01"), ""));
         assert_eq!(StoreUrl::parse("abfs://data/p").unwrap(), azure("data", None, "p"));
         assert_eq!(StoreUrl::parse("az://c01").unwrap().kind(), "Azure Blob Storage");
-        let gs = StoreUrl::parse("gs://bucket/p").unwrap_err().to_string();
-        assert!(gs.contains("Google Cloud Storage is not supported yet"), "{gs}");
         for bad in [
             "az://",
             "az://ab",

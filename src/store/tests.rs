@@ -1230,6 +1230,70 @@ async fn conditional_writes_azure() {
     delete_if_contract(b.as_ref(), "", Some(false)).await;
 }
 
+/// A fresh prefix in the bucket of the GCS emulator of scripts/gcs.sh (fake-gcs-server, started by scripts/test.sh;
+/// `STORAGE_EMULATOR_HOST` in the env), through `from_url`.
+fn gcs_backend(what: &str) -> Arc<dyn Backend> {
+    let bucket = std::env::var("S3CRYPTFS_TEST_GCS_BUCKET")
+        .expect("S3CRYPTFS_TEST_GCS_BUCKET is not set: run the tests with scripts/test.sh (it starts fake-gcs-server)");
+    let url = format!("gs://{bucket}/{what}-{}-{}", std::process::id(), nanos_now());
+    from_url(&url, &S3Options::default()).unwrap().0
+}
+
+#[tokio::test]
+async fn conformance_gcs() {
+    conformance(gcs_backend("conformance").as_ref()).await;
+}
+
+/// GCS copies whole objects only (`rewriteTo`, `compose`), never a range of one into an upload: `copy_part` says so,
+/// which makes an in-place update rewrite the file whole (`inplace::Fallback::CopyUnsupported`), and the upload can
+/// still be given up without a trace.
+#[tokio::test]
+async fn copy_part_is_refused_gcs() {
+    let b = gcs_backend("copy-part");
+    let k = key("in-place");
+    let v1 = b.put_expect(&k, Bytes::from_static(b"v1 bytes"), &file_meta("v1"), &Expect::Absent).await.unwrap();
+    let v1 = v1.etag.expect("etag");
+    let mut up = b.put_multipart_expect(&k, &file_meta("v2"), &Expect::Etag(v1.clone())).await.unwrap();
+    let copied = up.copy_part(0..4, &v1).await;
+    assert!(matches!(copied, Err(StoreError::Unsupported { .. })), "{copied:?}");
+    up.abort().await.unwrap();
+    let (body, info, meta) = b.get(&k).await.unwrap();
+    assert_eq!((&body[..], info.etag, meta), (&b"v1 bytes"[..], Some(v1), file_meta("v1")));
+}
+
+#[tokio::test]
+async fn conditional_writes_gcs() {
+    let b = gcs_backend("cond");
+    conditional_contract(b.as_ref(), "").await;
+    // No conditional delete through object_store: delete_if deletes as delete does.
+    delete_if_contract(b.as_ref(), "", Some(false)).await;
+}
+
+/// Uploads in parts go out as one resumable upload whose chunks must be multiples of 256 KiB: parts of odd sizes,
+/// parts smaller than a chunk, an empty part and no parts at all all make the object they add up to.
+#[tokio::test]
+async fn parts_of_any_size_make_one_object_gcs() {
+    let b = gcs_backend("parts");
+    let meta = UserMeta::default();
+    let sizes: [&[usize]; 4] = [&[], &[1], &[300_000, 5, 0, 262_144, 700_000], &[262_144, 262_144]];
+    for (i, parts) in sizes.iter().enumerate() {
+        let k = key(&format!("f{i}"));
+        let mut up = b.put_multipart(&k, &meta).await.unwrap();
+        let mut want = Vec::new();
+        for (j, len) in parts.iter().enumerate() {
+            let part: Vec<u8> = (0..*len).map(|n| (n * 7 + j * 13 + i) as u8).collect();
+            want.extend_from_slice(&part);
+            up.put_part(Bytes::from(part)).await.unwrap();
+        }
+        let info = up.complete().await.unwrap();
+        assert_eq!(info.size, want.len() as u64, "{parts:?}");
+        let (got, head, _) = b.get(&k).await.unwrap();
+        assert_eq!(got.len(), want.len(), "{parts:?}");
+        assert!(got[..] == want[..], "{parts:?}: content differs");
+        assert_eq!(head.etag, info.etag, "{parts:?}: a read's ETag is not the upload's");
+    }
+}
+
 fn nanos_now() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000
 }

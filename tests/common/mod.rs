@@ -31,6 +31,8 @@ pub enum Store {
     S3 { endpoint: String, bucket: String },
     /// A fresh prefix in the Azurite container of scripts/azurite.sh (`AZURE_STORAGE_USE_EMULATOR` in the env).
     Azure { container: String, prefix: String },
+    /// A fresh prefix in the bucket of scripts/gcs.sh's fake-gcs-server (`STORAGE_EMULATOR_HOST` in the env).
+    Gcs { bucket: String, prefix: String },
 }
 
 pub fn s3_endpoint() -> String {
@@ -68,11 +70,22 @@ impl Store {
         Store::Azure { container, prefix: unique("t").to_lowercase() }
     }
 
+    /// A fresh bucket (with a prefix in it) on the GCS emulator (scripts/gcs.sh, started by scripts/test.sh): one per
+    /// test, because fake-gcs-server's writes slow down with the number of objects in their bucket.
+    pub fn gcs() -> Store {
+        let bucket = unique("t").to_lowercase();
+        let body = format!("{{\"name\":\"{bucket}\"}}");
+        let url = format!("{}/storage/v1/b", gcs_host());
+        gcs_curl(&["-sf", "-o", "/dev/null", "-X", "POST", "-H", "content-type: application/json", "-d", &body, &url]);
+        Store::Gcs { bucket, prefix: "p".into() }
+    }
+
     pub fn url(&self) -> String {
         match self {
             Store::Local { dir } => format!("file://{}", dir.display()),
             Store::S3 { bucket, .. } => format!("s3://{bucket}"),
             Store::Azure { container, prefix } => format!("az://{container}/{prefix}"),
+            Store::Gcs { bucket, prefix } => format!("gs://{bucket}/{prefix}"),
         }
     }
 
@@ -80,7 +93,7 @@ impl Store {
         match self {
             Store::Local { .. } => vec![],
             Store::S3 { endpoint, .. } => vec![format!("endpoint={endpoint}"), "region=us-east-1".into()],
-            Store::Azure { .. } => vec![],
+            Store::Azure { .. } | Store::Gcs { .. } => vec![],
         }
     }
 
@@ -105,6 +118,9 @@ impl Store {
                     .unwrap(),
                 prefix.as_str(),
             )),
+            // The mount's own GCS client is not public, and a test that read the store through it would agree with
+            // it: GCS tests look at the store with curl (`gcs_*`).
+            Store::Gcs { .. } => panic!("no object_store client for GCS in the tests: use raw_objects / put_foreign"),
         }
     }
 
@@ -116,6 +132,13 @@ impl Store {
                 walk(dir, dir, &mut out);
                 out
             }
+            Store::Gcs { bucket, prefix } => gcs_list(bucket, prefix)
+                .into_iter()
+                .map(|name| {
+                    let bytes = gcs_curl(&["-sf", &format!("{}?alt=media", gcs_object_url(bucket, &name))]);
+                    (name[prefix.len() + 1..].to_string(), bytes)
+                })
+                .collect(),
             Store::S3 { .. } | Store::Azure { .. } => {
                 let store = self.object_store();
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -163,6 +186,8 @@ impl Store {
                 text.split("<Upload>").skip(1).map(|u| (field(u, "Key"), field(u, "UploadId"))).collect()
             }
             Store::Azure { .. } => return None,
+            // A resumable upload session is not listed anywhere; GCS drops unfinished ones after a week.
+            Store::Gcs { .. } => return None,
         })
     }
 
@@ -170,6 +195,18 @@ impl Store {
     pub fn put_foreign(&self, key: &str, bytes: &[u8]) {
         match self {
             Store::Local { dir } => std::fs::write(dir.join(key), bytes).unwrap(),
+            Store::Gcs { bucket, prefix } => {
+                let body = std::env::temp_dir().join(unique("gcs-put"));
+                std::fs::write(&body, bytes).unwrap();
+                let url = format!(
+                    "{}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}",
+                    gcs_host(),
+                    gcs_encode(&format!("{prefix}/{key}"))
+                );
+                let data = format!("@{}", body.display());
+                gcs_curl(&["-sf", "-o", "/dev/null", "-X", "POST", "--data-binary", &data, &url]);
+                std::fs::remove_file(body).unwrap();
+            }
             Store::S3 { .. } | Store::Azure { .. } => {
                 let store = self.object_store();
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -189,9 +226,55 @@ impl Store {
                 // Keep the extended attributes (metadata) as they are: rewrite the content in place.
                 std::fs::write(&p, bytes).unwrap();
             }
-            Store::S3 { .. } | Store::Azure { .. } => {
+            Store::S3 { .. } | Store::Azure { .. } | Store::Gcs { .. } => {
                 panic!("put_raw on an object store would drop metadata; tamper tests use the local store")
             }
+        }
+    }
+}
+
+/// The GCS emulator's URL (scripts/gcs.sh).
+fn gcs_host() -> String {
+    std::env::var("STORAGE_EMULATOR_HOST").expect("STORAGE_EMULATOR_HOST is not set: run the tests with test.sh")
+}
+
+/// A GCS object name as one URL path segment or query value.
+fn gcs_encode(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn gcs_object_url(bucket: &str, name: &str) -> String {
+    format!("{}/storage/v1/b/{bucket}/o/{}", gcs_host(), gcs_encode(name))
+}
+
+/// curl's stdout; it must succeed.
+fn gcs_curl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("curl").args(args).output().expect("curl must be installed");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Every object name under `prefix/` in the GCS test bucket, through the JSON API's listing, page by page.
+fn gcs_list(bucket: &str, prefix: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut url = format!("{}/storage/v1/b/{bucket}/o?prefix={}", gcs_host(), gcs_encode(&format!("{prefix}/")));
+        if !token.is_empty() {
+            url.push_str(&format!("&pageToken={}", gcs_encode(&token)));
+        }
+        let page: serde_json::Value = serde_json::from_slice(&gcs_curl(&["-sf", &url])).unwrap();
+        for item in page["items"].as_array().into_iter().flatten() {
+            names.push(item["name"].as_str().unwrap().to_string());
+        }
+        match page["nextPageToken"].as_str() {
+            Some(t) => token = t.to_string(),
+            None => return names,
         }
     }
 }
@@ -625,7 +708,7 @@ pub fn s3ec_tool_ok(args: &[&str]) -> String {
 }
 
 /// Runs test body `$name(&Env, &Store)` on every store: as `$name::local` (the local store), `$name::s3` (the S3
-/// server) and `$name::azure` (Azurite). The name is from the time there were two.
+/// server), `$name::azure` (Azurite) and `$name::gcs` (fake-gcs-server). The name is from the time there were two.
 #[allow(unused_macros)] // not every test crate runs a body on both stores
 macro_rules! both {
     ($name:ident) => {
@@ -647,6 +730,12 @@ macro_rules! both {
             fn azure() {
                 let env = Env::new();
                 let store = Store::azure();
+                super::$name(&env, &store);
+            }
+            #[test]
+            fn gcs() {
+                let env = Env::new();
+                let store = Store::gcs();
                 super::$name(&env, &store);
             }
         }
