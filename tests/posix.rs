@@ -2,8 +2,9 @@
 //! symbolic links, fifos, character and block devices and Unix sockets.
 //!
 //! Each behaviour is one function taking a store and an encryption mode; `each!` runs it on a local directory store
-//! and on a fresh bucket of the S3 test server, in modes none and cse-c (metadata travels differently in each: a
-//! local extended attribute or S3 headers, plaintext or sealed bodies). Whatever must outlive the daemon is checked
+//! and on a fresh bucket of the S3 test server, in modes none and cse-c, and on Azurite (cse-c) and the GCS emulator
+//! (none and cse-c) (metadata travels differently in each: a local extended attribute, S3 headers, Azure's escaped
+//! names or GCS's metadata map; plaintext or sealed bodies). Whatever must outlive the daemon is checked
 //! again after a remount on the same store. The tests make devices and change owners, so they run as root, as
 //! scripts/test.sh does.
 
@@ -23,32 +24,45 @@ use common::*;
 macro_rules! each {
     ($name:ident) => {
         mod $name {
+            use super::{Env, Store};
             #[test]
             fn local_none() {
-                super::run(super::$name, false, "none");
+                super::run(super::$name, |env: &Env| Store::local(env.path()), "none");
             }
             #[test]
             fn local_cse_c() {
-                super::run(super::$name, false, "cse-c");
+                super::run(super::$name, |env: &Env| Store::local(env.path()), "cse-c");
             }
             #[test]
             fn s3_none() {
-                super::run(super::$name, true, "none");
+                super::run(super::$name, |_: &Env| Store::s3(), "none");
             }
             #[test]
             fn s3_cse_c() {
-                super::run(super::$name, true, "cse-c");
+                super::run(super::$name, |_: &Env| Store::s3(), "cse-c");
+            }
+            #[test]
+            fn azure_cse_c() {
+                super::run(super::$name, |_: &Env| Store::azure(), "cse-c");
+            }
+            #[test]
+            fn gcs_none() {
+                super::run(super::$name, |_: &Env| Store::gcs(), "none");
+            }
+            #[test]
+            fn gcs_cse_c() {
+                super::run(super::$name, |_: &Env| Store::gcs(), "cse-c");
             }
         }
     };
 }
 
-fn run(body: fn(&Env, &Store, &str), s3: bool, mode: &str) {
+fn run(body: fn(&Env, &Store, &str), store: fn(&Env) -> Store, mode: &str) {
     // Modes of new files below depend on it; every test sets the same value, so threads do not disturb each other.
     // SAFETY: umask(2) cannot fail.
     unsafe { libc::umask(0o022) };
     let env = Env::new();
-    let store = if s3 { Store::s3() } else { Store::local(env.path()) };
+    let store = store(&env);
     body(&env, &store, mode);
 }
 

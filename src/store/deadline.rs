@@ -56,11 +56,21 @@ fn error(operation: &'static str, limit: Duration) -> object_store::Error {
 pub struct Deadline<S> {
     inner: S,
     limit: Duration,
+    /// Bound each part of a multipart upload (the default). Off for clients whose parts go out one after another
+    /// and bound each request themselves (GCS's resumable uploads): a part's wait for the parts before it is not
+    /// its request's time.
+    bound_parts: bool,
 }
 
 impl<S> Deadline<S> {
     pub fn new(inner: S, limit: Duration) -> Self {
-        Deadline { inner, limit }
+        Deadline { inner, limit, bound_parts: true }
+    }
+
+    /// Parts of multipart uploads are left to the inner client's own bounds (see `bound_parts`).
+    pub fn with_serial_parts(mut self) -> Self {
+        self.bound_parts = false;
+        self
     }
 }
 
@@ -142,7 +152,7 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         let upload = bounded("CreateMultipartUpload", self.limit, self.inner.put_multipart_opts(location, opts)).await?;
-        Ok(Box::new(DeadlineUpload { inner: upload, limit: self.limit }))
+        Ok(Box::new(DeadlineUpload { inner: upload, limit: self.limit, bound_parts: self.bound_parts }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
@@ -195,11 +205,15 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
 struct DeadlineUpload {
     inner: Box<dyn MultipartUpload>,
     limit: Duration,
+    bound_parts: bool,
 }
 
 #[async_trait]
 impl MultipartUpload for DeadlineUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        if !self.bound_parts {
+            return self.inner.put_part(data);
+        }
         let limit = self.limit;
         bounded("UploadPart", limit, self.inner.put_part(data)).boxed()
     }

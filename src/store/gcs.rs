@@ -10,12 +10,18 @@
 //! - An object's *generation* (a number that changes on every write of its content) is its `e_tag` and `version`.
 //!   Conditional writes are `ifGenerationMatch` (`0`: nothing there yet), which GCS checks atomically; GCS's own ETag
 //!   is not used because its JSON API takes no `If-Match`.
-//! - Reads send `ifGenerationMatch` too, and the answer's `x-goog-generation` is checked again here (fake-gcs-server
-//!   ignores the parameter on reads), so a read never mixes two versions of an object.
-//! - User metadata is the object resource's `metadata` map; reads take it from the `x-goog-meta-*` headers of the
-//!   media download, so a ranged read costs one request.
+//! - User metadata is the object resource's `metadata` map. Reads of content are the one request of the XML API
+//!   (`GET /bucket/object`, same token): the JSON API's media download need not carry the metadata (Google's Go
+//!   client documents that it does not), the XML API's answer does, in `x-goog-meta-*`, so a ranged read stays one
+//!   request. They send `x-goog-if-generation-match`, and the answer's `x-goog-generation` is checked again here
+//!   (fake-gcs-server ignores the condition on reads), so a read never mixes two versions of an object; a ranged
+//!   answer must be the range asked for (GCS ignores ranges of objects it decompresses).
 //! - Uploads in parts are a resumable upload: GCS takes its chunks in order and in multiples of 256 KiB, so each part
 //!   waits for the one before it and carries any unaligned tail over to the next; the upload finishes with the tail.
+//!   Each chunk's request is bounded by the mount's timeout from when it is sent, not from when its part was handed
+//!   over (`Deadline::with_serial_parts`); a chunk GCS kept only part of is sent on from where its 308 says.
+//! - Writes are not repeated after a lost answer (only when they surely did not arrive, or GCS said 429/5xx): a
+//!   conditional write that was applied would otherwise report a conflict with itself.
 //! - Copies are `rewriteTo` (repeated until GCS says done, which matters for large objects between storage classes).
 //!
 //! Credentials are object_store's GCS chain (`GOOGLE_APPLICATION_CREDENTIALS`, `GOOGLE_SERVICE_ACCOUNT[_KEY]`,
@@ -58,6 +64,8 @@ const CHUNK_ALIGN: usize = 256 << 10;
 const ATTEMPTS: u32 = 3;
 /// Objects per listing page: GCS's maximum (and default).
 const LIST_PAGE: usize = 1000;
+/// Bytes of an error answer kept for its message.
+const MAX_ERROR_BODY: usize = 64 << 10;
 /// Deletes sent at once by `delete_stream`.
 const DELETES_IN_FLIGHT: usize = 10;
 /// Everything but unreserved characters: object names in URL paths (including `/`) and query values.
@@ -123,6 +131,7 @@ pub(super) fn build(
             bucket: bucket.to_string(),
             auth,
             page: LIST_PAGE,
+            limit,
         }),
     })
 }
@@ -148,6 +157,8 @@ struct Inner {
     auth: Option<GcpCredentialProvider>,
     /// Objects per listing page ([`LIST_PAGE`]; smaller in tests, so that they follow page tokens).
     page: usize,
+    /// The mount's request timeout, for the chunks of a resumable upload (see `ResumableUpload::put_part`).
+    limit: Duration,
 }
 
 impl fmt::Debug for GcsStore {
@@ -341,6 +352,31 @@ struct Listing {
     next_page_token: Option<String>,
 }
 
+impl Listing {
+    /// The page's objects after `start` (exclusive: GCS's `startOffset` is inclusive). A name that is not a usable
+    /// path (`a//b`, written by another tool) is skipped with a warning, not allowed to fail the whole listing.
+    fn objects(&self, start: Option<&str>) -> Vec<ObjectMeta> {
+        let after = |o: &&Object| start.is_none_or(|s| o.name.as_str() > s);
+        self.items
+            .iter()
+            .filter(after)
+            .filter_map(|o| skip_bad(&o.name, o.meta()))
+            .collect()
+    }
+
+    /// The page's common prefixes, as paths (the same skipping).
+    fn dirs(&self) -> Vec<Path> {
+        self.prefixes
+            .iter()
+            .filter_map(|p| skip_bad(p, Path::parse(p.trim_end_matches('/')).map_err(Into::into)))
+            .collect()
+    }
+}
+
+fn skip_bad<T>(name: &str, parsed: object_store::Result<T>) -> Option<T> {
+    parsed.map_err(|e| tracing::warn!(name, error = %e, "skipping a GCS object whose name is not a usable path")).ok()
+}
+
 /// `attributes` as the JSON of an object resource (`name` added by the caller).
 fn resource(attributes: &Attributes) -> serde_json::Map<String, serde_json::Value> {
     let mut res = serde_json::Map::new();
@@ -393,6 +429,12 @@ impl Inner {
         )
     }
 
+    /// The XML API's URL of an object (path-style; `/` kept, every segment encoded).
+    fn xml_object_url(&self, path: &str) -> String {
+        let segments: Vec<String> = path.split('/').map(enc).collect();
+        format!("{}/{}/{}", self.base, enc(&self.bucket), segments.join("/"))
+    }
+
     fn bucket_url(&self) -> String {
         format!("{}/storage/v1/b/{}/o", self.base, enc(&self.bucket))
     }
@@ -401,8 +443,13 @@ impl Inner {
         format!("{}/upload/storage/v1/b/{}/o", self.base, enc(&self.bucket))
     }
 
-    /// Sends one request, retrying what may pass on a second try; a success (2xx, or 308 for a resumable chunk) is
-    /// returned with its body unread, a failure with GCS's error message.
+    /// Sends one request, retrying what may pass on a second try, and returns a success with its body unread or a
+    /// failure with GCS's error message. A 308 is a success only for a resumable chunk (a request with a
+    /// `content-range`), where it means "send more".
+    ///
+    /// Reads, listings and deletes are retried after any transport failure, 429 or 5xx. Writes (POST, PUT) only
+    /// when they surely did not arrive (no connection, request not sent) or GCS said 429/5xx: a write whose answer
+    /// was lost may have been applied, and repeating a conditional one would then report a conflict with itself.
     async fn send(
         &self,
         method: Method,
@@ -410,6 +457,9 @@ impl Inner {
         headers: &[(&'static str, String)],
         body: Bytes,
     ) -> Result<HttpResponse, Failure> {
+        use object_store::client::HttpErrorKind;
+        let idempotent = matches!(method, Method::GET | Method::HEAD | Method::DELETE);
+        let chunk = headers.iter().any(|(name, _)| *name == "content-range");
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -423,31 +473,38 @@ impl Inner {
                 let token = auth.get_credential().await.map_err(Failure::Credentials)?;
                 req = req.header("authorization", format!("Bearer {}", token.bearer));
             }
-            let req = req.body(HttpRequestBody::from(body.clone())).map_err(|e| {
-                Failure::Transport(HttpError::new(
-                    object_store::client::HttpErrorKind::Request,
-                    e,
-                ))
-            })?;
+            let req = req
+                .body(HttpRequestBody::from(body.clone()))
+                .map_err(|e| Failure::Transport(HttpError::new(HttpErrorKind::Request, e)))?;
             let resp = match self.http.execute(req).await {
                 Ok(r) => r,
                 Err(e) => {
+                    let unsent =
+                        matches!(e.kind(), HttpErrorKind::Connect | HttpErrorKind::Request);
+                    if !(idempotent || unsent) {
+                        return Err(Failure::Transport(e));
+                    }
                     last = Some(Failure::Transport(e));
                     continue;
                 }
             };
             let status = resp.status();
-            if status.is_success() || status == StatusCode::PERMANENT_REDIRECT {
+            if status.is_success() || (chunk && status == StatusCode::PERMANENT_REDIRECT) {
                 return Ok(resp);
             }
-            let message = match resp.into_body().bytes().await {
-                Ok(b) => error_message(&b),
-                Err(e) => {
-                    last = Some(Failure::Transport(e));
-                    continue;
+            // An error body is short; a hostile endpoint's endless one is cut off.
+            let mut text = Vec::new();
+            let mut body_stream = resp.into_body().bytes_stream();
+            while let Some(piece) = body_stream.next().await {
+                match piece {
+                    Ok(piece) if text.len() < MAX_ERROR_BODY => text.extend_from_slice(&piece),
+                    _ => break,
                 }
+            }
+            let failure = Failure::Status {
+                status,
+                message: error_message(&text),
             };
-            let failure = Failure::Status { status, message };
             if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
                 return Err(failure);
             }
@@ -529,12 +586,8 @@ impl Inner {
                 let page = inner
                     .list_page(&prefix, false, start.as_deref(), None, token.as_deref())
                     .await?;
-                let metas = page
-                    .items
-                    .iter()
-                    .filter(|o| start.as_deref().is_none_or(|s| o.name.as_str() > s))
-                    .map(Object::meta)
-                    .collect::<Vec<_>>();
+                let metas: Vec<object_store::Result<ObjectMeta>> =
+                    page.objects(start.as_deref()).into_iter().map(Ok).collect();
                 let next = page.next_page_token.map(Some);
                 Ok(Some((stream::iter(metas), (next, inner))))
             }
@@ -544,20 +597,21 @@ impl Inner {
     }
 
     async fn delete(&self, path: &Path) -> object_store::Result<()> {
-        match self
+        let sent = self
             .send(
                 Method::DELETE,
                 &self.object_url(path.as_ref()),
                 &[],
                 Bytes::new(),
             )
-            .await
-        {
-            Ok(_)
-            | Err(Failure::Status {
+            .await;
+        match sent.map_err(|f| f.bucket_404(&self.bucket, false)) {
+            // Deleting a missing object succeeds; a missing bucket does not.
+            Ok(_) => Ok(()),
+            Err(Failure::Status {
                 status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(()),
+                message,
+            }) if !message.starts_with("NoSuchBucket") => Ok(()),
             Err(f) => Err(f.into_error("a delete", path.as_ref())),
         }
     }
@@ -650,11 +704,18 @@ impl ObjectStore for GcsStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        let mut url = format!("{}?uploadType=resumable&name={}", self.inner.upload_url(), enc(location.as_ref()));
+        let mut url = format!(
+            "{}?uploadType=resumable&name={}",
+            self.inner.upload_url(),
+            enc(location.as_ref())
+        );
         let must_be = match opts.extensions.get::<UploadCondition>().map(|c| &c.0) {
             None | Some(PutMode::Overwrite) => None,
             Some(PutMode::Create) => Some(0),
-            Some(PutMode::Update(v)) => Some(generation_of(v.version.as_ref().or(v.e_tag.as_ref()), location)?),
+            Some(PutMode::Update(v)) => Some(generation_of(
+                v.version.as_ref().or(v.e_tag.as_ref()),
+                location,
+            )?),
         };
         if let Some(g) = must_be {
             // GCS checks it when the upload completes (see `ResumableUpload::complete`).
@@ -673,10 +734,17 @@ impl ObjectStore for GcsStore {
                 f.bucket_404(&self.inner.bucket, true)
                     .into_error("starting an upload", location.as_ref())
             })?;
-        let Some(session) = header(resp.headers(), "location").map(str::to_string) else {
+        // The session URL gets the token with every chunk: it must be the endpoint's own, not a host an answer names.
+        let origin = |u: &str| u.split('/').take(3).collect::<Vec<_>>().join("/");
+        let session = header(resp.headers(), "location").map(str::to_string);
+        let Some(session) = session.filter(|s| origin(s) == origin(&self.inner.base)) else {
             return Err(object_store::Error::Generic {
                 store: STORE,
-                source: "GCS started a resumable upload without a Location".into(),
+                source: format!(
+                    "GCS started a resumable upload without a session URL at {}",
+                    self.inner.base
+                )
+                .into(),
             });
         };
         let done: Shared<BoxFuture<'static, Result<(), String>>> =
@@ -714,14 +782,16 @@ impl ObjectStore for GcsStore {
                 extensions: Default::default(),
             });
         }
-        let mut url = format!("{}?alt=media", inner.object_url(location.as_ref()));
-        if let Some(g) = must_be {
-            url.push_str(&format!("&ifGenerationMatch={g}"));
-        }
+        // The XML API's GET: the JSON API's media download need not carry the object's metadata (Google's Go client
+        // says it does not), the XML API's always does, in `x-goog-meta-*`. Same token, same generation.
+        let mut url = inner.xml_object_url(location.as_ref());
         if let Some(v) = &options.version {
-            url.push_str(&format!("&generation={}", enc(v)));
+            url.push_str(&format!("?generation={}", enc(v)));
         }
         let mut headers = Vec::new();
+        if let Some(g) = must_be {
+            headers.push(("x-goog-if-generation-match", g.to_string()));
+        }
         if let Some(range) = &options.range {
             let spec = match range {
                 GetRange::Bounded(r) if r.start >= r.end => {
@@ -744,18 +814,54 @@ impl ObjectStore for GcsStore {
                     .into_error("a read", location.as_ref())
             })?;
         let h = resp.headers();
+        let bad = |what: String| object_store::Error::Generic {
+            store: STORE,
+            source: what.into(),
+        };
         let generation: u64 = header(h, "x-goog-generation")
             .and_then(|g| g.parse().ok())
-            .ok_or_else(|| object_store::Error::Generic {
-                store: STORE,
-                source: "a GCS read answered without x-goog-generation".into(),
+            .ok_or_else(|| {
+                bad(format!(
+                    "a read of {location} was answered without x-goog-generation"
+                ))
             })?;
-        let length: u64 = header(h, "content-length")
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(0);
-        let (range, size) = match header(h, "content-range").and_then(parse_content_range) {
-            Some((range, size)) => (range, size),
-            None => (0..length, length),
+        let number = |name: &str| header(h, name).and_then(|l| l.parse::<u64>().ok());
+        let (range, size) = match (
+            &options.range,
+            header(h, "content-range").and_then(parse_content_range),
+        ) {
+            (Some(asked), Some((range, size))) => {
+                // The bytes must start where they were asked for (a suffix starts where the object's end says).
+                let start = match asked {
+                    GetRange::Bounded(r) => r.start,
+                    GetRange::Offset(o) => *o,
+                    GetRange::Suffix(n) => size.saturating_sub(*n),
+                };
+                if range.start != start
+                    || number("content-length").is_some_and(|l| l != range.end - range.start)
+                {
+                    return Err(bad(format!(
+                        "a read of {location} got bytes {range:?} for {asked:?}"
+                    )));
+                }
+                (range, size)
+            }
+            // GCS ignores a range when it decompresses an object stored with Content-Encoding: gzip.
+            (Some(asked), None) => {
+                return Err(bad(format!(
+                    "a read of {location} got the whole object for the range {asked:?}"
+                )));
+            }
+            (None, _) => {
+                let size = number("content-length")
+                    .or_else(|| number("x-goog-stored-content-length"))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "a read of {location} was answered without its length"
+                        ))
+                    })?;
+                (0..size, size)
+            }
         };
         let last_modified = header(h, "last-modified")
             .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
@@ -782,7 +888,7 @@ impl ObjectStore for GcsStore {
             e_tag: Some(etag(generation)),
             version: Some(generation.to_string()),
         };
-        // fake-gcs-server ignores ifGenerationMatch on reads: check what came back.
+        // fake-gcs-server ignores the generation condition on reads: check what came back.
         options.check_preconditions(&meta)?;
         let body = resp
             .into_body()
@@ -846,17 +952,8 @@ impl ObjectStore for GcsStore {
                 .inner
                 .list_page(&prefix, true, None, None, token.as_deref())
                 .await?;
-            result.objects.extend(
-                page.items
-                    .iter()
-                    .map(Object::meta)
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-            for p in page.prefixes {
-                result
-                    .common_prefixes
-                    .push(Path::parse(p.trim_end_matches('/'))?);
-            }
+            result.objects.extend(page.objects(None));
+            result.common_prefixes.extend(page.dirs());
             match page.next_page_token {
                 Some(t) => token = Some(t),
                 None => return Ok(result),
@@ -959,17 +1056,8 @@ impl PaginatedListStore for GcsStore {
                 opts.page_token.as_deref(),
             )
             .await?;
-        let objects = page
-            .items
-            .iter()
-            .filter(|o| start.is_none_or(|s| o.name.as_str() > s))
-            .map(Object::meta)
-            .collect::<Result<Vec<_>, _>>()?;
-        let common_prefixes = page
-            .prefixes
-            .iter()
-            .map(|p| Path::parse(p.trim_end_matches('/')))
-            .collect::<Result<Vec<_>, _>>()?;
+        let objects = page.objects(start);
+        let common_prefixes = page.dirs();
         Ok(PaginatedListResult {
             result: ListResult {
                 common_prefixes,
@@ -1019,7 +1107,8 @@ impl fmt::Debug for ResumableUpload {
 }
 
 impl ResumableUpload {
-    /// PUT `chunk` at `offset`; `total` is the object's size when this is the last chunk.
+    /// PUT `chunk` at `offset`; `total` is the object's size when this is the last chunk. A chunk GCS kept only part
+    /// of (its 308 names what it has, `Range: bytes=0-N`) is sent on from there, as GCS asks.
     async fn put_chunk(
         inner: &Inner,
         session: &str,
@@ -1028,18 +1117,37 @@ impl ResumableUpload {
         total: Option<u64>,
     ) -> Result<HttpResponse, Failure> {
         let total_text = total.map_or_else(|| "*".to_string(), |t| t.to_string());
-        let range = if chunk.is_empty() {
-            format!("bytes */{total_text}")
-        } else {
-            format!(
-                "bytes {}-{}/{total_text}",
-                offset,
-                offset + chunk.len() as u64 - 1
-            )
-        };
-        inner
-            .send(Method::PUT, session, &[("content-range", range)], chunk)
-            .await
+        let end = offset + chunk.len() as u64;
+        let mut at = offset;
+        for _ in 0..ATTEMPTS {
+            let range = if at == end {
+                format!("bytes */{total_text}")
+            } else {
+                format!("bytes {at}-{}/{total_text}", end - 1)
+            };
+            let body = chunk.slice((at - offset) as usize..);
+            let resp = inner
+                .send(Method::PUT, session, &[("content-range", range)], body)
+                .await?;
+            if resp.status() != StatusCode::PERMANENT_REDIRECT || total.is_some() {
+                return Ok(resp);
+            }
+            let kept = header(resp.headers(), "range")
+                .and_then(|r| r.strip_prefix("bytes=0-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .map_or(0, |n| n + 1);
+            if kept >= end {
+                return Ok(resp);
+            }
+            if kept < at {
+                break;
+            }
+            at = kept;
+        }
+        Err(Failure::Status {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("GCS kept no more than part of the upload chunk at {offset}"),
+        })
     }
 }
 
@@ -1064,7 +1172,21 @@ impl MultipartUpload for ResumableUpload {
             if chunk.is_empty() {
                 return Ok(());
             }
-            match Self::put_chunk(&inner, &session, chunk, offset, None).await {
+            // Bounded here rather than by `Deadline` (`with_serial_parts`): the wait for the chunks before this one
+            // is not this request's time.
+            let sent = tokio::time::timeout(
+                inner.limit,
+                Self::put_chunk(&inner, &session, chunk, offset, None),
+            )
+            .await;
+            let Ok(sent) = sent else {
+                let timed_out = super::deadline::RequestTimedOut {
+                    operation: "UploadPart",
+                    limit: inner.limit,
+                };
+                return Err(format!("an upload chunk of {path}: {timed_out}"));
+            };
+            match sent {
                 Ok(resp) if resp.status() == StatusCode::PERMANENT_REDIRECT => Ok(()),
                 Ok(resp) => Err(format!(
                     "GCS finished the upload of {path} early (status {})",
@@ -1112,9 +1234,19 @@ impl MultipartUpload for ResumableUpload {
         }
         let tail = std::mem::take(&mut self.carry).freeze();
         let total = self.sent + tail.len() as u64;
-        let resp = Self::put_chunk(&self.inner, &self.session, tail, self.sent, Some(total))
-            .await
-            .map_err(|f| f.into_error("finishing an upload", &path))?;
+        let resp =
+            match Self::put_chunk(&self.inner, &self.session, tail, self.sent, Some(total)).await {
+                Ok(resp) => resp,
+                // The session's 404 or 410 (expired, cancelled) is no missing object: no ENOENT for a file written.
+                Err(Failure::Status { status, message })
+                    if status == StatusCode::NOT_FOUND || status == StatusCode::GONE =>
+                {
+                    return Err(chained(format!(
+                        "the upload session of {path} is gone ({status}: {message})"
+                    )));
+                }
+                Err(f) => return Err(f.into_error("finishing an upload", &path)),
+            };
         if resp.status() == StatusCode::PERMANENT_REDIRECT {
             return Err(chained(format!(
                 "GCS did not finish the upload of {path} at {total} bytes"

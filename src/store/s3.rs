@@ -212,7 +212,7 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
         StoreUrl::Gcs { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
             let client = super::gcs::build(bucket, opts, &env)?;
-            let store = Arc::new(Deadline::new(client, opts.request_timeout()));
+            let store = Arc::new(Deadline::new(client, opts.request_timeout()).with_serial_parts());
             let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
             Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_conditional_uploads())
         }
