@@ -4,8 +4,9 @@
 //!
 //! Freezing the shared test server would stall every test running beside this one, so this test starts a LocalStack of
 //! its own on a free port with `scripts/s3-server.sh` (same venv and certificates as the shared one; about 2 s) and
-//! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped. The last test kills its
-//! server instead (a dead store) and starts another on the same port.
+//! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped. One test kills its server
+//! instead (a dead store) and starts another on the same port; one freezes a GCS emulator of its own
+//! (scripts/gcs.sh) under a streaming writer.
 
 mod common;
 
@@ -366,6 +367,75 @@ fn a_dead_store_under_a_streaming_writer_loses_nothing() {
     server.restart(&store);
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the store came back");
+    m.unmount();
+}
+
+/// A GCS emulator of this test's own (scripts/gcs.sh on a free port, about 0.2 s), to freeze: GCS uploads in parts
+/// go out one after another with a deadline per chunk request (`Deadline::with_serial_parts`), not the per-part
+/// deadline the other stores have, so their frozen store is a case of its own.
+struct PrivateGcs {
+    port: u16,
+    pid: i32,
+    endpoint: String,
+}
+
+impl PrivateGcs {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gcs.sh")
+    }
+
+    fn start() -> PrivateGcs {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let start = Command::new(Self::script()).arg("start").env("S3CRYPTFS_GCS_PORT", port.to_string()).output();
+        let out = start.unwrap();
+        let pid_file = test_home().join(format!("run/fake-gcs-{port}/fake-gcs.pid"));
+        let pid = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        let server = PrivateGcs { port, pid, endpoint: format!("http://127.0.0.1:{port}") };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && pid > 0, "scripts/gcs.sh start on {port}: {err}");
+        server
+    }
+
+    fn freeze(&self) -> Frozen {
+        signal_group(self.pid, libc::SIGSTOP);
+        Frozen { pid: self.pid, since: Instant::now() }
+    }
+}
+
+impl Drop for PrivateGcs {
+    fn drop(&mut self) {
+        signal_group(self.pid, libc::SIGCONT);
+        let _ = Command::new(Self::script()).arg("stop").env("S3CRYPTFS_GCS_PORT", self.port.to_string()).status();
+    }
+}
+
+/// A frozen GCS store under a file streaming its parts (one resumable upload): the writes after the freeze return in
+/// time, close fails in time, and once the emulator answers again the file is whole and exact, through the same mount
+/// and after a remount.
+#[test]
+fn a_frozen_gcs_store_bounds_a_streaming_writer_and_loses_nothing() {
+    let server = PrivateGcs::start();
+    let env = Env::new();
+    let store = Store::gcs_at(Some(server.endpoint.clone()));
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let opts = [timeout.as_str()];
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    let streamed = pattern(40 * MIB, 10);
+    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
+    for piece in streamed[..24 * MIB].chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+
+    let frozen = server.freeze();
+    let file = write_within(file, &streamed[24 * MIB..], "while frozen");
+    let closed = within("close of the streamed file", move || close_reporting(file));
+    assert!(closed.is_err(), "close cannot succeed with the store frozen");
+    drop(frozen);
+
+    assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the freeze");
+    m.unmount();
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after a remount");
     m.unmount();
 }
 

@@ -31,8 +31,9 @@ pub enum Store {
     S3 { endpoint: String, bucket: String },
     /// A fresh prefix in the Azurite container of scripts/azurite.sh (`AZURE_STORAGE_USE_EMULATOR` in the env).
     Azure { container: String, prefix: String },
-    /// A fresh prefix in the bucket of scripts/gcs.sh's fake-gcs-server (`STORAGE_EMULATOR_HOST` in the env).
-    Gcs { bucket: String, prefix: String },
+    /// A fresh prefix in a bucket of scripts/gcs.sh's fake-gcs-server (`STORAGE_EMULATOR_HOST` in the env), or of
+    /// another emulator at `endpoint` (mounted with `endpoint=`; tests/frozen.rs starts one of its own).
+    Gcs { bucket: String, prefix: String, endpoint: Option<String> },
 }
 
 pub fn s3_endpoint() -> String {
@@ -73,11 +74,16 @@ impl Store {
     /// A fresh bucket (with a prefix in it) on the GCS emulator (scripts/gcs.sh, started by scripts/test.sh): one per
     /// test, because fake-gcs-server's writes slow down with the number of objects in their bucket.
     pub fn gcs() -> Store {
+        Store::gcs_at(None)
+    }
+
+    /// [`Store::gcs`] on the emulator at `endpoint` (`None`: the shared one).
+    pub fn gcs_at(endpoint: Option<String>) -> Store {
         let bucket = unique("t").to_lowercase();
         let body = format!("{{\"name\":\"{bucket}\"}}");
-        let url = format!("{}/storage/v1/b", gcs_host());
+        let url = format!("{}/storage/v1/b", endpoint.clone().unwrap_or_else(gcs_host));
         gcs_curl(&["-sf", "-o", "/dev/null", "-X", "POST", "-H", "content-type: application/json", "-d", &body, &url]);
-        Store::Gcs { bucket, prefix: "p".into() }
+        Store::Gcs { bucket, prefix: "p".into(), endpoint }
     }
 
     pub fn url(&self) -> String {
@@ -85,7 +91,7 @@ impl Store {
             Store::Local { dir } => format!("file://{}", dir.display()),
             Store::S3 { bucket, .. } => format!("s3://{bucket}"),
             Store::Azure { container, prefix } => format!("az://{container}/{prefix}"),
-            Store::Gcs { bucket, prefix } => format!("gs://{bucket}/{prefix}"),
+            Store::Gcs { bucket, prefix, .. } => format!("gs://{bucket}/{prefix}"),
         }
     }
 
@@ -93,6 +99,7 @@ impl Store {
         match self {
             Store::Local { .. } => vec![],
             Store::S3 { endpoint, .. } => vec![format!("endpoint={endpoint}"), "region=us-east-1".into()],
+            Store::Gcs { endpoint: Some(endpoint), .. } => vec![format!("endpoint={endpoint}")],
             Store::Azure { .. } | Store::Gcs { .. } => vec![],
         }
     }
@@ -132,10 +139,10 @@ impl Store {
                 walk(dir, dir, &mut out);
                 out
             }
-            Store::Gcs { bucket, prefix } => gcs_list(bucket, prefix)
+            Store::Gcs { bucket, prefix, endpoint } => gcs_list(endpoint, bucket, prefix)
                 .into_iter()
                 .map(|name| {
-                    let bytes = gcs_curl(&["-sf", &format!("{}?alt=media", gcs_object_url(bucket, &name))]);
+                    let bytes = gcs_curl(&["-sf", &format!("{}?alt=media", gcs_object_url(endpoint, bucket, &name))]);
                     (name[prefix.len() + 1..].to_string(), bytes)
                 })
                 .collect(),
@@ -195,12 +202,12 @@ impl Store {
     pub fn put_foreign(&self, key: &str, bytes: &[u8]) {
         match self {
             Store::Local { dir } => std::fs::write(dir.join(key), bytes).unwrap(),
-            Store::Gcs { bucket, prefix } => {
+            Store::Gcs { bucket, prefix, endpoint } => {
                 let body = std::env::temp_dir().join(unique("gcs-put"));
                 std::fs::write(&body, bytes).unwrap();
                 let url = format!(
                     "{}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}",
-                    gcs_host(),
+                    endpoint.clone().unwrap_or_else(gcs_host),
                     gcs_encode(&format!("{prefix}/{key}"))
                 );
                 let data = format!("@{}", body.display());
@@ -248,8 +255,9 @@ fn gcs_encode(name: &str) -> String {
         .collect()
 }
 
-fn gcs_object_url(bucket: &str, name: &str) -> String {
-    format!("{}/storage/v1/b/{bucket}/o/{}", gcs_host(), gcs_encode(name))
+fn gcs_object_url(endpoint: &Option<String>, bucket: &str, name: &str) -> String {
+    let host = endpoint.clone().unwrap_or_else(gcs_host);
+    format!("{host}/storage/v1/b/{bucket}/o/{}", gcs_encode(name))
 }
 
 /// curl's stdout; it must succeed.
@@ -260,11 +268,12 @@ fn gcs_curl(args: &[&str]) -> Vec<u8> {
 }
 
 /// Every object name under `prefix/` in the GCS test bucket, through the JSON API's listing, page by page.
-fn gcs_list(bucket: &str, prefix: &str) -> Vec<String> {
+fn gcs_list(endpoint: &Option<String>, bucket: &str, prefix: &str) -> Vec<String> {
+    let host = endpoint.clone().unwrap_or_else(gcs_host);
     let mut names = Vec::new();
     let mut token = String::new();
     loop {
-        let mut url = format!("{}/storage/v1/b/{bucket}/o?prefix={}", gcs_host(), gcs_encode(&format!("{prefix}/")));
+        let mut url = format!("{host}/storage/v1/b/{bucket}/o?prefix={}", gcs_encode(&format!("{prefix}/")));
         if !token.is_empty() {
             url.push_str(&format!("&pageToken={}", gcs_encode(&token)));
         }
