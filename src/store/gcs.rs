@@ -410,6 +410,17 @@ fn etag(generation: u64) -> String {
     format!("\"{generation}\"")
 }
 
+/// The generation a write in `mode` must find (`0`: no object), or `None` for an overwrite.
+fn required_generation(mode: &PutMode, path: &Path) -> object_store::Result<Option<u64>> {
+    match mode {
+        PutMode::Overwrite => Ok(None),
+        PutMode::Create => Ok(Some(0)),
+        PutMode::Update(v) => {
+            generation_of(v.version.as_ref().or(v.e_tag.as_ref()), path).map(Some)
+        }
+    }
+}
+
 /// The generation a write or read must find, from an object_store version (`None`: no condition).
 fn generation_of(tag: Option<&String>, path: &Path) -> object_store::Result<u64> {
     tag.and_then(|t| t.trim_matches('"').parse().ok())
@@ -669,13 +680,8 @@ impl ObjectStore for GcsStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         let mut url = format!("{}?uploadType=multipart", self.inner.upload_url());
-        match &opts.mode {
-            PutMode::Overwrite => {}
-            PutMode::Create => url.push_str("&ifGenerationMatch=0"),
-            PutMode::Update(v) => {
-                let g = generation_of(v.version.as_ref().or(v.e_tag.as_ref()), location)?;
-                url.push_str(&format!("&ifGenerationMatch={g}"));
-            }
+        if let Some(g) = required_generation(&opts.mode, location)? {
+            url.push_str(&format!("&ifGenerationMatch={g}"));
         }
         let mut res = resource(&opts.attributes);
         res.insert("name".into(), location.as_ref().into());
@@ -709,13 +715,9 @@ impl ObjectStore for GcsStore {
             self.inner.upload_url(),
             enc(location.as_ref())
         );
-        let must_be = match opts.extensions.get::<UploadCondition>().map(|c| &c.0) {
-            None | Some(PutMode::Overwrite) => None,
-            Some(PutMode::Create) => Some(0),
-            Some(PutMode::Update(v)) => Some(generation_of(
-                v.version.as_ref().or(v.e_tag.as_ref()),
-                location,
-            )?),
+        let must_be = match opts.extensions.get::<UploadCondition>() {
+            Some(UploadCondition(mode)) => required_generation(mode, location)?,
+            None => None,
         };
         if let Some(g) = must_be {
             // GCS checks it when the upload completes (see `ResumableUpload::complete`).
@@ -1085,6 +1087,12 @@ fn parse_content_range(value: &str) -> Option<(std::ops::Range<u64>, u64)> {
     (a <= b).then_some((a..b + 1, size))
 }
 
+/// `text` without the upload session's URL: its `upload_id` lets anyone who reads it finish the upload with other
+/// bytes, and transport errors quote the URL they failed on (reqwest's do), which would put it in the log.
+fn redact(text: &str, session: &str) -> String {
+    text.replace(session, "<the upload session's URL>")
+}
+
 /// A resumable upload: parts go out in order, in multiples of [`CHUNK_ALIGN`].
 struct ResumableUpload {
     inner: Arc<Inner>,
@@ -1192,7 +1200,10 @@ impl MultipartUpload for ResumableUpload {
                     "GCS finished the upload of {path} early (status {})",
                     resp.status()
                 )),
-                Err(f) => Err(f.into_error("an upload chunk", &path).to_string()),
+                Err(f) => Err(redact(
+                    &f.into_error("an upload chunk", &path).to_string(),
+                    &session,
+                )),
             }
         }
         .boxed()
@@ -1245,16 +1256,25 @@ impl MultipartUpload for ResumableUpload {
                         "the upload session of {path} is gone ({status}: {message})"
                     )));
                 }
-                Err(f) => return Err(f.into_error("finishing an upload", &path)),
+                Err(f) => {
+                    let text = redact(
+                        &f.into_error("finishing an upload", &path).to_string(),
+                        &self.session,
+                    );
+                    return Err(chained(text));
+                }
             };
         if resp.status() == StatusCode::PERMANENT_REDIRECT {
             return Err(chained(format!(
                 "GCS did not finish the upload of {path} at {total} bytes"
             )));
         }
-        let object: Object = json(resp)
-            .await
-            .map_err(|f| f.into_error("finishing an upload", &path))?;
+        let object: Object = json(resp).await.map_err(|f| {
+            chained(redact(
+                &f.into_error("finishing an upload", &path).to_string(),
+                &self.session,
+            ))
+        })?;
         Ok(object.put_result())
     }
 
@@ -1379,6 +1399,17 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(after, files[3..]);
+    }
+
+    #[test]
+    fn errors_do_not_quote_the_upload_session() {
+        let session = "https://storage.googleapis.com/upload/storage/v1/b/b/o?uploadType=resumable&upload_id=SECRET";
+        let text = format!("error sending request for url ({session}): connection reset");
+        let out = redact(&text, session);
+        assert!(
+            !out.contains("SECRET") && out.contains("<the upload session's URL>"),
+            "{out}"
+        );
     }
 
     #[test]
