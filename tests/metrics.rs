@@ -146,7 +146,7 @@ fn creates_and_rm_r_ask_nothing_the_mount_knows(env: &Env, store: &Store) {
     let index = if matches!(store, Store::S3 { .. }) { 1.0 } else { 0.0 };
     match store {
         Store::S3 { .. } if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") => {
-            // The first delete learns that LocalStack ignores If-Match; the rest go in batches, the marker alone.
+            // The mount's probe learned that LocalStack refuses If-Match on deletes: they go in batches.
             assert!(deletes < FILES as f64 / 2.0, "deletes not batched: {what}")
         }
         // object_store has no conditional delete on Azure: the deletes are unconditional, so they go in batches.

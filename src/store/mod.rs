@@ -394,8 +394,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Finds out once, at a read-write mount, whether the server holds write conditions (`If-None-Match: *`,
     /// `If-Match`); where it does not (or the probe cannot tell), the backend checks them with a HEAD before each
-    /// conditional write from then on. Four requests on a short-lived object. Stores that always hold them do
-    /// nothing.
+    /// conditional write from then on. It also finds out whether the server checks `If-Match` on a delete; where it
+    /// does not, deletes go out in batches ([`Backend::deletes_are_conditional`] turns false). Five or six requests
+    /// on a short-lived object. Stores that always hold them do nothing.
     async fn probe_conditional_writes(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -505,6 +505,28 @@ impl ObjectStoreBackend {
         }
     }
 
+    /// Whether the server checks `If-Match` on DeleteObject, found with a DELETE of the probe object `key` under an
+    /// ETag it does not have: a 412 says it checks; a 501 that it refuses the header (LocalStack 4.14); a success that
+    /// removed the object that it ignores the header (Garage 2.5). Where it does not check, every delete is
+    /// unconditional anyway, so the write-behind deletes go out as DeleteObjects batches of up to 1,000 keys instead
+    /// of one request each (`rm -r` of 2,000 files on Garage sent 2,002 DELETEs). Anything unclear leaves deletes
+    /// conditional, which costs requests but never removes a version this mount did not know of where it could not.
+    async fn probe_conditional_deletes(&self, key: &ObjectKey) {
+        let (Some(raw), Ok(path)) = (&self.raw, self.path(key)) else { return };
+        let ignored = match raw.delete(path.as_ref(), Some("\"s3cryptfs-probe\"")).await {
+            Err(StoreError::Precondition { .. }) => false,
+            Err(StoreError::Unsupported { .. }) => true,
+            Ok(()) => matches!(Backend::head(self, key).await, Err(e) if e.is_not_found()),
+            Err(_) => false,
+        };
+        if ignored && !self.conditional_delete_unsupported.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                "the store does not check conditional deletes (If-Match on DeleteObject): deletes are \
+                 unconditional and go out in batches"
+            );
+        }
+    }
+
     /// Tests: as if the probe had found the server ignoring write conditions.
     #[cfg(test)]
     pub(crate) fn assume_conditions_ignored(&self) {
@@ -1106,6 +1128,9 @@ impl Backend for ObjectStoreBackend {
             Ok(none_match && if_match)
         }
         .await;
+        if outcome.is_ok() {
+            self.probe_conditional_deletes(&key).await;
+        }
         // Whatever happened (a write that timed out may still have landed).
         match Backend::delete(self, &key).await {
             Err(e) if !e.is_not_found() => tracing::warn!(

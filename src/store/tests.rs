@@ -1127,6 +1127,101 @@ async fn conditions_a_server_ignores_are_checked_with_a_head() {
     conditional_contract(&b, "d/").await;
 }
 
+/// A server that answers every S3 write and ignores every condition, as Garage 2.5 does on PUT and DELETE: PUT
+/// stores (ETag `"n"`), HEAD answers what is stored, DELETE removes it whatever `If-Match` says. HTTP/1.1 on
+/// 127.0.0.1, bodies by Content-Length, no signature checks. Returns the endpoint.
+async fn serve_ignoring_conditions() -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let objects: Arc<std::sync::Mutex<BTreeMap<String, (usize, u32)>>> = Arc::default();
+    tokio::spawn(async move {
+        let mut version = 0u32;
+        while let Ok((socket, _)) = listener.accept().await {
+            let objects = objects.clone();
+            version += 1000;
+            tokio::spawn(async move {
+                let mut version = version;
+                let mut conn = BufReader::new(socket);
+                loop {
+                    let mut line = String::new();
+                    if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
+                    let path = target.split('?').next().unwrap_or("").to_string();
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        conn.read_line(&mut h).await.unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    conn.read_exact(&mut body).await.unwrap();
+                    let date = "Thu, 01 Jan 2026 00:00:00 GMT";
+                    let answer = {
+                        let mut objects = objects.lock().unwrap();
+                        match method.as_str() {
+                            "PUT" => {
+                                version += 1;
+                                objects.insert(path, (len, version));
+                                format!("HTTP/1.1 200 OK\r\nETag: \"{version}\"\r\nContent-Length: 0\r\n\r\n")
+                            }
+                            "HEAD" => match objects.get(&path) {
+                                Some((len, v)) => format!(
+                                    "HTTP/1.1 200 OK\r\nETag: \"{v}\"\r\nContent-Length: {len}\r\n\
+                                     Last-Modified: {date}\r\n\r\n"
+                                ),
+                                None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+                            },
+                            "DELETE" => {
+                                objects.remove(&path);
+                                "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+                            }
+                            _ => "HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\n\r\n".to_string(),
+                        }
+                    };
+                    if conn.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+/// A server that ignores conditions on PUT and DELETE (Garage): the probe finds both out, so conditional writes are
+/// checked with a HEAD first and the write-behind deletes go out as batches (each one conditional before, one
+/// request per file). Needs the test credentials in the environment (scripts/test.sh), as every S3 test.
+#[tokio::test]
+async fn the_probe_finds_a_server_that_ignores_conditional_deletes() {
+    let endpoint = serve_ignoring_conditions().await;
+    let opts = S3Options {
+        endpoint: Some(endpoint),
+        region: Some("us-east-1".into()),
+        allow_http: true,
+        timeout: Some(std::time::Duration::from_secs(10)),
+        ..S3Options::default()
+    };
+    let (b, _) = from_url("s3://ignores/pre", &opts).unwrap();
+    assert!(b.deletes_are_conditional());
+    b.probe_conditional_writes().await.unwrap();
+    assert!(!b.deletes_are_conditional(), "the probe's DELETE with a wrong If-Match removed the object, unnoticed");
+    let k = key("f");
+    b.put_expect(&k, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Absent).await.unwrap();
+    let r = b.put_expect(&k, Bytes::from_static(b"y"), &UserMeta::default(), &Expect::Absent).await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "conditions not checked with a HEAD: {r:?}");
+}
+
 #[tokio::test]
 async fn conditional_writes_local() {
     let dir = tempfile::tempdir().unwrap();
@@ -1195,6 +1290,15 @@ async fn conditional_writes_s3() {
         customer_keys: Some(CustomerKeys(Arc::new(keys))),
         ..S3Options::default()
     };
+    // The mount's probe finds out whether the server checks conditional deletes: LocalStack answers 501, so the
+    // write-behind deletes go in batches from the first one on.
+    let (b, _) = from_url(&format!("s3://{bucket}/probe"), &plain).unwrap();
+    assert!(b.deletes_are_conditional(), "an S3 store starts out sending conditional deletes");
+    b.probe_conditional_writes().await.unwrap();
+    if std::env::var("S3CRYPTFS_TEST_SERVER").is_ok_and(|s| s == "localstack") {
+        assert!(!b.deletes_are_conditional(), "the probe did not notice LocalStack's 501 on a conditional delete");
+    }
+    assert!(b.list("", true).await.unwrap().objects.is_empty(), "the probe left an object behind");
     for (name, opts) in [("plain", plain), ("sse-s3", sse_s3), ("sse-kms", sse_kms), ("sse-c", sse_c)] {
         let (b, _) = from_url(&format!("s3://{bucket}"), &opts).unwrap();
         conditional_contract(b.as_ref(), &format!("{name}/")).await;
