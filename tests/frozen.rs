@@ -276,6 +276,16 @@ fn a_frozen_store_bounds_every_syscall_serves_known_names_and_loses_nothing() {
     m.unmount();
 }
 
+/// Creates `name` on `m` and writes `head` to it in 1 MiB writes, so that a stream's parts are on their way; the file
+/// stays open for the rest.
+fn start_stream(m: &Mount, name: &str, head: &[u8]) -> fs::File {
+    let mut file = fs::File::create(m.path(name)).unwrap();
+    for piece in head.chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+    file
+}
+
 /// close(2) of `file`, with its result (dropping a File ignores it).
 fn close_reporting(file: fs::File) -> std::io::Result<()> {
     let fd = file.into_raw_fd();
@@ -309,10 +319,7 @@ fn a_frozen_store_bounds_a_streaming_writer_and_an_in_place_change_and_loses_not
     big[10 * MIB..10 * MIB + 65536].copy_from_slice(&first);
     // A new file streaming: 24 MiB written, so parts are on their way.
     let streamed = pattern(40 * MIB, 6);
-    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
-    for piece in streamed[..24 * MIB].chunks(MIB) {
-        file.write_all(piece).unwrap();
-    }
+    let file = start_stream(&m, "stream.bin", &streamed[..24 * MIB]);
 
     let frozen = server.freeze();
     let file = write_within(file, &streamed[24 * MIB..], "while frozen");
@@ -349,10 +356,7 @@ fn a_dead_store_under_a_streaming_writer_loses_nothing() {
     let opts = [timeout.as_str()];
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     let streamed = pattern(40 * MIB, 9);
-    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
-    for piece in streamed[..24 * MIB].chunks(MIB) {
-        file.write_all(piece).unwrap();
-    }
+    let file = start_stream(&m, "stream.bin", &streamed[..24 * MIB]);
 
     server.kill();
     let file = write_within(file, &streamed[24 * MIB..], "with the store dead");
@@ -421,10 +425,7 @@ fn a_frozen_gcs_store_bounds_a_streaming_writer_and_loses_nothing() {
     let opts = [timeout.as_str()];
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     let streamed = pattern(40 * MIB, 10);
-    let mut file = fs::File::create(m.path("stream.bin")).unwrap();
-    for piece in streamed[..24 * MIB].chunks(MIB) {
-        file.write_all(piece).unwrap();
-    }
+    let file = start_stream(&m, "stream.bin", &streamed[..24 * MIB]);
 
     let frozen = server.freeze();
     let file = write_within(file, &streamed[24 * MIB..], "while frozen");
