@@ -798,12 +798,7 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
         let mut n = 0;
         for run in std::fs::read_dir(dir.join("journal")).unwrap().flatten() {
             for store_run in std::fs::read_dir(run.path()).into_iter().flatten().flatten() {
-                n += std::fs::read_dir(store_run.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".del"))
-                    .count();
+                n += crate::journal::pending_intents_on_disk(&store_run.path());
             }
         }
         n

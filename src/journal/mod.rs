@@ -17,8 +17,9 @@
 //!       <n>.dat              staged content: sealed slots (cse-c, cse-kms, sse-c) or plaintext (none, sse-s3, sse-kms)
 //!       <n>.rec              sealed record: path, attributes, the version it replaces, the upload stamp (and the
 //!                            store's id of a multipart upload streaming it, for the next start to abort)
-//!       <n>.del              sealed delete intent: an unlinked file's path and the version it had, kept until the
-//!                            store has answered the delete sent after the unlink returned (`fs::deletes`)
+//!       <s>.dlog             sealed delete intents, appended (`delete_log`): an unlinked file's path and the version
+//!                            it had, kept until the store has answered the delete sent after the unlink returned
+//!                            (`fs::deletes`); `<n>.del`, one file per intent, from versions before the log
 //! ```
 //!
 //! Liveness is the `flock`, not a pid: a zombie or a reused pid cannot hide a dead journal, and a live daemon's
@@ -35,7 +36,10 @@
 //! so they survive the daemon's death (kill -9, a crash, the OOM killer), and a power loss only as far as the kernel
 //! had written back. A file the user fsyncs is uploaded by that fsync.
 
+mod delete_log;
 pub mod dir;
+#[cfg(test)]
+pub(crate) use delete_log::pending_on_disk as pending_intents_on_disk;
 pub mod file;
 
 use std::collections::BTreeSet;
@@ -201,7 +205,8 @@ fn delete_name(n: u64) -> String {
     format!("{n}.del")
 }
 
-/// A delete that an unlink promised and the store may not have received yet: sealed into `<n>.del`.
+/// A delete that an unlink promised and the store may not have received yet: sealed into an entry of the delete
+/// intent log (`delete_log`), or into `<n>.del` by versions before it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteIntent {
     /// The unlinked file's path in the mount (its object key).
@@ -258,6 +263,8 @@ pub struct Journal {
     counter: AtomicU64,
     /// Delete intents of dead runs found by [`Journal::take_over`], for [`Journal::take_deletes`].
     taken_deletes: std::sync::Mutex<Vec<LeftoverDelete>>,
+    /// This run's delete intents.
+    deletes: delete_log::Log,
 }
 
 impl std::fmt::Debug for Journal {
@@ -300,7 +307,18 @@ impl Journal {
         dir.write_file("journal", &text).map_err(io(dir.path()))?;
         let serving = std::sync::Mutex::new(Some(serving));
         let run = RunDir { dir, name: run_id.clone(), parent: store_dir.clone(), _lock: lock, serving };
-        Ok(Journal { store: store.to_string(), aead, keying, key, run_id, run, store_dir, counter: AtomicU64::new(0), taken_deletes: Default::default() })
+        Ok(Journal {
+            store: store.to_string(),
+            aead,
+            keying,
+            key,
+            run_id,
+            run,
+            store_dir,
+            counter: AtomicU64::new(0),
+            taken_deletes: Default::default(),
+            deletes: Default::default(),
+        })
     }
 
     async fn new_root(
@@ -442,20 +460,20 @@ impl Journal {
         self.run.dir.write_file(&name, &sealed)
     }
 
-    /// Writes a sealed delete intent and returns its number, for [`Journal::remove_delete`] once the store has it.
+    /// Appends a sealed delete intent to the run's log and returns its number, for [`Journal::remove_delete`] once
+    /// the store has it.
     pub fn save_delete(&self, intent: &DeleteIntent) -> io::Result<u64> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = delete_name(n);
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(intent).map_err(io::Error::other)?);
-        let sealed = jcrypto::seal_record(&self.key, self.aead, &self.store, &self.run_id, &name, &plain);
-        self.run.dir.write_file(&name, &sealed)?;
+        let sealed = jcrypto::seal_record(&self.key, self.aead, &self.store, &self.run_id, &delete_name(n), &plain);
+        self.deletes.append(&self.run.dir, n, &sealed, || self.counter.fetch_add(1, Ordering::Relaxed))?;
         Ok(n)
     }
 
     /// The store has answered the delete of intent `n`.
     pub fn remove_delete(&self, n: u64) {
-        if let Err(e) = self.run.dir.remove(&delete_name(n)) {
-            tracing::error!(intent = %self.run.dir.path().join(delete_name(n)).display(), error = %e, "could not remove a finished delete intent");
+        if let Err(e) = self.deletes.settle(&self.run.dir, n) {
+            tracing::error!(journal = %self.run.dir.path().display(), error = %e, "could not mark a finished delete intent settled; the next start checks it again");
         }
     }
 
@@ -489,6 +507,7 @@ impl Journal {
     /// At a clean stop: removes this run's directory if nothing is left to upload (dropping the journal does the
     /// same). Returns whether it did.
     pub fn close(&self) -> bool {
+        self.deletes.close(&self.run.dir);
         self.run.remove_if_done()
     }
 
@@ -625,11 +644,16 @@ impl Journal {
                     .taken_deletes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(LeftoverDelete { intent, n, run: run.clone() }),
+                    .push(LeftoverDelete { intent, n, from: IntentFrom::File(run.clone()) }),
                 None => tracing::error!(
                     intent = %run.dir.path().join(&del_name).display(),
                     "delete intent fails authentication (forged or damaged): refused, nothing is deleted for it"
                 ),
+            }
+        }
+        for e in &entries {
+            if e.strip_suffix(delete_log::SEGMENT_SUFFIX).and_then(|s| s.parse::<u64>().ok()).is_some() {
+                self.take_segment(&run, &key, e);
             }
         }
         for e in &entries {
@@ -684,6 +708,43 @@ impl Journal {
         }
         Self::remove_orphans(&run, &kept);
         Ok(Taken::Done(out))
+    }
+
+    /// Hands over the authentic pending intents of a dead run's delete log segment `name`.
+    fn take_segment(&self, run: &Arc<RunDir>, key: &JournalKey, name: &str) {
+        let path = run.dir.path().join(name);
+        let (parsed, file, len) = match delete_log::TakenSegment::open(run, name) {
+            Ok(Some(found)) => found,
+            Ok(None) => return,
+            Err(e) => return tracing::error!(log = %path.display(), error = %e, "delete intent log not trusted; left alone"),
+        };
+        if parsed.torn {
+            tracing::warn!(log = %path.display(), "the last entry of a delete intent log is incomplete (its daemon died writing it, before its unlink returned): ignored");
+        }
+        let mut intents = Vec::new();
+        let mut refused = false;
+        for (n, sealed) in parsed.pending {
+            let intent = jcrypto::open_record(key, self.aead, &self.store, &run.name, &delete_name(n), &sealed)
+                .ok()
+                .and_then(|plain| serde_json::from_slice::<DeleteIntent>(&plain).ok());
+            match intent {
+                Some(intent) => intents.push((n, intent)),
+                None => {
+                    refused = true;
+                    tracing::error!(log = %path.display(), intent = n, "delete intent fails authentication (forged or damaged): refused, nothing is deleted for it");
+                }
+            }
+        }
+        if intents.is_empty() && !refused {
+            let _ = run.dir.remove(name);
+            return;
+        }
+        let Some(s) = name.strip_suffix(delete_log::SEGMENT_SUFFIX).and_then(|s| s.parse().ok()) else { return };
+        let seg = delete_log::TakenSegment::new(run.clone(), s, file, len, intents.len(), refused);
+        let mut taken = self.taken_deletes.lock().unwrap_or_else(|e| e.into_inner());
+        for (n, intent) in intents {
+            taken.push(LeftoverDelete { intent, n, from: IntentFrom::Log(seg.clone()) });
+        }
     }
 
     /// The key of another run's journal, from its header; and whether its staged data is sealed.
@@ -782,7 +843,15 @@ impl Leftover {
 pub struct LeftoverDelete {
     pub intent: DeleteIntent,
     n: u64,
-    run: Arc<RunDir>,
+    from: IntentFrom,
+}
+
+/// Where a dead run kept an intent.
+enum IntentFrom {
+    /// `<n>.del` (versions before the log).
+    File(Arc<RunDir>),
+    /// A segment of its log.
+    Log(Arc<delete_log::TakenSegment>),
 }
 
 impl std::fmt::Debug for LeftoverDelete {
@@ -794,9 +863,21 @@ impl std::fmt::Debug for LeftoverDelete {
 impl LeftoverDelete {
     /// The delete is settled (done, or deliberately not done): forget the intent.
     pub fn done(self) {
-        if let Err(e) = self.run.dir.remove(&delete_name(self.n)) {
-            tracing::error!(intent = %self.run.dir.path().join(delete_name(self.n)).display(), error = %e, "could not remove a finished delete intent");
+        match &self.from {
+            IntentFrom::File(run) => {
+                if let Err(e) = run.dir.remove(&delete_name(self.n)) {
+                    tracing::error!(intent = %run.dir.path().join(delete_name(self.n)).display(), error = %e, "could not remove a finished delete intent");
+                }
+            }
+            IntentFrom::Log(seg) => seg.settle(self.n),
         }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Before the run directory's own drop, which keeps the run while anything but its lock and header is there.
+        self.deletes.close(&self.run.dir);
     }
 }
 

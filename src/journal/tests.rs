@@ -228,38 +228,166 @@ async fn a_dead_starts_half_written_key_file_is_removed() {
     assert!(young.exists(), "a concurrent start's key file was removed");
 }
 
-/// Delete intents (`<n>.del`, write-behind deletes) are obeyed only when authentic and at their own name: a plain JSON
-/// intent planted by someone who can write the journal, a record's sealed bytes renamed to `.del`, and an intent
-/// moved to another number are refused and left; the authentic one is handed over once.
+fn intent(p: &str) -> DeleteIntent {
+    DeleteIntent { path: p.into(), etag: "\"e\"".into() }
+}
+
+/// The delete intent log segments of a run directory, by name.
+fn segments(run: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".dlog"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// One entry of a segment, as docs/FORMAT.md lays it out.
+fn log_entry(n: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = n.to_le_bytes().to_vec();
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Delete intents (write-behind deletes, appended to `<s>.dlog`) are obeyed only when authentic and under their own
+/// number: a plain JSON intent planted by someone who can write the journal, a record's sealed bytes entered as an
+/// intent, and an intent renumbered are refused and left; the authentic one is handed over once, and once settled
+/// no later start sees it again.
 #[tokio::test]
 async fn only_authentic_delete_intents_are_handed_over() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("j");
     let a = journal(&base, customer()).await;
-    let intent = |p: &str| DeleteIntent { path: p.into(), etag: "\"e\"".into() };
-    let n = a.save_delete(&intent("real")).unwrap();
+    a.save_delete(&intent("real")).unwrap();
     let m = a.save_delete(&intent("moved")).unwrap();
     let (r, f, id) = a.new_file().unwrap();
     f.write_at(0, b"x", 0).unwrap();
     a.save_record(r, &record("rec", &id)).unwrap();
     let run = a.run_path().to_path_buf();
     drop(a);
-    std::fs::write(run.join("90.del"), serde_json::to_vec(&intent("planted")).unwrap()).unwrap();
-    std::fs::copy(run.join(format!("{r}.rec")), run.join("91.del")).unwrap();
-    std::fs::rename(run.join(format!("{m}.del")), run.join("92.del")).unwrap();
+    let [seg] = segments(&run).try_into().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // The second entry (the moved one) starts after the first; renumber it in place.
+    let first_len = 12 + u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    assert_eq!(u64::from_le_bytes(bytes[first_len..first_len + 8].try_into().unwrap()), m);
+    bytes[first_len..first_len + 8].copy_from_slice(&92u64.to_le_bytes());
+    bytes.extend(log_entry(90, &serde_json::to_vec(&intent("planted")).unwrap()));
+    bytes.extend(log_entry(91, &std::fs::read(run.join(format!("{r}.rec"))).unwrap()));
+    std::fs::write(&seg, &bytes).unwrap();
 
     let b = journal(&base, customer()).await;
     let staged = b.take_over().await;
     assert_eq!(staged.len(), 1, "the staged record is untouched by intents");
     let deletes = b.take_deletes();
     let paths: Vec<_> = deletes.iter().map(|d| d.intent.path.clone()).collect();
-    assert_eq!(paths, vec!["real".to_string()], "only the authentic intent at its own name");
+    assert_eq!(paths, vec!["real".to_string()], "only the authentic intent under its own number");
     assert!(b.take_deletes().is_empty(), "handed over once");
     for d in deletes {
         d.done();
     }
-    assert!(!run.join(format!("{n}.del")).exists(), "done removes it");
-    assert!(run.join("90.del").exists() && run.join("91.del").exists() && run.join("92.del").exists(), "refused intents are left");
+    drop(staged);
+    drop(b);
+    let after = std::fs::read(&seg).unwrap();
+    assert!(after.starts_with(&bytes), "refused intents are left as they were");
+    assert_eq!(crate::journal::pending_intents_on_disk(&run), 3, "the authentic one is marked settled");
+
+    let c = journal(&base, customer()).await;
+    assert_eq!(c.take_over().await.len(), 1);
+    assert!(c.take_deletes().is_empty(), "a settled intent is not handed over again");
+}
+
+/// Intent files (`<n>.del`) that a version before the log left are still obeyed, under the same rules.
+#[tokio::test]
+async fn intent_files_of_an_older_version_are_still_obeyed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let seal = |n: u64, i: &DeleteIntent| {
+        let plain = serde_json::to_vec(i).unwrap();
+        jcrypto::seal_record(&a.key, a.aead, &a.store, &a.run_id, &format!("{n}.del"), &plain)
+    };
+    let run = a.run_path().to_path_buf();
+    std::fs::write(run.join("7.del"), seal(7, &intent("old"))).unwrap();
+    std::fs::write(run.join("8.del"), seal(9, &intent("renamed"))).unwrap();
+    drop(a);
+    let b = journal(&base, customer()).await;
+    assert!(b.take_over().await.is_empty());
+    let deletes = b.take_deletes();
+    assert_eq!(deletes.iter().map(|d| d.intent.path.as_str()).collect::<Vec<_>>(), ["old"]);
+    for d in deletes {
+        d.done();
+    }
+    assert!(!run.join("7.del").exists(), "done removes it");
+    assert!(run.join("8.del").exists(), "a refused one is left");
+}
+
+/// A live run's log: an intent settled is marked (or the segment cut to nothing when it was the last pending), a
+/// full segment with pending intents makes way for a new one and goes once they are settled, and a clean close
+/// leaves nothing. A dead run's log: what was settled is not handed over, a torn last entry (a kill in the middle of
+/// its write) is ignored, and a start that settles only some leaves the rest for the next.
+#[tokio::test]
+async fn the_log_settles_rotates_and_survives_a_torn_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("j");
+    let a = journal(&base, customer()).await;
+    let run = a.run_path().to_path_buf();
+    let n = a.save_delete(&intent("one")).unwrap();
+    assert_eq!(crate::journal::pending_intents_on_disk(&run), 1);
+    a.remove_delete(n);
+    let [seg] = segments(&run).try_into().unwrap();
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 0, "nothing pending: cut to nothing");
+
+    // Rotation: the first intent stays pending while a megabyte of others comes and goes.
+    let kept = a.save_delete(&intent("kept")).unwrap();
+    let mut settled = 0;
+    while segments(&run).len() < 2 {
+        let n = a.save_delete(&intent("churn")).unwrap();
+        a.remove_delete(n);
+        settled += 1;
+        assert!(settled < 100_000, "never rotated");
+    }
+    assert_eq!(crate::journal::pending_intents_on_disk(&run), 1);
+    let later = a.save_delete(&intent("later")).unwrap();
+    a.remove_delete(kept);
+    assert_eq!(segments(&run).len(), 1, "the full segment goes once nothing in it is pending");
+    a.remove_delete(later);
+    assert!(a.close(), "a clean close leaves nothing");
+    drop(a);
+    assert!(!run.exists());
+
+    let a = journal(&base, customer()).await;
+    let run = a.run_path().to_path_buf();
+    for p in ["x", "y", "z"] {
+        a.save_delete(&intent(p)).unwrap();
+    }
+    let gone = a.save_delete(&intent("settled")).unwrap();
+    a.remove_delete(gone);
+    drop(a);
+    let [seg] = segments(&run).try_into().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, &log_entry(99, &[7; 200])[..100]).unwrap();
+    drop(f);
+
+    let b = journal(&base, customer()).await;
+    assert!(b.take_over().await.is_empty());
+    let mut deletes = b.take_deletes();
+    assert_eq!(deletes.iter().map(|d| d.intent.path.as_str()).collect::<Vec<_>>(), ["x", "y", "z"]);
+    deletes.remove(1).done();
+    drop(deletes);
+    drop(b);
+    let c = journal(&base, customer()).await;
+    assert!(c.take_over().await.is_empty());
+    let deletes = c.take_deletes();
+    assert_eq!(deletes.iter().map(|d| d.intent.path.as_str()).collect::<Vec<_>>(), ["x", "z"]);
+    for d in deletes {
+        d.done();
+    }
+    assert!(!seg.exists(), "settled: the segment goes");
+    drop(c);
+    assert!(!run.exists(), "and with it the run");
 }
 
 /// A record keeps the multipart upload of a stream in flight for the start that takes it over, and a record written
