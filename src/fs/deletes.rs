@@ -40,6 +40,8 @@ use crate::store::{
 const CONCURRENT_DELETES: usize = 32;
 /// Most keys in one DeleteObjects request (S3's limit).
 const BATCH_KEYS: usize = 1000;
+/// Most DeleteObjects requests in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// A [`Backend`] whose deletes can be deferred ([`LaterDeletes::delete_later`]); every other operation goes to the
 /// inner backend, after the pending deletes it depends on (see the module docs).
@@ -52,6 +54,8 @@ struct Shared {
     state: Mutex<State>,
     /// Woken whenever pending deletes complete.
     settled: tokio::sync::Notify,
+    /// Woken when keys are queued while the worker runs.
+    queued: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -85,7 +89,11 @@ impl LaterDeletes {
     pub fn new(inner: Arc<dyn Backend>) -> LaterDeletes {
         LaterDeletes {
             inner,
-            shared: Arc::new(Shared { state: Mutex::new(State::default()), settled: tokio::sync::Notify::new() }),
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                settled: tokio::sync::Notify::new(),
+                queued: tokio::sync::Notify::new(),
+            }),
         }
     }
 
@@ -107,6 +115,8 @@ impl LaterDeletes {
         };
         if spawn {
             tokio::spawn(work(self.inner.clone(), self.shared.clone()));
+        } else {
+            self.shared.queued.notify_one();
         }
     }
 
@@ -150,60 +160,71 @@ impl LaterDeletes {
     }
 }
 
-/// The worker: sends what is queued until nothing is, then exits (the next `delete_later` starts another).
+/// The worker: sends what is queued until nothing is, then exits (the next `delete_later` starts another). Where the
+/// store checks conditions, each key is one request, up to [`CONCURRENT_DELETES`] at once; elsewhere what is queued
+/// goes in DeleteObjects batches, up to [`BATCHES_IN_FLIGHT`] at once, a new one starting as soon as keys arrive
+/// and a slot is free. So the last delete of a burst waits for one round trip, not for every batch before it.
 async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
+    use futures::stream::FuturesUnordered;
+    let conditional = inner.deletes_are_conditional();
+    let limit = if conditional { CONCURRENT_DELETES } else { BATCHES_IN_FLIGHT };
+    let mut flight = FuturesUnordered::new();
     loop {
-        let batch: Vec<(String, Option<String>)> = {
-            let mut s = lock(&shared.state);
-            if s.queued.is_empty() {
-                s.working = false;
-                return;
-            }
-            let queued = std::mem::take(&mut s.queued);
-            queued.into_iter().map(|k| {
-                let etag = s.pending.get(&k).and_then(|p| p.etag.clone());
-                (k, etag)
-            }).collect()
-        };
-        let done = |keys: &[(String, bool)]| {
-            let mut s = lock(&shared.state);
-            let answered: Vec<(Answered, bool)> =
-                keys.iter().filter_map(|(k, settled)| Some((s.pending.remove(k)?.answered?, *settled))).collect();
-            drop(s);
-            for (f, settled) in answered {
-                f(settled);
-            }
-            shared.settled.notify_waiters();
-        };
-        if inner.deletes_are_conditional() || batch.len() == 1 {
-            futures::stream::iter(batch)
-                .map(|(k, etag)| {
-                    let inner = inner.clone();
-                    async move {
-                        let settled = send_one(&*inner, &k, etag.as_deref()).await;
-                        (k, settled)
+        while flight.len() < limit {
+            let batch: Vec<(String, Option<String>)> = {
+                let mut s = lock(&shared.state);
+                let take = if conditional { 1 } else { BATCH_KEYS }.min(s.queued.len());
+                if take == 0 {
+                    if flight.is_empty() {
+                        s.working = false;
+                        return;
                     }
-                })
-                .buffer_unordered(CONCURRENT_DELETES)
-                .for_each(|k| {
-                    done(std::slice::from_ref(&k));
-                    async {}
-                })
-                .await;
-        } else {
-            for chunk in batch.chunks(BATCH_KEYS) {
-                let keys: Vec<ObjectKey> = chunk.iter().filter_map(|(k, _)| ObjectKey::new(k.as_str()).ok()).collect();
-                let mut outcome: Vec<(String, bool)> = chunk.iter().map(|(k, _)| (k.clone(), true)).collect();
-                if let Err(e) = inner.delete_many(&keys).await {
-                    tracing::debug!(keys = keys.len(), error = %crate::error_text::error_chain(&e), "a batch delete failed; deleting one by one");
-                    for ((k, etag), out) in chunk.iter().zip(outcome.iter_mut()) {
-                        out.1 = send_one(&*inner, k, etag.as_deref()).await;
-                    }
+                    break;
                 }
-                done(&outcome);
+                let keys: Vec<String> = s.queued.drain(..take).collect();
+                keys.into_iter().map(|k| {
+                    let etag = s.pending.get(&k).and_then(|p| p.etag.clone());
+                    (k, etag)
+                }).collect()
+            };
+            flight.push(send_batch(inner.clone(), batch));
+        }
+        // A slot is free or keys are waiting for one: whichever comes first.
+        let outcome = if flight.len() < limit {
+            tokio::select! {
+                outcome = flight.next() => outcome,
+                _ = shared.queued.notified() => continue,
             }
+        } else {
+            flight.next().await
+        };
+        let Some(keys) = outcome else { continue };
+        let answered: Vec<(Answered, bool)> = {
+            let mut s = lock(&shared.state);
+            keys.iter().filter_map(|(k, settled)| Some((s.pending.remove(k)?.answered?, *settled))).collect()
+        };
+        for (f, settled) in answered {
+            f(settled);
+        }
+        shared.settled.notify_waiters();
+    }
+}
+
+/// Sends one key's delete (`batch` of one) or a DeleteObjects batch (falling back to one by one if the store
+/// refuses it); returns each key with whether the store answered.
+async fn send_batch(inner: Arc<dyn Backend>, batch: Vec<(String, Option<String>)>) -> Vec<(String, bool)> {
+    if let [(k, etag)] = batch.as_slice() {
+        return vec![(k.clone(), send_one(&*inner, k, etag.as_deref()).await)];
+    }
+    let keys: Vec<ObjectKey> = batch.iter().filter_map(|(k, _)| ObjectKey::new(k.as_str()).ok()).collect();
+    let mut outcome: Vec<(String, bool)> = batch.iter().map(|(k, _)| (k.clone(), true)).collect();
+    if let Err(e) = inner.delete_many(&keys).await {
+        tracing::debug!(keys = keys.len(), error = %crate::error_text::error_chain(&e), "a batch delete failed; deleting one by one");
+        for ((k, etag), out) in batch.iter().zip(outcome.iter_mut()) {
+            out.1 = send_one(&*inner, k, etag.as_deref()).await;
         }
     }
+    outcome
 }
 
 /// One delete, conditional on `etag` where given; a failed condition deletes what is there instead (see the module
