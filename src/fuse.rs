@@ -1,13 +1,18 @@
 //! The thin `fuser::Filesystem` adapter: trace, call `fs`, reply or errno — nothing else.
 //!
-//! fuser calls these methods on its loop thread(s). Each request that can touch the network is handed to the tokio
+//! fuser calls these methods on its loop thread(s). Each request's work is polled once right there (`run`): most
+//! requests — a lookup or stat answered from memory, a write into the staged file, a read the page cache holds — are
+//! done by then and replied to without a hand-over to another thread, which would cost two context switches, more
+//! than such a request's own work. One that has to wait (for the store, a lock, a download) is handed to the tokio
 //! runtime together with its reply (every `Reply*` is `Send`), so the loop goes straight back to the kernel and
 //! reads and writes of different files proceed in parallel. Errors are logged here, once, with the operation and the
 //! object; expected ones (ENOENT on lookup and the like) are not logged.
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -53,6 +58,18 @@ impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: Handle) -> Self {
         let ttl = fs.config().attr_ttl;
         FuseAdapter { fs, rt, ttl }
+    }
+
+    /// Does one request's `work`: polled once on this loop thread, within the runtime's context; if it is not done,
+    /// the runtime takes it over. The first poll's waker does nothing, and needs not: the runtime polls a task it
+    /// is given at once, and every future registers the waker of its latest poll.
+    fn run<F: Future<Output = ()> + Send + 'static>(&self, work: F) {
+        let mut work = Box::pin(work);
+        let _context = self.rt.enter();
+        let mut cx = Context::from_waker(Waker::noop());
+        if work.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(work);
+        }
     }
 }
 
@@ -137,7 +154,7 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         crate::metrics::fuse_lookup();
         let (fs, name) = (self.fs.clone(), name.to_owned());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.lookup_entry(parent.0, &name).await {
                 Ok((a, ttl)) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
@@ -151,7 +168,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &to_attr(&a)),
                 Err(e) => reply.error(errno("getattr", &e)),
@@ -179,7 +196,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, ttl, who) = (self.fs.clone(), self.ttl, caller(req));
         let changes = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.setattr(ino.0, changes, fh.map(|f| f.0), who).await {
                 Ok(a) => reply.attr(&ttl, &to_attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
@@ -189,7 +206,7 @@ impl Filesystem for FuseAdapter {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(errno("readlink", &e)),
@@ -199,7 +216,7 @@ impl Filesystem for FuseAdapter {
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (fs, ttl, name, who) = (self.fs.clone(), self.ttl, name.to_owned(), caller(req));
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.mkdir(parent.0, &name, mode & !umask, who).await {
                 Ok(a) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", &e)),
@@ -209,7 +226,7 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, name) = (self.fs.clone(), name.to_owned());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.unlink(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("unlink", &e)),
@@ -219,7 +236,7 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, name) = (self.fs.clone(), name.to_owned());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("rmdir", &e)),
@@ -230,7 +247,7 @@ impl Filesystem for FuseAdapter {
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (fs, ttl, who) = (self.fs.clone(), self.ttl, caller(req));
         let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.symlink(parent.0, &name, &target, who).await {
                 Ok(a) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("symlink", &e)),
@@ -254,7 +271,7 @@ impl Filesystem for FuseAdapter {
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (fs, name, newname) = (self.fs.clone(), name.to_owned(), newname.to_owned());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.rename(parent.0, &name, newparent.0, &newname, noreplace).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("rename", &e)),
@@ -264,7 +281,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, pid) = (self.fs.clone(), process_of(req.pid()));
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.open(ino.0, OpenMode::from_flags(flags.0)).await {
                 Ok(fh) => {
                     fs.note_opener(fh, pid);
@@ -287,7 +304,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(d) => {
                     crate::metrics::fs_read(d.len());
@@ -312,7 +329,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let (fs, data) = (self.fs.clone(), WriteBuf::copy_of(data));
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => {
                     crate::metrics::fs_written(n as usize);
@@ -325,7 +342,7 @@ impl Filesystem for FuseAdapter {
 
     fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let (fs, pid) = (self.fs.clone(), process_of(req.pid()));
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.flush_by(fh.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
@@ -344,7 +361,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.release(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("release", &e)),
@@ -354,7 +371,7 @@ impl Filesystem for FuseAdapter {
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.fsync(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("fsync", &e)),
@@ -364,7 +381,7 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno("opendir", &e)),
@@ -444,7 +461,7 @@ impl Filesystem for FuseAdapter {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.fsyncdir(ino.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("fsyncdir", &e)),
@@ -472,7 +489,7 @@ impl Filesystem for FuseAdapter {
             reply.error(Errno::EPERM);
             return;
         }
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.create(parent.0, &name, mode & !umask, flags, who).await {
                 Ok((a, fh)) => {
                     fs.note_opener(fh, pid);
@@ -520,7 +537,7 @@ impl Filesystem for FuseAdapter {
         let (fs, ttl, name, who) = (self.fs.clone(), self.ttl, name.to_owned(), caller(req));
         // The type bits pass through; the umask applies to the permissions only.
         let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.mknod(parent.0, &name, mode, rdev, who).await {
                 Ok(a) => reply.entry(&ttl, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mknod", &e)),
@@ -536,9 +553,44 @@ impl Filesystem for FuseAdapter {
 
 /// The process (thread group) of the thread `tid` that sent a request: FUSE reports the calling thread, and a
 /// multi-threaded writer may open on one thread and close on another. Falls back to `tid` if /proc cannot say.
+/// One read of the head of `/proc/TID/status` (paid on every open, create and close): its `Tgid:` line comes fourth,
+/// after `Name:` (at most 64 bytes even with every character escaped), `Umask:` and `State:`.
 fn process_of(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
-        .unwrap_or(tid)
+    use std::io::Read;
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(format!("/proc/{tid}/status")).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+    tgid_in(&head[..n]).unwrap_or(tid)
+}
+
+/// The `Tgid:` of the head of a `/proc/TID/status`.
+fn tgid_in(head: &[u8]) -> Option<u32> {
+    let valid = std::str::from_utf8(head).map_or_else(|e| e.valid_up_to(), str::len);
+    let text = std::str::from_utf8(&head[..valid]).unwrap_or("");
+    // Whole lines only: the read may have cut the last one.
+    let text = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    text.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_process_of_a_thread_is_its_thread_group() {
+        // Asked about a thread other than the process's main one, while that thread runs.
+        let (tid, process) = std::thread::spawn(|| {
+            let tid = unsafe { libc::gettid() } as u32;
+            (tid, process_of(tid))
+        })
+        .join()
+        .unwrap();
+        assert_ne!(tid, std::process::id());
+        assert_eq!(process, std::process::id());
+        // A line cut at the end of the read is not taken for a whole one; no Tgid line gives None.
+        assert_eq!(tgid_in(b"Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t42\nNgid:\t0\n"), Some(42));
+        assert_eq!(tgid_in(b"Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4"), None);
+        assert_eq!(tgid_in(b"Name:\tx\nUmask:\t0022\n"), None);
+        // A thread that does not exist (any more) is its own process.
+        assert_eq!(process_of(u32::MAX - 1), u32::MAX - 1);
+    }
 }
