@@ -661,6 +661,19 @@ impl Backend for MeteredBackend {
         measure(RequestKind::ListPage, self.inner.list_page(dir, start_after)).await
     }
 
+    fn lists_from_keys(&self) -> bool {
+        self.inner.lists_from_keys()
+    }
+
+    async fn list_children_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Option<crate::store::ChildPage>, StoreError> {
+        measure(RequestKind::ListPage, self.inner.list_children_page(dir, after, token)).await
+    }
+
     async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
         measure(RequestKind::HasChildren, self.inner.has_children(dir)).await
     }

@@ -217,6 +217,68 @@ fn a_stat_scan_past_the_attr_timeout_costs_listing_pages(mode: &str) {
 }
 modes!(a_stat_scan_past_the_attr_timeout_costs_listing_pages);
 
+/// A directory larger than a listing page is listed in ranges cut at every 990th name of its index, all at once
+/// (`src/fs/listing.rs`). The index only places the cuts: with objects added by another client before the first cut
+/// (enough to need a second page in the first range), right after a cut, and after the last name, a subdirectory
+/// under a cut file's name, and files removed behind the index's back (the cut file among them), a cold `ls` shows
+/// exactly what the store holds — and lists in pages only, about one per 1,000 entries, never the whole directory.
+#[test]
+fn a_large_directory_is_listed_in_ranges_whatever_changed_since_its_index() {
+    const FILES: usize = 2500;
+    let env = Env::new();
+    let store = Store::s3();
+    let a = Mount::start(&env, &store, "none");
+    fs::create_dir(a.path("d")).unwrap();
+    sh(&format!("for i in $(seq 1 {FILES}); do echo $i > d/f$i; done"), &a.dir);
+    a.unmount();
+    assert!(store.raw_objects().iter().any(|(k, _)| k == &format!("d/{INDEX}")), "no index was written");
+    let mut names: Vec<String> = (1..=FILES).map(|i| format!("f{i}")).collect();
+    names.sort();
+    // Where the mount cuts (the index holds exactly these names, in this order).
+    let (cut1, cut2) = (names[989].clone(), names[1979].clone());
+    let mut added: Vec<String> = (0..20).map(|i| format!("e{i:03}")).collect();
+    added.push(format!("{cut1}x"));
+    added.push("zzz".into());
+    for name in &added {
+        store.put_foreign(&format!("d/{name}"), b"foreign");
+    }
+    store.put_foreign(&format!("d/{cut2}/inner"), b"below the cut");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let raw = store.object_store();
+    for gone in ["f5", cut2.as_str(), names[1000].as_str()] {
+        use object_store::ObjectStoreExt;
+        rt.block_on(raw.delete(&object_store::path::Path::from(format!("d/{gone}")))).unwrap();
+    }
+    let mut want: Vec<String> = names
+        .iter()
+        .filter(|n| !["f5", cut2.as_str(), names[1000].as_str()].contains(&n.as_str()))
+        .cloned()
+        .chain(added.iter().cloned())
+        .chain([cut2.clone()])
+        .collect();
+    want.sort();
+
+    let addr = free_metrics_addr();
+    let b = Mount::start_with(&env, &store, "none", &[&format!("metrics_addr={addr}")]);
+    fs::metadata(b.path("d")).unwrap();
+    let before = scrape(&addr);
+    let mut got: Vec<String> =
+        fs::read_dir(b.path("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let cost = delta(&before, &scrape(&addr));
+    got.sort();
+    let missing: Vec<_> = want.iter().filter(|n| !got.contains(n)).collect();
+    let extra: Vec<_> = got.iter().filter(|n| !want.contains(n)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, not in the store {extra:?}");
+    assert_eq!(got.len(), want.len(), "an entry listed twice");
+    assert!(fs::symlink_metadata(b.path(&format!("d/{cut2}"))).unwrap().is_dir(), "the cut name is a directory now");
+    assert_eq!(fs::read(b.path(&format!("d/{cut1}x"))).unwrap(), b"foreign");
+    // Three ranges; the first needs a second page (990 names, the marker, the index and 20 more).
+    assert_eq!(cost.list, 0.0, "the whole directory was listed: {}", cost.text);
+    assert!((4.0..=5.0).contains(&cost.list_page), "pages: {}", cost.text);
+    assert_eq!(cost.get, 1.0, "the index is read once: {}", cost.text);
+    b.unmount();
+}
+
 /// Another writer changes two files without updating the index (a second mount killed before its index write, as a
 /// crash would): one chmod (same ETag, same size: only LastModified tells) and one rewrite. A fresh mount shows the
 /// new attributes (a HEAD for each of the two, none for the file nobody touched) and rebuilds the index, after which

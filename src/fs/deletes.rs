@@ -360,6 +360,20 @@ impl Backend for LaterDeletes {
         self.inner.list_page(dir, start_after).await
     }
 
+    fn lists_from_keys(&self) -> bool {
+        self.inner.lists_from_keys()
+    }
+
+    async fn list_children_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Option<crate::store::ChildPage>, StoreError> {
+        self.settle(dir).await;
+        self.inner.list_children_page(dir, after, token).await
+    }
+
     async fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
         self.settle(dir).await;
         self.inner.has_children(dir).await

@@ -356,6 +356,8 @@ pub struct DirIndexes {
     /// Directories whose last listing found a usable index: listing them again renews their files' attributes
     /// (bounded like `incomplete`).
     applied: Mutex<HashSet<u64>>,
+    /// Directories whose last listing showed no index (bounded like `incomplete`): listed without reading one.
+    absent: Mutex<HashSet<u64>>,
 }
 
 impl Default for DirIndexes {
@@ -369,6 +371,7 @@ impl Default for DirIndexes {
             warned: Mutex::new(HashSet::new()),
             written: Mutex::new(HashSet::new()),
             applied: Mutex::new(HashSet::new()),
+            absent: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -547,7 +550,7 @@ impl Fs {
     }
 
     /// Reads and opens the index object `key` of directory prefix `prefix`; `None` (logged once) when unusable.
-    async fn read_index(&self, key: &str) -> Option<Vec<Entry>> {
+    pub(super) async fn read_index(&self, key: &str) -> Option<Vec<Entry>> {
         let k = ObjectKey::new(key).ok()?;
         let (body, _, meta) = match self.backend.get(&k).await {
             Ok(got) => got,
@@ -575,9 +578,23 @@ impl Fs {
     /// matches the listing to the files whose attributes are not fresh, so they need no HEAD. One GET, and only when
     /// the listing shows an index and some file needs attributes. A directory whose index did not cover every such
     /// file is marked for a rewrite (after the HEADs that follow have filled the table).
-    pub(super) async fn apply_index(&self, dir: u64, prefix: &str, listing: &Listing) {
+    /// `read`: the index as read while listing (`fs::listing`), if it was.
+    pub(super) async fn apply_index(&self, dir: u64, prefix: &str, listing: &Listing, read: Option<Vec<Entry>>) {
         if !self.index_reads() {
             return;
+        }
+        let key = index_key(prefix.trim_end_matches('/'));
+        let listed_index = listing.objects.iter().any(|o| o.key.as_str() == key);
+        {
+            let mut absent = lock(&self.index.absent);
+            if listed_index {
+                absent.remove(&dir);
+            } else {
+                if absent.len() >= MAX_INCOMPLETE {
+                    absent.clear();
+                }
+                absent.insert(dir);
+            }
         }
         let files = listed_files(prefix, listing);
         let wanted: Vec<(u64, String, Identity)> = {
@@ -595,9 +612,11 @@ impl Fs {
         if wanted.is_empty() {
             return;
         }
-        let key = index_key(prefix.trim_end_matches('/'));
-        let listed_index = listing.objects.iter().any(|o| o.key.as_str() == key);
-        let entries = if listed_index { self.read_index(&key).await } else { None };
+        let entries = match read {
+            Some(read) if listed_index => Some(read),
+            _ if listed_index => self.read_index(&key).await,
+            _ => None,
+        };
         let Some(entries) = entries else {
             lock(&self.index.applied).remove(&dir);
             self.index_incomplete(dir);
@@ -648,6 +667,11 @@ impl Fs {
             tracing::debug!(key, missed, "the directory index did not vouch for every listed file; rewriting it");
             self.index_incomplete(dir);
         }
+    }
+
+    /// Whether the last listing of `dir` showed no index.
+    pub(super) fn index_absent(&self, dir: u64) -> bool {
+        lock(&self.index.absent).contains(&dir)
     }
 
     /// Whether the last listing of `dir` that needed attributes found a usable index there.

@@ -14,6 +14,7 @@ mod deletes;
 pub mod dirindex;
 pub mod error;
 pub mod inode;
+mod listing;
 mod renew;
 pub mod sparse;
 pub mod trim;
@@ -1199,7 +1200,7 @@ impl Fs {
         let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
         let listed_at = Instant::now();
-        let listing = self.backend.list(&prefix, false).await.map_err(|e| Error::store(&prefix, e))?;
+        let (listing, index) = self.list_children(ino, &prefix, prefetch).await.map_err(|e| Error::store(&prefix, e))?;
         // Name (borrowed from the listing) → kind and the position of its object in the listing: no copies, which
         // for a large listing would double what it takes while it is merged.
         let mut found: BTreeMap<&str, (FileKind, Option<usize>)> = BTreeMap::new();
@@ -1294,7 +1295,7 @@ impl Fs {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         // The directory's index first, whenever it has one and some listed file needs attributes (one GET): what it
         // vouches for needs no HEAD, and a listing taken again while a scan stats the directory renews them all.
-        self.apply_index(ino, &prefix, &listing).await;
+        self.apply_index(ino, &prefix, &listing, index).await;
         if prefetch {
             self.prefetch_metadata(&entries).await;
         }

@@ -210,6 +210,15 @@ pub struct Page {
     pub complete: bool,
 }
 
+/// Result of [`Backend::list_children_page`]: one request's worth of a directory's non-recursive listing.
+#[derive(Clone, Debug, Default)]
+pub struct ChildPage {
+    /// Direct children, as [`Backend::list`] gives them, in key order.
+    pub listing: Listing,
+    /// The token that asks for the next page; `None`: this page reaches the end of the directory.
+    pub next: Option<String>,
+}
+
 /// Objects in one page of a listing: what one ListObjectsV2 request returns at most (S3's `max-keys` default).
 pub const LIST_PAGE: usize = 1000;
 
@@ -383,6 +392,26 @@ pub trait Backend: Send + Sync + 'static {
         let l = self.list(dir, true).await?;
         let objects = l.objects.into_iter().filter(|o| o.key.as_str() > start_after).collect();
         Ok(Page { objects, complete: true })
+    }
+
+    /// One request's worth of `dir`'s non-recursive listing (the listing [`Backend::list`] returns whole): direct
+    /// children whose keys (relative to the mount root) come after `after` (`None`: from the start) — or, given a
+    /// `token` from a page before, the page after that one. A caller that knows a large directory's names lists
+    /// ranges of it in parallel with this (`fs::listing`). `None`: the store cannot start a listing at a key (the
+    /// default; S3 and S3-compatible servers can).
+    async fn list_children_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Option<ChildPage>, StoreError> {
+        let _ = (dir, after, token);
+        Ok(None)
+    }
+
+    /// Whether [`Backend::list_children_page`] can start a listing at a key (S3-compatible stores: true).
+    fn lists_from_keys(&self) -> bool {
+        false
     }
 
     /// Whether any object (a marker included) exists under `dir` (`a/b/`): how a directory without a marker of its

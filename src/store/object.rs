@@ -278,6 +278,28 @@ impl ObjectStoreBackend {
         self.join(dir.trim_end_matches('/'))
     }
 
+    /// A non-recursive listing's result as the direct children of `dir_key` (`None`: the mount root): objects
+    /// (not the directory's own marker) and subdirectories as `a/b/` keys, unsorted.
+    fn children(&self, dir_key: Option<&ObjectKey>, res: &object_store::ListResult) -> Listing {
+        let mut out = Listing::default();
+        for m in &res.objects {
+            match self.key_of(&m.location) {
+                // The listed directory's own marker is not one of its children.
+                Some(k) if Some(&k) == dir_key => {}
+                Some(k) => out.objects.push(Self::info(&k, m)),
+                None => {}
+            }
+        }
+        for p in &res.common_prefixes {
+            if let Some(k) = self.key_of(p) {
+                if let Ok(marker) = ObjectKey::new(format!("{}/", k.as_str())) {
+                    out.prefixes.push(marker);
+                }
+            }
+        }
+        out
+    }
+
     fn join(&self, rel: &str) -> Result<Path, StoreError> {
         let full = match (self.prefix.is_empty(), rel.is_empty()) {
             (true, _) => rel.to_owned(),
@@ -973,24 +995,38 @@ impl Backend for ObjectStoreBackend {
                 .list_with_delimiter(prefix)
                 .await
                 .map_err(|e| map_err(e, dir))?;
-            for m in &res.objects {
-                match self.key_of(&m.location) {
-                    // The listed directory's own marker is not one of its children.
-                    Some(k) if Some(&k) == dir_key.as_ref() => {}
-                    Some(k) => out.objects.push(Self::info(&k, m)),
-                    None => {}
-                }
-            }
-            for p in &res.common_prefixes {
-                if let Some(k) = self.key_of(p) {
-                    if let Ok(marker) = ObjectKey::new(format!("{}/", k.as_str())) {
-                        out.prefixes.push(marker);
-                    }
-                }
-            }
+            out = self.children(dir_key.as_ref(), &res);
         }
         sort_listing(&mut out);
         Ok(out)
+    }
+
+    fn lists_from_keys(&self) -> bool {
+        self.pages.is_some()
+    }
+
+    async fn list_children_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Option<super::ChildPage>, StoreError> {
+        let Some(pages) = &self.pages else { return Ok(None) };
+        let dir_key = check_dir(dir)?;
+        let base = self.dir_path(dir)?;
+        // One ListObjectsV2 request: delimiter `/`, `start-after` the full key of `after`, or the continuation token.
+        let opts = object_store::list::PaginatedListOptions {
+            offset: after.map(|a| self.join(a)).transpose()?.map(|p| p.to_string()),
+            page_token: token.map(str::to_string),
+            delimiter: Some("/".into()),
+            max_keys: Some(LIST_PAGE),
+            ..Default::default()
+        };
+        let list_prefix = (!base.as_ref().is_empty()).then(|| format!("{base}/"));
+        let got = pages.0.list_paginated(list_prefix.as_deref(), opts).await.map_err(|e| map_err(e, dir))?;
+        let mut listing = self.children(dir_key.as_ref(), &got.result);
+        sort_listing(&mut listing);
+        Ok(Some(super::ChildPage { listing, next: got.page_token }))
     }
 
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {

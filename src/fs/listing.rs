@@ -1,0 +1,189 @@
+//! Listing a large directory in parallel.
+//!
+//! S3 returns a listing 1,000 keys per request, each request naming the token the one before returned, so a
+//! directory of N entries costs N/1,000 round trips one after the other. The directory's index (`fs::dirindex`)
+//! names its files in key order. With those names the key space is cut into ranges of about a page each —
+//! (start, k1], (k1, k2], …, (kn, end) — and all of them are listed at once, each from `start-after` its lower bound
+//! and paged on until past its upper bound. Whatever changed since the index was written, the ranges together cover
+//! every key exactly once: the index only decides where the cuts are, never what is listed. A stale index makes a
+//! range longer (more pages in it), not wrong.
+//!
+//! The index is read at the same time as the first page, which is also the first range's first page: a directory
+//! that fits one page waits for nothing more than before, and the GET of the index that `dirindex::apply_index`
+//! would send after the listing is this one. A directory whose last listing showed no index, or whose files all
+//! have fresh attributes (nothing to read the index for), is listed page after page without it, as stores that
+//! cannot start a listing at a key (everything but S3-compatible ones) always are.
+
+use std::sync::Arc;
+
+use super::dirindex::{self, Entry};
+use super::{lock, FileKind, Fs};
+use crate::store::{Backend, ChildPage, Listing, StoreError};
+
+/// Names per range: a page (1,000 keys) less room for the directory's marker, its index and a few newcomers.
+const RANGE_NAMES: usize = 990;
+/// Listing requests of one directory in flight at once, at most.
+const PAGES_IN_FLIGHT: usize = 8;
+
+impl Fs {
+    /// Directory `dir`'s listing (its key prefix: `prefix`) and, when it was read on the way (`with_index`), the
+    /// entries of its index.
+    pub(super) async fn list_children(
+        &self,
+        dir: u64,
+        prefix: &str,
+        with_index: bool,
+    ) -> Result<(Listing, Option<Vec<Entry>>), StoreError> {
+        if !with_index || !self.backend.lists_from_keys() || !self.index_reads() || !self.index_worth_reading(dir) {
+            return Ok((self.backend.list(prefix, false).await?, None));
+        }
+        // Every range in a task of its own: its requests go out, and its pages are parsed, while this task opens
+        // the index and the other ranges run.
+        let slots = Arc::new(tokio::sync::Semaphore::new(PAGES_IN_FLIGHT));
+        // The first range starts before its end is known (the first cut, from the index): told when it is.
+        let (first_until, until_rx) = tokio::sync::watch::channel(None);
+        let first = tokio::spawn(range(self.backend.clone(), slots.clone(), prefix.to_string(), None, until_rx));
+        let key = dirindex::index_key(prefix.trim_end_matches('/'));
+        let entries = self.read_index(&key).await;
+        let cuts = entries.as_deref().map(|e| cuts(prefix, e)).unwrap_or_default();
+        first_until.send_replace(Some(cuts.first().cloned()));
+        let mut ranges = Vec::with_capacity(cuts.len());
+        for (i, after) in cuts.iter().enumerate() {
+            let until = cuts.get(i + 1).cloned();
+            let until = tokio::sync::watch::channel(Some(until)).1;
+            let task = range(self.backend.clone(), slots.clone(), prefix.to_string(), Some(after.clone()), until);
+            ranges.push(tokio::spawn(task));
+        }
+        let mut listing = match joined(first).await? {
+            Some(l) => l,
+            // The store cannot list from a key: the whole listing as ever (the index read is used all the same).
+            None => return Ok((self.backend.list(prefix, false).await?, entries)),
+        };
+        for r in ranges {
+            let part = joined(r).await?.ok_or_else(|| StoreError::Unsupported {
+                operation: format!("listing part of {prefix} from a key"),
+            })?;
+            listing.objects.extend(part.objects);
+            listing.prefixes.extend(part.prefixes);
+        }
+        Ok((listing, entries))
+    }
+
+    /// Whether listing `dir` now should read its index on the way: not when its last listing showed none, nor when
+    /// every file of it this mount knows has fresh attributes (then `apply_index` would not read it either).
+    fn index_worth_reading(&self, dir: u64) -> bool {
+        if self.index_absent(dir) {
+            return false;
+        }
+        let table = lock(&self.table);
+        let children = table.children_of(dir);
+        children.is_empty()
+            || children.iter().any(|&c| {
+                table.get(c).is_some_and(|n| n.kind != FileKind::Dir && n.write.is_none() && !self.fresh(n))
+            })
+    }
+}
+
+/// The upper bounds of all ranges but the last: the key (under `prefix`) of every `RANGE_NAMES`th name of the
+/// index, in order. None when the names are not strictly ascending (an index not written by this code): one range.
+fn cuts(prefix: &str, entries: &[Entry]) -> Vec<String> {
+    // The names are direct children; one with a `/` could split a subdirectory's prefix between two ranges.
+    if entries.windows(2).any(|w| w[0].name >= w[1].name) || entries.iter().any(|e| e.name.contains('/')) {
+        return Vec::new();
+    }
+    entries.iter().skip(RANGE_NAMES - 1).step_by(RANGE_NAMES).map(|e| format!("{prefix}{}", e.name)).collect()
+}
+
+/// The range (`after`, `until`] of the directory at `prefix` (`after` `None`: from the start, `until` `None`: to the
+/// end), page after page until past `until`; the entries past it are left out (the next range has them). `until`
+/// comes through a channel: the first range starts before it is known, and waits for it after its first page
+/// (`Some`: known; a channel closed before is an unbounded range). `None`: the store cannot list from a key.
+async fn range(
+    backend: Arc<dyn Backend>,
+    slots: Arc<tokio::sync::Semaphore>,
+    prefix: String,
+    after: Option<String>,
+    mut until: tokio::sync::watch::Receiver<Option<Option<String>>>,
+) -> Result<Option<Listing>, StoreError> {
+    let first = {
+        let _slot = slots.acquire().await;
+        backend.list_children_page(&prefix, after.as_deref(), None).await?
+    };
+    let Some(mut page) = first else { return Ok(None) };
+    let until = match until.wait_for(Option::is_some).await {
+        Ok(known) => known.clone().flatten(),
+        Err(_) => None,
+    };
+    let mut out = Listing::default();
+    loop {
+        let past = |k: &str| until.as_deref().is_some_and(|u| k > u);
+        let passed = page.listing.objects.iter().any(|o| past(o.key.as_str()))
+            || page.listing.prefixes.iter().any(|p| past(p.as_str()));
+        out.objects.extend(page.listing.objects.into_iter().filter(|o| !past(o.key.as_str())));
+        out.prefixes.extend(page.listing.prefixes.into_iter().filter(|p| !past(p.as_str())));
+        let next = match page.next {
+            Some(token) if !passed => token,
+            _ => return Ok(Some(out)),
+        };
+        let _slot = slots.acquire().await;
+        page = next_page(&*backend, &prefix, &next).await?;
+    }
+}
+
+async fn next_page(backend: &dyn Backend, prefix: &str, token: &str) -> Result<ChildPage, StoreError> {
+    backend.list_children_page(prefix, None, Some(token)).await?.ok_or_else(|| StoreError::Unsupported {
+        operation: format!("continuing the listing of {prefix}"),
+    })
+}
+
+/// A range task's result; a panic in it is passed on.
+async fn joined(task: RangeTask) -> Result<Option<Listing>, StoreError> {
+    match task.await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => {
+            Err(StoreError::Unavailable { detail: "the listing was cancelled (shutting down)".into(), source: None })
+        }
+    }
+}
+
+type RangeTask = tokio::task::JoinHandle<Result<Option<Listing>, StoreError>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::dirindex::Identity;
+
+    fn entry(name: &str) -> Entry {
+        Entry {
+            name: name.into(),
+            identity: Identity { etag: String::new(), size: 0, modified: 0 },
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            rdev: 0,
+            format: Default::default(),
+            target: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn cuts_fall_on_every_990th_name_and_only_on_an_ordered_index() {
+        let mut names: Vec<String> = (0..2500).map(|i| format!("f{i:05}")).collect();
+        names.sort();
+        let entries: Vec<Entry> = names.iter().map(|n| entry(n)).collect();
+        assert_eq!(cuts("d/", &entries), vec!["d/f00989".to_string(), "d/f01979".to_string()]);
+        assert_eq!(cuts("", &entries[..1980]), vec!["f00989".to_string(), "f01979".to_string()]);
+        assert!(cuts("d/", &entries[..989]).is_empty(), "one page: no cut");
+        let mut shuffled = entries.clone();
+        shuffled.swap(10, 2000);
+        assert!(cuts("d/", &shuffled).is_empty(), "names out of order: one range");
+        let mut twice = entries.clone();
+        twice[5].name = twice[4].name.clone();
+        assert!(cuts("d/", &twice).is_empty(), "a name twice: one range");
+        let mut nested = entries;
+        nested[3].name = "f00002/x".into();
+        assert!(cuts("d/", &nested).is_empty(), "a name with a slash: one range");
+    }
+}
