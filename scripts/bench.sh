@@ -100,6 +100,14 @@ if [ -n "${BENCH_ENDPOINT:-}" ]; then
   : "${AWS_ACCESS_KEY_ID:?BENCH_ENDPOINT needs AWS_ACCESS_KEY_ID}" "${AWS_SECRET_ACCESS_KEY:?BENCH_ENDPOINT needs AWS_SECRET_ACCESS_KEY}"
   export AWS_REGION=${AWS_REGION:-us-east-1}
   EP=${BENCH_ENDPOINT%/}
+  # A server on loopback that does not set TCP_NODELAY (Garage) meets the client's delayed ACKs: docs/BENCHMARK.md.
+  case $EP in
+    *://127.0.0.1:*|*://localhost:*)
+      if ! ip route show table local 127.0.0.1 2>/dev/null | grep -q quickack; then
+        echo "bench: note: the loopback route has no quickack; a server without TCP_NODELAY (Garage) then adds up" \
+          "to 40 ms to requests at random (docs/BENCHMARK.md)" >&2
+      fi ;;
+  esac
   HTTPS_EP=$EP
   CA_FILE=${BENCH_CA_FILE:-}
   SERVER="$EP"
