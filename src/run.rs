@@ -499,6 +499,44 @@ fn check_mountpoint(path: &Path, store_url: &str, nonempty: bool) -> anyhow::Res
     Ok(())
 }
 
+/// The state file of `mountpoint`, locked (see `crate::unmount`). Held by another daemon while the mountpoint is not
+/// mounted, it is a daemon whose mount just ended (`fusermount3 -u` returns before the daemon has noticed) and that
+/// is uploading what was written last. Its journal may still say it is serving for a moment, which recovery would
+/// take for another live mount of the store and not wait for: this start would then serve the versions from before
+/// those uploads. So wait for it here, as recovery waits for a finishing run (up to `journal::FINISH_WAIT`). Held
+/// while the mountpoint is mounted (a mount stacked on a live one): not waited for.
+fn mount_state(mountpoint: &Path) -> Option<crate::unmount::MountState> {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let started = std::time::Instant::now();
+    let mut logged = false;
+    let mut extended: Option<std::time::Instant> = None;
+    loop {
+        match crate::unmount::MountState::create(&canonical) {
+            Ok(s) => return Some(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && !is_mountpoint(mountpoint)
+                    && started.elapsed() < crate::journal::FINISH_WAIT =>
+            {
+                if !logged {
+                    tracing::warn!(mountpoint = %mountpoint.display(), "the previous daemon of this mountpoint is finishing its uploads (its mount has ended); waiting for it before mounting");
+                    logged = true;
+                }
+                // Under systemd (Type=notify) the wait must not run into TimeoutStartSec.
+                if extended.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                    extended = Some(std::time::Instant::now());
+                    crate::notify::notify("EXTEND_TIMEOUT_USEC=20000000\nSTATUS=waiting for the previous daemon of this mountpoint");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no unmount state file: `s3cryptfs unmount` cannot wait for this mount's final uploads");
+                return None;
+            }
+        }
+    }
+}
+
 /// True when `path` is the mountpoint of a mounted filesystem (per /proc/self/mountinfo).
 fn is_mountpoint(path: &Path) -> bool {
     let Ok(canonical) = std::fs::canonicalize(path) else { return false };
@@ -897,6 +935,9 @@ fn serve(
     });
 
     // Data a previous run could not upload (stop timeout, store down) goes up before this mount serves.
+    // What `s3cryptfs unmount` and umount(8) wait on (see crate::unmount); a mount without it still works. Taken
+    // before recovery: see `mount_state`.
+    let state = mount_state(&config.mountpoint);
     if !config.read_only {
         let (recovered, unrecovered) = rt.block_on(fs.recover());
         if recovered + unrecovered > 0 {
@@ -907,14 +948,6 @@ fn serve(
     // Directory indexes this mount's changes mark are written in the background, once each directory is quiet.
     rt.block_on(async { fs.start_index_writer() });
 
-    // What `s3cryptfs unmount` and umount(8) wait on (see crate::unmount); a mount without it still works.
-    let state = match crate::unmount::MountState::create(&std::fs::canonicalize(&config.mountpoint).unwrap_or_else(|_| config.mountpoint.clone())) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no unmount state file: `s3cryptfs unmount` cannot wait for this mount's final uploads");
-            None
-        }
-    };
     let set_state = |what: &str, left: usize| {
         if let Some(s) = &state {
             if let Err(e) = s.set(what, left) {

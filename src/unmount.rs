@@ -120,7 +120,9 @@ impl MountState {
             return Err(io::Error::other(format!("{} is not a plain file: refused", path.display())));
         }
         if !flock(&file, libc::LOCK_EX | libc::LOCK_NB)? {
-            return Err(io::Error::other(format!("{} is held by another daemon of this mountpoint", path.display())));
+            // WouldBlock: the caller tells a finishing daemon (its mount gone) from a live one.
+            let held = format!("{} is held by another daemon of this mountpoint", path.display());
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, held));
         }
         let state = MountState { file, pid: std::process::id(), mountpoint: mountpoint.to_path_buf() };
         state.set("serving", 0)?;

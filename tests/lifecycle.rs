@@ -636,6 +636,50 @@ fn closing_a_file_after_the_bucket_was_deleted_is_eio_and_logged() {
     let _ = m.kill();
 }
 
+/// The race the test below meets only under load, made certain: the daemon is stopped (SIGSTOP) before it can notice
+/// that its mount ended, so it still holds its state file and its journal still says it is serving, with its last
+/// upload not done. A new mount of the same store at the same mountpoint must wait for it — not take it for a live
+/// mount elsewhere and serve the version from before that upload — and, once the old daemon runs on (SIGCONT),
+/// uploads and exits, serve the new content.
+#[test]
+fn a_new_mount_waits_for_a_daemon_that_has_not_yet_noticed_its_unmount() {
+    const MIB: usize = 8;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let dir = env.path().join("mnt-stopped");
+    fs::create_dir_all(&dir).unwrap();
+    let opts = format!("mode=none,staging_dir={}", env.path().join("staging").display());
+    let log = env.path().join("first.log");
+    let mut first = Reaped::new(daemon_command(&opts, store.url(), &dir, &log).spawn().unwrap(), &dir);
+    wait_mounted(&dir, &mut first.child, &log);
+    fs::write(dir.join("big"), vec![b'a'; MIB << 20]).unwrap();
+    leave_dirty_at_unmount(&dir, "big", MIB, b'b');
+    let pid = first.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let resume = || Command::new("kill").args(["-CONT", &pid]).status().unwrap().success();
+    let st = Command::new("fusermount3").arg("-u").arg(&dir).status().unwrap();
+    if !st.success() {
+        resume();
+        panic!("fusermount3 -u with the daemon stopped: {st}");
+    }
+    let log2 = env.path().join("second.log");
+    let mut second = Reaped::new(daemon_command(&opts, store.url(), &dir, &log2).spawn().unwrap(), &dir);
+    let waiting = wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&log2).unwrap_or_default().contains("previous daemon of this mountpoint is finishing")
+    });
+    let mounted_early = is_mounted(&dir);
+    resume();
+    assert!(waiting && !mounted_early, "the new mount did not wait: {}", fs::read_to_string(&log2).unwrap());
+    wait_mounted(&dir, &mut second.child, &log2);
+    let got = fs::read(dir.join("big")).unwrap();
+    assert_eq!(got.len(), MIB << 20, "{}", fs::read_to_string(&log2).unwrap());
+    assert!(got.iter().all(|b| *b == b'b'), "the new mount served the version from before the last upload");
+    assert!(first.child.wait().unwrap().success(), "{}", fs::read_to_string(&log).unwrap());
+    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(second.child.wait().unwrap().success());
+}
+
 /// Issue 11 (unmount ordering): `fusermount3 -u` returns while the daemon is still uploading. `s3cryptfs unmount`
 /// returns only once the daemon has uploaded everything (the object is complete in the store the moment it returns),
 /// and a new mount of the same store started right after a plain `fusermount3 -u` waits for the finishing daemon
