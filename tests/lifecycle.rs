@@ -670,14 +670,21 @@ fn a_new_mount_waits_for_a_daemon_that_has_not_yet_noticed_its_unmount() {
     let mounted_early = is_mounted(&dir);
     resume();
     assert!(waiting && !mounted_early, "the new mount did not wait: {}", fs::read_to_string(&log2).unwrap());
-    wait_mounted(&dir, &mut second.child, &log2);
+    serves_the_last_upload(&dir, MIB, (&mut first, &log), (&mut second, &log2));
+}
+
+/// After a daemon (`old`) ended with `big` (`mib` MiB of `b`) still to upload and a new one (`new`) was started on
+/// the same mountpoint: the new mount serves that content whole, the old daemon exits cleanly, and the new one
+/// unmounts and exits cleanly.
+fn serves_the_last_upload(dir: &Path, mib: usize, old: (&mut Reaped, &Path), new: (&mut Reaped, &Path)) {
+    wait_mounted(dir, &mut new.0.child, new.1);
     let got = fs::read(dir.join("big")).unwrap();
-    assert_eq!(got.len(), MIB << 20, "{}", fs::read_to_string(&log2).unwrap());
+    assert_eq!(got.len(), mib << 20, "read through the new mount: {}", fs::read_to_string(new.1).unwrap());
     assert!(got.iter().all(|b| *b == b'b'), "the new mount served the version from before the last upload");
-    assert!(first.child.wait().unwrap().success(), "{}", fs::read_to_string(&log).unwrap());
-    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
+    assert!(old.0.child.wait().unwrap().success(), "{}", fs::read_to_string(old.1).unwrap());
+    let out = Command::new(BIN).arg("unmount").arg(dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(second.child.wait().unwrap().success());
+    assert!(new.0.child.wait().unwrap().success());
 }
 
 /// Issue 11 (unmount ordering): `fusermount3 -u` returns while the daemon is still uploading. `s3cryptfs unmount`
@@ -719,14 +726,7 @@ fn unmount_waits_for_the_final_uploads_and_a_new_mount_waits_for_a_finishing_dae
     assert!(st.success());
     let log2 = env.path().join("second.log");
     let mut second = Reaped::new(daemon_command(&opts, store.url(), &dir, &log2).spawn().unwrap(), &dir);
-    wait_mounted(&dir, &mut second.child, &log2);
-    let got = fs::read(dir.join("big")).unwrap();
-    assert_eq!(got.len(), MIB << 20, "read through the new mount: {}", fs::read_to_string(&log2).unwrap());
-    assert!(got.iter().all(|b| *b == b'b'), "the new mount served the old version");
-    assert!(child.child.wait().unwrap().success(), "{}", fs::read_to_string(&log).unwrap());
-    let out = Command::new(BIN).arg("unmount").arg(&dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(second.child.wait().unwrap().success());
+    serves_the_last_upload(&dir, MIB, (&mut child, &log), (&mut second, &log2));
 }
 
 /// Unhappy path of the above: the daemon is killed (-9) while `s3cryptfs unmount` waits for its final upload. The
