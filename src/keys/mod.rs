@@ -247,7 +247,17 @@ mod tests {
         let p = dir.path().join("k");
         write_new_key_file(&p).unwrap();
         let want = load_key_file(&p).unwrap().fingerprints();
-        let fd = std::os::fd::IntoRawFd::into_raw_fd(std::fs::File::open(&p).unwrap());
+        // A descriptor number far above the lowest free ones, which every open() of the other tests running in this
+        // process takes first: closing it, checking it and asking for it again cannot touch another test's file (with
+        // the file's own number, a test opening a directory in between got it, and had it closed under it).
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct it is given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        let fd = (limit.rlim_cur.saturating_sub(1)).min(1000) as i32;
+        let file = std::fs::File::open(&p).unwrap();
+        // SAFETY: dup2 onto a number no other code of this process uses (see above).
+        assert_eq!(unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&file), fd) }, fd);
+        drop(file);
         let got = load(&KeySource::Fd(fd)).unwrap();
         assert_eq!(got.fingerprints(), want);
         // SAFETY: F_GETFD only inspects the descriptor table.
