@@ -105,6 +105,13 @@ impl Identity {
     pub fn of(info: &ObjectInfo) -> Identity {
         Identity { etag: info.etag.clone().unwrap_or_default(), size: info.size, modified: secs(info.last_modified) }
     }
+
+    /// `*self == Identity::of(info)`, without copying the ETag (a cold listing compares thousands).
+    pub fn is(&self, info: &ObjectInfo) -> bool {
+        self.size == info.size
+            && self.modified == secs(info.last_modified)
+            && info.etag.as_deref().unwrap_or_default() == self.etag
+    }
 }
 
 /// Whole seconds since the epoch (floored).
@@ -427,14 +434,14 @@ pub(super) fn vouches(node: &super::inode::Node, id: &Identity) -> bool {
 }
 
 /// A listed file of the directory: name and identity.
-fn listed_files(prefix: &str, listing: &Listing) -> Vec<(String, Identity)> {
+fn listed_files<'a>(prefix: &str, listing: &'a Listing) -> Vec<(&'a str, &'a ObjectInfo)> {
     listing
         .objects
         .iter()
         .filter_map(|o| {
             let name = o.key.as_str().strip_prefix(prefix)?;
             (!name.is_empty() && !name.contains('/') && super::check_name(std::ffi::OsStr::new(name)).is_ok())
-                .then(|| (name.to_string(), Identity::of(o)))
+                .then_some((name, o))
         })
         .collect()
 }
@@ -597,15 +604,15 @@ impl Fs {
             }
         }
         let files = listed_files(prefix, listing);
-        let wanted: Vec<(u64, String, Identity)> = {
+        let wanted: Vec<(u64, &str, &ObjectInfo)> = {
             let table = lock(&self.table);
             files
                 .into_iter()
-                .filter_map(|(name, id)| {
-                    let ino = table.child(dir, &name)?;
+                .filter_map(|(name, info)| {
+                    let ino = table.child(dir, name)?;
                     let n = table.get(ino)?;
                     let stale = n.kind != FileKind::Dir && n.write.is_none() && !self.fresh(n);
-                    stale.then_some((ino, name, id))
+                    stale.then_some((ino, name, info))
                 })
                 .collect()
         };
@@ -633,16 +640,17 @@ impl Fs {
         let mut missed = 0usize;
         {
             let mut table = lock(&self.table);
-            for (ino, name, id) in wanted {
-                let entry = entries.binary_search_by(|e| e.name.as_str().cmp(&name)).ok().map(|i| &entries[i]);
-                let Some(e) = entry.filter(|e| e.identity == id) else {
+            for (ino, name, info) in wanted {
+                let entry = entries.binary_search_by(|e| e.name.as_str().cmp(name)).ok().map(|i| &entries[i]);
+                let Some(e) = entry.filter(|e| e.identity.is(info)) else {
                     missed += 1;
                     continue;
                 };
                 let Some(node) = table.get_mut(ino) else { continue };
                 // Re-check under the lock: a write or a newer answer may have come meanwhile.
-                let remote = Remote { etag: id.etag.clone(), stored_size: id.size };
-                if node.write.is_some() || node.remote.as_ref() != Some(&remote) {
+                let id = &e.identity;
+                let same = |r: &Remote| r.etag == id.etag && r.stored_size == id.size;
+                if node.write.is_some() || !node.remote.as_ref().is_some_and(same) {
                     continue;
                 }
                 let kind = match FileKind::from_mode(e.mode) {
@@ -754,13 +762,14 @@ impl Fs {
                 let table = lock(&self.table);
                 files
                     .into_iter()
-                    .filter_map(|(name, id)| {
+                    .filter_map(|(name, info)| {
+                        let id = Identity::of(info);
                         // A file the kernel forgot since it was written or read is still vouched for.
-                        let node = table.child(dir, &name).and_then(|c| table.get(c));
-                        let node = node.or_else(|| table.retired(dir, &name));
-                        let known = node.and_then(|n| self.known_entry(n, &name, &id));
+                        let node = table.child(dir, name).and_then(|c| table.get(c));
+                        let node = node.or_else(|| table.retired(dir, name));
+                        let known = node.and_then(|n| self.known_entry(n, name, &id));
                         known.or_else(|| {
-                            let i = old.binary_search_by(|e| e.name.as_str().cmp(&name)).ok()?;
+                            let i = old.binary_search_by(|e| e.name.as_str().cmp(name)).ok()?;
                             (old[i].identity == id).then(|| old[i].clone())
                         })
                     })

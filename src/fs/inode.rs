@@ -379,6 +379,13 @@ impl InodeTable {
         self.nodes.get_mut(&ino)
     }
 
+    /// Makes room for `additional` more nodes in one step. A listing inserts thousands at once, and growing the maps
+    /// as they fill moves every node again at each doubling.
+    pub fn reserve(&mut self, additional: usize) {
+        self.nodes.reserve(additional);
+        self.children.reserve(additional);
+    }
+
     pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
         self.children.get(&(parent, name.to_string())).copied()
     }
@@ -389,8 +396,16 @@ impl InodeTable {
     }
 
     /// Inserts a new node under `parent`/`name`, replacing (and detaching) whatever was there.
-    pub fn insert(&mut self, mut node: Node) -> u64 {
-        let ino = self.number_for(node.parent, &node.name);
+    pub fn insert(&mut self, node: Node) -> u64 {
+        let path = self.child_path(node.parent, &node.name);
+        self.insert_at(node, path.as_deref())
+    }
+
+    /// [`InodeTable::insert`] for a caller that has the node's path at hand (`None`: it has none, its directory is
+    /// gone). A listing inserts thousands of nodes into one directory, and need not walk up to the root for each.
+    pub fn insert_at(&mut self, mut node: Node, path: Option<&str>) -> u64 {
+        debug_assert_eq!(path.map(str::to_string), self.child_path(node.parent, &node.name));
+        let ino = self.number_for(path);
         node.ino = ino;
         let parent = node.parent;
         self.unretire(parent, &node.name);
@@ -404,14 +419,14 @@ impl InodeTable {
         ino
     }
 
-    /// The inode number of a new node for `name` in `parent`: derived from its path (the first 8 bytes of its
-    /// SHA-256), so the same name gets the same number again after the kernel forgot the node and looked the name up
-    /// anew (find, du, tar, rsync -H and git compare `st_ino`), and across remounts, with no memory per name. A number
-    /// in use by another node (a hash collision, or the node a rename moved away from this path) is skipped to the
-    /// next free one; 0 and the root's number are never used.
-    fn number_for(&mut self, parent: u64, name: &str) -> u64 {
-        let mut ino = match self.child_path(parent, name) {
-            Some(path) => path_number(&path),
+    /// The inode number of a new node at `path`: derived from the path (the first 8 bytes of its SHA-256), so the
+    /// same name gets the same number again after the kernel forgot the node and looked the name up anew (find, du,
+    /// tar, rsync -H and git compare `st_ino`), and across remounts, with no memory per name. A number in use by
+    /// another node (a hash collision, or the node a rename moved away from this path) is skipped to the next free
+    /// one; 0 and the root's number are never used. Without a path (its directory is gone), a fresh number.
+    fn number_for(&mut self, path: Option<&str>) -> u64 {
+        let mut ino = match path {
+            Some(path) => path_number(path),
             None => {
                 self.next_ino += 1;
                 self.next_ino

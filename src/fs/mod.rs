@@ -1236,6 +1236,10 @@ impl Fs {
         let mut entries = {
             let mut table = lock(&self.table);
             let mut entries = Vec::with_capacity(found.len());
+            table.reserve(found.len().min(usize::try_from(room).unwrap_or(usize::MAX)));
+            // The directory's path as of now (it may have moved while it was listed), for the new nodes' numbers.
+            let dir_path = table.path_of(ino);
+            let mut child_path = String::new();
             for (name, (kind, position)) in found {
                 let info = position.map(|i| &listing.objects[i]);
                 let name = name.to_string();
@@ -1249,7 +1253,16 @@ impl Fs {
                     Some(child) => child,
                     None if room > 0 => {
                         room -= 1;
-                        table.insert(self.blank_node(ino, &name, kind))
+                        let path = dir_path.as_deref().map(|dir| {
+                            child_path.clear();
+                            if !dir.is_empty() {
+                                child_path.push_str(dir);
+                                child_path.push('/');
+                            }
+                            child_path.push_str(&name);
+                            child_path.as_str()
+                        });
+                        table.insert_at(self.blank_node(ino, &name, kind), path)
                     }
                     None => {
                         complete = false;
