@@ -670,7 +670,7 @@ impl Backend for MeteredBackend {
         dir: &str,
         after: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Option<crate::store::ChildPage>, StoreError> {
+    ) -> Result<crate::store::ChildPage, StoreError> {
         measure(RequestKind::ListPage, self.inner.list_children_page(dir, after, token)).await
     }
 

@@ -479,3 +479,121 @@ fn a_frozen_store_still_serves_what_the_disk_cache_holds() {
     drop(frozen);
     assert_bytes(got.expect("read while the store was frozen"), &plain, "read from the disk cache while frozen");
 }
+
+/// A TCP proxy in front of the shared S3 server that passes every request on, except that a listing that starts
+/// after a key or continues from a token (`start-after=`, `continuation-token=`: the second and later ranges of a
+/// parallel listing, `fs::listing`) is never passed on or answered while `stall` is set. So the store answers a
+/// directory's index and its first page, and hangs on the rest: the case where some of the range tasks are stuck
+/// and others have finished, which freezing the whole server never produces.
+struct StallingProxy {
+    endpoint: String,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StallingProxy {
+    fn start(upstream: &str) -> StallingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stall = Arc::new(AtomicBool::new(true));
+        let stalled = Arc::new(AtomicUsize::new(0));
+        let (s, n) = (stall.clone(), stalled.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let (s, n) = (s.clone(), n.clone());
+                let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+                std::thread::spawn(move || Self::forward_requests(client, server, &s, &n));
+            }
+        });
+        StallingProxy { endpoint, stall, stalled }
+    }
+
+    /// Passes the client's requests (head, then a `Content-Length` body) to the server one by one, until one is to
+    /// be stalled: then the connection is held, unanswered, until `stall` is cleared, and closed.
+    fn forward_requests(
+        client: std::net::TcpStream,
+        mut server: std::net::TcpStream,
+        stall: &std::sync::atomic::AtomicBool,
+        stalled: &std::sync::atomic::AtomicUsize,
+    ) {
+        use std::io::{BufRead, Read};
+        use std::sync::atomic::Ordering;
+        let mut client = std::io::BufReader::new(client);
+        loop {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                match client.read_until(b'\n', &mut head) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&head).to_string();
+            let first = text.lines().next().unwrap_or_default().to_string();
+            if stall.load(Ordering::SeqCst) && (first.contains("start-after=") || first.contains("continuation-token=")) {
+                stalled.fetch_add(1, Ordering::SeqCst);
+                while stall.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = server.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            let length = text
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            if server.write_all(&head).is_err()
+                || std::io::copy(&mut (&mut client).take(length), &mut server).map_or(true, |n| n != length)
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// A directory of 1,000 files is listed in two ranges (its index names more than 990). With the store answering the
+/// index and the first range but never the second, a cold `ls` returns an error within the bound, and once the
+/// store answers again the same mount lists every name: the range that finished is not taken for the whole
+/// directory, and nothing stays stuck.
+#[test]
+fn a_listing_whose_later_ranges_hang_fails_in_time_and_lists_in_full_afterwards() {
+    const FILES: usize = 1000;
+    let env = Env::new();
+    let store = Store::s3();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let a = Mount::start(&env, &store, "none");
+    fs::create_dir(a.path("d")).unwrap();
+    sh(&format!("for i in $(seq 1 {FILES}); do echo $i > d/f$i; done"), &a.dir);
+    a.unmount();
+
+    let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
+    let proxy = StallingProxy::start(endpoint);
+    let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
+    let m = Mount::start_with(&env, &through, "none", &[timeout.as_str()]);
+    fs::metadata(m.path("d")).unwrap();
+    let d = m.path("d");
+    let listed = within("ls of a directory whose second range hangs", move || {
+        fs::read_dir(&d).and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>())
+    });
+    let stalled = proxy.stalled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(stalled > 0, "no listing from a key was sent: the directory was not listed in ranges");
+    assert!(listed.is_err(), "a listing that never got its second range succeeded with {:?} names", listed.map(|l| l.len()));
+    eprintln!("ls while a range hung: {:?} ({stalled} requests held)", errno_of(&listed));
+
+    proxy.stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = m.path("d");
+    let mut names: Vec<String> = within("ls once the store answers", move || {
+        fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+    });
+    names.sort();
+    let mut want: Vec<String> = (1..=FILES).map(|i| format!("f{i}")).collect();
+    want.sort();
+    assert_eq!(names, want, "the listing after the hang");
+    assert_eq!(fs::read(m.path("d/f1000")).unwrap(), b"1000\n");
+    m.unmount();
+}

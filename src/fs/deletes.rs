@@ -369,7 +369,7 @@ impl Backend for LaterDeletes {
         dir: &str,
         after: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Option<crate::store::ChildPage>, StoreError> {
+    ) -> Result<crate::store::ChildPage, StoreError> {
         self.settle(dir).await;
         self.inner.list_children_page(dir, after, token).await
     }

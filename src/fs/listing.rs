@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::dirindex::{self, Entry};
 use super::{lock, FileKind, Fs};
-use crate::store::{Backend, ChildPage, Listing, StoreError};
+use crate::store::{Backend, Listing, StoreError};
 
 /// Names per range: a page (1,000 keys) less room for the directory's marker, its index and a few newcomers.
 const RANGE_NAMES: usize = 990;
@@ -54,15 +54,9 @@ impl Fs {
             let task = range(self.backend.clone(), slots.clone(), prefix.to_string(), Some(after.clone()), until);
             ranges.push(tokio::spawn(task));
         }
-        let mut listing = match joined(first).await? {
-            Some(l) => l,
-            // The store cannot list from a key: the whole listing as ever (the index read is used all the same).
-            None => return Ok((self.backend.list(prefix, false).await?, entries)),
-        };
+        let mut listing = joined(first).await?;
         for r in ranges {
-            let part = joined(r).await?.ok_or_else(|| StoreError::Unsupported {
-                operation: format!("listing part of {prefix} from a key"),
-            })?;
+            let part = joined(r).await?;
             listing.objects.extend(part.objects);
             listing.prefixes.extend(part.prefixes);
         }
@@ -97,19 +91,18 @@ fn cuts(prefix: &str, entries: &[Entry]) -> Vec<String> {
 /// The range (`after`, `until`] of the directory at `prefix` (`after` `None`: from the start, `until` `None`: to the
 /// end), page after page until past `until`; the entries past it are left out (the next range has them). `until`
 /// comes through a channel: the first range starts before it is known, and waits for it after its first page
-/// (`Some`: known; a channel closed before is an unbounded range). `None`: the store cannot list from a key.
+/// (`Some`: known; a channel closed before is an unbounded range).
 async fn range(
     backend: Arc<dyn Backend>,
     slots: Arc<tokio::sync::Semaphore>,
     prefix: String,
     after: Option<String>,
     mut until: tokio::sync::watch::Receiver<Option<Option<String>>>,
-) -> Result<Option<Listing>, StoreError> {
-    let first = {
+) -> Result<Listing, StoreError> {
+    let mut page = {
         let _slot = slots.acquire().await;
         backend.list_children_page(&prefix, after.as_deref(), None).await?
     };
-    let Some(mut page) = first else { return Ok(None) };
     let until = match until.wait_for(Option::is_some).await {
         Ok(known) => known.clone().flatten(),
         Err(_) => None,
@@ -123,21 +116,15 @@ async fn range(
         out.prefixes.extend(page.listing.prefixes.into_iter().filter(|p| !past(p.as_str())));
         let next = match page.next {
             Some(token) if !passed => token,
-            _ => return Ok(Some(out)),
+            _ => return Ok(out),
         };
         let _slot = slots.acquire().await;
-        page = next_page(&*backend, &prefix, &next).await?;
+        page = backend.list_children_page(&prefix, None, Some(&next)).await?;
     }
 }
 
-async fn next_page(backend: &dyn Backend, prefix: &str, token: &str) -> Result<ChildPage, StoreError> {
-    backend.list_children_page(prefix, None, Some(token)).await?.ok_or_else(|| StoreError::Unsupported {
-        operation: format!("continuing the listing of {prefix}"),
-    })
-}
-
 /// A range task's result; a panic in it is passed on.
-async fn joined(task: RangeTask) -> Result<Option<Listing>, StoreError> {
+async fn joined(task: RangeTask) -> Result<Listing, StoreError> {
     match task.await {
         Ok(r) => r,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -147,7 +134,7 @@ async fn joined(task: RangeTask) -> Result<Option<Listing>, StoreError> {
     }
 }
 
-type RangeTask = tokio::task::JoinHandle<Result<Option<Listing>, StoreError>>;
+type RangeTask = tokio::task::JoinHandle<Result<Listing, StoreError>>;
 
 #[cfg(test)]
 mod tests {

@@ -397,16 +397,16 @@ pub trait Backend: Send + Sync + 'static {
     /// One request's worth of `dir`'s non-recursive listing (the listing [`Backend::list`] returns whole): direct
     /// children whose keys (relative to the mount root) come after `after` (`None`: from the start) — or, given a
     /// `token` from a page before, the page after that one. A caller that knows a large directory's names lists
-    /// ranges of it in parallel with this (`fs::listing`). `None`: the store cannot start a listing at a key (the
-    /// default; S3 and S3-compatible servers can).
+    /// ranges of it in parallel with this (`fs::listing`). Only where [`Backend::lists_from_keys`] says the store can
+    /// start a listing at a key (S3 and S3-compatible servers); elsewhere `Unsupported`.
     async fn list_children_page(
         &self,
         dir: &str,
         after: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Option<ChildPage>, StoreError> {
-        let _ = (dir, after, token);
-        Ok(None)
+    ) -> Result<ChildPage, StoreError> {
+        let _ = (after, token);
+        Err(StoreError::Unsupported { operation: format!("listing {dir} from a key") })
     }
 
     /// Whether [`Backend::list_children_page`] can start a listing at a key (S3-compatible stores: true).

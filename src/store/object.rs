@@ -1010,8 +1010,10 @@ impl Backend for ObjectStoreBackend {
         dir: &str,
         after: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Option<super::ChildPage>, StoreError> {
-        let Some(pages) = &self.pages else { return Ok(None) };
+    ) -> Result<super::ChildPage, StoreError> {
+        let Some(pages) = &self.pages else {
+            return Err(StoreError::Unsupported { operation: format!("listing {dir} from a key") });
+        };
         let dir_key = check_dir(dir)?;
         let base = self.dir_path(dir)?;
         // One ListObjectsV2 request: delimiter `/`, `start-after` the full key of `after`, or the continuation token.
@@ -1026,7 +1028,7 @@ impl Backend for ObjectStoreBackend {
         let got = pages.0.list_paginated(list_prefix.as_deref(), opts).await.map_err(|e| map_err(e, dir))?;
         let mut listing = self.children(dir_key.as_ref(), &got.result);
         sort_listing(&mut listing);
-        Ok(Some(super::ChildPage { listing, next: got.page_token }))
+        Ok(super::ChildPage { listing, next: got.page_token })
     }
 
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<super::Transfer, StoreError> {
