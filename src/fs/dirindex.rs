@@ -657,14 +657,20 @@ impl Fs {
                     Some(FileKind::Dir) | None => FileKind::File,
                     Some(k) => k,
                 };
+                let known = super::knows_times(node);
+                let mtime = from_secs_nanos(e.mtime.0, e.mtime.1);
+                let perm = (e.mode & 0o7777) as u16;
+                // The version (same ETag, checked above) and attributes this mount knew: its times stand.
+                let same = (node.perm, node.uid, node.gid, node.mtime) == (perm, e.uid, e.gid, mtime);
                 node.kind = kind;
                 node.format = e.format;
                 node.size = self.codec.plain_size_of(e.format, id.size).unwrap_or(id.size);
-                node.perm = (e.mode & 0o7777) as u16;
+                node.perm = perm;
                 node.uid = e.uid;
                 node.gid = e.gid;
-                node.mtime = from_secs_nanos(e.mtime.0, e.mtime.1);
-                node.ctime = node.mtime;
+                if !(known && same) {
+                    super::take_store_times(node, known, mtime, from_secs_nanos(id.modified, 0));
+                }
                 node.rdev = if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) { e.rdev } else { 0 };
                 node.link_target = (kind == FileKind::Symlink && !e.target.is_empty()).then(|| e.target.clone());
                 node.validated = Some(now);

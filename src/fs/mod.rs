@@ -203,6 +203,24 @@ fn to_secs_nanos(t: SystemTime) -> (i64, u32) {
     }
 }
 
+/// Whether `node`'s times are what this mount saw (a node it read from the store, made, or changed), not the
+/// placeholders of a node a listing just named.
+fn knows_times(node: &Node) -> bool {
+    node.seen.is_some() || node.validated.is_some()
+}
+
+/// A node's times after the store described a version of it other than the one this mount knew (`known`:
+/// [`knows_times`] before it did). The mtime is the stored one (metadata, else LastModified); the ctime is not
+/// stored: LastModified says when the object or its metadata last changed, never before the mtime. What this mount
+/// saw happen to a node it knew (a chmod, a rename) may be later than the store's whole seconds say, and stays: a
+/// ctime never goes back while the node is in memory. Likewise a directory's mtime: entries made or removed here
+/// change it in memory only (its marker is not rewritten for each).
+fn take_store_times(node: &mut Node, known: bool, mtime: SystemTime, last_modified: SystemTime) {
+    let ctime = mtime.max(last_modified);
+    node.mtime = if known && node.kind == FileKind::Dir { node.mtime.max(mtime) } else { mtime };
+    node.ctime = if known { node.ctime.max(ctime).max(node.mtime) } else { ctime };
+}
+
 fn from_secs_nanos(secs: i64, nanos: u32) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nanos)
@@ -403,6 +421,8 @@ impl Fs {
         if node.write.is_some() {
             return;
         }
+        let known = knows_times(node);
+        let before = (node.remote.clone(), node.perm, node.uid, node.gid, node.mtime);
         let kind = match meta.mode.and_then(FileKind::from_mode) {
             Some(k) if k != FileKind::File => k,
             _ if node.kind == FileKind::Dir => FileKind::Dir,
@@ -427,8 +447,13 @@ impl Fs {
         node.perm = meta.mode.map(|m| (m & 0o7777) as u16).unwrap_or_else(|| self.default_perm(kind));
         node.uid = meta.uid.unwrap_or(self.config.uid);
         node.gid = meta.gid.unwrap_or(self.config.gid);
-        node.mtime = meta.mtime.map(|(s, n)| from_secs_nanos(s, n)).unwrap_or(info.last_modified);
-        node.ctime = node.mtime;
+        let mtime = meta.mtime.map(|(s, n)| from_secs_nanos(s, n)).unwrap_or(info.last_modified);
+        // The version this mount knew, attributes and all (the store's LastModified may be its own chmod's): the
+        // times it has stand.
+        let same = before == (node.remote.clone(), node.perm, node.uid, node.gid, mtime);
+        if !(known && same && kind != FileKind::Dir) {
+            take_store_times(node, known, mtime, info.last_modified);
+        }
         node.validated = Some(Instant::now());
         node.seen = Some(dirindex::Seen::Store(dirindex::secs(info.last_modified)));
     }
@@ -975,9 +1000,10 @@ impl Fs {
         let (name, path) = self.new_name(parent, name).await?;
         self.check_path_len(&path, true)?;
         let mut node = self.blank_node(parent, &name, FileKind::Dir);
-        node.perm = (mode & 0o7777) as u16;
+        let (gid, setgid) = self.group_for(parent, caller);
+        node.perm = ((mode & 0o7777) | if setgid { libc::S_ISGID } else { 0 }) as u16;
         node.uid = caller.uid;
-        node.gid = caller.gid;
+        node.gid = gid;
         let meta = Self::meta_of(&node);
         self.backend.put(&dir_key(&path)?, Bytes::new(), &meta).await.map_err(|e| Error::store(format!("{path}/"), e))?;
         node.has_marker = true;
@@ -1009,6 +1035,17 @@ impl Fs {
         attr
     }
 
+    /// The group of a node created in `parent` by `caller`, and whether a new directory gets the set-group-ID bit:
+    /// as on local filesystems, a directory with that bit hands its group to everything made in it, and the bit to
+    /// its new subdirectories (shared group directories rely on it); elsewhere the creator's group. The kernel has
+    /// already dropped the bit from the mode of a file whose creator is not in that group.
+    fn group_for(&self, parent: u64, caller: Caller) -> (u32, bool) {
+        match lock(&self.table).get(parent) {
+            Some(dir) if u32::from(dir.perm) & libc::S_ISGID != 0 => (dir.gid, true),
+            _ => (caller.gid, false),
+        }
+    }
+
     fn touch_dir(&self, table: &mut InodeTable, dir: u64) {
         if let Some(node) = table.get_mut(dir) {
             let now = SystemTime::now();
@@ -1030,7 +1067,7 @@ impl Fs {
         let mut node = self.blank_node(parent, &name, kind);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
-        node.gid = caller.gid;
+        node.gid = self.group_for(parent, caller).0;
         if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
             node.rdev = rdev;
         }
@@ -1046,7 +1083,7 @@ impl Fs {
         let target = target.as_bytes().to_vec();
         let mut node = self.blank_node(parent, &name, FileKind::Symlink);
         node.uid = caller.uid;
-        node.gid = caller.gid;
+        node.gid = self.group_for(parent, caller).0;
         node.size = target.len() as u64;
         let info = self.put_small(&path, &target, Self::meta_of(&node)).await?;
         node.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
@@ -2237,7 +2274,7 @@ impl Fs {
         let mut node = self.blank_node(parent, &name, FileKind::File);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
-        node.gid = caller.gid;
+        node.gid = self.group_for(parent, caller).0;
         node.validated = Some(Instant::now());
         node.lookups = 1;
         node.open_handles = 1;

@@ -1069,3 +1069,95 @@ async fn a_large_open_file_unlinked_or_replaced_keeps_all_of_its_content() {
         }
     }
 }
+
+/// pjdfstest-style: the times this mount saw change stay once the store is asked again (past `attr_ttl`). A chmod's
+/// ctime, a directory's mtime and ctime after an entry was made in it, a renamed file's ctime: each used to fall
+/// back to the stored mtime at the next HEAD (a failed chmod then seemed to move ctime backwards). A change made
+/// elsewhere still moves the ctime on.
+#[tokio::test]
+async fn times_seen_here_do_not_go_back_when_the_store_is_asked_again() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable::new(inner));
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let chmod = |mode| SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None };
+    let pause = || tokio::time::sleep(TTL * 3);
+
+    let dir = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    let file = write_file_unstreamed(&fs, dir.ino, "f", b"content").await;
+    pause().await;
+    let changed = fs.setattr(file.ino, chmod(0o600), None, caller).await.unwrap();
+    assert!(changed.ctime > changed.mtime, "a chmod sets ctime");
+    pause().await;
+    let again = fs.getattr(file.ino).await.unwrap();
+    assert_eq!((again.perm, again.ctime), (0o600, changed.ctime), "the chmod's ctime after the store was asked again");
+
+    // An entry made in the directory: its mtime and ctime move, and stay.
+    pause().await;
+    write_file_unstreamed(&fs, dir.ino, "g", b"more").await;
+    let touched = fs.getattr(dir.ino).await.unwrap();
+    assert!(touched.mtime > dir.mtime && touched.ctime >= touched.mtime, "{touched:?} after {dir:?}");
+    pause().await;
+    let later = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    assert!(later.mtime >= touched.mtime && later.ctime >= touched.ctime, "the directory's times went back: {later:?}");
+
+    // A rename changes the file's ctime, and that stays too.
+    pause().await;
+    fs.rename(dir.ino, OsStr::new("f"), dir.ino, OsStr::new("h"), false).await.unwrap();
+    let renamed = fs.getattr(file.ino).await.unwrap();
+    assert!(renamed.ctime > again.ctime, "rename sets ctime");
+    pause().await;
+    let renamed_later = fs.lookup(dir.ino, OsStr::new("h")).await.unwrap();
+    assert!(renamed_later.ctime >= renamed.ctime, "the rename's ctime went back: {renamed_later:?}");
+
+    // Another writer's chmod of the object: the new mode, and a ctime no earlier than that change.
+    pause().await;
+    let k = ObjectKey::new("d/h").unwrap();
+    let (_, mut meta) = store.inner.head(&k).await.unwrap();
+    meta.mode = Some(0o100640);
+    let before_foreign = SystemTime::now();
+    store.inner.update_meta(&k, &meta).await.unwrap();
+    pause().await;
+    let foreign = fs.lookup(dir.ino, OsStr::new("h")).await.unwrap();
+    assert_eq!(foreign.perm, 0o640);
+    assert!(foreign.ctime >= before_foreign, "a change made elsewhere does not show in ctime: {foreign:?}");
+}
+
+/// As on local filesystems: a directory with the set-group-ID bit gives its group to files, directories, symlinks
+/// and special files made in it, and the bit to new subdirectories; without the bit the creator's group is used.
+#[tokio::test]
+async fn a_set_group_id_directory_hands_on_its_group() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let (fs, _tmp) = fs_over(Arc::new(Silenceable::new(inner))).await;
+    let root = Caller { uid: 0, gid: 4242 };
+    let user = Caller { uid: 1000, gid: 1000 };
+    let shared = fs.mkdir(ROOT_INO, OsStr::new("shared"), 0o775, root).await.unwrap();
+    let setgid = SetAttr { mode: Some(0o2775), uid: None, gid: None, size: None, atime: None, mtime: None };
+    fs.setattr(shared.ino, setgid, None, root).await.unwrap();
+    let plain = fs.mkdir(ROOT_INO, OsStr::new("plain"), 0o777, root).await.unwrap();
+
+    let (file, fh) = fs.create(shared.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, user).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let sub = fs.mkdir(shared.ino, OsStr::new("sub"), 0o755, user).await.unwrap();
+    let link = fs.symlink(shared.ino, OsStr::new("l"), OsStr::new("f"), user).await.unwrap();
+    let fifo = fs.mknod(shared.ino, OsStr::new("p"), libc::S_IFIFO | 0o644, 0, user).await.unwrap();
+    for (what, a) in [("file", &file), ("directory", &sub), ("symlink", &link), ("fifo", &fifo)] {
+        assert_eq!((a.uid, a.gid), (1000, 4242), "{what} made in a set-group-ID directory");
+    }
+    assert_eq!(sub.perm, 0o2755, "a subdirectory takes the set-group-ID bit");
+    assert_eq!(file.perm, 0o644, "a file does not");
+    let below = fs.mkdir(sub.ino, OsStr::new("below"), 0o700, user).await.unwrap();
+    assert_eq!((below.gid, below.perm), (4242, 0o2700), "and passes it on");
+
+    let (own, fh) = fs.create(plain.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, user).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let own_dir = fs.mkdir(plain.ino, OsStr::new("sub"), 0o755, user).await.unwrap();
+    assert_eq!((own.gid, own_dir.gid, own_dir.perm), (1000, 1000, 0o755), "without the bit: the creator's group");
+
+    // The group and the bit are stored: a fresh mount over the same store sees them.
+    let store = fs.backend.clone();
+    let (_, meta) = store.head(&ObjectKey::new("shared/sub/").unwrap()).await.unwrap();
+    assert_eq!((meta.gid, meta.mode.map(|m| m & 0o7777)), (Some(4242), Some(0o2755)));
+    let (_, meta) = store.head(&ObjectKey::new("shared/l").unwrap()).await.unwrap();
+    assert_eq!(meta.gid, Some(4242));
+}
