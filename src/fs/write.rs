@@ -27,6 +27,9 @@ use super::sparse::Sparse;
 use crate::journal::{BaseVersion, Journal, StagedFile};
 use crate::upload::stream::Stream;
 
+/// How much a streaming file grows between two looks at the free space under the journal (a `statvfs`).
+const SPACE_CHECK_STEP: u64 = 1 << 20;
+
 /// Staged content of one file.
 pub struct Staged {
     journal: Arc<Journal>,
@@ -67,7 +70,7 @@ pub struct Staged {
     pub trimmed: u64,
     /// The stream of a trimmed file failed: its content is gone, and every operation on it fails with EIO.
     pub lost: bool,
-    /// How far the stream's confirmed bytes were when the journal's free space was last looked at.
+    /// The staged size when the journal's free space was last looked at (see [`Staged::trim_if`]).
     space_checked: u64,
     /// A large existing object staged only where it was written (`fs::sparse`): `None` when the staged file holds
     /// the whole content.
@@ -170,16 +173,26 @@ impl Staged {
     }
 
     /// Frees the staged copy of the bytes the stream's store has confirmed, once `low_on_space` says the disk under
-    /// the journal is running low (asked only when more bytes were confirmed; once trimmed, always). Drops the
-    /// recovery record: from now on a crash loses the file, as the log line says once.
+    /// the journal is running low (asked once per [`SPACE_CHECK_STEP`] staged; once trimmed, at every confirmation).
+    /// Drops the recovery record: from now on a crash loses the file, as the log line says once.
+    ///
+    /// Asked as the file grows, not only when the store confirms a part: a store that stalls for a moment lets the
+    /// writer run on by up to the parts in flight (tens of MiB) with no confirmation, and a look taken at the last
+    /// confirmation, when the disk was not low yet, let such a burst run a small journal disk out (ENOSPC to the
+    /// writer; CI, tests/stream.rs on a 96 MiB disk).
     pub fn trim_if(&mut self, low_on_space: impl FnOnce() -> bool) {
         let Some(confirmed) = self.stream.as_ref().map(Stream::confirmed_plain) else { return };
-        if confirmed <= self.space_checked.max(self.trimmed) {
+        if confirmed <= self.trimmed {
             return;
         }
-        self.space_checked = confirmed;
-        if self.trimmed == 0 && !low_on_space() {
-            return;
+        if self.trimmed == 0 {
+            if self.size < self.space_checked.saturating_add(SPACE_CHECK_STEP) {
+                return;
+            }
+            self.space_checked = self.size;
+            if !low_on_space() {
+                return;
+            }
         }
         match self.file.discard_below(confirmed) {
             Ok(()) => {
