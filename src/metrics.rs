@@ -506,6 +506,41 @@ impl MeteredBackend {
     }
 }
 
+/// A streamed GET recorded as one request of `kind` from the call to the end of its body (or its first failed
+/// piece; a body dropped half read is `cancelled`), in flight all that time.
+async fn metered_stream(
+    kind: RequestKind,
+    answer: impl std::future::Future<Output = Result<(BodyStream, ObjectInfo, UserMeta), StoreError>>,
+) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+    let get = GetInFlight::start();
+    let request = Request::start(kind);
+    let (body, info, meta) = match answer.await {
+        Ok(answer) => answer,
+        Err(e) => {
+            request.finish_as(Outcome::of(&e));
+            return Err(e);
+        }
+    };
+    let body = futures::stream::unfold((body, Some(request), get), |(mut body, mut request, get)| async move {
+        let piece = body.next().await;
+        match &piece {
+            Some(Ok(bytes)) => received(bytes),
+            Some(Err(e)) => {
+                if let Some(r) = request.take() {
+                    r.finish_as(Outcome::of(e));
+                }
+            }
+            None => {
+                if let Some(r) = request.take() {
+                    r.finish_as(Outcome::Ok);
+                }
+            }
+        }
+        piece.map(|p| (p, (body, request, get)))
+    });
+    Ok((Box::pin(body), info, meta))
+}
+
 #[async_trait]
 impl Backend for MeteredBackend {
     async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
@@ -532,33 +567,7 @@ impl Backend for MeteredBackend {
         key: &ObjectKey,
         range: Range<u64>,
     ) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
-        let get = GetInFlight::start();
-        let request = Request::start(RequestKind::GetRange);
-        let (body, info, meta) = match self.inner.get_range_stream(key, range).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                request.finish_as(Outcome::of(&e));
-                return Err(e);
-            }
-        };
-        let body = futures::stream::unfold((body, Some(request), get), |(mut body, mut request, get)| async move {
-            let piece = body.next().await;
-            match &piece {
-                Some(Ok(bytes)) => received(bytes),
-                Some(Err(e)) => {
-                    if let Some(r) = request.take() {
-                        r.finish_as(Outcome::of(e));
-                    }
-                }
-                None => {
-                    if let Some(r) = request.take() {
-                        r.finish_as(Outcome::Ok);
-                    }
-                }
-            }
-            piece.map(|p| (p, (body, request, get)))
-        });
-        Ok((Box::pin(body), info, meta))
+        metered_stream(RequestKind::GetRange, self.inner.get_range_stream(key, range)).await
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
@@ -568,6 +577,11 @@ impl Backend for MeteredBackend {
             received(bytes);
         }
         result
+    }
+
+    /// Recorded like `get`, from the call to the end of its body (as `get_range_stream`).
+    async fn get_stream(&self, key: &ObjectKey) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        metered_stream(RequestKind::Get, self.inner.get_stream(key)).await
     }
 
     async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {

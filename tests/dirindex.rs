@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::time::Duration;
 
+use object_store::ObjectStoreExt;
+
 use common::*;
 
 const INDEX: &str = ".s3cryptfs-index";
@@ -246,7 +248,6 @@ fn a_large_directory_is_listed_in_ranges_whatever_changed_since_its_index() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let raw = store.object_store();
     for gone in ["f5", cut2.as_str(), names[1000].as_str()] {
-        use object_store::ObjectStoreExt;
         rt.block_on(raw.delete(&object_store::path::Path::from(format!("d/{gone}")))).unwrap();
     }
     let mut want: Vec<String> = names
@@ -258,25 +259,51 @@ fn a_large_directory_is_listed_in_ranges_whatever_changed_since_its_index() {
         .collect();
     want.sort();
 
-    let addr = free_metrics_addr();
-    let b = Mount::start_with(&env, &store, "none", &[&format!("metrics_addr={addr}")]);
-    fs::metadata(b.path("d")).unwrap();
-    let before = scrape(&addr);
-    let mut got: Vec<String> =
-        fs::read_dir(b.path("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    let cost = delta(&before, &scrape(&addr));
-    got.sort();
-    let missing: Vec<_> = want.iter().filter(|n| !got.contains(n)).collect();
-    let extra: Vec<_> = got.iter().filter(|n| !want.contains(n)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, not in the store {extra:?}");
-    assert_eq!(got.len(), want.len(), "an entry listed twice");
-    assert!(fs::symlink_metadata(b.path(&format!("d/{cut2}"))).unwrap().is_dir(), "the cut name is a directory now");
-    assert_eq!(fs::read(b.path(&format!("d/{cut1}x"))).unwrap(), b"foreign");
+    // The cuts are also in the index's metadata, for a reader to start every range before the index's body is in.
+    let index_path = object_store::path::Path::from(format!("d/{INDEX}"));
+    let cuts_of = |got: &object_store::GetResult| {
+        got.attributes.iter().find_map(|(k, v)| {
+            matches!(k, object_store::Attribute::Metadata(n) if n == "s3cryptfs-cuts").then(|| v.to_string())
+        })
+    };
+    let index = rt.block_on(raw.get(&index_path)).unwrap();
+    assert_eq!(cuts_of(&index), Some(format!("{cut1}/{cut2}")), "the index's metadata names other cuts");
+    drop(index);
+
+    let cold_listing = |what: &str| {
+        let addr = free_metrics_addr();
+        let b = Mount::start_with(&env, &store, "none", &[&format!("metrics_addr={addr}")]);
+        fs::metadata(b.path("d")).unwrap();
+        let before = scrape(&addr);
+        let mut got: Vec<String> =
+            fs::read_dir(b.path("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let cost = delta(&before, &scrape(&addr));
+        got.sort();
+        let missing: Vec<_> = want.iter().filter(|n| !got.contains(n)).collect();
+        let extra: Vec<_> = got.iter().filter(|n| !want.contains(n)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{what}: missing {missing:?}, not in the store {extra:?}");
+        assert_eq!(got.len(), want.len(), "{what}: an entry listed twice");
+        assert!(fs::symlink_metadata(b.path(&format!("d/{cut2}"))).unwrap().is_dir(), "the cut name is a directory");
+        assert_eq!(fs::read(b.path(&format!("d/{cut1}x"))).unwrap(), b"foreign");
+        assert_eq!(cost.list, 0.0, "{what}: the whole directory was listed: {}", cost.text);
+        assert_eq!(cost.get, 1.0, "{what}: the index is read once: {}", cost.text);
+        b.unmount();
+        cost
+    };
     // Three ranges; the first needs a second page (990 names, the marker, the index and 20 more).
-    assert_eq!(cost.list, 0.0, "the whole directory was listed: {}", cost.text);
+    let cost = cold_listing("as written");
     assert!((4.0..=5.0).contains(&cost.list_page), "pages: {}", cost.text);
-    assert_eq!(cost.get, 1.0, "the index is read once: {}", cost.text);
-    b.unmount();
+
+    // Someone who can edit the bucket puts other cuts beside the index (names that are not there, before the first
+    // file, past the last): only the number of requests may change, never the names listed.
+    let index = rt.block_on(raw.get(&index_path)).unwrap();
+    let mut attributes = index.attributes.clone();
+    let body = rt.block_on(index.bytes()).unwrap();
+    attributes.insert(object_store::Attribute::Metadata("s3cryptfs-cuts".into()), "a/e005/f1500x/zzzz".into());
+    let opts = object_store::PutOptions { attributes, ..Default::default() };
+    rt.block_on(raw.put_opts(&index_path, body.into(), opts)).unwrap();
+    let cost = cold_listing("with forged cuts");
+    assert!(cost.list_page >= 6.0, "the forged cuts were not used: {}", cost.text);
 }
 
 /// Another writer changes two files without updating the index (a second mount killed before its index write, as a

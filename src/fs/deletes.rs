@@ -282,6 +282,11 @@ impl Backend for LaterDeletes {
         self.inner.get(key).await
     }
 
+    async fn get_stream(&self, key: &ObjectKey) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        self.gone(key)?;
+        self.inner.get_stream(key).await
+    }
+
     async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         self.settle_key(key).await;
         self.inner.put(key, body, meta).await

@@ -76,6 +76,8 @@ fn due_at(first: Instant, last: Instant) -> Instant {
         (last + QUIET).min(first + MAX_DELAY)
     }
 }
+/// Bytes set aside for an index's body before it arrives, at most (its size comes from the store's answer).
+const MAX_PREALLOC: usize = 16 << 20;
 /// Conditional writes tried per index write before giving up until the next change (each lost race re-lists).
 const WRITE_ATTEMPTS: usize = 5;
 /// Directories remembered as having an incomplete index (a number each; forgotten all at once when full).
@@ -558,16 +560,36 @@ impl Fs {
 
     /// Reads and opens the index object `key` of directory prefix `prefix`; `None` (logged once) when unusable.
     pub(super) async fn read_index(&self, key: &str) -> Option<Vec<Entry>> {
+        self.read_index_seeing(key, |_| ()).await
+    }
+
+    /// [`Fs::read_index`], calling `headers` with the index's metadata as soon as the answer's headers are in,
+    /// before its body (`fs::listing` starts its ranges there). Not called when there is no index to read.
+    pub(super) async fn read_index_seeing(&self, key: &str, headers: impl FnOnce(&UserMeta)) -> Option<Vec<Entry>> {
         let k = ObjectKey::new(key).ok()?;
-        let (body, _, meta) = match self.backend.get(&k).await {
+        let complain = |e: &StoreError| {
+            if !e.is_not_found() {
+                tracing::debug!(key, error = %crate::error_text::error_chain(e), "could not read the directory index");
+            }
+        };
+        let (mut pieces, info, meta) = match self.backend.get_stream(&k).await {
             Ok(got) => got,
             Err(e) => {
-                if !e.is_not_found() {
-                    tracing::debug!(key, error = %crate::error_text::error_chain(&e), "could not read the directory index");
-                }
+                complain(&e);
                 return None;
             }
         };
+        headers(&meta);
+        let mut body = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0).min(MAX_PREALLOC));
+        while let Some(piece) = futures::StreamExt::next(&mut pieces).await {
+            match piece {
+                Ok(piece) => body.extend_from_slice(&piece),
+                Err(e) => {
+                    complain(&e);
+                    return None;
+                }
+            }
+        }
         let opened = match open(&self.codec, key, &body, &meta).await {
             Ok(plain) => decode(&plain),
             Err(e) => Err(e),
@@ -797,13 +819,17 @@ impl Fs {
                 }
             } else {
                 let plain = encode(&entries);
-                let (body, meta) = match seal(&self.codec, &key_str, &plain).await {
+                let (body, mut meta) = match seal(&self.codec, &key_str, &plain).await {
                     Ok(sealed) => sealed,
                     Err(e) => {
                         tracing::warn!(key = %key_str, error = %crate::error_text::error_chain(&e), "could not seal the directory index");
                         return;
                     }
                 };
+                // Where a listing of this directory can be cut, for a reader to start on before the body is in.
+                if let Some(cuts) = super::listing::cuts_meta(&entries) {
+                    meta.extra.insert(super::listing::CUTS_META.to_string(), cuts);
+                }
                 self.backend.put_expect(&key, body, &meta, &expect).await.map(|_| ())
             };
             match result {

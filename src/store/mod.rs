@@ -255,6 +255,14 @@ pub trait Backend: Send + Sync + 'static {
     /// The whole object.
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
 
+    /// [`Backend::get`] answered as soon as its headers arrive, the body following as it arrives: a reader can act
+    /// on the object's metadata while the body is on its way (a directory's index names where its listing can be
+    /// cut before its entries arrive, `fs::listing`). By default, `get`'s bytes as one piece.
+    async fn get_stream(&self, key: &ObjectKey) -> Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let (bytes, info, meta) = self.get(key).await?;
+        Ok((Box::pin(futures::stream::once(async move { Ok(bytes) })), info, meta))
+    }
+
     /// Create or replace the object atomically (readers see the old or the new one, never a mix):
     /// [`Backend::put_expect`] with [`Expect::Any`].
     async fn put(

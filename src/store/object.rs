@@ -602,11 +602,7 @@ impl Backend for ObjectStoreBackend {
         }
         let opts = GetOptions { range: Some(range.clone().into()), ..GetOptions::default() };
         match self.get_result(key, opts).await {
-            Ok((res, info, meta)) => {
-                let name = key.to_string();
-                let body = res.into_stream().map(move |piece| piece.map_err(|e| map_err(e, &name)));
-                Ok((Box::pin(body), info, meta))
-            }
+            Ok((res, info, meta)) => Ok((body_of(res, key), info, meta)),
             // As in get_range: a range starting at or past the end is clipped, not an error.
             Err(e @ StoreError::Other { .. }) => {
                 let (info, meta) = self.head(key).await?;
@@ -622,6 +618,11 @@ impl Backend for ObjectStoreBackend {
 
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
         self.get_opts(key, GetOptions::default()).await
+    }
+
+    async fn get_stream(&self, key: &ObjectKey) -> Result<(super::BodyStream, ObjectInfo, UserMeta), StoreError> {
+        let (res, info, meta) = self.get_result(key, GetOptions::default()).await?;
+        Ok((body_of(res, key), info, meta))
     }
 
     async fn put_expect(
@@ -1296,6 +1297,12 @@ fn meta_to_attrs(meta: &UserMeta, identifiers: bool) -> Result<Attributes, Store
         attrs.insert(Attribute::Metadata(name.into()), AttributeValue::from(value));
     }
     Ok(attrs)
+}
+
+/// A GET's body as it arrives, its errors in our terms.
+fn body_of(res: object_store::GetResult, key: &ObjectKey) -> super::BodyStream {
+    let name = key.to_string();
+    Box::pin(res.into_stream().map(move |piece| piece.map_err(|e| map_err(e, &name))))
 }
 
 fn attrs_to_meta(attrs: &Attributes, identifiers: bool) -> UserMeta {
