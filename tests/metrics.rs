@@ -15,6 +15,14 @@ fn requests(text: &str, kind: &str, outcome: &str) -> f64 {
 }
 
 fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
+    let small = pattern(200_000, 1);
+    let big = pattern((9 << 20) + 5, 2);
+    // The files read are written by an earlier mount: a file this mount wrote can be read from its staged copy
+    // until the kernel's (asynchronous) RELEASE of the writing handle arrives, so it may not reach the store.
+    let earlier = Mount::start(env, store, "cse-c");
+    fs::write(earlier.path("small-r"), &small).unwrap();
+    fs::write(earlier.path("big-r"), &big).unwrap();
+    earlier.unmount();
     let addr = free_metrics_addr();
     let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}")]);
 
@@ -25,16 +33,14 @@ fn metrics_follow_reads_writes_and_errors(env: &Env, store: &Store) {
     assert_eq!(requests(&text, "check_access", "ok"), 1.0, "{text}");
 
     // Writes: one small file (one PUT) and one past the 8 MiB part size (a multipart upload of two parts).
-    let small = pattern(200_000, 1);
-    let big = pattern((9 << 20) + 5, 2);
     fs::write(m.path("small"), &small).unwrap();
     fs::write(m.path("big"), &big).unwrap();
-    assert_bytes(fs::read(m.path("big")).unwrap(), &big, "big");
-    assert_bytes(fs::read(m.path("small")).unwrap(), &small, "small");
+    assert_bytes(fs::read(m.path("big-r")).unwrap(), &big, "big");
+    assert_bytes(fs::read(m.path("small-r")).unwrap(), &small, "small");
     let first = scrape(&addr);
     // Every open drops the kernel's cached pages (no FOPEN_KEEP_CACHE), so this read reaches the mount again and is
     // served from its page cache: 200,000 bytes are four 64 KiB pages.
-    assert_bytes(fs::read(m.path("small")).unwrap(), &small, "small, again");
+    assert_bytes(fs::read(m.path("small-r")).unwrap(), &small, "small, again");
     let text = scrape(&addr);
     let hits = series_value(&text, "s3cryptfs_cache_hits_total") - series_value(&first, "s3cryptfs_cache_hits_total");
     assert!(hits >= 4.0, "the re-read found {hits} pages in the cache:\n{text}");
