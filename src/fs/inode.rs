@@ -240,6 +240,17 @@ pub struct InodeTable {
 /// Retired nodes kept at most (see [`InodeTable::retire_children`]): past it a forgotten file costs a HEAD later.
 pub const MAX_RETIRED: usize = 10_000;
 
+/// Sets `buf` to the path of `name` in the directory at path `dir` (`""`: the root): a caller naming many children
+/// of one directory reuses one buffer.
+pub fn join_path(buf: &mut String, dir: &str, name: &str) {
+    buf.clear();
+    if !dir.is_empty() {
+        buf.push_str(dir);
+        buf.push('/');
+    }
+    buf.push_str(name);
+}
+
 impl InodeTable {
     pub fn new(mut root: Node) -> Self {
         root.ino = ROOT_INO;
@@ -649,8 +660,9 @@ impl InodeTable {
 
     /// Path of `name` inside directory `parent`.
     pub fn child_path(&self, parent: u64, name: &str) -> Option<String> {
-        let p = self.path_of(parent)?;
-        Some(if p.is_empty() { name.to_string() } else { format!("{p}/{name}") })
+        let mut path = String::new();
+        join_path(&mut path, &self.path_of(parent)?, name);
+        Some(path)
     }
 
     /// Inodes that hold staged write state.

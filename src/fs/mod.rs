@@ -1291,12 +1291,7 @@ impl Fs {
                     None if room > 0 => {
                         room -= 1;
                         let path = dir_path.as_deref().map(|dir| {
-                            child_path.clear();
-                            if !dir.is_empty() {
-                                child_path.push_str(dir);
-                                child_path.push('/');
-                            }
-                            child_path.push_str(&name);
+                            inode::join_path(&mut child_path, dir, &name);
                             child_path.as_str()
                         });
                         table.insert_at(self.blank_node(ino, &name, kind), path)
