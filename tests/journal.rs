@@ -52,6 +52,53 @@ fn a_file_renamed_onto_a_dirty_open_file_is_not_overwritten_after_a_crash() {
     }
 }
 
+/// The journal's disk is full when files are unlinked: their delete intents cannot be written, so each delete is
+/// sent at once instead (the object is gone when `rm` returns) and nothing else is lost. Once there is room again,
+/// unlinks are journaled as before (the failed appends left the log usable), and a daemon killed right after them
+/// leaves exactly the files it did not unlink.
+#[test]
+fn unlinks_on_a_full_journal_disk_delete_at_once_and_the_log_works_again_after() {
+    let env = Env::new();
+    let store = Store::s3();
+    let disk = SmallDisk::mount(&env, 8);
+    let m = Mount::start(&env, &store, "cse-c");
+    for i in 0..12 {
+        fs::write(m.path(&format!("f{i:02}")), format!("file {i}")).unwrap();
+    }
+    let stored = |store: &Store| {
+        let mut keys: Vec<String> =
+            store.raw_objects().into_iter().map(|(k, _)| k).filter(|k| k.starts_with('f')).collect();
+        keys.sort();
+        keys
+    };
+    let from = |first: usize| (first..12).map(|i| format!("f{i:02}")).collect::<Vec<_>>();
+    assert_eq!(stored(&store), from(0));
+    // Fill the disk, beside the journal's own directory.
+    let filler = env.path().join("staging/filler");
+    let dd = Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output().unwrap();
+    assert!(!dd.status.success(), "dd did not fill the disk: {}", String::from_utf8_lossy(&dd.stderr));
+    sh("rm f00 f01 f02 f03", &m.dir);
+    assert_eq!(stored(&store), from(4), "the deletes were not sent when rm returned");
+    fs::remove_file(&filler).unwrap();
+    sh("rm f04 f05 f06", &m.dir);
+    let log = m.kill();
+    let unjournaled = log.matches("could not write the delete intent to the journal").count();
+    assert_eq!(unjournaled, 4, "only the unlinks on the full disk go unjournaled:\n{log}");
+
+    let m = Mount::start(&env, &store, "cse-c");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while stored(&store) != from(7) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stored(&store), from(7), "the store after the restart");
+    assert_eq!(names(&m.dir), from(7));
+    for i in 7..12 {
+        assert_bytes(fs::read(m.path(&format!("f{i:02}"))).unwrap(), format!("file {i}").as_bytes(), "a kept file");
+    }
+    m.unmount();
+    drop(disk);
+}
+
 #[test]
 fn a_file_unlinked_while_open_does_not_come_back_after_a_crash() {
     for s3 in [false, true] {

@@ -169,29 +169,6 @@ fn a_kill_in_the_middle_of_a_stream_loses_nothing_staged(env: &Env, store: &Stor
 }
 both!(a_kill_in_the_middle_of_a_stream_loses_nothing_staged);
 
-/// A tmpfs of `mib` MiB at the environment's staging directory (the journal's disk), unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(env: &Env, mib: u64) -> SmallDisk {
-        let dir = env.path().join("staging");
-        fs::create_dir_all(&dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "this test mounts a small tmpfs (it needs root): {}", String::from_utf8_lossy(&out.stderr));
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The journal's disk holds 96 MiB; a 200 MiB file streams through it: once the disk runs low, the staged copy of
 /// what the store has taken is freed. A write into what was already sent then fails with ENOSPC instead of
 /// corrupting anything, and the file is stored as written.

@@ -752,3 +752,26 @@ macro_rules! both {
 }
 #[allow(unused_imports)] // not every test crate runs a body on both stores
 pub(crate) use both;
+
+/// A tmpfs of `mib` MiB at the environment's staging directory (the journal's disk), unmounted on drop.
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(env: &Env, mib: u64) -> SmallDisk {
+        let dir = env.path().join("staging");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "this test mounts a small tmpfs (it needs root): {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
