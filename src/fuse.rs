@@ -425,30 +425,29 @@ impl Filesystem for FuseAdapter {
                 return;
             }
         };
-        // Offsets as in `readdir`. Each named entry counts a lookup (`Fs::lookup_listed`), taken back if it did not
-        // fit (`Fs::unlist`). The kernel links no node for "." and "..": their attributes give only inode numbers.
+        // Offsets as in `readdir`. Each named entry counts a lookup, taken back if it did not fit
+        // (`Fs::lookup_listed_each`). The kernel links no node for "." and "..": their attributes give only inode
+        // numbers.
         // An entry gone since the listing is not shown, as a readdir after its removal would not show it.
         let parent = self.fs.parent_of(ino.0);
-        let dot = |dir: u64| self.fs.attr_in_memory(dir).map(|a| (a, Duration::ZERO, false));
         let mut pos = offset;
-        while pos < 2 + entries.len() as u64 {
-            let (name, found) = match pos {
-                0 => (".", dot(ino.0)),
-                1 => ("..", dot(parent)),
-                n => {
-                    let e = &entries[(n - 2) as usize];
-                    (e.name.as_str(), self.fs.lookup_listed(ino.0, e))
-                }
-            };
-            if let Some((a, ttl, counted)) = found {
-                if reply.add(INodeNo(a.ino), pos + 1, name, &ttl, &to_attr(&a), Generation(0)) {
-                    if counted {
-                        self.fs.unlist(a.ino);
-                    }
-                    break;
+        while pos < 2 {
+            let dir = if pos == 0 { ino.0 } else { parent };
+            if let Some(a) = self.fs.attr_in_memory(dir) {
+                let name = if pos == 0 { "." } else { ".." };
+                if reply.add(INodeNo(a.ino), pos + 1, name, &Duration::ZERO, &to_attr(&a), Generation(0)) {
+                    reply.ok();
+                    return;
                 }
             }
             pos += 1;
+        }
+        if let Some(rest) = entries.get((pos - 2) as usize..) {
+            let first = pos;
+            self.fs.lookup_listed_each(ino.0, rest, |i, name, found| {
+                let Some((a, ttl, _)) = found else { return false };
+                reply.add(INodeNo(a.ino), first + i as u64 + 1, name, &ttl, &to_attr(&a), Generation(0))
+            });
         }
         self.fs.lookups_done();
         reply.ok();

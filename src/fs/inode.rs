@@ -310,7 +310,8 @@ impl InodeTable {
         self.attr_at(ino, Instant::now())
     }
 
-    fn attr_at(&self, ino: u64, now: Instant) -> Option<Attr> {
+    /// [`InodeTable::attr`] at time `now`.
+    pub fn attr_at(&self, ino: u64, now: Instant) -> Option<Attr> {
         let node = self.nodes.get(&ino)?;
         Some(node.attr_with(self.nlink_at(node, now)))
     }

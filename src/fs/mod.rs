@@ -91,6 +91,16 @@ pub struct SetAttr {
     pub mtime: Option<SystemTime>,
 }
 
+/// What the table alone says of a name (see [`Fs::resolve_in`]).
+enum Resolved {
+    /// It exists: this node.
+    Known(u64),
+    /// It does not exist (the table holds every name of the directory).
+    Missing,
+    /// The store must be asked; the node the table has for the name, if any.
+    Ask(Option<u64>),
+}
+
 #[derive(Debug, Clone)]
 pub struct DirEntry {
     pub ino: u64,
@@ -333,8 +343,13 @@ impl Fs {
     }
 
     fn fresh(&self, node: &Node) -> bool {
+        self.fresh_at(node, Instant::now())
+    }
+
+    /// [`Fs::fresh`] at time `now`.
+    fn fresh_at(&self, node: &Node, now: Instant) -> bool {
         node.write.is_some()
-            || node.validated.is_some_and(|t| t.elapsed() < self.config.attr_ttl)
+            || node.validated.is_some_and(|t| now.saturating_duration_since(t) < self.config.attr_ttl)
             || (node.remote.is_none() && node.kind != FileKind::Dir && node.validated.is_some())
     }
 
@@ -611,36 +626,44 @@ impl Fs {
     /// every name of `parent` (a listing or this mount's mkdir less than `attr_ttl` ago) and not this one. `None`:
     /// ask the store.
     fn resolve_from_memory(&self, parent: u64, name: &str) -> Option<Result<u64>> {
-        let now = Instant::now();
-        let mut table = lock(&self.table);
+        match self.resolve_in(&mut lock(&self.table), parent, name, Instant::now()) {
+            Resolved::Known(ino) => Some(Ok(ino)),
+            Resolved::Missing => Some(Err(Error::NotFound)),
+            Resolved::Ask(_) => None,
+        }
+    }
+
+    /// [`Fs::resolve_from_memory`] in a locked `table` at time `now`; when the store must be asked, with the node the
+    /// table holds for the name, if any.
+    fn resolve_in(&self, table: &mut InodeTable, parent: u64, name: &str, now: Instant) -> Resolved {
         match table.child(parent, name) {
             Some(ino) => {
-                let node = table.get(ino)?;
+                let Some(node) = table.get(ino) else { return Resolved::Ask(Some(ino)) };
                 // A directory whose own listing, less than attr_ttl old, showed entries exists: the kernel's
                 // revalidation of it while a scan of it runs (`ls -l`, `find` past the dentry's timeout) costs no
                 // probe. Its attributes are those of its marker as last read.
                 if node.kind == FileKind::Dir && table.names(ino).is_some_and(|n| now < n.until && n.entries > 0) {
-                    return Some(Ok(ino));
+                    return Resolved::Known(ino);
                 }
-                if self.fresh(node) {
+                if self.fresh_at(node, now) {
                     // A listed directory in use: worth listing again once its knowledge expires (a fresh node of a
                     // listing got its attributes from the listing's index or metadata read-ahead).
                     if node.listed.is_some() || node.kind != FileKind::Dir && table.names(parent).is_some() {
                         table.note_saved(parent, 1);
                     }
-                    return Some(Ok(ino));
+                    return Resolved::Known(ino);
                 }
-                if self.recently_listed(node) {
+                if self.recently_listed_at(node, now) {
                     table.note_saved(parent, 1); // the HEAD a stale node would cost
-                    return Some(Ok(ino));
+                    return Resolved::Known(ino);
                 }
-                None
+                Resolved::Ask(Some(ino))
             }
             None if table.knows_names(parent, now) => {
                 table.note_saved(parent, 3); // the three requests of a probe
-                Some(Err(Error::NotFound))
+                Resolved::Missing
             }
-            None => None,
+            None => Resolved::Ask(None),
         }
     }
 
@@ -856,46 +879,66 @@ impl Fs {
         self.account();
     }
 
-    /// The lookup a READDIRPLUS answer stands for, of an entry (`listed`) the directory's listing just showed:
-    /// answered from memory only, never the store, so a directory read costs what its listing cost. Counts a lookup
-    /// as [`Fs::lookup_entry`] does (the kernel links every entry it is sent and forgets it later), and says so in
-    /// the third field; the caller takes it back with [`Fs::unlist`] if the entry did not fit the reply. The time to
-    /// keep it is `lookup_entry`'s for a name memory knows, zero for one memory alone cannot vouch for, so the kernel
-    /// asks (LOOKUP) before it uses those attributes, as without READDIRPLUS. An entry the table holds no node for
-    /// (no room for it, see `list_dir`, or trimmed since) gets placeholder attributes under the number its node will
-    /// get, with a zero time and no lookup counted (there is no node to count it on; a FORGET of it is a no-op).
-    /// `None`: the name is gone since the listing was taken, and is not shown.
-    pub fn lookup_listed(&self, parent: u64, listed: &DirEntry) -> Option<(Attr, Duration, bool)> {
-        let name = listed.name.as_str();
-        let known = self.resolve_from_memory(parent, name);
+    /// The lookups a READDIRPLUS answer stands for, of `entries` the directory's listing just showed, in order:
+    /// answered from memory only, never the store, so a directory read costs what its listing cost. Each counts a
+    /// lookup as [`Fs::lookup_entry`] does (the kernel links every entry it is sent and forgets it later), and says so
+    /// in the third field of its answer. The time to keep it is `lookup_entry`'s for a name memory knows, zero for one
+    /// memory alone cannot vouch for, so the kernel asks (LOOKUP) before it uses those attributes, as without
+    /// READDIRPLUS. An entry the table holds no node for (no room for it, see `list_dir`, or trimmed since) gets
+    /// placeholder attributes under the number its node will get, with a zero time and no lookup counted (there is no
+    /// node to count it on; a FORGET of it is a no-op). `None`: the name is gone since the listing was taken, and is
+    /// not shown.
+    ///
+    /// All under one lock of the table and one reading of the clock (a reply holds hundreds of entries): `add` gets
+    /// each entry's position in `entries`, its name and its answer, and says whether the reply is full; then that
+    /// entry's lookup is taken back and no further entry is looked up. Returns how many entries were handled (all
+    /// but the one that did not fit).
+    pub fn lookup_listed_each(
+        &self,
+        parent: u64,
+        entries: &[DirEntry],
+        mut add: impl FnMut(usize, &str, Option<(Attr, Duration, bool)>) -> bool,
+    ) -> usize {
         let silent = self.store_recently_silent();
+        let now = Instant::now();
         let mut table = lock(&self.table);
-        let (ino, vouched) = match known {
-            Some(Ok(ino)) => (ino, true),
-            Some(Err(_)) => return None,
-            None => match table.child(parent, name) {
-                Some(ino) => (ino, false),
-                None => {
-                    let mut node = self.blank_node(parent, name, listed.kind);
-                    node.ino = listed.ino;
-                    return Some((node.attr_with(1), Duration::ZERO, false));
+        for (i, listed) in entries.iter().enumerate() {
+            let found = self.lookup_listed_in(&mut table, parent, listed, silent, now);
+            let counted = found.as_ref().and_then(|(a, _, counted)| counted.then_some(a.ino));
+            if add(i, &listed.name, found) {
+                if let Some(node) = counted.and_then(|ino| table.get_mut(ino)) {
+                    node.lookups = node.lookups.saturating_sub(1);
                 }
-            },
-        };
-        let attr = table.attr(ino)?;
-        let node = table.get_mut(ino)?;
-        node.lookups += 1;
-        let ttl = if vouched && (self.fresh(node) || silent) { self.config.attr_ttl } else { Duration::ZERO };
-        Some((attr, ttl, true))
+                return i;
+            }
+        }
+        entries.len()
     }
 
-    /// Takes back the lookup [`Fs::lookup_listed`] counted for an entry that did not fit its reply. Unlike a FORGET,
-    /// it keeps the node even at zero lookups: it was in the table before (a listing's node), and the next reply,
-    /// from that entry on, needs it.
-    pub fn unlist(&self, ino: u64) {
-        if let Some(node) = lock(&self.table).get_mut(ino) {
-            node.lookups = node.lookups.saturating_sub(1);
-        }
+    fn lookup_listed_in(
+        &self,
+        table: &mut InodeTable,
+        parent: u64,
+        listed: &DirEntry,
+        silent: bool,
+        now: Instant,
+    ) -> Option<(Attr, Duration, bool)> {
+        let name = listed.name.as_str();
+        let (ino, vouched) = match self.resolve_in(table, parent, name, now) {
+            Resolved::Known(ino) => (ino, true),
+            Resolved::Missing => return None,
+            Resolved::Ask(Some(ino)) => (ino, false),
+            Resolved::Ask(None) => {
+                let mut node = self.blank_node(parent, name, listed.kind);
+                node.ino = listed.ino;
+                return Some((node.attr_with(1), Duration::ZERO, false));
+            }
+        };
+        let attr = table.attr_at(ino, now)?;
+        let node = table.get_mut(ino)?;
+        node.lookups += 1;
+        let ttl = if vouched && (self.fresh_at(node, now) || silent) { self.config.attr_ttl } else { Duration::ZERO };
+        Some((attr, ttl, true))
     }
 
     /// The attributes memory holds for `ino` (for the "." and ".." entries of a directory read), without asking.
@@ -903,7 +946,7 @@ impl Fs {
         lock(&self.table).attr(ino)
     }
 
-    /// Brings the memory accounting up to date after a batch of [`Fs::lookup_listed`].
+    /// Brings the memory accounting up to date after [`Fs::lookup_listed_each`].
     pub fn lookups_done(&self) {
         self.account();
     }
@@ -1395,10 +1438,15 @@ impl Fs {
     /// Whether a listing less than `attr_ttl` old showed the node's stored version unchanged since its metadata was
     /// read: it exists, with the kind it has, whatever the age of its other attributes.
     fn recently_listed(&self, node: &Node) -> bool {
+        self.recently_listed_at(node, Instant::now())
+    }
+
+    /// [`Fs::recently_listed`] at time `now`.
+    fn recently_listed_at(&self, node: &Node, now: Instant) -> bool {
         node.kind != FileKind::Dir
             && node.write.is_none()
             && node.remote.is_some()
-            && node.listed.is_some_and(|t| t.elapsed() < self.config.attr_ttl)
+            && node.listed.is_some_and(|t| now.saturating_duration_since(t) < self.config.attr_ttl)
     }
 
     /// Fetches the metadata (mode, owner, mtime, symlink or not) of listed files whose attributes are not fresh,
