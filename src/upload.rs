@@ -25,6 +25,10 @@ pub mod stream;
 /// Where the plaintext of an upload comes from: a staged file, or bytes in memory.
 pub trait Source: Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+
+    /// The uploader has read everything before plaintext offset `plain` and will not come back for it unless the
+    /// upload starts over: a source on disk may let the page cache write it back and drop it. By default nothing.
+    fn read_below(&self, _plain: u64) {}
 }
 
 /// A staged file of `size` bytes.
@@ -36,6 +40,10 @@ pub struct StagedSource<'a> {
 impl Source for StagedSource<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset, self.size)
+    }
+
+    fn read_below(&self, plain: u64) {
+        self.file.uncache_below(plain);
     }
 }
 

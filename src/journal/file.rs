@@ -207,6 +207,26 @@ impl StagedFile {
 }
 
 impl StagedFile {
+    /// Lets the page cache drop the staged bytes before plaintext offset `plain` once they are on disk: starts
+    /// writing back what is dirty there and drops what is clean (`POSIX_FADV_DONTNEED`; the bytes stay in the
+    /// file, a later read gets them from the disk). Called by a stream for what it has read, one part behind, so
+    /// the part just read is dropped at the next call. Why: a 1 GiB file streamed through the journal otherwise
+    /// holds 1 GiB of page cache until it is removed, every page of it newly allocated; on a VM whose free memory
+    /// is handed back to the host, first touches made the staging copy the largest cost of a sequential write
+    /// (perf: 43 % of the daemon's samples in `copy_folio_from_iter_atomic`), where pages given back here are
+    /// taken again by the next writes. Advice only: a failure changes nothing and is ignored.
+    pub fn uncache_below(&self, plain: u64) {
+        let (file, len) = match self {
+            StagedFile::Plain(f) => (f, plain),
+            StagedFile::Sealed { file, .. } => (file, (plain / SLOT_PLAIN_LEN).saturating_mul(SLOT_LEN)),
+        };
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        if len > 0 {
+            // SAFETY: posix_fadvise on a descriptor this value owns, with plain integer arguments.
+            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), 0, len, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
     /// Frees the disk space of the plaintext before `plain` (rounded down to whole slots), keeping the file's
     /// length: for a file streamed to the store faster than the disk can hold it (`crate::upload::stream`). Reads of
     /// that range afterwards return zeros (plain) or fail authentication (sealed): the caller never reads it again.
@@ -247,6 +267,29 @@ mod tests {
         let key = derive_journal_key(&[5; 32], "s", "r");
         let f = StagedFile::Sealed { file: tmp.reopen().unwrap(), cipher: SlotCipher::new(&key, AeadBackend::AwsLc, new_file_id()) };
         (tmp, f)
+    }
+
+    /// Dropping the cached pages of what was read keeps every byte: later reads (from the disk), and writes past
+    /// and into the dropped range, read back as written, sealed and plain.
+    #[test]
+    fn uncached_bytes_read_back_from_the_disk() {
+        let plain_tmp = tempfile::NamedTempFile::new().unwrap();
+        let (_sealed_tmp, sealed_file) = sealed();
+        for f in [StagedFile::Plain(plain_tmp.reopen().unwrap()), sealed_file] {
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+            let mut size = f.write_at(0, &data[..2_000_000], 0).unwrap();
+            f.uncache_below(1_500_000);
+            size = f.write_at(2_000_000, &data[2_000_000..], size).unwrap();
+            f.uncache_below(3_000_000);
+            let mut back = vec![0u8; data.len()];
+            f.read_exact_at(&mut back, 0, size).unwrap();
+            assert!(back == data, "content changed after the page cache dropped it");
+            f.write_at(10, b"rewritten", size).unwrap();
+            f.uncache_below(u64::MAX);
+            f.read_exact_at(&mut back[..100], 0, size).unwrap();
+            assert_eq!(&back[10..19], b"rewritten");
+            assert_eq!(&back[..10], &data[..10]);
+        }
     }
 
     #[derive(Debug, Clone)]

@@ -299,6 +299,7 @@ impl Stream {
             part.truncate(PART_SIZE);
         }
         self.put(part, memory);
+        src.read_below(self.next_chunk * CHUNK_PLAIN_LEN);
         Ok(())
     }
 
