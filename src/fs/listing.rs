@@ -91,14 +91,20 @@ impl Fs {
 /// The upper bounds of all ranges but the last: the key (under `prefix`) of every `RANGE_NAMES`th name of the
 /// index, in order. None when the names are not strictly ascending (an index not written by this code): one range.
 fn cuts(prefix: &str, entries: &[Entry]) -> Vec<String> {
+    if !cuttable(entries) {
+        return Vec::new();
+    }
     cut_names(entries, RANGE_NAMES).map(|n| format!("{prefix}{n}")).collect()
 }
 
-/// Every `step`th name of `entries`; none when the names are not strictly ascending or one has a `/` (it could
-/// split a subdirectory's prefix between two ranges).
+/// Whether `entries` can place cuts: names strictly ascending and none with a `/` (it could split a subdirectory's
+/// prefix between two ranges).
+fn cuttable(entries: &[Entry]) -> bool {
+    !entries.windows(2).any(|w| w[0].name >= w[1].name) && !entries.iter().any(|e| e.name.contains('/'))
+}
+
+/// Every `step`th name of `entries` (which are [`cuttable`]).
 fn cut_names(entries: &[Entry], step: usize) -> impl Iterator<Item = &str> {
-    let usable = !entries.windows(2).any(|w| w[0].name >= w[1].name) && !entries.iter().any(|e| e.name.contains('/'));
-    let entries = if usable { entries } else { &[] };
     entries.iter().skip(step - 1).step_by(step).map(|e| e.name.as_str())
 }
 
@@ -119,6 +125,9 @@ const NAME_AS_IS: &percent_encoding::AsciiSet =
 /// [`CUTS_META`]'s value for an index of `entries`: every `RANGE_NAMES`th name, or every 2nd, 4th, … such name if
 /// that is what fits. None when there is nothing to cut (one page) or no spacing fits.
 pub(super) fn cuts_meta(entries: &[Entry]) -> Option<String> {
+    if !cuttable(entries) {
+        return None;
+    }
     let mut step = RANGE_NAMES;
     while step <= entries.len() {
         let names: Vec<String> = cut_names(entries, step)

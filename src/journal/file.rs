@@ -216,14 +216,19 @@ impl StagedFile {
     /// (perf: 43 % of the daemon's samples in `copy_folio_from_iter_atomic`), where pages given back here are
     /// taken again by the next writes. Advice only: a failure changes nothing and is ignored.
     pub fn uncache_below(&self, plain: u64) {
-        let (file, len) = match self {
-            StagedFile::Plain(f) => (f, plain),
-            StagedFile::Sealed { file, .. } => (file, (plain / SLOT_PLAIN_LEN).saturating_mul(SLOT_LEN)),
-        };
-        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        let len = i64::try_from(self.stored_below(plain)).unwrap_or(i64::MAX);
         if len > 0 {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(self.file());
             // SAFETY: posix_fadvise on a descriptor this value owns, with plain integer arguments.
-            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), 0, len, libc::POSIX_FADV_DONTNEED) };
+            unsafe { libc::posix_fadvise(fd, 0, len, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
+    /// Bytes of the file on disk that hold the plaintext before `plain`, rounded down to whole slots when sealed.
+    fn stored_below(&self, plain: u64) -> u64 {
+        match self {
+            StagedFile::Plain(_) => plain,
+            StagedFile::Sealed { .. } => (plain / SLOT_PLAIN_LEN).saturating_mul(SLOT_LEN),
         }
     }
 
@@ -231,10 +236,7 @@ impl StagedFile {
     /// length: for a file streamed to the store faster than the disk can hold it (`crate::upload::stream`). Reads of
     /// that range afterwards return zeros (plain) or fail authentication (sealed): the caller never reads it again.
     pub fn discard_below(&self, plain: u64) -> io::Result<()> {
-        let (file, len) = match self {
-            StagedFile::Plain(f) => (f, plain),
-            StagedFile::Sealed { file, .. } => (file, plain / SLOT_PLAIN_LEN * SLOT_LEN),
-        };
+        let (file, len) = (self.file(), self.stored_below(plain));
         if len == 0 {
             return Ok(());
         }
