@@ -552,13 +552,29 @@ impl Filesystem for FuseAdapter {
 
 /// The process (thread group) of the thread `tid` that sent a request: FUSE reports the calling thread, and a
 /// multi-threaded writer may open on one thread and close on another. Falls back to `tid` if /proc cannot say.
-/// One read of the head of `/proc/TID/status` (paid on every open, create and close): its `Tgid:` line comes fourth,
-/// after `Name:` (at most 64 bytes even with every character escaped), `Umask:` and `State:`.
+/// Paid on every open, create and close, so the common case is one syscall: `tgkill(tid, tid, 0)` sends nothing and
+/// finds the thread only if it leads its own group (EPERM, another user's process, still means found). Any other
+/// thread costs one read of the head of `/proc/TID/status`: its `Tgid:` line comes fourth, after `Name:` (at most
+/// 64 bytes even with every character escaped), `Umask:` and `State:`.
 fn process_of(tid: u32) -> u32 {
     use std::io::Read;
+    if leads_its_group(tid) {
+        return tid;
+    }
     let mut head = [0u8; 512];
     let n = std::fs::File::open(format!("/proc/{tid}/status")).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
     tgid_in(&head[..n]).unwrap_or(tid)
+}
+
+/// Whether thread `tid` exists and is its process's main thread (its thread id is the process id).
+fn leads_its_group(tid: u32) -> bool {
+    let Ok(id) = libc::pid_t::try_from(tid) else { return false };
+    if id <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 is never delivered; the call only looks the thread up and checks permission.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, id, id, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The `Tgid:` of the head of a `/proc/TID/status`.
@@ -585,6 +601,11 @@ mod tests {
         .unwrap();
         assert_ne!(tid, std::process::id());
         assert_eq!(process, std::process::id());
+        // The main thread leads its group, another thread does not, and neither does a thread that is gone.
+        assert!(leads_its_group(std::process::id()));
+        assert!(!std::thread::spawn(|| leads_its_group(unsafe { libc::gettid() } as u32)).join().unwrap());
+        assert!(!leads_its_group(u32::MAX - 1));
+        assert!(!leads_its_group(0));
         // A line cut at the end of the read is not taken for a whole one; no Tgid line gives None.
         assert_eq!(tgid_in(b"Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t42\nNgid:\t0\n"), Some(42));
         assert_eq!(tgid_in(b"Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4"), None);
