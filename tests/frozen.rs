@@ -13,6 +13,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -481,19 +482,29 @@ fn a_frozen_store_still_serves_what_the_disk_cache_holds() {
     assert_bytes(got.expect("read while the store was frozen"), &plain, "read from the disk cache while frozen");
 }
 
-/// A TCP proxy in front of the shared S3 server that passes every request on, except that a listing that starts
-/// after a key or continues from a token (`start-after=`, `continuation-token=`: the second and later ranges of a
-/// parallel listing, `fs::listing`) is never passed on or answered while `stall` is set. So the store answers a
-/// directory's index and its first page, and hangs on the rest: the case where some of the range tasks are stuck
-/// and others have finished, which freezing the whole server never produces.
+/// A TCP proxy in front of the shared S3 server that passes every request on, except the ones its [`Hold`] picks
+/// while `stall` is set: the case where some requests hang and others are answered, which freezing the whole
+/// server never produces.
 struct StallingProxy {
     endpoint: String,
     stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Which requests a [`StallingProxy`] holds, and how.
+#[derive(Clone)]
+enum Hold {
+    /// A listing that starts after a key or continues from a token (`start-after=`, `continuation-token=`: the
+    /// second and later ranges of a parallel listing, `fs::listing`) is never passed on or answered. So the store
+    /// answers a directory's index and its first page, and hangs on the rest.
+    LaterRanges,
+    /// A GET whose request line contains this text is answered with the server's status line and headers, and then
+    /// no body: the headers have promised one, the bytes never come.
+    BodyOf(&'static str),
+}
+
 impl StallingProxy {
-    fn start(upstream: &str) -> StallingProxy {
+    fn start(upstream: &str, hold: Hold) -> StallingProxy {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
         use std::sync::Arc;
         let upstream = upstream.trim_start_matches("http://").to_string();
@@ -505,20 +516,22 @@ impl StallingProxy {
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
-                let (s, n) = (s.clone(), n.clone());
+                let (s, n, hold, upstream) = (s.clone(), n.clone(), hold.clone(), upstream.clone());
                 let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
                 std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
-                std::thread::spawn(move || Self::forward_requests(client, server, &s, &n));
+                std::thread::spawn(move || Self::forward_requests(client, server, &upstream, &hold, &s, &n));
             }
         });
         StallingProxy { endpoint, stall, stalled }
     }
 
     /// Passes the client's requests (head, then a `Content-Length` body) to the server one by one, until one is to
-    /// be stalled: then the connection is held, unanswered, until `stall` is cleared, and closed.
+    /// be held: then the connection is held until `stall` is cleared, and closed.
     fn forward_requests(
         client: std::net::TcpStream,
         mut server: std::net::TcpStream,
+        upstream: &str,
+        hold: &Hold,
         stall: &std::sync::atomic::AtomicBool,
         stalled: &std::sync::atomic::AtomicUsize,
     ) {
@@ -535,11 +548,24 @@ impl StallingProxy {
             }
             let text = String::from_utf8_lossy(&head).to_string();
             let first = text.lines().next().unwrap_or_default().to_string();
-            if stall.load(Ordering::SeqCst) && (first.contains("start-after=") || first.contains("continuation-token=")) {
+            let held = stall.load(Ordering::SeqCst)
+                && match hold {
+                    Hold::LaterRanges => first.contains("start-after=") || first.contains("continuation-token="),
+                    Hold::BodyOf(text) => first.starts_with("GET ") && first.contains(text),
+                };
+            if held {
                 stalled.fetch_add(1, Ordering::SeqCst);
+                if let Hold::BodyOf(_) = hold {
+                    // The request goes to the server on a connection of its own; only its answer's head comes back.
+                    let answer_head = Self::head_of_answer(upstream, &head);
+                    if client.get_mut().write_all(&answer_head).is_err() {
+                        return;
+                    }
+                }
                 while stall.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                let _ = client.get_ref().shutdown(std::net::Shutdown::Both);
                 let _ = server.shutdown(std::net::Shutdown::Both);
                 return;
             }
@@ -554,6 +580,23 @@ impl StallingProxy {
                 return;
             }
         }
+    }
+
+    /// Sends the request `head` (a GET: no body) to the server on a new connection and returns its answer's status
+    /// line and headers, up to and including the blank line, without any byte of the body.
+    fn head_of_answer(upstream: &str, head: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut server = std::net::TcpStream::connect(upstream).unwrap();
+        server.write_all(head).unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            server.read_exact(&mut byte).expect("the server answers the held GET");
+            answer.push(byte[0]);
+        }
+        let status = String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_string();
+        assert!(status.starts_with("HTTP/1.1 200"), "the held GET was answered {status}");
+        answer
     }
 }
 
@@ -573,7 +616,7 @@ fn a_listing_whose_later_ranges_hang_fails_in_time_and_lists_in_full_afterwards(
     a.unmount();
 
     let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
-    let proxy = StallingProxy::start(endpoint);
+    let proxy = StallingProxy::start(endpoint, Hold::LaterRanges);
     let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
     let m = Mount::start_with(&env, &through, "none", &[timeout.as_str()]);
     fs::metadata(m.path("d")).unwrap();
@@ -598,4 +641,62 @@ fn a_listing_whose_later_ranges_hang_fails_in_time_and_lists_in_full_afterwards(
     assert_eq!(names, want, "the listing after the hang");
     assert_eq!(fs::read(m.path("d/f1000")).unwrap(), b"1000\n");
     m.unmount();
+}
+
+/// A directory's index whose GET is answered with headers and then no body (a store that hangs mid-answer): a cold
+/// `readdir` returns within the bound, the listing started from the headers' cut names goes on, the index is given
+/// up when its body misses the deadline (once: it is not read again for the attributes, which used to cost a second
+/// `timeout=`), and the attributes come from the objects instead (as for a directory without an index). Every name
+/// is listed with its size and mode and the files read back; the index itself is not harmed, and a mount that
+/// reaches the store directly lists from it.
+#[test]
+fn an_index_whose_body_hangs_after_its_headers_is_given_up_in_time_and_every_file_is_listed() {
+    const FILES: usize = 1200;
+    let env = Env::new();
+    let store = Store::s3();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let a = Mount::start(&env, &store, "cse-c");
+    fs::create_dir(a.path("d")).unwrap();
+    sh(&format!("for i in $(seq 1 {FILES}); do echo $i > d/f$i; done; chmod 600 d/f7"), &a.dir);
+    a.unmount();
+
+    let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
+    let proxy = StallingProxy::start(endpoint, Hold::BodyOf(".s3cryptfs-index"));
+    let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
+    let m = Mount::start_with(&env, &through, "cse-c", &[timeout.as_str()]);
+    fs::metadata(m.path("d")).unwrap();
+    let d = m.path("d");
+    let names = within("readdir of a directory whose index body hangs", move || {
+        fs::read_dir(&d).and_then(|entries| entries.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>())
+    });
+    // Once: the listing reads the index on the way, and what came of that is not asked for again.
+    let held = proxy.stalled.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(held, 1, "GETs of the directory's index held while it was read");
+    let mut listed: Vec<(String, u64, u32)> = names
+        .expect("readdir while the index body hung")
+        .iter()
+        .map(|p| {
+            let md = fs::symlink_metadata(p).unwrap();
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            (name, md.len(), md.permissions().mode() & 0o777)
+        })
+        .collect();
+    listed.sort();
+    let mut want: Vec<(String, u64, u32)> = (1..=FILES)
+        .map(|i| (format!("f{i}"), format!("{i}\n").len() as u64, if i == 7 { 0o600 } else { 0o644 }))
+        .collect();
+    want.sort();
+    assert_eq!(listed.len(), want.len(), "names listed while the index body hung");
+    assert_eq!(listed, want, "names, sizes and modes listed while the index body hung");
+    assert_eq!(fs::read(m.path("d/f1200")).unwrap(), b"1200\n");
+    proxy.stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    let log = m.unmount();
+    eprintln!("{}", log.lines().filter(|l| l.contains("index")).take(5).collect::<Vec<_>>().join("\n"));
+
+    // The index itself was not harmed: a mount through the store directly lists the directory from it.
+    let b = Mount::start(&env, &store, "cse-c");
+    let count = fs::read_dir(b.path("d")).unwrap().count();
+    assert_eq!(count, FILES);
+    assert_eq!(fs::metadata(b.path("d/f7")).unwrap().permissions().mode() & 0o777, 0o600);
+    b.unmount();
 }

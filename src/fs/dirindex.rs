@@ -40,6 +40,16 @@ use crate::crypto::CryptoError;
 use crate::object::{Codec, CodecError, StoredFormat, BIND_META};
 use crate::store::{Expect, Listing, ObjectInfo, ObjectKey, StoreError, UserMeta};
 
+/// What a directory's listing got of its index on the way (`fs::listing`), for [`Fs::apply_index`].
+pub(super) enum IndexRead {
+    /// The listing did not read it.
+    NotTried,
+    /// It read it, and there was none, or none it could use: missing, damaged, or its answer did not come in time.
+    Unusable,
+    /// Its entries.
+    Read(Vec<Entry>),
+}
+
 /// The reserved name of a directory's index object (see docs/SEMANTICS.md for why this name and what it costs).
 pub const INDEX_NAME: &str = ".s3cryptfs-index";
 
@@ -605,10 +615,11 @@ impl Fs {
 
     /// After listing directory `dir` (`prefix`: its key prefix): applies the entries of its index whose identity
     /// matches the listing to the files whose attributes are not fresh, so they need no HEAD. One GET, and only when
-    /// the listing shows an index and some file needs attributes. A directory whose index did not cover every such
-    /// file is marked for a rewrite (after the HEADs that follow have filled the table).
-    /// `read`: the index as read while listing (`fs::listing`), if it was.
-    pub(super) async fn apply_index(&self, dir: u64, prefix: &str, listing: &Listing, read: Option<Vec<Entry>>) {
+    /// the listing shows an index, some file needs attributes and the listing did not try to read it already. A
+    /// directory whose index did not cover every such file is marked for a rewrite (after the HEADs that follow have
+    /// filled the table).
+    /// `read`: what the listing (`fs::listing`) got of the index on the way.
+    pub(super) async fn apply_index(&self, dir: u64, prefix: &str, listing: &Listing, read: IndexRead) {
         if !self.index_reads() {
             return;
         }
@@ -641,9 +652,10 @@ impl Fs {
         if wanted.is_empty() {
             return;
         }
+        // An index the listing found unusable (damaged, or its body outlived `timeout=`) is not asked for again.
         let entries = match read {
-            Some(read) if listed_index => Some(read),
-            _ if listed_index => self.read_index(&key).await,
+            IndexRead::Read(read) if listed_index => Some(read),
+            IndexRead::NotTried if listed_index => self.read_index(&key).await,
             _ => None,
         };
         let Some(entries) = entries else {

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use super::dirindex::{self, Entry};
+use super::dirindex::{self, Entry, IndexRead};
 use super::{lock, FileKind, Fs};
 use crate::store::{Backend, Listing, StoreError, UserMeta};
 
@@ -29,16 +29,16 @@ const RANGE_NAMES: usize = 990;
 const PAGES_IN_FLIGHT: usize = 8;
 
 impl Fs {
-    /// Directory `dir`'s listing (its key prefix: `prefix`) and, when it was read on the way (`with_index`), the
-    /// entries of its index.
+    /// Directory `dir`'s listing (its key prefix: `prefix`) and what it got of the directory's index, which it reads
+    /// on the way when `with_index` and worth it.
     pub(super) async fn list_children(
         &self,
         dir: u64,
         prefix: &str,
         with_index: bool,
-    ) -> Result<(Listing, Option<Vec<Entry>>), StoreError> {
+    ) -> Result<(Listing, IndexRead), StoreError> {
         if !with_index || !self.backend.lists_from_keys() || !self.index_reads() || !self.index_worth_reading(dir) {
-            return Ok((self.backend.list(prefix, false).await?, None));
+            return Ok((self.backend.list(prefix, false).await?, IndexRead::NotTried));
         }
         // Every range in a task of its own: its requests go out, and its pages are parsed, while this task opens
         // the index and the other ranges run.
@@ -70,7 +70,7 @@ impl Fs {
             listing.objects.extend(part.objects);
             listing.prefixes.extend(part.prefixes);
         }
-        Ok((listing, entries))
+        Ok((listing, entries.map_or(IndexRead::Unusable, IndexRead::Read)))
     }
 
     /// Whether listing `dir` now should read its index on the way: not when its last listing showed none, nor when
