@@ -491,6 +491,43 @@ fn a_child_process_closing_inherited_descriptors_does_not_upload_a_half_written_
     assert_bytes(fs::read(m.path("growing")).unwrap(), &want, "content");
 }
 
+/// FUSE names the thread that sent a request; the mount compares processes. A file opened on one thread of a
+/// writer and closed on another (the main thread, or a thread that is not) is uploaded by that close, as a close on
+/// the opening thread would be. A duplicate of the descriptor stays open meanwhile, so the upload seen is the
+/// close's (FLUSH), not the final release's, which comes after close() has returned.
+#[test]
+fn a_file_opened_on_one_thread_and_closed_on_another_is_uploaded_by_that_close() {
+    use std::io::Write;
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "cse-c");
+    let stored_len = |name: &str| store.raw_objects().into_iter().find(|(k, _)| k == name).map(|(_, b)| b.len());
+    let want = pattern(70_000, 3);
+    let full = Some(s3cryptfs::crypto::cipher_size(want.len() as u64) as usize);
+    // Opened (and written) on a thread that is not the main one, closed on the main thread.
+    let (path, data) = (m.path("from_thread"), want.clone());
+    let f = std::thread::spawn(move || {
+        let mut f = fs::File::create(path).unwrap();
+        f.write_all(&data).unwrap();
+        f
+    })
+    .join()
+    .unwrap();
+    let kept = f.try_clone().unwrap();
+    drop(f);
+    assert_eq!(stored_len("from_thread"), full, "closed on the main thread, opened on another");
+    drop(kept);
+    // Opened on the main thread, closed on another thread.
+    let mut f = fs::File::create(m.path("to_thread")).unwrap();
+    f.write_all(&want).unwrap();
+    let kept = f.try_clone().unwrap();
+    std::thread::spawn(move || drop(f)).join().unwrap();
+    assert_eq!(stored_len("to_thread"), full, "closed on another thread, opened on the main one");
+    drop(kept);
+    assert_bytes(fs::read(m.path("from_thread")).unwrap(), &want, "content");
+    assert_bytes(fs::read(m.path("to_thread")).unwrap(), &want, "content");
+}
+
 #[test]
 fn inode_numbers_survive_the_kernel_forgetting_them_and_unlinked_open_files_have_no_links() {
     let env = Env::new();
