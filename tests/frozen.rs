@@ -600,6 +600,24 @@ impl StallingProxy {
     }
 }
 
+/// Directory `d` of `files` files (`f1`… each holding its number; then `more` runs in the mount's root), written by a
+/// mount in `mode` straight to the shared S3 server; then a mount in `mode` with `timeout=` through a
+/// [`StallingProxy`] that holds `hold`, which has looked `d` up. Returns the store, the proxy and that mount.
+fn behind_a_proxy(env: &Env, mode: &str, files: usize, more: &str, hold: Hold) -> (Store, StallingProxy, Mount) {
+    let store = Store::s3();
+    let a = Mount::start(env, &store, mode);
+    fs::create_dir(a.path("d")).unwrap();
+    sh(&format!("for i in $(seq 1 {files}); do echo $i > d/f$i; done; {more}"), &a.dir);
+    a.unmount();
+    let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
+    let proxy = StallingProxy::start(endpoint, hold);
+    let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let m = Mount::start_with(env, &through, mode, &[timeout.as_str()]);
+    fs::metadata(m.path("d")).unwrap();
+    (store, proxy, m)
+}
+
 /// A directory of 1,000 files is listed in two ranges (its index names more than 990). With the store answering the
 /// index and the first range but never the second, a cold `ls` returns an error within the bound, and once the
 /// store answers again the same mount lists every name: the range that finished is not taken for the whole
@@ -608,18 +626,7 @@ impl StallingProxy {
 fn a_listing_whose_later_ranges_hang_fails_in_time_and_lists_in_full_afterwards() {
     const FILES: usize = 1000;
     let env = Env::new();
-    let store = Store::s3();
-    let timeout = format!("timeout={TIMEOUT_SECS}");
-    let a = Mount::start(&env, &store, "none");
-    fs::create_dir(a.path("d")).unwrap();
-    sh(&format!("for i in $(seq 1 {FILES}); do echo $i > d/f$i; done"), &a.dir);
-    a.unmount();
-
-    let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
-    let proxy = StallingProxy::start(endpoint, Hold::LaterRanges);
-    let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
-    let m = Mount::start_with(&env, &through, "none", &[timeout.as_str()]);
-    fs::metadata(m.path("d")).unwrap();
+    let (_, proxy, m) = behind_a_proxy(&env, "none", FILES, "", Hold::LaterRanges);
     let d = m.path("d");
     let listed = within("ls of a directory whose second range hangs", move || {
         fs::read_dir(&d).and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>())
@@ -653,18 +660,7 @@ fn a_listing_whose_later_ranges_hang_fails_in_time_and_lists_in_full_afterwards(
 fn an_index_whose_body_hangs_after_its_headers_is_given_up_in_time_and_every_file_is_listed() {
     const FILES: usize = 1200;
     let env = Env::new();
-    let store = Store::s3();
-    let timeout = format!("timeout={TIMEOUT_SECS}");
-    let a = Mount::start(&env, &store, "cse-c");
-    fs::create_dir(a.path("d")).unwrap();
-    sh(&format!("for i in $(seq 1 {FILES}); do echo $i > d/f$i; done; chmod 600 d/f7"), &a.dir);
-    a.unmount();
-
-    let Store::S3 { endpoint, bucket } = &store else { panic!("Store::s3 is S3") };
-    let proxy = StallingProxy::start(endpoint, Hold::BodyOf(".s3cryptfs-index"));
-    let through = Store::S3 { endpoint: proxy.endpoint.clone(), bucket: bucket.clone() };
-    let m = Mount::start_with(&env, &through, "cse-c", &[timeout.as_str()]);
-    fs::metadata(m.path("d")).unwrap();
+    let (store, proxy, m) = behind_a_proxy(&env, "cse-c", FILES, "chmod 600 d/f7", Hold::BodyOf(".s3cryptfs-index"));
     let d = m.path("d");
     let names = within("readdir of a directory whose index body hangs", move || {
         fs::read_dir(&d).and_then(|entries| entries.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>())
