@@ -10,7 +10,8 @@
 #
 # STORE_URL: file:///abs/dir, s3://bucket[/prefix] (endpoint from S3CRYPTFS_SUITE_ENDPOINT, credentials from the
 # AWS_* variables), az://…, gs://… (the emulators' variables as scripts/azurite.sh and scripts/gcs.sh print them).
-# MODE: none or cse-c (default; the key is made in the work directory). More mount options: S3CRYPTFS_SUITE_OPTS.
+# MODE: any mount mode, cse-c by default (for cse-c and sse-c a key is made in the work directory); more mount options
+# (kms_key_id=, ca_file=…) in S3CRYPTFS_SUITE_OPTS.
 # Work directory: S3CRYPTFS_SUITE_DIR (default /tmp/s3cryptfs-suites). Must run as root (pjdfstest changes owners).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ if mountpoint -q "$work/mnt" 2>/dev/null; then "$bin" unmount "$work/mnt"; fi
 rm -rf "$work/mnt" "$work/staging"
 mkdir -p "$work/mnt"
 opts="mode=$mode,staging_dir=$work/staging,allow_other"
-if [ "$mode" != none ]; then
+if [ "$mode" = cse-c ] || [ "$mode" = sse-c ]; then
   [ -f "$work/key" ] || "$bin" keygen --output "$work/key"
   opts="$opts,key_file=$work/key"
 fi
