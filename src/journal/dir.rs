@@ -273,8 +273,14 @@ impl Dir {
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         use std::io::Write;
         let tmp = format!("{name}.tmp");
-        let _ = self.remove(&tmp);
-        let mut f = self.create_file(&tmp)?;
+        // A leftover of a write that failed midway is removed only when it is there (one syscall less per record).
+        let mut f = match self.create_file(&tmp) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.remove(&tmp)?;
+                self.create_file(&tmp)?
+            }
+            other => other?,
+        };
         f.write_all(bytes)?;
         drop(f);
         let (a, b) = (cstr(&tmp)?, cstr(name)?);
@@ -387,6 +393,16 @@ mod tests {
         assert_eq!(std::fs::metadata(base.join("s/x")).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(sub.entries().unwrap(), vec!["x".to_string()]);
         assert!(sub.read_file("x", 0).is_err(), "length cap");
+        // A temporary name left by a write that failed midway, or planted as a symlink, is replaced, never followed.
+        std::fs::write(base.join("s/x.tmp"), b"stale").unwrap();
+        sub.write_file("x", b"2").unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("s/x.tmp")).unwrap();
+        sub.write_file("x", b"3").unwrap();
+        assert_eq!(sub.read_file("x", 10).unwrap().unwrap(), b"3");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert_eq!(sub.entries().unwrap(), vec!["x".to_string()]);
         Dir::open_base(&base).unwrap();
     }
 
