@@ -1152,18 +1152,25 @@ impl Fs {
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let (cached, remote) = {
+        // The target this mount knows, or else the version of the object it is read from.
+        type Version = Option<(Remote, StoredFormat)>;
+        let known = || -> Result<Result<Vec<u8>, Version>> {
             let table = lock(&self.table);
             let node = table.get(ino).ok_or(Error::NotFound)?;
             if node.kind != FileKind::Symlink {
                 return Err(Error::InvalidArgument("not a symbolic link"));
             }
-            (node.link_target.clone(), node.remote.clone().map(|r| (r, node.format)))
+            Ok(node.link_target.clone().ok_or_else(|| node.remote.clone().map(|r| (r, node.format))))
         };
-        if let Some(t) = cached {
-            return Ok(t);
+        if let Ok(target) = known()? {
+            return Ok(target);
         }
-        let (remote, format) = remote.ok_or(Error::NotFound)?;
+        // After a rename here the version known may be gone (the copy's new ETag): as for open.
+        self.learn_version_if_stale(ino, FileKind::Symlink).await?;
+        let (remote, format) = match known()? {
+            Ok(target) => return Ok(target),
+            Err(remote) => remote.ok_or(Error::NotFound)?,
+        };
         let path = self.path_of(ino)?;
         let reader = self.reader(path, remote.etag, remote.stored_size, format, 0)?;
         let target = reader.read(0, reader.plain_size() as usize).await?;
@@ -2154,29 +2161,38 @@ impl Fs {
         Ok(offset)
     }
 
+    /// Before a reader is pinned to the version `ino` (of kind `kind`, nothing staged) is known by: when that version
+    /// is not vouched for (`fresh`), typically after a rename here whose copy gave the object a new ETag (Azure, GCS,
+    /// S3 multipart), learn the version in the store. Gone: nothing changes; a read that needs the store reports it.
+    async fn learn_version_if_stale(&self, ino: u64, kind: FileKind) -> Result<()> {
+        let stale = {
+            let table = lock(&self.table);
+            table
+                .get(ino)
+                .filter(|n| n.kind == kind && n.write.is_none() && n.remote.is_some() && !self.fresh(n))
+                .and_then(|_| table.path_of(ino))
+        };
+        let Some(path) = stale else { return Ok(()) };
+        match self.backend.head(&key(&path)?).await {
+            Ok((info, meta)) => {
+                let format = self.format_of(&path, &meta).await;
+                if let Some(n) = lock(&self.table).get_mut(ino) {
+                    self.apply_remote(n, &info, &meta, format);
+                }
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(Error::store(&path, e)),
+        }
+    }
+
     pub async fn open(&self, ino: u64, mode: OpenMode) -> Result<u64> {
         if mode.write {
             self.check_writable()?;
         }
         // The kernel may open a name it did not look up again (its entry is still cached), after a rename here whose
-        // copy gave the object a new ETag: learn the version in the store before a reader is pinned to a stale one.
-        let stale = {
-            let table = lock(&self.table);
-            table.get(ino).filter(|n| n.kind == FileKind::File && n.write.is_none() && n.remote.is_some() && !self.fresh(n)).and_then(|_| table.path_of(ino))
-        };
-        if let Some(path) = stale {
-            match self.backend.head(&key(&path)?).await {
-                Ok((info, meta)) => {
-                    let format = self.format_of(&path, &meta).await;
-                    if let Some(n) = lock(&self.table).get_mut(ino) {
-                        self.apply_remote(n, &info, &meta, format);
-                    }
-                }
-                // Gone: the open goes on with what is known; a read that needs the store reports it.
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(Error::store(&path, e)),
-            }
-        }
+        // copy gave the object a new ETag.
+        self.learn_version_if_stale(ino, FileKind::File).await?;
         // Count the handle before any await: a concurrent release of another handle must not see the inode as
         // unused and drop the write state this open is about to use.
         let remote = {
