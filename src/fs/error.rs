@@ -158,8 +158,13 @@ impl Error {
         }
     }
 
-    /// Errors that are part of normal operation (a lookup of a missing name) and not worth a log line.
+    /// Errors that are part of normal operation (a lookup of a missing name) and not worth a log line. A size
+    /// beyond what the file can have (EFBIG: `truncate` to a petabyte, past what the journal's filesystem or the
+    /// format holds) is the caller's request refused, as on a local filesystem, and nothing was lost.
     pub fn is_expected(&self) -> bool {
+        if let Error::Staging { source, .. } = self {
+            return source.raw_os_error() == Some(libc::EFBIG);
+        }
         matches!(
             self,
             Error::NotFound
@@ -173,6 +178,7 @@ impl Error {
                 | Error::NotSupported(_)
                 | Error::InvalidArgument(_)
                 | Error::NotPermitted(_)
+                | Error::TooLarge { .. }
         )
     }
 }
@@ -191,5 +197,20 @@ mod tests {
         let line = crate::error_text::error_chain(&e);
         assert!(line.contains("dir/file") && line.contains("bucket") && line.contains("does not exist"), "{line}");
         assert_eq!(Error::store("k", StoreError::NotFound { key: "k".into() }).errno(), libc::ENOENT);
+    }
+
+    /// A size the file cannot have is EFBIG and no error line (pjdfstest truncate/12 logged one per run); any other
+    /// failure of the staged copy still is one.
+    #[test]
+    fn a_size_beyond_the_limit_is_efbig_and_not_logged() {
+        let huge = Error::staging("f", std::io::Error::from_raw_os_error(libc::EFBIG));
+        assert_eq!(huge.errno(), libc::EFBIG);
+        assert!(huge.is_expected());
+        let too_large = Error::TooLarge { key: "f".into(), size: 1 << 40, max: 1 << 36 };
+        assert_eq!(too_large.errno(), libc::EFBIG);
+        assert!(too_large.is_expected());
+        let full = Error::staging("f", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.errno(), libc::ENOSPC);
+        assert!(!full.is_expected(), "a full journal disk must be logged");
     }
 }
