@@ -58,8 +58,8 @@ const READ_SPAN: usize = 1 << 20;
 /// A part being sealed ahead on a blocking thread ([`Stream::seal_ahead`]): its sealed bytes, after `carry_len`
 /// bytes of room for the carry.
 struct Sealing {
-    task: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
-    memory: crate::memory::Reservation,
+    /// The part and its share of the memory budget.
+    task: tokio::task::JoinHandle<std::io::Result<(Vec<u8>, crate::memory::Reservation)>>,
     carry_len: usize,
 }
 
@@ -217,7 +217,8 @@ impl Stream {
         self.wait_for_room().await?;
         let memory = crate::memory::process().reserve(PART_BUFFER as u64).await;
         let (from, carry_len, oc) = (self.next_chunk, self.carry.len(), self.oc.clone());
-        let task = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        // The reservation goes with the task: an abandoned stream's part still holds its buffer until the task ends.
+        let task = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, crate::memory::Reservation)> {
             // Room at the front for the carry, which the part before leaves and is copied in when this is sent.
             let mut part = Vec::with_capacity(PART_BUFFER);
             part.resize(carry_len, 0);
@@ -233,10 +234,10 @@ impl Stream {
                 }
             }
             src.read_below(until * CHUNK_PLAIN_LEN);
-            Ok(part)
+            Ok((part, memory))
         });
         self.next_chunk = until;
-        self.sealing = Some(Sealing { task, memory, carry_len });
+        self.sealing = Some(Sealing { task, carry_len });
         Ok(())
     }
 
@@ -248,9 +249,9 @@ impl Stream {
             Some(s) if !wait && !s.task.is_finished() => return Ok(()),
             Some(_) => {}
         }
-        let Sealing { task, memory, carry_len } = self.sealing.take().expect("checked above");
-        let mut part = match task.await {
-            Ok(Ok(part)) => part,
+        let Sealing { task, carry_len } = self.sealing.take().expect("checked above");
+        let (mut part, memory) = match task.await {
+            Ok(Ok(sealed)) => sealed,
             Ok(Err(e)) => return Err(Error::staging(&self.path, e)),
             Err(e) => return Err(Error::staging(&self.path, std::io::Error::other(e))),
         };
