@@ -58,8 +58,8 @@ const READ_SPAN: usize = 1 << 20;
 /// A part being sealed ahead on a blocking thread ([`Stream::seal_ahead`]): its sealed bytes, after `carry_len`
 /// bytes of room for the carry.
 struct Sealing {
-    /// The part and its share of the memory budget.
-    task: tokio::task::JoinHandle<std::io::Result<(Vec<u8>, crate::memory::Reservation)>>,
+    task: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
+    memory: crate::memory::Reservation,
     carry_len: usize,
 }
 
@@ -217,8 +217,7 @@ impl Stream {
         self.wait_for_room().await?;
         let memory = crate::memory::process().reserve(PART_BUFFER as u64).await;
         let (from, carry_len, oc) = (self.next_chunk, self.carry.len(), self.oc.clone());
-        // The reservation goes with the task: an abandoned stream's part still holds its buffer until the task ends.
-        let task = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, crate::memory::Reservation)> {
+        let task = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             // Room at the front for the carry, which the part before leaves and is copied in when this is sent.
             let mut part = Vec::with_capacity(PART_BUFFER);
             part.resize(carry_len, 0);
@@ -234,10 +233,10 @@ impl Stream {
                 }
             }
             src.read_below(until * CHUNK_PLAIN_LEN);
-            Ok((part, memory))
+            Ok(part)
         });
         self.next_chunk = until;
-        self.sealing = Some(Sealing { task, carry_len });
+        self.sealing = Some(Sealing { task, memory, carry_len });
         Ok(())
     }
 
@@ -249,9 +248,9 @@ impl Stream {
             Some(s) if !wait && !s.task.is_finished() => return Ok(()),
             Some(_) => {}
         }
-        let Sealing { task, carry_len } = self.sealing.take().expect("checked above");
-        let (mut part, memory) = match task.await {
-            Ok(Ok(sealed)) => sealed,
+        let Sealing { task, memory, carry_len } = self.sealing.take().expect("checked above");
+        let mut part = match task.await {
+            Ok(Ok(part)) => part,
             Ok(Err(e)) => return Err(Error::staging(&self.path, e)),
             Err(e) => return Err(Error::staging(&self.path, std::io::Error::other(e))),
         };
