@@ -8,8 +8,6 @@
 //! ([`Expect`]: nothing, or one version by ETag); the store refuses it with `Precondition` otherwise, and nothing
 //! changes. Nothing here decides *when* to upload; the filesystem does that on close and fsync.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use crate::cache::ObjectId;
@@ -31,12 +29,6 @@ pub trait Source: Sync {
     /// The uploader has read everything before plaintext offset `plain` and will not come back for it unless the
     /// upload starts over: a source on disk may let the page cache write it back and drop it. By default nothing.
     fn read_below(&self, _plain: u64) {}
-
-    /// The same content as an owned source that another thread may read (`upload::stream` seals a part on a
-    /// blocking thread while the file is written on); `None` where there is none (then parts are sealed inline).
-    fn shared(&self) -> Option<Arc<dyn Source + Send + Sync>> {
-        None
-    }
 }
 
 /// A staged file of `size` bytes.
@@ -52,28 +44,6 @@ impl Source for StagedSource<'_> {
 
     fn read_below(&self, plain: u64) {
         self.file.uncache_below(plain);
-    }
-}
-
-/// A staged file of `size` bytes, shared: what a stream reads from while the file is written on (the staged file's
-/// reads and writes are positioned, so they need no lock between them).
-#[derive(Clone)]
-pub struct SharedStaged {
-    pub file: Arc<StagedFile>,
-    pub size: u64,
-}
-
-impl Source for SharedStaged {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset, self.size)
-    }
-
-    fn read_below(&self, plain: u64) {
-        self.file.uncache_below(plain);
-    }
-
-    fn shared(&self) -> Option<Arc<dyn Source + Send + Sync>> {
-        Some(Arc::new(self.clone()))
     }
 }
 

@@ -2477,8 +2477,7 @@ impl Fs {
             staged.stop_streaming();
             return Ok(());
         }
-        // Shared, so a part can be sealed on another thread while the application writes on.
-        let src = crate::upload::SharedStaged { file: staged.file.clone(), size: staged.size };
+        let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
         match stream.advance(&src, staged.size).await {
             Ok(()) => {
                 staged.trim_if(|| self.journal.low_on_space());

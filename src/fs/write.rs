@@ -36,7 +36,7 @@ pub struct Staged {
     journal: Arc<Journal>,
     /// The staged file's number in the journal.
     pub n: u64,
-    pub file: Arc<StagedFile>,
+    pub file: StagedFile,
     /// Hex of the staged file's id (keys its sealed slots; recovery needs it).
     pub file_id: String,
     /// Whether the file holds the object's full content (a file opened for writing is downloaded lazily, on the
@@ -102,7 +102,7 @@ impl Staged {
         Ok(Staged {
             journal: journal.clone(),
             n,
-            file: Arc::new(file),
+            file,
             file_id: crate::crypto::hex::hex(&id),
             loaded,
             dirty,

@@ -7,12 +7,6 @@
 //! never the last one (whose flag the format authenticates, docs/FORMAT.md). close() then seals and sends only the
 //! tail and completes the upload.
 //!
-//! A part is sealed on a blocking thread while the application writes on (`seal_ahead`; reading the staged copy
-//! back and sealing 8 MiB took ~10 ms inside the write that made it sealable, 1.2 s of a 1 GiB cse-c copy spent
-//! with the writer stopped). One part at a time, in order: the next part waits for it, and the carry between them
-//! (the sealed chunk a part boundary cuts) is copied in when it is sent. Its chunks count as sealed from the moment
-//! it starts, so a write into them abandons the stream as before, whatever the thread reads meanwhile.
-//!
 //! Nothing about durability changes: the staged copy in the write journal stays complete until the upload is
 //! confirmed, so a stream that cannot go on (a write or truncate into what was already sealed, a rename, a failed
 //! part, another stamp) is simply abandoned (its upload aborted) and close() uploads the file whole, as before. The
@@ -35,8 +29,6 @@
 //! completion) stands in for it. The filesystem re-reads the attributes after completion, and replaces the metadata
 //! conditionally when they were changed explicitly meanwhile (chmod, chown, utimens on the open file).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -55,22 +47,13 @@ pub const STREAM_FROM: u64 = 2 * PART_SIZE as u64;
 /// Plaintext read from the staged file at once while sealing.
 const READ_SPAN: usize = 1 << 20;
 
-/// A part being sealed ahead on a blocking thread ([`Stream::seal_ahead`]): its sealed bytes, after `carry_len`
-/// bytes of room for the carry.
-struct Sealing {
-    task: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
-    memory: crate::memory::Reservation,
-    carry_len: usize,
-}
-
 /// A part on its way: it answers with its number.
 type PartTask = tokio::task::JoinHandle<(u64, std::result::Result<(), StoreError>)>;
 
 /// A multipart upload of a file that is still being written.
 pub struct Stream {
     path: String,
-    /// Shared with the task sealing a part ahead ([`Sealing`]).
-    oc: Arc<ObjectCodec>,
+    oc: ObjectCodec,
     /// In a mutex only to make the stream `Sync` (write state is shared across tasks); every access has `&mut self`.
     upload: std::sync::Mutex<Option<Box<dyn Upload>>>,
     /// The upload stamp in the object's metadata (`fs::UPLOAD_META`).
@@ -88,8 +71,6 @@ pub struct Stream {
     /// Length of the object header at the start of the first part.
     header_len: usize,
     in_flight: futures::stream::FuturesUnordered<PartTask>,
-    /// The part being sealed on a blocking thread while the application writes on, if any (one at a time, in order).
-    sealing: Option<Sealing>,
     /// Parts handed to the store so far, and which of them it has confirmed (by number).
     parts_sent: u64,
     confirmed: std::collections::BTreeSet<u64>,
@@ -134,7 +115,7 @@ impl Stream {
         let chunk_stored = (codec.stored_size(2 * CHUNK_PLAIN_LEN) - codec.stored_size(CHUNK_PLAIN_LEN)) as usize;
         Ok(Some(Stream {
             path: path.to_string(),
-            oc: Arc::new(oc),
+            oc,
             upload: std::sync::Mutex::new(Some(upload)),
             stamp: stamp.1,
             upload_id,
@@ -144,7 +125,6 @@ impl Stream {
             header_len: header.len(),
             carry: header,
             in_flight: futures::stream::FuturesUnordered::new(),
-            sealing: None,
             parts_sent: 0,
             confirmed: std::collections::BTreeSet::new(),
             confirmed_prefix: 0,
@@ -189,80 +169,17 @@ impl Stream {
     /// Seals and sends every full part that a file of `size` bytes (read from `src`) allows without sealing its
     /// last chunk. Waits while [`PARTS_IN_FLIGHT`] parts travel. An error means a part failed: abandon the stream.
     pub async fn advance(&mut self, src: &dyn Source, size: u64) -> Result<()> {
-        self.put_sealed(false).await?;
         self.reap()?;
         // Chunks before the one holding the file's last byte are not the last chunk, whatever comes later.
         let sealable = size.saturating_sub(1) / CHUNK_PLAIN_LEN;
-        let shared = src.shared();
         loop {
             let room = PART_SIZE.saturating_sub(self.carry.len());
             let needed = room.div_ceil(self.chunk_stored) as u64;
             if sealable < self.next_chunk + needed {
                 return Ok(());
             }
-            match &shared {
-                Some(shared) => self.seal_ahead(shared.clone(), self.next_chunk + needed).await?,
-                None => self.send_part(src, size, self.next_chunk + needed, false).await?,
-            }
+            self.send_part(src, size, self.next_chunk + needed, false).await?;
         }
-    }
-
-    /// Starts sealing the next part (chunks up to `until`, none of them the last) on a blocking thread, so the write
-    /// that made it sealable returns at once; the part is sent once sealed, at the next write or at `finish`. The
-    /// part before it is sent first (waited for if still being sealed: one at a time keeps the parts in order and
-    /// the carry between them exact), and the part waits for room as [`Stream::send_part`] does. Its chunks count
-    /// as sealed from now on: a write into them abandons the stream, whatever the task reads meanwhile.
-    async fn seal_ahead(&mut self, src: Arc<dyn Source + Send + Sync>, until: u64) -> Result<()> {
-        self.put_sealed(true).await?;
-        self.wait_for_room().await?;
-        let memory = crate::memory::process().reserve(PART_BUFFER as u64).await;
-        let (from, carry_len, oc) = (self.next_chunk, self.carry.len(), self.oc.clone());
-        let task = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            // Room at the front for the carry, which the part before leaves and is copied in when this is sent.
-            let mut part = Vec::with_capacity(PART_BUFFER);
-            part.resize(carry_len, 0);
-            let mut plain = vec![0u8; READ_SPAN];
-            let mut next = from;
-            while next < until {
-                let chunks = (until - next).min(READ_SPAN as u64 / CHUNK_PLAIN_LEN);
-                let span = &mut plain[..(chunks * CHUNK_PLAIN_LEN) as usize];
-                src.read_exact_at(span, next * CHUNK_PLAIN_LEN)?;
-                for piece in span.chunks(CHUNK_PLAIN_LEN as usize) {
-                    oc.seal(next, false, piece, &mut part);
-                    next += 1;
-                }
-            }
-            src.read_below(until * CHUNK_PLAIN_LEN);
-            Ok(part)
-        });
-        self.next_chunk = until;
-        self.sealing = Some(Sealing { task, memory, carry_len });
-        Ok(())
-    }
-
-    /// Sends the part sealed ahead, if there is one and it is sealed (or, with `wait`, once it is): the carry goes
-    /// in front, what it holds past a part's size is carried on. A failed read of the staged copy ends the stream.
-    async fn put_sealed(&mut self, wait: bool) -> Result<()> {
-        match &self.sealing {
-            None => return Ok(()),
-            Some(s) if !wait && !s.task.is_finished() => return Ok(()),
-            Some(_) => {}
-        }
-        let Sealing { task, memory, carry_len } = self.sealing.take().expect("checked above");
-        let mut part = match task.await {
-            Ok(Ok(part)) => part,
-            Ok(Err(e)) => return Err(Error::staging(&self.path, e)),
-            Err(e) => return Err(Error::staging(&self.path, std::io::Error::other(e))),
-        };
-        debug_assert_eq!(carry_len, self.carry.len(), "the carry changed while a part was sealed ahead");
-        part[..carry_len].copy_from_slice(&self.carry);
-        self.carry.clear();
-        if part.len() > PART_SIZE {
-            self.carry.extend_from_slice(&part[PART_SIZE..]);
-            part.truncate(PART_SIZE);
-        }
-        self.put(part, memory);
-        Ok(())
     }
 
     /// Seals the rest of a file of `size` bytes, sends it, and completes the upload: the object is visible once
@@ -270,7 +187,6 @@ impl Stream {
     pub async fn finish(mut self, codec: &Codec, src: &dyn Source, size: u64) -> Result<ObjectInfo> {
         let result = async {
             debug_assert!(size > self.sealed(), "finishing a stream below what it sealed");
-            self.put_sealed(true).await?;
             let chunks = codec.chunk_count(size);
             while self.next_chunk < chunks {
                 self.send_part(src, size, chunks, true).await?;

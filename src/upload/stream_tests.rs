@@ -47,38 +47,17 @@ async fn read_back(backend: &dyn Backend, codec: &Codec, key: &str, size: u64) -
     got
 }
 
-/// The first `.1` bytes of a file in memory, which the stream may also read from another thread, as it reads the
-/// staged file in the filesystem (`upload::SharedStaged`): parts are then sealed ahead, off the writer's path.
-#[derive(Clone)]
-struct Shared(Arc<Vec<u8>>, u64);
-
-impl Source for Shared {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        Memory(&self.0[..self.1 as usize]).read_exact_at(buf, offset)
-    }
-
-    fn shared(&self) -> Option<Arc<dyn Source + Send + Sync>> {
-        Some(Arc::new(self.clone()))
-    }
-}
-
-/// Feeds `plain` to a stream in writes of `step` bytes, advancing after each, then finishes it. `shared`: the
-/// source can be read from another thread (parts sealed ahead), else only here (sealed inline).
-async fn stream_in_steps(backend: &Recording, codec: &Codec, plain: &[u8], step: usize, shared: bool) -> ObjectInfo {
+/// Feeds `plain` to a stream in writes of `step` bytes, advancing after each, then finishes it.
+async fn stream_in_steps(backend: &Recording, codec: &Codec, plain: &[u8], step: usize) -> ObjectInfo {
     let meta = UserMeta { mode: Some(0o100640), mtime: Some((1, 2)), ..UserMeta::default() };
     let mut stream = Stream::start(backend, codec, "dir/f", meta, ("stamp", "s1".into()), Expect::Absent)
         .await
         .unwrap()
         .expect("streams in the own format");
-    let owned = Arc::new(plain.to_vec());
     let mut written = 0;
     while written < plain.len() {
         written = (written + step).min(plain.len());
-        if shared {
-            stream.advance(&Shared(owned.clone(), written as u64), written as u64).await.unwrap();
-        } else {
-            stream.advance(&Memory(&plain[..written]), written as u64).await.unwrap();
-        }
+        stream.advance(&Memory(&plain[..written]), written as u64).await.unwrap();
         // Sealed bytes never include the chunk holding the last byte written.
         assert!(stream.sealed() < written as u64);
     }
@@ -87,7 +66,7 @@ async fn stream_in_steps(backend: &Recording, codec: &Codec, plain: &[u8], step:
 
 #[tokio::test]
 async fn a_streamed_object_is_the_file_in_exact_parts() {
-    for (codec, shared) in [(cse(), false), (Codec::Plain, false), (cse(), true), (Codec::Plain, true)] {
+    for codec in [cse(), Codec::Plain] {
         for (size, step) in [
             (3 * PART_SIZE as u64 + 12_345, 128 << 10),
             (2 * PART_SIZE as u64, 1 << 20),
@@ -96,15 +75,15 @@ async fn a_streamed_object_is_the_file_in_exact_parts() {
         ] {
             let backend = recording();
             let plain = file(size);
-            let info = stream_in_steps(&backend, &codec, &plain, step, shared).await;
+            let info = stream_in_steps(&backend, &codec, &plain, step).await;
             assert_eq!(info.size, codec.stored_size(size));
             let parts = backend.parts.lock().unwrap().clone();
             assert_eq!(parts.iter().map(|&p| p as u64).sum::<u64>(), codec.stored_size(size), "{parts:?}");
             let (last, whole) = parts.split_last().unwrap();
-            assert!(whole.iter().all(|&p| p == PART_SIZE), "size {size} step {step} shared {shared}: {parts:?}");
+            assert!(whole.iter().all(|&p| p == PART_SIZE), "size {size} step {step}: {parts:?}");
             assert!(*last > 0 && *last <= PART_SIZE, "{parts:?}");
             let got = read_back(&backend, &codec, "dir/f", size).await;
-            assert!(got == plain, "size {size} step {step} shared {shared}: the object is the file");
+            assert!(got == plain, "size {size} step {step}: the object is the file");
             let (_, meta) = backend.head(&ObjectKey::new("dir/f").unwrap()).await.unwrap();
             assert_eq!(meta.mode, Some(0o100640));
             assert_eq!(meta.mtime, None, "a stream's metadata carries no mtime");
@@ -176,49 +155,23 @@ async fn a_stream_loses_a_race_without_overwriting() {
 /// not grow behind one slow part. Released, the stream goes on and the object is the file.
 #[tokio::test]
 async fn a_lagging_part_holds_the_writer_back() {
-    for shared in [false, true] {
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let backend = Recording { hold_first: Some(gate.clone()), ..recording() };
-        let codec = cse();
-        let plain = file(16 * PART_SIZE as u64 + 5);
-        let owned = Shared(Arc::new(plain.clone()), plain.len() as u64);
-        let src: &dyn Source = if shared { &owned } else { &Memory(&plain) };
-        let meta = UserMeta { mode: Some(0o100640), ..UserMeta::default() };
-        let mut stream = Stream::start(&backend, &codec, "dir/f", meta, ("stamp", "s1".into()), Expect::Absent)
-            .await
-            .unwrap()
-            .expect("streams in the own format");
-        let size = plain.len() as u64;
-        let advanced = tokio::time::timeout(std::time::Duration::from_secs(2), stream.advance(src, size)).await;
-        assert!(advanced.is_err(), "the writer ran on past a part that lagged (shared {shared})");
-        assert_eq!(backend.parts.lock().unwrap().len() as u64, UNCONFIRMED_PARTS, "parts sent while the first lagged");
-        assert_eq!(stream.confirmed_plain(), 0);
-        gate.notify_one();
-        stream.advance(src, size).await.unwrap();
-        let info = stream.finish(&codec, src, size).await.unwrap();
-        assert_eq!(info.size, codec.stored_size(size));
-        assert_eq!(read_back(&backend, &codec, "dir/f", size).await, plain);
-    }
-}
-
-/// A part sealed ahead whose staged bytes cannot be read (here: they are not there) ends the stream with an error,
-/// at the next advance or at finish, instead of sending a part with wrong bytes.
-#[tokio::test]
-async fn a_part_sealed_ahead_that_cannot_be_read_fails_the_stream() {
-    let backend = recording();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let backend = Recording { hold_first: Some(gate.clone()), ..recording() };
     let codec = cse();
-    let plain = file(3 * PART_SIZE as u64);
-    let mut stream = Stream::start(&backend, &codec, "f", UserMeta::default(), ("stamp", "x".into()), Expect::Absent)
+    let plain = file(16 * PART_SIZE as u64 + 5);
+    let meta = UserMeta { mode: Some(0o100640), ..UserMeta::default() };
+    let mut stream = Stream::start(&backend, &codec, "dir/f", meta, ("stamp", "s1".into()), Expect::Absent)
         .await
         .unwrap()
-        .unwrap();
-    // Says the file is this long, holds only its first byte.
-    let short = Shared(Arc::new(plain[..1].to_vec()), plain.len() as u64);
-    let claimed = stream.advance(&short, plain.len() as u64).await;
-    let finished = match claimed {
-        Err(e) => Err(e),
-        Ok(()) => stream.finish(&codec, &short, plain.len() as u64).await.map(|_| ()),
-    };
-    assert!(finished.is_err(), "a part that could not be read was sent");
-    assert!(backend.head(&ObjectKey::new("f").unwrap()).await.unwrap_err().is_not_found());
+        .expect("streams in the own format");
+    let size = plain.len() as u64;
+    let advanced = tokio::time::timeout(std::time::Duration::from_secs(2), stream.advance(&Memory(&plain), size)).await;
+    assert!(advanced.is_err(), "the writer ran on past a part that lagged");
+    assert_eq!(backend.parts.lock().unwrap().len() as u64, UNCONFIRMED_PARTS, "parts sent while the first lagged");
+    assert_eq!(stream.confirmed_plain(), 0);
+    gate.notify_one();
+    stream.advance(&Memory(&plain), size).await.unwrap();
+    let info = stream.finish(&codec, &Memory(&plain), size).await.unwrap();
+    assert_eq!(info.size, codec.stored_size(size));
+    assert_eq!(read_back(&backend, &codec, "dir/f", size).await, plain);
 }
