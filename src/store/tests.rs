@@ -1435,3 +1435,48 @@ async fn a_missing_bucket_is_not_a_missing_object_s3() {
         }
     }
 }
+
+/// Issue 13 (`fs::precheck`): where the backend checks conditions with a HEAD, a HEAD sent ahead of the write stands
+/// for that check, once and only within `AHEAD_TRUSTED`; what it found still decides (a version there refuses a
+/// write expecting nothing).
+#[tokio::test]
+async fn a_head_sent_ahead_stands_for_one_write_within_its_time() {
+    let b = ObjectStoreBackend::new(Arc::new(IgnoresConditions::default()), "").unwrap();
+    b.assume_conditions_ignored();
+    let k = key("new");
+    b.head_ahead(&k).await;
+    b.put_expect(&k, Bytes::from_static(b"mine"), &file_meta("1"), &Expect::Absent).await.unwrap();
+    assert_eq!(b.condition_heads(), 0, "the HEAD ahead stood for the check");
+    let etag = b.head(&k).await.unwrap().0.etag.unwrap();
+    b.put_expect(&k, Bytes::from_static(b"again"), &file_meta("2"), &Expect::Etag(etag)).await.unwrap();
+    assert_eq!(b.condition_heads(), 1, "an answer from ahead is used once");
+
+    let late = key("late");
+    b.head_ahead(&late).await;
+    tokio::time::sleep(super::object::AHEAD_TRUSTED + std::time::Duration::from_millis(100)).await;
+    b.put_expect(&late, Bytes::from_static(b"late"), &file_meta("3"), &Expect::Absent).await.unwrap();
+    assert_eq!(b.condition_heads(), 2, "an answer older than its time is asked again");
+
+    let taken = key("taken");
+    b.put(&taken, Bytes::from_static(b"theirs"), &file_meta("4")).await.unwrap();
+    b.head_ahead(&taken).await;
+    let r = b.put_expect(&taken, Bytes::from_static(b"mine"), &file_meta("5"), &Expect::Absent).await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "{r:?}");
+    assert_eq!(b.condition_heads(), 2);
+    assert_eq!(&b.get(&taken).await.unwrap().0[..], b"theirs");
+}
+
+/// The write still carries its condition after a HEAD ahead confirmed it: a server that holds conditions (here the
+/// in-memory store, with the backend told otherwise, as after a probe that could not tell) refuses a creator that
+/// came in between, which the HEAD could not have seen.
+#[tokio::test]
+async fn a_condition_the_server_holds_is_still_sent_after_a_head_ahead() {
+    let b = ObjectStoreBackend::new(Arc::new(InMemory::new()), "").unwrap();
+    b.assume_conditions_ignored();
+    let k = key("race");
+    b.head_ahead(&k).await;
+    b.put(&k, Bytes::from_static(b"theirs"), &file_meta("1")).await.unwrap();
+    let r = b.put_expect(&k, Bytes::from_static(b"mine"), &file_meta("2"), &Expect::Absent).await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "{r:?}");
+    assert_eq!(&b.get(&k).await.unwrap().0[..], b"theirs");
+}
