@@ -671,19 +671,6 @@ impl Backend for MeteredBackend {
         self.inner.conditions_checked_by_head()
     }
 
-    /// Counted as a HEAD where it sends one.
-    async fn head_ahead(&self, key: &ObjectKey) {
-        if self.inner.conditions_checked_by_head() {
-            let _ = measure(RequestKind::Head, async {
-                self.inner.head_ahead(key).await;
-                Ok::<(), StoreError>(())
-            })
-            .await;
-        } else {
-            self.inner.head_ahead(key).await;
-        }
-    }
-
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         measure(RequestKind::List, self.inner.list(dir, recursive)).await
     }

@@ -359,13 +359,6 @@ impl Backend for LaterDeletes {
         self.inner.conditions_checked_by_head()
     }
 
-    /// Not for a key whose delete is still to be sent: the write waits for that delete, then asks the store itself.
-    async fn head_ahead(&self, key: &ObjectKey) {
-        if self.gone(key).is_ok() {
-            self.inner.head_ahead(key).await;
-        }
-    }
-
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         self.settle(dir).await;
         self.inner.list(dir, recursive).await

@@ -437,14 +437,6 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
-    /// Where [`Backend::conditions_checked_by_head`]: sends now the HEAD a conditional write of `key` expected soon
-    /// would send just before it, and keeps the answer, which stands for that write's check if it comes within
-    /// 0.5 s of this call (waited for if still on its way), once. The write still carries its condition. Returns
-    /// once answered (or failed: the write then asks itself). Elsewhere nothing (the default).
-    async fn head_ahead(&self, key: &ObjectKey) {
-        let _ = key;
-    }
-
     /// Finds out once, at a read-write mount, whether the server holds write conditions (`If-None-Match: *`,
     /// `If-Match`); where it does not (or the probe cannot tell), the backend checks them with a HEAD before each
     /// conditional write from then on. It also finds out whether the server checks `If-Match` on a delete; where it

@@ -11,11 +11,10 @@
 //! but s3fs-style `a/b/` marker objects written by other tools are not seen as markers (they
 //! list as an object `a/b` when listing recursively). A raw signed request would lift this.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -52,11 +51,6 @@ pub struct ObjectStoreBackend {
     /// Set when [`Backend::probe_conditional_writes`] found that the server ignores `If-None-Match` / `If-Match` on
     /// writes (Garage): every conditional write then checks its condition with a HEAD first (see `head_check`).
     conditions_ignored: Arc<AtomicBool>,
-    /// HEADs sent ahead of conditional writes ([`Backend::head_ahead`]) by key, each answer standing for that check
-    /// for [`AHEAD_TRUSTED`] from when it was asked, and used by one write.
-    ahead: Arc<Mutex<HashMap<String, Arc<Ahead>>>>,
-    /// HEADs `head_check` sent for a write because no answer from ahead stood for it (for tests and diagnostics).
-    condition_heads: Arc<AtomicU64>,
     /// The same store's paginated listing (S3 without SSE-C): one page of a directory with a delimiter and a start
     /// ([`Backend::list_page`]). Without it a page is listed without a delimiter.
     pages: Option<Pages>,
@@ -65,18 +59,6 @@ pub struct ObjectStoreBackend {
     /// The store takes an upload's condition in its multipart options (`gcs::UploadCondition`), so conditional
     /// uploads in parts stream instead of being collected in memory (`conditional::BufferedUpload`).
     conditional_uploads: bool,
-}
-
-/// How long the answer of a HEAD sent ahead of a write ([`Backend::head_ahead`]) stands for the write's condition,
-/// from when it was asked: small files written by `cp`, `tar`, `rsync` or an editor's save are closed well within
-/// it; a later write asks again.
-pub(crate) const AHEAD_TRUSTED: Duration = Duration::from_millis(500);
-
-/// A HEAD sent ahead of a write: what it found at the key (an ETag, or nothing), once answered.
-#[derive(Debug)]
-struct Ahead {
-    sent: Instant,
-    found: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// Where [`Backend::probe_conditional_writes`] puts its short-lived object: a "directory" under the reserved name of
@@ -122,8 +104,6 @@ impl ObjectStoreBackend {
             raw: None,
             conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
             conditions_ignored: Arc::new(AtomicBool::new(false)),
-            ahead: Arc::default(),
-            condition_heads: Arc::default(),
             pages: None,
             identifier_names: false,
             conditional_uploads: false,
@@ -529,52 +509,22 @@ impl ObjectStoreBackend {
     /// [`StoreError::Precondition`] when the object is not what the write expects. The server itself cannot hold the
     /// condition until the write lands, so a writer racing the moment between the HEAD and the write can still be
     /// overwritten (docs/SEMANTICS.md); every other change made since the version was read is caught.
-    ///
-    /// A HEAD sent ahead for this key ([`Backend::head_ahead`]) less than [`AHEAD_TRUSTED`] ago stands for it (waited
-    /// for if still on its way), once: the write then costs no round trip of its own. The write itself still carries
-    /// its condition, for a server that holds part of them.
     pub(crate) async fn head_check(&self, key: &ObjectKey, mode: &PutMode) -> Result<(), StoreError> {
         let want = match mode {
             PutMode::Overwrite => return Ok(()),
             PutMode::Create => None,
             PutMode::Update(v) => Some(v.e_tag.clone().unwrap_or_default()),
         };
-        let ahead = self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key.as_str());
-        let ahead = ahead.filter(|a| a.sent.elapsed() <= AHEAD_TRUSTED);
-        let answered = match ahead {
-            // A failed HEAD ahead leaves the cell empty: this asks again.
-            Some(a) => match a.found.get_or_try_init(|| self.found_at(key)).await {
-                Ok(found) if a.sent.elapsed() <= AHEAD_TRUSTED => Some(found.clone()),
-                _ => None,
-            },
-            None => None,
-        };
-        let found = match answered {
-            Some(found) => found,
-            None => {
-                self.condition_heads.fetch_add(1, Ordering::Relaxed);
-                self.found_at(key).await?
-            }
+        let found = match Backend::head(self, key).await {
+            Ok((info, _)) => Some(info.etag.unwrap_or_default()),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
         };
         if found == want {
             Ok(())
         } else {
             Err(StoreError::Precondition { key: key.to_string() })
         }
-    }
-
-    /// The ETag of what is at `key` now, or `None` when nothing is.
-    async fn found_at(&self, key: &ObjectKey) -> Result<Option<String>, StoreError> {
-        match Backend::head(self, key).await {
-            Ok((info, _)) => Ok(Some(info.etag.unwrap_or_default())),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// How many HEADs conditional writes have sent for themselves (not answered by a HEAD sent ahead).
-    pub fn condition_heads(&self) -> u64 {
-        self.condition_heads.load(Ordering::Relaxed)
     }
 
     /// Whether the server checks `If-Match` on DeleteObject, found with a DELETE of the probe object `key` under an
@@ -942,26 +892,11 @@ impl Backend for ObjectStoreBackend {
         Ok(())
     }
 
-    /// Once the start-up probe found the server ignoring a condition (or could not tell).
+    /// S3 through our own requests, until the server showed it ignores `If-Match` on DeleteObject.
     fn conditions_checked_by_head(&self) -> bool {
         self.conditions_ignored()
     }
 
-    async fn head_ahead(&self, key: &ObjectKey) {
-        if !self.conditions_ignored() {
-            return;
-        }
-        let ahead = Arc::new(Ahead { sent: Instant::now(), found: tokio::sync::OnceCell::new() });
-        {
-            let mut map = self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            map.retain(|_, a| a.sent.elapsed() <= AHEAD_TRUSTED);
-            map.insert(key.as_str().to_string(), ahead.clone());
-        }
-        // A failure leaves the answer out: the write asks itself.
-        let _ = ahead.found.get_or_try_init(|| self.found_at(key)).await;
-    }
-
-    /// S3 through our own requests, until the server showed it ignores `If-Match` on DeleteObject.
     fn deletes_are_conditional(&self) -> bool {
         self.raw.is_some() && !self.conditional_delete_unsupported.load(Ordering::Relaxed)
     }
