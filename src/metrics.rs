@@ -667,6 +667,10 @@ impl Backend for MeteredBackend {
         self.inner.deletes_are_conditional()
     }
 
+    fn conditions_checked_by_head(&self) -> bool {
+        self.inner.conditions_checked_by_head()
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         measure(RequestKind::List, self.inner.list(dir, recursive)).await
     }

@@ -355,6 +355,10 @@ impl Backend for LaterDeletes {
         self.inner.deletes_are_conditional()
     }
 
+    fn conditions_checked_by_head(&self) -> bool {
+        self.inner.conditions_checked_by_head()
+    }
+
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         self.settle(dir).await;
         self.inner.list(dir, recursive).await

@@ -15,6 +15,7 @@ pub mod dirindex;
 pub mod error;
 pub mod inode;
 mod listing;
+pub mod precheck;
 mod renew;
 pub mod sparse;
 pub mod trim;
@@ -2328,8 +2329,11 @@ impl Fs {
         }
         // Refused now, not at the upload of close(), which shells ignore.
         self.check_path_len(&path, false)?;
-        let staged =
+        // Sent before the journal's work, so the answer is usually in when the file is closed.
+        let precheck = precheck::Precheck::send(&self.backend, &path);
+        let mut staged =
             Staged::create(&self.journal, true, true, BaseVersion::Absent).map_err(|e| Error::staging(&name, e))?;
+        staged.precheck = precheck;
         let mut node = self.blank_node(parent, &name, FileKind::File);
         node.perm = (mode & 0o7777) as u16;
         node.uid = caller.uid;
@@ -2536,6 +2540,7 @@ impl Fs {
         // nothing it sealed changed since); otherwise it is abandoned and the file goes whole. (A sparse staged file
         // never streams: it did not start empty.)
         let mut stream = staged.stream.take();
+        let mut precheck = staged.precheck.take();
         if let Some(s) = &stream {
             staged.stream_ended(s);
         }
@@ -2560,6 +2565,11 @@ impl Fs {
                         let e = Error::staging(&path, std::io::Error::other("the stream could not be completed"));
                         return Err(self.lose_stream(staged, &path, e));
                     }
+                    // Checked ahead where the server ignores conditions: then sent without one.
+                    let condition = match precheck.take() {
+                        Some(p) => p.condition_left(&path, &expect).await,
+                        None => expect.clone(),
+                    };
                     crate::upload::upload(
                         &*self.backend,
                         &self.codec,
@@ -2567,7 +2577,7 @@ impl Fs {
                         &src,
                         staged.size,
                         meta.clone(),
-                        &expect,
+                        &condition,
                         Some(&self.s3ec),
                     )
                     .await

@@ -26,6 +26,8 @@ struct Silenceable {
     aborted: std::sync::Mutex<Vec<(String, String)>>,
     /// `abort_multipart` fails (after noting the request).
     refuse_aborts: AtomicBool,
+    /// The condition each `put_expect` was sent with, in order.
+    conditions: std::sync::Mutex<Vec<Expect>>,
 }
 
 impl Silenceable {
@@ -37,6 +39,7 @@ impl Silenceable {
             log: std::sync::Mutex::new(Vec::new()),
             aborted: std::sync::Mutex::new(Vec::new()),
             refuse_aborts: AtomicBool::new(false),
+            conditions: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -77,6 +80,7 @@ impl Backend for Silenceable {
     async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
         self.check(key.as_str())?;
         self.note("put");
+        self.conditions.lock().unwrap().push(expect.clone());
         self.inner.put_expect(key, body, meta, expect).await
     }
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
@@ -129,6 +133,9 @@ impl Backend for Silenceable {
     }
     fn deletes_are_conditional(&self) -> bool {
         self.conditional_deletes.load(Ordering::SeqCst)
+    }
+    fn conditions_checked_by_head(&self) -> bool {
+        self.inner.conditions_checked_by_head()
     }
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
         self.check(dir)?;
@@ -1160,4 +1167,92 @@ async fn a_set_group_id_directory_hands_on_its_group() {
     assert_eq!((meta.gid, meta.mode.map(|m| m & 0o7777)), (Some(4242), Some(0o2755)));
     let (_, meta) = store.head(&ObjectKey::new("shared/l").unwrap()).await.unwrap();
     assert_eq!(meta.gid, Some(4242));
+}
+
+/// A store whose server ignores write conditions (Garage), as the mount's probe finds it.
+fn store_ignoring_conditions() -> Arc<Silenceable> {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    inner.assume_conditions_ignored();
+    Arc::new(Silenceable::new(inner))
+}
+
+/// Waits until the store has answered `n` requests of `kind` in all (the HEAD a create sends ahead runs on its own).
+async fn answered(store: &Silenceable, kind: &str, n: usize) {
+    for _ in 0..500 {
+        if store.log.lock().unwrap().iter().filter(|k| **k == kind).count() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("the store never answered {n} {kind}: {:?}", store.log.lock().unwrap());
+}
+
+/// Issue 13, `fs::precheck`: on a server that ignores write conditions, a new file's condition ("nothing there") is
+/// looked up with a HEAD when the file is created, and a close soon after uploads without asking again.
+#[tokio::test]
+async fn a_new_files_condition_is_checked_while_it_is_written_where_the_server_ignores_conditions() {
+    let store = store_ignoring_conditions();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.take_log();
+    store.conditions.lock().unwrap().clear();
+    let (_, fh) = fs.create(d.ino, OsStr::new("new"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
+    answered(&store, "head", 1).await;
+    fs.write(fh, 0, b"mine").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(store.take_log(), ["head", "put"]);
+    assert_eq!(*store.conditions.lock().unwrap(), [Expect::Any], "the HEAD ahead stood for the condition");
+    let (body, _, _) = store.inner.get(&ObjectKey::new("d/new").unwrap()).await.unwrap();
+    assert_eq!(&body[..], b"mine");
+}
+
+/// `fs::precheck`: whatever the HEAD ahead did not confirm is checked at the upload as before. Another writer's
+/// object already under the new name is never overwritten (the close fails, this mount's data is saved beside);
+/// a file whose HEAD ahead failed, or that is closed after the answer stopped counting, goes with its condition.
+#[tokio::test]
+async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_upload() {
+    let store = store_ignoring_conditions();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.conditions.lock().unwrap().clear();
+
+    // The HEAD ahead failed (the store was silent then).
+    store.silent.store(true, Ordering::SeqCst);
+    let (_, fh) = fs.create(d.ino, OsStr::new("b"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.silent.store(false, Ordering::SeqCst);
+    fs.write(fh, 0, b"unconfirmed").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(*store.conditions.lock().unwrap(), [Expect::Absent]);
+
+
+    store.conditions.lock().unwrap().clear();
+    // Created elsewhere after this mount made the directory (so the name is known free here).
+    let theirs = ObjectKey::new("d/race").unwrap();
+    store.inner.put(&theirs, Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+    let (_, fh) = fs.create(d.ino, OsStr::new("race"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
+    fs.write(fh, 0, b"mine").await.unwrap();
+    let err = fs.flush(fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    fs.release(fh).await.unwrap();
+    let (body, _, _) = store.inner.get(&theirs).await.unwrap();
+    assert_eq!(&body[..], b"theirs", "the other writer's file was overwritten");
+    assert_eq!(store.conditions.lock().unwrap().first(), Some(&Expect::Absent), "sent with its condition");
+
+    // Closed after the answer stopped counting.
+    store.conditions.lock().unwrap().clear();
+    let (_, fh) = fs.create(d.ino, OsStr::new("slow"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh, 0, b"slow").await.unwrap();
+    tokio::time::sleep(precheck::TRUSTED_FOR + Duration::from_millis(100)).await;
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(*store.conditions.lock().unwrap(), [Expect::Absent]);
+    for (name, want) in [("b", &b"unconfirmed"[..]), ("slow", b"slow")] {
+        let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
+        assert_eq!(&body[..], want);
+    }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use super::precheck::Precheck;
 use super::sparse::Sparse;
 use crate::journal::{BaseVersion, Journal, StagedFile};
 use crate::upload::stream::Stream;
@@ -75,6 +76,9 @@ pub struct Staged {
     /// A large existing object staged only where it was written (`fs::sparse`): `None` when the staged file holds
     /// the whole content.
     pub sparse: Option<Sparse>,
+    /// The HEAD of the file's key sent when it was created, standing for its upload's condition on a server that
+    /// ignores conditions (`fs::precheck`).
+    pub precheck: Option<Precheck>,
 }
 
 fn lost_content() -> std::io::Error {
@@ -115,6 +119,7 @@ impl Staged {
             lost: false,
             space_checked: 0,
             sparse: None,
+            precheck: None,
         })
     }
 

@@ -429,6 +429,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(!l.objects.is_empty() || !l.prefixes.is_empty())
     }
 
+    /// Whether this store's write conditions are checked with a HEAD just before each conditional write because the
+    /// server ignores them (found by [`Backend::probe_conditional_writes`]); callers may then send that HEAD sooner
+    /// and write unconditionally when it confirmed the condition moments before (`fs::precheck`). False for stores
+    /// that hold conditions themselves (the default).
+    fn conditions_checked_by_head(&self) -> bool {
+        false
+    }
+
     /// Finds out once, at a read-write mount, whether the server holds write conditions (`If-None-Match: *`,
     /// `If-Match`); where it does not (or the probe cannot tell), the backend checks them with a HEAD before each
     /// conditional write from then on. It also finds out whether the server checks `If-Match` on a delete; where it

@@ -893,6 +893,10 @@ impl Backend for ObjectStoreBackend {
     }
 
     /// S3 through our own requests, until the server showed it ignores `If-Match` on DeleteObject.
+    fn conditions_checked_by_head(&self) -> bool {
+        self.conditions_ignored()
+    }
+
     fn deletes_are_conditional(&self) -> bool {
         self.raw.is_some() && !self.conditional_delete_unsupported.load(Ordering::Relaxed)
     }
