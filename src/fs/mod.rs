@@ -2296,6 +2296,10 @@ impl Fs {
                 .map(BaseVersion::Etag)
                 .unwrap_or(BaseVersion::Any);
         }
+        if staged.precheck.is_none() {
+            // As for a new file: where the server ignores conditions, the upload's HEAD goes now.
+            staged.precheck = precheck::Precheck::send(&self.backend, &path);
+        }
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
         staged.from_empty = true;

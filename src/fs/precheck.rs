@@ -3,10 +3,11 @@
 //! Every upload is conditional on the version it replaces ("nothing there" for a new file; docs/SEMANTICS.md). Where
 //! the server ignores conditional headers (Garage), the store backend checks the condition itself with a HEAD just
 //! before the PUT, which puts a whole round trip in front of every close(): on Garage about a sixth of what a small
-//! file costs. A file this mount creates sends that HEAD when it is created instead, while the application is still
-//! writing; its upload then goes without a HEAD of its own when the answer confirmed the condition and was asked less
-//! than [`TRUSTED_FOR`] before. Anything else (the answer disagrees or failed, it is older, the file was renamed
-//! meanwhile) leaves the upload to check as before, so a conflict is still found and this mount's data saved beside.
+//! file costs. A file this mount creates (or opens with O_TRUNC, as `cp` over a file does) sends that HEAD then
+//! instead, while the application is still writing; its upload goes without a HEAD of its own when the answer
+//! confirmed the condition and was asked less than [`TRUSTED_FOR`] before. Anything else (the answer disagrees or
+//! failed, it is older, the file was renamed meanwhile) leaves the upload to check as before, so a conflict is still
+//! found and this mount's data saved beside.
 //!
 //! What changes is only the moment in which another writer can still be overwritten on such a server: from that HEAD
 //! to the write, which was a round trip and is now at most [`TRUSTED_FOR`] more. Servers that check conditions never

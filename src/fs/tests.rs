@@ -1188,7 +1188,8 @@ async fn answered(store: &Silenceable, kind: &str, n: usize) {
 }
 
 /// Issue 13, `fs::precheck`: on a server that ignores write conditions, a new file's condition ("nothing there") is
-/// looked up with a HEAD when the file is created, and a close soon after uploads without asking again.
+/// looked up with a HEAD when the file is created, and a close soon after uploads without asking again; the same for
+/// a file opened with O_TRUNC (its version), where another writer's version found meanwhile is still not overwritten.
 #[tokio::test]
 async fn a_new_files_condition_is_checked_while_it_is_written_where_the_server_ignores_conditions() {
     let store = store_ignoring_conditions();
@@ -1206,6 +1207,31 @@ async fn a_new_files_condition_is_checked_while_it_is_written_where_the_server_i
     assert_eq!(*store.conditions.lock().unwrap(), [Expect::Any], "the HEAD ahead stood for the condition");
     let (body, _, _) = store.inner.get(&ObjectKey::new("d/new").unwrap()).await.unwrap();
     assert_eq!(&body[..], b"mine");
+
+    // Opened again with O_TRUNC (`cp` over it): the HEAD goes at the open, and confirms the version known here.
+    store.conditions.lock().unwrap().clear();
+    let ino = fs.lookup(d.ino, OsStr::new("new")).await.unwrap().ino;
+    let fh = fs.open(ino, OpenMode::from_flags(libc::O_WRONLY | libc::O_TRUNC)).await.unwrap();
+    answered(&store, "head", 1).await;
+    fs.write(fh, 0, b"again").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(store.take_log(), ["head", "put"]);
+    assert_eq!(*store.conditions.lock().unwrap(), [Expect::Any]);
+    let (body, _, _) = store.inner.get(&ObjectKey::new("d/new").unwrap()).await.unwrap();
+    assert_eq!(&body[..], b"again");
+
+    // Replaced by another writer since: the HEAD finds another version, and the upload keeps its condition.
+    store.conditions.lock().unwrap().clear();
+    let theirs = Bytes::from_static(b"theirs");
+    store.inner.put(&ObjectKey::new("d/new").unwrap(), theirs, &UserMeta::default()).await.unwrap();
+    let fh = fs.open(ino, OpenMode::from_flags(libc::O_WRONLY | libc::O_TRUNC)).await.unwrap();
+    fs.write(fh, 0, b"mine again").await.unwrap();
+    assert_eq!(fs.flush(fh).await.unwrap_err().errno(), libc::EIO);
+    fs.release(fh).await.unwrap();
+    assert!(matches!(store.conditions.lock().unwrap().first(), Some(Expect::Etag(_))));
+    let (body, _, _) = store.inner.get(&ObjectKey::new("d/new").unwrap()).await.unwrap();
+    assert_eq!(&body[..], b"theirs", "the other writer's version was overwritten");
 }
 
 /// `fs::precheck`: whatever the HEAD ahead did not confirm is checked at the upload as before. Another writer's

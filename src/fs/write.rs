@@ -76,8 +76,8 @@ pub struct Staged {
     /// A large existing object staged only where it was written (`fs::sparse`): `None` when the staged file holds
     /// the whole content.
     pub sparse: Option<Sparse>,
-    /// The HEAD of the file's key sent when it was created, standing for its upload's condition on a server that
-    /// ignores conditions (`fs::precheck`).
+    /// The HEAD of the file's key sent when it was created or truncated by O_TRUNC, standing for its upload's
+    /// condition on a server that ignores conditions (`fs::precheck`).
     pub precheck: Option<Precheck>,
 }
 
