@@ -148,7 +148,8 @@ impl LaterDeletes {
         }
     }
 
-    fn is_pending(&self, key: &ObjectKey) -> bool {
+    /// Whether a delete of `key` is still to be sent.
+    pub(super) fn is_pending(&self, key: &ObjectKey) -> bool {
         lock(&self.shared.state).pending.contains_key(key.as_str())
     }
 

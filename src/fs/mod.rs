@@ -2298,7 +2298,7 @@ impl Fs {
         }
         if staged.precheck.is_none() {
             // As for a new file: where the server ignores conditions, the upload's HEAD goes now.
-            staged.precheck = precheck::Precheck::send(&self.backend, &path);
+            staged.precheck = precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k));
         }
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
@@ -2334,7 +2334,7 @@ impl Fs {
         // Refused now, not at the upload of close(), which shells ignore.
         self.check_path_len(&path, false)?;
         // Sent before the journal's work, so the answer is usually in when the file is closed.
-        let precheck = precheck::Precheck::send(&self.backend, &path);
+        let precheck = precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k));
         let mut staged =
             Staged::create(&self.journal, true, true, BaseVersion::Absent).map_err(|e| Error::staging(&name, e))?;
         staged.precheck = precheck;
@@ -2569,22 +2569,22 @@ impl Fs {
                         let e = Error::staging(&path, std::io::Error::other("the stream could not be completed"));
                         return Err(self.lose_stream(staged, &path, e));
                     }
-                    // Checked ahead where the server ignores conditions: then sent without one.
-                    let condition = match precheck.take() {
-                        Some(p) => p.condition_left(&path, &expect).await,
-                        None => expect.clone(),
+                    // Where the server ignores conditions, the HEAD sent ahead may stand for the upload's own.
+                    let answer = match precheck.take() {
+                        Some(p) => p.answer(&path).await,
+                        None => None,
                     };
-                    crate::upload::upload(
+                    let upload = crate::upload::upload(
                         &*self.backend,
                         &self.codec,
                         &path,
                         &src,
                         staged.size,
                         meta.clone(),
-                        &condition,
+                        &expect,
                         Some(&self.s3ec),
-                    )
-                    .await
+                    );
+                    crate::store::with_prechecked(answer, upload).await
                 }
             };
             match result {

@@ -181,6 +181,41 @@ pub struct UserMeta {
     pub extra: BTreeMap<String, String>,
 }
 
+/// What a HEAD sent ahead of a write found at the write's key (an ETag, or nothing), and when it was sent
+/// (`fs::precheck`).
+#[derive(Clone, Debug)]
+pub struct Prechecked {
+    pub key: String,
+    pub sent: std::time::Instant,
+    pub found: Option<String>,
+}
+
+/// How long a [`Prechecked`] answer stands for a write's condition, counted from when its HEAD was sent to the moment
+/// the write is checked (just before the PUT or the multipart completion).
+pub const PRECHECK_TRUSTED: std::time::Duration = std::time::Duration::from_millis(500);
+
+tokio::task_local! {
+    static PRECHECKED: Prechecked;
+}
+
+/// Runs `write` (one upload) with `answer` standing, where a backend checks write conditions with a HEAD, for that
+/// HEAD if the check of its key comes within [`PRECHECK_TRUSTED`] of `answer.sent`. The write still carries its
+/// condition. Only this task sees it: the write's own check, never another's.
+pub async fn with_prechecked<F: std::future::Future>(answer: Option<Prechecked>, write: F) -> F::Output {
+    match answer {
+        Some(a) => PRECHECKED.scope(a, write).await,
+        None => write.await,
+    }
+}
+
+/// What a HEAD sent ahead found at `key`, if one stands for this task's write of it now.
+pub(crate) fn prechecked_for(key: &str) -> Option<Option<String>> {
+    PRECHECKED
+        .try_with(|p| (p.key == key && p.sent.elapsed() <= PRECHECK_TRUSTED).then(|| p.found.clone()))
+        .ok()
+        .flatten()
+}
+
 /// What a write expects to find at its key (a conditional write); a mismatch is StoreError::Precondition and nothing changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {

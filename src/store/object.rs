@@ -12,7 +12,7 @@
 //! list as an object `a/b` when listing recursively). A raw signed request would lift this.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -51,6 +51,8 @@ pub struct ObjectStoreBackend {
     /// Set when [`Backend::probe_conditional_writes`] found that the server ignores `If-None-Match` / `If-Match` on
     /// writes (Garage): every conditional write then checks its condition with a HEAD first (see `head_check`).
     conditions_ignored: Arc<AtomicBool>,
+    /// HEADs `head_check` sent for a write (not answered by one sent ahead; for tests and diagnostics).
+    condition_heads: Arc<AtomicU64>,
     /// The same store's paginated listing (S3 without SSE-C): one page of a directory with a delimiter and a start
     /// ([`Backend::list_page`]). Without it a page is listed without a delimiter.
     pages: Option<Pages>,
@@ -104,6 +106,7 @@ impl ObjectStoreBackend {
             raw: None,
             conditional_delete_unsupported: Arc::new(AtomicBool::new(false)),
             conditions_ignored: Arc::new(AtomicBool::new(false)),
+            condition_heads: Arc::default(),
             pages: None,
             identifier_names: false,
             conditional_uploads: false,
@@ -515,16 +518,28 @@ impl ObjectStoreBackend {
             PutMode::Create => None,
             PutMode::Update(v) => Some(v.e_tag.clone().unwrap_or_default()),
         };
-        let found = match Backend::head(self, key).await {
-            Ok((info, _)) => Some(info.etag.unwrap_or_default()),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(e),
+        // A HEAD sent ahead of this write less than 0.5 s ago stands for this one (`fs::precheck`).
+        let found = match super::prechecked_for(key.as_str()) {
+            Some(found) => found,
+            None => {
+                self.condition_heads.fetch_add(1, Ordering::Relaxed);
+                match Backend::head(self, key).await {
+                    Ok((info, _)) => Some(info.etag.unwrap_or_default()),
+                    Err(e) if e.is_not_found() => None,
+                    Err(e) => return Err(e),
+                }
+            }
         };
         if found == want {
             Ok(())
         } else {
             Err(StoreError::Precondition { key: key.to_string() })
         }
+    }
+
+    /// How many HEADs conditional writes have sent for themselves (not answered by a HEAD sent ahead).
+    pub fn condition_heads(&self) -> u64 {
+        self.condition_heads.load(Ordering::Relaxed)
     }
 
     /// Whether the server checks `If-Match` on DeleteObject, found with a DELETE of the probe object `key` under an
@@ -892,11 +907,12 @@ impl Backend for ObjectStoreBackend {
         Ok(())
     }
 
-    /// S3 through our own requests, until the server showed it ignores `If-Match` on DeleteObject.
+    /// Once the start-up probe found the server ignoring a condition (or could not tell).
     fn conditions_checked_by_head(&self) -> bool {
         self.conditions_ignored()
     }
 
+    /// S3 through our own requests, until the server showed it ignores `If-Match` on DeleteObject.
     fn deletes_are_conditional(&self) -> bool {
         self.raw.is_some() && !self.conditional_delete_unsupported.load(Ordering::Relaxed)
     }

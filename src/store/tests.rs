@@ -1435,3 +1435,63 @@ async fn a_missing_bucket_is_not_a_missing_object_s3() {
         }
     }
 }
+
+/// Issue 13 (`fs::precheck`): where the backend checks conditions with a HEAD, an answer from a HEAD sent ahead
+/// stands for that check within `PRECHECK_TRUSTED` of its sending, judged at the check; what it found decides as the
+/// backend's own HEAD would; and the write still carries its condition, so a server that holds conditions (here the
+/// in-memory store, the backend told otherwise, as after a probe that could not tell) refuses a creator that came
+/// after the HEAD.
+#[tokio::test]
+async fn an_answer_from_ahead_stands_for_the_check_within_its_time_and_the_condition_is_still_sent() {
+    let b = ObjectStoreBackend::new(Arc::new(InMemory::new()), "").unwrap();
+    b.assume_conditions_ignored();
+    let absent = |k: &str| Prechecked { key: k.into(), sent: std::time::Instant::now(), found: None };
+    let k = key("new");
+    with_prechecked(
+        Some(absent("new")),
+        b.put_expect(&k, Bytes::from_static(b"mine"), &file_meta("1"), &Expect::Absent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.condition_heads(), 0, "the answer stood for the HEAD");
+
+    // Another key's answer stands for nothing; an answer past its time neither.
+    let other = key("other");
+    with_prechecked(
+        Some(absent("new")),
+        b.put_expect(&other, Bytes::from_static(b"x"), &file_meta("2"), &Expect::Absent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.condition_heads(), 1);
+    let sent = std::time::Instant::now() - PRECHECK_TRUSTED - std::time::Duration::from_millis(1);
+    let old = Prechecked { sent, ..absent("late") };
+    with_prechecked(
+        Some(old),
+        b.put_expect(&key("late"), Bytes::from_static(b"x"), &file_meta("3"), &Expect::Absent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.condition_heads(), 2);
+
+    // Found a version: a write expecting nothing is refused without asking.
+    let found = Prechecked { found: Some("\"v\"".into()), ..absent("fresh") };
+    let r = with_prechecked(
+        Some(found),
+        b.put_expect(&key("fresh"), Bytes::from_static(b"x"), &file_meta("4"), &Expect::Absent),
+    )
+    .await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "{r:?}");
+    assert_eq!(b.condition_heads(), 2);
+
+    // "Nothing there" when asked, but a creator came since: the condition the write carries stops it.
+    let race = key("race");
+    b.put(&race, Bytes::from_static(b"theirs"), &file_meta("5")).await.unwrap();
+    let r = with_prechecked(
+        Some(absent("race")),
+        b.put_expect(&race, Bytes::from_static(b"mine"), &file_meta("6"), &Expect::Absent),
+    )
+    .await;
+    assert!(matches!(r, Err(StoreError::Precondition { .. })), "{r:?}");
+    assert_eq!(&b.get(&race).await.unwrap().0[..], b"theirs");
+}
