@@ -2296,10 +2296,9 @@ impl Fs {
                 .map(BaseVersion::Etag)
                 .unwrap_or(BaseVersion::Any);
         }
-        if staged.precheck.is_none() {
-            // As for a new file: where the server ignores conditions, the upload's HEAD goes now.
-            staged.precheck = precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k));
-        }
+        // As for a new file: where the server ignores conditions, the upload's HEAD goes now (one sent earlier and
+        // not used is dropped: it could only be older).
+        staged.precheck = precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k));
         staged.truncate(0).map_err(|e| Error::staging(&path, e))?;
         staged.loaded = true;
         staged.from_empty = true;

@@ -57,13 +57,15 @@ impl Precheck {
         Some(Precheck { path: path.to_string(), sent, answer })
     }
 
-    /// The answer, for an upload of `path` about to start: `None` for another path, an answer already too old, or
-    /// a HEAD that failed.
+    /// The answer, for an upload of `path` about to start: `None` for another path, a HEAD that failed, or one not
+    /// answered within [`PRECHECK_TRUSTED`] of its sending (waiting longer is pointless: such an answer could not
+    /// stand, and a hung store would otherwise cost the upload this wait and then its own HEAD's).
     pub async fn answer(mut self, path: &str) -> Option<Prechecked> {
-        if self.path != path || self.sent.elapsed() > PRECHECK_TRUSTED {
+        if self.path != path {
             return None;
         }
-        let found = (&mut self.answer).await.ok()?.ok()?;
+        let deadline = tokio::time::Instant::from_std(self.sent + PRECHECK_TRUSTED);
+        let found = tokio::time::timeout_at(deadline, &mut self.answer).await.ok()?.ok()?.ok()?;
         Some(Prechecked { key: self.path.clone(), sent: self.sent, found })
     }
 }

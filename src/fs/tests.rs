@@ -28,6 +28,8 @@ struct Silenceable {
     refuse_aborts: AtomicBool,
     /// The condition each `put_expect` was sent with, in order.
     conditions: std::sync::Mutex<Vec<Expect>>,
+    /// `head` hangs (a frozen server whose connection stays open) until this is cleared.
+    hang_heads: AtomicBool,
 }
 
 impl Silenceable {
@@ -40,6 +42,7 @@ impl Silenceable {
             aborted: std::sync::Mutex::new(Vec::new()),
             refuse_aborts: AtomicBool::new(false),
             conditions: std::sync::Mutex::new(Vec::new()),
+            hang_heads: AtomicBool::new(false),
         }
     }
 
@@ -63,6 +66,9 @@ impl Silenceable {
 #[async_trait]
 impl Backend for Silenceable {
     async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
+        while self.hang_heads.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.check(key.as_str())?;
         self.note("head");
         self.inner.head(key).await
@@ -1287,4 +1293,25 @@ async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_uplo
         let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
         assert_eq!(&body[..], want);
     }
+}
+
+/// `fs::precheck`: a HEAD ahead that hangs (a frozen server) costs the upload at most the time its answer could have
+/// stood, then the upload asks itself; it does not wait for the hung request's own timeout first.
+#[tokio::test]
+async fn a_head_ahead_that_hangs_delays_the_upload_by_at_most_its_trust() {
+    let store = store_ignoring_conditions();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.hang_heads.store(true, Ordering::SeqCst);
+    let (_, fh) = fs.create(d.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    // The hung HEAD never answers: without the bound the flush would wait for it for ever (here).
+    let flushed = tokio::time::timeout(Duration::from_secs(5), fs.flush(fh)).await;
+    flushed.expect("the upload waited for the hung HEAD").unwrap();
+    assert_eq!(store.inner.condition_heads(), 1, "the upload asked itself");
+    store.hang_heads.store(false, Ordering::SeqCst);
+    fs.release(fh).await.unwrap();
+    let (body, _, _) = store.inner.get(&ObjectKey::new("d/f").unwrap()).await.unwrap();
+    assert_eq!(&body[..], b"data");
 }

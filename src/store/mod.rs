@@ -466,7 +466,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether this store's write conditions are checked with a HEAD just before each conditional write because the
     /// server ignores them (found by [`Backend::probe_conditional_writes`]); callers may then send that HEAD sooner
-    /// and write unconditionally when it confirmed the condition moments before (`fs::precheck`). False for stores
+    /// and let its answer stand for the write's own check ([`with_prechecked`], `fs::precheck`). False for stores
     /// that hold conditions themselves (the default).
     fn conditions_checked_by_head(&self) -> bool {
         false
