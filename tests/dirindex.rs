@@ -347,16 +347,19 @@ modes!(an_entry_changed_elsewhere_is_not_trusted_and_the_index_is_rebuilt);
 /// index put back (replayed) after a chmod shows the chmod, not the older entry.
 #[test]
 fn a_tampered_or_replayed_index_shows_only_what_the_listing_allows() {
+    const F1: &str = "first-file-of-the-index-test";
+    const F2: &str = "second-file-of-the-index-test";
     let env = Env::new();
     let store = Store::s3();
     let key = format!("d/{INDEX}");
     let a = Mount::start(&env, &store, "cse-c");
     fs::create_dir(a.path("d")).unwrap();
-    sh("echo one > d/f1 && echo two > d/f2 && chmod 640 d/f1 d/f2", &a.dir);
+    sh(&format!("echo one > d/{F1} && echo two > d/{F2} && chmod 640 d/{F1} d/{F2}"), &a.dir);
     let written = ls(&a, "d");
     a.unmount();
     let (old_body, old_meta) = (s3_body(&store, &key), s3_metadata(&store, &key));
-    assert!(!contains(&old_body, b"f1") && !contains(&old_body, b"f2"), "the index is not encrypted");
+    // Names long enough that ciphertext cannot hold them by chance (a 2-byte name did, about once in a hundred runs).
+    assert!(!contains(&old_body, F1.as_bytes()) && !contains(&old_body, F2.as_bytes()), "the index is not encrypted");
 
     let mut flipped = old_body.clone();
     let at = flipped.len() - 20;
@@ -367,18 +370,19 @@ fn a_tampered_or_replayed_index_shows_only_what_the_listing_allows() {
     assert_eq!(shown, written);
     assert_eq!(cost.head, 2.0, "{}", cost.text);
     std::thread::sleep(Duration::from_millis(1100));
-    sh("chmod 600 d/f1", &b.dir);
+    sh(&format!("chmod 600 d/{F1}"), &b.dir);
     let log = b.unmount();
     assert_eq!(log.matches("ignoring a directory index that cannot be used").count(), 1, "{log}");
     assert!(log.contains(&key), "{log}");
 
-    // Replay the first index: its entry for f1 names the version before the chmod, which the listing no longer shows.
+    // Replay the first index: its entry for F1 names the version before the chmod, which the listing no longer shows.
     s3_put(&store, &key, &old_body, &old_meta);
     let (c, addr) = metered(&env, &store, "cse-c");
     let (shown, cost) = cold_ls(&c, &addr, "d");
-    assert!(shown.lines().any(|l| l.starts_with("-rw------- ") && l.ends_with(" f1")), "replayed entry shown: {shown}");
-    assert!(shown.lines().any(|l| l.starts_with("-rw-r----- ") && l.ends_with(" f2")), "{shown}");
-    assert_eq!(cost.head, 1.0, "only f1's entry is refused: {}", cost.text);
+    let shows = |mode: &str, name: &str| shown.lines().any(|l| l.starts_with(mode) && l.ends_with(&format!(" {name}")));
+    assert!(shows("-rw------- ", F1), "replayed entry shown: {shown}");
+    assert!(shows("-rw-r----- ", F2), "{shown}");
+    assert_eq!(cost.head, 1.0, "only F1's entry is refused: {}", cost.text);
     c.unmount();
 }
 
