@@ -1315,3 +1315,41 @@ async fn a_head_ahead_that_hangs_delays_the_upload_by_at_most_its_trust() {
     let (body, _, _) = store.inner.get(&ObjectKey::new("d/f").unwrap()).await.unwrap();
     assert_eq!(&body[..], b"data");
 }
+
+/// A listing merges the store's objects, its prefixes and the names this mount made but has not stored: each name
+/// once, in name order, a name that is both a directory (a prefix) and a file shown as the directory.
+#[tokio::test]
+async fn a_listing_shows_each_name_once_in_order_and_a_directory_over_a_file_of_its_name() {
+    use object_store::ObjectStoreExt;
+    let raw = Arc::new(object_store::memory::InMemory::new());
+    // (object_store paths cannot end in "/", so no directory marker here: markers are covered by tests/posix.)
+    for key in ["a", "a/x", "b/y", "b", "c", "e/z", "f"] {
+        raw.put(&object_store::path::Path::from(key), b"x".to_vec().into()).await.unwrap();
+    }
+    let store = Arc::new(Silenceable::new(ObjectStoreBackend::new(raw, "").unwrap()));
+    let (fs, _tmp) = fs_over(store).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    // "d" made here and still open (not stored).
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("d"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    let dir = fs.opendir(ROOT_INO).await.unwrap();
+    let shown: Vec<(String, FileKind)> = fs.readdir(dir).unwrap().iter().map(|e| (e.name.clone(), e.kind)).collect();
+    let expected = [
+        ("a", FileKind::Dir),
+        ("b", FileKind::Dir),
+        ("c", FileKind::File),
+        ("d", FileKind::File),
+        ("e", FileKind::Dir),
+        ("f", FileKind::File),
+    ];
+    assert_eq!(shown, expected.map(|(n, k)| (n.to_string(), k)).to_vec());
+    fs.releasedir(dir);
+    fs.release(fh).await.unwrap();
+    // Stored now, and changed again here (staged, not uploaded): "d" is listed once.
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    let fh = fs.open(d.ino, OpenMode::from_flags(libc::O_RDWR)).await.unwrap();
+    fs.write(fh, 0, b"changed").await.unwrap();
+    let dir = fs.opendir(ROOT_INO).await.unwrap();
+    let names: Vec<String> = fs.readdir(dir).unwrap().iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names, ["a", "b", "c", "d", "e", "f"]);
+    fs.release(fh).await.unwrap();
+}

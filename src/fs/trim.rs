@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{lock, DirEntry, Fs};
+use crate::store::{Listing, ObjectInfo, ObjectKey};
 
 /// Estimated bytes of one entry of a listing held by an open directory handle, beside its name: the `DirEntry`
 /// (inode, name string, kind: 40 bytes) and the allocator's overhead for the name.
@@ -42,6 +43,28 @@ pub type NameForgetter = Arc<dyn Fn(u64, &OsStr) + Send + Sync>;
 pub fn listing_bytes(entries: &[DirEntry]) -> u64 {
     entries.iter().map(|e| ENTRY_BYTES + e.name.len() as u64).sum()
 }
+
+/// Estimated memory of a listing from the store while [`Fs::list_dir`] merges it: each object's record, key and ETag
+/// (with the allocator's overhead for the two strings), each prefix, and one merge row per name.
+pub fn merge_bytes(listing: &Listing, rows: usize) -> u64 {
+    const STRING_OVERHEAD: usize = 16;
+    let objects: usize = listing
+        .objects
+        .iter()
+        .map(|o| {
+            std::mem::size_of::<ObjectInfo>()
+                + o.key.as_str().len()
+                + o.etag.as_ref().map_or(0, |e| e.len())
+                + 2 * STRING_OVERHEAD
+        })
+        .sum();
+    let prefixes: usize =
+        listing.prefixes.iter().map(|p| std::mem::size_of::<ObjectKey>() + p.as_str().len() + STRING_OVERHEAD).sum();
+    (objects + prefixes + rows * MERGE_ROW_BYTES) as u64
+}
+
+/// One row of [`Fs::list_dir`]'s merge: a borrowed name, a kind, a position.
+const MERGE_ROW_BYTES: usize = 24;
 
 impl Fs {
     /// Sets how the kernel is asked to forget names (once; later calls are ignored). Without it, trimming only
