@@ -38,6 +38,9 @@ pub enum Error {
     NotPermitted(&'static str),
     #[error("stale or unknown handle")]
     BadHandle,
+    /// The request kept losing a race inside the daemon (see [`crate::fs`]'s lookup); nothing changed.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     #[error("object {key}: {source}")]
     Store {
         key: String,
@@ -131,6 +134,7 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::NotPermitted(_) => libc::EPERM,
             Error::BadHandle => libc::EBADF,
+            Error::Busy(_) => libc::EBUSY,
             Error::Store { source, .. } => match source {
                 StoreError::NotFound { .. } => libc::ENOENT,
                 StoreError::AccessDenied { .. } => libc::EACCES,

@@ -54,6 +54,10 @@ const MAX_PREFETCH: usize = 10_000;
 /// which the `stat` that starts it waits for.
 const PREFETCH_BATCH: usize = 256;
 /// Chunk of a file downloaded at a time when staging it for writing.
+/// How often a lookup resolves a name whose node the memory trim dropped before it was counted, before it gives up
+/// (EBUSY). Each try after the first finds the name in the store or in a listing again; a trim runs at most every
+/// 100 ms.
+const LOOKUP_ATTEMPTS: u32 = 8;
 /// The position of "no object" in a listing's merge rows (a name known only as a prefix or a directory marker).
 const NO_OBJECT: u32 = u32::MAX;
 const STAGE_READ: usize = 8 << 20;
@@ -864,14 +868,23 @@ impl Fs {
             Err(Error::NotPermitted(RESERVED_NAME)) => return Err(Error::NotFound),
             other => other?,
         };
-        let ino = self.resolve(parent, &name).await?;
-        let answer = {
+        // The node `resolve` found is counted under a second lock of the table. One that nobody referred to yet (a
+        // listing's entry, or a node just read from the store) may be trimmed in between (`fs::trim`, while the table
+        // is over its share of the memory budget): then the name is resolved again, never answered ENOENT for that.
+        let mut attempts = 0;
+        let answer = loop {
+            let ino = self.resolve(parent, &name).await?;
             let mut table = lock(&self.table);
-            let node = table.get_mut(ino).ok_or(Error::NotFound)?;
-            node.lookups += 1;
-            let ttl =
-                if self.fresh(node) || self.store_recently_silent() { self.config.attr_ttl } else { Duration::ZERO };
-            (table.attr(ino).ok_or(Error::NotFound)?, ttl)
+            if let Some(node) = table.get_mut(ino) {
+                node.lookups += 1;
+                let fresh = self.fresh(node) || self.store_recently_silent();
+                let ttl = if fresh { self.config.attr_ttl } else { Duration::ZERO };
+                break (table.attr(ino).ok_or(Error::NotFound)?, ttl);
+            }
+            attempts += 1;
+            if attempts == LOOKUP_ATTEMPTS {
+                return Err(Error::Busy("the name's node was trimmed from memory each time it was found"));
+            }
         };
         self.account();
         Ok(answer)
