@@ -53,13 +53,12 @@ const MAX_PREFETCH: usize = 10_000;
 /// Files whose metadata one read-ahead batch of a scan fetches ([`Fs::prefetch_from`]): 8 round trips of 32 HEADs,
 /// which the `stat` that starts it waits for.
 const PREFETCH_BATCH: usize = 256;
-/// Chunk of a file downloaded at a time when staging it for writing.
-/// How often a lookup resolves a name whose node the memory trim dropped before it was counted, before it gives up
-/// (EBUSY). Each try after the first finds the name in the store or in a listing again; a trim runs at most every
-/// 100 ms.
-const LOOKUP_ATTEMPTS: u32 = 8;
+/// How often a name whose node the memory trim dropped between its resolve and its use is resolved again before the
+/// request gives up (EBUSY; see [`Fs::resolve_then`]). A trim runs at most every 100 ms.
+const RESOLVE_ATTEMPTS: u32 = 8;
 /// The position of "no object" in a listing's merge rows (a name known only as a prefix or a directory marker).
 const NO_OBJECT: u32 = u32::MAX;
+/// Chunk of a file downloaded at a time when staging it for writing.
 const STAGE_READ: usize = 8 << 20;
 /// After a refresh found the store silent, how long known names and attributes are served from memory without asking
 /// again. Each ask costs up to the mount's `timeout=` while the store stays silent, so without this every `stat` of an
@@ -699,6 +698,32 @@ impl Fs {
         }
     }
 
+    /// [`Fs::resolve`], then `use_node` on the node found, under the table's lock. `resolve` releases that lock before
+    /// it returns, and a node nobody refers to yet (a listing's entry, a node just read from the store, a kernel's
+    /// node replaced after a change of kind elsewhere) may be trimmed in between (`fs::trim`, while the table is over
+    /// its share of the memory budget). `use_node` says so with `None`, and the name is resolved again: a name that
+    /// exists is never answered ENOENT for that. After [`RESOLVE_ATTEMPTS`] such losses, EBUSY.
+    async fn resolve_then<T>(
+        &self,
+        parent: u64,
+        name: &str,
+        use_node: impl Fn(&mut InodeTable, u64) -> Option<Result<T>>,
+    ) -> Result<T> {
+        for _ in 0..RESOLVE_ATTEMPTS {
+            let ino = self.resolve(parent, name).await?;
+            if let Some(answer) = use_node(&mut lock(&self.table), ino) {
+                return answer;
+            }
+        }
+        Err(Error::Busy("the name's node was trimmed from memory each time it was found"))
+    }
+
+    /// [`Fs::resolve`] with the node's attributes, read under the lock that found it still there (see
+    /// [`Fs::resolve_then`]).
+    async fn resolve_attr(&self, parent: u64, name: &str) -> Result<(u64, Attr)> {
+        self.resolve_then(parent, name, |table, ino| table.attr(ino).map(|a| Ok((ino, a)))).await
+    }
+
     /// Resolves `name` in `parent`, from the table when it knows enough (see [`Fs::resolve_from_memory`]), else from
     /// the store. Does not count a lookup.
     async fn resolve(&self, parent: u64, name: &str) -> Result<u64> {
@@ -868,24 +893,15 @@ impl Fs {
             Err(Error::NotPermitted(RESERVED_NAME)) => return Err(Error::NotFound),
             other => other?,
         };
-        // The node `resolve` found is counted under a second lock of the table. One that nobody referred to yet (a
-        // listing's entry, or a node just read from the store) may be trimmed in between (`fs::trim`, while the table
-        // is over its share of the memory budget): then the name is resolved again, never answered ENOENT for that.
-        let mut attempts = 0;
-        let answer = loop {
-            let ino = self.resolve(parent, &name).await?;
-            let mut table = lock(&self.table);
-            if let Some(node) = table.get_mut(ino) {
+        let answer = self
+            .resolve_then(parent, &name, |table, ino| {
+                let node = table.get_mut(ino)?;
                 node.lookups += 1;
                 let fresh = self.fresh(node) || self.store_recently_silent();
                 let ttl = if fresh { self.config.attr_ttl } else { Duration::ZERO };
-                break (table.attr(ino).ok_or(Error::NotFound)?, ttl);
-            }
-            attempts += 1;
-            if attempts == LOOKUP_ATTEMPTS {
-                return Err(Error::Busy("the name's node was trimmed from memory each time it was found"));
-            }
-        };
+                Some(table.attr(ino).map(|a| (a, ttl)).ok_or(Error::NotFound))
+            })
+            .await?;
         self.account();
         Ok(answer)
     }
@@ -1240,8 +1256,8 @@ impl Fs {
                 }
             }
         }
-        let ino = self.resolve(parent, &name).await?;
-        let kind = self.attr_of(ino)?.kind;
+        let (ino, attr) = self.resolve_attr(parent, &name).await?;
+        let kind = attr.kind;
         if kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
@@ -1314,6 +1330,7 @@ impl Fs {
                 found.push((rest, FileKind::Dir, NO_OBJECT));
             }
         }
+        let mut overflow = false;
         for (position, o) in listing.objects.iter().enumerate() {
             let rest = o.key.as_str().strip_prefix(&prefix).unwrap_or(o.key.as_str());
             if rest.is_empty() {
@@ -1328,7 +1345,11 @@ impl Fs {
             if rest.contains('/') || check_name(OsStr::new(rest)).is_err() {
                 continue;
             }
-            let Ok(position) = u32::try_from(position) else { continue }; // past 4 billion objects in one listing
+            // Past 4 billion objects in one listing: not shown, and the directory not taken as fully listed.
+            let Some(position) = u32::try_from(position).ok().filter(|&p| p != NO_OBJECT) else {
+                overflow = true;
+                continue;
+            };
             found.push((rest, FileKind::File, position));
         }
         // A name that is both a directory (a prefix or a marker) and a file is shown as the directory.
@@ -1344,7 +1365,7 @@ impl Fs {
             let memory = self.cache.memory();
             memory.metadata_share().saturating_sub(memory.metadata()).saturating_sub(merging) / inode::NODE_BYTES
         };
-        let mut complete = true;
+        let mut complete = !overflow;
         let mut entries = {
             let mut table = lock(&self.table);
             let mut entries = Vec::with_capacity(found.len());
@@ -1655,8 +1676,8 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
-        let ino = self.resolve(parent, &name).await?;
-        if self.attr_of(ino)?.kind != FileKind::Dir {
+        let (ino, attr) = self.resolve_attr(parent, &name).await?;
+        if attr.kind != FileKind::Dir {
             return Err(Error::NotDir);
         }
         let has_index = self.ensure_empty(ino, &path).await?;
@@ -1715,23 +1736,22 @@ impl Fs {
         let new_name = check_name(new_name)?;
         let from = self.child_path(parent, &name)?;
         let to = self.child_path(new_parent, &new_name)?;
-        let ino = self.resolve(parent, &name).await?;
+        let (ino, attr) = self.resolve_attr(parent, &name).await?;
         if from == to {
             return Ok(());
         }
         self.settle_delete(&to).await; // as for a create (see `resolve_for_create`)
-        let kind = self.attr_of(ino)?.kind;
-        let target = match self.resolve(new_parent, &new_name).await {
-            Ok(t) => Some(t),
+        let kind = attr.kind;
+        let target = match self.resolve_attr(new_parent, &new_name).await {
+            Ok((t, tattr)) => Some((t, tattr.kind)),
             Err(Error::NotFound) => None,
             Err(e) => return Err(e),
         };
         self.check_path_len(&to, kind == FileKind::Dir)?;
-        if let Some(t) = target {
+        if let Some((t, tkind)) = target {
             if noreplace {
                 return Err(Error::Exists);
             }
-            let tkind = self.attr_of(t)?.kind;
             match (kind == FileKind::Dir, tkind == FileKind::Dir) {
                 (false, true) => return Err(Error::IsDir),
                 (true, false) => return Err(Error::NotDir),
@@ -1741,6 +1761,7 @@ impl Fs {
                 (false, false) => {}
             }
         }
+        let target = target.map(|(t, _)| t);
         // An open target keeps its content for its descriptors (see unlink).
         if let Some(t) = target.filter(|t| self.is_open(*t)) {
             self.stage_whole(t).await?;
@@ -2345,20 +2366,30 @@ impl Fs {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
-        match self.resolve_for_create(parent, &name).await {
-            Ok(ino) => {
-                if flags & libc::O_EXCL != 0 {
-                    return Err(Error::Exists);
+        let mut attempts = 1;
+        loop {
+            match self.resolve_for_create(parent, &name).await {
+                Ok(ino) => {
+                    if flags & libc::O_EXCL != 0 {
+                        return Err(Error::Exists);
+                    }
+                    // Opened by create() after all (a racing creator): behave as open. A node nobody held yet may be
+                    // trimmed before the open holds it (see `resolve_then`): then the name is resolved again.
+                    let fh = match self.open(ino, OpenMode::from_flags(flags)).await {
+                        Err(Error::NotFound) if attempts < RESOLVE_ATTEMPTS && lock(&self.table).get(ino).is_none() => {
+                            attempts += 1;
+                            continue;
+                        }
+                        opened => opened?,
+                    };
+                    let mut table = lock(&self.table);
+                    let node = table.get_mut(ino).ok_or(Error::NotFound)?;
+                    node.lookups += 1;
+                    return Ok((table.attr(ino).ok_or(Error::NotFound)?, fh));
                 }
-                // Opened by create() after all (a racing creator): behave as open.
-                let fh = self.open(ino, OpenMode::from_flags(flags)).await?;
-                let mut table = lock(&self.table);
-                let node = table.get_mut(ino).ok_or(Error::NotFound)?;
-                node.lookups += 1;
-                return Ok((table.attr(ino).ok_or(Error::NotFound)?, fh));
+                Err(Error::NotFound) => break,
+                Err(e) => return Err(e),
             }
-            Err(Error::NotFound) => {}
-            Err(e) => return Err(e),
         }
         // Refused now, not at the upload of close(), which shells ignore.
         self.check_path_len(&path, false)?;
