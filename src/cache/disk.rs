@@ -390,15 +390,16 @@ impl DiskCache {
         }
     }
 
+    /// Drops a damaged entry: once, by the first of the reads that found it so (a read and the read-ahead may both
+    /// have opened it); for the others it is gone from the index already, perhaps written anew, and left alone.
     fn drop_entry(&self, name: &str, why: &str) {
-        self.damaged(name, why);
         {
             let mut st = lock(&self.state);
-            if let Some(size) = st.lru.pop(name) {
-                st.used -= size;
-            }
+            let Some(size) = st.lru.pop(name) else { return };
+            st.used -= size;
             st.dropped += 1;
         }
+        self.damaged(name, why);
         let _ = self.dir.remove(name);
         self.report_delta();
     }
@@ -622,6 +623,15 @@ mod tests {
         }
         assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
         assert_eq!(c.stats().dropped, 4);
+        // A damaged entry two reads found at once (a read and the read-ahead) is dropped and counted once.
+        c.put(&id("f", 5), &page(5));
+        let mut bytes = std::fs::read(file(5)).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(file(5), &bytes).unwrap();
+        let name = c.keys.entry_name(&id("f", 5));
+        c.drop_entry(&name, "test: found damaged by the first read");
+        c.drop_entry(&name, "test: found damaged by the second read");
+        assert_eq!(c.stats().dropped, 5);
         // Put again, it is served again.
         c.put(&id("f", 0), &page(0));
         assert_eq!(get(&c, &id("f", 0)), Some(page(0)));
