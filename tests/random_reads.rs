@@ -128,3 +128,63 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
     let store = Store::local(env.path());
     small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
 }
+
+/// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
+/// reads fetch only what they read; once there is one per 4 MiB of the file, it is fetched whole into the disk cache
+/// — not into memory — and every later read is served locally.
+fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
+    let size = 24usize << 20;
+    let plain = pattern(size, 23);
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path("medium"), &plain).unwrap();
+    }
+    let addr = free_metrics_addr();
+    let cache = env.path().join("dcache");
+    let dir = format!("cache_dir={}", cache.display());
+    // 32 MiB of page cache (whole objects up to 8 MiB go there); 256 MiB of disk cache (up to 64 MiB go there).
+    let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
+    let m = Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>());
+    let (gets, bytes) =
+        ("s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}", "s3cryptfs_store_read_bytes_total");
+
+    // 24 MiB asks for 6 random reads: 5 fetch a chunk or two each.
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    let mut reads = offsets(3, 6, size as u64);
+    pread_pages(&f, &plain, reads.by_ref().take(5));
+    wait_idle(&addr);
+    let fetched = metric(&addr, bytes);
+    assert!(fetched <= 5.0 * 2.0 * 65_600.0, "5 random reads of a 24 MiB file fetched {fetched} bytes");
+
+    // The sixth: the file is fetched whole, into the disk cache.
+    pread_pages(&f, &plain, reads);
+    let fetched = wait_for(&addr, bytes, size as f64);
+    assert!(fetched >= size as f64, "six random reads did not fetch the 24 MiB file whole: {fetched} bytes");
+    let on_disk = wait_for(&addr, "s3cryptfs_disk_cache_written_bytes_total", size as f64);
+    assert!(on_disk >= size as f64, "the file fetched whole is not in the disk cache: {on_disk} bytes written there");
+    wait_idle(&addr);
+    let in_memory = metric(&addr, "s3cryptfs_cache_bytes");
+    assert!(in_memory <= (4 << 20) as f64, "the file fetched whole went to the page cache: {in_memory} bytes there");
+    assert!(fetched < 1.1 * size as f64, "24 MiB fetched as {fetched} bytes");
+
+    // Every page of it, scattered: none from the store.
+    let gets_before = metric(&addr, gets);
+    let pages = size as u64 / 4096;
+    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    assert_eq!(metric(&addr, gets), gets_before, "reads of a file fetched whole into the disk cache went to the store");
+    assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") > 0.0);
+}
+
+#[test]
+fn medium_file_fetched_whole_into_the_disk_cache_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    medium_file_fetched_whole_into_the_disk_cache(&store, &env);
+}
+
+#[test]
+fn medium_file_fetched_whole_into_the_disk_cache_local() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    medium_file_fetched_whole_into_the_disk_cache(&store, &env);
+}

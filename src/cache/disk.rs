@@ -330,6 +330,12 @@ impl DiskCache {
         }
     }
 
+    /// Whether the cache has an entry for page `id` (not whether it still opens). No I/O; does not count as a use.
+    pub fn contains(&self, id: &EntryId) -> bool {
+        let name = self.keys.entry_name(id);
+        lock(&self.state).lru.contains(&name)
+    }
+
     /// Page `id` if the cache has it, exactly `len` bytes, appended to `out`. Blocking file I/O.
     pub fn get(&self, id: &EntryId, len: usize, out: &mut Vec<u8>) -> bool {
         let mut found = false;

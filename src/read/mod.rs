@@ -14,11 +14,20 @@
 //! another — waits for that fetch instead of asking again. No lock is held across a fetch: concurrent reads of one
 //! file, on one handle or many, reach the store together.
 //!
-//! Whole-object prefetch: a reader that seeks twice (reads that do not follow each other) in an object small
-//! relative to the memory budget — at most a quarter of what the page cache may hold, and never more than
-//! [`WHOLE_OBJECT_MAX`] — fetches all of it in the background in read-ahead segments, and later reads are served from
-//! the cache: a random reader of a small file pays a few large GETs instead of one small GET per read. A larger
-//! object read randomly costs one GET of the chunks each read needs, never more.
+//! Whole-object prefetch: an object read at random — reads that do not follow each other, over every handle of the
+//! mount, one per [`WHOLE_OBJECT_BYTES_PER_SEEK`] of the object and at least [`SEEKS_FOR_RANDOM`] — is fetched whole
+//! in the background, [`WHOLE_OBJECT_IN_FLIGHT`] read-ahead segments at a time, and later reads are served locally: a
+//! random reader pays a few large GETs instead of one small GET per read. Where it goes:
+//! - into the page cache, when the object is small next to it (at most a quarter of what it may hold, and never more
+//!   than [`WHOLE_OBJECT_MAX`]);
+//! - else, with a disk cache (`-o cache_dir`), into the disk cache only (at most a quarter of its limit, and never
+//!   more than [`WHOLE_OBJECT_MAX_ON_DISK`]): it is sealed there like any page, and the page cache keeps only what is
+//!   read, so a whole object larger than memory pushes nothing out of it;
+//! - else nowhere: a larger object read randomly costs one GET of the chunks each read needs, never more.
+//!
+//! The trigger grows with the object, so the bytes fetched stay in proportion to the reads made: at most
+//! [`WHOLE_OBJECT_BYTES_PER_SEEK`] per random read that came before (a few reads of a large file fetch only what they
+//! read). s3fs downloads a file whole on its first read, whatever its size.
 //!
 //! Memory: every fetch reserves its buffers (the GET body and the pages decrypted from it) from the mount's
 //! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
@@ -34,7 +43,6 @@ pub mod s3ec;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -47,6 +55,7 @@ use crate::cache::{ObjectId, PageCache};
 use crate::crypto::diskcache::EntryId;
 use crate::crypto::CHUNK_PLAIN_LEN;
 use crate::fs::error::{Error, Result};
+use crate::memory::Reservation;
 use crate::object::{Codec, ObjectCodec, StoredFormat};
 use crate::store::{Backend, ObjectKey, UserMeta};
 
@@ -73,12 +82,26 @@ const WHOLE_OBJECT_SHARE_OF_CACHE: u64 = 4;
 /// Seeks (reads not following the one before) after which a reader counts as random: one seek is often a single
 /// look elsewhere (a trailer, an index), not a pattern.
 const SEEKS_FOR_RANDOM: u32 = 2;
+/// The largest object fetched whole into the disk cache for a random reader (when the mount has one): 4 GiB takes
+/// about 15 s on a fast link, and the trigger asks 1,024 random reads of it first.
+pub const WHOLE_OBJECT_MAX_ON_DISK: u64 = 4 << 30;
+/// ... and its share of the disk cache's limit.
+const WHOLE_OBJECT_SHARE_OF_DISK: u64 = 4;
+/// An object is fetched whole once it was read at random once per this many bytes of it (see the module docs): a
+/// 1 GiB file after 256 random reads, an 8 MiB one after [`SEEKS_FOR_RANDOM`].
+pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 4 << 20;
+/// Segments a whole-object fetch has in flight at once.
+const WHOLE_OBJECT_IN_FLIGHT: usize = 4;
+/// Objects whose random reads [`Fetches`] counts at most; past it, the counts of objects not being fetched whole
+/// start again from zero.
+const RANDOM_TRACKED: usize = 4096;
+/// In [`Fetches::random`]: the object is being fetched whole.
+const FETCHING_WHOLE: u32 = u32::MAX;
 
 struct ReadState {
     next_offset: u64,
     window: u64,
     prefetched_until: u64,
-    seeks: u32,
 }
 
 /// A fetch in flight, which readers that need its chunks await.
@@ -89,6 +112,54 @@ type Fetch = Shared<BoxFuture<'static, ()>>;
 #[derive(Default)]
 pub struct Fetches {
     inflight: Mutex<HashMap<(ObjectId, u64), Fetch>>,
+    /// Random reads counted per object, over every reader of it ([`FETCHING_WHOLE`] while it is fetched whole).
+    random: Mutex<HashMap<ObjectId, u32>>,
+}
+
+impl Fetches {
+    /// Counts a random read of object `id`: `true` when that makes `needed` and the object is not being fetched whole
+    /// already, and from then on it is (until [`Fetches::whole_done`]).
+    fn random_read(&self, id: &ObjectId, needed: u32) -> bool {
+        let mut counts = lock(&self.random);
+        if counts.len() >= RANDOM_TRACKED && !counts.contains_key(id) {
+            counts.retain(|_, n| *n == FETCHING_WHOLE);
+        }
+        let n = counts.entry(id.clone()).or_insert(0);
+        if *n == FETCHING_WHOLE {
+            return false;
+        }
+        *n += 1;
+        if *n >= needed {
+            *n = FETCHING_WHOLE;
+            return true;
+        }
+        false
+    }
+
+    /// The whole-object fetch of `id` ended: its random reads are counted from zero again (a later one fetches only
+    /// what is no longer kept).
+    fn whole_done(&self, id: &ObjectId) {
+        lock(&self.random).remove(id);
+    }
+}
+
+/// What [`Reader::start_fetch`] did.
+enum Started {
+    /// Every chunk asked for is kept or in flight already.
+    Nothing,
+    /// The memory for the fetch was not given.
+    NoRoom,
+    /// This fetch, in flight.
+    Fetch(Fetch),
+}
+
+/// Where a fetch keeps the pages it brings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// The page cache (and the disk cache, when there is one and the budget has room to write it).
+    Memory,
+    /// The disk cache only, written before the fetch counts as done: a whole object larger than the page cache.
+    Disk,
 }
 
 /// Bytes a fetch of `chunks` chunks holds at its peak: the GET body and the pages decrypted from it (a little more
@@ -131,8 +202,6 @@ pub struct Reader {
     state: Mutex<ReadState>,
     fetches: Arc<Fetches>,
     disk: Option<Arc<DiskCache>>,
-    /// Set once this reader started fetching the whole object.
-    whole: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,11 +239,10 @@ impl Reader {
             verified: OnceCell::new(),
             empty_checked: OnceCell::new(),
             moved: std::sync::atomic::AtomicBool::new(false),
-            state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0, seeks: 0 }),
+            state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
             fetches: context.fetches.clone(),
             // A version without an ETag has no identity that outlives this mount.
             disk: context.disk.clone().filter(|_| !etag_is_empty),
-            whole: AtomicBool::new(false),
         }))
     }
 
@@ -234,9 +302,23 @@ impl Reader {
         (self.max_window() / CHUNK_PLAIN_LEN / 4).clamp(MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS)
     }
 
-    /// Whether a random reader should fetch this object whole (see the module docs).
-    fn small_enough_to_fetch_whole(&self) -> bool {
-        self.plain_size <= WHOLE_OBJECT_MAX.min(self.cache.capacity() / WHOLE_OBJECT_SHARE_OF_CACHE)
+    /// Where a random reader of this object would fetch it whole, if anywhere (see the module docs).
+    fn whole_object_plan(&self) -> Option<Keep> {
+        if self.max_readahead == 0 {
+            return None;
+        }
+        if self.plain_size <= WHOLE_OBJECT_MAX.min(self.cache.capacity() / WHOLE_OBJECT_SHARE_OF_CACHE) {
+            return Some(Keep::Memory);
+        }
+        let disk = self.disk.as_ref()?;
+        // S3EC pages come from a verification pass that keeps them in memory (see `s3ec`).
+        let fits = self.plain_size <= WHOLE_OBJECT_MAX_ON_DISK.min(disk.limit() / WHOLE_OBJECT_SHARE_OF_DISK);
+        (fits && !self.format.is_s3ec()).then_some(Keep::Disk)
+    }
+
+    /// Random reads of this object after which it is fetched whole (see [`WHOLE_OBJECT_BYTES_PER_SEEK`]).
+    fn random_reads_for_whole(&self) -> u32 {
+        (self.plain_size / WHOLE_OBJECT_BYTES_PER_SEEK).clamp(SEEKS_FOR_RANDOM as u64, u32::MAX as u64 - 1) as u32
     }
 
     /// Pages of the file: chunks of the own format, 64 KiB slices of an S3EC object.
@@ -266,7 +348,7 @@ impl Reader {
         let chunk_total = self.page_count();
 
         let max_window = self.max_window();
-        let (prefetch, random) = {
+        let (prefetch, seeked) = {
             let mut st = lock(&self.state);
             // The kernel issues read-ahead requests concurrently, so a sequential reader's requests arrive slightly
             // out of order: count a read as sequential when it lands within the current window of where the last
@@ -280,9 +362,7 @@ impl Reader {
                 st.window = INITIAL_WINDOW.min(max_window);
                 st.prefetched_until = 0;
                 st.next_offset = end;
-                st.seeks = st.seeks.saturating_add(1);
             }
-            let random = st.seeks >= SEEKS_FOR_RANDOM;
             let prefetch = if sequential && self.max_readahead > 0 {
                 let ahead_end = (last + 1 + st.window / CHUNK_PLAIN_LEN).min(chunk_total);
                 let from = st.prefetched_until.max(last + 1);
@@ -297,7 +377,7 @@ impl Reader {
             } else {
                 None
             };
-            (prefetch, random)
+            (prefetch, !sequential)
         };
 
         // Start the read-ahead before waiting for this read's own chunks, so both are in flight together.
@@ -311,13 +391,14 @@ impl Reader {
                 }
             }
         }
-        if random
-            && self.max_readahead > 0
-            && self.small_enough_to_fetch_whole()
-            && !self.whole.swap(true, Ordering::Relaxed)
-        {
-            tracing::debug!(key = %self.key(), size = self.plain_size, "random reads: fetching the whole object");
-            self.spawn_prefetch(0..chunk_total);
+        if seeked {
+            if let Some(keep) = self.whole_object_plan() {
+                if self.fetches.random_read(&self.object_id(), self.random_reads_for_whole()) {
+                    let (key, size) = (self.key(), self.plain_size);
+                    tracing::debug!(key = %key, size, ?keep, "random reads: fetching the whole object");
+                    self.spawn_whole(keep);
+                }
+            }
         }
         let pages = self.pages(first..last + 1).await?;
 
@@ -394,45 +475,102 @@ impl Reader {
     /// in flight. Each segment reserves its memory first and only if it is free: returns the chunk where the budget
     /// stopped it (`range.end` when it did not).
     fn spawn_prefetch(self: &Arc<Self>, range: Range<u64>) -> u64 {
-        let id = self.object_id();
         let segment = self.segment_chunks();
         let mut start = range.start;
         while start < range.end {
             let end = (start + segment).min(range.end);
-            let mut inflight = lock(&self.fetches.inflight);
-            // Skip the leading and trailing chunks already cached or in flight; checked and registered under one
-            // lock, so two readers of the object never fetch the same chunk.
-            let missing = |i: &u64| !self.cache.contains(&id, *i) && !inflight.contains_key(&(id.clone(), *i));
-            let (Some(a), Some(b)) = ((start..end).find(missing), (start..end).rev().find(missing)) else {
-                start = end;
-                continue;
-            };
-            let Some(memory) = self.cache.memory().try_reserve(fetch_cost(b + 1 - a)) else {
+            let memory = |bytes| self.cache.memory().try_reserve(bytes);
+            if let Started::NoRoom = self.start_fetch(start..end, Keep::Memory, memory) {
                 return start;
-            };
-            let this = Arc::clone(self);
-            let run = a..b + 1;
-            let key = id.clone();
-            let fut: Fetch = async move {
-                if let Err(e) = this.fetch(run.clone()).await {
-                    tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
-                }
-                drop(memory);
-                let mut inflight = lock(&this.fetches.inflight);
-                for i in run {
-                    inflight.remove(&(key.clone(), i));
-                }
             }
-            .boxed()
-            .shared();
-            for i in a..b + 1 {
-                inflight.insert((id.clone(), i), fut.clone());
-            }
-            drop(inflight);
-            tokio::spawn(fut);
             start = end;
         }
         range.end
+    }
+
+    /// Fetches the whole object in the background, in segments of [`MAX_SEGMENT_CHUNKS`], [`WHOLE_OBJECT_IN_FLIGHT`]
+    /// at a time, each waiting for its memory, into `keep`; skips what is kept there already or in flight. Stops early
+    /// once every handle of this reader is closed.
+    fn spawn_whole(self: &Arc<Self>, keep: Keep) {
+        use futures::StreamExt;
+        let reader = Arc::downgrade(self);
+        let (id, fetches, total) = (self.object_id(), self.fetches.clone(), self.page_count());
+        tokio::spawn(async move {
+            let mut running = futures::stream::FuturesUnordered::new();
+            let mut start = 0;
+            loop {
+                while running.len() < WHOLE_OBJECT_IN_FLIGHT && start < total {
+                    let Some(this) = reader.upgrade() else { break };
+                    let end = (start + MAX_SEGMENT_CHUNKS).min(total);
+                    let memory = this.cache.memory().reserve(fetch_cost(end - start)).await;
+                    if let Started::Fetch(f) = this.start_fetch(start..end, keep, |_| Some(memory)) {
+                        running.push(f);
+                    }
+                    start = end;
+                }
+                if running.next().await.is_none() {
+                    break;
+                }
+            }
+            tracing::debug!(key = %id.key, done = start >= total, "whole-object fetch ended");
+            fetches.whole_done(&id);
+        });
+    }
+
+    /// Whether page `index` is kept where `keep` says (or being fetched): a fetch for it is not needed.
+    fn kept(&self, id: &ObjectId, index: u64, keep: Keep, inflight: &HashMap<(ObjectId, u64), Fetch>) -> bool {
+        if self.cache.contains(id, index) || inflight.contains_key(&(id.clone(), index)) {
+            return true;
+        }
+        match (keep, &self.disk) {
+            (Keep::Disk, Some(disk)) => disk.contains(&EntryId { key: &id.key, etag: &id.etag, index }),
+            _ => false,
+        }
+    }
+
+    /// Starts fetching chunks `range` in the background, less the leading and trailing ones kept or in flight, with
+    /// the memory `reserve` gives for that many bytes held until done; registers them as in flight. Checked and
+    /// registered under one lock, so two readers of the object never fetch the same chunk.
+    fn start_fetch(
+        self: &Arc<Self>,
+        range: Range<u64>,
+        keep: Keep,
+        reserve: impl FnOnce(u64) -> Option<Reservation>,
+    ) -> Started {
+        let id = self.object_id();
+        let mut inflight = lock(&self.fetches.inflight);
+        let missing = |i: &u64| !self.kept(&id, *i, keep, &inflight);
+        let (Some(a), Some(b)) = (range.clone().find(missing), range.clone().rev().find(missing)) else {
+            return Started::Nothing;
+        };
+        let Some(memory) = reserve(fetch_cost(b + 1 - a)) else {
+            return Started::NoRoom;
+        };
+        let this = Arc::clone(self);
+        let run = a..b + 1;
+        let key = id.clone();
+        let fut: Fetch = async move {
+            let fetched = match keep {
+                Keep::Memory => this.fetch(run.clone()).await.map(drop),
+                Keep::Disk => this.fetch_to_disk(run.clone()).await,
+            };
+            if let Err(e) = fetched {
+                tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
+            }
+            drop(memory);
+            let mut inflight = lock(&this.fetches.inflight);
+            for i in run {
+                inflight.remove(&(key.clone(), i));
+            }
+        }
+        .boxed()
+        .shared();
+        for i in a..b + 1 {
+            inflight.insert((id.clone(), i), fut.clone());
+        }
+        drop(inflight);
+        tokio::spawn(fut.clone());
+        Started::Fetch(fut)
     }
 
     /// The per-object codec, reading and checking the header if this is the first need of it.
@@ -536,8 +674,30 @@ impl Reader {
         });
     }
 
+    /// Chunks `run` from the store, kept in the disk cache only (written before this returns), not in the page
+    /// cache: a whole object larger than the page cache (see the module docs). Own format only.
+    async fn fetch_to_disk(&self, run: Range<u64>) -> Result<()> {
+        let Some(disk) = self.disk.clone() else { return Ok(()) };
+        let first = run.start;
+        let pages = self.fetch_store_as(run, Keep::Disk).await?;
+        let id = self.object_id();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (j, page) in pages.iter().enumerate() {
+                disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page);
+            }
+        })
+        .await;
+        Ok(())
+    }
+
     /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
     async fn fetch_store(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
+        self.fetch_store_as(run, Keep::Memory).await
+    }
+
+    /// Fetches chunks `run` with one ranged GET and opens them; with [`Keep::Memory`], fills the page cache and
+    /// (in the background, within the budget) the disk cache. S3EC objects are always [`Keep::Memory`].
+    async fn fetch_store_as(&self, run: Range<u64>, keep: Keep) -> Result<Vec<Bytes>> {
         if self.format.is_s3ec() {
             let first = run.start;
             let pages = self.s3ec_fetch(run).await?;
@@ -589,13 +749,17 @@ impl Reader {
                 return Err(Error::crypto(&key, e));
             }
             let page = page.freeze();
-            self.cache.put(&id, index, page.clone());
+            if keep == Keep::Memory {
+                self.cache.put(&id, index, page.clone());
+            }
             pages.push(page);
         }
         body.finish().await;
         tracing::trace!(key = %key, chunks = ?(first_index..first_index + pages.len() as u64), bytes = body.received,
             ms = t0.elapsed().as_millis() as u64, "fetched");
-        self.keep_on_disk(&id, first_index, &pages);
+        if keep == Keep::Memory {
+            self.keep_on_disk(&id, first_index, &pages);
+        }
         Ok(pages)
     }
 }
