@@ -68,7 +68,9 @@
 #
 # The disk cache (issue 14): per mode, a cold read with an empty -o cache_dir (disk_cold), then a read after a
 # remount served from it (disk_warm); gocryptfs on the same local disk (Debian package gocryptfs), when installed,
-# is the local reference for disk_warm. BENCH_DISK=0 skips it.
+# is the local reference for disk_warm; and the random reads of rand_read with an empty cache_dir (rand_read_disk),
+# where the file is fetched whole into the cache once the reads show the pattern (src/read), next to s3fs's
+# rand_read (s3fs keeps a temporary copy of the file on disk). BENCH_DISK=0 skips it.
 #
 # Other knobs: BENCH_FS=0 skips every workload but the disk cache's (with BENCH_DISK=1); BENCH_RAW=0 skips the raw
 # client; BENCH_TIMEOUT (default 1800) bounds each workload in seconds; a
@@ -310,8 +312,8 @@ record() {
   shift 3
   if out=$(timeout "$TIMEOUT" "$@" 2>"$WORK/bench.err"); then
     while read -r name secs bytes; do
-      # RENAME: record a sequential read under another workload's name (the disk cache's).
-      if [ -n "${RENAME:-}" ] && [ "$name" = seq_read ]; then name=$RENAME; fi
+      # RENAME: record a sequential or random read under another workload's name (the disk cache's).
+      if [ -n "${RENAME:-}" ] && { [ "$name" = seq_read ] || [ "$name" = rand_read ]; }; then name=$RENAME; fi
       if [ "$name" = peak_rss ]; then
         R[$sys,$name,$run]=$(awk -v b="$bytes" 'BEGIN{printf "%.1f", b/1048576}')
       elif [ -n "$name" ]; then
@@ -421,6 +423,9 @@ run_disk() {
     export FS_MORE="cache_dir=$WORK/dcache,cache_disk_size=$((MIB * 2 + 64))M"
     RENAME=disk_cold fs_workload "$mode" "$run" "$b" disk_cold read "$MIB"
     RENAME=disk_warm KEEP_JOURNAL=1 fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
+    # Random reads with an empty cache_dir: the file is fetched whole into it once the reads show the pattern.
+    rm -rf "$WORK/dcache"
+    RENAME=rand_read_disk fs_workload "$mode" "$run" "$b" rand_read_disk randr "$MIB" "$READS" 1
     unset FS_MORE
     rm -rf "$WORK/dcache"
     drop_bucket "$b"
@@ -619,6 +624,17 @@ if [ "$DISK" = 1 ] && [ "${#MODES[@]}" -gt 0 ]; then
     echo
   done
   if [ -n "$gw" ]; then printf '  gocryptfs on the same local disk, read after a remount: %s\n' "$(show "$gw" MiB/s)"; fi
+  echo "$READS random 4 KiB reads, one reader, cold (empty cache_dir), ops/s:"
+  sr=""
+  if [ -n "${R[s3fs,rand_read,1]:-}" ]; then sr=$(figure rand_read "$(median s3fs rand_read)"); fi
+  for mode in "${MODES[@]}"; do
+    v=$(figure rand_read "$(median "$mode" rand_read_disk)")
+    printf '  %-8s %8s' "$mode" "$(show "$v" ops/s)"
+    if [ -n "$sr" ] && [ "$sr" != fail ]; then
+      printf '   (%s x s3fs, which keeps a temporary copy on disk)' "$(ratio "$v" "$sr" ops/s)"
+    fi
+    echo
+  done
 fi
 if [ "$S3EC" = 1 ]; then
   echo
