@@ -18,7 +18,8 @@
 //!     lock              flock(LOCK_EX) held by the mount using it: a second mount of the store refuses
 //!     cache.json        which key sealed the entries (its check value; in cse-kms its KMS-wrapped root key)
 //!     <64 hex>          one entry per page: a keyed hash of its identity, so object names do not show
-//!     <64 hex>.tmp      an entry being written (removed by the next start if the daemon died)
+//!     <64 hex>.tmp      an entry being written where the filesystem has no unnamed files (`Dir::write_new`;
+//!                       removed by the next start if the daemon died)
 //! ```
 //!
 //! Limits: entries are counted by the disk blocks they take (4 KiB each) and the total never exceeds the limit: room
@@ -32,7 +33,7 @@
 //! (logged once): reads go to the store.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -421,20 +422,11 @@ impl DiskCache {
         if size > self.limit || !self.reserve(&name, size) {
             return;
         }
-        let tmp = format!("{name}.tmp");
-        let written = (|| {
-            let _ = self.dir.remove(&tmp);
-            let mut f = self.dir.create_file(&tmp)?;
-            f.write_all(&sealed)?;
-            drop(f);
-            match self.dir.rename_noreplace(&tmp, &name) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let _ = self.dir.remove(&tmp);
-                    Ok(())
-                }
-                other => other,
-            }
-        })();
+        let written = match self.dir.write_new(&name, &sealed) {
+            // Written meanwhile by another read of the same page.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        };
         let mut st = lock(&self.state);
         match written {
             Ok(()) if st.lru.contains(&name) => st.written += sealed.len() as u64,
@@ -450,7 +442,6 @@ impl DiskCache {
                     st.used -= size;
                 }
                 drop(st);
-                let _ = self.dir.remove(&tmp);
                 self.io_failed("writing an entry", &e);
                 return;
             }
