@@ -423,8 +423,10 @@ run_disk() {
     export FS_MORE="cache_dir=$WORK/dcache,cache_disk_size=$((MIB * 2 + 64))M"
     RENAME=disk_cold fs_workload "$mode" "$run" "$b" disk_cold read "$MIB"
     RENAME=disk_warm KEEP_JOURNAL=1 fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
-    # Random reads with an empty cache_dir: the file is fetched whole into it once the reads show the pattern.
+    # Random reads with an empty cache_dir of the default size: the file is fetched whole into it once the reads
+    # show the pattern (if it is at most a quarter of the cache's limit).
     rm -rf "$WORK/dcache"
+    export FS_MORE="cache_dir=$WORK/dcache"
     RENAME=rand_read_disk fs_workload "$mode" "$run" "$b" rand_read_disk randr "$MIB" "$READS" 1
     unset FS_MORE
     rm -rf "$WORK/dcache"

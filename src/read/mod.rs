@@ -91,12 +91,12 @@ const WHOLE_OBJECT_SHARE_OF_DISK: u64 = 4;
 /// 1 GiB file after 256 random reads, an 8 MiB one after [`SEEKS_FOR_RANDOM`].
 pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 4 << 20;
 /// Segments a whole-object fetch has in flight at once.
-const WHOLE_OBJECT_IN_FLIGHT: usize = 4;
+const WHOLE_OBJECT_IN_FLIGHT: usize = 8;
 /// Objects whose random reads [`Fetches`] counts at most; past it, the counts of objects not being fetched whole
 /// start again from zero.
 const RANDOM_TRACKED: usize = 4096;
-/// In [`Fetches::random`]: the object is being fetched whole.
-const FETCHING_WHOLE: u32 = u32::MAX;
+/// In [`Fetches::random`]: the object is being fetched whole, or was into the disk cache.
+const FETCHED_WHOLE: u32 = u32::MAX;
 
 struct ReadState {
     next_offset: u64,
@@ -112,34 +112,38 @@ type Fetch = Shared<BoxFuture<'static, ()>>;
 #[derive(Default)]
 pub struct Fetches {
     inflight: Mutex<HashMap<(ObjectId, u64), Fetch>>,
-    /// Random reads counted per object, over every reader of it ([`FETCHING_WHOLE`] while it is fetched whole).
+    /// Random reads counted per object, over every reader of it ([`FETCHED_WHOLE`] once it is fetched whole).
     random: Mutex<HashMap<ObjectId, u32>>,
 }
 
 impl Fetches {
-    /// Counts a random read of object `id`: `true` when that makes `needed` and the object is not being fetched whole
-    /// already, and from then on it is (until [`Fetches::whole_done`]).
+    /// Counts a random read of object `id`: `true` when that makes `needed` and the object is not fetched whole
+    /// already, and from then on it is (until [`Fetches::whole_done`] says otherwise).
     fn random_read(&self, id: &ObjectId, needed: u32) -> bool {
         let mut counts = lock(&self.random);
         if counts.len() >= RANDOM_TRACKED && !counts.contains_key(id) {
-            counts.retain(|_, n| *n == FETCHING_WHOLE);
+            counts.retain(|_, n| *n == FETCHED_WHOLE);
         }
         let n = counts.entry(id.clone()).or_insert(0);
-        if *n == FETCHING_WHOLE {
+        if *n == FETCHED_WHOLE {
             return false;
         }
         *n += 1;
         if *n >= needed {
-            *n = FETCHING_WHOLE;
+            *n = FETCHED_WHOLE;
             return true;
         }
         false
     }
 
-    /// The whole-object fetch of `id` ended: its random reads are counted from zero again (a later one fetches only
-    /// what is no longer kept).
-    fn whole_done(&self, id: &ObjectId) {
-        lock(&self.random).remove(id);
+    /// The whole-object fetch of `id` into `keep` ended, `complete` (every segment sent) or not. Its random reads are
+    /// counted from zero again (a later whole fetch gets only what is no longer kept), except after a complete one
+    /// into the disk cache, which keeps it: a miss there is fetched by the read that needs it (each later scan of a
+    /// large object for what is missing cost more than the reads it served).
+    fn whole_done(&self, id: &ObjectId, keep: Keep, complete: bool) {
+        if !(complete && keep == Keep::Disk) {
+            lock(&self.random).remove(id);
+        }
     }
 }
 
@@ -512,8 +516,9 @@ impl Reader {
                     break;
                 }
             }
-            tracing::debug!(key = %id.key, done = start >= total, "whole-object fetch ended");
-            fetches.whole_done(&id);
+            let complete = start >= total;
+            tracing::debug!(key = %id.key, complete, "whole-object fetch ended");
+            fetches.whole_done(&id, keep, complete);
         });
     }
 
