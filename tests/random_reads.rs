@@ -130,8 +130,8 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
 }
 
 /// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
-/// reads fetch only what they read; once there is one per 4 MiB of the file, it is fetched whole into the disk cache
-/// — not into memory — and every later read is served locally.
+/// reads fetch only what they read; once there is one per 4 MiB of the file (counted over every handle of it) it
+/// is fetched whole into the disk cache, not into memory, and every later read is served locally.
 fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     let size = 24usize << 20;
     let plain = pattern(size, 23);
@@ -148,16 +148,19 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     let (gets, bytes) =
         ("s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}", "s3cryptfs_store_read_bytes_total");
 
-    // 24 MiB asks for 6 random reads: 5 fetch a chunk or two each.
-    let f = std::fs::File::open(m.path("medium")).unwrap();
-    let mut reads = offsets(3, 6, size as u64);
-    pread_pages(&f, &plain, reads.by_ref().take(5));
+    // 24 MiB asks for 6 random reads. Each of these is 2 MiB or more from the one before on its handle, or from 0 for
+    // its first (far outside what counts as sequential), three on each of two handles.
+    let mib = |x: f64| (x * 1048576.0) as u64 / 4096 * 4096;
+    let (first, second) =
+        (std::fs::File::open(m.path("medium")).unwrap(), std::fs::File::open(m.path("medium")).unwrap());
+    pread_pages(&first, &plain, [mib(20.5), mib(4.25), mib(12.75)].into_iter());
+    pread_pages(&second, &plain, [mib(16.25), mib(2.5)].into_iter());
     wait_idle(&addr);
     let fetched = metric(&addr, bytes);
     assert!(fetched <= 5.0 * 2.0 * 65_600.0, "5 random reads of a 24 MiB file fetched {fetched} bytes");
 
     // The sixth: the file is fetched whole, into the disk cache.
-    pread_pages(&f, &plain, reads);
+    pread_pages(&second, &plain, [mib(8.5)].into_iter());
     let fetched = wait_for(&addr, bytes, size as f64);
     assert!(fetched >= size as f64, "six random reads did not fetch the 24 MiB file whole: {fetched} bytes");
     let on_disk = wait_for(&addr, "s3cryptfs_disk_cache_written_bytes_total", size as f64);
@@ -170,7 +173,7 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     // Every page of it, scattered: none from the store.
     let gets_before = metric(&addr, gets);
     let pages = size as u64 / 4096;
-    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    pread_pages(&first, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
     assert_eq!(metric(&addr, gets), gets_before, "reads of a file fetched whole into the disk cache went to the store");
     assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") > 0.0);
 }

@@ -67,6 +67,17 @@ const MAX_DAMAGE_LOGS: u64 = 20;
 const DEFAULT_SHARE: u64 = 4;
 const DEFAULT_MAX: u64 = 64 << 30;
 
+/// What [`DiskCache::evict_for`] found for an entry about to be written.
+#[derive(Debug, PartialEq, Eq)]
+enum Room {
+    /// Room made and reserved for it.
+    Made,
+    /// No room, even with the cache empty (or the disk below its reserve).
+    None,
+    /// The entry is there already, or being written by another read.
+    Taken,
+}
+
 /// Why the disk cache cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskCacheError {
@@ -411,16 +422,22 @@ impl DiskCache {
         self.report_delta();
     }
 
-    /// Keeps page `id`. Blocking file I/O. Skipped when the entry is there already or cannot get room.
-    pub fn put(&self, id: &EntryId, plain: &[u8]) {
+    /// Keeps page `id`. Blocking file I/O. Skipped when the entry is there already (or being written) or cannot get
+    /// room. `true` when the cache has the entry now (or another write of it is under way).
+    pub fn put(&self, id: &EntryId, plain: &[u8]) -> bool {
         let name = self.keys.entry_name(id);
         if lock(&self.state).lru.contains(&name) {
-            return;
+            return true;
         }
         let sealed = self.keys.seal(&self.sealer, id, plain);
         let size = counted(sealed.len() as u64);
-        if size > self.limit || !self.reserve(&name, size) {
-            return;
+        if size > self.limit {
+            return false;
+        }
+        match self.reserve(&name, size) {
+            Room::Taken => return true,
+            Room::None => return false,
+            Room::Made => {}
         }
         let written = match self.dir.write_new(&name, &sealed) {
             // Written meanwhile by another read of the same page.
@@ -435,7 +452,7 @@ impl DiskCache {
             Ok(()) => {
                 drop(st);
                 let _ = self.dir.remove(&name);
-                return;
+                return false;
             }
             Err(e) => {
                 if st.lru.pop(&name).is_some() {
@@ -443,16 +460,17 @@ impl DiskCache {
                 }
                 drop(st);
                 self.io_failed("writing an entry", &e);
-                return;
+                return false;
             }
         }
         drop(st);
         self.report_delta();
+        true
     }
 
     /// Reserves `size` bytes for entry `name`, removing least recently used entries for room within the limit and
-    /// on the disk. `false` if there is no room even with the cache empty.
-    fn reserve(&self, name: &str, size: u64) -> bool {
+    /// on the disk.
+    fn reserve(&self, name: &str, size: u64) -> Room {
         self.evict_for(size, Some(name))
     }
 
@@ -462,12 +480,17 @@ impl DiskCache {
     }
 
     /// Evicts least recently used entries until `size` more bytes fit within the limit and the disk's reserve; then,
-    /// if `name` is given, reserves them for it. `false` if they do not fit even with the cache empty.
-    fn evict_for(&self, size: u64, name: Option<&str>) -> bool {
+    /// if `name` is given, reserves them for it ([`Room`] says which happened).
+    fn evict_for(&self, size: u64, name: Option<&str>) -> Room {
         let low = self.low_space(size);
         let mut victims = Vec::new();
         let fits = {
             let mut st = lock(&self.state);
+            // Two reads of one page (a read and a whole-object fetch) may both get here: the first one writes it, and
+            // the entry is counted once.
+            if name.is_some_and(|n| st.lru.contains(n)) {
+                return Room::Taken;
+            }
             let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
             while need > 0 {
                 let Some((victim, vsize)) = st.lru.pop_lru() else { break };
@@ -485,7 +508,11 @@ impl DiskCache {
         for v in &victims {
             let _ = self.dir.remove(v);
         }
-        fits
+        if fits {
+            Room::Made
+        } else {
+            Room::None
+        }
     }
 
     /// Bytes to free so that the disk keeps its reserve (5 % of it, at most 1 GiB) after `size` more are written.

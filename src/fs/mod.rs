@@ -2760,6 +2760,9 @@ impl Fs {
         for h in handles.values_mut() {
             if let Handle::File { ino: i, reader, .. } = h {
                 if *i == ino {
+                    if let Some(old) = reader.take() {
+                        old.close();
+                    }
                     *reader = self
                         .reader(
                             path.to_string(),
@@ -2879,7 +2882,10 @@ impl Fs {
     pub async fn release(&self, fh: u64) -> Result<()> {
         lock(&self.openers).remove(&fh);
         let Some(handle) = lock(&self.handles).remove(&fh) else { return Err(Error::BadHandle) };
-        let Handle::File { ino, writable, .. } = handle else { return Ok(()) };
+        let Handle::File { ino, writable, reader, .. } = handle else { return Ok(()) };
+        if let Some(r) = reader {
+            r.close();
+        }
         // The kernel sends RELEASE after close() returned, so it can arrive after the same file was opened for
         // writing again: while another handle still writes it, that handle's close, fsync or release uploads, and
         // this late release must not publish what it is in the middle of writing (nor make its fsync find the file

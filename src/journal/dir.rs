@@ -114,6 +114,28 @@ fn mkdir_at(parent: i32, name: &CString) -> io::Result<()> {
     Ok(())
 }
 
+/// Why [`Dir::write_unnamed`] failed.
+enum Unnamed {
+    /// Unnamed files cannot be made or linked here (no `O_TMPFILE` on the filesystem, no `/proc`, a policy against
+    /// linking through it): write by rename from now on.
+    Unusable(io::Error),
+    /// The write itself failed (the name exists, the disk is full): the same would happen by rename.
+    Failed(io::Error),
+}
+
+impl Unnamed {
+    fn of(e: io::Error) -> Unnamed {
+        // ENOENT is the directory gone, unless it is /proc that is missing.
+        let no_proc = e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self/fd").exists();
+        match e.raw_os_error() {
+            Some(libc::EEXIST | libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS | libc::ENOENT) if !no_proc => {
+                Unnamed::Failed(e)
+            }
+            _ => Unnamed::Unusable(e),
+        }
+    }
+}
+
 /// An open directory that passed the checks.
 #[derive(Debug)]
 pub struct Dir {
@@ -255,21 +277,18 @@ impl Dir {
         use std::io::Write;
         if !self.no_tmpfile.load(Ordering::Relaxed) {
             match self.write_unnamed(name, bytes) {
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+                Err(Unnamed::Unusable(e)) => {
+                    tracing::debug!(dir = %self.path.display(), error = %e, "no unnamed files here; written by rename");
                     self.no_tmpfile.store(true, Ordering::Relaxed);
                 }
-                other => return other,
+                Err(Unnamed::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
             }
         }
+        // A `name.tmp` there already is another write of the same entry under way (a leftover of a daemon that died
+        // is removed by the next start): that write lands it.
         let tmp = format!("{name}.tmp");
-        let mut f = match self.create_file(&tmp) {
-            // A leftover of a daemon that died while writing it.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                self.remove(&tmp)?;
-                self.create_file(&tmp)?
-            }
-            other => other?,
-        };
+        let mut f = self.create_file(&tmp)?;
         let written = f.write_all(bytes).and_then(|()| {
             drop(f);
             self.rename_noreplace(&tmp, name)
@@ -280,33 +299,28 @@ impl Dir {
         written
     }
 
-    /// [`Dir::write_new`] through an unnamed file; `EOPNOTSUPP` when that cannot be done here.
-    fn write_unnamed(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+    /// [`Dir::write_new`] through an unnamed file.
+    fn write_unnamed(&self, name: &str, bytes: &[u8]) -> Result<(), Unnamed> {
         use std::io::Write;
         // SAFETY: a NUL-terminated "." relative to our descriptor; the mode is that of the file made.
         let fd = unsafe {
             libc::openat(self.fd.as_raw_fd(), c".".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600)
         };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(Unnamed::of(io::Error::last_os_error()));
         }
         // SAFETY: fd was just returned by openat.
         let mut f = unsafe { File::from_raw_fd(fd) };
-        f.write_all(bytes)?;
+        f.write_all(bytes).map_err(Unnamed::Failed)?;
         // linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the descriptor's /proc link does not.
-        let proc = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(io::Error::other)?;
-        let target = cstr(name)?;
+        let proc = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(|e| Unnamed::Failed(e.into()))?;
+        let target = cstr(name).map_err(Unnamed::Failed)?;
         // SAFETY: both paths are NUL-terminated; the target is relative to our descriptor.
         let r = unsafe {
             libc::linkat(libc::AT_FDCWD, proc.as_ptr(), self.fd.as_raw_fd(), target.as_ptr(), libc::AT_SYMLINK_FOLLOW)
         };
         if r != 0 {
-            let e = io::Error::last_os_error();
-            // No /proc: the link cannot be named.
-            if e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self/fd").exists() {
-                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-            }
-            return Err(e);
+            return Err(Unnamed::of(io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -535,17 +549,19 @@ mod tests {
         d.no_tmpfile.store(false, Ordering::Relaxed);
         d.write_new("u", b"1").unwrap();
         assert_eq!(d.no_tmpfile.load(Ordering::Relaxed), !has_unnamed);
-        // The fallback replaces a leftover temporary name, and never follows one planted as a symlink.
+        // The fallback takes a temporary name there already for another write of the entry under way: it neither
+        // removes it nor follows it (planted as a symlink here), and writes nothing.
         d.no_tmpfile.store(true, Ordering::Relaxed);
         let outside = tmp.path().join("outside");
         std::fs::write(&outside, b"keep").unwrap();
         std::os::unix::fs::symlink(&outside, base.join("s.tmp")).unwrap();
-        d.write_new("s", b"new").unwrap();
-        assert_eq!(d.read_file("s", 10).unwrap().unwrap(), b"new");
+        assert_eq!(d.write_new("s", b"new").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert!(d.read_file("s", 10).unwrap().is_none());
+        std::fs::remove_file(base.join("s.tmp")).unwrap();
         let mut names = d.entries().unwrap();
         names.sort();
-        assert_eq!(names, ["efalse", "etrue", "s", "u"], "no temporary name is left");
+        assert_eq!(names, ["efalse", "etrue", "u"], "no temporary name is left");
     }
 
     #[test]

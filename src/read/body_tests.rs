@@ -31,6 +31,8 @@ enum Shape {
 struct Pieces {
     inner: Arc<ObjectStoreBackend>,
     shape: std::sync::Mutex<Shape>,
+    /// The ranges of the streamed GETs asked for, in order.
+    asked: std::sync::Mutex<Vec<Range<u64>>>,
 }
 
 #[async_trait]
@@ -50,6 +52,7 @@ impl Backend for Pieces {
         key: &ObjectKey,
         range: Range<u64>,
     ) -> std::result::Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
+        self.asked.lock().unwrap().push(range.clone());
         let (body, info, meta) = self.inner.get_range(key, range).await?;
         let mut pieces: Vec<std::result::Result<Bytes, StoreError>> = Vec::new();
         match *self.shape.lock().unwrap() {
@@ -122,9 +125,15 @@ struct Setup {
 
 /// A file of 4 chunks and a bit, stored in own format (`encrypted`) or as plaintext (mode none), at PATH.
 async fn setup(encrypted: bool) -> Setup {
+    setup_with(encrypted, 4 * 65536 + 1234, Arc::new(PageCache::new(8 << 20))).await
+}
+
+/// A file of `len` bytes, as [`setup`] says, read through `cache`.
+async fn setup_with(encrypted: bool, len: usize, cache: Arc<PageCache>) -> Setup {
     let inner = Arc::new(ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap());
-    let pieces = Arc::new(Pieces { inner, shape: std::sync::Mutex::new(Shape::Sizes(&[1 << 20])) });
-    let plain = pattern(4 * 65536 + 1234);
+    let shape = std::sync::Mutex::new(Shape::Sizes(&[1 << 20]));
+    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default() });
+    let plain = pattern(len);
     let len = plain.len() as u64;
     let mut meta = UserMeta::default();
     let (codec, stored) = if encrypted {
@@ -145,7 +154,7 @@ async fn setup(encrypted: bool) -> Setup {
     let context = ReadContext {
         backend: pieces.clone(),
         codec,
-        cache: Arc::new(PageCache::new(8 << 20)),
+        cache,
         s3ec: Arc::new(S3ecReads::new(Default::default())),
         fetches: Arc::default(),
         disk: None,
@@ -224,4 +233,60 @@ async fn a_tampered_chunk_in_a_streamed_body_fails_and_is_not_cached() {
         assert_eq!(err.errno(), libc::EIO);
         assert_eq!(s.cached(&reader), vec![0], "chunk 0 authenticated and is cached; chunk 1 is not");
     }
+}
+
+/// A whole-object fetch (random reads, src/read docs) stops at its first failed segment instead of asking for every
+/// other one: a store that is down or frozen would otherwise be sent every segment of the object, each waiting for
+/// its deadline while holding memory.
+#[tokio::test]
+async fn a_whole_object_fetch_stops_at_its_first_failed_segment() {
+    // A 64 MiB budget lets one 8 MiB segment travel at a time, and a cache in it keeps objects up to 16 MiB whole.
+    let memory = crate::memory::MemoryBudget::new(64 << 20);
+    let chunks = 240; // two segments: 0..128 and 128..240
+    let s = setup_with(false, chunks * 65536, PageCache::with_memory(256 << 20, memory)).await;
+    let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+    let reader =
+        Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
+            .unwrap();
+    assert_eq!(reader.random_reads_for_whole(), 3);
+    // Two random reads, then the store fails every GET: the third starts the whole fetch, whose first segment fails.
+    for chunk in [50u64, 200] {
+        let at = chunk * 65536 + 10;
+        assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+    }
+    *s.pieces.shape.lock().unwrap() = Shape::FailsAfter(0);
+    assert_eq!(reader.read(120 * 65536, 4096).await.unwrap_err().errno(), libc::EIO);
+    // The fetch ends (and its count starts over) once its segment failed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lock(&s.context.fetches.random).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(lock(&s.context.fetches.random).is_empty(), "the whole-object fetch did not end");
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    assert!(asked.iter().any(|r| r.start == 0), "the whole-object fetch never started: {asked:?}");
+    let second = asked.iter().filter(|r| r.start >= 128 * 65536 && r.start != 200 * 65536).count();
+    assert_eq!(second, 0, "the segment after the failed one was asked for: {asked:?}");
+}
+
+/// A whole-object fetch started by the reader of a handle that is closed (or moved on to a newer version) asks for
+/// nothing: nobody would read what it brings.
+#[tokio::test]
+async fn a_whole_object_fetch_of_a_closed_reader_asks_for_nothing() {
+    let s = setup_with(false, 64 * 65536, Arc::new(PageCache::new(64 << 20))).await;
+    let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+    let reader =
+        Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
+            .unwrap();
+    assert_eq!(reader.random_reads_for_whole(), 2);
+    assert!(reader.read(50 * 65536, 4096).await.unwrap() == s.plain[50 * 65536..50 * 65536 + 4096]);
+    reader.close();
+    // The second random read starts the whole fetch, which stops before its first segment.
+    assert!(reader.read(10 * 65536, 4096).await.unwrap() == s.plain[10 * 65536..10 * 65536 + 4096]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lock(&s.context.fetches.random).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(lock(&s.context.fetches.random).is_empty(), "the whole-object fetch did not end");
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    assert_eq!(asked, [50 * 65536..51 * 65536, 10 * 65536..11 * 65536], "only the reads' own chunks");
 }

@@ -16,18 +16,22 @@
 //!
 //! Whole-object prefetch: an object read at random — reads that do not follow each other, over every handle of the
 //! mount, one per [`WHOLE_OBJECT_BYTES_PER_SEEK`] of the object and at least [`SEEKS_FOR_RANDOM`] — is fetched whole
-//! in the background, [`WHOLE_OBJECT_IN_FLIGHT`] read-ahead segments at a time, and later reads are served locally: a
-//! random reader pays a few large GETs instead of one small GET per read. Where it goes:
+//! in the background, in read-ahead segments, as many at a time as a quarter of the memory budget holds (at most
+//! [`WHOLE_OBJECT_IN_FLIGHT`]), and later reads are served locally: a random reader pays a few large GETs instead of
+//! one small GET per read. Where it goes:
 //! - into the page cache, when the object is small next to it (at most a quarter of what it may hold, and never more
 //!   than [`WHOLE_OBJECT_MAX`]);
 //! - else, with a disk cache (`-o cache_dir`), into the disk cache only (at most a quarter of its limit, and never
 //!   more than [`WHOLE_OBJECT_MAX_ON_DISK`]): it is sealed there like any page, and the page cache keeps only what is
-//!   read, so a whole object larger than memory pushes nothing out of it;
+//!   read (it gives up only the room of the segments in flight meanwhile);
 //! - else nowhere: a larger object read randomly costs one GET of the chunks each read needs, never more.
 //!
 //! The trigger grows with the object, so the bytes fetched stay in proportion to the reads made: at most
 //! [`WHOLE_OBJECT_BYTES_PER_SEEK`] per random read that came before (a few reads of a large file fetch only what they
-//! read). s3fs downloads a file whole on its first read, whatever its size.
+//! read). s3fs downloads a file whole on its first read, whatever its size. The fetch stops at its first segment that
+//! fails or that the disk cache does not keep (a store that is down is not sent the rest, each waiting for its
+//! deadline), when the handle that started it closes, and when the object is renamed; the count then starts over.
+//! An object found whole in the disk cache at the end is not fetched whole again until a read misses there.
 //!
 //! Memory: every fetch reserves its buffers (the GET body and the pages decrypted from it) from the mount's
 //! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
@@ -43,6 +47,7 @@ pub mod s3ec;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -92,11 +97,12 @@ const WHOLE_OBJECT_SHARE_OF_DISK: u64 = 4;
 pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 4 << 20;
 /// Segments a whole-object fetch has in flight at once.
 const WHOLE_OBJECT_IN_FLIGHT: usize = 8;
-/// Objects whose random reads [`Fetches`] counts at most; past it, the counts of objects not being fetched whole
-/// start again from zero.
+/// Objects whose random reads [`Fetches`] follows at most, the least recently read forgotten first.
 const RANDOM_TRACKED: usize = 4096;
-/// In [`Fetches::random`]: the object is being fetched whole, or was into the disk cache.
-const FETCHED_WHOLE: u32 = u32::MAX;
+/// In [`Fetches::random`]: the object is being fetched whole.
+const FETCHING_WHOLE: u32 = u32::MAX;
+/// ... or is whole in the disk cache (until a read misses there).
+const FETCHED_WHOLE: u32 = u32::MAX - 1;
 
 struct ReadState {
     next_offset: u64,
@@ -109,41 +115,69 @@ type Fetch = Shared<BoxFuture<'static, ()>>;
 
 /// Fetches in flight, by object version and chunk, shared by every reader of a mount: a chunk two handles (or a
 /// handle's read and its read-ahead) need at once is fetched once.
-#[derive(Default)]
 pub struct Fetches {
     inflight: Mutex<HashMap<(ObjectId, u64), Fetch>>,
-    /// Random reads counted per object, over every reader of it ([`FETCHED_WHOLE`] once it is fetched whole).
-    random: Mutex<HashMap<ObjectId, u32>>,
+    /// Random reads counted per object, over every reader of it, or [`FETCHING_WHOLE`] or [`FETCHED_WHOLE`].
+    random: Mutex<lru::LruCache<ObjectId, u32>>,
+}
+
+impl Default for Fetches {
+    fn default() -> Self {
+        let tracked = std::num::NonZeroUsize::new(RANDOM_TRACKED).expect("a positive constant");
+        Fetches { inflight: Mutex::default(), random: Mutex::new(lru::LruCache::new(tracked)) }
+    }
 }
 
 impl Fetches {
-    /// Counts a random read of object `id`: `true` when that makes `needed` and the object is not fetched whole
-    /// already, and from then on it is (until [`Fetches::whole_done`] says otherwise).
+    /// Counts a random read of object `id`: `true` when that makes `needed` and the object is not being fetched
+    /// whole nor whole in the disk cache, and from then on it is being fetched (until [`Fetches::whole_done`]).
     fn random_read(&self, id: &ObjectId, needed: u32) -> bool {
         let mut counts = lock(&self.random);
-        if counts.len() >= RANDOM_TRACKED && !counts.contains_key(id) {
-            counts.retain(|_, n| *n == FETCHED_WHOLE);
-        }
-        let n = counts.entry(id.clone()).or_insert(0);
-        if *n == FETCHED_WHOLE {
+        let n = counts.get_or_insert_mut(id.clone(), || 0);
+        if *n >= FETCHED_WHOLE {
             return false;
         }
         *n += 1;
         if *n >= needed {
-            *n = FETCHED_WHOLE;
+            *n = FETCHING_WHOLE;
             return true;
         }
         false
     }
 
-    /// The whole-object fetch of `id` into `keep` ended, `complete` (every segment sent) or not. Its random reads are
-    /// counted from zero again (a later whole fetch gets only what is no longer kept), except after a complete one
-    /// into the disk cache, which keeps it: a miss there is fetched by the read that needs it (each later scan of a
-    /// large object for what is missing cost more than the reads it served).
-    fn whole_done(&self, id: &ObjectId, keep: Keep, complete: bool) {
-        if !(complete && keep == Keep::Disk) {
-            lock(&self.random).remove(id);
+    /// The whole-object fetch of `id` ended. With `whole_on_disk` (every page of it was in the disk cache at the
+    /// end) it is not started again — each later scan of a large object for what is missing cost more than the reads
+    /// it served — until a read misses there ([`Fetches::missed_on_disk`]). Otherwise its random reads are counted
+    /// from zero again, and a later whole fetch gets only what is no longer kept.
+    fn whole_done(&self, id: &ObjectId, whole_on_disk: bool) {
+        let mut counts = lock(&self.random);
+        if whole_on_disk {
+            counts.put(id.clone(), FETCHED_WHOLE);
+        } else {
+            counts.pop(id);
         }
+    }
+
+    /// A read of `id` did not find every page it needed in the disk cache (evicted, damaged): if the object was whole
+    /// there, its random reads are counted again.
+    fn missed_on_disk(&self, id: &ObjectId) {
+        let mut counts = lock(&self.random);
+        if counts.peek(id) == Some(&FETCHED_WHOLE) {
+            counts.pop(id);
+        }
+    }
+}
+
+/// Ends a whole-object fetch in [`Fetches`] however its task ends (a panic too): not whole on disk unless said.
+struct WholeFetch {
+    fetches: Arc<Fetches>,
+    id: ObjectId,
+    whole_on_disk: bool,
+}
+
+impl Drop for WholeFetch {
+    fn drop(&mut self) {
+        self.fetches.whole_done(&self.id, self.whole_on_disk);
     }
 }
 
@@ -203,6 +237,8 @@ pub struct Reader {
     empty_checked: OnceCell<()>,
     /// Set once the object was renamed under this reader (see `set_key`).
     moved: std::sync::atomic::AtomicBool,
+    /// Set once the handle that reads through it closed ([`Reader::close`]).
+    closed: AtomicBool,
     state: Mutex<ReadState>,
     fetches: Arc<Fetches>,
     disk: Option<Arc<DiskCache>>,
@@ -243,6 +279,7 @@ impl Reader {
             verified: OnceCell::new(),
             empty_checked: OnceCell::new(),
             moved: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             state: Mutex::new(ReadState { next_offset: 0, window: INITIAL_WINDOW, prefetched_until: 0 }),
             fetches: context.fetches.clone(),
             // A version without an ETag has no identity that outlives this mount.
@@ -484,7 +521,7 @@ impl Reader {
         while start < range.end {
             let end = (start + segment).min(range.end);
             let memory = |bytes| self.cache.memory().try_reserve(bytes);
-            if let Started::NoRoom = self.start_fetch(start..end, Keep::Memory, memory) {
+            if let Started::NoRoom = self.start_fetch(start..end, Keep::Memory, memory, None) {
                 return start;
             }
             start = end;
@@ -492,23 +529,52 @@ impl Reader {
         range.end
     }
 
-    /// Fetches the whole object in the background, in segments of [`MAX_SEGMENT_CHUNKS`], [`WHOLE_OBJECT_IN_FLIGHT`]
-    /// at a time, each waiting for its memory, into `keep`; skips what is kept there already or in flight. Stops early
-    /// once every handle of this reader is closed.
+    /// Fetches the whole object in the background into `keep`, in segments of [`Reader::segment_chunks`], as many
+    /// at a time as a quarter of the memory budget holds (1 to [`WHOLE_OBJECT_IN_FLIGHT`]), each taking its memory
+    /// only when it is free; skips what is kept there already or in flight. Stops at the first segment that fails or
+    /// is not kept, and once the handle reading through this reader is closed or the object moves.
     fn spawn_whole(self: &Arc<Self>, keep: Keep) {
         use futures::StreamExt;
         let reader = Arc::downgrade(self);
-        let (id, fetches, total) = (self.object_id(), self.fetches.clone(), self.page_count());
+        let total = self.page_count();
+        let segment = self.segment_chunks();
+        let memory = self.cache.memory().clone();
+        let in_flight = (memory.limit() / 4 / fetch_cost(segment)).clamp(1, WHOLE_OBJECT_IN_FLIGHT as u64) as usize;
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut done = WholeFetch { fetches: self.fetches.clone(), id: self.object_id(), whole_on_disk: false };
         tokio::spawn(async move {
             let mut running = futures::stream::FuturesUnordered::new();
             let mut start = 0;
             loop {
-                while running.len() < WHOLE_OBJECT_IN_FLIGHT && start < total {
-                    let Some(this) = reader.upgrade() else { break };
-                    let end = (start + MAX_SEGMENT_CHUNKS).min(total);
-                    let memory = this.cache.memory().reserve(fetch_cost(end - start)).await;
-                    if let Started::Fetch(f) = this.start_fetch(start..end, keep, |_| Some(memory)) {
-                        running.push(f);
+                // A failed segment (a store that is down, frozen or changed the object, a full disk cache) ends it:
+                // the reads that need the rest fetch it, each with its own deadline, and a later whole fetch may
+                // start over.
+                while running.len() < in_flight && start < total && !failed.load(Ordering::Relaxed) {
+                    let Some(this) = reader.upgrade().filter(|r| !r.closed.load(Ordering::Relaxed) && !r.moved())
+                    else {
+                        failed.store(true, Ordering::Relaxed);
+                        break;
+                    };
+                    let end = (start + segment).min(total);
+                    match this.start_fetch(start..end, keep, |bytes| memory.try_reserve(bytes), Some(failed.clone())) {
+                        Started::Fetch(f) => running.push(f),
+                        Started::Nothing => {}
+                        Started::NoRoom => {
+                            // Wait for room without holding it (reads and uploads take it first), then try again.
+                            drop(this);
+                            let released = memory.reserve(fetch_cost(end - start));
+                            match running.is_empty() {
+                                true => drop(released.await),
+                                false => {
+                                    futures::pin_mut!(released);
+                                    futures::select_biased! {
+                                        r = released.fuse() => drop(r),
+                                        _ = running.next() => {}
+                                    }
+                                }
+                            }
+                            continue;
+                        }
                     }
                     start = end;
                 }
@@ -516,10 +582,30 @@ impl Reader {
                     break;
                 }
             }
-            let complete = start >= total;
-            tracing::debug!(key = %id.key, complete, "whole-object fetch ended");
-            fetches.whole_done(&id, keep, complete);
+            let complete = start >= total && !failed.load(Ordering::Relaxed);
+            if let (true, Keep::Disk, Some(this)) = (complete, keep, reader.upgrade()) {
+                done.whole_on_disk = this.whole_on_disk(total);
+            }
+            let (key, whole_on_disk) = (&done.id.key, done.whole_on_disk);
+            tracing::debug!(key = %key, complete, whole_on_disk, "whole-object fetch ended");
         });
+    }
+
+    /// Whether every page `0..total` of this object is in the disk cache.
+    fn whole_on_disk(&self, total: u64) -> bool {
+        let Some(disk) = &self.disk else { return false };
+        let id = self.object_id();
+        (0..total).all(|index| disk.contains(&EntryId { key: &id.key, etag: &id.etag, index }))
+    }
+
+    /// The handle reading through this reader closed, or moved on to a newer version: a whole-object fetch it
+    /// started stops.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    fn moved(&self) -> bool {
+        self.moved.load(Ordering::Relaxed)
     }
 
     /// Whether page `index` is kept where `keep` says (or being fetched): a fetch for it is not needed.
@@ -535,12 +621,14 @@ impl Reader {
 
     /// Starts fetching chunks `range` in the background, less the leading and trailing ones kept or in flight, with
     /// the memory `reserve` gives for that many bytes held until done; registers them as in flight. Checked and
-    /// registered under one lock, so two readers of the object never fetch the same chunk.
+    /// registered under one lock, so two readers of the object never fetch the same chunk. A failure is logged,
+    /// and noted in `failed` when given.
     fn start_fetch(
         self: &Arc<Self>,
         range: Range<u64>,
         keep: Keep,
         reserve: impl FnOnce(u64) -> Option<Reservation>,
+        failed: Option<Arc<AtomicBool>>,
     ) -> Started {
         let id = self.object_id();
         let mut inflight = lock(&self.fetches.inflight);
@@ -556,11 +644,18 @@ impl Reader {
         let key = id.clone();
         let fut: Fetch = async move {
             let fetched = match keep {
-                Keep::Memory => this.fetch(run.clone()).await.map(drop),
+                Keep::Memory => this.fetch(run.clone()).await.map(|_| true),
                 Keep::Disk => this.fetch_to_disk(run.clone()).await,
             };
-            if let Err(e) = fetched {
-                tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
+            let ok = match fetched {
+                Ok(kept) => kept,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
+                    false
+                }
+            };
+            if let (false, Some(failed)) = (ok, failed) {
+                failed.store(true, Ordering::Relaxed);
             }
             drop(memory);
             let mut inflight = lock(&this.fetches.inflight);
@@ -640,6 +735,9 @@ impl Reader {
         .unwrap_or_else(|_| vec![None; n]);
         let hits = found.iter().filter(|p| p.is_some()).count() as u64;
         crate::metrics::disk_cache_lookups(hits, n as u64 - hits);
+        if hits < n as u64 {
+            self.fetches.missed_on_disk(&id);
+        }
         let mut pages = Vec::with_capacity(n);
         let mut missing: Option<Range<u64>> = None;
         for (j, page) in found.into_iter().enumerate() {
@@ -681,18 +779,19 @@ impl Reader {
 
     /// Chunks `run` from the store, kept in the disk cache only (written before this returns), not in the page
     /// cache: a whole object larger than the page cache (see the module docs). Own format only.
-    async fn fetch_to_disk(&self, run: Range<u64>) -> Result<()> {
-        let Some(disk) = self.disk.clone() else { return Ok(()) };
+    /// `false` when the disk cache did not keep every page (full, its disk below its reserve, gone).
+    async fn fetch_to_disk(&self, run: Range<u64>) -> Result<bool> {
+        let Some(disk) = self.disk.clone() else { return Ok(false) };
         let first = run.start;
         let pages = self.fetch_store_as(run, Keep::Disk).await?;
         let id = self.object_id();
-        let _ = tokio::task::spawn_blocking(move || {
-            for (j, page) in pages.iter().enumerate() {
-                disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page);
-            }
+        let kept = tokio::task::spawn_blocking(move || {
+            pages.iter().enumerate().fold(true, |kept, (j, page)| {
+                disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page) && kept
+            })
         })
         .await;
-        Ok(())
+        Ok(kept.unwrap_or(false))
     }
 
     /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
