@@ -119,7 +119,8 @@ enum Unnamed {
     /// Unnamed files cannot be made or linked here (no `O_TMPFILE` on the filesystem, no `/proc`, a policy against
     /// linking through it): write by rename from now on.
     Unusable(io::Error),
-    /// The write itself failed (the name exists, the disk is full): the same would happen by rename.
+    /// The write itself failed (the name exists, the disk is full, no descriptor or memory left): the same would
+    /// happen by rename.
     Failed(io::Error),
 }
 
@@ -128,9 +129,17 @@ impl Unnamed {
         // ENOENT is the directory gone, unless it is /proc that is missing.
         let no_proc = e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self/fd").exists();
         match e.raw_os_error() {
-            Some(libc::EEXIST | libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS | libc::ENOENT) if !no_proc => {
-                Unnamed::Failed(e)
-            }
+            Some(
+                libc::EEXIST
+                | libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EIO
+                | libc::EROFS
+                | libc::ENOENT
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM,
+            ) if !no_proc => Unnamed::Failed(e),
             _ => Unnamed::Unusable(e),
         }
     }

@@ -99,6 +99,8 @@ pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 4 << 20;
 const WHOLE_OBJECT_IN_FLIGHT: usize = 8;
 /// Objects whose random reads [`Fetches`] follows at most, the least recently read forgotten first.
 const RANDOM_TRACKED: usize = 4096;
+/// Whole-object fetches in progress that a new object's count passes over when [`Fetches::random`] is full.
+const WHOLE_FETCHES_KEPT: usize = 64;
 /// In [`Fetches::random`]: the object is being fetched whole.
 const FETCHING_WHOLE: u32 = u32::MAX;
 /// ... or is whole in the disk cache (until a read misses there).
@@ -133,6 +135,18 @@ impl Fetches {
     /// whole nor whole in the disk cache, and from then on it is being fetched (until [`Fetches::whole_done`]).
     fn random_read(&self, id: &ObjectId, needed: u32) -> bool {
         let mut counts = lock(&self.random);
+        // An object being fetched whole is not forgotten for a new one (a second fetch of it would start).
+        if !counts.contains(id) && counts.len() == counts.cap().get() {
+            for _ in 0..WHOLE_FETCHES_KEPT {
+                match counts.peek_lru() {
+                    Some((oldest, &FETCHING_WHOLE)) => {
+                        let oldest = oldest.clone();
+                        counts.promote(&oldest);
+                    }
+                    _ => break,
+                }
+            }
+        }
         let n = counts.get_or_insert_mut(id.clone(), || 0);
         if *n >= FETCHED_WHOLE {
             return false;
@@ -153,7 +167,7 @@ impl Fetches {
         let mut counts = lock(&self.random);
         if whole_on_disk {
             counts.put(id.clone(), FETCHED_WHOLE);
-        } else {
+        } else if counts.peek(id) == Some(&FETCHING_WHOLE) {
             counts.pop(id);
         }
     }
@@ -303,8 +317,12 @@ impl Reader {
     /// carry a new ETag (S3 gives a re-uploaded multipart object a different one), so from now on only the size is
     /// compared; the content is still authenticated chunk by chunk in cse-c mode.
     pub fn set_key(&self, key: String) {
-        *lock(&self.key) = key;
-        self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A rename elsewhere on the mount retargets every open reader: one whose key stays keeps its checks.
+        let mut current = lock(&self.key);
+        if *current != key {
+            *current = key;
+            self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Refuses bytes from another version of the object than the one opened: a reader must never mix versions or
@@ -539,7 +557,7 @@ impl Reader {
         let total = self.page_count();
         let segment = self.segment_chunks();
         let memory = self.cache.memory().clone();
-        let in_flight = (memory.limit() / 4 / fetch_cost(segment)).clamp(1, WHOLE_OBJECT_IN_FLIGHT as u64) as usize;
+        let in_flight = self.whole_in_flight(segment);
         let failed = Arc::new(AtomicBool::new(false));
         let mut done = WholeFetch { fetches: self.fetches.clone(), id: self.object_id(), whole_on_disk: false };
         tokio::spawn(async move {
@@ -550,31 +568,38 @@ impl Reader {
                 // the reads that need the rest fetch it, each with its own deadline, and a later whole fetch may
                 // start over.
                 while running.len() < in_flight && start < total && !failed.load(Ordering::Relaxed) {
-                    let Some(this) = reader.upgrade().filter(|r| !r.closed.load(Ordering::Relaxed) && !r.moved())
-                    else {
+                    let alive = |r: &Arc<Reader>| !r.closed.load(Ordering::Relaxed) && !r.moved();
+                    let Some(this) = reader.upgrade().filter(alive) else {
                         failed.store(true, Ordering::Relaxed);
                         break;
                     };
                     let end = (start + segment).min(total);
-                    match this.start_fetch(start..end, keep, |bytes| memory.try_reserve(bytes), Some(failed.clone())) {
-                        Started::Fetch(f) => running.push(f),
-                        Started::Nothing => {}
+                    let free = |bytes| memory.try_reserve(bytes);
+                    let started = match this.start_fetch(start..end, keep, free, Some(failed.clone())) {
                         Started::NoRoom => {
-                            // Wait for room without holding it (reads and uploads take it first), then try again.
+                            // Wait for room without holding the reader (or until one of ours ends), then start
+                            // with the room granted.
                             drop(this);
                             let released = memory.reserve(fetch_cost(end - start));
-                            match running.is_empty() {
-                                true => drop(released.await),
-                                false => {
-                                    futures::pin_mut!(released);
-                                    futures::select_biased! {
-                                        r = released.fuse() => drop(r),
-                                        _ = running.next() => {}
-                                    }
+                            futures::pin_mut!(released);
+                            let granted = if running.is_empty() {
+                                released.await
+                            } else {
+                                futures::select_biased! {
+                                    r = released.fuse() => r,
+                                    _ = running.next() => continue,
                                 }
-                            }
-                            continue;
+                            };
+                            let Some(this) = reader.upgrade().filter(alive) else {
+                                failed.store(true, Ordering::Relaxed);
+                                break;
+                            };
+                            this.start_fetch(start..end, keep, |_| Some(granted), Some(failed.clone()))
                         }
+                        other => other,
+                    };
+                    if let Started::Fetch(f) = started {
+                        running.push(f);
                     }
                     start = end;
                 }
@@ -589,6 +614,13 @@ impl Reader {
             let (key, whole_on_disk) = (&done.id.key, done.whole_on_disk);
             tracing::debug!(key = %key, complete, whole_on_disk, "whole-object fetch ended");
         });
+    }
+
+    /// Segments of `segment` chunks a whole-object fetch has in flight: as many as a quarter of the memory budget
+    /// holds, 1 to [`WHOLE_OBJECT_IN_FLIGHT`].
+    fn whole_in_flight(&self, segment: u64) -> usize {
+        let fit = self.cache.memory().limit() / 4 / fetch_cost(segment);
+        fit.clamp(1, WHOLE_OBJECT_IN_FLIGHT as u64) as usize
     }
 
     /// Whether every page `0..total` of this object is in the disk cache.
