@@ -1,6 +1,7 @@
 //! The read path fills pages straight from a GET's body as it arrives (`Reader::fetch_store`): whatever sizes the
 //! pieces of the body come in, the plaintext is byte-exact; a body that ends early or fails part way is an error;
-//! a tampered chunk fails; and no page of a chunk that did not arrive whole and authenticate is ever cached.
+//! a tampered chunk fails; and no page of a chunk that did not arrive whole and authenticate is ever cached. A
+//! whole-object fetch stops on failure, close and rename, and asks for nothing after.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ struct Pieces {
     shape: std::sync::Mutex<Shape>,
     /// The ranges of the streamed GETs asked for, in order.
     asked: std::sync::Mutex<Vec<Range<u64>>>,
+    /// When set, each streamed GET answers only once it takes a permit: a store that holds its answers.
+    gate: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 #[async_trait]
@@ -53,6 +56,10 @@ impl Backend for Pieces {
         range: Range<u64>,
     ) -> std::result::Result<(BodyStream, ObjectInfo, UserMeta), StoreError> {
         self.asked.lock().unwrap().push(range.clone());
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
         let (body, info, meta) = self.inner.get_range(key, range).await?;
         let mut pieces: Vec<std::result::Result<Bytes, StoreError>> = Vec::new();
         match *self.shape.lock().unwrap() {
@@ -132,7 +139,7 @@ async fn setup(encrypted: bool) -> Setup {
 async fn setup_with(encrypted: bool, len: usize, cache: Arc<PageCache>) -> Setup {
     let inner = Arc::new(ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap());
     let shape = std::sync::Mutex::new(Shape::Sizes(&[1 << 20]));
-    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default() });
+    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default(), gate: Default::default() });
     let plain = pattern(len);
     let len = plain.len() as u64;
     let mut meta = UserMeta::default();
@@ -292,4 +299,57 @@ async fn a_whole_object_fetch_of_a_closed_reader_asks_for_nothing() {
     assert!(lock(&s.context.fetches.random).is_empty(), "the whole-object fetch did not end");
     let asked = s.pieces.asked.lock().unwrap().clone();
     assert_eq!(asked, [50 * 65536..51 * 65536, 10 * 65536..11 * 65536], "only the reads' own chunks");
+}
+
+/// A whole-object fetch whose handle closes, or whose file is renamed, while its first segments are in flight sends
+/// no further segment once those answer: the check runs before every segment, not only the first.
+#[tokio::test]
+async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid_way() {
+    for rename in [false, true] {
+        let memory = crate::memory::MemoryBudget::new(32 << 20);
+        let chunks = 120u64;
+        let s = setup_with(false, chunks as usize * 65536, PageCache::with_memory(256 << 20, memory)).await;
+        let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+        let reader =
+            Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
+                .unwrap();
+        assert_eq!(reader.random_reads_for_whole(), 2);
+        let segment = reader.segment_chunks();
+        let first_batch = reader.whole_in_flight(segment) as u64 * segment;
+        assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
+        let at = 100 * 65536 + 10;
+        assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+        // From now on the store holds its answers: the second random read starts the whole fetch, whose first
+        // segments (and the read itself) wait.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *s.pieces.gate.lock().unwrap() = Some(gate.clone());
+        let read = tokio::spawn({
+            let reader = reader.clone();
+            async move { reader.read(20 * 65536, 4096).await }
+        });
+        let last_of_batch = (first_batch - segment) * 65536;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == last_of_batch) {
+            assert!(std::time::Instant::now() < deadline, "the first batch was never sent");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if rename {
+            let (from, to) = (ObjectKey::new(PATH).unwrap(), ObjectKey::new("dir/g").unwrap());
+            s.pieces.copy(&from, &to, None).await.unwrap();
+            reader.set_key("dir/g".into());
+        } else {
+            reader.close();
+        }
+        gate.add_permits(1 << 20);
+        let got = read.await.unwrap().unwrap();
+        assert!(got == s.plain[20 * 65536..20 * 65536 + 4096], "the read waiting on the fetch (rename {rename})");
+        while !lock(&s.context.fetches.random).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the whole-object fetch did not end (rename {rename})");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let asked = s.pieces.asked.lock().unwrap().clone();
+        let reads = [100 * 65536, 20 * 65536];
+        let later = asked.iter().filter(|r| r.start >= first_batch * 65536 && !reads.contains(&r.start)).count();
+        assert_eq!(later, 0, "segments were asked for after the handle closed (rename {rename}): {asked:?}");
+    }
 }
