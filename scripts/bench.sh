@@ -53,8 +53,9 @@
 # uploads after close, so its timings include waiting until its log has said "Copied" for each file written.
 #
 # Peers. s3fs (Debian package s3fs): default options plus url=, use_path_request_style, endpoint=REGION and a 0600
-# passwd file; no local cache (use_cache off, its default). rclone (Debian package rclone): an s3 remote (provider
-# Other) under a crypt remote (standard file-name encryption, password set with `rclone obscure`), mounted with
+# passwd file, tmpdir= (where it keeps a temporary copy of each open file); no local cache (use_cache off, its
+# default). rclone (Debian package rclone): an s3 remote (provider Other) under a crypt remote (standard file-name
+# encryption, password set with `rclone obscure`), mounted with
 # --vfs-cache-mode writes: `off` and `minimal` refuse to change a byte in the middle of an existing file or to append
 # to it; `full` would also keep what is read in its disk cache, which is not what the other systems do.
 # --vfs-write-back 0s starts each upload at close instead of 5 s later. Each mount gets a fresh cache directory.
@@ -74,7 +75,10 @@
 #
 # Other knobs: BENCH_FS=0 skips every workload but the disk cache's (with BENCH_DISK=1); BENCH_RAW=0 skips the raw
 # client; BENCH_TIMEOUT (default 1800) bounds each workload in seconds; a
-# workload that fails or times out shows as "fail" in the table and the run goes on.
+# workload that fails or times out shows as "fail" in the table and the run goes on. BENCH_CACHE_DIR=DIR puts every
+# system's local files (s3cryptfs's write journal and disk caches, s3fs's temporary copies, rclone's cache, gocryptfs)
+# in a fresh directory under DIR (yours, not writable by others), to measure the filesystem they would live on
+# (default: the work directory in /tmp; see docs/BENCHMARK.md on an ext4 without a journal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${BENCH_MIB:-1024}
@@ -141,6 +145,9 @@ else
 fi
 REGION=${AWS_REGION:-us-east-1}
 WORK=$(mktemp -d /tmp/s3cryptfs-bench.XXXXXX)
+# Where the systems keep their local files (BENCH_CACHE_DIR).
+LOCAL=$WORK
+if [ -n "${BENCH_CACHE_DIR:-}" ]; then LOCAL=$(mktemp -d "$BENCH_CACHE_DIR/s3cryptfs-bench.XXXXXX"); fi
 MNT=$WORK/mnt
 mkdir -p "$MNT"
 $BIN keygen --output "$WORK/key" 2>/dev/null
@@ -149,7 +156,7 @@ DAEMON=""     # PID of the mounted file system's process (started here, in the f
 cleanup() {
   if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" || fusermount3 -uz "$MNT" || true; fi
   if [ -n "$DAEMON" ]; then kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true; fi
-  rm -rf "$WORK"
+  rm -rf "$WORK" "$LOCAL"
   if [ "$started" = 1 ]; then bash scripts/s3-server.sh stop >/dev/null || true; fi
 }
 trap cleanup EXIT
@@ -183,12 +190,19 @@ new_bucket() {
 # Empties and deletes a bucket of this run (best effort: a leftover bucket is reported, not fatal).
 drop_bucket() {
   $BENCH raw "$EP" "$1" clear 0 >/dev/null 2>&1 || echo "bench: could not empty bucket $1" >&2
+  # Keys the raw client's listing cannot name (s3fs's directory markers end in "/") go one DELETE at a time.
+  local k left i
+  for i in 1 2 3; do
+    left=$(s3curl "$EP/$1?list-type=2" | grep -o '<Key>[^<]*</Key>' | sed 's/<[^>]*>//g') || break
+    [ -n "$left" ] || break
+    for k in $left; do s3curl -o /dev/null -X DELETE "$EP/$1/$k" || true; done
+  done
   s3curl -o /dev/null -X DELETE "$EP/$1" || echo "bench: could not delete bucket $1" >&2
 }
 
 # s3cryptfs mount options for a mode.
 s3cryptfs_opts() {
-  local mode=$1 opts="mode=$1,region=$REGION,staging_dir=$WORK/staging"
+  local mode=$1 opts="mode=$1,region=$REGION,staging_dir=$LOCAL/staging"
   case $mode in
     cse-c) opts="$opts,endpoint=$EP,key_file=$WORK/key" ;;
     cse-kms)
@@ -254,21 +268,22 @@ CONF
 # PID is DAEMON, and waits for the mount.
 fs_mount() {
   local sys=$1 b=$2
-  rm -rf "$WORK/cache"
+  rm -rf "$LOCAL/cache"
   # A fresh journal per mount, except where a workload needs the last one's (KEEP_JOURNAL: in modes none, sse-s3
   # and sse-kms the disk cache's key comes from the journal's local key, so a new journal empties the cache).
-  if [ -z "${KEEP_JOURNAL:-}" ]; then rm -rf "$WORK/staging"; fi
-  mkdir -p "$WORK/cache"
+  if [ -z "${KEEP_JOURNAL:-}" ]; then rm -rf "$LOCAL/staging"; fi
+  mkdir -p "$LOCAL/cache"
   case $sys in
     s3fs)
-      s3fs "$b" "$MNT" -f -o "passwd_file=$WORK/s3fs.passwd,url=$EP,use_path_request_style,endpoint=$REGION" \
+      s3fs "$b" "$MNT" -f \
+        -o "passwd_file=$WORK/s3fs.passwd,url=$EP,use_path_request_style,endpoint=$REGION,tmpdir=$LOCAL" \
         >"$WORK/daemon.log" 2>&1 & ;;
     rclone)
       rclone_conf "$b"
       # rclone's AWS SDK refuses to start when AWS_CA_BUNDLE is set ("unsupported transport"): it gets the CA, if
       # any, through its own --ca-cert.
       env -u AWS_CA_BUNDLE rclone mount --config "$WORK/rclone.conf" bcrypt: "$MNT" --vfs-cache-mode writes \
-        --vfs-write-back 0s --cache-dir "$WORK/cache" -v \
+        --vfs-write-back 0s --cache-dir "$LOCAL/cache" -v \
         ${CA_FILE:+--ca-cert "$CA_FILE"} >"$WORK/daemon.log" 2>&1 & ;;
     *)
       $BIN mount -f -o "$(s3cryptfs_opts "$sys")" "s3://$b" "$MNT" >"$WORK/daemon.log" 2>&1 & ;;
@@ -414,22 +429,22 @@ done
 # fills it), then read again after a remount (served by the cache); gocryptfs on the same local disk, written then
 # read after a remount, is the local reference. Nothing drops the system's page cache in between, for either.
 run_disk() {
-  local run=$1 mode b g=$WORK/gocryptfs
+  local run=$1 mode b g=$LOCAL/gocryptfs
   for mode in "${MODES[@]}"; do
     echo "bench: run $run/$RUNS: disk cache, $mode" >&2
     b=$(new_bucket)
     fs_workload "$mode" "$run" "$b" seq_write write "$MIB"
-    rm -rf "$WORK/dcache"
-    export FS_MORE="cache_dir=$WORK/dcache,cache_disk_size=$((MIB * 2 + 64))M"
+    rm -rf "$LOCAL/dcache"
+    export FS_MORE="cache_dir=$LOCAL/dcache,cache_disk_size=$((MIB * 2 + 64))M"
     RENAME=disk_cold fs_workload "$mode" "$run" "$b" disk_cold read "$MIB"
     RENAME=disk_warm KEEP_JOURNAL=1 fs_workload "$mode" "$run" "$b" disk_warm read "$MIB"
     # Random reads with an empty cache_dir of the default size: the file is fetched whole into it once the reads
     # show the pattern (if it is at most a quarter of the cache's limit).
-    rm -rf "$WORK/dcache"
-    export FS_MORE="cache_dir=$WORK/dcache"
+    rm -rf "$LOCAL/dcache"
+    export FS_MORE="cache_dir=$LOCAL/dcache"
     RENAME=rand_read_disk fs_workload "$mode" "$run" "$b" rand_read_disk randr "$MIB" "$READS" 1
     unset FS_MORE
-    rm -rf "$WORK/dcache"
+    rm -rf "$LOCAL/dcache"
     drop_bucket "$b"
   done
   if command -v gocryptfs >/dev/null; then
