@@ -130,10 +130,10 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
 }
 
 /// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
-/// reads fetch only what they read; once there is one per 4 MiB of the file (counted over every handle of it) it
+/// reads fetch only what they read; once there is one per 8 MiB of the file (counted over every handle of it) it
 /// is fetched whole into the disk cache, not into memory, and every later read is served locally.
 fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
-    let size = 24usize << 20;
+    let size = 48usize << 20;
     let plain = pattern(size, 23);
     {
         let m = Mount::start(env, store, "cse-c");
@@ -148,27 +148,27 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     let (gets, bytes) =
         ("s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}", "s3cryptfs_store_read_bytes_total");
 
-    // 24 MiB asks for 6 random reads. Each of these is 2 MiB or more from the one before on its handle, or from 0 for
+    // 48 MiB asks for 6 random reads. Each of these is 2 MiB or more from the one before on its handle, or from 0 for
     // its first (far outside what counts as sequential), three on each of two handles.
     let mib = |x: f64| (x * 1048576.0) as u64 / 4096 * 4096;
     let (first, second) =
         (std::fs::File::open(m.path("medium")).unwrap(), std::fs::File::open(m.path("medium")).unwrap());
-    pread_pages(&first, &plain, [mib(20.5), mib(4.25), mib(12.75)].into_iter());
-    pread_pages(&second, &plain, [mib(16.25), mib(2.5)].into_iter());
+    pread_pages(&first, &plain, [mib(41.0), mib(8.5), mib(25.5)].into_iter());
+    pread_pages(&second, &plain, [mib(32.5), mib(5.0)].into_iter());
     wait_idle(&addr);
     let fetched = metric(&addr, bytes);
-    assert!(fetched <= 5.0 * 2.0 * 65_600.0, "5 random reads of a 24 MiB file fetched {fetched} bytes");
+    assert!(fetched <= 5.0 * 2.0 * 65_600.0, "5 random reads of a 48 MiB file fetched {fetched} bytes");
 
     // The sixth: the file is fetched whole, into the disk cache.
-    pread_pages(&second, &plain, [mib(8.5)].into_iter());
+    pread_pages(&second, &plain, [mib(17.0)].into_iter());
     let fetched = wait_for(&addr, bytes, size as f64);
-    assert!(fetched >= size as f64, "six random reads did not fetch the 24 MiB file whole: {fetched} bytes");
+    assert!(fetched >= size as f64, "six random reads did not fetch the 48 MiB file whole: {fetched} bytes");
     let on_disk = wait_for(&addr, "s3cryptfs_disk_cache_written_bytes_total", size as f64);
     assert!(on_disk >= size as f64, "the file fetched whole is not in the disk cache: {on_disk} bytes written there");
     wait_idle(&addr);
     let in_memory = metric(&addr, "s3cryptfs_cache_bytes");
     assert!(in_memory <= (4 << 20) as f64, "the file fetched whole went to the page cache: {in_memory} bytes there");
-    assert!(fetched < 1.1 * size as f64, "24 MiB fetched as {fetched} bytes");
+    assert!(fetched < 1.1 * size as f64, "48 MiB fetched as {fetched} bytes");
 
     // Every page of it, scattered: none from the store.
     let gets_before = metric(&addr, gets);
