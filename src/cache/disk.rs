@@ -395,6 +395,9 @@ impl DiskCache {
             let Some(file) = file else { continue };
             let (id, len) = &pages[i];
             stored.clear();
+            // Room for the whole entry and the byte that shows it is longer: read in one call, and one more that
+            // finds the end (from empty, `read_to_end` probes and grows the buffer in several).
+            stored.reserve(len + ENTRY_OVERHEAD + 1);
             if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
                 self.drop_entry(&names[i], &e.to_string());
                 continue;
