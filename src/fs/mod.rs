@@ -149,6 +149,10 @@ impl OpenMode {
     }
 }
 
+/// Tests only: what [`Fs`]'s `after_resolve` runs on the table.
+#[cfg(test)]
+type TableHook = Box<dyn Fn(&mut InodeTable) + Send + Sync>;
+
 pub struct Fs {
     /// The store, through [`LaterDeletes`]: `deletes` is the same object.
     backend: Arc<dyn Backend>,
@@ -188,6 +192,10 @@ pub struct Fs {
     forgetter: std::sync::OnceLock<trim::NameForgetter>,
     /// When the table was last trimmed to the memory budget (see `fs::trim`).
     last_trim: Mutex<Option<Instant>>,
+    /// Tests only: runs on the table between [`Fs::resolve`] and the lock that uses its answer in
+    /// [`Fs::resolve_then`], where a trim may drop the node (see there).
+    #[cfg(test)]
+    after_resolve: Mutex<Option<TableHook>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -322,6 +330,8 @@ impl Fs {
             held_listings: AtomicU64::new(0),
             forgetter: std::sync::OnceLock::new(),
             last_trim: Mutex::new(None),
+            #[cfg(test)]
+            after_resolve: Mutex::new(None),
         }
     }
 
@@ -711,6 +721,10 @@ impl Fs {
     ) -> Result<T> {
         for _ in 0..RESOLVE_ATTEMPTS {
             let ino = self.resolve(parent, name).await?;
+            #[cfg(test)]
+            if let Some(hook) = lock(&self.after_resolve).as_ref() {
+                hook(&mut lock(&self.table));
+            }
             if let Some(answer) = use_node(&mut lock(&self.table), ino) {
                 return answer;
             }

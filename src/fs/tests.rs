@@ -1353,3 +1353,51 @@ async fn a_listing_shows_each_name_once_in_order_and_a_directory_over_a_file_of_
     assert_eq!(names, ["a", "b", "c", "d", "e", "f"]);
     fs.release(fh).await.unwrap();
 }
+
+/// A node dropped between [`Fs::resolve`] and the lock that uses it (a trim drops nodes nobody refers to whenever the
+/// table is over its share of the budget, from FORGETs and other lookups) does not make a name that exists answer
+/// ENOENT: the name is resolved again. A table that loses the node every time ends in EBUSY after
+/// `RESOLVE_ATTEMPTS`, never in a loop. The hook stands for the trim, at the one moment it hurts.
+#[tokio::test]
+async fn a_name_whose_node_is_trimmed_after_it_was_found_is_resolved_again() {
+    use std::sync::atomic::AtomicUsize;
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    for name in ["d/a", "d/b"] {
+        let key = ObjectKey::new(name).unwrap();
+        store.inner.put_expect(&key, Bytes::from_static(b"data"), &UserMeta::default(), &Expect::Any).await.unwrap();
+    }
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap().ino;
+
+    // Once: the node "a" resolved to (read from the store, referenced by nobody yet) is dropped before it is used.
+    let (calls, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let hook = {
+        let (calls, dropped) = (calls.clone(), dropped.clone());
+        move |table: &mut InodeTable| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                dropped.fetch_add(table.drop_unreferenced(0), Ordering::SeqCst);
+            }
+        }
+    };
+    *lock(&fs.after_resolve) = Some(Box::new(hook));
+    let attr = fs.lookup(d, OsStr::new("a")).await.expect("a name that exists, its node trimmed once");
+    assert_eq!(attr.size, 4);
+    assert!(dropped.load(Ordering::SeqCst) >= 1, "the hook dropped no node: the race was not forced");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once, lost, resolved again");
+
+    // Every time: EBUSY after a bounded number of attempts.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let calls = calls.clone();
+        move |table: &mut InodeTable| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            table.drop_unreferenced(0);
+        }
+    };
+    *lock(&fs.after_resolve) = Some(Box::new(hook));
+    let err = fs.lookup(d, OsStr::new("b")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY, "{err:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), RESOLVE_ATTEMPTS as usize);
+    *lock(&fs.after_resolve) = None;
+    assert_eq!(fs.lookup(d, OsStr::new("b")).await.unwrap().size, 4, "found once nothing drops it");
+}
