@@ -1,6 +1,7 @@
 //! Random reads through a real mount (issue 13): concurrent readers of one file reach the store together instead of
 //! queueing behind each other, a small file read randomly is fetched whole once, and a large one read randomly costs
-//! one chunk per read, never the file. Everything is counted through the metrics endpoint; nothing is timed.
+//! one chunk per read, never the file; a medium one goes whole into the disk cache, and a kill during that loses
+//! nothing. Everything is counted through the metrics endpoint; nothing is timed.
 
 mod common;
 
@@ -190,4 +191,81 @@ fn medium_file_fetched_whole_into_the_disk_cache_local() {
     let env = Env::new();
     let store = Store::local(env.path());
     medium_file_fetched_whole_into_the_disk_cache(&store, &env);
+}
+
+/// A daemon killed (SIGKILL) while it fetches a file whole into the disk cache for a random reader: the next mount
+/// over the same cache leaves nothing half written there, serves every byte right (an entry appears only once written
+/// whole, and one that does not authenticate is fetched again), fetches what is missing whole on the same pattern,
+/// and then serves every page without the store. How much was on the disk at the kill is printed: the kill comes as
+/// soon as the fetch has put its first pages there, which a fast store may outrun.
+fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
+    let size = 48usize << 20;
+    let plain = pattern(size, 25);
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path("medium"), &plain).unwrap();
+    }
+    let cache = env.path().join("dcache");
+    let mount = |addr: &str| {
+        let dir = format!("cache_dir={}", cache.display());
+        let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
+        Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Six random reads: one per 8 MiB of the file, which starts the whole fetch.
+    let mib = |x: f64| (x * 1048576.0) as u64 / 4096 * 4096;
+    let reads = [41.0, 8.5, 25.5, 32.5, 5.0, 17.0].map(mib);
+    let written = "s3cryptfs_disk_cache_written_bytes_total";
+
+    let addr = free_metrics_addr();
+    let m = mount(&addr);
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, reads.into_iter());
+    // The reads' own chunks are written too (6 of 64 KiB): past 1 MiB, the whole fetch is landing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut on_disk = metric(&addr, written);
+    while on_disk < (1 << 20) as f64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        on_disk = metric(&addr, written);
+    }
+    m.kill();
+    drop(f);
+    eprintln!("killed with {on_disk} of {size} bytes written to the disk cache");
+
+    let addr = free_metrics_addr();
+    let m = mount(&addr);
+    let tmp: Vec<_> = walkdir(&cache).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
+    assert!(tmp.is_empty(), "half-written entries outlived a start: {tmp:?}");
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, reads.into_iter());
+    let mut cached = wait_for(&addr, "s3cryptfs_disk_cache_bytes", size as f64);
+    assert!(cached >= size as f64, "the whole fetch after the kill did not complete the disk cache: {cached} bytes");
+    wait_idle(&addr);
+    // Until the last writes to the disk have landed (the gauge stops moving).
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = metric(&addr, "s3cryptfs_disk_cache_bytes");
+        if now == cached {
+            break;
+        }
+        cached = now;
+    }
+    let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
+    let gets_before = metric(&addr, gets);
+    let pages = size as u64 / 4096;
+    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    assert_eq!(metric(&addr, gets), gets_before, "reads after the whole fetch went to the store");
+}
+
+#[test]
+fn a_kill_during_a_whole_fetch_loses_nothing_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    a_kill_during_a_whole_fetch_loses_nothing(&store, &env);
+}
+
+#[test]
+fn a_kill_during_a_whole_fetch_loses_nothing_local() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    a_kill_during_a_whole_fetch_loses_nothing(&store, &env);
 }
