@@ -525,14 +525,19 @@ impl DiskCache {
         (reserve + size).saturating_sub(free)
     }
 
-    fn report_delta(&self) {
-        let st = lock(&self.state);
-        let (written, evicted, dropped) = (st.written, st.evicted, st.dropped);
-        let used = st.used;
-        drop(st);
+    /// Adds what was written, evicted and dropped since the last report to the metrics; returns those amounts.
+    fn report_delta(&self) -> (u64, u64, u64) {
+        // The counts are read under the report's lock: read before it, another writer's later counts could be
+        // reported first, and these would then be less than the last reported.
         let mut last = lock(&self.reported);
-        crate::metrics::disk_cache_changed(used, written - last.0, evicted - last.1, dropped - last.2);
+        let (written, evicted, dropped, used) = {
+            let st = lock(&self.state);
+            (st.written, st.evicted, st.dropped, st.used)
+        };
+        let delta = (written - last.0, evicted - last.1, dropped - last.2);
+        crate::metrics::disk_cache_changed(used, delta.0, delta.1, delta.2);
         *last = (written, evicted, dropped);
+        delta
     }
 }
 
@@ -573,6 +578,33 @@ mod tests {
             .filter(|m| m.is_file())
             .map(|m| m.blocks() * 512)
             .sum()
+    }
+
+    /// Writers on several threads report what they wrote at once: each report is what was written since the one
+    /// before, never less than nothing (a report read from the counts before another one was made must not be
+    /// subtracted from it: that wrapped the metric to about 2^64, or panicked in a debug build).
+    #[tokio::test]
+    async fn concurrent_reports_never_count_backwards() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(open(&tmp.path().join("cache"), ROOT, 64 << 20).await.unwrap());
+        const WRITES: u64 = 200_000;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut most = 0;
+                    for _ in 0..WRITES {
+                        lock(&c.state).written += 1;
+                        most = most.max(c.report_delta().0);
+                    }
+                    most
+                })
+            })
+            .collect();
+        for t in threads {
+            let most = t.join().expect("a report panicked");
+            assert!(most <= 4 * WRITES, "a report counted {most} bytes for {} written", 4 * WRITES);
+        }
     }
 
     #[tokio::test]
