@@ -145,9 +145,8 @@ else
 fi
 REGION=${AWS_REGION:-us-east-1}
 WORK=$(mktemp -d /tmp/s3cryptfs-bench.XXXXXX)
-# Where the systems keep their local files (BENCH_CACHE_DIR).
+# Where the systems keep their local files (BENCH_CACHE_DIR, set below once cleanup is armed).
 LOCAL=$WORK
-if [ -n "${BENCH_CACHE_DIR:-}" ]; then LOCAL=$(mktemp -d "$BENCH_CACHE_DIR/s3cryptfs-bench.XXXXXX"); fi
 MNT=$WORK/mnt
 mkdir -p "$MNT"
 $BIN keygen --output "$WORK/key" 2>/dev/null
@@ -156,10 +155,17 @@ DAEMON=""     # PID of the mounted file system's process (started here, in the f
 cleanup() {
   if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" || fusermount3 -uz "$MNT" || true; fi
   if [ -n "$DAEMON" ]; then kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true; fi
-  rm -rf "$WORK" "$LOCAL"
+  # gocryptfs's mount, if a run died while it was up: removing through it would delete its files and then fail.
+  if mountpoint -q "$LOCAL/gocryptfs/plain"; then fusermount3 -u "$LOCAL/gocryptfs/plain" || true; fi
+  rm -rf "$WORK" "$LOCAL" || true
   if [ "$started" = 1 ]; then bash scripts/s3-server.sh stop >/dev/null || true; fi
 }
 trap cleanup EXIT
+if [ -n "${BENCH_CACHE_DIR:-}" ]; then
+  # An absolute path (cache_dir= takes no other), in a directory of its own.
+  [ -d "$BENCH_CACHE_DIR" ] || { echo "bench: BENCH_CACHE_DIR=$BENCH_CACHE_DIR is not a directory" >&2; exit 2; }
+  LOCAL=$(mktemp -d "$(realpath "$BENCH_CACHE_DIR")/s3cryptfs-bench.XXXXXX")
+fi
 
 # curl with SigV4 (any server; LocalStack ignores the signature).
 s3curl() {

@@ -341,7 +341,11 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
             reader.close();
         }
         gate.add_permits(1 << 20);
-        let got = read.await.unwrap().unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("the read waiting on the fetch never returned")
+            .unwrap()
+            .unwrap();
         assert!(got == s.plain[20 * 65536..20 * 65536 + 4096], "the read waiting on the fetch (rename {rename})");
         while !lock(&s.context.fetches.random).is_empty() {
             assert!(std::time::Instant::now() < deadline, "the whole-object fetch did not end (rename {rename})");
