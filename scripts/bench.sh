@@ -80,6 +80,11 @@
 # in a fresh directory under DIR (yours, not writable by others), to measure the filesystem they would live on
 # (default: the work directory in /tmp; see docs/BENCHMARK.md on an ext4 without a journal).
 set -euo pipefail
+# Relative to where the script was started from, before it moves to the repository.
+if [ -n "${BENCH_CACHE_DIR:-}" ]; then
+  [ -d "$BENCH_CACHE_DIR" ] || { echo "bench: BENCH_CACHE_DIR=$BENCH_CACHE_DIR is not a directory" >&2; exit 2; }
+  BENCH_CACHE_DIR=$(realpath -- "$BENCH_CACHE_DIR")
+fi
 cd "$(dirname "$0")/.."
 MIB=${BENCH_MIB:-1024}
 FILES=${BENCH_FILES:-2000}
@@ -161,11 +166,8 @@ cleanup() {
   if [ "$started" = 1 ]; then bash scripts/s3-server.sh stop >/dev/null || true; fi
 }
 trap cleanup EXIT
-if [ -n "${BENCH_CACHE_DIR:-}" ]; then
-  # An absolute path (cache_dir= takes no other), in a directory of its own.
-  [ -d "$BENCH_CACHE_DIR" ] || { echo "bench: BENCH_CACHE_DIR=$BENCH_CACHE_DIR is not a directory" >&2; exit 2; }
-  LOCAL=$(mktemp -d "$(realpath "$BENCH_CACHE_DIR")/s3cryptfs-bench.XXXXXX")
-fi
+# A directory of its own under BENCH_CACHE_DIR (made absolute above: cache_dir= takes no other path).
+if [ -n "${BENCH_CACHE_DIR:-}" ]; then LOCAL=$(mktemp -d "$BENCH_CACHE_DIR/s3cryptfs-bench.XXXXXX"); fi
 
 # curl with SigV4 (any server; LocalStack ignores the signature).
 s3curl() {
