@@ -242,20 +242,26 @@ async fn a_tampered_chunk_in_a_streamed_body_fails_and_is_not_cached() {
     }
 }
 
-/// A whole-object fetch (random reads, src/read docs) stops at its first failed segment instead of asking for every
-/// other one: a store that is down or frozen would otherwise be sent every segment of the object, each waiting for
-/// its deadline while holding memory.
-#[tokio::test]
-async fn a_whole_object_fetch_stops_at_its_first_failed_segment() {
-    // A 32 MiB budget: a cache in it keeps objects up to 8 MiB whole, and a few segments travel at once.
+/// A file of 120 chunks read under a 32 MiB memory budget (a cache in it keeps objects up to 8 MiB whole, and a
+/// few segments of a whole-object fetch travel at once), and a reader of it that fetches it whole after two random
+/// reads.
+async fn whole_fetch_setup() -> (Setup, Arc<Reader>) {
     let memory = crate::memory::MemoryBudget::new(32 << 20);
-    let chunks = 120u64;
-    let s = setup_with(false, chunks as usize * 65536, PageCache::with_memory(256 << 20, memory)).await;
+    let s = setup_with(false, 120 * 65536, PageCache::with_memory(256 << 20, memory)).await;
     let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
     let reader =
         Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
             .unwrap();
     assert_eq!(reader.random_reads_for_whole(), 2);
+    (s, reader)
+}
+
+/// A whole-object fetch (random reads, src/read docs) stops at its first failed segment instead of asking for every
+/// other one: a store that is down or frozen would otherwise be sent every segment of the object, each waiting for
+/// its deadline while holding memory.
+#[tokio::test]
+async fn a_whole_object_fetch_stops_at_its_first_failed_segment() {
+    let (s, reader) = whole_fetch_setup().await;
     // The segments the fetch sends before any answer: fewer than the object's, or the test shows nothing.
     let first_batch = reader.whole_in_flight(reader.segment_chunks()) as u64 * reader.segment_chunks();
     assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
@@ -306,14 +312,7 @@ async fn a_whole_object_fetch_of_a_closed_reader_asks_for_nothing() {
 #[tokio::test]
 async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid_way() {
     for rename in [false, true] {
-        let memory = crate::memory::MemoryBudget::new(32 << 20);
-        let chunks = 120u64;
-        let s = setup_with(false, chunks as usize * 65536, PageCache::with_memory(256 << 20, memory)).await;
-        let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
-        let reader =
-            Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
-                .unwrap();
-        assert_eq!(reader.random_reads_for_whole(), 2);
+        let (s, reader) = whole_fetch_setup().await;
         let segment = reader.segment_chunks();
         let first_batch = reader.whole_in_flight(segment) as u64 * segment;
         assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
