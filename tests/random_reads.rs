@@ -130,38 +130,57 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
     small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
 }
 
+/// Six offsets, each 2 MiB or more from the one before and from 0 (far outside what counts as sequential), in a
+/// 48 MiB file: as many random reads as that file asks for before it is fetched whole (one per 8 MiB).
+const MEDIUM_READS: [u64; 6] = [41 << 20, 17 << 19, 51 << 19, 65 << 19, 5 << 20, 17 << 20];
+
+/// A 48 MiB file of `seed`'s pattern, written through a mount as "medium".
+fn write_medium(env: &Env, store: &Store, seed: u64) -> Vec<u8> {
+    let plain = pattern(48 << 20, seed);
+    let m = Mount::start(env, store, "cse-c");
+    std::fs::write(m.path("medium"), &plain).unwrap();
+    plain
+}
+
+/// A cse-c mount with 32 MiB of page cache (whole objects up to 8 MiB go there) and 256 MiB of disk cache in `cache`
+/// (whole objects up to 64 MiB go there), its metrics on `addr`.
+fn mount_with_disk_cache(env: &Env, store: &Store, cache: &std::path::Path, addr: &str) -> Mount {
+    let dir = format!("cache_dir={}", cache.display());
+    let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
+    Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Reads every page of `plain` through `f` in a scattered order and checks that none came from the store.
+fn every_page_served_locally(addr: &str, f: &std::fs::File, plain: &[u8], what: &str) {
+    let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
+    let gets_before = metric(addr, gets);
+    let pages = plain.len() as u64 / 4096;
+    pread_pages(f, plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    assert_eq!(metric(addr, gets), gets_before, "{what}");
+}
+
 /// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
 /// reads fetch only what they read; once there is one per 8 MiB of the file (counted over every handle of it) it
 /// is fetched whole into the disk cache, not into memory, and every later read is served locally.
 fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
-    let size = 48usize << 20;
-    let plain = pattern(size, 23);
-    {
-        let m = Mount::start(env, store, "cse-c");
-        std::fs::write(m.path("medium"), &plain).unwrap();
-    }
+    let plain = write_medium(env, store, 23);
+    let size = plain.len();
     let addr = free_metrics_addr();
-    let cache = env.path().join("dcache");
-    let dir = format!("cache_dir={}", cache.display());
-    // 32 MiB of page cache (whole objects up to 8 MiB go there); 256 MiB of disk cache (up to 64 MiB go there).
-    let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
-    let m = Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>());
-    let (gets, bytes) =
-        ("s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}", "s3cryptfs_store_read_bytes_total");
+    let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr);
+    let bytes = "s3cryptfs_store_read_bytes_total";
 
-    // 48 MiB asks for 6 random reads. Each of these is 2 MiB or more from the one before on its handle, or from 0 for
-    // its first (far outside what counts as sequential), three on each of two handles.
-    let mib = |x: f64| (x * 1048576.0) as u64 / 4096 * 4096;
+    // 48 MiB asks for 6 random reads: five, spread over two handles (each read far from the one before on its
+    // handle, or from 0 for its first).
     let (first, second) =
         (std::fs::File::open(m.path("medium")).unwrap(), std::fs::File::open(m.path("medium")).unwrap());
-    pread_pages(&first, &plain, [mib(41.0), mib(8.5), mib(25.5)].into_iter());
-    pread_pages(&second, &plain, [mib(32.5), mib(5.0)].into_iter());
+    pread_pages(&first, &plain, MEDIUM_READS[..3].iter().copied());
+    pread_pages(&second, &plain, MEDIUM_READS[3..5].iter().copied());
     wait_idle(&addr);
     let fetched = metric(&addr, bytes);
     assert!(fetched <= 5.0 * 2.0 * 65_600.0, "5 random reads of a 48 MiB file fetched {fetched} bytes");
 
     // The sixth: the file is fetched whole, into the disk cache.
-    pread_pages(&second, &plain, [mib(17.0)].into_iter());
+    pread_pages(&second, &plain, MEDIUM_READS[5..].iter().copied());
     let fetched = wait_for(&addr, bytes, size as f64);
     assert!(fetched >= size as f64, "six random reads did not fetch the 48 MiB file whole: {fetched} bytes");
     let on_disk = wait_for(&addr, "s3cryptfs_disk_cache_written_bytes_total", size as f64);
@@ -171,11 +190,8 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     assert!(in_memory <= (4 << 20) as f64, "the file fetched whole went to the page cache: {in_memory} bytes there");
     assert!(fetched < 1.1 * size as f64, "48 MiB fetched as {fetched} bytes");
 
-    // Every page of it, scattered: none from the store.
-    let gets_before = metric(&addr, gets);
-    let pages = size as u64 / 4096;
-    pread_pages(&first, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
-    assert_eq!(metric(&addr, gets), gets_before, "reads of a file fetched whole into the disk cache went to the store");
+    let what = "reads of a file fetched whole into the disk cache went to the store";
+    every_page_served_locally(&addr, &first, &plain, what);
     assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") > 0.0);
 }
 
@@ -199,27 +215,15 @@ fn medium_file_fetched_whole_into_the_disk_cache_local() {
 /// and then serves every page without the store. How much was on the disk at the kill is printed: the kill comes as
 /// soon as the fetch has put its first pages there, which a fast store may outrun.
 fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
-    let size = 48usize << 20;
-    let plain = pattern(size, 25);
-    {
-        let m = Mount::start(env, store, "cse-c");
-        std::fs::write(m.path("medium"), &plain).unwrap();
-    }
+    let plain = write_medium(env, store, 25);
+    let size = plain.len();
     let cache = env.path().join("dcache");
-    let mount = |addr: &str| {
-        let dir = format!("cache_dir={}", cache.display());
-        let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
-        Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    // Six random reads: one per 8 MiB of the file, which starts the whole fetch.
-    let mib = |x: f64| (x * 1048576.0) as u64 / 4096 * 4096;
-    let reads = [41.0, 8.5, 25.5, 32.5, 5.0, 17.0].map(mib);
     let written = "s3cryptfs_disk_cache_written_bytes_total";
 
     let addr = free_metrics_addr();
-    let m = mount(&addr);
+    let m = mount_with_disk_cache(env, store, &cache, &addr);
     let f = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&f, &plain, reads.into_iter());
+    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
     // The reads' own chunks are written too (6 of 64 KiB): past 1 MiB, the whole fetch is landing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut on_disk = metric(&addr, written);
@@ -232,11 +236,11 @@ fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
     eprintln!("killed with {on_disk} of {size} bytes written to the disk cache");
 
     let addr = free_metrics_addr();
-    let m = mount(&addr);
+    let m = mount_with_disk_cache(env, store, &cache, &addr);
     let tmp: Vec<_> = walkdir(&cache).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
     assert!(tmp.is_empty(), "half-written entries outlived a start: {tmp:?}");
     let f = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&f, &plain, reads.into_iter());
+    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
     let mut cached = wait_for(&addr, "s3cryptfs_disk_cache_bytes", size as f64);
     assert!(cached >= size as f64, "the whole fetch after the kill did not complete the disk cache: {cached} bytes");
     wait_idle(&addr);
@@ -249,11 +253,7 @@ fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
         }
         cached = now;
     }
-    let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
-    let gets_before = metric(&addr, gets);
-    let pages = size as u64 / 4096;
-    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
-    assert_eq!(metric(&addr, gets), gets_before, "reads after the whole fetch went to the store");
+    every_page_served_locally(&addr, &f, &plain, "reads after the whole fetch went to the store");
 }
 
 #[test]
