@@ -482,6 +482,72 @@ fn a_frozen_store_still_serves_what_the_disk_cache_holds() {
     assert_bytes(got.expect("read while the store was frozen"), &plain, "read from the disk cache while frozen");
 }
 
+/// A store that freezes while a file is fetched whole into the disk cache for a random reader (issue 13): every read
+/// returns within the bound, with the right bytes or EIO, never others; the fetch gives up at its segments' deadline
+/// instead of sending the rest of the file, segment after segment, into the frozen store; and once the store answers
+/// again, the same random reads fetch what is missing whole, and then every page is served from the disk cache:
+/// what the freeze cut short left nothing wrong there.
+#[test]
+fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cache_sound() {
+    use common::reads::*;
+    use std::os::unix::fs::FileExt;
+    let server = PrivateServer::start();
+    let env = Env::new();
+    let store = server.bucket();
+    let plain = write_medium(&env, &store, 31);
+    let addr = free_metrics_addr();
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    let m = mount_with_disk_cache(&env, &store, &env.path().join("dcache"), &addr, &[timeout.as_str()]);
+    let file = fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&file, &plain, MEDIUM_READS.into_iter());
+    let on_disk = whole_fetch_landing(&addr);
+    let frozen = server.freeze();
+    eprintln!("frozen with {on_disk} of {} bytes written to the disk cache", plain.len());
+
+    // Pages across the file, each 2 MiB or more from the one before: the first ones are likely on the disk already,
+    // the last ones likely not.
+    let file = std::sync::Arc::new(file);
+    let mut served = 0;
+    for at in [0u64, 12 << 20, 24 << 20, 36 << 20, (47 << 20) + 8192] {
+        let f = file.clone();
+        let got = within(&format!("a read at {at} while frozen"), move || {
+            let mut buf = vec![0u8; 4096];
+            f.read_exact_at(&mut buf, at).map(|_| buf)
+        });
+        match got {
+            Ok(bytes) => {
+                assert_bytes(&bytes, &plain[at as usize..at as usize + 4096], "a page read while frozen");
+                served += 1;
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "a read at {at} while frozen: {e}"),
+        }
+    }
+    eprintln!("{served} of 5 reads served while frozen");
+    // The fetch's requests end at their deadline, and no later segment is sent: a new one would be in flight for a
+    // whole timeout, which sampling every 50 ms for two timeouts cannot miss.
+    let in_flight = || metric(&addr, "s3cryptfs_store_requests_in_flight");
+    assert!(wait_until(BOUND, || in_flight() == 0.0), "requests still in flight {} s into the freeze", BOUND.as_secs());
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2 * TIMEOUT_SECS) {
+        assert_eq!(in_flight(), 0.0, "a request was sent into the frozen store after the fetch's had failed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(frozen);
+
+    // Six more random reads, of pages not read before (a page the kernel has cached would not reach the mount), each
+    // 2 MiB or more from the one before: whatever the reads above counted, the sixth at the latest starts a new whole
+    // fetch.
+    pread_pages(&file, &plain, [11u64, 41, 79, 113, 159, 177].into_iter().map(|quarter_mib| quarter_mib << 18));
+    let cached = disk_cache_settled(&addr, plain.len());
+    let log = m.log_text();
+    let size = plain.len() as f64;
+    assert!(cached >= size, "the whole fetch after the freeze did not complete the disk cache: {cached}\n{log}");
+    every_page_served_locally(&addr, &file, &plain, "reads after the freeze and the whole fetch went to the store");
+    drop(file);
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// A TCP proxy in front of the shared S3 server that passes every request on, except the ones its [`Hold`] picks
 /// while `stall` is set: the case where some requests hang and others are answered, which freezing the whole
 /// server never produces.

@@ -1,29 +1,15 @@
 //! Random reads through a real mount (issue 13): concurrent readers of one file reach the store together instead of
 //! queueing behind each other, a small file read randomly is fetched whole once, and a large one read randomly costs
-//! one chunk per read, never the file; a medium one goes whole into the disk cache, and a kill during that loses
-//! nothing. Everything is counted through the metrics endpoint; nothing is timed.
+//! one chunk per read, never the file; a medium one goes whole into the disk cache, and a kill, an unlink or another
+//! mount's replacement of the file during that loses nothing and mixes no versions (a frozen store during it:
+//! tests/frozen.rs). Everything is counted through the metrics endpoint; nothing is timed.
 
 mod common;
 
 use std::os::unix::fs::FileExt;
 
+use common::reads::*;
 use common::*;
-
-/// Reads a 4 KiB page at each offset and checks it against `plain`.
-fn pread_pages(f: &std::fs::File, plain: &[u8], offsets: impl Iterator<Item = u64>) {
-    let mut buf = vec![0u8; 4096];
-    for off in offsets {
-        f.read_exact_at(&mut buf, off).unwrap();
-        assert_bytes(&buf, &plain[off as usize..off as usize + 4096], "4 KiB page");
-    }
-}
-
-/// 4 KiB-aligned offsets spread over `len` bytes, a different sequence per `seed`, each in a different 64 KiB chunk
-/// than the one before (so no read is served by its predecessor's chunk).
-fn offsets(seed: u64, count: usize, len: u64) -> impl Iterator<Item = u64> {
-    let pages = len / 4096;
-    (0..count as u64).map(move |i| ((seed * 7_919 + i * 104_729) % (pages - 1)) * 4096)
-}
 
 /// Eight readers, each with its own descriptor, read random pages of one file at once: the store sees eight reads in
 /// flight together (a lock held across a fetch, or one queue of reads per file, would show one).
@@ -51,27 +37,6 @@ fn eight_readers_have_eight_reads_in_flight() {
     });
     let most = metric(&addr, "s3cryptfs_store_gets_in_flight_max");
     assert!(most >= 8.0, "at most {most} reads were in flight at once with 8 concurrent readers");
-}
-
-/// Polls `series` until it reaches `want` or a generous deadline passes (then the caller's assertion tells what
-/// happened): a background fetch has no event a test could wait on.
-fn wait_for(addr: &str, series: &str, want: f64) -> f64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let v = metric(addr, series);
-        if v >= want || std::time::Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Polls until no store request is in flight (or a generous deadline passes).
-fn wait_idle(addr: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while metric(addr, "s3cryptfs_store_requests_in_flight") > 0.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 /// A file small next to the cache, read at random, is fetched whole once in a few large GETs and then served from
@@ -130,35 +95,6 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
     small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
 }
 
-/// Six offsets, each 2 MiB or more from the one before and from 0 (far outside what counts as sequential), in a
-/// 48 MiB file: as many random reads as that file asks for before it is fetched whole (one per 8 MiB).
-const MEDIUM_READS: [u64; 6] = [41 << 20, 17 << 19, 51 << 19, 65 << 19, 5 << 20, 17 << 20];
-
-/// A 48 MiB file of `seed`'s pattern, written through a mount as "medium".
-fn write_medium(env: &Env, store: &Store, seed: u64) -> Vec<u8> {
-    let plain = pattern(48 << 20, seed);
-    let m = Mount::start(env, store, "cse-c");
-    std::fs::write(m.path("medium"), &plain).unwrap();
-    plain
-}
-
-/// A cse-c mount with 32 MiB of page cache (whole objects up to 8 MiB go there) and 256 MiB of disk cache in `cache`
-/// (whole objects up to 64 MiB go there), its metrics on `addr`.
-fn mount_with_disk_cache(env: &Env, store: &Store, cache: &std::path::Path, addr: &str) -> Mount {
-    let dir = format!("cache_dir={}", cache.display());
-    let opts = [format!("metrics_addr={addr}"), "cache_size=32M".into(), dir, "cache_disk_size=256M".into()];
-    Mount::start_with(env, store, "cse-c", &opts.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-/// Reads every page of `plain` through `f` in a scattered order and checks that none came from the store.
-fn every_page_served_locally(addr: &str, f: &std::fs::File, plain: &[u8], what: &str) {
-    let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
-    let gets_before = metric(addr, gets);
-    let pages = plain.len() as u64 / 4096;
-    pread_pages(f, plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
-    assert_eq!(metric(addr, gets), gets_before, "{what}");
-}
-
 /// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
 /// reads fetch only what they read; once there is one per 8 MiB of the file (counted over every handle of it) it
 /// is fetched whole into the disk cache, not into memory, and every later read is served locally.
@@ -166,7 +102,7 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     let plain = write_medium(env, store, 23);
     let size = plain.len();
     let addr = free_metrics_addr();
-    let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr);
+    let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr, &[]);
     let bytes = "s3cryptfs_store_read_bytes_total";
 
     // 48 MiB asks for 6 random reads: five, spread over two handles (each read far from the one before on its
@@ -218,41 +154,24 @@ fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
     let plain = write_medium(env, store, 25);
     let size = plain.len();
     let cache = env.path().join("dcache");
-    let written = "s3cryptfs_disk_cache_written_bytes_total";
 
     let addr = free_metrics_addr();
-    let m = mount_with_disk_cache(env, store, &cache, &addr);
+    let m = mount_with_disk_cache(env, store, &cache, &addr, &[]);
     let f = std::fs::File::open(m.path("medium")).unwrap();
     pread_pages(&f, &plain, MEDIUM_READS.into_iter());
-    // The reads' own chunks are written too (6 of 64 KiB): past 1 MiB, the whole fetch is landing.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut on_disk = metric(&addr, written);
-    while on_disk < (1 << 20) as f64 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        on_disk = metric(&addr, written);
-    }
+    let on_disk = whole_fetch_landing(&addr);
     m.kill();
     drop(f);
     eprintln!("killed with {on_disk} of {size} bytes written to the disk cache");
 
     let addr = free_metrics_addr();
-    let m = mount_with_disk_cache(env, store, &cache, &addr);
+    let m = mount_with_disk_cache(env, store, &cache, &addr, &[]);
     let tmp: Vec<_> = walkdir(&cache).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
     assert!(tmp.is_empty(), "half-written entries outlived a start: {tmp:?}");
     let f = std::fs::File::open(m.path("medium")).unwrap();
     pread_pages(&f, &plain, MEDIUM_READS.into_iter());
-    let mut cached = wait_for(&addr, "s3cryptfs_disk_cache_bytes", size as f64);
+    let cached = disk_cache_settled(&addr, size);
     assert!(cached >= size as f64, "the whole fetch after the kill did not complete the disk cache: {cached} bytes");
-    wait_idle(&addr);
-    // Until the last writes to the disk have landed (the gauge stops moving).
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let now = metric(&addr, "s3cryptfs_disk_cache_bytes");
-        if now == cached {
-            break;
-        }
-        cached = now;
-    }
     every_page_served_locally(&addr, &f, &plain, "reads after the whole fetch went to the store");
 }
 
@@ -268,4 +187,114 @@ fn a_kill_during_a_whole_fetch_loses_nothing_local() {
     let env = Env::new();
     let store = Store::local(env.path());
     a_kill_during_a_whole_fetch_loses_nothing(&store, &env);
+}
+
+/// A file unlinked while it is fetched whole into the disk cache for a reader that keeps it open: the descriptor keeps
+/// reading the version it opened, every byte right; the name is gone from the mount and its object from the store;
+/// nothing is left in flight; and a new file of that name is read as itself, never from the old version's cache
+/// entries. (An unlink of an open file first stages it whole, so the fetch has mostly landed by the time the object
+/// goes: the test prints how much. The next test makes the object change under the fetch.)
+fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(store: &Store, env: &Env) {
+    let plain = write_medium(env, store, 29);
+    let addr = free_metrics_addr();
+    let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr, &[]);
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
+    let on_disk = whole_fetch_landing(&addr);
+    std::fs::remove_file(m.path("medium")).unwrap();
+    let written = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
+    eprintln!("unlinked with {on_disk} bytes written to the disk cache ({written} once the unlink returned)");
+    assert!(!m.path("medium").exists(), "the name outlived its unlink");
+    let stored: Vec<String> = store.raw_objects().into_iter().map(|(k, _)| k).collect();
+    assert!(!stored.iter().any(|k| k.ends_with("medium")), "the object outlived the unlink: {stored:?}");
+
+    let pages = plain.len() as u64 / 4096;
+    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    wait_idle(&addr);
+    assert_eq!(metric(&addr, "s3cryptfs_store_requests_in_flight"), 0.0, "the fetch left requests behind");
+    drop(f);
+
+    let newer = pattern(3 << 20, 30);
+    std::fs::write(m.path("medium"), &newer).unwrap();
+    let g = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&g, &newer, offsets(3, 40, newer.len() as u64));
+    assert_bytes(std::fs::read(m.path("medium")).unwrap(), &newer, "a new file of the unlinked name");
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(&store, &env);
+}
+
+#[test]
+fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole_local() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(&store, &env);
+}
+
+/// Another mount replaces a file while this one fetches it whole into the disk cache for a reader that keeps it open:
+/// that descriptor gets the bytes of the version it opened or ESTALE (docs/SEMANTICS.md), never a byte of the new
+/// version nor a mix; the fetch ends instead of leaving requests behind; and a new open reads the new version whole,
+/// never from the old version's cache entries.
+fn a_file_replaced_during_a_whole_fetch_is_never_mixed(store: &Store, env: &Env) {
+    let plain = write_medium(env, store, 33);
+    let newer = pattern((40 << 20) + 12_345, 34);
+    let other = Mount::start(env, store, "cse-c");
+    std::fs::write(other.path("medium.new"), &newer).unwrap();
+    let addr = free_metrics_addr();
+    let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr, &[]);
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
+    let on_disk = whole_fetch_landing(&addr);
+    std::fs::rename(other.path("medium.new"), other.path("medium")).unwrap();
+    let written = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
+    eprintln!("replaced with {on_disk} bytes written to the disk cache ({written} once the rename returned)");
+
+    let pages = plain.len() as u64 / 4096;
+    let (mut served, mut stale) = (0, 0);
+    let mut buf = vec![0u8; 4096];
+    // One page in 8, scattered (a read that fails asks the store each time: every page would take a minute).
+    for at in (0..pages).map(|i| (i * 397 % pages) * 4096).step_by(8) {
+        match f.read_exact_at(&mut buf, at) {
+            Ok(()) => {
+                assert_bytes(&buf, &plain[at as usize..at as usize + 4096], "a page of the version opened");
+                served += 1;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => stale += 1,
+            Err(e) => panic!("a read at {at} of a file replaced under it: {e}"),
+        }
+    }
+    eprintln!("{served} pages of the version opened served, {stale} ESTALE");
+    wait_idle(&addr);
+    assert_eq!(metric(&addr, "s3cryptfs_store_requests_in_flight"), 0.0, "the fetch left requests behind");
+    drop(f);
+
+    // Past the attribute timeout (1 s), a new open sees the new version.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let g = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&g, &newer, MEDIUM_READS.into_iter().filter(|&at| at + 4096 <= newer.len() as u64));
+    assert_bytes(std::fs::read(m.path("medium")).unwrap(), &newer, "the new version after the replacement");
+    drop(g);
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+    other.unmount();
+}
+
+#[test]
+fn a_file_replaced_during_a_whole_fetch_is_never_mixed_s3() {
+    let env = Env::new();
+    let store = Store::s3();
+    a_file_replaced_during_a_whole_fetch_is_never_mixed(&store, &env);
+}
+
+#[test]
+fn a_file_replaced_during_a_whole_fetch_is_never_mixed_local() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    a_file_replaced_during_a_whole_fetch_is_never_mixed(&store, &env);
 }

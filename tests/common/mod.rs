@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 
+pub mod reads;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_s3cryptfs");
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -362,7 +364,8 @@ impl Mount {
             .args(["mount", "-f", "-o", &opts.join(",")])
             .arg(store.url())
             .arg(&dir)
-            .env("RUST_LOG", "s3cryptfs=info,warn")
+            // S3CRYPTFS_TEST_LOG: another filter for the mounts' logs (a failing test shows them), e.g. debug.
+            .env("RUST_LOG", std::env::var("S3CRYPTFS_TEST_LOG").unwrap_or_else(|_| "s3cryptfs=info,warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
