@@ -382,7 +382,10 @@ impl Drop for Staged {
         crate::metrics::dirty_changed(self.share(), (false, 0));
         // Clean content needs no copy any more; dirty content is kept for the next start and logged by the owner.
         if !self.dirty {
-            if let Err(e) = self.journal.remove_file(self.n) {
+            // An uploaded file's record went with the upload (`Staged::mark_clean`).
+            let removed =
+                if self.recorded { self.journal.remove_file(self.n) } else { self.journal.remove_data(self.n) };
+            if let Err(e) = removed {
                 tracing::warn!(staged = %self.location().display(), error = %e, "could not remove a staged file");
             }
         }

@@ -493,6 +493,12 @@ impl Journal {
         self.run.dir.remove(&data_name(n))
     }
 
+    /// Removes staged file `n`, whose record is gone already (one syscall less per uploaded file than
+    /// [`Journal::remove_file`]).
+    pub fn remove_data(&self, n: u64) -> io::Result<()> {
+        self.run.dir.remove(&data_name(n))
+    }
+
     /// The on-disk path of staged file `n` (for log lines only).
     pub fn file_path(&self, n: u64) -> PathBuf {
         self.run.dir.path().join(data_name(n))
