@@ -502,6 +502,7 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
     let file = fs::File::open(m.path("medium")).unwrap();
     pread_pages(&file, &plain, MEDIUM_READS.into_iter());
     let on_disk = whole_fetch_landing(&addr);
+    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before the freeze: {on_disk} bytes");
     let frozen = server.freeze();
     eprintln!("frozen with {on_disk} of {} bytes written to the disk cache", plain.len());
 

@@ -45,7 +45,8 @@ pub struct Staged {
     /// Changed since the last successful upload.
     pub dirty: bool,
     pub size: u64,
-    /// A recovery record exists for this content.
+    /// A recovery record exists for this content: true whenever its file may be on disk (set once it is written,
+    /// cleared only once it is removed), which the drop relies on.
     pub recorded: bool,
     /// The version of the object this content replaces: the next upload is conditional on it.
     pub base: BaseVersion,
@@ -382,7 +383,7 @@ impl Drop for Staged {
         crate::metrics::dirty_changed(self.share(), (false, 0));
         // Clean content needs no copy any more; dirty content is kept for the next start and logged by the owner.
         if !self.dirty {
-            // An uploaded file's record went with the upload (`Staged::mark_clean`).
+            // No record on disk (never written, or removed with the upload: `Staged::mark_clean`): only the data.
             let removed =
                 if self.recorded { self.journal.remove_file(self.n) } else { self.journal.remove_data(self.n) };
             if let Err(e) = removed {

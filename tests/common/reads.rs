@@ -74,7 +74,8 @@ pub fn every_page_served_locally(addr: &str, f: &std::fs::File, plain: &[u8], wh
 }
 
 /// Waits (polling every 2 ms, at most 30 s) until a whole fetch started by [`MEDIUM_READS`] is landing in the disk
-/// cache — past 1 MiB written there, as the reads' own six chunks make less — and returns the bytes written by then.
+/// cache (past 1 MiB written there, as the reads' own six chunks make less) and returns the bytes written by then;
+/// fails if it never does.
 pub fn whole_fetch_landing(addr: &str) -> f64 {
     let written = "s3cryptfs_disk_cache_written_bytes_total";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -83,6 +84,7 @@ pub fn whole_fetch_landing(addr: &str) -> f64 {
         std::thread::sleep(std::time::Duration::from_millis(2));
         on_disk = metric(addr, written);
     }
+    assert!(on_disk >= (1 << 20) as f64, "no whole fetch reached the disk cache: {on_disk} bytes written there");
     on_disk
 }
 
