@@ -33,6 +33,8 @@
 #   S3CRYPTFS_MOTO_PORT      moto's port; unset: the first free port from 5000 on
 #   S3CRYPTFS_AZURITE_PORT   Azurite's port; unset: the first free port from 10000 on
 #   S3CRYPTFS_GCS_PORT       fake-gcs-server's port; unset: the first free port from 4443 on
+#   S3CRYPTFS_TEST_LOG       RUST_LOG of the mounts the tests start (default s3cryptfs=info,warn): a failing test
+#                            prints its mount's log, so S3CRYPTFS_TEST_LOG=s3cryptfs=debug shows more of what happened
 #   plus S3CRYPTFS_TEST_HOME of scripts/s3-server.sh (moto-server.sh shares it)
 set -euo pipefail
 
