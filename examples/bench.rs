@@ -94,7 +94,8 @@ fn seed() -> u64 {
     })
 }
 
-/// `len` bytes of this process's data for stream `i` (a block of the large file, a small file).
+/// `len` bytes of this process's data for stream `i`: block `i` of the large file, or small file `i - BLOCK` (the
+/// large file has far fewer than BLOCK blocks, so no two streams share content).
 fn data(i: usize, len: usize) -> Vec<u8> {
     let mut x = (i as u64 ^ seed()).wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..len)

@@ -499,10 +499,7 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
     let timeout = format!("timeout={TIMEOUT_SECS}");
     let opts = [timeout.as_str(), "max_memory=64M"];
     let m = mount_with_disk_cache(&env, &store, &env.path().join("dcache"), &addr, &opts);
-    let file = fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&file, &plain, MEDIUM_READS.into_iter());
-    let on_disk = whole_fetch_landing(&addr);
-    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before the freeze: {on_disk} bytes");
+    let (file, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the freeze");
     let frozen = server.freeze();
     eprintln!("frozen with {on_disk} of {} bytes written to the disk cache", plain.len());
 

@@ -41,7 +41,7 @@ fn eight_readers_have_eight_reads_in_flight() {
 
 /// A file small next to the cache, read at random, is fetched whole once in a few large GETs and then served from
 /// memory; a file too large for that, read at random, costs one chunk per read — never the file.
-fn small_file_fetched_whole_large_file_chunk_by_chunk(store: &Store, env: &Env) {
+fn small_file_fetched_whole_large_file_chunk_by_chunk(env: &Env, store: &Store) {
     let small = pattern(6 << 20, 21);
     let large = pattern(24 << 20, 22);
     {
@@ -61,8 +61,7 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk(store: &Store, env: &Env) 
     assert!(fetched >= small.len() as f64, "three random reads did not fetch the 6 MiB file whole: {fetched} bytes");
     let (gets_before, bytes_before) = (metric(&addr, gets), metric(&addr, bytes));
     // Every page of it, in a scattered order: all from memory.
-    let pages = small.len() as u64 / 4096;
-    pread_pages(&f, &small, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    pread_pages(&f, &small, scattered_pages(small.len()));
     assert_eq!(metric(&addr, gets), gets_before, "reads of a file fetched whole went to the store");
     assert_eq!(metric(&addr, bytes), bytes_before);
     // Whole, in a few large GETs: not one per 64 KiB chunk (96 of them).
@@ -81,24 +80,12 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk(store: &Store, env: &Env) 
     );
 }
 
-#[test]
-fn small_file_fetched_whole_large_file_chunk_by_chunk_s3() {
-    let env = Env::new();
-    let store = Store::s3();
-    small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
-}
-
-#[test]
-fn small_file_fetched_whole_large_file_chunk_by_chunk_local() {
-    let env = Env::new();
-    let store = Store::local(env.path());
-    small_file_fetched_whole_large_file_chunk_by_chunk(&store, &env);
-}
+local_and_s3!(small_file_fetched_whole_large_file_chunk_by_chunk);
 
 /// A file too large for the page cache's share, read at random through a mount with a disk cache: the first random
 /// reads fetch only what they read; once there is one per 8 MiB of the file (counted over every handle of it) it
 /// is fetched whole into the disk cache, not into memory, and every later read is served locally.
-fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
+fn medium_file_fetched_whole_into_the_disk_cache(env: &Env, store: &Store) {
     let plain = write_medium(env, store, 23);
     let size = plain.len();
     let addr = free_metrics_addr();
@@ -131,35 +118,21 @@ fn medium_file_fetched_whole_into_the_disk_cache(store: &Store, env: &Env) {
     assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") > 0.0);
 }
 
-#[test]
-fn medium_file_fetched_whole_into_the_disk_cache_s3() {
-    let env = Env::new();
-    let store = Store::s3();
-    medium_file_fetched_whole_into_the_disk_cache(&store, &env);
-}
-
-#[test]
-fn medium_file_fetched_whole_into_the_disk_cache_local() {
-    let env = Env::new();
-    let store = Store::local(env.path());
-    medium_file_fetched_whole_into_the_disk_cache(&store, &env);
-}
+local_and_s3!(medium_file_fetched_whole_into_the_disk_cache);
 
 /// A daemon killed (SIGKILL) while it fetches a file whole into the disk cache for a random reader: the next mount
 /// over the same cache leaves nothing half written there, serves every byte right (an entry appears only once written
 /// whole, and one that does not authenticate is fetched again), fetches what is missing whole on the same pattern,
 /// and then serves every page without the store. How much was on the disk at the kill is printed: the kill comes as
-/// soon as the fetch has put its first pages there, which a fast store may outrun.
-fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
+/// soon as the fetch has put its first pages there, and the test fails if the fetch had ended by then.
+fn a_kill_during_a_whole_fetch_loses_nothing(env: &Env, store: &Store) {
     let plain = write_medium(env, store, 25);
     let size = plain.len();
     let cache = env.path().join("dcache");
 
     let addr = free_metrics_addr();
     let m = mount_with_disk_cache(env, store, &cache, &addr, &[]);
-    let f = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
-    let on_disk = whole_fetch_landing(&addr);
+    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the kill");
     m.kill();
     drop(f);
     eprintln!("killed with {on_disk} of {size} bytes written to the disk cache");
@@ -175,19 +148,7 @@ fn a_kill_during_a_whole_fetch_loses_nothing(store: &Store, env: &Env) {
     every_page_served_locally(&addr, &f, &plain, "reads after the whole fetch went to the store");
 }
 
-#[test]
-fn a_kill_during_a_whole_fetch_loses_nothing_s3() {
-    let env = Env::new();
-    let store = Store::s3();
-    a_kill_during_a_whole_fetch_loses_nothing(&store, &env);
-}
-
-#[test]
-fn a_kill_during_a_whole_fetch_loses_nothing_local() {
-    let env = Env::new();
-    let store = Store::local(env.path());
-    a_kill_during_a_whole_fetch_loses_nothing(&store, &env);
-}
+local_and_s3!(a_kill_during_a_whole_fetch_loses_nothing);
 
 /// A file unlinked while it is fetched whole into the disk cache for a reader that keeps it open: the descriptor keeps
 /// reading the version it opened, every byte right; the name is gone from the mount and its object from the store;
@@ -195,14 +156,11 @@ fn a_kill_during_a_whole_fetch_loses_nothing_local() {
 /// file first stages it whole, so the fetch has mostly landed by the time the object goes: the test prints how much.
 /// The next test makes the object change under the fetch; that a fetch stops at its first failed segment is
 /// tests/frozen.rs's and the read unit tests' to show.)
-fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(store: &Store, env: &Env) {
+fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(env: &Env, store: &Store) {
     let plain = write_medium(env, store, 29);
     let addr = free_metrics_addr();
     let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr, &[]);
-    let f = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
-    let on_disk = whole_fetch_landing(&addr);
-    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before the unlink: {on_disk} bytes");
+    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the unlink");
     std::fs::remove_file(m.path("medium")).unwrap();
     let written = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
     eprintln!("unlinked with {on_disk} bytes written to the disk cache ({written} once the unlink returned)");
@@ -210,8 +168,7 @@ fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(store: &Store, env: 
     let stored: Vec<String> = store.raw_objects().into_iter().map(|(k, _)| k).collect();
     assert!(!stored.iter().any(|k| k.ends_with("medium")), "the object outlived the unlink: {stored:?}");
 
-    let pages = plain.len() as u64 / 4096;
-    pread_pages(&f, &plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    pread_pages(&f, &plain, scattered_pages(plain.len()));
     drop(f);
 
     let newer = pattern(3 << 20, 30);
@@ -223,44 +180,28 @@ fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(store: &Store, env: 
     assert!(!log.contains("panicked"), "{log}");
 }
 
-#[test]
-fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole_s3() {
-    let env = Env::new();
-    let store = Store::s3();
-    an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(&store, &env);
-}
-
-#[test]
-fn an_unlink_during_a_whole_fetch_keeps_the_open_file_whole_local() {
-    let env = Env::new();
-    let store = Store::local(env.path());
-    an_unlink_during_a_whole_fetch_keeps_the_open_file_whole(&store, &env);
-}
+local_and_s3!(an_unlink_during_a_whole_fetch_keeps_the_open_file_whole);
 
 /// Another mount replaces a file while this one fetches it whole into the disk cache for a reader that keeps it open:
 /// that descriptor gets the bytes of the version it opened or ESTALE (docs/SEMANTICS.md), never a byte of the new
 /// version nor a mix; and a new open reads the new version whole, never from the old version's cache entries. The new
 /// version is small, so that the replacement (a server-side copy) lands while the fetch is still going.
-fn a_file_replaced_during_a_whole_fetch_is_never_mixed(store: &Store, env: &Env) {
+fn a_file_replaced_during_a_whole_fetch_is_never_mixed(env: &Env, store: &Store) {
     let plain = write_medium(env, store, 33);
     let newer = pattern((3 << 20) + 12_345, 34);
     let other = Mount::start(env, store, "cse-c");
     std::fs::write(other.path("medium.new"), &newer).unwrap();
     let addr = free_metrics_addr();
     let m = mount_with_disk_cache(env, store, &env.path().join("dcache"), &addr, &[]);
-    let f = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
-    let on_disk = whole_fetch_landing(&addr);
-    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before the replacement: {on_disk} bytes");
+    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the replacement");
     std::fs::rename(other.path("medium.new"), other.path("medium")).unwrap();
     let written = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
     eprintln!("replaced with {on_disk} bytes written to the disk cache ({written} once the rename returned)");
 
-    let pages = plain.len() as u64 / 4096;
     let (mut served, mut stale) = (0, 0);
     let mut buf = vec![0u8; 4096];
     // One page in 8, scattered (a read that fails asks the store each time: every page would take a minute).
-    for at in (0..pages).map(|i| (i * 397 % pages) * 4096).step_by(8) {
+    for at in scattered_pages(plain.len()).step_by(8) {
         match f.read_exact_at(&mut buf, at) {
             Ok(()) => {
                 assert_bytes(&buf, &plain[at as usize..at as usize + 4096], "a page of the version opened");
@@ -284,16 +225,4 @@ fn a_file_replaced_during_a_whole_fetch_is_never_mixed(store: &Store, env: &Env)
     other.unmount();
 }
 
-#[test]
-fn a_file_replaced_during_a_whole_fetch_is_never_mixed_s3() {
-    let env = Env::new();
-    let store = Store::s3();
-    a_file_replaced_during_a_whole_fetch_is_never_mixed(&store, &env);
-}
-
-#[test]
-fn a_file_replaced_during_a_whole_fetch_is_never_mixed_local() {
-    let env = Env::new();
-    let store = Store::local(env.path());
-    a_file_replaced_during_a_whole_fetch_is_never_mixed(&store, &env);
-}
+local_and_s3!(a_file_replaced_during_a_whole_fetch_is_never_mixed);

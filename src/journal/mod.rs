@@ -490,7 +490,7 @@ impl Journal {
     /// Removes staged file `n` and its record.
     pub fn remove_file(&self, n: u64) -> io::Result<()> {
         self.run.dir.remove(&record_name(n))?;
-        self.run.dir.remove(&data_name(n))
+        self.remove_data(n)
     }
 
     /// Removes staged file `n`, whose record is gone already (one syscall less per uploaded file than

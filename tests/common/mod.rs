@@ -756,6 +756,31 @@ macro_rules! both {
 #[allow(unused_imports)] // not every test crate runs a body on both stores
 pub(crate) use both;
 
+/// Runs test body `$name(&Env, &Store)` as `$name::local` and `$name::s3` only: for bodies that move tens of MiB
+/// through the disk cache, which the Azure and GCS emulators would only make slower without testing more.
+#[allow(unused_macros)]
+macro_rules! local_and_s3 {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn local() {
+                let env = Env::new();
+                let store = Store::local(env.path());
+                super::$name(&env, &store);
+            }
+            #[test]
+            fn s3() {
+                let env = Env::new();
+                let store = Store::s3();
+                super::$name(&env, &store);
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use local_and_s3;
+
 /// A tmpfs of `mib` MiB at the environment's staging directory (the journal's disk), unmounted on drop.
 pub struct SmallDisk(std::path::PathBuf);
 

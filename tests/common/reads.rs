@@ -68,9 +68,26 @@ pub fn mount_with_disk_cache(env: &Env, store: &Store, cache: &std::path::Path, 
 pub fn every_page_served_locally(addr: &str, f: &std::fs::File, plain: &[u8], what: &str) {
     let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
     let gets_before = metric(addr, gets);
-    let pages = plain.len() as u64 / 4096;
-    pread_pages(f, plain, (0..pages).map(|i| (i * 397 % pages) * 4096));
+    pread_pages(f, plain, scattered_pages(plain.len()));
     assert_eq!(metric(addr, gets), gets_before, "{what}");
+}
+
+/// The offset of every 4 KiB page of a file of `len` bytes, once each, in a scattered order.
+pub fn scattered_pages(len: usize) -> impl Iterator<Item = u64> {
+    let pages = len as u64 / 4096;
+    (0..pages).map(move |i| (i * 397 % pages) * 4096)
+}
+
+/// Opens "medium" (of content `plain`) on `m`, reads it at [`MEDIUM_READS`] so that it is fetched whole into the disk
+/// cache, and waits until that fetch is landing ([`whole_fetch_landing`]); fails if it had already ended, as then
+/// nothing `before` names (the event the caller brings next) could meet the fetch. Gives the descriptor and the
+/// bytes written to the disk cache by then.
+pub fn whole_fetch_under_way(m: &Mount, addr: &str, plain: &[u8], before: &str) -> (std::fs::File, f64) {
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, plain, MEDIUM_READS.into_iter());
+    let on_disk = whole_fetch_landing(addr);
+    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before {before}: {on_disk} bytes");
+    (f, on_disk)
 }
 
 /// Waits (polling every 2 ms, at most 30 s) until a whole fetch started by [`MEDIUM_READS`] is landing in the disk
