@@ -5,9 +5,10 @@
 //! Freezing the shared test server would stall every test running beside this one, so this test starts a LocalStack of
 //! its own on a free port with `scripts/s3-server.sh` (same venv and certificates as the shared one; about 2 s) and
 //! freezes only that. A guard sends SIGCONT on every exit path, then the server is stopped. One test kills its server
-//! instead (a dead store) and starts another on the same port; one freezes a GCS emulator of its own
-//! (scripts/gcs.sh) under a streaming writer. One puts a proxy in front of the shared server that hangs only some
-//! requests (the later ranges of a parallel listing), a partial freeze no signal to the server can make.
+//! instead (a dead store) and starts another on the same port; two freeze a GCS emulator and an Azurite of their own
+//! (scripts/gcs.sh, scripts/azurite.sh) under a streaming writer. One puts a proxy in front of the shared server that
+//! hangs only some requests (the later ranges of a parallel listing), a partial freeze no signal to the server can
+//! make.
 
 mod common;
 
@@ -376,30 +377,46 @@ fn a_dead_store_under_a_streaming_writer_loses_nothing() {
     m.unmount();
 }
 
-/// A GCS emulator of this test's own (scripts/gcs.sh on a free port, about 0.2 s), to freeze: GCS uploads in parts
-/// go out one after another with a deadline per chunk request (`Deadline::with_serial_parts`), not the per-part
-/// deadline the other stores have, so their frozen store is a case of its own.
-struct PrivateGcs {
+/// An emulator of this test's own on a free port (scripts/gcs.sh: fake-gcs-server, about 0.2 s; scripts/azurite.sh:
+/// Azurite, about 1 s), to freeze: GCS and Azure uploads in parts are requests of the mount's own, bounded their own
+/// way (GCS: one chunk after another, `Deadline::with_serial_parts`; Azure: blocks, `store/azure.rs`), so their frozen
+/// stores are cases of their own.
+struct PrivateEmulator {
+    /// The script under scripts/.
+    script: &'static str,
+    /// The script's variable for the port.
+    port_var: &'static str,
     port: u16,
     pid: i32,
-    endpoint: String,
 }
 
-impl PrivateGcs {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gcs.sh")
+impl PrivateEmulator {
+    fn script(&self) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(self.script)
     }
 
-    fn start() -> PrivateGcs {
+    /// Starts `scripts/{script}` on a free port; `name` is its server's name in its run directory and pid file.
+    fn start(script: &'static str, name: &'static str, port_var: &'static str) -> PrivateEmulator {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let start = Command::new(Self::script()).arg("start").env("S3CRYPTFS_GCS_PORT", port.to_string()).output();
-        let out = start.unwrap();
-        let pid_file = test_home().join(format!("run/fake-gcs-{port}/fake-gcs.pid"));
-        let pid = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
-        let server = PrivateGcs { port, pid, endpoint: format!("http://127.0.0.1:{port}") };
+        let mut server = PrivateEmulator { script, port_var, port, pid: 0 };
+        let out = Command::new(server.script()).arg("start").env(port_var, port.to_string()).output().unwrap();
+        let pid_file = test_home().join(format!("run/{name}-{port}/{name}.pid"));
+        server.pid = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && pid > 0, "scripts/gcs.sh start on {port}: {err}");
+        assert!(out.status.success() && server.pid > 0, "scripts/{script} start on {port}: {err}");
         server
+    }
+
+    fn gcs() -> PrivateEmulator {
+        Self::start("gcs.sh", "fake-gcs", "S3CRYPTFS_GCS_PORT")
+    }
+
+    fn azurite() -> PrivateEmulator {
+        Self::start("azurite.sh", "azurite", "S3CRYPTFS_AZURITE_PORT")
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     fn freeze(&self) -> Frozen {
@@ -408,24 +425,23 @@ impl PrivateGcs {
     }
 }
 
-impl Drop for PrivateGcs {
+impl Drop for PrivateEmulator {
     fn drop(&mut self) {
-        signal_group(self.pid, libc::SIGCONT);
-        let _ = Command::new(Self::script()).arg("stop").env("S3CRYPTFS_GCS_PORT", self.port.to_string()).status();
+        if self.pid > 0 {
+            signal_group(self.pid, libc::SIGCONT);
+        }
+        let _ = Command::new(self.script()).arg("stop").env(self.port_var, self.port.to_string()).status();
     }
 }
 
-/// A frozen GCS store under a file streaming its parts (one resumable upload): the writes after the freeze return in
-/// time, close fails in time, and once the emulator answers again the file is whole and exact, through the same mount
-/// and after a remount.
-#[test]
-fn a_frozen_gcs_store_bounds_a_streaming_writer_and_loses_nothing() {
-    let server = PrivateGcs::start();
-    let env = Env::new();
-    let store = Store::gcs_at(Some(server.endpoint.clone()));
-    let timeout = format!("timeout={TIMEOUT_SECS}");
-    let opts = [timeout.as_str()];
-    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+/// A frozen emulator under a file streaming its parts (mounted by `mount`; `replaces`: the file exists first, so its
+/// upload is a conditional replacement): the writes after the freeze return in time, close fails in time, and once the
+/// emulator answers again the file is whole and exact, through the same mount and after a remount.
+fn a_stream_across_a_freeze(server: &PrivateEmulator, mount: impl Fn() -> Mount, replaces: bool) {
+    let m = mount();
+    if replaces {
+        fs::write(m.path("stream.bin"), pattern(3 * MIB, 11)).unwrap();
+    }
     let streamed = pattern(40 * MIB, 10);
     let file = start_stream(&m, "stream.bin", &streamed[..24 * MIB]);
 
@@ -437,9 +453,54 @@ fn a_frozen_gcs_store_bounds_a_streaming_writer_and_loses_nothing() {
 
     assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after the freeze");
     m.unmount();
-    let m = Mount::start_with(&env, &store, "cse-c", &opts);
+    let m = mount();
     assert_bytes(fs::read(m.path("stream.bin")).unwrap(), &streamed, "stream.bin after a remount");
     m.unmount();
+}
+
+/// [`a_stream_across_a_freeze`] on GCS: one resumable upload.
+#[test]
+fn a_frozen_gcs_store_bounds_a_streaming_writer_and_loses_nothing() {
+    let server = PrivateEmulator::gcs();
+    let env = Env::new();
+    let store = Store::gcs_at(Some(server.endpoint()));
+    let timeout = format!("timeout={TIMEOUT_SECS}");
+    a_stream_across_a_freeze(&server, || Mount::start_with(&env, &store, "cse-c", &[timeout.as_str()]), false);
+}
+
+/// A cse-c mount of `prefix` in the test container of `server` (an Azurite of the test's own): object_store finds the
+/// emulator through `AZURITE_BLOB_STORAGE_URL`, which names the shared one in this process's environment.
+fn mount_private_azurite(server: &PrivateEmulator, env: &Env, prefix: &str) -> Mount {
+    let dir = env.path().join(unique("mnt"));
+    fs::create_dir_all(&dir).unwrap();
+    let staging = env.path().join("staging");
+    let opts = format!(
+        "mode=cse-c,staging_dir={},key_file={},timeout={TIMEOUT_SECS}",
+        staging.display(),
+        env.key_file.display()
+    );
+    let log = env.path().join(format!("{}.log", unique("mount")));
+    let child = Command::new(BIN)
+        .args(["mount", "-f", "-o", &opts, &format!("az://s3cryptfs-test/{prefix}")])
+        .arg(&dir)
+        .env("AZURE_STORAGE_USE_EMULATOR", "true")
+        .env("AZURITE_BLOB_STORAGE_URL", server.endpoint())
+        .env("RUST_LOG", std::env::var("S3CRYPTFS_TEST_LOG").unwrap_or_else(|_| "s3cryptfs=info,warn".into()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Mount::adopt(dir, child, log).unwrap()
+}
+
+/// [`a_stream_across_a_freeze`] on Azure: blocks, committed with `If-Match` on the version replaced.
+#[test]
+fn a_frozen_azure_store_bounds_a_streaming_writer_and_loses_nothing() {
+    let server = PrivateEmulator::azurite();
+    let env = Env::new();
+    let prefix = unique("frozen").to_lowercase();
+    a_stream_across_a_freeze(&server, || mount_private_azurite(&server, &env, &prefix), true);
 }
 
 /// Issue 14: with the store frozen, a file whose pages are in the disk cache is read in full through a descriptor

@@ -80,6 +80,15 @@ fn s3() {
     streams_within_the_budget(&store, &env);
 }
 
+/// Azure's uploads of a file are conditional, and went up as one PUT collected in memory (320 MiB here) until they
+/// were sent in blocks as they come (`store/azure.rs`).
+#[test]
+fn azure() {
+    let env = Env::new();
+    let store = Store::azure();
+    streams_within_the_budget(&store, &env);
+}
+
 /// Forgets the peak RSS the kernel recorded for `pid` so far (`clear_refs` 5), so a phase's own peak can be read.
 fn reset_peak_rss(pid: u32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();

@@ -11,9 +11,10 @@
 //!   where the mount uses one); CompleteMultipartUpload with `If-Match` / `If-None-Match: *` (or neither, for
 //!   [`Expect::Any`]). The completion's answer is checked for the
 //!   server-side encryption asked for, like every other write; a lost race aborts the upload, so no parts linger.
-//! - Elsewhere (`InMemory` in tests, other object stores) [`BufferedUpload`] keeps the parts in memory and writes
-//!   them with one conditional PUT at `complete`. That costs the object's size in memory, which is fine for the
-//!   stores this path serves; S3 never takes it.
+//! - GCS and Azure take the condition in their own uploads in parts ([`UploadCondition`]; `gcs.rs`, `azure.rs`).
+//! - Elsewhere (`InMemory` in tests) [`BufferedUpload`] keeps the parts in memory and writes them with one
+//!   conditional PUT at `complete`. That costs the object's size in memory, which is fine for tests; no store a mount
+//!   can name takes this path.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -34,6 +35,12 @@ pub(crate) fn put_mode(expect: &Expect) -> PutMode {
         Expect::Etag(etag) => PutMode::Update(UpdateVersion { e_tag: Some(etag.clone()), version: None }),
     }
 }
+
+/// The condition a multipart upload must meet when it completes, for the stores whose own client takes it (GCS,
+/// Azure: `ObjectStoreBackend::with_conditional_uploads`). object_store's `PutMultipartOptions` has no put mode, so the
+/// backend passes it in the options' extensions; without it an upload in parts overwrites whatever is there.
+#[derive(Clone, Debug)]
+pub(crate) struct UploadCondition(pub(crate) PutMode);
 
 /// The SSE request headers object_store would send on CreateMultipartUpload for `sse` (and for SSE-C on every
 /// UploadPart). The SSE-C values hold the key: never log them.

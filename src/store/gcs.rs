@@ -51,6 +51,7 @@ use object_store::{
 };
 use serde::Deserialize;
 
+use super::conditional::UploadCondition;
 use super::error::StoreError;
 use super::s3::{client_options_from, S3Options};
 
@@ -135,12 +136,6 @@ pub(super) fn build(
         }),
     })
 }
-
-/// The condition a multipart upload must meet when it completes. object_store's `PutMultipartOptions` has no put
-/// mode, so the backend passes it in the options' extensions (`ObjectStoreBackend::with_conditional_uploads`); without
-/// it an upload in parts overwrites whatever is there.
-#[derive(Clone, Debug)]
-pub(crate) struct UploadCondition(pub(crate) PutMode);
 
 /// An `ObjectStore` over one GCS bucket's JSON API.
 #[derive(Clone)]

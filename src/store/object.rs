@@ -58,7 +58,7 @@ pub struct ObjectStoreBackend {
     pages: Option<Pages>,
     /// Metadata names as identifiers (Azure: letters, digits and `_` only; see `meta::to_identifier`).
     identifier_names: bool,
-    /// The store takes an upload's condition in its multipart options (`gcs::UploadCondition`), so conditional
+    /// The store takes an upload's condition in its multipart options (`conditional::UploadCondition`), so conditional
     /// uploads in parts stream instead of being collected in memory (`conditional::BufferedUpload`).
     conditional_uploads: bool,
 }
@@ -678,7 +678,7 @@ impl Backend for ObjectStoreBackend {
             ..PutMultipartOptions::default()
         };
         if self.conditional_uploads {
-            opts.extensions.insert(super::gcs::UploadCondition(super::conditional::put_mode(expect)));
+            opts.extensions.insert(super::conditional::UploadCondition(super::conditional::put_mode(expect)));
         }
         let inner = self
             .store

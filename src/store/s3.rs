@@ -207,7 +207,12 @@ pub fn from_url(url: &str, opts: &S3Options) -> Result<(Arc<dyn Backend>, StoreU
             let client = super::azure::build(container, account.as_deref(), opts, &env)?;
             let store = Arc::new(Deadline::new(client, opts.request_timeout()));
             let pages: Arc<dyn object_store::list::PaginatedListStore> = store.clone();
-            Arc::new(ObjectStoreBackend::new(store, prefix)?.with_pages(pages).with_identifier_names())
+            Arc::new(
+                ObjectStoreBackend::new(store, prefix)?
+                    .with_pages(pages)
+                    .with_identifier_names()
+                    .with_conditional_uploads(),
+            )
         }
         StoreUrl::Gcs { bucket, prefix } => {
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
