@@ -17,15 +17,19 @@
 //! version it replaces), so they used to be collected in memory and sent as one conditional PUT: a 1 GiB file cost
 //! the daemon 1 GiB of memory whatever `max_memory` said, and a file larger than memory could not be written. Here
 //! the blocks go out as they come, and the commit carries the condition; Azure checks it atomically when it commits.
-//! - Requests carry object_store's own authorisation in a form that leaves the headers free: with an account key, a
-//!   service SAS that object_store signs (`Signer::signed_url`, never logged: it is a credential); with a SAS token,
-//!   that token; with Entra ID, the bearer token.
+//! - Requests are authorised by object_store's own `AzureAuthorizer` with the client's credential, as its own
+//!   requests are: Shared Key (which signs the condition and metadata headers too), an Entra ID bearer token, or a
+//!   SAS token. Blob URLs come from object_store as well (see [`Blocks`]).
 //! - Block ids are a random number per upload and the block's index, so two uploads of one blob never mix blocks.
-//!   When a commit wins, Azure drops every other uncommitted block of the blob (an abort therefore sends nothing;
-//!   Azure also drops uncommitted blocks after a week).
+//!   When a commit wins, Azure drops every other uncommitted block of the blob; an abort sends nothing, and blocks
+//!   of an upload that was given up or lost its race wait there until the next commit of the blob or a week.
 //! - Put Block is retried on 5xx, 429 and lost answers (the same block sent again is the same block); the commit
-//!   only when it surely did not arrive or Azure said 429/5xx, as a conditional write that was applied would
-//!   otherwise conflict with itself.
+//!   only when it surely did not arrive or Azure said 429/5xx. Either can still have been applied the first time
+//!   (an answer cut off, a 500 after the write), and then the second try conflicts with the first: a commit that
+//!   was sent twice and conflicts asks Azure for the blob's block list, and if it is exactly this upload's blocks
+//!   (their ids are its own), the commit had succeeded.
+//! - An Azure customer-provided key (`AZURE_STORAGE_ENCRYPTION_KEY`) is refused at mount: these requests would not
+//!   carry it.
 //! - Ranges of the object are not copied into an upload (Put Block From URL: Azurite, the emulator the tests run
 //!   against, does not have it), so a large file changed in place is rewritten whole, as on GCS.
 
@@ -41,13 +45,17 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::FutureExt;
 use http::{Method, StatusCode};
-use object_store::azure::{AzureConfigKey, AzureCredential, MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::azure::{
+    AzureAccessKey, AzureAuthorizer, AzureConfigKey, AzureCredential, AzureCredentialProvider, MicrosoftAzure,
+    MicrosoftAzureBuilder,
+};
 use object_store::client::{HttpClient, HttpConnector, HttpErrorKind, HttpRequestBody, HttpResponse};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{
     Attribute, Attributes, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, RetryConfig, UploadPart,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, RetryConfig,
+    StaticCredentialProvider, UploadPart,
 };
 
 use super::conditional::UploadCondition;
@@ -57,10 +65,8 @@ use super::s3::{client_options_from, env_client_options, S3Options};
 
 /// The name object_store's errors carry for this store.
 const STORE: &str = "MicrosoftAzure";
-/// The REST API version the block requests ask for (object_store's).
-const API_VERSION: &str = "2023-11-03";
-/// How long a SAS made for one request is valid: it is used at once, this only covers clock skew and retries.
-const SAS_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// The lifetime given to the URL-only client's signature, which is thrown away (see [`Blocks`]).
+const SAS_LIFETIME: Duration = Duration::from_secs(60);
 /// Attempts per request for answers that may pass (5xx, 429, a broken connection).
 const ATTEMPTS: u32 = 3;
 /// Bytes of an error answer kept for its message.
@@ -75,13 +81,30 @@ pub(super) fn build(
     opts: &S3Options,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<AzureStore, StoreError> {
-    let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+    let mut b = MicrosoftAzureBuilder::from_env();
     // The account an abfs[s]:// URL names wins over AZURE_STORAGE_ACCOUNT_NAME.
     if let Some(account) = account {
         b = b.with_account(account);
     }
+    build_with(b, container, opts, env)
+}
+
+/// [`build`] from a builder the caller has configured (the tests: a client of their own).
+fn build_with(
+    b: MicrosoftAzureBuilder,
+    container: &str,
+    opts: &S3Options,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AzureStore, StoreError> {
+    let mut b = b.with_container_name(container);
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_endpoint(endpoint.clone());
+    }
+    if b.get_config_value(&AzureConfigKey::EncryptionKey).is_some() {
+        return Err(StoreError::invalid(
+            "AZURE_STORAGE_ENCRYPTION_KEY (an Azure customer-provided key) is set: s3cryptfs does not send it; \
+             unset it (the mount's own modes encrypt client-side)",
+        ));
     }
     // Emulator mode (AZURE_STORAGE_USE_EMULATOR) allows plain http on its own: object_store's build() sets it.
     let allow_http = opts.allow_http || opts.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
@@ -98,14 +121,23 @@ pub(super) fn build(
     let failed = |e: object_store::Error| {
         StoreError::invalid(format!("cannot configure Azure Blob Storage access for {container}: {e}"))
     };
-    let urls = b.clone().with_access_key(PLACEHOLDER_KEY).build().map_err(failed)?;
-    // As object_store's own client: plain http where the mount allows it, or to the emulator.
-    let emulator = b.get_config_value(&AzureConfigKey::UseEmulator).is_some_and(|v| v == "true");
+    // Truthy as object_store reads it ("1", "yes", "on"…).
+    let truthy = |v: String| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y");
+    let emulator = b.get_config_value(&AzureConfigKey::UseEmulator).is_some_and(truthy);
+    // object_store's default account name for the emulator; elsewhere building the client fails without one.
+    let account = b.get_config_value(&AzureConfigKey::AccountName).unwrap_or_else(|| "devstoreaccount1".into());
+    // A credential that takes precedence over every other kind and is used only to build URLs, locally.
+    let placeholder = AzureAccessKey::try_new(PLACEHOLDER_KEY).expect("invariant broken: the placeholder is base64");
+    let placeholder: AzureCredentialProvider =
+        Arc::new(StaticCredentialProvider::new(AzureCredential::AccessKey(placeholder)));
+    let urls = b.clone().with_credentials(placeholder).build().map_err(failed)?;
     let client = b.build().map_err(failed)?;
+    // As object_store's own client: plain http where the mount or AZURE_ALLOW_HTTP allows it, or to the emulator.
+    let http_options = if emulator { co.with_allow_http(true) } else { co };
     let http = object_store::client::ReqwestConnector::default()
-        .connect(&co.with_allow_http(allow_http || emulator))
+        .connect(&http_options)
         .map_err(|e| StoreError::invalid(format!("cannot build the HTTP client for Azure Blob Storage: {e}")))?;
-    Ok(AzureStore { client: client.clone(), blocks: Arc::new(Blocks { client, urls, http, limit }) })
+    Ok(AzureStore { client: client.clone(), blocks: Arc::new(Blocks { client, urls, account, http, limit }) })
 }
 
 /// object_store's Azure client, with conditional uploads in parts of its own (see the module docs); everything else
@@ -211,13 +243,15 @@ impl object_store::list::PaginatedListStore for AzureStore {
     }
 }
 
-/// What the block requests need: the client (its credentials sign them), a client of the same configuration whose
-/// key is a placeholder (its signed URLs, stripped of the signature, are blob URLs built exactly as object_store
-/// builds them), an HTTP client, and the mount's timeout.
+/// What the block requests need: the client (its credentials sign them, through object_store's `AzureAuthorizer`:
+/// Shared Key, bearer token or SAS token, as its own requests are), a client of the same configuration whose only
+/// credential is a placeholder key (its signed URLs, stripped of the signature, are blob URLs built exactly as
+/// object_store builds them, without a request), the account name, an HTTP client, and the mount's timeout.
 #[derive(Debug)]
 struct Blocks {
     client: MicrosoftAzure,
     urls: MicrosoftAzure,
+    account: String,
     http: HttpClient,
     limit: Duration,
 }
@@ -229,6 +263,8 @@ enum Failure {
     Transport(object_store::client::HttpError),
     Credentials(object_store::Error),
     TimedOut(RequestTimedOut),
+    /// The request could not be made (a header value it cannot carry).
+    Invalid(String),
 }
 
 /// A failed request's text, for the error chain ("status code: 5xx" is how `object::map_err` tells a server that kept
@@ -241,49 +277,29 @@ struct StatusError {
     message: String,
 }
 
-impl Blocks {
-    /// The URL of `path` with this request's authorisation in its query, and the bearer token if that is how.
-    async fn authorised(&self, path: &Path) -> Result<(url::Url, Option<String>), Failure> {
-        let credential = self.client.credentials().get_credential().await.map_err(Failure::Credentials)?;
-        if let AzureCredential::AccessKey(_) = credential.as_ref() {
-            let url = self.client.signed_url(Method::PUT, path, SAS_LIFETIME).await.map_err(Failure::Credentials)?;
-            return Ok((url, None));
-        }
-        let mut url = self.urls.signed_url(Method::PUT, path, SAS_LIFETIME).await.map_err(Failure::Credentials)?;
-        url.set_query(None);
-        match credential.as_ref() {
-            AzureCredential::SASToken(pairs) => {
-                url.query_pairs_mut().extend_pairs(pairs);
-                Ok((url, None))
-            }
-            AzureCredential::BearerToken(token) => Ok((url, Some(format!("Bearer {token}")))),
-            // A credential kind newer than this code: say so rather than send an unsigned write.
-            #[allow(unreachable_patterns)]
-            _ => Err(Failure::Credentials(object_store::Error::NotSupported {
-                source: "this Azure credential cannot sign block uploads".into(),
-            })),
-        }
-    }
+/// A request to send: its method, what it is (for errors), its query (added to the blob's URL), headers and body.
+struct Request<'a> {
+    method: Method,
+    what: &'static str,
+    query: &'a [(&'a str, &'a str)],
+    headers: &'a [(String, String)],
+    body: PutPayload,
+}
 
-    /// A PUT of `path` with `query` added, `headers` and `body`, within the mount's timeout, retries included (as
-    /// `Deadline` bounds every other request). `repeatable`: the request may be sent again after an answer was lost
-    /// (its effect is the same twice).
-    async fn put(
-        &self,
-        what: &'static str,
-        path: &Path,
-        query: &[(&str, &str)],
-        headers: &[(String, String)],
-        body: PutPayload,
-        repeatable: bool,
-    ) -> Result<HttpResponse, Failure> {
+impl Blocks {
+    /// `req` on `path`, within the mount's timeout, retries included (as `Deadline` bounds every other request).
+    /// `repeatable`: the request may be sent again after an answer was lost (its effect is the same twice). The
+    /// `bool` says whether it was sent more than once.
+    async fn send(&self, path: &Path, req: &Request<'_>, repeatable: bool) -> (Result<HttpResponse, Failure>, bool) {
+        let mut sent = 0;
         let attempts = async {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100 << (2 * (attempt - 1)))).await;
                 }
-                let failure = match self.put_once(path, query, headers, body.clone()).await {
+                sent += 1;
+                let failure = match self.send_once(path, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(f) => f,
                 };
@@ -294,7 +310,7 @@ impl Blocks {
                     Failure::Transport(e) => {
                         repeatable || matches!(e.kind(), HttpErrorKind::Connect | HttpErrorKind::Request)
                     }
-                    Failure::Credentials(_) | Failure::TimedOut(_) => false,
+                    Failure::Credentials(_) | Failure::TimedOut(_) | Failure::Invalid(_) => false,
                 };
                 if !again {
                     return Err(failure);
@@ -303,52 +319,67 @@ impl Blocks {
             }
             Err(last.expect("invariant broken: the retry loop ran at least once"))
         };
-        match tokio::time::timeout(self.limit, attempts).await {
+        let result = match tokio::time::timeout(self.limit, attempts).await {
             Ok(result) => result,
-            Err(_) => Err(Failure::TimedOut(RequestTimedOut { operation: what, limit: self.limit })),
-        }
+            Err(_) => Err(Failure::TimedOut(RequestTimedOut { operation: req.what, limit: self.limit })),
+        };
+        (result, sent > 1)
     }
 
-    async fn put_once(
-        &self,
-        path: &Path,
-        query: &[(&str, &str)],
-        headers: &[(String, String)],
-        body: PutPayload,
-    ) -> Result<HttpResponse, Failure> {
-        let (mut url, bearer) = self.authorised(path).await?;
-        url.query_pairs_mut().extend_pairs(query);
-        let mut req = http::Request::builder()
-            .method(Method::PUT)
-            .uri(url.as_str())
-            .header("x-ms-version", API_VERSION)
-            .header("content-length", body.content_length().to_string());
-        if let Some(bearer) = bearer {
-            req = req.header("authorization", bearer);
+    async fn send_once(&self, path: &Path, r: &Request<'_>) -> Result<HttpResponse, Failure> {
+        let credential = self.client.credentials().get_credential().await.map_err(Failure::Credentials)?;
+        let mut url = self.urls.signed_url(Method::PUT, path, SAS_LIFETIME).await.map_err(Failure::Credentials)?;
+        url.set_query(None);
+        url.query_pairs_mut().extend_pairs(r.query);
+        let mut req = http::Request::builder().method(r.method.clone()).uri(url.as_str());
+        if r.method == Method::PUT {
+            req = req.header("content-length", r.body.content_length().to_string());
         }
-        for (name, value) in headers {
+        for (name, value) in r.headers {
             req = req.header(name.as_str(), value.as_str());
         }
-        let req = req
-            .body(HttpRequestBody::from(body))
-            .map_err(|e| Failure::Transport(object_store::client::HttpError::new(HttpErrorKind::Request, e)))?;
+        let mut req = req
+            .body(HttpRequestBody::from(r.body.clone()))
+            .map_err(|e| Failure::Invalid(format!("{} of {path}: {e}", r.what)))?;
+        AzureAuthorizer::new(&credential, &self.account).try_authorize(&mut req).map_err(Failure::Credentials)?;
         let resp = self.http.execute(req).await.map_err(|e| Failure::Transport(redacted(e)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        // An error body is short; a hostile endpoint's endless one is cut off.
-        let mut text = Vec::new();
-        let mut body = resp.into_body().bytes_stream();
-        while let Some(piece) = futures::StreamExt::next(&mut body).await {
-            match piece {
-                Ok(piece) if text.len() < MAX_ERROR_BODY => text.extend_from_slice(&piece),
-                _ => break,
-            }
-        }
-        let message = redact_sig(&String::from_utf8_lossy(&text[..text.len().min(MAX_ERROR_BODY)]));
+        let message = redact_sig(&body_text(resp, MAX_ERROR_BODY).await);
         Err(Failure::Status { status, message })
     }
+
+    /// The ids of the blocks `path` is made of now and its ETag (Get Block List, an answer of at most `max_len` bytes
+    /// read), or `None` if that cannot be had.
+    async fn committed(&self, path: &Path, max_len: usize) -> Option<(Vec<String>, Option<String>)> {
+        let req = Request {
+            method: Method::GET,
+            what: "the block list (Get Block List)",
+            query: &[("comp", "blocklist"), ("blocklisttype", "committed")],
+            headers: &[],
+            body: PutPayload::new(),
+        };
+        let resp = self.send(path, &req, true).await.0.ok()?;
+        let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let xml = body_text(resp, max_len).await;
+        let ids = xml.split("<Name>").skip(1).filter_map(|b| b.split("</Name>").next()).map(str::to_string).collect();
+        Some((ids, etag))
+    }
+}
+
+/// An answer's body as text, at most `max_len` bytes of it (a hostile endpoint's endless one is cut off).
+async fn body_text(resp: HttpResponse, max_len: usize) -> String {
+    let mut text = Vec::new();
+    let mut body = resp.into_body().bytes_stream();
+    while let Some(piece) = futures::StreamExt::next(&mut body).await {
+        match piece {
+            Ok(piece) if text.len() < max_len => text.extend_from_slice(&piece),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&text[..text.len().min(max_len)]).into_owned()
 }
 
 impl Failure {
@@ -360,6 +391,7 @@ impl Failure {
             Failure::Transport(e) => return E::Generic { store: STORE, source: Box::new(e) },
             Failure::Credentials(e) => return E::Unauthenticated { path, source: Box::new(e) },
             Failure::TimedOut(t) => return E::Generic { store: STORE, source: Box::new(t) },
+            Failure::Invalid(text) => return E::Generic { store: STORE, source: text.into() },
             Failure::Status { status, message } => (status, message),
         };
         let lost = |message: &str| {
@@ -407,10 +439,12 @@ impl MultipartUpload for BlockUpload {
         self.ids.push(id.clone());
         let (blocks, path) = (self.blocks.clone(), self.path.clone());
         async move {
+            let what = "a block (Put Block)";
             let query = [("comp", "block"), ("blockid", id.as_str())];
-            match blocks.put("a block (Put Block)", &path, &query, &[], data, true).await {
+            let req = Request { method: Method::PUT, what, query: &query, headers: &[], body: data };
+            match blocks.send(&path, &req, true).await.0 {
                 Ok(_) => Ok(()),
-                Err(f) => Err(f.into_error("a block (Put Block)", &path, None)),
+                Err(f) => Err(f.into_error(what, &path, None)),
             }
         }
         .boxed()
@@ -433,9 +467,27 @@ impl MultipartUpload for BlockUpload {
         let what = "the commit of an upload (Put Block List)";
         let query = [("comp", "blocklist")];
         let body = PutPayload::from(Bytes::from(xml));
-        let resp = match self.blocks.put(what, &self.path, &query, &headers, body, false).await {
-            Ok(resp) => resp,
-            Err(f) => return Err(f.into_error(what, &self.path, Some(&self.mode))),
+        let req = Request { method: Method::PUT, what, query: &query, headers: &headers, body };
+        let resp = match self.blocks.send(&self.path, &req, false).await {
+            (Ok(resp), _) => resp,
+            (Err(f), retried) => {
+                let e = f.into_error(what, &self.path, Some(&self.mode));
+                use object_store::Error as E;
+                let conflict = matches!(e, E::Precondition { .. } | E::AlreadyExists { .. });
+                // A commit sent again after its answer was lost (or after a 5xx that Azure had applied anyway)
+                // conflicts with itself: the blob is then made of exactly this upload's blocks, whose ids are its own.
+                if !(retried && conflict) {
+                    return Err(e);
+                }
+                let max_len = 4096 + 128 * self.ids.len();
+                match self.blocks.committed(&self.path, max_len).await {
+                    Some((ids, e_tag)) if ids == self.ids && e_tag.is_some() => {
+                        tracing::debug!(path = %self.path, "a commit sent again had been applied the first time");
+                        return Ok(PutResult { e_tag, version: None, extensions: Default::default() });
+                    }
+                    _ => return Err(e),
+                }
+            }
         };
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         Ok(PutResult { e_tag: header("etag"), version: header("x-ms-version-id"), extensions: Default::default() })
@@ -505,6 +557,145 @@ fn attribute_headers(attributes: &Attributes) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Backend, Expect, ObjectKey, ObjectStoreBackend, UserMeta};
+
+    /// A TCP proxy in front of Azurite that passes everything on both ways, except the answer to the first request
+    /// whose request line contains `lose`: that request reaches Azurite, and then the connection is closed before
+    /// any byte of its answer comes back.
+    struct LosingProxy {
+        addr: String,
+        lost: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl LosingProxy {
+        fn start(upstream: String, lose: &'static str) -> LosingProxy {
+            use std::io::{BufRead, Read, Write};
+            use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let lost = Arc::new(AtomicUsize::new(0));
+            let (count, done) = (lost.clone(), Arc::new(AtomicBool::new(false)));
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                    let swallow = Arc::new(AtomicBool::new(false));
+                    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                    let quiet = swallow.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = from_server.read(&mut buf) {
+                            if n == 0 || (!quiet.load(Ordering::SeqCst) && to_client.write_all(&buf[..n]).is_err()) {
+                                break;
+                            }
+                        }
+                        let _ = to_client.shutdown(std::net::Shutdown::Both);
+                    });
+                    let (count, done) = (count.clone(), done.clone());
+                    std::thread::spawn(move || {
+                        let (mut server, mut client) = (server, std::io::BufReader::new(client));
+                        loop {
+                            let mut head = Vec::new();
+                            while !head.ends_with(b"\r\n\r\n") {
+                                match client.read_until(b'\n', &mut head) {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(_) => {}
+                                }
+                            }
+                            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            let mut body = vec![0u8; len];
+                            if client.read_exact(&mut body).is_err() {
+                                return;
+                            }
+                            let first = text.lines().next().unwrap_or_default().to_string();
+                            // The client sends a request only once the answer before it has come: nothing of an
+                            // earlier answer is swallowed.
+                            let lose_this = first.contains(lose) && !done.swap(true, Ordering::SeqCst);
+                            if lose_this {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                swallow.store(true, Ordering::SeqCst);
+                            }
+                            if server.write_all(&head).and_then(|_| server.write_all(&body)).is_err() {
+                                return;
+                            }
+                            if lose_this {
+                                std::thread::sleep(Duration::from_millis(500));
+                                let _ = client.get_ref().shutdown(std::net::Shutdown::Both);
+                                let _ = server.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            LosingProxy { addr, lost }
+        }
+    }
+
+    /// `AZURE_STORAGE_USE_EMULATOR=1` means the emulator as `true` does (object_store reads "1", "yes", "on"…), and
+    /// the block requests may then use plain http as object_store's own do: an upload in blocks to Azurite works.
+    #[tokio::test]
+    async fn the_emulator_named_by_any_truthy_value_takes_uploads_in_blocks() {
+        let container = std::env::var("S3CRYPTFS_TEST_AZURE_CONTAINER")
+            .expect("S3CRYPTFS_TEST_AZURE_CONTAINER is not set: run the tests with scripts/test.sh (starts Azurite)");
+        let b = MicrosoftAzureBuilder::new().with_config(AzureConfigKey::UseEmulator, "1");
+        let store = build_with(b, &container, &S3Options::default(), &|_| None).unwrap();
+        let backend = ObjectStoreBackend::new(Arc::new(store), &format!("truthy-{}", std::process::id())).unwrap();
+        let backend = backend.with_identifier_names().with_conditional_uploads();
+        let k = ObjectKey::new("file").unwrap();
+        let mut up = backend.put_multipart_expect(&k, &UserMeta::default(), &Expect::Absent).await.unwrap();
+        up.put_part(Bytes::from_static(b"in blocks")).await.unwrap();
+        up.complete().await.unwrap();
+        assert_eq!(&backend.get(&k).await.unwrap().0[..], b"in blocks");
+    }
+
+    /// An Azure customer-provided key would not be on the block requests: the mount refuses it, naming it.
+    #[test]
+    fn a_customer_provided_key_is_refused() {
+        let b = MicrosoftAzureBuilder::new()
+            .with_account("a")
+            .with_access_key("a2V5")
+            .with_encryption_key("MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=");
+        let refused = build_with(b, "c", &S3Options::default(), &|_| None);
+        assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("AZURE_STORAGE_ENCRYPTION_KEY")), "{refused:?}");
+    }
+
+    /// Issue 13's review: a commit whose answer was lost is sent again, and the second try conflicts with the first
+    /// (its `If-Match` names the version the first one replaced). The upload finds its own blocks committed and
+    /// succeeds with the blob's ETag instead of reporting a lost race (which the filesystem would turn into EIO and
+    /// a conflict copy of data that is in the store).
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_found_applied() {
+        let container = std::env::var("S3CRYPTFS_TEST_AZURE_CONTAINER")
+            .expect("S3CRYPTFS_TEST_AZURE_CONTAINER is not set: run the tests with scripts/test.sh (starts Azurite)");
+        let azurite = std::env::var("AZURITE_BLOB_STORAGE_URL").unwrap_or_else(|_| "http://127.0.0.1:10000".into());
+        let proxy = LosingProxy::start(azurite.trim_start_matches("http://").to_string(), "comp=blocklist");
+        // Azurite's published development account (not a secret), reached through the proxy.
+        let key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+        let b = MicrosoftAzureBuilder::new().with_account("devstoreaccount1").with_access_key(key);
+        let endpoint = format!("http://{}/devstoreaccount1", proxy.addr);
+        let opts = S3Options { endpoint: Some(endpoint), ..S3Options::default() };
+        let store = build_with(b, &container, &opts, &|_| None).unwrap();
+        let prefix = format!("lost-answer-{}", std::process::id());
+        let backend = ObjectStoreBackend::new(Arc::new(store), &prefix).unwrap();
+        let backend = backend.with_identifier_names().with_conditional_uploads();
+        let k = ObjectKey::new("file").unwrap();
+        let meta = UserMeta { mode: Some(0o100644), ..UserMeta::default() };
+        let v1 = backend.put_expect(&k, Bytes::from_static(b"v1"), &meta, &Expect::Absent).await.unwrap();
+        let mut up = backend.put_multipart_expect(&k, &meta, &Expect::Etag(v1.etag.unwrap())).await.unwrap();
+        up.put_part(Bytes::from(vec![7u8; 1000])).await.unwrap();
+        up.put_part(Bytes::from(vec![8u8; 1000])).await.unwrap();
+        let done = up.complete().await;
+        assert_eq!(proxy.lost.load(std::sync::atomic::Ordering::SeqCst), 1, "the proxy lost no answer");
+        let info = done.expect("the commit was applied the first time");
+        let (body, now, _) = backend.get(&k).await.unwrap();
+        assert!(body[..1000].iter().all(|&x| x == 7) && body[1000..].iter().all(|&x| x == 8) && body.len() == 2000);
+        assert_eq!(now.etag, info.etag, "the ETag given is the blob's");
+    }
 
     #[test]
     fn a_sas_signature_never_reaches_an_error() {
