@@ -23,11 +23,11 @@
 //! - Block ids are a random number per upload and the block's index, so two uploads of one blob never mix blocks.
 //!   When a commit wins, Azure drops every other uncommitted block of the blob; an abort sends nothing, and blocks
 //!   of an upload that was given up or lost its race wait there until the next commit of the blob or a week.
-//! - Put Block is retried on 5xx, 429 and lost answers (the same block sent again is the same block); the commit
-//!   only when it surely did not arrive or Azure said 429/5xx. Either can still have been applied the first time
-//!   (an answer cut off, a 500 after the write), and then the second try conflicts with the first: a commit that
-//!   was sent twice and conflicts asks Azure for the blob's block list, and if it is exactly this upload's blocks
-//!   (their ids are its own), the commit had succeeded.
+//! - Put Block is retried on 5xx, 429 and lost answers (the same block sent again is the same block), the commit on
+//!   5xx, 429 and failures to connect or to send. A commit can still have been applied without its answer arriving
+//!   (a connection cut after the request, a 500 after the write), so a commit that was sent twice and conflicts, or
+//!   whose answer was lost, asks Azure for the blob's committed block list: if it is exactly this upload's blocks
+//!   (their ids are its own), the commit succeeded. Otherwise the failure stands, never a false success.
 //! - An Azure customer-provided key (`AZURE_STORAGE_ENCRYPTION_KEY`) is refused at mount: these requests would not
 //!   carry it.
 //! - Ranges of the object are not copied into an upload (Put Block From URL: Azurite, the emulator the tests run
@@ -130,22 +130,39 @@ fn build_with(
     let placeholder = AzureAccessKey::try_new(PLACEHOLDER_KEY).expect("invariant broken: the placeholder is base64");
     let placeholder: AzureCredentialProvider =
         Arc::new(StaticCredentialProvider::new(AzureCredential::AccessKey(placeholder)));
-    let urls = b.clone().with_credentials(placeholder).build().map_err(failed)?;
+    // (The emulator branch of object_store's build looks at an access key before anything else, the other branch at
+    // `with_credentials`: the placeholder is given both ways. Signing is never skipped there, or it would not sign.)
+    let urls = b
+        .clone()
+        .with_credentials(placeholder)
+        .with_access_key(PLACEHOLDER_KEY)
+        .with_config(AzureConfigKey::SkipSignature, "false")
+        .build()
+        .map_err(failed)?;
+    // AZURE_SKIP_SIGNATURE (a public container): object_store sends its requests unsigned, and so do these.
+    let sign = !b.get_config_value(&AzureConfigKey::SkipSignature).is_some_and(truthy);
     let client = b.build().map_err(failed)?;
     // As object_store's own client: plain http where the mount or AZURE_ALLOW_HTTP allows it, or to the emulator.
     let http_options = if emulator { co.with_allow_http(true) } else { co };
     let http = object_store::client::ReqwestConnector::default()
         .connect(&http_options)
         .map_err(|e| StoreError::invalid(format!("cannot build the HTTP client for Azure Blob Storage: {e}")))?;
-    Ok(AzureStore { client: client.clone(), blocks: Arc::new(Blocks { client, urls, account, http, limit }) })
+    Ok(AzureStore { client: client.clone(), blocks: Arc::new(Blocks { client, urls, account, sign, http, limit }) })
 }
 
 /// object_store's Azure client, with conditional uploads in parts of its own (see the module docs); everything else
 /// is the client's.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AzureStore {
     client: MicrosoftAzure,
     blocks: Arc<Blocks>,
+}
+
+/// Only the account and container: the client's own `Debug` shows its credential (an account key's bytes, a token).
+impl fmt::Debug for AzureStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AzureStore({})", self.client)
+    }
 }
 
 impl fmt::Display for AzureStore {
@@ -247,13 +264,21 @@ impl object_store::list::PaginatedListStore for AzureStore {
 /// Shared Key, bearer token or SAS token, as its own requests are), a client of the same configuration whose only
 /// credential is a placeholder key (its signed URLs, stripped of the signature, are blob URLs built exactly as
 /// object_store builds them, without a request), the account name, an HTTP client, and the mount's timeout.
-#[derive(Debug)]
 struct Blocks {
     client: MicrosoftAzure,
     urls: MicrosoftAzure,
     account: String,
+    /// False with `AZURE_SKIP_SIGNATURE`: requests go unsigned, as object_store's own then do.
+    sign: bool,
     http: HttpClient,
     limit: Duration,
+}
+
+/// As [`AzureStore`]'s: no credential.
+impl fmt::Debug for Blocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blocks({}, timeout {:?})", self.client, self.limit)
+    }
 }
 
 /// Why a block request failed.
@@ -327,7 +352,6 @@ impl Blocks {
     }
 
     async fn send_once(&self, path: &Path, r: &Request<'_>) -> Result<HttpResponse, Failure> {
-        let credential = self.client.credentials().get_credential().await.map_err(Failure::Credentials)?;
         let mut url = self.urls.signed_url(Method::PUT, path, SAS_LIFETIME).await.map_err(Failure::Credentials)?;
         url.set_query(None);
         url.query_pairs_mut().extend_pairs(r.query);
@@ -341,7 +365,10 @@ impl Blocks {
         let mut req = req
             .body(HttpRequestBody::from(r.body.clone()))
             .map_err(|e| Failure::Invalid(format!("{} of {path}: {e}", r.what)))?;
-        AzureAuthorizer::new(&credential, &self.account).try_authorize(&mut req).map_err(Failure::Credentials)?;
+        if self.sign {
+            let credential = self.client.credentials().get_credential().await.map_err(Failure::Credentials)?;
+            AzureAuthorizer::new(&credential, &self.account).try_authorize(&mut req).map_err(Failure::Credentials)?;
+        }
         let resp = self.http.execute(req).await.map_err(|e| Failure::Transport(redacted(e)))?;
         let status = resp.status();
         if status.is_success() {
@@ -364,8 +391,13 @@ impl Blocks {
         let resp = self.send(path, &req, true).await.0.ok()?;
         let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_string);
         let xml = body_text(resp, max_len).await;
-        let ids = xml.split("<Name>").skip(1).filter_map(|b| b.split("</Name>").next()).map(str::to_string).collect();
-        Some((ids, etag))
+        // Only a whole answer (a cut one could lack ids), and only the committed blocks' names.
+        if xml.len() >= max_len || !xml.trim_end().ends_with("</BlockList>") {
+            return None;
+        }
+        let committed = xml.split("<CommittedBlocks>").nth(1)?.split("</CommittedBlocks>").next()?;
+        let ids = committed.split("<Name>").skip(1).filter_map(|b| b.split("</Name>").next()).map(str::to_string);
+        Some((ids.collect(), etag))
     }
 }
 
@@ -471,12 +503,15 @@ impl MultipartUpload for BlockUpload {
         let resp = match self.blocks.send(&self.path, &req, false).await {
             (Ok(resp), _) => resp,
             (Err(f), retried) => {
+                // Sent, and its answer lost: the commit may have been applied.
+                let unanswered = matches!(&f, Failure::Transport(e) if e.kind() != HttpErrorKind::Connect);
                 let e = f.into_error(what, &self.path, Some(&self.mode));
                 use object_store::Error as E;
                 let conflict = matches!(e, E::Precondition { .. } | E::AlreadyExists { .. });
                 // A commit sent again after its answer was lost (or after a 5xx that Azure had applied anyway)
                 // conflicts with itself: the blob is then made of exactly this upload's blocks, whose ids are its own.
-                if !(retried && conflict) {
+                // (Not for an upload without blocks: a blob written whole by Put Blob has no committed blocks either.)
+                if !(retried && conflict || unanswered) || self.ids.is_empty() {
                     return Err(e);
                 }
                 let max_len = 4096 + 128 * self.ids.len();
@@ -560,8 +595,8 @@ mod tests {
     use crate::store::{Backend, Expect, ObjectKey, ObjectStoreBackend, UserMeta};
 
     /// A TCP proxy in front of Azurite that passes everything on both ways, except the answer to the first request
-    /// whose request line contains `lose`: that request reaches Azurite, and then the connection is closed before
-    /// any byte of its answer comes back.
+    /// whose request line contains `lose`: that request reaches Azurite, and once Azurite has begun to answer, the
+    /// connection is closed before any byte of the answer comes back.
     struct LosingProxy {
         addr: String,
         lost: Arc<std::sync::atomic::AtomicUsize>,
@@ -578,13 +613,17 @@ mod tests {
             std::thread::spawn(move || {
                 for client in listener.incoming().flatten() {
                     let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
-                    let swallow = Arc::new(AtomicBool::new(false));
+                    let (swallow, answered) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
                     let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
-                    let quiet = swallow.clone();
+                    let (quiet, heard) = (swallow.clone(), answered.clone());
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 64 << 10];
                         while let Ok(n) = from_server.read(&mut buf) {
-                            if n == 0 || (!quiet.load(Ordering::SeqCst) && to_client.write_all(&buf[..n]).is_err()) {
+                            if n > 0 && quiet.load(Ordering::SeqCst) {
+                                heard.store(true, Ordering::SeqCst);
+                                continue;
+                            }
+                            if n == 0 || to_client.write_all(&buf[..n]).is_err() {
                                 break;
                             }
                         }
@@ -623,7 +662,11 @@ mod tests {
                                 return;
                             }
                             if lose_this {
-                                std::thread::sleep(Duration::from_millis(500));
+                                // Azurite has applied the commit once its answer starts: only then is it cut off.
+                                let since = std::time::Instant::now();
+                                while !answered.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(20) {
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
                                 let _ = client.get_ref().shutdown(std::net::Shutdown::Both);
                                 let _ = server.shutdown(std::net::Shutdown::Both);
                                 return;
