@@ -147,27 +147,26 @@ fn build_with(
     let http = object_store::client::ReqwestConnector::default()
         .connect(&http_options)
         .map_err(|e| StoreError::invalid(format!("cannot build the HTTP client for Azure Blob Storage: {e}")))?;
-    Ok(AzureStore { client: client.clone(), blocks: Arc::new(Blocks { client, urls, account, sign, http, limit }) })
+    Ok(AzureStore { blocks: Arc::new(Blocks { client, urls, account, sign, http, limit }) })
 }
 
 /// object_store's Azure client, with conditional uploads in parts of its own (see the module docs); everything else
 /// is the client's.
 #[derive(Clone)]
 pub struct AzureStore {
-    client: MicrosoftAzure,
     blocks: Arc<Blocks>,
 }
 
 /// Only the account and container: the client's own `Debug` shows its credential (an account key's bytes, a token).
 impl fmt::Debug for AzureStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AzureStore({})", self.client)
+        write!(f, "AzureStore({})", self.blocks.client)
     }
 }
 
 impl fmt::Display for AzureStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.client.fmt(f)
+        self.blocks.client.fmt(f)
     }
 }
 
@@ -179,7 +178,7 @@ impl ObjectStore for AzureStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.client.put_opts(location, payload, opts).await
+        self.blocks.client.put_opts(location, payload, opts).await
     }
 
     async fn put_multipart_opts(
@@ -188,7 +187,7 @@ impl ObjectStore for AzureStore {
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         let Some(UploadCondition(mode)) = opts.extensions.get::<UploadCondition>().cloned() else {
-            return self.client.put_multipart_opts(location, opts).await;
+            return self.blocks.client.put_multipart_opts(location, opts).await;
         };
         if let PutMode::Update(v) = &mode {
             if v.e_tag.is_none() {
@@ -197,11 +196,13 @@ impl ObjectStore for AzureStore {
                 });
             }
         }
+        let url = self.blocks.blob_url(location).await.map_err(|f| f.into_error("an upload", location, None))?;
         let mut nonce = [0u8; 16];
         crate::crypto::secret::fill_random(&mut nonce);
         Ok(Box::new(BlockUpload {
             blocks: self.blocks.clone(),
             path: location.clone(),
+            url,
             nonce: u128::from_be_bytes(nonce),
             ids: Vec::new(),
             mode,
@@ -210,22 +211,22 @@ impl ObjectStore for AzureStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
-        self.client.get_opts(location, options).await
+        self.blocks.client.get_opts(location, options).await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
-        self.client.get_ranges(location, ranges).await
+        self.blocks.client.get_ranges(location, ranges).await
     }
 
     fn delete_stream(
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.client.delete_stream(locations)
+        self.blocks.client.delete_stream(locations)
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.client.list(prefix)
+        self.blocks.client.list(prefix)
     }
 
     fn list_with_offset(
@@ -233,19 +234,19 @@ impl ObjectStore for AzureStore {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.client.list_with_offset(prefix, offset)
+        self.blocks.client.list_with_offset(prefix, offset)
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.client.list_with_delimiter(prefix).await
+        self.blocks.client.list_with_delimiter(prefix).await
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
-        self.client.copy_opts(from, to, options).await
+        self.blocks.client.copy_opts(from, to, options).await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
-        self.client.rename_opts(from, to, options).await
+        self.blocks.client.rename_opts(from, to, options).await
     }
 }
 
@@ -256,7 +257,7 @@ impl object_store::list::PaginatedListStore for AzureStore {
         prefix: Option<&str>,
         opts: object_store::list::PaginatedListOptions,
     ) -> object_store::Result<object_store::list::PaginatedListResult> {
-        self.client.list_paginated(prefix, opts).await
+        self.blocks.client.list_paginated(prefix, opts).await
     }
 }
 
@@ -315,7 +316,7 @@ impl Blocks {
     /// `req` on `path`, within the mount's timeout, retries included (as `Deadline` bounds every other request).
     /// `repeatable`: the request may be sent again after an answer was lost (its effect is the same twice). The
     /// `bool` says whether it was sent more than once.
-    async fn send(&self, path: &Path, req: &Request<'_>, repeatable: bool) -> (Result<HttpResponse, Failure>, bool) {
+    async fn send(&self, url: &url::Url, req: &Request<'_>, repeatable: bool) -> (Result<HttpResponse, Failure>, bool) {
         let mut sent = 0;
         let attempts = async {
             let mut last = None;
@@ -324,7 +325,7 @@ impl Blocks {
                     tokio::time::sleep(Duration::from_millis(100 << (2 * (attempt - 1)))).await;
                 }
                 sent += 1;
-                let failure = match self.send_once(path, req).await {
+                let failure = match self.send_once(url, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(f) => f,
                 };
@@ -351,9 +352,15 @@ impl Blocks {
         (result, sent > 1)
     }
 
-    async fn send_once(&self, path: &Path, r: &Request<'_>) -> Result<HttpResponse, Failure> {
+    /// The blob's URL as object_store builds it (from the URL-only client, locally: see [`Blocks`]).
+    async fn blob_url(&self, path: &Path) -> Result<url::Url, Failure> {
         let mut url = self.urls.signed_url(Method::PUT, path, SAS_LIFETIME).await.map_err(Failure::Credentials)?;
         url.set_query(None);
+        Ok(url)
+    }
+
+    async fn send_once(&self, url: &url::Url, r: &Request<'_>) -> Result<HttpResponse, Failure> {
+        let mut url = url.clone();
         url.query_pairs_mut().extend_pairs(r.query);
         let mut req = http::Request::builder().method(r.method.clone()).uri(url.as_str());
         if r.method == Method::PUT {
@@ -364,7 +371,7 @@ impl Blocks {
         }
         let mut req = req
             .body(HttpRequestBody::from(r.body.clone()))
-            .map_err(|e| Failure::Invalid(format!("{} of {path}: {e}", r.what)))?;
+            .map_err(|e| Failure::Invalid(format!("{}: {e}", r.what)))?;
         if self.sign {
             let credential = self.client.credentials().get_credential().await.map_err(Failure::Credentials)?;
             AzureAuthorizer::new(&credential, &self.account).try_authorize(&mut req).map_err(Failure::Credentials)?;
@@ -380,7 +387,7 @@ impl Blocks {
 
     /// The ids of the blocks `path` is made of now and its ETag (Get Block List, an answer of at most `max_len` bytes
     /// read), or `None` if that cannot be had.
-    async fn committed(&self, path: &Path, max_len: usize) -> Option<(Vec<String>, Option<String>)> {
+    async fn committed(&self, url: &url::Url, max_len: usize) -> Option<(Vec<String>, Option<String>)> {
         let req = Request {
             method: Method::GET,
             what: "the block list (Get Block List)",
@@ -388,7 +395,7 @@ impl Blocks {
             headers: &[],
             body: PutPayload::new(),
         };
-        let resp = self.send(path, &req, true).await.0.ok()?;
+        let resp = self.send(url, &req, true).await.0.ok()?;
         let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_string);
         let xml = body_text(resp, max_len).await;
         // Only a whole answer (a cut one could lack ids), and only the committed blocks' names.
@@ -401,17 +408,9 @@ impl Blocks {
     }
 }
 
-/// An answer's body as text, at most `max_len` bytes of it (a hostile endpoint's endless one is cut off).
+/// An answer's body as text, at most `max_len` bytes of it.
 async fn body_text(resp: HttpResponse, max_len: usize) -> String {
-    let mut text = Vec::new();
-    let mut body = resp.into_body().bytes_stream();
-    while let Some(piece) = futures::StreamExt::next(&mut body).await {
-        match piece {
-            Ok(piece) if text.len() < max_len => text.extend_from_slice(&piece),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&text[..text.len().min(max_len)]).into_owned()
+    String::from_utf8_lossy(&super::read_capped(resp, max_len).await).into_owned()
 }
 
 impl Failure {
@@ -455,6 +454,8 @@ impl Failure {
 struct BlockUpload {
     blocks: Arc<Blocks>,
     path: Path,
+    /// The blob's URL, without authorisation.
+    url: url::Url,
     /// Random per upload: the first half of every block id.
     nonce: u128,
     /// The block ids so far, base64, in the blob's order.
@@ -469,12 +470,12 @@ impl MultipartUpload for BlockUpload {
         // Every id of a blob must have the same length: 32 + 10 characters before base64.
         let id = BASE64.encode(format!("{:032x}{:010}", self.nonce, self.ids.len()));
         self.ids.push(id.clone());
-        let (blocks, path) = (self.blocks.clone(), self.path.clone());
+        let (blocks, path, url) = (self.blocks.clone(), self.path.clone(), self.url.clone());
         async move {
             let what = "a block (Put Block)";
             let query = [("comp", "block"), ("blockid", id.as_str())];
             let req = Request { method: Method::PUT, what, query: &query, headers: &[], body: data };
-            match blocks.send(&path, &req, true).await.0 {
+            match blocks.send(&url, &req, true).await.0 {
                 Ok(_) => Ok(()),
                 Err(f) => Err(f.into_error(what, &path, None)),
             }
@@ -500,7 +501,7 @@ impl MultipartUpload for BlockUpload {
         let query = [("comp", "blocklist")];
         let body = PutPayload::from(Bytes::from(xml));
         let req = Request { method: Method::PUT, what, query: &query, headers: &headers, body };
-        let resp = match self.blocks.send(&self.path, &req, false).await {
+        let resp = match self.blocks.send(&self.url, &req, false).await {
             (Ok(resp), _) => resp,
             (Err(f), retried) => {
                 // Sent, and its answer lost: the commit may have been applied.
@@ -515,7 +516,7 @@ impl MultipartUpload for BlockUpload {
                     return Err(e);
                 }
                 let max_len = 4096 + 128 * self.ids.len();
-                match self.blocks.committed(&self.path, max_len).await {
+                match self.blocks.committed(&self.url, max_len).await {
                     Some((ids, e_tag)) if ids == self.ids && e_tag.is_some() => {
                         tracing::debug!(path = %self.path, "a commit sent again had been applied the first time");
                         return Ok(PutResult { e_tag, version: None, extensions: Default::default() });

@@ -498,15 +498,7 @@ impl Inner {
             if status.is_success() || (chunk && status == StatusCode::PERMANENT_REDIRECT) {
                 return Ok(resp);
             }
-            // An error body is short; a hostile endpoint's endless one is cut off.
-            let mut text = Vec::new();
-            let mut body_stream = resp.into_body().bytes_stream();
-            while let Some(piece) = body_stream.next().await {
-                match piece {
-                    Ok(piece) if text.len() < MAX_ERROR_BODY => text.extend_from_slice(&piece),
-                    _ => break,
-                }
-            }
+            let text = super::read_capped(resp, MAX_ERROR_BODY).await;
             let failure = Failure::Status {
                 status,
                 message: error_message(&text),

@@ -600,6 +600,22 @@ pub trait Upload: Send {
     async fn abort(self: Box<Self>) -> Result<(), StoreError>;
 }
 
+/// The body of an HTTP answer, at most `max_len` bytes of it: error answers are short, and a hostile endpoint's
+/// endless one is cut off (the raw requests of `gcs.rs` and `azure.rs`).
+pub(crate) async fn read_capped(resp: object_store::client::HttpResponse, max_len: usize) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut text = Vec::new();
+    let mut body = resp.into_body().bytes_stream();
+    while let Some(piece) = body.next().await {
+        match piece {
+            Ok(piece) if text.len() < max_len => text.extend_from_slice(&piece),
+            _ => break,
+        }
+    }
+    text.truncate(max_len);
+    text
+}
+
 /// Sort a listing so both backends return the same order.
 pub(crate) fn sort_listing(l: &mut Listing) {
     l.objects.sort_by(|a, b| a.key.cmp(&b.key));

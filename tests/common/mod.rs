@@ -65,6 +65,18 @@ impl Store {
         Store::S3 { endpoint, bucket }
     }
 
+    /// The store `kind` names (`local`: a directory in `env`; `s3`, `azure`, `gcs`: the shared test servers), for
+    /// `on_stores!`.
+    pub fn named(kind: &str, env: &Env) -> Store {
+        match kind {
+            "local" => Store::local(env.path()),
+            "s3" => Store::s3(),
+            "azure" => Store::azure(),
+            "gcs" => Store::gcs(),
+            other => panic!("no test store is called {other}"),
+        }
+    }
+
     /// A fresh prefix in the Azure test container (scripts/azurite.sh, started by scripts/test.sh).
     pub fn azure() -> Store {
         let container = std::env::var("S3CRYPTFS_TEST_AZURE_CONTAINER").unwrap_or_else(|_| {
@@ -719,38 +731,33 @@ pub fn s3ec_tool_ok(args: &[&str]) -> String {
     stdout
 }
 
+/// Runs test body `$name(&Env, &Store)` as `$name::<store>` for each store named (`local`, `s3`, `azure`, `gcs`: see
+/// [`Store::named`]), each test with an `Env` of its own.
+#[allow(unused_macros)]
+macro_rules! on_stores {
+    ($name:ident: $($store:ident),+) => {
+        mod $name {
+            use super::*;
+            $(
+                #[test]
+                fn $store() {
+                    let env = Env::new();
+                    let store = Store::named(stringify!($store), &env);
+                    super::$name(&env, &store);
+                }
+            )+
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_stores;
+
 /// Runs test body `$name(&Env, &Store)` on every store: as `$name::local` (the local store), `$name::s3` (the S3
 /// server), `$name::azure` (Azurite) and `$name::gcs` (fake-gcs-server). The name is from the time there were two.
 #[allow(unused_macros)] // not every test crate runs a body on both stores
 macro_rules! both {
     ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn local() {
-                let env = Env::new();
-                let store = Store::local(env.path());
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn s3() {
-                let env = Env::new();
-                let store = Store::s3();
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn azure() {
-                let env = Env::new();
-                let store = Store::azure();
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn gcs() {
-                let env = Env::new();
-                let store = Store::gcs();
-                super::$name(&env, &store);
-            }
-        }
+        crate::common::on_stores!($name: local, s3, azure, gcs);
     };
 }
 #[allow(unused_imports)] // not every test crate runs a body on both stores
@@ -761,21 +768,7 @@ pub(crate) use both;
 #[allow(unused_macros)]
 macro_rules! local_and_s3 {
     ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn local() {
-                let env = Env::new();
-                let store = Store::local(env.path());
-                super::$name(&env, &store);
-            }
-            #[test]
-            fn s3() {
-                let env = Env::new();
-                let store = Store::s3();
-                super::$name(&env, &store);
-            }
-        }
+        crate::common::on_stores!($name: local, s3);
     };
 }
 #[allow(unused_imports)]
