@@ -32,6 +32,8 @@
 #   rand_read   BENCH_READS (2,000) preads of 4 KiB at random 4 KiB-aligned offsets of the file, one reader (ops/s)
 #                                                                                    raw: one ranged GET per read
 #   rand_read8  the same reads split over 8 concurrent readers, each its own fd      raw: 8 tasks, one client
+#               (s3cryptfs with its default options: since 2026-12-05 a file read at random is fetched whole into
+#               the mount's scratch beside the journal; before, without cache_dir, each read was a GET)
 #   small_create  create BENCH_FILES (2,000) files of 4 KiB in one directory         raw: one PUT each
 #   small_list  readdir + lstat of each (what `ls -l` does, in-process)              raw: paged LIST
 #   small_read  read each file (after small_list, on the same mount)                 raw: one GET each

@@ -110,6 +110,10 @@ pub struct CacheConfig {
     pub disk_dir: Option<PathBuf>,
     /// `cache_disk_size`: its limit; `None`: a quarter of the free space there at mount, at most 64 GiB.
     pub disk_bytes: Option<u64>,
+    /// `scratch_size`: without `cache_dir`, the limit of the sealed scratch that takes objects fetched whole for a
+    /// random reader (src/cache/disk.rs); `Some(0)`: no scratch; `None`: a quarter of the free space under the
+    /// journal at mount, at most 16 GiB.
+    pub scratch_bytes: Option<u64>,
 }
 
 /// What `max_memory` adds to `cache_size` when it is not given: room for the largest read-ahead (64 MiB window, twice
@@ -134,6 +138,7 @@ impl Default for CacheConfig {
             max_memory: None,
             disk_dir: None,
             disk_bytes: None,
+            scratch_bytes: None,
         }
     }
 }
@@ -492,6 +497,18 @@ impl MountConfig {
                     }
                     cfg.cache.disk_bytes = Some(bytes)
                 }
+                "scratch_size" => {
+                    let v = need()?;
+                    let bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("'{v}' is not a size such as 4G, or 0 for no scratch"),
+                    })?;
+                    if bytes != 0 && bytes < 1 << 20 {
+                        let reason = format!("{v} is too small: give at least 1M, or 0 for no scratch");
+                        return Err(ConfigError::Invalid { name: name.into(), reason });
+                    }
+                    cfg.cache.scratch_bytes = Some(bytes)
+                }
                 "max_memory" => {
                     let v = need()?;
                     let bytes = parse_size(&v).ok_or_else(|| ConfigError::Invalid {
@@ -655,6 +672,14 @@ impl MountConfig {
                 reason: "cache_disk_size bounds the disk cache, which needs cache_dir=DIR".into(),
             });
         }
+        if cfg.cache.scratch_bytes.is_some() && cfg.cache.disk_dir.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "scratch_size".into(),
+                reason: "scratch_size bounds the scratch of a mount without cache_dir; with cache_dir the disk cache \
+                         takes what the scratch would (bound it with cache_disk_size)"
+                    .into(),
+            });
+        }
         if cfg.cache.disk_dir.is_some() && cfg.mode == EncryptionMode::CseKms && cfg.kms_key_id.is_none() {
             return Err(ConfigError::Invalid {
                 name: "cache_dir".into(),
@@ -710,6 +735,9 @@ mod tests {
         let want = (Some(std::path::Path::new("/var/cache/s3")), Some(20 << 30));
         assert_eq!((c.cache.disk_dir.as_deref(), c.cache.disk_bytes), want);
         assert_eq!(cfg("mode=none").unwrap().cache.disk_dir, None, "no disk cache unless asked");
+        assert_eq!(cfg("mode=none").unwrap().cache.scratch_bytes, None, "the scratch's default limit");
+        assert_eq!(cfg("mode=none,scratch_size=0").unwrap().cache.scratch_bytes, Some(0));
+        assert_eq!(cfg("mode=none,scratch_size=2G").unwrap().cache.scratch_bytes, Some(2 << 30));
     }
 
     #[test]
@@ -720,6 +748,9 @@ mod tests {
             ("mode=none,cache_dir=/c,cache_disk_size=100K", "at least 1M"),
             ("mode=none,cache_disk_size=1G", "needs cache_dir"),
             ("mode=cse-kms,ro,cache_dir=/c", "kms_key_id"),
+            ("mode=none,scratch_size=lots", "scratch_size"),
+            ("mode=none,scratch_size=100K", "at least 1M"),
+            ("mode=none,cache_dir=/c,scratch_size=1G", "with cache_dir"),
         ] {
             let e = cfg(opts).unwrap_err().to_string();
             assert!(e.contains(says), "{opts}: {e}");

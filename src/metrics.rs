@@ -27,11 +27,11 @@
 //! | `s3cryptfs_cache_misses_total` | counter | — | pages a read did not find there (fetched now, or by a read-ahead already in flight) |
 //! | `s3cryptfs_cache_bytes` | gauge | — | plaintext bytes held in the page cache (at most `cache_size`) |
 //! | `s3cryptfs_cache_evictions_total` | counter | — | pages dropped to stay within `cache_size` |
-//! | `s3cryptfs_disk_cache_hits_total` | counter | — | pages the disk cache (`cache_dir`) served, after the page cache missed |
+//! | `s3cryptfs_disk_cache_hits_total` | counter | — | pages the disk cache (`cache_dir`, or the scratch without it) served, after the page cache missed |
 //! | `s3cryptfs_disk_cache_misses_total` | counter | — | pages looked up in the disk cache and not found there (then fetched from the store) |
-//! | `s3cryptfs_disk_cache_bytes` | gauge | — | bytes the disk cache's entries take on disk, as counted against `cache_disk_size` |
+//! | `s3cryptfs_disk_cache_bytes` | gauge | — | bytes the disk cache's entries take on disk, as counted against `cache_disk_size` (`scratch_size`) |
 //! | `s3cryptfs_disk_cache_written_bytes_total` | counter | — | bytes of entries written to the disk cache |
-//! | `s3cryptfs_disk_cache_evictions_total` | counter | — | entries removed to stay within `cache_disk_size` or because the disk ran low |
+//! | `s3cryptfs_disk_cache_evictions_total` | counter | — | entries removed to stay within `cache_disk_size` (`scratch_size`) or because the disk ran low |
 //! | `s3cryptfs_disk_cache_dropped_total` | counter | — | entries found damaged, truncated, planted or sealed under another key, removed and fetched again |
 //! | `s3cryptfs_memory_metadata_bytes` | gauge | — | the filesystem's estimate of what its inode table, the listings held for open directories and the negative-lookup memo take of the `max_memory` budget (counted up to half of it; past that the table is trimmed) |
 //! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
@@ -828,9 +828,9 @@ fn describe() {
     describe_counter!(CACHE_MISSES, "Pages a read did not find in the page cache.");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Plaintext bytes held in the page cache.");
     describe_counter!(CACHE_EVICTIONS, "Pages evicted from the page cache to stay within its budget.");
-    describe_counter!(DISK_CACHE_HITS, "Pages the disk cache served.");
+    describe_counter!(DISK_CACHE_HITS, "Pages the disk cache (or the scratch) served.");
     describe_counter!(DISK_CACHE_MISSES, "Pages not found in the disk cache.");
-    describe_gauge!(DISK_CACHE_BYTES, Unit::Bytes, "Bytes the disk cache's entries take, as counted against cache_disk_size.");
+    describe_gauge!(DISK_CACHE_BYTES, Unit::Bytes, "Bytes the disk cache's (or scratch's) entries take, as counted against cache_disk_size (scratch_size).");
     describe_counter!(DISK_CACHE_WRITTEN_BYTES, Unit::Bytes, "Bytes of entries written to the disk cache.");
     describe_counter!(DISK_CACHE_EVICTIONS, "Disk cache entries removed to make room.");
     describe_counter!(DISK_CACHE_DROPPED, "Disk cache entries found damaged and removed.");

@@ -871,8 +871,27 @@ fn serve(
             crate::journal::JournalError::Kms(k) => anyhow::anyhow!("{k}"),
             other => anyhow::anyhow!("the write journal: {other}"),
         })?;
+    // One budget for the whole daemon: the page cache takes what the reservations of the read and write paths leave
+    // (src/memory). Installed for the process, so the upload path finds it too.
+    let memory = crate::memory::MemoryBudget::for_daemon(config.cache.max_memory());
+    crate::memory::install(memory.clone());
     let disk_cache = match &config.cache.disk_dir {
-        None => None,
+        None if config.cache.scratch_bytes == Some(0) => None,
+        // A random reader of a file too large for memory has it fetched whole into a sealed unnamed file beside the
+        // journal's, gone with the mount (src/cache/disk.rs).
+        None => match journal.scratch_file() {
+            Ok(file) => {
+                let at = journal.run_path();
+                let limit = config.cache.scratch_bytes;
+                let scratch = crate::cache::disk::DiskCache::scratch(file, at, &config.store_url, limit, &memory, aead);
+                tracing::info!(dir = %at.display(), limit = scratch.limit(), "scratch for random reads");
+                Some(Arc::new(scratch))
+            }
+            Err(e) => {
+                tracing::warn!(dir = %journal.run_path().display(), error = %e, "no scratch for random reads");
+                None
+            }
+        },
         Some(dir) => {
             use crate::cache::disk::{CacheKeying, DiskCache};
             // The journal's key source (even for a read-only mount, whose journal needs none): the customer key, a
@@ -911,13 +930,7 @@ fn serve(
     let fs = Fs::new(
         backend,
         codec,
-        {
-            // One budget for the whole daemon: the page cache takes what the reservations of the read and write
-            // paths leave (src/memory). Installed for the process, so the upload path finds it too.
-            let memory = crate::memory::MemoryBudget::for_daemon(config.cache.max_memory());
-            crate::memory::install(memory.clone());
-            PageCache::with_memory(config.cache.memory_bytes, memory)
-        },
+        PageCache::with_memory(config.cache.memory_bytes, memory),
         Arc::new(journal),
         FsConfig {
             uid: config.uid,

@@ -1,8 +1,9 @@
 //! Random reads through a real mount (issue 13): concurrent readers of one file reach the store together instead of
 //! queueing behind each other, a small file read randomly is fetched whole once, and a large one read randomly costs
-//! one chunk per read, never the file; a medium one goes whole into the disk cache, and a kill, an unlink or another
-//! mount's replacement of the file during that loses nothing and mixes no versions (a frozen store during it:
-//! tests/frozen.rs). Everything is counted through the metrics endpoint; nothing is timed.
+//! one chunk per read, never the file, where there is no disk cache or scratch; a medium one goes whole into the
+//! disk cache (or the scratch, without one), and a kill, an unlink or another mount's replacement of the file during
+//! that loses nothing and mixes no versions (a frozen store during it: tests/frozen.rs). Everything is counted
+//! through the metrics endpoint; nothing is timed.
 
 mod common;
 
@@ -24,8 +25,9 @@ fn eight_readers_have_eight_reads_in_flight() {
         std::fs::write(m.path("big"), &plain).unwrap();
     }
     let addr = free_metrics_addr();
-    // A small cache, so the file is far too large to be prefetched whole: every read goes to the store.
-    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}"), "cache_size=8M"]);
+    // A small cache and no scratch, so the file is not prefetched whole: every read goes to the store.
+    let opts = [&format!("metrics_addr={addr}"), "cache_size=8M", "scratch_size=0"];
+    let m = Mount::start_with(&env, &store, "cse-c", &opts);
     std::thread::scope(|s| {
         for r in 0..8u64 {
             let (path, plain) = (m.path("big"), &plain);
@@ -40,7 +42,8 @@ fn eight_readers_have_eight_reads_in_flight() {
 }
 
 /// A file small next to the cache, read at random, is fetched whole once in a few large GETs and then served from
-/// memory; a file too large for that, read at random, costs one chunk per read — never the file.
+/// memory; a file too large for that, read at random on a mount without a disk cache or scratch, costs one chunk per
+/// read — never the file.
 fn small_file_fetched_whole_large_file_chunk_by_chunk(env: &Env, store: &Store) {
     let small = pattern(6 << 20, 21);
     let large = pattern(24 << 20, 22);
@@ -51,7 +54,8 @@ fn small_file_fetched_whole_large_file_chunk_by_chunk(env: &Env, store: &Store) 
     }
     let addr = free_metrics_addr();
     // 32 MiB of cache: files up to 8 MiB are fetched whole, the 24 MiB one is not.
-    let m = Mount::start_with(env, store, "cse-c", &[&format!("metrics_addr={addr}"), "cache_size=32M"]);
+    let opts = [&format!("metrics_addr={addr}"), "cache_size=32M", "scratch_size=0"];
+    let m = Mount::start_with(env, store, "cse-c", &opts);
     let gets = "s3cryptfs_store_requests_total{kind=\"get_range\",outcome=\"ok\"}";
     let bytes = "s3cryptfs_store_read_bytes_total";
 
@@ -119,6 +123,89 @@ fn medium_file_fetched_whole_into_the_disk_cache(env: &Env, store: &Store) {
 }
 
 local_and_s3!(medium_file_fetched_whole_into_the_disk_cache);
+
+/// The daemon's scratch: the unnamed file it holds open in the staging directory under `staging`, read through its
+/// descriptor in /proc (the tests run as root; the daemon is not dumpable, so no other user could), if it has one.
+fn scratch_of(pid: u32, staging: &std::path::Path) -> Option<(String, Vec<u8>)> {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let fd = fd.ok()?.path();
+        let Ok(target) = std::fs::read_link(&fd) else { continue };
+        let target = target.to_string_lossy().into_owned();
+        if target.starts_with(&*staging.to_string_lossy()) && target.ends_with("(deleted)") {
+            return Some((target, std::fs::read(&fd).ok()?));
+        }
+    }
+    None
+}
+
+/// Regular files under `dir` and their sizes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let file = |p: std::path::PathBuf| {
+        let m = std::fs::symlink_metadata(&p).ok().filter(|m| m.is_file())?;
+        Some((p, m.len()))
+    };
+    walkdir(dir).into_iter().filter_map(file).collect()
+}
+
+/// Without `cache_dir`, a file too large for the page cache's share, read at random, is fetched whole into the
+/// scratch and later reads are served locally, as with a disk cache. The scratch is one file with no name in the
+/// staging directory, sealed (no page of the file in it), and nothing of it is left once the daemon is gone,
+/// killed (SIGKILL) in the middle of such a fetch included; the next mount reads every byte right.
+fn medium_file_fetched_whole_into_the_scratch(env: &Env, store: &Store) {
+    let plain = write_medium(env, store, 37);
+    let size = plain.len();
+    let staging = env.path().join("staging");
+    let addr = free_metrics_addr();
+    // A limit of its own, so the test does not depend on the free space of the disk it runs on (a quarter of it).
+    let opts = [&format!("metrics_addr={addr}"), "cache_size=32M", "scratch_size=256M"];
+    let m = Mount::start_with(env, store, "cse-c", &opts);
+    let bytes = "s3cryptfs_store_read_bytes_total";
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, MEDIUM_READS.into_iter());
+    let fetched = wait_for(&addr, bytes, size as f64);
+    assert!(fetched >= size as f64, "six random reads did not fetch the 48 MiB file whole: {fetched} bytes");
+    let kept = wait_for(&addr, "s3cryptfs_disk_cache_written_bytes_total", size as f64);
+    assert!(kept >= size as f64, "the file fetched whole is not in the scratch: {kept} bytes written there");
+    wait_idle(&addr);
+    assert!(fetched < 1.1 * size as f64, "48 MiB fetched as {fetched} bytes");
+    let in_memory = metric(&addr, "s3cryptfs_cache_bytes");
+    assert!(in_memory <= (4 << 20) as f64, "the file fetched whole went to the page cache: {in_memory} bytes there");
+    every_page_served_locally(&addr, &f, &plain, "reads of a file fetched whole into the scratch went to the store");
+
+    let (target, sealed) = scratch_of(m.pid(), &staging).expect("the daemon holds no unnamed file in staging");
+    assert!(sealed.len() >= size, "{target}: {} bytes for a 48 MiB file", sealed.len());
+    // 32 bytes at every MiB of the file, looked for at every offset of the scratch (by their first 8 first).
+    let marks: std::collections::HashMap<[u8; 8], usize> =
+        (0..size).step_by(1 << 20).map(|at| (plain[at..at + 8].try_into().unwrap(), at)).collect();
+    for (i, w) in sealed.windows(32).enumerate() {
+        if let Some(&at) = marks.get(&w[..8]) {
+            assert!(w != &plain[at..at + 32], "plaintext of offset {at} at {i} of {target}");
+        }
+    }
+    let big: Vec<_> = files_under(&staging).into_iter().filter(|(_, len)| *len >= 1 << 20).collect();
+    assert!(big.is_empty(), "the scratch has a name in the staging directory: {big:?}");
+    drop(f);
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // A kill in the middle of the next such fetch leaves nothing behind either. (The scratch has no name, so this
+    // guards against a change that gives it one.)
+    let addr = free_metrics_addr();
+    let opts = [&format!("metrics_addr={addr}"), "cache_size=32M", "scratch_size=256M"];
+    let m = Mount::start_with(env, store, "cse-c", &opts);
+    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the kill");
+    m.kill();
+    drop(f);
+    eprintln!("killed with {on_disk} of {size} bytes in the scratch");
+    let left: u64 = files_under(&staging).iter().map(|(_, len)| len).sum();
+    assert!(left < 1 << 20, "{left} bytes left in the staging directory by a daemon killed mid-fetch");
+    let m = Mount::start(env, store, "cse-c");
+    let f = std::fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&f, &plain, scattered_pages(size).step_by(7));
+    assert_bytes(std::fs::read(m.path("medium")).unwrap(), &plain, "the file after the kill");
+}
+
+local_and_s3!(medium_file_fetched_whole_into_the_scratch);
 
 /// A daemon killed (SIGKILL) while it fetches a file whole into the disk cache for a random reader: the next mount
 /// over the same cache leaves nothing half written there, serves every byte right (an entry appears only once written

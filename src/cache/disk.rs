@@ -1,12 +1,13 @@
 //! The disk cache (`-o cache_dir=DIR`): pages of objects kept on local disk, sealed, bounded, and reused after a
-//! remount.
+//! remount; and, for a mount without one, its scratch (below).
 //!
 //! Why: re-reading a large file after a remount, or a working set larger than memory, should not cost the store
 //! requests again; and a cache must not be the place where plaintext of file contents rests on disk (rclone's,
 //! s3fs's and mountpoint-s3's caches keep it in the clear) or grow past its limit.
 //!
 //! Where it sits: below the page cache. A read that misses the page cache looks here before it fetches from the
-//! store, and every page fetched from the store is written here on the way back (in the background, within the
+//! store, and (in a cache directory; the scratch takes only whole-object fetches) every page fetched from the store
+//! is written here on the way back (in the background, within the
 //! memory budget; a page that finds no room is simply not cached). Entries are keyed like the page cache, by the
 //! object's key, its ETag and the page index, so a changed object is never served from its old pages.
 //!
@@ -26,6 +27,15 @@
 //! is reserved (least recently used entries removed first) before an entry is written. When the filesystem under the
 //! cache has less than 5 % (at most 1 GiB) free, entries are removed until it has, and nothing is written while it
 //! cannot. The recency order lives in memory; a start orders what it finds by modification time.
+//!
+//! The scratch: a mount without `cache_dir` still should not pay a GET per read for a file read at random that is too
+//! large for memory (s3fs keeps a plaintext copy of every file it reads in its tmpdir). It gets one file with no name
+//! in the write journal's run directory, in slots of [`SLOT`] bytes, entries sealed as above under a random key made
+//! at mount; the index (name → slot) is in memory, counted in the memory budget. It takes only whole-object fetches
+//! (`read`), nothing outlives the daemon, a kill included, and a slot that is evicted or dropped is punched out of
+//! the file before it is given out again. An entry being written owns its slot until it is done, so no read meets a
+//! half-written one. It shares its disk with the write journal, so it keeps free what the journal needs (a quarter
+//! of the disk, at most 1 GiB, rather than 5 %) and gives room back when the journal finds the disk low.
 //!
 //! Damage: an entry that does not open (edited, truncated, planted, moved from another page, sealed under another
 //! key, not ours, a symlink) is logged, removed and counted as a miss: the page is fetched from the store. A cache
@@ -48,9 +58,10 @@ use zeroize::Zeroizing;
 use crate::cache::page::PageBuf;
 use crate::crypto::diskcache::{CacheKeys, EntryId, EntrySealer, ENTRY_OVERHEAD};
 use crate::crypto::hex::{hex, unhex};
-use crate::crypto::AeadBackend;
+use crate::crypto::{AeadBackend, CHUNK_PLAIN_LEN};
 use crate::journal::dir::{try_lock, Dir, TrustError};
 use crate::kms::{KmsClient, KmsError};
+use crate::memory::{MemoryBudget, Reservation};
 
 /// Entries are counted in blocks of this size (what a 64 KiB entry takes on ext4, xfs or btrfs).
 const BLOCK: u64 = 4096;
@@ -66,12 +77,22 @@ const MAX_DAMAGE_LOGS: u64 = 20;
 /// Default limit: this share of the free space at mount, at most [`DEFAULT_MAX`].
 const DEFAULT_SHARE: u64 = 4;
 const DEFAULT_MAX: u64 = 64 << 30;
+/// The scratch's default limit, at most (with [`DEFAULT_SHARE`] of the free space): objects up to 1 GiB are then
+/// fetched whole there for a random reader (a quarter of the limit, `read`), and its index takes about 15 MiB.
+pub const SCRATCH_DEFAULT_MAX: u64 = 4 << 30;
+/// Memory an entry of the index takes, at most (its name, the recency list's node, the hash table's share), counted
+/// against `max_memory` for the scratch, whose index every default mount has.
+const INDEX_BYTES_PER_ENTRY: u64 = 256;
+/// The share of the memory budget the scratch's index may take: the limit shrinks to fit.
+const INDEX_SHARE_OF_BUDGET: u64 = 8;
+/// A scratch slot: the largest entry (a 64 KiB page sealed), in whole blocks.
+const SLOT: u64 = (CHUNK_PLAIN_LEN + ENTRY_OVERHEAD as u64).div_ceil(BLOCK) * BLOCK;
 
 /// What [`DiskCache::evict_for`] found for an entry about to be written.
 #[derive(Debug, PartialEq, Eq)]
 enum Room {
-    /// Room made and reserved for it.
-    Made,
+    /// Room made and reserved for it, under this reservation number ([`Kept::reservation`]).
+    Made(u64),
     /// No room, even with the cache empty (or the disk below its reserve).
     None,
     /// The entry is there already, or being written by another read.
@@ -120,13 +141,63 @@ struct Header {
     kms_blob: Option<String>,
 }
 
+/// An entry of the index.
+struct Kept {
+    /// Bytes counted for it.
+    size: u64,
+    /// The scratch: its slot, once written whole (an entry being written owns its slot until it is done, and has
+    /// none here meanwhile). Always `None` in a cache directory.
+    slot: Option<u64>,
+    /// Which reservation made it: a writer finishes only the reservation it made, not one made for the same page
+    /// after its own was evicted.
+    reservation: u64,
+}
+
 struct State {
-    /// Entry name → bytes counted for it. Reserved before the entry is written.
-    lru: LruCache<String, u64>,
+    /// Entry name → what is kept for it. Reserved before the entry is written.
+    lru: LruCache<String, Kept>,
     used: u64,
     written: u64,
     evicted: u64,
     dropped: u64,
+    reservations: u64,
+    /// The scratch's slots no entry or writer holds, to be given out before new ones.
+    free: Vec<u64>,
+    /// Slots given out so far: the next new slot.
+    next_slot: u64,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            lru: LruCache::unbounded(),
+            used: 0,
+            written: 0,
+            evicted: 0,
+            dropped: 0,
+            reservations: 0,
+            free: Vec::new(),
+            next_slot: 0,
+        }
+    }
+
+    /// A slot for an entry about to be written to the scratch.
+    fn take_slot(&mut self) -> u64 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next_slot += 1;
+            self.next_slot - 1
+        })
+    }
+}
+
+/// Where the entries are kept.
+enum Place {
+    /// A cache directory (`cache_dir=`): a file per entry, reused by the next mount.
+    Dir { dir: Dir, _lock: File },
+    /// The scratch (no `cache_dir=`): slots of [`SLOT`] bytes in one unnamed file of the write journal's run
+    /// directory, sealed under a key that exists only in this process. Nothing outlives the mount, a crash included;
+    /// only whole-object fetches for random readers are kept there (see [`DiskCache::keeps_every_read`]).
+    Scratch { file: File, at: PathBuf },
 }
 
 /// Counters for tests and the benchmark.
@@ -140,8 +211,9 @@ pub struct DiskCacheStats {
 }
 
 pub struct DiskCache {
-    dir: Dir,
-    _lock: File,
+    place: Place,
+    /// The scratch's index, counted in the memory budget for as long as the mount lives.
+    _index: Option<Reservation>,
     keys: CacheKeys,
     sealer: EntrySealer,
     limit: u64,
@@ -253,46 +325,96 @@ impl DiskCache {
             Some(l) => l,
             None => space(dir.path()).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(DEFAULT_MAX)),
         };
-        let cache = DiskCache {
-            sealer: keys.sealer(),
-            keys,
-            limit,
-            state: Mutex::new(State { lru: LruCache::unbounded(), used: 0, written: 0, evicted: 0, dropped: 0 }),
-            damage_logs: AtomicU64::new(0),
-            io_warned: AtomicBool::new(false),
-            reported: Mutex::new((0, 0, 0)),
-            _lock: lock_file,
-            dir,
-        };
-        if !same_key && header.is_some() {
-            tracing::info!(dir = %cache.dir.path().display(), "the disk cache was sealed under another key; it starts empty");
-        }
-        cache.scan(same_key).map_err(io_at(cache.dir.path()))?;
+        let path = dir.path().to_path_buf();
         let text = serde_json::to_vec(&Header { version: HEADER_VERSION, check, kms_key_id, kms_blob })
-            .map_err(|e| io_at(cache.dir.path())(io::Error::other(e)))?;
-        cache.dir.write_file(HEADER, &text).map_err(io_at(cache.dir.path()))?;
+            .map_err(|e| io_at(&path)(io::Error::other(e)))?;
+        let cache = DiskCache::with_place(Place::Dir { dir, _lock: lock_file }, keys, limit);
+        if !same_key && header.is_some() {
+            tracing::info!(dir = %path.display(), "the disk cache was sealed under another key; it starts empty");
+        }
+        cache.scan(same_key).map_err(io_at(&path))?;
+        if let Some(dir) = cache.dir() {
+            dir.write_file(HEADER, &text).map_err(io_at(&path))?;
+        }
         cache.make_room(0);
         cache.report_delta();
         Ok(cache)
     }
 
+    /// The scratch of a mount without a cache directory: `file`, a new unnamed file (made in `at`, the write
+    /// journal's run directory), bounded by `limit` bytes (default: a quarter of the free space there, at most
+    /// [`SCRATCH_DEFAULT_MAX`]) and by what its index may take of `memory` (an eighth of it, reserved now), its
+    /// entries sealed under a random key that never leaves this process.
+    pub fn scratch(
+        file: File,
+        at: &Path,
+        store: &str,
+        limit: Option<u64>,
+        memory: &Arc<MemoryBudget>,
+        aead: AeadBackend,
+    ) -> DiskCache {
+        let mut root = Zeroizing::new([0u8; 32]);
+        crate::crypto::secret::fill_random(&mut root[..]);
+        let keys = CacheKeys::derive(&root, store, aead);
+        drop(root);
+        let limit = limit
+            .unwrap_or_else(|| space(at).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(SCRATCH_DEFAULT_MAX)));
+        let entries = (limit / SLOT).min(memory.limit() / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY);
+        let index = memory.try_reserve(entries * INDEX_BYTES_PER_ENTRY);
+        let limit = if index.is_some() { entries * SLOT } else { 0 };
+        let mut cache = DiskCache::with_place(Place::Scratch { file, at: at.to_path_buf() }, keys, limit);
+        cache._index = index;
+        cache.report_delta();
+        cache
+    }
+
+    fn with_place(place: Place, keys: CacheKeys, limit: u64) -> DiskCache {
+        DiskCache {
+            _index: None,
+            sealer: keys.sealer(),
+            keys,
+            limit,
+            state: Mutex::new(State::new()),
+            damage_logs: AtomicU64::new(0),
+            io_warned: AtomicBool::new(false),
+            reported: Mutex::new((0, 0, 0)),
+            place,
+        }
+    }
+
+    /// The cache directory, unless this is the scratch.
+    fn dir(&self) -> Option<&Dir> {
+        match &self.place {
+            Place::Dir { dir, .. } => Some(dir),
+            Place::Scratch { .. } => None,
+        }
+    }
+
+    /// Whether every page read from the store is kept here (a cache directory), or only whole-object fetches for
+    /// random readers (the scratch: a sequential reader would pay a disk write per page for pages it never reads
+    /// again, and nothing here outlives the mount).
+    pub fn keeps_every_read(&self) -> bool {
+        matches!(self.place, Place::Dir { .. })
+    }
+
     /// Takes stock of the entries left by earlier mounts (all removed unless `keep`), oldest first in the recency
     /// order; removes what a dead daemon left half written and anything that is not ours.
     fn scan(&self, keep: bool) -> io::Result<()> {
+        let Some(dir) = self.dir() else { return Ok(()) };
         let mut found = Vec::new();
-        for name in self.dir.entries()? {
+        for name in dir.entries()? {
             if name == LOCK || name == HEADER {
                 continue;
             }
             if !keep || !is_entry_name(&name) {
                 if is_entry_name(&name) || name.ends_with(".tmp") {
-                    let _ = self.dir.remove(&name);
+                    let _ = dir.remove(&name);
                 } else {
-                    tracing::warn!(dir = %self.dir.path().display(), name, "a file that is not a cache entry is in the disk cache's directory; left alone");
+                    tracing::warn!(dir = %dir.path().display(), name, "a file that is not a cache entry is in the disk cache's directory; left alone");
                 }
                 continue;
             }
-            match self.dir.open_file(&name, false) {
+            match dir.open_file(&name, false) {
                 Ok(Some(f)) => {
                     let meta = f.metadata()?;
                     found.push((meta.mtime(), meta.mtime_nsec(), name, counted(meta.len())));
@@ -300,7 +422,7 @@ impl DiskCache {
                 Ok(None) => {}
                 Err(e) => {
                     self.damaged(&name, &e.to_string());
-                    let _ = self.dir.remove(&name);
+                    let _ = dir.remove(&name);
                 }
             }
         }
@@ -308,7 +430,9 @@ impl DiskCache {
         let mut st = lock(&self.state);
         for (_, _, name, size) in found {
             st.used += size;
-            st.lru.put(name, size);
+            st.reservations += 1;
+            let reservation = st.reservations;
+            st.lru.put(name, Kept { size, slot: None, reservation });
         }
         Ok(())
     }
@@ -317,8 +441,12 @@ impl DiskCache {
         self.limit
     }
 
+    /// The cache directory, or where the scratch was made.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        match &self.place {
+            Place::Dir { dir, .. } => dir.path(),
+            Place::Scratch { at, .. } => at,
+        }
     }
 
     pub fn stats(&self) -> DiskCacheStats {
@@ -330,15 +458,15 @@ impl DiskCache {
     fn damaged(&self, name: &str, why: &str) {
         let n = self.damage_logs.fetch_add(1, Ordering::Relaxed);
         if n < MAX_DAMAGE_LOGS {
-            tracing::warn!(dir = %self.dir.path().display(), entry = name, why, "a disk cache entry is damaged or not ours; removed, the page is fetched from the store");
+            tracing::warn!(dir = %self.path().display(), entry = name, why, "a disk cache entry is damaged or not ours; removed, the page is fetched from the store");
         } else if n == MAX_DAMAGE_LOGS {
-            tracing::warn!(dir = %self.dir.path().display(), "more damaged disk cache entries; no longer logged (see s3cryptfs_disk_cache_dropped_total)");
+            tracing::warn!(dir = %self.path().display(), "more damaged disk cache entries; no longer logged (see s3cryptfs_disk_cache_dropped_total)");
         }
     }
 
     fn io_failed(&self, what: &str, e: &io::Error) {
         if !self.io_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(dir = %self.dir.path().display(), error = %e, what, "the disk cache cannot be written; reads go to the store (logged once)");
+            tracing::warn!(dir = %self.path().display(), error = %e, what, "the disk cache cannot be written; reads go to the store (logged once)");
         }
     }
 
@@ -362,8 +490,23 @@ impl DiskCache {
     /// buffer of its own. Blocking file I/O: every entry is opened and its read asked for ahead
     /// (`POSIX_FADV_WILLNEED`) before the first is read, so a run of pages no longer in the system's page cache is
     /// read from the disk in parallel, not one after the other.
-    pub fn get_many(&self, pages: &[(EntryId, usize)], mut hit: impl FnMut(usize, Bytes)) {
+    pub fn get_many(&self, pages: &[(EntryId, usize)], hit: impl FnMut(usize, Bytes)) {
         let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
+        match &self.place {
+            Place::Dir { dir, .. } => self.get_files(dir, pages, &names, hit),
+            Place::Scratch { file, .. } => self.get_slots(file, pages, &names, hit),
+        }
+    }
+
+    /// Whether any page of `pages` has an entry (not whether it still opens). No I/O; not a use.
+    pub fn contains_any(&self, pages: &[EntryId]) -> bool {
+        let names: Vec<String> = pages.iter().map(|id| self.keys.entry_name(id)).collect();
+        let st = lock(&self.state);
+        names.iter().any(|n| st.lru.contains(n))
+    }
+
+    /// [`DiskCache::get_many`] from a cache directory.
+    fn get_files(&self, dir: &Dir, pages: &[(EntryId, usize)], names: &[String], mut hit: impl FnMut(usize, Bytes)) {
         let known: Vec<bool> = {
             let mut st = lock(&self.state);
             names.iter().map(|n| st.lru.get(n).is_some()).collect()
@@ -375,7 +518,7 @@ impl DiskCache {
                 if !known {
                     return None;
                 }
-                match self.dir.open_file(name, false) {
+                match dir.open_file(name, false) {
                     Ok(Some(f)) => {
                         // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
                         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
@@ -411,17 +554,71 @@ impl DiskCache {
         }
     }
 
+    /// [`DiskCache::get_many`] from the scratch: each entry written whole is read from its slot (all of them asked
+    /// for ahead first, as from a directory).
+    fn get_slots(&self, file: &File, pages: &[(EntryId, usize)], names: &[String], mut hit: impl FnMut(usize, Bytes)) {
+        use std::os::unix::fs::FileExt;
+        let slots: Vec<Option<u64>> = {
+            let mut st = lock(&self.state);
+            names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
+        };
+        for (slot, (_, len)) in slots.iter().zip(pages) {
+            if let Some(slot) = slot {
+                let (at, len) = ((slot * SLOT) as libc::off_t, (len + ENTRY_OVERHEAD) as libc::off_t);
+                // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
+            }
+        }
+        let mut stored = Vec::new();
+        for (i, slot) in slots.into_iter().enumerate() {
+            let Some(slot) = slot else { continue };
+            let (id, len) = &pages[i];
+            stored.resize(len + ENTRY_OVERHEAD, 0);
+            if let Err(e) = file.read_exact_at(&mut stored, slot * SLOT) {
+                self.drop_entry(&names[i], &e.to_string());
+                continue;
+            }
+            let mut page = PageBuf::for_len(*len);
+            if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
+                self.drop_entry(&names[i], "it does not authenticate as this page");
+                continue;
+            }
+            hit(i, page.freeze());
+        }
+    }
+
+    /// Gives the scratch's `slots` back: their blocks to the filesystem (holes), then the slots to the next entries.
+    /// Each slot is held by no entry and no writer by now, and is punched before it can be given out again. Not
+    /// under the state's lock: an eviction of thousands of slots does not hold up every lookup meanwhile.
+    fn free_slots(&self, slots: &[u64]) {
+        let Place::Scratch { file, .. } = &self.place else { return };
+        if slots.is_empty() {
+            return;
+        }
+        for slot in slots {
+            let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: a range of an open descriptor. If the filesystem cannot make holes the blocks stay allocated
+            // (the limit still holds: a slot is reused before the file grows).
+            unsafe { libc::fallocate(file.as_raw_fd(), flags, (slot * SLOT) as libc::off_t, SLOT as libc::off_t) };
+        }
+        lock(&self.state).free.extend_from_slice(slots);
+    }
+
     /// Drops a damaged entry: once, by the first of the reads that found it so (a read and the read-ahead may both
     /// have opened it); for the others it is gone from the index already, perhaps written anew, and left alone.
     fn drop_entry(&self, name: &str, why: &str) {
-        {
+        let slot = {
             let mut st = lock(&self.state);
-            let Some(size) = st.lru.pop(name) else { return };
-            st.used -= size;
+            let Some(kept) = st.lru.pop(name) else { return };
+            st.used -= kept.size;
             st.dropped += 1;
-        }
+            kept.slot
+        };
+        self.free_slots(slot.as_slice());
         self.damaged(name, why);
-        let _ = self.dir.remove(name);
+        if let Some(dir) = self.dir() {
+            let _ = dir.remove(name);
+        }
         self.report_delta();
     }
 
@@ -433,35 +630,62 @@ impl DiskCache {
             return true;
         }
         let sealed = self.keys.seal(&self.sealer, id, plain);
-        let size = counted(sealed.len() as u64);
+        let size = match self.place {
+            Place::Dir { .. } => counted(sealed.len() as u64),
+            Place::Scratch { .. } if sealed.len() as u64 <= SLOT => SLOT,
+            Place::Scratch { .. } => return false,
+        };
         if size > self.limit {
             return false;
         }
-        match self.reserve(&name, size) {
+        let reservation = match self.reserve(&name, size) {
             Room::Taken => return true,
             Room::None => return false,
-            Room::Made => {}
-        }
-        let written = match self.dir.write_new(&name, &sealed) {
-            // Written meanwhile by another read of the same page.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            other => other,
+            Room::Made(reservation) => reservation,
+        };
+        let (written, slot) = match &self.place {
+            Place::Dir { dir, .. } => match dir.write_new(&name, &sealed) {
+                // Written meanwhile by another read of the same page.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (Ok(()), None),
+                other => (other, None),
+            },
+            Place::Scratch { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                let slot = lock(&self.state).take_slot();
+                (file.write_all_at(&sealed, slot * SLOT), Some(slot))
+            }
         };
         let mut st = lock(&self.state);
+        // Still this write's own reservation (not evicted meanwhile, nor evicted and made again by another write).
+        let ours = st.lru.peek(&name).is_some_and(|k| k.reservation == reservation);
         match written {
-            Ok(()) if st.lru.contains(&name) => st.written += sealed.len() as u64,
-            // Evicted by another writer while it was being written: its file may have been removed before ours
-            // landed, so ours goes now.
+            Ok(()) if ours => {
+                st.written += sealed.len() as u64;
+                if let Some(kept) = st.lru.peek_mut(&name) {
+                    kept.slot = slot;
+                }
+            }
+            // Evicted while it was being written: in a directory its file may have been removed before ours landed
+            // (unless another write of the page made it again: then that one's file is there), in the scratch the
+            // slot is ours alone; either way ours goes now.
             Ok(()) => {
+                let other = st.lru.contains(&name);
                 drop(st);
-                let _ = self.dir.remove(&name);
+                match self.dir() {
+                    Some(dir) if !other => {
+                        let _ = dir.remove(&name);
+                    }
+                    _ => self.free_slots(slot.as_slice()),
+                }
                 return false;
             }
             Err(e) => {
-                if st.lru.pop(&name).is_some() {
+                if ours {
+                    st.lru.pop(&name);
                     st.used -= size;
                 }
                 drop(st);
+                self.free_slots(slot.as_slice());
                 self.io_failed("writing an entry", &e);
                 return false;
             }
@@ -482,12 +706,20 @@ impl DiskCache {
         self.evict_for(extra, None);
     }
 
+    /// Removes entries until the disk has its reserve free again: for the write journal, when the disk they share
+    /// runs low (blocking file I/O).
+    pub fn give_room(&self) {
+        self.make_room(0);
+        self.report_delta();
+    }
+
     /// Evicts least recently used entries until `size` more bytes fit within the limit and the disk's reserve; then,
     /// if `name` is given, reserves them for it ([`Room`] says which happened).
     fn evict_for(&self, size: u64, name: Option<&str>) -> Room {
         let low = self.low_space(size);
         let mut victims = Vec::new();
-        let fits = {
+        let mut slots = Vec::new();
+        let made = {
             let mut st = lock(&self.state);
             // Two reads of one page (a read and a whole-object fetch) may both get here: the first one writes it, and
             // the entry is counted once.
@@ -496,32 +728,41 @@ impl DiskCache {
             }
             let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
             while need > 0 {
-                let Some((victim, vsize)) = st.lru.pop_lru() else { break };
-                st.used -= vsize;
+                let Some((victim, kept)) = st.lru.pop_lru() else { break };
+                st.used -= kept.size;
                 st.evicted += 1;
-                need = need.saturating_sub(vsize);
+                need = need.saturating_sub(kept.size);
+                slots.extend(kept.slot);
                 victims.push(victim);
             }
-            if let (0, Some(name)) = (need, name) {
-                st.used += size;
-                st.lru.put(name.to_string(), size);
+            match (need, name) {
+                (0, Some(name)) => {
+                    st.used += size;
+                    st.reservations += 1;
+                    let reservation = st.reservations;
+                    st.lru.put(name.to_string(), Kept { size, slot: None, reservation });
+                    Room::Made(reservation)
+                }
+                (0, None) => Room::Made(0),
+                _ => Room::None,
             }
-            need == 0
         };
-        for v in &victims {
-            let _ = self.dir.remove(v);
+        if let Some(dir) = self.dir() {
+            for v in &victims {
+                let _ = dir.remove(v);
+            }
         }
-        if fits {
-            Room::Made
-        } else {
-            Room::None
-        }
+        self.free_slots(&slots);
+        made
     }
 
-    /// Bytes to free so that the disk keeps its reserve (5 % of it, at most 1 GiB) after `size` more are written.
+    /// Bytes to free so that the disk keeps its reserve after `size` more are written: 5 % of it, at most 1 GiB;
+    /// for the scratch, which shares its disk with the write journal, what the journal needs not to run low (a
+    /// quarter of it, at most 1 GiB: `Journal::low_on_space`).
     fn low_space(&self, size: u64) -> u64 {
-        let Some((free, total)) = space(self.dir.path()) else { return 0 };
-        let reserve = (total / 20).min(1 << 30);
+        let Some((free, total)) = space(self.path()) else { return 0 };
+        let share = if self.keeps_every_read() { 20 } else { 4 };
+        let reserve = (total / share).min(1 << 30);
         (reserve + size).saturating_sub(free)
     }
 
@@ -578,6 +819,159 @@ mod tests {
             .filter(|m| m.is_file())
             .map(|m| m.blocks() * 512)
             .sum()
+    }
+
+    /// A scratch in a new directory of `tmp` (made as the journal makes it), bounded by `limit`, with a second
+    /// descriptor of its file for the test to look at and damage it.
+    fn scratch(tmp: &Path, limit: u64) -> (DiskCache, File) {
+        let dir = Dir::open_base(&tmp.join("run")).unwrap();
+        let file = dir.unnamed_file().unwrap();
+        let peek = file.try_clone().unwrap();
+        let memory = MemoryBudget::unlimited();
+        (DiskCache::scratch(file, dir.path(), "s3://bucket/p", Some(limit), &memory, AeadBackend::AwsLc), peek)
+    }
+
+    /// With no write under way, every slot given out is held by exactly one entry or is free: none lost, none
+    /// shared.
+    fn slots_accounted(c: &DiskCache) {
+        let st = lock(&c.state);
+        let mut all: Vec<u64> = st.lru.iter().filter_map(|(_, k)| k.slot).chain(st.free.iter().copied()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..st.next_slot).collect::<Vec<_>>(), "slots lost or shared");
+    }
+
+    fn contents(f: &File) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut all = vec![0u8; f.metadata().unwrap().len() as usize];
+        f.read_exact_at(&mut all, 0).unwrap();
+        all
+    }
+
+    /// The scratch keeps pages in one file that has no name (the directory stays empty) and holds no plaintext; they
+    /// come back byte for byte; it keeps only what whole-object fetches put there.
+    #[tokio::test]
+    async fn scratch_pages_come_back_from_a_file_without_a_name_or_plaintext() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, peek) = scratch(tmp.path(), 16 << 20);
+        assert!(!c.keeps_every_read());
+        let mut short = page(9);
+        short.truncate(1000);
+        for i in 0..8 {
+            assert!(c.put(&id("f", i), &page(i as u8)));
+        }
+        assert!(c.put(&id("g", 0), &short));
+        for i in 0..8 {
+            assert_eq!(get(&c, &id("f", i)), Some(page(i as u8)), "page {i}");
+        }
+        let mut out = Vec::new();
+        assert!(c.get(&id("g", 0), 1000, &mut out));
+        assert_eq!(out, short);
+        assert_eq!(get(&c, &id("f", 8)), None);
+        assert!(c.contains_any(&[id("h", 0), id("f", 3)]) && !c.contains_any(&[id("h", 0), id("f", 9)]));
+        assert_eq!(std::fs::read_dir(c.path()).unwrap().count(), 0, "the scratch has a name");
+        let all = contents(&peek);
+        assert!(all.len() as u64 > 8 * SLOT, "{} bytes in the scratch for 9 entries", all.len());
+        assert!(!all.windows(16).any(|w| w == b"PLAINTEXT-MARKER"), "plaintext in the scratch");
+        assert_eq!(peek.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(c.stats().entries, 9);
+    }
+
+    /// The scratch's limit holds after every write, least recently used pages go first, their slots are reused
+    /// rather than the file growing, and their blocks go back to the filesystem.
+    #[tokio::test]
+    async fn the_scratch_keeps_its_limit_reuses_slots_and_gives_blocks_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limit = 8 * SLOT;
+        let (c, peek) = scratch(tmp.path(), limit);
+        for i in 0..40 {
+            assert!(c.put(&id("f", i), &page(i as u8)), "entry {i}");
+            assert!(get(&c, &id("f", 0)).is_some(), "the page read after every write was evicted at {i}");
+            assert!(c.stats().used <= limit, "{:?} after entry {i}", c.stats());
+            let allocated = peek.metadata().unwrap().blocks() * 512;
+            assert!(allocated <= limit + SLOT, "{allocated} bytes allocated after entry {i} (limit {limit})");
+            assert!(peek.metadata().unwrap().len() <= limit + SLOT, "the file grew past its slots at {i}");
+        }
+        assert_eq!(c.stats().entries as u64, limit / SLOT);
+        assert!(c.stats().evicted >= 40 - 8);
+        slots_accounted(&c);
+        assert_eq!(get(&c, &id("f", 1)), None, "an old page that was not read again stayed");
+        for i in 33..40 {
+            assert_eq!(get(&c, &id("f", i)), Some(page(i as u8)), "a recent page, {i}");
+        }
+        // A page larger than a slot is not kept.
+        assert!(!c.put(&id("big", 0), &vec![1u8; SLOT as usize]));
+    }
+
+    /// A slot changed on disk, or holding another page's entry (moved there), is a miss and is dropped: never
+    /// another page's bytes, never a failed read.
+    #[tokio::test]
+    async fn a_damaged_or_moved_scratch_slot_is_a_miss_not_wrong_bytes() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, peek) = scratch(tmp.path(), 16 << 20);
+        for i in 0..3 {
+            assert!(c.put(&id("f", i), &page(i as u8)));
+        }
+        let slot_of = |i: u64| lock(&c.state).lru.peek(&c.keys.entry_name(&id("f", i))).unwrap().slot.unwrap();
+        let (s0, s1, s2) = (slot_of(0), slot_of(1), slot_of(2));
+        // One bit of page 0 flipped.
+        let mut b = [0u8; 1];
+        peek.read_exact_at(&mut b, s0 * SLOT + 100).unwrap();
+        peek.write_all_at(&[b[0] ^ 1], s0 * SLOT + 100).unwrap();
+        // Page 2's entry copied over page 1's.
+        let mut entry = vec![0u8; PAGE + ENTRY_OVERHEAD];
+        peek.read_exact_at(&mut entry, s2 * SLOT).unwrap();
+        peek.write_all_at(&entry, s1 * SLOT).unwrap();
+        assert_eq!(get(&c, &id("f", 0)), None, "a damaged slot was served");
+        assert_eq!(get(&c, &id("f", 1)), None, "a page moved from another slot was served");
+        assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
+        let stats = c.stats();
+        assert_eq!((stats.dropped, stats.entries), (2, 1), "{stats:?}");
+        let allocated = peek.metadata().unwrap().blocks() * 512;
+        assert!(allocated <= SLOT, "{allocated} bytes allocated for one entry left: dropped slots kept their blocks");
+        // Both are written again, into freed slots.
+        assert!(c.put(&id("f", 0), &page(0)) && c.put(&id("f", 1), &page(1)));
+        assert_eq!(get(&c, &id("f", 0)), Some(page(0)));
+        assert_eq!(get(&c, &id("f", 1)), Some(page(1)));
+        assert!(peek.metadata().unwrap().len() <= 3 * SLOT, "freed slots were not reused");
+        slots_accounted(&c);
+    }
+
+    /// Writers and readers on several threads over a scratch of a few slots, so that slots are freed and given out
+    /// again while other threads read them: every read gives the page asked for or nothing, never another's bytes.
+    #[test]
+    fn scratch_slots_reused_under_concurrent_reads_never_serve_another_page() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, _peek) = scratch(tmp.path(), 4 * SLOT);
+        let (hits, misses) = (AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (c, hits, misses) = (&c, &hits, &misses);
+                s.spawn(move || {
+                    let mut x = t * 7 + 1;
+                    for _ in 0..400 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let i = (x >> 33) % 12;
+                        if x & 1 == 0 {
+                            c.put(&id("f", i), &page(i as u8));
+                        } else {
+                            match get(c, &id("f", i)) {
+                                Some(p) => {
+                                    assert_eq!(p, page(i as u8), "page {i} came back as another's");
+                                    hits.fetch_add(1, Ordering::Relaxed);
+                                }
+                                None => {
+                                    misses.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert!(hits.load(Ordering::Relaxed) > 0 && misses.load(Ordering::Relaxed) > 0);
+        assert!(c.stats().used <= 4 * SLOT, "{:?}", c.stats());
+        slots_accounted(&c);
     }
 
     /// Writers on several threads report what they wrote at once: each report is what was written since the one
@@ -734,11 +1128,17 @@ mod tests {
         assert!(!e.to_string().contains("staging_dir"), "{e}");
     }
 
-    /// The filesystem under the cache runs low (someone else filled it): entries go so that 5 % of it stays free,
-    /// whatever the cache's own limit.
-    #[tokio::test]
-    async fn a_disk_running_low_makes_the_cache_give_room() {
-        // A small filesystem of the test's own: a 40 MiB tmpfs (mounting it needs root, as the FUSE tests do).
+    /// Unmounts a [`small_disk`] when dropped.
+    struct Unmount(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// A small filesystem of the test's own: a 40 MiB tmpfs (mounting it needs root, as the FUSE tests do).
+    fn small_disk() -> (PathBuf, Unmount) {
         let tmp = tempfile::tempdir().unwrap();
         let fs = tmp.path().join("fs");
         std::fs::create_dir(&fs).unwrap();
@@ -748,13 +1148,42 @@ mod tests {
             .status()
             .unwrap();
         assert!(mounted.success(), "mounting a tmpfs for the test (needs root)");
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(&self.0).status();
-            }
+        (fs.clone(), Unmount(fs, tmp))
+    }
+
+    /// The scratch shares its disk with the write journal: it stops writing where the journal would start saving
+    /// space (a quarter of the disk free), and when others fill the disk past that, `give_room` (what the journal
+    /// asks when a file being written finds the disk low) frees it again, newest pages kept.
+    #[tokio::test]
+    async fn the_scratch_keeps_the_journal_s_reserve_free_and_gives_room_when_asked() {
+        let (fs, _unmount) = small_disk();
+        let (_, total) = space(&fs).unwrap();
+        let reserve = total / 4;
+        let (c, _peek) = scratch(&fs, 1 << 30);
+        for i in 0..500 {
+            c.put(&id("f", i), &page(0));
+            let (free, _) = space(&fs).unwrap();
+            assert!(free + SLOT >= reserve, "{free} bytes free after entry {i}, under the reserve of {reserve}");
         }
-        let _unmount = Unmount(fs.clone());
+        let held = c.stats().used;
+        assert!(held > 24 << 20, "the scratch kept less than it could: {:?}", c.stats());
+        assert!(c.stats().evicted > 0, "500 pages fitted above the reserve: {:?}", c.stats());
+        // Others take 8 MiB: the disk is under the reserve until the scratch gives room.
+        std::fs::write(fs.join("ballast"), vec![1u8; 8 << 20]).unwrap();
+        assert!(space(&fs).unwrap().0 < reserve);
+        c.give_room();
+        let (free, _) = space(&fs).unwrap();
+        assert!(free >= reserve, "{free} bytes free after give_room, under the reserve of {reserve}");
+        assert!(c.stats().used < held && c.stats().used > held - (10 << 20), "{:?} (held {held})", c.stats());
+        assert!(get(&c, &id("f", 499)).is_some(), "the newest page is gone");
+        slots_accounted(&c);
+    }
+
+    /// The filesystem under the cache runs low (someone else filled it): entries go so that 5 % of it stays free,
+    /// whatever the cache's own limit.
+    #[tokio::test]
+    async fn a_disk_running_low_makes_the_cache_give_room() {
+        let (fs, _unmount) = small_disk();
         let (_, total) = space(&fs).unwrap();
         let reserve = total / 20;
         // Others fill 30 of the 40 MiB.

@@ -345,6 +345,21 @@ impl Fs {
         self.disk.as_deref()
     }
 
+    /// Whether the disk under the journal is running low (`Journal::low_on_space`) once the scratch, which shares
+    /// it and only saves reads, has given back what it can there.
+    fn journal_low_on_space(&self) -> bool {
+        if !self.journal.low_on_space() {
+            return false;
+        }
+        match self.disk.as_deref().filter(|d| !d.keeps_every_read()) {
+            Some(scratch) => {
+                scratch.give_room();
+                self.journal.low_on_space()
+            }
+            None => true,
+        }
+    }
+
     pub fn config(&self) -> &FsConfig {
         &self.config
     }
@@ -2554,7 +2569,7 @@ impl Fs {
         let src = crate::upload::StagedSource { file: &staged.file, size: staged.size };
         match stream.advance(&src, staged.size).await {
             Ok(()) => {
-                staged.trim_if(|| self.journal.low_on_space());
+                staged.trim_if(|| self.journal_low_on_space());
                 Ok(())
             }
             Err(e) if staged.trimmed > 0 => Err(self.lose_stream(staged, path, e)),

@@ -274,6 +274,30 @@ impl Dir {
         self.open_raw(name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL)
     }
 
+    /// A new file with no name in this directory (0600, read-write): scratch data that must not outlive this
+    /// process goes with its last descriptor, at a crash too, and no other process can open it by a name. Where the
+    /// filesystem has no unnamed files, a file made under a random name and removed at once (only a crash between
+    /// the two calls leaves it behind).
+    pub fn unnamed_file(&self) -> io::Result<File> {
+        // SAFETY: a NUL-terminated "." relative to our descriptor; the mode is that of the file made.
+        let fd = unsafe {
+            libc::openat(self.fd.as_raw_fd(), c".".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600)
+        };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by openat.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        if let Unnamed::Failed(e) = Unnamed::of(io::Error::last_os_error()) {
+            return Err(e);
+        }
+        let mut salt = [0u8; 8];
+        crate::crypto::secret::fill_random(&mut salt);
+        let name = format!("scratch.{}.tmp", crate::crypto::hex::hex(&salt));
+        let f = self.create_file(&name)?;
+        self.remove(&name)?;
+        Ok(f)
+    }
+
     /// A new file `name` (0600) holding `bytes`, which appears whole or not at all; fails with `AlreadyExists` if
     /// `name` exists. Not synced: for files whose loss in a crash costs nothing (the disk cache's entries).
     ///

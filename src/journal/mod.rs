@@ -429,6 +429,11 @@ impl Journal {
         free < (1u64 << 30).min(total / 4)
     }
 
+    /// A new unnamed file in this run's directory ([`Dir::unnamed_file`]): the disk cache's scratch.
+    pub fn scratch_file(&self) -> io::Result<File> {
+        self.run.dir.unnamed_file()
+    }
+
     /// Where this run's files are (for log lines).
     pub fn run_path(&self) -> &Path {
         self.run.dir.path()

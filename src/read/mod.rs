@@ -21,9 +21,9 @@
 //! one small GET per read. Where it goes:
 //! - into the page cache, when the object is small next to it (at most a quarter of what it may hold, and never more
 //!   than [`WHOLE_OBJECT_MAX`]);
-//! - else, with a disk cache (`-o cache_dir`), into the disk cache only (at most a quarter of its limit, and never
-//!   more than [`WHOLE_OBJECT_MAX_ON_DISK`]): it is sealed there like any page, and the page cache keeps only what is
-//!   read (it gives up only the room of the segments in flight meanwhile);
+//! - else, with a disk cache (`-o cache_dir`, or else the mount's scratch), into the disk cache only (at most a
+//!   quarter of its limit, and never more than [`WHOLE_OBJECT_MAX_ON_DISK`]): it is sealed there like any page, and
+//!   the page cache keeps only what is read (it gives up only the room of the segments in flight meanwhile);
 //! - else nowhere: a larger object read randomly costs one GET of the chunks each read needs, never more.
 //!
 //! The trigger grows with the object, so the bytes fetched stay in proportion to the reads made: at most
@@ -232,7 +232,7 @@ pub struct ReadContext {
     pub cache: Arc<PageCache>,
     pub s3ec: Arc<S3ecReads>,
     pub fetches: Arc<Fetches>,
-    /// The disk cache, when the mount has one.
+    /// The disk cache or the scratch, when the mount has one.
     pub disk: Option<Arc<DiskCache>>,
 }
 
@@ -755,6 +755,13 @@ impl Reader {
         let id = self.object_id();
         let lens: Vec<usize> = run.clone().map(|i| self.page_len(i)).collect();
         let n = lens.len();
+        // Nothing of the run there (no file to open): straight to the store, without a blocking task.
+        let ids: Vec<EntryId> = run.clone().map(|index| EntryId { key: &id.key, etag: &id.etag, index }).collect();
+        if !disk.contains_any(&ids) {
+            crate::metrics::disk_cache_lookups(0, n as u64);
+            self.fetches.missed_on_disk(&id);
+            return self.fetch_store(run).await;
+        }
         let (key, etag, first) = (id.key.clone(), id.etag.clone(), run.start);
         let found = tokio::task::spawn_blocking(move || {
             let ids: Vec<(EntryId, usize)> = lens
@@ -800,7 +807,7 @@ impl Reader {
     /// Writes pages fetched from the store to the disk cache, in the background and only within the memory budget
     /// (a page that finds no room there is not cached).
     fn keep_on_disk(&self, id: &ObjectId, first: u64, pages: &[Bytes]) {
-        let Some(disk) = self.disk.clone() else { return };
+        let Some(disk) = self.disk.clone().filter(|d| d.keeps_every_read()) else { return };
         let bytes: u64 = pages.iter().map(|p| p.len() as u64).sum();
         let Some(memory) = self.cache.memory().try_reserve(bytes + CHUNK_PLAIN_LEN) else { return };
         let (id, pages) = (id.clone(), pages.to_vec());
