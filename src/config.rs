@@ -112,7 +112,7 @@ pub struct CacheConfig {
     pub disk_bytes: Option<u64>,
     /// `scratch_size`: without `cache_dir`, the limit of the sealed scratch that takes objects fetched whole for a
     /// random reader (src/cache/disk.rs); `Some(0)`: no scratch; `None`: a quarter of the free space under the
-    /// journal at mount, at most 16 GiB.
+    /// journal at mount, at most 4 GiB.
     pub scratch_bytes: Option<u64>,
 }
 

@@ -359,9 +359,10 @@ impl DiskCache {
         drop(root);
         let limit = limit
             .unwrap_or_else(|| space(at).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(SCRATCH_DEFAULT_MAX)));
-        let entries = (limit / SLOT).min(memory.limit() / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY);
+        // Slots for the whole limit (a last one for its remainder), unless the index would outgrow its share.
+        let entries = limit.div_ceil(SLOT).min(memory.limit() / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY);
         let index = memory.try_reserve(entries * INDEX_BYTES_PER_ENTRY);
-        let limit = if index.is_some() { entries * SLOT } else { 0 };
+        let limit = if index.is_some() { limit.min(entries * SLOT) } else { 0 };
         let mut cache = DiskCache::with_place(Place::Scratch { file, at: at.to_path_buf() }, keys, limit);
         cache._index = index;
         cache.report_delta();
@@ -527,7 +528,7 @@ impl DiskCache {
                     // Being written, or the directory is gone.
                     Ok(None) => None,
                     Err(e) => {
-                        self.drop_entry(name, &e.to_string());
+                        self.drop_entry(name, &e.to_string(), None);
                         None
                     }
                 }
@@ -542,12 +543,12 @@ impl DiskCache {
             // finds the end (from empty, `read_to_end` probes and grows the buffer in several).
             stored.reserve(len + ENTRY_OVERHEAD + 1);
             if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
-                self.drop_entry(&names[i], &e.to_string());
+                self.drop_entry(&names[i], &e.to_string(), None);
                 continue;
             }
             let mut page = PageBuf::for_len(*len);
             if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
-                self.drop_entry(&names[i], "it does not authenticate as this page");
+                self.drop_entry(&names[i], "it does not authenticate as this page", None);
                 continue;
             }
             hit(i, page.freeze());
@@ -575,12 +576,12 @@ impl DiskCache {
             let (id, len) = &pages[i];
             stored.resize(len + ENTRY_OVERHEAD, 0);
             if let Err(e) = file.read_exact_at(&mut stored, slot * SLOT) {
-                self.drop_entry(&names[i], &e.to_string());
+                self.drop_entry(&names[i], &e.to_string(), Some(slot));
                 continue;
             }
             let mut page = PageBuf::for_len(*len);
             if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
-                self.drop_entry(&names[i], "it does not authenticate as this page");
+                self.drop_entry(&names[i], "it does not authenticate as this page", Some(slot));
                 continue;
             }
             hit(i, page.freeze());
@@ -598,7 +599,7 @@ impl DiskCache {
         for slot in slots {
             let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: a range of an open descriptor. If the filesystem cannot make holes the blocks stay allocated
-            // (the limit still holds: a slot is reused before the file grows).
+            // (the file still stays within about the limit: freed slots are given out before new ones).
             unsafe { libc::fallocate(file.as_raw_fd(), flags, (slot * SLOT) as libc::off_t, SLOT as libc::off_t) };
         }
         lock(&self.state).free.extend_from_slice(slots);
@@ -606,9 +607,14 @@ impl DiskCache {
 
     /// Drops a damaged entry: once, by the first of the reads that found it so (a read and the read-ahead may both
     /// have opened it); for the others it is gone from the index already, perhaps written anew, and left alone.
-    fn drop_entry(&self, name: &str, why: &str) {
+    fn drop_entry(&self, name: &str, why: &str, seen: Option<u64>) {
         let slot = {
             let mut st = lock(&self.state);
+            // In the scratch, only the entry whose slot was read: the slot may have been evicted and given to another
+            // page since, and the name written again elsewhere.
+            if st.lru.peek(name).is_none_or(|k| k.slot != seen) {
+                return;
+            }
             let Some(kept) = st.lru.pop(name) else { return };
             st.used -= kept.size;
             st.dropped += 1;
@@ -677,7 +683,8 @@ impl DiskCache {
                     }
                     _ => self.free_slots(slot.as_slice()),
                 }
-                return false;
+                // Another write of the page made it again meanwhile: the cache has it (or will).
+                return other;
             }
             Err(e) => {
                 if ours {
@@ -845,6 +852,27 @@ mod tests {
         let mut all = vec![0u8; f.metadata().unwrap().len() as usize];
         f.read_exact_at(&mut all, 0).unwrap();
         all
+    }
+
+    /// The scratch's index is counted in the memory budget for as long as the scratch lives, and takes at most an
+    /// eighth of it: a budget too small for the index of the limit asked for shrinks the limit instead.
+    #[test]
+    fn the_scratch_s_index_is_counted_in_the_memory_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_base(&tmp.path().join("run")).unwrap();
+        let memory = MemoryBudget::new(64 << 20);
+        let make = |limit| {
+            DiskCache::scratch(dir.unnamed_file().unwrap(), dir.path(), "s", Some(limit), &memory, AeadBackend::AwsLc)
+        };
+        let c = make(1 << 30);
+        let entries = (1u64 << 30).div_ceil(SLOT);
+        assert_eq!(memory.reserved(), entries * INDEX_BYTES_PER_ENTRY);
+        assert_eq!(c.limit(), 1 << 30, "a limit whose index fits is kept");
+        drop(c);
+        assert_eq!(memory.reserved(), 0, "the index's reservation outlived the scratch");
+        let c = make(16 << 30);
+        assert_eq!(memory.reserved(), (64 << 20) / INDEX_SHARE_OF_BUDGET);
+        assert_eq!(c.limit(), (64 << 20) / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY * SLOT);
     }
 
     /// The scratch keeps pages in one file that has no name (the directory stays empty) and holds no plaintext; they
@@ -1082,8 +1110,8 @@ mod tests {
         bytes[100] ^= 1;
         std::fs::write(file(5), &bytes).unwrap();
         let name = c.keys.entry_name(&id("f", 5));
-        c.drop_entry(&name, "test: found damaged by the first read");
-        c.drop_entry(&name, "test: found damaged by the second read");
+        c.drop_entry(&name, "test: found damaged by the first read", None);
+        c.drop_entry(&name, "test: found damaged by the second read", None);
         assert_eq!(c.stats().dropped, 5);
         // Put again, it is served again.
         c.put(&id("f", 0), &page(0));
