@@ -216,6 +216,47 @@ fn medium_file_fetched_whole_into_the_scratch(env: &Env, store: &Store) {
 
 local_and_s3!(medium_file_fetched_whole_into_the_scratch);
 
+/// The scratch shares the journal's disk, and gives its room back when a file being written needs it: a file
+/// fetched whole into the scratch holds ~9.6 MiB of a 64 MiB staging disk, and a 58 MiB file written backwards (so
+/// it is staged whole, not streamed) then fits only if the scratch makes room. It does, and both files read back
+/// right.
+fn a_full_disk_takes_the_scratch_s_room_for_a_file_being_written(env: &Env, store: &Store) {
+    let disk = SmallDisk::mount(env, 64);
+    let small = pattern(9 << 20, 39);
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path("small"), &small).unwrap();
+    }
+    let addr = free_metrics_addr();
+    // 8 MiB of page cache (whole files up to 2 MiB go to memory), 40 MiB of scratch (up to 10 MiB go there).
+    let opts = [&format!("metrics_addr={addr}"), "cache_size=8M", "scratch_size=40M"];
+    let m = Mount::start_with(env, store, "cse-c", &opts);
+    let f = std::fs::File::open(m.path("small")).unwrap();
+    pread_pages(&f, &small, [5 << 20, 1 << 20, 7 << 20].into_iter());
+    let held = wait_for(&addr, "s3cryptfs_disk_cache_bytes", small.len() as f64);
+    assert!(held >= small.len() as f64, "the 9 MiB file did not go whole into the scratch: {held} bytes there");
+    wait_idle(&addr);
+
+    let big = pattern(58 << 20, 40);
+    let g = std::fs::File::create(m.path("big")).unwrap();
+    for at in (0..big.len()).step_by(1 << 20).rev() {
+        let end = (at + (1 << 20)).min(big.len());
+        g.write_all_at(&big[at..end], at as u64).unwrap_or_else(|e| panic!("writing at {at} of 58 MiB: {e}"));
+    }
+    g.sync_all().unwrap();
+    drop(g);
+    let evicted = metric(&addr, "s3cryptfs_disk_cache_evictions_total");
+    assert!(evicted > 0.0, "the write fitted without the scratch's room: the test proves nothing");
+    assert_bytes(std::fs::read(m.path("big")).unwrap(), &big, "the file written on the full disk");
+    pread_pages(&f, &small, scattered_pages(small.len()).step_by(5));
+    drop(f);
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(disk);
+}
+
+local_and_s3!(a_full_disk_takes_the_scratch_s_room_for_a_file_being_written);
+
 /// A daemon killed (SIGKILL) while it fetches a file whole into the disk cache for a random reader: the next mount
 /// over the same cache leaves nothing half written there, serves every byte right (an entry appears only once written
 /// whole, and one that does not authenticate is fetched again), fetches what is missing whole on the same pattern,

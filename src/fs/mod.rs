@@ -348,15 +348,18 @@ impl Fs {
     /// Whether the disk under the journal is running low (`Journal::low_on_space`) once the scratch, which shares
     /// it and only saves reads, has given back what it can there.
     fn journal_low_on_space(&self) -> bool {
-        if !self.journal.low_on_space() {
-            return false;
-        }
-        match self.disk.as_deref().filter(|d| !d.keeps_every_read()) {
+        self.journal.low_on_space() && (!self.scratch_gave_room() || self.journal.low_on_space())
+    }
+
+    /// Asks the scratch, if the mount has one holding anything, to give back its room on the journal's disk (down to
+    /// its reserve: `DiskCache::give_room`); whether it was asked.
+    fn scratch_gave_room(&self) -> bool {
+        match self.disk.as_deref().filter(|d| !d.keeps_every_read() && d.stats().used > 0) {
             Some(scratch) => {
                 scratch.give_room();
-                self.journal.low_on_space()
+                true
             }
-            None => true,
+            None => false,
         }
     }
 
@@ -2504,7 +2507,15 @@ impl Fs {
         let end = offset.saturating_add(data.len() as u64);
         self.check_file_size(&path, end)?;
         self.sparse_before_write(&path, &mut staged, offset, end).await?;
-        staged.write_at(offset, data).map_err(|e| Error::staging(&path, e))?;
+        let written = match staged.write_at(offset, data) {
+            // The disk under the journal is full: the scratch, which shares it and only saves reads, gives its room
+            // back, and the write is tried once more (it writes the same bytes at the same place).
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.scratch_gave_room() => {
+                staged.write_at(offset, data)
+            }
+            other => other,
+        };
+        written.map_err(|e| Error::staging(&path, e))?;
         self.sparse_after_write(&path, &mut staged, offset, end).await?;
         if let Some(n) = lock(&self.table).get_mut(ino) {
             n.size = staged.size;
