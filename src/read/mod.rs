@@ -626,11 +626,17 @@ impl Reader {
         fit.clamp(1, WHOLE_OBJECT_IN_FLIGHT as u64) as usize
     }
 
-    /// Whether every page `0..total` of this object is in the disk cache.
+    /// Whether every page `0..total` of this object is in the disk cache, or in the page cache: the scratch does not
+    /// take the pages reads fetched for themselves (`keep_on_disk`), and the whole fetch skips what is kept in
+    /// memory, so without these a 1 GiB object was never found whole and its fetch started again every 128 reads
+    /// (a scan of 16,384 pages each time). A page later evicted from memory misses on disk, and that starts the
+    /// count again ([`Fetches::missed_on_disk`]).
     fn whole_on_disk(&self, total: u64) -> bool {
         let Some(disk) = &self.disk else { return false };
         let id = self.object_id();
-        (0..total).all(|index| disk.contains(&EntryId { key: &id.key, etag: &id.etag, index }))
+        (0..total).all(|index| {
+            disk.contains(&EntryId { key: &id.key, etag: &id.etag, index }) || self.cache.contains(&id, index)
+        })
     }
 
     /// The handle reading through this reader closed, or moved on to a newer version: a whole-object fetch it
