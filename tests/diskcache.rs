@@ -43,13 +43,21 @@ fn entries(cache: &Path) -> (Vec<std::path::PathBuf>, u64) {
     (files, bytes)
 }
 
-/// Reads `name` through `m` and waits until the disk cache has written at least `total` bytes since the mount (the
-/// pages reach the disk in the background, after the read returns).
-fn read_into_cache(m: &Mount, addr: &str, name: &str, total: usize) {
-    std::fs::read(m.path(name)).unwrap();
+/// Writes `data` to `name` through a mount of its own, then reads it through a mount with the disk cache and waits
+/// until the cache has written every page (they reach the disk in the background, after the read returns).
+/// The write and the read are not on one mount: until the kernel's RELEASE of the writer reaches the daemon (it may
+/// come after `close` returned, later still on a loaded machine), a read there is served from the staged copy and
+/// never reaches the store or the disk cache.
+fn write_into_cache(env: &Env, store: &Store, cache: &Path, name: &str, data: &[u8]) {
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path(name), data).unwrap();
+    }
+    let (m, addr) = cached_mount(env, store, "cse-c", cache, &[]);
+    assert_bytes(std::fs::read(m.path(name)).unwrap(), data, "the read that fills the disk cache");
     assert!(
-        wait_until(std::time::Duration::from_secs(20), || metric(addr, "s3cryptfs_disk_cache_written_bytes_total")
-            >= total as f64),
+        wait_until(std::time::Duration::from_secs(20), || metric(&addr, "s3cryptfs_disk_cache_written_bytes_total")
+            >= data.len() as f64),
         "the pages of {name} were not all written to the disk cache"
     );
 }
@@ -137,11 +145,7 @@ fn changed_objects_are_not_served_stale(store: &Store) {
     let cache = env.path().join("cache");
     let old = pattern(3 << 20, 1);
     let new = pattern(3 << 20, 2);
-    {
-        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
-        std::fs::write(m.path("f"), &old).unwrap();
-        read_into_cache(&m, &addr, "f", old.len());
-    }
+    write_into_cache(&env, store, &cache, "f", &old);
     let (_, used) = entries(&cache);
     {
         let other = Mount::start(&env, store, "cse-c");
@@ -215,11 +219,7 @@ fn damaged_entries_are_refetched(store: &Store) {
     let env = Env::new();
     let cache = env.path().join("cache");
     let plain = pattern(4 << 20, 5);
-    {
-        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
-        std::fs::write(m.path("f"), &plain).unwrap();
-        read_into_cache(&m, &addr, "f", plain.len());
-    }
+    write_into_cache(&env, store, &cache, "f", &plain);
     let (mut files, _) = entries(&cache);
     files.sort();
     assert_eq!(files.len(), 64);
@@ -318,11 +318,7 @@ fn renames_and_unlinks_racing_cached_reads(store: &Store) {
     let env = Env::new();
     let cache = env.path().join("cache");
     let versions: Vec<Vec<u8>> = (0..3).map(|i| pattern(6 << 20, 30 + i)).collect();
-    {
-        let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
-        std::fs::write(m.path("f"), &versions[0]).unwrap();
-        read_into_cache(&m, &addr, "f", versions[0].len());
-    }
+    write_into_cache(&env, store, &cache, "f", &versions[0]);
     let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
     let held = std::fs::File::open(m.path("f")).unwrap();
     let mut head = vec![0u8; 4096];
