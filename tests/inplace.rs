@@ -21,6 +21,16 @@ fn write_unstreamed(path: &std::path::Path, content: &[u8]) {
     f.write_all_at(&content[..last], 0).unwrap();
 }
 
+/// Writes "big" with `write_unstreamed` through a mount of its own, which is then unmounted. The changes a test then
+/// makes go through another mount: on the mount that wrote the file, a writer opening it before the kernel's RELEASE
+/// of the first writer reaches the daemon (it may come after `close` returned) finds the whole file still staged,
+/// and the file is then uploaded whole again rather than changed in place.
+fn write_base(env: &Env, store: &Store, content: &[u8]) {
+    let m = Mount::start(env, store, "cse-c");
+    write_unstreamed(&m.path("big"), content);
+    m.unmount();
+}
+
 const MIB: usize = 1 << 20;
 /// The bound on what one small change may move in each direction.
 const BOUND: f64 = 16.0 * MIB as f64;
@@ -53,9 +63,9 @@ fn a_byte_an_append_and_a_truncate_of_a_large_cse_c_file_move_little_and_read_ba
     let env = Env::new();
     let store = Store::s3();
     let addr = free_metrics_addr();
-    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
     let mut model = pattern(64 * MIB + 12_345, 13);
-    write_unstreamed(&m.path("big"), &model);
+    write_base(&env, &store, &model);
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
     let mut moved = Moved::new(&addr);
 
     // One byte in the middle.
@@ -111,6 +121,9 @@ fn a_byte_changed_in_a_streamed_large_cse_c_file_moves_little_and_reads_back_exa
     let streamed = wait_until(std::time::Duration::from_secs(60), || parts() >= 3.0);
     assert!(streamed, "parts were sent before close: the file streamed");
     drop(f);
+    // Changed through another mount (see `write_base`).
+    m.unmount();
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
     let mut moved = Moved::new(&addr);
 
     let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
@@ -132,9 +145,9 @@ fn a_byte_changed_in_a_streamed_large_cse_c_file_moves_little_and_reads_back_exa
 fn a_chunk_of_the_older_version_spliced_into_the_newer_one_fails_authentication() {
     let env = Env::new();
     let store = Store::local(env.path());
-    let m = Mount::start(&env, &store, "cse-c");
     let model = pattern(40 * MIB, 21);
-    write_unstreamed(&m.path("big"), &model);
+    write_base(&env, &store, &model);
+    let m = Mount::start(&env, &store, "cse-c");
     let raw = |store: &Store| store.raw_objects().into_iter().find(|(k, _)| k == "big").unwrap().1;
     let old = raw(&store);
     let chunk = 300usize;
@@ -166,9 +179,9 @@ fn a_chunk_of_the_older_version_spliced_into_the_newer_one_fails_authentication(
 fn a_byte_staged_in_a_large_file_when_the_daemon_is_killed_is_applied_by_the_next_start() {
     let env = Env::new();
     let store = Store::s3();
-    let m = Mount::start(&env, &store, "cse-c");
     let mut model = pattern(40 * MIB + 3, 31);
-    write_unstreamed(&m.path("big"), &model);
+    write_base(&env, &store, &model);
+    let m = Mount::start(&env, &store, "cse-c");
     let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
     f.write_at(b"K", 33 * MIB as u64).unwrap();
     model[33 * MIB] = b'K';

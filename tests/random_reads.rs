@@ -153,6 +153,12 @@ fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
 /// killed (SIGKILL) in the middle of such a fetch included; the next mount reads every byte right.
 fn medium_file_fetched_whole_into_the_scratch(env: &Env, store: &Store) {
     let plain = write_medium(env, store, 37);
+    // Written through a mount of its own: read where it was written, it could be served from its staged copy.
+    let seq = pattern(12 << 20, 38);
+    {
+        let m = Mount::start(env, store, "cse-c");
+        std::fs::write(m.path("seq"), &seq).unwrap();
+    }
     let size = plain.len();
     let staging = env.path().join("staging");
     let addr = free_metrics_addr();
@@ -161,8 +167,6 @@ fn medium_file_fetched_whole_into_the_scratch(env: &Env, store: &Store) {
     let m = Mount::start_with(env, store, "cse-c", &opts);
     let bytes = "s3cryptfs_store_read_bytes_total";
     // A sequential reader leaves the scratch alone (in a cache directory every page fetched goes there too).
-    let seq = pattern(12 << 20, 38);
-    std::fs::write(m.path("seq"), &seq).unwrap();
     assert_bytes(std::fs::read(m.path("seq")).unwrap(), &seq, "a file read in order");
     wait_idle(&addr);
     let written = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
