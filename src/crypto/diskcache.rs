@@ -37,6 +37,8 @@ pub const ENTRY_MAGIC: &[u8; 8] = b"s3cfsdc1";
 pub const SALT_LEN: usize = 16;
 /// Bytes an entry adds to its page: magic, salt, nonce, tag.
 pub const ENTRY_OVERHEAD: usize = ENTRY_MAGIC.len() + SALT_LEN + NONCE_LEN + TAG_LEN;
+/// What comes before an entry's ciphertext: magic, salt, nonce.
+pub const ENTRY_HEAD: usize = ENTRY_MAGIC.len() + SALT_LEN + NONCE_LEN;
 /// Length of the check value.
 pub const CHECK_LEN: usize = 16;
 
@@ -123,12 +125,25 @@ impl CacheKeys {
             dst.fill(0);
             return Err(AeadFailed);
         }
-        let rest = &stored[ENTRY_MAGIC.len()..];
-        let (salt, rest) = rest.split_at(SALT_LEN);
-        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let (head, rest) = stored.split_at(ENTRY_HEAD);
+        let (ciphertext, tag) = rest.split_at(dst.len());
+        dst.copy_from_slice(ciphertext);
+        self.open_in_place(id, head, dst, tag)
+    }
+
+    /// [`CacheKeys::open_to`] of an entry read in three pieces (a scattered read): its `head`
+    /// ([`ENTRY_HEAD`] bytes), its ciphertext in `body`, decrypted there in place, and its `tag`. On failure `body`
+    /// is all zeros.
+    pub fn open_in_place(&self, id: &EntryId, head: &[u8], body: &mut [u8], tag: &[u8]) -> Result<(), AeadFailed> {
+        if head.len() != ENTRY_HEAD || !head.starts_with(ENTRY_MAGIC) || tag.len() != TAG_LEN {
+            body.fill(0);
+            return Err(AeadFailed);
+        }
+        let (salt, nonce) = head[ENTRY_MAGIC.len()..].split_at(SALT_LEN);
         let salt: [u8; SALT_LEN] = salt.try_into().map_err(|_| AeadFailed)?;
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AeadFailed)?;
-        self.run_key(&salt).open_to(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), body, dst)
+        let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| AeadFailed)?;
+        self.run_key(&salt).open_detached(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), body, tag)
     }
 
     /// The entry for `id` holding `plain`, sealed by `sealer` (which must come from these keys).

@@ -761,26 +761,22 @@ impl Reader {
         let id = self.object_id();
         let lens: Vec<usize> = run.clone().map(|i| self.page_len(i)).collect();
         let n = lens.len();
-        // Nothing of the run there (no file to open): straight to the store, without a blocking task.
-        let ids: Vec<EntryId> = run.clone().map(|index| EntryId { key: &id.key, etag: &id.etag, index }).collect();
-        if !disk.contains_any(&ids) {
-            crate::metrics::disk_cache_lookups(0, n as u64);
-            self.fetches.missed_on_disk(&id);
-            return self.fetch_store(run).await;
-        }
-        let (key, etag, first) = (id.key.clone(), id.etag.clone(), run.start);
-        let found = tokio::task::spawn_blocking(move || {
-            let ids: Vec<(EntryId, usize)> = lens
-                .iter()
-                .enumerate()
-                .map(|(j, &len)| (EntryId { key: &key, etag: &etag, index: first + j as u64 }, len))
-                .collect();
-            let mut found: Vec<Option<Bytes>> = vec![None; ids.len()];
-            disk.get_many(&ids, |j, page| found[j] = Some(page));
-            found
-        })
-        .await
-        .unwrap_or_else(|_| vec![None; n]);
+        let ids: Vec<(EntryId, usize)> =
+            run.clone().map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, self.page_len(index))).collect();
+        // Pages of the scratch that the system still holds in memory are read here (a miss is found here too);
+        // else, with nothing of the run there (no file to open), straight to the store; else in a blocking task.
+        let found = match disk.get_many_now(&ids) {
+            Some(found) => found,
+            None => {
+                let names: Vec<EntryId> = ids.iter().map(|(id, _)| *id).collect();
+                if !disk.contains_any(&names) {
+                    crate::metrics::disk_cache_lookups(0, n as u64);
+                    self.fetches.missed_on_disk(&id);
+                    return self.fetch_store(run).await;
+                }
+                self.fetch_disk_blocking(&disk, run.start, lens).await
+            }
+        };
         let hits = found.iter().filter(|p| p.is_some()).count() as u64;
         crate::metrics::disk_cache_lookups(hits, n as u64 - hits);
         if hits < n as u64 {
@@ -808,6 +804,24 @@ impl Reader {
             pages.extend(self.fetch_store(m).await?);
         }
         Ok(pages)
+    }
+
+    /// [`DiskCache::get_many`] of the pages `first..` (of lengths `lens`) in a blocking task: each one found, or
+    /// `None`.
+    async fn fetch_disk_blocking(&self, disk: &Arc<DiskCache>, first: u64, lens: Vec<usize>) -> Vec<Option<Bytes>> {
+        let (disk, id, n) = (disk.clone(), self.object_id(), lens.len());
+        tokio::task::spawn_blocking(move || {
+            let ids: Vec<(EntryId, usize)> = lens
+                .iter()
+                .enumerate()
+                .map(|(j, &len)| (EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, len))
+                .collect();
+            let mut found: Vec<Option<Bytes>> = vec![None; ids.len()];
+            disk.get_many(&ids, |j, page| found[j] = Some(page));
+            found
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; n])
     }
 
     /// Writes pages fetched from the store to the disk cache, in the background and only within the memory budget
