@@ -56,6 +56,10 @@ const PREFETCH_BATCH: usize = 256;
 /// How often a name whose node the memory trim dropped between its resolve and its use is resolved again before the
 /// request gives up (EBUSY; see [`Fs::resolve_then`]). A trim runs at most every 100 ms.
 const RESOLVE_ATTEMPTS: u32 = 8;
+/// The largest directory, in listing pages of 1,000 entries, that a burst of creates lists again to go on without a
+/// HEAD per file ([`Fs::renew_names_for_creates`]): two requests, where a larger listing would take longer than the
+/// HEADs it saves.
+const RENEW_FOR_CREATES_PAGES: u64 = 2;
 /// The position of "no object" in a listing's merge rows (a name known only as a prefix or a directory marker).
 const NO_OBJECT: u32 = u32::MAX;
 /// Chunk of a file downloaded at a time when staging it for writing.
@@ -2394,10 +2398,47 @@ impl Fs {
         Ok(())
     }
 
+    /// When the knowledge of every name of `dir` now held was asked for (a listing, or the probe of this mount's
+    /// mkdir), if it is still current.
+    fn names_asked_at(&self, dir: u64) -> Option<Instant> {
+        let names = lock(&self.table).names(dir)?;
+        (Instant::now() < names.until).then(|| names.until.checked_sub(self.config.attr_ttl)).flatten()
+    }
+
+    /// Creates in a directory whose names this mount knows send no HEAD ahead of their upload while that knowledge
+    /// is fresher than [`crate::store::PRECHECK_TRUSTED`] (`fs::precheck`). Once it is older (but still current), a
+    /// directory of at most [`RENEW_FOR_CREATES_PAGES`] listing pages whose knowledge is in use is listed again now:
+    /// a request or two standing for the HEADs of the next 0.5 s of creates. Only where the store checks write
+    /// conditions with a HEAD.
+    async fn renew_names_for_creates(&self, dir: u64) {
+        if !self.backend.conditions_checked_by_head() || self.store_recently_silent() {
+            return;
+        }
+        let worth = {
+            let table = lock(&self.table);
+            let now = Instant::now();
+            table.names(dir).is_some_and(|n| {
+                let asked = n.until.checked_sub(self.config.attr_ttl);
+                now < n.until
+                    && asked.is_some_and(|a| now.duration_since(a) >= crate::store::PRECHECK_TRUSTED)
+                    && n.listing_cost() <= RENEW_FOR_CREATES_PAGES
+                    && n.saved >= n.listing_cost()
+            })
+        };
+        if !worth || !lock(&self.relisting).insert(dir) {
+            return;
+        }
+        if let Err(e) = self.list_dir(dir, false).await {
+            tracing::debug!(dir, error = %e, "listing the directory again for its creates failed");
+        }
+        lock(&self.relisting).remove(&dir);
+    }
+
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
+        self.renew_names_for_creates(parent).await;
         let mut attempts = 1;
         loop {
             match self.resolve_for_create(parent, &name).await {
@@ -2425,8 +2466,12 @@ impl Fs {
         }
         // Refused now, not at the upload of close(), which shells ignore.
         self.check_path_len(&path, false)?;
-        // Sent before the journal's work, so the answer is usually in when the file is closed.
-        let precheck = precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k));
+        // Known from the directory's names when they are fresh enough; else sent before the journal's work, so the
+        // answer is usually in when the file is closed.
+        let known = self.names_asked_at(parent).and_then(|asked| {
+            precheck::Precheck::known_absent(&self.backend, &path, asked, |k| self.deletes.is_pending(k))
+        });
+        let precheck = known.or_else(|| precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k)));
         let mut staged =
             Staged::create(&self.journal, true, true, BaseVersion::Absent).map_err(|e| Error::staging(&name, e))?;
         staged.precheck = precheck;

@@ -15,6 +15,14 @@
 //! What changes is only the moment in which another writer can still be overwritten on such a server: from that HEAD
 //! to the write, which was a round trip and is now at most 0.5 s. Servers that check conditions never get here
 //! ([`Backend::conditions_checked_by_head`] is false for them).
+//!
+//! A file created in a directory whose every name this mount knows, from a listing (or its own mkdir's probe) asked
+//! for less than 0.5 s before, sends no HEAD at all: that knowledge already answered the create's lookup (the name
+//! is not there), and it stands for a HEAD sent when the listing was asked for ([`Precheck::known_absent`]), under
+//! the same 0.5 s bound. A burst of creates in a directory this mount made or just listed (`cp -r`, an unpacked
+//! archive) then costs one PUT per file instead of a HEAD and a PUT; past 0.5 s the next create lists the directory
+//! again (`Fs::renew_names_for_creates`). 2,000 files of 4 KiB on Garage: 2 HEADs and about 10 listings instead of
+//! 2,002 HEADs.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +35,8 @@ use crate::store::{Backend, ObjectKey, Prechecked, StoreError, PRECHECK_TRUSTED}
 pub struct Precheck {
     path: String,
     sent: Instant,
-    answer: JoinHandle<Result<Option<String>, StoreError>>,
+    /// `None`: nothing there, known without asking ([`Precheck::known_absent`]).
+    answer: Option<JoinHandle<Result<Option<String>, StoreError>>>,
 }
 
 impl Precheck {
@@ -54,7 +63,26 @@ impl Precheck {
                 Err(e) => Err(e),
             }
         });
-        Some(Precheck { path: path.to_string(), sent, answer })
+        Some(Precheck { path: path.to_string(), sent, answer: Some(answer) })
+    }
+
+    /// Where the store's write conditions are checked with a HEAD: "nothing at `path`", known without asking from
+    /// the mount's knowledge of every name of its directory, which was asked for at `asked` and has no such name (see
+    /// the module notes). `None` when that knowledge is older than [`PRECHECK_TRUSTED`] (it could not stand), for a
+    /// name that is no key, or when `pending_delete`: then [`Precheck::send`] asks.
+    pub fn known_absent(
+        backend: &Arc<dyn Backend>,
+        path: &str,
+        asked: Instant,
+        pending_delete: impl FnOnce(&ObjectKey) -> bool,
+    ) -> Option<Precheck> {
+        if !backend.conditions_checked_by_head() || asked.elapsed() >= PRECHECK_TRUSTED {
+            return None;
+        }
+        if pending_delete(&ObjectKey::new(path).ok()?) {
+            return None;
+        }
+        Some(Precheck { path: path.to_string(), sent: asked, answer: None })
     }
 
     /// The answer, for an upload of `path` about to start: `None` for another path, a HEAD that failed, or one not
@@ -64,8 +92,13 @@ impl Precheck {
         if self.path != path {
             return None;
         }
-        let deadline = tokio::time::Instant::from_std(self.sent + PRECHECK_TRUSTED);
-        let found = tokio::time::timeout_at(deadline, &mut self.answer).await.ok()?.ok()?.ok()?;
+        let found = match &mut self.answer {
+            None => None,
+            Some(answer) => {
+                let deadline = tokio::time::Instant::from_std(self.sent + PRECHECK_TRUSTED);
+                tokio::time::timeout_at(deadline, answer).await.ok()?.ok()?.ok()?
+            }
+        };
         Some(Prechecked { key: self.path.clone(), sent: self.sent, found })
     }
 }
@@ -73,6 +106,8 @@ impl Precheck {
 impl Drop for Precheck {
     /// An answer nobody will read is not waited for (a finished one: nothing happens).
     fn drop(&mut self) {
-        self.answer.abort();
+        if let Some(answer) = &self.answer {
+            answer.abort();
+        }
     }
 }

@@ -1203,6 +1203,8 @@ async fn a_new_files_condition_is_checked_while_it_is_written_where_the_server_i
     let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
     let caller = Caller { uid: 0, gid: 0 };
     let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    // The names known since the mkdir no longer stand for a HEAD (see the test after the next for when they do).
+    tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
     store.take_log();
     store.conditions.lock().unwrap().clear();
     let (_, fh) = fs.create(d.ino, OsStr::new("new"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
@@ -1259,8 +1261,24 @@ async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_uplo
     let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
     let caller = Caller { uid: 0, gid: 0 };
     let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    let d2 = fs.mkdir(ROOT_INO, OsStr::new("d2"), 0o755, caller).await.unwrap();
+    // The names known since the mkdirs no longer stand for a HEAD, and (nothing created in them yet) are not listed
+    // again by the first create in each.
+    tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
+
+    // Created elsewhere after this mount made the directory (so the name is known free here).
+    let theirs = ObjectKey::new("d2/race").unwrap();
+    store.inner.put(&theirs, Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+    let (_, fh) = fs.create(d2.ino, OsStr::new("race"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
+    fs.write(fh, 0, b"mine").await.unwrap();
+    let err = fs.flush(fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    fs.release(fh).await.unwrap();
+    let (body, _, _) = store.inner.get(&theirs).await.unwrap();
+    assert_eq!(&body[..], b"theirs", "the other writer's file was overwritten");
 
     // The HEAD ahead failed (the store was silent then).
+    let heads = store.inner.condition_heads();
     store.silent.store(true, Ordering::SeqCst);
     let (_, fh) = fs.create(d.ino, OsStr::new("b"), 0o644, libc::O_WRONLY, caller).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1268,18 +1286,7 @@ async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_uplo
     fs.write(fh, 0, b"unconfirmed").await.unwrap();
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
-    assert_eq!(store.inner.condition_heads(), 1);
-
-    // Created elsewhere after this mount made the directory (so the name is known free here).
-    let theirs = ObjectKey::new("d/race").unwrap();
-    store.inner.put(&theirs, Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
-    let (_, fh) = fs.create(d.ino, OsStr::new("race"), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await.unwrap();
-    fs.write(fh, 0, b"mine").await.unwrap();
-    let err = fs.flush(fh).await.unwrap_err();
-    assert_eq!(err.errno(), libc::EIO, "{err}");
-    fs.release(fh).await.unwrap();
-    let (body, _, _) = store.inner.get(&theirs).await.unwrap();
-    assert_eq!(&body[..], b"theirs", "the other writer's file was overwritten");
+    assert_eq!(store.inner.condition_heads(), heads + 1);
 
     // Closed after the answer stopped counting.
     let heads = store.inner.condition_heads();
@@ -1303,6 +1310,7 @@ async fn a_head_ahead_that_hangs_delays_the_upload_by_at_most_its_trust() {
     let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
     let caller = Caller { uid: 0, gid: 0 };
     let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
     store.hang_heads.store(true, Ordering::SeqCst);
     let (_, fh) = fs.create(d.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, caller).await.unwrap();
     fs.write(fh, 0, b"data").await.unwrap();
@@ -1314,6 +1322,53 @@ async fn a_head_ahead_that_hangs_delays_the_upload_by_at_most_its_trust() {
     fs.release(fh).await.unwrap();
     let (body, _, _) = store.inner.get(&ObjectKey::new("d/f").unwrap()).await.unwrap();
     assert_eq!(&body[..], b"data");
+}
+
+/// `fs::precheck`: creates in a directory whose every name this mount has known for less than 0.5 s (since its own
+/// mkdir, or a listing) send no HEAD, ahead or at the upload: that knowledge stands for one, and each upload still
+/// carries its condition. Once the knowledge is older, the next create in the directory (in use, small) lists it
+/// again first: that listing finds a file another writer stored meanwhile (O_EXCL refuses the name, nothing is
+/// overwritten) and stands for the HEADs of the creates after it.
+#[tokio::test]
+async fn creates_in_a_directory_whose_names_are_fresh_send_no_head() {
+    let store = store_ignoring_conditions();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    store.take_log();
+    store.conditions.lock().unwrap().clear();
+    let fs = &fs;
+    let create = |name: &'static str| {
+        async move {
+            let (_, fh) = fs.create(d.ino, OsStr::new(name), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await?;
+            fs.write(fh, 0, name.as_bytes()).await.unwrap();
+            fs.flush(fh).await.unwrap();
+            fs.release(fh).await.unwrap();
+            Ok::<_, Error>(())
+        }
+    };
+    for name in ["a", "b", "c"] {
+        create(name).await.unwrap();
+    }
+    assert_eq!(store.take_log(), ["put", "put", "put"]);
+    assert_eq!(store.inner.condition_heads(), 0);
+    assert_eq!(*store.conditions.lock().unwrap(), [Expect::Absent, Expect::Absent, Expect::Absent]);
+
+    tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
+    let theirs = ObjectKey::new("d/theirs").unwrap();
+    store.inner.put(&theirs, Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+    assert_eq!(create("theirs").await.unwrap_err().errno(), libc::EEXIST);
+    let asked = store.take_log();
+    assert_eq!(asked, ["list", "head"], "the create listed the directory again, then read the file found there");
+    let (body, _, _) = store.inner.get(&theirs).await.unwrap();
+    assert_eq!(&body[..], b"theirs");
+    create("e").await.unwrap();
+    assert_eq!(store.take_log(), ["put"], "the new listing stood for the HEAD");
+    assert_eq!(store.inner.condition_heads(), 0);
+    for name in ["a", "b", "c", "e"] {
+        let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
+        assert_eq!(&body[..], name.as_bytes());
+    }
 }
 
 /// A listing merges the store's objects, its prefixes and the names this mount made but has not stored: each name
