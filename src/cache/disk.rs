@@ -358,6 +358,15 @@ impl DiskCache {
         crate::crypto::secret::fill_random(&mut root[..]);
         let keys = CacheKeys::derive(&root, store, aead);
         drop(root);
+        // Reads of it do not update its access time: a read without a blocking task (`get_many_now`) would
+        // otherwise start a journal transaction on the filesystem now and then. Best effort (the daemon owns it).
+        // SAFETY: flags of an open descriptor; failure changes nothing.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NOATIME);
+            }
+        }
         let limit = limit
             .unwrap_or_else(|| space(at).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(SCRATCH_DEFAULT_MAX)));
         // Slots for the whole limit (a last one for its remainder), unless the index would outgrow its share.
@@ -825,8 +834,9 @@ impl DiskCache {
 }
 
 /// Fills `bufs`, in order, from `file` at `at` only if the system's page cache holds all of it (`RWF_NOWAIT`): false
-/// when that would wait for the disk or a lock, on a filesystem that cannot tell (EOPNOTSUPP), and on any error or
-/// short read.
+/// when the data is not all there, on a filesystem that cannot tell (EOPNOTSUPP), and on any error or short read.
+/// Best effort, not a guarantee that the call never waits: on a miss the kernel may start the read-ahead of those
+/// pages before it answers, and the call may meet an inode lock the filesystem holds briefly.
 fn read_now(file: &File, bufs: &mut [&mut [u8]; 3], at: u64) -> bool {
     let iov = bufs.each_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() });
     let want: usize = iov.iter().map(|v| v.iov_len).sum();

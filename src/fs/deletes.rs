@@ -126,6 +126,12 @@ impl LaterDeletes {
         lock(&self.shared.state).pending.len()
     }
 
+    /// Whether a delete of a key starting with `prefix` (`""`: any) waits to be answered by the store.
+    pub fn pending_under(&self, prefix: &str) -> bool {
+        let state = lock(&self.shared.state);
+        state.pending.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))
+    }
+
     /// Waits until every pending delete of a key starting with `prefix` (`""`: all) has been answered by the store.
     pub async fn settle(&self, prefix: &str) {
         self.wait(|s| s.pending.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))).await

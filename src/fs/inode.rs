@@ -174,6 +174,9 @@ pub struct Node {
 pub struct Names {
     /// Until when the table holds every name the directory has (`attr_ttl` after the listing was asked for).
     pub until: Instant,
+    /// When the store was asked for the listing this knowledge comes from; `None` after this mount's mkdir, whose
+    /// knowledge may come from older knowledge of the parent (it stands for no HEAD, see `fs::precheck`).
+    pub asked: Option<Instant>,
     /// Entries the listing had (0 after a mkdir): what listing the directory again would fetch.
     pub entries: usize,
     /// Store requests this knowledge saved so far (lookups answered without asking): once it expires, listing the
@@ -353,11 +356,11 @@ impl InodeTable {
         }
     }
 
-    /// Records that the table holds every name of `dir` until `until`: a listing of `entries` names was just merged
-    /// into it (or, with 0, this mount just made the directory).
-    pub fn know_names(&mut self, dir: u64, until: Instant, entries: usize) {
+    /// Records that the table holds every name of `dir` until `until`: a listing of `entries` names, asked for at
+    /// `asked`, was just merged into it (or, with 0 and `None`, this mount just made the directory).
+    pub fn know_names(&mut self, dir: u64, until: Instant, entries: usize, asked: Option<Instant>) {
         if self.nodes.contains_key(&dir) {
-            self.names.insert(dir, Names { until, entries, saved: 0 });
+            self.names.insert(dir, Names { until, asked, entries, saved: 0 });
         }
     }
 

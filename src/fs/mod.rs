@@ -60,6 +60,28 @@ const RESOLVE_ATTEMPTS: u32 = 8;
 /// HEAD per file ([`Fs::renew_names_for_creates`]): two requests, where a larger listing would take longer than the
 /// HEADs it saves.
 const RENEW_FOR_CREATES_PAGES: u64 = 2;
+/// How long a create waits for that listing (a listing of two pages takes milliseconds on a store that answers).
+const RENEW_FOR_CREATES_WAIT: Duration = Duration::from_secs(1);
+
+/// A directory in [`Fs::relisting`] for as long as this lives: taken out again however the listing ends (an error,
+/// a timeout that drops it, a panic).
+struct Relisting<'a> {
+    set: &'a Mutex<std::collections::HashSet<u64>>,
+    dir: u64,
+}
+
+impl<'a> Relisting<'a> {
+    /// `None` when `dir` is being listed again already.
+    fn start(set: &'a Mutex<std::collections::HashSet<u64>>, dir: u64) -> Option<Relisting<'a>> {
+        lock(set).insert(dir).then_some(Relisting { set, dir })
+    }
+}
+
+impl Drop for Relisting<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.dir);
+    }
+}
 /// The position of "no object" in a listing's merge rows (a name known only as a prefix or a directory marker).
 const NO_OBJECT: u32 = u32::MAX;
 /// Chunk of a file downloaded at a time when staging it for writing.
@@ -716,11 +738,12 @@ impl Fs {
             let now = Instant::now();
             table.names(parent).is_some_and(|n| now >= n.until && n.saved >= n.listing_cost())
         };
-        if !worth || !lock(&self.relisting).insert(parent) {
+        if !worth {
             return false;
         }
+        let Some(relisting) = Relisting::start(&self.relisting, parent) else { return false };
         let listed = self.list_dir(parent, false).await;
-        lock(&self.relisting).remove(&parent);
+        drop(relisting);
         match listed {
             Ok(_) => true,
             Err(e) => {
@@ -1121,7 +1144,7 @@ impl Fs {
         node.subdirs_known_until = Some(known_until);
         let attr = self.link_new(parent, node);
         // And it has no names at all: creates in it need not ask the store whether a name is free.
-        lock(&self.table).know_names(attr.ino, known_until, 0);
+        lock(&self.table).know_names(attr.ino, known_until, 0, None);
         Ok(attr)
     }
 
@@ -1508,7 +1531,7 @@ impl Fs {
                 // lock: the table holds all subdirectories (and perhaps stale ones: a count never too low).
                 table.know_subdirs(ino, listed_at + self.config.attr_ttl);
                 // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
-                table.know_names(ino, listed_at + self.config.attr_ttl, entries.len());
+                table.know_names(ino, listed_at + self.config.attr_ttl, entries.len(), Some(listed_at));
             } else {
                 table.forget_listing(ino);
             }
@@ -2398,11 +2421,17 @@ impl Fs {
         Ok(())
     }
 
-    /// When the knowledge of every name of `dir` now held was asked for (a listing, or the probe of this mount's
-    /// mkdir), if it is still current.
-    fn names_asked_at(&self, dir: u64) -> Option<Instant> {
-        let names = lock(&self.table).names(dir)?;
-        (Instant::now() < names.until).then(|| names.until.checked_sub(self.config.attr_ttl)).flatten()
+    /// When the store was asked for the listing from which this mount knows every name of `dir`, if that knowledge
+    /// is current and `name` is not among them (read together, under one lock: a listing merged meanwhile that shows
+    /// the name does not lend its time to a create that did not see it). Knowledge from this mount's mkdir has no
+    /// such time.
+    fn names_asked_at(&self, dir: u64, name: &str) -> Option<Instant> {
+        let table = lock(&self.table);
+        let names = table.names(dir).filter(|n| Instant::now() < n.until)?;
+        if table.child(dir, name).is_some() {
+            return None;
+        }
+        names.asked
     }
 
     /// Creates in a directory whose names this mount knows send no HEAD ahead of their upload while that knowledge
@@ -2418,20 +2447,31 @@ impl Fs {
             let table = lock(&self.table);
             let now = Instant::now();
             table.names(dir).is_some_and(|n| {
-                let asked = n.until.checked_sub(self.config.attr_ttl);
                 now < n.until
-                    && asked.is_some_and(|a| now.duration_since(a) >= crate::store::PRECHECK_TRUSTED)
+                    && n.asked.is_none_or(|a| now.duration_since(a) >= crate::store::PRECHECK_TRUSTED)
                     && n.listing_cost() <= RENEW_FOR_CREATES_PAGES
                     && n.saved >= n.listing_cost()
             })
         };
-        if !worth || !lock(&self.relisting).insert(dir) {
+        // Not while deletes under the directory wait to be sent: the listing would wait for them (it settles them
+        // first), where the create needs only its own name's.
+        let Ok(path) = self.path_of(dir) else { return };
+        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        if !worth || self.deletes.pending_under(&prefix) {
             return;
         }
-        if let Err(e) = self.list_dir(dir, false).await {
-            tracing::debug!(dir, error = %e, "listing the directory again for its creates failed");
+        let Some(_relisting) = Relisting::start(&self.relisting, dir) else { return };
+        // A create that answered from memory before must not wait on a store that does not answer: past
+        // RENEW_FOR_CREATES_WAIT the listing is dropped (nothing is merged before it has come whole), the store is
+        // taken as silent (creates then skip this for SILENT_STORE_GRACE), and the create asks with a HEAD ahead.
+        match tokio::time::timeout(RENEW_FOR_CREATES_WAIT, self.list_dir(dir, false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(dir, error = %e, "listing the directory again for its creates failed"),
+            Err(_) => {
+                lock(&self.silent_since).get_or_insert_with(Instant::now);
+                tracing::debug!(dir, "listing the directory again for its creates took too long; dropped");
+            }
         }
-        lock(&self.relisting).remove(&dir);
     }
 
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
@@ -2468,7 +2508,7 @@ impl Fs {
         self.check_path_len(&path, false)?;
         // Known from the directory's names when they are fresh enough; else sent before the journal's work, so the
         // answer is usually in when the file is closed.
-        let known = self.names_asked_at(parent).and_then(|asked| {
+        let known = self.names_asked_at(parent, &name).and_then(|asked| {
             precheck::Precheck::known_absent(&self.backend, &path, asked, |k| self.deletes.is_pending(k))
         });
         let precheck = known.or_else(|| precheck::Precheck::send(&self.backend, &path, |k| self.deletes.is_pending(k)));

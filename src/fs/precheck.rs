@@ -16,13 +16,14 @@
 //! to the write, which was a round trip and is now at most 0.5 s. Servers that check conditions never get here
 //! ([`Backend::conditions_checked_by_head`] is false for them).
 //!
-//! A file created in a directory whose every name this mount knows, from a listing (or its own mkdir's probe) asked
-//! for less than 0.5 s before, sends no HEAD at all: that knowledge already answered the create's lookup (the name
-//! is not there), and it stands for a HEAD sent when the listing was asked for ([`Precheck::known_absent`]), under
-//! the same 0.5 s bound. A burst of creates in a directory this mount made or just listed (`cp -r`, an unpacked
-//! archive) then costs one PUT per file instead of a HEAD and a PUT; past 0.5 s the next create lists the directory
-//! again (`Fs::renew_names_for_creates`). 2,000 files of 4 KiB on Garage: 2 HEADs and about 10 listings instead of
-//! 2,002 HEADs.
+//! A file created in a directory whose every name this mount knows from a listing asked for less than 0.5 s before
+//! sends no HEAD ahead: that listing already answered the create's lookup (the name is not there), and it stands
+//! for a HEAD sent when the listing was asked for ([`Precheck::known_absent`]), under the same 0.5 s bound counted
+//! from then (a close later than that asks at the upload). What this mount's own mkdir knows stands for none: it may
+//! come from older knowledge of the parent. Past 0.5 s, the next create in a small directory in use lists it again
+//! first (`Fs::renew_names_for_creates`), waiting at most a second for that. A burst of creates (`cp -r`, an
+//! unpacked archive) then costs one PUT per file instead of a HEAD and a PUT: 2,000 files of 4 KiB on Garage sent
+//! 2 HEADs and about 10 listings instead of 2,002 HEADs.
 
 use std::sync::Arc;
 use std::time::Instant;

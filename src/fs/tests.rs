@@ -30,6 +30,8 @@ struct Silenceable {
     conditions: std::sync::Mutex<Vec<Expect>>,
     /// `head` hangs (a frozen server whose connection stays open) until this is cleared.
     hang_heads: AtomicBool,
+    /// `list` hangs the same way.
+    hang_lists: AtomicBool,
 }
 
 impl Silenceable {
@@ -43,6 +45,7 @@ impl Silenceable {
             refuse_aborts: AtomicBool::new(false),
             conditions: std::sync::Mutex::new(Vec::new()),
             hang_heads: AtomicBool::new(false),
+            hang_lists: AtomicBool::new(false),
         }
     }
 
@@ -144,6 +147,9 @@ impl Backend for Silenceable {
         self.inner.conditions_checked_by_head()
     }
     async fn list(&self, dir: &str, recursive: bool) -> Result<Listing, StoreError> {
+        while self.hang_lists.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.check(dir)?;
         self.note("list");
         self.inner.list(dir, recursive).await
@@ -1262,6 +1268,7 @@ async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_uplo
     let caller = Caller { uid: 0, gid: 0 };
     let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
     let d2 = fs.mkdir(ROOT_INO, OsStr::new("d2"), 0o755, caller).await.unwrap();
+    let d3 = fs.mkdir(ROOT_INO, OsStr::new("d3"), 0o755, caller).await.unwrap();
     // The names known since the mkdirs no longer stand for a HEAD, and (nothing created in them yet) are not listed
     // again by the first create in each.
     tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
@@ -1288,16 +1295,18 @@ async fn a_condition_the_head_ahead_did_not_confirm_is_still_checked_at_the_uplo
     fs.release(fh).await.unwrap();
     assert_eq!(store.inner.condition_heads(), heads + 1);
 
-    // Closed after the answer stopped counting.
+    // Closed after the answer stopped counting (in a directory of its own, so its create sends the HEAD ahead).
     let heads = store.inner.condition_heads();
-    let (_, fh) = fs.create(d.ino, OsStr::new("slow"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    store.take_log();
+    let (_, fh) = fs.create(d3.ino, OsStr::new("slow"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    answered(&store, "head", 1).await;
     fs.write(fh, 0, b"slow").await.unwrap();
     tokio::time::sleep(crate::store::PRECHECK_TRUSTED + Duration::from_millis(100)).await;
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
     assert_eq!(store.inner.condition_heads(), heads + 1);
-    for (name, want) in [("b", &b"unconfirmed"[..]), ("slow", b"slow")] {
-        let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
+    for (name, want) in [("d/b", &b"unconfirmed"[..]), ("d3/slow", b"slow")] {
+        let (body, _, _) = store.inner.get(&ObjectKey::new(name).unwrap()).await.unwrap();
         assert_eq!(&body[..], want);
     }
 }
@@ -1324,13 +1333,14 @@ async fn a_head_ahead_that_hangs_delays_the_upload_by_at_most_its_trust() {
     assert_eq!(&body[..], b"data");
 }
 
-/// `fs::precheck`: creates in a directory whose every name this mount has known for less than 0.5 s (since its own
-/// mkdir, or a listing) send no HEAD, ahead or at the upload: that knowledge stands for one, and each upload still
-/// carries its condition. Once the knowledge is older, the next create in the directory (in use, small) lists it
-/// again first: that listing finds a file another writer stored meanwhile (O_EXCL refuses the name, nothing is
-/// overwritten) and stands for the HEADs of the creates after it.
+/// `fs::precheck`: creates in a directory whose every name this mount knows from a listing asked for less than 0.5 s
+/// ago send no HEAD, ahead or at the upload: that listing stands for one, and each upload still carries its
+/// condition. What this mount's own mkdir knows stands for none (it may come from older knowledge of the parent):
+/// the first create there sends its HEAD, and the next one, the directory being in use, lists it first. Once a
+/// listing is older than 0.5 s, the next create lists again: that listing finds a file another writer stored
+/// meanwhile (O_EXCL refuses the name, nothing is overwritten) and stands for the HEADs of the creates after it.
 #[tokio::test]
-async fn creates_in_a_directory_whose_names_are_fresh_send_no_head() {
+async fn creates_in_a_directory_listed_less_than_half_a_second_ago_send_no_head() {
     let store = store_ignoring_conditions();
     let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
     let caller = Caller { uid: 0, gid: 0 };
@@ -1338,19 +1348,18 @@ async fn creates_in_a_directory_whose_names_are_fresh_send_no_head() {
     store.take_log();
     store.conditions.lock().unwrap().clear();
     let fs = &fs;
-    let create = |name: &'static str| {
-        async move {
-            let (_, fh) = fs.create(d.ino, OsStr::new(name), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await?;
-            fs.write(fh, 0, name.as_bytes()).await.unwrap();
-            fs.flush(fh).await.unwrap();
-            fs.release(fh).await.unwrap();
-            Ok::<_, Error>(())
-        }
+    let create = |name: &'static str| async move {
+        let (_, fh) = fs.create(d.ino, OsStr::new(name), 0o644, libc::O_WRONLY | libc::O_EXCL, caller).await?;
+        fs.write(fh, 0, name.as_bytes()).await.unwrap();
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        Ok::<_, Error>(())
     };
-    for name in ["a", "b", "c"] {
-        create(name).await.unwrap();
-    }
-    assert_eq!(store.take_log(), ["put", "put", "put"]);
+    create("a").await.unwrap();
+    assert_eq!(store.take_log(), ["head", "put"], "the mkdir's knowledge stood for a HEAD");
+    create("b").await.unwrap();
+    create("c").await.unwrap();
+    assert_eq!(store.take_log(), ["list", "put", "put"], "a listing first, then no HEAD");
     assert_eq!(store.inner.condition_heads(), 0);
     assert_eq!(*store.conditions.lock().unwrap(), [Expect::Absent, Expect::Absent, Expect::Absent]);
 
@@ -1368,6 +1377,35 @@ async fn creates_in_a_directory_whose_names_are_fresh_send_no_head() {
     for name in ["a", "b", "c", "e"] {
         let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
         assert_eq!(&body[..], name.as_bytes());
+    }
+}
+
+/// A create that would list its directory again first (`Fs::renew_names_for_creates`) on a store that does not
+/// answer waits at most a second for that listing, then goes on with a HEAD ahead as before; the creates after it
+/// do not list again meanwhile.
+#[tokio::test]
+async fn a_create_waits_at_most_a_second_for_a_listing_the_store_does_not_answer() {
+    let store = store_ignoring_conditions();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(3600)).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    let (_, fh) = fs.create(d.ino, OsStr::new("a"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+    fs.release(fh).await.unwrap();
+    store.hang_lists.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    for name in ["b", "c"] {
+        let (_, fh) = fs.create(d.ino, OsStr::new(name), 0o644, libc::O_WRONLY, caller).await.unwrap();
+        fs.write(fh, 0, b"x").await.unwrap();
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "two creates took {took:?} with the listings hanging");
+    assert!(took >= RENEW_FOR_CREATES_WAIT, "the first create did not try to list again: {took:?}");
+    store.hang_lists.store(false, Ordering::SeqCst);
+    for name in ["b", "c"] {
+        let (body, _, _) = store.inner.get(&ObjectKey::new(format!("d/{name}")).unwrap()).await.unwrap();
+        assert_eq!(&body[..], b"x");
     }
 }
 

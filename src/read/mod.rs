@@ -98,6 +98,9 @@ const WHOLE_OBJECT_SHARE_OF_DISK: u64 = 4;
 /// 1.12–1.14 s (3 alternating runs each), since 32 fewer reads each wait for a GET of their own first (more on a
 /// slower link).
 pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 8 << 20;
+/// The longest run of pages read from the scratch without a blocking task (`DiskCache::get_many_now`): a read of up
+/// to 256 KiB. Longer runs (read-ahead, whole-object segments) decrypt too much to do it on an async thread.
+const DISK_NOW_MAX_PAGES: usize = 4;
 /// Segments a whole-object fetch has in flight at once.
 const WHOLE_OBJECT_IN_FLIGHT: usize = 8;
 /// Objects whose random reads [`Fetches`] follows at most, the least recently read forgotten first.
@@ -763,9 +766,12 @@ impl Reader {
         let n = lens.len();
         let ids: Vec<(EntryId, usize)> =
             run.clone().map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, self.page_len(index))).collect();
-        // Pages of the scratch that the system still holds in memory are read here (a miss is found here too);
-        // else, with nothing of the run there (no file to open), straight to the store; else in a blocking task.
-        let found = match disk.get_many_now(&ids) {
+        // Pages of the scratch that the system still holds in memory are read here (a miss is found here too), for a
+        // run as short as a read's: a whole-object or read-ahead segment (up to 128 pages to decrypt) is not worked
+        // through on an async thread. Else, with nothing of the run there (no file to open), straight to the store;
+        // else in a blocking task.
+        let now = if n <= DISK_NOW_MAX_PAGES { disk.get_many_now(&ids) } else { None };
+        let found = match now {
             Some(found) => found,
             None => {
                 let names: Vec<EntryId> = ids.iter().map(|(id, _)| *id).collect();
@@ -774,7 +780,7 @@ impl Reader {
                     self.fetches.missed_on_disk(&id);
                     return self.fetch_store(run).await;
                 }
-                self.fetch_disk_blocking(&disk, run.start, lens).await
+                self.fetch_disk_blocking(&disk, &id, run.start, lens).await
             }
         };
         let hits = found.iter().filter(|p| p.is_some()).count() as u64;
@@ -806,10 +812,16 @@ impl Reader {
         Ok(pages)
     }
 
-    /// [`DiskCache::get_many`] of the pages `first..` (of lengths `lens`) in a blocking task: each one found, or
-    /// `None`.
-    async fn fetch_disk_blocking(&self, disk: &Arc<DiskCache>, first: u64, lens: Vec<usize>) -> Vec<Option<Bytes>> {
-        let (disk, id, n) = (disk.clone(), self.object_id(), lens.len());
+    /// [`DiskCache::get_many`] of the pages `first..` (of lengths `lens`) of version `id` in a blocking task: each
+    /// one found, or `None`.
+    async fn fetch_disk_blocking(
+        &self,
+        disk: &Arc<DiskCache>,
+        id: &ObjectId,
+        first: u64,
+        lens: Vec<usize>,
+    ) -> Vec<Option<Bytes>> {
+        let (disk, id, n) = (disk.clone(), id.clone(), lens.len());
         tokio::task::spawn_blocking(move || {
             let ids: Vec<(EntryId, usize)> = lens
                 .iter()
