@@ -519,28 +519,36 @@ impl DiskCache {
     /// holds each page found; an entry missing (or still being written) is `None` in it.
     pub fn get_many_now(&self, pages: &[(EntryId, usize)]) -> Option<Vec<Option<Bytes>>> {
         let Place::Scratch { file, .. } = &self.place else { return None };
-        let slots: Vec<Option<u64>> = {
-            let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
-            let mut st = lock(&self.state);
-            names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
-        };
+        let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
         let mut found = Vec::with_capacity(pages.len());
-        for (slot, (id, len)) in slots.into_iter().zip(pages) {
-            let Some(slot) = slot else {
-                found.push(None);
-                continue;
-            };
-            // The ciphertext straight into the page, decrypted there: no copy of it, no buffer for the entry.
-            let (mut head, mut tag) = ([0u8; ENTRY_HEAD], [0u8; TAG_LEN]);
-            let mut page = PageBuf::for_len(*len);
-            if !read_now(file, &mut [&mut head, page.as_mut_slice(), &mut tag], slot * SLOT) {
-                return None;
+        for (slot, (id, len)) in self.slots_of(&names).into_iter().zip(pages) {
+            match slot {
+                None => found.push(None),
+                // A slot given to another page since the lookup does not open as this one.
+                Some(slot) => found.push(Some(self.read_slot(file, slot, id, *len, libc::RWF_NOWAIT).ok()?)),
             }
-            // A slot given to another page since the lookup does not open as this one.
-            self.keys.open_in_place(id, &head, page.as_mut_slice(), &tag).ok()?;
-            found.push(Some(page.freeze()));
         }
         Some(found)
+    }
+
+    /// The slot of each entry `names` (a use of each), `None` for one the scratch does not have or is still writing.
+    fn slots_of(&self, names: &[String]) -> Vec<Option<u64>> {
+        let mut st = lock(&self.state);
+        names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
+    }
+
+    /// The page the scratch's `slot` holds for `id` (`len` bytes), read with `preadv2` `flags` in three pieces (head,
+    /// ciphertext straight into the page, tag) and decrypted in place: no buffer for the entry, no copy of it. `Err`
+    /// with why not: the read would block (`RWF_NOWAIT`), failed or came short, or the entry does not open as this
+    /// page.
+    fn read_slot(&self, file: &File, slot: u64, id: &EntryId, len: usize, flags: libc::c_int) -> io::Result<Bytes> {
+        let (mut head, mut tag) = ([0u8; ENTRY_HEAD], [0u8; TAG_LEN]);
+        let mut page = PageBuf::for_len(len);
+        read_pieces(file, &mut [&mut head, page.as_mut_slice(), &mut tag], slot * SLOT, flags)?;
+        self.keys
+            .open_in_place(id, &head, page.as_mut_slice(), &tag)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it does not authenticate as this page"))?;
+        Ok(page.freeze())
     }
 
     /// Whether any page of `pages` has an entry (not whether it still opens). No I/O; not a use.
@@ -602,11 +610,7 @@ impl DiskCache {
     /// [`DiskCache::get_many`] from the scratch: each entry written whole is read from its slot (all of them asked
     /// for ahead first, as from a directory).
     fn get_slots(&self, file: &File, pages: &[(EntryId, usize)], names: &[String], mut hit: impl FnMut(usize, Bytes)) {
-        use std::os::unix::fs::FileExt;
-        let slots: Vec<Option<u64>> = {
-            let mut st = lock(&self.state);
-            names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
-        };
+        let slots = self.slots_of(names);
         for (slot, (_, len)) in slots.iter().zip(pages) {
             if let Some(slot) = slot {
                 let (at, len) = ((slot * SLOT) as libc::off_t, (len + ENTRY_OVERHEAD) as libc::off_t);
@@ -614,21 +618,13 @@ impl DiskCache {
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
             }
         }
-        let mut stored = Vec::new();
         for (i, slot) in slots.into_iter().enumerate() {
             let Some(slot) = slot else { continue };
             let (id, len) = &pages[i];
-            stored.resize(len + ENTRY_OVERHEAD, 0);
-            if let Err(e) = file.read_exact_at(&mut stored, slot * SLOT) {
-                self.drop_entry(&names[i], &e.to_string(), Some(slot));
-                continue;
+            match self.read_slot(file, slot, id, *len, 0) {
+                Ok(page) => hit(i, page),
+                Err(e) => self.drop_entry(&names[i], &e.to_string(), Some(slot)),
             }
-            let mut page = PageBuf::for_len(*len);
-            if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
-                self.drop_entry(&names[i], "it does not authenticate as this page", Some(slot));
-                continue;
-            }
-            hit(i, page.freeze());
         }
     }
 
@@ -833,16 +829,29 @@ impl DiskCache {
     }
 }
 
-/// Fills `bufs`, in order, from `file` at `at` only if the system's page cache holds all of it (`RWF_NOWAIT`): false
-/// when the data is not all there, on a filesystem that cannot tell (EOPNOTSUPP), and on any error or short read.
-/// Best effort, not a guarantee that the call never waits: on a miss the kernel may start the read-ahead of those
-/// pages before it answers, and the call may meet an inode lock the filesystem holds briefly.
-fn read_now(file: &File, bufs: &mut [&mut [u8]; 3], at: u64) -> bool {
+/// Fills `bufs`, in order, from `file` at `at` with one `preadv2` of `flags`. With `RWF_NOWAIT` it answers only from
+/// the system's page cache (`WouldBlock` when the data is not all there; EOPNOTSUPP on a filesystem that cannot
+/// tell). Best effort, not a guarantee that the call never waits: on a miss the kernel may start the read-ahead of
+/// those pages before it answers, and the call may meet an inode lock the filesystem holds briefly. A short read
+/// (the file ends, or only part was in memory) is `UnexpectedEof`.
+fn read_pieces(file: &File, bufs: &mut [&mut [u8]; 3], at: u64, flags: libc::c_int) -> io::Result<()> {
     let iov = bufs.each_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() });
     let want: usize = iov.iter().map(|v| v.iov_len).sum();
-    // SAFETY: the iovecs cover the three buffers, which outlive the call; the descriptor is open.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), iov.as_ptr(), 3, at as libc::off_t, libc::RWF_NOWAIT) };
-    n == want as isize
+    loop {
+        // SAFETY: the iovecs cover the three buffers, which outlive the call; the descriptor is open.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), iov.as_ptr(), 3, at as libc::off_t, flags) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return match usize::try_from(n) {
+            Ok(n) if n == want => Ok(()),
+            _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{n} of {want} bytes read"))),
+        };
+    }
 }
 
 #[cfg(test)]

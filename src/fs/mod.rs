@@ -2453,11 +2453,14 @@ impl Fs {
                     && n.saved >= n.listing_cost()
             })
         };
+        if !worth {
+            return;
+        }
         // Not while deletes under the directory wait to be sent: the listing would wait for them (it settles them
         // first), where the create needs only its own name's.
         let Ok(path) = self.path_of(dir) else { return };
         let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-        if !worth || self.deletes.pending_under(&prefix) {
+        if self.deletes.pending_under(&prefix) {
             return;
         }
         let Some(_relisting) = Relisting::start(&self.relisting, dir) else { return };
@@ -2468,8 +2471,9 @@ impl Fs {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(dir, error = %e, "listing the directory again for its creates failed"),
             Err(_) => {
-                lock(&self.silent_since).get_or_insert_with(Instant::now);
-                tracing::debug!(dir, "listing the directory again for its creates took too long; dropped");
+                let detail = "a listing of the directory, for its creates".to_string();
+                let e = StoreError::TimedOut { key: prefix.clone(), after: RENEW_FOR_CREATES_WAIT, detail };
+                self.note_silent_store(&prefix, &e);
             }
         }
     }

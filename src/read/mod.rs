@@ -762,10 +762,9 @@ impl Reader {
     async fn fetch(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
         let Some(disk) = self.disk.clone() else { return self.fetch_store(run).await };
         let id = self.object_id();
-        let lens: Vec<usize> = run.clone().map(|i| self.page_len(i)).collect();
-        let n = lens.len();
         let ids: Vec<(EntryId, usize)> =
             run.clone().map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, self.page_len(index))).collect();
+        let n = ids.len();
         // Pages of the scratch that the system still holds in memory are read here (a miss is found here too), for a
         // run as short as a read's: a whole-object or read-ahead segment (up to 128 pages to decrypt) is not worked
         // through on an async thread. Else, with nothing of the run there (no file to open), straight to the store;
@@ -780,6 +779,7 @@ impl Reader {
                     self.fetches.missed_on_disk(&id);
                     return self.fetch_store(run).await;
                 }
+                let lens = ids.iter().map(|(_, len)| *len).collect();
                 self.fetch_disk_blocking(&disk, &id, run.start, lens).await
             }
         };
