@@ -671,14 +671,20 @@ impl DiskCache {
     /// Keeps page `id`. Blocking file I/O. Skipped when the entry is there already (or being written) or cannot get
     /// room. `true` when the cache has the entry now (or another write of it is under way).
     pub fn put(&self, id: &EntryId, plain: &[u8]) -> bool {
+        self.put_in_place(id, &mut plain.to_vec())
+    }
+
+    /// [`DiskCache::put`] of a page the caller no longer needs: it is encrypted where it is (no copy), so `page`
+    /// holds ciphertext afterwards, unless the entry was there already.
+    pub fn put_in_place(&self, id: &EntryId, page: &mut [u8]) -> bool {
         let name = self.keys.entry_name(id);
         if lock(&self.state).lru.contains(&name) {
             return true;
         }
-        let sealed = self.keys.seal(&self.sealer, id, plain);
+        let sealed_len = page.len() + ENTRY_OVERHEAD;
         let size = match self.place {
-            Place::Dir { .. } => counted(sealed.len() as u64),
-            Place::Scratch { .. } if sealed.len() as u64 <= SLOT => SLOT,
+            Place::Dir { .. } => counted(sealed_len as u64),
+            Place::Scratch { .. } if sealed_len as u64 <= SLOT => SLOT,
             Place::Scratch { .. } => return false,
         };
         if size > self.limit {
@@ -689,16 +695,16 @@ impl DiskCache {
             Room::None => return false,
             Room::Made(reservation) => reservation,
         };
+        let (head, tag) = self.keys.seal_in_place(&self.sealer, id, page);
         let (written, slot) = match &self.place {
-            Place::Dir { dir, .. } => match dir.write_new(&name, &sealed) {
+            Place::Dir { dir, .. } => match dir.write_new(&name, &[&head[..], page, &tag].concat()) {
                 // Written meanwhile by another read of the same page.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (Ok(()), None),
                 other => (other, None),
             },
             Place::Scratch { file, .. } => {
-                use std::os::unix::fs::FileExt;
                 let slot = lock(&self.state).take_slot();
-                (file.write_all_at(&sealed, slot * SLOT), Some(slot))
+                (write_pieces(file, [&head[..], page, &tag], slot * SLOT), Some(slot))
             }
         };
         let mut st = lock(&self.state);
@@ -706,7 +712,7 @@ impl DiskCache {
         let ours = st.lru.peek(&name).is_some_and(|k| k.reservation == reservation);
         match written {
             Ok(()) if ours => {
-                st.written += sealed.len() as u64;
+                st.written += sealed_len as u64;
                 if let Some(kept) = st.lru.peek_mut(&name) {
                     kept.slot = slot;
                 }
@@ -827,6 +833,41 @@ impl DiskCache {
         *last = (written, evicted, dropped);
         delta
     }
+}
+
+/// Writes `bufs`, in order, to `file` at `at`: one `pwritev` (more only after a short write), every byte or an
+/// error.
+fn write_pieces(file: &File, bufs: [&[u8]; 3], at: u64) -> io::Result<()> {
+    let want: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut done = 0;
+    while done < want {
+        // What is left of the three pieces after the `done` bytes written so far.
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 3];
+        let (mut skip, mut count) = (done, 0);
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            iov[count] = libc::iovec { iov_base: b[skip..].as_ptr() as *mut libc::c_void, iov_len: b.len() - skip };
+            (skip, count) = (0, count + 1);
+        }
+        let offset = (at + done as u64) as libc::off_t;
+        // SAFETY: the first `count` iovecs cover what is left of the pieces, which outlive the call and are only
+        // read; the descriptor is open.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count as libc::c_int, offset) };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::Error::new(io::ErrorKind::WriteZero, format!("{done} of {want} bytes written"))),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 /// Fills `bufs`, in order, from `file` at `at` with one `preadv2` of `flags`. With `RWF_NOWAIT` it answers only from

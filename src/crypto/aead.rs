@@ -78,33 +78,31 @@ impl AeadKey {
     pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(plaintext);
-        let tag: [u8; TAG_LEN] = match &self.inner {
+        let tag = self.seal_detached(nonce, aad, &mut out[start..]);
+        out.extend_from_slice(&tag);
+    }
+
+    /// Encrypt `buf` in place and return its tag (the caller's buffer: no allocation, no copy).
+    ///
+    /// # Panics
+    /// If `buf` exceeds GCM's 64 GiB message limit (chunks are 64 KiB).
+    pub fn seal_detached(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        let mut t = [0u8; TAG_LEN];
+        match &self.inner {
             Inner::AwsLc(key) => {
                 let tag = key
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(*nonce),
-                        Aad::from(aad),
-                        &mut out[start..],
-                    )
-                    .expect(
-                        "invariant broken: aws-lc refused to seal a message under the GCM limit",
-                    );
-                let mut t = [0u8; TAG_LEN];
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
+                    .expect("invariant broken: aws-lc refused to seal a message under the GCM limit");
                 t.copy_from_slice(tag.as_ref());
-                t
             }
             Inner::RustCrypto(cipher) => {
                 let tag = cipher
-                    .encrypt_inout_detached(&(*nonce).into(), aad, (&mut out[start..]).into())
-                    .expect(
-                        "invariant broken: aes-gcm refused to seal a message under the GCM limit",
-                    );
-                let mut t = [0u8; TAG_LEN];
+                    .encrypt_inout_detached(&(*nonce).into(), aad, buf.into())
+                    .expect("invariant broken: aes-gcm refused to seal a message under the GCM limit");
                 t.copy_from_slice(&tag);
-                t
             }
-        };
-        out.extend_from_slice(&tag);
+        }
+        t
     }
 
     /// Authenticate `ciphertext || tag` and append the plaintext to `out`.

@@ -148,15 +148,34 @@ impl CacheKeys {
 
     /// The entry for `id` holding `plain`, sealed by `sealer` (which must come from these keys).
     pub fn seal(&self, sealer: &EntrySealer, id: &EntryId, plain: &[u8]) -> Vec<u8> {
-        let n = sealer.counter.fetch_add(1, Ordering::Relaxed);
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce[4..].copy_from_slice(&n.to_be_bytes());
-        let mut out = Vec::with_capacity(plain.len() + ENTRY_OVERHEAD);
-        out.extend_from_slice(ENTRY_MAGIC);
-        out.extend_from_slice(&sealer.salt);
-        out.extend_from_slice(&nonce);
-        sealer.key.seal(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), plain, &mut out);
+        let mut out = vec![0u8; plain.len() + ENTRY_OVERHEAD];
+        let (head_out, rest) = out.split_at_mut(ENTRY_HEAD);
+        let (body, tag_out) = rest.split_at_mut(plain.len());
+        body.copy_from_slice(plain);
+        let (head, tag) = self.seal_in_place(sealer, id, body);
+        head_out.copy_from_slice(&head);
+        tag_out.copy_from_slice(&tag);
         out
+    }
+
+    /// [`CacheKeys::seal`] in three pieces, the page encrypted where it is (no copy): the entry is `head`, `page`
+    /// (now its ciphertext), `tag`, in that order.
+    pub fn seal_in_place(
+        &self,
+        sealer: &EntrySealer,
+        id: &EntryId,
+        page: &mut [u8],
+    ) -> ([u8; ENTRY_HEAD], [u8; TAG_LEN]) {
+        let n = sealer.counter.fetch_add(1, Ordering::Relaxed);
+        let mut head = [0u8; ENTRY_HEAD];
+        let (magic, rest) = head.split_at_mut(ENTRY_MAGIC.len());
+        let (salt, nonce) = rest.split_at_mut(SALT_LEN);
+        magic.copy_from_slice(ENTRY_MAGIC);
+        salt.copy_from_slice(&sealer.salt);
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
+        let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().expect("the head's last NONCE_LEN bytes");
+        let tag = sealer.key.seal_detached(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), page);
+        (head, tag)
     }
 }
 

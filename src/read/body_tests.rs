@@ -263,7 +263,7 @@ async fn whole_fetch_setup() -> (Setup, Arc<Reader>) {
 async fn a_whole_object_fetch_stops_at_its_first_failed_segment() {
     let (s, reader) = whole_fetch_setup().await;
     // The segments the fetch sends before any answer: fewer than the object's, or the test shows nothing.
-    let first_batch = reader.whole_in_flight(reader.segment_chunks()) as u64 * reader.segment_chunks();
+    let first_batch = reader.whole_in_flight(Keep::Memory, reader.segment_chunks()) as u64 * reader.segment_chunks();
     assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
     // A random read, then the store fails every GET: the second starts the whole fetch, whose segments all fail.
     let at = 100 * 65536 + 10;
@@ -314,7 +314,7 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
     for rename in [false, true] {
         let (s, reader) = whole_fetch_setup().await;
         let segment = reader.segment_chunks();
-        let first_batch = reader.whole_in_flight(segment) as u64 * segment;
+        let first_batch = reader.whole_in_flight(Keep::Memory, segment) as u64 * segment;
         assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
         let at = 100 * 65536 + 10;
         assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
@@ -354,5 +354,92 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
         let reads = [100 * 65536, 20 * 65536];
         let later = asked.iter().filter(|r| r.start >= first_batch * 65536 && !reads.contains(&r.start)).count();
         assert_eq!(later, 0, "segments were asked for after the handle closed (rename {rename}): {asked:?}");
+    }
+}
+
+/// A scratch for `s` (a new unnamed file in a directory of `tmp`): the disk cache that fetches of `s.context` keep
+/// pages in.
+fn with_scratch(s: &mut Setup, tmp: &std::path::Path) -> Arc<DiskCache> {
+    let dir = crate::journal::dir::Dir::open_base(&tmp.join("run")).unwrap();
+    let memory = crate::memory::MemoryBudget::unlimited();
+    let file = dir.unnamed_file().unwrap();
+    let disk = DiskCache::scratch(file, dir.path(), "s3://bucket/p", Some(64 << 20), &memory, AeadBackend::default());
+    let disk = Arc::new(disk);
+    s.context.disk = Some(disk.clone());
+    disk
+}
+
+/// Pages `run` of `reader`'s object as the disk cache holds them (`None` where it has none).
+fn on_disk(disk: &DiskCache, reader: &Reader, run: Range<u64>) -> Vec<Option<Bytes>> {
+    let id = reader.object_id();
+    let pages: Vec<(EntryId, usize)> =
+        run.map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, reader.page_len(index))).collect();
+    let mut found = vec![None; pages.len()];
+    disk.get_many(&pages, |j, page| found[j] = Some(page));
+    found
+}
+
+/// A fetch into the disk cache (a whole object larger than the page cache) opens its pages in one batch buffer,
+/// reused, and seals them there: every page lands byte-exact, whatever the pieces of the body, across batch
+/// boundaries, with a short last page, from chunk 0 (the header in the body) or from the middle; none goes to the
+/// page cache.
+#[tokio::test]
+async fn pages_fetched_into_the_disk_cache_are_byte_exact_across_batches() {
+    let len = 21 * 65536 + 1234; // 22 pages: batches of 8, 8 and 6, the last page short
+    for encrypted in [true, false] {
+        for sizes in [&[1 << 20][..], &[7, 13, 4096], &[65564, 100_000]] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
+            let disk = with_scratch(&mut s, tmp.path());
+            let reader = s.reader(Shape::Sizes(sizes)).await;
+            let pages = reader.page_count();
+            // The middle first (the object's codec is read on its own then, for an encrypted object), then all.
+            for run in [3..17, 0..pages] {
+                assert!(reader.fetch_to_disk(run.clone()).await.unwrap(), "not kept: {run:?}, pieces {sizes:?}");
+                for (j, page) in on_disk(&disk, &reader, run.clone()).into_iter().enumerate() {
+                    let index = run.start + j as u64;
+                    let want = &s.plain[(index * 65536) as usize..((index + 1) * 65536).min(len as u64) as usize];
+                    let page = page.unwrap_or_else(|| panic!("page {index} missing, pieces {sizes:?}"));
+                    assert!(page == want, "page {index}, encrypted {encrypted}, pieces {sizes:?}");
+                }
+            }
+            assert!(s.cached(&reader).is_empty(), "pages fetched into the disk cache went to the page cache");
+        }
+    }
+}
+
+/// A fetch into the disk cache whose body fails, or whose chunk 9 was tampered with, in the second batch: the fetch is
+/// an error, the batch opened whole before it stays (it authenticated), nothing of the batch it cut short is kept.
+#[tokio::test]
+async fn a_fetch_into_the_disk_cache_cut_short_keeps_only_whole_batches() {
+    let (header, chunk) = (crate::crypto::HEADER_LEN as usize, 65536 + 28);
+    for tamper in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = setup_with(true, 21 * 65536 + 1234, Arc::new(PageCache::new(8 << 20))).await;
+        let disk = with_scratch(&mut s, tmp.path());
+        let shape = if tamper {
+            let mut tampered = s.stored.clone();
+            tampered[header + 9 * chunk + 12 + 300] ^= 1;
+            let key = ObjectKey::new(PATH).unwrap();
+            let meta = s.pieces.head(&key).await.unwrap().1;
+            s.pieces.put_expect(&key, Bytes::from(tampered), &meta, &Expect::Any).await.unwrap();
+            Shape::Sizes(&[5000, 3])
+        } else {
+            // The header and 10 whole chunks, then a failed piece.
+            Shape::FailsAfter(header + 10 * chunk)
+        };
+        let reader = s.reader(shape).await;
+        let err = reader.fetch_to_disk(0..reader.page_count()).await.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "{err:?}");
+        if tamper {
+            assert!(format!("{err:?}").contains("AuthenticationFailed { chunk: 9 }"), "{err:?}");
+        }
+        let found = on_disk(&disk, &reader, 0..reader.page_count());
+        let kept: Vec<u64> = (0..found.len() as u64).filter(|&i| found[i as usize].is_some()).collect();
+        assert_eq!(kept, (0..DISK_BATCH_PAGES as u64).collect::<Vec<_>>(), "pages kept, tampered {tamper}");
+        for (index, page) in found.iter().enumerate().take(DISK_BATCH_PAGES) {
+            let want = &s.plain[index * 65536..(index + 1) * 65536];
+            assert!(page.as_deref() == Some(want), "page {index}, tampered {tamper}");
+        }
     }
 }

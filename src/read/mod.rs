@@ -33,7 +33,8 @@
 //! deadline), when the handle that started it closes, and when the object is renamed; the count then starts over.
 //! An object found whole in the disk cache at the end is not fetched whole again until a read misses there.
 //!
-//! Memory: every fetch reserves its buffers (the GET body and the pages decrypted from it) from the mount's
+//! Memory: every fetch reserves its buffers (the GET body and the pages decrypted from it; for a fetch into the disk
+//! cache, one batch of pages, see [`Reader::fetch_to_disk`]) from the mount's
 //! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
 //! whole-object prefetch only take what is free, and stop where the budget ends (the reads then fetch what they need).
 //!
@@ -101,6 +102,9 @@ pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 8 << 20;
 /// The longest run of pages read from the scratch without a blocking task (`DiskCache::get_many_now`): a read of up
 /// to 256 KiB. Longer runs (read-ahead, whole-object segments) decrypt too much to do it on an async thread.
 const DISK_NOW_MAX_PAGES: usize = 4;
+/// Pages a fetch into the disk cache opens before it seals and writes them ([`Reader::fetch_to_disk`]): 512 KiB, a
+/// buffer below the allocator's mapping threshold (`memory::tune_allocator`), so it comes from the heap and is reused.
+const DISK_BATCH_PAGES: usize = 8;
 /// Segments a whole-object fetch has in flight at once.
 const WHOLE_OBJECT_IN_FLIGHT: usize = 8;
 /// Objects whose random reads [`Fetches`] follows at most, the least recently read forgotten first.
@@ -220,9 +224,9 @@ enum Keep {
     Disk,
 }
 
-/// Bytes a fetch of `chunks` chunks holds at its peak: the GET body and the pages decrypted from it (a little more
-/// than the plaintext for the chunk overhead). Own-format objects are decrypted from the body as it arrives and
-/// hold little of it, but S3EC objects and stores without a streamed body (the local store) hold it whole.
+/// Bytes a fetch of `chunks` chunks into the page cache holds at its peak: the GET body and the pages decrypted from
+/// it (a little more than the plaintext for the chunk overhead). Own-format objects are decrypted from the body as it
+/// arrives and hold little of it, but S3EC objects and stores without a streamed body (the local store) hold it whole.
 fn fetch_cost(chunks: u64) -> u64 {
     2 * chunks * (CHUNK_PLAIN_LEN + 64)
 }
@@ -563,7 +567,7 @@ impl Reader {
         let total = self.page_count();
         let segment = self.segment_chunks();
         let memory = self.cache.memory().clone();
-        let in_flight = self.whole_in_flight(segment);
+        let in_flight = self.whole_in_flight(keep, segment);
         let failed = Arc::new(AtomicBool::new(false));
         let mut done = WholeFetch { fetches: self.fetches.clone(), id: self.object_id(), whole_on_disk: false };
         tokio::spawn(async move {
@@ -585,8 +589,9 @@ impl Reader {
                         Started::NoRoom => {
                             // Wait for room without holding the reader (or until one of ours ends), then start
                             // with the room granted.
+                            let cost = this.fetch_cost_for(keep, end - start);
                             drop(this);
-                            let released = memory.reserve(fetch_cost(end - start));
+                            let released = memory.reserve(cost);
                             futures::pin_mut!(released);
                             let granted = if running.is_empty() {
                                 released.await
@@ -622,10 +627,20 @@ impl Reader {
         });
     }
 
+    /// [`fetch_cost`] of a fetch of `chunks` chunks kept where `keep` says: into the disk cache, an own-format
+    /// object's pages pass through one batch buffer ([`Reader::fetch_to_disk`]), so such a fetch holds what a fetch
+    /// of one batch does, whatever its length.
+    fn fetch_cost_for(&self, keep: Keep, chunks: u64) -> u64 {
+        match keep {
+            Keep::Disk if !self.format.is_s3ec() => fetch_cost(chunks.min(DISK_BATCH_PAGES as u64)),
+            _ => fetch_cost(chunks),
+        }
+    }
+
     /// Segments of `segment` chunks a whole-object fetch has in flight: as many as a quarter of the memory budget
     /// holds, 1 to [`WHOLE_OBJECT_IN_FLIGHT`].
-    fn whole_in_flight(&self, segment: u64) -> usize {
-        let fit = self.cache.memory().limit() / 4 / fetch_cost(segment);
+    fn whole_in_flight(&self, keep: Keep, segment: u64) -> usize {
+        let fit = self.cache.memory().limit() / 4 / self.fetch_cost_for(keep, segment);
         fit.clamp(1, WHOLE_OBJECT_IN_FLIGHT as u64) as usize
     }
 
@@ -680,7 +695,7 @@ impl Reader {
         let (Some(a), Some(b)) = (range.clone().find(missing), range.clone().rev().find(missing)) else {
             return Started::Nothing;
         };
-        let Some(memory) = reserve(fetch_cost(b + 1 - a)) else {
+        let Some(memory) = reserve(self.fetch_cost_for(keep, b + 1 - a)) else {
             return Started::NoRoom;
         };
         let this = Arc::clone(self);
@@ -854,91 +869,138 @@ impl Reader {
     /// Chunks `run` from the store, kept in the disk cache only (written before this returns), not in the page
     /// cache: a whole object larger than the page cache (see the module docs). Own format only.
     /// `false` when the disk cache did not keep every page (full, its disk below its reserve, gone).
+    ///
+    /// The pages pass through one buffer of [`DISK_BATCH_PAGES`], reused: each batch is opened there from the body,
+    /// then sealed for the disk cache in place and written in a blocking task. A page buffer of its own for each
+    /// page (a mapping, see `cache::page`) made and unmade 4,096 mappings for a 256 MiB object, a quarter of the
+    /// daemon's time in a whole fetch, for pages that were dropped as soon as they were written.
     async fn fetch_to_disk(&self, run: Range<u64>) -> Result<bool> {
         let Some(disk) = self.disk.clone() else { return Ok(false) };
-        let first = run.start;
-        let pages = self.fetch_store_as(run, Keep::Disk).await?;
         let id = self.object_id();
-        let kept = tokio::task::spawn_blocking(move || {
-            pages.iter().enumerate().fold(true, |kept, (j, page)| {
-                disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page) && kept
+        if self.format.is_s3ec() {
+            let (first, pages) = (run.start, self.fetch_store(run).await?);
+            let put = move || {
+                pages.iter().enumerate().fold(true, |kept, (j, page)| {
+                    disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page) && kept
+                })
+            };
+            return Ok(tokio::task::spawn_blocking(put).await.unwrap_or(false));
+        }
+        let t0 = std::time::Instant::now();
+        let mut chunks = self.get_chunks(&run).await?;
+        let mut batch = vec![0u8; DISK_BATCH_PAGES * CHUNK_PLAIN_LEN as usize];
+        let mut kept = true;
+        let mut first = run.start;
+        while first < run.end {
+            let lens: Vec<usize> =
+                (first..run.end.min(first + DISK_BATCH_PAGES as u64)).map(|index| self.page_len(index)).collect();
+            let mut at = 0;
+            for (j, len) in lens.iter().enumerate() {
+                chunks.open_next(self, first + j as u64, &mut batch[at..at + len]).await?;
+                at += len;
+            }
+            let (disk, id, n) = (disk.clone(), id.clone(), lens.len() as u64);
+            let written = tokio::task::spawn_blocking(move || {
+                let mut at = 0;
+                let mut kept = true;
+                for (j, len) in lens.into_iter().enumerate() {
+                    let entry = EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 };
+                    kept &= disk.put_in_place(&entry, &mut batch[at..at + len]);
+                    at += len;
+                }
+                (batch, kept)
             })
-        })
-        .await;
-        Ok(kept.unwrap_or(false))
+            .await;
+            let Ok((back, batch_kept)) = written else { return Ok(false) };
+            (batch, kept, first) = (back, kept && batch_kept, first + n);
+        }
+        chunks.finish(&run, t0).await;
+        Ok(kept)
     }
 
-    /// Fetches chunks `run` with one ranged GET, opens them and fills the cache.
+    /// Fetches chunks `run` with one ranged GET, opens them and fills the page cache and (in the background, within
+    /// the budget) the disk cache. S3EC objects come from their own pass ([`s3ec`]).
     async fn fetch_store(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
-        self.fetch_store_as(run, Keep::Memory).await
-    }
-
-    /// Fetches chunks `run` with one ranged GET and opens them; with [`Keep::Memory`], fills the page cache and
-    /// (in the background, within the budget) the disk cache. S3EC objects are always [`Keep::Memory`].
-    async fn fetch_store_as(&self, run: Range<u64>, keep: Keep) -> Result<Vec<Bytes>> {
+        let id = self.object_id();
         if self.format.is_s3ec() {
             let first = run.start;
             let pages = self.s3ec_fetch(run).await?;
-            self.keep_on_disk(&self.object_id(), first, &pages);
+            self.keep_on_disk(&id, first, &pages);
             return Ok(pages);
         }
+        let t0 = std::time::Instant::now();
+        let mut chunks = self.get_chunks(&run).await?;
+        let mut pages = Vec::with_capacity((run.end - run.start) as usize);
+        // Each chunk goes from the body straight into the page that keeps it: its nonce and tag aside, its
+        // ciphertext into the page, decrypted there in place (one copy of every byte, into memory the cache keeps).
+        for index in run.clone() {
+            let mut page = PageBuf::for_len(self.page_len(index));
+            chunks.open_next(self, index, page.as_mut_slice()).await?;
+            let page = page.freeze();
+            self.cache.put(&id, index, page.clone());
+            pages.push(page);
+        }
+        chunks.finish(&run, t0).await;
+        self.keep_on_disk(&id, run.start, &pages);
+        Ok(pages)
+    }
+
+    /// Sends the ranged GET of chunks `run` of this version (with the header first when the object's codec is not
+    /// known yet: then it is read and checked here) and returns its body, ready for [`Chunks::open_next`] of
+    /// `run.start`. Own format only.
+    async fn get_chunks(&self, run: &Range<u64>) -> Result<Chunks> {
         let key = self.key();
         let first = self.codec.chunk_range(run.start, self.plain_size);
         let last = self.codec.chunk_range(run.end - 1, self.plain_size);
         let with_header = run.start == 0 && self.object.get().is_none() && self.codec.header_len() > 0;
         let start = if with_header { 0 } else { first.start };
-        let t0 = std::time::Instant::now();
         let object_key = ObjectKey::new(key.as_str()).map_err(|e| Error::store(&key, e))?;
         let (stream, info, meta) =
             self.backend.get_range_stream(&object_key, start..last.end).await.map_err(|e| Error::store(&key, e))?;
         self.check_version(&key, &info)?;
         let mut body = Body { stream, piece: Bytes::new(), received: 0 };
-        // The object is shorter than its listed size: it was truncated or replaced since we looked.
-        let short = |received: u64| {
-            use crate::crypto::{CryptoError, FormatError};
-            Error::crypto(&key, CryptoError::Format(FormatError::TooShort { len: received, min: last.end - start }))
-        };
+        let want = last.end - start;
         let oc = if with_header {
             let mut header = vec![0u8; self.codec.header_len() as usize];
-            if !body.fill(&mut header).await.map_err(|e| Error::store(&key, e))? {
-                return Err(short(body.received));
-            }
+            body.fill_all(&mut header, &key, want).await?;
             self.object_codec(Some((&header, &meta))).await?
         } else {
             self.object_codec(None).await?
         };
-        let id = ObjectId { key: key.clone(), etag: self.etag.clone() };
-        let mut pages = Vec::with_capacity((run.end - run.start) as usize);
-        // Each chunk goes from the body straight into the page that keeps it: its nonce and tag aside, its
-        // ciphertext into the page, decrypted there in place (one copy of every byte, into memory the cache keeps).
-        let (before_len, after_len) = oc.chunk_frame();
-        let (mut before, mut after) = ([0u8; FRAME_MAX], [0u8; FRAME_MAX]);
-        let (before, after) = (&mut before[..before_len], &mut after[..after_len]);
-        let first_index = run.start;
-        for index in run {
-            let mut page = PageBuf::for_len(self.page_len(index));
-            let whole = body.fill(before).await.map_err(|e| Error::store(&key, e))?
-                && body.fill(page.as_mut_slice()).await.map_err(|e| Error::store(&key, e))?
-                && body.fill(after).await.map_err(|e| Error::store(&key, e))?;
-            if !whole {
-                return Err(short(body.received));
-            }
-            if let Err(e) = oc.open_detached(index, self.is_last(index), before, page.as_mut_slice(), after) {
-                return Err(Error::crypto(&key, e));
-            }
-            let page = page.freeze();
-            if keep == Keep::Memory {
-                self.cache.put(&id, index, page.clone());
-            }
-            pages.push(page);
-        }
-        body.finish().await;
-        tracing::trace!(key = %key, chunks = ?(first_index..first_index + pages.len() as u64), bytes = body.received,
+        Ok(Chunks { body, key, want, oc })
+    }
+}
+
+/// The body of one ranged GET of whole chunks, opened one chunk after the other into the caller's buffers.
+struct Chunks {
+    body: Body,
+    key: String,
+    /// Bytes the range asked for.
+    want: u64,
+    oc: Arc<ObjectCodec>,
+}
+
+impl Chunks {
+    /// Opens the next chunk of the body, chunk `index` of `reader`'s object, into `page` (its plaintext length):
+    /// its nonce and tag aside, its ciphertext into `page`, authenticated and decrypted there in place. On an error
+    /// `page` holds no plaintext of it.
+    async fn open_next(&mut self, reader: &Reader, index: u64, page: &mut [u8]) -> Result<()> {
+        let (before_len, after_len) = self.oc.chunk_frame();
+        let mut frame = ([0u8; FRAME_MAX], [0u8; FRAME_MAX]);
+        let (body, key, want) = (&mut self.body, &self.key, self.want);
+        body.fill_all(&mut frame.0[..before_len], key, want).await?;
+        body.fill_all(page, key, want).await?;
+        body.fill_all(&mut frame.1[..after_len], key, want).await?;
+        self.oc
+            .open_detached(index, reader.is_last(index), &frame.0[..before_len], page, &frame.1[..after_len])
+            .map_err(|e| Error::crypto(key, e))
+    }
+
+    /// Reads the body to its end ([`Body::finish`]) and logs the fetch of chunks `run` begun at `t0`.
+    async fn finish(mut self, run: &Range<u64>, t0: std::time::Instant) {
+        self.body.finish().await;
+        tracing::trace!(key = %self.key, chunks = ?run, bytes = self.body.received,
             ms = t0.elapsed().as_millis() as u64, "fetched");
-        if keep == Keep::Memory {
-            self.keep_on_disk(&id, first_index, &pages);
-        }
-        Ok(pages)
     }
 }
 
@@ -976,6 +1038,17 @@ impl Body {
             at += n;
         }
         Ok(true)
+    }
+
+    /// [`Body::fill`] for a range of `want` bytes of object `key`: an error if the body ends first (the object is
+    /// shorter than its listed size: it was truncated or replaced since we looked).
+    async fn fill_all(&mut self, dst: &mut [u8], key: &str, want: u64) -> Result<()> {
+        if self.fill(dst).await.map_err(|e| Error::store(key, e))? {
+            return Ok(());
+        }
+        use crate::crypto::{CryptoError, FormatError};
+        let short = FormatError::TooShort { len: self.received, min: want };
+        Err(Error::crypto(key, CryptoError::Format(short)))
     }
 
     /// Reads the body to its end once every byte wanted was taken, so the request completes (and its connection can
