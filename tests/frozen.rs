@@ -564,7 +564,7 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
     let frozen = server.freeze();
     eprintln!("frozen with {on_disk} of {} bytes written to the disk cache", plain.len());
 
-    // The fetch's segments in flight end at their deadline, and no later one is sent: with 64 MiB of memory, three
+    // The fetch's segments in flight end at their deadline, and no later one is sent: with 64 MiB of memory, eight
     // 2 MiB segments travel at once, so a fetch that went on would keep the store busy for several timeouts more
     // (sampled every 50 ms: a segment in flight for a whole timeout cannot be missed). Right after the freeze a
     // segment may still complete from what was on its way, and the fetch rightly sends the next: no request is in

@@ -671,16 +671,19 @@ impl DiskCache {
     /// Keeps page `id`. Blocking file I/O. Skipped when the entry is there already (or being written) or cannot get
     /// room. `true` when the cache has the entry now (or another write of it is under way).
     pub fn put(&self, id: &EntryId, plain: &[u8]) -> bool {
-        self.put_in_place(id, &mut plain.to_vec())
+        let name = self.keys.entry_name(id);
+        lock(&self.state).lru.contains(&name) || self.put_named(&name, id, &mut plain.to_vec())
     }
 
-    /// [`DiskCache::put`] of a page the caller no longer needs: it is encrypted where it is (no copy), so `page`
-    /// holds ciphertext afterwards, unless the entry was there already.
+    /// [`DiskCache::put`] of a page the caller no longer needs: it is encrypted where it is (into the scratch it is
+    /// written from there, with no copy), so `page` holds ciphertext afterwards, unless the entry was there already.
     pub fn put_in_place(&self, id: &EntryId, page: &mut [u8]) -> bool {
         let name = self.keys.entry_name(id);
-        if lock(&self.state).lru.contains(&name) {
-            return true;
-        }
+        lock(&self.state).lru.contains(&name) || self.put_named(&name, id, page)
+    }
+
+    /// [`DiskCache::put_in_place`] of the entry named `name` (`id`'s), not there a moment ago.
+    fn put_named(&self, name: &str, id: &EntryId, page: &mut [u8]) -> bool {
         let sealed_len = page.len() + ENTRY_OVERHEAD;
         let size = match self.place {
             Place::Dir { .. } => counted(sealed_len as u64),
@@ -690,14 +693,14 @@ impl DiskCache {
         if size > self.limit {
             return false;
         }
-        let reservation = match self.reserve(&name, size) {
+        let reservation = match self.reserve(name, size) {
             Room::Taken => return true,
             Room::None => return false,
             Room::Made(reservation) => reservation,
         };
         let (head, tag) = self.keys.seal_in_place(&self.sealer, id, page);
         let (written, slot) = match &self.place {
-            Place::Dir { dir, .. } => match dir.write_new(&name, &[&head[..], page, &tag].concat()) {
+            Place::Dir { dir, .. } => match dir.write_new(name, &[&head[..], page, &tag].concat()) {
                 // Written meanwhile by another read of the same page.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (Ok(()), None),
                 other => (other, None),
@@ -709,11 +712,11 @@ impl DiskCache {
         };
         let mut st = lock(&self.state);
         // Still this write's own reservation (not evicted meanwhile, nor evicted and made again by another write).
-        let ours = st.lru.peek(&name).is_some_and(|k| k.reservation == reservation);
+        let ours = st.lru.peek(name).is_some_and(|k| k.reservation == reservation);
         match written {
             Ok(()) if ours => {
                 st.written += sealed_len as u64;
-                if let Some(kept) = st.lru.peek_mut(&name) {
+                if let Some(kept) = st.lru.peek_mut(name) {
                     kept.slot = slot;
                 }
             }
@@ -721,11 +724,11 @@ impl DiskCache {
             // (unless another write of the page made it again: then that one's file is there), in the scratch the
             // slot is ours alone; either way ours goes now.
             Ok(()) => {
-                let other = st.lru.contains(&name);
+                let other = st.lru.contains(name);
                 drop(st);
                 match self.dir() {
                     Some(dir) if !other => {
-                        let _ = dir.remove(&name);
+                        let _ = dir.remove(name);
                     }
                     _ => self.free_slots(slot.as_slice()),
                 }
@@ -734,7 +737,7 @@ impl DiskCache {
             }
             Err(e) => {
                 if ours {
-                    st.lru.pop(&name);
+                    st.lru.pop(name);
                     st.used -= size;
                 }
                 drop(st);

@@ -380,6 +380,10 @@ impl Backend for LaterDeletes {
         self.inner.lists_from_keys()
     }
 
+    fn streams_bodies(&self) -> bool {
+        self.inner.streams_bodies()
+    }
+
     async fn list_children_page(
         &self,
         dir: &str,

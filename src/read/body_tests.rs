@@ -36,10 +36,15 @@ struct Pieces {
     asked: std::sync::Mutex<Vec<Range<u64>>>,
     /// When set, each streamed GET answers only once it takes a permit: a store that holds its answers.
     gate: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// What `streams_bodies` answers (a store that hands the body over whole, like the local store, when false).
+    streams: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Backend for Pieces {
+    fn streams_bodies(&self) -> bool {
+        self.streams.load(Ordering::Relaxed)
+    }
     async fn head(&self, key: &ObjectKey) -> std::result::Result<(ObjectInfo, UserMeta), StoreError> {
         self.inner.head(key).await
     }
@@ -139,7 +144,8 @@ async fn setup(encrypted: bool) -> Setup {
 async fn setup_with(encrypted: bool, len: usize, cache: Arc<PageCache>) -> Setup {
     let inner = Arc::new(ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap());
     let shape = std::sync::Mutex::new(Shape::Sizes(&[1 << 20]));
-    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default(), gate: Default::default() });
+    let streams = true.into();
+    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default(), gate: Default::default(), streams });
     let plain = pattern(len);
     let len = plain.len() as u64;
     let mut meta = UserMeta::default();
@@ -357,13 +363,20 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
     }
 }
 
-/// A scratch for `s` (a new unnamed file in a directory of `tmp`): the disk cache that fetches of `s.context` keep
-/// pages in.
-fn with_scratch(s: &mut Setup, tmp: &std::path::Path) -> Arc<DiskCache> {
-    let dir = crate::journal::dir::Dir::open_base(&tmp.join("run")).unwrap();
-    let memory = crate::memory::MemoryBudget::unlimited();
-    let file = dir.unnamed_file().unwrap();
-    let disk = DiskCache::scratch(file, dir.path(), "s3://bucket/p", Some(64 << 20), &memory, AeadBackend::default());
+/// A disk cache for `s` in a new directory of `tmp`, bounded by `limit`: a cache directory, or else a scratch (an
+/// unnamed file). Fetches of `s.context` keep pages there.
+async fn with_disk(s: &mut Setup, tmp: &std::path::Path, dir: bool, limit: u64) -> Arc<DiskCache> {
+    let base = tmp.join(if dir { "cache" } else { "run" });
+    let disk = if dir {
+        let root = zeroize::Zeroizing::new([7u8; 32]);
+        let keying = crate::cache::disk::CacheKeying::Root(root);
+        DiskCache::open(&base, "s3://bucket/p", keying, Some(limit), AeadBackend::default()).await.unwrap()
+    } else {
+        let dir = crate::journal::dir::Dir::open_base(&base).unwrap();
+        let memory = crate::memory::MemoryBudget::unlimited();
+        let file = dir.unnamed_file().unwrap();
+        DiskCache::scratch(file, dir.path(), "s3://bucket/p", Some(limit), &memory, AeadBackend::default())
+    };
     let disk = Arc::new(disk);
     s.context.disk = Some(disk.clone());
     disk
@@ -381,30 +394,48 @@ fn on_disk(disk: &DiskCache, reader: &Reader, run: Range<u64>) -> Vec<Option<Byt
 
 /// A fetch into the disk cache (a whole object larger than the page cache) opens its pages in one batch buffer,
 /// reused, and seals them there: every page lands byte-exact, whatever the pieces of the body, across batch
-/// boundaries, with a short last page, from chunk 0 (the header in the body) or from the middle; none goes to the
-/// page cache.
+/// boundaries, with a short last page, from chunk 0 (the header in the body) or from the middle (the header read on
+/// its own first), in a scratch or a cache directory; none goes to the page cache. A disk cache that keeps nothing
+/// makes the fetch answer `false`.
 #[tokio::test]
 async fn pages_fetched_into_the_disk_cache_are_byte_exact_across_batches() {
     let len = 21 * 65536 + 1234; // 22 pages: batches of 8, 8 and 6, the last page short
     for encrypted in [true, false] {
-        for sizes in [&[1 << 20][..], &[7, 13, 4096], &[65564, 100_000]] {
-            let tmp = tempfile::tempdir().unwrap();
-            let mut s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
-            let disk = with_scratch(&mut s, tmp.path());
-            let reader = s.reader(Shape::Sizes(sizes)).await;
-            let pages = reader.page_count();
-            // The middle first (the object's codec is read on its own then, for an encrypted object), then all.
-            for run in [3..17, 0..pages] {
-                assert!(reader.fetch_to_disk(run.clone()).await.unwrap(), "not kept: {run:?}, pieces {sizes:?}");
-                for (j, page) in on_disk(&disk, &reader, run.clone()).into_iter().enumerate() {
-                    let index = run.start + j as u64;
-                    let want = &s.plain[(index * 65536) as usize..((index + 1) * 65536).min(len as u64) as usize];
-                    let page = page.unwrap_or_else(|| panic!("page {index} missing, pieces {sizes:?}"));
-                    assert!(page == want, "page {index}, encrypted {encrypted}, pieces {sizes:?}");
+        for (dir, sizes) in [(false, &[1 << 20][..]), (false, &[7, 13, 4096]), (true, &[65564, 100_000])] {
+            for run in [0..22, 3..17] {
+                let tmp = tempfile::tempdir().unwrap();
+                let mut s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
+                let disk = with_disk(&mut s, tmp.path(), dir, 64 << 20).await;
+                let reader = s.reader(Shape::Sizes(sizes)).await;
+                assert_eq!(reader.page_count(), 22);
+                let what = format!("encrypted {encrypted}, cache dir {dir}, pieces {sizes:?}, run {run:?}");
+                assert!(reader.fetch_to_disk(run.clone()).await.unwrap(), "not kept: {what}");
+                let found = on_disk(&disk, &reader, 0..22);
+                for (index, page) in found.into_iter().enumerate() {
+                    let want = &s.plain[index * 65536..((index + 1) * 65536).min(len)];
+                    match page {
+                        Some(page) => assert!(page == want, "page {index}, {what}"),
+                        None => assert!(!run.contains(&(index as u64)), "page {index} missing, {what}"),
+                    }
                 }
+                assert!(s.cached(&reader).is_empty(), "pages fetched into the disk cache went to the page cache");
             }
-            assert!(s.cached(&reader).is_empty(), "pages fetched into the disk cache went to the page cache");
         }
+        // What such a fetch reserves from the memory budget: one batch, whatever its length — unless the store hands
+        // the body over whole.
+        let s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
+        let reader = s.reader(Shape::Sizes(&[1 << 20])).await;
+        assert_eq!(reader.fetch_cost_for(Keep::Disk, 128), fetch_cost(DISK_BATCH_PAGES as u64));
+        assert_eq!(reader.fetch_cost_for(Keep::Memory, 128), fetch_cost(128));
+        s.pieces.streams.store(false, Ordering::Relaxed);
+        assert_eq!(reader.fetch_cost_for(Keep::Disk, 128), fetch_cost(128), "a body held whole, reserved as one");
+        // A scratch too small for one entry keeps nothing.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
+        let disk = with_disk(&mut s, tmp.path(), false, 1000).await;
+        let reader = s.reader(Shape::Sizes(&[1 << 20])).await;
+        assert!(!reader.fetch_to_disk(0..22).await.unwrap(), "a disk cache that kept nothing counted as kept");
+        assert!(on_disk(&disk, &reader, 0..22).iter().all(Option::is_none));
     }
 }
 
@@ -416,7 +447,7 @@ async fn a_fetch_into_the_disk_cache_cut_short_keeps_only_whole_batches() {
     for tamper in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let mut s = setup_with(true, 21 * 65536 + 1234, Arc::new(PageCache::new(8 << 20))).await;
-        let disk = with_scratch(&mut s, tmp.path());
+        let disk = with_disk(&mut s, tmp.path(), false, 64 << 20).await;
         let shape = if tamper {
             let mut tampered = s.stored.clone();
             tampered[header + 9 * chunk + 12 + 300] ^= 1;

@@ -23,7 +23,8 @@
 //!   than [`WHOLE_OBJECT_MAX`]);
 //! - else, with a disk cache (`-o cache_dir`, or else the mount's scratch), into the disk cache only (at most a
 //!   quarter of its limit, and never more than [`WHOLE_OBJECT_MAX_ON_DISK`]): it is sealed there like any page, and
-//!   the page cache keeps only what is read (it gives up only the room of the segments in flight meanwhile);
+//!   the page cache keeps only what is read (it gives up only the room of the segments in flight meanwhile: one
+//!   batch of pages each, see [`Reader::fetch_to_disk`]);
 //! - else nowhere: a larger object read randomly costs one GET of the chunks each read needs, never more.
 //!
 //! The trigger grows with the object, so the bytes fetched stay in proportion to the reads made: at most
@@ -629,10 +630,13 @@ impl Reader {
 
     /// [`fetch_cost`] of a fetch of `chunks` chunks kept where `keep` says: into the disk cache, an own-format
     /// object's pages pass through one batch buffer ([`Reader::fetch_to_disk`]), so such a fetch holds what a fetch
-    /// of one batch does, whatever its length.
+    /// of one batch does, whatever its length — when the store hands the body over as it arrives; else it holds
+    /// the whole body anyway.
     fn fetch_cost_for(&self, keep: Keep, chunks: u64) -> u64 {
         match keep {
-            Keep::Disk if !self.format.is_s3ec() => fetch_cost(chunks.min(DISK_BATCH_PAGES as u64)),
+            Keep::Disk if !self.format.is_s3ec() && self.backend.streams_bodies() => {
+                fetch_cost(chunks.min(DISK_BATCH_PAGES as u64))
+            }
             _ => fetch_cost(chunks),
         }
     }
@@ -868,7 +872,8 @@ impl Reader {
 
     /// Chunks `run` from the store, kept in the disk cache only (written before this returns), not in the page
     /// cache: a whole object larger than the page cache (see the module docs). Own format only.
-    /// `false` when the disk cache did not keep every page (full, its disk below its reserve, gone).
+    /// `false` when the disk cache did not keep every page (full, its disk below its reserve, gone): then it stops
+    /// at the first batch not kept.
     ///
     /// The pages pass through one buffer of [`DISK_BATCH_PAGES`], reused: each batch is opened there from the body,
     /// then sealed for the disk cache in place and written in a blocking task. A page buffer of its own for each
@@ -889,7 +894,6 @@ impl Reader {
         let t0 = std::time::Instant::now();
         let mut chunks = self.get_chunks(&run).await?;
         let mut batch = vec![0u8; DISK_BATCH_PAGES * CHUNK_PLAIN_LEN as usize];
-        let mut kept = true;
         let mut first = run.start;
         while first < run.end {
             let lens: Vec<usize> =
@@ -911,11 +915,13 @@ impl Reader {
                 (batch, kept)
             })
             .await;
-            let Ok((back, batch_kept)) = written else { return Ok(false) };
-            (batch, kept, first) = (back, kept && batch_kept, first + n);
+            // A disk cache that did not keep a batch (full, below its reserve, failing) would not keep the rest: the
+            // body is dropped unread, and the whole fetch ends at this segment.
+            let Ok((back, true)) = written else { return Ok(false) };
+            (batch, first) = (back, first + n);
         }
         chunks.finish(&run, t0).await;
-        Ok(kept)
+        Ok(true)
     }
 
     /// Fetches chunks `run` with one ranged GET, opens them and fills the page cache and (in the background, within

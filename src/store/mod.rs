@@ -287,6 +287,13 @@ pub trait Backend: Send + Sync + 'static {
         Ok((Box::pin(futures::stream::once(async move { Ok(bytes) })), info, meta))
     }
 
+    /// Whether [`Backend::get_range_stream`] hands the body over in pieces as the connection delivers them (the
+    /// object_store backends: S3, GCS, Azure), rather than the default's one piece collected whole (the local store):
+    /// a reader that consumes the pieces as they come then holds little of the body at a time.
+    fn streams_bodies(&self) -> bool {
+        false
+    }
+
     /// The whole object.
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
 

@@ -1026,6 +1026,10 @@ impl Backend for ObjectStoreBackend {
         self.pages.is_some()
     }
 
+    fn streams_bodies(&self) -> bool {
+        true
+    }
+
     async fn list_children_page(
         &self,
         dir: &str,
