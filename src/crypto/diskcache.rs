@@ -146,7 +146,9 @@ impl CacheKeys {
         self.run_key(&salt).open_detached(&nonce, &id.encode(ENTRY_DOMAIN, &self.store), body, tag)
     }
 
-    /// The entry for `id` holding `plain`, sealed by `sealer` (which must come from these keys).
+    /// The entry for `id` holding `plain`, sealed by `sealer` (which must come from these keys), whole: what the
+    /// tests plant and take apart. The cache itself seals in place ([`CacheKeys::seal_in_place`]).
+    #[cfg(test)]
     pub fn seal(&self, sealer: &EntrySealer, id: &EntryId, plain: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; plain.len() + ENTRY_OVERHEAD];
         let (head_out, rest) = out.split_at_mut(ENTRY_HEAD);

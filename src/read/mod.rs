@@ -881,16 +881,11 @@ impl Reader {
     /// daemon's time in a whole fetch, for pages that were dropped as soon as they were written.
     async fn fetch_to_disk(&self, run: Range<u64>) -> Result<bool> {
         let Some(disk) = self.disk.clone() else { return Ok(false) };
-        let id = self.object_id();
+        // Never planned for S3EC objects (`whole_object_plan`): their pages come from a verification pass.
         if self.format.is_s3ec() {
-            let (first, pages) = (run.start, self.fetch_store(run).await?);
-            let put = move || {
-                pages.iter().enumerate().fold(true, |kept, (j, page)| {
-                    disk.put(&EntryId { key: &id.key, etag: &id.etag, index: first + j as u64 }, page) && kept
-                })
-            };
-            return Ok(tokio::task::spawn_blocking(put).await.unwrap_or(false));
+            return Ok(false);
         }
+        let id = self.object_id();
         let t0 = std::time::Instant::now();
         let mut chunks = self.get_chunks(&run).await?;
         let mut batch = vec![0u8; DISK_BATCH_PAGES * CHUNK_PLAIN_LEN as usize];
