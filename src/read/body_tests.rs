@@ -254,6 +254,21 @@ async fn a_tampered_chunk_in_a_streamed_body_fails_and_is_not_cached() {
 async fn whole_fetch_setup() -> (Setup, Arc<Reader>) {
     let memory = crate::memory::MemoryBudget::new(32 << 20);
     let s = setup_with(false, 120 * 65536, PageCache::with_memory(256 << 20, memory)).await;
+    whole_fetch_reader(s).await
+}
+
+/// [`whole_fetch_setup`] with a file of 240 chunks, a page cache of 4 MiB and a scratch in `tmp`: the object is
+/// fetched whole into the scratch ([`Keep::Disk`]), in batches ([`Reader::fetch_to_disk`]).
+async fn whole_fetch_setup_on_disk(tmp: &std::path::Path) -> (Setup, Arc<Reader>, Arc<DiskCache>) {
+    let memory = crate::memory::MemoryBudget::new(32 << 20);
+    let mut s = setup_with(false, 240 * 65536, PageCache::with_memory(4 << 20, memory)).await;
+    let disk = with_disk(&mut s, tmp, false, 64 << 20).await;
+    let (s, reader) = whole_fetch_reader(s).await;
+    assert_eq!(reader.whole_object_plan(), Some(Keep::Disk));
+    (s, reader, disk)
+}
+
+async fn whole_fetch_reader(s: Setup) -> (Setup, Arc<Reader>) {
     let (info, _) = s.pieces.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
     let reader =
         Reader::new(&s.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 1 << 20)
@@ -314,14 +329,24 @@ async fn a_whole_object_fetch_of_a_closed_reader_asks_for_nothing() {
 }
 
 /// A whole-object fetch whose handle closes, or whose file is renamed, while its first segments are in flight sends
-/// no further segment once those answer: the check runs before every segment, not only the first.
+/// no further segment once those answer: the check runs before every segment, not only the first. The same into
+/// the scratch, whose batches land whole and byte-exact under the name the fetch started with.
 #[tokio::test]
 async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid_way() {
-    for rename in [false, true] {
-        let (s, reader) = whole_fetch_setup().await;
+    for (rename, to_disk) in [(false, true), (true, true), (false, false), (true, false)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, reader, disk) = if to_disk {
+            let (s, reader, disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+            (s, reader, Some(disk))
+        } else {
+            let (s, reader) = whole_fetch_setup().await;
+            (s, reader, None)
+        };
+        let keep = if to_disk { Keep::Disk } else { Keep::Memory };
+        let total = reader.page_count();
         let segment = reader.segment_chunks();
-        let first_batch = reader.whole_in_flight(Keep::Memory, segment) as u64 * segment;
-        assert!(first_batch < 80, "the first batch ({first_batch} chunks) would cover the object");
+        let first_batch = reader.whole_in_flight(keep, segment) as u64 * segment;
+        assert!(first_batch < total * 2 / 3, "the first batch ({first_batch} chunks) would cover the object");
         let at = 100 * 65536 + 10;
         assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
         // From now on the store holds its answers: the second random read starts the whole fetch, whose first
@@ -360,6 +385,22 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
         let reads = [100 * 65536, 20 * 65536];
         let later = asked.iter().filter(|r| r.start >= first_batch * 65536 && !reads.contains(&r.start)).count();
         assert_eq!(later, 0, "segments were asked for after the handle closed (rename {rename}): {asked:?}");
+        if let Some(disk) = disk {
+            // The segments that were in flight landed whole and byte-exact, under the name they were fetched by
+            // (the version's ETag keys them: nothing of another object can be read back as this one's).
+            let etag = reader.object_id().etag;
+            let old = Reader::new(&s.context, PATH.into(), etag, reader.plain_size, StoredFormat::Own, 0).unwrap();
+            let found = on_disk(&disk, &old, 0..total);
+            for (index, page) in found.iter().enumerate() {
+                if let Some(page) = page {
+                    assert!(page[..] == s.plain[index * 65536..(index + 1) * 65536], "page {index} (rename {rename})");
+                }
+            }
+            let kept = found.iter().filter(|p| p.is_some()).count() as u64;
+            assert!(kept >= first_batch, "the segments in flight were not kept: {kept} pages (rename {rename})");
+            assert!(kept < total, "the whole object was fetched after the handle closed (rename {rename})");
+            assert!(s.cached(&reader).len() <= 2, "a fetch into the scratch filled the page cache");
+        }
     }
 }
 
