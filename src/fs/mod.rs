@@ -53,6 +53,9 @@ const MAX_PREFETCH: usize = 10_000;
 /// Files whose metadata one read-ahead batch of a scan fetches ([`Fs::prefetch_from`]): 8 round trips of 32 HEADs,
 /// which the `stat` that starts it waits for.
 const PREFETCH_BATCH: usize = 256;
+/// After a batch of metadata (a page renewing a directory's files, a read-ahead of HEADs) took `attr_ttl` or longer,
+/// batches are not sent for this long ([`Fs::batches_pay`]).
+const BATCHES_OFF_FOR: Duration = Duration::from_secs(60);
 /// How often a name whose node the memory trim dropped between its resolve and its use is resolved again before the
 /// request gives up (EBUSY; see [`Fs::resolve_then`]). A trim runs at most every 100 ms.
 const RESOLVE_ATTEMPTS: u32 = 8;
@@ -210,6 +213,8 @@ pub struct Fs {
     prefetching: Mutex<std::collections::HashSet<u64>>,
     /// Directories a page of whose listing is being listed to renew their files (see `fs::renew`): one at a time each.
     renewing: Mutex<std::collections::HashSet<u64>>,
+    /// Until when batches of metadata are not worth sending (see [`Fs::batches_pay`]).
+    batches_off_until: Mutex<Option<Instant>>,
     /// Per-directory attribute indexes: which directories wait for an index write (see `dirindex`).
     index: dirindex::DirIndexes,
     /// Estimated bytes of the listings held by open directory handles (see `fs::trim`).
@@ -352,6 +357,7 @@ impl Fs {
             relisting: Mutex::new(std::collections::HashSet::new()),
             prefetching: Mutex::new(std::collections::HashSet::new()),
             renewing: Mutex::new(std::collections::HashSet::new()),
+            batches_off_until: Mutex::new(None),
             index: dirindex::DirIndexes::default(),
             held_listings: AtomicU64::new(0),
             forgetter: std::sync::OnceLock::new(),
@@ -411,6 +417,27 @@ impl Fs {
         node.write.is_some()
             || node.validated.is_some_and(|t| now.saturating_duration_since(t) < self.config.attr_ttl)
             || (node.remote.is_none() && node.kind != FileKind::Dir && node.validated.is_some())
+    }
+
+    /// Whether to fetch the attributes of many files at once for a `stat` of one ([`Fs::renew_page`],
+    /// [`Fs::prefetch_from`], the read-ahead of HEADs at readdir). What a batch brings is trusted for `attr_ttl` from
+    /// when it was asked; a batch that takes as long as that arrives stale, and the stat that sent it asks again with a
+    /// HEAD, as does the stat of each next file, which sends a batch of its own: `ls -l` of 2,000 files with
+    /// `attr_timeout=0` took 126 s and 9,767 requests (a page of 1,000 names or 256 HEADs per file). So no batch with
+    /// `attr_ttl` zero, nor for [`BATCHES_OFF_FOR`] after one took `attr_ttl` or longer (a store slower than the
+    /// timeout): each stat is then one HEAD.
+    fn batches_pay(&self) -> bool {
+        !self.config.attr_ttl.is_zero() && lock(&self.batches_off_until).is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A batch of metadata sent at `asked` has come back: if it took `attr_ttl` or longer, batches stop for a while.
+    fn batch_done(&self, asked: Instant) {
+        let took = asked.elapsed();
+        if took >= self.config.attr_ttl {
+            let ttl = self.config.attr_ttl;
+            tracing::debug!(?took, ?ttl, "a batch of attributes arrived stale: each stat asks on its own for a while");
+            *lock(&self.batches_off_until) = Some(Instant::now() + BATCHES_OFF_FOR);
+        }
     }
 
     /// A reader for one stored version of the object at `path`.
@@ -1575,6 +1602,9 @@ impl Fs {
     /// `d_type` is right), and `rm -r` or `find -type f` never asks for the rest. The GETATTR of one fetches it
     /// with the next ones ([`Fs::prefetch_from`]), so `ls -l` costs what it did.
     async fn prefetch_metadata(&self, entries: &[DirEntry]) {
+        if !self.batches_pay() {
+            return;
+        }
         let stale: Vec<(u64, String)> = {
             let table = lock(&self.table);
             entries
@@ -1608,9 +1638,10 @@ impl Fs {
     /// comes to the same. One batch per directory at a time; returns false when one was running (the caller asks for
     /// its own node).
     async fn prefetch_from(&self, dir: u64, name: &str) -> bool {
-        if !lock(&self.prefetching).insert(dir) {
+        if !self.batches_pay() || !lock(&self.prefetching).insert(dir) {
             return false;
         }
+        let asked = Instant::now();
         let batch: Vec<(u64, String)> = {
             let table = lock(&self.table);
             let mut stale: Vec<(&str, u64)> = table
@@ -1634,6 +1665,7 @@ impl Fs {
             stale.into_iter().filter_map(|(_, c)| Some((c, table.path_of(c)?))).collect()
         };
         self.head_all(batch).await;
+        self.batch_done(asked);
         lock(&self.prefetching).remove(&dir);
         true
     }

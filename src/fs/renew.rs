@@ -32,7 +32,7 @@ impl Fs {
     /// read, stale now, in a directory this mount listed (a one-off `stat` elsewhere costs a HEAD, which is cheaper
     /// than a LIST).
     pub(super) fn renewable(&self, dir: u64, name: &str) -> bool {
-        if !self.index_reads() {
+        if !self.index_reads() || !self.batches_pay() {
             return false;
         }
         let table = lock(&self.table);
@@ -87,6 +87,7 @@ impl Fs {
             }
         };
         self.note_store_answers();
+        self.batch_done(asked);
         let (mut renewed, mut changed) = (0usize, 0usize);
         {
             let mut table = lock(&self.table);

@@ -1044,6 +1044,45 @@ async fn stats_of_a_large_listed_directory_read_metadata_ahead_in_batches() {
     assert_eq!(batches, N.div_ceil(PREFETCH_BATCH), "in batches, not one stat at a time");
 }
 
+/// With `attr_ttl` zero (`-o attr_timeout=0`: every stat asks the store) what a batch brings is stale on arrival, so
+/// none is sent: a scan of a listed directory costs one HEAD per stat, not a batch of HEADs or a page of the listing
+/// per stat (`ls -l` of 2,000 files took 126 s and 9,767 requests). Both kinds of batch are tried: the read-ahead
+/// of HEADs for files whose metadata this mount never read, then the renewal by a page of the listing once it has.
+#[tokio::test]
+async fn with_no_attribute_timeout_a_scan_costs_a_head_per_stat_and_no_batch() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::ZERO).await;
+    const N: usize = 2 * PREFETCH_BATCH + 10;
+    for i in 0..N {
+        let key = ObjectKey::new(format!("d/e{i:04}")).unwrap();
+        store.inner.put_expect(&key, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Any).await.unwrap();
+    }
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap();
+    for pass in ["never read", "read once"] {
+        store.take_log();
+        let fh = fs.opendir(d.ino).await.unwrap();
+        let entries = fs.readdir(fh).unwrap();
+        fs.releasedir(fh);
+        assert_eq!(entries.len(), N);
+        let log = store.take_log();
+        assert!(!log.contains(&"head"), "{pass}: readdir fetched metadata that is stale at once: {log:?}");
+        for e in entries.iter() {
+            let attr = fs.lookup(d.ino, OsStr::new(&e.name)).await.unwrap();
+            assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+            fs.getattr(attr.ino).await.unwrap();
+            let log = store.take_log();
+            assert_eq!(log, ["head", "head"], "{pass}: the lookup and the getattr of {}, one HEAD each", e.name);
+        }
+    }
+    // A batch slower than `attr_ttl` turns batches off; with a timeout, a batch that arrives in time keeps them.
+    let (fs, _tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(600)).await;
+    assert!(fs.batches_pay());
+    fs.batch_done(Instant::now());
+    assert!(fs.batches_pay(), "a batch back in time");
+    fs.batch_done(Instant::now() - Duration::from_secs(600));
+    assert!(!fs.batches_pay(), "a batch that took the whole timeout");
+}
+
 /// A large file open on this mount keeps all of its content for its descriptors when its name goes (unlink, or a
 /// rename onto it), also when it is staged sparsely (issue 13: only the chunks written are local) or open only for
 /// reading (staging it at the unlink would now be sparse too): the rest is fetched before the object is deleted.
