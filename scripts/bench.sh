@@ -428,11 +428,20 @@ SYSTEMS+=("${MODES[@]}" "${PEERS[@]}")
 # Runs interleave the systems (run 1 of each, then run 2 of each, ...), so a drift of the server's speed over the
 # benchmark spreads over all of them instead of landing on one.
 if [ "${BENCH_FS:-1}" != 1 ]; then SYSTEMS=(); fi
+# The floor of ls_l: `ls -l` of the same files in a directory on local disk (ls's own work: getdents, a statx per
+# file, sorting and formatting 2,000 lines), which the raw client's LIST does not include and every mount's does.
+run_local_ls() {
+  local run=$1 d=$WORK/local-ls
+  if [ ! -d "$d/small" ]; then mkdir -p "$d" && "$BENCH" fs "$d" smallw "$FILES" > /dev/null; fi
+  record local "$run" ls_l "$BENCH" fs "$d" lsl "$FILES"
+}
+
 for run in $(seq "$RUNS"); do
   for sys in "${SYSTEMS[@]}"; do
     echo "bench: run $run/$RUNS: $sys" >&2
     if [ "$sys" = raw ]; then run_raw "$run"; else run_fs "$sys" "$run"; fi
   done
+  if [ "${#SYSTEMS[@]}" -gt 0 ]; then run_local_ls "$run"; fi
 done
 
 # The disk cache (-o cache_dir): for each mode, the file read cold through a mount with an empty cache_dir (which
@@ -633,6 +642,10 @@ print_table() {
   echo "one GET, rand_read one ranged GET per read (rand_read8: 8 concurrent), small_* one PUT/GET per file and one paged"
   echo "LIST, ls_l paged LIST, rm_r LIST + batch DeleteObjects (1,000 keys per request); change_1b and append_4k have no"
   echo "raw equivalent. peak_rss: VmHWM of the daemon after seq_read (raw: of the raw client process)."
+  if [ -n "${R[local,ls_l,1]:-}" ]; then
+    echo "ls_l's floor: \`ls -l\` of the same $FILES files on local disk took $(show "$(figure ls_l "$(median local ls_l)")" s) s"
+    echo "(ls's own work, in every mount's ls_l and not in the raw LIST)."
+  fi
   if [ "${#PEERS[@]}" -gt 0 ]; then
     echo "Peers: ${PEERS[*]} (s3fs: default options, no use_cache; rclone: crypt over s3, --vfs-cache-mode writes,"
     echo "timed until its uploads finish)."
