@@ -53,9 +53,12 @@ const MAX_PREFETCH: usize = 10_000;
 /// Files whose metadata one read-ahead batch of a scan fetches ([`Fs::prefetch_from`]): 8 round trips of 32 HEADs,
 /// which the `stat` that starts it waits for.
 const PREFETCH_BATCH: usize = 256;
-/// After a batch of metadata (a page renewing a directory's files, a read-ahead of HEADs) took `attr_ttl` or longer,
-/// batches are not sent for this long ([`Fs::batches_pay`]).
-const BATCHES_OFF_FOR: Duration = Duration::from_secs(60);
+/// After pages renewing a directory's files took `attr_ttl` or longer [`SLOW_PAGES_OFF`] times in a row, renewals
+/// are not sent for this long ([`Fs::renewals_pay`]).
+const RENEWALS_OFF_FOR: Duration = Duration::from_secs(60);
+/// Renewal pages in a row that took `attr_ttl` or longer before renewals stop: two, so that one page delayed (a
+/// loaded server, a retry) does not.
+const SLOW_PAGES_OFF: u32 = 2;
 /// How often a name whose node the memory trim dropped between its resolve and its use is resolved again before the
 /// request gives up (EBUSY; see [`Fs::resolve_then`]). A trim runs at most every 100 ms.
 const RESOLVE_ATTEMPTS: u32 = 8;
@@ -213,8 +216,9 @@ pub struct Fs {
     prefetching: Mutex<std::collections::HashSet<u64>>,
     /// Directories a page of whose listing is being listed to renew their files (see `fs::renew`): one at a time each.
     renewing: Mutex<std::collections::HashSet<u64>>,
-    /// Until when batches of metadata are not worth sending (see [`Fs::batches_pay`]).
-    batches_off_until: Mutex<Option<Instant>>,
+    /// Renewal pages in a row that arrived stale, and until when renewals are not worth sending (see
+    /// [`Fs::renewals_pay`]).
+    slow_pages: Mutex<(u32, Option<Instant>)>,
     /// Per-directory attribute indexes: which directories wait for an index write (see `dirindex`).
     index: dirindex::DirIndexes,
     /// Estimated bytes of the listings held by open directory handles (see `fs::trim`).
@@ -357,7 +361,7 @@ impl Fs {
             relisting: Mutex::new(std::collections::HashSet::new()),
             prefetching: Mutex::new(std::collections::HashSet::new()),
             renewing: Mutex::new(std::collections::HashSet::new()),
-            batches_off_until: Mutex::new(None),
+            slow_pages: Mutex::new((0, None)),
             index: dirindex::DirIndexes::default(),
             held_listings: AtomicU64::new(0),
             forgetter: std::sync::OnceLock::new(),
@@ -419,24 +423,35 @@ impl Fs {
             || (node.remote.is_none() && node.kind != FileKind::Dir && node.validated.is_some())
     }
 
-    /// Whether to fetch the attributes of many files at once for a `stat` of one ([`Fs::renew_page`],
-    /// [`Fs::prefetch_from`], the read-ahead of HEADs at readdir). What a batch brings is trusted for `attr_ttl` from
-    /// when it was asked; a batch that takes as long as that arrives stale, and the stat that sent it asks again with a
-    /// HEAD, as does the stat of each next file, which sends a batch of its own: `ls -l` of 2,000 files with
-    /// `attr_timeout=0` took 126 s and 9,767 requests (a page of 1,000 names or 256 HEADs per file). So no batch with
-    /// `attr_ttl` zero, nor for [`BATCHES_OFF_FOR`] after one took `attr_ttl` or longer (a store slower than the
-    /// timeout): each stat is then one HEAD.
+    /// Whether a `stat` of one file fetches the attributes of the next ones with it (a read-ahead of HEADs,
+    /// [`Fs::prefetch_from`]; a renewal by a page of the listing, [`Fs::renew_page`]). Not with `attr_ttl` zero: what
+    /// the batch brings is stale at once, the stat asks again with a HEAD, and so does the stat of each next file,
+    /// after a batch of its own: `ls -l` of 2,000 files with `attr_timeout=0` took 126 s and 9,767 requests (a page
+    /// of 1,000 names or 256 HEADs per file). Each stat is then one HEAD.
     fn batches_pay(&self) -> bool {
-        !self.config.attr_ttl.is_zero() && lock(&self.batches_off_until).is_none_or(|t| Instant::now() >= t)
+        !self.config.attr_ttl.is_zero()
     }
 
-    /// A batch of metadata sent at `asked` has come back: if it took `attr_ttl` or longer, batches stop for a while.
-    fn batch_done(&self, asked: Instant) {
+    /// [`Fs::batches_pay`], for renewals: a page's attributes count from when it was asked, so a store slower than
+    /// `attr_ttl` makes every page arrive stale, and renewals stop for [`RENEWALS_OFF_FOR`] after
+    /// [`SLOW_PAGES_OFF`] such pages in a row (HEADs date their answers from their arrival: they are not affected).
+    fn renewals_pay(&self) -> bool {
+        self.batches_pay() && lock(&self.slow_pages).1.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A renewal page asked for at `asked` has come back.
+    fn renewal_done(&self, asked: Instant) {
         let took = asked.elapsed();
-        if took >= self.config.attr_ttl {
+        let mut slow = lock(&self.slow_pages);
+        if took < self.config.attr_ttl {
+            slow.0 = 0;
+            return;
+        }
+        slow.0 += 1;
+        if slow.0 >= SLOW_PAGES_OFF {
             let ttl = self.config.attr_ttl;
-            tracing::debug!(?took, ?ttl, "a batch of attributes arrived stale: each stat asks on its own for a while");
-            *lock(&self.batches_off_until) = Some(Instant::now() + BATCHES_OFF_FOR);
+            tracing::debug!(?took, ?ttl, "renewal pages arrive stale: each stat asks on its own for a while");
+            *slow = (0, Some(Instant::now() + RENEWALS_OFF_FOR));
         }
     }
 
@@ -1602,9 +1617,9 @@ impl Fs {
     /// `d_type` is right), and `rm -r` or `find -type f` never asks for the rest. The GETATTR of one fetches it
     /// with the next ones ([`Fs::prefetch_from`]), so `ls -l` costs what it did.
     async fn prefetch_metadata(&self, entries: &[DirEntry]) {
-        if !self.batches_pay() {
-            return;
-        }
+        // With `attr_ttl` zero the attributes are stale at once: only the files never read are fetched, for their
+        // kind (a symlink, a FIFO, that d_type and `find -type` see), not again at each readdir.
+        let types_only = !self.batches_pay();
         let stale: Vec<(u64, String)> = {
             let table = lock(&self.table);
             entries
@@ -1613,7 +1628,9 @@ impl Fs {
                 .filter_map(|e| {
                     let n = table.get(e.ino)?;
                     (!self.fresh(n) && n.remote.is_some() && !self.recently_listed(n))
-                        .then(|| Some((e.ino, table.path_of(e.ino)?)))?
+                        .then_some(())
+                        .filter(|()| !types_only || n.validated.is_none())
+                        .and_then(|()| Some((e.ino, table.path_of(e.ino)?)))
                 })
                 .collect()
         };
@@ -1641,7 +1658,6 @@ impl Fs {
         if !self.batches_pay() || !lock(&self.prefetching).insert(dir) {
             return false;
         }
-        let asked = Instant::now();
         let batch: Vec<(u64, String)> = {
             let table = lock(&self.table);
             let mut stale: Vec<(&str, u64)> = table
@@ -1665,7 +1681,6 @@ impl Fs {
             stale.into_iter().filter_map(|(_, c)| Some((c, table.path_of(c)?))).collect()
         };
         self.head_all(batch).await;
-        self.batch_done(asked);
         lock(&self.prefetching).remove(&dir);
         true
     }

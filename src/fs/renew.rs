@@ -32,7 +32,7 @@ impl Fs {
     /// read, stale now, in a directory this mount listed (a one-off `stat` elsewhere costs a HEAD, which is cheaper
     /// than a LIST).
     pub(super) fn renewable(&self, dir: u64, name: &str) -> bool {
-        if !self.index_reads() || !self.batches_pay() {
+        if !self.index_reads() || !self.renewals_pay() {
             return false;
         }
         let table = lock(&self.table);
@@ -78,6 +78,9 @@ impl Fs {
             let start_after = before.unwrap_or_else(|| prefix.clone());
             (prefix, start_after)
         };
+        // Deletes under the directory waiting to be sent go first (the listing would wait for them anyway): what is
+        // timed from `asked` on is the page alone (see `Fs::renewal_done`).
+        self.deletes.settle(&prefix).await;
         let asked = Instant::now();
         let page = match self.backend.list_page(&prefix, &start_after).await {
             Ok(page) => page,
@@ -87,7 +90,7 @@ impl Fs {
             }
         };
         self.note_store_answers();
-        self.batch_done(asked);
+        self.renewal_done(asked);
         let (mut renewed, mut changed) = (0usize, 0usize);
         {
             let mut table = lock(&self.table);
