@@ -499,6 +499,24 @@ impl Filesystem for FuseAdapter {
         });
     }
 
+    // No ioctl is supported: ENOTTY, as a file on ext4 answers a terminal's ioctl. Python's open() and isatty() send
+    // one (TCGETS) for every file they open, and the kernel does not remember an ioctl's ENOSYS, so fuser's default
+    // (ENOSYS and a warning) wrote a six-line WARN to the log per file opened. Counted as FUSE errors in the metrics.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        crate::metrics::fuse_error("ioctl", libc::ENOTTY);
+        reply.error(Errno::ENOTTY);
+    }
+
     // Extended attributes are not stored. ENOSYS, not ENOTSUP: only ENOSYS makes the kernel remember that the
     // operation is unimplemented (it then answers EOPNOTSUPP, the same errno as ENOTSUP, itself); with ENOTSUP it
     // asks again for every WRITE (security.capability), one round trip per write. Counted as FUSE errors, so the

@@ -186,6 +186,7 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ESTALE => "ESTALE",
         libc::EDQUOT => "EDQUOT",
         libc::EINTR => "EINTR",
+        libc::ENOTTY => "ENOTTY",
         _ => "other",
     }
 }

@@ -1,6 +1,7 @@
 //! Extended attributes are not stored, and the kernel must learn that once (issue 13): answered with ENOTSUP, it
 //! asked again before every WRITE (security.capability), one FUSE round trip per write; ENOSYS makes it remember.
-//! Applications still get EOPNOTSUPP. Counted through the metrics endpoint's FUSE error series.
+//! Applications still get EOPNOTSUPP. Counted through the metrics endpoint's FUSE error series. No ioctl is
+//! supported either: applications get ENOTTY, and the log stays quiet.
 
 mod common;
 
@@ -44,4 +45,25 @@ fn the_kernel_asks_for_extended_attributes_once_and_applications_get_eopnotsupp(
     assert_eq!(xattr_requests(&addr, "getxattr"), 1.0, "GETXATTR requests");
     assert_eq!(xattr_requests(&addr, "setxattr"), 1.0, "SETXATTR requests");
     assert_eq!(std::fs::read(&file).unwrap().len(), 200 * 4096);
+}
+
+/// `isatty()` of a file on the mount (an ioctl, TCGETS, which Python's open() sends for every file) answers ENOTTY, as
+/// on a local disk, and logs nothing: fuser's default logged a WARN of six lines per call.
+#[test]
+fn an_ioctl_is_enotty_and_logs_nothing() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let addr = free_metrics_addr();
+    let m = Mount::start_with(&env, &store, "cse-c", &[&format!("metrics_addr={addr}")]);
+    std::fs::write(m.path("f"), b"data").unwrap();
+    for _ in 0..3 {
+        let f = std::fs::File::open(m.path("f")).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        assert_eq!(unsafe { libc::isatty(fd) }, 0);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOTTY), "isatty");
+    }
+    let ioctls = metric(&addr, "s3cryptfs_fuse_errors_total{op=\"ioctl\",errno=\"ENOTTY\"}");
+    assert_eq!(ioctls, 3.0, "the daemon answered each ioctl");
+    let log = m.log_text();
+    assert!(!log.contains("Not Implemented"), "the log:\n{log}");
 }
