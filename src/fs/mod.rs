@@ -1627,10 +1627,11 @@ impl Fs {
                 .filter(|e| e.kind != FileKind::Dir)
                 .filter_map(|e| {
                     let n = table.get(e.ino)?;
-                    (!self.fresh(n) && n.remote.is_some() && !self.recently_listed(n))
-                        .then_some(())
-                        .filter(|()| !types_only || n.validated.is_none())
-                        .and_then(|()| Some((e.ino, table.path_of(e.ino)?)))
+                    let wanted = !self.fresh(n)
+                        && n.remote.is_some()
+                        && !self.recently_listed(n)
+                        && (!types_only || n.validated.is_none());
+                    wanted.then(|| Some((e.ino, table.path_of(e.ino)?)))?
                 })
                 .collect()
         };
