@@ -920,7 +920,8 @@ fn serve(
                     }
                 }
             }
-            let cache = rt.block_on(DiskCache::open(dir, &config.store_url, keying, config.cache.disk_bytes, aead))?;
+            let limit = config.cache.disk_bytes;
+            let cache = rt.block_on(DiskCache::open(dir, &config.store_url, keying, limit, &memory, aead))?;
             let stats = cache.stats();
             let (dir, limit) = (cache.path().display(), cache.limit());
             tracing::info!(dir = %dir, limit, entries = stats.entries, bytes = stats.used, "disk cache");

@@ -28,6 +28,12 @@
 //! cache has less than 5 % (at most 1 GiB) free, entries are removed until it has, and nothing is written while it
 //! cannot. The recency order lives in memory; a start orders what it finds by modification time.
 //!
+//! The index in memory is counted in the memory budget (`max_memory`) too, so a large cache on disk cannot grow the
+//! daemon past it: [`INDEX_BYTES_PER_ENTRY`] an entry, at most [`INDEX_SHARE_OF_BUDGET`] of the budget. A cache
+//! directory reserves it a step at a time as the index grows ([`IndexMemory`]); an entry that would need more than
+//! the budget gives replaces the least recently used one, and a start keeps only the newest entries the budget pays
+//! for. The scratch reserves its whole index at mount (its entries all take a slot, so its limit says how many).
+//!
 //! The scratch: a mount without `cache_dir` still should not pay a GET per read for a file read at random that is too
 //! large for memory (s3fs keeps a plaintext copy of every file it reads in its tmpdir). It gets one file with no name
 //! in the write journal's run directory, in slots of [`SLOT`] bytes, entries sealed as above under a random key made
@@ -82,10 +88,13 @@ const DEFAULT_MAX: u64 = 64 << 30;
 /// fetched whole there for a random reader (a quarter of the limit, `read`), and its index takes about 15 MiB.
 pub const SCRATCH_DEFAULT_MAX: u64 = 4 << 30;
 /// Memory an entry of the index takes, at most (its name, the recency list's node, the hash table's share), counted
-/// against `max_memory` for the scratch, whose index every default mount has.
+/// against `max_memory`.
 const INDEX_BYTES_PER_ENTRY: u64 = 256;
-/// The share of the memory budget the scratch's index may take: the limit shrinks to fit.
+/// The share of the memory budget the index may take: for the scratch the limit shrinks to fit, a cache directory
+/// holds at most that many entries (262,144 with the default 512M budget: 16 GiB of full pages).
 const INDEX_SHARE_OF_BUDGET: u64 = 8;
+/// Entries of a cache directory's index paid for at once (1 MiB of the budget).
+const INDEX_STEP: u64 = 4096;
 /// A scratch slot: the largest entry (a 64 KiB page sealed), in whole blocks.
 const SLOT: u64 = (CHUNK_PLAIN_LEN + ENTRY_OVERHEAD as u64).div_ceil(BLOCK) * BLOCK;
 
@@ -211,10 +220,52 @@ pub struct DiskCacheStats {
     pub dropped: u64,
 }
 
+/// What a cache directory's index holds of the memory budget: reserved a step ([`INDEX_STEP`] entries) at a time as
+/// the index grows, never waiting (a reservation that does not fit now is not made: the entry then replaces another),
+/// up to [`INDEX_SHARE_OF_BUDGET`] of the budget, and kept until the cache closes.
+struct IndexMemory {
+    memory: Arc<MemoryBudget>,
+    steps: Mutex<Vec<Reservation>>,
+    /// Entries the steps pay for. Only grows, under `steps`' lock.
+    paid: AtomicU64,
+    /// At most this many entries, whatever the budget has free.
+    cap: u64,
+}
+
+impl IndexMemory {
+    fn new(memory: &Arc<MemoryBudget>) -> IndexMemory {
+        let cap = memory.limit() / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY;
+        IndexMemory { memory: Arc::clone(memory), steps: Mutex::new(Vec::new()), paid: AtomicU64::new(0), cap }
+    }
+
+    /// How many entries the index may hold, having paid (if the budget has it free now) for `entries`.
+    fn pay_for(&self, entries: u64) -> u64 {
+        let entries = entries.min(self.cap);
+        let paid = self.paid.load(Ordering::Acquire);
+        if paid >= entries {
+            return paid;
+        }
+        let mut steps = lock(&self.steps);
+        let mut paid = self.paid.load(Ordering::Acquire);
+        while paid < entries {
+            let step = INDEX_STEP.min(self.cap - paid);
+            match self.memory.try_reserve(step * INDEX_BYTES_PER_ENTRY) {
+                Some(r) => steps.push(r),
+                None => break,
+            }
+            paid += step;
+        }
+        self.paid.store(paid, Ordering::Release);
+        paid
+    }
+}
+
 pub struct DiskCache {
     place: Place,
     /// The scratch's index, counted in the memory budget for as long as the mount lives.
     _index: Option<Reservation>,
+    /// A cache directory's index, counted in the memory budget as it grows.
+    index_memory: Option<IndexMemory>,
     keys: CacheKeys,
     sealer: EntrySealer,
     limit: u64,
@@ -252,13 +303,14 @@ fn space(path: &Path) -> Option<(u64, u64)> {
 
 impl DiskCache {
     /// Opens (creating it if missing) the cache of `store` under `base`, bounded by `limit` bytes (default: a quarter
-    /// of the free space there, at most 64 GiB). Fails if another mount of the store uses it, or if a directory or
-    /// file on the way fails the ownership checks.
+    /// of the free space there, at most 64 GiB) and by what its index may take of `memory`. Fails if another mount of
+    /// the store uses it, or if a directory or file on the way fails the ownership checks.
     pub async fn open(
         base: &Path,
         store: &str,
         keying: CacheKeying,
         limit: Option<u64>,
+        memory: &Arc<MemoryBudget>,
         aead: AeadBackend,
     ) -> Result<DiskCache, DiskCacheError> {
         let base_dir = Dir::open_base(base)?;
@@ -329,7 +381,8 @@ impl DiskCache {
         let path = dir.path().to_path_buf();
         let text = serde_json::to_vec(&Header { version: HEADER_VERSION, check, kms_key_id, kms_blob })
             .map_err(|e| io_at(&path)(io::Error::other(e)))?;
-        let cache = DiskCache::with_place(Place::Dir { dir, _lock: lock_file }, keys, limit);
+        let mut cache = DiskCache::with_place(Place::Dir { dir, _lock: lock_file }, keys, limit);
+        cache.index_memory = Some(IndexMemory::new(memory));
         if !same_key && header.is_some() {
             tracing::info!(dir = %path.display(), "the disk cache was sealed under another key; it starts empty");
         }
@@ -382,6 +435,7 @@ impl DiskCache {
     fn with_place(place: Place, keys: CacheKeys, limit: u64) -> DiskCache {
         DiskCache {
             _index: None,
+            index_memory: None,
             sealer: keys.sealer(),
             keys,
             limit,
@@ -409,7 +463,8 @@ impl DiskCache {
     }
 
     /// Takes stock of the entries left by earlier mounts (all removed unless `keep`), oldest first in the recency
-    /// order; removes what a dead daemon left half written and anything that is not ours.
+    /// order; removes what a dead daemon left half written and anything that is not ours, and the oldest entries
+    /// past what the memory budget pays an index for.
     fn scan(&self, keep: bool) -> io::Result<()> {
         let Some(dir) = self.dir() else { return Ok(()) };
         let mut found = Vec::new();
@@ -438,6 +493,16 @@ impl DiskCache {
             }
         }
         found.sort();
+        let paid = self.index_memory.as_ref().map_or(u64::MAX, |m| m.pay_for(found.len() as u64));
+        let over = found.len().saturating_sub(usize::try_from(paid).unwrap_or(usize::MAX));
+        for (_, _, name, _) in found.drain(..over) {
+            let _ = dir.remove(&name);
+        }
+        if over > 0 {
+            let (removed, kept) = (over, found.len());
+            tracing::info!(dir = %dir.path().display(), removed, kept,
+                "the disk cache had more entries than max_memory pays an index for; the oldest were removed");
+        }
         let mut st = lock(&self.state);
         for (_, _, name, size) in found {
             st.used += size;
@@ -773,6 +838,16 @@ impl DiskCache {
     /// if `name` is given, reserves them for it ([`Room`] says which happened).
     fn evict_for(&self, size: u64, name: Option<&str>) -> Room {
         let low = self.low_space(size);
+        // Entries the index may hold, one more included when an entry is to be added (paid for outside the state's
+        // lock: a reservation may make the page cache shrink). It only grows, so holding the count under it at each
+        // insert keeps the index within what is paid for.
+        let allowed = match (&self.index_memory, name) {
+            (Some(m), Some(_)) => {
+                let len = lock(&self.state).lru.len() as u64;
+                m.pay_for(len + 1)
+            }
+            _ => u64::MAX,
+        };
         let mut victims = Vec::new();
         let mut slots = Vec::new();
         let made = {
@@ -783,7 +858,7 @@ impl DiskCache {
                 return Room::Taken;
             }
             let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
-            while need > 0 {
+            while need > 0 || st.lru.len() as u64 >= allowed {
                 let Some((victim, kept)) = st.lru.pop_lru() else { break };
                 st.used -= kept.size;
                 st.evicted += 1;
@@ -792,7 +867,7 @@ impl DiskCache {
                 victims.push(victim);
             }
             match (need, name) {
-                (0, Some(name)) => {
+                (0, Some(name)) if (st.lru.len() as u64) < allowed => {
                     st.used += size;
                     st.reservations += 1;
                     let reservation = st.reservations;
@@ -907,8 +982,8 @@ mod tests {
     const PAGE: usize = 64 << 10;
 
     async fn open(base: &Path, root: [u8; 32], limit: u64) -> Result<DiskCache, DiskCacheError> {
-        DiskCache::open(base, "s3://bucket/p", CacheKeying::Root(Zeroizing::new(root)), Some(limit), AeadBackend::AwsLc)
-            .await
+        let (keying, memory) = (CacheKeying::Root(Zeroizing::new(root)), MemoryBudget::unlimited());
+        DiskCache::open(base, "s3://bucket/p", keying, Some(limit), &memory, AeadBackend::AwsLc).await
     }
 
     fn id(key: &str, index: u64) -> EntryId<'_> {
@@ -1209,6 +1284,78 @@ mod tests {
         assert_eq!(std::fs::metadata(&base).unwrap().permissions().mode() & 0o777, 0o700);
     }
 
+    /// A cache directory's index counts in the memory budget as it grows, a step at a time, up to an eighth of it:
+    /// past that (or when the budget has no room now) a new entry replaces the least recently used one, whatever
+    /// room the disk has, and a start keeps only the newest entries (by modification time) the budget pays for.
+    #[tokio::test]
+    async fn a_cache_directory_s_index_counts_in_the_memory_budget_and_bounds_its_entries() {
+        const SMALL: usize = 100;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("c");
+        let budget_for = |entries: u64| MemoryBudget::new(entries * INDEX_BYTES_PER_ENTRY * INDEX_SHARE_OF_BUDGET);
+        let open_with = |memory: Arc<MemoryBudget>| {
+            let base = base.clone();
+            async move {
+                let keying = CacheKeying::Root(Zeroizing::new(ROOT));
+                let aead = AeadBackend::AwsLc;
+                DiskCache::open(&base, "s3://bucket/p", keying, Some(1 << 30), &memory, aead).await.unwrap()
+            }
+        };
+        let has = |c: &DiskCache, i: u64| c.get(&id("f", i), SMALL, &mut Vec::new());
+        let files = |c: &DiskCache| std::fs::read_dir(c.path()).unwrap().count() - 2; // the lock and the header
+        let file_of = |c: &DiskCache, i: u64| c.path().join(c.keys.entry_name(&id("f", i)));
+
+        // An index of one full step and part of a second.
+        let cap = INDEX_STEP + 904;
+        let memory = budget_for(cap);
+        let c = open_with(memory.clone()).await;
+        assert_eq!(memory.reserved(), 0, "an empty index reserved memory");
+        assert!(c.put(&id("f", 0), &[7; SMALL]));
+        assert_eq!(memory.reserved(), INDEX_STEP * INDEX_BYTES_PER_ENTRY, "the first entry pays for one step");
+        for i in 1..cap + 100 {
+            assert!(c.put(&id("f", i), &[7; SMALL]), "entry {i} was not kept");
+        }
+        let stats = c.stats();
+        assert_eq!((stats.entries as u64, stats.evicted), (cap, 100), "{stats:?}");
+        assert_eq!(memory.reserved(), cap * INDEX_BYTES_PER_ENTRY, "the index took more than its share");
+        assert_eq!(files(&c) as u64, cap);
+        assert!(!has(&c, 99) && has(&c, 100) && has(&c, cap + 99), "not the least recently used entries went");
+        // Which entries a start keeps is the files' modification time: the oldest survivor made the newest, the newest
+        // entry made old.
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let set_mtime = |path: PathBuf, secs: u64| {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(at(secs)).unwrap();
+        };
+        set_mtime(file_of(&c, 100), 4_000_000_000);
+        set_mtime(file_of(&c, cap + 99), 1_000_000_000);
+        drop(c);
+        assert_eq!(memory.reserved(), 0, "the index's reservation outlived the cache");
+
+        // A start with a smaller budget keeps the newest entries it pays for and removes the others from the disk.
+        let memory = budget_for(1000);
+        let c = open_with(memory.clone()).await;
+        assert_eq!((c.stats().entries, files(&c)), (1000, 1000));
+        assert_eq!(memory.reserved(), 1000 * INDEX_BYTES_PER_ENTRY);
+        assert!(has(&c, 100) && !has(&c, cap + 99), "the start did not keep the newest entries");
+        assert!(has(&c, cap + 98));
+        drop(c);
+
+        // A budget busy with other reservations pays for no more steps: new entries replace old ones meanwhile, and
+        // the index grows again once the budget has room.
+        let memory = budget_for(cap);
+        let busy = memory.try_reserve(memory.limit() - INDEX_STEP * INDEX_BYTES_PER_ENTRY).unwrap();
+        let c = open_with(memory.clone()).await;
+        assert_eq!(c.stats().entries, 1000);
+        for i in 0..INDEX_STEP {
+            assert!(c.put(&id("g", i), &[7; SMALL]));
+        }
+        assert_eq!(c.stats().entries as u64, INDEX_STEP, "{:?}", c.stats());
+        drop(busy);
+        assert!(c.put(&id("h", 0), &[7; SMALL]));
+        assert_eq!(c.stats().entries as u64, INDEX_STEP + 1);
+        assert_eq!(memory.reserved(), cap * INDEX_BYTES_PER_ENTRY);
+    }
+
     #[tokio::test]
     async fn the_limit_holds_after_every_write_and_the_oldest_go_first() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1288,7 +1435,8 @@ mod tests {
         assert!(matches!(e, DiskCacheError::InUse { .. }), "{e}");
         assert!(e.to_string().contains("in use by another mount"), "{e}");
         // Another store may use the same cache_dir.
-        DiskCache::open(&base, "s3://other", CacheKeying::Root(Zeroizing::new(ROOT)), Some(1 << 20), AeadBackend::AwsLc)
+        let (keying, memory) = (CacheKeying::Root(Zeroizing::new(ROOT)), MemoryBudget::unlimited());
+        DiskCache::open(&base, "s3://other", keying, Some(1 << 20), &memory, AeadBackend::AwsLc)
             .await
             .unwrap();
         drop(c);

@@ -410,7 +410,8 @@ async fn with_disk(s: &mut Setup, tmp: &std::path::Path, dir: bool, limit: u64) 
     let disk = if dir {
         let root = zeroize::Zeroizing::new([7u8; 32]);
         let keying = crate::cache::disk::CacheKeying::Root(root);
-        DiskCache::open(&base, "s3://bucket/p", keying, Some(limit), AeadBackend::default()).await.unwrap()
+        let memory = crate::memory::MemoryBudget::unlimited();
+        DiskCache::open(&base, "s3://bucket/p", keying, Some(limit), &memory, AeadBackend::default()).await.unwrap()
     } else {
         let dir = crate::journal::dir::Dir::open_base(&base).unwrap();
         let memory = crate::memory::MemoryBudget::unlimited();
