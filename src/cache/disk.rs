@@ -91,7 +91,8 @@ pub const SCRATCH_DEFAULT_MAX: u64 = 4 << 30;
 /// against `max_memory`.
 const INDEX_BYTES_PER_ENTRY: u64 = 256;
 /// The share of the memory budget the index may take: for the scratch the limit shrinks to fit, a cache directory
-/// holds at most that many entries (262,144 with the default 512M budget: 16 GiB of full pages).
+/// holds at most that many entries (253,952 with the default `max_memory=512M`, whose budget is 496 MiB: about
+/// 15.5 GiB of full pages).
 const INDEX_SHARE_OF_BUDGET: u64 = 8;
 /// Entries of a cache directory's index paid for at once (1 MiB of the budget).
 const INDEX_STEP: u64 = 4096;
@@ -857,6 +858,11 @@ impl DiskCache {
             if name.is_some_and(|n| st.lru.contains(n)) {
                 return Room::Taken;
             }
+            // Steps other writers paid for since count too (what is paid is never given back before the cache closes).
+            let allowed = match &self.index_memory {
+                Some(m) if name.is_some() => allowed.max(m.paid.load(Ordering::Acquire)),
+                _ => allowed,
+            };
             let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
             while need > 0 || st.lru.len() as u64 >= allowed {
                 let Some((victim, kept)) = st.lru.pop_lru() else { break };
@@ -1327,6 +1333,7 @@ mod tests {
             std::fs::File::options().write(true).open(path).unwrap().set_modified(at(secs)).unwrap();
         };
         set_mtime(file_of(&c, 100), 4_000_000_000);
+        set_mtime(file_of(&c, cap + 98), 3_900_000_000);
         set_mtime(file_of(&c, cap + 99), 1_000_000_000);
         drop(c);
         assert_eq!(memory.reserved(), 0, "the index's reservation outlived the cache");
