@@ -26,6 +26,9 @@ enum Shape {
     EndsAfter(usize),
     /// Whole up to this many bytes, then a failed piece.
     FailsAfter(usize),
+    /// Bodies of more than two chunks (a whole fetch's segments) fail after this many bytes, as a request's
+    /// deadline cuts a body that a slow disk stopped reading; the GET of a read's own chunk comes whole.
+    SegmentsFailAfter(usize),
 }
 
 /// The store, with `get_range_stream` bodies cut into the pieces `shape` says.
@@ -80,7 +83,8 @@ impl Backend for Pieces {
                 }
             }
             Shape::EndsAfter(n) => pieces.push(Ok(body.slice(..n.min(body.len())))),
-            Shape::FailsAfter(n) => {
+            Shape::SegmentsFailAfter(_) if body.len() <= 2 * 65536 + 4096 => pieces.push(Ok(body)),
+            Shape::FailsAfter(n) | Shape::SegmentsFailAfter(n) => {
                 pieces.push(Ok(body.slice(..n.min(body.len()))));
                 pieces.push(Err(StoreError::Unavailable { detail: "connection reset (test)".into(), source: None }));
             }
@@ -401,6 +405,70 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
             assert!(s.cached(&old).len() <= 2, "a fetch into the scratch filled the page cache (rename {rename})");
         }
     }
+}
+
+/// A read waiting on a whole fetch into the scratch whose segment is cut short (as the request's deadline cuts a body
+/// when the disk under the scratch is too slow to take it) gets its bytes from a GET of its own, not an error; the
+/// scratch keeps only the batches that landed whole, byte-exact, and the fetch ends.
+#[tokio::test]
+async fn a_read_waiting_on_a_whole_fetch_into_the_scratch_cut_short_fetches_its_page_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, reader, disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+    let segment = reader.segment_chunks();
+    // The page read below lies in the first segment, in a batch that the cut leaves unfinished.
+    let (cut_after_pages, page) = (DISK_BATCH_PAGES as u64 + 2, DISK_BATCH_PAGES as u64 + 4);
+    assert!(segment > page + 1, "a segment of {segment} chunks does not hold page {page} and another batch");
+    let at = 100 * 65536 + 10;
+    assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+    // The store now holds its answers, and cuts the whole fetch's segments after 10 pages.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *s.pieces.gate.lock().unwrap() = Some(gate.clone());
+    *s.pieces.shape.lock().unwrap() = Shape::SegmentsFailAfter((cut_after_pages * 65536) as usize);
+    let read_at = |at: u64| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(at, 4096).await })
+    };
+    // The second random read starts the whole fetch.
+    let starter = read_at(200 * 65536);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
+        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // A read of a page of that segment waits on it (it is in flight), then the store answers.
+    let waiting = read_at(page * 65536 + 100);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == page * 65536),
+        "the read did not wait on the segment in flight"
+    );
+    gate.add_permits(1 << 20);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the read waiting on the cut segment never returned")
+        .unwrap()
+        .expect("the read waiting on the cut segment failed");
+    assert!(got == s.plain[(page * 65536 + 100) as usize..(page * 65536 + 100 + 4096) as usize]);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), starter).await.unwrap().unwrap().unwrap();
+    assert!(got == s.plain[200 * 65536..200 * 65536 + 4096]);
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    assert!(asked.iter().any(|r| r.start == page * 65536 && r.end - r.start <= 65536), "no GET of its own: {asked:?}");
+    // The fetch ended at the cut.
+    while !lock(&s.context.fetches.random).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the whole-object fetch did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The first batch of the first segment landed whole; nothing of the batch the cut left unfinished is kept, and
+    // whatever is kept is byte-exact.
+    let found = on_disk(&disk, &reader, 0..reader.page_count());
+    for (index, p) in found.iter().enumerate() {
+        if let Some(p) = p {
+            assert!(p[..] == s.plain[index * 65536..(index + 1) * 65536], "page {index}");
+        }
+    }
+    assert!(found[..DISK_BATCH_PAGES].iter().all(Option::is_some), "the batch before the cut was not kept");
+    let cut = DISK_BATCH_PAGES..(2 * DISK_BATCH_PAGES).min(segment as usize);
+    assert!(found[cut.clone()].iter().all(Option::is_none), "pages of the batch cut short were kept: {cut:?}");
 }
 
 /// A disk cache for `s` in a new directory of `tmp`, bounded by `limit`: a cache directory, or else a scratch (an
