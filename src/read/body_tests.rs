@@ -17,6 +17,11 @@ use crate::store::{BodyStream, Expect, Listing, ObjectInfo, ObjectStoreBackend, 
 
 const PATH: &str = "dir/f";
 
+/// A progress nobody watches, for a fetch called directly.
+fn progress() -> Progress {
+    tokio::sync::watch::channel(0).0
+}
+
 /// How [`Pieces`] hands out a body.
 #[derive(Clone, Copy)]
 enum Shape {
@@ -29,6 +34,9 @@ enum Shape {
     /// Bodies of more than two chunks (a whole fetch's segments) fail after this many bytes, as a request's
     /// deadline cuts a body that a slow disk stopped reading; the GET of a read's own chunk comes whole.
     SegmentsFailAfter(usize),
+    /// Bodies of more than two chunks come whole up to this many bytes, then the rest only once
+    /// [`Pieces::stall`] gives a permit: a segment streaming slowly. Shorter bodies come whole.
+    SegmentsStallAfter(usize),
 }
 
 /// The store, with `get_range_stream` bodies cut into the pieces `shape` says.
@@ -41,6 +49,8 @@ struct Pieces {
     gate: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// What `streams_bodies` answers (a store that hands the body over whole, like the local store, when false).
     streams: std::sync::atomic::AtomicBool,
+    /// Where [`Shape::SegmentsStallAfter`] bodies wait.
+    stall: Arc<tokio::sync::Semaphore>,
 }
 
 #[async_trait]
@@ -83,7 +93,19 @@ impl Backend for Pieces {
                 }
             }
             Shape::EndsAfter(n) => pieces.push(Ok(body.slice(..n.min(body.len())))),
-            Shape::SegmentsFailAfter(_) if body.len() <= 2 * 65536 + 4096 => pieces.push(Ok(body)),
+            Shape::SegmentsFailAfter(_) | Shape::SegmentsStallAfter(_) if body.len() <= 2 * 65536 + 4096 => {
+                pieces.push(Ok(body))
+            }
+            Shape::SegmentsStallAfter(n) => {
+                let (head, rest) = (body.slice(..n.min(body.len())), body.slice(n.min(body.len())..));
+                let stall = self.stall.clone();
+                let rest = async move {
+                    stall.acquire().await.unwrap().forget();
+                    Ok(rest)
+                };
+                let stream = futures::stream::iter([Ok(head)]).chain(futures::stream::once(rest));
+                return Ok((stream.boxed(), info, meta));
+            }
             Shape::FailsAfter(n) | Shape::SegmentsFailAfter(n) => {
                 pieces.push(Ok(body.slice(..n.min(body.len()))));
                 pieces.push(Err(StoreError::Unavailable { detail: "connection reset (test)".into(), source: None }));
@@ -149,7 +171,9 @@ async fn setup_with(encrypted: bool, len: usize, cache: Arc<PageCache>) -> Setup
     let inner = Arc::new(ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap());
     let shape = std::sync::Mutex::new(Shape::Sizes(&[1 << 20]));
     let streams = true.into();
-    let pieces = Arc::new(Pieces { inner, shape, asked: Default::default(), gate: Default::default(), streams });
+    let stall = Arc::new(tokio::sync::Semaphore::new(0));
+    let pieces =
+        Arc::new(Pieces { inner, shape, asked: Default::default(), gate: Default::default(), streams, stall });
     let plain = pattern(len);
     let len = plain.len() as u64;
     let mut meta = UserMeta::default();
@@ -361,9 +385,11 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
             let reader = reader.clone();
             async move { reader.read(20 * 65536, 4096).await }
         });
-        let last_of_batch = (first_batch - segment) * 65536;
+        // (The read may have started a segment at its chunk before the fetch sent its first ones, which then leave
+        // that out: the last of them ends where it would, but may start later.)
+        let end_of_batch = first_batch * 65536;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == last_of_batch) {
+        while !s.pieces.asked.lock().unwrap().iter().any(|r| r.end == end_of_batch) {
             assert!(std::time::Instant::now() < deadline, "the first batch was never sent");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
@@ -381,7 +407,8 @@ async fn a_whole_object_fetch_stops_when_its_handle_closes_or_its_file_moves_mid
             .unwrap()
             .unwrap();
         assert!(got == s.plain[20 * 65536..20 * 65536 + 4096], "the read waiting on the fetch (rename {rename})");
-        while !lock(&s.context.fetches.random).is_empty() {
+        // The whole fetch, and a segment the read may have started at its chunk before the fetch sent its own.
+        while !lock(&s.context.fetches.random).is_empty() || !lock(&s.context.fetches.inflight).is_empty() {
             assert!(std::time::Instant::now() < deadline, "the whole-object fetch did not end (rename {rename})");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -471,6 +498,154 @@ async fn a_read_waiting_on_a_whole_fetch_into_the_scratch_cut_short_fetches_its_
     assert!(found[cut.clone()].iter().all(Option::is_none), "pages of the batch cut short were kept: {cut:?}");
 }
 
+/// A read that needs a chunk of a segment in flight goes on once the fetch has kept that chunk, not when it has kept
+/// the whole segment: a segment is up to 8 MiB, streamed beside up to 7 others, and a random read during a whole
+/// fetch waited for all of it.
+#[tokio::test]
+async fn a_read_waiting_on_a_segment_in_flight_goes_on_once_its_chunk_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, reader, disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+    let segment = reader.segment_chunks();
+    // Every segment's body stalls after its first batch, which has the page read below.
+    let (stall_after_pages, page) = (DISK_BATCH_PAGES as u64, 3);
+    assert!(segment > stall_after_pages, "a segment of {segment} chunks does not stall part way");
+    let at = 100 * 65536 + 10;
+    assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+    *s.pieces.shape.lock().unwrap() = Shape::SegmentsStallAfter((stall_after_pages * 65536) as usize);
+    let read_at = |at: u64| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(at, 4096).await })
+    };
+    // The second random read starts the whole fetch.
+    let starter = read_at(200 * 65536);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
+        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The read of a page of the first batch returns while the segment is still stalled, from what the fetch kept.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), read_at(page * 65536 + 100))
+        .await
+        .expect("the read waited for the whole segment, not for its chunk")
+        .unwrap()
+        .unwrap();
+    assert!(got == s.plain[(page * 65536 + 100) as usize..(page * 65536 + 100 + 4096) as usize]);
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    assert!(!asked.iter().any(|r| r.start == page * 65536), "the read asked the store itself: {asked:?}");
+    let next = stall_after_pages;
+    assert!(on_disk(&disk, &reader, next..next + 1)[0].is_none(), "the segment did not stall: the test shows nothing");
+    // The store goes on; the starter gets its bytes, and the object is whole in the scratch, byte-exact.
+    s.pieces.stall.add_permits(1 << 20);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), starter).await.unwrap().unwrap().unwrap();
+    assert!(got == s.plain[200 * 65536..200 * 65536 + 4096]);
+    while lock(&s.context.fetches.random).peek(&reader.object_id()) != Some(&FETCHED_WHOLE) {
+        assert!(std::time::Instant::now() < deadline, "the whole-object fetch did not end whole");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let found = on_disk(&disk, &reader, 0..reader.page_count());
+    for (index, p) in found.iter().enumerate() {
+        assert!(p.as_deref() == Some(&s.plain[index * 65536..(index + 1) * 65536]), "page {index}");
+    }
+}
+
+/// [`a_read_waiting_on_a_segment_in_flight_goes_on_once_its_chunk_is_kept`] for a fetch that keeps its chunks in
+/// the page cache (an object small next to it), chunk by chunk.
+#[tokio::test]
+async fn a_read_waiting_on_a_segment_kept_in_memory_goes_on_once_its_chunk_is_there() {
+    let (s, reader) = whole_fetch_setup().await;
+    assert_eq!(reader.whole_object_plan(), Some(Keep::Memory));
+    let segment = reader.segment_chunks();
+    let (stall_after_pages, page) = (4, 3);
+    assert!(segment > stall_after_pages, "a segment of {segment} chunks does not stall part way");
+    let at = 100 * 65536 + 10;
+    assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+    // The store holds its answers until the read below waits on the first segment (else the fetch could have put
+    // that chunk in the cache before the read asks), then streams each segment's first 4 chunks and stalls.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *s.pieces.gate.lock().unwrap() = Some(gate.clone());
+    *s.pieces.shape.lock().unwrap() = Shape::SegmentsStallAfter((stall_after_pages * 65536) as usize);
+    let read_at = |at: u64| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(at, 4096).await })
+    };
+    let starter = read_at(60 * 65536);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
+        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let waiting = read_at(page * 65536 + 100);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!reader.cache.contains(&reader.object_id(), page), "the chunk came before the read waited for it");
+    gate.add_permits(1 << 20);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("the read waited for the whole segment, not for its chunk")
+        .unwrap()
+        .unwrap();
+    assert!(got == s.plain[(page * 65536 + 100) as usize..(page * 65536 + 100 + 4096) as usize]);
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    assert!(!asked.iter().any(|r| r.start == page * 65536), "the read asked the store itself: {asked:?}");
+    let id = reader.object_id();
+    assert!(!reader.cache.contains(&id, stall_after_pages), "the segment did not stall: the test shows nothing");
+    s.pieces.stall.add_permits(1 << 20);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), starter).await.unwrap().unwrap().unwrap();
+    assert!(got == s.plain[60 * 65536..60 * 65536 + 4096]);
+}
+
+/// During a whole-object fetch, a read of a chunk the fetch has not got to starts a segment of it at that chunk and
+/// waits for that chunk only, instead of a GET of the chunk alone that the fetch would repeat; the fetch then
+/// skips what those segments brought, and the object ends up whole on disk, byte-exact.
+#[tokio::test]
+async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, reader, disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+    let (segment, total) = (reader.segment_chunks(), reader.page_count());
+    let first_sent = reader.whole_in_flight(Keep::Disk, segment) as u64 * segment;
+    assert!(first_sent < 200, "the fetch's first segments ({first_sent} chunks) reach the chunks read below");
+    let at = 100 * 65536 + 10;
+    assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+    // Every segment stalls after its first batch: a read returns only if its chunk was in a first batch.
+    *s.pieces.shape.lock().unwrap() = Shape::SegmentsStallAfter(DISK_BATCH_PAGES * 65536);
+    let read_at = |at: u64| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(at, 4096).await })
+    };
+    // The second random read starts the whole fetch, and its own chunk (200) is past the fetch's first segments;
+    // so is the next read's (230, near the end: a shorter segment).
+    for page in [200, 230] {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), read_at(page * 65536 + 7))
+            .await
+            .unwrap_or_else(|_| panic!("the read of chunk {page} did not return"))
+            .unwrap()
+            .unwrap();
+        assert!(got == s.plain[(page * 65536 + 7) as usize..(page * 65536 + 7 + 4096) as usize], "chunk {page}");
+        let asked = s.pieces.asked.lock().unwrap().clone();
+        let end = (page + segment).min(total) * 65536;
+        assert!(asked.contains(&(page * 65536..end)), "no segment from chunk {page}: {asked:?}");
+        let alone = asked.iter().any(|r| r.start == page * 65536 && r.end < end);
+        assert!(!alone, "a GET of chunk {page} alone: {asked:?}");
+    }
+    // The store goes on; once every fetch has ended, the object is whole in the scratch, byte-exact, and no chunk
+    // was asked for twice by the fetches (the reads' own GETs aside).
+    s.pieces.stall.add_permits(1 << 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.context.fetches.fetching_whole(&reader.object_id()) || !lock(&s.context.fetches.inflight).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the fetches did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let found = on_disk(&disk, &reader, 0..total);
+    for (index, p) in found.iter().enumerate() {
+        assert!(p.as_deref() == Some(&s.plain[index * 65536..(index + 1) * 65536]), "page {index}");
+    }
+    let asked = s.pieces.asked.lock().unwrap().clone();
+    let mut count = vec![0; total as usize];
+    for r in asked.iter().filter(|r| r.end - r.start > 2 * 65536) {
+        (r.start / 65536..r.end.div_ceil(65536)).for_each(|c| count[c as usize] += 1);
+    }
+    assert!(count.iter().all(|&n| n == 1), "chunks fetched twice or never: {asked:?}");
+}
+
 /// A disk cache for `s` in a new directory of `tmp`, bounded by `limit`: a cache directory, or else a scratch (an
 /// unnamed file). Fetches of `s.context` keep pages there.
 async fn with_disk(s: &mut Setup, tmp: &std::path::Path, dir: bool, limit: u64) -> Arc<DiskCache> {
@@ -518,7 +693,7 @@ async fn pages_fetched_into_the_disk_cache_are_byte_exact_across_batches() {
                 let reader = s.reader(Shape::Sizes(sizes)).await;
                 assert_eq!(reader.page_count(), 22);
                 let what = format!("encrypted {encrypted}, cache dir {dir}, pieces {sizes:?}, run {run:?}");
-                assert!(reader.fetch_to_disk(run.clone()).await.unwrap(), "not kept: {what}");
+                assert!(reader.fetch_to_disk(run.clone(), &progress()).await.unwrap(), "not kept: {what}");
                 let found = on_disk(&disk, &reader, 0..22);
                 for (index, page) in found.into_iter().enumerate() {
                     let want = &s.plain[index * 65536..((index + 1) * 65536).min(len)];
@@ -543,7 +718,8 @@ async fn pages_fetched_into_the_disk_cache_are_byte_exact_across_batches() {
         let mut s = setup_with(encrypted, len, Arc::new(PageCache::new(8 << 20))).await;
         let disk = with_disk(&mut s, tmp.path(), false, 1000).await;
         let reader = s.reader(Shape::Sizes(&[1 << 20])).await;
-        assert!(!reader.fetch_to_disk(0..22).await.unwrap(), "a disk cache that kept nothing counted as kept");
+        let kept = reader.fetch_to_disk(0..22, &progress()).await.unwrap();
+        assert!(!kept, "a disk cache that kept nothing counted as kept");
         assert!(on_disk(&disk, &reader, 0..22).iter().all(Option::is_none));
     }
 }
@@ -569,7 +745,7 @@ async fn a_fetch_into_the_disk_cache_cut_short_keeps_only_whole_batches() {
             Shape::FailsAfter(header + 10 * chunk)
         };
         let reader = s.reader(shape).await;
-        let err = reader.fetch_to_disk(0..reader.page_count()).await.unwrap_err();
+        let err = reader.fetch_to_disk(0..reader.page_count(), &progress()).await.unwrap_err();
         assert_eq!(err.errno(), libc::EIO, "{err:?}");
         if tamper {
             assert!(format!("{err:?}").contains("AuthenticationFailed { chunk: 9 }"), "{err:?}");

@@ -11,14 +11,16 @@
 //! window never outgrows the cache and evicts its own pages) and fetches the chunks ahead in the background, in
 //! segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being fetched are registered as
 //! in flight in [`Fetches`], shared by every reader of the mount, and a read that needs one — through this handle or
-//! another — waits for that fetch instead of asking again. No lock is held across a fetch: concurrent reads of one
-//! file, on one handle or many, reach the store together.
+//! another — waits for that fetch instead of asking again, until the fetch has kept that chunk ([`Progress`]), not
+//! until it has kept all of them. No lock is held across a fetch: concurrent reads of one file, on one handle or
+//! many, reach the store together.
 //!
 //! Whole-object prefetch: an object read at random — reads that do not follow each other, over every handle of the
 //! mount, one per [`WHOLE_OBJECT_BYTES_PER_SEEK`] of the object and at least [`SEEKS_FOR_RANDOM`] — is fetched whole
 //! in the background, in read-ahead segments, as many at a time as a quarter of the memory budget holds (at most
 //! [`WHOLE_OBJECT_IN_FLIGHT`]), and later reads are served locally: a random reader pays a few large GETs instead of
-//! one small GET per read. Where it goes:
+//! one small GET per read. A read meanwhile of a chunk the fetch has not got to starts the fetch's segment at that
+//! chunk ([`Reader::start_segments_at_misses`]) rather than a GET of the chunk alone. Where it goes:
 //! - into the page cache, when the object is small next to it (at most a quarter of what it may hold, and never more
 //!   than [`WHOLE_OBJECT_MAX`]);
 //! - else, with a disk cache (`-o cache_dir`, or else the mount's scratch), into the disk cache only (at most a
@@ -126,10 +128,24 @@ struct ReadState {
 /// A fetch in flight, which readers that need its chunks await.
 type Fetch = Shared<BoxFuture<'static, ()>>;
 
+/// How far a fetch in flight has come: the chunks before this index (from the fetch's first) are in the page cache or
+/// the disk cache, where the fetch keeps them. Its chunks come in order, so a read that needs one of the first of
+/// them goes on as soon as that one is kept instead of when the last is: a segment is up to 8 MiB, streamed beside
+/// up to 7 others, and waiting for all of it cost a random read during a whole-object fetch 26–168 ms on Garage
+/// (and most of a second on a link of 100 MB/s).
+type Progress = tokio::sync::watch::Sender<u64>;
+
+/// A chunk's fetch in flight: its end, and its [`Progress`].
+#[derive(Clone)]
+struct InFlight {
+    fetch: Fetch,
+    progress: tokio::sync::watch::Receiver<u64>,
+}
+
 /// Fetches in flight, by object version and chunk, shared by every reader of a mount: a chunk two handles (or a
 /// handle's read and its read-ahead) need at once is fetched once.
 pub struct Fetches {
-    inflight: Mutex<HashMap<(ObjectId, u64), Fetch>>,
+    inflight: Mutex<HashMap<(ObjectId, u64), InFlight>>,
     /// Random reads counted per object, over every reader of it, or [`FETCHING_WHOLE`] or [`FETCHED_WHOLE`].
     random: Mutex<lru::LruCache<ObjectId, u32>>,
 }
@@ -181,6 +197,11 @@ impl Fetches {
         } else if counts.peek(id) == Some(&FETCHING_WHOLE) {
             counts.pop(id);
         }
+    }
+
+    /// Whether `id` is being fetched whole.
+    fn fetching_whole(&self, id: &ObjectId) -> bool {
+        lock(&self.random).peek(id) == Some(&FETCHING_WHOLE)
     }
 
     /// A read of `id` did not find every page it needed in the disk cache (evicted, damaged): if the object was whole
@@ -504,7 +525,7 @@ impl Reader {
                 None => {
                     pages.push(None);
                     if let Some(f) = lock(&self.fetches.inflight).get(&(id.clone(), index)).cloned() {
-                        waits.push(f);
+                        waits.push((index, f));
                     }
                 }
             }
@@ -512,8 +533,13 @@ impl Reader {
         // Counted here, once per page a read asks for, rather than in the cache: the second look below would count
         // every miss twice.
         crate::metrics::cache_lookups(hits, pages.len() as u64 - hits);
-        for w in waits {
-            w.await;
+        self.start_segments_at_misses(&id, range.start, &pages, &mut waits);
+        for (index, mut w) in waits {
+            // Until the chunk is kept or the fetch ends (a progress whose fetch ended answers at once).
+            tokio::select! {
+                _ = w.fetch => {}
+                _ = w.progress.wait_for(|done| *done > index) => {}
+            }
         }
         // Collect what is still missing (a fetch in flight may have failed, or the cache evicted its pages) and fetch
         // it in contiguous runs.
@@ -533,12 +559,52 @@ impl Reader {
         for run in missing_runs {
             // This read cannot go on without these bytes: wait for room in the budget rather than go over it.
             let _memory = self.cache.memory().reserve(fetch_cost(run.end - run.start)).await;
-            let fetched = self.fetch(run.clone()).await?;
+            let fetched = self.fetch(run.clone(), None).await?;
             for (j, page) in fetched.into_iter().enumerate() {
                 pages[(run.start - range.start) as usize + j] = Some(page);
             }
         }
         Ok(pages.into_iter().map(|p| p.unwrap_or_default()).collect())
+    }
+
+    /// While the object is fetched whole, a chunk a read needs that is neither cached nor in flight (the whole fetch
+    /// has not got there yet) starts a segment of that fetch at that chunk, which the read then waits for (only
+    /// until its chunk is kept, see [`Progress`]), instead of a GET of the chunk alone: the whole fetch would fetch
+    /// that chunk again later, and on Garage every GET reads and checks a whole block of the server's (1 MiB), so
+    /// such GETs beside the fetch slowed it. The whole fetch skips what these segments keep or have in flight when
+    /// it gets there. Pages of `first..` found (`pages`); the fetches to wait for go to `waits`. Within the memory
+    /// budget only: without room, the read fetches its chunks itself.
+    fn start_segments_at_misses(
+        self: &Arc<Self>,
+        id: &ObjectId,
+        first: u64,
+        pages: &[Option<Bytes>],
+        waits: &mut Vec<(u64, InFlight)>,
+    ) {
+        // A handle that closed or moved on starts no more of the whole fetch (it stops at its next segment).
+        let gone = self.closed.load(Ordering::Relaxed) || self.moved();
+        if gone || pages.iter().all(Option::is_some) || !self.fetches.fetching_whole(id) {
+            return;
+        }
+        let Some(keep) = self.whole_object_plan() else { return };
+        let (segment, total) = (self.segment_chunks(), self.page_count());
+        for (i, page) in pages.iter().enumerate() {
+            let index = first + i as u64;
+            if page.is_some() || waits.iter().any(|(w, _)| *w == index) {
+                continue;
+            }
+            // On disk already (the read gets it there), or in flight since the read looked.
+            if self.kept(id, index, keep, &lock(&self.fetches.inflight)) {
+                continue;
+            }
+            let free = |bytes| self.cache.memory().try_reserve(bytes);
+            if let Started::NoRoom = self.start_fetch(index..(index + segment).min(total), keep, free, None) {
+                return;
+            }
+            if let Some(f) = lock(&self.fetches.inflight).get(&(id.clone(), index)) {
+                waits.push((index, f.clone()));
+            }
+        }
     }
 
     /// Fetches chunks `range` in the background, in segments of [`Reader::segment_chunks`], skipping chunks cached or
@@ -672,7 +738,7 @@ impl Reader {
     }
 
     /// Whether page `index` is kept where `keep` says (or being fetched): a fetch for it is not needed.
-    fn kept(&self, id: &ObjectId, index: u64, keep: Keep, inflight: &HashMap<(ObjectId, u64), Fetch>) -> bool {
+    fn kept(&self, id: &ObjectId, index: u64, keep: Keep, inflight: &HashMap<(ObjectId, u64), InFlight>) -> bool {
         if self.cache.contains(id, index) || inflight.contains_key(&(id.clone(), index)) {
             return true;
         }
@@ -705,10 +771,11 @@ impl Reader {
         let this = Arc::clone(self);
         let run = a..b + 1;
         let key = id.clone();
+        let (progress, progress_rx) = tokio::sync::watch::channel(a);
         let fut: Fetch = async move {
             let fetched = match keep {
-                Keep::Memory => this.fetch(run.clone()).await.map(|_| true),
-                Keep::Disk => this.fetch_to_disk(run.clone()).await,
+                Keep::Memory => this.fetch(run.clone(), Some(&progress)).await.map(|_| true),
+                Keep::Disk => this.fetch_to_disk(run.clone(), &progress).await,
             };
             let ok = match fetched {
                 Ok(kept) => kept,
@@ -729,7 +796,7 @@ impl Reader {
         .boxed()
         .shared();
         for i in a..b + 1 {
-            inflight.insert((id.clone(), i), fut.clone());
+            inflight.insert((id.clone(), i), InFlight { fetch: fut.clone(), progress: progress_rx.clone() });
         }
         drop(inflight);
         tokio::spawn(fut.clone());
@@ -777,9 +844,10 @@ impl Reader {
     }
 
     /// Chunks `run`: from the disk cache where it has them, the rest from the store ([`Reader::fetch_store`], which
-    /// then keeps them in the disk cache too). Fills the page cache.
-    async fn fetch(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
-        let Some(disk) = self.disk.clone() else { return self.fetch_store(run).await };
+    /// then keeps them in the disk cache too). Fills the page cache, and tells `progress` (when given) each chunk it
+    /// has put there.
+    async fn fetch(&self, run: Range<u64>, progress: Option<&Progress>) -> Result<Vec<Bytes>> {
+        let Some(disk) = self.disk.clone() else { return self.fetch_store(run, progress).await };
         let id = self.object_id();
         let ids: Vec<(EntryId, usize)> =
             run.clone().map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, self.page_len(index))).collect();
@@ -796,7 +864,7 @@ impl Reader {
                 if !disk.contains_any(&names) {
                     crate::metrics::disk_cache_lookups(0, n as u64);
                     self.fetches.missed_on_disk(&id);
-                    return self.fetch_store(run).await;
+                    return self.fetch_store(run, progress).await;
                 }
                 let lens = ids.iter().map(|(_, len)| *len).collect();
                 self.fetch_disk_blocking(&disk, &id, run.start, lens).await
@@ -814,10 +882,13 @@ impl Reader {
             match page {
                 Some(page) => {
                     if let Some(m) = missing.take() {
-                        pages.extend(self.fetch_store(m).await?);
+                        pages.extend(self.fetch_store(m, progress).await?);
                     }
                     self.cache.put(&id, index, page.clone());
                     pages.push(page);
+                    if let Some(p) = progress {
+                        p.send_replace(index + 1);
+                    }
                 }
                 None => match &mut missing {
                     Some(m) => m.end = index + 1,
@@ -826,7 +897,7 @@ impl Reader {
             }
         }
         if let Some(m) = missing {
-            pages.extend(self.fetch_store(m).await?);
+            pages.extend(self.fetch_store(m, progress).await?);
         }
         Ok(pages)
     }
@@ -873,13 +944,13 @@ impl Reader {
     /// Chunks `run` from the store, kept in the disk cache only (written before this returns), not in the page
     /// cache: a whole object larger than the page cache (see the module docs). Own format only.
     /// `false` when the disk cache did not keep every page (full, its disk below its reserve, gone): then it stops
-    /// at the first batch not kept.
+    /// at the first batch not kept. Tells `progress` each batch it has kept.
     ///
     /// The pages pass through one buffer of [`DISK_BATCH_PAGES`], reused: each batch is opened there from the body,
     /// then sealed for the disk cache in place and written in a blocking task. A page buffer of its own for each
     /// page (a mapping, see `cache::page`) made and unmade 4,096 mappings for a 256 MiB object, a quarter of the
     /// daemon's time in a whole fetch, for pages that were dropped as soon as they were written.
-    async fn fetch_to_disk(&self, run: Range<u64>) -> Result<bool> {
+    async fn fetch_to_disk(&self, run: Range<u64>, progress: &Progress) -> Result<bool> {
         let Some(disk) = self.disk.clone() else { return Ok(false) };
         // Never planned for S3EC objects (`whole_object_plan`): their pages come from a verification pass.
         if self.format.is_s3ec() {
@@ -914,6 +985,7 @@ impl Reader {
             // body is dropped unread, and the whole fetch ends at this segment.
             let Ok((back, true)) = written else { return Ok(false) };
             (batch, first) = (back, first + n);
+            progress.send_replace(first);
         }
         chunks.finish(&run, t0).await;
         Ok(true)
@@ -921,7 +993,7 @@ impl Reader {
 
     /// Fetches chunks `run` with one ranged GET, opens them and fills the page cache and (in the background, within
     /// the budget) the disk cache. S3EC objects come from their own pass ([`s3ec`]).
-    async fn fetch_store(&self, run: Range<u64>) -> Result<Vec<Bytes>> {
+    async fn fetch_store(&self, run: Range<u64>, progress: Option<&Progress>) -> Result<Vec<Bytes>> {
         let id = self.object_id();
         if self.format.is_s3ec() {
             let first = run.start;
@@ -940,6 +1012,9 @@ impl Reader {
             let page = page.freeze();
             self.cache.put(&id, index, page.clone());
             pages.push(page);
+            if let Some(p) = progress {
+                p.send_replace(index + 1);
+            }
         }
         chunks.finish(&run, t0).await;
         self.keep_on_disk(&id, run.start, &pages);

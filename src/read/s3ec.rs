@@ -314,7 +314,7 @@ impl Reader {
         if self.format.is_s3ec() {
             self.s3ec_verified().await?;
         } else if self.codec.is_encrypted() {
-            self.empty_checked.get_or_try_init(|| async { self.fetch_store(0..1).await.map(|_| ()) }).await?;
+            self.empty_checked.get_or_try_init(|| async { self.fetch_store(0..1, None).await.map(|_| ()) }).await?;
         }
         Ok(())
     }
