@@ -11,8 +11,8 @@
 //! window never outgrows the cache and evicts its own pages) and fetches the chunks ahead in the background, in
 //! segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being fetched are registered as
 //! in flight in [`Fetches`], shared by every reader of the mount, and a read that needs one — through this handle or
-//! another — waits for that fetch instead of asking again, until the fetch has kept that chunk ([`Progress`]), not
-//! until it has kept all of them. No lock is held across a fetch: concurrent reads of one file, on one handle or
+//! another — waits for that fetch instead of asking again, until the fetch has kept that chunk ([`Progress`]; for
+//! an S3EC object, whose pages come from a pass over the whole object, until the fetch ends). No lock is held across a fetch: concurrent reads of one file, on one handle or
 //! many, reach the store together.
 //!
 //! Whole-object prefetch: an object read at random — reads that do not follow each other, over every handle of the
@@ -148,12 +148,15 @@ pub struct Fetches {
     inflight: Mutex<HashMap<(ObjectId, u64), InFlight>>,
     /// Random reads counted per object, over every reader of it, or [`FETCHING_WHOLE`] or [`FETCHED_WHOLE`].
     random: Mutex<lru::LruCache<ObjectId, u32>>,
+    /// The whole-object fetches running: where each keeps its chunks and its segments' length, which the segments
+    /// that reads start meanwhile use too ([`Reader::start_segments_at_misses`]).
+    whole: Mutex<HashMap<ObjectId, (Keep, u64)>>,
 }
 
 impl Default for Fetches {
     fn default() -> Self {
         let tracked = std::num::NonZeroUsize::new(RANDOM_TRACKED).expect("a positive constant");
-        Fetches { inflight: Mutex::default(), random: Mutex::new(lru::LruCache::new(tracked)) }
+        Fetches { inflight: Mutex::default(), random: Mutex::new(lru::LruCache::new(tracked)), whole: Mutex::default() }
     }
 }
 
@@ -191,6 +194,7 @@ impl Fetches {
     /// it served — until a read misses there ([`Fetches::missed_on_disk`]). Otherwise its random reads are counted
     /// from zero again, and a later whole fetch gets only what is no longer kept.
     fn whole_done(&self, id: &ObjectId, whole_on_disk: bool) {
+        lock(&self.whole).remove(id);
         let mut counts = lock(&self.random);
         if whole_on_disk {
             counts.put(id.clone(), FETCHED_WHOLE);
@@ -199,7 +203,8 @@ impl Fetches {
         }
     }
 
-    /// Whether `id` is being fetched whole.
+    /// Whether `id` is being fetched whole (for tests).
+    #[cfg(test)]
     fn fetching_whole(&self, id: &ObjectId) -> bool {
         lock(&self.random).peek(id) == Some(&FETCHING_WHOLE)
     }
@@ -583,26 +588,35 @@ impl Reader {
     ) {
         // A handle that closed or moved on starts no more of the whole fetch (it stops at its next segment).
         let gone = self.closed.load(Ordering::Relaxed) || self.moved();
-        if gone || pages.iter().all(Option::is_some) || !self.fetches.fetching_whole(id) {
+        if gone || pages.iter().all(Option::is_some) {
             return;
         }
-        let Some(keep) = self.whole_object_plan() else { return };
-        let (segment, total) = (self.segment_chunks(), self.page_count());
+        // Kept where the whole fetch keeps its chunks, and ending where its segment does: the fetch then finds this
+        // one at the end of its own and leaves it out (it skips kept and in-flight chunks at the ends of a segment,
+        // not inside one).
+        let Some((keep, segment)) = lock(&self.fetches.whole).get(id).copied() else { return };
+        let total = self.page_count();
         for (i, page) in pages.iter().enumerate() {
             let index = first + i as u64;
             if page.is_some() || waits.iter().any(|(w, _)| *w == index) {
                 continue;
             }
-            // On disk already (the read gets it there), or in flight since the read looked.
-            if self.kept(id, index, keep, &lock(&self.fetches.inflight)) {
-                continue;
+            let mut in_flight = lock(&self.fetches.inflight).get(&(id.clone(), index)).cloned();
+            if in_flight.is_none() {
+                // Kept (on disk: the read finds it there).
+                if self.kept(id, index, keep, &lock(&self.fetches.inflight)) {
+                    continue;
+                }
+                let end = ((index / segment + 1) * segment).min(total);
+                let free = |bytes| self.cache.memory().try_reserve(bytes);
+                if let Started::NoRoom = self.start_fetch(index..end, keep, free, None) {
+                    return;
+                }
+                in_flight = lock(&self.fetches.inflight).get(&(id.clone(), index)).cloned();
             }
-            let free = |bytes| self.cache.memory().try_reserve(bytes);
-            if let Started::NoRoom = self.start_fetch(index..(index + segment).min(total), keep, free, None) {
-                return;
-            }
-            if let Some(f) = lock(&self.fetches.inflight).get(&(id.clone(), index)) {
-                waits.push((index, f.clone()));
+            // In flight now, by this read's segment (for the chunks after this one too) or another's.
+            if let Some(f) = in_flight {
+                waits.push((index, f));
             }
         }
     }
@@ -636,6 +650,7 @@ impl Reader {
         let memory = self.cache.memory().clone();
         let in_flight = self.whole_in_flight(keep, segment);
         let failed = Arc::new(AtomicBool::new(false));
+        lock(&self.fetches.whole).insert(self.object_id(), (keep, segment));
         let mut done = WholeFetch { fetches: self.fetches.clone(), id: self.object_id(), whole_on_disk: false };
         tokio::spawn(async move {
             let mut running = futures::stream::FuturesUnordered::new();
