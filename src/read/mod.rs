@@ -12,8 +12,8 @@
 //! segments of a quarter of that (1 to 8 MiB) so that several GETs run at once. Chunks being fetched are registered as
 //! in flight in [`Fetches`], shared by every reader of the mount, and a read that needs one — through this handle or
 //! another — waits for that fetch instead of asking again, until the fetch has kept that chunk ([`Progress`]; for
-//! an S3EC object, whose pages come from a pass over the whole object, until the fetch ends). No lock is held across a fetch: concurrent reads of one file, on one handle or
-//! many, reach the store together.
+//! an S3EC object, whose pages come from a pass over the whole object, until the fetch ends). No lock is held
+//! across a fetch: concurrent reads of one file, on one handle or many, reach the store together.
 //!
 //! Whole-object prefetch: an object read at random — reads that do not follow each other, over every handle of the
 //! mount, one per [`WHOLE_OBJECT_BYTES_PER_SEEK`] of the object and at least [`SEEKS_FOR_RANDOM`] — is fetched whole
