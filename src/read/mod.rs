@@ -591,9 +591,9 @@ impl Reader {
         if gone || pages.iter().all(Option::is_some) {
             return;
         }
-        // Kept where the whole fetch keeps its chunks, and ending where its segment does: the fetch then finds this
-        // one at the end of its own and leaves it out (it skips kept and in-flight chunks at the ends of a segment,
-        // not inside one).
+        // Kept where the whole fetch keeps its chunks, and as long as its segments: the fetch then finds this one at
+        // an end of its own and leaves it out (it skips kept and in-flight chunks at the ends of a segment, not inside
+        // one). Ending instead where the fetch's segment would made one reader's run slower (more, shorter GETs).
         let Some((keep, segment)) = lock(&self.fetches.whole).get(id).copied() else { return };
         let total = self.page_count();
         for (i, page) in pages.iter().enumerate() {
@@ -607,7 +607,7 @@ impl Reader {
                 if self.kept(id, index, keep, &lock(&self.fetches.inflight)) {
                     continue;
                 }
-                let end = ((index / segment + 1) * segment).min(total);
+                let end = (index + segment).min(total);
                 let free = |bytes| self.cache.memory().try_reserve(bytes);
                 if let Started::NoRoom = self.start_fetch(index..end, keep, free, None) {
                     return;
