@@ -37,7 +37,13 @@ enum Shape {
     /// Bodies of more than two chunks come whole up to this many bytes, then the rest only once
     /// [`Pieces::stall`] gives a permit: a segment streaming slowly. Shorter bodies come whole.
     SegmentsStallAfter(usize),
+    /// Bodies of more than two chunks come whole up to this many bytes, then nothing more for [`DEADLINE`], then
+    /// fail as a request's deadline cuts them (`StoreError::TimedOut`): a store that froze. Shorter bodies come whole.
+    SegmentsTimeOutAfter(usize),
 }
+
+/// The deadline of [`Shape::SegmentsTimeOutAfter`] bodies.
+const DEADLINE: std::time::Duration = std::time::Duration::from_millis(600);
 
 /// The store, with `get_range_stream` bodies cut into the pieces `shape` says.
 struct Pieces {
@@ -93,8 +99,20 @@ impl Backend for Pieces {
                 }
             }
             Shape::EndsAfter(n) => pieces.push(Ok(body.slice(..n.min(body.len())))),
-            Shape::SegmentsFailAfter(_) | Shape::SegmentsStallAfter(_) if body.len() <= 2 * 65536 + 4096 => {
+            Shape::SegmentsFailAfter(_) | Shape::SegmentsStallAfter(_) | Shape::SegmentsTimeOutAfter(_)
+                if body.len() <= 2 * 65536 + 4096 =>
+            {
                 pieces.push(Ok(body))
+            }
+            Shape::SegmentsTimeOutAfter(n) => {
+                let head = body.slice(..n.min(body.len()));
+                let detail = "GET (test)".to_string();
+                let cut = async move {
+                    tokio::time::sleep(DEADLINE).await;
+                    Err(StoreError::TimedOut { key: PATH.into(), after: DEADLINE, detail })
+                };
+                let stream = futures::stream::iter([Ok(head)]).chain(futures::stream::once(cut));
+                return Ok((stream.boxed(), info, meta));
             }
             Shape::SegmentsStallAfter(n) => {
                 let (head, rest) = (body.slice(..n.min(body.len())), body.slice(n.min(body.len())..));
@@ -602,7 +620,7 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
     let (s, reader, disk) = whole_fetch_setup_on_disk(tmp.path()).await;
     let (segment, total) = (reader.segment_chunks(), reader.page_count());
     let first_sent = reader.whole_in_flight(Keep::Disk, segment) as u64 * segment;
-    assert!(first_sent < 170, "the fetch's first segments ({first_sent} chunks) reach the chunks read below");
+    assert!(first_sent <= 150, "the fetch's first segments ({first_sent} chunks) reach the chunks read below");
     let at = 100 * 65536 + 10;
     assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
     // Every segment stalls after its first batch: a read returns only if its chunk was in a first batch.
@@ -627,9 +645,20 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
         let end = (page + segment).min(total) * 65536;
         assert!(asked.contains(&(page * 65536..end)), "no segment from chunk {page}: {asked:?}");
     }
+    // A read of 10 chunks (150–159) starts its segment at 150, whose first batch holds 8 of them: it waits for the
+    // other 2 in that segment too, rather than asking for them itself once its first chunk is kept.
+    let (at, len) = (150 * 65536 + 7, 9 * 65536 + 4096);
+    let across = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(at, len).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!across.is_finished(), "the read of chunks 150-159 returned while its last two were stalled");
     // The store goes on; once every fetch has ended, the object is whole in the scratch, byte-exact, and no chunk
     // was asked for twice by the fetches (the reads' own GETs aside).
     s.pieces.stall.add_permits(1 << 20);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), across).await.unwrap().unwrap().unwrap();
+    assert!(got == s.plain[at as usize..at as usize + len], "chunks 150-159");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while s.context.fetches.fetching_whole(&reader.object_id()) || !lock(&s.context.fetches.inflight).is_empty() {
         assert!(std::time::Instant::now() < deadline, "the fetches did not end");
@@ -647,6 +676,65 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
     }
     count[100] = 1;
     assert!(count.iter().all(|&n| n == 1), "chunks fetched twice or never: {asked:?}");
+}
+
+/// A store that gives nothing for a whole deadline (frozen, dead): a read that waited that long on a segment it
+/// started fails with the deadline's error (EIO) instead of a GET of its own, which would wait as long again. A read
+/// that came to a segment later asks for its chunk itself, and so does one whose segment kept some chunks before
+/// the deadline cut it (a slow link rather than a dead store).
+#[tokio::test]
+async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_ask_again() {
+    let read_at = |reader: &Arc<Reader>, page: u64, chunks: u64| {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.read(page * 65536 + 100, ((chunks - 1) * 65536 + 4096) as usize).await })
+    };
+    let started = |s: &Setup| {
+        let asked = s.pieces.asked.lock().unwrap().clone();
+        asked.iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536)
+    };
+    let batch = DISK_BATCH_PAGES as u64;
+    // Segments that keep nothing: a read of chunk 5 (in the fetch's first segment) a third of a deadline after the
+    // fetch started. Segments that keep their first batch: a read of chunks 150–159, which starts a segment at 150
+    // and so waits a whole deadline for its last two. Each asks for what it misses itself.
+    for (kept_before_the_cut, page, chunks, own) in [(0, 5, 1, 5..6), (batch, 150, 10, 150 + batch..160)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, reader, _disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+        let segment = reader.segment_chunks();
+        let first_sent = reader.whole_in_flight(Keep::Disk, segment) as u64 * segment;
+        assert!(segment > batch + 2 && first_sent <= 150, "segments of {segment}, {first_sent} chunks sent first");
+        let at = 100 * 65536 + 10;
+        assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
+        *s.pieces.shape.lock().unwrap() = Shape::SegmentsTimeOutAfter((kept_before_the_cut * 65536) as usize);
+        // The second random read starts the whole fetch, then a segment at its own chunk (past the fetch's first).
+        let t0 = std::time::Instant::now();
+        let starter = read_at(&reader, 200, 1);
+        while !started(&s) {
+            assert!(t0.elapsed() < DEADLINE / 2, "the whole fetch did not ask for its first segment in time");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if kept_before_the_cut == 0 {
+            tokio::time::sleep(DEADLINE / 3).await;
+        }
+        let joined = read_at(&reader, page, chunks);
+        let starter = tokio::time::timeout(3 * DEADLINE, starter).await.expect("the starter hung").unwrap();
+        let joined = tokio::time::timeout(3 * DEADLINE, joined).await.expect("the later read hung").unwrap();
+        let asked = s.pieces.asked.lock().unwrap().clone();
+        if kept_before_the_cut == 0 {
+            let err = starter.expect_err("the starter's segment was never answered");
+            assert_eq!(err.errno(), libc::EIO, "{err:?}");
+            assert!(format!("{err:?}").contains("TimedOut"), "{err:?}");
+            assert!(t0.elapsed() >= DEADLINE, "the starter failed before its segment's deadline");
+            let again = |r: &Range<u64>| r.start == 200 * 65536 && r.end - r.start <= 65536;
+            assert!(!asked.iter().any(again), "the starter asked again after a whole deadline: {asked:?}");
+        } else {
+            assert!(starter.unwrap() == s.plain[200 * 65536 + 100..200 * 65536 + 4196]);
+        }
+        let got = joined.unwrap_or_else(|e| panic!("the read of chunks from {page} failed: {e:?}"));
+        let from = (page * 65536 + 100) as usize;
+        assert!(got == s.plain[from..from + got.len()] && got.len() as u64 == (chunks - 1) * 65536 + 4096);
+        let own_get = own.start * 65536..own.end * 65536;
+        assert!(asked.contains(&own_get), "the read of {page} did not ask for {own:?} itself: {asked:?}");
+    }
 }
 
 /// A disk cache for `s` in a new directory of `tmp`, bounded by `limit`: a cache directory, or else a scratch (an

@@ -41,6 +41,10 @@
 //! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
 //! whole-object prefetch only take what is free, and stop where the budget ends (the reads then fetch what they need).
 //!
+//! A read that waited a whole `timeout=` on a fetch in flight that the store never answered (it kept no chunk before
+//! its deadline: a frozen or dead store) fails with that fetch's error; any other read whose fetch failed sends a GET
+//! of its own ([`FetchEnd`]).
+//!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
 //! is ever returned or cached.
 //!
@@ -126,7 +130,38 @@ struct ReadState {
 }
 
 /// A fetch in flight, which readers that need its chunks await.
-type Fetch = Shared<BoxFuture<'static, ()>>;
+type Fetch = Shared<BoxFuture<'static, FetchEnd>>;
+
+/// How a fetch in flight ended, for the reads that waited on it.
+#[derive(Clone)]
+enum FetchEnd {
+    /// It kept what it fetched, or failed in a way that a read's own GET may not: a body cut short, a link too slow
+    /// for a whole segment within the deadline (some of its chunks came), a disk cache that did not keep a batch.
+    Done,
+    /// It failed at the store's deadline without keeping a single chunk: the store gave nothing for a whole
+    /// `timeout=`. A read that waited on it that long fails with this instead of sending a GET of its own into the
+    /// same store, which would cost a second deadline (see [`Reader::pages`]).
+    Unanswered(Arc<Unanswered>),
+}
+
+/// What a [`FetchEnd::Unanswered`] fetch failed with (a `StoreError::TimedOut`).
+struct Unanswered {
+    key: String,
+    after: std::time::Duration,
+    detail: String,
+}
+
+impl Unanswered {
+    /// The fetch's error, for a read that waited on it.
+    fn error(&self) -> Error {
+        let source = crate::store::StoreError::TimedOut {
+            key: self.key.clone(),
+            after: self.after,
+            detail: self.detail.clone(),
+        };
+        Error::Store { key: self.key.clone(), source }
+    }
+}
 
 /// How far a fetch in flight has come: the chunks before this index (from the fetch's first) are in the page cache or
 /// the disk cache, where the fetch keeps them. Its chunks come in order, so a read that needs one of the first of
@@ -538,12 +573,24 @@ impl Reader {
         // Counted here, once per page a read asks for, rather than in the cache: the second look below would count
         // every miss twice.
         crate::metrics::cache_lookups(hits, pages.len() as u64 - hits);
+        let waiting_since = std::time::Instant::now();
         self.start_segments_at_misses(&id, range.start, &pages, &mut waits);
-        for (index, mut w) in waits {
-            // Until the chunk is kept or the fetch ends (a progress whose fetch ended answers at once).
-            tokio::select! {
-                _ = w.fetch => {}
-                _ = w.progress.wait_for(|done| *done > index) => {}
+        let mut unanswered: Vec<(u64, Arc<Unanswered>)> = Vec::new();
+        for (index, InFlight { mut fetch, mut progress }) in waits {
+            // Until the chunk is kept or the fetch ends (a progress whose fetch ended answers at once: then how the
+            // fetch ended is a moment away).
+            let kept = tokio::select! {
+                biased;
+                end = &mut fetch => Err(end),
+                kept = progress.wait_for(|done| *done > index) => Ok(kept.is_ok()),
+            };
+            let end = match kept {
+                Ok(true) => continue,
+                Ok(false) => fetch.await,
+                Err(end) => end,
+            };
+            if let FetchEnd::Unanswered(u) = end {
+                unanswered.push((index, u));
             }
         }
         // Collect what is still missing (a fetch in flight may have failed, or the cache evicted its pages) and fetch
@@ -555,6 +602,12 @@ impl Reader {
                 *slot = self.cache.get(&id, index);
             }
             if slot.is_none() {
+                // Waited a whole deadline on a fetch of it that the store never answered (a frozen or dead store): a
+                // GET of its own would wait as long again. A read that came to the fetch later asks itself.
+                let waited_out = |(i, u): &&(u64, Arc<Unanswered>)| *i == index && waiting_since.elapsed() >= u.after;
+                if let Some((_, u)) = unanswered.iter().find(waited_out) {
+                    return Err(u.error());
+                }
                 match missing_runs.last_mut() {
                     Some(run) if run.end == index => run.end += 1,
                     _ => missing_runs.push(index..index + 1),
@@ -792,11 +845,11 @@ impl Reader {
                 Keep::Memory => this.fetch(run.clone(), Some(&progress)).await.map(|_| true),
                 Keep::Disk => this.fetch_to_disk(run.clone(), &progress).await,
             };
-            let ok = match fetched {
-                Ok(kept) => kept,
+            let (ok, end) = match fetched {
+                Ok(kept) => (kept, FetchEnd::Done),
                 Err(e) => {
                     tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
-                    false
+                    (false, unanswered(&e, *progress.borrow() == run.start))
                 }
             };
             if let (false, Some(failed)) = (ok, failed) {
@@ -807,6 +860,7 @@ impl Reader {
             for i in run {
                 inflight.remove(&(key.clone(), i));
             }
+            end
         }
         .boxed()
         .shared();
@@ -1092,6 +1146,17 @@ impl Chunks {
         self.body.finish().await;
         tracing::trace!(key = %self.key, chunks = ?run, bytes = self.body.received,
             ms = t0.elapsed().as_millis() as u64, "fetched");
+    }
+}
+
+/// How a fetch that failed with `e` ended for the reads waiting on it: [`FetchEnd::Unanswered`] when it was the
+/// store's deadline and the fetch had kept `nothing`.
+fn unanswered(e: &Error, nothing: bool) -> FetchEnd {
+    match e {
+        Error::Store { source: crate::store::StoreError::TimedOut { key, after, detail }, .. } if nothing => {
+            FetchEnd::Unanswered(Arc::new(Unanswered { key: key.clone(), after: *after, detail: detail.clone() }))
+        }
+        _ => FetchEnd::Done,
     }
 }
 
