@@ -560,8 +560,15 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
     let timeout = format!("timeout={TIMEOUT_SECS}");
     let opts = [timeout.as_str(), "max_memory=64M"];
     let m = mount_with_disk_cache(&env, &store, &env.path().join("dcache"), &addr, &opts);
-    let (file, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the freeze");
+    // Frozen as soon as the read that starts the whole fetch has returned: waiting first until the fetch was seen
+    // landing in the disk cache once left it time to finish on a loaded machine (50.4 MB written at the first look).
+    let file = fs::File::open(m.path("medium")).unwrap();
+    pread_pages(&file, &plain, MEDIUM_READS.into_iter());
     let frozen = server.freeze();
+    let in_flight = || metric(&addr, "s3cryptfs_store_requests_in_flight");
+    assert!(wait_until(Duration::from_secs(1), || in_flight() > 0.0), "no whole fetch was under way at the freeze");
+    let on_disk = metric(&addr, "s3cryptfs_disk_cache_written_bytes_total");
+    assert!(on_disk < plain.len() as f64, "the whole fetch had ended before the freeze: {on_disk} bytes");
     eprintln!("frozen with {on_disk} of {} bytes written to the disk cache", plain.len());
 
     // The fetch's segments in flight end at their deadline, and no later one is sent: with 64 MiB of memory, eight
@@ -570,7 +577,6 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
     // segment may still complete from what was on its way, and the fetch rightly sends the next: no request is in
     // flight for a moment, then some are (seen in CI). Those fail a timeout later at most, and from the first
     // failure on nothing new may be sent: so the check starts two timeouts after the freeze.
-    let in_flight = || metric(&addr, "s3cryptfs_store_requests_in_flight");
     std::thread::sleep(Duration::from_secs(2 * TIMEOUT_SECS + 1));
     let limit = Duration::from_secs(TIMEOUT_SECS);
     let late = 3 * TIMEOUT_SECS + 1;
@@ -581,7 +587,7 @@ fn a_frozen_store_during_a_whole_fetch_bounds_every_read_and_leaves_the_disk_cac
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Pages across the file, far apart: the first is likely on the disk already, the last ones likely not (each of
+    // Pages across the file, far apart: the first may be on the disk already, the last ones likely not (each of
     // those takes up to two timeouts: the read's own GET, then the kernel's retry of the page).
     let file = std::sync::Arc::new(file);
     let mut served = 0;
