@@ -38,12 +38,16 @@ enum Shape {
     /// [`Pieces::stall`] gives a permit: a segment streaming slowly. Shorter bodies come whole.
     SegmentsStallAfter(usize),
     /// Bodies of more than two chunks come whole up to this many bytes, then nothing more for [`DEADLINE`], then
-    /// fail as a request's deadline cuts them (`StoreError::TimedOut`): a store that froze. Shorter bodies come whole.
+    /// fail as a request's deadline cuts them (`StoreError::TimedOut`): a store that froze while it answered, or a
+    /// link too slow for them. Shorter bodies come whole.
     SegmentsTimeOutAfter(usize),
+    /// GETs of more than two chunks get no answer for [`DEADLINE`], then fail as a request's deadline cuts them: a
+    /// store that froze. Shorter ones are answered.
+    SegmentsUnanswered,
 }
 
-/// The deadline of [`Shape::SegmentsTimeOutAfter`] bodies.
-const DEADLINE: std::time::Duration = std::time::Duration::from_millis(600);
+/// The deadline of [`Shape::SegmentsTimeOutAfter`] and [`Shape::SegmentsUnanswered`] GETs.
+const DEADLINE: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// The store, with `get_range_stream` bodies cut into the pieces `shape` says.
 struct Pieces {
@@ -84,6 +88,11 @@ impl Backend for Pieces {
         if let Some(gate) = gate {
             gate.acquire().await.unwrap().forget();
         }
+        let unanswered = matches!(*self.shape.lock().unwrap(), Shape::SegmentsUnanswered);
+        if unanswered && range.end - range.start > 2 * 65536 + 4096 {
+            tokio::time::sleep(DEADLINE).await;
+            return Err(StoreError::TimedOut { key: PATH.into(), after: DEADLINE, detail: "GET (test)".into() });
+        }
         let (body, info, meta) = self.inner.get_range(key, range).await?;
         let mut pieces: Vec<std::result::Result<Bytes, StoreError>> = Vec::new();
         match *self.shape.lock().unwrap() {
@@ -104,6 +113,7 @@ impl Backend for Pieces {
             {
                 pieces.push(Ok(body))
             }
+            Shape::SegmentsUnanswered => pieces.push(Ok(body)),
             Shape::SegmentsTimeOutAfter(n) => {
                 let head = body.slice(..n.min(body.len()));
                 let detail = "GET (test)".to_string();
@@ -678,10 +688,10 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
     assert!(count.iter().all(|&n| n == 1), "chunks fetched twice or never: {asked:?}");
 }
 
-/// A store that gives nothing for a whole deadline (frozen, dead): a read that waited that long on a segment it
+/// A store that does not answer for a whole deadline (frozen, dead): a read that waited that long on a segment it
 /// started fails with the deadline's error (EIO) instead of a GET of its own, which would wait as long again. A read
-/// that came to a segment later asks for its chunk itself, and so does one whose segment kept some chunks before
-/// the deadline cut it (a slow link rather than a dead store).
+/// that came to such a segment later asks for its chunks itself, and so does one whose segment the store answered
+/// before the deadline cut it, whether or not a batch of it was kept (a slow link or a hung body, not a dead store).
 #[tokio::test]
 async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_ask_again() {
     let read_at = |reader: &Arc<Reader>, page: u64, chunks: u64| {
@@ -693,10 +703,18 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
         asked.iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536)
     };
     let batch = DISK_BATCH_PAGES as u64;
-    // Segments that keep nothing: a read of chunk 5 (in the fetch's first segment) a third of a deadline after the
-    // fetch started. Segments that keep their first batch: a read of chunks 150–159, which starts a segment at 150
-    // and so waits a whole deadline for its last two. Each asks for what it misses itself.
-    for (kept_before_the_cut, page, chunks, own) in [(0, 5, 1, 5..6), (batch, 150, 10, 150 + batch..160)] {
+    // The second random read (of chunk 200) starts the whole fetch, then a segment at its own chunk, past the
+    // fetch's first segments. Then another read: of chunk 5, in the fetch's first segment, a quarter of a deadline
+    // later; or of chunks from 150, which starts a segment at 150 at once. The chunks each GETs itself, if any (the
+    // store answers GETs of up to 2 chunks):
+    let answered_with = |kept: u64| Shape::SegmentsTimeOutAfter((kept * 65536) as usize);
+    let cases = [
+        (Shape::SegmentsUnanswered, None, (5, 1), Some(5..6)),
+        (answered_with(0), Some(200..201), (150, 2), Some(150..152)),
+        (answered_with(3), Some(200..201), (150, 2), Some(150..152)),
+        (answered_with(batch), None, (150, 10), Some(150 + batch..160)),
+    ];
+    for (shape, starter_own, (page, chunks), joined_own) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let (s, reader, _disk) = whole_fetch_setup_on_disk(tmp.path()).await;
         let segment = reader.segment_chunks();
@@ -704,36 +722,68 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
         assert!(segment > batch + 2 && first_sent <= 150, "segments of {segment}, {first_sent} chunks sent first");
         let at = 100 * 65536 + 10;
         assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
-        *s.pieces.shape.lock().unwrap() = Shape::SegmentsTimeOutAfter((kept_before_the_cut * 65536) as usize);
-        // The second random read starts the whole fetch, then a segment at its own chunk (past the fetch's first).
+        let unanswered = matches!(shape, Shape::SegmentsUnanswered);
+        *s.pieces.shape.lock().unwrap() = shape;
         let t0 = std::time::Instant::now();
         let starter = read_at(&reader, 200, 1);
         while !started(&s) {
-            assert!(t0.elapsed() < DEADLINE / 2, "the whole fetch did not ask for its first segment in time");
+            assert!(t0.elapsed() < DEADLINE / 4, "the whole fetch did not ask for its first segment in time");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        if kept_before_the_cut == 0 {
-            tokio::time::sleep(DEADLINE / 3).await;
+        if page < first_sent {
+            tokio::time::sleep(DEADLINE / 4).await;
         }
         let joined = read_at(&reader, page, chunks);
         let starter = tokio::time::timeout(3 * DEADLINE, starter).await.expect("the starter hung").unwrap();
         let joined = tokio::time::timeout(3 * DEADLINE, joined).await.expect("the later read hung").unwrap();
         let asked = s.pieces.asked.lock().unwrap().clone();
-        if kept_before_the_cut == 0 {
+        let own_gets = |own: Range<u64>| asked.contains(&(own.start * 65536..own.end * 65536));
+        let single = |r: &Range<u64>| r.start == 200 * 65536 && r.end - r.start <= 65536;
+        if unanswered {
             let err = starter.expect_err("the starter's segment was never answered");
             assert_eq!(err.errno(), libc::EIO, "{err:?}");
             assert!(format!("{err:?}").contains("TimedOut"), "{err:?}");
             assert!(t0.elapsed() >= DEADLINE, "the starter failed before its segment's deadline");
-            let again = |r: &Range<u64>| r.start == 200 * 65536 && r.end - r.start <= 65536;
-            assert!(!asked.iter().any(again), "the starter asked again after a whole deadline: {asked:?}");
+            assert!(!asked.iter().any(single), "the starter asked again after a whole deadline: {asked:?}");
         } else {
-            assert!(starter.unwrap() == s.plain[200 * 65536 + 100..200 * 65536 + 4196]);
+            let got = starter.unwrap_or_else(|e| panic!("the starter failed: {e:?}"));
+            assert!(got == s.plain[200 * 65536 + 100..200 * 65536 + 4196]);
+            match starter_own {
+                Some(own) => assert!(own_gets(own), "the starter did not ask for its chunk itself: {asked:?}"),
+                None => assert!(!asked.iter().any(single), "the starter asked for a kept chunk: {asked:?}"),
+            }
         }
         let got = joined.unwrap_or_else(|e| panic!("the read of chunks from {page} failed: {e:?}"));
         let from = (page * 65536 + 100) as usize;
         assert!(got == s.plain[from..from + got.len()] && got.len() as u64 == (chunks - 1) * 65536 + 4096);
-        let own_get = own.start * 65536..own.end * 65536;
-        assert!(asked.contains(&own_get), "the read of {page} did not ask for {own:?} itself: {asked:?}");
+        if let Some(own) = joined_own {
+            assert!(own_gets(own.clone()), "the read of {page} did not ask for {own:?} itself: {asked:?}");
+        }
+    }
+}
+
+/// A fetch ends unanswered for the reads waiting on it ([`FetchEnd`]) only when the store did not answer its GET
+/// before the deadline: not when it answered and its body was cut, whether some chunks came or none, and whether the
+/// fetch keeps its chunks in the page cache (`Reader::fetch_store`) or in the scratch (`Reader::fetch_to_disk`).
+#[tokio::test]
+async fn a_fetch_ends_unanswered_only_when_its_get_got_no_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, reader, _disk) = whole_fetch_setup_on_disk(tmp.path()).await;
+    let mut first = 0;
+    for keep in [Keep::Memory, Keep::Disk] {
+        let cut_after = |chunks: usize| Shape::SegmentsTimeOutAfter(chunks * 65536);
+        for (shape, unanswered) in [(Shape::SegmentsUnanswered, true), (cut_after(0), false), (cut_after(3), false)] {
+            *s.pieces.shape.lock().unwrap() = shape;
+            // 16 chunks no fetch before asked for.
+            let free = |bytes| reader.cache.memory().try_reserve(bytes);
+            let Started::Fetch(fetch) = reader.start_fetch(first..first + 16, keep, free, None) else {
+                panic!("no fetch of chunks from {first} started")
+            };
+            let end = tokio::time::timeout(3 * DEADLINE, fetch).await.expect("the fetch hung");
+            let ended_unanswered = matches!(end, FetchEnd::Unanswered(_));
+            assert_eq!(ended_unanswered, unanswered, "{keep:?}, chunks from {first}, unanswered: {unanswered}");
+            first += 16;
+        }
     }
 }
 

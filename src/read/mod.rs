@@ -41,9 +41,9 @@
 //! [`MemoryBudget`](crate::memory::MemoryBudget) before it is sent. A read's own fetch waits for room; read-ahead and
 //! whole-object prefetch only take what is free, and stop where the budget ends (the reads then fetch what they need).
 //!
-//! A read that waited a whole `timeout=` on a fetch in flight that the store never answered (it kept no chunk before
-//! its deadline: a frozen or dead store) fails with that fetch's error; any other read whose fetch failed sends a GET
-//! of its own ([`FetchEnd`]).
+//! A read that waited (nearly) a whole `timeout=` on a fetch in flight whose GET the store never answered (a frozen
+//! or dead store, a hung connection) fails with that fetch's error; any other read whose fetch failed sends a GET of
+//! its own ([`FetchEnd`]).
 //!
 //! Any authentication failure is returned as an error naming the object and chunk; no byte of a chunk that failed
 //! is ever returned or cached.
@@ -135,20 +135,22 @@ type Fetch = Shared<BoxFuture<'static, FetchEnd>>;
 /// How a fetch in flight ended, for the reads that waited on it.
 #[derive(Clone)]
 enum FetchEnd {
-    /// It kept what it fetched, or failed in a way that a read's own GET may not: a body cut short, a link too slow
-    /// for a whole segment within the deadline (some of its chunks came), a disk cache that did not keep a batch.
+    /// It kept what it fetched, or failed in a way that a read's own GET may not: a body cut short or too slow for
+    /// the deadline (the store did answer), a disk cache that did not keep a batch. Also every failed fetch of an
+    /// S3EC object, whose pass does not tell when the store answered.
     Done,
-    /// It failed at the store's deadline without keeping a single chunk: the store gave nothing for a whole
-    /// `timeout=`. A read that waited on it that long fails with this instead of sending a GET of its own into the
-    /// same store, which would cost a second deadline (see [`Reader::pages`]).
+    /// Its GET got no answer at all within the store's deadline (nor did it find a page in the disk cache): a frozen
+    /// or dead store, or a hung connection. A read that waited on it (nearly) that long fails with this instead of
+    /// sending a GET of its own into the same store, which would cost a second deadline (see [`Reader::pages`]).
     Unanswered(Arc<Unanswered>),
 }
 
-/// What a [`FetchEnd::Unanswered`] fetch failed with (a `StoreError::TimedOut`).
+/// What a [`FetchEnd::Unanswered`] fetch failed with (a `StoreError::TimedOut`), and when.
 struct Unanswered {
     key: String,
     after: std::time::Duration,
     detail: String,
+    ended: std::time::Instant,
 }
 
 impl Unanswered {
@@ -168,7 +170,17 @@ impl Unanswered {
 /// them goes on as soon as that one is kept instead of when the last is: a segment is up to 8 MiB, streamed beside
 /// up to 7 others, and waiting for all of it cost a random read during a whole-object fetch 26–168 ms on Garage
 /// (and most of a second on a link of 100 MB/s).
+/// Besides its value, a fetch's progress is told when the store has answered the fetch's GET ([`answered`]): that
+/// changes its version, not its value.
 type Progress = tokio::sync::watch::Sender<u64>;
+
+/// Tells `progress` (when given) that the store answered the fetch's GET: its waiters see no new value (and wait on),
+/// the fetch at its end sees that it was answered ([`FetchEnd`]).
+fn answered(progress: Option<&Progress>) {
+    if let Some(p) = progress {
+        p.send_modify(|_| ());
+    }
+}
 
 /// A chunk's fetch in flight: its end, and its [`Progress`].
 #[derive(Clone)]
@@ -602,9 +614,12 @@ impl Reader {
                 *slot = self.cache.get(&id, index);
             }
             if slot.is_none() {
-                // Waited a whole deadline on a fetch of it that the store never answered (a frozen or dead store): a
-                // GET of its own would wait as long again. A read that came to the fetch later asks itself.
-                let waited_out = |(i, u): &&(u64, Arc<Unanswered>)| *i == index && waiting_since.elapsed() >= u.after;
+                // Waited (nearly) a whole deadline on a fetch of it that the store never answered (a frozen or dead
+                // store): a GET of its own would wait as long again. A read that came to the fetch later asks itself.
+                // Nearly: the kernel's next read joins a read-ahead a moment after its GET left.
+                let waited_out = |(i, u): &&(u64, Arc<Unanswered>)| {
+                    *i == index && u.ended.saturating_duration_since(waiting_since) >= u.after * 9 / 10
+                };
                 if let Some((_, u)) = unanswered.iter().find(waited_out) {
                     return Err(u.error());
                 }
@@ -840,6 +855,8 @@ impl Reader {
         let run = a..b + 1;
         let key = id.clone();
         let (progress, progress_rx) = tokio::sync::watch::channel(a);
+        // Whether the fetch was told anything (an answer, a page kept) by its end.
+        let told = progress_rx.clone();
         let fut: Fetch = async move {
             let fetched = match keep {
                 Keep::Memory => this.fetch(run.clone(), Some(&progress)).await.map(|_| true),
@@ -849,7 +866,8 @@ impl Reader {
                 Ok(kept) => (kept, FetchEnd::Done),
                 Err(e) => {
                     tracing::debug!(error = %e, "read-ahead failed; the read that needs these chunks will retry");
-                    (false, unanswered(&e, *progress.borrow() == run.start))
+                    let nothing = !this.format.is_s3ec() && !told.has_changed().unwrap_or(true);
+                    (false, unanswered(&e, nothing))
                 }
             };
             if let (false, Some(failed)) = (ok, failed) {
@@ -1028,6 +1046,7 @@ impl Reader {
         let id = self.object_id();
         let t0 = std::time::Instant::now();
         let mut chunks = self.get_chunks(&run).await?;
+        answered(Some(progress));
         let mut batch = vec![0u8; DISK_BATCH_PAGES * CHUNK_PLAIN_LEN as usize];
         let mut first = run.start;
         while first < run.end {
@@ -1072,6 +1091,7 @@ impl Reader {
         }
         let t0 = std::time::Instant::now();
         let mut chunks = self.get_chunks(&run).await?;
+        answered(progress);
         let mut pages = Vec::with_capacity((run.end - run.start) as usize);
         // Each chunk goes from the body straight into the page that keeps it: its nonce and tag aside, its
         // ciphertext into the page, decrypted there in place (one copy of every byte, into memory the cache keeps).
@@ -1150,11 +1170,12 @@ impl Chunks {
 }
 
 /// How a fetch that failed with `e` ended for the reads waiting on it: [`FetchEnd::Unanswered`] when it was the
-/// store's deadline and the fetch had kept `nothing`.
+/// store's deadline and the fetch had been told `nothing` (no answer, no page kept).
 fn unanswered(e: &Error, nothing: bool) -> FetchEnd {
     match e {
         Error::Store { source: crate::store::StoreError::TimedOut { key, after, detail }, .. } if nothing => {
-            FetchEnd::Unanswered(Arc::new(Unanswered { key: key.clone(), after: *after, detail: detail.clone() }))
+            let (key, after, detail, ended) = (key.clone(), *after, detail.clone(), std::time::Instant::now());
+            FetchEnd::Unanswered(Arc::new(Unanswered { key, after, detail, ended }))
         }
         _ => FetchEnd::Done,
     }
