@@ -240,6 +240,16 @@ impl Setup {
         Reader::new(&self.context, PATH.into(), info.etag.unwrap_or_default(), info.size, StoredFormat::Own, 0).unwrap()
     }
 
+    /// Waits until a whole-object fetch has asked for its first segment (a GET from chunk 0 of more than two
+    /// chunks); fails if it has not `within` that time.
+    async fn whole_fetch_asked(&self, within: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        while !self.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
+            assert!(t0.elapsed() < within, "the whole fetch did not ask for its first segment within {within:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     fn cached(&self, reader: &Reader) -> Vec<u64> {
         let id = reader.object_id();
         (0..chunk_count(self.plain.len() as u64)).filter(|&i| self.context.cache.contains(&id, i)).collect()
@@ -485,11 +495,8 @@ async fn a_read_waiting_on_a_whole_fetch_into_the_scratch_cut_short_fetches_its_
     };
     // The second random read starts the whole fetch.
     let starter = read_at(200 * 65536);
+    s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
-        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
     // A read of a page of that segment waits on it (it is in flight), then the store answers.
     let waiting = read_at(page * 65536 + 100);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -546,11 +553,8 @@ async fn a_read_waiting_on_a_segment_in_flight_goes_on_once_its_chunk_is_kept() 
     };
     // The second random read starts the whole fetch.
     let starter = read_at(200 * 65536);
+    s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
-        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
     // The read of a page of the first batch returns while the segment is still stalled, from what the fetch kept.
     let got = tokio::time::timeout(std::time::Duration::from_secs(5), read_at(page * 65536 + 100))
         .await
@@ -597,11 +601,7 @@ async fn a_read_waiting_on_a_segment_kept_in_memory_goes_on_once_its_chunk_is_th
         tokio::spawn(async move { reader.read(at, 4096).await })
     };
     let starter = read_at(60 * 65536);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.pieces.asked.lock().unwrap().iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536) {
-        assert!(std::time::Instant::now() < deadline, "the whole fetch never asked for its first segment");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
     let waiting = read_at(page * 65536 + 100);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(!reader.cache.contains(&reader.object_id(), page), "the chunk came before the read waited for it");
@@ -698,10 +698,6 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
         let reader = reader.clone();
         tokio::spawn(async move { reader.read(page * 65536 + 100, ((chunks - 1) * 65536 + 4096) as usize).await })
     };
-    let started = |s: &Setup| {
-        let asked = s.pieces.asked.lock().unwrap().clone();
-        asked.iter().any(|r| r.start == 0 && r.end - r.start > 2 * 65536)
-    };
     let batch = DISK_BATCH_PAGES as u64;
     // The second random read (of chunk 200) starts the whole fetch, then a segment at its own chunk, past the
     // fetch's first segments. Then another read: of chunk 5, in the fetch's first segment, a quarter of a deadline
@@ -726,10 +722,7 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
         *s.pieces.shape.lock().unwrap() = shape;
         let t0 = std::time::Instant::now();
         let starter = read_at(&reader, 200, 1);
-        while !started(&s) {
-            assert!(t0.elapsed() < DEADLINE / 4, "the whole fetch did not ask for its first segment in time");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        s.whole_fetch_asked(DEADLINE / 4).await;
         if page < first_sent {
             tokio::time::sleep(DEADLINE / 4).await;
         }
