@@ -1045,8 +1045,7 @@ impl Reader {
         }
         let id = self.object_id();
         let t0 = std::time::Instant::now();
-        let mut chunks = self.get_chunks(&run).await?;
-        answered(Some(progress));
+        let mut chunks = self.get_chunks(&run, Some(progress)).await?;
         let mut batch = vec![0u8; DISK_BATCH_PAGES * CHUNK_PLAIN_LEN as usize];
         let mut first = run.start;
         while first < run.end {
@@ -1090,8 +1089,7 @@ impl Reader {
             return Ok(pages);
         }
         let t0 = std::time::Instant::now();
-        let mut chunks = self.get_chunks(&run).await?;
-        answered(progress);
+        let mut chunks = self.get_chunks(&run, progress).await?;
         let mut pages = Vec::with_capacity((run.end - run.start) as usize);
         // Each chunk goes from the body straight into the page that keeps it: its nonce and tag aside, its
         // ciphertext into the page, decrypted there in place (one copy of every byte, into memory the cache keeps).
@@ -1112,8 +1110,8 @@ impl Reader {
 
     /// Sends the ranged GET of chunks `run` of this version (with the header first when the object's codec is not
     /// known yet: then it is read and checked here) and returns its body, ready for [`Chunks::open_next`] of
-    /// `run.start`. Own format only.
-    async fn get_chunks(&self, run: &Range<u64>) -> Result<Chunks> {
+    /// `run.start`; tells `progress` (when given) once the store has answered ([`answered`]). Own format only.
+    async fn get_chunks(&self, run: &Range<u64>, progress: Option<&Progress>) -> Result<Chunks> {
         let key = self.key();
         let first = self.codec.chunk_range(run.start, self.plain_size);
         let last = self.codec.chunk_range(run.end - 1, self.plain_size);
@@ -1123,6 +1121,8 @@ impl Reader {
         let (stream, info, meta) =
             self.backend.get_range_stream(&object_key, start..last.end).await.map_err(|e| Error::store(&key, e))?;
         self.check_version(&key, &info)?;
+        // Answered: whatever happens to the body now, the store is there.
+        answered(progress);
         let mut body = Body { stream, piece: Bytes::new(), received: 0 };
         let want = last.end - start;
         let oc = if with_header {
