@@ -280,8 +280,34 @@ pub fn unmount(dir: &Path, how: How, wait: Option<Duration>) -> anyhow::Result<(
     }
 }
 
-/// umount2 as root (our own kernel mount or a user's), fusermount3 for a user's own mount.
+/// How long an unmount refused as busy is tried again before it is reported. Some holds on a mount last a moment: a
+/// path walk in progress (a `stat` through it, or the daemon's own check that it serves, made right after it
+/// mounted: an unmount sent just as the mount appeared was refused as busy, seen in CI), and a file just closed,
+/// until the daemon has answered the RELEASE the kernel sends after close() returned. Files held open outlast this,
+/// and are reported.
+const BUSY_FOR: Duration = Duration::from_secs(2);
+
+/// umount2 as root (our own kernel mount or a user's), fusermount3 for a user's own mount; refused as busy for
+/// [`BUSY_FOR`], it tries again every 20 ms.
 fn end_mount(dir: &Path, how: How) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match try_end_mount(dir, how)? {
+            Ended::Yes => return Ok(()),
+            Ended::Busy(_) if t0.elapsed() < BUSY_FOR => std::thread::sleep(Duration::from_millis(20)),
+            Ended::Busy(why) => bail!("{why}"),
+        }
+    }
+}
+
+/// What one try of [`end_mount`] did.
+enum Ended {
+    Yes,
+    /// Refused as busy, for this reason.
+    Busy(String),
+}
+
+fn try_end_mount(dir: &Path, how: How) -> anyhow::Result<Ended> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let c = CString::new(dir.as_os_str().as_bytes()).context("NUL in the mountpoint")?;
@@ -290,11 +316,12 @@ fn end_mount(dir: &Path, how: How) -> anyhow::Result<()> {
         if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EBUSY) {
-                bail!("{} is busy: files are open on it (close them, or unmount lazily with -l)", dir.display());
+                let why = "is busy: files are open on it (close them, or unmount lazily with -l)";
+                return Ok(Ended::Busy(format!("{} {why}", dir.display())));
             }
             return Err(e).with_context(|| format!("unmounting {}", dir.display()));
         }
-        return Ok(());
+        return Ok(Ended::Yes);
     }
     let mut cmd = std::process::Command::new("fusermount3");
     cmd.arg("-u");
@@ -303,9 +330,13 @@ fn end_mount(dir: &Path, how: How) -> anyhow::Result<()> {
     }
     let out = cmd.arg(dir).output().context("running fusermount3")?;
     if !out.status.success() {
-        bail!("fusermount3 -u {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+        let why = format!("fusermount3 -u {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+        if why.contains("busy") {
+            return Ok(Ended::Busy(why));
+        }
+        bail!("{why}");
     }
-    Ok(())
+    Ok(Ended::Yes)
 }
 
 /// The umount(8) helper convention: `umount.fuse.s3cryptfs DIR [-flnrv] [-N NS] [-t TYPE]`. `-l` unmounts lazily;

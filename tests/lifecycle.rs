@@ -772,3 +772,39 @@ fn unmount_reports_a_daemon_killed_during_its_final_uploads_and_nothing_is_lost(
     assert_eq!(stored.len(), MIB << 20);
     assert!(stored.iter().all(|b| *b == b'k'));
 }
+
+/// `s3cryptfs unmount` of a mount held for a moment (a process whose working directory is in it, as a path walk
+/// through it or a file just closed hold it for a moment) unmounts it once the hold ends, instead of refusing it as
+/// busy; a mount held for longer is refused, saying so, and stays mounted and serving.
+#[test]
+fn unmount_waits_out_a_moment_of_busy_and_refuses_a_mount_held_open() {
+    let env = Env::new();
+    let store = Store::local(env.path());
+    let m = Mount::start(&env, &store, "none");
+    fs::write(m.path("f"), b"kept").unwrap();
+    let unmount = || Command::new(BIN).arg("unmount").arg(&m.dir).output().unwrap();
+
+    // Held for 10 s: refused (after trying for a while), still mounted and serving.
+    let mut holder = Command::new("sleep").arg("10").current_dir(&m.dir).spawn().unwrap();
+    let out = unmount();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("busy"), "{stderr}");
+    assert!(is_mounted(&m.dir));
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    // Held for half a second, from before the unmount starts: unmounted once the hold ends.
+    let mut holder = Command::new("sleep").arg("0.5").current_dir(&m.dir).spawn().unwrap();
+    assert!(holder.try_wait().unwrap().is_none(), "the holder was gone before the unmount started");
+    let out = unmount();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(holder.try_wait().unwrap().is_some(), "the unmount succeeded while the mount was held");
+    assert!(!is_mounted(&m.dir));
+    holder.wait().unwrap();
+    let log = m.unmount();
+    assert!(!log.contains("panicked"), "{log}");
+    // The file is in the store.
+    let m = Mount::start(&env, &store, "none");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
+}
