@@ -178,6 +178,12 @@ impl Backend for Pieces {
     }
 }
 
+/// `reader.read(at, len)` in a task of its own.
+fn spawn_read(reader: &Arc<Reader>, at: u64, len: usize) -> tokio::task::JoinHandle<Result<Vec<u8>>> {
+    let reader = reader.clone();
+    tokio::spawn(async move { reader.read(at, len).await })
+}
+
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).to_be_bytes()[5]).collect()
 }
@@ -489,10 +495,7 @@ async fn a_read_waiting_on_a_whole_fetch_into_the_scratch_cut_short_fetches_its_
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *s.pieces.gate.lock().unwrap() = Some(gate.clone());
     *s.pieces.shape.lock().unwrap() = Shape::SegmentsFailAfter((cut_after_pages * 65536) as usize);
-    let read_at = |at: u64| {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.read(at, 4096).await })
-    };
+    let read_at = |at: u64| spawn_read(&reader, at, 4096);
     // The second random read starts the whole fetch.
     let starter = read_at(200 * 65536);
     s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
@@ -547,10 +550,7 @@ async fn a_read_waiting_on_a_segment_in_flight_goes_on_once_its_chunk_is_kept() 
     let at = 100 * 65536 + 10;
     assert!(reader.read(at, 4096).await.unwrap() == s.plain[at as usize..at as usize + 4096]);
     *s.pieces.shape.lock().unwrap() = Shape::SegmentsStallAfter((stall_after_pages * 65536) as usize);
-    let read_at = |at: u64| {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.read(at, 4096).await })
-    };
+    let read_at = |at: u64| spawn_read(&reader, at, 4096);
     // The second random read starts the whole fetch.
     let starter = read_at(200 * 65536);
     s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
@@ -596,10 +596,7 @@ async fn a_read_waiting_on_a_segment_kept_in_memory_goes_on_once_its_chunk_is_th
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *s.pieces.gate.lock().unwrap() = Some(gate.clone());
     *s.pieces.shape.lock().unwrap() = Shape::SegmentsStallAfter((stall_after_pages * 65536) as usize);
-    let read_at = |at: u64| {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.read(at, 4096).await })
-    };
+    let read_at = |at: u64| spawn_read(&reader, at, 4096);
     let starter = read_at(60 * 65536);
     s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
     let waiting = read_at(page * 65536 + 100);
@@ -640,10 +637,7 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
     // read-ahead of its own): one of 4 chunks (170–173), and one near the end (230).
     for (page, chunks) in [(200, 1), (170, 4), (230, 1)] {
         let (at, len) = (page * 65536 + 7, (chunks - 1) * 65536 + 4096);
-        let read = {
-            let reader = reader.clone();
-            tokio::spawn(async move { reader.read(at, len as usize).await })
-        };
+        let read = spawn_read(&reader, at, len as usize);
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), read)
             .await
             .unwrap_or_else(|_| panic!("the read of chunk {page} did not return"))
@@ -658,10 +652,7 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
     // A read of 10 chunks (150–159) starts its segment at 150, whose first batch holds 8 of them: it waits for the
     // other 2 in that segment too, rather than asking for them itself once its first chunk is kept.
     let (at, len) = (150 * 65536 + 7, 9 * 65536 + 4096);
-    let across = {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.read(at, len).await })
-    };
+    let across = spawn_read(&reader, at, len);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!across.is_finished(), "the read of chunks 150-159 returned while its last two were stalled");
     // The store goes on; once every fetch has ended, the object is whole in the scratch, byte-exact, and no chunk
@@ -695,8 +686,7 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
 #[tokio::test]
 async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_ask_again() {
     let read_at = |reader: &Arc<Reader>, page: u64, chunks: u64| {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.read(page * 65536 + 100, ((chunks - 1) * 65536 + 4096) as usize).await })
+        spawn_read(reader, page * 65536 + 100, ((chunks - 1) * 65536 + 4096) as usize)
     };
     let batch = DISK_BATCH_PAGES as u64;
     // The second random read (of chunk 200) starts the whole fetch, then a segment at its own chunk, past the

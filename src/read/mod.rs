@@ -161,7 +161,7 @@ impl Unanswered {
             after: self.after,
             detail: self.detail.clone(),
         };
-        Error::Store { key: self.key.clone(), source }
+        Error::store(&self.key, source)
     }
 }
 
@@ -170,6 +170,7 @@ impl Unanswered {
 /// them goes on as soon as that one is kept instead of when the last is: a segment is up to 8 MiB, streamed beside
 /// up to 7 others, and waiting for all of it cost a random read during a whole-object fetch 26–168 ms on Garage
 /// (and most of a second on a link of 100 MB/s).
+///
 /// Besides its value, a fetch's progress is told when the store has answered the fetch's GET ([`answered`]): that
 /// changes its version, not its value.
 type Progress = tokio::sync::watch::Sender<u64>;
