@@ -680,9 +680,11 @@ async fn a_read_ahead_of_a_whole_fetch_starts_its_segment_at_the_chunk_it_needs(
 }
 
 /// A store that does not answer for a whole deadline (frozen, dead): a read that waited that long on a segment it
-/// started fails with the deadline's error (EIO) instead of a GET of its own, which would wait as long again. A read
-/// that came to such a segment later asks for its chunks itself, and so does one whose segment the store answered
-/// before the deadline cut it, whether or not a batch of it was kept (a slow link or a hung body, not a dead store).
+/// started fails with the deadline's error (EIO) instead of a GET of its own, which would wait as long again; so
+/// does one that came to the segment a moment after its GET left (within the tenth of slack). A read that came to
+/// such a segment half a deadline later asks for its chunks itself, and so does one whose segment the store
+/// answered before the deadline cut it, whether or not a batch of it was kept (a slow link or a hung body, not a
+/// dead store).
 #[tokio::test]
 async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_ask_again() {
     let read_at = |reader: &Arc<Reader>, page: u64, chunks: u64| {
@@ -690,17 +692,18 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
     };
     let batch = DISK_BATCH_PAGES as u64;
     // The second random read (of chunk 200) starts the whole fetch, then a segment at its own chunk, past the
-    // fetch's first segments. Then another read: of chunk 5, in the fetch's first segment, half a deadline later;
-    // or of chunks from 150, which starts a segment at 150 at once. The chunks each GETs itself, if any (the store
-    // answers GETs of up to 2 chunks):
+    // fetch's first segments. Then another read: of chunk 5, in the fetch's first segment, at once or half a
+    // deadline later; or of chunks from 150, which starts a segment at 150 at once. The chunks each GETs itself, if
+    // any (the store answers GETs of up to 2 chunks); `None`: it fails as the starter does, asking for nothing.
     let answered_with = |kept: u64| Shape::SegmentsTimeOutAfter((kept * 65536) as usize);
     let cases = [
-        (Shape::SegmentsUnanswered, None, (5, 1), Some(5..6)),
-        (answered_with(0), Some(200..201), (150, 2), Some(150..152)),
-        (answered_with(3), Some(200..201), (150, 2), Some(150..152)),
-        (answered_with(batch), None, (150, 10), Some(150 + batch..160)),
+        (Shape::SegmentsUnanswered, None, (5, 1), true, Some(5..6)),
+        (Shape::SegmentsUnanswered, None, (5, 1), false, None),
+        (answered_with(0), Some(200..201), (150, 2), false, Some(150..152)),
+        (answered_with(3), Some(200..201), (150, 2), false, Some(150..152)),
+        (answered_with(batch), None, (150, 10), false, Some(150 + batch..160)),
     ];
-    for (shape, starter_own, (page, chunks), joined_own) in cases {
+    for (shape, starter_own, (page, chunks), late, joined_own) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let (s, reader, _disk) = whole_fetch_setup_on_disk(tmp.path()).await;
         let segment = reader.segment_chunks();
@@ -713,7 +716,7 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
         let t0 = std::time::Instant::now();
         let starter = read_at(&reader, 200, 1);
         s.whole_fetch_asked(std::time::Duration::from_secs(10)).await;
-        if page < first_sent {
+        if late {
             tokio::time::sleep(DEADLINE / 2).await;
         }
         let joined = read_at(&reader, page, chunks);
@@ -736,12 +739,18 @@ async fn a_read_that_waited_a_whole_deadline_on_an_unanswered_segment_does_not_a
                 None => assert!(!asked.iter().any(single), "the starter asked for a kept chunk: {asked:?}"),
             }
         }
+        let Some(own) = joined_own else {
+            let err = joined.expect_err("a read that waited on the unanswered segment from its start");
+            assert!(format!("{err:?}").contains("TimedOut"), "{err:?}");
+            let own = page * 65536..(page + chunks) * 65536;
+            assert!(!asked.iter().any(|r| r.start < own.end && own.start < r.end && r.end - r.start <= 2 * 65536),
+                "the read of {page} asked again after waiting out the deadline: {asked:?}");
+            continue;
+        };
         let got = joined.unwrap_or_else(|e| panic!("the read of chunks from {page} failed: {e:?}"));
         let from = (page * 65536 + 100) as usize;
         assert!(got == s.plain[from..from + got.len()] && got.len() as u64 == (chunks - 1) * 65536 + 4096);
-        if let Some(own) = joined_own {
-            assert!(own_gets(own.clone()), "the read of {page} did not ask for {own:?} itself: {asked:?}");
-        }
+        assert!(own_gets(own.clone()), "the read of {page} did not ask for {own:?} itself: {asked:?}");
     }
 }
 

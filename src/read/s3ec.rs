@@ -457,16 +457,18 @@ mod tests {
     use crate::crypto::s3ec::{new_object_aes, WriteFormat, INSTRUCTION_SUFFIX};
     use crate::crypto::{AeadBackend, Key256, KeyHistory};
     use crate::object::StoredFormat;
-    use crate::read::ReadContext;
+    use crate::read::{FetchEnd, Keep, ReadContext, Started};
     use crate::store::{ObjectStoreBackend, StoreError};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// An in-memory store whose ranged GETs of content (not starting at 0) come back with one byte flipped while
-    /// `corrupt` is set: a store that changes bytes under an unchanged ETag, after the pass verified them.
+    /// `corrupt` is set: a store that changes bytes under an unchanged ETag, after the pass verified them. While
+    /// `unanswered` is set, its ranged GETs fail at once with a deadline's error, as a store that never answered.
     struct Corrupting {
         inner: ObjectStoreBackend,
         corrupt: AtomicBool,
+        unanswered: AtomicBool,
     }
 
     #[async_trait]
@@ -479,6 +481,10 @@ mod tests {
             key: &ObjectKey,
             range: Range<u64>,
         ) -> Result<(Bytes, crate::store::ObjectInfo, UserMeta), StoreError> {
+            if self.unanswered.load(Ordering::SeqCst) {
+                let after = std::time::Duration::from_secs(1);
+                return Err(StoreError::TimedOut { key: key.as_str().into(), after, detail: "GET (test)".into() });
+            }
             let (bytes, info, meta) = self.inner.get_range(key, range).await?;
             if self.corrupt.load(Ordering::SeqCst) && !bytes.is_empty() {
                 let mut v = bytes.to_vec();
@@ -530,7 +536,7 @@ mod tests {
 
     fn store() -> Arc<Corrupting> {
         let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-        Arc::new(Corrupting { inner, corrupt: AtomicBool::new(false) })
+        Arc::new(Corrupting { inner, corrupt: AtomicBool::new(false), unanswered: AtomicBool::new(false) })
     }
 
     fn key_history(keys: &[&Key256]) -> Arc<KeyHistory> {
@@ -647,6 +653,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An S3EC object's fetch that failed at the store's deadline ends `Done`, never `Unanswered`: its pages come
+    /// from a GET that does not tell when the store answered, so the reads waiting on it ask again themselves rather
+    /// than fail (`FetchEnd`). They then get the store's error, or their bytes once the store answers.
+    #[tokio::test]
+    async fn an_s3ec_fetch_the_store_did_not_answer_ends_done() {
+        let kek = Key256::generate();
+        let backend = store();
+        let plain = data(3 << 20, 9);
+        put_s3ec(&*backend, "big", WriteFormat::V3, &kek, &plain).await;
+        // A cache of 1 MiB: after the pass, most chunks are fetched again when read.
+        let ctx = context(backend.clone(), key_history(&[&kek]), 1 << 20, S3ecOptions::default());
+        let r = reader(&ctx, "big", S3EC).await;
+        assert!(r.read(0, 10).await.unwrap() == plain[..10], "the pass");
+        backend.unanswered.store(true, Ordering::SeqCst);
+        let free = |bytes| r.cache.memory().try_reserve(bytes);
+        let Started::Fetch(fetch) = r.start_fetch(30..40, Keep::Memory, free, None) else { panic!("no fetch started") };
+        assert!(matches!(fetch.await, FetchEnd::Done), "an S3EC fetch ended unanswered");
+        let err = r.read(30 * CHUNK_PLAIN_LEN, 10).await.expect_err("a read while the store does not answer");
+        assert!(format!("{err:?}").contains("TimedOut"), "{err:?}");
+        backend.unanswered.store(false, Ordering::SeqCst);
+        let at = 30 * CHUNK_PLAIN_LEN as usize;
+        assert!(r.read(at as u64, 10).await.unwrap() == plain[at..at + 10], "a read once the store answers");
     }
 
     #[tokio::test]
