@@ -17,6 +17,12 @@
 //!   the filesystem trims its table (drops nodes nobody refers to, asks the kernel to forget names it holds but does
 //!   not use) rather than take more, so reservations always keep the rest.
 //!
+//! - **Spares**: buffers of a size a data path allocates over and over (upload parts, 8 MiB), kept after use
+//!   ([`Reservation::keep_with`]) with their bytes still reserved, for the next use ([`MemoryBudget::take_spare`]): a
+//!   fresh buffer that large is a mapping of its own, every page of which is faulted in again as it is filled. At
+//!   most [`MAX_SPARES`]; and they are the first thing a reservation that does not fit takes back, so a kept buffer
+//!   never makes anything wait.
+//!
 //! So `reserved + metadata + cached <= limit` holds at every moment except the instant between a reservation (or a
 //! growth of the metadata) and the eviction it causes. A reservation that cannot be met waits ([`MemoryBudget::reserve`]) until other reservations end — every
 //! reservation is transient (a fetch, a part upload), so waiting always ends; read-ahead never waits
@@ -31,7 +37,7 @@
 //! prefetch, the cache sized by what is left).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use tokio::sync::Notify;
 
@@ -66,7 +72,12 @@ pub struct MemoryBudget {
     /// Woken whenever a reservation ends, for the reservations waiting for room.
     released: Notify,
     cache: OnceLock<Weak<dyn Reclaim>>,
+    /// Buffers kept for reuse, each with the bytes reserved for it (counted in `reserved`).
+    spares: Mutex<Vec<(Vec<u8>, u64)>>,
 }
+
+/// Buffers a budget keeps for reuse at most (see the module docs): two upload parts.
+pub const MAX_SPARES: usize = 2;
 
 impl std::fmt::Debug for MemoryBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +98,7 @@ impl MemoryBudget {
             metadata: AtomicU64::new(0),
             released: Notify::new(),
             cache: OnceLock::new(),
+            spares: Mutex::new(Vec::new()),
         })
     }
 
@@ -157,7 +169,12 @@ impl MemoryBudget {
         let mut now = self.reserved.load(Ordering::Acquire);
         loop {
             if now.saturating_add(bytes) > limit {
-                return None;
+                // Kept buffers are given up before anything has to do with less (or wait).
+                if !self.give_up_spares() {
+                    return None;
+                }
+                now = self.reserved.load(Ordering::Acquire);
+                continue;
             }
             match self.reserved.compare_exchange_weak(now, now + bytes, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
@@ -194,6 +211,32 @@ impl MemoryBudget {
         }
     }
 
+    /// A buffer kept by [`Reservation::keep_with`] with room for at least `capacity` bytes, emptied, and the
+    /// reservation that counts it; `None` when none is kept.
+    pub fn take_spare(self: &Arc<Self>, capacity: usize) -> Option<(Vec<u8>, Reservation)> {
+        let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = spares.iter().position(|(buf, _)| buf.capacity() >= capacity)?;
+        let (mut buf, bytes) = spares.swap_remove(at);
+        drop(spares);
+        buf.clear();
+        crate::metrics::memory_spare(-(bytes as i64));
+        crate::metrics::memory_reserved(bytes as i64);
+        Some((buf, Reservation { budget: Arc::clone(self), bytes }))
+    }
+
+    /// Frees the kept buffers and their reservations: whether there were any.
+    fn give_up_spares(&self) -> bool {
+        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(PoisonError::into_inner));
+        let bytes: u64 = spares.iter().map(|(_, bytes)| bytes).sum();
+        drop(spares);
+        if bytes > 0 {
+            self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+            crate::metrics::memory_spare(-(bytes as i64));
+            self.released.notify_waiters();
+        }
+        bytes > 0
+    }
+
     fn release(&self, bytes: u64) {
         self.reserved.fetch_sub(bytes, Ordering::AcqRel);
         crate::metrics::memory_reserved(-(bytes as i64));
@@ -220,9 +263,32 @@ impl std::fmt::Debug for Reservation {
     }
 }
 
+impl Reservation {
+    /// Keeps `buf`, which these bytes were reserved for, as a spare of the budget (see the module docs), its bytes
+    /// still reserved; frees both instead when the budget keeps [`MAX_SPARES`] already, or when `buf` is larger
+    /// than this reservation counts. No zeroing: a spare holds what the store was sent (ciphertext in the client-side
+    /// modes), in this process's memory only, until the next use overwrites it.
+    pub fn keep_with(mut self, buf: Vec<u8>) {
+        if buf.capacity() as u64 > self.bytes {
+            return;
+        }
+        let mut spares = self.budget.spares.lock().unwrap_or_else(PoisonError::into_inner);
+        if spares.len() < MAX_SPARES {
+            spares.push((buf, self.bytes));
+            drop(spares);
+            // Still in `reserved` (the limit counts it), shown as a spare rather than as a buffer in flight.
+            crate::metrics::memory_reserved(-(self.bytes as i64));
+            crate::metrics::memory_spare(self.bytes as i64);
+            self.bytes = 0;
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.release(self.bytes);
+        if self.bytes > 0 {
+            self.budget.release(self.bytes);
+        }
     }
 }
 
@@ -403,6 +469,43 @@ mod tests {
             t.await.unwrap();
         }
         assert!(peak.load(Ordering::Relaxed) <= 100);
+        assert_eq!(budget.reserved(), 0);
+    }
+
+    /// A buffer kept after use comes back for the next use with its bytes counted all along; at most MAX_SPARES are
+    /// kept; and a reservation that does not fit takes the spares back rather than do with less or wait.
+    #[tokio::test]
+    async fn spares_stay_counted_come_back_and_give_way_to_any_reservation() {
+        let budget = MemoryBudget::new(1000);
+        let (r, mut buf) = (budget.try_reserve(300).unwrap(), Vec::with_capacity(300));
+        buf.extend_from_slice(b"part");
+        let at = buf.as_ptr();
+        r.keep_with(buf);
+        assert_eq!(budget.reserved(), 300, "a spare stays counted");
+        assert!(budget.take_spare(301).is_none(), "no spare that large");
+        let (buf, r) = budget.take_spare(300).expect("the spare");
+        assert!(buf.is_empty() && buf.capacity() >= 300 && buf.as_ptr() == at && r.bytes() == 300);
+        assert_eq!(budget.reserved(), 300);
+        r.keep_with(buf);
+        // A buffer larger than its reservation counts is not kept; nor more than MAX_SPARES.
+        budget.try_reserve(100).unwrap().keep_with(Vec::with_capacity(200));
+        assert_eq!(budget.reserved(), 300);
+        for _ in 0..MAX_SPARES {
+            budget.try_reserve(100).unwrap().keep_with(Vec::with_capacity(100));
+        }
+        assert_eq!(budget.reserved(), 300 + 100 * (MAX_SPARES as u64 - 1), "a spare past the most kept was freed");
+        // 800 do not fit beside the spares: they go, and the reservation is whole.
+        let big = budget.try_reserve(800).expect("the spares give way");
+        assert_eq!((big.bytes(), budget.reserved()), (800, 800));
+        assert!(budget.take_spare(1).is_none(), "spares given up");
+        budget.try_reserve(200).unwrap().keep_with(Vec::with_capacity(200));
+        // A reservation waiting for room is not kept waiting by a spare either.
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(150).await.bytes() })
+        };
+        assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap(), 150);
+        drop(big);
         assert_eq!(budget.reserved(), 0);
     }
 }

@@ -35,6 +35,7 @@
 //! | `s3cryptfs_disk_cache_dropped_total` | counter | — | entries found damaged, truncated, planted or sealed under another key, removed and fetched again |
 //! | `s3cryptfs_memory_metadata_bytes` | gauge | — | the filesystem's estimate of what its inode table, the listings held for open directories and the negative-lookup memo take of the `max_memory` budget (counted up to half of it; past that the table is trimmed) |
 //! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
+//! | `s3cryptfs_memory_spare_bytes` | gauge | — | bytes of the `max_memory` budget held by buffers kept for reuse (upload parts, at most two), given up to any reservation that needs the room |
 //! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
 //! | `s3cryptfs_dirty_bytes` | gauge | — | plaintext size of those files |
 //! | `s3cryptfs_uploads_in_flight` | gauge | — | file uploads (encrypt + PUT or multipart upload) running now |
@@ -90,6 +91,7 @@ pub const DISK_CACHE_EVICTIONS: &str = "s3cryptfs_disk_cache_evictions_total";
 pub const DISK_CACHE_DROPPED: &str = "s3cryptfs_disk_cache_dropped_total";
 pub const MEMORY_RESERVED: &str = "s3cryptfs_memory_reserved_bytes";
 pub const MEMORY_METADATA: &str = "s3cryptfs_memory_metadata_bytes";
+pub const MEMORY_SPARE: &str = "s3cryptfs_memory_spare_bytes";
 pub const DIRTY_FILES: &str = "s3cryptfs_dirty_files";
 pub const DIRTY_BYTES: &str = "s3cryptfs_dirty_bytes";
 pub const UPLOADS_IN_FLIGHT: &str = "s3cryptfs_uploads_in_flight";
@@ -236,6 +238,11 @@ pub fn disk_cache_changed(bytes: u64, written: u64, evicted: u64, dropped: u64) 
 /// Reservations of the memory budget grew (positive) or shrank by `delta` bytes.
 pub fn memory_reserved(delta: i64) {
     add_signed(gauge(MEMORY_RESERVED), delta);
+}
+
+/// Bytes of the budget held by kept buffers changed by `delta` (see `memory`).
+pub fn memory_spare(delta: i64) {
+    add_signed(gauge(MEMORY_SPARE), delta);
 }
 
 /// The filesystem's metadata estimate is now `bytes` (see `memory`).
@@ -840,6 +847,7 @@ fn describe() {
     describe_counter!(DISK_CACHE_EVICTIONS, "Disk cache entries removed to make room.");
     describe_counter!(DISK_CACHE_DROPPED, "Disk cache entries found damaged and removed.");
     describe_gauge!(MEMORY_RESERVED, Unit::Bytes, "Bytes of max_memory held by buffers in flight.");
+    describe_gauge!(MEMORY_SPARE, Unit::Bytes, "Bytes of max_memory held by buffers kept for reuse.");
     describe_gauge!(MEMORY_METADATA, Unit::Bytes, "Bytes of max_memory taken by the inode table and held listings (estimate).");
     describe_gauge!(DIRTY_FILES, "Files with changes staged locally and not yet uploaded.");
     describe_gauge!(DIRTY_BYTES, Unit::Bytes, "Plaintext size of the files with changes not yet uploaded.");
@@ -855,7 +863,10 @@ fn describe() {
     for name in [DISK_CACHE_HITS, DISK_CACHE_MISSES, DISK_CACHE_WRITTEN_BYTES, DISK_CACHE_EVICTIONS, DISK_CACHE_DROPPED] {
         counter(name, &[]).absolute(0);
     }
-    for name in [STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, MEMORY_METADATA, CACHE_BYTES, DISK_CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT] {
+    for name in [
+        STORE_IN_FLIGHT, STORE_GETS_IN_FLIGHT_MAX, MEMORY_RESERVED, MEMORY_METADATA, MEMORY_SPARE, CACHE_BYTES,
+        DISK_CACHE_BYTES, DIRTY_FILES, DIRTY_BYTES, UPLOADS_IN_FLIGHT,
+    ] {
         gauge(name).increment(0.0);
     }
 }
@@ -1287,7 +1298,7 @@ mod tests {
             FS_READ_BYTES, FS_WRITTEN_BYTES, FUSE_ERRORS, STORE_REQUESTS, STORE_REQUEST_DURATION, STORE_IN_FLIGHT,
             STORE_READ_BYTES, STORE_WRITTEN_BYTES, CACHE_HITS, CACHE_MISSES, CACHE_BYTES, CACHE_EVICTIONS, DIRTY_FILES,
             DIRTY_BYTES, UPLOADS_IN_FLIGHT, KMS_REQUESTS, KMS_REQUEST_DURATION, STORE_GETS_IN_FLIGHT_MAX,
-            MEMORY_RESERVED, MEMORY_METADATA,
+            MEMORY_RESERVED, MEMORY_METADATA, MEMORY_SPARE,
         ] {
             assert!(docs.contains(&format!("//! | `{name}` |")), "{name} is missing from the table in the module docs");
         }
