@@ -5,7 +5,7 @@
 //! - **Reservations**: buffers that exist for the duration of one operation — a GET body and the pages decrypted from
 //!   it while a fetch runs (foreground or read-ahead), the parts of a multipart upload being sealed and sent, the
 //!   buffers of an S3EC verification pass. A [`Reservation`] is taken before the buffer is allocated and given back
-//!   when it is dropped, which is when the buffer is.
+//!   when it is dropped, which is when the buffer is (unless both are kept as a spare, below).
 //! - **The page cache**, which takes what the reservations leave: its capacity is `min(cache_size, limit -
 //!   reserved)`, and every reservation that would push `reserved + cached` over the limit makes the cache evict first
 //!   ([`Reclaim`]). The cache never blocks a reservation; it only shrinks.
@@ -20,15 +20,17 @@
 //! - **Spares**: buffers of a size a data path allocates over and over (upload parts, 8 MiB), kept after use
 //!   ([`Reservation::keep_with`]) with their bytes still reserved, for the next use ([`MemoryBudget::take_spare`]): a
 //!   fresh buffer that large is a mapping of its own, every page of which is faulted in again as it is filled. At
-//!   most [`MAX_SPARES`]; and they are the first thing a reservation that does not fit takes back, so a kept buffer
-//!   never makes anything wait.
+//!   most [`MAX_SPARES`], and only while some user says they are worth keeping ([`MemoryBudget::use_spares`]: a
+//!   streamed upload running); they go when the last user does, so the page cache has its room back once no stream
+//!   runs. They are the first thing a reservation that does not fit takes back, and keeping one wakes the
+//!   reservations waiting for room, so a kept buffer never makes anything wait.
 //!
 //! So `reserved + metadata + cached <= limit` holds at every moment except the instant between a reservation (or a
 //! growth of the metadata) and the eviction it causes. A reservation that cannot be met waits ([`MemoryBudget::reserve`]) until other reservations end — every
-//! reservation is transient (a fetch, a part upload), so waiting always ends; read-ahead never waits
-//! ([`MemoryBudget::try_reserve`]): it shrinks its window to what is free, and a read that needs the bytes fetches
-//! them itself. A single reservation larger than what the metadata leaves of the budget is cut to that, so it still
-//! runs (alone).
+//! reservation is transient (a fetch, a part upload), and spares give way, so waiting always ends; read-ahead never
+//! waits ([`MemoryBudget::try_reserve`]): it shrinks its window to what is free, and a read that needs the bytes
+//! fetches them itself. A single reservation larger than what the metadata leaves of the budget is cut to that, so
+//! it still runs (alone).
 //!
 //! What the budget does not count: the daemon's code, the tokio runtime and its threads, TLS state, transient
 //! listings while they are merged into the table, and the allocator's own overhead. A daemon sets [`UNCOUNTED`] of its `max_memory` aside for them, and the rest —
@@ -72,8 +74,32 @@ pub struct MemoryBudget {
     /// Woken whenever a reservation ends, for the reservations waiting for room.
     released: Notify,
     cache: OnceLock<Weak<dyn Reclaim>>,
-    /// Buffers kept for reuse, each with the bytes reserved for it (counted in `reserved`).
-    spares: Mutex<Vec<(Vec<u8>, u64)>>,
+    /// Buffers kept for reuse, each with the bytes reserved for it (counted in `reserved`), and their users.
+    spares: Mutex<Spares>,
+}
+
+#[derive(Default)]
+struct Spares {
+    kept: Vec<(Vec<u8>, u64)>,
+    /// [`SpareUse`] guards alive: nothing is kept while there are none.
+    users: usize,
+}
+
+/// Spares are worth keeping while this lives ([`MemoryBudget::use_spares`]); the last one to go gives them up.
+#[must_use = "spares are kept only while this lives"]
+pub struct SpareUse {
+    budget: Arc<MemoryBudget>,
+}
+
+impl Drop for SpareUse {
+    fn drop(&mut self) {
+        let freed = {
+            let mut spares = self.budget.spares.lock().unwrap_or_else(PoisonError::into_inner);
+            spares.users -= 1;
+            if spares.users == 0 { std::mem::take(&mut spares.kept) } else { Vec::new() }
+        };
+        self.budget.free_spares(freed);
+    }
 }
 
 /// Buffers a budget keeps for reuse at most (see the module docs): two upload parts.
@@ -98,7 +124,7 @@ impl MemoryBudget {
             metadata: AtomicU64::new(0),
             released: Notify::new(),
             cache: OnceLock::new(),
-            spares: Mutex::new(Vec::new()),
+            spares: Mutex::new(Spares::default()),
         })
     }
 
@@ -215,8 +241,8 @@ impl MemoryBudget {
     /// reservation that counts it; `None` when none is kept.
     pub fn take_spare(self: &Arc<Self>, capacity: usize) -> Option<(Vec<u8>, Reservation)> {
         let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = spares.iter().position(|(buf, _)| buf.capacity() >= capacity)?;
-        let (mut buf, bytes) = spares.swap_remove(at);
+        let at = spares.kept.iter().position(|(buf, _)| buf.capacity() >= capacity)?;
+        let (mut buf, bytes) = spares.kept.swap_remove(at);
         drop(spares);
         buf.clear();
         crate::metrics::memory_spare(-(bytes as i64));
@@ -224,11 +250,22 @@ impl MemoryBudget {
         Some((buf, Reservation { budget: Arc::clone(self), bytes }))
     }
 
+    /// Spares are kept while the guard returned lives (and any other): for a user that will want them again soon.
+    pub fn use_spares(self: &Arc<Self>) -> SpareUse {
+        self.spares.lock().unwrap_or_else(PoisonError::into_inner).users += 1;
+        SpareUse { budget: Arc::clone(self) }
+    }
+
     /// Frees the kept buffers and their reservations: whether there were any.
     fn give_up_spares(&self) -> bool {
-        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(PoisonError::into_inner));
-        let bytes: u64 = spares.iter().map(|(_, bytes)| bytes).sum();
-        drop(spares);
+        let kept = std::mem::take(&mut self.spares.lock().unwrap_or_else(PoisonError::into_inner).kept);
+        self.free_spares(kept)
+    }
+
+    /// Frees `kept` (spares taken out of the list) and their reservations: whether there were any.
+    fn free_spares(&self, kept: Vec<(Vec<u8>, u64)>) -> bool {
+        let bytes: u64 = kept.iter().map(|(_, bytes)| bytes).sum();
+        drop(kept);
         if bytes > 0 {
             self.reserved.fetch_sub(bytes, Ordering::AcqRel);
             crate::metrics::memory_spare(-(bytes as i64));
@@ -265,21 +302,23 @@ impl std::fmt::Debug for Reservation {
 
 impl Reservation {
     /// Keeps `buf`, which these bytes were reserved for, as a spare of the budget (see the module docs), its bytes
-    /// still reserved; frees both instead when the budget keeps [`MAX_SPARES`] already, or when `buf` is larger
-    /// than this reservation counts. No zeroing: a spare holds what the store was sent (ciphertext in the client-side
-    /// modes), in this process's memory only, until the next use overwrites it.
+    /// still reserved; frees both instead when no [`SpareUse`] lives, when the budget keeps [`MAX_SPARES`] already,
+    /// or when `buf` is larger than this reservation counts. Wakes the reservations waiting for room either way
+    /// (they take a spare's room by giving it up). No zeroing: a spare holds what the store was sent (ciphertext in
+    /// the client-side modes), in this process's memory only, until the next use overwrites it.
     pub fn keep_with(mut self, buf: Vec<u8>) {
         if buf.capacity() as u64 > self.bytes {
             return;
         }
         let mut spares = self.budget.spares.lock().unwrap_or_else(PoisonError::into_inner);
-        if spares.len() < MAX_SPARES {
-            spares.push((buf, self.bytes));
+        if spares.users > 0 && spares.kept.len() < MAX_SPARES {
+            spares.kept.push((buf, self.bytes));
             drop(spares);
             // Still in `reserved` (the limit counts it), shown as a spare rather than as a buffer in flight.
             crate::metrics::memory_reserved(-(self.bytes as i64));
             crate::metrics::memory_spare(self.bytes as i64);
             self.bytes = 0;
+            self.budget.released.notify_waiters();
         }
     }
 }
@@ -477,6 +516,10 @@ mod tests {
     #[tokio::test]
     async fn spares_stay_counted_come_back_and_give_way_to_any_reservation() {
         let budget = MemoryBudget::new(1000);
+        // Nothing is kept while no user wants spares.
+        budget.try_reserve(300).unwrap().keep_with(Vec::with_capacity(300));
+        assert_eq!(budget.reserved(), 0, "a spare kept with no user");
+        let user = budget.use_spares();
         let (r, mut buf) = (budget.try_reserve(300).unwrap(), Vec::with_capacity(300));
         buf.extend_from_slice(b"part");
         let at = buf.as_ptr();
@@ -507,5 +550,23 @@ mod tests {
         assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap(), 150);
         drop(big);
         assert_eq!(budget.reserved(), 0);
+
+        // A reservation that waited before a buffer became a spare is woken by it, and takes its room.
+        let held = budget.try_reserve(900).unwrap();
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(500).await.bytes() })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "500 more do not fit beside 900 of 1000");
+        held.keep_with(Vec::with_capacity(900));
+        assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap(), 500);
+        // The last user gone, the spares go: the room is the page cache's again.
+        budget.try_reserve(300).unwrap().keep_with(Vec::with_capacity(300));
+        let other = budget.use_spares();
+        drop(user);
+        assert_eq!(budget.reserved(), 300, "spares given up while a user remained");
+        drop(other);
+        assert_eq!(budget.reserved(), 0, "spares outlived their last user");
     }
 }

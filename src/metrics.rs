@@ -35,7 +35,7 @@
 //! | `s3cryptfs_disk_cache_dropped_total` | counter | — | entries found damaged, truncated, planted or sealed under another key, removed and fetched again |
 //! | `s3cryptfs_memory_metadata_bytes` | gauge | — | the filesystem's estimate of what its inode table, the listings held for open directories and the negative-lookup memo take of the `max_memory` budget (counted up to half of it; past that the table is trimmed) |
 //! | `s3cryptfs_memory_reserved_bytes` | gauge | — | bytes of the `max_memory` budget held now by buffers in flight (fetches, read-ahead, upload parts, S3EC passes); the page cache holds at most what they leave |
-//! | `s3cryptfs_memory_spare_bytes` | gauge | — | bytes of the `max_memory` budget held by buffers kept for reuse (upload parts, at most two), given up to any reservation that needs the room |
+//! | `s3cryptfs_memory_spare_bytes` | gauge | — | bytes of the `max_memory` budget held by buffers kept for reuse (upload parts, at most two, while a streamed upload runs), given up to any reservation that needs the room |
 //! | `s3cryptfs_dirty_files` | gauge | — | files with changes staged on local disk and not yet uploaded: the upload backlog (uploads run on close and fsync, so there is no separate queue) |
 //! | `s3cryptfs_dirty_bytes` | gauge | — | plaintext size of those files |
 //! | `s3cryptfs_uploads_in_flight` | gauge | — | file uploads (encrypt + PUT or multipart upload) running now |

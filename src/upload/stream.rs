@@ -21,8 +21,8 @@
 //! Memory: no buffer outlives a part except the carry of one chunk cut across a part boundary; each part reserves
 //! its buffer from the memory budget (src/memory) only while it is filled and sent, so an idle stream holds almost
 //! nothing, and at most [`PARTS_IN_FLIGHT`] parts per stream travel at once (a writer faster than the store waits).
-//! A part's buffer is then kept as one of the budget's spares (at most two in the process, counted, and given up to
-//! any reservation that needs the room), for the next part of any stream.
+//! A part's buffer is then kept as one of the budget's spares (at most two in the process, counted, given up to any
+//! reservation that needs the room, and freed when no stream runs), for the next part of any stream.
 //!
 //! The object is format version 3 like a whole upload: its chunks are sealed with the implicit version id (the file
 //! id), which is known before the length is, so a streamed file can later be changed in place.
@@ -114,6 +114,8 @@ pub struct Stream {
     confirmed_prefix: u64,
     /// Attributes were set explicitly while the stream ran: the metadata sent at its start is out of date.
     pub attrs_changed: bool,
+    /// Part buffers are kept for the next parts while a stream runs (`memory::MemoryBudget::use_spares`).
+    _spares: crate::memory::SpareUse,
     _counted: crate::metrics::UploadInFlight,
 }
 
@@ -165,6 +167,7 @@ impl Stream {
             confirmed: std::collections::BTreeSet::new(),
             confirmed_prefix: 0,
             attrs_changed: false,
+            _spares: crate::memory::process().use_spares(),
             _counted: crate::metrics::UploadInFlight::start(),
         }))
     }
