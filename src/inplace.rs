@@ -36,9 +36,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
-use futures::future::BoxFuture;
 use futures::FutureExt;
+use tokio::task::JoinSet;
 
 use crate::crypto::version::VersionId;
 use crate::crypto::{self, CryptoError, ObjectCipher, CHUNK_PLAIN_LEN};
@@ -54,8 +53,8 @@ pub const MAX_COPY_PART_LEN: u64 = 5 << 30;
 /// the copies run side by side: a server copies a part by reading and hashing it (Garage at ~130 MiB/s per request
 /// here), so one 1 GiB copy takes as long as the part's bytes take one core.
 pub const TARGET_COPY_PART_LEN: u64 = 64 << 20;
-/// Parts of an update in flight at once (copies; an uploaded part also counts, and at most one is in flight, so an
-/// update holds at most one part body in memory besides the one being built).
+/// Copies of an update in flight at once. Besides them at most one uploaded part travels, so an update holds at most
+/// one part body in memory besides the one being built.
 pub const PARTS_IN_FLIGHT: usize = 4;
 /// Uploaded stretches are cut into parts of about this size, as whole uploads are (`upload::PART_SIZE`).
 pub const TARGET_UPLOAD_PART_LEN: u64 = 8 << 20;
@@ -194,12 +193,17 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
         }
     }
     let stretches = normalise(fixed);
+    let clean: Vec<u64> = stretches.iter().filter(|(dirty, _)| !dirty).map(|(_, r)| r.end - r.start).collect();
+    let mut copy_counts = copy_counts(&clean, copy_target(new_stored)).into_iter();
     let mut parts = Vec::new();
     for (dirty, r) in &stretches {
         let len = r.end - r.start;
-        let target = if *dirty { TARGET_UPLOAD_PART_LEN } else { copy_target(new_stored) };
         // As many parts as the target size asks, but none below the minimum (the last stretch's only part aside).
-        let n = len.div_ceil(target).min((len / MIN_PART_LEN).max(1));
+        let n = if *dirty {
+            len.div_ceil(TARGET_UPLOAD_PART_LEN).min(most_parts(len))
+        } else {
+            copy_counts.next().expect("invariant broken: one count per clean stretch")
+        };
         let mut start = r.start;
         for k in 0..n {
             let end = if k + 1 == n { r.end } else { start + len / n };
@@ -228,6 +232,47 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
         return Err(NoPlan::NotWorthIt);
     }
     Ok(Plan { parts, dirty: merged, upload_bytes, fetch_bytes })
+}
+
+/// The most parts a stretch of `len` bytes may be cut into: none below the minimum, one at least.
+fn most_parts(len: u64) -> u64 {
+    (len / MIN_PART_LEN).max(1)
+}
+
+/// How many parts each clean stretch (`lens`, in order) is cut into, the stretch cut evenly.
+///
+/// The copies run [`PARTS_IN_FLIGHT`] at a time, and a server copies a part at a rate of its own per request, so an
+/// update ends when its last round of copies does: five equal copies take two rounds where four of a quarter more
+/// each take one. So the count is a whole number of rounds — the rounds the target size asks for — and the parts the
+/// smallest that fit in it, so that they are alike whatever the stretches' lengths (a change in the middle of a
+/// 256 MiB file: four copies of ~63 MiB, not three on each side, which took a second round). None is longer than
+/// the target plus [`MIN_PART_LEN`]; where that many rounds cannot hold them (many short stretches), the count is
+/// the rounds that the target's own cuts need.
+fn copy_counts(lens: &[u64], target: u64) -> Vec<u64> {
+    let round = PARTS_IN_FLIGHT as u64;
+    let counts = |part: u64| lens.iter().map(move |&len| len.div_ceil(part).min(most_parts(len)));
+    let count = |part: u64| counts(part).sum::<u64>();
+    // The smallest part length in [MIN_PART_LEN, most] at which the stretches take at most `n` parts.
+    let fit = |n: u64, most: u64| {
+        if count(most) > n {
+            return None;
+        }
+        let (mut lo, mut hi) = (MIN_PART_LEN, most);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if count(mid) <= n {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Some(hi)
+    };
+    let total: u64 = lens.iter().sum();
+    let part = fit(total.div_ceil(target).next_multiple_of(round), target + MIN_PART_LEN)
+        .or_else(|| fit(count(target).next_multiple_of(round), target))
+        .unwrap_or(target);
+    counts(part).collect()
 }
 
 /// The size copied parts of an object of `stored` bytes are cut near: [`TARGET_COPY_PART_LEN`], or larger where that
@@ -298,16 +343,23 @@ pub async fn update(
     let mut upload = backend.put_multipart_expect(&key, &meta, &Expect::Etag(base.etag.to_string())).await?;
     let mut sealed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     // Parts are sent side by side (their places are fixed when they are asked for); an uploaded part waits until the
-    // one before it has gone, so only one part body is held in flight.
-    let mut in_flight: FuturesUnordered<BoxFuture<'static, (bool, Result<(), StoreError>)>> = FuturesUnordered::new();
-    let mut uploading = false;
+    // one before it has gone, so only one part body is held in flight. It does not take a copy's turn: the copies
+    // are cut for PARTS_IN_FLIGHT at once (`copy_counts`), and one of them waiting for an upload would end a round
+    // late. Each part is a task of its own, so that the copies already asked for go out and run while the next
+    // uploaded part is built (its old bytes fetched); the set cancels those still running when it is dropped.
+    let mut in_flight: JoinSet<PartAnswer> = JoinSet::new();
+    let (mut uploading, mut copying) = (false, 0);
     let result: Result<Result<(), Fallback>, StoreError> = async {
         for part in &plan.parts {
             let is_upload = matches!(part, Part::Upload(_));
-            while in_flight.len() >= PARTS_IN_FLIGHT || (is_upload && uploading) {
-                match in_flight.next().await {
+            while if is_upload { uploading } else { copying >= PARTS_IN_FLIGHT } {
+                match joined(path, in_flight.join_next().await) {
                     Some((was_upload, r)) => {
-                        uploading &= !was_upload;
+                        if was_upload {
+                            uploading = false;
+                        } else {
+                            copying -= 1;
+                        }
                         if let Err(f) = part_done(r)? {
                             return Ok(Err(f));
                         }
@@ -323,13 +375,17 @@ pub async fn update(
                         backend, &key, layout, cipher, &version, base, old_stored, src, new_len, dirty, r, &mut sealed,
                     )
                     .await?;
-                    uploading = true;
                     upload.put_part(body)
                 }
             };
-            in_flight.push(sent.map(move |r| (is_upload, r)).boxed());
+            if is_upload {
+                uploading = true;
+            } else {
+                copying += 1;
+            }
+            in_flight.spawn(sent.map(move |r| (is_upload, r)));
         }
-        while let Some((_, r)) = in_flight.next().await {
+        while let Some((_, r)) = joined(path, in_flight.join_next().await) {
             if let Err(f) = part_done(r)? {
                 return Ok(Err(f));
             }
@@ -349,6 +405,18 @@ pub async fn update(
         Ok(Err(fallback)) => Ok(Err(fallback)),
         Err(e) => Err(e),
         Ok(Ok(())) => unreachable!("invariant broken: a finished plan was completed above"),
+    }
+}
+
+type PartAnswer = (bool, Result<(), StoreError>);
+
+/// A part task's answer (whether it was an upload, and its result); its panic goes on in the caller.
+fn joined(path: &str, r: Option<Result<PartAnswer, tokio::task::JoinError>>) -> Option<PartAnswer> {
+    match r? {
+        Ok(answer) => Some(answer),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down (the set itself cancels only when dropped, unjoined).
+        Err(e) => Some((false, Err(StoreError::other(path, e)))),
     }
 }
 
@@ -536,6 +604,47 @@ mod tests {
                 assert!(p.upload_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
                 assert!(p.fetch_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
             }
+        }
+    }
+
+    /// When the last copy of `plan` ends, its copies sent in order PARTS_IN_FLIGHT at a time, each taking as long
+    /// as it is long; and the copied bytes.
+    fn copy_schedule(plan: &Plan) -> (u64, u64) {
+        let mut slots = [0u64; PARTS_IN_FLIGHT];
+        let mut copied = 0;
+        for p in &plan.parts {
+            if let Part::Copy(r) = p {
+                let first_free = slots.iter_mut().min().unwrap();
+                *first_free += r.end - r.start;
+                copied += r.end - r.start;
+            }
+        }
+        (slots.into_iter().max().unwrap(), copied)
+    }
+
+    #[test]
+    fn the_copies_around_a_change_end_together() {
+        // A change anywhere in a large file: its copies end close to when a perfect split among the copies in
+        // flight would (a fifth copy waiting for a second round does not).
+        for layout in [Layout::Encrypted, Layout::Plain] {
+            for len in [256 * MIB, GIB, 3 * GIB + 12345] {
+                for tenth in 1..10 {
+                    let chunk = layout.chunk_count(len) * tenth / 10;
+                    let dirty = [chunk..chunk + 1];
+                    let p = plan(layout, len, len, &dirty).unwrap();
+                    check(layout, len, len, &dirty, &p);
+                    let (ends, copied) = copy_schedule(&p);
+                    let perfect = copied.div_ceil(PARTS_IN_FLIGHT as u64);
+                    let what = format!("{layout:?} {len} at {tenth}/10: {ends} for {perfect}: {:?}", p.parts);
+                    assert!(ends * 100 <= perfect * 115, "{what}");
+                }
+            }
+        }
+        // The middle of 256 MiB (the benchmark's change_1b): one round of four copies in both layouts.
+        for layout in [Layout::Encrypted, Layout::Plain] {
+            let p = plan(layout, 256 * MIB, 256 * MIB, &[2048..2049]).unwrap();
+            let copies = p.parts.iter().filter(|p| matches!(p, Part::Copy(_))).count();
+            assert_eq!(copies, PARTS_IN_FLIGHT, "{layout:?}: {:?}", p.parts);
         }
     }
 

@@ -1,5 +1,6 @@
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -28,22 +29,69 @@ struct Counts {
 struct Counting {
     inner: Arc<dyn Backend>,
     counts: Arc<Counts>,
+    /// While set, an update's requests wait at it.
+    gate: Mutex<Option<Arc<Gate>>>,
+}
+
+impl Counting {
+    fn gate(&self) -> Option<Arc<Gate>> {
+        self.gate.lock().unwrap().clone()
+    }
 }
 
 struct CountingUpload {
     inner: Box<dyn Upload>,
     counts: Arc<Counts>,
+    gate: Option<Arc<Gate>>,
+}
+
+/// Holds an update's parts until a whole round of them travels at once: `copies` copies running and the uploaded
+/// part asked for. The fetch of the uploaded part's old bytes waits until the `before_upload` copies asked before it
+/// run. An update that sends fewer at once, or only sends its copies once the upload is built, never gets past it.
+struct Gate {
+    before_upload: u64,
+    copies: u64,
+    running: AtomicU64,
+    upload: AtomicBool,
+}
+
+impl Gate {
+    async fn until(&self, ready: impl Fn(&Gate) -> bool) {
+        while !ready(self) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn round_in_flight(&self) -> bool {
+        self.running.load(Ordering::SeqCst) >= self.copies && self.upload.load(Ordering::SeqCst)
+    }
 }
 
 #[async_trait]
 impl Upload for CountingUpload {
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.counts.up.fetch_add(part.len() as u64, Ordering::Relaxed);
-        self.inner.put_part(part)
+        let (gate, sent) = (self.gate.clone(), self.inner.put_part(part));
+        if let Some(g) = &gate {
+            g.upload.store(true, Ordering::SeqCst);
+        }
+        Box::pin(async move {
+            if let Some(g) = gate {
+                g.until(Gate::round_in_flight).await;
+            }
+            sent.await
+        })
     }
     fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.counts.copies.fetch_add(1, Ordering::Relaxed);
-        self.inner.copy_part(range, etag)
+        let (gate, sent) = (self.gate.clone(), self.inner.copy_part(range, etag));
+        Box::pin(async move {
+            if let Some(g) = gate {
+                g.running.fetch_add(1, Ordering::SeqCst);
+                g.until(Gate::round_in_flight).await;
+            }
+            sent.await
+        })
     }
     async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
         self.inner.complete().await
@@ -59,6 +107,9 @@ impl Backend for Counting {
         self.inner.head(key).await
     }
     async fn get_range(&self, key: &ObjectKey, range: Range<u64>) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
+        if let Some(g) = self.gate() {
+            g.until(|g| g.running.load(Ordering::SeqCst) >= g.before_upload).await;
+        }
         let r = self.inner.get_range(key, range).await?;
         self.counts.down.fetch_add(r.0.len() as u64, Ordering::Relaxed);
         Ok(r)
@@ -74,7 +125,7 @@ impl Backend for Counting {
     }
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
         let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
-        Ok(Box::new(CountingUpload { inner, counts: Arc::clone(&self.counts) }))
+        Ok(Box::new(CountingUpload { inner, counts: Arc::clone(&self.counts), gate: self.gate() }))
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.inner.copy(from, to, meta).await
@@ -121,7 +172,8 @@ impl World {
             Codec::Plain
         };
         let layout = if encrypted { Layout::Encrypted } else { Layout::Plain };
-        World { store: Arc::new(Counting { inner, counts: counts.clone() }), counts, codec, layout, keys, version: FORMAT_VERSION_2 }
+        let store = Arc::new(Counting { inner, counts: counts.clone(), gate: Mutex::default() });
+        World { store, counts, codec, layout, keys, version: FORMAT_VERSION_2 }
     }
 
     /// An encrypted world whose base objects are format version 3 without a map, as whole and streamed uploads
@@ -177,7 +229,11 @@ impl World {
     /// The whole file as the read path sees it now.
     async fn read_back(&self) -> Vec<u8> {
         let context = ReadContext {
-            backend: Arc::new(Counting { inner: self.store.inner.clone(), counts: Arc::default() }),
+            backend: Arc::new(Counting {
+                inner: self.store.inner.clone(),
+                counts: Arc::default(),
+                gate: Mutex::default(),
+            }),
             codec: self.codec.clone(),
             cache: Arc::new(PageCache::new(64 * MIB)),
             s3ec: Arc::new(S3ecReads::new(Default::default())),
@@ -262,6 +318,36 @@ async fn a_byte_an_append_and_a_shrink_of_a_64_mib_file_move_little_and_read_bac
         })
         .await;
         // The map carries one run per change at most; the version ids keep older chunks out (crypto tests).
+    }
+}
+
+#[tokio::test]
+async fn the_copies_travel_while_the_upload_is_built_and_beside_it() {
+    for w in [World::v3(), World::new(false)] {
+        let mut model = pattern(64 * MIB as usize);
+        let etag = w.put_whole(&model).await;
+        let at = 32 << 20;
+        let dirty = vec![chunk_of(at as u64)];
+        let len = model.len() as u64;
+        let p = plan(w.layout, len, len, &dirty).unwrap();
+        let is_copy = |p: &&Part| matches!(p, Part::Copy(_));
+        let copies = p.parts.iter().filter(is_copy).count() as u64;
+        let before_upload = p.parts.iter().take_while(is_copy).count() as u64;
+        assert_eq!(copies, PARTS_IN_FLIGHT as u64, "{:?}", p.parts);
+        assert!(before_upload >= 1 && before_upload < copies, "{:?}", p.parts);
+        let gate = Gate { before_upload, copies, running: AtomicU64::new(0), upload: AtomicBool::new(false) };
+        *w.store.gate.lock().unwrap() = Some(Arc::new(gate));
+        let changed = tokio::time::timeout(
+            Duration::from_secs(30),
+            change(&w, &mut model, &etag, |m| {
+                m[at] ^= 0xff;
+                dirty.clone()
+            }),
+        )
+        .await;
+        *w.store.gate.lock().unwrap() = None;
+        let layout = w.layout;
+        changed.unwrap_or_else(|_| panic!("{layout:?}: the copies and the upload were never in flight at once"));
     }
 }
 
