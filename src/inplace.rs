@@ -205,8 +205,9 @@ pub fn plan(layout: Layout, old_len: u64, new_len: u64, dirty: &[Range<u64>]) ->
             copy_counts.next().expect("invariant broken: one count per clean stretch")
         };
         let mut start = r.start;
-        for k in 0..n {
-            let end = if k + 1 == n { r.end } else { start + len / n };
+        for k in 1..=n {
+            // Evenly: no part longer than `len / n` rounded up (the cuts above are chosen by that length).
+            let end = r.start + u64::try_from(u128::from(len) * u128::from(k) / u128::from(n)).unwrap_or(len);
             parts.push(if *dirty { Part::Upload(start..end) } else { Part::Copy(start..end) });
             start = end;
         }
@@ -243,12 +244,13 @@ fn most_parts(len: u64) -> u64 {
 ///
 /// The copies run [`PARTS_IN_FLIGHT`] at a time and the server copies each at a rate per request, so an update ends
 /// with its last round of copies: five equal copies take two rounds where four of a quarter more each take one, and
-/// the fifth runs alone (on a server that copies a request on one core, with the others idle). So the count is a
-/// whole number of rounds, and the parts the smallest that fit in them, so that they are alike whatever the
-/// stretches' lengths (a change in the middle of a 256 MiB file: four copies of ~63 MiB, not three on each side). Of
-/// the few fewest rounds that can hold parts of at most the target plus [`MIN_PART_LEN`], the one that ends first
-/// (its rounds × its longest part), or within 5 % of it with fewer requests. Where none can (many short stretches), the
-/// rounds the target's own cuts need.
+/// the fifth runs alone (on a server that copies a request on one core, with the others idle). So the count aims at
+/// a whole number of rounds (the minimum part size may leave it short of one), and the parts are the smallest that
+/// fit in them, so that they are alike whatever the stretches' lengths (a change in the middle of a 256 MiB file:
+/// four copies of ~63 MiB, not three on each side). Of the few fewest rounds that can hold parts of at most the
+/// target plus [`MIN_PART_LEN`] (and at most [`MAX_COPY_PART_LEN`]), the one that ends first (its rounds × its
+/// longest part), or within 5 % of it with fewer requests. Where none can (many short stretches), the rounds the
+/// target's own cuts need.
 fn copy_counts(lens: &[u64], target: u64) -> Vec<u64> {
     let round = PARTS_IN_FLIGHT as u64;
     let counts = |part: u64| lens.iter().map(move |&len| len.div_ceil(part).min(most_parts(len)));
@@ -274,7 +276,7 @@ fn copy_counts(lens: &[u64], target: u64) -> Vec<u64> {
         let longest = counts(part).zip(lens).map(|(n, &len)| len.div_ceil(n)).max().unwrap_or(0);
         u128::from(count(part).div_ceil(round)) * u128::from(longest)
     };
-    let most = target + MIN_PART_LEN;
+    let most = (target + MIN_PART_LEN).min(MAX_COPY_PART_LEN);
     let fewest = lens.iter().sum::<u64>().div_ceil(most).div_ceil(round).max(1);
     let choices: Vec<u64> = (fewest..fewest + 3).filter_map(|rounds| fit(rounds * round, most)).collect();
     let best = choices.iter().map(|&part| ends(part)).min();
@@ -366,7 +368,8 @@ pub async fn update(
             let is_upload = matches!(part, Part::Upload(_));
             while if is_upload { uploading } else { copying >= PARTS_IN_FLIGHT } {
                 match joined(path, in_flight.join_next().await) {
-                    Some((was_upload, r)) => {
+                    Some(answer) => {
+                        let (was_upload, r) = answer?;
                         if was_upload {
                             uploading = false;
                         } else {
@@ -397,16 +400,16 @@ pub async fn update(
             }
             in_flight.spawn(sent.map(move |r| (is_upload, r)));
         }
-        while let Some((_, r)) = joined(path, in_flight.join_next().await) {
-            if let Err(f) = part_done(r)? {
+        while let Some(answer) = joined(path, in_flight.join_next().await) {
+            if let Err(f) = part_done(answer?.1)? {
                 return Ok(Err(f));
             }
         }
         Ok(Ok(()))
     }
     .await;
-    // Parts still in flight after a failure are cancelled before the upload is aborted.
-    drop(in_flight);
+    // Parts still in flight after a failure are cancelled, and have stopped, before the upload is aborted.
+    in_flight.shutdown().await;
     if let Ok(Ok(())) = result {
         return upload.complete().await.map(Ok);
     }
@@ -422,13 +425,14 @@ pub async fn update(
 
 type PartAnswer = (bool, Result<(), StoreError>);
 
-/// A part task's answer (whether it was an upload, and its result); its panic goes on in the caller.
-fn joined(path: &str, r: Option<Result<PartAnswer, tokio::task::JoinError>>) -> Option<PartAnswer> {
+/// A part task's answer (whether it was an upload, and its result); its panic goes on in the caller. Cancelled
+/// (the runtime is shutting down; the set itself cancels only at its shutdown, unjoined): an error that ends the
+/// update.
+fn joined(path: &str, r: Option<Result<PartAnswer, tokio::task::JoinError>>) -> Option<Result<PartAnswer, StoreError>> {
     match r? {
-        Ok(answer) => Some(answer),
+        Ok(answer) => Some(Ok(answer)),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Cancelled: the runtime is shutting down (the set itself cancels only when dropped, unjoined).
-        Err(e) => Some((false, Err(StoreError::other(path, e)))),
+        Err(e) => Some(Err(StoreError::other(path, e))),
     }
 }
 
@@ -615,6 +619,21 @@ mod tests {
                 check(layout, GIB, new_len, &dirty, &p);
                 assert!(p.upload_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
                 assert!(p.fetch_bytes <= 16 * MIB, "{layout:?} {new_len} {dirty:?}: {:?}", p.parts);
+            }
+        }
+    }
+
+    #[test]
+    fn no_copy_is_longer_than_its_bound_when_the_cut_is_not_exact() {
+        // Clean stretches of 5-10 GiB whose best cut lands on the longest part allowed (found by a scan of sizes):
+        // the bytes a stretch does not divide into are spread over its parts, not all added to its last one.
+        for chunks in [79_534, 119_182, 119_261, 158_909] {
+            for layout in [Layout::Encrypted, Layout::Plain] {
+                let len = chunks * C;
+                for (new_len, dirty) in [(len + 4096, vec![]), (len, vec![chunks - 1..chunks]), (len, vec![0..1])] {
+                    let p = plan(layout, len, new_len, &dirty).unwrap();
+                    check(layout, len, new_len, &dirty, &p);
+                }
             }
         }
     }

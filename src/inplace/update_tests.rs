@@ -45,8 +45,8 @@ struct CountingUpload {
     gate: Option<Arc<Gate>>,
 }
 
-/// Holds an update's parts until a whole round of them travels at once: `copies` copies running and the uploaded
-/// part asked for. The fetch of the uploaded part's old bytes waits until the `before_upload` copies asked before it
+/// Holds an update's parts until a whole round of them travels at once: `copies` copies and the uploaded part
+/// running. The fetch of the uploaded part's old bytes waits until the `before_upload` copies asked before it
 /// run. An update that sends fewer at once, or only sends its copies once the upload is built, never gets past it.
 struct Gate {
     before_upload: u64,
@@ -72,11 +72,9 @@ impl Upload for CountingUpload {
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.counts.up.fetch_add(part.len() as u64, Ordering::Relaxed);
         let (gate, sent) = (self.gate.clone(), self.inner.put_part(part));
-        if let Some(g) = &gate {
-            g.upload.store(true, Ordering::SeqCst);
-        }
         Box::pin(async move {
             if let Some(g) = gate {
+                g.upload.store(true, Ordering::SeqCst);
                 g.until(Gate::round_in_flight).await;
             }
             sent.await
