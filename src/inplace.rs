@@ -425,15 +425,11 @@ pub async fn update(
 
 type PartAnswer = (bool, Result<(), StoreError>);
 
-/// A part task's answer (whether it was an upload, and its result); its panic goes on in the caller. Cancelled
-/// (the runtime is shutting down; the set itself cancels only at its shutdown, unjoined): an error that ends the
-/// update.
+/// A part task's answer (whether it was an upload, and its result). A task that panicked or was cancelled (the
+/// runtime shutting down) is an error that ends the update, which is then aborted, as a whole upload's part task's
+/// is (`upload::part_result`).
 fn joined(path: &str, r: Option<Result<PartAnswer, tokio::task::JoinError>>) -> Option<Result<PartAnswer, StoreError>> {
-    match r? {
-        Ok(answer) => Some(Ok(answer)),
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Some(Err(StoreError::other(path, e))),
-    }
+    r.map(|r| r.map_err(|e| StoreError::other(path, e)))
 }
 
 /// A part's answer: a copy the store cannot make means "rewrite whole"; any other error ends the update.

@@ -31,6 +31,8 @@ struct Counting {
     counts: Arc<Counts>,
     /// While set, an update's requests wait at it.
     gate: Mutex<Option<Arc<Gate>>>,
+    /// While set, an update's copies panic.
+    panic_copies: AtomicBool,
 }
 
 impl Counting {
@@ -43,6 +45,7 @@ struct CountingUpload {
     inner: Box<dyn Upload>,
     counts: Arc<Counts>,
     gate: Option<Arc<Gate>>,
+    panic_copies: bool,
 }
 
 /// Holds an update's parts until a whole round of them travels at once: `copies` copies and the uploaded part
@@ -83,7 +86,9 @@ impl Upload for CountingUpload {
     fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.counts.copies.fetch_add(1, Ordering::Relaxed);
         let (gate, sent) = (self.gate.clone(), self.inner.copy_part(range, etag));
+        let panics = self.panic_copies;
         Box::pin(async move {
+            assert!(!panics, "a copy's task panics (test)");
             if let Some(g) = gate {
                 g.running.fetch_add(1, Ordering::SeqCst);
                 g.until(Gate::round_in_flight).await;
@@ -123,7 +128,8 @@ impl Backend for Counting {
     }
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
         let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
-        Ok(Box::new(CountingUpload { inner, counts: Arc::clone(&self.counts), gate: self.gate() }))
+        let panic_copies = self.panic_copies.load(Ordering::SeqCst);
+        Ok(Box::new(CountingUpload { inner, counts: Arc::clone(&self.counts), gate: self.gate(), panic_copies }))
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.inner.copy(from, to, meta).await
@@ -170,7 +176,8 @@ impl World {
             Codec::Plain
         };
         let layout = if encrypted { Layout::Encrypted } else { Layout::Plain };
-        let store = Arc::new(Counting { inner, counts: counts.clone(), gate: Mutex::default() });
+        let (gate, panic_copies) = (Mutex::default(), AtomicBool::default());
+        let store = Arc::new(Counting { inner, counts: counts.clone(), gate, panic_copies });
         World { store, counts, codec, layout, keys, version: FORMAT_VERSION_2 }
     }
 
@@ -231,6 +238,7 @@ impl World {
                 inner: self.store.inner.clone(),
                 counts: Arc::default(),
                 gate: Mutex::default(),
+                panic_copies: AtomicBool::default(),
             }),
             codec: self.codec.clone(),
             cache: Arc::new(PageCache::new(64 * MIB)),
@@ -364,6 +372,25 @@ async fn an_update_of_a_version_another_writer_replaced_fails_and_changes_nothin
         assert!(result.as_ref().is_err_and(|e| e.is_precondition()), "{:?}", result.map(|r| r.is_ok()));
         let (info, _) = w.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
         assert_eq!(info.etag.as_deref(), Some(theirs.as_str()), "the other writer's version stays");
+    }
+}
+
+#[tokio::test]
+async fn a_part_task_that_panics_ends_the_update_with_an_error_and_changes_nothing() {
+    for encrypted in [true, false] {
+        let w = World::new(encrypted);
+        let model = pattern(40 * MIB as usize);
+        let etag = w.put_whole(&model).await;
+        let cipher = w.base_cipher(model.len() as u64).await;
+        let base = Base { etag: &etag, plain_len: model.len() as u64, cipher: cipher.as_ref() };
+        let mut mine = model.clone();
+        mine[1 << 20] ^= 1;
+        w.store.panic_copies.store(true, Ordering::SeqCst);
+        let (len, dirty) = (mine.len() as u64, [16..17]);
+        let result = update(&*w.store, w.layout, PATH, &base, &Memory(&mine), len, &dirty, UserMeta::default()).await;
+        assert!(result.is_err(), "{:?}", result.map(|r| r.is_ok()));
+        let (info, _) = w.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+        assert_eq!(info.etag.as_deref(), Some(etag.as_str()), "the old version stays");
     }
 }
 
