@@ -395,6 +395,12 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// `budget.reserve(bytes)` in a task of its own: the bytes it got, once it has them.
+    fn waiting_reserve(budget: &Arc<MemoryBudget>, bytes: u64) -> tokio::task::JoinHandle<u64> {
+        let budget = Arc::clone(budget);
+        tokio::spawn(async move { budget.reserve(bytes).await.bytes() })
+    }
+
     /// A cache that records how far it was asked to shrink.
     struct Shrinks(Mutex<Vec<u64>>);
 
@@ -462,10 +468,7 @@ mod tests {
         let budget = MemoryBudget::new(100);
         budget.set_metadata(12);
         let held = budget.try_reserve(78).unwrap();
-        let waiter = {
-            let budget = budget.clone();
-            tokio::spawn(async move { budget.reserve(20).await.bytes() })
-        };
+        let waiter = waiting_reserve(&budget, 20);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "12 + 78 + 20 > 100");
         budget.set_metadata(2);
@@ -477,10 +480,7 @@ mod tests {
     async fn reserve_waits_until_another_reservation_ends() {
         let budget = MemoryBudget::new(100);
         let held = budget.try_reserve(80).unwrap();
-        let waiter = {
-            let budget = budget.clone();
-            tokio::spawn(async move { budget.reserve(50).await.bytes() })
-        };
+        let waiter = waiting_reserve(&budget, 50);
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "50 more do not fit beside 80 of 100");
@@ -543,20 +543,14 @@ mod tests {
         assert!(budget.take_spare(1).is_none(), "spares given up");
         budget.try_reserve(200).unwrap().keep_with(Vec::with_capacity(200));
         // A reservation waiting for room is not kept waiting by a spare either.
-        let waiter = {
-            let budget = budget.clone();
-            tokio::spawn(async move { budget.reserve(150).await.bytes() })
-        };
+        let waiter = waiting_reserve(&budget, 150);
         assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap(), 150);
         drop(big);
         assert_eq!(budget.reserved(), 0);
 
         // A reservation that waited before a buffer became a spare is woken by it, and takes its room.
         let held = budget.try_reserve(900).unwrap();
-        let waiter = {
-            let budget = budget.clone();
-            tokio::spawn(async move { budget.reserve(500).await.bytes() })
-        };
+        let waiter = waiting_reserve(&budget, 500);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "500 more do not fit beside 900 of 1000");
         held.keep_with(Vec::with_capacity(900));
