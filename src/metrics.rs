@@ -105,10 +105,16 @@ const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so memory stays bounded.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Longest request head the endpoint reads, and how long it waits for it: a scrape sends one short line and a few
-/// headers, so anything bigger or slower is not a Prometheus server.
+/// Longest request head the endpoint reads, and how long a connection may take from accept to its last byte
+/// written: a scrape sends one short line and a few headers and reads the answer at once, so anything bigger or
+/// slower is not a Prometheus server.
 const MAX_REQUEST_HEAD: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the endpoint holds at once; the next wait in the listen backlog until one ends. Any local user can
+/// connect to the address, so without a cap, connections opened and left silent (each kept up to
+/// [`REQUEST_TIMEOUT`]) would take the daemon's descriptors and its staged files, journal and store connections
+/// would fail with EMFILE. A scraper opens one at a time.
+const MAX_CONNECTIONS: usize = 8;
 
 /// The content type of the Prometheus text exposition format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -898,16 +904,27 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
-/// Answers scrapes on `listener` until the runtime stops: one request per connection, each on its own task.
+/// Answers scrapes on `listener` until the runtime stops: one request per connection, each on its own task, at most
+/// [`MAX_CONNECTIONS`] at once (the next is accepted only when one ends) and each within [`REQUEST_TIMEOUT`].
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    serve_within(listener, handle, MAX_CONNECTIONS, REQUEST_TIMEOUT).await
+}
+
+/// [`serve`] with its limits given (tests use a short deadline).
+async fn serve_within(listener: TcpListener, handle: PrometheusHandle, connections: usize, deadline: Duration) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(connections));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let handle = handle.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &handle).await {
-                        tracing::debug!(error = %e, "metrics request failed");
+                    match tokio::time::timeout(deadline, answer(stream, &handle)).await {
+                        Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
+                        Err(_) => tracing::debug!("metrics request: connection dropped at its deadline"),
+                        Ok(Ok(())) => {}
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -920,10 +937,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 }
 
 async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
+    let head = read_head(&mut stream).await?;
     let line = head.as_deref().and_then(|h| h.lines().next()).unwrap_or("");
     let mut words = line.split(' ');
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
@@ -1249,6 +1263,38 @@ mod tests {
             assert!(http(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405 "));
             let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_REQUEST_HEAD * 2));
             assert!(http(addr, &huge).await.starts_with("HTTP/1.1 400 "));
+        });
+    }
+
+    /// A local user who opens connections and sends nothing holds at most `connections` of them (each one a
+    /// descriptor of the daemon's): the next is not accepted until one ends, each ends at its deadline, and a scrape
+    /// waiting behind them is then answered.
+    #[test]
+    fn silent_connections_are_capped_and_dropped_at_their_deadline() {
+        let handle = recorder().handle();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let deadline = Duration::from_millis(800);
+            tokio::spawn(serve_within(listener, handle, 3, deadline));
+            let mut silent = Vec::new();
+            for _ in 0..3 {
+                silent.push(TcpStream::connect(addr).await.unwrap());
+            }
+            let opened = Instant::now();
+            let scrape = tokio::spawn(http(addr, "GET /metrics HTTP/1.1\r\n\r\n"));
+            tokio::time::sleep(deadline / 2).await;
+            assert!(!scrape.is_finished(), "a fourth connection was answered while three silent ones were held");
+            let answer = tokio::time::timeout(deadline * 4, scrape).await.expect("the scrape was never answered");
+            assert!(answer.unwrap().starts_with("HTTP/1.1 200 OK\r\n"));
+            // Not before the silent ones ended: they were accepted before `opened`, give or take the connects.
+            assert!(opened.elapsed() >= deadline * 9 / 10, "answered after {:?}", opened.elapsed());
+            for mut s in silent {
+                let mut rest = Vec::new();
+                let read = tokio::time::timeout(deadline, s.read_to_end(&mut rest)).await;
+                assert!(matches!(read, Ok(Ok(0))), "a silent connection was not closed at its deadline: {read:?}");
+            }
         });
     }
 
