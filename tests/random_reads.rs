@@ -358,7 +358,7 @@ fn a_file_replaced_during_a_whole_fetch_is_never_mixed(env: &Env, store: &Store)
     // Past the attribute timeout (1 s), a new open sees the new version.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let g = std::fs::File::open(m.path("medium")).unwrap();
-    pread_pages(&g, &newer, MEDIUM_READS.into_iter().filter(|&at| at + 4096 <= newer.len() as u64));
+    pread_pages(&g, &newer, offsets(5, 40, newer.len() as u64));
     assert_bytes(std::fs::read(m.path("medium")).unwrap(), &newer, "the new version after the replacement");
     drop(g);
     let log = m.unmount();
