@@ -173,8 +173,10 @@ impl SignedClient {
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| ApiError::Transport { endpoint: url.to_string(), detail: e.to_string() })?;
-            let value = HeaderValue::from_str(value)
+            let mut value = HeaderValue::from_str(value)
                 .map_err(|e| ApiError::Transport { endpoint: url.to_string(), detail: e.to_string() })?;
+            // An SSE-C key (and the copy source's): kept out of any debug print of the request, as object_store does.
+            value.set_sensitive(name.as_str().contains("customer-key"));
             req.headers_mut().insert(name, value);
         }
         // S3 over TLS: the transport already delivers the body as sent, so the signature does not hash it

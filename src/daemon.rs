@@ -5,14 +5,39 @@
 use std::io::Write;
 
 /// No core dumps and not dumpable: the process holds keys (and, for a mount, plaintext). Not dumpable also means
-/// other processes of the same user cannot ptrace it or read its memory through /proc.
-pub fn harden_process() {
-    // SAFETY: setrlimit/prctl with valid arguments have no memory-safety preconditions.
-    unsafe {
-        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        libc::setrlimit(libc::RLIMIT_CORE, &zero);
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+/// other processes of the same user cannot ptrace it or read its memory through /proc. An error if either is
+/// refused: the caller stops before it reads a key.
+pub fn harden_process() -> anyhow::Result<()> {
+    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit with a valid resource and a pointer to a live rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        anyhow::bail!("turning off core dumps (setrlimit RLIMIT_CORE): {}", std::io::Error::last_os_error());
     }
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        anyhow::bail!("making the process not dumpable (prctl PR_SET_DUMPABLE): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one (which systemd and most distributions set far above
+/// the soft 1024): a mount holds a descriptor per staged file, per store connection and per disk cache read, and
+/// EMFILE would fail writes. tokio uses epoll, so no descriptor number needs to stay below FD_SETSIZE. Returns the
+/// soft limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
 }
 
 /// True when stderr is the journal stream systemd connected us to ($JOURNAL_STREAM names its device and inode).
@@ -146,4 +171,28 @@ pub fn wait_until_ready(read_end: std::os::fd::OwnedFd, what: &str) -> anyhow::R
         anyhow::bail!("{what} exited before it was ready")
     }
     anyhow::bail!("{msg}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nofile() -> libc::rlimit {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit with a valid resource and a pointer to a live rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        lim
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        let before = nofile();
+        // Lowered first, so that the test shows a raise whatever limits it was started with.
+        let low = libc::rlimit { rlim_cur: before.rlim_max.min(256), rlim_max: before.rlim_max };
+        // SAFETY: as in `nofile`.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        assert_eq!(raise_open_file_limit(), before.rlim_max);
+        let after = nofile();
+        assert_eq!((after.rlim_cur, after.rlim_max), (before.rlim_max, before.rlim_max));
+    }
 }

@@ -71,15 +71,40 @@ struct LogReload {
 static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
 
 /// Opens `log_file=` for appending; a new file is created 0600, since log lines name files and objects. An existing
-/// file keeps its mode (an administrator may have made it group-readable on purpose).
+/// file keeps its mode (an administrator may have made it group-readable on purpose), but must be one we may trust:
+/// see [`check_own_file`]. The last component is not followed if it is a symlink, so a symlink planted in a shared
+/// log directory cannot make the daemon append to a file of someone else's choosing.
 fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("opening log_file {}", path.display()))
+        .with_context(|| format!("opening log_file {} (a symlink is refused)", path.display()))?;
+    check_own_file(&file, path, "log_file")?;
+    Ok(file)
+}
+
+/// A file the daemon writes its log to or reads its log level from: a regular file owned by the daemon's user or by
+/// root, which no other user may write. Another user's file would let them read what is logged (file names) or turn
+/// the level up to `trace`.
+fn check_own_file(file: &std::fs::File, path: &Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().with_context(|| format!("{what} {}", path.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() {
+        bail!("{what} {} is not a regular file", path.display());
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!("{what} {} belongs to uid {}, neither this user ({me}) nor root", path.display(), meta.uid());
+    }
+    if meta.mode() & 0o002 != 0 {
+        bail!("{what} {} is writable by every user (mode {:o})", path.display(), meta.mode() & 0o7777);
+    }
+    Ok(())
 }
 
 fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
@@ -147,6 +172,22 @@ fn init_logging(level: Option<&str>, target: LogTarget) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The text of `log_level_file=` (a level is a word: at most 4 KiB is read), from a file [`check_own_file`] trusts;
+/// a symlink or a fifo is refused without blocking.
+fn read_log_level_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening log_level_file {} (a symlink is refused)", path.display()))?;
+    check_own_file(&file, path, "log_level_file")?;
+    let mut text = String::new();
+    file.take(4096).read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text)
+}
+
 /// SIGHUP: reopen the log file (so logrotate can move it away) and re-read the log level from `log_level_file=`.
 fn reload_logging(config: &MountConfig) {
     let Some(reload) = LOG_RELOAD.get() else { return };
@@ -164,7 +205,7 @@ fn reload_logging(config: &MountConfig) {
         tracing::info!("SIGHUP: log file reopened (no log_level_file= to re-read the level from)");
         return;
     };
-    let level = match std::fs::read_to_string(path) {
+    let level = match read_log_level_file(path) {
         Ok(text) => text.trim().to_string(),
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "SIGHUP: cannot read log_level_file; level unchanged");
@@ -187,7 +228,8 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         args.foreground,
         &args.option_pairs(),
     )?;
-    crate::daemon::harden_process();
+    crate::daemon::harden_process()?;
+    crate::daemon::raise_open_file_limit();
     // Before any thread exists: key_env scrubs the environment, which is only safe single-threaded.
     let keys = match &config.key_source {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),
@@ -1218,6 +1260,49 @@ mod tests {
         for bad in ["loud", "warnings", "s3cryptfs=debug"] {
             let err = log_filter(Some(bad)).unwrap_err().to_string();
             assert!(err.contains("error, warn, info, debug, trace"), "{bad}: {err}");
+        }
+    }
+
+    /// Another user who can write the directory of `log_file=` or `log_level_file=` (a shared /var/log, /tmp) cannot
+    /// point them elsewhere with a symlink, read the log through a file of theirs, or block a SIGHUP with a fifo.
+    #[test]
+    fn log_files_another_user_could_plant_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("own.log");
+        open_log_file(&own).unwrap();
+        assert_eq!(std::fs::metadata(&own).unwrap().permissions().mode() & 0o777, 0o600);
+        open_log_file(&own).expect("an existing file of ours is reopened");
+        std::fs::write(dir.path().join("level"), "debug\n").unwrap();
+        assert_eq!(read_log_level_file(&dir.path().join("level")).unwrap().trim(), "debug");
+
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open_log_file(&link).is_err(), "a symlinked log_file was followed");
+        assert!(read_log_level_file(&link).is_err(), "a symlinked log_level_file was followed");
+        assert_eq!(std::fs::read(&target).unwrap(), b"");
+
+        let open = dir.path().join("open.log");
+        std::fs::write(&open, "").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = open_log_file(&open).unwrap_err().to_string();
+        assert!(err.contains("writable by every user"), "{err}");
+
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(read_log_level_file(&fifo).is_err(), "a fifo was read as log_level_file");
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = dir.path().join("theirs.log");
+            std::fs::write(&theirs, "").unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = open_log_file(&theirs).unwrap_err().to_string();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
         }
     }
 

@@ -95,7 +95,7 @@ fn open_core(
     // Reading only, whatever the options say.
     pairs.push(("ro".into(), None));
     let config = MountConfig::from_options(store.to_string(), PathBuf::from("/"), true, &pairs)?;
-    crate::daemon::harden_process();
+    crate::daemon::harden_process()?;
     // Before any thread exists: key_env= edits the environment, which is only safe single-threaded.
     let keys = match &config.key_source {
         Some(source) => Some(Arc::new(crate::keys::load(source)?)),

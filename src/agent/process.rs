@@ -28,7 +28,7 @@ use crate::crypto::KeyHistory;
 
 /// Runs the agent on `socket`: in the foreground (logging to stderr) or as a daemon (logging to syslog).
 pub(super) fn run_agent(socket_path: &Path, foreground: bool) -> anyhow::Result<()> {
-    crate::daemon::harden_process();
+    crate::daemon::harden_process()?;
     if foreground {
         init_logging(LogTarget::Stderr);
         let bound = socket::bind(socket_path)?;

@@ -18,6 +18,33 @@ use super::AgentError;
 /// Pending connections the kernel queues before `accept`; the agent accepts immediately, this only absorbs bursts.
 const LISTEN_BACKLOG: libc::c_int = 128;
 
+/// How long a start waits for the directory's lock: another agent holds it only while it binds (milliseconds). In
+/// a directory other users can open (`--socket /tmp/…`), one of them could hold it for ever; the start then fails
+/// instead of hanging.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An exclusive `flock` on `dir`, tried every 20 ms until `wait` has passed (then EWOULDBLOCK, named). The lock is
+/// released when `dir` is closed (at the end of [`bind`]: the listener is listening by then, so a later starter sees
+/// it answer).
+fn lock_dir(dir: &std::fs::File, wait: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            let why = format!("another process has held a lock on the directory for {} s", wait.as_secs());
+            return Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, why));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The socket file an agent created, identified by device and inode so that `remove` never deletes a file someone
 /// else has since put at the path.
 #[derive(Debug, Clone)]
@@ -67,11 +94,7 @@ pub(super) fn bind(path: &Path) -> Result<Bound, AgentError> {
             .map_err(|source| AgentError::SocketDir { dir: dir.clone(), source })?;
     }
     let dir_handle = std::fs::File::open(&dir).map_err(|source| AgentError::SocketDir { dir: dir.clone(), source })?;
-    // SAFETY: flock on a descriptor we own; the lock is released when `dir_handle` is closed at the end of this
-    // function (the listener is in the listening state by then, so a later starter sees it answer).
-    if unsafe { libc::flock(dir_handle.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(AgentError::SocketDir { dir, source: std::io::Error::last_os_error() });
-    }
+    lock_dir(&dir_handle, LOCK_WAIT).map_err(|source| AgentError::SocketDir { dir: dir.clone(), source })?;
 
     let mut replaced_stale = false;
     match std::fs::symlink_metadata(&path) {
@@ -147,6 +170,24 @@ fn bind_private(path: &Path) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another user holding a lock on a shared socket directory (`flock /tmp sleep inf`) makes a start fail after
+    /// a bounded wait instead of hanging; once the lock goes, it is taken.
+    #[test]
+    fn a_lock_held_on_the_directory_is_waited_for_a_bounded_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let holder = std::fs::File::open(tmp.path()).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let ours = std::fs::File::open(tmp.path()).unwrap();
+        let started = std::time::Instant::now();
+        let err = lock_dir(&ours, std::time::Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(err.to_string().contains("held a lock"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        drop(holder);
+        lock_dir(&ours, std::time::Duration::from_millis(200)).unwrap();
+    }
 
     #[test]
     fn creates_a_private_directory_and_a_0600_socket() {
