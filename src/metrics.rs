@@ -655,9 +655,14 @@ impl Backend for MeteredBackend {
         measure(RequestKind::UpdateMeta, self.inner.update_meta(key, meta)).await
     }
 
-    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, Transfer), StoreError> {
         let result = measure(RequestKind::UpdateMetaIf, self.inner.update_meta_if(key, meta, etag)).await;
-        if let Ok(t) = &result {
+        if let Ok((_, t)) = &result {
             moved(t);
         }
         result

@@ -336,7 +336,12 @@ impl Backend for LaterDeletes {
         self.inner.update_meta(key, meta).await
     }
 
-    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, Transfer), StoreError> {
         self.gone(key)?;
         self.inner.update_meta_if(key, meta, etag).await
     }

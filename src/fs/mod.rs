@@ -2170,13 +2170,7 @@ impl Fs {
             }
             return Ok(());
         }
-        let key = key(&path)?;
-        let (_, mut meta) = self.backend.head(&key).await.map_err(|e| Error::store(&path, e))?;
-        meta.mode = node_meta.mode;
-        meta.uid = node_meta.uid;
-        meta.gid = node_meta.gid;
-        meta.mtime = node_meta.mtime;
-        let info = self.backend.update_meta(&key, &meta).await.map_err(|e| Error::store(&path, e))?;
+        let info = self.replace_attrs(&key(&path)?, &path, &node_meta).await?;
         let parent = lock(&self.table).get_mut(ino).map(|n| {
             n.remote = Some(Remote { etag: info.etag.clone().unwrap_or_default(), stored_size: info.size });
             n.validated = Some(Instant::now());
@@ -2187,6 +2181,39 @@ impl Fs {
             self.index_touch(dir);
         }
         Ok(())
+    }
+
+    /// Puts `attrs` (mode, owner, group, mtime) into the object's metadata and keeps the rest of it (binding, chunk
+    /// map, upload stamp…) as the version it goes onto has it: the replacement is conditional on the version the HEAD
+    /// read that metadata from, read again if another writer replaced the object in between. (A replacement checked
+    /// against a version read later put one version's binding and map onto another's content: unreadable for good in
+    /// the client-side modes.) Returns the object as it is now.
+    async fn replace_attrs(&self, key: &ObjectKey, path: &str, attrs: &UserMeta) -> Result<ObjectInfo> {
+        /// Reads of a version another writer keeps replacing, before the change fails with the precondition.
+        const TRIES: usize = 4;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (now, mut meta) = self.backend.head(key).await.map_err(|e| Error::store(path, e))?;
+            meta.mode = attrs.mode;
+            meta.uid = attrs.uid;
+            meta.gid = attrs.gid;
+            meta.mtime = attrs.mtime;
+            let Some(etag) = now.etag else {
+                // A store that names no versions cannot be asked for one.
+                return self.backend.update_meta(key, &meta).await.map_err(|e| Error::store(path, e));
+            };
+            match self.backend.update_meta_if(key, &meta, &etag).await {
+                Ok((info, _)) => return Ok(info),
+                Err(e) if e.is_precondition() && tries < TRIES => {
+                    tracing::debug!(key = %path, "replaced while its attributes were set; reading it again");
+                }
+                Err(StoreError::Unsupported { .. }) => {
+                    return self.backend.update_meta(key, &meta).await.map_err(|e| Error::store(path, e));
+                }
+                Err(e) => return Err(Error::store(path, e)),
+            }
+        }
     }
 
     /// Counts an open handle on `ino` until the guard drops.

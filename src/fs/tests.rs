@@ -32,6 +32,9 @@ struct Silenceable {
     hang_heads: AtomicBool,
     /// `list` hangs the same way.
     hang_lists: AtomicBool,
+    /// Another writer's version (key, content, metadata), put in place just before the next metadata replacement
+    /// of that key: the moment between the HEAD a chmod reads the metadata with and its replacement.
+    replace_before_meta: std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>,
 }
 
 impl Silenceable {
@@ -46,6 +49,7 @@ impl Silenceable {
             conditions: std::sync::Mutex::new(Vec::new()),
             hang_heads: AtomicBool::new(false),
             hang_lists: AtomicBool::new(false),
+            replace_before_meta: std::sync::Mutex::new(None),
         }
     }
 
@@ -58,6 +62,17 @@ impl Silenceable {
 
     fn note(&self, kind: &'static str) {
         self.log.lock().unwrap().push(kind);
+    }
+
+    /// Puts the version `replace_before_meta` holds for `key`, once.
+    async fn replace_first(&self, key: &ObjectKey) {
+        let taken = {
+            let mut slot = self.replace_before_meta.lock().unwrap();
+            if slot.as_ref().is_some_and(|(k, _, _)| k == key) { slot.take() } else { None }
+        };
+        if let Some((k, body, meta)) = taken {
+            self.inner.put(&k, body, &meta).await.unwrap();
+        }
     }
 
     /// The requests answered since the last call.
@@ -115,7 +130,19 @@ impl Backend for Silenceable {
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         self.check(key.as_str())?;
         self.note("update_meta");
+        self.replace_first(key).await;
         self.inner.update_meta(key, meta).await
+    }
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, crate::store::Transfer), StoreError> {
+        self.check(key.as_str())?;
+        self.note("update_meta_if");
+        self.replace_first(key).await;
+        self.inner.update_meta_if(key, meta, etag).await
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         self.check(key.as_str())?;
@@ -1218,6 +1245,37 @@ async fn times_seen_here_do_not_go_back_when_the_store_is_asked_again() {
     let foreign = fs.lookup(dir.ino, OsStr::new("h")).await.unwrap();
     assert_eq!(foreign.perm, 0o640);
     assert!(foreign.ctime >= before_foreign, "a change made elsewhere does not show in ctime: {foreign:?}");
+}
+
+/// Another writer replaces a file between the HEAD a chmod reads its metadata with and the replacement of that
+/// metadata: the new mode goes onto the new version together with the new version's own metadata (its upload stamp;
+/// in the client-side modes its binding and chunk map), never the first version's metadata onto the new content,
+/// which in those modes made the file unreadable for good (helper review, 2026-12-06).
+#[tokio::test]
+async fn a_chmod_racing_another_writer_keeps_the_new_versions_metadata() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable::new(inner));
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let file = write_file_unstreamed(&fs, ROOT_INO, "f", b"first version").await;
+    let k = ObjectKey::new("f").unwrap();
+    let (_, mine) = store.inner.head(&k).await.unwrap();
+    assert!(!mine.extra.is_empty(), "a file written here carries metadata of its own (its upload stamp): {mine:?}");
+    let mut theirs = mine.clone();
+    theirs.extra.insert("theirs".into(), "2".into());
+    theirs.extra.retain(|name, _| name == "theirs");
+    *store.replace_before_meta.lock().unwrap() = Some((k.clone(), Bytes::from_static(b"their version"), theirs));
+
+    let chmod = SetAttr { mode: Some(0o600), ..Default::default() };
+    let changed = fs.setattr(file.ino, chmod, None, caller).await.unwrap();
+    assert_eq!(changed.perm, 0o600);
+    let (body, _, stored) = store.inner.get(&k).await.unwrap();
+    assert_eq!(&body[..], b"their version");
+    assert_eq!(stored.mode.map(|m| m & 0o7777), Some(0o600), "the chmod was lost: {stored:?}");
+    assert_eq!(stored.extra.get("theirs").map(String::as_str), Some("2"), "their metadata was replaced: {stored:?}");
+    for (name, value) in &mine.extra {
+        assert!(stored.extra.get(name) != Some(value), "the first version's {name} went onto theirs: {stored:?}");
+    }
 }
 
 /// As on local filesystems: a directory with the set-group-ID bit gives its group to files, directories, symlinks

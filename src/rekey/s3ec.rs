@@ -253,7 +253,7 @@ pub(crate) async fn step(
         Err(why) => return Step::Done(Outcome::Failed(why)),
     };
     match backend.update_meta_if(key, &new_meta, etag).await {
-        Ok(spent) => {
+        Ok((_, spent)) => {
             *cost += spent;
             Step::Done(Outcome::Rekeyed)
         }
@@ -463,7 +463,12 @@ mod tests {
         async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
             self.inner.update_meta(key, meta).await
         }
-        async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+        async fn update_meta_if(
+            &self,
+            key: &ObjectKey,
+            meta: &UserMeta,
+            etag: &str,
+        ) -> Result<(ObjectInfo, Transfer), StoreError> {
             if key == &self.key && !self.raced.swap(true, Ordering::SeqCst) {
                 let (body, m) = &self.rewrite;
                 self.inner.put(key, body.clone(), m).await?;

@@ -620,15 +620,22 @@ impl Inner {
 
     /// [`Backend::update_meta_if`]: the ETag is checked on the descriptor whose attribute is rewritten, under the
     /// write lock, so a file replaced by a concurrent writer (a new inode, published under the lock) is never touched.
-    fn update_meta_if(&self, key: &ObjectKey, encoded: &str, etag: &str) -> Result<super::Transfer, StoreError> {
+    fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        encoded: &str,
+        etag: &str,
+    ) -> Result<(ObjectInfo, super::Transfer), StoreError> {
         let _lock = self.lock(key)?;
         let (file, st) = self.open(key)?;
-        if info_of(key, &st).etag.as_deref() != Some(etag) {
+        let info = info_of(key, &st);
+        if info.etag.as_deref() != Some(etag) {
             return Err(StoreError::Precondition { key: key.to_string() });
         }
         set_xattr(&file, XATTR_META, encoded.as_bytes()).map_err(|e| io_err(e, key.as_str()))?;
         file.sync_all().map_err(|e| io_err(e, key.as_str()))?;
-        Ok(super::Transfer { requests: 0, bytes_down: 0, bytes_up: encoded.len() as u64 })
+        // The ETag does not cover the metadata attribute: the one checked is still the object's.
+        Ok((info, super::Transfer { requests: 0, bytes_down: 0, bytes_up: encoded.len() as u64 }))
     }
 
     /// Writes `head` over the first bytes of the file in place, if the file is still the version `etag` names.
@@ -999,7 +1006,12 @@ impl Backend for LocalBackend {
             .await
     }
 
-    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<super::Transfer, StoreError> {
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, super::Transfer), StoreError> {
         let encoded = meta::to_lines(&meta::encode(meta)?);
         let (k, etag) = (key.clone(), etag.to_string());
         self.run(key.as_str(), move |s| s.update_meta_if(&k, &encoded, &etag)).await

@@ -392,8 +392,14 @@ pub trait Backend: Send + Sync + 'static {
     /// What the ETag cannot show: a metadata-only change. S3 keeps an object's ETag (the MD5 of its content) across a
     /// metadata replacement, and the local store's ETag ignores its metadata attribute, so a concurrent metadata-only
     /// change (a chmod through a mount) between the caller's read and this call is not detected, and is overwritten.
-    /// The default says the backend cannot (test doubles that have no use for it).
-    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<Transfer, StoreError> {
+    /// Returns the object as it is now (its ETag may change: S3 gives a copy of a multipart object a new one) and
+    /// what it cost. The default says the backend cannot (test doubles that have no use for it).
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, Transfer), StoreError> {
         let _ = (meta, etag);
         Err(StoreError::Unsupported { operation: format!("replacing the metadata of {key} conditionally") })
     }

@@ -815,11 +815,16 @@ impl Backend for ObjectStoreBackend {
         }
     }
 
-    async fn update_meta_if(&self, key: &ObjectKey, meta: &UserMeta, etag: &str) -> Result<super::Transfer, StoreError> {
+    async fn update_meta_if(
+        &self,
+        key: &ObjectKey,
+        meta: &UserMeta,
+        etag: &str,
+    ) -> Result<(ObjectInfo, super::Transfer), StoreError> {
         if self.raw.is_some() && self.sse.is_none() && self.ssec.is_none() && !key.is_dir_marker() {
             if let Some(copied) = self.copy_server_side(key, key, meta, Some(etag)).await {
                 // A HEAD (for the headers to keep) and the CopyObject.
-                return copied.map(|_| super::Transfer { requests: 2, bytes_down: 0, bytes_up: 0 });
+                return copied.map(|info| (info, super::Transfer { requests: 2, bytes_down: 0, bytes_up: 0 }));
             }
         }
         // Elsewhere (InMemory, a mount-level SSE mode, a server without CopyObject): a GET of that version and a PUT
@@ -843,8 +848,8 @@ impl Backend for ObjectStoreBackend {
         let version = UpdateVersion { e_tag: res.meta.e_tag.clone(), version: res.meta.version.clone() };
         let body = res.bytes().await.map_err(|e| map_err(e, key.as_str()))?;
         let size = body.len() as u64;
-        self.put_with(key, body, meta, PutMode::Update(version)).await?;
-        Ok(super::Transfer { requests: 2, bytes_down: size, bytes_up: size })
+        let info = self.put_with(key, body, meta, PutMode::Update(version)).await?;
+        Ok((info, super::Transfer { requests: 2, bytes_down: size, bytes_up: size }))
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
