@@ -1874,7 +1874,9 @@ impl Fs {
             self.stage_whole(t).await?;
         }
         // Hold the write state of every file involved (the source or everything under it, and the target) for the
-        // whole move: uploads in flight finish first, and none can start under the old name meanwhile.
+        // whole move: uploads in flight finish first, and none can start under the old name meanwhile. A file open
+        // for writing that has no state yet gets one first, so that its first write waits for the move too.
+        self.hold_open_writers(ino, kind)?;
         let mut involved = if kind == FileKind::Dir { self.staged_under(ino) } else { vec![ino] };
         involved.extend(target);
         let mut guards = self.lock_states(involved).await;
@@ -2270,6 +2272,10 @@ impl Fs {
             (ws, node.remote.clone())
         };
         let mut staged = ws.lock().await;
+        // A rename holds the state of every file it moves (`hold_open_writers`): waited for here, the file may have
+        // a new name now, which the HEAD and the download below must ask for.
+        let known_path = self.path_of(ino).ok();
+        let path = known_path.clone().unwrap_or_default();
         if !staged.loaded {
             staged.reset().map_err(|e| Error::staging(&path, e))?;
             if let Some(mut remote) = remote {
@@ -3044,6 +3050,37 @@ impl Fs {
             guards.push((ino, ws.lock_owned().await));
         }
         guards
+    }
+
+    /// Gives each file open for writing at `ino` (a file) or under it (a directory) that has no write state yet an
+    /// empty, unloaded one, as its first write would, so that a rename's [`Fs::lock_states`] holds it too. Without
+    /// it, a write arriving during the move staged and uploaded the file under its old name; landing between the
+    /// move's copy and its delete, the upload was deleted with the old name and the new name kept the old content.
+    /// (A descriptor opened for writing after this, or a file created under a directory being moved, is not held:
+    /// docs/SEMANTICS.md, "Renames".)
+    fn hold_open_writers(&self, ino: u64, kind: FileKind) -> Result<()> {
+        let writers: std::collections::HashSet<u64> = lock(&self.handles)
+            .values()
+            .filter_map(|h| match h {
+                Handle::File { ino, writable: true, .. } => Some(*ino),
+                _ => None,
+            })
+            .collect();
+        if writers.is_empty() {
+            return Ok(());
+        }
+        let mut table = lock(&self.table);
+        let files = if kind == FileKind::Dir { files_under(&table, ino) } else { vec![ino] };
+        for f in files.into_iter().filter(|f| writers.contains(f)) {
+            let Some(node) = table.get_mut(f) else { continue };
+            if node.kind != FileKind::File || node.write.is_some() {
+                continue;
+            }
+            let staged = Staged::create(&self.journal, node.remote.is_none(), false, BaseVersion::Absent)
+                .map_err(|e| Error::staging(node.name.as_str(), e))?;
+            node.write = Some(Arc::new(tokio::sync::Mutex::new(staged)));
+        }
+        Ok(())
     }
 
     /// Every file inode under directory `dir` that has write state.

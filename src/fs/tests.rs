@@ -35,6 +35,9 @@ struct Silenceable {
     /// Another writer's version (key, content, metadata), put in place just before the next metadata replacement
     /// of that key: the moment between the HEAD a chmod reads the metadata with and its replacement.
     replace_before_meta: std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>,
+    /// `delete` hangs until this is cleared (a rename's copy done, its delete not yet), counting in `deletes_held`.
+    hang_deletes: AtomicBool,
+    deletes_held: std::sync::atomic::AtomicUsize,
 }
 
 impl Silenceable {
@@ -50,6 +53,8 @@ impl Silenceable {
             hang_heads: AtomicBool::new(false),
             hang_lists: AtomicBool::new(false),
             replace_before_meta: std::sync::Mutex::new(None),
+            hang_deletes: AtomicBool::new(false),
+            deletes_held: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -145,6 +150,12 @@ impl Backend for Silenceable {
         self.inner.update_meta_if(key, meta, etag).await
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        if self.hang_deletes.load(Ordering::SeqCst) {
+            self.deletes_held.fetch_add(1, Ordering::SeqCst);
+            while self.hang_deletes.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         self.check(key.as_str())?;
         self.note("delete");
         self.inner.delete(key).await
@@ -1275,6 +1286,58 @@ async fn a_chmod_racing_another_writer_keeps_the_new_versions_metadata() {
     assert_eq!(stored.extra.get("theirs").map(String::as_str), Some("2"), "their metadata was replaced: {stored:?}");
     for (name, value) in &mine.extra {
         assert!(stored.extra.get(name) != Some(value), "the first version's {name} went onto theirs: {stored:?}");
+    }
+}
+
+/// A file open for writing, not written yet, is renamed (its directory, or the file itself) while its writer writes
+/// and closes: the write waits for the move and the upload lands at the new name. Before, the write staged and
+/// uploaded under the old name between the move's copy and its delete, and the delete removed it: close() returned
+/// 0 and the new name kept the old content (helper review, 2026-12-06).
+#[tokio::test]
+async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
+    for dir_rename in [false, true] {
+        let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+        let store = Arc::new(Silenceable::new(inner));
+        let (fs, _tmp) = fs_over(store.clone()).await;
+        let caller = Caller { uid: 0, gid: 0 };
+        let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+        let file = write_file_unstreamed(&fs, d.ino, "f", b"old content").await;
+        let fh = fs.open(file.ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+        store.hang_deletes.store(true, Ordering::SeqCst);
+        let wrote = AtomicBool::new(false);
+        let held = || async {
+            while store.deletes_held.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let rename = async {
+            if dir_rename {
+                fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false).await
+            } else {
+                fs.rename(d.ino, OsStr::new("f"), d.ino, OsStr::new("g"), false).await
+            }
+        };
+        let writer = async {
+            held().await;
+            fs.write(fh, 0, b"new content").await.unwrap();
+            fs.flush(fh).await.unwrap();
+            wrote.store(true, Ordering::SeqCst);
+            fs.release(fh).await.unwrap();
+        };
+        let unhang = async {
+            held().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let early = wrote.load(Ordering::SeqCst);
+            store.hang_deletes.store(false, Ordering::SeqCst);
+            early
+        };
+        let (renamed, (), early) = tokio::join!(rename, writer, unhang);
+        renamed.unwrap();
+        assert!(!early, "the write was uploaded while the rename was between its copy and its delete");
+        let (old, new) = if dir_rename { ("d/f", "e/f") } else { ("d/f", "d/g") };
+        let (body, _, _) = store.inner.get(&ObjectKey::new(new).unwrap()).await.unwrap();
+        assert_eq!(&body[..], b"new content", "dir rename {dir_rename}: the write did not land at the new name");
+        assert!(store.inner.head(&ObjectKey::new(old).unwrap()).await.is_err(), "{old} is still in the store");
     }
 }
 
