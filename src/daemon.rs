@@ -187,10 +187,13 @@ mod tests {
     #[test]
     fn the_open_file_limit_is_raised_to_the_hard_one() {
         let before = nofile();
-        // Lowered first, so that the test shows a raise whatever limits it was started with.
-        let low = libc::rlimit { rlim_cur: before.rlim_max.min(256), rlim_max: before.rlim_max };
-        // SAFETY: as in `nofile`.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        // Lowered by one first if it is at the hard limit already, so that the test shows a raise whatever limits it
+        // was started with (by one only: the other tests of this process run meanwhile and need their descriptors).
+        if before.rlim_cur == before.rlim_max {
+            let low = libc::rlimit { rlim_cur: before.rlim_max - 1, rlim_max: before.rlim_max };
+            // SAFETY: as in `nofile`.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        }
         assert_eq!(raise_open_file_limit(), before.rlim_max);
         let after = nofile();
         assert_eq!((after.rlim_cur, after.rlim_max), (before.rlim_max, before.rlim_max));

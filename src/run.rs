@@ -88,13 +88,16 @@ fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// A file the daemon writes its log to or reads its log level from: a regular file owned by the daemon's user or by
-/// root, which no other user may write. Another user's file would let them read what is logged (file names) or turn
-/// the level up to `trace`.
+/// root, which no other user may write (or a device of root's, such as /dev/null). Another user's file would let
+/// them read what is logged (file names) or turn the level up to `trace`.
 fn check_own_file(file: &std::fs::File, path: &Path, what: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = file.metadata().with_context(|| format!("{what} {}", path.display()))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_char_device() && meta.uid() == 0 {
+        return Ok(());
+    }
     if !meta.is_file() {
         bail!("{what} {} is not a regular file", path.display());
     }
@@ -1290,6 +1293,7 @@ mod tests {
         let err = open_log_file(&open).unwrap_err().to_string();
         assert!(err.contains("writable by every user"), "{err}");
 
+        open_log_file(Path::new("/dev/null")).expect("a device of root's, such as /dev/null");
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: mkfifo with a NUL-terminated path.

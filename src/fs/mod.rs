@@ -1953,6 +1953,19 @@ impl Fs {
                         staged.base = info.etag.map(BaseVersion::Etag).unwrap_or(BaseVersion::Any);
                     }
                 }
+            } else if Some(*g_ino) != target && !staged.loaded {
+                // Held unloaded (see `hold_open_writers`): while the state stays, the node counts as fresh and
+                // nothing asks the store again, so the version the copy made is learnt here. A reader opened at the
+                // new name would otherwise ask for the old ETag and fail until the writer closed.
+                let moved_to = lock(&self.table).path_of(*g_ino);
+                if let Some(p) = moved_to {
+                    if let Ok((info, meta)) = self.backend.head(&key(&p)?).await {
+                        let format = self.format_of(&p, &meta).await;
+                        if let Some(n) = lock(&self.table).get_mut(*g_ino) {
+                            self.apply_remote_even_if_staged(n, &info, &meta, format);
+                        }
+                    }
+                }
             }
         }
         drop(guards);
