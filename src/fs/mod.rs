@@ -3070,7 +3070,7 @@ impl Fs {
     /// it, a write arriving during the move staged and uploaded the file under its old name; landing between the
     /// move's copy and its delete, the upload was deleted with the old name and the new name kept the old content.
     /// (A descriptor opened for writing after this, or a file created under a directory being moved, is not held:
-    /// docs/SEMANTICS.md, "Renames".)
+    /// docs/SEMANTICS.md, "Rename".)
     fn hold_open_writers(&self, ino: u64, kind: FileKind) -> Result<()> {
         let writers: std::collections::HashSet<u64> = lock(&self.handles)
             .values()
