@@ -1264,8 +1264,7 @@ async fn times_seen_here_do_not_go_back_when_the_store_is_asked_again() {
 /// which in those modes made the file unreadable for good (helper review, 2026-12-06).
 #[tokio::test]
 async fn a_chmod_racing_another_writer_keeps_the_new_versions_metadata() {
-    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable::new(inner));
+    let store = memory_store();
     let (fs, _tmp) = fs_over(store.clone()).await;
     let caller = Caller { uid: 0, gid: 0 };
     let file = write_file_unstreamed(&fs, ROOT_INO, "f", b"first version").await;
@@ -1296,8 +1295,7 @@ async fn a_chmod_racing_another_writer_keeps_the_new_versions_metadata() {
 #[tokio::test]
 async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
     for dir_rename in [false, true] {
-        let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-        let store = Arc::new(Silenceable::new(inner));
+        let store = memory_store();
         let (fs, _tmp) = fs_over(store.clone()).await;
         let caller = Caller { uid: 0, gid: 0 };
         let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
@@ -1347,8 +1345,7 @@ async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
 /// every read failed until the writer closed (review of 1a9b8ec).
 #[tokio::test]
 async fn a_file_open_for_writing_reads_at_its_new_name_after_a_rename() {
-    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
-    let store = Arc::new(Silenceable::new(inner));
+    let store = memory_store();
     let (fs, _tmp) = fs_over(store.clone()).await;
     let file = write_file_unstreamed(&fs, ROOT_INO, "log", b"first lines").await;
     let writer = fs.open(file.ino, OpenMode { write: true, append: true, ..Default::default() }).await.unwrap();
