@@ -2809,17 +2809,33 @@ impl Fs {
         meta.extra.insert(UPLOAD_META.to_string(), staged.upload_id.clone());
         // A sparse staged file is changed in place where it can be; else it is filled in and uploaded whole.
         let mut in_place = None;
-        if staged.sparse.is_some() {
+        // An earlier update of this content whose answer was lost may have become the base since: one more try.
+        let mut may_rebase = true;
+        while staged.sparse.is_some() {
             staged.note_attempt();
-            match self.flush_sparse(&path, staged, &meta).await {
-                Ok(Some(info)) => in_place = Some(info),
+            let failed = match self.flush_sparse(&path, staged, &meta).await {
+                Ok(Some(info)) => {
+                    in_place = Some(info);
+                    break;
+                }
                 Ok(None) => match self.unsparse(&path, staged).await {
                     Ok(()) => {
                         self.keep_record(ino, staged, false);
+                        break;
                     }
-                    Err(e) => in_place = Some(self.sparse_failed(ino, staged, &path, e).await?),
+                    Err(e) => e,
                 },
-                Err(e) => in_place = Some(self.sparse_failed(ino, staged, &path, e).await?),
+                Err(e) => e,
+            };
+            match self.sparse_failed(ino, staged, &path, failed, may_rebase).await? {
+                Some(info) => {
+                    in_place = Some(info);
+                    break;
+                }
+                None => {
+                    may_rebase = false;
+                    self.keep_record(ino, staged, false);
+                }
             }
         }
         let mut expect = expect_of(&staged.base);

@@ -39,6 +39,15 @@ use crate::store::{Expect, ObjectInfo, StoreError, UserMeta};
 /// Bytes read from the base at a time when filling the staged file.
 const FILL_READ: u64 = 8 << 20;
 
+/// Whether `e`, from a read of the base or an update conditional on it, says the base is no longer the object.
+fn base_moved(e: &Error) -> bool {
+    match e {
+        Error::Changed { .. } => true,
+        Error::Store { source, .. } => source.is_precondition() || source.is_not_found(),
+        _ => false,
+    }
+}
+
 /// What a sparse staged file holds, against which base version.
 pub struct Sparse {
     /// The base version: every fetch, copy and the update are conditional on it.
@@ -127,6 +136,20 @@ impl Sparse {
             0..0
         };
         runs(self.present.iter().copied().filter(|c| !cut.contains(c)).chain(cut.clone()).collect::<BTreeSet<u64>>())
+    }
+
+    /// The object at the key is now `etag`, a version this content's own earlier update made (one whose answer was
+    /// lost). That version is the base from now on: it is the old base with this state's present chunks at their
+    /// contents of then and the truncations up to then applied; since then chunks were only added to `present` and
+    /// `valid_len` only fell, so a chunk that is not present holds the same bytes below `valid_len` in both bases,
+    /// and every chunk that may differ from the new base is still present or cut.
+    pub fn rebase(&mut self, etag: String, stored_size: u64, base_len: u64) {
+        self.etag = etag;
+        self.stored_size = stored_size;
+        self.base_len = base_len;
+        self.valid_len = self.valid_len.min(base_len);
+        self.reader = None;
+        self.record_stale = true;
     }
 
     /// The journal's form of this state.
@@ -292,6 +315,15 @@ impl Fs {
 
     /// A read of an open sparse file: staged chunks from the journal, the rest from the base (or zeros).
     pub(super) async fn read_sparse(&self, path: &str, staged: &mut Staged, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self.read_sparse_once(path, staged, offset, len).await {
+            Err(e) if base_moved(&e) && self.rebase_onto_own(path, staged).await => {
+                self.read_sparse_once(path, staged, offset, len).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_sparse_once(&self, path: &str, staged: &mut Staged, offset: u64, len: usize) -> Result<Vec<u8>> {
         let size = staged.size;
         let end = offset.saturating_add(len as u64).min(size);
         if offset >= end {
@@ -320,6 +352,15 @@ impl Fs {
 
     /// Before a write of bytes `offset..end`: the chunks it covers partly get their base bytes first.
     pub(super) async fn sparse_before_write(&self, path: &str, staged: &mut Staged, offset: u64, end: u64) -> Result<()> {
+        match self.fill_for_write(path, staged, offset, end).await {
+            Err(e) if base_moved(&e) && self.rebase_onto_own(path, staged).await => {
+                self.fill_for_write(path, staged, offset, end).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fill_for_write(&self, path: &str, staged: &mut Staged, offset: u64, end: u64) -> Result<()> {
         let size = staged.size;
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(()) };
         let chunks = sparse.to_fill_for_write(offset, end, size);
@@ -346,6 +387,13 @@ impl Fs {
 
     /// Fills every chunk still in the base into the staged file, which then holds the whole content.
     pub(super) async fn unsparse(&self, path: &str, staged: &mut Staged) -> Result<()> {
+        match self.fill_all(path, staged).await {
+            Err(e) if base_moved(&e) && self.rebase_onto_own(path, staged).await => self.fill_all(path, staged).await,
+            other => other,
+        }
+    }
+
+    async fn fill_all(&self, path: &str, staged: &mut Staged) -> Result<()> {
         let size = staged.size;
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(()) };
         let missing = sparse.missing(0..size.div_ceil(CHUNK_PLAIN_LEN), size);
@@ -418,16 +466,61 @@ impl Fs {
     }
 
     /// An in-place update failed with `e`: what is at `path` now decides. Our own update (it carries this upload's
-    /// stamp: the answer was lost) is success; the base still there is a passing failure (the file stays staged and
-    /// dirty for the next flush); anything else is another writer's version, and the changes cannot be merged.
-    pub(super) async fn sparse_failed(&self, ino: u64, staged: &mut Staged, path: &str, e: Error) -> Result<ObjectInfo> {
+    /// stamp: the answer was lost) is success (`Some`). An earlier update of this content whose answer was lost (it
+    /// carries a stamp of `prior_ids`: the file changed again after a failed flush) becomes the base, if `may_rebase`,
+    /// and `None` asks the caller to try again against it. The base still there is a passing failure (the file stays
+    /// staged and dirty for the next flush); anything else is another writer's version, and the changes cannot be
+    /// merged.
+    pub(super) async fn sparse_failed(
+        &self,
+        ino: u64,
+        staged: &mut Staged,
+        path: &str,
+        e: Error,
+        may_rebase: bool,
+    ) -> Result<Option<ObjectInfo>> {
         let base = staged.sparse.as_ref().map(|s| s.etag.clone());
         match self.backend.head(&key(path)?).await {
-            Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| *s == staged.upload_id) => Ok(info),
+            Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| *s == staged.upload_id) => Ok(Some(info)),
+            Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| staged.is_own_stamp(s)) => {
+                if may_rebase && self.rebase_onto(path, staged, &info) {
+                    return Ok(None);
+                }
+                Err(e)
+            }
             Ok((info, _)) if info.etag.is_some() && info.etag == base => Err(e),
             Err(h) if !h.is_not_found() => Err(e),
             _ => Err(self.patch_conflict(ino, staged, path)),
         }
+    }
+
+    /// A read of the base found it gone: if the object at `path` is now a version this content's own earlier update
+    /// made (see [`Sparse::rebase`]), that version becomes the base, and the caller tries once more. Any other
+    /// version, or a store that does not answer, leaves the state as it was (false).
+    async fn rebase_onto_own(&self, path: &str, staged: &mut Staged) -> bool {
+        let Ok(k) = key(path) else { return false };
+        match self.backend.head(&k).await {
+            Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| staged.is_own_stamp(s)) => {
+                self.rebase_onto(path, staged, &info)
+            }
+            _ => false,
+        }
+    }
+
+    /// Makes `info`, a version of this content's own history, the base of the sparse state (false if it cannot).
+    fn rebase_onto(&self, path: &str, staged: &mut Staged, info: &ObjectInfo) -> bool {
+        let Some(sparse) = staged.sparse.as_mut() else { return false };
+        let Some(etag) = info.etag.clone().filter(|e| !e.is_empty() && *e != sparse.etag) else { return false };
+        let Some(plain_len) = self.codec.plain_size(info.size) else { return false };
+        tracing::info!(
+            key = path,
+            "an earlier in-place update of this file whose answer was lost had reached the store; \
+             the changes since apply to it"
+        );
+        sparse.rebase(etag.clone(), info.size, plain_len);
+        staged.base = BaseVersion::Etag(etag);
+        staged.record_stale = true;
+        true
     }
 
     /// Another writer replaced the base of a sparse staged file: its changes stay in the journal (dirty and
@@ -460,15 +553,26 @@ impl Fs {
             return Ok(path);
         }
         let kept = || Error::PatchConflict { key: path.clone(), kept: left.location().display().to_string() };
+        let mut sparse = Sparse::from_patch(patch);
         match self.backend.head(&k).await {
             Ok((info, _)) if info.etag.as_deref() == Some(patch.etag.as_str()) && info.size == patch.stored_size => {}
+            // An earlier update of this content whose answer was lost (the file changed again after it): the
+            // changes apply to it, as they would have in the dead run (see `Sparse::rebase`).
+            Ok((info, meta))
+                if meta.extra.get(UPLOAD_META).is_some_and(|s| record.prior_ids.iter().any(|p| p == s))
+                    && info.etag.as_deref().is_some_and(|e| !e.is_empty())
+                    && self.codec.plain_size(info.size).is_some() =>
+            {
+                let plain_len = self.codec.plain_size(info.size).unwrap_or_default();
+                sparse.rebase(info.etag.clone().unwrap_or_default(), info.size, plain_len);
+            }
             Ok(_) => return Err(kept()),
             Err(e) if e.is_not_found() => return Err(kept()),
             Err(e) => return Err(Error::store(&path, e)),
         }
+        let base_etag = sparse.etag.clone();
         let size = left.file.plain_len().map_err(|e| Error::staging(&path, e))?;
-        let sparse = Sparse::from_patch(patch);
-        let mut staged = Staged::create(&self.journal, true, false, BaseVersion::Etag(patch.etag.clone()))
+        let mut staged = Staged::create(&self.journal, true, false, BaseVersion::Etag(base_etag.clone()))
             .map_err(|e| Error::staging(&path, e))?;
         staged.file.set_len(size, 0).map_err(|e| Error::staging(&path, e))?;
         staged.set_loaded_size(size);
@@ -490,7 +594,7 @@ impl Fs {
             Err(e) => {
                 return match self.backend.head(&k).await {
                     Ok((_, m)) if m.extra.get(UPLOAD_META) == Some(&record.upload_id) => Ok(path),
-                    Ok((info, _)) if info.etag.as_deref() == Some(patch.etag.as_str()) => Err(e),
+                    Ok((info, _)) if info.etag.as_deref() == Some(base_etag.as_str()) => Err(e),
                     Err(h) if !h.is_not_found() => Err(e),
                     _ => Err(kept()),
                 };
@@ -501,7 +605,7 @@ impl Fs {
             e => e,
         })?;
         let src = crate::upload::StagedSource { file: &staged.file, size };
-        let expect = Expect::Etag(patch.etag.clone());
+        let expect = Expect::Etag(base_etag);
         match crate::upload::upload(&*self.backend, &self.codec, &path, &src, size, meta, &expect, Some(&self.s3ec)).await {
             Ok(_) => Ok(path),
             Err(e) if is_lost_race(&e, &expect) => Err(kept()),

@@ -17,7 +17,7 @@ use crate::store::{Listing, ObjectStoreBackend, Upload};
 /// An in-memory store whose every request times out while `silent` is set, and which logs each request it answers.
 struct Silenceable {
     inner: ObjectStoreBackend,
-    silent: AtomicBool,
+    silent: Arc<AtomicBool>,
     /// Whether `delete_if` checks its condition (S3) or deletes unconditionally (LocalStack, the trait's default).
     conditional_deletes: AtomicBool,
     /// The requests answered, by kind (`head`, `list`, `put`, `delete`, `delete_if`…), in order.
@@ -38,13 +38,15 @@ struct Silenceable {
     /// `delete` hangs until this is cleared (a rename's copy done, its delete not yet), counting in `deletes_held`.
     hang_deletes: AtomicBool,
     deletes_held: std::sync::atomic::AtomicUsize,
+    /// The next multipart upload's completion lands, but its answer is lost: a timeout, and the store goes silent.
+    lose_next_complete: AtomicBool,
 }
 
 impl Silenceable {
     fn new(inner: ObjectStoreBackend) -> Silenceable {
         Silenceable {
             inner,
-            silent: AtomicBool::new(false),
+            silent: Arc::new(AtomicBool::new(false)),
             conditional_deletes: AtomicBool::new(false),
             log: std::sync::Mutex::new(Vec::new()),
             aborted: std::sync::Mutex::new(Vec::new()),
@@ -55,6 +57,7 @@ impl Silenceable {
             replace_before_meta: std::sync::Mutex::new(None),
             hang_deletes: AtomicBool::new(false),
             deletes_held: std::sync::atomic::AtomicUsize::new(0),
+            lose_next_complete: AtomicBool::new(false),
         }
     }
 
@@ -83,6 +86,32 @@ impl Silenceable {
     /// The requests answered since the last call.
     fn take_log(&self) -> Vec<&'static str> {
         std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+/// A multipart upload whose completion lands in the store while its answer is lost (see
+/// `Silenceable::lose_next_complete`).
+struct AnswerLost {
+    inner: Box<dyn Upload>,
+    silent: Arc<AtomicBool>,
+    key: String,
+}
+
+#[async_trait]
+impl Upload for AnswerLost {
+    fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.put_part(part)
+    }
+    fn copy_part(&mut self, r: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.copy_part(r, etag)
+    }
+    async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
+        self.inner.complete().await?;
+        self.silent.store(true, Ordering::SeqCst);
+        Err(StoreError::TimedOut { key: self.key, after: Duration::from_secs(3), detail: "test: answer lost".into() })
+    }
+    async fn abort(self: Box<Self>) -> Result<(), StoreError> {
+        self.inner.abort().await
     }
 }
 
@@ -115,7 +144,11 @@ impl Backend for Silenceable {
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
         self.check(key.as_str())?;
         self.note("multipart");
-        self.inner.put_multipart_expect(key, meta, expect).await
+        let upload = self.inner.put_multipart_expect(key, meta, expect).await?;
+        if self.lose_next_complete.swap(false, Ordering::SeqCst) {
+            return Ok(Box::new(AnswerLost { inner: upload, silent: self.silent.clone(), key: key.to_string() }));
+        }
+        Ok(upload)
     }
     /// The in-memory store names no upload ids: this only notes what it is asked to abort.
     async fn abort_multipart(&self, key: &ObjectKey, upload_id: &str) -> Result<(), StoreError> {
@@ -1010,6 +1043,66 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
             );
             if encrypted {
                 assert_eq!(header_of(&store, "big").await, header, "changed in place: the header (data key) stays");
+            }
+        }
+    }
+}
+
+/// An in-place update whose completion landed but whose answer was lost, and whose HEAD then failed too (the flush
+/// fails, the file stays dirty), followed by more writes: the object is now this content's own earlier version (a
+/// stamp of `prior_ids`), and the changes apply to it, byte-exact and in place. Found when a write must fill a chunk
+/// from the base (`fill`), at the close (`close`), and by the next start after a crash (`crash`). Before, that
+/// version counted as another writer's: EIO, and the changes parked in the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_update_whose_answer_was_lost_is_the_base_of_the_next() {
+    const MIB: u64 = 1 << 20;
+    const C: u64 = crate::crypto::CHUNK_PLAIN_LEN;
+    for encrypted in [true, false] {
+        for case in ["fill", "close", "crash"] {
+            let store = memory_store();
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = encrypted.then(|| {
+                Arc::new(crate::crypto::KeyHistory::single(crate::crypto::Key256::generate()))
+            });
+            let fs = fs_in_mode(store.clone(), tmp.path(), keys.clone()).await;
+            let mut model: Vec<u8> = (0..40 * MIB).map(|i| (i % 253) as u8).collect();
+            let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+            let header = header_of(&store, "big").await;
+            let k = ObjectKey::new("big").unwrap();
+            let base = store.inner.head(&k).await.unwrap().0.etag;
+            let write = |model: &mut Vec<u8>, at: u64, data: &[u8]| {
+                model[at as usize..at as usize + data.len()].copy_from_slice(data);
+                (at, data.to_vec())
+            };
+            let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+            let (at, data) = write(&mut model, 5 * C + 3, b"one");
+            fs.write(fh, at, &data).await.unwrap();
+            store.lose_next_complete.store(true, Ordering::SeqCst);
+            assert!(fs.flush(fh).await.is_err(), "{case}: the answer and the HEAD after it were lost");
+            store.silent.store(false, Ordering::SeqCst);
+            assert_ne!(store.inner.head(&k).await.unwrap().0.etag, base, "{case}: the first update landed");
+
+            let (at, data) = write(&mut model, 5 * C + 4, b"two");
+            fs.write(fh, at, &data).await.unwrap();
+            if case == "fill" {
+                // A chunk not staged yet, written in part: its other bytes come from the base, which is gone.
+                let (at, data) = write(&mut model, 20 * C + 100, b"three");
+                fs.write(fh, at, &data).await.unwrap();
+                let got = fs.read(fh, 30 * C - 10, 20).await.unwrap();
+                assert!(got[..] == model[(30 * C - 10) as usize..(30 * C + 10) as usize], "{case}: a read of the base");
+            }
+            if case == "crash" {
+                drop(fs); // killed: the record names the old base and the lost update's stamp among prior_ids
+                let fs = fs_in_mode(store.clone(), tmp.path(), keys.clone()).await;
+                assert_eq!(fs.recover().await, (1, 0), "{case} (encrypted {encrypted}): recovered");
+                assert!(read_whole(&fs, "big").await == model, "{case} (encrypted {encrypted}): byte-exact");
+            } else {
+                fs.flush(fh).await.unwrap_or_else(|e| panic!("{case} (encrypted {encrypted}): {e}"));
+                fs.release(fh).await.unwrap();
+                assert!(read_whole(&fs, "big").await == model, "{case} (encrypted {encrypted}): byte-exact");
+            }
+            if encrypted {
+                assert_eq!(header_of(&store, "big").await, header, "{case}: changed in place, the header stays");
             }
         }
     }
