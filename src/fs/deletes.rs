@@ -18,6 +18,12 @@
 //!   and forgets it when the store has answered, so a daemon killed before the delete is sent does not bring the
 //!   file back: the next start sends it (`Fs::recover`), provided the object is still the version unlinked. An intent
 //!   whose delete the store did not answer at all (timed out, unreachable) is kept for the next start too.
+//! - A delete the store did not answer may have landed or not. Its intent stays for the next start, until a write
+//!   of the same key through this layer lands (a new file under the name, a rename onto it, a metadata change):
+//!   the object is then that write's version, which the start must not remove, and where the ETag is the content's
+//!   MD5 (modes none and sse-s3) a file written again with the same bytes would look like the version unlinked.
+//!   Such a write first sends the delete again (conditional on the version unlinked, as the start would), so a file
+//!   created under the name does not find the unlinked one still there.
 //! - A delete whose condition fails (another writer replaced the object since this mount knew it) is sent again
 //!   unconditionally: `unlink` removes the name, whatever version is behind it (as the synchronous path does after a
 //!   new lookup). A delete the store refuses for another reason is logged as an error naming the file, which then
@@ -66,6 +72,12 @@ struct State {
     queued: Vec<String>,
     /// Whether a worker task is running (it exits when `queued` is empty).
     working: bool,
+    /// Key → the intents of deletes the store did not answer (timed out: it may have taken them or not). A later
+    /// write of the key through this layer settles them: the object is then that write's version, which the
+    /// intent's delete, sent by the next start, must not remove (it would, in modes whose ETag is the content's
+    /// MD5, if the new content is the same as the unlinked one).
+    /// Each with the version the delete named.
+    unanswered: BTreeMap<String, Vec<(Option<String>, Answered)>>,
 }
 
 /// A delete not yet answered by the store.
@@ -159,11 +171,99 @@ impl LaterDeletes {
         lock(&self.shared.state).pending.contains_key(key.as_str())
     }
 
+    /// Before a write of `key`: its pending delete is answered first, and one the store did not answer that names the
+    /// version unlinked is sent again, as the next start would send it (only while the object is still that
+    /// version). Without it a file created under the name of one unlinked while the store was silent would find the
+    /// old file still there, and be saved beside it as a conflict copy.
+    async fn before_write(&self, key: &ObjectKey) {
+        self.settle_key(key).await;
+        let taken = lock(&self.shared.state).unanswered.remove(key.as_str()).unwrap_or_default();
+        let mut kept = Vec::new();
+        for (etag, f) in taken {
+            let Some(unlinked) = etag.clone() else {
+                kept.push((etag, f));
+                continue;
+            };
+            let sent = match self.inner.head(key).await {
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(e),
+                // Another writer's version since: the next start would keep it too.
+                Ok((info, _)) if info.etag.as_deref() != Some(unlinked.as_str()) => Ok(()),
+                Ok(_) => match self.inner.delete_if(key, &unlinked).await {
+                    Err(e) if e.is_not_found() || e.is_precondition() => Ok(()),
+                    other => other,
+                },
+            };
+            match sent {
+                Ok(()) => f(true),
+                Err(e) => {
+                    let error = crate::error_text::error_chain(&e);
+                    tracing::debug!(key = key.as_str(), %error, "the delete of an unlinked file is still not answered");
+                    kept.push((etag, f));
+                }
+            }
+        }
+        if !kept.is_empty() {
+            lock(&self.shared.state).unanswered.entry(key.as_str().to_string()).or_default().extend(kept);
+        }
+    }
+
+    /// A write of `key` has landed: the intents of its unanswered deletes are settled (see `State::unanswered`).
+    fn written(&self, key: &ObjectKey) {
+        written(&self.shared, key.as_str());
+    }
+
+    /// `result` of a write of `key`, noted (see [`LaterDeletes::written`]).
+    fn after_write<T>(&self, key: &ObjectKey, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_ok() {
+            self.written(key);
+        }
+        result
+    }
+
     fn gone(&self, key: &ObjectKey) -> Result<(), StoreError> {
         if self.is_pending(key) {
             return Err(StoreError::NotFound { key: key.as_str().to_string() });
         }
         Ok(())
+    }
+}
+
+fn written(shared: &Shared, key: &str) {
+    let settled = lock(&shared.state).unanswered.remove(key).unwrap_or_default();
+    if !settled.is_empty() {
+        tracing::debug!(key, "written again since an unanswered delete: its intent is settled");
+    }
+    for (_, f) in settled {
+        f(true);
+    }
+}
+
+/// A multipart upload through [`LaterDeletes`]: its completion is a write of its key.
+struct Noted {
+    inner: Box<dyn Upload>,
+    shared: Arc<Shared>,
+    key: String,
+}
+
+#[async_trait]
+impl Upload for Noted {
+    fn upload_id(&self) -> Option<String> {
+        self.inner.upload_id()
+    }
+    fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.put_part(part)
+    }
+    fn copy_part(&mut self, r: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.copy_part(r, etag)
+    }
+    async fn complete(self: Box<Self>) -> Result<ObjectInfo, StoreError> {
+        let info = self.inner.complete().await?;
+        written(&self.shared, &self.key);
+        Ok(info)
+    }
+    async fn abort(self: Box<Self>) -> Result<(), StoreError> {
+        self.inner.abort().await
     }
 }
 
@@ -206,12 +306,21 @@ async fn work(inner: Arc<dyn Backend>, shared: Arc<Shared>) {
             flight.next().await
         };
         let Some(keys) = outcome else { continue };
-        let answered: Vec<(Answered, bool)> = {
+        let answered: Vec<Answered> = {
             let mut s = lock(&shared.state);
-            keys.iter().filter_map(|(k, settled)| Some((s.pending.remove(k)?.answered?, *settled))).collect()
+            let mut now = Vec::new();
+            for (k, settled) in keys {
+                let Some(Pending { etag, answered: Some(f) }) = s.pending.remove(&k) else { continue };
+                if settled {
+                    now.push(f);
+                } else {
+                    s.unanswered.entry(k).or_default().push((etag, f));
+                }
+            }
+            now
         };
-        for (f, settled) in answered {
-            f(settled);
+        for f in answered {
+            f(true);
         }
         shared.settled.notify_waiters();
     }
@@ -295,23 +404,27 @@ impl Backend for LaterDeletes {
     }
 
     async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
-        self.settle_key(key).await;
-        self.inner.put(key, body, meta).await
+        self.before_write(key).await;
+        let result = self.inner.put(key, body, meta).await;
+        self.after_write(key, result)
     }
 
     async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
-        self.settle_key(key).await;
-        self.inner.put_expect(key, body, meta, expect).await
+        self.before_write(key).await;
+        let result = self.inner.put_expect(key, body, meta, expect).await;
+        self.after_write(key, result)
     }
 
     async fn put_multipart(&self, key: &ObjectKey, meta: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
-        self.settle_key(key).await;
-        self.inner.put_multipart(key, meta).await
+        self.before_write(key).await;
+        let inner = self.inner.put_multipart(key, meta).await?;
+        Ok(Box::new(Noted { inner, shared: self.shared.clone(), key: key.as_str().to_string() }))
     }
 
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
-        self.settle_key(key).await;
-        self.inner.put_multipart_expect(key, meta, expect).await
+        self.before_write(key).await;
+        let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
+        Ok(Box::new(Noted { inner, shared: self.shared.clone(), key: key.as_str().to_string() }))
     }
 
     /// Not a write to the key (no object changes): nothing to settle first.
@@ -321,19 +434,22 @@ impl Backend for LaterDeletes {
 
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.gone(from)?;
-        self.settle_key(to).await;
-        self.inner.copy(from, to, meta).await
+        self.before_write(to).await;
+        let result = self.inner.copy(from, to, meta).await;
+        self.after_write(to, result)
     }
 
     async fn rename(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.gone(from)?;
-        self.settle_key(to).await;
-        self.inner.rename(from, to, meta).await
+        self.before_write(to).await;
+        let result = self.inner.rename(from, to, meta).await;
+        self.after_write(to, result)
     }
 
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         self.gone(key)?;
-        self.inner.update_meta(key, meta).await
+        let result = self.inner.update_meta(key, meta).await;
+        self.after_write(key, result)
     }
 
     async fn update_meta_if(
@@ -343,7 +459,8 @@ impl Backend for LaterDeletes {
         etag: &str,
     ) -> Result<(ObjectInfo, Transfer), StoreError> {
         self.gone(key)?;
-        self.inner.update_meta_if(key, meta, etag).await
+        let result = self.inner.update_meta_if(key, meta, etag).await;
+        self.after_write(key, result)
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
@@ -421,7 +538,8 @@ impl Backend for LaterDeletes {
 
     async fn replace_head(&self, key: &ObjectKey, etag: &str, head: Bytes) -> Result<Transfer, StoreError> {
         self.gone(key)?;
-        self.inner.replace_head(key, etag, head).await
+        let result = self.inner.replace_head(key, etag, head).await;
+        self.after_write(key, result)
     }
 
     async fn customer_key_of(&self, key: &ObjectKey) -> Result<CustomerKeyOf, StoreError> {
@@ -431,7 +549,8 @@ impl Backend for LaterDeletes {
 
     async fn move_to_writing_key(&self, key: &ObjectKey, of: &CustomerKeyOf, etag: &str, size: u64) -> Result<Transfer, StoreError> {
         self.gone(key)?;
-        self.inner.move_to_writing_key(key, of, etag, size).await
+        let result = self.inner.move_to_writing_key(key, of, etag, size).await;
+        self.after_write(key, result)
     }
 }
 

@@ -877,7 +877,9 @@ async fn an_unlink_of_a_file_another_mount_replaced_removes_the_name() {
 /// Write-behind deletes (`fs::deletes`) keep an unlink's promise across the daemon's death: the intent is in the
 /// journal until the store has answered. Here the store stops answering before the delete is sent (as a frozen store
 /// or a daemon killed first would leave it): the next start sends it, and only while the object is still the version
-/// unlinked; one replaced since is kept. An intent the store answered is gone from the journal.
+/// unlinked; one replaced since is kept. An intent the store answered is gone from the journal, and so is one whose
+/// name this mount wrote again since (with the same bytes, whose ETag is the same MD5 on S3 in modes none and sse-s3,
+/// the start would have deleted the new file).
 #[tokio::test]
 async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
     let store = memory_store();
@@ -895,18 +897,26 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
     };
     {
         let fs = fs_at(store.clone(), tmp.path(), TTL).await;
-        for name in ["gone", "replaced", "answered"] {
+        for name in ["gone", "replaced", "answered", "rewritten", "recreated"] {
             write_file(&fs, ROOT_INO, name, b"mine").await;
         }
         fs.unlink(ROOT_INO, OsStr::new("answered")).await.unwrap();
         fs.fsyncdir(ROOT_INO).await.unwrap();
         assert_eq!(intents(tmp.path()), 0, "answered: the intent is gone");
         store.silent.store(true, Ordering::SeqCst);
-        fs.unlink(ROOT_INO, OsStr::new("gone")).await.unwrap();
-        fs.unlink(ROOT_INO, OsStr::new("replaced")).await.unwrap();
+        for name in ["gone", "replaced", "rewritten", "recreated"] {
+            fs.unlink(ROOT_INO, OsStr::new(name)).await.unwrap();
+        }
         fs.fsyncdir(ROOT_INO).await.unwrap();
-        assert_eq!(intents(tmp.path()), 2, "unanswered: the intents stay");
+        assert_eq!(intents(tmp.path()), 4, "unanswered: the intents stay");
         store.silent.store(false, Ordering::SeqCst);
+        // That delete had landed after all (only its answer was lost), and the name is written again.
+        store.inner.delete(&k("rewritten")).await.unwrap();
+        write_file(&fs, ROOT_INO, "rewritten", b"mine").await;
+        assert_eq!(intents(tmp.path()), 3, "written again: that intent is settled");
+        // That one had not: the create sends it again first, and is not a conflict with the file unlinked.
+        write_file(&fs, ROOT_INO, "recreated", b"new").await;
+        assert_eq!(intents(tmp.path()), 2, "sent again before the create: that intent is settled");
         assert!(store.inner.head(&k("gone")).await.is_ok(), "the store never heard of the unlink");
         store.inner.put(&k("replaced"), Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
     }
@@ -916,6 +926,10 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
     let (body, _, _) = store.inner.get(&k("replaced")).await.unwrap();
     assert_eq!(body, "theirs", "a version written after the unlink is kept");
     assert!(store.inner.head(&k("answered")).await.unwrap_err().is_not_found());
+    let (body, _, _) = store.inner.get(&k("rewritten")).await.unwrap();
+    assert_eq!(body, "mine", "the file written again after the unlink is kept");
+    let (body, _, _) = store.inner.get(&k("recreated")).await.unwrap();
+    assert_eq!(body, "new", "the file created again after the unlink is kept");
     assert_eq!(intents(tmp.path()), 0, "every intent settled");
     drop(fs);
 }

@@ -16,6 +16,8 @@ struct Gated {
     log: std::sync::Mutex<Vec<String>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Deletes land, and their answer is lost (a timeout).
+    lose_answers: AtomicBool,
 }
 
 impl Gated {
@@ -28,6 +30,7 @@ impl Gated {
             log: Default::default(),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            lose_answers: AtomicBool::new(false),
         })
     }
 
@@ -72,7 +75,12 @@ impl Backend for Gated {
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         self.gate(format!("delete {key}")).await;
-        self.inner.delete(key).await
+        self.inner.delete(key).await?;
+        if self.lose_answers.load(Ordering::SeqCst) {
+            let after = Duration::from_secs(3);
+            return Err(StoreError::TimedOut { key: key.to_string(), after, detail: "test".into() });
+        }
+        Ok(())
     }
     async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
         self.gate(format!("delete_if {key}")).await;
@@ -173,6 +181,44 @@ async fn a_write_of_a_key_being_deleted_lands_after_the_delete() {
             let (body, _, _) = store.inner.get(&k("f")).await.unwrap();
             assert!(body == "new" || body == "source", "{write}, conditional {conditional}: the new object survives");
         }
+    }
+}
+
+/// A delete whose answer was lost keeps its intent (the caller is told nothing), until a write of the same key lands:
+/// then the object is that write's version, and the intent, which a next start would send, is settled. A write that
+/// fails settles nothing, nor does a write of another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_the_key_settles_a_delete_whose_answer_was_lost() {
+    let store = Gated::new(false);
+    store.lose_answers.store(true, Ordering::SeqCst);
+    put(&store, "g", b"source").await;
+    let layer = Arc::new(LaterDeletes::new(store.clone()));
+    for write in ["put", "copy", "multipart", "update_meta"] {
+        put(&store, "f", b"old").await;
+        let (tx, rx) = std::sync::mpsc::channel();
+        layer.delete_later(&k("f"), None, Some(Box::new(move |settled| tx.send(settled).unwrap())));
+        layer.settle_key(&k("f")).await;
+        assert!(store.inner.head(&k("f")).await.unwrap_err().is_not_found(), "{write}: the delete landed");
+        assert!(rx.try_recv().is_err(), "{write}: unanswered, the intent stays");
+        let expect = Expect::Etag("\"no\"".into());
+        let refused = layer.put_expect(&k("f"), Bytes::from_static(b"x"), &UserMeta::default(), &expect).await;
+        assert!(refused.is_err(), "{write}: nothing there to match");
+        layer.put(&k("other"), Bytes::from_static(b"x"), &UserMeta::default()).await.unwrap();
+        assert!(rx.try_recv().is_err(), "{write}: a failed write, or one of another key, settles nothing");
+        match write {
+            "put" => layer.put(&k("f"), Bytes::from_static(b"new"), &UserMeta::default()).await.map(|_| ()).unwrap(),
+            "copy" => layer.copy(&k("g"), &k("f"), None).await.unwrap(),
+            "multipart" => {
+                let mut up = layer.put_multipart(&k("f"), &UserMeta::default()).await.unwrap();
+                up.put_part(Bytes::from_static(b"new")).await.unwrap();
+                up.complete().await.unwrap();
+            }
+            _ => {
+                store.inner.put(&k("f"), Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
+                layer.update_meta(&k("f"), &UserMeta { mode: Some(0o100600), ..Default::default() }).await.unwrap();
+            }
+        }
+        assert_eq!(rx.try_recv(), Ok(true), "{write}: written again, the intent is settled");
     }
 }
 
