@@ -213,6 +213,15 @@ impl Dir {
             let st = fstat(next.as_raw_fd()).map_err(|e| io_err(&cur_path, e))?;
             if i + 1 == comps.len() {
                 check_ours(&cur_path, &st, true)?;
+                if st.st_mode & 0o055 != 0 {
+                    // Everything made under it is 0700 or 0600, so others can read no content; only names.
+                    tracing::warn!(
+                        path = %cur_path.display(),
+                        mode = format!("{:o}", st.st_mode & 0o7777),
+                        "other users can list this directory: they see the names in it (hashes of store URLs, \
+                         run numbers), not their contents; `chmod 700` it to hide them"
+                    );
+                }
             } else {
                 check_ancestor(&cur_path, &st)?;
             }
@@ -522,6 +531,37 @@ mod tests {
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
         assert_eq!(sub.entries().unwrap(), vec!["x".to_string()]);
         Dir::open_base(&base).unwrap();
+    }
+
+    /// A base that already exists and that others may list is used (only names show in it) and named in a warning.
+    #[test]
+    fn a_base_others_can_list_is_named_in_a_warning() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (private, listable) = (tmp.path().join("private"), tmp.path().join("listable"));
+        std::fs::create_dir(&listable).unwrap();
+        std::fs::set_permissions(&listable, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            Dir::open_base(&private).unwrap();
+            assert!(lines.0.lock().unwrap().is_empty(), "a base made here is 0700: no warning");
+            Dir::open_base(&listable).unwrap();
+        });
+        let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("WARN") && logged.contains("other users can list"), "{logged}");
+        assert!(logged.contains(&listable.display().to_string()) && logged.contains("755"), "{logged}");
     }
 
     #[test]
