@@ -12,6 +12,7 @@
 
 mod deletes;
 pub mod dirindex;
+mod gate;
 pub mod error;
 pub mod inode;
 mod listing;
@@ -36,6 +37,7 @@ pub use self::error::{Error, Result};
 pub use self::inode::{Attr, FileKind, ROOT_INO};
 use self::inode::{InodeTable, Node, Remote};
 use self::deletes::LaterDeletes;
+use self::gate::is_under as gate_is_under;
 use self::write::{Staged, WriteState};
 use tokio::sync::OwnedMutexGuard;
 use crate::cache::PageCache;
@@ -227,6 +229,8 @@ pub struct Fs {
     forgetter: std::sync::OnceLock<trim::NameForgetter>,
     /// When the table was last trimmed to the memory budget (see `fs::trim`).
     last_trim: Mutex<Option<Instant>>,
+    /// Keeps changes out of a directory while it is being moved (see `fs::gate`).
+    gate: gate::TreeGate,
     /// Tests only: runs on the table between [`Fs::resolve`] and the lock that uses its answer in
     /// [`Fs::resolve_then`], where a trim may drop the node (see there).
     #[cfg(test)]
@@ -366,6 +370,7 @@ impl Fs {
             held_listings: AtomicU64::new(0),
             forgetter: std::sync::OnceLock::new(),
             last_trim: Mutex::new(None),
+            gate: gate::TreeGate::default(),
             #[cfg(test)]
             after_resolve: Mutex::new(None),
         }
@@ -1169,7 +1174,18 @@ impl Fs {
         lock(&self.silent_since).is_some_and(|t| t.elapsed() < SILENT_STORE_GRACE)
     }
 
+    /// Enters the tree gate for an operation on `inos` (see `fs::gate`): public entry points that change names or
+    /// content call this first, and resolve their paths after it.
+    async fn enter(&self, inos: &[u64]) -> gate::Entered<'_> {
+        self.gate.enter(inos, || lock(&self.table)).await
+    }
+
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        let _op = self.enter(&[parent]).await;
+        self.mkdir_in(parent, name, mode, caller).await
+    }
+
+    async fn mkdir_in(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         // The name was free when checked, so the new directory has no subdirectories: its link count is known (2)
         // for as long as a listing taken now would be trusted.
         let known_until = Instant::now() + self.config.attr_ttl;
@@ -1234,6 +1250,11 @@ impl Fs {
     /// client-side modes the same sealed empty object as an empty file, so every object stays in one format); a
     /// regular file (Linux sends `mknod(S_IFREG)` for some creates) becomes an empty file.
     pub async fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, caller: Caller) -> Result<Attr> {
+        let _op = self.enter(&[parent]).await;
+        self.mknod_in(parent, name, mode, rdev, caller).await
+    }
+
+    async fn mknod_in(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, caller: Caller) -> Result<Attr> {
         let kind = FileKind::from_mode(mode).ok_or(Error::InvalidArgument("unknown file type"))?;
         if matches!(kind, FileKind::Dir | FileKind::Symlink) {
             return Err(Error::InvalidArgument("mknod cannot make directories or symbolic links"));
@@ -1254,6 +1275,11 @@ impl Fs {
     }
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
+        let _op = self.enter(&[parent]).await;
+        self.symlink_in(parent, name, target, caller).await
+    }
+
+    async fn symlink_in(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
         let (name, path) = self.new_name(parent, name).await?;
         self.check_path_len(&path, false)?;
         let target = target.as_bytes().to_vec();
@@ -1314,6 +1340,11 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _op = self.enter(&[parent]).await;
+        self.unlink_in(parent, name).await
+    }
+
+    async fn unlink_in(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
@@ -1780,6 +1811,11 @@ impl Fs {
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _op = self.enter(&[parent]).await;
+        self.rmdir_in(parent, name).await
+    }
+
+    async fn rmdir_in(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
@@ -1838,6 +1874,18 @@ impl Fs {
         new_name: &OsStr,
         noreplace: bool,
     ) -> Result<()> {
+        let _op = self.enter(&[parent, new_parent]).await;
+        self.rename_in(parent, name, new_parent, new_name, noreplace).await
+    }
+
+    async fn rename_in(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        noreplace: bool,
+    ) -> Result<()> {
         self.check_writable()?;
         let name = check_name(name)?;
         let new_name = check_name(new_name)?;
@@ -1869,6 +1917,16 @@ impl Fs {
             }
         }
         let target = target.map(|(t, _)| t);
+        // A directory: nothing may change under it until the table has it at its new name (see `fs::gate`). Into
+        // itself is refused first: the move would wait for this very operation, which entered at the new parent.
+        let _moving = if kind == FileKind::Dir {
+            if new_parent == ino || gate_is_under(&lock(&self.table), new_parent, ino) {
+                return Err(Error::InvalidArgument("cannot move a directory into itself"));
+            }
+            Some(self.gate.begin_move(ino, || lock(&self.table)).await)
+        } else {
+            None
+        };
         // An open target keeps its content for its descriptors (see unlink).
         if let Some(t) = target.filter(|t| self.is_open(*t)) {
             self.stage_whole(t).await?;
@@ -2072,6 +2130,11 @@ impl Fs {
     // ----- attributes -----
 
     pub async fn setattr(&self, ino: u64, changes: SetAttr, fh: Option<u64>, caller: Caller) -> Result<Attr> {
+        let _op = self.enter(&[ino]).await;
+        self.setattr_in(ino, changes, fh, caller).await
+    }
+
+    async fn setattr_in(&self, ino: u64, changes: SetAttr, fh: Option<u64>, caller: Caller) -> Result<Attr> {
         let wants_change = changes.mode.is_some()
             || changes.uid.is_some()
             || changes.gid.is_some()
@@ -2392,6 +2455,11 @@ impl Fs {
     }
 
     pub async fn open(&self, ino: u64, mode: OpenMode) -> Result<u64> {
+        let _op = self.enter(&[ino]).await;
+        self.open_in(ino, mode).await
+    }
+
+    async fn open_in(&self, ino: u64, mode: OpenMode) -> Result<u64> {
         if mode.write {
             self.check_writable()?;
         }
@@ -2573,6 +2641,11 @@ impl Fs {
     }
 
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
+        let _op = self.enter(&[parent]).await;
+        self.create_in(parent, name, mode, flags, caller).await
+    }
+
+    async fn create_in(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
         self.check_writable()?;
         let name = check_name(name)?;
         let path = self.child_path(parent, &name)?;
@@ -2586,7 +2659,7 @@ impl Fs {
                     }
                     // Opened by create() after all (a racing creator): behave as open. A node nobody held yet may be
                     // trimmed before the open holds it (see `resolve_then`): then the name is resolved again.
-                    let fh = match self.open(ino, OpenMode::from_flags(flags)).await {
+                    let fh = match self.open_in(ino, OpenMode::from_flags(flags)).await {
                         Err(Error::NotFound) if attempts < RESOLVE_ATTEMPTS && lock(&self.table).get(ino).is_none() => {
                             attempts += 1;
                             continue;
@@ -2679,6 +2752,12 @@ impl Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (ino, _, _, _) = self.file_handle(fh)?;
+        let _op = self.enter(&[ino]).await;
+        self.write_in(fh, offset, data).await
+    }
+
+    async fn write_in(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (ino, _, append, writable) = self.file_handle(fh)?;
         if !writable {
             return Err(Error::BadHandle);

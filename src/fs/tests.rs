@@ -1446,6 +1446,99 @@ async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
     }
 }
 
+/// A directory is being moved (its copies made, the first delete held) while other operations change things under
+/// it: a file created and written, an existing file opened and written, a file unlinked, a subdirectory made, a mode
+/// changed. Each waits for the move (`fs::gate`) and then lands at the new name; nothing is left under the old prefix
+/// and the unlinked file is gone from both. An operation elsewhere does not wait. Before the gate, the new file's
+/// upload and the marker went to the old prefix after its listing and stayed there, and the unlinked file's moved copy
+/// stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_under_a_directory_being_moved_wait_and_land_at_its_new_name() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    for name in ["a", "doomed", "g", "h"] {
+        write_file_unstreamed(&fs, d.ino, name, b"old content").await;
+    }
+    let (g, _) = fs.resolve_attr(d.ino, "g").await.unwrap();
+    let (h, _) = fs.resolve_attr(d.ino, "h").await.unwrap();
+    store.hang_deletes.store(true, Ordering::SeqCst);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let held = || async {
+        while store.deletes_held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
+    let changes = async {
+        held().await;
+        let create = async {
+            let (_, fh) = fs.create(d.ino, OsStr::new("new"), 0o644, libc::O_WRONLY, caller).await.unwrap();
+            fs.write(fh, 0, b"created").await.unwrap();
+            fs.flush(fh).await.unwrap();
+            fs.release(fh).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        };
+        let rewrite = async {
+            let fh = fs.open(g, OpenMode { write: true, truncate: true, ..Default::default() }).await.unwrap();
+            fs.write(fh, 0, b"rewritten").await.unwrap();
+            fs.flush(fh).await.unwrap();
+            fs.release(fh).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        };
+        let unlink = async {
+            fs.unlink(d.ino, OsStr::new("doomed")).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        };
+        let mkdir = async {
+            fs.mkdir(d.ino, OsStr::new("sub"), 0o750, caller).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        };
+        let chmod = async {
+            fs.setattr(h, SetAttr { mode: Some(0o600), ..Default::default() }, None, caller).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        };
+        tokio::join!(create, rewrite, unlink, mkdir, chmod);
+    };
+    let elsewhere = async {
+        held().await;
+        write_file(&fs, ROOT_INO, "elsewhere", b"x").await;
+        !store.hang_deletes.load(Ordering::SeqCst)
+    };
+    let unhang = async {
+        held().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early = done.load(Ordering::SeqCst);
+        store.hang_deletes.store(false, Ordering::SeqCst);
+        early
+    };
+    let (renamed, (), waited_elsewhere, early) = tokio::join!(rename, changes, elsewhere, unhang);
+    renamed.unwrap();
+    assert!(!waited_elsewhere, "a file outside the directory waited for its move");
+    assert_eq!(early, 0, "a change under the directory went ahead during its move");
+    let under = |prefix: &'static str| {
+        let store = store.clone();
+        async move {
+            let listing = store.inner.list(prefix, true).await.unwrap();
+            listing.objects.iter().map(|o| o.key.as_str().to_string()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(under("d/").await, Vec::<String>::new(), "left under the old prefix");
+    let mut moved = under("e/").await;
+    moved.sort();
+    assert_eq!(moved, ["e/", "e/a", "e/g", "e/h", "e/new", "e/sub/"], "what the new name holds");
+    let body = |k: &'static str| {
+        let store = store.clone();
+        async move { store.inner.get(&ObjectKey::new(k).unwrap()).await.unwrap().0 }
+    };
+    assert_eq!(&body("e/new").await[..], b"created");
+    assert_eq!(&body("e/g").await[..], b"rewritten");
+    let (_, meta) = store.inner.head(&ObjectKey::new("e/h").unwrap()).await.unwrap();
+    assert_eq!(meta.mode.map(|m| m & 0o7777), Some(0o600), "the chmod reached the moved file");
+    assert_eq!(fs.gate.moves(), 0);
+}
+
 /// A file open for writing and not written is renamed; the store's copy has a new ETag (the in-memory store gives
 /// every copy one, as S3 does a multipart object and Azure and GCS every object): a reader opened at the new name
 /// reads it. Held by the rename with a write state of its own, the node counted as fresh, kept the old ETag, and

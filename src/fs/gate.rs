@@ -1,0 +1,149 @@
+//! The gate that keeps changes out of a directory while it is being moved.
+//!
+//! Why: a store has no directory rename. Moving a directory lists every object under its prefix, then copies and
+//! deletes them one by one, and only at the end does the inode table put the directory under its new name. Anything
+//! that wrote under the old prefix meanwhile went wrong in one of two ways: an object made after the listing (a new
+//! file's upload, a `mkdir`'s marker, a file first written then) stayed under the old prefix, which came back holding
+//! it; and a delete of an object already copied (an `unlink`) removed the old key while the copy stayed.
+//!
+//! So every operation that changes the names or the content under a directory enters the gate with the inodes it
+//! works on (the directory whose entries change, or the file it changes), and a directory move waits until no such
+//! operation under the directory is in flight, while new ones under it wait for the move to end. A waiting operation
+//! resolves its paths only after it enters, so it works at the directory's new name. Entering is one lock and a map
+//! insert when nothing is moving.
+//!
+//! Deadlock freedom: an operation that has entered never enters again (the public entry points enter; what they call
+//! inside does not), and a move only waits for operations that entered before it began; an operation waits only for
+//! moves. A move of a directory into itself is refused before it begins (it would wait for its own entry).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::inode::{InodeTable, ROOT_INO};
+
+#[derive(Default)]
+pub struct TreeGate {
+    state: Mutex<State>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Directories being moved.
+    moving: Vec<u64>,
+    /// Operations in flight, by id: the inodes each works on.
+    active: HashMap<u64, Vec<u64>>,
+    next: u64,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `ino` is `dir` or below it in `table` (an inode no longer in the table is below nothing).
+pub fn is_under(table: &InodeTable, ino: u64, dir: u64) -> bool {
+    let mut cur = ino;
+    for _ in 0..4096 {
+        if cur == dir {
+            return true;
+        }
+        if cur == ROOT_INO {
+            return false;
+        }
+        match table.get(cur) {
+            Some(n) => cur = n.parent,
+            None => return false,
+        }
+    }
+    false
+}
+
+impl TreeGate {
+    /// Enters an operation on `inos`: waits while a move of one of them, or of a directory above one, is running.
+    /// `table` gives the inode table (locked after the gate's own lock, never before).
+    pub async fn enter<'a, F>(&'a self, inos: &[u64], table: F) -> Entered<'a>
+    where
+        F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
+    {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = lock(&self.state);
+                let blocked = !s.moving.is_empty() && {
+                    let t = table();
+                    inos.iter().any(|&i| s.moving.iter().any(|&m| is_under(&t, i, m)))
+                };
+                if !blocked {
+                    let id = s.next;
+                    s.next += 1;
+                    s.active.insert(id, inos.to_vec());
+                    return Entered { gate: self, id: Some(id) };
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Begins a move of directory `dir`: from now on operations under it wait; returns once those that entered
+    /// before are done. The move ends when the returned guard drops.
+    pub async fn begin_move<'a, F>(&'a self, dir: u64, table: F) -> Moving<'a>
+    where
+        F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
+    {
+        lock(&self.state).moving.push(dir);
+        let guard = Moving { gate: self, dir };
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = lock(&self.state);
+                let t = table();
+                if !s.active.values().any(|inos| inos.iter().any(|&i| is_under(&t, i, dir))) {
+                    return guard;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether a move is running (tests).
+    #[cfg(test)]
+    pub fn moves(&self) -> usize {
+        lock(&self.state).moving.len()
+    }
+}
+
+/// An operation inside the gate; it leaves when this drops.
+pub struct Entered<'a> {
+    gate: &'a TreeGate,
+    id: Option<u64>,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            lock(&self.gate.state).active.remove(&id);
+            self.gate.changed.notify_waiters();
+        }
+    }
+}
+
+/// A directory move in progress; it ends when this drops.
+pub struct Moving<'a> {
+    gate: &'a TreeGate,
+    dir: u64,
+}
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.gate.state);
+        if let Some(i) = s.moving.iter().position(|&d| d == self.dir) {
+            s.moving.remove(i);
+        }
+        drop(s);
+        self.gate.changed.notify_waiters();
+    }
+}
