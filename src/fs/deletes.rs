@@ -171,12 +171,17 @@ impl LaterDeletes {
         lock(&self.shared.state).pending.contains_key(key.as_str())
     }
 
-    /// Before a write of `key`: its pending delete is answered first, and one the store did not answer that names the
-    /// version unlinked is sent again, as the next start would send it (only while the object is still that
-    /// version). Without it a file created under the name of one unlinked while the store was silent would find the
-    /// old file still there, and be saved beside it as a conflict copy.
-    async fn before_write(&self, key: &ObjectKey) {
+    /// Before a write of `key`: its pending delete is answered first. A write that creates the key (`creates`: it
+    /// expects nothing there) also sends again a delete of it the store did not answer, as the next start would send
+    /// it (only while the object is still the version unlinked): without it a file created under the name of one
+    /// unlinked while the store was silent would find the old file still there, and be saved beside it as a conflict
+    /// copy. Any other write replaces what is there (one conditional on the unlinked version edits that file, which
+    /// showed again): nothing is deleted first, and the write settles the intents once it lands.
+    async fn before_write(&self, key: &ObjectKey, creates: bool) {
         self.settle_key(key).await;
+        if !creates {
+            return;
+        }
         let taken = lock(&self.shared.state).unanswered.remove(key.as_str()).unwrap_or_default();
         let mut kept = Vec::new();
         for (etag, f) in taken {
@@ -404,25 +409,25 @@ impl Backend for LaterDeletes {
     }
 
     async fn put(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
-        self.before_write(key).await;
+        self.before_write(key, false).await;
         let result = self.inner.put(key, body, meta).await;
         self.after_write(key, result)
     }
 
     async fn put_expect(&self, key: &ObjectKey, body: Bytes, meta: &UserMeta, expect: &Expect) -> Result<ObjectInfo, StoreError> {
-        self.before_write(key).await;
+        self.before_write(key, *expect == Expect::Absent).await;
         let result = self.inner.put_expect(key, body, meta, expect).await;
         self.after_write(key, result)
     }
 
     async fn put_multipart(&self, key: &ObjectKey, meta: &UserMeta) -> Result<Box<dyn Upload>, StoreError> {
-        self.before_write(key).await;
+        self.before_write(key, false).await;
         let inner = self.inner.put_multipart(key, meta).await?;
         Ok(Box::new(Noted { inner, shared: self.shared.clone(), key: key.as_str().to_string() }))
     }
 
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
-        self.before_write(key).await;
+        self.before_write(key, *expect == Expect::Absent).await;
         let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
         Ok(Box::new(Noted { inner, shared: self.shared.clone(), key: key.as_str().to_string() }))
     }
@@ -434,14 +439,14 @@ impl Backend for LaterDeletes {
 
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.gone(from)?;
-        self.before_write(to).await;
+        self.before_write(to, false).await;
         let result = self.inner.copy(from, to, meta).await;
         self.after_write(to, result)
     }
 
     async fn rename(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.gone(from)?;
-        self.before_write(to).await;
+        self.before_write(to, false).await;
         let result = self.inner.rename(from, to, meta).await;
         self.after_write(to, result)
     }

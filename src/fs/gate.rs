@@ -13,8 +13,11 @@
 //! insert when nothing is moving.
 //!
 //! Deadlock freedom: an operation that has entered never enters again (the public entry points enter; what they call
-//! inside does not), and a move only waits for operations that entered before it began; an operation waits only for
-//! moves. A move of a directory into itself is refused before it begins (it would wait for its own entry).
+//! inside does not), and a move only waits for operations that entered before it began. Other operations wait only
+//! for moves. A move is itself an entered operation (the rename, at its two parents), so two moves could wait for each
+//! other's entry (X into Y/ and Y into X/ at once): directory renames take `Fs::dir_moves` before they enter, so
+//! at most one move is ever inside. A move of a directory into itself is refused before it begins (it would wait for
+//! its own entry).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -231,6 +231,8 @@ pub struct Fs {
     last_trim: Mutex<Option<Instant>>,
     /// Keeps changes out of a directory while it is being moved (see `fs::gate`).
     gate: gate::TreeGate,
+    /// Held by a directory rename from before it enters the gate until it ends (see `Fs::rename`).
+    dir_moves: tokio::sync::Mutex<()>,
     /// Tests only: runs on the table between [`Fs::resolve`] and the lock that uses its answer in
     /// [`Fs::resolve_then`], where a trim may drop the node (see there).
     #[cfg(test)]
@@ -371,6 +373,7 @@ impl Fs {
             forgetter: std::sync::OnceLock::new(),
             last_trim: Mutex::new(None),
             gate: gate::TreeGate::default(),
+            dir_moves: tokio::sync::Mutex::new(()),
             #[cfg(test)]
             after_resolve: Mutex::new(None),
         }
@@ -1874,10 +1877,29 @@ impl Fs {
         new_name: &OsStr,
         noreplace: bool,
     ) -> Result<()> {
-        let _op = self.enter(&[parent, new_parent]).await;
-        self.rename_in(parent, name, new_parent, new_name, noreplace).await
+        // A directory move waits for the operations under it that entered the gate, and a rename is one: two moves
+        // crossing (X into Y/ and Y into X/ at once) would each wait for the other. Directory moves take `dir_moves`
+        // before they enter, so only one is ever inside. A name not known here may be a directory: it takes it too,
+        // and a move that finds a directory without it tries again with it.
+        let mut serial = None;
+        loop {
+            let maybe_dir = {
+                let table = lock(&self.table);
+                let known = name.to_str().and_then(|n| table.child(parent, n)).and_then(|i| table.get(i));
+                known.is_none_or(|n| n.kind == FileKind::Dir)
+            };
+            if maybe_dir && serial.is_none() {
+                serial = Some(self.dir_moves.lock().await);
+            }
+            let _op = self.enter(&[parent, new_parent]).await;
+            if self.rename_in(parent, name, new_parent, new_name, noreplace, serial.is_some()).await? {
+                return Ok(());
+            }
+        }
     }
 
+    /// [`Fs::rename`] inside the gate. `Ok(false)`: the source is a directory and `serial` (holding `dir_moves`) is
+    /// not set; nothing was done.
     async fn rename_in(
         &self,
         parent: u64,
@@ -1885,7 +1907,8 @@ impl Fs {
         new_parent: u64,
         new_name: &OsStr,
         noreplace: bool,
-    ) -> Result<()> {
+        serial: bool,
+    ) -> Result<bool> {
         self.check_writable()?;
         let name = check_name(name)?;
         let new_name = check_name(new_name)?;
@@ -1893,10 +1916,13 @@ impl Fs {
         let to = self.child_path(new_parent, &new_name)?;
         let (ino, attr) = self.resolve_attr(parent, &name).await?;
         if from == to {
-            return Ok(());
+            return Ok(true);
+        }
+        let kind = attr.kind;
+        if kind == FileKind::Dir && !serial {
+            return Ok(false);
         }
         self.settle_delete(&to).await; // as for a create (see `resolve_for_create`)
-        let kind = attr.kind;
         let target = match self.resolve_attr(new_parent, &new_name).await {
             Ok((t, tattr)) => Some((t, tattr.kind)),
             Err(Error::NotFound) => None,
@@ -2028,7 +2054,7 @@ impl Fs {
         }
         drop(guards);
         self.retarget_readers();
-        Ok(())
+        Ok(true)
     }
 
     /// The store side of a rename: one object, or every object under a directory.
@@ -2763,8 +2789,9 @@ impl Fs {
             return Err(Error::BadHandle);
         }
         let ws = self.stage(ino).await?;
-        let path = self.path_of(ino).unwrap_or_default();
         let mut staged = ws.lock().await;
+        // Read under the lock: a rename of the file (which holds it) may have ended while this write waited.
+        let path = self.path_of(ino).unwrap_or_default();
         let offset = if append { staged.size } else { offset };
         let end = offset.saturating_add(data.len() as u64);
         self.check_file_size(&path, end)?;

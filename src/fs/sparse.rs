@@ -482,13 +482,18 @@ impl Fs {
         let base = staged.sparse.as_ref().map(|s| s.etag.clone());
         match self.backend.head(&key(path)?).await {
             Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| *s == staged.upload_id) => Ok(Some(info)),
+            Ok((info, _)) if info.etag.is_some() && info.etag == base => Err(e),
             Ok((info, meta)) if meta.extra.get(UPLOAD_META).is_some_and(|s| staged.is_own_stamp(s)) => {
-                if may_rebase && self.rebase_onto(path, staged, &info) {
+                if !may_rebase {
+                    return Err(e);
+                }
+                if self.rebase_onto(path, staged, &info) {
                     return Ok(None);
                 }
-                Err(e)
+                // Carries our stamp but cannot be a base (no ETag, not a length our format makes): not a version we
+                // can apply the changes to, and it would fail every flush the same way.
+                Err(self.patch_conflict(ino, staged, path))
             }
-            Ok((info, _)) if info.etag.is_some() && info.etag == base => Err(e),
             Err(h) if !h.is_not_found() => Err(e),
             _ => Err(self.patch_conflict(ino, staged, path)),
         }

@@ -897,26 +897,33 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
     };
     {
         let fs = fs_at(store.clone(), tmp.path(), TTL).await;
-        for name in ["gone", "replaced", "answered", "rewritten", "recreated"] {
+        for name in ["gone", "replaced", "answered", "rewritten", "recreated", "revived"] {
             write_file(&fs, ROOT_INO, name, b"mine").await;
         }
         fs.unlink(ROOT_INO, OsStr::new("answered")).await.unwrap();
         fs.fsyncdir(ROOT_INO).await.unwrap();
         assert_eq!(intents(tmp.path()), 0, "answered: the intent is gone");
         store.silent.store(true, Ordering::SeqCst);
-        for name in ["gone", "replaced", "rewritten", "recreated"] {
+        for name in ["gone", "replaced", "rewritten", "recreated", "revived"] {
             fs.unlink(ROOT_INO, OsStr::new(name)).await.unwrap();
         }
         fs.fsyncdir(ROOT_INO).await.unwrap();
-        assert_eq!(intents(tmp.path()), 4, "unanswered: the intents stay");
+        assert_eq!(intents(tmp.path()), 5, "unanswered: the intents stay");
         store.silent.store(false, Ordering::SeqCst);
         // That delete had landed after all (only its answer was lost), and the name is written again.
         store.inner.delete(&k("rewritten")).await.unwrap();
         write_file(&fs, ROOT_INO, "rewritten", b"mine").await;
-        assert_eq!(intents(tmp.path()), 3, "written again: that intent is settled");
+        assert_eq!(intents(tmp.path()), 4, "written again: that intent is settled");
         // That one had not: the create sends it again first, and is not a conflict with the file unlinked.
         write_file(&fs, ROOT_INO, "recreated", b"new").await;
-        assert_eq!(intents(tmp.path()), 2, "sent again before the create: that intent is settled");
+        assert_eq!(intents(tmp.path()), 3, "sent again before the create: that intent is settled");
+        // That one shows again (its delete never reached the store), and is edited: the edit is kept.
+        let (revived, _) = fs.resolve_attr(ROOT_INO, "revived").await.unwrap();
+        let fh = fs.open(revived, OpenMode { write: true, truncate: true, ..Default::default() }).await.unwrap();
+        fs.write(fh, 0, b"edited").await.unwrap();
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!(intents(tmp.path()), 2, "the edit landed: that intent is settled");
         assert!(store.inner.head(&k("gone")).await.is_ok(), "the store never heard of the unlink");
         store.inner.put(&k("replaced"), Bytes::from_static(b"theirs"), &UserMeta::default()).await.unwrap();
     }
@@ -930,6 +937,8 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
     assert_eq!(body, "mine", "the file written again after the unlink is kept");
     let (body, _, _) = store.inner.get(&k("recreated")).await.unwrap();
     assert_eq!(body, "new", "the file created again after the unlink is kept");
+    let (body, _, _) = store.inner.get(&k("revived")).await.unwrap();
+    assert_eq!(body, "edited", "the file edited after it showed again is kept");
     assert_eq!(intents(tmp.path()), 0, "every intent settled");
     drop(fs);
 }
@@ -1537,6 +1546,40 @@ async fn changes_under_a_directory_being_moved_wait_and_land_at_its_new_name() {
     let (_, meta) = store.inner.head(&ObjectKey::new("e/h").unwrap()).await.unwrap();
     assert_eq!(meta.mode.map(|m| m & 0o7777), Some(0o600), "the chmod reached the moved file");
     assert_eq!(fs.gate.moves(), 0);
+}
+
+/// Two directory moves crossing, X into Y and Y into X at once, both past their first lookups (held there by a store
+/// that does not answer HEADs yet): each move waits for the operations under its directory, and each rename is one
+/// under the other's. They run one after the other (`Fs::dir_moves`): one succeeds, the other finds its directory
+/// gone or moved into itself. Neither hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crossing_directory_moves_do_not_wait_for_each_other() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let x = fs.mkdir(ROOT_INO, OsStr::new("x"), 0o755, caller).await.unwrap();
+    let y = fs.mkdir(ROOT_INO, OsStr::new("y"), 0o755, caller).await.unwrap();
+    for d in [&x, &y] {
+        write_file(&fs, d.ino, "f", b"content").await;
+    }
+    tokio::time::sleep(TTL * 2).await; // every name stale: each rename asks the store
+    store.hang_heads.store(true, Ordering::SeqCst);
+    let a = fs.rename(ROOT_INO, OsStr::new("x"), y.ino, OsStr::new("x"), false);
+    let b = fs.rename(ROOT_INO, OsStr::new("y"), x.ino, OsStr::new("y"), false);
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        store.hang_heads.store(false, Ordering::SeqCst);
+    };
+    let both = async { tokio::join!(a, b, release) };
+    let (a, b, ()) = tokio::time::timeout(Duration::from_secs(20), both).await.expect("the two moves hung");
+    assert!(a.is_ok() != b.is_ok(), "exactly one move succeeds: {a:?} / {b:?}");
+    let keys: Vec<String> = store.inner.list("", true).await.unwrap().objects.iter()
+        .map(|o| o.key.as_str().to_string())
+        .collect();
+    assert!(
+        keys == ["y/", "y/f", "y/x/", "y/x/f"] || keys == ["x/", "x/f", "x/y/", "x/y/f"],
+        "one directory inside the other, whole: {keys:?}"
+    );
 }
 
 /// A file open for writing and not written is renamed; the store's copy has a new ETag (the in-memory store gives

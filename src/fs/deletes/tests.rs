@@ -18,6 +18,8 @@ struct Gated {
     max_in_flight: AtomicUsize,
     /// Deletes land, and their answer is lost (a timeout).
     lose_answers: AtomicBool,
+    /// Deletes time out without landing.
+    drop_deletes: AtomicBool,
 }
 
 impl Gated {
@@ -31,6 +33,7 @@ impl Gated {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             lose_answers: AtomicBool::new(false),
+            drop_deletes: AtomicBool::new(false),
         })
     }
 
@@ -84,6 +87,10 @@ impl Backend for Gated {
     }
     async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
         self.gate(format!("delete_if {key}")).await;
+        if self.drop_deletes.load(Ordering::SeqCst) {
+            let after = Duration::from_secs(3);
+            return Err(StoreError::TimedOut { key: key.to_string(), after, detail: "test".into() });
+        }
         if !self.conditional {
             return self.inner.delete(key).await;
         }
@@ -219,6 +226,31 @@ async fn a_write_of_the_key_settles_a_delete_whose_answer_was_lost() {
             }
         }
         assert_eq!(rx.try_recv(), Ok(true), "{write}: written again, the intent is settled");
+    }
+}
+
+/// A delete the store neither carried out nor answered: the file shows again. A create of the name (a write that
+/// expects nothing there) sends the delete again first, so it does not find the unlinked file; an edit of the file
+/// that showed again (a write conditional on the unlinked version) replaces it, and nothing is deleted before it.
+/// Either settles the intent once it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_delete_is_sent_again_by_a_create_and_not_by_an_edit() {
+    let store = Gated::new(true);
+    let layer = LaterDeletes::new(store.clone());
+    for (case, body) in [("create", "new"), ("edit", "edited")] {
+        let etag = put(&store, "f", b"old").await;
+        store.drop_deletes.store(true, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        layer.delete_later(&k("f"), Some(etag.clone()), Some(Box::new(move |settled| tx.send(settled).unwrap())));
+        layer.settle_key(&k("f")).await;
+        store.drop_deletes.store(false, Ordering::SeqCst);
+        assert!(store.inner.head(&k("f")).await.is_ok(), "{case}: the delete was not carried out");
+        assert!(rx.try_recv().is_err(), "{case}: unanswered, the intent stays");
+        let expect = if case == "create" { Expect::Absent } else { Expect::Etag(etag.clone()) };
+        let wrote = layer.put_expect(&k("f"), Bytes::from(body), &UserMeta::default(), &expect).await;
+        wrote.unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(store.inner.get(&k("f")).await.unwrap().0, body, "{case}");
+        assert_eq!(rx.try_recv(), Ok(true), "{case}: the intent is settled");
     }
 }
 
