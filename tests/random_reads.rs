@@ -203,10 +203,12 @@ fn medium_file_fetched_whole_into_the_scratch(env: &Env, store: &Store) {
 
     // A kill in the middle of the next such fetch leaves nothing behind either. (The scratch has no name, so this
     // guards against a change that gives it one.)
-    let addr = free_metrics_addr();
-    let opts = [&format!("metrics_addr={addr}"), "cache_size=32M", "scratch_size=256M"];
-    let m = Mount::start_with(env, store, "cse-c", &opts);
-    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the kill");
+    let start = || {
+        let addr = free_metrics_addr();
+        let opts = [&format!("metrics_addr={addr}"), "cache_size=32M", "scratch_size=256M"];
+        (Mount::start_with(env, store, "cse-c", &opts), addr)
+    };
+    let (m, _, f, on_disk) = whole_fetch_under_way_retrying(&plain, "the kill", start, || {});
     m.kill();
     drop(f);
     eprintln!("killed with {on_disk} of {size} bytes in the scratch");
@@ -271,9 +273,12 @@ fn a_kill_during_a_whole_fetch_loses_nothing(env: &Env, store: &Store) {
     let size = plain.len();
     let cache = env.path().join("dcache");
 
-    let addr = free_metrics_addr();
-    let m = mount_with_disk_cache(env, store, &cache, &addr, &[]);
-    let (f, on_disk) = whole_fetch_under_way(&m, &addr, &plain, "the kill");
+    let start = || {
+        let addr = free_metrics_addr();
+        (mount_with_disk_cache(env, store, &cache, &addr, &[]), addr)
+    };
+    let reset = || std::fs::remove_dir_all(&cache).unwrap();
+    let (m, _, f, on_disk) = whole_fetch_under_way_retrying(&plain, "the kill", start, reset);
     m.kill();
     drop(f);
     eprintln!("killed with {on_disk} of {size} bytes written to the disk cache");

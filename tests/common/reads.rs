@@ -90,6 +90,33 @@ pub fn whole_fetch_under_way(m: &Mount, addr: &str, plain: &[u8], before: &str) 
     (f, on_disk)
 }
 
+/// [`whole_fetch_under_way`] on a mount that `start` makes (with its metrics address), tried up to three times. On a
+/// fast store (the local one, on a machine that is busy otherwise) the fetch can end before the poll sees it
+/// landing; then the mount is unmounted, `reset` undoes what it left (empties the disk cache) and a new one is tried.
+/// Fails only if every try finds the fetch ended, as then nothing could meet it.
+pub fn whole_fetch_under_way_retrying(
+    plain: &[u8],
+    before: &str,
+    mut start: impl FnMut() -> (Mount, String),
+    mut reset: impl FnMut(),
+) -> (Mount, String, std::fs::File, f64) {
+    for attempt in 1..=3 {
+        let (m, addr) = start();
+        let f = std::fs::File::open(m.path("medium")).unwrap();
+        pread_pages(&f, plain, MEDIUM_READS.into_iter());
+        let on_disk = whole_fetch_landing(&addr);
+        if on_disk < plain.len() as f64 {
+            return (m, addr, f, on_disk);
+        }
+        eprintln!("try {attempt}: the whole fetch had ended before {before} ({on_disk} bytes); trying again");
+        drop(f);
+        let log = m.unmount();
+        assert!(!log.contains("panicked"), "{log}");
+        reset();
+    }
+    panic!("the whole fetch had ended before {before} in each of three tries");
+}
+
 /// Waits (polling every 2 ms, at most 30 s) until a whole fetch started by [`MEDIUM_READS`] is landing in the disk
 /// cache (past 1 MiB written there, as the reads' own six chunks make less) and returns the bytes written by then;
 /// fails if it never does.
