@@ -189,18 +189,9 @@ impl LaterDeletes {
                 kept.push((etag, f));
                 continue;
             };
-            let sent = match self.inner.head(key).await {
-                Err(e) if e.is_not_found() => Ok(()),
-                Err(e) => Err(e),
-                // Another writer's version since: the next start would keep it too.
-                Ok((info, _)) if info.etag.as_deref() != Some(unlinked.as_str()) => Ok(()),
-                Ok(_) => match self.inner.delete_if(key, &unlinked).await {
-                    Err(e) if e.is_not_found() || e.is_precondition() => Ok(()),
-                    other => other,
-                },
-            };
-            match sent {
-                Ok(()) => f(true),
+            // Another writer's version since is kept, as the next start would keep it.
+            match delete_if_still(&*self.inner, key, &unlinked).await {
+                Ok(_) => f(true),
                 Err(e) => {
                     let error = crate::error_text::error_chain(&e);
                     tracing::debug!(key = key.as_str(), %error, "the delete of an unlinked file is still not answered");
@@ -231,6 +222,36 @@ impl LaterDeletes {
             return Err(StoreError::NotFound { key: key.as_str().to_string() });
         }
         Ok(())
+    }
+}
+
+/// What [`delete_if_still`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resent {
+    /// The object was still the version unlinked, and is deleted.
+    Deleted,
+    /// Nothing was there (any more).
+    Gone,
+    /// Another version is there, and stays.
+    Replaced,
+}
+
+/// Sends a delete of `key` that an unlink promised and the store may not have received, only while the object is
+/// still the version unlinked (`etag`): one another writer put there since stays. Where the store cannot check the
+/// condition itself, the HEAD checks it first (a writer racing that window is the residual case, as for any
+/// unconditional delete). Used by a write that creates the key (`LaterDeletes::before_write`) and by the next start
+/// (`Fs::recover`).
+pub async fn delete_if_still(store: &dyn Backend, key: &ObjectKey, etag: &str) -> Result<Resent, StoreError> {
+    match store.head(key).await {
+        Err(e) if e.is_not_found() => Ok(Resent::Gone),
+        Err(e) => Err(e),
+        Ok((info, _)) if info.etag.as_deref() != Some(etag) => Ok(Resent::Replaced),
+        Ok(_) => match store.delete_if(key, etag).await {
+            Ok(()) => Ok(Resent::Deleted),
+            Err(e) if e.is_not_found() => Ok(Resent::Gone),
+            Err(e) if e.is_precondition() => Ok(Resent::Replaced),
+            Err(e) => Err(e),
+        },
     }
 }
 

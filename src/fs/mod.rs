@@ -3431,30 +3431,22 @@ impl Fs {
         (ok, failed)
     }
 
-    /// Sends the delete of a file a dead run unlinked, while the object is still the version unlinked: one that
-    /// another writer replaced since is theirs and stays. Where the store cannot check the condition itself, a HEAD
-    /// checks it first (a writer racing that window is the residual case, as for any unconditional delete). A store
-    /// that does not answer keeps the intent for the next start.
+    /// Sends the delete of a file a dead run unlinked, while the object is still the version unlinked
+    /// (`deletes::delete_if_still`). A store that does not answer keeps the intent for the next start.
     async fn recover_delete(&self, left: crate::journal::LeftoverDelete) {
         let path = left.intent.path.clone();
         let Ok(k) = key(&path) else { return left.done() };
-        let result = match self.backend.head(&k).await {
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e),
-            Ok((info, _)) if info.etag.as_deref() != Some(left.intent.etag.as_str()) => {
-                tracing::warn!(key = %path, "a previous run's unlink was not sent, and the object was replaced since: kept");
-                Ok(false)
-            }
-            Ok(_) => match self.backend.delete_if(&k, &left.intent.etag).await {
-                Ok(()) => Ok(true),
-                Err(e) if e.is_precondition() || e.is_not_found() => Ok(false),
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(sent) => {
-                if sent {
-                    tracing::warn!(key = %path, "deleted a file a previous run unlinked and had not deleted yet");
+        match deletes::delete_if_still(&*self.backend, &k, &left.intent.etag).await {
+            Ok(resent) => {
+                match resent {
+                    deletes::Resent::Deleted => {
+                        tracing::warn!(key = %path, "deleted a file a previous run unlinked and had not deleted yet")
+                    }
+                    deletes::Resent::Replaced => tracing::warn!(
+                        key = %path,
+                        "a previous run's unlink was not sent, and the object was replaced since: kept"
+                    ),
+                    deletes::Resent::Gone => {}
                 }
                 self.cache.invalidate_key(&path);
                 left.done();
