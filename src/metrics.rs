@@ -651,6 +651,16 @@ impl Backend for MeteredBackend {
         measure(RequestKind::Rename, self.inner.rename(from, to, meta)).await
     }
 
+    async fn rename_if(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        measure(RequestKind::Rename, self.inner.rename_if(from, to, meta, etag)).await
+    }
+
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         measure(RequestKind::UpdateMeta, self.inner.update_meta(key, meta)).await
     }

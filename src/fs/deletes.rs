@@ -472,6 +472,19 @@ impl Backend for LaterDeletes {
         self.after_write(to, result)
     }
 
+    async fn rename_if(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        self.gone(from)?;
+        self.before_write(to, false).await;
+        let result = self.inner.rename_if(from, to, meta, etag).await;
+        self.after_write(to, result)
+    }
+
     async fn update_meta(&self, key: &ObjectKey, meta: &UserMeta) -> Result<ObjectInfo, StoreError> {
         self.gone(key)?;
         let result = self.inner.update_meta(key, meta).await;

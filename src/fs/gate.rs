@@ -12,6 +12,13 @@
 //! resolves its paths only after it enters, so it works at the directory's new name. Entering is one lock and a map
 //! insert when nothing is moving.
 //!
+//! Reading the names enters too: a lookup (at its directory), a directory listing, a readlink. Half way through a
+//! move, the old prefix holds only what has not moved yet, so a lookup there answered ENOENT for a file already
+//! carried over, and a listing missed it. Reads of file content through a descriptor do not enter (the hot path,
+//! and they need no name): a read whose object went away under it waits until the move has ended
+//! ([`TreeGate::settled`]) and reads again at the key the move left its descriptor. A file's own rename counts as a
+//! move of that file, for the same reason.
+//!
 //! Deadlock freedom: an operation that has entered never enters again (the public entry points enter; what they call
 //! inside does not), and a move only waits for operations that entered before it began. Other operations wait only
 //! for moves. A move is itself an entered operation (the rename, at its two parents), so two moves could wait for each
@@ -106,6 +113,27 @@ impl TreeGate {
                 let t = table();
                 if !s.active.values().any(|inos| inos.iter().any(|&i| is_under(&t, i, dir))) {
                     return guard;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until no move of `ino`, or of a directory above it, is running: at once when none is. For reads, which
+    /// do not enter (they change nothing, and most never meet a move): one whose object went away under it asks
+    /// again once the move that took it has ended, at the key the move left it.
+    pub async fn settled<'a, F>(&'a self, ino: u64, table: F)
+    where
+        F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
+    {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = lock(&self.state);
+                if s.moving.is_empty() || !s.moving.iter().any(|&m| is_under(&table(), ino, m)) {
+                    return;
                 }
             }
             notified.await;

@@ -64,6 +64,8 @@ const SLOW_PAGES_OFF: u32 = 2;
 /// How often a name whose node the memory trim dropped between its resolve and its use is resolved again before the
 /// request gives up (EBUSY; see [`Fs::resolve_then`]). A trim runs at most every 100 ms.
 const RESOLVE_ATTEMPTS: u32 = 8;
+/// How often a rename moves an object that another writer keeps replacing before it gives up (`rename_object`).
+const MOVE_ATTEMPTS: u32 = 3;
 /// The largest directory, in listing pages of 1,000 entries, that a burst of creates lists again to go on without a
 /// HEAD per file ([`Fs::renew_names_for_creates`]): two requests, where a larger listing would take longer than the
 /// HEADs it saves.
@@ -997,6 +999,8 @@ impl Fs {
     /// `rename` or `open` of the name, which need only the node, cost no request. So attributes changed by another
     /// mount show within `attr_ttl` as before, and `rm -r` pays no HEAD per file.
     pub async fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<(Attr, Duration)> {
+        // Half way through a move of the directory, its old prefix lacks what has moved (see `fs::gate`).
+        let _op = self.enter(&[parent]).await;
         let name = match check_name(name) {
             // The directory index is no file: not there for a lookup, refused (EPERM) for a create.
             Err(Error::NotPermitted(RESERVED_NAME)) => return Err(Error::NotFound),
@@ -1314,6 +1318,7 @@ impl Fs {
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _op = self.enter(&[ino]).await; // its object may be half way through a move (see `fs::gate`)
         // The target this mount knows, or else the version of the object it is read from.
         type Version = Option<(Remote, StoredFormat)>;
         let known = || -> Result<Result<Vec<u8>, Version>> {
@@ -1767,6 +1772,7 @@ impl Fs {
     }
 
     pub async fn opendir(&self, ino: u64) -> Result<u64> {
+        let _op = self.enter(&[ino]).await; // a listing half way through a move misses what has moved (`fs::gate`)
         if self.attr_of(ino)?.kind != FileKind::Dir {
             return Err(Error::NotDir);
         }
@@ -1943,16 +1949,14 @@ impl Fs {
             }
         }
         let target = target.map(|(t, _)| t);
-        // A directory: nothing may change under it until the table has it at its new name (see `fs::gate`). Into
-        // itself is refused first: the move would wait for this very operation, which entered at the new parent.
-        let _moving = if kind == FileKind::Dir {
-            if new_parent == ino || gate_is_under(&lock(&self.table), new_parent, ino) {
-                return Err(Error::InvalidArgument("cannot move a directory into itself"));
-            }
-            Some(self.gate.begin_move(ino, || lock(&self.table)).await)
-        } else {
-            None
-        };
+        // Nothing may change under a directory, or look it up, until the table has it at its new name (see
+        // `fs::gate`). Into itself is refused first: the move would wait for this very operation, which entered at
+        // the new parent. A file's own move too: reads through its descriptors that find the old key gone wait for
+        // the new one, and changes of the file wait (they waited for its write state before).
+        if kind == FileKind::Dir && (new_parent == ino || gate_is_under(&lock(&self.table), new_parent, ino)) {
+            return Err(Error::InvalidArgument("cannot move a directory into itself"));
+        }
+        let _moving = self.gate.begin_move(ino, || lock(&self.table)).await;
         // An open target keeps its content for its descriptors (see unlink).
         if let Some(t) = target.filter(|t| self.is_open(*t)) {
             self.stage_whole(t).await?;
@@ -2109,11 +2113,26 @@ impl Fs {
         Ok(())
     }
 
-    /// Moves one object, re-binding it to its new path when it is encrypted.
+    /// Moves one object, re-binding it to its new path when it is encrypted. The version its HEAD found is the one
+    /// moved ([`Backend::rename_if`]): an upload of `from` by another writer that lands during the move stays under
+    /// the old name (logged), and one that lands before the copy makes the move start again from its HEAD.
     async fn rename_object(&self, from: &str, to: &str) -> Result<()> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.rename_object_once(from, to).await {
+                Err(Error::Store { source, .. }) if source.is_precondition() && attempts < MOVE_ATTEMPTS => {
+                    tracing::debug!(key = %from, "the object changed before it was copied; moving it again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn rename_object_once(&self, from: &str, to: &str) -> Result<()> {
         let from_key = key(from)?;
         let to_key = key(to)?;
-        let (_info, mut meta) = self.backend.head(&from_key).await.map_err(|e| Error::store(from, e))?;
+        let (info, mut meta) = self.backend.head(&from_key).await.map_err(|e| Error::store(from, e))?;
         if self.codec.is_encrypted() && meta.extra.contains_key(BIND_META) {
             let (header, _, _) = self
                 .backend
@@ -2127,12 +2146,30 @@ impl Fs {
             if let Some(b) = oc.binding(to) {
                 meta.extra.insert(BIND_META.to_string(), b);
             }
-            self.backend.rename(&from_key, &to_key, Some(&meta)).await.map_err(|e| Error::store(from, e))?;
+            self.move_version(&from_key, &to_key, Some(&meta), info.etag.as_deref()).await?;
         } else {
-            self.backend.rename(&from_key, &to_key, None).await.map_err(|e| Error::store(from, e))?;
+            self.move_version(&from_key, &to_key, None, info.etag.as_deref()).await?;
         }
         self.cache.invalidate_key(from);
         self.cache.invalidate_key(to);
+        Ok(())
+    }
+
+    /// The store side of [`Fs::rename_object`]: the version `etag` names where the HEAD gave one.
+    async fn move_version(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: Option<&str>,
+    ) -> Result<()> {
+        let Some(etag) = etag else {
+            return self.backend.rename(from, to, meta).await.map_err(|e| Error::store(from.as_str(), e));
+        };
+        let deleted = self.backend.rename_if(from, to, meta, etag).await.map_err(|e| Error::store(from.as_str(), e))?;
+        if !deleted {
+            tracing::warn!(key = %from, to = %to, "another writer stored this name while it was being moved: its version stays under the old name");
+        }
         Ok(())
     }
 
@@ -2765,6 +2802,7 @@ impl Fs {
         // The handle's reader is taken only now: an upload of this file that finished while this read waited for the
         // staged copy has pointed the handle at the version it stored (`refresh_readers`).
         let Some(reader) = self.file_handle(fh)?.1 else { return Ok(Vec::new()) };
+        let key_before = reader.key();
         match reader.read(offset, size as usize).await {
             // This mount may still have replaced the object between the two (another handle's writes, uploaded while
             // this GET was on its way): the handle then names the new version, which is read instead. A change by
@@ -2773,6 +2811,15 @@ impl Fs {
                 Some(now) if now.etag() != reader.etag() => now.read(offset, size as usize).await,
                 _ => Err(e),
             },
+            // A rename of the file, or of a directory above it, may have moved the object away while this read asked
+            // for it: once no move covers the file, a descriptor the move pointed at another key reads there.
+            Err(e) => {
+                self.gate.settled(ino, || lock(&self.table)).await;
+                match self.file_handle(fh)?.1 {
+                    Some(now) if now.key() != key_before => now.read(offset, size as usize).await,
+                    _ => Err(e),
+                }
+            }
             other => other,
         }
     }

@@ -38,8 +38,14 @@ struct Silenceable {
     /// `delete` hangs until this is cleared (a rename's copy done, its delete not yet), counting in `deletes_held`.
     hang_deletes: AtomicBool,
     deletes_held: std::sync::atomic::AtomicUsize,
+    /// While `hang_deletes` is set, this many deletes still go through first (a move that has carried some objects
+    /// over whole when it is held).
+    deletes_before_hang: std::sync::atomic::AtomicUsize,
     /// The next multipart upload's completion lands, but its answer is lost: a timeout, and the store goes silent.
     lose_next_complete: AtomicBool,
+    /// Another writer's version (key, content), put in place just before the next delete of that key: the moment
+    /// between a rename's copy and its delete.
+    put_before_delete: std::sync::Mutex<Option<(ObjectKey, Bytes)>>,
 }
 
 impl Silenceable {
@@ -57,7 +63,9 @@ impl Silenceable {
             replace_before_meta: std::sync::Mutex::new(None),
             hang_deletes: AtomicBool::new(false),
             deletes_held: std::sync::atomic::AtomicUsize::new(0),
+            deletes_before_hang: std::sync::atomic::AtomicUsize::new(0),
             lose_next_complete: AtomicBool::new(false),
+            put_before_delete: std::sync::Mutex::new(None),
         }
     }
 
@@ -80,6 +88,32 @@ impl Silenceable {
         };
         if let Some((k, body, meta)) = taken {
             self.inner.put(&k, body, &meta).await.unwrap();
+        }
+    }
+
+    /// While `hang_deletes` is set, a delete (conditional or not) waits until it is cleared, past the first
+    /// `deletes_before_hang`.
+    async fn hold_delete(&self) {
+        if !self.hang_deletes.load(Ordering::SeqCst) {
+            return;
+        }
+        let passes = self.deletes_before_hang.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if passes.is_err() {
+            self.deletes_held.fetch_add(1, Ordering::SeqCst);
+            while self.hang_deletes.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// Puts the version `put_before_delete` holds for `key`, once.
+    async fn put_first(&self, key: &ObjectKey) {
+        let taken = {
+            let mut slot = self.put_before_delete.lock().unwrap();
+            if slot.as_ref().is_some_and(|(k, _)| k == key) { slot.take() } else { None }
+        };
+        if let Some((k, body)) = taken {
+            self.inner.put(&k, body, &UserMeta::default()).await.unwrap();
         }
     }
 
@@ -183,19 +217,17 @@ impl Backend for Silenceable {
         self.inner.update_meta_if(key, meta, etag).await
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        if self.hang_deletes.load(Ordering::SeqCst) {
-            self.deletes_held.fetch_add(1, Ordering::SeqCst);
-            while self.hang_deletes.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        self.hold_delete().await;
         self.check(key.as_str())?;
         self.note("delete");
+        self.put_first(key).await;
         self.inner.delete(key).await
     }
     async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
+        self.hold_delete().await;
         self.check(key.as_str())?;
         self.note("delete_if");
+        self.put_first(key).await;
         if !self.conditional_deletes.load(Ordering::SeqCst) {
             return self.inner.delete(key).await;
         }
@@ -1546,6 +1578,111 @@ async fn changes_under_a_directory_being_moved_wait_and_land_at_its_new_name() {
     let (_, meta) = store.inner.head(&ObjectKey::new("e/h").unwrap()).await.unwrap();
     assert_eq!(meta.mode.map(|m| m & 0o7777), Some(0o600), "the chmod reached the moved file");
     assert_eq!(fs.gate.moves(), 0);
+}
+
+/// What reads a directory while it is being moved: a lookup of a name the move has already carried over (copied and
+/// deleted), a listing of the directory, and a read through a descriptor opened before the move. The move is held at
+/// its second delete, one file moved whole and one not. Each waits for the move and finds the file at the
+/// directory's new name; none answers ENOENT or EIO for a file that exists, or a listing missing it. A lookup
+/// elsewhere does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_under_a_directory_being_moved_wait_and_find_it_whole() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    write_file_unstreamed(&fs, d.ino, "a", b"content of a").await;
+    write_file_unstreamed(&fs, d.ino, "b", b"content of b").await;
+    write_file_unstreamed(&fs, ROOT_INO, "elsewhere", b"x").await;
+    let (a, _) = fs.resolve_attr(d.ino, "a").await.unwrap();
+    let fh = fs.open(a, OpenMode::default()).await.unwrap();
+    tokio::time::sleep(TTL * 2).await; // every name stale: a lookup asks the store
+    store.deletes_before_hang.store(1, Ordering::SeqCst);
+    store.hang_deletes.store(true, Ordering::SeqCst);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let held = || async {
+        while store.deletes_held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
+    let reads = async {
+        held().await;
+        assert!(store.inner.head(&ObjectKey::new("d/a").unwrap()).await.is_err(), "the move has carried a over whole");
+        let lookup = async {
+            let found = fs.lookup(d.ino, OsStr::new("a")).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            found.map(|attr| attr.ino)
+        };
+        let listing = async {
+            let listed = match fs.opendir(d.ino).await {
+                Ok(dh) => {
+                    let names: Vec<String> = fs.readdir(dh).unwrap().iter().map(|e| e.name.clone()).collect();
+                    fs.releasedir(dh);
+                    Ok(names)
+                }
+                Err(e) => Err(e),
+            };
+            done.fetch_add(1, Ordering::SeqCst);
+            listed
+        };
+        let read = async {
+            let got = fs.read(fh, 0, 100).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            got
+        };
+        tokio::join!(lookup, listing, read)
+    };
+    let elsewhere = async {
+        held().await;
+        fs.lookup(ROOT_INO, OsStr::new("elsewhere")).await.unwrap();
+        !store.hang_deletes.load(Ordering::SeqCst)
+    };
+    let unhang = async {
+        held().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early = done.load(Ordering::SeqCst);
+        store.hang_deletes.store(false, Ordering::SeqCst);
+        early
+    };
+    let (renamed, (looked_up, listed, read), waited_elsewhere, early) = tokio::join!(rename, reads, elsewhere, unhang);
+    renamed.unwrap();
+    assert!(!waited_elsewhere, "a lookup outside the directory waited for its move");
+    assert_eq!(early, 0, "a read under the directory went ahead during its move");
+    assert_eq!(looked_up.unwrap(), a, "the lookup found the moved file");
+    let mut listed = listed.unwrap();
+    listed.sort();
+    assert_eq!(listed, ["a", "b"], "the listing shows the whole directory");
+    assert_eq!(&read.unwrap()[..], b"content of a");
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.gate.moves(), 0);
+}
+
+/// A rename on S3 copies each object, then deletes the old key. Another writer's upload of the old name that lands
+/// between the two stays there: the delete is conditional on the version copied. The moved file holds what it held.
+/// For a file and for a file under a moved directory.
+#[tokio::test]
+async fn an_upload_of_the_old_name_during_a_rename_stays() {
+    let store = memory_store();
+    store.conditional_deletes.store(true, Ordering::SeqCst);
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    write_file(&fs, ROOT_INO, "f", b"mine").await;
+    write_file(&fs, d.ino, "x", b"mine too").await;
+    let body = |k: &'static str| {
+        let store = store.clone();
+        async move { store.inner.get(&ObjectKey::new(k).unwrap()).await.map(|(b, _, _)| b.to_vec()) }
+    };
+    for (from, to, moved, theirs) in [("f", "g", "g", "f"), ("d", "e", "e/x", "d/x")] {
+        let upload = (ObjectKey::new(theirs).unwrap(), Bytes::from_static(b"theirs"));
+        *store.put_before_delete.lock().unwrap() = Some(upload);
+        fs.rename(ROOT_INO, OsStr::new(from), ROOT_INO, OsStr::new(to), false).await.unwrap();
+        assert!(store.put_before_delete.lock().unwrap().is_none(), "{from}: the other writer's upload was made");
+        assert_eq!(body(theirs).await.unwrap(), b"theirs", "{from}: the other writer's upload stays");
+        let mine: &[u8] = if from == "f" { b"mine" } else { b"mine too" };
+        assert_eq!(body(moved).await.unwrap(), mine, "{from}: the moved file");
+    }
 }
 
 /// Two directory moves crossing, X into Y and Y into X at once, both past their first lookups (held there by a store

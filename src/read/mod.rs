@@ -422,7 +422,8 @@ impl Reader {
         Ok(())
     }
 
-    fn key(&self) -> String {
+    /// The object key reads go to now ([`Reader::set_key`] changes it).
+    pub fn key(&self) -> String {
         lock(&self.key).clone()
     }
 

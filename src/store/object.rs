@@ -779,6 +779,26 @@ impl Backend for ObjectStoreBackend {
         }
     }
 
+    async fn rename_if(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        check_same_kind(from, to)?;
+        // With new metadata, on S3 without an SSE mode: a CopyObject conditional on the version.
+        let copied = match meta {
+            Some(meta) => self.copy_server_side(from, to, meta, Some(etag)).await,
+            None => None,
+        };
+        match copied {
+            Some(copied) => copied.map(|_| ())?,
+            None => self.copy(from, to, meta).await?,
+        }
+        super::delete_moved(self, from, etag).await
+    }
+
     async fn update_meta(
         &self,
         key: &ObjectKey,
