@@ -16,15 +16,18 @@
 //! move, the old prefix holds only what has not moved yet, so a lookup there answered ENOENT for a file already
 //! carried over, and a listing missed it. Reads of file content through a descriptor do not enter (the hot path,
 //! and they need no name): a read whose object went away under it waits until the move has ended
-//! ([`TreeGate::settled`]) and reads again at the key the move left its descriptor. A file's own rename counts as a
-//! move of that file, for the same reason.
+//! ([`TreeGate::settled`]) and reads again at the key the move left its descriptor. A GETATTR that must ask the
+//! store (stale attributes) waits there too: a page of the old prefix would drop the names already moved. A file's
+//! own rename counts as a move of that file, for the same reason.
 //!
 //! Deadlock freedom: an operation that has entered never enters again (the public entry points enter; what they call
 //! inside does not), and a move only waits for operations that entered before it began. Other operations wait only
 //! for moves. A move is itself an entered operation (the rename, at its two parents), so two moves could wait for each
 //! other's entry (X into Y/ and Y into X/ at once): directory renames take `Fs::dir_moves` before they enter, so
-//! at most one move is ever inside. A move of a directory into itself is refused before it begins (it would wait for
-//! its own entry).
+//! at most one directory move is ever inside. A file's move waits only for operations entered at that file, and no
+//! rename enters at a file (it enters at directories), so file moves never wait for a rename, nor for each other. A
+//! move of a directory into itself is refused before it begins (it would wait for its own entry). Reads that wait
+//! with [`TreeGate::settled`] have not entered: no move waits for them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,7 +42,7 @@ pub struct TreeGate {
 
 #[derive(Default)]
 struct State {
-    /// Directories being moved.
+    /// Directories (and files) being moved.
     moving: Vec<u64>,
     /// Operations in flight, by id: the inodes each works on.
     active: HashMap<u64, Vec<u64>>,
@@ -96,8 +99,8 @@ impl TreeGate {
         }
     }
 
-    /// Begins a move of directory `dir`: from now on operations under it wait; returns once those that entered
-    /// before are done. The move ends when the returned guard drops.
+    /// Begins a move of `dir` (a directory, or a file): from now on operations under it wait; returns once those
+    /// that entered before are done. The move ends when the returned guard drops.
     pub async fn begin_move<'a, F>(&'a self, dir: u64, table: F) -> Moving<'a>
     where
         F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
@@ -162,7 +165,7 @@ impl Drop for Entered<'_> {
     }
 }
 
-/// A directory move in progress; it ends when this drops.
+/// A move in progress; it ends when this drops.
 pub struct Moving<'a> {
     gate: &'a TreeGate,
     dir: u64,

@@ -209,6 +209,9 @@ pub struct Fs {
     /// The process that opened each writable handle (see [`Fs::flush_by`]).
     openers: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
+    /// How many times renames have pointed open descriptors at new keys (`retarget_readers`): a read that failed
+    /// during a move reads again only if this changed meanwhile.
+    retargets: AtomicU64,
     /// Names found missing in the store, and when: lets create() skip asking again right after the kernel's lookup.
     negative: Mutex<HashMap<(u64, String), Instant>>,
     /// When a refresh last found the store silent (timed out, unreachable); `None` once it answers again.
@@ -364,6 +367,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             openers: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            retargets: AtomicU64::new(0),
             negative: Mutex::new(HashMap::new()),
             silent_since: Mutex::new(None),
             relisting: Mutex::new(std::collections::HashSet::new()),
@@ -1105,6 +1109,10 @@ impl Fs {
             (stale, if stale { table.path_of(ino) } else { None }, listed_in)
         };
         if let (true, Some(path)) = (stale_file, path) {
+            // Half way through a move above it, the old prefix lacks what has moved: a page of it would drop those
+            // names (see `fs::gate`). Wait for the move, then ask at the new name.
+            self.gate.settled(ino, || lock(&self.table)).await;
+            let path = self.path_of(ino).unwrap_or(path);
             if self.store_recently_silent() {
                 tracing::debug!(path, "store silent: serving known attributes from memory");
                 return self.attr_of(ino);
@@ -2179,6 +2187,7 @@ impl Fs {
     }
 
     fn retarget_readers(&self) {
+        self.retargets.fetch_add(1, Ordering::AcqRel);
         let handles = lock(&self.handles);
         let table = lock(&self.table);
         for h in handles.values() {
@@ -2802,7 +2811,7 @@ impl Fs {
         // The handle's reader is taken only now: an upload of this file that finished while this read waited for the
         // staged copy has pointed the handle at the version it stored (`refresh_readers`).
         let Some(reader) = self.file_handle(fh)?.1 else { return Ok(Vec::new()) };
-        let key_before = reader.key();
+        let retargets = self.retargets.load(Ordering::Acquire);
         match reader.read(offset, size as usize).await {
             // This mount may still have replaced the object between the two (another handle's writes, uploaded while
             // this GET was on its way): the handle then names the new version, which is read instead. A change by
@@ -2812,11 +2821,13 @@ impl Fs {
                 _ => Err(e),
             },
             // A rename of the file, or of a directory above it, may have moved the object away while this read asked
-            // for it: once no move covers the file, a descriptor the move pointed at another key reads there.
-            Err(e) => {
+            // for it: once no move covers the file, if a move pointed descriptors at new keys meanwhile, read again.
+            Err(e) if matches!(&e, Error::NotFound | Error::Store { source: StoreError::NotFound { .. }, .. }) => {
                 self.gate.settled(ino, || lock(&self.table)).await;
                 match self.file_handle(fh)?.1 {
-                    Some(now) if now.key() != key_before => now.read(offset, size as usize).await,
+                    Some(now) if self.retargets.load(Ordering::Acquire) != retargets => {
+                        now.read(offset, size as usize).await
+                    }
                     _ => Err(e),
                 }
             }

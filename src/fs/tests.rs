@@ -1640,7 +1640,7 @@ async fn reads_under_a_directory_being_moved_wait_and_find_it_whole() {
     };
     let unhang = async {
         held().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let early = done.load(Ordering::SeqCst);
         store.hang_deletes.store(false, Ordering::SeqCst);
         early

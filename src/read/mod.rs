@@ -422,8 +422,7 @@ impl Reader {
         Ok(())
     }
 
-    /// The object key reads go to now ([`Reader::set_key`] changes it).
-    pub fn key(&self) -> String {
+    fn key(&self) -> String {
         lock(&self.key).clone()
     }
 

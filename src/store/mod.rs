@@ -261,11 +261,13 @@ pub const LIST_PAGE: usize = 1000;
 pub type BodyStream = futures::stream::BoxStream<'static, Result<Bytes, StoreError>>;
 
 /// The delete that ends a [`Backend::rename_if`] once `from` is copied: conditional on the version `etag` moved.
-/// `Ok(false)` when another version, or nothing, was there by then: what another writer stored meanwhile stays.
+/// `Ok(false)` when another version was there by then: what another writer stored meanwhile stays. Nothing there
+/// (deleted meanwhile, or by an earlier try of this very delete) is `Ok(true)`: nothing stays under the old name.
 pub async fn delete_moved<B: Backend + ?Sized>(backend: &B, from: &ObjectKey, etag: &str) -> Result<bool, StoreError> {
     match backend.delete_if(from, etag).await {
         Ok(()) => Ok(true),
-        Err(e) if e.is_precondition() || e.is_not_found() => Ok(false),
+        Err(e) if e.is_not_found() => Ok(true),
+        Err(e) if e.is_precondition() => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -389,10 +391,10 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::rename`] of the version `etag` names, where a rename is a copy and a delete (S3): the delete of
     /// `from` is conditional on that version ([`Backend::delete_if`]), so another writer's upload of `from` that lands
     /// between the copy and the delete stays, under the old name (a store that ignores conditional deletes removes
-    /// it, as [`Backend::rename`] does). On S3 with `meta` the copy is conditional too ([`StoreError::Precondition`],
-    /// nothing moved, when `from` is no longer that version). Returns whether `from` was deleted: false when another
-    /// version (or nothing) was there by then. The default is that copy and [`delete_moved`]; a store whose rename
-    /// is one step (the local store) has no such moment and renames.
+    /// it, as [`Backend::rename`] does). On S3 without an SSE mode, with `meta`, the copy is conditional too
+    /// ([`StoreError::Precondition`], nothing moved, when `from` is no longer that version); elsewhere the copy takes
+    /// whatever version is there. Returns false when another version stayed under the old name. The default is that
+    /// copy and [`delete_moved`]; a store whose rename is one step (the local store) has no such moment and renames.
     async fn rename_if(
         &self,
         from: &ObjectKey,
