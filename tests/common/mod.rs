@@ -674,9 +674,26 @@ pub fn leave_dirty_at_unmount(dir: &Path, name: &str, mib: usize, byte: u8) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A port nobody listens on right now (bound and released; another process could take it in between, which the
-/// mount would then report as a clear error), as `127.0.0.1:PORT` for `-o metrics_addr=`.
+/// A port nobody listens on right now, as `127.0.0.1:PORT` for `-o metrics_addr=`. Taken below the kernel's
+/// ephemeral range (`ip_local_port_range`): a port bound and released inside it (port 0) could be taken in between as
+/// the local port of any outgoing connection, and the tests' clients make thousands; the mount then failed with
+/// "Address already in use" (seen once in CI). Each port is handed out once per test process, from a start spread by
+/// the process id, and only if it can be bound now.
 pub fn free_metrics_addr() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const FIRST: u64 = 12_000; // above the test servers' fixed ports
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u64 = range.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(32_768);
+    if low > FIRST + 1_000 {
+        let span = low - FIRST;
+        let start = u64::from(std::process::id()) * 211 % span;
+        for _ in 0..span {
+            let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return format!("127.0.0.1:{port}");
+            }
+        }
+    }
     format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
 }
 
