@@ -78,25 +78,21 @@ impl TreeGate {
     where
         F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
     {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut s = lock(&self.state);
+        let id = self
+            .wait_until(|s| {
                 let blocked = !s.moving.is_empty() && {
                     let t = table();
                     inos.iter().any(|&i| s.moving.iter().any(|&m| is_under(&t, i, m)))
                 };
-                if !blocked {
+                (!blocked).then(|| {
                     let id = s.next;
                     s.next += 1;
                     s.active.insert(id, inos.to_vec());
-                    return Entered { gate: self, id: Some(id) };
-                }
-            }
-            notified.await;
-        }
+                    id
+                })
+            })
+            .await;
+        Entered { gate: self, id: Some(id) }
     }
 
     /// Begins a move of `dir` (a directory, or a file): from now on operations under it wait; returns once those
@@ -107,19 +103,12 @@ impl TreeGate {
     {
         lock(&self.state).moving.push(dir);
         let guard = Moving { gate: self, dir };
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let s = lock(&self.state);
-                let t = table();
-                if !s.active.values().any(|inos| inos.iter().any(|&i| is_under(&t, i, dir))) {
-                    return guard;
-                }
-            }
-            notified.await;
-        }
+        self.wait_until(|s| {
+            let t = table();
+            (!s.active.values().any(|inos| inos.iter().any(|&i| is_under(&t, i, dir)))).then_some(())
+        })
+        .await;
+        guard
     }
 
     /// Waits until no move of `ino`, or of a directory above it, is running: at once when none is. For reads, which
@@ -129,15 +118,20 @@ impl TreeGate {
     where
         F: Fn() -> std::sync::MutexGuard<'a, InodeTable>,
     {
+        self.wait_until(|s| (s.moving.is_empty() || !s.moving.iter().any(|&m| is_under(&table(), ino, m))).then_some(()))
+            .await
+    }
+
+    /// Waits until `ready`, called under the gate's lock, gives an answer: it is called at once, then again after each
+    /// change (an operation leaving, a move ending). The wake-up is armed before the check, so a change between the
+    /// check and the wait is not missed.
+    async fn wait_until<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let s = lock(&self.state);
-                if s.moving.is_empty() || !s.moving.iter().any(|&m| is_under(&table(), ino, m)) {
-                    return;
-                }
+            if let Some(answer) = ready(&mut lock(&self.state)) {
+                return answer;
             }
             notified.await;
         }
