@@ -343,6 +343,44 @@ fn an_entry_changed_elsewhere_is_not_trusted_and_the_index_is_rebuilt(mode: &str
 }
 modes!(an_entry_changed_elsewhere_is_not_trusted_and_the_index_is_rebuilt);
 
+/// `cp` over the files of a directory a fresh mount has not listed (`src/fs/probing.rs`): the first two names are
+/// probed, then the directory is listed (one page, with its index), and the other names' lookups ask nothing. Each
+/// file ends up with the new content, on this mount and on the next. Before, every name cost a probe: two HEADs and
+/// a one-key listing.
+fn overwriting_files_a_fresh_mount_has_not_listed_lists_their_directory_once(mode: &str) {
+    const FILES: usize = 40;
+    let env = Env::new();
+    let store = Store::s3();
+    let a = Mount::start(&env, &store, mode);
+    fs::create_dir(a.path("d")).unwrap();
+    sh(&format!("for i in $(seq 10 {}); do echo old $i > d/f$i; done", 9 + FILES), &a.dir);
+    a.unmount();
+    let src = tempfile::tempdir().unwrap();
+    for i in 10..10 + FILES {
+        fs::write(src.path().join(format!("f{i}")), format!("new content of {i}\n")).unwrap();
+    }
+    let (b, addr) = metered(&env, &store, mode);
+    fs::metadata(b.path("d")).unwrap();
+    let before = scrape(&addr);
+    sh(&format!("cp {}/* d/", src.path().display()), &b.dir);
+    let cost = delta(&before, &scrape(&addr));
+    assert!(cost.has_children <= 2.0, "a probe per name: {}", cost.text);
+    assert!(cost.list + cost.list_page >= 1.0 && cost.list + cost.list_page <= 2.0, "{}", cost.text);
+    // The probes' HEADs, and on a server that ignores conditional writes the one before each upload.
+    assert!(cost.head <= (FILES + 4) as f64, "{}", cost.text);
+    let check = |m: &Mount| {
+        for i in 10..10 + FILES {
+            assert_eq!(fs::read_to_string(m.path(&format!("d/f{i}"))).unwrap(), format!("new content of {i}\n"));
+        }
+    };
+    check(&b);
+    b.unmount();
+    let c = Mount::start(&env, &store, mode);
+    check(&c);
+    c.unmount();
+}
+modes!(overwriting_files_a_fresh_mount_has_not_listed_lists_their_directory_once);
+
 /// cse-c: a flipped byte in the sealed index is logged once and ignored (attributes from HEADs, correct); an older
 /// index put back (replayed) after a chmod shows the chmod, not the older entry.
 #[test]

@@ -17,6 +17,7 @@ pub mod error;
 pub mod inode;
 mod listing;
 pub mod precheck;
+mod probing;
 mod renew;
 pub mod sparse;
 pub mod trim;
@@ -35,6 +36,7 @@ use bytes::Bytes;
 
 pub use self::error::{Error, Result};
 pub use self::inode::{Attr, FileKind, ROOT_INO};
+use self::dirindex::IndexRead;
 use self::inode::{InodeTable, Node, Remote};
 use self::deletes::LaterDeletes;
 use self::gate::is_under as gate_is_under;
@@ -46,7 +48,7 @@ use crate::object::{Codec, FormatHint, StoredFormat};
 use crate::read::s3ec::{S3ecOptions, S3ecReads};
 use crate::read::{Fetches, ReadContext, Reader, BIND_META};
 use crate::journal::{BaseVersion, Journal};
-use crate::store::{Backend, Expect, ObjectInfo, ObjectKey, StoreError, UserMeta};
+use crate::store::{Backend, Expect, Listing, ObjectInfo, ObjectKey, StoreError, UserMeta};
 
 /// Longest name a directory entry may have (as on ext4), and so the longest key component we create.
 const NAME_MAX: usize = 255;
@@ -219,6 +221,9 @@ pub struct Fs {
     /// Directories being listed again because their names' knowledge expired while in use (see
     /// [`Fs::relist_if_worth_it`]): one listing at a time per directory.
     relisting: Mutex<std::collections::HashSet<u64>>,
+    /// What lookups that asked the store cost, per directory whose names this mount does not know: it is listed once
+    /// they add up to what listing it costs (see `fs::probing`).
+    probing: probing::Tallies,
     /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_from`]).
     prefetching: Mutex<std::collections::HashSet<u64>>,
     /// Directories a page of whose listing is being listed to renew their files (see `fs::renew`): one at a time each.
@@ -371,6 +376,7 @@ impl Fs {
             negative: Mutex::new(HashMap::new()),
             silent_since: Mutex::new(None),
             relisting: Mutex::new(std::collections::HashSet::new()),
+            probing: probing::Tallies::default(),
             prefetching: Mutex::new(std::collections::HashSet::new()),
             renewing: Mutex::new(std::collections::HashSet::new()),
             slow_pages: Mutex::new((0, None)),
@@ -870,6 +876,28 @@ impl Fs {
         if !self.store_recently_silent() && self.listed_file(parent, name) && self.prefetch_from(parent, name).await {
             if let Some(answer) = self.resolve_from_memory(parent, name) {
                 return answer;
+            }
+        }
+        // Asking the store about names here has cost about what listing the directory would: list it instead (and
+        // read a listed file's metadata ahead as above).
+        match self.list_if_lookups_add_up(parent, name).await {
+            Ok(true) => {
+                if let Some(answer) = self.resolve_from_memory(parent, name) {
+                    return answer;
+                }
+                if self.listed_file(parent, name) && self.prefetch_from(parent, name).await {
+                    if let Some(answer) = self.resolve_from_memory(parent, name) {
+                        return answer;
+                    }
+                }
+            }
+            Ok(false) => {}
+            // The store did not answer the listing: an unknown name fails as its probe would have, without waiting
+            // for that too; a known one is served from memory below, as after a silent HEAD.
+            Err(e) => {
+                if lock(&self.table).child(parent, name).is_none() {
+                    return Err(e);
+                }
             }
         }
         let existing = {
@@ -1468,19 +1496,34 @@ impl Fs {
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
         let listed_at = Instant::now();
         let (listing, index) = self.list_children(ino, &prefix, prefetch).await.map_err(|e| Error::store(&prefix, e))?;
+        self.merge_listing(ino, &prefix, listed_at, &listing, index, prefetch).await
+    }
+
+    /// The second half of [`Fs::list_dir`]: merges `listing`, `ino`'s whole listing (from `prefix`) as asked for at
+    /// `listed_at`, into the table, applies the directory's index (`index`: what the listing got of it) and, with
+    /// `prefetch`, fetches the metadata the index did not give.
+    async fn merge_listing(
+        &self,
+        ino: u64,
+        prefix: &str,
+        listed_at: Instant,
+        listing: &Listing,
+        index: IndexRead,
+        prefetch: bool,
+    ) -> Result<Vec<DirEntry>> {
         // Name (borrowed from the listing), kind, and the position of its object in the listing, sorted by name: no
         // copies, which for a large listing would double what it takes while it is merged; a sorted vector of 24-byte
         // rows rather than a map (a third of the memory for 100,000 names).
         let mut found: Vec<(&str, FileKind, u32)> = Vec::with_capacity(listing.objects.len() + listing.prefixes.len());
         for p in &listing.prefixes {
-            let rest = p.as_str().strip_prefix(&prefix).unwrap_or(p.as_str()).trim_end_matches('/');
+            let rest = p.as_str().strip_prefix(prefix).unwrap_or(p.as_str()).trim_end_matches('/');
             if !rest.is_empty() && !rest.contains('/') && check_name(OsStr::new(rest)).is_ok() {
                 found.push((rest, FileKind::Dir, NO_OBJECT));
             }
         }
         let mut overflow = false;
         for (position, o) in listing.objects.iter().enumerate() {
-            let rest = o.key.as_str().strip_prefix(&prefix).unwrap_or(o.key.as_str());
+            let rest = o.key.as_str().strip_prefix(prefix).unwrap_or(o.key.as_str());
             if rest.is_empty() {
                 continue; // the directory's own marker
             }
@@ -1506,7 +1549,7 @@ impl Fs {
         // While the listing is merged, it takes memory the table would otherwise grow into: its objects, and the
         // rows above. Counted against the table's room below, so that a large listing makes the table take fewer
         // new nodes rather than the daemon go past its budget for the time of the merge.
-        let merging = trim::merge_bytes(&listing, found.len());
+        let merging = trim::merge_bytes(listing, found.len());
         // New nodes only while the table has room in its share of the memory budget (see `fs::trim`): the entries
         // past that are reported with the number their node will get, and looked up from the store when used.
         let mut room = {
@@ -1590,7 +1633,7 @@ impl Fs {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         // The directory's index first, whenever it has one and some listed file needs attributes (one GET): what it
         // vouches for needs no HEAD, and a listing taken again while a scan stats the directory renews them all.
-        self.apply_index(ino, &prefix, &listing, index).await;
+        self.apply_index(ino, prefix, listing, index).await;
         if prefetch {
             self.prefetch_metadata(&entries).await;
         }
@@ -1621,6 +1664,7 @@ impl Fs {
                 table.know_subdirs(ino, listed_at + self.config.attr_ttl);
                 // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
                 table.know_names(ino, listed_at + self.config.attr_ttl, entries.len(), Some(listed_at));
+                self.probing.clear(ino);
             } else {
                 table.forget_listing(ino);
             }

@@ -46,6 +46,13 @@ struct Silenceable {
     /// Another writer's version (key, content), put in place just before the next delete of that key: the moment
     /// between a rename's copy and its delete.
     put_before_delete: std::sync::Mutex<Option<(ObjectKey, Bytes)>>,
+    /// Names per page of `list_children_page`, as S3 lists (1,000 there); 0: the store cannot list a page at a time
+    /// (`lists_from_keys` false), as the in-memory store cannot.
+    page_size: std::sync::atomic::AtomicUsize,
+    /// `list_children_page` is refused (after noting the request), as by a policy without ListBucket.
+    refuse_pages: AtomicBool,
+    /// Requests that timed out because the store was silent.
+    timed_out: std::sync::atomic::AtomicUsize,
 }
 
 impl Silenceable {
@@ -66,11 +73,15 @@ impl Silenceable {
             deletes_before_hang: std::sync::atomic::AtomicUsize::new(0),
             lose_next_complete: AtomicBool::new(false),
             put_before_delete: std::sync::Mutex::new(None),
+            page_size: std::sync::atomic::AtomicUsize::new(0),
+            refuse_pages: AtomicBool::new(false),
+            timed_out: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     fn check(&self, key: &str) -> Result<(), StoreError> {
         if self.silent.load(Ordering::SeqCst) {
+            self.timed_out.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::TimedOut { key: key.into(), after: Duration::from_secs(3), detail: "test".into() });
         }
         Ok(())
@@ -256,6 +267,43 @@ impl Backend for Silenceable {
         self.check(dir)?;
         self.note("list");
         self.inner.list(dir, recursive).await
+    }
+    fn lists_from_keys(&self) -> bool {
+        self.page_size.load(Ordering::SeqCst) > 0
+    }
+    /// Pages of the whole listing's names (objects and prefixes in key order), `page_size` each; the token is the
+    /// last key of the page before.
+    async fn list_children_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<crate::store::ChildPage, StoreError> {
+        let size = self.page_size.load(Ordering::SeqCst);
+        if size == 0 {
+            return self.inner.list_children_page(dir, after, token).await;
+        }
+        self.check(dir)?;
+        self.note("list_page");
+        if self.refuse_pages.load(Ordering::SeqCst) {
+            return Err(StoreError::AccessDenied { key: dir.into(), detail: "test: no ListBucket".into() });
+        }
+        let all = self.inner.list(dir, false).await?;
+        let mut keys: Vec<(String, Result<ObjectInfo, ObjectKey>)> =
+            all.objects.into_iter().map(|o| (o.key.as_str().to_string(), Ok(o))).collect();
+        keys.extend(all.prefixes.into_iter().map(|p| (p.as_str().to_string(), Err(p))));
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        let start = token.map(str::to_string).or_else(|| after.map(|a| a.to_string()));
+        let rest: Vec<_> = keys.into_iter().filter(|(k, _)| start.as_ref().is_none_or(|s| k > s)).collect();
+        let next = (rest.len() > size).then(|| rest[size - 1].0.clone());
+        let mut listing = Listing::default();
+        for (_, entry) in rest.into_iter().take(size) {
+            match entry {
+                Ok(o) => listing.objects.push(o),
+                Err(p) => listing.prefixes.push(p),
+            }
+        }
+        Ok(crate::store::ChildPage { listing, next })
     }
     async fn check_access(&self) -> Result<(), StoreError> {
         self.check("")?;
@@ -2094,4 +2142,99 @@ async fn a_name_whose_node_is_trimmed_after_it_was_found_is_resolved_again() {
     assert_eq!(calls.load(Ordering::SeqCst), RESOLVE_ATTEMPTS as usize);
     *lock(&fs.after_resolve) = None;
     assert_eq!(fs.lookup(d, OsStr::new("b")).await.unwrap().size, 4, "found once nothing drops it");
+}
+
+/// A store that lists a page of `page_size` names at a time, holding `files` in `d/` (one byte each, put by another
+/// tool: no index), and a mount of it that knows nothing of `d` yet but that it exists.
+async fn unlisted_dir(page_size: usize, files: usize) -> (Arc<Silenceable>, Fs, tempfile::TempDir, u64) {
+    let store = memory_store();
+    store.page_size.store(page_size, Ordering::SeqCst);
+    for i in 0..files {
+        let key = ObjectKey::new(format!("d/f{i:03}")).unwrap();
+        store.inner.put_expect(&key, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Any).await.unwrap();
+    }
+    let (fs, tmp) = fs_over_with_ttl(store.clone(), Duration::from_secs(600)).await;
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap().ino;
+    store.take_log();
+    (store, fs, tmp, d)
+}
+
+/// Lookups of names in a directory a cold mount has not listed (`cp -r` or `rsync` over an existing tree) list it
+/// once they have cost what its listing does; from then on a lookup there, of a name found or missing, probes
+/// nothing (`fs::probing`).
+#[tokio::test]
+async fn lookups_in_an_unlisted_directory_list_it_once_they_add_up() {
+    let (store, fs, _tmp, d) = unlisted_dir(1000, 20).await;
+    let attr = fs.lookup(d, OsStr::new("f000")).await.unwrap();
+    assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+    let first = store.take_log();
+    assert!(first.contains(&"list") && !first.contains(&"list_page"), "the first name is probed: {first:?}");
+    fs.lookup(d, OsStr::new("f001")).await.unwrap();
+    let second = store.take_log();
+    assert_eq!(second.iter().filter(|r| **r == "list_page").count(), 1, "{second:?}");
+    assert!(!second.contains(&"list"), "the second name is answered by the listing, not probed: {second:?}");
+    let mut rest = Vec::new();
+    for i in 2..20 {
+        let attr = fs.lookup(d, OsStr::new(&format!("f{i:03}"))).await.unwrap();
+        assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+        rest.extend(store.take_log());
+    }
+    // What is left to ask is the files' metadata (never read: no index), in batches; no probe, no listing.
+    assert!(rest.iter().all(|r| *r == "head"), "{rest:?}");
+    assert!(rest.len() <= 18, "{rest:?}");
+    assert!(matches!(fs.lookup(d, OsStr::new("missing")).await, Err(Error::NotFound)));
+    assert_eq!(store.take_log(), Vec::<&str>::new(), "a missing name is known missing");
+}
+
+/// The listing of a directory whose size is unknown never costs more pages than the lookups before it cost
+/// requests: a try that would need more is given up, and the next waits until the lookups have cost twice as much.
+/// A large directory is still listed in the end, and a store that refuses listings is tried less and less often,
+/// while every lookup is answered.
+#[tokio::test]
+async fn the_listing_of_an_unlisted_directory_costs_no_more_than_its_lookups_did() {
+    let (store, fs, _tmp, d) = unlisted_dir(4, 40).await;
+    let (mut pages, mut asked) = (0, 0);
+    let mut listed_at = None;
+    for i in 0..30 {
+        let attr = fs.lookup(d, OsStr::new(&format!("f{i:03}"))).await.unwrap();
+        assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+        let log = store.take_log();
+        pages += log.iter().filter(|r| **r == "list_page").count();
+        assert!(pages <= asked, "lookup {i}: {pages} pages listed after {asked} requests of lookups");
+        if log.contains(&"list") {
+            asked += 3; // a probe: two HEADs and a one-key listing
+            assert!(listed_at.is_none(), "lookup {i} probed after the listing");
+        } else if listed_at.is_none() {
+            listed_at = Some(i);
+        }
+    }
+    let listed_at = listed_at.expect("the directory was listed");
+    assert!(listed_at <= 16, "listed only at lookup {listed_at}");
+    assert!(matches!(fs.lookup(d, OsStr::new("missing")).await, Err(Error::NotFound)));
+    assert_eq!(store.take_log(), Vec::<&str>::new());
+
+    let (store, fs, _tmp, d) = unlisted_dir(1000, 40).await;
+    store.refuse_pages.store(true, Ordering::SeqCst);
+    for i in 0..40 {
+        let attr = fs.lookup(d, OsStr::new(&format!("f{i:03}"))).await.unwrap();
+        assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+    }
+    let tries = store.take_log().iter().filter(|r| **r == "list_page").count();
+    // Tries at 6, 12, 24, 48, 96 requests of probes (3 each): 40 lookups reach 120.
+    assert_eq!(tries, 5, "each refused try doubles the wait for the next");
+}
+
+/// A store that goes silent just when a directory's lookups add up to its listing: the lookup fails after the
+/// listing timed out, as its probe would have, without sending the probe and waiting for it too.
+#[tokio::test]
+async fn a_listing_the_store_does_not_answer_is_the_lookups_only_wait() {
+    let (store, fs, _tmp, d) = unlisted_dir(1000, 5).await;
+    fs.lookup(d, OsStr::new("f000")).await.unwrap();
+    store.silent.store(true, Ordering::SeqCst);
+    let failed = fs.lookup(d, OsStr::new("f001")).await;
+    assert!(matches!(failed, Err(Error::Store { ref source, .. }) if source.is_unreachable()), "{failed:?}");
+    assert_eq!(store.timed_out.load(Ordering::SeqCst), 1, "the lookup sent more than the listing's page");
+    store.silent.store(false, Ordering::SeqCst);
+    let attr = fs.lookup(d, OsStr::new("f001")).await.unwrap();
+    assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
 }
