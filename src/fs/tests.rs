@@ -41,6 +41,9 @@ struct Silenceable {
     /// While `hang_deletes` is set, this many deletes still go through first (a move that has carried some objects
     /// over whole when it is held).
     deletes_before_hang: std::sync::atomic::AtomicUsize,
+    /// A conditional delete (a rename's) is held after it is done rather than before: the old key is gone, and the
+    /// rename has not gone on to point descriptors at the new one.
+    hold_after_delete: AtomicBool,
     /// The next multipart upload's completion lands, but its answer is lost: a timeout, and the store goes silent.
     lose_next_complete: AtomicBool,
     /// Another writer's version (key, content), put in place just before the next delete of that key: the moment
@@ -71,6 +74,7 @@ impl Silenceable {
             hang_deletes: AtomicBool::new(false),
             deletes_held: std::sync::atomic::AtomicUsize::new(0),
             deletes_before_hang: std::sync::atomic::AtomicUsize::new(0),
+            hold_after_delete: AtomicBool::new(false),
             lose_next_complete: AtomicBool::new(false),
             put_before_delete: std::sync::Mutex::new(None),
             page_size: std::sync::atomic::AtomicUsize::new(0),
@@ -235,19 +239,27 @@ impl Backend for Silenceable {
         self.inner.delete(key).await
     }
     async fn delete_if(&self, key: &ObjectKey, etag: &str) -> Result<(), StoreError> {
-        self.hold_delete().await;
+        let after = self.hold_after_delete.load(Ordering::SeqCst);
+        if !after {
+            self.hold_delete().await;
+        }
         self.check(key.as_str())?;
         self.note("delete_if");
         self.put_first(key).await;
-        if !self.conditional_deletes.load(Ordering::SeqCst) {
-            return self.inner.delete(key).await;
+        let deleted = if !self.conditional_deletes.load(Ordering::SeqCst) {
+            self.inner.delete(key).await
+        } else {
+            // As S3 answers (checked and deleted in one step there; nothing else writes here meanwhile).
+            match self.inner.head(key).await {
+                Ok((info, _)) if info.etag.as_deref() == Some(etag) => self.inner.delete(key).await,
+                Ok(_) => Err(StoreError::Precondition { key: key.to_string() }),
+                Err(e) => Err(e),
+            }
+        };
+        if after {
+            self.hold_delete().await;
         }
-        // As S3 answers (checked and deleted in one step there; nothing else writes here meanwhile).
-        match self.inner.head(key).await {
-            Ok((info, _)) if info.etag.as_deref() == Some(etag) => self.inner.delete(key).await,
-            Ok(_) => Err(StoreError::Precondition { key: key.to_string() }),
-            Err(e) => Err(e),
-        }
+        deleted
     }
     async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
         self.check("")?;
@@ -1704,6 +1716,92 @@ async fn reads_under_a_directory_being_moved_wait_and_find_it_whole() {
     assert_eq!(&read.unwrap()[..], b"content of a");
     fs.release(fh).await.unwrap();
     assert_eq!(fs.gate.moves(), 0);
+}
+
+/// A file's own rename, held after the old key is deleted and before open descriptors are pointed at the new one:
+/// a read through a descriptor opened before finds the old key gone. It waits for the rename and reads the file at
+/// its new name (not EIO or ENOENT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_during_the_files_own_rename_waits_and_reads_at_the_new_name() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    write_file_unstreamed(&fs, ROOT_INO, "a", b"content of a").await;
+    let (a, _) = fs.resolve_attr(ROOT_INO, "a").await.unwrap();
+    let fh = fs.open(a, OpenMode::default()).await.unwrap();
+    fs.cache.invalidate_key("a"); // the read must go to the store
+    store.hold_after_delete.store(true, Ordering::SeqCst);
+    store.hang_deletes.store(true, Ordering::SeqCst);
+    let rename = fs.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("b"), false);
+    let read = async {
+        while store.deletes_held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(store.inner.head(&ObjectKey::new("a").unwrap()).await.is_err(), "the old key is gone");
+        fs.read(fh, 0, 100).await
+    };
+    let unhang = async {
+        while store.deletes_held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.hang_deletes.store(false, Ordering::SeqCst);
+    };
+    let (renamed, read, ()) = tokio::join!(rename, read, unhang);
+    renamed.unwrap();
+    assert_eq!(&read.unwrap()[..], b"content of a");
+    assert_eq!(fs.resolve_attr(ROOT_INO, "b").await.unwrap().0, a);
+    fs.release(fh).await.unwrap();
+}
+
+/// A GETATTR of a file whose attributes went stale, under a directory held half way through its move (one file
+/// carried over, one not): it would renew them with a page of the old prefix, which no longer shows the moved file,
+/// and so drop that file's name. It waits for the move instead, and afterwards the moved file is still the node the
+/// kernel knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stat_under_a_directory_being_moved_waits_for_the_move() {
+    let store = memory_store();
+    store.page_size.store(1000, Ordering::SeqCst);
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap();
+    write_file_unstreamed(&fs, d.ino, "a", b"content of a").await;
+    write_file_unstreamed(&fs, d.ino, "b", b"content of b").await;
+    let (a, _) = fs.resolve_attr(d.ino, "a").await.unwrap();
+    let (b, _) = fs.resolve_attr(d.ino, "b").await.unwrap();
+    let dh = fs.opendir(d.ino).await.unwrap();
+    fs.releasedir(dh);
+    tokio::time::sleep(TTL * 2).await; // stale: a GETATTR renews with a page of the listing
+    assert!(fs.renewable(d.ino, "b"), "the GETATTR below would not list a page");
+    store.deletes_before_hang.store(1, Ordering::SeqCst);
+    store.hang_deletes.store(true, Ordering::SeqCst);
+    let done = AtomicBool::new(false);
+    let held = || async {
+        while store.deletes_held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
+    let stat = async {
+        held().await;
+        // Keys sort as a, b: the move has carried a over whole and holds at b's delete.
+        assert!(store.inner.head(&ObjectKey::new("d/a").unwrap()).await.is_err(), "a has not moved yet");
+        let got = fs.getattr(b).await;
+        done.store(true, Ordering::SeqCst);
+        got
+    };
+    let unhang = async {
+        held().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let early = done.load(Ordering::SeqCst);
+        store.hang_deletes.store(false, Ordering::SeqCst);
+        early
+    };
+    let (renamed, stat, early) = tokio::join!(rename, stat, unhang);
+    renamed.unwrap();
+    assert!(!early, "the stat went ahead during the move");
+    assert_eq!(stat.unwrap().size, 12);
+    let e = fs.resolve_attr(ROOT_INO, "e").await.unwrap().0;
+    assert_eq!(lock(&fs.table).child(e, "a"), Some(a), "the moved file's name was dropped");
 }
 
 /// A rename on S3 copies each object, then deletes the old key. Another writer's upload of the old name that lands
