@@ -83,9 +83,13 @@ struct Relisting<'a> {
 }
 
 impl<'a> Relisting<'a> {
-    /// `None` when `dir` is being listed again already.
+    /// `None` when `dir` is being listed again already. The guard is made only once the set's lock is released, and
+    /// only when `dir` went in: one made and dropped at once (`then_some` builds its value whatever the condition)
+    /// would take the lock it is still under in its `drop` (a deadlock of every thread that lists), and would take
+    /// the other listing's entry out besides.
     fn start(set: &'a Mutex<std::collections::HashSet<u64>>, dir: u64) -> Option<Relisting<'a>> {
-        lock(set).insert(dir).then_some(Relisting { set, dir })
+        let inserted = lock(set).insert(dir);
+        inserted.then(|| Relisting { set, dir })
     }
 }
 
@@ -1664,7 +1668,6 @@ impl Fs {
                 table.know_subdirs(ino, listed_at + self.config.attr_ttl);
                 // Likewise every name: the listing's, and whatever this mount made or found since under the same lock.
                 table.know_names(ino, listed_at + self.config.attr_ttl, entries.len(), Some(listed_at));
-                self.probing.clear(ino);
             } else {
                 table.forget_listing(ino);
             }

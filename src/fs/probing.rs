@@ -10,11 +10,14 @@
 //! conditional writes needs before each upload (`fs::precheck`).
 //!
 //! When: the listing's size is not known before it is taken, and a directory of a million names costs a thousand
-//! requests, so a lookup here never pays for more than the lookups before it did. Each lookup that must ask the
-//! store adds what it costs to its directory's tally; once the tally reaches [`FIRST_TRY`] requests, the directory
-//! is listed page by page up to one page per [`REQUESTS_PER_PAGE`] requests of the tally. A listing that needs more
-//! is given up (what it took is lost), and the next try waits until the tally has doubled: the pages given up on
-//! stay within what the lookups themselves cost, whatever the directory's size. Nor does a try list more names than
+//! requests, so a lookup here never pays for more than the lookups before it did. Each lookup that must probe a
+//! name of unknown kind adds the probe's three requests to its directory's tally (a known name's lookup, one HEAD,
+//! counts nothing: a `stat` of one file in a loop must not get its directory listed); once the tally reaches
+//! [`FIRST_TRY`] requests, the directory is listed page by page up to one page per [`REQUESTS_PER_PAGE`] requests of
+//! the tally. A listing that needs more, or takes longer than `attr_ttl` (it would be stale once merged), is given
+//! up (what it took is lost), and the next try waits until the tally has doubled: the pages given up on stay within
+//! what the lookups themselves cost, whatever the directory's size. Not while deletes under the directory wait to
+//! be sent (each page would wait for them), nor with `attr_ttl` zero. Nor does a try list more names than
 //! the inode table has room for in its share of the memory budget (`fs::trim`). A listing that completes is merged
 //! as a readdir's would be, and from then on the directory's knowledge is renewed as any listed directory's is
 //! (`Fs::relist_if_worth_it`, `fs::renew`). A directory of up to 1,000 names is listed at its second lookup.
@@ -26,12 +29,16 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::{lock, DirEntry, Error, FileKind, Fs, Relisting, Result};
+use super::{lock, DirEntry, Error, Fs, Relisting, Result};
 use crate::store::{Listing, LIST_PAGE};
 
 /// Requests a directory's lookups must have cost before it is listed: two probes of unknown names.
 const FIRST_TRY: u64 = 6;
-/// Requests of lookups one listing page stands for: a page of 1,000 keys takes the store longer than a HEAD.
+/// What the probe of a name of unknown kind costs: two HEADs and a one-key listing.
+const PROBE_REQUESTS: u64 = 3;
+/// Requests of lookups one listing page stands for: one page per probe. A page of 1,000 keys takes the store longer
+/// than a HEAD, and is billed as a LIST, as the probe's own one-key listing is (on AWS a LIST costs 12.5 HEADs: a
+/// probe and a page cost about the same).
 const REQUESTS_PER_PAGE: u64 = 3;
 /// Directories tallied at most; past that the tally starts again (a directory in use soon reaches its try again).
 const MAX_TALLIES: usize = 10_000;
@@ -75,7 +82,7 @@ impl Tallies {
     }
 
     /// `dir`'s names are known: its tally starts again from nothing.
-    pub(super) fn clear(&self, dir: u64) {
+    fn clear(&self, dir: u64) {
         lock(&self.0).remove(&dir);
     }
 }
@@ -85,23 +92,28 @@ impl Fs {
     /// the tally says so (see the module docs). Returns whether the table now knows `dir`'s names; the store's error
     /// when it did not answer the listing in time (noted as silent: the lookup should not wait for it once more).
     pub(super) async fn list_if_lookups_add_up(&self, dir: u64, name: &str) -> Result<bool> {
-        if self.backend.heads_are_cheap() || !self.backend.lists_from_keys() || self.store_recently_silent() {
+        if self.backend.heads_are_cheap()
+            || !self.backend.lists_from_keys()
+            || !self.batches_pay()
+            || self.store_recently_silent()
+        {
             return Ok(false);
         }
-        // A stale file, or a directory with a marker, costs one HEAD; a name of unknown kind the probe's three.
-        let cost = {
+        {
             let table = lock(&self.table);
-            if table.knows_names(dir, Instant::now()) {
+            // Only names of unknown kind count (a probe's three requests): a known name asks one HEAD, and the same
+            // stale file asked about again and again (a `stat` in a loop) must not make its directory listed.
+            if table.knows_names(dir, Instant::now()) || table.child(dir, name).is_some() {
                 return Ok(false);
             }
-            let node = table.child(dir, name).and_then(|c| table.get(c));
-            if node.is_some_and(|n| n.kind != FileKind::Dir || n.has_marker) {
-                1
-            } else {
-                3
-            }
-        };
-        let Some(paid_for) = self.probing.add(dir, cost) else { return Ok(false) };
+        }
+        // Not while deletes under the directory wait to be sent: each page would wait for them first.
+        let Ok(path) = self.path_of(dir) else { return Ok(false) };
+        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        if self.deletes.pending_under(&prefix) {
+            return Ok(false);
+        }
+        let Some(paid_for) = self.probing.add(dir, PROBE_REQUESTS) else { return Ok(false) };
         // Nor more names than the table has room for in its share of the memory budget: such a listing could not be
         // merged whole (nothing to answer from), and would be held in memory meanwhile.
         let room = {
@@ -120,10 +132,11 @@ impl Fs {
                 return Ok(true);
             }
             Ok(Some(_)) => {
-                // Merged, but not every name found room in the table (the memory budget): nothing to answer from.
+                // Merged, but not every name found room in the table (the memory budget), or the last page came after
+                // `attr_ttl`: nothing to answer from.
             }
             Ok(None) => {
-                tracing::debug!(dir, max_pages, "the directory has more names than its lookups cost so far; not listed");
+                tracing::debug!(dir, max_pages, "the directory has more names than its lookups cost so far, or takes longer than attr_timeout to list; not listed");
             }
             Err(Error::Store { key, source }) if source.is_unreachable() => {
                 self.probing.postpone(dir);
@@ -147,6 +160,11 @@ impl Fs {
         let mut listing = Listing::default();
         let mut token: Option<String> = None;
         for _ in 0..max_pages {
+            // A listing that takes longer than `attr_ttl` is known for no time at all once merged: given up. This also
+            // bounds what the lookup waits.
+            if listed_at.elapsed() >= self.config.attr_ttl {
+                return Ok(None);
+            }
             let page = self
                 .backend
                 .list_children_page(&prefix, None, token.as_deref())

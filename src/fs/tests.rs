@@ -2336,3 +2336,45 @@ async fn a_listing_the_store_does_not_answer_is_the_lookups_only_wait() {
     let attr = fs.lookup(d, OsStr::new("f001")).await.unwrap();
     assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
 }
+
+/// The same stale file asked about again and again (a `stat` in a loop past `attr_ttl`) costs its HEAD each time and
+/// never gets its directory listed: only probes of names of unknown kind count toward a listing.
+#[tokio::test]
+async fn a_stat_of_one_file_in_a_loop_does_not_list_its_directory() {
+    let store = memory_store();
+    store.page_size.store(1000, Ordering::SeqCst);
+    let key = ObjectKey::new("d/f").unwrap();
+    store.inner.put_expect(&key, Bytes::from_static(b"x"), &UserMeta::default(), &Expect::Any).await.unwrap();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).await.unwrap().ino;
+    for _ in 0..10 {
+        tokio::time::sleep(TTL * 2).await;
+        let attr = fs.lookup(d, OsStr::new("f")).await.unwrap();
+        assert_eq!((attr.kind, attr.size), (FileKind::File, 1));
+    }
+    let log = store.take_log();
+    assert!(!log.contains(&"list_page"), "{log:?}");
+}
+
+/// A second listing of a directory already being listed is refused without touching the first one's entry. It used
+/// to build a guard and drop it at once under the set's lock, whose `drop` then waited for that same lock: every
+/// lookup that met a listing in progress hung the daemon (16 writers creating files in one directory on Garage).
+#[test]
+fn a_second_listing_of_a_directory_is_refused_and_leaves_the_first() {
+    // Leaked, so that a second start stuck on the lock fails the test instead of hanging it.
+    let set: &'static Mutex<std::collections::HashSet<u64>> = Box::leak(Box::default());
+    let first = Relisting::start(set, 7).expect("the first listing starts");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(Relisting::start(set, 7).is_none()).unwrap());
+    let Ok(refused) = rx.recv_timeout(Duration::from_secs(5)) else {
+        std::mem::forget(first); // its drop would wait for the lock the stuck start holds
+        panic!("the second start hung on the set's lock");
+    };
+    assert!(refused, "a second listing of the same directory started");
+    assert!(lock(set).contains(&7), "the refused listing took the first one's entry out");
+    let other = Relisting::start(set, 8).expect("another directory's listing starts");
+    drop(first);
+    assert!(!lock(set).contains(&7));
+    drop(other);
+    assert!(lock(set).is_empty());
+}
