@@ -225,8 +225,8 @@ pub struct Fs {
     /// Directories being listed again because their names' knowledge expired while in use (see
     /// [`Fs::relist_if_worth_it`]): one listing at a time per directory.
     relisting: Mutex<std::collections::HashSet<u64>>,
-    /// What lookups that asked the store cost, per directory whose names this mount does not know: it is listed once
-    /// they add up to what listing it costs (see `fs::probing`).
+    /// What probes of names of unknown kind cost, per directory whose names this mount does not know: it is listed
+    /// once they add up to what listing it costs (see `fs::probing`).
     probing: probing::Tallies,
     /// Directories whose listed entries' metadata is being fetched (see [`Fs::prefetch_from`]).
     prefetching: Mutex<std::collections::HashSet<u64>>,

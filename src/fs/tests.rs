@@ -138,6 +138,13 @@ impl Silenceable {
     }
 }
 
+/// Waits until a delete is held by `hang_deletes` (a rename or move held half way).
+async fn delete_held(store: &Silenceable) {
+    while store.deletes_held.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A multipart upload whose completion lands in the store while its answer is lost (see
 /// `Silenceable::lose_next_complete`).
 struct AnswerLost {
@@ -1511,11 +1518,7 @@ async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
         let fh = fs.open(file.ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
         store.hang_deletes.store(true, Ordering::SeqCst);
         let wrote = AtomicBool::new(false);
-        let held = || async {
-            while store.deletes_held.load(Ordering::SeqCst) == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
+        let held = || delete_held(&store);
         let rename = async {
             if dir_rename {
                 fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false).await
@@ -1566,11 +1569,7 @@ async fn changes_under_a_directory_being_moved_wait_and_land_at_its_new_name() {
     let (h, _) = fs.resolve_attr(d.ino, "h").await.unwrap();
     store.hang_deletes.store(true, Ordering::SeqCst);
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let held = || async {
-        while store.deletes_held.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let held = || delete_held(&store);
     let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
     let changes = async {
         held().await;
@@ -1660,11 +1659,7 @@ async fn reads_under_a_directory_being_moved_wait_and_find_it_whole() {
     store.deletes_before_hang.store(1, Ordering::SeqCst);
     store.hang_deletes.store(true, Ordering::SeqCst);
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let held = || async {
-        while store.deletes_held.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let held = || delete_held(&store);
     let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
     let reads = async {
         held().await;
@@ -1733,16 +1728,12 @@ async fn a_read_during_the_files_own_rename_waits_and_reads_at_the_new_name() {
     store.hang_deletes.store(true, Ordering::SeqCst);
     let rename = fs.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("b"), false);
     let read = async {
-        while store.deletes_held.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        delete_held(&store).await;
         assert!(store.inner.head(&ObjectKey::new("a").unwrap()).await.is_err(), "the old key is gone");
         fs.read(fh, 0, 100).await
     };
     let unhang = async {
-        while store.deletes_held.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        delete_held(&store).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         store.hang_deletes.store(false, Ordering::SeqCst);
     };
@@ -1775,16 +1766,12 @@ async fn a_stale_stat_under_a_directory_being_moved_waits_for_the_move() {
     store.deletes_before_hang.store(1, Ordering::SeqCst);
     store.hang_deletes.store(true, Ordering::SeqCst);
     let done = AtomicBool::new(false);
-    let held = || async {
-        while store.deletes_held.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let held = || delete_held(&store);
     let rename = fs.rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("e"), false);
     let stat = async {
         held().await;
         // Keys sort as a, b: the move has carried a over whole and holds at b's delete.
-        assert!(store.inner.head(&ObjectKey::new("d/a").unwrap()).await.is_err(), "a has not moved yet");
+        assert!(store.inner.head(&ObjectKey::new("d/a").unwrap()).await.is_err(), "the move has carried a over whole");
         let got = fs.getattr(b).await;
         done.store(true, Ordering::SeqCst);
         got
