@@ -813,6 +813,11 @@ impl Fs {
         match listed {
             Ok(_) => true,
             Err(e) => {
+                if let Error::Store { key, source } = &e {
+                    if source.is_unreachable() {
+                        self.note_silent_store(key, source);
+                    }
+                }
                 tracing::debug!(dir = parent, error = %e, "listing the directory again failed; asking about the name");
                 false
             }
@@ -1159,11 +1164,14 @@ impl Fs {
                     if self.renew_page(dir, &name).await && lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
                         return self.attr_of(ino);
                     }
+                    if self.store_recently_silent() {
+                        return self.attr_of(ino); // the page found the store silent: do not wait for it again
+                    }
                 }
             } else if let Some((dir, name)) = listed_in {
                 // The attributes of a listing's entry: fetch them with the next entries' (see `Fs::prefetch_from`).
                 self.prefetch_from(dir, &name).await;
-                if lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) {
+                if lock(&self.table).get(ino).is_some_and(|n| self.fresh(n)) || self.store_recently_silent() {
                     return self.attr_of(ino);
                 }
             }
@@ -1802,6 +1810,12 @@ impl Fs {
                 let r = match key(&path) {
                     Ok(k) => match self.backend.head(&k).await {
                         Ok((info, meta)) => Some((self.format_of(&path, &meta).await, info, meta)),
+                        // What comes next (the lookup's own HEAD) serves known names from memory instead of
+                        // waiting for the store again.
+                        Err(e) if e.is_unreachable() => {
+                            self.note_silent_store(&path, &e);
+                            None
+                        }
                         Err(_) => None,
                     },
                     Err(_) => None,

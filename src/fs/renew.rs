@@ -85,6 +85,10 @@ impl Fs {
         let page = match self.backend.list_page(&prefix, &start_after).await {
             Ok(page) => page,
             Err(e) => {
+                if e.is_unreachable() {
+                    // The lookup or GETATTR then serves what it knows from memory, without asking again.
+                    self.note_silent_store(&prefix, &e);
+                }
                 tracing::debug!(dir = prefix, error = %e, "listing a page of the directory failed; asking about the name");
                 return false;
             }

@@ -2365,3 +2365,31 @@ fn a_second_listing_of_a_directory_is_refused_and_leaves_the_first() {
     drop(other);
     assert!(lock(set).is_empty());
 }
+
+/// A lookup and a stat of known files in a listed directory, stale, while the store is silent: the first request
+/// that times out (here the page that would renew them) makes the rest answer from memory, so each waits for the
+/// store once, not once per way of asking (a renewal page, the listing again, a batch of HEADs, its own HEAD: four
+/// timeouts, which a frozen store made a `stat` wait 12 s).
+#[tokio::test]
+async fn a_stale_lookup_in_a_listed_directory_waits_once_for_a_silent_store() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let caller = Caller { uid: 0, gid: 0 };
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, caller).await.unwrap().ino;
+    for name in ["f0", "f1", "f2"] {
+        write_file_unstreamed(&fs, d, name, b"content").await;
+    }
+    let dh = fs.opendir(d).await.unwrap();
+    fs.releasedir(dh);
+    for name in ["f0", "f1", "f2"] {
+        fs.lookup(d, OsStr::new(name)).await.unwrap();
+    }
+    tokio::time::sleep(TTL * 2).await;
+    store.silent.store(true, Ordering::SeqCst);
+    let attr = fs.lookup(d, OsStr::new("f0")).await.unwrap();
+    assert_eq!(attr.size, 7);
+    assert_eq!(store.timed_out.load(Ordering::SeqCst), 1, "the lookup asked the silent store more than once");
+    let attr = fs.getattr(attr.ino).await.unwrap();
+    assert_eq!(attr.size, 7);
+    assert_eq!(store.timed_out.load(Ordering::SeqCst), 1, "the stat asked the silent store again");
+}
