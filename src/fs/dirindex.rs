@@ -777,7 +777,7 @@ impl Fs {
                 }
             };
             let Some((path, stands_alone)) = found else { return };
-            let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+            let prefix = super::dir_prefix(&path);
             let key_str = index_key(&path);
             // A directory nested to within 17 bytes of the store's key limit has no room for an index: HEADs there.
             if key_str.len() > self.backend.max_path_len(false) {

@@ -238,6 +238,10 @@ pub struct InodeTable {
     /// their file, for the index write only. A name that comes back, goes or moves takes its retired node with it.
     retired: HashMap<u64, HashMap<String, Node>>,
     retired_count: usize,
+    /// Directories being listed, each with how many listings are on their way and the names that went (unlinked,
+    /// removed, renamed away, found gone) since the first began: a listing taken before a name went may still show
+    /// it, and must not bring it back when it is merged (see [`InodeTable::went_while_listed`]).
+    listings: HashMap<u64, (usize, HashSet<String>)>,
 }
 
 /// Retired nodes kept at most (see [`InodeTable::retire_children`]): past it a forgotten file costs a HEAD later.
@@ -271,6 +275,7 @@ impl InodeTable {
             retain_for: HashSet::new(),
             retired: HashMap::new(),
             retired_count: 0,
+            listings: HashMap::new(),
         }
     }
 
@@ -473,9 +478,38 @@ impl InodeTable {
         }
     }
 
+    /// A listing of `dir` begins: the names that go from now until it is merged are noted
+    /// ([`InodeTable::went_while_listed`]). Each call is paired with an [`InodeTable::end_listing`].
+    pub fn begin_listing(&mut self, dir: u64) {
+        self.listings.entry(dir).or_default().0 += 1;
+    }
+
+    /// A listing of `dir` was merged or given up; the names noted go with the last one.
+    pub fn end_listing(&mut self, dir: u64) {
+        if let Some(entry) = self.listings.get_mut(&dir) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                self.listings.remove(&dir);
+            }
+        }
+    }
+
+    /// Whether `dir`/`name` went from this table while a listing of `dir` was on its way: the listing may have been
+    /// taken before, and its entry for the name is not to be trusted.
+    pub fn went_while_listed(&self, dir: u64, name: &str) -> bool {
+        self.listings.get(&dir).is_some_and(|(_, gone)| gone.contains(name))
+    }
+
+    fn note_gone(&mut self, dir: u64, name: &str) {
+        if let Some((_, gone)) = self.listings.get_mut(&dir) {
+            gone.insert(name.to_string());
+        }
+    }
+
     /// Removes the name → inode link; the node itself stays while the kernel or a handle still refers to it.
     pub fn detach(&mut self, parent: u64, name: &str) -> Option<u64> {
         self.unretire(parent, name);
+        self.note_gone(parent, name);
         let ino = self.children.remove(&(parent, name.to_string()))?;
         self.unlink_child(parent, ino);
         self.detach_node(ino);
@@ -512,6 +546,7 @@ impl InodeTable {
         if let Some((parent, name)) = self.nodes.get(&ino).map(|n| (n.parent, n.name.clone())) {
             self.unretire(parent, &name);
             self.unretire(new_parent, new_name);
+            self.note_gone(parent, &name);
         }
         if let Some(node) = self.nodes.get_mut(&ino) {
             let old = (node.parent, node.name.clone());

@@ -262,6 +262,24 @@ fn key(path: &str) -> Result<ObjectKey> {
     ObjectKey::new(path).map_err(|_| Error::InvalidName)
 }
 
+/// A listing of a directory on its way (`Fs::listing_window`): ends it in the table when dropped, whatever became of
+/// the listing.
+struct ListingWindow<'a> {
+    table: &'a Mutex<InodeTable>,
+    dir: u64,
+}
+
+impl Drop for ListingWindow<'_> {
+    fn drop(&mut self) {
+        lock(self.table).end_listing(self.dir);
+    }
+}
+
+/// The prefix of a directory path's children: `path/`, or nothing for the root.
+fn dir_prefix(path: &str) -> String {
+    if path.is_empty() { String::new() } else { format!("{path}/") }
+}
+
 /// The marker key of a directory path.
 fn dir_key(path: &str) -> Result<ObjectKey> {
     ObjectKey::new(format!("{path}/")).map_err(|_| Error::InvalidName)
@@ -1504,8 +1522,9 @@ impl Fs {
     /// [`Fs::prefetch_metadata`]); a listing taken only to renew the knowledge of names skips it.
     async fn list_dir(&self, ino: u64, prefetch: bool) -> Result<Vec<DirEntry>> {
         let path = self.path_of(ino)?;
-        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let prefix = dir_prefix(&path);
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
+        let _window = self.listing_window(ino);
         let listed_at = Instant::now();
         let (listing, index) = self.list_children(ino, &prefix, prefetch).await.map_err(|e| Error::store(&prefix, e))?;
         self.merge_listing(ino, &prefix, listed_at, &listing, index, prefetch).await
@@ -1564,10 +1583,7 @@ impl Fs {
         let merging = trim::merge_bytes(listing, found.len());
         // New nodes only while the table has room in its share of the memory budget (see `fs::trim`): the entries
         // past that are reported with the number their node will get, and looked up from the store when used.
-        let mut room = {
-            let memory = self.cache.memory();
-            memory.metadata_share().saturating_sub(memory.metadata()).saturating_sub(merging) / inode::NODE_BYTES
-        };
+        let mut room = self.table_room(merging);
         let mut complete = !overflow;
         let mut entries = {
             let mut table = lock(&self.table);
@@ -1587,6 +1603,8 @@ impl Fs {
                 });
                 let ino = match existing {
                     Some(child) => child,
+                    // Unlinked or renamed away by this mount since the listing was asked for: gone, whatever it says.
+                    None if table.went_while_listed(ino, &name) => continue,
                     None if room > 0 => {
                         room -= 1;
                         let path = dir_path.as_deref().map(|dir| {
@@ -1682,6 +1700,20 @@ impl Fs {
         }
         self.account();
         Ok(entries)
+    }
+
+    /// Notes the names of directory `dir` that go until the guard is dropped, once the listing begun now is merged
+    /// (see [`InodeTable::went_while_listed`]).
+    fn listing_window(&self, dir: u64) -> ListingWindow<'_> {
+        lock(&self.table).begin_listing(dir);
+        ListingWindow { table: &self.table, dir }
+    }
+
+    /// How many more nodes the table has room for in its share of the memory budget (see `fs::trim`), with `merging`
+    /// bytes taken meanwhile by a listing being merged.
+    fn table_room(&self, merging: u64) -> u64 {
+        let memory = self.cache.memory();
+        memory.metadata_share().saturating_sub(memory.metadata()).saturating_sub(merging) / inode::NODE_BYTES
     }
 
     /// A listing shows another stored version of the file `node` than the one it knows (or its first): take the size
@@ -1880,7 +1912,7 @@ impl Fs {
     /// are sent as they happen).
     pub async fn fsyncdir(&self, ino: u64) -> Result<()> {
         let path = self.path_of(ino)?;
-        self.deletes.settle(&if path.is_empty() { String::new() } else { format!("{path}/") }).await;
+        self.deletes.settle(&dir_prefix(&path)).await;
         Ok(())
     }
 
@@ -2754,7 +2786,7 @@ impl Fs {
         // Not while deletes under the directory wait to be sent: the listing would wait for them (it settles them
         // first), where the create needs only its own name's.
         let Ok(path) = self.path_of(dir) else { return };
-        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let prefix = dir_prefix(&path);
         if self.deletes.pending_under(&prefix) {
             return;
         }

@@ -109,20 +109,17 @@ impl Fs {
         }
         // Not while deletes under the directory wait to be sent: each page would wait for them first.
         let Ok(path) = self.path_of(dir) else { return Ok(false) };
-        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let prefix = super::dir_prefix(&path);
         if self.deletes.pending_under(&prefix) {
             return Ok(false);
         }
         let Some(paid_for) = self.probing.add(dir, PROBE_REQUESTS) else { return Ok(false) };
         // Nor more names than the table has room for in its share of the memory budget: such a listing could not be
         // merged whole (nothing to answer from), and would be held in memory meanwhile.
-        let room = {
-            let memory = self.cache.memory();
-            memory.metadata_share().saturating_sub(memory.metadata()) / super::inode::NODE_BYTES
-        };
+        let room = self.table_room(0);
         let max_pages = paid_for.min(usize::try_from(room).unwrap_or(usize::MAX) / LIST_PAGE + 1);
         let Some(listing) = Relisting::start(&self.relisting, dir) else { return Ok(false) };
-        let listed = self.list_dir_within(dir, max_pages).await;
+        let listed = self.list_dir_within(dir, &prefix, max_pages).await;
         drop(listing);
         let known = lock(&self.table).knows_names(dir, Instant::now());
         match listed {
@@ -153,9 +150,13 @@ impl Fs {
 
     /// Lists `dir` a page at a time, at most `max_pages` of them, and merges the listing as [`Fs::list_dir`] does
     /// (without its metadata read-ahead). `None`: the directory has more pages than that, and nothing was merged.
-    pub(super) async fn list_dir_within(&self, dir: u64, max_pages: usize) -> Result<Option<Vec<DirEntry>>> {
-        let path = self.path_of(dir)?;
-        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+    pub(super) async fn list_dir_within(
+        &self,
+        dir: u64,
+        prefix: &str,
+        max_pages: usize,
+    ) -> Result<Option<Vec<DirEntry>>> {
+        let _window = self.listing_window(dir);
         let listed_at = Instant::now();
         let mut listing = Listing::default();
         let mut token: Option<String> = None;
@@ -167,9 +168,9 @@ impl Fs {
             }
             let page = self
                 .backend
-                .list_children_page(&prefix, None, token.as_deref())
+                .list_children_page(prefix, None, token.as_deref())
                 .await
-                .map_err(|e| Error::store(&prefix, e))?;
+                .map_err(|e| Error::store(prefix, e))?;
             self.note_store_answers();
             listing.objects.extend(page.listing.objects);
             listing.prefixes.extend(page.listing.prefixes);
@@ -177,7 +178,7 @@ impl Fs {
                 Some(next) => token = Some(next),
                 None => {
                     let entries =
-                        self.merge_listing(dir, &prefix, listed_at, &listing, super::IndexRead::NotTried, false).await?;
+                        self.merge_listing(dir, prefix, listed_at, &listing, super::IndexRead::NotTried, false).await?;
                     return Ok(Some(entries));
                 }
             }

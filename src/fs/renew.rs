@@ -64,7 +64,7 @@ impl Fs {
         let (prefix, start_after) = {
             let table = lock(&self.table);
             let Some(path) = table.path_of(dir) else { return false };
-            let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+            let prefix = super::dir_prefix(&path);
             // The page starts after the greatest name below `name` the table knows (S3's start-after excludes its
             // key), so it shows `name` first unless names this mount does not know came between.
             let before = table

@@ -32,6 +32,10 @@ struct Silenceable {
     hang_heads: AtomicBool,
     /// `list` hangs the same way.
     hang_lists: AtomicBool,
+    /// A `list` of this directory prefix hangs after it has its answer (a listing on its way back), until this is
+    /// cleared, counting in `lists_held`.
+    hold_lists: std::sync::Mutex<Option<&'static str>>,
+    lists_held: std::sync::atomic::AtomicUsize,
     /// Another writer's version (key, content, metadata), put in place just before the next metadata replacement
     /// of that key: the moment between the HEAD a chmod reads the metadata with and its replacement.
     replace_before_meta: std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>,
@@ -70,6 +74,8 @@ impl Silenceable {
             conditions: std::sync::Mutex::new(Vec::new()),
             hang_heads: AtomicBool::new(false),
             hang_lists: AtomicBool::new(false),
+            hold_lists: std::sync::Mutex::new(None),
+            lists_held: std::sync::atomic::AtomicUsize::new(0),
             replace_before_meta: std::sync::Mutex::new(None),
             hang_deletes: AtomicBool::new(false),
             deletes_held: std::sync::atomic::AtomicUsize::new(0),
@@ -143,6 +149,16 @@ async fn delete_held(store: &Silenceable) {
     while store.deletes_held.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits until a delete is held, lets `window` pass, then releases it: returns what `done` says just before (how far
+/// operations that should have waited for the held rename or move went meanwhile).
+async fn release_after<T>(store: &Silenceable, window: Duration, done: impl Fn() -> T) -> T {
+    delete_held(store).await;
+    tokio::time::sleep(window).await;
+    let early = done();
+    store.hang_deletes.store(false, Ordering::SeqCst);
+    early
 }
 
 /// A multipart upload whose completion lands in the store while its answer is lost (see
@@ -285,7 +301,15 @@ impl Backend for Silenceable {
         }
         self.check(dir)?;
         self.note("list");
-        self.inner.list(dir, recursive).await
+        let listing = self.inner.list(dir, recursive).await;
+        let held = || *self.hold_lists.lock().unwrap() == Some(dir);
+        if held() {
+            self.lists_held.fetch_add(1, Ordering::SeqCst);
+            while held() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        listing
     }
     fn lists_from_keys(&self) -> bool {
         self.page_size.load(Ordering::SeqCst) > 0
@@ -973,6 +997,52 @@ async fn an_unlink_of_a_file_another_mount_replaced_removes_the_name() {
     }
 }
 
+/// An unlink or a rename while a listing of the directory is on its way back: the listing was taken before, and
+/// still names the file under its old name. Merged, it must not bring that name back (it did: the merge made a node
+/// for it, and `ls` showed it until a lookup had asked the store). Whether the delete has reached the store by then
+/// or still waits to be sent (`fs::deletes`), the name is left out, a lookup says it is gone, and so does the next
+/// listing. The renamed file is found under its new name.
+#[tokio::test]
+async fn an_unlink_or_rename_during_a_listing_of_its_directory_does_not_bring_the_name_back() {
+    for (change, landed) in [("unlink", false), ("unlink", true), ("rename", false)] {
+        let store = memory_store();
+        let (fs, _tmp) = fs_over(store.clone()).await;
+        for name in ["a", "b"] {
+            write_file(&fs, ROOT_INO, name, b"x").await;
+        }
+        let names = || async {
+            let fh = fs.opendir(ROOT_INO).await.unwrap();
+            let names: Vec<String> = fs.readdir(fh).unwrap().iter().map(|e| e.name.clone()).collect();
+            fs.releasedir(fh);
+            names
+        };
+        *store.hold_lists.lock().unwrap() = Some(""); // the root's listing
+        let unlink = async {
+            while store.lists_held.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if change == "unlink" {
+                fs.unlink(ROOT_INO, OsStr::new("a")).await.unwrap();
+            } else {
+                fs.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("c"), false).await.unwrap();
+            }
+            if landed {
+                fs.fsyncdir(ROOT_INO).await.unwrap();
+            }
+            *store.hold_lists.lock().unwrap() = None;
+        };
+        let (during, ()) = tokio::join!(names(), unlink);
+        let case = format!("{change}, delete landed: {landed}");
+        assert!(!during.iter().any(|n| n == "a"), "{case}: a name gone while it was listed came back: {during:?}");
+        let err = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT, "{case}: {err}");
+        let expected: &[&str] = if change == "unlink" { &["b"] } else { &["b", "c"] };
+        assert_eq!(names().await, expected, "{case}");
+        fs.fsyncdir(ROOT_INO).await.unwrap();
+        assert!(store.inner.head(&ObjectKey::new("a").unwrap()).await.unwrap_err().is_not_found(), "{case}");
+    }
+}
+
 /// Write-behind deletes (`fs::deletes`) keep an unlink's promise across the daemon's death: the intent is in the
 /// journal until the store has answered. Here the store stops answering before the delete is sent (as a frozen store
 /// or a daemon killed first would leave it): the next start sends it, and only while the object is still the version
@@ -1533,13 +1603,7 @@ async fn a_write_racing_a_rename_of_its_open_file_lands_at_the_new_name() {
             wrote.store(true, Ordering::SeqCst);
             fs.release(fh).await.unwrap();
         };
-        let unhang = async {
-            held().await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let early = wrote.load(Ordering::SeqCst);
-            store.hang_deletes.store(false, Ordering::SeqCst);
-            early
-        };
+        let unhang = release_after(&store, Duration::from_millis(300), || wrote.load(Ordering::SeqCst));
         let (renamed, (), early) = tokio::join!(rename, writer, unhang);
         renamed.unwrap();
         assert!(!early, "the write was uploaded while the rename was between its copy and its delete");
@@ -1606,13 +1670,7 @@ async fn changes_under_a_directory_being_moved_wait_and_land_at_its_new_name() {
         write_file(&fs, ROOT_INO, "elsewhere", b"x").await;
         !store.hang_deletes.load(Ordering::SeqCst)
     };
-    let unhang = async {
-        held().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let early = done.load(Ordering::SeqCst);
-        store.hang_deletes.store(false, Ordering::SeqCst);
-        early
-    };
+    let unhang = release_after(&store, Duration::from_millis(300), || done.load(Ordering::SeqCst));
     let (renamed, (), waited_elsewhere, early) = tokio::join!(rename, changes, elsewhere, unhang);
     renamed.unwrap();
     assert!(!waited_elsewhere, "a file outside the directory waited for its move");
@@ -1693,13 +1751,7 @@ async fn reads_under_a_directory_being_moved_wait_and_find_it_whole() {
         fs.lookup(ROOT_INO, OsStr::new("elsewhere")).await.unwrap();
         !store.hang_deletes.load(Ordering::SeqCst)
     };
-    let unhang = async {
-        held().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let early = done.load(Ordering::SeqCst);
-        store.hang_deletes.store(false, Ordering::SeqCst);
-        early
-    };
+    let unhang = release_after(&store, Duration::from_secs(1), || done.load(Ordering::SeqCst));
     let (renamed, (looked_up, listed, read), waited_elsewhere, early) = tokio::join!(rename, reads, elsewhere, unhang);
     renamed.unwrap();
     assert!(!waited_elsewhere, "a lookup outside the directory waited for its move");
@@ -1776,13 +1828,7 @@ async fn a_stale_stat_under_a_directory_being_moved_waits_for_the_move() {
         done.store(true, Ordering::SeqCst);
         got
     };
-    let unhang = async {
-        held().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let early = done.load(Ordering::SeqCst);
-        store.hang_deletes.store(false, Ordering::SeqCst);
-        early
-    };
+    let unhang = release_after(&store, Duration::from_secs(1), || done.load(Ordering::SeqCst));
     let (renamed, stat, early) = tokio::join!(rename, stat, unhang);
     renamed.unwrap();
     assert!(!early, "the stat went ahead during the move");
