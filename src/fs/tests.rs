@@ -39,6 +39,10 @@ struct Silenceable {
     /// Another writer's version (key, content, metadata), put in place just before the next metadata replacement
     /// of that key: the moment between the HEAD a chmod reads the metadata with and its replacement.
     replace_before_meta: std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>,
+    /// The same, put in place just before the next `rename_if` of that key copies it: the moment between a rename's
+    /// HEAD and its copy. That copy is then conditional on the version the rename names, as S3's is
+    /// (`x-amz-copy-source-if-match`, checked against the S3 server by `store::tests::rename_if_contract`).
+    replace_before_move: std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>,
     /// `delete` hangs until this is cleared (a rename's copy done, its delete not yet), counting in `deletes_held`.
     hang_deletes: AtomicBool,
     deletes_held: std::sync::atomic::AtomicUsize,
@@ -77,6 +81,7 @@ impl Silenceable {
             hold_lists: std::sync::Mutex::new(None),
             lists_held: std::sync::atomic::AtomicUsize::new(0),
             replace_before_meta: std::sync::Mutex::new(None),
+            replace_before_move: std::sync::Mutex::new(None),
             hang_deletes: AtomicBool::new(false),
             deletes_held: std::sync::atomic::AtomicUsize::new(0),
             deletes_before_hang: std::sync::atomic::AtomicUsize::new(0),
@@ -103,13 +108,18 @@ impl Silenceable {
 
     /// Puts the version `replace_before_meta` holds for `key`, once.
     async fn replace_first(&self, key: &ObjectKey) {
+        self.put_from(&self.replace_before_meta, key).await;
+    }
+
+    /// Puts the version `slot` holds for `key`, once; whether it did.
+    async fn put_from(&self, slot: &std::sync::Mutex<Option<(ObjectKey, Bytes, UserMeta)>>, key: &ObjectKey) -> bool {
         let taken = {
-            let mut slot = self.replace_before_meta.lock().unwrap();
+            let mut slot = slot.lock().unwrap();
             if slot.as_ref().is_some_and(|(k, _, _)| k == key) { slot.take() } else { None }
         };
-        if let Some((k, body, meta)) = taken {
-            self.inner.put(&k, body, &meta).await.unwrap();
-        }
+        let Some((k, body, meta)) = taken else { return false };
+        self.inner.put(&k, body, &meta).await.unwrap();
+        true
     }
 
     /// While `hang_deletes` is set, a delete (conditional or not) waits until it is cleared, past the first
@@ -231,6 +241,22 @@ impl Backend for Silenceable {
             return Err(StoreError::AccessDenied { key: key.to_string(), detail: "test".into() });
         }
         Ok(())
+    }
+    async fn rename_if(
+        &self,
+        from: &ObjectKey,
+        to: &ObjectKey,
+        meta: Option<&UserMeta>,
+        etag: &str,
+    ) -> Result<bool, StoreError> {
+        if self.put_from(&self.replace_before_move, from).await
+            && self.inner.head(from).await?.0.etag.as_deref() != Some(etag)
+        {
+            self.note("copy");
+            return Err(StoreError::Precondition { key: from.to_string() });
+        }
+        self.copy(from, to, meta).await?;
+        crate::store::delete_moved(self, from, etag).await
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.check(from.as_str())?;
@@ -995,6 +1021,35 @@ async fn an_unlink_of_a_file_another_mount_replaced_removes_the_name() {
             assert_eq!(log.iter().filter(|r| **r == "delete").count(), 1, "the replaced one again: {log:?}");
         }
     }
+}
+
+/// A rename whose object another writer replaces between the rename's HEAD and its copy: the copy, conditional on
+/// the version the HEAD found, is refused, and the rename starts again from a new HEAD (`Fs::rename_object`). It
+/// moves the newer version whole: the new name reads it, and nothing stays under the old name.
+#[tokio::test]
+async fn a_rename_whose_object_is_replaced_before_its_copy_moves_the_newer_version() {
+    let store = memory_store();
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let k = ObjectKey::new("a").unwrap();
+    let attr = write_file(&fs, ROOT_INO, "a", b"the older version").await;
+    // The newer version, as another writer stores it at the same name (bound to it), then the older one put back.
+    let older = store.inner.get(&k).await.unwrap();
+    let fh = fs.open(attr.ino, OpenMode::from_flags(libc::O_WRONLY | libc::O_TRUNC)).await.unwrap();
+    fs.write(fh, 0, b"the newer version, from another writer").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let (newer_body, _, newer_meta) = store.inner.get(&k).await.unwrap();
+    store.inner.put(&k, older.0, &older.2).await.unwrap();
+    *store.replace_before_move.lock().unwrap() = Some((k.clone(), newer_body, newer_meta));
+    store.take_log();
+
+    fs.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("b"), false).await.unwrap();
+    let log = store.take_log();
+    assert_eq!(log.iter().filter(|r| **r == "copy").count(), 2, "refused once, then moved: {log:?}");
+    assert!(store.inner.head(&k).await.unwrap_err().is_not_found(), "nothing stays under the old name");
+    let b = fs.lookup(ROOT_INO, OsStr::new("b")).await.unwrap();
+    let fh = fs.open(b.ino, OpenMode::default()).await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"the newer version, from another writer");
+    fs.release(fh).await.unwrap();
 }
 
 /// An unlink or a rename while a listing of the directory is on its way back: the listing was taken before, and
