@@ -238,10 +238,17 @@ pub struct InodeTable {
     /// their file, for the index write only. A name that comes back, goes or moves takes its retired node with it.
     retired: HashMap<u64, HashMap<String, Node>>,
     retired_count: usize,
-    /// Directories being listed, each with how many listings are on their way and the names that went (unlinked,
-    /// removed, renamed away, found gone) since the first began: a listing taken before a name went may still show
+    /// Directories being listed: when each listing on its way began, and the names that went since the oldest began
+    /// (unlinked, removed, renamed away, found gone), with when. A listing taken before a name went may still show
     /// it, and must not bring it back when it is merged (see [`InodeTable::went_while_listed`]).
-    listings: HashMap<u64, (usize, HashSet<String>)>,
+    listings: HashMap<u64, Listings>,
+}
+
+/// The listings of one directory on their way, and the names that went meanwhile (see `InodeTable::listings`).
+#[derive(Default)]
+struct Listings {
+    begun: Vec<Instant>,
+    gone: HashMap<String, Instant>,
 }
 
 /// Retired nodes kept at most (see [`InodeTable::retire_children`]): past it a forgotten file costs a HEAD later.
@@ -478,31 +485,37 @@ impl InodeTable {
         }
     }
 
-    /// A listing of `dir` begins: the names that go from now until it is merged are noted
-    /// ([`InodeTable::went_while_listed`]). Each call is paired with an [`InodeTable::end_listing`].
-    pub fn begin_listing(&mut self, dir: u64) {
-        self.listings.entry(dir).or_default().0 += 1;
+    /// A listing of `dir` begins at `at`: the names that go from then until it is merged are noted
+    /// ([`InodeTable::went_while_listed`]). Each call is paired with an [`InodeTable::end_listing`] of the same `at`.
+    pub fn begin_listing(&mut self, dir: u64, at: Instant) {
+        self.listings.entry(dir).or_default().begun.push(at);
     }
 
-    /// A listing of `dir` was merged or given up; the names noted go with the last one.
-    pub fn end_listing(&mut self, dir: u64) {
-        if let Some(entry) = self.listings.get_mut(&dir) {
-            entry.0 -= 1;
-            if entry.0 == 0 {
+    /// The listing of `dir` begun at `at` was merged or given up. The names that went before every listing still on
+    /// its way began are forgotten (all of them with the last one), so their number stays bounded by what goes
+    /// while listings overlap, however long they keep overlapping.
+    pub fn end_listing(&mut self, dir: u64, at: Instant) {
+        let Some(l) = self.listings.get_mut(&dir) else { return };
+        if let Some(i) = l.begun.iter().position(|b| *b == at) {
+            l.begun.swap_remove(i);
+        }
+        match l.begun.iter().min() {
+            None => {
                 self.listings.remove(&dir);
             }
+            Some(&oldest) => l.gone.retain(|_, went| *went >= oldest),
         }
     }
 
-    /// Whether `dir`/`name` went from this table while a listing of `dir` was on its way: the listing may have been
-    /// taken before, and its entry for the name is not to be trusted.
-    pub fn went_while_listed(&self, dir: u64, name: &str) -> bool {
-        self.listings.get(&dir).is_some_and(|(_, gone)| gone.contains(name))
+    /// Whether `dir`/`name` went from this table after a listing of `dir` begun at `since` was asked for: the listing
+    /// may have been taken before, and its entry for the name is not to be trusted.
+    pub fn went_while_listed(&self, dir: u64, name: &str, since: Instant) -> bool {
+        self.listings.get(&dir).and_then(|l| l.gone.get(name)).is_some_and(|went| *went >= since)
     }
 
     fn note_gone(&mut self, dir: u64, name: &str) {
-        if let Some((_, gone)) = self.listings.get_mut(&dir) {
-            gone.insert(name.to_string());
+        if let Some(l) = self.listings.get_mut(&dir) {
+            l.gone.insert(name.to_string(), Instant::now());
         }
     }
 
@@ -949,5 +962,42 @@ mod tests {
         t.forget(f, 1);
         t.maybe_drop(d);
         assert!(t.get(d).is_none());
+    }
+
+    /// The names that go from a directory being listed are kept for the listings that began before they went, and no
+    /// longer: not past the last listing, and not while listings keep overlapping, begun one after the other.
+    #[test]
+    fn names_gone_while_listed_are_kept_only_for_the_listings_begun_before() {
+        let mut t = InodeTable::new(node(ROOT_INO, "", FileKind::Dir));
+        for name in ["a", "b", "c"] {
+            t.insert(node(ROOT_INO, name, FileKind::File));
+        }
+        let tick = || {
+            std::thread::sleep(Duration::from_millis(2));
+            Instant::now()
+        };
+        t.detach(ROOT_INO, "a"); // no listing on its way: nothing noted
+        let first = tick();
+        t.begin_listing(ROOT_INO, first);
+        tick();
+        t.detach(ROOT_INO, "b");
+        let second = tick();
+        t.begin_listing(ROOT_INO, second);
+        tick();
+        let c = t.child(ROOT_INO, "c").unwrap();
+        t.relink(c, ROOT_INO, "c2");
+        assert!(!t.went_while_listed(ROOT_INO, "a", first), "went before any listing began");
+        assert!(t.went_while_listed(ROOT_INO, "b", first) && t.went_while_listed(ROOT_INO, "c", first));
+        assert!(!t.went_while_listed(ROOT_INO, "b", second), "went before the second listing began");
+        assert!(t.went_while_listed(ROOT_INO, "c", second), "renamed away");
+        assert!(!t.went_while_listed(ROOT_INO, "c2", second));
+        t.end_listing(ROOT_INO, first);
+        assert_eq!(t.listings[&ROOT_INO].gone.len(), 1, "b is forgotten with the first listing");
+        let third = tick();
+        t.begin_listing(ROOT_INO, third);
+        t.end_listing(ROOT_INO, second);
+        assert!(t.listings[&ROOT_INO].gone.is_empty(), "c went before the third listing, the oldest on its way, began");
+        t.end_listing(ROOT_INO, third);
+        assert!(t.listings.is_empty());
     }
 }

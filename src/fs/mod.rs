@@ -267,11 +267,13 @@ fn key(path: &str) -> Result<ObjectKey> {
 struct ListingWindow<'a> {
     table: &'a Mutex<InodeTable>,
     dir: u64,
+    /// When the listing began: the merge's `listed_at`.
+    at: Instant,
 }
 
 impl Drop for ListingWindow<'_> {
     fn drop(&mut self) {
-        lock(self.table).end_listing(self.dir);
+        lock(self.table).end_listing(self.dir, self.at);
     }
 }
 
@@ -1524,8 +1526,8 @@ impl Fs {
         let path = self.path_of(ino)?;
         let prefix = dir_prefix(&path);
         // The listing shows the directory as it was when asked (or later): its subdirectories are known as of now.
-        let _window = self.listing_window(ino);
-        let listed_at = Instant::now();
+        let window = self.listing_window(ino);
+        let listed_at = window.at;
         let (listing, index) = self.list_children(ino, &prefix, prefetch).await.map_err(|e| Error::store(&prefix, e))?;
         self.merge_listing(ino, &prefix, listed_at, &listing, index, prefetch).await
     }
@@ -1604,7 +1606,7 @@ impl Fs {
                 let ino = match existing {
                     Some(child) => child,
                     // Unlinked or renamed away by this mount since the listing was asked for: gone, whatever it says.
-                    None if table.went_while_listed(ino, &name) => continue,
+                    None if table.went_while_listed(ino, &name, listed_at) => continue,
                     None if room > 0 => {
                         room -= 1;
                         let path = dir_path.as_deref().map(|dir| {
@@ -1705,8 +1707,9 @@ impl Fs {
     /// Notes the names of directory `dir` that go until the guard is dropped, once the listing begun now is merged
     /// (see [`InodeTable::went_while_listed`]).
     fn listing_window(&self, dir: u64) -> ListingWindow<'_> {
-        lock(&self.table).begin_listing(dir);
-        ListingWindow { table: &self.table, dir }
+        let at = Instant::now();
+        lock(&self.table).begin_listing(dir, at);
+        ListingWindow { table: &self.table, dir, at }
     }
 
     /// How many more nodes the table has room for in its share of the memory budget (see `fs::trim`), with `merging`

@@ -156,8 +156,8 @@ impl Fs {
         prefix: &str,
         max_pages: usize,
     ) -> Result<Option<Vec<DirEntry>>> {
-        let _window = self.listing_window(dir);
-        let listed_at = Instant::now();
+        let window = self.listing_window(dir);
+        let listed_at = window.at;
         let mut listing = Listing::default();
         let mut token: Option<String> = None;
         for _ in 0..max_pages {
