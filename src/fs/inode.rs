@@ -485,7 +485,7 @@ impl InodeTable {
         }
     }
 
-    /// A listing of `dir` begins at `at`: the names that go from then until it is merged are noted
+    /// A listing of `dir` begins at `at`: the names that go from then until it ends (merged, or given up) are noted
     /// ([`InodeTable::went_while_listed`]). Each call is paired with an [`InodeTable::end_listing`] of the same `at`.
     pub fn begin_listing(&mut self, dir: u64, at: Instant) {
         self.listings.entry(dir).or_default().begun.push(at);

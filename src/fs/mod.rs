@@ -1603,10 +1603,17 @@ impl Fs {
                         (n.kind == FileKind::Dir) == (kind == FileKind::Dir) || n.write.is_some()
                     })
                 });
+                // Gone from the table since the listing was asked for (unlinked, removed or renamed away by this mount,
+                // or found gone by a lookup): the listing may be older than that, and says nothing sure of the name.
+                let went = table.went_while_listed(ino, &name, listed_at);
                 let ino = match existing {
                     Some(child) => child,
-                    // Unlinked or renamed away by this mount since the listing was asked for: gone, whatever it says.
-                    None if table.went_while_listed(ino, &name, listed_at) => continue,
+                    // With no node now, the name is left out, and the directory's names are not taken as all known:
+                    // a lookup of it asks the store (it may have come back since, here or in another mount).
+                    None if went => {
+                        complete = false;
+                        continue;
+                    }
                     None if room > 0 => {
                         room -= 1;
                         let path = dir_path.as_deref().map(|dir| {

@@ -1047,9 +1047,10 @@ async fn delete_if_contract(b: &dyn Backend, dir: &str, checks: Option<bool>) {
     b.delete(&k).await.unwrap();
 }
 
-/// [`Backend::rename_if`]: the version named moves, with new metadata, and the old name goes. With a stale ETag (another
-/// writer's upload of the name landed after the caller's HEAD), where the copy is conditional (`copy_checked`: S3 with
-/// no SSE mode) nothing moves and the caller learns it (precondition: the filesystem starts the move again from a new
+/// [`Backend::rename_if`] with new metadata (as a client-side mode's rename gives: the new path binding): the version
+/// named moves with it, and the old name goes. With a stale ETag (another writer's upload of the name landed after
+/// the caller's HEAD), where the copy is conditional (`copy_checked`: S3 with no SSE mode, and only with new
+/// metadata) nothing moves and the caller learns it (precondition: the filesystem starts the move again from a new
 /// HEAD); elsewhere whatever version is there is moved, and never a mix of the two.
 async fn rename_if_contract(b: &dyn Backend, dir: &str, copy_checked: bool) {
     let from = key(&format!("{dir}rename-from"));
