@@ -28,19 +28,29 @@ fn cached_mount(env: &Env, store: &Store, mode: &str, cache: &Path, extra: &[&st
     (Mount::start_with(env, store, mode, &opts), addr)
 }
 
-/// Entry files of the cache (every store's), and the bytes they take on disk as du counts them.
-fn entries(cache: &Path) -> (Vec<std::path::PathBuf>, u64) {
-    let files: Vec<_> = walkdir(cache)
-        .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n.len() == 64))
-        .collect();
+/// A slot of a cache directory's `pages` file, and a label of its `labels` file (docs/FORMAT.md, "The disk cache").
+const SLOT: u64 = 69_632;
+const LABEL: usize = 48;
+/// A full page's entry: 64 KiB and its magic, salt, nonce and tag.
+const ENTRY: usize = 65_536 + 52;
+
+/// The slots of the cache (every store's) that a label names an entry for, each as its `pages` file and slot; and the
+/// bytes the cache's files take on disk as du counts them.
+fn entries(cache: &Path) -> (Vec<(std::path::PathBuf, u64)>, u64) {
+    let mut slots = Vec::new();
+    for labels in walkdir(cache).into_iter().filter(|p| p.file_name().is_some_and(|n| n == "labels")) {
+        let bytes = std::fs::read(&labels).unwrap();
+        let pages = labels.with_file_name("pages");
+        let named = bytes.chunks(LABEL).enumerate().filter(|(_, l)| l.iter().any(|&b| b != 0));
+        slots.extend(named.map(|(i, _)| (pages.clone(), i as u64)));
+    }
     let bytes = walkdir(cache)
         .iter()
         .filter_map(|p| std::fs::symlink_metadata(p).ok())
         .filter(|m| m.is_file())
         .map(|m| m.blocks() * 512)
         .sum();
-    (files, bytes)
+    (slots, bytes)
 }
 
 /// Writes `data` to `name` through a mount of its own, then reads it through a mount with the disk cache and waits
@@ -97,14 +107,15 @@ fn warm_reread_costs_no_get(store: &Store, mode: &str, extra: &[&str]) {
     // 20 MiB is 320 pages, every one from the disk (a page a read and the read-ahead both wanted may be read twice).
     assert_eq!(metric(&addr, "s3cryptfs_disk_cache_misses_total"), 0.0, "a page missed the disk cache");
     assert!(metric(&addr, "s3cryptfs_disk_cache_hits_total") >= 320.0, "fewer pages than the file's from the disk");
-    let (files, _) = entries(&cache);
-    assert_eq!(files.len(), 320);
-    for f in walkdir(&cache).into_iter().filter(|p| p.is_file()) {
-        assert!(!contains(&std::fs::read(&f).unwrap(), MARKER), "plaintext in the disk cache: {}", f.display());
+    let (slots, _) = entries(&cache);
+    assert_eq!(slots.len(), 320);
+    let files: Vec<_> = walkdir(&cache).into_iter().filter(|p| p.is_file()).collect();
+    for f in &files {
+        assert!(!contains(&std::fs::read(f).unwrap(), MARKER), "plaintext in the disk cache: {}", f.display());
     }
     let mode_of = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
     assert_eq!(mode_of(&cache), 0o700);
-    assert!(files.iter().all(|f| mode_of(f) == 0o600), "an entry readable by others");
+    assert!(files.iter().all(|f| mode_of(f) == 0o600), "a file of the cache readable by others: {files:?}");
 }
 
 #[test]
@@ -195,7 +206,7 @@ fn limit_holds(store: &Store) {
         let name = format!("f{i}");
         assert_bytes(std::fs::read(m.path(&name)).unwrap(), &file, &name);
         // Look at the disk while this file's pages are written in the background, and after. The header and the
-        // lock file add a block each.
+        // labels add a block each.
         for _ in 0..10 {
             let (_, bytes) = entries(&cache);
             assert!(bytes <= limit + 2 * 4096, "{bytes} bytes on disk after {name} (limit {limit})");
@@ -221,24 +232,30 @@ fn limit_holds_s3() {
     limit_holds(&Store::s3());
 }
 
-/// Entries edited, truncated or swapped while unmounted: the read returns the right bytes, fetched from the store.
+/// Entries edited, cut short or swapped while unmounted: the read returns the right bytes, fetched from the store.
 fn damaged_entries_are_refetched(store: &Store) {
+    use std::os::unix::fs::FileExt;
     let env = Env::new();
     let cache = env.path().join("cache");
     let plain = pattern(4 << 20, 5);
     write_into_cache(&env, store, &cache, "f", &plain);
-    let (mut files, _) = entries(&cache);
-    files.sort();
-    assert_eq!(files.len(), 64);
-    for (i, f) in files.iter().enumerate() {
-        let mut bytes = std::fs::read(f).unwrap();
+    let (slots, _) = entries(&cache);
+    assert_eq!(slots.len(), 64);
+    let pages = std::fs::OpenOptions::new().read(true).write(true).open(&slots[0].0).unwrap();
+    let entry_at = |slot: u64| {
+        let mut bytes = vec![0u8; ENTRY];
+        pages.read_exact_at(&mut bytes, slot * SLOT).unwrap();
+        bytes
+    };
+    for (i, &(_, slot)) in slots.iter().enumerate() {
+        let mut bytes = entry_at(slot);
         match i % 4 {
             0 => bytes[200] ^= 0x40,
-            1 => bytes.truncate(bytes.len() / 2),
-            2 => bytes = std::fs::read(&files[(i + 1) % files.len()]).unwrap(),
+            1 => bytes[ENTRY / 2..].fill(0),
+            2 => bytes = entry_at(slots[(i + 1) % slots.len()].1),
             _ => continue,
         }
-        std::fs::write(f, &bytes).unwrap();
+        pages.write_all_at(&bytes, slot * SLOT).unwrap();
     }
     let (m, addr) = cached_mount(&env, store, "cse-c", &cache, &[]);
     assert_bytes(std::fs::read(m.path("f")).unwrap(), &plain, "read over damaged cache entries");
@@ -282,8 +299,13 @@ fn a_kill_during_cache_writes_loses_nothing(store: &Store) {
         eprintln!("kill {i}: {written} of {} bytes were on the disk", plain.len());
     }
     let (m, _) = cached_mount(&env, store, "cse-c", &cache, &[]);
-    let tmp: Vec<_> = walkdir(&cache).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
-    assert!(tmp.is_empty(), "half-written entries outlived a start: {tmp:?}");
+    // Slots a kill left written but not labelled (or labelled no more) take no room after a start: the `pages` file
+    // holds the labelled entries (a full page each, 17 blocks) and no more.
+    let (slots, _) = entries(&cache);
+    let pages = walkdir(&cache).into_iter().filter(|p| p.file_name().is_some_and(|n| n == "pages"));
+    let bytes: u64 = pages.map(|p| std::fs::metadata(p).unwrap().blocks() * 512).sum();
+    let entries_room = slots.len() as u64 * SLOT;
+    assert!(bytes <= entries_room, "{bytes} bytes of pages on disk for {} entries after a start", slots.len());
     for (i, plain) in files.iter().enumerate() {
         assert_bytes(std::fs::read(m.path(&format!("f{i}"))).unwrap(), plain, &format!("f{i} after the kills"));
     }

@@ -11,22 +11,31 @@
 //! memory budget; a page that finds no room is simply not cached). Entries are keyed like the page cache, by the
 //! object's key, its ETag and the page index, so a changed object is never served from its old pages.
 //!
-//! Layout (docs/FORMAT.md, "The disk cache", has the entry bytes):
+//! Layout (docs/FORMAT.md, "The disk cache", has the bytes):
 //!
 //! ```text
 //! DIR/                  0700, ours (checked like the journal's base, see `journal::dir`)
 //!   <store id>/         0700: one per store, as in the journal
 //!     lock              flock(LOCK_EX) held by the mount using it: a second mount of the store refuses
 //!     cache.json        which key sealed the entries (its check value; in cse-kms its KMS-wrapped root key)
-//!     <64 hex>          one entry per page: a keyed hash of its identity, so object names do not show
-//!     <64 hex>.tmp      an entry being written where the filesystem has no unnamed files (`Dir::write_new`;
-//!                       removed by the next start if the daemon died)
+//!     pages             the entries, one per slot of [`SLOT`] bytes (the rest of a slot is a hole)
+//!     labels            one label per slot: which entry (a keyed hash of its identity, so object names do not
+//!                       show), its length and when it was written; all zero for a free slot
 //! ```
+//!
+//! Why slots in one file, not a file per entry (the layout up to 2026-12): every entry written was a new inode, and
+//! on a filesystem where many files were removed shortly before, ext4 spends most of the time of such a create
+//! walking recently freed inodes (perf put 60 % of the daemon's samples there during a cold fill). A slot is written
+//! with one `pwritev` and read with one `preadv2` on a descriptor held open, with no path to walk, and the reads the
+//! system's page cache holds are served without a blocking task (`get_many_now`), as from the scratch. The label is
+//! written after its entry and cleared before the slot is freed, so a kill or a crash leaves at worst a slot whose
+//! label names an entry that no longer opens there: a miss, like any damaged entry.
 //!
 //! Limits: entries are counted by the disk blocks they take (4 KiB each) and the total never exceeds the limit: room
 //! is reserved (least recently used entries removed first) before an entry is written. When the filesystem under the
 //! cache has less than 5 % (at most 1 GiB) free, entries are removed until it has, and nothing is written while it
-//! cannot. The recency order lives in memory; a start orders what it finds by modification time.
+//! cannot. The recency order lives in memory; a start orders what it finds by the order it was written in (its
+//! label).
 //!
 //! The index in memory is counted in the memory budget (`max_memory`) too, so a large cache on disk cannot grow the
 //! daemon past it: [`INDEX_BYTES_PER_ENTRY`] an entry, at most [`INDEX_SHARE_OF_BUDGET`] of the budget. A cache
@@ -43,15 +52,16 @@
 //! half-written one. It shares its disk with the write journal, so it keeps free what the journal needs (a quarter
 //! of the disk, at most 1 GiB, rather than 5 %) and gives room back when the journal finds the disk low.
 //!
-//! Damage: an entry that does not open (edited, truncated, planted, moved from another page, sealed under another
-//! key, not ours, a symlink) is logged, removed and counted as a miss: the page is fetched from the store. A cache
-//! problem never fails a read. If the directory goes away while mounted, lookups miss and writes fail quietly
-//! (logged once): reads go to the store.
+//! Damage: an entry that does not open (edited, truncated, planted, moved from another slot, labelled for another
+//! page, sealed under another key) is logged, freed and counted as a miss: the page is fetched from the store. A
+//! cache problem never fails a read. If the directory goes away while mounted (its `pages` file has no name left),
+//! the index is emptied and the file's blocks are given back (logged once): lookups miss, nothing more is written,
+//! reads go to the store.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,7 +86,17 @@ const BLOCK: u64 = 4096;
 const HEADER: &str = "cache.json";
 /// The lock file.
 const LOCK: &str = "lock";
-const HEADER_VERSION: u32 = 1;
+/// A cache directory's entries, in slots.
+const PAGES: &str = "pages";
+/// A cache directory's labels, one per slot.
+const LABELS: &str = "labels";
+/// 1: a file per entry (up to 2026-12); 2: slots (`pages`, `labels`).
+const HEADER_VERSION: u32 = 2;
+/// A label: magic, the order it was written in, the entry's length, its name.
+const LABEL_LEN: usize = 48;
+const LABEL_MAGIC: &[u8; 4] = b"dcl2";
+/// Labels read at a time by a start.
+const LABELS_PER_READ: usize = 4096;
 /// The KMS encryption-context entry that binds the cache's root key to its store.
 const KMS_CONTEXT_CACHE: &str = "s3cryptfs:cache";
 /// Damaged entries logged at warning level per mount; the rest are counted only.
@@ -156,8 +176,8 @@ struct Header {
 struct Kept {
     /// Bytes counted for it.
     size: u64,
-    /// The scratch: its slot, once written whole (an entry being written owns its slot until it is done, and has
-    /// none here meanwhile). Always `None` in a cache directory.
+    /// Its slot, once written whole (an entry being written owns its slot until it is done, and has none here
+    /// meanwhile).
     slot: Option<u64>,
     /// Which reservation made it: a writer finishes only the reservation it made, not one made for the same page
     /// after its own was evicted.
@@ -172,7 +192,7 @@ struct State {
     evicted: u64,
     dropped: u64,
     reservations: u64,
-    /// The scratch's slots no entry or writer holds, to be given out before new ones.
+    /// Slots no entry or writer holds, to be given out before new ones.
     free: Vec<u64>,
     /// Slots given out so far: the next new slot.
     next_slot: u64,
@@ -192,7 +212,7 @@ impl State {
         }
     }
 
-    /// A slot for an entry about to be written to the scratch.
+    /// A slot for an entry about to be written.
     fn take_slot(&mut self) -> u64 {
         self.free.pop().unwrap_or_else(|| {
             self.next_slot += 1;
@@ -201,14 +221,15 @@ impl State {
     }
 }
 
-/// Where the entries are kept.
+/// Where the entries are kept (in slots of [`SLOT`] bytes of [`DiskCache::file`] either way).
 enum Place {
-    /// A cache directory (`cache_dir=`): a file per entry, reused by the next mount.
-    Dir { dir: Dir, _lock: File },
-    /// The scratch (no `cache_dir=`): slots of [`SLOT`] bytes in one unnamed file of the write journal's run
-    /// directory, sealed under a key that exists only in this process. Nothing outlives the mount, a crash included;
-    /// only whole-object fetches for random readers are kept there (see [`DiskCache::keeps_every_read`]).
-    Scratch { file: File, at: PathBuf },
+    /// A cache directory (`cache_dir=`): its `pages` file, with a label per slot in `labels`, reused by the next
+    /// mount.
+    Dir { dir: Dir, _lock: File, labels: File },
+    /// The scratch (no `cache_dir=`): one unnamed file of the write journal's run directory (`at`), sealed under a
+    /// key that exists only in this process, no labels. Nothing outlives the mount, a crash included; only
+    /// whole-object fetches for random readers are kept there (see [`DiskCache::keeps_every_read`]).
+    Scratch { at: PathBuf },
 }
 
 /// Counters for tests and the benchmark.
@@ -263,6 +284,12 @@ impl IndexMemory {
 
 pub struct DiskCache {
     place: Place,
+    /// The slots.
+    file: File,
+    /// The next label's place in the order entries were written (a cache directory).
+    next_label: AtomicU64,
+    /// The cache directory's files lost their names while mounted: the cache is closed.
+    gone: AtomicBool,
     /// The scratch's index, counted in the memory budget for as long as the mount lives.
     _index: Option<Reservation>,
     /// A cache directory's index, counted in the memory budget as it grows.
@@ -288,6 +315,51 @@ fn counted(len: u64) -> u64 {
 
 fn is_entry_name(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Opens the checked file `name` of `dir` for reading and writing, creating it (0600) if missing.
+fn open_or_create(dir: &Dir, name: &str) -> Result<File, DiskCacheError> {
+    let io_at = |source| DiskCacheError::Io { path: dir.path().join(name), source };
+    match dir.open_file(name, true)? {
+        Some(f) => Ok(f),
+        None => match dir.create_file(name) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                dir.open_file(name, true)?.ok_or_else(|| io_at(io::Error::other("it vanished while it was opened")))
+            }
+            Err(e) => Err(io_at(e)),
+        },
+    }
+}
+
+/// Reads of `file` do not update its access time: a read without a blocking task (`get_many_now`) would otherwise
+/// start a journal transaction on the filesystem now and then. Best effort (the daemon owns the file).
+fn no_atime(file: &File) {
+    // SAFETY: flags of an open descriptor; failure changes nothing.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NOATIME);
+        }
+    }
+}
+
+/// The entry a label names: the order it was written in, its name and its sealed length; `None` for a free slot or
+/// a label that is not one.
+fn read_label(label: &[u8]) -> Option<(u64, String, u64)> {
+    let order = u64::from_be_bytes(label.get(4..12)?.try_into().ok()?);
+    let len = u64::from(u32::from_be_bytes(label.get(12..16)?.try_into().ok()?));
+    let plausible = label.starts_with(LABEL_MAGIC) && order > 0 && (ENTRY_OVERHEAD as u64..=SLOT).contains(&len);
+    plausible.then(|| hex(&label[16..LABEL_LEN]))
+        .map(|name| (order, name, len))
+}
+
+/// Gives `len` bytes of `file` from `at` back to the filesystem (a hole). If the filesystem cannot make holes the
+/// blocks stay allocated (the file still stays within about the limit: freed slots are given out before new ones).
+fn punch(file: &File, at: u64, len: u64) {
+    let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: a range of an open descriptor.
+    unsafe { libc::fallocate(file.as_raw_fd(), flags, at as libc::off_t, len as libc::off_t) };
 }
 
 /// Free and total bytes of the filesystem holding `path`.
@@ -323,16 +395,7 @@ impl DiskCache {
             let path = path.to_path_buf();
             move |source| DiskCacheError::Io { path, source }
         };
-        let lock_file = match dir.open_file(LOCK, true)? {
-            Some(f) => f,
-            None => match dir.create_file(LOCK) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    dir.open_file(LOCK, true)?.ok_or_else(|| io_at(dir.path())(io::Error::other("lock vanished")))?
-                }
-                Err(e) => return Err(io_at(dir.path())(e)),
-            },
-        };
+        let lock_file = open_or_create(&dir, LOCK)?;
         if !try_lock(&lock_file).map_err(io_at(dir.path()))? {
             return Err(DiskCacheError::InUse { path: dir.path().to_path_buf() });
         }
@@ -382,7 +445,10 @@ impl DiskCache {
         let path = dir.path().to_path_buf();
         let text = serde_json::to_vec(&Header { version: HEADER_VERSION, check, kms_key_id, kms_blob })
             .map_err(|e| io_at(&path)(io::Error::other(e)))?;
-        let mut cache = DiskCache::with_place(Place::Dir { dir, _lock: lock_file }, keys, limit);
+        let (pages, labels) = (open_or_create(&dir, PAGES)?, open_or_create(&dir, LABELS)?);
+        no_atime(&pages);
+        let place = Place::Dir { dir, _lock: lock_file, labels };
+        let mut cache = DiskCache::with_place(place, pages, keys, limit);
         cache.index_memory = Some(IndexMemory::new(memory));
         if !same_key && header.is_some() {
             tracing::info!(dir = %path.display(), "the disk cache was sealed under another key; it starts empty");
@@ -412,29 +478,24 @@ impl DiskCache {
         crate::crypto::secret::fill_random(&mut root[..]);
         let keys = CacheKeys::derive(&root, store, aead);
         drop(root);
-        // Reads of it do not update its access time: a read without a blocking task (`get_many_now`) would
-        // otherwise start a journal transaction on the filesystem now and then. Best effort (the daemon owns it).
-        // SAFETY: flags of an open descriptor; failure changes nothing.
-        unsafe {
-            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NOATIME);
-            }
-        }
+        no_atime(&file);
         let limit = limit
             .unwrap_or_else(|| space(at).map_or(1 << 30, |(free, _)| (free / DEFAULT_SHARE).min(SCRATCH_DEFAULT_MAX)));
         // Slots for the whole limit (a last one for its remainder), unless the index would outgrow its share.
         let entries = limit.div_ceil(SLOT).min(memory.limit() / INDEX_SHARE_OF_BUDGET / INDEX_BYTES_PER_ENTRY);
         let index = memory.try_reserve(entries * INDEX_BYTES_PER_ENTRY);
         let limit = if index.is_some() { limit.min(entries * SLOT) } else { 0 };
-        let mut cache = DiskCache::with_place(Place::Scratch { file, at: at.to_path_buf() }, keys, limit);
+        let mut cache = DiskCache::with_place(Place::Scratch { at: at.to_path_buf() }, file, keys, limit);
         cache._index = index;
         cache.report_delta();
         cache
     }
 
-    fn with_place(place: Place, keys: CacheKeys, limit: u64) -> DiskCache {
+    fn with_place(place: Place, file: File, keys: CacheKeys, limit: u64) -> DiskCache {
         DiskCache {
+            file,
+            next_label: AtomicU64::new(1),
+            gone: AtomicBool::new(false),
             _index: None,
             index_memory: None,
             sealer: keys.sealer(),
@@ -463,55 +524,141 @@ impl DiskCache {
         matches!(self.place, Place::Dir { .. })
     }
 
-    /// Takes stock of the entries left by earlier mounts (all removed unless `keep`), oldest first in the recency
-    /// order; removes what a dead daemon left half written and anything that is not ours, and the oldest entries
-    /// past what the memory budget pays an index for.
+    /// Takes stock of the entries left by earlier mounts (all dropped unless `keep`), oldest first in the recency
+    /// order (the order their labels give); frees every slot no label names (what a dead daemon left half written)
+    /// and the slots of the oldest entries past what the memory budget pays an index for; removes the files of the
+    /// earlier layout (a file per entry).
     fn scan(&self, keep: bool) -> io::Result<()> {
-        let Some(dir) = self.dir() else { return Ok(()) };
-        let mut found = Vec::new();
+        let Place::Dir { dir, labels, .. } = &self.place else { return Ok(()) };
         for name in dir.entries()? {
-            if name == LOCK || name == HEADER {
+            if [LOCK, HEADER, PAGES, LABELS].contains(&name.as_str()) {
                 continue;
             }
-            if !keep || !is_entry_name(&name) {
-                if is_entry_name(&name) || name.ends_with(".tmp") {
-                    let _ = dir.remove(&name);
-                } else {
-                    tracing::warn!(dir = %dir.path().display(), name, "a file that is not a cache entry is in the disk cache's directory; left alone");
-                }
-                continue;
-            }
-            match dir.open_file(&name, false) {
-                Ok(Some(f)) => {
-                    let meta = f.metadata()?;
-                    found.push((meta.mtime(), meta.mtime_nsec(), name, counted(meta.len())));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.damaged(&name, &e.to_string());
-                    let _ = dir.remove(&name);
-                }
+            if is_entry_name(&name) || name.ends_with(".tmp") {
+                let _ = dir.remove(&name);
+            } else {
+                tracing::warn!(dir = %dir.path().display(), name, "a file that is not the disk cache's is in its directory; left alone");
             }
         }
-        found.sort();
+        let slots = match keep {
+            true => self.file.metadata()?.len().div_ceil(SLOT).min(labels.metadata()?.len() / LABEL_LEN as u64),
+            false => 0,
+        };
+        // (order written, slot, name, length) of every slot labelled.
+        let mut found = Vec::new();
+        let mut buf = vec![0u8; LABELS_PER_READ * LABEL_LEN];
+        let mut first = 0;
+        while first < slots {
+            let n = (slots - first).min(LABELS_PER_READ as u64) as usize;
+            labels.read_exact_at(&mut buf[..n * LABEL_LEN], first * LABEL_LEN as u64)?;
+            for (j, label) in buf[..n * LABEL_LEN].chunks_exact(LABEL_LEN).enumerate() {
+                if let Some((order, name, len)) = read_label(label) {
+                    found.push((order, first + j as u64, name, len));
+                }
+            }
+            first += n as u64;
+        }
+        found.sort_unstable_by_key(|f| f.0);
+        // A name labelled twice (this code clears a label before its slot is given out again, so not ours): the
+        // newest counts, the other slot is freed.
+        let mut seen = std::collections::HashSet::new();
+        let newest: Vec<bool> = found.iter().rev().map(|f| seen.insert(f.2.clone())).collect();
+        let mut newest = newest.into_iter().rev();
+        found.retain(|_| newest.next().unwrap_or(false));
+        drop(seen);
         let paid = self.index_memory.as_ref().map_or(u64::MAX, |m| m.pay_for(found.len() as u64));
         let over = found.len().saturating_sub(usize::try_from(paid).unwrap_or(usize::MAX));
-        for (_, _, name, _) in found.drain(..over) {
-            let _ = dir.remove(&name);
-        }
+        found.drain(..over);
         if over > 0 {
             let (removed, kept) = (over, found.len());
             tracing::info!(dir = %dir.path().display(), removed, kept,
                 "the disk cache had more entries than max_memory pays an index for; the oldest were removed");
         }
+        // Both files end after the last slot kept; every other slot before it is freed: label cleared, blocks given
+        // back, a run of free slots at a time.
+        let end = found.iter().map(|f| f.1 + 1).max().unwrap_or(0);
+        self.file.set_len(end * SLOT)?;
+        labels.set_len(end * LABEL_LEN as u64)?;
+        let mut held = vec![false; end as usize];
+        for f in &found {
+            held[f.1 as usize] = true;
+        }
+        let mut free = Vec::new();
+        let mut slot = 0;
+        while slot < end {
+            if held[slot as usize] {
+                slot += 1;
+                continue;
+            }
+            let run = slot..(slot..end).find(|&s| held[s as usize]).unwrap_or(end);
+            let zeros = vec![0u8; (run.end - run.start).min(LABELS_PER_READ as u64) as usize * LABEL_LEN];
+            let mut at = run.start;
+            while at < run.end {
+                let n = (run.end - at).min(LABELS_PER_READ as u64);
+                labels.write_all_at(&zeros[..n as usize * LABEL_LEN], at * LABEL_LEN as u64)?;
+                at += n;
+            }
+            punch(&self.file, run.start * SLOT, (run.end - run.start) * SLOT);
+            free.extend(run.clone());
+            slot = run.end;
+        }
+        // Given out lowest first.
+        free.reverse();
         let mut st = lock(&self.state);
-        for (_, _, name, size) in found {
+        let mut order = 0;
+        for (written, slot, name, len) in found {
+            let size = counted(len);
             st.used += size;
             st.reservations += 1;
             let reservation = st.reservations;
-            st.lru.put(name, Kept { size, slot: None, reservation });
+            st.lru.put(name, Kept { size, slot: Some(slot), reservation });
+            order = written;
         }
+        st.free = free;
+        st.next_slot = end;
+        self.next_label.store(order + 1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Writes the label of `slot` (a cache directory's): `entry` (its name and length) written there, or none (all
+    /// zero). Nothing for the scratch.
+    fn label(&self, slot: u64, entry: Option<(&str, usize)>) -> io::Result<()> {
+        let Place::Dir { labels, .. } = &self.place else { return Ok(()) };
+        let mut label = [0u8; LABEL_LEN];
+        if let Some((name, len)) = entry {
+            let raw = unhex(name).filter(|r| r.len() == 32).ok_or_else(|| io::Error::other("not an entry name"))?;
+            label[..4].copy_from_slice(LABEL_MAGIC);
+            label[4..12].copy_from_slice(&self.next_label.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+            label[12..16].copy_from_slice(&(len as u32).to_be_bytes());
+            label[16..].copy_from_slice(&raw);
+        }
+        labels.write_all_at(&label, slot * LABEL_LEN as u64)
+    }
+
+    /// Whether the cache is closed: its directory's `pages` file lost its name while mounted (checked now). The
+    /// first to find it so empties the index and gives the file's blocks back.
+    fn closed(&self) -> bool {
+        if self.gone.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Place::Dir { labels, .. } = &self.place else { return false };
+        if !self.file.metadata().is_ok_and(|m| m.nlink() == 0) {
+            return false;
+        }
+        if self.gone.swap(true, Ordering::Relaxed) {
+            return true;
+        }
+        tracing::warn!(dir = %self.path().display(), "the disk cache's directory was removed while mounted; the cache is closed, reads go to the store");
+        {
+            let mut st = lock(&self.state);
+            st.lru.clear();
+            st.used = 0;
+            st.free.clear();
+        }
+        let _ = self.file.set_len(0);
+        let _ = labels.set_len(0);
+        self.report_delta();
+        true
     }
 
     pub fn limit(&self) -> u64 {
@@ -567,31 +714,45 @@ impl DiskCache {
     /// buffer of its own. Blocking file I/O: every entry is opened and its read asked for ahead
     /// (`POSIX_FADV_WILLNEED`) before the first is read, so a run of pages no longer in the system's page cache is
     /// read from the disk in parallel, not one after the other.
-    pub fn get_many(&self, pages: &[(EntryId, usize)], hit: impl FnMut(usize, Bytes)) {
+    pub fn get_many(&self, pages: &[(EntryId, usize)], mut hit: impl FnMut(usize, Bytes)) {
+        if self.closed() {
+            return;
+        }
         let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
-        match &self.place {
-            Place::Dir { dir, .. } => self.get_files(dir, pages, &names, hit),
-            Place::Scratch { file, .. } => self.get_slots(file, pages, &names, hit),
+        let slots = self.slots_of(&names);
+        for (slot, (_, len)) in slots.iter().zip(pages) {
+            if let Some(slot) = slot {
+                let (at, len) = ((slot * SLOT) as libc::off_t, (len + ENTRY_OVERHEAD) as libc::off_t);
+                // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
+                unsafe { libc::posix_fadvise(self.file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
+            }
+        }
+        for (i, slot) in slots.into_iter().enumerate() {
+            let Some(slot) = slot else { continue };
+            let (id, len) = &pages[i];
+            match self.read_slot(slot, id, *len, 0) {
+                Ok(page) => hit(i, page),
+                Err(e) => self.drop_entry(&names[i], &e.to_string(), Some(slot)),
+            }
         }
     }
 
-    /// [`DiskCache::get_many`] for a caller that must not block (an async task): the scratch's entries only, and
-    /// only when the system's page cache holds every byte of them (read with `RWF_NOWAIT`). A read served this way
+    /// [`DiskCache::get_many`] for a caller that must not block (an async task): only when the system's page cache
+    /// holds every byte of the entries (read with `RWF_NOWAIT`). A read served this way
     /// is answered on the thread that took it from the kernel, with no hand-off to a blocking task and back, and its
     /// ciphertext is read straight into the page and decrypted there: 4,000 random 4 KiB reads served from the
     /// scratch took 0.22–0.26 s instead of 0.38–0.48 s (Garage, `cache_size=32M`, 3 alternating runs).
-    /// `None` when any entry would block, did not read whole or does not open, and for a cache directory: the
-    /// caller then asks [`DiskCache::get_many`] in a blocking task, which also drops what does not open. `Some`
-    /// holds each page found; an entry missing (or still being written) is `None` in it.
+    /// `None` when any entry would block, did not read whole or does not open: the caller then asks
+    /// [`DiskCache::get_many`] in a blocking task, which also drops what does not open. `Some` holds each page
+    /// found; an entry missing (or still being written) is `None` in it.
     pub fn get_many_now(&self, pages: &[(EntryId, usize)]) -> Option<Vec<Option<Bytes>>> {
-        let Place::Scratch { file, .. } = &self.place else { return None };
         let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
         let mut found = Vec::with_capacity(pages.len());
         for (slot, (id, len)) in self.slots_of(&names).into_iter().zip(pages) {
             match slot {
                 None => found.push(None),
                 // A slot given to another page since the lookup does not open as this one.
-                Some(slot) => found.push(Some(self.read_slot(file, slot, id, *len, libc::RWF_NOWAIT).ok()?)),
+                Some(slot) => found.push(Some(self.read_slot(slot, id, *len, libc::RWF_NOWAIT).ok()?)),
             }
         }
         Some(found)
@@ -603,14 +764,14 @@ impl DiskCache {
         names.iter().map(|n| st.lru.get(n).and_then(|k| k.slot)).collect()
     }
 
-    /// The page the scratch's `slot` holds for `id` (`len` bytes), read with `preadv2` `flags` in three pieces (head,
+    /// The page `slot` holds for `id` (`len` bytes), read with `preadv2` `flags` in three pieces (head,
     /// ciphertext straight into the page, tag) and decrypted in place: no buffer for the entry, no copy of it. `Err`
     /// with why not: the read would block (`RWF_NOWAIT`), failed or came short, or the entry does not open as this
     /// page.
-    fn read_slot(&self, file: &File, slot: u64, id: &EntryId, len: usize, flags: libc::c_int) -> io::Result<Bytes> {
+    fn read_slot(&self, slot: u64, id: &EntryId, len: usize, flags: libc::c_int) -> io::Result<Bytes> {
         let (mut head, mut tag) = ([0u8; ENTRY_HEAD], [0u8; TAG_LEN]);
         let mut page = PageBuf::for_len(len);
-        read_pieces(file, &mut [&mut head, page.as_mut_slice(), &mut tag], slot * SLOT, flags)?;
+        read_pieces(&self.file, &mut [&mut head, page.as_mut_slice(), &mut tag], slot * SLOT, flags)?;
         self.keys
             .open_in_place(id, &head, page.as_mut_slice(), &tag)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it does not authenticate as this page"))?;
@@ -624,89 +785,17 @@ impl DiskCache {
         names.iter().any(|n| st.lru.contains(n))
     }
 
-    /// [`DiskCache::get_many`] from a cache directory.
-    fn get_files(&self, dir: &Dir, pages: &[(EntryId, usize)], names: &[String], mut hit: impl FnMut(usize, Bytes)) {
-        let known: Vec<bool> = {
-            let mut st = lock(&self.state);
-            names.iter().map(|n| st.lru.get(n).is_some()).collect()
-        };
-        let files: Vec<Option<File>> = names
-            .iter()
-            .zip(known)
-            .map(|(name, known)| {
-                if !known {
-                    return None;
-                }
-                match dir.open_file(name, false) {
-                    Ok(Some(f)) => {
-                        // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
-                        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-                        Some(f)
-                    }
-                    // Being written, or the directory is gone.
-                    Ok(None) => None,
-                    Err(e) => {
-                        self.drop_entry(name, &e.to_string(), None);
-                        None
-                    }
-                }
-            })
-            .collect();
-        let mut stored = Vec::new();
-        for (i, file) in files.into_iter().enumerate() {
-            let Some(file) = file else { continue };
-            let (id, len) = &pages[i];
-            stored.clear();
-            // Room for the whole entry and the byte that shows it is longer: read in one call, and one more that
-            // finds the end (from empty, `read_to_end` probes and grows the buffer in several).
-            stored.reserve(len + ENTRY_OVERHEAD + 1);
-            if let Err(e) = file.take((len + ENTRY_OVERHEAD + 1) as u64).read_to_end(&mut stored) {
-                self.drop_entry(&names[i], &e.to_string(), None);
-                continue;
-            }
-            let mut page = PageBuf::for_len(*len);
-            if self.keys.open_to(id, &stored, page.as_mut_slice()).is_err() {
-                self.drop_entry(&names[i], "it does not authenticate as this page", None);
-                continue;
-            }
-            hit(i, page.freeze());
-        }
-    }
-
-    /// [`DiskCache::get_many`] from the scratch: each entry written whole is read from its slot (all of them asked
-    /// for ahead first, as from a directory).
-    fn get_slots(&self, file: &File, pages: &[(EntryId, usize)], names: &[String], mut hit: impl FnMut(usize, Bytes)) {
-        let slots = self.slots_of(names);
-        for (slot, (_, len)) in slots.iter().zip(pages) {
-            if let Some(slot) = slot {
-                let (at, len) = ((slot * SLOT) as libc::off_t, (len + ENTRY_OVERHEAD) as libc::off_t);
-                // SAFETY: advice on an open descriptor; failure only loses the read-ahead.
-                unsafe { libc::posix_fadvise(file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
-            }
-        }
-        for (i, slot) in slots.into_iter().enumerate() {
-            let Some(slot) = slot else { continue };
-            let (id, len) = &pages[i];
-            match self.read_slot(file, slot, id, *len, 0) {
-                Ok(page) => hit(i, page),
-                Err(e) => self.drop_entry(&names[i], &e.to_string(), Some(slot)),
-            }
-        }
-    }
-
-    /// Gives the scratch's `slots` back: their blocks to the filesystem (holes), then the slots to the next entries.
-    /// Each slot is held by no entry and no writer by now, and is punched before it can be given out again. Not
-    /// under the state's lock: an eviction of thousands of slots does not hold up every lookup meanwhile.
+    /// Gives `slots` back: their labels cleared, their blocks to the filesystem (holes), then the slots to the next
+    /// entries. Each slot is held by no entry and no writer by now, and is cleared before it can be given out again.
+    /// Not under the state's lock: an eviction of thousands of slots does not hold up every lookup meanwhile.
     fn free_slots(&self, slots: &[u64]) {
-        let Place::Scratch { file, .. } = &self.place else { return };
         if slots.is_empty() {
             return;
         }
-        for slot in slots {
-            let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            // SAFETY: a range of an open descriptor. If the filesystem cannot make holes the blocks stay allocated
-            // (the file still stays within about the limit: freed slots are given out before new ones).
-            unsafe { libc::fallocate(file.as_raw_fd(), flags, (slot * SLOT) as libc::off_t, SLOT as libc::off_t) };
+        for &slot in slots {
+            // A label left by a failed write names an entry the slot no longer holds: a miss at the next start.
+            let _ = self.label(slot, None);
+            punch(&self.file, slot * SLOT, SLOT);
         }
         lock(&self.state).free.extend_from_slice(slots);
     }
@@ -716,8 +805,8 @@ impl DiskCache {
     fn drop_entry(&self, name: &str, why: &str, seen: Option<u64>) {
         let slot = {
             let mut st = lock(&self.state);
-            // In the scratch, only the entry whose slot was read: the slot may have been evicted and given to another
-            // page since, and the name written again elsewhere.
+            // Only the entry whose slot was read: the slot may have been evicted and given to another page since, and
+            // the name written again elsewhere.
             if st.lru.peek(name).is_none_or(|k| k.slot != seen) {
                 return;
             }
@@ -728,9 +817,6 @@ impl DiskCache {
         };
         self.free_slots(slot.as_slice());
         self.damaged(name, why);
-        if let Some(dir) = self.dir() {
-            let _ = dir.remove(name);
-        }
         self.report_delta();
     }
 
@@ -751,10 +837,12 @@ impl DiskCache {
     /// [`DiskCache::put_in_place`] of the entry named `name` (`id`'s), not there a moment ago.
     fn put_named(&self, name: &str, id: &EntryId, page: &mut [u8]) -> bool {
         let sealed_len = page.len() + ENTRY_OVERHEAD;
+        if sealed_len as u64 > SLOT || self.closed() {
+            return false;
+        }
         let size = match self.place {
             Place::Dir { .. } => counted(sealed_len as u64),
-            Place::Scratch { .. } if sealed_len as u64 <= SLOT => SLOT,
-            Place::Scratch { .. } => return false,
+            Place::Scratch { .. } => SLOT,
         };
         if size > self.limit {
             return false;
@@ -765,17 +853,10 @@ impl DiskCache {
             Room::Made(reservation) => reservation,
         };
         let (head, tag) = self.keys.seal_in_place(&self.sealer, id, page);
-        let (written, slot) = match &self.place {
-            Place::Dir { dir, .. } => match dir.write_new(name, &[&head[..], page, &tag].concat()) {
-                // Written meanwhile by another read of the same page.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (Ok(()), None),
-                other => (other, None),
-            },
-            Place::Scratch { file, .. } => {
-                let slot = lock(&self.state).take_slot();
-                (write_pieces(file, [&head[..], page, &tag], slot * SLOT), Some(slot))
-            }
-        };
+        let slot = lock(&self.state).take_slot();
+        // The label after the entry: a label names only an entry written whole (unless the disk itself lost it).
+        let written = write_pieces(&self.file, [&head[..], page, &tag], slot * SLOT)
+            .and_then(|()| self.label(slot, Some((name, sealed_len))));
         let mut st = lock(&self.state);
         // Still this write's own reservation (not evicted meanwhile, nor evicted and made again by another write).
         let ours = st.lru.peek(name).is_some_and(|k| k.reservation == reservation);
@@ -783,21 +864,14 @@ impl DiskCache {
             Ok(()) if ours => {
                 st.written += sealed_len as u64;
                 if let Some(kept) = st.lru.peek_mut(name) {
-                    kept.slot = slot;
+                    kept.slot = Some(slot);
                 }
             }
-            // Evicted while it was being written: in a directory its file may have been removed before ours landed
-            // (unless another write of the page made it again: then that one's file is there), in the scratch the
-            // slot is ours alone; either way ours goes now.
+            // Evicted while it was being written: the slot is ours alone, and goes now.
             Ok(()) => {
                 let other = st.lru.contains(name);
                 drop(st);
-                match self.dir() {
-                    Some(dir) if !other => {
-                        let _ = dir.remove(name);
-                    }
-                    _ => self.free_slots(slot.as_slice()),
-                }
+                self.free_slots(&[slot]);
                 // Another write of the page made it again meanwhile: the cache has it (or will).
                 return other;
             }
@@ -807,7 +881,7 @@ impl DiskCache {
                     st.used -= size;
                 }
                 drop(st);
-                self.free_slots(slot.as_slice());
+                self.free_slots(&[slot]);
                 self.io_failed("writing an entry", &e);
                 return false;
             }
@@ -849,7 +923,6 @@ impl DiskCache {
             }
             _ => u64::MAX,
         };
-        let mut victims = Vec::new();
         let mut slots = Vec::new();
         let made = {
             let mut st = lock(&self.state);
@@ -865,12 +938,11 @@ impl DiskCache {
             };
             let mut need = (st.used + if name.is_some() { size } else { 0 }).saturating_sub(self.limit).max(low);
             while need > 0 || st.lru.len() as u64 >= allowed {
-                let Some((victim, kept)) = st.lru.pop_lru() else { break };
+                let Some((_, kept)) = st.lru.pop_lru() else { break };
                 st.used -= kept.size;
                 st.evicted += 1;
                 need = need.saturating_sub(kept.size);
                 slots.extend(kept.slot);
-                victims.push(victim);
             }
             match (need, name) {
                 (0, Some(name)) if (st.lru.len() as u64) < allowed => {
@@ -884,11 +956,6 @@ impl DiskCache {
                 _ => Room::None,
             }
         };
-        if let Some(dir) = self.dir() {
-            for v in &victims {
-                let _ = dir.remove(v);
-            }
-        }
         self.free_slots(&slots);
         made
     }
@@ -1006,6 +1073,24 @@ mod tests {
     fn get(c: &DiskCache, id: &EntryId) -> Option<Vec<u8>> {
         let mut out = Vec::new();
         c.get(id, PAGE, &mut out).then_some(out)
+    }
+
+    /// The slot of page `id`'s entry.
+    fn slot_of(c: &DiskCache, id: &EntryId) -> u64 {
+        let name = c.keys.entry_name(id);
+        lock(&c.state).lru.peek(&name).and_then(|k| k.slot).expect("no entry written for the page")
+    }
+
+    /// The cache directory's file `name` (`PAGES`, `LABELS`), opened anew to look at and change it.
+    fn dir_file(c: &DiskCache, name: &str) -> File {
+        File::options().read(true).write(true).open(c.path().join(name)).unwrap()
+    }
+
+    /// The slots a label names an entry for.
+    fn labelled(c: &DiskCache) -> Vec<u64> {
+        let labels = std::fs::read(c.path().join(LABELS)).unwrap();
+        let slots = labels.chunks(LABEL_LEN).enumerate();
+        slots.filter(|(_, l)| l.iter().any(|&b| b != 0)).map(|(i, _)| i as u64).collect()
     }
 
     /// Bytes the cache's files take on disk, as du counts them.
@@ -1158,9 +1243,9 @@ mod tests {
     /// Without a blocking task, the scratch serves the pages whose slots the system still holds in memory, the same
     /// bytes as the blocking path, and a page it does not have is a `None` in the answer. A slot the system has
     /// dropped from memory, and a damaged slot, give no answer at all: the caller goes to the blocking path, which
-    /// reads the first from the disk and drops the second. A cache directory never answers here.
+    /// reads the first from the disk and drops the second. A cache directory answers the same way.
     #[tokio::test]
-    async fn the_scratch_answers_without_blocking_only_from_memory() {
+    async fn pages_are_answered_without_blocking_only_from_memory() {
         use std::os::unix::fs::FileExt;
         let tmp = tempfile::tempdir().unwrap();
         let (c, peek) = scratch(tmp.path(), 16 << 20);
@@ -1195,7 +1280,8 @@ mod tests {
         // A cache directory.
         let d = open(&tmp.path().join("dir"), ROOT, 16 << 20).await.unwrap();
         assert!(d.put(&id("f", 0), &page(0)));
-        assert_eq!(d.get_many_now(&[(id("f", 0), PAGE)]), None);
+        let found = d.get_many_now(&[(id("f", 0), PAGE), (id("f", 1), PAGE)]).expect("a page just written");
+        assert_eq!((found[0].as_deref(), found[1].as_deref()), (Some(&page(0)[..]), None));
     }
 
     /// Writers and readers on several threads over a scratch of a few slots, so that slots are freed and given out
@@ -1308,8 +1394,7 @@ mod tests {
             }
         };
         let has = |c: &DiskCache, i: u64| c.get(&id("f", i), SMALL, &mut Vec::new());
-        let files = |c: &DiskCache| std::fs::read_dir(c.path()).unwrap().count() - 2; // the lock and the header
-        let file_of = |c: &DiskCache, i: u64| c.path().join(c.keys.entry_name(&id("f", i)));
+        let files = |c: &DiskCache| labelled(c).len();
 
         // An index of one full step and part of a second.
         let cap = INDEX_STEP + 904;
@@ -1326,15 +1411,15 @@ mod tests {
         assert_eq!(memory.reserved(), cap * INDEX_BYTES_PER_ENTRY, "the index took more than its share");
         assert_eq!(files(&c) as u64, cap);
         assert!(!has(&c, 99) && has(&c, 100) && has(&c, cap + 99), "not the least recently used entries went");
-        // Which entries a start keeps is the files' modification time: the oldest survivor made the newest, the newest
+        // Which entries a start keeps is the order their labels give: the oldest survivor made the newest, the newest
         // entry made old.
-        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-        let set_mtime = |path: PathBuf, secs: u64| {
-            std::fs::File::options().write(true).open(path).unwrap().set_modified(at(secs)).unwrap();
+        let set_order = |c: &DiskCache, i: u64, order: u64| {
+            let at = slot_of(c, &id("f", i)) * LABEL_LEN as u64 + 4;
+            dir_file(c, LABELS).write_all_at(&order.to_be_bytes(), at).unwrap();
         };
-        set_mtime(file_of(&c, 100), 4_000_000_000);
-        set_mtime(file_of(&c, cap + 98), 3_900_000_000);
-        set_mtime(file_of(&c, cap + 99), 1_000_000_000);
+        set_order(&c, 100, 1 << 40);
+        set_order(&c, cap + 98, 1 << 39);
+        set_order(&c, cap + 99, 1);
         drop(c);
         assert_eq!(memory.reserved(), 0, "the index's reservation outlived the cache");
 
@@ -1400,45 +1485,100 @@ mod tests {
     async fn damaged_truncated_moved_and_planted_entries_are_dropped_not_served() {
         let tmp = tempfile::tempdir().unwrap();
         let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
-        for i in 0..5 {
+        for i in 0..6 {
             c.put(&id("f", i), &page(i as u8));
         }
-        let file = |i: u64| c.path().join(c.keys.entry_name(&id("f", i)));
-        // Flipped byte, truncated, page 2 copied over page 3, page 4 replaced by a symlink.
-        let mut bytes = std::fs::read(file(0)).unwrap();
+        let pages = dir_file(&c, PAGES);
+        let at = |i: u64| slot_of(&c, &id("f", i)) * SLOT;
+        let entry_of = |i: u64| {
+            let mut bytes = vec![0u8; PAGE + ENTRY_OVERHEAD];
+            pages.read_exact_at(&mut bytes, at(i)).unwrap();
+            bytes
+        };
+        // Flipped byte; the end cut off (a hole); page 2's entry copied over page 3's; page 4's slot all hole.
+        let mut bytes = entry_of(0);
         bytes[100] ^= 1;
-        std::fs::write(file(0), &bytes).unwrap();
-        let bytes = std::fs::read(file(1)).unwrap();
-        std::fs::write(file(1), &bytes[..bytes.len() - 10]).unwrap();
-        std::fs::copy(file(2), file(3)).unwrap();
-        std::fs::remove_file(file(4)).unwrap();
-        std::os::unix::fs::symlink(file(2), file(4)).unwrap();
+        pages.write_all_at(&bytes, at(0)).unwrap();
+        punch(&pages, at(1) + SLOT - 2 * BLOCK, 2 * BLOCK);
+        pages.write_all_at(&entry_of(2), at(3)).unwrap();
+        punch(&pages, at(4), SLOT);
+        let slots: Vec<u64> = [0, 1, 3, 4].iter().map(|&i| slot_of(&c, &id("f", i))).collect();
         for i in [0, 1, 3, 4] {
             assert_eq!(get(&c, &id("f", i)), None, "entry {i} was served");
-            assert!(std::fs::symlink_metadata(file(i)).is_err(), "entry {i} was not removed");
         }
         assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
         assert_eq!(c.stats().dropped, 4);
+        // Their slots are free, and no label names them any more.
+        slots_accounted(&c);
+        assert!(slots.iter().all(|s| lock(&c.state).free.contains(s)));
+        assert!(labelled(&c).iter().all(|s| !slots.contains(s)), "a dropped entry's label is left");
         // A damaged entry two reads found at once (a read and the read-ahead) is dropped and counted once.
-        c.put(&id("f", 5), &page(5));
-        let mut bytes = std::fs::read(file(5)).unwrap();
+        let mut bytes = entry_of(5);
         bytes[100] ^= 1;
-        std::fs::write(file(5), &bytes).unwrap();
-        let name = c.keys.entry_name(&id("f", 5));
-        c.drop_entry(&name, "test: found damaged by the first read", None);
-        c.drop_entry(&name, "test: found damaged by the second read", None);
+        pages.write_all_at(&bytes, at(5)).unwrap();
+        let (name, slot) = (c.keys.entry_name(&id("f", 5)), slot_of(&c, &id("f", 5)));
+        c.drop_entry(&name, "test: found damaged by the first read", Some(slot));
+        c.drop_entry(&name, "test: found damaged by the second read", Some(slot));
         assert_eq!(c.stats().dropped, 5);
+        slots_accounted(&c);
         // Put again, it is served again.
         c.put(&id("f", 0), &page(0));
         assert_eq!(get(&c, &id("f", 0)), Some(page(0)));
-        // An entry planted while unmounted (named for a page, but sealed by someone without the key) is dropped too.
-        let planted = file(2);
-        drop(c);
+        // While unmounted: an entry planted in page 2's slot (sealed for it, but by someone without the key), and the
+        // labels of pages 0 and 3 swapped (each slot then named for the other's page).
         let other = CacheKeys::derive(&[9; 32], "s3://bucket/p", AeadBackend::AwsLc);
-        std::fs::write(&planted, other.seal(&other.sealer(), &id("f", 2), &page(7))).unwrap();
+        pages.write_all_at(&other.seal(&other.sealer(), &id("f", 2), &page(7)), at(2)).unwrap();
+        c.put(&id("f", 3), &page(3));
+        let labels = dir_file(&c, LABELS);
+        let label_at = |i: u64| slot_of(&c, &id("f", i)) * LABEL_LEN as u64;
+        let (mut l0, mut l3) = ([0u8; LABEL_LEN], [0u8; LABEL_LEN]);
+        labels.read_exact_at(&mut l0, label_at(0)).unwrap();
+        labels.read_exact_at(&mut l3, label_at(3)).unwrap();
+        labels.write_all_at(&l3, label_at(0)).unwrap();
+        labels.write_all_at(&l0, label_at(3)).unwrap();
+        drop(c);
         let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
-        assert_eq!(get(&c, &id("f", 2)), None);
-        assert_eq!(c.stats().dropped, 1);
+        assert_eq!(c.stats().entries, 3);
+        for i in [0, 2, 3] {
+            assert_eq!(get(&c, &id("f", i)), None, "entry {i} was served");
+        }
+        assert_eq!(c.stats().dropped, 3);
+        slots_accounted(&c);
+    }
+
+    /// What a kill leaves in a cache directory: an entry written into a slot past the others with no label yet, and
+    /// a slot whose label was cleared before its blocks were given back. A start frees both (the file ends after the
+    /// last slot labelled), and keeps the others in the order they were written.
+    #[tokio::test]
+    async fn a_start_frees_the_slots_no_label_names_and_keeps_the_others_in_their_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
+        for i in 0..5 {
+            c.put(&id("f", i), &page(i as u8));
+        }
+        let slots: Vec<u64> = (0..5).map(|i| slot_of(&c, &id("f", i))).collect();
+        assert_eq!(slots, [0, 1, 2, 3, 4]);
+        let entry = c.keys.seal(&c.sealer, &id("f", 9), &page(9));
+        dir_file(&c, PAGES).write_all_at(&entry, 6 * SLOT).unwrap();
+        dir_file(&c, LABELS).write_all_at(&[0; LABEL_LEN], LABEL_LEN as u64).unwrap();
+        let before = on_disk(&c);
+        drop(c);
+        let c = open(&tmp.path().join("c"), ROOT, 64 << 20).await.unwrap();
+        assert_eq!(c.stats().entries, 4);
+        assert_eq!(c.file.metadata().unwrap().len(), 5 * SLOT, "the file does not end after the last slot labelled");
+        assert_eq!(on_disk(&c), before - 2 * counted((PAGE + ENTRY_OVERHEAD) as u64), "freed slots kept their blocks");
+        assert_eq!(lock(&c.state).free, [1]);
+        slots_accounted(&c);
+        assert_eq!(get(&c, &id("f", 1)), None);
+        assert_eq!(get(&c, &id("f", 9)), None);
+        // Oldest first: with room for one more entry only, page 0 goes (page 2 was read since, and stays).
+        assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
+        drop(c);
+        let c = open(&tmp.path().join("c"), ROOT, 4 * counted((PAGE + ENTRY_OVERHEAD) as u64)).await.unwrap();
+        assert_eq!(c.stats().entries, 4);
+        assert!(c.put(&id("f", 1), &page(1)));
+        let kept: Vec<bool> = (0..5).map(|i| get(&c, &id("f", i)).is_some()).collect();
+        assert_eq!(kept, [false, true, true, true, true]);
     }
 
     #[tokio::test]
@@ -1458,7 +1598,8 @@ mod tests {
         drop(c);
         let c = open(&base, [4; 32], 64 << 20).await.unwrap();
         assert_eq!(c.stats().entries, 0, "entries sealed under another key were kept");
-        assert_eq!(std::fs::read_dir(c.path()).unwrap().count(), 2, "only lock and cache.json are left");
+        assert_eq!(std::fs::read_dir(c.path()).unwrap().count(), 4, "only lock, cache.json, pages and labels are left");
+        assert_eq!(on_disk(&c), BLOCK, "only cache.json takes room");
     }
 
     #[tokio::test]
@@ -1558,8 +1699,11 @@ mod tests {
         c.put(&id("f", 0), &page(0));
         std::fs::remove_dir_all(&base).unwrap();
         assert_eq!(get(&c, &id("f", 0)), None);
-        c.put(&id("f", 1), &page(1));
+        assert!(!c.put(&id("f", 1), &page(1)));
         assert_eq!(get(&c, &id("f", 1)), None);
         assert!(!base.exists());
+        // What the cache held is given back to the disk, not kept until the unmount.
+        assert_eq!((c.stats().entries, c.stats().used), (0, 0));
+        assert_eq!(c.file.metadata().unwrap().blocks(), 0);
     }
 }

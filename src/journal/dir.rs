@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why a journal directory or file is not trusted.
 #[derive(Debug, thiserror::Error)]
@@ -114,13 +113,11 @@ fn mkdir_at(parent: i32, name: &CString) -> io::Result<()> {
     Ok(())
 }
 
-/// Why [`Dir::write_unnamed`] failed.
+/// Why [`Dir::unnamed_file`] could not make an unnamed file.
 enum Unnamed {
-    /// Unnamed files cannot be made or linked here (no `O_TMPFILE` on the filesystem, no `/proc`, a policy against
-    /// linking through it): write by rename from now on.
-    Unusable(io::Error),
-    /// The write itself failed (the name exists, the disk is full, no descriptor or memory left): the same would
-    /// happen by rename.
+    /// Unnamed files cannot be made here (no `O_TMPFILE` on the filesystem): a named file removed at once instead.
+    Unusable,
+    /// The call itself failed (the disk is full, no descriptor or memory left): the same would happen with a name.
     Failed(io::Error),
 }
 
@@ -140,7 +137,7 @@ impl Unnamed {
                 | libc::ENFILE
                 | libc::ENOMEM,
             ) if !no_proc => Unnamed::Failed(e),
-            _ => Unnamed::Unusable(e),
+            _ => Unnamed::Unusable,
         }
     }
 }
@@ -150,8 +147,6 @@ impl Unnamed {
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
-    /// Set once the filesystem refused an unnamed file (see [`Dir::write_new`]).
-    no_tmpfile: AtomicBool,
 }
 
 impl Dir {
@@ -227,7 +222,7 @@ impl Dir {
             }
             cur = next;
         }
-        Ok(Dir { fd: cur, path: cur_path, no_tmpfile: AtomicBool::new(false) })
+        Ok(Dir { fd: cur, path: cur_path })
     }
 
     pub fn path(&self) -> &Path {
@@ -252,7 +247,7 @@ impl Dir {
             Err(e) => return Err(io_err(&path, e)),
         };
         check_ours(&path, &fstat(fd.as_raw_fd()).map_err(|e| io_err(&path, e))?, true)?;
-        Ok(Some(Dir { fd, path, no_tmpfile: AtomicBool::new(false) }))
+        Ok(Some(Dir { fd, path }))
     }
 
     /// Creates the subdirectory `name` (0700), failing if it exists.
@@ -262,7 +257,7 @@ impl Dir {
         mkdir_at(self.fd.as_raw_fd(), &c).map_err(|e| io_err(&path, e))?;
         let fd = open_dir_at(self.fd.as_raw_fd(), &c).map_err(|e| io_err(&path, e))?;
         check_ours(&path, &fstat(fd.as_raw_fd()).map_err(|e| io_err(&path, e))?, true)?;
-        Ok(Dir { fd, path, no_tmpfile: AtomicBool::new(false) })
+        Ok(Dir { fd, path })
     }
 
     fn open_raw(&self, name: &str, flags: i32) -> io::Result<File> {
@@ -305,66 +300,6 @@ impl Dir {
         let f = self.create_file(&name)?;
         self.remove(&name)?;
         Ok(f)
-    }
-
-    /// A new file `name` (0600) holding `bytes`, which appears whole or not at all; fails with `AlreadyExists` if
-    /// `name` exists. Not synced: for files whose loss in a crash costs nothing (the disk cache's entries).
-    ///
-    /// Written into an unnamed file (`O_TMPFILE`), then linked in as `name`: one change of the directory instead of
-    /// three (create, rename, and the removal of a leftover), and several writers at once queue on each change of
-    /// one directory (a cold read through the disk cache spent a third of its CPU there); a crash leaves nothing
-    /// behind. Where the filesystem has no unnamed files (or `/proc` is not mounted), through `name.tmp` and a
-    /// rename instead.
-    pub fn write_new(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        use std::io::Write;
-        if !self.no_tmpfile.load(Ordering::Relaxed) {
-            match self.write_unnamed(name, bytes) {
-                Err(Unnamed::Unusable(e)) => {
-                    tracing::debug!(dir = %self.path.display(), error = %e, "no unnamed files here; written by rename");
-                    self.no_tmpfile.store(true, Ordering::Relaxed);
-                }
-                Err(Unnamed::Failed(e)) => return Err(e),
-                Ok(()) => return Ok(()),
-            }
-        }
-        // A `name.tmp` there already is another write of the same entry under way (a leftover of a daemon that died
-        // is removed by the next start): that write lands it.
-        let tmp = format!("{name}.tmp");
-        let mut f = self.create_file(&tmp)?;
-        let written = f.write_all(bytes).and_then(|()| {
-            drop(f);
-            self.rename_noreplace(&tmp, name)
-        });
-        if written.is_err() {
-            let _ = self.remove(&tmp);
-        }
-        written
-    }
-
-    /// [`Dir::write_new`] through an unnamed file.
-    fn write_unnamed(&self, name: &str, bytes: &[u8]) -> Result<(), Unnamed> {
-        use std::io::Write;
-        // SAFETY: a NUL-terminated "." relative to our descriptor; the mode is that of the file made.
-        let fd = unsafe {
-            libc::openat(self.fd.as_raw_fd(), c".".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600)
-        };
-        if fd < 0 {
-            return Err(Unnamed::of(io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just returned by openat.
-        let mut f = unsafe { File::from_raw_fd(fd) };
-        f.write_all(bytes).map_err(Unnamed::Failed)?;
-        // linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the descriptor's /proc link does not.
-        let proc = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(|e| Unnamed::Failed(e.into()))?;
-        let target = cstr(name).map_err(Unnamed::Failed)?;
-        // SAFETY: both paths are NUL-terminated; the target is relative to our descriptor.
-        let r = unsafe {
-            libc::linkat(libc::AT_FDCWD, proc.as_ptr(), self.fd.as_raw_fd(), target.as_ptr(), libc::AT_SYMLINK_FOLLOW)
-        };
-        if r != 0 {
-            return Err(Unnamed::of(io::Error::last_os_error()));
-        }
-        Ok(())
     }
 
     /// Opens the existing file `name` and checks it; `None` if it does not exist.
@@ -506,7 +441,7 @@ pub fn try_lock(file: &File) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn base_is_created_private_and_reopened() {
@@ -592,49 +527,6 @@ mod tests {
         std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::symlink(&real, tmp.path().join("alias")).unwrap();
         assert_eq!(Dir::open_base(&tmp.path().join("alias")).unwrap().path(), real.as_path());
-    }
-
-    #[test]
-    fn a_new_file_appears_whole_private_and_once_with_or_without_unnamed_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let base = tmp.path().join("c");
-        let d = Dir::open_base(&base).unwrap();
-        for unnamed in [true, false] {
-            d.no_tmpfile.store(!unnamed, Ordering::Relaxed);
-            let name = format!("e{unnamed}");
-            d.write_new(&name, b"sealed bytes").unwrap();
-            assert_eq!(d.read_file(&name, 100).unwrap().unwrap(), b"sealed bytes", "unnamed files: {unnamed}");
-            let meta = std::fs::metadata(base.join(&name)).unwrap();
-            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-            assert_eq!(std::os::unix::fs::MetadataExt::nlink(&meta), 1);
-            // An existing entry is neither replaced nor appended to.
-            let again = d.write_new(&name, b"other").unwrap_err();
-            assert_eq!(again.kind(), io::ErrorKind::AlreadyExists, "unnamed files: {unnamed}");
-            assert_eq!(d.read_file(&name, 100).unwrap().unwrap(), b"sealed bytes");
-        }
-        // Where the filesystem has unnamed files (ext4, xfs, btrfs, tmpfs), the first write used one.
-        let has_unnamed = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .open(&base)
-            .is_ok();
-        d.no_tmpfile.store(false, Ordering::Relaxed);
-        d.write_new("u", b"1").unwrap();
-        assert_eq!(d.no_tmpfile.load(Ordering::Relaxed), !has_unnamed);
-        // The fallback takes a temporary name there already for another write of the entry under way: it neither
-        // removes it nor follows it (planted as a symlink here), and writes nothing.
-        d.no_tmpfile.store(true, Ordering::Relaxed);
-        let outside = tmp.path().join("outside");
-        std::fs::write(&outside, b"keep").unwrap();
-        std::os::unix::fs::symlink(&outside, base.join("s.tmp")).unwrap();
-        assert_eq!(d.write_new("s", b"new").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
-        assert!(d.read_file("s", 10).unwrap().is_none());
-        std::fs::remove_file(base.join("s.tmp")).unwrap();
-        let mut names = d.entries().unwrap();
-        names.sort();
-        assert_eq!(names, ["efalse", "etrue", "u"], "no temporary name is left");
     }
 
     #[test]

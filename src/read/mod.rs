@@ -106,8 +106,9 @@ const WHOLE_OBJECT_SHARE_OF_DISK: u64 = 4;
 /// 1.12–1.14 s (3 alternating runs each), since 32 fewer reads each wait for a GET of their own first (more on a
 /// slower link).
 pub const WHOLE_OBJECT_BYTES_PER_SEEK: u64 = 8 << 20;
-/// The longest run of pages read from the scratch without a blocking task (`DiskCache::get_many_now`): a read of up
-/// to 256 KiB. Longer runs (read-ahead, whole-object segments) decrypt too much to do it on an async thread.
+/// The longest run of pages read from the disk cache (or the scratch) without a blocking task
+/// (`DiskCache::get_many_now`): a read of up to 256 KiB. Longer runs (read-ahead, whole-object segments) decrypt too
+/// much to do it on an async thread.
 const DISK_NOW_MAX_PAGES: usize = 4;
 /// Pages a fetch into the disk cache opens before it seals and writes them ([`Reader::fetch_to_disk`]): 512 KiB, a
 /// buffer below the allocator's mapping threshold (`memory::tune_allocator`), so it comes from the heap and is reused.
@@ -940,10 +941,10 @@ impl Reader {
         let ids: Vec<(EntryId, usize)> =
             run.clone().map(|index| (EntryId { key: &id.key, etag: &id.etag, index }, self.page_len(index))).collect();
         let n = ids.len();
-        // Pages of the scratch that the system still holds in memory are read here (a miss is found here too), for a
-        // run as short as a read's: a whole-object or read-ahead segment (up to 128 pages to decrypt) is not worked
-        // through on an async thread. Else, with nothing of the run there (no file to open), straight to the store;
-        // else in a blocking task.
+        // Pages of the disk cache that the system still holds in memory are read here (a miss is found here too),
+        // for a run as short as a read's: a whole-object or read-ahead segment (up to 128 pages to decrypt) is not
+        // worked through on an async thread. Else, with nothing of the run there (no slot to read), straight to the
+        // store; else in a blocking task.
         let now = if n <= DISK_NOW_MAX_PAGES { disk.get_many_now(&ids) } else { None };
         let found = match now {
             Some(found) => found,
