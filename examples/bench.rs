@@ -211,6 +211,19 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             }
             report("small_read", t, (n * 4096) as u64);
         }
+        "smallo" => {
+            // Every file of small_create rewritten whole with new bytes, as `cp` or `rsync --inplace` over an existing
+            // tree does (open with O_TRUNC, write, close), on a cold mount.
+            let d = dir.join("small");
+            let bodies: Vec<Vec<u8>> = (0..n).map(|i| data(BLOCK + n + i, 4096)).collect();
+            let t = Instant::now();
+            for (i, body) in bodies.iter().enumerate() {
+                std::fs::write(d.join(format!("f{i:05}")), body).unwrap();
+            }
+            settle(n);
+            report("small_overwrite", t, (n * 4096) as u64);
+            assert!(std::fs::read(d.join("f00000")).unwrap() == bodies[0], "the first file did not read back");
+        }
         "randr" => {
             // Each reader opens the file itself (its own descriptor, like separate processes) and preads 4 KiB pages.
             let path = dir.join("big");
@@ -353,6 +366,14 @@ fn raw_bench(endpoint: &str, bucket: &str, what: &str, n: usize, reads: usize, r
                     store.put(&OsPath::from(format!("raw/small/f{i:05}")), body.into()).await.unwrap();
                 }
                 report("small_create", t, (n * 4096) as u64);
+            }
+            "smallo" => {
+                let bodies: Vec<Bytes> = (0..n).map(|i| Bytes::from(data(BLOCK + n + i, 4096))).collect();
+                let t = Instant::now();
+                for (i, body) in bodies.into_iter().enumerate() {
+                    store.put(&OsPath::from(format!("raw/small/f{i:05}")), body.into()).await.unwrap();
+                }
+                report("small_overwrite", t, (n * 4096) as u64);
             }
             "smallr" => {
                 let t = Instant::now();

@@ -37,6 +37,8 @@
 #   small_create  create BENCH_FILES (2,000) files of 4 KiB in one directory         raw: one PUT each
 #   small_list  readdir + lstat of each (what `ls -l` does, in-process)              raw: paged LIST
 #   small_read  read each file (after small_list, on the same mount)                 raw: one GET each
+#   small_overwrite  rewrite each of those files whole with new bytes (open O_TRUNC, write, close), as cp or
+#               rsync --inplace over an existing tree does                           raw: one PUT each
 #   ls_l        `ls -l` of the directory                                             raw: paged LIST
 #   rm_r        `rm -r` of the directory                                             raw: LIST + batch DeleteObjects
 #                                                                                         (1,000 keys per request)
@@ -361,6 +363,7 @@ run_raw() {
   record raw "$run" rand_read8 "$BENCH" raw "$EP" "$b" randr "$MIB" "$READS" 8
   record raw "$run" small_create "$BENCH" raw "$EP" "$b" smallw "$FILES"
   record raw "$run" "small_list small_read" "$BENCH" raw "$EP" "$b" smallr "$FILES"
+  record raw "$run" small_overwrite "$BENCH" raw "$EP" "$b" smallo "$FILES"
   record raw "$run" ls_l "$BENCH" raw "$EP" "$b" lsl "$FILES"
   record raw "$run" rm_r "$BENCH" raw "$EP" "$b" rmr "$FILES"
   if [ "$DIR_ENTRIES" -gt 0 ]; then
@@ -413,6 +416,7 @@ run_fs() {
   fs_workload "$sys" "$run" "$b" rand_read8 randr "$MIB" "$READS" 8
   fs_workload "$sys" "$run" "$b" small_create smallw "$FILES"
   fs_workload "$sys" "$run" "$b" "small_list small_read" smallr "$FILES"
+  fs_workload "$sys" "$run" "$b" small_overwrite smallo "$FILES"
   fs_workload "$sys" "$run" "$b" ls_l lsl "$FILES"
   fs_workload "$sys" "$run" "$b" rm_r rmr "$FILES"
   fs_workload "$sys" "$run" "$b" change_1b poke "$MIB"
@@ -601,18 +605,19 @@ better() {
 print_table() {
   local name unit sys best v line
   declare -A F
-  printf '\n%-13s %-6s' workload unit
+  printf '\n%-15s %-6s' workload unit
   for sys in "${SYSTEMS[@]}"; do printf ' %9s' "$sys"; done
   echo
-  for name in seq_write seq_read peak_rss rand_read rand_read8 small_create small_list small_read ls_l rm_r \
+  for name in seq_write seq_read peak_rss rand_read rand_read8 small_create small_list small_read small_overwrite \
+              ls_l rm_r \
               change_1b append_4k stat_dir1 stat_dir find_ls dir_fill; do
     unit=$(unit_of "$name")
     for sys in "${SYSTEMS[@]}"; do F[$sys]=$(figure "$name" "$(median "$sys" "$name")"); done
-    printf '%-13s %-6s' "$name" "$unit"
+    printf '%-15s %-6s' "$name" "$unit"
     for sys in "${SYSTEMS[@]}"; do printf ' %9s' "$(show "${F[$sys]}" "$unit")"; done
     echo
     if [ -n "${F[raw]:-}" ] && [ "${F[raw]}" != fail ]; then
-      printf '%-20s' "  x raw"
+      printf '%-22s' "  x raw"
       for sys in "${SYSTEMS[@]}"; do printf ' %9s' "$(ratio "${F[$sys]}" "${F[raw]}" "$unit")"; done
       echo
     fi
@@ -623,7 +628,7 @@ print_table() {
       if [ -z "$best" ] || better "$v" "${F[$best]}" "$unit"; then best=$sys; fi
     done
     if [ -n "$best" ] && [ "${#MODES[@]}" -gt 0 ]; then
-      line=$(printf '%-20s' "  x $best (peer)")
+      line=$(printf '%-22s' "  x $best (peer)")
       for sys in "${SYSTEMS[@]}"; do
         case " ${MODES[*]} " in
           *" $sys "*) line+=$(printf ' %9s' "$(ratio "${F[$sys]}" "${F[$best]}" "$unit")") ;;

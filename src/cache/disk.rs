@@ -95,6 +95,8 @@ const HEADER_VERSION: u32 = 2;
 /// A label: magic, the order it was written in, the entry's length, its name.
 const LABEL_LEN: usize = 48;
 const LABEL_MAGIC: &[u8; 4] = b"dcl2";
+/// Orders at or above this are not a label's (a counter from 1 never gets there): no start wraps its counter.
+const MAX_ORDER: u64 = 1 << 62;
 /// Labels read at a time by a start.
 const LABELS_PER_READ: usize = 4096;
 /// The KMS encryption-context entry that binds the cache's root key to its store.
@@ -290,6 +292,9 @@ pub struct DiskCache {
     next_label: AtomicU64,
     /// The cache directory's files lost their names while mounted: the cache is closed.
     gone: AtomicBool,
+    /// Every entry counts as a whole slot: the scratch (its limit says how many slots), and a cache directory on a
+    /// filesystem that makes no holes (a freed slot keeps its blocks until it is written again).
+    whole_slots: bool,
     /// The scratch's index, counted in the memory budget for as long as the mount lives.
     _index: Option<Reservation>,
     /// A cache directory's index, counted in the memory budget as it grows.
@@ -349,17 +354,29 @@ fn no_atime(file: &File) {
 fn read_label(label: &[u8]) -> Option<(u64, String, u64)> {
     let order = u64::from_be_bytes(label.get(4..12)?.try_into().ok()?);
     let len = u64::from(u32::from_be_bytes(label.get(12..16)?.try_into().ok()?));
-    let plausible = label.starts_with(LABEL_MAGIC) && order > 0 && (ENTRY_OVERHEAD as u64..=SLOT).contains(&len);
+    let plausible = label.starts_with(LABEL_MAGIC)
+        && (1..MAX_ORDER).contains(&order)
+        && (ENTRY_OVERHEAD as u64..=SLOT).contains(&len);
     plausible.then(|| hex(&label[16..LABEL_LEN]))
         .map(|name| (order, name, len))
 }
 
 /// Gives `len` bytes of `file` from `at` back to the filesystem (a hole). If the filesystem cannot make holes the
-/// blocks stay allocated (the file still stays within about the limit: freed slots are given out before new ones).
+/// blocks stay allocated: the file still stays within the limit, since there every entry counts as a whole slot
+/// ([`makes_holes`]) and freed slots are given out before new ones.
 fn punch(file: &File, at: u64, len: u64) {
     let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     // SAFETY: a range of an open descriptor.
     unsafe { libc::fallocate(file.as_raw_fd(), flags, at as libc::off_t, len as libc::off_t) };
+}
+
+/// Whether the filesystem under `file` makes holes (`fallocate(PUNCH_HOLE)`), asked for a range past the file's end,
+/// so that nothing in it changes.
+fn makes_holes(file: &File) -> bool {
+    let end = file.metadata().map_or(0, |m| m.len()).div_ceil(SLOT) * SLOT;
+    let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: a range of an open descriptor, past its end.
+    unsafe { libc::fallocate(file.as_raw_fd(), flags, end as libc::off_t, BLOCK as libc::off_t) == 0 }
 }
 
 /// Free and total bytes of the filesystem holding `path`.
@@ -447,8 +464,13 @@ impl DiskCache {
             .map_err(|e| io_at(&path)(io::Error::other(e)))?;
         let (pages, labels) = (open_or_create(&dir, PAGES)?, open_or_create(&dir, LABELS)?);
         no_atime(&pages);
+        let whole_slots = !makes_holes(&pages);
+        if whole_slots {
+            tracing::info!(dir = %path.display(), "the filesystem under cache_dir makes no holes: every page counts as a whole slot (68 KiB)");
+        }
         let place = Place::Dir { dir, _lock: lock_file, labels };
         let mut cache = DiskCache::with_place(place, pages, keys, limit);
+        cache.whole_slots = whole_slots;
         cache.index_memory = Some(IndexMemory::new(memory));
         if !same_key && header.is_some() {
             tracing::info!(dir = %path.display(), "the disk cache was sealed under another key; it starts empty");
@@ -496,6 +518,7 @@ impl DiskCache {
             file,
             next_label: AtomicU64::new(1),
             gone: AtomicBool::new(false),
+            whole_slots: true,
             _index: None,
             index_memory: None,
             sealer: keys.sealer(),
@@ -559,8 +582,8 @@ impl DiskCache {
             first += n as u64;
         }
         found.sort_unstable_by_key(|f| f.0);
-        // A name labelled twice (this code clears a label before its slot is given out again, so not ours): the
-        // newest counts, the other slot is freed.
+        // A name labelled twice (an entry evicted, written again elsewhere, and a kill before the old slot's label
+        // was cleared): the newest counts, the other slot is freed.
         let mut seen = std::collections::HashSet::new();
         let newest: Vec<bool> = found.iter().rev().map(|f| seen.insert(f.2.clone())).collect();
         let mut newest = newest.into_iter().rev();
@@ -607,7 +630,7 @@ impl DiskCache {
         let mut st = lock(&self.state);
         let mut order = 0;
         for (written, slot, name, len) in found {
-            let size = counted(len);
+            let size = if self.whole_slots { SLOT } else { counted(len) };
             st.used += size;
             st.reservations += 1;
             let reservation = st.reservations;
@@ -637,28 +660,39 @@ impl DiskCache {
 
     /// Whether the cache is closed: its directory's `pages` file lost its name while mounted (checked now). The
     /// first to find it so empties the index and gives the file's blocks back.
+    ///
+    /// `gone` is set under the state's lock, and every writer looks at it there before it reserves room and when it
+    /// commits its entry, so no entry is kept after the index was emptied. A writer already writing when the cache
+    /// closed may still put blocks in the files; it empties them again when it finds the cache closed
+    /// ([`Self::empty`]).
     fn closed(&self) -> bool {
         if self.gone.load(Ordering::Relaxed) {
             return true;
         }
-        let Place::Dir { labels, .. } = &self.place else { return false };
-        if !self.file.metadata().is_ok_and(|m| m.nlink() == 0) {
+        if !self.keeps_every_read() || !self.file.metadata().is_ok_and(|m| m.nlink() == 0) {
             return false;
         }
-        if self.gone.swap(true, Ordering::Relaxed) {
-            return true;
-        }
-        tracing::warn!(dir = %self.path().display(), "the disk cache's directory was removed while mounted; the cache is closed, reads go to the store");
         {
             let mut st = lock(&self.state);
+            if self.gone.swap(true, Ordering::Relaxed) {
+                return true;
+            }
             st.lru.clear();
             st.used = 0;
             st.free.clear();
         }
-        let _ = self.file.set_len(0);
-        let _ = labels.set_len(0);
+        tracing::warn!(dir = %self.path().display(), "the disk cache's directory was removed while mounted; the cache is closed, reads go to the store");
+        self.empty();
         self.report_delta();
         true
+    }
+
+    /// Gives every block of a closed cache directory's files back to the disk.
+    fn empty(&self) {
+        let _ = self.file.set_len(0);
+        if let Place::Dir { labels, .. } = &self.place {
+            let _ = labels.set_len(0);
+        }
     }
 
     pub fn limit(&self) -> u64 {
@@ -746,6 +780,9 @@ impl DiskCache {
     /// [`DiskCache::get_many`] in a blocking task, which also drops what does not open. `Some` holds each page
     /// found; an entry missing (or still being written) is `None` in it.
     pub fn get_many_now(&self, pages: &[(EntryId, usize)]) -> Option<Vec<Option<Bytes>>> {
+        if self.closed() {
+            return Some(vec![None; pages.len()]);
+        }
         let names: Vec<String> = pages.iter().map(|(id, _)| self.keys.entry_name(id)).collect();
         let mut found = Vec::with_capacity(pages.len());
         for (slot, (id, len)) in self.slots_of(&names).into_iter().zip(pages) {
@@ -790,6 +827,10 @@ impl DiskCache {
     /// Not under the state's lock: an eviction of thousands of slots does not hold up every lookup meanwhile.
     fn free_slots(&self, slots: &[u64]) {
         if slots.is_empty() {
+            return;
+        }
+        if self.gone.load(Ordering::Relaxed) {
+            self.empty();
             return;
         }
         for &slot in slots {
@@ -840,10 +881,7 @@ impl DiskCache {
         if sealed_len as u64 > SLOT || self.closed() {
             return false;
         }
-        let size = match self.place {
-            Place::Dir { .. } => counted(sealed_len as u64),
-            Place::Scratch { .. } => SLOT,
-        };
+        let size = if self.whole_slots { SLOT } else { counted(sealed_len as u64) };
         if size > self.limit {
             return false;
         }
@@ -858,6 +896,11 @@ impl DiskCache {
         let written = write_pieces(&self.file, [&head[..], page, &tag], slot * SLOT)
             .and_then(|()| self.label(slot, Some((name, sealed_len))));
         let mut st = lock(&self.state);
+        if self.gone.load(Ordering::Relaxed) {
+            drop(st);
+            self.empty();
+            return false;
+        }
         // Still this write's own reservation (not evicted meanwhile, nor evicted and made again by another write).
         let ours = st.lru.peek(name).is_some_and(|k| k.reservation == reservation);
         match written {
@@ -926,6 +969,9 @@ impl DiskCache {
         let mut slots = Vec::new();
         let made = {
             let mut st = lock(&self.state);
+            if self.gone.load(Ordering::Relaxed) {
+                return Room::None;
+            }
             // Two reads of one page (a read and a whole-object fetch) may both get here: the first one writes it, and
             // the entry is counted once.
             if name.is_some_and(|n| st.lru.contains(n)) {
@@ -1290,10 +1336,35 @@ mod tests {
     fn scratch_slots_reused_under_concurrent_reads_never_serve_another_page() {
         let tmp = tempfile::tempdir().unwrap();
         let (c, _peek) = scratch(tmp.path(), 4 * SLOT);
+        slots_reused_under_concurrent_reads(&c);
+    }
+
+    /// The same in a cache directory, whose labels must name exactly the slots entries hold afterwards, and the same
+    /// entries after a start.
+    #[tokio::test]
+    async fn cache_directory_slots_reused_under_concurrent_reads_never_serve_another_page() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(&tmp.path().join("c"), ROOT, 4 * SLOT).await.unwrap();
+        slots_reused_under_concurrent_reads(&c);
+        let held: Vec<(String, u64)> = {
+            let st = lock(&c.state);
+            let mut held: Vec<_> = st.lru.iter().map(|(n, k)| (n.clone(), k.slot.unwrap())).collect();
+            held.sort_by_key(|h| h.1);
+            held
+        };
+        assert_eq!(labelled(&c), held.iter().map(|h| h.1).collect::<Vec<_>>(), "labels and entries disagree");
+        drop(c);
+        let c = open(&tmp.path().join("c"), ROOT, 4 * SLOT).await.unwrap();
+        let mut again: Vec<_> = lock(&c.state).lru.iter().map(|(n, k)| (n.clone(), k.slot.unwrap())).collect();
+        again.sort_by_key(|h| h.1);
+        assert_eq!(again, held, "a start found other entries than the cache held");
+    }
+
+    fn slots_reused_under_concurrent_reads(c: &DiskCache) {
         let (hits, misses) = (AtomicU64::new(0), AtomicU64::new(0));
         std::thread::scope(|s| {
             for t in 0..4u64 {
-                let (c, hits, misses) = (&c, &hits, &misses);
+                let (hits, misses) = (&hits, &misses);
                 s.spawn(move || {
                     let mut x = t * 7 + 1;
                     for _ in 0..400 {
@@ -1318,7 +1389,7 @@ mod tests {
         });
         assert!(hits.load(Ordering::Relaxed) > 0 && misses.load(Ordering::Relaxed) > 0);
         assert!(c.stats().used <= 4 * SLOT, "{:?}", c.stats());
-        slots_accounted(&c);
+        slots_accounted(c);
     }
 
     /// Writers on several threads report what they wrote at once: each report is what was written since the one
@@ -1378,7 +1449,7 @@ mod tests {
 
     /// A cache directory's index counts in the memory budget as it grows, a step at a time, up to an eighth of it:
     /// past that (or when the budget has no room now) a new entry replaces the least recently used one, whatever
-    /// room the disk has, and a start keeps only the newest entries (by modification time) the budget pays for.
+    /// room the disk has, and a start keeps only the newest entries (by their labels' order) the budget pays for.
     #[tokio::test]
     async fn a_cache_directory_s_index_counts_in_the_memory_budget_and_bounds_its_entries() {
         const SMALL: usize = 100;
@@ -1571,14 +1642,39 @@ mod tests {
         slots_accounted(&c);
         assert_eq!(get(&c, &id("f", 1)), None);
         assert_eq!(get(&c, &id("f", 9)), None);
-        // Oldest first: with room for one more entry only, page 0 goes (page 2 was read since, and stays).
-        assert_eq!(get(&c, &id("f", 2)), Some(page(2)));
+        // The order of a start is the labels', not the slots': page 0's label made the newest, page 3's the oldest.
+        // With room for four entries, the next put evicts page 3.
+        let labels = dir_file(&c, LABELS);
+        labels.write_all_at(&1000u64.to_be_bytes(), 4).unwrap();
+        labels.write_all_at(&1u64.to_be_bytes(), 3 * LABEL_LEN as u64 + 4).unwrap();
         drop(c);
         let c = open(&tmp.path().join("c"), ROOT, 4 * counted((PAGE + ENTRY_OVERHEAD) as u64)).await.unwrap();
         assert_eq!(c.stats().entries, 4);
         assert!(c.put(&id("f", 1), &page(1)));
         let kept: Vec<bool> = (0..5).map(|i| get(&c, &id("f", i)).is_some()).collect();
-        assert_eq!(kept, [false, true, true, true, true]);
+        assert_eq!(kept, [true, true, true, false, true]);
+        // A later start orders after the highest order found: page 1 (written last) is the newest, page 4 next.
+        drop(c);
+        let c = open(&tmp.path().join("c"), ROOT, 2 * counted((PAGE + ENTRY_OVERHEAD) as u64)).await.unwrap();
+        let kept: Vec<bool> = (0..5).map(|i| get(&c, &id("f", i)).is_some()).collect();
+        assert_eq!(kept, [true, true, false, false, false]);
+    }
+
+    /// On a filesystem that makes no holes a freed slot keeps its blocks until it is written again, so there every
+    /// entry of a cache directory counts as a whole slot: small pages cannot take more of the disk than the limit.
+    #[tokio::test]
+    async fn without_holes_every_entry_counts_as_a_whole_slot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = open(&tmp.path().join("c"), ROOT, 4 * SLOT).await.unwrap();
+        assert!(!c.whole_slots, "the test's filesystem makes holes");
+        c.put(&id("f", 0), &[7; 100]);
+        assert_eq!(c.stats().used, BLOCK);
+        c.whole_slots = true;
+        for i in 1..10 {
+            c.put(&id("f", i), &[7; 100]);
+        }
+        let stats = c.stats();
+        assert_eq!((stats.entries, stats.used), (4, 4 * SLOT), "{stats:?}");
     }
 
     #[tokio::test]
@@ -1698,6 +1794,9 @@ mod tests {
         let c = open(&base, ROOT, 64 << 20).await.unwrap();
         c.put(&id("f", 0), &page(0));
         std::fs::remove_dir_all(&base).unwrap();
+        // Found closed by a read without a blocking task too (pages the system holds in memory would serve it).
+        assert_eq!(c.get_many_now(&[(id("f", 0), PAGE)]), Some(vec![None]));
+        assert_eq!(c.file.metadata().unwrap().blocks(), 0);
         assert_eq!(get(&c, &id("f", 0)), None);
         assert!(!c.put(&id("f", 1), &page(1)));
         assert_eq!(get(&c, &id("f", 1)), None);
