@@ -397,7 +397,7 @@ async fn a_part_task_that_panics_ends_the_update_with_an_error_and_changes_nothi
 #[tokio::test]
 async fn what_cannot_be_done_in_place_falls_back_before_anything_is_visible() {
     let w = World::new(true);
-    let small = pattern(10 * MIB as usize);
+    let small = pattern(9 * MIB as usize);
     let etag = w.put_whole(&small).await;
     let cipher = w.base_cipher(small.len() as u64).await;
     let base = Base { etag: &etag, plain_len: small.len() as u64, cipher: cipher.as_ref() };
