@@ -358,6 +358,13 @@ pub async fn update(
     let key = ObjectKey::new(path)?;
     let old_stored = layout.stored_size(base.plain_len);
     let mut upload = backend.put_multipart_expect(&key, &meta, &Expect::Etag(base.etag.to_string())).await?;
+    // A store that cannot copy (SSE-C, GCS, Azure) is known before a part is fetched or sent.
+    if !upload.copies_parts() {
+        if let Err(e) = upload.abort().await {
+            tracing::warn!(key = path, error = %e, "could not abort an in-place update the store cannot copy parts for");
+        }
+        return Ok(Err(Fallback::CopyUnsupported));
+    }
     let mut sealed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     // Parts are sent side by side (their places are fixed when they are asked for); an uploaded part waits until the
     // one before it has gone, so only one part body is held in flight. It does not take a copy's turn: the copies
@@ -385,15 +392,23 @@ pub async fn update(
                     None => break,
                 }
             }
-            let sent = match part {
+            let sent: futures::future::BoxFuture<'static, Result<(), StoreError>> = match part {
                 Part::Copy(r) => upload.copy_part(r.clone(), base.etag),
                 Part::Upload(r) => {
                     let (dirty, r) = (&plan.dirty, r.clone());
+                    // The part's body and the old bytes fetched into it, held until the store has the part (one
+                    // uploaded part at a time: src/memory).
+                    let memory = crate::memory::process().reserve(2 * (r.end - r.start)).await;
                     let body = build_part(
                         backend, &key, layout, cipher, &version, base, old_stored, src, new_len, dirty, r, &mut sealed,
                     )
                     .await?;
-                    upload.put_part(body)
+                    let sent = upload.put_part(body);
+                    Box::pin(async move {
+                        let r = sent.await;
+                        drop(memory);
+                        r
+                    })
                 }
             };
             if is_upload {

@@ -789,6 +789,10 @@ impl Upload for MeteredUpload {
         self.inner.upload_id()
     }
 
+    fn copies_parts(&self) -> bool {
+        self.inner.copies_parts()
+    }
+
     fn put_part(&mut self, part: Bytes) -> BoxFuture<'static, Result<(), StoreError>> {
         let len = part.len() as u64;
         let send = self.inner.put_part(part);

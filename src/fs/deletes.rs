@@ -277,6 +277,9 @@ impl Upload for Noted {
     fn upload_id(&self) -> Option<String> {
         self.inner.upload_id()
     }
+    fn copies_parts(&self) -> bool {
+        self.inner.copies_parts()
+    }
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.inner.put_part(part)
     }

@@ -33,6 +33,8 @@ struct Counting {
     gate: Mutex<Option<Arc<Gate>>>,
     /// While set, an update's copies panic.
     panic_copies: AtomicBool,
+    /// While set, uploads say they cannot copy parts (as on SSE-C, GCS, Azure).
+    no_copies: AtomicBool,
 }
 
 impl Counting {
@@ -46,6 +48,7 @@ struct CountingUpload {
     counts: Arc<Counts>,
     gate: Option<Arc<Gate>>,
     panic_copies: bool,
+    no_copies: bool,
 }
 
 /// Holds an update's parts until a whole round of them travels at once: `copies` copies and the uploaded part
@@ -72,6 +75,9 @@ impl Gate {
 
 #[async_trait]
 impl Upload for CountingUpload {
+    fn copies_parts(&self) -> bool {
+        !self.no_copies && self.inner.copies_parts()
+    }
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.counts.up.fetch_add(part.len() as u64, Ordering::Relaxed);
         let (gate, sent) = (self.gate.clone(), self.inner.put_part(part));
@@ -84,6 +90,10 @@ impl Upload for CountingUpload {
         })
     }
     fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        if self.no_copies {
+            let operation = "copying a part (the test store's uploads cannot)".into();
+            return Box::pin(futures::future::ready(Err(StoreError::Unsupported { operation })));
+        }
         self.counts.copies.fetch_add(1, Ordering::Relaxed);
         let (gate, sent) = (self.gate.clone(), self.inner.copy_part(range, etag));
         let panics = self.panic_copies;
@@ -129,7 +139,9 @@ impl Backend for Counting {
     async fn put_multipart_expect(&self, key: &ObjectKey, meta: &UserMeta, expect: &Expect) -> Result<Box<dyn Upload>, StoreError> {
         let inner = self.inner.put_multipart_expect(key, meta, expect).await?;
         let panic_copies = self.panic_copies.load(Ordering::SeqCst);
-        Ok(Box::new(CountingUpload { inner, counts: Arc::clone(&self.counts), gate: self.gate(), panic_copies }))
+        let no_copies = self.no_copies.load(Ordering::SeqCst);
+        let counts = Arc::clone(&self.counts);
+        Ok(Box::new(CountingUpload { inner, counts, gate: self.gate(), panic_copies, no_copies }))
     }
     async fn copy(&self, from: &ObjectKey, to: &ObjectKey, meta: Option<&UserMeta>) -> Result<(), StoreError> {
         self.inner.copy(from, to, meta).await
@@ -176,8 +188,8 @@ impl World {
             Codec::Plain
         };
         let layout = if encrypted { Layout::Encrypted } else { Layout::Plain };
-        let (gate, panic_copies) = (Mutex::default(), AtomicBool::default());
-        let store = Arc::new(Counting { inner, counts: counts.clone(), gate, panic_copies });
+        let (gate, panic_copies, no_copies) = (Mutex::default(), AtomicBool::default(), AtomicBool::default());
+        let store = Arc::new(Counting { inner, counts: counts.clone(), gate, panic_copies, no_copies });
         World { store, counts, codec, layout, keys, version: FORMAT_VERSION_2 }
     }
 
@@ -239,6 +251,7 @@ impl World {
                 counts: Arc::default(),
                 gate: Mutex::default(),
                 panic_copies: AtomicBool::default(),
+                no_copies: AtomicBool::default(),
             }),
             codec: self.codec.clone(),
             cache: Arc::new(PageCache::new(64 * MIB)),
@@ -389,6 +402,30 @@ async fn a_part_task_that_panics_ends_the_update_with_an_error_and_changes_nothi
         let (len, dirty) = (mine.len() as u64, [16..17]);
         let result = update(&*w.store, w.layout, PATH, &base, &Memory(&mine), len, &dirty, UserMeta::default()).await;
         assert!(result.is_err(), "{:?}", result.map(|r| r.is_ok()));
+        let (info, _) = w.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
+        assert_eq!(info.etag.as_deref(), Some(etag.as_str()), "the old version stays");
+    }
+}
+
+/// A store whose uploads cannot copy parts (SSE-C, GCS, Azure) says so when the update's upload is made: the update
+/// falls back before it fetches or sends a byte of a part, and the old version stays.
+#[tokio::test]
+async fn a_store_that_cannot_copy_parts_is_given_up_before_anything_moves() {
+    for encrypted in [true, false] {
+        let w = World::new(encrypted);
+        let model = pattern(40 * MIB as usize);
+        let etag = w.put_whole(&model).await;
+        let cipher = w.base_cipher(model.len() as u64).await;
+        let base = Base { etag: &etag, plain_len: model.len() as u64, cipher: cipher.as_ref() };
+        let mut mine = model.clone();
+        mine[1 << 20] ^= 1;
+        w.store.no_copies.store(true, Ordering::SeqCst);
+        let moved = || (w.counts.down.load(Ordering::SeqCst), w.counts.up.load(Ordering::SeqCst));
+        let before = moved();
+        let (len, dirty) = (mine.len() as u64, [16..17]);
+        let r = update(&*w.store, w.layout, PATH, &base, &Memory(&mine), len, &dirty, UserMeta::default()).await;
+        assert!(matches!(r, Ok(Err(Fallback::CopyUnsupported))), "encrypted {encrypted}");
+        assert_eq!(moved(), before, "bytes moved for an update the store cannot copy parts for");
         let (info, _) = w.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
         assert_eq!(info.etag.as_deref(), Some(etag.as_str()), "the old version stays");
     }

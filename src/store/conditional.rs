@@ -165,6 +165,10 @@ impl Upload for RawUpload {
         Some(self.upload_id.clone())
     }
 
+    fn copies_parts(&self) -> bool {
+        self.part_headers.is_empty()
+    }
+
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         let index = {
             let mut parts = self.parts.lock().expect("invariant broken: part list lock poisoned");
@@ -242,6 +246,10 @@ pub(crate) struct BufferedUpload {
 
 #[async_trait]
 impl Upload for BufferedUpload {
+    fn copies_parts(&self) -> bool {
+        true
+    }
+
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         self.body.extend_from_slice(&part);
         Box::pin(futures::future::ready(Ok(())))

@@ -1100,6 +1100,10 @@ impl LocalUpload {
 
 #[async_trait]
 impl Upload for LocalUpload {
+    fn copies_parts(&self) -> bool {
+        true
+    }
+
     /// The staged file's name: what [`Backend::abort_multipart`] removes after a crash.
     fn upload_id(&self) -> Option<String> {
         self.file.as_ref().map(|f| f.name().to_string_lossy().into_owned())

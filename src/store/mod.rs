@@ -631,6 +631,11 @@ pub trait Upload: Send {
     /// but the last must be at least 5 MiB on S3, and the part's place is fixed when this is called. A store that
     /// cannot copy answers [`StoreError::Unsupported`] and the upload is unchanged (the caller then sends those
     /// bytes with `put_part`, or gives up the in-place update).
+    /// Whether [`Upload::copy_part`] may copy (`false`: it always answers [`StoreError::Unsupported`]), so that a
+    /// caller that cannot do without copies gives up before it sends anything.
+    fn copies_parts(&self) -> bool {
+        false
+    }
     fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         let _ = (range, etag);
         Box::pin(futures::future::ready(Err(StoreError::Unsupported {
