@@ -622,6 +622,11 @@ pub trait Upload: Send {
     /// Append the next part. The part's place is fixed when this is called; the returned future sends it, and
     /// several such futures may run at once (the caller bounds how many) before `complete`.
     fn put_part(&mut self, part: Bytes) -> futures::future::BoxFuture<'static, Result<(), StoreError>>;
+    /// Whether [`Upload::copy_part`] may copy (`false`: it always answers [`StoreError::Unsupported`]), so that a
+    /// caller that cannot do without copies gives up before it sends anything.
+    fn copies_parts(&self) -> bool {
+        false
+    }
     /// Append the next part as bytes `range` of the object at this upload's own key, copied inside the store (S3
     /// UploadPartCopy; the local store copies the file range), only if that object is still the version `etag`:
     /// otherwise [`StoreError::Precondition`] (or `NotFound` when it is gone; a server may also call the range
@@ -631,11 +636,6 @@ pub trait Upload: Send {
     /// but the last must be at least 5 MiB on S3, and the part's place is fixed when this is called. A store that
     /// cannot copy answers [`StoreError::Unsupported`] and the upload is unchanged (the caller then sends those
     /// bytes with `put_part`, or gives up the in-place update).
-    /// Whether [`Upload::copy_part`] may copy (`false`: it always answers [`StoreError::Unsupported`]), so that a
-    /// caller that cannot do without copies gives up before it sends anything.
-    fn copies_parts(&self) -> bool {
-        false
-    }
     fn copy_part(&mut self, range: Range<u64>, etag: &str) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
         let _ = (range, etag);
         Box::pin(futures::future::ready(Err(StoreError::Unsupported {
