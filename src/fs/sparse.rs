@@ -303,12 +303,18 @@ impl Fs {
         Some(Sparse::new(etag, info.size, plain_len))
     }
 
-    /// The reader of the base of a sparse state (pinned to its ETag, no read-ahead: only what is asked is fetched).
+    /// The reader of the base of a sparse state, pinned to its ETag, with the mount's read-ahead: a file read
+    /// through after a write into it (`rsync --inplace`, a database, a patched image) streams as a file open only
+    /// for reading does. Without it every read of the base was a GET of its own: a 64 MiB cse-c file read in 1 MiB
+    /// reads after a 1-byte write came at 31–39 MiB/s instead of 240–295 (Garage). Pages it fetches ahead are base
+    /// pages under the base's ETag, of use to any reader of that version; the fills of the staged file read through
+    /// it too.
     fn sparse_reader(&self, path: &str, sparse: &mut Sparse) -> Result<Arc<Reader>> {
         if let Some(r) = &sparse.reader {
             return Ok(r.clone());
         }
-        let r = self.reader(path.to_string(), sparse.etag.clone(), sparse.stored_size, StoredFormat::Own, 0)?;
+        let readahead = self.config.max_readahead;
+        let r = self.reader(path.to_string(), sparse.etag.clone(), sparse.stored_size, StoredFormat::Own, readahead)?;
         sparse.reader = Some(r.clone());
         Ok(r)
     }

@@ -1341,6 +1341,42 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
     }
 }
 
+/// A large file read through after a write into it (staged sparsely: its other chunks come from the base) is read
+/// ahead like a file open only for reading, in both modes: a few GETs of many chunks, not one per read. Before, the
+/// base's reader had no read-ahead, and a 64 MiB file read so came at a tenth of the speed. The bytes are the base's
+/// with the write over them, also while the read-ahead runs ahead of the reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_through_after_a_write_into_it_is_read_ahead() {
+    const MIB: u64 = 1 << 20;
+    const READ: u32 = 128 << 10;
+    for encrypted in [true, false] {
+        let store = memory_store();
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = encrypted.then(|| Arc::new(crate::crypto::KeyHistory::single(crate::crypto::Key256::generate())));
+        let fs = fs_in_mode(store.clone(), tmp.path(), keys).await;
+        let mut model: Vec<u8> = (0..12 * MIB + 4321).map(|i| (i.wrapping_mul(0x9e37_79b9) >> 11) as u8).collect();
+        let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+        let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+        fs.write(fh, 3, b"changed").await.unwrap();
+        model[3..10].copy_from_slice(b"changed");
+        store.take_log();
+        let (mut got, mut reads) = (Vec::new(), 0);
+        loop {
+            let piece = fs.read(fh, got.len() as u64, READ).await.unwrap();
+            if piece.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&piece);
+            reads += 1;
+        }
+        assert!(got == model, "encrypted {encrypted}: the bytes read are the base's with the write over them");
+        let gets = store.take_log().iter().filter(|r| **r == "get_range").count();
+        assert!(gets * 4 <= reads, "encrypted {encrypted}: {gets} GETs for {reads} reads of the base");
+        fs.release(fh).await.unwrap();
+        assert!(read_whole(&fs, "big").await == model, "encrypted {encrypted}: the file as closed");
+    }
+}
+
 /// An in-place update whose completion landed but whose answer was lost, and whose HEAD then failed too (the flush
 /// fails, the file stays dirty), followed by more writes: the object is now this content's own earlier version (a
 /// stamp of `prior_ids`), and the changes apply to it, byte-exact and in place. Found when a write must fill a chunk
