@@ -174,21 +174,30 @@ fn a_chunk_of_the_older_version_spliced_into_the_newer_one_fails_authentication(
 }
 
 /// A byte written into a large file, staged sparsely and not flushed, when the daemon is killed: the next start
-/// applies it (the object is still the base) and the file reads byte-exact.
+/// applies it (the object is still the base) and the file reads byte-exact. At 40 MiB and just above the in-place
+/// threshold (`inplace::MIN_IN_PLACE_LEN`, 10 MiB); the smaller file is also read through after the write, so the
+/// kill finds the base's read-ahead under way too.
 #[test]
 fn a_byte_staged_in_a_large_file_when_the_daemon_is_killed_is_applied_by_the_next_start() {
     let env = Env::new();
     let store = Store::s3();
-    let mut model = pattern(40 * MIB + 3, 31);
-    write_base(&env, &store, &model);
-    let m = Mount::start(&env, &store, "cse-c");
-    let f = fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
-    f.write_at(b"K", 33 * MIB as u64).unwrap();
-    model[33 * MIB] = b'K';
-    m.kill();
-    drop(f);
-    let m = Mount::start(&env, &store, "cse-c");
-    assert_bytes(fs::read(m.path("big")).unwrap(), &model, "after recovery");
-    let text = m.unmount();
-    assert!(text.contains("uploaded data a previous run left staged"), "{text}");
+    for (len, at, seed) in [(40 * MIB + 3, 33 * MIB, 31), (12 * MIB + 5, 11 * MIB + 7, 32)] {
+        let mut model = pattern(len, seed);
+        write_base(&env, &store, &model);
+        let m = Mount::start(&env, &store, "cse-c");
+        let f = fs::OpenOptions::new().read(true).write(true).open(m.path("big")).unwrap();
+        f.write_at(b"K", at as u64).unwrap();
+        model[at] = b'K';
+        if len < 16 * MIB {
+            let mut head = vec![0u8; 3 * MIB];
+            f.read_exact_at(&mut head, 0).unwrap();
+            assert_bytes(&head, &model[..3 * MIB], "a read of the open file");
+        }
+        m.kill();
+        drop(f);
+        let m = Mount::start(&env, &store, "cse-c");
+        assert_bytes(fs::read(m.path("big")).unwrap(), &model, &format!("{len} bytes, after recovery"));
+        let text = m.unmount();
+        assert!(text.contains("uploaded data a previous run left staged"), "{text}");
+    }
 }
