@@ -127,7 +127,7 @@ fn report(name: &str, start: Instant, bytes: u64) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: bench fs DIR WORKLOAD N [READS READERS]  |  bench raw ENDPOINT BUCKET WORKLOAD N [READS READERS]\n\
-                 WORKLOAD N: write|read|poke|append MIB, smallw|smallr|lsl|rmr|dirw|dirstat|dirfind FILES, randr MIB READS READERS; \
+                 WORKLOAD N: write|read|poke|patchr|append MIB, smallw|smallr|lsl|rmr|dirw|dirstat|dirfind FILES, randr MIB READS READERS; \
                  raw also: dirlist FILES, clear 0 (delete every object of the bucket)";
     let (rest, fs) = match args.get(1).map(String::as_str) {
         Some("fs") if args.len() >= 5 => (&args[3..], true),
@@ -255,6 +255,28 @@ fn fs_bench(dir: &str, what: &str, n: usize, reads: usize, readers: usize) {
             let mut b = [0u8; 1];
             std::fs::File::open(dir.join("big")).unwrap().read_exact_at(&mut b, len / 2).unwrap();
             assert_eq!(b[0], 0x5a, "the changed byte did not read back");
+        }
+        "patchr" => {
+            // One byte changed at the start of the large file, then the file read through the same descriptor
+            // (1 MiB reads) and closed: what rsync --inplace, a database or an image patcher does. Timed from open
+            // to close (and settle).
+            let t = Instant::now();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("big")).unwrap();
+            let len = f.metadata().unwrap().len();
+            assert!(len >= (n * BLOCK) as u64, "the large file is {len} bytes");
+            f.write_all_at(&[0xa5], 1).unwrap();
+            let (mut buf, mut at) = (vec![0u8; 1 << 20], 0u64);
+            while at < len {
+                let got = f.read_at(&mut buf, at).unwrap();
+                assert!(got > 0, "the file ended at {at} of {len}");
+                if at == 0 {
+                    assert_eq!(buf[1], 0xa5, "the changed byte did not read back");
+                }
+                at += got as u64;
+            }
+            drop(f);
+            settle(1);
+            report("patch_read", t, len);
         }
         "append" => {
             let len = std::fs::metadata(dir.join("big")).unwrap().len();

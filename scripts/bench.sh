@@ -53,6 +53,8 @@
 #                                                                                    raw: PUTs, 16 in flight
 #   change_1b   open the large file for writing, change 1 byte in its middle, close  raw: none
 #   append_4k   open it with O_APPEND, append 4 KiB, close                           raw: none
+#   patch_read  open it read-write, change 1 byte near its start, read it all through that descriptor (1 MiB
+#               reads), close: rsync --inplace, a database, an image patcher           raw: none
 # Writing workloads are timed until the data is in the store: s3cryptfs and s3fs upload before close returns; rclone
 # uploads after close, so its timings include waiting until its log has said "Copied" for each file written.
 #
@@ -421,6 +423,7 @@ run_fs() {
   fs_workload "$sys" "$run" "$b" rm_r rmr "$FILES"
   fs_workload "$sys" "$run" "$b" change_1b poke "$MIB"
   fs_workload "$sys" "$run" "$b" append_4k append "$MIB"
+  fs_workload "$sys" "$run" "$b" patch_read patchr "$MIB"
   drop_bucket "$b"
   if [ "$DIR_ENTRIES" -gt 0 ]; then run_dir "$sys" "$run"; fi
   unset BENCH_SETTLE
@@ -610,7 +613,7 @@ print_table() {
   echo
   for name in seq_write seq_read peak_rss rand_read rand_read8 small_create small_list small_read small_overwrite \
               ls_l rm_r \
-              change_1b append_4k stat_dir1 stat_dir find_ls dir_fill; do
+              change_1b append_4k patch_read stat_dir1 stat_dir find_ls dir_fill; do
     unit=$(unit_of "$name")
     for sys in "${SYSTEMS[@]}"; do F[$sys]=$(figure "$name" "$(median "$sys" "$name")"); done
     printf '%-15s %-6s' "$name" "$unit"
@@ -645,8 +648,9 @@ print_table() {
   echo "compares each s3cryptfs mode with the best peer in that workload."
   echo "Each workload on a fresh mount (cold). raw = object_store: seq_write multipart upload (8 MiB parts), seq_read"
   echo "one GET, rand_read one ranged GET per read (rand_read8: 8 concurrent), small_* one PUT/GET per file and one paged"
-  echo "LIST, ls_l paged LIST, rm_r LIST + batch DeleteObjects (1,000 keys per request); change_1b and append_4k have no"
-  echo "raw equivalent. peak_rss: VmHWM of the daemon after seq_read (raw: of the raw client process)."
+  echo "LIST, ls_l paged LIST, rm_r LIST + batch DeleteObjects (1,000 keys per request); change_1b, append_4k and"
+  echo "patch_read have no raw equivalent. peak_rss: VmHWM of the daemon after seq_read (raw: of the raw client"
+  echo "process)."
   if [ -n "${R[local,ls_l,1]:-}" ]; then
     echo "ls_l's floor: \`ls -l\` of the same $FILES files on local disk took $(show "$(figure ls_l "$(median local ls_l)")" s) s"
     echo "(ls's own work, in every mount's ls_l and not in the raw LIST)."
