@@ -2145,7 +2145,7 @@ impl Fs {
                         if let (Some(s), Some(etag)) = (&mut staged.sparse, &info.etag) {
                             if info.size == s.stored_size {
                                 s.etag = etag.clone();
-                                s.reader = None;
+                                s.drop_readers();
                                 s.record_stale = true;
                             }
                         }

@@ -61,13 +61,35 @@ pub struct Sparse {
     present: BTreeSet<u64>,
     /// Changed since the journal record last described it.
     pub record_stale: bool,
-    /// A reader of the base, pinned to `etag` (made on first use; dropped when the object moves).
-    pub reader: Option<Arc<Reader>>,
+    /// Readers of the base, pinned to `etag` (made on first use; closed and dropped when the object moves or this
+    /// state goes): for reads of the open file, with read-ahead, and for the fills a write needs, without
+    /// ([`Use`]).
+    readers: [Option<Arc<Reader>>; 2],
+}
+
+/// What a reader of the base is for ([`Fs::sparse_reader`]).
+#[derive(Clone, Copy)]
+enum Use {
+    /// Reads of the open file, and filling the whole file in: the mount's read-ahead, and the whole-object fetch of
+    /// a random reader.
+    Read,
+    /// The chunks a write covers in part: only what is asked. Through the reader of [`Use::Read`], each fill
+    /// counted as a read: 1 MiB writes not aligned to chunks (a fill every 1 MiB) looked sequential and had the
+    /// base read ahead, chunks the writes then replaced; 32 one-byte writes at random in a 256 MiB file had it
+    /// fetched whole.
+    Fill,
+}
+
+impl Drop for Sparse {
+    fn drop(&mut self) {
+        self.drop_readers();
+    }
 }
 
 impl Sparse {
     pub fn new(etag: String, stored_size: u64, base_len: u64) -> Sparse {
-        Sparse { etag, stored_size, base_len, valid_len: base_len, present: BTreeSet::new(), record_stale: true, reader: None }
+        let (present, readers) = (BTreeSet::new(), [None, None]);
+        Sparse { etag, stored_size, base_len, valid_len: base_len, present, record_stale: true, readers }
     }
 
     pub fn is_present(&self, chunk: u64) -> bool {
@@ -148,8 +170,16 @@ impl Sparse {
         self.stored_size = stored_size;
         self.base_len = base_len;
         self.valid_len = self.valid_len.min(base_len);
-        self.reader = None;
+        self.drop_readers();
         self.record_stale = true;
+    }
+
+    /// Forgets the readers of the base (it moved, or this state goes), closed first: a whole-object fetch one of
+    /// them started stops at its next segment, instead of running on while its segments hold the reader.
+    pub fn drop_readers(&mut self) {
+        for r in self.readers.iter_mut().filter_map(Option::take) {
+            r.close();
+        }
     }
 
     /// The journal's form of this state.
@@ -303,19 +333,22 @@ impl Fs {
         Some(Sparse::new(etag, info.size, plain_len))
     }
 
-    /// The reader of the base of a sparse state, pinned to its ETag, with the mount's read-ahead: a file read
-    /// through after a write into it (`rsync --inplace`, a database, a patched image) streams as a file open only
-    /// for reading does. Without it every read of the base was a GET of its own: a 64 MiB cse-c file read in 1 MiB
-    /// reads after a 1-byte write came at 31–39 MiB/s instead of 240–295 (Garage). Pages it fetches ahead are base
-    /// pages under the base's ETag, of use to any reader of that version; the fills of the staged file read through
-    /// it too.
-    fn sparse_reader(&self, path: &str, sparse: &mut Sparse) -> Result<Arc<Reader>> {
-        if let Some(r) = &sparse.reader {
+    /// The reader of the base of a sparse state for `purpose`, pinned to its ETag. Reads of the open file get the
+    /// mount's read-ahead: a file read through after a write into it (`rsync --inplace`, a database, a patched
+    /// image) streams as a file open only for reading does. Without it every read of the base was a GET of its own:
+    /// a 64 MiB cse-c file read in 1 MiB reads after a 1-byte write came at 31–39 MiB/s instead of 240–295
+    /// (Garage). Pages it fetches ahead are base pages under the base's ETag, of use to any reader of that version.
+    /// The fills a write needs get none ([`Use::Fill`]).
+    fn sparse_reader(&self, path: &str, sparse: &mut Sparse, purpose: Use) -> Result<Arc<Reader>> {
+        let (slot, readahead) = match purpose {
+            Use::Read => (0, self.config.max_readahead),
+            Use::Fill => (1, 0),
+        };
+        if let Some(r) = &sparse.readers[slot] {
             return Ok(r.clone());
         }
-        let readahead = self.config.max_readahead;
         let r = self.reader(path.to_string(), sparse.etag.clone(), sparse.stored_size, StoredFormat::Own, readahead)?;
-        sparse.reader = Some(r.clone());
+        sparse.readers[slot] = Some(r.clone());
         Ok(r)
     }
 
@@ -347,7 +380,7 @@ impl Fs {
                     out.extend_from_slice(&buf);
                 }
                 Piece::Base(r) => {
-                    let reader = self.sparse_reader(path, sparse)?;
+                    let reader = self.sparse_reader(path, sparse, Use::Read)?;
                     out.extend_from_slice(&read_base(&reader, r, path).await?);
                 }
                 Piece::Zeros(r) => out.resize(out.len() + (r.end - r.start) as usize, 0),
@@ -371,7 +404,7 @@ impl Fs {
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(()) };
         let chunks = sparse.to_fill_for_write(offset, end, size);
         if !chunks.is_empty() {
-            let reader = self.sparse_reader(path, sparse)?;
+            let reader = self.sparse_reader(path, sparse, Use::Fill)?;
             fill(sparse, &reader, &staged.file, size, &chunks, path).await?;
         }
         Ok(())
@@ -404,7 +437,7 @@ impl Fs {
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(()) };
         let missing = sparse.missing(0..size.div_ceil(CHUNK_PLAIN_LEN), size);
         if !missing.is_empty() {
-            let reader = self.sparse_reader(path, sparse)?;
+            let reader = self.sparse_reader(path, sparse, Use::Read)?;
             fill(sparse, &reader, &staged.file, size, &missing, path).await?;
         }
         staged.sparse = None;
@@ -428,7 +461,7 @@ impl Fs {
         // The chunks the length change forces (the old or new last chunk) are sealed again too: fill them.
         let forced: Vec<u64> = plan.dirty.iter().flat_map(|r| sparse.missing(r.clone(), size)).collect();
         if !forced.is_empty() {
-            let reader = self.sparse_reader(path, sparse)?;
+            let reader = self.sparse_reader(path, sparse, Use::Fill)?;
             fill(sparse, &reader, &staged.file, size, &forced, path).await?;
         }
         let cipher = match layout {
