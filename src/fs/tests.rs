@@ -1273,6 +1273,8 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
             let mut whole = (model.len() as u64) < 10 * MIB;
             let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
             let mut ops: Vec<String> = Vec::new();
+            // Whether the session changed the file (a close then uploads it).
+            let mut changed = false;
             for _ in 0..6 {
                 let len = model.len() as u64;
                 ops.push(format!("len {len}"));
@@ -1285,6 +1287,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         let data: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
                         fs.write(fh, at, &data).await.unwrap();
                         ops.push(format!("write {at} +{n}"));
+                        changed = true;
                         if model.len() < (at + n) as usize {
                             model.resize((at + n) as usize, 0);
                         }
@@ -1295,6 +1298,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         let data: Vec<u8> = (0..1 + rng.below(5000)).map(|_| rng.below(256) as u8).collect();
                         fs.write(fh, len, &data).await.unwrap();
                         ops.push(format!("append +{}", data.len()));
+                        changed = true;
                         model.extend_from_slice(&data);
                     }
                     3 => {
@@ -1304,6 +1308,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         whole |= to < 10 * MIB;
                         fs.setattr(ino, SetAttr { size: Some(to), ..Default::default() }, Some(fh), caller).await.unwrap();
                         ops.push(format!("truncate {to}"));
+                        changed = true;
                         model.resize(to as usize, 0);
                     }
                     5 => {
@@ -1333,7 +1338,11 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
             whole |= (model.len() as u64) < 10 * MIB;
             if whole {
                 small_sessions += 1;
-                header = header_of(&store, "big").await;
+                let now = header_of(&store, "big").await;
+                if encrypted && changed {
+                    assert_ne!(now, header, "session {session}: rewritten whole, under a new data key; ops {ops:?}");
+                }
+                header = now;
             } else {
                 in_place_sessions += 1;
                 if encrypted {
