@@ -67,6 +67,8 @@ struct Silenceable {
     timed_out: std::sync::atomic::AtomicUsize,
     /// Bytes asked for by `get_range`.
     ranged_bytes: std::sync::atomic::AtomicU64,
+    /// Milliseconds each `get_range` takes after it is noted (a slow store).
+    range_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Silenceable {
@@ -95,6 +97,7 @@ impl Silenceable {
             refuse_pages: AtomicBool::new(false),
             timed_out: std::sync::atomic::AtomicUsize::new(0),
             ranged_bytes: std::sync::atomic::AtomicU64::new(0),
+            range_delay_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -218,6 +221,10 @@ impl Backend for Silenceable {
         self.check(key.as_str())?;
         self.note("get_range");
         self.ranged_bytes.fetch_add(range.end.saturating_sub(range.start), Ordering::SeqCst);
+        let delay = self.range_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner.get_range(key, range).await
     }
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError> {
@@ -1203,6 +1210,16 @@ async fn an_unlink_the_store_never_heard_of_is_sent_by_the_next_start() {
 
 /// An Fs over `store` in client-side mode cse-c (`keys`) or mode none, with its journal in `dir`.
 async fn fs_in_mode(store: Arc<Silenceable>, dir: &std::path::Path, keys: Option<Arc<crate::crypto::KeyHistory>>) -> Fs {
+    fs_in_mode_with_cache(store, dir, keys, 16 << 20).await
+}
+
+/// [`fs_in_mode`] with a page cache of `cache` bytes.
+async fn fs_in_mode_with_cache(
+    store: Arc<Silenceable>,
+    dir: &std::path::Path,
+    keys: Option<Arc<crate::crypto::KeyHistory>>,
+    cache: u64,
+) -> Fs {
     let (codec, keying) = match keys {
         Some(k) => (
             Codec::Cse { keys: Some(k.clone()), kms: None, aead: crate::crypto::AeadBackend::AwsLc, format: crate::config::FileFormat::Own },
@@ -1212,7 +1229,7 @@ async fn fs_in_mode(store: Arc<Silenceable>, dir: &std::path::Path, keys: Option
     };
     let journal = Journal::open(&dir.join("journal"), "mem://test", keying, crate::crypto::AeadBackend::AwsLc).await.unwrap();
     let config = FsConfig { uid: 0, gid: 0, umask: 0o022, read_only: false, attr_ttl: TTL, max_readahead: 1 << 20, s3ec: Default::default() };
-    Fs::new(store, codec, Arc::new(PageCache::new(16 << 20)), Arc::new(journal), config)
+    Fs::new(store, codec, Arc::new(PageCache::new(cache)), Arc::new(journal), config)
 }
 
 /// The whole file `name` as a fresh open sees it.
@@ -1428,6 +1445,39 @@ async fn writes_into_a_large_file_fetch_only_the_chunks_they_fill() {
         fs.release(fh).await.unwrap();
         assert!(read_whole(&fs, "big").await == model, "encrypted {encrypted}: byte-exact");
     }
+}
+
+/// A whole-object fetch that random reads of a file open for writing started (the base's reader, `fs::sparse`)
+/// stops when the file no longer needs the base: truncated to nothing here. Its segments in flight end, and no
+/// other starts. Before, the reader was dropped without being closed, and the segments in flight held it, so the
+/// fetch went on to the end of the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_fetch_of_the_base_stops_when_the_file_no_longer_needs_it() {
+    const MIB: u64 = 1 << 20;
+    let store = memory_store();
+    let tmp = tempfile::tempdir().unwrap();
+    // A page cache four times the file: a random reader of it has it fetched whole into memory, in 1 MiB segments,
+    // at most 8 in flight: most of its 40 are still to start when the file is truncated.
+    let fs = fs_in_mode_with_cache(store.clone(), tmp.path(), None, 160 * MIB).await;
+    let model: Vec<u8> = (0..40 * MIB).map(|i| (i % 251) as u8).collect();
+    let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+    let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+    fs.write(fh, 0, b"x").await.unwrap();
+    store.range_delay_ms.store(150, Ordering::SeqCst);
+    for at in [29 * MIB, 3 * MIB, 17 * MIB, 37 * MIB, 11 * MIB] {
+        let got = fs.read(fh, at, 4096).await.unwrap();
+        assert!(got[..] == model[at as usize..at as usize + 4096], "read at {at}");
+    }
+    // The whole fetch has started; the reads' own GETs are done.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = store.take_log().iter().filter(|r| **r == "get_range").count();
+    assert!(started > 6, "random reads of a 40 MiB file start its whole fetch: {started} GETs");
+    let caller = Caller { uid: 0, gid: 0 };
+    fs.setattr(ino, SetAttr { size: Some(0), ..Default::default() }, Some(fh), caller).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = store.take_log().iter().filter(|r| **r == "get_range").count();
+    assert_eq!(later, 0, "GETs of the base after the file stopped needing it ({started} before)");
+    fs.release(fh).await.unwrap();
 }
 
 /// An in-place update whose completion landed but whose answer was lost, and whose HEAD then failed too (the flush
