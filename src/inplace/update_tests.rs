@@ -235,6 +235,16 @@ impl World {
     }
 
     /// The old object's cipher with its map attached, as a writer opening it would have it.
+    /// A 40 MiB file put whole, and its content with one byte changed (in chunk 16): (the base's ETag, its cipher,
+    /// the changed content).
+    async fn one_byte_changed(&self) -> (String, Option<ObjectCipher>, Vec<u8>) {
+        let mut content = pattern(40 * MIB as usize);
+        let etag = self.put_whole(&content).await;
+        let cipher = self.base_cipher(content.len() as u64).await;
+        content[1 << 20] ^= 1;
+        (etag, cipher, content)
+    }
+
     async fn base_cipher(&self, plain_len: u64) -> Option<ObjectCipher> {
         let Layout::Encrypted = self.layout else { return None };
         let (header, _, meta) = self.store.inner.get_range(&ObjectKey::new(PATH).unwrap(), 0..512).await.unwrap();
@@ -374,13 +384,9 @@ async fn the_copies_travel_while_the_upload_is_built_and_beside_it() {
 async fn an_update_of_a_version_another_writer_replaced_fails_and_changes_nothing() {
     for encrypted in [true, false] {
         let w = World::new(encrypted);
-        let model = pattern(40 * MIB as usize);
-        let etag = w.put_whole(&model).await;
-        let cipher = w.base_cipher(model.len() as u64).await;
+        let (etag, cipher, mine) = w.one_byte_changed().await;
         let theirs = w.put_whole(&pattern(40 * MIB as usize + 1)).await;
-        let base = Base { etag: &etag, plain_len: model.len() as u64, cipher: cipher.as_ref() };
-        let mut mine = model.clone();
-        mine[1 << 20] ^= 1;
+        let base = Base { etag: &etag, plain_len: mine.len() as u64, cipher: cipher.as_ref() };
         let result = update(&*w.store, w.layout, PATH, &base, &Memory(&mine), mine.len() as u64, &[16..17], UserMeta::default()).await;
         assert!(result.as_ref().is_err_and(|e| e.is_precondition()), "{:?}", result.map(|r| r.is_ok()));
         let (info, _) = w.store.inner.head(&ObjectKey::new(PATH).unwrap()).await.unwrap();
@@ -392,12 +398,8 @@ async fn an_update_of_a_version_another_writer_replaced_fails_and_changes_nothin
 async fn a_part_task_that_panics_ends_the_update_with_an_error_and_changes_nothing() {
     for encrypted in [true, false] {
         let w = World::new(encrypted);
-        let model = pattern(40 * MIB as usize);
-        let etag = w.put_whole(&model).await;
-        let cipher = w.base_cipher(model.len() as u64).await;
-        let base = Base { etag: &etag, plain_len: model.len() as u64, cipher: cipher.as_ref() };
-        let mut mine = model.clone();
-        mine[1 << 20] ^= 1;
+        let (etag, cipher, mine) = w.one_byte_changed().await;
+        let base = Base { etag: &etag, plain_len: mine.len() as u64, cipher: cipher.as_ref() };
         w.store.panic_copies.store(true, Ordering::SeqCst);
         let (len, dirty) = (mine.len() as u64, [16..17]);
         let result = update(&*w.store, w.layout, PATH, &base, &Memory(&mine), len, &dirty, UserMeta::default()).await;
@@ -413,12 +415,8 @@ async fn a_part_task_that_panics_ends_the_update_with_an_error_and_changes_nothi
 async fn a_store_that_cannot_copy_parts_is_given_up_before_anything_moves() {
     for encrypted in [true, false] {
         let w = World::new(encrypted);
-        let model = pattern(40 * MIB as usize);
-        let etag = w.put_whole(&model).await;
-        let cipher = w.base_cipher(model.len() as u64).await;
-        let base = Base { etag: &etag, plain_len: model.len() as u64, cipher: cipher.as_ref() };
-        let mut mine = model.clone();
-        mine[1 << 20] ^= 1;
+        let (etag, cipher, mine) = w.one_byte_changed().await;
+        let base = Base { etag: &etag, plain_len: mine.len() as u64, cipher: cipher.as_ref() };
         w.store.no_copies.store(true, Ordering::SeqCst);
         let moved = || (w.counts.down.load(Ordering::SeqCst), w.counts.up.load(Ordering::SeqCst));
         let before = moved();
