@@ -548,6 +548,10 @@ impl Backend for LaterDeletes {
         self.inner.streams_bodies()
     }
 
+    fn copies_parts(&self) -> bool {
+        self.inner.copies_parts()
+    }
+
     async fn list_children_page(
         &self,
         dir: &str,

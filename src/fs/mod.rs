@@ -3178,6 +3178,13 @@ impl Fs {
             // Changed in place: the staged file holds only some chunks of the version just stored, so the next
             // write stages again from that version (a later fsync must not patch the old base).
             staged.loaded = false;
+        } else if self.backend.copies_parts() && self.sparse_base(&info, self.codec.written_format()).is_some() {
+            // Uploaded whole, and large enough to be changed in place from now on: the next write stages sparsely
+            // from the version just stored too. Kept loaded, every later fsync or close of this open file sent the
+            // whole file again: once a file open for long (a database, a log synced as it grows) had been
+            // rewritten whole (its version map full, most of it changed, or a new file that grew large), each
+            // later sync of a few bytes moved all of it.
+            staged.loaded = false;
         }
         self.cache.invalidate_key(&path);
         let (had_instruction_file, parent) = {

@@ -451,6 +451,11 @@ impl Fs {
         let size = staged.size;
         let layout = if self.codec.is_encrypted() { Layout::Encrypted } else { Layout::Plain };
         let Some(sparse) = staged.sparse.as_mut() else { return Ok(None) };
+        if !self.backend.copies_parts() {
+            // S3 with SSE-C, GCS, Azure: known without starting an upload that could only be aborted.
+            tracing::debug!(key = path, "not changed in place (the store cannot copy parts): uploading the file whole");
+            return Ok(None);
+        }
         let plan = match crate::inplace::plan(layout, sparse.base_len, size, &sparse.changed(size)) {
             Ok(p) => p,
             Err(why) => {

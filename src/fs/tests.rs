@@ -354,6 +354,9 @@ impl Backend for Silenceable {
     fn lists_from_keys(&self) -> bool {
         self.page_size.load(Ordering::SeqCst) > 0
     }
+    fn copies_parts(&self) -> bool {
+        self.inner.copies_parts()
+    }
     /// Pages of the whole listing's names (objects and prefixes in key order), `page_size` each; the token is the
     /// last key of the page before.
     async fn list_children_page(
@@ -1259,6 +1262,56 @@ impl Rng {
     }
 }
 
+/// What changed in a large file since its last upload, to tell whether the next upload must be in place (the model
+/// test above): the base's plaintext length, a superset of the chunks written since (`CHUNK_PLAIN_LEN` each), the
+/// runs of the base's version map and the number of changes (each adds at most two runs).
+struct Since {
+    base_len: u64,
+    chunks: Vec<Range<u64>>,
+    runs: usize,
+    edits: usize,
+}
+
+impl Since {
+    async fn new(store: &Silenceable, name: &str, base_len: u64) -> Since {
+        Since { base_len, chunks: Vec::new(), runs: map_runs(store, name).await, edits: 0 }
+    }
+
+    /// Bytes `from..to` of the file changed.
+    fn dirty(&mut self, from: u64, to: u64) {
+        const C: u64 = crate::crypto::CHUNK_PLAIN_LEN;
+        self.chunks.push(from / C..to.div_ceil(C));
+        self.edits += 1;
+    }
+
+    /// After an upload of the file (`len` bytes now, at `name`): its header (data key) is still `header` when the
+    /// upload could be made in place even with every chunk in `chunks` rewritten (a plan for more chunks uploads no
+    /// less, so the real one is worth it too), and the version map had room;
+    /// otherwise it may have been rewritten whole, under a new header, which `header` then becomes. True when kept.
+    async fn check_header(&self, store: &Silenceable, name: &str, len: u64, header: &mut Vec<u8>, ops: &[String])
+        -> bool {
+        let now = header_of(store, name).await;
+        let planned = crate::inplace::plan(crate::inplace::Layout::Encrypted, self.base_len, len, &self.chunks);
+        let room = self.runs + 2 * self.edits + 2 <= crate::crypto::version::MAX_RUNS;
+        if planned.is_ok() && room {
+            assert!(now == *header, "changed in place, the header (data key) stays; ops {ops:?}");
+        }
+        let kept = now == *header;
+        *header = now;
+        kept
+    }
+}
+
+/// Runs in the version map of the object at `name` (format 2: its length in the metadata tells; 1 with none).
+async fn map_runs(store: &Silenceable, name: &str) -> usize {
+    use crate::crypto::version::{MAP_FIXED_LEN, MAP_TAG_LEN, RUN_LEN};
+    let (_, meta) = store.inner.head(&ObjectKey::new(name).unwrap()).await.unwrap();
+    meta.extra.get(crate::object::MAP_META).map_or(1, |m| {
+        let len = base64::Engine::decode(&base64::engine::general_purpose::STANDARD_NO_PAD, m).unwrap().len();
+        (len - MAP_FIXED_LEN - MAP_TAG_LEN) / RUN_LEN
+    })
+}
+
 async fn header_of(store: &Silenceable, name: &str) -> Vec<u8> {
     store.inner.get_range(&ObjectKey::new(name).unwrap(), 0..512).await.unwrap().0.to_vec()
 }
@@ -1268,7 +1321,9 @@ async fn header_of(store: &Silenceable, name: &str) -> Vec<u8> {
 /// in cse-c (sealed journal, version-2 objects) and mode none. In cse-c the header (data key, file id) stays: the
 /// update was done in place, not by rewriting the file. Now and then a truncate takes the file below the in-place
 /// threshold (`inplace::MIN_IN_PLACE_LEN`): that session's staged chunks are filled in and the file rewritten whole,
-/// and a session opened on such a small file stages it whole; both are byte-exact too.
+/// and a session opened on such a small file stages it whole; both are byte-exact too. The open file is renamed
+/// now and then, in the middle of a session or racing its close (the update then lands at one name or the other
+/// before the rename moves it, and nothing is left at the old name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
     const MIB: u64 = 1 << 20;
@@ -1283,7 +1338,15 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
         let mut header = header_of(&store, "big").await;
         let caller = Caller { uid: 0, gid: 0 };
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ u64::from(encrypted));
-        let (mut small_sessions, mut in_place_sessions) = (0, 0);
+        let (mut small_sessions, mut in_place_sessions, mut renames, mut racing_renames) = (0, 0, 0, 0);
+        // In-place sessions that kept the header (data key): those that did not had to rewrite the file whole.
+        let mut kept_header = 0;
+        // The file's name now: it moves between two.
+        let mut name = "big";
+        let other = |name: &str| if name == "big" { "big.moved" } else { "big" };
+        let rename = |from: &'static str, to: &'static str| {
+            fs.rename(ROOT_INO, OsStr::new(from), ROOT_INO, OsStr::new(to), false)
+        };
         for session in 0..10 {
             // Rewritten whole at close when it was small at open or got small meanwhile (plaintext sizes well clear
             // of the threshold: the stored size adds little).
@@ -1292,6 +1355,10 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
             let mut ops: Vec<String> = Vec::new();
             // Whether the session changed the file (a close then uploads it).
             let mut changed = false;
+            // What the next upload (an fsync or the close) changes: the base's length, chunks that may be dirty (a
+            // superset: whole writes, appends and the span between a truncate's old and new length), and the version
+            // map's runs before it.
+            let mut since = Since::new(&store, name, model.len() as u64).await;
             for _ in 0..6 {
                 let len = model.len() as u64;
                 ops.push(format!("len {len}"));
@@ -1305,6 +1372,7 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         fs.write(fh, at, &data).await.unwrap();
                         ops.push(format!("write {at} +{n}"));
                         changed = true;
+                        since.dirty(at, at + n);
                         if model.len() < (at + n) as usize {
                             model.resize((at + n) as usize, 0);
                         }
@@ -1316,22 +1384,36 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                         fs.write(fh, len, &data).await.unwrap();
                         ops.push(format!("append +{}", data.len()));
                         changed = true;
+                        since.dirty(len, len + data.len() as u64);
                         model.extend_from_slice(&data);
                     }
                     3 => {
-                        // A truncate down or up, below the in-place threshold now and then.
+                        // A truncate down or up, below the in-place threshold now and then (else to 11-42 MiB: the
+                        // smallest in-place plans too).
                         let small = rng.below(3) == 0;
-                        let to = if small { 8 * MIB + rng.below(MIB) } else { 34 * MIB + rng.below(8 * MIB) };
+                        let to = if small { 8 * MIB + rng.below(MIB) } else { 11 * MIB + rng.below(31 * MIB) };
                         whole |= to < 10 * MIB;
                         fs.setattr(ino, SetAttr { size: Some(to), ..Default::default() }, Some(fh), caller).await.unwrap();
                         ops.push(format!("truncate {to}"));
                         changed = true;
+                        since.dirty(len.min(to), len.max(to) + 1);
                         model.resize(to as usize, 0);
                     }
                     5 => {
                         // An fsync in the middle of the session: the next writes patch the version it stored.
                         fs.fsync(fh).await.unwrap();
                         ops.push("fsync".into());
+                        if encrypted && !whole {
+                            since.check_header(&store, name, model.len() as u64, &mut header, &ops).await;
+                        }
+                        since = Since::new(&store, name, model.len() as u64).await;
+                    }
+                    6 if rng.below(2) == 0 => {
+                        // The open file renamed: its staged chunks stay its own, the base moves under them.
+                        rename(name, other(name)).await.unwrap();
+                        ops.push(format!("rename {name} -> {}", other(name)));
+                        name = other(name);
+                        renames += 1;
                     }
                     _ => {
                         // A read of the open file: staged chunks, base bytes and zeros mixed.
@@ -1343,8 +1425,18 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                 }
             }
             fs.flush(fh).await.unwrap();
-            fs.release(fh).await.unwrap();
-            let got = read_whole(&fs, "big").await;
+            if changed && rng.below(3) == 0 {
+                // The close's upload (in place or whole) and a rename at once.
+                let (closed, renamed) = tokio::join!(fs.release(fh), rename(name, other(name)));
+                closed.unwrap();
+                renamed.unwrap();
+                ops.push(format!("close racing rename {name} -> {}", other(name)));
+                name = other(name);
+                racing_renames += 1;
+            } else {
+                fs.release(fh).await.unwrap();
+            }
+            let got = read_whole(&fs, name).await;
             let first = got.iter().zip(&model).position(|(a, b)| a != b);
             assert!(
                 got == model,
@@ -1352,22 +1444,31 @@ async fn partial_updates_of_a_large_file_are_byte_exact_against_a_model() {
                 got.len(),
                 model.len()
             );
+            let gone = other(name);
+            let left = fs.lookup(ROOT_INO, OsStr::new(gone)).await.err();
+            assert!(matches!(left, Some(Error::NotFound)), "session {session}: {gone} is gone: {left:?}; ops {ops:?}");
+            fs.fsyncdir(ROOT_INO).await.unwrap(); // the delete of a moved name is sent in the background
+            let stored = store.inner.head(&ObjectKey::new(gone).unwrap()).await.err();
+            let deleted = stored.is_some_and(|e| e.is_not_found());
+            assert!(deleted, "session {session}: {gone} left in the store; ops {ops:?}");
             whole |= (model.len() as u64) < 10 * MIB;
             if whole {
                 small_sessions += 1;
-                let now = header_of(&store, "big").await;
+                let now = header_of(&store, name).await;
                 if encrypted && changed {
                     assert_ne!(now, header, "session {session}: rewritten whole, under a new data key; ops {ops:?}");
                 }
                 header = now;
             } else {
                 in_place_sessions += 1;
-                if encrypted {
-                    assert_eq!(header_of(&store, "big").await, header, "changed in place: the header (data key) stays");
+                if encrypted && since.check_header(&store, name, model.len() as u64, &mut header, &ops).await {
+                    kept_header += 1;
                 }
             }
         }
         assert!(small_sessions > 0 && in_place_sessions > 0, "{small_sessions} small, {in_place_sessions} in place");
+        assert!(renames > 0 && racing_renames > 0, "{renames} renames in a session, {racing_renames} racing a close");
+        assert!(!encrypted || kept_header > 0, "no session was changed in place");
     }
 }
 
@@ -1385,6 +1486,69 @@ async fn large_file_open_for_write(encrypted: bool, len: u64) -> OpenLargeFile {
     let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
     let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
     (store, tmp, fs, model, fh)
+}
+
+/// A large file uploaded whole while it stays open (here a new file, synced once it is large; also one whose change
+/// was not worth doing in place, or whose version map was full) is changed in place at its next syncs: the next
+/// write stages it sparsely from the version just stored. Before, it stayed staged whole, and every later fsync of a
+/// few bytes sent the whole file again (found by the model test above, with renames in it: a session that had
+/// synced whole rewrote the file whole again at close). In cse-c the header (data key) tells: it stays when the file
+/// is changed in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_synced_whole_is_changed_in_place_at_its_next_syncs() {
+    const MIB: usize = 1 << 20;
+    for encrypted in [true, false] {
+        let store = memory_store();
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = encrypted.then(|| Arc::new(crate::crypto::KeyHistory::single(crate::crypto::Key256::generate())));
+        let fs = fs_in_mode(store.clone(), tmp.path(), keys).await;
+        let caller = Caller { uid: 0, gid: 0 };
+        let (_, fh) = fs.create(ROOT_INO, OsStr::new("log"), 0o644, libc::O_RDWR, caller).await.unwrap();
+        let mut model: Vec<u8> = (0..12 * MIB).map(|i| (i.wrapping_mul(0x9e37_79b9) >> 11) as u8).collect();
+        for piece in model.chunks(MIB).enumerate() {
+            fs.write(fh, (piece.0 * MIB) as u64, piece.1).await.unwrap();
+        }
+        fs.fsync(fh).await.unwrap();
+        let header = header_of(&store, "log").await;
+        for round in 0..3u8 {
+            // An append, and a byte changed in the middle, then a sync.
+            let line = vec![b'a' + round; 100];
+            fs.write(fh, model.len() as u64, &line).await.unwrap();
+            model.extend_from_slice(&line);
+            fs.write(fh, 5_000_000, &[round]).await.unwrap();
+            model[5_000_000] = round;
+            fs.fsync(fh).await.unwrap();
+            if encrypted {
+                assert!(header_of(&store, "log").await == header, "sync {round}: not changed in place");
+            }
+            let got = fs.read(fh, 0, model.len() as u32 + 1).await.unwrap();
+            assert!(got == model, "encrypted {encrypted}, sync {round}: the open file reads as written");
+        }
+        fs.release(fh).await.unwrap();
+        assert!(read_whole(&fs, "log").await == model, "encrypted {encrypted}: the file as closed");
+    }
+}
+
+/// On a store that cannot copy parts (S3 with SSE-C, GCS, Azure; here the in-memory store with conditional uploads,
+/// whose uploads are object_store's own), a large file changed by one byte is uploaded whole at close without an
+/// in-place update started and aborted first: `Backend::copies_parts` is asked before. Before, each such close
+/// cost a CreateMultipartUpload and an AbortMultipartUpload for nothing (a review finding).
+#[tokio::test]
+async fn where_parts_cannot_be_copied_no_in_place_update_is_started() {
+    let inner = ObjectStoreBackend::new(Arc::new(object_store::memory::InMemory::new()), "").unwrap();
+    let store = Arc::new(Silenceable::new(inner.with_conditional_uploads()));
+    assert!(!store.copies_parts(), "the test needs a store that cannot copy parts");
+    let (fs, _tmp) = fs_over(store.clone()).await;
+    let mut model: Vec<u8> = (0..12 << 20).map(|i: u32| (i.wrapping_mul(0x9e37_79b9) >> 11) as u8).collect();
+    let ino = write_file_unstreamed(&fs, ROOT_INO, "big", &model).await.ino;
+    let fh = fs.open(ino, OpenMode { write: true, ..Default::default() }).await.unwrap();
+    fs.write(fh, 7_000_000, b"x").await.unwrap();
+    model[7_000_000] = b'x';
+    store.take_log();
+    fs.release(fh).await.unwrap();
+    let uploads = store.take_log().iter().filter(|r| **r == "multipart").count();
+    assert_eq!(uploads, 1, "one upload, the whole file's");
+    assert!(read_whole(&fs, "big").await == model);
 }
 
 /// A large file read through after a write into it (staged sparsely: its other chunks come from the base) is read

@@ -473,6 +473,10 @@ mod tests {
 
     #[async_trait]
     impl Backend for Corrupting {
+        fn copies_parts(&self) -> bool {
+            self.inner.copies_parts()
+        }
+
         async fn head(&self, key: &ObjectKey) -> Result<(crate::store::ObjectInfo, UserMeta), StoreError> {
             self.inner.head(key).await
         }

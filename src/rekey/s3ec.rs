@@ -427,6 +427,10 @@ mod tests {
 
     #[async_trait]
     impl Backend for Racing {
+        fn copies_parts(&self) -> bool {
+            self.inner.copies_parts()
+        }
+
         async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
             self.inner.head(key).await
         }

@@ -896,6 +896,10 @@ fn is_dir_at(dir: &Dir, leaf: &CStr) -> bool {
 
 #[async_trait]
 impl Backend for LocalBackend {
+    fn copies_parts(&self) -> bool {
+        true
+    }
+
     async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
         let k = key.clone();
         self.run(key.as_str(), move |s| s.head(&k)).await

@@ -306,6 +306,14 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Whether the multipart uploads that [`Backend::put_multipart_expect`] makes with an ETag condition can copy
+    /// parts ([`Upload::copies_parts`]): whether a large file can be changed in place (`crate::inplace`) here at all.
+    /// Known from the store's kind and settings, so that a caller asks before it starts an upload that would only be
+    /// aborted (S3 with SSE-C, GCS, Azure cannot).
+    fn copies_parts(&self) -> bool {
+        false
+    }
+
     /// The whole object.
     async fn get(&self, key: &ObjectKey) -> Result<(Bytes, ObjectInfo, UserMeta), StoreError>;
 

@@ -1055,6 +1055,16 @@ impl Backend for ObjectStoreBackend {
         true
     }
 
+    fn copies_parts(&self) -> bool {
+        // As `put_multipart_expect` picks the upload for an ETag condition: raw S3 requests copy unless each part
+        // needs the SSE-C key (`RawUpload`); a store without conditional uploads collects the object in memory and
+        // copies by reading (`BufferedUpload`); object_store's own uploads (GCS, Azure) do not copy.
+        match &self.raw {
+            Some(_) => self.ssec.is_none(),
+            None => !self.conditional_uploads,
+        }
+    }
+
     async fn list_children_page(
         &self,
         dir: &str,

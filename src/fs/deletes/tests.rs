@@ -55,6 +55,10 @@ impl Gated {
 
 #[async_trait]
 impl Backend for Gated {
+    fn copies_parts(&self) -> bool {
+        self.inner.copies_parts()
+    }
+
     async fn head(&self, key: &ObjectKey) -> Result<(ObjectInfo, UserMeta), StoreError> {
         self.inner.head(key).await
     }
