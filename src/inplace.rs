@@ -396,13 +396,14 @@ pub async fn update(
                 Part::Copy(r) => upload.copy_part(r.clone(), base.etag),
                 Part::Upload(r) => {
                     let (dirty, r) = (&plan.dirty, r.clone());
-                    // The part's body and the old bytes fetched into it, held until the store has the part (one
-                    // uploaded part at a time: src/memory).
-                    let memory = crate::memory::process().reserve(2 * (r.end - r.start)).await;
+                    // The part's body and the old bytes fetched into it while it is built; then only the body,
+                    // held until the store has the part (one uploaded part at a time: src/memory).
+                    let mut memory = crate::memory::process().reserve(2 * (r.end - r.start)).await;
                     let body = build_part(
                         backend, &key, layout, cipher, &version, base, old_stored, src, new_len, dirty, r, &mut sealed,
                     )
                     .await?;
+                    memory.shrink_to(body.len() as u64);
                     let sent = upload.put_part(body);
                     Box::pin(async move {
                         let r = sent.await;

@@ -292,6 +292,15 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Gives back what this holds past `bytes`, when its use needs less from now on (a part built from old bytes
+    /// and new, sent while only its body is held), waking the reservations that wait for room.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.budget.release(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
 }
 
 impl std::fmt::Debug for Reservation {
@@ -422,6 +431,25 @@ mod tests {
         drop(a);
         assert_eq!(budget.reserved(), 40);
         drop(b);
+        assert_eq!(budget.reserved(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_shrunk_reservation_gives_back_the_rest_to_one_waiting_for_it() {
+        let budget = MemoryBudget::new(100);
+        let mut held = budget.try_reserve(80).unwrap();
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(50).await.bytes() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "80 + 50 > 100");
+        held.shrink_to(30);
+        held.shrink_to(60); // never grows
+        assert_eq!(held.bytes(), 30);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!((got, budget.reserved()), (50, 30), "the waiting one got its room; it has dropped it since");
+        drop(held);
         assert_eq!(budget.reserved(), 0);
     }
 
