@@ -2343,9 +2343,8 @@ impl Fs {
             }
             let path = self.path_of(ino).unwrap_or_default();
             self.check_file_size(&path, size)?;
-            let ws = self.stage(ino).await?;
             {
-                let mut staged = ws.lock().await;
+                let mut staged = self.stage(ino).await?;
                 staged.truncate(size).map_err(|e| Error::staging(&path, e))?;
                 if let Some(node) = lock(&self.table).get_mut(ino) {
                     node.size = size;
@@ -2433,6 +2432,10 @@ impl Fs {
         if let Some(dir) = parent {
             self.index_touch(dir);
         }
+        // The replacement is a copy onto itself, with a new ETag on S3 for a multipart object: the open descriptors'
+        // readers, pinned to the old one, would fail every read they have not cached (`Changed`, EIO). A file open
+        // for writing between syncs (its staged copy not loaded) reads through them too (review of 2a105d2).
+        self.refresh_readers(ino, &path, &info);
         Ok(())
     }
 
@@ -2489,8 +2492,7 @@ impl Fs {
     /// about to go (unlink, or a rename onto it) while descriptors still use it, so that they keep reading all of it
     /// from the journal.
     async fn stage_whole(&self, ino: u64) -> Result<()> {
-        let ws = self.stage(ino).await?;
-        let mut staged = ws.lock().await;
+        let mut staged = self.stage(ino).await?;
         if staged.sparse.is_some() {
             let path = self.path_of(ino)?;
             self.unsparse(&path, &mut staged).await?;
@@ -2499,7 +2501,11 @@ impl Fs {
         Ok(())
     }
 
-    async fn stage(&self, ino: u64) -> Result<Arc<WriteState>> {
+    /// Returns the state locked, loaded: the caller changes it before any upload can run. Handed back unlocked, a
+    /// flush (another descriptor's close or fsync) could upload it and mark it unloaded before the caller locked it
+    /// again (after an in-place update, or a whole upload of a large file: `flush_locked`), and a write then landed
+    /// in a copy that the next stage empties: success to the writer, and the bytes gone (review of 2a105d2).
+    async fn stage(&self, ino: u64) -> Result<tokio::sync::OwnedMutexGuard<Staged>> {
         // An unlinked file still open has no path; it can only be staged already (loaded), which needs none.
         let known_path = self.path_of(ino).ok();
         let path = known_path.clone().unwrap_or_default();
@@ -2522,7 +2528,7 @@ impl Fs {
             };
             (ws, node.remote.clone())
         };
-        let mut staged = ws.lock().await;
+        let mut staged = ws.lock_owned().await;
         // A rename holds the state of every file it moves (`hold_open_writers`): waited for here, the file may have
         // a new name now, which the HEAD and the download below must ask for.
         let known_path = self.path_of(ino).ok();
@@ -2549,8 +2555,7 @@ impl Fs {
                     staged.base = BaseVersion::Etag(sparse.etag.clone());
                     staged.start_sparse(sparse).map_err(|e| Error::staging(&path, e))?;
                     staged.loaded = true;
-                    drop(staged);
-                    return Ok(ws);
+                    return Ok(staged);
                 }
                 let mut base = info.etag.clone();
                 let size = match self.download_into(&path, &remote, format, &staged.file).await {
@@ -2577,8 +2582,7 @@ impl Fs {
             staged.loaded = true;
             staged.from_empty = staged.size == 0;
         }
-        drop(staged);
-        Ok(ws)
+        Ok(staged)
     }
 
     /// Downloads and decrypts one stored version of `path` into a staging file; returns its plaintext size. An S3EC
@@ -2949,8 +2953,7 @@ impl Fs {
         if !writable {
             return Err(Error::BadHandle);
         }
-        let ws = self.stage(ino).await?;
-        let mut staged = ws.lock().await;
+        let mut staged = self.stage(ino).await?;
         // Read under the lock: a rename of the file (which holds it) may have ended while this write waited.
         let path = self.path_of(ino).unwrap_or_default();
         let offset = if append { staged.size } else { offset };
@@ -3178,12 +3181,16 @@ impl Fs {
             // Changed in place: the staged file holds only some chunks of the version just stored, so the next
             // write stages again from that version (a later fsync must not patch the old base).
             staged.loaded = false;
-        } else if self.backend.copies_parts() && self.sparse_base(&info, self.codec.written_format()).is_some() {
+        } else if streamed.is_none()
+            && self.backend.copies_parts()
+            && self.sparse_base(&info, self.codec.written_format()).is_some()
+        {
             // Uploaded whole, and large enough to be changed in place from now on: the next write stages sparsely
             // from the version just stored too. Kept loaded, every later fsync or close of this open file sent the
             // whole file again: once a file open for long (a database, a log synced as it grows) had been
             // rewritten whole (its version map full, most of it changed, or a new file that grew large), each
-            // later sync of a few bytes moved all of it.
+            // later sync of a few bytes moved all of it. Not after a stream: its `info` comes from a HEAD after the
+            // completion, which could show another writer's version, and the staged copy is the one sure copy of ours.
             staged.loaded = false;
         }
         self.cache.invalidate_key(&path);

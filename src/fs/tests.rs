@@ -1529,6 +1529,29 @@ async fn a_large_file_synced_whole_is_changed_in_place_at_its_next_syncs() {
     }
 }
 
+/// A chmod of a file open for writing between two syncs (its staged copy not loaded: the file was just changed in
+/// place) replaces the object's metadata by a copy onto itself, which has a new ETag: the descriptor still reads
+/// it. Its reader stayed pinned to the old ETag, and every read it had not cached failed with EIO (review of
+/// 2a105d2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_open_for_writing_reads_after_a_chmod_between_syncs() {
+    let (store, _tmp, fs, mut model, fh) = large_file_open_for_write(true, 12 << 20).await;
+    let ino = fs.lookup(ROOT_INO, OsStr::new("big")).await.unwrap().ino;
+    fs.write(fh, 100, b"synced").await.unwrap();
+    model[100..106].copy_from_slice(b"synced");
+    fs.fsync(fh).await.unwrap();
+    let (before, _) = store.inner.head(&ObjectKey::new("big").unwrap()).await.unwrap();
+    let caller = Caller { uid: 0, gid: 0 };
+    let chmod = SetAttr { mode: Some(0o600), ..Default::default() };
+    fs.setattr(ino, chmod, Some(fh), caller).await.unwrap();
+    let (after, _) = store.inner.head(&ObjectKey::new("big").unwrap()).await.unwrap();
+    assert_ne!(before.etag, after.etag, "the test needs a metadata replacement with a new ETag");
+    let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+    assert!(got[..] == model[..1 << 20], "the open file reads as written");
+    fs.release(fh).await.unwrap();
+    assert!(read_whole(&fs, "big").await == model);
+}
+
 /// On a store that cannot copy parts (S3 with SSE-C, GCS, Azure; here the in-memory store with conditional uploads,
 /// whose uploads are object_store's own), a large file changed by one byte is uploaded whole at close without an
 /// in-place update started and aborted first: `Backend::copies_parts` is asked before. Before, each such close
