@@ -356,7 +356,8 @@ fn a_frozen_store_bounds_a_streaming_writer_and_an_in_place_change_and_loses_not
 /// replace come from the stored version, read ahead as for a reader): every read returns within the bound, with the
 /// right bytes (the write over the stored version) or EIO, never others. Once the store answers again, the open file
 /// reads whole and exact through the same descriptor (a read-ahead cut short by the freeze left nothing wrong
-/// behind), its close changes it in place, and a remount reads the same.
+/// behind), its close changes it in place (the stored header, with the data key, stays), and a remount reads the
+/// same.
 #[test]
 fn a_frozen_store_during_the_read_ahead_of_a_file_open_for_writing_bounds_every_read_and_loses_nothing() {
     use std::os::unix::fs::FileExt;
@@ -369,6 +370,12 @@ fn a_frozen_store_during_the_read_ahead_of_a_file_open_for_writing_bounds_every_
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     fs::write(m.path("big.bin"), &big).unwrap();
     m.unmount();
+    let header = || {
+        let objects = store.raw_objects();
+        let (_, bytes) = objects.into_iter().find(|(k, _)| k == "big.bin").expect("big.bin is stored");
+        bytes[..512].to_vec()
+    };
+    let stored_header = header();
     // A fresh mount: nothing of the file in its caches, or in the kernel's.
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
     let file = fs::OpenOptions::new().read(true).write(true).open(m.path("big.bin")).unwrap();
@@ -411,6 +418,7 @@ fn a_frozen_store_during_the_read_ahead_of_a_file_open_for_writing_bounds_every_
     let file = std::sync::Arc::try_unwrap(file).expect("the test's only handle");
     close_reporting(file).unwrap();
     assert_bytes(fs::read(m.path("big.bin")).unwrap(), &big, "big.bin after close");
+    assert!(header() == stored_header, "the close rewrote the file whole instead of changing it in place");
     let log = m.unmount();
     assert!(!log.contains("panicked"), "{log}");
     let m = Mount::start_with(&env, &store, "cse-c", &opts);
